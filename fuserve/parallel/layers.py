@@ -1,0 +1,170 @@
+"""Linear and embedding layers that hold one tensor-parallel shard of their weight.
+
+Each parameter carries a `weight_loader` that takes the full checkpoint tensor (or a lazy
+safetensors slice) and copies in only this rank's part, so loading never materialises a whole
+tensor on a rank that needs a slice of it. Fused weights (QKV, gate/up) load their pieces by
+shard id into their place in the fused parameter.
+  ColumnParallelLinear    output features split across ranks (no communication)
+  MergedColumnParallel    several column-parallel outputs in one GEMM (gate/up)
+  QKVParallelLinear       q, k, v heads split across ranks; KV heads replicated when ranks > kv heads
+  RowParallelLinear       input features split; one all-reduce sums the partial outputs
+  VocabParallelEmbedding  vocab rows split; out-of-range ids give zeros, all-reduce fills them in
+  ParallelLMHead          vocab rows split; logits gathered across ranks
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fuserve.parallel.tp_context import TPContext
+
+WeightLoader = Callable[..., None]
+
+
+def _shape(src: Any) -> tuple[int, ...]:
+    return tuple(src.get_shape()) if hasattr(src, "get_shape") else tuple(src.shape)
+
+
+def _narrow(src: Any, dim: int, start: int, length: int) -> torch.Tensor:
+    """Rows or columns [start, start+length) of a tensor or a safetensors slice, read lazily."""
+    index = [slice(None)] * len(_shape(src))
+    index[dim] = slice(start, start + length)
+    return src[tuple(index)]
+
+
+def _copy(param: torch.Tensor, value: torch.Tensor) -> None:
+    if tuple(param.shape) != tuple(value.shape):
+        raise ValueError(f"checkpoint shape {tuple(value.shape)} does not fit parameter {tuple(param.shape)}")
+    param.data.copy_(value)
+
+
+def load_replicated(param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
+    """Every rank holds the whole tensor (norms, replicated biases)."""
+    _copy(param, src[:])
+
+
+def _divide(total: int, size: int, what: str) -> int:
+    if total % size:
+        raise ValueError(f"{what} ({total}) is not divisible by tensor_parallel_size ({size})")
+    return total // size
+
+
+class ColumnParallelLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext) -> None:
+        super().__init__()
+        self.tp = tp
+        self.out_per_rank = _divide(out_features, tp.size, "output features")
+        self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features), requires_grad=False)
+        self.weight.weight_loader = self.load  # type: ignore[attr-defined]
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_per_rank), requires_grad=False)
+            self.bias.weight_loader = self.load  # type: ignore[attr-defined]
+
+    def load(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
+        _copy(param, _narrow(src, 0, self.tp.rank * self.out_per_rank, self.out_per_rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, tp: TPContext) -> None:
+        self.out_sizes = out_sizes
+        super().__init__(in_features, sum(out_sizes), bias, tp)
+
+    def load(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
+        per_rank = [_divide(s, self.tp.size, "merged output features") for s in self.out_sizes]
+        offset = sum(per_rank[: int(shard_id)])
+        size = per_rank[int(shard_id)]
+        _copy(param.data.narrow(0, offset, size), _narrow(src, 0, self.tp.rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    def __init__(
+        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPContext
+    ) -> None:
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, tp.size, "attention heads")
+        # More ranks than KV heads: each rank keeps the one KV head its query heads use.
+        self.kv_replicas = max(1, tp.size // num_kv_heads)
+        if tp.size > num_kv_heads and tp.size % num_kv_heads:
+            raise ValueError(f"tensor_parallel_size {tp.size} must divide or be a multiple of {num_kv_heads}")
+        self.num_kv_heads = max(1, num_kv_heads // tp.size)
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.size
+        super().__init__(hidden, out, bias, tp)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def load(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
+        if shard_id == "q":
+            offset, size, rank_block = 0, self.q_size, self.tp.rank
+        else:
+            offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
+            size, rank_block = self.kv_size, self.tp.rank // self.kv_replicas
+        _copy(param.data.narrow(0, offset, size), _narrow(src, 0, rank_block * size, size))
+
+
+class RowParallelLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext) -> None:
+        super().__init__()
+        self.tp = tp
+        self.in_per_rank = _divide(in_features, tp.size, "input features")
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
+        self.weight.weight_loader = self.load  # type: ignore[attr-defined]
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = load_replicated  # type: ignore[attr-defined]
+
+    def load(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
+        _copy(param, _narrow(src, 1, self.tp.rank * self.in_per_rank, self.in_per_rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        y = self.tp.all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden: int, tp: TPContext) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.per_rank = -(-vocab_size // tp.size)
+        self.start = tp.rank * self.per_rank
+        self.weight = nn.Parameter(torch.zeros(self.per_rank, hidden), requires_grad=False)
+        self.weight.weight_loader = self.load  # type: ignore[attr-defined]
+
+    def load(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
+        rows = max(0, min(self.per_rank, _shape(src)[0] - self.start))
+        if rows:
+            _copy(param.data.narrow(0, 0, rows), _narrow(src, 0, self.start, rows))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        y = F.embedding(local.masked_fill(outside, 0), self.weight)
+        y = y.masked_fill(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(y)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        logits = F.linear(hidden, self.weight)
+        return self.tp.gather_last_dim(logits)[..., : self.vocab_size]

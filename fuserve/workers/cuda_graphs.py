@@ -1,0 +1,105 @@
+"""CUDA graphs of the whole decode step, one per batch-size bucket.
+
+A decode step launches a few hundred small kernels; replaying a captured graph removes the CPU
+launch cost between them. Inputs live in static buffers sized for the largest bucket; a step with
+B sequences pads to the next bucket (padding rows write no cache slot and attend to nothing) and
+copies the first B output rows out. Steps larger than the largest bucket run eagerly.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
+from fuserve.workers.step_plan import StepPlan
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        device: torch.device,
+        max_blocks_per_seq: int,
+        max_batch: int = 256,
+        buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.buckets = [b for b in buckets if b <= max_batch] or [1]
+        n = self.buckets[-1]
+        self.max_blocks = max_blocks_per_seq
+        i32 = dict(dtype=torch.int32, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
+        self.input_ids = torch.zeros(n, **i64)
+        self.positions = torch.zeros(n, **i64)
+        self.slot_mapping = torch.full((n,), -1, **i64)
+        self.block_tables = torch.zeros(n, max_blocks_per_seq, **i32)
+        self.context_lens = torch.zeros(n, **i32)
+        self.query_start_loc = torch.arange(n + 1, **i32)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def _meta(self, b: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:b],
+            block_tables=self.block_tables[:b],
+            query_start_loc=self.query_start_loc[: b + 1],
+            context_lens=self.context_lens[:b],
+            max_query_len=1,
+            max_context_len=self.max_blocks * self.block_size_hint,
+        )
+
+    @property
+    def block_size_hint(self) -> int:
+        return int(self.model.model.layers[0].self_attn.k_cache.shape[1])
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first so smaller graphs reuse its memory pool."""
+        pool = None
+        for b in reversed(self.buckets):
+            meta = self._meta(b)
+            for _ in range(2):  # warm-up: compile kernels, settle autotuning outside the capture
+                self.model(self.input_ids[:b], self.positions[:b], meta)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[b] = self.model(self.input_ids[:b], self.positions[:b], meta)
+            pool = graph.pool()
+            self.graphs[b] = graph
+        torch.cuda.synchronize(self.device)
+
+    def fits(self, plan: StepPlan) -> bool:
+        return (
+            bool(self.graphs)
+            and plan.num_seqs <= self.buckets[-1]
+            and max((len(t) for t in plan.block_tables), default=0) <= self.max_blocks
+        )
+
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        n = plan.num_seqs
+        b = self.buckets[bisect.bisect_left(self.buckets, n)]
+        width = self.max_blocks
+        tables = [t + [0] * (width - len(t)) for t in plan.block_tables]
+        pad = b - n
+        host = torch.tensor(
+            plan.input_ids + [0] * pad + plan.positions + [0] * pad + plan.slot_mapping + [-1] * pad,
+            dtype=torch.int64,
+        ).pin_memory()
+        host32 = torch.tensor(
+            [x for row in tables for x in row] + [0] * (pad * width) + plan.context_lens + [0] * pad,
+            dtype=torch.int32,
+        ).pin_memory()
+        dev = host.to(self.device, non_blocking=True)
+        dev32 = host32.to(self.device, non_blocking=True)
+        self.input_ids[:b].copy_(dev[:b])
+        self.positions[:b].copy_(dev[b : 2 * b])
+        self.slot_mapping[:b].copy_(dev[2 * b :])
+        self.block_tables[:b].copy_(dev32[: b * width].view(b, width))
+        self.context_lens[:b].copy_(dev32[b * width :])
+        self.graphs[b].replay()
+        return self.outputs[b][:n]

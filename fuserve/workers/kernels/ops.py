@@ -1,0 +1,53 @@
+"""Which implementation of each fused op the model calls: Triton kernels or their torch references.
+
+Chosen once when the model is built (Triton on GPU, references on CPU unless forced), so the model
+code has one path and tests can run either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    rmsnorm: Callable
+    fused_add_rmsnorm: Callable
+    rotary_kv_write: Callable
+    silu_mul: Callable
+    paged_decode_attention: Callable
+    paged_prefill_attention: Callable
+    name: str
+
+    @classmethod
+    def reference(cls) -> KernelOps:
+        from fuserve.workers.kernels import paged_decode_attention as dec
+        from fuserve.workers.kernels import paged_prefill_attention as pre
+        from fuserve.workers.kernels import rmsnorm, rotary, silu_mul
+
+        return cls(
+            rmsnorm=rmsnorm.rmsnorm_ref,
+            fused_add_rmsnorm=rmsnorm.fused_add_rmsnorm_ref,
+            rotary_kv_write=rotary.rotary_kv_write_ref,
+            silu_mul=silu_mul.silu_mul_ref,
+            paged_decode_attention=dec.paged_decode_attention_ref,
+            paged_prefill_attention=pre.paged_prefill_attention_ref,
+            name="torch-ref",
+        )
+
+    @classmethod
+    def triton(cls) -> KernelOps:
+        from fuserve.workers.kernels import paged_decode_attention as dec
+        from fuserve.workers.kernels import paged_prefill_attention as pre
+        from fuserve.workers.kernels import rmsnorm, rotary, silu_mul
+
+        return cls(
+            rmsnorm=rmsnorm.rmsnorm,
+            fused_add_rmsnorm=rmsnorm.fused_add_rmsnorm,
+            rotary_kv_write=rotary.rotary_kv_write,
+            silu_mul=silu_mul.silu_mul,
+            paged_decode_attention=dec.paged_decode_attention,
+            paged_prefill_attention=pre.paged_prefill_attention,
+            name="triton",
+        )

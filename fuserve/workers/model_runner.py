@@ -1,0 +1,88 @@
+"""Runs one step plan through the model: plan lists -> device tensors -> forward -> logits -> tokens.
+
+Every tensor-parallel rank runs `forward_plan` on the same plan; only rank 0 samples. Decode steps
+(one new token per sequence) replay a CUDA graph captured for the batch-size bucket when graphs are
+on; everything else runs eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fuserve.workers.cuda_graphs import DecodeGraphs
+from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
+from fuserve.workers.sampler import Sampler, SampleResult
+from fuserve.workers.step_plan import StepPlan
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        device: torch.device,
+        block_size: int,
+        graphs: DecodeGraphs | None = None,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.sampler = Sampler()
+        self.graphs = graphs
+
+    def _tensor(self, data: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(
+            self.device, non_blocking=True
+        )
+
+    def prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        width = max((len(t) for t in plan.block_tables), default=1) or 1
+        tables = [t + [0] * (width - len(t)) for t in plan.block_tables]
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(plan.slot_mapping),
+            block_tables=self._tensor(tables, torch.int32).view(len(tables), width),
+            query_start_loc=self._tensor(plan.query_start_loc, torch.int32),
+            context_lens=self._tensor(plan.context_lens, torch.int32),
+            max_query_len=plan.max_query_len,
+            max_context_len=max(plan.context_lens, default=0),
+        )
+        return self._tensor(plan.input_ids), self._tensor(plan.positions), meta
+
+    @torch.inference_mode()
+    def forward_plan(self, plan: StepPlan) -> torch.Tensor | None:
+        """Hidden states of the rows that sample: [S, hidden], or None when none samples."""
+        if plan.max_query_len == 1 and self.graphs is not None and self.graphs.fits(plan):
+            hidden = self.graphs.run(plan)
+        else:
+            input_ids, positions, meta = self.prepare(plan)
+            hidden = self.model(input_ids, positions, meta)
+        if not plan.sample_rows:
+            return None
+        rows = [plan.query_start_loc[b + 1] - 1 for b in plan.sample_rows]
+        return hidden[self._tensor(rows)]
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> list[SampleResult]:
+        hidden = self.forward_plan(plan)
+        if hidden is None:
+            return []
+        logits = self.model.compute_logits(hidden)
+        return self.sampler(logits, plan.sample_requests)
+
+    @torch.inference_mode()
+    def profile(self, num_tokens: int, max_seqs: int, num_blocks: int) -> None:
+        """One prefill at the full token budget, so peak activation memory is known before the KV
+        cache is sized. Slots are -1: nothing is written; every sequence reads the same scratch blocks."""
+        seqs = max(1, min(max_seqs, num_tokens))
+        per = min(num_tokens // seqs, num_blocks * self.block_size)
+        plan = StepPlan(
+            input_ids=[0] * (per * seqs),
+            positions=list(range(per)) * seqs,
+            slot_mapping=[-1] * (per * seqs),
+            query_start_loc=[i * per for i in range(seqs + 1)],
+            context_lens=[per] * seqs,
+            block_tables=[list(range(num_blocks))] * seqs,
+            sample_rows=list(range(seqs)),
+        )
+        hidden = self.forward_plan(plan)
+        assert hidden is not None
+        self.model.compute_logits(hidden)

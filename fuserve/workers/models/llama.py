@@ -1,0 +1,275 @@
+"""The Llama family (Llama 2/3/3.1, Mistral, Qwen2) on a paged KV cache, read top to bottom.
+
+Tokens of all sequences in a step are flattened into one batch of T rows (no padding); the
+attention metadata says which rows belong to which sequence and where their K/V live.
+  embed -> [rmsnorm -> qkv GEMM -> rope + KV write -> paged attention -> o_proj
+            -> add + rmsnorm -> gate/up GEMM -> silu*up -> down_proj] x L -> add + rmsnorm
+  logits only for the rows that sample.
+Weights are column/row-parallel layers (fuserve.parallel.layers); with one rank they are plain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fuserve.parallel.layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    load_replicated,
+)
+from fuserve.parallel.tp_context import TPContext
+from fuserve.workers.kernels.ops import KernelOps
+from fuserve.workers.models.rope import rope_tables
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class LlamaArch:
+    """The architecture facts of an HF config.json, checked once."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    model_type: str
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> LlamaArch:
+        model_type = cfg.get("model_type", "llama")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {model_type!r} is not supported; fuserve runs {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        heads = cfg["num_attention_heads"]
+        rope_scaling = cfg.get("rope_scaling")
+        theta = cfg.get("rope_theta")
+        rope_params = cfg.get("rope_parameters")  # transformers >= 5 folds theta and scaling into one dict
+        if isinstance(rope_params, dict):
+            theta = rope_params.get("rope_theta", theta)
+            if rope_params.get("rope_type", "default") != "default":
+                rope_scaling = rope_params
+        if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
+            rope_scaling = None
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=theta if theta is not None else 10000.0,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            model_type=model_type,
+        )
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each row's K/V go and which cached K/V each sequence attends to.
+
+    slot_mapping:    [T] cache slot of each new token (block * block_size + offset), -1 = padding
+    block_tables:    [B, M] block ids of each sequence
+    query_start_loc: [B+1] row offsets of each sequence's new tokens
+    context_lens:    [B] tokens of each sequence after this step (cached + new)
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    query_start_loc: torch.Tensor
+    context_lens: torch.Tensor
+    max_query_len: int
+    max_context_len: int
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_query_len == 1
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, ops: KernelOps) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
+        self.eps = eps
+        self.ops = ops
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (normed, residual): the first call starts the residual stream, later ones add to it."""
+        if residual is None:
+            return self.ops.rmsnorm(x, self.weight, self.eps), x
+        return self.ops.fused_add_rmsnorm(x, residual, self.weight, self.eps)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps) -> None:
+        super().__init__()
+        self.ops = ops
+        self.head_dim = arch.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.attention_bias, tp
+        )
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, False, tp)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.scale = arch.head_dim**-0.5
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        t = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # [T, (Hq + 2 Hkv) D]
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q = qkv[:, :q_size].view(t, self.num_heads, self.head_dim)
+        k = qkv[:, q_size : q_size + kv_size].view(t, self.num_kv_heads, self.head_dim)
+        v = qkv[:, q_size + kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        q = self.ops.rotary_kv_write(q, k, v, positions, cos, sin, self.k_cache, self.v_cache, meta.slot_mapping)
+        if meta.is_decode:
+            o = self.ops.paged_decode_attention(
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
+            )
+        else:
+            o = self.ops.paged_prefill_attention(
+                q,
+                self.k_cache,
+                self.v_cache,
+                meta.block_tables,
+                meta.query_start_loc,
+                meta.context_lens,
+                self.scale,
+                meta.max_query_len,
+            )
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps) -> None:
+        super().__init__()
+        self.ops = ops
+        inter = arch.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [inter, inter], False, tp)
+        self.down_proj = RowParallelLinear(inter, arch.hidden_size, False, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(arch, tp, ops)
+        self.mlp = LlamaMLP(arch, tp, ops)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, positions, meta, cos, sin)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, ops) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops)
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name -> (our parameter name, shard id within a fused weight)
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps, max_positions: int) -> None:
+        super().__init__()
+        self.arch = arch
+        self.model = LlamaModel(arch, tp, ops)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(arch.head_dim, arch.rope_theta, arch.rope_scaling, max_positions)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        for layer, k, v in zip(self.model.layers, k_caches, v_caches, strict=True):
+            layer.self_attn.k_cache = k
+            layer.self_attn.v_cache = v
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden]."""
+        hidden = self.model.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer in self.model.layers:
+            hidden, residual = layer(hidden, residual, positions, meta, self.rope_cos, self.rope_sin)
+        hidden, _ = self.model.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        """Copy checkpoint tensors (or lazy slices) into this rank's parameters; returns what loaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, src in weights:
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.arch.tie_word_embeddings:
+                continue
+            target, shard = name, None
+            for ckpt, (ours, shard_id) in self.packed_modules.items():
+                if f".{ckpt}." in name:
+                    target, shard = name.replace(f".{ckpt}.", f".{ours}."), shard_id
+                    break
+            param = params.get(target)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in a {self.arch.model_type} model")
+            getattr(param, "weight_loader", load_replicated)(param, src, shard)
+            loaded.add(target)
+        return loaded

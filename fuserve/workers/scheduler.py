@@ -1,0 +1,185 @@
+"""Iteration-level scheduling: which sequences run this step, and how many tokens each computes.
+
+Each step:
+  1. running sequences go first (decodes cost one token each; unfinished prefills take a chunk),
+     preempting the running sequence with the most work left when blocks run out;
+  2. waiting sequences are admitted in priority order while the token budget, the sequence limit
+     and the block pool allow. Priority is shortest estimated work first, less an aging credit for
+     the time waited, so a long request cannot be passed over for ever.
+A preempted sequence frees its blocks and is recomputed later (its finished blocks usually come
+back as prefix-cache hits). Pure Python on plain data: no torch, no model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fuserve.configs import SchedulerConfig
+from fuserve.workers.block_manager import BlockManager
+from fuserve.workers.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def start(self) -> int:
+        return self.seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """A chunk that reaches the end of the known tokens yields the next token."""
+        return self.start + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.clock = clock
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- queue management -----------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a sequence wherever it is and give back its blocks."""
+        if seq.is_finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def outstanding_tokens(self) -> int:
+        """Work still queued here, in tokens: what the router balances on."""
+        return sum(s.remaining_work for s in self.waiting) + sum(s.remaining_work for s in self.running)
+
+    def priority(self, seq: Sequence, now: float) -> float:
+        if self.config.policy == "fcfs":
+            return seq.arrival_time
+        return seq.remaining_work - self.config.aging_tokens_per_s * (now - seq.arrival_time)
+
+    # ---- one step -------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        now = self.clock()
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        chunked = self.config.enable_chunked_prefill
+        bm = self.block_manager
+
+        # Running first, best priority first; victims are taken from the back of this order.
+        self.running.sort(key=lambda s: self.priority(s, now))
+        queue = list(self.running)
+        kept: list[Sequence] = []
+        while queue and budget > 0:
+            seq = queue.pop(0)
+            n = seq.num_tokens - seq.num_computed_tokens
+            if n > budget:
+                if not chunked:
+                    kept.append(seq)
+                    continue
+                n = budget
+            while not bm.can_append(seq, seq.num_computed_tokens + n):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break
+            bm.append_slots(seq, seq.num_computed_tokens + n)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            kept.append(seq)
+            budget -= n
+        kept.extend(queue)
+        self.running = kept
+
+        # Admit waiting sequences; stop at the first that does not fit so it is not starved.
+        if not out.preempted:
+            self.waiting.sort(key=lambda s: self.priority(s, now))
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                seq = self.waiting[0]
+                if (not chunked and seq.num_tokens > budget) or not bm.can_allocate(seq):
+                    break
+                bm.allocate(seq)
+                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                self.waiting.pop(0)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+        return out
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(seq)
+        out.preempted.append(seq)
+
+    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
+        """Advance each scheduled sequence by its chunk, append its sampled token, and finish the
+        ones that hit EOS, a stop token, max_tokens or the model length. Returns those finished."""
+        finished: list[Sequence] = []
+        for item, token in zip(out.scheduled, sampled, strict=True):
+            seq = item.seq
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.commit_computed(seq)
+            if token is None:
+                continue
+            seq.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    @staticmethod
+    def _stop_reason(seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.params
+        if token in p.stop_token_ids:
+            return FinishReason.STOP
+        if not p.ignore_eos and token in seq.eos_token_ids:
+            return FinishReason.STOP
+        if seq.num_output_tokens >= seq.max_tokens:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,54 @@
+"""A step plan: everything a model rank needs to run one step, as plain lists.
+
+Built by rank 0 from the scheduler's output; it is also what rank 0 broadcasts to the other
+tensor-parallel ranks, so it holds ids and indices only, never Python objects of the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fuserve.workers.sampler import SampleRequest
+from fuserve.workers.scheduler import SchedulerOutput
+
+
+@dataclass
+class StepPlan:
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)
+    query_start_loc: list[int] = field(default_factory=lambda: [0])
+    context_lens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)  # which sequences (by index) sample
+    sample_requests: list[SampleRequest] = field(default_factory=list)  # rank 0 only
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+    @property
+    def max_query_len(self) -> int:
+        q = self.query_start_loc
+        return max((q[i + 1] - q[i] for i in range(len(q) - 1)), default=0)
+
+
+def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
+    plan = StepPlan()
+    for b, item in enumerate(out.scheduled):
+        seq, start, n = item.seq, item.start, item.num_new_tokens
+        plan.input_ids.extend(seq.token_ids[start : start + n])
+        plan.positions.extend(range(start, start + n))
+        table = seq.block_table
+        plan.slot_mapping.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
+        plan.query_start_loc.append(plan.query_start_loc[-1] + n)
+        plan.context_lens.append(start + n)
+        plan.block_tables.append(list(table))
+        if item.samples:
+            plan.sample_rows.append(b)
+            plan.sample_requests.append(SampleRequest(seq.params, seq.prompt_token_ids, seq.output_token_ids))
+    return plan
