@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fuserve.sampling_params import SamplingParams
+from fuserve.workers.sampler import SampleRequest, Sampler
+
+
+def rows(n: int, **kw) -> list[SampleRequest]:
+    return [SampleRequest(SamplingParams(**kw), [1, 2, 3], [4, 4, 5]) for _ in range(n)]
+
+
+def test_greedy_and_top_k_1_are_argmax() -> None:
+    logits = torch.randn(4, 50)
+    sampler = Sampler()
+    assert [r.token_id for r in sampler(logits.clone(), rows(4, temperature=0.0))] == logits.argmax(-1).tolist()
+    out = sampler(logits.clone(), rows(4, temperature=1.3, top_k=1))
+    assert [r.token_id for r in out] == logits.argmax(-1).tolist()
+
+
+def test_seeded_draws_repeat_and_ignore_batch_company() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 100)
+    sampler = Sampler()
+    a = sampler(logits.clone(), rows(3, temperature=1.0, seed=7))
+    b = sampler(logits[1:2].clone(), rows(1, temperature=1.0, seed=7))
+    assert a[1].token_id == b[0].token_id
+    c = sampler(logits.clone(), rows(3, temperature=1.0, seed=7))
+    assert [r.token_id for r in a] == [r.token_id for r in c]
+
+
+def test_draws_follow_the_distribution() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(4000, 4).clone()
+    out = Sampler()(logits, rows(4000, temperature=1.0))
+    freq = torch.bincount(torch.tensor([r.token_id for r in out]), minlength=4).float() / 4000
+    assert torch.allclose(freq, probs, atol=0.03)
+
+
+def test_top_p_and_min_p_cut_the_tail() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(500, 4).clone()
+    nucleus = {r.token_id for r in Sampler()(logits.clone(), rows(500, temperature=1.0, top_p=0.75))}
+    assert nucleus == {0, 1}  # 0.5 < 0.75, 0.5 + 0.3 >= 0.75
+    minp = {r.token_id for r in Sampler()(logits.clone(), rows(500, temperature=1.0, min_p=0.35))}
+    assert minp == {0, 1}  # keeps p >= 0.35 * 0.5
+
+
+def test_penalties_match_their_definitions() -> None:
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.randn(1, 10)
+    req = SampleRequest(SamplingParams(temperature=0.0, repetition_penalty=1.7, logprobs=10), [1, 2], [2, 3])
+    got = Sampler()(logits.clone(), [req])[0].logprobs
+    want = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([[1, 2, 2, 3]]), logits.clone()).log_softmax(-1)
+    assert dict(got.top) == pytest.approx({i: float(want[0, i]) for i in range(10)}, abs=1e-5)
+
+    req = SampleRequest(
+        SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25, logprobs=10), [9], [3, 3, 4]
+    )
+    got = Sampler()(logits.clone(), [req])[0].logprobs
+    expect = logits.clone()[0]
+    expect[3] -= 0.5 + 0.25 * 2
+    expect[4] -= 0.5 + 0.25
+    assert dict(got.top) == pytest.approx(dict(enumerate(expect.log_softmax(-1).tolist())), abs=1e-5)
+
+
+def test_logprobs_report_chosen_and_top_n() -> None:
+    logits = torch.randn(2, 30)
+    out = Sampler()(logits.clone(), rows(2, temperature=0.0, logprobs=3))
+    ref = logits.log_softmax(-1)
+    for i, r in enumerate(out):
+        assert r.logprobs is not None
+        assert r.logprobs.logprob == pytest.approx(float(ref[i].max()), abs=1e-6)
+        assert [t for t, _ in r.logprobs.top] == ref[i].topk(3).indices.tolist()
