@@ -36,8 +36,15 @@ LLAMA3_8B: dict[str, Any] = dict(
     rope_theta=500000.0,
     tie_word_embeddings=False,
 )
-TINY: dict[str, Any] = dict(LLAMA3_8B, vocab_size=512, hidden_size=64, intermediate_size=128,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+TINY: dict[str, Any] = dict(
+    LLAMA3_8B,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def commit() -> str:
@@ -75,7 +82,12 @@ def gemm_rate() -> float:
 
 
 def weight_bytes(cfg: dict[str, Any], elem: int = 2) -> int:
-    h, i, layers, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    h, i, layers, v = (
+        cfg["hidden_size"],
+        cfg["intermediate_size"],
+        cfg["num_hidden_layers"],
+        cfg["vocab_size"],
+    )
     hd = h // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * hd
     per_layer = h * (h + 2 * kv) + h * h + 3 * h * i + 2 * h
@@ -87,18 +99,25 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(0, vocab, (batch, length), generator=g).tolist()
 
 
-def run_fuserve(cfg: dict[str, Any], batches: list[int], prompt_len: int, output_len: int,
-                graphs: bool, smoke: bool) -> list[dict[str, Any]]:
+def run_fuserve(
+    cfg: dict[str, Any], batches: list[int], prompt_len: int, output_len: int, graphs: bool, smoke: bool
+) -> list[dict[str, Any]]:
     from fuserve.configs import config_from_dict
     from fuserve.sampling_params import SamplingParams
     from fuserve.workers.engine import LLMEngine
 
-    config = config_from_dict({
-        "model": {"load_format": "dummy", "hf_config": cfg, "max_model_len": prompt_len + output_len + 16,
-                  "dtype": "float32" if smoke else "bfloat16"},
-        "scheduler": {"max_num_seqs": max(batches), "max_num_batched_tokens": max(4096, prompt_len * 8)},
-        "kernels": {"cuda_graphs": graphs, "cuda_graph_max_batch": max(batches)},
-    })
+    config = config_from_dict(
+        {
+            "model": {
+                "load_format": "dummy",
+                "hf_config": cfg,
+                "max_model_len": prompt_len + output_len + 16,
+                "dtype": "float32" if smoke else "bfloat16",
+            },
+            "scheduler": {"max_num_seqs": max(batches), "max_num_batched_tokens": max(4096, prompt_len * 8)},
+            "kernels": {"cuda_graphs": graphs, "cuda_graph_max_batch": max(batches)},
+        }
+    )
     t0 = time.perf_counter()
     engine = LLMEngine(config)
     init_s = time.perf_counter() - t0
@@ -121,9 +140,18 @@ def run_fuserve(cfg: dict[str, Any], batches: list[int], prompt_len: int, output
         total = time.perf_counter() - start
         step_times.sort()
         ms_tok = 1e3 * step_times[len(step_times) // 2]
-        rows.append(dict(engine="fuserve" + ("" if graphs else "-eager"), batch=batch, prompt_len=prompt_len,
-                         output_len=output_len, ms_per_token=ms_tok, output_tok_s=batch * output_len / total,
-                         ttft_ms=1e3 * ((first_token_at or start) - start), init_s=init_s))
+        rows.append(
+            dict(
+                engine="fuserve" + ("" if graphs else "-eager"),
+                batch=batch,
+                prompt_len=prompt_len,
+                output_len=output_len,
+                ms_per_token=ms_tok,
+                output_tok_s=batch * output_len / total,
+                ttft_ms=1e3 * ((first_token_at or start) - start),
+                init_s=init_s,
+            )
+        )
         print(rows[-1], flush=True)
     # the repeat of the first batch size replaces its cold row
     first = rows.pop()
@@ -134,8 +162,9 @@ def run_fuserve(cfg: dict[str, Any], batches: list[int], prompt_len: int, output
     return rows
 
 
-def run_hf(cfg: dict[str, Any], batches: list[int], prompt_len: int, output_len: int,
-           smoke: bool) -> list[dict[str, Any]]:
+def run_hf(
+    cfg: dict[str, Any], batches: list[int], prompt_len: int, output_len: int, smoke: bool
+) -> list[dict[str, Any]]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_cfg = LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
@@ -161,9 +190,17 @@ def run_hf(cfg: dict[str, Any], batches: list[int], prompt_len: int, output_len:
             model.generate(ids, **kw)
             sync()
             total = time.perf_counter() - t0
-        rows.append(dict(engine="hf-transformers", batch=batch, prompt_len=prompt_len, output_len=output_len,
-                         ms_per_token=1e3 * (total - ttft) / (output_len - 1),
-                         output_tok_s=batch * output_len / total, ttft_ms=1e3 * ttft))
+        rows.append(
+            dict(
+                engine="hf-transformers",
+                batch=batch,
+                prompt_len=prompt_len,
+                output_len=output_len,
+                ms_per_token=1e3 * (total - ttft) / (output_len - 1),
+                output_tok_s=batch * output_len / total,
+                ttft_ms=1e3 * ttft,
+            )
+        )
         print(rows[-1], flush=True)
     del model
     gc.collect()
@@ -176,17 +213,26 @@ def run_prefill(cfg: dict[str, Any], length: int, gemm: float, smoke: bool) -> d
     from fuserve.sampling_params import SamplingParams
     from fuserve.workers.engine import LLMEngine
 
-    config = config_from_dict({
-        "model": {"load_format": "dummy", "hf_config": cfg, "max_model_len": length + 16,
-                  "dtype": "float32" if smoke else "bfloat16"},
-        "scheduler": {"max_num_seqs": 4, "max_num_batched_tokens": length},
-        "kernels": {"cuda_graphs": False},
-    })
+    config = config_from_dict(
+        {
+            "model": {
+                "load_format": "dummy",
+                "hf_config": cfg,
+                "max_model_len": length + 16,
+                "dtype": "float32" if smoke else "bfloat16",
+            },
+            "scheduler": {"max_num_seqs": 4, "max_num_batched_tokens": length},
+            "kernels": {"cuda_graphs": False},
+        }
+    )
     engine = LLMEngine(config)
     times = []
     for rep in range(4):
-        engine.add_request(f"p{rep}", prompts(1, length, cfg["vocab_size"], seed=rep)[0],
-                           SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        engine.add_request(
+            f"p{rep}",
+            prompts(1, length, cfg["vocab_size"], seed=rep)[0],
+            SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+        )
         sync()
         t0 = time.perf_counter()
         while engine.has_unfinished():
@@ -199,8 +245,16 @@ def run_prefill(cfg: dict[str, Any], length: int, gemm: float, smoke: bool) -> d
     flops = 2 * params * length + 2 * layers * length * length * h  # GEMMs + causal attention (QK^T, PV)
     del engine
     gc.collect()
-    return dict(engine="fuserve", bench="prefill", batch=1, prompt_len=length, output_len=1, ms=1e3 * s,
-                tflop_s=flops / s / 1e12, frac_of_gemm=flops / s / gemm)
+    return dict(
+        engine="fuserve",
+        bench="prefill",
+        batch=1,
+        prompt_len=length,
+        output_len=1,
+        ms=1e3 * s,
+        tflop_s=flops / s / 1e12,
+        frac_of_gemm=flops / s / gemm,
+    )
 
 
 def sync() -> None:
@@ -226,22 +280,38 @@ def main() -> None:
 
     bw, gemm = copy_bandwidth(), gemm_rate()
     floor_ms = 1e3 * weight_bytes(cfg) / bw
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 GEMM {gemm / 1e12:.0f} TFLOP/s, "
-          f"weights {weight_bytes(cfg) / 1e9:.2f} GB -> batch-1 floor {floor_ms:.2f} ms/token", flush=True)
+    print(
+        f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 GEMM {gemm / 1e12:.0f} TFLOP/s, "
+        f"weights {weight_bytes(cfg) / 1e9:.2f} GB -> batch-1 floor {floor_ms:.2f} ms/token",
+        flush=True,
+    )
     rows: list[dict[str, Any]] = []
     if not args.skip_hf:
-        rows += [dict(r, bench="decode") for r in run_hf(cfg, batches, args.prompt_len, args.output_len, args.smoke)]
+        rows += [
+            dict(r, bench="decode")
+            for r in run_hf(cfg, batches, args.prompt_len, args.output_len, args.smoke)
+        ]
     if not args.skip_eager:
-        rows += [dict(r, bench="decode") for r in run_fuserve(cfg, batches, args.prompt_len, args.output_len,
-                                                               False, args.smoke)]
+        rows += [
+            dict(r, bench="decode")
+            for r in run_fuserve(cfg, batches, args.prompt_len, args.output_len, False, args.smoke)
+        ]
     if torch.cuda.is_available():
-        rows += [dict(r, bench="decode") for r in run_fuserve(cfg, batches, args.prompt_len, args.output_len,
-                                                               True, args.smoke)]
+        rows += [
+            dict(r, bench="decode")
+            for r in run_fuserve(cfg, batches, args.prompt_len, args.output_len, True, args.smoke)
+        ]
     rows.append(run_prefill(cfg, args.prefill_len, gemm, args.smoke))
 
     hf = {r["batch"]: r for r in rows if r["engine"] == "hf-transformers"}
-    meta = dict(model="llama3-8b" if not args.smoke else "tiny", device=device_name(),
-                date=dt.date.today().isoformat(), commit=commit(), copy_tb_s=bw / 1e12, gemm_tflop_s=gemm / 1e12)
+    meta = dict(
+        model="llama3-8b" if not args.smoke else "tiny",
+        device=device_name(),
+        date=dt.date.today().isoformat(),
+        commit=commit(),
+        copy_tb_s=bw / 1e12,
+        gemm_tflop_s=gemm / 1e12,
+    )
     for r in rows:
         r.update(meta)
         if r.get("bench") == "decode":
@@ -251,11 +321,15 @@ def main() -> None:
     print(f"\n{'engine':<18}{'batch':>6}{'ms/token':>10}{'tok/s':>10}{'ttft ms':>9}{'x HF':>7}{'floor':>7}")
     for r in rows:
         if r.get("bench") == "decode":
-            print(f"{r['engine']:<18}{r['batch']:>6}{r['ms_per_token']:>10.2f}{r['output_tok_s']:>10.0f}"
-                  f"{r['ttft_ms']:>9.1f}{(r['speedup'] or 0):>7.1f}{(r['frac_of_floor'] or 0):>7.2f}")
+            print(
+                f"{r['engine']:<18}{r['batch']:>6}{r['ms_per_token']:>10.2f}{r['output_tok_s']:>10.0f}"
+                f"{r['ttft_ms']:>9.1f}{(r['speedup'] or 0):>7.1f}{(r['frac_of_floor'] or 0):>7.2f}"
+            )
         else:
-            print(f"prefill {r['prompt_len']} tokens: {r['ms']:.1f} ms, {r['tflop_s']:.0f} TFLOP/s "
-                  f"= {r['frac_of_gemm']:.2f} of the measured GEMM rate")
+            print(
+                f"prefill {r['prompt_len']} tokens: {r['ms']:.1f} ms, {r['tflop_s']:.0f} TFLOP/s "
+                f"= {r['frac_of_gemm']:.2f} of the measured GEMM rate"
+            )
     out = Path(args.out or f"benchmarks/results/decode-{meta['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))

@@ -35,7 +35,9 @@ class ModelConfig(_Strict):
         description="A Python package that ships a .gguf file (found without importing it); "
         "used when `path` is not set. The default ships SmolLM2-135M-Instruct.",
     )
-    name: str | None = Field(default=None, description="Model id served to clients; defaults to the file name.")
+    name: str | None = Field(
+        default=None, description="Model id served to clients; defaults to the file name."
+    )
     load_format: Literal["auto", "safetensors", "gguf", "dummy"] = Field(
         default="auto", description="`dummy` builds random weights from `hf_config` (benchmarks)."
     )
@@ -47,7 +49,9 @@ class ModelConfig(_Strict):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_model_len: int | None = Field(
-        default=None, ge=1, description="Longest prompt + output in tokens; defaults to the model's own limit."
+        default=None,
+        ge=1,
+        description="Longest prompt + output in tokens; defaults to the model's own limit.",
     )
     seed: int = 0
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from checkpoints import make_checkpoint
+
 from fuserve import LLM, RequestError, SamplingParams
 from fuserve.configs import config_from_dict
 from fuserve.workers.async_engine import AsyncEngine
@@ -15,7 +15,9 @@ from fuserve.workers.async_engine import AsyncEngine
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory):
     folder = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama", "llama3")
-    return config_from_dict({"model": {"path": str(folder), "max_model_len": 128}, "cache": {"num_blocks": 64}})
+    return config_from_dict(
+        {"model": {"path": str(folder), "max_model_len": 128}, "cache": {"num_blocks": 64}}
+    )
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from checkpoints import make_checkpoint
+
 from fuserve import LLM, RequestError, SamplingParams
 from fuserve.configs import config_from_dict
 

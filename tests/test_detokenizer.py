@@ -1,10 +1,8 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
 from checkpoints import write_byte_tokenizer
+
 from fuserve.workers.detokenizer import IncrementalDetokenizer
 from fuserve.workers.tokenizer import Tokenizer
 

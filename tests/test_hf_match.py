@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from checkpoints import make_checkpoint
+
 from fuserve import LLM, SamplingParams
 from fuserve.configs import config_from_dict
 

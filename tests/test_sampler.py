@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fuserve.sampling_params import SamplingParams
-from fuserve.workers.sampler import SampleRequest, Sampler
+from fuserve.workers.sampler import Sampler, SampleRequest
 
 
 def rows(n: int, **kw) -> list[SampleRequest]:
@@ -14,7 +14,9 @@ def rows(n: int, **kw) -> list[SampleRequest]:
 def test_greedy_and_top_k_1_are_argmax() -> None:
     logits = torch.randn(4, 50)
     sampler = Sampler()
-    assert [r.token_id for r in sampler(logits.clone(), rows(4, temperature=0.0))] == logits.argmax(-1).tolist()
+    assert [r.token_id for r in sampler(logits.clone(), rows(4, temperature=0.0))] == logits.argmax(
+        -1
+    ).tolist()
     out = sampler(logits.clone(), rows(4, temperature=1.3, top_k=1))
     assert [r.token_id for r in out] == logits.argmax(-1).tolist()
 
@@ -57,7 +59,9 @@ def test_penalties_match_their_definitions() -> None:
     assert dict(got.top) == pytest.approx({i: float(want[0, i]) for i in range(10)}, abs=1e-5)
 
     req = SampleRequest(
-        SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25, logprobs=10), [9], [3, 3, 4]
+        SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25, logprobs=10),
+        [9],
+        [3, 3, 4],
     )
     got = Sampler()(logits.clone(), [req])[0].logprobs
     expect = logits.clone()[0]

@@ -102,7 +102,9 @@ def test_random_workloads_balance_and_finish(
             plen = min(plen, capacity - max_tokens - 1) if capacity > max_tokens + 1 else 1
             max_tokens = min(max_tokens, capacity - plen)
             prompt = shared[:plen] if variant < 2 else [rng.randrange(50) for _ in range(plen)]
-            seq = Sequence(f"s{len(live)}", prompt, SamplingParams(max_tokens=max_tokens), clock.now, max_tokens)
+            seq = Sequence(
+                f"s{len(live)}", prompt, SamplingParams(max_tokens=max_tokens), clock.now, max_tokens
+            )
             live.append(seq)
             sched.add(seq)
         elif kind == "step":

@@ -34,7 +34,9 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, config: FuserveConfig, engine_factory: Callable[[FuserveConfig], LLMEngine] = LLMEngine):
+    def __init__(
+        self, config: FuserveConfig, engine_factory: Callable[[FuserveConfig], LLMEngine] = LLMEngine
+    ):
         self.engine = engine_factory(config)
         self.model_name = self.engine.model_name
         self._cv = threading.Condition()

@@ -30,7 +30,9 @@ class IncrementalDetokenizer:
         for tok in token_ids:
             self.ids.append(tok)
             window_start = self._prefix_offset
-            prefix = self.tokenizer.decode(self.ids[window_start : self._read_offset], self.skip_special_tokens)
+            prefix = self.tokenizer.decode(
+                self.ids[window_start : self._read_offset], self.skip_special_tokens
+            )
             full = self.tokenizer.decode(self.ids[window_start:], self.skip_special_tokens)
             if len(full) > len(prefix) and not full.endswith("\ufffd"):
                 self.text += full[len(prefix) :]

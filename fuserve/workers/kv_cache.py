@@ -51,7 +51,12 @@ def num_blocks_for(
 
 
 def allocate_kv_cache(
-    arch: LlamaArch, num_kv_heads: int, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    arch: LlamaArch,
+    num_kv_heads: int,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> KVCache:
     shape = (num_blocks, block_size, num_kv_heads, arch.head_dim)
     k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]

@@ -41,7 +41,9 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.T
     for i, r in enumerate(rows):
         p = r.params
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(r.prompt_token_ids) | set(r.output_token_ids)), device=logits.device)
+            seen = torch.tensor(
+                sorted(set(r.prompt_token_ids) | set(r.output_token_ids)), device=logits.device
+            )
             vals = logits[i, seen]
             logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
@@ -50,7 +52,9 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.T
     return logits
 
 
-def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+def _filter(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
     """Mask out tokens outside top-k, outside the top-p nucleus, or under min_p x the best prob."""
     vocab = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)

@@ -44,7 +44,9 @@ def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
         plan.input_ids.extend(seq.token_ids[start : start + n])
         plan.positions.extend(range(start, start + n))
         table = seq.block_table
-        plan.slot_mapping.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
+        plan.slot_mapping.extend(
+            table[p // block_size] * block_size + p % block_size for p in range(start, start + n)
+        )
         plan.query_start_loc.append(plan.query_start_loc[-1] + n)
         plan.context_lens.append(start + n)
         plan.block_tables.append(list(table))

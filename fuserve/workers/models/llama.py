@@ -153,7 +153,9 @@ class LlamaAttention(nn.Module):
         q = qkv[:, :q_size].view(t, self.num_heads, self.head_dim)
         k = qkv[:, q_size : q_size + kv_size].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_size + kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        q = self.ops.rotary_kv_write(q, k, v, positions, cos, sin, self.k_cache, self.v_cache, meta.slot_mapping)
+        q = self.ops.rotary_kv_write(
+            q, k, v, positions, cos, sin, self.k_cache, self.v_cache, meta.slot_mapping
+        )
         if meta.is_decode:
             o = self.ops.paged_decode_attention(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
@@ -241,7 +243,9 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.k_cache = k
             layer.self_attn.v_cache = v
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         hidden = self.model.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
