@@ -98,6 +98,11 @@ class SchedulerConfig(_Strict):
         description="How many tokens of estimated work one second of waiting forgives (swf only); "
         "any value > 0 bounds how long a request can wait.",
     )
+    async_scheduling: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Queue the next step before reading this one's tokens back, overlapping host work "
+        "with the GPU. `auto`: on for a single GPU.",
+    )
 
 
 class ParallelConfig(_Strict):

@@ -54,8 +54,9 @@ def _prompts(rng: random.Random, vocab: int) -> tuple[list[list[int]], list[list
     return first, second
 
 
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
 @pytest.mark.parametrize("arch", ["llama3", "llama31", "mistral", "qwen2"])
-def test_tiny_models_match_hf(tmp_path: Path, arch: str) -> None:
+def test_tiny_models_match_hf(tmp_path: Path, arch: str, async_scheduling: str) -> None:
     from transformers import AutoModelForCausalLM
 
     folder = make_checkpoint(tmp_path / arch, arch, seed=1)
@@ -64,7 +65,11 @@ def test_tiny_models_match_hf(tmp_path: Path, arch: str) -> None:
         {
             "model": {"path": str(folder), "max_model_len": 128},
             "cache": {"block_size": 4, "num_blocks": 48},
-            "scheduler": {"max_num_batched_tokens": 24, "max_num_seqs": 8},
+            "scheduler": {
+                "max_num_batched_tokens": 24,
+                "max_num_seqs": 8,
+                "async_scheduling": async_scheduling,
+            },
         }
     )
     llm = LLM(config)

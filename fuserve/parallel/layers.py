@@ -9,7 +9,7 @@ shard id into their place in the fused parameter.
   QKVParallelLinear       q, k, v heads split across ranks; KV heads replicated when ranks > kv heads
   RowParallelLinear       input features split; one all-reduce sums the partial outputs
   VocabParallelEmbedding  vocab rows split; out-of-range ids give zeros, all-reduce fills them in
-  ParallelLMHead          vocab rows split; logits gathered across ranks
+  ParallelLMHead          vocab rows split; logits gathered on rank 0 only (the only rank that samples)
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from torch import nn
 from fuserve.parallel.tp_context import TPContext
 
 WeightLoader = Callable[..., None]
+# y = x @ W^T + b; the model passes its kernel choice (e.g. a bandwidth-bound GEMV for decode).
+LinearFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def _shape(src: Any) -> tuple[int, ...]:
@@ -55,9 +57,12 @@ def _divide(total: int, size: int, what: str) -> int:
 
 
 class ColumnParallelLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, tp: TPContext, linear: LinearFn = F.linear
+    ) -> None:
         super().__init__()
         self.tp = tp
+        self.linear = linear
         self.out_per_rank = _divide(out_features, tp.size, "output features")
         self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features), requires_grad=False)
         self.weight.weight_loader = self.load  # type: ignore[attr-defined]
@@ -70,13 +75,15 @@ class ColumnParallelLinear(nn.Module):
         _copy(param, _narrow(src, 0, self.tp.rank * self.out_per_rank, self.out_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, tp: TPContext) -> None:
+    def __init__(
+        self, in_features: int, out_sizes: list[int], bias: bool, tp: TPContext, linear: LinearFn = F.linear
+    ) -> None:
         self.out_sizes = out_sizes
-        super().__init__(in_features, sum(out_sizes), bias, tp)
+        super().__init__(in_features, sum(out_sizes), bias, tp, linear)
 
     def load(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
         per_rank = [_divide(s, self.tp.size, "merged output features") for s in self.out_sizes]
@@ -87,7 +94,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 class QKVParallelLinear(ColumnParallelLinear):
     def __init__(
-        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPContext
+        self,
+        hidden: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool,
+        tp: TPContext,
+        linear: LinearFn = F.linear,
     ) -> None:
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp.size, "attention heads")
@@ -95,9 +109,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.kv_replicas = max(1, tp.size // num_kv_heads)
         if tp.size > num_kv_heads and tp.size % num_kv_heads:
             raise ValueError(f"tensor_parallel_size {tp.size} must divide or be a multiple of {num_kv_heads}")
+        if tp.size <= num_kv_heads:
+            _divide(num_kv_heads, tp.size, "key/value heads")
         self.num_kv_heads = max(1, num_kv_heads // tp.size)
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.size
-        super().__init__(hidden, out, bias, tp)
+        super().__init__(hidden, out, bias, tp, linear)
 
     @property
     def q_size(self) -> int:
@@ -117,9 +133,12 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, tp: TPContext, linear: LinearFn = F.linear
+    ) -> None:
         super().__init__()
         self.tp = tp
+        self.linear = linear
         self.in_per_rank = _divide(in_features, tp.size, "input features")
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
         self.weight.weight_loader = self.load  # type: ignore[attr-defined]
@@ -132,7 +151,7 @@ class RowParallelLinear(nn.Module):
         _copy(param, _narrow(src, 1, self.tp.rank * self.in_per_rank, self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.linear(x, self.weight, None)
         y = self.tp.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
@@ -140,9 +159,10 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden: int, tp: TPContext) -> None:
+    def __init__(self, vocab_size: int, hidden: int, tp: TPContext, linear: LinearFn = F.linear) -> None:
         super().__init__()
         self.tp = tp
+        self.linear = linear  # used by the LM head subclass
         self.vocab_size = vocab_size
         self.per_rank = -(-vocab_size // tp.size)
         self.start = tp.rank * self.per_rank
@@ -166,5 +186,6 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = F.linear(hidden, self.weight)
+        """hidden [S, H] -> logits [S, vocab] on rank 0; [S, 0] on the other ranks."""
+        logits = self.linear(hidden, self.weight, None)
         return self.tp.gather_last_dim(logits)[..., : self.vocab_size]

@@ -2,15 +2,26 @@
 
 Passed to every parallel layer at construction (no module-level state). With size 1 every
 collective is the identity, so the single-device path pays nothing.
+
+Two process groups: `group` carries the activations (NCCL on GPU, gloo on CPU) and `cpu_group` (always
+gloo) carries small host-side facts: startup agreements here, step plans in plan_broadcast.py.
+`fast_all_reduce`, when set, takes the small all-reduces of decode (one-shot over P2P, see
+one_shot_all_reduce.py); everything it declines goes to the group's own all-reduce.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+
+
+class FastAllReduce(Protocol):
+    def fits(self, x: torch.Tensor) -> bool: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -18,16 +29,37 @@ class TPContext:
     rank: int = 0
     size: int = 1
     group: Any = None
+    cpu_group: Any = None
+    fast_all_reduce: FastAllReduce | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+        """Sum over ranks. Use the returned tensor: the fast path writes a new one."""
+        if self.size == 1:
+            return x
+        if self.fast_all_reduce is not None and self.fast_all_reduce.fits(x):
+            return self.fast_all_reduce(x)
+        dist.all_reduce(x, group=self.group)
         return x
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate each rank's slice of the last dim (vocab-parallel logits), on every rank."""
+        """Concatenate each rank's slice of the last dim (vocab-parallel logits) on rank 0 only.
+
+        Only rank 0 samples, so the other ranks send their slice and get an empty [..., 0] tensor back:
+        gathering everywhere would move (size - 1) x more logits for nothing.
+        """
         if self.size == 1:
             return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
+        dist.gather(x, parts, dst=0, group=self.group)
+        if parts is None:
+            return x[..., :0]
         return torch.cat(parts, dim=-1)
+
+    def min_across_ranks(self, value: int) -> int:
+        """The smallest of every rank's value, on every rank (e.g. KV blocks that fit on each GPU)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        return int(t.item())

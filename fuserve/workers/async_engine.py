@@ -52,7 +52,7 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        return self.error is None and self._thread.is_alive()
+        return self.error is None and self._thread.is_alive() and self.engine.healthy
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
@@ -102,6 +102,7 @@ class AsyncEngine:
             self._stopped = True
             self._cv.notify()
         self._thread.join(timeout=30)
+        self.engine.shutdown()
 
     # ---- the loop thread ------------------------------------------------------------------------
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:

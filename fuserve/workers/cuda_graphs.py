@@ -9,6 +9,7 @@ copies the first B output rows out. Steps larger than the largest bucket run eag
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 
 import torch
 
@@ -80,7 +81,7 @@ class DecodeGraphs:
             and max((len(t) for t in plan.block_tables), default=0) <= self.max_blocks
         )
 
-    def run(self, plan: StepPlan) -> torch.Tensor:
+    def run(self, plan: StepPlan, patch_ids: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         n = plan.num_seqs
         b = self.buckets[bisect.bisect_left(self.buckets, n)]
         width = self.max_blocks
@@ -97,6 +98,8 @@ class DecodeGraphs:
         dev = host.to(self.device, non_blocking=True)
         dev32 = host32.to(self.device, non_blocking=True)
         self.input_ids[:b].copy_(dev[:b])
+        if patch_ids is not None:
+            patch_ids(self.input_ids[:n])
         self.positions[:b].copy_(dev[b : 2 * b])
         self.slot_mapping[:b].copy_(dev[2 * b :])
         self.block_tables[:b].copy_(dev32[: b * width].view(b, width))

@@ -4,12 +4,18 @@
             -> detokenize, stop strings -> RequestOutputs
 A request with n > 1 becomes n sequences that share the prompt (and its cached blocks).
 Requests are checked before they enter, so a bad one fails alone and the others keep running.
+
+Tensor parallel (parallel.tensor_parallel_size > 1): this engine is rank 0. It starts ranks 1..N-1 as
+Ray actors (fuserve.parallel.worker_group), each of which builds an LLMEngine of its own shard and then
+runs only its runner on the plans rank 0 broadcasts before each step.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,10 +31,14 @@ from fuserve.workers.model_runner import ModelRunner
 from fuserve.workers.models.llama import LlamaArch
 from fuserve.workers.models.loader import ModelSource, build_model, load_tokenizer, resolve_source
 from fuserve.workers.outputs import RequestOutput
-from fuserve.workers.scheduler import Scheduler
+from fuserve.workers.sampler import SampledBatch, has_penalty
+from fuserve.workers.scheduler import Scheduler, SchedulerOutput
 from fuserve.workers.sequence import FinishReason, Sequence
-from fuserve.workers.step_plan import build_step_plan
+from fuserve.workers.step_plan import StepPlan, build_step_plan
 from fuserve.workers.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from fuserve.parallel.worker_group import WorkerGroup
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,15 +85,40 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: FuserveConfig, tp: TPContext | None = None) -> None:
+    def __init__(
+        self, config: FuserveConfig, tp: TPContext | None = None, workers: WorkerGroup | None = None
+    ) -> None:
+        """tp: this rank's context, for a worker rank (its group formed by the caller). workers: ranks
+        1..N-1, already started, for rank 0; started here from `config.parallel` when neither is given
+        and tensor_parallel_size > 1."""
+        if tp is None and workers is None and config.parallel.tensor_parallel_size > 1:
+            from fuserve.parallel.worker_group import WorkerGroup
+
+            workers = WorkerGroup.start(config)
+        self.workers = workers
+        self.tp = workers.tp if workers is not None else (tp or TPContext())
+        try:
+            with workers.guard("startup") if workers is not None else nullcontext():
+                self._build(config)
+        except BaseException:
+            if workers is not None:
+                workers.shutdown()
+            raise
+        if workers is not None:
+            workers.begin_serving()
+
+    def _build(self, config: FuserveConfig) -> None:
+        """Model shard, KV cache, CUDA graphs, scheduler. Every tensor-parallel rank runs this same
+        code, so the collectives inside (profiling forward, KV sizing, graph capture) pair up."""
         self.config = config
-        self.tp = tp or TPContext()
         self.device = pick_device(config.model.device)
         self.dtype = pick_dtype(config.model.dtype, self.device)
         self.source: ModelSource = resolve_source(config.model)
         self.model_name = self.source.name
         self.arch = LlamaArch.from_hf(self.source.hf_config)
-        self.tokenizer: Tokenizer | None = None if self.source.kind == "dummy" else load_tokenizer(self.source)
+        self.tokenizer: Tokenizer | None = None
+        if self.source.kind != "dummy" and self.tp.rank == 0:  # only rank 0 sees text
+            self.tokenizer = load_tokenizer(self.source)
         self.max_model_len = min(
             config.model.max_model_len or self.arch.max_position_embeddings, self.arch.max_position_embeddings
         )
@@ -97,11 +132,14 @@ class LLMEngine:
         runner = ModelRunner(self.model, self.device, bs)
         if self.device.type == "cuda" and cache_cfg.num_blocks is None:
             self._profile(runner, num_kv_heads)
-        num_blocks = num_blocks_for(cache_cfg, self.arch, num_kv_heads, self.dtype, self.device)
+        # Every rank must hold the same block ids: the smallest pool that fits on every GPU.
+        num_blocks = self.tp.min_across_ranks(
+            num_blocks_for(cache_cfg, self.arch, num_kv_heads, self.dtype, self.device)
+        )
         if num_blocks * bs < self.max_model_len:
             raise RuntimeError(
-                f"the KV cache holds {num_blocks * bs} tokens, fewer than max_model_len {self.max_model_len}; "
-                "lower model.max_model_len or give the cache more memory"
+                f"the KV cache holds {num_blocks * bs} tokens, fewer than max_model_len "
+                f"{self.max_model_len}; lower model.max_model_len or give the cache more memory"
             )
         self.kv_cache = allocate_kv_cache(self.arch, num_kv_heads, num_blocks, bs, self.dtype, self.device)
         self.model.bind_kv_cache(self.kv_cache.k, self.kv_cache.v)
@@ -119,6 +157,13 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self._requests: dict[str, list[_SeqState]] = {}
         self._by_seq: dict[str, _SeqState] = {}
+        self._inflight: tuple[SchedulerOutput, SampledBatch | None] | None = None
+        choice = config.scheduler.async_scheduling
+        self.async_scheduling = choice == "on" or (
+            choice == "auto" and self.device.type == "cuda" and self.workers is None
+        )
+        if self.workers is not None:
+            self.async_scheduling = False  # other ranks get plans over gloo: tokens must be on the host
 
     def _profile(self, runner: ModelRunner, num_kv_heads: int) -> None:
         sched = self.config.scheduler
@@ -132,7 +177,8 @@ class LLMEngine:
         runner.profile(sched.max_num_batched_tokens, min(sched.max_num_seqs, 256), blocks)
         torch.cuda.synchronize(self.device)
         del scratch
-        self.model.bind_kv_cache([torch.empty(0)] * self.arch.num_layers, [torch.empty(0)] * self.arch.num_layers)
+        empty = [torch.empty(0)] * self.arch.num_layers
+        self.model.bind_kv_cache(empty, empty)
 
     # ---- requests -------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -160,8 +206,8 @@ class LLMEngine:
         max_tokens = room if params.max_tokens is None else params.max_tokens
         if max_tokens > room:
             raise RequestError(
-                f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds max_model_len {self.max_model_len}: "
-                f"lower max_tokens to at most {room}"
+                f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds max_model_len "
+                f"{self.max_model_len}: lower max_tokens to at most {room}"
             )
         sched = self.config.scheduler
         if not sched.enable_chunked_prefill and n + max_tokens > sched.max_num_batched_tokens:
@@ -209,15 +255,35 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one step. With async scheduling the next step is queued on the device before this
+        step's tokens are read back, so host work overlaps the GPU; the outputs returned are then
+        those of the step that just completed."""
+        prev, self._inflight = self._inflight, None
+        if prev is not None and not self._can_overlap():
+            return self._complete(prev)
         sched_out = self.scheduler.schedule()
-        if sched_out.is_empty:
-            return []
-        plan = build_step_plan(sched_out, self.block_manager.block_size)
-        results = iter(self.runner.execute(plan))
+        if not sched_out.is_empty:
+            plan = build_step_plan(sched_out, self.block_manager.block_size)
+            self.scheduler.on_launched(sched_out)
+            self._inflight = (sched_out, self._launch(plan, prev[1] if prev is not None else None))
+        outputs = self._complete(prev) if prev is not None else []
+        if not self.async_scheduling and self._inflight is not None:
+            current, self._inflight = self._inflight, None
+            outputs += self._complete(current)
+        return outputs
+
+    def _can_overlap(self) -> bool:
+        """Penalties need every earlier token on the host, so such batches run one step at a time."""
+        seqs = self.scheduler.running + self.scheduler.waiting
+        return not any(has_penalty(s.params) for s in seqs)
+
+    def _complete(self, inflight: tuple[SchedulerOutput, SampledBatch | None]) -> list[RequestOutput]:
+        sched_out, batch = inflight
+        results = iter(batch.results() if batch is not None else [])
         sampled: list[int | None] = []
         logprobs = []
         for item in sched_out.scheduled:
@@ -236,23 +302,31 @@ class LLMEngine:
             outputs.append(self._emit(state))
         return outputs
 
+    def _launch(self, plan: StepPlan, prev: SampledBatch | None) -> SampledBatch | None:
+        if self.workers is None:
+            return self.runner.launch(plan, prev)
+        with self.workers.guard("step"):
+            self.workers.broadcast(plan)  # the other ranks run the same plan, in step with this one
+            return self.runner.launch(plan, prev)
+
     def _emit(self, st: _SeqState) -> RequestOutput:
         seq = st.seq
-        new_ids = seq.output_token_ids[st.num_sent :]
+        settled = seq.settled_output_ids
+        new_ids = settled[st.num_sent :]
         delta_text = ""
         if st.detok is not None:
             st.detok.add(new_ids)
             if st.detok.stopped and not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.STOP)
             delta_text = st.detok.flush(final=seq.is_finished)
-        st.num_sent = seq.num_output_tokens
+        st.num_sent = len(settled)
         out = RequestOutput(
             request_id=seq.seq_id.rsplit("#", 1)[0],
             index=st.index,
             delta_text=delta_text,
             delta_token_ids=new_ids,
             text=st.detok.text if st.detok else "",
-            token_ids=list(seq.output_token_ids),
+            token_ids=settled,
             finished=seq.is_finished,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             delta_logprobs=st.logprobs[-len(new_ids) :] if st.logprobs and new_ids else [],
@@ -265,6 +339,16 @@ class LLMEngine:
             if rid in self._requests and all(s.seq.is_finished for s in self._requests[rid]):
                 del self._requests[rid]
         return out
+
+    @property
+    def healthy(self) -> bool:
+        """False once a tensor-parallel worker failed (even before a step notices); always True alone."""
+        return self.workers is None or self.workers.healthy
+
+    def shutdown(self) -> None:
+        """End the tensor-parallel worker processes and release their GPUs; nothing to do alone."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

@@ -1,6 +1,7 @@
 """Runs one step plan through the model: plan lists -> device tensors -> forward -> logits -> tokens.
 
-Every tensor-parallel rank runs `forward_plan` on the same plan; only rank 0 samples. Decode steps
+Every tensor-parallel rank runs `forward_plan` on the same plan; only rank 0 samples (`execute`), the
+others `follow`. Decode steps
 (one new token per sequence) replay a CUDA graph captured for the batch-size bucket when graphs are
 on; everything else runs eagerly.
 """
@@ -11,7 +12,7 @@ import torch
 
 from fuserve.workers.cuda_graphs import DecodeGraphs
 from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
-from fuserve.workers.sampler import Sampler, SampleResult
+from fuserve.workers.sampler import SampledBatch, Sampler, SampleResult
 from fuserve.workers.step_plan import StepPlan
 
 
@@ -34,6 +35,13 @@ class ModelRunner:
             self.device, non_blocking=True
         )
 
+    def fill_inputs(self, input_ids: torch.Tensor, plan: StepPlan, prev: torch.Tensor | None) -> None:
+        """Put the tokens the previous step sampled (still on the device) into their input slots."""
+        if plan.fill_positions:
+            if prev is None:
+                raise RuntimeError("step plan waits on sampled tokens but no previous step is in flight")
+            input_ids[self._tensor(plan.fill_positions)] = prev[self._tensor(plan.fill_rows)]
+
     def prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         width = max((len(t) for t in plan.block_tables), default=1) or 1
         tables = [t + [0] * (width - len(t)) for t in plan.block_tables]
@@ -48,25 +56,44 @@ class ModelRunner:
         return self._tensor(plan.input_ids), self._tensor(plan.positions), meta
 
     @torch.inference_mode()
-    def forward_plan(self, plan: StepPlan) -> torch.Tensor | None:
-        """Hidden states of the rows that sample: [S, hidden], or None when none samples."""
+    def forward_plan(self, plan: StepPlan, prev: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Hidden states of the rows that sample: [S, hidden], or None when none samples.
+        prev: the previous step's sampled tokens on the device, for plans with placeholders."""
         if plan.max_query_len == 1 and self.graphs is not None and self.graphs.fits(plan):
-            hidden = self.graphs.run(plan)
+            hidden = self.graphs.run(plan, lambda ids: self.fill_inputs(ids, plan, prev))
         else:
             input_ids, positions, meta = self.prepare(plan)
+            self.fill_inputs(input_ids, plan, prev)
             hidden = self.model(input_ids, positions, meta)
         if not plan.sample_rows:
             return None
+        if len(plan.sample_rows) == plan.num_tokens:  # pure decode: every row samples
+            return hidden
         rows = [plan.query_start_loc[b + 1] - 1 for b in plan.sample_rows]
         return hidden[self._tensor(rows)]
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[SampleResult]:
-        hidden = self.forward_plan(plan)
+        batch = self.launch(plan)
+        return batch.results() if batch is not None else []
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, prev: SampledBatch | None = None) -> SampledBatch | None:
+        """Queue the whole step on the device and return its draws without waiting for them."""
+        hidden = self.forward_plan(plan, prev.device_tokens if prev is not None else None)
         if hidden is None:
-            return []
-        logits = self.model.compute_logits(hidden)
-        return self.sampler(logits, plan.sample_requests)
+            return None
+        batch = self.sampler.sample(self.model.compute_logits(hidden), plan.sample_requests)
+        batch.start_copy()
+        return batch
+
+    @torch.inference_mode()
+    def follow(self, plan: StepPlan) -> None:
+        """A tensor-parallel rank > 0's share of `execute`: the same forward and logits gather (so its
+        collectives pair with rank 0's), no sampling."""
+        hidden = self.forward_plan(plan)
+        if hidden is not None:
+            self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def profile(self, num_tokens: int, max_seqs: int, num_blocks: int) -> None:

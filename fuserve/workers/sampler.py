@@ -70,12 +70,65 @@ def _filter(
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+@dataclass
+class SampledBatch:
+    """A step's draws, still on the device. `start_copy` queues their copy to pinned host memory
+    right behind the sampling kernels, so `results` waits for this step alone, not for whatever
+    was queued after it."""
+
+    tokens: torch.Tensor  # [S] int64
+    chosen_logprobs: torch.Tensor | None = None  # [S]
+    top_ids: torch.Tensor | None = None  # [S, K]
+    top_logprobs: torch.Tensor | None = None  # [S, K]
+    num_top: list[int | None] = field(default_factory=list)  # per row: None = no logprobs wanted
+    device_tokens: torch.Tensor | None = None  # stays on the device for the next step's inputs
+    _event: torch.cuda.Event | None = None
+
+    def __post_init__(self) -> None:
+        self.device_tokens = self.tokens
+
+    def start_copy(self) -> None:
+        if self.tokens.device.type != "cuda":
+            return
+        for name in ("tokens", "chosen_logprobs", "top_ids", "top_logprobs"):
+            t = getattr(self, name)
+            if t is not None:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                setattr(self, name, host)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def results(self) -> list[SampleResult]:
+        if self._event is not None:
+            self._event.synchronize()
+        tokens = self.tokens.tolist()
+        out = [SampleResult(t) for t in tokens]
+        if self.chosen_logprobs is not None:
+            chosen = self.chosen_logprobs.tolist()
+            ids = self.top_ids.tolist() if self.top_ids is not None else None
+            vals = self.top_logprobs.tolist() if self.top_logprobs is not None else None
+            for i, n in enumerate(self.num_top):
+                if n is None:
+                    continue
+                top = list(zip(ids[i][:n], vals[i][:n], strict=True)) if n and ids and vals else []
+                out[i].logprobs = TokenLogprobs(tokens[i], chosen[i], top)
+        return out
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SampleRequest]) -> list[SampleResult]:
-        """logits: [S, V] for S rows, any float dtype."""
+        return self.sample(logits, rows).results()
+
+    def sample(self, logits: torch.Tensor, rows: list[SampleRequest]) -> SampledBatch:
+        """logits: [S, V] for S rows, any float dtype. Issues device work only: no host sync."""
+        if all(r.params.greedy and r.params.logprobs is None for r in rows) and not any(
+            has_penalty(r.params) for r in rows
+        ):
+            return SampledBatch(logits.argmax(dim=-1))
         logits = _apply_penalties(logits.float(), rows)
-        want_logprobs = [r.params.logprobs is not None for r in rows]
-        logprobs = logits.log_softmax(dim=-1) if any(want_logprobs) else None
+        num_top = [r.params.logprobs for r in rows]
+        logprobs = logits.log_softmax(dim=-1) if any(n is not None for n in num_top) else None
 
         tokens = logits.argmax(dim=-1)
         rand_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -103,17 +156,14 @@ class Sampler:
             # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
             tokens[idx] = (probs / noise).argmax(dim=-1)
 
-        token_list = tokens.tolist()
-        results = [SampleResult(t) for t in token_list]
+        batch = SampledBatch(tokens, num_top=num_top)
         if logprobs is not None:
-            for i, r in enumerate(rows):
-                n = r.params.logprobs
-                if n is None:
-                    continue
-                tok = token_list[i]
-                top: list[tuple[int, float]] = []
-                if n > 0:
-                    vals, ids = logprobs[i].topk(n)
-                    top = list(zip(ids.tolist(), vals.tolist(), strict=True))
-                results[i].logprobs = TokenLogprobs(tok, float(logprobs[i, tok]), top)
-        return results
+            batch.chosen_logprobs = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            k = max(n or 0 for n in num_top)
+            if k > 0:
+                batch.top_logprobs, batch.top_ids = logprobs.topk(k, dim=-1)
+        return batch
+
+
+def has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0

@@ -18,22 +18,22 @@ from dataclasses import dataclass, field
 
 from fuserve.configs import SchedulerConfig
 from fuserve.workers.block_manager import BlockManager
-from fuserve.workers.sequence import FinishReason, Sequence, SequenceStatus
+from fuserve.workers.sequence import PLACEHOLDER, FinishReason, Sequence, SequenceStatus
 
 
 @dataclass
 class ScheduledSeq:
+    """A chunk of tokens [start, start + num_new_tokens) of one sequence; fixed when scheduled."""
+
     seq: Sequence
     num_new_tokens: int
+    start: int = -1
+    samples: bool = False  # the chunk reaches the end of the known tokens, so it yields the next one
 
-    @property
-    def start(self) -> int:
-        return self.seq.num_computed_tokens
-
-    @property
-    def samples(self) -> bool:
-        """A chunk that reaches the end of the known tokens yields the next token."""
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            self.start = self.seq.num_computed_tokens
+        self.samples = self.start + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -76,6 +76,7 @@ class Scheduler:
         """End a sequence wherever it is and give back its blocks."""
         if seq.is_finished:
             return
+        seq.drop_placeholders()
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -107,6 +108,9 @@ class Scheduler:
         kept: list[Sequence] = []
         while queue and budget > 0:
             seq = queue.pop(0)
+            if seq.num_output_tokens >= seq.max_tokens:  # its in-flight token is its last
+                kept.append(seq)
+                continue
             n = seq.num_tokens - seq.num_computed_tokens
             if n > budget:
                 if not chunked:
@@ -154,32 +158,46 @@ class Scheduler:
         self.waiting.append(seq)
         out.preempted.append(seq)
 
+    def on_launched(self, out: SchedulerOutput) -> None:
+        """The step is on its way: its chunks count as computed, and each sampling sequence holds a
+        placeholder for its coming token, so the next step can be scheduled before this one ends."""
+        row = 0
+        for item in out.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens = item.start + item.num_new_tokens
+            if item.samples:
+                seq.token_ids.append(PLACEHOLDER)
+                seq.pending_row = row
+                row += 1
+
     def update_from_output(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
-        """Advance each scheduled sequence by its chunk, append its sampled token, and finish the
-        ones that hit EOS, a stop token, max_tokens or the model length. Returns those finished."""
+        """Put each sampled token in its placeholder, publish full blocks for prefix hits, and finish
+        the sequences that hit EOS, a stop token or max_tokens. Returns those finished."""
         finished: list[Sequence] = []
         for item, token in zip(out.scheduled, sampled, strict=True):
             seq = item.seq
-            if seq.is_finished:  # aborted while the step ran
+            if seq.is_finished:  # aborted or stopped while the step ran
                 continue
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.commit_computed(seq)
             if token is None:
+                self.block_manager.commit_computed(seq)
                 continue
-            seq.token_ids.append(token)
-            reason = self._stop_reason(seq, token)
+            seq.token_ids[item.start + item.num_new_tokens] = token
+            self.block_manager.commit_computed(seq)
+            reason = self._stop_reason(
+                seq, token, item.start + item.num_new_tokens + 1 - seq.num_prompt_tokens
+            )
             if reason is not None:
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
 
     @staticmethod
-    def _stop_reason(seq: Sequence, token: int) -> FinishReason | None:
+    def _stop_reason(seq: Sequence, token: int, num_output: int) -> FinishReason | None:
         p = seq.params
         if token in p.stop_token_ids:
             return FinishReason.STOP
         if not p.ignore_eos and token in seq.eos_token_ids:
             return FinishReason.STOP
-        if seq.num_output_tokens >= seq.max_tokens:
+        if num_output >= seq.max_tokens:
             return FinishReason.LENGTH
         return None

@@ -11,6 +11,9 @@ from enum import Enum
 
 from fuserve.sampling_params import SamplingParams
 
+# Stands in the token list for a token the in-flight step is still sampling (async scheduling).
+PLACEHOLDER = -1
+
 
 class SequenceStatus(Enum):
     WAITING = "waiting"
@@ -38,6 +41,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    pending_row: int = -1  # the in-flight step's sample row that fills the trailing placeholder
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
 
@@ -58,12 +62,22 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
+    def settled_output_ids(self) -> list[int]:
+        """Output tokens already read back (no placeholder for an in-flight one)."""
+        out = self.output_token_ids
+        return out[:-1] if out and out[-1] == PLACEHOLDER else out
+
+    @property
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def drop_placeholders(self) -> None:
+        while self.token_ids and self.token_ids[-1] == PLACEHOLDER:
+            self.token_ids.pop()
 
     @property
     def remaining_work(self) -> int:

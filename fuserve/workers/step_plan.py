@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from fuserve.workers.sampler import SampleRequest
 from fuserve.workers.scheduler import SchedulerOutput
+from fuserve.workers.sequence import PLACEHOLDER
 
 
 @dataclass
@@ -22,6 +23,10 @@ class StepPlan:
     block_tables: list[list[int]] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # which sequences (by index) sample
     sample_requests: list[SampleRequest] = field(default_factory=list)  # rank 0 only
+    # Tokens the previous, still running step is sampling: input_ids[fill_positions[i]] comes from that
+    # step's sample row fill_rows[i], on the device (async scheduling only).
+    fill_positions: list[int] = field(default_factory=list)
+    fill_rows: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -41,7 +46,11 @@ def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
     plan = StepPlan()
     for b, item in enumerate(out.scheduled):
         seq, start, n = item.seq, item.start, item.num_new_tokens
-        plan.input_ids.extend(seq.token_ids[start : start + n])
+        tokens = seq.token_ids[start : start + n]
+        if tokens[-1] == PLACEHOLDER:
+            plan.fill_positions.append(len(plan.input_ids) + n - 1)
+            plan.fill_rows.append(seq.pending_row)
+        plan.input_ids.extend(tokens)
         plan.positions.extend(range(start, start + n))
         table = seq.block_table
         plan.slot_mapping.extend(

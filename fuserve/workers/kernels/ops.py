@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch.nn.functional as F
+
 
 @dataclass(frozen=True)
 class KernelOps:
@@ -18,6 +20,7 @@ class KernelOps:
     silu_mul: Callable
     paged_decode_attention: Callable
     paged_prefill_attention: Callable
+    linear: Callable
     name: str
 
     @classmethod
@@ -33,14 +36,15 @@ class KernelOps:
             silu_mul=silu_mul.silu_mul_ref,
             paged_decode_attention=dec.paged_decode_attention_ref,
             paged_prefill_attention=pre.paged_prefill_attention_ref,
+            linear=F.linear,
             name="torch-ref",
         )
 
     @classmethod
     def triton(cls) -> KernelOps:
+        from fuserve.workers.kernels import gemv, rmsnorm, rotary, silu_mul
         from fuserve.workers.kernels import paged_decode_attention as dec
         from fuserve.workers.kernels import paged_prefill_attention as pre
-        from fuserve.workers.kernels import rmsnorm, rotary, silu_mul
 
         return cls(
             rmsnorm=rmsnorm.rmsnorm,
@@ -49,5 +53,6 @@ class KernelOps:
             silu_mul=silu_mul.silu_mul,
             paged_decode_attention=dec.paged_decode_attention,
             paged_prefill_attention=pre.paged_prefill_attention,
+            linear=gemv.linear,
             name="triton",
         )

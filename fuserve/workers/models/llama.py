@@ -130,9 +130,17 @@ class LlamaAttention(nn.Module):
         self.ops = ops
         self.head_dim = arch.head_dim
         self.qkv_proj = QKVParallelLinear(
-            arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, arch.attention_bias, tp
+            arch.hidden_size,
+            arch.head_dim,
+            arch.num_heads,
+            arch.num_kv_heads,
+            arch.attention_bias,
+            tp,
+            ops.linear,
         )
-        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, False, tp)
+        self.o_proj = RowParallelLinear(
+            arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, ops.linear
+        )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.scale = arch.head_dim**-0.5
@@ -179,8 +187,10 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.ops = ops
         inter = arch.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [inter, inter], False, tp)
-        self.down_proj = RowParallelLinear(inter, arch.hidden_size, False, tp)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            arch.hidden_size, [inter, inter], False, tp, ops.linear
+        )
+        self.down_proj = RowParallelLinear(inter, arch.hidden_size, False, tp, ops.linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
@@ -231,7 +241,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.model = LlamaModel(arch, tp, ops)
-        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, ops.linear)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         cos, sin = rope_tables(arch.head_dim, arch.rope_theta, arch.rope_scaling, max_positions)

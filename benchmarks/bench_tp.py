@@ -1,0 +1,348 @@
+"""Tensor parallel: TP=N vs TP=1 decode, and the all-reduce and plan broadcast measured alone.
+
+Llama-3-8B shape (or 70B with --model llama3-70b), random bf16 weights (load_format dummy), prompt P +
+N new tokens, CUDA graphs on. Three parts, each its own rows in the JSON (DESIGN.md's schema):
+  allreduce       one process per GPU, each masked to its GPU as Ray masks an actor: one decode step's
+                  all-reduces (2 per layer + the embedding's) of [batch, hidden] bf16, chained, eager and
+                  replayed from a CUDA graph, NCCL vs the one-shot P2P kernel; us per op and per step
+  plan-broadcast  rank 0's cost to send one decode step's plan to the other ranks over gloo
+  decode          TP=1 in this process; TP=N with NCCL only; TP=N with the one-shot all-reduce (auto):
+                  batch-1 ms/token and batch-64 output tok/s, and the per-GPU weight-read floor
+The target (issue 5): TP=2 batch-1 ms/token <= 0.6 x TP=1.
+
+    python benchmarks/bench_tp.py --out $OUT/tp.json          # two GPUs (nvidia-h200-x2)
+    python benchmarks/bench_tp.py --smoke                     # tiny shapes on CPU over gloo: the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from bench_decode import LLAMA3_8B, TINY, commit, copy_bandwidth, device_name, prompts, weight_bytes
+
+LLAMA3_70B: dict[str, Any] = dict(
+    LLAMA3_8B,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+)
+MODELS = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "tiny": TINY}
+
+
+# ---- all-reduce and plan broadcast, alone ------------------------------------------------------------
+def _time_ms(fn: Any, reps: int, cuda: bool) -> float:
+    """Median ms of fn() over reps (CUDA events on GPU)."""
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def _collective_worker(
+    rank: int, size: int, port: int, cfg: dict, batches: list[int], gpus: list[str], queue: Any
+) -> None:
+    """One rank of the stand-alone measurements; rank 0 reports rows through `queue`. `gpus`: the
+    parent's visible GPUs (empty on CPU); this rank sees only its own, as Ray masks a worker actor."""
+    cuda = bool(gpus)
+    if cuda:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[rank]  # before anything starts CUDA in this process
+    from fuserve.parallel.plan_broadcast import PlanReceiver, PlanSender
+    from fuserve.parallel.process_group import destroy_tp_context, init_tp_context
+    from fuserve.workers.step_plan import StepPlan
+
+    store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=dt.timedelta(seconds=300))
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    tp = init_tp_context(store, rank, size, device, dtype, 300.0, "auto")
+    ops_per_step = 2 * cfg["num_hidden_layers"] + 1  # o_proj + down_proj per layer, + the embedding
+    chain = min(ops_per_step, 64)  # all-reduces per timed call (one graph); per step scales it
+    rows: list[dict[str, Any]] = []
+
+    def nccl(x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x)
+        return x
+
+    impls = {"nccl" if cuda else "gloo": nccl}
+    if tp.fast_all_reduce is not None:
+        impls["one-shot"] = tp.fast_all_reduce
+    for batch in batches:
+        x = torch.zeros(batch, cfg["hidden_size"], dtype=dtype, device=device)
+        for name, op in impls.items():
+            if name == "one-shot" and not op.fits(x):  # type: ignore[attr-defined]
+                continue
+
+            def steps(op: Any = op, x: torch.Tensor = x) -> torch.Tensor:
+                y = x
+                for _ in range(chain):
+                    y = op(y)
+                return y
+
+            modes = {"eager": steps}
+            if cuda:
+                for _ in range(3):
+                    steps()
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    steps()
+                modes["graph"] = graph.replay
+            for mode, fn in modes.items():
+                for _ in range(5):
+                    fn()
+                dist.barrier(group=tp.cpu_group)
+                ms = _time_ms(fn, 50 if cuda else 10, cuda)
+                rows.append(
+                    dict(
+                        bench="allreduce",
+                        engine=name,
+                        mode=mode,
+                        batch=batch,
+                        bytes=x.numel() * x.element_size(),
+                        us_per_op=1e3 * ms / chain,
+                        us_per_step=1e3 * ms / chain * ops_per_step,
+                        ops_per_step=ops_per_step,
+                    )
+                )
+    # Plan broadcast: one decode step's plan (context 256 tokens, 16-token blocks) from rank 0.
+    for batch in batches:
+        ctx, blocks = 256, 16
+        plan = StepPlan(
+            input_ids=[1] * batch,
+            positions=[ctx - 1] * batch,
+            slot_mapping=list(range(batch)),
+            query_start_loc=list(range(batch + 1)),
+            context_lens=[ctx] * batch,
+            block_tables=[list(range(b * blocks, (b + 1) * blocks)) for b in range(batch)],
+            sample_rows=list(range(batch)),
+        )
+        reps = 200
+        dist.barrier(group=tp.cpu_group)
+        if rank == 0:
+            sender = PlanSender(tp.cpu_group, 60.0, lambda err: None)
+            times = []
+            for _ in range(reps):
+                dist.barrier(group=tp.cpu_group)  # the receivers are waiting, as in a decode step
+                t0 = time.perf_counter()
+                sender.send(plan)
+                times.append(time.perf_counter() - t0)
+            rows.append(
+                dict(
+                    bench="plan-broadcast",
+                    engine="gloo",
+                    batch=batch,
+                    us_per_step=1e6 * statistics.median(times),
+                )
+            )
+        else:
+            receiver = PlanReceiver(tp.cpu_group)
+            for _ in range(reps):
+                dist.barrier(group=tp.cpu_group)
+                assert receiver.recv() == plan
+    dist.barrier(group=tp.cpu_group)
+    destroy_tp_context()
+    if rank == 0:
+        queue.put(rows)
+
+
+def measure_collectives(cfg: dict, size: int, batches: list[int]) -> list[dict[str, Any]]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gpus: list[str] = []
+    if torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        if len(gpus) < size:
+            raise SystemExit(f"--tp {size} needs {size} GPUs, this machine shows {len(gpus)}")
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(
+        _collective_worker,
+        args=(size, port, cfg, batches, gpus, queue),
+        nprocs=size,
+        join=True,
+        start_method="spawn",
+    )
+    rows = queue.get()
+    for r in rows:
+        print(r, flush=True)
+    return rows
+
+
+# ---- engine decode -----------------------------------------------------------------------------------
+def run_engine(
+    cfg: dict, tp: int, all_reduce: str, batches: list[int], prompt_len: int, output_len: int, smoke: bool
+) -> list[dict[str, Any]]:
+    from fuserve.configs import config_from_dict
+    from fuserve.parallel.worker_group import WorkerGroup
+    from fuserve.sampling_params import SamplingParams
+    from fuserve.workers.engine import LLMEngine
+
+    config = config_from_dict(
+        {
+            "model": {
+                "load_format": "dummy",
+                "hf_config": cfg,
+                "max_model_len": prompt_len + output_len + 16,
+                "dtype": "float32" if smoke else "bfloat16",
+            },
+            "cache": {"gpu_memory_utilization": 0.6},
+            "scheduler": {"max_num_seqs": max(batches), "max_num_batched_tokens": max(4096, prompt_len * 8)},
+            "parallel": {"tensor_parallel_size": tp, "init_timeout_s": 900},
+            "kernels": {"cuda_graph_max_batch": max(batches)},
+        }
+    )
+    t0 = time.perf_counter()
+    workers = WorkerGroup.start(config, all_reduce=all_reduce) if tp > 1 else None  # type: ignore[arg-type]
+    engine = LLMEngine(config, workers=workers)
+    init_s = time.perf_counter() - t0
+    one_shot = workers is not None and workers.tp.fast_all_reduce is not None
+    backend = "oneshot" if one_shot else ("gloo" if smoke else "nccl")
+    name = "fuserve-tp1" if tp == 1 else f"fuserve-tp{tp}-{backend}"
+    rows = []
+    for i, batch in enumerate(batches[:1] + batches):  # the first is a warm-up (Triton compiles), dropped
+        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        for j, p in enumerate(prompts(batch, prompt_len, cfg["vocab_size"], seed=batch)):
+            engine.add_request(f"{i}-{j}", p, params)
+        step_times = []
+        start = time.perf_counter()
+        seen_output = False
+        while engine.has_unfinished():
+            s = time.perf_counter()
+            outs = engine.step()
+            if seen_output and outs:
+                step_times.append(time.perf_counter() - s)
+            seen_output = seen_output or bool(outs)
+        total = time.perf_counter() - start
+        if i == 0:
+            continue
+        rows.append(
+            dict(
+                bench="tp-decode",
+                engine=name,
+                tp=tp,
+                one_shot=one_shot,
+                batch=batch,
+                prompt_len=prompt_len,
+                output_len=output_len,
+                ms_per_token=1e3 * statistics.median(step_times),
+                output_tok_s=batch * output_len / total,
+                init_s=init_s,
+            )
+        )
+        print(rows[-1], flush=True)
+    engine.shutdown()
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama3-8b", choices=sorted(MODELS))
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--skip-tp1", action="store_true", help="70B does not fit one GPU")
+    ap.add_argument("--skip-collectives", action="store_true")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny shapes on CPU over gloo: checks the script runs"
+    )
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    cfg = TINY if args.smoke else MODELS[args.model]
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.smoke:
+        args.model, batches, args.prompt_len, args.output_len = "tiny", [1, 2], 8, 6
+    from fuserve.parallel.process_group import GPU_ENV
+
+    for key, value in GPU_ENV.items():  # multicast off everywhere, before anything starts NCCL
+        os.environ.setdefault(key, value)
+
+    rows: list[dict[str, Any]] = []
+    if not args.skip_collectives:
+        rows += measure_collectives(cfg, args.tp, sorted({1, 8, *batches}))
+    bw = copy_bandwidth()
+    if not args.skip_tp1:
+        rows += run_engine(cfg, 1, "nccl", batches, args.prompt_len, args.output_len, args.smoke)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, num_cpus=max(4, 2 * args.tp) if args.smoke else None)
+    for all_reduce in ("nccl", "auto"):
+        if args.smoke and all_reduce == "auto":
+            continue  # no one-shot on CPU
+        rows += run_engine(cfg, args.tp, all_reduce, batches, args.prompt_len, args.output_len, args.smoke)
+
+    tp1 = {r["batch"]: r for r in rows if r.get("engine") == "fuserve-tp1"}
+    meta = dict(
+        model=args.model,
+        device=device_name(),
+        date=dt.date.today().isoformat(),
+        commit=commit(),
+        copy_tb_s=bw / 1e12,
+    )
+    for r in rows:
+        r.update(meta)
+        if r["bench"] == "tp-decode":
+            floor_ms = 1e3 * weight_bytes(cfg) / r["tp"] / bw  # per-GPU weight bytes / bandwidth
+            r["floor_ms"] = floor_ms
+            r["frac_of_floor"] = floor_ms / r["ms_per_token"] if r["batch"] == 1 else None
+            base = tp1.get(r["batch"])
+            r["speedup"] = base["ms_per_token"] / r["ms_per_token"] if base else None
+            r["ms_vs_tp1"] = r["ms_per_token"] / base["ms_per_token"] if base else None
+
+    print(f"\n{'collective':<12}{'mode':<7}{'batch':>6}{'KiB':>8}{'us/op':>9}{'us/step':>9}")
+    for r in rows:
+        if r["bench"] == "allreduce":
+            print(
+                f"{r['engine']:<12}{r['mode']:<7}{r['batch']:>6}{r['bytes'] / 1024:>8.0f}"
+                f"{r['us_per_op']:>9.1f}{r['us_per_step']:>9.0f}"
+            )
+    for r in rows:
+        if r["bench"] == "plan-broadcast":
+            print(f"plan broadcast, batch {r['batch']}: {r['us_per_step']:.0f} us per step on rank 0")
+    print(
+        f"\n{'engine':<22}{'batch':>6}{'ms/token':>10}{'tok/s':>9}{'floor ms':>9}{'x floor':>8}{'vs TP=1':>8}"
+    )
+    for r in rows:
+        if r["bench"] == "tp-decode":
+            print(
+                f"{r['engine']:<22}{r['batch']:>6}{r['ms_per_token']:>10.2f}{r['output_tok_s']:>9.0f}"
+                f"{r['floor_ms']:>9.2f}{(r['frac_of_floor'] or 0):>8.2f}{(r['ms_vs_tp1'] or 0):>8.2f}"
+            )
+    out = Path(args.out or f"benchmarks/results/tp-{meta['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

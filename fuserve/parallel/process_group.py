@@ -1,0 +1,95 @@
+"""Form (and tear down) the torch.distributed groups of one replica's tensor-parallel ranks.
+
+Rank 0 (the engine's own process) opens a TCPStore on its node with an OS-chosen port, so no port is
+guessed or raced for; it passes host and port to the worker actors, which connect to it. Then, on every
+rank, the same `init_tp_context` call:
+    init_process_group(nccl on GPU | gloo on CPU)   activations: all-reduce, logits gather
+    new_group(gloo)                                 host facts: startup agreements, step plans
+    barrier on the gloo group                       bounded by the timeout, so a missing peer is an
+                                                    error, not NCCL waiting forever in its first op
+    (GPU) one NCCL all-reduce, then the one-shot all-reduce (or NCCL only)
+The process-wide default group is used because the symmetric-memory and NCCL paths resolve groups by
+name; hence one tensor-parallel group per process.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from fuserve.parallel.one_shot_all_reduce import OneShotAllReduce
+from fuserve.parallel.tp_context import TPContext
+
+AllReduceChoice = Literal["auto", "nccl"]
+
+# Set in every rank's environment before NCCL or symmetric memory start: NVLink multicast stays off in
+# NCCL, torch's symmetric memory and NVSHMEM (it can take shared GPUs out of service), and symmetric
+# memory accepts that Ray shows each actor its GPU as cuda:0 (see one_shot_all_reduce.py).
+GPU_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1",
+}
+
+
+def open_store(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """Rank 0's rendezvous store, on a port the OS picks (read it back from `.port`)."""
+    return dist.TCPStore(
+        host, 0, world_size, is_master=True, timeout=dt.timedelta(seconds=timeout_s), wait_for_workers=False
+    )
+
+
+def connect_store(host: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+    return dist.TCPStore(host, port, world_size, is_master=False, timeout=dt.timedelta(seconds=timeout_s))
+
+
+def init_tp_context(
+    store: dist.Store,
+    rank: int,
+    size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    timeout_s: float,
+    all_reduce: AllReduceChoice = "auto",
+) -> TPContext:
+    """Collective: every rank calls it with the same store, size, device type and choice."""
+    if dist.is_initialized():
+        raise RuntimeError(
+            "this process already belongs to a tensor-parallel group; shut that engine down first "
+            "(one tensor-parallel engine per process)"
+        )
+    timeout = dt.timedelta(seconds=timeout_s)
+    if device.type == "cuda":
+        for key, value in GPU_ENV.items():
+            os.environ.setdefault(key, value)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout)
+    dist.barrier(group=cpu_group)
+    fast = None
+    if device.type == "cuda":
+        warm = torch.zeros(1, device=device)
+        dist.all_reduce(warm)  # creates the NCCL communicator now, while every peer is known to be here
+        torch.cuda.synchronize(device)
+        if all_reduce == "auto":
+            fast = OneShotAllReduce.create(dist.group.WORLD, cpu_group, device, dtype)
+    return TPContext(rank=rank, size=size, group=dist.group.WORLD, cpu_group=cpu_group, fast_all_reduce=fast)
+
+
+def destroy_tp_context(abort: bool = False) -> None:
+    """Leave the group so this process can form a new one. `abort` after a peer died: NCCL work that
+    waits for the dead peer is cancelled instead of waited for."""
+    if not dist.is_initialized():
+        return
+    if abort and dist.get_backend() == "nccl":
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        _abort_process_group()
+        return
+    dist.destroy_process_group()

@@ -1,0 +1,83 @@
+"""One tensor-parallel rank >= 1, as a Ray actor: its own process, started by Ray (spawned, never forked
+from the engine process, which holds threads and possibly a CUDA context that a fork would break).
+
+Lifecycle, driven by worker_group.py on rank 0:
+    __init__      cheap; records who it is
+    init_group    checks its GPU, joins rank 0's store, forms the process groups with the other ranks
+    run           builds the same LLMEngine as rank 0 (same weights shard loading, KV sizing, CUDA graph
+                  capture, so the collectives inside them pair up with rank 0's), then loops:
+                  receive plan -> forward (all-reduces) -> logits gather -> repeat, until SHUTDOWN
+`run` returns only at shutdown; rank 0 watches its result, so a worker that raises or dies is noticed
+at once (worker_group.py).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+import torch
+
+from fuserve.configs import FuserveConfig
+from fuserve.parallel.placement import check_gpu_visible
+from fuserve.parallel.plan_broadcast import PlanReceiver
+from fuserve.parallel.process_group import (
+    AllReduceChoice,
+    connect_store,
+    destroy_tp_context,
+    init_tp_context,
+)
+from fuserve.parallel.tp_context import TPContext
+
+
+def arrival_key(rank: int) -> str:
+    return f"fuserve/arrived/{rank}"
+
+
+class TPWorker:
+    def __init__(self, config: FuserveConfig, rank: int, size: int) -> None:
+        self.config = config
+        self.rank = rank
+        self.size = size
+        self.tp: TPContext | None = None
+
+    def init_group(self, host: str, port: int, all_reduce: AllReduceChoice) -> dict[str, Any]:
+        """Join rank 0's store, say so, then form the groups (returns once every rank has)."""
+        from fuserve.workers.engine import pick_dtype
+
+        use_gpu = self.config.model.device == "cuda"
+        if use_gpu:
+            check_gpu_visible(
+                f"tensor-parallel worker rank {self.rank}",
+                torch.cuda.is_available(),
+                os.environ.get("CUDA_VISIBLE_DEVICES"),
+                ray.get_gpu_ids(),
+            )
+        device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        timeout = self.config.parallel.init_timeout_s
+        store = connect_store(host, port, self.size, timeout)
+        store.set(arrival_key(self.rank), str(os.getpid()))
+        dtype = pick_dtype(self.config.model.dtype, device)
+        self.tp = init_tp_context(store, self.rank, self.size, device, dtype, timeout, all_reduce)
+        return {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "gpu_ids": list(ray.get_gpu_ids()),
+            "one_shot": self.tp.fast_all_reduce is not None,
+        }
+
+    def run(self) -> int:
+        """Build this rank's engine, then run plans until shutdown; returns the number of steps run."""
+        from fuserve.workers.engine import LLMEngine
+
+        assert self.tp is not None, "init_group first"
+        engine = LLMEngine(self.config, tp=self.tp)
+        receiver = PlanReceiver(self.tp.cpu_group)
+        steps = 0
+        while (plan := receiver.recv()) is not None:
+            engine.runner.follow(plan)
+            steps += 1
+        destroy_tp_context()
+        return steps

@@ -1,0 +1,107 @@
+"""Decode GEMV: y = x @ W^T for one token row, read at memory bandwidth.
+
+At batch 1 every linear layer is a matrix-vector product: the whole cost is reading W once. cuBLAS
+picks tiles built for matrices and, on an H100, reads some shapes (4096 x 4096, o_proj) at about half
+of the copy bandwidth and others through a split-K pass plus a reduction kernel. Here each program
+owns BLOCK_N output features and streams their rows of W over K in BLOCK_K chunks, multiplying by x
+in fp32 and reducing across K in registers; one launch, no workspace, no reduction pass.
+
+    x [1, K] ──┐
+               ├─ sum_k x[k] * W[n, k] (fp32) ──► y[n] (x.dtype)       grid: N / BLOCK_N
+    W [N, K] ──┘
+
+Only used where M == 1 (decode at batch 1); larger batches go to torch's GEMM.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_CONFIGS = (
+    [triton.Config({"BLOCK_N": 8, "BLOCK_K": 64}, num_warps=1)]
+    if _INTERPRETED
+    else [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn in (4, 8, 16)
+        for bk in (256, 512, 1024)
+        for w in (2, 4)
+        for s in (3, 4)
+        if bn * bk <= 8192
+    ]
+)
+
+
+@triton.autotune(configs=_CONFIGS, key=["N", "K"])
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_wn,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        w = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [1, K], weight: [N, K] (row-major), bias: [N] or None -> [1, N] in x.dtype."""
+    if x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"gemv takes one row x of shape [1, K], got {tuple(x.shape)}; use F.linear for more")
+    n, k = weight.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} features but weight expects {k}")
+    if weight.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError("x and weight need a contiguous last dimension")
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
+    _gemv_kernel[grid](
+        x_ptr=x,
+        w_ptr=weight,
+        bias_ptr=bias if bias is not None else weight,
+        y_ptr=y,
+        N=n,
+        K=k,
+        stride_wn=weight.stride(0),
+        HAS_BIAS=bias is not None,
+    )
+    return y
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-torch `gemv`: fp32 accumulation, one rounding to x.dtype."""
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with the bandwidth-bound GEMV for a single row on the GPU."""
+    if x.shape[0] == 1 and x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)

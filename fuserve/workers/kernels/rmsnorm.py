@@ -1,0 +1,149 @@
+"""RMSNorm, and the residual add fused into it.
+
+Every decoder layer ends its attention and MLP blocks with `residual = x + residual` followed by
+`rmsnorm(residual)`. Done apart, that reads the hidden state three times and writes it twice;
+fused, one program per token row reads `x` and `residual` once and writes `normed` and the new
+residual once.
+
+Data flow for one row (one program, the whole hidden dimension in one tile):
+
+    x, residual (x.dtype) ──add──► new_residual (rounded to x.dtype, stored)
+                                      │ .float()
+                                      ▼ h * rsqrt(mean(h*h) + eps)
+                                   h.to(x.dtype) * weight ──► normed (x.dtype)
+
+The rounding points are those of HuggingFace's `LlamaRMSNorm`, so the output matches it bit for
+bit up to the order of the fp32 sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm_kernel(
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    out_ptr,
+    new_residual_ptr,
+    stride_x,
+    stride_residual,
+    hidden_size,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < hidden_size
+
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0)
+        # the sum is rounded to the model dtype before the norm reads it, as in the unfused model
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(new_residual_ptr + row * hidden_size + cols, x, mask=mask)
+
+    h = x.to(tl.float32)
+    variance = tl.sum(h * h, axis=0) / hidden_size
+    h = h * tl.rsqrt(variance + eps)
+    h = h.to(x_ptr.dtype.element_ty).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * hidden_size + cols, (weight * h).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_rows(name: str, t: torch.Tensor, hidden_size: int | None = None) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [tokens, hidden], got shape {tuple(t.shape)}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension, got strides {t.stride()}")
+    if hidden_size is not None and t.shape[1] != hidden_size:
+        raise ValueError(f"{name} has hidden size {t.shape[1]}, expected {hidden_size}")
+
+
+def _check_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 1 or weight.shape[0] != x.shape[1]:
+        raise ValueError(f"weight must be [{x.shape[1]}], got shape {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if not weight.is_contiguous():
+        raise ValueError("weight must be contiguous")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device}, x on {x.device}")
+
+
+def _launch(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    out: torch.Tensor,
+    new_residual: torch.Tensor | None,
+) -> None:
+    num_tokens, hidden_size = x.shape
+    if num_tokens == 0:
+        return
+    block_h = triton.next_power_of_2(hidden_size)
+    num_warps = 4 if block_h <= 2048 else 8 if block_h <= 8192 else 16
+    _rmsnorm_kernel[(num_tokens,)](
+        x_ptr=x,
+        residual_ptr=residual if residual is not None else x,
+        weight_ptr=weight,
+        out_ptr=out,
+        new_residual_ptr=new_residual if new_residual is not None else out,
+        stride_x=x.stride(0),
+        stride_residual=residual.stride(0) if residual is not None else 0,
+        hidden_size=hidden_size,
+        eps=eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_H=block_h,
+        num_warps=num_warps,
+    )
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`weight * rmsnorm(x)` over the last dim. x: [T, H], weight: [H] (x.dtype) -> [T, H] (x.dtype)."""
+    _check_rows("x", x)
+    _check_weight(x, weight)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(x, None, weight, eps, out, None)
+    return out
+
+
+def fused_add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`new_residual = x + residual; return rmsnorm(new_residual), new_residual`, in one pass.
+
+    x, residual: [T, H] of one dtype; weight: [H]. Both outputs are new [T, H] tensors of x.dtype.
+    """
+    _check_rows("x", x)
+    _check_rows("residual", residual, x.shape[1])
+    if residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual dtype {residual.dtype} differs from x dtype {x.dtype}")
+    _check_weight(x, weight)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(x, residual, weight, eps, out, new_residual)
+    return out, new_residual
+
+
+def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Plain-torch `rmsnorm`, written as HuggingFace's LlamaRMSNorm."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * h.to(x.dtype)).to(x.dtype)
+
+
+def fused_add_rmsnorm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch `fused_add_rmsnorm`."""
+    new_residual = x + residual
+    return rmsnorm_ref(new_residual, weight, eps), new_residual

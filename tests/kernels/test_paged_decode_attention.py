@@ -1,0 +1,128 @@
+"""paged_decode_attention against its torch reference: GQA, holes in block tables, empty rows, split-K."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fuserve.workers.kernels.paged_decode_attention import (
+    decode_partition_size,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
+
+# fp32: both sides accumulate in fp32 in a different order. bf16/fp16: the reference keeps the
+# probabilities in fp32, the GPU kernel rounds them to the input dtype for the P·V dot, and the
+# output is rounded once more.
+TOLERANCE: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: {"rtol": 2e-5, "atol": 2e-5},
+    torch.float16: {"rtol": 4e-3, "atol": 4e-3},
+    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
+}
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _run(
+    paged_kv,
+    context_lens: list[int],
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_context_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kv = paged_kv(context_lens, block_size, num_kv_heads, head_dim, dtype)
+    q = torch.randn(len(context_lens), num_q_heads, head_dim, dtype=dtype, device=device)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, head_dim**-0.5, max_context_len)
+    out = paged_decode_attention(*args)
+    assert out.shape == q.shape and out.dtype == dtype
+    return out, paged_decode_attention_ref(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [8, 16])
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(2, 2), (8, 2), (8, 1)])  # GQA 1 / 4 / 8
+def test_decode_matches_ref(
+    num_q_heads: int, num_kv_heads: int, block_size: int, dtype: torch.dtype, paged_kv, device: torch.device
+):
+    # a 1-token context, lengths off the block size, an empty (CUDA-graph padding) row
+    out, ref = _run(paged_kv, [1, 21, 0, 40], num_q_heads, num_kv_heads, 32, block_size, dtype, device)
+    torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+    assert torch.all(out[2] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("max_context_len", [None, 300])
+def test_decode_long_context_splits(
+    dtype: torch.dtype, max_context_len: int | None, paged_kv, device: torch.device
+):
+    """A context long enough for several split-K partitions; the other rows end in early splits."""
+    context_lens, num_kv_heads, block_size = [300, 7, 0], 1, 16
+    max_len = max_context_len or (math.ceil(300 / block_size) + 2) * block_size
+    assert decode_partition_size(len(context_lens), num_kv_heads, max_len, device) < 300 // 2
+    out, ref = _run(paged_kv, context_lens, 4, num_kv_heads, 64, block_size, dtype, device, max_context_len)
+    torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+    assert torch.all(out[2] == 0)
+
+
+def test_decode_all_rows_empty(paged_kv, device: torch.device):
+    out, ref = _run(paged_kv, [0, 0], 4, 2, 32, 8, torch.float32, device, max_context_len=64)
+    assert torch.all(out == 0) and torch.all(ref == 0)
+
+
+def test_decode_ref_matches_sdpa(paged_kv, device: torch.device):
+    """The reference itself: equal to SDPA over the gathered contiguous K/V of each sequence."""
+    context_lens, num_q_heads, num_kv_heads, head_dim, block_size = [5, 19], 8, 2, 32, 8
+    kv = paged_kv(context_lens, block_size, num_kv_heads, head_dim, torch.float32)
+    q = torch.randn(2, num_q_heads, head_dim, device=device)
+    ref = paged_decode_attention_ref(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 0.3)
+    for b, n in enumerate(context_lens):
+        blocks = kv.block_tables[b, : math.ceil(n / block_size)].long()
+        k = kv.k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:n].transpose(0, 1)  # [Hkv, n, D]
+        v = kv.v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:n].transpose(0, 1)
+        k, v = k.repeat_interleave(4, 0), v.repeat_interleave(4, 0)
+        expected = torch.nn.functional.scaled_dot_product_attention(q[b][:, None], k, v, scale=0.3)[:, 0]
+        torch.testing.assert_close(ref[b], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_partition_size_from_shapes_only(device: torch.device):
+    """Fewer sequences and longer contexts give more splits; a short context gives one."""
+    long_single = decode_partition_size(1, 1, 16384, device)
+    assert 16384 / long_single > 1
+    assert decode_partition_size(1, 1, 16, device) >= 16
+    assert decode_partition_size(64, 8, 16384, device) >= long_single
+
+
+def test_decode_rejects_bad_shapes(device: torch.device):
+    q = torch.randn(2, 6, 32, device=device)
+    cache = torch.zeros(4, 8, 4, 32, device=device)
+    tables = torch.zeros(2, 3, dtype=torch.int32, device=device)
+    lens = torch.ones(2, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="not a multiple"):
+        paged_decode_attention(q, cache, cache, tables, lens, 1.0)
+    with pytest.raises(ValueError, match="block_tables must be int32"):
+        paged_decode_attention(q[:, :4], cache, cache, tables.long(), lens, 1.0)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    ("context_lens", "num_q_heads", "num_kv_heads", "head_dim"),
+    [
+        ([1, 129, 4097, 0, 1000, 16, 17, 2048], 32, 8, 128),  # Llama-3-8B heads
+        ([16384], 8, 1, 128),  # Llama-3-70B per GPU at TP=8, one long context: many splits
+        ([63] * 33 + [0] * 7, 16, 16, 64),  # MHA, a big batch with padding rows
+    ],
+)
+def test_decode_large_gpu(
+    context_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, paged_kv
+):
+    out, ref = _run(
+        paged_kv, context_lens, num_q_heads, num_kv_heads, head_dim, 16, dtype, torch.device("cuda")
+    )
+    torch.testing.assert_close(out, ref, **TOLERANCE[dtype])

@@ -1,0 +1,136 @@
+"""paged_prefill_attention against its torch reference: varlen causal attention over the paged cache,
+where each sequence's queries are the last tokens of its context (fresh prompts, chunked prefill,
+prefix-cache hits and speculative verify alike)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from fuserve.workers.kernels.paged_prefill_attention import (
+    paged_prefill_attention,
+    paged_prefill_attention_ref,
+)
+
+# as for decode: fp32 differs by summation order; bf16/fp16 by the probabilities' rounding for the
+# P·V dot on the GPU and the output's rounding
+TOLERANCE: dict[torch.dtype, dict[str, float]] = {
+    torch.float32: {"rtol": 2e-5, "atol": 2e-5},
+    torch.float16: {"rtol": 4e-3, "atol": 4e-3},
+    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
+}
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# (query tokens, context length) per sequence
+MIXED_BATCH = [
+    (1, 1),  # a one-token prompt
+    (17, 17),  # a fresh prompt, not a multiple of the block size
+    (5, 40),  # chunked prefill / prefix-cache hit: 35 tokens already cached
+    (4, 29),  # speculative verify: k + 1 = 4 queries
+    (33, 33),  # several query tiles
+    (1, 50),  # one query over a long context
+    (3, 33),  # first query at position 30: the diagonal band starts 2 keys before a key-tile edge (32)
+]
+
+
+def _run(
+    paged_kv,
+    seqs: list[tuple[int, int]],
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_query_len: int | None,
+    q_row_pad: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kv = paged_kv([ctx for _, ctx in seqs], block_size, num_kv_heads, head_dim, dtype)
+    query_start_loc = torch.tensor(
+        [0, *itertools.accumulate(q for q, _ in seqs)], dtype=torch.int32, device=device
+    )
+    num_tokens = int(query_start_loc[-1])
+    # q_row_pad > 0: q is a column slice of a wider tensor (token stride > Hq * D)
+    q = torch.randn(num_tokens, num_q_heads * head_dim + q_row_pad, dtype=dtype, device=device)
+    q = q[:, : num_q_heads * head_dim].view(num_tokens, num_q_heads, head_dim)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc, kv.context_lens, head_dim**-0.5)
+    out = paged_prefill_attention(*args, max_query_len=max_query_len)
+    assert out.shape == q.shape and out.dtype == dtype
+    return out, paged_prefill_attention_ref(*args, max_query_len=max_query_len)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [8, 16])
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(2, 2), (8, 2), (8, 1)])  # GQA 1 / 4 / 8
+def test_prefill_matches_ref(
+    num_q_heads: int, num_kv_heads: int, block_size: int, dtype: torch.dtype, paged_kv, device: torch.device
+):
+    max_query_len = max(q for q, _ in MIXED_BATCH)
+    out, ref = _run(
+        paged_kv, MIXED_BATCH, num_q_heads, num_kv_heads, 32, block_size, dtype, device, max_query_len
+    )
+    torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_default_max_query_len_and_strided_q(dtype: torch.dtype, paged_kv, device: torch.device):
+    """No max_query_len (the grid covers all T tokens), q as a strided view, odd GQA (3 heads per KV head)."""
+    seqs = [(9, 9), (3, 70), (1, 1)]
+    out, ref = _run(paged_kv, seqs, 6, 2, 64, 16, dtype, device, max_query_len=None, q_row_pad=64)
+    torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+
+
+def test_prefill_ref_matches_sdpa_for_fresh_prompts(paged_kv, device: torch.device):
+    """The reference itself: a fresh prompt is plain causal attention over its own tokens."""
+    seqs, num_heads, head_dim = [(11, 11), (6, 6)], 2, 32
+    kv = paged_kv([ctx for _, ctx in seqs], 8, num_heads, head_dim, torch.float32)
+    q = torch.randn(17, num_heads, head_dim, device=device)
+    query_start_loc = torch.tensor([0, 11, 17], dtype=torch.int32, device=device)
+    ref = paged_prefill_attention_ref(
+        q, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc, kv.context_lens, 0.2
+    )
+    for b, (start, end) in enumerate([(0, 11), (11, 17)]):
+        n = end - start
+        blocks = kv.block_tables[b, : (n + 7) // 8].long()
+        k = kv.k_cache[blocks].reshape(-1, num_heads, head_dim)[:n].transpose(0, 1)
+        v = kv.v_cache[blocks].reshape(-1, num_heads, head_dim)[:n].transpose(0, 1)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), k, v, is_causal=True, scale=0.2
+        )
+        torch.testing.assert_close(ref[start:end], sdpa.transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_rejects_bad_index_dtypes(device: torch.device):
+    q = torch.randn(3, 4, 32, device=device)
+    cache = torch.zeros(4, 8, 2, 32, device=device)
+    tables = torch.zeros(1, 2, dtype=torch.int32, device=device)
+    lens = torch.full((1,), 3, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="query_start_loc must be int32"):
+        paged_prefill_attention(q, cache, cache, tables, torch.tensor([0, 3], device=device), lens, 1.0)
+    with pytest.raises(ValueError, match="head_dim must be a power of two"):
+        starts = torch.tensor([0, 3], dtype=torch.int32, device=device)
+        paged_prefill_attention(q[..., :24], cache[..., :24], cache[..., :24], tables, starts, lens, 1.0)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    ("seqs", "num_q_heads", "num_kv_heads"),
+    [
+        ([(4096, 4096)], 32, 8),  # one long fresh prompt, Llama-3-8B heads
+        ([(512, 512)] * 8, 8, 1),  # Llama-3-70B per GPU at TP=8
+        (
+            [(1, 1), (300, 2100), (7, 1000), (129, 129), (5, 5000), (3, 129), (0, 17)],
+            32,
+            8,
+        ),  # mixed; an idle row
+    ],
+)
+def test_prefill_large_gpu(
+    seqs: list[tuple[int, int]], num_q_heads: int, num_kv_heads: int, dtype: torch.dtype, paged_kv
+):
+    out, ref = _run(paged_kv, seqs, num_q_heads, num_kv_heads, 128, 16, dtype, torch.device("cuda"), None)
+    torch.testing.assert_close(out, ref, **TOLERANCE[dtype])

@@ -1,0 +1,506 @@
+"""Tensor parallel on CPU: gloo groups, real Ray worker actors, the same greedy tokens as one device.
+
+Covers: each rank reads only its slices (KV heads replicated when ranks > KV heads, a vocab that does not
+split evenly); the step-plan codec; TP=2 == TP=1 token for token through the Ray actor path (chunked
+prefill, preemption, plans bigger than one broadcast); a killed worker failing the engine and the
+AsyncEngine's in-flight request within seconds; no process or placement group left behind; and the
+known Ray traps: a worker that fails or hangs at startup, resources that never come, GPUs that are not
+there, a Serve replica without placement-group bundles, workers forked instead of spawned.
+The GPU half (marker `gpu`, two GPUs) is at the bottom.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import ray
+import torch
+from checkpoints import make_checkpoint
+from safetensors import safe_open
+
+from fuserve import LLM, SamplingParams
+from fuserve.configs import FuserveConfig, config_from_dict
+from fuserve.parallel import placement as placement_mod
+from fuserve.parallel.placement import PlacementError, check_gpu_visible, reserve_placement
+from fuserve.parallel.plan_broadcast import FIRST_NUMEL, HEADER_NUMEL, PlanSender, decode_plan, encode_plan
+from fuserve.parallel.tp_context import TPContext
+from fuserve.parallel.worker_group import WorkerGroup, WorkerGroupError
+from fuserve.workers.async_engine import AsyncEngine, EngineDeadError
+from fuserve.workers.engine import LLMEngine
+from fuserve.workers.kernels.ops import KernelOps
+from fuserve.workers.models import loader as loader_module
+from fuserve.workers.models.loader import build_model, resolve_source
+from fuserve.workers.step_plan import StepPlan
+
+TESTS_DIR = str(Path(__file__).parent)
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        ray.shutdown()
+    path = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},  # workers import parallel_faulty_workers
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def llama_kv2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("tp") / "llama", "llama3", seed=2)
+
+
+@pytest.fixture(scope="module")
+def qwen_kv1_odd_vocab(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One KV head for two ranks (replicated), a vocab of 385 (ranks hold 193 + 192 rows), tied
+    embeddings and QKV biases."""
+    return make_checkpoint(
+        tmp_path_factory.mktemp("tp") / "qwen", "qwen2", seed=3, num_key_value_heads=1, vocab_size=385
+    )
+
+
+def tp_config(folder: Path, tp: int, **sections: dict[str, Any]) -> FuserveConfig:
+    data: dict[str, Any] = {
+        "model": {"path": str(folder), "max_model_len": 128},
+        "cache": {"block_size": 4, "num_blocks": 48},
+        "scheduler": {"max_num_batched_tokens": 24, "max_num_seqs": 8},
+        "parallel": {"tensor_parallel_size": tp, "init_timeout_s": 20},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return config_from_dict(data)
+
+
+def prompts(vocab: int, lengths: tuple[int, ...] = (1, 5, 19, 40, 70)) -> list[list[int]]:
+    g = torch.Generator().manual_seed(sum(lengths))
+    return [torch.randint(0, min(vocab, 256), (n,), generator=g).tolist() for n in lengths]
+
+
+def wait_until(condition: Any, timeout_s: float) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def gone(pids: list[int]) -> bool:
+    """No process left with these ids (a zombie awaiting its parent counts as gone)."""
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            pass
+    return True
+
+
+def live_placement_groups() -> list[str]:
+    return [
+        pg["placement_group_id"]
+        for pg in ray.util.placement_group_table().values()
+        if pg["state"] != "REMOVED"
+    ]
+
+
+# ---- sharded loading (no processes: a TPContext of rank r builds rank r's shard) --------------------
+class RecordingSlice:
+    """A safetensors slice that counts the elements each read returns."""
+
+    def __init__(self, name: str, inner: Any, reads: Counter) -> None:
+        self.name, self.inner, self.reads = name, inner, reads
+
+    def get_shape(self) -> list[int]:
+        return self.inner.get_shape()
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        t = self.inner[index]
+        self.reads[self.name] += t.numel()
+        return t
+
+
+def build_rank(folder: Path, rank: int, size: int, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Counter]:
+    reads: Counter = Counter()
+    original = loader_module.iter_safetensors
+    monkeypatch.setattr(
+        loader_module,
+        "iter_safetensors",
+        lambda path: ((n, RecordingSlice(n, s, reads)) for n, s in original(path)),
+    )
+    source = resolve_source(config_from_dict({"model": {"path": str(folder)}}).model)
+    model = build_model(
+        source, TPContext(rank, size), KernelOps.reference(), torch.float32, torch.device("cpu"), 64
+    )
+    monkeypatch.setattr(loader_module, "iter_safetensors", original)
+    return model, reads
+
+
+def test_each_rank_reads_only_its_slices(qwen_kv1_odd_vocab: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with safe_open(str(next(qwen_kv1_odd_vocab.glob("*.safetensors"))), "pt") as f:
+        full = {k: f.get_tensor(k) for k in f.keys()}
+    shards = [build_rank(qwen_kv1_odd_vocab, r, 2, monkeypatch) for r in range(2)]
+    a0 = [m.model.layers[0].self_attn for m, _ in shards]
+    q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    for _, reads in shards:
+        assert reads[q] == full[q].numel() // 2, "a column-parallel weight reads half its rows"
+        assert reads[k] == full[k].numel(), "the single KV head is read whole by both ranks"
+        assert (
+            reads["model.layers.0.self_attn.o_proj.weight"]
+            == full["model.layers.0.self_attn.o_proj.weight"].numel() // 2
+        )
+        assert sum(reads.values()) < 0.6 * sum(t.numel() for t in full.values())
+    # Shards reassemble into the checkpoint; KV heads are replicated, not split.
+    qkv = [attn.qkv_proj.weight for attn in a0]
+    q_size, kv_size = a0[0].qkv_proj.q_size, a0[0].qkv_proj.kv_size
+    torch.testing.assert_close(torch.cat([w[:q_size] for w in qkv]), full[q])
+    for w in qkv:
+        torch.testing.assert_close(w[q_size : q_size + kv_size], full[k])
+    torch.testing.assert_close(
+        torch.cat([attn.o_proj.weight for attn in a0], dim=1), full["model.layers.0.self_attn.o_proj.weight"]
+    )
+    emb = [m.model.embed_tokens.weight for m, _ in shards]
+    assert [e.shape[0] for e in emb] == [193, 193]
+    torch.testing.assert_close(torch.cat(emb)[:385], full["model.embed_tokens.weight"])
+    assert not emb[1][192:].any(), "the padding row past the vocab stays zero"
+
+
+def test_gguf_shard_is_a_slice_of_the_dequantized_tensor() -> None:
+    """GGUF tensors are dequantized whole, then narrowed: rank 2 of 3 on SmolLM2 (9 heads, 3 KV heads)."""
+    from fuserve.workers.models.gguf_loader import iter_gguf_tensors
+
+    source = resolve_source(config_from_dict({}).model)
+    cpu = torch.device("cpu")
+    shard = build_model(source, TPContext(2, 3), KernelOps.reference(), torch.float32, cpu, 64)
+    q, down = "model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"
+    wanted = {q, down}
+    full = {}
+    for name, tensor in iter_gguf_tensors(source.path, torch.float32):
+        if name in wanted:
+            full[name] = tensor
+        if len(full) == len(wanted):
+            break
+    layer = shard.model.layers[1]
+    torch.testing.assert_close(layer.self_attn.qkv_proj.weight[:192], full[q][384:])  # heads 6..8 of 9
+    torch.testing.assert_close(layer.mlp.down_proj.weight, full[down][:, 1024:])  # inputs 1024..1535
+
+
+class FakeFastAllReduce:
+    """Takes messages of up to 4 elements and doubles them (a stand-in for the one-shot kernel)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.numel() <= 4
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * 2
+
+
+def test_small_all_reduces_take_the_fast_path() -> None:
+    """Messages the fast path accepts never reach the process group (none exists here)."""
+    fast = FakeFastAllReduce()
+    tp = TPContext(rank=0, size=2, fast_all_reduce=fast)
+    torch.testing.assert_close(tp.all_reduce(torch.ones(4)), torch.full((4,), 2.0))
+    assert fast.calls == 1
+    with pytest.raises((ValueError, RuntimeError)):  # a large one goes to torch.distributed: not set up
+        tp.all_reduce(torch.ones(8))
+    x = torch.ones(8)
+    assert TPContext().all_reduce(x) is x, "one rank: the identity, no copy"
+
+
+# ---- step plans ---------------------------------------------------------------------------------
+def test_plan_codec_round_trip() -> None:
+    plan = StepPlan(
+        input_ids=[5, 6, 7, 8],
+        positions=[0, 1, 2, 9],
+        slot_mapping=[4, 5, 6, 13],
+        query_start_loc=[0, 3, 4],
+        context_lens=[3, 10],
+        block_tables=[[1], [2, 3, 7]],
+        sample_rows=[0, 1],
+    )
+    counts, payload = encode_plan(plan)
+    assert decode_plan(counts, payload) == plan
+    empty_tables = StepPlan(
+        input_ids=[1], positions=[0], slot_mapping=[-1], query_start_loc=[0, 1], context_lens=[1],
+        block_tables=[[]], sample_rows=[],
+    )  # fmt: skip
+    assert decode_plan(*encode_plan(empty_tables)) == empty_tables
+
+
+# ---- TP=2 through Ray actors ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "case",
+    [
+        # chunked prefill (24-token budget) and preemption (48 blocks of 4) on both ranks
+        dict(fixture="llama_kv2", sections={}, lengths=(1, 5, 19, 40, 70)),
+        # 1 KV head for 2 ranks, odd vocab; a 300-token budget puts all prompts in one prefill step,
+        # whose plan is too big for one broadcast
+        dict(
+            fixture="qwen_kv1_odd_vocab",
+            sections=dict(
+                model={"max_model_len": 192},
+                scheduler={"max_num_batched_tokens": 300},
+                cache={"num_blocks": 128},
+            ),
+            lengths=(1, 5, 19, 40, 70, 120),
+        ),
+    ],
+    ids=["llama-kv2", "qwen-kv1-vocab385"],
+)
+def test_tp2_greedy_equals_tp1(
+    ray_cluster: None, request: pytest.FixtureRequest, case: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = request.getfixturevalue(case["fixture"])
+    ps = prompts(385, case["lengths"])
+    want = LLM(tp_config(folder, 1, **case["sections"])).generate(ps, GREEDY)
+    sent: list[int] = []
+    send = PlanSender.send
+    monkeypatch.setattr(
+        PlanSender, "send", lambda self, plan: (sent.append(len(encode_plan(plan)[1])), send(self, plan))[1]
+    )
+    llm = LLM(tp_config(folder, 2, **case["sections"]))
+    group = llm.engine.workers
+    assert group is not None and group.tp.size == 2
+    got = llm.generate(ps, GREEDY)
+    for w, g in zip(want, got, strict=True):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        assert [lp.logprob for lp in g.outputs[0].logprobs] == pytest.approx(
+            [lp.logprob for lp in w.outputs[0].logprobs], abs=1e-4
+        )
+    if case["fixture"] == "llama_kv2":
+        assert llm.engine.stats().num_preemptions > 0
+    else:
+        assert max(sent) > FIRST_NUMEL - HEADER_NUMEL, "no plan took the two-broadcast path"
+    # Spawned by Ray's raylet, not forked from this process (a fork would copy its threads and locks).
+    for pid in group.worker_pids:
+        assert psutil.Process(pid).ppid() != os.getpid()
+    # One group per process: a second one is refused before anything starts.
+    with pytest.raises(WorkerGroupError, match="already belongs to a tensor-parallel group"):
+        WorkerGroup.start(tp_config(folder, 2))
+    llm.engine.shutdown()
+    assert wait_until(lambda: gone(group.worker_pids), 10), "worker processes outlived shutdown"
+    assert live_placement_groups() == []
+    llm.engine.shutdown()  # twice is fine
+
+
+def test_killed_worker_fails_in_flight_requests(ray_cluster: None, llama_kv2: Path) -> None:
+    engine = AsyncEngine(tp_config(llama_kv2, 2, model={"max_model_len": 512}, cache={"num_blocks": 160}))
+    group = engine.engine.workers
+    assert group is not None
+
+    async def generate_then_kill() -> float:
+        params = SamplingParams(max_tokens=480, temperature=0.0, ignore_eos=True)
+        stream = engine.generate([1, 2, 3], params)
+        await stream.__anext__()
+        ray.kill(group.actors[1])
+        t0 = time.monotonic()
+        with pytest.raises(EngineDeadError, match="worker rank 1 died"):
+            async for _ in stream:
+                pass
+        return time.monotonic() - t0
+
+    elapsed = asyncio.run(asyncio.wait_for(generate_then_kill(), timeout=30))
+    assert elapsed < 10, f"the in-flight request took {elapsed:.1f} s to fail"
+    assert not engine.healthy and not engine.engine.healthy
+
+    async def new_request() -> None:
+        async for _ in engine.generate([4, 5], SamplingParams(max_tokens=2)):
+            pass
+
+    with pytest.raises(EngineDeadError):
+        asyncio.run(new_request())
+    engine.shutdown()
+    engine.engine.shutdown()
+    assert wait_until(lambda: gone(group.worker_pids), 10)
+    assert live_placement_groups() == []
+
+
+def test_worker_killed_while_idle_fails_next_step(ray_cluster: None, llama_kv2: Path) -> None:
+    engine = LLMEngine(tp_config(llama_kv2, 2))
+    group = engine.workers
+    assert group is not None
+    ray.kill(group.actors[1])
+    assert wait_until(lambda: not engine.healthy, 10), "the watchdog did not notice the dead worker"
+    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=4))
+    t0 = time.monotonic()
+    with pytest.raises(WorkerGroupError, match="worker rank 1 died"):
+        engine.step()
+    assert time.monotonic() - t0 < 1
+    engine.shutdown()
+    assert live_placement_groups() == []
+
+
+def test_idle_longer_than_the_collective_timeout(ray_cluster: None, llama_kv2: Path) -> None:
+    """An idle replica is normal: rank 0's heartbeats keep the workers' gloo wait under its timeout."""
+    engine = LLMEngine(tp_config(llama_kv2, 2, parallel={"init_timeout_s": 5}))
+    time.sleep(7)
+    assert engine.healthy
+    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert outputs[-1].finished and len(outputs[-1].token_ids) == 4
+    engine.shutdown()
+
+
+# ---- startup failures: fast, clear, nothing left behind ------------------------------------------
+def test_worker_failing_at_startup_fails_fast(ray_cluster: None, llama_kv2: Path) -> None:
+    from parallel_faulty_workers import RaisingWorker
+
+    t0 = time.monotonic()
+    with pytest.raises(WorkerGroupError, match="rank 1 failed to start.*cannot open its GPU"):
+        WorkerGroup.start(tp_config(llama_kv2, 2), worker_cls=RaisingWorker)
+    assert time.monotonic() - t0 < 15
+    assert live_placement_groups() == []
+
+
+def test_worker_failing_while_building_fails_engine(ray_cluster: None, llama_kv2: Path) -> None:
+    from parallel_faulty_workers import FailingBuildWorker
+
+    config = tp_config(llama_kv2, 2)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerGroupError, match="startup: worker rank 1 raised RuntimeError.*out of memory"):
+        LLMEngine(config, workers=WorkerGroup.start(config, worker_cls=FailingBuildWorker))
+    assert time.monotonic() - t0 < 15, "should not wait for init_timeout_s"
+    assert live_placement_groups() == []
+    assert not torch.distributed.is_initialized()
+
+
+def test_worker_that_never_joins_times_out(ray_cluster: None, llama_kv2: Path) -> None:
+    from parallel_faulty_workers import StuckWorker
+
+    config = tp_config(llama_kv2, 2, parallel={"init_timeout_s": 3})
+    t0 = time.monotonic()
+    with pytest.raises(WorkerGroupError, match=r"workers \[1\] did not start within 3 s"):
+        WorkerGroup.start(config, worker_cls=StuckWorker)
+    assert 3 <= time.monotonic() - t0 < 10
+    assert live_placement_groups() == []
+
+
+def test_unplaceable_group_times_out(ray_cluster: None, llama_kv2: Path) -> None:
+    holder = ray.util.placement_group([{"CPU": 4}])  # everything the test cluster has
+    assert holder.wait(10)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(PlacementError, match="could not reserve 2 x .* within 2 s"):
+            LLMEngine(tp_config(llama_kv2, 2, parallel={"init_timeout_s": 2}))
+        assert time.monotonic() - t0 < 8
+    finally:
+        ray.util.remove_placement_group(holder)
+
+
+def test_gpus_that_are_not_there(ray_cluster: None, llama_kv2: Path) -> None:
+    with pytest.raises(PlacementError, match="needs a GPU but CUDA sees none"):
+        LLMEngine(tp_config(llama_kv2, 2, model={"device": "cuda"}))
+    with pytest.raises(PlacementError, match=r"needs 2 GPU \(the cluster has 0\)"):
+        reserve_placement(2, True, "STRICT_PACK", 1)
+    with pytest.raises(PlacementError, match="Ray gave it none"):
+        check_gpu_visible("worker rank 1", False, "", [])
+    check_gpu_visible("worker rank 1", True, "3", [3])  # visible: no error
+
+
+def test_serve_replica_places_workers_in_its_bundles(ray_cluster: None, llama_kv2: Path) -> None:
+    """Inside Serve: the replica's own placement group is used (no nested one), and without
+    placement_group_bundles the error says what to configure."""
+    from ray import serve
+
+    config = tp_config(llama_kv2, 2)
+
+    @serve.deployment(
+        placement_group_bundles=placement_mod.rank_bundles(2, use_gpu=False),
+        placement_group_strategy="STRICT_PACK",
+        ray_actor_options={"num_cpus": 1},
+    )
+    class TPReplica:
+        def __init__(self, config: FuserveConfig) -> None:
+            self.engine = LLMEngine(config)
+
+        def generate(self, prompt: list[int]) -> dict[str, Any]:
+            self.engine.add_request(
+                "r", prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+            )
+            tokens: list[int] = []
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    tokens = out.token_ids
+            workers = self.engine.workers
+            assert workers is not None
+            return {"tokens": tokens, "owned": workers.placement.owned, "pids": workers.worker_pids}
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class NoBundles:
+        def place(self) -> str:
+            try:
+                reserve_placement(2, False, "STRICT_PACK", 1)
+            except PlacementError as err:
+                return str(err)
+            return "no error"
+
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    want = LLM(tp_config(llama_kv2, 1)).generate([[3, 1, 4, 1, 5]], params)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+        replica = serve.run(TPReplica.bind(config), name="tp", route_prefix=None)
+        result = replica.generate.remote([3, 1, 4, 1, 5]).result(timeout_s=60)
+        assert result["tokens"] == want[0].outputs[0].token_ids
+        assert result["owned"] is False, "workers must go into the replica's bundles, not a new group"
+        bare = serve.run(NoBundles.bind(), name="bare", route_prefix=None)
+        message = bare.place.remote().result(timeout_s=60)
+        assert "No current placement group found" in message and "placement_group_bundles" in message
+    finally:
+        serve.shutdown()
+    # The replica died without engine.shutdown(): Ray ends its worker actors with it (no orphans).
+    assert wait_until(lambda: gone(result["pids"]), 15)
+
+
+# ---- GPU: two GPUs, NCCL, the one-shot all-reduce ------------------------------------------------
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_one_shot_all_reduce_matches_nccl() -> None:
+    """Masked like Ray actors (each process sees one GPU as cuda:0): eager and inside a CUDA graph."""
+    import torch.multiprocessing as mp
+    from parallel_gpu_checks import check_all_reduce
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    mp.spawn(check_all_reduce, args=(2, _free_port(), gpus), nprocs=2, join=True)
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_tp2_matches_tp1_llama3_8b_shape(ray_cluster: None, tmp_path: Path) -> None:
+    """Llama-3-8B layer shapes (2 layers, full vocab), random bf16 weights, CUDA graphs on: TP=2 greedy
+    follows TP=1 until TP=1's own top-2 margin is within bf16 noise, for NCCL and the one-shot path."""
+    from parallel_gpu_checks import LLAMA3_8B_SHAPE, compare_greedy
+
+    folder = make_checkpoint(tmp_path / "l8b", "llama3", seed=5, **LLAMA3_8B_SHAPE)
+    compare_greedy(folder)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
