@@ -1,10 +1,12 @@
-"""`fuserve generate|serve|bench`: the command line."""
+"""`fuserve generate|serve|bench serve`: the command line."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
+from pathlib import Path
 
 from fuserve.configs import ConfigError, load_config
 
@@ -27,11 +29,36 @@ def _generate(args: argparse.Namespace) -> int:
     print(out.text)
     n = len(out.token_ids)
     print(
-        f"[{llm.engine.model_name} on {llm.engine.device.type}: {n} tokens in {dt:.2f} s = {n / dt:.1f} tokens/s; "
-        f"prompt {result.num_prompt_tokens} tokens; load {load_s:.1f} s]",
+        f"[{llm.engine.model_name} on {llm.engine.device.type}: {n} tokens in {dt:.2f} s = "
+        f"{n / dt:.1f} tokens/s; prompt {result.num_prompt_tokens} tokens; load {load_s:.1f} s]",
         file=sys.stderr,
     )
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fuserve.cluster.bootstrap import serve_until_stopped
+
+    config = load_config(args.config)
+    for field in ("host", "port", "grpc_port"):
+        if getattr(args, field) is not None:
+            setattr(config.serve, field, getattr(args, field))
+    serve_until_stopped(config, args.address)
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    """Runs benchmarks/bench_serve.py from the source checkout (benchmarks are not installed)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
+    if not script.is_file():
+        print(f"fuserve: {script} not found; `fuserve bench` runs from a source checkout", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("bench_serve", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module.main(args.bench_args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +74,31 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.set_defaults(func=_generate)
 
-    args = parser.parse_args(argv)
+    srv = sub.add_parser(
+        "serve",
+        help="serve a deployment over HTTP (OpenAI API) and gRPC on Ray Serve until Ctrl-C",
+        description="Start a local Ray cluster (or join one with --address) and serve CONFIG: the OpenAI "
+        "API at http://HOST:PORT/v1, /health and /metrics, and gRPC on GRPC_PORT.",
+    )
+    srv.add_argument("config", nargs="?", default=None, help="deployment YAML (default: SmolLM2 on CPU)")
+    srv.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto, ray://head:10001)")
+    srv.add_argument("--host", default=None, help="HTTP host (default: serve.host)")
+    srv.add_argument("--port", type=int, default=None, help="HTTP port (default: serve.port)")
+    srv.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: serve.grpc_port)")
+    srv.set_defaults(func=_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks (from a source checkout)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bench_serve = bench_sub.add_parser(
+        "serve", add_help=False, help="serving load generator and comparisons (see --help)"
+    )
+    bench_serve.set_defaults(func=_bench_serve)
+
+    # `fuserve bench serve ...` hands every option after `serve` to the benchmark's own parser.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.bench_args = extra
     try:
         return args.func(args)
     except ConfigError as err:

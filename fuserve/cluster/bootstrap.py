@@ -1,0 +1,56 @@
+"""`fuserve serve`: start (or join) a Ray cluster, start Serve's HTTP and gRPC proxies, run the app.
+
+Ctrl-C (or SIGTERM) deletes the application and, when this process started the cluster, stops
+it; on a shared cluster (`--address`) other applications keep running.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import ray
+from ray import serve
+from ray.serve.config import gRPCOptions
+
+from fuserve.cluster.app import build_app
+from fuserve.configs import FuserveConfig
+from fuserve.router.grpc_service import SERVICER_FUNCTION
+
+APP_NAME = "fuserve"
+
+
+def start_proxies(config: FuserveConfig) -> None:
+    """HTTP on serve.host:serve.port, gRPC on serve.grpc_port (both fixed when Serve first starts)."""
+    s = config.serve
+    serve.start(
+        http_options={"host": s.host, "port": s.port},
+        grpc_options=gRPCOptions(port=s.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
+    )
+
+
+def serve_until_stopped(config: FuserveConfig, address: str | None = None) -> None:
+    started_cluster = address is None
+    ray.init(address=address, include_dashboard=False, configure_logging=False)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        start_proxies(config)
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        s = config.serve
+        print(
+            f"fuserve: serving at http://{s.host}:{s.port}/v1 (OpenAI API; /health, /metrics) and gRPC "
+            f"{s.host}:{s.grpc_port}; Ctrl-C stops",
+            flush=True,
+        )
+        stop.wait()
+    finally:
+        print("fuserve: stopping", flush=True)
+        try:
+            serve.delete(APP_NAME)
+            if started_cluster:
+                serve.shutdown()
+        finally:
+            if started_cluster:
+                ray.shutdown()

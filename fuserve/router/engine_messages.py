@@ -1,0 +1,73 @@
+"""The contract between the ingress and the engine replicas: what goes in, what streams back.
+
+Plain dataclasses, pickled by Ray. The request carries its routing hints (`work_tokens`,
+`prefix_keys`) in the open so the length-aware router reads them from the pending request's
+arguments without parsing anything. The stream carries only deltas: a cumulative text would make
+each message grow with the output and the whole stream quadratic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fuserve.sampling_params import SamplingParams
+from fuserve.workers.sampler import TokenLogprobs
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    work_tokens: int  # n * (prompt + max_tokens): the router's estimate of this request's cost
+    prefix_keys: list[int] = field(default_factory=list)  # routing_policy.prefix_keys of the prompt
+    block_size: int = 16  # tokens per prefix key (the engine's KV block size)
+
+
+@dataclass
+class ReplicaStats:
+    """One engine replica's state, as /metrics and the router see it."""
+
+    replica_id: str
+    num_waiting: int = 0
+    num_running: int = 0
+    outstanding_tokens: int = 0
+    kv_cache_usage: float = 0.0
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    num_preemptions: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_query_tokens: int = 0
+    healthy: bool = True
+    timestamp: float = 0.0  # time.time() on the replica when taken
+
+
+@dataclass
+class StatsQuery:
+    """Ask one specific replica for its stats: the length-aware router honors `replica_id`."""
+
+    replica_id: str | None = None
+
+
+@dataclass
+class EngineDelta:
+    """One sequence's progress in one engine step."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    replica_id: str = ""
+    stats: ReplicaStats | None = None  # attached now and then, so /metrics stays current
+
+
+@dataclass
+class ModelInfo:
+    model_name: str
+    max_model_len: int
+    block_size: int
+    has_tokenizer: bool

@@ -1,0 +1,332 @@
+"""The ingress deployment: the OpenAI HTTP API and the gRPC service in front of the engine replicas.
+
+    POST /v1/completions, /v1/chat/completions -> parse + check (protocol) -> tokenize, length,
+        work estimate, prefix keys (prompts) -> EngineClient.open: the length-aware router picks
+        a replica per request -> deltas -> JSON, or one SSE event per delta (responses)
+    GET /v1/models, /health (503 when the engine is down), /metrics (Prometheus)
+    gRPC fuserve.v1.Generation/Generate, GenerateStream (grpc_service) on Serve's gRPC proxy
+
+The body is parsed by hand rather than by FastAPI's signature binding, so malformed JSON and wrong
+types are 400s in OpenAI's error shape instead of FastAPI's 422. Streamed deltas are written as
+they arrive; a client that goes away cancels the handle calls and the engine aborts its requests.
+
+(No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation.)
+"""
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from fuserve.configs import FuserveConfig
+from fuserve.router import grpc_service
+from fuserve.router.engine_client import EngineClient, EngineStreams
+from fuserve.router.engine_messages import EngineRequest, ModelInfo, StatsQuery
+from fuserve.router.errors import (
+    APIError,
+    bad_request,
+    from_json_error,
+    from_validation,
+    internal,
+    model_not_found,
+)
+from fuserve.router.metrics import ServingMetrics
+from fuserve.router.prompts import (
+    encode_chat,
+    encode_prompt,
+    engine_request,
+    resolve_max_tokens,
+    sampling_or_400,
+)
+from fuserve.router.proto import fuserve_pb2 as pb
+from fuserve.router.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
+from fuserve.router.responses import SSE_DONE, ChunkWriter, Transcript
+from fuserve.workers.models.loader import load_tokenizer, resolve_source
+from fuserve.workers.tokenizer import Tokenizer
+
+STATS_TIMEOUT_S = 2.0
+STATS_FORGET_S = 600.0  # a replica silent this long (scaled down, restarted) leaves /metrics
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+app = FastAPI(title="fuserve", description="OpenAI-compatible LLM serving on Ray Serve", docs_url=None)
+
+
+async def _started(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Runs the SSE generator to its first event now. A generator that never started has no
+    `finally` to run, so a client gone before the response began would leave the engine
+    requests running; a started one is closed (and cancels them) even if never read again."""
+    first = await events.__anext__()
+
+    async def chained() -> AsyncIterator[str]:
+        try:
+            yield first
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    return chained()
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    async def __init__(self, config: FuserveConfig, engine: DeploymentHandle) -> None:
+        self.engine = engine
+        self.info: ModelInfo = await engine.model_info.remote()
+        self.tokenizer: Tokenizer | None = (
+            load_tokenizer(resolve_source(config.model)) if self.info.has_tokenizer else None
+        )
+        self.metrics = ServingMetrics()
+        self.client = EngineClient(engine, self.metrics)
+        self._token_text: dict[int, str] = {}
+        self._stats_handle = engine.options(method_name="stats")
+        self.metrics.update_replica(await self._stats_handle.remote(StatsQuery()))
+
+    # ---- shared by HTTP and gRPC ------------------------------------------------------------------
+    def _decode_token(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else ""
+            self._token_text[token_id] = text
+        return text
+
+    def _check_model(self, model: str | None) -> None:
+        if model and model != self.info.model_name:
+            raise model_not_found(model, self.info.model_name)
+
+    def _completion_requests(self, req: CompletionRequest, request_id: str) -> list[EngineRequest]:
+        self._check_model(req.model)
+        req.check()
+        out = []
+        for i, prompt in enumerate(req.prompts()):
+            ids = encode_prompt(self.tokenizer, prompt, "prompt")
+            max_tokens = resolve_max_tokens(len(ids), req.max_tokens, self.info, "prompt", "max_tokens")
+            params = sampling_or_400(req.sampling_params, max_tokens)
+            out.append(engine_request(f"{request_id}-{i}", ids, params, self.info))
+        return out
+
+    def _chat_requests(self, req: ChatCompletionRequest, request_id: str) -> list[EngineRequest]:
+        self._check_model(req.model)
+        req.check()
+        ids = encode_chat(self.tokenizer, req.conversation(), req.add_generation_prompt)
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = resolve_max_tokens(len(ids), req.requested_max_tokens, self.info, "messages", param)
+        params = sampling_or_400(req.sampling_params, max_tokens)
+        return [engine_request(request_id, ids, params, self.info)]
+
+    def _finish(self, endpoint: str, status: int | str) -> None:
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+
+    # ---- HTTP ---------------------------------------------------------------------------------------
+    @staticmethod
+    async def _parse(request: Request, model: type[BaseModel]) -> Any:
+        body = await request.body()
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError as err:
+            raise from_json_error(err) from None
+        if not isinstance(data, dict):
+            raise bad_request("the request body must be a JSON object", None, "invalid_json")
+        try:
+            return model.model_validate(data)
+        except ValidationError as err:
+            raise from_validation(err) from None
+
+    async def _serve_http(self, request: Request, chat: bool) -> Response:
+        endpoint = "chat" if chat else "completions"
+        arrival = time.perf_counter()
+        self.metrics.in_flight.inc()
+        streaming = False
+        try:
+            if chat:
+                req = await self._parse(request, ChatCompletionRequest)
+                request_id = f"chatcmpl-{uuid.uuid4().hex}"
+                requests = self._chat_requests(req, request_id)
+            else:
+                req = await self._parse(request, CompletionRequest)
+                request_id = f"cmpl-{uuid.uuid4().hex}"
+                requests = self._completion_requests(req, request_id)
+            streams = await self.client.open(requests, arrival)
+            headers = {"x-fuserve-replica": ",".join(streams.replicas), "x-request-id": request_id}
+            if req.stream:
+                streaming = True
+                events = await _started(self._sse(endpoint, req, request_id, streams, chat))
+                return StreamingResponse(
+                    events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+                )
+            transcript = Transcript(len(requests), req.n, keep_text=True)
+            try:
+                async for i, batch in streams:
+                    for d in batch:
+                        transcript.add(i, d)
+            finally:
+                await streams.close()
+            build = transcript.chat_response if chat else transcript.completion_response
+            body = build(request_id, self.info.model_name, self._decode_token, req.wants_logprobs)
+            self._finish(endpoint, 200)
+            return JSONResponse(body.model_dump(), headers=headers)
+        except APIError as err:
+            self._finish(endpoint, err.status)
+            return err.response()
+        except asyncio.CancelledError:
+            self._finish(endpoint, "cancelled")
+            raise
+        except Exception as err:  # a bug: tell the client what broke rather than drop the connection
+            self._finish(endpoint, 500)
+            return internal(f"{type(err).__name__}: {err}").response()
+        finally:
+            if not streaming:
+                self.metrics.in_flight.dec()
+
+    async def _sse(
+        self,
+        endpoint: str,
+        req: CompletionRequest | ChatCompletionRequest,
+        request_id: str,
+        streams: EngineStreams,
+        chat: bool,
+    ) -> AsyncIterator[str]:
+        writer = ChunkWriter(request_id, self.info.model_name, self._decode_token, req.wants_logprobs)
+        transcript = Transcript(len(streams.gens), req.n, keep_text=False)
+        num_choices, num_finished = len(transcript.choices), 0
+        status: int | str = "cancelled"
+        try:
+            if chat:
+                for choice in range(num_choices):
+                    yield writer.chat_role(choice)
+            async for i, batch in streams:
+                events = []  # one event per delta; a batch's events go out in one write
+                for d in batch:
+                    choice, offset = transcript.add(i, d)
+                    num_finished += d.finished
+                    if not (d.token_ids or d.finished):
+                        continue
+                    # Without include_usage the last chunk carries the usage; with it, a chunk of its own.
+                    last = num_finished == num_choices and not req.include_usage
+                    usage = transcript.usage() if last else None
+                    events.append(
+                        writer.chat(choice, d, usage) if chat else writer.completion(choice, d, offset, usage)
+                    )
+                if events:
+                    yield "".join(events)
+            if req.include_usage:
+                yield writer.usage(transcript.usage(), chat)
+            yield SSE_DONE
+            status = 200
+        except APIError as err:
+            status = err.status
+            yield err.sse()
+            yield SSE_DONE
+        except Exception as err:
+            status = 500
+            yield internal(f"{type(err).__name__}: {err}").sse()
+            yield SSE_DONE
+        finally:
+            await streams.close()
+            self.metrics.in_flight.dec()
+            self._finish(endpoint, status)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._serve_http(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve_http(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.info.model_name, max_model_len=self.info.max_model_len)])
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        try:
+            stats = await asyncio.wait_for(self._stats_handle.remote(StatsQuery()), STATS_TIMEOUT_S)
+        except Exception as err:
+            return JSONResponse({"status": "unavailable", "detail": f"{type(err).__name__}: {err}"}, 503)
+        self.metrics.update_replica(stats)
+        if not stats.healthy:
+            return JSONResponse({"status": "unavailable", "detail": "the engine loop stopped"}, 503)
+        return JSONResponse({"status": "ok", "model": self.info.model_name})
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        await self._refresh_replica_stats()
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def _refresh_replica_stats(self) -> None:
+        """Asks every replica seen lately for fresh stats (the router honors the replica id)."""
+        known = self.metrics.forget_replicas_older_than(STATS_FORGET_S)
+        calls = [self._stats_handle.remote(StatsQuery(rid)) for rid in known]
+        results = await asyncio.gather(
+            *(asyncio.wait_for(c, STATS_TIMEOUT_S) for c in calls), return_exceptions=True
+        )
+        for r in results:
+            if not isinstance(r, BaseException):
+                self.metrics.update_replica(r)
+
+    # ---- gRPC (called by Serve's gRPC proxy by method name) ----------------------------------------
+    def _grpc_requests(self, request: pb.GenerateRequest) -> tuple[str, list[EngineRequest], int]:
+        api_req = grpc_service.to_api_request(request)
+        if isinstance(api_req, ChatCompletionRequest):
+            request_id = f"chatcmpl-{uuid.uuid4().hex}"
+            return request_id, self._chat_requests(api_req, request_id), api_req.n
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        return request_id, self._completion_requests(api_req, request_id), api_req.n
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:  # noqa: N802
+        arrival = time.perf_counter()
+        try:
+            request_id, requests, n = self._grpc_requests(request)
+            streams = await self.client.open(requests, arrival)
+            transcript = Transcript(len(requests), n, keep_text=True)
+            try:
+                async for i, batch in streams:
+                    for d in batch:
+                        transcript.add(i, d)
+            finally:
+                await streams.close()
+            self._finish("grpc", 200)
+            return grpc_service.unary_response(request_id, self.info.model_name, transcript)
+        except APIError as err:
+            self._finish("grpc", err.status)
+            grpc_service.fail(grpc_context, err)
+
+    async def GenerateStream(  # noqa: N802
+        self, request: pb.GenerateRequest, grpc_context: Any = None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        arrival = time.perf_counter()
+        try:
+            request_id, requests, n = self._grpc_requests(request)
+            streams = await self.client.open(requests, arrival)
+        except APIError as err:
+            self._finish("grpc_stream", err.status)
+            grpc_service.fail(grpc_context, err)
+        transcript = Transcript(len(requests), n, keep_text=False)
+        status: int | str = "cancelled"
+        try:
+            async for i, batch in streams:
+                step = [(transcript.add(i, d)[0], d) for d in batch]
+                yield grpc_service.stream_message(request_id, self.info.model_name, step)
+            yield grpc_service.usage_message(request_id, self.info.model_name, transcript)
+            status = 200
+        except APIError as err:
+            status = err.status
+            grpc_service.fail(grpc_context, err)
+        finally:
+            await streams.close()
+            self._finish("grpc_stream", status)

@@ -1,0 +1,183 @@
+"""The Ray Serve request router for the engine deployment: least outstanding tokens, prefix affinity.
+
+Ray Serve's default router balances *request counts* (power of two choices). LLM requests differ
+in cost by orders of magnitude (a 20-token chat turn vs a 4k-token document), so equal counts
+are not equal work. This router ranks replicas by outstanding tokens with `routing_policy`:
+
+    load(replica) = its last reported outstanding tokens (record_routing_stats, polled every 0.5 s)
+                  + the work this router sent it after that load was measured
+
+Its own accounting starts in `choose_replicas` (so a burst of simultaneous requests does not all
+pick the same replica before any is confirmed), is confirmed in `on_request_routed` and ends in
+`on_request_completed`. Every method runs on the router's event loop, so no locks.
+
+The ingress passes an `EngineRequest` as the first argument; the router reads `work_tokens` and
+`prefix_keys` from it. A `StatsQuery` naming a replica is sent to exactly that replica, so the
+ingress can gather fresh stats from each replica for /metrics.
+
+One Serve detail shapes this file: every handle call made while serving one HTTP request carries
+that request's `internal_request_id` (a completions request with several prompts makes several
+engine calls), so requests are told apart by their `PendingRequest` object, not by that id.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from fuserve.router.engine_messages import EngineRequest, StatsQuery
+from fuserve.router.routing_policy import Candidate, RecentPrefixes, TieBreak, rank_replicas
+
+UNCONFIRMED_TTL_S = 30.0  # a choice never dispatched (the caller gave up) stops counting after this
+
+
+@dataclass
+class _Assignment:
+    request: PendingRequest  # held so that its id(), the key, cannot be reused while this lives
+    internal_id: str
+    replica_id: str
+    work: int
+    routed_at: float
+    confirmed: bool = False
+
+
+class _KnownPrefixes:
+    """The union of what this router sent a replica and what the replica last reported holding."""
+
+    def __init__(self, mine: RecentPrefixes, reported: frozenset[int]) -> None:
+        self.mine, self.reported = mine, reported
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.mine or key in self.reported
+
+
+class LengthAwareRouter(RequestRouter):
+    def initialize_state(
+        self,
+        tie_tokens: int = TieBreak.tokens,
+        tie_fraction: float = TieBreak.fraction,
+        prefix_capacity: int = 4096,
+    ) -> None:
+        """Serve calls this once, right after construction, with `request_router_kwargs`."""
+        self.tie = TieBreak(tie_tokens, tie_fraction)
+        self.prefix_capacity = prefix_capacity
+        self._assignments: dict[int, _Assignment] = {}  # keyed by id(PendingRequest)
+        self._mine: dict[str, RecentPrefixes] = {}
+        self._reported: dict[str, tuple[float, frozenset[int]]] = {}
+
+    # ---- load and prefixes per replica ------------------------------------------------------------
+    def _load(self, replica: RunningReplica) -> int:
+        rid = replica.replica_id.unique_id
+        stats = replica.routing_stats or {}
+        reported_at = float(stats.get("timestamp", 0.0))  # when the replica's load last changed
+        since = sum(
+            a.work for a in self._assignments.values() if a.replica_id == rid and a.routed_at > reported_at
+        )
+        return int(stats.get("outstanding_tokens", 0)) + since
+
+    def _known(self, replica: RunningReplica) -> _KnownPrefixes:
+        rid = replica.replica_id.unique_id
+        stats = replica.routing_stats or {}
+        stamp = float(stats.get("timestamp", 0.0))
+        cached = self._reported.get(rid)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, frozenset(stats.get("prefix_keys", ())))
+            self._reported[rid] = cached
+        return _KnownPrefixes(self._prefixes_sent(rid), cached[1])
+
+    def _prefixes_sent(self, replica_id: str) -> RecentPrefixes:
+        if replica_id not in self._mine:
+            self._mine[replica_id] = RecentPrefixes(self.prefix_capacity)
+        return self._mine[replica_id]
+
+    def _expire_unconfirmed(self, now: float) -> None:
+        for key in [
+            k
+            for k, a in self._assignments.items()
+            if not a.confirmed and now - a.routed_at > UNCONFIRMED_TTL_S
+        ]:
+            del self._assignments[key]
+
+    # ---- the RequestRouter interface ----------------------------------------------------------------
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        if pending_request is not None:
+            # Every candidate is in the ranking: if all are full, Serve must back off before asking
+            # again (without this flag it retries at once, in a busy loop, while replicas are full).
+            pending_request.routing_context.should_backoff = True
+        arg = pending_request.args[0] if pending_request is not None and pending_request.args else None
+        if isinstance(arg, StatsQuery):
+            pinned = [r for r in candidate_replicas if r.replica_id.unique_id == arg.replica_id]
+            return [pinned or [random.choice(candidate_replicas)]]
+        if not isinstance(arg, EngineRequest):  # model_info and the like: the least loaded replica
+            return [sorted(candidate_replicas, key=self._load)[:1]]
+        assert pending_request is not None
+
+        now = time.time()
+        self._expire_unconfirmed(now)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        candidates = [Candidate(rid, self._load(r), self._known(r)) for rid, r in by_id.items()]
+        ranked = rank_replicas(candidates, arg.prefix_keys, self.tie, arg.block_size)
+        internal_id = pending_request.metadata.internal_request_id
+        self._assignments[id(pending_request)] = _Assignment(
+            pending_request, internal_id, ranked[0], arg.work_tokens, now
+        )
+        return [[by_id[rid]] for rid in ranked]
+
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: object
+    ) -> None:
+        arg = pending_request.args[0] if pending_request.args else None
+        if not isinstance(arg, EngineRequest):
+            return
+        rid = replica_id.unique_id
+        a = self._assignments.get(id(pending_request))
+        if a is None:
+            internal_id = pending_request.metadata.internal_request_id
+            a = _Assignment(pending_request, internal_id, rid, arg.work_tokens, time.time())
+            self._assignments[id(pending_request)] = a
+        # A full replica may have rejected the first choice: record where it really went.
+        a.replica_id, a.confirmed = rid, True
+        self._prefixes_sent(rid).add(arg.prefix_keys)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        """Ends one of the requests with this id on this replica (equal ids: see the module doc)."""
+        rid = replica_id.unique_id
+        match = [
+            k
+            for k, a in self._assignments.items()
+            if a.internal_id == internal_request_id and a.replica_id == rid
+        ]
+        if match:
+            confirmed = [k for k in match if self._assignments[k].confirmed]
+            del self._assignments[(confirmed or match)[0]]
+
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata: object = None) -> None:
+        """Hands the replica to the very request it was chosen for.
+
+        Serve's own version finds that request by `internal_request_id`, which concurrent calls
+        from one HTTP request share, so one of them would never be matched and would spin in the
+        routing loop. The metadata object itself is unique per call."""
+        for pr in self._pending_requests_to_fulfill:
+            if pr.metadata is request_metadata and not pr.future.done():
+                self._cancel_routing_task_for_pending_request(pr)
+                self._record_queue_wait_time(pr)
+                pr.future.set_result(replica)
+                self._remove_pending_request_from_indices(pr)
+                return
+        super()._fulfill_next_pending_request(replica, request_metadata)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        alive = {r.replica_id.unique_id for r in replicas}
+        for table in (self._mine, self._reported):
+            for rid in [k for k in table if k not in alive]:
+                del table[rid]

@@ -1,0 +1,125 @@
+"""Prometheus metrics served by the ingress at GET /metrics.
+
+Request-side figures (requests, tokens in and out, time to first token, inter-token latency) are
+measured where the client sees them: in the ingress, as each delta leaves for the client. Engine
+figures (queue length, running sequences, KV-cache use, preemptions, prefix-cache hits) come from
+the replicas' stats snapshots, which ride on the token streams and are refreshed per replica on
+each scrape; each replica is one `replica` label, so `sum()` gives the deployment.
+
+Each ingress has its own registry (not prometheus_client's global one), so several apps or tests
+in one process never collide.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fuserve.router.engine_messages import ReplicaStats
+
+LATENCY_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+
+class _EngineCollector(Collector):
+    """Turns the latest stats snapshot of each replica into per-replica metric families."""
+
+    def __init__(self, replicas: dict[str, ReplicaStats]) -> None:
+        self.replicas = replicas
+
+    def collect(self) -> Iterable[Metric]:
+        gauges = {
+            "num_waiting": (
+                "fuserve_engine_num_requests_waiting",
+                "Sequences queued in the engine (queue length)",
+            ),
+            "num_running": ("fuserve_engine_num_requests_running", "Sequences in the running batch"),
+            "outstanding_tokens": ("fuserve_engine_outstanding_tokens", "Tokens still to prefill or decode"),
+            "kv_cache_usage": ("fuserve_engine_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use"),
+            "num_free_blocks": ("fuserve_engine_kv_cache_free_blocks", "Free KV-cache blocks"),
+        }
+        counters = {
+            "num_preemptions": ("fuserve_engine_preemptions", "Sequences preempted for lack of KV blocks"),
+            "prefix_hit_tokens": (
+                "fuserve_engine_prefix_cache_hit_tokens",
+                "Prompt tokens served from cache",
+            ),
+            "prefix_query_tokens": ("fuserve_engine_prefix_cache_query_tokens", "Prompt tokens looked up"),
+        }
+        snapshot = list(self.replicas.values())
+        for attr, (name, doc) in gauges.items():
+            g = GaugeMetricFamily(name, doc, labels=["replica"])
+            for s in snapshot:
+                g.add_metric([s.replica_id], float(getattr(s, attr)))
+            yield g
+        for attr, (name, doc) in counters.items():
+            c = CounterMetricFamily(name, doc, labels=["replica"])
+            for s in snapshot:
+                c.add_metric([s.replica_id], float(getattr(s, attr)))
+            yield c
+        up = GaugeMetricFamily(
+            "fuserve_engine_healthy", "1 while the replica's engine loop runs", labels=["replica"]
+        )
+        for s in snapshot:
+            up.add_metric([s.replica_id], 1.0 if s.healthy else 0.0)
+        yield up
+
+
+class ServingMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "fuserve_requests", "Finished API requests", ["endpoint", "status"], registry=r
+        )
+        self.replica_requests = Counter(
+            "fuserve_replica_requests",
+            "Engine requests per replica (the router's choices)",
+            ["replica"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter("fuserve_prompt_tokens", "Prompt tokens received", registry=r)
+        self.cached_prompt_tokens = Counter(
+            "fuserve_cached_prompt_tokens", "Prompt tokens the prefix cache served", registry=r
+        )
+        self.generation_tokens = Counter("fuserve_generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram(
+            "fuserve_time_to_first_token_seconds",
+            "Arrival to first token sent",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "fuserve_inter_token_latency_seconds",
+            "Gap between tokens sent",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "fuserve_e2e_request_latency_seconds",
+            "Arrival to last token",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.in_flight = Gauge("fuserve_requests_in_flight", "API requests being served", registry=r)
+        self.replicas: dict[str, ReplicaStats] = {}
+        r.register(_EngineCollector(self.replicas))
+
+    def update_replica(self, stats: ReplicaStats) -> None:
+        self.replicas[stats.replica_id] = stats
+
+    def forget_replicas_older_than(self, max_age_s: float) -> list[str]:
+        """Drops replicas not heard from lately (scaled down, restarted); returns the others' ids."""
+        now = time.time()
+        for rid in [rid for rid, s in self.replicas.items() if now - s.timestamp > max_age_s]:
+            del self.replicas[rid]
+        return list(self.replicas)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""Generated gRPC code for fuserve.proto (see that file for how to regenerate it)."""

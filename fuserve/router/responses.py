@@ -1,0 +1,184 @@
+"""From engine deltas to OpenAI bodies: whole responses, streamed chunks, usage, logprobs.
+
+A request with several prompts (completions) and `n` samples each has `num_prompts * n` choices;
+choice `i * n + k` is sample k of prompt i, as in OpenAI's API. `Transcript` accumulates what the
+non-streaming response needs and the usage the last streamed chunk reports; each streamed delta
+becomes one chunk the moment it arrives.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fuserve.router.engine_messages import EngineDelta
+from fuserve.router.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    DeltaMessage,
+    PromptTokensDetails,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from fuserve.workers.sampler import TokenLogprobs
+
+DecodeToken = Callable[[int], str]
+
+
+def completion_logprobs(lps: list[TokenLogprobs], decode: DecodeToken, offset: int) -> CompletionLogprobs:
+    """The legacy completions shape; `offset` is where these tokens start in the choice's text."""
+    out = CompletionLogprobs()
+    for lp in lps:
+        token = decode(lp.token_id)
+        out.tokens.append(token)
+        out.token_logprobs.append(lp.logprob)
+        out.top_logprobs.append({decode(t): v for t, v in lp.top})
+        out.text_offset.append(offset)
+        offset += len(token)
+    return out
+
+
+def chat_logprobs(lps: list[TokenLogprobs], decode: DecodeToken) -> ChatLogprobs:
+    content = []
+    for lp in lps:
+        token = decode(lp.token_id)
+        top = [TopLogprob(token=(s := decode(t)), logprob=v, bytes=list(s.encode())) for t, v in lp.top]
+        content.append(
+            TokenLogprob(token=token, logprob=lp.logprob, bytes=list(token.encode()), top_logprobs=top)
+        )
+    return ChatLogprobs(content=content)
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    num_chars: int = 0
+    num_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class Transcript:
+    """Everything streamed so far for one API request."""
+
+    def __init__(self, num_prompts: int, n: int, keep_text: bool) -> None:
+        self.n = n
+        self.keep_text = keep_text  # streaming sends text on; only usage must be kept
+        self.choices = [_Choice() for _ in range(num_prompts * n)]
+        self.prompt_tokens = [0] * num_prompts
+        self.cached_tokens = [0] * num_prompts
+
+    def add(self, prompt_index: int, d: EngineDelta) -> tuple[int, int]:
+        """Records one delta; returns its choice index and the text offset it starts at."""
+        i = prompt_index * self.n + d.index
+        c = self.choices[i]
+        offset = c.num_chars
+        if self.keep_text:
+            c.text.append(d.text)
+            c.token_ids.extend(d.token_ids)
+            c.logprobs.extend(d.logprobs)
+        c.num_chars += len(d.text)
+        c.num_tokens += len(d.token_ids)
+        if d.finished:
+            c.finish_reason = d.finish_reason
+        self.prompt_tokens[prompt_index] = d.num_prompt_tokens or self.prompt_tokens[prompt_index]
+        self.cached_tokens[prompt_index] = max(self.cached_tokens[prompt_index], d.num_cached_tokens)
+        return i, offset
+
+    def usage(self) -> Usage:
+        prompt = sum(self.prompt_tokens)
+        completion = sum(c.num_tokens for c in self.choices)
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached_tokens)),
+        )
+
+    def completion_response(
+        self, request_id: str, model: str, decode: DecodeToken, want_logprobs: bool
+    ) -> CompletionResponse:
+        choices = []
+        for i, c in enumerate(self.choices):
+            lp = completion_logprobs(c.logprobs, decode, 0) if want_logprobs else None
+            choices.append(
+                CompletionChoice(index=i, text="".join(c.text), logprobs=lp, finish_reason=c.finish_reason)
+            )
+        return CompletionResponse(id=request_id, model=model, choices=choices, usage=self.usage())
+
+    def chat_response(
+        self, request_id: str, model: str, decode: DecodeToken, want_logprobs: bool
+    ) -> ChatCompletionResponse:
+        choices = []
+        for i, c in enumerate(self.choices):
+            lp = chat_logprobs(c.logprobs, decode) if want_logprobs else None
+            message = AssistantMessage(content="".join(c.text))
+            choices.append(ChatChoice(index=i, message=message, logprobs=lp, finish_reason=c.finish_reason))
+        return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=self.usage())
+
+
+def sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class ChunkWriter:
+    """Serializes one streamed response's chunks: same id, model and creation time on each."""
+
+    request_id: str
+    model: str
+    decode: DecodeToken
+    want_logprobs: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def completion(self, choice: int, d: EngineDelta, offset: int, usage: Usage | None = None) -> str:
+        lp = completion_logprobs(d.logprobs, self.decode, offset) if self.want_logprobs else None
+        body = CompletionResponse(
+            id=self.request_id,
+            created=self.created,
+            model=self.model,
+            choices=[CompletionChoice(index=choice, text=d.text, logprobs=lp, finish_reason=d.finish_reason)],
+            usage=usage,
+        )
+        return sse(body.model_dump_json())
+
+    def chat_role(self, choice: int) -> str:
+        """OpenAI opens each chat choice with a chunk that carries only the role."""
+        delta = DeltaMessage(role="assistant", content="")
+        return self._chat([ChatChunkChoice(index=choice, delta=delta)])
+
+    def chat(self, choice: int, d: EngineDelta, usage: Usage | None = None) -> str:
+        lp = chat_logprobs(d.logprobs, self.decode) if self.want_logprobs else None
+        delta = DeltaMessage(content=d.text) if d.text or not d.finished else DeltaMessage()
+        choices = [ChatChunkChoice(index=choice, delta=delta, logprobs=lp, finish_reason=d.finish_reason)]
+        return self._chat(choices, usage)
+
+    def _chat(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        chunk = ChatCompletionChunk(
+            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+        return sse(chunk.model_dump_json())
+
+    def usage(self, usage: Usage, chat: bool) -> str:
+        if chat:
+            body = ChatCompletionChunk(
+                id=self.request_id, created=self.created, model=self.model, choices=[], usage=usage
+            )
+        else:
+            body = CompletionResponse(
+                id=self.request_id, created=self.created, model=self.model, choices=[], usage=usage
+            )
+        return sse(body.model_dump_json())

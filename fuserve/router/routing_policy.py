@@ -1,0 +1,124 @@
+"""Which engine replica should take a request: least outstanding work, counting its cache hits.
+
+Pure Python on plain data, so the policy is unit-tested without Ray (tests/test_router.py); the
+Ray Serve adapter (`length_aware_router.py`) only gathers the inputs and applies the ranking.
+
+    prefix_keys(prompt ids)  -> chained hashes of the leading full KV blocks (one key per block)
+    rank_replicas(candidates, keys, tie, block_size) -> replica ids, best first:
+        1. cost(replica) = its outstanding tokens (prefill still to do + tokens still to decode)
+           minus the prompt tokens this request would find in its prefix cache there
+        2. near-tied with the cheapest = within max(tie.tokens, tie.fraction * that cost)
+        3. among near-ties: the longest cached prefix, then a rendezvous hash of the request's
+           prefix (so a new prefix lands on a stable replica), then the lower cost
+        4. the rest follow by cost, as fallbacks when the preferred replica's queue is full
+
+A cached prefix is worth exactly the prefill it saves, so affinity can never pile requests onto
+one replica beyond that: a chat's shared 32-token system prompt buys 32 tokens of imbalance, a
+long shared document buys more. Hashes cover whole blocks because the engine's prefix cache reuses
+KV only in full blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Container, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TieBreak:
+    """How close two loads must be for prefix affinity to decide between them."""
+
+    tokens: int = 64
+    fraction: float = 0.05
+
+    def margin(self, least_load: int) -> float:
+        return max(self.tokens, self.fraction * least_load)
+
+
+@dataclass
+class Candidate:
+    """One replica as the policy sees it."""
+
+    replica_id: str
+    load: int  # outstanding tokens, best estimate
+    known_prefixes: Container[int] = field(default_factory=frozenset)
+
+
+def prefix_keys(token_ids: Sequence[int], block_size: int, max_blocks: int = 8) -> list[int]:
+    """Key i identifies the first i+1 full blocks (a chained hash, like the engine's block hashes).
+
+    Python's `hash` of int tuples is the same in every process (no per-process salt for ints),
+    so keys computed by any ingress replica agree with the keys the engine replicas report.
+    """
+    keys: list[int] = []
+    h = 0
+    for start in range(0, min(len(token_ids) // block_size, max_blocks) * block_size, block_size):
+        h = hash((h, *token_ids[start : start + block_size]))
+        keys.append(h)
+    return keys
+
+
+def prefix_depth(keys: Sequence[int], known: Container[int]) -> int:
+    """How many leading blocks of the request a replica holds (keys are chained: stop at a miss)."""
+    depth = 0
+    for key in keys:
+        if key not in known:
+            break
+        depth += 1
+    return depth
+
+
+def _rendezvous(key: int, replica_id: str) -> int:
+    digest = hashlib.blake2b(f"{key}:{replica_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def rank_replicas(
+    candidates: Sequence[Candidate], keys: Sequence[int], tie: TieBreak, block_size: int = 16
+) -> list[str]:
+    """Replica ids, most preferred first. Empty candidates give an empty list."""
+    if not candidates:
+        return []
+    depth = {c.replica_id: prefix_depth(keys, c.known_prefixes) if keys else 0 for c in candidates}
+    cost = {c.replica_id: c.load - depth[c.replica_id] * block_size for c in candidates}
+    least = min(cost.values())
+    limit = least + tie.margin(max(least, 0))
+    near = [c for c in candidates if cost[c.replica_id] <= limit]
+    rest = sorted(
+        (c for c in candidates if cost[c.replica_id] > limit),
+        key=lambda c: (cost[c.replica_id], c.replica_id),
+    )
+    deepest = keys[-1] if keys else None
+
+    def preference(c: Candidate) -> tuple:
+        spread = _rendezvous(deepest, c.replica_id) if deepest is not None else 0
+        return (-depth[c.replica_id], -spread, cost[c.replica_id], c.replica_id)
+
+    near.sort(key=preference)
+    return [c.replica_id for c in near] + [c.replica_id for c in rest]
+
+
+class RecentPrefixes:
+    """A bounded LRU set of prefix keys: what one replica has recently prefilled."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.capacity = capacity
+        self._keys: OrderedDict[int, None] = OrderedDict()
+
+    def add(self, keys: Sequence[int]) -> None:
+        for key in keys:
+            self._keys[key] = None
+            self._keys.move_to_end(key)
+        while len(self._keys) > self.capacity:
+            self._keys.popitem(last=False)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def snapshot(self) -> list[int]:
+        return list(self._keys)

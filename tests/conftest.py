@@ -1,0 +1,55 @@
+"""Shared set-up for the Ray Serve tests: a local Ray cluster with Serve, once per test module.
+
+Starting Ray and Serve costs ~10 s on the CI box, so `serve_cluster` is module-scoped: a serve test
+module starts one, its tests share the applications deployed on it, and it is shut down when the
+module ends so later modules start clean. Both proxies run: HTTP and gRPC (fuserve's servicer).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+# Ray 2.60 turns token auth on by default; a throwaway local test cluster does not need it.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServeCluster:
+    http_port: int
+    grpc_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+@pytest.fixture(scope="module")
+def serve_cluster() -> Iterator[ServeCluster]:
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from fuserve.router.grpc_service import SERVICER_FUNCTION
+
+    cluster = ServeCluster(_free_port(), _free_port())
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": cluster.http_port},
+        grpc_options=gRPCOptions(port=cluster.grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
+    )
+    try:
+        yield cluster
+    finally:
+        serve.shutdown()
+        ray.shutdown()
