@@ -1,0 +1,78 @@
+"""Draw the PNG beside a recorded decode or kernel results JSON (benchmarks/results/*.json).
+
+python benchmarks/plot_results.py benchmarks/results/decode-2026-11-22-h100.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_decode(rows: list[dict], out: Path) -> None:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    by_engine: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get("bench") == "decode":
+            by_engine[r["engine"]].append(r)
+    for engine, rs in by_engine.items():
+        rs.sort(key=lambda r: r["batch"])
+        ax1.plot([r["batch"] for r in rs], [r["ms_per_token"] for r in rs], "o-", label=engine)
+        ax2.plot([r["batch"] for r in rs], [r["output_tok_s"] for r in rs], "o-", label=engine)
+    meta = rows[0]
+    floor = 1e3 * 16.06e9 / (meta["copy_tb_s"] * 1e12)
+    ax1.axhline(floor, ls="--", c="gray", label=f"weight-read floor {floor:.2f} ms")
+    for ax, label in ((ax1, "ms per decode step"), (ax2, "output tokens/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.suptitle(f"Llama-3-8B shape, bf16, {meta['device']}, {meta['date']}, commit {meta['commit']}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def plot_kernels(rows: list[dict], out: Path) -> None:
+    groups: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        if "frac_of_ceiling" not in r or r.get("error"):
+            continue
+        shape = ",".join(f"{k}={r[k]}" for k in ("batch", "tokens", "context_len", "prompt_len") if k in r)
+        key = f"{r['op']} {r.get('model', '')} {shape}"
+        name = r["engine"] + ("-graph" if r.get("timing") == "cudagraph" else "")
+        groups[key][name] = max(groups[key].get(name, 0.0), r["frac_of_ceiling"])
+    keys = sorted(groups)
+    engines = sorted({e for g in groups.values() for e in g})
+    fig, ax = plt.subplots(figsize=(12, max(4, 0.22 * len(keys))))
+    h = 0.8 / len(engines)
+    for i, e in enumerate(engines):
+        ax.barh([k + i * h for k in range(len(keys))], [groups[k].get(e, 0) for k in keys], h, label=e)
+    ax.set_yticks([k + 0.4 for k in range(len(keys))], keys, fontsize=6)
+    ax.set_xlabel("fraction of the measured ceiling (copy bandwidth or bf16 GEMM rate)")
+    ax.legend(fontsize=7)
+    meta = rows[0]
+    ax.set_title(f"kernels, {meta['device']}, {meta['date']}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    for arg in sys.argv[1:]:
+        path = Path(arg)
+        rows = json.loads(path.read_text())
+        out = path.with_suffix(".png")
+        (plot_kernels if rows[0].get("bench") == "kernel" else plot_decode)(rows, out)
+        print(out)
+
+
+if __name__ == "__main__":
+    main()
