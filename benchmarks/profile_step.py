@@ -1,8 +1,8 @@
 """Where a decode step's time goes: host phases of `LLMEngine.step` vs the GPU's own time.
 
 Builds the Llama-3-8B-shape engine (dummy bf16 weights), runs decode at each batch size, and
-reports per step: scheduling, plan building, execute (graph replay + logits + sampling, which waits
-for the GPU), output processing; plus the graph replay alone and lm_head + argmax alone, timed with
+reports per step: scheduling, plan building, launch (queuing graph replay + logits + sampling),
+output processing; plus the graph replay alone and lm_head + argmax alone, timed with
 CUDA events. The gap between the step and the GPU time is host overhead the GPU sits idle for.
 """
 
@@ -94,7 +94,7 @@ def main() -> None:
         return wrapper
 
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
-    engine.runner.execute = timed("execute", engine.runner.execute)
+    engine.runner.launch = timed("launch", engine.runner.launch)
     engine.scheduler.update_from_output = timed("update", engine.scheduler.update_from_output)
     engine_mod.build_step_plan = timed("plan", build_step_plan)
     rows = []
@@ -140,11 +140,11 @@ def main() -> None:
         print(row, flush=True)
         while engine.has_unfinished():
             engine.step()
-    print("\nbatch  step  schedule  plan  execute  update | graph replay  lm_head+argmax (GPU)")
+    print("\nbatch  step  schedule  plan   launch  update | graph replay  lm_head+argmax (GPU)")
     for r in rows:
         print(
             f"{r['batch']:>5} {r['step_ms']:6.2f} {r.get('schedule_ms', 0):8.3f} {r.get('plan_ms', 0):5.3f} "
-            f"{r.get('execute_ms', 0):8.3f} {r.get('update_ms', 0):6.3f} | "
+            f"{r.get('launch_ms', 0):8.3f} {r.get('update_ms', 0):6.3f} | "
             f"{r.get('graph_replay_ms', 0):12.3f} "
             f"{r.get('lm_head_argmax_ms', 0):14.3f}"
         )

@@ -1,6 +1,6 @@
 """The engine: requests in, incremental outputs out, one model step per `step()`.
 
-    step(): plan = scheduler.schedule() -> runner.execute(plan) -> scheduler.update_from_output()
+    step(): plan = scheduler.schedule() -> runner.launch(plan) -> scheduler.update_from_output()
             -> detokenize, stop strings -> RequestOutputs
 A request with n > 1 becomes n sequences that share the prompt (and its cached blocks).
 Requests are checked before they enter, so a bad one fails alone and the others keep running.

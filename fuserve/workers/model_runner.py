@@ -1,6 +1,6 @@
 """Runs one step plan through the model: plan lists -> device tensors -> forward -> logits -> tokens.
 
-Every tensor-parallel rank runs `forward_plan` on the same plan; only rank 0 samples (`execute`), the
+Every tensor-parallel rank runs `forward_plan` on the same plan; only rank 0 samples (`launch`), the
 others `follow`. Decode steps
 (one new token per sequence) replay a CUDA graph captured for the batch-size bucket when graphs are
 on; everything else runs eagerly.
@@ -12,7 +12,7 @@ import torch
 
 from fuserve.workers.cuda_graphs import DecodeGraphs
 from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
-from fuserve.workers.sampler import SampledBatch, Sampler, SampleResult
+from fuserve.workers.sampler import SampledBatch, Sampler
 from fuserve.workers.step_plan import StepPlan
 
 
@@ -73,11 +73,6 @@ class ModelRunner:
         return hidden[self._tensor(rows)]
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> list[SampleResult]:
-        batch = self.launch(plan)
-        return batch.results() if batch is not None else []
-
-    @torch.inference_mode()
     def launch(self, plan: StepPlan, prev: SampledBatch | None = None) -> SampledBatch | None:
         """Queue the whole step on the device and return its draws without waiting for them."""
         hidden = self.forward_plan(plan, prev.device_tokens if prev is not None else None)
@@ -89,7 +84,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def follow(self, plan: StepPlan) -> None:
-        """A tensor-parallel rank > 0's share of `execute`: the same forward and logits gather (so its
+        """A tensor-parallel rank > 0's share of `launch`: the same forward and logits gather (so its
         collectives pair with rank 0's), no sampling."""
         hidden = self.forward_plan(plan)
         if hidden is not None:
