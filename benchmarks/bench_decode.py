@@ -99,56 +99,76 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(0, vocab, (batch, length), generator=g).tolist()
 
 
+def dummy_engine_config(
+    cfg: dict[str, Any], batches: list[int], prompt_len: int, output_len: int, smoke: bool, **sections: dict
+) -> dict[str, Any]:
+    """The engine config every decode benchmark uses: random weights of `cfg`'s shape, room for the
+    prompt and output, a batch as large as the largest measured; `sections` add or extend sections."""
+    config: dict[str, Any] = {
+        "model": {
+            "load_format": "dummy",
+            "hf_config": cfg,
+            "max_model_len": prompt_len + output_len + 16,
+            "dtype": "float32" if smoke else "bfloat16",
+        },
+        "scheduler": {"max_num_seqs": max(batches), "max_num_batched_tokens": max(4096, prompt_len * 8)},
+        "kernels": {"cuda_graph_max_batch": max(batches)},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    return config
+
+
+def time_decode(engine: Any, batch: int, prompt_len: int, output_len: int, vocab: int) -> dict[str, float]:
+    """Run `batch` greedy requests to completion; the median step after the first token is the
+    per-token time, the whole run (prefill included) gives output tokens/s."""
+    from fuserve.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts(batch, prompt_len, vocab, seed=batch)):
+        engine.add_request(f"b{batch}-{i}-{time.monotonic_ns()}", p, params)
+    step_times = []
+    start = time.perf_counter()
+    first_token_at = None
+    while engine.has_unfinished():
+        s = time.perf_counter()
+        outs = engine.step()
+        e = time.perf_counter()
+        if first_token_at is None and outs:
+            first_token_at = e
+        elif outs:
+            step_times.append(e - s)
+    total = time.perf_counter() - start
+    step_times.sort()
+    return dict(
+        ms_per_token=1e3 * step_times[len(step_times) // 2],
+        output_tok_s=batch * output_len / total,
+        ttft_ms=1e3 * ((first_token_at or start) - start),
+    )
+
+
 def run_fuserve(
     cfg: dict[str, Any], batches: list[int], prompt_len: int, output_len: int, graphs: bool, smoke: bool
 ) -> list[dict[str, Any]]:
     from fuserve.configs import config_from_dict
-    from fuserve.sampling_params import SamplingParams
     from fuserve.workers.engine import LLMEngine
 
     config = config_from_dict(
-        {
-            "model": {
-                "load_format": "dummy",
-                "hf_config": cfg,
-                "max_model_len": prompt_len + output_len + 16,
-                "dtype": "float32" if smoke else "bfloat16",
-            },
-            "scheduler": {"max_num_seqs": max(batches), "max_num_batched_tokens": max(4096, prompt_len * 8)},
-            "kernels": {"cuda_graphs": graphs, "cuda_graph_max_batch": max(batches)},
-        }
+        dummy_engine_config(cfg, batches, prompt_len, output_len, smoke, kernels={"cuda_graphs": graphs})
     )
     t0 = time.perf_counter()
     engine = LLMEngine(config)
     init_s = time.perf_counter() - t0
     rows = []
     for batch in batches + batches[:1]:  # the first batch size again at the end: a warm repeat
-        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-        for i, p in enumerate(prompts(batch, prompt_len, cfg["vocab_size"], seed=batch)):
-            engine.add_request(f"b{batch}-{i}-{time.monotonic_ns()}", p, params)
-        step_times = []
-        start = time.perf_counter()
-        first_token_at = None
-        while engine.has_unfinished():
-            s = time.perf_counter()
-            outs = engine.step()
-            e = time.perf_counter()
-            if first_token_at is None and outs:
-                first_token_at = e
-            elif outs:
-                step_times.append(e - s)
-        total = time.perf_counter() - start
-        step_times.sort()
-        ms_tok = 1e3 * step_times[len(step_times) // 2]
+        timing = time_decode(engine, batch, prompt_len, output_len, cfg["vocab_size"])
         rows.append(
             dict(
                 engine="fuserve" + ("" if graphs else "-eager"),
                 batch=batch,
                 prompt_len=prompt_len,
                 output_len=output_len,
-                ms_per_token=ms_tok,
-                output_tok_s=batch * output_len / total,
-                ttft_ms=1e3 * ((first_token_at or start) - start),
+                **timing,
                 init_s=init_s,
             )
         )

@@ -29,7 +29,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from bench_decode import LLAMA3_8B, TINY, commit, copy_bandwidth, device_name, prompts, weight_bytes
+from bench_decode import (
+    LLAMA3_8B,
+    TINY,
+    commit,
+    copy_bandwidth,
+    device_name,
+    dummy_engine_config,
+    time_decode,
+    weight_bytes,
+)
 
 LLAMA3_70B: dict[str, Any] = dict(
     LLAMA3_8B,
@@ -200,22 +209,18 @@ def run_engine(
 ) -> list[dict[str, Any]]:
     from fuserve.configs import config_from_dict
     from fuserve.parallel.worker_group import WorkerGroup
-    from fuserve.sampling_params import SamplingParams
     from fuserve.workers.engine import LLMEngine
 
     config = config_from_dict(
-        {
-            "model": {
-                "load_format": "dummy",
-                "hf_config": cfg,
-                "max_model_len": prompt_len + output_len + 16,
-                "dtype": "float32" if smoke else "bfloat16",
-            },
-            "cache": {"gpu_memory_utilization": 0.6},
-            "scheduler": {"max_num_seqs": max(batches), "max_num_batched_tokens": max(4096, prompt_len * 8)},
-            "parallel": {"tensor_parallel_size": tp, "init_timeout_s": 900},
-            "kernels": {"cuda_graph_max_batch": max(batches)},
-        }
+        dummy_engine_config(
+            cfg,
+            batches,
+            prompt_len,
+            output_len,
+            smoke,
+            cache={"gpu_memory_utilization": 0.6},
+            parallel={"tensor_parallel_size": tp, "init_timeout_s": 900},
+        )
     )
     t0 = time.perf_counter()
     workers = WorkerGroup.start(config, all_reduce=all_reduce) if tp > 1 else None  # type: ignore[arg-type]
@@ -226,19 +231,7 @@ def run_engine(
     name = "fuserve-tp1" if tp == 1 else f"fuserve-tp{tp}-{backend}"
     rows = []
     for i, batch in enumerate(batches[:1] + batches):  # the first is a warm-up (Triton compiles), dropped
-        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-        for j, p in enumerate(prompts(batch, prompt_len, cfg["vocab_size"], seed=batch)):
-            engine.add_request(f"{i}-{j}", p, params)
-        step_times = []
-        start = time.perf_counter()
-        seen_output = False
-        while engine.has_unfinished():
-            s = time.perf_counter()
-            outs = engine.step()
-            if seen_output and outs:
-                step_times.append(time.perf_counter() - s)
-            seen_output = seen_output or bool(outs)
-        total = time.perf_counter() - start
+        timing = time_decode(engine, batch, prompt_len, output_len, cfg["vocab_size"])
         if i == 0:
             continue
         rows.append(
@@ -250,8 +243,7 @@ def run_engine(
                 batch=batch,
                 prompt_len=prompt_len,
                 output_len=output_len,
-                ms_per_token=1e3 * statistics.median(step_times),
-                output_tok_s=batch * output_len / total,
+                **timing,
                 init_s=init_s,
             )
         )
