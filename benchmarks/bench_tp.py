@@ -240,6 +240,7 @@ def run_engine(
                 engine=name,
                 tp=tp,
                 one_shot=one_shot,
+                async_scheduling=engine.async_scheduling,
                 batch=batch,
                 prompt_len=prompt_len,
                 output_len=output_len,
@@ -265,6 +266,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--skip-tp1", action="store_true", help="70B does not fit one GPU")
     ap.add_argument("--skip-collectives", action="store_true")
+    ap.add_argument("--all-reduce", default="nccl,auto", help="TP=N engines to time: nccl, auto (one-shot)")
     ap.add_argument(
         "--smoke", action="store_true", help="tiny shapes on CPU over gloo: checks the script runs"
     )
@@ -289,7 +291,7 @@ def main() -> None:
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, num_cpus=max(4, 2 * args.tp) if args.smoke else None)
-    for all_reduce in ("nccl", "auto"):
+    for all_reduce in args.all_reduce.split(","):
         if args.smoke and all_reduce == "auto":
             continue  # no one-shot on CPU
         rows += run_engine(cfg, args.tp, all_reduce, batches, args.prompt_len, args.output_len, args.smoke)

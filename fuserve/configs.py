@@ -101,7 +101,8 @@ class SchedulerConfig(_Strict):
     async_scheduling: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="Queue the next step before reading this one's tokens back, overlapping host work "
-        "with the GPU. `auto`: on for a single GPU.",
+        "with the GPU. `auto`: on for CUDA, tensor parallel included (rank 0 broadcasts the sampled "
+        "tokens on the device).",
     )
 
 

@@ -251,6 +251,12 @@ def test_plan_codec_round_trip() -> None:
     [
         # chunked prefill (24-token budget) and preemption (48 blocks of 4) on both ranks
         dict(fixture="llama_kv2", sections={}, lengths=(1, 5, 19, 40, 70)),
+        # async scheduling: plans carry placeholders that every rank fills from rank 0's broadcast draws
+        dict(
+            fixture="llama_kv2",
+            sections=dict(scheduler={"async_scheduling": "on"}),
+            lengths=(1, 5, 19, 40, 70),
+        ),
         # 1 KV head for 2 ranks, odd vocab; a 300-token budget puts all prompts in one prefill step,
         # whose plan is too big for one broadcast
         dict(
@@ -263,7 +269,7 @@ def test_plan_codec_round_trip() -> None:
             lengths=(1, 5, 19, 40, 70, 120),
         ),
     ],
-    ids=["llama-kv2", "qwen-kv1-vocab385"],
+    ids=["llama-kv2", "llama-kv2-async", "qwen-kv1-vocab385"],
 )
 def test_tp2_greedy_equals_tp1(
     ray_cluster: None, request: pytest.FixtureRequest, case: dict, monkeypatch: pytest.MonkeyPatch
@@ -271,11 +277,9 @@ def test_tp2_greedy_equals_tp1(
     folder = request.getfixturevalue(case["fixture"])
     ps = prompts(385, case["lengths"])
     want = LLM(tp_config(folder, 1, **case["sections"])).generate(ps, GREEDY)
-    sent: list[int] = []
+    sent: list[StepPlan] = []
     send = PlanSender.send
-    monkeypatch.setattr(
-        PlanSender, "send", lambda self, plan: (sent.append(len(encode_plan(plan)[1])), send(self, plan))[1]
-    )
+    monkeypatch.setattr(PlanSender, "send", lambda self, plan: (sent.append(plan), send(self, plan))[1])
     llm = LLM(tp_config(folder, 2, **case["sections"]))
     group = llm.engine.workers
     assert group is not None and group.tp.size == 2
@@ -288,7 +292,10 @@ def test_tp2_greedy_equals_tp1(
     if case["fixture"] == "llama_kv2":
         assert llm.engine.stats().num_preemptions > 0
     else:
-        assert max(sent) > FIRST_NUMEL - HEADER_NUMEL, "no plan took the two-broadcast path"
+        longest = max(len(encode_plan(p)[1]) for p in sent)
+        assert longest > FIRST_NUMEL - HEADER_NUMEL, "no plan took the two-broadcast path"
+    filled = sum(len(p.fill_positions) for p in sent)
+    assert (filled > 0) == (llm.engine.async_scheduling), "placeholders iff async scheduling"
     # Spawned by Ray's raylet, not forked from this process (a fork would copy its threads and locks).
     for pid in group.worker_pids:
         assert psutil.Process(pid).ppid() != os.getpid()

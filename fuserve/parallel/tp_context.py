@@ -41,6 +41,12 @@ class TPContext:
         dist.all_reduce(x, group=self.group)
         return x
 
+    def broadcast_from_rank0(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's x, in place on every rank; queued on the stream like any collective (no host sync)."""
+        if self.size > 1:
+            dist.broadcast(x, src=0, group=self.group)
+        return x
+
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate each rank's slice of the last dim (vocab-parallel logits) on rank 0 only.
 

@@ -129,7 +129,10 @@ class LLMEngine:
         cache_cfg = config.cache
         bs = cache_cfg.block_size
         num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
-        runner = ModelRunner(self.model, self.device, bs)
+        # Same answer on every rank (config and device type agree), so the token broadcasts pair up.
+        choice = config.scheduler.async_scheduling
+        self.async_scheduling = choice == "on" or (choice == "auto" and self.device.type == "cuda")
+        runner = ModelRunner(self.model, self.device, bs, tp=self.tp, share_tokens=self.async_scheduling)
         if self.device.type == "cuda" and cache_cfg.num_blocks is None:
             self._profile(runner, num_kv_heads)
         # Every rank must hold the same block ids: the smallest pool that fits on every GPU.
@@ -158,12 +161,6 @@ class LLMEngine:
         self._requests: dict[str, list[_SeqState]] = {}
         self._by_seq: dict[str, _SeqState] = {}
         self._inflight: tuple[SchedulerOutput, SampledBatch | None] | None = None
-        choice = config.scheduler.async_scheduling
-        self.async_scheduling = choice == "on" or (
-            choice == "auto" and self.device.type == "cuda" and self.workers is None
-        )
-        if self.workers is not None:
-            self.async_scheduling = False  # other ranks get plans over gloo: tokens must be on the host
 
     def _profile(self, runner: ModelRunner, num_kv_heads: int) -> None:
         sched = self.config.scheduler

@@ -1,15 +1,17 @@
 """Runs one step plan through the model: plan lists -> device tensors -> forward -> logits -> tokens.
 
 Every tensor-parallel rank runs `forward_plan` on the same plan; only rank 0 samples (`launch`), the
-others `follow`. Decode steps
-(one new token per sequence) replay a CUDA graph captured for the batch-size bucket when graphs are
-on; everything else runs eagerly.
+others `follow`. With async scheduling under tensor parallelism (`share_tokens`) rank 0 broadcasts each
+step's sampled tokens on the device, so every rank fills the next plan's placeholders itself and no
+rank waits on the host for them. Decode steps (one new token per sequence) replay a CUDA graph
+captured for the batch-size bucket when graphs are on; everything else runs eagerly.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fuserve.parallel.tp_context import TPContext
 from fuserve.workers.cuda_graphs import DecodeGraphs
 from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
 from fuserve.workers.sampler import SampledBatch, Sampler
@@ -23,12 +25,17 @@ class ModelRunner:
         device: torch.device,
         block_size: int,
         graphs: DecodeGraphs | None = None,
+        tp: TPContext | None = None,
+        share_tokens: bool = False,
     ) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
         self.sampler = Sampler()
         self.graphs = graphs
+        self.tp = tp or TPContext()
+        self.share_tokens = share_tokens and self.tp.size > 1
+        self._followed_tokens: torch.Tensor | None = None  # a rank > 0's copy of the last step's draws
 
     def _tensor(self, data: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(
@@ -79,16 +86,23 @@ class ModelRunner:
         if hidden is None:
             return None
         batch = self.sampler.sample(self.model.compute_logits(hidden), plan.sample_requests)
+        if self.share_tokens:
+            self.tp.broadcast_from_rank0(batch.device_tokens)
         batch.start_copy()
         return batch
 
     @torch.inference_mode()
     def follow(self, plan: StepPlan) -> None:
         """A tensor-parallel rank > 0's share of `launch`: the same forward and logits gather (so its
-        collectives pair with rank 0's), no sampling."""
-        hidden = self.forward_plan(plan)
-        if hidden is not None:
-            self.model.compute_logits(hidden)
+        collectives pair with rank 0's), no sampling; with `share_tokens`, rank 0's draws instead."""
+        hidden = self.forward_plan(plan, self._followed_tokens)
+        self._followed_tokens = None
+        if hidden is None:
+            return
+        self.model.compute_logits(hidden)
+        if self.share_tokens:
+            tokens = torch.empty(len(plan.sample_rows), dtype=torch.int64, device=self.device)
+            self._followed_tokens = self.tp.broadcast_from_rank0(tokens)
 
     @torch.inference_mode()
     def profile(self, num_tokens: int, max_seqs: int, num_blocks: int) -> None:
