@@ -81,3 +81,47 @@ def make_checkpoint(folder: Path, arch: str = "llama3", seed: int = 0, **overrid
     model.save_pretrained(folder, safe_serialization=True)
     write_byte_tokenizer(folder, kwargs["vocab_size"])
     return folder
+
+
+def make_random_llama(folder: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A Llama checkpoint of random bf16 weights written straight to safetensors: for shapes (8B-sized
+    layers, a 128k vocab) where building the HF model in fp32 first takes minutes and twice the disk.
+    The oracle is then another fuserve configuration (TP=1), not HF."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    kwargs: dict[str, Any] = dict(tie_word_embeddings=False, bos_token_id=None, eos_token_id=258)
+    kwargs.update(overrides)
+    config = LlamaConfig(**kwargs)
+    h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    head_dim = h // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * config.initializer_range).to(torch.bfloat16)
+
+    tensors = {
+        "model.embed_tokens.weight": rand(vocab, h),
+        "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+    }
+    if not config.tie_word_embeddings:
+        tensors["lm_head.weight"] = rand(vocab, h)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "self_attn.q_proj.weight": rand(h, h),
+            p + "self_attn.k_proj.weight": rand(kv, h),
+            p + "self_attn.v_proj.weight": rand(kv, h),
+            p + "self_attn.o_proj.weight": rand(h, h),
+            p + "mlp.gate_proj.weight": rand(inter, h),
+            p + "mlp.up_proj.weight": rand(inter, h),
+            p + "mlp.down_proj.weight": rand(h, inter),
+            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+        }
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    write_byte_tokenizer(folder, vocab)
+    return folder

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ LLAMA3_8B_SHAPE: dict[str, Any] = dict(
     vocab_size=128256,
     hidden_size=4096,
     intermediate_size=14336,
-    num_hidden_layers=2,  # the per-layer shapes are what sharding sees; 2 layers keep the file at 6 GB
+    num_hidden_layers=2,  # the per-layer shapes are what sharding sees; 2 layers keep the file at 3 GB
     num_attention_heads=32,
     num_key_value_heads=8,
     max_position_embeddings=8192,
@@ -94,6 +95,7 @@ def _generate(
             "kernels": {"cuda_graph_max_batch": 8},
         }
     )
+    t0 = time.monotonic()
     workers = WorkerGroup.start(config, all_reduce=all_reduce) if tp > 1 else None  # type: ignore[arg-type]
     engine = LLMEngine(config, workers=workers)
     if workers is not None:
@@ -106,6 +108,7 @@ def _generate(
         for out in engine.step():
             logprobs[out.request_id].extend(out.delta_logprobs)
     engine.shutdown()
+    print(f"  TP={tp} {all_reduce}: {time.monotonic() - t0:.0f} s", flush=True)
     del engine
     gc.collect()
     torch.cuda.empty_cache()

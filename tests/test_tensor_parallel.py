@@ -499,9 +499,10 @@ def test_one_shot_all_reduce_matches_nccl() -> None:
 def test_tp2_matches_tp1_llama3_8b_shape(ray_cluster: None, tmp_path: Path) -> None:
     """Llama-3-8B layer shapes (2 layers, full vocab), random bf16 weights, CUDA graphs on: TP=2 greedy
     follows TP=1 until TP=1's own top-2 margin is within bf16 noise, for NCCL and the one-shot path."""
+    from checkpoints import make_random_llama
     from parallel_gpu_checks import LLAMA3_8B_SHAPE, compare_greedy
 
-    folder = make_checkpoint(tmp_path / "l8b", "llama3", seed=5, **LLAMA3_8B_SHAPE)
+    folder = make_random_llama(tmp_path / "l8b", seed=5, **LLAMA3_8B_SHAPE)
     compare_greedy(folder)
 
 
