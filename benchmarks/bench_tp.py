@@ -36,6 +36,7 @@ from bench_decode import (
     copy_bandwidth,
     device_name,
     dummy_engine_config,
+    prompts,
     time_decode,
     weight_bytes,
 )
@@ -204,8 +205,57 @@ def measure_collectives(cfg: dict, size: int, batches: list[int]) -> list[dict[s
 
 
 # ---- engine decode -----------------------------------------------------------------------------------
+def profile_decode(engine: Any, prompt_len: int, vocab: int, steps: int = 40) -> dict[str, Any]:
+    """Rank 0's GPU kernels over `steps` batch-1 decode steps (torch.profiler): per kernel name the
+    calls and microseconds per step, and how much of the steps' wall time the GPU was busy."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from fuserve.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
+    engine.add_request(f"profile-{time.monotonic_ns()}", prompts(1, prompt_len, vocab, seed=7)[0], params)
+    for _ in range(10):
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall_us = 1e6 * (time.perf_counter() - t0)
+    while engine.has_unfinished():
+        engine.step()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:60], []).append(e.device_time)
+    table = sorted(
+        ((name, len(ts) / steps, sum(ts) / steps) for name, ts in by_name.items()), key=lambda r: -r[2]
+    )
+    busy = sum(e.device_time for e in kernels) / steps
+    print(f"\nrank 0, batch 1: {wall_us / steps:.0f} us per step, GPU busy {busy:.0f} us")
+    print(f"{'kernel':<62}{'calls':>7}{'us/step':>9}{'us/call':>9}")
+    for name, calls, us in table[:25]:
+        print(f"{name:<62}{calls:>7.1f}{us:>9.1f}{us / calls:>9.2f}")
+    return dict(
+        bench="tp-profile",
+        batch=1,
+        us_per_step=wall_us / steps,
+        gpu_busy_us_per_step=busy,
+        kernels=[dict(name=n, calls_per_step=c, us_per_step=u) for n, c, u in table],
+    )
+
+
 def run_engine(
-    cfg: dict, tp: int, all_reduce: str, batches: list[int], prompt_len: int, output_len: int, smoke: bool
+    cfg: dict,
+    tp: int,
+    all_reduce: str,
+    batches: list[int],
+    prompt_len: int,
+    output_len: int,
+    smoke: bool,
+    profile: bool = False,
 ) -> list[dict[str, Any]]:
     from fuserve.configs import config_from_dict
     from fuserve.parallel.worker_group import WorkerGroup
@@ -249,7 +299,11 @@ def run_engine(
             )
         )
         print(rows[-1], flush=True)
+    if profile and torch.cuda.is_available():
+        rows.append(dict(profile_decode(engine, prompt_len, cfg["vocab_size"]), engine=name, tp=tp))
+    t0 = time.perf_counter()
     engine.shutdown()
+    print(f"{name} shut down in {time.perf_counter() - t0:.1f} s", flush=True)
     del engine
     gc.collect()
     if torch.cuda.is_available():
@@ -270,6 +324,7 @@ def main() -> None:
     ap.add_argument(
         "--smoke", action="store_true", help="tiny shapes on CPU over gloo: checks the script runs"
     )
+    ap.add_argument("--profile", action="store_true", help="also profile rank 0's batch-1 decode kernels")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cfg = TINY if args.smoke else MODELS[args.model]
@@ -286,7 +341,9 @@ def main() -> None:
         rows += measure_collectives(cfg, args.tp, sorted({1, 8, *batches}))
     bw = copy_bandwidth()
     if not args.skip_tp1:
-        rows += run_engine(cfg, 1, "nccl", batches, args.prompt_len, args.output_len, args.smoke)
+        rows += run_engine(
+            cfg, 1, "nccl", batches, args.prompt_len, args.output_len, args.smoke, args.profile
+        )
     import ray
 
     if not ray.is_initialized():
@@ -294,9 +351,11 @@ def main() -> None:
     for all_reduce in args.all_reduce.split(","):
         if args.smoke and all_reduce == "auto":
             continue  # no one-shot on CPU
-        rows += run_engine(cfg, args.tp, all_reduce, batches, args.prompt_len, args.output_len, args.smoke)
+        rows += run_engine(
+            cfg, args.tp, all_reduce, batches, args.prompt_len, args.output_len, args.smoke, args.profile
+        )
 
-    tp1 = {r["batch"]: r for r in rows if r.get("engine") == "fuserve-tp1"}
+    tp1 = {r["batch"]: r for r in rows if r["bench"] == "tp-decode" and r["engine"] == "fuserve-tp1"}
     meta = dict(
         model=args.model,
         device=device_name(),

@@ -1,7 +1,8 @@
 """The GPU checks of tests/test_tensor_parallel.py, in a module a spawned process can import by name.
 
 check_all_reduce     one process per GPU, each masked to its GPU as Ray does: one-shot vs NCCL vs the
-                     exact sum, eager and replayed from a CUDA graph
+                     exact sum, eager and replayed from a CUDA graph; then the fused all-reduce + add
+                     + RMSNorm (check_add_rmsnorm) the same ways
 compare_greedy       Llama-3-8B layer shapes: TP=1 vs TP=2 (NCCL only, and one-shot) greedy decoding
 """
 
@@ -75,7 +76,56 @@ def check_all_reduce(rank: int, size: int, port: int, gpus: list[str]) -> None:
         total = sum(r + 1 + trial for r in range(size))
         want = torch.full_like(out, total * size * size, dtype=torch.float32)
         torch.testing.assert_close(out.float(), want)
+    check_add_rmsnorm(tp, device)
     destroy_tp_context()
+
+
+def check_add_rmsnorm(tp: Any, device: torch.device) -> None:
+    """The fused all-reduce + add + RMSNorm against NCCL + the torch reference, the same bits on every
+    rank, eager and replayed from a CUDA graph (the per-row counters advance on replay)."""
+    from fuserve.workers.kernels.rmsnorm import fused_add_rmsnorm_ref
+
+    fast = tp.fast_all_reduce
+    weight = (1 + 0.1 * torch.randn(4096, generator=torch.Generator().manual_seed(9))).to(
+        device, torch.bfloat16
+    )
+
+    def inputs(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        residual = torch.randn(rows, 4096, generator=g)
+        parts = [torch.randn(rows, 4096, generator=g) for _ in range(tp.size)]
+        return parts[tp.rank].to(device, torch.bfloat16), residual.to(device, torch.bfloat16)
+
+    def check(x: torch.Tensor, residual: torch.Tensor, out: torch.Tensor, new_residual: torch.Tensor) -> None:
+        total = x.clone()
+        dist.all_reduce(total)
+        want_out, want_res = fused_add_rmsnorm_ref(total, residual, weight, 1e-5)
+        torch.testing.assert_close(new_residual.float(), want_res.float(), atol=0.05, rtol=0.02)
+        torch.testing.assert_close(out.float(), want_out.float(), atol=0.05, rtol=0.02)
+        gathered = [torch.empty_like(out) for _ in range(tp.size)]
+        dist.all_gather(gathered, out)
+        assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks disagree on the fused output"
+
+    for seed, rows in enumerate((1, 7, 64, 1, 128)):
+        x, residual = inputs(rows, seed)
+        assert fast.fits_add_rmsnorm(x)
+        check(x, residual, *fast.add_rmsnorm(x, residual, weight, 1e-5))
+    static_x, static_res = (t.clone() for t in inputs(8, 100))
+    for _ in range(2):
+        fast.add_rmsnorm(static_x, static_res, weight, 1e-5)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, new_res = fast.add_rmsnorm(static_x, static_res, weight, 1e-5)
+        out2, new_res2 = fast.add_rmsnorm(static_x, new_res, weight, 1e-5)  # chained, as layers chain
+    for trial in range(3):
+        x, residual = inputs(8, 200 + trial)
+        static_x.copy_(x)
+        static_res.copy_(residual)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(x, residual, out, new_res)
+        check(x, new_res.clone(), out2, new_res2)
 
 
 def _generate(

@@ -7,7 +7,8 @@ shard id into their place in the fused parameter.
   ColumnParallelLinear    output features split across ranks (no communication)
   MergedColumnParallel    several column-parallel outputs in one GEMM (gate/up)
   QKVParallelLinear       q, k, v heads split across ranks; KV heads replicated when ranks > kv heads
-  RowParallelLinear       input features split; one all-reduce sums the partial outputs
+  RowParallelLinear       input features split; one all-reduce sums the partial outputs (or the caller
+                          does, fused with its residual add and RMSNorm)
   VocabParallelEmbedding  vocab rows split; out-of-range ids give zeros, all-reduce fills them in
   ParallelLMHead          vocab rows split; logits gathered on rank 0 only (the only rank that samples)
 """
@@ -134,11 +135,20 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 class RowParallelLinear(nn.Module):
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, tp: TPContext, linear: LinearFn = F.linear
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        tp: TPContext,
+        linear: LinearFn = F.linear,
+        reduce_output: bool = True,
     ) -> None:
+        """`reduce_output=False` returns this rank's partial sum for the caller to reduce (fused with
+        what follows, see TPContext.all_reduce_add_rmsnorm); the bias then joins rank 0's part only."""
         super().__init__()
         self.tp = tp
         self.linear = linear
+        self.reduce_output = reduce_output
         self.in_per_rank = _divide(in_features, tp.size, "input features")
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
         self.weight.weight_loader = self.load  # type: ignore[attr-defined]
@@ -152,8 +162,9 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x, self.weight, None)
-        y = self.tp.all_reduce(y)
-        if self.bias is not None:
+        if self.reduce_output:
+            y = self.tp.all_reduce(y)
+        if self.bias is not None and (self.reduce_output or self.tp.rank == 0):
             y = y + self.bias
         return y
 

@@ -12,6 +12,9 @@ TORCH_SYMM_MEM_DISABLE_MULTICAST=1 (process_group.py). Ray masks CUDA_VISIBLE_DE
 every rank calls its GPU cuda:0; the symmetric-memory rendezvous refuses that ("overlapping devices")
 unless TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1, whose only other effect is to skip multicast setup.
 
+Its sibling in all_reduce_rmsnorm.py does the all-reduce that ends an attention or MLP block together with
+the residual add and RMSNorm that follow it; this class owns its buffers too and self-tests both.
+
 CUDA graphs: the op is one kernel on the current stream over fixed buffers, so a capture records it like
 any other kernel and its output comes from the graph's pool.
 """
@@ -23,6 +26,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from fuserve.parallel.all_reduce_rmsnorm import all_reduce_add_rmsnorm, symmetric_push_buffers
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,7 @@ class OneShotAllReduce:
         self.buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
         self.buffer.zero_()
         symm_mem.rendezvous(self.buffer, group)
+        self.push, self._push_tensors = symmetric_push_buffers(group, device, dtype, self.max_numel)
 
     @classmethod
     def create(
@@ -81,10 +87,14 @@ class OneShotAllReduce:
 
     def _self_test(self, rank: int, size: int) -> bool:
         """A wrong P2P mapping gives silently wrong sums, so check one known sum before trusting it."""
-        x = torch.full((2048,), float(rank + 1), dtype=self.dtype, device=self.buffer.device)
+        device = self.buffer.device
+        x = torch.full((2, 2048), float(rank + 1), dtype=self.dtype, device=device)
         got = self(x)
-        torch.cuda.synchronize(self.buffer.device)
-        ok = bool((got == size * (size + 1) / 2).all())
+        ones = torch.ones(2048, dtype=self.dtype, device=device)
+        normed, summed = self.add_rmsnorm(x, torch.zeros_like(x), ones, 0.0)
+        torch.cuda.synchronize(device)
+        total = size * (size + 1) / 2
+        ok = bool((got == total).all() and (summed == total).all() and (normed == 1).all())
         if not ok:
             log.warning("one-shot all-reduce self-test gave wrong sums on rank %d", rank)
         return ok
@@ -104,6 +114,15 @@ class OneShotAllReduce:
         """Sum of x over ranks, as a new tensor (x is left as it was)."""
         buf = self.buffer[: x.numel()].view(x.shape)
         return torch.ops.symm_mem.one_shot_all_reduce_copy(buf, x, "sum", self.group_name)
+
+    def fits_add_rmsnorm(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and self.push.fits(x)
+
+    def add_rmsnorm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sum of x over ranks added to residual and RMS-normed, in one kernel (all_reduce_rmsnorm.py)."""
+        return all_reduce_add_rmsnorm(x, residual, weight, eps, self.push)
 
 
 def _all_ranks(flag: bool, cpu_group: Any) -> bool:

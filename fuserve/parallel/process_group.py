@@ -82,12 +82,13 @@ def init_tp_context(
     return TPContext(rank=rank, size=size, group=dist.group.WORLD, cpu_group=cpu_group, fast_all_reduce=fast)
 
 
-def destroy_tp_context(abort: bool = False) -> None:
-    """Leave the group so this process can form a new one. `abort` after a peer died: NCCL work that
-    waits for the dead peer is cancelled instead of waited for."""
+def destroy_tp_context() -> None:
+    """Leave the group so this process can form a new one. NCCL's communicator teardown waits until
+    every peer on the node tears down too, so a rank that leaves first, or after a peer died, would
+    wait forever (seen on two H200s); an abort is local and cancels work still waiting for a peer."""
     if not dist.is_initialized():
         return
-    if abort and dist.get_backend() == "nccl":
+    if dist.get_backend() == "nccl":
         from torch.distributed.distributed_c10d import _abort_process_group
 
         _abort_process_group()

@@ -11,6 +11,7 @@ one_shot_all_reduce.py); everything it declines goes to the group's own all-redu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,6 +23,15 @@ class FastAllReduce(Protocol):
     def fits(self, x: torch.Tensor) -> bool: ...
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def fits_add_rmsnorm(self, x: torch.Tensor) -> bool: ...
+
+    def add_rmsnorm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+AddRMSNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -40,6 +50,20 @@ class TPContext:
             return self.fast_all_reduce(x)
         dist.all_reduce(x, group=self.group)
         return x
+
+    def all_reduce_add_rmsnorm(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        add_rmsnorm: AddRMSNorm,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`add_rmsnorm(sum over ranks of x, residual, weight, eps)`, where x is this rank's partial sum
+        (a row-parallel layer's output before its all-reduce). The fast path does both in one kernel."""
+        if self.size > 1 and self.fast_all_reduce is not None and self.fast_all_reduce.fits_add_rmsnorm(x):
+            return self.fast_all_reduce.add_rmsnorm(x, residual, weight, eps)
+        return add_rmsnorm(self.all_reduce(x), residual, weight, eps)
 
     def broadcast_from_rank0(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's x, in place on every rank; queued on the stream like any collective (no host sync)."""

@@ -79,5 +79,6 @@ class TPWorker:
         while (plan := receiver.recv()) is not None:
             engine.runner.follow(plan)
             steps += 1
+        engine.shutdown()
         destroy_tp_context()
         return steps

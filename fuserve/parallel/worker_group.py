@@ -174,7 +174,7 @@ class WorkerGroup:
         except BaseException as err:
             _kill(actors.values())
             if torch.distributed.is_initialized():  # rank 0 got into (part of) the group
-                destroy_tp_context(abort=True)
+                destroy_tp_context()
             placement.release()
             if isinstance(err, RayTaskError | RayActorError):
                 raise WorkerGroupError(f"tensor-parallel startup failed: {describe(err)}") from None
@@ -260,7 +260,7 @@ class WorkerGroup:
         self.sender.close(send_shutdown=False)
         _kill(self.actors.values())
         if self.device.type == "cuda":
-            destroy_tp_context(abort=True)  # unblock NCCL work waiting for the dead rank
+            destroy_tp_context()  # on NCCL an abort: unblocks NCCL work waiting for the dead rank
 
     # ---- shutdown -------------------------------------------------------------------------------
     def shutdown(self, timeout_s: float = 10.0) -> None:
@@ -277,7 +277,7 @@ class WorkerGroup:
         except Exception as err:  # a worker went away meanwhile; killing below ends the rest
             log.warning("tensor-parallel shutdown message failed: %s", err)
         _kill(self.actors.values())
-        destroy_tp_context(abort=not clean)
+        destroy_tp_context()
         self.placement.release()
         self._store = None
         self._watchdog.join(timeout=2.0)

@@ -74,6 +74,15 @@ class DecodeGraphs:
             self.graphs[b] = graph
         torch.cuda.synchronize(self.device)
 
+    def release(self) -> None:
+        """Free the graphs now. NCCL cannot abort or destroy a communicator while a live graph holds
+        NCCL kernels of it (seen on two H200s: the abort waited out its timeout), so this comes first."""
+        torch.cuda.synchronize(self.device)
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+
     def fits(self, plan: StepPlan) -> bool:
         return (
             bool(self.graphs)

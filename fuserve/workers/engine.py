@@ -343,7 +343,11 @@ class LLMEngine:
         return self.workers is None or self.workers.healthy
 
     def shutdown(self) -> None:
-        """End the tensor-parallel worker processes and release their GPUs; nothing to do alone."""
+        """Free the CUDA graphs, then end the tensor-parallel worker processes and release their GPUs.
+        Every rank calls it before leaving its group: graphs must go before the NCCL communicator."""
+        if self.runner.graphs is not None:
+            self.runner.graphs.release()
+            self.runner.graphs = None
         if self.workers is not None:
             self.workers.shutdown()
 

@@ -6,6 +6,8 @@ attention metadata says which rows belong to which sequence and where their K/V 
             -> add + rmsnorm -> gate/up GEMM -> silu*up -> down_proj] x L -> add + rmsnorm
   logits only for the rows that sample.
 Weights are column/row-parallel layers (fuserve.parallel.layers); with one rank they are plain.
+Under tensor parallelism o_proj and down_proj return partial sums; the add + rmsnorm after each one
+sums them over ranks (one fused kernel on GPU for decode-sized batches).
 """
 
 from __future__ import annotations
@@ -109,19 +111,22 @@ class AttentionMetadata:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden: int, eps: float, ops: KernelOps) -> None:
+    def __init__(self, hidden: int, eps: float, tp: TPContext, ops: KernelOps) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
         self.eps = eps
+        self.tp = tp
         self.ops = ops
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (normed, residual): the first call starts the residual stream, later ones add to it."""
+        """Returns (normed, residual): the first call starts the residual stream from x (the embedding,
+        whole); later ones get x as this rank's partial sum (o_proj, down_proj) and reduce it here, fused
+        with the add and the norm where the tensor-parallel group can."""
         if residual is None:
             return self.ops.rmsnorm(x, self.weight, self.eps), x
-        return self.ops.fused_add_rmsnorm(x, residual, self.weight, self.eps)
+        return self.tp.all_reduce_add_rmsnorm(x, residual, self.weight, self.eps, self.ops.fused_add_rmsnorm)
 
 
 class LlamaAttention(nn.Module):
@@ -139,7 +144,7 @@ class LlamaAttention(nn.Module):
             ops.linear,
         )
         self.o_proj = RowParallelLinear(
-            arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, ops.linear
+            arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, ops.linear, reduce_output=False
         )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
@@ -190,7 +195,9 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(
             arch.hidden_size, [inter, inter], False, tp, ops.linear
         )
-        self.down_proj = RowParallelLinear(inter, arch.hidden_size, False, tp, ops.linear)
+        self.down_proj = RowParallelLinear(
+            inter, arch.hidden_size, False, tp, ops.linear, reduce_output=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
@@ -201,8 +208,8 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(arch, tp, ops)
         self.mlp = LlamaMLP(arch, tp, ops)
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, tp, ops)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, tp, ops)
 
     def forward(
         self,
@@ -224,7 +231,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, ops) for _ in range(arch.num_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, ops)
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, tp, ops)
 
 
 class LlamaForCausalLM(nn.Module):

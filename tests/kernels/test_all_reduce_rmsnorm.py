@@ -1,0 +1,89 @@
+"""The fused all-reduce + add + RMSNorm kernel, two ranks simulated in one process.
+
+Both ranks' buffers are plain tensors of this device, and the ranks run one after the other: rank 1
+first, with rank 0's push for this epoch written into its buffer by the test (as rank 0's kernel would),
+then rank 0, which must find rank 1's real push and flag. Across epochs this covers the counters, both
+buffer slots, the flags, the summation order (both ranks' outputs must be bit-identical) and the math
+against the torch reference. The real cross-GPU run is in tests/parallel_gpu_checks.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fuserve.parallel.all_reduce_rmsnorm import (
+    MAX_ROWS,
+    PushBuffers,
+    all_reduce_add_rmsnorm,
+    all_reduce_add_rmsnorm_ref,
+    slot,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+EPS = 1e-5
+
+
+Tensors = list[torch.Tensor]
+
+
+def _two_ranks(dtype: torch.dtype, slot_numel: int) -> tuple[list[PushBuffers], Tensors, Tensors]:
+    data = [torch.zeros(2 * 2 * slot_numel, dtype=dtype, device=DEVICE) for _ in range(2)]
+    flags = [torch.zeros(2 * MAX_ROWS, dtype=torch.int32, device=DEVICE) for _ in range(2)]
+    data_ptrs = torch.tensor([d.data_ptr() for d in data], dtype=torch.int64, device=DEVICE)
+    flag_ptrs = torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64, device=DEVICE)
+    bufs = [
+        PushBuffers(
+            rank=r,
+            world=2,
+            dtype=dtype,
+            data_ptrs=data_ptrs,
+            flag_ptrs=flag_ptrs,
+            counters=torch.zeros(MAX_ROWS, dtype=torch.int32, device=DEVICE),
+            slot_numel=slot_numel,
+        )
+        for r in range(2)
+    ]
+    return bufs, data, flags
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_ranks_agree_and_match_reference(dtype: torch.dtype) -> None:
+    hidden, slot_numel = 48, 8 * 64
+    bufs, data, flags = _two_ranks(dtype, slot_numel)
+    weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(dtype)
+    epochs = [0] * MAX_ROWS
+    for step, rows in enumerate([3, 3, 1, 5]):  # row 0 sees epochs 1-4 (both slots twice); row 4 one
+        g = torch.Generator(device="cpu").manual_seed(step)
+        parts = [torch.randn(rows, hidden, generator=g).to(DEVICE, dtype) for _ in range(2)]
+        residual = torch.randn(rows, hidden, generator=g).to(DEVICE, dtype)
+        for r in range(rows):
+            epochs[r] += 1
+        parity = [e % 2 for e in epochs[:rows]]
+
+        for r in range(rows):  # what rank 0's kernel would push to rank 1 for this epoch
+            slot(data[1], bufs[1], parity[r], 0, rows, hidden)[r].copy_(parts[0][r])
+            flags[1][r] = epochs[r]  # flags[1][src=0][row]
+        out1, res1 = all_reduce_add_rmsnorm(parts[1], residual, weight, EPS, bufs[1])
+        for r in range(rows):  # rank 1 pushed its partial into rank 0's slot and raised rank 0's flag
+            torch.testing.assert_close(slot(data[0], bufs[0], parity[r], 1, rows, hidden)[r], parts[1][r])
+            assert int(flags[0][MAX_ROWS + r]) == epochs[r]  # flags[0][src=1][row]
+        out0, res0 = all_reduce_add_rmsnorm(parts[0], residual, weight, EPS, bufs[0])
+
+        assert torch.equal(out0, out1) and torch.equal(res0, res1), "ranks must sum bit-identically"
+        want_out, want_res = all_reduce_add_rmsnorm_ref(parts, residual, weight, EPS)
+        tol = {"rtol": 1.6e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+        torch.testing.assert_close(res0, want_res, **tol)
+        torch.testing.assert_close(out0, want_out, **tol)
+        assert torch.equal(bufs[0].counters[:rows], bufs[1].counters[:rows])
+        assert bufs[0].counters[:rows].tolist() == epochs[:rows]
+
+
+def test_refuses_what_does_not_fit() -> None:
+    bufs, _, _ = _two_ranks(torch.float32, 64)
+    x = torch.zeros(2, 48, device=DEVICE)
+    assert not bufs[0].fits(x)  # 96 elements > 64
+    assert not bufs[0].fits(torch.zeros(1, 48, dtype=torch.float16, device=DEVICE))
+    assert bufs[0].fits(torch.zeros(1, 48, device=DEVICE))
+    with pytest.raises(ValueError, match="does not fit"):
+        all_reduce_add_rmsnorm(x, x, torch.ones(48, device=DEVICE), EPS, bufs[0])
