@@ -4,7 +4,8 @@ Llama-3-8B shape (or 70B with --model llama3-70b), random bf16 weights (load_for
 N new tokens, CUDA graphs on. Three parts, each its own rows in the JSON (DESIGN.md's schema):
   allreduce       one process per GPU, each masked to its GPU as Ray masks an actor: one decode step's
                   all-reduces (2 per layer + the embedding's) of [batch, hidden] bf16, chained, eager and
-                  replayed from a CUDA graph, NCCL vs the one-shot P2P kernel; us per op and per step
+                  replayed from a CUDA graph, NCCL vs the one-shot P2P kernel, and one-shot + add_rmsnorm
+                  vs the fused all-reduce + add + RMSNorm kernel that replaces it; us per op and per step
   plan-broadcast  rank 0's cost to send one decode step's plan to the other ranks over gloo
   decode          TP=1 in this process; TP=N with NCCL only; TP=N with the one-shot all-reduce (auto):
                   batch-1 ms/token and batch-64 output tok/s, and the per-GPU weight-read floor
@@ -79,8 +80,10 @@ def _collective_worker(
     cuda = bool(gpus)
     if cuda:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[rank]  # before anything starts CUDA in this process
+    from fuserve.parallel.all_reduce_rmsnorm import all_reduce_add_rmsnorm, symmetric_push_buffers
     from fuserve.parallel.plan_broadcast import PlanReceiver, PlanSender
     from fuserve.parallel.process_group import destroy_tp_context, init_tp_context
+    from fuserve.workers.kernels.rmsnorm import fused_add_rmsnorm
     from fuserve.workers.step_plan import StepPlan
 
     store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=dt.timedelta(seconds=300))
@@ -95,14 +98,26 @@ def _collective_worker(
         dist.all_reduce(x)
         return x
 
-    impls = {"nccl" if cuda else "gloo": nccl}
-    if tp.fast_all_reduce is not None:
-        impls["one-shot"] = tp.fast_all_reduce
+    hidden = cfg["hidden_size"]
+    weight = torch.ones(hidden, dtype=dtype, device=device)
+    if tp.fast_all_reduce is not None:  # the fused kernel's other protocol, on buffers of its own
+        flag_bufs, _keep = symmetric_push_buffers(
+            tp.group, device, dtype, tp.fast_all_reduce.max_numel, False
+        )
     for batch in batches:
-        x = torch.zeros(batch, cfg["hidden_size"], dtype=dtype, device=device)
+        x = torch.zeros(batch, hidden, dtype=dtype, device=device)
+        residual = torch.zeros_like(x)
+        impls: dict[str, Any] = {"nccl" if cuda else "gloo": nccl}
+        fast = tp.fast_all_reduce
+        if fast is not None and fast.fits(x):
+            impls["one-shot"] = fast
+            impls["one-shot+norm"] = lambda y, f=fast, r=residual: fused_add_rmsnorm(f(y), r, weight, 1e-5)[0]
+        if fast is not None and fast.fits_add_rmsnorm(x):  # what replaces one-shot+norm in the model
+            impls["fused"] = lambda y, f=fast, r=residual: f.add_rmsnorm(y, r, weight, 1e-5)[0]
+            impls["fused-flags"] = lambda y, r=residual: all_reduce_add_rmsnorm(
+                y, r, weight, 1e-5, flag_bufs
+            )[0]
         for name, op in impls.items():
-            if name == "one-shot" and not op.fits(x):  # type: ignore[attr-defined]
-                continue
 
             def steps(op: Any = op, x: torch.Tensor = x) -> torch.Tensor:
                 y = x
@@ -348,7 +363,7 @@ def main() -> None:
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, num_cpus=max(4, 2 * args.tp) if args.smoke else None)
-    for all_reduce in args.all_reduce.split(","):
+    for all_reduce in filter(None, args.all_reduce.split(",")):  # "" times no TP=N engine
         if args.smoke and all_reduce == "auto":
             continue  # no one-shot on CPU
         rows += run_engine(
@@ -373,11 +388,11 @@ def main() -> None:
             r["speedup"] = base["ms_per_token"] / r["ms_per_token"] if base else None
             r["ms_vs_tp1"] = r["ms_per_token"] / base["ms_per_token"] if base else None
 
-    print(f"\n{'collective':<12}{'mode':<7}{'batch':>6}{'KiB':>8}{'us/op':>9}{'us/step':>9}")
+    print(f"\n{'collective':<15}{'mode':<7}{'batch':>6}{'KiB':>8}{'us/op':>9}{'us/step':>9}")
     for r in rows:
         if r["bench"] == "allreduce":
             print(
-                f"{r['engine']:<12}{r['mode']:<7}{r['batch']:>6}{r['bytes'] / 1024:>8.0f}"
+                f"{r['engine']:<15}{r['mode']:<7}{r['batch']:>6}{r['bytes'] / 1024:>8.0f}"
                 f"{r['us_per_op']:>9.1f}{r['us_per_step']:>9.0f}"
             )
     for r in rows:
