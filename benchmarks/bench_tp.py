@@ -80,7 +80,6 @@ def _collective_worker(
     cuda = bool(gpus)
     if cuda:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[rank]  # before anything starts CUDA in this process
-    from fuserve.parallel.all_reduce_rmsnorm import all_reduce_add_rmsnorm, symmetric_push_buffers
     from fuserve.parallel.plan_broadcast import PlanReceiver, PlanSender
     from fuserve.parallel.process_group import destroy_tp_context, init_tp_context
     from fuserve.workers.kernels.rmsnorm import fused_add_rmsnorm
@@ -100,10 +99,6 @@ def _collective_worker(
 
     hidden = cfg["hidden_size"]
     weight = torch.ones(hidden, dtype=dtype, device=device)
-    if tp.fast_all_reduce is not None:  # the fused kernel's other protocol, on buffers of its own
-        flag_bufs, _keep = symmetric_push_buffers(
-            tp.group, device, dtype, tp.fast_all_reduce.max_numel, False
-        )
     for batch in batches:
         x = torch.zeros(batch, hidden, dtype=dtype, device=device)
         residual = torch.zeros_like(x)
@@ -114,9 +109,6 @@ def _collective_worker(
             impls["one-shot+norm"] = lambda y, f=fast, r=residual: fused_add_rmsnorm(f(y), r, weight, 1e-5)[0]
         if fast is not None and fast.fits_add_rmsnorm(x):  # what replaces one-shot+norm in the model
             impls["fused"] = lambda y, f=fast, r=residual: f.add_rmsnorm(y, r, weight, 1e-5)[0]
-            impls["fused-flags"] = lambda y, r=residual: all_reduce_add_rmsnorm(
-                y, r, weight, 1e-5, flag_bufs
-            )[0]
         for name, op in impls.items():
 
             def steps(op: Any = op, x: torch.Tensor = x) -> torch.Tensor:

@@ -4,26 +4,21 @@ Why: at TP=2 a Llama-3-8B decode step ends each attention and MLP block with an 
 one-shot kernel, 6.8 us on two H200s) and then the fused add + RMSNorm (2.1 us): 65 pairs, 0.58 ms of a
 3.1 ms step. One kernel per pair does both and halves the cross-GPU handshakes: the one-shot kernel meets
 its peers twice (before reading their buffers, and after, so nobody overwrites a buffer still being read);
-this one pushes instead of pulling, and waits only for the data itself to arrive.
+this one pushes instead of pulling and meets them once.
 
 One program per token row, on every rank r of W:
     epoch = ++counter[row]                 a per-row call count, the same on every rank (same calls)
-    push x (r's partial row) into slot (epoch % 3, r) of every peer's buffer      NVLink stores
+    push x (r's partial row) into slot (epoch % 2, r) of every peer's buffer      NVLink stores
+    barrier; flag[r][row] = epoch on every peer                                    release, system scope
     for src in 0..W-1 (the same order on every rank, so every rank sums bit-identically):
-        src == r: its own x; else wait until slot (epoch % 3, src) of its own buffer has arrived
+        src == r: its own x; else wait for own flag[src][row] >= epoch, read slot (epoch % 2, src)
     sum -> rounded to x.dtype (as an all-reduce returns it) -> + residual -> RMSNorm, as rmsnorm.py
-Two ways to know a slot has arrived (`PushBuffers.lamport`):
-  flags     after the pushes, a barrier and flag[r][row] = epoch on every peer (release, system scope);
-            the reader spins on its own flag (acquire). The release waits for the pushes to land.
-  lamport   (default) an empty slot holds -0.0 everywhere and pushed data never does (-0.0 is sent as
-            +0.0, the same in any sum); the reader polls the slot until no -0.0 is left, then writes
-            -0.0 back. The writer never waits: one NVLink trip instead of a push and a flag round trip.
-A slot of epoch e is written again at epoch e + 3, by a peer that by then has received this rank's
-pushes of epochs e + 1 and e + 2, which this rank sent only after its epoch e program (which read and
-emptied the slot) had finished: kernels on one stream run in order. Counters live in each rank's own
-memory, so a CUDA graph replay advances them like an eager call.
+Two slots per source, alternating by epoch: a peer overwrites slot p at epoch e + 2 only after this
+rank's epoch e + 1 program saw its flag, which this rank raised after its epoch e program (which read
+slot p) had finished: kernels on one stream run in order. Counters live in each rank's own memory, so a
+CUDA graph replay advances them like an eager call.
 
-Buffers (`PushBuffers`): each rank's data buffer [3, W, slot_numel] and flags [W, max_rows] are
+Buffers (`PushBuffers`): each rank's data buffer [2, W, slot_numel] and flags [W, max_rows] are
 symmetric memory (torch.distributed._symmetric_memory, P2P over CUDA IPC, no multicast); the kernel gets
 every rank's base address in a small int64 table. Tests on CPU build the same tables over two plain
 tensors and run the two ranks one after the other under TRITON_INTERPRET.
@@ -40,27 +35,8 @@ import triton.language as tl
 
 MAX_ROWS = 1024  # rows per call (batch tokens); flags and counters are sized for it
 MAX_HIDDEN = 16384  # one program holds a whole row
-NUM_SLOTS = 3  # buffers per source, used in turn by epoch
+NUM_SLOTS = 2  # buffers per source, used in turn by epoch
 SLOTS = tl.constexpr(NUM_SLOTS)
-
-
-@triton.jit
-def _sentinel_mask(part, BITS: tl.constexpr):
-    """Which elements still hold the sentinel (-0.0: only the sign bit set), i.e. have not arrived."""
-    if BITS == 16:
-        pending = part.to(tl.int16, bitcast=True) == -32768
-    else:
-        pending = part.to(tl.int32, bitcast=True) == -2147483648
-    return pending
-
-
-@triton.jit
-def _sentinel(BLOCK_H: tl.constexpr, dtype: tl.constexpr, BITS: tl.constexpr):
-    if BITS == 16:
-        bits = tl.full([BLOCK_H], -32768, tl.int16)
-    else:
-        bits = tl.full([BLOCK_H], -2147483648, tl.int32)
-    return bits.to(dtype, bitcast=True)
 
 
 @triton.jit
@@ -81,8 +57,6 @@ def _all_reduce_add_rmsnorm_kernel(
     max_rows,
     eps,
     WORLD: tl.constexpr,
-    LAMPORT: tl.constexpr,
-    BITS: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -94,8 +68,6 @@ def _all_reduce_add_rmsnorm_kernel(
     tl.store(counter_ptr + row, epoch)
     which = epoch % SLOTS
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
-    if LAMPORT:
-        x = (x.to(tl.float32) + 0.0).to(dtype)  # -0.0 -> +0.0: the sentinel never travels as data
     row_in_slot = row.to(tl.int64) * hidden_size + cols
 
     mine = (which * WORLD + rank).to(tl.int64) * slot_numel
@@ -103,12 +75,11 @@ def _all_reduce_add_rmsnorm_kernel(
         if peer != rank:
             dst = tl.load(data_ptrs + peer).to(tl.pointer_type(dtype))
             tl.store(dst + mine + row_in_slot, x, mask=mask)
-    if not LAMPORT:
-        tl.debug_barrier()  # every thread's stores before the flag that publishes them
-        for peer in tl.static_range(WORLD):
-            if peer != rank:
-                flags = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
-                tl.atomic_xchg(flags + rank * max_rows + row, epoch, sem="release", scope="sys")
+    tl.debug_barrier()  # every thread's stores before the flag that publishes them
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            flags = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
+            tl.atomic_xchg(flags + rank * max_rows + row, epoch, sem="release", scope="sys")
 
     own_flags = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
     own_data = tl.load(data_ptrs + rank).to(tl.pointer_type(dtype))
@@ -118,15 +89,9 @@ def _all_reduce_add_rmsnorm_kernel(
             acc += x.to(tl.float32)
         else:
             theirs = own_data + (which * WORLD + src).to(tl.int64) * slot_numel + row_in_slot
-            if LAMPORT:
-                part = tl.load(theirs, mask=mask, other=0.0, volatile=True)
-                while tl.sum((_sentinel_mask(part, BITS) & mask).to(tl.int32), axis=0) > 0:
-                    part = tl.load(theirs, mask=mask, other=0.0, volatile=True)
-                tl.store(theirs, _sentinel(BLOCK_H, dtype, BITS), mask=mask)  # empty again for reuse
-            else:
-                while tl.atomic_add(own_flags + src * max_rows + row, 0, sem="acquire", scope="sys") < epoch:
-                    pass
-                part = tl.load(theirs, mask=mask, other=0.0, volatile=True)
+            while tl.atomic_add(own_flags + src * max_rows + row, 0, sem="acquire", scope="sys") < epoch:
+                pass
+            part = tl.load(theirs, mask=mask, other=0.0, volatile=True)
             acc += part.to(tl.float32)
 
     residual = tl.load(residual_ptr + row.to(tl.int64) * stride_residual + cols, mask=mask, other=0.0)
@@ -151,7 +116,6 @@ class PushBuffers:
     counters: torch.Tensor  # [max_rows] int32, this rank's own
     slot_numel: int
     max_rows: int = MAX_ROWS
-    lamport: bool = True
 
     def fits(self, x: torch.Tensor) -> bool:
         """Depends on shape and dtype only, so every rank decides the same for the same call."""
@@ -206,8 +170,6 @@ def all_reduce_add_rmsnorm(
         bufs.max_rows,
         eps,
         WORLD=bufs.world,
-        LAMPORT=bufs.lamport,
-        BITS=8 * x.element_size(),
         BLOCK_H=block_h,
         num_warps=4 if block_h <= 2048 else 8 if block_h <= 8192 else 16,
     )
@@ -227,7 +189,7 @@ def all_reduce_add_rmsnorm_ref(
 
 
 def symmetric_push_buffers(
-    group: Any, device: torch.device, dtype: torch.dtype, slot_numel: int, lamport: bool = True
+    group: Any, device: torch.device, dtype: torch.dtype, slot_numel: int
 ) -> tuple[PushBuffers, list[torch.Tensor]]:
     """Collective: allocate and exchange this rank's data and flag buffers. Returns the view and the
     tensors that must stay alive as long as it is used."""
@@ -237,7 +199,7 @@ def symmetric_push_buffers(
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     data = symm_mem.empty(NUM_SLOTS * world * slot_numel, dtype=dtype, device=device)
     flags = symm_mem.empty(world * MAX_ROWS, dtype=torch.int32, device=device)
-    data.fill_(-0.0)  # every slot starts empty (the sentinel)
+    data.zero_()
     flags.zero_()
     torch.cuda.synchronize(device)  # zeroed before any peer can raise a flag here
     data_handle = symm_mem.rendezvous(data, group)
@@ -250,6 +212,5 @@ def symmetric_push_buffers(
         flag_ptrs=torch.tensor(list(flag_handle.buffer_ptrs), dtype=torch.int64, device=device),
         counters=torch.zeros(MAX_ROWS, dtype=torch.int32, device=device),
         slot_numel=slot_numel,
-        lamport=lamport,
     )
     return bufs, [data, flags]
