@@ -48,10 +48,15 @@ TINY: dict[str, Any] = dict(
 
 
 def commit() -> str:
+    """FUSERVE_COMMIT first: the device machine's copy of the tree carries a stale .git."""
+    if os.environ.get("FUSERVE_COMMIT"):
+        return os.environ["FUSERVE_COMMIT"]
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet"], check=False).returncode != 0
+        return f"{sha}-dirty" if dirty else sha
     except Exception:
-        return os.environ.get("FUSERVE_COMMIT", "unknown")
+        return "unknown"
 
 
 def device_name() -> str:

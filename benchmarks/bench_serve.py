@@ -30,7 +30,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from bench_decode import commit
 
 RESULTS = Path(__file__).parent / "results"
 KINDS = {  # kind: (share of requests, prompt tokens range, output tokens range)
@@ -289,15 +289,6 @@ def compare_overhead(
 
 
 # ---- output -----------------------------------------------------------------------------------------
-def commit() -> str:
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet"], check=False).returncode != 0
-        return f"{sha}-dirty" if dirty else sha
-    except Exception:
-        return os.environ.get("FUSERVE_COMMIT", "unknown")
-
-
 def device_name() -> str:
     import torch
 

@@ -399,7 +399,8 @@ def main() -> None:
                 f"{r['engine']:<22}{r['batch']:>6}{r['ms_per_token']:>10.2f}{r['output_tok_s']:>9.0f}"
                 f"{r['floor_ms']:>9.2f}{(r['frac_of_floor'] or 0):>8.2f}{(r['ms_vs_tp1'] or 0):>8.2f}"
             )
-    out = Path(args.out or f"benchmarks/results/tp-{meta['date']}.json")
+    default = "/tmp/tp-smoke.json" if args.smoke else f"benchmarks/results/tp-{meta['date']}.json"
+    out = Path(args.out or default)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=1))
 
