@@ -1,4 +1,4 @@
-"""Draw the PNG beside a recorded decode or kernel results JSON (benchmarks/results/*.json).
+"""Draw the PNG beside a recorded decode, kernel or tensor-parallel results JSON (benchmarks/results/*.json).
 
 python benchmarks/plot_results.py benchmarks/results/decode-2026-11-22-h100.json
 """
@@ -65,12 +65,53 @@ def plot_kernels(rows: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def plot_tp(rows: list[dict], out: Path) -> None:
+    """Left: each all-reduce's us per op in a CUDA graph by batch; right: decode per engine and batch."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    by_collective: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["bench"] == "allreduce" and r["mode"] == "graph":
+            by_collective[r["engine"]].append(r)
+    for name, rs in by_collective.items():
+        rs.sort(key=lambda r: r["batch"])
+        ax1.plot([r["batch"] for r in rs], [r["us_per_op"] for r in rs], "o-", label=name)
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel("batch (rows of hidden 4096, bf16)")
+    ax1.set_ylabel("us per all-reduce, in a CUDA graph")
+    ax1.grid(True, alpha=0.3)
+    ax1.legend(fontsize=8)
+    decode = [r for r in rows if r["bench"] == "tp-decode"]
+    labels = [f"{r['engine']}\nbatch {r['batch']}" for r in decode]
+    ax2.barh(labels, [r["ms_per_token"] for r in decode])
+    for i, r in enumerate(decode):
+        ax2.text(
+            r["ms_per_token"], i, f" {r['ms_per_token']:.2f} ms, {r['output_tok_s']:,.0f} tok/s", va="center"
+        )
+    ax2.set_xlabel("ms per decode step")
+    ax2.tick_params(axis="y", labelsize=7)
+    ax2.set_xlim(0, 1.6 * max(r["ms_per_token"] for r in decode))
+    meta = rows[0]
+    fig.suptitle(
+        f"tensor parallel, {meta['model']}, {meta['device']} x2, {meta['date']}, commit {meta['commit']}"
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     for arg in sys.argv[1:]:
         path = Path(arg)
         rows = json.loads(path.read_text())
         out = path.with_suffix(".png")
-        (plot_kernels if rows[0].get("bench") == "kernel" else plot_decode)(rows, out)
+        kind = rows[0].get("bench")
+        plot = (
+            plot_kernels
+            if kind == "kernel"
+            else plot_tp
+            if kind in ("allreduce", "tp-decode")
+            else plot_decode
+        )
+        plot(rows, out)
         print(out)
 
 
