@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fuserve.workers.kernels.rmsnorm import fused_add_rmsnorm_ref, row_num_warps, store_rmsnorm_row
+
 MAX_ROWS = 1024  # rows per call (batch tokens); flags and counters are sized for it
 MAX_HIDDEN = 16384  # one program holds a whole row
 NUM_SLOTS = 2  # buffers per source, used in turn by epoch
@@ -97,10 +99,7 @@ def _all_reduce_add_rmsnorm_kernel(
     residual = tl.load(residual_ptr + row.to(tl.int64) * stride_residual + cols, mask=mask, other=0.0)
     h = (acc.to(dtype).to(tl.float32) + residual.to(tl.float32)).to(dtype)
     tl.store(new_residual_ptr + row_in_slot, h, mask=mask)
-    hf = h.to(tl.float32)
-    hf = hf * tl.rsqrt(tl.sum(hf * hf, axis=0) / hidden_size + eps)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row_in_slot, (weight * hf.to(dtype).to(tl.float32)).to(dtype), mask=mask)
+    store_rmsnorm_row(h, weight_ptr, out_ptr + row.to(tl.int64) * hidden_size, cols, mask, hidden_size, eps)
 
 
 @dataclass
@@ -171,7 +170,7 @@ def all_reduce_add_rmsnorm(
         eps,
         WORLD=bufs.world,
         BLOCK_H=block_h,
-        num_warps=4 if block_h <= 2048 else 8 if block_h <= 8192 else 16,
+        num_warps=row_num_warps(block_h),
     )
     return out, new_residual
 
@@ -180,8 +179,6 @@ def all_reduce_add_rmsnorm_ref(
     partials: list[torch.Tensor], residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch, given every rank's partial: the sum in rank order, then rmsnorm.fused_add_rmsnorm_ref."""
-    from fuserve.workers.kernels.rmsnorm import fused_add_rmsnorm_ref
-
     total = partials[0].float()
     for p in partials[1:]:
         total = total + p.float()

@@ -83,9 +83,10 @@ def init_tp_context(
 
 
 def destroy_tp_context() -> None:
-    """Leave the group so this process can form a new one. NCCL's communicator teardown waits until
-    every peer on the node tears down too, so a rank that leaves first, or after a peer died, would
-    wait forever (seen on two H200s); an abort is local and cancels work still waiting for a peer."""
+    """Leave the group so this process can form a new one. On NCCL always an abort: rank 0 leaves after
+    its workers were killed (or died), and an abort is local and cancels work still waiting for a peer.
+    Free CUDA graphs that hold NCCL kernels first (LLMEngine.shutdown): with them alive, both the
+    graceful teardown and the abort hung on two H200s."""
     if not dist.is_initialized():
         return
     if dist.get_backend() == "nccl":

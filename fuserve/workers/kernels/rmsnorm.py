@@ -48,12 +48,24 @@ def _rmsnorm_kernel(
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(new_residual_ptr + row * hidden_size + cols, x, mask=mask)
 
+    store_rmsnorm_row(x, weight_ptr, out_ptr + row * hidden_size, cols, mask, hidden_size, eps)
+
+
+@triton.jit
+def store_rmsnorm_row(x, weight_ptr, out_row_ptr, cols, mask, hidden_size, eps):
+    """`weight * rmsnorm(x)` for one row `x` (model dtype), stored at out_row_ptr; HF's rounding points.
+    Shared with the fused all-reduce in fuserve/parallel/all_reduce_rmsnorm.py."""
     h = x.to(tl.float32)
     variance = tl.sum(h * h, axis=0) / hidden_size
     h = h * tl.rsqrt(variance + eps)
-    h = h.to(x_ptr.dtype.element_ty).to(tl.float32)
+    h = h.to(x.dtype).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * hidden_size + cols, (weight * h).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_row_ptr + cols, (weight * h).to(out_row_ptr.dtype.element_ty), mask=mask)
+
+
+def row_num_warps(block_h: int) -> int:
+    """Warps for one program holding a whole row of `block_h` elements."""
+    return 4 if block_h <= 2048 else 8 if block_h <= 8192 else 16
 
 
 def _check_rows(name: str, t: torch.Tensor, hidden_size: int | None = None) -> None:
@@ -88,7 +100,6 @@ def _launch(
     if num_tokens == 0:
         return
     block_h = triton.next_power_of_2(hidden_size)
-    num_warps = 4 if block_h <= 2048 else 8 if block_h <= 8192 else 16
     _rmsnorm_kernel[(num_tokens,)](
         x_ptr=x,
         residual_ptr=residual if residual is not None else x,
@@ -101,7 +112,7 @@ def _launch(
         eps=eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK_H=block_h,
-        num_warps=num_warps,
+        num_warps=row_num_warps(block_h),
     )
 
 
