@@ -2,6 +2,10 @@
 
 A decode step at batch 1 is a chain of matrix-vector products, each bound by reading W once.
 Prints time and achieved bandwidth per shape beside the measured copy bandwidth, writes JSON rows.
+Alone, a 20-30 us GEMV pays its launch and ramp-up; in the engine they run back to back in a CUDA
+graph. So the chain rows time a graph of a whole model's GEMVs (32 layers of qkv -> o -> gate_up ->
+down, each fed by the one before, then lm_head) at TP=1 and TP=2 shard shapes, with programmatic
+dependent launch (kernels/pdl.py) off and on.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import os
 
 import torch
 import triton.testing
+from bench_decode import commit
 
 from fuserve.workers.kernels.gemv import gemv
+from fuserve.workers.kernels.pdl import PDL_ENV
 
 SHAPES = {
     "qkv_proj": (6144, 4096),
@@ -46,6 +52,35 @@ def time_rotating(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
     return bench(call)
 
 
+def chain_us(tp: int, pdl: bool, layers: int = 32) -> tuple[float, int]:
+    """Median us of one graph replay of the model's GEMV chain at TP shard shapes; weight bytes read."""
+    q_size, kv_size, inter, vocab = 4096 // tp, 1024 // tp, 14336 // tp, 128256 // tp
+    shapes = [(q_size + 2 * kv_size, 4096), (4096, q_size), (2 * inter, 4096), (4096, inter)]
+    weights = [
+        [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n, k in shapes]
+        for _ in range(layers)
+    ]
+    lm_head = torch.randn(vocab, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    os.environ[PDL_ENV] = "1" if pdl else "0"
+
+    def chain() -> torch.Tensor:
+        h = x
+        for qkv, o, gate_up, down in weights:
+            h = gemv(gemv(h, qkv)[:, :q_size], o)  # attention output has the q width
+            h = gemv(gemv(h, gate_up)[:, :inter], down)  # silu(gate) * up has the gate width
+        return gemv(h, lm_head)
+
+    chain()  # autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain()
+    us = bench(graph.replay) * 1e3
+    nbytes = sum(w.numel() * 2 for ws in weights for w in ws) + lm_head.numel() * 2
+    return us, nbytes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gemv.json")
@@ -56,7 +91,7 @@ def main() -> None:
         model="llama3-8b",
         device=torch.cuda.get_device_name(),
         date=dt.date.today().isoformat(),
-        commit=os.environ.get("FUSERVE_COMMIT", "unknown"),
+        commit=commit(),
     )
     rows = []
     for name, (n, k) in SHAPES.items():
@@ -96,6 +131,25 @@ def main() -> None:
             f"{r['op']:<14}{r['engine']:<16}{r['ms'] * 1e3:>8.1f}{r['tb_s']:>7.2f}"
             f"{r['frac_of_ceiling']:>6.2f}"
         )
+    for tp in (1, 2):
+        for pdl in (False, True):
+            us, nbytes = chain_us(tp, pdl)
+            tb_s = nbytes / (us * 1e-6) / 1e12
+            rows.append(
+                dict(
+                    meta,
+                    engine="fuserve-triton-pdl" if pdl else "fuserve-triton",
+                    op=f"chain-tp{tp}",
+                    tp=tp,
+                    pdl=pdl,
+                    batch=1,
+                    ms=us / 1e3,
+                    tb_s=tb_s,
+                    frac_of_ceiling=tb_s * 1e12 / copy_bw,
+                )
+            )
+            print(f"chain TP={tp} pdl={pdl!s:<6}{us:>9.1f} us{tb_s:>7.2f} TB/s{tb_s * 1e12 / copy_bw:>6.2f}")
+    os.environ.pop(PDL_ENV, None)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
 

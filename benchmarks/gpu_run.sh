@@ -3,7 +3,7 @@
 # benchmarks named in $BENCH (default: kernels decode). Everything lands under $OUT.
 #   device run: bash benchmarks/gpu_run.sh            (carry: [".whl"])
 set -uo pipefail
-export PYTHONUNBUFFERED=1 FUSERVE_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+export PYTHONUNBUFFERED=1 FUSERVE_COMMIT=${FUSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

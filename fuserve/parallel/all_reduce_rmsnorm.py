@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
 from fuserve.workers.kernels.rmsnorm import fused_add_rmsnorm_ref, row_num_warps, store_rmsnorm_row
 
 MAX_ROWS = 1024  # rows per call (batch tokens); flags and counters are sized for it
@@ -60,7 +61,9 @@ def _all_reduce_add_rmsnorm_kernel(
     eps,
     WORLD: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_launch_and_wait(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden_size
@@ -152,6 +155,7 @@ def all_reduce_add_rmsnorm(
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_h = triton.next_power_of_2(hidden)
+    use_pdl = pdl_enabled(x)
     _all_reduce_add_rmsnorm_kernel[(rows,)](
         x,
         residual,
@@ -170,7 +174,9 @@ def all_reduce_add_rmsnorm(
         eps,
         WORLD=bufs.world,
         BLOCK_H=block_h,
+        USE_PDL=use_pdl,
         num_warps=row_num_warps(block_h),
+        launch_pdl=use_pdl,
     )
     return out, new_residual
 

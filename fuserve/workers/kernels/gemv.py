@@ -4,7 +4,8 @@ At batch 1 every linear layer is a matrix-vector product: the whole cost is read
 picks tiles built for matrices and, on an H100, reads some shapes (4096 x 4096, o_proj) at about half
 of the copy bandwidth and others through a split-K pass plus a reduction kernel. Here each program
 owns BLOCK_N output features and streams their rows of W over K in BLOCK_K chunks, multiplying by x
-in fp32 and reducing across K in registers; one launch, no workspace, no reduction pass.
+in fp32 and reducing across K in registers; one launch, no workspace, no reduction pass. On Hopper the
+first tile of W is read while the previous kernel drains (programmatic dependent launch, kernels/pdl.py).
 
     x [1, K] ──┐
                ├─ sum_k x[k] * W[n, k] (fp32) ──► y[n] (x.dtype)       grid: N / BLOCK_N
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIGS = (
@@ -48,6 +51,7 @@ def _gemv_kernel(
     K,
     stride_wn,
     HAS_BIAS: tl.constexpr,
+    USE_PDL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -55,8 +59,14 @@ def _gemv_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # the first tile of weights does not depend on the previous kernel: load it before waiting
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    w = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    pdl_launch_and_wait(USE_PDL)
+    x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    acc = w.to(tl.float32) * x[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
@@ -79,6 +89,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError("x and weight need a contiguous last dimension")
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
+    use_pdl = pdl_enabled(x)
     _gemv_kernel[grid](
         x_ptr=x,
         w_ptr=weight,
@@ -88,6 +99,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         K=k,
         stride_wn=weight.stride(0),
         HAS_BIAS=bias is not None,
+        USE_PDL=use_pdl,
+        launch_pdl=use_pdl,
     )
     return y
 

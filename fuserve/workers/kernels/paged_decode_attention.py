@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
+
 LOG2E = 1.4426950408889634
 
 
@@ -65,7 +67,9 @@ def _paged_decode_split_kernel(
     SINGLE_SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_launch_and_wait(USE_PDL)
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -140,7 +144,9 @@ def _paged_decode_reduce_kernel(
     partition_size,
     HEAD_DIM: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_launch_and_wait(USE_PDL)
     batch = tl.program_id(0)
     head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + batch)
@@ -262,6 +268,7 @@ def paged_decode_attention(
     partition_size = decode_partition_size(batch, num_kv_heads, max_context_len, q.device)
     num_splits = triton.cdiv(max(max_context_len, 1), partition_size)
     on_gpu = q.device.type == "cuda"
+    use_pdl = pdl_enabled(q)
     if num_splits > 1:
         part_shape = (batch, num_q_heads, num_splits)
         part_m = torch.empty(part_shape, dtype=torch.float32, device=q.device)
@@ -298,8 +305,10 @@ def paged_decode_attention(
         SINGLE_SPLIT=num_splits == 1,
         UPCAST=not on_gpu,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_PDL=use_pdl,
         num_warps=4,
         num_stages=2,
+        launch_pdl=use_pdl,
     )
     if num_splits > 1:
         _paged_decode_reduce_kernel[(batch, num_q_heads)](
@@ -313,7 +322,9 @@ def paged_decode_attention(
             partition_size=partition_size,
             HEAD_DIM=head_dim,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
+            USE_PDL=use_pdl,
             num_warps=1 if head_dim <= 64 else 2,
+            launch_pdl=use_pdl,
         )
     return out
 

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
+
 
 @triton.jit
 def _rmsnorm_kernel(
@@ -36,7 +38,9 @@ def _rmsnorm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_launch_and_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden_size
@@ -100,6 +104,7 @@ def _launch(
     if num_tokens == 0:
         return
     block_h = triton.next_power_of_2(hidden_size)
+    use_pdl = pdl_enabled(x)
     _rmsnorm_kernel[(num_tokens,)](
         x_ptr=x,
         residual_ptr=residual if residual is not None else x,
@@ -112,7 +117,9 @@ def _launch(
         eps=eps,
         HAS_RESIDUAL=residual is not None,
         BLOCK_H=block_h,
+        USE_PDL=use_pdl,
         num_warps=row_num_warps(block_h),
+        launch_pdl=use_pdl,
     )
 
 

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
+
 
 @triton.jit
 def _rotate_half(x1, x2, cos, sin):
@@ -57,7 +59,9 @@ def _rotary_kv_write_kernel(
     HALF_PAD: tl.constexpr,
     Q_HEADS_PAD: tl.constexpr,
     KV_HEADS_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_launch_and_wait(USE_PDL)
     HALF: tl.constexpr = HEAD_DIM // 2
     token = tl.program_id(0).to(tl.int64)
     half = tl.arange(0, HALF_PAD)
@@ -171,6 +175,7 @@ def rotary_kv_write(
     q_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return q_out
+    use_pdl = pdl_enabled(q)
     _rotary_kv_write_kernel[(num_tokens,)](
         q_ptr=q,
         k_ptr=k,
@@ -196,7 +201,9 @@ def rotary_kv_write(
         HALF_PAD=triton.next_power_of_2(head_dim // 2),
         Q_HEADS_PAD=triton.next_power_of_2(num_q_heads),
         KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        USE_PDL=use_pdl,
         num_warps=4,
+        launch_pdl=use_pdl,
     )
     return q_out
 

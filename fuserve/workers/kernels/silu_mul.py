@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
+
 
 @triton.jit
 def _silu_mul_kernel(
@@ -26,7 +28,9 @@ def _silu_mul_kernel(
     stride_x,
     intermediate_size,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_launch_and_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate_size
@@ -48,13 +52,16 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(intermediate_size))
     grid = (num_tokens, triton.cdiv(intermediate_size, block))
+    use_pdl = pdl_enabled(x)
     _silu_mul_kernel[grid](
         x_ptr=x,
         out_ptr=out,
         stride_x=x.stride(0),
         intermediate_size=intermediate_size,
         BLOCK=block,
+        USE_PDL=use_pdl,
         num_warps=4,
+        launch_pdl=use_pdl,
     )
     return out
 
