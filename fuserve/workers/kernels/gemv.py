@@ -39,6 +39,10 @@ _CONFIGS = (
     ]
 )
 
+# weight elements per program loaded before the wait for the previous kernel (registers: 8192 bf16
+# elements are 32 per thread at 4 warps); FUSERVE_GEMV_PREFETCH overrides it for A/B runs
+_PREFETCH = int(os.environ.get("FUSERVE_GEMV_PREFETCH", "1"))
+
 
 @triton.autotune(configs=_CONFIGS, key=["N", "K"])
 @triton.jit
@@ -52,27 +56,31 @@ def _gemv_kernel(
     stride_wn,
     HAS_BIAS: tl.constexpr,
     USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    # the weights do not depend on the previous kernel: the first PRE_K columns (about PREFETCH
+    # elements per program, at least one tile) are loaded before waiting for it
+    PRE_K: tl.constexpr = BLOCK_K * (1 + (PREFETCH - 1) // (BLOCK_N * BLOCK_K))
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    # the first tile of weights does not depend on the previous kernel: load it before waiting
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, PRE_K)
     mask_k = offs_k < K
     w = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
     pdl_launch_and_wait(USE_PDL)
     x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    acc = w.to(tl.float32) * x[None, :]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(PRE_K, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         w = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
-    y = tl.sum(acc, axis=1)
+    y += tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
@@ -100,6 +108,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         stride_wn=weight.stride(0),
         HAS_BIAS=bias is not None,
         USE_PDL=use_pdl,
+        PREFETCH=_PREFETCH,
         launch_pdl=use_pdl,
     )
     return y
