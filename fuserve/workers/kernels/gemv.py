@@ -67,12 +67,12 @@ def _gemv_kernel(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    offs_k = tl.arange(0, PRE_K)
-    mask_k = offs_k < K
-    w = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    offs_pre = tl.arange(0, PRE_K)
+    mask_pre = offs_pre < K
+    w_pre = tl.load(rows + offs_pre[None, :], mask=mask_n[:, None] & mask_pre[None, :], other=0.0)
     pdl_launch_and_wait(USE_PDL)
-    x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    x_pre = tl.load(x_ptr + offs_pre, mask=mask_pre, other=0.0).to(tl.float32)
+    y = tl.sum(w_pre.to(tl.float32) * x_pre[None, :], axis=1)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(PRE_K, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
