@@ -73,6 +73,9 @@ def qwen_kv1_odd_vocab(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+
 def tp_config(folder: Path, tp: int, **sections: dict[str, Any]) -> FuserveConfig:
     data: dict[str, Any] = {
         "model": {"path": str(folder), "max_model_len": 128},
@@ -308,8 +311,20 @@ def test_tp2_greedy_equals_tp1(
     llm.engine.shutdown()  # twice is fine
 
 
-def test_killed_worker_fails_in_flight_requests(ray_cluster: None, llama_kv2: Path) -> None:
-    engine = AsyncEngine(tp_config(llama_kv2, 2, model={"max_model_len": 512}, cache={"num_blocks": 160}))
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        # on two GPUs rank 0's GPU is left waiting in the fused all-reduce for the dead peer: the
+        # request must still fail now, and shutdown must still end the group
+        pytest.param("cuda", marks=[pytest.mark.gpu, two_gpus]),
+    ],
+)
+def test_killed_worker_fails_in_flight_requests(ray_cluster: None, llama_kv2: Path, device: str) -> None:
+    model = {"max_model_len": 512, "device": device}
+    if device == "cuda":
+        model["dtype"] = "bfloat16"
+    engine = AsyncEngine(tp_config(llama_kv2, 2, model=model, cache={"num_blocks": 160}))
     group = engine.engine.workers
     assert group is not None
 
@@ -334,8 +349,10 @@ def test_killed_worker_fails_in_flight_requests(ray_cluster: None, llama_kv2: Pa
 
     with pytest.raises(EngineDeadError):
         asyncio.run(new_request())
+    t0 = time.monotonic()
     engine.shutdown()
     engine.engine.shutdown()
+    print(f"shutdown after the worker died took {time.monotonic() - t0:.1f} s on {device}")
     assert wait_until(lambda: gone(group.worker_pids), 10)
     assert live_placement_groups() == []
 
@@ -479,7 +496,6 @@ def test_serve_replica_places_workers_in_its_bundles(ray_cluster: None, llama_kv
 
 
 # ---- GPU: two GPUs, NCCL, the one-shot all-reduce ------------------------------------------------
-two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
 
 @pytest.mark.gpu

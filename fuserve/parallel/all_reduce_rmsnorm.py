@@ -26,7 +26,7 @@ tensors and run the two ranks one after the other under TRITON_INTERPRET.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +37,9 @@ from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
 from fuserve.workers.kernels.rmsnorm import fused_add_rmsnorm_ref, row_num_warps, store_rmsnorm_row
 
 MAX_ROWS = 1024  # rows per call (batch tokens); flags and counters are sized for it
+# ~1 us per poll of a flag over the system scope: a minute or more, far beyond any skew between
+# ranks (first-call autotuning included), and still an end to a wait on a rank that died
+MAX_SPINS = 1 << 26
 MAX_HIDDEN = 16384  # one program holds a whole row
 NUM_SLOTS = 2  # buffers per source, used in turn by epoch
 SLOTS = tl.constexpr(NUM_SLOTS)
@@ -52,12 +55,14 @@ def _all_reduce_add_rmsnorm_kernel(
     data_ptrs,
     flag_ptrs,
     counter_ptr,
+    status_ptr,
     rank,
     hidden_size,
     stride_x,
     stride_residual,
     slot_numel,
     max_rows,
+    max_spins,
     eps,
     WORLD: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -94,10 +99,17 @@ def _all_reduce_add_rmsnorm_kernel(
             acc += x.to(tl.float32)
         else:
             theirs = own_data + (which * WORLD + src).to(tl.int64) * slot_numel + row_in_slot
-            while tl.atomic_add(own_flags + src * max_rows + row, 0, sem="acquire", scope="sys") < epoch:
-                pass
-            part = tl.load(theirs, mask=mask, other=0.0, volatile=True)
-            acc += part.to(tl.float32)
+            flag = own_flags + src * max_rows + row
+            seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
+            spins = 0
+            while (seen < epoch) & (spins < max_spins):
+                seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
+                spins += 1
+            part = tl.load(theirs, mask=mask, other=0.0, volatile=True).to(tl.float32)
+            if seen < epoch:  # the peer never came (died or stuck): say so, and poison the row
+                tl.atomic_xchg(status_ptr.to(tl.pointer_type(tl.int32)), src + 1, sem="relaxed", scope="sys")
+                part = tl.full([BLOCK_H], float("nan"), tl.float32)
+            acc += part
 
     residual = tl.load(residual_ptr + row.to(tl.int64) * stride_residual + cols, mask=mask, other=0.0)
     h = (acc.to(dtype).to(tl.float32) + residual.to(tl.float32)).to(dtype)
@@ -118,6 +130,18 @@ class PushBuffers:
     counters: torch.Tensor  # [max_rows] int32, this rank's own
     slot_numel: int
     max_rows: int = MAX_ROWS
+    # polls of a peer's flag before giving up on it, so a dead peer cannot hang this GPU forever
+    max_spins: int = MAX_SPINS
+    # host-visible (pinned) word: 0, or 1 + the rank a kernel gave up waiting for
+    status: torch.Tensor = field(
+        default_factory=lambda: torch.zeros(1, dtype=torch.int32, pin_memory=torch.cuda.is_available())
+    )
+
+    @property
+    def timed_out_rank(self) -> int | None:
+        """The rank a kernel gave up waiting for, read without a device sync (the word is pinned)."""
+        value = int(self.status[0])
+        return value - 1 if value else None
 
     def fits(self, x: torch.Tensor) -> bool:
         """Depends on shape and dtype only, so every rank decides the same for the same call."""
@@ -165,12 +189,14 @@ def all_reduce_add_rmsnorm(
         bufs.data_ptrs,
         bufs.flag_ptrs,
         bufs.counters,
+        bufs.status.data_ptr(),
         bufs.rank,
         hidden,
         x.stride(0),
         residual.stride(0),
         bufs.slot_numel,
         bufs.max_rows,
+        bufs.max_spins,
         eps,
         WORLD=bufs.world,
         BLOCK_H=block_h,

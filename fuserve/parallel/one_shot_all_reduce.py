@@ -118,6 +118,9 @@ class OneShotAllReduce:
     def fits_add_rmsnorm(self, x: torch.Tensor) -> bool:
         return x.is_cuda and self.push.fits(x)
 
+    def timed_out_rank(self) -> int | None:
+        return self.push.timed_out_rank
+
     def add_rmsnorm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:

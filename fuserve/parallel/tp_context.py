@@ -30,6 +30,10 @@ class FastAllReduce(Protocol):
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def timed_out_rank(self) -> int | None:
+        """A rank that this rank's kernels gave up waiting for (it never arrived), or None."""
+        ...
+
 
 AddRMSNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -41,6 +45,9 @@ class TPContext:
     group: Any = None
     cpu_group: Any = None
     fast_all_reduce: FastAllReduce | None = None
+
+    def timed_out_rank(self) -> int | None:
+        return self.fast_all_reduce.timed_out_rank() if self.fast_all_reduce is not None else None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks. Use the returned tensor: the fast path writes a new one."""

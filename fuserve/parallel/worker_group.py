@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -54,6 +54,7 @@ from fuserve.workers.step_plan import StepPlan
 
 log = logging.getLogger(__name__)
 
+POLL_S = 50e-6  # rank 0 polls its step's completion at this interval while watching the group
 CAUSE_WAIT_S = 2.0  # after a failed collective, how long to let the watchdog name the rank that died
 
 
@@ -197,8 +198,18 @@ class WorkerGroup:
         self.sender.send(plan)
 
     def check(self, what: str = "step") -> None:
+        if self.failure is None and (rank := self.tp.timed_out_rank()) is not None:
+            self._fail(f"rank 0's GPU gave up waiting for rank {rank} in an all-reduce")
         if self.failure is not None:
             raise WorkerGroupError(self._message(what))
+
+    def wait(self, ready: Callable[[], bool], what: str = "step") -> None:
+        """Wait for rank 0's device work without blocking in CUDA: a dead peer can leave this GPU
+        waiting in a collective, and a failure must surface now, not when (or if) the GPU gets free."""
+        while not ready():
+            self.check(what)
+            time.sleep(POLL_S)
+        self.check(what)
 
     @contextmanager
     def guard(self, what: str) -> Iterator[None]:

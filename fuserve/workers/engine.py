@@ -280,6 +280,8 @@ class LLMEngine:
 
     def _complete(self, inflight: tuple[SchedulerOutput, SampledBatch | None]) -> list[RequestOutput]:
         sched_out, batch = inflight
+        if batch is not None and self.workers is not None:
+            self.workers.wait(batch.ready)
         results = iter(batch.results() if batch is not None else [])
         sampled: list[int | None] = []
         logprobs = []

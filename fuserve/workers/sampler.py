@@ -99,6 +99,10 @@ class SampledBatch:
         self._event = torch.cuda.Event()
         self._event.record()
 
+    def ready(self) -> bool:
+        """Whether `results` would return without waiting for the device."""
+        return self._event is None or self._event.query()
+
     def results(self) -> list[SampleResult]:
         if self._event is not None:
             self._event.synchronize()

@@ -89,3 +89,26 @@ def test_refuses_what_does_not_fit() -> None:
     assert bufs[0].fits(torch.zeros(1, 48, device=DEVICE))
     with pytest.raises(ValueError, match="does not fit"):
         all_reduce_add_rmsnorm(x, x, torch.ones(48, device=DEVICE), EPS, bufs[0])
+
+
+def test_a_peer_that_never_comes_ends_the_wait() -> None:
+    """A dead peer must not hang the GPU: after max_spins polls the kernel gives up, names the peer in
+    the host-visible status word and poisons the row (NaN) instead of returning a partial sum."""
+    hidden = 16
+    bufs, _, _ = _two_ranks(torch.float32, 4 * hidden)
+    bufs[0].max_spins = 8
+    assert bufs[0].timed_out_rank is None
+    x = torch.randn(2, hidden, device=DEVICE)
+    out, res = all_reduce_add_rmsnorm(x, torch.zeros_like(x), torch.ones(hidden, device=DEVICE), EPS, bufs[0])
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    assert bufs[0].timed_out_rank == 1
+    assert out.isnan().all() and res.isnan().all()
+    if DEVICE.type == "cuda":  # what one poll costs, for MAX_SPINS's comment
+        import time
+
+        bufs[0].max_spins = 1 << 20
+        t0 = time.perf_counter()
+        all_reduce_add_rmsnorm(x, torch.zeros_like(x), torch.ones(hidden, device=DEVICE), EPS, bufs[0])
+        torch.cuda.synchronize()
+        print(f"{(time.perf_counter() - t0) / (1 << 20) * 1e9:.0f} ns per poll of a flag")

@@ -39,10 +39,6 @@ _CONFIGS = (
     ]
 )
 
-# weight elements per program loaded before the wait for the previous kernel (registers: 8192 bf16
-# elements are 32 per thread at 4 warps); FUSERVE_GEMV_PREFETCH overrides it for A/B runs
-_PREFETCH = int(os.environ.get("FUSERVE_GEMV_PREFETCH", "1"))
-
 
 @triton.autotune(configs=_CONFIGS, key=["N", "K"])
 @triton.jit
@@ -56,25 +52,23 @@ def _gemv_kernel(
     stride_wn,
     HAS_BIAS: tl.constexpr,
     USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # the weights do not depend on the previous kernel: the first PRE_K columns (about PREFETCH
-    # elements per program, at least one tile) are loaded before waiting for it
-    PRE_K: tl.constexpr = BLOCK_K * (1 + (PREFETCH - 1) // (BLOCK_N * BLOCK_K))
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    offs_pre = tl.arange(0, PRE_K)
+    # the weights do not depend on the previous kernel: the first tile is loaded before waiting for it
+    # (more tiles before the wait measured slower: benchmarks/NOTES.md)
+    offs_pre = tl.arange(0, BLOCK_K)
     mask_pre = offs_pre < K
     w_pre = tl.load(rows + offs_pre[None, :], mask=mask_n[:, None] & mask_pre[None, :], other=0.0)
     pdl_launch_and_wait(USE_PDL)
     x_pre = tl.load(x_ptr + offs_pre, mask=mask_pre, other=0.0).to(tl.float32)
     y = tl.sum(w_pre.to(tl.float32) * x_pre[None, :], axis=1)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(PRE_K, K, BLOCK_K):
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
@@ -108,7 +102,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         stride_wn=weight.stride(0),
         HAS_BIAS=bias is not None,
         USE_PDL=use_pdl,
-        PREFETCH=_PREFETCH,
         launch_pdl=use_pdl,
     )
     return y
