@@ -37,8 +37,9 @@ from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
 from fuserve.workers.kernels.rmsnorm import fused_add_rmsnorm_ref, row_num_warps, store_rmsnorm_row
 
 MAX_ROWS = 1024  # rows per call (batch tokens); flags and counters are sized for it
-# ~1 us per poll of a flag over the system scope: a minute or more, far beyond any skew between
-# ranks (first-call autotuning included), and still an end to a wait on a rank that died
+# polls of a peer's flag before a program gives up: each is a system-scope atomic, so this is far
+# beyond any skew between live ranks (first-call autotuning included) yet still ends the wait on a
+# rank that died
 MAX_SPINS = 1 << 26
 MAX_HIDDEN = 16384  # one program holds a whole row
 NUM_SLOTS = 2  # buffers per source, used in turn by epoch
