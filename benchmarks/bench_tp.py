@@ -82,6 +82,7 @@ def _collective_worker(
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[rank]  # before anything starts CUDA in this process
     from fuserve.parallel.plan_broadcast import PlanReceiver, PlanSender
     from fuserve.parallel.process_group import destroy_tp_context, init_tp_context
+    from fuserve.workers.kernels.gemv import gemv
     from fuserve.workers.kernels.rmsnorm import fused_add_rmsnorm
     from fuserve.workers.step_plan import StepPlan
 
@@ -109,6 +110,14 @@ def _collective_worker(
             impls["one-shot+norm"] = lambda y, f=fast, r=residual: fused_add_rmsnorm(f(y), r, weight, 1e-5)[0]
         if fast is not None and fast.fits_add_rmsnorm(x):  # what replaces one-shot+norm in the model
             impls["fused"] = lambda y, f=fast, r=residual: f.add_rmsnorm(y, r, weight, 1e-5)[0]
+        w = torch.randn(hidden, hidden, dtype=dtype, device=device) / hidden**0.5
+        if fast is not None and fast.fits_gemv_push(x, w):  # batch 1: a row-parallel GEMV, then the sum
+            impls["gemv+fused"] = lambda y, f=fast, r=residual, w=w: f.add_rmsnorm(
+                gemv(y, w), r, weight, 1e-5
+            )[0]
+            impls["gemv-push"] = lambda y, f=fast, r=residual, w=w: f.pushed_add_rmsnorm(
+                f.gemv_push(y, w, None), r, weight, 1e-5
+            )[0]
         for name, op in impls.items():
 
             def steps(op: Any = op, x: torch.Tensor = x) -> torch.Tensor:
@@ -241,7 +250,17 @@ def profile_decode(engine: Any, prompt_len: int, vocab: int, steps: int = 40) ->
         ((name, len(ts) / steps, sum(ts) / steps) for name, ts in by_name.items()), key=lambda r: -r[2]
     )
     busy = sum(e.device_time for e in kernels) / steps
-    print(f"\nrank 0, batch 1: {wall_us / steps:.0f} us per step, GPU busy {busy:.0f} us")
+    # with PDL kernels overlap, so the sum over-counts: the union of their intervals is the busy time
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    covered, reach = 0.0, float("-inf")
+    for start, end in spans:
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    print(
+        f"\nrank 0, batch 1: {wall_us / steps:.0f} us per step, kernels {busy:.0f} us summed, GPU busy "
+        f"{covered / steps:.0f} us (union)"
+    )
     print(f"{'kernel':<62}{'calls':>7}{'us/step':>9}{'us/call':>9}")
     for name, calls, us in table[:25]:
         print(f"{name:<62}{calls:>7.1f}{us:>9.1f}{us / calls:>9.2f}")
@@ -250,6 +269,7 @@ def profile_decode(engine: Any, prompt_len: int, vocab: int, steps: int = 40) ->
         batch=1,
         us_per_step=wall_us / steps,
         gpu_busy_us_per_step=busy,
+        gpu_union_us_per_step=covered / steps,
         kernels=[dict(name=n, calls_per_step=c, us_per_step=u) for n, c, u in table],
     )
 
@@ -285,6 +305,8 @@ def run_engine(
     init_s = time.perf_counter() - t0
     one_shot = workers is not None and workers.tp.fast_all_reduce is not None
     backend = "oneshot" if one_shot else ("gloo" if smoke else "nccl")
+    if one_shot and all_reduce == "no-push":
+        backend += "-nopush"  # the fused all-reduce, without the batch-1 GEMV push (A/B)
     name = "fuserve-tp1" if tp == 1 else f"fuserve-tp{tp}-{backend}"
     rows = []
     for i, batch in enumerate(batches[:1] + batches):  # the first is a warm-up (Triton compiles), dropped
@@ -327,7 +349,11 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--skip-tp1", action="store_true", help="70B does not fit one GPU")
     ap.add_argument("--skip-collectives", action="store_true")
-    ap.add_argument("--all-reduce", default="nccl,auto", help="TP=N engines to time: nccl, auto (one-shot)")
+    ap.add_argument(
+        "--all-reduce",
+        default="nccl,auto",
+        help="TP=N engines to time: nccl, auto (one-shot, fused, GEMV push), no-push (auto without the push)",
+    )
     ap.add_argument(
         "--smoke", action="store_true", help="tiny shapes on CPU over gloo: checks the script runs"
     )

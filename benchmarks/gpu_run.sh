@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,power.limit --format=csv | tee "$OUT/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout 240 python3 -m pytest -q -x -m gpu ${TESTS:-tests/kernels tests/test_gpu_engine.py} -p no:cacheprovider 2>&1 \
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -x -m gpu ${TESTS:-tests/kernels tests/test_gpu_engine.py} -p no:cacheprovider 2>&1 \
     | tee "$OUT/gpu-tests.log" | tail -25
 fi
 for b in ${BENCH:-kernels decode}; do
@@ -17,6 +17,7 @@ for b in ${BENCH:-kernels decode}; do
     kernels) timeout 200 python3 benchmarks/bench_kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     gemv) timeout 200 python3 benchmarks/bench_gemv.py --out "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.log" | tail -12 ;;
     profile) timeout 200 python3 benchmarks/profile_step.py --out "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log" | tail -8 ;;
+    tp) timeout ${TP_TIMEOUT:-450} python3 benchmarks/bench_tp.py ${TP_ARGS:-} --out "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log" | tail -45 ;;
     decode) timeout 400 python3 benchmarks/bench_decode.py ${DECODE_ARGS:-} --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
   esac
 done

@@ -2,7 +2,7 @@
 
 check_all_reduce     one process per GPU, each masked to its GPU as Ray does: one-shot vs NCCL vs the
                      exact sum, eager and replayed from a CUDA graph; then the fused all-reduce + add
-                     + RMSNorm (check_add_rmsnorm) the same ways
+                     + RMSNorm (check_add_rmsnorm) and the pushing GEMV (check_gemv_push) the same ways
 compare_greedy       Llama-3-8B layer shapes: TP=1 vs TP=2 (NCCL only, and one-shot) greedy decoding
 """
 
@@ -131,10 +131,58 @@ def check_add_rmsnorm(tp: Any, device: torch.device) -> None:
         torch.cuda.synchronize()
         check(x, residual, out, new_res)
         check(x, new_res.clone(), out2, new_res2)
+    check_gemv_push(tp, device, weight, check)
+
+
+def check_gemv_push(tp: Any, device: torch.device, weight: torch.Tensor, check: Any) -> None:
+    """The batch-1 GEMV that pushes its partial (gemv_push.py), summed by its kernel: as NCCL + the torch
+    reference, the same bits on every rank, eager (both slots, several times) and chained in a CUDA graph
+    as o_proj -> norm -> down_proj -> norm chain them, replayed on new inputs."""
+    from fuserve.workers.kernels.gemv import gemv_ref
+
+    fast = tp.fast_all_reduce
+    g = torch.Generator().manual_seed(300 + tp.rank)  # each rank its own shard of W
+    w_o = (torch.randn(4096, 2048, generator=g) / 2048**0.5).to(device, torch.bfloat16)
+    w_down = (torch.randn(4096, 7168, generator=g) / 7168**0.5).to(device, torch.bfloat16)
+
+    def rows(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed * 10 + tp.rank)
+        a, m = torch.randn(1, 2048, generator=gen), torch.randn(1, 7168, generator=gen)
+        res = torch.randn(1, 4096, generator=torch.Generator().manual_seed(seed))  # the same everywhere
+        return a.to(device, torch.bfloat16), m.to(device, torch.bfloat16), res.to(device, torch.bfloat16)
+
+    for seed in range(5):
+        a, _, residual = rows(seed)
+        assert fast.fits_gemv_push(a, w_o)
+        partial = fast.gemv_push(a, w_o, None)
+        torch.testing.assert_close(partial, gemv_ref(a, w_o), atol=0.05, rtol=0.02)
+        check(partial, residual, *fast.pushed_add_rmsnorm(partial, residual, weight, 1e-5))
+
+    static_a, static_m, static_res = rows(50)
+    for _ in range(2):  # warm-up: `gemv` tunes the block sizes outside the capture
+        fast.pushed_add_rmsnorm(fast.gemv_push(static_a, w_o, None), static_res, weight, 1e-5)
+        fast.pushed_add_rmsnorm(fast.gemv_push(static_m, w_down, None), static_res, weight, 1e-5)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        p1 = fast.gemv_push(static_a, w_o, None)
+        out1, res1 = fast.pushed_add_rmsnorm(p1, static_res, weight, 1e-5)
+        p2 = fast.gemv_push(static_m, w_down, None)
+        out2, res2 = fast.pushed_add_rmsnorm(p2, res1, weight, 1e-5)
+    for trial in range(3):
+        a, m, residual = rows(60 + trial)
+        static_a.copy_(a)
+        static_m.copy_(m)
+        static_res.copy_(residual)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(p1, residual, out1, res1)
+        check(p2, res1.clone(), out2, res2)
+    assert fast.timed_out_rank() is None
 
 
 def _generate(
-    folder: Path, tp: int, all_reduce: str, prompts: list[list[int]], steps: int
+    folder: Path, tp: int, all_reduce: str, prompts: list[list[int]], steps: list[int]
 ) -> list[list[Any]]:
     from fuserve.configs import config_from_dict
     from fuserve.parallel.worker_group import WorkerGroup
@@ -155,9 +203,10 @@ def _generate(
     engine = LLMEngine(config, workers=workers)
     if workers is not None:
         assert (workers.tp.fast_all_reduce is not None) == (all_reduce == "auto")
-    params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True, logprobs=2)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"p{i}", p, params)
+    for i, (p, n) in enumerate(zip(prompts, steps, strict=True)):
+        engine.add_request(
+            f"p{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=2)
+        )
     logprobs: dict[str, list[Any]] = {f"p{i}": [] for i in range(len(prompts))}
     while engine.has_unfinished():
         for out in engine.step():
@@ -176,10 +225,12 @@ def compare_greedy(folder: Path, steps: int = 24) -> None:
     Prints the spread first, so a failure shows it."""
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 128256, (n,), generator=g).tolist() for n in (1, 9, 64, 200)]
-    ref = _generate(folder, 1, "nccl", prompts, steps)
+    # the last prompt runs on alone for 2 x steps: batch-1 decode (GEMV push) after batch-4 decode
+    lengths = [steps] * (len(prompts) - 1) + [3 * steps]
+    ref = _generate(folder, 1, "nccl", prompts, lengths)
     failures = []
     for all_reduce in ("nccl", "auto"):
-        got = _generate(folder, 2, all_reduce, prompts, steps)
+        got = _generate(folder, 2, all_reduce, prompts, lengths)
         diffs = []
         for p, (want_seq, got_seq) in enumerate(zip(ref, got, strict=True)):
             for i, (w, o) in enumerate(zip(want_seq, got_seq, strict=True)):
@@ -205,6 +256,6 @@ def compare_greedy(folder: Path, steps: int = 24) -> None:
         )
         if mid_diff >= BF16_LOGPROB_MEDIAN:
             failures.append(f"{all_reduce}: median |logprob diff| {mid_diff:.4f} over {len(diffs)} steps")
-        if len(diffs) < len(prompts) * steps // 4:
+        if len(diffs) < sum(lengths) // 4:
             failures.append(f"{all_reduce}: only {len(diffs)} steps before the sequences parted")
     assert not failures, "\n".join(failures)

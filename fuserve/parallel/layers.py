@@ -8,7 +8,8 @@ shard id into their place in the fused parameter.
   MergedColumnParallel    several column-parallel outputs in one GEMM (gate/up)
   QKVParallelLinear       q, k, v heads split across ranks; KV heads replicated when ranks > kv heads
   RowParallelLinear       input features split; one all-reduce sums the partial outputs (or the caller
-                          does, fused with its residual add and RMSNorm)
+                          does, fused with its residual add and RMSNorm; for one decode row the GEMV
+                          itself pushes its partial to the peers)
   VocabParallelEmbedding  vocab rows split; out-of-range ids give zeros, all-reduce fills them in
   ParallelLMHead          vocab rows split; logits gathered on rank 0 only (the only rank that samples)
 """
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuserve.parallel.tp_context import TPContext
+from fuserve.parallel.tp_context import PushedPartial, TPContext
 
 WeightLoader = Callable[..., None]
 # y = x @ W^T + b; the model passes its kernel choice (e.g. a bandwidth-bound GEMV for decode).
@@ -160,13 +161,12 @@ class RowParallelLinear(nn.Module):
     def load(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
         _copy(param, _narrow(src, 1, self.tp.rank * self.in_per_rank, self.in_per_rank))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x, self.weight, None)
-        if self.reduce_output:
-            y = self.tp.all_reduce(y)
-        if self.bias is not None and (self.reduce_output or self.tp.rank == 0):
-            y = y + self.bias
-        return y
+    def forward(self, x: torch.Tensor) -> torch.Tensor | PushedPartial:
+        if not self.reduce_output:
+            bias = self.bias if self.tp.rank == 0 else None
+            return self.tp.row_parallel_partial(x, self.weight, bias, self.linear)
+        y = self.tp.all_reduce(self.linear(x, self.weight, None))
+        return y + self.bias if self.bias is not None else y
 
 
 class VocabParallelEmbedding(nn.Module):

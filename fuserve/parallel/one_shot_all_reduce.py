@@ -13,7 +13,8 @@ every rank calls its GPU cuda:0; the symmetric-memory rendezvous refuses that ("
 unless TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1, whose only other effect is to skip multicast setup.
 
 Its sibling in all_reduce_rmsnorm.py does the all-reduce that ends an attention or MLP block together with
-the residual add and RMSNorm that follow it; this class owns its buffers too and self-tests both.
+the residual add and RMSNorm that follow it, and gemv_push.py lets a batch-1 row-parallel GEMV push its
+output to the peers itself; this class owns their buffers too and self-tests all three.
 
 CUDA graphs: the op is one kernel on the current stream over fixed buffers, so a capture records it like
 any other kernel and its output comes from the graph's pool.
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fuserve.parallel import gemv_push
 from fuserve.parallel.all_reduce_rmsnorm import all_reduce_add_rmsnorm, symmetric_push_buffers
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,9 @@ _ALIGN = 16  # bytes; the kernel's widest vector, and it requires input and buff
 
 
 class OneShotAllReduce:
-    def __init__(self, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int) -> None:
+    def __init__(
+        self, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int, push_gemv: bool = True
+    ) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
         if dtype not in SUPPORTED_DTYPES:
@@ -55,6 +59,11 @@ class OneShotAllReduce:
         self.buffer.zero_()
         symm_mem.rendezvous(self.buffer, group)
         self.push, self._push_tensors = symmetric_push_buffers(group, device, dtype, self.max_numel)
+        self.slots: gemv_push.PushSlots | None = None
+        if push_gemv and dtype in gemv_push.DTYPES:
+            self.slots, self._slot_tensors = gemv_push.symmetric_push_slots(
+                group, device, dtype, self.push.status, self.push.max_spins
+            )
 
     @classmethod
     def create(
@@ -64,6 +73,7 @@ class OneShotAllReduce:
         device: torch.device,
         dtype: torch.dtype,
         max_bytes: int | None = None,
+        push_gemv: bool = True,
     ) -> OneShotAllReduce | None:
         """Every rank gets one or none does: a rank that cannot set it up (no P2P, old driver, fp16)
         makes the whole group fall back to NCCL, since mixing the two would deadlock. Two agreements:
@@ -73,7 +83,7 @@ class OneShotAllReduce:
         max_bytes = max_bytes or DEFAULT_MAX_BYTES.get(size, 256 << 10)
         impl = None
         try:
-            impl = cls(group, device, dtype, max_bytes)
+            impl = cls(group, device, dtype, max_bytes, push_gemv)
         except Exception as err:  # any failure means: use NCCL, and say why
             log.warning("one-shot all-reduce unavailable, using NCCL for every all-reduce: %s", err)
         if not _all_ranks(impl is not None, cpu_group) or impl is None:
@@ -92,9 +102,18 @@ class OneShotAllReduce:
         got = self(x)
         ones = torch.ones(2048, dtype=self.dtype, device=device)
         normed, summed = self.add_rmsnorm(x, torch.zeros_like(x), ones, 0.0)
+        checks = [got, summed]
+        if self.slots is not None:  # y = 64 x (rank + 1) / 64 on every rank, exact in 16 bits
+            row = torch.ones(1, 64, dtype=self.dtype, device=device)
+            w = torch.full((2048, 64), (rank + 1) / 64, dtype=self.dtype, device=device)
+            pushed_normed, pushed = self.pushed_add_rmsnorm(
+                self.gemv_push(row, w, None), torch.zeros(1, 2048, dtype=self.dtype, device=device), ones, 0.0
+            )
+            checks.append(pushed)
+            normed = torch.cat([normed, pushed_normed])
         torch.cuda.synchronize(device)
         total = size * (size + 1) / 2
-        ok = bool((got == total).all() and (summed == total).all() and (normed == 1).all())
+        ok = all(bool((t == total).all()) for t in checks) and bool((normed == 1).all())
         if not ok:
             log.warning("one-shot all-reduce self-test gave wrong sums on rank %d", rank)
         return ok
@@ -126,6 +145,21 @@ class OneShotAllReduce:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The sum of x over ranks added to residual and RMS-normed, in one kernel (all_reduce_rmsnorm.py)."""
         return all_reduce_add_rmsnorm(x, residual, weight, eps, self.push)
+
+    def fits_gemv_push(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return self.slots is not None and x.is_cuda and self.slots.fits(x, weight)
+
+    def gemv_push(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This rank's partial x @ W^T (+ bias), pushed to the peers as it is computed (gemv_push.py)."""
+        assert self.slots is not None
+        return gemv_push.gemv_push(x, weight, bias, self.slots)
+
+    def pushed_add_rmsnorm(
+        self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`add_rmsnorm` for a partial that `gemv_push` made: the peers' parts are already on their way."""
+        assert self.slots is not None
+        return gemv_push.pushed_add_rmsnorm(partial, residual, weight, eps, self.slots)
 
 
 def _all_ranks(flag: bool, cpu_group: Any) -> bool:

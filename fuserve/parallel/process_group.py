@@ -24,7 +24,9 @@ import torch.distributed as dist
 from fuserve.parallel.one_shot_all_reduce import OneShotAllReduce
 from fuserve.parallel.tp_context import TPContext
 
-AllReduceChoice = Literal["auto", "nccl"]
+# auto: the fast paths where they fit (one-shot, fused add + RMSNorm, GEMV push); no-push: the same
+# without the GEMV push (A/B runs); nccl: NCCL for every all-reduce
+AllReduceChoice = Literal["auto", "no-push", "nccl"]
 
 # Set in every rank's environment before NCCL or symmetric memory start: NVLink multicast stays off in
 # NCCL, torch's symmetric memory and NVSHMEM (it can take shared GPUs out of service), and symmetric
@@ -77,8 +79,10 @@ def init_tp_context(
         warm = torch.zeros(1, device=device)
         dist.all_reduce(warm)  # creates the NCCL communicator now, while every peer is known to be here
         torch.cuda.synchronize(device)
-        if all_reduce == "auto":
-            fast = OneShotAllReduce.create(dist.group.WORLD, cpu_group, device, dtype)
+        if all_reduce != "nccl":
+            fast = OneShotAllReduce.create(
+                dist.group.WORLD, cpu_group, device, dtype, push_gemv=all_reduce == "auto"
+            )
     return TPContext(rank=rank, size=size, group=dist.group.WORLD, cpu_group=cpu_group, fast_all_reduce=fast)
 
 

@@ -34,6 +34,22 @@ class FastAllReduce(Protocol):
         """A rank that this rank's kernels gave up waiting for (it never arrived), or None."""
         ...
 
+    def fits_gemv_push(self, x: torch.Tensor, weight: torch.Tensor) -> bool: ...
+
+    def gemv_push(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+    def pushed_add_rmsnorm(
+        self, partial: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class PushedPartial:
+    """A row-parallel layer's partial output that its GEMV already pushed to every peer (gemv_push.py).
+    Only `TPContext.all_reduce_add_rmsnorm` takes it: the peers' pushes are waiting to be summed there."""
+
+    partial: torch.Tensor
+
 
 AddRMSNorm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -58,9 +74,24 @@ class TPContext:
         dist.all_reduce(x, group=self.group)
         return x
 
-    def all_reduce_add_rmsnorm(
+    def row_parallel_partial(
         self,
         x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        linear: Callable[..., torch.Tensor],
+    ) -> torch.Tensor | PushedPartial:
+        """This rank's partial x @ W^T (+ bias) of a row-parallel layer, for `all_reduce_add_rmsnorm`.
+        For one decode row the fast path's GEMV pushes it to the peers as it computes it."""
+        fast = self.fast_all_reduce
+        if self.size > 1 and fast is not None and fast.fits_gemv_push(x, weight):
+            return PushedPartial(fast.gemv_push(x, weight, bias))
+        y = linear(x, weight, None)
+        return y + bias if bias is not None else y
+
+    def all_reduce_add_rmsnorm(
+        self,
+        x: torch.Tensor | PushedPartial,
         residual: torch.Tensor,
         weight: torch.Tensor,
         eps: float,
@@ -68,8 +99,12 @@ class TPContext:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`add_rmsnorm(sum over ranks of x, residual, weight, eps)`, where x is this rank's partial sum
         (a row-parallel layer's output before its all-reduce). The fast path does both in one kernel."""
-        if self.size > 1 and self.fast_all_reduce is not None and self.fast_all_reduce.fits_add_rmsnorm(x):
-            return self.fast_all_reduce.add_rmsnorm(x, residual, weight, eps)
+        fast = self.fast_all_reduce
+        if isinstance(x, PushedPartial):
+            assert fast is not None, "a pushed partial comes from the fast all-reduce only"
+            return fast.pushed_add_rmsnorm(x.partial, residual, weight, eps)
+        if self.size > 1 and fast is not None and fast.fits_add_rmsnorm(x):
+            return fast.add_rmsnorm(x, residual, weight, eps)
         return add_rmsnorm(self.all_reduce(x), residual, weight, eps)
 
     def broadcast_from_rank0(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fuserve.sampling_params import SamplingParams
+from fuserve.workers.kernels.argmax import greedy_tokens
 
 
 @dataclass
@@ -129,7 +130,7 @@ class Sampler:
         if all(r.params.greedy and r.params.logprobs is None for r in rows) and not any(
             has_penalty(r.params) for r in rows
         ):
-            return SampledBatch(logits.argmax(dim=-1))
+            return SampledBatch(greedy_tokens(logits))
         logits = _apply_penalties(logits.float(), rows)
         num_top = [r.params.logprobs for r in rows]
         logprobs = logits.log_softmax(dim=-1) if any(n is not None for n in num_top) else None

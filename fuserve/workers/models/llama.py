@@ -3,11 +3,12 @@
 Tokens of all sequences in a step are flattened into one batch of T rows (no padding); the
 attention metadata says which rows belong to which sequence and where their K/V live.
   embed -> [rmsnorm -> qkv GEMM -> rope + KV write -> paged attention -> o_proj
-            -> add + rmsnorm -> gate/up GEMM -> silu*up -> down_proj] x L -> add + rmsnorm
+            -> add + rmsnorm -> gate/up GEMM + silu*up -> down_proj] x L -> add + rmsnorm
   logits only for the rows that sample.
 Weights are column/row-parallel layers (fuserve.parallel.layers); with one rank they are plain.
 Under tensor parallelism o_proj and down_proj return partial sums; the add + rmsnorm after each one
-sums them over ranks (one fused kernel on GPU for decode-sized batches).
+sums them over ranks (one fused kernel on GPU for decode-sized batches; at batch 1 the GEMV itself
+pushes its partial to the peers and that kernel only sums, see fuserve/parallel/gemv_push.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from fuserve.parallel.layers import (
     VocabParallelEmbedding,
     load_replicated,
 )
-from fuserve.parallel.tp_context import TPContext
+from fuserve.parallel.tp_context import PushedPartial, TPContext
 from fuserve.workers.kernels.ops import KernelOps
 from fuserve.workers.models.rope import rope_tables
 
@@ -119,12 +120,13 @@ class RMSNorm(nn.Module):
         self.ops = ops
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: torch.Tensor | PushedPartial, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (normed, residual): the first call starts the residual stream from x (the embedding,
         whole); later ones get x as this rank's partial sum (o_proj, down_proj) and reduce it here, fused
         with the add and the norm where the tensor-parallel group can."""
         if residual is None:
+            assert isinstance(x, torch.Tensor), "the residual stream starts from the embedding"
             return self.ops.rmsnorm(x, self.weight, self.eps), x
         return self.tp.all_reduce_add_rmsnorm(x, residual, self.weight, self.eps, self.ops.fused_add_rmsnorm)
 
@@ -159,7 +161,8 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | PushedPartial:
+        """This rank's partial o_proj output, summed over ranks by the next RMSNorm."""
         t = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, (Hq + 2 Hkv) D]
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
@@ -199,8 +202,9 @@ class LlamaMLP(nn.Module):
             inter, arch.hidden_size, False, tp, ops.linear, reduce_output=False
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor | PushedPartial:
+        up = self.gate_up_proj
+        return self.down_proj(self.ops.linear_silu_mul(x, up.weight, up.bias))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -213,17 +217,17 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        hidden: torch.Tensor,
+        hidden: torch.Tensor | PushedPartial,
         residual: torch.Tensor | None,
         positions: torch.Tensor,
         meta: AttentionMetadata,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, positions, meta, cos, sin)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+    ) -> tuple[torch.Tensor | PushedPartial, torch.Tensor]:
+        normed, residual = self.input_layernorm(hidden, residual)
+        attn = self.self_attn(normed, positions, meta, cos, sin)
+        normed, residual = self.post_attention_layernorm(attn, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -264,12 +268,12 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
-        hidden = self.model.embed_tokens(input_ids)
+        hidden: torch.Tensor | PushedPartial = self.model.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for layer in self.model.layers:
             hidden, residual = layer(hidden, residual, positions, meta, self.rope_cos, self.rope_sin)
-        hidden, _ = self.model.norm(hidden, residual)
-        return hidden
+        normed, _ = self.model.norm(hidden, residual)
+        return normed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
