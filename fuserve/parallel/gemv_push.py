@@ -39,6 +39,7 @@ MAX_HIDDEN = 16384
 NUM_SLOTS = 2
 SLOTS = tl.constexpr(NUM_SLOTS)
 EMPTY_BITS = -32768  # 0x8000: -0.0 in bf16 and fp16
+EMPTY = tl.constexpr(EMPTY_BITS)
 DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -100,7 +101,7 @@ def _pushed_add_rmsnorm_kernel(
     epoch = tl.load(counter_ptr) + 1
     tl.store(counter_ptr, epoch)
     which = epoch % SLOTS
-    empty = tl.full([BLOCK_H], EMPTY_BITS, tl.int16).to(dtype, bitcast=True)
+    empty = tl.full([BLOCK_H], EMPTY, tl.int16).to(dtype, bitcast=True)
     own_slots = tl.load(slot_ptrs + rank).to(tl.pointer_type(dtype))
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for src in tl.static_range(WORLD):
@@ -109,11 +110,11 @@ def _pushed_add_rmsnorm_kernel(
         else:
             theirs = own_slots + (which * WORLD + src).to(tl.int64) * slot_numel + cols
             part = tl.load(theirs, mask=mask, other=0.0, volatile=True)
-            missing = tl.sum((part.to(tl.int16, bitcast=True) == EMPTY_BITS).to(tl.int32), axis=0)
+            missing = tl.sum((part.to(tl.int16, bitcast=True) == EMPTY).to(tl.int32), axis=0)
             spins = 0
             while (missing > 0) & (spins < max_spins):
                 part = tl.load(theirs, mask=mask, other=0.0, volatile=True)
-                missing = tl.sum((part.to(tl.int16, bitcast=True) == EMPTY_BITS).to(tl.int32), axis=0)
+                missing = tl.sum((part.to(tl.int16, bitcast=True) == EMPTY).to(tl.int32), axis=0)
                 spins += 1
             tl.store(theirs, empty, mask=mask)  # empty again for this slot's next use
             if missing > 0:  # the peer never came (died or stuck): say so, and poison the row

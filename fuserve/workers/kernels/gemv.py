@@ -71,9 +71,9 @@ def gemv_block(
     offs_pre = tl.arange(0, BLOCK_K)
     mask_pre = mask_n[:, None] & (offs_pre < K)[None, :]
     w_pre = tl.load(rows + offs_pre[None, :], mask=mask_pre, other=0.0)
-    if GATED:
-        u_pre = tl.load(up_rows + offs_pre[None, :], mask=mask_pre, other=0.0)
     pdl_launch_and_wait(USE_PDL)
+    if GATED:  # after the wait: a second tile held across it costs registers
+        u_pre = tl.load(up_rows + offs_pre[None, :], mask=mask_pre, other=0.0)
     x_pre = tl.load(x_ptr + offs_pre, mask=offs_pre < K, other=0.0).to(tl.float32)
     y = tl.sum(w_pre.to(tl.float32) * x_pre[None, :], axis=1)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -103,7 +103,7 @@ def gemv_block(
     return y.to(dtype), offs_n, mask_n
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K"])
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "GATED"])
 @triton.jit
 def _gemv_kernel(
     x_ptr,
