@@ -4,9 +4,8 @@ A decode step at batch 1 is a chain of matrix-vector products, each bound by rea
 Prints time and achieved bandwidth per shape beside the measured copy bandwidth, writes JSON rows.
 Alone, a 20-30 us GEMV pays its launch and ramp-up; in the engine they run back to back in a CUDA
 graph. So the chain rows time a graph of a whole model's GEMVs (32 layers of qkv -> o -> gate_up ->
-down, each fed by the one before, then lm_head) at TP=1 and TP=2 shard shapes, with programmatic
-dependent launch (kernels/pdl.py) off and on, and with silu * up in the gate/up GEMV (as the model runs
-it) against a separate silu_mul kernel.
+down, each fed by the one before, then lm_head) at TP=1 and TP=2 shard shapes (silu * up between
+gate_up and down, as in the model), with programmatic dependent launch (kernels/pdl.py) off and on.
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ def time_rotating(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
     return bench(call)
 
 
-def chain_us(tp: int, pdl: bool, gated: bool, layers: int = 32) -> tuple[float, int]:
+def chain_us(tp: int, pdl: bool, layers: int = 32) -> tuple[float, int]:
     """Median us of one graph replay of the model's GEMV chain at TP shard shapes; weight bytes read."""
     q_size, kv_size, inter, vocab = 4096 // tp, 1024 // tp, 14336 // tp, 128256 // tp
     shapes = [(q_size + 2 * kv_size, 4096), (4096, q_size), (2 * inter, 4096), (4096, inter)]
@@ -70,8 +69,7 @@ def chain_us(tp: int, pdl: bool, gated: bool, layers: int = 32) -> tuple[float, 
         h = x
         for qkv, o, gate_up, down in weights:
             h = gemv(gemv(h, qkv)[:, :q_size], o)  # attention output has the q width
-            act = gemv(h, gate_up, gated=True) if gated else silu_mul(gemv(h, gate_up))
-            h = gemv(act, down)
+            h = gemv(silu_mul(gemv(h, gate_up)), down)
         return gemv(h, lm_head)
 
     chain()  # autotune outside the capture
@@ -135,27 +133,23 @@ def main() -> None:
             f"{r['frac_of_ceiling']:>6.2f}"
         )
     for tp in (1, 2):
-        for pdl, gated in ((False, False), (True, False), (True, True)):
-            us, nbytes = chain_us(tp, pdl, gated)
+        for pdl in (False, True):
+            us, nbytes = chain_us(tp, pdl)
             tb_s = nbytes / (us * 1e-6) / 1e12
             rows.append(
                 dict(
                     meta,
-                    engine="fuserve-triton" + ("-pdl" if pdl else "") + ("-gated" if gated else ""),
+                    engine="fuserve-triton-pdl" if pdl else "fuserve-triton",
                     op=f"chain-tp{tp}",
                     tp=tp,
                     pdl=pdl,
-                    gated=gated,
                     batch=1,
                     ms=us / 1e3,
                     tb_s=tb_s,
                     frac_of_ceiling=tb_s * 1e12 / copy_bw,
                 )
             )
-            print(
-                f"chain TP={tp} pdl={pdl!s:<6}gated={gated!s:<6}{us:>9.1f} us{tb_s:>7.2f} TB/s"
-                f"{tb_s * 1e12 / copy_bw:>6.2f}"
-            )
+            print(f"chain TP={tp} pdl={pdl!s:<6}{us:>9.1f} us{tb_s:>7.2f} TB/s{tb_s * 1e12 / copy_bw:>6.2f}")
     os.environ.pop(PDL_ENV, None)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)

@@ -63,7 +63,7 @@ def _gemv_push_kernel(
     BLOCK_K: tl.constexpr,
 ):
     y, offs_n, mask_n = gemv_block(
-        x_ptr, w_ptr, bias_ptr, N, K, stride_wn, HAS_BIAS, False, USE_PDL, BLOCK_N, BLOCK_K
+        x_ptr, w_ptr, bias_ptr, N, K, stride_wn, HAS_BIAS, USE_PDL, BLOCK_N, BLOCK_K
     )
     y = tl.where(y == 0, tl.zeros_like(y), y)  # -0.0 marks an empty element: send zeros as +0.0
     tl.store(y_ptr + offs_n, y, mask=mask_n)
@@ -117,10 +117,11 @@ def _pushed_add_rmsnorm_kernel(
                 missing = tl.sum((part.to(tl.int16, bitcast=True) == EMPTY).to(tl.int32), axis=0)
                 spins += 1
             tl.store(theirs, empty, mask=mask)  # empty again for this slot's next use
+            summand = part.to(tl.float32)
             if missing > 0:  # the peer never came (died or stuck): say so, and poison the row
                 tl.atomic_xchg(status_ptr.to(tl.pointer_type(tl.int32)), src + 1, sem="relaxed", scope="sys")
-                part = tl.full([BLOCK_H], float("nan"), tl.float32)
-            acc += part.to(tl.float32)
+                summand = tl.full([BLOCK_H], float("nan"), tl.float32)
+            acc += summand
 
     residual = tl.load(residual_ptr + cols, mask=mask, other=0.0)
     h = (acc.to(dtype).to(tl.float32) + residual.to(tl.float32)).to(dtype)

@@ -3,8 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fuserve.workers.kernels.gemv import gemv, gemv_ref, linear, linear_silu_mul
-from fuserve.workers.kernels.silu_mul import linear_silu_mul_ref
+from fuserve.workers.kernels.gemv import gemv, gemv_ref, linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32: same products, a different summation order; bf16: one rounding of an fp32 result.
@@ -24,30 +23,6 @@ def test_gemv_matches_reference(dtype: torch.dtype, n: int, k: int, bias: bool) 
     torch.testing.assert_close(got.float(), want.float(), rtol=RTOL[dtype], atol=RTOL[dtype] * k**0.5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("inter, k, bias", [(1, 1, False), (13, 70, True), (40, 200, False)])
-def test_gated_gemv_matches_unfused(dtype: torch.dtype, inter: int, k: int, bias: bool) -> None:
-    """The gate/up GEMV with silu * up in its epilogue = the GEMV, rounded, then silu_mul."""
-    g = torch.Generator().manual_seed(inter * 1000 + k)
-    x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
-    w = torch.randn(2 * inter, k, generator=g).to(DEVICE, dtype)
-    b = torch.randn(2 * inter, generator=g).to(DEVICE, dtype) if bias else None
-    got = gemv(x, w, b, gated=True)
-    assert got.shape == (1, inter) and got.dtype == dtype
-    want = gemv_ref(x, w, b, gated=True)
-    tol = RTOL[dtype] * (4 if dtype == torch.bfloat16 else 1)  # a gate/up rounding can flip, then silu * up
-    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * k**0.5)
-    many = torch.randn(3, k, generator=g).to(DEVICE, dtype)  # more than one row: the unfused path
-    torch.testing.assert_close(
-        linear_silu_mul(many, w, b), linear_silu_mul_ref(many, w, b), rtol=tol, atol=tol
-    )
-
-
-def test_gated_gemv_rejects_odd_rows() -> None:
-    with pytest.raises(ValueError, match="even row count"):
-        gemv(torch.zeros(1, 8, device=DEVICE), torch.zeros(5, 8, device=DEVICE), gated=True)
-
-
 def test_gemv_rejects_more_than_one_row() -> None:
     with pytest.raises(ValueError, match="one row"):
         gemv(torch.zeros(2, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE))
@@ -60,13 +35,3 @@ def test_gemv_llama3_8b_shapes(n: int, k: int) -> None:
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     torch.testing.assert_close(linear(x, w).float(), gemv_ref(x, w).float(), rtol=1.6e-2, atol=1e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("inter, k", [(14336, 4096), (7168, 4096)])
-def test_gated_gemv_llama3_8b_shapes(inter: int, k: int) -> None:
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(2 * inter, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    got = linear_silu_mul(x, w, None).float()
-    torch.testing.assert_close(got, gemv_ref(x, w, gated=True).float(), rtol=3e-2, atol=1e-2)

@@ -11,10 +11,6 @@ first tile of W is read while the previous kernel drains (programmatic dependent
                ├─ sum_k x[k] * W[n, k] (fp32) ──► y[n] (x.dtype)       grid: N / BLOCK_N
     W [N, K] ──┘
 
-The MLP's gate/up projection has the same kernel with `GATED`: a program owns BLOCK_N features of
-both halves of W = [gate (I) | up (I)] and writes silu(gate) * up, so the product never round-trips
-through memory and one launch (of ~10 per layer) goes away.
-
 Only used where M == 1 (decode at batch 1); larger batches go to torch's GEMM.
 """
 
@@ -28,7 +24,6 @@ import triton
 import triton.language as tl
 
 from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
-from fuserve.workers.kernels.silu_mul import silu_mul, silu_mul_ref
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIGS = (
@@ -54,7 +49,6 @@ def gemv_block(
     K,
     stride_wn,
     HAS_BIAS: tl.constexpr,
-    GATED: tl.constexpr,
     USE_PDL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -65,45 +59,28 @@ def gemv_block(
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    up_rows = rows + N * stride_wn  # GATED: the up half's rows, N below the gate's
     # the weights do not depend on the previous kernel: the first tile is loaded before waiting for it
     # (more tiles before the wait measured slower: benchmarks/NOTES.md)
     offs_pre = tl.arange(0, BLOCK_K)
-    mask_pre = mask_n[:, None] & (offs_pre < K)[None, :]
-    w_pre = tl.load(rows + offs_pre[None, :], mask=mask_pre, other=0.0)
+    mask_pre = offs_pre < K
+    w_pre = tl.load(rows + offs_pre[None, :], mask=mask_n[:, None] & mask_pre[None, :], other=0.0)
     pdl_launch_and_wait(USE_PDL)
-    if GATED:  # after the wait: a second tile held across it costs registers
-        u_pre = tl.load(up_rows + offs_pre[None, :], mask=mask_pre, other=0.0)
-    x_pre = tl.load(x_ptr + offs_pre, mask=offs_pre < K, other=0.0).to(tl.float32)
+    x_pre = tl.load(x_ptr + offs_pre, mask=mask_pre, other=0.0).to(tl.float32)
     y = tl.sum(w_pre.to(tl.float32) * x_pre[None, :], axis=1)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if GATED:
-        y_up = tl.sum(u_pre.to(tl.float32) * x_pre[None, :], axis=1)
-        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_w = mask_n[:, None] & (offs_k < K)[None, :]
-        x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        w = tl.load(rows + offs_k[None, :], mask=mask_w, other=0.0)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        w = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
-        if GATED:
-            u = tl.load(up_rows + offs_k[None, :], mask=mask_w, other=0.0)
-            acc_up += u.to(tl.float32) * x[None, :]
     y += tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    dtype = x_ptr.dtype.element_ty
-    if GATED:
-        y_up += tl.sum(acc_up, axis=1)
-        if HAS_BIAS:
-            y_up += tl.load(bias_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        # rounded as the unfused GEMV's output would be, so fused and unfused agree
-        gate = y.to(dtype).to(tl.float32)
-        y = gate * tl.sigmoid(gate) * y_up.to(dtype).to(tl.float32)
-    return y.to(dtype), offs_n, mask_n
+    return y.to(x_ptr.dtype.element_ty), offs_n, mask_n
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "GATED"])
+@triton.autotune(configs=_CONFIGS, key=["N", "K"])
 @triton.jit
 def _gemv_kernel(
     x_ptr,
@@ -114,22 +91,18 @@ def _gemv_kernel(
     K,
     stride_wn,
     HAS_BIAS: tl.constexpr,
-    GATED: tl.constexpr,
     USE_PDL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     y, offs_n, mask_n = gemv_block(
-        x_ptr, w_ptr, bias_ptr, N, K, stride_wn, HAS_BIAS, GATED, USE_PDL, BLOCK_N, BLOCK_K
+        x_ptr, w_ptr, bias_ptr, N, K, stride_wn, HAS_BIAS, USE_PDL, BLOCK_N, BLOCK_K
     )
     tl.store(y_ptr + offs_n, y, mask=mask_n)
 
 
-def gemv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False
-) -> torch.Tensor:
-    """x: [1, K], weight: [N, K] (row-major), bias: [N] or None -> [1, N] in x.dtype.
-    gated: weight is [gate; up] ([2I, K]) and the result is silu(gate) * up, [1, I]."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [1, K], weight: [N, K] (row-major), bias: [N] or None -> [1, N] in x.dtype."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"gemv takes one row x of shape [1, K], got {tuple(x.shape)}; use F.linear for more")
     n, k = weight.shape
@@ -137,10 +110,6 @@ def gemv(
         raise ValueError(f"x has {x.shape[1]} features but weight expects {k}")
     if weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("x and weight need a contiguous last dimension")
-    if gated:
-        if n % 2:
-            raise ValueError(f"a gated GEMV needs [gate; up] weights with an even row count, got {n}")
-        n //= 2
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
     use_pdl = pdl_enabled(x)
@@ -153,7 +122,6 @@ def gemv(
         K=k,
         stride_wn=weight.stride(0),
         HAS_BIAS=bias is not None,
-        GATED=gated,
         USE_PDL=use_pdl,
         launch_pdl=use_pdl,
     )
@@ -166,30 +134,16 @@ def tuned_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return _gemv_kernel.best_config
 
 
-def gemv_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False
-) -> torch.Tensor:
-    """Plain-torch `gemv`: fp32 accumulation, one rounding to x.dtype (then silu_mul_ref if gated)."""
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-torch `gemv`: fp32 accumulation, one rounding to x.dtype."""
     y = x.float() @ weight.float().t()
     if bias is not None:
         y = y + bias.float()
-    y = y.to(x.dtype)
-    return silu_mul_ref(y) if gated else y
-
-
-def _single_row(x: torch.Tensor) -> bool:
-    return x.shape[0] == 1 and x.is_cuda and x.dim() == 2 and x.stride(1) == 1
+    return y.to(x.dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with the bandwidth-bound GEMV for a single row on the GPU."""
-    if _single_row(x):
+    if x.shape[0] == 1 and x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
-
-
-def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """silu_mul(F.linear(x, [gate; up], bias)): one gated GEMV for a single row on the GPU."""
-    if _single_row(x):
-        return gemv(x, weight, bias, gated=True)
-    return silu_mul(F.linear(x, weight, bias))

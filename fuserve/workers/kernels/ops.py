@@ -17,10 +17,10 @@ class KernelOps:
     rmsnorm: Callable
     fused_add_rmsnorm: Callable
     rotary_kv_write: Callable
+    silu_mul: Callable
     paged_decode_attention: Callable
     paged_prefill_attention: Callable
     linear: Callable
-    linear_silu_mul: Callable
     name: str
 
     @classmethod
@@ -33,16 +33,16 @@ class KernelOps:
             rmsnorm=rmsnorm.rmsnorm_ref,
             fused_add_rmsnorm=rmsnorm.fused_add_rmsnorm_ref,
             rotary_kv_write=rotary.rotary_kv_write_ref,
+            silu_mul=silu_mul.silu_mul_ref,
             paged_decode_attention=dec.paged_decode_attention_ref,
             paged_prefill_attention=pre.paged_prefill_attention_ref,
             linear=F.linear,
-            linear_silu_mul=silu_mul.linear_silu_mul_ref,
             name="torch-ref",
         )
 
     @classmethod
     def triton(cls) -> KernelOps:
-        from fuserve.workers.kernels import gemv, rmsnorm, rotary
+        from fuserve.workers.kernels import gemv, rmsnorm, rotary, silu_mul
         from fuserve.workers.kernels import paged_decode_attention as dec
         from fuserve.workers.kernels import paged_prefill_attention as pre
 
@@ -50,9 +50,9 @@ class KernelOps:
             rmsnorm=rmsnorm.rmsnorm,
             fused_add_rmsnorm=rmsnorm.fused_add_rmsnorm,
             rotary_kv_write=rotary.rotary_kv_write,
+            silu_mul=silu_mul.silu_mul,
             paged_decode_attention=dec.paged_decode_attention,
             paged_prefill_attention=pre.paged_prefill_attention,
             linear=gemv.linear,
-            linear_silu_mul=gemv.linear_silu_mul,
             name="triton",
         )

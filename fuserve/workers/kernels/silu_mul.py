@@ -70,10 +70,3 @@ def silu_mul_ref(x: torch.Tensor) -> torch.Tensor:
     """Plain-torch `silu_mul`."""
     gate, up = x.float().chunk(2, dim=-1)
     return (F.silu(gate) * up).to(x.dtype)
-
-
-def linear_silu_mul_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The MLP's gate/up projection and activation, unfused: silu_mul_ref(F.linear(x, [gate; up], bias))."""
-    return silu_mul_ref(F.linear(x, weight, bias))

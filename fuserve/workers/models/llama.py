@@ -3,7 +3,7 @@
 Tokens of all sequences in a step are flattened into one batch of T rows (no padding); the
 attention metadata says which rows belong to which sequence and where their K/V live.
   embed -> [rmsnorm -> qkv GEMM -> rope + KV write -> paged attention -> o_proj
-            -> add + rmsnorm -> gate/up GEMM + silu*up -> down_proj] x L -> add + rmsnorm
+            -> add + rmsnorm -> gate/up GEMM -> silu*up -> down_proj] x L -> add + rmsnorm
   logits only for the rows that sample.
 Weights are column/row-parallel layers (fuserve.parallel.layers); with one rank they are plain.
 Under tensor parallelism o_proj and down_proj return partial sums; the add + rmsnorm after each one
@@ -203,8 +203,7 @@ class LlamaMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | PushedPartial:
-        up = self.gate_up_proj
-        return self.down_proj(self.ops.linear_silu_mul(x, up.weight, up.bias))
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
