@@ -1,0 +1,87 @@
+"""Compile the tensor-parallel and sampling kernels for sm_90 (Hopper) on any machine, GPU or not.
+
+The CPU tests run kernels in Triton's interpreter, which accepts code the compiler refuses (a plain
+Python global read inside a kernel, a variable whose type changes in a branch). Compiling for an H100
+target here (Triton's front end, then the bundled ptxas) catches those before a GPU run does.
+Run as a script: `python tests/hopper_compile.py` prints one line per kernel, exits 1 on a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+os.environ.pop("TRITON_INTERPRET", None)  # before any kernel module is imported
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+# argument name -> Triton type where it is not a bf16 tensor (pointers) or an int32 (sizes, strides)
+TYPES = {
+    "data_ptrs": "*i64",
+    "flag_ptrs": "*i64",
+    "slot_ptrs": "*i64",
+    "counter_ptr": "*i32",
+    "status_ptr": "i64",
+    "part_val_ptr": "*fp32",
+    "part_idx_ptr": "*i32",
+    "eps": "fp32",
+}
+
+
+def compile_for_hopper(kernel: Any, constexprs: dict[str, Any], types: dict[str, str] | None = None) -> None:
+    fn = kernel
+    while not isinstance(fn, JITFunction):  # under @triton.autotune, the JITFunction inside
+        fn = fn.fn
+    overrides = {**TYPES, **(types or {})}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = overrides.get(name, "*bf16" if name.endswith("_ptr") else "i32")
+    triton.compile(ASTSource(fn, signature, constexprs), target=HOPPER)
+
+
+def main() -> int:
+    from fuserve.parallel import all_reduce_rmsnorm, gemv_push
+    from fuserve.workers.kernels import argmax, gemv
+
+    pdl = {"USE_PDL": True}
+    kernels = {
+        "gemv": (gemv._gemv_kernel, {"HAS_BIAS": True, "BLOCK_N": 8, "BLOCK_K": 512, **pdl}, None),
+        "gemv_push": (
+            gemv_push._gemv_push_kernel,
+            {"HAS_BIAS": False, "WORLD": 2, "BLOCK_N": 8, "BLOCK_K": 512, **pdl},
+            None,
+        ),
+        "pushed_add_rmsnorm": (
+            gemv_push._pushed_add_rmsnorm_kernel,
+            {"WORLD": 2, "BLOCK_H": 4096, **pdl},
+            None,
+        ),
+        "all_reduce_add_rmsnorm": (
+            all_reduce_rmsnorm._all_reduce_add_rmsnorm_kernel,
+            {"WORLD": 2, "BLOCK_H": 4096, **pdl},
+            None,
+        ),
+        "argmax chunks": (argmax._chunk_max_kernel, {"CHUNK": 2048, **pdl}, None),
+        "argmax pick": (argmax._pick_chunk_kernel, {"CHUNKS_PAD": 64, **pdl}, {"out_ptr": "*i64"}),
+    }
+    failed = 0
+    for name, (kernel, constexprs, types) in kernels.items():
+        try:
+            compile_for_hopper(kernel, constexprs, types)
+            print(f"ok {name}")
+        except Exception as err:
+            failed += 1
+            print(f"FAILED {name}: {err}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
