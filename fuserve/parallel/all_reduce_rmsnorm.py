@@ -107,15 +107,42 @@ def _all_reduce_add_rmsnorm_kernel(
                 seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
                 spins += 1
             part = tl.load(theirs, mask=mask, other=0.0, volatile=True).to(tl.float32)
-            if seen < epoch:  # the peer never came (died or stuck): say so, and poison the row
-                tl.atomic_xchg(status_ptr.to(tl.pointer_type(tl.int32)), src + 1, sem="relaxed", scope="sys")
-                part = tl.full([BLOCK_H], float("nan"), tl.float32)
+            if seen < epoch:
+                part = give_up_on(status_ptr, src, BLOCK_H)
             acc += part
 
-    residual = tl.load(residual_ptr + row.to(tl.int64) * stride_residual + cols, mask=mask, other=0.0)
+    store_add_rmsnorm_row(
+        acc,
+        residual_ptr + row.to(tl.int64) * stride_residual,
+        weight_ptr,
+        out_ptr + row.to(tl.int64) * hidden_size,
+        new_residual_ptr + row.to(tl.int64) * hidden_size,
+        cols,
+        mask,
+        hidden_size,
+        eps,
+    )
+
+
+@triton.jit
+def give_up_on(status_ptr, src, BLOCK_H: tl.constexpr):
+    """A peer that never came (died or stuck): name it in the host-visible status word, and return the
+    NaN row that poisons this sum instead of a partial one."""
+    tl.atomic_xchg(status_ptr.to(tl.pointer_type(tl.int32)), src + 1, sem="relaxed", scope="sys")
+    return tl.full([BLOCK_H], float("nan"), tl.float32)
+
+
+@triton.jit
+def store_add_rmsnorm_row(
+    acc, residual_row_ptr, weight_ptr, out_row_ptr, new_residual_row_ptr, cols, mask, hidden_size, eps
+):
+    """The end of an all-reduce + add + RMSNorm for one row: the fp32 sum `acc` rounded to the model
+    dtype (as an all-reduce returns it), + residual -> new residual, then its RMSNorm, as rmsnorm.py."""
+    dtype = new_residual_row_ptr.dtype.element_ty
+    residual = tl.load(residual_row_ptr + cols, mask=mask, other=0.0)
     h = (acc.to(dtype).to(tl.float32) + residual.to(tl.float32)).to(dtype)
-    tl.store(new_residual_ptr + row_in_slot, h, mask=mask)
-    store_rmsnorm_row(h, weight_ptr, out_ptr + row.to(tl.int64) * hidden_size, cols, mask, hidden_size, eps)
+    tl.store(new_residual_row_ptr + cols, h, mask=mask)
+    store_rmsnorm_row(h, weight_ptr, out_row_ptr, cols, mask, hidden_size, eps)
 
 
 @dataclass
@@ -232,15 +259,22 @@ def symmetric_push_buffers(
     data.zero_()
     flags.zero_()
     torch.cuda.synchronize(device)  # zeroed before any peer can raise a flag here
-    data_handle = symm_mem.rendezvous(data, group)
-    flag_handle = symm_mem.rendezvous(flags, group)
     bufs = PushBuffers(
         rank=rank,
         world=world,
         dtype=dtype,
-        data_ptrs=torch.tensor(list(data_handle.buffer_ptrs), dtype=torch.int64, device=device),
-        flag_ptrs=torch.tensor(list(flag_handle.buffer_ptrs), dtype=torch.int64, device=device),
+        data_ptrs=peer_table(data, group),
+        flag_ptrs=peer_table(flags, group),
         counters=torch.zeros(MAX_ROWS, dtype=torch.int32, device=device),
         slot_numel=slot_numel,
     )
     return bufs, [data, flags]
+
+
+def peer_table(buf: torch.Tensor, group: Any) -> torch.Tensor:
+    """Collective: exchange a symmetric-memory buffer; every rank's base address of it, as an int64
+    device table for the kernels."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    handle = symm_mem.rendezvous(buf, group)
+    return torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=buf.device)

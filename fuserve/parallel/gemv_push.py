@@ -31,13 +31,18 @@ import torch
 import triton
 import triton.language as tl
 
+from fuserve.parallel.all_reduce_rmsnorm import (
+    MAX_HIDDEN,
+    NUM_SLOTS,
+    SLOTS,
+    give_up_on,
+    peer_table,
+    store_add_rmsnorm_row,
+)
 from fuserve.workers.kernels.gemv import gemv_block, tuned_config
 from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
-from fuserve.workers.kernels.rmsnorm import row_num_warps, store_rmsnorm_row
+from fuserve.workers.kernels.rmsnorm import row_num_warps
 
-MAX_HIDDEN = 16384
-NUM_SLOTS = 2
-SLOTS = tl.constexpr(NUM_SLOTS)
 EMPTY_BITS = -32768  # 0x8000: -0.0 in bf16 and fp16
 EMPTY = tl.constexpr(EMPTY_BITS)
 DTYPES = (torch.bfloat16, torch.float16)
@@ -118,15 +123,13 @@ def _pushed_add_rmsnorm_kernel(
                 spins += 1
             tl.store(theirs, empty, mask=mask)  # empty again for this slot's next use
             summand = part.to(tl.float32)
-            if missing > 0:  # the peer never came (died or stuck): say so, and poison the row
-                tl.atomic_xchg(status_ptr.to(tl.pointer_type(tl.int32)), src + 1, sem="relaxed", scope="sys")
-                summand = tl.full([BLOCK_H], float("nan"), tl.float32)
+            if missing > 0:
+                summand = give_up_on(status_ptr, src, BLOCK_H)
             acc += summand
 
-    residual = tl.load(residual_ptr + cols, mask=mask, other=0.0)
-    h = (acc.to(dtype).to(tl.float32) + residual.to(tl.float32)).to(dtype)
-    tl.store(new_residual_ptr + cols, h, mask=mask)
-    store_rmsnorm_row(h, weight_ptr, out_ptr, cols, mask, hidden_size, eps)
+    store_add_rmsnorm_row(
+        acc, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, cols, mask, hidden_size, eps
+    )
 
 
 @dataclass
@@ -253,12 +256,11 @@ def symmetric_push_slots(
     buf = symm_mem.empty(NUM_SLOTS * world * MAX_HIDDEN, dtype=dtype, device=device)
     buf.copy_(empty_slots(buf.numel(), dtype, device))
     torch.cuda.synchronize(device)  # marked empty before any peer can push here
-    handle = symm_mem.rendezvous(buf, group)
     slots = PushSlots(
         rank=rank,
         world=world,
         dtype=dtype,
-        slot_ptrs=torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device),
+        slot_ptrs=peer_table(buf, group),
         counter=torch.zeros(1, dtype=torch.int32, device=device),
         status=status,
         max_spins=max_spins,
