@@ -127,8 +127,10 @@ def _all_reduce_add_rmsnorm_kernel(
 @triton.jit
 def give_up_on(status_ptr, src, BLOCK_H: tl.constexpr):
     """A peer that never came (died or stuck): name it in the host-visible status word, and return the
-    NaN row that poisons this sum instead of a partial one."""
-    tl.atomic_xchg(status_ptr.to(tl.pointer_type(tl.int32)), src + 1, sem="relaxed", scope="sys")
+    NaN row that poisons this sum instead of a partial one. `status_ptr` is the word's address as an
+    integer, which Triton types i32 when it happens to be below 2**31: widen it before the cast."""
+    word = status_ptr.to(tl.int64).to(tl.pointer_type(tl.int32))
+    tl.atomic_xchg(word, src + 1, sem="relaxed", scope="sys")
     return tl.full([BLOCK_H], float("nan"), tl.float32)
 
 

@@ -82,7 +82,7 @@ def test_two_ranks_agree_and_match_reference(dtype: torch.dtype) -> None:
 
 
 def test_refuses_what_does_not_fit() -> None:
-    bufs, _, _ = _two_ranks(torch.float32, 64)
+    bufs, data, flags = _two_ranks(torch.float32, 64)  # named: the pointer tables must not dangle
     x = torch.zeros(2, 48, device=DEVICE)
     assert not bufs[0].fits(x)  # 96 elements > 64
     assert not bufs[0].fits(torch.zeros(1, 48, dtype=torch.float16, device=DEVICE))
@@ -95,7 +95,8 @@ def test_a_peer_that_never_comes_ends_the_wait() -> None:
     """A dead peer must not hang the GPU: after max_spins polls the kernel gives up, names the peer in
     the host-visible status word and poisons the row (NaN) instead of returning a partial sum."""
     hidden = 16
-    bufs, _, _ = _two_ranks(torch.float32, 4 * hidden)
+    # named, not `_, _`: a rebound `_` would free the data buffers whose addresses the kernel writes to
+    bufs, data, flags = _two_ranks(torch.float32, 4 * hidden)
     bufs[0].max_spins = 8
     assert bufs[0].timed_out_rank is None
     x = torch.randn(2, hidden, device=DEVICE)

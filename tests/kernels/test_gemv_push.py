@@ -83,7 +83,7 @@ def test_a_peer_that_never_pushes_ends_the_wait() -> None:
     """After max_spins polls of an empty slot the sum gives up, names the peer in the status word and
     poisons the row (NaN), as the flag protocol of all_reduce_rmsnorm.py does."""
     hidden = 16
-    slots, _ = _two_ranks(max_spins=8)
+    slots, bufs = _two_ranks(max_spins=8)  # bufs named: the kernel writes to their addresses
     x = torch.randn(1, 8, device=DEVICE, dtype=DTYPE)
     part = gemv_push(x, torch.randn(hidden, 8, device=DEVICE, dtype=DTYPE), None, slots[0])
     out, res = pushed_add_rmsnorm(part, torch.zeros_like(part), torch.ones_like(part[0]), EPS, slots[0])
@@ -94,7 +94,7 @@ def test_a_peer_that_never_pushes_ends_the_wait() -> None:
 
 
 def test_refuses_what_does_not_fit() -> None:
-    slots, _ = _two_ranks()
+    slots, bufs = _two_ranks()
     w = torch.zeros(8, 4, device=DEVICE, dtype=DTYPE)
     assert slots[0].fits(torch.zeros(1, 4, device=DEVICE, dtype=DTYPE), w)
     assert not slots[0].fits(torch.zeros(2, 4, device=DEVICE, dtype=DTYPE), w)  # one row only
