@@ -41,6 +41,7 @@ from fuserve.workers.step_plan import StepPlan
 
 TESTS_DIR = str(Path(__file__).parent)
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
+ARGMAX = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)  # no logprobs: argmax-only plans
 
 
 @pytest.fixture(scope="module")
@@ -238,9 +239,13 @@ def test_plan_codec_round_trip() -> None:
         context_lens=[3, 10],
         block_tables=[[1], [2, 3, 7]],
         sample_rows=[0, 1],
+        fill_positions=[3],
+        fill_rows=[1],
+        argmax_only=True,
     )
     counts, payload = encode_plan(plan)
-    assert decode_plan(counts, payload) == plan
+    decoded = decode_plan(counts, payload)
+    assert decoded == plan and decoded.argmax_only is True
     empty_tables = StepPlan(
         input_ids=[1], positions=[0], slot_mapping=[-1], query_start_loc=[0, 1], context_lens=[1],
         block_tables=[[]], sample_rows=[],
@@ -292,6 +297,7 @@ def test_tp2_greedy_equals_tp1(
         assert [lp.logprob for lp in g.outputs[0].logprobs] == pytest.approx(
             [lp.logprob for lp in w.outputs[0].logprobs], abs=1e-4
         )
+    assert not any(p.argmax_only for p in sent), "logprobs need the gathered logits"
     if case["fixture"] == "llama_kv2":
         assert llm.engine.stats().num_preemptions > 0
     else:
@@ -299,6 +305,12 @@ def test_tp2_greedy_equals_tp1(
         assert longest > FIRST_NUMEL - HEADER_NUMEL, "no plan took the two-broadcast path"
     filled = sum(len(p.fill_positions) for p in sent)
     assert (filled > 0) == (llm.engine.async_scheduling), "placeholders iff async scheduling"
+    # Without logprobs each rank takes the argmax of its own logits slice and one max-all-reduce gives
+    # every rank the tokens: no logits gather, and no broadcast of rank 0's draws for the placeholders.
+    sent.clear()
+    for w, a in zip(want, llm.generate(ps, ARGMAX), strict=True):
+        assert a.outputs[0].token_ids == w.outputs[0].token_ids
+    assert all(p.argmax_only for p in sent if p.sample_rows)
     # Spawned by Ray's raylet, not forked from this process (a fork would copy its threads and locks).
     for pid in group.worker_pids:
         assert psutil.Process(pid).ppid() != os.getpid()

@@ -11,7 +11,8 @@ shard id into their place in the fused parameter.
                           does, fused with its residual add and RMSNorm; for one decode row the GEMV
                           itself pushes its partial to the peers)
   VocabParallelEmbedding  vocab rows split; out-of-range ids give zeros, all-reduce fills them in
-  ParallelLMHead          vocab rows split; logits gathered on rank 0 only (the only rank that samples)
+  ParallelLMHead          vocab rows split; logits gathered on rank 0 only (the only rank that samples),
+                          or for greedy rows each rank's argmax, max-reduced into the token on every rank
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuserve.parallel.tp_context import PushedPartial, TPContext
+from fuserve.parallel.vocab_parallel_argmax import vocab_parallel_argmax
 
 WeightLoader = Callable[..., None]
 # y = x @ W^T + b; the model passes its kernel choice (e.g. a bandwidth-bound GEMV for decode).
@@ -200,3 +202,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         """hidden [S, H] -> logits [S, vocab] on rank 0; [S, 0] on the other ranks."""
         logits = self.linear(hidden, self.weight, None)
         return self.tp.gather_last_dim(logits)[..., : self.vocab_size]
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Collective: hidden [S, H] -> each row's argmax token [S] int64 on every rank, from this rank's
+        logits slice alone (vocab_parallel_argmax.py); the padding rows past the vocabulary never win."""
+        logits = self.linear(hidden, self.weight, None)
+        real = max(0, min(self.per_rank, self.vocab_size - self.start))
+        return vocab_parallel_argmax(logits[:, :real], self.start, self.tp)

@@ -6,7 +6,8 @@ torch.distributed instead. One message is one or two broadcasts:
            payload's first part
     rest   [payload length - what fit] int64, only when the plan did not fit in the first
 Decode plans of small batches fit in the first broadcast. The payload is the plan's int lists back to
-back, in StepPlan's field order; a list of lists (block tables) is its row lengths, then its rows.
+back, in StepPlan's field order; a list of lists (block tables) is its row lengths, then its rows; an
+int or bool field is one entry.
 Every StepPlan field crosses except `sample_requests`: only rank 0 samples. The field list is read
 from the dataclass, so a field added to StepPlan travels without a change here.
 
@@ -30,9 +31,25 @@ import torch.distributed as dist
 from fuserve.workers.step_plan import StepPlan
 
 RANK0_ONLY = {"sample_requests"}
-# (field name, is a list of lists) for every plan field that crosses, in declaration order
+
+
+class Shape(enum.Enum):
+    LIST = "list"  # list[int]: its length is its count
+    RAGGED = "ragged"  # list[list[int]]: its row count is its count; the row lengths lead its payload
+    SCALAR = "scalar"  # int or bool: count 1, one payload entry
+
+
+def _shape(type_name: str) -> Shape:
+    if "list[list[" in type_name:
+        return Shape.RAGGED
+    return Shape.LIST if type_name.startswith("list[") else Shape.SCALAR
+
+
+# (field name, shape, type) for every plan field that crosses, in declaration order
 PLAN_FIELDS = [
-    (f.name, "list[list[" in str(f.type)) for f in dataclasses.fields(StepPlan) if f.name not in RANK0_ONLY
+    (f.name, _shape(str(f.type)), bool if str(f.type) == "bool" else int)
+    for f in dataclasses.fields(StepPlan)
+    if f.name not in RANK0_ONLY
 ]
 HEADER_NUMEL = 16
 FIRST_NUMEL = 512  # 4 KiB: a decode plan of up to ~10 sequences with short block tables fits
@@ -49,10 +66,14 @@ def encode_plan(plan: StepPlan) -> tuple[list[int], list[int]]:
     """(counts, payload): one count per field (rows, for a list of lists) says where each list ends."""
     counts: list[int] = []
     payload: list[int] = []
-    for name, ragged in PLAN_FIELDS:
+    for name, shape, _ in PLAN_FIELDS:
         value = getattr(plan, name)
+        if shape is Shape.SCALAR:
+            counts.append(1)
+            payload.append(int(value))
+            continue
         counts.append(len(value))
-        if ragged:
+        if shape is Shape.RAGGED:
             payload.extend(len(row) for row in value)
             for row in value:
                 payload.extend(row)
@@ -64,8 +85,11 @@ def encode_plan(plan: StepPlan) -> tuple[list[int], list[int]]:
 def decode_plan(counts: list[int], payload: list[int]) -> StepPlan:
     values: dict[str, Any] = {}
     pos = 0
-    for (name, ragged), n in zip(PLAN_FIELDS, counts, strict=False):
-        if ragged:
+    for (name, shape, scalar_type), n in zip(PLAN_FIELDS, counts, strict=False):
+        if shape is Shape.SCALAR:
+            values[name] = scalar_type(payload[pos])
+            pos += 1
+        elif shape is Shape.RAGGED:
             lengths = payload[pos : pos + n]
             pos += n
             rows = []

@@ -107,6 +107,12 @@ class TPContext:
             return fast.add_rmsnorm(x, residual, weight, eps)
         return add_rmsnorm(self.all_reduce(x), residual, weight, eps)
 
+    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise max over ranks, in place on every rank (vocab_parallel_argmax.py's keys)."""
+        if self.size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return x
+
     def broadcast_from_rank0(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's x, in place on every rank; queued on the stream like any collective (no host sync)."""
         if self.size > 1:

@@ -1,10 +1,12 @@
 """Runs one step plan through the model: plan lists -> device tensors -> forward -> logits -> tokens.
 
 Every tensor-parallel rank runs `forward_plan` on the same plan; only rank 0 samples (`launch`), the
-others `follow`. With async scheduling under tensor parallelism (`share_tokens`) rank 0 broadcasts each
-step's sampled tokens on the device, so every rank fills the next plan's placeholders itself and no
-rank waits on the host for them. Decode steps (one new token per sequence) replay a CUDA graph
-captured for the batch-size bucket when graphs are on; everything else runs eagerly.
+others `follow`. With async scheduling under tensor parallelism (`share_tokens`) every rank needs each
+step's tokens on the device, so it fills the next plan's placeholders itself and no rank waits on the
+host for them: for an argmax-only plan the ranks find them together (vocab_parallel_argmax.py) and all
+hold them; otherwise rank 0 samples from the gathered logits and broadcasts its draws. Decode steps (one
+new token per sequence) replay a CUDA graph captured for the batch-size bucket when graphs are on;
+everything else runs eagerly.
 """
 
 from __future__ import annotations
@@ -85,19 +87,27 @@ class ModelRunner:
         hidden = self.forward_plan(plan, prev.device_tokens if prev is not None else None)
         if hidden is None:
             return None
-        batch = self.sampler.sample(self.model.compute_logits(hidden), plan.sample_requests)
-        if self.share_tokens:
-            self.tp.broadcast_from_rank0(batch.device_tokens)
+        if plan.argmax_only:
+            batch = SampledBatch(self.model.greedy_tokens(hidden))  # every rank now holds these tokens
+        else:
+            batch = self.sampler.sample(self.model.compute_logits(hidden), plan.sample_requests)
+            if self.share_tokens:
+                self.tp.broadcast_from_rank0(batch.device_tokens)
         batch.start_copy()
         return batch
 
     @torch.inference_mode()
     def follow(self, plan: StepPlan) -> None:
-        """A tensor-parallel rank > 0's share of `launch`: the same forward and logits gather (so its
-        collectives pair with rank 0's), no sampling; with `share_tokens`, rank 0's draws instead."""
+        """A tensor-parallel rank > 0's share of `launch`: the same forward and logits collective (so its
+        collectives pair with rank 0's), no sampling; with `share_tokens`, it keeps the step's tokens for
+        the next plan's placeholders: its own share of the argmax, or rank 0's draws."""
         hidden = self.forward_plan(plan, self._followed_tokens)
         self._followed_tokens = None
         if hidden is None:
+            return
+        if plan.argmax_only:
+            tokens = self.model.greedy_tokens(hidden)
+            self._followed_tokens = tokens if self.share_tokens else None
             return
         self.model.compute_logits(hidden)
         if self.share_tokens:

@@ -127,9 +127,7 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: list[SampleRequest]) -> SampledBatch:
         """logits: [S, V] for S rows, any float dtype. Issues device work only: no host sync."""
-        if all(r.params.greedy and r.params.logprobs is None for r in rows) and not any(
-            has_penalty(r.params) for r in rows
-        ):
+        if argmax_only(rows):
             return SampledBatch(greedy_tokens(logits))
         logits = _apply_penalties(logits.float(), rows)
         num_top = [r.params.logprobs for r in rows]
@@ -168,6 +166,12 @@ class Sampler:
             if k > 0:
                 batch.top_logprobs, batch.top_ids = logprobs.topk(k, dim=-1)
         return batch
+
+
+def argmax_only(rows: list[SampleRequest]) -> bool:
+    """Whether every row's token is the plain argmax of its logits (greedy, no logprobs, no penalty):
+    then tensor-parallel ranks find it without gathering the logits (vocab_parallel_argmax.py)."""
+    return all(r.params.greedy and r.params.logprobs is None and not has_penalty(r.params) for r in rows)
 
 
 def has_penalty(p: SamplingParams) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fuserve.workers.sampler import SampleRequest
+from fuserve.workers.sampler import SampleRequest, argmax_only
 from fuserve.workers.scheduler import SchedulerOutput
 from fuserve.workers.sequence import PLACEHOLDER
 
@@ -27,6 +27,9 @@ class StepPlan:
     # step's sample row fill_rows[i], on the device (async scheduling only).
     fill_positions: list[int] = field(default_factory=list)
     fill_rows: list[int] = field(default_factory=list)
+    # every sampling row takes the plain argmax of its logits (sampler.argmax_only): the ranks find the
+    # tokens together from their logits slices, and all of them hold the tokens afterwards
+    argmax_only: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -62,4 +65,5 @@ def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
         if item.samples:
             plan.sample_rows.append(b)
             plan.sample_requests.append(SampleRequest(seq.params, seq.prompt_token_ids, seq.output_token_ids))
+    plan.argmax_only = bool(plan.sample_requests) and argmax_only(plan.sample_requests)
     return plan

@@ -277,6 +277,10 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Each row's argmax token, on every tensor-parallel rank, without the logits gather."""
+        return self.lm_head.greedy(hidden)
+
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         """Copy checkpoint tensors (or lazy slices) into this rank's parameters; returns what loaded."""
         params = dict(self.named_parameters(remove_duplicate=False))
