@@ -110,6 +110,12 @@ class ParallelConfig(_Strict):
     tensor_parallel_size: int = Field(default=1, ge=1)
     init_timeout_s: float = Field(default=120.0, gt=0.0, description="Fail startup after this long.")
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    plan_transport: Literal["auto", "shm", "gloo"] = Field(
+        default="auto",
+        description="How rank 0 sends each step's plan: `shm`, a shared-memory ring (every rank on rank "
+        "0's node); `gloo`, broadcasts over the CPU process group; `auto`: shm when every rank is on "
+        "rank 0's node, else gloo.",
+    )
 
 
 class SpeculativeConfig(_Strict):

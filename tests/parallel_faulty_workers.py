@@ -30,5 +30,5 @@ class StuckWorker(TPWorker):
 class FailingBuildWorker(TPWorker):
     """Joins the group, then fails while building its shard (after rank 0 started building its own)."""
 
-    def run(self) -> int:
+    def run(self, plan_ring: str | None = None) -> int:
         raise RuntimeError("simulated: CUDA out of memory while loading the shard")

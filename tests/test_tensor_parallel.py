@@ -29,7 +29,14 @@ from fuserve import LLM, SamplingParams
 from fuserve.configs import FuserveConfig, config_from_dict
 from fuserve.parallel import placement as placement_mod
 from fuserve.parallel.placement import PlacementError, check_gpu_visible, reserve_placement
-from fuserve.parallel.plan_broadcast import FIRST_NUMEL, HEADER_NUMEL, PlanSender, decode_plan, encode_plan
+from fuserve.parallel.plan_broadcast import (
+    FIRST_NUMEL,
+    HEADER_NUMEL,
+    PlanSender,
+    RingPlanSender,
+    decode_plan,
+    encode_plan,
+)
 from fuserve.parallel.tp_context import TPContext
 from fuserve.parallel.worker_group import WorkerGroup, WorkerGroupError
 from fuserve.workers.async_engine import AsyncEngine, EngineDeadError
@@ -257,7 +264,8 @@ def test_plan_codec_round_trip() -> None:
 @pytest.mark.parametrize(
     "case",
     [
-        # chunked prefill (24-token budget) and preemption (48 blocks of 4) on both ranks
+        # chunked prefill (24-token budget) and preemption (48 blocks of 4) on both ranks; plans through
+        # the shared-memory ring (the default on one node)
         dict(fixture="llama_kv2", sections={}, lengths=(1, 5, 19, 40, 70)),
         # async scheduling: plans carry placeholders that every rank fills from rank 0's broadcast draws
         dict(
@@ -265,14 +273,15 @@ def test_plan_codec_round_trip() -> None:
             sections=dict(scheduler={"async_scheduling": "on"}),
             lengths=(1, 5, 19, 40, 70),
         ),
-        # 1 KV head for 2 ranks, odd vocab; a 300-token budget puts all prompts in one prefill step,
-        # whose plan is too big for one broadcast
+        # 1 KV head for 2 ranks, odd vocab; plans over gloo, where a 300-token budget puts all prompts
+        # in one prefill step, whose plan is too big for one broadcast
         dict(
             fixture="qwen_kv1_odd_vocab",
             sections=dict(
                 model={"max_model_len": 192},
                 scheduler={"max_num_batched_tokens": 300},
                 cache={"num_blocks": 128},
+                parallel={"plan_transport": "gloo"},
             ),
             lengths=(1, 5, 19, 40, 70, 120),
         ),
@@ -286,11 +295,18 @@ def test_tp2_greedy_equals_tp1(
     ps = prompts(385, case["lengths"])
     want = LLM(tp_config(folder, 1, **case["sections"])).generate(ps, GREEDY)
     sent: list[StepPlan] = []
-    send = PlanSender.send
-    monkeypatch.setattr(PlanSender, "send", lambda self, plan: (sent.append(plan), send(self, plan))[1])
+    for sender in (PlanSender, RingPlanSender):
+        send = sender.send
+        monkeypatch.setattr(
+            sender, "send", lambda self, plan, send=send: (sent.append(plan), send(self, plan))[1]
+        )
     llm = LLM(tp_config(folder, 2, **case["sections"]))
     group = llm.engine.workers
     assert group is not None and group.tp.size == 2
+    over_gloo = case["sections"].get("parallel", {}).get("plan_transport") == "gloo"
+    assert isinstance(group.sender, PlanSender if over_gloo else RingPlanSender)
+    # the ring's name is gone once every rank mapped it: a crash from here on leaves nothing in /dev/shm
+    assert not list(Path("/dev/shm").glob(f"fuserve-plans-{os.getpid()}-*"))
     got = llm.generate(ps, GREEDY)
     for w, g in zip(want, got, strict=True):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
@@ -384,9 +400,11 @@ def test_worker_killed_while_idle_fails_next_step(ray_cluster: None, llama_kv2: 
     assert live_placement_groups() == []
 
 
-def test_idle_longer_than_the_collective_timeout(ray_cluster: None, llama_kv2: Path) -> None:
-    """An idle replica is normal: rank 0's heartbeats keep the workers' gloo wait under its timeout."""
-    engine = LLMEngine(tp_config(llama_kv2, 2, parallel={"init_timeout_s": 5}))
+@pytest.mark.parametrize("transport", ["gloo", "shm"])
+def test_idle_longer_than_the_collective_timeout(ray_cluster: None, llama_kv2: Path, transport: str) -> None:
+    """An idle replica is normal: over gloo rank 0's heartbeats keep the workers' wait under its timeout;
+    over shared memory the workers poll with sleeps, which end on nothing but a plan."""
+    engine = LLMEngine(tp_config(llama_kv2, 2, parallel={"init_timeout_s": 5, "plan_transport": transport}))
     time.sleep(7)
     assert engine.healthy
     engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))

@@ -1,7 +1,9 @@
-"""Step plans from rank 0 to the other tensor-parallel ranks over the gloo group: no Ray call per step.
+"""Step plans from rank 0 to the other tensor-parallel ranks: no Ray call per step.
 
-A Ray actor call costs ~1.5 ms, a decode step ~6 ms, so plans travel as int64 tensors over
-torch.distributed instead. One message is one or two broadcasts:
+A Ray actor call costs ~1.5 ms, a decode step ~6 ms, so plans travel as int64 words instead, by one of
+two transports: a shared-memory ring when every rank is on rank 0's node (RingPlanSender/Receiver over
+plan_ring.py; the default), else broadcasts over the gloo group (PlanSender/Receiver). Over gloo one
+message is one or two broadcasts:
     first  [FIRST_NUMEL] int64: header (kind, payload length, one count per plan field) + the
            payload's first part
     rest   [payload length - what fit] int64, only when the plan did not fit in the first
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fuserve.parallel.plan_ring import PlanRing
 from fuserve.workers.step_plan import StepPlan
 
 RANK0_ONLY = {"sample_requests"}
@@ -103,9 +106,20 @@ def decode_plan(counts: list[int], payload: list[int]) -> StepPlan:
     return StepPlan(**values)
 
 
+def header(kind: Kind, counts: list[int], payload: list[int]) -> list[int]:
+    """A message's first HEADER_NUMEL words: kind, payload length, one count per plan field, zeros."""
+    words = [int(kind), len(payload), *counts]
+    return words + [0] * (HEADER_NUMEL - len(words))
+
+
+def read_header(words: list[int]) -> tuple[Kind, int, list[int]]:
+    """(kind, payload length, counts) of a message's first words."""
+    return Kind(words[0]), words[1], words[2 : 2 + len(PLAN_FIELDS)]
+
+
 class PlanSender:
-    """Rank 0's end. `start_heartbeat` only once every rank is in its receive loop: before that the
-    gloo group carries the startup collectives, which a heartbeat would cut into."""
+    """Rank 0's end over the gloo group. `start_heartbeat` only once every rank is in its receive loop:
+    before that the gloo group carries the startup collectives, which a heartbeat would cut into."""
 
     def __init__(self, group: Any, heartbeat_s: float, on_error: Callable[[BaseException], None]) -> None:
         self.group = group
@@ -122,8 +136,7 @@ class PlanSender:
 
     def _send(self, kind: Kind, counts: list[int], payload: list[int]) -> None:
         room = FIRST_NUMEL - HEADER_NUMEL
-        header = [int(kind), len(payload), *counts]
-        first = header + [0] * (HEADER_NUMEL - len(header)) + payload[:room]
+        first = header(kind, counts, payload) + payload[:room]
         first += [0] * (FIRST_NUMEL - len(first))
         with self._lock:
             dist.broadcast(torch.tensor(first, dtype=torch.int64), src=0, group=self.group)
@@ -155,7 +168,7 @@ class PlanSender:
 
 
 class PlanReceiver:
-    """A worker's end: `recv()` blocks until the next plan; None means shut down."""
+    """A worker's end over the gloo group: `recv()` blocks until the next plan; None means shut down."""
 
     def __init__(self, group: Any) -> None:
         self.group = group
@@ -166,7 +179,7 @@ class PlanReceiver:
         while True:
             dist.broadcast(self._first, src=0, group=self.group)
             first = self._first.tolist()
-            kind, length, counts = Kind(first[0]), first[1], first[2 : 2 + len(PLAN_FIELDS)]
+            kind, length, counts = read_header(first)
             if kind == Kind.HEARTBEAT:
                 continue
             if kind == Kind.SHUTDOWN:
@@ -177,3 +190,57 @@ class PlanReceiver:
                 dist.broadcast(rest, src=0, group=self.group)
                 payload += rest.tolist()
             return decode_plan(counts, payload)
+
+
+class RingPlanSender:
+    """Rank 0's end over a shared-memory ring (plan_ring.py), when every rank is on rank 0's node. No
+    heartbeat: a worker polls shared memory, with no collective timeout to keep it from."""
+
+    def __init__(self, ring: PlanRing, timeout_s: float) -> None:
+        self.ring = ring
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+
+    def send(self, plan: StepPlan) -> None:
+        counts, payload = encode_plan(plan)
+        self._send(Kind.PLAN, counts, payload)
+
+    def _send(self, kind: Kind, counts: list[int], payload: list[int]) -> None:
+        with self._lock:
+            self.ring.send(header(kind, counts, payload) + payload, timeout_s=self.timeout_s)
+
+    def start_heartbeat(self) -> None:
+        """Every worker has mapped the ring by now (each maps it before building its engine, whose
+        collectives rank 0's engine has passed): drop its name, so that no crash can leave it behind."""
+        self.ring.unlink()
+
+    def close(self, send_shutdown: bool) -> None:
+        """With `send_shutdown`, tell the workers to leave their loops; then end any wait on the ring."""
+        try:
+            if send_shutdown:
+                self._send(Kind.SHUTDOWN, [], [])
+        finally:
+            self.ring.close()
+            self.ring.unlink()
+
+
+class RingPlanReceiver:
+    """A worker's end over the ring: `recv()` polls until the next plan; None means shut down. Raises
+    RingClosed when rank 0's process is gone."""
+
+    def __init__(self, ring: PlanRing, spin_s: float) -> None:
+        self.ring = ring
+        self.spin_s = spin_s
+
+    def recv(self) -> StepPlan | None:
+        while True:
+            words = self.ring.recv_chunk(self.spin_s)
+            while len(words) < HEADER_NUMEL:
+                words += self.ring.recv_chunk(self.spin_s)
+            kind, length, counts = read_header(words)
+            while len(words) < HEADER_NUMEL + length:
+                words += self.ring.recv_chunk(self.spin_s)
+            if kind == Kind.SHUTDOWN:
+                return None
+            if kind == Kind.PLAN:
+                return decode_plan(counts, words[HEADER_NUMEL : HEADER_NUMEL + length])

@@ -6,7 +6,8 @@ Lifecycle, driven by worker_group.py on rank 0:
     init_group    checks its GPU, joins rank 0's store, forms the process groups with the other ranks
     run           builds the same LLMEngine as rank 0 (same weights shard loading, KV sizing, CUDA graph
                   capture, so the collectives inside them pair up with rank 0's), then loops:
-                  receive plan -> forward (all-reduces) -> logits gather -> repeat, until SHUTDOWN
+                  receive plan (shared-memory ring or gloo) -> forward (all-reduces) -> logits
+                  collective -> repeat, until SHUTDOWN
 `run` returns only at shutdown; rank 0 watches its result, so a worker that raises or dies is noticed
 at once (worker_group.py).
 """
@@ -21,7 +22,8 @@ import torch
 
 from fuserve.configs import FuserveConfig
 from fuserve.parallel.placement import check_gpu_visible
-from fuserve.parallel.plan_broadcast import PlanReceiver
+from fuserve.parallel.plan_broadcast import PlanReceiver, RingPlanReceiver
+from fuserve.parallel.plan_ring import PlanRing
 from fuserve.parallel.process_group import (
     AllReduceChoice,
     connect_store,
@@ -29,6 +31,11 @@ from fuserve.parallel.process_group import (
     init_tp_context,
 )
 from fuserve.parallel.tp_context import TPContext
+
+# How long a worker polls the plan ring busily after a plan before it polls with sleeps: a GPU decode step
+# is a few ms (a busy wait answers in microseconds); on CPU the ranks share few cores with torch.
+GPU_SPIN_S = 0.05
+CPU_SPIN_S = 0.002
 
 
 def arrival_key(rank: int) -> str:
@@ -68,13 +75,17 @@ class TPWorker:
             "one_shot": self.tp.fast_all_reduce is not None,
         }
 
-    def run(self) -> int:
-        """Build this rank's engine, then run plans until shutdown; returns the number of steps run."""
+    def run(self, plan_ring: str | None = None) -> int:
+        """Build this rank's engine, then run plans until shutdown; returns the number of steps run.
+        plan_ring: the shared-memory ring's path to read plans from (plan_ring.py), or None for gloo."""
         from fuserve.workers.engine import LLMEngine
 
         assert self.tp is not None, "init_group first"
+        receiver: PlanReceiver | RingPlanReceiver = PlanReceiver(self.tp.cpu_group)
+        if plan_ring is not None:  # mapped before the engine's collectives: rank 0 unlinks it after them
+            spin_s = GPU_SPIN_S if self.config.model.device == "cuda" else CPU_SPIN_S
+            receiver = RingPlanReceiver(PlanRing.attach(plan_ring, reader=self.rank - 1), spin_s)
         engine = LLMEngine(self.config, tp=self.tp)
-        receiver = PlanReceiver(self.tp.cpu_group)
         steps = 0
         while (plan := receiver.recv()) is not None:
             engine.runner.follow(plan)

@@ -5,7 +5,8 @@ offline LLM's process), so a step costs no Ray call.
     WorkerGroup.start(config)   placement (placement.py) -> store -> worker actors -> process groups
                                 (process_group.py) -> `run` on every worker
     LLMEngine                   builds rank 0's shard inside `guard("startup")`, then `begin_serving()`
-    LLMEngine.step              inside `guard("step")`: `broadcast(plan)`, then rank 0's own forward
+    LLMEngine.step              inside `guard("step")`: `broadcast(plan)` (shared-memory ring on one
+                                node, else gloo: plan_broadcast.py), then rank 0's own forward
     shutdown()                  SHUTDOWN message, wait, kill, leave the groups, release the bundles
 
 Failure: a watchdog thread waits (ray.wait) on the workers' `run` results. `run` returns only at
@@ -40,7 +41,8 @@ from fuserve.parallel.placement import (
     reserve_placement,
     worker_options,
 )
-from fuserve.parallel.plan_broadcast import PlanSender
+from fuserve.parallel.plan_broadcast import PlanSender, RingPlanSender
+from fuserve.parallel.plan_ring import PlanRing, shm_available
 from fuserve.parallel.process_group import (
     GPU_ENV,
     AllReduceChoice,
@@ -95,6 +97,7 @@ class WorkerGroup:
         store: Any,
         device: torch.device,
         timeout_s: float,
+        ring: PlanRing | None = None,
     ) -> None:
         self.tp = tp
         self.actors = actors  # rank -> actor handle
@@ -109,7 +112,11 @@ class WorkerGroup:
         self._stopping = False
         self._serving = False
         self._closed = False
-        self.sender = PlanSender(tp.cpu_group, min(10.0, timeout_s / 4), self._on_sender_error)
+        self.sender: PlanSender | RingPlanSender = (
+            RingPlanSender(ring, timeout_s)
+            if ring is not None
+            else PlanSender(tp.cpu_group, min(10.0, timeout_s / 4), self._on_sender_error)
+        )
         self._watchdog = threading.Thread(target=self._watch, name="fuserve-tp-watchdog", daemon=True)
         self._watchdog.start()
 
@@ -151,6 +158,7 @@ class WorkerGroup:
             update={"model": config.model.model_copy(update={"device": device_type})}
         )
         actors: dict[int, Any] = {}
+        ring: PlanRing | None = None
         try:
             device = torch.device("cpu")
             if use_gpu:
@@ -171,9 +179,14 @@ class WorkerGroup:
             dtype = pick_dtype(config.model.dtype, device)
             tp = init_tp_context(store, 0, size, device, dtype, timeout, all_reduce)
             infos = ray.get(list(init_refs), timeout=max(1.0, deadline - time.monotonic()))
-            run_refs = {a.run.remote(): r for r, a in actors.items()}
+            if _plan_ring_wanted(par.plan_transport, host, infos):
+                ring = PlanRing.create(num_readers=size - 1)
+            ring_path = str(ring.path) if ring is not None else None
+            run_refs = {a.run.remote(ring_path): r for r, a in actors.items()}
         except BaseException as err:
             _kill(actors.values())
+            if ring is not None:
+                ring.unlink()
             if torch.distributed.is_initialized():  # rank 0 got into (part of) the group
                 destroy_tp_context()
             placement.release()
@@ -185,8 +198,13 @@ class WorkerGroup:
                     "(parallel.init_timeout_s)"
                 ) from None
             raise
-        log.info("tensor-parallel group of %d formed: %s", size, infos)
-        return cls(tp, actors, infos, run_refs, placement, store, device, timeout)
+        log.info(
+            "tensor-parallel group of %d formed (step plans over %s): %s",
+            size,
+            "shared memory" if ring is not None else "gloo",
+            infos,
+        )
+        return cls(tp, actors, infos, run_refs, placement, store, device, timeout, ring)
 
     def begin_serving(self) -> None:
         """Rank 0's engine is built (so every worker's is): the gloo group now carries plans only."""
@@ -292,6 +310,21 @@ class WorkerGroup:
         self.placement.release()
         self._store = None
         self._watchdog.join(timeout=2.0)
+
+
+def _plan_ring_wanted(transport: str, host: str, infos: list[dict[str, Any]]) -> bool:
+    """Whether step plans go through a shared-memory ring (parallel.plan_transport): only every rank on
+    rank 0's node can map it."""
+    elsewhere = sorted({info["node_ip"] for info in infos} - {host})
+    if transport == "gloo":
+        return False
+    if transport == "shm" and (elsewhere or not shm_available()):
+        why = f"workers run on other nodes ({', '.join(elsewhere)})" if elsewhere else "/dev/shm is unusable"
+        raise WorkerGroupError(
+            f"parallel.plan_transport is shm but {why}; set it to auto or gloo, or place every rank on "
+            "one node (placement_strategy STRICT_PACK)"
+        )
+    return not elsewhere and shm_available()
 
 
 def _kill(actors: Iterable[Any]) -> None:
