@@ -96,8 +96,9 @@ def _worker(rank: int, port: int, spin_s: float, reps: int, gap_s: float, queue:
                 receiver = gloo_rx if transport == "gloo" else ring_rx
                 done = []
                 for _ in range(reps):
-                    assert receiver.recv() == plan
+                    got_plan = receiver.recv()
                     done.append(time.perf_counter())
+                    assert got_plan == plan
                 dist.broadcast_object_list([done], src=1)
     dist.barrier()
     dist.destroy_process_group()
@@ -127,7 +128,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=400)
     ap.add_argument("--gap-ms", type=float, default=2.0)
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("results")))
     args = ap.parse_args()
     rows = measure(0.05, args.reps, args.gap_ms / 1e3) + measure(0.0, args.reps, args.gap_ms / 1e3)
     print(f"{'plan':20} {'transport':9} {'spin':>5} {'send us':>8} {'delivered us':>13} {'p90':>7}")
