@@ -283,8 +283,10 @@ def run_engine(
     output_len: int,
     smoke: bool,
     profile: bool = False,
+    plan_transport: str = "auto",
 ) -> list[dict[str, Any]]:
     from fuserve.configs import config_from_dict
+    from fuserve.parallel.plan_broadcast import RingPlanSender
     from fuserve.parallel.worker_group import WorkerGroup
     from fuserve.workers.engine import LLMEngine
 
@@ -296,7 +298,7 @@ def run_engine(
             output_len,
             smoke,
             cache={"gpu_memory_utilization": 0.6},
-            parallel={"tensor_parallel_size": tp, "init_timeout_s": 900},
+            parallel={"tensor_parallel_size": tp, "init_timeout_s": 900, "plan_transport": plan_transport},
         )
     )
     t0 = time.perf_counter()
@@ -307,7 +309,10 @@ def run_engine(
     backend = "oneshot" if one_shot else ("gloo" if smoke else "nccl")
     if one_shot and all_reduce == "no-push":
         backend += "-nopush"  # the fused all-reduce, without the batch-1 GEMV push (A/B)
-    name = "fuserve-tp1" if tp == 1 else f"fuserve-tp{tp}-{backend}"
+    plans = "-" if workers is None else ("shm" if isinstance(workers.sender, RingPlanSender) else "gloo")
+    name = (
+        "fuserve-tp1" if tp == 1 else f"fuserve-tp{tp}-{backend}" + ("-gloo-plans" if plans == "gloo" else "")
+    )
     rows = []
     for i, batch in enumerate(batches[:1] + batches):  # the first is a warm-up (Triton compiles), dropped
         timing = time_decode(engine, batch, prompt_len, output_len, cfg["vocab_size"])
@@ -320,6 +325,7 @@ def run_engine(
                 tp=tp,
                 one_shot=one_shot,
                 async_scheduling=engine.async_scheduling,
+                plan_transport=plans,
                 batch=batch,
                 prompt_len=prompt_len,
                 output_len=output_len,
@@ -358,6 +364,9 @@ def main() -> None:
         "--smoke", action="store_true", help="tiny shapes on CPU over gloo: checks the script runs"
     )
     ap.add_argument("--profile", action="store_true", help="also profile rank 0's batch-1 decode kernels")
+    ap.add_argument(
+        "--plan-transport", default="auto", choices=["auto", "shm", "gloo"], help="TP=N step plans"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cfg = TINY if args.smoke else MODELS[args.model]
@@ -385,7 +394,15 @@ def main() -> None:
         if args.smoke and all_reduce == "auto":
             continue  # no one-shot on CPU
         rows += run_engine(
-            cfg, args.tp, all_reduce, batches, args.prompt_len, args.output_len, args.smoke, args.profile
+            cfg,
+            args.tp,
+            all_reduce,
+            batches,
+            args.prompt_len,
+            args.output_len,
+            args.smoke,
+            args.profile,
+            args.plan_transport,
         )
 
     tp1 = {r["batch"]: r for r in rows if r["bench"] == "tp-decode" and r["engine"] == "fuserve-tp1"}
