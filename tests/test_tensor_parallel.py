@@ -37,6 +37,7 @@ from fuserve.parallel.plan_broadcast import (
     decode_plan,
     encode_plan,
 )
+from fuserve.parallel.process_group import destroy_tp_context, fresh_group_names, init_tp_context
 from fuserve.parallel.tp_context import TPContext
 from fuserve.parallel.worker_group import WorkerGroup, WorkerGroupError
 from fuserve.workers.async_engine import AsyncEngine, EngineDeadError
@@ -222,6 +223,22 @@ class FakeFastAllReduce:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         return x * 2
+
+
+def test_each_group_formed_in_a_process_takes_new_names() -> None:
+    """torch keeps symmetric memory's store per group name for the life of a process, and names restart
+    at 0 once the default group is destroyed: a group named like an earlier one in the same process
+    would rendezvous through a dead store (a hang on GPUs). Each formation starts from fresh names."""
+    import torch.distributed as dist
+
+    names: list[str] = []
+    for _ in range(3):
+        first = fresh_group_names()
+        tp = init_tp_context(dist.HashStore(), 0, 1, torch.device("cpu"), torch.float32, 10.0, "nccl", first)
+        names += [tp.group.group_name, tp.cpu_group.group_name]
+        assert tp.group.group_name == str(first)
+        destroy_tp_context()
+    assert len(set(names)) == len(names), names
 
 
 def test_small_all_reduces_take_the_fast_path() -> None:

@@ -9,7 +9,8 @@ rank, the same `init_tp_context` call:
                                                     error, not NCCL waiting forever in its first op
     (GPU) one NCCL all-reduce, then the one-shot all-reduce (or NCCL only)
 The process-wide default group is used because the symmetric-memory and NCCL paths resolve groups by
-name; hence one tensor-parallel group per process.
+name; hence one tensor-parallel group per process at a time, and each one formed in a process takes
+names no earlier one used (`fresh_group_names`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,24 @@ GPU_ENV = {
 }
 
 
+GROUP_NAME_STRIDE = 1000  # names one group formation may use (it uses two: the default group, gloo)
+_formed_here = 0
+
+
+def fresh_group_names() -> int:
+    """Rank 0: the first process-group name for a new group, to hand to every rank (init_tp_context).
+
+    torch names groups from a per-process counter that destroying the default group resets to 0, and
+    its symmetric memory keeps the store of the first group it saw under a name for the life of the
+    process. A second group formed in rank 0's process under a dead group's name would rendezvous
+    through the dead group's store and wait forever (seen on two H200s: a one-shot engine started after
+    another one in the same process hung in a TCPStore wait). So every formation in a process takes
+    names no earlier one used, and all of its ranks take the same ones."""
+    global _formed_here
+    _formed_here += 1
+    return GROUP_NAME_STRIDE * _formed_here
+
+
 def open_store(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
     """Rank 0's rendezvous store, on a port the OS picks (read it back from `.port`)."""
     return dist.TCPStore(
@@ -58,13 +77,18 @@ def init_tp_context(
     dtype: torch.dtype,
     timeout_s: float,
     all_reduce: AllReduceChoice = "auto",
+    first_group_name: int = 0,
 ) -> TPContext:
-    """Collective: every rank calls it with the same store, size, device type and choice."""
+    """Collective: every rank calls it with the same store, size, device type, choice and
+    `first_group_name` (from rank 0's `fresh_group_names`)."""
+    from torch.distributed import distributed_c10d
+
     if dist.is_initialized():
         raise RuntimeError(
             "this process already belongs to a tensor-parallel group; shut that engine down first "
             "(one tensor-parallel engine per process)"
         )
+    distributed_c10d._world.group_count = first_group_name  # the next groups' names count up from it
     timeout = dt.timedelta(seconds=timeout_s)
     if device.type == "cuda":
         for key, value in GPU_ENV.items():

@@ -49,8 +49,11 @@ class TPWorker:
         self.size = size
         self.tp: TPContext | None = None
 
-    def init_group(self, host: str, port: int, all_reduce: AllReduceChoice) -> dict[str, Any]:
-        """Join rank 0's store, say so, then form the groups (returns once every rank has)."""
+    def init_group(
+        self, host: str, port: int, all_reduce: AllReduceChoice, first_group_name: int = 0
+    ) -> dict[str, Any]:
+        """Join rank 0's store, say so, then form the groups (returns once every rank has), named from
+        `first_group_name` as on rank 0 (process_group.fresh_group_names)."""
         from fuserve.workers.engine import pick_dtype
 
         use_gpu = self.config.model.device == "cuda"
@@ -66,7 +69,9 @@ class TPWorker:
         store = connect_store(host, port, self.size, timeout)
         store.set(arrival_key(self.rank), str(os.getpid()))
         dtype = pick_dtype(self.config.model.dtype, device)
-        self.tp = init_tp_context(store, self.rank, self.size, device, dtype, timeout, all_reduce)
+        self.tp = init_tp_context(
+            store, self.rank, self.size, device, dtype, timeout, all_reduce, first_group_name
+        )
         return {
             "rank": self.rank,
             "pid": os.getpid(),

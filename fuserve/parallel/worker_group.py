@@ -47,6 +47,7 @@ from fuserve.parallel.process_group import (
     GPU_ENV,
     AllReduceChoice,
     destroy_tp_context,
+    fresh_group_names,
     init_tp_context,
     open_store,
 )
@@ -174,10 +175,13 @@ class WorkerGroup:
                 if use_gpu:
                     opts["runtime_env"] = {"env_vars": dict(GPU_ENV)}
                 actors[rank] = remote_cls.options(**opts).remote(worker_config, rank, size)
-            init_refs = {a.init_group.remote(host, store.port, all_reduce): r for r, a in actors.items()}
+            names = fresh_group_names()
+            init_refs = {
+                a.init_group.remote(host, store.port, all_reduce, names): r for r, a in actors.items()
+            }
             _await_arrival(store, init_refs, size, deadline, timeout)
             dtype = pick_dtype(config.model.dtype, device)
-            tp = init_tp_context(store, 0, size, device, dtype, timeout, all_reduce)
+            tp = init_tp_context(store, 0, size, device, dtype, timeout, all_reduce, names)
             infos = ray.get(list(init_refs), timeout=max(1.0, deadline - time.monotonic()))
             if _plan_ring_wanted(par.plan_transport, host, infos):
                 ring = PlanRing.create(num_readers=size - 1)
