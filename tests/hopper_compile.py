@@ -70,7 +70,16 @@ def main() -> int:
             None,
         ),
         "argmax chunks": (argmax._chunk_max_kernel, {"CHUNK": 2048, **pdl}, None),
-        "argmax pick": (argmax._pick_chunk_kernel, {"CHUNKS_PAD": 64, **pdl}, {"out_ptr": "*i64"}),
+        "argmax pick": (
+            argmax._pick_chunk_kernel,
+            {"CHUNKS_PAD": 64, "KEYED": False, **pdl},
+            {"out_ptr": "*i64"},
+        ),
+        "argmax pick keys": (
+            argmax._pick_chunk_kernel,
+            {"CHUNKS_PAD": 64, "KEYED": True, **pdl},
+            {"out_ptr": "*i64"},
+        ),
     }
     failed = 0
     for name, (kernel, constexprs, types) in kernels.items():

@@ -9,12 +9,11 @@ import torch
 
 from fuserve.parallel.tp_context import TPContext
 from fuserve.parallel.vocab_parallel_argmax import (
-    argmax_keys,
-    key_tokens,
     local_argmax_keys,
     vocab_parallel_argmax,
     vocab_parallel_argmax_ref,
 )
+from fuserve.workers.kernels.argmax import key_tokens, pack_keys
 
 
 def _simulated(slices: list[torch.Tensor]) -> torch.Tensor:
@@ -30,12 +29,12 @@ def test_keys_order_as_value_then_lower_index() -> None:
         for j in range(len(values)):
             for a, b in ((5, 9), (9, 5), (7, 7)):
                 ki, kj = (
-                    argmax_keys(values[i : i + 1], torch.tensor([a])),
-                    argmax_keys(values[j : j + 1], torch.tensor([b])),
+                    pack_keys(values[i : i + 1], torch.tensor([a])),
+                    pack_keys(values[j : j + 1], torch.tensor([b])),
                 )
                 want = (values[i].item(), -a) > (values[j].item(), -b)  # -0.0 == 0.0, as floats compare
                 assert bool(ki > kj) == want, (values[i], a, values[j], b)
-    assert key_tokens(argmax_keys(values, torch.arange(8) * 1000 + 3)).tolist() == list(range(3, 8003, 1000))
+    assert key_tokens(pack_keys(values, torch.arange(8) * 1000 + 3)).tolist() == list(range(3, 8003, 1000))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

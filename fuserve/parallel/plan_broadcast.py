@@ -34,6 +34,7 @@ from fuserve.parallel.plan_ring import PlanRing
 from fuserve.workers.step_plan import StepPlan
 
 RANK0_ONLY = {"sample_requests"}
+SHUTDOWN_WAIT_S = 5.0  # how long the ring's SHUTDOWN message may wait for room before shutdown kills
 
 
 class Shape(enum.Enum):
@@ -205,9 +206,11 @@ class RingPlanSender:
         counts, payload = encode_plan(plan)
         self._send(Kind.PLAN, counts, payload)
 
-    def _send(self, kind: Kind, counts: list[int], payload: list[int]) -> None:
+    def _send(
+        self, kind: Kind, counts: list[int], payload: list[int], timeout_s: float | None = None
+    ) -> None:
         with self._lock:
-            self.ring.send(header(kind, counts, payload) + payload, timeout_s=self.timeout_s)
+            self.ring.send(header(kind, counts, payload) + payload, timeout_s=timeout_s or self.timeout_s)
 
     def start_heartbeat(self) -> None:
         """Every worker has mapped the ring by now (each maps it before building its engine, whose
@@ -217,8 +220,8 @@ class RingPlanSender:
     def close(self, send_shutdown: bool) -> None:
         """With `send_shutdown`, tell the workers to leave their loops; then end any wait on the ring."""
         try:
-            if send_shutdown:
-                self._send(Kind.SHUTDOWN, [], [])
+            if send_shutdown:  # a stuck worker must not hold shutdown for the whole step timeout
+                self._send(Kind.SHUTDOWN, [], [], timeout_s=min(self.timeout_s, SHUTDOWN_WAIT_S))
         finally:
             self.ring.close()
             self.ring.unlink()

@@ -3,7 +3,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fuserve.workers.kernels.argmax import CHUNK, argmax, argmax_ref, greedy_tokens
+from fuserve.workers.kernels.argmax import (
+    CHUNK,
+    argmax,
+    argmax_keys,
+    argmax_keys_ref,
+    argmax_ref,
+    greedy_keys,
+    greedy_tokens,
+    key_tokens,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -31,6 +40,23 @@ def test_a_view_with_row_stride_and_the_dispatch() -> None:
     assert torch.equal(greedy_tokens(view), argmax_ref(view))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keys_match_the_reference(dtype: torch.dtype) -> None:
+    """The keyed variant: same keys as the torch reference, signs, zeros, ties and -inf included, and the
+    offset lands in the index it carries."""
+    x = torch.randn(6, 2 * CHUNK + 7).to(DEVICE, dtype)
+    x[1] = -x[1].abs() - 1  # all negative
+    x[2] = 0.0
+    x[2, CHUNK + 5] = -0.0  # -0.0 ties with 0.0: the first zero wins
+    x[3, [4, CHUNK + 4]] = 50.0  # a tie across chunks
+    x[4] = -float("inf")
+    offset = 1000
+    got = argmax_keys(x, offset)
+    assert torch.equal(got, argmax_keys_ref(x, offset))
+    assert torch.equal(key_tokens(got), argmax_ref(x) + offset)
+    assert torch.equal(greedy_keys(x[:, : CHUNK + 1], 7), argmax_keys_ref(x[:, : CHUNK + 1], 7))
+
+
 def test_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="rows, vocab"):
         argmax(torch.zeros(4, device=DEVICE))
@@ -44,3 +70,4 @@ def test_rejects_bad_shapes() -> None:
 def test_argmax_llama3_vocab(rows: int) -> None:
     x = torch.randn(rows, 128256, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(argmax(x), argmax_ref(x))
+    assert torch.equal(argmax_keys(x, 64128), argmax_keys_ref(x, 64128))
