@@ -89,7 +89,14 @@ class TPWorker:
         receiver: PlanReceiver | RingPlanReceiver = PlanReceiver(self.tp.cpu_group)
         if plan_ring is not None:  # mapped before the engine's collectives: rank 0 unlinks it after them
             spin_s = GPU_SPIN_S if self.config.model.device == "cuda" else CPU_SPIN_S
-            receiver = RingPlanReceiver(PlanRing.attach(plan_ring, reader=self.rank - 1), spin_s)
+            try:
+                ring = PlanRing.attach(plan_ring, reader=self.rank - 1)
+            except FileNotFoundError as err:
+                raise RuntimeError(
+                    f"rank {self.rank} cannot map rank 0's plan ring ({err}): it shares rank 0's node "
+                    "address but not its /dev/shm (separate containers?); set parallel.plan_transport: gloo"
+                ) from None
+            receiver = RingPlanReceiver(ring, spin_s)
         engine = LLMEngine(self.config, tp=self.tp)
         steps = 0
         while (plan := receiver.recv()) is not None:
