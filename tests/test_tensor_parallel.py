@@ -37,6 +37,7 @@ from fuserve.parallel.plan_broadcast import (
     decode_plan,
     encode_plan,
 )
+from fuserve.parallel.plan_ring import PlanRing
 from fuserve.parallel.process_group import destroy_tp_context, fresh_group_names, init_tp_context
 from fuserve.parallel.tp_context import TPContext
 from fuserve.parallel.worker_group import WorkerGroup, WorkerGroupError
@@ -450,6 +451,27 @@ def test_worker_failing_while_building_fails_engine(ray_cluster: None, llama_kv2
     t0 = time.monotonic()
     with pytest.raises(WorkerGroupError, match="startup: worker rank 1 raised RuntimeError.*out of memory"):
         LLMEngine(config, workers=WorkerGroup.start(config, worker_cls=FailingBuildWorker))
+    assert time.monotonic() - t0 < 15, "should not wait for init_timeout_s"
+    assert live_placement_groups() == []
+    assert not torch.distributed.is_initialized()
+
+
+def test_a_worker_that_cannot_map_the_plan_ring_fails_startup(
+    ray_cluster: None, llama_kv2: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same node address, another /dev/shm (two containers on one host network): the worker cannot map
+    the ring; startup fails fast and names the fix. Simulated by unlinking the ring right away."""
+    create = PlanRing.create.__func__  # type: ignore[attr-defined]
+
+    def create_then_unlink(cls: type, *args: Any, **kwargs: Any) -> PlanRing:
+        ring = create(cls, *args, **kwargs)
+        ring.unlink()
+        return ring
+
+    monkeypatch.setattr(PlanRing, "create", classmethod(create_then_unlink))
+    t0 = time.monotonic()
+    with pytest.raises(WorkerGroupError, match="cannot map rank 0's plan ring.*plan_transport: gloo"):
+        LLMEngine(tp_config(llama_kv2, 2))
     assert time.monotonic() - t0 < 15, "should not wait for init_timeout_s"
     assert live_placement_groups() == []
     assert not torch.distributed.is_initialized()
