@@ -119,8 +119,9 @@ def read_header(words: list[int]) -> tuple[Kind, int, list[int]]:
 
 
 class PlanSender:
-    """Rank 0's end over the gloo group. `start_heartbeat` only once every rank is in its receive loop:
-    before that the gloo group carries the startup collectives, which a heartbeat would cut into."""
+    """Rank 0's end over the gloo group. `begin_serving` (the heartbeat) only once every rank is in its
+    receive loop: before that the gloo group carries the startup collectives, which a heartbeat would cut
+    into."""
 
     def __init__(self, group: Any, heartbeat_s: float, on_error: Callable[[BaseException], None]) -> None:
         self.group = group
@@ -145,7 +146,8 @@ class PlanSender:
                 dist.broadcast(torch.tensor(payload[room:], dtype=torch.int64), src=0, group=self.group)
             self._last_send = time.monotonic()
 
-    def start_heartbeat(self) -> None:
+    def begin_serving(self) -> None:
+        """Every rank is in its receive loop: start the heartbeat."""
         self._thread = threading.Thread(target=self._beat, name="fuserve-tp-heartbeat", daemon=True)
         self._thread.start()
 
@@ -212,7 +214,7 @@ class RingPlanSender:
         with self._lock:
             self.ring.send(header(kind, counts, payload) + payload, timeout_s=timeout_s or self.timeout_s)
 
-    def start_heartbeat(self) -> None:
+    def begin_serving(self) -> None:
         """Every worker has mapped the ring by now (each maps it before building its engine, whose
         collectives rank 0's engine has passed): drop its name, so that no crash can leave it behind."""
         self.ring.unlink()

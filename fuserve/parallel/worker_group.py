@@ -213,7 +213,7 @@ class WorkerGroup:
     def begin_serving(self) -> None:
         """Rank 0's engine is built (so every worker's is): the gloo group now carries plans only."""
         self._serving = True
-        self.sender.start_heartbeat()
+        self.sender.begin_serving()
 
     # ---- steps ----------------------------------------------------------------------------------
     def broadcast(self, plan: StepPlan) -> None:
