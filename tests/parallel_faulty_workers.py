@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from fuserve.parallel.plan_ring import PlanRing
 from fuserve.parallel.tp_worker import TPWorker
 
 
@@ -31,4 +32,6 @@ class FailingBuildWorker(TPWorker):
     """Joins the group, then fails while building its shard (after rank 0 started building its own)."""
 
     def run(self, plan_ring: str | None = None) -> int:
+        if plan_ring is not None:  # as TPWorker.run, which maps the ring before building its shard
+            PlanRing.attach(plan_ring, reader=self.rank - 1)
         raise RuntimeError("simulated: CUDA out of memory while loading the shard")

@@ -11,11 +11,12 @@ import time
 
 import pytest
 
+from fuserve.parallel import plan_ring
 from fuserve.parallel.plan_broadcast import RingPlanReceiver, RingPlanSender
-from fuserve.parallel.plan_ring import HEADER_WORDS, PlanRing, RingClosed, shm_available
+from fuserve.parallel.plan_ring import HEADER_WORDS, SHM_DIR, PlanRing, RingClosed, shm_usable
 from fuserve.workers.step_plan import StepPlan
 
-pytestmark = pytest.mark.skipif(not shm_available(), reason="needs a writable /dev/shm")
+pytestmark = pytest.mark.skipif(shm_usable() is not None, reason=f"no plan ring here: {shm_usable()}")
 
 
 @pytest.fixture
@@ -83,16 +84,49 @@ def test_close_ends_a_blocked_send_and_a_blocked_receive(ring: PlanRing) -> None
         ring.send([3])  # full: readers never read
 
 
-def test_a_reader_notices_that_the_writer_is_gone(ring: PlanRing) -> None:
-    gone = subprocess.run(
+def _exited_pid() -> int:
+    done = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    words = PlanRing.attach(ring.path, 0)
-    words._words[3] = int(gone.stdout)  # as if rank 0 had been that process, now exited
+    return int(done.stdout)
+
+
+def test_a_reader_notices_that_the_writer_is_gone(ring: PlanRing) -> None:
+    reader = PlanRing.attach(ring.path, 0)
+    reader._words[3] = _exited_pid()  # as if rank 0 had been that process, now exited
     t0 = time.monotonic()
     with pytest.raises(RingClosed, match="is gone"):
-        words.recv_chunk()
+        reader.recv_chunk()
     assert time.monotonic() - t0 < 5
+
+
+def test_a_writer_invisible_at_attach_is_never_declared_gone(ring: PlanRing) -> None:
+    """Another pid namespace (the writer's pid means nothing here): only Ray ends such a worker."""
+    ring._words[3] = _exited_pid()
+    reader = PlanRing.attach(ring.path, 0)
+    with pytest.raises(TimeoutError):
+        reader.recv_chunk(timeout_s=1.5)
+
+
+def test_readers_say_they_attached(ring: PlanRing) -> None:
+    assert not ring.all_attached()
+    PlanRing.attach(ring.path, 1)
+    assert not ring.all_attached()
+    PlanRing.attach(ring.path, 0)
+    assert ring.all_attached()
+
+
+def test_no_room_in_dev_shm_is_an_error_at_creation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pages are taken up front: a full /dev/shm fails here, leaving no file, not with SIGBUS later."""
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    before = set(SHM_DIR.glob("fuserve-plans-*"))
+    monkeypatch.setattr(plan_ring.os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="No space"):
+        PlanRing.create(num_readers=1)
+    assert set(SHM_DIR.glob("fuserve-plans-*")) == before
 
 
 def test_the_name_can_go_while_the_mapping_lives_on(ring: PlanRing) -> None:

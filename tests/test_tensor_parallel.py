@@ -477,6 +477,27 @@ def test_a_worker_that_cannot_map_the_plan_ring_fails_startup(
     assert not torch.distributed.is_initialized()
 
 
+def test_auto_takes_gloo_when_the_ring_cannot_be_made(
+    ray_cluster: None, llama_kv2: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """plan_transport auto: a /dev/shm without room means plans over gloo, not a failed replica; shm
+    insists, and says why it cannot."""
+
+    def full(cls: type, *args: Any, **kwargs: Any) -> PlanRing:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PlanRing, "create", classmethod(full))
+    engine = LLMEngine(tp_config(llama_kv2, 2))
+    assert engine.workers is not None and isinstance(engine.workers.sender, PlanSender)
+    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    engine.shutdown()
+    with pytest.raises(WorkerGroupError, match="plan_transport is shm but creating it in /dev/shm failed"):
+        LLMEngine(tp_config(llama_kv2, 2, parallel={"plan_transport": "shm"}))
+    assert live_placement_groups() == []
+
+
 def test_worker_that_never_joins_times_out(ray_cluster: None, llama_kv2: Path) -> None:
     from parallel_faulty_workers import StuckWorker
 

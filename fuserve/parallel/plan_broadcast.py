@@ -208,22 +208,23 @@ class RingPlanSender:
         counts, payload = encode_plan(plan)
         self._send(Kind.PLAN, counts, payload)
 
-    def _send(
-        self, kind: Kind, counts: list[int], payload: list[int], timeout_s: float | None = None
-    ) -> None:
+    def _send(self, kind: Kind, counts: list[int], payload: list[int]) -> None:
         with self._lock:
-            self.ring.send(header(kind, counts, payload) + payload, timeout_s=timeout_s or self.timeout_s)
+            self.ring.send(header(kind, counts, payload) + payload, timeout_s=self.timeout_s)
 
     def begin_serving(self) -> None:
-        """Every worker has mapped the ring by now (each maps it before building its engine, whose
-        collectives rank 0's engine has passed): drop its name, so that no crash can leave it behind."""
-        self.ring.unlink()
+        """Nothing to start: the ring lost its name once every worker had mapped it."""
 
     def close(self, send_shutdown: bool) -> None:
         """With `send_shutdown`, tell the workers to leave their loops; then end any wait on the ring."""
         try:
-            if send_shutdown:  # a stuck worker must not hold shutdown for the whole step timeout
-                self._send(Kind.SHUTDOWN, [], [], timeout_s=min(self.timeout_s, SHUTDOWN_WAIT_S))
+            # a stuck worker (a full ring, or a send blocked on one) must not hold shutdown for long
+            if send_shutdown and self._lock.acquire(timeout=SHUTDOWN_WAIT_S):
+                try:
+                    message = header(Kind.SHUTDOWN, [], [])
+                    self.ring.send(message, timeout_s=min(self.timeout_s, SHUTDOWN_WAIT_S))
+                finally:
+                    self._lock.release()
         finally:
             self.ring.close()
             self.ring.unlink()

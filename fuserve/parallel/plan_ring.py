@@ -3,28 +3,32 @@ no system call per plan.
 
 Why: on the two-H200 machine the gloo broadcast of a batch-1 decode plan took 88 us of rank 0's time per
 step (of 2.65 ms), while the GPUs waited for the step to be queued. Here rank 0 copies the plan's words
-into shared memory and each worker, polling, copies them out: microseconds (benchmarks/bench_plan_ring.py
-measures both transports).
+into shared memory and each worker, polling, copies them out: microseconds (benchmarks/
+bench_plan_transport.py measures both transports).
 
 One file in /dev/shm, mapped by every rank; int64 words:
-    header  [MAGIC, num_slots, slot_numel, writer pid, ack of reader 1, ..., ack of reader N-1]
+    header  [MAGIC, num_slots, slot_numel, writer pid, ack of each reader..., attached flag of each]
     slots   num_slots x [seq, used, data: slot_numel words]
 A message (the words of plan_broadcast.py's codec: kind, payload length, counts, payload) fills one or
 more slots, one per chunk, each chunk taking the next sequence number s (from 1) and slot s % num_slots.
-The writer fills a slot's `used` and data, then, after a memory fence, its `seq`; a reader waits until
-the slot's seq is the one it expects, fences, copies the data, then stores s in its ack word. The writer
-reuses a slot (for s + num_slots) only when every reader's ack has reached s. Aligned int64 stores are
-single stores on x86-64 and aarch64, so a reader never sees half a seq or ack.
+The writer fills a slot's `used` and data, then its `seq`; a reader waits until the slot's seq is the
+one it expects, copies the data, then stores s in its ack word. The writer reuses a slot (for
+s + num_slots) only when every reader's ack has reached s. This relies on the CPU keeping stores in
+order and loads in order, which x86-64 does (TSO) and aarch64 does not, and Python has no fence to add:
+so the ring is offered on x86-64 only (`shm_usable`), gloo carries plans elsewhere. Aligned int64
+stores are single stores, so a reader never sees half a seq or ack.
 
-Rank 0 unlinks the file once every worker has mapped it (`unlink`), so a crash leaves nothing in
-/dev/shm. Waits poll: busily for `spin_s`, then with short sleeps (an idle worker costs no core), and
-they end on a deadline, on `close()`, or when the writer's process is gone.
+The file's pages are allocated at creation (a full /dev/shm is an error then, not a SIGBUS mid-serving),
+and rank 0 unlinks it as soon as every reader has attached (`all_attached`), so a crash after that leaves
+nothing in /dev/shm. Waits poll: busily for `spin_s`, then with short sleeps, longer once idle for a
+second; they end on a deadline, on `close()`, or when the writer's process is gone.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import platform
 import threading
 import time
 import uuid
@@ -34,28 +38,25 @@ from pathlib import Path
 import numpy as np
 
 MAGIC = 0x66757365_706C616E  # "fuseplan"
-HEADER_WORDS = 4  # magic, num_slots, slot_numel, writer pid; the readers' acks follow
+HEADER_WORDS = 4  # magic, num_slots, slot_numel, writer pid; the readers' acks and attached flags follow
 SLOT_HEADER = 2  # seq, used
 SHM_DIR = Path("/dev/shm")
 SLEEP_S = 200e-6  # poll interval once the busy spin is over
-PID_CHECK_S = 1.0  # how often a waiting reader checks that the writer's process is alive
-
-_FENCE = threading.Lock()
-
-
-def fence() -> None:
-    """A full memory barrier between the data and the sequence number that publishes it (taking and
-    releasing a lock is one); x86 keeps stores in order anyway, aarch64 does not."""
-    with _FENCE:
-        pass
+IDLE_S = 1.0  # waiting longer than this: poll every IDLE_SLEEP_S, and check the writer's process
+IDLE_SLEEP_S = 2e-3
 
 
 class RingClosed(RuntimeError):
     """The ring was closed (the group is shutting down or failed) while a send or receive waited."""
 
 
-def shm_available() -> bool:
-    return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
+def shm_usable() -> str | None:
+    """None when this machine can run the ring, else why not (plan_transport `auto` then takes gloo)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the ring needs x86-64's store and load order, this CPU is {platform.machine()}"
+    if not (SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)):
+        return f"{SHM_DIR} is not a writable directory"
+    return None
 
 
 class PlanRing:
@@ -68,29 +69,34 @@ class PlanRing:
         self._words = words
         self.num_slots = int(words[1])
         self.slot_numel = int(words[2])
-        self.num_readers = len(words) - HEADER_WORDS - self.num_slots * (SLOT_HEADER + self.slot_numel)
+        slots_words = self.num_slots * (SLOT_HEADER + self.slot_numel)
+        self.num_readers = (len(words) - HEADER_WORDS - slots_words) // 2
         self.reader = reader
         self._acks = words[HEADER_WORDS : HEADER_WORDS + self.num_readers]
-        first = HEADER_WORDS + self.num_readers
+        self._attached = words[HEADER_WORDS + self.num_readers : HEADER_WORDS + 2 * self.num_readers]
+        first = HEADER_WORDS + 2 * self.num_readers
         self._slots = words[first:].reshape(self.num_slots, SLOT_HEADER + self.slot_numel)
         self._next = 1  # the sequence number this end writes or reads next
         self._closed = threading.Event()
+        self._check_writer = False  # a reader checks the writer's pid only if it could see it at attach
 
     @classmethod
     def create(cls, num_readers: int, num_slots: int = 16, slot_numel: int = 4096) -> PlanRing:
         if num_readers < 1 or num_slots < 2 or slot_numel < 1:
             raise ValueError("a plan ring needs >= 1 reader, >= 2 slots and >= 1 word per slot")
-        words_total = HEADER_WORDS + num_readers + num_slots * (SLOT_HEADER + slot_numel)
+        size = 8 * (HEADER_WORDS + 2 * num_readers + num_slots * (SLOT_HEADER + slot_numel))
         path = SHM_DIR / f"fuserve-plans-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, words_total * 8)
-            mapping = mmap.mmap(fd, words_total * 8)
+            os.posix_fallocate(fd, 0, size)  # pages now: a full /dev/shm fails here, not with SIGBUS later
+            mapping = mmap.mmap(fd, size)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
         words = np.frombuffer(mapping, dtype=np.int64)
         words[1:4] = [num_slots, slot_numel, os.getpid()]
-        fence()
         words[0] = MAGIC
         return cls(path, words, mapping, reader=None)
 
@@ -107,7 +113,13 @@ class PlanRing:
         ring = cls(Path(path), words, mapping, reader=reader)
         if not 0 <= reader < ring.num_readers:
             raise ValueError(f"reader {reader} of a ring with {ring.num_readers} readers")
+        ring._check_writer = _alive(int(words[3]))  # False: another pid namespace, so never checked
+        ring._attached[reader] = 1
         return ring
+
+    def all_attached(self) -> bool:
+        """Whether every reader has mapped the ring (then rank 0 can drop its name)."""
+        return bool((self._attached == 1).all())
 
     # ---- both ends ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -130,11 +142,14 @@ class PlanRing:
                 raise TimeoutError(f"no progress for {timeout_s:g} s while {what}")
             if now - start < spin_s:
                 continue
-            if self.reader is not None and now - last_check > PID_CHECK_S:
+            if now - start < IDLE_S:
+                time.sleep(SLEEP_S)
+                continue
+            if self._check_writer and now - last_check > IDLE_S:
                 last_check = now
                 if not _alive(int(self._words[3])):
                     raise RingClosed(f"rank 0 (pid {int(self._words[3])}) is gone")
-            time.sleep(SLEEP_S)
+            time.sleep(IDLE_SLEEP_S)
 
     # ---- rank 0 ---------------------------------------------------------------------------------
     def send(self, message: list[int], spin_s: float = 0.0, timeout_s: float | None = None) -> None:
@@ -155,8 +170,7 @@ class PlanRing:
             slot = self._slots[seq % self.num_slots]
             slot[1] = len(chunk)
             slot[SLOT_HEADER : SLOT_HEADER + len(chunk)] = chunk
-            fence()
-            slot[0] = seq
+            slot[0] = seq  # published after the data (x86-64 keeps stores in order)
             self._next += 1
 
     # ---- a worker -------------------------------------------------------------------------------
@@ -166,10 +180,8 @@ class PlanRing:
         seq = self._next
         slot = self._slots[seq % self.num_slots]
         self._wait(lambda: int(slot[0]) == seq, spin_s, timeout_s, "waiting for the next plan")
-        fence()
         words = slot[SLOT_HEADER : SLOT_HEADER + int(slot[1])].tolist()
-        fence()
-        self._acks[self.reader] = seq
+        self._acks[self.reader] = seq  # after the copy: only then may rank 0 reuse the slot
         self._next += 1
         return words
 

@@ -76,6 +76,7 @@ class TPWorker:
             "rank": self.rank,
             "pid": os.getpid(),
             "node_ip": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": list(ray.get_gpu_ids()),
             "one_shot": self.tp.fast_all_reduce is not None,
         }
@@ -93,8 +94,8 @@ class TPWorker:
                 ring = PlanRing.attach(plan_ring, reader=self.rank - 1)
             except FileNotFoundError as err:
                 raise RuntimeError(
-                    f"rank {self.rank} cannot map rank 0's plan ring ({err}): it shares rank 0's node "
-                    "address but not its /dev/shm (separate containers?); set parallel.plan_transport: gloo"
+                    f"rank {self.rank} cannot map rank 0's plan ring ({err}): it runs on rank 0's Ray node "
+                    "but does not see its /dev/shm; set parallel.plan_transport: gloo"
                 ) from None
             receiver = RingPlanReceiver(ring, spin_s)
         engine = LLMEngine(self.config, tp=self.tp)

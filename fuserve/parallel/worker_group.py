@@ -42,7 +42,7 @@ from fuserve.parallel.placement import (
     worker_options,
 )
 from fuserve.parallel.plan_broadcast import PlanSender, RingPlanSender
-from fuserve.parallel.plan_ring import PlanRing, shm_available
+from fuserve.parallel.plan_ring import PlanRing, shm_usable
 from fuserve.parallel.process_group import (
     GPU_ENV,
     AllReduceChoice,
@@ -183,10 +183,11 @@ class WorkerGroup:
             dtype = pick_dtype(config.model.dtype, device)
             tp = init_tp_context(store, 0, size, device, dtype, timeout, all_reduce, names)
             infos = ray.get(list(init_refs), timeout=max(1.0, deadline - time.monotonic()))
-            if _plan_ring_wanted(par.plan_transport, host, infos):
-                ring = PlanRing.create(num_readers=size - 1)
+            ring = _create_plan_ring(par.plan_transport, infos, size)
             ring_path = str(ring.path) if ring is not None else None
             run_refs = {a.run.remote(ring_path): r for r, a in actors.items()}
+            if ring is not None:
+                _await_ring_attached(ring, run_refs, deadline, timeout)
         except BaseException as err:
             _kill(actors.values())
             if ring is not None:
@@ -211,7 +212,7 @@ class WorkerGroup:
         return cls(tp, actors, infos, run_refs, placement, store, device, timeout, ring)
 
     def begin_serving(self) -> None:
-        """Rank 0's engine is built (so every worker's is): the gloo group now carries plans only."""
+        """Rank 0's engine is built (so every worker's is): the gloo group is free for the heartbeat."""
         self._serving = True
         self.sender.begin_serving()
 
@@ -316,19 +317,45 @@ class WorkerGroup:
         self._watchdog.join(timeout=2.0)
 
 
-def _plan_ring_wanted(transport: str, host: str, infos: list[dict[str, Any]]) -> bool:
-    """Whether step plans go through a shared-memory ring (parallel.plan_transport): only every rank on
-    rank 0's node can map it."""
-    elsewhere = sorted({info["node_ip"] for info in infos} - {host})
+def _create_plan_ring(transport: str, infos: list[dict[str, Any]], size: int) -> PlanRing | None:
+    """The shared-memory ring for step plans (parallel.plan_transport), or None for gloo. Only ranks on
+    rank 0's Ray node can map it; `auto` takes gloo wherever the ring cannot run, `shm` says why not."""
     if transport == "gloo":
-        return False
-    if transport == "shm" and (elsewhere or not shm_available()):
-        why = f"workers run on other nodes ({', '.join(elsewhere)})" if elsewhere else "/dev/shm is unusable"
-        raise WorkerGroupError(
-            f"parallel.plan_transport is shm but {why}; set it to auto or gloo, or place every rank on "
-            "one node (placement_strategy STRICT_PACK)"
-        )
-    return not elsewhere and shm_available()
+        return None
+    here = ray.get_runtime_context().get_node_id()
+    elsewhere = sorted({info["node_ip"] for info in infos if info["node_id"] != here})
+    why = f"workers run on other nodes ({', '.join(elsewhere)})" if elsewhere else shm_usable()
+    if why is None:
+        try:
+            return PlanRing.create(num_readers=size - 1)
+        except OSError as err:
+            why = f"creating it in /dev/shm failed ({err})"
+    if transport == "shm":
+        raise WorkerGroupError(f"parallel.plan_transport is shm but {why}; set it to auto or gloo")
+    log.info("step plans over gloo: the shared-memory ring is out (%s)", why)
+    return None
+
+
+def _await_ring_attached(ring: PlanRing, run_refs: dict[Any, int], deadline: float, timeout_s: float) -> None:
+    """Wait until every worker has mapped the ring, then drop its name, so that no crash from here on
+    leaves it in /dev/shm. A worker's `run` ending first is a failure (it cannot map the ring, or died)."""
+    while not ring.all_attached():
+        ready, _ = ray.wait(list(run_refs), num_returns=1, timeout=0.01)
+        if ready:
+            try:
+                ray.get(ready[0])
+                cause = "returned before mapping it"
+            except Exception as err:
+                cause = describe(err)
+            raise WorkerGroupError(
+                f"tensor-parallel group failed during startup: worker rank {run_refs[ready[0]]} {cause}"
+            )
+        if time.monotonic() > deadline:
+            raise WorkerGroupError(
+                f"tensor-parallel workers did not map the plan ring within {timeout_s:g} s "
+                "(parallel.init_timeout_s)"
+            )
+    ring.unlink()
 
 
 def _kill(actors: Iterable[Any]) -> None:

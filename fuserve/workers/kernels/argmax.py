@@ -94,6 +94,8 @@ def _argmax(x: torch.Tensor, keyed: bool, offset: int) -> torch.Tensor:
     num_chunks = triton.cdiv(vocab, CHUNK)
     if vocab == 0 or num_chunks > MAX_CHUNKS:
         raise ValueError(f"argmax handles 1..{CHUNK * MAX_CHUNKS} columns, got {vocab}")
+    if offset + vocab > LOW_MASK:
+        raise ValueError(f"argmax keys hold indices below 2**31, got a slice ending at {offset + vocab}")
     out = torch.empty(rows, dtype=torch.int64, device=x.device)
     if rows == 0:
         return out
@@ -112,8 +114,6 @@ def _argmax(x: torch.Tensor, keyed: bool, offset: int) -> torch.Tensor:
         num_warps=4,
         launch_pdl=use_pdl,
     )
-    if offset + vocab > LOW_MASK:
-        raise ValueError(f"argmax keys hold indices below 2**31, got a slice ending at {offset + vocab}")
     _pick_chunk_kernel[(rows,)](
         part_val,
         part_idx,
