@@ -18,6 +18,10 @@ for b in ${BENCH:-kernels decode}; do
     gemv) timeout 200 python3 benchmarks/bench_gemv.py --out "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.log" | tail -12 ;;
     profile) timeout 200 python3 benchmarks/profile_step.py --out "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log" | tail -8 ;;
     tp) timeout ${TP_TIMEOUT:-450} python3 benchmarks/bench_tp.py ${TP_ARGS:-} --out "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log" | tail -45 ;;
+    # the same TP=N engine with its step plans over gloo instead of the shared-memory ring (A/B)
+    tp-gloo-plans) timeout ${TP_TIMEOUT:-450} python3 benchmarks/bench_tp.py --skip-tp1 --skip-collectives \
+      --plan-transport gloo ${TP_GLOO_ARGS:---all-reduce auto --batches 1} --out "$OUT/tp-gloo-plans.json" 2>&1 \
+      | tee "$OUT/tp-gloo-plans.log" | tail -20 ;;
     decode) timeout 400 python3 benchmarks/bench_decode.py ${DECODE_ARGS:-} --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
   esac
 done
