@@ -459,8 +459,8 @@ def test_worker_failing_while_building_fails_engine(ray_cluster: None, llama_kv2
 def test_a_worker_that_cannot_map_the_plan_ring_fails_startup(
     ray_cluster: None, llama_kv2: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Same node address, another /dev/shm (two containers on one host network): the worker cannot map
-    the ring; startup fails fast and names the fix. Simulated by unlinking the ring right away."""
+    """A worker on rank 0's Ray node that does not see its /dev/shm cannot map the ring; startup fails
+    fast and names the fix. Simulated by unlinking the ring right away."""
     create = PlanRing.create.__func__  # type: ignore[attr-defined]
 
     def create_then_unlink(cls: type, *args: Any, **kwargs: Any) -> PlanRing:

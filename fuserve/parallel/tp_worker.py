@@ -87,17 +87,7 @@ class TPWorker:
         from fuserve.workers.engine import LLMEngine
 
         assert self.tp is not None, "init_group first"
-        receiver: PlanReceiver | RingPlanReceiver = PlanReceiver(self.tp.cpu_group)
-        if plan_ring is not None:  # mapped before the engine's collectives: rank 0 unlinks it after them
-            spin_s = GPU_SPIN_S if self.config.model.device == "cuda" else CPU_SPIN_S
-            try:
-                ring = PlanRing.attach(plan_ring, reader=self.rank - 1)
-            except FileNotFoundError as err:
-                raise RuntimeError(
-                    f"rank {self.rank} cannot map rank 0's plan ring ({err}): it runs on rank 0's Ray node "
-                    "but does not see its /dev/shm; set parallel.plan_transport: gloo"
-                ) from None
-            receiver = RingPlanReceiver(ring, spin_s)
+        receiver = self._plan_receiver(plan_ring, self.tp)
         engine = LLMEngine(self.config, tp=self.tp)
         steps = 0
         while (plan := receiver.recv()) is not None:
@@ -106,3 +96,16 @@ class TPWorker:
         engine.shutdown()
         destroy_tp_context()
         return steps
+
+    def _plan_receiver(self, plan_ring: str | None, tp: TPContext) -> PlanReceiver | RingPlanReceiver:
+        """Map the ring first thing (rank 0 waits for every worker to, then unlinks it), else gloo."""
+        if plan_ring is None:
+            return PlanReceiver(tp.cpu_group)
+        try:
+            ring = PlanRing.attach(plan_ring, reader=self.rank - 1)
+        except FileNotFoundError as err:
+            raise RuntimeError(
+                f"rank {self.rank} cannot map rank 0's plan ring ({err}): it runs on rank 0's Ray node "
+                "but does not see its /dev/shm; set parallel.plan_transport: gloo"
+            ) from None
+        return RingPlanReceiver(ring, GPU_SPIN_S if self.config.model.device == "cuda" else CPU_SPIN_S)

@@ -339,22 +339,16 @@ def _create_plan_ring(transport: str, infos: list[dict[str, Any]], size: int) ->
 def _await_ring_attached(ring: PlanRing, run_refs: dict[Any, int], deadline: float, timeout_s: float) -> None:
     """Wait until every worker has mapped the ring, then drop its name, so that no crash from here on
     leaves it in /dev/shm. A worker's `run` ending first is a failure (it cannot map the ring, or died)."""
-    while not ring.all_attached():
-        ready, _ = ray.wait(list(run_refs), num_returns=1, timeout=0.01)
-        if ready:
-            try:
-                ray.get(ready[0])
-                cause = "returned before mapping it"
-            except Exception as err:
-                cause = describe(err)
-            raise WorkerGroupError(
-                f"tensor-parallel group failed during startup: worker rank {run_refs[ready[0]]} {cause}"
-            )
-        if time.monotonic() > deadline:
-            raise WorkerGroupError(
-                f"tensor-parallel workers did not map the plan ring within {timeout_s:g} s "
-                "(parallel.init_timeout_s)"
-            )
+    _await_workers(
+        ring.all_attached,
+        run_refs,
+        deadline,
+        "tensor-parallel group failed during startup: worker rank {rank} {cause}",
+        lambda: (
+            f"tensor-parallel workers did not map the plan ring within {timeout_s:g} s "
+            "(parallel.init_timeout_s)"
+        ),
+    )
     ring.unlink()
 
 
@@ -373,21 +367,40 @@ def _await_arrival(
     """Wait until every worker has joined the store, failing at once when one raises or dies first
     (init_group cannot return before rank 0 joins the group, so an early result is an error)."""
     keys = [arrival_key(r) for r in range(1, size)]
+
+    def late() -> str:
+        missing = [r for r in range(1, size) if not store.check([arrival_key(r)])]
+        return (
+            f"tensor-parallel workers {missing} did not start within {timeout_s:g} s "
+            "(parallel.init_timeout_s): their actors are still waiting for resources in their "
+            "placement-group bundles, or are stuck before joining rank 0"
+        )
+
+    _await_workers(
+        lambda: store.check(keys),
+        init_refs,
+        deadline,
+        "tensor-parallel worker rank {rank} failed to start: {cause}",
+        late,
+    )
+
+
+def _await_workers(
+    done: Callable[[], bool], refs: dict[Any, int], deadline: float, failed: str, late: Callable[[], str]
+) -> None:
+    """Poll `done` until it holds. The worker calls in `refs` (ref -> rank) end only after it holds, so
+    one that ends first is a failure, raised as `failed` (formatted with the rank and the cause); past
+    `deadline`, `late()` is the error."""
     while True:
-        ready, _ = ray.wait(list(init_refs), num_returns=len(init_refs), timeout=0.05)
-        for ref in ready:
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.01)
+        if ready:
             try:
-                ray.get(ref)
+                ray.get(ready[0])
+                cause = "returned before its start-up was over"
             except Exception as err:
-                raise WorkerGroupError(
-                    f"tensor-parallel worker rank {init_refs[ref]} failed to start: {describe(err)}"
-                ) from None
-        if store.check(keys):
+                cause = describe(err)
+            raise WorkerGroupError(failed.format(rank=refs[ready[0]], cause=cause)) from None
+        if done():
             return
         if time.monotonic() > deadline:
-            missing = [r for r in range(1, size) if not store.check([arrival_key(r)])]
-            raise WorkerGroupError(
-                f"tensor-parallel workers {missing} did not start within {timeout_s:g} s "
-                "(parallel.init_timeout_s): their actors are still waiting for resources in their "
-                "placement-group bundles, or are stuck before joining rank 0"
-            )
+            raise WorkerGroupError(late())
