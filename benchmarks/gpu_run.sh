@@ -22,6 +22,11 @@ for b in ${BENCH:-kernels decode}; do
     tp-gloo-plans) timeout ${TP_TIMEOUT:-450} python3 benchmarks/bench_tp.py --skip-tp1 --skip-collectives \
       --plan-transport gloo ${TP_GLOO_ARGS:---all-reduce auto --batches 1} --out "$OUT/tp-gloo-plans.json" 2>&1 \
       | tee "$OUT/tp-gloo-plans.log" | tail -20 ;;
+    # the TP=1 and TP=N batch-1 decode again with each L2 prefetch budget in $L2_MBS (A/B against "tp")
+    tp-l2-prefetch) for mb in ${L2_MBS:-8 24}; do
+      FUSERVE_L2_PREFETCH_MB=$mb timeout ${TP_TIMEOUT:-450} python3 benchmarks/bench_tp.py --skip-collectives \
+        ${TP_L2_ARGS:---all-reduce auto --batches 1} --out "$OUT/tp-l2-$mb.json" 2>&1 | tee "$OUT/tp-l2-$mb.log" | tail -8
+    done ;;
     decode) timeout 400 python3 benchmarks/bench_decode.py ${DECODE_ARGS:-} --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
   esac
 done

@@ -52,11 +52,14 @@ def main() -> int:
     from fuserve.workers.kernels import argmax, gemv
 
     pdl = {"USE_PDL": True}
+    gemv_tile = {"BLOCK_N": 8, "BLOCK_K": 512, "LINE": 64}
+    prefetch = {"L2_PREFETCH": True}
     kernels = {
-        "gemv": (gemv._gemv_kernel, {"HAS_BIAS": True, "BLOCK_N": 8, "BLOCK_K": 512, **pdl}, None),
+        "gemv": (gemv._gemv_kernel, {"HAS_BIAS": True, **gemv_tile, "L2_PREFETCH": False, **pdl}, None),
+        "gemv + L2 prefetch": (gemv._gemv_kernel, {"HAS_BIAS": False, **gemv_tile, **prefetch, **pdl}, None),
         "gemv_push": (
             gemv_push._gemv_push_kernel,
-            {"HAS_BIAS": False, "WORLD": 2, "BLOCK_N": 8, "BLOCK_K": 512, **pdl},
+            {"HAS_BIAS": False, "WORLD": 2, **gemv_tile, **prefetch, **pdl},
             None,
         ),
         "pushed_add_rmsnorm": (

@@ -40,10 +40,12 @@ from fuserve.parallel.plan_broadcast import (
 from fuserve.parallel.plan_ring import PlanRing
 from fuserve.parallel.process_group import destroy_tp_context, fresh_group_names, init_tp_context
 from fuserve.parallel.tp_context import TPContext
-from fuserve.parallel.worker_group import WorkerGroup, WorkerGroupError
+from fuserve.parallel.worker_group import WorkerGroup, WorkerGroupError, worker_gpu_env
 from fuserve.workers.async_engine import AsyncEngine, EngineDeadError
 from fuserve.workers.engine import LLMEngine
+from fuserve.workers.kernels.l2_prefetch import L2_PREFETCH_ENV
 from fuserve.workers.kernels.ops import KernelOps
+from fuserve.workers.kernels.pdl import PDL_ENV
 from fuserve.workers.models import loader as loader_module
 from fuserve.workers.models.loader import build_model, resolve_source
 from fuserve.workers.step_plan import StepPlan
@@ -240,6 +242,17 @@ def test_each_group_formed_in_a_process_takes_new_names() -> None:
         assert tp.group.group_name == str(first)
         destroy_tp_context()
     assert len(set(names)) == len(names), names
+
+
+def test_gpu_workers_get_rank0_kernel_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An A/B run with FUSERVE_PDL=0 or an L2 prefetch budget must run the same kernels on every rank."""
+    monkeypatch.setenv(PDL_ENV, "0")
+    monkeypatch.setenv(L2_PREFETCH_ENV, "16")
+    env = worker_gpu_env()
+    assert env[PDL_ENV] == "0" and env[L2_PREFETCH_ENV] == "16"
+    assert env["NCCL_NVLS_ENABLE"] == "0"  # multicast stays off
+    monkeypatch.delenv(L2_PREFETCH_ENV)
+    assert L2_PREFETCH_ENV not in worker_gpu_env()
 
 
 def test_small_all_reduces_take_the_fast_path() -> None:

@@ -40,6 +40,7 @@ from fuserve.parallel.all_reduce_rmsnorm import (
     store_add_rmsnorm_row,
 )
 from fuserve.workers.kernels.gemv import gemv_block, tuned_config
+from fuserve.workers.kernels.l2_prefetch import LINE_BYTES, l2_prefetch_budget, prefetch_columns
 from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
 from fuserve.workers.kernels.rmsnorm import row_num_warps
 
@@ -61,14 +62,29 @@ def _gemv_push_kernel(
     K,
     stride_wn,
     slot_numel,
+    prefetch_cols,
     HAS_BIAS: tl.constexpr,
     WORLD: tl.constexpr,
     USE_PDL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    L2_PREFETCH: tl.constexpr,
+    LINE: tl.constexpr,
 ):
     y, offs_n, mask_n = gemv_block(
-        x_ptr, w_ptr, bias_ptr, N, K, stride_wn, HAS_BIAS, USE_PDL, BLOCK_N, BLOCK_K
+        x_ptr,
+        w_ptr,
+        bias_ptr,
+        N,
+        K,
+        stride_wn,
+        prefetch_cols,
+        HAS_BIAS,
+        USE_PDL,
+        BLOCK_N,
+        BLOCK_K,
+        L2_PREFETCH,
+        LINE,
     )
     y = tl.where(y == 0, tl.zeros_like(y), y)  # -0.0 marks an empty element: send zeros as +0.0
     tl.store(y_ptr + offs_n, y, mask=mask_n)
@@ -184,6 +200,7 @@ def gemv_push(
         config = slots._configs[key] = tuned_config(x, weight, bias)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     use_pdl = pdl_enabled(x)
+    prefetch_cols = prefetch_columns(n, k, weight.element_size(), l2_prefetch_budget()) if use_pdl else 0
     block_n = config.kwargs["BLOCK_N"]
     _gemv_push_kernel[(triton.cdiv(n, block_n),)](
         x,
@@ -197,11 +214,14 @@ def gemv_push(
         k,
         weight.stride(0),
         slots.slot_numel,
+        prefetch_cols,
         HAS_BIAS=bias is not None,
         WORLD=slots.world,
         USE_PDL=use_pdl,
         BLOCK_N=block_n,
         BLOCK_K=config.kwargs["BLOCK_K"],
+        L2_PREFETCH=prefetch_cols > 0,
+        LINE=LINE_BYTES // weight.element_size(),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         launch_pdl=use_pdl,

@@ -53,9 +53,14 @@ from fuserve.parallel.process_group import (
 )
 from fuserve.parallel.tp_context import TPContext
 from fuserve.parallel.tp_worker import TPWorker, arrival_key
+from fuserve.workers.kernels.l2_prefetch import L2_PREFETCH_ENV
+from fuserve.workers.kernels.pdl import PDL_ENV
 from fuserve.workers.step_plan import StepPlan
 
 log = logging.getLogger(__name__)
+
+# kernel switches rank 0 reads from its environment; every rank must run the same kernels
+KERNEL_ENV = (PDL_ENV, L2_PREFETCH_ENV)
 
 POLL_S = 50e-6  # rank 0 polls its step's completion at this interval while watching the group
 CAUSE_WAIT_S = 2.0  # after a failed collective, how long to let the watchdog name the rank that died
@@ -173,7 +178,7 @@ class WorkerGroup:
             for rank in range(1, size):
                 opts = worker_options(placement, rank, use_gpu)
                 if use_gpu:
-                    opts["runtime_env"] = {"env_vars": dict(GPU_ENV)}
+                    opts["runtime_env"] = {"env_vars": worker_gpu_env()}
                 actors[rank] = remote_cls.options(**opts).remote(worker_config, rank, size)
             names = fresh_group_names()
             init_refs = {
@@ -315,6 +320,15 @@ class WorkerGroup:
         self.placement.release()
         self._store = None
         self._watchdog.join(timeout=2.0)
+
+
+def worker_gpu_env() -> dict[str, str]:
+    """A GPU worker's environment variables: multicast off (GPU_ENV), and rank 0's kernel switches, which
+    a worker on another node, or started by a replica whose own environment was changed in-process,
+    would not otherwise see."""
+    env = dict(GPU_ENV)
+    env.update({key: os.environ[key] for key in KERNEL_ENV if key in os.environ})
+    return env
 
 
 def _create_plan_ring(transport: str, infos: list[dict[str, Any]], size: int) -> PlanRing | None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fuserve.workers.kernels.gemv import gemv
+from fuserve.workers.kernels.l2_prefetch import L2_PREFETCH_ENV
 from fuserve.workers.kernels.pdl import PDL_ENV, pdl_enabled
 from fuserve.workers.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 from fuserve.workers.kernels.silu_mul import silu_mul
@@ -31,9 +32,12 @@ def _chain(x: torch.Tensor, layers: list[tuple[torch.Tensor, ...]]) -> torch.Ten
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_pdl_graph_chain_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("l2_prefetch_mb", ["0", "16"])
+def test_pdl_graph_chain_matches_eager(monkeypatch: pytest.MonkeyPatch, l2_prefetch_mb: str) -> None:
+    """With L2 prefetch too: the GEMV's prefetches before its wait must not change a single bit."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90+")
+    monkeypatch.setenv(L2_PREFETCH_ENV, l2_prefetch_mb)
     g = torch.Generator(device="cuda").manual_seed(0)
     hidden, inter = 2048, 4096
 

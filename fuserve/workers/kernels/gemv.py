@@ -5,7 +5,8 @@ picks tiles built for matrices and, on an H100, reads some shapes (4096 x 4096, 
 of the copy bandwidth and others through a split-K pass plus a reduction kernel. Here each program
 owns BLOCK_N output features and streams their rows of W over K in BLOCK_K chunks, multiplying by x
 in fp32 and reducing across K in registers; one launch, no workspace, no reduction pass. On Hopper the
-first tile of W is read while the previous kernel drains (programmatic dependent launch, kernels/pdl.py).
+first tile of W is read while the previous kernel drains (programmatic dependent launch, kernels/pdl.py),
+and optionally more of W is pulled into L2 meanwhile (kernels/l2_prefetch.py).
 
     x [1, K] ──┐
                ├─ sum_k x[k] * W[n, k] (fp32) ──► y[n] (x.dtype)       grid: N / BLOCK_N
@@ -23,6 +24,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from fuserve.workers.kernels.l2_prefetch import (
+    LINE_BYTES,
+    l2_prefetch_budget,
+    prefetch_columns,
+    prefetch_rows_l2,
+)
 from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -48,10 +55,13 @@ def gemv_block(
     N,
     K,
     stride_wn,
+    prefetch_cols,
     HAS_BIAS: tl.constexpr,
     USE_PDL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    L2_PREFETCH: tl.constexpr,
+    LINE: tl.constexpr,
 ):
     """This program's BLOCK_N outputs, rounded to x's dtype, with their offsets and mask. Shared with
     the GEMV that pushes its output to the tensor-parallel peers (fuserve/parallel/gemv_push.py)."""
@@ -64,6 +74,9 @@ def gemv_block(
     offs_pre = tl.arange(0, BLOCK_K)
     mask_pre = offs_pre < K
     w_pre = tl.load(rows + offs_pre[None, :], mask=mask_n[:, None] & mask_pre[None, :], other=0.0)
+    if L2_PREFETCH:  # the next prefetch_cols columns of the rows into L2 (l2_prefetch.py)
+        valid_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn
+        prefetch_rows_l2(valid_rows, BLOCK_K, tl.minimum(BLOCK_K + prefetch_cols, K), K, LINE)
     pdl_launch_and_wait(USE_PDL)
     x_pre = tl.load(x_ptr + offs_pre, mask=mask_pre, other=0.0).to(tl.float32)
     y = tl.sum(w_pre.to(tl.float32) * x_pre[None, :], axis=1)
@@ -72,7 +85,12 @@ def gemv_block(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        w = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(
+            rows + offs_k[None, :],
+            mask=mask_n[:, None] & mask_k[None, :],
+            other=0.0,
+            eviction_policy="evict_first" if L2_PREFETCH else "",
+        )
         acc += w.to(tl.float32) * x[None, :]
     y += tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -90,13 +108,28 @@ def _gemv_kernel(
     N,
     K,
     stride_wn,
+    prefetch_cols,
     HAS_BIAS: tl.constexpr,
     USE_PDL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    L2_PREFETCH: tl.constexpr,
+    LINE: tl.constexpr,
 ):
     y, offs_n, mask_n = gemv_block(
-        x_ptr, w_ptr, bias_ptr, N, K, stride_wn, HAS_BIAS, USE_PDL, BLOCK_N, BLOCK_K
+        x_ptr,
+        w_ptr,
+        bias_ptr,
+        N,
+        K,
+        stride_wn,
+        prefetch_cols,
+        HAS_BIAS,
+        USE_PDL,
+        BLOCK_N,
+        BLOCK_K,
+        L2_PREFETCH,
+        LINE,
     )
     tl.store(y_ptr + offs_n, y, mask=mask_n)
 
@@ -113,6 +146,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
     use_pdl = pdl_enabled(x)
+    prefetch_cols = prefetch_columns(n, k, weight.element_size(), l2_prefetch_budget()) if use_pdl else 0
     _gemv_kernel[grid](
         x_ptr=x,
         w_ptr=weight,
@@ -121,8 +155,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         N=n,
         K=k,
         stride_wn=weight.stride(0),
+        prefetch_cols=prefetch_cols,
         HAS_BIAS=bias is not None,
         USE_PDL=use_pdl,
+        L2_PREFETCH=prefetch_cols > 0,
+        LINE=LINE_BYTES // weight.element_size(),
         launch_pdl=use_pdl,
     )
     return y

@@ -1,0 +1,53 @@
+"""L2 prefetch of GEMV weights (kernels/l2_prefetch.py): the budget a user sets, the columns it buys,
+and on a GPU the GEMV's numbers with it on. The prefetch instruction itself is checked by compiling for
+Hopper (tests/hopper_compile.py); the interpreter has no PTX."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fuserve.workers.kernels.gemv import gemv, gemv_ref
+from fuserve.workers.kernels.l2_prefetch import L2_PREFETCH_ENV, l2_prefetch_budget, prefetch_columns
+
+
+def test_budget_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(L2_PREFETCH_ENV, raising=False)
+    assert l2_prefetch_budget() == 0
+    monkeypatch.setenv(L2_PREFETCH_ENV, "16")
+    assert l2_prefetch_budget() == 16 * 2**20
+    monkeypatch.setenv(L2_PREFETCH_ENV, "0.5")
+    assert l2_prefetch_budget() == 2**19
+    monkeypatch.setenv(L2_PREFETCH_ENV, "lots")
+    with pytest.raises(ValueError, match="not a number of MiB"):
+        l2_prefetch_budget()
+    monkeypatch.setenv(L2_PREFETCH_ENV, "-1")
+    with pytest.raises(ValueError, match="use 0 to turn L2 prefetch off"):
+        l2_prefetch_budget()
+
+
+def test_columns_are_whole_lines_within_budget_and_row() -> None:
+    mib16 = 16 * 2**20
+    # Llama-3-8B at TP=2, bf16: qkv 3072 x 4096 (24 MiB) gets 2688 of 4096 columns, whole 128-byte lines
+    cols = prefetch_columns(3072, 4096, 2, mib16)
+    assert cols == 2688 and cols % 64 == 0 and 3072 * cols * 2 <= mib16
+    assert prefetch_columns(4096, 2048, 2, mib16) == 2048  # o_proj's shard fits whole: capped at K
+    assert prefetch_columns(64128, 4096, 2, mib16) == 128  # the LM head's shard: two lines per row
+    assert prefetch_columns(64128, 4096, 4, mib16) == 64  # fp32: 32 elements a line, two of them
+    assert prefetch_columns(3072, 4096, 2, 0) == 0
+    assert prefetch_columns(2**20, 4096, 2, 2**20) == 0  # under one line per row: nothing
+    assert prefetch_columns(0, 4096, 2, mib16) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n, k", [(3072, 4096), (4096, 2048), (14336, 4096), (4096, 7168), (100, 4100)])
+def test_gemv_with_l2_prefetch_matches_reference(monkeypatch: pytest.MonkeyPatch, n: int, k: int) -> None:
+    monkeypatch.setenv(L2_PREFETCH_ENV, "16")
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    monkeypatch.setenv(L2_PREFETCH_ENV, "0")
+    plain = gemv(x, w)
+    monkeypatch.setenv(L2_PREFETCH_ENV, "16")
+    torch.testing.assert_close(gemv(x, w).float(), gemv_ref(x, w).float(), rtol=1.6e-2, atol=1e-2)
+    assert torch.equal(gemv(x, w), plain)  # same sums in the same order: prefetch changes no bit
