@@ -53,6 +53,12 @@ class ModelConfig(_Strict):
         ge=1,
         description="Longest prompt + output in tokens; defaults to the model's own limit.",
     )
+    generation_config: Literal["auto", "none"] = Field(
+        default="auto",
+        description="`auto`: the model folder's generation_config.json sets temperature, top_p, top_k, "
+        "min_p and repetition_penalty for requests that leave them unset (as vLLM does); `none`: the "
+        "OpenAI API's defaults. Its eos_token_id always counts as a stop token.",
+    )
     seed: int = 0
 
     @model_validator(mode="after")

@@ -39,6 +39,11 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 
+    def default_sampling_params(self) -> SamplingParams:
+        """What `generate` uses without params: the model's generation_config.json defaults (with
+        model.generation_config auto), else SamplingParams' own."""
+        return SamplingParams(**self.engine.generation.sampling_defaults)
+
     def generate(
         self,
         prompts: str | list[str] | list[list[int]],
@@ -46,7 +51,10 @@ class LLM:
     ) -> list[Completion]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if isinstance(params, list):
+            plist = params
+        else:
+            plist = [params or self.default_sampling_params()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
         results: dict[str, Completion] = {}

@@ -95,3 +95,16 @@ def test_errors_have_status_codes(
         assert info.value.code() == code
         assert fragment in info.value.details()
     assert stub.Generate(pb.GenerateRequest(prompt="ok", max_tokens=2), timeout=TIMEOUT_S).choices
+
+
+def test_unset_sampling_fields_stay_unset_for_model_defaults() -> None:
+    """proto3 `optional`: a top_k or min_p the client never set takes the model's default; an explicit 0
+    (off) does not."""
+    from fuserve.router.grpc_service import to_api_request
+
+    defaults = {"top_k": 20, "min_p": 0.05, "temperature": 0.7}
+    unset = to_api_request(pb.GenerateRequest(prompt="x")).sampling_params(4, defaults)
+    assert (unset.top_k, unset.min_p, unset.temperature) == (20, 0.05, 0.7)
+    off = to_api_request(pb.GenerateRequest(prompt="x", top_k=0, min_p=0.0, temperature=1.0))
+    params = off.sampling_params(4, defaults)
+    assert (params.top_k, params.min_p, params.temperature) == (0, 0.0, 1.0)

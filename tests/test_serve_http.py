@@ -1,7 +1,8 @@
 """The OpenAI HTTP API on a real local Ray Serve cluster, over real HTTP (httpx and `openai`).
 
-Three applications share one cluster: `one` (1 engine replica of a tiny Llama), `two` (2 replicas,
-length-aware router) and, for one test, `smol` (the default SmolLM2 model). Every HTTP call has a
+Applications share one cluster: `one` (1 engine replica of a tiny Llama), `two` (2 replicas,
+length-aware router) and, for one test each, `smol` (the default SmolLM2 model), `tight` (tiny queue
+limits) and `gen` (the tiny Llama with a generation_config.json). Every HTTP call has a
 timeout, so a broken server fails the test instead of hanging CI.
 """
 
@@ -437,6 +438,39 @@ def test_shared_prefix_lands_on_one_replica_and_hits_its_cache(two: httpx.Client
 
 # ---- the default model ------------------------------------------------------------------------------
 @pytest.mark.slow
+def test_model_generation_config_sets_unset_sampling(
+    cluster: ServeCluster, one: httpx.Client, folder: Path, tmp_path: Path
+) -> None:
+    """A model whose generation_config.json says temperature 0: requests that leave temperature unset
+    are greedy (any seed gives the same text), one that sets it samples as on a model without the file."""
+    import shutil
+
+    from ray import serve
+
+    from fuserve.cluster import build_app
+
+    greedy_folder = tmp_path / "tiny"
+    shutil.copytree(folder, greedy_folder)
+    (greedy_folder / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.0, "do_sample": False})
+    )
+    serve.run(build_app(tiny_config(greedy_folder, 1)), name="gen", route_prefix="/gen")
+    try:
+        body = {"prompt": "defaults", "max_tokens": 12, "ignore_eos": True}
+        with httpx.Client(base_url=f"{cluster.url}/gen", timeout=TIMEOUT) as gen:
+            texts = {
+                gen.post("/v1/completions", json={**body, "seed": s}).json()["choices"][0]["text"]
+                for s in (1, 2)
+            }
+            sampled = gen.post("/v1/completions", json={**body, "seed": 3, "temperature": 1.0}).json()
+        greedy = one.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+        assert texts == {greedy}
+        same_seed = one.post("/v1/completions", json={**body, "seed": 3}).json()
+        assert sampled["choices"][0]["text"] == same_seed["choices"][0]["text"] != greedy
+    finally:
+        serve.delete("gen")
+
+
 def test_default_model_answers_paris(cluster: ServeCluster) -> None:
     from ray import serve
 

@@ -52,6 +52,7 @@ class EngineServer:
             max_model_len=inner.max_model_len,
             block_size=self.config.cache.block_size,
             has_tokenizer=inner.tokenizer is not None,
+            sampling_defaults=dict(inner.generation.sampling_defaults),
         )
 
     def stats(self, query: StatsQuery | None = None) -> ReplicaStats:

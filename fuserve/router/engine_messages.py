@@ -71,3 +71,5 @@ class ModelInfo:
     max_model_len: int
     block_size: int
     has_tokenizer: bool
+    # the model's own defaults for sampling settings a request leaves unset (generation_config.py)
+    sampling_defaults: dict[str, float | int] = field(default_factory=dict)

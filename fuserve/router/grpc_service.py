@@ -31,7 +31,7 @@ STATUS_TO_GRPC = {
     503: grpc.StatusCode.UNAVAILABLE,
 }
 
-_OPTIONAL = ("temperature", "top_p", "repetition_penalty", "seed")
+_OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 
 
 def to_api_request(r: pb.GenerateRequest) -> CompletionRequest | ChatCompletionRequest:
@@ -44,8 +44,6 @@ def to_api_request(r: pb.GenerateRequest) -> CompletionRequest | ChatCompletionR
     data: dict[str, Any] = {
         "model": r.model or None,
         "n": r.n or 1,
-        "top_k": r.top_k,
-        "min_p": r.min_p,
         "stop": list(r.stop),
         "ignore_eos": r.ignore_eos,
     }

@@ -115,7 +115,7 @@ class Ingress:
         for i, prompt in enumerate(req.prompts()):
             ids = encode_prompt(self.tokenizer, prompt, "prompt")
             max_tokens = resolve_max_tokens(len(ids), req.max_tokens, self.info, "prompt", "max_tokens")
-            params = sampling_or_400(req.sampling_params, max_tokens)
+            params = sampling_or_400(req.sampling_params, max_tokens, self.info.sampling_defaults)
             out.append(engine_request(f"{request_id}-{i}", ids, params, self.info))
         return out
 
@@ -125,7 +125,7 @@ class Ingress:
         ids = encode_chat(self.tokenizer, req.conversation(), req.add_generation_prompt)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = resolve_max_tokens(len(ids), req.requested_max_tokens, self.info, "messages", param)
-        params = sampling_or_400(req.sampling_params, max_tokens)
+        params = sampling_or_400(req.sampling_params, max_tokens, self.info.sampling_defaults)
         return [engine_request(request_id, ids, params, self.info)]
 
     def _finish(self, endpoint: str, status: int | str) -> None:

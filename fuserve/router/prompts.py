@@ -66,10 +66,14 @@ def resolve_max_tokens(
     return max_tokens
 
 
-def sampling_or_400(build: Callable[[int], SamplingParams], max_tokens: int) -> SamplingParams:
-    """Calls `build(max_tokens)`; SamplingParams' own checks become 400s."""
+def sampling_or_400(
+    build: Callable[[int, dict[str, float | int]], SamplingParams],
+    max_tokens: int,
+    defaults: dict[str, float | int],
+) -> SamplingParams:
+    """Calls `build(max_tokens, the model's sampling defaults)`; SamplingParams' own checks become 400s."""
     try:
-        return build(max_tokens)
+        return build(max_tokens, defaults)
     except RequestError as err:
         raise bad_request(str(err)) from None
 

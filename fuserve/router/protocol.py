@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from fuserve.router.errors import bad_request
 from fuserve.sampling_params import SamplingParams
 
+# settings whose default, when a request leaves them unset, is the model's own (generation_config.py)
+MODEL_DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -41,9 +44,9 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # extensions
-    top_k: int = Field(default=0, ge=0)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
@@ -54,19 +57,21 @@ class _SamplingRequest(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
 
-    def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling(
+        self, max_tokens: int | None, logprobs: int | None, defaults: dict[str, float | int]
+    ) -> SamplingParams:
+        """Settings the request leaves unset (None) take the model's default, else fuserve's."""
+        chosen = {name: getattr(self, name) for name in MODEL_DEFAULTABLE}
+        unset = {name: defaults[name] for name, value in chosen.items() if value is None and name in defaults}
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
+            **{name: value for name, value in chosen.items() if value is not None},
+            **unset,
             n=self.n,
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
             seed=self.seed,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
             stop=stop,
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
@@ -112,8 +117,10 @@ class CompletionRequest(_SamplingRequest):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
-    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
-        return self._sampling(max_tokens, self.logprobs)
+    def sampling_params(
+        self, max_tokens: int | None, defaults: dict[str, float | int] | None = None
+    ) -> SamplingParams:
+        return self._sampling(max_tokens, self.logprobs, defaults or {})
 
 
 class TextPart(BaseModel):
@@ -167,8 +174,10 @@ class ChatCompletionRequest(_SamplingRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
-        return self._sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+    def sampling_params(
+        self, max_tokens: int | None, defaults: dict[str, float | int] | None = None
+    ) -> SamplingParams:
+        return self._sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None, defaults or {})
 
 
 # ---- responses ------------------------------------------------------------------------------------

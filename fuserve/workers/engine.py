@@ -29,7 +29,13 @@ from fuserve.workers.kernels.ops import KernelOps
 from fuserve.workers.kv_cache import allocate_kv_cache, num_blocks_for
 from fuserve.workers.model_runner import ModelRunner
 from fuserve.workers.models.llama import LlamaArch
-from fuserve.workers.models.loader import ModelSource, build_model, load_tokenizer, resolve_source
+from fuserve.workers.models.loader import (
+    ModelSource,
+    build_model,
+    generation_config,
+    load_tokenizer,
+    resolve_source,
+)
 from fuserve.workers.outputs import RequestOutput
 from fuserve.workers.sampler import SampledBatch, has_penalty
 from fuserve.workers.scheduler import Scheduler, SchedulerOutput
@@ -119,6 +125,7 @@ class LLMEngine:
         self.tokenizer: Tokenizer | None = None
         if self.source.kind != "dummy" and self.tp.rank == 0:  # only rank 0 sees text
             self.tokenizer = load_tokenizer(self.source)
+        self.generation = generation_config(self.source, config.model)
         self.max_model_len = min(
             config.model.max_model_len or self.arch.max_position_embeddings, self.arch.max_position_embeddings
         )

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fuserve/router/proto/fuserve.proto\x12\nfuserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa8\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.fuserve.v1.ChatMessage\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\r\n\x05min_p\x18\t \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\t\n\x01n\x18\r \x01(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"{\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.fuserve.v1.TokenLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"t\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12#\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x12.fuserve.v1.Choice\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.fuserve.v1.Usage2\xa2\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.fuserve.v1.GenerateRequest\x1a\x1c.fuserve.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.fuserve.v1.GenerateRequest\x1a\x1c.fuserve.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fuserve/router/proto/fuserve.proto\x12\nfuserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc6\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.fuserve.v1.ChatMessage\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x03H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\t\n\x01n\x18\r \x01(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x07\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"{\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.fuserve.v1.TokenLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"t\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12#\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x12.fuserve.v1.Choice\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.fuserve.v1.Usage2\xa2\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.fuserve.v1.GenerateRequest\x1a\x1c.fuserve.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.fuserve.v1.GenerateRequest\x1a\x1c.fuserve.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -24,15 +24,15 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_CHATMESSAGE']._serialized_start=50
   _globals['_CHATMESSAGE']._serialized_end=94
   _globals['_GENERATEREQUEST']._serialized_start=97
-  _globals['_GENERATEREQUEST']._serialized_end=521
-  _globals['_TOKENLOGPROB']._serialized_start=523
-  _globals['_TOKENLOGPROB']._serialized_end=617
-  _globals['_CHOICE']._serialized_start=619
-  _globals['_CHOICE']._serialized_end=742
-  _globals['_USAGE']._serialized_start=744
-  _globals['_USAGE']._serialized_end=831
-  _globals['_GENERATERESPONSE']._serialized_start=833
-  _globals['_GENERATERESPONSE']._serialized_end=949
-  _globals['_GENERATION']._serialized_start=952
-  _globals['_GENERATION']._serialized_end=1114
+  _globals['_GENERATEREQUEST']._serialized_end=551
+  _globals['_TOKENLOGPROB']._serialized_start=553
+  _globals['_TOKENLOGPROB']._serialized_end=647
+  _globals['_CHOICE']._serialized_start=649
+  _globals['_CHOICE']._serialized_end=772
+  _globals['_USAGE']._serialized_start=774
+  _globals['_USAGE']._serialized_end=861
+  _globals['_GENERATERESPONSE']._serialized_start=863
+  _globals['_GENERATERESPONSE']._serialized_end=979
+  _globals['_GENERATION']._serialized_start=982
+  _globals['_GENERATION']._serialized_end=1144
 # @@protoc_insertion_point(module_scope)

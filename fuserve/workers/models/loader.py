@@ -21,6 +21,7 @@ from safetensors import safe_open
 from fuserve.configs import ModelConfig
 from fuserve.parallel.tp_context import TPContext
 from fuserve.workers.kernels.ops import KernelOps
+from fuserve.workers.models.generation_config import GenerationConfig, read_generation_config
 from fuserve.workers.models.llama import LlamaArch, LlamaForCausalLM
 from fuserve.workers.tokenizer import Tokenizer
 
@@ -78,7 +79,15 @@ def load_tokenizer(source: ModelSource) -> Tokenizer:
         raise ValueError("a dummy model has no tokenizer; pass token ids, or set model.path for one")
     eos = source.hf_config.get("eos_token_id")
     eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    eos_ids += read_generation_config(source.path, sampling_defaults=False).eos_token_ids
     return Tokenizer.from_hf_dir(source.path, eos_ids)
+
+
+def generation_config(source: ModelSource, cfg: ModelConfig) -> GenerationConfig:
+    """The model's generation_config.json as this config uses it (GGUF and dummy models have none)."""
+    if source.kind != "safetensors":
+        return GenerationConfig()
+    return read_generation_config(source.path, sampling_defaults=cfg.generation_config == "auto")
 
 
 @contextmanager
