@@ -125,8 +125,20 @@ class ParallelConfig(_Strict):
 
 
 class SpeculativeConfig(_Strict):
+    """Reserved for speculative decoding with a draft model, which is not built yet: a config that sets a
+    draft is refused rather than served without speculation."""
+
     draft: ModelConfig | None = Field(default=None, description="Draft model; speculation is off when unset.")
     num_speculative_tokens: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _not_built(self) -> SpeculativeConfig:
+        if self.draft is not None:
+            raise ValueError(
+                "speculative decoding is not implemented in this version of fuserve, so a draft model "
+                "would be loaded for nothing; remove speculative.draft"
+            )
+        return self
 
 
 class KernelConfig(_Strict):
