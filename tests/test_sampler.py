@@ -40,6 +40,29 @@ def test_draws_follow_the_distribution() -> None:
     assert torch.allclose(freq, probs, atol=0.03)
 
 
+def test_mixed_batch_each_row_its_own_way() -> None:
+    """Greedy, temperature-only, top-p, seeded and unseeded rows in one batch: only the top-p rows are
+    filtered (the others skip the sort), and each row still draws from its own distribution."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 3000
+    logits = probs.log().expand(3 * n + 2, 4).clone()
+    batch = (
+        rows(n, temperature=0.5)
+        + rows(n, temperature=1.0, top_p=0.75)
+        + rows(n, temperature=0.0)
+        + rows(1, temperature=1.0, seed=11)
+        + rows(1, temperature=0.5, seed=3)
+    )
+    out = [r.token_id for r in Sampler()(logits, batch)]
+    sharp = probs**2 / (probs**2).sum()  # softmax(log p / 0.5)
+    freq = torch.bincount(torch.tensor(out[:n]), minlength=4).float() / n
+    assert torch.allclose(freq, sharp, atol=0.03)
+    assert set(out[n : 2 * n]) == {0, 1}
+    assert set(out[2 * n : 3 * n]) == {0}
+    alone = Sampler()(probs.log().expand(2, 4).clone(), batch[-2:])
+    assert out[-2:] == [r.token_id for r in alone]  # seeded rows ignore their batch company
+
+
 def test_top_p_and_min_p_cut_the_tail() -> None:
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(500, 4).clone()

@@ -64,7 +64,7 @@ def _filter(
     drop = ranks >= k
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
     cum_before = probs.cumsum(dim=-1) - probs
-    drop |= cum_before >= top_p.unsqueeze(1)
+    drop |= (cum_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)  # rounding can reach 1.0
     drop |= probs < min_p.unsqueeze(1) * probs[:, :1]
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
@@ -133,31 +133,14 @@ class Sampler:
         num_top = [r.params.logprobs for r in rows]
         logprobs = logits.log_softmax(dim=-1) if any(n is not None for n in num_top) else None
 
-        tokens = logits.argmax(dim=-1)
         rand_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
-        if rand_rows:
-            idx = torch.tensor(rand_rows, device=logits.device)
-            sub = logits[idx]
-            ps = [rows[i].params for i in rand_rows]
-            temp = torch.tensor([p.temperature for p in ps], device=logits.device).unsqueeze(1)
-            sub = _filter(
-                sub / temp,
-                torch.tensor([p.top_k for p in ps], device=logits.device),
-                torch.tensor([p.top_p for p in ps], device=logits.device),
-                torch.tensor([p.min_p for p in ps], device=logits.device),
-            )
-            probs = sub.softmax(dim=-1)
-            noise = torch.empty_like(probs)
-            for j, i in enumerate(rand_rows):
-                p = rows[i].params
-                if p.seed is None:
-                    noise[j].exponential_()
-                else:
-                    g = torch.Generator(device=logits.device)
-                    g.manual_seed((p.seed * 1_000_003 + len(rows[i].output_token_ids)) % (1 << 63))
-                    noise[j].exponential_(generator=g)
-            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
-            tokens[idx] = (probs / noise).argmax(dim=-1)
+        if len(rand_rows) == len(rows):
+            tokens = _draw(logits, rows)
+        else:
+            tokens = logits.argmax(dim=-1)
+            if rand_rows:
+                idx = torch.tensor(rand_rows, device=logits.device)
+                tokens[idx] = _draw(logits[idx], [rows[i] for i in rand_rows])
 
         batch = SampledBatch(tokens, num_top=num_top)
         if logprobs is not None:
@@ -168,10 +151,40 @@ class Sampler:
         return batch
 
 
+def _draw(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
+    """One token per row from softmax(logits / T), after the rows' filters: [S] int64."""
+    device = logits.device
+    params = [r.params for r in rows]
+    scaled = logits / torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+    if any(filters(p) for p in params):  # the sort costs more than the rest of sampling together
+        scaled = _filter(
+            scaled,
+            torch.tensor([p.top_k for p in params], device=device),
+            torch.tensor([p.top_p for p in params], device=device),
+            torch.tensor([p.min_p for p in params], device=device),
+        )
+    probs = scaled.softmax(dim=-1)
+    noise = torch.empty_like(probs)
+    seeded = [j for j, p in enumerate(params) if p.seed is not None]
+    if len(seeded) < len(params):
+        noise.exponential_()  # every unseeded row in one call
+    for j in seeded:
+        g = torch.Generator(device=device)
+        g.manual_seed((params[j].seed * 1_000_003 + len(rows[j].output_token_ids)) % (1 << 63))
+        noise[j].exponential_(generator=g)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
+    return probs.div_(noise).argmax(dim=-1)
+
+
 def argmax_only(rows: list[SampleRequest]) -> bool:
     """Whether every row's token is the plain argmax of its logits (greedy, no logprobs, no penalty):
     then tensor-parallel ranks find it without gathering the logits (vocab_parallel_argmax.py)."""
     return all(r.params.greedy and r.params.logprobs is None and not has_penalty(r.params) for r in rows)
+
+
+def filters(p: SamplingParams) -> bool:
+    """Whether the row keeps only part of the vocabulary (top-k, top-p or min-p)."""
+    return p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
 
 
 def has_penalty(p: SamplingParams) -> bool:
