@@ -27,6 +27,7 @@ for b in ${BENCH:-kernels decode}; do
       FUSERVE_L2_PREFETCH_MB=$mb timeout ${TP_TIMEOUT:-450} python3 benchmarks/bench_tp.py --skip-collectives \
         ${TP_L2_ARGS:---all-reduce auto --batches 1} --out "$OUT/tp-l2-$mb.json" 2>&1 | tee "$OUT/tp-l2-$mb.log" | tail -8
     done ;;
+    sampler) timeout 200 python3 benchmarks/bench_sampler.py --out "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -10 ;;
     decode) timeout 400 python3 benchmarks/bench_decode.py ${DECODE_ARGS:-} --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
   esac
 done

@@ -39,3 +39,11 @@ def test_bench_plan_transport(tmp_path: Path) -> None:
     rows = json.loads(result.read_text())["rows"]
     assert len(rows) == 12 and {r["transport"] for r in rows} == {"gloo", "shm"}
     assert all(r["delivered_us"] > 0 and r["send_us"] > 0 for r in rows)
+
+
+def test_bench_sampler(tmp_path: Path) -> None:
+    out = tmp_path / "sampler.json"
+    args = ["--vocab", "512", "--batches", "1,4", "--reps", "2", "--out", str(out)]
+    _run([str(BENCHMARKS / "bench_sampler.py"), *args], tmp_path)
+    rows = json.loads(out.read_text())
+    assert len(rows) == 8 and all(r["fuserve_ms"] > 0 and r["hf_style_ms"] > 0 for r in rows)
