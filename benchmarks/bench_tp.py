@@ -290,7 +290,7 @@ def run_engine(
     from fuserve.parallel.worker_group import WorkerGroup
     from fuserve.workers.engine import LLMEngine
     from fuserve.workers.kernels.l2_prefetch import l2_prefetch_budget
-    from fuserve.workers.kernels.pdl import PDL_ENV
+    from fuserve.workers.kernels.pdl import pdl_enabled
 
     config = config_from_dict(
         dummy_engine_config(
@@ -315,8 +315,11 @@ def run_engine(
     name = (
         "fuserve-tp1" if tp == 1 else f"fuserve-tp{tp}-{backend}" + ("-gloo-plans" if plans == "gloo" else "")
     )
-    if l2_prefetch_budget():
-        name += f"-l2pf{l2_prefetch_budget() / 2**20:g}"
+    # what the kernels do, not what was asked: PDL needs a compiled sm_90+ GPU, and prefetch needs PDL
+    pdl = torch.cuda.is_available() and pdl_enabled(torch.empty(0, device="cuda"))
+    l2_prefetch_mb = l2_prefetch_budget() / 2**20 if pdl else 0.0
+    if l2_prefetch_mb:
+        name += f"-l2pf{l2_prefetch_mb:g}"
     rows = []
     for i, batch in enumerate(batches[:1] + batches):  # the first is a warm-up (Triton compiles), dropped
         timing = time_decode(engine, batch, prompt_len, output_len, cfg["vocab_size"])
@@ -330,8 +333,8 @@ def run_engine(
                 one_shot=one_shot,
                 async_scheduling=engine.async_scheduling,
                 plan_transport=plans,
-                pdl=os.environ.get(PDL_ENV) != "0",
-                l2_prefetch_mb=l2_prefetch_budget() / 2**20,
+                pdl=pdl,
+                l2_prefetch_mb=l2_prefetch_mb,
                 batch=batch,
                 prompt_len=prompt_len,
                 output_len=output_len,

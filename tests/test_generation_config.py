@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from checkpoints import make_checkpoint
 
-from fuserve.configs import config_from_dict
+from fuserve.configs import ModelConfig, config_from_dict
 from fuserve.llm import LLM
 from fuserve.router.protocol import ChatCompletionRequest, CompletionRequest
 from fuserve.sampling_params import SamplingParams
 from fuserve.workers.models.generation_config import FILE_NAME, read_generation_config
+from fuserve.workers.models.loader import load_tokenizer, resolve_source
 
 LLAMA31_INSTRUCT = {  # the shape of Llama-3.1-8B-Instruct's file
     "bos_token_id": 128000,
@@ -54,6 +55,11 @@ def test_no_file_and_bad_files(tmp_path: Path) -> None:
     write(tmp_path, {"top_p": 0.0})
     with pytest.raises(ValueError, match=r"top_p.*model.generation_config: none"):
         read_generation_config(tmp_path)
+    write(tmp_path, {"top_k": 20.5})
+    with pytest.raises(ValueError, match=r"top_k to 20.5, not a whole number.*generation_config: none"):
+        read_generation_config(tmp_path)
+    write(tmp_path, {"top_k": -1, "top_p": 0.8})  # vLLM's "no top-k" is ours too
+    assert read_generation_config(tmp_path).sampling_defaults == {"top_k": 0, "top_p": 0.8}
 
 
 def test_requests_take_model_defaults_only_where_unset() -> None:
@@ -110,3 +116,15 @@ def test_engine_stops_on_generation_config_eos_and_applies_defaults(tmp_path: Pa
     defaults = llm.default_sampling_params()
     assert defaults.top_k == 0  # 50 is transformers' default, not the model's
     assert defaults.temperature == (0.0 if mode == "auto" else 1.0)
+
+
+def test_tokenizer_stop_ids_join_both_files_without_changing_the_config(tmp_path: Path) -> None:
+    folder = make_checkpoint(tmp_path / "tiny", "llama3", vocab_size=260)
+    config = json.loads((folder / "config.json").read_text())
+    config["eos_token_id"] = [258]
+    (folder / "config.json").write_text(json.dumps(config))
+    write(folder, {"eos_token_id": [259]})
+    source = resolve_source(ModelConfig(path=str(folder)))
+    for _ in range(2):  # a second tokenizer from the same source sees the same ids
+        assert load_tokenizer(source).eos_token_ids == {258, 259}
+    assert source.hf_config["eos_token_id"] == [258]

@@ -436,8 +436,6 @@ def test_shared_prefix_lands_on_one_replica_and_hits_its_cache(two: httpx.Client
     assert metric(after, "fuserve_replica_requests_total", replica=replicas[0]) >= 6
 
 
-# ---- the default model ------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_model_generation_config_sets_unset_sampling(
     cluster: ServeCluster, one: httpx.Client, folder: Path, tmp_path: Path
 ) -> None:
@@ -471,6 +469,8 @@ def test_model_generation_config_sets_unset_sampling(
         serve.delete("gen")
 
 
+# ---- the default model ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_default_model_answers_paris(cluster: ServeCluster) -> None:
     from ray import serve
 

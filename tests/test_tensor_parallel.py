@@ -43,7 +43,7 @@ from fuserve.parallel.tp_context import TPContext
 from fuserve.parallel.worker_group import WorkerGroup, WorkerGroupError, worker_gpu_env
 from fuserve.workers.async_engine import AsyncEngine, EngineDeadError
 from fuserve.workers.engine import LLMEngine
-from fuserve.workers.kernels.l2_prefetch import L2_PREFETCH_ENV
+from fuserve.workers.kernels.l2_prefetch import L2_PREFETCH_ENV, l2_prefetch_budget
 from fuserve.workers.kernels.ops import KernelOps
 from fuserve.workers.kernels.pdl import PDL_ENV
 from fuserve.workers.models import loader as loader_module
@@ -252,7 +252,11 @@ def test_gpu_workers_get_rank0_kernel_switches(monkeypatch: pytest.MonkeyPatch) 
     assert env[PDL_ENV] == "0" and env[L2_PREFETCH_ENV] == "16"
     assert env["NCCL_NVLS_ENABLE"] == "0"  # multicast stays off
     monkeypatch.delenv(L2_PREFETCH_ENV)
-    assert L2_PREFETCH_ENV not in worker_gpu_env()
+    monkeypatch.delenv(PDL_ENV)
+    env = worker_gpu_env()  # unset on rank 0: the defaults, explicitly, whatever a worker's node has
+    assert env[L2_PREFETCH_ENV] == "0" and env[PDL_ENV] == "1"
+    monkeypatch.setenv(L2_PREFETCH_ENV, env[L2_PREFETCH_ENV])
+    assert l2_prefetch_budget() == 0  # the value sent means "off" to the worker's parser
 
 
 def test_small_all_reduces_take_the_fast_path() -> None:

@@ -72,19 +72,19 @@ def _gemv_push_kernel(
     LINE: tl.constexpr,
 ):
     y, offs_n, mask_n = gemv_block(
-        x_ptr,
-        w_ptr,
-        bias_ptr,
-        N,
-        K,
-        stride_wn,
-        prefetch_cols,
-        HAS_BIAS,
-        USE_PDL,
-        BLOCK_N,
-        BLOCK_K,
-        L2_PREFETCH,
-        LINE,
+        x_ptr=x_ptr,
+        w_ptr=w_ptr,
+        bias_ptr=bias_ptr,
+        N=N,
+        K=K,
+        stride_wn=stride_wn,
+        prefetch_cols=prefetch_cols,
+        HAS_BIAS=HAS_BIAS,
+        USE_PDL=USE_PDL,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        L2_PREFETCH=L2_PREFETCH,
+        LINE=LINE,
     )
     y = tl.where(y == 0, tl.zeros_like(y), y)  # -0.0 marks an empty element: send zeros as +0.0
     tl.store(y_ptr + offs_n, y, mask=mask_n)

@@ -60,7 +60,7 @@ from fuserve.workers.step_plan import StepPlan
 log = logging.getLogger(__name__)
 
 # kernel switches rank 0 reads from its environment; every rank must run the same kernels
-KERNEL_ENV = (PDL_ENV, L2_PREFETCH_ENV)
+KERNEL_ENV = {PDL_ENV: "1", L2_PREFETCH_ENV: "0"}  # each switch with the value that unset means
 
 POLL_S = 50e-6  # rank 0 polls its step's completion at this interval while watching the group
 CAUSE_WAIT_S = 2.0  # after a failed collective, how long to let the watchdog name the rank that died
@@ -325,9 +325,10 @@ class WorkerGroup:
 def worker_gpu_env() -> dict[str, str]:
     """A GPU worker's environment variables: multicast off (GPU_ENV), and rank 0's kernel switches, which
     a worker on another node, or started by a replica whose own environment was changed in-process,
-    would not otherwise see."""
+    would not otherwise see. A switch rank 0 leaves unset goes as its default value, so a worker's own
+    environment cannot set it differently (ranks running different kernels would disagree)."""
     env = dict(GPU_ENV)
-    env.update({key: os.environ[key] for key in KERNEL_ENV if key in os.environ})
+    env.update({key: os.environ.get(key, default) for key, default in KERNEL_ENV.items()})
     return env
 
 

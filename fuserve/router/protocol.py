@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fuserve.router.errors import bad_request
 from fuserve.sampling_params import SamplingParams
+from fuserve.workers.models.generation_config import SAMPLING_FIELDS
 
 # settings whose default, when a request leaves them unset, is the model's own (generation_config.py)
-MODEL_DEFAULTABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+MODEL_DEFAULTABLE = tuple(SAMPLING_FIELDS)
 
 
 class StreamOptions(BaseModel):

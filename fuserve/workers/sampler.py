@@ -156,7 +156,7 @@ def _draw(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
     device = logits.device
     params = [r.params for r in rows]
     scaled = logits / torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
-    if any(filters(p) for p in params):  # the sort costs more than the rest of sampling together
+    if any(has_filter(p) for p in params):  # the sort costs more than the rest of sampling together
         scaled = _filter(
             scaled,
             torch.tensor([p.top_k for p in params], device=device),
@@ -182,7 +182,7 @@ def argmax_only(rows: list[SampleRequest]) -> bool:
     return all(r.params.greedy and r.params.logprobs is None and not has_penalty(r.params) for r in rows)
 
 
-def filters(p: SamplingParams) -> bool:
+def has_filter(p: SamplingParams) -> bool:
     """Whether the row keeps only part of the vocabulary (top-k, top-p or min-p)."""
     return p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
 

@@ -6,9 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from fuserve.workers.kernels.gemv import gemv, gemv_ref
-from fuserve.workers.kernels.l2_prefetch import L2_PREFETCH_ENV, l2_prefetch_budget, prefetch_columns
+from fuserve.workers.kernels.l2_prefetch import (
+    L2_PREFETCH_ENV,
+    LINES_PER_STEP,
+    l2_prefetch_budget,
+    prefetch_columns,
+    prefetch_step_columns,
+)
 
 
 def test_budget_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -21,6 +29,10 @@ def test_budget_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(L2_PREFETCH_ENV, "lots")
     with pytest.raises(ValueError, match="not a number of MiB"):
         l2_prefetch_budget()
+    for endless in ("inf", "nan"):
+        monkeypatch.setenv(L2_PREFETCH_ENV, endless)
+        with pytest.raises(ValueError, match="not a finite number of MiB"):
+            l2_prefetch_budget()
     monkeypatch.setenv(L2_PREFETCH_ENV, "-1")
     with pytest.raises(ValueError, match="use 0 to turn L2 prefetch off"):
         l2_prefetch_budget()
@@ -51,3 +63,29 @@ def test_gemv_with_l2_prefetch_matches_reference(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv(L2_PREFETCH_ENV, "16")
     torch.testing.assert_close(gemv(x, w).float(), gemv_ref(x, w).float(), rtol=1.6e-2, atol=1e-2)
     assert torch.equal(gemv(x, w), plain)  # same sums in the same order: prefetch changes no bit
+
+
+@triton.jit
+def _prefetched_columns_kernel(out_ptr, k_start, k_end, LINE: tl.constexpr):
+    i = 0
+    for k0 in range(k_start, k_end, LINES_PER_STEP * LINE):
+        tl.store(
+            out_ptr + i * LINES_PER_STEP + tl.arange(0, LINES_PER_STEP),
+            prefetch_step_columns(k0, k_end, LINE),
+        )
+        i += 1
+
+
+@pytest.mark.parametrize(
+    "k_start, k_end, line", [(256, 2944, 64), (512, 4096, 64), (256, 320, 64), (128, 200, 32)]
+)
+def test_prefetch_asks_for_every_line_of_the_range_and_nothing_past_it(
+    device: torch.device, k_start: int, k_end: int, line: int
+) -> None:
+    """gemv_block prefetches [BLOCK_K, BLOCK_K + prefetch_cols): the budget's columns, and no line beyond."""
+    steps = -(-(k_end - k_start) // (LINES_PER_STEP * line))
+    out = torch.full((steps * LINES_PER_STEP,), -1, dtype=torch.int32, device=device)
+    _prefetched_columns_kernel[(1,)](out, k_start, k_end, LINE=line)
+    cols = set(out.tolist())
+    assert -1 not in cols and min(cols) == k_start and max(cols) < k_end
+    assert {c // line for c in cols} == set(range(k_start // line, -(-k_end // line)))

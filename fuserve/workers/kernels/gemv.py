@@ -76,7 +76,7 @@ def gemv_block(
     w_pre = tl.load(rows + offs_pre[None, :], mask=mask_n[:, None] & mask_pre[None, :], other=0.0)
     if L2_PREFETCH:  # the next prefetch_cols columns of the rows into L2 (l2_prefetch.py)
         valid_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn
-        prefetch_rows_l2(valid_rows, BLOCK_K, tl.minimum(BLOCK_K + prefetch_cols, K), K, LINE)
+        prefetch_rows_l2(valid_rows, BLOCK_K, tl.minimum(BLOCK_K + prefetch_cols, K), LINE)
     pdl_launch_and_wait(USE_PDL)
     x_pre = tl.load(x_ptr + offs_pre, mask=mask_pre, other=0.0).to(tl.float32)
     y = tl.sum(w_pre.to(tl.float32) * x_pre[None, :], axis=1)
@@ -117,19 +117,19 @@ def _gemv_kernel(
     LINE: tl.constexpr,
 ):
     y, offs_n, mask_n = gemv_block(
-        x_ptr,
-        w_ptr,
-        bias_ptr,
-        N,
-        K,
-        stride_wn,
-        prefetch_cols,
-        HAS_BIAS,
-        USE_PDL,
-        BLOCK_N,
-        BLOCK_K,
-        L2_PREFETCH,
-        LINE,
+        x_ptr=x_ptr,
+        w_ptr=w_ptr,
+        bias_ptr=bias_ptr,
+        N=N,
+        K=K,
+        stride_wn=stride_wn,
+        prefetch_cols=prefetch_cols,
+        HAS_BIAS=HAS_BIAS,
+        USE_PDL=USE_PDL,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        L2_PREFETCH=L2_PREFETCH,
+        LINE=LINE,
     )
     tl.store(y_ptr + offs_n, y, mask=mask_n)
 

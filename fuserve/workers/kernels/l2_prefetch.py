@@ -14,6 +14,7 @@ Triton on a GPU prefetches; the interpreter has no inline PTX.
 
 from __future__ import annotations
 
+import math
 import os
 
 import triton
@@ -33,6 +34,8 @@ def l2_prefetch_budget() -> int:
         raise ValueError(
             f"{L2_PREFETCH_ENV}={raw!r} is not a number of MiB; unset it or use e.g. 16"
         ) from None
+    if not math.isfinite(mib):
+        raise ValueError(f"{L2_PREFETCH_ENV}={raw!r} is not a finite number of MiB; use e.g. 16 (0: off)")
     if mib < 0:
         raise ValueError(f"{L2_PREFETCH_ENV}={raw!r} is negative; use 0 to turn L2 prefetch off")
     return int(mib * 2**20)
@@ -51,12 +54,19 @@ def prefetch_columns(n: int, k: int, element_size: int, budget_bytes: int) -> in
 
 
 @triton.jit
-def prefetch_rows_l2(rows, k_start, k_end, K, LINE: tl.constexpr):
+def prefetch_step_columns(k0, k_end, LINE: tl.constexpr):
+    """The columns one step of prefetch_rows_l2 asks for: LINES_PER_STEP line starts from k0, those past
+    the range clamped to its last column (a repeated address costs a request, not bandwidth), so the
+    prefetch never reaches past the budget's columns."""
+    return tl.minimum(k0 + tl.arange(0, LINES_PER_STEP) * LINE, k_end - 1)
+
+
+@triton.jit
+def prefetch_rows_l2(rows, k_start, k_end, LINE: tl.constexpr):
     """Ask L2 for columns [k_start, k_end) of the rows at pointers `rows` [BLOCK_N, 1] (row starts,
-    valid addresses), one request per LINE-element line. Columns past K are clamped to K - 1."""
-    lines = tl.arange(0, LINES_PER_STEP) * LINE
+    valid addresses), one request per LINE-element line."""
     for k0 in range(k_start, k_end, LINES_PER_STEP * LINE):
-        cols = tl.minimum(k0 + lines, K - 1)
+        cols = prefetch_step_columns(k0, k_end, LINE)
         addresses = (rows + cols[None, :]).to(tl.int64, bitcast=True)
         tl.inline_asm_elementwise(
             "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;",

@@ -43,6 +43,15 @@ def _ids(value: Any) -> tuple[int, ...]:
     return tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool))
 
 
+def _top_k(path: Path, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(
+            f"{path} sets top_k to {value!r}, not a whole number; fix the file or set "
+            "model.generation_config: none"
+        )
+    return 0 if value == -1 else value  # -1 is "off" in vLLM's convention, 0 in transformers' and ours
+
+
 def read_generation_config(folder: Path | None, sampling_defaults: bool = True) -> GenerationConfig:
     """The file's stop ids, and (when `sampling_defaults`) its sampling defaults; empty when the model
     has no such file (a GGUF file, dummy weights, a folder without one)."""
@@ -59,6 +68,8 @@ def read_generation_config(folder: Path | None, sampling_defaults: bool = True) 
     if sampling_defaults:
         for name, hf_default in SAMPLING_FIELDS.items():
             value = raw.get(name)
+            if name == "top_k" and value is not None:
+                value = _top_k(path, value)
             if value is not None and value != hf_default:
                 defaults[name] = value
         try:

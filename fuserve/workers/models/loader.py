@@ -79,7 +79,7 @@ def load_tokenizer(source: ModelSource) -> Tokenizer:
         raise ValueError("a dummy model has no tokenizer; pass token ids, or set model.path for one")
     eos = source.hf_config.get("eos_token_id")
     eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-    eos_ids += read_generation_config(source.path, sampling_defaults=False).eos_token_ids
+    eos_ids = [*eos_ids, *read_generation_config(source.path, sampling_defaults=False).eos_token_ids]
     return Tokenizer.from_hf_dir(source.path, eos_ids)
 
 
