@@ -30,15 +30,18 @@ CASES: dict[str, dict[str, Any]] = {
     "greedy": dict(temperature=0.0),
     "temperature": dict(temperature=0.8),
     "temperature+top_p": dict(temperature=0.8, top_p=0.9),
+    "top_k 50 + top_p": dict(temperature=0.8, top_k=50, top_p=0.9),
     "temperature, seeded": dict(temperature=0.8, seed=1),
 }
 
 
-def hf_sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """transformers' sampling path: temperature warper, top-p warper (sort), softmax, multinomial."""
+def hf_sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """transformers' sampling path: temperature, top-k and top-p (sort) warpers, softmax, multinomial."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     scores = logits.float() / temperature
+    if top_k > 0:
+        scores = scores.masked_fill(scores < scores.topk(top_k).values[..., -1:], float("-inf"))
     if top_p < 1.0:
         sorted_logits, sorted_idx = scores.sort(descending=False)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
@@ -82,7 +85,8 @@ def main() -> None:
             reqs = [SampleRequest(sampling, [1, 2, 3], [4]) for _ in range(batch)]
             ours = _time(lambda: sampler.sample(logits, reqs).results(), device, args.reps)  # noqa: B023
             temperature, top_p = params.get("temperature", 1.0), params.get("top_p", 1.0)
-            base = _time(lambda: hf_sample(logits, temperature, top_p).tolist(), device, args.reps)  # noqa: B023
+            top_k = params.get("top_k", 0)
+            base = _time(lambda: hf_sample(logits, temperature, top_k, top_p).tolist(), device, args.reps)  # noqa: B023
             rows.append(dict(case=case, batch=batch, vocab=vocab, fuserve_ms=ours, hf_style_ms=base))
             print(f"{case:<22}{batch:>6}{ours:>12.3f}{base:>13.3f}{ours / base:>8.2f}")
     meta = dict(

@@ -49,7 +49,7 @@ def compile_for_hopper(kernel: Any, constexprs: dict[str, Any], types: dict[str,
 
 def main() -> int:
     from fuserve.parallel import all_reduce_rmsnorm, gemv_push
-    from fuserve.workers.kernels import argmax, gemv
+    from fuserve.workers.kernels import argmax, gemv, nucleus_threshold
 
     pdl = {"USE_PDL": True}
     gemv_tile = {"BLOCK_N": 8, "BLOCK_K": 512, "LINE": 64}
@@ -82,6 +82,11 @@ def main() -> int:
             argmax._pick_chunk_kernel,
             {"CHUNKS_PAD": 64, "KEYED": True, **pdl},
             {"out_ptr": "*i64"},
+        ),
+        "nucleus threshold": (
+            nucleus_threshold._nucleus_threshold_kernel,
+            {"ROUNDS": 8, "PIVOTS": 16, "ONE_BITS": nucleus_threshold.ONE_BITS, "BLOCK": 1024},
+            {"probs_ptr": "*fp32", "target_ptr": "*fp32", "out_ptr": "*fp32"},
         ),
     }
     failed = 0

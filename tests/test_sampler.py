@@ -72,6 +72,62 @@ def test_top_p_and_min_p_cut_the_tail() -> None:
     assert minp == {0, 1}  # keeps p >= 0.35 * 0.5
 
 
+def _kept_by_sorting(logits: torch.Tensor, p: SamplingParams) -> set[int]:
+    """The tokens a row may draw, by the textbook definition: sort, keep the top k, then the shortest
+    prefix of the renormalized top k whose mass reaches top_p, then those >= min_p x the best."""
+    probs, order = logits.double().softmax(-1).sort(descending=True)
+    if p.top_k > 0:
+        probs = probs[: p.top_k] / probs[: p.top_k].sum()
+    before = probs.cumsum(0) - probs
+    keep = (before < p.top_p) if p.top_p < 1.0 else torch.ones_like(probs, dtype=torch.bool)
+    keep &= probs >= p.min_p * probs[0]
+    return set(order[: len(probs)][keep].tolist())
+
+
+FILTERS = [
+    dict(top_p=0.9),
+    dict(top_p=0.5, top_k=40),
+    dict(top_k=7),
+    dict(min_p=0.05),
+    dict(top_p=0.95, min_p=0.02),
+    dict(top_k=300, top_p=0.8),
+    dict(),
+    dict(top_p=0.99),
+]
+# every top-p row also has a top-k: the nucleus is searched among the top k_max probabilities only
+TOP_K_FIRST = [dict(top_p=0.5, top_k=40), dict(top_k=300, top_p=0.8), dict(top_k=7), dict(min_p=0.05), dict()]
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+            ],
+        ),
+    ],
+)
+@pytest.mark.parametrize("filters", [FILTERS, TOP_K_FIRST], ids=["mixed", "top-k-first"])
+def test_filters_keep_exactly_the_sorted_definition(device: str, filters: list[dict[str, float]]) -> None:
+    """Without sorting (kernels/nucleus_threshold.py on a GPU), each row keeps the same tokens as the
+    sort-based definition, for every mix of top-k, top-p and min-p in one batch."""
+    from fuserve.workers.sampler import _filtered_probs
+
+    gen = torch.Generator().manual_seed(5)
+    vocab = 5000
+    params = [SamplingParams(temperature=1.0, **f) for f in filters for _ in range(2)]
+    logits = torch.randn(len(params), vocab, generator=gen) * torch.tensor([1.0, 3.0] * len(filters))[:, None]
+    kept = _filtered_probs(logits.to(device), params).cpu()
+    for row, p in enumerate(params):
+        assert set(kept[row].nonzero().flatten().tolist()) == _kept_by_sorting(logits[row], p), (row, p)
+    expected = logits.softmax(-1)
+    torch.testing.assert_close(kept[kept > 0], expected[kept > 0])  # kept tokens keep their probability
+
+
 def test_penalties_match_their_definitions() -> None:
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 

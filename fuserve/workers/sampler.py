@@ -14,6 +14,7 @@ import torch
 
 from fuserve.sampling_params import SamplingParams
 from fuserve.workers.kernels.argmax import greedy_tokens
+from fuserve.workers.kernels.nucleus_threshold import nucleus_threshold, nucleus_threshold_ref
 
 
 @dataclass
@@ -53,22 +54,40 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.T
     return logits
 
 
-def _filter(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
-) -> torch.Tensor:
-    """Mask out tokens outside top-k, outside the top-p nucleus, or under min_p x the best prob."""
-    vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
-    k = torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
-    drop = ranks >= k
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    cum_before = probs.cumsum(dim=-1) - probs
-    drop |= (cum_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)  # rounding can reach 1.0
-    drop |= probs < min_p.unsqueeze(1) * probs[:, :1]
-    drop[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+def _filtered_probs(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """softmax(scaled) with 0 for tokens outside each row's top-k, top-p nucleus or min-p set. Each
+    filter is a cut-off probability and a row keeps the tokens at or above the highest of its cuts, so
+    no row sorts the vocabulary (kernels/nucleus_threshold.py). The rows are not renormalized: the
+    exponential race in `_draw` does not need it."""
+    probs = scaled.softmax(dim=-1)
+    if not any(has_filter(p) for p in params):  # the common case costs nothing more
+        return probs
+    device, vocab = probs.device, probs.shape[-1]
+    cut = torch.zeros(len(params), device=device)
+    kept_mass: torch.Tensor | float = 1.0
+    candidates = probs  # where the nucleus's cut-off is searched
+    if any(p.top_k > 0 for p in params):
+        k_max = min(vocab, max(p.top_k for p in params))
+        k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else k_max for p in params], device=device)
+        top = probs.topk(k_max, dim=-1).values
+        limited = [0 < p.top_k < vocab for p in params]
+        cut = torch.where(
+            torch.tensor(limited, device=device), top.gather(1, (k - 1).unsqueeze(1)).squeeze(1), cut
+        )
+        # ties with the k-th token stay, as in vLLM
+        if any(p.top_p < 1.0 for p in params):
+            kept_mass = probs.mul(probs >= cut.unsqueeze(1)).sum(dim=-1)
+        if all(lim for p, lim in zip(params, limited, strict=True) if p.top_p < 1.0):
+            candidates = top  # each nucleus lies inside its top k: search k_max values, not the vocabulary
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], device=device)
+        target = (top_p * kept_mass).float()  # the nucleus of the top-k's renormalized distribution
+        search = nucleus_threshold if candidates.is_cuda else nucleus_threshold_ref
+        cut = torch.maximum(cut, torch.where(top_p < 1.0, search(candidates, target), 0.0))
+    if any(p.min_p > 0.0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+        cut = torch.maximum(cut, min_p * probs.amax(dim=-1))
+    return probs.masked_fill_(probs < cut.unsqueeze(1), 0.0)
 
 
 @dataclass
@@ -156,14 +175,7 @@ def _draw(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
     device = logits.device
     params = [r.params for r in rows]
     scaled = logits / torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
-    if any(has_filter(p) for p in params):  # the sort costs more than the rest of sampling together
-        scaled = _filter(
-            scaled,
-            torch.tensor([p.top_k for p in params], device=device),
-            torch.tensor([p.top_p for p in params], device=device),
-            torch.tensor([p.min_p for p in params], device=device),
-        )
-    probs = scaled.softmax(dim=-1)
+    probs = _filtered_probs(scaled, params)
     noise = torch.empty_like(probs)
     seeded = [j for j, p in enumerate(params) if p.seed is not None]
     if len(seeded) < len(params):
