@@ -85,8 +85,13 @@ def main() -> int:
         ),
         "nucleus threshold": (
             nucleus_threshold._nucleus_threshold_kernel,
-            {"ROUNDS": 8, "PIVOTS": 16, "ONE_BITS": nucleus_threshold.ONE_BITS, "BLOCK": 1024},
-            {"probs_ptr": "*fp32", "target_ptr": "*fp32", "out_ptr": "*fp32"},
+            {
+                "ROUNDS": nucleus_threshold._rounds(nucleus_threshold.PIVOTS),
+                "PIVOTS": nucleus_threshold.PIVOTS,
+                "ONE_BITS": nucleus_threshold.ONE_BITS,
+                "BLOCK": nucleus_threshold.BLOCK,
+            },
+            {"probs_ptr": "*fp32", "target_ptr": "*fp32", "known_ptr": "*fp32", "out_ptr": "*fp32"},
         ),
     }
     failed = 0

@@ -14,7 +14,9 @@ import torch
 
 from fuserve.sampling_params import SamplingParams
 from fuserve.workers.kernels.argmax import greedy_tokens
-from fuserve.workers.kernels.nucleus_threshold import nucleus_threshold, nucleus_threshold_ref
+from fuserve.workers.kernels.nucleus_threshold import nucleus_cut
+
+NUCLEUS_CANDIDATES = 256  # top values a top-p row's cut-off is first looked for in (nucleus_threshold.py)
 
 
 @dataclass
@@ -65,25 +67,22 @@ def _filtered_probs(scaled: torch.Tensor, params: list[SamplingParams]) -> torch
     device, vocab = probs.device, probs.shape[-1]
     cut = torch.zeros(len(params), device=device)
     kept_mass: torch.Tensor | float = 1.0
-    candidates = probs  # where the nucleus's cut-off is searched
+    top_p_rows = [p for p in params if p.top_p < 1.0]
+    k_max = min(vocab, max(p.top_k for p in params))
+    if top_p_rows and not all(0 < p.top_k < vocab for p in top_p_rows):
+        k_max = min(vocab, max(k_max, NUCLEUS_CANDIDATES))  # a few hundred usually hold the nucleus
+    top = probs.topk(k_max, dim=-1).values if k_max > 0 else probs[:, :0]
     if any(p.top_k > 0 for p in params):
-        k_max = min(vocab, max(p.top_k for p in params))
         k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else k_max for p in params], device=device)
-        top = probs.topk(k_max, dim=-1).values
-        limited = [0 < p.top_k < vocab for p in params]
-        cut = torch.where(
-            torch.tensor(limited, device=device), top.gather(1, (k - 1).unsqueeze(1)).squeeze(1), cut
-        )
+        limited = torch.tensor([0 < p.top_k < vocab for p in params], device=device)
+        cut = torch.where(limited, top.gather(1, (k - 1).unsqueeze(1)).squeeze(1), cut)
         # ties with the k-th token stay, as in vLLM
-        if any(p.top_p < 1.0 for p in params):
+        if top_p_rows:
             kept_mass = probs.mul(probs >= cut.unsqueeze(1)).sum(dim=-1)
-        if all(lim for p, lim in zip(params, limited, strict=True) if p.top_p < 1.0):
-            candidates = top  # each nucleus lies inside its top k: search k_max values, not the vocabulary
-    if any(p.top_p < 1.0 for p in params):
+    if top_p_rows:
         top_p = torch.tensor([p.top_p for p in params], device=device)
         target = (top_p * kept_mass).float()  # the nucleus of the top-k's renormalized distribution
-        search = nucleus_threshold if candidates.is_cuda else nucleus_threshold_ref
-        cut = torch.maximum(cut, torch.where(top_p < 1.0, search(candidates, target), 0.0))
+        cut = torch.maximum(cut, torch.where(top_p < 1.0, nucleus_cut(probs, target, top), 0.0))
     if any(p.min_p > 0.0 for p in params):
         min_p = torch.tensor([p.min_p for p in params], device=device)
         cut = torch.maximum(cut, min_p * probs.amax(dim=-1))

@@ -8,6 +8,7 @@ import torch
 from fuserve.workers.kernels.nucleus_threshold import (
     PIVOTS,
     _rounds,
+    nucleus_cut,
     nucleus_threshold,
     nucleus_threshold_ref,
 )
@@ -67,6 +68,27 @@ def test_strided_rows(device: torch.device) -> None:
     target = _unambiguous_targets(wide, [0.8, 0.3, 0.6])
     got = nucleus_threshold(probs.to(device)[:, :700], target.to(device)).cpu()
     assert torch.equal(got, nucleus_threshold_ref(wide, target))
+
+
+def test_known_rows_are_returned_and_the_rest_searched(device: torch.device) -> None:
+    probs = torch.randn(4, 900).softmax(dim=-1)
+    target = _unambiguous_targets(probs, [0.5, 0.9, 0.7, 0.2])
+    known = torch.tensor([-1.0, 0.125, -1.0, 0.0])  # rows 1 and 3 "solved" (with made-up answers)
+    got = nucleus_threshold(probs.to(device), target.to(device), known.to(device)).cpu()
+    want = nucleus_threshold_ref(probs, target)
+    assert got[0] == want[0] and got[2] == want[2]
+    assert got[1] == 0.125 and got[3] == 0.0
+
+
+@pytest.mark.parametrize("num_top", [1, 8, 40])
+def test_cut_from_the_top_values_or_a_search(device: torch.device, num_top: int) -> None:
+    """Peaked rows are solved by their top values; flat rows need the search; both equal sorting."""
+    scales = torch.tensor([8.0, 0.3, 5.0, 1.0, 12.0, 0.1])
+    probs = (torch.randn(6, 1200) * scales[:, None]).softmax(dim=-1)
+    target = _unambiguous_targets(probs, [0.9, 0.9, 0.6, 0.5, 0.99, 0.3])
+    top = probs.topk(num_top, dim=-1).values
+    got = nucleus_cut(probs.to(device), target.to(device), top.to(device)).cpu()
+    assert torch.equal(got, nucleus_threshold_ref(probs, target))
 
 
 def test_wrong_inputs_name_the_problem() -> None:

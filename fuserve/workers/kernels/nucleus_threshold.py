@@ -8,19 +8,22 @@ What the draw needs is only the cut-off value per row,
     t = the largest value with mass(p >= t) >= target,
 
 and every token with p >= t is kept (every token tied with the cut-off too, where a sort would keep an
-arbitrary few of them). Non-negative float32 values order as their int32 bit patterns, so `t` is found
-by searching the bit patterns: each round evaluates `mass(bits >= pivot)` at PIVOTS evenly spaced pivots
-of the current range [lo, hi) and narrows it to one gap, until hi = lo + 1 and lo's bits are `t`
-exactly. Eight rounds of 16 pivots cover all 2**30 patterns of [0, 1]. Once the range is narrow, most
-tiles hold no value inside it and only add to the mass above it, so after the first rounds a tile costs
-one comparison per element.
+arbitrary few of them). Two steps find it (`nucleus_cut`):
 
-    probs [S, V] fp32, target [S] ──grid (S): rounds over the row, in L2──► t [S] fp32
+1. The row's largest values (a `topk` of a few hundred, sorted): where their cumsum reaches the target,
+   the cut-off is among them. A language model's nucleus is usually this small.
+2. Rows whose nucleus is wider are searched by this kernel, with no host sync. Non-negative float32
+   values order as their int32 bit patterns, so each round evaluates mass(bits >= pivot) at PIVOTS
+   evenly spaced pivots of the current range [lo, hi) and narrows it to one gap, until hi = lo + 1:
+   lo's bits are t exactly. 15 rounds of 4 pivots cover the 2**30 patterns of [0, 1]. One program per
+   row reads it (from L2) once per round; rows already solved by step 1 return at once.
 
-One program per row; sums run in a fixed order, so the result does not vary between runs, and every
-pivot's mass is summed in the same order, so the masses never increase with the pivot and the search
-is exact against its own sums. Near a boundary its sums may round differently from a sort's cumsum:
-both are the top-p of the same probabilities to fp32 rounding.
+    probs [S, V] fp32, target [S], known [S] ──grid (S)──► t [S] fp32
+
+Sums run in a fixed order, so the result does not vary between runs, and every pivot's mass is summed
+in the same order, so the masses never increase with the pivot and the search is exact against its own
+sums. Near a boundary its sums may round differently from a sort's cumsum: both are the top-p of the
+same probabilities to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-PIVOTS = 16
+PIVOTS = 4
 ONE_BITS = 0x3F800000  # the int32 pattern of 1.0, the largest probability
-BLOCK = 1024
+BLOCK = 2048
 
 
 def _rounds(pivots: int) -> int:
@@ -47,6 +50,7 @@ def _rounds(pivots: int) -> int:
 def _nucleus_threshold_kernel(
     probs_ptr,
     target_ptr,
+    known_ptr,
     out_ptr,
     vocab,
     stride_row,
@@ -58,41 +62,48 @@ def _nucleus_threshold_kernel(
     row = tl.program_id(0)
     base = probs_ptr + row.to(tl.int64) * stride_row
     target = tl.load(target_ptr + row)
-    lo = tl.zeros([], dtype=tl.int32)  # mass(bits >= lo) >= target
-    hi = tl.full([], ONE_BITS + 1, dtype=tl.int32)  # mass(bits >= hi) < target
+    known = tl.load(known_ptr + row)
+    # invariant: mass(bits >= lo) >= target > mass(bits >= hi); a known answer is the range [t, t + 1)
+    lo = tl.where(known >= 0, known.to(tl.int32, bitcast=True), 0)
+    hi = tl.where(known >= 0, lo + 1, ONE_BITS + 1)
     steps = tl.arange(0, PIVOTS) + 1
     for _ in range(ROUNDS):
-        step = (hi - lo + PIVOTS - 1) // PIVOTS
-        pivots = tl.minimum(lo + steps * step, hi)  # ascending; those at hi are known to fail
-        above = tl.zeros([], dtype=tl.float32)
-        inside = tl.zeros([PIVOTS], dtype=tl.float32)
-        for v0 in range(0, vocab, BLOCK):
-            cols = v0 + tl.arange(0, BLOCK)
-            p = tl.load(base + cols, mask=cols < vocab, other=0.0)
-            bits = p.to(tl.int32, bitcast=True)
-            above += tl.sum(tl.where(bits >= hi, p, 0.0))
-            in_range = (bits >= lo) & (bits < hi)
-            if tl.max(in_range.to(tl.int32)) > 0:
-                hit = (bits[None, :] >= pivots[:, None]) & in_range[None, :]
-                inside += tl.sum(tl.where(hit, p[None, :], 0.0), axis=1)
-        reached = ((above + inside) >= target) & (pivots < hi)
-        new_lo = lo + tl.sum(reached.to(tl.int32)) * step
-        hi = tl.minimum(hi, new_lo + step)
-        lo = new_lo
+        if hi - lo > 1:
+            step = (hi - lo + PIVOTS - 1) // PIVOTS
+            pivots = tl.minimum(lo + steps * step, hi)  # ascending; those at hi are known to fail
+            above = tl.zeros([BLOCK], dtype=tl.float32)  # per column, summed once per round
+            inside = tl.zeros([PIVOTS, BLOCK], dtype=tl.float32)
+            for v0 in range(0, vocab, BLOCK):
+                cols = v0 + tl.arange(0, BLOCK)
+                p = tl.load(base + cols, mask=cols < vocab, other=0.0)
+                bits = p.to(tl.int32, bitcast=True)
+                above += tl.where(bits >= hi, p, 0.0)
+                hit = (bits[None, :] >= pivots[:, None]) & (bits < hi)[None, :]
+                inside += tl.where(hit, p[None, :], 0.0)
+            reached = ((tl.sum(above) + tl.sum(inside, axis=1)) >= target) & (pivots < hi)
+            new_lo = lo + tl.sum(reached.to(tl.int32)) * step
+            hi = tl.minimum(hi, new_lo + step)
+            lo = new_lo
     tl.store(out_ptr + row, lo.to(tl.float32, bitcast=True))
 
 
-def nucleus_threshold(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def nucleus_threshold(
+    probs: torch.Tensor, target: torch.Tensor, known: torch.Tensor | None = None
+) -> torch.Tensor:
     """probs: [S, V] float32 >= 0 (contiguous last dim), target: [S] float32 in (0, 1] ->
     [S] float32: per row the largest t with sum(probs[probs >= t]) >= target, or 0.0 where even the
-    whole row's sum falls short (rounding)."""
+    whole row's sum falls short (rounding). `known` [S]: rows where it is >= 0 already have their answer
+    (from the top candidates, `nucleus_cut`) and are returned as they are, without a search."""
     _check(probs, target)
     out = torch.empty(probs.shape[0], dtype=torch.float32, device=probs.device)
     if probs.shape[0] == 0:
         return out
+    if known is None:
+        known = torch.full_like(target, -1.0)
     _nucleus_threshold_kernel[(probs.shape[0],)](
         probs_ptr=probs,
         target_ptr=target,
+        known_ptr=known,
         out_ptr=out,
         vocab=probs.shape[1],
         stride_row=probs.stride(0),
@@ -103,6 +114,21 @@ def nucleus_threshold(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor
         num_warps=8,
     )
     return out
+
+
+def nucleus_cut(probs: torch.Tensor, target: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """`nucleus_threshold` of each row, given `top`: its largest values, sorted descending (a topk).
+    A row whose top values already reach its target gets its cut-off from their cumsum; only the others
+    are searched (the kernel on a GPU, with no host sync; the reference elsewhere)."""
+    cum = top.cumsum(dim=-1)
+    first = (cum < target.unsqueeze(1)).sum(dim=-1, keepdim=True)
+    reached = first.squeeze(1) < top.shape[1]
+    from_top = top.gather(1, first.clamp(max=top.shape[1] - 1)).squeeze(1)
+    if probs.is_cuda:
+        return nucleus_threshold(probs, target, torch.where(reached, from_top, -1.0))
+    if bool(reached.all()):
+        return from_top
+    return torch.where(reached, from_top, nucleus_threshold_ref(probs, target))
 
 
 def nucleus_threshold_ref(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
