@@ -14,9 +14,10 @@ import torch
 
 from fuserve.sampling_params import SamplingParams
 from fuserve.workers.kernels.argmax import greedy_tokens
-from fuserve.workers.kernels.nucleus_threshold import nucleus_cut
+from fuserve.workers.kernels.nucleus_threshold import nucleus_cut, nucleus_threshold_ref
 
 NUCLEUS_CANDIDATES = 256  # top values a top-p row's cut-off is first looked for in (nucleus_threshold.py)
+SORT_BELOW_ROWS = 16  # on a GPU, fewer rows than this find their top-p cut-off by sorting
 
 
 @dataclass
@@ -69,7 +70,9 @@ def _filtered_probs(scaled: torch.Tensor, params: list[SamplingParams]) -> torch
     kept_mass: torch.Tensor | float = 1.0
     top_p_rows = [p for p in params if p.top_p < 1.0]
     k_max = min(vocab, max(p.top_k for p in params))
-    if top_p_rows and not all(0 < p.top_k < vocab for p in top_p_rows):
+    # a GPU sorts a few rows faster than it runs a topk (nucleus_threshold.py's measurements)
+    sort_rows = probs.is_cuda and len(params) < SORT_BELOW_ROWS
+    if top_p_rows and not sort_rows and not all(0 < p.top_k < vocab for p in top_p_rows):
         k_max = min(vocab, max(k_max, NUCLEUS_CANDIDATES))  # a few hundred usually hold the nucleus
     top = probs.topk(k_max, dim=-1).values if k_max > 0 else probs[:, :0]
     if any(p.top_k > 0 for p in params):
@@ -82,7 +85,8 @@ def _filtered_probs(scaled: torch.Tensor, params: list[SamplingParams]) -> torch
     if top_p_rows:
         top_p = torch.tensor([p.top_p for p in params], device=device)
         target = (top_p * kept_mass).float()  # the nucleus of the top-k's renormalized distribution
-        cut = torch.maximum(cut, torch.where(top_p < 1.0, nucleus_cut(probs, target, top), 0.0))
+        nucleus = nucleus_threshold_ref(probs, target) if sort_rows else nucleus_cut(probs, target, top)
+        cut = torch.maximum(cut, torch.where(top_p < 1.0, nucleus, 0.0))
     if any(p.min_p > 0.0 for p in params):
         min_p = torch.tensor([p.min_p for p in params], device=device)
         cut = torch.maximum(cut, min_p * probs.amax(dim=-1))
