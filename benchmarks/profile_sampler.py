@@ -33,6 +33,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,64")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_sampler.py times GPU kernels with CUDA events: run it on a GPU machine")
     for batch in (int(b) for b in args.batches.split(",")):
         for name, scale in (("flat", 3.0 / 0.8), ("peaked", 10.0 / 0.8)):
             probs = (torch.randn(batch, 128256, device="cuda") * scale).softmax(dim=-1)

@@ -46,4 +46,4 @@ def test_bench_sampler(tmp_path: Path) -> None:
     args = ["--vocab", "512", "--batches", "1,4", "--reps", "2", "--out", str(out)]
     _run([str(BENCHMARKS / "bench_sampler.py"), *args], tmp_path)
     rows = json.loads(out.read_text())
-    assert len(rows) == 8 and all(r["fuserve_ms"] > 0 and r["hf_style_ms"] > 0 for r in rows)
+    assert len(rows) == 12 and all(r["fuserve_ms"] > 0 and r["hf_style_ms"] > 0 for r in rows)
