@@ -41,8 +41,10 @@ class LLM:
 
     def default_sampling_params(self) -> SamplingParams:
         """What `generate` uses without params: the model's generation_config.json defaults (with
-        model.generation_config auto), else SamplingParams' own."""
-        return SamplingParams(**self.engine.generation.sampling_defaults)
+        model.generation_config auto; its max_new_tokens as max_tokens), else SamplingParams' own."""
+        generation = self.engine.generation
+        length = {} if generation.max_new_tokens is None else {"max_tokens": generation.max_new_tokens}
+        return SamplingParams(**generation.sampling_defaults, **length)
 
     def generate(
         self,

@@ -12,6 +12,8 @@ from checkpoints import make_checkpoint
 
 from fuserve.configs import ModelConfig, config_from_dict
 from fuserve.llm import LLM
+from fuserve.router.engine_messages import ModelInfo
+from fuserve.router.prompts import resolve_max_tokens
 from fuserve.router.protocol import ChatCompletionRequest, CompletionRequest
 from fuserve.sampling_params import SamplingParams
 from fuserve.workers.models.generation_config import FILE_NAME, read_generation_config
@@ -60,6 +62,12 @@ def test_no_file_and_bad_files(tmp_path: Path) -> None:
         read_generation_config(tmp_path)
     write(tmp_path, {"top_k": -1, "top_p": 0.8})  # vLLM's "no top-k" is ours too
     assert read_generation_config(tmp_path).sampling_defaults == {"top_k": 0, "top_p": 0.8}
+    write(tmp_path, {"max_new_tokens": 0})
+    with pytest.raises(ValueError, match=r"max_new_tokens to 0, not a positive whole number"):
+        read_generation_config(tmp_path)
+    write(tmp_path, {"max_new_tokens": 256, "eos_token_id": 2})
+    assert read_generation_config(tmp_path).max_new_tokens == 256
+    assert read_generation_config(tmp_path, sampling_defaults=False).max_new_tokens is None  # `none`
 
 
 def test_requests_take_model_defaults_only_where_unset() -> None:
@@ -102,7 +110,7 @@ def test_engine_stops_on_generation_config_eos_and_applies_defaults(tmp_path: Pa
     tokens = before[0].outputs[0].token_ids
     stop_id = tokens[3]
     first = tokens.index(stop_id)
-    write(folder, {"eos_token_id": [259, stop_id], "temperature": 0.0, "top_k": 50})
+    write(folder, {"eos_token_id": [259, stop_id], "temperature": 0.0, "top_k": 50, "max_new_tokens": 7})
 
     llm = _llm(folder, mode)
     out = llm.generate([1, 2, 3], greedy)[0].outputs[0]
@@ -116,6 +124,7 @@ def test_engine_stops_on_generation_config_eos_and_applies_defaults(tmp_path: Pa
     defaults = llm.default_sampling_params()
     assert defaults.top_k == 0  # 50 is transformers' default, not the model's
     assert defaults.temperature == (0.0 if mode == "auto" else 1.0)
+    assert defaults.max_tokens == (7 if mode == "auto" else SamplingParams().max_tokens)
 
 
 def test_tokenizer_stop_ids_join_both_files_without_changing_the_config(tmp_path: Path) -> None:
@@ -128,3 +137,12 @@ def test_tokenizer_stop_ids_join_both_files_without_changing_the_config(tmp_path
     for _ in range(2):  # a second tokenizer from the same source sees the same ids
         assert load_tokenizer(source).eos_token_ids == {258, 259}
     assert source.hf_config["eos_token_id"] == [258]
+
+
+def test_max_new_tokens_caps_requests_that_set_no_max_tokens() -> None:
+    info = ModelInfo("m", max_model_len=100, block_size=16, has_tokenizer=True, default_max_tokens=30)
+    assert resolve_max_tokens(10, None, info, "messages", "max_tokens") == 30
+    assert resolve_max_tokens(80, None, info, "messages", "max_tokens") == 20  # the room left is less
+    assert resolve_max_tokens(10, 50, info, "messages", "max_tokens") == 50  # a request's own value wins
+    plain = ModelInfo("m", max_model_len=100, block_size=16, has_tokenizer=True)
+    assert resolve_max_tokens(10, None, plain, "messages", "max_tokens") == 90

@@ -440,7 +440,8 @@ def test_model_generation_config_sets_unset_sampling(
     cluster: ServeCluster, one: httpx.Client, folder: Path, tmp_path: Path
 ) -> None:
     """A model whose generation_config.json says temperature 0: requests that leave temperature unset
-    are greedy (any seed gives the same text), one that sets it samples as on a model without the file."""
+    are greedy (any seed gives the same text), one that sets it samples as on a model without the file;
+    its max_new_tokens caps a chat request that sets no max_tokens."""
     import shutil
 
     from ray import serve
@@ -450,7 +451,7 @@ def test_model_generation_config_sets_unset_sampling(
     greedy_folder = tmp_path / "tiny"
     shutil.copytree(folder, greedy_folder)
     (greedy_folder / "generation_config.json").write_text(
-        json.dumps({"temperature": 0.0, "do_sample": False})
+        json.dumps({"temperature": 0.0, "do_sample": False, "max_new_tokens": 5})
     )
     serve.run(build_app(tiny_config(greedy_folder, 1)), name="gen", route_prefix="/gen")
     try:
@@ -461,6 +462,12 @@ def test_model_generation_config_sets_unset_sampling(
                 for s in (1, 2)
             }
             sampled = gen.post("/v1/completions", json={**body, "seed": 3, "temperature": 1.0}).json()
+            chat = gen.post(
+                "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True},
+            ).json()
+        # a chat request without max_tokens stops at the file's max_new_tokens, not at the context's end
+        assert chat["usage"]["completion_tokens"] == 5 and chat["choices"][0]["finish_reason"] == "length"
         greedy = one.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
         assert texts == {greedy}
         same_seed = one.post("/v1/completions", json={**body, "seed": 3}).json()

@@ -53,6 +53,7 @@ class EngineServer:
             block_size=self.config.cache.block_size,
             has_tokenizer=inner.tokenizer is not None,
             sampling_defaults=dict(inner.generation.sampling_defaults),
+            default_max_tokens=inner.generation.max_new_tokens,
         )
 
     def stats(self, query: StatsQuery | None = None) -> ReplicaStats:

@@ -73,3 +73,4 @@ class ModelInfo:
     has_tokenizer: bool
     # the model's own defaults for sampling settings a request leaves unset (generation_config.py)
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)
+    default_max_tokens: int | None = None  # generation_config.json's max_new_tokens

@@ -42,7 +42,8 @@ def encode_chat(
 def resolve_max_tokens(
     num_prompt_tokens: int, max_tokens: int | None, info: ModelInfo, prompt_param: str, max_tokens_param: str
 ) -> int:
-    """`max_tokens` as the engine will use it (None = the room left), or a 400 that says why not."""
+    """`max_tokens` as the engine will use it, or a 400 that says why not. Unset, it is the room left in
+    the context, capped by the model's generation_config max_new_tokens where it has one."""
     limit = info.max_model_len
     if num_prompt_tokens == 0:
         raise bad_request("the prompt is empty: send at least one token of text", prompt_param)
@@ -55,7 +56,7 @@ def resolve_max_tokens(
         )
     room = limit - num_prompt_tokens
     if max_tokens is None:
-        return room
+        return room if info.default_max_tokens is None else min(room, info.default_max_tokens)
     if max_tokens > room:
         raise bad_request(
             f"the prompt ({num_prompt_tokens} tokens) plus {max_tokens_param} ({max_tokens}) exceeds this "

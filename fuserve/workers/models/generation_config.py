@@ -9,7 +9,9 @@ Its temperature, top_p, top_k, min_p and repetition_penalty are the defaults the
 for (Llama-3.1-Instruct: temperature 0.6, top_p 0.9). With `model.generation_config: auto` a request that
 leaves one of them unset gets the file's value, as vLLM does; `none` keeps the OpenAI API's defaults.
 A value equal to transformers' own default (top_k 50, temperature 1.0, ...) is not one the author chose,
-so it is not taken; `do_sample` is ignored, as vLLM does.
+so it is not taken; `do_sample` is ignored, as vLLM does. Its `max_new_tokens` caps the output of a
+request that sets no max_tokens (a chat request, or gRPC without the field), which otherwise runs to
+the end of the context.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ SAMPLING_FIELDS: dict[str, float | int | None] = {
 class GenerationConfig:
     eos_token_ids: tuple[int, ...] = ()
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)
+    # the output length of a request that sets no max_tokens (vLLM takes it too), else the room left
+    max_new_tokens: int | None = None
 
 
 def _ids(value: Any) -> tuple[int, ...]:
@@ -79,4 +83,10 @@ def read_generation_config(folder: Path | None, sampling_defaults: bool = True) 
                 f"{path} sets a sampling default fuserve cannot use: {err}; fix the file or set "
                 "model.generation_config: none"
             ) from None
-    return GenerationConfig(_ids(raw.get("eos_token_id")), defaults)
+    max_new = raw.get("max_new_tokens") if sampling_defaults else None
+    if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1):
+        raise ValueError(
+            f"{path} sets max_new_tokens to {max_new!r}, not a positive whole number; fix the file or set "
+            "model.generation_config: none"
+        )
+    return GenerationConfig(_ids(raw.get("eos_token_id")), defaults, max_new)
