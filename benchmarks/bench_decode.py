@@ -16,6 +16,7 @@ import datetime as dt
 import gc
 import json
 import os
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -57,6 +58,25 @@ def commit() -> str:
         return f"{sha}-dirty" if dirty else sha
     except Exception:
         return "unknown"
+
+
+def median_ms(fn: Any, reps: int, cuda: bool) -> float:
+    """Median ms of fn() over reps (CUDA events on GPU: device time, host launches included only where
+    the GPU waits for them)."""
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
 
 
 def device_name() -> str:

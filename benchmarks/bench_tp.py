@@ -37,6 +37,7 @@ from bench_decode import (
     copy_bandwidth,
     device_name,
     dummy_engine_config,
+    median_ms,
     prompts,
     time_decode,
     weight_bytes,
@@ -54,24 +55,6 @@ MODELS = {"llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B, "tiny": TINY}
 
 
 # ---- all-reduce and plan broadcast, alone ------------------------------------------------------------
-def _time_ms(fn: Any, reps: int, cuda: bool) -> float:
-    """Median ms of fn() over reps (CUDA events on GPU)."""
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
 def _collective_worker(
     rank: int, size: int, port: int, cfg: dict, batches: list[int], gpus: list[str], queue: Any
 ) -> None:
@@ -139,7 +122,7 @@ def _collective_worker(
                 for _ in range(5):
                     fn()
                 dist.barrier(group=tp.cpu_group)
-                ms = _time_ms(fn, 50 if cuda else 10, cuda)
+                ms = median_ms(fn, 50 if cuda else 10, cuda)
                 rows.append(
                     dict(
                         bench="allreduce",

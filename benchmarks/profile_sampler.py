@@ -7,10 +7,10 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
 
 import torch
+from bench_decode import median_ms
 
 from fuserve.workers.kernels.nucleus_threshold import nucleus_threshold
 
@@ -18,15 +18,7 @@ from fuserve.workers.kernels.nucleus_threshold import nucleus_threshold
 def _ms(fn: Callable[[], object], reps: int = 50) -> float:
     for _ in range(5):
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(fn, reps, cuda=True)
 
 
 def main() -> None:

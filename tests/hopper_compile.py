@@ -86,7 +86,7 @@ def main() -> int:
         "nucleus threshold": (
             nucleus_threshold._nucleus_threshold_kernel,
             {
-                "ROUNDS": nucleus_threshold._rounds(nucleus_threshold.PIVOTS),
+                "ROUNDS": nucleus_threshold.ROUNDS,
                 "PIVOTS": nucleus_threshold.PIVOTS,
                 "ONE_BITS": nucleus_threshold.ONE_BITS,
                 "BLOCK": nucleus_threshold.BLOCK,

@@ -47,13 +47,13 @@ def _ids(value: Any) -> tuple[int, ...]:
     return tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool))
 
 
-def _top_k(path: Path, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _whole(path: Path, name: str, value: Any, positive: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or (positive and value < 1):
         raise ValueError(
-            f"{path} sets top_k to {value!r}, not a whole number; fix the file or set "
-            "model.generation_config: none"
+            f"{path} sets {name} to {value!r}, not a {'positive ' if positive else ''}whole number; fix the "
+            "file or set model.generation_config: none"
         )
-    return 0 if value == -1 else value  # -1 is "off" in vLLM's convention, 0 in transformers' and ours
+    return value
 
 
 def read_generation_config(folder: Path | None, sampling_defaults: bool = True) -> GenerationConfig:
@@ -73,7 +73,8 @@ def read_generation_config(folder: Path | None, sampling_defaults: bool = True) 
         for name, hf_default in SAMPLING_FIELDS.items():
             value = raw.get(name)
             if name == "top_k" and value is not None:
-                value = _top_k(path, value)
+                value = _whole(path, name, value)
+                value = 0 if value == -1 else value  # -1 is "off" in vLLM's convention, 0 in ours
             if value is not None and value != hf_default:
                 defaults[name] = value
         try:
@@ -84,9 +85,6 @@ def read_generation_config(folder: Path | None, sampling_defaults: bool = True) 
                 "model.generation_config: none"
             ) from None
     max_new = raw.get("max_new_tokens") if sampling_defaults else None
-    if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1):
-        raise ValueError(
-            f"{path} sets max_new_tokens to {max_new!r}, not a positive whole number; fix the file or set "
-            "model.generation_config: none"
-        )
+    if max_new is not None:
+        max_new = _whole(path, "max_new_tokens", max_new, positive=True)
     return GenerationConfig(_ids(raw.get("eos_token_id")), defaults, max_new)
