@@ -3,7 +3,9 @@
 check_all_reduce     one process per GPU, each masked to its GPU as Ray does: one-shot vs NCCL vs the
                      exact sum, eager and replayed from a CUDA graph; then the fused all-reduce + add
                      + RMSNorm (check_add_rmsnorm) and the pushing GEMV (check_gemv_push) the same ways
-compare_greedy       Llama-3-8B layer shapes: TP=1 vs TP=2 (NCCL only, and one-shot) greedy decoding
+compare_greedy       Llama-3-8B layer shapes: TP=1 vs TP=2 (NCCL only, and one-shot) greedy decoding; run
+                     as a script (`python parallel_gpu_checks.py FOLDER RAY_ADDRESS`) so that its one-shot
+                     engine is the first symmetric-memory group of its process (one_shot_all_reduce.py)
 """
 
 from __future__ import annotations
@@ -259,3 +261,16 @@ def compare_greedy(folder: Path, steps: int = 24) -> None:
         if len(diffs) < sum(lengths) // 4:
             failures.append(f"{all_reduce}: only {len(diffs)} steps before the sequences parted")
     assert not failures, "\n".join(failures)
+
+
+if __name__ == "__main__":
+    import faulthandler
+    import sys
+
+    import ray
+
+    # a hang dumps this process's stacks into the test's failure message and ends it, before pytest's
+    # per-test timeout ends the test without them
+    faulthandler.dump_traceback_later(float(sys.argv[3]), exit=True)
+    ray.init(address=sys.argv[2], log_to_driver=False)
+    compare_greedy(Path(sys.argv[1]))

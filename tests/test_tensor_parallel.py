@@ -244,6 +244,61 @@ def test_each_group_formed_in_a_process_takes_new_names() -> None:
     assert len(set(names)) == len(names), names
 
 
+def test_a_process_sets_up_symmetric_memory_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's symmetric-memory rendezvous keys come from a per-process counter: a process that already
+    did one would wait forever for fresh workers' keys. Such a rank declines before anyone enters the
+    rendezvous, and the group agrees on NCCL; so does a dtype the kernel does not take."""
+    import torch.distributed as dist
+
+    from fuserve.parallel import one_shot_all_reduce
+    from fuserve.parallel.one_shot_all_reduce import OneShotAllReduce
+
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("entered the rendezvous")
+
+    monkeypatch.setattr(OneShotAllReduce, "__init__", never)
+    tp = init_tp_context(
+        dist.HashStore(), 0, 1, torch.device("cpu"), torch.float32, 10.0, "nccl", fresh_group_names()
+    )
+    try:
+        monkeypatch.setattr(one_shot_all_reduce, "_rendezvous_started", True)
+        assert OneShotAllReduce.create(tp.group, tp.cpu_group, torch.device("cpu"), torch.bfloat16) is None
+        monkeypatch.setattr(one_shot_all_reduce, "_rendezvous_started", False)
+        assert OneShotAllReduce.create(tp.group, tp.cpu_group, torch.device("cpu"), torch.float16) is None
+    finally:
+        destroy_tp_context()
+
+
+def test_a_rank_that_gives_up_forming_the_group_names_where_everyone_is() -> None:
+    import torch.distributed as dist
+
+    from fuserve.parallel.process_group import GroupFormationError, StartupPhases
+
+    store = dist.HashStore()
+    StartupPhases(store, 1, 3).store.set("fuserve/phase/1", "the first NCCL all-reduce")
+    phases = StartupPhases(store, 0, 3)
+    with pytest.raises(GroupFormationError) as err:
+        with phases.phase("the gloo group's first barrier"):
+            raise TimeoutError("Socket Timeout")
+    assert str(err.value).startswith("rank 0 gave up in the gloo group's first barrier after 0.0 s")
+    assert "TimeoutError: Socket Timeout" in str(err.value)
+    assert str(err.value).endswith("rank 1 at the first NCCL all-reduce, rank 2 at not joined")
+
+
+def test_plan_ring_timeout_names_the_worker_that_stopped_reading(tmp_path: Path) -> None:
+    ring = PlanRing.create(num_readers=2, num_slots=2, slot_numel=4)
+    readers = [PlanRing.attach(ring.path, reader=r) for r in range(2)]
+    try:
+        for seq in range(2):
+            ring.send([seq])
+            readers[0].recv_chunk()
+        assert ring.lagging_ranks() == [2]
+        with pytest.raises(TimeoutError, match=r"worker rank\(s\) \[2\] stopped taking plans"):
+            ring.send([2], timeout_s=0.1)
+    finally:
+        ring.unlink()
+
+
 def test_gpu_workers_get_rank0_kernel_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     """An A/B run with FUSERVE_PDL=0 or an L2 prefetch budget must run the same kernels on every rank."""
     monkeypatch.setenv(PDL_ENV, "0")
@@ -435,6 +490,25 @@ def test_worker_killed_while_idle_fails_next_step(ray_cluster: None, llama_kv2: 
     assert live_placement_groups() == []
 
 
+def test_a_step_that_never_finishes_fails_the_group(ray_cluster: None, llama_kv2: Path) -> None:
+    """Rank 0 waits for a step's device work at most step_timeout_s (a peer alive but stuck in a
+    collective), then fails the group naming the collectives and which workers took the plan."""
+    engine = LLMEngine(tp_config(llama_kv2, 2))
+    group = engine.workers
+    assert group is not None and group.step_timeout_s == 10  # half of init_timeout_s 20
+    group.step_timeout_s = 0.2
+    t0 = time.monotonic()
+    with pytest.raises(
+        WorkerGroupError, match=r"step did not finish on its GPU within 0.2 s.*every worker had"
+    ):
+        group.wait(lambda: False, "step")
+    assert time.monotonic() - t0 < 5
+    assert not engine.healthy
+    engine.shutdown()
+    assert wait_until(lambda: gone(group.worker_pids), 10)
+    assert live_placement_groups() == []
+
+
 @pytest.mark.parametrize("transport", ["gloo", "shm"])
 def test_idle_longer_than_the_collective_timeout(ray_cluster: None, llama_kv2: Path, transport: str) -> None:
     """An idle replica is normal: over gloo rank 0's heartbeats keep the workers' wait under its timeout;
@@ -619,14 +693,58 @@ def test_one_shot_all_reduce_matches_nccl() -> None:
 
 @pytest.mark.gpu
 @two_gpus
-def test_tp2_matches_tp1_llama3_8b_shape(ray_cluster: None, tmp_path: Path) -> None:
+def test_tp2_matches_tp1_llama3_8b_shape(
+    ray_cluster: None, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """Llama-3-8B layer shapes (2 layers, full vocab), random bf16 weights, CUDA graphs on: TP=2 greedy
-    follows TP=1 until TP=1's own top-2 margin is within bf16 noise, for NCCL and the one-shot path."""
-    from checkpoints import make_random_llama
-    from parallel_gpu_checks import LLAMA3_8B_SHAPE, compare_greedy
+    follows TP=1 until TP=1's own top-2 margin is within bf16 noise, for NCCL and the one-shot path.
+    In a fresh process: this one may have set up symmetric memory already (the killed-worker test), and
+    a second one-shot group in a process falls back to NCCL (one_shot_all_reduce.py)."""
+    import subprocess
+    import sys
 
-    folder = make_random_llama(tmp_path / "l8b", seed=5, **LLAMA3_8B_SHAPE)
-    compare_greedy(folder)
+    from checkpoints import make_random_llama
+    from parallel_gpu_checks import LLAMA3_8B_SHAPE
+
+    cache = getattr(request.config, "cache", None)  # the 3 GB checkpoint once per machine, if allowed
+    folder = (cache.mkdir("tp-llama3-8b-shape") if cache is not None else tmp_path) / "l8b"
+    if not (folder / "model.safetensors").exists():
+        make_random_llama(folder, seed=5, **LLAMA3_8B_SHAPE)
+    address = ray.get_runtime_context().gcs_address
+    script = str(Path(TESTS_DIR) / "parallel_gpu_checks.py")
+    limit = os.environ.get("FUSERVE_GPU_CHECK_TIMEOUT_S", "270")  # the GPU script sets it under pytest's
+    done = subprocess.run(
+        [sys.executable, script, str(folder), address, limit], capture_output=True, text=True
+    )
+    print(done.stdout[-4000:])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_second_one_shot_group_in_a_process_takes_nccl(ray_cluster: None, llama_kv2: Path) -> None:
+    """torch pairs a process's symmetric memory with fresh workers only once: a second one-shot group
+    formed here (the killed-worker test may have formed the first) must start on NCCL within seconds and
+    give the same tokens, not wait in the store until its timeout (the hang of 2026-11-23/25)."""
+    from fuserve.parallel import one_shot_all_reduce
+
+    config = tp_config(
+        llama_kv2, 2, model={"device": "cuda", "dtype": "bfloat16"}, parallel={"init_timeout_s": 60}
+    )
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    second = False
+    while not second:  # one formation if this process already has symmetric memory, else two
+        second = one_shot_all_reduce._rendezvous_started
+        t0 = time.monotonic()
+        llm = LLM(config)
+        assert time.monotonic() - t0 < 45, "startup waited toward its timeout"
+        group = llm.engine.workers
+        assert group is not None
+        assert (group.tp.fast_all_reduce is None) == second
+        tokens = llm.generate([[3, 1, 4, 1, 5]], params)[0].outputs[0].token_ids
+        assert len(tokens) == 8  # that each path computes right: test_tp2_matches_tp1_llama3_8b_shape
+        llm.engine.shutdown()
+    assert live_placement_groups() == []
 
 
 def _free_port() -> int:

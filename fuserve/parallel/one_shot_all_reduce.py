@@ -18,6 +18,15 @@ output to the peers itself; this class owns their buffers too and self-tests all
 
 CUDA graphs: the op is one kernel on the current stream over fixed buffers, so a capture records it like
 any other kernel and its output comes from the graph's pool.
+
+Once per process: torch's symmetric-memory rendezvous names its store keys from one counter per process
+(`StoreExchange`'s sequence number, in CUDASymmetricMemory.cu), which every rendezvous advances and
+nothing resets. A process that set up one group has its counter ahead of a fresh worker's, so in a second
+group its keys and the worker's never meet: both wait in the store until its timeout. That was the hang
+of a one-shot engine started after another one-shot engine in the same pytest process (two H200s,
+2026-11-23; two H100s, 2026-11-25). So a rank whose process already took part in a rendezvous declines,
+and the whole group uses NCCL (`create`), with a warning; tests and benchmarks that want the one-shot
+path for several engines start each in a fresh process.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = {2: 1 << 20, 4: 512 << 10, 8: 256 << 10}
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)  # what the torch kernel dispatches on
 _ALIGN = 16  # bytes; the kernel's widest vector, and it requires input and buffer to share an alignment
+_rendezvous_started = False  # this process has entered a symmetric-memory rendezvous (module docstring)
 
 
 class OneShotAllReduce:
@@ -46,8 +56,10 @@ class OneShotAllReduce:
     ) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
+        global _rendezvous_started
         if dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"one-shot all-reduce supports {SUPPORTED_DTYPES}, not {dtype}")
+        _rendezvous_started = True  # from here on this process's exchange counter may have moved
         try:
             symm_mem.set_backend("CUDA")  # P2P over CUDA IPC handles: no NVSHMEM or NCCL windows needed
         except Exception:  # already chosen for this process (by an earlier allocation): keep it
@@ -74,13 +86,27 @@ class OneShotAllReduce:
         dtype: torch.dtype,
         max_bytes: int | None = None,
         push_gemv: bool = True,
+        timeout_s: float = 60.0,
     ) -> OneShotAllReduce | None:
-        """Every rank gets one or none does: a rank that cannot set it up (no P2P, old driver, fp16)
-        makes the whole group fall back to NCCL, since mixing the two would deadlock. Two agreements:
-        nobody launches the self-test kernel (which waits for every peer) unless every rank has its
-        buffer, and nobody uses the kernel unless every rank's self-test summed right."""
+        """Every rank gets one or none does: a rank that cannot set it up (no P2P, old driver, fp16, a
+        process that already did a rendezvous) makes the whole group fall back to NCCL, since mixing the
+        two would deadlock. Three agreements: nobody enters the rendezvous (a collective that waits for
+        every peer) unless every rank can; nobody launches the self-test kernel unless every rank has its
+        buffer; nobody uses the kernel unless every rank's self-test summed right."""
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         max_bytes = max_bytes or DEFAULT_MAX_BYTES.get(size, 256 << 10)
+        why_not = (
+            f"{dtype} is not one of {SUPPORTED_DTYPES}"
+            if dtype not in SUPPORTED_DTYPES
+            else "this process already set up symmetric memory for an earlier group, and torch's "
+            "rendezvous cannot pair it with fresh processes (one one-shot group per process)"
+            if _rendezvous_started
+            else None
+        )
+        if why_not is not None:
+            log.warning("rank %d: one-shot all-reduce unavailable, using NCCL: %s", rank, why_not)
+        if not _all_ranks(why_not is None, cpu_group):
+            return None
         impl = None
         try:
             impl = cls(group, device, dtype, max_bytes, push_gemv)
@@ -89,13 +115,15 @@ class OneShotAllReduce:
         if not _all_ranks(impl is not None, cpu_group) or impl is None:
             return None
         try:
-            ok = impl._self_test(rank, size)
+            ok = impl._self_test(rank, size, timeout_s)
+        except TimeoutError:
+            raise  # a kernel still waits for a peer on this GPU: NCCL would queue behind it, so no fallback
         except Exception as err:
             log.warning("one-shot all-reduce self-test failed, using NCCL: %s", err)
             ok = False
         return impl if _all_ranks(ok, cpu_group) else None
 
-    def _self_test(self, rank: int, size: int) -> bool:
+    def _self_test(self, rank: int, size: int, timeout_s: float) -> bool:
         """A wrong P2P mapping gives silently wrong sums, so check one known sum before trusting it."""
         device = self.buffer.device
         x = torch.full((2, 2048), float(rank + 1), dtype=self.dtype, device=device)
@@ -111,7 +139,9 @@ class OneShotAllReduce:
             )
             checks.append(pushed)
             normed = torch.cat([normed, pushed_normed])
-        torch.cuda.synchronize(device)
+        from fuserve.parallel.process_group import wait_device  # process_group imports this module
+
+        wait_device(device, "the one-shot all-reduce's self-test", timeout_s)
         total = size * (size + 1) / 2
         ok = all(bool((t == total).all()) for t in checks) and bool((normed == 1).all())
         if not ok:

@@ -146,6 +146,10 @@ class PlanSender:
                 dist.broadcast(torch.tensor(payload[room:], dtype=torch.int64), src=0, group=self.group)
             self._last_send = time.monotonic()
 
+    def lagging_ranks(self) -> list[int] | None:
+        """Unknown over gloo: a broadcast returns on rank 0 once sent, not once received."""
+        return None
+
     def begin_serving(self) -> None:
         """Every rank is in its receive loop: start the heartbeat."""
         self._thread = threading.Thread(target=self._beat, name="fuserve-tp-heartbeat", daemon=True)
@@ -211,6 +215,10 @@ class RingPlanSender:
     def _send(self, kind: Kind, counts: list[int], payload: list[int]) -> None:
         with self._lock:
             self.ring.send(header(kind, counts, payload) + payload, timeout_s=self.timeout_s)
+
+    def lagging_ranks(self) -> list[int] | None:
+        """The worker ranks that have not taken the last plan sent."""
+        return self.ring.lagging_ranks()
 
     def begin_serving(self) -> None:
         """Nothing to start: the ring lost its name once every worker had mapped it."""

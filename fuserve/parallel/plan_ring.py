@@ -161,17 +161,26 @@ class PlanRing:
             seq = self._next
             reusable = seq - self.num_slots
             if reusable > 0:
-                self._wait(
-                    lambda r=reusable: int(self._acks.min()) >= r,
-                    spin_s,
-                    timeout_s,
-                    "waiting for a worker to take an earlier plan",
-                )
+                try:
+                    self._wait(
+                        lambda r=reusable: int(self._acks.min()) >= r,
+                        spin_s,
+                        timeout_s,
+                        "waiting for a worker to take an earlier plan",
+                    )
+                except TimeoutError as err:
+                    late = [r + 1 for r in range(self.num_readers) if int(self._acks[r]) < reusable]
+                    raise TimeoutError(f"{err}: worker rank(s) {late} stopped taking plans") from None
             slot = self._slots[seq % self.num_slots]
             slot[1] = len(chunk)
             slot[SLOT_HEADER : SLOT_HEADER + len(chunk)] = chunk
             slot[0] = seq  # published after the data (x86-64 keeps stores in order)
             self._next += 1
+
+    def lagging_ranks(self) -> list[int]:
+        """The worker ranks (reader + 1) that have not yet taken the last chunk written."""
+        last = self._next - 1
+        return [r + 1 for r in range(self.num_readers) if int(self._acks[r]) < last]
 
     # ---- a worker -------------------------------------------------------------------------------
     def recv_chunk(self, spin_s: float = 0.0, timeout_s: float | None = None) -> list[int]:

@@ -11,12 +11,20 @@ rank, the same `init_tp_context` call:
 The process-wide default group is used because the symmetric-memory and NCCL paths resolve groups by
 name; hence one tensor-parallel group per process at a time, and each one formed in a process takes
 names no earlier one used (`fresh_group_names`).
+
+No silent waits: each of those steps is a named phase (`StartupPhases`) that every rank records in the
+store as it enters it, and every wait in it is bounded by the timeout (the store's and the groups' own
+timeouts; device work is polled against a deadline, `wait_device`). A rank that gives up raises
+GroupFormationError naming its rank, the collective it waited in and where each other rank got to.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -69,6 +77,62 @@ def connect_store(host: str, port: int, world_size: int, timeout_s: float) -> di
     return dist.TCPStore(host, port, world_size, is_master=False, timeout=dt.timedelta(seconds=timeout_s))
 
 
+PHASE_KEY = "fuserve/phase/{rank}"
+DEVICE_POLL_S = 1e-4
+
+
+class GroupFormationError(RuntimeError):
+    """A rank gave up forming the tensor-parallel group: which rank, in which collective, and where the
+    other ranks were."""
+
+
+class StartupPhases:
+    """Where each rank is in group formation, kept in the rendezvous store: a rank that fails or times
+    out in a phase says which one, and where every other rank got to (the rank that is stuck, or gone)."""
+
+    def __init__(self, store: dist.Store, rank: int, size: int) -> None:
+        self.store, self.rank, self.size = store, rank, size
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.store.set(PHASE_KEY.format(rank=self.rank), name)
+        t0 = time.monotonic()
+        try:
+            yield
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise GroupFormationError(
+                f"rank {self.rank} gave up in {name} after {time.monotonic() - t0:.1f} s "
+                f"({type(err).__name__}: {first}); {self.where_others()}"
+            ) from err
+
+    def where_others(self) -> str:
+        """Each other rank's last phase, read without waiting (a rank that never wrote one never joined)."""
+        places = []
+        for r in range(self.size):
+            if r == self.rank:
+                continue
+            key = PHASE_KEY.format(rank=r)
+            try:
+                where = self.store.get(key).decode() if self.store.check([key]) else "not joined"
+            except Exception as err:  # the store itself is gone (rank 0's process ended)
+                where = f"unknown ({type(err).__name__})"
+            places.append(f"rank {r} at {where}")
+        return ", ".join(places)
+
+
+def wait_device(device: torch.device, what: str, timeout_s: float) -> None:
+    """Wait for the work queued so far on this device, at most timeout_s: a collective whose peer never
+    arrives would hold `torch.cuda.synchronize` forever."""
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    deadline = time.monotonic() + timeout_s
+    while not done.query():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not complete on the GPU within {timeout_s:g} s")
+        time.sleep(DEVICE_POLL_S)
+
+
 def init_tp_context(
     store: dist.Store,
     rank: int,
@@ -90,23 +154,31 @@ def init_tp_context(
         )
     distributed_c10d._world.group_count = first_group_name  # the next groups' names count up from it
     timeout = dt.timedelta(seconds=timeout_s)
+    phases = StartupPhases(store, rank, size)
     if device.type == "cuda":
         for key, value in GPU_ENV.items():
             os.environ.setdefault(key, value)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
-    cpu_group = dist.new_group(backend="gloo", timeout=timeout)
-    dist.barrier(group=cpu_group)
+    with phases.phase(f"init_process_group ({backend})"):
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
+    with phases.phase("the gloo group's first barrier"):
+        cpu_group = dist.new_group(backend="gloo", timeout=timeout)
+        dist.barrier(group=cpu_group)
     fast = None
     if device.type == "cuda":
-        warm = torch.zeros(1, device=device)
-        dist.all_reduce(warm)  # creates the NCCL communicator now, while every peer is known to be here
-        torch.cuda.synchronize(device)
+        with phases.phase("the first NCCL all-reduce"):
+            warm = torch.zeros(1, device=device)
+            dist.all_reduce(warm)  # creates the NCCL communicator now, while every peer is known to be here
+            wait_device(device, "the first NCCL all-reduce", timeout_s)
         if all_reduce != "nccl":
-            fast = OneShotAllReduce.create(
-                dist.group.WORLD, cpu_group, device, dtype, push_gemv=all_reduce == "auto"
-            )
+            with phases.phase("the one-shot all-reduce's set-up (symmetric-memory rendezvous, self-test)"):
+                push = all_reduce == "auto"
+                fast = OneShotAllReduce.create(
+                    dist.group.WORLD, cpu_group, device, dtype, push_gemv=push, timeout_s=timeout_s
+                )
+    with phases.phase("the gloo group's last barrier"):
+        dist.barrier(group=cpu_group)
     return TPContext(rank=rank, size=size, group=dist.group.WORLD, cpu_group=cpu_group, fast_all_reduce=fast)
 
 

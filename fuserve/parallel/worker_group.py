@@ -15,7 +15,10 @@ records the first cause and kills the other workers, so that a gloo collective r
 fails now instead of at its timeout; on GPU it also aborts NCCL. `guard` turns whatever the blocked
 collective raised into a WorkerGroupError that names the cause, and every later step fails the same
 way. Timeouts (parallel.init_timeout_s, on every collective and every startup wait) bound what the
-watchdog cannot see: a worker that is alive but stuck.
+watchdog cannot see: a worker that is alive but stuck. At startup the phase a rank gave up in and where
+the other ranks were is the error (process_group.StartupPhases); in a step, rank 0 waits for its GPU at
+most `step_timeout_s` and then fails the group, naming the step's collectives and the workers that had
+not taken its plan.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from fuserve.parallel.plan_ring import PlanRing, shm_usable
 from fuserve.parallel.process_group import (
     GPU_ENV,
     AllReduceChoice,
+    GroupFormationError,
     destroy_tp_context,
     fresh_group_names,
     init_tp_context,
@@ -64,6 +68,12 @@ KERNEL_ENV = {PDL_ENV: "1", L2_PREFETCH_ENV: "0"}  # each switch with the value 
 
 POLL_S = 50e-6  # rank 0 polls its step's completion at this interval while watching the group
 CAUSE_WAIT_S = 2.0  # after a failed collective, how long to let the watchdog name the rank that died
+
+
+def step_timeout_s(timeout_s: float) -> float:
+    """How long rank 0 waits for one step's device work: half the collective timeout, so that this wait,
+    which names what it waited for, ends before NCCL's own watchdog, which ends the process instead."""
+    return max(1.0, timeout_s / 2)
 
 
 class WorkerGroupError(RuntimeError):
@@ -115,6 +125,7 @@ class WorkerGroup:
         self._run_refs = run_refs
         self._lock = threading.Lock()
         self._failed = threading.Event()
+        self.step_timeout_s = step_timeout_s(timeout_s)
         self._stopping = False
         self._serving = False
         self._closed = False
@@ -202,6 +213,8 @@ class WorkerGroup:
             placement.release()
             if isinstance(err, RayTaskError | RayActorError):
                 raise WorkerGroupError(f"tensor-parallel startup failed: {describe(err)}") from None
+            if isinstance(err, GroupFormationError):
+                raise WorkerGroupError(f"tensor-parallel startup failed: {err}") from None
             if isinstance(err, ray.exceptions.GetTimeoutError):
                 raise WorkerGroupError(
                     f"tensor-parallel workers did not finish forming the group within {timeout:g} s "
@@ -233,11 +246,31 @@ class WorkerGroup:
 
     def wait(self, ready: Callable[[], bool], what: str = "step") -> None:
         """Wait for rank 0's device work without blocking in CUDA: a dead peer can leave this GPU
-        waiting in a collective, and a failure must surface now, not when (or if) the GPU gets free."""
+        waiting in a collective, and a failure must surface now, not when (or if) the GPU gets free. A
+        live peer that never arrives fails the group after `step_timeout_s`."""
+        deadline = time.monotonic() + self.step_timeout_s
         while not ready():
             self.check(what)
+            if time.monotonic() > deadline:
+                self._fail(self._stuck(what))
+                self.check(what)
             time.sleep(POLL_S)
         self.check(what)
+
+    def _stuck(self, what: str) -> str:
+        lagging = self.sender.lagging_ranks()
+        where = (
+            f"worker rank(s) {lagging} had not taken its plan"
+            if lagging
+            else "every worker had taken its plan, so a worker's GPU or process is stuck in the same step"
+            if lagging is not None
+            else "plans go over gloo, which cannot tell whether a worker took it"
+        )
+        return (
+            f"rank 0's {what} did not finish on its GPU within {self.step_timeout_s:g} s: it waits in the "
+            f"step's collectives (the forward's all-reduces, then the argmax all-reduce or the logits "
+            f"gather) for a peer; {where}"
+        )
 
     @contextmanager
     def guard(self, what: str) -> Iterator[None]:
