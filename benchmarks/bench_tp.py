@@ -7,23 +7,27 @@ N new tokens, CUDA graphs on. Three parts, each its own rows in the JSON (DESIGN
                   replayed from a CUDA graph, NCCL vs the one-shot P2P kernel, and one-shot + add_rmsnorm
                   vs the fused all-reduce + add + RMSNorm kernel that replaces it; us per op and per step
   plan-broadcast  rank 0's cost to send one decode step's plan to the other ranks over gloo
-  decode          TP=1 in this process; TP=N with NCCL only; TP=N with the one-shot all-reduce (auto):
-                  batch-1 ms/token and batch-64 output tok/s, and the per-GPU weight-read floor
-The target (issue 5): TP=2 batch-1 ms/token <= 0.6 x TP=1.
+  decode          each engine of --engines (EngineSpec: TP=1, TP=N with NCCL only, TP=N with the one-shot
+                  all-reduce, and A/B variants of it) in a fresh process: batch-1 ms/token and batch-64
+                  output tok/s, against the per-GPU weight-read floor and TP=1
+The targets (issue 14): TP=2 batch-1 ms/token <= 0.6 x TP=1, batch-64 tok/s >= 1.6 x TP=1.
 
     python benchmarks/bench_tp.py --out $OUT/tp.json          # two GPUs (nvidia-h200-x2)
+    python benchmarks/bench_tp.py --model llama3-70b --engines auto --gpu-memory-utilization 0.9 \
+        --skip-collectives --out $OUT/tp-70b.json             # two H200s: 70B does not fit one GPU
     python benchmarks/bench_tp.py --smoke                     # tiny shapes on CPU over gloo: the script runs
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
-import gc
 import json
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -257,24 +261,62 @@ def profile_decode(engine: Any, prompt_len: int, vocab: int, steps: int = 40) ->
     )
 
 
+@dataclass(frozen=True)
+class EngineSpec:
+    """One engine configuration to time, written `base[+option...]` on the command line:
+    base      tp1 | nccl (TP=N, NCCL for every all-reduce) | auto (one-shot, fused, GEMV push) |
+              no-push (auto without the batch-1 GEMV push)
+    options   gloo-plans (step plans over gloo, not the shared-memory ring), no-keyed (greedy plans
+              gather the logits on rank 0 instead of each rank's keyed argmax), l2=MB (L2 prefetch budget)
+    Each one runs in a fresh process: torch's symmetric memory pairs a process with fresh workers only
+    once (fuserve/parallel/one_shot_all_reduce.py), and a fresh CUDA context keeps runs independent."""
+
+    base: str
+    gloo_plans: bool = False
+    keyed_argmax: bool = True
+    l2_prefetch_mb: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> EngineSpec:
+        base, *options = text.split("+")
+        if base not in ("tp1", "nccl", "auto", "no-push"):
+            raise SystemExit(f"engine {text!r}: the base is one of tp1, nccl, auto, no-push")
+        spec = cls(base)
+        for option in options:
+            if option == "gloo-plans":
+                spec = dataclasses.replace(spec, gloo_plans=True)
+            elif option == "no-keyed":
+                spec = dataclasses.replace(spec, keyed_argmax=False)
+            elif option.startswith("l2="):
+                spec = dataclasses.replace(spec, l2_prefetch_mb=float(option[3:]))
+            else:
+                raise SystemExit(f"engine {text!r}: unknown option {option!r}")
+        return spec
+
+
 def run_engine(
     cfg: dict,
-    tp: int,
-    all_reduce: str,
+    spec: EngineSpec,
+    tp_size: int,
     batches: list[int],
     prompt_len: int,
     output_len: int,
     smoke: bool,
     profile: bool = False,
-    plan_transport: str = "auto",
+    gpu_memory_utilization: float = 0.6,
 ) -> list[dict[str, Any]]:
     from fuserve.configs import config_from_dict
     from fuserve.parallel.plan_broadcast import RingPlanSender
     from fuserve.parallel.worker_group import WorkerGroup
+    from fuserve.workers import step_plan
     from fuserve.workers.engine import LLMEngine
-    from fuserve.workers.kernels.l2_prefetch import l2_prefetch_budget
+    from fuserve.workers.kernels.l2_prefetch import L2_PREFETCH_ENV, l2_prefetch_budget
     from fuserve.workers.kernels.pdl import pdl_enabled
 
+    tp = 1 if spec.base == "tp1" else tp_size
+    os.environ[L2_PREFETCH_ENV] = f"{spec.l2_prefetch_mb:g}"  # rank 0's switch; worker_gpu_env sends it on
+    if not spec.keyed_argmax:  # plans never say argmax_only: rank 0 gathers the logits and broadcasts draws
+        step_plan.argmax_only = lambda rows: False  # type: ignore[assignment]
     config = config_from_dict(
         dummy_engine_config(
             cfg,
@@ -282,22 +324,31 @@ def run_engine(
             prompt_len,
             output_len,
             smoke,
-            cache={"gpu_memory_utilization": 0.6},
-            parallel={"tensor_parallel_size": tp, "init_timeout_s": 900, "plan_transport": plan_transport},
+            cache={"gpu_memory_utilization": gpu_memory_utilization},
+            parallel={
+                "tensor_parallel_size": tp,
+                "init_timeout_s": 300,
+                "plan_transport": "gloo" if spec.gloo_plans else "auto",
+            },
         )
     )
     t0 = time.perf_counter()
+    all_reduce = "nccl" if spec.base == "tp1" else spec.base
     workers = WorkerGroup.start(config, all_reduce=all_reduce) if tp > 1 else None  # type: ignore[arg-type]
     engine = LLMEngine(config, workers=workers)
     init_s = time.perf_counter() - t0
     one_shot = workers is not None and workers.tp.fast_all_reduce is not None
     backend = "oneshot" if one_shot else ("gloo" if smoke else "nccl")
-    if one_shot and all_reduce == "no-push":
+    if one_shot and spec.base == "no-push":
         backend += "-nopush"  # the fused all-reduce, without the batch-1 GEMV push (A/B)
+    if spec.base in ("auto", "no-push") and not one_shot and not smoke:
+        raise RuntimeError(f"{spec}: the one-shot all-reduce did not start (see the warnings above)")
     plans = "-" if workers is None else ("shm" if isinstance(workers.sender, RingPlanSender) else "gloo")
     name = (
         "fuserve-tp1" if tp == 1 else f"fuserve-tp{tp}-{backend}" + ("-gloo-plans" if plans == "gloo" else "")
     )
+    if not spec.keyed_argmax:
+        name += "-gather-argmax"
     # what the kernels do, not what was asked: PDL needs a compiled sm_90+ GPU, and prefetch needs PDL
     pdl = torch.cuda.is_available() and pdl_enabled(torch.empty(0, device="cuda"))
     l2_prefetch_mb = l2_prefetch_budget() / 2**20 if pdl else 0.0
@@ -314,6 +365,7 @@ def run_engine(
                 engine=name,
                 tp=tp,
                 one_shot=one_shot,
+                keyed_argmax=spec.keyed_argmax,
                 async_scheduling=engine.async_scheduling,
                 plan_transport=plans,
                 pdl=pdl,
@@ -331,11 +383,46 @@ def run_engine(
     t0 = time.perf_counter()
     engine.shutdown()
     print(f"{name} shut down in {time.perf_counter() - t0:.1f} s", flush=True)
-    del engine
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return rows
+
+
+def _engine_child(queue: Any, ray_address: str, kwargs: dict[str, Any]) -> None:
+    """A fresh process for one engine: joins the parent's Ray cluster, times, sends its rows back."""
+    import ray
+
+    ray.init(address=ray_address, log_to_driver=False)
+    try:
+        queue.put(run_engine(**kwargs))
+    except BaseException as err:
+        queue.put(f"{type(err).__name__}: {err}")
+        raise
+
+
+def run_engine_isolated(timeout_s: float, **kwargs: Any) -> list[dict[str, Any]]:
+    """run_engine in a spawned process, at most timeout_s; a failure or timeout is printed and gives no
+    rows, so the engines after it still run."""
+    import queue as queue_module
+
+    import ray
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(
+        target=_engine_child, args=(results, ray.get_runtime_context().gcs_address, kwargs), daemon=False
+    )
+    child.start()
+    try:
+        got = results.get(timeout=timeout_s)
+    except queue_module.Empty:
+        got = f"no result within {timeout_s:g} s"
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    if isinstance(got, str):
+        print(f"engine {kwargs['spec']} FAILED: {got}", flush=True)
+        return []
+    return got
 
 
 def main() -> None:
@@ -345,22 +432,24 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--skip-tp1", action="store_true", help="70B does not fit one GPU")
-    ap.add_argument("--skip-collectives", action="store_true")
     ap.add_argument(
-        "--all-reduce",
-        default="nccl,auto",
-        help="TP=N engines to time: nccl, auto (one-shot, fused, GEMV push), no-push (auto without the push)",
+        "--engines",
+        default="tp1,nccl,auto",
+        help="comma-separated engines to time, in order (EngineSpec: e.g. auto+gloo-plans, auto+l2=8)",
+    )
+    ap.add_argument("--skip-collectives", action="store_true")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.6)
+    ap.add_argument("--engine-timeout-s", type=float, default=300.0, help="one engine's whole run, at most")
+    ap.add_argument(
+        "--budget-s", type=float, default=None, help="start no engine that would end past this many seconds"
     )
     ap.add_argument(
         "--smoke", action="store_true", help="tiny shapes on CPU over gloo: checks the script runs"
     )
     ap.add_argument("--profile", action="store_true", help="also profile rank 0's batch-1 decode kernels")
-    ap.add_argument(
-        "--plan-transport", default="auto", choices=["auto", "shm", "gloo"], help="TP=N step plans"
-    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    started = time.monotonic()
     cfg = TINY if args.smoke else MODELS[args.model]
     batches = [int(b) for b in args.batches.split(",")]
     if args.smoke:
@@ -369,42 +458,59 @@ def main() -> None:
 
     for key, value in GPU_ENV.items():  # multicast off everywhere, before anything starts NCCL
         os.environ.setdefault(key, value)
+    meta = dict(model=args.model, device=device_name(), date=dt.date.today().isoformat(), commit=commit())
+    out = Path(
+        args.out or ("/tmp/tp-smoke.json" if args.smoke else f"benchmarks/results/tp-{meta['date']}.json")
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
 
     rows: list[dict[str, Any]] = []
     if not args.skip_collectives:
         rows += measure_collectives(cfg, args.tp, sorted({1, 8, *batches}))
     bw = copy_bandwidth()
-    if not args.skip_tp1:
-        rows += run_engine(
-            cfg, 1, "nccl", batches, args.prompt_len, args.output_len, args.smoke, args.profile
-        )
+    meta["copy_tb_s"] = bw / 1e12
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the engines' processes size their KV caches from what is free
     import ray
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, num_cpus=max(4, 2 * args.tp) if args.smoke else None)
-    for all_reduce in filter(None, args.all_reduce.split(",")):  # "" times no TP=N engine
-        if args.smoke and all_reduce == "auto":
+    longest = 0.0
+    for text in filter(None, args.engines.split(",")):
+        spec = EngineSpec.parse(text)
+        if args.smoke and spec.base in ("auto", "no-push"):
             continue  # no one-shot on CPU
-        rows += run_engine(
-            cfg,
-            args.tp,
-            all_reduce,
-            batches,
-            args.prompt_len,
-            args.output_len,
-            args.smoke,
-            args.profile,
-            args.plan_transport,
+        elapsed = time.monotonic() - started
+        if args.budget_s is not None and elapsed + 1.2 * longest > args.budget_s:
+            print(f"engine {text} skipped: {elapsed:.0f} s gone of a {args.budget_s:g} s budget", flush=True)
+            continue
+        t0 = time.monotonic()
+        limit = (
+            args.engine_timeout_s
+            if args.budget_s is None
+            else min(args.engine_timeout_s, args.budget_s - elapsed)
         )
+        rows += run_engine_isolated(
+            limit,
+            cfg=cfg,
+            spec=spec,
+            tp_size=args.tp,
+            batches=batches,
+            prompt_len=args.prompt_len,
+            output_len=args.output_len,
+            smoke=args.smoke,
+            profile=args.profile,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+        )
+        longest = max(longest, time.monotonic() - t0)
+        finish(rows, meta, cfg, bw, out)  # after every engine: a run cut short keeps what it measured
+    finish(rows, meta, cfg, bw, out)
+    print_tables(rows)
 
+
+def finish(rows: list[dict[str, Any]], meta: dict[str, Any], cfg: dict, bw: float, out: Path) -> None:
+    """Stamp every row with the run's facts and its ratios (to the floor, to TP=1), and write the JSON."""
     tp1 = {r["batch"]: r for r in rows if r["bench"] == "tp-decode" and r["engine"] == "fuserve-tp1"}
-    meta = dict(
-        model=args.model,
-        device=device_name(),
-        date=dt.date.today().isoformat(),
-        commit=commit(),
-        copy_tb_s=bw / 1e12,
-    )
     for r in rows:
         r.update(meta)
         if r["bench"] == "tp-decode":
@@ -414,7 +520,11 @@ def main() -> None:
             base = tp1.get(r["batch"])
             r["speedup"] = base["ms_per_token"] / r["ms_per_token"] if base else None
             r["ms_vs_tp1"] = r["ms_per_token"] / base["ms_per_token"] if base else None
+            r["tok_s_vs_tp1"] = r["output_tok_s"] / base["output_tok_s"] if base else None
+    out.write_text(json.dumps(rows, indent=1))
 
+
+def print_tables(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'collective':<15}{'mode':<7}{'batch':>6}{'KiB':>8}{'us/op':>9}{'us/step':>9}")
     for r in rows:
         if r["bench"] == "allreduce":
@@ -426,18 +536,16 @@ def main() -> None:
         if r["bench"] == "plan-broadcast":
             print(f"plan broadcast, batch {r['batch']}: {r['us_per_step']:.0f} us per step on rank 0")
     print(
-        f"\n{'engine':<22}{'batch':>6}{'ms/token':>10}{'tok/s':>9}{'floor ms':>9}{'x floor':>8}{'vs TP=1':>8}"
+        f"\n{'engine':<40}{'batch':>6}{'ms/token':>10}{'tok/s':>9}{'floor ms':>9}{'x floor':>8}"
+        f"{'ms/TP1':>8}{'tok/TP1':>8}"
     )
     for r in rows:
         if r["bench"] == "tp-decode":
             print(
-                f"{r['engine']:<22}{r['batch']:>6}{r['ms_per_token']:>10.2f}{r['output_tok_s']:>9.0f}"
+                f"{r['engine']:<40}{r['batch']:>6}{r['ms_per_token']:>10.2f}{r['output_tok_s']:>9.0f}"
                 f"{r['floor_ms']:>9.2f}{(r['frac_of_floor'] or 0):>8.2f}{(r['ms_vs_tp1'] or 0):>8.2f}"
+                f"{(r['tok_s_vs_tp1'] or 0):>8.2f}"
             )
-    default = "/tmp/tp-smoke.json" if args.smoke else f"benchmarks/results/tp-{meta['date']}.json"
-    out = Path(args.out or default)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,power.limit --format=csv | tee "$OUT/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -x -m gpu ${TESTS:-tests/kernels tests/test_gpu_engine.py} -p no:cacheprovider 2>&1 \
+  # a whole-run bound, and one per test where pytest-timeout is installed (the GPU image has it)
+  PER_TEST=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=${PER_TEST_TIMEOUT:-200}")
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -x -m gpu ${TESTS:-tests/kernels tests/test_gpu_engine.py} $PER_TEST -p no:cacheprovider 2>&1 \
     | tee "$OUT/gpu-tests.log" | tail -25
 fi
 for b in ${BENCH:-kernels decode}; do
@@ -17,16 +19,8 @@ for b in ${BENCH:-kernels decode}; do
     kernels) timeout 200 python3 benchmarks/bench_kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     gemv) timeout 200 python3 benchmarks/bench_gemv.py --out "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.log" | tail -12 ;;
     profile) timeout 200 python3 benchmarks/profile_step.py --out "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log" | tail -8 ;;
+    # TP=N on two GPUs: bench_tp.py's --engines give the A/Bs; benchmarks/tp_two_gpu_run.sh is issue 14's run
     tp) timeout ${TP_TIMEOUT:-450} python3 benchmarks/bench_tp.py ${TP_ARGS:-} --out "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log" | tail -45 ;;
-    # the same TP=N engine with its step plans over gloo instead of the shared-memory ring (A/B)
-    tp-gloo-plans) timeout ${TP_TIMEOUT:-450} python3 benchmarks/bench_tp.py --skip-tp1 --skip-collectives \
-      --plan-transport gloo ${TP_GLOO_ARGS:---all-reduce auto --batches 1} --out "$OUT/tp-gloo-plans.json" 2>&1 \
-      | tee "$OUT/tp-gloo-plans.log" | tail -20 ;;
-    # the TP=1 and TP=N batch-1 decode again with each L2 prefetch budget in $L2_MBS (A/B against "tp")
-    tp-l2-prefetch) for mb in ${L2_MBS:-8 24}; do
-      FUSERVE_L2_PREFETCH_MB=$mb timeout ${TP_TIMEOUT:-450} python3 benchmarks/bench_tp.py --skip-collectives \
-        ${TP_L2_ARGS:---all-reduce auto --batches 1} --out "$OUT/tp-l2-$mb.json" 2>&1 | tee "$OUT/tp-l2-$mb.log" | tail -8
-    done ;;
     sampler) timeout 200 python3 benchmarks/bench_sampler.py --out "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -10 ;;
     decode) timeout 400 python3 benchmarks/bench_decode.py ${DECODE_ARGS:-} --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
   esac

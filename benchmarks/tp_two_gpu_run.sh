@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue 14's two-GPU run: one call of under ~550 s on nvidia-h200-x2, everything under $OUT.
+#   PART=8b (default)  the gpu-marked tests of tests/test_tensor_parallel.py three times, each test under a
+#                      per-test timeout (a hang dumps every thread's stack and fails that test), then
+#                      bench_tp.py: the all-reduce alone (NCCL vs one-shot vs fused) and the Llama-3-8B
+#                      engines of $ENGINES_8B in order, batch 1 and 64, as many as the time left allows
+#   PART=70b           the Llama-3-70B shape at TP=2 (70.6 GB of weights per GPU: H200s only), batch 1 and
+#                      64, against its floor (weights per GPU / the copy bandwidth measured in the run);
+#                      then the 8B engines of $ENGINES_8B, if any, in the time left
+#   device run: bash benchmarks/tp_two_gpu_run.sh          (kind nvidia-h200-x2, carry [".whl"])
+#   engine names: bench_tp.py's EngineSpec (tp1, nccl, auto, no-push; +no-keyed, +gloo-plans, +l2=MB)
+set -uo pipefail
+START=$SECONDS
+BUDGET_S=${BUDGET_S:-540}  # the whole call, install included
+PART=${PART:-8b}
+export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
+export FUSERVE_COMMIT=${FUSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+LOG="$OUT/run.log"
+left() { echo $(( BUDGET_S - (SECONDS - START) )); }
+{ echo "commit $FUSERVE_COMMIT part $PART"; date -u; nvidia-smi --query-gpu=name,memory.total,clocks.sm,power.limit --format=csv
+  nvidia-smi topo -m; } 2>&1 | tee "$LOG"
+
+if [ "$PART" = 8b ]; then
+  # a test's own bound (--timeout, pytest-timeout, on the GPU machine only) and the compare_greedy child's
+  # (it dumps its stacks and exits first); the 3 GB test checkpoint is cached between the runs
+  if python3 -c "import pytest_timeout" 2>/dev/null; then PER_TEST="--timeout=${TEST_TIMEOUT:-300}"  # autoloaded
+  else PER_TEST="-o faulthandler_timeout=${TEST_TIMEOUT:-300}"; fi
+  export FUSERVE_GPU_CHECK_TIMEOUT_S=$(( ${TEST_TIMEOUT:-300} - 30 ))
+  for i in 1 2 3; do
+    [ "$(left)" -gt 150 ] || { echo "test run $i skipped: $(left) s left" | tee -a "$LOG"; continue; }
+    t0=$SECONDS
+    timeout $(( $(left) - 60 )) python3 -m pytest -v -m gpu tests/test_tensor_parallel.py $PER_TEST \
+      -o cache_dir=/tmp/pytest-cache -W ignore::DeprecationWarning 2>&1 | tee "$OUT/tp-tests-$i.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|Timeout" | tail -8
+    echo "test run $i: exit ${PIPESTATUS[0]} in $(( SECONDS - t0 )) s" | tee -a "$LOG"
+  done
+  ENGINES=${ENGINES_8B:-tp1,auto,nccl,auto+no-keyed,auto+gloo-plans,auto+l2=8,no-push,auto+l2=24}
+  timeout $(( $(left) > 30 ? $(left) : 30 )) python3 benchmarks/bench_tp.py --engines "$ENGINES" \
+    --budget-s $(( $(left) - 15 )) --out "$OUT/tp-8b.json" 2>&1 | tee "$OUT/tp-8b.log" | tail -40
+else
+  timeout $(( $(left) - 30 )) python3 benchmarks/bench_tp.py --model llama3-70b --engines auto --skip-collectives \
+    --gpu-memory-utilization 0.9 --engine-timeout-s 400 --out "$OUT/tp-70b.json" 2>&1 | tee "$OUT/tp-70b.log" | tail -12
+  if [ -n "${ENGINES_8B:-}" ] && [ "$(left)" -gt 90 ]; then
+    timeout $(( $(left) - 10 )) python3 benchmarks/bench_tp.py --engines "$ENGINES_8B" ${TP_8B_ARGS:---skip-collectives} \
+      --budget-s $(( $(left) - 20 )) --out "$OUT/tp-8b-more.json" 2>&1 | tee "$OUT/tp-8b-more.log" | tail -25
+  fi
+fi
+echo "done in $(( SECONDS - START )) s" | tee -a "$LOG"
