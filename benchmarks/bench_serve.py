@@ -2,20 +2,30 @@
 
     python benchmarks/bench_serve.py                    # both comparisons, default model, CPU
     fuserve bench serve --config configs/x.yaml --num-requests 200 --rate 8
+    fuserve bench serve --compare overhead --concurrency 16,64,128,256 --requests-per-client 16
     fuserve bench serve --url http://host:8000 --compare none   # load an already running server
 
-Workload: requests arrive by a Poisson process (or at a fixed rate, or all at once) and are drawn
-from a mix of three kinds: short chat turns (sharing a system prompt), long documents (long
-prompt, short answer) and long generations (short prompt, long answer). Prompts are token ids of
-exact lengths and outputs ignore EOS, so every run does the same work.
+Workload: requests are drawn from a mix of three kinds: short chat turns (sharing a system prompt),
+long documents (long prompt, short answer) and long generations (short prompt, long answer).
+Prompts are token ids of exact lengths and outputs ignore EOS, so every run does the same work.
+Load comes in two shapes:
+- open loop (`--rate`, `--overhead-rate`): requests arrive by a Poisson process (or at a fixed
+  rate, or all at once) whatever the server does; rows carry `rate`.
+- closed loop (`--concurrency 16,64`): N clients, each sending its next request when its last one
+  ends, for `--num-requests` requests per level (or `--requests-per-client` x N, or `--duration`
+  seconds); rows carry `concurrency`. This is how a fixed number of users loads a server, and the
+  shape in which issue 15 states its bounds.
 
 Comparisons, each on the same seeded workload:
 - `routers`: 2 engine replicas behind the length-aware router vs Ray Serve's default (power of
-  two choices on request counts): p99 time to first token and throughput.
-- `overhead`: the same requests through HTTP (proxy -> ingress -> engine replica, SSE) and
-  straight into an in-process AsyncEngine with the same threads: TTFT and inter-token latency
-  p50/p90 side by side. The serving layer must not hold tokens back: ITL p90 through HTTP within
-  10% + 1 ms of the engine's.
+  two choices on request counts): p99 time to first token and throughput (open loop, `--rate`).
+- `overhead`: the same requests through HTTP (SSE) and straight into an in-process AsyncEngine with
+  the same threads: TTFT, ITL and output tok/s side by side at `--overhead-rate` or at each
+  `--concurrency` level, checked against issue 15's bounds: ITL p90 <= 1.1 x engine + 1 ms, TTFT
+  p50 <= engine + 5 ms, output tok/s >= 0.95 x engine. Both sides need the device memory, so the
+  served app runs every level first, is deleted, then the in-process engine runs every level.
+  Each level also records the engine's mean step time (from the replica's /metrics under HTTP
+  load, from `AsyncEngine.stats` without it) and the replica frontend's CPU ms per output token.
 
 Reports req/s, output tok/s, TTFT and ITL p50/p90/p99 and the price per million output tokens at
 `--device-hour-usd` per device-hour; writes flat JSON rows (DESIGN.md's schema) and a PNG.
@@ -28,24 +38,51 @@ import asyncio
 import datetime as dt
 import json
 import math
+import multiprocessing as mp
 import os
+import queue
 import random
 import sys
+import threading
 import time
-from dataclasses import dataclass, field
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-from bench_decode import commit
+import aiohttp
 
-RESULTS = Path(__file__).parent / "results"
+HERE = Path(__file__).resolve().parent
+# `fuserve bench serve` loads this file by path, so its folder is not on sys.path there; the sibling
+# bench_decode and this module's spawned client processes (which import it by name) need it.
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+RESULTS = HERE / "results"
 KINDS = {  # kind: (share of requests, prompt tokens range, output tokens range)
     "chat": (0.6, (24, 80), (16, 48)),
     "document": (0.2, (400, 800), (16, 32)),
     "generation": (0.2, (24, 64), (128, 192)),
 }
+STEADY = ("chat", "generation")  # the overhead comparison's mix: no long prefills stalling decode
 SYSTEM_PROMPT_TOKENS = 32  # chat requests start with this shared prefix, as a chat template's system prompt
+STREAMS_PER_CLIENT_PROC = 64  # --client-procs auto: one client process per this many closed-loop clients
+
+# Issue 15's bounds on the serving path against the in-process engine, on the same workload.
+ITL_P90_FACTOR, ITL_P90_SLACK_MS = 1.1, 1.0
+TTFT_P50_SLACK_MS = 5.0
+TOK_S_FLOOR = 0.95
+
+# Counters a replica's GET /metrics exports (the frontend's CPU, the engine core's steps), and
+# the AsyncEngine.stats fields that hold the same for the in-process engine.
+SERVER_COUNTERS = {
+    "frontend_cpu_s": "fuserve_frontend_cpu_seconds_total",
+    "engine_steps": "fuserve_engine_steps_total",
+    "engine_step_s": "fuserve_engine_step_seconds_total",
+    "engine_core_cpu_s": "fuserve_engine_core_cpu_seconds_total",  # optional: NaN where not exported
+}
+ENGINE_STATS_FIELDS = {"engine_steps": "num_steps", "engine_step_s": "step_seconds_total"}
 
 
 @dataclass
@@ -53,7 +90,7 @@ class RequestSpec:
     kind: str
     prompt_ids: list[int]
     max_tokens: int
-    arrival_s: float  # offset from the start of the run
+    arrival_s: float  # offset from the start of the run (open loop; closed-loop clients ignore it)
 
 
 @dataclass
@@ -66,6 +103,34 @@ class RequestResult:
     e2e_s: float = math.nan
     replica: str = ""
     error: str = ""
+
+
+@dataclass
+class Level:
+    """One load level: open loop (each request sent at its `arrival_s`) when `concurrency` is None,
+    else closed loop: `concurrency` clients send `num_requests` requests (or keep sending for
+    `duration_s` seconds, cycling through `specs`), each client its next when its last one ends."""
+
+    specs: list[RequestSpec]
+    rate: float | None = None
+    concurrency: int | None = None
+    num_requests: int | None = None
+    duration_s: float | None = None
+
+    def tags(self) -> dict[str, Any]:
+        """What a row says about its load: `rate` for open loop, `concurrency` for closed loop."""
+        if self.concurrency is None:
+            return {"rate": self.rate}
+        tags: dict[str, Any] = {"concurrency": self.concurrency}
+        if self.duration_s is not None:
+            tags["duration_s"] = self.duration_s
+        return tags
+
+    def tickets(self, counter: Any = None) -> Tickets:
+        """A closed loop's request numbers; the duration counts from this call."""
+        deadline = time.perf_counter() + self.duration_s if self.duration_s is not None else None
+        limit = self.num_requests if self.num_requests is not None else len(self.specs)
+        return Tickets(None if self.duration_s is not None else limit, deadline, counter)
 
 
 # ---- workload ---------------------------------------------------------------------------------------
@@ -98,9 +163,101 @@ def make_workload(
     return specs
 
 
-# ---- clients ----------------------------------------------------------------------------------------
-async def _http_one(client: httpx.AsyncClient, model: str, spec: RequestSpec, t0: float) -> RequestResult:
-    await asyncio.sleep(max(0.0, t0 + spec.arrival_s - time.perf_counter()))
+def closed_loop_levels(
+    concurrencies: list[int],
+    make: Callable[[int, int], list[RequestSpec]],
+    seed: int,
+    num_requests: int,
+    requests_per_client: int | None = None,
+    duration_s: float | None = None,
+) -> list[Level]:
+    """One closed-loop level per concurrency. `make(num, seed)` draws the workload; each level gets
+    its own seed, so a level does not find the previous level's prompts in the prefix cache, and the
+    same level gets the same requests on every side of a comparison. A timed level draws enough
+    requests (32 per client) that cycling through them rarely repeats a prompt."""
+    levels = []
+    for n in concurrencies:
+        count = requests_per_client * n if requests_per_client else num_requests
+        if duration_s is not None:
+            count = max(num_requests, 32 * n)
+        elif count < n:
+            print(f"  note: {count} requests at concurrency {n}: only {count} clients will ever be busy")
+        levels.append(Level(make(count, seed * 100_003 + n), concurrency=n, duration_s=duration_s))
+    return levels
+
+
+# ---- closed-loop scheduling -------------------------------------------------------------------------
+class Tickets:
+    """Hands closed-loop clients their request numbers 0, 1, 2, ... until `limit` are out or
+    `deadline_s` (a perf_counter time) has passed. With a multiprocessing Value as `counter`, client
+    processes draw from one sequence, so the requests sent do not depend on how clients are spread
+    over processes."""
+
+    def __init__(self, limit: int | None, deadline_s: float | None = None, counter: Any = None) -> None:
+        self.limit, self.deadline_s, self.counter = limit, deadline_s, counter
+        self._next = 0
+
+    def take(self) -> int | None:
+        if self.deadline_s is not None and time.perf_counter() >= self.deadline_s:
+            return None
+        if self.counter is None:
+            i, self._next = self._next, self._next + 1
+        else:
+            with self.counter.get_lock():
+                i = self.counter.value
+                self.counter.value = i + 1
+        return i if self.limit is None or i < self.limit else None
+
+
+async def closed_loop(
+    send: Callable[[int, RequestSpec], Awaitable[RequestResult]],
+    specs: list[RequestSpec],
+    concurrency: int,
+    tickets: Tickets,
+) -> list[RequestResult]:
+    """`concurrency` clients; each sends request number i (`specs[i % len(specs)]`) and takes the
+    next number only when that request has ended, so exactly `concurrency` requests are in flight
+    until the tickets run out. Results come in the order requests ended."""
+    results: list[RequestResult] = []
+
+    async def client() -> None:
+        while (i := tickets.take()) is not None:
+            results.append(await send(i, specs[i % len(specs)]))
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return results
+
+
+def split_clients(concurrency: int, procs: int) -> list[int]:
+    """Closed-loop clients per client process, as even as can be, no process without a client."""
+    procs = max(1, min(procs, concurrency))
+    return [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+
+
+def auto_client_procs(concurrency: int, cpus: int | None = None) -> int:
+    """One client process per 64 streams, at most a quarter of the CPUs: one Python process parses
+    about 30k SSE events/s with aiohttp on a fast core, and 256 streams send up to ~20k/s, so a single
+    client would add its own queueing to the ITL it measures. The rest of the CPUs stay with the
+    server (proxy, frontend, engine core)."""
+    cpus = cpus or os.cpu_count() or 1
+    return max(1, min(math.ceil(concurrency / STREAMS_PER_CLIENT_PROC), cpus // 4))
+
+
+# ---- HTTP clients -----------------------------------------------------------------------------------
+def _session(connections: int) -> aiohttp.ClientSession:
+    """aiohttp, not httpx: at one SSE event per engine step per stream the client parses thousands of
+    events a second, and httpx costs ~3x aiohttp's CPU per event (measured ~100 vs ~30 us on a
+    2-core box), which shows up as inter-token latency that the server did not cause."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=600)
+    return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=connections + 8))
+
+
+async def _model_name(session: aiohttp.ClientSession, url: str) -> str:
+    async with session.get(f"{url}/v1/models") as r:
+        return (await r.json())["data"][0]["id"]
+
+
+async def _http_one(session: aiohttp.ClientSession, url: str, model: str, spec: RequestSpec) -> RequestResult:
     body = {
         "model": model,
         "prompt": spec.prompt_ids,
@@ -114,13 +271,13 @@ async def _http_one(client: httpx.AsyncClient, model: str, spec: RequestSpec, t0
     start = time.perf_counter()
     last = None
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                res.error = f"{r.status_code}: {(await r.aread())[:200]!r}"
+        async with session.post(f"{url}/v1/completions", json=body) as r:
+            if r.status != 200:
+                res.error = f"{r.status}: {(await r.read())[:200]!r}"
                 return res
             res.replica = r.headers.get("x-fuserve-replica", "")
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
+            async for line in r.content:
+                if not line.startswith(b"data: {"):
                     continue
                 now = time.perf_counter()
                 event = json.loads(line[6:])
@@ -139,40 +296,203 @@ async def _http_one(client: httpx.AsyncClient, model: str, spec: RequestSpec, t0
     return res
 
 
-async def run_http(url: str, specs: list[RequestSpec]) -> tuple[list[RequestResult], float]:
-    limits = httpx.Limits(max_connections=len(specs) + 8, max_keepalive_connections=len(specs) + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as client:
-        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+async def run_http(url: str, level: Level) -> tuple[list[RequestResult], float]:
+    """One level from this process's event loop: open loop (each request at its arrival time) or
+    closed loop."""
+    clients = level.concurrency or len(level.specs)
+    async with _session(clients) as session:
+        model = await _model_name(session, url)
+        send = lambda i, spec: _http_one(session, url, model, spec)
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(_http_one(client, model, s, t0) for s in specs))
-        return list(results), time.perf_counter() - t0
+        if level.concurrency is not None:
+            results = await closed_loop(send, level.specs, level.concurrency, level.tickets())
+        else:
+
+            async def at_arrival(i: int, spec: RequestSpec) -> RequestResult:
+                await asyncio.sleep(max(0.0, t0 + spec.arrival_s - time.perf_counter()))
+                return await send(i, spec)
+
+            results = list(await asyncio.gather(*(at_arrival(i, s) for i, s in enumerate(level.specs))))
+        return results, time.perf_counter() - t0
 
 
-async def run_engine(engine: Any, specs: list[RequestSpec]) -> tuple[list[RequestResult], float]:
+def _client_process(
+    url: str,
+    spec_dicts: list[dict],
+    clients: int,
+    level_kw: dict[str, Any],
+    counter: Any,
+    ready: Any,
+    out: Any,
+) -> None:
+    """One client process of a closed-loop level (spawned): waits at `ready` with its session open,
+    runs its share of the clients drawing from the shared `counter`, and puts back its results as
+    plain dicts (a spawned script's classes live in `__mp_main__`, which the parent cannot unpickle)
+    with its start/end times and CPU seconds."""
+    level = Level([RequestSpec(**d) for d in spec_dicts], concurrency=clients, **level_kw)
+
+    async def go() -> tuple[list[RequestResult], float, float, float]:
+        async with _session(clients) as session:
+            model = await _model_name(session, url)
+            ready.wait(timeout=600)  # the parent's wait; the timeout only frees an orphan
+            send = lambda i, spec: _http_one(session, url, model, spec)
+            c0, t0 = time.process_time(), time.perf_counter()
+            results = await closed_loop(send, level.specs, clients, level.tickets(counter))
+            return results, t0, time.perf_counter(), time.process_time() - c0
+
+    try:
+        results, t0, t1, cpu = asyncio.run(go())
+        out.put(([asdict(r) for r in results], t0, t1, cpu))
+    except BaseException as err:
+        out.put(f"{type(err).__name__}: {err}")
+        ready.abort()  # the parent stops waiting for this process now, not at its timeout
+        raise
+
+
+def http_level(url: str, level: Level, procs: int = 1) -> tuple[list[RequestResult], float, float]:
+    """Runs one level; returns (results, wall seconds, the busiest client process's CPU share).
+    A closed loop with `procs` > 1 spreads its clients over spawned processes that share one ticket
+    counter; perf_counter is the system's monotonic clock, so their start and end times compare."""
+    if level.concurrency is None or procs <= 1:
+        c0 = time.process_time()
+        results, wall = asyncio.run(run_http(url, level))
+        return results, wall, (time.process_time() - c0) / wall if wall > 0 else math.nan
+    ctx = mp.get_context("spawn")  # never fork a process that runs Ray's threads
+    shares = split_clients(level.concurrency, procs)
+    counter, ready, out = ctx.Value("q", 0), ctx.Barrier(len(shares) + 1), ctx.Queue()
+    kw = {"num_requests": level.num_requests or len(level.specs), "duration_s": level.duration_s}
+    specs = [asdict(s) for s in level.specs]
+    workers = [
+        ctx.Process(target=_client_process, args=(url, specs, n, kw, counter, ready, out), daemon=True)
+        for n in shares
+    ]
+    for w in workers:
+        w.start()
+    got: list[Any] = []
+    try:
+        try:
+            ready.wait(timeout=120)
+        except threading.BrokenBarrierError:
+            try:
+                why = out.get(timeout=5)
+            except queue.Empty:
+                why = "no word from it"
+            raise RuntimeError(f"a client process failed to start: {why}") from None
+        while len(got) < len(workers):
+            try:
+                got.append(out.get(timeout=1.0))
+            except queue.Empty:
+                dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                if dead and out.empty():
+                    raise RuntimeError(f"a client process died (exit codes {dead})") from None
+        failed = [g for g in got if isinstance(g, str)]
+        if failed:
+            raise RuntimeError(f"a client process failed: {failed[0]}")
+    finally:
+        for w in workers:
+            w.join(timeout=10)
+            if w.is_alive():
+                w.terminate()
+    results = [RequestResult(**d) for dicts, *_ in got for d in dicts]
+    wall = max(g[2] for g in got) - min(g[1] for g in got)
+    return results, wall, max(g[3] for g in got) / wall if wall > 0 else math.nan
+
+
+# ---- the in-process engine --------------------------------------------------------------------------
+async def run_engine(engine: Any, level: Level, tag: str = "bench") -> tuple[list[RequestResult], float]:
     """The same requests straight into an AsyncEngine in this process: the floor for HTTP."""
     from fuserve.sampling_params import SamplingParams
 
-    async def one(i: int, spec: RequestSpec, t0: float) -> RequestResult:
-        await asyncio.sleep(max(0.0, t0 + spec.arrival_s - time.perf_counter()))
+    async def one(i: int, spec: RequestSpec) -> RequestResult:
         params = SamplingParams(max_tokens=spec.max_tokens, temperature=0.0, ignore_eos=True)
         res = RequestResult(spec.kind, ok=False)
         start, last = time.perf_counter(), None
-        async for out in engine.generate(spec.prompt_ids, params, f"bench-{i}"):
-            now = time.perf_counter()
-            if out.delta_token_ids:  # one per engine step, as the SSE stream has
-                if last is None:
-                    res.ttft_s = now - start
-                else:
-                    res.itl_s.append(now - last)
-                last = now
-            res.output_tokens = len(out.token_ids)
-        res.e2e_s = time.perf_counter() - start
-        res.ok = res.output_tokens == spec.max_tokens
+        try:
+            async for out in engine.generate(spec.prompt_ids, params, f"{tag}-{i}"):
+                now = time.perf_counter()
+                if out.delta_token_ids:  # one per engine step, as the SSE stream has
+                    if last is None:
+                        res.ttft_s = now - start
+                    else:
+                        res.itl_s.append(now - last)
+                    last = now
+                res.output_tokens = len(out.token_ids)
+            res.e2e_s = time.perf_counter() - start
+            res.ok = res.output_tokens == spec.max_tokens
+        except Exception as err:  # as over HTTP: count it, go on
+            res.error = f"{type(err).__name__}: {err}"
         return res
 
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(one(i, s, t0) for i, s in enumerate(specs)))
-    return list(results), time.perf_counter() - t0
+    if level.concurrency is not None:
+        results = await closed_loop(one, level.specs, level.concurrency, level.tickets())
+    else:
+
+        async def at_arrival(i: int, spec: RequestSpec) -> RequestResult:
+            await asyncio.sleep(max(0.0, t0 + spec.arrival_s - time.perf_counter()))
+            return await one(i, spec)
+
+        results = list(await asyncio.gather(*(at_arrival(i, s) for i, s in enumerate(level.specs))))
+    return results, time.perf_counter() - t0
+
+
+# ---- server-side figures: frontend CPU and engine step time -----------------------------------------
+def parse_counters(text: str) -> dict[str, float]:
+    """SERVER_COUNTERS' values in a Prometheus text exposition, each summed over its label sets (a
+    `replica` label per replica). A counter the server does not export, or text that does not parse,
+    gives NaN: the benchmark runs against servers that predate these counters."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    by_sample = {name: key for key, name in SERVER_COUNTERS.items()}
+    sums = dict.fromkeys(SERVER_COUNTERS, math.nan)
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = by_sample.get(sample.name)
+                if key is not None:
+                    sums[key] = (0.0 if math.isnan(sums[key]) else sums[key]) + float(sample.value)
+    except Exception:  # a malformed page says nothing reliable about any counter
+        return dict.fromkeys(SERVER_COUNTERS, math.nan)
+    return sums
+
+
+def scrape_counters(url: str) -> dict[str, float]:
+    """The served app's counters from GET {url}/metrics. With several replicas behind one URL the
+    answer comes from whichever replica the proxy picks, so these figures mean something for one
+    replica (as the overhead comparison serves)."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+            return parse_counters(r.read().decode())
+    except Exception:
+        return dict.fromkeys(SERVER_COUNTERS, math.nan)
+
+
+def engine_counters(stats: Any) -> dict[str, float]:
+    """The in-process engine's step counters from `AsyncEngine.stats`; the engine has no frontend
+    process, and an EngineStats without the step fields gives NaN."""
+    values = dict.fromkeys(SERVER_COUNTERS, math.nan)
+    for key, name in ENGINE_STATS_FIELDS.items():
+        values[key] = float(getattr(stats, name, math.nan))
+    return values
+
+
+def level_figures(
+    before: dict[str, float], after: dict[str, float], output_tokens: int, wall_s: float
+) -> dict[str, float]:
+    """What one level cost the server: the frontend's CPU ms per output token and its share of a
+    core (near 1.0, the frontend's one GIL is the ceiling), the engine's mean step time, and the
+    engine core process's share of a core."""
+    cpu_s = after["frontend_cpu_s"] - before["frontend_cpu_s"]
+    core_s = after["engine_core_cpu_s"] - before["engine_core_cpu_s"]
+    steps = after["engine_steps"] - before["engine_steps"]
+    step_s = after["engine_step_s"] - before["engine_step_s"]
+    return {
+        "frontend_cpu_ms_per_token": cpu_s * 1e3 / output_tokens if output_tokens > 0 else math.nan,
+        "frontend_cpu_util": cpu_s / wall_s if wall_s > 0 else math.nan,
+        "engine_steps": steps,
+        "engine_step_ms": step_s * 1e3 / steps if steps > 0 else math.nan,
+        "engine_core_cpu_util": core_s / wall_s if wall_s > 0 else math.nan,
+    }
 
 
 # ---- figures ----------------------------------------------------------------------------------------
@@ -198,6 +518,7 @@ def summarize(
         "num_failed": len(results) - len(ok),
         "wall_s": wall_s,
         "req_s": len(ok) / wall_s if wall_s > 0 else 0.0,
+        "output_tokens": out_tokens,
         "output_tok_s": tok_s,
         "usd_per_m_output_tokens": device_hour_usd * devices / 3600 / tok_s * 1e6 if tok_s else math.nan,
     }
@@ -208,6 +529,48 @@ def summarize(
     if errors:
         row["errors"] = errors[:5]
     return row
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(b) else math.nan
+
+
+def check_bounds(http: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any]:
+    """Issue 15's bounds for one level, HTTP against the in-process engine on the same requests, as
+    flat fields for the HTTP row: each limit, whether it held, and HTTP/engine ratios. A NaN figure
+    fails its bound, and so does a failed request on either side (the figures then cover different
+    work)."""
+    out: dict[str, Any] = {
+        "itl_ms_p90_limit": ITL_P90_FACTOR * engine["itl_ms_p90"] + ITL_P90_SLACK_MS,
+        "ttft_ms_p50_limit": engine["ttft_ms_p50"] + TTFT_P50_SLACK_MS,
+        "output_tok_s_limit": TOK_S_FLOOR * engine["output_tok_s"],
+    }
+    out["itl_p90_ok"] = bool(http["itl_ms_p90"] <= out["itl_ms_p90_limit"])
+    out["ttft_p50_ok"] = bool(http["ttft_ms_p50"] <= out["ttft_ms_p50_limit"])
+    out["output_tok_s_ok"] = bool(http["output_tok_s"] >= out["output_tok_s_limit"])
+    keys = ("itl_ms_p50", "itl_ms_p90", "itl_ms_p99", "ttft_ms_p50", "ttft_ms_p99", "output_tok_s")
+    for k in (*keys, "engine_step_ms"):
+        out[f"{k}_vs_engine"] = _ratio(http.get(k, math.nan), engine.get(k, math.nan))
+    no_failures = http.get("num_failed", 0) == 0 and engine.get("num_failed", 0) == 0
+    out["bounds_ok"] = out["itl_p90_ok"] and out["ttft_p50_ok"] and out["output_tok_s_ok"] and no_failures
+    return out
+
+
+def _load_key(row: dict[str, Any]) -> tuple[str, Any]:
+    """Which load a row measured: ("concurrency", N) or ("rate", r)."""
+    if row.get("concurrency") is not None:
+        return ("concurrency", float(row["concurrency"]))
+    return ("rate", row.get("rate"))
+
+
+def overhead_pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(HTTP row, engine row) of the overhead comparison at each load both sides ran."""
+    engine = {_load_key(r): r for r in rows if r.get("comparison") == "overhead" and r["path"] == "engine"}
+    return [
+        (r, engine[_load_key(r)])
+        for r in rows
+        if r.get("comparison") == "overhead" and r["path"] == "http" and _load_key(r) in engine
+    ]
 
 
 # ---- the comparisons --------------------------------------------------------------------------------
@@ -232,9 +595,9 @@ def compare_routers(
         cfg.serve.num_replicas, cfg.serve.router = 2, router
         url = _serve_app(cfg, f"bench_{router}", port)
         first = next(iter(workloads.values()))
-        asyncio.run(run_http(url, first[: min(4, len(first))]))  # warm-up: first-call costs
+        http_level(url, Level(first[: min(4, len(first))], rate=math.inf))  # warm-up: first-call costs
         for rate, specs in workloads.items():
-            results, wall = asyncio.run(run_http(url, specs))
+            results, wall, _ = http_level(url, Level(specs, rate=rate))
             row = {"comparison": "router", "router": router, "path": "http", "replicas": 2, "rate": rate}
             row.update(summarize(results, wall, 2, args.device_hour_usd))
             placed: dict[str, dict[str, int]] = {}
@@ -251,9 +614,40 @@ def compare_routers(
     return rows
 
 
+def _describe(row: dict[str, Any]) -> str:
+    load = f"concurrency {row['concurrency']}" if "concurrency" in row else f"{row['rate']} req/s"
+    return (
+        f"  {row['path']:6s} at {load}: {row['output_tok_s']:.1f} tok/s, ITL p90 {row['itl_ms_p90']:.2f} ms, "
+        f"TTFT p50 {row['ttft_ms_p50']:.1f} ms, step {row['engine_step_ms']:.2f} ms, "
+        f"{row['num_failed']} failed"
+    )
+
+
+def http_levels(
+    url: str, levels: list[Level], args: argparse.Namespace, base: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Every level against one served URL, with the replica's counters read around each level."""
+    rows = []
+    for level in levels:
+        procs = 1
+        if level.concurrency is not None:
+            procs = args.client_procs or auto_client_procs(level.concurrency)
+        before = scrape_counters(url)
+        results, wall, client_util = http_level(url, level, procs)
+        after = scrape_counters(url)
+        row = {**base, **level.tags(), **summarize(results, wall, 1, args.device_hour_usd)}
+        row.update(level_figures(before, after, row["output_tokens"], wall))
+        row.update(client_procs=procs, client_cpu_util=client_util)
+        rows.append(row)
+        print(_describe(row))
+    return rows
+
+
 def compare_overhead(
-    config: Any, specs: list[RequestSpec], port: int, args: argparse.Namespace
+    config: Any, levels: list[Level], warmup: Level, port: int, args: argparse.Namespace
 ) -> list[dict]:
+    """Every level through HTTP on one fresh replica, then (after the app is deleted, freeing the
+    device memory) every level into one in-process AsyncEngine: each side starts once."""
     import torch
     from ray import serve
 
@@ -262,29 +656,36 @@ def compare_overhead(
     cfg = config.model_copy(deep=True)
     cfg.serve.num_replicas = 1
     url = _serve_app(cfg, "bench_overhead", port)
-    asyncio.run(run_http(url, specs[: min(4, len(specs))]))
-    http_results, http_wall = asyncio.run(run_http(url, specs))
-    serve.delete("bench_overhead")
-    rows = [{"comparison": "overhead", "path": "http", "replicas": 1, "rate": args.overhead_rate}]
-    rows[0].update(summarize(http_results, http_wall, 1, args.device_hour_usd))
-    print(f"  http done: ITL p90 {rows[0]['itl_ms_p90']:.2f} ms")
+    try:
+        http_level(url, warmup, args.client_procs or 1)
+        rows = http_levels(url, levels, args, {"comparison": "overhead", "path": "http", "replicas": 1})
+    finally:
+        serve.delete("bench_overhead")
 
     # The replica ran with one torch thread per CPU it was given; the in-process engine does too.
     torch.set_num_threads(max(1, int(cfg.serve.num_cpus_per_replica)))
     engine = AsyncEngine(cfg)
 
-    async def both() -> tuple[list[RequestResult], float]:
-        await run_engine(engine, specs[: min(4, len(specs))])
-        return await run_engine(engine, specs)
+    async def all_levels() -> list[tuple[list[RequestResult], float, dict[str, float], dict[str, float]]]:
+        await run_engine(engine, warmup, "warmup")
+        done = []
+        for i, level in enumerate(levels):
+            before = engine_counters(engine.stats)
+            results, wall = await run_engine(engine, level, f"level{i}")
+            done.append((results, wall, before, engine_counters(engine.stats)))
+            print(f"  engine level {i + 1}/{len(levels)} done")
+        return done
 
     try:
-        eng_results, eng_wall = asyncio.run(both())
+        measured = asyncio.run(all_levels())
     finally:
         engine.shutdown()
-    row = {"comparison": "overhead", "path": "engine", "replicas": 1, "rate": args.overhead_rate}
-    row.update(summarize(eng_results, eng_wall, 1, args.device_hour_usd))
-    rows.append(row)
-    print(f"  engine done: ITL p90 {row['itl_ms_p90']:.2f} ms")
+    for level, (results, wall, before, after) in zip(levels, measured, strict=True):
+        row = {"comparison": "overhead", "path": "engine", "replicas": 1, **level.tags()}
+        row.update(summarize(results, wall, 1, args.device_hour_usd))
+        row.update(level_figures(before, after, row["output_tokens"], wall))
+        rows.append(row)
+        print(_describe(row))
     return rows
 
 
@@ -295,45 +696,152 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+TABLE_COLUMNS = [
+    "comparison", "router", "path", "rate", "concurrency", "req_s", "output_tok_s",
+    "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p90", "itl_ms_p99",
+    "engine_step_ms", "frontend_cpu_ms_per_token", "num_failed",
+]  # fmt: skip
+
+
+def _fmt(value: Any, width: int) -> str:
+    return (
+        f"{value:{width}.2f}" if isinstance(value, float) else f"{'' if value is None else value!s:>{width}s}"
+    )
+
+
+def bounds_line(http: dict[str, Any], engine: dict[str, Any]) -> str:
+    """One level of the serving-path comparison in words, with issue 15's verdict."""
+    b = check_bounds(http, engine)
+    load = f"concurrency {http['concurrency']}" if "concurrency" in http else f"{http['rate']} req/s"
+    ok = lambda flag: "ok" if flag else "OVER"
+    itl = "/".join(f"{http[f'itl_ms_p{q}']:.2f}" for q in (50, 90, 99))
+    itl_e = "/".join(f"{engine[f'itl_ms_p{q}']:.2f}" for q in (50, 90, 99))
+    return (
+        f"{load}: {'PASS' if b['bounds_ok'] else 'FAIL'}\n"
+        f"    ITL p50/p90/p99 {itl} vs {itl_e} ms (p90 {b['itl_ms_p90_vs_engine']:.2f}x, "
+        f"limit {b['itl_ms_p90_limit']:.2f}: {ok(b['itl_p90_ok'])})\n"
+        f"    TTFT p50/p99 {http['ttft_ms_p50']:.1f}/{http['ttft_ms_p99']:.1f} vs "
+        f"{engine['ttft_ms_p50']:.1f}/{engine['ttft_ms_p99']:.1f} ms "
+        f"(p50 limit {b['ttft_ms_p50_limit']:.1f}: {ok(b['ttft_p50_ok'])})\n"
+        f"    output {http['output_tok_s']:.1f} vs {engine['output_tok_s']:.1f} tok/s "
+        f"({b['output_tok_s_vs_engine']:.2f}x, floor {TOK_S_FLOOR}x: {ok(b['output_tok_s_ok'])}); "
+        f"failed {http['num_failed']} + {engine['num_failed']}\n"
+        f"    engine step {http.get('engine_step_ms', math.nan):.2f} ms under HTTP vs "
+        f"{engine.get('engine_step_ms', math.nan):.2f} ms in-process ({b['engine_step_ms_vs_engine']:.2f}x); "
+        f"frontend CPU {http.get('frontend_cpu_ms_per_token', math.nan):.3f} ms/token "
+        f"({http.get('frontend_cpu_util', math.nan):.2f} of a core); engine core "
+        f"{http.get('engine_core_cpu_util', math.nan):.2f} of a core; busiest client process "
+        f"{http.get('client_cpu_util', math.nan):.2f} of a core"
+    )
+
+
 def print_table(rows: list[dict]) -> None:
-    cols = [
-        "comparison",
-        "router",
-        "path",
-        "rate",
-        "req_s",
-        "output_tok_s",
-        "ttft_ms_p50",
-        "ttft_ms_p90",
-        "ttft_ms_p99",
-    ]
-    cols += ["itl_ms_p50", "itl_ms_p90", "itl_ms_p99", "num_failed"]
-    print(" ".join(f"{c:>13s}" for c in cols))
+    cols = [c for c in TABLE_COLUMNS if any(c in r for r in rows)]
+    widths = [max(9, len(c)) for c in cols]
+    print(" ".join(f"{c:>{w}s}" for c, w in zip(cols, widths, strict=True)))
     for r in rows:
-        cells = [r.get(c, "") for c in cols]
-        print(" ".join(f"{c:13.2f}" if isinstance(c, float) else f"{c!s:>13s}" for c in cells))
+        print(" ".join(_fmt(r.get(c), w) for c, w in zip(cols, widths, strict=True)))
     by = {(r["comparison"], r.get("router", r.get("path")), r.get("rate")): r for r in rows}
     for rate in sorted({r["rate"] for r in rows if r["comparison"] == "router"}):
         la, p2 = by[("router", "length_aware", rate)], by[("router", "pow2", rate)]
         ttft, tput = (la["ttft_ms_p99"], p2["ttft_ms_p99"]), (la["output_tok_s"], p2["output_tok_s"])
         print(
             f"length-aware vs pow2 at {rate} req/s: TTFT p99 {ttft[0]:.0f} vs {ttft[1]:.0f} ms "
-            f"({ttft[1] / ttft[0]:.2f}x), throughput {tput[0]:.1f} vs {tput[1]:.1f} tok/s "
-            f"({tput[0] / tput[1]:.2f}x)"
+            f"({_ratio(ttft[1], ttft[0]):.2f}x), throughput {tput[0]:.1f} vs {tput[1]:.1f} tok/s "
+            f"({_ratio(tput[0], tput[1]):.2f}x)"
         )
-    by = {(r["comparison"], r.get("router", r.get("path"))): r for r in rows}
-    http, eng = by.get(("overhead", "http")), by.get(("overhead", "engine"))
-    if http and eng:
-        bound = eng["itl_ms_p90"] * 1.1 + 1.0
-        verdict = "within" if http["itl_ms_p90"] <= bound else "OVER"
-        print(
-            f"serving path: ITL p90 {http['itl_ms_p90']:.2f} ms through HTTP vs "
-            f"{eng['itl_ms_p90']:.2f} ms in the engine ({verdict} the 10% + 1 ms bound of {bound:.2f} ms); "
-            f"TTFT p50 {http['ttft_ms_p50']:.1f} vs {eng['ttft_ms_p50']:.1f} ms"
+    pairs = overhead_pairs(rows)
+    if pairs:
+        print("serving path (HTTP) vs the in-process engine, issue 15's bounds:")
+        for http, engine in pairs:
+            print("  " + bounds_line(http, engine))
+
+
+@dataclass
+class Panel:
+    """One subplot: grouped bars, one group per category (a rate, a concurrency, a figure's name),
+    one bar per series; `limit` marks issue 15's bound for the HTTP bar of each category."""
+
+    title: str
+    categories: list[str]
+    series: dict[str, list[float]]
+    limit: list[float] | None = None
+
+
+def _finite(values: list[float]) -> bool:
+    return any(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def select_panels(rows: list[dict[str, Any]]) -> list[Panel]:
+    """The panels that have data: router panels only with router rows, the open-loop overhead panel
+    only with open-loop overhead rows, and the closed-loop panels (against concurrency) only for
+    the figures some closed-loop row holds (engine step and frontend CPU need server counters).
+    Series without a finite value are left out, and so is a panel left without series."""
+    panels = []
+    routers = [r for r in rows if r["comparison"] == "router"]
+    if routers:
+        rates = sorted({r["rate"] for r in routers})
+        for key, title in [
+            ("ttft_ms_p99", "2 replicas: TTFT p99 (ms, lower is better)"),
+            ("output_tok_s", "2 replicas: output tokens/s (higher is better)"),
+        ]:
+            series = {}
+            for router in ("length_aware", "pow2"):
+                mine = {r["rate"]: r for r in routers if r["router"] == router}
+                series[router] = [mine[q][key] if q in mine else math.nan for q in rates]
+            panels.append(Panel(title, [f"{q:g} req/s" for q in rates], series))
+    open_loop = [r for r in rows if r["comparison"] == "overhead" and r.get("concurrency") is None]
+    if open_loop:
+        keys = ["ttft_ms_p50", "ttft_ms_p90", "itl_ms_p50", "itl_ms_p90"]
+        several = len({r.get("rate") for r in open_loop}) > 1
+        series = {
+            (f"{r['path']} {r.get('rate'):g} req/s" if several else r["path"]): [
+                r.get(k, math.nan) for k in keys
+            ]
+            for r in open_loop
+        }
+        panels.append(
+            Panel("serving path vs engine (ms)", ["TTFT p50", "TTFT p90", "ITL p50", "ITL p90"], series)
         )
+    closed = [r for r in rows if r.get("concurrency") is not None]
+    if closed:
+        levels = sorted({int(r["concurrency"]) for r in closed})
+        cats = [str(n) for n in levels]
+        by = {(r["path"], int(r["concurrency"])): r for r in closed}
+        engine = [by.get(("engine", n), {}) for n in levels]
+
+        def line(path: str, key: str) -> list[float]:
+            return [by.get((path, n), {}).get(key, math.nan) for n in levels]
+
+        def limits(fn: Callable[[dict[str, Any]], float]) -> list[float] | None:
+            values = [fn(e) if e else math.nan for e in engine]
+            return values if _finite(values) else None
+
+        specs: list[tuple[str, str, Callable[[dict[str, Any]], float] | None]] = [
+            ("itl_ms_p90", "ITL p90 (ms) by concurrency",
+             lambda e: ITL_P90_FACTOR * e["itl_ms_p90"] + ITL_P90_SLACK_MS),
+            ("ttft_ms_p50", "TTFT p50 (ms) by concurrency", lambda e: e["ttft_ms_p50"] + TTFT_P50_SLACK_MS),
+            ("output_tok_s", "output tokens/s by concurrency", lambda e: TOK_S_FLOOR * e["output_tok_s"]),
+            ("itl_ms_p99", "ITL p99 (ms) by concurrency", None),
+            ("ttft_ms_p99", "TTFT p99 (ms) by concurrency", None),
+            ("engine_step_ms", "engine step (ms): under HTTP load vs in-process", None),
+            ("frontend_cpu_ms_per_token", "frontend CPU ms per output token", None),
+        ]  # fmt: skip
+        for key, title, bound in specs:
+            series = {p: line(p, key) for p in ("http", "engine")}
+            series = {p: v for p, v in series.items() if _finite(v)}
+            if series:
+                panels.append(
+                    Panel(title, cats, series, limits(bound) if bound and "http" in series else None)
+                )
+    return panels
 
 
 def plot(rows: list[dict], path: Path) -> bool:
+    """Draws select_panels(rows), three to a row; False when matplotlib is missing or nothing to draw."""
+    panels = select_panels(rows)
+    if not panels:
+        return False
     try:
         import matplotlib
 
@@ -341,44 +849,53 @@ def plot(rows: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    routers = [r for r in rows if r["comparison"] == "router"]
-    overhead = [r for r in rows if r["comparison"] == "overhead"]
-    if routers:
-        rates = sorted({r["rate"] for r in routers})
-        for i, (router, color) in enumerate([("length_aware", "tab:blue"), ("pow2", "tab:gray")]):
-            mine = {r["rate"]: r for r in routers if r["router"] == router}
-            xs = [j + i * 0.4 for j in range(len(rates))]
-            axes[0].bar(xs, [mine[q]["ttft_ms_p99"] for q in rates], 0.4, label=router, color=color)
-            axes[1].bar(xs, [mine[q]["output_tok_s"] for q in rates], 0.4, label=router, color=color)
-        titles = ["TTFT p99 (ms, lower is better)", "output tokens/s (higher is better)"]
-        for ax, title in zip(axes[:2], titles, strict=True):
-            ax.set_xticks([j + 0.2 for j in range(len(rates))], [f"{q:g} req/s" for q in rates])
-            ax.set_title(f"2 replicas: {title}")
-            ax.legend()
-    if overhead:
-        labels = ["TTFT p50", "TTFT p90", "ITL p50", "ITL p90"]
-        keys = ["ttft_ms_p50", "ttft_ms_p90", "itl_ms_p50", "itl_ms_p90"]
-        width = 0.8 / len(overhead)
-        for i, r in enumerate(overhead):
-            xs = [j + i * width for j in range(len(keys))]
-            axes[2].bar(xs, [r[k] for k in keys], width, label=r["path"])
-        axes[2].set_xticks([j + width / 2 for j in range(len(keys))], labels)
-        axes[2].set_title("serving path vs engine (ms)")
-        axes[2].legend()
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.8 * nrows), squeeze=False)
+    colors = {"http": "tab:orange", "engine": "tab:green", "length_aware": "tab:blue", "pow2": "tab:gray"}
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        width = 0.8 / len(panel.series)
+        for i, (label, values) in enumerate(panel.series.items()):
+            xs = [j + i * width for j in range(len(panel.categories))]
+            ax.bar(xs, values, width, label=label, color=colors.get(label))
+        centers = [j + 0.4 - width / 2 for j in range(len(panel.categories))]
+        if panel.limit and "http" in panel.series:  # a line across each HTTP bar at its bound
+            i = list(panel.series).index("http")
+            xs = [j + i * width for j in range(len(panel.categories))]
+            lo, hi = [x - width / 2 for x in xs], [x + width / 2 for x in xs]
+            ax.hlines(panel.limit, lo, hi, colors="black", linewidth=2, label="bound for http", zorder=3)
+        ax.set_xticks(centers, panel.categories)
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.3)  # headroom: the legend sits above the bars
+        ax.legend(fontsize=8, loc="upper left", ncol=3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
     meta = rows[0]
     fig.suptitle(f"fuserve serving, {meta['model']} on {meta['device']}, {meta['date']} ({meta['commit']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
+def _concurrencies(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("concurrency levels are positive integers, e.g. 16,64,128,256")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fuserve bench serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="deployment YAML (default: the embedded SmolLM2 config)")
     p.add_argument("--url", default=None, help="load this running server instead of starting one")
     p.add_argument("--compare", choices=["all", "routers", "overhead", "none"], default="all")
-    p.add_argument("--num-requests", type=int, default=48)
+    p.add_argument(
+        "--num-requests",
+        type=int,
+        default=48,
+        help="open loop: requests per rate; closed loop: requests per concurrency level",
+    )
     p.add_argument(
         "--rate",
         default="1.5,inf",
@@ -390,18 +907,52 @@ def main(argv: list[str] | None = None) -> int:
         "--overhead-rate",
         type=float,
         default=1.0,
-        help="requests/s for the HTTP-vs-engine comparison, which leaves out long documents so that "
-        "inter-token gaps measure the serving path, not prefill stalls",
+        help="requests/s for the open-loop HTTP-vs-engine comparison, which leaves out long documents "
+        "so that inter-token gaps measure the serving path, not prefill stalls",
     )
     p.add_argument("--overhead-requests", type=int, default=None, help="default: half of --num-requests")
+    p.add_argument(
+        "--concurrency",
+        type=_concurrencies,
+        default=None,
+        help="closed-loop levels, e.g. 16,64,128,256: N clients each send their next request when the "
+        "last ends; replaces --overhead-rate in the overhead comparison and --rate with --url (routers "
+        "keep --rate)",
+    )
+    p.add_argument(
+        "--requests-per-client",
+        type=int,
+        default=None,
+        help="closed loop: send this many x N requests at concurrency N (instead of --num-requests)",
+    )
+    p.add_argument(
+        "--duration", type=float, default=None, help="closed loop: run each level this many seconds instead"
+    )
+    p.add_argument(
+        "--client-procs",
+        type=int,
+        default=0,
+        help="closed loop: spread the HTTP clients over this many processes (0: one per 64 clients, "
+        "at most a quarter of the CPUs)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device-hour-usd", type=float, default=2.0, help="price of one device (GPU) for an hour")
     p.add_argument(
+        "--check-bounds",
+        action="store_true",
+        help="exit 3 when a level of the overhead comparison misses issue 15's bounds",
+    )
+    p.add_argument(
         "--out", default=None, help="results JSON (default: benchmarks/results/serve-DATE-DEVICE.json)"
     )
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     import ray
+    from bench_decode import commit
     from ray import serve
 
     from fuserve.configs import load_config
@@ -416,17 +967,27 @@ def main(argv: list[str] | None = None) -> int:
         rate: make_workload(vocab, args.num_requests, rate, args.arrival, args.seed, max_len, args.scale)
         for rate in rates
     }
-    steady = ("chat", "generation")
-    overhead_specs = make_workload(
-        vocab,
-        args.overhead_requests or args.num_requests // 2,
-        args.overhead_rate,
-        "fixed",
-        args.seed,
-        max_len,
-        args.scale,
-        steady,
-    )
+
+    def steady(num: int, seed: int, rate: float = math.inf) -> list[RequestSpec]:
+        return make_workload(vocab, num, rate, "fixed", seed, max_len, args.scale, STEADY)
+
+    if args.concurrency:
+        mix = STEADY if args.compare != "none" or not args.url else tuple(KINDS)
+        closed = closed_loop_levels(
+            args.concurrency,
+            lambda num, seed: make_workload(vocab, num, math.inf, "fixed", seed, max_len, args.scale, mix),
+            args.seed,
+            args.num_requests,
+            args.requests_per_client,
+            args.duration,
+        )
+        top = max(args.concurrency)  # warm-up: each client once, so the largest batch has run before timing
+        warmup = Level(steady(top, args.seed + 7919), concurrency=top)
+        overhead_levels = closed
+    else:
+        num = args.overhead_requests or args.num_requests // 2
+        overhead_levels = [Level(steady(num, args.seed, args.overhead_rate), rate=args.overhead_rate)]
+        warmup = Level(steady(4, args.seed + 7919), rate=math.inf)
     meta = {
         "bench": "serve",
         "engine": "fuserve",
@@ -437,17 +998,21 @@ def main(argv: list[str] | None = None) -> int:
         "arrival": args.arrival,
         "scale": args.scale,
         "workload": {k: v[0] for k, v in KINDS.items()},
+        "client": f"aiohttp {aiohttp.__version__}",
     }
-    print(
-        f"{args.num_requests} requests at {rates} req/s ({args.arrival}), {source.name} on {meta['device']}"
-    )
+    load = f"concurrency {args.concurrency}" if args.concurrency else f"{rates} req/s ({args.arrival})"
+    print(f"{args.num_requests} requests at {load}, {source.name} on {meta['device']}")
 
     rows: list[dict] = []
     if args.url:
-        for rate, specs in workloads.items():
-            results, wall = asyncio.run(run_http(args.url, specs))
-            row = {"comparison": "none", "path": "http", "rate": rate}
-            rows.append({**row, **summarize(results, wall, 1, args.device_hour_usd)})
+        url = args.url.rstrip("/")
+        if args.concurrency:
+            rows += http_levels(url, closed, args, {"comparison": "none", "path": "http"})
+        else:
+            for rate, specs in workloads.items():
+                results, wall, _ = http_level(url, Level(specs, rate=rate))
+                row = {"comparison": "none", "path": "http", "rate": rate}
+                rows.append({**row, **summarize(results, wall, 1, args.device_hour_usd)})
     elif args.compare != "none":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         port = 8000 + random.Random().randrange(1000, 2000)
@@ -457,11 +1022,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare in ("all", "routers"):
                 rows += compare_routers(config, workloads, port, args)
             if args.compare in ("all", "overhead"):
-                rows += compare_overhead(config, overhead_specs, port, args)
+                rows += compare_overhead(config, overhead_levels, warmup, port, args)
         finally:
             serve.shutdown()
             ray.shutdown()
     rows = [{**meta, **r} for r in rows]
+    for http, engine in overhead_pairs(rows):
+        http.update(check_bounds(http, engine))
     print_table(rows)
     out = (
         Path(args.out)
@@ -473,9 +1040,13 @@ def main(argv: list[str] | None = None) -> int:
     drawn = plot(rows, out.with_suffix(".png"))
     print(
         f"wrote {out}"
-        + (f" and {out.with_suffix('.png')}" if drawn else " (no plot: pip install matplotlib)")
+        + (f" and {out.with_suffix('.png')}" if drawn else " (no plot: no rows to draw, or no matplotlib)")
     )
-    return 0 if all(r["num_failed"] == 0 for r in rows) else 1
+    if any(r["num_failed"] for r in rows):
+        return 1
+    if args.check_bounds and not all(h["bounds_ok"] for h, _ in overhead_pairs(rows)):
+        return 3
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,11 +3,22 @@ device time. Tiny shapes on CPU; the numbers are not checked, the rows' shape is
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import importlib.util
 import json
+import math
 import os
+import random
 import subprocess
 import sys
+import threading
+import time
+import types
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -47,3 +58,354 @@ def test_bench_sampler(tmp_path: Path) -> None:
     _run([str(BENCHMARKS / "bench_sampler.py"), *args], tmp_path)
     rows = json.loads(out.read_text())
     assert len(rows) == 12 and all(r["fuserve_ms"] > 0 and r["hf_style_ms"] > 0 for r in rows)
+
+
+# ---- bench_serve ------------------------------------------------------------------------------------
+# Its pure parts (closed-loop scheduling, the /metrics parsing, issue 15's bound check, the plot's
+# panels) and its HTTP client against a stand-in server run here without Ray or a model, in seconds;
+# one slow smoke test runs the whole script on a tiny model (Ray, Serve, the in-process engine).
+
+
+def _load_bench_serve() -> types.ModuleType:
+    """Loaded by path under its own name, exactly as `fuserve bench serve` loads it (the benchmarks
+    folder is not a package)."""
+    if "bench_serve" in sys.modules:
+        return sys.modules["bench_serve"]
+    spec = importlib.util.spec_from_file_location("bench_serve", BENCHMARKS / "bench_serve.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serve"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bs() -> types.ModuleType:
+    return _load_bench_serve()
+
+
+def _specs(bs: types.ModuleType, n: int, max_tokens: int = 4) -> list:
+    return [bs.RequestSpec("chat", [100 + i, 101, 102], max_tokens, 0.0) for i in range(n)]
+
+
+def test_closed_loop_keeps_exactly_n_requests_in_flight(bs: types.ModuleType) -> None:
+    rng = random.Random(0)
+    in_flight, peak, sent = 0, 0, []
+
+    async def send(i: int, spec: object) -> object:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        sent.append(i)
+        await asyncio.sleep(rng.uniform(0, 0.004))  # requests of uneven length end out of order
+        in_flight -= 1
+        return bs.RequestResult("chat", ok=True)
+
+    specs = _specs(bs, 40)
+    results = asyncio.run(bs.closed_loop(send, specs, 8, bs.Tickets(40)))
+    assert len(results) == 40 and sorted(sent) == list(range(40)) and peak == 8
+    # fewer requests than clients: each request once, never more in flight than requests
+    sent.clear()
+    peak = 0
+    asyncio.run(bs.closed_loop(send, specs, 8, bs.Tickets(3)))
+    assert sorted(sent) == [0, 1, 2] and peak == 3
+
+
+def test_closed_loop_sends_next_only_when_last_ends(bs: types.ModuleType) -> None:
+    """One client is a strict sequence: request i+1 starts after request i ended."""
+    events: list[tuple[str, int]] = []
+
+    async def send(i: int, spec: object) -> object:
+        events.append(("start", i))
+        await asyncio.sleep(0)
+        events.append(("end", i))
+        return bs.RequestResult("chat", ok=True)
+
+    asyncio.run(bs.closed_loop(send, _specs(bs, 3), 1, bs.Tickets(3)))
+    assert events == [("start", 0), ("end", 0), ("start", 1), ("end", 1), ("start", 2), ("end", 2)]
+
+
+def test_timed_closed_loop_stops_sending_at_its_deadline_and_cycles_specs(bs: types.ModuleType) -> None:
+    picked: list[int] = []
+
+    async def send(i: int, spec: object) -> object:
+        picked.append(int(spec.prompt_ids[0]) - 100)
+        await asyncio.sleep(0.005)
+        return bs.RequestResult("chat", ok=True)
+
+    level = bs.Level(_specs(bs, 3), concurrency=2, duration_s=0.1)
+    t0 = time.perf_counter()
+    asyncio.run(bs.closed_loop(send, level.specs, 2, level.tickets()))
+    assert time.perf_counter() - t0 < 0.5  # no request starts after the deadline
+    assert len(picked) > 6 and set(picked) == {0, 1, 2}  # more requests than specs: it cycles
+
+
+def test_client_processes_draw_from_one_ticket_sequence(bs: types.ModuleType) -> None:
+    import multiprocessing as mp
+
+    counter = mp.get_context("spawn").Value("q", 0)
+    a, b = bs.Tickets(5, counter=counter), bs.Tickets(5, counter=counter)
+    taken = [a.take(), b.take(), b.take(), a.take(), a.take(), b.take(), a.take()]
+    assert taken == [0, 1, 2, 3, 4, None, None]
+    assert bs.split_clients(256, 4) == [64] * 4 and bs.split_clients(10, 4) == [3, 3, 2, 2]
+    assert bs.split_clients(2, 8) == [1, 1]
+    assert bs.auto_client_procs(16, cpus=16) == 1 and bs.auto_client_procs(256, cpus=16) == 4
+    assert bs.auto_client_procs(256, cpus=2) == 1
+
+
+def test_closed_loop_levels_draw_one_seeded_workload_per_level(bs: types.ModuleType) -> None:
+    make = lambda num, seed: bs.make_workload(1000, num, math.inf, "fixed", seed, 4096, 0.25, bs.STEADY)
+    levels = bs.closed_loop_levels([2, 4], make, seed=0, num_requests=6)
+    assert [(lv.concurrency, len(lv.specs)) for lv in levels] == [(2, 6), (4, 6)]
+    assert levels[0].specs[0].prompt_ids != levels[1].specs[0].prompt_ids  # no prefix hits across levels
+    again = bs.closed_loop_levels([4], make, seed=0, num_requests=6)
+    assert again[0].specs == levels[1].specs  # each side of a comparison gets the same requests
+    assert [len(lv.specs) for lv in bs.closed_loop_levels([2, 4], make, 0, 6, requests_per_client=3)] == [
+        6,
+        12,
+    ]
+    timed = bs.closed_loop_levels([2], make, 0, 6, duration_s=5.0)[0]
+    assert timed.tags() == {"concurrency": 2, "duration_s": 5.0} and timed.tickets().limit is None
+    assert bs.Level(levels[0].specs, rate=2.0).tags() == {"rate": 2.0}
+
+
+METRICS_PAGE = """\
+# HELP fuserve_frontend_cpu_seconds CPU seconds of the replica's frontend process
+# TYPE fuserve_frontend_cpu_seconds counter
+fuserve_frontend_cpu_seconds_total{replica="a"} 1.5
+fuserve_frontend_cpu_seconds_total{replica="b"} 0.5
+fuserve_frontend_cpu_seconds_created{replica="a"} 1.7e9
+# TYPE fuserve_engine_steps_total counter
+fuserve_engine_steps_total{replica="a"} 100
+# TYPE fuserve_engine_step_seconds counter
+fuserve_engine_step_seconds_total{replica="a"} 0.8
+# TYPE fuserve_requests counter
+fuserve_requests_total{endpoint="completions",status="200"} 7
+"""
+
+
+def test_parse_counters_sums_replicas_and_gives_nan_for_what_is_missing(bs: types.ModuleType) -> None:
+    got = bs.parse_counters(METRICS_PAGE)
+    assert got["frontend_cpu_s"] == 2.0 and got["engine_steps"] == 100 and got["engine_step_s"] == 0.8
+    assert math.isnan(got["engine_core_cpu_s"])  # not exported
+    assert all(math.isnan(v) for v in bs.parse_counters("fuserve_requests_total 3\n").values())
+    assert all(math.isnan(v) for v in bs.parse_counters("not {a prometheus page\n").values())
+    # what prometheus_client itself renders for a per-replica counter family (the server's way)
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily
+
+    class One:
+        def collect(self) -> list:
+            c = CounterMetricFamily("fuserve_engine_steps", "steps", labels=["replica"])
+            c.add_metric(["r1"], 42.0)
+            return [c]
+
+    registry = CollectorRegistry()
+    registry.register(One())
+    assert bs.parse_counters(generate_latest(registry).decode())["engine_steps"] == 42.0
+
+
+def test_level_figures_from_counters_and_engine_stats(bs: types.ModuleType) -> None:
+    before = {"frontend_cpu_s": 1.0, "engine_steps": 10, "engine_step_s": 0.1, "engine_core_cpu_s": 2.0}
+    after = {"frontend_cpu_s": 1.5, "engine_steps": 110, "engine_step_s": 0.7, "engine_core_cpu_s": 3.0}
+    fig = bs.level_figures(before, after, output_tokens=1000, wall_s=2.0)
+    assert fig["frontend_cpu_ms_per_token"] == pytest.approx(0.5)
+    assert fig["frontend_cpu_util"] == pytest.approx(0.25) and fig["engine_core_cpu_util"] == pytest.approx(
+        0.5
+    )
+    assert fig["engine_steps"] == 100 and fig["engine_step_ms"] == pytest.approx(6.0)
+    # today's EngineStats (no step fields) and an engine that ran no step: NaN, not a crash
+    old = bs.engine_counters(types.SimpleNamespace(num_running=0))
+    assert all(math.isnan(v) for v in bs.level_figures(old, old, 0, 0.0).values())
+    new = bs.engine_counters(types.SimpleNamespace(num_steps=5, step_seconds_total=0.05))
+    assert new["engine_steps"] == 5 and math.isnan(new["frontend_cpu_s"])
+    assert math.isnan(bs.level_figures(new, new, 10, 1.0)["engine_step_ms"])
+
+
+def _row(path: str, **figures: float) -> dict:
+    row = {"comparison": "overhead", "path": path, "concurrency": 16, "num_failed": 0}
+    row.update(itl_ms_p50=9.0, itl_ms_p90=10.0, itl_ms_p99=12.0)
+    row.update(ttft_ms_p50=20.0, ttft_ms_p90=30.0, ttft_ms_p99=40.0)
+    row.update(output_tok_s=1000.0, engine_step_ms=8.0)
+    return {**row, **figures}
+
+
+def test_check_bounds_is_issue_15s(bs: types.ModuleType) -> None:
+    engine = _row("engine")
+    at_limits = bs.check_bounds(_row("http", itl_ms_p90=12.0, ttft_ms_p50=25.0, output_tok_s=950.0), engine)
+    assert at_limits["bounds_ok"] and at_limits["itl_ms_p90_limit"] == pytest.approx(12.0)
+    assert at_limits["output_tok_s_vs_engine"] == pytest.approx(0.95)
+    for over in ({"itl_ms_p90": 12.01}, {"ttft_ms_p50": 25.01}, {"output_tok_s": 949.0}):
+        assert not bs.check_bounds(_row("http", **over), engine)["bounds_ok"], over
+    assert not bs.check_bounds(_row("http", itl_ms_p90=math.nan), engine)["itl_p90_ok"]
+    assert not bs.check_bounds(_row("http", num_failed=1), engine)["bounds_ok"]
+    ratios = bs.check_bounds(_row("http", engine_step_ms=8.8), _row("engine", engine_step_ms=math.nan))
+    assert math.isnan(ratios["engine_step_ms_vs_engine"])
+    pairs = bs.overhead_pairs([_row("http"), engine, _row("http", concurrency=64)])
+    assert len(pairs) == 1 and pairs[0][1] is engine  # a level only one side ran has no pair
+
+
+def test_plot_draws_only_panels_with_data(bs: types.ModuleType) -> None:
+    titles = lambda rows: [p.title for p in bs.select_panels(rows)]
+    open_loop = [{**_row(p), "rate": 1.0} for p in ("http", "engine")]
+    for r in open_loop:
+        del r["concurrency"]
+    assert titles(open_loop) == ["serving path vs engine (ms)"]  # not two empty router panels
+    router = {"comparison": "router", "router": "length_aware", "rate": 1.5, "ttft_ms_p99": 1.0}
+    router.update(output_tok_s=2.0)
+    assert len(titles([router, *open_loop])) == 3
+    closed = [_row(p, concurrency=n) for p in ("http", "engine") for n in (16, 64)]
+    nan = dict(engine_step_ms=math.nan, frontend_cpu_ms_per_token=math.nan)
+    no_counters = bs.select_panels([{**r, **nan} for r in closed])
+    assert [p.title.split(" (")[0] for p in no_counters] == [
+        "ITL p90", "TTFT p50", "output tokens/s by concurrency", "ITL p99", "TTFT p99"
+    ]  # fmt: skip
+    itl = no_counters[0]
+    assert itl.categories == ["16", "64"] and set(itl.series) == {"http", "engine"}
+    assert itl.limit == [pytest.approx(12.0)] * 2
+    with_counters = bs.select_panels([{**r, "frontend_cpu_ms_per_token": 0.1} for r in closed])
+    assert len(with_counters) == 7
+    cpu = with_counters[-1]
+    assert cpu.title.startswith("frontend CPU") and list(cpu.series) == ["http", "engine"]
+    # --url --concurrency: HTTP rows alone, no bound to draw
+    alone = bs.select_panels([{**r, "comparison": "none"} for r in closed if r["path"] == "http"])
+    assert alone and all(set(p.series) == {"http"} and p.limit is None for p in alone)
+    assert bs.select_panels([]) == []
+
+
+def test_plot_writes_a_png(bs: types.ModuleType, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    meta = {"model": "m", "device": "cpu", "date": "2026-11-26", "commit": "x"}
+    rows = [{**meta, **_row(p, concurrency=n)} for p in ("http", "engine") for n in (2, 4)]
+    assert bs.plot(rows, tmp_path / "serve.png") and (tmp_path / "serve.png").stat().st_size > 0
+
+
+class StandInServer:
+    """An OpenAI-shaped SSE server on 127.0.0.1 (aiohttp, in a thread): `max_tokens` events a few ms
+    apart, /v1/models, and a /metrics page whose counters grow with the tokens sent. It records the
+    most requests it had in flight at once."""
+
+    def __init__(self) -> None:
+        self.in_flight = self.peak = self.tokens = 0
+        self.loop = asyncio.new_event_loop()
+        self.started = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.started.wait(10)
+
+    def _run(self) -> None:
+        from aiohttp import web
+
+        async def models(request: web.Request) -> web.Response:
+            return web.json_response({"data": [{"id": "stand-in"}]})
+
+        async def metrics(request: web.Request) -> web.Response:
+            lines = [
+                f'fuserve_frontend_cpu_seconds_total{{replica="x"}} {self.tokens * 1e-4}',
+                f'fuserve_engine_steps_total{{replica="x"}} {self.tokens}',
+                f'fuserve_engine_step_seconds_total{{replica="x"}} {self.tokens * 2e-3}',
+            ]
+            return web.Response(text="\n".join(lines) + "\n")
+
+        async def completions(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await resp.prepare(request)
+            for _ in range(body["max_tokens"]):
+                await asyncio.sleep(0.002)
+                self.tokens += 1
+                event = {"choices": [{"index": 0, "text": "x", "finish_reason": None}]}
+                await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+            usage = {"choices": [], "usage": {"completion_tokens": body["max_tokens"]}}
+            await resp.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+            self.in_flight -= 1
+            return resp
+
+        app = web.Application()
+        app.router.add_get("/v1/models", models)
+        app.router.add_get("/metrics", metrics)
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app)
+        self.loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        self.runner = runner
+        self.started.set()
+        self.loop.run_forever()
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def stand_in() -> Iterator[StandInServer]:
+    server = StandInServer()
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_http_closed_loop_against_a_stand_in_server(
+    bs: types.ModuleType, stand_in: StandInServer, procs: int
+) -> None:
+    """procs 2 spawns client processes that share one ticket counter, as at 256 streams on a GPU box."""
+    stand_in.peak = 0
+    level = bs.Level(_specs(bs, 12, max_tokens=5), concurrency=4)
+    args = argparse.Namespace(client_procs=procs, device_hour_usd=2.0)
+    (row,) = bs.http_levels(stand_in.url, [level], args, {"comparison": "none", "path": "http"})
+    assert row["num_requests"] == 12 and row["num_failed"] == 0 and row["output_tokens"] == 60
+    assert row["concurrency"] == 4 and row["client_procs"] == procs and stand_in.peak == 4
+    assert row["itl_ms_p50"] > 1.0 and row["ttft_ms_p50"] > 1.0 and row["client_cpu_util"] > 0
+    # the stand-in's counters: 0.1 ms of frontend CPU and one 2 ms step per token sent
+    assert row["frontend_cpu_ms_per_token"] == pytest.approx(0.1)
+    assert row["engine_steps"] == 60 and row["engine_step_ms"] == pytest.approx(2.0)
+    assert math.isnan(row["engine_core_cpu_util"])
+
+
+def test_http_open_loop_and_a_server_without_counters(bs: types.ModuleType, stand_in: StandInServer) -> None:
+    results, wall, _ = bs.http_level(stand_in.url, bs.Level(_specs(bs, 3), rate=math.inf))
+    assert len(results) == 3 and all(r.ok and len(r.itl_s) == 3 for r in results) and wall > 0
+    assert all(math.isnan(v) for v in bs.scrape_counters(stand_in.url + "/nowhere").values())
+
+
+def test_fuserve_bench_serve_loads_the_script(tmp_path: Path) -> None:
+    """`fuserve bench serve` loads the file by path (no benchmarks folder on sys.path)."""
+    env = {**os.environ}
+    done = subprocess.run(
+        [sys.executable, "-m", "fuserve.cli", "bench", "serve", "--help"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and "--concurrency" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_bench_serve_overhead_closed_loop_smoke(tmp_path: Path) -> None:
+    """The whole script on a tiny model: served app (HTTP, SSE) then the in-process engine, two
+    closed-loop levels, one row per side and level, the bound check on the HTTP rows."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from checkpoints import make_checkpoint
+
+    folder = make_checkpoint(tmp_path / "tiny", "llama3", max_position_embeddings=512, vocab_size=260)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"model: {{path: {folder}, name: tiny, max_model_len: 512}}\ncache: {{num_blocks: 256}}\n"
+        "serve: {num_replicas: 1, num_cpus_per_replica: 1.0}\n"
+    )
+    out = tmp_path / "serve.json"
+    args = ["--config", str(config), "--compare", "overhead", "--concurrency", "1,2", "--num-requests", "4"]
+    _run([str(BENCHMARKS / "bench_serve.py"), *args, "--scale", "0.25", "--out", str(out)], tmp_path)
+    rows = json.loads(out.read_text())
+    assert [(r["path"], r["concurrency"]) for r in rows] == [
+        ("http", 1),
+        ("http", 2),
+        ("engine", 1),
+        ("engine", 2),
+    ]
+    assert all(r["num_failed"] == 0 and r["num_requests"] == 4 and "rate" not in r for r in rows)
+    assert all(isinstance(r["bounds_ok"], bool) and "itl_ms_p90_limit" in r for r in rows[:2])
+    assert all("frontend_cpu_ms_per_token" in r and "engine_step_ms" in r for r in rows)
