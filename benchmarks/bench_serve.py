@@ -1,9 +1,14 @@
 """Serving benchmark: a load generator, the router comparison, and the serving path's own cost.
 
     python benchmarks/bench_serve.py                    # both comparisons, default model, CPU
+    python benchmarks/bench_serve.py --compare overhead --concurrency 2,4 --num-requests 8 --scale 0.25
     fuserve bench serve --config configs/x.yaml --num-requests 200 --rate 8
-    fuserve bench serve --compare overhead --concurrency 16,64,128,256 --requests-per-client 16
     fuserve bench serve --url http://host:8000 --compare none   # load an already running server
+    fuserve bench serve --url http://host:8000 --concurrency 16,64 --num-requests 256
+
+Issue 15's acceptance run (one GPU, Llama-3-8B shape, random weights; estimated at 5-7 minutes):
+    python benchmarks/bench_serve.py --config configs/llama3-8b-dummy.yaml --compare overhead \
+        --concurrency 16,64,128,256 --requests-per-client 16 --scale 1 --check-bounds
 
 Workload: requests are drawn from a mix of three kinds: short chat turns (sharing a system prompt),
 long documents (long prompt, short answer) and long generations (short prompt, long answer).
@@ -643,6 +648,29 @@ def http_levels(
     return rows
 
 
+def wait_for_device_memory(max_used_fraction: float = 0.05, timeout_s: float = 120.0) -> None:
+    """serve.delete returns once Serve has let the replica go, which can be before its processes (the
+    engine core) have exited and given the GPU memory back. The in-process engine sizes its KV cache
+    from what other processes leave free, so a lingering replica would shrink it (or fail its start)
+    and the comparison would no longer be like for like: wait until the device is nearly empty."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free, total = torch.cuda.mem_get_info()
+        if total - free <= max_used_fraction * total:
+            return
+        if time.monotonic() > deadline:
+            print(
+                f"  warning: {(total - free) / 2**30:.1f} GiB of the device still in use {timeout_s:.0f} s "
+                "after the app was deleted; the in-process engine gets a smaller KV cache"
+            )
+            return
+        time.sleep(1.0)
+
+
 def compare_overhead(
     config: Any, levels: list[Level], warmup: Level, port: int, args: argparse.Namespace
 ) -> list[dict]:
@@ -662,6 +690,7 @@ def compare_overhead(
     finally:
         serve.delete("bench_overhead")
 
+    wait_for_device_memory()
     # The replica ran with one torch thread per CPU it was given; the in-process engine does too.
     torch.set_num_threads(max(1, int(cfg.serve.num_cpus_per_replica)))
     engine = AsyncEngine(cfg)

@@ -387,8 +387,7 @@ def test_fuserve_bench_serve_loads_the_script(tmp_path: Path) -> None:
 def test_bench_serve_overhead_closed_loop_smoke(tmp_path: Path) -> None:
     """The whole script on a tiny model: served app (HTTP, SSE) then the in-process engine, two
     closed-loop levels, one row per side and level, the bound check on the HTTP rows."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from checkpoints import make_checkpoint
+    from checkpoints import make_checkpoint  # imports transformers: only here, not for the fast tests
 
     folder = make_checkpoint(tmp_path / "tiny", "llama3", max_position_embeddings=512, vocab_size=260)
     config = tmp_path / "tiny.yaml"
