@@ -162,6 +162,13 @@ class ServeConfig(_Strict):
     num_replicas: int = Field(default=1, ge=1)
     autoscaling: AutoscalingConfig | None = None
     router: Literal["length_aware", "pow2"] = "length_aware"
+    ingress: Literal["python", "haproxy"] = Field(
+        default="python",
+        description="`python`: Serve's Python proxy (laptops, CI). `haproxy`: Serve's HAProxy forwards "
+        "each request straight to an engine replica, chosen from its body by the length-aware router "
+        "(cluster/ingress_routing.py); needs RAY_SERVE_ENABLE_HA_PROXY=1 and "
+        "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1 on every node.",
+    )
     max_ongoing_requests: int = Field(default=256, ge=1)
     max_queued_requests: int = Field(default=1024, ge=-1)
     num_cpus_per_replica: float = Field(default=1.0, gt=0.0)

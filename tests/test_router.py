@@ -267,3 +267,124 @@ def test_prefixes_reported_by_a_replica_attract_requests(reported: bool) -> None
         return (await router.choose_replicas(replicas, pending(100, "q", keys=keys)))[0][0].name
 
     assert asyncio.run(main()) == (holder_name if reported else by_hash)
+
+
+# ---- without an EngineRequest: Serve's Python proxy, and the HAProxy ingress router's hints --------
+def blind(internal_id: str, args: list | None = None):  # noqa: ANN201
+    """A request as Serve's Python proxy hands it over: its only argument is the pickled ASGI request,
+    so the router sees no prompt and no prefix."""
+    import pickle
+
+    from ray.serve._private.common import RequestMetadata, StreamingHTTPRequest
+    from ray.serve.request_router import PendingRequest
+
+    if args is None:
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+        args = [pickle.dumps(StreamingHTTPRequest(asgi_scope=scope, proxy_actor_name="proxy"))]
+    return PendingRequest(args=args, kwargs={}, metadata=RequestMetadata("rid", internal_id))
+
+
+def hinted(work: int, keys: list[int], internal_id: str):  # noqa: ANN201
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from fuserve.router.routing_policy import RoutingHint
+
+    return PendingRequest(
+        args=[RoutingHint(work, keys)], kwargs={}, metadata=RequestMetadata("h", internal_id)
+    )
+
+
+@pytest.mark.parametrize("args", [None, [], [None], [b"not a pickle"], [{"prompt": "hi"}]])
+def test_behind_the_python_proxy_replicas_are_ranked_by_their_stats(args: list | None) -> None:
+    """Whatever the first argument is (the proxy's ASGI bytes, nothing, junk), every replica is ranked:
+    least outstanding tokens first, the rest as fallbacks when the first is full."""
+    router = make_router()
+    replicas = [
+        FakeReplica("a", {"outstanding_tokens": 900, "timestamp": 10**10}),
+        FakeReplica("b", {"outstanding_tokens": 100, "timestamp": 10**10}),
+        FakeReplica("c", {"outstanding_tokens": 500, "timestamp": 10**10}),
+    ]
+
+    async def main() -> list[list[str]]:
+        ranked = [await router.choose_replicas(replicas, blind("x", args))]
+        ranked.append(await router.choose_replicas(replicas, None))  # no pending request at all
+        return [[rs[0].name for rs in ranks] for ranks in ranked]
+
+    assert asyncio.run(main()) == [["b", "c", "a"], ["b", "c", "a"]]
+
+
+def test_equal_token_loads_go_to_the_shorter_queue() -> None:
+    router = make_router()
+    busy = FakeReplica("a", {"outstanding_tokens": 0, "num_waiting": 3, "timestamp": 10**10})
+    idle = FakeReplica("b", {"outstanding_tokens": 0, "timestamp": 10**10})
+
+    async def main() -> str:
+        return (await router.choose_replicas([busy, idle], blind("q")))[0][0].name
+
+    assert asyncio.run(main()) == "b"
+
+
+def test_a_blind_burst_is_spread_and_released_when_done() -> None:
+    """Before any replica reports, simultaneous blind requests alternate (each counts `blind_tokens`);
+    completed requests stop counting."""
+    router = make_router()
+    a, b = FakeReplica("a"), FakeReplica("b")
+
+    async def main() -> None:
+        burst = [blind(f"req{i}") for i in range(6)]
+        chosen = []
+        for p in burst:
+            target = (await router.choose_replicas([a, b], p))[0][0]
+            router.on_request_routed(p, target.replica_id, None)
+            chosen.append(target.name)
+        assert sorted(chosen) == ["a"] * 3 + ["b"] * 3
+        assert router._load(a) == router._load(b) == 3 * router.blind_tokens
+        for i, name in enumerate(chosen):
+            router.on_request_completed(FakeReplicaID(name), f"req{i}")
+        assert router._load(a) == router._load(b) == 0 and not router._assignments
+
+    asyncio.run(main())
+
+
+def test_a_routing_hint_gets_the_full_policy_and_counts_until_the_replica_reports_it() -> None:
+    """The HAProxy ingress router's picks: prefix affinity applies; nothing confirms or completes a
+    pick, so it counts as load until a report taken after it, and is then dropped."""
+    router = make_router()
+    keys = prefix_keys(list(range(48)), 16)
+    by_hash = rank_replicas([Candidate("a", 0), Candidate("b", 0)], keys, TIE)[0]
+    holder_name = "b" if by_hash == "a" else "a"
+    replicas = {n: FakeReplica(n, {"timestamp": 1.0}) for n in "ab"}
+    replicas[holder_name].routing_stats["prefix_keys"] = keys
+
+    async def main() -> None:
+        pick = await router.choose_replicas(list(replicas.values()), hinted(700, keys, "h1"))
+        holder = pick[0][0]
+        assert holder.name == holder_name and [r[0].name for r in pick][1:] == [by_hash]
+        assert router._load(holder) == 700, "counted at once: a burst must not pile onto one replica"
+        # A second request without a prefix goes beside it.
+        other = (await router.choose_replicas(list(replicas.values()), hinted(100, [], "h2")))[0][0]
+        assert other is not holder
+        # The holder reports, after the pick: its figures now include the request.
+        holder.routing_stats = {"outstanding_tokens": 700, "timestamp": 10**10, "prefix_keys": keys}
+        await router.choose_replicas(list(replicas.values()), hinted(1, [], "h3"))
+        assert router._load(holder) == 700
+        assert all(a.replica_id != holder.name for a in router._assignments.values()), "the pick is dropped"
+
+    asyncio.run(main())
+
+
+def test_blind_picks_that_serve_never_confirms_are_dropped_once_reported() -> None:
+    """HAProxy's router without a body: `choose_replica()` with no arguments, never dispatched here."""
+    router = make_router()
+    a, b = FakeReplica("a", {"timestamp": 1.0}), FakeReplica("b", {"timestamp": 1.0})
+
+    async def main() -> None:
+        picks = [(await router.choose_replicas([a, b], blind(f"p{i}", args=[])))[0][0] for i in range(4)]
+        assert sorted(p.name for p in picks) == ["a", "a", "b", "b"]
+        for r in (a, b):
+            r.routing_stats = {"outstanding_tokens": 512, "num_running": 2, "timestamp": 10**10}
+        await router.choose_replicas([a, b], blind("next", args=[]))
+        assert len(router._assignments) == 1, "only the newest pick is left"
+
+    asyncio.run(main())

