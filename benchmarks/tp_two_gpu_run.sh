@@ -4,7 +4,8 @@
 #                      per-test timeout (a hang dumps every thread's stack and fails that test), then
 #                      bench_tp.py: the all-reduce alone (NCCL vs one-shot vs fused) and the Llama-3-8B
 #                      engines of $ENGINES_8B in order, batch 1 and 64, as many as the time left allows
-#   PART=70b           the Llama-3-70B shape at TP=2 (70.6 GB of weights per GPU: H200s only), batch 1 and
+#   PART=70b           the 8B baseline of the same machine ($ENGINES_8B_BASE: TP=1 and TP=2 one-shot), then
+#                      the Llama-3-70B shape at TP=2 (70.6 GB of weights per GPU: H200s only), batch 1 and
 #                      64, against its floor (weights per GPU / the copy bandwidth measured in the run);
 #                      then the 8B engines of $ENGINES_8B, if any, in the time left
 #   device run: bash benchmarks/tp_two_gpu_run.sh          (kind nvidia-h200-x2, carry [".whl"])
@@ -41,6 +42,8 @@ if [ "$PART" = 8b ]; then
   timeout $(( $(left) > 30 ? $(left) : 30 )) python3 benchmarks/bench_tp.py --engines "$ENGINES" \
     --budget-s $(( $(left) - 15 )) --out "$OUT/tp-8b.json" 2>&1 | tee "$OUT/tp-8b.log" | tail -40
 else
+  timeout $(( $(left) - 30 )) python3 benchmarks/bench_tp.py --engines "${ENGINES_8B_BASE:-tp1,auto}" --skip-collectives \
+    --out "$OUT/tp-8b-base.json" 2>&1 | tee "$OUT/tp-8b-base.log" | tail -8
   timeout $(( $(left) - 30 )) python3 benchmarks/bench_tp.py --model llama3-70b --engines auto --skip-collectives \
     --gpu-memory-utilization 0.9 --engine-timeout-s 400 --out "$OUT/tp-70b.json" 2>&1 | tee "$OUT/tp-70b.log" | tail -12
   if [ -n "${ENGINES_8B:-}" ] && [ "$(left)" -gt 90 ]; then

@@ -34,7 +34,9 @@ LLAMA3_8B_SHAPE: dict[str, Any] = dict(
 # Two bf16 reduction orders (TP=1 vs TP=2) give logits that differ by a few bf16 ulps: at |logit| ~ 10 an
 # ulp is 0.06, so single steps can move a logprob by ~0.1-0.2 while the typical step moves far less. A
 # wrong shard or a wrong sum moves logprobs by whole units and flips tokens chosen by clear margins.
-BF16_LOGPROB_TOL = 0.1  # near-tie margin below which TP=2 may pick the other token
+# A near tie is a top-2 margin that two such moves (one per logit) can close: on two H200s (2026-11-26) a
+# step moved by 0.122 and a 0.125 margin flipped, on NCCL and the one-shot path alike.
+BF16_LOGPROB_TOL = 0.25  # near-tie margin below which TP=2 may pick the other token
 BF16_LOGPROB_MAX = 0.5  # any one step
 BF16_LOGPROB_MEDIAN = 0.05  # the typical step
 
