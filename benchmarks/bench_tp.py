@@ -415,7 +415,9 @@ def run_engine_isolated(timeout_s: float, **kwargs: Any) -> list[dict[str, Any]]
         got = results.get(timeout=timeout_s)
     except queue_module.Empty:
         got = f"no result within {timeout_s:g} s"
-    child.join(timeout=30)
+    # a child that delivered has only Ray's exit left, which can hang: on the two-H100 run of 2026-11-26 a
+    # 30 s wait for it let the call's time limit end the script before the 70B rows reached the JSON
+    child.join(timeout=5)
     if child.is_alive():
         child.kill()
         child.join()
@@ -465,10 +467,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     rows: list[dict[str, Any]] = []
-    if not args.skip_collectives:
-        rows += measure_collectives(cfg, args.tp, sorted({1, 8, *batches}))
     bw = copy_bandwidth()
     meta["copy_tb_s"] = bw / 1e12
+    if not args.skip_collectives:
+        rows += measure_collectives(cfg, args.tp, sorted({1, 8, *batches}))
+        finish(rows, meta, cfg, bw, out)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the engines' processes size their KV caches from what is free
     import ray

@@ -3,9 +3,13 @@
 #   PART=8b (default)  the gpu-marked tests of tests/test_tensor_parallel.py three times, each test under a
 #                      per-test timeout (a hang dumps every thread's stack and fails that test), then
 #                      bench_tp.py: the all-reduce alone (NCCL vs one-shot vs fused) and the Llama-3-8B
-#                      engines of $ENGINES_8B in order, batch 1 and 64, as many as the time left allows
+#                      engines of $ENGINES_8B in order, batch 1 and 64, as many as the time left allows.
+#                      Measured on two H200s (2026-11-26): a cold test run takes ~260 s, so three runs and
+#                      the benchmarks do not fit one call: PART=tests runs only the tests, PART=bench8b
+#                      only the benchmarks
 #   PART=70b           the 8B baseline of the same machine ($ENGINES_8B_BASE: TP=1 and TP=2 one-shot), then
-#                      the Llama-3-70B shape at TP=2 (70.6 GB of weights per GPU: H200s only), batch 1 and
+#                      the Llama-3-70B shape at TP=2 (70.6 GB of weights per GPU: fits an H100 80GB at
+#                      --gpu-memory-utilization 0.9, ran there 2026-11-26), batch 1 and
 #                      64, against its floor (weights per GPU / the copy bandwidth measured in the run);
 #                      then the 8B engines of $ENGINES_8B, if any, in the time left
 #   device run: bash benchmarks/tp_two_gpu_run.sh          (kind nvidia-h200-x2, carry [".whl"])
@@ -25,7 +29,7 @@ left() { echo $(( BUDGET_S - (SECONDS - START) )); }
 { echo "commit $FUSERVE_COMMIT part $PART"; date -u; nvidia-smi --query-gpu=name,memory.total,clocks.sm,power.limit --format=csv
   nvidia-smi topo -m; } 2>&1 | tee "$LOG"
 
-if [ "$PART" = 8b ]; then
+if [ "$PART" = 8b ] || [ "$PART" = tests ]; then
   # a test's own bound (--timeout, pytest-timeout, on the GPU machine only) and the compare_greedy child's
   # (it dumps its stacks and exits first); the 3 GB test checkpoint is cached between the runs
   if python3 -c "import pytest_timeout" 2>/dev/null; then PER_TEST="--timeout=${TEST_TIMEOUT:-300}"  # autoloaded
@@ -38,10 +42,13 @@ if [ "$PART" = 8b ]; then
       -o cache_dir=/tmp/pytest-cache -W ignore::DeprecationWarning 2>&1 | tee "$OUT/tp-tests-$i.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|Timeout" | tail -8
     echo "test run $i: exit ${PIPESTATUS[0]} in $(( SECONDS - t0 )) s" | tee -a "$LOG"
   done
+fi
+if [ "$PART" = 8b ] || [ "$PART" = bench8b ]; then
   ENGINES=${ENGINES_8B:-tp1,auto,nccl,auto+no-keyed,auto+gloo-plans,auto+l2=8,no-push,auto+l2=24}
   timeout $(( $(left) > 30 ? $(left) : 30 )) python3 benchmarks/bench_tp.py --engines "$ENGINES" \
     --budget-s $(( $(left) - 15 )) --out "$OUT/tp-8b.json" 2>&1 | tee "$OUT/tp-8b.log" | tail -40
-else
+fi
+if [ "$PART" = 70b ]; then
   timeout $(( $(left) - 30 )) python3 benchmarks/bench_tp.py --engines "${ENGINES_8B_BASE:-tp1,auto}" --skip-collectives \
     --out "$OUT/tp-8b-base.json" 2>&1 | tee "$OUT/tp-8b-base.log" | tail -8
   timeout $(( $(left) - 30 )) python3 benchmarks/bench_tp.py --model llama3-70b --engines auto --skip-collectives \
