@@ -595,7 +595,7 @@ def compare_routers(
     from ray import serve
 
     rows = []
-    for router in ("length_aware", "pow2"):
+    for router in args.routers.split(","):
         cfg = config.model_copy(deep=True)
         cfg.serve.num_replicas, cfg.serve.router = 2, router
         url = _serve_app(cfg, f"bench_{router}", port)
@@ -616,6 +616,40 @@ def compare_routers(
                 f"TTFT p99 {row['ttft_ms_p99']:.0f} ms"
             )
         serve.delete(f"bench_{router}")
+    if args.engine_baseline:
+        rows += engine_baseline(config, workloads, args)
+    return rows
+
+
+def engine_baseline(
+    config: Any, workloads: dict[float, list[RequestSpec]], args: argparse.Namespace
+) -> list[dict]:
+    """The same workloads into one in-process engine (one device): what 2 replicas are measured
+    against (issue 15: a burst on 2 replicas must deliver >= 1.8x one engine's throughput)."""
+    from fuserve.workers.async_engine import AsyncEngine
+
+    wait_for_device_memory()
+    engine = AsyncEngine(config)
+
+    async def each() -> list[tuple[float, list[RequestResult], float]]:
+        first = next(iter(workloads.values()))
+        await run_engine(engine, Level(first[: min(4, len(first))], rate=math.inf), "warmup")
+        done = []
+        for rate, specs in workloads.items():
+            results, wall = await run_engine(engine, Level(specs, rate=rate), f"rate{rate}")
+            done.append((rate, results, wall))
+        return done
+
+    try:
+        measured = asyncio.run(each())
+    finally:
+        engine.shutdown()
+    rows = []
+    for rate, results, wall in measured:
+        row = {"comparison": "router", "router": "none", "path": "engine", "replicas": 1, "rate": rate}
+        row.update(summarize(results, wall, 1, args.device_hour_usd))
+        rows.append(row)
+        print(f"  in-process engine at {rate} req/s: {row['output_tok_s']:.1f} tok/s")
     return rows
 
 
@@ -931,6 +965,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="request rates to compare the routers at, comma-separated requests/s; inf sends all at once",
     )
     p.add_argument("--arrival", choices=["poisson", "fixed"], default="poisson")
+    p.add_argument("--routers", default="length_aware,pow2", help="the routers `routers` compares")
+    p.add_argument(
+        "--engine-baseline",
+        action="store_true",
+        help="routers: also run each workload in one in-process engine (the 2-replica scaling baseline)",
+    )
     p.add_argument("--scale", type=float, default=0.5, help="multiply all prompt/output lengths (CPU: 0.5)")
     p.add_argument(
         "--overhead-rate",

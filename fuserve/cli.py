@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,10 +37,23 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Serve reads these once, when ray.serve is first imported, and the Ray processes this command starts
+# inherit them; on a cluster started elsewhere they must be in every node's environment (k8s/).
+HAPROXY_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
+    # the default (30 s) would hold every replica that long on shutdown, past serve.drain_timeout_s
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
+
+
 def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if config.serve.ingress == "haproxy":
+        for key, value in HAPROXY_ENV.items():
+            os.environ.setdefault(key, value)
     from fuserve.cluster.bootstrap import serve_until_stopped
 
-    config = load_config(args.config)
     for field in ("host", "port", "grpc_port"):
         if getattr(args, field) is not None:
             setattr(config.serve, field, getattr(args, field))

@@ -172,6 +172,12 @@ class ServeConfig(_Strict):
     max_ongoing_requests: int = Field(default=256, ge=1)
     max_queued_requests: int = Field(default=1024, ge=-1)
     num_cpus_per_replica: float = Field(default=1.0, gt=0.0)
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="On shutdown or scale-down a replica takes no new requests and lets those in "
+        "flight finish for up to this long, then its engine core stops.",
+    )
 
 
 class FuserveConfig(_Strict):

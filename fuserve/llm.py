@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from fuserve.configs import FuserveConfig, load_config
+from fuserve.core_messages import TokenLogprobs
 from fuserve.sampling_params import SamplingParams
 from fuserve.workers.engine import LLMEngine
-from fuserve.workers.sampler import TokenLogprobs
 
 
 @dataclass

@@ -1,6 +1,11 @@
-"""The Serve application: `build_app(config)` binds the ingress to the engine deployment.
+"""The Serve application: `build_app(config)` is the engine deployment, which is its own ingress.
 
-    Ingress (FastAPI + gRPC, 1 replica) --DeploymentHandle, LengthAwareRouter--> Engine (N replicas)
+    Serve's proxy --LengthAwareRouter picks a replica--> Engine replica (N of them): the frontend
+        (FastAPI + gRPC, fuserve.router.ingress) and its engine-core child process
+
+With `serve.ingress: haproxy` (Serve's HAProxy ingress) a router deployment attached to the app
+(fuserve.cluster.ingress_routing) reads each request's body so the router sees its length and
+prefix; HAProxy then forwards the request straight to that replica's own HTTP port.
 
 `app` is a Serve application builder, so the same code runs under `fuserve serve`,
 `serve run fuserve.cluster:app config=configs/tp2.yaml`, and KubeRay's serveConfigV2
@@ -17,10 +22,10 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from fuserve.cluster.deployment_options import engine_options, ingress_options
-from fuserve.cluster.engine_server import EngineServer
+from fuserve.cluster.deployment_options import engine_options
+from fuserve.cluster.ingress_routing import haproxy_enabled, with_body_routing
 from fuserve.configs import FuserveConfig, load_config
-from fuserve.router.ingress import Ingress
+from fuserve.router.ingress import EngineIngress
 
 CONFIG_ENV = "FUSERVE_CONFIG"
 
@@ -29,8 +34,11 @@ def build_app(config: FuserveConfig, cluster_gpus: float | None = None) -> Appli
     """`cluster_gpus` decides `model.device: auto`; by default it is read from the Ray cluster."""
     if cluster_gpus is None:
         cluster_gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
-    engine = serve.deployment(EngineServer, name="Engine").options(**engine_options(config, cluster_gpus))
-    return Ingress.options(name="Ingress", **ingress_options(config)).bind(config, engine.bind(config))
+    engine = serve.deployment(EngineIngress, name="Engine").options(**engine_options(config, cluster_gpus))
+    app = engine.bind(config)
+    if config.serve.ingress == "haproxy" or haproxy_enabled():  # Serve with HAProxy needs the router
+        return with_body_routing(app, config)
+    return app
 
 
 def app(args: dict[str, Any]) -> Application:

@@ -13,11 +13,18 @@ from typing import Any
 
 from ray.serve.config import RequestRouterConfig
 
-from fuserve.configs import FuserveConfig
+from fuserve.configs import FuserveConfig, ServeConfig
 from fuserve.parallel.placement import rank_bundles
+from fuserve.router.ingress import admission_limit
 from fuserve.router.length_aware_router import LengthAwareRouter
 
-ROUTING_STATS_PERIOD_S = 0.5  # replicas report outstanding tokens this often
+ROUTING_STATS_PERIOD_S = 0.25  # replicas report outstanding tokens this often
+HEALTH_CHECK_PERIOD_S = 2.0  # a replica whose engine core died is replaced within about this long
+
+
+def serve_limit(serve_cfg: ServeConfig) -> int:
+    limit = admission_limit(serve_cfg)
+    return 4 * serve_cfg.max_ongoing_requests if limit is None else limit + 64
 
 
 def gpus_per_worker(config: FuserveConfig, cluster_gpus: float) -> int:
@@ -34,10 +41,15 @@ def engine_options(config: FuserveConfig, cluster_gpus: float = 0.0) -> dict[str
     actor: dict[str, Any] = {"num_cpus": serve_cfg.num_cpus_per_replica, "num_gpus": gpu}
     opts: dict[str, Any] = {
         "ray_actor_options": actor,
-        "max_ongoing_requests": serve_cfg.max_ongoing_requests,
-        "max_queued_requests": serve_cfg.max_queued_requests,
-        "health_check_period_s": 10.0,
+        # The replica does its own admission control (EngineClient: an OpenAI-shaped 429 at once).
+        # Serve's limits only keep a proxy from piling more onto one replica than it would admit;
+        # a proxy-side queue limit would answer Serve's own plain 503 before the replica could.
+        "max_ongoing_requests": serve_limit(serve_cfg),
+        "max_queued_requests": -1,
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "health_check_timeout_s": 60.0,
+        "graceful_shutdown_wait_loop_s": 0.5,
+        "graceful_shutdown_timeout_s": serve_cfg.drain_timeout_s,
     }
     if tp > 1:
         bundles = rank_bundles(tp, use_gpu=bool(gpu))  # the TP worker group's own contract
@@ -66,15 +78,3 @@ def engine_options(config: FuserveConfig, cluster_gpus: float = 0.0) -> dict[str
             request_routing_stats_timeout_s=5.0,
         )
     return opts
-
-
-def ingress_options(config: FuserveConfig) -> dict[str, Any]:
-    """The ingress only parses, tokenizes and forwards: no GPU, a fraction of a CPU.
-
-    It accepts well beyond what the engines take (their slots plus their queue), so that the
-    excess reaches the engine handle and comes back at once as an OpenAI-shaped 429, rather than
-    waiting unseen in the HTTP proxy's queue."""
-    s = config.serve
-    most_replicas = s.autoscaling.max_replicas if s.autoscaling else s.num_replicas
-    engines = s.max_ongoing_requests * most_replicas + max(s.max_queued_requests, 0)
-    return {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 2 * engines + 64}

@@ -70,9 +70,12 @@ def in_serve_replica() -> bool:
     return True
 
 
-def reserve_placement(size: int, use_gpu: bool, strategy: str, timeout_s: float) -> Placement:
-    """The bundles for ranks 0..size-1: the current placement group's, or a new one."""
-    current = get_current_placement_group()
+def reserve_placement(
+    size: int, use_gpu: bool, strategy: str, timeout_s: float, current: PlacementGroup | None = None
+) -> Placement:
+    """The bundles for ranks 0..size-1: `current` (the replica's, handed to its engine core), else the
+    current placement group's, or a new one."""
+    current = current or get_current_placement_group()
     if current is not None:
         placement = Placement(current, owned=False)
         check_bundles(placement, size, use_gpu)

@@ -144,9 +144,11 @@ class WorkerGroup:
         config: FuserveConfig,
         worker_cls: type = TPWorker,
         all_reduce: AllReduceChoice = "auto",
+        placement_group: Any = None,
     ) -> WorkerGroup:
         """Place and start ranks 1..N-1 and form the groups with this process as rank 0. Inside a Serve
-        replica the workers take bundles 1..N-1 of its placement group; elsewhere a placement group is
+        replica the workers take bundles 1..N-1 of its placement group (`placement_group`: the replica's,
+        passed to its engine-core process, which is not a Ray worker); elsewhere a placement group is
         reserved here. Fails with WorkerGroupError/PlacementError, never waits past init_timeout_s."""
         from fuserve.workers.engine import pick_dtype
 
@@ -159,7 +161,7 @@ class WorkerGroup:
             )
         if not ray.is_initialized():
             ray.init()  # offline use: a local Ray instance, or the cluster RAY_ADDRESS names
-        current = get_current_placement_group()
+        current = placement_group or get_current_placement_group()
         use_gpu = _wants_gpu(config, current)
         if use_gpu:
             check_gpu_visible(
@@ -168,7 +170,7 @@ class WorkerGroup:
                 os.environ.get("CUDA_VISIBLE_DEVICES"),
                 list(ray.get_gpu_ids()) if current is not None else [],
             )
-        placement = reserve_placement(size, use_gpu, par.placement_strategy, timeout)
+        placement = reserve_placement(size, use_gpu, par.placement_strategy, timeout, current)
         deadline = time.monotonic() + timeout
         device_type = "cuda" if use_gpu else "cpu"
         worker_config = config.model_copy(

@@ -1,86 +1,75 @@
-"""The ingress's way into the engine deployment: open streams, merge them, time them, cancel them.
+"""The frontend's way into its engine core: open streams, merge them, time them, cancel them.
 
     streams = await client.open(engine_requests)   # waits for each first token; errors -> APIError
     async for prompt_index, batch in streams: ...   # deltas the moment they arrive
-    await streams.close()                           # always (finally): cancels what still runs
+    await streams.close()                           # always (finally): aborts what still runs
 
 `open` waits for the first delta of every stream before anything is sent to the client, so a
-request the engine refuses, an overloaded deployment or a dead replica gets a proper status code
-instead of a broken stream. Closing cancels the Serve handle calls, which cancels the replica's
-generator and aborts the request in the engine (its KV blocks are freed). The time to first token
-and the gaps between tokens are measured here, where each delta leaves for the client.
+request the engine refuses or a dead engine gets a proper status code instead of a broken stream.
+Closing ends the core client's generators, which abort their requests in the engine (its KV blocks
+are freed). The time to first token and the gaps between tokens are measured here, where each
+delta leaves for the client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
-from ray.exceptions import RayActorError, TaskCancelledError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
-
+from fuserve.core_messages import EngineDeadError
+from fuserve.router.core_client import EngineCoreClient
 from fuserve.router.engine_messages import EngineDelta, EngineRequest
 from fuserve.router.errors import APIError, bad_request, internal, overloaded, unavailable
 from fuserve.router.metrics import ServingMetrics
 from fuserve.sampling_params import RequestError
-from fuserve.workers.async_engine import EngineDeadError
 
 _END = object()
+Deltas = AsyncGenerator[list[EngineDelta], None]
 
 
-def _cancel(gens: list[DeploymentResponseGenerator]) -> None:
-    """Cancels the handle calls. Serve's `cancel()` re-raises a call's own failure (e.g. the
-    backpressure error that refused it); that failure is already being reported, so drop it."""
-    for gen in gens:
-        try:
-            gen.cancel()
-        except Exception:  # see the docstring
-            pass
-
-
-def _api_error(err: BaseException) -> APIError:
+def api_error(err: BaseException) -> APIError:
     """What the client should see for an exception raised while opening a stream."""
     if isinstance(err, APIError):
         return err
-    if isinstance(err, BackPressureError):
-        return overloaded(str(err))
-    cause = err.cause if hasattr(err, "cause") else err  # RayTaskError wraps the replica's exception
-    if isinstance(err, RequestError) or isinstance(cause, RequestError):
-        return bad_request(str(cause if isinstance(cause, RequestError) else err))
-    if isinstance(err, EngineDeadError) or isinstance(cause, EngineDeadError):
-        return unavailable(str(cause))
-    if isinstance(err, (RayActorError, DeploymentUnavailableError)):
-        return unavailable(f"{type(err).__name__}: {err}")
+    if isinstance(err, RequestError):
+        return bad_request(str(err))
+    if isinstance(err, EngineDeadError):
+        return unavailable(str(err))
     return internal(f"{type(err).__name__}: {err}")
+
+
+async def _close_all(gens: list[Deltas]) -> None:
+    for gen in gens:
+        try:
+            await gen.aclose()  # runs its `finally`: aborts the request if it has not finished
+        except RuntimeError:  # still running in a cancelled task, whose unwinding runs that `finally`
+            pass
 
 
 class EngineStreams:
     """The merged output of one API request's engine requests (one per prompt), in batches: each
-    batch is what one engine replica sent in one message (see EngineServer.generate)."""
+    batch is what the engine core's messages held for it since the consumer last looked."""
 
     def __init__(
         self,
-        gens: list[DeploymentResponseGenerator],
+        gens: list[Deltas],
         firsts: list[list[EngineDelta]],
         metrics: ServingMetrics,
         arrival: float,
+        release: Callable[[], None],
     ) -> None:
         self.gens, self.firsts, self.metrics, self.arrival = gens, firsts, metrics, arrival
+        self._release: Callable[[], None] | None = release
         self.replicas = sorted({batch[0].replica_id for batch in firsts})
         self._last_token_at: dict[tuple[int, int], float] = {}
         self._first_sent = False
         self._pumps: list[asyncio.Task] = []
-        for batch in firsts:
-            metrics.replica_requests.labels(batch[0].replica_id).inc()
 
     def _record(self, prompt_index: int, batch: list[EngineDelta]) -> None:
         now = time.perf_counter()
         m = self.metrics
         for d in batch:
-            if d.stats is not None:
-                m.update_replica(d.stats)
             k = len(d.token_ids)
             if not k:
                 continue
@@ -132,31 +121,51 @@ class EngineStreams:
     async def close(self) -> None:
         for task in self._pumps:
             task.cancel()
-        _cancel(self.gens)  # a no-op for a finished stream; aborts the engine request otherwise
-        self.metrics.e2e.observe(time.perf_counter() - self.arrival)
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        await _close_all(self.gens)
+        if self._release is not None:
+            self._release, release = None, self._release
+            release()
+            self.metrics.e2e.observe(time.perf_counter() - self.arrival)
 
 
 class EngineClient:
-    def __init__(self, handle: DeploymentHandle, metrics: ServingMetrics) -> None:
-        self.handle = handle.options(stream=True, method_name="generate")
+    """Admission control lives here, in the replica: Serve's proxy (and HAProxy, which skips Serve's
+    per-replica limit) forwards everything, and the replica refuses what it cannot hold with an
+    OpenAI-shaped 429 at once, instead of letting it wait unseen."""
+
+    def __init__(self, core: EngineCoreClient, metrics: ServingMetrics, max_open: int | None) -> None:
+        self.core = core
         self.metrics = metrics
+        self.max_open = max_open  # API requests admitted at once (running + queued); None: no limit
+        self.num_open = 0
+        self.num_admitted = 0  # ever: lets a routing report show that requests came and went
+
+    def _release(self) -> None:
+        self.num_open -= 1
 
     async def open(self, requests: list[EngineRequest], arrival: float) -> EngineStreams:
-        gens: list[DeploymentResponseGenerator] = []
+        if self.max_open is not None and self.num_open >= self.max_open:
+            raise overloaded(f"{self.num_open} requests in flight on this replica, its limit")
+        self.num_open += 1
+        self.num_admitted += 1
+        gens: list[Deltas] = [self.core.generate(r) for r in requests]  # type: ignore[misc]
         try:
-            gens.extend(self.handle.remote(r) for r in requests)  # may refuse at once: backpressure
-            firsts = await asyncio.gather(*(gen.__anext__() for gen in gens))
-        except StopAsyncIteration:
-            _cancel(gens)
-            raise internal("the engine ended a stream without output") from None
-        except (asyncio.CancelledError, RequestCancelledError, TaskCancelledError):
-            _cancel(gens)
+            results = await asyncio.gather(*(gen.__anext__() for gen in gens), return_exceptions=True)
+        except asyncio.CancelledError:  # the client left: each generator's `finally` aborts its request
+            self._release()
+            await _close_all(gens)
             raise
-        except Exception as err:
-            _cancel(gens)
-            raise _api_error(err) from None
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            self._release()
+            await _close_all(gens)
+            if isinstance(failed, StopAsyncIteration):
+                raise internal("the engine ended a stream without output")
+            raise api_error(failed)
+        firsts: list[list[EngineDelta]] = results  # type: ignore[assignment]
         for r in requests:
             self.metrics.prompt_tokens.inc(len(r.prompt_token_ids))
         for batch in firsts:
             self.metrics.cached_prompt_tokens.inc(batch[0].num_cached_tokens)
-        return EngineStreams(gens, list(firsts), self.metrics, arrival)
+        return EngineStreams(gens, firsts, self.metrics, arrival, self._release)

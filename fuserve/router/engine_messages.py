@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fuserve.core_messages import TokenLogprobs
 from fuserve.sampling_params import SamplingParams
-from fuserve.workers.sampler import TokenLogprobs
 
 
 @dataclass
@@ -38,6 +38,10 @@ class ReplicaStats:
     num_preemptions: int = 0
     prefix_hit_tokens: int = 0
     prefix_query_tokens: int = 0
+    num_steps: int = 0
+    step_seconds_total: float = 0.0
+    engine_cpu_seconds_total: float = 0.0
+    frontend_cpu_seconds_total: float = 0.0
     healthy: bool = True
     timestamp: float = 0.0  # time.time() on the replica when taken
 
@@ -71,6 +75,7 @@ class ModelInfo:
     max_model_len: int
     block_size: int
     has_tokenizer: bool
+    vocab_size: int = 0  # 0: unknown, token ids are checked by the engine
     # the model's own defaults for sampling settings a request leaves unset (generation_config.py)
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)
     default_max_tokens: int | None = None  # generation_config.json's max_new_tokens

@@ -13,12 +13,12 @@ from typing import Any, NoReturn
 import grpc
 from pydantic import ValidationError
 
+from fuserve.core_messages import TokenLogprobs
 from fuserve.router.engine_messages import EngineDelta
 from fuserve.router.errors import APIError, bad_request, from_validation
 from fuserve.router.proto import fuserve_pb2 as pb
 from fuserve.router.protocol import ChatCompletionRequest, CompletionRequest
 from fuserve.router.responses import Transcript
-from fuserve.workers.sampler import TokenLogprobs
 
 SERVICER_FUNCTION = "fuserve.router.proto.fuserve_pb2_grpc.add_GenerationServicer_to_server"
 

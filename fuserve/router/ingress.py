@@ -1,10 +1,16 @@
-"""The ingress deployment: the OpenAI HTTP API and the gRPC service in front of the engine replicas.
+"""The engine deployment's replica, which is its own HTTP and gRPC ingress: the frontend process.
 
+    Serve's proxy (the length-aware router picks the replica) -> this replica:
     POST /v1/completions, /v1/chat/completions -> parse + check (protocol) -> tokenize, length,
-        work estimate, prefix keys (prompts) -> EngineClient.open: the length-aware router picks
-        a replica per request -> deltas -> JSON, or one SSE event per delta (responses)
-    GET /v1/models, /health (503 when the engine is down), /metrics (Prometheus)
+        work estimate, prefix keys (prompts) -> EngineClient.open -> EngineCoreClient: the request
+        goes to this replica's engine-core process over ZMQ -> deltas (detokenized here) -> JSON,
+        or one SSE event per delta (responses)
+    GET /v1/models, /health (503 when the engine is down), /metrics (Prometheus, this replica)
     gRPC fuserve.v1.Generation/Generate, GenerateStream (grpc_service) on Serve's gRPC proxy
+
+Tokens take no Ray message: the engine core sends one message per step for all sequences, and
+this process writes them to the clients. Serve still places, health-checks, scales and drains the
+replicas; `record_routing_stats` feeds the length-aware router.
 
 The body is parsed by hand rather than by FastAPI's signature binding, so malformed JSON and wrong
 types are 400s in OpenAI's error shape instead of FastAPI's 422. Streamed deltas are written as
@@ -15,6 +21,7 @@ they arrive; a client that goes away cancels the handle calls and the engine abo
 
 import asyncio
 import json
+import resource
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,18 +31,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
-from fuserve.configs import FuserveConfig
+from fuserve.configs import FuserveConfig, ServeConfig
 from fuserve.router import grpc_service
-from fuserve.router.engine_client import EngineClient, EngineStreams
-from fuserve.router.engine_messages import EngineRequest, ModelInfo, StatsQuery
+from fuserve.router.core_client import EngineCoreClient
+from fuserve.router.engine_client import EngineClient, EngineStreams, api_error
+from fuserve.router.engine_messages import EngineRequest, ModelInfo, ReplicaStats
 from fuserve.router.errors import (
     APIError,
     bad_request,
     from_json_error,
     from_validation,
-    internal,
     model_not_found,
 )
 from fuserve.router.metrics import ServingMetrics
@@ -54,11 +60,12 @@ from fuserve.router.protocol import (
     ModelList,
 )
 from fuserve.router.responses import SSE_DONE, ChunkWriter, Transcript
+from fuserve.router.routing_policy import RecentPrefixes
 from fuserve.workers.models.loader import load_tokenizer, resolve_source
 from fuserve.workers.tokenizer import Tokenizer
 
-STATS_TIMEOUT_S = 2.0
-STATS_FORGET_S = 600.0  # a replica silent this long (scaled down, restarted) leaves /metrics
+ENGINE_START_TIMEOUT_S = 3600.0  # loading a large model from a slow disk takes long; Serve's own limits apply
+REPORTED_PREFIXES = 512  # prefix keys sent with each routing-stats report
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 app = FastAPI(title="fuserve", description="OpenAI-compatible LLM serving on Ray Serve", docs_url=None)
@@ -81,20 +88,100 @@ async def _started(events: AsyncIterator[str]) -> AsyncIterator[str]:
     return chained()
 
 
-@serve.deployment
+def admission_limit(serve_cfg: ServeConfig) -> int | None:
+    """API requests one replica holds at once: its engine slots plus its queue (-1: no queue limit)."""
+    if serve_cfg.max_queued_requests < 0:
+        return None
+    return serve_cfg.max_ongoing_requests + serve_cfg.max_queued_requests
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # constructed outside Serve (tests, benchmarks)
+        return "local"
+
+
 @serve.ingress(app)
-class Ingress:
-    async def __init__(self, config: FuserveConfig, engine: DeploymentHandle) -> None:
-        self.engine = engine
-        self.info: ModelInfo = await engine.model_info.remote()
-        self.tokenizer: Tokenizer | None = (
-            load_tokenizer(resolve_source(config.model)) if self.info.has_tokenizer else None
+class EngineIngress:
+    async def __init__(self, config: FuserveConfig) -> None:
+        self.config = config
+        self.replica_id = _replica_id()
+        source = resolve_source(config.model)
+        self.tokenizer: Tokenizer | None = load_tokenizer(source) if source.kind != "dummy" else None
+        self.core = EngineCoreClient(config, self.tokenizer, self.replica_id)
+        ready = await self.core.start(ENGINE_START_TIMEOUT_S)
+        self.info = ModelInfo(
+            model_name=ready.model_name,
+            max_model_len=ready.max_model_len,
+            block_size=ready.block_size,
+            has_tokenizer=ready.has_tokenizer,
+            sampling_defaults=dict(ready.sampling_defaults),
+            default_max_tokens=ready.default_max_tokens,
+            vocab_size=ready.vocab_size,
         )
         self.metrics = ServingMetrics()
-        self.client = EngineClient(engine, self.metrics)
+        self.client = EngineClient(self.core, self.metrics, admission_limit(config.serve))
+        self.prefixes = RecentPrefixes(4 * REPORTED_PREFIXES)
         self._token_text: dict[int, str] = {}
-        self._stats_handle = engine.options(method_name="stats")
-        self.metrics.update_replica(await self._stats_handle.remote(StatsQuery()))
+        self._last_report: dict = {}
+        self._last_report_at = 0.0
+
+    # ---- this replica's state: routing, health, metrics ------------------------------------------
+    def stats(self) -> ReplicaStats:
+        s = self.core.stats
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return ReplicaStats(
+            replica_id=self.replica_id,
+            num_waiting=s.num_waiting,
+            num_running=s.num_running,
+            outstanding_tokens=s.outstanding_tokens,
+            kv_cache_usage=s.kv_cache_usage,
+            num_free_blocks=s.num_free_blocks,
+            num_blocks=s.num_blocks,
+            num_preemptions=s.num_preemptions,
+            prefix_hit_tokens=s.prefix_hit_tokens,
+            prefix_query_tokens=s.prefix_query_tokens,
+            num_steps=s.num_steps,
+            step_seconds_total=s.step_seconds_total,
+            engine_cpu_seconds_total=s.cpu_seconds_total,
+            frontend_cpu_seconds_total=usage.ru_utime + usage.ru_stime,
+            healthy=self.core.healthy,
+            timestamp=time.time(),
+        )
+
+    def record_routing_stats(self) -> dict:
+        """Polled by Serve's controller; the router reads it as `replica.routing_stats`.
+
+        `timestamp` is when these figures last changed, not when they were polled: Serve
+        broadcasts a replica's stats to every router only when they differ from the last poll,
+        so an idle replica costs no broadcasts, and the router still knows which of its own
+        requests the figures already include (those routed before the timestamp). The count of
+        admitted requests makes a request that came and went change the figures: behind HAProxy the
+        router hears of no request's end, and only a newer report retires its pick."""
+        s = self.core.stats
+        report = {
+            "num_admitted": self.client.num_admitted,
+            "outstanding_tokens": s.outstanding_tokens,
+            "num_running": s.num_running,
+            "num_waiting": s.num_waiting,
+            "kv_cache_usage": s.kv_cache_usage,
+            "prefix_keys": self.prefixes.snapshot()[-REPORTED_PREFIXES:],
+        }
+        if report != self._last_report:
+            self._last_report, self._last_report_at = report, time.time()
+        return {**report, "timestamp": self._last_report_at}
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose engine core died."""
+        if not self.core.healthy:
+            raise RuntimeError(f"the engine stopped: {self.core.error or 'unknown error'}")
+
+    def __del__(self) -> None:
+        """Serve calls this after draining the replica (graceful_shutdown_timeout_s): end the core."""
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.shutdown()
 
     # ---- shared by HTTP and gRPC ------------------------------------------------------------------
     def _decode_token(self, token_id: int) -> str:
@@ -128,6 +215,11 @@ class Ingress:
         params = sampling_or_400(req.sampling_params, max_tokens, self.info.sampling_defaults)
         return [engine_request(request_id, ids, params, self.info)]
 
+    async def _open(self, requests: list[EngineRequest], arrival: float) -> EngineStreams:
+        for r in requests:
+            self.prefixes.add(r.prefix_keys)
+        return await self.client.open(requests, arrival)
+
     def _finish(self, endpoint: str, status: int | str) -> None:
         self.metrics.requests.labels(endpoint, str(status)).inc()
 
@@ -160,7 +252,7 @@ class Ingress:
                 req = await self._parse(request, CompletionRequest)
                 request_id = f"cmpl-{uuid.uuid4().hex}"
                 requests = self._completion_requests(req, request_id)
-            streams = await self.client.open(requests, arrival)
+            streams = await self._open(requests, arrival)
             headers = {"x-fuserve-replica": ",".join(streams.replicas), "x-request-id": request_id}
             if req.stream:
                 streaming = True
@@ -185,9 +277,10 @@ class Ingress:
         except asyncio.CancelledError:
             self._finish(endpoint, "cancelled")
             raise
-        except Exception as err:  # a bug: tell the client what broke rather than drop the connection
-            self._finish(endpoint, 500)
-            return internal(f"{type(err).__name__}: {err}").response()
+        except Exception as err:  # the engine died (503), or a bug: say what broke, don't drop the connection
+            api_err = api_error(err)
+            self._finish(endpoint, api_err.status)
+            return api_err.response()
         finally:
             if not streaming:
                 self.metrics.in_flight.dec()
@@ -232,8 +325,9 @@ class Ingress:
             yield err.sse()
             yield SSE_DONE
         except Exception as err:
-            status = 500
-            yield internal(f"{type(err).__name__}: {err}").sse()
+            api_err = api_error(err)
+            status = api_err.status
+            yield api_err.sse()
             yield SSE_DONE
         finally:
             await streams.close()
@@ -254,30 +348,22 @@ class Ingress:
 
     @app.get("/health")
     async def health(self) -> Response:
-        try:
-            stats = await asyncio.wait_for(self._stats_handle.remote(StatsQuery()), STATS_TIMEOUT_S)
-        except Exception as err:
-            return JSONResponse({"status": "unavailable", "detail": f"{type(err).__name__}: {err}"}, 503)
-        self.metrics.update_replica(stats)
-        if not stats.healthy:
-            return JSONResponse({"status": "unavailable", "detail": "the engine loop stopped"}, 503)
-        return JSONResponse({"status": "ok", "model": self.info.model_name})
+        if not self.core.healthy:
+            detail = f"the engine stopped: {self.core.error or 'unknown error'}"
+            return JSONResponse({"status": "unavailable", "detail": detail}, 503)
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": self.info.model_name,
+                "replica": self.replica_id,
+                "engine_core_pid": self.core.process.pid,
+            }
+        )
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
-        await self._refresh_replica_stats()
+        self.metrics.update_replica(self.stats())
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def _refresh_replica_stats(self) -> None:
-        """Asks every replica seen lately for fresh stats (the router honors the replica id)."""
-        known = self.metrics.forget_replicas_older_than(STATS_FORGET_S)
-        calls = [self._stats_handle.remote(StatsQuery(rid)) for rid in known]
-        results = await asyncio.gather(
-            *(asyncio.wait_for(c, STATS_TIMEOUT_S) for c in calls), return_exceptions=True
-        )
-        for r in results:
-            if not isinstance(r, BaseException):
-                self.metrics.update_replica(r)
 
     # ---- gRPC (called by Serve's gRPC proxy by method name) ----------------------------------------
     def _grpc_requests(self, request: pb.GenerateRequest) -> tuple[str, list[EngineRequest], int]:
@@ -292,7 +378,7 @@ class Ingress:
         arrival = time.perf_counter()
         try:
             request_id, requests, n = self._grpc_requests(request)
-            streams = await self.client.open(requests, arrival)
+            streams = await self._open(requests, arrival)
             transcript = Transcript(len(requests), n, keep_text=True)
             try:
                 async for i, batch in streams:
@@ -312,7 +398,7 @@ class Ingress:
         arrival = time.perf_counter()
         try:
             request_id, requests, n = self._grpc_requests(request)
-            streams = await self.client.open(requests, arrival)
+            streams = await self._open(requests, arrival)
         except APIError as err:
             self._finish("grpc_stream", err.status)
             grpc_service.fail(grpc_context, err)

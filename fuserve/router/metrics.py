@@ -1,18 +1,17 @@
-"""Prometheus metrics served by the ingress at GET /metrics.
+"""Prometheus metrics served by each replica at GET /metrics.
 
 Request-side figures (requests, tokens in and out, time to first token, inter-token latency) are
-measured where the client sees them: in the ingress, as each delta leaves for the client. Engine
-figures (queue length, running sequences, KV-cache use, preemptions, prefix-cache hits) come from
-the replicas' stats snapshots, which ride on the token streams and are refreshed per replica on
-each scrape; each replica is one `replica` label, so `sum()` gives the deployment.
+measured where the client sees them: in the replica's frontend, as each delta leaves for the
+client. Engine figures (queue length, running sequences, KV-cache use, preemptions, prefix-cache
+hits, steps and their time) come from the engine core's latest step message. Each replica reports
+itself under its `replica` label; a scraper that scrapes every replica sums them.
 
-Each ingress has its own registry (not prometheus_client's global one), so several apps or tests
+Each replica has its own registry (not prometheus_client's global one), so several apps or tests
 in one process never collide.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -51,6 +50,13 @@ class _EngineCollector(Collector):
                 "Prompt tokens served from cache",
             ),
             "prefix_query_tokens": ("fuserve_engine_prefix_cache_query_tokens", "Prompt tokens looked up"),
+            "num_steps": ("fuserve_engine_steps", "Engine steps run"),
+            "step_seconds_total": ("fuserve_engine_step_seconds", "Wall seconds inside engine steps"),
+            "engine_cpu_seconds_total": ("fuserve_engine_core_cpu_seconds", "CPU seconds of the engine core"),
+            "frontend_cpu_seconds_total": (
+                "fuserve_frontend_cpu_seconds",
+                "CPU seconds of the replica's frontend process (HTTP, tokenization, SSE)",
+            ),
         }
         snapshot = list(self.replicas.values())
         for attr, (name, doc) in gauges.items():
@@ -113,13 +119,6 @@ class ServingMetrics:
 
     def update_replica(self, stats: ReplicaStats) -> None:
         self.replicas[stats.replica_id] = stats
-
-    def forget_replicas_older_than(self, max_age_s: float) -> list[str]:
-        """Drops replicas not heard from lately (scaled down, restarted); returns the others' ids."""
-        now = time.time()
-        for rid in [rid for rid, s in self.replicas.items() if now - s.timestamp > max_age_s]:
-            del self.replicas[rid]
-        return list(self.replicas)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

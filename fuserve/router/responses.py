@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fuserve.core_messages import TokenLogprobs
 from fuserve.router.engine_messages import EngineDelta
 from fuserve.router.protocol import (
     AssistantMessage,
@@ -29,7 +30,6 @@ from fuserve.router.protocol import (
     TopLogprob,
     Usage,
 )
-from fuserve.workers.sampler import TokenLogprobs
 
 DecodeToken = Callable[[int], str]
 

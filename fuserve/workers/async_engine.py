@@ -16,13 +16,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fuserve.configs import FuserveConfig
+from fuserve.core_messages import EngineDeadError
 from fuserve.sampling_params import SamplingParams
 from fuserve.workers.engine import EngineStats, LLMEngine
 from fuserve.workers.outputs import RequestOutput
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop failed; this replica cannot serve until it is restarted (HTTP 503)."""
 
 
 @dataclass

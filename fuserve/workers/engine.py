@@ -88,15 +88,26 @@ class EngineStats:
     prefix_hit_tokens: int
     prefix_query_tokens: int
     num_blocks: int
+    num_free_blocks: int = 0
+    num_steps: int = 0
+    step_seconds_total: float = 0.0
 
 
 class LLMEngine:
     def __init__(
-        self, config: FuserveConfig, tp: TPContext | None = None, workers: WorkerGroup | None = None
+        self,
+        config: FuserveConfig,
+        tp: TPContext | None = None,
+        workers: WorkerGroup | None = None,
+        detokenize: bool = True,
     ) -> None:
         """tp: this rank's context, for a worker rank (its group formed by the caller). workers: ranks
         1..N-1, already started, for rank 0; started here from `config.parallel` when neither is given
-        and tensor_parallel_size > 1."""
+        and tensor_parallel_size > 1. detokenize: False in the engine-core process, whose frontend
+        turns tokens into text (and applies stop strings) off the engine loop."""
+        self.detokenize = detokenize
+        self.num_steps = 0
+        self.step_seconds_total = 0.0
         if tp is None and workers is None and config.parallel.tensor_parallel_size > 1:
             from fuserve.parallel.worker_group import WorkerGroup
 
@@ -241,7 +252,7 @@ class LLMEngine:
                 p = SamplingParams(**{**params.__dict__, "seed": params.seed + i})
             seq = Sequence(f"{request_id}#{i}", prompt_ids, p, arrival, max_tokens, eos)
             detok = None
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and self.detokenize:
                 detok = IncrementalDetokenizer(self.tokenizer, p.stop, p.skip_special_tokens)
             state = _SeqState(seq, i, detok)
             states.append(state)
@@ -249,13 +260,19 @@ class LLMEngine:
             self.scheduler.add(seq)
         self._requests[request_id] = states
 
-    def abort(self, request_id: str) -> bool:
-        states = self._requests.pop(request_id, None)
+    def abort(self, request_id: str, indices: list[int] | None = None) -> bool:
+        """Ends the request's sequences (only those in `indices`, when given: one of n sequences that
+        met a stop string in the frontend) and frees their blocks."""
+        states = self._requests.get(request_id)
         if states is None:
             return False
         for st in states:
-            self.scheduler.finish(st.seq, FinishReason.ABORT)
-            self._by_seq.pop(st.seq.seq_id, None)
+            if indices is None or st.index in indices:
+                if not st.seq.is_finished:
+                    self.scheduler.finish(st.seq, FinishReason.ABORT)
+                self._by_seq.pop(st.seq.seq_id, None)
+        if all(st.seq.is_finished for st in states):
+            del self._requests[request_id]
         return True
 
     def has_unfinished(self) -> bool:
@@ -266,6 +283,14 @@ class LLMEngine:
         """Run one step. With async scheduling the next step is queued on the device before this
         step's tokens are read back, so host work overlaps the GPU; the outputs returned are then
         those of the step that just completed."""
+        start = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self.num_steps += 1
+            self.step_seconds_total += time.perf_counter() - start
+
+    def _step(self) -> list[RequestOutput]:
         prev, self._inflight = self._inflight, None
         if prev is not None and not self._can_overlap():
             return self._complete(prev)
@@ -371,4 +396,7 @@ class LLMEngine:
             prefix_hit_tokens=bm.prefix_hit_tokens,
             prefix_query_tokens=bm.prefix_query_tokens,
             num_blocks=bm.num_blocks,
+            num_free_blocks=bm.num_free_blocks,
+            num_steps=self.num_steps,
+            step_seconds_total=self.step_seconds_total,
         )

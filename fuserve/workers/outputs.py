@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fuserve.workers.sampler import TokenLogprobs
+from fuserve.core_messages import TokenLogprobs
 
 
 @dataclass

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fuserve.core_messages import TokenLogprobs
 from fuserve.sampling_params import SamplingParams
 from fuserve.workers.kernels.argmax import greedy_tokens
 from fuserve.workers.kernels.nucleus_threshold import nucleus_cut, nucleus_threshold_ref
@@ -27,13 +28,6 @@ class SampleRequest:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-
-
-@dataclass
-class TokenLogprobs:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 15 on the lent GPU machine: the serving path against the in-process engine. One call per PART:
+#   PART=overhead  (1 GPU)  closed loop at 16/64/128/256 streams, through Serve's Python proxy, then
+#                           through HAProxy (serve.ingress: haproxy); each beside the in-process engine
+#   PART=scale     (2 GPUs) a 400-request burst on 2 replicas behind HAProxy beside one in-process engine;
+#                           then one tensor-parallel (TP=2) replica served by `fuserve serve`, answering
+#   device run: PART=overhead bash benchmarks/serve_gpu_run.sh        (carry: [".whl"])
+set -uo pipefail
+export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export FUSERVE_COMMIT=${FUSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export PATH=/tmp/site/bin:$PATH
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+HAPROXY=(env RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1
+         RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2)
+MODEL=configs/llama3-8b-dummy.yaml
+RPC=${RPC:-4}  # requests per client at each concurrency level
+
+case ${PART:-overhead} in
+  overhead)
+    for ingress in ${INGRESSES:-haproxy python}; do
+      run=(); [ "$ingress" = haproxy ] && run=("${HAPROXY[@]}")
+      timeout ${LEVEL_TIMEOUT:-280} "${run[@]}" python3 benchmarks/bench_serve.py --config $MODEL \
+        --compare overhead --concurrency ${LEVELS:-16,64,128,256} --requests-per-client $RPC --scale 1 \
+        --out "$OUT/serve-overhead-$ingress.json" 2>&1 | tee "$OUT/overhead-$ingress.log" | tail -32
+    done ;;
+  scale)
+    timeout 330 "${HAPROXY[@]}" python3 benchmarks/bench_serve.py --config $MODEL --compare routers \
+      --routers length_aware --rate inf --num-requests 400 --scale 1 --engine-baseline \
+      --out "$OUT/serve-2replicas-haproxy.json" 2>&1 | tee "$OUT/scale.log" | tail -25
+    # One TP=2 replica (both GPUs) through `fuserve serve`, and a real request (issue 14, item 6).
+    python3 - <<'PY'
+import yaml
+c = yaml.safe_load(open("configs/llama3-8b-dummy.yaml"))
+c["parallel"] = {"tensor_parallel_size": 2}
+c["serve"] = {"port": 8011, "grpc_port": 9011, "num_cpus_per_replica": 2}
+yaml.safe_dump(c, open("/tmp/tp2-dummy.yaml", "w"))
+PY
+    (timeout 200 python3 -m fuserve.cli serve /tmp/tp2-dummy.yaml > "$OUT/tp2-serve.log" 2>&1 &)
+    for _ in $(seq 150); do curl -sf localhost:8011/health > /dev/null && break; sleep 1; done
+    curl -s localhost:8011/health | tee "$OUT/tp2-health.json"; echo
+    curl -s localhost:8011/v1/completions -H 'Content-Type: application/json' \
+      -d '{"prompt": [128000, 791, 6864, 315, 9822, 374], "max_tokens": 16, "temperature": 0, "ignore_eos": true}' \
+      | tee "$OUT/tp2-answer.json"; echo
+    pkill -TERM -f "fuserve.cli serve /tmp/tp2-dummy.yaml"; sleep 15; tail -5 "$OUT/tp2-serve.log" ;;
+esac

@@ -1,0 +1,119 @@
+"""The contract between a replica's frontend process and its engine-core process.
+
+    frontend --AddRequest / AbortRequest / Shutdown--> engine core     (ZMQ PUSH -> PULL)
+    frontend <--CoreReady, then one StepOutputs per engine step--      (ZMQ PULL <- PUSH)
+             <--CoreDead when the engine loop fails
+
+msgspec structs (array-like, so a message is a msgpack array, not a map of field names): one
+StepOutputs carries every sequence's new token ids of that step and the replica's stats, so the
+cost per step does not grow with a message per stream. Nothing here imports torch: the frontend
+and the router read these types without loading the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+
+from fuserve.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine stopped (its loop failed or its process died); this replica cannot serve until it is
+    replaced (HTTP 503)."""
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+class AddRequest(msgspec.Struct, tag="add", array_like=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float | None = None
+
+
+class AbortRequest(msgspec.Struct, tag="abort", array_like=True):
+    request_id: str
+    indices: list[int] | None = None  # which of its n sequences; None: all of them
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
+    pass
+
+
+CoreInput = AddRequest | AbortRequest | Shutdown
+
+
+class SeqOutput(msgspec.Struct, array_like=True):
+    """One sequence's progress in one step. Text is the frontend's business: it detokenizes."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    finish_reason: str | None = None  # set once, on the sequence's last output
+    logprobs: list[TokenLogprobs] = []
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+class RequestFailure(msgspec.Struct, array_like=True):
+    """A request the engine refused when it arrived; the others keep running."""
+
+    request_id: str
+    message: str
+
+
+class CoreStats(msgspec.Struct, array_like=True):
+    num_waiting: int = 0
+    num_running: int = 0
+    outstanding_tokens: int = 0
+    kv_cache_usage: float = 0.0
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    num_preemptions: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_query_tokens: int = 0
+    num_steps: int = 0
+    step_seconds_total: float = 0.0  # wall time inside engine.step(), summed
+    cpu_seconds_total: float = 0.0  # the engine-core process's CPU time
+
+
+class StepOutputs(msgspec.Struct, tag="step", array_like=True):
+    outputs: list[SeqOutput]
+    failures: list[RequestFailure]
+    stats: CoreStats
+
+
+class CoreReady(msgspec.Struct, tag="ready", array_like=True):
+    """What the frontend needs to know of the model to check and shape requests."""
+
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    has_tokenizer: bool
+    sampling_defaults: dict[str, float | int]
+    default_max_tokens: int | None
+    pid: int
+    stats: CoreStats
+
+
+class CoreDead(msgspec.Struct, tag="dead", array_like=True):
+    error: str
+
+
+CoreOutput = StepOutputs | CoreReady | CoreDead
+
+
+def input_decoder() -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(CoreInput)
+
+
+def output_decoder() -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(CoreOutput)

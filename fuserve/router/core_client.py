@@ -1,0 +1,275 @@
+"""The frontend's side of the engine core: spawn it, feed it, and fan its step messages out to streams.
+
+    EngineCoreClient(config, tokenizer).start()      spawn the engine-core process, wait for CoreReady
+    async for deltas in client.generate(request):    AddRequest out; this request's deltas in
+    (leaving the loop early sends AbortRequest: the engine frees the request's KV blocks)
+
+One task reads the core's messages, one per engine step for all sequences, and appends each
+sequence's output to its stream's pending list. A stream's consumer takes everything pending at
+once, so a client that keeps up gets each step's tokens as they come, and one that falls behind
+gets them merged into fewer, larger deltas; nothing waits on a timer. Text is made here, off the
+engine loop: incremental detokenization, and stop strings, which end a sequence with an abort sent
+to the core. The core's death (its process gone, or CoreDead) ends every stream with
+EngineDeadError at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from fuserve.configs import FuserveConfig
+from fuserve.core_messages import (
+    AbortRequest,
+    AddRequest,
+    CoreDead,
+    CoreInput,
+    CoreReady,
+    CoreStats,
+    EngineDeadError,
+    SeqOutput,
+    Shutdown,
+    StepOutputs,
+    output_decoder,
+)
+from fuserve.router.engine_messages import EngineDelta, EngineRequest
+from fuserve.sampling_params import RequestError
+from fuserve.workers.detokenizer import IncrementalDetokenizer
+from fuserve.workers.tokenizer import Tokenizer
+
+
+@dataclass
+class _Seq:
+    detok: IncrementalDetokenizer | None
+    finished: bool = False
+
+
+@dataclass
+class _Stream:
+    request_id: str
+    seqs: list[_Seq]
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    pending: list[SeqOutput | BaseException] = field(default_factory=list)
+
+    def put(self, item: SeqOutput | BaseException) -> None:
+        self.pending.append(item)
+        self.event.set()
+
+
+def _merge(outputs: list[SeqOutput]) -> list[SeqOutput]:
+    """Several steps' outputs of one sequence become one (the consumer fell behind)."""
+    by_index: dict[int, SeqOutput] = {}
+    for out in outputs:
+        seen = by_index.get(out.index)
+        if seen is None:
+            by_index[out.index] = SeqOutput(
+                out.request_id, out.index, list(out.token_ids), out.finish_reason, list(out.logprobs),
+                out.num_prompt_tokens, out.num_cached_tokens,
+            )
+        else:
+            seen.token_ids.extend(out.token_ids)
+            seen.logprobs.extend(out.logprobs)
+            seen.finish_reason = out.finish_reason
+            seen.num_cached_tokens = max(seen.num_cached_tokens, out.num_cached_tokens)
+    return list(by_index.values())
+
+
+class EngineCoreClient:
+    def __init__(self, config: FuserveConfig, tokenizer: Tokenizer | None, replica_id: str = "local") -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.replica_id = replica_id
+        self.info: CoreReady | None = None
+        self.stats = CoreStats()
+        self.error: str | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._encoder = msgspec.msgpack.Encoder()
+        self._closing = False
+        self._reader: asyncio.Task | None = None
+        self._dir = tempfile.mkdtemp(prefix="fuserve-core-")
+        in_addr, out_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
+        self._sync_ctx = zmq.Context()
+        self._to_core = self._sync_ctx.socket(zmq.PUSH)
+        self._to_core.setsockopt(zmq.LINGER, 0)
+        self._to_core.bind(in_addr)
+        self._ctx = zmq.asyncio.Context()
+        self._from_core = self._ctx.socket(zmq.PULL)
+        self._from_core.setsockopt(zmq.LINGER, 0)
+        self._from_core.bind(out_addr)
+        from fuserve.workers.engine_core import replica_placement, run_engine_core
+
+        placement = replica_placement() if config.parallel.tensor_parallel_size > 1 else None
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core,
+            args=(config.model_dump_json(), in_addr, out_addr, os.getpid(), placement),
+            name="fuserve-engine-core",
+            daemon=True,
+        )
+        self.process.start()
+
+    async def start(self, timeout_s: float) -> CoreReady:
+        """Waits for the engine to load its model and report; a core that dies or stalls fails here."""
+        decoder = output_decoder()
+        deadline = time.monotonic() + timeout_s
+        while self.info is None:
+            if not self.process.is_alive():
+                raise EngineDeadError(
+                    f"the engine-core process exited with code {self.process.exitcode} while starting; "
+                    "its log (the replica's stderr) says why"
+                )
+            if time.monotonic() > deadline:
+                self.shutdown(timeout_s=1)
+                raise EngineDeadError(f"the engine did not start within {timeout_s:g} s")
+            try:
+                msg = decoder.decode(await asyncio.wait_for(self._from_core.recv(), 0.5))
+            except asyncio.TimeoutError:
+                continue
+            if isinstance(msg, CoreDead):
+                self.shutdown(timeout_s=1)
+                raise EngineDeadError(msg.error)
+            if isinstance(msg, CoreReady):
+                self.info, self.stats = msg, msg.stats
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.process.sentinel, self._on_process_exit)
+        self._reader = loop.create_task(self._read_outputs())
+        return self.info
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self.info is not None and self.process.is_alive()
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def _send(self, msg: CoreInput) -> None:
+        self._to_core.send(self._encoder.encode(msg), flags=zmq.NOBLOCK)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[list[EngineDelta]]:
+        """Deltas of this request's n sequences until all finish. Raises RequestError if the engine
+        refused the request, EngineDeadError if the engine stopped."""
+        if not self.healthy:
+            raise EngineDeadError(f"the engine is not running: {self.error or 'stopped'}")
+        rid, params = request.request_id, request.params
+        if rid in self._streams:
+            raise RequestError(f"request id {rid!r} is already in use")
+        seqs = [
+            _Seq(
+                IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
+                if self.tokenizer is not None
+                else None
+            )
+            for _ in range(params.n)
+        ]
+        stream = _Stream(rid, seqs)
+        self._streams[rid] = stream
+        self._send(AddRequest(rid, request.prompt_token_ids, params, time.monotonic()))
+        try:
+            while not all(s.finished for s in seqs):
+                if not stream.pending:
+                    stream.event.clear()
+                    await stream.event.wait()
+                items, stream.pending = stream.pending, []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                outputs = _merge(items) if len(items) > 1 else items  # type: ignore[arg-type]
+                deltas = [d for d in (self._delta(stream, out) for out in outputs) if d is not None]
+                if deltas:
+                    yield deltas
+        finally:
+            self._streams.pop(rid, None)
+            if not all(s.finished for s in seqs) and self.healthy:
+                self._send(AbortRequest(rid))
+
+    def _delta(self, stream: _Stream, out: SeqOutput) -> EngineDelta | None:
+        seq = stream.seqs[out.index]
+        if seq.finished:  # a stop string ended it; the core's last steps for it arrive late
+            return None
+        finish = out.finish_reason
+        text = ""
+        if seq.detok is not None:
+            seq.detok.add(out.token_ids)
+            if seq.detok.stopped and finish is None:
+                finish = "stop"
+                self._send(AbortRequest(stream.request_id, [out.index]))
+            text = seq.detok.flush(final=finish is not None)
+        seq.finished = finish is not None
+        return EngineDelta(
+            index=out.index,
+            text=text,
+            token_ids=out.token_ids,
+            finished=seq.finished,
+            finish_reason=finish,
+            logprobs=out.logprobs,
+            num_prompt_tokens=out.num_prompt_tokens,
+            num_cached_tokens=out.num_cached_tokens,
+            replica_id=self.replica_id,
+        )
+
+    # ---- the core's messages --------------------------------------------------------------------
+    async def _read_outputs(self) -> None:
+        decoder = output_decoder()
+        streams = self._streams
+        while True:
+            try:
+                data = await self._from_core.recv()
+            except (zmq.ZMQError, asyncio.CancelledError):
+                return
+            msg = decoder.decode(data)
+            if isinstance(msg, StepOutputs):
+                self.stats = msg.stats
+                for out in msg.outputs:
+                    stream = streams.get(out.request_id)
+                    if stream is not None:
+                        stream.put(out)
+                for failure in msg.failures:
+                    stream = streams.get(failure.request_id)
+                    if stream is not None:
+                        stream.put(RequestError(failure.message))
+            elif isinstance(msg, CoreDead):
+                self._fail_all(msg.error)
+                return
+
+    def _on_process_exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.process.sentinel)
+        if not self._closing:
+            self.process.join(timeout=1)
+            self._fail_all(
+                f"the engine-core process (pid {self.process.pid}) exited with code {self.process.exitcode}"
+            )
+
+    def _fail_all(self, error: str) -> None:
+        if self.error is None:
+            self.error = error
+        for stream in list(self._streams.values()):
+            stream.put(EngineDeadError(error))
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Asks the core to stop, then makes sure it has: no process outlives the replica."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._reader is not None:
+            self._reader.cancel()
+        try:
+            if self.process.is_alive():
+                self._send(Shutdown())
+        except zmq.ZMQError:
+            pass
+        self.process.join(timeout_s)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self._to_core.close(linger=0)
+        self._from_core.close(linger=0)
+        self._sync_ctx.term()
+        self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,256 @@
+"""The engine-core process: the engine loop alone in its own process, fed and drained over ZMQ.
+
+    frontend --AddRequest/AbortRequest (ipc PUSH)--> [input thread: decode] --queue--> loop
+    loop: apply inputs -> engine.step() -> StepOutputs --queue--> [output thread: encode, send]
+                                                                   --(ipc PUSH)--> frontend
+
+Why a process of its own: in the replica process the engine loop shared one GIL with uvicorn, the
+SSE writers and Serve's own machinery, and every request's Python work stretched the step (vLLM v1
+and SGLang split it out for the same reason). Why IO threads: decoding inputs and encoding the
+step's one output message happen while the main thread waits on the GPU, not on its path.
+
+The process is spawned (never forked: a forked CUDA context is unusable), starts with no CUDA state
+of the frontend's, and exits on Shutdown, when the frontend's process goes away, or after sending
+CoreDead when the engine fails.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+
+from fuserve.configs import FuserveConfig
+from fuserve.core_messages import (
+    AbortRequest,
+    AddRequest,
+    CoreDead,
+    CoreReady,
+    CoreStats,
+    RequestFailure,
+    SeqOutput,
+    Shutdown,
+    StepOutputs,
+    input_decoder,
+)
+from fuserve.workers.engine import LLMEngine
+from fuserve.workers.outputs import RequestOutput
+
+IDLE_POLL_S = 0.5  # an idle loop wakes this often to notice a vanished frontend
+_STOP = object()
+
+
+@dataclass
+class RayPlacement:
+    """Where the replica sits in Ray. Its engine core is no Ray worker, so for tensor parallelism it
+    joins the cluster as a driver of its own and starts ranks 1..N-1 in the replica's placement group
+    (Serve reserved one bundle per rank for it). The workers belong to that driver's job, so they end
+    when the engine core does."""
+
+    address: str
+    namespace: str
+    placement_group_id: str | None
+
+
+def replica_placement() -> RayPlacement | None:
+    """Called in the frontend: the facts its engine core needs to place tensor-parallel workers."""
+    import ray
+    from ray.util.placement_group import get_current_placement_group
+
+    if not ray.is_initialized():
+        return None
+    ctx = ray.get_runtime_context()
+    group = get_current_placement_group()
+    return RayPlacement(ctx.gcs_address, ctx.namespace, group.id.hex() if group is not None else None)
+
+
+def build_engine(config: FuserveConfig, placement: RayPlacement | None) -> LLMEngine:
+    if config.parallel.tensor_parallel_size == 1 or placement is None:
+        return LLMEngine(config, detokenize=False)  # tensor parallel without Ray placement: offline start
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+
+    from fuserve.parallel.worker_group import WorkerGroup
+
+    ray.init(address=placement.address, namespace=placement.namespace, log_to_driver=False)
+    group = None
+    if placement.placement_group_id is not None:
+        group = PlacementGroup(PlacementGroupID.from_hex(placement.placement_group_id))
+    workers = WorkerGroup.start(config, placement_group=group)
+    return LLMEngine(config, workers=workers, detokenize=False)
+
+
+def core_stats(engine: LLMEngine) -> CoreStats:
+    s = engine.stats()
+    return CoreStats(
+        num_waiting=s.num_waiting,
+        num_running=s.num_running,
+        outstanding_tokens=s.outstanding_tokens,
+        kv_cache_usage=s.kv_cache_usage,
+        num_free_blocks=s.num_free_blocks,
+        num_blocks=s.num_blocks,
+        num_preemptions=s.num_preemptions,
+        prefix_hit_tokens=s.prefix_hit_tokens,
+        prefix_query_tokens=s.prefix_query_tokens,
+        num_steps=s.num_steps,
+        step_seconds_total=s.step_seconds_total,
+        cpu_seconds_total=time.process_time(),
+    )
+
+
+def seq_output(out: RequestOutput) -> SeqOutput:
+    return SeqOutput(
+        request_id=out.request_id,
+        index=out.index,
+        token_ids=out.delta_token_ids,
+        finish_reason=out.finish_reason if out.finished else None,
+        logprobs=out.delta_logprobs,
+        num_prompt_tokens=out.num_prompt_tokens,
+        num_cached_tokens=out.num_cached_tokens,
+    )
+
+
+class EngineCore:
+    """The loop over one LLMEngine; inputs and outputs cross thread-safe queues."""
+
+    def __init__(self, engine: LLMEngine, parent_pid: int) -> None:
+        self.engine = engine
+        self.parent_pid = parent_pid
+        self.inputs: queue.Queue = queue.Queue()
+        self.outputs: queue.Queue = queue.Queue()
+
+    def frontend_alive(self) -> bool:
+        return os.getppid() == self.parent_pid
+
+    def run(self) -> None:
+        engine = self.engine
+        while True:
+            failures: list[RequestFailure] = []
+            busy = engine.has_unfinished()
+            items = []
+            if not busy:  # nothing to step: sleep until an input comes
+                try:
+                    items.append(self.inputs.get(timeout=IDLE_POLL_S))
+                except queue.Empty:
+                    pass
+            while True:
+                try:
+                    items.append(self.inputs.get_nowait())
+                except queue.Empty:
+                    break
+            for item in items:
+                if isinstance(item, AddRequest):
+                    try:
+                        engine.add_request(
+                            item.request_id, item.prompt_token_ids, item.params, item.arrival_time
+                        )
+                    except Exception as err:  # a bad request fails alone
+                        failures.append(RequestFailure(item.request_id, str(err)))
+                elif isinstance(item, AbortRequest):
+                    engine.abort(item.request_id, item.indices)
+                else:  # Shutdown
+                    return
+            if not self.frontend_alive():  # no one to serve: never outlive the replica
+                return
+            outs = engine.step() if engine.has_unfinished() else []
+            if outs or failures:
+                self.outputs.put(StepOutputs([seq_output(o) for o in outs], failures, core_stats(engine)))
+            elif items:  # e.g. aborts: the frontend's stats should see the freed blocks
+                self.outputs.put(StepOutputs([], [], core_stats(engine)))
+
+
+def _read_inputs(socket: zmq.Socket, into: queue.Queue) -> None:
+    decoder = input_decoder()
+    try:
+        while True:
+            msg = decoder.decode(socket.recv())
+            into.put(msg)
+            if isinstance(msg, Shutdown):
+                return
+    except zmq.ContextTerminated:
+        pass
+    finally:
+        socket.close(linger=0)
+
+
+def _exit(ctx: zmq.Context, out_sock: zmq.Socket, code: int) -> None:
+    """Lets the last message (CoreDead, say) leave before the process does, but never waits long."""
+    out_sock.close(linger=2000)
+    closer = threading.Thread(target=ctx.term, daemon=True)
+    closer.start()
+    closer.join(timeout=3)
+    os._exit(code)
+
+
+def _write_outputs(socket: zmq.Socket, source: queue.Queue) -> None:
+    encoder = msgspec.msgpack.Encoder()
+    buf = bytearray()
+    while True:
+        msg = source.get()
+        if msg is _STOP:
+            return
+        encoder.encode_into(msg, buf)
+        socket.send(buf, copy=True)
+
+
+def run_engine_core(
+    config_json: str, input_addr: str, output_addr: str, parent_pid: int, placement: RayPlacement | None
+) -> None:
+    """The spawned process's entry point. Ctrl-C reaches the whole process group; the frontend decides
+    when this process ends (after draining), so SIGINT is ignored here."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctx = zmq.Context()
+    out_sock = ctx.socket(zmq.PUSH)
+    out_sock.setsockopt(zmq.LINGER, 2000)
+    out_sock.connect(output_addr)
+    in_sock = ctx.socket(zmq.PULL)
+    in_sock.connect(input_addr)
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        engine = build_engine(FuserveConfig.model_validate_json(config_json), placement)
+    except BaseException as err:
+        traceback.print_exc()
+        out_sock.send(encoder.encode(CoreDead(f"the engine failed to start: {type(err).__name__}: {err}")))
+        in_sock.close(linger=0)
+        _exit(ctx, out_sock, 1)
+    core = EngineCore(engine, parent_pid)
+    gen = engine.generation
+    out_sock.send(
+        encoder.encode(
+            CoreReady(
+                model_name=engine.model_name,
+                max_model_len=engine.max_model_len,
+                vocab_size=engine.arch.vocab_size,
+                block_size=engine.config.cache.block_size,
+                has_tokenizer=engine.tokenizer is not None,
+                sampling_defaults=dict(gen.sampling_defaults),
+                default_max_tokens=gen.max_new_tokens,
+                pid=os.getpid(),
+                stats=core_stats(engine),
+            )
+        )
+    )
+    threading.Thread(target=_read_inputs, args=(in_sock, core.inputs), daemon=True, name="core-in").start()
+    writer = threading.Thread(target=_write_outputs, args=(out_sock, core.outputs), name="core-out")
+    writer.start()
+    code = 0
+    try:
+        core.run()
+    except BaseException as err:
+        traceback.print_exc()
+        core.outputs.put(CoreDead(f"the engine failed and stopped: {type(err).__name__}: {err}"))
+        code = 1
+    core.outputs.put(_STOP)
+    writer.join(timeout=5)
+    try:
+        engine.shutdown()
+    finally:
+        _exit(ctx, out_sock, code)
