@@ -806,7 +806,18 @@ def print_table(rows: list[dict]) -> None:
         print(" ".join(_fmt(r.get(c), w) for c, w in zip(cols, widths, strict=True)))
     by = {(r["comparison"], r.get("router", r.get("path")), r.get("rate")): r for r in rows}
     for rate in sorted({r["rate"] for r in rows if r["comparison"] == "router"}):
-        la, p2 = by[("router", "length_aware", rate)], by[("router", "pow2", rate)]
+        la, p2 = by.get(("router", "length_aware", rate)), by.get(("router", "pow2", rate))
+        one = by.get(("router", "none", rate))  # the in-process engine (--engine-baseline)
+        if one is not None:
+            for r in (la, p2):
+                if r is not None:
+                    print(
+                        f"{r['router']} on {r['replicas']} replicas vs one in-process engine at {rate} "
+                        f"req/s: {r['output_tok_s']:.1f} vs {one['output_tok_s']:.1f} tok/s "
+                        f"({_ratio(r['output_tok_s'], one['output_tok_s']):.2f}x)"
+                    )
+        if la is None or p2 is None:
+            continue
         ttft, tput = (la["ttft_ms_p99"], p2["ttft_ms_p99"]), (la["output_tok_s"], p2["output_tok_s"])
         print(
             f"length-aware vs pow2 at {rate} req/s: TTFT p99 {ttft[0]:.0f} vs {ttft[1]:.0f} ms "

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 from checkpoints import make_checkpoint
@@ -36,6 +37,8 @@ def random_text(rng: random.Random, n: int) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    running = [p.pid for p in psutil.process_iter(["cmdline"]) if _haproxy(p.info["cmdline"])]
+    assert not running, f"an HAProxy from another run holds its ports: {running}"
     tmp = tmp_path_factory.mktemp("haproxy")
     folder = make_checkpoint(tmp / "tiny", "llama3", max_position_embeddings=MAX_MODEL_LEN, vocab_size=260)
     port = _free_port()
@@ -61,13 +64,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         deadline, up = time.monotonic() + 150, set()
         while time.monotonic() < deadline and len(up) < 2:  # both replicas answer through HAProxy
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=5)
+            try:  # HAProxy balances GETs itself (no router): each replica's /health answers in turn
+                r = httpx.get(f"{url}/health", timeout=5)
                 if r.status_code == 200:
-                    up.add(r.headers["x-fuserve-replica"])
-            except httpx.HTTPError:
+                    up.add(r.json()["replica"])
+            except (httpx.HTTPError, ValueError, KeyError):
                 pass
-            time.sleep(0.5)
+            time.sleep(0.3)
         assert len(up) == 2, f"replicas up: {up}"
         yield url
     finally:
@@ -78,6 +81,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+        time.sleep(1)
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if _haproxy(p.info["cmdline"])]
+        assert not left, f"HAProxy outlived `fuserve serve`: {left}"
+
+
+def _haproxy(cmdline: list[str] | None) -> bool:
+    return bool(cmdline) and cmdline[0].endswith("/haproxy")
 
 
 async def post_all(url: str, bodies: list[dict]) -> list[str]:

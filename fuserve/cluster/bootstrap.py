@@ -6,8 +6,10 @@ it; on a shared cluster (`--address`) other applications keep running.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+from pathlib import Path
 
 import ray
 from ray import serve
@@ -47,6 +49,7 @@ def serve_until_stopped(config: FuserveConfig, address: str | None = None) -> No
         stop.wait()
     finally:
         print("fuserve: stopping", flush=True)
+        node_id = ray.get_runtime_context().get_node_id()
         try:
             serve.delete(APP_NAME)
             if started_cluster:
@@ -54,3 +57,19 @@ def serve_until_stopped(config: FuserveConfig, address: str | None = None) -> No
         finally:
             if started_cluster:
                 ray.shutdown()
+                end_haproxy(node_id)
+
+
+def end_haproxy(node_id: str) -> None:
+    """Serve's HAProxy outlives the Ray cluster that started it when its manager actor is killed at
+    shutdown rather than stopped (Ray 2.60), holding its ports (8404, 9101, serve.port) for the next
+    start. It is known by its config file, in a folder named after the node: end it here."""
+    marker = f"/haproxy-serve/{node_id}/".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGTERM)
+        except (OSError, ValueError):  # gone meanwhile, or not ours to read
+            pass

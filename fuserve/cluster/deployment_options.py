@@ -20,6 +20,13 @@ from fuserve.router.length_aware_router import LengthAwareRouter
 
 ROUTING_STATS_PERIOD_S = 0.25  # replicas report outstanding tokens this often
 HEALTH_CHECK_PERIOD_S = 2.0  # a replica whose engine core died is replaced within about this long
+# Serve runs a replica's user code on a second event loop in its own thread, and the handle routers on
+# a third, by default: every SSE chunk and every routing call then crosses threads (and the GIL). In
+# the replicas only (in a driver the second flag breaks synchronous handle calls) they share one loop.
+SAME_LOOP_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
 
 
 def serve_limit(serve_cfg: ServeConfig) -> int:
@@ -38,7 +45,11 @@ def gpus_per_worker(config: FuserveConfig, cluster_gpus: float) -> int:
 def engine_options(config: FuserveConfig, cluster_gpus: float = 0.0) -> dict[str, Any]:
     serve_cfg, tp = config.serve, config.parallel.tensor_parallel_size
     gpu = gpus_per_worker(config, cluster_gpus)
-    actor: dict[str, Any] = {"num_cpus": serve_cfg.num_cpus_per_replica, "num_gpus": gpu}
+    actor: dict[str, Any] = {
+        "num_cpus": serve_cfg.num_cpus_per_replica,
+        "num_gpus": gpu,
+        "runtime_env": {"env_vars": dict(SAME_LOOP_ENV)},
+    }
     opts: dict[str, Any] = {
         "ray_actor_options": actor,
         # The replica does its own admission control (EngineClient: an OpenAI-shaped 429 at once).

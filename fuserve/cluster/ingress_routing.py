@@ -58,6 +58,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 from ray.serve.request_router import RunningReplica
 
+from fuserve.cluster.deployment_options import SAME_LOOP_ENV
 from fuserve.configs import FuserveConfig
 from fuserve.router.engine_messages import ModelInfo
 from fuserve.router.errors import APIError
@@ -224,7 +225,7 @@ def router_options() -> dict[str, Any]:
     """No CPU reserved: Serve pins one router to every proxy node, which may have no CPU to give."""
     return {
         "name": ROUTER_NAME,
-        "ray_actor_options": {"num_cpus": 0},
+        "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": dict(SAME_LOOP_ENV)}},
         "max_ongoing_requests": ROUTER_MAX_ONGOING,
     }
 
