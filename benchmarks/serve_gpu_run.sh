@@ -19,6 +19,8 @@ MODEL=configs/llama3-8b-dummy.yaml
 RPC=${RPC:-4}  # requests per client at each concurrency level
 
 case ${PART:-overhead} in
+  both)  # one call on two GPUs: the overhead levels through HAProxy, then the burst on 2 replicas
+    INGRESSES=haproxy PART=overhead bash "$0"; TP2=0 PART=scale bash "$0" ;;
   overhead)
     for ingress in ${INGRESSES:-haproxy python}; do
       run=(); [ "$ingress" = haproxy ] && run=("${HAPROXY[@]}")
@@ -28,8 +30,9 @@ case ${PART:-overhead} in
     done ;;
   scale)
     timeout 330 "${HAPROXY[@]}" python3 benchmarks/bench_serve.py --config $MODEL --compare routers \
-      --routers length_aware --rate inf --num-requests 400 --scale 1 --engine-baseline \
+      --routers length_aware --rate inf --num-requests ${BURST:-400} --scale 1 --engine-baseline \
       --out "$OUT/serve-2replicas-haproxy.json" 2>&1 | tee "$OUT/scale.log" | tail -25
+    [ "${TP2:-1}" = 1 ] || exit 0
     # One TP=2 replica (both GPUs) through `fuserve serve`, and a real request (issue 14, item 6).
     python3 - <<'PY'
 import yaml

@@ -23,9 +23,11 @@ HEALTH_CHECK_PERIOD_S = 2.0  # a replica whose engine core died is replaced with
 # Serve runs a replica's user code on a second event loop in its own thread, and the handle routers on
 # a third, by default: every SSE chunk and every routing call then crosses threads (and the GIL). In
 # the replicas only (in a driver the second flag breaks synchronous handle calls) they share one loop.
+# Their access log is written in batches, not one write per request.
 SAME_LOOP_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
 }
 
 
