@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from fuserve.configs import ConfigError, load_config
+from fuserve.configs import HAPROXY_ENV, ConfigError, load_config
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -35,16 +35,6 @@ def _generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-# Serve reads these once, when ray.serve is first imported, and the Ray processes this command starts
-# inherit them; on a cluster started elsewhere they must be in every node's environment (k8s/).
-HAPROXY_ENV = {
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
-    # the default (30 s) would hold every replica that long on shutdown, past serve.drain_timeout_s
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
-}
 
 
 def _serve(args: argparse.Namespace) -> int:

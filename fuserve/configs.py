@@ -180,6 +180,17 @@ class ServeConfig(_Strict):
     )
 
 
+# What `serve.ingress: haproxy` needs in the environment of every Ray node, before Ray (and Serve) start:
+# Serve reads these once, when ray.serve is first imported. `fuserve serve` sets them for the cluster it
+# starts; the KubeRay manifests set them on every container.
+HAPROXY_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
+    # the default (30 s) would hold every replica that long on shutdown, past serve.drain_timeout_s
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+}
+
+
 class FuserveConfig(_Strict):
     """One deployment. The defaults are `configs/default.yaml`: SmolLM2-135M-Instruct on CPU."""
 

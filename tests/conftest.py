@@ -8,20 +8,14 @@ module ends so later modules start clean. Both proxies run: HTTP and gRPC (fuser
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from ports import free_port
 
 # Ray 2.60 turns token auth on by default; a throwaway local test cluster does not need it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -42,7 +36,7 @@ def serve_cluster() -> Iterator[ServeCluster]:
 
     from fuserve.router.grpc_service import SERVICER_FUNCTION
 
-    cluster = ServeCluster(_free_port(), _free_port())
+    cluster = ServeCluster(free_port(), free_port())
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(
         http_options={"host": "127.0.0.1", "port": cluster.http_port},

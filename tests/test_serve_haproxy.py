@@ -9,23 +9,16 @@ process of its own (the CLI sets the variables from the config); this test speak
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import psutil
 import pytest
-import yaml
 from checkpoints import make_checkpoint
-from conftest import _free_port
+from ports import free_port
+from served import Served
 
 MAX_MODEL_LEN = 2048
 TIMEOUT = httpx.Timeout(60.0)
@@ -41,29 +34,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert not running, f"an HAProxy from another run holds its ports: {running}"
     tmp = tmp_path_factory.mktemp("haproxy")
     folder = make_checkpoint(tmp / "tiny", "llama3", max_position_embeddings=MAX_MODEL_LEN, vocab_size=260)
-    port = _free_port()
+    port = free_port()
     config = {
         "model": {"path": str(folder), "name": "tiny", "max_model_len": MAX_MODEL_LEN},
         "cache": {"num_blocks": 512},
-        "serve": {"port": port, "grpc_port": _free_port(), "num_replicas": 2, "ingress": "haproxy"},
+        "serve": {"port": port, "grpc_port": free_port(), "num_replicas": 2, "ingress": "haproxy"},
     }
-    (tmp / "deploy.yaml").write_text(yaml.safe_dump(config))
-    ray_tmp = Path(tempfile.mkdtemp(prefix="fh", dir="/tmp"))  # Ray's socket paths must stay short
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fuserve.cli", "serve", str(tmp / "deploy.yaml")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = Served(config, tmp)
+    url = server.url
     try:
         deadline, up = time.monotonic() + 150, set()
         while time.monotonic() < deadline and len(up) < 2:  # both replicas answer through HAProxy
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            server.check_running()
             try:  # HAProxy balances GETs itself (no router): each replica's /health answers in turn
                 r = httpx.get(f"{url}/health", timeout=5)
                 if r.status_code == 200:
@@ -74,13 +56,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         assert len(up) == 2, f"replicas up: {up}"
         yield url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        server.stop()
         time.sleep(1)
         left = [p.pid for p in psutil.process_iter(["cmdline"]) if _haproxy(p.info["cmdline"])]
         assert not left, f"HAProxy outlived `fuserve serve`: {left}"

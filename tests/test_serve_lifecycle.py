@@ -10,21 +10,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import psutil
 import pytest
-import yaml
 from checkpoints import make_checkpoint
-from conftest import ServeCluster, _free_port
+from ports import free_port
+from served import Served
+
+if TYPE_CHECKING:
+    from conftest import ServeCluster
 
 MAX_MODEL_LEN = 1024
 
@@ -114,30 +114,18 @@ def test_killed_engine_core_ends_streams_and_the_replica_is_replaced(
 @pytest.mark.slow
 def test_sigterm_drains_streams_and_leaves_no_process(tmp_path: Path) -> None:
     drain_s = 20
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     config = {
         "model": {"path": str(_tiny_model(tmp_path)), "name": "tiny", "max_model_len": MAX_MODEL_LEN},
         "cache": {"num_blocks": 256},
         "serve": {"port": http_port, "grpc_port": grpc_port, "drain_timeout_s": drain_s},
     }
-    path = tmp_path / "deploy.yaml"
-    path.write_text(yaml.safe_dump(config))
-    ray_tmp = Path(tempfile.mkdtemp(prefix="fr", dir="/tmp"))  # Ray's socket paths must stay short
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fuserve.cli", "serve", str(path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{http_port}"
+    server = Served(config, tmp_path)
+    proc, url = server.proc, server.url
     try:
         deadline, core_pid = time.monotonic() + 120, None
         while time.monotonic() < deadline and core_pid is None:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            server.check_running()
             try:
                 core_pid = httpx.get(f"{url}/health", timeout=5).json().get("engine_core_pid")
             except (httpx.HTTPError, ValueError):
@@ -160,14 +148,11 @@ def test_sigterm_drains_streams_and_leaves_no_process(tmp_path: Path) -> None:
         for r in results:
             assert r["events"] and r["events"][-1] == "[DONE]", r["events"][-2:]
             assert _finish_reasons(r["events"]) == ["length"], r["events"][-2:]
-        assert code == 0, proc.stdout.read() if proc.stdout else ""
+        assert code == 0, server.output()
         assert exit_s < drain_s + 10, exit_s
         time.sleep(1)
         alive = [p for p in family if psutil.pid_exists(p)]
         left = [p for p in alive if psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         assert not left, [psutil.Process(p).cmdline()[:3] for p in left]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        server.stop(timeout_s=0)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from fuserve.configs import FuserveConfig, load_config
+from fuserve.configs import HAPROXY_ENV, FuserveConfig, load_config
 from fuserve.router.grpc_service import SERVICER_FUNCTION
 
 
@@ -59,12 +59,15 @@ def serve_config(config: FuserveConfig, config_file: str) -> dict[str, Any]:
     }
 
 
-def _container(name: str, image: str, resources: dict[str, Any], ports: list[tuple[str, int]]) -> dict:
+def _container(
+    name: str, image: str, resources: dict[str, Any], ports: list[tuple[str, int]], env: dict[str, str]
+) -> dict:
     return {
         "name": name,
         "image": image,
         "resources": {"limits": resources, "requests": resources},
         "ports": [{"name": n, "containerPort": p} for n, p in ports],
+        **({"env": [{"name": k, "value": v} for k, v in env.items()]} if env else {}),
         "volumeMounts": [
             {"name": "fuserve-config", "mountPath": CONFIG_DIR},
             {"name": "models", "mountPath": MODELS_DIR, "readOnly": True},
@@ -97,10 +100,11 @@ def rayservice_manifests(
     else:
         lo = hi = count = s.num_replicas
     ports = [("serve", s.port), ("grpc", s.grpc_port)]
+    env = dict(HAPROXY_ENV) if s.ingress == "haproxy" else {}
     head = _container(
-        "ray-head", image, {"cpu": "4", "memory": "16Gi"}, [("gcs", 6379), ("dashboard", 8265)] + ports
+        "ray-head", image, {"cpu": "4", "memory": "16Gi"}, [("gcs", 6379), ("dashboard", 8265)] + ports, env
     )
-    worker = _container("ray-worker", image, worker_res, ports)
+    worker = _container("ray-worker", image, worker_res, ports, env)
     config_map = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
