@@ -474,7 +474,7 @@ def scrape_counters(url: str) -> dict[str, float]:
 
 def engine_counters(stats: Any) -> dict[str, float]:
     """The in-process engine's step counters from `AsyncEngine.stats`; the engine has no frontend
-    process, and an EngineStats without the step fields gives NaN."""
+    process, and a stats object without the step fields (an older engine) gives NaN."""
     values = dict.fromkeys(SERVER_COUNTERS, math.nan)
     for key, name in ENGINE_STATS_FIELDS.items():
         values[key] = float(getattr(stats, name, math.nan))

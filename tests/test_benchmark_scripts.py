@@ -214,7 +214,7 @@ def test_level_figures_from_counters_and_engine_stats(bs: types.ModuleType) -> N
         0.5
     )
     assert fig["engine_steps"] == 100 and fig["engine_step_ms"] == pytest.approx(6.0)
-    # today's EngineStats (no step fields) and an engine that ran no step: NaN, not a crash
+    # stats without the step fields (an older engine) and an engine that ran no step: NaN, not a crash
     old = bs.engine_counters(types.SimpleNamespace(num_running=0))
     assert all(math.isnan(v) for v in bs.level_figures(old, old, 0, 0.0).values())
     new = bs.engine_counters(types.SimpleNamespace(num_steps=5, step_seconds_total=0.05))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fuserve.core_messages import TokenLogprobs
+from fuserve.core_messages import CoreStats, TokenLogprobs
 from fuserve.sampling_params import SamplingParams
 
 
@@ -29,18 +29,7 @@ class ReplicaStats:
     """One engine replica's state, as /metrics and the router see it."""
 
     replica_id: str
-    num_waiting: int = 0
-    num_running: int = 0
-    outstanding_tokens: int = 0
-    kv_cache_usage: float = 0.0
-    num_free_blocks: int = 0
-    num_blocks: int = 0
-    num_preemptions: int = 0
-    prefix_hit_tokens: int = 0
-    prefix_query_tokens: int = 0
-    num_steps: int = 0
-    step_seconds_total: float = 0.0
-    engine_cpu_seconds_total: float = 0.0
+    engine: CoreStats = field(default_factory=CoreStats)  # its engine core's, from the last step
     frontend_cpu_seconds_total: float = 0.0
     healthy: bool = True
     timestamp: float = 0.0  # time.time() on the replica when taken
@@ -66,7 +55,6 @@ class EngineDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     replica_id: str = ""
-    stats: ReplicaStats | None = None  # attached now and then, so /metrics stays current
 
 
 @dataclass

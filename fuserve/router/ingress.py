@@ -129,22 +129,10 @@ class EngineIngress:
 
     # ---- this replica's state: routing, health, metrics ------------------------------------------
     def stats(self) -> ReplicaStats:
-        s = self.core.stats
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return ReplicaStats(
             replica_id=self.replica_id,
-            num_waiting=s.num_waiting,
-            num_running=s.num_running,
-            outstanding_tokens=s.outstanding_tokens,
-            kv_cache_usage=s.kv_cache_usage,
-            num_free_blocks=s.num_free_blocks,
-            num_blocks=s.num_blocks,
-            num_preemptions=s.num_preemptions,
-            prefix_hit_tokens=s.prefix_hit_tokens,
-            prefix_query_tokens=s.prefix_query_tokens,
-            num_steps=s.num_steps,
-            step_seconds_total=s.step_seconds_total,
-            engine_cpu_seconds_total=s.cpu_seconds_total,
+            engine=self.core.stats,
             frontend_cpu_seconds_total=usage.ru_utime + usage.ru_stime,
             healthy=self.core.healthy,
             timestamp=time.time(),

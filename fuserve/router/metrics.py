@@ -52,23 +52,27 @@ class _EngineCollector(Collector):
             "prefix_query_tokens": ("fuserve_engine_prefix_cache_query_tokens", "Prompt tokens looked up"),
             "num_steps": ("fuserve_engine_steps", "Engine steps run"),
             "step_seconds_total": ("fuserve_engine_step_seconds", "Wall seconds inside engine steps"),
-            "engine_cpu_seconds_total": ("fuserve_engine_core_cpu_seconds", "CPU seconds of the engine core"),
-            "frontend_cpu_seconds_total": (
-                "fuserve_frontend_cpu_seconds",
-                "CPU seconds of the replica's frontend process (HTTP, tokenization, SSE)",
-            ),
+            "cpu_seconds_total": ("fuserve_engine_core_cpu_seconds", "CPU seconds of the engine core"),
         }
         snapshot = list(self.replicas.values())
         for attr, (name, doc) in gauges.items():
             g = GaugeMetricFamily(name, doc, labels=["replica"])
             for s in snapshot:
-                g.add_metric([s.replica_id], float(getattr(s, attr)))
+                g.add_metric([s.replica_id], float(getattr(s.engine, attr)))
             yield g
         for attr, (name, doc) in counters.items():
             c = CounterMetricFamily(name, doc, labels=["replica"])
             for s in snapshot:
-                c.add_metric([s.replica_id], float(getattr(s, attr)))
+                c.add_metric([s.replica_id], float(getattr(s.engine, attr)))
             yield c
+        frontend = CounterMetricFamily(
+            "fuserve_frontend_cpu_seconds",
+            "CPU seconds of the replica's frontend process (HTTP, tokenization, SSE)",
+            labels=["replica"],
+        )
+        for s in snapshot:
+            frontend.add_metric([s.replica_id], s.frontend_cpu_seconds_total)
+        yield frontend
         up = GaugeMetricFamily(
             "fuserve_engine_healthy", "1 while the replica's engine loop runs", labels=["replica"]
         )

@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fuserve.configs import FuserveConfig
-from fuserve.core_messages import EngineDeadError
+from fuserve.core_messages import CoreStats, EngineDeadError
 from fuserve.sampling_params import SamplingParams
-from fuserve.workers.engine import EngineStats, LLMEngine
+from fuserve.workers.engine import LLMEngine
 from fuserve.workers.outputs import RequestOutput
 
 
@@ -43,7 +43,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._stopped = False
         self.error: str | None = None
-        self.stats: EngineStats = self.engine.stats()
+        self.stats: CoreStats = self.engine.stats()
         self._thread = threading.Thread(target=self._loop, name="fuserve-engine", daemon=True)
         self._thread.start()
 

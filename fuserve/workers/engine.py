@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fuserve.configs import FuserveConfig
+from fuserve.core_messages import CoreStats
 from fuserve.parallel.tp_context import TPContext
 from fuserve.sampling_params import RequestError, SamplingParams
 from fuserve.workers.block_manager import BlockManager
@@ -76,21 +77,6 @@ class _SeqState:
     detok: IncrementalDetokenizer | None
     num_sent: int = 0
     logprobs: list = field(default_factory=list)
-
-
-@dataclass
-class EngineStats:
-    num_waiting: int
-    num_running: int
-    outstanding_tokens: int
-    kv_cache_usage: float
-    num_preemptions: int
-    prefix_hit_tokens: int
-    prefix_query_tokens: int
-    num_blocks: int
-    num_free_blocks: int = 0
-    num_steps: int = 0
-    step_seconds_total: float = 0.0
 
 
 class LLMEngine:
@@ -385,9 +371,9 @@ class LLMEngine:
         if self.workers is not None:
             self.workers.shutdown()
 
-    def stats(self) -> EngineStats:
+    def stats(self) -> CoreStats:
         bm = self.block_manager
-        return EngineStats(
+        return CoreStats(
             num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running),
             outstanding_tokens=self.scheduler.outstanding_tokens(),
@@ -399,4 +385,5 @@ class LLMEngine:
             num_free_blocks=bm.num_free_blocks,
             num_steps=self.num_steps,
             step_seconds_total=self.step_seconds_total,
+            cpu_seconds_total=time.process_time(),
         )

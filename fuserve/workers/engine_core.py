@@ -20,7 +20,6 @@ import os
 import queue
 import signal
 import threading
-import time
 import traceback
 from dataclasses import dataclass
 
@@ -33,7 +32,6 @@ from fuserve.core_messages import (
     AddRequest,
     CoreDead,
     CoreReady,
-    CoreStats,
     RequestFailure,
     SeqOutput,
     Shutdown,
@@ -86,24 +84,6 @@ def build_engine(config: FuserveConfig, placement: RayPlacement | None) -> LLMEn
         group = PlacementGroup(PlacementGroupID.from_hex(placement.placement_group_id))
     workers = WorkerGroup.start(config, placement_group=group)
     return LLMEngine(config, workers=workers, detokenize=False)
-
-
-def core_stats(engine: LLMEngine) -> CoreStats:
-    s = engine.stats()
-    return CoreStats(
-        num_waiting=s.num_waiting,
-        num_running=s.num_running,
-        outstanding_tokens=s.outstanding_tokens,
-        kv_cache_usage=s.kv_cache_usage,
-        num_free_blocks=s.num_free_blocks,
-        num_blocks=s.num_blocks,
-        num_preemptions=s.num_preemptions,
-        prefix_hit_tokens=s.prefix_hit_tokens,
-        prefix_query_tokens=s.prefix_query_tokens,
-        num_steps=s.num_steps,
-        step_seconds_total=s.step_seconds_total,
-        cpu_seconds_total=time.process_time(),
-    )
 
 
 def seq_output(out: RequestOutput) -> SeqOutput:
@@ -162,9 +142,9 @@ class EngineCore:
                 return
             outs = engine.step() if engine.has_unfinished() else []
             if outs or failures:
-                self.outputs.put(StepOutputs([seq_output(o) for o in outs], failures, core_stats(engine)))
+                self.outputs.put(StepOutputs([seq_output(o) for o in outs], failures, engine.stats()))
             elif items:  # e.g. aborts: the frontend's stats should see the freed blocks
-                self.outputs.put(StepOutputs([], [], core_stats(engine)))
+                self.outputs.put(StepOutputs([], [], engine.stats()))
 
 
 def _read_inputs(socket: zmq.Socket, into: queue.Queue) -> None:
@@ -234,7 +214,7 @@ def run_engine_core(
                 sampling_defaults=dict(gen.sampling_defaults),
                 default_max_tokens=gen.max_new_tokens,
                 pid=os.getpid(),
-                stats=core_stats(engine),
+                stats=engine.stats(),
             )
         )
     )
