@@ -95,7 +95,6 @@ class CoreReady(msgspec.Struct, tag="ready", array_like=True):
 
     model_name: str
     max_model_len: int
-    vocab_size: int
     block_size: int
     has_tokenizer: bool
     sampling_defaults: dict[str, float | int]

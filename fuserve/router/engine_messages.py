@@ -1,9 +1,9 @@
-"""The contract between the ingress and the engine replicas: what goes in, what streams back.
+"""The frontend's own types: a request as it enters the engine core client, what each stream yields,
+what /metrics and the length-aware router read of a replica, and what the frontend knows of the model.
 
-Plain dataclasses, pickled by Ray. The request carries its routing hints (`work_tokens`,
-`prefix_keys`) in the open so the length-aware router reads them from the pending request's
-arguments without parsing anything. The stream carries only deltas: a cumulative text would make
-each message grow with the output and the whole stream quadratic.
+A request carries its routing estimates (`work_tokens`, `prefix_keys`) in the open, so the router can
+read them from a pending request without parsing anything. A stream carries only deltas: a cumulative
+text would make each message grow with the output and the whole stream quadratic.
 """
 
 from __future__ import annotations
@@ -63,7 +63,6 @@ class ModelInfo:
     max_model_len: int
     block_size: int
     has_tokenizer: bool
-    vocab_size: int = 0  # 0: unknown, token ids are checked by the engine
     # the model's own defaults for sampling settings a request leaves unset (generation_config.py)
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)
     default_max_tokens: int | None = None  # generation_config.json's max_new_tokens

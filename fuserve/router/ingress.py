@@ -14,7 +14,7 @@ replicas; `record_routing_stats` feeds the length-aware router.
 
 The body is parsed by hand rather than by FastAPI's signature binding, so malformed JSON and wrong
 types are 400s in OpenAI's error shape instead of FastAPI's 422. Streamed deltas are written as
-they arrive; a client that goes away cancels the handle calls and the engine aborts its requests.
+they arrive; a client that goes away closes its streams, and the engine aborts its requests.
 
 (No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation.)
 """
@@ -105,7 +105,6 @@ def _replica_id() -> str:
 @serve.ingress(app)
 class EngineIngress:
     async def __init__(self, config: FuserveConfig) -> None:
-        self.config = config
         self.replica_id = _replica_id()
         source = resolve_source(config.model)
         self.tokenizer: Tokenizer | None = load_tokenizer(source) if source.kind != "dummy" else None
@@ -118,7 +117,6 @@ class EngineIngress:
             has_tokenizer=ready.has_tokenizer,
             sampling_defaults=dict(ready.sampling_defaults),
             default_max_tokens=ready.default_max_tokens,
-            vocab_size=ready.vocab_size,
         )
         self.metrics = ServingMetrics()
         self.client = EngineClient(self.core, self.metrics, admission_limit(config.serve))

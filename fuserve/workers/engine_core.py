@@ -208,7 +208,6 @@ def run_engine_core(
             CoreReady(
                 model_name=engine.model_name,
                 max_model_len=engine.max_model_len,
-                vocab_size=engine.arch.vocab_size,
                 block_size=engine.config.cache.block_size,
                 has_tokenizer=engine.tokenizer is not None,
                 sampling_defaults=dict(gen.sampling_defaults),

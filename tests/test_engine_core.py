@@ -1,0 +1,164 @@
+"""The engine core in its own process and the frontend's client for it, without Ray or HTTP.
+
+- Streams through the spawned engine core equal the in-process engine's greedy output.
+- A stop string found by the frontend ends that one sequence (its siblings of n run on), and the
+  core frees the stopped sequence's blocks.
+- A request the engine refuses fails alone; the core's death fails every open stream at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+from checkpoints import make_checkpoint
+
+from fuserve import LLM, RequestError, SamplingParams
+from fuserve.configs import FuserveConfig, config_from_dict
+from fuserve.core_messages import EngineDeadError
+from fuserve.router.core_client import EngineCoreClient
+from fuserve.router.engine_messages import EngineDelta, EngineRequest
+from fuserve.workers.engine import LLMEngine
+from fuserve.workers.models.loader import load_tokenizer, resolve_source
+
+MAX_MODEL_LEN = 128
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> FuserveConfig:
+    folder = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama", "llama3", vocab_size=260)
+    return config_from_dict(
+        {"model": {"path": str(folder), "max_model_len": MAX_MODEL_LEN}, "cache": {"num_blocks": 64}}
+    )
+
+
+def request(rid: str, ids: list[int], **params: object) -> EngineRequest:
+    return EngineRequest(rid, ids, SamplingParams(**params), work_tokens=0)  # type: ignore[arg-type]
+
+
+async def collect(client: EngineCoreClient, req: EngineRequest) -> dict[int, list[EngineDelta]]:
+    out: dict[int, list[EngineDelta]] = {}
+    async for batch in client.generate(req):
+        for d in batch:
+            out.setdefault(d.index, []).append(d)
+    return out
+
+
+def test_engine_core_streams_equal_the_in_process_engine(config: FuserveConfig) -> None:
+    llm = LLM(config)
+    tok = llm.tokenizer
+    assert tok is not None
+    prompts = ["abc", "hello world", "x"]
+    want = [c.outputs[0] for c in llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0))]
+    free_blocks = llm.engine.block_manager.num_free_blocks
+    llm.engine.shutdown()
+
+    async def main() -> None:
+        client = EngineCoreClient(config, tok)
+        try:
+            await client.start(120)
+            got = await asyncio.gather(
+                *(
+                    collect(client, request(f"r{i}", tok.encode(p), max_tokens=12, temperature=0.0))
+                    for i, p in enumerate(prompts)
+                )
+            )
+            for g, w in zip(got, want, strict=True):
+                assert [t for d in g[0] for t in d.token_ids] == w.token_ids
+                assert "".join(d.text for d in g[0]) == w.text
+                assert g[0][-1].finish_reason == w.finish_reason
+            await asyncio.sleep(0.2)  # the core's last stats message
+            assert client.stats.num_running == 0 and client.stats.num_free_blocks == free_blocks
+        finally:
+            client.shutdown()
+        assert not client.process.is_alive()
+
+    asyncio.run(main())
+
+
+def test_a_stop_string_ends_one_of_n_sequences(config: FuserveConfig) -> None:
+    tok = load_tokenizer(resolve_source(config.model))
+
+    async def main() -> None:
+        client = EngineCoreClient(config, tok)
+        try:
+            await client.start(120)
+            ids = tok.encode("stop test")
+            free = client.stats.num_free_blocks
+            # Seeded sampling: each of the 4 sequences draws its own tokens; a one-character stop
+            # string found in some of them ends exactly those, the others run to max_tokens.
+            base = dict(n=4, max_tokens=40, temperature=1.0, seed=7, ignore_eos=True)
+            free_run = await collect(client, request("free", ids, **base))
+            texts = {i: "".join(d.text for d in ds) for i, ds in free_run.items()}
+            stop = next(c for c in texts[0][5:] if c.strip())  # a character sequence 0 will meet
+            stopped = await collect(client, request("stopped", ids, **base, stop=[stop]))
+            for i, ds in stopped.items():
+                text = "".join(d.text for d in ds)
+                if stop in texts[i]:
+                    assert ds[-1].finish_reason == "stop" and text == texts[i][: texts[i].index(stop)]
+                else:
+                    assert ds[-1].finish_reason == "length" and text == texts[i]
+            assert stopped[0][-1].finish_reason == "stop"
+            await asyncio.sleep(0.2)
+            assert client.stats.num_running == 0 and client.stats.num_free_blocks == free
+        finally:
+            client.shutdown()
+
+    asyncio.run(main())
+
+
+def test_refused_requests_fail_alone_and_a_dead_core_fails_every_stream(config: FuserveConfig) -> None:
+    tok = load_tokenizer(resolve_source(config.model))
+
+    async def main() -> None:
+        client = EngineCoreClient(config, tok)
+        try:
+            await client.start(120)
+            with pytest.raises(RequestError, match="max_model_len"):
+                await collect(client, request("long", [1] * MAX_MODEL_LEN, max_tokens=1))
+            ok = await collect(client, request("ok", tok.encode("fine"), max_tokens=3, temperature=0.0))
+            assert sum(len(d.token_ids) for d in ok[0]) == 3
+
+            started = asyncio.Event()
+
+            async def long_stream() -> None:
+                async for _ in client.generate(request("victim", [5, 6, 7], max_tokens=100, ignore_eos=True)):
+                    started.set()
+
+            task = asyncio.create_task(long_stream())
+            await asyncio.wait_for(started.wait(), 30)
+            killed_at = time.monotonic()
+            os.kill(client.process.pid, signal.SIGKILL)
+            with pytest.raises(EngineDeadError, match="exited with code -9"):
+                await asyncio.wait_for(task, 5)
+            assert time.monotonic() - killed_at < 5
+            assert not client.healthy
+            with pytest.raises(EngineDeadError):
+                await collect(client, request("after", [1, 2], max_tokens=1))
+        finally:
+            client.shutdown()
+
+    asyncio.run(main())
+
+
+def test_abort_of_one_sequence_frees_it_and_the_rest_run_on(config: FuserveConfig) -> None:
+    engine = LLMEngine(config, detokenize=False)
+    try:
+        free = engine.block_manager.num_free_blocks
+        params = SamplingParams(n=2, max_tokens=30, temperature=0.0, ignore_eos=True)
+        engine.add_request("r", [1, 2, 3, 4], params)
+        for _ in range(3):
+            engine.step()
+        engine.abort("r", [0])
+        outputs = []
+        while engine.has_unfinished():
+            outputs += engine.step()
+        assert all(o.index == 1 for o in outputs), "the aborted sequence still produced tokens"
+        assert outputs[-1].finished and outputs[-1].finish_reason == "length"
+        assert len(outputs[-1].token_ids) == 30
+        assert engine.block_manager.num_free_blocks == free and "r" not in engine._requests
+    finally:
+        engine.shutdown()
