@@ -101,6 +101,7 @@ class EngineCoreClient:
         self._sync_ctx = zmq.Context()
         self._to_core = self._sync_ctx.socket(zmq.PUSH)
         self._to_core.setsockopt(zmq.LINGER, 0)
+        self._to_core.setsockopt(zmq.SNDHWM, 0)  # a burst of requests is queued, never refused here
         self._to_core.bind(in_addr)
         self._ctx = zmq.asyncio.Context()
         self._from_core = self._ctx.socket(zmq.PULL)
@@ -216,14 +217,20 @@ class EngineCoreClient:
 
     # ---- the core's messages --------------------------------------------------------------------
     async def _read_outputs(self) -> None:
+        """A failure here would leave every stream waiting forever: it fails them instead."""
+        try:
+            await self._fan_out()
+        except asyncio.CancelledError:
+            return
+        except Exception as err:  # a closed socket at shutdown, or a bug
+            if not self._closing:
+                self._fail_all(f"the frontend lost the engine's output: {type(err).__name__}: {err}")
+
+    async def _fan_out(self) -> None:
         decoder = output_decoder()
         streams = self._streams
         while True:
-            try:
-                data = await self._from_core.recv()
-            except (zmq.ZMQError, asyncio.CancelledError):
-                return
-            msg = decoder.decode(data)
+            msg = decoder.decode(await self._from_core.recv())
             if isinstance(msg, StepOutputs):
                 self.stats = msg.stats
                 for out in msg.outputs:

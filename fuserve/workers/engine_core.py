@@ -190,6 +190,7 @@ def run_engine_core(
     ctx = zmq.Context()
     out_sock = ctx.socket(zmq.PUSH)
     out_sock.setsockopt(zmq.LINGER, 2000)
+    out_sock.setsockopt(zmq.SNDHWM, 0)  # a lagging frontend must never stall the engine loop's writer
     out_sock.connect(output_addr)
     in_sock = ctx.socket(zmq.PULL)
     in_sock.connect(input_addr)
