@@ -94,7 +94,7 @@ def main() -> None:
         return wrapper
 
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
-    engine.runner.launch = timed("launch", engine.runner.launch)
+    engine.executor.worker.runner.launch = timed("launch", engine.executor.worker.runner.launch)
     engine.scheduler.update_from_output = timed("update", engine.scheduler.update_from_output)
     engine_mod.build_step_plan = timed("plan", build_step_plan)
     rows = []
@@ -117,14 +117,14 @@ def main() -> None:
         row = {"batch": batch, "step_ms": 1e3 * statistics.median(steps)}
         for k, v in timers.items():
             row[k + "_ms"] = 1e3 * statistics.median(v)
-        graphs = engine.runner.graphs
+        graphs = engine.executor.worker.runner.graphs
         if graphs is not None and seqs:
             import bisect
 
             b = graphs.buckets[bisect.bisect_left(graphs.buckets, batch)]
             row["graph_replay_ms"] = gpu_ms(graphs.graphs[b].replay)
             hidden = torch.randn(batch, cfg["hidden_size"], device="cuda", dtype=torch.bfloat16)
-            row["lm_head_argmax_ms"] = gpu_ms(partial(logits_argmax, engine.model, hidden))
+            row["lm_head_argmax_ms"] = gpu_ms(partial(logits_argmax, engine.executor.worker.model, hidden))
             row["top_kernels"] = kernel_table(graphs.graphs[b].replay)
         if batch == max(batches):
             import cProfile

@@ -4,7 +4,7 @@ from the engine process, which holds threads and possibly a CUDA context that a 
 Lifecycle, driven by worker_group.py on rank 0:
     __init__      cheap; records who it is
     init_group    checks its GPU, joins rank 0's store, forms the process groups with the other ranks
-    run           builds the same LLMEngine as rank 0 (same weights shard loading, KV sizing, CUDA graph
+    run           builds the same Worker as rank 0 (same weights shard loading, KV sizing, CUDA graph
                   capture, so the collectives inside them pair up with rank 0's), then loops:
                   receive plan (shared-memory ring or gloo) -> forward (all-reduces) -> logits
                   collective -> repeat, until SHUTDOWN
@@ -31,6 +31,7 @@ from fuserve.parallel.process_group import (
     init_tp_context,
 )
 from fuserve.parallel.tp_context import TPContext
+from fuserve.workers.worker import Worker, pick_dtype
 
 # How long a worker polls the plan ring busily after a plan before it polls with sleeps: a GPU decode step
 # is a few ms (a busy wait answers in microseconds); on CPU the ranks share few cores with torch.
@@ -54,8 +55,6 @@ class TPWorker:
     ) -> dict[str, Any]:
         """Join rank 0's store, say so, then form the groups (returns once every rank has), named from
         `first_group_name` as on rank 0 (process_group.fresh_group_names)."""
-        from fuserve.workers.engine import pick_dtype
-
         use_gpu = self.config.model.device == "cuda"
         if use_gpu:
             check_gpu_visible(
@@ -82,18 +81,16 @@ class TPWorker:
         }
 
     def run(self, plan_ring: str | None = None) -> int:
-        """Build this rank's engine, then run plans until shutdown; returns the number of steps run.
+        """Build this rank's Worker, then run plans until shutdown; returns the number of steps run.
         plan_ring: the shared-memory ring's path to read plans from (plan_ring.py), or None for gloo."""
-        from fuserve.workers.engine import LLMEngine
-
         assert self.tp is not None, "init_group first"
         receiver = self._plan_receiver(plan_ring, self.tp)
-        engine = LLMEngine(self.config, tp=self.tp)
+        worker = Worker(self.config, self.tp)
         steps = 0
         while (plan := receiver.recv()) is not None:
-            engine.runner.follow(plan)
+            worker.follow(plan)
             steps += 1
-        engine.shutdown()
+        worker.shutdown()
         destroy_tp_context()
         return steps
 

@@ -60,6 +60,7 @@ from fuserve.parallel.tp_worker import TPWorker, arrival_key
 from fuserve.workers.kernels.l2_prefetch import L2_PREFETCH_ENV
 from fuserve.workers.kernels.pdl import PDL_ENV
 from fuserve.workers.step_plan import StepPlan
+from fuserve.workers.worker import pick_dtype
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,6 @@ class WorkerGroup:
         replica the workers take bundles 1..N-1 of its placement group (`placement_group`: the replica's,
         passed to its engine-core process, which is not a Ray worker); elsewhere a placement group is
         reserved here. Fails with WorkerGroupError/PlacementError, never waits past init_timeout_s."""
-        from fuserve.workers.engine import pick_dtype
-
         par = config.parallel
         size, timeout = par.tensor_parallel_size, par.init_timeout_s
         if torch.distributed.is_initialized():

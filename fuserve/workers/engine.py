@@ -5,69 +5,30 @@
 A request with n > 1 becomes n sequences that share the prompt (and its cached blocks).
 Requests are checked before they enter, so a bad one fails alone and the others keep running.
 
-Tensor parallel (parallel.tensor_parallel_size > 1): this engine is rank 0. It starts ranks 1..N-1 as
-Ray actors (fuserve.parallel.worker_group), each of which builds an LLMEngine of its own shard and then
-runs only its runner on the plans rank 0 broadcasts before each step.
+The model itself is behind an executor (executor.py): a Worker in this process, or, with tensor
+parallelism, this process's Worker as rank 0 and ranks 1..N-1 as Ray actors that build the same Worker
+of their own shard and follow the plans rank 0 sends before each step.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-import torch
 
 from fuserve.configs import FuserveConfig
 from fuserve.core_messages import CoreStats
-from fuserve.parallel.tp_context import TPContext
+from fuserve.parallel.worker_group import WorkerGroup
 from fuserve.sampling_params import RequestError, SamplingParams
 from fuserve.workers.block_manager import BlockManager
-from fuserve.workers.cuda_graphs import DecodeGraphs
 from fuserve.workers.detokenizer import IncrementalDetokenizer
-from fuserve.workers.kernels.ops import KernelOps
-from fuserve.workers.kv_cache import allocate_kv_cache, num_blocks_for
-from fuserve.workers.model_runner import ModelRunner
-from fuserve.workers.models.llama import LlamaArch
-from fuserve.workers.models.loader import (
-    ModelSource,
-    build_model,
-    generation_config,
-    load_tokenizer,
-    resolve_source,
-)
+from fuserve.workers.executor import Executor, build_executor
+from fuserve.workers.models.loader import generation_config, load_tokenizer
 from fuserve.workers.outputs import RequestOutput
 from fuserve.workers.sampler import SampledBatch, has_penalty
 from fuserve.workers.scheduler import Scheduler, SchedulerOutput
 from fuserve.workers.sequence import FinishReason, Sequence
-from fuserve.workers.step_plan import StepPlan, build_step_plan
+from fuserve.workers.step_plan import build_step_plan
 from fuserve.workers.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from fuserve.parallel.worker_group import WorkerGroup
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("model.device is 'cuda' but no CUDA GPU is visible; set model.device: cpu")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
-
-
-def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[choice]
-
-
-def pick_ops(choice: str, device: torch.device) -> KernelOps:
-    if choice == "on" or (choice == "auto" and device.type == "cuda"):
-        return KernelOps.triton()
-    return KernelOps.reference()
 
 
 @dataclass
@@ -83,103 +44,41 @@ class LLMEngine:
     def __init__(
         self,
         config: FuserveConfig,
-        tp: TPContext | None = None,
         workers: WorkerGroup | None = None,
         detokenize: bool = True,
+        executor: Executor | None = None,
     ) -> None:
-        """tp: this rank's context, for a worker rank (its group formed by the caller). workers: ranks
-        1..N-1, already started, for rank 0; started here from `config.parallel` when neither is given
-        and tensor_parallel_size > 1. detokenize: False in the engine-core process, whose frontend
-        turns tokens into text (and applies stop strings) off the engine loop."""
+        """workers: ranks 1..N-1, already started (else the executor starts them from
+        `config.parallel` when tensor_parallel_size > 1). detokenize: False in the engine-core process,
+        whose frontend turns tokens into text (and applies stop strings) off the engine loop."""
+        self.config = config
         self.detokenize = detokenize
         self.num_steps = 0
         self.step_seconds_total = 0.0
-        if tp is None and workers is None and config.parallel.tensor_parallel_size > 1:
-            from fuserve.parallel.worker_group import WorkerGroup
-
-            workers = WorkerGroup.start(config)
-        self.workers = workers
-        self.tp = workers.tp if workers is not None else (tp or TPContext())
+        self.executor = executor or build_executor(config, workers)
+        worker = self.executor.worker
+        self.device, self.arch, self.max_model_len = worker.device, worker.arch, worker.max_model_len
+        self.async_scheduling = worker.async_scheduling
         try:
-            with workers.guard("startup") if workers is not None else nullcontext():
-                self._build(config)
+            source = worker.source
+            self.model_name = source.name
+            self.tokenizer: Tokenizer | None = load_tokenizer(source) if source.kind != "dummy" else None
+            self.generation = generation_config(source, config.model)
         except BaseException:
-            if workers is not None:
-                workers.shutdown()
+            self.executor.shutdown()
             raise
-        if workers is not None:
-            workers.begin_serving()
-
-    def _build(self, config: FuserveConfig) -> None:
-        """Model shard, KV cache, CUDA graphs, scheduler. Every tensor-parallel rank runs this same
-        code, so the collectives inside (profiling forward, KV sizing, graph capture) pair up."""
-        self.config = config
-        self.device = pick_device(config.model.device)
-        self.dtype = pick_dtype(config.model.dtype, self.device)
-        self.source: ModelSource = resolve_source(config.model)
-        self.model_name = self.source.name
-        self.arch = LlamaArch.from_hf(self.source.hf_config)
-        self.tokenizer: Tokenizer | None = None
-        if self.source.kind != "dummy" and self.tp.rank == 0:  # only rank 0 sees text
-            self.tokenizer = load_tokenizer(self.source)
-        self.generation = generation_config(self.source, config.model)
-        self.max_model_len = min(
-            config.model.max_model_len or self.arch.max_position_embeddings, self.arch.max_position_embeddings
+        self.block_manager = BlockManager(
+            worker.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
-        ops = pick_ops(config.kernels.use_triton, self.device)
-        self.model = build_model(
-            self.source, self.tp, ops, self.dtype, self.device, self.max_model_len, config.model.seed
-        )
-        cache_cfg = config.cache
-        bs = cache_cfg.block_size
-        num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
-        # Same answer on every rank (config and device type agree), so the token broadcasts pair up.
-        choice = config.scheduler.async_scheduling
-        self.async_scheduling = choice == "on" or (choice == "auto" and self.device.type == "cuda")
-        runner = ModelRunner(self.model, self.device, bs, tp=self.tp, share_tokens=self.async_scheduling)
-        if self.device.type == "cuda" and cache_cfg.num_blocks is None:
-            self._profile(runner, num_kv_heads)
-        # Every rank must hold the same block ids: the smallest pool that fits on every GPU.
-        num_blocks = self.tp.min_across_ranks(
-            num_blocks_for(cache_cfg, self.arch, num_kv_heads, self.dtype, self.device)
-        )
-        if num_blocks * bs < self.max_model_len:
-            raise RuntimeError(
-                f"the KV cache holds {num_blocks * bs} tokens, fewer than max_model_len "
-                f"{self.max_model_len}; lower model.max_model_len or give the cache more memory"
-            )
-        self.kv_cache = allocate_kv_cache(self.arch, num_kv_heads, num_blocks, bs, self.dtype, self.device)
-        self.model.bind_kv_cache(self.kv_cache.k, self.kv_cache.v)
-        if self.device.type == "cuda" and config.kernels.cuda_graphs:
-            graphs = DecodeGraphs(
-                self.model,
-                self.device,
-                max_blocks_per_seq=-(-self.max_model_len // bs),
-                max_batch=min(config.kernels.cuda_graph_max_batch, config.scheduler.max_num_seqs),
-            )
-            graphs.capture()
-            runner.graphs = graphs
-        self.runner = runner
-        self.block_manager = BlockManager(num_blocks, bs, cache_cfg.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self._requests: dict[str, list[_SeqState]] = {}
         self._by_seq: dict[str, _SeqState] = {}
         self._inflight: tuple[SchedulerOutput, SampledBatch | None] | None = None
 
-    def _profile(self, runner: ModelRunner, num_kv_heads: int) -> None:
-        sched = self.config.scheduler
-        per_seq = max(1, sched.max_num_batched_tokens // max(1, min(sched.max_num_seqs, 256)))
-        blocks = -(-per_seq // self.config.cache.block_size)
-        scratch = allocate_kv_cache(
-            self.arch, num_kv_heads, blocks, self.config.cache.block_size, self.dtype, self.device
-        )
-        self.model.bind_kv_cache(scratch.k, scratch.v)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        runner.profile(sched.max_num_batched_tokens, min(sched.max_num_seqs, 256), blocks)
-        torch.cuda.synchronize(self.device)
-        del scratch
-        empty = [torch.empty(0)] * self.arch.num_layers
-        self.model.bind_kv_cache(empty, empty)
+    @property
+    def workers(self) -> WorkerGroup | None:
+        """Ranks 1..N-1, when tensor parallel (tests kill one to see the engine fail cleanly)."""
+        return self.executor.workers
 
     # ---- requests -------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -284,7 +183,7 @@ class LLMEngine:
         if not sched_out.is_empty:
             plan = build_step_plan(sched_out, self.block_manager.block_size)
             self.scheduler.on_launched(sched_out)
-            self._inflight = (sched_out, self._launch(plan, prev[1] if prev is not None else None))
+            self._inflight = (sched_out, self.executor.execute(plan, prev[1] if prev is not None else None))
         outputs = self._complete(prev) if prev is not None else []
         if not self.async_scheduling and self._inflight is not None:
             current, self._inflight = self._inflight, None
@@ -298,8 +197,8 @@ class LLMEngine:
 
     def _complete(self, inflight: tuple[SchedulerOutput, SampledBatch | None]) -> list[RequestOutput]:
         sched_out, batch = inflight
-        if batch is not None and self.workers is not None:
-            self.workers.wait(batch.ready)
+        if batch is not None:
+            self.executor.wait(batch)
         results = iter(batch.results() if batch is not None else [])
         sampled: list[int | None] = []
         logprobs = []
@@ -318,13 +217,6 @@ class LLMEngine:
                 state.logprobs.append(lp)
             outputs.append(self._emit(state))
         return outputs
-
-    def _launch(self, plan: StepPlan, prev: SampledBatch | None) -> SampledBatch | None:
-        if self.workers is None:
-            return self.runner.launch(plan, prev)
-        with self.workers.guard("step"):
-            self.workers.broadcast(plan)  # the other ranks run the same plan, in step with this one
-            return self.runner.launch(plan, prev)
 
     def _emit(self, st: _SeqState) -> RequestOutput:
         seq = st.seq
@@ -360,16 +252,10 @@ class LLMEngine:
     @property
     def healthy(self) -> bool:
         """False once a tensor-parallel worker failed (even before a step notices); always True alone."""
-        return self.workers is None or self.workers.healthy
+        return self.executor.healthy
 
     def shutdown(self) -> None:
-        """Free the CUDA graphs, then end the tensor-parallel worker processes and release their GPUs.
-        Every rank calls it before leaving its group: graphs must go before the NCCL communicator."""
-        if self.runner.graphs is not None:
-            self.runner.graphs.release()
-            self.runner.graphs = None
-        if self.workers is not None:
-            self.workers.shutdown()
+        self.executor.shutdown()
 
     def stats(self) -> CoreStats:
         bm = self.block_manager

@@ -1,0 +1,123 @@
+"""One rank's share of the model on its device: weights, KV cache, CUDA graphs and the model runner.
+
+Every tensor-parallel rank builds the same Worker (rank 0 in the engine's process, ranks 1..N-1 in
+their Ray actors, fuserve/parallel/tp_worker.py), so the collectives inside the build (the profiling
+forward, the KV-cache sizing, the graph capture) pair up. The scheduler, the block manager and the
+tokenizer belong to the engine (rank 0), not here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fuserve.configs import FuserveConfig
+from fuserve.parallel.tp_context import TPContext
+from fuserve.workers.cuda_graphs import DecodeGraphs
+from fuserve.workers.kernels.ops import KernelOps
+from fuserve.workers.kv_cache import allocate_kv_cache, num_blocks_for
+from fuserve.workers.model_runner import ModelRunner
+from fuserve.workers.models.llama import LlamaArch
+from fuserve.workers.models.loader import ModelSource, build_model, resolve_source
+from fuserve.workers.sampler import SampledBatch
+from fuserve.workers.step_plan import StepPlan
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device is 'cuda' but no CUDA GPU is visible; set model.device: cpu")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[choice]
+
+
+def pick_ops(choice: str, device: torch.device) -> KernelOps:
+    if choice == "on" or (choice == "auto" and device.type == "cuda"):
+        return KernelOps.triton()
+    return KernelOps.reference()
+
+
+class Worker:
+    def __init__(self, config: FuserveConfig, tp: TPContext) -> None:
+        self.config = config
+        self.tp = tp
+        self.device = pick_device(config.model.device)
+        self.dtype = pick_dtype(config.model.dtype, self.device)
+        self.source: ModelSource = resolve_source(config.model)
+        self.arch = LlamaArch.from_hf(self.source.hf_config)
+        self.max_model_len = min(
+            config.model.max_model_len or self.arch.max_position_embeddings, self.arch.max_position_embeddings
+        )
+        ops = pick_ops(config.kernels.use_triton, self.device)
+        self.model = build_model(
+            self.source, tp, ops, self.dtype, self.device, self.max_model_len, config.model.seed
+        )
+        cache_cfg = config.cache
+        bs = cache_cfg.block_size
+        num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
+        # Same answer on every rank (config and device type agree), so the token broadcasts pair up.
+        choice = config.scheduler.async_scheduling
+        self.async_scheduling = choice == "on" or (choice == "auto" and self.device.type == "cuda")
+        runner = ModelRunner(self.model, self.device, bs, tp=tp, share_tokens=self.async_scheduling)
+        if self.device.type == "cuda" and cache_cfg.num_blocks is None:
+            self._profile(runner, num_kv_heads)
+        # Every rank must hold the same block ids: the smallest pool that fits on every GPU.
+        self.num_blocks = tp.min_across_ranks(
+            num_blocks_for(cache_cfg, self.arch, num_kv_heads, self.dtype, self.device)
+        )
+        if self.num_blocks * bs < self.max_model_len:
+            raise RuntimeError(
+                f"the KV cache holds {self.num_blocks * bs} tokens, fewer than max_model_len "
+                f"{self.max_model_len}; lower model.max_model_len or give the cache more memory"
+            )
+        self.kv_cache = allocate_kv_cache(
+            self.arch, num_kv_heads, self.num_blocks, bs, self.dtype, self.device
+        )
+        self.model.bind_kv_cache(self.kv_cache.k, self.kv_cache.v)
+        if self.device.type == "cuda" and config.kernels.cuda_graphs:
+            graphs = DecodeGraphs(
+                self.model,
+                self.device,
+                max_blocks_per_seq=-(-self.max_model_len // bs),
+                max_batch=min(config.kernels.cuda_graph_max_batch, config.scheduler.max_num_seqs),
+            )
+            graphs.capture()
+            runner.graphs = graphs
+        self.runner = runner
+
+    def _profile(self, runner: ModelRunner, num_kv_heads: int) -> None:
+        """One forward at the largest batch the scheduler allows, so the KV cache gets what is left."""
+        sched = self.config.scheduler
+        per_seq = max(1, sched.max_num_batched_tokens // max(1, min(sched.max_num_seqs, 256)))
+        blocks = -(-per_seq // self.config.cache.block_size)
+        scratch = allocate_kv_cache(
+            self.arch, num_kv_heads, blocks, self.config.cache.block_size, self.dtype, self.device
+        )
+        self.model.bind_kv_cache(scratch.k, scratch.v)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        runner.profile(sched.max_num_batched_tokens, min(sched.max_num_seqs, 256), blocks)
+        torch.cuda.synchronize(self.device)
+        del scratch
+        empty = [torch.empty(0)] * self.arch.num_layers
+        self.model.bind_kv_cache(empty, empty)
+
+    def launch(self, plan: StepPlan, prev: SampledBatch | None) -> SampledBatch | None:
+        """Rank 0: queue the step on the device (its sampled tokens come back later)."""
+        return self.runner.launch(plan, prev)
+
+    def follow(self, plan: StepPlan) -> None:
+        """Ranks 1..N-1: the same step, for its collectives; rank 0 samples."""
+        self.runner.follow(plan)
+
+    def shutdown(self) -> None:
+        """The CUDA graphs go before the NCCL communicator they captured."""
+        if self.runner.graphs is not None:
+            self.runner.graphs.release()
+            self.runner.graphs = None
