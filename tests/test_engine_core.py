@@ -12,6 +12,8 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 from checkpoints import make_checkpoint
@@ -23,6 +25,7 @@ from fuserve.router.core_client import EngineCoreClient
 from fuserve.router.engine_messages import EngineDelta, EngineRequest
 from fuserve.workers.engine import LLMEngine
 from fuserve.workers.models.loader import load_tokenizer, resolve_source
+from fuserve.workers.tokenizer import Tokenizer
 
 MAX_MODEL_LEN = 128
 
@@ -37,6 +40,16 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> FuserveConfig:
 
 def request(rid: str, ids: list[int], **params: object) -> EngineRequest:
     return EngineRequest(rid, ids, SamplingParams(**params), work_tokens=0)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def running_core(config: FuserveConfig, tok: Tokenizer | None) -> AsyncIterator[EngineCoreClient]:
+    client = EngineCoreClient(config, tok)
+    try:
+        await client.start(120)
+        yield client
+    finally:
+        client.shutdown()
 
 
 async def collect(client: EngineCoreClient, req: EngineRequest) -> dict[int, list[EngineDelta]]:
@@ -57,9 +70,7 @@ def test_engine_core_streams_equal_the_in_process_engine(config: FuserveConfig) 
     llm.engine.shutdown()
 
     async def main() -> None:
-        client = EngineCoreClient(config, tok)
-        try:
-            await client.start(120)
+        async with running_core(config, tok) as client:
             got = await asyncio.gather(
                 *(
                     collect(client, request(f"r{i}", tok.encode(p), max_tokens=12, temperature=0.0))
@@ -72,8 +83,6 @@ def test_engine_core_streams_equal_the_in_process_engine(config: FuserveConfig) 
                 assert g[0][-1].finish_reason == w.finish_reason
             await asyncio.sleep(0.2)  # the core's last stats message
             assert client.stats.num_running == 0 and client.stats.num_free_blocks == free_blocks
-        finally:
-            client.shutdown()
         assert not client.process.is_alive()
 
     asyncio.run(main())
@@ -83,9 +92,7 @@ def test_a_stop_string_ends_one_of_n_sequences(config: FuserveConfig) -> None:
     tok = load_tokenizer(resolve_source(config.model))
 
     async def main() -> None:
-        client = EngineCoreClient(config, tok)
-        try:
-            await client.start(120)
+        async with running_core(config, tok) as client:
             ids = tok.encode("stop test")
             free = client.stats.num_free_blocks
             # Seeded sampling: each of the 4 sequences draws its own tokens; a one-character stop
@@ -104,8 +111,6 @@ def test_a_stop_string_ends_one_of_n_sequences(config: FuserveConfig) -> None:
             assert stopped[0][-1].finish_reason == "stop"
             await asyncio.sleep(0.2)
             assert client.stats.num_running == 0 and client.stats.num_free_blocks == free
-        finally:
-            client.shutdown()
 
     asyncio.run(main())
 
@@ -114,9 +119,7 @@ def test_refused_requests_fail_alone_and_a_dead_core_fails_every_stream(config: 
     tok = load_tokenizer(resolve_source(config.model))
 
     async def main() -> None:
-        client = EngineCoreClient(config, tok)
-        try:
-            await client.start(120)
+        async with running_core(config, tok) as client:
             with pytest.raises(RequestError, match="max_model_len"):
                 await collect(client, request("long", [1] * MAX_MODEL_LEN, max_tokens=1))
             ok = await collect(client, request("ok", tok.encode("fine"), max_tokens=3, temperature=0.0))
@@ -138,8 +141,6 @@ def test_refused_requests_fail_alone_and_a_dead_core_fails_every_stream(config: 
             assert not client.healthy
             with pytest.raises(EngineDeadError):
                 await collect(client, request("after", [1, 2], max_tokens=1))
-        finally:
-            client.shutdown()
 
     asyncio.run(main())
 
