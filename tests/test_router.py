@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuserve.router.engine_messages import EngineRequest, StatsQuery
+from fuserve.router.engine_messages import EngineRequest
 from fuserve.router.routing_policy import (
     Candidate,
     RecentPrefixes,
@@ -228,17 +228,11 @@ def test_calls_sharing_an_internal_request_id_are_accounted_separately() -> None
     asyncio.run(main())
 
 
-def test_stats_queries_are_pinned_and_prefixes_sent_are_remembered() -> None:
+def test_prefixes_sent_are_remembered() -> None:
     router = make_router()
     a, b = FakeReplica("a"), FakeReplica("b")
 
     async def main() -> None:
-        from ray.serve._private.common import RequestMetadata
-        from ray.serve.request_router import PendingRequest
-
-        for name in ("a", "b"):
-            query = PendingRequest(args=[StatsQuery(name)], kwargs={}, metadata=RequestMetadata("q", "q"))
-            assert (await router.choose_replicas([a, b], query))[0][0].name == name
         keys = [101, 102]
         first = pending(50, "p1", keys=keys)
         target = (await router.choose_replicas([a, b], first))[0][0]

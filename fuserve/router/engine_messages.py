@@ -36,13 +36,6 @@ class ReplicaStats:
 
 
 @dataclass
-class StatsQuery:
-    """Ask one specific replica for its stats: the length-aware router honors `replica_id`."""
-
-    replica_id: str | None = None
-
-
-@dataclass
 class EngineDelta:
     """One sequence's progress in one engine step."""
 

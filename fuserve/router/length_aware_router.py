@@ -25,9 +25,6 @@ What the router learns about a request depends on who calls it (the first positi
   burst of them is spread over the replicas instead of all landing on the one least loaded at the
   last report.
 
-A `StatsQuery` naming a replica is sent to exactly that replica, so a caller can gather fresh
-stats from each replica for /metrics.
-
 One Serve detail shapes this file: every handle call made while serving one HTTP request carries
 that request's `internal_request_id` (a completions request with several prompts makes several
 engine calls), so requests are told apart by their `PendingRequest` object, not by that id.
@@ -41,7 +38,7 @@ from dataclasses import dataclass
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from fuserve.router.engine_messages import EngineRequest, StatsQuery
+from fuserve.router.engine_messages import EngineRequest
 from fuserve.router.routing_policy import Candidate, RecentPrefixes, RoutingHint, TieBreak, rank_replicas
 
 UNCONFIRMED_TTL_S = 30.0  # a choice never dispatched (the caller gave up) stops counting after this
@@ -158,9 +155,6 @@ class LengthAwareRouter(RequestRouter):
             # again (without this flag it retries at once, in a busy loop, while replicas are full).
             pending_request.routing_context.should_backoff = True
         arg = _first_arg(pending_request)
-        if isinstance(arg, StatsQuery):
-            pinned = [r for r in candidate_replicas if r.replica_id.unique_id == arg.replica_id]
-            return [pinned or [random.choice(candidate_replicas)]]
         now = time.time()
         self._expire_unconfirmed(now, candidate_replicas)
         if not isinstance(arg, (EngineRequest, RoutingHint)):
@@ -191,8 +185,6 @@ class LengthAwareRouter(RequestRouter):
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: object
     ) -> None:
         arg = _first_arg(pending_request)
-        if isinstance(arg, StatsQuery):
-            return
         hinted = isinstance(arg, (EngineRequest, RoutingHint))
         rid = replica_id.unique_id
         a = self._assignments.get(id(pending_request))

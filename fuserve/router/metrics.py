@@ -88,12 +88,6 @@ class ServingMetrics:
         self.requests = Counter(
             "fuserve_requests", "Finished API requests", ["endpoint", "status"], registry=r
         )
-        self.replica_requests = Counter(
-            "fuserve_replica_requests",
-            "Engine requests per replica (the router's choices)",
-            ["replica"],
-            registry=r,
-        )
         self.prompt_tokens = Counter("fuserve_prompt_tokens", "Prompt tokens received", registry=r)
         self.cached_prompt_tokens = Counter(
             "fuserve_cached_prompt_tokens", "Prompt tokens the prefix cache served", registry=r

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fuserve.router.engine_messages import EngineRequest, ModelInfo
-from fuserve.router.errors import APIError, bad_request
+from fuserve.router.errors import bad_request
 from fuserve.router.routing_policy import prefix_keys
 from fuserve.sampling_params import RequestError, SamplingParams
 from fuserve.workers.tokenizer import Tokenizer
@@ -92,12 +92,3 @@ def engine_request(
         block_size=info.block_size,
     )
 
-
-def is_client_error(err: BaseException) -> APIError | None:
-    """An engine-side RequestError (raised in the replica, re-raised here) is the client's fault."""
-    if isinstance(err, RequestError):
-        return bad_request(str(err))
-    cause = getattr(err, "cause", None)
-    if isinstance(cause, RequestError):
-        return bad_request(str(cause))
-    return None
