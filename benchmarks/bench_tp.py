@@ -327,7 +327,7 @@ def run_engine(
             cache={"gpu_memory_utilization": gpu_memory_utilization},
             parallel={
                 "tensor_parallel_size": tp,
-                "init_timeout_s": 300,
+                "init_timeout_s": float(os.environ.get("BENCH_INIT_TIMEOUT_S", "300")),
                 "plan_transport": "gloo" if spec.gloo_plans else "auto",
             },
         )

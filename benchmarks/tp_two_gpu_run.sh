@@ -6,7 +6,7 @@
 #                      engines of $ENGINES_8B in order, batch 1 and 64, as many as the time left allows.
 #                      Measured on two H200s (2026-11-26): a cold test run takes ~260 s, so three runs and
 #                      the benchmarks do not fit one call: PART=tests runs only the tests, PART=bench8b
-#                      only the benchmarks
+#                      only the benchmarks; PART=tests+bench8b RUNS=1 one test run, then the benchmarks
 #   PART=70b           the 8B baseline of the same machine ($ENGINES_8B_BASE: TP=1 and TP=2 one-shot), then
 #                      the Llama-3-70B shape at TP=2 (70.6 GB of weights per GPU: fits an H100 80GB at
 #                      --gpu-memory-utilization 0.9, ran there 2026-11-26), batch 1 and
@@ -29,13 +29,13 @@ left() { echo $(( BUDGET_S - (SECONDS - START) )); }
 { echo "commit $FUSERVE_COMMIT part $PART"; date -u; nvidia-smi --query-gpu=name,memory.total,clocks.sm,power.limit --format=csv
   nvidia-smi topo -m; } 2>&1 | tee "$LOG"
 
-if [ "$PART" = 8b ] || [ "$PART" = tests ]; then
+if [ "$PART" = 8b ] || [ "$PART" = tests ] || [ "$PART" = tests+bench8b ]; then
   # a test's own bound (--timeout, pytest-timeout, on the GPU machine only) and the compare_greedy child's
   # (it dumps its stacks and exits first); the 3 GB test checkpoint is cached between the runs
   if python3 -c "import pytest_timeout" 2>/dev/null; then PER_TEST="--timeout=${TEST_TIMEOUT:-300}"  # autoloaded
   else PER_TEST="-o faulthandler_timeout=${TEST_TIMEOUT:-300}"; fi
   export FUSERVE_GPU_CHECK_TIMEOUT_S=$(( ${TEST_TIMEOUT:-300} - 30 ))
-  for i in 1 2 3; do
+  for i in $(seq 1 "${RUNS:-3}"); do
     [ "$(left)" -gt 150 ] || { echo "test run $i skipped: $(left) s left" | tee -a "$LOG"; continue; }
     t0=$SECONDS
     timeout $(( $(left) - 60 )) python3 -m pytest -v -m gpu tests/test_tensor_parallel.py $PER_TEST \
@@ -43,9 +43,9 @@ if [ "$PART" = 8b ] || [ "$PART" = tests ]; then
     echo "test run $i: exit ${PIPESTATUS[0]} in $(( SECONDS - t0 )) s" | tee -a "$LOG"
   done
 fi
-if [ "$PART" = 8b ] || [ "$PART" = bench8b ]; then
+if [ "$PART" = 8b ] || [ "$PART" = bench8b ] || [ "$PART" = tests+bench8b ]; then
   ENGINES=${ENGINES_8B:-tp1,auto,nccl,auto+no-keyed,auto+gloo-plans,auto+l2=8,no-push,auto+l2=24}
-  timeout $(( $(left) > 30 ? $(left) : 30 )) python3 benchmarks/bench_tp.py --engines "$ENGINES" \
+  timeout $(( $(left) > 30 ? $(left) : 30 )) python3 benchmarks/bench_tp.py --engines "$ENGINES" ${TP_8B_ARGS:-} \
     --budget-s $(( $(left) - 15 )) --out "$OUT/tp-8b.json" 2>&1 | tee "$OUT/tp-8b.log" | tail -40
 fi
 if [ "$PART" = 70b ]; then
