@@ -86,7 +86,20 @@ SERVER_COUNTERS = {
     "engine_steps": "fuserve_engine_steps_total",
     "engine_step_s": "fuserve_engine_step_seconds_total",
     "engine_core_cpu_s": "fuserve_engine_core_cpu_seconds_total",  # optional: NaN where not exported
+    # where time to first token goes inside the replica (histograms' sums and counts)
+    "admit_s": "fuserve_frontend_admit_seconds_sum",
+    "admit_n": "fuserve_frontend_admit_seconds_count",
+    "core_first_s": "fuserve_engine_core_first_token_seconds_sum",
+    "core_first_n": "fuserve_engine_core_first_token_seconds_count",
+    "emit_s": "fuserve_frontend_emit_seconds_sum",
+    "emit_n": "fuserve_frontend_emit_seconds_count",
 }
+# mean ms of each part of TTFT inside the replica: (row key, sum counter, count counter)
+TTFT_PARTS = [
+    ("frontend_admit_ms", "admit_s", "admit_n"),
+    ("core_first_token_ms", "core_first_s", "core_first_n"),
+    ("frontend_emit_ms", "emit_s", "emit_n"),
+]
 ENGINE_STATS_FIELDS = {"engine_steps": "num_steps", "engine_step_s": "step_seconds_total"}
 
 
@@ -487,6 +500,11 @@ def level_figures(
     """What one level cost the server: the frontend's CPU ms per output token and its share of a
     core (near 1.0, the frontend's one GIL is the ceiling), the engine's mean step time, and the
     engine core process's share of a core."""
+    parts = {}
+    for key, total, count in TTFT_PARTS:
+        n = after.get(count, math.nan) - before.get(count, math.nan)
+        spent = after.get(total, math.nan) - before.get(total, math.nan)
+        parts[key] = spent * 1e3 / n if n > 0 else math.nan
     cpu_s = after["frontend_cpu_s"] - before["frontend_cpu_s"]
     core_s = after["engine_core_cpu_s"] - before["engine_core_cpu_s"]
     steps = after["engine_steps"] - before["engine_steps"]
@@ -497,6 +515,7 @@ def level_figures(
         "engine_steps": steps,
         "engine_step_ms": step_s * 1e3 / steps if steps > 0 else math.nan,
         "engine_core_cpu_util": core_s / wall_s if wall_s > 0 else math.nan,
+        **parts,
     }
 
 
@@ -794,7 +813,10 @@ def bounds_line(http: dict[str, Any], engine: dict[str, Any]) -> str:
         f"frontend CPU {http.get('frontend_cpu_ms_per_token', math.nan):.3f} ms/token "
         f"({http.get('frontend_cpu_util', math.nan):.2f} of a core); engine core "
         f"{http.get('engine_core_cpu_util', math.nan):.2f} of a core; busiest client process "
-        f"{http.get('client_cpu_util', math.nan):.2f} of a core"
+        f"{http.get('client_cpu_util', math.nan):.2f} of a core\n"
+        f"    inside the replica, mean ms: admit {http.get('frontend_admit_ms', math.nan):.2f}, engine core "
+        f"to first token {http.get('core_first_token_ms', math.nan):.1f}, step message to stream "
+        f"{http.get('frontend_emit_ms', math.nan):.2f}"
     )
 
 

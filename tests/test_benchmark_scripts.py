@@ -214,6 +214,12 @@ def test_level_figures_from_counters_and_engine_stats(bs: types.ModuleType) -> N
         0.5
     )
     assert fig["engine_steps"] == 100 and fig["engine_step_ms"] == pytest.approx(6.0)
+    assert math.isnan(fig["frontend_admit_ms"])  # a server without the TTFT histograms
+    parts = dict(admit_s=0.5, admit_n=100, core_first_s=2.0, core_first_n=100, emit_s=0.1, emit_n=400)
+    fig = bs.level_figures({**before, **dict.fromkeys(parts, 0.0)}, {**after, **parts}, 1000, 2.0)
+    assert fig["frontend_admit_ms"] == pytest.approx(5.0)
+    assert fig["core_first_token_ms"] == pytest.approx(20.0)
+    assert fig["frontend_emit_ms"] == pytest.approx(0.25)
     # stats without the step fields (an older engine) and an engine that ran no step: NaN, not a crash
     old = bs.engine_counters(types.SimpleNamespace(num_running=0))
     assert all(math.isnan(v) for v in bs.level_figures(old, old, 0, 0.0).values())

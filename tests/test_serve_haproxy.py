@@ -57,9 +57,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         server.stop()
-        time.sleep(1)
-        left = [p.pid for p in psutil.process_iter(["cmdline"]) if _haproxy(p.info["cmdline"])]
-        assert not left, f"HAProxy outlived `fuserve serve`: {left}"
+        deadline, left = time.monotonic() + 10, [0]  # a loaded box may take a few seconds to reap it
+        while left and time.monotonic() < deadline:
+            time.sleep(0.5)
+            left = [p.pid for p in psutil.process_iter(["cmdline"]) if _haproxy(p.info["cmdline"])]
+        assert not left, f"HAProxy outlived `fuserve serve` by 10 s: {left}"
 
 
 def _haproxy(cmdline: list[str] | None) -> bool:

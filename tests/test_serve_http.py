@@ -325,6 +325,11 @@ def test_metrics_report_requests_tokens_and_latency(one: httpx.Client) -> None:
     assert metric(text, "fuserve_prompt_tokens_total") > 0
     assert metric(text, "fuserve_time_to_first_token_seconds_count") >= 1
     assert metric(text, "fuserve_inter_token_latency_seconds_count") >= 3
+    # where the first token's time went inside the replica: every request, every part
+    admitted = metric(text, "fuserve_frontend_admit_seconds_count")
+    assert admitted >= 1 and metric(text, "fuserve_engine_core_first_token_seconds_count") == admitted
+    assert metric(text, "fuserve_engine_core_first_token_seconds_sum") > 0
+    assert metric(text, "fuserve_frontend_emit_seconds_count") >= 4
     for name in [
         "fuserve_engine_num_requests_waiting",
         "fuserve_engine_kv_cache_usage_ratio",

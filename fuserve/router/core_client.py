@@ -60,9 +60,11 @@ class _Stream:
     seqs: list[_Seq]
     event: asyncio.Event = field(default_factory=asyncio.Event)
     pending: list[SeqOutput | BaseException] = field(default_factory=list)
+    received_at: float = 0.0  # when the last message for it arrived
 
-    def put(self, item: SeqOutput | BaseException) -> None:
+    def put(self, item: SeqOutput | BaseException, received_at: float) -> None:
         self.pending.append(item)
+        self.received_at = received_at
         self.event.set()
 
 
@@ -73,8 +75,13 @@ def _merge(outputs: list[SeqOutput]) -> list[SeqOutput]:
         seen = by_index.get(out.index)
         if seen is None:
             by_index[out.index] = SeqOutput(
-                out.request_id, out.index, list(out.token_ids), out.finish_reason, list(out.logprobs),
-                out.num_prompt_tokens, out.num_cached_tokens,
+                out.request_id,
+                out.index,
+                list(out.token_ids),
+                out.finish_reason,
+                list(out.logprobs),
+                out.num_prompt_tokens,
+                out.num_cached_tokens,
             )
         else:
             seen.token_ids.extend(out.token_ids)
@@ -213,6 +220,7 @@ class EngineCoreClient:
             num_prompt_tokens=out.num_prompt_tokens,
             num_cached_tokens=out.num_cached_tokens,
             replica_id=self.replica_id,
+            received_at=stream.received_at,
         )
 
     # ---- the core's messages --------------------------------------------------------------------
@@ -231,16 +239,17 @@ class EngineCoreClient:
         streams = self._streams
         while True:
             msg = decoder.decode(await self._from_core.recv())
+            now = time.perf_counter()
             if isinstance(msg, StepOutputs):
                 self.stats = msg.stats
                 for out in msg.outputs:
                     stream = streams.get(out.request_id)
                     if stream is not None:
-                        stream.put(out)
+                        stream.put(out, now)
                 for failure in msg.failures:
                     stream = streams.get(failure.request_id)
                     if stream is not None:
-                        stream.put(RequestError(failure.message))
+                        stream.put(RequestError(failure.message), now)
             elif isinstance(msg, CoreDead):
                 self._fail_all(msg.error)
                 return
@@ -256,8 +265,9 @@ class EngineCoreClient:
     def _fail_all(self, error: str) -> None:
         if self.error is None:
             self.error = error
+        now = time.perf_counter()
         for stream in list(self._streams.values()):
-            stream.put(EngineDeadError(error))
+            stream.put(EngineDeadError(error), now)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Asks the core to stop, then makes sure it has: no process outlives the replica."""

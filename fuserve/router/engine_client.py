@@ -69,6 +69,8 @@ class EngineStreams:
     def _record(self, prompt_index: int, batch: list[EngineDelta]) -> None:
         now = time.perf_counter()
         m = self.metrics
+        if batch and batch[0].received_at:
+            m.emit.observe(now - batch[0].received_at)
         for d in batch:
             k = len(d.token_ids)
             if not k:
@@ -149,6 +151,8 @@ class EngineClient:
             raise overloaded(f"{self.num_open} requests in flight on this replica, its limit")
         self.num_open += 1
         self.num_admitted += 1
+        opened_at = time.perf_counter()
+        self.metrics.admit.observe(opened_at - arrival)
         gens: list[Deltas] = [self.core.generate(r) for r in requests]  # type: ignore[misc]
         try:
             results = await asyncio.gather(*(gen.__anext__() for gen in gens), return_exceptions=True)
@@ -164,6 +168,9 @@ class EngineClient:
                 raise internal("the engine ended a stream without output")
             raise api_error(failed)
         firsts: list[list[EngineDelta]] = results  # type: ignore[assignment]
+        first_back = max(batch[0].received_at for batch in firsts)
+        if first_back:
+            self.metrics.core_first_token.observe(first_back - opened_at)
         for r in requests:
             self.metrics.prompt_tokens.inc(len(r.prompt_token_ids))
         for batch in firsts:

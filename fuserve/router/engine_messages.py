@@ -48,6 +48,7 @@ class EngineDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     replica_id: str = ""
+    received_at: float = 0.0  # perf_counter when the core's message holding it reached the frontend
 
 
 @dataclass

@@ -24,6 +24,10 @@ LATENCY_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+# The frontend's own share of a request's latency is sub-millisecond when all is well.
+FRONTEND_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28,
+)  # fmt: skip
 
 
 class _EngineCollector(Collector):
@@ -109,6 +113,26 @@ class ServingMetrics:
             "fuserve_e2e_request_latency_seconds",
             "Arrival to last token",
             buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        # Where a request's time to first token goes, in this replica's frontend and its engine core
+        # (the rest of what a client sees is the network, HAProxy and its router)
+        self.admit = Histogram(
+            "fuserve_frontend_admit_seconds",
+            "Request arrival at the replica to its hand-off to the engine core: parse, checks, tokenization",
+            buckets=FRONTEND_BUCKETS_S,
+            registry=r,
+        )
+        self.core_first_token = Histogram(
+            "fuserve_engine_core_first_token_seconds",
+            "Hand-off to the engine core until its first token is back in the frontend: queue and prefill",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.emit = Histogram(
+            "fuserve_frontend_emit_seconds",
+            "An engine step's message reaching the frontend to its tokens going out on a stream",
+            buckets=FRONTEND_BUCKETS_S,
             registry=r,
         )
         self.in_flight = Gauge("fuserve_requests_in_flight", "API requests being served", registry=r)

@@ -91,4 +91,3 @@ def engine_request(
         prefix_keys=prefix_keys(token_ids, info.block_size),
         block_size=info.block_size,
     )
-

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from fuserve.core_messages import TokenLogprobs
 from fuserve.router.engine_messages import EngineDelta
 from fuserve.router.protocol import (
@@ -132,19 +134,45 @@ def sse(payload: str) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+_SENTINEL = "\x00fuserve-text\x00"  # stands for a chunk's text while its template is made
+_encode_json = msgspec.json.Encoder().encode  # the same JSON string as pydantic's (tests check)
 
 
 @dataclass
 class ChunkWriter:
-    """Serializes one streamed response's chunks: same id, model and creation time on each."""
+    """Serializes one streamed response's chunks: same id, model and creation time on each.
+
+    Most chunks differ only in their text (no logprobs, usage or finish reason): those are a
+    template per choice with the text put in, byte for byte what the pydantic models give, without
+    building them for every token (the frontend's CPU per token is what bounds a replica)."""
 
     request_id: str
     model: str
     decode: DecodeToken
     want_logprobs: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    _templates: dict[tuple[bool, int], tuple[str, str]] = field(default_factory=dict, repr=False)
+
+    def _plain(self, chat: bool, choice: int, text: str) -> str:
+        """A text-only chunk from its template."""
+        key = (chat, choice)
+        parts = self._templates.get(key)
+        if parts is None:
+            blank = EngineDelta(index=choice, text=_SENTINEL, token_ids=[], finished=False)
+            whole = self._chat_chunk(choice, blank) if chat else self._completion_chunk(choice, blank, 0)
+            head, tail = whole.split(_encode_json(_SENTINEL).decode())
+            parts = self._templates[key] = (head, tail)
+        return parts[0] + _encode_json(text).decode() + parts[1]
+
+    def _is_plain(self, d: EngineDelta, usage: Usage | None) -> bool:
+        return usage is None and d.finish_reason is None and not self.want_logprobs and bool(d.text)
 
     def completion(self, choice: int, d: EngineDelta, offset: int, usage: Usage | None = None) -> str:
+        if self._is_plain(d, usage):
+            return self._plain(False, choice, d.text)
+        return self._completion_chunk(choice, d, offset, usage)
+
+    def _completion_chunk(self, choice: int, d: EngineDelta, offset: int, usage: Usage | None = None) -> str:
         lp = completion_logprobs(d.logprobs, self.decode, offset) if self.want_logprobs else None
         body = CompletionResponse(
             id=self.request_id,
@@ -161,6 +189,11 @@ class ChunkWriter:
         return self._chat([ChatChunkChoice(index=choice, delta=delta)])
 
     def chat(self, choice: int, d: EngineDelta, usage: Usage | None = None) -> str:
+        if self._is_plain(d, usage):
+            return self._plain(True, choice, d.text)
+        return self._chat_chunk(choice, d, usage)
+
+    def _chat_chunk(self, choice: int, d: EngineDelta, usage: Usage | None = None) -> str:
         lp = chat_logprobs(d.logprobs, self.decode) if self.want_logprobs else None
         delta = DeltaMessage(content=d.text) if d.text or not d.finished else DeltaMessage()
         choices = [ChatChunkChoice(index=choice, delta=delta, logprobs=lp, finish_reason=d.finish_reason)]

@@ -1,0 +1,42 @@
+"""Streamed chunks made from a per-choice template must be byte for byte the pydantic models' JSON."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fuserve.core_messages import TokenLogprobs
+from fuserve.router.engine_messages import EngineDelta
+from fuserve.router.protocol import Usage
+from fuserve.router.responses import ChunkWriter
+
+TEXT = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=12)  # no lone surrogates
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=TEXT, choice=st.integers(0, 3), model=st.text(max_size=8))
+def test_template_chunks_equal_the_models(text: str, choice: int, model: str) -> None:
+    w = ChunkWriter("chatcmpl-x", model, str, want_logprobs=False)
+    d = EngineDelta(index=0, text=text, token_ids=[7], finished=False)
+    for _ in range(2):  # the second call takes the cached template
+        assert w.chat(choice, d) == w._chat_chunk(choice, d)
+        assert w.completion(choice, d, 3) == w._completion_chunk(choice, d, 3)
+    body = json.loads(w.chat(choice, d).removeprefix("data: "))
+    assert body["choices"][0]["delta"]["content"] == text and body["model"] == model
+
+
+def test_chunks_with_more_than_text_take_the_models() -> None:
+    """A finish reason, usage or logprobs: not the template (it has none of them)."""
+    w = ChunkWriter("cmpl-x", "m", lambda t: f"<{t}>", want_logprobs=True)
+    lp = [TokenLogprobs(token_id=5, logprob=-0.5, top=[(5, -0.5)])]
+    d = EngineDelta(index=0, text="a", token_ids=[5], finished=False, logprobs=lp)
+    choice = json.loads(w.completion(0, d, 0).removeprefix("data: "))["choices"][0]
+    assert choice["logprobs"]["tokens"] == ["<5>"]
+    plain = ChunkWriter("cmpl-x", "m", str, want_logprobs=False)
+    end = EngineDelta(index=0, text="b", token_ids=[6], finished=True, finish_reason="length")
+    assert json.loads(plain.chat(0, end).removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+    usage = Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)
+    mid = EngineDelta(index=0, text="c", token_ids=[6], finished=False)
+    assert json.loads(plain.completion(0, mid, 0, usage).removeprefix("data: "))["usage"]["total_tokens"] == 3
