@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import sys
 import threading
 import traceback
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from fuserve.core_messages import (
     input_decoder,
 )
 from fuserve.workers.engine import LLMEngine
+from fuserve.workers.kernels.compile_watch import watch_compiles
 from fuserve.workers.outputs import RequestOutput
 
 IDLE_POLL_S = 0.5  # an idle loop wakes this often to notice a vanished frontend
@@ -181,6 +183,12 @@ def _write_outputs(socket: zmq.Socket, source: queue.Queue) -> None:
         socket.send(buf, copy=True)
 
 
+def _report_compile(kernel: str, seconds: float) -> None:
+    print(
+        f"fuserve engine core: a kernel compiled while serving ({seconds:.2f} s): {kernel}", file=sys.stderr
+    )
+
+
 def run_engine_core(
     config_json: str, input_addr: str, output_addr: str, parent_pid: int, placement: RayPlacement | None
 ) -> None:
@@ -203,6 +211,7 @@ def run_engine_core(
         in_sock.close(linger=0)
         _exit(ctx, out_sock, 1)
     core = EngineCore(engine, parent_pid)
+    watch_compiles(_report_compile)
     gen = engine.generation
     out_sock.send(
         encoder.encode(
