@@ -27,6 +27,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -62,6 +63,7 @@ from fuserve.workers.tokenizer import Tokenizer
 
 ENGINE_START_TIMEOUT_S = 3600.0  # loading a large model from a slow disk takes long; Serve's own limits apply
 REPORTED_PREFIXES = 512  # prefix keys sent with each routing-stats report
+REQUEST_ID_HEADER = "x-request-id"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 logger = logging.getLogger("fuserve.router")
@@ -139,9 +141,14 @@ class EngineIngress:
     # ---- this replica's state: routing, health, metrics ------------------------------------------
     def stats(self) -> ReplicaStats:
         usage = resource.getrusage(resource.RUSAGE_SELF)
+        engine = self.core.stats
+        if not self.core.healthy:  # its engine's requests are gone with it: report none running
+            engine = msgspec.structs.replace(
+                engine, num_waiting=0, num_running=0, outstanding_tokens=0, kv_cache_usage=0.0
+            )
         return ReplicaStats(
             replica_id=self.replica_id,
-            engine=self.core.stats,
+            engine=engine,
             frontend_cpu_seconds_total=usage.ru_utime + usage.ru_stime,
             healthy=self.core.healthy,
             timestamp=time.time(),
@@ -158,6 +165,7 @@ class EngineIngress:
         router hears of no request's end, and only a newer report retires its pick."""
         s = self.core.stats
         report = {
+            "healthy": self.core.healthy,
             "num_admitted": self.client.num_admitted,
             "outstanding_tokens": s.outstanding_tokens,
             "num_running": s.num_running,
@@ -235,7 +243,12 @@ class EngineIngress:
         endpoint = "chat" if chat else "completions"
         arrival = time.perf_counter()
         request_id = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
-        id_header = {"x-request-id": request_id}
+        # Serve's proxy gives every request an x-request-id (the client's own, if it sent one) and
+        # echoes it on the response: that id is the one logs and 5xx messages name. Outside Serve,
+        # the response id stands in.
+        trace_id = request.headers.get(REQUEST_ID_HEADER)
+        id_header = {} if trace_id else {REQUEST_ID_HEADER: request_id}
+        trace_id = trace_id or request_id
         self.metrics.in_flight.inc()
         streaming = False
         try:
@@ -246,11 +259,11 @@ class EngineIngress:
             else:
                 req = await self._parse(request, CompletionRequest)
                 requests = self._completion_requests(req, request_id)
-            streams = await self._open(requests, arrival, req.timeout, request_id)
+            streams = await self._open(requests, arrival, req.timeout, trace_id)
             headers = {"x-fuserve-replica": ",".join(streams.replicas), **id_header}
             if req.stream:
                 streaming = True
-                events = await _started(self._sse(endpoint, req, request_id, streams, chat))
+                events = await _started(self._sse(endpoint, req, request_id, trace_id, streams, chat))
                 return StreamingResponse(
                     events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
                 )
@@ -272,7 +285,7 @@ class EngineIngress:
             self._finish(endpoint, "cancelled")
             raise
         except Exception as err:  # the engine died (503), or a bug (500, logged): never drop the connection
-            api_err = api_error(err, request_id)
+            api_err = api_error(err, trace_id)
             self._finish(endpoint, api_err.status)
             return api_err.response(id_header)
         finally:
@@ -284,6 +297,7 @@ class EngineIngress:
         endpoint: str,
         req: CompletionRequest | ChatCompletionRequest,
         request_id: str,
+        trace_id: str,
         streams: EngineStreams,
         chat: bool,
     ) -> AsyncIterator[str]:
@@ -319,7 +333,7 @@ class EngineIngress:
             yield err.sse()
             yield SSE_DONE
         except Exception as err:
-            api_err = api_error(err, request_id)
+            api_err = api_error(err, trace_id)
             status = api_err.status
             yield api_err.sse()
             yield SSE_DONE
