@@ -118,4 +118,15 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         ) from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object", None, "invalid_json")
-    return clean(data)
+    if _may_need_cleaning(text):
+        data = clean(data)
+    return data
+
+
+def _may_need_cleaning(text: str) -> bool:
+    """Whether the walk over the parsed body is needed: only a `\\uD8xx`-`\\uDFxx` escape makes a
+    surrogate (UTF-8 input has none), and deep nesting needs more brackets than MAX_DEPTH. Both are
+    C-speed scans, so a long prompt (a 100k-token id list, say) is not walked in Python."""
+    if "\\ud" in text or "\\uD" in text:
+        return True
+    return text.count("[") + text.count("{") > MAX_DEPTH
