@@ -130,3 +130,6 @@ def test_api_keys_allow_only_the_configured_bearer_tokens(monkeypatch: pytest.Mo
     assert [k.get_secret_value() for k in baked.serve.api_keys] == ["k-one", "k-two"]
     for text in (repr(baked), str(baked), baked.model_dump_json()):
         assert "k-one" not in text and "k-two" not in text
+    # a config dumped with its keys masked and read back must not make the mask a key
+    with pytest.raises(ValueError, match="masked key"):
+        ApiKeys.from_config(config_from_dict(json.loads(baked.model_dump_json())).serve)

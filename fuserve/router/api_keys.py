@@ -46,6 +46,11 @@ class ApiKeys:
     @classmethod
     def from_config(cls, serve_cfg: ServeConfig) -> ApiKeys:
         configured = [k.get_secret_value() for k in serve_cfg.api_keys]
+        if any(k and not k.strip("*") for k in configured):  # what a dump of the config writes for a key
+            raise ValueError(
+                "serve.api_keys holds a masked key ('**********'): this config was written out with its "
+                "secrets hidden and read back; set the real keys (or FUSERVE_API_KEYS)"
+            )
         return cls(tuple(k.encode() for k in dict.fromkeys(configured + keys_from_env(serve_cfg)) if k))
 
     @property
