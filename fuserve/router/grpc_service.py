@@ -76,6 +76,12 @@ def authorization(context: Any) -> str | None:
     return None
 
 
+def trace_id(context: Any) -> str | None:
+    """Serve's id of the call (it returns it to the client as `request_id` trailing metadata)."""
+    getter = getattr(context, "request_id", None)
+    return getter() if callable(getter) else None
+
+
 def _logprobs(lps: list[TokenLogprobs]) -> list[pb.TokenLogprob]:
     return [
         pb.TokenLogprob(

@@ -404,9 +404,10 @@ class EngineIngress:
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:  # noqa: N802
         arrival = time.perf_counter()
         request_id = self._grpc_request_id(request)
+        trace_id = grpc_service.trace_id(grpc_context) or request_id
         try:
             requests, n = self._grpc_requests(request, grpc_context, request_id)
-            streams = await self._open(requests, arrival, None, request_id)
+            streams = await self._open(requests, arrival, None, trace_id)
             transcript = Transcript(len(requests), n, keep_text=True)
             try:
                 async for i, batch in streams:
@@ -417,7 +418,7 @@ class EngineIngress:
             self._finish("grpc", 200)
             return grpc_service.unary_response(request_id, self.info.model_name, transcript)
         except Exception as err:
-            api_err = api_error(err, request_id)
+            api_err = api_error(err, trace_id)
             self._finish("grpc", api_err.status)
             grpc_service.fail(grpc_context, api_err)
 
@@ -426,11 +427,12 @@ class EngineIngress:
     ) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.perf_counter()
         request_id = self._grpc_request_id(request)
+        trace_id = grpc_service.trace_id(grpc_context) or request_id
         try:
             requests, n = self._grpc_requests(request, grpc_context, request_id)
-            streams = await self._open(requests, arrival, None, request_id)
+            streams = await self._open(requests, arrival, None, trace_id)
         except Exception as err:
-            api_err = api_error(err, request_id)
+            api_err = api_error(err, trace_id)
             self._finish("grpc_stream", api_err.status)
             grpc_service.fail(grpc_context, api_err)
         transcript = Transcript(len(requests), n, keep_text=False)
@@ -442,7 +444,7 @@ class EngineIngress:
             yield grpc_service.usage_message(request_id, self.info.model_name, transcript)
             status = 200
         except Exception as err:
-            api_err = api_error(err, request_id)
+            api_err = api_error(err, trace_id)
             status = api_err.status
             grpc_service.fail(grpc_context, api_err)
         finally:
