@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -177,6 +177,32 @@ class ServeConfig(_Strict):
         ge=0.0,
         description="On shutdown or scale-down a replica takes no new requests and lets those in "
         "flight finish for up to this long, then its engine core stops.",
+    )
+    max_queued_prefill_tokens: int | None = Field(
+        default=None,
+        ge=-1,
+        description="Prompt tokens a replica holds admitted but not yet prefilled; beyond it a request "
+        "gets 429 with Retry-After. Unset: the KV cache's capacity in tokens (what the engine could "
+        "hold at once); -1: no bound. One request is always admitted when nothing is queued.",
+    )
+    request_timeout_s: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Default deadline of a request, from arrival to its last token (a request's own "
+        "`timeout` field overrides it); past it the request is aborted and its KV blocks freed.",
+    )
+    max_request_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Largest request body (HTTP) or message (gRPC)."
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Bearer tokens accepted on /v1/*, /metrics and gRPC (`Authorization: Bearer KEY`); "
+        "empty with no `api_keys_env` set in the environment: no authentication. Prefer the env var.",
+    )
+    api_keys_env: str = Field(
+        default="FUSERVE_API_KEYS",
+        description="Environment variable (read where the app is built) holding comma-separated keys, "
+        "added to `api_keys`.",
     )
 
 

@@ -6,7 +6,16 @@ names the field, and never reaches the engine loop.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Below this temperature a draw is the argmax: logits / T would overflow float32 (or leave one token with
+# all the mass anyway), and softmax of an overflow is NaN, which used to end a completion at once.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# logits divided or multiplied by a penalty outside this range overflow float32 (inf, then NaN)
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-3, 1e3
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty")
+FLOAT_FIELDS += ("repetition_penalty",)
 
 
 class RequestError(ValueError):
@@ -40,12 +49,15 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def validate(self) -> None:
         def bad(msg: str) -> RequestError:
             return RequestError(msg)
 
+        for name in FLOAT_FIELDS:
+            if not math.isfinite(getattr(self, name)):
+                raise bad(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.n < 1:
             raise bad(f"n must be at least 1, got {self.n}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -62,8 +74,11 @@ class SamplingParams:
             raise bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.repetition_penalty <= 0.0:
-            raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise bad(
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}], "
+                f"got {self.repetition_penalty}"
+            )
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise bad(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):

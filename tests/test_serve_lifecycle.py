@@ -1,7 +1,8 @@
 """The replica's two processes over their lifetime: a dying engine core, and a drained shutdown.
 
 - The engine-core process killed (SIGKILL) mid-stream: the client's stream ends with an error event
-  within seconds, Serve replaces the replica, the next request succeeds, no engine process is left.
+  within seconds (503, no PID or exit code in it), /metrics says the engine is down, Serve replaces
+  the replica, the next request succeeds, no engine process is left.
 - SIGTERM to `fuserve serve` with streams in flight: they finish within the drain period, the
   command exits soon after, and neither its Ray processes nor its engine core outlive it.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -77,7 +79,8 @@ def test_killed_engine_core_ends_streams_and_the_replica_is_replaced(
     serve.run(build_app(config), name="mortal", route_prefix="/mortal")
     url = f"{serve_cluster.url}/mortal"
     try:
-        pid = httpx.get(f"{url}/health", timeout=30).json()["engine_core_pid"]
+        health = httpx.get(f"{url}/health", timeout=30).json()
+        pid, dead_replica = health["engine_core_pid"], health["replica"]
         started, result = threading.Event(), {}
         streamer = threading.Thread(target=_stream, args=(url, 900, started, result))
         streamer.start()
@@ -89,8 +92,19 @@ def test_killed_engine_core_ends_streams_and_the_replica_is_replaced(
         assert result["ended_at"] - killed_at < 5.0, result["ended_at"] - killed_at
         errors = [json.loads(e)["error"] for e in result["events"] if e != "[DONE]" and "error" in e]
         assert errors and errors[0]["type"] == "service_unavailable", result["events"][-3:]
-        assert f"pid {pid}) exited" in errors[0]["message"], errors[0]
+        assert not re.search(rf"\b{pid}\b|pid|exit", errors[0]["message"]), errors[0]
         assert "length" not in _finish_reasons(result["events"]), "the stream claims it finished"
+        # a request the dead replica still gets: 503 and a request id, no PID or exit code
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "now?", "max_tokens": 2}, timeout=30)
+        if r.status_code != 200:  # unless Serve has already replaced it
+            assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready", r.text
+            message = r.json()["error"]["message"]
+            assert not re.search(rf"\b{pid}\b|pid|exit", message) and r.headers["x-request-id"] in message
+        # until Serve replaces it, the lone replica's /metrics says its engine is down and runs nothing
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        if f'replica="{dead_replica}"' in text:
+            assert f'fuserve_engine_healthy{{replica="{dead_replica}"}} 0.0' in text
+            assert f'fuserve_engine_num_requests_running{{replica="{dead_replica}"}} 0.0' in text
 
         deadline, answer = time.monotonic() + 90, None
         while time.monotonic() < deadline:  # Serve's health check notices, then starts a new replica

@@ -25,6 +25,7 @@ from ray.serve import Application
 from fuserve.cluster.deployment_options import engine_options
 from fuserve.cluster.ingress_routing import haproxy_enabled, with_body_routing
 from fuserve.configs import FuserveConfig, load_config
+from fuserve.router.api_keys import with_env_api_keys
 from fuserve.router.ingress import EngineIngress
 
 CONFIG_ENV = "FUSERVE_CONFIG"
@@ -32,6 +33,7 @@ CONFIG_ENV = "FUSERVE_CONFIG"
 
 def build_app(config: FuserveConfig, cluster_gpus: float | None = None) -> Application:
     """`cluster_gpus` decides `model.device: auto`; by default it is read from the Ray cluster."""
+    config = with_env_api_keys(config)  # the replicas may run where this environment is not
     if cluster_gpus is None:
         cluster_gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
     engine = serve.deployment(EngineIngress, name="Engine").options(**engine_options(config, cluster_gpus))

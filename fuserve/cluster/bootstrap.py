@@ -17,6 +17,7 @@ from ray.serve.config import gRPCOptions
 
 from fuserve.cluster.app import build_app
 from fuserve.configs import FuserveConfig
+from fuserve.router.api_keys import ApiKeys
 from fuserve.router.grpc_service import SERVICER_FUNCTION
 
 APP_NAME = "fuserve"
@@ -46,6 +47,13 @@ def serve_until_stopped(config: FuserveConfig, address: str | None = None) -> No
             f"{s.host}:{s.grpc_port}; Ctrl-C stops",
             flush=True,
         )
+        if not ApiKeys.from_config(s).enabled:
+            print(
+                f"fuserve: note: no API key is set, and Serve's gRPC proxy listens on every interface "
+                f"(port {s.grpc_port}; Ray Serve 2.60 takes no host for it): set {s.api_keys_env} or "
+                "serve.api_keys, or keep that port behind a firewall",
+                flush=True,
+            )
         stop.wait()
     finally:
         print("fuserve: stopping", flush=True)

@@ -197,6 +197,12 @@ class EngineCoreClient:
             if not all(s.finished for s in seqs) and self.healthy:
                 self._send(AbortRequest(rid))
 
+    def fail(self, request_id: str, err: BaseException) -> None:
+        """Ends the request's stream with `err` (its deadline passed); leaving the stream aborts it."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(err, time.perf_counter())
+
     def _delta(self, stream: _Stream, out: SeqOutput) -> EngineDelta | None:
         seq = stream.seqs[out.index]
         if seq.finished:  # a stop string ended it; the core's last steps for it arrive late

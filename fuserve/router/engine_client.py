@@ -14,29 +14,34 @@ delta leaves for the client.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from fuserve.core_messages import EngineDeadError
 from fuserve.router.core_client import EngineCoreClient
 from fuserve.router.engine_messages import EngineDelta, EngineRequest
-from fuserve.router.errors import APIError, bad_request, internal, overloaded, unavailable
+from fuserve.router.errors import APIError, bad_request, deadline_exceeded, internal, overloaded, unavailable
 from fuserve.router.metrics import ServingMetrics
 from fuserve.sampling_params import RequestError
 
 _END = object()
 Deltas = AsyncGenerator[list[EngineDelta], None]
+logger = logging.getLogger("fuserve.router")
 
 
-def api_error(err: BaseException) -> APIError:
-    """What the client should see for an exception raised while opening a stream."""
+def api_error(err: BaseException, request_id: str = "") -> APIError:
+    """What the client should see for an exception raised while serving a request. A server fault's
+    details (exit codes, PIDs, tracebacks) go to the log under the request id, never to the client."""
     if isinstance(err, APIError):
         return err
     if isinstance(err, RequestError):
         return bad_request(str(err))
     if isinstance(err, EngineDeadError):
-        return unavailable(str(err))
-    return internal(f"{type(err).__name__}: {err}")
+        logger.error("request %s: the engine stopped: %s", request_id, err)
+        return unavailable(request_id)
+    logger.error("request %s failed", request_id, exc_info=err)
+    return internal(request_id)
 
 
 async def _close_all(gens: list[Deltas]) -> None:
@@ -136,37 +141,88 @@ class EngineClient:
     per-replica limit) forwards everything, and the replica refuses what it cannot hold with an
     OpenAI-shaped 429 at once, instead of letting it wait unseen."""
 
-    def __init__(self, core: EngineCoreClient, metrics: ServingMetrics, max_open: int | None) -> None:
+    def __init__(
+        self,
+        core: EngineCoreClient,
+        metrics: ServingMetrics,
+        max_open: int | None,
+        max_queued_prefill_tokens: int | None = None,
+    ) -> None:
         self.core = core
         self.metrics = metrics
         self.max_open = max_open  # API requests admitted at once (running + queued); None: no limit
+        self.max_queued_prefill_tokens = max_queued_prefill_tokens  # None: no limit
         self.num_open = 0
         self.num_admitted = 0  # ever: lets a routing report show that requests came and went
+        self.queued_prefill_tokens = 0  # prompt tokens admitted whose first token has not come yet
 
-    def _release(self) -> None:
+    def _release(self, deadline: asyncio.TimerHandle | None = None) -> None:
         self.num_open -= 1
+        if deadline is not None:
+            deadline.cancel()
 
-    async def open(self, requests: list[EngineRequest], arrival: float) -> EngineStreams:
+    def _admit(self, prompt_tokens: int) -> None:
+        """Raises a 429 when the replica holds all it may: requests, or prompt tokens waiting for
+        prefill (a burst of long prompts fills the KV cache and stalls every stream before the
+        request count would say so). One request is admitted whenever nothing waits, however long."""
         if self.max_open is not None and self.num_open >= self.max_open:
             raise overloaded(f"{self.num_open} requests in flight on this replica, its limit")
+        queued, limit = self.queued_prefill_tokens, self.max_queued_prefill_tokens
+        if limit is not None and queued and queued + prompt_tokens > limit:
+            raise overloaded(
+                f"{queued} prompt tokens wait for prefill on this replica; this request's {prompt_tokens} "
+                f"would pass its limit of {limit}"
+            )
+
+    def _set_deadline(
+        self, requests: list[EngineRequest], arrival: float, timeout_s: float | None
+    ) -> asyncio.TimerHandle | None:
+        """Past the deadline every stream of the request fails with a 408; the streams' close aborts
+        them in the engine core, which frees their KV blocks."""
+        if timeout_s is None:
+            return None
+        err = deadline_exceeded(timeout_s)
+
+        def expire() -> None:
+            for r in requests:
+                self.core.fail(r.request_id, err)
+
+        delay = max(0.0, timeout_s - (time.perf_counter() - arrival))
+        return asyncio.get_running_loop().call_later(delay, expire)
+
+    async def open(
+        self,
+        requests: list[EngineRequest],
+        arrival: float,
+        timeout_s: float | None = None,
+        request_id: str = "",
+    ) -> EngineStreams:
+        """`timeout_s`: the request's deadline, from `arrival`; `request_id`: the API request's id,
+        which the log and a 5xx message name."""
+        prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
+        self._admit(prompt_tokens)
         self.num_open += 1
         self.num_admitted += 1
+        self.queued_prefill_tokens += prompt_tokens
         opened_at = time.perf_counter()
         self.metrics.admit.observe(opened_at - arrival)
         gens: list[Deltas] = [self.core.generate(r) for r in requests]  # type: ignore[misc]
+        deadline = self._set_deadline(requests, arrival, timeout_s)
         try:
             results = await asyncio.gather(*(gen.__anext__() for gen in gens), return_exceptions=True)
         except asyncio.CancelledError:  # the client left: each generator's `finally` aborts its request
-            self._release()
+            self._release(deadline)
             await _close_all(gens)
             raise
+        finally:
+            self.queued_prefill_tokens -= prompt_tokens
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is not None:
-            self._release()
+            self._release(deadline)
             await _close_all(gens)
             if isinstance(failed, StopAsyncIteration):
-                raise internal("the engine ended a stream without output")
-            raise api_error(failed)
+                failed = RuntimeError("the engine ended a stream without output")
+            raise api_error(failed, request_id)
         firsts: list[list[EngineDelta]] = results  # type: ignore[assignment]
         first_back = max(batch[0].received_at for batch in firsts)
         if first_back:
@@ -175,4 +231,4 @@ class EngineClient:
             self.metrics.prompt_tokens.inc(len(r.prompt_token_ids))
         for batch in firsts:
             self.metrics.cached_prompt_tokens.inc(batch[0].num_cached_tokens)
-        return EngineStreams(gens, firsts, self.metrics, arrival, self._release)
+        return EngineStreams(gens, firsts, self.metrics, arrival, lambda: self._release(deadline))

@@ -24,17 +24,24 @@ class APIError(Exception):
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after_s = 1  # for 429 and 503: the Retry-After header, in whole seconds
 
     def __reduce__(self) -> tuple:
         """Pickles with all fields: Ray ships it to the gRPC proxy inside Serve's status error."""
         return (APIError, (self.status, self.message, self.type, self.param, self.code))
 
+    def with_retry_after(self, seconds: int) -> APIError:
+        self.retry_after_s = max(1, seconds)
+        return self
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        retry = {"Retry-After": "1"} if self.status in (429, 503) else None
-        return JSONResponse(self.body(), status_code=self.status, headers=retry)
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        extra = {"Retry-After": str(self.retry_after_s)} if self.status in (429, 503) else {}
+        if self.status == 401:
+            extra["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(self.body(), status_code=self.status, headers={**extra, **(headers or {})})
 
     def sse(self) -> str:
         """The same error as a server-sent event, for failures after a stream has started."""
@@ -65,12 +72,51 @@ def overloaded(detail: str) -> APIError:
     )
 
 
-def unavailable(detail: str) -> APIError:
-    return APIError(503, f"the engine is not available: {detail}", "service_unavailable", None, "not_ready")
+def unavailable(request_id: str = "") -> APIError:
+    """The replica's engine stopped. What stopped it (exit codes, PIDs) is in the log, not here."""
+    ref = f" (request id {request_id})" if request_id else ""
+    return APIError(
+        503,
+        f"this replica's engine is not running{ref}; retry shortly, another replica (or this one's "
+        "replacement) will serve it",
+        "service_unavailable",
+        None,
+        "not_ready",
+    )
 
 
-def internal(detail: str) -> APIError:
-    return APIError(500, f"internal error: {detail}", "internal_error", None, None)
+def internal(request_id: str = "") -> APIError:
+    """A fault of the server's own; the log holds the details under the request id."""
+    ref = f" under request id {request_id}" if request_id else ""
+    return APIError(
+        500, f"internal server error; the server's log has the details{ref}", "internal_error", None, None
+    )
+
+
+def unauthorized(detail: str) -> APIError:
+    return APIError(401, f"unauthorized: {detail}", "authentication_error", None, "invalid_api_key")
+
+
+def too_large(size: int, limit: int) -> APIError:
+    return APIError(
+        413,
+        f"the request is {size} bytes, more than this server's limit of {limit} bytes "
+        "(serve.max_request_bytes): send less",
+        "invalid_request_error",
+        None,
+        "request_too_large",
+    )
+
+
+def deadline_exceeded(timeout_s: float) -> APIError:
+    return APIError(
+        408,
+        f"the request did not finish within its deadline of {timeout_s:g} s (the `timeout` field, or "
+        "serve.request_timeout_s) and was stopped; raise the timeout or ask for fewer tokens",
+        "timeout_error",
+        "timeout",
+        "deadline_exceeded",
+    )
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}

@@ -24,6 +24,8 @@ SERVICER_FUNCTION = "fuserve.router.proto.fuserve_pb2_grpc.add_GenerationService
 
 STATUS_TO_GRPC = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -62,6 +64,22 @@ def to_api_request(r: pb.GenerateRequest) -> CompletionRequest | ChatCompletionR
         return CompletionRequest.model_validate(data)
     except ValidationError as err:
         raise from_validation(err) from None
+
+
+def authorization(context: Any) -> str | None:
+    """The call's `authorization` metadata (`Bearer KEY`), as HTTP's header of that name."""
+    if context is None:
+        return None
+    for key, value in context.invocation_metadata() or ():
+        if key.lower() == "authorization":
+            return value
+    return None
+
+
+def trace_id(context: Any) -> str | None:
+    """Serve's id of the call (it returns it to the client as `request_id` trailing metadata)."""
+    getter = getattr(context, "request_id", None)
+    return getter() if callable(getter) else None
 
 
 def _logprobs(lps: list[TokenLogprobs]) -> list[pb.TokenLogprob]:

@@ -20,13 +20,14 @@ they arrive; a client that goes away closes its streams, and the engine aborts i
 """
 
 import asyncio
-import json
+import logging
 import resource
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -34,16 +35,11 @@ from ray import serve
 
 from fuserve.configs import FuserveConfig, ServeConfig
 from fuserve.router import grpc_service
+from fuserve.router.api_keys import ApiKeys
 from fuserve.router.core_client import EngineCoreClient
 from fuserve.router.engine_client import EngineClient, EngineStreams, api_error
 from fuserve.router.engine_messages import EngineRequest, ModelInfo, ReplicaStats
-from fuserve.router.errors import (
-    APIError,
-    bad_request,
-    from_json_error,
-    from_validation,
-    model_not_found,
-)
+from fuserve.router.errors import APIError, from_validation, model_not_found, too_large
 from fuserve.router.metrics import ServingMetrics
 from fuserve.router.prompts import (
     encode_chat,
@@ -59,6 +55,7 @@ from fuserve.router.protocol import (
     ModelCard,
     ModelList,
 )
+from fuserve.router.request_body import parse_json_object, read_body
 from fuserve.router.responses import SSE_DONE, ChunkWriter, Transcript
 from fuserve.router.routing_policy import RecentPrefixes
 from fuserve.workers.models.loader import load_tokenizer, resolve_source
@@ -66,8 +63,10 @@ from fuserve.workers.tokenizer import Tokenizer
 
 ENGINE_START_TIMEOUT_S = 3600.0  # loading a large model from a slow disk takes long; Serve's own limits apply
 REPORTED_PREFIXES = 512  # prefix keys sent with each routing-stats report
+REQUEST_ID_HEADER = "x-request-id"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+logger = logging.getLogger("fuserve.router")
 app = FastAPI(title="fuserve", description="OpenAI-compatible LLM serving on Ray Serve", docs_url=None)
 
 
@@ -95,6 +94,15 @@ def admission_limit(serve_cfg: ServeConfig) -> int | None:
     return serve_cfg.max_ongoing_requests + serve_cfg.max_queued_requests
 
 
+def prefill_token_limit(serve_cfg: ServeConfig, kv_capacity_tokens: int) -> int | None:
+    """Prompt tokens one replica holds waiting for prefill: the config's bound, else the KV cache's
+    capacity (more than it can hold at once only waits, or preempts); None: no bound."""
+    limit = serve_cfg.max_queued_prefill_tokens
+    if limit is None:
+        return kv_capacity_tokens
+    return None if limit < 0 else limit
+
+
 def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
@@ -119,7 +127,12 @@ class EngineIngress:
             default_max_tokens=ready.default_max_tokens,
         )
         self.metrics = ServingMetrics()
-        self.client = EngineClient(self.core, self.metrics, admission_limit(config.serve))
+        kv_tokens = ready.stats.num_blocks * ready.block_size
+        max_prefill = prefill_token_limit(config.serve, kv_tokens)
+        self.client = EngineClient(self.core, self.metrics, admission_limit(config.serve), max_prefill)
+        self.api_keys = ApiKeys.from_config(config.serve)
+        self.max_request_bytes = config.serve.max_request_bytes
+        self.request_timeout_s = config.serve.request_timeout_s
         self.prefixes = RecentPrefixes(4 * REPORTED_PREFIXES)
         self._token_text: dict[int, str] = {}
         self._last_report: dict = {}
@@ -128,9 +141,14 @@ class EngineIngress:
     # ---- this replica's state: routing, health, metrics ------------------------------------------
     def stats(self) -> ReplicaStats:
         usage = resource.getrusage(resource.RUSAGE_SELF)
+        engine = self.core.stats
+        if not self.core.healthy:  # its engine's requests are gone with it: report none running
+            engine = msgspec.structs.replace(
+                engine, num_waiting=0, num_running=0, outstanding_tokens=0, kv_cache_usage=0.0
+            )
         return ReplicaStats(
             replica_id=self.replica_id,
-            engine=self.core.stats,
+            engine=engine,
             frontend_cpu_seconds_total=usage.ru_utime + usage.ru_stime,
             healthy=self.core.healthy,
             timestamp=time.time(),
@@ -147,6 +165,7 @@ class EngineIngress:
         router hears of no request's end, and only a newer report retires its pick."""
         s = self.core.stats
         report = {
+            "healthy": self.core.healthy,
             "num_admitted": self.client.num_admitted,
             "outstanding_tokens": s.outstanding_tokens,
             "num_running": s.num_running,
@@ -201,24 +220,20 @@ class EngineIngress:
         params = sampling_or_400(req.sampling_params, max_tokens, self.info.sampling_defaults)
         return [engine_request(request_id, ids, params, self.info)]
 
-    async def _open(self, requests: list[EngineRequest], arrival: float) -> EngineStreams:
+    async def _open(
+        self, requests: list[EngineRequest], arrival: float, timeout_s: float | None, request_id: str
+    ) -> EngineStreams:
         for r in requests:
             self.prefixes.add(r.prefix_keys)
-        return await self.client.open(requests, arrival)
+        timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
+        return await self.client.open(requests, arrival, timeout_s, request_id)
 
     def _finish(self, endpoint: str, status: int | str) -> None:
         self.metrics.requests.labels(endpoint, str(status)).inc()
 
     # ---- HTTP ---------------------------------------------------------------------------------------
-    @staticmethod
-    async def _parse(request: Request, model: type[BaseModel]) -> Any:
-        body = await request.body()
-        try:
-            data = json.loads(body)
-        except json.JSONDecodeError as err:
-            raise from_json_error(err) from None
-        if not isinstance(data, dict):
-            raise bad_request("the request body must be a JSON object", None, "invalid_json")
+    async def _parse(self, request: Request, model: type[BaseModel]) -> Any:
+        data = parse_json_object(await read_body(request, self.max_request_bytes))
         try:
             return model.model_validate(data)
         except ValidationError as err:
@@ -227,22 +242,28 @@ class EngineIngress:
     async def _serve_http(self, request: Request, chat: bool) -> Response:
         endpoint = "chat" if chat else "completions"
         arrival = time.perf_counter()
+        request_id = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
+        # Serve's proxy gives every request an x-request-id (the client's own, if it sent one) and
+        # echoes it on the response: that id is the one logs and 5xx messages name. Outside Serve,
+        # the response id stands in.
+        trace_id = request.headers.get(REQUEST_ID_HEADER)
+        id_header = {} if trace_id else {REQUEST_ID_HEADER: request_id}
+        trace_id = trace_id or request_id
         self.metrics.in_flight.inc()
         streaming = False
         try:
+            self.api_keys.check(request.headers.get("authorization"))
             if chat:
                 req = await self._parse(request, ChatCompletionRequest)
-                request_id = f"chatcmpl-{uuid.uuid4().hex}"
                 requests = self._chat_requests(req, request_id)
             else:
                 req = await self._parse(request, CompletionRequest)
-                request_id = f"cmpl-{uuid.uuid4().hex}"
                 requests = self._completion_requests(req, request_id)
-            streams = await self._open(requests, arrival)
-            headers = {"x-fuserve-replica": ",".join(streams.replicas), "x-request-id": request_id}
+            streams = await self._open(requests, arrival, req.timeout, trace_id)
+            headers = {"x-fuserve-replica": ",".join(streams.replicas), **id_header}
             if req.stream:
                 streaming = True
-                events = await _started(self._sse(endpoint, req, request_id, streams, chat))
+                events = await _started(self._sse(endpoint, req, request_id, trace_id, streams, chat))
                 return StreamingResponse(
                     events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
                 )
@@ -259,14 +280,14 @@ class EngineIngress:
             return JSONResponse(body.model_dump(), headers=headers)
         except APIError as err:
             self._finish(endpoint, err.status)
-            return err.response()
+            return err.response(id_header)
         except asyncio.CancelledError:
             self._finish(endpoint, "cancelled")
             raise
-        except Exception as err:  # the engine died (503), or a bug: say what broke, don't drop the connection
-            api_err = api_error(err)
+        except Exception as err:  # the engine died (503), or a bug (500, logged): never drop the connection
+            api_err = api_error(err, trace_id)
             self._finish(endpoint, api_err.status)
-            return api_err.response()
+            return api_err.response(id_header)
         finally:
             if not streaming:
                 self.metrics.in_flight.dec()
@@ -276,6 +297,7 @@ class EngineIngress:
         endpoint: str,
         req: CompletionRequest | ChatCompletionRequest,
         request_id: str,
+        trace_id: str,
         streams: EngineStreams,
         chat: bool,
     ) -> AsyncIterator[str]:
@@ -311,7 +333,7 @@ class EngineIngress:
             yield err.sse()
             yield SSE_DONE
         except Exception as err:
-            api_err = api_error(err)
+            api_err = api_error(err, trace_id)
             status = api_err.status
             yield api_err.sse()
             yield SSE_DONE
@@ -329,13 +351,20 @@ class EngineIngress:
         return await self._serve_http(request, chat=True)
 
     @app.get("/v1/models")
-    async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.info.model_name, max_model_len=self.info.max_model_len)])
+    async def models(self, request: Request) -> Response:
+        try:
+            self.api_keys.check(request.headers.get("authorization"))
+        except APIError as err:
+            return err.response()
+        body = ModelList(data=[ModelCard(id=self.info.model_name, max_model_len=self.info.max_model_len)])
+        return JSONResponse(body.model_dump())
 
     @app.get("/health")
     async def health(self) -> Response:
+        """Open without an API key (load balancers and probes ask it); a stopped engine's reason is
+        logged, not shown."""
         if not self.core.healthy:
-            detail = f"the engine stopped: {self.core.error or 'unknown error'}"
+            detail = "this replica's engine is not running; it is being replaced"
             return JSONResponse({"status": "unavailable", "detail": detail}, 503)
         return JSONResponse(
             {
@@ -347,24 +376,38 @@ class EngineIngress:
         )
 
     @app.get("/metrics")
-    async def metrics(self) -> Response:
+    async def metrics(self, request: Request) -> Response:
+        try:
+            self.api_keys.check(request.headers.get("authorization"))
+        except APIError as err:
+            return err.response()
         self.metrics.update_replica(self.stats())
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # ---- gRPC (called by Serve's gRPC proxy by method name) ----------------------------------------
-    def _grpc_requests(self, request: pb.GenerateRequest) -> tuple[str, list[EngineRequest], int]:
+    def _grpc_requests(
+        self, request: pb.GenerateRequest, grpc_context: Any, request_id: str
+    ) -> tuple[list[EngineRequest], int]:
+        self.api_keys.check(grpc_service.authorization(grpc_context))
+        size = request.ByteSize()
+        if size > self.max_request_bytes:
+            raise too_large(size, self.max_request_bytes)
         api_req = grpc_service.to_api_request(request)
         if isinstance(api_req, ChatCompletionRequest):
-            request_id = f"chatcmpl-{uuid.uuid4().hex}"
-            return request_id, self._chat_requests(api_req, request_id), api_req.n
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        return request_id, self._completion_requests(api_req, request_id), api_req.n
+            return self._chat_requests(api_req, request_id), api_req.n
+        return self._completion_requests(api_req, request_id), api_req.n
+
+    @staticmethod
+    def _grpc_request_id(request: pb.GenerateRequest) -> str:
+        return f"chatcmpl-{uuid.uuid4().hex}" if request.messages else f"cmpl-{uuid.uuid4().hex}"
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:  # noqa: N802
         arrival = time.perf_counter()
+        request_id = self._grpc_request_id(request)
+        trace_id = grpc_service.trace_id(grpc_context) or request_id
         try:
-            request_id, requests, n = self._grpc_requests(request)
-            streams = await self._open(requests, arrival)
+            requests, n = self._grpc_requests(request, grpc_context, request_id)
+            streams = await self._open(requests, arrival, None, trace_id)
             transcript = Transcript(len(requests), n, keep_text=True)
             try:
                 async for i, batch in streams:
@@ -374,20 +417,24 @@ class EngineIngress:
                 await streams.close()
             self._finish("grpc", 200)
             return grpc_service.unary_response(request_id, self.info.model_name, transcript)
-        except APIError as err:
-            self._finish("grpc", err.status)
-            grpc_service.fail(grpc_context, err)
+        except Exception as err:
+            api_err = api_error(err, trace_id)
+            self._finish("grpc", api_err.status)
+            grpc_service.fail(grpc_context, api_err)
 
     async def GenerateStream(  # noqa: N802
         self, request: pb.GenerateRequest, grpc_context: Any = None
     ) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.perf_counter()
+        request_id = self._grpc_request_id(request)
+        trace_id = grpc_service.trace_id(grpc_context) or request_id
         try:
-            request_id, requests, n = self._grpc_requests(request)
-            streams = await self._open(requests, arrival)
-        except APIError as err:
-            self._finish("grpc_stream", err.status)
-            grpc_service.fail(grpc_context, err)
+            requests, n = self._grpc_requests(request, grpc_context, request_id)
+            streams = await self._open(requests, arrival, None, trace_id)
+        except Exception as err:
+            api_err = api_error(err, trace_id)
+            self._finish("grpc_stream", api_err.status)
+            grpc_service.fail(grpc_context, api_err)
         transcript = Transcript(len(requests), n, keep_text=False)
         status: int | str = "cancelled"
         try:
@@ -396,9 +443,10 @@ class EngineIngress:
                 yield grpc_service.stream_message(request_id, self.info.model_name, step)
             yield grpc_service.usage_message(request_id, self.info.model_name, transcript)
             status = 200
-        except APIError as err:
-            status = err.status
-            grpc_service.fail(grpc_context, err)
+        except Exception as err:
+            api_err = api_error(err, trace_id)
+            status = api_err.status
+            grpc_service.fail(grpc_context, api_err)
         finally:
             await streams.close()
             self._finish("grpc_stream", status)

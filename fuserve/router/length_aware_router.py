@@ -52,6 +52,13 @@ def _first_arg(pending_request: PendingRequest | None) -> object:
     return pending_request.args[0]
 
 
+def serving_replicas(replicas: list[RunningReplica]) -> list[RunningReplica]:
+    """The replicas whose engine runs, by their last report (a dead engine core's replica says so
+    within a report period, long before Serve's health checks replace it); all of them if none does."""
+    alive = [r for r in replicas if (r.routing_stats or {}).get("healthy", True)]
+    return alive or replicas
+
+
 @dataclass
 class _Assignment:
     request: PendingRequest  # held so that its id(), the key, cannot be reused while this lives
@@ -148,6 +155,7 @@ class LengthAwareRouter(RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
+        candidate_replicas = serving_replicas(candidate_replicas)
         if not candidate_replicas:
             return []
         if pending_request is not None:

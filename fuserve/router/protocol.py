@@ -11,16 +11,19 @@ silently ignored; unknown fields are ignored, as OpenAI's own server does. `top_
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from fuserve.router.errors import bad_request
-from fuserve.sampling_params import SamplingParams
+from fuserve.sampling_params import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, SamplingParams
 from fuserve.workers.models.generation_config import SAMPLING_FIELDS
 
 # settings whose default, when a request leaves them unset, is the model's own (generation_config.py)
 MODEL_DEFAULTABLE = tuple(SAMPLING_FIELDS)
+# a token id as a request may send it: the engine checks it against the vocabulary; this bound keeps
+# a number too large for the engine core's message encoding (64-bit) from reaching it
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 class StreamOptions(BaseModel):
@@ -36,7 +39,7 @@ class _SamplingRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=128)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -45,12 +48,15 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # extensions
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, lt=2**31)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    repetition_penalty: float | None = Field(
+        default=None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY
+    )
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
+    timeout: float | None = Field(default=None, gt=0.0, le=86400.0)  # seconds; deadline of this request
 
     def _check_common(self) -> None:
         if self.logit_bias:
@@ -90,7 +96,7 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False

@@ -34,6 +34,11 @@ from fuserve.router.protocol import (
 )
 
 DecodeToken = Callable[[int], str]
+MIN_LOGPROB = -9999.0  # JSON has no -inf (nor NaN): a zero-probability token reports this, as vLLM does
+
+
+def finite_logprob(v: float) -> float:
+    return v if v >= MIN_LOGPROB else MIN_LOGPROB  # NaN compares false, so it too becomes MIN_LOGPROB
 
 
 def completion_logprobs(lps: list[TokenLogprobs], decode: DecodeToken, offset: int) -> CompletionLogprobs:
@@ -42,8 +47,8 @@ def completion_logprobs(lps: list[TokenLogprobs], decode: DecodeToken, offset: i
     for lp in lps:
         token = decode(lp.token_id)
         out.tokens.append(token)
-        out.token_logprobs.append(lp.logprob)
-        out.top_logprobs.append({decode(t): v for t, v in lp.top})
+        out.token_logprobs.append(finite_logprob(lp.logprob))
+        out.top_logprobs.append({decode(t): finite_logprob(v) for t, v in lp.top})
         out.text_offset.append(offset)
         offset += len(token)
     return out
@@ -53,10 +58,12 @@ def chat_logprobs(lps: list[TokenLogprobs], decode: DecodeToken) -> ChatLogprobs
     content = []
     for lp in lps:
         token = decode(lp.token_id)
-        top = [TopLogprob(token=(s := decode(t)), logprob=v, bytes=list(s.encode())) for t, v in lp.top]
-        content.append(
-            TokenLogprob(token=token, logprob=lp.logprob, bytes=list(token.encode()), top_logprobs=top)
-        )
+        top = [
+            TopLogprob(token=(s := decode(t)), logprob=finite_logprob(v), bytes=list(s.encode()))
+            for t, v in lp.top
+        ]
+        value = finite_logprob(lp.logprob)
+        content.append(TokenLogprob(token=token, logprob=value, bytes=list(token.encode()), top_logprobs=top))
     return ChatLogprobs(content=content)
 
 

@@ -16,6 +16,7 @@ from fuserve.workers.cuda_graphs import DecodeGraphs
 from fuserve.workers.kernels.ops import KernelOps
 from fuserve.workers.kv_cache import allocate_kv_cache, num_blocks_for
 from fuserve.workers.model_runner import ModelRunner
+from fuserve.workers.models.fidelity import check_implemented
 from fuserve.workers.models.llama import LlamaArch
 from fuserve.workers.models.loader import ModelSource, build_model, resolve_source
 from fuserve.workers.sampler import SampledBatch
@@ -55,6 +56,7 @@ class Worker:
         self.max_model_len = min(
             config.model.max_model_len or self.arch.max_position_embeddings, self.arch.max_position_embeddings
         )
+        check_implemented(self.source.hf_config, self.max_model_len)
         ops = pick_ops(config.kernels.use_triton, self.device)
         self.model = build_model(
             self.source, tp, ops, self.dtype, self.device, self.max_model_len, config.model.seed
