@@ -48,12 +48,12 @@ from workloads import WORKLOADS, RequestSpec, make_named  # noqa: E402
 
 from fuserve.configs import SchedulerConfig  # noqa: E402
 from fuserve.core_messages import CoreStats  # noqa: E402
+from fuserve.router.prefix_affinity import AffinityCandidate, rank_by_prefix_affinity  # noqa: E402
 from fuserve.router.replica_view import PeerEstimate, covered_until, routing_report, view_from_report  # noqa: E402
 from fuserve.router.routing_policy import (  # noqa: E402
     Candidate,
     RecentPrefixes,
     TieBreak,
-    cached_blocks,
     prefix_keys,
     rank_replicas,
 )
@@ -285,25 +285,15 @@ class RoundRobin(SimRouter):
 
 
 class PrefixAffinity(SimRouter):
-    """Ray Serve LLM's PrefixCacheAffinityRouter on block keys instead of characters."""
-
-    match_rate_threshold = 0.1
+    """Ray Serve LLM's PrefixCacheAffinityRouter (router/prefix_affinity.py) with exact queue lengths."""
 
     def __init__(self, replica_ids: list[str], rng: random.Random) -> None:
         super().__init__(replica_ids, rng)
         self.tenant_tokens = dict.fromkeys(replica_ids, 0)
 
     def choose(self, x: RouteInput) -> str:
-        n = max(len(x.spec.prompt_ids), 1)
-        match = {r: cached_blocks(x.keys, self.mine[r]) * BLOCK_SIZE / n for r in self.replica_ids}
-        best = max(match.values())
-        if best >= self.match_rate_threshold:
-            chosen = [r for r in self.replica_ids if match[r] == best]
-        else:
-            least = min(self.tenant_tokens.values())
-            chosen = [r for r in self.replica_ids if self.tenant_tokens[r] == least]
-        pair = self.rng.sample(chosen, 2) if len(chosen) > 1 else chosen * 2
-        rid = min(pair, key=lambda r: x.ongoing[r])
+        cands = [AffinityCandidate(r, x.ongoing[r], self.mine[r], self.tenant_tokens[r]) for r in self.replica_ids]
+        rid = rank_by_prefix_affinity(cands, x.keys, len(x.spec.prompt_ids), BLOCK_SIZE, self.rng)[0]
         self.tenant_tokens[rid] += len(x.spec.prompt_ids)
         return rid
 

@@ -60,6 +60,7 @@ from fuserve.router.protocol import (
     ModelList,
 )
 from fuserve.router.responses import SSE_DONE, ChunkWriter, Transcript
+from fuserve.router.replica_view import routing_report
 from fuserve.router.routing_policy import RecentPrefixes
 from fuserve.workers.models.loader import load_tokenizer, resolve_source
 from fuserve.workers.tokenizer import Tokenizer
@@ -121,6 +122,7 @@ class EngineIngress:
         self.metrics = ServingMetrics()
         self.client = EngineClient(self.core, self.metrics, admission_limit(config.serve))
         self.prefixes = RecentPrefixes(4 * REPORTED_PREFIXES)
+        self.scheduler_config = config.scheduler
         self._token_text: dict[int, str] = {}
         self._last_report: dict = {}
         self._last_report_at = 0.0
@@ -153,6 +155,7 @@ class EngineIngress:
             "num_waiting": s.num_waiting,
             "kv_cache_usage": s.kv_cache_usage,
             "prefix_keys": self.prefixes.snapshot()[-REPORTED_PREFIXES:],
+            **routing_report(s, self.scheduler_config),  # what the TTFT model reads
         }
         if report != self._last_report:
             self._last_report, self._last_report_at = report, time.time()

@@ -51,6 +51,8 @@ class RoutingHint:
     work_tokens: int  # sum over sequences of (prompt + max output tokens): the request's cost
     prefix_keys: list[int] = field(default_factory=list)  # prefix_keys() of the (first) prompt
     block_size: int = 16  # tokens per prefix key (the engine's KV block size)
+    prompt_tokens: int = 0  # of the (first) prompt; 0: unknown (the TTFT model then takes work_tokens)
+    max_tokens: int = 0  # output tokens each sequence may generate
 
 
 @dataclass

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from fuserve.router.routing_policy import cached_blocks
 
 OUTPUT_HORIZON = 256  # output tokens that count in the score (max_tokens is often the whole context)
-BACKLOG_WEIGHT = 0.1  # how much a replica's whole backlog (seconds of work) counts beside the TTFT
+BACKLOG_WEIGHT = 0.1  # how much a replica's whole backlog (seconds of work) counts for a long decode
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,9 @@ def predict(view: ReplicaView, req: RequestShape) -> Prediction:
     part of the replay, and a request routed here since enters when it was routed. Later arrivals that
     would cut in (shortest work first) are unknown, so not counted."""
     cost = view.cost
-    cached = cached_blocks(req.prefix_keys, view.known_prefixes) * req.block_size
-    cached = max(min(cached, req.prompt_tokens - 1), 0)
+    # the engine never serves a prompt's last token from the cache: whole blocks before it only
+    blocks = min(cached_blocks(req.prefix_keys, view.known_prefixes), (req.prompt_tokens - 1) // req.block_size)
+    cached = max(blocks, 0) * req.block_size
     own = max(req.prompt_tokens - cached, 1)
     new_key = float(req.prompt_tokens + req.max_tokens)
     pending = [
@@ -220,7 +221,10 @@ def _prediction(
     batch = min(max(decodes, view.num_running) + 1, view.max_num_seqs)
     decode_s = min(req.max_tokens, OUTPUT_HORIZON) * view.cost.step_s(0, batch)
     ttft = max(ttft, 0.0)
-    score = ttft + decode_s + BACKLOG_WEIGHT * backlog_s(view)
+    # the longer the request decodes, the more the replica's whole backlog is its business (it shares
+    # steps with all of it): balances decode-heavy requests on work, which is what a burst's throughput needs
+    share = min(req.max_tokens, OUTPUT_HORIZON) / OUTPUT_HORIZON
+    score = ttft + decode_s + BACKLOG_WEIGHT * share * backlog_s(view)
     return Prediction(ttft, cached, ahead, decodes, score)
 
 

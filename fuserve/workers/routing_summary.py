@@ -44,8 +44,8 @@ def summarize_queue(scheduler: Scheduler, now: float) -> QueueSummary:
     out = QueueSummary()
     left: list[int] = []
     for seq in scheduler.running:
-        to_prefill = seq.num_tokens - seq.num_computed_tokens - 1
-        if to_prefill > 0:
+        to_prefill = seq.num_tokens - seq.num_computed_tokens  # a decode's: 1, its in-flight token
+        if to_prefill > 1:
             out.running_prefill_tokens += to_prefill
         else:
             out.num_decoding += 1
