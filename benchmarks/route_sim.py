@@ -181,6 +181,7 @@ class RouteInput:
     reports: dict[str, dict[str, Any]]  # replica id -> the last report routers have seen
     ongoing: dict[str, int]  # replica id -> requests admitted and not finished (exact, now)
     now: float
+    index: int = 0  # the request's place in the workload
 
 
 class SimRouter:
@@ -191,6 +192,7 @@ class SimRouter:
         self.rng = rng
         self.sent: list[Routed] = []
         self.mine = {r: RecentPrefixes(4096) for r in replica_ids}
+        self.predicted: dict[int, float] = {}  # request index -> its predicted TTFT (policies that predict)
 
     def since_report(self, rid: str, reports: dict[str, dict[str, Any]]) -> list[Routed]:
         at = covered_until(reports.get(rid, {}))
@@ -240,6 +242,7 @@ class LengthAware(SimRouter):
             views.append(view)
         req = RequestShape(len(x.spec.prompt_ids), x.spec.max_tokens, x.keys, BLOCK_SIZE)
         rid, pred = rank_by_ttft(views, req)[0]
+        self.predicted[x.index] = pred.ttft_s
         self.record(rid, x, len(x.spec.prompt_ids) - pred.cached_tokens)
         self.peers.on_sent(rid, x.now)
         return rid
@@ -316,6 +319,7 @@ class SimResult:
     makespan_s: float
     placement: dict[str, int]
     kinds: list[str]
+    predicted: dict[int, float] = field(default_factory=dict)  # request index -> predicted TTFT
 
 
 T0 = 1.0  # virtual time starts here: a report's timestamp 0 means "none yet", as in Serve
@@ -358,7 +362,7 @@ def simulate(specs: list[RequestSpec], policy: str, cfg: SimConfig) -> SimResult
         now, _, kind, payload = heapq.heappop(events)
         if kind == "arrive":
             i = payload
-            x = RouteInput(specs[i], keys[i], seen, {r: replicas[r].ongoing for r in ids}, now)
+            x = RouteInput(specs[i], keys[i], seen, {r: replicas[r].ongoing for r in ids}, now, i)
             rid = routers[i % cfg.num_routers].route(x)
             placement[rid] += 1
             replicas[rid].add(i, specs[i], keys[i])
@@ -381,7 +385,8 @@ def simulate(specs: list[RequestSpec], policy: str, cfg: SimConfig) -> SimResult
         elif kind == "deliver":
             seen = payload
     start = T0 + min(s.arrival_s for s in specs)
-    return SimResult(ttft, output_tokens, last_finish - start, placement, [s.kind for s in specs])
+    predicted = {i: p for router in routers for i, p in router.predicted.items()}
+    return SimResult(ttft, output_tokens, last_finish - start, placement, [s.kind for s in specs], predicted)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -394,7 +399,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summarize(result: SimResult) -> dict[str, Any]:
+    """TTFT percentiles, throughput, placement; for a predicting policy, how far its predictions were off
+    (|predicted - simulated| / simulated, p50 and p90): the staleness of its view, in effect."""
+    errors = [abs(p - result.ttft_s[i]) / result.ttft_s[i] for i, p in result.predicted.items() if result.ttft_s[i] > 0]
     return {
+        "ttft_pred_err_p50": percentile(errors, 50),
+        "ttft_pred_err_p90": percentile(errors, 90),
         "ttft_ms_p50": 1000 * percentile(result.ttft_s, 50),
         "ttft_ms_p90": 1000 * percentile(result.ttft_s, 90),
         "ttft_ms_p99": 1000 * percentile(result.ttft_s, 99),
@@ -451,7 +461,10 @@ def run(
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
-    print(f"{'workload':11s} {'rate':>7s} {'router':16s} {'TTFT p50':>9s} {'p99':>9s} {'tok/s':>8s}  vs pow2 p99")
+    print(
+        f"{'workload':11s} {'rate':>7s} {'router':16s} {'TTFT p50':>9s} {'p99':>9s} {'tok/s':>8s}  vs pow2 p99"
+        "  prediction error p50/p90"
+    )
     for r in rows:
         pow2 = next(
             (p for p in rows if p["workload"] == r["workload"] and p["rate"] == r["rate"] and p["router"] == "pow2"),
@@ -461,6 +474,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         print(
             f"{r['workload']:11s} {r['rate']:7.2f} {r['router']:16s} {r['ttft_ms_p50']:9.1f} "
             f"{r['ttft_ms_p99']:9.1f} {r['output_tok_s']:8.0f}  {ratio:.2f}x"
+            f"  {r['ttft_pred_err_p50']:.2f}/{r['ttft_pred_err_p90']:.2f}"
         )
 
 
