@@ -261,7 +261,9 @@ class LeastTokens(SimRouter):
         cands = []
         for rid in self.replica_ids:
             rep = x.reports.get(rid, {})
-            load = int(rep.get("outstanding_tokens", 0)) + sum(s.work for s in self.since_report(rid, x.reports))
+            load = int(rep.get("outstanding_tokens", 0)) + sum(
+                s.work for s in self.since_report(rid, x.reports)
+            )
             cands.append(Candidate(rid, load, _Union(self.mine[rid], frozenset(rep.get("prefix_keys", ())))))
         return rank_replicas(cands, x.keys, TieBreak(), BLOCK_SIZE)[0]
 
@@ -295,7 +297,9 @@ class PrefixAffinity(SimRouter):
         self.tenant_tokens = dict.fromkeys(replica_ids, 0)
 
     def choose(self, x: RouteInput) -> str:
-        cands = [AffinityCandidate(r, x.ongoing[r], self.mine[r], self.tenant_tokens[r]) for r in self.replica_ids]
+        cands = [
+            AffinityCandidate(r, x.ongoing[r], self.mine[r], self.tenant_tokens[r]) for r in self.replica_ids
+        ]
         rid = rank_by_prefix_affinity(cands, x.keys, len(x.spec.prompt_ids), BLOCK_SIZE, self.rng)[0]
         self.tenant_tokens[rid] += len(x.spec.prompt_ids)
         return rid
@@ -401,7 +405,11 @@ def percentile(values: list[float], q: float) -> float:
 def summarize(result: SimResult) -> dict[str, Any]:
     """TTFT percentiles, throughput, placement; for a predicting policy, how far its predictions were off
     (|predicted - simulated| / simulated, p50 and p90): the staleness of its view, in effect."""
-    errors = [abs(p - result.ttft_s[i]) / result.ttft_s[i] for i, p in result.predicted.items() if result.ttft_s[i] > 0]
+    errors = [
+        abs(p - result.ttft_s[i]) / result.ttft_s[i]
+        for i, p in result.predicted.items()
+        if result.ttft_s[i] > 0
+    ]
     return {
         "ttft_pred_err_p50": percentile(errors, 50),
         "ttft_pred_err_p90": percentile(errors, 90),
@@ -462,12 +470,16 @@ def run(
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
     print(
-        f"{'workload':11s} {'rate':>7s} {'router':16s} {'TTFT p50':>9s} {'p99':>9s} {'tok/s':>8s}  vs pow2 p99"
-        "  prediction error p50/p90"
+        f"{'workload':11s} {'rate':>7s} {'router':16s} {'TTFT p50':>9s} {'p99':>9s} {'tok/s':>8s}"
+        "  vs pow2 p99  prediction error p50/p90"
     )
     for r in rows:
         pow2 = next(
-            (p for p in rows if p["workload"] == r["workload"] and p["rate"] == r["rate"] and p["router"] == "pow2"),
+            (
+                p
+                for p in rows
+                if p["workload"] == r["workload"] and p["rate"] == r["rate"] and p["router"] == "pow2"
+            ),
             None,
         )
         ratio = pow2["ttft_ms_p99"] / r["ttft_ms_p99"] if pow2 else math.nan
@@ -491,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     cfg = SimConfig(num_replicas=args.replicas, num_routers=args.routers, seed=args.seed)
-    rows = run(args.workloads.split(","), args.policies.split(","), cfg, args.num_requests, args.load, args.scale)
+    rows = run(
+        args.workloads.split(","), args.policies.split(","), cfg, args.num_requests, args.load, args.scale
+    )
     print_rows(rows)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))

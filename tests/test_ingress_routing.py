@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 from checkpoints import write_byte_tokenizer
-
 from ray import serve
 
 from fuserve.cluster.ingress_routing import ROUTED_TO_HEADER, HintBuilder, with_body_routing
@@ -285,7 +284,9 @@ def ttft_app(serve_cluster: ServeCluster, tokenizer_dir: Path) -> tuple[Any, dic
         ),
     )
     router = serve.deployment(EngineRouter).options(**router_options())
-    handle = serve.run(router.bind(make_config(tokenizer_dir), engine.bind()), name="ttft", route_prefix="/ttft")
+    handle = serve.run(
+        router.bind(make_config(tokenizer_dir), engine.bind()), name="ttft", route_prefix="/ttft"
+    )
     # Which replica is which: ask each replica actor (named after its full id) for its report.
     ranks: dict[int, str] = {}
     for actor in ray.util.list_named_actors(all_namespaces=True):
@@ -330,7 +331,9 @@ def test_requests_are_placed_where_the_ttft_policy_says(ttft_app: tuple[Any, dic
     expected = {}
     for name, body in (("long", long_prompt), ("short", short_prompt)):
         n = len(body["prompt"])  # byte-level tokenizer: one token per character (+ none added)
-        expected[name] = rank_by_ttft(views, RequestShape(n, body["max_tokens"], prefix_keys([0] * n, 16)))[0][0]
+        expected[name] = rank_by_ttft(views, RequestShape(n, body["max_tokens"], prefix_keys([0] * n, 16)))[
+            0
+        ][0]
     assert (expected["long"], expected["short"]) == (ranks[1], ranks[0])
     assert choose(long_prompt) == expected["long"]
     assert choose(short_prompt) == expected["short"]

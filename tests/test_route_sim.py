@@ -59,7 +59,10 @@ def test_workloads_are_seeded_and_shaped_as_described() -> None:
     assert turns == make_named("multi_turn", 32000, 200, 10.0, "poisson", 1, 16384, 1.0)
     follow_ups = [s for s in turns if s.kind == "turn"]
     assert follow_ups and all(
-        any(len(p.prompt_ids) < len(s.prompt_ids) and s.prompt_ids[: len(p.prompt_ids)] == p.prompt_ids for p in turns)
+        any(
+            len(p.prompt_ids) < len(s.prompt_ids) and s.prompt_ids[: len(p.prompt_ids)] == p.prompt_ids
+            for p in turns
+        )
         for s in follow_ups
     ), "each later turn extends an earlier one"
     tail = make_named("heavy_tail", 32000, 2000, math.inf, "poisson", 0, 16384, 1.0)

@@ -54,7 +54,10 @@ def test_prefill_ahead_is_counted_in_steps_of_the_token_budget() -> None:
 
 
 def test_shortest_work_first_decides_who_is_ahead() -> None:
-    queue = [QueuedSeq(priority=50, prefill=40, output=10), QueuedSeq(priority=3000, prefill=2900, output=100)]
+    queue = [
+        QueuedSeq(priority=50, prefill=40, output=10),
+        QueuedSeq(priority=3000, prefill=2900, output=100),
+    ]
     req = RequestShape(200, 50)  # work 250: after the first, before the second
     swf = predict(view(waiting=queue, token_budget=256), req)
     fcfs = predict(view(waiting=queue, token_budget=256, fcfs=True), req)
@@ -154,7 +157,11 @@ def test_the_queue_summary_follows_the_schedulers_order_and_reaches_the_view() -
     out = sched.schedule()  # admits by priority: 20+5, then 40+50 (30 tokens of it: the budget's rest)
     sched.on_launched(out)
     q = summarize_queue(sched, now[0])
-    assert (q.num_decoding, q.running_prefill_tokens, q.decode_left) == (1, 10, [4])  # its in-flight token counts as output
+    assert (q.num_decoding, q.running_prefill_tokens, q.decode_left) == (
+        1,
+        10,
+        [4],
+    )  # its in-flight token counts as output
     assert [(n, o) for _, n, o in q.waiting_queue] == [(100, 10)]
     stats = CoreStats(
         num_running=len(sched.running),
@@ -192,7 +199,10 @@ def test_routers_sharing_a_stale_report_do_not_herd() -> None:
     queued each. Between two reports each router routes 8 requests of 1000 tokens. Counting only its
     own sends, each router puts its first 6 on `idle` (48 of 64 in all); counting them for 8 routers
     (what `PeerEstimate` learns) it sends about one, and the burst spreads."""
-    report = {r: dict(running_prefill=0 if r == "idle" else 6000, num_running=0 if r == "idle" else 1) for r in ("idle", "b", "c", "d")}
+    report = {
+        r: dict(running_prefill=0 if r == "idle" else 6000, num_running=0 if r == "idle" else 1)
+        for r in ("idle", "b", "c", "d")
+    }
     req = RequestShape(1000, 10)
 
     def burst(factor: float) -> dict[str, int]:
@@ -201,7 +211,11 @@ def test_routers_sharing_a_stale_report_do_not_herd() -> None:
         for _ in range(8):
             for router in range(8):
                 views = [
-                    view(rid, waiting=[QueuedSeq(1010, int(1000 * factor), 10, reported=False)] * sent[router][rid], **kw)  # type: ignore[arg-type]
+                    view(
+                        rid,
+                        waiting=[QueuedSeq(1010, int(1000 * factor), 10, reported=False)] * sent[router][rid],
+                        **kw,
+                    )  # type: ignore[arg-type]
                     for rid, kw in report.items()
                 ]
                 rid = ranked(views, req)[0]
@@ -223,6 +237,8 @@ def test_prefix_affinity_follows_the_match_then_the_smallest_tenant() -> None:
     holder = AffinityCandidate("a", queue_len=30, known_prefixes=frozenset(keys), tenant_tokens=9000)
     other = AffinityCandidate("b", queue_len=0, tenant_tokens=100)
     assert rank_by_prefix_affinity([holder, other], keys, 320, 16, rng)[0] == "a", "match first, even if busy"
-    assert rank_by_prefix_affinity([holder, other], [1, 2], 320, 16, rng)[0] == "b", "no match: smallest tenant"
+    assert rank_by_prefix_affinity([holder, other], [1, 2], 320, 16, rng)[0] == "b", (
+        "no match: smallest tenant"
+    )
     imbalanced = rank_by_prefix_affinity([holder, other], keys, 320, 16, rng, imbalanced_threshold=10)
     assert imbalanced[0] == "b", "imbalanced: the shorter queue of two"

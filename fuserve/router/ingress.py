@@ -59,8 +59,8 @@ from fuserve.router.protocol import (
     ModelCard,
     ModelList,
 )
-from fuserve.router.responses import SSE_DONE, ChunkWriter, Transcript
 from fuserve.router.replica_view import routing_report
+from fuserve.router.responses import SSE_DONE, ChunkWriter, Transcript
 from fuserve.router.routing_policy import RecentPrefixes
 from fuserve.workers.models.loader import load_tokenizer, resolve_source
 from fuserve.workers.tokenizer import Tokenizer

@@ -189,10 +189,17 @@ class LengthAwareRouter(RequestRouter):
         replica reports no step cost (then the token-count ranking decides)."""
         if self.policy == "prefix_affinity":
             cands = [
-                AffinityCandidate(rid, self._queue(r) + self._sent_count(rid, r), self._known(r), self._tenant_tokens.get(rid, 0))
+                AffinityCandidate(
+                    rid,
+                    self._queue(r) + self._sent_count(rid, r),
+                    self._known(r),
+                    self._tenant_tokens.get(rid, 0),
+                )
                 for rid, r in by_id.items()
             ]
-            ranked = rank_by_prefix_affinity(cands, shape.prefix_keys, shape.prompt_tokens, shape.block_size, self._rng)
+            ranked = rank_by_prefix_affinity(
+                cands, shape.prefix_keys, shape.prompt_tokens, shape.block_size, self._rng
+            )
             self._tenant_tokens[ranked[0]] = self._tenant_tokens.get(ranked[0], 0) + shape.prompt_tokens
             return ranked, shape.prompt_tokens
         views = []

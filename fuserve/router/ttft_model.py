@@ -120,12 +120,19 @@ def predict(view: ReplicaView, req: RequestShape) -> Prediction:
     would cut in (shortest work first) are unknown, so not counted."""
     cost = view.cost
     # the engine never serves a prompt's last token from the cache: whole blocks before it only
-    blocks = min(cached_blocks(req.prefix_keys, view.known_prefixes), (req.prompt_tokens - 1) // req.block_size)
+    blocks = min(
+        cached_blocks(req.prefix_keys, view.known_prefixes), (req.prompt_tokens - 1) // req.block_size
+    )
     cached = max(blocks, 0) * req.block_size
     own = max(req.prompt_tokens - cached, 1)
     new_key = float(req.prompt_tokens + req.max_tokens)
     pending = [
-        _Seq(q.priority if view.fcfs else q.priority - view.aging_per_s * q.age_s, -q.age_s, max(q.prefill, 1), q.output)
+        _Seq(
+            q.priority if view.fcfs else q.priority - view.aging_per_s * q.age_s,
+            -q.age_s,
+            max(q.prefill, 1),
+            q.output,
+        )
         for q in view.waiting
     ]
     me = _Seq(math.inf if view.fcfs else new_key, 0.0, own, req.max_tokens, new=True)

@@ -23,8 +23,8 @@ from fuserve.workers.block_manager import BlockManager
 from fuserve.workers.detokenizer import IncrementalDetokenizer
 from fuserve.workers.executor import Executor, build_executor
 from fuserve.workers.models.loader import generation_config, load_tokenizer
-from fuserve.workers.routing_summary import QueueSummaryCache, prefill_tokens
 from fuserve.workers.outputs import RequestOutput
+from fuserve.workers.routing_summary import QueueSummaryCache, prefill_tokens
 from fuserve.workers.sampler import SampledBatch, has_penalty
 from fuserve.workers.scheduler import Scheduler, SchedulerOutput
 from fuserve.workers.sequence import FinishReason, Sequence
@@ -189,7 +189,9 @@ class LLMEngine:
         self._unattributed_s += seconds
         for out in self._completed:
             prefill = prefill_tokens(out)
-            self.step_cost.observe(prefill, out.num_tokens - prefill, self._unattributed_s / len(self._completed))
+            self.step_cost.observe(
+                prefill, out.num_tokens - prefill, self._unattributed_s / len(self._completed)
+            )
         if self._completed:
             self._completed, self._unattributed_s = [], 0.0
 

@@ -53,7 +53,11 @@ def summarize_queue(scheduler: Scheduler, now: float) -> QueueSummary:
     out.decode_left = heapq.nsmallest(MAX_DECODE_LEFT, left)
     ranked = sorted(
         (
-            (scheduler.priority(s, now), s.num_tokens - s.num_computed_tokens, s.max_tokens - s.num_output_tokens)
+            (
+                scheduler.priority(s, now),
+                s.num_tokens - s.num_computed_tokens,
+                s.max_tokens - s.num_output_tokens,
+            )
             for s in scheduler.waiting
         ),
         key=lambda item: item[0],

@@ -1,4 +1,4 @@
-"""The engine's own step cost, fitted from its steps: seconds = base + per_seq * decodes + per_token * prefill.
+"""The engine step cost, fitted from its own steps: seconds = base + per_seq * decodes + per_token * prefill.
 
 The router predicts each replica's time to first token from these three figures
 (router/ttft_model.py StepCost). They are measured rather than configured because they depend on the
