@@ -154,9 +154,8 @@ class LengthAwareRouter(RequestRouter):
         picks (`choose_replica(..., _reserve=False)`, never confirmed): without it every pick of the
         last 30 s would stay here and `_load` would sum over all of them on every request. Should
         Serve confirm a choice dropped this way, `on_request_routed` records it again."""
-        reported = {
-            r.replica_id.unique_id: float((r.routing_stats or {}).get("timestamp", 0.0)) for r in replicas
-        }
+        # covered_until: when the engine took the figures (a choice routed after it is not in them yet)
+        reported = {r.replica_id.unique_id: covered_until(r.routing_stats or {}) for r in replicas}
         for key in [
             k
             for k, a in self._assignments.items()
