@@ -351,7 +351,7 @@ def simulate(specs: list[RequestSpec], policy: str, cfg: SimConfig) -> SimResult
 
     for i, spec in enumerate(specs):
         push(T0 + spec.arrival_s, "arrive", i)
-    push(T0, "report", None)
+    push(T0 - cfg.report_period_s, "report", None)  # idle replicas have reported before the first request
     remaining = len(specs)
     last_finish = 0.0
 
