@@ -64,14 +64,10 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from workloads import KINDS, WORKLOADS, RequestSpec, make_named, make_workload  # noqa: E402, F401
+
 RESULTS = HERE / "results"
-KINDS = {  # kind: (share of requests, prompt tokens range, output tokens range)
-    "chat": (0.6, (24, 80), (16, 48)),
-    "document": (0.2, (400, 800), (16, 32)),
-    "generation": (0.2, (24, 64), (128, 192)),
-}
 STEADY = ("chat", "generation")  # the overhead comparison's mix: no long prefills stalling decode
-SYSTEM_PROMPT_TOKENS = 32  # chat requests start with this shared prefix, as a chat template's system prompt
 STREAMS_PER_CLIENT_PROC = 64  # --client-procs auto: one client process per this many closed-loop clients
 
 # Issue 15's bounds on the serving path against the in-process engine, on the same workload.
@@ -101,14 +97,6 @@ TTFT_PARTS = [
     ("frontend_emit_ms", "emit_s", "emit_n"),
 ]
 ENGINE_STATS_FIELDS = {"engine_steps": "num_steps", "engine_step_s": "step_seconds_total"}
-
-
-@dataclass
-class RequestSpec:
-    kind: str
-    prompt_ids: list[int]
-    max_tokens: int
-    arrival_s: float  # offset from the start of the run (open loop; closed-loop clients ignore it)
 
 
 @dataclass
@@ -149,36 +137,6 @@ class Level:
         deadline = time.perf_counter() + self.duration_s if self.duration_s is not None else None
         limit = self.num_requests if self.num_requests is not None else len(self.specs)
         return Tickets(None if self.duration_s is not None else limit, deadline, counter)
-
-
-# ---- workload ---------------------------------------------------------------------------------------
-def make_workload(
-    vocab: int,
-    num: int,
-    rate: float,
-    arrival: str,
-    seed: int,
-    max_model_len: int,
-    scale: float,
-    kinds: tuple[str, ...] = tuple(KINDS),
-) -> list[RequestSpec]:
-    """`scale` shrinks every length (for slow devices); `rate` inf sends everything at t=0."""
-    rng = random.Random(seed)
-    lo_id, hi_id = min(100, vocab - 1), vocab - 1
-    system = [rng.randrange(lo_id, hi_id) for _ in range(SYSTEM_PROMPT_TOKENS)]
-    weights = [KINDS[k][0] for k in kinds]
-    specs, t = [], 0.0
-    for _ in range(num):
-        kind = rng.choices(kinds, weights)[0]
-        _, (p_lo, p_hi), (o_lo, o_hi) = KINDS[kind]
-        n_prompt = max(4, int(rng.randint(p_lo, p_hi) * scale))
-        n_out = max(2, int(rng.randint(o_lo, o_hi) * scale))
-        body = [rng.randrange(lo_id, hi_id) for _ in range(n_prompt)]
-        prompt = (system + body if kind == "chat" else body)[: max_model_len - n_out - 1]
-        specs.append(RequestSpec(kind, prompt, n_out, t))
-        if math.isfinite(rate):
-            t += rng.expovariate(rate) if arrival == "poisson" else 1.0 / rate
-    return specs
 
 
 def closed_loop_levels(
@@ -607,36 +565,100 @@ def _serve_app(config: Any, name: str, port: int) -> str:
     return f"http://127.0.0.1:{port}/{name}"
 
 
+def scrape_step_cost(url: str) -> Any:
+    """The step cost a replica's engine fitted from its own steps (router/ttft_model.StepCost), from
+    GET {url}/metrics (whichever replica answers: they run on the same kind of device); None when the
+    server does not export it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fuserve.router.ttft_model import StepCost
+
+    names = {
+        "fuserve_engine_step_base_seconds": "base_s",
+        "fuserve_engine_step_per_decode_seconds": "per_seq_s",
+        "fuserve_engine_step_per_prefill_token_seconds": "per_token_s",
+    }
+    found: dict[str, float] = {}
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+            for family in text_string_to_metric_families(r.read().decode()):
+                for sample in family.samples:
+                    if sample.name in names:
+                        found.setdefault(names[sample.name], float(sample.value))
+    except Exception:
+        return None
+    return StepCost(**found) if len(found) == 3 and found["base_s"] > 0 else None
+
+
+def simulated(specs: list[RequestSpec], router: str, cost: Any, config: Any, replicas: int) -> dict[str, Any]:
+    """The simulator's prediction for one measured row: the same requests, the same router, replicas
+    with the measured step cost and the served scheduler settings (benchmarks/route_sim.py)."""
+    import route_sim
+
+    if cost is None or router not in route_sim.ROUTER_CLASSES:
+        return {}
+    cfg = route_sim.SimConfig(num_replicas=replicas, cost=cost, scheduler=config.scheduler)
+    sim = route_sim.summarize(route_sim.simulate(specs, router, cfg))
+    return {
+        "sim_ttft_ms_p50": sim["ttft_ms_p50"],
+        "sim_ttft_ms_p99": sim["ttft_ms_p99"],
+        "sim_output_tok_s": sim["output_tok_s"],
+        "step_cost": [cost.base_s, cost.per_seq_s, cost.per_token_s],
+    }
+
+
 def compare_routers(
-    config: Any, workloads: dict[float, list[RequestSpec]], port: int, args: argparse.Namespace
+    config: Any,
+    make: Callable[[str, float], list[RequestSpec]],
+    names: list[str],
+    rates: list[float],
+    port: int,
+    args: argparse.Namespace,
 ) -> list[dict]:
-    """Each router serves every workload (one per arrival rate) on 2 fresh replicas."""
+    """Each router serves every workload at every rate on 2 fresh replicas; with `--load`, the finite
+    rate of each workload is that fraction of the requests/s the first router completed in the burst
+    (run first), so every router gets the same requests. Each row carries the simulator's prediction."""
     from ray import serve
 
     rows = []
+    saturation: dict[str, float] = {}
+    order = sorted(rates, key=lambda r: not math.isinf(r)) if args.load else rates
     for router in args.routers.split(","):
         cfg = config.model_copy(deep=True)
         cfg.serve.num_replicas, cfg.serve.router = 2, router
         url = _serve_app(cfg, f"bench_{router}", port)
-        first = next(iter(workloads.values()))
+        first = make(names[0], math.inf)
         http_level(url, Level(first[: min(4, len(first))], rate=math.inf))  # warm-up: first-call costs
-        for rate, specs in workloads.items():
-            results, wall, _ = http_level(url, Level(specs, rate=rate))
-            row = {"comparison": "router", "router": router, "path": "http", "replicas": 2, "rate": rate}
-            row.update(summarize(results, wall, 2, args.device_hour_usd))
-            placed: dict[str, dict[str, int]] = {}
-            for r in results:
-                placed.setdefault(r.replica, {}).setdefault(r.kind, 0)
-                placed[r.replica][r.kind] += 1
-            row["placement"] = placed
-            rows.append(row)
-            print(
-                f"  router {router:12s} at {rate} req/s: {row['output_tok_s']:.1f} tok/s, "
-                f"TTFT p99 {row['ttft_ms_p99']:.0f} ms"
-            )
+        for name in names:
+            for rate in order:
+                if args.load and not math.isinf(rate):
+                    rate = args.load * saturation[name]
+                specs = make(name, rate)
+                results, wall, _ = http_level(url, Level(specs, rate=rate))
+                row = {"comparison": "router", "router": router, "path": "http", "replicas": 2, "rate": rate}
+                row.update(workload=name, **summarize(results, wall, 2, args.device_hour_usd))
+                if math.isinf(rate) and name not in saturation:
+                    saturation[name] = sum(r.ok for r in results) / wall
+                    row["saturation_rate"] = saturation[name]
+                placed: dict[str, dict[str, int]] = {}
+                for r in results:
+                    placed.setdefault(r.replica, {}).setdefault(r.kind, 0)
+                    placed[r.replica][r.kind] += 1
+                row["placement"] = placed
+                row.update(simulated(specs, router, scrape_step_cost(url), cfg, 2))
+                rows.append(row)
+                print(
+                    f"  router {router:15s} {name:10s} at {rate:.2f} req/s: {row['output_tok_s']:.1f} tok/s, "
+                    f"TTFT p50/p99 {row['ttft_ms_p50']:.0f}/{row['ttft_ms_p99']:.0f} ms"
+                    + (
+                        f" (simulated {row['sim_ttft_ms_p50']:.0f}/{row['sim_ttft_ms_p99']:.0f})"
+                        if "sim_ttft_ms_p99" in row
+                        else ""
+                    )
+                )
         serve.delete(f"bench_{router}")
     if args.engine_baseline:
-        rows += engine_baseline(config, workloads, args)
+        rows += engine_baseline(config, {rate: make(names[0], rate) for rate in rates}, args)
     return rows
 
 
@@ -820,32 +842,45 @@ def bounds_line(http: dict[str, Any], engine: dict[str, Any]) -> str:
     )
 
 
+def _case(row: dict[str, Any]) -> tuple[str, float]:
+    """A router row's workload and load: rows of one case compare routers on the same requests."""
+    return row.get("workload", "mix"), row.get("rate", math.nan)
+
+
+def _case_name(case: tuple[str, float]) -> str:
+    workload, rate = case
+    return f"{workload} {'burst' if math.isinf(rate) else f'at {rate:.3g} req/s'}"
+
+
 def print_table(rows: list[dict]) -> None:
     cols = [c for c in TABLE_COLUMNS if any(c in r for r in rows)]
     widths = [max(9, len(c)) for c in cols]
     print(" ".join(f"{c:>{w}s}" for c, w in zip(cols, widths, strict=True)))
     for r in rows:
         print(" ".join(_fmt(r.get(c), w) for c, w in zip(cols, widths, strict=True)))
-    by = {(r["comparison"], r.get("router", r.get("path")), r.get("rate")): r for r in rows}
-    for rate in sorted({r["rate"] for r in rows if r["comparison"] == "router"}):
-        la, p2 = by.get(("router", "length_aware", rate)), by.get(("router", "pow2", rate))
-        one = by.get(("router", "none", rate))  # the in-process engine (--engine-baseline)
+    by = {(r["comparison"], r.get("router", r.get("path")), _case(r)): r for r in rows}
+    for case in sorted({_case(r) for r in rows if r["comparison"] == "router"}):
+        la, p2 = by.get(("router", "length_aware", case)), by.get(("router", "pow2", case))
+        one = by.get(("router", "none", case))  # the in-process engine (--engine-baseline)
         if one is not None:
             for r in (la, p2):
                 if r is not None:
                     print(
-                        f"{r['router']} on {r['replicas']} replicas vs one in-process engine at {rate} "
-                        f"req/s: {r['output_tok_s']:.1f} vs {one['output_tok_s']:.1f} tok/s "
+                        f"{r['router']} on {r['replicas']} replicas vs one in-process engine, "
+                        f"{_case_name(case)}: "
+                        f"{r['output_tok_s']:.1f} vs {one['output_tok_s']:.1f} tok/s "
                         f"({_ratio(r['output_tok_s'], one['output_tok_s']):.2f}x)"
                     )
-        if la is None or p2 is None:
-            continue
-        ttft, tput = (la["ttft_ms_p99"], p2["ttft_ms_p99"]), (la["output_tok_s"], p2["output_tok_s"])
-        print(
-            f"length-aware vs pow2 at {rate} req/s: TTFT p99 {ttft[0]:.0f} vs {ttft[1]:.0f} ms "
-            f"({_ratio(ttft[1], ttft[0]):.2f}x), throughput {tput[0]:.1f} vs {tput[1]:.1f} tok/s "
-            f"({_ratio(tput[0], tput[1]):.2f}x)"
-        )
+        for other in ("pow2", "prefix_affinity"):
+            base = by.get(("router", other, case))
+            if la is None or base is None:
+                continue
+            ttft, tput = (la["ttft_ms_p99"], base["ttft_ms_p99"]), (la["output_tok_s"], base["output_tok_s"])
+            print(
+                f"length-aware vs {other}, {_case_name(case)}: TTFT p99 {ttft[0]:.0f} vs {ttft[1]:.0f} ms "
+                f"({_ratio(ttft[1], ttft[0]):.2f}x), throughput {tput[0]:.1f} vs {tput[1]:.1f} tok/s "
+                f"({_ratio(tput[0], tput[1]):.2f}x)"
+            )
     pairs = overhead_pairs(rows)
     if pairs:
         print("serving path (HTTP) vs the in-process engine, issue 15's bounds:")
@@ -876,16 +911,19 @@ def select_panels(rows: list[dict[str, Any]]) -> list[Panel]:
     panels = []
     routers = [r for r in rows if r["comparison"] == "router"]
     if routers:
-        rates = sorted({r["rate"] for r in routers})
+        cases = sorted({_case(r) for r in routers})
+        several = len({w for w, _ in cases}) > 1
+        labels = [_case_name(c) if several else f"{c[1]:g} req/s" for c in cases]
         for key, title in [
             ("ttft_ms_p99", "2 replicas: TTFT p99 (ms, lower is better)"),
             ("output_tok_s", "2 replicas: output tokens/s (higher is better)"),
         ]:
             series = {}
-            for router in ("length_aware", "pow2"):
-                mine = {r["rate"]: r for r in routers if r["router"] == router}
-                series[router] = [mine[q][key] if q in mine else math.nan for q in rates]
-            panels.append(Panel(title, [f"{q:g} req/s" for q in rates], series))
+            for router in ("length_aware", "pow2", "prefix_affinity"):
+                mine = {_case(r): r for r in routers if r["router"] == router}
+                if mine:
+                    series[router] = [mine[c][key] if c in mine else math.nan for c in cases]
+            panels.append(Panel(title, labels, series))
     open_loop = [r for r in rows if r["comparison"] == "overhead" and r.get("concurrency") is None]
     if open_loop:
         keys = ["ttft_ms_p50", "ttft_ms_p90", "itl_ms_p50", "itl_ms_p90"]
@@ -998,7 +1036,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="request rates to compare the routers at, comma-separated requests/s; inf sends all at once",
     )
     p.add_argument("--arrival", choices=["poisson", "fixed"], default="poisson")
-    p.add_argument("--routers", default="length_aware,pow2", help="the routers `routers` compares")
+    p.add_argument(
+        "--routers",
+        default="length_aware,pow2",
+        help="the routers `routers` compares: length_aware, pow2, prefix_affinity",
+    )
+    p.add_argument(
+        "--workloads",
+        default="mix",
+        help=f"routers: the workloads, comma-separated, of {', '.join(WORKLOADS)} (benchmarks/workloads.py)",
+    )
+    p.add_argument(
+        "--load",
+        type=float,
+        default=None,
+        help="routers: run each workload in a burst first, then at this fraction of the requests/s the "
+        "first router completed in it (instead of the finite --rate values), e.g. 0.8",
+    )
     p.add_argument(
         "--engine-baseline",
         action="store_true",
@@ -1065,10 +1119,14 @@ def main(argv: list[str] | None = None) -> int:
     vocab = load_tokenizer(source).vocab_size if source.kind != "dummy" else source.hf_config["vocab_size"]
     max_len = config.model.max_model_len or int(source.hf_config.get("max_position_embeddings", 2048))
     rates = [float(r) for r in args.rate.split(",")]
-    workloads = {
-        rate: make_workload(vocab, args.num_requests, rate, args.arrival, args.seed, max_len, args.scale)
-        for rate in rates
-    }
+    if args.load and math.inf not in rates:
+        rates.append(math.inf)
+    names = args.workloads.split(",")
+
+    def make(name: str, rate: float) -> list[RequestSpec]:
+        return make_named(name, vocab, args.num_requests, rate, args.arrival, args.seed, max_len, args.scale)
+
+    workloads = {rate: make("mix", rate) for rate in rates}
 
     def steady(num: int, seed: int, rate: float = math.inf) -> list[RequestSpec]:
         return make_workload(vocab, num, rate, "fixed", seed, max_len, args.scale, STEADY)
@@ -1099,7 +1157,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": commit(),
         "arrival": args.arrival,
         "scale": args.scale,
-        "workload": {k: v[0] for k, v in KINDS.items()},
+        "mix": {k: v[0] for k, v in KINDS.items()},
         "client": f"aiohttp {aiohttp.__version__}",
     }
     load = f"concurrency {args.concurrency}" if args.concurrency else f"{rates} req/s ({args.arrival})"
@@ -1122,7 +1180,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
             if args.compare in ("all", "routers"):
-                rows += compare_routers(config, workloads, port, args)
+                rows += compare_routers(config, make, names, rates, port, args)
             if args.compare in ("all", "overhead"):
                 rows += compare_overhead(config, overhead_levels, warmup, port, args)
         finally:

@@ -4,6 +4,10 @@
 #                           through HAProxy (serve.ingress: haproxy); each beside the in-process engine
 #   PART=scale     (2 GPUs) a 400-request burst on 2 replicas behind HAProxy beside one in-process engine;
 #                           then one tensor-parallel (TP=2) replica served by `fuserve serve`, answering
+#   PART=routers   (2 GPUs) issue 16: 2 replicas behind HAProxy, pow2 vs length_aware vs prefix_affinity
+#                           on the mix, heavy-tailed and multi-turn workloads, each in a burst and then
+#                           at 80% of the rate pow2 completed in that burst; the simulator's prediction
+#                           (with the replicas' measured step cost) in each row's sim_* fields
 #   device run: PART=overhead bash benchmarks/serve_gpu_run.sh        (carry: [".whl"])
 set -uo pipefail
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -28,6 +32,11 @@ case ${PART:-overhead} in
         --compare overhead --concurrency ${LEVELS:-16,64,128,256} --requests-per-client $RPC --scale 1 \
         --out "$OUT/serve-overhead-$ingress.json" 2>&1 | tee "$OUT/overhead-$ingress.log" | tail -32
     done ;;
+  routers)
+    timeout ${ROUTERS_TIMEOUT:-570} "${HAPROXY[@]}" python3 benchmarks/bench_serve.py --config $MODEL \
+      --compare routers --routers pow2,length_aware,prefix_affinity --workloads mix,heavy_tail,multi_turn \
+      --load 0.8 --num-requests ${ROUTER_REQUESTS:-300} --scale 1 \
+      --out "$OUT/serve-routers-haproxy.json" 2>&1 | tee "$OUT/routers.log" | tail -45 ;;
   scale)
     timeout 330 "${HAPROXY[@]}" python3 benchmarks/bench_serve.py --config $MODEL --compare routers \
       --routers length_aware --rate inf --num-requests ${BURST:-400} --scale 1 --engine-baseline \

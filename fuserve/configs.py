@@ -161,7 +161,13 @@ class ServeConfig(_Strict):
     grpc_port: int = Field(default=9000, ge=1, le=65535)
     num_replicas: int = Field(default=1, ge=1)
     autoscaling: AutoscalingConfig | None = None
-    router: Literal["length_aware", "pow2"] = "length_aware"
+    router: Literal["length_aware", "pow2", "prefix_affinity"] = Field(
+        default="length_aware",
+        description="`length_aware`: the replica with the lowest predicted time to first token (queued "
+        "prefill, prefix-cache hits, decode batch; router/ttft_model.py). `pow2`: Ray Serve's default, "
+        "two replicas at random, the shorter queue. `prefix_affinity`: like Ray Serve LLM's "
+        "PrefixCacheAffinityRouter (router/prefix_affinity.py), for comparisons.",
+    )
     ingress: Literal["python", "haproxy"] = Field(
         default="python",
         description="`python`: Serve's Python proxy (laptops, CI). `haproxy`: Serve's HAProxy forwards "

@@ -82,6 +82,17 @@ class CoreStats(msgspec.Struct, array_like=True):
     num_steps: int = 0
     step_seconds_total: float = 0.0  # wall time inside engine.step(), summed
     cpu_seconds_total: float = 0.0  # the engine-core process's CPU time
+    # For the router's TTFT model (router/ttft_model.py): this engine's step cost, fitted from its own
+    # steps (workers/step_cost_meter.py), and its queue in the scheduler's terms (workers/routing_summary.py)
+    step_base_s: float = 0.0
+    step_seq_s: float = 0.0
+    step_token_s: float = 0.0
+    running_prefill_tokens: int = 0
+    num_decoding: int = 0
+    waiting_queue: list[tuple[float, int, int]] = []  # (priority, prefill, output) in admission order
+    decode_left: list[int] = []
+    inflight_prefill_tokens: int = -1  # prefill tokens of the step running while these were taken; -1: none
+    taken_at: float = 0.0  # time.time() when these were taken
 
 
 class StepOutputs(msgspec.Struct, tag="step", array_like=True):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 from checkpoints import write_byte_tokenizer
+from ray import serve
 
 from fuserve.cluster.ingress_routing import ROUTED_TO_HEADER, HintBuilder, with_body_routing
 from fuserve.configs import FuserveConfig, config_from_dict
@@ -209,6 +210,140 @@ def test_route_over_http_answers_what_haproxys_lua_parses(router_app: tuple[Any,
     assert match is not None and is_engine_replica(match.group(1))
     headers = LUA_HEADERS.search(r.text)
     assert headers is not None and f'"{ROUTED_TO_HEADER}"' in headers.group(1)
+
+
+# ---- the TTFT policy, end to end: two replicas whose reports differ, the router's picks ------------------
+GPU_COST = [0.007, 0.0001, 0.00005]  # step base, per decoding sequence, per prefill token (seconds)
+REPORTS = {
+    # rank 0: 3000 prompt tokens still to prefill and 20k waiting ahead of any new request, nothing decoding
+    0: {
+        "running_prefill": 3000,
+        "waiting_queue": [[100.0, 2000, 10]] * 10,
+        "num_running": 1,
+        "num_decoding": 0,
+        "decode_left": [],
+        "outstanding_tokens": 23_100,
+    },
+    # rank 1: no prefill, 100 sequences decoding (400 tokens each to go): more outstanding tokens
+    1: {
+        "running_prefill": 0,
+        "waiting_queue": [],
+        "num_running": 100,
+        "num_decoding": 100,
+        "decode_left": [400] * 32,
+        "outstanding_tokens": 40_000,
+    },
+}
+
+
+class ReportingEngine:
+    """Stands in for an Engine replica: reports fixed TTFT-model figures (rank 0 or 1 of REPORTS), taken
+    now, as `EngineIngress.record_routing_stats` would."""
+
+    def __init__(self) -> None:
+        self.rank = serve.get_replica_context().rank.rank
+
+    def record_routing_stats(self) -> dict:
+        import time
+
+        now = time.time()
+        return {
+            **REPORTS[self.rank],
+            "step_cost": GPU_COST,
+            "inflight_prefill": -1,
+            "token_budget": 2048,
+            "max_num_seqs": 256,
+            "aging_per_s": 200.0,
+            "fcfs": False,
+            "num_admitted": 0,
+            "timestamp": now,
+            "stats_at": now,
+        }
+
+
+@pytest.fixture(scope="module")
+def ttft_app(serve_cluster: ServeCluster, tokenizer_dir: Path) -> tuple[Any, dict[int, str]]:
+    """The HAProxy-side router deployment in front of two reporting replicas routed by the TTFT policy;
+    returns the router's handle and each rank's full replica id."""
+    import ray
+    import ray.cloudpickle
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from fuserve.cluster.ingress_routing import EngineRouter, router_options
+    from fuserve.router.length_aware_router import LengthAwareRouter
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    engine = serve.deployment(ReportingEngine, name="Engine").options(
+        num_replicas=2,
+        ray_actor_options={"num_cpus": 0},
+        request_router_config=RequestRouterConfig(
+            request_router_class=LengthAwareRouter,
+            request_router_kwargs={"policy": "ttft"},
+            request_routing_stats_period_s=0.25,
+        ),
+    )
+    router = serve.deployment(EngineRouter).options(**router_options())
+    handle = serve.run(
+        router.bind(make_config(tokenizer_dir), engine.bind()), name="ttft", route_prefix="/ttft"
+    )
+    # Which replica is which: ask each replica actor (named after its full id) for its report.
+    ranks: dict[int, str] = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith("SERVE_REPLICA::ttft#Engine#"):
+            report = ray.get(ray.get_actor(actor["name"], namespace="serve").record_routing_stats.remote())
+            ranks[0 if report["running_prefill"] else 1] = actor["name"]
+    assert sorted(ranks) == [0, 1]
+    return handle, ranks
+
+
+def test_requests_are_placed_where_the_ttft_policy_says(ttft_app: tuple[Any, dict[int, str]]) -> None:
+    """A long prompt with a short answer goes where no prefill is queued (rank 1, despite its 100
+    decodes: 40k outstanding tokens against 23k, so a token count would send it to rank 0); a short
+    prompt with a long answer goes where the batch is small (rank 0). The same views through the policy's
+    pure function give the same answers. (The router ages a report by the time since it was taken,
+    up to ~0.5 s here, during which it assumes the replica worked: 20k tokens outlast that.)"""
+    import time
+
+    from fuserve.router.replica_view import view_from_report
+    from fuserve.router.routing_policy import prefix_keys
+    from fuserve.router.ttft_model import RequestShape, rank_by_ttft
+
+    handle, ranks = ttft_app
+    long_prompt = {"prompt": "x" * 3000, "max_tokens": 4}
+    short_prompt = {"prompt": "hi there", "max_tokens": 256}
+
+    def choose(body: dict) -> str:
+        return handle.choose.remote(json.dumps(body).encode()).result()["replica_id"]
+
+    # Until the replicas' first reports reach the router it ranks by tokens alone (rank 0 for all).
+    deadline = time.time() + 20
+    while choose(long_prompt) != ranks[1] and time.time() < deadline:
+        time.sleep(0.25)
+    time.sleep(0.5)  # past the report that covers that pick
+    now = time.time()
+    views = [
+        view_from_report(
+            ranks[r], {**ReportingEngine.record_routing_stats(_Rank(r)), "stats_at": now}, now, frozenset()
+        )
+        for r in (0, 1)
+    ]
+    expected = {}
+    for name, body in (("long", long_prompt), ("short", short_prompt)):
+        n = len(body["prompt"])  # byte-level tokenizer: one token per character (+ none added)
+        expected[name] = rank_by_ttft(views, RequestShape(n, body["max_tokens"], prefix_keys([0] * n, 16)))[
+            0
+        ][0]
+    assert (expected["long"], expected["short"]) == (ranks[1], ranks[0])
+    assert choose(long_prompt) == expected["long"]
+    assert choose(short_prompt) == expected["short"]
+
+
+class _Rank:
+    """`ReportingEngine.record_routing_stats` called outside a replica, for the test's own views."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
 
 
 # ---- behind the real HAProxy -------------------------------------------------------------------------

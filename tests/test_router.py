@@ -382,3 +382,50 @@ def test_blind_picks_that_serve_never_confirms_are_dropped_once_reported() -> No
         assert len(router._assignments) == 1, "only the newest pick is left"
 
     asyncio.run(main())
+
+
+# ---- replicas that report a step cost: the TTFT policy ----------------------------------------------
+def ttft_stats(taken_at: float, **queue: object) -> dict:
+    """A replica's report as `EngineIngress.record_routing_stats` builds it (replica_view.routing_report)."""
+    return {
+        "step_cost": [0.007, 0.0001, 0.00005],
+        "token_budget": 2048,
+        "max_num_seqs": 128,
+        "timestamp": taken_at,
+        "stats_at": taken_at,
+        **queue,
+    }
+
+
+def long_hint(internal_id: str, prompt: int = 3000):  # noqa: ANN201
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from fuserve.router.routing_policy import RoutingHint
+
+    hint = RoutingHint(prompt + 4, [], 16, prompt_tokens=prompt, max_tokens=4)
+    return PendingRequest(args=[hint], kwargs={}, metadata=RequestMetadata("h", internal_id))
+
+
+def test_reported_step_costs_turn_on_the_ttft_policy_and_sends_count_until_a_report_covers_them() -> None:
+    import time
+
+    router = make_router()
+    now = time.time()
+    a, b = FakeReplica("a", ttft_stats(now - 0.01)), FakeReplica("b", ttft_stats(now - 0.01))
+
+    async def pick(internal_id: str) -> str:
+        return (await router.choose_replicas([a, b], long_hint(internal_id)))[0][0].name
+
+    async def main() -> None:
+        first = await pick("h1")
+        second = await pick("h2")
+        assert first != second, "3000 tokens sent to the first are ahead of the next one there"
+        held = a if first == "a" else b
+        assert [x.prefill for x in router._assignments.values() if x.replica_id == held.name] == [3000]
+        # The replica reports, taken after the pick: the pick is in its queue now, not in this router's.
+        held.routing_stats = ttft_stats(time.time() + 1, running_prefill=3000, num_running=1)
+        await pick("h3")
+        assert all(x.replica_id != held.name or x.internal_id == "h3" for x in router._assignments.values())
+
+    asyncio.run(main())

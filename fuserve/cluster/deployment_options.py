@@ -79,9 +79,12 @@ def engine_options(config: FuserveConfig, cluster_gpus: float = 0.0) -> dict[str
         }
     else:
         opts["num_replicas"] = serve_cfg.num_replicas
-    if serve_cfg.router == "length_aware":
+    if serve_cfg.router in ("length_aware", "prefix_affinity"):
         opts["request_router_config"] = RequestRouterConfig(
             request_router_class=LengthAwareRouter,
+            request_router_kwargs={
+                "policy": "ttft" if serve_cfg.router == "length_aware" else "prefix_affinity"
+            },
             request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
             request_routing_stats_timeout_s=5.0,
         )

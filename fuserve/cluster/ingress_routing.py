@@ -169,9 +169,12 @@ class HintBuilder:
     def _hint(self, prompts: list[list[int]], n: int, max_tokens: int | None) -> RoutingHint:
         """The whole HTTP request goes to one replica: its work is all its prompts' work."""
         work = 0
+        outputs = []
         for ids in prompts:  # the parameter names only matter in the 400s, which are dropped here
-            work += n * (len(ids) + resolve_max_tokens(len(ids), max_tokens, self.info, "", ""))
-        return RoutingHint(work, prefix_keys(prompts[0], self.block_size), self.block_size)
+            outputs.append(resolve_max_tokens(len(ids), max_tokens, self.info, "", ""))
+            work += n * (len(ids) + outputs[-1])
+        keys = prefix_keys(prompts[0], self.block_size)
+        return RoutingHint(work, keys, self.block_size, len(prompts[0]), outputs[0])
 
     def _chat(self, req: ChatCompletionRequest) -> RoutingHint:
         ids = encode_chat(self.tokenizer, req.conversation(), req.add_generation_prompt)
@@ -237,7 +240,7 @@ class EngineRouter:
 
     def __init__(self, config: FuserveConfig, engine: DeploymentHandle) -> None:
         # With Serve's pow2 router a hint is ignored, so do not pay for tokenizing.
-        self.hints = HintBuilder(config) if config.serve.router == "length_aware" else None
+        self.hints = HintBuilder(config) if config.serve.router != "pow2" else None
         self.engine = engine
         start_handle(engine)
 

@@ -10,6 +10,9 @@ Files, in the order a request meets them:
     grpc_service.py, proto/ the gRPC API (fuserve.proto and its generated modules)
     metrics.py              Prometheus at /metrics
     engine_messages.py      what passes between the ingress and the engine replicas
-    routing_policy.py       the routing decision, pure Python
-    length_aware_router.py  that decision as a Ray Serve RequestRouter
+    routing_policy.py       prefix keys, and the token-count ranking (requests without a body)
+    ttft_model.py           predicted time to first token per replica, and the ranking on it
+    replica_view.py         a replica's report -> the view the TTFT model reads; the peer count
+    prefix_affinity.py      Ray Serve LLM's prefix-affinity policy, as a baseline
+    length_aware_router.py  those decisions as a Ray Serve RequestRouter
 """

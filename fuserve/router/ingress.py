@@ -55,6 +55,7 @@ from fuserve.router.protocol import (
     ModelCard,
     ModelList,
 )
+from fuserve.router.replica_view import routing_report
 from fuserve.router.request_body import parse_json_object, read_body
 from fuserve.router.responses import SSE_DONE, ChunkWriter, Transcript
 from fuserve.router.routing_policy import RecentPrefixes
@@ -134,6 +135,7 @@ class EngineIngress:
         self.max_request_bytes = config.serve.max_request_bytes
         self.request_timeout_s = config.serve.request_timeout_s
         self.prefixes = RecentPrefixes(4 * REPORTED_PREFIXES)
+        self.scheduler_config = config.scheduler
         self._token_text: dict[int, str] = {}
         self._last_report: dict = {}
         self._last_report_at = 0.0
@@ -172,6 +174,7 @@ class EngineIngress:
             "num_waiting": s.num_waiting,
             "kv_cache_usage": s.kv_cache_usage,
             "prefix_keys": self.prefixes.snapshot()[-REPORTED_PREFIXES:],
+            **routing_report(s, self.scheduler_config),  # what the TTFT model reads
         }
         if report != self._last_report:
             self._last_report, self._last_report_at = report, time.time()

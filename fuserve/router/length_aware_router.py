@@ -1,4 +1,12 @@
-"""The Ray Serve request router for the engine deployment: least outstanding tokens, prefix affinity.
+"""The Ray Serve request router for the engine deployment: lowest predicted time to first token.
+
+With a request's prompt and output lengths in hand (an `EngineRequest` or a `RoutingHint`) and
+replicas that report their step cost and queue (`replica_view.routing_report`), the replicas are
+ranked by predicted TTFT (`ttft_model.rank_by_ttft` on `replica_view.view_from_report`: the report,
+plus the requests this router sent since, counted once per router sending to them,
+`PeerEstimate`). `policy="prefix_affinity"` ranks like Ray Serve LLM's PrefixCacheAffinityRouter
+instead (`prefix_affinity.py`, a baseline for benchmarks). A replica without those figures gets the
+token-count ranking below, which is also what a request without a body gets.
 
 Ray Serve's default router balances *request counts* (power of two choices). LLM requests differ
 in cost by orders of magnitude (a 20-token chat turn vs a 4k-token document), so equal counts
@@ -39,10 +47,21 @@ from dataclasses import dataclass
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from fuserve.router.engine_messages import EngineRequest
+from fuserve.router.prefix_affinity import AffinityCandidate, rank_by_prefix_affinity
+from fuserve.router.replica_view import PeerEstimate, covered_until, view_from_report
 from fuserve.router.routing_policy import Candidate, RecentPrefixes, RoutingHint, TieBreak, rank_replicas
+from fuserve.router.ttft_model import QueuedSeq, RequestShape, TtftTie, rank_by_ttft
 
 UNCONFIRMED_TTL_S = 30.0  # a choice never dispatched (the caller gave up) stops counting after this
 BLIND_TOKENS = 256  # the assumed cost of a request whose body the router cannot see (a chat turn)
+
+
+def request_shape(arg: EngineRequest | RoutingHint) -> RequestShape:
+    if isinstance(arg, EngineRequest):
+        n = len(arg.prompt_token_ids)
+        return RequestShape(n, int(arg.params.max_tokens or 0), arg.prefix_keys, arg.block_size)
+    prompt = arg.prompt_tokens or arg.work_tokens
+    return RequestShape(prompt, arg.max_tokens, arg.prefix_keys, arg.block_size)
 
 
 def _first_arg(pending_request: PendingRequest | None) -> object:
@@ -67,6 +86,8 @@ class _Assignment:
     work: int
     routed_at: float
     confirmed: bool = False
+    prefill: int = 0  # prompt tokens it will compute there (cache hits taken off)
+    output: int = 0  # tokens it may generate
 
 
 class _KnownPrefixes:
@@ -86,8 +107,16 @@ class LengthAwareRouter(RequestRouter):
         tie_fraction: float = TieBreak.fraction,
         prefix_capacity: int = 4096,
         blind_tokens: int = BLIND_TOKENS,
+        policy: str = "ttft",
     ) -> None:
         """Serve calls this once, right after construction, with `request_router_kwargs`."""
+        if policy not in ("ttft", "prefix_affinity"):
+            raise ValueError(f"unknown routing policy {policy!r}: use 'ttft' or 'prefix_affinity'")
+        self.policy = policy
+        self.ttft_tie = TtftTie()
+        self.peers = PeerEstimate()
+        self._rng = random.Random()
+        self._tenant_tokens: dict[str, int] = {}
         self.tie = TieBreak(tie_tokens, tie_fraction)
         self.prefix_capacity = prefix_capacity
         self.blind_tokens = blind_tokens
@@ -132,9 +161,8 @@ class LengthAwareRouter(RequestRouter):
         picks (`choose_replica(..., _reserve=False)`, never confirmed): without it every pick of the
         last 30 s would stay here and `_load` would sum over all of them on every request. Should
         Serve confirm a choice dropped this way, `on_request_routed` records it again."""
-        reported = {
-            r.replica_id.unique_id: float((r.routing_stats or {}).get("timestamp", 0.0)) for r in replicas
-        }
+        # covered_until: when the engine took the figures (a choice routed after it is not in them yet)
+        reported = {r.replica_id.unique_id: covered_until(r.routing_stats or {}) for r in replicas}
         for key in [
             k
             for k, a in self._assignments.items()
@@ -148,6 +176,53 @@ class LengthAwareRouter(RequestRouter):
         several routers (one per proxy) do not all send their first request to the same replica."""
         shuffled = random.sample(replicas, len(replicas))
         return sorted(shuffled, key=lambda r: (self._load(r), self._queue(r)))
+
+    def _sent_since(self, rid: str, stats: dict, now: float) -> list[QueuedSeq]:
+        """This router's requests to the replica that its figures do not include yet, each counted
+        for every router sending like it (the peer factor)."""
+        since = covered_until(stats)
+        k = self.peers.factor
+        return [
+            QueuedSeq(a.work, int(a.prefill * k), a.output, now - a.routed_at, reported=False)
+            for a in self._assignments.values()
+            if a.replica_id == rid and a.routed_at > since
+        ]
+
+    def _rank_hinted(
+        self, by_id: dict[str, RunningReplica], shape: RequestShape, now: float
+    ) -> tuple[list[str] | None, int]:
+        """(replica ids best first, the prompt tokens the first will compute), or (None, 0) when a
+        replica reports no step cost (then the token-count ranking decides)."""
+        if self.policy == "prefix_affinity":
+            cands = [
+                AffinityCandidate(
+                    rid,
+                    self._queue(r) + self._sent_count(rid, r),
+                    self._known(r),
+                    self._tenant_tokens.get(rid, 0),
+                )
+                for rid, r in by_id.items()
+            ]
+            ranked = rank_by_prefix_affinity(
+                cands, shape.prefix_keys, shape.prompt_tokens, shape.block_size, self._rng
+            )
+            self._tenant_tokens[ranked[0]] = self._tenant_tokens.get(ranked[0], 0) + shape.prompt_tokens
+            return ranked, shape.prompt_tokens
+        views = []
+        for rid, r in by_id.items():
+            stats = r.routing_stats or {}
+            if stats.get("timestamp"):
+                self.peers.on_report(rid, float(stats["timestamp"]), int(stats.get("num_admitted", 0)))
+            view = view_from_report(rid, stats, now, self._known(r), self._sent_since(rid, stats, now))
+            if view is None:
+                return None, 0
+            views.append(view)
+        ranked = rank_by_ttft(views, shape, self.ttft_tie)
+        return [rid for rid, _ in ranked], shape.prompt_tokens - ranked[0][1].cached_tokens
+
+    def _sent_count(self, rid: str, replica: RunningReplica) -> int:
+        since = covered_until(replica.routing_stats or {})
+        return sum(1 for a in self._assignments.values() if a.replica_id == rid and a.routed_at > since)
 
     # ---- the RequestRouter interface ----------------------------------------------------------------
     async def choose_replicas(
@@ -179,12 +254,16 @@ class LengthAwareRouter(RequestRouter):
         assert pending_request is not None
 
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        candidates = [Candidate(rid, self._load(r), self._known(r)) for rid, r in by_id.items()]
-        ranked = rank_replicas(candidates, arg.prefix_keys, self.tie, arg.block_size)
+        shape = request_shape(arg)
+        ranked, prefill = self._rank_hinted(by_id, shape, now)
+        if ranked is None:
+            candidates = [Candidate(rid, self._load(r), self._known(r)) for rid, r in by_id.items()]
+            ranked = rank_replicas(candidates, arg.prefix_keys, self.tie, arg.block_size)
         internal_id = pending_request.metadata.internal_request_id
         self._assignments[id(pending_request)] = _Assignment(
-            pending_request, internal_id, ranked[0], arg.work_tokens, now
+            pending_request, internal_id, ranked[0], arg.work_tokens, now, False, prefill, shape.max_tokens
         )
+        self.peers.on_sent(ranked[0], now)
         if isinstance(arg, RoutingHint):  # a final pick (HAProxy sends it there): remember its prefix now
             self._prefixes_sent(ranked[0]).add(arg.prefix_keys)
         return [[by_id[rid]] for rid in ranked]
@@ -236,6 +315,7 @@ class LengthAwareRouter(RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         alive = {r.replica_id.unique_id for r in replicas}
-        for table in (self._mine, self._reported):
+        for table in (self._mine, self._reported, self._tenant_tokens):
             for rid in [k for k in table if k not in alive]:
                 del table[rid]
+        self.peers.forget(alive)

@@ -46,6 +46,13 @@ class _EngineCollector(Collector):
             "outstanding_tokens": ("fuserve_engine_outstanding_tokens", "Tokens still to prefill or decode"),
             "kv_cache_usage": ("fuserve_engine_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use"),
             "num_free_blocks": ("fuserve_engine_kv_cache_free_blocks", "Free KV-cache blocks"),
+            # the step cost the router's TTFT model uses, fitted from the engine's own steps
+            "step_base_s": ("fuserve_engine_step_base_seconds", "Fitted fixed cost of an engine step"),
+            "step_seq_s": ("fuserve_engine_step_per_decode_seconds", "Fitted cost of one decoding sequence"),
+            "step_token_s": (
+                "fuserve_engine_step_per_prefill_token_seconds",
+                "Fitted cost of one prefill token",
+            ),
         }
         counters = {
             "num_preemptions": ("fuserve_engine_preemptions", "Sequences preempted for lack of KV blocks"),

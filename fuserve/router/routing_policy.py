@@ -3,7 +3,8 @@
 Pure Python on plain data, so the policy is unit-tested without Ray (tests/test_router.py); the
 Ray Serve adapter (`length_aware_router.py`) only gathers the inputs and applies the ranking.
 
-    prefix_keys(prompt ids)  -> chained hashes of the leading full KV blocks (one key per block)
+    prefix_keys(prompt ids)  -> chained hashes of the leading full KV blocks (every block's up to
+                                16, then sparser: KEY_BLOCKS)
     rank_replicas(candidates, keys, tie, block_size) -> replica ids, best first:
         1. cost(replica) = its outstanding tokens (prefill still to do + tokens still to decode)
            minus the prompt tokens this request would find in its prefix cache there
@@ -50,6 +51,8 @@ class RoutingHint:
     work_tokens: int  # sum over sequences of (prompt + max output tokens): the request's cost
     prefix_keys: list[int] = field(default_factory=list)  # prefix_keys() of the (first) prompt
     block_size: int = 16  # tokens per prefix key (the engine's KV block size)
+    prompt_tokens: int = 0  # of the (first) prompt; 0: unknown (the TTFT model then takes work_tokens)
+    max_tokens: int = 0  # output tokens each sequence may generate
 
 
 @dataclass
@@ -61,17 +64,30 @@ class Candidate:
     known_prefixes: Container[int] = field(default_factory=frozenset)
 
 
-def prefix_keys(token_ids: Sequence[int], block_size: int, max_blocks: int = 8) -> list[int]:
-    """Key i identifies the first i+1 full blocks (a chained hash, like the engine's block hashes).
+def _is_key_block(n: int) -> bool:
+    """Whether the first `n` full blocks get a key: every block up to 16, every 4th up to 64, then
+    every 16th. A long chat history (8k tokens: 512 blocks) costs 56 keys, not 512, and its cached
+    length is still known to within 16 blocks."""
+    return n <= 16 or (n <= 64 and n % 4 == 0) or n % 16 == 0
+
+
+KEY_BLOCKS = [n for n in range(1, 4097) if _is_key_block(n)]  # key i covers KEY_BLOCKS[i] blocks
+
+
+def prefix_keys(token_ids: Sequence[int], block_size: int, max_blocks: int = 512) -> list[int]:
+    """Chained hashes of the leading full blocks (like the engine's block hashes); key i identifies
+    the first KEY_BLOCKS[i] blocks.
 
     Python's `hash` of int tuples is the same in every process (no per-process salt for ints),
     so keys computed by any ingress replica agree with the keys the engine replicas report.
     """
     keys: list[int] = []
     h = 0
-    for start in range(0, min(len(token_ids) // block_size, max_blocks) * block_size, block_size):
+    for n in range(1, min(len(token_ids) // block_size, max_blocks) + 1):
+        start = (n - 1) * block_size
         h = hash((h, *token_ids[start : start + block_size]))
-        keys.append(h)
+        if _is_key_block(n):
+            keys.append(h)
     return keys
 
 
@@ -85,6 +101,12 @@ def prefix_depth(keys: Sequence[int], known: Container[int]) -> int:
     return depth
 
 
+def cached_blocks(keys: Sequence[int], known: Container[int]) -> int:
+    """How many leading blocks of the request a replica holds, as far as its keys tell."""
+    depth = prefix_depth(keys, known)
+    return KEY_BLOCKS[depth - 1] if depth else 0
+
+
 def _rendezvous(key: int, replica_id: str) -> int:
     digest = hashlib.blake2b(f"{key}:{replica_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
@@ -96,7 +118,7 @@ def rank_replicas(
     """Replica ids, most preferred first. Empty candidates give an empty list."""
     if not candidates:
         return []
-    depth = {c.replica_id: prefix_depth(keys, c.known_prefixes) if keys else 0 for c in candidates}
+    depth = {c.replica_id: cached_blocks(keys, c.known_prefixes) if keys else 0 for c in candidates}
     cost = {c.replica_id: c.load - depth[c.replica_id] * block_size for c in candidates}
     least = min(cost.values())
     limit = least + tie.margin(max(least, 0))

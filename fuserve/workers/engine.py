@@ -24,9 +24,11 @@ from fuserve.workers.detokenizer import IncrementalDetokenizer
 from fuserve.workers.executor import Executor, build_executor
 from fuserve.workers.models.loader import generation_config, load_tokenizer
 from fuserve.workers.outputs import RequestOutput
+from fuserve.workers.routing_summary import QueueSummaryCache, prefill_tokens
 from fuserve.workers.sampler import SampledBatch, has_penalty
 from fuserve.workers.scheduler import Scheduler, SchedulerOutput
 from fuserve.workers.sequence import FinishReason, Sequence
+from fuserve.workers.step_cost_meter import StepCostMeter
 from fuserve.workers.step_plan import build_step_plan
 from fuserve.workers.tokenizer import Tokenizer
 
@@ -71,6 +73,10 @@ class LLMEngine:
             worker.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.step_cost = StepCostMeter()
+        self._queue_summary = QueueSummaryCache(self.scheduler)
+        self._completed: list[SchedulerOutput] = []  # steps whose tokens the current step() read back
+        self._unattributed_s = 0.0
         self._requests: dict[str, list[_SeqState]] = {}
         self._by_seq: dict[str, _SeqState] = {}
         self._inflight: tuple[SchedulerOutput, SampledBatch | None] | None = None
@@ -172,8 +178,22 @@ class LLMEngine:
         try:
             return self._step()
         finally:
+            seconds = time.perf_counter() - start
             self.num_steps += 1
-            self.step_seconds_total += time.perf_counter() - start
+            self.step_seconds_total += seconds
+            self._measure_step(seconds)
+
+    def _measure_step(self, seconds: float) -> None:
+        """A step() call's time goes to the batch it read back (with async scheduling, the one launched
+        by the call before); a call that read none back adds its time to the next one."""
+        self._unattributed_s += seconds
+        for out in self._completed:
+            prefill = prefill_tokens(out)
+            self.step_cost.observe(
+                prefill, out.num_tokens - prefill, self._unattributed_s / len(self._completed)
+            )
+        if self._completed:
+            self._completed, self._unattributed_s = [], 0.0
 
     def _step(self) -> list[RequestOutput]:
         prev, self._inflight = self._inflight, None
@@ -199,6 +219,7 @@ class LLMEngine:
         sched_out, batch = inflight
         if batch is not None:
             self.executor.wait(batch)
+        self._completed.append(sched_out)
         results = iter(batch.results() if batch is not None else [])
         sampled: list[int | None] = []
         logprobs = []
@@ -259,6 +280,8 @@ class LLMEngine:
 
     def stats(self) -> CoreStats:
         bm = self.block_manager
+        fit = self.step_cost.estimate()
+        queue = self._queue_summary.get()
         return CoreStats(
             num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running),
@@ -272,4 +295,13 @@ class LLMEngine:
             num_steps=self.num_steps,
             step_seconds_total=self.step_seconds_total,
             cpu_seconds_total=time.process_time(),
+            step_base_s=fit.base_s,
+            step_seq_s=fit.per_seq_s,
+            step_token_s=fit.per_token_s,
+            running_prefill_tokens=queue.running_prefill_tokens,
+            num_decoding=queue.num_decoding,
+            waiting_queue=queue.waiting_queue,
+            decode_left=queue.decode_left,
+            inflight_prefill_tokens=-1 if self._inflight is None else prefill_tokens(self._inflight[0]),
+            taken_at=time.time(),
         )

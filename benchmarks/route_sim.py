@@ -1,0 +1,516 @@
+"""A discrete-event simulation of N engine replicas behind a router: judge a routing policy in seconds.
+
+    python benchmarks/route_sim.py                               # every workload x policy, 2 replicas
+    python benchmarks/route_sim.py --workloads heavy_tail --rate 12 --replicas 4 --routers 4
+
+Each replica is fuserve's own scheduler and block manager (workers/scheduler.py, block_manager.py:
+shortest-work-first with aging, chunked prefill, the token budget, the prefix cache), stepping on
+virtual time: a step takes `StepCost.step_s(prefill tokens, decodes)` seconds. Replicas report
+their routing stats every `report_period_s` (as `record_routing_stats` does, through the same
+`routing_report`), routers see a report `report_delay_s` later. The routers see what the HAProxy
+path's router sees: each request's prompt and max_tokens, its own sends, the reports; never a
+completion (a send counts until a report covers it).
+
+Policies (one router object per simulated router; `routers` > 1 splits the requests over several):
+    length_aware    fuserve's: lowest predicted TTFT (router/ttft_model.py), own sends counted K times
+    least_tokens    fuserve's previous one: least outstanding tokens, prefix affinity on near-ties
+    pow2            Ray Serve's default: two replicas at random, the one with fewer requests
+    least_requests  the replica with the fewest requests
+    round_robin
+    prefix_affinity Ray Serve LLM's PrefixCacheAffinityRouter: the replica whose cache matches most
+                    of the prompt when >= 10% matches, else the one with the least cached text; the
+                    fewer requests among equals
+Request counts (pow2, least_requests, prefix_affinity) are exact and current: Serve's routers
+probe the replicas' queue lengths, so this is if anything kind to them.
+
+Writes flat JSON rows (`bench: route_sim`) with TTFT p50/p90/p99, output tok/s and the placement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from workloads import WORKLOADS, RequestSpec, make_named  # noqa: E402
+
+from fuserve.configs import SchedulerConfig  # noqa: E402
+from fuserve.core_messages import CoreStats  # noqa: E402
+from fuserve.router.prefix_affinity import AffinityCandidate, rank_by_prefix_affinity  # noqa: E402
+from fuserve.router.replica_view import PeerEstimate, covered_until, routing_report, view_from_report  # noqa: E402
+from fuserve.router.routing_policy import (  # noqa: E402
+    Candidate,
+    RecentPrefixes,
+    TieBreak,
+    prefix_keys,
+    rank_replicas,
+)
+from fuserve.router.ttft_model import QueuedSeq, RequestShape, StepCost, rank_by_ttft  # noqa: E402
+from fuserve.sampling_params import SamplingParams  # noqa: E402
+from fuserve.workers.block_manager import BlockManager  # noqa: E402
+from fuserve.workers.routing_summary import prefill_tokens, summarize_queue  # noqa: E402
+from fuserve.workers.scheduler import Scheduler  # noqa: E402
+from fuserve.workers.sequence import Sequence  # noqa: E402
+
+POLICIES = ("length_aware", "least_tokens", "pow2", "least_requests", "round_robin", "prefix_affinity")
+# Llama-3-8B shape on one H100 (benchmarks/NOTES.md: ~7 ms decode step at small batch, ~13 ms at 64-128
+# sequences; prefill ~20k tokens/s).
+H100_8B = StepCost(base_s=0.0065, per_seq_s=0.00005, per_token_s=0.00005)
+BLOCK_SIZE = 16
+
+
+@dataclass
+class SimConfig:
+    num_replicas: int = 2
+    cost: StepCost = H100_8B
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    num_blocks: int = 8192  # per replica: 131k tokens of KV at 16 tokens a block
+    report_period_s: float = 0.25
+    report_delay_s: float = 0.01
+    num_routers: int = 1
+    seed: int = 0
+
+
+# ---- a replica: the engine's scheduler and block manager on virtual time -----------------------------
+class SimReplica:
+    def __init__(self, rid: str, cfg: SimConfig, clock: Callable[[], float]) -> None:
+        self.rid = rid
+        self.cfg = cfg
+        self.block_manager = BlockManager(cfg.num_blocks, BLOCK_SIZE, True)
+        self.scheduler = Scheduler(cfg.scheduler, self.block_manager, clock)
+        self.clock = clock
+        self.busy = False
+        self.num_admitted = 0
+        self.ongoing = 0  # requests admitted and not finished
+        self.prefixes = RecentPrefixes(2048)
+        self.last_report: dict[str, Any] = {}
+        self.last_report_at = 0.0
+        self.stats = CoreStats()
+
+    def add(self, idx: int, spec: RequestSpec, keys: list[int]) -> None:
+        params = SamplingParams(max_tokens=spec.max_tokens, ignore_eos=True)
+        seq = Sequence(str(idx), list(spec.prompt_ids), params, self.clock(), spec.max_tokens)
+        self.scheduler.add(seq)
+        self.num_admitted += 1
+        self.ongoing += 1
+        self.prefixes.add(keys)
+
+    def start_step(self) -> tuple[float, Any] | None:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            self.busy = False
+            return None
+        self.scheduler.on_launched(out)
+        prefill = prefill_tokens(out)
+        self.busy = True
+        self.stats = self.core_stats(prefill)  # the engine core's stats go out as each step starts
+        return self.cfg.cost.step_s(prefill, out.num_tokens - prefill), out
+
+    def finish_step(self, out: Any) -> tuple[list[int], list[int]]:
+        """Returns (requests that got their first token, requests that finished)."""
+        sampled = [1 if s.samples else None for s in out.scheduled]
+        firsts = [int(s.seq.seq_id) for s in out.scheduled if s.samples and s.seq.num_output_tokens == 1]
+        done = [int(s.seq_id) for s in self.scheduler.update_from_output(out, sampled)]
+        self.ongoing -= len(done)
+        return firsts, done
+
+    def core_stats(self, inflight_prefill: int) -> CoreStats:
+        s, now = self.scheduler, self.clock()
+        q = summarize_queue(s, now)
+        return CoreStats(
+            num_waiting=len(s.waiting),
+            num_running=len(s.running),
+            outstanding_tokens=s.outstanding_tokens(),
+            step_base_s=self.cfg.cost.base_s,
+            step_seq_s=self.cfg.cost.per_seq_s,
+            step_token_s=self.cfg.cost.per_token_s,
+            running_prefill_tokens=q.running_prefill_tokens,
+            num_decoding=q.num_decoding,
+            waiting_queue=q.waiting_queue,
+            decode_left=q.decode_left,
+            inflight_prefill_tokens=inflight_prefill,
+            taken_at=now,
+        )
+
+    def report(self) -> dict[str, Any]:
+        """What `EngineIngress.record_routing_stats` returns (the engine core's last stats), built by
+        the same functions."""
+        if not self.busy:
+            self.stats = self.core_stats(-1)
+        stats, now = self.stats, self.clock()
+        report = {
+            "num_admitted": self.num_admitted,
+            "outstanding_tokens": stats.outstanding_tokens,
+            "num_running": stats.num_running,
+            "num_waiting": stats.num_waiting,
+            "prefix_keys": self.prefixes.snapshot()[-512:],
+            **routing_report(stats, self.cfg.scheduler),
+        }
+        if report != self.last_report:
+            self.last_report, self.last_report_at = report, now
+        return {**report, "timestamp": self.last_report_at}
+
+
+# ---- routers -------------------------------------------------------------------------------------------
+@dataclass
+class Routed:
+    replica: str
+    at: float
+    work: int
+    prefill: int
+    priority: float
+    output: int
+
+
+@dataclass
+class RouteInput:
+    spec: RequestSpec
+    keys: list[int]
+    reports: dict[str, dict[str, Any]]  # replica id -> the last report routers have seen
+    ongoing: dict[str, int]  # replica id -> requests admitted and not finished (exact, now)
+    now: float
+    index: int = 0  # the request's place in the workload
+
+
+class SimRouter:
+    """Base: remembers its own sends (until a report covers them) and the prefixes it sent where."""
+
+    def __init__(self, replica_ids: list[str], rng: random.Random) -> None:
+        self.replica_ids = replica_ids
+        self.rng = rng
+        self.sent: list[Routed] = []
+        self.mine = {r: RecentPrefixes(4096) for r in replica_ids}
+        self.predicted: dict[int, float] = {}  # request index -> its predicted TTFT (policies that predict)
+
+    def since_report(self, rid: str, reports: dict[str, dict[str, Any]]) -> list[Routed]:
+        at = covered_until(reports.get(rid, {}))
+        return [s for s in self.sent if s.replica == rid and s.at > at]
+
+    def expire(self, reports: dict[str, dict[str, Any]]) -> None:
+        self.sent = [s for s in self.sent if s.at > covered_until(reports.get(s.replica, {}))]
+
+    def choose(self, x: RouteInput) -> str:
+        raise NotImplementedError
+
+    def route(self, x: RouteInput) -> str:
+        self.expire(x.reports)
+        rid = self.choose(x)
+        self.record(rid, x)
+        return rid
+
+    def record(self, rid: str, x: RouteInput, prefill: int | None = None) -> None:
+        spec = x.spec
+        n = len(spec.prompt_ids)
+        work = n + spec.max_tokens
+        self.sent.append(Routed(rid, x.now, work, n if prefill is None else prefill, work, spec.max_tokens))
+        self.mine[rid].add(x.keys)
+
+
+class LengthAware(SimRouter):
+    def __init__(self, replica_ids: list[str], rng: random.Random) -> None:
+        super().__init__(replica_ids, rng)
+        self.peers = PeerEstimate()
+
+    def route(self, x: RouteInput) -> str:
+        for rid, rep in x.reports.items():
+            if rep:
+                self.peers.on_report(rid, float(rep["timestamp"]), int(rep["num_admitted"]))
+        self.expire(x.reports)
+        k = self.peers.factor
+        views = []
+        for rid in self.replica_ids:
+            rep = x.reports.get(rid) or {"step_cost": [0, 0, 0]}
+            known = _Union(self.mine[rid], frozenset(rep.get("prefix_keys", ())))
+            since = [
+                QueuedSeq(s.priority, int(s.prefill * k), s.output, x.now - s.at, reported=False)
+                for s in self.since_report(rid, x.reports)
+            ]
+            view = view_from_report(rid, rep, x.now, known, since)
+            assert view is not None
+            views.append(view)
+        req = RequestShape(len(x.spec.prompt_ids), x.spec.max_tokens, x.keys, BLOCK_SIZE)
+        rid, pred = rank_by_ttft(views, req)[0]
+        self.predicted[x.index] = pred.ttft_s
+        self.record(rid, x, len(x.spec.prompt_ids) - pred.cached_tokens)
+        self.peers.on_sent(rid, x.now)
+        return rid
+
+
+class _Union:
+    def __init__(self, a: RecentPrefixes, b: frozenset[int]) -> None:
+        self.a, self.b = a, b
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.a or key in self.b
+
+
+class LeastTokens(SimRouter):
+    def choose(self, x: RouteInput) -> str:
+        cands = []
+        for rid in self.replica_ids:
+            rep = x.reports.get(rid, {})
+            load = int(rep.get("outstanding_tokens", 0)) + sum(
+                s.work for s in self.since_report(rid, x.reports)
+            )
+            cands.append(Candidate(rid, load, _Union(self.mine[rid], frozenset(rep.get("prefix_keys", ())))))
+        return rank_replicas(cands, x.keys, TieBreak(), BLOCK_SIZE)[0]
+
+
+class Pow2(SimRouter):
+    def choose(self, x: RouteInput) -> str:
+        a, b = self.rng.sample(self.replica_ids, 2) if len(self.replica_ids) > 1 else self.replica_ids * 2
+        return a if x.ongoing[a] <= x.ongoing[b] else b
+
+
+class LeastRequests(SimRouter):
+    def choose(self, x: RouteInput) -> str:
+        return min(self.replica_ids, key=lambda r: (x.ongoing[r], self.rng.random()))
+
+
+class RoundRobin(SimRouter):
+    def __init__(self, replica_ids: list[str], rng: random.Random) -> None:
+        super().__init__(replica_ids, rng)
+        self.next = rng.randrange(len(replica_ids))
+
+    def choose(self, x: RouteInput) -> str:
+        self.next = (self.next + 1) % len(self.replica_ids)
+        return self.replica_ids[self.next]
+
+
+class PrefixAffinity(SimRouter):
+    """Ray Serve LLM's PrefixCacheAffinityRouter (router/prefix_affinity.py) with exact queue lengths."""
+
+    def __init__(self, replica_ids: list[str], rng: random.Random) -> None:
+        super().__init__(replica_ids, rng)
+        self.tenant_tokens = dict.fromkeys(replica_ids, 0)
+
+    def choose(self, x: RouteInput) -> str:
+        cands = [
+            AffinityCandidate(r, x.ongoing[r], self.mine[r], self.tenant_tokens[r]) for r in self.replica_ids
+        ]
+        rid = rank_by_prefix_affinity(cands, x.keys, len(x.spec.prompt_ids), BLOCK_SIZE, self.rng)[0]
+        self.tenant_tokens[rid] += len(x.spec.prompt_ids)
+        return rid
+
+
+ROUTER_CLASSES: dict[str, type[SimRouter]] = {
+    "length_aware": LengthAware,
+    "least_tokens": LeastTokens,
+    "pow2": Pow2,
+    "least_requests": LeastRequests,
+    "round_robin": RoundRobin,
+    "prefix_affinity": PrefixAffinity,
+}
+
+
+# ---- the event loop ------------------------------------------------------------------------------------
+@dataclass
+class SimResult:
+    ttft_s: list[float]
+    output_tokens: int
+    makespan_s: float
+    placement: dict[str, int]
+    kinds: list[str]
+    predicted: dict[int, float] = field(default_factory=dict)  # request index -> predicted TTFT
+
+
+T0 = 1.0  # virtual time starts here: a report's timestamp 0 means "none yet", as in Serve
+
+
+def simulate(specs: list[RequestSpec], policy: str, cfg: SimConfig) -> SimResult:
+    now = T0
+    clock = lambda: now  # noqa: E731 - the replicas' schedulers read virtual time
+    ids = [f"r{i}" for i in range(cfg.num_replicas)]
+    replicas = {rid: SimReplica(rid, cfg, clock) for rid in ids}
+    rng = random.Random(cfg.seed)
+    routers = [ROUTER_CLASSES[policy](ids, random.Random(rng.random())) for _ in range(cfg.num_routers)]
+    seen: dict[str, dict[str, Any]] = {rid: {} for rid in ids}
+    keys = [prefix_keys(s.prompt_ids, BLOCK_SIZE) for s in specs]
+    ttft = [math.nan] * len(specs)
+    placement = dict.fromkeys(ids, 0)
+    output_tokens = 0
+    events: list[tuple[float, int, str, Any]] = []
+    order = 0
+
+    def push(at: float, kind: str, payload: Any) -> None:
+        nonlocal order
+        order += 1
+        heapq.heappush(events, (at, order, kind, payload))
+
+    for i, spec in enumerate(specs):
+        push(T0 + spec.arrival_s, "arrive", i)
+    push(T0 - cfg.report_period_s, "report", None)  # idle replicas have reported before the first request
+    remaining = len(specs)
+    last_finish = 0.0
+
+    def kick(rid: str) -> None:
+        rep = replicas[rid]
+        if not rep.busy:
+            started = rep.start_step()
+            if started is not None:
+                push(now + started[0], "step", (rid, started[1]))
+
+    while events and remaining:
+        now, _, kind, payload = heapq.heappop(events)
+        if kind == "arrive":
+            i = payload
+            x = RouteInput(specs[i], keys[i], seen, {r: replicas[r].ongoing for r in ids}, now, i)
+            rid = routers[i % cfg.num_routers].route(x)
+            placement[rid] += 1
+            replicas[rid].add(i, specs[i], keys[i])
+            kick(rid)
+        elif kind == "step":
+            rid, out = payload
+            firsts, done = replicas[rid].finish_step(out)
+            for i in firsts:
+                ttft[i] = now - T0 - specs[i].arrival_s
+            for i in done:
+                output_tokens += specs[i].max_tokens
+                remaining -= 1
+                last_finish = now
+            replicas[rid].busy = False
+            kick(rid)
+        elif kind == "report":
+            snapshot = {rid: replicas[rid].report() for rid in ids}
+            push(now + cfg.report_delay_s, "deliver", snapshot)
+            push(now + cfg.report_period_s, "report", None)
+        elif kind == "deliver":
+            seen = payload
+    start = T0 + min(s.arrival_s for s in specs)
+    predicted = {i: p for router in routers for i, p in router.predicted.items()}
+    return SimResult(ttft, output_tokens, last_finish - start, placement, [s.kind for s in specs], predicted)
+
+
+def percentile(values: list[float], q: float) -> float:
+    vals = sorted(v for v in values if not math.isnan(v))
+    if not vals:
+        return math.nan
+    k = (len(vals) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return vals[lo] + (vals[hi] - vals[lo]) * (k - lo)
+
+
+def summarize(result: SimResult) -> dict[str, Any]:
+    """TTFT percentiles, throughput, placement; for a predicting policy, how far its predictions were off
+    (|predicted - simulated| / simulated, p50 and p90): the staleness of its view, in effect."""
+    errors = [
+        abs(p - result.ttft_s[i]) / result.ttft_s[i]
+        for i, p in result.predicted.items()
+        if result.ttft_s[i] > 0
+    ]
+    return {
+        "ttft_pred_err_p50": percentile(errors, 50),
+        "ttft_pred_err_p90": percentile(errors, 90),
+        "ttft_ms_p50": 1000 * percentile(result.ttft_s, 50),
+        "ttft_ms_p90": 1000 * percentile(result.ttft_s, 90),
+        "ttft_ms_p99": 1000 * percentile(result.ttft_s, 99),
+        "output_tok_s": result.output_tokens / max(result.makespan_s, 1e-9),
+        "makespan_s": result.makespan_s,
+        "placement": result.placement,
+    }
+
+
+def saturation_rate(specs: list[RequestSpec], cfg: SimConfig) -> float:
+    """Requests/s the replicas sustain on this mix: a burst's completed requests over its makespan
+    (round robin, so the figure does not depend on the policy under test)."""
+    burst = [RequestSpec(s.kind, s.prompt_ids, s.max_tokens, 0.0) for s in specs]
+    r = simulate(burst, "round_robin", cfg)
+    return len(specs) / r.makespan_s
+
+
+def run(
+    workloads: list[str],
+    policies: list[str],
+    cfg: SimConfig,
+    num: int,
+    load: float,
+    scale: float,
+    vocab: int = 32000,
+    max_model_len: int = 16384,
+    burst: bool = True,
+) -> list[dict[str, Any]]:
+    """Every workload at `load` x its saturation rate (and in a burst), through every policy."""
+    rows = []
+    for name in workloads:
+        probe = make_named(name, vocab, num, math.inf, "poisson", cfg.seed, max_model_len, scale)
+        sat = saturation_rate(probe, cfg)
+        rates = [load * sat] + ([math.inf] if burst else [])
+        for rate in rates:
+            specs = make_named(name, vocab, num, rate, "poisson", cfg.seed, max_model_len, scale)
+            for policy in policies:
+                t0 = time.perf_counter()
+                row = {
+                    "bench": "route_sim",
+                    "workload": name,
+                    "router": policy,
+                    "rate": rate,
+                    "saturation_rate": sat,
+                    "replicas": cfg.num_replicas,
+                    "routers": cfg.num_routers,
+                    "num_requests": num,
+                    "scale": scale,
+                    **summarize(simulate(specs, policy, cfg)),
+                }
+                row["sim_s"] = time.perf_counter() - t0
+                rows.append(row)
+    return rows
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    print(
+        f"{'workload':11s} {'rate':>7s} {'router':16s} {'TTFT p50':>9s} {'p99':>9s} {'tok/s':>8s}"
+        "  vs pow2 p99  prediction error p50/p90"
+    )
+    for r in rows:
+        pow2 = next(
+            (
+                p
+                for p in rows
+                if p["workload"] == r["workload"] and p["rate"] == r["rate"] and p["router"] == "pow2"
+            ),
+            None,
+        )
+        ratio = pow2["ttft_ms_p99"] / r["ttft_ms_p99"] if pow2 else math.nan
+        print(
+            f"{r['workload']:11s} {r['rate']:7.2f} {r['router']:16s} {r['ttft_ms_p50']:9.1f} "
+            f"{r['ttft_ms_p99']:9.1f} {r['output_tok_s']:8.0f}  {ratio:.2f}x"
+            f"  {r['ttft_pred_err_p50']:.2f}/{r['ttft_pred_err_p90']:.2f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--routers", type=int, default=1)
+    p.add_argument("--num-requests", type=int, default=400)
+    p.add_argument("--load", type=float, default=0.8, help="arrival rate as a fraction of saturation")
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    cfg = SimConfig(num_replicas=args.replicas, num_routers=args.routers, seed=args.seed)
+    rows = run(
+        args.workloads.split(","), args.policies.split(","), cfg, args.num_requests, args.load, args.scale
+    )
+    print_rows(rows)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The routing simulator (benchmarks/route_sim.py): N replicas running fuserve's own scheduler and block
+manager on virtual time, the same seeded workloads through each routing policy. A policy change is
+judged here in seconds: the TTFT policy must stay ahead of Ray Serve's default (pow2) on TTFT p99
+where length matters (heavy-tailed prompts, multi-turn chat) and never fall far behind anywhere."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # not a package
+import route_sim  # noqa: E402
+from workloads import WORKLOADS, RequestSpec, make_named  # noqa: E402
+
+CFG = route_sim.SimConfig(num_replicas=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict[tuple[str, bool, str], dict[str, Any]]:
+    """(workload, burst?, router) -> row: each workload at 80% of saturation and in a burst."""
+    out = route_sim.run(list(WORKLOADS), ["length_aware", "pow2"], CFG, num=400, load=0.8, scale=1.0)
+    return {(r["workload"], math.isinf(r["rate"]), r["router"]): r for r in out}
+
+
+@pytest.mark.parametrize("workload", ["heavy_tail", "multi_turn"])
+def test_length_aware_is_ahead_of_pow2_on_ttft_p99_at_80_percent_load(rows: dict, workload: str) -> None:
+    mine, pow2 = rows[workload, False, "length_aware"], rows[workload, False, "pow2"]
+    assert pow2["ttft_ms_p99"] >= 1.3 * mine["ttft_ms_p99"], (mine, pow2)
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+@pytest.mark.parametrize("burst", [False, True])
+def test_length_aware_is_never_much_worse_than_pow2(rows: dict, workload: str, burst: bool) -> None:
+    mine, pow2 = rows[workload, burst, "length_aware"], rows[workload, burst, "pow2"]
+    assert mine["ttft_ms_p99"] <= pow2["ttft_ms_p99"] / 0.95, (mine, pow2)
+    assert mine["output_tok_s"] >= 0.95 * pow2["output_tok_s"], (mine, pow2)
+    if not burst:
+        assert mine["ttft_pred_err_p50"] < 0.2, "at 80% load the view is fresh: predictions within 20%"
+
+
+def test_a_replica_is_the_engines_scheduler_on_virtual_time() -> None:
+    """One request on an idle replica: its first token after one step of its whole prompt. The same
+    prompt again, later: the prefix cache serves all but its last partial block."""
+    prompt = list(range(100, 300))
+    specs = [RequestSpec("a", prompt, 4, 0.0), RequestSpec("b", prompt, 4, 1.0)]
+    result = route_sim.simulate(specs, "round_robin", route_sim.SimConfig(num_replicas=1))
+    cost = CFG.cost
+    assert result.ttft_s[0] == pytest.approx(cost.step_s(200, 0))
+    assert result.ttft_s[1] == pytest.approx(cost.step_s(200 - 192, 0)), "12 blocks cached, 8 tokens left"
+    assert result.output_tokens == 8 and result.placement == {"r0": 2}
+
+
+def test_workloads_are_seeded_and_shaped_as_described() -> None:
+    turns = make_named("multi_turn", 32000, 200, 10.0, "poisson", 1, 16384, 1.0)
+    assert turns == make_named("multi_turn", 32000, 200, 10.0, "poisson", 1, 16384, 1.0)
+    follow_ups = [s for s in turns if s.kind == "turn"]
+    assert follow_ups and all(
+        any(
+            len(p.prompt_ids) < len(s.prompt_ids) and s.prompt_ids[: len(p.prompt_ids)] == p.prompt_ids
+            for p in turns
+        )
+        for s in follow_ups
+    ), "each later turn extends an earlier one"
+    tail = make_named("heavy_tail", 32000, 2000, math.inf, "poisson", 0, 16384, 1.0)
+    longs = [s for s in tail if len(s.prompt_ids) == 8000]
+    assert 10 <= len(longs) <= 30
+    lengths = sorted(len(s.prompt_ids) for s in tail)
+    assert 150 <= lengths[len(lengths) // 2] <= 250
