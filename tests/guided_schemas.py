@@ -100,7 +100,10 @@ SCHEMAS: list[dict[str, Any]] = [
         "properties": {
             "point": {
                 "type": "object",
-                "properties": {"x": {"type": "number"}, "y": {"type": "number"}},
+                "properties": {
+                    "x": {"type": "number", "minimum": -1000, "maximum": 1000},
+                    "y": {"type": "number", "minimum": -1000, "maximum": 1000},
+                },
                 "required": ["x", "y"],
                 "additionalProperties": False,
             }
