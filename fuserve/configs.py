@@ -149,6 +149,18 @@ class KernelConfig(_Strict):
     cuda_graph_max_batch: int = Field(default=256, ge=1)
 
 
+class StructuredOutputConfig(_Strict):
+    """Guided decoding (JSON schema, regex, choice, Lark grammars, tool calls) with llguidance."""
+
+    grammar_cache_size: int = Field(
+        default=256, ge=0, description="Compiled grammars kept per engine, by grammar text (LRU); 0: none."
+    )
+    compile_threads: int = Field(default=1, ge=1, description="Threads compiling grammars off the step.")
+    mask_threads: int = Field(
+        default=4, ge=1, description="Threads filling one step's token bitmasks (guided rows in parallel)."
+    )
+
+
 class AutoscalingConfig(_Strict):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=2, ge=1)
@@ -232,6 +244,7 @@ class FuserveConfig(_Strict):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
     kernels: KernelConfig = Field(default_factory=KernelConfig)
+    structured_output: StructuredOutputConfig = Field(default_factory=StructuredOutputConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from fuserve.configs import FuserveConfig, load_config
 from fuserve.core_messages import TokenLogprobs
-from fuserve.sampling_params import SamplingParams
+from fuserve.sampling_params import RequestError, SamplingParams
 from fuserve.workers.engine import LLMEngine
 
 
@@ -77,6 +77,8 @@ class LLM:
                 c.finish_reason = out.finish_reason
                 comp.num_prompt_tokens = out.num_prompt_tokens
                 comp.num_cached_tokens = max(comp.num_cached_tokens, out.num_cached_tokens)
+        for rid, why in self.engine.take_failures():  # a grammar that did not compile
+            raise RequestError(f"request {rid} failed: {why}")
         return [results[r] for r in order]
 
     def chat(

@@ -39,12 +39,18 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # added to the logits before sampling, token id -> bias in [-100, 100] (OpenAI's logit_bias)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # an llguidance grammar the output must follow (built by fuserve/router/guided_requests.py from
+    # response_format, tools or the guided_* extras); None: unconstrained
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = {int(t): float(b) for t, b in (self.logit_bias or {}).items()}
         self.validate()
 
     @property
@@ -83,3 +89,8 @@ class SamplingParams:
             raise bad(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop strings must be non-empty strings")
+        for token, bias in self.logit_bias.items():
+            if token < 0:
+                raise bad(f"logit_bias keys must be token ids >= 0, got {token}")
+            if not -100.0 <= bias <= 100.0:
+                raise bad(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")

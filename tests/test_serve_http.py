@@ -250,7 +250,7 @@ def test_openai_client_works_unchanged(cluster: ServeCluster) -> None:
             "max_tokens",
             "max_model_len",
         ),
-        (json.dumps({"prompt": "hi", "logit_bias": {"1": 2}}).encode(), 400, "logit_bias", "not supported"),
+        (json.dumps({"prompt": "hi", "logit_bias": {"1": 200}}).encode(), 400, "logit_bias", "[-100, 100]"),
     ],
 )
 def test_bad_requests_get_openai_errors(

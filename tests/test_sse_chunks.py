@@ -40,3 +40,14 @@ def test_chunks_with_more_than_text_take_the_models() -> None:
     usage = Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)
     mid = EngineDelta(index=0, text="c", token_ids=[6], finished=False)
     assert json.loads(plain.completion(0, mid, 0, usage).removeprefix("data: "))["usage"]["total_tokens"] == 3
+
+
+def test_echo_and_tool_calls_are_not_templated() -> None:
+    """The echoed prompt goes before the first text; tool-call text is parsed, not sent as content."""
+    w = ChunkWriter("cmpl-x", "m", str, want_logprobs=False, echo=["Say: "])
+    d = EngineDelta(index=0, text="hi", token_ids=[1], finished=False)
+    assert json.loads(w.completion(0, d, 0).removeprefix("data: "))["choices"][0]["text"] == "Say: hi"
+    assert json.loads(w.completion(0, d, 2).removeprefix("data: "))["choices"][0]["text"] == "hi"
+    tools = ChunkWriter("chatcmpl-x", "m", str, want_logprobs=False, tool_calls=True)
+    held = tools.chat(0, EngineDelta(index=0, text="<tool_call>", token_ids=[1], finished=False))
+    assert "tool_call" not in held

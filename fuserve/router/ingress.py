@@ -199,6 +199,14 @@ class EngineIngress:
             self._token_text[token_id] = text
         return text
 
+    def _echo(self, req: CompletionRequest | ChatCompletionRequest) -> list[str | None] | None:
+        """With `echo` (completions), each choice's prompt text (choice i * n + k is prompt i's)."""
+        if not getattr(req, "echo", False):
+            return None
+        decode = self.tokenizer.decode if self.tokenizer else lambda ids, **_: ""
+        texts = [p if isinstance(p, str) else decode(p, skip_special_tokens=False) for p in req.prompts()]
+        return [t for t in texts for _ in range(req.n)]
+
     def _check_model(self, model: str | None) -> None:
         if model and model != self.info.model_name:
             raise model_not_found(model, self.info.model_name)
@@ -277,8 +285,18 @@ class EngineIngress:
                         transcript.add(i, d)
             finally:
                 await streams.close()
-            build = transcript.chat_response if chat else transcript.completion_response
-            body = build(request_id, self.info.model_name, self._decode_token, req.wants_logprobs)
+            if chat:
+                body = transcript.chat_response(
+                    request_id,
+                    self.info.model_name,
+                    self._decode_token,
+                    req.wants_logprobs,
+                    req.parses_tool_calls,
+                )
+            else:
+                body = transcript.completion_response(
+                    request_id, self.info.model_name, self._decode_token, req.wants_logprobs, self._echo(req)
+                )
             self._finish(endpoint, 200)
             return JSONResponse(body.model_dump(), headers=headers)
         except APIError as err:
@@ -304,7 +322,14 @@ class EngineIngress:
         streams: EngineStreams,
         chat: bool,
     ) -> AsyncIterator[str]:
-        writer = ChunkWriter(request_id, self.info.model_name, self._decode_token, req.wants_logprobs)
+        writer = ChunkWriter(
+            request_id,
+            self.info.model_name,
+            self._decode_token,
+            req.wants_logprobs,
+            tool_calls=req.parses_tool_calls,
+            echo=self._echo(req),
+        )
         transcript = Transcript(len(streams.gens), req.n, keep_text=False)
         num_choices, num_finished = len(transcript.choices), 0
         status: int | str = "cancelled"

@@ -2,10 +2,11 @@
 
 Requests are validated here, before anything is tokenized or routed, so a wrong type or a value
 out of range is a 400 that names the field (pydantic). Fields the OpenAI API has and fuserve
-cannot honor (tools, logit_bias, echo...) are refused by `check()` with a message rather than
-silently ignored; unknown fields are ignored, as OpenAI's own server does. `top_k`, `min_p`,
-`repetition_penalty`, `ignore_eos`, `stop_token_ids` and `skip_special_tokens` are extensions
-(vLLM's names).
+cannot honor (suffix, best_of...) are refused by `check()` with a message rather than silently
+ignored; unknown fields are ignored, as OpenAI's own server does. `top_k`, `min_p`,
+`repetition_penalty`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens` and the `guided_*`
+fields are extensions (vLLM's names). Structured outputs (`response_format`, `guided_*`, `tools`)
+become one grammar in guided_requests.py and tool_calls.py.
 """
 
 from __future__ import annotations
@@ -28,6 +29,29 @@ TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class FunctionDef(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as a string (OpenAI's shape)
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class _SamplingRequest(BaseModel):
@@ -57,10 +81,18 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     timeout: float | None = Field(default=None, gt=0.0, le=86400.0)  # seconds; deadline of this request
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def _check_common(self) -> None:
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported by fuserve; remove it", "logit_bias")
+        for token, bias in (self.logit_bias or {}).items():
+            if not token.isdigit() or not -100.0 <= bias <= 100.0:
+                raise bad_request(
+                    f"logit_bias maps token ids to biases in [-100, 100]; got {token!r}: {bias}", "logit_bias"
+                )
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
 
@@ -84,7 +116,19 @@ class _SamplingRequest(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias={int(t): b for t, b in (self.logit_bias or {}).items()},
+            grammar=self.grammar(),
         )
+
+    def grammar(self) -> str | None:
+        """The grammar the output must follow (400 when it is bad), or None."""
+        from fuserve.router.guided_requests import request_grammar
+
+        return request_grammar(self)
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        return False
 
     @property
     def wants_logprobs(self) -> bool:
@@ -106,8 +150,8 @@ class CompletionRequest(_SamplingRequest):
     def check(self) -> None:
         """Refuse what fuserve does not implement (pydantic already checked types and ranges)."""
         self._check_common()
-        if self.echo:
-            raise bad_request("echo is not supported by fuserve; remove it", "echo")
+        if self.echo and self.logprobs is not None:
+            raise bad_request("echo with logprobs is not supported by fuserve (no prompt logprobs)", "echo")
         if self.suffix:
             raise bad_request("suffix (insertion) is not supported by fuserve; remove it", "suffix")
         if self.best_of is not None and self.best_of != self.n:
@@ -141,6 +185,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -156,26 +202,29 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
 
     def check(self) -> None:
         """Refuse what fuserve does not implement (pydantic already checked types and ranges)."""
         self._check_common()
-        if self.tools:
-            raise bad_request("tool calling is not supported by fuserve; remove tools", "tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise bad_request("only response_format type 'text' is supported", "response_format")
         if self.top_logprobs and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
 
     def conversation(self) -> list[dict[str, str]]:
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
+        """The messages as the chat template takes them; tools, earlier tool calls and tool results are
+        written in the model's tool-call format (tool_calls.py)."""
+        from fuserve.router.tool_calls import render_conversation
+
+        return render_conversation(self)
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        from fuserve.router.tool_calls import tool_mode
+
+        return tool_mode(self) != "none"
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -241,9 +290,17 @@ class AssistantMessage(BaseModel):
     content: str = ""
 
 
+class ToolCallsMessage(BaseModel):
+    """An assistant reply that calls tools (plain replies keep AssistantMessage's shape)."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    tool_calls: list[ToolCall]
+
+
 class ChatChoice(BaseModel):
     index: int
-    message: AssistantMessage
+    message: AssistantMessage | ToolCallsMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
@@ -262,9 +319,27 @@ class DeltaMessage(BaseModel):
     content: str | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str = ""
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
+class ToolCallsDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall]
+
+
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: DeltaMessage
+    delta: DeltaMessage | ToolCallsDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 

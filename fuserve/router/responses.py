@@ -3,7 +3,8 @@
 A request with several prompts (completions) and `n` samples each has `num_prompts * n` choices;
 choice `i * n + k` is sample k of prompt i, as in OpenAI's API. `Transcript` accumulates what the
 non-streaming response needs and the usage the last streamed chunk reports; each streamed delta
-becomes one chunk the moment it arrives.
+becomes one chunk the moment it arrives. With tools, a chat reply's <tool_call> blocks become
+`tool_calls` (tool_calls.py); with `echo`, a completion's text starts with its prompt.
 """
 
 from __future__ import annotations
@@ -26,12 +27,18 @@ from fuserve.router.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
     PromptTokensDetails,
     TokenLogprob,
+    ToolCall,
+    ToolCallsDelta,
+    ToolCallsMessage,
     TopLogprob,
     Usage,
 )
+from fuserve.router.tool_calls import ToolCallStream, parse_tool_calls
 
 DecodeToken = Callable[[int], str]
 MIN_LOGPROB = -9999.0  # JSON has no -inf (nor NaN): a zero-probability token reports this, as vLLM does
@@ -115,24 +122,41 @@ class Transcript:
         )
 
     def completion_response(
-        self, request_id: str, model: str, decode: DecodeToken, want_logprobs: bool
+        self,
+        request_id: str,
+        model: str,
+        decode: DecodeToken,
+        want_logprobs: bool,
+        echo: list[str] | None = None,
     ) -> CompletionResponse:
+        """`echo`: each choice's prompt text, which its text starts with."""
         choices = []
         for i, c in enumerate(self.choices):
             lp = completion_logprobs(c.logprobs, decode, 0) if want_logprobs else None
-            choices.append(
-                CompletionChoice(index=i, text="".join(c.text), logprobs=lp, finish_reason=c.finish_reason)
-            )
+            text = (echo[i] if echo else "") + "".join(c.text)
+            choices.append(CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=c.finish_reason))
         return CompletionResponse(id=request_id, model=model, choices=choices, usage=self.usage())
 
     def chat_response(
-        self, request_id: str, model: str, decode: DecodeToken, want_logprobs: bool
+        self,
+        request_id: str,
+        model: str,
+        decode: DecodeToken,
+        want_logprobs: bool,
+        tool_calls: bool = False,
     ) -> ChatCompletionResponse:
+        """`tool_calls`: the request offered tools, so <tool_call> blocks in a reply are calls."""
         choices = []
         for i, c in enumerate(self.choices):
             lp = chat_logprobs(c.logprobs, decode) if want_logprobs else None
-            message = AssistantMessage(content="".join(c.text))
-            choices.append(ChatChoice(index=i, message=message, logprobs=lp, finish_reason=c.finish_reason))
+            text = "".join(c.text)
+            calls = parse_tool_calls(text) if tool_calls else (text, [])
+            message: AssistantMessage | ToolCallsMessage = AssistantMessage(content=text)
+            finish = c.finish_reason
+            if calls[1]:
+                message = ToolCallsMessage(content=calls[0] or None, tool_calls=calls[1])
+                finish = "tool_calls" if finish == "stop" else finish
+            choices.append(ChatChoice(index=i, message=message, logprobs=lp, finish_reason=finish))
         return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=self.usage())
 
 
@@ -158,6 +182,9 @@ class ChunkWriter:
     decode: DecodeToken
     want_logprobs: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    tool_calls: bool = False  # the request offered tools: <tool_call> blocks are sent as tool_calls
+    echo: list[str | None] | None = None  # each completion choice's prompt, sent before its first text
+    _tool_streams: dict[int, ToolCallStream] = field(default_factory=dict)
     _templates: dict[tuple[bool, int], tuple[str, str]] = field(default_factory=dict, repr=False)
 
     def _plain(self, chat: bool, choice: int, text: str) -> str:
@@ -171,21 +198,27 @@ class ChunkWriter:
             parts = self._templates[key] = (head, tail)
         return parts[0] + _encode_json(text).decode() + parts[1]
 
-    def _is_plain(self, d: EngineDelta, usage: Usage | None) -> bool:
-        return usage is None and d.finish_reason is None and not self.want_logprobs and bool(d.text)
+    def _is_plain(self, choice: int, d: EngineDelta, usage: Usage | None) -> bool:
+        """Text alone: no usage, finish, logprobs, tool-call parsing or echoed prompt still to send."""
+        if usage is not None or d.finish_reason is not None or self.want_logprobs or not d.text:
+            return False
+        return not self.tool_calls and not (self.echo and self.echo[choice] is not None)
 
     def completion(self, choice: int, d: EngineDelta, offset: int, usage: Usage | None = None) -> str:
-        if self._is_plain(d, usage):
+        if self._is_plain(choice, d, usage):
             return self._plain(False, choice, d.text)
         return self._completion_chunk(choice, d, offset, usage)
 
     def _completion_chunk(self, choice: int, d: EngineDelta, offset: int, usage: Usage | None = None) -> str:
         lp = completion_logprobs(d.logprobs, self.decode, offset) if self.want_logprobs else None
+        text = d.text
+        if self.echo and self.echo[choice] is not None:
+            text, self.echo[choice] = self.echo[choice] + text, None
         body = CompletionResponse(
             id=self.request_id,
             created=self.created,
             model=self.model,
-            choices=[CompletionChoice(index=choice, text=d.text, logprobs=lp, finish_reason=d.finish_reason)],
+            choices=[CompletionChoice(index=choice, text=text, logprobs=lp, finish_reason=d.finish_reason)],
             usage=usage,
         )
         return sse(body.model_dump_json())
@@ -196,14 +229,36 @@ class ChunkWriter:
         return self._chat([ChatChunkChoice(index=choice, delta=delta)])
 
     def chat(self, choice: int, d: EngineDelta, usage: Usage | None = None) -> str:
-        if self._is_plain(d, usage):
+        if self._is_plain(choice, d, usage):
             return self._plain(True, choice, d.text)
         return self._chat_chunk(choice, d, usage)
 
     def _chat_chunk(self, choice: int, d: EngineDelta, usage: Usage | None = None) -> str:
         lp = chat_logprobs(d.logprobs, self.decode) if self.want_logprobs else None
+        if self.tool_calls:
+            return self._chat_with_tools(choice, d, lp, usage)
         delta = DeltaMessage(content=d.text) if d.text or not d.finished else DeltaMessage()
         choices = [ChatChunkChoice(index=choice, delta=delta, logprobs=lp, finish_reason=d.finish_reason)]
+        return self._chat(choices, usage)
+
+    def _chat_with_tools(
+        self, choice: int, d: EngineDelta, lp: ChatLogprobs | None, usage: Usage | None
+    ) -> str:
+        stream = self._tool_streams.setdefault(choice, ToolCallStream())
+        first = stream.num_calls
+        content, calls = stream.feed(d.text)
+        finish = d.finish_reason
+        if d.finished:
+            more_content, more_calls = stream.finish()
+            content, calls = content + more_content, calls + more_calls
+            if stream.num_calls and finish == "stop":
+                finish = "tool_calls"
+        if not (content or calls or d.finished or lp):
+            return ""  # held back: it may be the start of a call
+        delta: DeltaMessage | ToolCallsDelta = DeltaMessage(content=content or None)
+        if calls:
+            delta = ToolCallsDelta(content=content or None, tool_calls=_call_deltas(calls, first))
+        choices = [ChatChunkChoice(index=choice, delta=delta, logprobs=lp, finish_reason=finish)]
         return self._chat(choices, usage)
 
     def _chat(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
@@ -222,3 +277,16 @@ class ChunkWriter:
                 id=self.request_id, created=self.created, model=self.model, choices=[], usage=usage
             )
         return sse(body.model_dump_json())
+
+
+def _call_deltas(calls: list[ToolCall], first_index: int) -> list[DeltaToolCall]:
+    """Whole calls as stream deltas: the first chunk of a call carries its id, name and arguments."""
+    return [
+        DeltaToolCall(
+            index=first_index + k,
+            id=c.id,
+            type="function",
+            function=DeltaFunctionCall(name=c.function.name, arguments=c.function.arguments),
+        )
+        for k, c in enumerate(calls)
+    ]

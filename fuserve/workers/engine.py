@@ -2,6 +2,9 @@
 
     step(): plan = scheduler.schedule() -> runner.launch(plan) -> scheduler.update_from_output()
             -> detokenize, stop strings -> RequestOutputs
+A request with a grammar (guided decoding) waits while its grammar compiles on a thread
+(grammar_compiler.py); a step that samples a guided sequence queues its forward first, fills the grammar
+bitmask on the CPU while the device runs it, then queues the masked sampling (guided_decoding.py).
 A request with n > 1 becomes n sequences that share the prompt (and its cached blocks).
 Requests are checked before they enter, so a bad one fails alone and the others keep running.
 
@@ -15,6 +18,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from fuserve.configs import FuserveConfig
 from fuserve.core_messages import CoreStats
 from fuserve.parallel.worker_group import WorkerGroup
@@ -22,6 +27,8 @@ from fuserve.sampling_params import RequestError, SamplingParams
 from fuserve.workers.block_manager import BlockManager
 from fuserve.workers.detokenizer import IncrementalDetokenizer
 from fuserve.workers.executor import Executor, build_executor
+from fuserve.workers.grammar_compiler import GrammarCompiler
+from fuserve.workers.guided_decoding import GuidedDecoding
 from fuserve.workers.models.loader import generation_config, load_tokenizer
 from fuserve.workers.outputs import RequestOutput
 from fuserve.workers.routing_summary import QueueSummaryCache, prefill_tokens
@@ -29,8 +36,10 @@ from fuserve.workers.sampler import SampledBatch, has_penalty
 from fuserve.workers.scheduler import Scheduler, SchedulerOutput
 from fuserve.workers.sequence import FinishReason, Sequence
 from fuserve.workers.step_cost_meter import StepCostMeter
-from fuserve.workers.step_plan import build_step_plan
+from fuserve.workers.step_plan import StepPlan, build_step_plan
 from fuserve.workers.tokenizer import Tokenizer
+
+GRAMMAR_WAIT_S = 0.005  # an engine with only compiling requests waits this long for one per step
 
 
 @dataclass
@@ -80,6 +89,8 @@ class LLMEngine:
         self._requests: dict[str, list[_SeqState]] = {}
         self._by_seq: dict[str, _SeqState] = {}
         self._inflight: tuple[SchedulerOutput, SampledBatch | None] | None = None
+        self._guided: GuidedDecoding | None = None  # built with the first grammar
+        self._failures: list[tuple[str, str]] = []  # (request id, why) of requests ended by the engine
 
     @property
     def workers(self) -> WorkerGroup | None:
@@ -108,6 +119,12 @@ class LLMEngine:
         vocab = self.arch.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if any(t >= vocab for t in params.logit_bias):
+            raise RequestError(f"logit_bias keys must be token ids in [0, {vocab})")
+        if params.grammar is not None and self.tokenizer is None:
+            raise RequestError(
+                "guided decoding needs the model's tokenizer; this model has none (dummy weights)"
+            )
         room = self.max_model_len - n
         max_tokens = room if params.max_tokens is None else params.max_tokens
         if max_tokens > room:
@@ -148,6 +165,8 @@ class LLMEngine:
             state = _SeqState(seq, i, detok)
             states.append(state)
             self._by_seq[seq.seq_id] = state
+            if p.grammar is not None:
+                self.guided.add(seq)
             self.scheduler.add(seq)
         self._requests[request_id] = states
 
@@ -162,12 +181,31 @@ class LLMEngine:
                 if not st.seq.is_finished:
                     self.scheduler.finish(st.seq, FinishReason.ABORT)
                 self._by_seq.pop(st.seq.seq_id, None)
+                if self._guided is not None:
+                    self._guided.remove(st.seq)
         if all(st.seq.is_finished for st in states):
             del self._requests[request_id]
         return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None
+
+    @property
+    def guided(self) -> GuidedDecoding:
+        if self._guided is None:
+            assert self.tokenizer is not None
+            cfg = self.config.structured_output
+            compiler = GrammarCompiler(
+                self.tokenizer, self.arch.vocab_size, cfg.grammar_cache_size, cfg.compile_threads
+            )
+            self._guided = GuidedDecoding(compiler, cfg.mask_threads, pin_memory=self.device.type == "cuda")
+        return self._guided
+
+    def take_failures(self) -> list[tuple[str, str]]:
+        """(request id, why) of requests the engine ended since the last call (a grammar that did not
+        compile); the engine core reports them to the frontend as RequestFailure."""
+        failures, self._failures = self._failures, []
+        return failures
 
     # ---- one step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -197,18 +235,60 @@ class LLMEngine:
 
     def _step(self) -> list[RequestOutput]:
         prev, self._inflight = self._inflight, None
+        if self._guided is not None and self._guided.has_pending:
+            self._end_failed_grammars()
         if prev is not None and not self._can_overlap():
             return self._complete(prev)
         sched_out = self.scheduler.schedule()
+        masked: tuple[SchedulerOutput, StepPlan, torch.Tensor | None] | None = None
         if not sched_out.is_empty:
             plan = build_step_plan(sched_out, self.block_manager.block_size)
             self.scheduler.on_launched(sched_out)
-            self._inflight = (sched_out, self.executor.execute(plan, prev[1] if prev is not None else None))
+            prev_batch = prev[1] if prev is not None else None
+            if self._guided is not None and self._samples_guided(sched_out):
+                # the forward goes first; its sampling waits for the grammar masks, filled below while it runs
+                masked = (sched_out, plan, self.executor.forward(plan, prev_batch))
+            else:
+                self._inflight = (sched_out, self.executor.execute(plan, prev_batch))
+        elif prev is None and self._guided is not None and self._guided.has_pending:
+            self._guided.wait(GRAMMAR_WAIT_S)  # only compiling requests: wait for one rather than spin
         outputs = self._complete(prev) if prev is not None else []
+        if masked is not None:
+            sched_out, plan, logits = masked
+            batch = None
+            if logits is not None:
+                # every earlier token is read back now, so each matcher is where this step samples
+                seqs = [item.seq for item in sched_out.scheduled if item.samples]
+                batch = self.executor.sample(plan, logits, self.guided.bitmask(seqs))
+            self._inflight = (sched_out, batch)
         if not self.async_scheduling and self._inflight is not None:
             current, self._inflight = self._inflight, None
             outputs += self._complete(current)
         return outputs
+
+    def _samples_guided(self, out: SchedulerOutput) -> bool:
+        guided = self.guided
+        return any(item.samples and guided.is_guided(item.seq) for item in out.scheduled)
+
+    def _end_failed_grammars(self) -> None:
+        for seq, why in self.guided.poll():
+            request_id = seq.seq_id.rsplit("#", 1)[0]
+            if all(request_id != rid for rid, _ in self._failures):
+                self._failures.append((request_id, why))
+            self.abort(request_id)
+
+    def _advance_grammars(self, seqs: list[Sequence]) -> None:
+        """Feed each guided sequence's new tokens to its grammar; a finished grammar ends the sequence
+        at once (no step spent on the EOS), and a token the grammar rejects is dropped and ends it."""
+        guided = self.guided
+        for seq in seqs:
+            if seq.is_finished or not guided.is_guided(seq):
+                continue
+            if not guided.advance(seq):
+                self.scheduler.finish(seq, FinishReason.STOP)
+                seq.token_ids.pop()  # the rejected token: sampled from a row the grammar left empty
+            elif guided.is_done(seq):
+                self.scheduler.finish(seq, FinishReason.STOP)
 
     def _can_overlap(self) -> bool:
         """Penalties need every earlier token on the host, so such batches run one step at a time."""
@@ -228,6 +308,9 @@ class LLMEngine:
             sampled.append(r.token_id if r else None)
             logprobs.append(r.logprobs if r else None)
         self.scheduler.update_from_output(sched_out, sampled)
+        if self._guided is not None and self._guided.active:
+            stepped = zip(sched_out.scheduled, sampled, strict=True)
+            self._advance_grammars([item.seq for item, token in stepped if token is not None])
 
         outputs: list[RequestOutput] = []
         for item, token, lp in zip(sched_out.scheduled, sampled, logprobs, strict=True):
@@ -265,6 +348,8 @@ class LLMEngine:
         )
         if seq.is_finished:
             self._by_seq.pop(seq.seq_id, None)
+            if self._guided is not None:
+                self._guided.remove(seq)
             rid = out.request_id
             if rid in self._requests and all(s.seq.is_finished for s in self._requests[rid]):
                 del self._requests[rid]
@@ -276,6 +361,8 @@ class LLMEngine:
         return self.executor.healthy
 
     def shutdown(self) -> None:
+        if self._guided is not None:
+            self._guided.compiler.shutdown()
         self.executor.shutdown()
 
     def stats(self) -> CoreStats:

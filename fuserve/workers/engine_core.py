@@ -143,6 +143,7 @@ class EngineCore:
             if not self.frontend_alive():  # no one to serve: never outlive the replica
                 return
             outs = engine.step() if engine.has_unfinished() else []
+            failures += [RequestFailure(rid, why) for rid, why in engine.take_failures()]
             if outs or failures:
                 self.outputs.put(StepOutputs([seq_output(o) for o in outs], failures, engine.stats()))
             elif items:  # e.g. aborts: the frontend's stats should see the freed blocks

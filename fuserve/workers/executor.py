@@ -1,6 +1,8 @@
 """Between the engine and its workers: one rank in this process, or rank 0 of a tensor-parallel group.
 
     engine.step(): plan -> executor.execute(plan, prev) -> SampledBatch; executor.wait(batch)
+                   or, when grammars mask the step: executor.forward(plan, prev) -> logits, then
+                   executor.sample(plan, logits, bitmask) -> SampledBatch
     UniprocExecutor   the Worker here
     TPExecutor        the Worker here as rank 0; ranks 1..N-1 (WorkerGroup, Ray actors) get each plan
                       first (shared-memory ring or gloo) and run the same step, in step with this one
@@ -9,6 +11,8 @@ Imports run one way: engine -> executor -> parallel.worker_group -> parallel.tp_
 """
 
 from __future__ import annotations
+
+import torch
 
 from fuserve.configs import FuserveConfig
 from fuserve.parallel.tp_context import TPContext
@@ -26,6 +30,12 @@ class UniprocExecutor:
 
     def execute(self, plan: StepPlan, prev: SampledBatch | None) -> SampledBatch | None:
         return self.worker.launch(plan, prev)
+
+    def forward(self, plan: StepPlan, prev: SampledBatch | None) -> torch.Tensor | None:
+        return self.worker.launch_logits(plan, prev)
+
+    def sample(self, plan: StepPlan, logits: torch.Tensor, bitmask: torch.Tensor | None) -> SampledBatch:
+        return self.worker.sample(plan, logits, bitmask)
 
     def wait(self, batch: SampledBatch) -> None:
         """Nothing to watch: the batch's own read-back waits on the device."""
@@ -47,6 +57,16 @@ class TPExecutor:
         with self.workers.guard("step"):
             self.workers.broadcast(plan)  # the other ranks run the same plan, in step with this one
             return self.worker.launch(plan, prev)
+
+    def forward(self, plan: StepPlan, prev: SampledBatch | None) -> torch.Tensor | None:
+        """The other ranks follow the whole plan; their share of `sample` is the token broadcast."""
+        with self.workers.guard("step"):
+            self.workers.broadcast(plan)
+            return self.worker.launch_logits(plan, prev)
+
+    def sample(self, plan: StepPlan, logits: torch.Tensor, bitmask: torch.Tensor | None) -> SampledBatch:
+        with self.workers.guard("step"):
+            return self.worker.sample(plan, logits, bitmask)
 
     def wait(self, batch: SampledBatch) -> None:
         """Polls the step's completion while watching the group: a dead worker fails it, not hangs it."""

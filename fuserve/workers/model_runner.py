@@ -15,6 +15,7 @@ import torch
 
 from fuserve.parallel.tp_context import TPContext
 from fuserve.workers.cuda_graphs import DecodeGraphs
+from fuserve.workers.kernels.token_bitmask import apply_token_bitmask_
 from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
 from fuserve.workers.sampler import SampledBatch, Sampler
 from fuserve.workers.step_plan import StepPlan
@@ -89,10 +90,27 @@ class ModelRunner:
             return None
         if plan.argmax_only:
             batch = SampledBatch(self.model.greedy_tokens(hidden))  # every rank now holds these tokens
-        else:
-            batch = self.sampler.sample(self.model.compute_logits(hidden), plan.sample_requests)
-            if self.share_tokens:
-                self.tp.broadcast_from_rank0(batch.device_tokens)
+            batch.start_copy()
+            return batch
+        return self.sample(plan, self.model.compute_logits(hidden))
+
+    @torch.inference_mode()
+    def launch_logits(self, plan: StepPlan, prev: SampledBatch | None = None) -> torch.Tensor | None:
+        """The first half of `launch` for a step whose sampling waits on grammar masks: queue the forward
+        and the logits, [S, V]; `sample` follows once the masks are known."""
+        hidden = self.forward_plan(plan, prev.device_tokens if prev is not None else None)
+        return None if hidden is None else self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def sample(
+        self, plan: StepPlan, logits: torch.Tensor, bitmask: torch.Tensor | None = None
+    ) -> SampledBatch:
+        """Queue the sampling of a step's logits; `bitmask` ([S, W] int32, on the host) forbids tokens."""
+        if bitmask is not None:
+            apply_token_bitmask_(logits, bitmask.to(self.device, non_blocking=True))
+        batch = self.sampler.sample(logits, plan.sample_requests)
+        if self.share_tokens:
+            self.tp.broadcast_from_rank0(batch.device_tokens)
         batch.start_copy()
         return batch
 

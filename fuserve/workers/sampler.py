@@ -1,7 +1,8 @@
 """Turn each sequence's last logits into its next token, batched over the step.
 
-Order per row: penalties (repetition over prompt+output as in HF, presence/frequency over the
-output as in the OpenAI API) -> logprobs of that distribution -> greedy argmax, or temperature,
+Order per row: (the grammar's token mask, applied by the model runner before this) -> penalties
+(repetition over prompt+output as in HF, presence/frequency over the output as in the OpenAI API)
+-> logit_bias -> logprobs of that distribution -> greedy argmax, or temperature,
 top-k, top-p, min-p and a draw. A seeded request draws from a generator keyed by (seed, output
 position), so its tokens do not depend on what else is in the batch or on preemption.
 """
@@ -48,6 +49,23 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.T
         if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
             ids, counts = torch.tensor(r.output_token_ids, device=logits.device).unique(return_counts=True)
             logits[i, ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
+    return logits
+
+
+def _apply_logit_bias(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
+    """OpenAI's logit_bias: each row's biases added to its logits (-100 bans a token, +100 forces it)."""
+    biased = [(i, r.params.logit_bias) for i, r in enumerate(rows) if r.params.logit_bias]
+    if not biased:
+        return logits
+    row_idx = [i for i, bias in biased for _ in bias]
+    token_idx = [t for _, bias in biased for t in bias]
+    values = [v for _, bias in biased for v in bias.values()]
+    device = logits.device
+    logits.index_put_(
+        (torch.tensor(row_idx, device=device), torch.tensor(token_idx, device=device)),
+        torch.tensor(values, device=device, dtype=logits.dtype),
+        accumulate=True,
+    )
     return logits
 
 
@@ -145,7 +163,7 @@ class Sampler:
         """logits: [S, V] for S rows, any float dtype. Issues device work only: no host sync."""
         if argmax_only(rows):
             return SampledBatch(greedy_tokens(logits))
-        logits = _apply_penalties(logits.float(), rows)
+        logits = _apply_logit_bias(_apply_penalties(logits.float(), rows), rows)
         num_top = [r.params.logprobs for r in rows]
         logprobs = logits.log_softmax(dim=-1) if any(n is not None for n in num_top) else None
 
@@ -186,9 +204,17 @@ def _draw(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
 
 
 def argmax_only(rows: list[SampleRequest]) -> bool:
-    """Whether every row's token is the plain argmax of its logits (greedy, no logprobs, no penalty):
-    then tensor-parallel ranks find it without gathering the logits (vocab_parallel_argmax.py)."""
-    return all(r.params.greedy and r.params.logprobs is None and not has_penalty(r.params) for r in rows)
+    """Whether every row's token is the plain argmax of its logits (greedy, no logprobs, no penalty, no
+    logit_bias, no grammar): then tensor-parallel ranks find it without gathering the logits
+    (vocab_parallel_argmax.py)."""
+    return all(
+        r.params.greedy
+        and r.params.logprobs is None
+        and not has_penalty(r.params)
+        and not r.params.logit_bias
+        and r.params.grammar is None
+        for r in rows
+    )
 
 
 def has_filter(p: SamplingParams) -> bool:

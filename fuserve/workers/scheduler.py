@@ -131,16 +131,19 @@ class Scheduler:
         kept.extend(queue)
         self.running = kept
 
-        # Admit waiting sequences; stop at the first that does not fit so it is not starved.
+        # Admit waiting sequences; stop at the first that does not fit so it is not starved. One whose
+        # grammar still compiles is passed over: it never holds up the others.
         if not out.preempted:
             self.waiting.sort(key=lambda s: self.priority(s, now))
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-                seq = self.waiting[0]
+            ready = [s for s in self.waiting if not s.waiting_for_grammar]
+            for seq in ready:
+                if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                    break
                 if (not chunked and seq.num_tokens > budget) or not bm.can_allocate(seq):
                     break
                 bm.allocate(seq)
                 n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-                self.waiting.pop(0)
+                self.waiting.remove(seq)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
                 out.scheduled.append(ScheduledSeq(seq, n))

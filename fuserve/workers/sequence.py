@@ -41,6 +41,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    waiting_for_grammar: bool = False  # its grammar is compiling: the scheduler leaves it waiting
     pending_row: int = -1  # the in-flight step's sample row that fills the trailing placeholder
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None

@@ -114,6 +114,14 @@ class Worker:
         """Rank 0: queue the step on the device (its sampled tokens come back later)."""
         return self.runner.launch(plan, prev)
 
+    def launch_logits(self, plan: StepPlan, prev: SampledBatch | None) -> torch.Tensor | None:
+        """Rank 0: queue the step's forward and logits only (its sampling waits on grammar masks)."""
+        return self.runner.launch_logits(plan, prev)
+
+    def sample(self, plan: StepPlan, logits: torch.Tensor, bitmask: torch.Tensor | None) -> SampledBatch:
+        """Rank 0: queue the masked sampling of logits from `launch_logits`."""
+        return self.runner.sample(plan, logits, bitmask)
+
     def follow(self, plan: StepPlan) -> None:
         """Ranks 1..N-1: the same step, for its collectives; rank 0 samples."""
         self.runner.follow(plan)

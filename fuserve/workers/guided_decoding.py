@@ -1,0 +1,127 @@
+"""The engine's grammar state: one llguidance matcher per guided sequence, and each step's bitmask.
+
+    add(seq)          its grammar goes to the compiler; the sequence waits (the scheduler skips it)
+    poll()            compiled grammars release their sequences; failed ones are returned
+    advance(seq)      the matcher consumes the sequence's newly read-back tokens
+    bitmask(seqs)     [S, ⌈V/32⌉] int32, one row per sampling sequence (all ones when unconstrained)
+
+Where the bitmask is filled (fuserve/workers/engine.py): a step whose sampling rows include a guided
+sequence is launched as its forward alone; while the device runs it, the engine reads back the previous
+step's tokens, advances the matchers with them and fills the bitmask here, on the CPU; then the mask
+kernel and the sampler are queued behind the forward. With async scheduling the bitmask's CPU work
+therefore overlaps the forward instead of adding to the step; without it (CPU runs) it runs in line.
+Rows are filled in parallel by llguidance's own thread pool (it drops the GIL).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import llguidance
+import torch
+
+from fuserve.workers.grammar_compiler import GrammarCompiler
+from fuserve.workers.sequence import Sequence
+
+
+@dataclass(eq=False)
+class _Guided:
+    seq: Sequence
+    template: Future
+    matcher: llguidance.LLMatcher | None = None
+    num_consumed: int = 0  # output tokens the matcher has consumed
+
+
+class GuidedDecoding:
+    def __init__(self, compiler: GrammarCompiler, mask_threads: int, pin_memory: bool) -> None:
+        self.compiler = compiler
+        self.num_words = (compiler.vocab_size + 31) // 32
+        self.pin_memory = pin_memory
+        self._executor = llguidance.LLExecutor(num_threads=mask_threads)
+        self._by_seq: dict[str, _Guided] = {}
+        self._pending: list[_Guided] = []
+        self._buffer = torch.empty(0, self.num_words, dtype=torch.int32)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._by_seq)
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def is_guided(self, seq: Sequence) -> bool:
+        return seq.seq_id in self._by_seq
+
+    def add(self, seq: Sequence) -> None:
+        assert seq.params.grammar is not None
+        g = _Guided(seq, self.compiler.submit(seq.params.grammar))
+        self._by_seq[seq.seq_id] = g
+        self._pending.append(g)
+        seq.waiting_for_grammar = True
+
+    def poll(self) -> list[tuple[Sequence, str]]:
+        """Sequences whose grammar finished compiling may be scheduled now; those whose grammar failed
+        are returned with the reason (the engine ends them)."""
+        failed: list[tuple[Sequence, str]] = []
+        still: list[_Guided] = []
+        for g in self._pending:
+            if not g.template.done():
+                still.append(g)
+                continue
+            try:
+                g.matcher = g.template.result().deep_copy()
+            except Exception as err:
+                failed.append((g.seq, str(err)))
+                self._by_seq.pop(g.seq.seq_id, None)
+            g.seq.waiting_for_grammar = False
+        self._pending = still
+        return failed
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until a pending grammar compiles or the time passes (an engine with nothing else to do)."""
+        if self._pending:
+            concurrent.futures.wait(
+                [g.template for g in self._pending], timeout_s, concurrent.futures.FIRST_COMPLETED
+            )
+
+    def advance(self, seq: Sequence) -> bool:
+        """Consume the sequence's read-back tokens not yet consumed. False when the grammar rejects
+        one (it can only when every token of a row was forbidden: an unsatisfiable grammar)."""
+        g = self._by_seq.get(seq.seq_id)
+        if g is None or g.matcher is None:
+            return True
+        new = seq.settled_output_ids[g.num_consumed :]
+        g.num_consumed += len(new)
+        return not new or g.matcher.consume_tokens(new)
+
+    def is_done(self, seq: Sequence) -> bool:
+        """The grammar is complete: it accepts no token but EOS."""
+        g = self._by_seq.get(seq.seq_id)
+        return g is not None and g.matcher is not None and g.matcher.is_stopped()
+
+    def bitmask(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One row per sampling sequence of a step, in its order: the grammar's allowed tokens, or all."""
+        rows = len(seqs)
+        if self._buffer.shape[0] < rows:
+            # reused across steps: the previous step's copy to the device finished before its tokens were read
+            size = max(rows, 2 * self._buffer.shape[0])
+            self._buffer = torch.empty(size, self.num_words, dtype=torch.int32, pin_memory=self.pin_memory)
+        out = self._buffer[:rows]
+        out.fill_(-1)
+        jobs = []
+        for i, seq in enumerate(seqs):
+            g = self._by_seq.get(seq.seq_id)
+            if g is not None and g.matcher is not None and not seq.is_finished:
+                jobs.append((g.matcher, i))
+        if jobs:
+            self._executor.unsafe_compute_mask_ptr(jobs, out.data_ptr(), self.num_words * 4, rows)
+        return out
+
+    def remove(self, seq: Sequence) -> None:
+        g = self._by_seq.pop(seq.seq_id, None)
+        if g is not None and g in self._pending:
+            self._pending.remove(g)
+            seq.waiting_for_grammar = False
