@@ -93,6 +93,7 @@ class CoreStats(msgspec.Struct, array_like=True):
     decode_left: list[int] = []
     inflight_prefill_tokens: int = -1  # prefill tokens of the step running while these were taken; -1: none
     taken_at: float = 0.0  # time.time() when these were taken
+    step_cost_samples: int = 0  # steps behind the step cost (0: the meter's prior alone)
 
 
 class StepOutputs(msgspec.Struct, tag="step", array_like=True):

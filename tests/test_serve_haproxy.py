@@ -38,6 +38,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     config = {
         "model": {"path": str(folder), "name": "tiny", "max_model_len": MAX_MODEL_LEN},
         "cache": {"num_blocks": 512},
+        "scheduler": {"max_num_batched_tokens": 64},  # a long prompt's prefill takes many steps
         "serve": {"port": port, "grpc_port": free_port(), "num_replicas": 2, "ingress": "haproxy"},
     }
     server = Served(config, tmp)
@@ -75,19 +76,25 @@ async def post_all(url: str, bodies: list[dict]) -> list[str]:
     return [r.headers["x-fuserve-replica"] for r in responses]
 
 
-def test_router_spreads_work_not_request_counts(server: str) -> None:
-    """One long request (~1,700 tokens of work) holds replica A; six short ones arriving meanwhile all
-    go to B, where a request-count balancer would split them 3/3. Only the body tells them apart."""
+def test_short_requests_avoid_the_replica_a_long_prompt_went_to(server: str) -> None:
+    """A long prompt (1,800 tokens) goes to replica A; six short requests sent just after are placed
+    by their predicted time to first token: on A they would wait behind that prefill, so all go to B,
+    where a request-count balancer would split them 3/3. Only the bodies tell them apart (the router
+    counts its own sends until a replica's report covers them)."""
     rng = random.Random(0)
-    long_req = {"prompt": random_text(rng, 200), "max_tokens": 1500, "ignore_eos": True, "stream": True}
-    with httpx.Client(base_url=server, timeout=TIMEOUT) as client:
-        with client.stream("POST", "/v1/completions", json=long_req) as r:
-            long_replica = r.headers["x-fuserve-replica"]
-            lines = r.iter_lines()  # keep the iterator: dropping it would close the stream
-            next(lines)
-            time.sleep(1.2)  # two routing-stats periods: the replicas' reports include the long one
-            bodies = [{"prompt": random_text(rng, 12), "max_tokens": 8} for _ in range(6)]
-            shorts = asyncio.run(post_all(server, bodies))
+    long_req = {"prompt": random_text(rng, 1800), "max_tokens": 100, "ignore_eos": True}
+    bodies = [{"prompt": random_text(rng, 12), "max_tokens": 8} for _ in range(6)]
+
+    async def send() -> tuple[str, list[str]]:
+        async with httpx.AsyncClient(base_url=server, timeout=TIMEOUT) as client:
+            long_task = asyncio.create_task(client.post("/v1/completions", json=long_req))
+            await asyncio.sleep(0.05)  # the long one is routed first
+            shorts = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+            long = await long_task
+        assert all(r.status_code == 200 for r in [long, *shorts])
+        return long.headers["x-fuserve-replica"], [r.headers["x-fuserve-replica"] for r in shorts]
+
+    long_replica, shorts = asyncio.run(send())
     assert long_replica not in shorts, f"long on {long_replica}, shorts on {shorts}"
 
 

@@ -242,3 +242,20 @@ def test_prefix_affinity_follows_the_match_then_the_smallest_tenant() -> None:
     )
     imbalanced = rank_by_prefix_affinity([holder, other], keys, 320, 16, rng, imbalanced_threshold=10)
     assert imbalanced[0] == "b", "imbalanced: the shorter queue of two"
+
+
+def test_a_fresh_replica_takes_the_step_cost_of_the_most_measured_one() -> None:
+    """An idle replica whose cost is still the meter's prior must not look slower than a busy one whose
+    cost was fitted (the HAProxy test's long request then drew every short one to its replica)."""
+    from fuserve.router.ttft_model import MIN_COST_SAMPLES, share_step_costs
+
+    fitted = StepCost(0.001, 0.0001, 0.00001)
+    busy = ReplicaView(
+        "busy", cost=fitted, cost_samples=500, num_running=1, num_decoding=1, decode_left=[1400]
+    )
+    fresh = ReplicaView("fresh", cost=StepCost(0.01, 0.001, 0.001), cost_samples=0)
+    shared = share_step_costs([busy, fresh])
+    assert shared[1].cost == fitted and shared[0] is busy
+    assert rank_by_ttft(shared, RequestShape(prompt_tokens=12, max_tokens=8))[0][0] == "fresh"
+    young = [ReplicaView("a", cost_samples=MIN_COST_SAMPLES - 1), ReplicaView("b", cost_samples=3)]
+    assert share_step_costs(young) == young  # nobody measured enough: each keeps its own

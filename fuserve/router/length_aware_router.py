@@ -50,7 +50,7 @@ from fuserve.router.engine_messages import EngineRequest
 from fuserve.router.prefix_affinity import AffinityCandidate, rank_by_prefix_affinity
 from fuserve.router.replica_view import PeerEstimate, covered_until, view_from_report
 from fuserve.router.routing_policy import Candidate, RecentPrefixes, RoutingHint, TieBreak, rank_replicas
-from fuserve.router.ttft_model import QueuedSeq, RequestShape, TtftTie, rank_by_ttft
+from fuserve.router.ttft_model import QueuedSeq, RequestShape, TtftTie, rank_by_ttft, share_step_costs
 
 UNCONFIRMED_TTL_S = 30.0  # a choice never dispatched (the caller gave up) stops counting after this
 BLIND_TOKENS = 256  # the assumed cost of a request whose body the router cannot see (a chat turn)
@@ -217,7 +217,7 @@ class LengthAwareRouter(RequestRouter):
             if view is None:
                 return None, 0
             views.append(view)
-        ranked = rank_by_ttft(views, shape, self.ttft_tie)
+        ranked = rank_by_ttft(share_step_costs(views), shape, self.ttft_tie)
         return [rid for rid, _ in ranked], shape.prompt_tokens - ranked[0][1].cached_tokens
 
     def _sent_count(self, rid: str, replica: RunningReplica) -> int:

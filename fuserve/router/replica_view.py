@@ -35,6 +35,7 @@ def routing_report(stats: CoreStats, scheduler: SchedulerConfig) -> dict[str, An
     """The TTFT model's part of a replica's routing stats (plain JSON-able values)."""
     return {
         "step_cost": [stats.step_base_s, stats.step_seq_s, stats.step_token_s],
+        "step_samples": stats.step_cost_samples,
         "running_prefill": stats.running_prefill_tokens,
         "num_decoding": stats.num_decoding,
         "waiting_queue": [list(item) for item in stats.waiting_queue],
@@ -87,6 +88,7 @@ def view_from_report(
         fcfs=bool(stats.get("fcfs", False)),
         age_s=age,
         inflight_prefill=int(stats.get("inflight_prefill", -1)),
+        cost_samples=int(stats.get("step_samples", 0)),
     )
 
 

@@ -30,7 +30,7 @@ import hashlib
 import heapq
 import math
 from collections.abc import Container, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fuserve.router.routing_policy import cached_blocks
 
@@ -78,6 +78,23 @@ class ReplicaView:
     fcfs: bool = False
     age_s: float = 0.0  # seconds since the reported figures were taken
     inflight_prefill: int = -1  # prefill tokens of the step running when they were taken; -1: none
+    cost_samples: int = 0  # engine steps behind `cost` (few: still mostly the meter's prior)
+
+
+MIN_COST_SAMPLES = 32
+
+
+def share_step_costs(views: list[ReplicaView]) -> list[ReplicaView]:
+    """A replica that has run few steps takes the step cost of the one that has run the most.
+
+    The replicas of a deployment run the same model on the same kind of device; a fresh one's cost is
+    its meter's prior, which can be far from the truth either way: seen on a CPU test, an idle replica
+    with the prior looked slower than a busy one with a fitted cost, and every request went to the busy
+    one."""
+    best = max(views, key=lambda v: v.cost_samples, default=None)
+    if best is None or best.cost_samples < MIN_COST_SAMPLES:
+        return views
+    return [v if v.cost_samples >= MIN_COST_SAMPLES else replace(v, cost=best.cost) for v in views]
 
 
 @dataclass

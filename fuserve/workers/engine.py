@@ -391,4 +391,5 @@ class LLMEngine:
             decode_left=queue.decode_left,
             inflight_prefill_tokens=-1 if self._inflight is None else prefill_tokens(self._inflight[0]),
             taken_at=time.time(),
+            step_cost_samples=fit.num_samples,
         )
