@@ -1,0 +1,128 @@
+"""A real multi-node Ray cluster on one machine, as an operator starts one: `ray start --head` and
+`ray start --address` for each further node, every port chosen free, in a temp dir of its own.
+
+The machine may be shared (other Ray clusters, other test runs), so nothing here touches what it did
+not start: no `ray stop` (it stops every cluster of the user). The cluster's processes are known by
+their temp dir, which every Ray process of ours names on its command line; `stop` ends them and
+their children (an engine core is a replica's child) by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+from ports import free_port
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+class RayNodes:
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="fsn", dir="/tmp"))  # socket paths must stay short
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_TMPDIR": str(self.temp_dir),
+            # the job `fuserve status` submits runs `python`: this interpreter
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            **(env or {}),
+        }
+        self.env.pop("RAY_ADDRESS", None)
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _ports(self) -> list[str]:
+        lo = free_port()
+        return [
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--min-worker-port={lo}",
+            f"--max-worker-port={lo + 200}",
+        ]
+
+    def _start(self, args: list[str]) -> None:
+        out = subprocess.run(
+            [RAY, "start", "--disable-usage-stats", *self._ports(), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if out.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"ray start {args} failed:\n{out.stdout}\n{out.stderr}")
+
+    def start_head(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+        self._start(
+            [
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={self.gcs_port}",
+                f"--temp-dir={self.temp_dir}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={free_port()}",
+                f"--num-cpus={num_cpus}",
+                "--num-gpus=0",
+                f"--resources={json.dumps(resources or {})}",
+            ]
+        )
+
+    def add_node(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+        self._start(
+            [
+                f"--address=127.0.0.1:{self.gcs_port}",
+                "--node-ip-address=127.0.0.1",
+                f"--num-cpus={num_cpus}",
+                "--num-gpus=0",
+                f"--resources={json.dumps(resources or {})}",
+            ]
+        )
+
+    def processes(self) -> list[psutil.Process]:
+        """Ours: every process naming our temp dir, and their descendants."""
+        marker = str(self.temp_dir)
+        found: dict[int, psutil.Process] = {}
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(marker in a for a in p.info["cmdline"] or []):
+                    found[p.pid] = p
+                    found.update((c.pid, c) for c in p.children(recursive=True))
+            except psutil.Error:
+                continue
+        found.pop(os.getpid(), None)
+        return list(found.values())
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        procs = self.processes()
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        time.sleep(0.2)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
