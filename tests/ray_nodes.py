@@ -110,14 +110,14 @@ class RayNodes:
         found.pop(os.getpid(), None)
         return list(found.values())
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 3.0) -> None:
         procs = self.processes()
         for p in procs:
             try:
                 p.terminate()
             except psutil.Error:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+        _, alive = psutil.wait_procs(procs, timeout=timeout_s)  # Ray ends in ~1 s; an engine core may not
         for p in alive:
             try:
                 p.kill()

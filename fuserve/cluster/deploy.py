@@ -7,8 +7,7 @@ client adds `Authorization` from RAY_AUTH_TOKEN or the token file when auth is o
 declarative: Serve's controller keeps the config and re-applying one is an update, not a restart.
 The fuserve config travels inline, so no file need exist on the cluster's nodes (the model
 path must). `serve.ingress: haproxy` still needs `HAPROXY_ENV` in every node's environment before
-Ray starts; a REST call cannot set it, so it is checked through the Serve config's result instead
-(docs/operations.md).
+Ray starts, which no REST call can set: `fuserve deploy` reminds of it (docs/operations.md).
 
 Scaling: the replica count is the Engine deployment's override in the Serve config (see
 serve_config.py), so re-applying a config that changes only `serve.num_replicas` or

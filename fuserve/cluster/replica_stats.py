@@ -1,12 +1,13 @@
 """Inside the cluster, for `fuserve status`: each node's resources and each Engine replica's own report.
 
-    python -m fuserve.cluster.replica_stats ACTOR_NAME...
+    python -c "<this file>" ACTOR_NAME...
 
 runs as a Ray job (submitted through the dashboard, so the client needs no Ray connection of its
-own) and prints one line, `REPORT_MARKER` + JSON. A replica's report is what its
-`record_routing_stats` returns: the figures Serve's controller polls and broadcasts to every router
-(running and waiting sequences, KV-cache use, outstanding tokens, admitted requests, the prefixes
-it holds), i.e. the router's view of that replica.
+own; the source travels in the entry point, so the job imports nothing of fuserve) and prints one
+line, `REPORT_MARKER` + JSON. A replica's report is what its `record_routing_stats` returns: the
+figures Serve's controller polls and broadcasts to every router (running and waiting sequences,
+KV-cache use, outstanding tokens, admitted requests, the prefixes it holds), i.e. the router's view
+of that replica.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ the Serve REST API says which replicas exist, their state and node; a short Ray 
 
 from __future__ import annotations
 
+import inspect
 import json
 import shlex
 import time
@@ -73,10 +74,14 @@ def gather(address: str | None, python: str = "python") -> ClusterStatus:
 
 
 def run_report_job(address: str | None, actor_names: list[str], python: str) -> dict[str, Any]:
+    """Runs replica_stats.py's source with `python -c`: the job then imports neither fuserve nor torch
+    (seconds on a busy head) and needs only Ray on the cluster's Python."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    from fuserve.cluster import replica_stats
+
     client = JobSubmissionClient(dashboard_address(address))
-    entrypoint = shlex.join([python, "-m", "fuserve.cluster.replica_stats", *actor_names])
+    entrypoint = shlex.join([python, "-c", inspect.getsource(replica_stats), *actor_names])
     job = client.submit_job(entrypoint=entrypoint)
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while (status := client.get_job_status(job)) not in {
@@ -93,8 +98,8 @@ def run_report_job(address: str | None, actor_names: list[str], python: str) -> 
         if line.startswith(REPORT_MARKER):
             return json.loads(line[len(REPORT_MARKER) :])
     raise DeployError(
-        f"the status job {job} ended {status} without a report (is fuserve installed on the cluster, "
-        f"and `{python}` its Python? pass --python); its log ends:\n{logs[-2000:]}"
+        f"the status job {job} ended {status} without a report (is `{python}` the Python with Ray on "
+        f"the cluster? pass --python); its log ends:\n{logs[-2000:]}"
     )
 
 
