@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fuserve.configs import FuserveConfig, ServeConfig
+from fuserve.configs import AutoscalingConfig, FuserveConfig, ServeConfig
 from fuserve.router.grpc_service import SERVICER_FUNCTION
 
 APP_NAME = "fuserve"
 IMPORT_PATH = "fuserve.cluster:app"
 ENGINE_DEPLOYMENT = "Engine"  # the name build_app gives the engine deployment
+TOKEN_POLICY = "fuserve.cluster.token_autoscaling:OutstandingTokensPolicy"
 
 ProxyLocation = Literal["EveryNode", "HeadOnly"]
 
@@ -31,17 +32,29 @@ def replica_override(serve_cfg: ServeConfig) -> dict[str, Any]:
     """The Engine deployment's entry in `deployments`: a fixed count, or Serve's autoscaling."""
     if serve_cfg.autoscaling is None:
         return {"name": ENGINE_DEPLOYMENT, "num_replicas": serve_cfg.num_replicas}
-    a = serve_cfg.autoscaling
     return {
         "name": ENGINE_DEPLOYMENT,
         "num_replicas": "auto",  # Serve then takes autoscaling_config (and sets num_replicas None)
-        "autoscaling_config": {
-            "min_replicas": a.min_replicas,
-            "initial_replicas": max(a.min_replicas, 1),
-            "max_replicas": a.max_replicas,
-            "target_ongoing_requests": a.target_ongoing_requests,
-        },
+        "autoscaling_config": autoscaling_options(serve_cfg.autoscaling),
     }
+
+
+def autoscaling_options(a: AutoscalingConfig) -> dict[str, Any]:
+    """Serve's autoscaling_config; with `target_outstanding_tokens`, fuserve's policy on queued work."""
+    options: dict[str, Any] = {
+        "min_replicas": a.min_replicas,
+        "initial_replicas": max(a.min_replicas, 1),
+        "max_replicas": a.max_replicas,
+        "target_ongoing_requests": a.target_ongoing_requests,
+        "upscale_delay_s": a.upscale_delay_s,
+        "downscale_delay_s": a.downscale_delay_s,
+    }
+    if a.target_outstanding_tokens is not None:
+        options["policy"] = {
+            "policy_function": TOKEN_POLICY,
+            "policy_kwargs": {"target_outstanding_tokens": a.target_outstanding_tokens},
+        }
+    return options
 
 
 def without_replicas(config: FuserveConfig) -> dict[str, Any]:
