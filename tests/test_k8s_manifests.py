@@ -1,7 +1,8 @@
 """The KubeRay manifests in k8s/ cannot drift: they equal what `fuserve k8s` generates now, their
 serveConfigV2 is a valid Serve config (Ray's own `ServeDeploySchema`) running a valid fuserve config,
-and the RayService and RayCluster validate against KubeRay's CRD schemas (vendored in k8s/schema/),
-with unknown fields refused as `kubectl apply`'s strict field validation refuses them.
+and the RayService and RayCluster (and the example Service, through the core Service schema the
+RayService CRD embeds) validate against KubeRay's CRD schemas (vendored in k8s/schema/), with
+unknown fields refused as `kubectl apply`'s strict field validation refuses them.
 """
 
 from __future__ import annotations
@@ -159,3 +160,22 @@ def test_the_cluster_runs_the_serving_path_on_gpu_nodes() -> None:
         assert "nodeSelector" not in head and "tolerations" not in head
         a = config.serve.autoscaling
         assert (group["minReplicas"], group["maxReplicas"]) == (a.min_replicas, a.max_replicas)
+
+
+def test_the_example_service_is_a_valid_core_service_and_the_ingress_targets_the_serve_service() -> None:
+    """KubeRay's RayService CRD embeds the core v1 Service schema (`serveService`): the vendored file
+    checks the Service too. The Ingress must point at the Service KubeRay makes for a RayService."""
+    vendored = json.loads(SCHEMA_FILE.read_text())
+    service_schema = vendored["kinds"]["RayService"]["properties"]["spec"]["properties"]["serveService"]
+    service = _by_kind("Service")
+    jsonschema.Draft7Validator(_strict(service_schema)).validate(service)
+    assert service["spec"]["selector"]["ray.io/cluster"] == _by_kind("RayCluster")["metadata"]["name"]
+    ingress = _by_kind("Ingress")
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    backend = path["backend"]["service"]
+    config = load_config(ROOT / SOURCE_CONFIG)
+    assert backend == {
+        "name": f"{_by_kind('RayService')['metadata']['name']}-serve-svc",
+        "port": {"number": config.serve.port},
+    }
