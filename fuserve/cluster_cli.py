@@ -40,7 +40,7 @@ def _k8s(args: argparse.Namespace) -> int:
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from fuserve.cluster.deploy import apply, deploy_config, serve_client, wait_running
+    from fuserve.cluster.deploy import apply, deploy_config, deployed_at, serve_client, wait_running
     from fuserve.configs import HAPROXY_ENV, load_config
 
     config = load_config(args.config)
@@ -52,22 +52,32 @@ def _deploy(args: argparse.Namespace) -> int:
             + " in its environment",
             file=sys.stderr,
         )
+    since = deployed_at(client)
     apply(client, deploy_config(config, args.proxy_location))
     print(f"fuserve: applied {args.config}", flush=True)
     if args.timeout > 0:
-        wait_running(client, args.timeout)
+        fixed = config.serve.num_replicas if config.serve.autoscaling is None else None
+        wait_running(client, args.timeout, fixed, since)
         print("fuserve: running", flush=True)
     return 0
 
 
 def _scale(args: argparse.Namespace) -> int:
-    from fuserve.cluster.deploy import apply, deployed_config, serve_client, wait_running, with_replicas
+    from fuserve.cluster.deploy import (
+        apply,
+        deployed_at,
+        deployed_config,
+        serve_client,
+        wait_running,
+        with_replicas,
+    )
 
     client = serve_client(args.address)
+    since = deployed_at(client)
     apply(client, with_replicas(deployed_config(client), args.num_replicas))
     print(f"fuserve: scaling to {args.num_replicas} replica(s)", flush=True)
     if args.timeout > 0:
-        wait_running(client, args.timeout, args.num_replicas)
+        wait_running(client, args.timeout, args.num_replicas, since)
         print(f"fuserve: {args.num_replicas} replica(s) running", flush=True)
     return 0
 

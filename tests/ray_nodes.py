@@ -44,7 +44,8 @@ class RayNodes:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def _ports(self) -> list[str]:
-        lo = free_port()
+        """Every fixed-by-default port, free now (workers take theirs from Ray's default range,
+        below the ephemeral ports these come from)."""
         return [
             f"--node-manager-port={free_port()}",
             f"--object-manager-port={free_port()}",
@@ -52,24 +53,31 @@ class RayNodes:
             f"--dashboard-agent-grpc-port={free_port()}",
             f"--runtime-env-agent-port={free_port()}",
             f"--metrics-export-port={free_port()}",
-            f"--min-worker-port={lo}",
-            f"--max-worker-port={lo + 200}",
         ]
 
-    def _start(self, args: list[str]) -> None:
-        out = subprocess.run(
+    def _start(self, args: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(
             [RAY, "start", "--disable-usage-stats", *self._ports(), *args],
             env=self.env,
             capture_output=True,
             text=True,
             timeout=120,
         )
-        if out.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"ray start {args} failed:\n{out.stdout}\n{out.stderr}")
 
     def start_head(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
-        self._start(
+        """On a shared machine a port found free can be taken before Ray binds it: one more try,
+        on other ports, after ending what the first one started."""
+        for attempt in (1, 2):
+            out = self._start_head(num_cpus, resources)
+            if out.returncode == 0:
+                return
+            print(f"ray start --head, try {attempt}, failed:\n{out.stdout}\n{out.stderr}", file=sys.stderr)
+            self.stop(remove_temp_dir=attempt == 2)
+            self.gcs_port, self.dashboard_port = free_port(), free_port()
+        raise RuntimeError(f"ray start --head failed:\n{out.stdout}\n{out.stderr}")
+
+    def _start_head(self, num_cpus: int, resources: dict[str, float] | None) -> subprocess.CompletedProcess:
+        return self._start(
             [
                 "--head",
                 "--node-ip-address=127.0.0.1",
@@ -86,7 +94,7 @@ class RayNodes:
         )
 
     def add_node(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
-        self._start(
+        out = self._start(
             [
                 f"--address=127.0.0.1:{self.gcs_port}",
                 "--node-ip-address=127.0.0.1",
@@ -95,6 +103,8 @@ class RayNodes:
                 f"--resources={json.dumps(resources or {})}",
             ]
         )
+        if out.returncode != 0:
+            raise RuntimeError(f"ray start --address failed:\n{out.stdout}\n{out.stderr}")
 
     def processes(self) -> list[psutil.Process]:
         """Ours: every process naming our temp dir, and their descendants."""
@@ -110,7 +120,7 @@ class RayNodes:
         found.pop(os.getpid(), None)
         return list(found.values())
 
-    def stop(self, timeout_s: float = 3.0) -> None:
+    def stop(self, timeout_s: float = 3.0, remove_temp_dir: bool = True) -> None:
         procs = self.processes()
         for p in procs:
             try:
@@ -125,4 +135,5 @@ class RayNodes:
                 pass
         psutil.wait_procs(alive, timeout=5)
         time.sleep(0.2)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if remove_temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -95,16 +95,26 @@ def with_replicas(serve_config: dict[str, Any], num_replicas: int) -> dict[str, 
     return out
 
 
-def wait_running(client: Any, timeout_s: float, num_replicas: int | None = None) -> dict[str, Any]:
-    """Until the app is RUNNING (with `num_replicas` Engine replicas RUNNING, when given)."""
+def deployed_at(client: Any) -> float | None:
+    """When the cluster last took a config for the app (None: no app yet)."""
+    app = client.get_serve_details().get("applications", {}).get(APP_NAME)
+    return app.get("last_deployed_time_s") if app else None
+
+
+def wait_running(
+    client: Any, timeout_s: float, num_replicas: int | None = None, since: float | None = None
+) -> dict[str, Any]:
+    """Until the app took a config newer than `since` (`deployed_at` before applying it) and is
+    RUNNING, with `num_replicas` Engine replicas RUNNING when given."""
     deadline = time.monotonic() + timeout_s
     status, message = "UNKNOWN", ""
     while time.monotonic() < deadline:
         app = client.get_serve_details().get("applications", {}).get(APP_NAME) or {}
         status, message = app.get("status", "NOT_STARTED"), app.get("message", "")
-        if status == "DEPLOY_FAILED":
+        taken = since is None or (app.get("last_deployed_time_s") or 0.0) > since
+        if taken and status == "DEPLOY_FAILED":
             raise DeployError(f"the deployment failed on the cluster: {message}")
-        if status == "RUNNING" and (num_replicas is None or _running(app) == num_replicas):
+        if taken and status == "RUNNING" and (num_replicas is None or _running(app) == num_replicas):
             return app
         time.sleep(0.5)
     raise DeployError(
