@@ -93,13 +93,13 @@ class RayNodes:
             ]
         )
 
-    def add_node(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+    def add_node(self, num_cpus: int, resources: dict[str, float] | None = None, num_gpus: int = 0) -> None:
         out = self._start(
             [
                 f"--address=127.0.0.1:{self.gcs_port}",
                 "--node-ip-address=127.0.0.1",
                 f"--num-cpus={num_cpus}",
-                "--num-gpus=0",
+                f"--num-gpus={num_gpus}",
                 f"--resources={json.dumps(resources or {})}",
             ]
         )
