@@ -156,8 +156,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with Clients(url, args.clients, args.max_tokens) as clients:
             time.sleep(2)
             row["scale_up_s"], _ = fuserve(nodes, "scale", "2")
-            _, status = fuserve(nodes, "status", "--json")
-            row["status_text"] = fuserve(nodes, "status")[1]
+            _, status = fuserve(nodes, "status", "--json", "--python", sys.executable)
+            row["status_text"] = fuserve(nodes, "status", "--python", sys.executable)[1]
             row["scale_down_s"], _ = fuserve(nodes, "scale", "1")
             time.sleep(2)
         report = json.loads(status)

@@ -21,7 +21,10 @@ from pathlib import Path
 import psutil
 from ports import free_port
 
-RAY = str(Path(sys.executable).with_name("ray"))
+# This interpreter's `ray` (a venv's bin), else the one on PATH (a `pip install --target` with its bin/)
+RAY = next(
+    (str(p) for p in [Path(sys.executable).with_name("ray")] if p.exists()), shutil.which("ray") or "ray"
+)
 
 
 class RayNodes:
