@@ -45,6 +45,12 @@ def _deploy(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     client = serve_client(args.address)
+    if config.serve.host in ("127.0.0.1", "localhost"):
+        print(
+            f"fuserve: serve.host is {config.serve.host}: each node's proxy answers only on that node; "
+            "set serve.host: 0.0.0.0 to serve other machines",
+            file=sys.stderr,
+        )
     if config.serve.ingress == "haproxy":
         print(
             "fuserve: serve.ingress is haproxy: every node must have started with "

@@ -85,7 +85,7 @@ def test_serve_config_v2_is_a_valid_serve_config_running_the_mounted_fuserve_con
     text = config_map["data"][path.name]
     config = config_from_dict(yaml.safe_load(text), path.name)
     assert config == load_config(ROOT / SOURCE_CONFIG)
-    assert serve_config == serve_deploy_config(config, str(path))
+    assert serve_config == serve_deploy_config(config, str(path), host="0.0.0.0")
 
 
 @pytest.mark.parametrize("config_file", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))

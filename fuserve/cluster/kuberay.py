@@ -176,7 +176,7 @@ def config_map(opts: K8sOptions) -> dict[str, Any]:
 
 
 def rayservice(config: FuserveConfig, opts: K8sOptions) -> dict[str, Any]:
-    serve_config = serve_deploy_config(config, f"{CONFIG_DIR}/{opts.config_file}")
+    serve_config = serve_deploy_config(config, f"{CONFIG_DIR}/{opts.config_file}", host="0.0.0.0")
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",

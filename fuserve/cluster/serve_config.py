@@ -70,13 +70,17 @@ def without_replicas(config: FuserveConfig) -> dict[str, Any]:
 
 
 def serve_deploy_config(
-    config: FuserveConfig, config_arg: str | dict[str, Any], proxy_location: ProxyLocation = "EveryNode"
+    config: FuserveConfig,
+    config_arg: str | dict[str, Any],
+    proxy_location: ProxyLocation = "EveryNode",
+    host: str | None = None,
 ) -> dict[str, Any]:
-    """`config_arg`: a path to the config file on the cluster's nodes, or the config inline."""
+    """`config_arg`: a path to the config file on the cluster's nodes, or the config inline;
+    `host` overrides `serve.host` (KubeRay: pods are reached on their own IP, never on loopback)."""
     s = config.serve
     return {
         "proxy_location": proxy_location,
-        "http_options": {"host": s.host, "port": s.port},
+        "http_options": {"host": host or s.host, "port": s.port},
         "grpc_options": {"port": s.grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
         "applications": [
             {
