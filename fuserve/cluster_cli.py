@@ -131,7 +131,9 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     dep.add_argument("--timeout", type=float, default=600.0, help="wait this long for RUNNING; 0: don't wait")
     dep.set_defaults(func=_reported(_deploy))
 
-    scale = sub.add_parser("scale", help="set the number of engine replicas of the deployed app")
+    scale = sub.add_parser(
+        "scale", help="set the number of engine replicas of the deployed app (autoscaling off)"
+    )
     scale.add_argument("num_replicas", type=int)
     scale.add_argument("--address", default=None, help=ADDRESS_HELP)
     scale.add_argument("--timeout", type=float, default=600.0, help="wait this long for them; 0: don't wait")
