@@ -1,4 +1,4 @@
-"""`fuserve generate|serve|bench serve`: the command line."""
+"""`fuserve generate|serve|k8s|deploy|status|scale|bench serve`: the command line."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from fuserve.cluster_cli import add_cluster_commands
 from fuserve.configs import HAPROXY_ENV, ConfigError, load_config
 
 
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--port", type=int, default=None, help="HTTP port (default: serve.port)")
     srv.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: serve.grpc_port)")
     srv.set_defaults(func=_serve)
+
+    add_cluster_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks (from a source checkout)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

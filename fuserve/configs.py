@@ -165,6 +165,17 @@ class AutoscalingConfig(_Strict):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=2, ge=1)
     target_ongoing_requests: float = Field(default=16.0, gt=0.0)
+    target_outstanding_tokens: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Scale on the engines' queued work instead of on requests: enough replicas that "
+        "each holds about this many tokens still to prefill or decode (cluster/token_autoscaling.py). "
+        "Unset: Serve's policy on target_ongoing_requests.",
+    )
+    upscale_delay_s: float = Field(default=30.0, ge=0.0, description="Serve waits this long before adding.")
+    downscale_delay_s: float = Field(
+        default=600.0, ge=0.0, description="Serve waits this long before removing."
+    )
 
 
 class ServeConfig(_Strict):

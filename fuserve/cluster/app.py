@@ -24,7 +24,7 @@ from ray.serve import Application
 
 from fuserve.cluster.deployment_options import engine_options
 from fuserve.cluster.ingress_routing import haproxy_enabled, with_body_routing
-from fuserve.configs import FuserveConfig, load_config
+from fuserve.configs import FuserveConfig, config_from_dict, load_config
 from fuserve.router.api_keys import with_env_api_keys
 from fuserve.router.ingress import EngineIngress
 
@@ -44,11 +44,14 @@ def build_app(config: FuserveConfig, cluster_gpus: float | None = None) -> Appli
 
 
 def app(args: dict[str, Any]) -> Application:
-    """Serve's application builder: `args` come from `serve run ... config=PATH` or serveConfigV2."""
+    """Serve's application builder: `args` come from `serve run ... config=PATH`, serveConfigV2, or
+    `fuserve deploy`, which sends the config inline (a mapping), so no file need exist on the nodes."""
     unknown = set(args) - {"config"}
     if unknown:
         raise ValueError(
             f"unknown argument(s) {sorted(unknown)}; the only argument is config=PATH (a YAML file)"
         )
-    path = args.get("config") or os.environ.get(CONFIG_ENV) or None
-    return build_app(load_config(path))
+    config = args.get("config")
+    if isinstance(config, dict):
+        return build_app(config_from_dict(config, "the application's args"))
+    return build_app(load_config(config or os.environ.get(CONFIG_ENV) or None))

@@ -13,6 +13,7 @@ from typing import Any
 
 from ray.serve.config import RequestRouterConfig
 
+from fuserve.cluster.serve_config import autoscaling_options
 from fuserve.configs import FuserveConfig, ServeConfig
 from fuserve.parallel.placement import rank_bundles
 from fuserve.router.ingress import admission_limit
@@ -70,13 +71,7 @@ def engine_options(config: FuserveConfig, cluster_gpus: float = 0.0) -> dict[str
         opts["placement_group_bundles"] = bundles
         opts["placement_group_strategy"] = config.parallel.placement_strategy
     if serve_cfg.autoscaling is not None:
-        a = serve_cfg.autoscaling
-        opts["autoscaling_config"] = {
-            "min_replicas": a.min_replicas,
-            "initial_replicas": max(a.min_replicas, 1),
-            "max_replicas": a.max_replicas,
-            "target_ongoing_requests": a.target_ongoing_requests,
-        }
+        opts["autoscaling_config"] = autoscaling_options(serve_cfg.autoscaling)
     else:
         opts["num_replicas"] = serve_cfg.num_replicas
     if serve_cfg.router in ("length_aware", "prefix_affinity"):

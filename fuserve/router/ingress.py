@@ -180,6 +180,10 @@ class EngineIngress:
             self._last_report, self._last_report_at = report, time.time()
         return {**report, "timestamp": self._last_report_at}
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Polled by Serve; `serve.autoscaling.target_outstanding_tokens` scales on it (token_autoscaling)."""
+        return {"outstanding_tokens": float(self.core.stats.outstanding_tokens)}
+
     def check_health(self) -> None:
         """Serve replaces a replica whose engine core died."""
         if not self.core.healthy:
