@@ -179,3 +179,13 @@ def test_the_example_service_is_a_valid_core_service_and_the_ingress_targets_the
         "name": f"{_by_kind('RayService')['metadata']['name']}-serve-svc",
         "port": {"number": config.serve.port},
     }
+
+
+def test_api_keys_never_travel_in_a_deploy_config() -> None:
+    from fuserve.cluster.serve_config import without_replicas
+    from fuserve.configs import config_from_dict
+
+    config = config_from_dict({"serve": {"api_keys": ["sk-local-secret"]}})
+    with pytest.raises(ValueError, match="FUSERVE_API_KEYS") as err:
+        without_replicas(config)
+    assert "sk-local-secret" not in str(err.value)
