@@ -49,7 +49,7 @@ def compile_for_hopper(kernel: Any, constexprs: dict[str, Any], types: dict[str,
 
 def main() -> int:
     from fuserve.parallel import all_reduce_rmsnorm, gemv_push
-    from fuserve.workers.kernels import argmax, gemv, nucleus_threshold
+    from fuserve.workers.kernels import argmax, gemv, nucleus_threshold, quant_gemm, quant_gemv
 
     pdl = {"USE_PDL": True}
     gemv_tile = {"BLOCK_N": 8, "BLOCK_K": 512, "LINE": 64}
@@ -94,6 +94,19 @@ def main() -> int:
             {"probs_ptr": "*fp32", "target_ptr": "*fp32", "known_ptr": "*fp32", "out_ptr": "*fp32"},
         ),
     }
+    quant_tile = {"BLOCK_N": 8, "BLOCK_K": 1024}
+    gemm_tile = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}
+    for wname, wtype, fp8 in (("int8", "*i8", False), ("fp8", "*u8", True)):
+        kernels[f"quant_gemv {wname}"] = (
+            quant_gemv._quant_gemv_kernel,
+            {"HAS_BIAS": True, "FP8": fp8, **quant_tile, **pdl},
+            {"w_ptr": wtype, "scale_ptr": "*fp32"},
+        )
+        kernels[f"quant_gemm {wname}"] = (
+            quant_gemm._quant_gemm_kernel,
+            {"HAS_BIAS": False, "FP8": fp8, "IEEE_FP32": False, **gemm_tile},
+            {"w_ptr": wtype, "scale_ptr": "*fp32"},
+        )
     failed = 0
     for name, (kernel, constexprs, types) in kernels.items():
         try:
