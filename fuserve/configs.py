@@ -60,6 +60,18 @@ class ModelConfig(_Strict):
         "OpenAI API's defaults. Its eos_token_id always counts as a stop token.",
     )
     seed: int = 0
+    quantization: Literal["auto", "none", "int8-wo", "fp8-wo", "fp8"] = Field(
+        default="auto",
+        description="8-bit weights (one scale per output channel) for the decoder layers' linear layers: "
+        "`int8-wo`/`fp8-wo` weight-only, `fp8` weights and activations (W8A8). An HF folder or GGUF file "
+        "converts on load; a folder from `fuserve build` holds its scheme already. `auto`: the built "
+        "folder's scheme, else none.",
+    )
+    build_source: str | None = Field(
+        default=None,
+        description="For a folder from `fuserve build`: the checkpoint it must have been built from; "
+        "start-up hashes it (seconds per GB) and refuses a build from anything else.",
+    )
 
     @model_validator(mode="after")
     def _has_source(self) -> ModelConfig:

@@ -16,8 +16,9 @@ from fuserve.workers.cuda_graphs import DecodeGraphs
 from fuserve.workers.kernels.ops import KernelOps
 from fuserve.workers.kv_cache import allocate_kv_cache, num_blocks_for
 from fuserve.workers.model_runner import ModelRunner
+from fuserve.workers.models.build_manifest import check_manifest
 from fuserve.workers.models.llama import LlamaArch
-from fuserve.workers.models.loader import ModelSource, build_model, resolve_source
+from fuserve.workers.models.loader import ModelSource, build_model, quant_scheme, resolve_source
 from fuserve.workers.sampler import SampledBatch
 from fuserve.workers.step_plan import StepPlan
 
@@ -51,13 +52,30 @@ class Worker:
         self.device = pick_device(config.model.device)
         self.dtype = pick_dtype(config.model.dtype, self.device)
         self.source: ModelSource = resolve_source(config.model)
+        if self.source.manifest is not None:
+            assert self.source.path is not None
+            check_manifest(
+                self.source.manifest,
+                self.source.path,
+                config.parallel.tensor_parallel_size,
+                config.model.quantization,
+                config.model.max_model_len,
+                config.model.build_source,
+            )
         self.arch = LlamaArch.from_hf(self.source.hf_config)
         self.max_model_len = min(
             config.model.max_model_len or self.arch.max_position_embeddings, self.arch.max_position_embeddings
         )
         ops = pick_ops(config.kernels.use_triton, self.device)
         self.model = build_model(
-            self.source, tp, ops, self.dtype, self.device, self.max_model_len, config.model.seed
+            self.source,
+            tp,
+            ops,
+            self.dtype,
+            self.device,
+            self.max_model_len,
+            config.model.seed,
+            quant_scheme(self.source, config.model),
         )
         cache_cfg = config.cache
         bs = cache_cfg.block_size

@@ -98,7 +98,7 @@ def check_quant_operands(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Te
         raise ValueError(f"qweight must be int8 or float8_e4m3fn, got {qweight.dtype}; quantize it first")
     n, k = qweight.shape
     if x.dim() != 2 or x.shape[1] != k:
-        raise ValueError(f"x must be [M, {k}] for a weight of shape {tuple(qweight.shape)}, got {tuple(x.shape)}")
+        raise ValueError(f"x must be [M, {k}] for weights of shape {tuple(qweight.shape)}: {tuple(x.shape)}")
     if scale.shape != (n,) or scale.dtype != torch.float32:
         raise ValueError(f"scale must be fp32 of shape ({n},), got {scale.dtype} {tuple(scale.shape)}")
     if qweight.stride(1) != 1 or x.stride(1) != 1:

@@ -26,10 +26,12 @@ from fuserve.parallel.layers import (
     QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    WeightQuant,
     load_replicated,
 )
 from fuserve.parallel.tp_context import PushedPartial, TPContext
 from fuserve.workers.kernels.ops import KernelOps
+from fuserve.workers.models.quant_scheme import QuantScheme
 from fuserve.workers.models.rope import rope_tables
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -132,7 +134,7 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps) -> None:
+    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps, quant: WeightQuant | None) -> None:
         super().__init__()
         self.ops = ops
         self.head_dim = arch.head_dim
@@ -144,9 +146,16 @@ class LlamaAttention(nn.Module):
             arch.attention_bias,
             tp,
             ops.linear,
+            quant,
         )
         self.o_proj = RowParallelLinear(
-            arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, ops.linear, reduce_output=False
+            arch.num_heads * arch.head_dim,
+            arch.hidden_size,
+            False,
+            tp,
+            ops.linear,
+            reduce_output=False,
+            quant=quant,
         )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
@@ -191,15 +200,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps) -> None:
+    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps, quant: WeightQuant | None) -> None:
         super().__init__()
         self.ops = ops
         inter = arch.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
-            arch.hidden_size, [inter, inter], False, tp, ops.linear
+            arch.hidden_size, [inter, inter], False, tp, ops.linear, quant
         )
         self.down_proj = RowParallelLinear(
-            inter, arch.hidden_size, False, tp, ops.linear, reduce_output=False
+            inter, arch.hidden_size, False, tp, ops.linear, reduce_output=False, quant=quant
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | PushedPartial:
@@ -207,10 +216,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps) -> None:
+    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps, quant: WeightQuant | None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(arch, tp, ops)
-        self.mlp = LlamaMLP(arch, tp, ops)
+        self.self_attn = LlamaAttention(arch, tp, ops, quant)
+        self.mlp = LlamaMLP(arch, tp, ops, quant)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, tp, ops)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, tp, ops)
 
@@ -230,10 +239,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps) -> None:
+    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps, quant: WeightQuant | None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, ops) for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, ops, quant) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, tp, ops)
 
 
@@ -247,10 +256,21 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps, max_positions: int) -> None:
+    def __init__(
+        self,
+        arch: LlamaArch,
+        tp: TPContext,
+        ops: KernelOps,
+        max_positions: int,
+        quant: QuantScheme | None = None,
+    ) -> None:
+        """`quant`: 8-bit weights for the decoder layers' linear layers (the embedding and the LM head
+        stay in the model dtype)."""
         super().__init__()
         self.arch = arch
-        self.model = LlamaModel(arch, tp, ops)
+        self.quant = quant
+        weight_quant = WeightQuant(quant, ops.quant_linear) if quant is not None else None
+        self.model = LlamaModel(arch, tp, ops, weight_quant)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, ops.linear)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -300,4 +320,6 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"checkpoint tensor {name!r} has no place in a {self.arch.model_type} model")
             getattr(param, "weight_loader", load_replicated)(param, src, shard)
             loaded.add(target)
+            if target + "_scale" in params:  # an 8-bit weight's loader fills its scales too
+                loaded.add(target + "_scale")
         return loaded

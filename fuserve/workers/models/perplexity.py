@@ -1,0 +1,48 @@
+"""How well a model predicts a fixed text: per-token negative log-likelihood, for accuracy checks.
+
+Quantization trades bytes for accuracy; its tests and benchmarks measure the cost as the change in
+perplexity (exp of the mean NLL) on the same tokens. One prefill forward over the whole text through
+the model's own paged-attention path, on a scratch KV cache: the engine's cache is put back after.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fuserve.workers.kv_cache import allocate_kv_cache
+from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
+
+
+@torch.inference_mode()
+def token_nll(model: LlamaForCausalLM, ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """NLL [len(ids) - 1] (fp32) of each token ids[1:] given the tokens before it."""
+    layers = model.model.layers
+    device = model.rope_cos.device
+    dtype = model.model.embed_tokens.weight.dtype
+    n = len(ids)
+    blocks = -(-n // block_size)
+    saved = [(layer.self_attn.k_cache, layer.self_attn.v_cache) for layer in layers]
+    kv = allocate_kv_cache(model.arch, layers[0].self_attn.num_kv_heads, blocks, block_size, dtype, device)
+    model.bind_kv_cache(kv.k, kv.v)
+    try:
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(n, device=device),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=device)[None],
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
+            context_lens=torch.tensor([n], dtype=torch.int32, device=device),
+            max_query_len=n,
+            max_context_len=n,
+        )
+        tokens = torch.tensor(ids, device=device)
+        hidden = model(tokens, torch.arange(n, device=device), meta)
+        logits = model.compute_logits(hidden).float()
+        return F.cross_entropy(logits[:-1], tokens[1:], reduction="none")
+    finally:
+        model.bind_kv_cache([k for k, _ in saved], [v for _, v in saved])
+
+
+def perplexity(model: LlamaForCausalLM, ids: list[int], block_size: int = 16) -> float:
+    return math.exp(float(token_nll(model, ids, block_size).mean()))
