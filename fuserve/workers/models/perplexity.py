@@ -1,8 +1,10 @@
-"""How well a model predicts a fixed text: per-token negative log-likelihood, for accuracy checks.
+"""How well a model predicts a fixed text, for accuracy checks of quantized weights.
 
-Quantization trades bytes for accuracy; its tests and benchmarks measure the cost as the change in
-perplexity (exp of the mean NLL) on the same tokens. One prefill forward over the whole text through
-the model's own paged-attention path, on a scratch KV cache: the engine's cache is put back after.
+Quantization trades bytes for accuracy; its tests and benchmarks measure the cost on the same tokens
+as the change in perplexity (exp of the mean NLL) and as top-1 agreement (how often the quantized
+model's greedy next token, fed the true text, equals the reference model's). One prefill forward over
+the whole text through the model's own paged-attention path, on a scratch KV cache: the engine's
+cache is put back after.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
 
 
 @torch.inference_mode()
-def token_nll(model: LlamaForCausalLM, ids: list[int], block_size: int = 16) -> torch.Tensor:
-    """NLL [len(ids) - 1] (fp32) of each token ids[1:] given the tokens before it."""
+def score_text(
+    model: LlamaForCausalLM, ids: list[int], block_size: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each position but the last: the NLL (fp32) of the next token ids[1:] given the tokens before
+    it, and the model's greedy next token (int64); both [len(ids) - 1]."""
     layers = model.model.layers
     device = model.rope_cos.device
     dtype = model.model.embed_tokens.weight.dtype
@@ -38,11 +43,11 @@ def token_nll(model: LlamaForCausalLM, ids: list[int], block_size: int = 16) -> 
         )
         tokens = torch.tensor(ids, device=device)
         hidden = model(tokens, torch.arange(n, device=device), meta)
-        logits = model.compute_logits(hidden).float()
-        return F.cross_entropy(logits[:-1], tokens[1:], reduction="none")
+        logits = model.compute_logits(hidden).float()[:-1]
+        return F.cross_entropy(logits, tokens[1:], reduction="none"), logits.argmax(dim=-1)
     finally:
         model.bind_kv_cache([k for k, _ in saved], [v for _, v in saved])
 
 
 def perplexity(model: LlamaForCausalLM, ids: list[int], block_size: int = 16) -> float:
-    return math.exp(float(token_nll(model, ids, block_size).mean()))
+    return math.exp(float(score_text(model, ids, block_size)[0].mean()))
