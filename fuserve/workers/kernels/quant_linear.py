@@ -38,6 +38,7 @@ def _scaled_mm_fits(x: torch.Tensor, qweight: torch.Tensor) -> bool:
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     return (
         qweight.dtype == torch.float8_e4m3fn
+        and x.dtype == torch.bfloat16  # row-wise scaled fp8 GEMMs write bf16
         and x.shape[1] % 16 == 0
         and qweight.shape[0] % 16 == 0
         and _has_fp8_tensor_cores(index)
@@ -49,14 +50,7 @@ def fp8_scaled_mm(
 ) -> torch.Tensor:
     """W8A8 on the fp8 tensor cores: x quantized per token, one scale per weight row."""
     xq, x_scale = quantize_per_token_fp8(x)
-    y = torch._scaled_mm(
-        xq,
-        qweight.t(),
-        scale_a=x_scale,
-        scale_b=scale.view(1, -1),
-        out_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16,
-    )
-    y = y.to(x.dtype)
+    y = torch._scaled_mm(xq, qweight.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=x.dtype)
     return y + bias if bias is not None else y
 
 
