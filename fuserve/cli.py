@@ -54,20 +54,18 @@ def _serve(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from fuserve.workers.models.checkpoint_build import build_checkpoint
 
-    if args.kv_cache != "auto":
-        print("fuserve build: --kv-cache fp8 is not built yet; use --kv-cache auto", file=sys.stderr)
-        return 2
     t0 = time.perf_counter()
     try:
         manifest = build_checkpoint(
-            args.src, Path(args.out), args.tp, args.quant, args.dtype, args.max_model_len
+            args.src, Path(args.out), args.tp, args.quant, args.dtype, args.max_model_len, args.kv_cache
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"fuserve build: {err}", file=sys.stderr)
         return 2
     print(
         f"built {args.out}: {manifest.tensor_parallel_size} rank file(s), quantization "
-        f"{manifest.quantization}, {manifest.dtype}, max_model_len {manifest.limits['max_model_len']}, "
+        f"{manifest.quantization}, {manifest.dtype}, KV cache {manifest.kv_cache_dtype}, "
+        f"max_model_len {manifest.limits['max_model_len']}, "
         f"from {manifest.source['path']} in {time.perf_counter() - t0:.1f} s"
     )
     return 0
@@ -124,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--out", required=True, help="folder to write (created; rank files replaced)")
     build.add_argument("--tp", type=int, default=1, help="tensor-parallel size it will be served with")
     build.add_argument("--quant", default="none", choices=["none", "int8-wo", "fp8-wo", "fp8"])
-    build.add_argument("--kv-cache", default="auto", choices=["auto", "fp8"], help="KV cache dtype")
+    build.add_argument(
+        "--kv-cache", default="auto", choices=["auto", "fp8"], help="KV cache dtype it serves with"
+    )
     build.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     build.add_argument("--max-model-len", type=int, default=None, help="longest context it may serve")
     build.set_defaults(func=_build)

@@ -116,11 +116,19 @@ def test_mismatched_manifest_is_refused(
         assert len(llm.generate([PROMPTS[0]], GREEDY)[0].outputs[0].token_ids) == GREEDY.max_tokens
 
 
-def test_build_refuses_what_it_cannot_do(
+def test_build_for_an_fp8_kv_cache_and_a_missing_source(
     checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    assert cli_main(["build", str(checkpoint), "--out", str(tmp_path / "x"), "--kv-cache", "fp8"]) == 2
-    assert "--kv-cache fp8" in capsys.readouterr().err
+    assert cli_main(["build", str(checkpoint), "--out", str(tmp_path / "x"), "--kv-cache", "fp8"]) == 0
+    assert "KV cache fp8" in capsys.readouterr().out
+    llm = LLM(config_from_dict({"model": {"path": str(tmp_path / "x")}, "cache": {"num_blocks": 64}}))
+    assert llm.engine.executor.worker.kv_cache.k[0].dtype == torch.float8_e4m3fn  # `auto`: the build's
+    assert len(llm.generate([PROMPTS[1]], GREEDY)[0].outputs[0].token_ids) == GREEDY.max_tokens
+    build_checkpoint(str(checkpoint), tmp_path / "z")  # built for the model dtype's cache
+    with pytest.raises(
+        ValueError, match="built for kv_cache_dtype 'auto', but cache.kv_cache_dtype is 'fp8'"
+    ):
+        LLM(config_from_dict({"model": {"path": str(tmp_path / "z")}, "cache": {"kv_cache_dtype": "fp8"}}))
     assert cli_main(["build", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "y" / MANIFEST_NAME).exists()

@@ -10,11 +10,14 @@ sharded and quantized, named as the model's own parameters, plus `fuserve-build.
   quantization            none | int8-wo | fp8-wo | fp8; scales: per output channel, fp32, in
                           `<layer>.weight_scale` beside each 8-bit `<layer>.weight` (listed in `scales`)
   dtype                   the dtype of every full-precision tensor (embedding, norms, LM head)
+  kv_cache_dtype          auto | fp8: the KV cache it is served with (fp8 scales are calibrated at
+                          start-up, on each rank's own heads: nothing of them is in the files)
   limits                  max_model_len it was built for
   tensors                 per rank: name -> shape and dtype
 
 Serving checks the config against it and refuses a mismatch, naming the setting: another TP size,
-another scheme, another source (when model.build_source names the checkpoint), a longer context.
+another scheme, another KV cache dtype, another source (when model.build_source names the
+checkpoint), a longer context.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class BuildManifest:
     rank_files: list[str]
     tensors: list[dict[str, dict[str, Any]]]
     scales: dict[str, Any] = field(default_factory=dict)
+    kv_cache_dtype: str = "auto"
     format: str = FORMAT
 
     def to_json(self) -> str:
@@ -87,6 +91,7 @@ def check_manifest(
     quantization: str,
     max_model_len: int | None,
     build_source: str | None,
+    kv_cache_dtype: str = "auto",
 ) -> None:
     """Refuse to serve a built folder that does not match the config, saying which setting and how to fix."""
     rebuild = f"rebuild it with `fuserve build SRC --out {folder}` and matching options"
@@ -101,6 +106,11 @@ def check_manifest(
             f"{folder} was built with quantization {manifest.quantization!r}, but model.quantization is "
             f"{quantization!r}: set it to 'auto' or {manifest.quantization!r}, or {rebuild} "
             f"(--quant {quantization})"
+        )
+    if kv_cache_dtype not in ("auto", manifest.kv_cache_dtype):
+        raise ValueError(
+            f"{folder} was built for kv_cache_dtype {manifest.kv_cache_dtype!r}, but cache.kv_cache_dtype is "
+            f"{kv_cache_dtype!r}: set it to 'auto', or {rebuild} (--kv-cache {kv_cache_dtype})"
         )
     built_len = manifest.limits.get("max_model_len")
     if max_model_len is not None and built_len is not None and max_model_len > built_len:

@@ -50,6 +50,7 @@ def build_checkpoint(
     quantization: str = "none",
     dtype: str = "bfloat16",
     max_model_len: int | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> BuildManifest:
     """Write `out` (created or overwritten) and return its manifest."""
     model_cfg = ModelConfig(path=src, quantization=quantization)  # type: ignore[arg-type]
@@ -71,7 +72,8 @@ def build_checkpoint(
         )
         state = {name: p.data.contiguous() for name, p in model.named_parameters()}
         name = f"rank-{rank}.safetensors"
-        save_file(state, str(out / name), metadata={"format": "pt", "fuserve_rank": str(rank)})
+        # one metadata key: safetensors writes its metadata map in hash order (2 keys: differs run to run)
+        save_file(state, str(out / name), metadata={"format": "pt"})
         rank_files.append(name)
         tensors.append({n: {"shape": list(t.shape), "dtype": _dtype_name(t)} for n, t in state.items()})
         if rank == 0:
@@ -96,6 +98,7 @@ def build_checkpoint(
         rank_files=rank_files,
         tensors=tensors,
         scales={"granularity": "per-output-channel", "dtype": "float32", "tensors": scales},
+        kv_cache_dtype=kv_cache_dtype,
     )
     (out / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest

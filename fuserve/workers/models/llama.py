@@ -162,6 +162,15 @@ class LlamaAttention(nn.Module):
         self.scale = arch.head_dim**-0.5
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # an fp8 cache's per-KV-head scales (workers/kv_scales.py calibrates them)
+        self.register_buffer("k_scale", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
+
+    def _kv_scales(self) -> dict[str, torch.Tensor]:
+        """The cache kernels' scale arguments: only an fp8 cache takes them."""
+        if self.k_cache.dtype == torch.float8_e4m3fn:
+            return {"k_scale": self.k_scale, "v_scale": self.v_scale}
+        return {}
 
     def forward(
         self,
@@ -178,12 +187,13 @@ class LlamaAttention(nn.Module):
         q = qkv[:, :q_size].view(t, self.num_heads, self.head_dim)
         k = qkv[:, q_size : q_size + kv_size].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_size + kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        scales = self._kv_scales()
         q = self.ops.rotary_kv_write(
-            q, k, v, positions, cos, sin, self.k_cache, self.v_cache, meta.slot_mapping
+            q, k, v, positions, cos, sin, self.k_cache, self.v_cache, meta.slot_mapping, **scales
         )
         if meta.is_decode:
             o = self.ops.paged_decode_attention(
-                q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale, **scales
             )
         else:
             o = self.ops.paged_prefill_attention(
@@ -195,6 +205,7 @@ class LlamaAttention(nn.Module):
                 meta.context_lens,
                 self.scale,
                 meta.max_query_len,
+                **scales,
             )
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 

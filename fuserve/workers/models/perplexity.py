@@ -3,8 +3,8 @@
 Quantization trades bytes for accuracy; its tests and benchmarks measure the cost on the same tokens
 as the change in perplexity (exp of the mean NLL) and as top-1 agreement (how often the quantized
 model's greedy next token, fed the true text, equals the reference model's). One prefill forward over
-the whole text through the model's own paged-attention path, on a scratch KV cache: the engine's
-cache is put back after.
+the whole text through the model's own paged-attention path, on a scratch KV cache of the dtype the
+model serves with (so an FP8 cache is measured too): the engine's cache is put back after.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def score_text(
     n = len(ids)
     blocks = -(-n // block_size)
     saved = [(layer.self_attn.k_cache, layer.self_attn.v_cache) for layer in layers]
+    if saved[0][0].numel():  # the dtype of the cache the model serves with (fp8 included)
+        dtype = saved[0][0].dtype
     kv = allocate_kv_cache(model.arch, layers[0].self_attn.num_kv_heads, blocks, block_size, dtype, device)
     model.bind_kv_cache(kv.k, kv.v)
     try:
