@@ -64,20 +64,21 @@ class _Linear(nn.Module):
     def load(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
         raise NotImplementedError
 
-    def _store_rows(self, offset: int, value: torch.Tensor) -> None:
-        """Weight rows [offset, offset + len(value)) from a full-precision slice, quantized if 8-bit."""
-        rows = self.weight.data.narrow(0, offset, value.shape[0])
-        if self.quant is None:
-            _copy(rows, value)
-            return
+    def _store_rows(self, offset: int, size: int, value: torch.Tensor) -> None:
+        """Weight rows [offset, offset + size) from a full-precision slice of that many rows, quantized
+        if the weight is 8-bit."""
+        rows = self.weight.data.narrow(0, offset, size)
         if tuple(rows.shape) != tuple(value.shape):
             raise ValueError(
                 f"checkpoint shape {tuple(value.shape)} does not fit parameter {tuple(rows.shape)}"
             )
+        if self.quant is None:
+            rows.copy_(value)
+            return
         assert self.weight_scale is not None
         q, scale = quantize_rows(value.to(rows.device), self.quant.scheme)
         rows.copy_(q)
-        self.weight_scale.data.narrow(0, offset, value.shape[0]).copy_(scale)
+        self.weight_scale.data.narrow(0, offset, size).copy_(scale)
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quant is None:
@@ -137,7 +138,7 @@ class ColumnParallelLinear(_Linear):
     def load(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
         value = _narrow(src, 0, self.tp.rank * self.out_per_rank, self.out_per_rank)
         if param is self.weight:
-            self._store_rows(0, value)
+            self._store_rows(0, self.out_per_rank, value)
         else:
             _copy(param, value)
 
@@ -164,7 +165,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         size = per_rank[int(shard_id)]
         value = _narrow(src, 0, self.tp.rank * size, size)
         if param is self.weight:
-            self._store_rows(offset, value)
+            self._store_rows(offset, size, value)
         else:
             _copy(param.data.narrow(0, offset, size), value)
 
@@ -209,7 +210,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             size, rank_block = self.kv_size, self.tp.rank // self.kv_replicas
         value = _narrow(src, 0, rank_block * size, size)
         if param is self.weight:
-            self._store_rows(offset, value)
+            self._store_rows(offset, size, value)
         else:
             _copy(param.data.narrow(0, offset, size), value)
 
@@ -239,7 +240,8 @@ class RowParallelLinear(_Linear):
             self.bias.weight_loader = load_replicated  # type: ignore[attr-defined]
 
     def load(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
-        self._store_rows(0, _narrow(src, 1, self.tp.rank * self.in_per_rank, self.in_per_rank))
+        value = _narrow(src, 1, self.tp.rank * self.in_per_rank, self.in_per_rank)
+        self._store_rows(0, self.weight.shape[0], value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | PushedPartial:
         if not self.reduce_output:
