@@ -132,3 +132,39 @@ def test_build_for_an_fp8_kv_cache_and_a_missing_source(
     assert cli_main(["build", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "y" / MANIFEST_NAME).exists()
+
+
+@pytest.mark.slow
+def test_tp2_built_folder_serves_as_tp2_converting_on_load(checkpoint: Path, tmp_path: Path) -> None:
+    """Through a real two-rank group (Ray actors, gloo): each rank copies its own file onto its device
+    and calibrates the FP8 KV scales of its own heads; the tokens equal converting the HF folder on
+    load with the same scheme at the same TP size."""
+    import os
+
+    import ray
+
+    build_checkpoint(str(checkpoint), tmp_path / "tp2", 2, "int8-wo", "float32", kv_cache_dtype="fp8")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        ray.shutdown()
+    pythonpath = os.environ.get("PYTHONPATH", "")
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}} if pythonpath else None,
+    )
+    try:
+        tokens = []
+        for path, model in ((tmp_path / "tp2", {}), (checkpoint, {"quantization": "int8-wo"})):
+            config = {
+                "model": {"path": str(path), "max_model_len": 128, **model},
+                "cache": {"block_size": 4, "num_blocks": 48, "kv_cache_dtype": "fp8"},
+                "parallel": {"tensor_parallel_size": 2, "init_timeout_s": 60},
+            }
+            llm = LLM(config_from_dict(config))
+            tokens.append([r.outputs[0].token_ids for r in llm.generate(PROMPTS, GREEDY)])
+            llm.engine.shutdown()
+        assert tokens[0] == tokens[1]
+    finally:
+        ray.shutdown()

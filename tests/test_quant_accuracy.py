@@ -26,6 +26,8 @@ from fuserve.workers.models.checkpoint_build import build_checkpoint
 from fuserve.workers.models.loader import find_package_gguf
 from fuserve.workers.models.perplexity import score_text
 
+pytestmark = pytest.mark.slow  # four loads of the real model
+
 TEXT_TOKENS = 256
 MAX_PPL_CHANGE = 0.02  # |ppl / ppl_fp32 - 1|; 8-bit weights (and KV) move it 0.3-1.6 % on this text
 MIN_TOP1_AGREEMENT = 0.88
