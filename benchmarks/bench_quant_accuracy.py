@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import json
 import math
 import os
@@ -29,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import commit, device_name  # noqa: E402
 
 CONFIGS = ["none", "int8-wo", "fp8-wo", "fp8", "none+fp8kv", "fp8+fp8kv"]
-STDLIB_TEXTS = ["textwrap", "shlex", "fnmatch", "colorsys", "bisect", "heapq", "glob", "string"]
 QUESTIONS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -54,16 +52,6 @@ QUESTIONS = [
 ]
 
 
-def held_out_text() -> str:
-    """Standard-library sources: on every machine with Python, never in this repository."""
-    parts = []
-    for name in STDLIB_TEXTS:
-        spec = importlib.util.find_spec(name)
-        assert spec is not None and spec.origin is not None
-        parts.append(Path(spec.origin).read_text())
-    return "\n".join(parts)
-
-
 def prefix_fraction(want: list[int], got: list[int]) -> float:
     same = next(
         (i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), min(len(want), len(got))
@@ -78,7 +66,7 @@ def measure(
 
     from fuserve import LLM, SamplingParams
     from fuserve.configs import config_from_dict
-    from fuserve.workers.models.perplexity import score_text
+    from fuserve.workers.models.perplexity import score_text, stdlib_text
 
     scheme, _, kv = config.partition("+")
     llm = LLM(
@@ -95,7 +83,7 @@ def measure(
     )
     tok = llm.tokenizer
     assert tok is not None
-    ids = tok.encode(held_out_text(), add_special_tokens=False)[:text_tokens]
+    ids = tok.encode(stdlib_text(), add_special_tokens=False)[:text_tokens]
     model = llm.engine.executor.worker.model
     nll, top1 = score_text(model, ids)
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)

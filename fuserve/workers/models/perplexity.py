@@ -9,7 +9,9 @@ model serves with (so an FP8 cache is measured too): the engine's cache is put b
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,20 @@ def score_text(
         return F.cross_entropy(logits, tokens[1:], reduction="none"), logits.argmax(dim=-1)
     finally:
         model.bind_kv_cache([k for k, _ in saved], [v for _, v in saved])
+
+
+# held-out text on every machine with Python
+STDLIB_MODULES = ("textwrap", "shlex", "fnmatch", "colorsys", "bisect", "heapq", "glob", "string")
+
+
+def stdlib_text() -> str:
+    """CPython standard-library sources, concatenated: fixed text for accuracy checks, available offline."""
+    parts = []
+    for name in STDLIB_MODULES:
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin is not None
+        parts.append(Path(spec.origin).read_text())
+    return "\n".join(parts)
 
 
 def perplexity(model: LlamaForCausalLM, ids: list[int], block_size: int = 16) -> float:
