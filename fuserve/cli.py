@@ -1,4 +1,4 @@
-"""`fuserve generate|serve|k8s|deploy|status|scale|bench serve`: the command line."""
+"""`fuserve generate|serve|build|k8s|deploy|status|scale|bench serve`: the command line."""
 
 from __future__ import annotations
 
@@ -52,6 +52,26 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    from fuserve.workers.models.checkpoint_build import build_checkpoint
+
+    t0 = time.perf_counter()
+    try:
+        manifest = build_checkpoint(
+            args.src, Path(args.out), args.tp, args.quant, args.dtype, args.max_model_len, args.kv_cache
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"fuserve build: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"built {args.out}: {manifest.tensor_parallel_size} rank file(s), quantization "
+        f"{manifest.quantization}, {manifest.dtype}, KV cache {manifest.kv_cache_dtype}, "
+        f"max_model_len {manifest.limits['max_model_len']}, "
+        f"from {manifest.source['path']} in {time.perf_counter() - t0:.1f} s"
+    )
+    return 0
+
+
 def _bench_serve(args: argparse.Namespace) -> int:
     """Runs benchmarks/bench_serve.py from the source checkout (benchmarks are not installed)."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
@@ -92,6 +112,23 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: serve.grpc_port)")
     srv.set_defaults(func=_serve)
 
+    build = sub.add_parser(
+        "build",
+        help="convert a checkpoint ahead of time: fused, sharded per rank, quantized",
+        description="Read SRC (an HF folder or a .gguf file) and write OUT: one safetensors file per "
+        "tensor-parallel rank (QKV and gate/up fused, sharded, optionally 8-bit with per-channel scales) "
+        "and fuserve-build.json. Serve it with model.path: OUT.",
+    )
+    build.add_argument("src", help="HF model folder or .gguf file")
+    build.add_argument("--out", required=True, help="folder to write (created; rank files replaced)")
+    build.add_argument("--tp", type=int, default=1, help="tensor-parallel size it will be served with")
+    build.add_argument("--quant", default="none", choices=["none", "int8-wo", "fp8-wo", "fp8"])
+    build.add_argument(
+        "--kv-cache", default="auto", choices=["auto", "fp8"], help="KV cache dtype it serves with"
+    )
+    build.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    build.add_argument("--max-model-len", type=int, default=None, help="longest context it may serve")
+    build.set_defaults(func=_build)
     add_cluster_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks (from a source checkout)")

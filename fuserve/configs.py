@@ -60,6 +60,18 @@ class ModelConfig(_Strict):
         "OpenAI API's defaults. Its eos_token_id always counts as a stop token.",
     )
     seed: int = 0
+    quantization: Literal["auto", "none", "int8-wo", "fp8-wo", "fp8"] = Field(
+        default="auto",
+        description="8-bit weights (one scale per output channel) for the decoder layers' linear layers: "
+        "`int8-wo`/`fp8-wo` weight-only, `fp8` weights and activations (W8A8). An HF folder or GGUF file "
+        "converts on load; a folder from `fuserve build` holds its scheme already. `auto`: the built "
+        "folder's scheme, else none.",
+    )
+    build_source: str | None = Field(
+        default=None,
+        description="For a folder from `fuserve build`: the checkpoint it must have been built from; "
+        "start-up hashes it (seconds per GB) and refuses a build from anything else.",
+    )
 
     @model_validator(mode="after")
     def _has_source(self) -> ModelConfig:
@@ -81,6 +93,12 @@ class CacheConfig(_Strict):
     cpu_kv_cache_gib: float = Field(default=1.0, gt=0.0, description="KV cache size on CPU, in GiB.")
     num_blocks: int | None = Field(default=None, ge=1, description="Fix the pool size (overrides sizing).")
     enable_prefix_caching: bool = True
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        default="auto",
+        description="`auto`: the model dtype, or what a `fuserve build` folder was built for. `fp8`: "
+        "float8_e4m3fn with one scale per layer and KV head, calibrated at start-up: half the bytes "
+        "per token of bf16, twice the tokens in the same memory.",
+    )
 
     @model_validator(mode="after")
     def _pow2(self) -> CacheConfig:

@@ -49,7 +49,16 @@ def compile_for_hopper(kernel: Any, constexprs: dict[str, Any], types: dict[str,
 
 def main() -> int:
     from fuserve.parallel import all_reduce_rmsnorm, gemv_push
-    from fuserve.workers.kernels import argmax, gemv, nucleus_threshold
+    from fuserve.workers.kernels import (
+        argmax,
+        gemv,
+        nucleus_threshold,
+        paged_decode_attention,
+        paged_prefill_attention,
+        quant_gemm,
+        quant_gemv,
+        rotary,
+    )
 
     pdl = {"USE_PDL": True}
     gemv_tile = {"BLOCK_N": 8, "BLOCK_K": 512, "LINE": 64}
@@ -94,6 +103,43 @@ def main() -> int:
             {"probs_ptr": "*fp32", "target_ptr": "*fp32", "known_ptr": "*fp32", "out_ptr": "*fp32"},
         ),
     }
+    quant_tile = {"BLOCK_N": 8, "BLOCK_K": 1024}
+    gemm_tile = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}
+    for wname, wtype, fp8 in (("int8", "*i8", False), ("fp8", "*u8", True)):
+        kernels[f"quant_gemv {wname}"] = (
+            quant_gemv._quant_gemv_kernel,
+            {"HAS_BIAS": True, "FP8": fp8, **quant_tile, **pdl},
+            {"w_ptr": wtype, "scale_ptr": "*fp32"},
+        )
+        kernels[f"quant_gemm {wname}"] = (
+            quant_gemm._quant_gemm_kernel,
+            {"HAS_BIAS": False, "FP8": fp8, "IEEE_FP32": False, **gemm_tile},
+            {"w_ptr": wtype, "scale_ptr": "*fp32"},
+        )
+    fp8_cache = {"k_cache_ptr": "*u8", "v_cache_ptr": "*u8", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
+    index = {"block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "scale_log2": "fp32"}
+    attention = {"HEAD_DIM": 128, "BLOCK_SIZE": 16, "UPCAST": False, "DOT_PRECISION": "tf32", "FP8_KV": True}
+    kernels["paged decode, fp8 KV"] = (
+        paged_decode_attention._paged_decode_split_kernel,
+        {"GROUP": 4, "GROUP_PAD": 16, "BLOCK_N": 64, "SINGLE_SPLIT": False, **attention, **pdl},
+        {**fp8_cache, **index, "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"},
+    )
+    kernels["paged prefill, fp8 KV"] = (
+        paged_prefill_attention._paged_prefill_kernel,
+        {"GROUP": 4, "GROUP_PAD": 4, "BLOCK_Q": 16, "BLOCK_N": 64, **attention},
+        {**fp8_cache, **index, "query_start_loc_ptr": "*i32"},
+    )
+    kernels["rotary + fp8 KV write"] = (
+        rotary._rotary_kv_write_kernel,
+        {"HEAD_DIM": 128, "HALF_PAD": 64, "Q_HEADS_PAD": 32, "KV_HEADS_PAD": 8, "FP8_KV": True, **pdl},
+        {
+            **fp8_cache,
+            "positions_ptr": "*i64",
+            "slot_mapping_ptr": "*i64",
+            "cos_ptr": "*fp32",
+            "sin_ptr": "*fp32",
+        },
+    )
     failed = 0
     for name, (kernel, constexprs, types) in kernels.items():
         try:

@@ -13,11 +13,16 @@ shard id into their place in the fused parameter.
   VocabParallelEmbedding  vocab rows split; out-of-range ids give zeros, all-reduce fills them in
   ParallelLMHead          vocab rows split; logits gathered on rank 0 only (the only rank that samples),
                           or for greedy rows each rank's argmax, max-reduced into the token on every rank
+
+With a `WeightQuant` the linear layers hold 8-bit weights and one fp32 scale per output row
+(`weight_scale`; models/quant_scheme.py): each checkpoint slice is quantized as it is copied in, so a
+full-precision checkpoint converts on load without a full-precision copy of the model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,10 +31,60 @@ from torch import nn
 
 from fuserve.parallel.tp_context import PushedPartial, TPContext
 from fuserve.parallel.vocab_parallel_argmax import vocab_parallel_argmax
+from fuserve.workers.models.quant_scheme import QuantScheme, quantize_rows
 
 WeightLoader = Callable[..., None]
 # y = x @ W^T + b; the model passes its kernel choice (e.g. a bandwidth-bound GEMV for decode).
 LinearFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# y = x @ dequant(qweight, scale)^T + b, called (x, qweight, scale, bias, quantize_activations)
+QuantLinearFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """How a linear layer holds and multiplies 8-bit weights: the scheme and the kernel choice."""
+
+    scheme: QuantScheme
+    linear: QuantLinearFn
+
+
+class _Linear(nn.Module):
+    """The weight (full precision, or 8-bit with per-row scales) and the product shared by the
+    column- and row-parallel layers."""
+
+    def _make_weight(self, rows: int, cols: int, quant: WeightQuant | None) -> None:
+        self.quant = quant
+        dtype = quant.scheme.weight_dtype if quant is not None else None
+        self.weight = nn.Parameter(torch.empty(rows, cols, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.load  # type: ignore[attr-defined]
+        self.weight_scale = None
+        if quant is not None:
+            self.weight_scale = nn.Parameter(torch.empty(rows, dtype=torch.float32), requires_grad=False)
+
+    def load(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
+        raise NotImplementedError
+
+    def _store_rows(self, offset: int, size: int, value: torch.Tensor) -> None:
+        """Weight rows [offset, offset + size) from a full-precision slice of that many rows, quantized
+        if the weight is 8-bit."""
+        rows = self.weight.data.narrow(0, offset, size)
+        if tuple(rows.shape) != tuple(value.shape):
+            raise ValueError(
+                f"checkpoint shape {tuple(value.shape)} does not fit parameter {tuple(rows.shape)}"
+            )
+        if self.quant is None:
+            rows.copy_(value)
+            return
+        assert self.weight_scale is not None
+        q, scale = quantize_rows(value.to(rows.device), self.quant.scheme)
+        rows.copy_(q)
+        self.weight_scale.data.narrow(0, offset, size).copy_(scale)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant is None:
+            return self.linear(x, self.weight, bias)
+        act = self.quant.scheme.quantize_activations
+        return self.quant.linear(x, self.weight, self.weight_scale, bias, act)
 
 
 def _shape(src: Any) -> tuple[int, ...]:
@@ -60,40 +115,59 @@ def _divide(total: int, size: int, what: str) -> int:
     return total // size
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(_Linear):
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, tp: TPContext, linear: LinearFn = F.linear
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        tp: TPContext,
+        linear: LinearFn = F.linear,
+        quant: WeightQuant | None = None,
     ) -> None:
         super().__init__()
         self.tp = tp
         self.linear = linear
         self.out_per_rank = _divide(out_features, tp.size, "output features")
-        self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features), requires_grad=False)
-        self.weight.weight_loader = self.load  # type: ignore[attr-defined]
+        self._make_weight(self.out_per_rank, in_features, quant)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_per_rank), requires_grad=False)
             self.bias.weight_loader = self.load  # type: ignore[attr-defined]
 
     def load(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
-        _copy(param, _narrow(src, 0, self.tp.rank * self.out_per_rank, self.out_per_rank))
+        value = _narrow(src, 0, self.tp.rank * self.out_per_rank, self.out_per_rank)
+        if param is self.weight:
+            self._store_rows(0, self.out_per_rank, value)
+        else:
+            _copy(param, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     def __init__(
-        self, in_features: int, out_sizes: list[int], bias: bool, tp: TPContext, linear: LinearFn = F.linear
+        self,
+        in_features: int,
+        out_sizes: list[int],
+        bias: bool,
+        tp: TPContext,
+        linear: LinearFn = F.linear,
+        quant: WeightQuant | None = None,
     ) -> None:
         self.out_sizes = out_sizes
-        super().__init__(in_features, sum(out_sizes), bias, tp, linear)
+        super().__init__(in_features, sum(out_sizes), bias, tp, linear, quant)
 
     def load(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
         per_rank = [_divide(s, self.tp.size, "merged output features") for s in self.out_sizes]
         offset = sum(per_rank[: int(shard_id)])
         size = per_rank[int(shard_id)]
-        _copy(param.data.narrow(0, offset, size), _narrow(src, 0, self.tp.rank * size, size))
+        value = _narrow(src, 0, self.tp.rank * size, size)
+        if param is self.weight:
+            self._store_rows(offset, size, value)
+        else:
+            _copy(param.data.narrow(0, offset, size), value)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -106,6 +180,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         bias: bool,
         tp: TPContext,
         linear: LinearFn = F.linear,
+        quant: WeightQuant | None = None,
     ) -> None:
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp.size, "attention heads")
@@ -117,7 +192,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             _divide(num_kv_heads, tp.size, "key/value heads")
         self.num_kv_heads = max(1, num_kv_heads // tp.size)
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.size
-        super().__init__(hidden, out, bias, tp, linear)
+        super().__init__(hidden, out, bias, tp, linear, quant)
 
     @property
     def q_size(self) -> int:
@@ -133,10 +208,14 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
             size, rank_block = self.kv_size, self.tp.rank // self.kv_replicas
-        _copy(param.data.narrow(0, offset, size), _narrow(src, 0, rank_block * size, size))
+        value = _narrow(src, 0, rank_block * size, size)
+        if param is self.weight:
+            self._store_rows(offset, size, value)
+        else:
+            _copy(param.data.narrow(0, offset, size), value)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Linear):
     def __init__(
         self,
         in_features: int,
@@ -145,6 +224,7 @@ class RowParallelLinear(nn.Module):
         tp: TPContext,
         linear: LinearFn = F.linear,
         reduce_output: bool = True,
+        quant: WeightQuant | None = None,
     ) -> None:
         """`reduce_output=False` returns this rank's partial sum for the caller to reduce (fused with
         what follows, see TPContext.all_reduce_add_rmsnorm); the bias then joins rank 0's part only."""
@@ -153,21 +233,23 @@ class RowParallelLinear(nn.Module):
         self.linear = linear
         self.reduce_output = reduce_output
         self.in_per_rank = _divide(in_features, tp.size, "input features")
-        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank), requires_grad=False)
-        self.weight.weight_loader = self.load  # type: ignore[attr-defined]
+        self._make_weight(out_features, self.in_per_rank, quant)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.bias.weight_loader = load_replicated  # type: ignore[attr-defined]
 
     def load(self, param: torch.Tensor, src: Any, shard_id: Any = None) -> None:
-        _copy(param, _narrow(src, 1, self.tp.rank * self.in_per_rank, self.in_per_rank))
+        value = _narrow(src, 1, self.tp.rank * self.in_per_rank, self.in_per_rank)
+        self._store_rows(0, self.weight.shape[0], value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | PushedPartial:
         if not self.reduce_output:
             bias = self.bias if self.tp.rank == 0 else None
+            if self.quant is not None:  # the pushing GEMV reads full-precision weights only
+                return self._matmul(x, bias)
             return self.tp.row_parallel_partial(x, self.weight, bias, self.linear)
-        y = self.tp.all_reduce(self.linear(x, self.weight, None))
+        y = self.tp.all_reduce(self._matmul(x, None))
         return y + self.bias if self.bias is not None else y
 
 

@@ -8,21 +8,26 @@ tokenizer belong to the engine (rank 0), not here.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from fuserve.configs import FuserveConfig
 from fuserve.parallel.tp_context import TPContext
 from fuserve.workers.cuda_graphs import DecodeGraphs
 from fuserve.workers.kernels.ops import KernelOps
-from fuserve.workers.kv_cache import allocate_kv_cache, num_blocks_for
+from fuserve.workers.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_for
+from fuserve.workers.kv_scales import calibrate_kv_scales
 from fuserve.workers.model_runner import ModelRunner
+from fuserve.workers.models.build_manifest import check_manifest
 from fuserve.workers.models.fidelity import check_implemented
 from fuserve.workers.models.llama import LlamaArch
-from fuserve.workers.models.loader import ModelSource, build_model, resolve_source
+from fuserve.workers.models.loader import ModelSource, build_model, quant_scheme, resolve_source
 from fuserve.workers.sampler import SampledBatch
 from fuserve.workers.step_plan import StepPlan
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger("fuserve")
 
 
 def pick_device(choice: str) -> torch.device:
@@ -52,6 +57,17 @@ class Worker:
         self.device = pick_device(config.model.device)
         self.dtype = pick_dtype(config.model.dtype, self.device)
         self.source: ModelSource = resolve_source(config.model)
+        if self.source.manifest is not None:
+            assert self.source.path is not None
+            check_manifest(
+                self.source.manifest,
+                self.source.path,
+                config.parallel.tensor_parallel_size,
+                config.model.quantization,
+                config.model.max_model_len,
+                config.model.build_source,
+                config.cache.kv_cache_dtype,
+            )
         self.arch = LlamaArch.from_hf(self.source.hf_config)
         self.max_model_len = min(
             config.model.max_model_len or self.arch.max_position_embeddings, self.arch.max_position_embeddings
@@ -59,11 +75,24 @@ class Worker:
         check_implemented(self.source.hf_config, self.max_model_len)
         ops = pick_ops(config.kernels.use_triton, self.device)
         self.model = build_model(
-            self.source, tp, ops, self.dtype, self.device, self.max_model_len, config.model.seed
+            self.source,
+            tp,
+            ops,
+            self.dtype,
+            self.device,
+            self.max_model_len,
+            config.model.seed,
+            quant_scheme(self.source, config.model),
         )
         cache_cfg = config.cache
         bs = cache_cfg.block_size
         num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
+        kv_choice = cache_cfg.kv_cache_dtype
+        if kv_choice == "auto" and self.source.manifest is not None:
+            kv_choice = self.source.manifest.kv_cache_dtype
+        self.kv_dtype = torch.float8_e4m3fn if kv_choice == "fp8" else self.dtype
+        if kv_choice == "fp8":
+            calibrate_kv_scales(self.model, bs)
         # Same answer on every rank (config and device type agree), so the token broadcasts pair up.
         choice = config.scheduler.async_scheduling
         self.async_scheduling = choice == "on" or (choice == "auto" and self.device.type == "cuda")
@@ -72,15 +101,27 @@ class Worker:
             self._profile(runner, num_kv_heads)
         # Every rank must hold the same block ids: the smallest pool that fits on every GPU.
         self.num_blocks = tp.min_across_ranks(
-            num_blocks_for(cache_cfg, self.arch, num_kv_heads, self.dtype, self.device)
+            num_blocks_for(cache_cfg, self.arch, num_kv_heads, self.kv_dtype, self.device)
         )
+        if tp.rank == 0:
+            per_token = bytes_per_block(self.arch, num_kv_heads, bs, self.kv_dtype) // bs
+            log.info(
+                "KV cache: %d blocks x %d = %d tokens, %s, %d bytes per token per rank (%d in %s)",
+                self.num_blocks,
+                bs,
+                self.num_blocks * bs,
+                str(self.kv_dtype).removeprefix("torch."),
+                per_token,
+                per_token * self.dtype.itemsize // self.kv_dtype.itemsize,
+                str(self.dtype).removeprefix("torch."),
+            )
         if self.num_blocks * bs < self.max_model_len:
             raise RuntimeError(
                 f"the KV cache holds {self.num_blocks * bs} tokens, fewer than max_model_len "
                 f"{self.max_model_len}; lower model.max_model_len or give the cache more memory"
             )
         self.kv_cache = allocate_kv_cache(
-            self.arch, num_kv_heads, self.num_blocks, bs, self.dtype, self.device
+            self.arch, num_kv_heads, self.num_blocks, bs, self.kv_dtype, self.device
         )
         self.model.bind_kv_cache(self.kv_cache.k, self.kv_cache.v)
         if self.device.type == "cuda" and config.kernels.cuda_graphs:

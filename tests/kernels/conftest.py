@@ -27,7 +27,8 @@ def _round_bf16_to_nearest_in_interpreter() -> None:
     Triton's interpreter (3.9) truncates on that cast, so every bf16 output would differ from torch
     by up to one ulp per rounding for no fault of the kernel. Only the interpreter is patched; if a
     later Triton moves this method, nothing is patched and the bf16 comparisons show whether it is
-    still needed.
+    still needed. Its fp32 -> fp8 (e4m3) cast is wrong where rounding carries into the exponent
+    (124.0 -> 64, not 128; the GPU's cvt is right), so that cast takes torch's rounding too.
     """
     import triton.language as tl
     from triton.runtime import interpreter
@@ -44,6 +45,17 @@ def _round_bf16_to_nearest_in_interpreter() -> None:
         return truncating_cast(self, src, dst_type)
 
     builder.cast_impl = cast_impl
+    fp_to_fp = getattr(builder, "create_fp_to_fp", None)
+    if fp_to_fp is None:
+        return
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):  # noqa: ANN001, ANN202
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.float8_e4m3fn)
+            return interpreter.TensorHandle(rounded.view(torch.uint8).numpy(), tl.float8e4nv)
+        return fp_to_fp(self, src, dst_type, rounding_mode)
+
+    builder.create_fp_to_fp = create_fp_to_fp
 
 
 if os.environ.get("TRITON_INTERPRET") == "1":

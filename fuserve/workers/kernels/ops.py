@@ -21,13 +21,14 @@ class KernelOps:
     paged_decode_attention: Callable
     paged_prefill_attention: Callable
     linear: Callable
+    quant_linear: Callable  # 8-bit weights (kernels/quant_linear.py)
     name: str
 
     @classmethod
     def reference(cls) -> KernelOps:
         from fuserve.workers.kernels import paged_decode_attention as dec
         from fuserve.workers.kernels import paged_prefill_attention as pre
-        from fuserve.workers.kernels import rmsnorm, rotary, silu_mul
+        from fuserve.workers.kernels import quant_linear, rmsnorm, rotary, silu_mul
 
         return cls(
             rmsnorm=rmsnorm.rmsnorm_ref,
@@ -37,12 +38,13 @@ class KernelOps:
             paged_decode_attention=dec.paged_decode_attention_ref,
             paged_prefill_attention=pre.paged_prefill_attention_ref,
             linear=F.linear,
+            quant_linear=quant_linear.quant_linear_ref,
             name="torch-ref",
         )
 
     @classmethod
     def triton(cls) -> KernelOps:
-        from fuserve.workers.kernels import gemv, rmsnorm, rotary, silu_mul
+        from fuserve.workers.kernels import gemv, quant_linear, rmsnorm, rotary, silu_mul
         from fuserve.workers.kernels import paged_decode_attention as dec
         from fuserve.workers.kernels import paged_prefill_attention as pre
 
@@ -54,5 +56,6 @@ class KernelOps:
             paged_decode_attention=dec.paged_decode_attention,
             paged_prefill_attention=pre.paged_prefill_attention,
             linear=gemv.linear,
+            quant_linear=quant_linear.quant_linear,
             name="triton",
         )

@@ -20,6 +20,9 @@ table's width) pick the grid; context lengths are read on the device only. Rows 
 context_lens[b] == 0 produce zeros. Block-table entries past ceil(context_lens[b] / BS) are never
 read. Scores use exp2 with log2(e) folded into the scale.
 
+An fp8 cache (kv_cache_fp8.py) is read as bytes, converted in registers; the KV head's K scale
+joins the softmax scale and its V scale multiplies the output.
+
 The Triton interpreter (CPU) computes bf16 dots wrongly, so there the tiles are upcast to fp32
 before `tl.dot` (`UPCAST`); on the GPU bf16/fp16 dots run natively with fp32 accumulation.
 """
@@ -33,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fuserve.workers.kernels.kv_cache_fp8 import cache_bytes, check_kv_scales, dequantize_kv, is_fp8
 from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
 
 LOG2E = 1.4426950408889634
@@ -49,6 +53,8 @@ def _paged_decode_split_kernel(
     part_m_ptr,
     part_l_ptr,
     part_acc_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     scale_log2,
     stride_q_batch,
     stride_q_head,
@@ -67,12 +73,16 @@ def _paged_decode_split_kernel(
     SINGLE_SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8_KV: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_launch_and_wait(USE_PDL)
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    qk_scale = scale_log2
+    if FP8_KV:
+        qk_scale = scale_log2 * tl.load(k_scale_ptr + kv_head)
 
     context_len = tl.load(context_lens_ptr + batch)
     start = split * partition_size
@@ -105,9 +115,11 @@ def _paged_decode_split_kernel(
             blocks * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_offset + head_offset
         )[:, None] + dims[None, :]
         k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+        if FP8_KV:
+            k = k.to(tl.float8e4nv, bitcast=True).to(q.dtype)
         if UPCAST:
             k = k.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [GROUP_PAD, BLOCK_N]
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -116,11 +128,15 @@ def _paged_decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
 
         v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+        if FP8_KV:
+            v = v.to(tl.float8e4nv, bitcast=True).to(q.dtype)
         if UPCAST:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if FP8_KV:
+        acc = acc * tl.load(v_scale_ptr + kv_head)
     if SINGLE_SPLIT:
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # empty context: acc == 0 -> zeros
         out_offsets = batch * num_q_heads * HEAD_DIM + heads[:, None] * HEAD_DIM + dims[None, :]
@@ -214,8 +230,10 @@ def _check_args(
         )
     if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
         raise ValueError(f"k_cache and v_cache need equal strides, last dim contiguous: {k_cache.stride()}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype} must share a dtype")
+    if k_cache.dtype != v_cache.dtype or (k_cache.dtype != q.dtype and not is_fp8(k_cache)):
+        raise TypeError(
+            f"q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}: one dtype, or fp8 caches"
+        )
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     if num_q_heads % num_kv_heads:
         raise ValueError(f"Hq={num_q_heads} is not a multiple of Hkv={num_kv_heads}")
@@ -247,14 +265,17 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     max_context_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q Kᵀ) V over each sequence's paged context. q: [B, Hq, D] -> [B, Hq, D].
 
     k_cache, v_cache: [N, BS, Hkv, D]; block_tables: [B, M] int32; context_lens: [B] int32 (0 allowed:
     zeros out). `max_context_len` bounds every context length (defaults to M * BS) and, with the
-    shapes, fixes the number of splits.
+    shapes, fixes the number of splits. An fp8 cache takes k_scale, v_scale: [Hkv] fp32.
     """
     _check_args(q, k_cache, v_cache, block_tables, context_lens)
+    fp8 = check_kv_scales(k_cache, k_scale, v_scale, k_cache.shape[2])
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -279,14 +300,16 @@ def paged_decode_attention(
 
     _paged_decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q_ptr=q,
-        k_cache_ptr=k_cache,
-        v_cache_ptr=v_cache,
+        k_cache_ptr=cache_bytes(k_cache),
+        v_cache_ptr=cache_bytes(v_cache),
         block_tables_ptr=block_tables,
         context_lens_ptr=context_lens,
         out_ptr=out,
         part_m_ptr=part_m,
         part_l_ptr=part_l,
         part_acc_ptr=part_acc,
+        k_scale_ptr=k_scale if fp8 else context_lens,
+        v_scale_ptr=v_scale if fp8 else context_lens,
         scale_log2=scale * LOG2E,
         stride_q_batch=q.stride(0),
         stride_q_head=q.stride(1),
@@ -305,6 +328,7 @@ def paged_decode_attention(
         SINGLE_SPLIT=num_splits == 1,
         UPCAST=not on_gpu,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FP8_KV=fp8,
         USE_PDL=use_pdl,
         num_warps=4,
         num_stages=2,
@@ -337,6 +361,8 @@ def paged_decode_attention_ref(
     context_lens: torch.Tensor,
     scale: float,
     max_context_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch `paged_decode_attention`: gather each sequence's K/V, masked softmax in fp32.
 
@@ -353,11 +379,12 @@ def paged_decode_attention_ref(
     length = num_table_blocks * block_size
     valid = torch.arange(length, device=q.device)[None, :] < context_lens[:, None].long()  # [B, L]
 
-    def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [B, L, Hkv, D] fp32, invalid tokens zeroed
-        x = cache[tables].reshape(batch, length, num_kv_heads, head_dim).float()
-        return torch.where(valid[:, :, None, None], x, 0.0)
+    def gather(cache: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:  # -> [B, L, Hkv, D] fp32
+        x = dequantize_kv(cache[tables].reshape(batch, length, num_kv_heads, head_dim), s)
+        return torch.where(valid[:, :, None, None], x, 0.0)  # invalid tokens zeroed
 
-    k, v = gather(k_cache), gather(v_cache)
+    check_kv_scales(k_cache, k_scale, v_scale, num_kv_heads)
+    k, v = gather(k_cache, k_scale), gather(v_cache, v_scale)
     qf = q.float().reshape(batch, num_kv_heads, group, head_dim)
     scores = torch.einsum("bhgd,blhd->bhgl", qf, k) * scale
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))

@@ -21,6 +21,9 @@ n % BS), so block tables may be any permutation, and entries past the context ar
 Query tiles past a sequence's q_len return at once; the grid's first dimension comes from
 `max_query_len` (or the total token count, which needs no host sync).
 
+An fp8 cache (kv_cache_fp8.py) is read as bytes, converted in registers; the KV head's K scale
+joins the softmax scale and its V scale multiplies the output.
+
 The Triton interpreter (CPU) computes bf16 dots wrongly, so there the tiles are upcast to fp32
 before `tl.dot` (`UPCAST`); on the GPU bf16/fp16 dots run natively with fp32 accumulation.
 """
@@ -30,6 +33,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from fuserve.workers.kernels.kv_cache_fp8 import cache_bytes, check_kv_scales, dequantize_kv, is_fp8
 
 LOG2E = 1.4426950408889634
 
@@ -55,6 +60,7 @@ def _attend_tile(
     CAUSAL_MASK: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8_KV: tl.constexpr,
 ):
     """One K/V tile (keys n0 .. n0 + BLOCK_N) of the online softmax: returns the new (m_i, l_i, acc).
 
@@ -76,6 +82,9 @@ def _attend_tile(
     else:
         k = tl.load(k_head_ptr + kv_offsets)
         v = tl.load(v_head_ptr + kv_offsets)
+    if FP8_KV:
+        k = k.to(tl.float8e4nv, bitcast=True).to(q.dtype)
+        v = v.to(tl.float8e4nv, bitcast=True).to(q.dtype)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -101,6 +110,8 @@ def _paged_prefill_kernel(
     query_start_loc_ptr,
     context_lens_ptr,
     out_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     scale_log2,
     stride_q_token,
     stride_q_head,
@@ -117,6 +128,7 @@ def _paged_prefill_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8_KV: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     q_tile = tl.program_id(0)
@@ -152,6 +164,9 @@ def _paged_prefill_kernel(
     block_table = block_tables_ptr + batch.to(tl.int64) * stride_block_tables
     k_head_ptr = k_cache_ptr + kv_head * stride_cache_head
     v_head_ptr = v_cache_ptr + kv_head * stride_cache_head
+    qk_scale = scale_log2
+    if FP8_KV:
+        qk_scale = scale_log2 * tl.load(k_scale_ptr + kv_head)
 
     # keys below full_end are visible to every row; the last row sees keys up to kv_end - 1
     kv_end = tl.minimum(context_len, first_pos + BLOCK_Q)
@@ -159,20 +174,22 @@ def _paged_prefill_kernel(
     for n0 in range(0, full_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_head_ptr, v_head_ptr, block_table, n0, kv_end, query_pos,
-            scale_log2, stride_cache_block, stride_cache_offset, dims,
+            qk_scale, stride_cache_block, stride_cache_offset, dims,
             BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL_MASK=False,
-            UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
+            UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, FP8_KV=FP8_KV,
         )  # fmt: skip
     # the first masked tile holds key full_end <= first_pos, visible to every row: m_i stays finite
     for n0 in range(full_end, kv_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_head_ptr, v_head_ptr, block_table, n0, kv_end, query_pos,
-            scale_log2, stride_cache_block, stride_cache_offset, dims,
+            qk_scale, stride_cache_block, stride_cache_offset, dims,
             BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL_MASK=True,
-            UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION,
+            UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, FP8_KV=FP8_KV,
         )  # fmt: skip
 
     out = acc / l_i[:, None]
+    if FP8_KV:
+        out = out * tl.load(v_scale_ptr + kv_head)
     out_offsets = (
         (q_start + row_token).to(tl.int64)[:, None] * (num_q_heads * HEAD_DIM)
         + (row_head * HEAD_DIM)[:, None]
@@ -211,8 +228,10 @@ def _check_args(
         )
     if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
         raise ValueError(f"k_cache and v_cache need equal strides, last dim contiguous: {k_cache.stride()}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype} must share a dtype")
+    if k_cache.dtype != v_cache.dtype or (k_cache.dtype != q.dtype and not is_fp8(k_cache)):
+        raise TypeError(
+            f"q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}: one dtype, or fp8 caches"
+        )
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if num_q_heads % num_kv_heads:
         raise ValueError(f"Hq={num_q_heads} is not a multiple of Hkv={num_kv_heads}")
@@ -251,15 +270,19 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,
     scale: float,
     max_query_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new query tokens over its paged context.
 
     q: [T, Hq, D] (the batch's query tokens back to back); k_cache, v_cache: [N, BS, Hkv, D];
     block_tables: [B, M] int32; query_start_loc: [B + 1] int32 (cumulative query counts, last = T);
     context_lens: [B] int32, each >= that sequence's query count. `max_query_len` bounds every
-    query count (defaults to T). Returns [T, Hq, D] of q.dtype.
+    query count (defaults to T). An fp8 cache takes k_scale, v_scale: [Hkv] fp32. Returns [T, Hq, D]
+    of q.dtype.
     """
     _check_args(q, k_cache, v_cache, block_tables, query_start_loc, context_lens)
+    fp8 = check_kv_scales(k_cache, k_scale, v_scale, k_cache.shape[2])
     num_tokens, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     batch = context_lens.shape[0]
@@ -276,12 +299,14 @@ def paged_prefill_attention(
     grid = (triton.cdiv(max_query_len, block_q), batch, num_kv_heads)
     _paged_prefill_kernel[grid](
         q_ptr=q,
-        k_cache_ptr=k_cache,
-        v_cache_ptr=v_cache,
+        k_cache_ptr=cache_bytes(k_cache),
+        v_cache_ptr=cache_bytes(v_cache),
         block_tables_ptr=block_tables,
         query_start_loc_ptr=query_start_loc,
         context_lens_ptr=context_lens,
         out_ptr=out,
+        k_scale_ptr=k_scale if fp8 else context_lens,
+        v_scale_ptr=v_scale if fp8 else context_lens,
         scale_log2=scale * LOG2E,
         stride_q_token=q.stride(0),
         stride_q_head=q.stride(1),
@@ -298,6 +323,7 @@ def paged_prefill_attention(
         BLOCK_N=block_n,
         UPCAST=q.device.type != "cuda",
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FP8_KV=fp8,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -313,6 +339,8 @@ def paged_prefill_attention_ref(
     context_lens: torch.Tensor,
     scale: float,
     max_query_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch `paged_prefill_attention`: per sequence, gather K/V from its blocks, causal
     softmax in fp32 (query i at position context_len - q_len + i sees keys 0..that position)."""
@@ -320,14 +348,15 @@ def paged_prefill_attention_ref(
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    check_kv_scales(k_cache, k_scale, v_scale, num_kv_heads)
     starts = query_start_loc.tolist()
     for b, context_len in enumerate(context_lens.tolist()):
         q_len = starts[b + 1] - starts[b]
         if q_len == 0:
             continue
         blocks = block_tables[b, : -(-context_len // block_size)].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:context_len].float()
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:context_len].float()
+        k = dequantize_kv(k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:context_len], k_scale)
+        v = dequantize_kv(v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:context_len], v_scale)
         k = k.repeat_interleave(group, dim=1)  # [ctx, Hq, D]
         v = v.repeat_interleave(group, dim=1)
         qb = q[starts[b] : starts[b + 1]].float()  # [q_len, Hq, D]

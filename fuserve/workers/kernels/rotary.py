@@ -15,6 +15,9 @@ Data flow for token t (one program, all heads of the token in one tile):
 The rotation is HuggingFace's `rotate_half` (neox) form: element i pairs with element i + D/2,
     out[:D/2] = x1 * cos - x2 * sin,   out[D/2:] = x2 * cos + x1 * sin,
 computed in fp32 and rounded to the input dtype once.
+
+An FP8 cache (float8_e4m3fn, kv_cache_fp8.py) stores k / k_scale[head] and v / v_scale[head],
+saturated to +-448, rounded once from fp32; the attention kernels multiply the scales back.
 """
 
 from __future__ import annotations
@@ -23,6 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
+from fuserve.workers.kernels.kv_cache_fp8 import (
+    cache_bytes,
+    check_kv_scales,
+    is_fp8,
+    quantize_kv,
+    to_fp8_bytes,
+)
 from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
 
 
@@ -45,6 +55,8 @@ def _rotary_kv_write_kernel(
     v_cache_ptr,
     slot_mapping_ptr,
     q_out_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     stride_q_token,
     stride_q_head,
     stride_k_token,
@@ -59,6 +71,7 @@ def _rotary_kv_write_kernel(
     HALF_PAD: tl.constexpr,
     Q_HEADS_PAD: tl.constexpr,
     KV_HEADS_PAD: tl.constexpr,
+    FP8_KV: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_launch_and_wait(USE_PDL)
@@ -93,12 +106,21 @@ def _rotary_kv_write_kernel(
         k1, k2 = _rotate_half(
             tl.load(k_in, mask=kv_mask, other=0.0), tl.load(k_in + HALF, mask=kv_mask, other=0.0), cos, sin
         )
-        tl.store(k_cache_ptr + cache_off, k1.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(k_cache_ptr + cache_off + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
-
         v_in = v_ptr + token * stride_v_token + kv_heads[:, None] * stride_v_head + half[None, :]
-        tl.store(v_cache_ptr + cache_off, tl.load(v_in, mask=kv_mask), mask=kv_mask)
-        tl.store(v_cache_ptr + cache_off + HALF, tl.load(v_in + HALF, mask=kv_mask), mask=kv_mask)
+        v1 = tl.load(v_in, mask=kv_mask)
+        v2 = tl.load(v_in + HALF, mask=kv_mask)
+        if FP8_KV:  # the caches arrive as their bytes (uint8): see kv_cache_fp8.py
+            k_inv = 1.0 / tl.load(k_scale_ptr + kv_heads, mask=kv_heads < num_kv_heads, other=1.0)[:, None]
+            v_inv = 1.0 / tl.load(v_scale_ptr + kv_heads, mask=kv_heads < num_kv_heads, other=1.0)[:, None]
+            tl.store(k_cache_ptr + cache_off, to_fp8_bytes(k1 * k_inv), mask=kv_mask)
+            tl.store(k_cache_ptr + cache_off + HALF, to_fp8_bytes(k2 * k_inv), mask=kv_mask)
+            tl.store(v_cache_ptr + cache_off, to_fp8_bytes(v1.to(tl.float32) * v_inv), mask=kv_mask)
+            tl.store(v_cache_ptr + cache_off + HALF, to_fp8_bytes(v2.to(tl.float32) * v_inv), mask=kv_mask)
+        else:
+            tl.store(k_cache_ptr + cache_off, k1.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+            tl.store(k_cache_ptr + cache_off + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+            tl.store(v_cache_ptr + cache_off, v1, mask=kv_mask)
+            tl.store(v_cache_ptr + cache_off + HALF, v2, mask=kv_mask)
 
 
 def _check_args(
@@ -136,8 +158,8 @@ def _check_args(
             )
         if not cache.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-        if cache.dtype != q.dtype:
-            raise TypeError(f"{name} dtype {cache.dtype} differs from q dtype {q.dtype}")
+        if cache.dtype != q.dtype and not is_fp8(cache):
+            raise TypeError(f"{name} dtype {cache.dtype} differs from q dtype {q.dtype} (and is not fp8)")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
     for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
@@ -161,15 +183,19 @@ def rotary_kv_write(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotate q and k by their positions; write rotated k and v into the paged cache.
 
     q: [T, Hq, D], k, v: [T, Hkv, D] (row strides free, last dim contiguous); positions: [T] int64;
     cos_cache, sin_cache: [P, D/2] fp32; k_cache, v_cache: [N, BS, Hkv, D] contiguous;
     slot_mapping: [T] int64, slot = block * BS + offset, negative = padding token (not written).
-    Returns rotated q as a new contiguous [T, Hq, D] tensor of q.dtype.
+    An fp8 cache takes k_scale, v_scale: [Hkv] fp32. Returns rotated q as a new contiguous [T, Hq, D]
+    tensor of q.dtype.
     """
     _check_args(q, k, v, positions, cos_cache, sin_cache, k_cache, v_cache, slot_mapping)
+    fp8 = check_kv_scales(k_cache, k_scale, v_scale, k.shape[1])
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     q_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
@@ -183,10 +209,12 @@ def rotary_kv_write(
         positions_ptr=positions,
         cos_ptr=cos_cache,
         sin_ptr=sin_cache,
-        k_cache_ptr=k_cache,
-        v_cache_ptr=v_cache,
+        k_cache_ptr=cache_bytes(k_cache),
+        v_cache_ptr=cache_bytes(v_cache),
         slot_mapping_ptr=slot_mapping,
         q_out_ptr=q_out,
+        k_scale_ptr=k_scale if fp8 else cos_cache,
+        v_scale_ptr=v_scale if fp8 else cos_cache,
         stride_q_token=q.stride(0),
         stride_q_head=q.stride(1),
         stride_k_token=k.stride(0),
@@ -201,6 +229,7 @@ def rotary_kv_write(
         HALF_PAD=triton.next_power_of_2(head_dim // 2),
         Q_HEADS_PAD=triton.next_power_of_2(num_q_heads),
         KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        FP8_KV=fp8,
         USE_PDL=use_pdl,
         num_warps=4,
         launch_pdl=use_pdl,
@@ -218,19 +247,26 @@ def rotary_kv_write_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch `rotary_kv_write`: same arguments, same in-place cache writes, same result."""
     half = q.shape[-1] // 2
     cos = cos_cache[positions][:, None, :]  # [T, 1, D/2]
     sin = sin_cache[positions][:, None, :]
 
-    def rotate(x: torch.Tensor) -> torch.Tensor:
+    def rotate(x: torch.Tensor) -> torch.Tensor:  # fp32
         x1, x2 = x[..., :half].float(), x[..., half:].float()
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     written = slot_mapping >= 0
     slots = slot_mapping[written]
-    k_cache.view(-1, num_kv_heads, head_dim)[slots] = rotate(k)[written]
-    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v[written]
-    return rotate(q)
+    if check_kv_scales(k_cache, k_scale, v_scale, num_kv_heads):
+        assert k_scale is not None and v_scale is not None
+        k_rows, v_rows = quantize_kv(rotate(k)[written], k_scale), quantize_kv(v[written].float(), v_scale)
+    else:
+        k_rows, v_rows = rotate(k)[written].to(k.dtype), v[written]
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = k_rows
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v_rows
+    return rotate(q).to(q.dtype)

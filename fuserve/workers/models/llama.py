@@ -26,10 +26,12 @@ from fuserve.parallel.layers import (
     QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    WeightQuant,
     load_replicated,
 )
 from fuserve.parallel.tp_context import PushedPartial, TPContext
 from fuserve.workers.kernels.ops import KernelOps
+from fuserve.workers.models.quant_scheme import QuantScheme
 from fuserve.workers.models.rope import rope_tables
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -132,7 +134,7 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps) -> None:
+    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps, quant: WeightQuant | None) -> None:
         super().__init__()
         self.ops = ops
         self.head_dim = arch.head_dim
@@ -144,15 +146,31 @@ class LlamaAttention(nn.Module):
             arch.attention_bias,
             tp,
             ops.linear,
+            quant,
         )
         self.o_proj = RowParallelLinear(
-            arch.num_heads * arch.head_dim, arch.hidden_size, False, tp, ops.linear, reduce_output=False
+            arch.num_heads * arch.head_dim,
+            arch.hidden_size,
+            False,
+            tp,
+            ops.linear,
+            reduce_output=False,
+            quant=quant,
         )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.scale = arch.head_dim**-0.5
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # an fp8 cache's per-KV-head scales (workers/kv_scales.py calibrates them)
+        self.register_buffer("k_scale", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
+
+    def _kv_scales(self) -> dict[str, torch.Tensor]:
+        """The cache kernels' scale arguments: only an fp8 cache takes them."""
+        if self.k_cache.dtype == torch.float8_e4m3fn:
+            return {"k_scale": self.k_scale, "v_scale": self.v_scale}
+        return {}
 
     def forward(
         self,
@@ -169,12 +187,13 @@ class LlamaAttention(nn.Module):
         q = qkv[:, :q_size].view(t, self.num_heads, self.head_dim)
         k = qkv[:, q_size : q_size + kv_size].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_size + kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        scales = self._kv_scales()
         q = self.ops.rotary_kv_write(
-            q, k, v, positions, cos, sin, self.k_cache, self.v_cache, meta.slot_mapping
+            q, k, v, positions, cos, sin, self.k_cache, self.v_cache, meta.slot_mapping, **scales
         )
         if meta.is_decode:
             o = self.ops.paged_decode_attention(
-                q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale, **scales
             )
         else:
             o = self.ops.paged_prefill_attention(
@@ -186,20 +205,21 @@ class LlamaAttention(nn.Module):
                 meta.context_lens,
                 self.scale,
                 meta.max_query_len,
+                **scales,
             )
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps) -> None:
+    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps, quant: WeightQuant | None) -> None:
         super().__init__()
         self.ops = ops
         inter = arch.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
-            arch.hidden_size, [inter, inter], False, tp, ops.linear
+            arch.hidden_size, [inter, inter], False, tp, ops.linear, quant
         )
         self.down_proj = RowParallelLinear(
-            inter, arch.hidden_size, False, tp, ops.linear, reduce_output=False
+            inter, arch.hidden_size, False, tp, ops.linear, reduce_output=False, quant=quant
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | PushedPartial:
@@ -207,10 +227,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps) -> None:
+    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps, quant: WeightQuant | None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(arch, tp, ops)
-        self.mlp = LlamaMLP(arch, tp, ops)
+        self.self_attn = LlamaAttention(arch, tp, ops, quant)
+        self.mlp = LlamaMLP(arch, tp, ops, quant)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, tp, ops)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, tp, ops)
 
@@ -230,10 +250,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps) -> None:
+    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps, quant: WeightQuant | None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, ops) for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, ops, quant) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, tp, ops)
 
 
@@ -247,10 +267,21 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps, max_positions: int) -> None:
+    def __init__(
+        self,
+        arch: LlamaArch,
+        tp: TPContext,
+        ops: KernelOps,
+        max_positions: int,
+        quant: QuantScheme | None = None,
+    ) -> None:
+        """`quant`: 8-bit weights for the decoder layers' linear layers (the embedding and the LM head
+        stay in the model dtype)."""
         super().__init__()
         self.arch = arch
-        self.model = LlamaModel(arch, tp, ops)
+        self.quant = quant
+        weight_quant = WeightQuant(quant, ops.quant_linear) if quant is not None else None
+        self.model = LlamaModel(arch, tp, ops, weight_quant)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, ops.linear)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -300,4 +331,6 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"checkpoint tensor {name!r} has no place in a {self.arch.model_type} model")
             getattr(param, "weight_loader", load_replicated)(param, src, shard)
             loaded.add(target)
+            if target + "_scale" in params:  # an 8-bit weight's loader fills its scales too
+                loaded.add(target + "_scale")
         return loaded

@@ -1,8 +1,10 @@
 """Find a model's files, build the model on its device, and stream its weights in.
 
-Three sources: an HF folder (config.json + *.safetensors, with or without an index), a GGUF file
-(quantized tensors dequantized at load), and `dummy` random weights of any shape for benchmarks.
-Safetensors are memory-mapped and each parameter reads only the slice its rank holds.
+Four sources: an HF folder (config.json + *.safetensors, with or without an index), a GGUF file
+(quantized tensors dequantized at load), a folder from `fuserve build` (one file per rank, already
+fused, sharded and quantized: each rank copies its file's tensors straight onto its device), and
+`dummy` random weights of any shape for benchmarks. Safetensors are memory-mapped and each parameter
+reads only the slice its rank holds; with a quantization scheme each slice is quantized as it lands.
 """
 
 from __future__ import annotations
@@ -21,17 +23,20 @@ from safetensors import safe_open
 from fuserve.configs import ModelConfig
 from fuserve.parallel.tp_context import TPContext
 from fuserve.workers.kernels.ops import KernelOps
+from fuserve.workers.models.build_manifest import BuildManifest, is_built_folder
 from fuserve.workers.models.generation_config import GenerationConfig, read_generation_config
 from fuserve.workers.models.llama import LlamaArch, LlamaForCausalLM
+from fuserve.workers.models.quant_scheme import FP8_MAX, QuantScheme, scheme_for
 from fuserve.workers.tokenizer import Tokenizer
 
 
 @dataclass
 class ModelSource:
-    kind: Literal["safetensors", "gguf", "dummy"]
+    kind: Literal["safetensors", "gguf", "dummy", "built"]
     path: Path | None
     hf_config: dict[str, Any]
     name: str
+    manifest: BuildManifest | None = None  # kind "built" only
 
 
 def find_package_gguf(package: str) -> Path:
@@ -55,6 +60,11 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     path = Path(cfg.path) if cfg.path else find_package_gguf(cfg.package or "")
     if not path.exists():
         raise FileNotFoundError(f"model.path {path} does not exist")
+    if is_built_folder(path):
+        if cfg.hf_config:
+            raise ValueError(f"{path} is a built folder: its architecture is fixed; remove model.hf_config")
+        manifest = BuildManifest.read(path)
+        return ModelSource("built", path, dict(manifest.hf_config), cfg.name or path.name, manifest)
     if path.is_file() and path.suffix == ".gguf" or cfg.load_format == "gguf":
         from fuserve.workers.models.gguf_loader import read_gguf
 
@@ -75,6 +85,11 @@ def load_tokenizer(source: ModelSource) -> Tokenizer:
     if source.kind == "gguf":
         assert source.path is not None
         return Tokenizer.from_gguf(source.path)
+    if source.kind == "built" and source.manifest is not None and source.manifest.source["kind"] == "gguf":
+        gguf = Path(source.manifest.source["path"])  # the GGUF file holds the tokenizer; the build does not
+        if not gguf.is_file():
+            raise FileNotFoundError(f"{source.path} takes its tokenizer from {gguf}, which is gone")
+        return Tokenizer.from_gguf(gguf)
     if source.path is None:
         raise ValueError("a dummy model has no tokenizer; pass token ids, or set model.path for one")
     eos = source.hf_config.get("eos_token_id")
@@ -85,7 +100,7 @@ def load_tokenizer(source: ModelSource) -> Tokenizer:
 
 def generation_config(source: ModelSource, cfg: ModelConfig) -> GenerationConfig:
     """The model's generation_config.json as this config uses it (GGUF and dummy models have none)."""
-    if source.kind != "safetensors":
+    if source.kind not in ("safetensors", "built"):
         return GenerationConfig()
     return read_generation_config(source.path, sampling_defaults=cfg.generation_config == "auto")
 
@@ -112,13 +127,50 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, Any]]:
                 yield name, handle.get_slice(name)
 
 
-def _fill_random(model: torch.nn.Module, seed: int) -> None:
+def _fill_random(model: LlamaForCausalLM, seed: int) -> None:
+    """Weights uniform in +-0.02; 8-bit weights spread over their whole range with matching scales."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.data.fill_(1.0)
+        elif name.endswith("weight_scale"):
+            p.data.fill_(0.02 / model.quant.qmax)
+        elif p.dtype == torch.int8:
+            p.data.copy_(torch.randint(-127, 128, p.shape, generator=gen, device=p.device))
+        elif p.dtype == torch.float8_e4m3fn:
+            values = torch.empty(p.shape, device=p.device).uniform_(-FP8_MAX, FP8_MAX, generator=gen)
+            p.data.copy_(values.to(torch.float8_e4m3fn))
         else:
             p.data.uniform_(-0.02, 0.02, generator=gen)
+
+
+def quant_scheme(source: ModelSource, cfg: ModelConfig) -> QuantScheme | None:
+    """The weights' scheme: a built folder's own, else the config's (`auto` meaning none)."""
+    if source.manifest is not None:
+        return scheme_for(source.manifest.quantization)
+    return scheme_for("none" if cfg.quantization == "auto" else cfg.quantization)
+
+
+def load_built_rank(model: torch.nn.Module, file: Path, device: torch.device) -> None:
+    """Copy a built rank file's tensors straight onto the device, each into the parameter of its name."""
+    params = dict(model.named_parameters())
+    with safe_open(str(file), framework="pt", device=str(device)) as f:
+        names = set(f.keys())
+        if names != set(params):
+            extra, missing = sorted(names - set(params)), sorted(set(params) - names)
+            raise ValueError(
+                f"{file} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}); "
+                "rebuild it with this version's `fuserve build`"
+            )
+        for name, param in params.items():
+            t = f.get_tensor(name)
+            eight_bit = param.element_size() == 1  # int8/fp8 weights are taken as built, never cast
+            if tuple(t.shape) != tuple(param.shape) or (eight_bit and t.dtype != param.dtype):
+                raise ValueError(
+                    f"{file}: {name} is {t.dtype} {tuple(t.shape)}, the model expects "
+                    f"{param.dtype} {tuple(param.shape)}; rebuild the folder"
+                )
+            param.data.copy_(t)
 
 
 def build_model(
@@ -129,14 +181,19 @@ def build_model(
     device: torch.device,
     max_positions: int,
     seed: int = 0,
+    quant: QuantScheme | None = None,
 ) -> LlamaForCausalLM:
     arch = LlamaArch.from_hf(source.hf_config)
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(arch, tp, ops, max_positions)
+        model = LlamaForCausalLM(arch, tp, ops, max_positions, quant)
     if source.kind == "dummy":
         _fill_random(model, seed)
         return model.eval()
     assert source.path is not None
+    if source.kind == "built":
+        assert source.manifest is not None
+        load_built_rank(model, source.path / source.manifest.rank_files[tp.rank], device)
+        return model.eval()
     if source.kind == "gguf":
         from fuserve.workers.models.gguf_loader import iter_gguf_tensors
 

@@ -1,0 +1,104 @@
+"""`fuserve build`: convert a checkpoint ahead of time into what each tensor-parallel rank loads.
+
+The same loader that serves an HF folder or a GGUF file builds each rank's model on the CPU (fusing
+QKV and gate/up, taking the rank's shard, quantizing each slice per output channel as it lands) and
+its parameters are written as they are, one safetensors file per rank, named as the parameters. At
+start-up a rank then copies its file straight onto its device: no fusing, slicing or quantizing.
+
+  SRC (HF folder | .gguf) ──load as rank r of N (CPU, --dtype, --quant)──► rank-r.safetensors
+                          └──sha256, config, limits───────────────────────► fuserve-build.json
+  plus the tokenizer and generation_config files of an HF folder, so the folder serves on its own.
+
+Deterministic: the tensors, their order, the metadata and the manifest depend only on the inputs, so
+building twice writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fuserve.configs import ModelConfig
+from fuserve.parallel.tp_context import TPContext
+from fuserve.workers.kernels.ops import KernelOps
+from fuserve.workers.models.build_manifest import MANIFEST_NAME, BuildManifest, source_sha256
+from fuserve.workers.models.llama import LlamaArch
+from fuserve.workers.models.loader import build_model, quant_scheme, resolve_source
+
+# what an HF folder holds besides its weights that serving reads
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def build_checkpoint(
+    src: str,
+    out: Path,
+    tensor_parallel_size: int = 1,
+    quantization: str = "none",
+    dtype: str = "bfloat16",
+    max_model_len: int | None = None,
+    kv_cache_dtype: str = "auto",
+) -> BuildManifest:
+    """Write `out` (created or overwritten) and return its manifest."""
+    model_cfg = ModelConfig(path=src, quantization=quantization)  # type: ignore[arg-type]
+    source = resolve_source(model_cfg)
+    if source.kind not in ("safetensors", "gguf"):
+        raise ValueError(f"{src} is a {source.kind} model; `fuserve build` reads an HF folder or .gguf file")
+    assert source.path is not None
+    arch = LlamaArch.from_hf(source.hf_config)
+    limit = min(max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
+    scheme = quant_scheme(source, model_cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("rank-*.safetensors"):
+        stale.unlink()
+    rank_files, tensors, scales = [], [], []
+    for rank in range(tensor_parallel_size):
+        tp = TPContext(rank=rank, size=tensor_parallel_size)
+        model = build_model(
+            source, tp, KernelOps.reference(), DTYPES[dtype], torch.device("cpu"), 1, quant=scheme
+        )
+        state = {name: p.data.contiguous() for name, p in model.named_parameters()}
+        name = f"rank-{rank}.safetensors"
+        # one metadata key: safetensors writes its metadata map in hash order (2 keys: differs run to run)
+        save_file(state, str(out / name), metadata={"format": "pt"})
+        rank_files.append(name)
+        tensors.append({n: {"shape": list(t.shape), "dtype": _dtype_name(t)} for n, t in state.items()})
+        if rank == 0:
+            scales = sorted(n for n in state if n.endswith(".weight_scale"))
+        del model, state
+    if source.kind == "safetensors":
+        for side in SIDE_FILES:
+            if (source.path / side).is_file():
+                shutil.copyfile(source.path / side, out / side)
+    manifest = BuildManifest(
+        source={
+            "kind": source.kind,
+            "name": source.name,
+            "path": str(source.path.resolve()),
+            "sha256": source_sha256(source.path),
+        },
+        hf_config=source.hf_config,
+        tensor_parallel_size=tensor_parallel_size,
+        quantization=scheme.name if scheme is not None else "none",
+        dtype=dtype,
+        limits={"max_model_len": limit},
+        rank_files=rank_files,
+        tensors=tensors,
+        scales={"granularity": "per-output-channel", "dtype": "float32", "tensors": scales},
+        kv_cache_dtype=kv_cache_dtype,
+    )
+    (out / MANIFEST_NAME).write_text(manifest.to_json())
+    return manifest
