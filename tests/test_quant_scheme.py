@@ -54,12 +54,15 @@ def test_per_token_activation_quantization() -> None:
 
 def test_fp8_scheme_quantizes_activations_only_from_min_rows() -> None:
     s = SCHEMES["fp8"]
-    q, scale = quantize_rows(torch.randn(32, 64), s)
-    x = torch.randn(FP8_ACT_MIN_ROWS, 64)
+    g = torch.Generator().manual_seed(0)
+    q, scale = quantize_rows(torch.randn(32, 64, generator=g), s)
+    x = torch.randn(FP8_ACT_MIN_ROWS, 64, generator=g)
     w8a8 = quant_linear_ref(x, q, scale, None, True)
     w8a16 = quant_linear_ref(x, q, scale, None, False)
     assert not torch.equal(w8a8, w8a16)  # the activations' e4m3 rounding shows
-    torch.testing.assert_close(w8a8, w8a16, rtol=0.1, atol=0.1 * 64**0.5)
+    # e4m3 keeps 3 mantissa bits (relative error <= 2^-4 per activation): a few percent on the whole,
+    # while single outputs near zero may differ by more than any per-element tolerance
+    assert (w8a8 - w8a16).norm() <= 0.05 * w8a16.norm()
     one = x[:1]
     one_row = [quant_linear_ref(one, q, scale, None, act) for act in (True, False)]
     assert torch.equal(*one_row)
