@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -452,7 +454,10 @@ def test_default_model_answers_paris(cluster: ServeCluster) -> None:
 
 def test_tensor_parallel_replica_answers_over_http(cluster: ServeCluster, folder: Path) -> None:
     """TP=2 on CPU (gloo): the engine core, a process of the replica's and no Ray worker, joins the
-    cluster and starts rank 1 in the replica's placement group; greedy output equals TP=1's."""
+    cluster and starts rank 1 in the replica's placement group; greedy output equals TP=1's. Then rank
+    1's process is killed mid-stream: the stream ends with an error event within seconds, naming no
+    internals, and the replica stops answering as healthy."""
+    import psutil
     from ray import serve
 
     from fuserve.cluster import build_app
@@ -467,5 +472,25 @@ def test_tensor_parallel_replica_answers_over_http(cluster: ServeCluster, folder
             tp1 = client.post("/one/v1/completions", json=body)
         assert tp2.status_code == 200, tp2.text
         assert tp2.json()["choices"][0]["text"] == tp1.json()["choices"][0]["text"]
+        # Ray titles an actor's process after its class
+        (rank1,) = [
+            p for p in psutil.process_iter(["cmdline"]) if "TPWorker" in " ".join(p.info["cmdline"] or [])
+        ]
+        long = {"prompt": "a long one", "max_tokens": MAX_MODEL_LEN - 20, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=cluster.url, timeout=TIMEOUT) as client:
+            core_pid = client.get("/tp2/health").json()["engine_core_pid"]
+            with client.stream("POST", "/tp2/v1/completions", json=long) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: {")
+                os.kill(rank1.pid, signal.SIGKILL)
+                killed_at = time.perf_counter()
+                rest = [line for line in lines if line.startswith("data: ")]
+            took = time.perf_counter() - killed_at
+            errors = [json.loads(line[6:])["error"] for line in rest if '"error"' in line]
+            assert errors and rest[-1] == "data: [DONE]", rest[-3:]
+            assert took < 10, f"the stream took {took:.1f} s to end after rank 1 died"
+            assert str(rank1.pid) not in errors[0]["message"]
+            health = client.get("/tp2/health")  # unhealthy, or already a new replica with a new core
+            assert health.status_code == 503 or health.json()["engine_core_pid"] != core_pid, health.text
     finally:
         serve.delete("tp2")
