@@ -27,7 +27,6 @@ import datetime as dt
 import gc
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from bench_decode import (  # noqa: E402
     copy_bandwidth,
     device_name,
     dummy_engine_config,
+    median_ms,
     time_decode,
 )
 
@@ -122,23 +122,6 @@ def layer_shapes(cfg: dict[str, Any]) -> list[tuple[str, int, int]]:
     return [("qkv", h + 2 * kv, h), ("o", h, h), ("gate_up", 2 * i, h), ("down", h, i)]
 
 
-def median_ms(fn: Any, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
 def run_kernels(scheme: str, cfg: dict[str, Any], m: int, copies: int, reps: int) -> dict[str, Any]:
     """One decoder layer's linear layers at M rows, cycling through `copies` weight sets (past L2)."""
     from fuserve.workers.kernels import gemv
@@ -171,7 +154,7 @@ def run_kernels(scheme: str, cfg: dict[str, Any], m: int, copies: int, reps: int
 
     for _ in range(3):
         call()  # compile and autotune
-    ms = median_ms(call, reps)
+    ms = median_ms(call, reps, torch.cuda.is_available())
     nbytes = sum(t.numel() * t.element_size() for ts in sets[0] for t in ts)
     return dict(
         bench="quant-kernel", engine="fuserve", quantization=scheme, batch=m, us=1e3 * ms, bytes=nbytes
