@@ -73,6 +73,7 @@ logger = logging.getLogger(__name__)
 ROUTER_NAME = "EngineRouter"
 ROUTE_PATH = "/internal/route"  # fixed in Ray's Lua template
 TRUNCATED_HEADER = "x-body-truncated"  # set by the Lua when the body was cut at the buffer size
+_TRUNCATED_NAME = TRUNCATED_HEADER.encode()  # as ASGI scopes carry header names
 # Serve strips client-sent headers with this prefix (SERVE_INGRESS_ROUTER_HEADER_PREFIX) before the
 # Lua sets the router's: the replica can trust it.
 ROUTED_TO_HEADER = "x-serve-router-fuserve-replica"
@@ -217,7 +218,7 @@ class RouteEndpoint:
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body"):
                     break
-            truncated = any(name == TRUNCATED_HEADER.encode() for name, _ in scope.get("headers", ()))
+            truncated = any(name == _TRUNCATED_NAME for name, _ in scope.get("headers", ()))
             try:
                 status, answer = 200, await self.choose(b"".join(chunks), truncated)
             except Exception as err:  # no replica (yet), Engine deleted...: HAProxy answers the client 503
