@@ -87,10 +87,11 @@ def _collective_worker(
 
     hidden = cfg["hidden_size"]
     weight = torch.ones(hidden, dtype=dtype, device=device)
+    symm = _symmetric_ops(tp, max(batches) * hidden, dtype, device) if cuda else {}
     for batch in batches:
         x = torch.zeros(batch, hidden, dtype=dtype, device=device)
         residual = torch.zeros_like(x)
-        impls: dict[str, Any] = {"nccl" if cuda else "gloo": nccl}
+        impls: dict[str, Any] = {"nccl" if cuda else "gloo": nccl, **symm}
         fast = tp.fast_all_reduce
         if fast is not None and fast.fits(x):
             impls["one-shot"] = fast
@@ -178,6 +179,43 @@ def _collective_worker(
     destroy_tp_context()
     if rank == 0:
         queue.put(rows)
+
+
+def _symmetric_ops(tp: Any, max_numel: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """torch's symmetric-memory all-reduces over one buffer of the largest message, whatever the engine's
+    size rule: `one-shot-any` (each rank reads all N-1 peers: latency-bound sizes) and `two-shot`
+    (reduce-scatter + all-gather over P2P: each rank reads 1/N of each peer), to find where each one
+    stops paying against NCCL at this N (issue 22). Same group as the engine's one-shot buffer, so the
+    process's one-rendezvous-per-group limit does not apply."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    if tp.fast_all_reduce is None:
+        return {}
+    name = tp.fast_all_reduce.group_name
+    buf = symm_mem.empty(max_numel, dtype=dtype, device=device)
+    symm_mem.rendezvous(buf, name)
+
+    def one_shot_any(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(buf[: x.numel()].view(x.shape), x, "sum", name)
+
+    def two_shot(x: torch.Tensor) -> torch.Tensor:
+        b = buf[: x.numel()]
+        b.copy_(x.view(-1))
+        torch.ops.symm_mem.two_shot_all_reduce_(b, "sum", name)
+        return b.view(x.shape)
+
+    ops = {"one-shot-any": one_shot_any, "two-shot": two_shot}
+    probe = torch.ones(tp.size * 64, dtype=dtype, device=device)
+    for key in list(ops):
+        try:  # an op this torch or this machine lacks is left out, and says why
+            got = ops[key](probe).clone()
+            torch.cuda.synchronize()
+            if not bool((got == tp.size).all()):
+                raise RuntimeError("wrong sum")
+        except Exception as err:
+            print(f"allreduce {key} left out: {type(err).__name__}: {err}", flush=True)
+            del ops[key]
+    return ops
 
 
 def measure_collectives(cfg: dict, size: int, batches: list[int]) -> list[dict[str, Any]]:
@@ -440,6 +478,9 @@ def main() -> None:
         help="comma-separated engines to time, in order (EngineSpec: e.g. auto+gloo-plans, auto+l2=8)",
     )
     ap.add_argument("--skip-collectives", action="store_true")
+    ap.add_argument(
+        "--collective-batches", default="", help="more batch sizes for the all-reduce alone (crossovers)"
+    )
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.6)
     ap.add_argument("--engine-timeout-s", type=float, default=300.0, help="one engine's whole run, at most")
     ap.add_argument(
@@ -470,7 +511,8 @@ def main() -> None:
     bw = copy_bandwidth()
     meta["copy_tb_s"] = bw / 1e12
     if not args.skip_collectives:
-        rows += measure_collectives(cfg, args.tp, sorted({1, 8, *batches}))
+        extra = [int(b) for b in args.collective_batches.split(",")] if args.collective_batches else []
+        rows += measure_collectives(cfg, args.tp, sorted({1, 8, *batches, *extra}))
         finish(rows, meta, cfg, bw, out)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the engines' processes size their KV caches from what is free

@@ -429,6 +429,32 @@ def test_tp2_greedy_equals_tp1(
     llm.engine.shutdown()  # twice is fine
 
 
+def test_tp4_greedy_equals_tp1(ray_cluster: None, tmp_path: Path) -> None:
+    """Four ranks, two KV heads (each held by two ranks), a vocab of 387 (rows 97 + 97 + 97 + 96): the
+    same greedy tokens as one device, through the shared-memory plan ring to three worker actors,
+    with preemptions in a small KV pool. The code TP=8 runs too (issue 22)."""
+    folder = make_checkpoint(tmp_path / "llama", "llama3", seed=4, vocab_size=387)
+    ps = prompts(387, (1, 7, 23, 50))
+    sections = dict(cache={"num_blocks": 40})
+    want = LLM(tp_config(folder, 1, **sections)).generate(ps, GREEDY)
+    llm = LLM(tp_config(folder, 4, **sections))
+    group = llm.engine.workers
+    assert group is not None and group.tp.size == 4 and len(group.worker_pids) == 3
+    assert isinstance(group.sender, RingPlanSender)
+    got = llm.generate(ps, GREEDY)
+    for w, g in zip(want, got, strict=True):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        assert [lp.logprob for lp in g.outputs[0].logprobs] == pytest.approx(
+            [lp.logprob for lp in w.outputs[0].logprobs], abs=1e-4
+        )
+    assert llm.engine.stats().num_preemptions > 0
+    for w, a in zip(want, llm.generate(ps, ARGMAX), strict=True):  # the keyed argmax over 4 vocab slices
+        assert a.outputs[0].token_ids == w.outputs[0].token_ids
+    llm.engine.shutdown()
+    assert wait_until(lambda: gone(group.worker_pids), 10), "worker processes outlived shutdown"
+    assert live_placement_groups() == []
+
+
 @pytest.mark.parametrize(
     "device",
     [
