@@ -64,6 +64,11 @@ def _collective_worker(
 ) -> None:
     """One rank of the stand-alone measurements; rank 0 reports rows through `queue`. `gpus`: the
     parent's visible GPUs (empty on CPU); this rank sees only its own, as Ray masks a worker actor."""
+    import faulthandler
+
+    # a rank stuck in a collective prints every thread's stack and exits, rather than waiting silently
+    limit_s = float(os.environ.get("FUSERVE_COLLECTIVES_TIMEOUT_S", "600"))
+    faulthandler.dump_traceback_later(limit_s, exit=True)
     cuda = bool(gpus)
     if cuda:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[rank]  # before anything starts CUDA in this process
@@ -76,7 +81,10 @@ def _collective_worker(
     store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=dt.timedelta(seconds=300))
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"collectives: {size} ranks forming the group", flush=True)
     tp = init_tp_context(store, rank, size, device, dtype, 300.0, "auto")
+    say(f"collectives: group formed, one-shot {'on' if tp.fast_all_reduce else 'off'}", flush=True)
     ops_per_step = 2 * cfg["num_hidden_layers"] + 1  # o_proj + down_proj per layer, + the embedding
     chain = min(ops_per_step, 64)  # all-reduces per timed call (one graph); per step scales it
     rows: list[dict[str, Any]] = []
@@ -87,7 +95,10 @@ def _collective_worker(
 
     hidden = cfg["hidden_size"]
     weight = torch.ones(hidden, dtype=dtype, device=device)
-    symm = _symmetric_ops(tp, max(batches) * hidden, dtype, device) if cuda else {}
+    symm = {}
+    if cuda and os.environ.get("FUSERVE_BENCH_SYMM_OPS", "1") == "1":
+        symm = _symmetric_ops(tp, max(batches) * hidden, dtype, device)
+        say(f"collectives: symmetric-memory ops {sorted(symm)}", flush=True)
     for batch in batches:
         x = torch.zeros(batch, hidden, dtype=dtype, device=device)
         residual = torch.zeros_like(x)
@@ -128,6 +139,7 @@ def _collective_worker(
                     fn()
                 dist.barrier(group=tp.cpu_group)
                 ms = median_ms(fn, 50 if cuda else 10, cuda)
+                say(f"allreduce {name} {mode} batch {batch}: {1e3 * ms / chain:.1f} us/op", flush=True)
                 rows.append(
                     dict(
                         bench="allreduce",
@@ -208,6 +220,7 @@ def _symmetric_ops(tp: Any, max_numel: int, dtype: torch.dtype, device: torch.de
     probe = torch.ones(tp.size * 64, dtype=dtype, device=device)
     for key in list(ops):
         try:  # an op this torch or this machine lacks is left out, and says why
+            dist.barrier(group=tp.cpu_group)
             got = ops[key](probe).clone()
             torch.cuda.synchronize()
             if not bool((got == tp.size).all()):

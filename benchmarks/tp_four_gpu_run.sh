@@ -24,10 +24,22 @@ left() { echo $(( BUDGET_S - (SECONDS - START) )); }
 
 case ${PART:-bench} in
   bench)
-    timeout $(( $(left) - 10 )) python3 benchmarks/bench_tp.py --model llama3-70b --tp "$TP" \
-      --engines "${ENGINES:-auto,nccl}" --collective-batches 16,32,128,256 --gpu-memory-utilization 0.9 \
-      --engine-timeout-s 300 --budget-s $(( $(left) - 20 )) --out "$OUT/tp$TP-70b.json" 2>&1 \
-      | tee "$OUT/tp$TP-70b.log" | grep -v "^{" | tail -60 ;;
+    # A rank stuck in a collective dumps its stack and exits (the first call of 2026-11-26 waited silently
+    # for 540 s in the all-reduce part, the symmetric-memory ops new then the suspects): the NCCL and
+    # one-shot rows first, the engines, then torch's symmetric-memory ops alone in the time left.
+    collectives() {  # $1: FUSERVE_BENCH_SYMM_OPS, $2: name
+      FUSERVE_BENCH_SYMM_OPS=$1 FUSERVE_COLLECTIVES_TIMEOUT_S=${COLLECTIVES_TIMEOUT_S:-120} timeout 160 \
+        python3 benchmarks/bench_tp.py --model llama3-70b --tp "$TP" --engines "" \
+        --collective-batches 16,32,128,256 --out "$OUT/tp$TP-70b-$2.json" > "$OUT/tp$TP-$2.log" 2>&1
+      echo "collectives $2: exit $? at $(( SECONDS - START )) s" | tee -a "$OUT/run.log"
+      grep -v "^{" "$OUT/tp$TP-$2.log" | grep -v -i warn | tail -40
+    }
+    collectives 0 collectives
+    timeout $(( $(left) - 10 )) python3 benchmarks/bench_tp.py --model llama3-70b --tp "$TP" --skip-collectives \
+      --engines "${ENGINES:-auto,nccl}" --gpu-memory-utilization 0.9 \
+      --engine-timeout-s 300 --budget-s $(( $(left) - 180 )) --out "$OUT/tp$TP-70b.json" 2>&1 \
+      | tee "$OUT/tp$TP-70b.log" | grep -v "^{" | tail -30
+    [ "$(left)" -gt 170 ] && collectives 1 symm ;;
   serve)
     python3 - <<PY
 import yaml
