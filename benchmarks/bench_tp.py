@@ -95,63 +95,73 @@ def _collective_worker(
 
     hidden = cfg["hidden_size"]
     weight = torch.ones(hidden, dtype=dtype, device=device)
-    symm = {}
-    if cuda and os.environ.get("FUSERVE_BENCH_SYMM_OPS", "1") == "1":
-        symm = _symmetric_ops(tp, max(batches) * hidden, dtype, device)
-        say(f"collectives: symmetric-memory ops {sorted(symm)}", flush=True)
-    for batch in batches:
-        x = torch.zeros(batch, hidden, dtype=dtype, device=device)
-        residual = torch.zeros_like(x)
-        impls: dict[str, Any] = {"nccl" if cuda else "gloo": nccl, **symm}
-        fast = tp.fast_all_reduce
-        if fast is not None and fast.fits(x):
-            impls["one-shot"] = fast
-            impls["one-shot+norm"] = lambda y, f=fast, r=residual: fused_add_rmsnorm(f(y), r, weight, 1e-5)[0]
-        if fast is not None and fast.fits_add_rmsnorm(x):  # what replaces one-shot+norm in the model
-            impls["fused"] = lambda y, f=fast, r=residual: f.add_rmsnorm(y, r, weight, 1e-5)[0]
-        w = torch.randn(hidden, hidden, dtype=dtype, device=device) / hidden**0.5
-        if fast is not None and fast.fits_gemv_push(x, w):  # batch 1: a row-parallel GEMV, then the sum
-            impls["gemv+fused"] = lambda y, f=fast, r=residual, w=w: f.add_rmsnorm(
-                gemv(y, w), r, weight, 1e-5
-            )[0]
-            impls["gemv-push"] = lambda y, f=fast, r=residual, w=w: f.pushed_add_rmsnorm(
-                f.gemv_push(y, w, None), r, weight, 1e-5
-            )[0]
-        for name, op in impls.items():
+    # torch's symmetric-memory ops last: a chained op that never finishes (fuserve's GEMV push did, at
+    # four ranks, 2026-11-26) must not cost the rows measured before it
+    passes = ["engine"] + (["symm"] if cuda and os.environ.get("FUSERVE_BENCH_SYMM_OPS", "1") == "1" else [])
+    for part in passes:
+        symm = {}
+        if part == "symm":
+            symm = _symmetric_ops(tp, max(batches) * hidden, dtype, device)
+            say(f"collectives: symmetric-memory ops {sorted(symm)}", flush=True)
+        for batch in batches:
+            x = torch.zeros(batch, hidden, dtype=dtype, device=device)
+            residual = torch.zeros_like(x)
+            if part == "symm":
+                impls: dict[str, Any] = symm
+                fast = None
+            else:
+                impls = {"nccl" if cuda else "gloo": nccl}
+                fast = tp.fast_all_reduce
+            if fast is not None and fast.fits(x):
+                impls["one-shot"] = fast
+                impls["one-shot+norm"] = lambda y, f=fast, r=residual: fused_add_rmsnorm(
+                    f(y), r, weight, 1e-5
+                )[0]
+            if fast is not None and fast.fits_add_rmsnorm(x):  # what replaces one-shot+norm in the model
+                impls["fused"] = lambda y, f=fast, r=residual: f.add_rmsnorm(y, r, weight, 1e-5)[0]
+            w = torch.randn(hidden, hidden, dtype=dtype, device=device) / hidden**0.5
+            if fast is not None and fast.fits_gemv_push(x, w):  # batch 1: a row-parallel GEMV, then the sum
+                impls["gemv+fused"] = lambda y, f=fast, r=residual, w=w: f.add_rmsnorm(
+                    gemv(y, w), r, weight, 1e-5
+                )[0]
+                impls["gemv-push"] = lambda y, f=fast, r=residual, w=w: f.pushed_add_rmsnorm(
+                    f.gemv_push(y, w, None), r, weight, 1e-5
+                )[0]
+            for name, op in impls.items():
 
-            def steps(op: Any = op, x: torch.Tensor = x) -> torch.Tensor:
-                y = x
-                for _ in range(chain):
-                    y = op(y)
-                return y
+                def steps(op: Any = op, x: torch.Tensor = x) -> torch.Tensor:
+                    y = x
+                    for _ in range(chain):
+                        y = op(y)
+                    return y
 
-            modes = {"eager": steps}
-            if cuda:
-                for _ in range(3):
-                    steps()
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    steps()
-                modes["graph"] = graph.replay
-            for mode, fn in modes.items():
-                for _ in range(5):
-                    fn()
-                dist.barrier(group=tp.cpu_group)
-                ms = median_ms(fn, 50 if cuda else 10, cuda)
-                say(f"allreduce {name} {mode} batch {batch}: {1e3 * ms / chain:.1f} us/op", flush=True)
-                rows.append(
-                    dict(
-                        bench="allreduce",
-                        engine=name,
-                        mode=mode,
-                        batch=batch,
-                        bytes=x.numel() * x.element_size(),
-                        us_per_op=1e3 * ms / chain,
-                        us_per_step=1e3 * ms / chain * ops_per_step,
-                        ops_per_step=ops_per_step,
+                modes = {"eager": steps}
+                if cuda:
+                    for _ in range(3):
+                        steps()
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        steps()
+                    modes["graph"] = graph.replay
+                for mode, fn in modes.items():
+                    for _ in range(5):
+                        fn()
+                    dist.barrier(group=tp.cpu_group)
+                    ms = median_ms(fn, 50 if cuda else 10, cuda)
+                    say(f"allreduce {name} {mode} batch {batch}: {1e3 * ms / chain:.1f} us/op", flush=True)
+                    rows.append(
+                        dict(
+                            bench="allreduce",
+                            engine=name,
+                            mode=mode,
+                            batch=batch,
+                            bytes=x.numel() * x.element_size(),
+                            us_per_op=1e3 * ms / chain,
+                            us_per_step=1e3 * ms / chain * ops_per_step,
+                            ops_per_step=ops_per_step,
+                        )
                     )
-                )
     # Plan broadcast: one decode step's plan (context 256 tokens, 16-token blocks) from rank 0.
     for batch in batches:
         ctx, blocks = 256, 16

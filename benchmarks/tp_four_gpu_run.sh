@@ -28,25 +28,26 @@ case ${PART:-bench} in
     # for 540 s in the all-reduce part, the symmetric-memory ops new then the suspects): the NCCL and
     # one-shot rows first, the engines, then torch's symmetric-memory ops alone in the time left.
     collectives() {  # $1: FUSERVE_BENCH_SYMM_OPS, $2: name
-      FUSERVE_BENCH_SYMM_OPS=$1 FUSERVE_COLLECTIVES_TIMEOUT_S=${COLLECTIVES_TIMEOUT_S:-120} timeout 160 \
+      FUSERVE_BENCH_SYMM_OPS=$1 FUSERVE_COLLECTIVES_TIMEOUT_S=${COLLECTIVES_TIMEOUT_S:-100} timeout 120 \
         python3 benchmarks/bench_tp.py --model llama3-70b --tp "$TP" --engines "" \
         --collective-batches 16,32,128,256 --out "$OUT/tp$TP-70b-$2.json" > "$OUT/tp$TP-$2.log" 2>&1
       echo "collectives $2: exit $? at $(( SECONDS - START )) s" | tee -a "$OUT/run.log"
       grep -v "^{" "$OUT/tp$TP-$2.log" | grep -v -i warn | tail -40
     }
-    collectives 0 collectives
+    collectives 1 collectives
     timeout $(( $(left) - 10 )) python3 benchmarks/bench_tp.py --model llama3-70b --tp "$TP" --skip-collectives \
-      --engines "${ENGINES:-auto,nccl}" --gpu-memory-utilization 0.9 \
-      --engine-timeout-s 300 --budget-s $(( $(left) - 180 )) --out "$OUT/tp$TP-70b.json" 2>&1 \
+      --engines "${ENGINES:-auto}" --gpu-memory-utilization 0.9 \
+      --engine-timeout-s 260 --budget-s $(( $(left) - 150 )) --out "$OUT/tp$TP-70b.json" 2>&1 \
       | tee "$OUT/tp$TP-70b.log" | grep -v "^{" | tail -30
-    [ "$(left)" -gt 170 ] && collectives 1 symm ;;
+    [ "$(left)" -gt 120 ] && MODEL_SHAPE=8b PART=serve BUDGET_S=$(( $(left) - 5 )) bash "$0" ;;
   serve)
     python3 - <<PY
 import yaml
 c = yaml.safe_load(open("configs/llama3-8b-dummy.yaml"))
-c["model"]["name"] = "llama3-70b-dummy"
-c["model"]["hf_config"].update(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                                num_attention_heads=64, num_key_value_heads=8)
+if "${MODEL_SHAPE:-70b}" == "70b":
+    c["model"]["name"] = "llama3-70b-dummy"
+    c["model"]["hf_config"].update(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                    num_attention_heads=64, num_key_value_heads=8)
 c["cache"]["gpu_memory_utilization"] = 0.85
 c["parallel"] = {"tensor_parallel_size": $TP, "init_timeout_s": 300}
 c["serve"] = {"port": 8011, "grpc_port": 9011, "num_cpus_per_replica": $TP}
@@ -62,7 +63,7 @@ PY
       | tee "$OUT/tp$TP-answer.json"; echo
     timeout $(( $(left) - 40 )) python3 benchmarks/bench_serve.py --config /tmp/tp-serve.yaml --url http://127.0.0.1:8011 \
       --compare none --concurrency ${LEVELS:-16,64} --requests-per-client 2 --scale 0.5 \
-      --out "$OUT/serve-tp$TP-70b.json" 2>&1 | tee "$OUT/tp$TP-load.log" | tail -20
+      --out "$OUT/serve-tp$TP-${MODEL_SHAPE:-70b}.json" 2>&1 | tee "$OUT/tp$TP-load.log" | tail -20
     curl -s localhost:8011/metrics | grep -E "^fuserve_(requests|generation_tokens|time_to_first)" | head -20 > "$OUT/tp$TP-metrics.txt"
     pkill -TERM -f "fuserve.cli serve /tmp/tp-serve.yaml"; sleep 10; tail -5 "$OUT/tp$TP-serve.log" ;;
 esac

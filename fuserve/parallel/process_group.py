@@ -133,6 +133,9 @@ def wait_device(device: torch.device, what: str, timeout_s: float) -> None:
         time.sleep(DEVICE_POLL_S)
 
 
+MAX_PUSH_RANKS = 2
+
+
 def init_tp_context(
     store: dist.Store,
     rank: int,
@@ -173,7 +176,9 @@ def init_tp_context(
             wait_device(device, "the first NCCL all-reduce", timeout_s)
         if all_reduce != "nccl":
             with phases.phase("the one-shot all-reduce's set-up (symmetric-memory rendezvous, self-test)"):
-                push = all_reduce == "auto"
+                # The GEMV push hung at four ranks (four H200s, 2026-11-26: the self-test summed right,
+                # then a chain of pushes never finished); it is measured and kept at two ranks only.
+                push = all_reduce == "auto" and size <= MAX_PUSH_RANKS
                 fast = OneShotAllReduce.create(
                     dist.group.WORLD, cpu_group, device, dtype, push_gemv=push, timeout_s=timeout_s
                 )
