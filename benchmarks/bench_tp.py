@@ -336,6 +336,7 @@ class EngineSpec:
     gloo_plans: bool = False
     keyed_argmax: bool = True
     l2_prefetch_mb: float = 0.0
+    two_shot: bool = True
 
     @classmethod
     def parse(cls, text: str) -> EngineSpec:
@@ -348,6 +349,8 @@ class EngineSpec:
                 spec = dataclasses.replace(spec, gloo_plans=True)
             elif option == "no-keyed":
                 spec = dataclasses.replace(spec, keyed_argmax=False)
+            elif option == "no-two-shot":
+                spec = dataclasses.replace(spec, two_shot=False)
             elif option.startswith("l2="):
                 spec = dataclasses.replace(spec, l2_prefetch_mb=float(option[3:]))
             else:
@@ -375,7 +378,10 @@ def run_engine(
     from fuserve.workers.kernels.pdl import pdl_enabled
 
     tp = 1 if spec.base == "tp1" else tp_size
+    from fuserve.parallel.one_shot_all_reduce import TWO_SHOT_ENV
+
     os.environ[L2_PREFETCH_ENV] = f"{spec.l2_prefetch_mb:g}"  # rank 0's switch; worker_gpu_env sends it on
+    os.environ[TWO_SHOT_ENV] = "1" if spec.two_shot else "0"
     if not spec.keyed_argmax:  # plans never say argmax_only: rank 0 gathers the logits and broadcasts draws
         step_plan.argmax_only = lambda rows: False  # type: ignore[assignment]
     config = config_from_dict(
@@ -410,6 +416,8 @@ def run_engine(
     )
     if not spec.keyed_argmax:
         name += "-gather-argmax"
+    if one_shot and getattr(workers.tp.fast_all_reduce, "two_shot_buffer", None) is not None:
+        name += "-twoshot"
     # what the kernels do, not what was asked: PDL needs a compiled sm_90+ GPU, and prefetch needs PDL
     pdl = torch.cuda.is_available() and pdl_enabled(torch.empty(0, device="cuda"))
     l2_prefetch_mb = l2_prefetch_budget() / 2**20 if pdl else 0.0

@@ -32,6 +32,7 @@ path for several engines start each in a fresh process.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -45,6 +46,14 @@ log = logging.getLogger(__name__)
 # Largest message (bytes) worth one-shot per group size: each rank reads (size - 1) x the message, so the
 # crossover with NCCL's bandwidth-optimal algorithms comes earlier for larger groups. bench_tp.py measures it.
 DEFAULT_MAX_BYTES = {2: 1 << 20, 4: 512 << 10, 8: 256 << 10}
+# From four ranks on, torch's two-shot kernel (reduce-scatter + all-gather over P2P: each rank reads 1/N of
+# every peer's buffer) took every size measured alone on four H100s (2026-11-26, in a CUDA graph): 8.3 us
+# at 16 KiB against one-shot 9.6 and the fused all-reduce + add + RMSNorm 14.7; 14.0 us at 1 MiB against
+# NCCL 26.7; 29.4 us at 4 MiB against NCCL 56.1. So at N >= 4 it takes every message up to its buffer,
+# followed by the separate add + RMSNorm. FUSERVE_TWO_SHOT=0 turns it off (the engine A/B in bench_tp.py).
+TWO_SHOT_ENV = "FUSERVE_TWO_SHOT"
+TWO_SHOT_MIN_RANKS = 4
+TWO_SHOT_MAX_BYTES = 8 << 20
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)  # what the torch kernel dispatches on
 _ALIGN = 16  # bytes; the kernel's widest vector, and it requires input and buffer to share an alignment
 _rendezvous_started = False  # this process has entered a symmetric-memory rendezvous (module docstring)
@@ -71,6 +80,14 @@ class OneShotAllReduce:
         self.buffer.zero_()
         symm_mem.rendezvous(self.buffer, group)
         self.push, self._push_tensors = symmetric_push_buffers(group, device, dtype, self.max_numel)
+        self.size = dist.get_world_size(group)
+        self.two_shot_buffer: torch.Tensor | None = None
+        if self.size >= TWO_SHOT_MIN_RANKS and os.environ.get(TWO_SHOT_ENV, "1") == "1":
+            self.two_shot_buffer = symm_mem.empty(
+                TWO_SHOT_MAX_BYTES // dtype.itemsize, dtype=dtype, device=device
+            )
+            self.two_shot_buffer.zero_()
+            symm_mem.rendezvous(self.two_shot_buffer, group)
         self.slots: gemv_push.PushSlots | None = None
         if push_gemv and dtype in gemv_push.DTYPES:
             self.slots, self._slot_tensors = gemv_push.symmetric_push_slots(
@@ -131,6 +148,14 @@ class OneShotAllReduce:
         ones = torch.ones(2048, dtype=self.dtype, device=device)
         normed, summed = self.add_rmsnorm(x, torch.zeros_like(x), ones, 0.0)
         checks = [got, summed]
+        if self.two_shot_buffer is not None:  # a message only the two-shot kernel takes
+            checks.append(
+                self(
+                    torch.full(
+                        (self.max_numel + size * 64,), float(rank + 1), dtype=self.dtype, device=device
+                    )
+                )
+            )
         if self.slots is not None:  # y = 64 x (rank + 1) / 64 on every rank, exact in 16 bits
             row = torch.ones(1, 64, dtype=self.dtype, device=device)
             w = torch.full((2048, 64), (rank + 1) / 64, dtype=self.dtype, device=device)
@@ -149,23 +174,42 @@ class OneShotAllReduce:
         return ok
 
     def fits(self, x: torch.Tensor) -> bool:
+        return self._fits(x, self.max_numel) or self._fits_two_shot(x)
+
+    def _fits(self, x: torch.Tensor, max_numel: int) -> bool:
         nbytes = x.numel() * x.element_size()
         return (
             x.dtype == self.dtype
             and x.is_cuda
-            and 0 < x.numel() <= self.max_numel
+            and 0 < x.numel() <= max_numel
             and x.is_contiguous()
             and nbytes % _ALIGN == 0
             and (x.storage_offset() * x.element_size()) % _ALIGN == 0
         )
 
+    def _fits_two_shot(self, x: torch.Tensor) -> bool:
+        """Each rank reduces one 16-byte-aligned Nth of the message."""
+        buf = self.two_shot_buffer
+        return (
+            buf is not None
+            and self._fits(x, buf.numel())
+            and (x.numel() * x.element_size()) % (self.size * _ALIGN) == 0
+        )
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over ranks, as a new tensor (x is left as it was)."""
+        if self._fits_two_shot(x):
+            assert self.two_shot_buffer is not None
+            buf = self.two_shot_buffer[: x.numel()]
+            buf.copy_(x.view(-1))
+            torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", self.group_name)
+            return buf.view(x.shape).clone()  # the buffer is the next call's
         buf = self.buffer[: x.numel()].view(x.shape)
         return torch.ops.symm_mem.one_shot_all_reduce_copy(buf, x, "sum", self.group_name)
 
     def fits_add_rmsnorm(self, x: torch.Tensor) -> bool:
-        return x.is_cuda and self.push.fits(x)
+        """Not where the two-shot kernel runs: it and a separate add + RMSNorm beat the fused kernel."""
+        return x.is_cuda and self.two_shot_buffer is None and self.push.fits(x)
 
     def timed_out_rank(self) -> int | None:
         return self.push.timed_out_rank

@@ -37,6 +37,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import get_current_placement_group
 
 from fuserve.configs import FuserveConfig
+from fuserve.parallel.one_shot_all_reduce import TWO_SHOT_ENV
 from fuserve.parallel.placement import (
     Placement,
     bundle_gpu_index,
@@ -65,7 +66,11 @@ from fuserve.workers.worker import pick_dtype
 log = logging.getLogger(__name__)
 
 # kernel switches rank 0 reads from its environment; every rank must run the same kernels
-KERNEL_ENV = {PDL_ENV: "1", L2_PREFETCH_ENV: "0"}  # each switch with the value that unset means
+KERNEL_ENV = {
+    PDL_ENV: "1",
+    L2_PREFETCH_ENV: "0",
+    TWO_SHOT_ENV: "1",
+}  # each switch with the value that unset means
 
 POLL_S = 50e-6  # rank 0 polls its step's completion at this interval while watching the group
 CAUSE_WAIT_S = 2.0  # after a failed collective, how long to let the watchdog name the rank that died
