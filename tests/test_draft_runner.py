@@ -82,12 +82,15 @@ def test_rollback_at_random_points_equals_recomputing(draft_dir: Path, hf_greedy
             assert got == again, f"round {round_}, {sid}: drafts differ from recomputing"
             if round_ % 3 == 0:
                 assert got == hf_greedy(seqs[sid], k[sid])
-            # the target accepts a random prefix of the drafts, then adds its own token
+            # the target accepts a random prefix of the drafts, then adds its own token(s) (several when
+            # the sequence sat out rounds); now and then the engine restarts it from 0 (a preemption)
             accepted = got[: rng.randrange(0, len(got) + 1)]
-            step = accepted + [rng.randrange(VOCAB)]
+            step = accepted + [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 4))]
             sent[sid] = len(seqs[sid])
             seqs[sid] = seqs[sid] + step
             new[sid] = step
+            if rng.random() < 0.15:
+                sent[sid], new[sid] = 0, list(seqs[sid])
 
 
 def test_unknown_start_is_reported_and_release_frees_blocks(draft_dir: Path) -> None:
