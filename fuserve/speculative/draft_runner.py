@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from fuserve.configs import CacheConfig, DraftPlacementConfig, KernelConfig, ModelConfig
+from fuserve.configs import CacheConfig, DraftPlacementConfig, FuserveConfig, KernelConfig, ModelConfig
 from fuserve.parallel.tp_context import TPContext
 from fuserve.speculative.draft_sequences import DraftSequence, DraftSequences
 from fuserve.speculative.proposer import ProposeRequest
@@ -51,7 +51,8 @@ class DraftRunner:
         self.dtype = pick_dtype(model.dtype, self.device)
         source = resolve_source(model)
         self.arch = LlamaArch.from_hf(source.hf_config)
-        self.max_model_len = min(model.max_model_len or self.arch.max_position_embeddings, self.arch.max_position_embeddings)
+        longest = self.arch.max_position_embeddings
+        self.max_model_len = min(model.max_model_len or longest, longest)
         self.model = build_model(
             source,
             TPContext(),
@@ -80,6 +81,21 @@ class DraftRunner:
             graphs.capture()
             self.runner.graphs = graphs
         log.info("draft KV cache: %d blocks x %d tokens on %s", num_blocks, self.block_size, self.device)
+
+    @classmethod
+    def from_config(cls, config: FuserveConfig) -> DraftRunner:
+        """The draft of a deployment's `speculative` block, with the target's cache, batch and kernels."""
+        spec = config.speculative
+        if spec.draft is None:
+            raise ValueError("speculative.draft is not set: name the draft model")
+        return cls(
+            spec.draft,
+            spec.placement,
+            config.cache,
+            config.kernels,
+            config.scheduler.max_num_seqs,
+            config.scheduler.max_num_batched_tokens,
+        )
 
     def _pool_size(
         self, cache: CacheConfig, placement: DraftPlacementConfig, num_kv_heads: int, max_num_seqs: int
@@ -135,7 +151,7 @@ class DraftRunner:
         host = torch.cat(steps).tolist()  # the round's one wait on the device
         at = 0
         for j in range(len(steps)):
-            for i, seq, k in drafting:
+            for i, _, k in drafting:
                 if k > j:
                     out[i].append(host[at])  # type: ignore[union-attr]
                     at += 1
