@@ -104,3 +104,19 @@ def test_draft_deployment_serves_rounds_and_comes_back_after_a_kill(
     finally:
         proposer.close()
         serve.delete(APP)
+
+
+def test_draft_resources_follow_the_placement(tmp_path: Path) -> None:
+    from fuserve.cluster.draft_deployment import draft_options
+
+    config = _config(tmp_path)
+    assert draft_options(config, cluster_gpus=8)["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    spec = config.speculative.model_copy(
+        update={
+            "placement": config.speculative.placement.model_copy(update={"device": "auto", "num_gpus": 0.25})
+        }
+    )
+    shared = config.model_copy(update={"speculative": spec})
+    assert draft_options(shared, cluster_gpus=1)["ray_actor_options"]["num_gpus"] == 0.25  # beside the target
+    assert draft_options(shared, cluster_gpus=0)["ray_actor_options"]["num_gpus"] == 0.0  # a CPU cluster
+    assert draft_options(shared)["num_replicas"] == config.serve.num_replicas
