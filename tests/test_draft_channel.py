@@ -24,7 +24,7 @@ from fuserve.speculative.draft_server import start_draft_server
 from fuserve.speculative.proposer import ProposeRequest, ProposerUnavailable
 
 VOCAB = 300
-TIMEOUT_S = 0.5
+TIMEOUT_S = 2.0  # generous: a loaded 2-core box; the fallback's timing is checked against it
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_killed_server_falls_back_then_resumes(config: FuserveConfig) -> None:
         t0 = time.monotonic()
         with pytest.raises(ProposerUnavailable):
             proposer.propose([ProposeRequest("a", 5, [4], 3), ProposeRequest("b", 2, [3], 2)])
-        assert time.monotonic() - t0 < TIMEOUT_S + 0.3
+        assert time.monotonic() - t0 < TIMEOUT_S + 0.5
         t0 = time.monotonic()
         with pytest.raises(ProposerUnavailable):  # still looking: no wait this time
             proposer.propose([ProposeRequest("a", 6, [4], 3), ProposeRequest("b", 3, [3], 2)])

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from conftest import ServeCluster
 
 APP = "spec"
-TIMEOUT_S = 0.5
+TIMEOUT_S = 2.0  # generous: a loaded 2-core box
 
 
 def _config(folder: Path) -> FuserveConfig:
@@ -83,7 +83,7 @@ def test_draft_deployment_serves_rounds_and_comes_back_after_a_kill(
         t0 = time.monotonic()
         with pytest.raises(ProposerUnavailable):
             proposer.propose([ProposeRequest("a", 20, [1], 4), ProposeRequest("b", 3, [2], 2)])
-        assert time.monotonic() - t0 < TIMEOUT_S + 0.3
+        assert time.monotonic() - t0 < TIMEOUT_S + 0.5
 
         # the engine goes on at k = 0, sending each step's tokens; drafting resumes by itself
         a, b = list(range(40, 60)) + [1], [7, 8, 9, 2]

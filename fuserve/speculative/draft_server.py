@@ -100,10 +100,16 @@ def run_draft_server(config_json: str, host: str, parent_pid: int, conn: Connect
     """The spawned process's entry point: build the draft, report the address (or the failure)
     through `conn`, serve until the parent process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the replica decides when this ends
+    import torch
+
     from fuserve.speculative.draft_runner import DraftRunner
 
     try:
-        runner = DraftRunner.from_config(FuserveConfig.model_validate_json(config_json))
+        config = FuserveConfig.model_validate_json(config_json)
+        # on CPU the draft gets the cores its replica reserved, not all of them: spinning OpenMP
+        # threads of two processes on the same cores slow both (the target runs beside it)
+        torch.set_num_threads(max(1, int(config.speculative.placement.num_cpus)))
+        runner = DraftRunner.from_config(config)
     except BaseException as err:
         traceback.print_exc()
         conn.send(f"the draft model failed to load: {type(err).__name__}: {err}")
