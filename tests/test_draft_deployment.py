@@ -2,13 +2,15 @@
 
 `build_app` with `speculative.method: draft` runs a Draft deployment beside the Engine (the engine still
 serves HTTP). A DraftProposer built as the engine core builds it (draft_factory.build_draft_proposer:
-a Serve handle lookup, then ZMQ) drafts what the draft model drafts in-process. The Draft replica's
+a Serve handle lookup, then ZMQ) drafts what the draft model drafts in-process, in the test's driver
+and in a spawned process that joins the cluster from a RayPlacement, as the engine core does. The Draft replica's
 actor killed (ray.kill): the next round raises ProposerUnavailable within the channel timeout, Serve
 starts a new replica, the proposer finds it and drafting resumes, right, with no help from the engine.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,6 +54,16 @@ def _draft_actor_names() -> list[str]:
     return [n for n in names if n.startswith(f"SERVE_REPLICA::{APP}#Draft#")]
 
 
+def _propose_as_an_engine_core(config: FuserveConfig, placement, reqs: list[ProposeRequest], out) -> None:
+    """In a spawned process with no Ray in it, as the engine core: join the cluster, find the draft."""
+    from fuserve.speculative.draft_factory import build_draft_proposer
+
+    proposer = build_draft_proposer(config, placement)
+    assert proposer.wait_connected(60)
+    out.put(proposer.propose(reqs))
+    proposer.close()
+
+
 def test_draft_deployment_serves_rounds_and_comes_back_after_a_kill(
     serve_cluster: ServeCluster, tmp_path: Path
 ) -> None:
@@ -69,13 +81,26 @@ def test_draft_deployment_serves_rounds_and_comes_back_after_a_kill(
     assert r.status_code == 200, r.text  # the engine serves with its draft beside it
 
     ctx = ray.get_runtime_context()
-    proposer = build_draft_proposer(config, RayPlacement(ctx.gcs_address, ctx.namespace, None, APP))
+    placement_args = (ctx.gcs_address, ctx.namespace, None, APP)
+    proposer = build_draft_proposer(config, RayPlacement(*placement_args))
     oracle = DraftRunner.from_config(config)
     try:
         assert proposer.wait_connected(30)
         reqs = [ProposeRequest("a", 0, list(range(40, 60)), 4), ProposeRequest("b", 0, [7, 8, 9], 2)]
         first = proposer.propose(reqs)
         assert first == oracle.propose(reqs) and [len(d) for d in first] == [4, 2]
+
+        # the same from a process of its own that joins the cluster, as the engine core does
+        spawn = multiprocessing.get_context("spawn")
+        out = spawn.Queue()
+        reqs = [ProposeRequest("c", 0, [3, 1, 4, 1, 5], 3)]
+        core = spawn.Process(
+            target=_propose_as_an_engine_core, args=(config, RayPlacement(*placement_args), reqs, out)
+        )
+        core.start()
+        assert out.get(timeout=120) == oracle.propose(reqs)
+        core.join(30)
+        oracle.release(["c"])
 
         [old] = _draft_actor_names()
         ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)
