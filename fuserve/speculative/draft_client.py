@@ -81,6 +81,8 @@ class DraftProposer:
             held = self.tokens.setdefault(r.seq_id, [])
             del held[r.start :]
             held.extend(r.token_ids)
+        if not requests:
+            return []
         self._adopt_found()
         if self._socket is None:
             raise ProposerUnavailable("the draft replica is not connected yet (looking it up)")
