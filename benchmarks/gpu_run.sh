@@ -22,6 +22,7 @@ for b in ${BENCH:-kernels decode}; do
     # TP=N on two GPUs: bench_tp.py's --engines give the A/Bs; benchmarks/tp_two_gpu_run.sh is issue 14's run
     tp) timeout ${TP_TIMEOUT:-450} python3 benchmarks/bench_tp.py ${TP_ARGS:-} --out "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log" | tail -45 ;;
     sampler) timeout 200 python3 benchmarks/bench_sampler.py --out "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -10 ;;
+    spec_channel) timeout 400 python3 benchmarks/bench_spec_channel.py --out "$OUT/spec_channel.json" 2>&1 | tee "$OUT/spec_channel.log" | tail -30 ;;
     decode) timeout 400 python3 benchmarks/bench_decode.py ${DECODE_ARGS:-} --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
   esac
 done

@@ -23,6 +23,7 @@ from ray import serve
 from ray.serve import Application
 
 from fuserve.cluster.deployment_options import engine_options
+from fuserve.cluster.draft_deployment import DRAFT_DEPLOYMENT, DraftDeployment, draft_options
 from fuserve.cluster.ingress_routing import haproxy_enabled, with_body_routing
 from fuserve.configs import FuserveConfig, config_from_dict, load_config
 from fuserve.router.api_keys import with_env_api_keys
@@ -37,7 +38,11 @@ def build_app(config: FuserveConfig, cluster_gpus: float | None = None) -> Appli
     if cluster_gpus is None:
         cluster_gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
     engine = serve.deployment(EngineIngress, name="Engine").options(**engine_options(config, cluster_gpus))
-    app = engine.bind(config)
+    if config.speculative.method == "draft":  # the draft model: a deployment of its own
+        draft = serve.deployment(DraftDeployment, name=DRAFT_DEPLOYMENT)
+        app = engine.bind(config, draft.options(**draft_options(config, cluster_gpus)).bind(config))
+    else:
+        app = engine.bind(config)
     if config.serve.ingress == "haproxy" or haproxy_enabled():  # Serve with HAProxy needs the router
         return with_body_routing(app, config)
     return app

@@ -116,7 +116,9 @@ class EngineCoreClient:
         self._from_core.bind(out_addr)
         from fuserve.workers.engine_core import replica_placement, run_engine_core
 
-        placement = replica_placement() if config.parallel.tensor_parallel_size > 1 else None
+        # the engine core joins Ray for tensor-parallel workers, or to find its draft deployment
+        needs_ray = config.parallel.tensor_parallel_size > 1 or config.speculative.method == "draft"
+        placement = replica_placement() if needs_ray else None
         self.process = multiprocessing.get_context("spawn").Process(
             target=run_engine_core,
             args=(config.model_dump_json(), in_addr, out_addr, os.getpid(), placement),

@@ -113,7 +113,9 @@ def _replica_id() -> str:
 
 @serve.ingress(app)
 class EngineIngress:
-    async def __init__(self, config: FuserveConfig) -> None:
+    async def __init__(self, config: FuserveConfig, draft: Any = None) -> None:
+        """`draft`: the Draft deployment's handle (speculative.method draft), bound only so Serve runs
+        the draft with this app; the engine core finds it by name (speculative/draft_factory.py)."""
         self.replica_id = _replica_id()
         source = resolve_source(config.model)
         self.tokenizer: Tokenizer | None = load_tokenizer(source) if source.kind != "dummy" else None

@@ -57,6 +57,7 @@ class RayPlacement:
     address: str
     namespace: str
     placement_group_id: str | None
+    app_name: str | None = None  # the Serve app the replica belongs to (its draft deployment's too)
 
 
 def replica_placement() -> RayPlacement | None:
@@ -68,7 +69,15 @@ def replica_placement() -> RayPlacement | None:
         return None
     ctx = ray.get_runtime_context()
     group = get_current_placement_group()
-    return RayPlacement(ctx.gcs_address, ctx.namespace, group.id.hex() if group is not None else None)
+    try:
+        from ray import serve
+
+        app_name: str | None = serve.get_replica_context().app_name
+    except Exception:  # not in a Serve replica
+        app_name = None
+    return RayPlacement(
+        ctx.gcs_address, ctx.namespace, group.id.hex() if group is not None else None, app_name
+    )
 
 
 def build_engine(config: FuserveConfig, placement: RayPlacement | None) -> LLMEngine:

@@ -1,0 +1,187 @@
+"""The engine core's side of the draft channel: `DraftProposer`, a Proposer over one ZMQ socket.
+
+    propose(requests)   one DraftRound out, wait for its DraftReply at most `timeout_s`
+                        no reply in time / no connection: ProposerUnavailable (the engine drafts
+                        nothing this step), and a background thread looks the draft up again
+    release(ids)        one DraftRelease out, no reply
+
+Reconnecting: `locate()` answers where a draft replica listens (a Serve handle call: control path,
+run on a thread of its own so no engine step waits on it). Once it answers, the next round connects
+and sends every sequence from start 0, since a new replica holds nothing (a live one that merely timed
+out keeps the KV of the tokens it already had: the runner compares before it recomputes). For that
+the proposer keeps a copy of each sequence's tokens, as the rounds have told them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import msgspec
+import zmq
+
+from fuserve.speculative.draft_messages import (
+    DraftAddress,
+    DraftRelease,
+    DraftReply,
+    DraftRound,
+    DraftSeq,
+    reply_decoder,
+)
+from fuserve.speculative.proposer import ProposeRequest, ProposerUnavailable
+
+log = logging.getLogger("fuserve")
+
+
+def endpoint(address: DraftAddress) -> str:
+    """ipc on the draft's own machine (a third of tcp's round trip), tcp elsewhere."""
+    if address.ipc and address.hostname == socket.gethostname():
+        if os.path.exists(address.ipc.removeprefix("ipc://")):
+            return address.ipc
+    return address.tcp
+
+
+class DraftProposer:
+    def __init__(
+        self,
+        locate: Callable[[], DraftAddress],
+        timeout_s: float,
+        retry_s: float = 1.0,
+        use_ipc: bool = True,
+    ) -> None:
+        """`locate`: where a draft replica listens now (may block, may raise: retried every
+        `retry_s`). `timeout_s`: the longest a round may take (speculative.channel_timeout_s)."""
+        self.locate = locate
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.use_ipc = use_ipc
+        self.client_id = uuid.uuid4().hex[:12]
+        self.tokens: dict[str, list[int]] = {}  # each sequence as the rounds told it
+        self.resend: set[str] = set()  # sequences the draft must get from start 0
+        self.address: DraftAddress | None = None
+        self.num_reconnects = 0
+        self._ctx = zmq.Context()
+        self._socket: zmq.Socket | None = None
+        self._round = 0
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = reply_decoder()
+        self._found: DraftAddress | None = None  # set by the lookup thread
+        self._lookup: threading.Thread | None = None
+        self._closed = threading.Event()
+        self._look_up()
+
+    # ---- the Proposer contract -------------------------------------------------------------------
+    def propose(self, requests: list[ProposeRequest]) -> list[list[int]]:
+        for r in requests:  # the copy follows every round, connected or not
+            held = self.tokens.setdefault(r.seq_id, [])
+            del held[r.start :]
+            held.extend(r.token_ids)
+        if not requests:
+            return []
+        self._adopt_found()
+        if self._socket is None:
+            raise ProposerUnavailable("the draft replica is not connected yet (looking it up)")
+        self._round += 1
+        seqs = []
+        for r in requests:
+            if r.seq_id in self.resend:
+                self.resend.discard(r.seq_id)
+                seqs.append(DraftSeq(r.seq_id, 0, list(self.tokens[r.seq_id]), r.k))
+            else:
+                seqs.append(DraftSeq(r.seq_id, r.start, r.token_ids, r.k))
+        try:
+            msg = DraftRound(self.client_id, self._round, seqs)
+            self._socket.send(self._encoder.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            self._drop("its send queue is full")
+        reply = self._wait(self._round)
+        if reply.instance_id != self.address.instance_id:  # type: ignore[union-attr]
+            self.resend.update(self.tokens)  # another server answered: it holds nothing of ours
+            self.address = msgspec.structs.replace(self.address, instance_id=reply.instance_id)  # type: ignore[arg-type]
+            return [[] for _ in requests]
+        for i in reply.missing:
+            self.resend.add(requests[i].seq_id)
+        if reply.error:
+            log.warning("the draft failed a round: %s", reply.error)
+        return [d[: r.k] for d, r in zip(reply.drafts, requests, strict=True)]
+
+    def release(self, seq_ids: list[str]) -> None:
+        for s in seq_ids:
+            self.tokens.pop(s, None)
+            self.resend.discard(s)
+        if self._socket is not None and seq_ids:
+            try:
+                self._socket.send(self._encoder.encode(DraftRelease(self.client_id, seq_ids)), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # a draft that cannot take it is about to be dropped; its state goes with it
+
+    # ---- the connection --------------------------------------------------------------------------
+    def _wait(self, round_id: int) -> DraftReply:
+        assert self._socket is not None
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                self._drop(f"no reply within {self.timeout_s:g} s")
+            if self._socket.poll(max(1, round(left_s * 1000))):
+                reply = self._decoder.decode(self._socket.recv())
+                if reply.round_id == round_id:
+                    return reply  # an older round's late reply is dropped
+
+    def _drop(self, why: str) -> None:
+        """Close the socket, look the draft up again, and tell the engine (ProposerUnavailable)."""
+        log.warning("draft at %s dropped: %s; drafting resumes once it is found again", self.address, why)
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        self._socket = None
+        self.address = None
+        self._look_up()
+        raise ProposerUnavailable(f"the draft replica did not answer: {why}")
+
+    def _adopt_found(self) -> None:
+        found = self._found
+        if found is None:
+            return
+        self._found = None  # the lookup thread has ended: it sets this once
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint(found) if self.use_ipc else found.tcp)
+        self._socket, self.address = sock, found
+        self.resend.update(self.tokens)
+        self.num_reconnects += 1
+
+    def _look_up(self) -> None:
+        if self._lookup is not None and self._lookup.is_alive():
+            return
+        self._lookup = threading.Thread(target=self._look_up_loop, name="draft-lookup", daemon=True)
+        self._lookup.start()
+
+    def _look_up_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self._found = self.locate()
+                return
+            except Exception as err:
+                log.info("draft replica not found yet (%s); retrying in %g s", err, self.retry_s)
+                self._closed.wait(self.retry_s)
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """For start-up and tests: until the lookup answered (the next round connects), or timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self._found is None and self._socket is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self._found is not None or self._socket is not None
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        self._ctx.term()

@@ -1,0 +1,51 @@
+"""The engine core's draft proposer for `speculative.method: draft`, and how it finds its draft replica.
+
+The engine core is no Ray worker: to look its draft up it joins the cluster as a driver (as it does
+for tensor parallelism, from the RayPlacement its frontend passed) and asks the app's Draft deployment
+through a Serve handle, once at start-up and again whenever the draft stopped answering. Never per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+
+from fuserve.configs import FuserveConfig
+from fuserve.speculative.draft_client import DraftProposer
+from fuserve.speculative.draft_messages import DraftAddress
+from fuserve.workers.engine_core import RayPlacement
+
+LOOKUP_TIMEOUT_S = 10.0
+
+
+def serve_locator(
+    app_name: str, deployment: str, timeout_s: float = LOOKUP_TIMEOUT_S
+) -> Callable[[], DraftAddress]:
+    """Where a replica of `deployment` in the Serve app `app_name` listens; needs Ray initialized."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name=app_name)
+
+    def locate() -> DraftAddress:
+        return msgspec.convert(handle.address.remote().result(timeout_s=timeout_s), DraftAddress)
+
+    return locate
+
+
+def build_draft_proposer(config: FuserveConfig, placement: RayPlacement | None) -> DraftProposer:
+    """Called in the engine core when `speculative.method` is `draft`. It returns at once: the lookup
+    runs in the background and rounds raise ProposerUnavailable (k = 0) until it answers."""
+    from fuserve.cluster.draft_deployment import DRAFT_DEPLOYMENT
+
+    if placement is None or placement.app_name is None:
+        raise ValueError(
+            "speculative.method `draft` needs the draft deployment, which runs under Ray Serve "
+            "(`fuserve serve`); for offline use pick speculative.method `ngram` or `none`"
+        )
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=placement.address, namespace=placement.namespace, log_to_driver=False)
+    locate = serve_locator(placement.app_name, DRAFT_DEPLOYMENT)
+    return DraftProposer(locate, config.speculative.channel_timeout_s)

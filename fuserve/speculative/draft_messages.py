@@ -1,0 +1,61 @@
+"""The channel between an engine core and its draft replica: one round (request + reply) per step.
+
+    engine core (DraftProposer, DEALER) --DraftRound: every speculating sequence's start, new tokens, k-->
+                                        <--DraftReply: up to k drafts each, and which it did not hold--
+                                        --DraftRelease: finished sequences (no reply)------------------>
+    draft replica (DraftServer, ROUTER)
+
+msgspec structs, array-encoded (a round of 64 sequences is a few hundred bytes). Sequence ids are the
+client's: the server keys them by `client_id`, so one draft replica can serve several engines.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class DraftSeq(msgspec.Struct, array_like=True):
+    seq_id: str
+    start: int
+    token_ids: list[int]
+    k: int
+
+
+class DraftRound(msgspec.Struct, tag="round", array_like=True):
+    client_id: str
+    round_id: int
+    seqs: list[DraftSeq]
+
+
+class DraftRelease(msgspec.Struct, tag="release", array_like=True):
+    client_id: str
+    seq_ids: list[str]
+
+
+class DraftReply(msgspec.Struct, array_like=True):
+    round_id: int
+    instance_id: str  # which server answered: a new one holds no sequence
+    drafts: list[list[int]]
+    missing: list[int]  # indices of sequences it does not hold at their start: resend from 0
+    error: str = ""  # the round failed on the server (the client proposes nothing this round)
+
+
+class DraftAddress(msgspec.Struct):
+    """Where a draft server listens, as its Serve replica answers it (control path)."""
+
+    tcp: str
+    ipc: str | None
+    hostname: str  # ipc only works on the same machine
+    instance_id: str
+
+
+DraftInput = DraftRound | DraftRelease
+
+
+def input_decoder() -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(DraftInput)
+
+
+def reply_decoder() -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(DraftReply)

@@ -1,0 +1,215 @@
+"""The draft model: fuserve's own model, paged KV cache and model runner, drafting greedily for a batch.
+
+    propose(requests):  per sequence  apply start/token_ids (draft_sequences.py: truncate, keep the KV
+                                      of accepted drafts)
+                        prefill       the tokens without KV, every sequence in one forward (chunked at
+                                      the token budget); each sequence's last row gives its first draft
+                        k - 1 decodes batched over the sequences still drafting; each step's inputs are
+                                      the previous step's argmax, filled on the device, so the host
+                                      waits once per round, not once per draft
+    release(ids):       their blocks go back
+
+It runs the same kernels as the target (Triton on GPU, CUDA graphs for the decode steps; torch
+reference ops on CPU), on a KV pool sized from the draft's own share of its device.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fuserve.configs import CacheConfig, DraftPlacementConfig, FuserveConfig, KernelConfig, ModelConfig
+from fuserve.parallel.tp_context import TPContext
+from fuserve.speculative.draft_sequences import DraftSequence, DraftSequences
+from fuserve.speculative.proposer import ProposeRequest
+from fuserve.workers.cuda_graphs import DecodeGraphs
+from fuserve.workers.kv_cache import allocate_kv_cache, bytes_per_block
+from fuserve.workers.model_runner import ModelRunner
+from fuserve.workers.models.llama import LlamaArch
+from fuserve.workers.models.loader import build_model, quant_scheme, resolve_source
+from fuserve.workers.sequence import PLACEHOLDER
+from fuserve.workers.step_plan import StepPlan
+from fuserve.workers.worker import pick_device, pick_dtype, pick_ops
+
+log = logging.getLogger("fuserve")
+
+
+class DraftRunner:
+    def __init__(
+        self,
+        model: ModelConfig,
+        placement: DraftPlacementConfig,
+        cache: CacheConfig,
+        kernels: KernelConfig,
+        max_num_seqs: int = 128,
+        max_num_batched_tokens: int = 2048,
+    ) -> None:
+        """`cache`: the target's (block size; its fixed num_blocks or CPU size apply to the draft too);
+        the draft's GPU share is `placement.gpu_memory_utilization`."""
+        self.device = pick_device(placement.device if placement.device != "auto" else model.device)
+        self.dtype = pick_dtype(model.dtype, self.device)
+        source = resolve_source(model)
+        self.arch = LlamaArch.from_hf(source.hf_config)
+        longest = self.arch.max_position_embeddings
+        self.max_model_len = min(model.max_model_len or longest, longest)
+        self.model = build_model(
+            source,
+            TPContext(),
+            pick_ops(kernels.use_triton, self.device),
+            self.dtype,
+            self.device,
+            self.max_model_len,
+            model.seed,
+            quant_scheme(source, model),
+        )
+        self.block_size = cache.block_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.runner = ModelRunner(self.model, self.device, self.block_size)
+        num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
+        num_blocks = cache.num_blocks or self._pool_size(cache, placement, num_kv_heads, max_num_seqs)
+        kv = allocate_kv_cache(self.arch, num_kv_heads, num_blocks, self.block_size, self.dtype, self.device)
+        self.model.bind_kv_cache(kv.k, kv.v)
+        self.seqs = DraftSequences(num_blocks, self.block_size)
+        if self.device.type == "cuda" and kernels.cuda_graphs:
+            graphs = DecodeGraphs(
+                self.model,
+                self.device,
+                max_blocks_per_seq=-(-self.max_model_len // self.block_size),
+                max_batch=min(kernels.cuda_graph_max_batch, max_num_seqs),
+            )
+            graphs.capture()
+            self.runner.graphs = graphs
+        log.info("draft KV cache: %d blocks x %d tokens on %s", num_blocks, self.block_size, self.device)
+
+    @classmethod
+    def from_config(cls, config: FuserveConfig) -> DraftRunner:
+        """The draft of a deployment's `speculative` block, with the target's cache, batch and kernels."""
+        spec = config.speculative
+        if spec.draft is None:
+            raise ValueError("speculative.draft is not set: name the draft model")
+        return cls(
+            spec.draft,
+            spec.placement,
+            config.cache,
+            config.kernels,
+            config.scheduler.max_num_seqs,
+            config.scheduler.max_num_batched_tokens,
+        )
+
+    def _pool_size(
+        self, cache: CacheConfig, placement: DraftPlacementConfig, num_kv_heads: int, max_num_seqs: int
+    ) -> int:
+        """CPU: the cache's CPU size. GPU: the draft's share of the device less its own weights and the
+        peak of a prefill at the full token budget (not less what others use: a draft beside the
+        target shares its GPU by design)."""
+        per_block = bytes_per_block(self.arch, num_kv_heads, self.block_size, self.dtype)
+        if self.device.type != "cuda":
+            return max(1, int(cache.cpu_kv_cache_gib * (1 << 30) // per_block))
+        seqs = min(max_num_seqs, 256)
+        blocks = -(-max(1, self.max_num_batched_tokens // seqs) // self.block_size)
+        scratch = allocate_kv_cache(self.arch, num_kv_heads, blocks, self.block_size, self.dtype, self.device)
+        self.model.bind_kv_cache(scratch.k, scratch.v)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.runner.profile(self.max_num_batched_tokens, seqs, blocks)
+        torch.cuda.synchronize(self.device)
+        del scratch
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = total * placement.gpu_memory_utilization - torch.cuda.max_memory_allocated(self.device)
+        if budget < per_block * -(-self.max_model_len // self.block_size):
+            raise RuntimeError(
+                f"the draft's share of its GPU ({placement.gpu_memory_utilization:g}) leaves "
+                f"{budget / 2**30:.2f} GiB for its KV cache, less than one sequence of "
+                f"{self.max_model_len} tokens; raise speculative.placement.gpu_memory_utilization"
+            )
+        return int(budget // per_block)
+
+    @torch.inference_mode()
+    def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]:
+        """Up to k greedy drafts per request; None for a sequence this draft does not hold at `start`
+        (send it again from start 0)."""
+        out: list[list[int] | None] = [[] for _ in requests]
+        protect = {r.seq_id for r in requests}
+        drafting: list[tuple[int, DraftSequence, int]] = []  # (request index, sequence, k)
+        for i, r in enumerate(requests):
+            seq = self.seqs.apply(r.seq_id, r.start, r.token_ids)
+            if seq is None:
+                out[i] = None
+                continue
+            k = min(r.k, self.max_model_len - len(seq.tokens))
+            if k <= 0 or not seq.tokens:
+                continue
+            if not self.seqs.reserve(r.seq_id, len(seq.tokens) + k - 1, protect):
+                out[i] = None
+                continue
+            drafting.append((i, seq, k))
+        if not drafting:
+            return out
+        steps = [self._prefill(drafting)]  # step j: tokens [rows of drafting[...] still drafting at j]
+        for j in range(1, max(k for _, _, k in drafting)):
+            steps.append(self._decode(drafting, j, steps[-1]))
+        host = torch.cat(steps).tolist()  # the round's one wait on the device
+        at = 0
+        for j in range(len(steps)):
+            for i, _, k in drafting:
+                if k > j:
+                    out[i].append(host[at])  # type: ignore[union-attr]
+                    at += 1
+        for i, seq, k in drafting:
+            seq.num_computed = len(seq.tokens) + k - 1  # drafts 1..k-1 were fed back, so have KV
+            seq.tokens.extend(out[i])  # type: ignore[arg-type]
+        return out
+
+    def _prefill(self, drafting: list[tuple[int, DraftSequence, int]]) -> torch.Tensor:
+        """Every drafting sequence's tokens without KV; the first drafts, in `drafting` order."""
+        cursor = [seq.num_computed for _, seq, _ in drafting]
+        firsts: dict[int, torch.Tensor] = {}
+        while len(firsts) < len(drafting):
+            plan, budget, rows = StepPlan(), self.max_num_batched_tokens, []
+            for d, (_, seq, _) in enumerate(drafting):
+                end = len(seq.tokens)
+                if cursor[d] == end or budget == 0:
+                    continue
+                n = min(end - cursor[d], budget)
+                self._add_row(plan, seq, seq.tokens[cursor[d] : cursor[d] + n], cursor[d])
+                cursor[d] += n
+                budget -= n
+                if cursor[d] == end:
+                    plan.sample_rows.append(plan.num_seqs - 1)
+                    rows.append(d)
+            hidden = self.runner.forward_plan(plan)
+            if hidden is not None:
+                tokens = self.model.greedy_tokens(hidden)
+                for r, d in enumerate(rows):
+                    firsts[d] = tokens[r : r + 1]
+        return torch.cat([firsts[d] for d in range(len(drafting))])
+
+    def _decode(
+        self, drafting: list[tuple[int, DraftSequence, int]], j: int, prev: torch.Tensor
+    ) -> torch.Tensor:
+        """Draft j + 1 of the sequences with k > j, fed draft j (row of `prev`, on the device)."""
+        plan = StepPlan()
+        prev_row = 0
+        for _, seq, k in drafting:
+            if k > j - 1:
+                if k > j:
+                    plan.fill_positions.append(plan.num_tokens)
+                    plan.fill_rows.append(prev_row)
+                    plan.sample_rows.append(plan.num_seqs)
+                    self._add_row(plan, seq, [PLACEHOLDER], len(seq.tokens) + j - 1)
+                prev_row += 1
+        hidden = self.runner.forward_plan(plan, prev)
+        assert hidden is not None
+        return self.model.greedy_tokens(hidden)
+
+    def _add_row(self, plan: StepPlan, seq: DraftSequence, tokens: list[int], start: int) -> None:
+        n = len(tokens)
+        plan.input_ids.extend(tokens)
+        plan.positions.extend(range(start, start + n))
+        plan.slot_mapping.extend(self.seqs.slot(seq, p) for p in range(start, start + n))
+        plan.query_start_loc.append(plan.query_start_loc[-1] + n)
+        plan.context_lens.append(start + n)
+        plan.block_tables.append(seq.block_table)
+
+    def release(self, seq_ids: list[str]) -> None:
+        self.seqs.release(seq_ids)

@@ -1,0 +1,168 @@
+"""The draft side of the channel: a process that answers one round per engine step over ZMQ.
+
+    DraftDeployment replica (Serve) --spawns--> draft server process: DraftRunner + ROUTER socket
+        bound on tcp://NODE_IP:PORT and ipc://TMP/draft; it reports its DraftAddress back through a pipe
+    engine core(s) --DraftRound--> [loop: decode, runner.propose, encode] --DraftReply--> the same peer
+
+Why its own process, not a thread of the replica: the round trip is on the engine's step path (the
+budget is well under a millisecond), and in the replica's process the loop would share one GIL with
+Serve's event loop, health checks and metrics pushes. The process is spawned (a forked CUDA context
+is unusable) and ends when the replica's process goes away (Serve replaced it, or ray.kill), so a
+restarted replica never leaves a stale server behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Protocol
+
+import msgspec
+import zmq
+
+from fuserve.configs import FuserveConfig
+from fuserve.speculative.draft_messages import DraftAddress, DraftRelease, DraftReply, input_decoder
+from fuserve.speculative.proposer import ProposeRequest
+
+log = logging.getLogger("fuserve")
+POLL_MS = 200  # an idle server checks this often that its replica is still there
+
+
+class DraftBackend(Protocol):
+    """What the server drafts with: DraftRunner, or anything that answers the same way."""
+
+    def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]: ...
+
+    def release(self, seq_ids: list[str]) -> None: ...
+
+
+class DraftServer:
+    def __init__(self, backend: DraftBackend, host: str = "127.0.0.1", ipc_dir: str | None = None) -> None:
+        self.backend = backend
+        self.ctx = zmq.Context()
+        self.socket = self.ctx.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        port = self.socket.bind_to_random_port(f"tcp://{host}")
+        ipc = None
+        if ipc_dir is not None:
+            ipc = f"ipc://{ipc_dir}/draft"
+            self.socket.bind(ipc)
+        self.address = DraftAddress(f"tcp://{host}:{port}", ipc, socket.gethostname(), uuid.uuid4().hex)
+        self._decoder = input_decoder()
+        self._encoder = msgspec.msgpack.Encoder()
+
+    def serve(self, keep_going: Callable[[], bool]) -> None:
+        """Answer messages until `keep_going()` turns false (checked at least every POLL_MS)."""
+        while keep_going():
+            if self.socket.poll(POLL_MS):
+                self.handle(self.socket.recv_multipart(copy=False))
+
+    def handle(self, frames: list) -> None:
+        peer, payload = frames[0], frames[-1]
+        msg = self._decoder.decode(payload.buffer)
+        prefix = msg.client_id + "/"
+        if isinstance(msg, DraftRelease):
+            self.backend.release([prefix + s for s in msg.seq_ids])
+            return
+        reqs = [ProposeRequest(prefix + s.seq_id, s.start, s.token_ids, s.k) for s in msg.seqs]
+        try:
+            drafts = self.backend.propose(reqs)
+            reply = DraftReply(
+                msg.round_id,
+                self.address.instance_id,
+                [d if d is not None else [] for d in drafts],
+                [i for i, d in enumerate(drafts) if d is None],
+            )
+        except Exception as err:  # the round fails alone; its sequences start over from 0
+            log.exception("draft round failed")
+            self.backend.release([r.seq_id for r in reqs])
+            reply = DraftReply(
+                msg.round_id, self.address.instance_id, [[] for _ in reqs], list(range(len(reqs))), repr(err)
+            )
+        self.socket.send_multipart([peer, self._encoder.encode(reply)], copy=False)
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.ctx.term()
+
+
+def run_draft_server(config_json: str, host: str, parent_pid: int, conn: Connection) -> None:
+    """The spawned process's entry point: build the draft, report the address (or the failure)
+    through `conn`, serve until the parent process is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the replica decides when this ends
+    import torch
+
+    from fuserve.speculative.draft_runner import DraftRunner
+
+    try:
+        config = FuserveConfig.model_validate_json(config_json)
+        # on CPU the draft gets the cores its replica reserved, not all of them: spinning OpenMP
+        # threads of two processes on the same cores slow both (the target runs beside it)
+        torch.set_num_threads(max(1, int(config.speculative.placement.num_cpus)))
+        runner = DraftRunner.from_config(config)
+    except BaseException as err:
+        traceback.print_exc()
+        conn.send(f"the draft model failed to load: {type(err).__name__}: {err}")
+        return
+    ipc_dir = tempfile.mkdtemp(prefix="fuserve-draft-")
+    server = DraftServer(runner, host, ipc_dir)
+    conn.send(msgspec.to_builtins(server.address))
+    conn.close()
+    try:
+        server.serve(lambda: os.getppid() == parent_pid)
+    finally:
+        server.close()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
+@dataclass
+class DraftServerProcess:
+    process: multiprocessing.process.BaseProcess
+    address: DraftAddress
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout_s)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(timeout_s)
+
+
+def start_draft_server(config: FuserveConfig, host: str, timeout_s: float) -> DraftServerProcess:
+    """Spawn the draft server and wait until its model is loaded and it listens."""
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe(duplex=False)
+    process = ctx.Process(
+        target=run_draft_server,
+        args=(config.model_dump_json(), host, os.getpid(), theirs),
+        name="fuserve-draft",
+        daemon=True,
+    )
+    process.start()
+    theirs.close()
+    if not ours.poll(timeout_s):
+        process.kill()
+        raise RuntimeError(f"the draft server did not start within {timeout_s:g} s")
+    try:
+        answer = ours.recv()
+    except EOFError:
+        process.join(1)
+        answer = f"the draft server process exited with code {process.exitcode}"
+    if isinstance(answer, str):
+        process.join(5)
+        raise RuntimeError(answer + " (the draft replica's log has the traceback)")
+    return DraftServerProcess(process, msgspec.convert(answer, DraftAddress))

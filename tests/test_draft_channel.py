@@ -1,0 +1,130 @@
+"""The draft channel without Ray: a real draft server process, a DraftProposer, real ZMQ (ipc and tcp).
+
+- Rounds through the channel (rollback included) draft exactly what the draft runner drafts in-process.
+- The server process killed: the next round raises ProposerUnavailable within the channel timeout;
+  while no draft is found rounds fail at once (no timeout per step); a new server comes up, the
+  lookup finds it, and the proposer resends every sequence from 0, so drafts resume and are right.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+from checkpoints import make_checkpoint
+
+from fuserve.configs import FuserveConfig, config_from_dict
+from fuserve.speculative.draft_client import DraftProposer, endpoint
+from fuserve.speculative.draft_messages import DraftAddress
+from fuserve.speculative.draft_runner import DraftRunner
+from fuserve.speculative.draft_server import start_draft_server
+from fuserve.speculative.proposer import ProposeRequest, ProposerUnavailable
+
+VOCAB = 300
+TIMEOUT_S = 2.0  # generous: a loaded 2-core box; the fallback's timing is checked against it
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> FuserveConfig:
+    folder = tmp_path_factory.mktemp("spec")
+    target = make_checkpoint(folder / "target", "llama3", vocab_size=VOCAB, seed=1)
+    draft = make_checkpoint(folder / "draft", "llama3", vocab_size=VOCAB, seed=2, num_hidden_layers=1)
+    return config_from_dict(
+        {
+            "model": {"path": str(target), "device": "cpu", "dtype": "float32"},
+            "cache": {"block_size": 4, "num_blocks": 128},
+            "speculative": {
+                "method": "draft",
+                "draft": {"path": str(draft), "device": "cpu", "dtype": "float32"},
+                "channel_timeout_s": TIMEOUT_S,
+            },
+        }
+    )
+
+
+def play(proposer, oracle: DraftRunner, rounds: int, seed: int) -> None:
+    """Rounds as an engine would send them: each accepts some drafts, adds a token, sometimes ends a
+    sequence; every answer must equal the oracle's (a runner fed the same rounds in-process)."""
+    rng = random.Random(seed)
+    seqs = {f"q{seed}-{i}": [rng.randrange(VOCAB) for _ in range(rng.randrange(2, 20))] for i in range(4)}
+    sent = {s: 0 for s in seqs}
+    new = {s: list(t) for s, t in seqs.items()}
+    for _ in range(rounds):
+        reqs = [ProposeRequest(s, sent[s], new[s], rng.randrange(0, 5)) for s in seqs]
+        got = proposer.propose(reqs)
+        assert got == oracle.propose(reqs)
+        for r, d in zip(reqs, got, strict=True):
+            step = d[: rng.randrange(0, len(d) + 1)] + [rng.randrange(VOCAB)]
+            sent[r.seq_id], new[r.seq_id] = len(seqs[r.seq_id]), step
+            seqs[r.seq_id] = seqs[r.seq_id] + step
+    proposer.release(list(seqs))
+    oracle.release(list(seqs))
+
+
+@pytest.mark.parametrize("use_ipc", [True, False], ids=["ipc", "tcp"])
+def test_rounds_through_the_channel_equal_the_runner(config: FuserveConfig, use_ipc: bool) -> None:
+    server = start_draft_server(config, "127.0.0.1", timeout_s=120)
+    proposer = DraftProposer(lambda: server.address, TIMEOUT_S, use_ipc=use_ipc)
+    try:
+        assert proposer.wait_connected(10)
+        assert endpoint(server.address) == server.address.ipc  # same machine: ipc is offered
+        play(proposer, DraftRunner.from_config(config), rounds=6, seed=0)
+        start = time.perf_counter()
+        for _ in range(20):  # empty rounds: the channel alone
+            assert proposer.propose([ProposeRequest("idle", 0, [1], 0)]) == [[]]
+        assert (time.perf_counter() - start) / 20 < 0.05
+        assert proposer.num_reconnects == 1
+    finally:
+        proposer.close()
+        server.stop()
+
+
+def test_killed_server_falls_back_then_resumes(config: FuserveConfig) -> None:
+    current: dict[str, DraftAddress | None] = {"address": None}
+
+    def locate() -> DraftAddress:
+        if current["address"] is None:
+            raise LookupError("no draft replica")
+        return current["address"]
+
+    first = start_draft_server(config, "127.0.0.1", timeout_s=120)
+    current["address"] = first.address
+    proposer = DraftProposer(locate, TIMEOUT_S, retry_s=0.1)
+    oracle = DraftRunner.from_config(config)
+    second = None
+    try:
+        assert proposer.wait_connected(10)
+        reqs = [ProposeRequest("a", 0, [5, 6, 7, 8, 9], 3), ProposeRequest("b", 0, [1, 2], 2)]
+        assert proposer.propose(reqs) == oracle.propose(reqs)
+
+        current["address"] = None
+        os.kill(first.process.pid, signal.SIGKILL)
+        first.process.join(10)
+        t0 = time.monotonic()
+        with pytest.raises(ProposerUnavailable):
+            proposer.propose([ProposeRequest("a", 5, [4], 3), ProposeRequest("b", 2, [3], 2)])
+        assert time.monotonic() - t0 < TIMEOUT_S + 0.5
+        t0 = time.monotonic()
+        with pytest.raises(ProposerUnavailable):  # still looking: no wait this time
+            proposer.propose([ProposeRequest("a", 6, [4], 3), ProposeRequest("b", 3, [3], 2)])
+        assert time.monotonic() - t0 < 0.05
+
+        second = start_draft_server(config, "127.0.0.1", timeout_s=120)
+        current["address"] = second.address
+        assert proposer.wait_connected(10)
+        # the engine knows nothing of the restart: it sends what follows its last rounds
+        reqs = [ProposeRequest("a", 7, [11], 3), ProposeRequest("b", 4, [12], 2)]
+        got = proposer.propose(reqs)
+        full = [[5, 6, 7, 8, 9, 4, 4, 11], [1, 2, 3, 3, 12]]  # each sequence as the rounds told it
+        oracle.release(["a", "b"])
+        assert got == oracle.propose([ProposeRequest("a", 0, full[0], 3), ProposeRequest("b", 0, full[1], 2)])
+        assert all(len(d) == r.k for d, r in zip(got, reqs, strict=True))
+        assert proposer.num_reconnects == 2
+    finally:
+        proposer.close()
+        first.stop()
+        if second is not None:
+            second.stop()

@@ -1,0 +1,147 @@
+"""The draft as its own Serve deployment, on a real local Ray cluster.
+
+`build_app` with `speculative.method: draft` runs a Draft deployment beside the Engine (the engine still
+serves HTTP). A DraftProposer built as the engine core builds it (draft_factory.build_draft_proposer:
+a Serve handle lookup, then ZMQ) drafts what the draft model drafts in-process, in the test's driver
+and in a spawned process that joins the cluster from a RayPlacement, as the engine core does. The Draft replica's
+actor killed (ray.kill): the next round raises ProposerUnavailable within the channel timeout, Serve
+starts a new replica, the proposer finds it and drafting resumes, right, with no help from the engine.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+from checkpoints import make_checkpoint
+
+from fuserve.configs import FuserveConfig, config_from_dict
+from fuserve.speculative.draft_runner import DraftRunner
+from fuserve.speculative.proposer import ProposeRequest, ProposerUnavailable
+
+if TYPE_CHECKING:
+    from conftest import ServeCluster
+
+APP = "spec"
+TIMEOUT_S = 2.0  # generous: a loaded 2-core box
+
+
+def _config(folder: Path) -> FuserveConfig:
+    target = make_checkpoint(folder / "target", "llama3", vocab_size=260, max_position_embeddings=256)
+    draft = make_checkpoint(folder / "draft", "llama3", vocab_size=260, seed=5, num_hidden_layers=1)
+    return config_from_dict(
+        {
+            "model": {"path": str(target), "name": "tiny", "max_model_len": 256},
+            "cache": {"num_blocks": 64},
+            "speculative": {
+                "method": "draft",
+                "draft": {"path": str(draft), "max_model_len": 256},
+                "channel_timeout_s": TIMEOUT_S,
+                "placement": {"device": "cpu", "num_cpus": 0.5},
+            },
+        }
+    )
+
+
+def _draft_actor_names() -> list[str]:
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    return [n for n in names if n.startswith(f"SERVE_REPLICA::{APP}#Draft#")]
+
+
+def _propose_as_an_engine_core(config: FuserveConfig, placement, reqs: list[ProposeRequest], out) -> None:
+    """In a spawned process with no Ray in it, as the engine core: join the cluster, find the draft."""
+    from fuserve.speculative.draft_factory import build_draft_proposer
+
+    proposer = build_draft_proposer(config, placement)
+    assert proposer.wait_connected(60)
+    out.put(proposer.propose(reqs))
+    proposer.close()
+
+
+def test_draft_deployment_serves_rounds_and_comes_back_after_a_kill(
+    serve_cluster: ServeCluster, tmp_path: Path
+) -> None:
+    import ray
+    from ray import serve
+
+    from fuserve.cluster import build_app
+    from fuserve.speculative.draft_factory import build_draft_proposer
+    from fuserve.workers.engine_core import RayPlacement
+
+    config = _config(tmp_path)
+    serve.run(build_app(config, cluster_gpus=0), name=APP, route_prefix=f"/{APP}")
+    body = {"prompt": "hi", "max_tokens": 4, "temperature": 0}
+    r = httpx.post(f"{serve_cluster.url}/{APP}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text  # the engine serves with its draft beside it
+
+    ctx = ray.get_runtime_context()
+    placement_args = (ctx.gcs_address, ctx.namespace, None, APP)
+    proposer = build_draft_proposer(config, RayPlacement(*placement_args))
+    oracle = DraftRunner.from_config(config)
+    try:
+        assert proposer.wait_connected(30)
+        reqs = [ProposeRequest("a", 0, list(range(40, 60)), 4), ProposeRequest("b", 0, [7, 8, 9], 2)]
+        first = proposer.propose(reqs)
+        assert first == oracle.propose(reqs) and [len(d) for d in first] == [4, 2]
+
+        # the same from a process of its own that joins the cluster, as the engine core does
+        spawn = multiprocessing.get_context("spawn")
+        out = spawn.Queue()
+        reqs = [ProposeRequest("c", 0, [3, 1, 4, 1, 5], 3)]
+        core = spawn.Process(
+            target=_propose_as_an_engine_core, args=(config, RayPlacement(*placement_args), reqs, out)
+        )
+        core.start()
+        assert out.get(timeout=120) == oracle.propose(reqs)
+        core.join(30)
+        oracle.release(["c"])
+
+        [old] = _draft_actor_names()
+        ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)
+        time.sleep(0.5)  # the actor's process is gone
+        t0 = time.monotonic()
+        with pytest.raises(ProposerUnavailable):
+            proposer.propose([ProposeRequest("a", 20, [1], 4), ProposeRequest("b", 3, [2], 2)])
+        assert time.monotonic() - t0 < TIMEOUT_S + 0.5
+
+        # the engine goes on at k = 0, sending each step's tokens; drafting resumes by itself
+        a, b = list(range(40, 60)) + [1], [7, 8, 9, 2]
+        deadline = time.monotonic() + 90
+        while True:
+            reqs = [ProposeRequest("a", len(a), [3], 4), ProposeRequest("b", len(b), [4], 2)]
+            a, b = a + [3], b + [4]
+            try:
+                got = proposer.propose(reqs)
+                break
+            except ProposerUnavailable:
+                assert time.monotonic() < deadline, "drafting did not resume after the draft restarted"
+                time.sleep(0.2)
+        assert _draft_actor_names() != [old] and len(_draft_actor_names()) == 1
+        oracle.release(["a", "b"])
+        assert got == oracle.propose([ProposeRequest("a", 0, a, 4), ProposeRequest("b", 0, b, 2)])
+        assert proposer.num_reconnects == 2
+    finally:
+        proposer.close()
+        serve.delete(APP)
+
+
+def test_draft_resources_follow_the_placement(tmp_path: Path) -> None:
+    from fuserve.cluster.draft_deployment import draft_options
+
+    config = _config(tmp_path)
+    assert draft_options(config, cluster_gpus=8)["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0}
+    spec = config.speculative.model_copy(
+        update={
+            "placement": config.speculative.placement.model_copy(update={"device": "auto", "num_gpus": 0.25})
+        }
+    )
+    shared = config.model_copy(update={"speculative": spec})
+    assert draft_options(shared, cluster_gpus=1)["ray_actor_options"]["num_gpus"] == 0.25  # beside the target
+    assert draft_options(shared, cluster_gpus=0)["ray_actor_options"]["num_gpus"] == 0.0  # a CPU cluster
+    assert draft_options(shared)["num_replicas"] == config.serve.num_replicas

@@ -1,0 +1,128 @@
+"""The draft runner drafts what a plain greedy run of the draft model would, whatever it held before.
+
+- First round: k drafts per sequence equal HF transformers' greedy continuation (the oracle), batched
+  over sequences of different lengths and different k.
+- Rounds with rollback at random points (some drafts accepted, then the target's own token) give the
+  same drafts as a fresh runner fed the whole sequence from start 0, and as the HF oracle.
+- A sequence the draft does not hold at `start` (released, or never sent) is reported (None), so the
+  client resends it from 0; blocks come back on release.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import make_checkpoint
+
+from fuserve.configs import CacheConfig, DraftPlacementConfig, KernelConfig, ModelConfig
+from fuserve.speculative.draft_runner import DraftRunner
+from fuserve.speculative.proposer import ProposeRequest
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("draft") / "ckpt", "llama3", vocab_size=VOCAB, seed=3)
+
+
+def make_runner(path: Path, num_blocks: int = 64, device: str = "cpu") -> DraftRunner:
+    """On CUDA: the Triton kernels and CUDA graphs for the decode steps, as served."""
+    return DraftRunner(
+        ModelConfig(path=str(path), device=device, dtype="float32"),
+        DraftPlacementConfig(device=device),
+        CacheConfig(block_size=4, num_blocks=num_blocks),
+        KernelConfig(),
+        max_num_seqs=8,
+        max_num_batched_tokens=16,  # small, so long prefills run in several chunks
+    )
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(draft_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(draft_dir, torch_dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def greedy(tokens: list[int], k: int) -> list[int]:
+        ids = list(tokens)
+        for _ in range(k):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        return ids[len(tokens) :]
+
+    return greedy
+
+
+def test_first_round_matches_hf_greedy(draft_dir: Path, hf_greedy) -> None:
+    runner = make_runner(draft_dir)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (1, 7, 23, 40)]
+    ks = [3, 1, 5, 4]
+    reqs = [ProposeRequest(f"s{i}", 0, p, k) for i, (p, k) in enumerate(zip(prompts, ks, strict=True))]
+    drafts = runner.propose(reqs)
+    assert drafts == [hf_greedy(p, k) for p, k in zip(prompts, ks, strict=True)]
+
+
+def check_rollback(runner: DraftRunner, fresh: DraftRunner, hf_greedy=None) -> None:
+    """Rounds with rollback at random points, each answer checked against a fresh runner fed the whole
+    sequence from start 0 (and against HF greedy every third round, when given)."""
+    rng = random.Random(1)
+    seqs = {f"s{i}": [rng.randrange(VOCAB) for _ in range(rng.randrange(3, 30))] for i in range(3)}
+    sent = {sid: 0 for sid in seqs}  # what the engine believes the draft holds: everything it sent
+    new = {sid: list(toks) for sid, toks in seqs.items()}
+    for round_ in range(8):
+        k = {sid: rng.randrange(0, 6) for sid in seqs}
+        reqs = [ProposeRequest(sid, sent[sid], new[sid], k[sid]) for sid in seqs]
+        drafts = runner.propose(reqs)
+        for sid, got in zip(seqs, drafts, strict=True):
+            assert got is not None
+            [again] = fresh.propose([ProposeRequest(sid, 0, list(seqs[sid]), k[sid])])
+            fresh.release([sid])
+            assert got == again, f"round {round_}, {sid}: drafts differ from recomputing"
+            if hf_greedy is not None and round_ % 3 == 0:
+                assert got == hf_greedy(seqs[sid], k[sid])
+            # the target accepts a random prefix of the drafts, then adds its own token(s) (several when
+            # the sequence sat out rounds); now and then the engine restarts it from 0 (a preemption)
+            accepted = got[: rng.randrange(0, len(got) + 1)]
+            step = accepted + [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 4))]
+            sent[sid] = len(seqs[sid])
+            seqs[sid] = seqs[sid] + step
+            new[sid] = step
+            if rng.random() < 0.15:
+                sent[sid], new[sid] = 0, list(seqs[sid])
+
+
+def test_rollback_at_random_points_equals_recomputing(draft_dir: Path, hf_greedy) -> None:
+    check_rollback(make_runner(draft_dir), make_runner(draft_dir), hf_greedy)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rollback_on_gpu_with_graphs(draft_dir: Path) -> None:
+    runner = make_runner(draft_dir, device="cuda")
+    assert runner.runner.graphs is not None  # the decode steps replay CUDA graphs
+    check_rollback(runner, make_runner(draft_dir, device="cuda"))
+
+
+def test_unknown_start_is_reported_and_release_frees_blocks(draft_dir: Path) -> None:
+    runner = make_runner(draft_dir, num_blocks=16)
+    free = runner.seqs.num_free_blocks
+    [d] = runner.propose([ProposeRequest("a", 0, list(range(10)), 3)])
+    assert d is not None and len(d) == 3
+    assert runner.seqs.num_free_blocks < free
+    runner.release(["a"])
+    assert runner.seqs.num_free_blocks == free
+    assert runner.propose([ProposeRequest("a", 10, [5], 2)]) == [None]  # it holds nothing of "a" now
+    assert runner.propose([ProposeRequest("b", 0, [1, 2], 0)]) == [[]]  # k = 0: held, nothing drafted
+
+
+def test_a_full_pool_evicts_the_least_recently_used(draft_dir: Path) -> None:
+    runner = make_runner(draft_dir, num_blocks=8)  # 32 tokens
+    assert runner.propose([ProposeRequest("old", 0, list(range(20)), 2)])[0]
+    assert runner.propose([ProposeRequest("new", 0, list(range(20)), 2)])[0]  # evicts "old"
+    assert runner.propose([ProposeRequest("old", 22, [1], 2)]) == [None]
+    assert runner.propose([ProposeRequest("big", 0, list(range(40)), 2)]) == [None]  # never fits
