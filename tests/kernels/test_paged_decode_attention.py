@@ -126,3 +126,17 @@ def test_decode_large_gpu(
         paged_kv, context_lens, num_q_heads, num_kv_heads, head_dim, 16, dtype, torch.device("cuda")
     )
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+
+
+def test_more_splits_than_one_merge_chunk(
+    paged_kv, device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge takes the splits 16 at a time: 38 splits (3 chunks, the last one partial) give the
+    reference's output, with one row whose context ends inside the first chunk."""
+    from fuserve.workers.kernels import paged_decode_attention as module
+
+    monkeypatch.setattr(module, "_tile_config", lambda device: (16, 128, 16))
+    lens = [600, 40]
+    assert math.ceil(max(lens) / decode_partition_size(2, 1, max(lens), device)) > 32
+    out, ref = _run(paged_kv, lens, 2, 1, 32, 16, torch.float32, device)
+    torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])

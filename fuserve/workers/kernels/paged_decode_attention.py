@@ -42,7 +42,10 @@ from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# Integer arguments that follow the load (the number of splits and the block table's width grow with the
+# longest context) must not specialize: each new "equals 1" / "divisible by 16" fact of one would compile
+# the kernel again mid-serving.
+@triton.jit(do_not_specialize=["num_splits", "partition_size", "stride_block_tables"])
 def _paged_decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -148,7 +151,8 @@ def _paged_decode_split_kernel(
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_mask[:, None])
 
 
-@triton.jit
+# The same arguments do not specialize here, as in the split kernel.
+@triton.jit(do_not_specialize=["num_splits", "partition_size"])
 def _paged_decode_reduce_kernel(
     out_ptr,
     part_m_ptr,
@@ -159,9 +163,11 @@ def _paged_decode_reduce_kernel(
     num_splits,
     partition_size,
     HEAD_DIM: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
+    SPLITS_BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
+    """Merges the splits in chunks of a fixed SPLITS_BLOCK, so one compiled kernel serves any number
+    of splits (a power-of-two pad of the split count compiled once per new power, under load)."""
     pdl_launch_and_wait(USE_PDL)
     batch = tl.program_id(0)
     head = tl.program_id(1)
@@ -169,12 +175,22 @@ def _paged_decode_reduce_kernel(
     num_active = tl.cdiv(context_len, partition_size)  # splits past the context wrote nothing useful
     base = (batch * num_q_heads + head) * num_splits
 
-    splits = tl.arange(0, SPLITS_PAD)
-    active = splits < num_active
-    m = tl.load(part_m_ptr + base + splits, mask=active, other=float("-inf"))
-    m_max = tl.maximum(tl.max(m, axis=0), -3.0e38)  # finite with no active split: no inf - inf
-    weights = tl.where(active, tl.exp2(m - m_max), 0.0)
-    l_total = tl.sum(weights * tl.load(part_l_ptr + base + splits, mask=active, other=0.0), axis=0)
+    lanes = tl.arange(0, SPLITS_BLOCK)
+    m_lanes = tl.full([SPLITS_BLOCK], -3.0e38, tl.float32)  # finite with no active split: no inf - inf
+    for start in range(0, num_active, SPLITS_BLOCK):
+        splits = start + lanes
+        m_lanes = tl.maximum(
+            m_lanes, tl.load(part_m_ptr + base + splits, mask=splits < num_active, other=-3.0e38)
+        )
+    m_max = tl.max(m_lanes, axis=0)
+    l_lanes = tl.zeros([SPLITS_BLOCK], dtype=tl.float32)
+    for start in range(0, num_active, SPLITS_BLOCK):
+        splits = start + lanes
+        active = splits < num_active
+        m = tl.load(part_m_ptr + base + splits, mask=active, other=float("-inf"))
+        l_part = tl.load(part_l_ptr + base + splits, mask=active, other=0.0)
+        l_lanes += tl.where(active, tl.exp2(m - m_max) * l_part, 0.0)
+    l_total = tl.sum(l_lanes, axis=0)
 
     dims = tl.arange(0, HEAD_DIM)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
@@ -345,7 +361,7 @@ def paged_decode_attention(
             num_splits=num_splits,
             partition_size=partition_size,
             HEAD_DIM=head_dim,
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            SPLITS_BLOCK=16,
             USE_PDL=use_pdl,
             num_warps=1 if head_dim <= 64 else 2,
             launch_pdl=use_pdl,

@@ -101,7 +101,9 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+# The block table's width (its row stride) follows the longest context in the step: specialized, each
+# new "equals 1" / "divisible by 16" fact of it would compile the kernel again mid-serving.
+@triton.jit(do_not_specialize=["stride_block_tables"])
 def _paged_prefill_kernel(
     q_ptr,
     k_cache_ptr,
