@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 
 import torch
 import triton.testing
 from bench_decode import commit
 
 from fuserve.workers.kernels.gemv import gemv
-from fuserve.workers.kernels.pdl import PDL_ENV
 from fuserve.workers.kernels.silu_mul import silu_mul
+from fuserve.workers.kernels.switches import KernelSwitches, using_switches
 
 SHAPES = {
     "qkv_proj": (6144, 4096),
@@ -63,7 +62,6 @@ def chain_us(tp: int, pdl: bool, layers: int = 32) -> tuple[float, int]:
     ]
     lm_head = torch.randn(vocab, 4096, device="cuda", dtype=torch.bfloat16) / 64
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-    os.environ[PDL_ENV] = "1" if pdl else "0"
 
     def chain() -> torch.Tensor:
         h = x
@@ -72,11 +70,12 @@ def chain_us(tp: int, pdl: bool, layers: int = 32) -> tuple[float, int]:
             h = gemv(silu_mul(gemv(h, gate_up)), down)
         return gemv(h, lm_head)
 
-    chain()  # autotune outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        chain()
+    with using_switches(KernelSwitches(pdl=pdl)):  # the graph keeps the launches it captured
+        chain()  # autotune outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            chain()
     us = bench(graph.replay) * 1e3
     nbytes = sum(w.numel() * 2 for ws in weights for w in ws) + lm_head.numel() * 2
     return us, nbytes
@@ -150,7 +149,6 @@ def main() -> None:
                 )
             )
             print(f"chain TP={tp} pdl={pdl!s:<6}{us:>9.1f} us{tb_s:>7.2f} TB/s{tb_s * 1e12 / copy_bw:>6.2f}")
-    os.environ.pop(PDL_ENV, None)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
 

@@ -328,7 +328,10 @@ class EngineSpec:
     base      tp1 | nccl (TP=N, NCCL for every all-reduce) | auto (one-shot, fused, GEMV push) |
               no-push (auto without the batch-1 GEMV push)
     options   gloo-plans (step plans over gloo, not the shared-memory ring), no-keyed (greedy plans
-              gather the logits on rank 0 instead of each rank's keyed argmax), l2=MB (L2 prefetch budget)
+              gather the logits on rank 0 instead of each rank's keyed argmax), no-two-shot
+              (parallel.two_shot: false), l2=MB (kernels.l2_prefetch_mb, the L2 prefetch budget)
+    The base is parallel.all_reduce (tp1: one rank), and the options set config fields, never the
+    environment: every rank takes them from the same config.
     Each one runs in a fresh process: torch's symmetric memory pairs a process with fresh workers only
     once (fuserve/parallel/one_shot_all_reduce.py), and a fresh CUDA context keeps runs independent."""
 
@@ -374,14 +377,10 @@ def run_engine(
     from fuserve.parallel.worker_group import WorkerGroup
     from fuserve.workers import step_plan
     from fuserve.workers.engine import LLMEngine
-    from fuserve.workers.kernels.l2_prefetch import L2_PREFETCH_ENV, l2_prefetch_budget
+    from fuserve.workers.kernels.l2_prefetch import l2_prefetch_budget
     from fuserve.workers.kernels.pdl import pdl_enabled
 
     tp = 1 if spec.base == "tp1" else tp_size
-    from fuserve.parallel.one_shot_all_reduce import TWO_SHOT_ENV
-
-    os.environ[L2_PREFETCH_ENV] = f"{spec.l2_prefetch_mb:g}"  # rank 0's switch; worker_gpu_env sends it on
-    os.environ[TWO_SHOT_ENV] = "1" if spec.two_shot else "0"
     if not spec.keyed_argmax:  # plans never say argmax_only: rank 0 gathers the logits and broadcasts draws
         step_plan.argmax_only = lambda rows: False  # type: ignore[assignment]
     config = config_from_dict(
@@ -396,12 +395,15 @@ def run_engine(
                 "tensor_parallel_size": tp,
                 "init_timeout_s": float(os.environ.get("BENCH_INIT_TIMEOUT_S", "300")),
                 "plan_transport": "gloo" if spec.gloo_plans else "auto",
+                "all_reduce": "nccl" if spec.base == "tp1" else spec.base,
+                "two_shot": spec.two_shot,
             },
+            # every rank takes these from the config (fuserve/workers/kernels/switches.py)
+            kernels={"l2_prefetch_mb": spec.l2_prefetch_mb},
         )
     )
     t0 = time.perf_counter()
-    all_reduce = "nccl" if spec.base == "tp1" else spec.base
-    workers = WorkerGroup.start(config, all_reduce=all_reduce) if tp > 1 else None  # type: ignore[arg-type]
+    workers = WorkerGroup.start(config) if tp > 1 else None
     engine = LLMEngine(config, workers=workers)
     init_s = time.perf_counter() - t0
     one_shot = workers is not None and workers.tp.fast_all_reduce is not None

@@ -130,6 +130,11 @@ class SchedulerConfig(_Strict):
     )
 
 
+# auto: the fast paths where they fit (one-shot, fused add + RMSNorm, the batch-1 GEMV push at two ranks);
+# no-push: the same without the GEMV push; nccl: NCCL for every all-reduce
+AllReduceChoice = Literal["auto", "no-push", "nccl"]
+
+
 class ParallelConfig(_Strict):
     tensor_parallel_size: int = Field(default=1, ge=1)
     init_timeout_s: float = Field(default=120.0, gt=0.0, description="Fail startup after this long.")
@@ -139,6 +144,23 @@ class ParallelConfig(_Strict):
         description="How rank 0 sends each step's plan: `shm`, a shared-memory ring (every rank on rank "
         "0's node); `gloo`, broadcasts over the CPU process group; `auto`: shm when every rank is on "
         "rank 0's node, else gloo.",
+    )
+    all_reduce: AllReduceChoice = Field(
+        default="auto",
+        description="The GPU all-reduces. `auto`: torch's one-shot kernel over P2P for small messages, "
+        "the all-reduce fused with the residual add + RMSNorm, and at two ranks the batch-1 row-parallel "
+        "GEMV that pushes its output to the peers. The one-shot kernel took a batch-1 all-reduce (8 KiB) "
+        "in 6.5 us against NCCL's 13.2 in a CUDA graph on two H200s (2026-11-22; benchmarks/NOTES.md). "
+        "`no-push`: the same without the GEMV push (A/B runs); `nccl`: NCCL for every all-reduce. CPU "
+        "groups use gloo whatever this says.",
+    )
+    two_shot: bool = Field(
+        default=True,
+        description="From four ranks on, torch's two-shot all-reduce (reduce-scatter + all-gather over "
+        "P2P) takes every message up to 8 MiB, then a separate add + RMSNorm: alone it beat one-shot, "
+        "the fused kernel and NCCL at every size on four H100s, and in the engine it saved 0.16 ms per "
+        "batch-1 token (70B at TP=4, 2026-11-26; benchmarks/NOTES.md). false: the one-shot and fused "
+        "kernels and NCCL, as at two ranks (A/B runs). Needs all_reduce auto or no-push.",
     )
 
 
@@ -205,6 +227,22 @@ class KernelConfig(_Strict):
     )
     cuda_graphs: bool = Field(default=True, description="Capture decode steps in CUDA graphs (GPU only).")
     cuda_graph_max_batch: int = Field(default=256, ge=1)
+    pdl: bool = Field(
+        default=True,
+        description="Launch the Triton decode kernels with programmatic dependent launch: each starts "
+        "while its predecessor drains (used on sm_90+ only; other GPUs, CPUs and Triton's interpreter "
+        "ignore it). It saved ~0.2 ms per batch-1 token at TP=1 and TP=2 on H200s (2026-11-23; "
+        "benchmarks/NOTES.md). false: off, for A/B runs.",
+    )
+    l2_prefetch_mb: float = Field(
+        default=0.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="MiB of its weights each batch-1 GEMV asks L2 for while the kernels before it still "
+        "run (only with pdl; 0: off). Off by default: at TP=1 on an H200, 8 MiB cost 0.03 ms per token "
+        "and 24 MiB 0.14 (2026-11-23; benchmarks/NOTES.md); TP=2 not measured. Keep it well under L2 "
+        "(50 MiB on H100/H200).",
+    )
 
 
 class StructuredOutputConfig(_Strict):

@@ -16,14 +16,14 @@ from fuserve.parallel.tp_worker import TPWorker
 class RaisingWorker(TPWorker):
     """Fails before joining rank 0, like a worker whose GPU or import is broken."""
 
-    def init_group(self, host: str, port: int, all_reduce: Any, first_group_name: int = 0) -> dict[str, Any]:
+    def init_group(self, host: str, port: int, first_group_name: int = 0) -> dict[str, Any]:
         raise ValueError("simulated: this worker cannot open its GPU")
 
 
 class StuckWorker(TPWorker):
     """Never joins rank 0, like a worker waiting forever for a device or a lock."""
 
-    def init_group(self, host: str, port: int, all_reduce: Any, first_group_name: int = 0) -> dict[str, Any]:
+    def init_group(self, host: str, port: int, first_group_name: int = 0) -> dict[str, Any]:
         time.sleep(3600)
         return {}
 

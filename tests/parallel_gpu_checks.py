@@ -198,12 +198,12 @@ def _generate(
             "model": {"path": str(folder), "dtype": "bfloat16", "max_model_len": 512},
             "cache": {"block_size": 16, "num_blocks": 256},
             "scheduler": {"max_num_seqs": 8, "max_num_batched_tokens": 512},
-            "parallel": {"tensor_parallel_size": tp, "init_timeout_s": 300},
+            "parallel": {"tensor_parallel_size": tp, "init_timeout_s": 300, "all_reduce": all_reduce},
             "kernels": {"cuda_graph_max_batch": 8},
         }
     )
     t0 = time.monotonic()
-    workers = WorkerGroup.start(config, all_reduce=all_reduce) if tp > 1 else None  # type: ignore[arg-type]
+    workers = WorkerGroup.start(config) if tp > 1 else None
     engine = LLMEngine(config, workers=workers)
     if workers is not None:
         assert (workers.tp.fast_all_reduce is not None) == (all_reduce == "auto")

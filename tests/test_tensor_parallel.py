@@ -12,6 +12,7 @@ The GPU half (marker `gpu`, two GPUs) is at the bottom.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections import Counter
@@ -40,12 +41,11 @@ from fuserve.parallel.plan_broadcast import (
 from fuserve.parallel.plan_ring import PlanRing
 from fuserve.parallel.process_group import destroy_tp_context, fresh_group_names, init_tp_context
 from fuserve.parallel.tp_context import TPContext
-from fuserve.parallel.worker_group import WorkerGroup, WorkerGroupError, worker_gpu_env
+from fuserve.parallel.worker_group import WorkerGroup, WorkerGroupError
 from fuserve.workers.async_engine import AsyncEngine, EngineDeadError
 from fuserve.workers.engine import LLMEngine
-from fuserve.workers.kernels.l2_prefetch import L2_PREFETCH_ENV, l2_prefetch_budget
 from fuserve.workers.kernels.ops import KernelOps
-from fuserve.workers.kernels.pdl import PDL_ENV
+from fuserve.workers.kernels.switches import KernelSwitches, set_switches, switches
 from fuserve.workers.models import loader as loader_module
 from fuserve.workers.models.loader import build_model, resolve_source
 from fuserve.workers.step_plan import StepPlan
@@ -69,6 +69,14 @@ def ray_cluster():
     )
     yield
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _default_kernel_switches() -> Any:
+    """A test's engines set this process's kernel switches from their configs; later tests (and kernel
+    tests in the same pytest process) start from the defaults again."""
+    yield
+    set_switches(KernelSwitches())
 
 
 @pytest.fixture(scope="module")
@@ -299,21 +307,6 @@ def test_plan_ring_timeout_names_the_worker_that_stopped_reading(tmp_path: Path)
         ring.unlink()
 
 
-def test_gpu_workers_get_rank0_kernel_switches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An A/B run with FUSERVE_PDL=0 or an L2 prefetch budget must run the same kernels on every rank."""
-    monkeypatch.setenv(PDL_ENV, "0")
-    monkeypatch.setenv(L2_PREFETCH_ENV, "16")
-    env = worker_gpu_env()
-    assert env[PDL_ENV] == "0" and env[L2_PREFETCH_ENV] == "16"
-    assert env["NCCL_NVLS_ENABLE"] == "0"  # multicast stays off
-    monkeypatch.delenv(L2_PREFETCH_ENV)
-    monkeypatch.delenv(PDL_ENV)
-    env = worker_gpu_env()  # unset on rank 0: the defaults, explicitly, whatever a worker's node has
-    assert env[L2_PREFETCH_ENV] == "0" and env[PDL_ENV] == "1"
-    monkeypatch.setenv(L2_PREFETCH_ENV, env[L2_PREFETCH_ENV])
-    assert l2_prefetch_budget() == 0  # the value sent means "off" to the worker's parser
-
-
 def test_small_all_reduces_take_the_fast_path() -> None:
     """Messages the fast path accepts never reach the process group (none exists here)."""
     fast = FakeFastAllReduce()
@@ -357,10 +350,15 @@ def test_plan_codec_round_trip() -> None:
         # chunked prefill (24-token budget) and preemption (48 blocks of 4) on both ranks; plans through
         # the shared-memory ring (the default on one node)
         dict(fixture="llama_kv2", sections={}, lengths=(1, 5, 19, 40, 70)),
-        # async scheduling: plans carry placeholders that every rank fills from rank 0's broadcast draws
+        # async scheduling: plans carry placeholders that every rank fills from rank 0's broadcast draws;
+        # kernel switches and all-reduce choices that are not the defaults, which every rank must take
         dict(
             fixture="llama_kv2",
-            sections=dict(scheduler={"async_scheduling": "on"}),
+            sections=dict(
+                scheduler={"async_scheduling": "on"},
+                kernels={"pdl": False, "l2_prefetch_mb": 4},
+                parallel={"all_reduce": "nccl", "two_shot": False},
+            ),
             lengths=(1, 5, 19, 40, 70),
         ),
         # 1 KV head for 2 ranks, odd vocab; plans over gloo, where a 300-token budget puts all prompts
@@ -376,7 +374,7 @@ def test_plan_codec_round_trip() -> None:
             lengths=(1, 5, 19, 40, 70, 120),
         ),
     ],
-    ids=["llama-kv2", "llama-kv2-async", "qwen-kv1-vocab385"],
+    ids=["llama-kv2", "llama-kv2-async-switches", "qwen-kv1-vocab385"],
 )
 def test_tp2_greedy_equals_tp1(
     ray_cluster: None, request: pytest.FixtureRequest, case: dict, monkeypatch: pytest.MonkeyPatch
@@ -390,9 +388,15 @@ def test_tp2_greedy_equals_tp1(
         monkeypatch.setattr(
             sender, "send", lambda self, plan, send=send: (sent.append(plan), send(self, plan))[1]
         )
-    llm = LLM(tp_config(folder, 2, **case["sections"]))
+    config = tp_config(folder, 2, **case["sections"])
+    llm = LLM(config)
     group = llm.engine.workers
     assert group is not None and group.tp.size == 2
+    # Every rank runs with the config's kernel switches: rank 0 here, each worker as it reported them
+    # (init_group, an actor call) after setting them from its copy of the config, not its environment.
+    configured = KernelSwitches.from_config(config)
+    assert switches() == configured
+    assert [info["kernel_switches"] for info in group.infos] == [dataclasses.asdict(configured)]
     over_gloo = case["sections"].get("parallel", {}).get("plan_transport") == "gloo"
     assert isinstance(group.sender, PlanSender if over_gloo else RingPlanSender)
     # the ring's name is gone once every rank mapped it: a crash from here on leaves nothing in /dev/shm

@@ -32,7 +32,6 @@ path for several engines start each in a fresh process.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
@@ -50,8 +49,7 @@ DEFAULT_MAX_BYTES = {2: 1 << 20, 4: 512 << 10, 8: 256 << 10}
 # every peer's buffer) took every size measured alone on four H100s (2026-11-26, in a CUDA graph): 8.3 us
 # at 16 KiB against one-shot 9.6 and the fused all-reduce + add + RMSNorm 14.7; 14.0 us at 1 MiB against
 # NCCL 26.7; 29.4 us at 4 MiB against NCCL 56.1. So at N >= 4 it takes every message up to its buffer,
-# followed by the separate add + RMSNorm. FUSERVE_TWO_SHOT=0 turns it off (the engine A/B in bench_tp.py).
-TWO_SHOT_ENV = "FUSERVE_TWO_SHOT"
+# followed by the separate add + RMSNorm. Config `parallel.two_shot: false` turns it off (A/B, bench_tp.py).
 TWO_SHOT_MIN_RANKS = 4
 TWO_SHOT_MAX_BYTES = 8 << 20
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)  # what the torch kernel dispatches on
@@ -61,7 +59,13 @@ _rendezvous_started = False  # this process has entered a symmetric-memory rende
 
 class OneShotAllReduce:
     def __init__(
-        self, group: Any, device: torch.device, dtype: torch.dtype, max_bytes: int, push_gemv: bool = True
+        self,
+        group: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_bytes: int,
+        push_gemv: bool = True,
+        two_shot: bool = True,
     ) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
@@ -82,7 +86,7 @@ class OneShotAllReduce:
         self.push, self._push_tensors = symmetric_push_buffers(group, device, dtype, self.max_numel)
         self.size = dist.get_world_size(group)
         self.two_shot_buffer: torch.Tensor | None = None
-        if self.size >= TWO_SHOT_MIN_RANKS and os.environ.get(TWO_SHOT_ENV, "1") == "1":
+        if two_shot and self.size >= TWO_SHOT_MIN_RANKS:
             self.two_shot_buffer = symm_mem.empty(
                 TWO_SHOT_MAX_BYTES // dtype.itemsize, dtype=dtype, device=device
             )
@@ -104,6 +108,7 @@ class OneShotAllReduce:
         max_bytes: int | None = None,
         push_gemv: bool = True,
         timeout_s: float = 60.0,
+        two_shot: bool = True,
     ) -> OneShotAllReduce | None:
         """Every rank gets one or none does: a rank that cannot set it up (no P2P, old driver, fp16, a
         process that already did a rendezvous) makes the whole group fall back to NCCL, since mixing the
@@ -126,7 +131,7 @@ class OneShotAllReduce:
             return None
         impl = None
         try:
-            impl = cls(group, device, dtype, max_bytes, push_gemv)
+            impl = cls(group, device, dtype, max_bytes, push_gemv, two_shot)
         except Exception as err:  # any failure means: use NCCL, and say why
             log.warning("one-shot all-reduce unavailable, using NCCL for every all-reduce: %s", err)
         if not _all_ranks(impl is not None, cpu_group) or impl is None:

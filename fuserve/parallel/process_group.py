@@ -25,17 +25,13 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 
+from fuserve.configs import AllReduceChoice
 from fuserve.parallel.one_shot_all_reduce import OneShotAllReduce
 from fuserve.parallel.tp_context import TPContext
-
-# auto: the fast paths where they fit (one-shot, fused add + RMSNorm, GEMV push); no-push: the same
-# without the GEMV push (A/B runs); nccl: NCCL for every all-reduce
-AllReduceChoice = Literal["auto", "no-push", "nccl"]
 
 # Set in every rank's environment before NCCL or symmetric memory start: NVLink multicast stays off in
 # NCCL, torch's symmetric memory and NVSHMEM (it can take shared GPUs out of service), and symmetric
@@ -145,9 +141,10 @@ def init_tp_context(
     timeout_s: float,
     all_reduce: AllReduceChoice = "auto",
     first_group_name: int = 0,
+    two_shot: bool = True,
 ) -> TPContext:
-    """Collective: every rank calls it with the same store, size, device type, choice and
-    `first_group_name` (from rank 0's `fresh_group_names`)."""
+    """Collective: every rank calls it with the same store, size, device type, choice (parallel.all_reduce
+    and parallel.two_shot) and `first_group_name` (from rank 0's `fresh_group_names`)."""
     from torch.distributed import distributed_c10d
 
     if dist.is_initialized():
@@ -180,7 +177,13 @@ def init_tp_context(
                 # then a chain of pushes never finished); it is measured and kept at two ranks only.
                 push = all_reduce == "auto" and size <= MAX_PUSH_RANKS
                 fast = OneShotAllReduce.create(
-                    dist.group.WORLD, cpu_group, device, dtype, push_gemv=push, timeout_s=timeout_s
+                    dist.group.WORLD,
+                    cpu_group,
+                    device,
+                    dtype,
+                    push_gemv=push,
+                    timeout_s=timeout_s,
+                    two_shot=two_shot,
                 )
     with phases.phase("the gloo group's last barrier"):
         dist.barrier(group=cpu_group)

@@ -14,6 +14,7 @@ at once (worker_group.py).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -24,13 +25,9 @@ from fuserve.configs import FuserveConfig
 from fuserve.parallel.placement import check_gpu_visible
 from fuserve.parallel.plan_broadcast import PlanReceiver, RingPlanReceiver
 from fuserve.parallel.plan_ring import PlanRing
-from fuserve.parallel.process_group import (
-    AllReduceChoice,
-    connect_store,
-    destroy_tp_context,
-    init_tp_context,
-)
+from fuserve.parallel.process_group import connect_store, destroy_tp_context, init_tp_context
 from fuserve.parallel.tp_context import TPContext
+from fuserve.workers.kernels import switches as kernel_switches
 from fuserve.workers.worker import Worker, pick_dtype
 
 # How long a worker polls the plan ring busily after a plan before it polls with sleeps: a GPU decode step
@@ -50,11 +47,11 @@ class TPWorker:
         self.size = size
         self.tp: TPContext | None = None
 
-    def init_group(
-        self, host: str, port: int, all_reduce: AllReduceChoice, first_group_name: int = 0
-    ) -> dict[str, Any]:
+    def init_group(self, host: str, port: int, first_group_name: int = 0) -> dict[str, Any]:
         """Join rank 0's store, say so, then form the groups (returns once every rank has), named from
-        `first_group_name` as on rank 0 (process_group.fresh_group_names)."""
+        `first_group_name` as on rank 0 (process_group.fresh_group_names), with the all-reduces and
+        kernel switches of this rank's config, which is rank 0's."""
+        switches = kernel_switches.apply_config(self.config)  # before the group's self-test kernels
         use_gpu = self.config.model.device == "cuda"
         if use_gpu:
             check_gpu_visible(
@@ -68,8 +65,17 @@ class TPWorker:
         store = connect_store(host, port, self.size, timeout)
         store.set(arrival_key(self.rank), str(os.getpid()))
         dtype = pick_dtype(self.config.model.dtype, device)
+        par = self.config.parallel
         self.tp = init_tp_context(
-            store, self.rank, self.size, device, dtype, timeout, all_reduce, first_group_name
+            store,
+            self.rank,
+            self.size,
+            device,
+            dtype,
+            timeout,
+            par.all_reduce,
+            first_group_name,
+            par.two_shot,
         )
         return {
             "rank": self.rank,
@@ -78,6 +84,7 @@ class TPWorker:
             "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": list(ray.get_gpu_ids()),
             "one_shot": self.tp.fast_all_reduce is not None,
+            "kernel_switches": dataclasses.asdict(switches),
         }
 
     def run(self, plan_ring: str | None = None) -> int:

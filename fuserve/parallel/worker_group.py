@@ -37,7 +37,6 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import get_current_placement_group
 
 from fuserve.configs import FuserveConfig
-from fuserve.parallel.one_shot_all_reduce import TWO_SHOT_ENV
 from fuserve.parallel.placement import (
     Placement,
     bundle_gpu_index,
@@ -49,7 +48,6 @@ from fuserve.parallel.plan_broadcast import PlanSender, RingPlanSender
 from fuserve.parallel.plan_ring import PlanRing, shm_usable
 from fuserve.parallel.process_group import (
     GPU_ENV,
-    AllReduceChoice,
     GroupFormationError,
     destroy_tp_context,
     fresh_group_names,
@@ -58,19 +56,11 @@ from fuserve.parallel.process_group import (
 )
 from fuserve.parallel.tp_context import TPContext
 from fuserve.parallel.tp_worker import TPWorker, arrival_key
-from fuserve.workers.kernels.l2_prefetch import L2_PREFETCH_ENV
-from fuserve.workers.kernels.pdl import PDL_ENV
+from fuserve.workers.kernels import switches as kernel_switches
 from fuserve.workers.step_plan import StepPlan
 from fuserve.workers.worker import pick_dtype
 
 log = logging.getLogger(__name__)
-
-# kernel switches rank 0 reads from its environment; every rank must run the same kernels
-KERNEL_ENV = {
-    PDL_ENV: "1",
-    L2_PREFETCH_ENV: "0",
-    TWO_SHOT_ENV: "1",
-}  # each switch with the value that unset means
 
 POLL_S = 50e-6  # rank 0 polls its step's completion at this interval while watching the group
 CAUSE_WAIT_S = 2.0  # after a failed collective, how long to let the watchdog name the rank that died
@@ -149,13 +139,14 @@ class WorkerGroup:
         cls,
         config: FuserveConfig,
         worker_cls: type = TPWorker,
-        all_reduce: AllReduceChoice = "auto",
         placement_group: Any = None,
     ) -> WorkerGroup:
         """Place and start ranks 1..N-1 and form the groups with this process as rank 0. Inside a Serve
         replica the workers take bundles 1..N-1 of its placement group (`placement_group`: the replica's,
         passed to its engine-core process, which is not a Ray worker); elsewhere a placement group is
-        reserved here. Fails with WorkerGroupError/PlacementError, never waits past init_timeout_s."""
+        reserved here. The all-reduces are config.parallel's (all_reduce, two_shot), and every rank sets
+        its kernel switches from the same config before the group's self-test launches a kernel. Fails
+        with WorkerGroupError/PlacementError, never waits past init_timeout_s."""
         par = config.parallel
         size, timeout = par.tensor_parallel_size, par.init_timeout_s
         if torch.distributed.is_initialized():
@@ -163,6 +154,7 @@ class WorkerGroup:
                 "this process already belongs to a tensor-parallel group; shut that engine down first "
                 "(one tensor-parallel engine per process)"
             )
+        kernel_switches.apply_config(config)  # before any kernel here (the one-shot self-test)
         if not ray.is_initialized():
             ray.init()  # offline use: a local Ray instance, or the cluster RAY_ADDRESS names
         current = placement_group or get_current_placement_group()
@@ -195,15 +187,13 @@ class WorkerGroup:
             for rank in range(1, size):
                 opts = worker_options(placement, rank, use_gpu)
                 if use_gpu:
-                    opts["runtime_env"] = {"env_vars": worker_gpu_env()}
+                    opts["runtime_env"] = {"env_vars": dict(GPU_ENV)}
                 actors[rank] = remote_cls.options(**opts).remote(worker_config, rank, size)
             names = fresh_group_names()
-            init_refs = {
-                a.init_group.remote(host, store.port, all_reduce, names): r for r, a in actors.items()
-            }
+            init_refs = {a.init_group.remote(host, store.port, names): r for r, a in actors.items()}
             _await_arrival(store, init_refs, size, deadline, timeout)
             dtype = pick_dtype(config.model.dtype, device)
-            tp = init_tp_context(store, 0, size, device, dtype, timeout, all_reduce, names)
+            tp = init_tp_context(store, 0, size, device, dtype, timeout, par.all_reduce, names, par.two_shot)
             infos = ray.get(list(init_refs), timeout=max(1.0, deadline - time.monotonic()))
             ring = _create_plan_ring(par.plan_transport, infos, size)
             ring_path = str(ring.path) if ring is not None else None
@@ -359,16 +349,6 @@ class WorkerGroup:
         self.placement.release()
         self._store = None
         self._watchdog.join(timeout=2.0)
-
-
-def worker_gpu_env() -> dict[str, str]:
-    """A GPU worker's environment variables: multicast off (GPU_ENV), and rank 0's kernel switches, which
-    a worker on another node, or started by a replica whose own environment was changed in-process,
-    would not otherwise see. A switch rank 0 leaves unset goes as its default value, so a worker's own
-    environment cannot set it differently (ranks running different kernels would disagree)."""
-    env = dict(GPU_ENV)
-    env.update({key: os.environ.get(key, default) for key, default in KERNEL_ENV.items()})
-    return env
 
 
 def _create_plan_ring(transport: str, infos: list[dict[str, Any]], size: int) -> PlanRing | None:

@@ -3,7 +3,8 @@
 Every tensor-parallel rank builds the same Worker (rank 0 in the engine's process, ranks 1..N-1 in
 their Ray actors, fuserve/parallel/tp_worker.py), so the collectives inside the build (the profiling
 forward, the KV-cache sizing, the graph capture) pair up. The scheduler, the block manager and the
-tokenizer belong to the engine (rank 0), not here.
+tokenizer belong to the engine (rank 0), not here. The build starts by setting the process's kernel
+switches from the config (kernels/switches.py), so every rank launches the same kernels.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from fuserve.configs import FuserveConfig
 from fuserve.parallel.tp_context import TPContext
 from fuserve.workers.cuda_graphs import DecodeGraphs
+from fuserve.workers.kernels import switches as kernel_switches
 from fuserve.workers.kernels.ops import KernelOps
 from fuserve.workers.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_for
 from fuserve.workers.kv_scales import calibrate_kv_scales
@@ -52,6 +54,7 @@ def pick_ops(choice: str, device: torch.device) -> KernelOps:
 
 class Worker:
     def __init__(self, config: FuserveConfig, tp: TPContext) -> None:
+        self.switches = kernel_switches.apply_config(config)  # before the first kernel of this build
         self.config = config
         self.tp = tp
         self.device = pick_device(config.model.device)

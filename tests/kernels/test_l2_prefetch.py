@@ -9,33 +9,35 @@ import torch
 import triton
 import triton.language as tl
 
+from fuserve.configs import ConfigError, config_from_dict
 from fuserve.workers.kernels.gemv import gemv, gemv_ref
 from fuserve.workers.kernels.l2_prefetch import (
-    L2_PREFETCH_ENV,
     LINES_PER_STEP,
     l2_prefetch_budget,
     prefetch_columns,
     prefetch_step_columns,
 )
+from fuserve.workers.kernels.switches import KernelSwitches, using_switches
 
 
-def test_budget_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(L2_PREFETCH_ENV, raising=False)
-    assert l2_prefetch_budget() == 0
-    monkeypatch.setenv(L2_PREFETCH_ENV, "16")
-    assert l2_prefetch_budget() == 16 * 2**20
-    monkeypatch.setenv(L2_PREFETCH_ENV, "0.5")
-    assert l2_prefetch_budget() == 2**19
-    monkeypatch.setenv(L2_PREFETCH_ENV, "lots")
-    with pytest.raises(ValueError, match="not a number of MiB"):
-        l2_prefetch_budget()
-    for endless in ("inf", "nan"):
-        monkeypatch.setenv(L2_PREFETCH_ENV, endless)
-        with pytest.raises(ValueError, match="not a finite number of MiB"):
-            l2_prefetch_budget()
-    monkeypatch.setenv(L2_PREFETCH_ENV, "-1")
-    with pytest.raises(ValueError, match="use 0 to turn L2 prefetch off"):
-        l2_prefetch_budget()
+def budget_switches(mib: float) -> KernelSwitches:
+    return KernelSwitches.from_config(config_from_dict({"kernels": {"l2_prefetch_mb": mib}}))
+
+
+def test_budget_from_config() -> None:
+    assert l2_prefetch_budget() == 0  # the default, outside any Worker
+    for mib, want in ((16, 16 * 2**20), (0.5, 2**19), (0, 0)):
+        with using_switches(budget_switches(mib)):
+            assert l2_prefetch_budget() == want
+    assert l2_prefetch_budget() == 0, "the block's switches outlived it"
+    for bad, why in (
+        ("lots", "valid number"),
+        (float("inf"), "finite"),
+        (float("nan"), "finite"),
+        (-1, "greater than or equal to 0"),
+    ):
+        with pytest.raises(ConfigError, match=rf"kernels\.l2_prefetch_mb: .*{why}"):
+            budget_switches(bad)  # type: ignore[arg-type]
 
 
 def test_columns_are_whole_lines_within_budget_and_row() -> None:
@@ -54,15 +56,14 @@ def test_columns_are_whole_lines_within_budget_and_row() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("n, k", [(3072, 4096), (4096, 2048), (14336, 4096), (4096, 7168), (100, 4100)])
-def test_gemv_with_l2_prefetch_matches_reference(monkeypatch: pytest.MonkeyPatch, n: int, k: int) -> None:
-    monkeypatch.setenv(L2_PREFETCH_ENV, "16")
+def test_gemv_with_l2_prefetch_matches_reference(n: int, k: int) -> None:
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    monkeypatch.setenv(L2_PREFETCH_ENV, "0")
-    plain = gemv(x, w)
-    monkeypatch.setenv(L2_PREFETCH_ENV, "16")
-    torch.testing.assert_close(gemv(x, w).float(), gemv_ref(x, w).float(), rtol=1.6e-2, atol=1e-2)
-    assert torch.equal(gemv(x, w), plain)  # same sums in the same order: prefetch changes no bit
+    with using_switches(budget_switches(0)):
+        plain = gemv(x, w)
+    with using_switches(budget_switches(16)):
+        torch.testing.assert_close(gemv(x, w).float(), gemv_ref(x, w).float(), rtol=1.6e-2, atol=1e-2)
+        assert torch.equal(gemv(x, w), plain)  # same sums in the same order: prefetch changes no bit
 
 
 @triton.jit

@@ -8,17 +8,19 @@ import pytest
 import torch
 
 from fuserve.workers.kernels.gemv import gemv
-from fuserve.workers.kernels.l2_prefetch import L2_PREFETCH_ENV
-from fuserve.workers.kernels.pdl import PDL_ENV, pdl_enabled
+from fuserve.workers.kernels.pdl import pdl_enabled
 from fuserve.workers.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 from fuserve.workers.kernels.silu_mul import silu_mul
+from fuserve.workers.kernels.switches import KernelSwitches, using_switches
+
+PDL_OFF = KernelSwitches(pdl=False)
 
 
-def test_pdl_off_on_cpu_and_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pdl_off_on_cpu_and_by_switch() -> None:
     assert not pdl_enabled(torch.zeros(1))
     if torch.cuda.is_available():
-        monkeypatch.setenv(PDL_ENV, "0")
-        assert not pdl_enabled(torch.zeros(1, device="cuda"))
+        with using_switches(PDL_OFF):
+            assert not pdl_enabled(torch.zeros(1, device="cuda"))
 
 
 def _chain(x: torch.Tensor, layers: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
@@ -32,12 +34,16 @@ def _chain(x: torch.Tensor, layers: list[tuple[torch.Tensor, ...]]) -> torch.Ten
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("l2_prefetch_mb", ["0", "16"])
-def test_pdl_graph_chain_matches_eager(monkeypatch: pytest.MonkeyPatch, l2_prefetch_mb: str) -> None:
+@pytest.mark.parametrize("l2_prefetch_mb", [0, 16])
+def test_pdl_graph_chain_matches_eager(l2_prefetch_mb: int) -> None:
     """With L2 prefetch too: the GEMV's prefetches before its wait must not change a single bit."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90+")
-    monkeypatch.setenv(L2_PREFETCH_ENV, l2_prefetch_mb)
+    with using_switches(KernelSwitches(pdl=True, l2_prefetch_bytes=l2_prefetch_mb * 2**20)):
+        _check_graph_chain()
+
+
+def _check_graph_chain() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     hidden, inter = 2048, 4096
 
@@ -47,9 +53,8 @@ def test_pdl_graph_chain_matches_eager(monkeypatch: pytest.MonkeyPatch, l2_prefe
     layers = [(rand(2 * inter, hidden), rand(hidden, inter), 1 + rand(hidden)) for _ in range(16)]
     x = torch.randn(1, hidden, device="cuda", generator=g).bfloat16()
 
-    monkeypatch.setenv(PDL_ENV, "0")
-    want = _chain(x, layers)
-    monkeypatch.setenv(PDL_ENV, "1")
+    with using_switches(PDL_OFF):
+        want = _chain(x, layers)
     assert pdl_enabled(x)
     _chain(x, layers)  # compile the PDL variants outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -62,7 +67,6 @@ def test_pdl_graph_chain_matches_eager(monkeypatch: pytest.MonkeyPatch, l2_prefe
         torch.cuda.synchronize()
         expect = want if i % 2 == 0 else None
         if expect is None:
-            monkeypatch.setenv(PDL_ENV, "0")
-            expect = _chain(-x, layers)
-            monkeypatch.setenv(PDL_ENV, "1")
+            with using_switches(PDL_OFF):
+                expect = _chain(-x, layers)
         assert torch.equal(out, expect), f"replay {i} differs from the eager chain"

@@ -7,38 +7,25 @@ waiting in `griddepcontrol.wait`; before that wait each block asks L2 for the fi
 W (`prefetch.global.L2`: no registers held, nothing waits for it). The memory system then streams
 weights during the latency-bound kernels, and the GEMV finds that part in L2.
 
-The amount is a budget in MiB per GEMV launch, from FUSERVE_L2_PREFETCH_MB (0 or unset: off). It must
-stay well under L2 (50 MiB on H100/H200): lines evicted before use cost bandwidth twice. Only compiled
-Triton on a GPU prefetches; the interpreter has no inline PTX.
+The amount is a budget in MiB per GEMV launch, the config's `kernels.l2_prefetch_mb` (0: off; read
+through switches.py). It must stay well under L2 (50 MiB on H100/H200): lines evicted before use cost
+bandwidth twice. Only compiled Triton on a GPU prefetches; the interpreter has no inline PTX.
 """
 
 from __future__ import annotations
 
-import math
-import os
-
 import triton
 import triton.language as tl
 
-L2_PREFETCH_ENV = "FUSERVE_L2_PREFETCH_MB"
+from fuserve.workers.kernels.switches import switches
+
 LINE_BYTES = 128
 LINES_PER_STEP = tl.constexpr(16)  # lines per row per loop step: BLOCK_N x 16 addresses, a few per thread
 
 
 def l2_prefetch_budget() -> int:
-    """Bytes one GEMV launch may prefetch into L2 (FUSERVE_L2_PREFETCH_MB; 0 when unset)."""
-    raw = os.environ.get(L2_PREFETCH_ENV, "0")
-    try:
-        mib = float(raw)
-    except ValueError:
-        raise ValueError(
-            f"{L2_PREFETCH_ENV}={raw!r} is not a number of MiB; unset it or use e.g. 16"
-        ) from None
-    if not math.isfinite(mib):
-        raise ValueError(f"{L2_PREFETCH_ENV}={raw!r} is not a finite number of MiB; use e.g. 16 (0: off)")
-    if mib < 0:
-        raise ValueError(f"{L2_PREFETCH_ENV}={raw!r} is negative; use 0 to turn L2 prefetch off")
-    return int(mib * 2**20)
+    """Bytes one GEMV launch may prefetch into L2 (kernels.l2_prefetch_mb; 0: off)."""
+    return switches().l2_prefetch_bytes
 
 
 def prefetch_columns(n: int, k: int, element_size: int, budget_bytes: int) -> int:

@@ -11,7 +11,8 @@ The rule that keeps it correct: every kernel launched with PDL calls `pdl_launch
 reads anything an earlier kernel wrote and before it writes anything (an earlier kernel may still be
 reading it). Waiting is transitive: the predecessor itself waited for its own.
 
-FUSERVE_PDL=0 turns it off (A/B runs); the interpreter and GPUs before sm_90 never use it.
+`kernels.pdl: false` in the config turns it off (A/B runs; switches.py); the interpreter and GPUs
+before sm_90 never use it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-PDL_ENV = "FUSERVE_PDL"
+from fuserve.workers.kernels.switches import switches
 
 
 @functools.cache
@@ -34,8 +35,8 @@ def _device_supports_pdl(index: int) -> bool:
 
 def pdl_enabled(t: torch.Tensor) -> bool:
     """Whether kernels reading `t` launch with PDL: a CUDA tensor on sm_90+, compiled (not interpreted)
-    Triton, and FUSERVE_PDL not "0"."""
-    if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get(PDL_ENV) == "0":
+    Triton, and the process's switches (kernels.pdl) not turning it off."""
+    if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or not switches().pdl:
         return False
     return _device_supports_pdl(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
