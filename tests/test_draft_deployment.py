@@ -3,8 +3,8 @@
 `build_app` with `speculative.method: draft` runs a Draft deployment beside the Engine (the engine still
 serves HTTP). A DraftProposer built as the engine core builds it (draft_factory.build_draft_proposer:
 a Serve handle lookup, then ZMQ) drafts what the draft model drafts in-process, in the test's driver
-and in a spawned process that joins the cluster from a RayPlacement, as the engine core does. The Draft replica's
-actor killed (ray.kill): the next round raises ProposerUnavailable within the channel timeout, Serve
+and in a spawned process that joins the cluster from a RayPlacement, as the engine core does. The Draft
+replica's actor killed (ray.kill): the next round raises ProposerUnavailable within the channel timeout, Serve
 starts a new replica, the proposer finds it and drafting resumes, right, with no help from the engine.
 """
 
