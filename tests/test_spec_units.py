@@ -141,3 +141,24 @@ def test_stats_count_acceptance_per_position_and_k() -> None:
     assert (c.draft_seconds, c.channel_seconds, c.verify_seconds) == (0.002, 0.001, 0.01)
     stats.observe_verify(3, 3)
     assert c.num_verifies == 3, "a snapshot does not move with the live counters"
+
+
+def test_metrics_show_speculation_per_replica() -> None:
+    from fuserve.core_messages import CoreStats
+    from fuserve.router.engine_messages import ReplicaStats
+    from fuserve.router.metrics import ServingMetrics
+
+    stats = SpecStats(max_k=2)
+    stats.observe_round([2], draft_s=0.001)
+    stats.observe_verify(2, 1)
+    metrics = ServingMetrics()
+    metrics.update_replica(ReplicaStats("r1", CoreStats(spec=stats.snapshot())))
+    metrics.update_replica(ReplicaStats("r2", CoreStats()))  # speculation off: no series
+    text = metrics.render().decode()
+    assert 'fuserve_spec_draft_tokens_total{replica="r1"} 2.0' in text
+    assert 'fuserve_spec_accepted_tokens_total{replica="r1"} 1.0' in text
+    assert 'fuserve_spec_acceptance_rate{replica="r1"} 0.5' in text
+    assert 'fuserve_spec_mean_accepted_length{replica="r1"} 2.0' in text
+    assert 'fuserve_spec_position_accepted_total{position="2",replica="r1"} 0.0' in text
+    assert 'fuserve_spec_k_chosen_total{k="2",replica="r1"} 1.0' in text
+    assert 'replica="r2"' in text and 'fuserve_spec_rounds_total{replica="r2"}' not in text
