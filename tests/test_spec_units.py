@@ -83,8 +83,8 @@ def test_high_acceptance_at_batch_one_drafts_many() -> None:
     for _ in range(20):
         ak.observe_verify("s", 6, 6)
     assert ak.acceptance("s") > 0.8
-    assert ak.choose("s", batch_size=1, limit=100) >= 5
-    assert ak.choose("s", batch_size=1, limit=2) == 2  # never past max_tokens
+    assert ak.choose("s", ak.step_costs(1), limit=100) >= 5
+    assert ak.choose("s", ak.step_costs(1), limit=2) == 2  # never past max_tokens
 
 
 def test_low_acceptance_drafts_nothing_and_is_tried_again_later() -> None:
@@ -95,10 +95,10 @@ def test_low_acceptance_drafts_nothing_and_is_tried_again_later() -> None:
     for _ in range(20):
         ak.observe_verify("s", 4, 0)
     assert ak.acceptance("s") < 0.1
-    assert ak.choose("s", batch_size=1, limit=100) == 0
+    assert ak.choose("s", ak.step_costs(1), limit=100) == 0
     for _ in range(400):  # steps without drafts: the prior takes over again
         ak.observe_idle("s")
-    assert ak.choose("s", batch_size=1, limit=100) > 0
+    assert ak.choose("s", ak.step_costs(1), limit=100) > 0
 
 
 def test_a_large_batch_drafts_nothing_even_at_good_acceptance() -> None:
@@ -110,16 +110,16 @@ def test_a_large_batch_drafts_nothing_even_at_good_acceptance() -> None:
         ak.observe_decode_step(8, 0, 0.0075)
     for _ in range(20):
         ak.observe_verify("s", 4, 3)
-    assert ak.choose("s", batch_size=64, limit=100) == 0
-    assert ak.choose("s", batch_size=1, limit=100) > 0
+    assert ak.choose("s", ak.step_costs(64), limit=100) == 0
+    assert ak.choose("s", ak.step_costs(1), limit=100) > 0
 
 
 def test_fixed_k_when_not_adaptive() -> None:
     ak = AdaptiveK(max_k=3, adaptive=False)
     for _ in range(20):
         ak.observe_verify("s", 3, 0)
-    assert ak.choose("s", batch_size=256, limit=100) == 3
-    assert ak.choose("s", batch_size=256, limit=0) == 0
+    assert ak.choose("s", ak.step_costs(256), limit=100) == 3
+    assert ak.choose("s", ak.step_costs(256), limit=0) == 0
 
 
 # ---- counters ------------------------------------------------------------------------------------

@@ -31,6 +31,16 @@ IDLE_DECAY = 0.98  # per step without drafts: back to the prior's pull after ~10
 COST_EWMA = 0.1
 
 
+@dataclass(frozen=True)
+class StepCosts:
+    """Seconds, per sequence of a batch: its share of a plain decode step, one more draft (verifying
+    it and making it), and its share of the proposer's round trip (paid only when it drafts)."""
+
+    share_s: float
+    per_draft_s: float
+    round_share_s: float
+
+
 @dataclass
 class _Acceptance:
     kept: float = 0.0
@@ -94,21 +104,28 @@ class AdaptiveK:
         self._acc.pop(seq_id, None)
 
     # ---- the choice -----------------------------------------------------------------------------
-    def choose(self, seq_id: str, batch_size: int, limit: int) -> int:
-        """k for one sequence of a batch of `batch_size` decodes; at most `limit` (its room left)."""
+    def step_costs(self, batch_size: int) -> StepCosts:
+        """This step's costs for a batch of `batch_size` decodes: one fit per step, not per sequence."""
+        fit = self.steps.estimate()
+        b = max(batch_size, 1)
+        return StepCosts(
+            share_s=(fit.base_s + fit.per_seq_s * b) / b,
+            per_draft_s=fit.per_token_s + self.draft_s,
+            round_share_s=self.channel_s / b,
+        )
+
+    def choose(self, seq_id: str, costs: StepCosts, limit: int) -> int:
+        """k for one sequence of the batch `costs` describes; at most `limit` (its room left)."""
         top = min(self.max_k, limit)
         if top <= 0:
             return 0
         if not self.adaptive:
             return top
-        fit = self.steps.estimate()
-        b = max(batch_size, 1)
-        share = (fit.base_s + fit.per_seq_s * b) / b
-        per_draft = fit.per_token_s + self.draft_s
         a = self.acceptance(seq_id)
-        best_k, best = 0, 1.0 / max(share, 1e-9)
+        best_k, best = 0, 1.0 / max(costs.share_s, 1e-9)
         for k in range(1, top + 1):
-            rate = expected_tokens(a, k) / max(share + k * per_draft + self.channel_s / b, 1e-9)
+            cost = costs.share_s + k * costs.per_draft_s + costs.round_share_s
+            rate = expected_tokens(a, k) / max(cost, 1e-9)
             if rate > best:
                 best_k, best = k, rate
         return best_k

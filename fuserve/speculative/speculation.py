@@ -49,9 +49,9 @@ class Speculation:
     def wants_drafts(self, running: list[Sequence]) -> bool:
         """Whether some running sequence would draft next step (then the engine reads back the step in
         flight first). Judged on acceptance and cost alone, so it holds while tokens are in flight."""
-        b = len(running)
+        costs = self.adaptive_k.step_costs(len(running))
         return any(
-            self.can_draft(s) and self.adaptive_k.choose(s.seq_id, b, self._limit(s)) > 0 for s in running
+            self.can_draft(s) and self.adaptive_k.choose(s.seq_id, costs, self._limit(s)) > 0 for s in running
         )
 
     def propose(self, running: list[Sequence]) -> None:
@@ -65,11 +65,11 @@ class Speculation:
             and s.num_computed_tokens == s.num_tokens - 1
             and s.token_ids[-1] != PLACEHOLDER
         ]
-        b = len(decodes)
+        costs = self.adaptive_k.step_costs(len(decodes))
         seqs: list[Sequence] = []
         requests: list[ProposeRequest] = []
         for seq in decodes:
-            k = self.adaptive_k.choose(seq.seq_id, b, self._limit(seq)) if self.can_draft(seq) else 0
+            k = self.adaptive_k.choose(seq.seq_id, costs, self._limit(seq)) if self.can_draft(seq) else 0
             if k == 0:
                 self.adaptive_k.observe_idle(seq.seq_id)
                 continue
