@@ -25,7 +25,8 @@ from test_spec_rejection import accept_always
 
 from fuserve import LLM, SamplingParams
 from fuserve.configs import config_from_dict
-from fuserve.speculative.proposer import ProposeRequest
+from fuserve.speculative.ngram import NgramProposer
+from fuserve.speculative.proposer import ProposeRequest, ProposerUnavailable
 from fuserve.speculative.speculation import Speculation
 from fuserve.workers.sampler import _filtered_probs
 
@@ -99,6 +100,58 @@ def test_stops_inside_a_kept_run_end_where_the_plain_run_ends(folder: Path) -> N
     spec = llm.engine.stats().spec
     assert spec.num_accepted > len(cases), "runs of kept drafts are what this test is about"
     assert any(len(w.outputs[0].token_ids) < 48 and w.outputs[0].finish_reason == "stop" for w in want)
+
+
+def test_eos_inside_a_kept_run_ends_where_the_plain_run_ends(folder: Path) -> None:
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6]
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    plain, spec = make_llm(folder), make_llm(folder, NGRAM)
+    ref = plain.generate([prompt], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))[0]
+    for eos in sorted(set(ref.outputs[0].token_ids[2:30]))[:6]:
+        for llm in (plain, spec):  # this token is the model's end of sequence now
+            assert llm.engine.tokenizer is not None
+            llm.engine.tokenizer.eos_token_ids = frozenset({eos})
+        want, got = (
+            plain.generate([prompt], params)[0].outputs[0],
+            spec.generate([prompt], params)[0].outputs[0],
+        )
+        assert (got.token_ids, got.finish_reason) == (want.token_ids, "stop"), eos
+    assert spec.engine.stats().spec.num_accepted > 0
+
+
+class FlakyProposer:
+    """An n-gram proposer whose channel is down for rounds 3..6: the engine drafts nothing then, and
+    resends everything (start 0) once it is back."""
+
+    def __init__(self) -> None:
+        self.inner = NgramProposer(1, 4)
+        self.rounds = 0
+        self.starts_after_outage: list[int] = []
+
+    def propose(self, requests: list[ProposeRequest]) -> list[list[int]]:
+        self.rounds += 1
+        if 3 <= self.rounds <= 6:
+            self.inner = NgramProposer(1, 4)  # its state is gone with it
+            raise ProposerUnavailable("draft replica restarting")
+        if self.rounds == 7:
+            self.starts_after_outage = [r.start for r in requests]
+        return self.inner.propose(requests)
+
+    def release(self, seq_ids: list[str]) -> None:
+        self.inner.release(seq_ids)
+
+
+def test_an_unavailable_proposer_means_no_drafts_until_it_is_back(folder: Path) -> None:
+    prompts = [[7, 8, 9, 7, 8, 9, 7, 8], [100, 101, 102, 100, 101, 102]]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    want = token_ids(make_llm(folder).generate(prompts, params))
+    llm = make_llm(folder, NGRAM)
+    flaky = FlakyProposer()
+    llm.engine.speculation = Speculation(llm.config.speculative, flaky)
+    assert token_ids(llm.generate(prompts, params)) == want
+    assert flaky.rounds > 7 and flaky.starts_after_outage == [0, 0]
+    spec = llm.engine.stats().spec
+    assert spec.num_rounds == flaky.rounds - 4 and spec.num_accepted > 0
 
 
 class TargetNext:

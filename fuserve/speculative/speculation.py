@@ -15,6 +15,7 @@ truncates at `start`. Sequences that finished, were preempted or aborted are rel
 from __future__ import annotations
 
 import time
+from typing import Protocol, runtime_checkable
 
 from fuserve.configs import SpeculativeConfig
 from fuserve.core_messages import SpecCounters
@@ -25,6 +26,14 @@ from fuserve.speculative.stats import SpecStats
 from fuserve.workers.sampler import has_penalty
 from fuserve.workers.scheduler import ScheduledSeq, SchedulerOutput
 from fuserve.workers.sequence import PLACEHOLDER, Sequence, SequenceStatus
+
+
+@runtime_checkable
+class ReportsChannelTime(Protocol):
+    """A proposer behind a channel (the draft-model deployment) may say how much of its last round was
+    the channel's round trip; stats and adaptive k then count it apart from drafting."""
+
+    last_channel_s: float
 
 
 class Speculation:
@@ -39,6 +48,8 @@ class Speculation:
     # ---- before the step ------------------------------------------------------------------------
     @staticmethod
     def can_draft(seq: Sequence) -> bool:
+        """Grammars mask each row by the tokens before it, logprobs would be reported per kept row,
+        penalties count each row's earlier drafts: none is built, so such sequences draft nothing."""
         p = seq.params
         return p.grammar is None and p.logprobs is None and not has_penalty(p)
 
@@ -90,7 +101,7 @@ class Speculation:
             self._held[seq.seq_id] = seq.num_tokens
             seq.spec_token_ids = list(proposed[: req.k])
             made += len(seq.spec_token_ids)
-        channel_s = 0.0  # a draft-model proposer reports its round trip here (issue 17b)
+        channel_s = self.proposer.last_channel_s if isinstance(self.proposer, ReportsChannelTime) else 0.0
         self.stats.observe_round([r.k for r in requests], self._round_s, channel_s)
         self.adaptive_k.observe_round(self._round_s, made, channel_s)
 

@@ -30,6 +30,13 @@ class SampleRequest:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    # a speculating sequence's row j follows j drafts that are not in output_token_ids: its token is
+    # output position len(output_token_ids) + num_drafts_before (what a seeded draw is keyed on)
+    num_drafts_before: int = 0
+
+    @property
+    def output_position(self) -> int:
+        return len(self.output_token_ids) + self.num_drafts_before
 
 
 @dataclass
@@ -211,7 +218,7 @@ def _draw(
             uniform.uniform_()
     for j in seeded:
         g = torch.Generator(device=device)
-        g.manual_seed((params[j].seed * 1_000_003 + len(rows[j].output_token_ids)) % (1 << 63))
+        g.manual_seed((params[j].seed * 1_000_003 + rows[j].output_position) % (1 << 63))
         noise[j].exponential_(generator=g)
         if uniform is not None:
             uniform[j : j + 1].uniform_(generator=g)

@@ -92,9 +92,8 @@ def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
         if item.samples:
             plan.sample_rows.append(b)
             output = seq.output_token_ids
-            for j in range(len(drafts) + 1):  # row j's token follows drafts[:j] (seeded draws key on it)
-                row_output = output + drafts[:j] if j else output
-                plan.sample_requests.append(SampleRequest(seq.params, seq.prompt_token_ids, row_output))
+            for j in range(len(drafts) + 1):  # row j's token follows j drafts (a seeded draw keys on it)
+                plan.sample_requests.append(SampleRequest(seq.params, seq.prompt_token_ids, output, j))
             if speculating:
                 plan.num_drafts.append(len(drafts))
                 plan.draft_ids.extend([*drafts, NO_DRAFT])
