@@ -273,3 +273,24 @@ def test_default_model_repetitive_prompt_keeps_and_rejects_drafts() -> None:
     assert token_ids(llm.generate(prompts, params)) == want
     spec = llm.engine.stats().spec
     assert spec is not None and 0 < spec.num_accepted < spec.num_drafts
+
+
+# ---- on a GPU: Triton kernels, CUDA graphs for plain steps, async scheduling between them ------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_greedy_ngram_equals_plain_with_graphs_and_async_scheduling(folder: Path) -> None:
+    prompts = [[7, 8, 9, 7, 8, 9, 7, 8], [100, 101, 102, 100, 101, 102], list(range(40, 90))]
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    sections = dict(
+        model={"path": str(folder), "max_model_len": 160, "device": "cuda", "dtype": "float32"},
+        scheduler={"async_scheduling": "on"},
+    )
+    want = token_ids(LLM(config_from_dict(sections)).generate(prompts, params))
+    llm = LLM(config_from_dict({**sections, "speculative": NGRAM}))
+    assert llm.engine.executor.worker.runner.graphs is not None
+    assert token_ids(llm.generate(prompts, params)) == want
+    spec = llm.engine.stats().spec
+    assert 0 < spec.num_accepted < spec.num_drafts
+    sampled = SamplingParams(max_tokens=32, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    again = [token_ids(llm.generate(prompts, sampled)) for _ in range(2)]
+    assert again[0] == again[1], "seeded sampling with drafts repeats"
