@@ -76,17 +76,20 @@ class Speculation:
             and s.num_computed_tokens == s.num_tokens - 1
             and s.token_ids[-1] != PLACEHOLDER
         ]
-        costs = self.adaptive_k.step_costs(len(decodes))
+        costs = self.adaptive_k.step_costs(len(running))
         seqs: list[Sequence] = []
         requests: list[ProposeRequest] = []
         for seq in decodes:
             k = self.adaptive_k.choose(seq.seq_id, costs, self._limit(seq)) if self.can_draft(seq) else 0
             if k == 0:
-                self.adaptive_k.observe_idle(seq.seq_id)
                 continue
             start = self._held.get(seq.seq_id, 0)
             seqs.append(seq)
             requests.append(ProposeRequest(seq.seq_id, start, seq.token_ids[start:], k))
+        drafting = {s.seq_id for s in seqs}
+        for seq in running:  # in flight, prefilling or not worth it: its acceptance drifts to the prior
+            if seq.seq_id not in drafting:
+                self.adaptive_k.observe_idle(seq.seq_id)
         if not requests:
             return
         t0 = time.perf_counter()

@@ -7,7 +7,7 @@ take rates over any window.
 
 from __future__ import annotations
 
-import copy
+import msgspec
 
 from fuserve.core_messages import SpecCounters
 
@@ -42,7 +42,11 @@ class SpecStats:
         self.counters.verify_seconds += seconds
 
     def snapshot(self) -> SpecCounters:
-        return copy.deepcopy(self.counters)
+        """A copy for the step's stats message (sent every step: lists copied, nothing deeper)."""
+        c = self.counters
+        return msgspec.structs.replace(
+            c, reached_at=list(c.reached_at), accepted_at=list(c.accepted_at), k_counts=list(c.k_counts)
+        )
 
 
 def acceptance_rate(c: SpecCounters) -> float:
