@@ -69,13 +69,19 @@ def test_greedy_ngram_equals_plain_with_preemption_chunking_and_prefix_hits(fold
     assert bm.num_free_blocks == bm.num_blocks, "rejected drafts' blocks were not given back"
 
 
-def test_adaptive_k_greedy_equals_plain(folder: Path) -> None:
+def test_adaptive_k_greedy_with_logprobs_equals_plain(folder: Path) -> None:
     prompts = [[7, 8, 9, 7, 8, 9, 7, 8], [100, 101, 102, 103]]
-    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
-    want = token_ids(make_llm(folder).generate(prompts, params))
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True, logprobs=2)
+    want = make_llm(folder).generate(prompts, params)
     llm = make_llm(folder, {"method": "ngram", "ngram_min": 1})
-    assert token_ids(llm.generate(prompts, params)) == want
-    assert llm.engine.stats().spec.num_verifies > 0
+    got = llm.generate(prompts, params)
+    assert token_ids(got) == token_ids(want)
+    for g, w in zip(got, want, strict=True):
+        glp, wlp = g.outputs[0].logprobs, w.outputs[0].logprobs
+        assert [x.token_id for x in glp] == g.outputs[0].token_ids
+        assert [x.logprob for x in glp] == pytest.approx([x.logprob for x in wlp], abs=1e-4)
+        assert [[t for t, _ in x.top] for x in glp] == [[t for t, _ in x.top] for x in wlp]
+    assert llm.engine.stats().spec.num_accepted > 0
 
 
 def test_stops_inside_a_kept_run_end_where_the_plain_run_ends(folder: Path) -> None:
@@ -85,18 +91,23 @@ def test_stops_inside_a_kept_run_end_where_the_plain_run_ends(folder: Path) -> N
     ref = plain.generate([prompt], base)[0].outputs[0]
     tokens, text = ref.token_ids, ref.text
     cases = [
-        SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, stop_token_ids=[t])
+        SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, stop_token_ids=[t], logprobs=0)
         for t in tokens[1:40]
     ]
-    cases += [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in range(1, 40)]
+    cases += [
+        SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0) for n in range(1, 40)
+    ]
     stops = sorted({text[i : i + 2] for i in range(1, 40) if text[i : i + 2].strip()})
-    cases += [SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, stop=[s]) for s in stops]
+    cases += [
+        SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True, stop=[s], logprobs=0) for s in stops
+    ]
     want = plain.generate([prompt] * len(cases), cases)
     llm = make_llm(folder, NGRAM)
     got = llm.generate([prompt] * len(cases), cases)
     for p, w, g in zip(cases, want, got, strict=True):
         wo, go = w.outputs[0], g.outputs[0]
         assert (go.token_ids, go.text, go.finish_reason) == (wo.token_ids, wo.text, wo.finish_reason), p
+        assert [x.token_id for x in go.logprobs] == go.token_ids, "one logprob per token sent"
     spec = llm.engine.stats().spec
     assert spec.num_accepted > len(cases), "runs of kept drafts are what this test is about"
     assert any(len(w.outputs[0].token_ids) < 48 and w.outputs[0].finish_reason == "stop" for w in want)

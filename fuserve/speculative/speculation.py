@@ -6,7 +6,7 @@
                     model step                           logits at each; sampler verifies (rejection.py)
                     speculation.kept_tokens(item, rows)  the run the target kept -> scheduler
 A sequence drafts only when its tokens are all on the host (no async overlap: `wants_drafts` tells the
-engine to wait), it has no grammar, no logprobs and no penalties, and it has room for more than one
+engine to wait), it has no grammar and no penalties, and it has room for more than one
 token. The proposer is told, per sequence, what it already holds (`start`): every token it was sent
 is one the target confirmed, so it never holds a rejected draft of ours, only its own guesses, which it
 truncates at `start`. Sequences that finished, were preempted or aborted are released at the next round.
@@ -48,10 +48,10 @@ class Speculation:
     # ---- before the step ------------------------------------------------------------------------
     @staticmethod
     def can_draft(seq: Sequence) -> bool:
-        """Grammars mask each row by the tokens before it, logprobs would be reported per kept row,
-        penalties count each row's earlier drafts: none is built, so such sequences draft nothing."""
+        """Grammars mask each row by the tokens before it and penalties count each row's earlier
+        drafts: neither is built, so such sequences draft nothing. (Logprobs come per kept row.)"""
         p = seq.params
-        return p.grammar is None and p.logprobs is None and not has_penalty(p)
+        return p.grammar is None and not has_penalty(p)
 
     def _limit(self, seq: Sequence) -> int:
         """Drafts that fit before max_tokens: the step yields one token more than its drafts."""

@@ -326,11 +326,13 @@ class LLMEngine:
             r = next(results) if item.samples else None
             if item.spec_token_ids:
                 assert r is not None and self.speculation is not None
-                rows = [r.token_id] + [next(results).token_id for _ in item.spec_token_ids]
-                sampled.append(self.speculation.kept_tokens(item, rows))
+                rows = [r] + [next(results) for _ in item.spec_token_ids]
+                kept = self.speculation.kept_tokens(item, [x.token_id for x in rows])
+                sampled.append(kept)
+                logprobs.append([x.logprobs for x in rows[: len(kept)]])
             else:
                 sampled.append(r.token_id if r else None)
-            logprobs.append(r.logprobs if r else None)
+                logprobs.append(r.logprobs if r else None)
         self.scheduler.update_from_output(sched_out, sampled)
         if self._guided is not None and self._guided.active:
             stepped = zip(sched_out.scheduled, sampled, strict=True)
@@ -341,7 +343,9 @@ class LLMEngine:
             state = self._by_seq.get(item.seq.seq_id)
             if token is None or state is None:
                 continue
-            if lp is not None:
+            if isinstance(lp, list):  # one per kept row; those after a stop are never sent
+                state.logprobs.extend(x for x in lp if x is not None)
+            elif lp is not None:
                 state.logprobs.append(lp)
             outputs.append(self._emit(state))
         return outputs
@@ -349,7 +353,8 @@ class LLMEngine:
     def _emit(self, st: _SeqState) -> RequestOutput:
         seq = st.seq
         settled = seq.settled_output_ids
-        new_ids = settled[st.num_sent :]
+        first = st.num_sent
+        new_ids = settled[first:]
         delta_text = ""
         if st.detok is not None:
             before = len(st.detok.ids)
@@ -373,7 +378,7 @@ class LLMEngine:
             token_ids=settled,
             finished=seq.is_finished,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
-            delta_logprobs=st.logprobs[-len(new_ids) :] if st.logprobs and new_ids else [],
+            delta_logprobs=st.logprobs[first : first + len(new_ids)],  # one per output token
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
         )
