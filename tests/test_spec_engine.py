@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,46 @@ def test_an_unavailable_proposer_means_no_drafts_until_it_is_back(folder: Path) 
     assert flaky.rounds > 7 and flaky.starts_after_outage == [0, 0]
     spec = llm.engine.stats().spec
     assert spec.num_rounds == flaky.rounds - 4 and spec.num_accepted > 0
+
+
+def test_engine_core_sends_kept_runs_and_the_frontend_cuts_them_at_a_stop_string(folder: Path) -> None:
+    """Through the engine-core process (which does not detokenize): a step's message carries a kept run
+    of several tokens, and a stop string the frontend finds inside one ends the output exactly where
+    the plain in-process run ends it, tokens included."""
+    from fuserve.router.core_client import EngineCoreClient
+    from fuserve.router.engine_messages import EngineRequest
+
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6]
+    plain = make_llm(folder)
+    ref = plain.generate([prompt], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))[0]
+    text = ref.outputs[0].text
+    stops = sorted({text[i : i + 2] for i in range(2, 30, 3) if text[i : i + 2].strip()})
+    cases = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)]
+    cases += [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=[s]) for s in stops]
+    want = [c.outputs[0] for c in plain.generate([prompt] * len(cases), cases)]
+    config = config_from_dict({"model": {"path": str(folder), "max_model_len": 160}, "speculative": NGRAM})
+
+    async def main() -> None:
+        client = EngineCoreClient(config, plain.tokenizer)
+        try:
+            await client.start(120)
+            streams = []
+            for i, params in enumerate(cases):
+                deltas = []
+                async for batch in client.generate(EngineRequest(f"r{i}", prompt, params, work_tokens=0)):
+                    deltas.extend(batch)
+                streams.append(deltas)
+            multi = 0
+            for deltas, w in zip(streams, want, strict=True):
+                assert [t for d in deltas for t in d.token_ids] == w.token_ids
+                assert "".join(d.text for d in deltas) == w.text
+                assert deltas[-1].finish_reason == w.finish_reason
+                multi += sum(len(d.token_ids) > 1 for d in deltas)
+            assert multi > 0, "no step message carried a kept run"
+        finally:
+            client.shutdown()
+
+    asyncio.run(main())
 
 
 class TargetNext:
