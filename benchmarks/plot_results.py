@@ -1,4 +1,5 @@
-"""Draw the PNG beside a recorded decode, kernel or tensor-parallel results JSON (benchmarks/results/*.json).
+"""Draw the PNG beside a recorded results JSON (benchmarks/results/*.json): decode, kernels, tensor
+parallel, speculative decoding.
 
 python benchmarks/plot_results.py benchmarks/results/decode-2026-11-22-h100.json
 """
@@ -98,6 +99,40 @@ def plot_tp(rows: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def plot_spec(rows: list[dict], out: Path) -> None:
+    """bench_spec.py: speedup over no speculation by k (one line per prompts/batch/acceptance), and
+    acceptance per draft position."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["k"] != 0:
+            groups[(r["prompts"], r["batch"], r["synthetic_acceptance"])].append(r)
+    for (prompts, batch, acceptance), rs in sorted(groups.items(), key=str):
+        fixed = sorted((r for r in rs if r["k"] != "adaptive"), key=lambda r: r["k"])
+        name = f"{prompts} b={batch}" + (f" A={acceptance}" if acceptance is not None else "")
+        line = ax1.plot([r["k"] for r in fixed], [r["speedup"] for r in fixed], "o-", label=name)[0]
+        for r in rs:
+            if r["k"] == "adaptive":
+                ax1.axhline(r["speedup"], ls=":", c=line.get_color(), label=f"{name} adaptive")
+        longest = max(fixed, key=lambda r: r["k"])
+        ax2.plot(range(1, len(longest["acceptance_at"]) + 1), longest["acceptance_at"], "o-", label=name)
+    ax1.axhline(1.0, c="gray", lw=0.8)
+    ax1.set_xlabel("k (drafts per step)")
+    ax1.set_ylabel("tokens/s over no speculation")
+    ax2.set_xlabel("draft position")
+    ax2.set_ylabel("acceptance (of verifies reaching it)")
+    ax2.set_ylim(0, 1)
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    meta = rows[0]
+    fig.suptitle(
+        f"speculative decoding, {meta['model']}, {meta['device']}, {meta['date']}, commit {meta['commit']}"
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     for arg in sys.argv[1:]:
         path = Path(arg)
@@ -109,6 +144,8 @@ def main() -> None:
             if kind == "kernel"
             else plot_tp
             if kind in ("allreduce", "tp-decode")
+            else plot_spec
+            if kind == "spec"
             else plot_decode
         )
         plot(rows, out)

@@ -69,6 +69,23 @@ class RequestFailure(msgspec.Struct, array_like=True):
     message: str
 
 
+class SpecCounters(msgspec.Struct, array_like=True):
+    """Speculative decoding since the engine started (speculative/stats.py). A "verify" is one
+    speculating sequence in one step: it checks its drafts and keeps 1 + (drafts accepted) tokens."""
+
+    num_rounds: int = 0  # proposer calls (one per step that wanted drafts)
+    num_verify_steps: int = 0  # steps with at least one speculating sequence
+    num_verifies: int = 0
+    num_drafts: int = 0  # drafts the target checked
+    num_accepted: int = 0  # of those, kept
+    reached_at: list[int] = []  # [i]: verifies that checked a draft at position i + 1 (all before it kept)
+    accepted_at: list[int] = []  # [i]: drafts at position i + 1 that were kept
+    k_counts: list[int] = []  # [k]: times k drafts were asked of the proposer for a sequence
+    draft_seconds: float = 0.0  # in proposer calls (for a draft model: its forwards and the channel)
+    channel_seconds: float = 0.0  # of which the channel's round trip, when the proposer reports it
+    verify_seconds: float = 0.0  # steps with speculating sequences, less their proposer call
+
+
 class CoreStats(msgspec.Struct, array_like=True):
     num_waiting: int = 0
     num_running: int = 0
@@ -94,6 +111,7 @@ class CoreStats(msgspec.Struct, array_like=True):
     inflight_prefill_tokens: int = -1  # prefill tokens of the step running while these were taken; -1: none
     taken_at: float = 0.0  # time.time() when these were taken
     step_cost_samples: int = 0  # steps behind the step cost (0: the meter's prior alone)
+    spec: SpecCounters | None = None  # None: speculation is off
 
 
 class StepOutputs(msgspec.Struct, tag="step", array_like=True):

@@ -414,3 +414,14 @@ def test_bench_serve_overhead_closed_loop_smoke(tmp_path: Path) -> None:
     assert all(r["num_failed"] == 0 and r["num_requests"] == 4 and "rate" not in r for r in rows)
     assert all(isinstance(r["bounds_ok"], bool) and "itl_ms_p90_limit" in r for r in rows[:2])
     assert all("frontend_cpu_ms_per_token" in r and "engine_step_ms" in r for r in rows)
+
+
+def test_bench_spec_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "spec.json"
+    _run([str(BENCHMARKS / "bench_spec.py"), "--smoke", "--out", str(out)], tmp_path)
+    rows = json.loads(out.read_text())
+    assert {(r["batch"], r["k"]) for r in rows} == {(b, k) for b in (1, 2) for k in (0, 2, 3, "adaptive")}
+    spec = [r for r in rows if r["k"] != 0]
+    assert all(r["synthetic_acceptance"] == 0.7 and r["proposer"] == "repeat" for r in spec)
+    assert all(r["drafts"] > 0 and r["acceptance_at"] for r in spec if r["k"] != "adaptive")
+    assert {r["device"] for r in rows} == {"cpu"} and all(r["commit"] for r in rows)

@@ -373,8 +373,14 @@ def test_plan_codec_round_trip() -> None:
             ),
             lengths=(1, 5, 19, 40, 70, 120),
         ),
+        # n-gram speculation (in the argmax-only half): plans carry drafts, every rank takes logits at each
+        dict(
+            fixture="llama_kv2",
+            sections=dict(speculative={"method": "ngram", "adaptive": False, "ngram_min": 1}),
+            lengths=(1, 5, 19, 40, 70),
+        ),
     ],
-    ids=["llama-kv2", "llama-kv2-async-switches", "qwen-kv1-vocab385"],
+    ids=["llama-kv2", "llama-kv2-async-switches", "qwen-kv1-vocab385", "llama-kv2-ngram"],
 )
 def test_tp2_greedy_equals_tp1(
     ray_cluster: None, request: pytest.FixtureRequest, case: dict, monkeypatch: pytest.MonkeyPatch
@@ -421,6 +427,8 @@ def test_tp2_greedy_equals_tp1(
     for w, a in zip(want, llm.generate(ps, ARGMAX), strict=True):
         assert a.outputs[0].token_ids == w.outputs[0].token_ids
     assert all(p.argmax_only for p in sent if p.sample_rows)
+    if "speculative" in case["sections"]:
+        assert any(sum(p.num_drafts) for p in sent), "no step verified drafts"
     # Spawned by Ray's raylet, not forked from this process (a fork would copy its threads and locks).
     for pid in group.worker_pids:
         assert psutil.Process(pid).ppid() != os.getpid()

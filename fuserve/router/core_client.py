@@ -211,17 +211,21 @@ class EngineCoreClient:
             return None
         finish = out.finish_reason
         text = ""
+        token_ids = out.token_ids
         if seq.detok is not None:
-            seq.detok.add(out.token_ids)
+            before = len(seq.detok.ids)
+            seq.detok.add(token_ids)
             if seq.detok.stopped and finish is None:
                 finish = "stop"
                 self._send(AbortRequest(stream.request_id, [out.index]))
+            if seq.detok.stopped:  # a step may carry several tokens (speculation): none after the stop
+                token_ids = token_ids[: len(seq.detok.ids) - before]
             text = seq.detok.flush(final=finish is not None)
         seq.finished = finish is not None
         return EngineDelta(
             index=out.index,
             text=text,
-            token_ids=out.token_ids,
+            token_ids=token_ids,
             finished=seq.finished,
             finish_reason=finish,
             logprobs=out.logprobs,

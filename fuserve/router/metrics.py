@@ -18,7 +18,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fuserve.core_messages import SpecCounters
 from fuserve.router.engine_messages import ReplicaStats
+from fuserve.speculative.stats import acceptance_rate, mean_accepted_length
 
 LATENCY_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
@@ -90,6 +92,64 @@ class _EngineCollector(Collector):
         for s in snapshot:
             up.add_metric([s.replica_id], 1.0 if s.healthy else 0.0)
         yield up
+        speculating = [(s.replica_id, s.engine.spec) for s in snapshot if s.engine.spec is not None]
+        if speculating:
+            yield from speculation_metrics(speculating)
+
+
+SPEC_COUNTERS = {
+    "num_rounds": ("fuserve_spec_rounds", "Proposer calls (one per engine step that wanted drafts)"),
+    "num_verify_steps": ("fuserve_spec_verify_steps", "Engine steps that verified drafts"),
+    "num_verifies": ("fuserve_spec_verifies", "Sequence-steps that verified drafts"),
+    "num_drafts": ("fuserve_spec_draft_tokens", "Draft tokens the target verified"),
+    "num_accepted": ("fuserve_spec_accepted_tokens", "Draft tokens the target kept"),
+    "draft_seconds": ("fuserve_spec_draft_seconds", "Seconds in proposer calls (drafting and channel)"),
+    "channel_seconds": ("fuserve_spec_channel_seconds", "Of the proposer's seconds, the channel round trips"),
+    "verify_seconds": ("fuserve_spec_verify_seconds", "Seconds of steps that verified drafts, less drafting"),
+}
+
+
+def speculation_metrics(replicas: list[tuple[str, SpecCounters]]) -> Iterable[Metric]:
+    """Speculative decoding, per replica: counters (rates over any window are the scraper's), the rates
+    since start, acceptance per draft position and how often each k was chosen."""
+    for attr, (name, doc) in SPEC_COUNTERS.items():
+        c = CounterMetricFamily(name, doc, labels=["replica"])
+        for rid, spec in replicas:
+            c.add_metric([rid], float(getattr(spec, attr)))
+        yield c
+    rate = GaugeMetricFamily(
+        "fuserve_spec_acceptance_rate", "Draft tokens kept over verified, since start", labels=["replica"]
+    )
+    length = GaugeMetricFamily(
+        "fuserve_spec_mean_accepted_length",
+        "Tokens a speculating sequence gains per step (kept drafts + 1), since start",
+        labels=["replica"],
+    )
+    for rid, spec in replicas:
+        rate.add_metric([rid], acceptance_rate(spec))
+        length.add_metric([rid], mean_accepted_length(spec))
+    yield rate
+    yield length
+    reached = CounterMetricFamily(
+        "fuserve_spec_position_verified",
+        "Verifies that checked a draft at this position (every earlier draft kept)",
+        labels=["replica", "position"],
+    )
+    kept = CounterMetricFamily(
+        "fuserve_spec_position_accepted", "Drafts kept at this position", labels=["replica", "position"]
+    )
+    k_chosen = CounterMetricFamily(
+        "fuserve_spec_k_chosen", "Times a sequence asked the proposer for k drafts", labels=["replica", "k"]
+    )
+    for rid, spec in replicas:
+        for i, (n, a) in enumerate(zip(spec.reached_at, spec.accepted_at, strict=True)):
+            reached.add_metric([rid, str(i + 1)], float(n))
+            kept.add_metric([rid, str(i + 1)], float(a))
+        for k, n in enumerate(spec.k_counts):
+            k_chosen.add_metric([rid, str(k)], float(n))
+    yield reached
+    yield kept
+    yield k_chosen
 
 
 class ServingMetrics:

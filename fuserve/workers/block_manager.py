@@ -119,6 +119,18 @@ class BlockManager:
         for _ in range(self.blocks_needed(num_tokens) - len(seq.block_table)):
             seq.block_table.append(self._take_free_block())
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Shrink the block table to what `num_tokens` tokens need (speculative drafts the target
+        rejected). Freed blocks hold no hashed tokens: only full blocks of computed tokens are hashed."""
+        keep = self.blocks_needed(num_tokens)
+        assert keep >= len(seq.block_hashes), "trimming a block published for prefix hits"
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            assert self.ref_counts[block] > 0, f"block {block} freed twice"
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_ids.append(block)
+
     def commit_computed(self, seq: Sequence) -> None:
         """Publish the hashes of blocks that became full of computed tokens, for later prefix hits."""
         if not self.enable_prefix_caching:

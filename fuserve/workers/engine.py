@@ -24,6 +24,8 @@ from fuserve.configs import FuserveConfig
 from fuserve.core_messages import CoreStats
 from fuserve.parallel.worker_group import WorkerGroup
 from fuserve.sampling_params import RequestError, SamplingParams
+from fuserve.speculative.factory import build_proposer
+from fuserve.speculative.speculation import Speculation
 from fuserve.workers.block_manager import BlockManager
 from fuserve.workers.detokenizer import IncrementalDetokenizer
 from fuserve.workers.executor import Executor, build_executor
@@ -91,6 +93,14 @@ class LLMEngine:
         self._inflight: tuple[SchedulerOutput, SampledBatch | None] | None = None
         self._guided: GuidedDecoding | None = None  # built with the first grammar
         self._failures: list[tuple[str, str]] = []  # (request id, why) of requests ended by the engine
+        self.speculation: Speculation | None = None
+        try:
+            proposer = build_proposer(config.speculative)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        if proposer is not None:
+            self.speculation = Speculation(config.speculative, proposer)
 
     @property
     def workers(self) -> WorkerGroup | None:
@@ -225,6 +235,8 @@ class LLMEngine:
         """A step() call's time goes to the batch it read back (with async scheduling, the one launched
         by the call before); a call that read none back adds its time to the next one."""
         self._unattributed_s += seconds
+        if self.speculation is not None and len(self._completed) == 1:
+            self.speculation.observe_step(self._completed[0], self._unattributed_s)
         for out in self._completed:
             prefill = prefill_tokens(out)
             self.step_cost.observe(
@@ -239,7 +251,11 @@ class LLMEngine:
             self._end_failed_grammars()
         if prev is not None and not self._can_overlap():
             return self._complete(prev)
+        if self.speculation is not None:
+            self.speculation.propose(self.scheduler.running)
         sched_out = self.scheduler.schedule()
+        if self.speculation is not None:
+            self.speculation.after_schedule(self.scheduler.running)
         masked: tuple[SchedulerOutput, StepPlan, torch.Tensor | None] | None = None
         if not sched_out.is_empty:
             plan = build_step_plan(sched_out, self.block_manager.block_size)
@@ -291,8 +307,11 @@ class LLMEngine:
                 self.scheduler.finish(seq, FinishReason.STOP)
 
     def _can_overlap(self) -> bool:
-        """Penalties need every earlier token on the host, so such batches run one step at a time."""
+        """Penalties need every earlier token on the host, and so do drafts (the proposer reads them),
+        so such batches run one step at a time."""
         seqs = self.scheduler.running + self.scheduler.waiting
+        if self.speculation is not None and self.speculation.wants_drafts(self.scheduler.running):
+            return False
         return not any(has_penalty(s.params) for s in seqs)
 
     def _complete(self, inflight: tuple[SchedulerOutput, SampledBatch | None]) -> list[RequestOutput]:
@@ -301,12 +320,19 @@ class LLMEngine:
             self.executor.wait(batch)
         self._completed.append(sched_out)
         results = iter(batch.results() if batch is not None else [])
-        sampled: list[int | None] = []
+        sampled: list[int | list[int] | None] = []
         logprobs = []
         for item in sched_out.scheduled:
             r = next(results) if item.samples else None
-            sampled.append(r.token_id if r else None)
-            logprobs.append(r.logprobs if r else None)
+            if item.spec_token_ids:
+                assert r is not None and self.speculation is not None
+                rows = [r] + [next(results) for _ in item.spec_token_ids]
+                kept = self.speculation.kept_tokens(item, [x.token_id for x in rows])
+                sampled.append(kept)
+                logprobs.append([x.logprobs for x in rows[: len(kept)]])
+            else:
+                sampled.append(r.token_id if r else None)
+                logprobs.append(r.logprobs if r else None)
         self.scheduler.update_from_output(sched_out, sampled)
         if self._guided is not None and self._guided.active:
             stepped = zip(sched_out.scheduled, sampled, strict=True)
@@ -317,7 +343,9 @@ class LLMEngine:
             state = self._by_seq.get(item.seq.seq_id)
             if token is None or state is None:
                 continue
-            if lp is not None:
+            if isinstance(lp, list):  # one per kept row; those after a stop are never sent
+                state.logprobs.extend(x for x in lp if x is not None)
+            elif lp is not None:
                 state.logprobs.append(lp)
             outputs.append(self._emit(state))
         return outputs
@@ -325,11 +353,19 @@ class LLMEngine:
     def _emit(self, st: _SeqState) -> RequestOutput:
         seq = st.seq
         settled = seq.settled_output_ids
-        new_ids = settled[st.num_sent :]
+        first = st.num_sent
+        new_ids = settled[first:]
         delta_text = ""
         if st.detok is not None:
+            before = len(st.detok.ids)
             st.detok.add(new_ids)
             if st.detok.stopped and not seq.is_finished:
+                # a step that kept several tokens (speculation) keeps none after the stop string
+                num_used = len(st.detok.ids) - before
+                if num_used < len(new_ids):
+                    seq.drop_placeholders()
+                    del seq.token_ids[num_used - len(new_ids) :]
+                    settled, new_ids = seq.settled_output_ids, new_ids[:num_used]
                 self.scheduler.finish(seq, FinishReason.STOP)
             delta_text = st.detok.flush(final=seq.is_finished)
         st.num_sent = len(settled)
@@ -342,7 +378,7 @@ class LLMEngine:
             token_ids=settled,
             finished=seq.is_finished,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
-            delta_logprobs=st.logprobs[-len(new_ids) :] if st.logprobs and new_ids else [],
+            delta_logprobs=st.logprobs[first : first + len(new_ids)],  # one per output token
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
         )
@@ -392,4 +428,5 @@ class LLMEngine:
             inflight_prefill_tokens=-1 if self._inflight is None else prefill_tokens(self._inflight[0]),
             taken_at=time.time(),
             step_cost_samples=fit.num_samples,
+            spec=self.speculation.snapshot() if self.speculation is not None else None,
         )

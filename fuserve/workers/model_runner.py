@@ -67,7 +67,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_plan(self, plan: StepPlan, prev: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Hidden states of the rows that sample: [S, hidden], or None when none samples.
+        """Hidden states of the rows that sample: [S, hidden] (a speculating sequence has a row per draft
+        too: [plan.num_logit_rows, hidden]), or None when none samples.
         prev: the previous step's sampled tokens on the device, for plans with placeholders."""
         if plan.max_query_len == 1 and self.graphs is not None and self.graphs.fits(plan):
             hidden = self.graphs.run(plan, lambda ids: self.fill_inputs(ids, plan, prev))
@@ -77,10 +78,9 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, meta)
         if not plan.sample_rows:
             return None
-        if len(plan.sample_rows) == plan.num_tokens:  # pure decode: every row samples
+        if plan.num_logit_rows == plan.num_tokens:  # pure decode (or verify): every token gives logits
             return hidden
-        rows = [plan.query_start_loc[b + 1] - 1 for b in plan.sample_rows]
-        return hidden[self._tensor(rows)]
+        return hidden[self._tensor(plan.logit_token_indices())]
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan, prev: SampledBatch | None = None) -> SampledBatch | None:
@@ -108,7 +108,7 @@ class ModelRunner:
         """Queue the sampling of a step's logits; `bitmask` ([S, W] int32, on the host) forbids tokens."""
         if bitmask is not None:
             apply_token_bitmask_(logits, bitmask.to(self.device, non_blocking=True))
-        batch = self.sampler.sample(logits, plan.sample_requests)
+        batch = self.sampler.sample(logits, plan.sample_requests, plan.draft_ids or None)
         if self.share_tokens:
             self.tp.broadcast_from_rank0(batch.device_tokens)
         batch.start_copy()
@@ -129,7 +129,7 @@ class ModelRunner:
             return
         self.model.compute_logits(hidden)
         if self.share_tokens:
-            tokens = torch.empty(len(plan.sample_rows), dtype=torch.int64, device=self.device)
+            tokens = torch.empty(plan.num_logit_rows, dtype=torch.int64, device=self.device)
             self._followed_tokens = self.tp.broadcast_from_rank0(tokens)
 
     @torch.inference_mode()

@@ -36,8 +36,11 @@ class QueueSummary:
 
 
 def prefill_tokens(out: SchedulerOutput) -> int:
-    """A step's tokens less its decodes (a decode computes one token and samples the next)."""
-    return out.num_tokens - sum(1 for s in out.scheduled if s.num_new_tokens == 1 and s.samples)
+    """A step's tokens less its decodes (a decode computes one token, and its drafts when it
+    speculates, and samples the next)."""
+    return out.num_tokens - sum(
+        s.num_new_tokens for s in out.scheduled if s.num_known_tokens == 1 and s.samples
+    )
 
 
 def summarize_queue(scheduler: Scheduler, now: float) -> QueueSummary:

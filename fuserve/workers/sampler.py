@@ -15,6 +15,7 @@ import torch
 
 from fuserve.core_messages import TokenLogprobs
 from fuserve.sampling_params import SamplingParams
+from fuserve.speculative.rejection import rejection_sample
 from fuserve.workers.kernels.argmax import greedy_tokens
 from fuserve.workers.kernels.nucleus_threshold import nucleus_cut, nucleus_threshold_ref
 
@@ -29,6 +30,13 @@ class SampleRequest:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    # a speculating sequence's row j follows j drafts that are not in output_token_ids: its token is
+    # output position len(output_token_ids) + num_drafts_before (what a seeded draw is keyed on)
+    num_drafts_before: int = 0
+
+    @property
+    def output_position(self) -> int:
+        return len(self.output_token_ids) + self.num_drafts_before
 
 
 @dataclass
@@ -159,8 +167,13 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SampleRequest]) -> list[SampleResult]:
         return self.sample(logits, rows).results()
 
-    def sample(self, logits: torch.Tensor, rows: list[SampleRequest]) -> SampledBatch:
-        """logits: [S, V] for S rows, any float dtype. Issues device work only: no host sync."""
+    def sample(
+        self, logits: torch.Tensor, rows: list[SampleRequest], draft_ids: list[int] | None = None
+    ) -> SampledBatch:
+        """logits: [S, V] for S rows, any float dtype. Issues device work only: no host sync.
+        draft_ids: per row, the speculative draft it verifies (NO_DRAFT for none): a sampled row then
+        keeps or replaces it by rejection sampling (speculative/rejection.py); a greedy row's argmax
+        is its verdict already."""
         if argmax_only(rows):
             return SampledBatch(greedy_tokens(logits))
         logits = _apply_logit_bias(_apply_penalties(logits.float(), rows), rows)
@@ -169,12 +182,13 @@ class Sampler:
 
         rand_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if len(rand_rows) == len(rows):
-            tokens = _draw(logits, rows)
+            tokens = _draw(logits, rows, draft_ids)
         else:
             tokens = logits.argmax(dim=-1)
             if rand_rows:
                 idx = torch.tensor(rand_rows, device=logits.device)
-                tokens[idx] = _draw(logits[idx], [rows[i] for i in rand_rows])
+                drafts = [draft_ids[i] for i in rand_rows] if draft_ids else None
+                tokens[idx] = _draw(logits[idx], [rows[i] for i in rand_rows], drafts)
 
         batch = SampledBatch(tokens, num_top=num_top)
         if logprobs is not None:
@@ -185,20 +199,32 @@ class Sampler:
         return batch
 
 
-def _draw(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
-    """One token per row from softmax(logits / T), after the rows' filters: [S] int64."""
+def _draw(
+    logits: torch.Tensor, rows: list[SampleRequest], draft_ids: list[int] | None = None
+) -> torch.Tensor:
+    """One token per row from softmax(logits / T), after the rows' filters: [S] int64. A row with a
+    draft (draft_ids) keeps it or replaces it by rejection sampling, which draws from the same
+    distribution (speculative/rejection.py)."""
     device = logits.device
     params = [r.params for r in rows]
     scaled = logits / torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
     probs = _filtered_probs(scaled, params)
     noise = torch.empty_like(probs)
+    uniform = torch.empty(len(rows), device=device) if draft_ids is not None else None
     seeded = [j for j, p in enumerate(params) if p.seed is not None]
     if len(seeded) < len(params):
         noise.exponential_()  # every unseeded row in one call
+        if uniform is not None:
+            uniform.uniform_()
     for j in seeded:
         g = torch.Generator(device=device)
-        g.manual_seed((params[j].seed * 1_000_003 + len(rows[j].output_token_ids)) % (1 << 63))
+        g.manual_seed((params[j].seed * 1_000_003 + rows[j].output_position) % (1 << 63))
         noise[j].exponential_(generator=g)
+        if uniform is not None:
+            uniform[j : j + 1].uniform_(generator=g)
+    if uniform is not None:
+        drafts = torch.tensor(draft_ids, device=device)
+        return rejection_sample(probs, drafts, uniform, noise)
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
     return probs.div_(noise).argmax(dim=-1)
 

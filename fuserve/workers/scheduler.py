@@ -23,17 +23,30 @@ from fuserve.workers.sequence import PLACEHOLDER, FinishReason, Sequence, Sequen
 
 @dataclass
 class ScheduledSeq:
-    """A chunk of tokens [start, start + num_new_tokens) of one sequence; fixed when scheduled."""
+    """A chunk of tokens [start, start + num_new_tokens) of one sequence; fixed when scheduled. A
+    speculating decode's chunk is its last token followed by its drafts (`spec_token_ids`, counted in
+    num_new_tokens): the step yields a token at each of them and keeps those the target agrees with."""
 
     seq: Sequence
     num_new_tokens: int
     start: int = -1
     samples: bool = False  # the chunk reaches the end of the known tokens, so it yields the next one
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.start < 0:
             self.start = self.seq.num_computed_tokens
-        self.samples = self.start + self.num_new_tokens == self.seq.num_tokens
+        self.samples = self.start + self.num_known_tokens == self.seq.num_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """The chunk's tokens of the sequence itself, drafts not counted."""
+        return self.num_new_tokens - len(self.spec_token_ids)
+
+    @property
+    def num_rows(self) -> int:
+        """Logit rows the chunk yields: one per draft plus one, when it samples."""
+        return 1 + len(self.spec_token_ids) if self.samples else 0
 
 
 @dataclass
@@ -117,6 +130,7 @@ class Scheduler:
                     kept.append(seq)
                     continue
                 n = budget
+            drafts = self._drafts_that_fit(seq, n, budget)
             while not bm.can_append(seq, seq.num_computed_tokens + n):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim, out)
@@ -124,10 +138,10 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break
-            bm.append_slots(seq, seq.num_computed_tokens + n)
-            out.scheduled.append(ScheduledSeq(seq, n))
+            bm.append_slots(seq, seq.num_computed_tokens + n + len(drafts))
+            out.scheduled.append(ScheduledSeq(seq, n + len(drafts), spec_token_ids=drafts))
             kept.append(seq)
-            budget -= n
+            budget -= n + len(drafts)
         kept.extend(queue)
         self.running = kept
 
@@ -150,9 +164,20 @@ class Scheduler:
                 budget -= n
         return out
 
+    def _drafts_that_fit(self, seq: Sequence, n: int, budget: int) -> list[int]:
+        """A decode's drafts, as many as the token budget and the free blocks allow: drafts are the
+        first thing a short step gives up, before any sequence is preempted."""
+        if not seq.spec_token_ids or n != 1 or seq.token_ids[-1] == PLACEHOLDER:
+            return []
+        drafts = seq.spec_token_ids[: max(0, budget - n)]
+        if drafts and not self.block_manager.can_append(seq, seq.num_computed_tokens + n + len(drafts)):
+            return []
+        return drafts
+
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         if seq in self.running:
             self.running.remove(seq)
+        seq.spec_token_ids = []
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
@@ -167,32 +192,52 @@ class Scheduler:
         row = 0
         for item in out.scheduled:
             seq = item.seq
-            seq.num_computed_tokens = item.start + item.num_new_tokens
+            seq.num_computed_tokens = item.start + item.num_known_tokens  # drafts count once kept
             if item.samples:
                 seq.token_ids.append(PLACEHOLDER)
                 seq.pending_row = row
-                row += 1
+                row += item.num_rows
 
-    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
+    def update_from_output(
+        self, out: SchedulerOutput, sampled: list[int | list[int] | None]
+    ) -> list[Sequence]:
         """Put each sampled token in its placeholder, publish full blocks for prefix hits, and finish
-        the sequences that hit EOS, a stop token or max_tokens. Returns those finished."""
+        the sequences that hit EOS, a stop token or max_tokens. Returns those finished.
+        A speculating sequence's entry is the list of tokens it keeps (its kept drafts, then the
+        target's own next token): each is checked for a stop in turn, so nothing after a stop is kept,
+        and the slots of its rejected drafts go back (`_take_back_drafts`)."""
         finished: list[Sequence] = []
-        for item, token in zip(out.scheduled, sampled, strict=True):
+        for item, result in zip(out.scheduled, sampled, strict=True):
             seq = item.seq
             if seq.is_finished:  # aborted or stopped while the step ran
                 continue
-            if token is None:
+            if result is None:
                 self.block_manager.commit_computed(seq)
                 continue
-            seq.token_ids[item.start + item.num_new_tokens] = token
+            tokens = [result] if isinstance(result, int) else result
+            pos = item.start + item.num_known_tokens  # the placeholder's index
+            reason = None
+            for i, token in enumerate(tokens):
+                if i == 0:
+                    seq.token_ids[pos] = token
+                else:  # the draft before it was kept, so its K/V (computed this step) is valid
+                    seq.token_ids.append(token)
+                    seq.num_computed_tokens += 1
+                reason = self._stop_reason(seq, token, pos + i + 1 - seq.num_prompt_tokens)
+                if reason is not None:
+                    break
+            if item.spec_token_ids:
+                self._take_back_drafts(seq)
             self.block_manager.commit_computed(seq)
-            reason = self._stop_reason(
-                seq, token, item.start + item.num_new_tokens + 1 - seq.num_prompt_tokens
-            )
             if reason is not None:
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def _take_back_drafts(self, seq: Sequence) -> None:
+        """Blocks that held only rejected drafts go back to the pool; rejected slots in a kept block
+        are simply written over later (num_computed_tokens already stops before them)."""
+        self.block_manager.trim(seq, seq.num_tokens)
 
     @staticmethod
     def _stop_reason(seq: Sequence, token: int, num_output: int) -> FinishReason | None:

@@ -43,6 +43,9 @@ class Sequence:
     num_preemptions: int = 0
     waiting_for_grammar: bool = False  # its grammar is compiling: the scheduler leaves it waiting
     pending_row: int = -1  # the in-flight step's sample row that fills the trailing placeholder
+    # drafts proposed for the next step (speculative decoding): the step computes them after the last
+    # token and the target keeps the ones it agrees with; set by the engine before each schedule()
+    spec_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
 

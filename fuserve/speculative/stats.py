@@ -1,0 +1,64 @@
+"""Speculative decoding's counters: what was proposed, what the target kept, what it cost.
+
+The engine adds to them as it goes and sends a copy with every step's stats (core_messages.SpecCounters);
+/metrics (router/metrics.py) and the benchmarks derive the rates from the counters, so a scraper can
+take rates over any window.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from fuserve.core_messages import SpecCounters
+
+
+class SpecStats:
+    def __init__(self, max_k: int) -> None:
+        self.counters = SpecCounters(
+            reached_at=[0] * max_k, accepted_at=[0] * max_k, k_counts=[0] * (max_k + 1)
+        )
+
+    def observe_round(self, ks: list[int], draft_s: float, channel_s: float = 0.0) -> None:
+        """One proposer call that asked each sequence for ks[i] drafts."""
+        c = self.counters
+        c.num_rounds += 1
+        c.draft_seconds += draft_s
+        c.channel_seconds += channel_s
+        for k in ks:
+            c.k_counts[min(k, len(c.k_counts) - 1)] += 1
+
+    def observe_verify(self, num_drafts: int, num_accepted: int) -> None:
+        """One sequence checked `num_drafts` drafts and kept the first `num_accepted`."""
+        c = self.counters
+        c.num_verifies += 1
+        c.num_drafts += num_drafts
+        c.num_accepted += num_accepted
+        for i in range(min(num_drafts, num_accepted + 1, len(c.reached_at))):
+            c.reached_at[i] += 1
+            c.accepted_at[i] += i < num_accepted
+
+    def observe_verify_step(self, seconds: float) -> None:
+        self.counters.num_verify_steps += 1
+        self.counters.verify_seconds += seconds
+
+    def snapshot(self) -> SpecCounters:
+        """A copy for the step's stats message (sent every step: lists copied, nothing deeper)."""
+        c = self.counters
+        return msgspec.structs.replace(
+            c, reached_at=list(c.reached_at), accepted_at=list(c.accepted_at), k_counts=list(c.k_counts)
+        )
+
+
+def acceptance_rate(c: SpecCounters) -> float:
+    """Drafts kept over drafts checked (0 before any)."""
+    return c.num_accepted / c.num_drafts if c.num_drafts else 0.0
+
+
+def mean_accepted_length(c: SpecCounters) -> float:
+    """Tokens a speculating sequence gains per step: its kept drafts plus the target's own token."""
+    return (c.num_verifies + c.num_accepted) / c.num_verifies if c.num_verifies else 0.0
+
+
+def acceptance_at(c: SpecCounters) -> list[float]:
+    """[i]: of the verifies that checked a draft at position i + 1, the share that kept it."""
+    return [a / n if n else 0.0 for a, n in zip(c.accepted_at, c.reached_at, strict=True)]

