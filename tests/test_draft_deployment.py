@@ -10,6 +10,7 @@ starts a new replica, the proposer finds it and drafting resumes, right, with no
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import time
 from pathlib import Path
@@ -47,11 +48,11 @@ def _config(folder: Path) -> FuserveConfig:
     )
 
 
-def _draft_actor_names() -> list[str]:
+def _draft_actor_names(app: str = APP) -> list[str]:
     import ray
 
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-    return [n for n in names if n.startswith(f"SERVE_REPLICA::{APP}#Draft#")]
+    return [n for n in names if n.startswith(f"SERVE_REPLICA::{app}#Draft#")]
 
 
 def _propose_as_an_engine_core(config: FuserveConfig, placement, reqs: list[ProposeRequest], out) -> None:
@@ -145,3 +146,74 @@ def test_draft_resources_follow_the_placement(tmp_path: Path) -> None:
     assert draft_options(shared, cluster_gpus=1)["ray_actor_options"]["num_gpus"] == 0.25  # beside the target
     assert draft_options(shared, cluster_gpus=0)["ray_actor_options"]["num_gpus"] == 0.0  # a CPU cluster
     assert draft_options(shared)["num_replicas"] == config.serve.num_replicas
+
+
+def _spec_counter(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"{name}{{"))
+
+
+def test_engine_speculates_through_its_draft_and_finishes_when_the_draft_dies(
+    serve_cluster: ServeCluster, tmp_path: Path
+) -> None:
+    """The whole path: the engine core finds the Draft deployment, drafts through it every step, and
+    the target keeps what the target would have said alone (the draft is the target's own copy, so it
+    keeps nearly every draft). The Draft replica killed mid-stream: the stream goes on at k = 0 and ends
+    with the same text; Serve brings the draft back and the engine drafts through it again."""
+    import ray
+    from ray import serve
+
+    from fuserve import LLM, SamplingParams
+    from fuserve.cluster import build_app
+
+    target = make_checkpoint(tmp_path / "target", "llama3", vocab_size=260, max_position_embeddings=256)
+    model = {"path": str(target), "name": "tiny", "max_model_len": 256}
+    plain = config_from_dict({"model": model, "cache": {"num_blocks": 64}})
+    config = config_from_dict(
+        {
+            "model": model,
+            "cache": {"num_blocks": 64},
+            "speculative": {
+                "method": "draft",
+                "draft": {"path": str(target), "max_model_len": 256},
+                "num_speculative_tokens": 3,
+                "adaptive": False,
+                "channel_timeout_s": TIMEOUT_S,
+                "placement": {"device": "cpu", "num_cpus": 0.5},
+            },
+        }
+    )
+    prompt, n = "The draft", 150
+    want = LLM(plain).generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    want_text = want[0].outputs[0].text
+    app = "spec-e2e"
+    url = f"{serve_cluster.url}/{app}"
+    serve.run(build_app(config, cluster_gpus=0), name=app, route_prefix=f"/{app}")
+    body = {"prompt": prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    deadline = time.monotonic() + 90
+    while _spec_counter(url, "fuserve_spec_accepted_tokens_total") == 0:  # the lookup runs in the background
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert want_text.startswith(r.json()["choices"][0]["text"])
+        assert time.monotonic() < deadline, "the engine never drafted through its draft deployment"
+
+    [old] = _draft_actor_names(app)
+    text, killed = "", False
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json={**body, "max_tokens": n, "stream": True}, timeout=120
+    ) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            text += json.loads(line[6:])["choices"][0]["text"]
+            if not killed and len(text) >= 10:
+                ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)
+                killed = True
+    assert killed and text == want_text  # the draft's loss cost no token and changed none
+    before = _spec_counter(url, "fuserve_spec_accepted_tokens_total")
+    deadline = time.monotonic() + 120
+    while _spec_counter(url, "fuserve_spec_accepted_tokens_total") <= before:
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and want_text.startswith(r.json()["choices"][0]["text"])
+        assert time.monotonic() < deadline, "drafting did not resume after Serve replaced the draft"
+    serve.delete(app)

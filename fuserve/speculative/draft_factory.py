@@ -7,6 +7,8 @@ through a Serve handle, once at start-up and again whenever the draft stopped an
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable
 
 import msgspec
@@ -25,10 +27,21 @@ def serve_locator(
     """Where a replica of `deployment` in the Serve app `app_name` listens; needs Ray initialized."""
     from ray import serve
 
-    handle = serve.get_deployment_handle(deployment, app_name=app_name)
+    # The handle lives in an event loop of its own, on a thread of its own: the engine core inherits the
+    # replica's RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0, under which a handle called outside a running
+    # loop refuses, and its router keeps calling back into the loop it was made in, so that loop stays.
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="draft-locator", daemon=True).start()
+    handles: list[object] = []
+
+    async def ask() -> object:
+        if not handles:
+            handles.append(serve.get_deployment_handle(deployment, app_name=app_name))
+        return await handles[0].address.remote()  # type: ignore[attr-defined]
 
     def locate() -> DraftAddress:
-        return msgspec.convert(handle.address.remote().result(timeout_s=timeout_s), DraftAddress)
+        reply = asyncio.run_coroutine_threadsafe(ask(), loop).result(timeout_s)
+        return msgspec.convert(reply, DraftAddress)
 
     return locate
 

@@ -24,6 +24,7 @@ from fuserve.parallel.tp_context import TPContext
 from fuserve.speculative.draft_sequences import DraftSequence, DraftSequences
 from fuserve.speculative.proposer import ProposeRequest
 from fuserve.workers.cuda_graphs import DecodeGraphs
+from fuserve.workers.kernels.switches import apply_config
 from fuserve.workers.kv_cache import allocate_kv_cache, bytes_per_block
 from fuserve.workers.model_runner import ModelRunner
 from fuserve.workers.models.llama import LlamaArch
@@ -88,6 +89,7 @@ class DraftRunner:
         spec = config.speculative
         if spec.draft is None:
             raise ValueError("speculative.draft is not set: name the draft model")
+        apply_config(config)  # the deployment's kernel switches, before any kernel runs
         return cls(
             spec.draft,
             spec.placement,

@@ -13,7 +13,9 @@ def build_proposer(config: SpeculativeConfig) -> Proposer | None:
         return None
     if config.method == "ngram":
         return NgramProposer(config.ngram_min, config.ngram_max)
-    if config.method == "draft":
-        # the draft-model deployment's client (issue 17b) plugs in here
-        raise NotImplementedError("speculative.method `draft` is not built yet: use method: ngram")
+    if config.method == "draft":  # the engine core builds it (draft_factory.py): it needs Ray Serve
+        raise ValueError(
+            "speculative.method `draft` needs the draft deployment, which runs under Ray Serve "
+            "(`fuserve serve`); for offline use pick speculative.method `ngram` or `none`"
+        )
     raise ValueError(f"unknown speculative.method {config.method!r}: use none, ngram or draft")

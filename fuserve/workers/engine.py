@@ -25,6 +25,7 @@ from fuserve.core_messages import CoreStats
 from fuserve.parallel.worker_group import WorkerGroup
 from fuserve.sampling_params import RequestError, SamplingParams
 from fuserve.speculative.factory import build_proposer
+from fuserve.speculative.proposer import Proposer
 from fuserve.speculative.speculation import Speculation
 from fuserve.workers.block_manager import BlockManager
 from fuserve.workers.detokenizer import IncrementalDetokenizer
@@ -60,6 +61,7 @@ class LLMEngine:
         workers: WorkerGroup | None = None,
         detokenize: bool = True,
         executor: Executor | None = None,
+        proposer: Proposer | None = None,
     ) -> None:
         """workers: ranks 1..N-1, already started (else the executor starts them from
         `config.parallel` when tensor_parallel_size > 1). detokenize: False in the engine-core process,
@@ -95,7 +97,7 @@ class LLMEngine:
         self._failures: list[tuple[str, str]] = []  # (request id, why) of requests ended by the engine
         self.speculation: Speculation | None = None
         try:
-            proposer = build_proposer(config.speculative)
+            proposer = proposer or build_proposer(config.speculative)
         except BaseException:
             self.executor.shutdown()
             raise

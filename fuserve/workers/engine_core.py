@@ -81,20 +81,27 @@ def replica_placement() -> RayPlacement | None:
 
 
 def build_engine(config: FuserveConfig, placement: RayPlacement | None) -> LLMEngine:
+    proposer = None
+    if config.speculative.method == "draft":
+        from fuserve.speculative.draft_factory import build_draft_proposer  # it imports this module
+
+        proposer = build_draft_proposer(config, placement)
     if config.parallel.tensor_parallel_size == 1 or placement is None:
-        return LLMEngine(config, detokenize=False)  # tensor parallel without Ray placement: offline start
+        # tensor parallel without Ray placement: offline start
+        return LLMEngine(config, detokenize=False, proposer=proposer)
     import ray
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup
 
     from fuserve.parallel.worker_group import WorkerGroup
 
-    ray.init(address=placement.address, namespace=placement.namespace, log_to_driver=False)
+    if not ray.is_initialized():  # the draft proposer may have joined already
+        ray.init(address=placement.address, namespace=placement.namespace, log_to_driver=False)
     group = None
     if placement.placement_group_id is not None:
         group = PlacementGroup(PlacementGroupID.from_hex(placement.placement_group_id))
     workers = WorkerGroup.start(config, placement_group=group)
-    return LLMEngine(config, workers=workers, detokenize=False)
+    return LLMEngine(config, workers=workers, detokenize=False, proposer=proposer)
 
 
 def seq_output(out: RequestOutput) -> SeqOutput:
