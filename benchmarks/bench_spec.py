@@ -16,7 +16,9 @@ replay CUDA graphs.
         --batches 1,8,32,64 --ks 2,3,4 --out $OUT/spec-gpu.json                     # GPU cost side
     python benchmarks/bench_spec.py --smoke --out x.json                         # tiny, CPU: still runs
 
-`--proposer module:function` plugs in another proposer (the draft model's rows): a function
+`--proposer draft=PATH` drafts with a draft model in this process (the draft deployment's own runner,
+without its channel), e.g. `draft=shipped:smollm2-135m-instruct-draft`, the draft trained for the
+default model. `--proposer module:function` plugs in another proposer: a function
 (config: FuserveConfig, engine: LLMEngine) -> Proposer, imported by name.
 """
 
@@ -90,9 +92,16 @@ def make_proposer(name: str, spec: SpeculativeConfig, config: FuserveConfig, eng
         return NgramProposer(spec.ngram_min, spec.ngram_max)
     if name == "repeat":
         return RepeatLastProposer()
+    if name.startswith("draft="):  # a draft model in this process: the deployment's runner, no channel
+        from fuserve.configs import DraftPlacementConfig, ModelConfig
+        from fuserve.speculative.draft_runner import DraftRunner
+
+        model = ModelConfig(path=name[len("draft=") :], max_model_len=engine.max_model_len)
+        placement = DraftPlacementConfig(device=engine.device.type)
+        return DraftRunner(model, placement, config.cache, config.kernels)
     module, _, func = name.partition(":")
     if not func:
-        raise SystemExit(f"--proposer {name!r}: use ngram, repeat or module:function")
+        raise SystemExit(f"--proposer {name!r}: use ngram, repeat, draft=PATH or module:function")
     return getattr(importlib.import_module(module), func)(config, engine)
 
 
@@ -190,9 +199,7 @@ def workload(llm: LLM, args: argparse.Namespace, kind: str, batch: int) -> tuple
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["default", "llama3-8b", "tiny"], default="default")
-    ap.add_argument(
-        "--proposer", default=None, help="ngram (default model), repeat (synthetic), module:function"
-    )
+    ap.add_argument("--proposer", default=None, help="ngram, repeat (synthetic), draft=PATH, module:function")
     ap.add_argument("--ks", default="2,3,4,5,6", help="fixed k values (adaptive k and none are always run)")
     ap.add_argument("--batches", default="1")
     ap.add_argument("--prompts", default="chat,code", help="prompt sets of the default model")
