@@ -45,9 +45,7 @@ def draft_own_state(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     }
 
 
-def mlp_importance(
-    model: LlamaForCausalLM, batches: list[torch.Tensor]
-) -> list[torch.Tensor]:
+def mlp_importance(model: LlamaForCausalLM, batches: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per layer, each MLP neuron's mean |silu(gate) * up| times the norm of its down-projection
     column, over the given token batches: the neurons a narrower MLP should keep."""
     sums: list[torch.Tensor] = [torch.zeros(layer.mlp.down_proj.in_features) for layer in model.model.layers]

@@ -110,7 +110,9 @@ def main() -> None:
     ap.add_argument("--out", default="training/data/draft_data.pt")
     ap.add_argument("--summary", default="training/results/data_generation.json")
     ap.add_argument("--num-prompts", type=int, default=600)
-    ap.add_argument("--samples", type=int, default=1, help="sampled continuations per prompt (plus one greedy)")
+    ap.add_argument(
+        "--samples", type=int, default=1, help="sampled continuations per prompt (plus one greedy)"
+    )
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--top-k", type=int, default=16, help="target log-probs kept per position")

@@ -85,12 +85,24 @@ def collate(batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return ids, torch.cat(flat), torch.cat(top_ids), torch.cat(probs)
 
 
+_HEAD_CACHE: dict[int, torch.Tensor] = {}
+
+
+def head_bf16(model: torch.nn.Module) -> torch.Tensor:
+    """The frozen tied head in bf16, converted once."""
+    weight = model.model.embed_tokens.weight
+    if id(weight) not in _HEAD_CACHE:
+        _HEAD_CACHE[id(weight)] = weight.detach().to(torch.bfloat16)
+    return _HEAD_CACHE[id(weight)]
+
+
 def batch_loss(model: torch.nn.Module, batch: list[dict]) -> tuple[torch.Tensor, float]:
     """Soft cross-entropy against the target's top-k, and the draft's top-1 agreement with it."""
     ids, flat, top_ids, probs = collate(batch)
     hidden = model.model(input_ids=ids).last_hidden_state
     h = hidden.reshape(-1, hidden.shape[-1])[flat]
-    logits = F.linear(h, model.model.embed_tokens.weight)
+    # The head matmul (~90 % of the work) in bf16: twice as fast on this CPU; softmax in fp32.
+    logits = F.linear(h.to(torch.bfloat16), head_bf16(model)).float()
     logq = logits.log_softmax(-1)
     loss = -(probs * logq.gather(1, top_ids)).sum(-1).mean()
     agree = (logits.argmax(-1) == top_ids[:, 0]).float().mean().item()
@@ -143,7 +155,9 @@ def train(args: argparse.Namespace) -> None:
     val, train_ex = examples[:n_val], examples[n_val:]
     val_batches = make_batches(val, args.batch, random.Random(0))
     tokens = sum(len(e["top_ids"]) for e in train_ex)
-    print(f"{len(train_ex)} training sequences ({tokens} predicted tokens), {len(val)} validation", flush=True)
+    print(
+        f"{len(train_ex)} training sequences ({tokens} predicted tokens), {len(val)} validation", flush=True
+    )
 
     model = build_draft(args.num_layers, args.intermediate)
     target = target_tensors()
@@ -186,27 +200,50 @@ def train(args: argparse.Namespace) -> None:
         opt.step()
         step += 1
         elapsed = elapsed_before + time.time() - started
-        row = {"step": step, "elapsed_s": round(elapsed, 1), "loss": round(loss.item(), 4),
-               "top1": round(agree, 4), "lr": opt.param_groups[0]["lr"]}
+        row = {
+            "step": step,
+            "elapsed_s": round(elapsed, 1),
+            "loss": round(loss.item(), 4),
+            "top1": round(agree, 4),
+            "lr": opt.param_groups[0]["lr"],
+        }
         if step % args.eval_every == 0 or step == args.steps:
             row["val_loss"], row["val_top1"] = evaluate(model, val_batches)
         curve.append(row)
         print(json.dumps(row), flush=True)
         if time.time() - last_ckpt > args.ckpt_every_s or step == args.steps:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"draft": draft_own_state(model), "opt": opt.state_dict(), "step": step,
-                        "curve": curve, "elapsed": elapsed}, ckpt)
+            torch.save(
+                {
+                    "draft": draft_own_state(model),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "curve": curve,
+                    "elapsed": elapsed,
+                },
+                ckpt,
+            )
             last_ckpt = time.time()
         if elapsed > args.time_limit_s:
             print(f"time limit reached at step {step}", flush=True)
             break
     summary = {
-        "init": args.init, "layers": args.layers, "num_layers": args.num_layers,
-        "intermediate": args.intermediate, "steps": step, "batch": args.batch, "lr": args.lr,
-        "train_sequences": len(train_ex), "train_predicted_tokens": tokens, "val_sequences": len(val),
-        "train_seconds": round(elapsed_before + time.time() - started, 1), "threads": args.threads,
-        "final_val_loss": curve[-1].get("val_loss"), "final_val_top1": curve[-1].get("val_top1"),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "curve": curve,
+        "init": args.init,
+        "layers": args.layers,
+        "num_layers": args.num_layers,
+        "intermediate": args.intermediate,
+        "steps": step,
+        "batch": args.batch,
+        "lr": args.lr,
+        "train_sequences": len(train_ex),
+        "train_predicted_tokens": tokens,
+        "val_sequences": len(val),
+        "train_seconds": round(elapsed_before + time.time() - started, 1),
+        "threads": args.threads,
+        "final_val_loss": curve[-1].get("val_loss"),
+        "final_val_top1": curve[-1].get("val_top1"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "curve": curve,
     }
     Path(args.curve).parent.mkdir(parents=True, exist_ok=True)
     Path(args.curve).write_text(json.dumps(summary, indent=1) + "\n")

@@ -132,12 +132,15 @@ def materialize_draft(target_source: Path, draft_file: Path, cache_dir: Path) ->
     written once under `cache_dir` in a folder named by the hash of both files; returns its path."""
     target_source, draft_file = Path(target_source), Path(draft_file)
     meta = read_draft_metadata(draft_file)
-    target_hash = _sha256(target_source) if target_source.is_file() else _sha256(target_source / "config.json")
+    target_hash = (
+        _sha256(target_source) if target_source.is_file() else _sha256(target_source / "config.json")
+    )
     trained_for = meta.get("target_sha256")
     if trained_for and target_source.is_file() and trained_for != target_hash:
         raise ValueError(
             f"{draft_file.name} was trained for a target with sha256 {trained_for[:12]}, but "
-            f"{target_source} has {target_hash[:12]}: use the draft's own target ({meta.get('target_package')})"
+            f"{target_source} has {target_hash[:12]}: serve it with its own target "
+            f"({meta.get('target_package')})"
         )
     key = hashlib.sha256(f"{_sha256(draft_file)}:{target_hash}".encode()).hexdigest()[:16]
     folder = Path(cache_dir) / f"{draft_file.stem}-{key}"
