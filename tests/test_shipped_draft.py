@@ -95,14 +95,14 @@ def test_materialized_folder_is_cached_and_resolves_from_shipped_name(folder: Pa
 def _target_runs(llm: LLM) -> list[tuple[list[int], list[int]]]:
     """(chat-templated prompt ids, the target's greedy continuation) for one chat and one code prompt."""
     held = heldout_prompts()
-    out = []
-    for prompt in (held["chat"][0], held["code"][0]):
-        ids = llm.tokenizer.encode(
-            llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]), add_special_tokens=False
+    prompts = [
+        llm.tokenizer.encode(
+            llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False
         )
-        res = llm.generate([ids], SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True))
-        out.append((ids, res[0].outputs[0].token_ids))
-    return out
+        for p in (held["chat"][0], held["code"][0])
+    ]
+    res = llm.generate(prompts, SamplingParams(max_tokens=STEPS, temperature=0.0, ignore_eos=True))
+    return [(ids, r.outputs[0].token_ids) for ids, r in zip(prompts, res, strict=True)]
 
 
 def _agreement(draft: LLM, runs: list[tuple[list[int], list[int]]]) -> float:

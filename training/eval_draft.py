@@ -118,6 +118,66 @@ def load_draft(draft_file: Path | None) -> torch.nn.Module:
     return LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
 
 
+def decode_ms_per_token(path: str | None, prompt: list[int], tokens: int = 64) -> float:
+    """Batch-1 decode time per token of a model served by fuserve's engine (CPU): (time for 1 + n
+    tokens - time for 1) / n, best of three, so prefill and start-up are left out."""
+    from fuserve import LLM, SamplingParams
+    from fuserve.configs import config_from_dict
+
+    llm = LLM(config_from_dict({"model": {"path": path}} if path else {}))
+    timings = {}
+    for n in (1, 1 + tokens):
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+            best = min(best, time.perf_counter() - t0)
+        timings[n] = best
+    return 1e3 * (timings[1 + tokens] - timings[1]) / tokens
+
+
+def reduced_head_folder(folder: Path, rows: int, dest: Path) -> Path:
+    """A copy of the draft folder whose vocabulary (embedding and tied head) is cut to `rows` rows:
+    for timing what a reduced-vocabulary head would cost (the tokens themselves do not matter)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        if f.name not in ("model.safetensors", "config.json"):
+            (dest / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = rows
+    (dest / "config.json").write_text(json.dumps(config))
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+    tensors[EMBED_NAME] = tensors[EMBED_NAME][:rows].contiguous()
+    save_file(tensors, str(dest / "model.safetensors"))
+    return dest
+
+
+def speed_estimate(draft_folder: Path, prompt: list[int], mean_len: dict[str, dict[str, float]]) -> dict:
+    """Batch-1 cost of a draft token relative to a target step (c), and the speedup that gives at each
+    k if verifying k + 1 tokens costs one target step: (1 + accepted) / (1 + k c). An estimate for
+    choosing the draft; the engine's benchmark measures the real thing. Also timed: the same draft
+    with an 8192-row head (its acceptance is `reduced_vocab_head.top8192`)."""
+    target_ms = decode_ms_per_token(None, prompt)
+    out: dict = {"target_ms_per_token": round(target_ms, 2)}
+    small = reduced_head_folder(draft_folder, 8192, Path(tempfile.mkdtemp()) / "draft-head8192")
+    for name, folder, ids in (
+        ("full", draft_folder, prompt),
+        ("top8192", small, [t % 8192 for t in prompt]),
+    ):
+        ms = decode_ms_per_token(str(folder), ids)
+        c = ms / target_ms
+        out[name] = {
+            "draft_ms_per_token": round(ms, 2),
+            "draft_cost_ratio": round(c, 3),
+            "estimated_speedup": {k: round((1 + v) / (1 + int(k) * c), 3) for k, v in mean_len[name].items()},
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--draft", default="fuserve/speculative/drafts/smollm2-135m-instruct-draft.safetensors")
@@ -127,6 +187,7 @@ def main() -> None:
     ap.add_argument("--out", default="training/results/draft_acceptance.json")
     ap.add_argument("--data", default="training/data/draft_data.pt", help="for the reduced-vocabulary rows")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--speed", action="store_true", help="also time target and draft decode (batch 1)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -149,6 +210,14 @@ def main() -> None:
     # The same draft with its greedy token chosen only among the N most frequent training tokens: what a
     # reduced-vocabulary head (N rows instead of 49152) would keep of the acceptance.
     report["reduced_vocab_head"] = {name: acceptance(r) for name, r in all_runs.items()}
+    if not args.untrained and args.speed:
+        folder = materialize_draft(
+            target_gguf(), Path(args.draft), Path(tempfile.gettempdir()) / "fuserve-draft-eval"
+        )
+        mean_len = {"full": report["all"]["mean_accepted_length"]}
+        if "top8192" in report["reduced_vocab_head"]:
+            mean_len["top8192"] = report["reduced_vocab_head"]["top8192"]["mean_accepted_length"]
+        report["cpu_speed"] = speed_estimate(folder, list(rows[0]["prompt_ids"]), mean_len)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
