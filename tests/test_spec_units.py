@@ -162,3 +162,20 @@ def test_metrics_show_speculation_per_replica() -> None:
     assert 'fuserve_spec_position_accepted_total{position="2",replica="r1"} 0.0' in text
     assert 'fuserve_spec_k_chosen_total{k="2",replica="r1"} 1.0' in text
     assert 'replica="r2"' in text and 'fuserve_spec_rounds_total{replica="r2"}' not in text
+
+
+def test_adaptive_k_prices_a_draft_from_verify_steps_against_plain_ones() -> None:
+    """Nearly every step drafts (one plain step in 16): a verify step 40 ms over the plain 100 ms is
+    40 ms per draft, whatever the fit's prior says, so at acceptance ~0.2 drafting stops; at 10 ms per
+    draft and the same acceptance it goes on."""
+    for verify_extra_s, want_k in ((0.040, 0), (0.010, 1)):
+        ak = AdaptiveK(max_k=1)
+        for step in range(64):
+            if step % 16 == 0:
+                ak.observe_decode_step(1, 0, 0.100)
+            else:
+                ak.observe_decode_step(1, 1, 0.100 + verify_extra_s)
+                ak.observe_verify("s", 1, 1 if step % 5 == 0 else 0)
+        assert ak.acceptance("s") < 0.35
+        assert ak.verify_s == pytest.approx(verify_extra_s, rel=0.25)
+        assert ak.choose("s", ak.step_costs(1), limit=8) == want_k

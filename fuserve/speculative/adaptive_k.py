@@ -13,8 +13,10 @@ Everything is measured, never configured:
   acceptance  per sequence, kept / checked with decaying counts (the last ~10 verifies), pulled toward a
               prior by a weak pseudo-count; while a sequence does not draft its counts keep decaying, so
               it is tried again after a while (text changes character: a code block starts).
-  step costs  decode-only steps fitted as seconds = base + per_seq * B + per_draft * D
-              (StepCostMeter's ridge fit with forgetting, D in place of prefill tokens).
+  step costs  plain decode steps fitted as seconds = base + per_seq * B (StepCostMeter's ridge fit
+              with forgetting); a draft's verify cost is the running mean, per draft, of what verify
+              steps take beyond that fit. Speculation runs a plain step every EXPLORE_EVERY steps so
+              that the fit stays fed while every sequence drafts.
   proposer    seconds per draft made, and the round trip the proposer reports, as running averages.
 """
 
@@ -29,6 +31,7 @@ PRIOR_WEIGHT = 2.0  # pseudo-verifies at the prior
 DECAY = 0.9  # per verify: the last ~10 count
 IDLE_DECAY = 0.98  # per step without drafts: back to the prior's pull after ~100 steps
 COST_EWMA = 0.1
+MIN_PLAIN_STEPS = 4  # plain steps measured before a verify step's extra time is read against them
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ class AdaptiveK:
         self.adaptive = adaptive
         self._acc: dict[str, _Acceptance] = {}
         # StepCostMeter's features (prefill tokens, decodes) stand for (drafts, decodes) here
-        self.steps = StepCostMeter(prior=step_prior)
+        self.steps = StepCostMeter(prior=step_prior)  # plain decode steps only
+        self.verify_s = step_prior[2]  # seconds one more draft adds to a step's forward
         self.draft_s = draft_token_prior_s  # seconds per draft made by the proposer
         self.channel_s = 0.0  # seconds per proposer round trip
 
@@ -97,8 +101,17 @@ class AdaptiveK:
         self.channel_s += COST_EWMA * (channel_s - self.channel_s)
 
     def observe_decode_step(self, num_seqs: int, num_drafts: int, seconds: float) -> None:
-        """A step of decodes only (some speculating), its proposer round not counted."""
-        self.steps.observe(num_drafts, num_seqs, seconds)
+        """A step of decodes only (some speculating), its proposer round not counted. Plain steps fit
+        the step's base and per-sequence cost; a verify step's time beyond that fit, per draft, is a
+        draft's verify cost. (One fit over both priced a draft at its prior when nearly every step
+        drafted: it could not tell the drafts' cost from the base.)"""
+        if num_drafts == 0:
+            self.steps.observe(0, num_seqs, seconds)
+            return
+        fit = self.steps.estimate()
+        if fit.num_samples >= MIN_PLAIN_STEPS:
+            extra = (seconds - fit.base_s - fit.per_seq_s * num_seqs) / num_drafts
+            self.verify_s += COST_EWMA * (max(extra, 0.0) - self.verify_s)
 
     def forget(self, seq_id: str) -> None:
         self._acc.pop(seq_id, None)
@@ -110,7 +123,7 @@ class AdaptiveK:
         b = max(batch_size, 1)
         return StepCosts(
             share_s=(fit.base_s + fit.per_seq_s * b) / b,
-            per_draft_s=fit.per_token_s + self.draft_s,
+            per_draft_s=self.verify_s + self.draft_s,
             round_share_s=self.channel_s / b,
         )
 
