@@ -177,5 +177,5 @@ def test_adaptive_k_prices_a_draft_from_verify_steps_against_plain_ones() -> Non
                 ak.observe_decode_step(1, 1, 0.100 + verify_extra_s)
                 ak.observe_verify("s", 1, 1 if step % 5 == 0 else 0)
         assert ak.acceptance("s") < 0.35
-        assert ak.verify_s == pytest.approx(verify_extra_s, rel=0.5)  # the plain fit leans on its prior
+        assert 0.5 * verify_extra_s <= ak.verify_s <= 2 * verify_extra_s  # the plain fit leans on its prior
         assert ak.choose("s", ak.step_costs(1), limit=8) == want_k
