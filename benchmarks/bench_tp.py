@@ -83,7 +83,8 @@ def _collective_worker(
     dtype = torch.bfloat16 if cuda else torch.float32
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"collectives: {size} ranks forming the group", flush=True)
-    tp = init_tp_context(store, rank, size, device, dtype, 300.0, "auto")
+    # two_shot off: the rows named one-shot and fused run those kernels at any N (two-shot has its own)
+    tp = init_tp_context(store, rank, size, device, dtype, 300.0, "auto", two_shot=False)
     say(f"collectives: group formed, one-shot {'on' if tp.fast_all_reduce else 'off'}", flush=True)
     ops_per_step = 2 * cfg["num_hidden_layers"] + 1  # o_proj + down_proj per layer, + the embedding
     chain = min(ops_per_step, 64)  # all-reduces per timed call (one graph); per step scales it
@@ -211,22 +212,18 @@ def _symmetric_ops(tp: Any, max_numel: int, dtype: torch.dtype, device: torch.de
     process's one-rendezvous-per-group limit does not apply."""
     import torch.distributed._symmetric_memory as symm_mem
 
+    from fuserve.parallel.one_shot_all_reduce import one_shot_sum, two_shot_sum
+
     if tp.fast_all_reduce is None:
         return {}
     name = tp.fast_all_reduce.group_name
     buf = symm_mem.empty(max_numel, dtype=dtype, device=device)
     symm_mem.rendezvous(buf, name)
 
-    def one_shot_any(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.symm_mem.one_shot_all_reduce_copy(buf[: x.numel()].view(x.shape), x, "sum", name)
-
-    def two_shot(x: torch.Tensor) -> torch.Tensor:
-        b = buf[: x.numel()]
-        b.copy_(x.view(-1))
-        torch.ops.symm_mem.two_shot_all_reduce_(b, "sum", name)
-        return b.view(x.shape)
-
-    ops = {"one-shot-any": one_shot_any, "two-shot": two_shot}
+    ops = {
+        "one-shot-any": lambda x: one_shot_sum(x, buf, name),
+        "two-shot": lambda x: two_shot_sum(x, buf, name),
+    }
     probe = torch.ones(tp.size * 64, dtype=dtype, device=device)
     for key in list(ops):
         try:  # an op this torch or this machine lacks is left out, and says why

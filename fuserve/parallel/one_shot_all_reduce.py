@@ -205,12 +205,8 @@ class OneShotAllReduce:
         """Sum of x over ranks, as a new tensor (x is left as it was)."""
         if self._fits_two_shot(x):
             assert self.two_shot_buffer is not None
-            buf = self.two_shot_buffer[: x.numel()]
-            buf.copy_(x.view(-1))
-            torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", self.group_name)
-            return buf.view(x.shape).clone()  # the buffer is the next call's
-        buf = self.buffer[: x.numel()].view(x.shape)
-        return torch.ops.symm_mem.one_shot_all_reduce_copy(buf, x, "sum", self.group_name)
+            return two_shot_sum(x, self.two_shot_buffer, self.group_name)
+        return one_shot_sum(x, self.buffer, self.group_name)
 
     def fits_add_rmsnorm(self, x: torch.Tensor) -> bool:
         """Not where the two-shot kernel runs: it and a separate add + RMSNorm beat the fused kernel."""
@@ -239,6 +235,21 @@ class OneShotAllReduce:
         """`add_rmsnorm` for a partial that `gemv_push` made: the peers' parts are already on their way."""
         assert self.slots is not None
         return gemv_push.pushed_add_rmsnorm(partial, residual, weight, eps, self.slots)
+
+
+def one_shot_sum(x: torch.Tensor, buffer: torch.Tensor, group_name: str) -> torch.Tensor:
+    """torch's one-shot kernel through a symmetric `buffer` of at least x's size: a new tensor."""
+    buf = buffer[: x.numel()].view(x.shape)
+    return torch.ops.symm_mem.one_shot_all_reduce_copy(buf, x, "sum", group_name)
+
+
+def two_shot_sum(x: torch.Tensor, buffer: torch.Tensor, group_name: str) -> torch.Tensor:
+    """torch's two-shot kernel (in place in a symmetric `buffer`), copied out: the buffer is the next
+    call's."""
+    buf = buffer[: x.numel()]
+    buf.copy_(x.view(-1))
+    torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", group_name)
+    return buf.view(x.shape).clone()
 
 
 def _all_ranks(flag: bool, cpu_group: Any) -> bool:
