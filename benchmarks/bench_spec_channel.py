@@ -31,7 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_decode import commit, device_name  # noqa: E402
+from bench_decode import LLAMA3_8B, commit, device_name  # noqa: E402
+from bench_decode import TINY as DECODE_TINY  # noqa: E402
 
 from fuserve.configs import config_from_dict  # noqa: E402
 from fuserve.speculative.draft_client import DraftProposer  # noqa: E402
@@ -40,21 +41,16 @@ from fuserve.speculative.proposer import ProposeRequest  # noqa: E402
 
 K = 4
 BATCHES = (1, 8, 32, 64)
+# Llama-3.2-1B: Llama-3-8B's vocab, heads and RoPE at a quarter of the width and half the depth, tied
 LLAMA32_1B: dict[str, Any] = dict(
-    model_type="llama",
-    vocab_size=128256,
+    LLAMA3_8B,
     hidden_size=2048,
     intermediate_size=8192,
     num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
     max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
     tie_word_embeddings=True,
 )
-TINY = dict(LLAMA32_1B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+TINY = dict(DECODE_TINY, max_position_embeddings=4096, tie_word_embeddings=True)
 
 
 class EmptyDraft:
