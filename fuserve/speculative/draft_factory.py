@@ -29,15 +29,13 @@ def serve_locator(
 
     # The handle lives in an event loop of its own, on a thread of its own: the engine core inherits the
     # replica's RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0, under which a handle called outside a running
-    # loop refuses, and its router keeps calling back into the loop it was made in, so that loop stays.
+    # loop refuses, and its router keeps calling back into the loop of its first call, so that loop stays.
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, name="draft-locator", daemon=True).start()
-    handles: list[object] = []
+    handle = serve.get_deployment_handle(deployment, app_name=app_name)
 
     async def ask() -> object:
-        if not handles:
-            handles.append(serve.get_deployment_handle(deployment, app_name=app_name))
-        return await handles[0].address.remote()  # type: ignore[attr-defined]
+        return await handle.address.remote()
 
     def locate() -> DraftAddress:
         reply = asyncio.run_coroutine_threadsafe(ask(), loop).result(timeout_s)
