@@ -56,16 +56,29 @@ NESTED = {
 }
 
 
-def synthetic_tokenizer(vocab_size: int, seed: int = 0) -> Any:
+def default_tokenizer() -> Any:
+    from fuserve.configs import FuserveConfig
+    from fuserve.workers.models.loader import load_tokenizer, resolve_source
+
+    return load_tokenizer(resolve_source(FuserveConfig().model))
+
+
+def save_tokenizer_dir(tokenizer: Any, folder: Path) -> None:
+    """The GPU machine takes at most 64 MiB a call and the default model's GGUF is 98 MB: its tokenizer
+    travels alone, as an HF tokenizer folder that `Tokenizer.from_hf_dir` reads back."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(tokenizer.backend.to_str())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": tokenizer.eos_token}))
+
+
+def synthetic_tokenizer(vocab_size: int, seed: int = 0, base_dir: str | None = None) -> Any:
     """SmolLM2's tokenizer grown (or cut) to `vocab_size` tokens: each new token merges two random
     existing ones, so it is a valid byte-level BPE whose new tokens are plausible subword strings."""
     import tokenizers
 
-    from fuserve.configs import FuserveConfig
-    from fuserve.workers.models.loader import load_tokenizer, resolve_source
     from fuserve.workers.tokenizer import Tokenizer
 
-    base = load_tokenizer(resolve_source(FuserveConfig().model))
+    base = Tokenizer.from_hf_dir(base_dir) if base_dir else default_tokenizer()
     doc = json.loads(base.backend.to_str())
     vocab: dict[str, int] = doc["model"]["vocab"]
     merges = doc["model"]["merges"]
@@ -184,7 +197,12 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--compile-reps", type=int, default=5)
+    ap.add_argument("--base-tokenizer", default=None, help="an HF tokenizer folder instead of the default model's")
+    ap.add_argument("--save-base-tokenizer", default=None, help="write the default model's tokenizer here, exit")
     args = ap.parse_args()
+    if args.save_base_tokenizer:
+        save_tokenizer_dir(default_tokenizer(), Path(args.save_base_tokenizer))
+        return
     cfg = dict(TINY, vocab_size=50000) if args.smoke else LLAMA3_8B
     batches = [1, 2] if args.smoke else [int(b) for b in args.batches.split(",")]
     prompt_len, output_len = (8, 6) if args.smoke else (args.prompt_len, args.output_len)
@@ -194,7 +212,7 @@ def main() -> None:
     from fuserve.workers.engine import LLMEngine
 
     vocab = cfg["vocab_size"]
-    tokenizer = synthetic_tokenizer(vocab)
+    tokenizer = synthetic_tokenizer(vocab, base_dir=args.base_tokenizer)
     assert tokenizer.vocab_size == vocab, (tokenizer.vocab_size, vocab)
     config = config_from_dict(dummy_engine_config(cfg, batches, prompt_len, output_len, args.smoke))
     engine = LLMEngine(config)

@@ -4,8 +4,10 @@
 #   device run: bash benchmarks/gpu_run.sh            (carry: [".whl"])
 set -uo pipefail
 export PYTHONUNBUFFERED=1 FUSERVE_COMMIT=${FUSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+# installed once per call: side_by_side_gpu_run.sh installs them before starting its jobs
+[ -n "${FUSERVE_SITE_READY:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD FUSERVE_SITE_READY=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,power.limit --format=csv | tee "$OUT/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
@@ -23,6 +25,17 @@ for b in ${BENCH:-kernels decode}; do
     tp) timeout ${TP_TIMEOUT:-450} python3 benchmarks/bench_tp.py ${TP_ARGS:-} --out "$OUT/tp.json" 2>&1 | tee "$OUT/tp.log" | tail -45 ;;
     sampler) timeout 200 python3 benchmarks/bench_sampler.py --out "$OUT/sampler.json" 2>&1 | tee "$OUT/sampler.log" | tail -10 ;;
     spec_channel) timeout 400 python3 benchmarks/bench_spec_channel.py --out "$OUT/spec_channel.json" 2>&1 | tee "$OUT/spec_channel.log" | tail -30 ;;
+    # issue 19: guided vs unconstrained decode; the tokenizer travels alone (save it with
+    # `python benchmarks/bench_guided.py --out - --save-base-tokenizer .carry/smollm2-tokenizer`, carry .carry)
+    guided) timeout 400 python3 benchmarks/bench_guided.py --base-tokenizer ${BASE_TOKENIZER:-.carry/smollm2-tokenizer} \
+      --out "$OUT/guided.json" 2>&1 | tee "$OUT/guided.log" | tail -12 ;;
+    # issue 17: verification's cost side at synthetic acceptance (random weights, free drafts)
+    spec) timeout 450 python3 benchmarks/bench_spec.py --model llama3-8b --proposer repeat \
+      --synthetic-acceptance 0.5,0.7,0.9 --batches 1,8,32,64 --ks 2,3,4 --max-tokens 128 --prompt-len 128 \
+      --out "$OUT/spec-gpu.json" 2>&1 | tee "$OUT/spec.log" | tail -45 ;;
+    # issue 18: each 8-bit scheme against bf16, kernel rows, the FP8 KV cache at a long context
+    quant) timeout ${QUANT_TIMEOUT:-540} python3 benchmarks/bench_quant.py ${QUANT_ARGS:-} --out "$OUT/quant.json" 2>&1 \
+      | tee "$OUT/quant.log" | tail -40 ;;
     decode) timeout 400 python3 benchmarks/bench_decode.py ${DECODE_ARGS:-} --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
   esac
 done
