@@ -197,8 +197,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--compile-reps", type=int, default=5)
-    ap.add_argument("--base-tokenizer", default=None, help="an HF tokenizer folder instead of the default model's")
-    ap.add_argument("--save-base-tokenizer", default=None, help="write the default model's tokenizer here, exit")
+    ap.add_argument("--base-tokenizer", default=None, help="HF tokenizer folder (default: the model's)")
+    ap.add_argument("--save-base-tokenizer", default=None, help="write the tokenizer there, exit")
     args = ap.parse_args()
     if args.save_base_tokenizer:
         save_tokenizer_dir(default_tokenizer(), Path(args.save_base_tokenizer))
