@@ -135,14 +135,14 @@ def time_steps(
 
 
 def mask_fill_ms(tokenizer: Any, vocab: int, grammar: str, batch: int, reps: int) -> float:
-    """The CPU bitmask fill for `batch` guided rows mid-document (llguidance's pool, as the engine)."""
+    """The CPU bitmask fill for `batch` guided rows mid-document, as the engine fills them."""
     from fuserve.sampling_params import SamplingParams
     from fuserve.workers.grammar_compiler import GrammarCompiler
     from fuserve.workers.guided_decoding import GuidedDecoding
     from fuserve.workers.sequence import Sequence
 
     compiler = GrammarCompiler(tokenizer, vocab, cache_size=4, num_threads=1)
-    guided = GuidedDecoding(compiler, mask_threads=4, pin_memory=torch.cuda.is_available())
+    guided = GuidedDecoding(compiler, pin_memory=torch.cuda.is_available())
     prefix = tokenizer.encode(
         '{"name": "Alice Smith", "age": 42, "tags": ["admin", "de', add_special_tokens=False
     )

@@ -253,9 +253,6 @@ class StructuredOutputConfig(_Strict):
         default=256, ge=0, description="Compiled grammars kept per engine, by grammar text (LRU); 0: none."
     )
     compile_threads: int = Field(default=1, ge=1, description="Threads compiling grammars off the step.")
-    mask_threads: int = Field(
-        default=4, ge=1, description="Threads filling one step's token bitmasks (guided rows in parallel)."
-    )
 
 
 class AutoscalingConfig(_Strict):

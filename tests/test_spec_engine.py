@@ -30,6 +30,7 @@ from fuserve.speculative.ngram import NgramProposer
 from fuserve.speculative.proposer import ProposeRequest, ProposerUnavailable
 from fuserve.speculative.speculation import Speculation
 from fuserve.workers.sampler import _filtered_probs
+from fuserve.workers.step_plan import StepPlan
 
 NGRAM = {"method": "ngram", "adaptive": False, "num_speculative_tokens": 4, "ngram_min": 1}
 
@@ -68,6 +69,66 @@ def test_greedy_ngram_equals_plain_with_preemption_chunking_and_prefix_hits(fold
     assert stats.num_preemptions > 0 and stats.prefix_hit_tokens > 0
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks, "rejected drafts' blocks were not given back"
+
+
+def test_a_verify_plan_as_decode_rows() -> None:
+    """One decode and one verify (2 drafts) sequence; a step with a prefill chunk has no decode view."""
+    plan = StepPlan(
+        input_ids=[5, 6, 7, 8],
+        positions=[9, 3, 4, 5],
+        slot_mapping=[9, 19, 20, 21],
+        query_start_loc=[0, 1, 4],
+        context_lens=[10, 6],
+        block_tables=[[0], [1]],
+        sample_rows=[0, 1],
+        num_drafts=[0, 2],
+        fill_positions=[1],
+        fill_rows=[0],
+    )
+    rows = plan.as_decode_rows()
+    assert rows is not None and rows.max_query_len == 1
+    assert rows.context_lens == [10, 4, 5, 6]
+    assert rows.block_tables == [[0], [1], [1], [1]]
+    assert (rows.input_ids, rows.slot_mapping, rows.fill_positions) == (
+        plan.input_ids,
+        plan.slot_mapping,
+        plan.fill_positions,
+    )
+    chunk = StepPlan(
+        input_ids=[1, 2, 3, 5, 6],
+        positions=[0, 1, 2, 4, 5],
+        slot_mapping=[0, 1, 2, 20, 21],
+        query_start_loc=[0, 3, 5],
+        context_lens=[3, 6],
+        block_tables=[[0], [1]],
+        sample_rows=[1],
+        num_drafts=[1],
+    )
+    assert chunk.as_decode_rows() is None
+
+
+def test_verify_steps_as_decode_rows_give_the_same_hidden_states(folder: Path) -> None:
+    """What the GPU's verify graphs run (a decode row per token, its own context length) against the
+    varlen prefill path, on every verify step of a speculating run."""
+    llm = make_llm(folder, NGRAM)
+    runner = llm.engine.executor.worker.runner
+    forward = runner.forward_plan
+    checked = []
+
+    def both(plan: StepPlan, prev: torch.Tensor | None = None) -> torch.Tensor | None:
+        hidden = forward(plan, prev)
+        rows = plan.as_decode_rows()
+        if rows is not None and hidden is not None:
+            again = forward(rows, prev)  # writes the same KV again: same slots, same values
+            assert again is not None
+            torch.testing.assert_close(again, hidden, rtol=1e-4, atol=1e-4)
+            checked.append(len(rows.context_lens))
+        return hidden
+
+    runner.forward_plan = both
+    prompts = [[7, 8, 9, 7, 8, 9, 7, 8], list(range(40, 60)) * 2]
+    llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    assert checked and max(checked) > 2, "no verify step with drafts ran"
 
 
 def test_adaptive_k_greedy_with_logprobs_equals_plain(folder: Path) -> None:

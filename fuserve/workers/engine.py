@@ -210,7 +210,7 @@ class LLMEngine:
             compiler = GrammarCompiler(
                 self.tokenizer, self.arch.vocab_size, cfg.grammar_cache_size, cfg.compile_threads
             )
-            self._guided = GuidedDecoding(compiler, cfg.mask_threads, pin_memory=self.device.type == "cuda")
+            self._guided = GuidedDecoding(compiler, pin_memory=self.device.type == "cuda")
         return self._guided
 
     def take_failures(self) -> list[tuple[str, str]]:

@@ -10,7 +10,10 @@ sequence is launched as its forward alone; while the device runs it, the engine 
 step's tokens, advances the matchers with them and fills the bitmask here, on the CPU; then the mask
 kernel and the sampler are queued behind the forward. With async scheduling the bitmask's CPU work
 therefore overlaps the forward instead of adding to the step; without it (CPU runs) it runs in line.
-Rows are filled in parallel by llguidance's own thread pool (it drops the GIL).
+Rows are filled one after another on the engine's thread. llguidance's own thread pool (LLExecutor) took
+4-8 ms a step at 16-64 rows on an H100 host and on the 2-core box, whatever its thread count, where the
+same matchers filled one by one took 0.1 ms (16 rows) and 0.4 ms (64) p50 (benchmarks/NOTES.md,
+"Guided decoding").
 """
 
 from __future__ import annotations
@@ -35,11 +38,10 @@ class _Guided:
 
 
 class GuidedDecoding:
-    def __init__(self, compiler: GrammarCompiler, mask_threads: int, pin_memory: bool) -> None:
+    def __init__(self, compiler: GrammarCompiler, pin_memory: bool) -> None:
         self.compiler = compiler
         self.num_words = (compiler.vocab_size + 31) // 32
         self.pin_memory = pin_memory
-        self._executor = llguidance.LLExecutor(num_threads=mask_threads)
         self._by_seq: dict[str, _Guided] = {}
         self._pending: list[_Guided] = []
         self._buffer = torch.empty(0, self.num_words, dtype=torch.int32)
@@ -111,13 +113,11 @@ class GuidedDecoding:
             self._buffer = torch.empty(size, self.num_words, dtype=torch.int32, pin_memory=self.pin_memory)
         out = self._buffer[:rows]
         out.fill_(-1)
-        jobs = []
+        row_bytes = self.num_words * 4
         for i, seq in enumerate(seqs):
             g = self._by_seq.get(seq.seq_id)
             if g is not None and g.matcher is not None and not seq.is_finished:
-                jobs.append((g.matcher, i))
-        if jobs:
-            self._executor.unsafe_compute_mask_ptr(jobs, out.data_ptr(), self.num_words * 4, rows)
+                g.matcher.unsafe_compute_mask_ptr(out.data_ptr() + i * row_bytes, row_bytes)
         return out
 
     def remove(self, seq: Sequence) -> None:

@@ -5,8 +5,8 @@ others `follow`. With async scheduling under tensor parallelism (`share_tokens`)
 step's tokens on the device, so it fills the next plan's placeholders itself and no rank waits on the
 host for them: for an argmax-only plan the ranks find them together (vocab_parallel_argmax.py) and all
 hold them; otherwise rank 0 samples from the gathered logits and broadcasts its draws. Decode steps (one
-new token per sequence) replay a CUDA graph captured for the batch-size bucket when graphs are on;
-everything else runs eagerly.
+new token per sequence) replay a CUDA graph captured for the batch-size bucket when graphs are on, and
+so do verify steps, as one decode row per token (StepPlan.as_decode_rows); everything else runs eagerly.
 """
 
 from __future__ import annotations
@@ -70,8 +70,11 @@ class ModelRunner:
         """Hidden states of the rows that sample: [S, hidden] (a speculating sequence has a row per draft
         too: [plan.num_logit_rows, hidden]), or None when none samples.
         prev: the previous step's sampled tokens on the device, for plans with placeholders."""
-        if plan.max_query_len == 1 and self.graphs is not None and self.graphs.fits(plan):
-            hidden = self.graphs.run(plan, lambda ids: self.fill_inputs(ids, plan, prev))
+        graphed = None
+        if self.graphs is not None:
+            graphed = plan if plan.max_query_len == 1 else plan.as_decode_rows()
+        if graphed is not None and self.graphs is not None and self.graphs.fits(graphed):
+            hidden = self.graphs.run(graphed, lambda ids: self.fill_inputs(ids, plan, prev))
         else:
             input_ids, positions, meta = self.prepare(plan)
             self.fill_inputs(input_ids, plan, prev)

@@ -67,6 +67,34 @@ class StepPlan:
         q = self.query_start_loc
         return max((q[i + 1] - q[i] for i in range(len(q) - 1)), default=0)
 
+    def as_decode_rows(self) -> StepPlan | None:
+        """A verify step as a decode step of one row per token, or None where some token gives no
+        logits (a prefill chunk shares the step). The step's KV is written for every token before
+        attention runs, so row j of a sequence with q new tokens and context C attends to C - q + 1 + j
+        tokens: causal among the drafts with nothing but per-row lengths. The decode CUDA graphs then
+        serve verification (the eager varlen path cost 14 ms a step at batch 1 on an H100, against
+        5.5 ms for a plain decode step)."""
+        if not self.num_drafts or self.num_logit_rows != self.num_tokens:
+            return None
+        q = self.query_start_loc
+        context_lens: list[int] = []
+        block_tables: list[list[int]] = []
+        for b, table in enumerate(self.block_tables):
+            n, end = q[b + 1] - q[b], self.context_lens[b]
+            context_lens.extend(range(end - n + 1, end + 1))
+            block_tables.extend([table] * n)
+        return StepPlan(
+            input_ids=self.input_ids,
+            positions=self.positions,
+            slot_mapping=self.slot_mapping,
+            query_start_loc=list(range(self.num_tokens + 1)),
+            context_lens=context_lens,
+            block_tables=block_tables,
+            sample_rows=list(range(self.num_tokens)),
+            fill_positions=self.fill_positions,
+            fill_rows=self.fill_rows,
+        )
+
 
 def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
     plan = StepPlan()

@@ -128,11 +128,13 @@ class Worker:
         )
         self.model.bind_kv_cache(self.kv_cache.k, self.kv_cache.v)
         if self.device.type == "cuda" and config.kernels.cuda_graphs:
+            spec = config.speculative
+            rows = 1 + (spec.num_speculative_tokens if spec.method != "none" else 0)  # verify: row per token
             graphs = DecodeGraphs(
                 self.model,
                 self.device,
                 max_blocks_per_seq=-(-self.max_model_len // bs),
-                max_batch=min(config.kernels.cuda_graph_max_batch, config.scheduler.max_num_seqs),
+                max_batch=min(config.kernels.cuda_graph_max_batch, config.scheduler.max_num_seqs * rows),
             )
             graphs.capture()
             runner.graphs = graphs
