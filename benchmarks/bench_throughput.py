@@ -10,8 +10,9 @@ the clock), then per shape:
   - the batch limit: as many sequences as the KV pool holds whole (input + output tokens each), at most
     --max-num-seqs. The scheduler gets it as max_num_seqs, so no sequence is ever preempted
     (TensorRT-LLM's default GUARANTEED_NO_EVICT admits the same way);
-  - requests: --num-requests, default 3x the batch limit (TensorRT-LLM runs e.g. 3,000 at 128/128);
-    more than finish in the budget keeps the engine saturated to the end;
+  - requests: --num-requests, default 3x the batch limit or more than could finish in the budget at
+    30,000 output tok/s (5,860 at 128/128; TensorRT-LLM ran e.g. 3,000 there), so the queue never
+    runs dry before the clock stops;
   - the clock runs from the first step; at --time-budget-s it stops counting, the rest are aborted,
     and the rates are what was actually generated over the elapsed time (no drain tail).
 Rows: output tok/s, total tok/s (input tokens of every request that got its first token + output
@@ -105,6 +106,13 @@ def batch_limit(num_blocks: int, block_size: int, input_len: int, output_len: in
     """Sequences the KV pool holds whole (prompt + every output token), at most max_num_seqs."""
     blocks_per_seq = -(-(input_len + output_len) // block_size)
     return max(1, min(max_num_seqs, num_blocks // blocks_per_seq))
+
+
+def default_num_requests(batch: int, output_len: int, time_budget_s: float, saturate_tok_s: float) -> int:
+    """3x the batch limit, and more where the engine could finish those within the budget at
+    `saturate_tok_s`: the queue must not run dry before the clock stops (a drain tail of part-full
+    batches would count against the engine)."""
+    return max(3 * batch, -(-int(saturate_tok_s * time_budget_s) // output_len))
 
 
 def warm_up(engine: Any, max_tokens: int) -> None:
@@ -229,9 +237,10 @@ def rows_for_scheme(args: argparse.Namespace, scheme: str, shapes: list[tuple[in
     rows = []
     for input_len, output_len in shapes:
         batch = batch_limit(worker.num_blocks, bs, input_len, output_len, args.max_num_seqs)
-        result = run_shape(
-            engine, input_len, output_len, batch, args.num_requests or 3 * batch, args.time_budget_s
+        num_requests = args.num_requests or default_num_requests(
+            batch, output_len, args.time_budget_s, args.saturate_tok_s
         )
+        result = run_shape(engine, input_len, output_len, batch, num_requests, args.time_budget_s)
         trt = TRTLLM_FP8_OUTPUT_TOK_S.get((input_len, output_len))
         row = dict(
             bench="throughput",
@@ -279,7 +288,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--shapes", default=SHAPES, help=f"INPUT/OUTPUT lengths, comma-separated ({SHAPES})")
     ap.add_argument("--schemes", default=SCHEMES, help="weight schemes (none = bf16), one engine each")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
-    ap.add_argument("--num-requests", type=int, default=0, help="per shape (default 3x its batch limit)")
+    ap.add_argument("--num-requests", type=int, default=0, help="per shape (default: see --saturate-tok-s)")
+    ap.add_argument(
+        "--saturate-tok-s",
+        type=float,
+        default=30000.0,
+        help="default request count: 3x the batch limit, or what this rate would finish in the budget",
+    )
     ap.add_argument("--time-budget-s", type=float, default=25.0, help="per shape: stop counting after this")
     ap.add_argument("--max-num-seqs", type=int, default=1024, help="largest batch (and CUDA graph)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget of one step")
@@ -293,6 +308,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.max_num_seqs, args.max_num_batched_tokens = 16, 256
         args.num_blocks = args.num_blocks or 24
         args.time_budget_s = min(args.time_budget_s, 20.0)
+        args.saturate_tok_s = 0.0  # 3x the batch limit: every request finishes
     if args.max_num_batched_tokens < args.max_num_seqs:
         raise SystemExit(
             "--max-num-batched-tokens must be at least --max-num-seqs, or a full batch of decodes "
