@@ -1,4 +1,4 @@
-"""`fuserve generate|serve|build|k8s|deploy|status|scale|bench serve`: the command line."""
+"""`fuserve generate|serve|build|k8s|deploy|status|scale|bench serve|bench throughput`: the command line."""
 
 from __future__ import annotations
 
@@ -72,13 +72,15 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_serve(args: argparse.Namespace) -> int:
-    """Runs benchmarks/bench_serve.py from the source checkout (benchmarks are not installed)."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_serve.py"
+def _bench_script(args: argparse.Namespace) -> int:
+    """Runs benchmarks/bench_NAME.py (`fuserve bench NAME`) from the source checkout (benchmarks are not
+    installed)."""
+    name = f"bench_{args.bench}"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     if not script.is_file():
         print(f"fuserve: {script} not found; `fuserve bench` runs from a source checkout", file=sys.stderr)
         return 2
-    spec = importlib.util.spec_from_file_location("bench_serve", script)
+    spec = importlib.util.spec_from_file_location(name, script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
@@ -136,9 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     bench_serve = bench_sub.add_parser(
         "serve", add_help=False, help="serving load generator and comparisons (see --help)"
     )
-    bench_serve.set_defaults(func=_bench_serve)
+    bench_serve.set_defaults(func=_bench_script)
+    bench_throughput = bench_sub.add_parser(
+        "throughput",
+        add_help=False,
+        help="offline throughput like trtllm-bench: fixed lengths, all requests at once (see --help)",
+    )
+    bench_throughput.set_defaults(func=_bench_script)
 
-    # `fuserve bench serve ...` hands every option after `serve` to the benchmark's own parser.
+    # `fuserve bench NAME ...` hands every option after NAME to the benchmark's own parser.
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -227,7 +227,12 @@ class KernelConfig(_Strict):
         default="auto", description="`auto`: Triton kernels on GPU, torch reference ops on CPU."
     )
     cuda_graphs: bool = Field(default=True, description="Capture decode steps in CUDA graphs (GPU only).")
-    cuda_graph_max_batch: int = Field(default=256, ge=1)
+    cuda_graph_max_batch: int = Field(
+        default=256,
+        ge=1,
+        description="Largest decode batch replayed from a CUDA graph (capped by scheduler.max_num_seqs; "
+        "buckets: powers of two to 256, then every 64, then this size); larger steps run eagerly.",
+    )
     pdl: bool = Field(
         default=True,
         description="Launch the Triton decode kernels with programmatic dependent launch: each starts "
