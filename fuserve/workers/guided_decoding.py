@@ -10,10 +10,8 @@ sequence is launched as its forward alone; while the device runs it, the engine 
 step's tokens, advances the matchers with them and fills the bitmask here, on the CPU; then the mask
 kernel and the sampler are queued behind the forward. With async scheduling the bitmask's CPU work
 therefore overlaps the forward instead of adding to the step; without it (CPU runs) it runs in line.
-Rows are filled one after another on the engine's thread. llguidance's own thread pool (LLExecutor) took
-4-8 ms a step at 16-64 rows on an H100 host and on the 2-core box, whatever its thread count, where the
-same matchers filled one by one took 0.1 ms (16 rows) and 0.4 ms (64) p50 (benchmarks/NOTES.md,
-"Guided decoding").
+Rows are filled one after another on the engine's thread (llguidance's matchers drop the GIL): 0.1 ms
+at 16 rows and 0.3 ms at 64 on the dev box (benchmarks/NOTES.md, "Guided decoding").
 """
 
 from __future__ import annotations
@@ -112,7 +110,10 @@ class GuidedDecoding:
             size = max(rows, 2 * self._buffer.shape[0])
             self._buffer = torch.empty(size, self.num_words, dtype=torch.int32, pin_memory=self.pin_memory)
         out = self._buffer[:rows]
-        out.fill_(-1)
+        # numpy's fill runs on this thread; torch's fill_ of >= 32k words wakes its intra-op pool, whose
+        # threads spin after the fill and took the CPU from the rows' fill below: 4-16 ms a step in
+        # scheduler ticks (4 ms) at 16-64 rows, against 0.1-0.3 ms with one thread
+        out.numpy().fill(-1)
         row_bytes = self.num_words * 4
         for i, seq in enumerate(seqs):
             g = self._by_seq.get(seq.seq_id)
