@@ -57,7 +57,9 @@ def main() -> int:
         paged_prefill_attention,
         quant_gemm,
         quant_gemv,
+        rmsnorm,
         rotary,
+        silu_mul,
     )
 
     pdl = {"USE_PDL": True}
@@ -139,6 +141,19 @@ def main() -> int:
             "cos_ptr": "*fp32",
             "sin_ptr": "*fp32",
         },
+    )
+    # the FP8 W8A8 producers: normed / silu*up written as e4m3 with one fp32 scale per token
+    fp8_out = {"scale_ptr": "*fp32", "eps": "fp32"}
+    for residual in (False, True):
+        kernels[f"rmsnorm, fp8 out{', residual' if residual else ''}"] = (
+            rmsnorm._rmsnorm_kernel,
+            {"HAS_RESIDUAL": residual, "FP8_OUT": True, "BLOCK_H": 4096, **pdl},
+            {**fp8_out, "out_ptr": "*fp8e4nv"},
+        )
+    kernels["silu_mul, fp8 out"] = (
+        silu_mul._silu_mul_fp8_kernel,
+        {"BLOCK": 2048, **pdl},
+        {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
     )
     failed = 0
     for name, (kernel, constexprs, types) in kernels.items():

@@ -96,8 +96,9 @@ def store_rmsnorm_row_fp8(x, weight_ptr, q_row_ptr, scale_row_ptr, cols, mask, h
     h = h.to(x.dtype).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = (weight * h).to(x.dtype).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / _E4M3_MAX
-    q = tl.clamp(y / scale, -_E4M3_MAX, _E4M3_MAX)
+    # IEEE divisions (Triton's `/` is approximate), so the bytes are those of quantize_per_token_fp8
+    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12), _E4M3_MAX)
+    q = tl.clamp(tl.div_rn(y, tl.broadcast_to(scale, y.shape)), -_E4M3_MAX, _E4M3_MAX)
     tl.store(q_row_ptr + cols, q.to(q_row_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_row_ptr, scale)
 

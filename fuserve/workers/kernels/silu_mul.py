@@ -80,11 +80,12 @@ def _silu_mul_fp8_kernel(
         amax = tl.maximum(
             amax, tl.abs(_silu_mul_tile(x_ptr, row * stride_x, start + offs, intermediate_size))
         )
-    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / _E4M3_MAX
+    # IEEE divisions (Triton's `/` is approximate), so the bytes are those of quantize_per_token_fp8
+    scale = tl.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), _E4M3_MAX)
     for start in range(0, intermediate_size, BLOCK):
         cols = start + offs
         out = _silu_mul_tile(x_ptr, row * stride_x, cols, intermediate_size)
-        q = tl.clamp(out / scale, -_E4M3_MAX, _E4M3_MAX)
+        q = tl.clamp(tl.div_rn(out, tl.broadcast_to(scale, out.shape)), -_E4M3_MAX, _E4M3_MAX)
         tl.store(
             q_ptr + row * intermediate_size + cols,
             q.to(q_ptr.dtype.element_ty),
