@@ -8,10 +8,15 @@ hold) and sets scale = HEADROOM x amax / 448: values up to HEADROOM times the ca
 kept, beyond that they saturate.
 
 Two places run it:
-  `fuserve build --kv-cache fp8`  once, on text shipped with fuserve (kv_calibration.txt: prose,
-                                  dialogue, code, numbers, three scripts) through the model's own
-                                  tokenizer, on the whole model (TP 1); each rank file then holds its
-                                  heads' scales as `model.layers.<i>.self_attn.{k,v}_scale`
+  `fuserve build --kv-cache fp8`  once, on the whole model (TP 1): on text shipped with fuserve
+                                  (kv_calibration.txt: prose, dialogue, code, numbers, three scripts)
+                                  through the model's own tokenizer, and on the start-up's random
+                                  tokens, taking the larger amax of the two per head (the union
+                                  saturates nowhere either would); SmolLM2-135M on 1,024 tokens of
+                                  CPython's sources, perplexity vs fp32 KV: random +0.6 %, text
+                                  +0.6 %, both +0.9 % (top-1 agreement 0.941 / 0.933 / 0.943); each
+                                  rank file then holds its heads' scales as
+                                  `model.layers.<i>.self_attn.{k,v}_scale`
   start-up, without built scales  on every rank, on fixed pseudo-random tokens (every rank runs the
                                   same forward, so its collectives pair up, and calibrates its heads)
 """
@@ -52,18 +57,30 @@ def text_calibration_ids(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def calibrate_kv_scales(
-    model: LlamaForCausalLM, block_size: int, seed: int = 0, ids: torch.Tensor | None = None
+    model: LlamaForCausalLM, block_size: int, seed: int = 0, sequences: list[torch.Tensor] | None = None
 ) -> None:
-    """Set every attention layer's k_scale and v_scale from one prefill of `ids` (default: the
-    start-up's pseudo-random tokens), cut to the model's positions."""
+    """Set every attention layer's k_scale and v_scale from one prefill per token sequence (default:
+    the start-up's pseudo-random tokens), each cut to the model's positions: the largest |K| and |V|
+    any of them wrote, per head."""
+    layers = model.model.layers
+    positions = model.rope_cos.shape[0]
+    if sequences is None:
+        sequences = [random_calibration_ids(model.arch.vocab_size, seed, min(CALIBRATION_TOKENS, positions))]
+    amax = torch.zeros(2, len(layers), layers[0].self_attn.num_kv_heads)  # K, V
+    for ids in sequences:
+        amax = torch.maximum(amax, _prefill_amax(model, block_size, ids[:positions]))
+    for i, layer in enumerate(layers):
+        for j, scale in enumerate((layer.self_attn.k_scale, layer.self_attn.v_scale)):
+            scale.copy_(amax[j, i].clamp_min(1e-4) * HEADROOM / FP8_MAX)
+
+
+def _prefill_amax(model: LlamaForCausalLM, block_size: int, ids: torch.Tensor) -> torch.Tensor:
+    """[2, layers, KV heads]: the largest |K| and |V| one prefill of `ids` writes to each head, through
+    a full-precision scratch cache (post-RoPE: what the cache will hold)."""
     layers = model.model.layers
     device = model.rope_cos.device
     dtype = model.model.embed_tokens.weight.dtype
-    if ids is None:
-        ids = random_calibration_ids(
-            model.arch.vocab_size, seed, min(CALIBRATION_TOKENS, model.rope_cos.shape[0])
-        )
-    ids = ids[: model.rope_cos.shape[0]].to(device)
+    ids = ids.to(device)
     n = ids.shape[0]
     blocks = -(-n // block_size)
     kv = allocate_kv_cache(model.arch, layers[0].self_attn.num_kv_heads, blocks, block_size, dtype, device)
@@ -77,14 +94,15 @@ def calibrate_kv_scales(
         max_context_len=n,
     )
     model(ids, torch.arange(n, device=device), meta)
-    for layer, k, v in zip(layers, kv.k, kv.v, strict=True):
-        attn = layer.self_attn
-        for cache, scale in ((k, attn.k_scale), (v, attn.v_scale)):
-            written = cache.flatten(0, 1)[:n].float()  # [n, Hkv, D]
-            amax = written.abs().amax(dim=(0, 2)).clamp_min(1e-4)
-            scale.copy_(amax * HEADROOM / FP8_MAX)
+    amax = torch.stack(
+        [
+            torch.stack([c.flatten(0, 1)[:n].float().abs().amax(dim=(0, 2)).cpu() for c in cache])
+            for cache in (kv.k, kv.v)
+        ]
+    )
     empty = [torch.empty(0)] * len(layers)
     model.bind_kv_cache(empty, empty)
+    return amax
 
 
 def kv_scale_state(calibrated: LlamaForCausalLM, rank_model: LlamaForCausalLM) -> dict[str, torch.Tensor]:

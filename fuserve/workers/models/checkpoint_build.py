@@ -10,9 +10,10 @@ start-up a rank then copies its file straight onto its device: no fusing, slicin
   plus the tokenizer and generation_config files of an HF folder, so the folder serves on its own.
 
 With `--kv-cache fp8` the build also calibrates the FP8 KV cache's per-head scales (workers/kv_scales.py)
-once, on the whole model (TP 1, the scheme's weights) reading text shipped with fuserve through the
-model's own tokenizer, and writes each rank's heads' scales into its file: serving then skips the
-start-up calibration on random tokens. The calibration holds the whole model in CPU memory once.
+once, on the whole model (TP 1, the scheme's weights), reading text shipped with fuserve through the
+model's own tokenizer and the start-up's random tokens, and writes each rank's heads' scales into its
+file: serving then skips the start-up calibration. The calibration holds the whole model in CPU
+memory once.
 
 Deterministic: the tensors, their order, the metadata and the manifest depend only on the inputs, so
 building twice writes the same bytes.
@@ -68,18 +69,19 @@ def _calibrated_model(
     source: ModelSource, scheme: QuantScheme | None, dtype: torch.dtype
 ) -> tuple[LlamaForCausalLM, str]:
     """The whole model (TP 1) with its FP8 KV scales calibrated, and what it was calibrated on: the
-    shipped text through the model's tokenizer, or, for a checkpoint without one, seeded random ids."""
-    model = build_model(
-        source, TPContext(), KernelOps.reference(), dtype, torch.device("cpu"), 1, quant=scheme
-    )
+    shipped text through the model's tokenizer and the start-up's seeded random ids."""
+    positions = min(CALIBRATION_TOKENS, LlamaArch.from_hf(source.hf_config).max_position_embeddings)
+    cpu = torch.device("cpu")
+    model = build_model(source, TPContext(), KernelOps.reference(), dtype, cpu, positions, quant=scheme)
     vocab = model.arch.vocab_size
+    sequences, what = [random_calibration_ids(vocab)], f"{CALIBRATION_TOKENS} random tokens (seed 0)"
     try:
-        ids = text_calibration_ids(load_tokenizer(source), vocab)
-        what = f"the first {len(ids)} tokens of {CALIBRATION_TEXT.name}"
+        text = text_calibration_ids(load_tokenizer(source), vocab)
+        sequences.insert(0, text)
+        what = f"the first {len(text)} tokens of {CALIBRATION_TEXT.name} and {what}, the larger amax per head"
     except FileNotFoundError:  # an HF folder without tokenizer.json
-        ids = random_calibration_ids(vocab)
-        what = f"{CALIBRATION_TOKENS} random tokens (seed 0; the checkpoint has no tokenizer)"
-    calibrate_kv_scales(model, block_size=16, ids=ids)
+        what += " only (the checkpoint has no tokenizer)"
+    calibrate_kv_scales(model, block_size=16, sequences=sequences)
     return model, what
 
 
