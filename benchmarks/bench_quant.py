@@ -16,7 +16,7 @@ down) at M = 1, 4, 8 and 64 (--kernel-batches), over a rotating set of weights l
 scheme: which kernel gives the end-to-end figure (M = 4 and 8: the tiled GEMM that takes 2-15 rows,
 against the GEMV's M = 1). At M >= 16 the fp8 scheme runs twice: `activations: fused` hands QKV,
 gate/up and down their input already quantized (as the fused RMSNorm and SiLU·up kernels do; o_proj
-quantizes its own), `unfused` has every layer quantize x itself (three torch ops each). Rows go to
+quantizes its own), `unfused` has every layer quantize x itself (one kernel each, fp8_rows.py). Rows go to
 --out (default $OUT/quant-DATE.json) in DESIGN.md's flat schema.
 
     python benchmarks/bench_quant.py                    # on the GPU machine, ~8 min on an H100

@@ -5,7 +5,7 @@
   FP8 W8A8, >= FP8_ACT_MIN_ROWS    x quantized per token to e4m3, torch._scaled_mm with row-wise scales
   rows, sm_89+                     on the fp8 tensor cores; x comes already quantized (`Fp8Activations`)
                                    from the RMSNorm or SiLU·up kernel before QKV, gate/up and down, and
-                                   is quantized here (three torch ops) only before o_proj
+                                   is quantized here (one kernel, fp8_rows.py) only before o_proj
   other rows, CUDA                 quant_gemm: the tiled GEMM dequantizing weight tiles in registers
   CPU                              the torch reference, which follows the same W8A8 rule
 
@@ -19,6 +19,7 @@ import functools
 
 import torch
 
+from fuserve.workers.kernels.fp8_rows import quantize_rows_fp8
 from fuserve.workers.kernels.quant_gemm import quant_gemm
 from fuserve.workers.kernels.quant_gemv import quant_gemv, quant_gemv_ref
 from fuserve.workers.models.quant_scheme import Fp8Activations, quantize_per_token_fp8
@@ -68,8 +69,8 @@ def fp8_scaled_mm(
     per weight row."""
     if isinstance(x, Fp8Activations):
         xq, x_scale, dtype = x.q, x.scale, x.dtype
-    else:
-        (xq, x_scale), dtype = quantize_per_token_fp8(x), x.dtype
+    else:  # one Triton kernel (fp8_rows.py), not quantize_per_token_fp8's eight torch ops
+        (xq, x_scale), dtype = quantize_rows_fp8(x), x.dtype
     y = torch._scaled_mm(xq, qweight.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=dtype)
     return y + bias if bias is not None else y
 
