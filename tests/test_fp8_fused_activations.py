@@ -23,11 +23,11 @@ PROMPTS = [list(range(10 + i, 15 + i + (i * 7) % 21)) for i in range(18)]
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
 
-def _generate(path: Path) -> list[list[int]]:
+def _generate(path: Path, **model: object) -> list[list[int]]:
     config = config_from_dict(
         {
-            "model": {"path": str(path), "max_model_len": 128, "quantization": "fp8"},
-            "cache": {"block_size": 4, "num_blocks": 256},
+            "model": {"path": str(path), "max_model_len": 128, "quantization": "fp8", **model},
+            "cache": {"block_size": 4 if not torch.cuda.is_available() else 16, "num_blocks": 256},
         }
     )
     return [r.outputs[0].token_ids for r in LLM(config).generate(PROMPTS, GREEDY)]
@@ -76,3 +76,29 @@ def test_quantized_input_is_multiplied_as_it_is(bias: bool) -> None:
     assert not quant_linear.takes_fp8_input(15, torch.float32, x.device, qweight, True)  # weight-only rows
     assert quant_linear.takes_fp8_input(16, torch.float32, x.device, qweight, True)
     assert not quant_linear.takes_fp8_input(64, torch.float32, x.device, qweight, False)  # fp8-wo
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs fp8 tensor cores",
+)
+def test_fused_activation_quantization_on_gpu_keeps_the_greedy_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hopper, bf16, Triton kernels and CUDA graphs, shapes the fp8 GEMM takes (multiples of 16): the
+    fused producers hand `_scaled_mm` the bytes the layer's own quantization kernel would, so the
+    greedy tokens are identical."""
+    checkpoint = make_checkpoint(
+        tmp_path / "llama3",
+        "llama3",
+        seed=3,
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+    )
+    fused = _generate(checkpoint, dtype="bfloat16")
+    with monkeypatch.context() as unfused:
+        unfused.setattr(layers._Linear, "takes_fp8_input", lambda self, rows, dtype, device: False)
+        assert _generate(checkpoint, dtype="bfloat16") == fused
