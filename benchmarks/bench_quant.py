@@ -12,9 +12,12 @@ The FP8 KV cache runs twice more: bf16 weights + FP8 KV, and the full FP8 deploy
 FP8 KV); every engine row records its KV capacity in tokens (same memory budget: FP8 KV ~2x). Then
 decode at a long context (--long-context, 32k) at batch 1 with the bf16 cache and the FP8 one, where
 reading the KV starts to matter. Last, the decoder layer's four linear layers alone (QKV, o, gate/up,
-down) at M = 1 and M = 64, over a rotating set of weights larger than L2, per scheme: which kernel
-gives the end-to-end figure. Rows go to --out (default $OUT/quant-DATE.json) in DESIGN.md's flat
-schema.
+down) at M = 1, 4, 8 and 64 (--kernel-batches), over a rotating set of weights larger than L2, per
+scheme: which kernel gives the end-to-end figure (M = 4 and 8: the tiled GEMM that takes 2-15 rows,
+against the GEMV's M = 1). At M >= 16 the fp8 scheme runs twice: `activations: fused` hands QKV,
+gate/up and down their input already quantized (as the fused RMSNorm and SiLU·up kernels do; o_proj
+quantizes its own), `unfused` has every layer quantize x itself (one kernel each, fp8_rows.py). Rows go to
+--out (default $OUT/quant-DATE.json) in DESIGN.md's flat schema.
 
     python benchmarks/bench_quant.py                    # on the GPU machine, ~8 min on an H100
     python benchmarks/bench_quant.py --smoke --out x    # tiny shapes on CPU: the script still runs
@@ -122,11 +125,19 @@ def layer_shapes(cfg: dict[str, Any]) -> list[tuple[str, int, int]]:
     return [("qkv", h + 2 * kv, h), ("o", h, h), ("gate_up", 2 * i, h), ("down", h, i)]
 
 
-def run_kernels(scheme: str, cfg: dict[str, Any], m: int, copies: int, reps: int) -> dict[str, Any]:
-    """One decoder layer's linear layers at M rows, cycling through `copies` weight sets (past L2)."""
+def run_kernels(
+    scheme: str, cfg: dict[str, Any], m: int, copies: int, reps: int, fused: bool = True
+) -> dict[str, Any]:
+    """One decoder layer's linear layers at M rows, cycling through `copies` weight sets (past L2).
+    `fused` (fp8 W8A8 at >= FP8_ACT_MIN_ROWS rows): QKV, gate/up and down get x quantized beforehand."""
     from fuserve.workers.kernels import gemv
-    from fuserve.workers.kernels.quant_linear import quant_linear, quant_linear_ref
-    from fuserve.workers.models.quant_scheme import quantize_rows, scheme_for
+    from fuserve.workers.kernels.quant_linear import FP8_ACT_MIN_ROWS, quant_linear, quant_linear_ref
+    from fuserve.workers.models.quant_scheme import (
+        Fp8Activations,
+        quantize_per_token_fp8,
+        quantize_rows,
+        scheme_for,
+    )
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -140,24 +151,37 @@ def run_kernels(scheme: str, cfg: dict[str, Any], m: int, copies: int, reps: int
             layer.append((w,) if s is None else quantize_rows(w, s))
         sets.append(layer)
     xs = {k: torch.randn(m, k, device=device, dtype=dtype) for _, _, k in layer_shapes(cfg)}
+    w8a8 = s is not None and s.quantize_activations and m >= FP8_ACT_MIN_ROWS
+    inputs: list[torch.Tensor | Fp8Activations] = []
+    for name, _, k in layer_shapes(cfg):
+        x = xs[k]
+        inputs.append(
+            Fp8Activations(*quantize_per_token_fp8(x), dtype) if w8a8 and fused and name != "o" else x
+        )
     qlin = quant_linear if cuda else quant_linear_ref
     state = {"i": 0}
 
     def call() -> None:
         layer = sets[state["i"] % copies]
         state["i"] += 1
-        for (_, _, k), w in zip(layer_shapes(cfg), layer, strict=True):
+        for x, w in zip(inputs, layer, strict=True):
             if s is None:
-                gemv.linear(xs[k], w[0], None)
+                gemv.linear(x, w[0], None)
             else:
-                qlin(xs[k], w[0], w[1], None, s.quantize_activations)
+                qlin(x, w[0], w[1], None, s.quantize_activations)
 
     for _ in range(3):
         call()  # compile and autotune
     ms = median_ms(call, reps, torch.cuda.is_available())
     nbytes = sum(t.numel() * t.element_size() for ts in sets[0] for t in ts)
     return dict(
-        bench="quant-kernel", engine="fuserve", quantization=scheme, batch=m, us=1e3 * ms, bytes=nbytes
+        bench="quant-kernel",
+        engine="fuserve",
+        quantization=scheme,
+        batch=m,
+        activations=("fused" if fused else "unfused") if w8a8 else None,
+        us=1e3 * ms,
+        bytes=nbytes,
     )
 
 
@@ -165,6 +189,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--kernel-batches", default="1,4,8,64", help="rows M of the linear-layer rows")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument(
@@ -177,18 +202,22 @@ def main() -> None:
     schemes = args.schemes.split(",")
     cfg = TINY if args.smoke else LLAMA3_8B
     batches = [int(b) for b in args.batches.split(",")]
+    kernel_batches = [int(b) for b in args.kernel_batches.split(",")]
     if args.smoke:
         batches, args.prompt_len, args.output_len = [1, 2], 8, 6
+        kernel_batches = [1, 2, 16]
         args.long_context = min(args.long_context, 48)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s on {device_name()}", flush=True)
     rows: list[dict[str, Any]] = []
+    copies, reps = (2, 5) if args.smoke else (8, 50)
     for scheme in schemes:
-        for m in batches:
-            rows.append(
-                run_kernels(scheme, cfg, m, copies=2 if args.smoke else 8, reps=5 if args.smoke else 50)
-            )
+        for m in kernel_batches:
+            rows.append(run_kernels(scheme, cfg, m, copies, reps))
             print(rows[-1], flush=True)
+            if rows[-1]["activations"] == "fused":
+                rows.append(run_kernels(scheme, cfg, m, copies, reps, fused=False))
+                print(rows[-1], flush=True)
     runs = [(s, "auto") for s in schemes] + [(s, "fp8") for s in args.fp8_kv.split(",") if s]
     for scheme, kv in runs:
         engine_rows, nbytes = run_engine(
@@ -251,11 +280,11 @@ def main() -> None:
                 f"{r['ms_per_token']:>10.2f}{r['ms_ratio_vs_bf16'] or 0:>8.2f}{r.get('floor_ms', 0):>10.2f}"
                 f"{r.get('frac_of_floor') or 0:>9.2f}{r['output_tok_s']:>9.0f}{r['kv_tokens']:>11}"
             )
-    print(f"\n{'kernels':<9}{'M':>6}{'us/layer':>10}{'x bf16':>8}{'GB/s':>8}")
+    print(f"\n{'kernels':<9}{'x in':>8}{'M':>6}{'us/layer':>10}{'x bf16':>8}{'GB/s':>8}")
     for r in rows:
         if r["bench"] == "quant-kernel":
             print(
-                f"{r['quantization']:<9}{r['batch']:>6}{r['us']:>10.1f}"
+                f"{r['quantization']:<9}{r['activations'] or '':>8}{r['batch']:>6}{r['us']:>10.1f}"
                 f"{r['ratio_vs_bf16'] or 0:>8.2f}{r['gb_s']:>8.0f}"
             )
     default_dir = Path(os.environ.get("OUT", "benchmarks/results"))

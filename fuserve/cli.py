@@ -63,9 +63,10 @@ def _build(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"fuserve build: {err}", file=sys.stderr)
         return 2
+    kv_scales = f" (scales calibrated on {manifest.kv_scales['calibration']})" if manifest.kv_scales else ""
     print(
         f"built {args.out}: {manifest.tensor_parallel_size} rank file(s), quantization "
-        f"{manifest.quantization}, {manifest.dtype}, KV cache {manifest.kv_cache_dtype}, "
+        f"{manifest.quantization}, {manifest.dtype}, KV cache {manifest.kv_cache_dtype}{kv_scales}, "
         f"max_model_len {manifest.limits['max_model_len']}, "
         f"from {manifest.source['path']} in {time.perf_counter() - t0:.1f} s"
     )

@@ -51,13 +51,16 @@ def main() -> int:
     from fuserve.parallel import all_reduce_rmsnorm, gemv_push
     from fuserve.workers.kernels import (
         argmax,
+        fp8_rows,
         gemv,
         nucleus_threshold,
         paged_decode_attention,
         paged_prefill_attention,
         quant_gemm,
         quant_gemv,
+        rmsnorm,
         rotary,
+        silu_mul,
     )
 
     pdl = {"USE_PDL": True}
@@ -116,6 +119,11 @@ def main() -> int:
             {"HAS_BIAS": False, "FP8": fp8, "IEEE_FP32": False, **gemm_tile},
             {"w_ptr": wtype, "scale_ptr": "*fp32"},
         )
+        kernels[f"quant_gemm {wname}, 2-15 rows"] = (  # the narrowest tile of the small-M configs
+            quant_gemm._quant_gemm_kernel,
+            {"HAS_BIAS": False, "FP8": fp8, "IEEE_FP32": False, "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 512},
+            {"w_ptr": wtype, "scale_ptr": "*fp32"},
+        )
     fp8_cache = {"k_cache_ptr": "*u8", "v_cache_ptr": "*u8", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
     index = {"block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "scale_log2": "fp32"}
     attention = {"HEAD_DIM": 128, "BLOCK_SIZE": 16, "UPCAST": False, "DOT_PRECISION": "tf32", "FP8_KV": True}
@@ -139,6 +147,24 @@ def main() -> int:
             "cos_ptr": "*fp32",
             "sin_ptr": "*fp32",
         },
+    )
+    # the FP8 W8A8 producers: normed / silu*up written as e4m3 with one fp32 scale per token
+    fp8_out = {"scale_ptr": "*fp32", "eps": "fp32"}
+    for residual in (False, True):
+        kernels[f"rmsnorm, fp8 out{', residual' if residual else ''}"] = (
+            rmsnorm._rmsnorm_kernel,
+            {"HAS_RESIDUAL": residual, "FP8_OUT": True, "BLOCK_H": 4096, **pdl},
+            {**fp8_out, "out_ptr": "*fp8e4nv"},
+        )
+    kernels["quantize_rows_fp8"] = (
+        fp8_rows._quantize_rows_fp8_kernel,
+        {"BLOCK": 2048, **pdl},
+        {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
+    )
+    kernels["silu_mul, fp8 out"] = (
+        silu_mul._silu_mul_fp8_kernel,
+        {"BLOCK": 2048, **pdl},
+        {"q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"},
     )
     failed = 0
     for name, (kernel, constexprs, types) in kernels.items():

@@ -28,9 +28,13 @@ def test_bench_quant_smoke(tmp_path: Path) -> None:
     decode = {
         (r["quantization"], r["kv_cache_dtype"], r["batch"]): r for r in rows if r["bench"] == "quant-decode"
     }
-    kernels = {(r["quantization"], r["batch"]) for r in rows if r["bench"] == "quant-kernel"}
+    kernels = {
+        (r["quantization"], r["batch"], r["activations"]) for r in rows if r["bench"] == "quant-kernel"
+    }
     schemes = ("none", "int8-wo", "fp8-wo", "fp8")
-    assert kernels == {(s, b) for s in schemes for b in (1, 2)}
+    # fp8 W8A8 at 16 rows: with the input quantized by its producer (fused) and by the layer itself
+    w8a8 = {("fp8", 16, "fused"), ("fp8", 16, "unfused")}
+    assert kernels == {(s, b, None) for s in schemes for b in (1, 2, 16)} - {("fp8", 16, None)} | w8a8
     runs = [(s, "auto") for s in schemes] + [("none", "fp8"), ("fp8", "fp8")]
     assert set(decode) == {(s, kv, b) for s, kv in runs for b in (1, 2)}
     assert decode[("none", "auto", 1)]["ms_ratio_vs_bf16"] == 1.0

@@ -16,7 +16,9 @@ shard id into their place in the fused parameter.
 
 With a `WeightQuant` the linear layers hold 8-bit weights and one fp32 scale per output row
 (`weight_scale`; models/quant_scheme.py): each checkpoint slice is quantized as it is copied in, so a
-full-precision checkpoint converts on load without a full-precision copy of the model.
+full-precision checkpoint converts on load without a full-precision copy of the model. Under FP8 W8A8
+a layer's input may come already quantized per token (`Fp8Activations`) from the kernel that produced
+it; `takes_fp8_input` says when the layer wants that.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from torch import nn
 
 from fuserve.parallel.tp_context import PushedPartial, TPContext
 from fuserve.parallel.vocab_parallel_argmax import vocab_parallel_argmax
-from fuserve.workers.models.quant_scheme import QuantScheme, quantize_rows
+from fuserve.workers.kernels.quant_linear import takes_fp8_input
+from fuserve.workers.models.quant_scheme import Fp8Activations, QuantScheme, quantize_rows
 
 WeightLoader = Callable[..., None]
 # y = x @ W^T + b; the model passes its kernel choice (e.g. a bandwidth-bound GEMV for decode).
@@ -80,8 +83,16 @@ class _Linear(nn.Module):
         rows.copy_(q)
         self.weight_scale.data.narrow(0, offset, size).copy_(scale)
 
-    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def takes_fp8_input(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether `rows` rows of input in `dtype` should come quantized (`Fp8Activations`): FP8 W8A8
+        where this layer would quantize them itself (kernels/quant_linear.py)."""
+        if self.quant is None or not self.quant.scheme.quantize_activations:
+            return False
+        return takes_fp8_input(rows, dtype, device, self.weight, True)
+
+    def _matmul(self, x: torch.Tensor | Fp8Activations, bias: torch.Tensor | None) -> torch.Tensor:
         if self.quant is None:
+            assert isinstance(x, torch.Tensor), "only an 8-bit layer takes quantized activations"
             return self.linear(x, self.weight, bias)
         act = self.quant.scheme.quantize_activations
         return self.quant.linear(x, self.weight, self.weight_scale, bias, act)
@@ -142,7 +153,7 @@ class ColumnParallelLinear(_Linear):
         else:
             _copy(param, value)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Activations) -> torch.Tensor:
         return self._matmul(x, self.bias)
 
 
@@ -243,11 +254,12 @@ class RowParallelLinear(_Linear):
         value = _narrow(src, 1, self.tp.rank * self.in_per_rank, self.in_per_rank)
         self._store_rows(0, self.weight.shape[0], value)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | PushedPartial:
+    def forward(self, x: torch.Tensor | Fp8Activations) -> torch.Tensor | PushedPartial:
         if not self.reduce_output:
             bias = self.bias if self.tp.rank == 0 else None
             if self.quant is not None:  # the pushing GEMV reads full-precision weights only
                 return self._matmul(x, bias)
+            assert isinstance(x, torch.Tensor)
             return self.tp.row_parallel_partial(x, self.weight, bias, self.linear)
         y = self.tp.all_reduce(self._matmul(x, None))
         return y + self.bias if self.bias is not None else y

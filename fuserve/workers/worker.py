@@ -19,7 +19,7 @@ from fuserve.workers.cuda_graphs import DecodeGraphs
 from fuserve.workers.kernels import switches as kernel_switches
 from fuserve.workers.kernels.ops import KernelOps
 from fuserve.workers.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_for
-from fuserve.workers.kv_scales import calibrate_kv_scales
+from fuserve.workers.kv_scales import CALIBRATION_TOKENS, calibrate_kv_scales
 from fuserve.workers.model_runner import ModelRunner
 from fuserve.workers.models.build_manifest import check_manifest
 from fuserve.workers.models.fidelity import check_implemented
@@ -94,8 +94,9 @@ class Worker:
         if kv_choice == "auto" and self.source.manifest is not None:
             kv_choice = self.source.manifest.kv_cache_dtype
         self.kv_dtype = torch.float8_e4m3fn if kv_choice == "fp8" else self.dtype
+        self.kv_scales_from: str | None = None  # an fp8 cache's: "build" | "start-up"
         if kv_choice == "fp8":
-            calibrate_kv_scales(self.model, bs)
+            self.kv_scales_from = self._fp8_kv_scales(bs)
         # Same answer on every rank (config and device type agree), so the token broadcasts pair up.
         choice = config.scheduler.async_scheduling
         self.async_scheduling = choice == "on" or (choice == "auto" and self.device.type == "cuda")
@@ -139,6 +140,19 @@ class Worker:
             graphs.capture()
             runner.graphs = graphs
         self.runner = runner
+
+    def _fp8_kv_scales(self, block_size: int) -> str:
+        """Where this rank's FP8 KV scales come from: a built folder's (loaded with its weights), else
+        a start-up calibration on random tokens. Logged, and returned ("build" | "start-up")."""
+        manifest = self.source.manifest
+        if manifest is not None and manifest.kv_scales:
+            if self.tp.rank == 0:
+                log.info("FP8 KV scales: from the build (%s)", manifest.kv_scales["calibration"])
+            return "build"
+        calibrate_kv_scales(self.model, block_size)
+        if self.tp.rank == 0:
+            log.info("FP8 KV scales: calibrated at start-up on %d random tokens", CALIBRATION_TOKENS)
+        return "start-up"
 
     def _profile(self, runner: ModelRunner, num_kv_heads: int) -> None:
         """One forward at the largest batch the scheduler allows, so the KV cache gets what is left."""

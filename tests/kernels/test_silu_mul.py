@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fp8_rows_check import assert_fp8_rows, assert_same_bytes
 
-from fuserve.workers.kernels.silu_mul import silu_mul, silu_mul_ref
+from fuserve.workers.kernels.silu_mul import silu_mul, silu_mul_fp8, silu_mul_fp8_ref, silu_mul_ref
+from fuserve.workers.models.quant_scheme import quantize_per_token_fp8
 
 # both compute silu(gate) * up in fp32 and round once; fp32 differs by the exp implementation only
 TOLERANCE: dict[torch.dtype, dict[str, float]] = {
@@ -40,6 +42,25 @@ def test_silu_mul_is_close_to_the_unfused_model_math(device):
     torch.testing.assert_close(silu_mul(x), torch.nn.functional.silu(gate) * up, rtol=3.2e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize(
+    ("num_tokens", "intermediate", "row_pad"), [(1, 16, 0), (5, 96, 0), (3, 2500, 40), (2, 4096, 0)]
+)
+def test_silu_mul_fp8_out_quantizes_the_product_per_token(
+    num_tokens: int, intermediate: int, row_pad: int, dtype: torch.dtype, device
+):
+    """Byte for byte quantize_per_token_fp8 of silu_mul's own output (rows of 1, 2 and 3 tiles: the
+    amax pass and the store pass walk the same tiles), within one e4m3 step of the torch reference.
+    Row 0's product is all zeros."""
+    x = 3 * torch.randn(num_tokens, 2 * intermediate + row_pad, dtype=dtype, device=device)
+    x = x[:, : 2 * intermediate]
+    x[0, :intermediate] = 0
+    got = silu_mul_fp8(x)
+    assert_same_bytes(got, quantize_per_token_fp8(silu_mul(x)))
+    assert_fp8_rows(got, silu_mul_fp8_ref(x), dtype)
+    assert not got[0][0].float().any()
+
+
 def test_silu_mul_rejects_odd_width(device):
     with pytest.raises(ValueError, match="2 \\* intermediate"):
         silu_mul(torch.randn(2, 7, device=device))
@@ -52,3 +73,14 @@ def test_silu_mul_rejects_odd_width(device):
 def test_silu_mul_large_gpu(num_tokens: int, intermediate: int, dtype: torch.dtype):
     x = torch.randn(num_tokens, 2 * intermediate, dtype=dtype, device="cuda")
     torch.testing.assert_close(silu_mul(x), silu_mul_ref(x), **TOLERANCE[dtype])
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("num_tokens", [16, 64, 4096])
+def test_silu_mul_fp8_out_llama8b_shape_gpu(num_tokens: int):
+    """Hopper, bf16, intermediate 14336 (the down projection's input): the compiled kernel's bytes."""
+    x = 3 * torch.randn(num_tokens, 2 * 14336, dtype=torch.bfloat16, device="cuda")
+    got = silu_mul_fp8(x)
+    assert_same_bytes(got, quantize_per_token_fp8(silu_mul(x)))
+    assert_fp8_rows(got, silu_mul_fp8_ref(x), torch.bfloat16)

@@ -18,6 +18,10 @@ class KernelOps:
     fused_add_rmsnorm: Callable
     rotary_kv_write: Callable
     silu_mul: Callable
+    # the same three with their output quantized per token to e4m3 for an FP8 W8A8 layer: (q, scale, ...)
+    rmsnorm_fp8: Callable
+    fused_add_rmsnorm_fp8: Callable
+    silu_mul_fp8: Callable
     paged_decode_attention: Callable
     paged_prefill_attention: Callable
     linear: Callable
@@ -35,6 +39,9 @@ class KernelOps:
             fused_add_rmsnorm=rmsnorm.fused_add_rmsnorm_ref,
             rotary_kv_write=rotary.rotary_kv_write_ref,
             silu_mul=silu_mul.silu_mul_ref,
+            rmsnorm_fp8=rmsnorm.rmsnorm_fp8_ref,
+            fused_add_rmsnorm_fp8=rmsnorm.fused_add_rmsnorm_fp8_ref,
+            silu_mul_fp8=silu_mul.silu_mul_fp8_ref,
             paged_decode_attention=dec.paged_decode_attention_ref,
             paged_prefill_attention=pre.paged_prefill_attention_ref,
             linear=F.linear,
@@ -53,6 +60,9 @@ class KernelOps:
             fused_add_rmsnorm=rmsnorm.fused_add_rmsnorm,
             rotary_kv_write=rotary.rotary_kv_write,
             silu_mul=silu_mul.silu_mul,
+            rmsnorm_fp8=rmsnorm.rmsnorm_fp8,
+            fused_add_rmsnorm_fp8=rmsnorm.fused_add_rmsnorm_fp8,
+            silu_mul_fp8=silu_mul.silu_mul_fp8,
             paged_decode_attention=dec.paged_decode_attention,
             paged_prefill_attention=pre.paged_prefill_attention,
             linear=gemv.linear,

@@ -29,6 +29,11 @@ _CONFIGS = (
     else [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in (
+            # 2-15 rows (weight-bound like the GEMV): narrow N tiles give N/16-N/32 programs, enough to
+            # keep every SM streaming weights (N/64 leaves half of an H100's 132 SMs idle at N = 4096)
+            (16, 16, 512, 4, 4),
+            (16, 32, 512, 4, 4),
+            (16, 32, 256, 4, 4),
             (16, 64, 256, 4, 4),
             (16, 128, 128, 4, 4),
             (32, 64, 256, 4, 4),

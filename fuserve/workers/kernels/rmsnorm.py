@@ -14,6 +14,15 @@ Data flow for one row (one program, the whole hidden dimension in one tile):
 
 The rounding points are those of HuggingFace's `LlamaRMSNorm`, so the output matches it bit for
 bit up to the order of the fp32 sum.
+
+FP8 output (`rmsnorm_fp8`, `fused_add_rmsnorm_fp8`), for the FP8 W8A8 layer that reads the norm's
+output (QKV, gate/up): the row, still in registers after the norm, is rounded to the model dtype,
+its amax taken, and it is stored as e4m3 with one fp32 scale (amax / 448) per token, exactly what
+`quantize_per_token_fp8` makes of the model-dtype output. That saves the layer three kernels
+(amax, scale, cast) and a write and read of the row in the model dtype.
+
+    normed (model dtype, fp32 regs) ──|max|──► scale = max(amax, 1e-12) / 448 ──► scale[t] (fp32)
+                                    └──── / scale, clamp ±448 ──► e4m3 ──► q[t] [H]
 """
 
 from __future__ import annotations
@@ -23,6 +32,9 @@ import triton
 import triton.language as tl
 
 from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
+from fuserve.workers.models.quant_scheme import FP8_MAX, quantize_per_token_fp8
+
+_E4M3_MAX: tl.constexpr = tl.constexpr(FP8_MAX)  # a kernel reads module globals only as constexpr
 
 
 @triton.jit
@@ -31,12 +43,14 @@ def _rmsnorm_kernel(
     residual_ptr,
     weight_ptr,
     out_ptr,
+    scale_ptr,
     new_residual_ptr,
     stride_x,
     stride_residual,
     hidden_size,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    FP8_OUT: tl.constexpr,
     BLOCK_H: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -52,7 +66,12 @@ def _rmsnorm_kernel(
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(new_residual_ptr + row * hidden_size + cols, x, mask=mask)
 
-    store_rmsnorm_row(x, weight_ptr, out_ptr + row * hidden_size, cols, mask, hidden_size, eps)
+    if FP8_OUT:
+        store_rmsnorm_row_fp8(
+            x, weight_ptr, out_ptr + row * hidden_size, scale_ptr + row, cols, mask, hidden_size, eps
+        )
+    else:
+        store_rmsnorm_row(x, weight_ptr, out_ptr + row * hidden_size, cols, mask, hidden_size, eps)
 
 
 @triton.jit
@@ -65,6 +84,23 @@ def store_rmsnorm_row(x, weight_ptr, out_row_ptr, cols, mask, hidden_size, eps):
     h = h.to(x.dtype).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_row_ptr + cols, (weight * h).to(out_row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_rmsnorm_row_fp8(x, weight_ptr, q_row_ptr, scale_row_ptr, cols, mask, hidden_size, eps):
+    """`store_rmsnorm_row`, then the row (rounded to the model dtype) quantized per token: e4m3 at
+    q_row_ptr and its fp32 scale at scale_row_ptr. Masked lanes hold 0, so they never raise the amax."""
+    h = x.to(tl.float32)
+    variance = tl.sum(h * h, axis=0) / hidden_size
+    h = h * tl.rsqrt(variance + eps)
+    h = h.to(x.dtype).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = (weight * h).to(x.dtype).to(tl.float32)
+    # IEEE divisions (Triton's `/` is approximate), so the bytes are those of quantize_per_token_fp8
+    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12), _E4M3_MAX)
+    q = tl.clamp(tl.div_rn(y, tl.broadcast_to(scale, y.shape)), -_E4M3_MAX, _E4M3_MAX)
+    tl.store(q_row_ptr + cols, q.to(q_row_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_row_ptr, scale)
 
 
 def row_num_warps(block_h: int) -> int:
@@ -92,6 +128,15 @@ def _check_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"weight is on {weight.device}, x on {x.device}")
 
 
+def _check_pair(x: torch.Tensor, residual: torch.Tensor) -> None:
+    _check_rows("x", x)
+    _check_rows("residual", residual, x.shape[1])
+    if residual.shape != x.shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual dtype {residual.dtype} differs from x dtype {x.dtype}")
+
+
 def _launch(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -99,7 +144,9 @@ def _launch(
     eps: float,
     out: torch.Tensor,
     new_residual: torch.Tensor | None,
+    scale: torch.Tensor | None = None,
 ) -> None:
+    """`scale` given: out is e4m3 and the kernel quantizes each row into it (the fp8 mode)."""
     num_tokens, hidden_size = x.shape
     if num_tokens == 0:
         return
@@ -110,12 +157,14 @@ def _launch(
         residual_ptr=residual if residual is not None else x,
         weight_ptr=weight,
         out_ptr=out,
+        scale_ptr=scale if scale is not None else out,
         new_residual_ptr=new_residual if new_residual is not None else out,
         stride_x=x.stride(0),
         stride_residual=residual.stride(0) if residual is not None else 0,
         hidden_size=hidden_size,
         eps=eps,
         HAS_RESIDUAL=residual is not None,
+        FP8_OUT=scale is not None,
         BLOCK_H=block_h,
         USE_PDL=use_pdl,
         num_warps=row_num_warps(block_h),
@@ -139,17 +188,40 @@ def fused_add_rmsnorm(
 
     x, residual: [T, H] of one dtype; weight: [H]. Both outputs are new [T, H] tensors of x.dtype.
     """
-    _check_rows("x", x)
-    _check_rows("residual", residual, x.shape[1])
-    if residual.shape != x.shape:
-        raise ValueError(f"residual shape {tuple(residual.shape)} differs from x shape {tuple(x.shape)}")
-    if residual.dtype != x.dtype:
-        raise TypeError(f"residual dtype {residual.dtype} differs from x dtype {x.dtype}")
+    _check_pair(x, residual)
     _check_weight(x, weight)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch(x, residual, weight, eps, out, new_residual)
     return out, new_residual
+
+
+def _fp8_outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+    return q, scale
+
+
+def rmsnorm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_per_token_fp8(rmsnorm(x, weight, eps))` in one pass: (q [T, H] e4m3, scale [T, 1] fp32)."""
+    _check_rows("x", x)
+    _check_weight(x, weight)
+    q, scale = _fp8_outputs(x)
+    _launch(x, None, weight, eps, q, None, scale)
+    return q, scale
+
+
+def fused_add_rmsnorm_fp8(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fused_add_rmsnorm` with its normed output quantized per token in the same pass:
+    (q [T, H] e4m3, scale [T, 1] fp32, new_residual [T, H] x.dtype)."""
+    _check_pair(x, residual)
+    _check_weight(x, weight)
+    q, scale = _fp8_outputs(x)
+    new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(x, residual, weight, eps, q, new_residual, scale)
+    return q, scale, new_residual
 
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -165,3 +237,16 @@ def fused_add_rmsnorm_ref(
     """Plain-torch `fused_add_rmsnorm`."""
     new_residual = x + residual
     return rmsnorm_ref(new_residual, weight, eps), new_residual
+
+
+def rmsnorm_fp8_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch `rmsnorm_fp8`: the norm, then the separate per-token quantization it replaces."""
+    return quantize_per_token_fp8(rmsnorm_ref(x, weight, eps))
+
+
+def fused_add_rmsnorm_fp8_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-torch `fused_add_rmsnorm_fp8`."""
+    normed, new_residual = fused_add_rmsnorm_ref(x, residual, weight, eps)
+    return (*quantize_per_token_fp8(normed), new_residual)

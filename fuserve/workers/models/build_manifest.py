@@ -10,8 +10,10 @@ sharded and quantized, named as the model's own parameters, plus `fuserve-build.
   quantization            none | int8-wo | fp8-wo | fp8; scales: per output channel, fp32, in
                           `<layer>.weight_scale` beside each 8-bit `<layer>.weight` (listed in `scales`)
   dtype                   the dtype of every full-precision tensor (embedding, norms, LM head)
-  kv_cache_dtype          auto | fp8: the KV cache it is served with (fp8 scales are calibrated at
-                          start-up, on each rank's own heads: nothing of them is in the files)
+  kv_cache_dtype          auto | fp8: the KV cache it is served with
+  kv_scales               fp8 only: the FP8 KV scales the build calibrated (what on, headroom; one fp32
+                          per KV head in `<layer>.self_attn.{k,v}_scale` of each rank file, that rank's
+                          heads, listed in `tensors`); empty: calibrated at start-up
   limits                  max_model_len it was built for
   tensors                 per rank: name -> shape and dtype
 
@@ -45,6 +47,7 @@ class BuildManifest:
     tensors: list[dict[str, dict[str, Any]]]
     scales: dict[str, Any] = field(default_factory=dict)
     kv_cache_dtype: str = "auto"
+    kv_scales: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
 
     def to_json(self) -> str:

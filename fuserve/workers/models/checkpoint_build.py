@@ -9,6 +9,12 @@ start-up a rank then copies its file straight onto its device: no fusing, slicin
                           └──sha256, config, limits───────────────────────► fuserve-build.json
   plus the tokenizer and generation_config files of an HF folder, so the folder serves on its own.
 
+With `--kv-cache fp8` the build also calibrates the FP8 KV cache's per-head scales (workers/kv_scales.py)
+once, on the whole model (TP 1, the scheme's weights), reading text shipped with fuserve through the
+model's own tokenizer and the start-up's random tokens, and writes each rank's heads' scales into its
+file: serving then skips the start-up calibration. The calibration holds the whole model in CPU
+memory once.
+
 Deterministic: the tensors, their order, the metadata and the manifest depend only on the inputs, so
 building twice writes the same bytes.
 """
@@ -24,9 +30,25 @@ from safetensors.torch import save_file
 from fuserve.configs import ModelConfig
 from fuserve.parallel.tp_context import TPContext
 from fuserve.workers.kernels.ops import KernelOps
+from fuserve.workers.kv_scales import (
+    CALIBRATION_TEXT,
+    CALIBRATION_TOKENS,
+    HEADROOM,
+    calibrate_kv_scales,
+    kv_scale_state,
+    random_calibration_ids,
+    text_calibration_ids,
+)
 from fuserve.workers.models.build_manifest import MANIFEST_NAME, BuildManifest, source_sha256
-from fuserve.workers.models.llama import LlamaArch
-from fuserve.workers.models.loader import build_model, quant_scheme, resolve_source
+from fuserve.workers.models.llama import LlamaArch, LlamaForCausalLM
+from fuserve.workers.models.loader import (
+    ModelSource,
+    build_model,
+    load_tokenizer,
+    quant_scheme,
+    resolve_source,
+)
+from fuserve.workers.models.quant_scheme import QuantScheme
 
 # what an HF folder holds besides its weights that serving reads
 SIDE_FILES = (
@@ -41,6 +63,26 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
+
+
+def _calibrated_model(
+    source: ModelSource, scheme: QuantScheme | None, dtype: torch.dtype
+) -> tuple[LlamaForCausalLM, str]:
+    """The whole model (TP 1) with its FP8 KV scales calibrated, and what it was calibrated on: the
+    shipped text through the model's tokenizer and the start-up's seeded random ids."""
+    positions = min(CALIBRATION_TOKENS, LlamaArch.from_hf(source.hf_config).max_position_embeddings)
+    cpu = torch.device("cpu")
+    model = build_model(source, TPContext(), KernelOps.reference(), dtype, cpu, positions, quant=scheme)
+    vocab = model.arch.vocab_size
+    sequences, what = [random_calibration_ids(vocab)], f"{CALIBRATION_TOKENS} random tokens (seed 0)"
+    try:
+        text = text_calibration_ids(load_tokenizer(source), vocab)
+        sequences.insert(0, text)
+        what = f"the first {len(text)} tokens of {CALIBRATION_TEXT.name} and {what}, the larger amax per head"
+    except FileNotFoundError:  # an HF folder without tokenizer.json
+        what += " only (the checkpoint has no tokenizer)"
+    calibrate_kv_scales(model, block_size=16, sequences=sequences)
+    return model, what
 
 
 def build_checkpoint(
@@ -64,13 +106,22 @@ def build_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("rank-*.safetensors"):
         stale.unlink()
+    calibrated, kv_scales = None, {}
+    if kv_cache_dtype == "fp8":
+        calibrated, what = _calibrated_model(source, scheme, DTYPES[dtype])
+        kv_scales = {"calibration": what, "granularity": "per-layer per-KV-head", "headroom": HEADROOM}
     rank_files, tensors, scales = [], [], []
     for rank in range(tensor_parallel_size):
         tp = TPContext(rank=rank, size=tensor_parallel_size)
-        model = build_model(
-            source, tp, KernelOps.reference(), DTYPES[dtype], torch.device("cpu"), 1, quant=scheme
-        )
+        if calibrated is not None and tensor_parallel_size == 1:
+            model = calibrated  # the same TP 1 model: no second build
+        else:
+            model = build_model(
+                source, tp, KernelOps.reference(), DTYPES[dtype], torch.device("cpu"), 1, quant=scheme
+            )
         state = {name: p.data.contiguous() for name, p in model.named_parameters()}
+        if calibrated is not None:
+            state.update(kv_scale_state(calibrated, model))
         name = f"rank-{rank}.safetensors"
         # one metadata key: safetensors writes its metadata map in hash order (2 keys: differs run to run)
         save_file(state, str(out / name), metadata={"format": "pt"})
@@ -78,7 +129,10 @@ def build_checkpoint(
         tensors.append({n: {"shape": list(t.shape), "dtype": _dtype_name(t)} for n, t in state.items()})
         if rank == 0:
             scales = sorted(n for n in state if n.endswith(".weight_scale"))
+            if calibrated is not None:
+                kv_scales["tensors"] = sorted(n for n in state if n.endswith((".k_scale", ".v_scale")))
         del model, state
+    del calibrated
     if source.kind == "safetensors":
         for side in SIDE_FILES:
             if (source.path / side).is_file():
@@ -99,6 +153,7 @@ def build_checkpoint(
         tensors=tensors,
         scales={"granularity": "per-output-channel", "dtype": "float32", "tensors": scales},
         kv_cache_dtype=kv_cache_dtype,
+        kv_scales=kv_scales,
     )
     (out / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest

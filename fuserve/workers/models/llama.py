@@ -5,6 +5,9 @@ attention metadata says which rows belong to which sequence and where their K/V 
   embed -> [rmsnorm -> qkv GEMM -> rope + KV write -> paged attention -> o_proj
             -> add + rmsnorm -> gate/up GEMM -> silu*up -> down_proj] x L -> add + rmsnorm
   logits only for the rows that sample.
+Under FP8 W8A8 (with enough rows for the fp8 GEMM) the two norms and silu*up write their output as
+e4m3 with per-token scales (`Fp8Activations`) for the QKV, gate/up and down GEMMs, so those layers
+skip their own activation quantization; o_proj still quantizes the attention output itself.
 Weights are column/row-parallel layers (fuserve.parallel.layers); with one rank they are plain.
 Under tensor parallelism o_proj and down_proj return partial sums; the add + rmsnorm after each one
 sums them over ranks (one fused kernel on GPU for decode-sized batches; at batch 1 the GEMV itself
@@ -31,7 +34,7 @@ from fuserve.parallel.layers import (
 )
 from fuserve.parallel.tp_context import PushedPartial, TPContext
 from fuserve.workers.kernels.ops import KernelOps
-from fuserve.workers.models.quant_scheme import QuantScheme
+from fuserve.workers.models.quant_scheme import Fp8Activations, QuantScheme
 from fuserve.workers.models.rope import rope_tables
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -122,15 +125,27 @@ class RMSNorm(nn.Module):
         self.ops = ops
 
     def forward(
-        self, x: torch.Tensor | PushedPartial, residual: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor | PushedPartial, residual: torch.Tensor | None = None, fp8_out: bool = False
+    ) -> tuple[torch.Tensor | Fp8Activations, torch.Tensor]:
         """Returns (normed, residual): the first call starts the residual stream from x (the embedding,
         whole); later ones get x as this rank's partial sum (o_proj, down_proj) and reduce it here, fused
-        with the add and the norm where the tensor-parallel group can."""
+        with the add and the norm where the tensor-parallel group can. `fp8_out`: normed comes quantized
+        per token for an FP8 W8A8 layer (except from the fused all-reduce, whose output stays in the
+        model dtype for the layer to quantize)."""
         if residual is None:
             assert isinstance(x, torch.Tensor), "the residual stream starts from the embedding"
+            if fp8_out:
+                q, scale = self.ops.rmsnorm_fp8(x, self.weight, self.eps)
+                return Fp8Activations(q, scale, x.dtype), x
             return self.ops.rmsnorm(x, self.weight, self.eps), x
-        return self.tp.all_reduce_add_rmsnorm(x, residual, self.weight, self.eps, self.ops.fused_add_rmsnorm)
+        add_rmsnorm = self._add_rmsnorm_fp8 if fp8_out else self.ops.fused_add_rmsnorm
+        return self.tp.all_reduce_add_rmsnorm(x, residual, self.weight, self.eps, add_rmsnorm)
+
+    def _add_rmsnorm_fp8(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[Fp8Activations, torch.Tensor]:
+        q, scale, new_residual = self.ops.fused_add_rmsnorm_fp8(x, residual, weight, eps)
+        return Fp8Activations(q, scale, x.dtype), new_residual
 
 
 class LlamaAttention(nn.Module):
@@ -174,7 +189,7 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self,
-        hidden: torch.Tensor,
+        hidden: torch.Tensor | Fp8Activations,
         positions: torch.Tensor,
         meta: AttentionMetadata,
         cos: torch.Tensor,
@@ -222,8 +237,12 @@ class LlamaMLP(nn.Module):
             inter, arch.hidden_size, False, tp, ops.linear, reduce_output=False, quant=quant
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | PushedPartial:
-        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | Fp8Activations) -> torch.Tensor | PushedPartial:
+        h = self.gate_up_proj(x)
+        if self.down_proj.takes_fp8_input(h.shape[0], h.dtype, h.device):
+            q, scale = self.ops.silu_mul_fp8(h)
+            return self.down_proj(Fp8Activations(q, scale, h.dtype))
+        return self.down_proj(self.ops.silu_mul(h))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -243,9 +262,15 @@ class LlamaDecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> tuple[torch.Tensor | PushedPartial, torch.Tensor]:
-        normed, residual = self.input_layernorm(hidden, residual)
+        weight = self.input_layernorm.weight  # the model dtype (the rope tables are fp32)
+        rows, dtype, device = positions.shape[0], weight.dtype, weight.device
+        normed, residual = self.input_layernorm(
+            hidden, residual, self.self_attn.qkv_proj.takes_fp8_input(rows, dtype, device)
+        )
         attn = self.self_attn(normed, positions, meta, cos, sin)
-        normed, residual = self.post_attention_layernorm(attn, residual)
+        normed, residual = self.post_attention_layernorm(
+            attn, residual, self.mlp.gate_up_proj.takes_fp8_input(rows, dtype, device)
+        )
         return self.mlp(normed), residual
 
 

@@ -155,11 +155,27 @@ def quant_scheme(source: ModelSource, cfg: ModelConfig) -> QuantScheme | None:
     return scheme_for("none" if cfg.quantization == "auto" else cfg.quantization)
 
 
+KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")  # a built FP8 KV cache's scales (workers/kv_scales.py)
+
+
 def load_built_rank(model: torch.nn.Module, file: Path, device: torch.device) -> None:
-    """Copy a built rank file's tensors straight onto the device, each into the parameter of its name."""
+    """Copy a built rank file's tensors straight onto the device, each into the parameter of its name;
+    and the FP8 KV scales calibrated by the build (`<layer>.self_attn.{k,v}_scale`) into those buffers
+    where the file has them (workers/kv_scales.py)."""
     params = dict(model.named_parameters())
     with safe_open(str(file), framework="pt", device=str(device)) as f:
         names = set(f.keys())
+        buffers = dict(model.named_buffers())
+        kv_scales = {n for n in names - set(params) if n.endswith(KV_SCALE_SUFFIXES) and n in buffers}
+        for name in sorted(kv_scales):
+            t, buf = f.get_tensor(name), buffers[name]
+            if t.shape != buf.shape:
+                raise ValueError(
+                    f"{file}: {name} holds {t.shape[0]} KV heads' scales, this rank has {buf.shape[0]}; "
+                    "rebuild the folder"
+                )
+            buf.copy_(t)
+        names -= kv_scales
         if names != set(params):
             extra, missing = sorted(names - set(params)), sorted(set(params) - names)
             raise ValueError(

@@ -75,7 +75,31 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
 
 
 def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations x [M, K] -> (x_fp8 [M, K], scale [M, 1] fp32): the dynamic per-token scales of W8A8."""
+    """Activations x [M, K] -> (x_fp8 [M, K], scale [M, 1] fp32): the dynamic per-token scales of W8A8.
+
+    The fused producers (kernels/rmsnorm.py, kernels/silu_mul.py in their fp8 mode) compute exactly
+    this on their own output, rounded to the model dtype first, in the same pass."""
     amax = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
     scale = amax / FP8_MAX
     return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+@dataclass(frozen=True)
+class Fp8Activations:
+    """Activations already quantized per token by the kernel that produced them, for a W8A8 layer.
+
+    `q` [M, K] float8_e4m3fn and `scale` [M, 1] fp32 are what `quantize_per_token_fp8` returns for
+    the model-dtype activations x ~= q * scale; `dtype` is x's (the layer's output dtype). A W8A8
+    linear layer multiplies them as they are instead of quantizing x with three more kernels."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self) -> torch.Tensor:
+        """x as the model dtype (q * scale): for a kernel that cannot take e4m3 input."""
+        return (self.q.float() * self.scale).to(self.dtype)
