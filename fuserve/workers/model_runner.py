@@ -20,6 +20,12 @@ from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
 from fuserve.workers.sampler import SampledBatch, Sampler
 from fuserve.workers.step_plan import StepPlan
 
+# A verify step of more rows runs eagerly on the varlen path: each decode row reads its sequence's whole
+# context, and on an H100 (Llama-3-8B shape, 2026-11-26) the graphs' verify lost to the eager one from
+# 96 rows (batch 32, k = 2: 0.91x against 1.02x of plain decoding; batch 64, k = 4: 1.02x against 1.33x)
+# while winning up to 40 (batch 8, k = 4: 2.32x against 1.33x; batch 1: 2.17x against 0.89x).
+VERIFY_GRAPH_MAX_ROWS = 64
+
 
 class ModelRunner:
     def __init__(
@@ -72,7 +78,9 @@ class ModelRunner:
         prev: the previous step's sampled tokens on the device, for plans with placeholders."""
         graphed = None
         if self.graphs is not None:
-            graphed = plan if plan.max_query_len == 1 else plan.as_decode_rows()
+            graphed = plan
+            if plan.max_query_len > 1:
+                graphed = plan.as_decode_rows() if plan.num_tokens <= VERIFY_GRAPH_MAX_ROWS else None
         if graphed is not None and self.graphs is not None and self.graphs.fits(graphed):
             hidden = self.graphs.run(graphed, lambda ids: self.fill_inputs(ids, plan, prev))
         else:
