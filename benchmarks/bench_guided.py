@@ -160,7 +160,7 @@ def mask_fill_ms(tokenizer: Any, vocab: int, grammar: str, batch: int, reps: int
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        guided.bitmask(seqs)
+        guided.bitmask([(seq, []) for seq in seqs])
         times.append(time.perf_counter() - t0)
     compiler.shutdown()
     return 1e3 * statistics.median(times)

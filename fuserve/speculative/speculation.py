@@ -6,7 +6,7 @@
                     model step                           logits at each; sampler verifies (rejection.py)
                     speculation.kept_tokens(item, rows)  the run the target kept -> scheduler
 A sequence drafts only when its tokens are all on the host (no async overlap: `wants_drafts` tells the
-engine to wait), it has no grammar and no penalties, and it has room for more than one
+engine to wait), it has no penalties, and it has room for more than one
 token. The proposer is told, per sequence, what it already holds (`start`): every token it was sent
 is one the target confirmed, so it never holds a rejected draft of ours, only its own guesses, which it
 truncates at `start`. Sequences that finished, were preempted or aborted are released at the next round.
@@ -15,6 +15,7 @@ truncates at `start`. Sequences that finished, were preempted or aborted are rel
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from fuserve.configs import SpeculativeConfig
@@ -39,8 +40,15 @@ class ReportsChannelTime(Protocol):
 
 
 class Speculation:
-    def __init__(self, config: SpeculativeConfig, proposer: Proposer) -> None:
+    def __init__(
+        self,
+        config: SpeculativeConfig,
+        proposer: Proposer,
+        valid_drafts: Callable[[Sequence, list[int]], int] | None = None,
+    ) -> None:
+        """valid_drafts(seq, drafts): how many of them, in order, the sequence's grammar accepts."""
         self.proposer = proposer
+        self.valid_drafts = valid_drafts
         self.max_k = config.num_speculative_tokens
         self.adaptive_k = AdaptiveK(self.max_k, config.adaptive)
         self.stats = SpecStats(self.max_k)
@@ -51,10 +59,10 @@ class Speculation:
     # ---- before the step ------------------------------------------------------------------------
     @staticmethod
     def can_draft(seq: Sequence) -> bool:
-        """Grammars mask each row by the tokens before it and penalties count each row's earlier
-        drafts: neither is built, so such sequences draft nothing. (Logprobs come per kept row.)"""
-        p = seq.params
-        return p.grammar is None and not has_penalty(p)
+        """Penalties would count each row's earlier drafts, which is not built: such sequences draft
+        nothing. A grammar's drafts are cut at the first one it rejects (`valid_drafts`) and each row
+        is masked by the grammar after the drafts before it. (Logprobs come per kept row.)"""
+        return not has_penalty(seq.params)
 
     def _limit(self, seq: Sequence) -> int:
         """Drafts that fit before max_tokens: the step yields one token more than its drafts."""
@@ -116,6 +124,8 @@ class Speculation:
                 continue
             self._held[seq.seq_id] = seq.num_tokens
             seq.spec_token_ids = list(proposed[: req.k])
+            if self.valid_drafts is not None and seq.params.grammar is not None:
+                del seq.spec_token_ids[self.valid_drafts(seq, seq.spec_token_ids) :]
             made += len(seq.spec_token_ids)
         channel_s = self.proposer.last_channel_s if isinstance(self.proposer, ReportsChannelTime) else 0.0
         self.stats.observe_round([r.k for r in requests], self._round_s, channel_s)

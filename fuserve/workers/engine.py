@@ -102,7 +102,9 @@ class LLMEngine:
             self.executor.shutdown()
             raise
         if proposer is not None:
-            self.speculation = Speculation(config.speculative, proposer)
+            self.speculation = Speculation(
+                config.speculative, proposer, lambda seq, drafts: self.guided.valid_drafts(seq, drafts)
+            )
 
     @property
     def workers(self) -> WorkerGroup | None:
@@ -276,8 +278,8 @@ class LLMEngine:
             batch = None
             if logits is not None:
                 # every earlier token is read back now, so each matcher is where this step samples
-                seqs = [item.seq for item in sched_out.scheduled if item.samples]
-                batch = self.executor.sample(plan, logits, self.guided.bitmask(seqs))
+                rows = [(item.seq, item.spec_token_ids) for item in sched_out.scheduled if item.samples]
+                batch = self.executor.sample(plan, logits, self.guided.bitmask(rows))
             self._inflight = (sched_out, batch)
         if not self.async_scheduling and self._inflight is not None:
             current, self._inflight = self._inflight, None
@@ -330,6 +332,8 @@ class LLMEngine:
                 assert r is not None and self.speculation is not None
                 rows = [r] + [next(results) for _ in item.spec_token_ids]
                 kept = self.speculation.kept_tokens(item, [x.token_id for x in rows])
+                if self._guided is not None:
+                    kept = self._guided.until_complete(item.seq, kept)
                 sampled.append(kept)
                 logprobs.append([x.logprobs for x in rows[: len(kept)]])
             else:

@@ -3,7 +3,9 @@
     add(seq)          its grammar goes to the compiler; the sequence waits (the scheduler skips it)
     poll()            compiled grammars release their sequences; failed ones are returned
     advance(seq)      the matcher consumes the sequence's newly read-back tokens
-    bitmask(seqs)     [S, ⌈V/32⌉] int32, one row per sampling sequence (all ones when unconstrained)
+    bitmask(rows)     [R, ⌈V/32⌉] int32, one row per logit row: a speculating sequence has one per draft
+                      and one after them (all ones when unconstrained)
+    valid_drafts(seq, drafts)   how many drafts the grammar accepts in a row (the rest are cut)
 
 Where the bitmask is filled (fuserve/workers/engine.py): a step whose sampling rows include a guided
 sequence is launched as its forward alone; while the device runs it, the engine reads back the previous
@@ -102,9 +104,40 @@ class GuidedDecoding:
         g = self._by_seq.get(seq.seq_id)
         return g is not None and g.matcher is not None and g.matcher.is_stopped()
 
-    def bitmask(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One row per sampling sequence of a step, in its order: the grammar's allowed tokens, or all."""
-        rows = len(seqs)
+    def valid_drafts(self, seq: Sequence, drafts: list[int]) -> int:
+        """How many of a sequence's drafts, in order, its grammar accepts: drafts after the first it
+        rejects could never be kept, so speculation cuts them before the verify step."""
+        g = self._by_seq.get(seq.seq_id)
+        if g is None or g.matcher is None or not drafts:
+            return len(drafts)
+        return g.matcher.validate_tokens(drafts)
+
+    def until_complete(self, seq: Sequence, kept: list[int]) -> list[int]:
+        """The part of a verify step's kept run up to the token that completes the grammar. Decoding
+        one token a step ends a guided sequence there (no step is spent on the EOS); a kept run can
+        reach past it (the EOS sampled after the last draft), and those tokens are dropped so that
+        speculation gives the same tokens. A token the grammar rejects stays: advance() ends on it."""
+        g = self._by_seq.get(seq.seq_id)
+        if g is None or g.matcher is None or len(kept) < 2:
+            return kept
+        m, n = g.matcher, 0
+        for token in kept:
+            if m.is_stopped():
+                break
+            if not m.try_consume_tokens([token]):
+                n += 1  # the rejected token: kept for advance() to end on
+                m.rollback(n - 1)
+                return kept[:n]
+            n += 1
+        m.rollback(n)
+        return kept[:n]
+
+    def bitmask(self, rows_of: list[tuple[Sequence, list[int]]]) -> torch.Tensor:
+        """The logit rows of a step, in order: per sampling sequence and its drafts (valid ones, see
+        valid_drafts), a row after each prefix of the drafts: the grammar's allowed tokens there, or all.
+        The matcher consumes the drafts for their rows and rolls them back: it advances only by the
+        tokens the step keeps."""
+        rows = sum(1 + len(drafts) for _, drafts in rows_of)
         if self._buffer.shape[0] < rows:
             # reused across steps: the previous step's copy to the device finished before its tokens were read
             size = max(rows, 2 * self._buffer.shape[0])
@@ -115,10 +148,21 @@ class GuidedDecoding:
         # scheduler ticks (4 ms) at 16-64 rows, against 0.1-0.3 ms with one thread
         out.numpy().fill(-1)
         row_bytes = self.num_words * 4
-        for i, seq in enumerate(seqs):
+        row = 0
+        for seq, drafts in rows_of:
             g = self._by_seq.get(seq.seq_id)
             if g is not None and g.matcher is not None and not seq.is_finished:
-                g.matcher.unsafe_compute_mask_ptr(out.data_ptr() + i * row_bytes, row_bytes)
+                m = g.matcher
+                m.unsafe_compute_mask_ptr(out.data_ptr() + row * row_bytes, row_bytes)
+                for j, token in enumerate(drafts, start=1):
+                    if not m.consume_tokens([token]):
+                        raise RuntimeError(
+                            f"{seq.seq_id}: its grammar rejected a draft valid_drafts let through"
+                        )
+                    m.unsafe_compute_mask_ptr(out.data_ptr() + (row + j) * row_bytes, row_bytes)
+                if drafts:
+                    m.rollback(len(drafts))
+            row += 1 + len(drafts)
         return out
 
     def remove(self, seq: Sequence) -> None:
