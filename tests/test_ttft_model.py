@@ -59,8 +59,9 @@ def test_shortest_work_first_decides_who_is_ahead() -> None:
         QueuedSeq(priority=3000, prefill=2900, output=100),
     ]
     req = RequestShape(200, 50)  # work 250: after the first, before the second
-    swf = predict(view(waiting=queue, token_budget=256), req)
-    fcfs = predict(view(waiting=queue, token_budget=256, fcfs=True), req)
+    # a step is running (a replica with a queue is busy): the queue and the request meet at its end
+    swf = predict(view(waiting=queue, token_budget=256, inflight_prefill=0), req)
+    fcfs = predict(view(waiting=queue, token_budget=256, fcfs=True, inflight_prefill=0), req)
     assert swf.prefill_ahead == 40 and fcfs.prefill_ahead == 40 + 2900
     assert swf.ttft_s < fcfs.ttft_s
     # Aging: the long one waited long enough (2900 tokens of credit at 200/s = 14.5 s) to go first.
