@@ -243,7 +243,7 @@ class LengthAware(SimRouter):
             assert view is not None
             views.append(view)
         req = RequestShape(len(x.spec.prompt_ids), x.spec.max_tokens, x.keys, BLOCK_SIZE)
-        rid, pred = rank_by_ttft(views, req)[0]
+        rid, pred = rank_by_ttft(views, req, peers=k)[0]
         self.predicted[x.index] = pred.ttft_s
         self.record(rid, x, len(x.spec.prompt_ids) - pred.cached_tokens)
         self.peers.on_sent(rid, x.now)

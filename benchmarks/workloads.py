@@ -137,9 +137,18 @@ def make_heavy_tail(
 
 
 def make_named(
-    name: str, vocab: int, num: int, rate: float, arrival: str, seed: int, max_model_len: int, scale: float
+    name: str,
+    vocab: int,
+    num: int,
+    rate: float,
+    arrival: str,
+    seed: int,
+    max_model_len: int,
+    scale: float,
+    **shape: object,
 ) -> list[RequestSpec]:
+    """`shape`: the maker's own keywords (multi_turn's think_s, heavy_tail's long_share, ...)."""
     makers = {"mix": make_workload, "multi_turn": make_multi_turn, "heavy_tail": make_heavy_tail}
     if name not in makers:
         raise ValueError(f"unknown workload {name!r}: choose from {', '.join(WORKLOADS)}")
-    return makers[name](vocab, num, rate, arrival, seed, max_model_len, scale)
+    return makers[name](vocab, num, rate, arrival, seed, max_model_len, scale, **shape)  # type: ignore[operator]

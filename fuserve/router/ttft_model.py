@@ -235,7 +235,9 @@ def predict(view: ReplicaView, req: RequestShape) -> Prediction:
         while ends and ends[0] <= step:
             heapq.heappop(ends)
             slots_used -= 1
-    return _prediction(view, req, cached, ahead, max(t, 0.0) + 60.0, len(ends), behind)  # cannot tell: far off
+    return _prediction(
+        view, req, cached, ahead, max(t, 0.0) + 60.0, len(ends), behind
+    )  # cannot tell: far off
 
 
 def backlog_s(view: ReplicaView) -> float:
@@ -284,17 +286,21 @@ def _spread(key: int, replica_id: str) -> int:
 
 
 def rank_by_ttft(
-    views: Sequence[ReplicaView], req: RequestShape, tie: TtftTie = TtftTie()
+    views: Sequence[ReplicaView], req: RequestShape, tie: TtftTie = TtftTie(), peers: float = 1.0
 ) -> list[tuple[str, Prediction]]:
     """(replica id, its prediction), best first: near-ties by deeper cache, then a rendezvous hash of
-    the request's deepest prefix key, then the score; the rest by score."""
+    the request's deepest prefix key, then the score; the rest by score. `peers`: how many routers send
+    on the same reports (replica_view.PeerEstimate.factor)."""
     if not views:
         return []
     preds = {v.replica_id: predict(v, req) for v in views}
     best = min(preds.values(), key=lambda p: p.score_s)
-    # the margin scales with the first token's wait, not with the score's decode time: 5% of a long
-    # answer's decode time called 100 ms of TTFT a tie, and the tie went to the cache or the hash
-    limit = best.score_s + tie.margin(best.ttft_s)
+    # One router: the margin scales with the first token's wait, not with the score's decode time (5% of
+    # a long answer's decode time called 100 ms of TTFT a tie, which the cache or the hash then decided).
+    # `peers` routers on one stale report: (peers - 1) / peers of the sends since are unknown, so the
+    # margin grows toward the whole score's and near-ties spread by the hash (4 routers herded without).
+    others = 1 - 1 / max(peers, 1.0)
+    limit = best.score_s + tie.margin(best.ttft_s + others * (best.score_s - best.ttft_s))
     deepest = req.prefix_keys[-1] if req.prefix_keys else None
 
     def order(rid: str) -> tuple:
