@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--search-evals", type=int, default=150)
     p.add_argument("--think-s", default=None, help="multi_turn's think time range, e.g. 0.2,0.6")
     p.add_argument("--long-share", type=float, default=None, help="heavy_tail's share of 8k prompts")
+    p.add_argument("--system-tokens", type=int, default=0, help="heavy_tail: a system prompt all share")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     rows = []
@@ -271,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             shape["think_s"] = tuple(float(x) for x in args.think_s.split(","))
         if name == "heavy_tail" and args.long_share is not None:
             shape["long_share"] = args.long_share
+        if name == "heavy_tail" and args.system_tokens:
+            shape["system_tokens"] = args.system_tokens
         for seed in (int(s) for s in args.seeds.split(",")):
             rows += bounds_rows(name, seed, args.num_requests, args.load, args.search_evals, **shape)
     print_table(rows)

@@ -121,8 +121,12 @@ def make_heavy_tail(
     scale: float,
     long_share: float = 0.01,
     long_tokens: int = 8000,
+    system_tokens: int = 0,
 ) -> list[RequestSpec]:
+    """`system_tokens` > 0: every prompt starts with the same system prompt of that many tokens (a
+    prefix-affinity router then follows the cache instead of balancing prompt tokens)."""
     rng = random.Random(seed)
+    system = _ids(random.Random(seed + 1), vocab, system_tokens)
     specs, t = [], 0.0
     for _ in range(num):
         n_out = max(2, int(rng.randint(32, 160) * scale))
@@ -130,8 +134,8 @@ def make_heavy_tail(
             kind, n_prompt = "long", int(long_tokens * scale)
         else:
             kind, n_prompt = "lognormal", int(min(rng.lognormvariate(math.log(192), 1.0), 4000) * scale)
-        n_prompt = max(4, min(n_prompt, max_model_len - n_out - 1))
-        specs.append(RequestSpec(kind, _ids(rng, vocab, n_prompt), n_out, t))
+        n_prompt = max(4, min(n_prompt, max_model_len - n_out - 1 - system_tokens))
+        specs.append(RequestSpec(kind, system + _ids(rng, vocab, n_prompt), n_out, t))
         t += _gap(rng, rate, arrival)
     return specs
 

@@ -71,6 +71,11 @@ def test_workloads_are_seeded_and_shaped_as_described() -> None:
     assert 10 <= len(longs) <= 30
     lengths = sorted(len(s.prompt_ids) for s in tail)
     assert 150 <= lengths[len(lengths) // 2] <= 250
+    shared = make_named("heavy_tail", 32000, 50, math.inf, "poisson", 0, 16384, 1.0, system_tokens=64)
+    assert len({tuple(s.prompt_ids[:64]) for s in shared}) == 1
+    assert [s.prompt_ids[64:] for s in shared] == [s.prompt_ids for s in tail[:50]], (
+        "the same prompts after it"
+    )
 
 
 def test_no_router_beats_the_isolated_bound_and_the_oracle_knows_each_ttft() -> None:
