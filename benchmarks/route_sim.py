@@ -98,6 +98,7 @@ class SimReplica:
         self.last_report: dict[str, Any] = {}
         self.last_report_at = 0.0
         self.stats = CoreStats()
+        self.inflight: tuple[float, Any] | None = None  # (when it ends, the step running): oracles read it
 
     def add(self, idx: int, spec: RequestSpec, keys: list[int]) -> None:
         params = SamplingParams(max_tokens=spec.max_tokens, ignore_eos=True)
@@ -182,6 +183,7 @@ class RouteInput:
     ongoing: dict[str, int]  # replica id -> requests admitted and not finished (exact, now)
     now: float
     index: int = 0  # the request's place in the workload
+    replicas: dict[str, SimReplica] = field(default_factory=dict)  # the true state: only oracles read it
 
 
 class SimRouter:
@@ -241,7 +243,7 @@ class LengthAware(SimRouter):
             assert view is not None
             views.append(view)
         req = RequestShape(len(x.spec.prompt_ids), x.spec.max_tokens, x.keys, BLOCK_SIZE)
-        rid, pred = rank_by_ttft(views, req)[0]
+        rid, pred = rank_by_ttft(views, req, peers=k)[0]
         self.predicted[x.index] = pred.ttft_s
         self.record(rid, x, len(x.spec.prompt_ids) - pred.cached_tokens)
         self.peers.on_sent(rid, x.now)
@@ -329,13 +331,18 @@ class SimResult:
 T0 = 1.0  # virtual time starts here: a report's timestamp 0 means "none yet", as in Serve
 
 
-def simulate(specs: list[RequestSpec], policy: str, cfg: SimConfig) -> SimResult:
+RouterFactory = Callable[[list[str], random.Random], SimRouter]
+
+
+def simulate(specs: list[RequestSpec], policy: str | RouterFactory, cfg: SimConfig) -> SimResult:
+    """`policy`: a name in ROUTER_CLASSES, or a factory of routers (benchmarks/route_bounds.py's oracles)."""
     now = T0
     clock = lambda: now  # noqa: E731 - the replicas' schedulers read virtual time
     ids = [f"r{i}" for i in range(cfg.num_replicas)]
     replicas = {rid: SimReplica(rid, cfg, clock) for rid in ids}
     rng = random.Random(cfg.seed)
-    routers = [ROUTER_CLASSES[policy](ids, random.Random(rng.random())) for _ in range(cfg.num_routers)]
+    factory = ROUTER_CLASSES[policy] if isinstance(policy, str) else policy
+    routers = [factory(ids, random.Random(rng.random())) for _ in range(cfg.num_routers)]
     seen: dict[str, dict[str, Any]] = {rid: {} for rid in ids}
     keys = [prefix_keys(s.prompt_ids, BLOCK_SIZE) for s in specs]
     ttft = [math.nan] * len(specs)
@@ -359,6 +366,7 @@ def simulate(specs: list[RequestSpec], policy: str, cfg: SimConfig) -> SimResult
         rep = replicas[rid]
         if not rep.busy:
             started = rep.start_step()
+            rep.inflight = None if started is None else (now + started[0], started[1])
             if started is not None:
                 push(now + started[0], "step", (rid, started[1]))
 
@@ -366,7 +374,7 @@ def simulate(specs: list[RequestSpec], policy: str, cfg: SimConfig) -> SimResult
         now, _, kind, payload = heapq.heappop(events)
         if kind == "arrive":
             i = payload
-            x = RouteInput(specs[i], keys[i], seen, {r: replicas[r].ongoing for r in ids}, now, i)
+            x = RouteInput(specs[i], keys[i], seen, {r: replicas[r].ongoing for r in ids}, now, i, replicas)
             rid = routers[i % cfg.num_routers].route(x)
             placement[rid] += 1
             replicas[rid].add(i, specs[i], keys[i])

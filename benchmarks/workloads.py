@@ -121,8 +121,12 @@ def make_heavy_tail(
     scale: float,
     long_share: float = 0.01,
     long_tokens: int = 8000,
+    system_tokens: int = 0,
 ) -> list[RequestSpec]:
+    """`system_tokens` > 0: every prompt starts with the same system prompt of that many tokens (a
+    prefix-affinity router then follows the cache instead of balancing prompt tokens)."""
     rng = random.Random(seed)
+    system = _ids(random.Random(seed + 1), vocab, system_tokens)
     specs, t = [], 0.0
     for _ in range(num):
         n_out = max(2, int(rng.randint(32, 160) * scale))
@@ -130,16 +134,25 @@ def make_heavy_tail(
             kind, n_prompt = "long", int(long_tokens * scale)
         else:
             kind, n_prompt = "lognormal", int(min(rng.lognormvariate(math.log(192), 1.0), 4000) * scale)
-        n_prompt = max(4, min(n_prompt, max_model_len - n_out - 1))
-        specs.append(RequestSpec(kind, _ids(rng, vocab, n_prompt), n_out, t))
+        n_prompt = max(4, min(n_prompt, max_model_len - n_out - 1 - system_tokens))
+        specs.append(RequestSpec(kind, system + _ids(rng, vocab, n_prompt), n_out, t))
         t += _gap(rng, rate, arrival)
     return specs
 
 
 def make_named(
-    name: str, vocab: int, num: int, rate: float, arrival: str, seed: int, max_model_len: int, scale: float
+    name: str,
+    vocab: int,
+    num: int,
+    rate: float,
+    arrival: str,
+    seed: int,
+    max_model_len: int,
+    scale: float,
+    **shape: object,
 ) -> list[RequestSpec]:
+    """`shape`: the maker's own keywords (multi_turn's think_s, heavy_tail's long_share, ...)."""
     makers = {"mix": make_workload, "multi_turn": make_multi_turn, "heavy_tail": make_heavy_tail}
     if name not in makers:
         raise ValueError(f"unknown workload {name!r}: choose from {', '.join(WORKLOADS)}")
-    return makers[name](vocab, num, rate, arrival, seed, max_model_len, scale)
+    return makers[name](vocab, num, rate, arrival, seed, max_model_len, scale, **shape)  # type: ignore[operator]

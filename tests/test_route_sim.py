@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # not a package
+import route_bounds  # noqa: E402
 import route_sim  # noqa: E402
 from workloads import WORKLOADS, RequestSpec, make_named  # noqa: E402
 
@@ -70,3 +71,24 @@ def test_workloads_are_seeded_and_shaped_as_described() -> None:
     assert 10 <= len(longs) <= 30
     lengths = sorted(len(s.prompt_ids) for s in tail)
     assert 150 <= lengths[len(lengths) // 2] <= 250
+    shared = make_named("heavy_tail", 32000, 50, math.inf, "poisson", 0, 16384, 1.0, system_tokens=64)
+    assert len({tuple(s.prompt_ids[:64]) for s in shared}) == 1
+    assert [s.prompt_ids[64:] for s in shared] == [s.prompt_ids for s in tail[:50]], (
+        "the same prompts after it"
+    )
+
+
+def test_no_router_beats_the_isolated_bound_and_the_oracle_knows_each_ttft() -> None:
+    """route_bounds.py: every request's TTFT, under every router, is at least its own prefill alone with
+    the best cache (so the bound's percentiles bound every router's); the perfect-information oracle's
+    prediction is exact for a request nothing arrives after (its replica replayed forward)."""
+    cfg = route_sim.SimConfig(num_replicas=2, seed=0)
+    for name in ("multi_turn", "heavy_tail"):
+        specs = make_named(name, 32000, 120, 40.0, "poisson", 0, 16384, 0.5)
+        bound = route_bounds.isolated_ttft(specs, cfg)
+        for policy in ("length_aware", "pow2", "prefix_affinity", route_bounds.OracleTtft):
+            result = route_sim.simulate(specs, policy, cfg)
+            assert all(t >= b - 1e-12 for t, b in zip(result.ttft_s, bound, strict=True)), (name, policy)
+        last = max(range(len(specs)), key=lambda i: specs[i].arrival_s)
+        assert result.predicted[last] == pytest.approx(result.ttft_s[last])
+    assert any(t > b * 1.5 for t, b in zip(result.ttft_s, bound, strict=True)), "the bound is no simulation"

@@ -217,7 +217,7 @@ class LengthAwareRouter(RequestRouter):
             if view is None:
                 return None, 0
             views.append(view)
-        ranked = rank_by_ttft(share_step_costs(views), shape, self.ttft_tie)
+        ranked = rank_by_ttft(share_step_costs(views), shape, self.ttft_tie, self.peers.factor)
         return [rid for rid, _ in ranked], shape.prompt_tokens - ranked[0][1].cached_tokens
 
     def _sent_count(self, rid: str, replica: RunningReplica) -> int:

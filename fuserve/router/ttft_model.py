@@ -14,9 +14,11 @@ simulator (`benchmarks/route_sim.py`) and the tests call the same functions.
                   first with aging, or arrival order under fcfs), the prompt tokens it finds cached
                   there, the decode batch its prefill shares steps with, and the TTFT that follows
     rank_by_ttft  replicas best first by TTFT + the decode time the request will spend in that
-                  replica's batch (capped at `OUTPUT_HORIZON` tokens): prefill-heavy requests are
-                  steered by the queued prefill, decode-heavy ones by the batch size (inter-token
-                  latency); a cached prefix counts as exactly the prefill it saves
+                  replica's batch (capped at `OUTPUT_HORIZON` tokens) + the delay its prefill causes
+                  the requests queued behind it there and a few that share its steps: prefill-heavy
+                  requests are steered by the queued prefill, decode-heavy ones by the batch size
+                  (inter-token latency); a cached prefix counts as the prefill it saves, this request
+                  and those its prefill would delay (in a burst: the sum of first-token waits)
 
 Why TTFT and not outstanding tokens: a request's first token waits for the prefill ahead of it, not
 for the decode tokens other requests still have to generate; the engine runs running prefills first
@@ -36,6 +38,11 @@ from fuserve.router.routing_policy import cached_blocks
 
 OUTPUT_HORIZON = 256  # output tokens that count in the score (max_tokens is often the whole context)
 BACKLOG_WEIGHT = 0.1  # how much a replica's whole backlog (seconds of work) counts for a long decode
+# Requests besides those queued behind it whose first token a request's prefill delays (they arrive and
+# share its steps): a prefill's cost to others, so a cached prefix counts for them too. Chosen in the
+# simulator (benchmarks/NOTES.md, issue 16b): multi-turn TTFT p99 vs pow2 at 80% load, mean of seeds
+# 0-3, was 1.53x with 0, 1.78x with 1, 1.89x with 2, 1.86x with 3; the other rows barely move.
+PREFILL_SHARERS = 2.0
 
 
 @dataclass(frozen=True)
@@ -111,10 +118,12 @@ class Prediction:
     cached_tokens: int
     prefill_ahead: int
     decode_batch: int
-    score_s: float  # ttft_s + the decode time the request would spend in that batch
+    score_s: float  # ttft_s + the decode time in that batch + its prefill's delay to others (see below)
+    behind: int = 0  # waiting requests the engine would admit after it (its prefill delays theirs)
 
 
 MAX_STEPS = 2000  # a prediction replays at most this many engine steps (or jumps)
+ARRIVES_AFTER_S = 1e-9  # the new request comes an instant after those routed before it (a burst)
 
 
 @dataclass
@@ -152,10 +161,12 @@ def predict(view: ReplicaView, req: RequestShape) -> Prediction:
         )
         for q in view.waiting
     ]
-    me = _Seq(math.inf if view.fcfs else new_key, 0.0, own, req.max_tokens, new=True)
+    # it arrives after every request already sent there: an idle replica has started a step without it
+    me = _Seq(math.inf if view.fcfs else new_key, ARRIVES_AFTER_S, own, req.max_tokens, new=True)
     pending.append(me)
     pending.sort(key=lambda s: (s.key, s.arrival))
     ahead = view.running_prefill + sum(s.prefill for s in pending if s.key < me.key)
+    behind = sum(1 for s in pending if s.key > me.key)
 
     # running decodes, as the step number at which each ends (unknown ones: like the longest known)
     known = sorted(view.decode_left)
@@ -217,14 +228,16 @@ def predict(view: ReplicaView, req: RequestShape) -> Prediction:
             t += cost.step_s(tokens, decodes)
             step += 1
         if me in finished:
-            return _prediction(view, req, cached, ahead, t, decodes)
+            return _prediction(view, req, cached, ahead, t, decodes, behind)
         for s in finished:
             prefilling.remove(s)
             heapq.heappush(ends, step + s.output)
         while ends and ends[0] <= step:
             heapq.heappop(ends)
             slots_used -= 1
-    return _prediction(view, req, cached, ahead, max(t, 0.0) + 60.0, len(ends))  # cannot tell: far off
+    return _prediction(
+        view, req, cached, ahead, max(t, 0.0) + 60.0, len(ends), behind
+    )  # cannot tell: far off
 
 
 def backlog_s(view: ReplicaView) -> float:
@@ -240,7 +253,7 @@ def backlog_s(view: ReplicaView) -> float:
 
 
 def _prediction(
-    view: ReplicaView, req: RequestShape, cached: int, ahead: int, ttft: float, decodes: int
+    view: ReplicaView, req: RequestShape, cached: int, ahead: int, ttft: float, decodes: int, behind: int
 ) -> Prediction:
     batch = min(max(decodes, view.num_running) + 1, view.max_num_seqs)
     decode_s = min(req.max_tokens, OUTPUT_HORIZON) * view.cost.step_s(0, batch)
@@ -249,7 +262,11 @@ def _prediction(
     # steps with all of it): balances decode-heavy requests on work, which is what a burst's throughput needs
     share = min(req.max_tokens, OUTPUT_HORIZON) / OUTPUT_HORIZON
     score = ttft + decode_s + BACKLOG_WEIGHT * share * backlog_s(view)
-    return Prediction(ttft, cached, ahead, decodes, score)
+    # its prefill delays the first token of every request queued behind it there, and of those that
+    # share its steps meanwhile: a cached prefix is worth the prefill it saves them too
+    prefill_s = max(req.prompt_tokens - cached, 1) * view.cost.per_token_s
+    score += prefill_s * (behind + PREFILL_SHARERS)
+    return Prediction(ttft, cached, ahead, decodes, score, behind)
 
 
 @dataclass(frozen=True)
@@ -269,15 +286,21 @@ def _spread(key: int, replica_id: str) -> int:
 
 
 def rank_by_ttft(
-    views: Sequence[ReplicaView], req: RequestShape, tie: TtftTie = TtftTie()
+    views: Sequence[ReplicaView], req: RequestShape, tie: TtftTie = TtftTie(), peers: float = 1.0
 ) -> list[tuple[str, Prediction]]:
     """(replica id, its prediction), best first: near-ties by deeper cache, then a rendezvous hash of
-    the request's deepest prefix key, then the score; the rest by score."""
+    the request's deepest prefix key, then the score; the rest by score. `peers`: how many routers send
+    on the same reports (replica_view.PeerEstimate.factor)."""
     if not views:
         return []
     preds = {v.replica_id: predict(v, req) for v in views}
-    best = min(p.score_s for p in preds.values())
-    limit = best + tie.margin(best)
+    best = min(preds.values(), key=lambda p: p.score_s)
+    # One router: the margin scales with the first token's wait, not with the score's decode time (5% of
+    # a long answer's decode time called 100 ms of TTFT a tie, which the cache or the hash then decided).
+    # `peers` routers on one stale report: (peers - 1) / peers of the sends since are unknown, so the
+    # margin grows toward the whole score's and near-ties spread by the hash (4 routers herded without).
+    others = 1 - 1 / max(peers, 1.0)
+    limit = best.score_s + tie.margin(best.ttft_s + others * (best.score_s - best.ttft_s))
     deepest = req.prefix_keys[-1] if req.prefix_keys else None
 
     def order(rid: str) -> tuple:
