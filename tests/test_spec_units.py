@@ -179,3 +179,25 @@ def test_adaptive_k_prices_a_draft_from_verify_steps_against_plain_ones() -> Non
         assert ak.acceptance("s") < 0.35
         assert 0.5 * verify_extra_s <= ak.verify_s <= 2 * verify_extra_s  # the plain fit leans on its prior
         assert ak.choose("s", ak.step_costs(1), limit=8) == want_k
+
+
+def test_any_drafts_agrees_with_choosing_each_sequence() -> None:
+    """The one-evaluation shortcut a large batch takes: drafting happens for some sequence exactly when
+    it does for the most accepting one."""
+    from fuserve.speculative.adaptive_k import AdaptiveK, StepCosts
+
+    ak = AdaptiveK(max_k=4)
+    for i, kept in enumerate([0, 1, 3, 4]):
+        for _ in range(6):
+            ak.observe_verify(f"s{i}", 4, kept)
+    ids = [f"s{i}" for i in range(4)] + ["fresh"]
+    seen = set()
+    for share_ms in (0.05, 0.2, 1.0, 5.0):
+        for draft_ms in (0.05, 0.3, 2.0):
+            costs = StepCosts(share_s=share_ms / 1e3, per_draft_s=draft_ms / 1e3, round_share_s=0.0)
+            each = any(ak.choose(seq_id, costs, 4) > 0 for seq_id in ids)
+            assert ak.any_drafts(ids, costs) == each
+            assert ak.any_drafts(ids[:2], costs) == any(ak.choose(i, costs, 4) > 0 for i in ids[:2])
+            seen.add(each)
+    assert seen == {True, False}, "the grid must hold batches that draft and batches that do not"
+    assert not ak.any_drafts([], StepCosts(1e-3, 1e-6, 0.0))

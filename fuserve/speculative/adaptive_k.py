@@ -127,6 +127,17 @@ class AdaptiveK:
             round_share_s=self.channel_s / b,
         )
 
+    def any_drafts(self, seq_ids: list[str], costs: StepCosts) -> bool:
+        """Whether some sequence of the batch would draft at all: k > 0 for the most accepting one,
+        since a higher acceptance never lowers the best k. One evaluation per step instead of one per
+        sequence, so that a batch that does not speculate (large batches) pays almost nothing."""
+        if not seq_ids or self.max_k <= 0:
+            return False
+        if not self.adaptive:
+            return True
+        best = max(seq_ids, key=self.acceptance)
+        return self.choose(best, costs, self.max_k) > 0
+
     def choose(self, seq_id: str, costs: StepCosts, limit: int) -> int:
         """k for one sequence of the batch `costs` describes; at most `limit` (its room left)."""
         top = min(self.max_k, limit)

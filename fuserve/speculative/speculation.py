@@ -72,9 +72,10 @@ class Speculation:
         """Whether some running sequence would draft next step (then the engine reads back the step in
         flight first). Judged on acceptance and cost alone, so it holds while tokens are in flight."""
         costs = self.adaptive_k.step_costs(len(running))
-        return any(
-            self.can_draft(s) and self.adaptive_k.choose(s.seq_id, costs, self._limit(s)) > 0 for s in running
-        )
+        candidates = [s for s in running if self.can_draft(s) and self._limit(s) > 0]
+        if not self.adaptive_k.any_drafts([s.seq_id for s in candidates], costs):
+            return False
+        return any(self.adaptive_k.choose(s.seq_id, costs, self._limit(s)) > 0 for s in candidates)
 
     def propose(self, running: list[Sequence]) -> None:
         """One round: drafts for every running decode whose k > 0, in seq.spec_token_ids."""
@@ -96,6 +97,8 @@ class Speculation:
         costs = self.adaptive_k.step_costs(len(running))
         seqs: list[Sequence] = []
         requests: list[ProposeRequest] = []
+        if not self.adaptive_k.any_drafts([s.seq_id for s in decodes if self.can_draft(s)], costs):
+            decodes = []
         for seq in decodes:
             k = self.adaptive_k.choose(seq.seq_id, costs, self._limit(seq)) if self.can_draft(seq) else 0
             if k == 0:
