@@ -27,8 +27,12 @@ def assert_fp8_rows(
 
 
 def assert_same_bytes(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """Exactly `quantize_per_token_fp8` of the model-dtype output: same e4m3 bytes, and fp32 scales
-    within one ulp (on CUDA torch divides by a scalar through its reciprocal, the kernels round the
-    division itself: an H100 run of 2026-11-26 had equal bytes and scales 1 ulp apart)."""
-    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+    """`quantize_per_token_fp8` of the model-dtype output up to the division's rounding: on CUDA torch
+    divides by a scalar through its reciprocal and the kernels round the division itself, so scales may
+    be 1 ulp apart, and an element that x / scale puts on an e4m3 rounding boundary may land one step
+    away (H100, 2026-11-26: equal bytes with scales 1 ulp apart in one run, a differing byte in another).
+    Everywhere else the bytes are the same."""
     torch.testing.assert_close(got[1], want[1], rtol=2.0**-22, atol=0.0)
+    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=0.125, atol=2**-9)
+    differ = (got[0].view(torch.uint8) != want[0].view(torch.uint8)).float().mean().item()
+    assert differ <= 1e-3, f"{differ:.2%} of the e4m3 bytes differ"
