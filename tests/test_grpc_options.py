@@ -106,6 +106,7 @@ def test_tool_traffic_goes_back_into_the_conversation() -> None:
             "not valid JSON text",
         ),
         (pb.GenerateRequest(prompt="x", tools=[pb.Tool(name="f")]), "tools", "need messages"),
+        (pb.GenerateRequest(prompt="x", logit_bias={5: float("nan")}), "logit_bias", "[-100, 100]"),
         (
             pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="x")], echo=True),
             "echo",
@@ -115,7 +116,9 @@ def test_tool_traffic_goes_back_into_the_conversation() -> None:
 )
 def test_bad_options_name_the_field(request_: pb.GenerateRequest, param: str, fragment: str) -> None:
     with pytest.raises(APIError) as info:
-        to_api_request(request_).grammar()
+        req = to_api_request(request_)
+        req.check()
+        req.grammar()
     assert info.value.status == 400 and info.value.param == param and fragment in info.value.message
 
 
