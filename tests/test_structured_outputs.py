@@ -1,6 +1,7 @@
 """Structured outputs and tool calling over real HTTP with the official `openai` client, against the
 default model (SmolLM2-135M-Instruct) served on a real local Ray Serve cluster: one application shared
-by the module. Replies are kept short (max_tokens) so the module stays within its CI time."""
+by the module, also asked over real gRPC (fuserve.proto) at the end. Replies are kept short (max_tokens)
+so the module stays within its CI time."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import httpx
 import jsonschema
 import openai
 import pytest
 from guided_schemas import PERSON, SCHEMAS
+
+from fuserve.router.proto import fuserve_pb2 as pb
+from fuserve.router.proto import fuserve_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from conftest import ServeCluster
@@ -297,3 +302,136 @@ def test_bad_structured_requests_get_400s_naming_the_problem(
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and fragment in error["message"], error
+
+
+# ---- the same options over gRPC, on the same application ----------------------------------------------
+GRPC_APP = (("application", "guided"),)  # Serve's gRPC proxy: which application answers
+
+
+@pytest.fixture(scope="module")
+def stub(base_url: str, serve_cluster: ServeCluster) -> Iterator[pb_grpc.GenerationStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{serve_cluster.grpc_port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=60)
+        yield pb_grpc.GenerationStub(channel)
+
+
+def grpc_chat(content: str, **fields: Any) -> pb.GenerateRequest:
+    fields.setdefault("max_tokens", 64)
+    fields.setdefault("temperature", 0.0)
+    return pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=content)], **fields)
+
+
+def grpc_tool(tool: dict[str, Any]) -> pb.Tool:
+    f = tool["function"]
+    return pb.Tool(name=f["name"], description=f["description"], parameters=json.dumps(f["parameters"]))
+
+
+def unary_and_streamed(
+    stub: pb_grpc.GenerationStub, request: pb.GenerateRequest
+) -> tuple[pb.Choice, pb.Choice]:
+    """The unary reply's choice, and the streamed messages' choices joined into one."""
+    whole = stub.Generate(request, metadata=GRPC_APP, timeout=120).choices[0]
+    joined = pb.Choice()
+    for message in stub.GenerateStream(request, metadata=GRPC_APP, timeout=120):
+        for c in message.choices:
+            joined.text += c.text
+            joined.token_ids.extend(c.token_ids)
+            joined.tool_calls.extend(c.tool_calls)
+            joined.finish_reason = c.finish_reason or joined.finish_reason
+    return whole, joined
+
+
+def test_grpc_json_schema_reply_validates_and_stream_agrees(
+    stub: pb_grpc.GenerationStub, client: Any
+) -> None:
+    schema = pb.JsonSchema(name="person", schema=json.dumps(PERSON))
+    request = grpc_chat(
+        "Invent a person.", response_format=pb.ResponseFormat(type="json_schema", json_schema=schema)
+    )
+    whole, streamed = unary_and_streamed(stub, request)
+    assert whole.finish_reason == "stop", whole
+    jsonschema.validate(json.loads(whole.text), PERSON)
+    assert (streamed.text, streamed.token_ids, streamed.finish_reason) == (
+        whole.text,
+        whole.token_ids,
+        "stop",
+    )
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    assert whole.text == chat(client, "Invent a person.", response_format=fmt).choices[0].message.content
+
+
+def test_grpc_named_tool_choice_gives_a_tool_call(stub: pb_grpc.GenerationStub) -> None:
+    request = grpc_chat(
+        "What time is it in Tokyo?",
+        tools=[grpc_tool(WEATHER), grpc_tool(CLOCK)],
+        tool_choice=pb.ToolChoice(function="get_weather"),
+    )
+    whole, streamed = unary_and_streamed(stub, request)
+    for choice in (whole, streamed):
+        assert choice.finish_reason == "tool_calls" and choice.text == "", choice
+        (call,) = choice.tool_calls  # each call comes whole: one streamed message holds all of it
+        assert call.id.startswith("call_") and call.name == "get_weather"
+        jsonschema.validate(json.loads(call.arguments), PARAMS["get_weather"])
+    assert (streamed.tool_calls[0].name, streamed.tool_calls[0].arguments) == (
+        whole.tool_calls[0].name,
+        whole.tool_calls[0].arguments,
+    )
+
+
+def test_grpc_logit_bias_removes_a_token_and_echo_prepends_the_prompt(stub: pb_grpc.GenerationStub) -> None:
+    def complete(**fields: Any) -> pb.Choice:
+        request = pb.GenerateRequest(
+            prompt="The capital of France is", max_tokens=3, temperature=0.0, **fields
+        )
+        return stub.Generate(request, metadata=GRPC_APP, timeout=120).choices[0]
+
+    plain = complete()
+    assert plain.text.startswith(" Paris") and plain.token_ids[0] == 7042
+    banned = complete(logit_bias={7042: -100.0})
+    assert 7042 not in banned.token_ids and not banned.text.startswith(" Paris")
+    assert complete(echo=True).text == "The capital of France is" + plain.text
+
+
+@pytest.mark.parametrize(
+    ("fields", "http_extra", "fragment"),
+    [
+        (
+            {
+                "response_format": pb.ResponseFormat(
+                    type="json_schema", json_schema=pb.JsonSchema(schema='{"type": "objekt"}')
+                )
+            },
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "", "schema": {"type": "objekt"}},
+                }
+            },
+            "objekt",
+        ),
+        ({"guided_regex": "[a-"}, {"guided_regex": "[a-"}, "regex"),
+        ({"logit_bias": {5: 150.0}}, {"logit_bias": {"5": 150.0}}, "[-100, 100]"),
+        (
+            {
+                "response_format": pb.ResponseFormat(
+                    type="json_schema", json_schema=pb.JsonSchema(schema="{type")
+                )
+            },
+            None,
+            "response_format.json_schema.schema is not valid JSON text",
+        ),
+    ],
+)
+def test_grpc_bad_options_are_invalid_argument_with_the_http_message(
+    stub: pb_grpc.GenerationStub, base_url: str, fields: dict, http_extra: dict | None, fragment: str
+) -> None:
+    request = grpc_chat("hi", max_tokens=4, **fields)
+    for call in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, metadata=GRPC_APP, timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert fragment in info.value.details()
+    if http_extra is not None:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **http_extra}
+        r = httpx.post(f"{base_url}/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["message"] == info.value.details()

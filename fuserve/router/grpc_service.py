@@ -1,13 +1,15 @@
 """The gRPC API (fuserve/router/proto/fuserve.proto) mapped onto the same path as HTTP.
 
 A `GenerateRequest` becomes the equivalent OpenAI request model (so both APIs share one set of
-checks and defaults), deltas become `GenerateResponse` messages, and an `APIError` becomes the
-matching gRPC status code with the same message. Serve's gRPC proxy calls the ingress methods
-`Generate` and `GenerateStream` by name; it is started with `SERVICER_FUNCTION` below.
+checks and defaults; its structured-output, tool, logit_bias and echo options via grpc_options.py),
+deltas become `GenerateResponse` messages (tool calls parsed as on HTTP, tool_calls.py), and an
+`APIError` becomes the matching gRPC status code with the same message. Serve's gRPC proxy calls
+the ingress methods `Generate` and `GenerateStream` by name; it is started with `SERVICER_FUNCTION`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import grpc
@@ -16,9 +18,11 @@ from pydantic import ValidationError
 from fuserve.core_messages import TokenLogprobs
 from fuserve.router.engine_messages import EngineDelta
 from fuserve.router.errors import APIError, bad_request, from_validation
+from fuserve.router.grpc_options import message_fields, option_fields
 from fuserve.router.proto import fuserve_pb2 as pb
-from fuserve.router.protocol import ChatCompletionRequest, CompletionRequest
+from fuserve.router.protocol import ChatCompletionRequest, CompletionRequest, ToolCall
 from fuserve.router.responses import Transcript
+from fuserve.router.tool_calls import ToolCallStream, parse_tool_calls
 
 SERVICER_FUNCTION = "fuserve.router.proto.fuserve_pb2_grpc.add_GenerationServicer_to_server"
 
@@ -52,9 +56,10 @@ def to_api_request(r: pb.GenerateRequest) -> CompletionRequest | ChatCompletionR
     data.update({name: getattr(r, name) for name in _OPTIONAL if r.HasField(name)})
     if r.HasField("max_tokens"):
         data["max_tokens"] = r.max_tokens
+    data.update(option_fields(r, chat=bool(r.messages)))
     try:
         if r.messages:
-            data["messages"] = [{"role": m.role, "content": m.content} for m in r.messages]
+            data["messages"] = [message_fields(m) for m in r.messages]
             if r.HasField("logprobs"):
                 data.update(logprobs=True, top_logprobs=r.logprobs)
             return ChatCompletionRequest.model_validate(data)
@@ -102,37 +107,80 @@ def _usage(t: Transcript) -> pb.Usage:
     )
 
 
-def stream_message(request_id: str, model: str, deltas: list[tuple[int, EngineDelta]]) -> pb.GenerateResponse:
-    """One message for the (choice index, delta) pairs that arrived together: one Choice per choice
-    index, with its consecutive deltas joined."""
-    choices: dict[int, pb.Choice] = {}
-    for index, d in deltas:
-        c = choices.get(index)
-        if c is None:
-            c = choices[index] = pb.Choice(index=index)
-        c.text += d.text
-        c.token_ids.extend(d.token_ids)
-        c.logprobs.extend(_logprobs(d.logprobs))
-        if d.finish_reason:
-            c.finish_reason = d.finish_reason
-    return pb.GenerateResponse(id=request_id, model=model, choices=list(choices.values()))
+def _calls(calls: list[ToolCall]) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in calls]
 
 
-def usage_message(request_id: str, model: str, t: Transcript) -> pb.GenerateResponse:
-    return pb.GenerateResponse(id=request_id, model=model, usage=_usage(t))
+@dataclass
+class StreamReplies:
+    """One GenerateStream call's messages. With tools, a choice's text goes through the HTTP path's
+    `ToolCallStream`: text that may open a <tool_call> block is held back, and each call is sent whole
+    in one message once its block closes. With echo, a choice's first message starts with its prompt."""
+
+    request_id: str
+    model: str
+    tool_calls: bool = False
+    echo: list[str | None] | None = None
+    _tool_streams: dict[int, ToolCallStream] = field(default_factory=dict)
+
+    def message(self, deltas: list[tuple[int, EngineDelta]]) -> pb.GenerateResponse:
+        """One message for the (choice index, delta) pairs that arrived together: one Choice per
+        choice index, with its consecutive deltas joined."""
+        choices: dict[int, pb.Choice] = {}
+        for index, d in deltas:
+            c = choices.get(index)
+            if c is None:
+                c = choices[index] = pb.Choice(index=index)
+            if self.echo and self.echo[index] is not None:
+                c.text, self.echo[index] = self.echo[index], None
+            text, finish = self._with_tools(index, d, c) if self.tool_calls else (d.text, d.finish_reason)
+            c.text += text
+            c.token_ids.extend(d.token_ids)
+            c.logprobs.extend(_logprobs(d.logprobs))
+            if finish:
+                c.finish_reason = finish
+        return pb.GenerateResponse(id=self.request_id, model=self.model, choices=list(choices.values()))
+
+    def _with_tools(self, index: int, d: EngineDelta, c: pb.Choice) -> tuple[str, str | None]:
+        """The delta's text to send now, its calls added to `c`, and its finish reason."""
+        stream = self._tool_streams.setdefault(index, ToolCallStream())
+        content, calls = stream.feed(d.text)
+        finish = d.finish_reason
+        if d.finished:
+            more_content, more_calls = stream.finish()
+            content, calls = content + more_content, calls + more_calls
+            if stream.num_calls and finish == "stop":
+                finish = "tool_calls"
+        c.tool_calls.extend(_calls(calls))
+        return content, finish
+
+    def usage(self, t: Transcript) -> pb.GenerateResponse:
+        return pb.GenerateResponse(id=self.request_id, model=self.model, usage=_usage(t))
 
 
-def unary_response(request_id: str, model: str, t: Transcript) -> pb.GenerateResponse:
-    choices = [
-        pb.Choice(
-            index=i,
-            text="".join(c.text),
-            token_ids=c.token_ids,
-            finish_reason=c.finish_reason or "",
-            logprobs=_logprobs(c.logprobs),
+def unary_response(
+    request_id: str, model: str, t: Transcript, tool_calls: bool = False, echo: list[str | None] | None = None
+) -> pb.GenerateResponse:
+    """`tool_calls`: the request offered tools, so <tool_call> blocks in a reply are calls (as on HTTP);
+    `echo`: each choice's prompt text, which its text starts with."""
+    choices = []
+    for i, c in enumerate(t.choices):
+        text, calls = "".join(c.text), []
+        finish = c.finish_reason or ""
+        if tool_calls:
+            content, calls = parse_tool_calls(text)
+            if calls:
+                text, finish = content, "tool_calls" if finish == "stop" else finish
+        choices.append(
+            pb.Choice(
+                index=i,
+                text=((echo[i] or "") if echo else "") + text,
+                token_ids=c.token_ids,
+                finish_reason=finish,
+                logprobs=_logprobs(c.logprobs),
+                tool_calls=_calls(calls),
+            )
         )
-        for i, c in enumerate(t.choices)
-    ]
     return pb.GenerateResponse(id=request_id, model=model, choices=choices, usage=_usage(t))
 
 

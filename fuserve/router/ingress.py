@@ -421,15 +421,15 @@ class EngineIngress:
     # ---- gRPC (called by Serve's gRPC proxy by method name) ----------------------------------------
     def _grpc_requests(
         self, request: pb.GenerateRequest, grpc_context: Any, request_id: str
-    ) -> tuple[list[EngineRequest], int]:
+    ) -> tuple[list[EngineRequest], CompletionRequest | ChatCompletionRequest]:
         self.api_keys.check(grpc_service.authorization(grpc_context))
         size = request.ByteSize()
         if size > self.max_request_bytes:
             raise too_large(size, self.max_request_bytes)
         api_req = grpc_service.to_api_request(request)
         if isinstance(api_req, ChatCompletionRequest):
-            return self._chat_requests(api_req, request_id), api_req.n
-        return self._completion_requests(api_req, request_id), api_req.n
+            return self._chat_requests(api_req, request_id), api_req
+        return self._completion_requests(api_req, request_id), api_req
 
     @staticmethod
     def _grpc_request_id(request: pb.GenerateRequest) -> str:
@@ -440,9 +440,9 @@ class EngineIngress:
         request_id = self._grpc_request_id(request)
         trace_id = grpc_service.trace_id(grpc_context) or request_id
         try:
-            requests, n = self._grpc_requests(request, grpc_context, request_id)
+            requests, api_req = self._grpc_requests(request, grpc_context, request_id)
             streams = await self._open(requests, arrival, None, trace_id)
-            transcript = Transcript(len(requests), n, keep_text=True)
+            transcript = Transcript(len(requests), api_req.n, keep_text=True)
             try:
                 async for i, batch in streams:
                     for d in batch:
@@ -450,7 +450,9 @@ class EngineIngress:
             finally:
                 await streams.close()
             self._finish("grpc", 200)
-            return grpc_service.unary_response(request_id, self.info.model_name, transcript)
+            return grpc_service.unary_response(
+                request_id, self.info.model_name, transcript, api_req.parses_tool_calls, self._echo(api_req)
+            )
         except Exception as err:
             api_err = api_error(err, trace_id)
             self._finish("grpc", api_err.status)
@@ -463,19 +465,22 @@ class EngineIngress:
         request_id = self._grpc_request_id(request)
         trace_id = grpc_service.trace_id(grpc_context) or request_id
         try:
-            requests, n = self._grpc_requests(request, grpc_context, request_id)
+            requests, api_req = self._grpc_requests(request, grpc_context, request_id)
             streams = await self._open(requests, arrival, None, trace_id)
         except Exception as err:
             api_err = api_error(err, trace_id)
             self._finish("grpc_stream", api_err.status)
             grpc_service.fail(grpc_context, api_err)
-        transcript = Transcript(len(requests), n, keep_text=False)
+        transcript = Transcript(len(requests), api_req.n, keep_text=False)
+        replies = grpc_service.StreamReplies(
+            request_id, self.info.model_name, api_req.parses_tool_calls, self._echo(api_req)
+        )
         status: int | str = "cancelled"
         try:
             async for i, batch in streams:
                 step = [(transcript.add(i, d)[0], d) for d in batch]
-                yield grpc_service.stream_message(request_id, self.info.model_name, step)
-            yield grpc_service.usage_message(request_id, self.info.model_name, transcript)
+                yield replies.message(step)
+            yield replies.usage(transcript)
             status = 200
         except Exception as err:
             api_err = api_error(err, trace_id)

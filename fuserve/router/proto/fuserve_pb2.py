@@ -14,25 +14,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fuserve/router/proto/fuserve.proto\x12\nfuserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc6\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.fuserve.v1.ChatMessage\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x03H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\t\n\x01n\x18\r \x01(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x07\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"{\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.fuserve.v1.TokenLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"t\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12#\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x12.fuserve.v1.Choice\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.fuserve.v1.Usage2\xa2\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.fuserve.v1.GenerateRequest\x1a\x1c.fuserve.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.fuserve.v1.GenerateRequest\x1a\x1c.fuserve.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fuserve/router/proto/fuserve.proto\x12\nfuserve.v1\"l\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12(\n\ntool_calls\x18\x03 \x03(\x0b\x32\x14.fuserve.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"]\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\x12\x13\n\x06strict\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_strict\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"J\n\nJsonSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06schema\x18\x02 \x01(\t\x12\x13\n\x06strict\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\t\n\x07_strict\"K\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12+\n\x0bjson_schema\x18\x02 \x01(\x0b\x32\x16.fuserve.v1.JsonSchema\"\xa0\x07\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.fuserve.v1.ChatMessage\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\nmax_tokens\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x03H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\t\n\x01n\x18\r \x01(\r\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x07\x88\x01\x01\x12\x33\n\x0fresponse_format\x18\x10 \x01(\x0b\x32\x1a.fuserve.v1.ResponseFormat\x12\x18\n\x0bguided_json\x18\x11 \x01(\tH\x08\x88\x01\x01\x12\x19\n\x0cguided_regex\x18\x12 \x01(\tH\t\x88\x01\x01\x12\x15\n\rguided_choice\x18\x13 \x03(\t\x12\x1b\n\x0eguided_grammar\x18\x14 \x01(\tH\n\x88\x01\x01\x12\x1f\n\x05tools\x18\x15 \x03(\x0b\x32\x10.fuserve.v1.Tool\x12+\n\x0btool_choice\x18\x16 \x01(\x0b\x32\x16.fuserve.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x17 \x01(\x08H\x0b\x88\x01\x01\x12>\n\nlogit_bias\x18\x18 \x03(\x0b\x32*.fuserve.v1.GenerateRequest.LogitBiasEntry\x12\x0c\n\x04\x65\x63ho\x18\x19 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x0e\n\x0c_guided_jsonB\x0f\n\r_guided_regexB\x11\n\x0f_guided_grammarB\x16\n\x14_parallel_tool_calls\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\xa5\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.fuserve.v1.TokenLogprob\x12(\n\ntool_calls\x18\x06 \x03(\x0b\x32\x14.fuserve.v1.ToolCall\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"t\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12#\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\x12.fuserve.v1.Choice\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.fuserve.v1.Usage2\xa2\x01\n\nGeneration\x12\x45\n\x08Generate\x12\x1b.fuserve.v1.GenerateRequest\x1a\x1c.fuserve.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x1b.fuserve.v1.GenerateRequest\x1a\x1c.fuserve.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fuserve.router.proto.fuserve_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_CHATMESSAGE']._serialized_start=50
-  _globals['_CHATMESSAGE']._serialized_end=94
-  _globals['_GENERATEREQUEST']._serialized_start=97
-  _globals['_GENERATEREQUEST']._serialized_end=551
-  _globals['_TOKENLOGPROB']._serialized_start=553
-  _globals['_TOKENLOGPROB']._serialized_end=647
-  _globals['_CHOICE']._serialized_start=649
-  _globals['_CHOICE']._serialized_end=772
-  _globals['_USAGE']._serialized_start=774
-  _globals['_USAGE']._serialized_end=861
-  _globals['_GENERATERESPONSE']._serialized_start=863
-  _globals['_GENERATERESPONSE']._serialized_end=979
-  _globals['_GENERATION']._serialized_start=982
-  _globals['_GENERATION']._serialized_end=1144
+  _globals['_CHATMESSAGE']._serialized_end=158
+  _globals['_TOOL']._serialized_start=160
+  _globals['_TOOL']._serialized_end=253
+  _globals['_TOOLCHOICE']._serialized_start=255
+  _globals['_TOOLCHOICE']._serialized_end=313
+  _globals['_TOOLCALL']._serialized_start=315
+  _globals['_TOOLCALL']._serialized_end=370
+  _globals['_JSONSCHEMA']._serialized_start=372
+  _globals['_JSONSCHEMA']._serialized_end=446
+  _globals['_RESPONSEFORMAT']._serialized_start=448
+  _globals['_RESPONSEFORMAT']._serialized_end=523
+  _globals['_GENERATEREQUEST']._serialized_start=526
+  _globals['_GENERATEREQUEST']._serialized_end=1454
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=1224
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=1272
+  _globals['_TOKENLOGPROB']._serialized_start=1456
+  _globals['_TOKENLOGPROB']._serialized_end=1550
+  _globals['_CHOICE']._serialized_start=1553
+  _globals['_CHOICE']._serialized_end=1718
+  _globals['_USAGE']._serialized_start=1720
+  _globals['_USAGE']._serialized_end=1807
+  _globals['_GENERATERESPONSE']._serialized_start=1809
+  _globals['_GENERATERESPONSE']._serialized_end=1925
+  _globals['_GENERATION']._serialized_start=1928
+  _globals['_GENERATION']._serialized_end=2090
 # @@protoc_insertion_point(module_scope)
