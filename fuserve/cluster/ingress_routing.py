@@ -63,9 +63,9 @@ from fuserve.configs import FuserveConfig
 from fuserve.router.engine_messages import ModelInfo
 from fuserve.router.errors import APIError
 from fuserve.router.prompts import encode_chat, encode_prompt, resolve_max_tokens
-from fuserve.router.tool_call_format import choose_tool_call_format
 from fuserve.router.protocol import ChatCompletionRequest, CompletionRequest
 from fuserve.router.routing_policy import RoutingHint, prefix_keys
+from fuserve.router.tool_call_format import choose_tool_call_format
 from fuserve.workers.models.loader import generation_config, load_tokenizer, resolve_source
 from fuserve.workers.tokenizer import Tokenizer
 

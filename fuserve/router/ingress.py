@@ -39,8 +39,8 @@ from fuserve.router.api_keys import ApiKeys
 from fuserve.router.core_client import EngineCoreClient
 from fuserve.router.engine_client import EngineClient, EngineStreams, api_error
 from fuserve.router.engine_messages import EngineRequest, ModelInfo, ReplicaStats
-from fuserve.router.hermes_tool_calls import HERMES
 from fuserve.router.errors import APIError, from_validation, model_not_found, too_large
+from fuserve.router.hermes_tool_calls import HERMES
 from fuserve.router.metrics import ServingMetrics
 from fuserve.router.prompts import (
     encode_chat,

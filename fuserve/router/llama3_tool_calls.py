@@ -34,7 +34,7 @@ _decoder = json.JSONDecoder()
 SYSTEM_PROMPT = (
     "You have access to the following functions. To call a function, please respond with JSON for a "
     'function call. Respond in the format {{"name": function name, "parameters": dictionary of argument '
-    'name and its value}}. Do not use variables.\n\n{tools}'
+    "name and its value}}. Do not use variables.\n\n{tools}"
 )
 
 
@@ -53,7 +53,7 @@ class Llama3CallStream:
         while self._step(content, calls):
             pass
         self.num_calls += len(calls)
-        return self._trim("".join(content)), calls
+        return "".join(content), calls
 
     def _step(self, content: list[str], calls: list[ToolCall]) -> bool:
         """One move of the state machine; False when it must wait for more text."""
@@ -77,7 +77,7 @@ class Llama3CallStream:
             content.append(held[: len(held) - keep])
             self._held = held[len(held) - keep :]
             return False
-        s = held.lstrip(_SEPARATORS)
+        s = held.lstrip(_SEPARATORS)  # between calls: not content
         self._held = s
         if not s:
             return False
@@ -103,11 +103,7 @@ class Llama3CallStream:
         if self._state == "calls":
             held = held.lstrip(_SEPARATORS)
         self._state = "text"
-        return self._trim(held), []
-
-    def _trim(self, text: str) -> str:
-        """Whitespace between calls is not content."""
-        return text.strip() if self.num_calls and not text.strip() else text
+        return held, []
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import msgspec
 
 from fuserve.core_messages import TokenLogprobs
 from fuserve.router.engine_messages import EngineDelta
+from fuserve.router.hermes_tool_calls import HERMES
 from fuserve.router.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -38,7 +39,6 @@ from fuserve.router.protocol import (
     TopLogprob,
     Usage,
 )
-from fuserve.router.hermes_tool_calls import HERMES
 from fuserve.router.tool_call_format import CallStream, ToolCallFormat
 
 DecodeToken = Callable[[int], str]
