@@ -277,13 +277,10 @@ def client(serve_cluster: ServeCluster, folder: Path) -> Iterator[openai.OpenAI]
 
 
 def chat(client: openai.OpenAI, **kwargs: Any) -> Any:
+    kwargs.setdefault("messages", [{"role": "user", "content": "Weather in Paris?"}])
+    kwargs.setdefault("max_tokens", 96)
     return client.chat.completions.create(
-        model="tiny-llama3",
-        messages=[{"role": "user", "content": "Weather in Paris?"}],
-        tools=[WEATHER, CLOCK],
-        max_tokens=96,
-        temperature=0,
-        **kwargs,
+        model="tiny-llama3", tools=[WEATHER, CLOCK], temperature=0, **kwargs
     )
 
 
