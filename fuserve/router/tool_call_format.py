@@ -13,9 +13,9 @@ in. A `ToolCallFormat` holds everything that differs between formats, behind one
     parse / stream                  tool_choice auto: the calls in a whole reply, or in a streamed one
                                     (what may be the start of a call is held back, each call sent whole)
 
-The formats: Hermes `<tool_call>` blocks (hermes_tool_calls.py) for ChatML models (the default SmolLM2) and any
-template not recognised, Llama-3 JSON (llama3_tool_calls.py) for templates with Llama-3 headers. `model.tool_call_format`
-forces one.
+The formats: Hermes `<tool_call>` blocks (hermes_tool_calls.py) for ChatML models (the default
+SmolLM2) and any template not recognised, Llama-3 JSON (llama3_tool_calls.py) for templates with
+Llama-3 headers. `model.tool_call_format` forces one.
 """
 
 from __future__ import annotations
