@@ -61,6 +61,11 @@ class ModelConfig(_Strict):
         "OpenAI API's defaults. Its eos_token_id always counts as a stop token.",
     )
     seed: int = 0
+    tool_call_format: Literal["auto", "hermes", "llama3_json"] = Field(
+        default="auto",
+        description="How the model writes tool calls: `auto` reads it from the chat template (Llama-3 "
+        "headers: `llama3_json`, else `hermes` `<tool_call>` blocks); set it when the template misleads.",
+    )
     quantization: Literal["auto", "none", "int8-wo", "fp8-wo", "fp8"] = Field(
         default="auto",
         description="8-bit weights (one scale per output channel) for the decoder layers' linear layers: "

@@ -65,6 +65,7 @@ from fuserve.router.errors import APIError
 from fuserve.router.prompts import encode_chat, encode_prompt, resolve_max_tokens
 from fuserve.router.protocol import ChatCompletionRequest, CompletionRequest
 from fuserve.router.routing_policy import RoutingHint, prefix_keys
+from fuserve.router.tool_call_format import choose_tool_call_format
 from fuserve.workers.models.loader import generation_config, load_tokenizer, resolve_source
 from fuserve.workers.tokenizer import Tokenizer
 
@@ -141,6 +142,8 @@ class HintBuilder:
     def __init__(self, config: FuserveConfig) -> None:
         source = resolve_source(config.model)
         self.tokenizer: Tokenizer | None = load_tokenizer(source) if source.kind != "dummy" else None
+        template = self.tokenizer.chat_template if self.tokenizer else None
+        self.tool_format = choose_tool_call_format(template, config.model.tool_call_format)
         max_position = int(source.hf_config.get("max_position_embeddings", 4096))
         self.block_size = config.cache.block_size
         self.info = ModelInfo(
@@ -178,7 +181,8 @@ class HintBuilder:
         return RoutingHint(work, keys, self.block_size, len(prompts[0]), outputs[0])
 
     def _chat(self, req: ChatCompletionRequest) -> RoutingHint:
-        ids = encode_chat(self.tokenizer, req.conversation(), req.add_generation_prompt)
+        req.use_tool_format(self.tool_format)  # the prompt the frontend renders, tools included
+        ids = encode_chat(self.tokenizer, req.conversation(), req.add_generation_prompt, req.template_tools())
         return self._hint([ids], req.n, req.requested_max_tokens)
 
     def _completion(self, req: CompletionRequest) -> RoutingHint:

@@ -40,6 +40,7 @@ from fuserve.router.core_client import EngineCoreClient
 from fuserve.router.engine_client import EngineClient, EngineStreams, api_error
 from fuserve.router.engine_messages import EngineRequest, ModelInfo, ReplicaStats
 from fuserve.router.errors import APIError, from_validation, model_not_found, too_large
+from fuserve.router.hermes_tool_calls import HERMES
 from fuserve.router.metrics import ServingMetrics
 from fuserve.router.prompts import (
     encode_chat,
@@ -59,6 +60,7 @@ from fuserve.router.replica_view import routing_report
 from fuserve.router.request_body import parse_json_object, read_body
 from fuserve.router.responses import SSE_DONE, ChunkWriter, Transcript
 from fuserve.router.routing_policy import RecentPrefixes
+from fuserve.router.tool_call_format import choose_tool_call_format
 from fuserve.workers.models.loader import load_tokenizer, resolve_source
 from fuserve.workers.tokenizer import Tokenizer
 
@@ -119,6 +121,8 @@ class EngineIngress:
         self.replica_id = _replica_id()
         source = resolve_source(config.model)
         self.tokenizer: Tokenizer | None = load_tokenizer(source) if source.kind != "dummy" else None
+        template = self.tokenizer.chat_template if self.tokenizer else None
+        self.tool_format = choose_tool_call_format(template, config.model.tool_call_format)
         self.core = EngineCoreClient(config, self.tokenizer, self.replica_id)
         ready = await self.core.start(ENGINE_START_TIMEOUT_S)
         self.info = ModelInfo(
@@ -231,7 +235,8 @@ class EngineIngress:
     def _chat_requests(self, req: ChatCompletionRequest, request_id: str) -> list[EngineRequest]:
         self._check_model(req.model)
         req.check()
-        ids = encode_chat(self.tokenizer, req.conversation(), req.add_generation_prompt)
+        req.use_tool_format(self.tool_format)
+        ids = encode_chat(self.tokenizer, req.conversation(), req.add_generation_prompt, req.template_tools())
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = resolve_max_tokens(len(ids), req.requested_max_tokens, self.info, "messages", param)
         params = sampling_or_400(req.sampling_params, max_tokens, self.info.sampling_defaults)
@@ -298,6 +303,7 @@ class EngineIngress:
                     self._decode_token,
                     req.wants_logprobs,
                     req.parses_tool_calls,
+                    req.tool_format,
                 )
             else:
                 body = transcript.completion_response(
@@ -334,6 +340,7 @@ class EngineIngress:
             self._decode_token,
             req.wants_logprobs,
             tool_calls=req.parses_tool_calls,
+            tool_format=getattr(req, "tool_format", HERMES),
             echo=self._echo(req),
         )
         transcript = Transcript(len(streams.gens), req.n, keep_text=False)

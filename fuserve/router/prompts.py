@@ -7,6 +7,7 @@ leading prompt blocks, and an over-long prompt is refused without occupying a re
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fuserve.router.engine_messages import EngineRequest, ModelInfo
 from fuserve.router.errors import bad_request
@@ -26,14 +27,18 @@ def encode_prompt(tokenizer: Tokenizer | None, prompt: str | list[int], param: s
 
 
 def encode_chat(
-    tokenizer: Tokenizer | None, conversation: list[dict[str, str]], add_generation_prompt: bool
+    tokenizer: Tokenizer | None,
+    conversation: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """Renders the model's chat template (or a plain default) and tokenizes it: the template
-    already holds the special tokens, so none are added again."""
+    already holds the special tokens, so none are added again. `tools` go to a template that takes
+    them (tool_call_format.py)."""
     if tokenizer is None:
         raise bad_request("this model has no tokenizer (dummy weights), so it cannot chat", "messages")
     try:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt, tools)
     except Exception as err:  # a template's raise_exception, e.g. roles that must alternate
         raise bad_request(f"the model's chat template refused these messages: {err}", "messages") from None
     return tokenizer.encode(text, add_special_tokens=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from fuserve.router.errors import bad_request
 from fuserve.sampling_params import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, SamplingParams
@@ -206,6 +206,7 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
+    _tool_format: Any = PrivateAttr(default=None)  # the model's ToolCallFormat; None: Hermes
 
     def check(self) -> None:
         """Refuse what fuserve does not implement (pydantic already checked types and ranges)."""
@@ -219,6 +220,22 @@ class ChatCompletionRequest(_SamplingRequest):
         from fuserve.router.tool_calls import render_conversation
 
         return render_conversation(self)
+
+    def use_tool_format(self, fmt: Any) -> None:
+        """Sets the model's tool-call format (a ToolCallFormat), which the prompt, the grammar and the
+        reply's parsing follow; the frontend sets it from the model's chat template."""
+        self._tool_format = fmt
+
+    @property
+    def tool_format(self) -> Any:
+        """The model's ToolCallFormat (Hermes unless `use_tool_format` set another)."""
+        from fuserve.router.tool_calls import request_format
+
+        return request_format(self)
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools to pass to the chat template itself (one that takes `tools`), or None."""
+        return self.tool_format.template_tools(self)
 
     @property
     def parses_tool_calls(self) -> bool:

@@ -3,8 +3,8 @@
 A request with several prompts (completions) and `n` samples each has `num_prompts * n` choices;
 choice `i * n + k` is sample k of prompt i, as in OpenAI's API. `Transcript` accumulates what the
 non-streaming response needs and the usage the last streamed chunk reports; each streamed delta
-becomes one chunk the moment it arrives. With tools, a chat reply's <tool_call> blocks become
-`tool_calls` (tool_calls.py); with `echo`, a completion's text starts with its prompt.
+becomes one chunk the moment it arrives. With tools, a chat reply's calls (in the model's format)
+become `tool_calls` (tool_calls.py); with `echo`, a completion's text starts with its prompt.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import msgspec
 
 from fuserve.core_messages import TokenLogprobs
 from fuserve.router.engine_messages import EngineDelta
+from fuserve.router.hermes_tool_calls import HERMES
 from fuserve.router.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -38,7 +39,7 @@ from fuserve.router.protocol import (
     TopLogprob,
     Usage,
 )
-from fuserve.router.tool_calls import ToolCallStream, parse_tool_calls
+from fuserve.router.tool_call_format import CallStream, ToolCallFormat
 
 DecodeToken = Callable[[int], str]
 MIN_LOGPROB = -9999.0  # JSON has no -inf (nor NaN): a zero-probability token reports this, as vLLM does
@@ -144,13 +145,14 @@ class Transcript:
         decode: DecodeToken,
         want_logprobs: bool,
         tool_calls: bool = False,
+        tool_format: ToolCallFormat = HERMES,
     ) -> ChatCompletionResponse:
-        """`tool_calls`: the request offered tools, so <tool_call> blocks in a reply are calls."""
+        """`tool_calls`: the request offered tools, so calls in a reply (in `tool_format`) are parsed."""
         choices = []
         for i, c in enumerate(self.choices):
             lp = chat_logprobs(c.logprobs, decode) if want_logprobs else None
             text = "".join(c.text)
-            calls = parse_tool_calls(text) if tool_calls else (text, [])
+            calls = tool_format.parse(text) if tool_calls else (text, [])
             message: AssistantMessage | ToolCallsMessage = AssistantMessage(content=text)
             finish = c.finish_reason
             if calls[1]:
@@ -182,9 +184,10 @@ class ChunkWriter:
     decode: DecodeToken
     want_logprobs: bool
     created: int = field(default_factory=lambda: int(time.time()))
-    tool_calls: bool = False  # the request offered tools: <tool_call> blocks are sent as tool_calls
+    tool_calls: bool = False  # the request offered tools: calls in the text are sent as tool_calls
+    tool_format: ToolCallFormat = HERMES  # the model's format, which those calls are written in
     echo: list[str | None] | None = None  # each completion choice's prompt, sent before its first text
-    _tool_streams: dict[int, ToolCallStream] = field(default_factory=dict)
+    _tool_streams: dict[int, CallStream] = field(default_factory=dict)
     _templates: dict[tuple[bool, int], tuple[str, str]] = field(default_factory=dict, repr=False)
 
     def _plain(self, chat: bool, choice: int, text: str) -> str:
@@ -244,7 +247,9 @@ class ChunkWriter:
     def _chat_with_tools(
         self, choice: int, d: EngineDelta, lp: ChatLogprobs | None, usage: Usage | None
     ) -> str:
-        stream = self._tool_streams.setdefault(choice, ToolCallStream())
+        stream = self._tool_streams.get(choice)
+        if stream is None:
+            stream = self._tool_streams[choice] = self.tool_format.stream()
         first = stream.num_calls
         content, calls = stream.feed(d.text)
         finish = d.finish_reason
