@@ -10,6 +10,7 @@ import pytest
 from fuserve.router.engine_messages import EngineDelta
 from fuserve.router.errors import APIError
 from fuserve.router.grpc_service import StreamReplies, to_api_request
+from fuserve.router.hermes_tool_calls import HERMES
 from fuserve.router.proto import fuserve_pb2 as pb
 from fuserve.router.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -123,7 +124,7 @@ def test_bad_options_name_the_field(request_: pb.GenerateRequest, param: str, fr
 
 
 def test_streamed_tool_calls_come_whole_once_their_block_closes() -> None:
-    replies = StreamReplies("chatcmpl-1", "m", tool_calls=True)
+    replies = StreamReplies("chatcmpl-1", "m", tool_format=HERMES)
     pieces = ["<tool_", 'call>\n{"name": "f", "argu', 'ments": {"a": 1}}\n</tool_call>']
     messages = [
         replies.message([(0, EngineDelta(index=0, text=p, token_ids=[1], finished=False))]) for p in pieces

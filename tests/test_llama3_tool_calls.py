@@ -253,6 +253,42 @@ def test_required_and_named_grammars_accept_llama3_calls_and_refuse_others(token
     assert not accepts(required, '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}')
 
 
+def test_auto_with_a_strict_tool_constrains_its_calls_and_leaves_words_free(tokenizer: Tokenizer) -> None:
+    """tool_choice auto, get_weather strict and get_time not: in both formats the model may answer in
+    words or call; a strict tool's arguments must follow its schema, the other's are any object."""
+    from fuserve.router.hermes_tool_calls import HERMES
+
+    lltok = llguidance_tokenizer(tokenizer, tokenizer.vocab_size)
+    strict_weather = {**WEATHER, "function": {**WEATHER["function"], "strict": True}}
+
+    def accepts(fmt: Any, text: str, special: list[int] | None = None) -> bool:
+        req = request(tools=[strict_weather, CLOCK])
+        req.use_tool_format(fmt)
+        grammar = req.grammar()
+        assert grammar is not None, "auto with a strict tool has a grammar"
+        matcher = llguidance.LLMatcher(lltok, grammar)
+        ids = (special or []) + tokenizer.encode(text, add_special_tokens=False)
+        return matcher.consume_tokens(ids) and matcher.is_accepting()
+
+    hermes = HERMES
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
+    loose = '<tool_call>\n{"name": "get_time", "arguments": {"anything": 1}}\n</tool_call>'
+    bad = '<tool_call>\n{"name": "get_weather", "arguments": {"town": "Paris"}}\n</tool_call>'
+    assert accepts(hermes, "It is sunny, no call needed.")
+    assert accepts(hermes, f"Let me look. {call}") and accepts(hermes, call)
+    assert accepts(hermes, loose)
+    assert not accepts(hermes, bad) and not accepts(hermes, f"Let me look. {bad}")
+
+    llama = choose_tool_call_format(tokenizer.chat_template)
+    python_tag = tokenizer.backend.token_to_id("<|python_tag|>")
+    weather = '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}'
+    assert accepts(llama, "It is sunny.") and accepts(llama, weather)
+    assert accepts(llama, weather, special=[python_tag])
+    assert accepts(llama, '{"name": "get_time", "parameters": {"anything": 1}}')
+    assert not accepts(llama, '{"name": "get_weather", "parameters": {"town": "Paris"}}')
+    assert request(tools=[WEATHER, CLOCK]).grammar() is None, "auto without strict tools is free"
+
+
 # ---- served: the same request path as every chat request ---------------------------------------
 @pytest.fixture(scope="module")
 def client(serve_cluster: ServeCluster, folder: Path) -> Iterator[openai.OpenAI]:

@@ -22,7 +22,7 @@ from fuserve.router.grpc_options import message_fields, option_fields
 from fuserve.router.proto import fuserve_pb2 as pb
 from fuserve.router.protocol import ChatCompletionRequest, CompletionRequest, ToolCall
 from fuserve.router.responses import Transcript
-from fuserve.router.tool_calls import ToolCallStream, parse_tool_calls
+from fuserve.router.tool_call_format import CallStream, ToolCallFormat
 
 SERVICER_FUNCTION = "fuserve.router.proto.fuserve_pb2_grpc.add_GenerationServicer_to_server"
 
@@ -113,15 +113,16 @@ def _calls(calls: list[ToolCall]) -> list[pb.ToolCall]:
 
 @dataclass
 class StreamReplies:
-    """One GenerateStream call's messages. With tools, a choice's text goes through the HTTP path's
-    `ToolCallStream`: text that may open a <tool_call> block is held back, and each call is sent whole
-    in one message once its block closes. With echo, a choice's first message starts with its prompt."""
+    """One GenerateStream call's messages. With tools (`tool_format`: the model's tool-call format), a
+    choice's text goes through that format's stream, as on the HTTP path: text that may open a call is
+    held back, and each call is sent whole in one message once it closes. With echo, a choice's first
+    message starts with its prompt."""
 
     request_id: str
     model: str
-    tool_calls: bool = False
+    tool_format: ToolCallFormat | None = None
     echo: list[str | None] | None = None
-    _tool_streams: dict[int, ToolCallStream] = field(default_factory=dict)
+    _tool_streams: dict[int, CallStream] = field(default_factory=dict)
 
     def message(self, deltas: list[tuple[int, EngineDelta]]) -> pb.GenerateResponse:
         """One message for the (choice index, delta) pairs that arrived together: one Choice per
@@ -133,7 +134,7 @@ class StreamReplies:
                 c = choices[index] = pb.Choice(index=index)
             if self.echo and self.echo[index] is not None:
                 c.text, self.echo[index] = self.echo[index], None
-            text, finish = self._with_tools(index, d, c) if self.tool_calls else (d.text, d.finish_reason)
+            text, finish = self._with_tools(index, d, c) if self.tool_format else (d.text, d.finish_reason)
             c.text += text
             c.token_ids.extend(d.token_ids)
             c.logprobs.extend(_logprobs(d.logprobs))
@@ -143,7 +144,10 @@ class StreamReplies:
 
     def _with_tools(self, index: int, d: EngineDelta, c: pb.Choice) -> tuple[str, str | None]:
         """The delta's text to send now, its calls added to `c`, and its finish reason."""
-        stream = self._tool_streams.setdefault(index, ToolCallStream())
+        assert self.tool_format is not None
+        stream = self._tool_streams.get(index)
+        if stream is None:
+            stream = self._tool_streams[index] = self.tool_format.stream()
         content, calls = stream.feed(d.text)
         finish = d.finish_reason
         if d.finished:
@@ -159,16 +163,20 @@ class StreamReplies:
 
 
 def unary_response(
-    request_id: str, model: str, t: Transcript, tool_calls: bool = False, echo: list[str | None] | None = None
+    request_id: str,
+    model: str,
+    t: Transcript,
+    tool_format: ToolCallFormat | None = None,
+    echo: list[str | None] | None = None,
 ) -> pb.GenerateResponse:
-    """`tool_calls`: the request offered tools, so <tool_call> blocks in a reply are calls (as on HTTP);
-    `echo`: each choice's prompt text, which its text starts with."""
+    """`tool_format`: the request offered tools, so calls in a reply, in the model's tool-call format,
+    are calls (as on HTTP); `echo`: each choice's prompt text, which its text starts with."""
     choices = []
     for i, c in enumerate(t.choices):
         text, calls = "".join(c.text), []
         finish = c.finish_reason or ""
-        if tool_calls:
-            content, calls = parse_tool_calls(text)
+        if tool_format is not None:
+            content, calls = tool_format.parse(text)
             if calls:
                 text, finish = content, "tool_calls" if finish == "stop" else finish
         choices.append(

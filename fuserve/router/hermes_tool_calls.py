@@ -125,6 +125,18 @@ class HermesFormat(ToolCallFormat):
         repeat = ' ("\\n" call)*' if parallel else ""
         return f'start: call{repeat}\ncall: "{START}\\n" body "\\n{END}"\nbody: %json {json.dumps(body)}\n'
 
+    def auto_lark(self, body: dict[str, Any]) -> str:
+        # One lexeme for the text before the first call, marker included, so that the lexer never has
+        # to choose between more text and the marker (two lexemes there made every call unreachable).
+        return (
+            f"start: TEXT | OPEN calls\n"
+            f'calls: call ("\\n{START}" call)*\n'
+            f'call: "\\n" body "\\n{END}"\n'
+            f"body: %json {json.dumps(body)}\n"
+            f"TEXT: /(?s:.*)/ & ~/(?s:.*){START}(?s:.*)/\n"
+            f"OPEN: /(?s:.*){START}/ & ~/(?s:.*){START}(?s:.+)/\n"
+        )
+
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         return parse_tool_calls(text)
 

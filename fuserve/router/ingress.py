@@ -60,7 +60,7 @@ from fuserve.router.replica_view import routing_report
 from fuserve.router.request_body import parse_json_object, read_body
 from fuserve.router.responses import SSE_DONE, ChunkWriter, Transcript
 from fuserve.router.routing_policy import RecentPrefixes
-from fuserve.router.tool_call_format import choose_tool_call_format
+from fuserve.router.tool_call_format import ToolCallFormat, choose_tool_call_format
 from fuserve.workers.models.loader import load_tokenizer, resolve_source
 from fuserve.workers.tokenizer import Tokenizer
 
@@ -208,6 +208,11 @@ class EngineIngress:
             text = self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else ""
             self._token_text[token_id] = text
         return text
+
+    @staticmethod
+    def _grpc_tool_format(req: CompletionRequest | ChatCompletionRequest) -> ToolCallFormat | None:
+        """The format a gRPC reply's calls are parsed in (the model's, as on HTTP), or None without tools."""
+        return req.tool_format if isinstance(req, ChatCompletionRequest) and req.parses_tool_calls else None
 
     def _echo(self, req: CompletionRequest | ChatCompletionRequest) -> list[str | None] | None:
         """With `echo` (completions), each choice's prompt text (choice i * n + k is prompt i's)."""
@@ -457,8 +462,9 @@ class EngineIngress:
             finally:
                 await streams.close()
             self._finish("grpc", 200)
+            tool_format = self._grpc_tool_format(api_req)
             return grpc_service.unary_response(
-                request_id, self.info.model_name, transcript, api_req.parses_tool_calls, self._echo(api_req)
+                request_id, self.info.model_name, transcript, tool_format, self._echo(api_req)
             )
         except Exception as err:
             api_err = api_error(err, trace_id)
@@ -480,7 +486,7 @@ class EngineIngress:
             grpc_service.fail(grpc_context, api_err)
         transcript = Transcript(len(requests), api_req.n, keep_text=False)
         replies = grpc_service.StreamReplies(
-            request_id, self.info.model_name, api_req.parses_tool_calls, self._echo(api_req)
+            request_id, self.info.model_name, self._grpc_tool_format(api_req), self._echo(api_req)
         )
         status: int | str = "cancelled"
         try:

@@ -126,6 +126,17 @@ class Llama3JsonFormat(ToolCallFormat):
         repeat = ' ("; " call)*' if parallel else ""
         return f"start: call{repeat}\ncall: %json {json.dumps(body)}\n"
 
+    def auto_lark(self, body: dict[str, Any]) -> str:
+        # Words (not starting like a JSON call), or calls, bare or after <|python_tag|>. Text before the
+        # tag is not offered: one free-text lexeme that may or may not end at the tag left the bare
+        # calls unreachable (the lexer took their "{" as text).
+        return (
+            "start: TEXT | <|python_tag|>? calls\n"
+            'calls: call ("; " call)*\n'
+            f"call: %json {json.dumps(body)}\n"
+            "TEXT: /(?s:[^{\\s].*)?/\n"
+        )
+
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         stream = Llama3CallStream()
         content, calls = stream.feed(text)

@@ -162,21 +162,34 @@ class ToolCallFormat(ABC):
     def calls_lark(self, body: dict[str, Any], parallel: bool) -> str:
         """The Lark grammar of one call (or several, `parallel`) whose JSON follows `body`."""
 
+    @abstractmethod
+    def auto_lark(self, body: dict[str, Any]) -> str:
+        """The Lark grammar of tool_choice auto with strict tools: free text, or text the format lets
+        open a call and then calls whose JSON follows `body` (the model may still answer in words)."""
+
     def grammar(self, req: _SamplingRequest) -> str | None:
-        """The grammar of tool_choice required or named (llguidance Lark with JSON-schema bodies)."""
+        """The grammar of tool_choice required or named, and of auto when some tool is `strict`
+        (llguidance Lark with JSON-schema bodies); None where the output is free."""
         mode = tool_mode(req)
-        if mode not in ("required", "named"):
-            return None
         chat: ChatCompletionRequest = req  # type: ignore[assignment]
+        strict = mode == "auto" and any(t.function.strict for t in chat.tools or [])
+        if mode not in ("required", "named") and not strict:
+            return None
         tools = [named_tool(chat)] if mode == "named" else list(chat.tools or [])
-        schemas = [self._call_schema(t) for t in tools]
+        schemas = [self._call_schema(t, constrain=mode != "auto" or bool(t.function.strict)) for t in tools]
         body = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
         body = {**body, "x-guidance": JSON_STYLE}
+        if strict:
+            return llguidance.LLMatcher.grammar_from_lark(self.auto_lark(body))
         lark = self.calls_lark(body, bool(chat.parallel_tool_calls and mode == "required"))
         return llguidance.LLMatcher.grammar_from_lark(lark)
 
-    def _call_schema(self, tool: Tool) -> dict[str, Any]:
+    def _call_schema(self, tool: Tool, constrain: bool = True) -> dict[str, Any]:
+        """A call of `tool`; with `constrain` off (a tool that is not strict, offered under auto beside
+        strict ones) its arguments are any JSON object."""
         params = tool.function.parameters or {"type": "object", "properties": {}}
+        if not constrain:
+            params = {"type": "object"}
         return {
             "type": "object",
             "properties": {"name": {"const": tool.function.name}, self.arguments_key: params},
