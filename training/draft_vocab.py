@@ -4,11 +4,11 @@ data, written into the draft file for its subset head (fuserve/speculative/subse
 Frequency is counted over the target's generated tokens of training/generate_draft_data.py's records
 (the prompts' tokens are not counted: a draft proposes what the target will say); ties go to the lower
 token id, so the same data gives the same subset. The ids go into the draft file as `VOCAB_TENSOR`
-(ascending, uint16: 16 KB for 8,192 tokens), with a note of their origin in its metadata.
+(ascending, uint16: 8 KB for 4,096 tokens), with a note of their origin in its metadata.
 
 Reproduce (repo root; after generate_draft_data.py and train_draft.py, or on the shipped file):
 
-    PYTHONPATH=$PWD python training/draft_vocab.py --size 8192 \
+    PYTHONPATH=$PWD python training/draft_vocab.py --size 4096 \
         --draft fuserve/speculative/drafts/smollm2-135m-instruct-draft.safetensors
 
 `--size 0` removes the subset (the draft then proposes over the whole vocabulary). The size was chosen
@@ -74,7 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="training/data/draft_data.pt")
     ap.add_argument("--draft", default="fuserve/speculative/drafts/smollm2-135m-instruct-draft.safetensors")
-    ap.add_argument("--size", type=int, default=8192, help="tokens in the draft's head (0: whole vocabulary)")
+    ap.add_argument("--size", type=int, default=4096, help="tokens in the draft's head (0: whole vocabulary)")
     ap.add_argument("--out", default="training/results/draft_vocab.json")
     args = ap.parse_args()
     draft = Path(args.draft)

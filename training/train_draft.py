@@ -12,7 +12,7 @@ Reproduce (repo root, one thread; after generate_draft_data.py):
 
     PYTHONPATH=$PWD python training/train_draft.py --init target --layers 0,29 --steps 600 \
         --batch 12 --lr 2e-3 --warmup 30 \
-        --vocab-size 8192 --export fuserve/speculative/drafts/smollm2-135m-instruct-draft.safetensors
+        --vocab-size 4096 --export fuserve/speculative/drafts/smollm2-135m-instruct-draft.safetensors
     PYTHONPATH=$PWD python training/eval_draft.py --speed   # -> training/results/draft_acceptance.json
     python training/plot_draft_training.py                   # -> training/results/draft_training.png
 
@@ -284,7 +284,7 @@ def main() -> None:
     ap.add_argument("--curve", default="training/results/draft_training.json")
     ap.add_argument("--export", default="")
     ap.add_argument(
-        "--vocab-size", type=int, default=8192, help="tokens in the exported draft's head (0: all)"
+        "--vocab-size", type=int, default=4096, help="tokens in the exported draft's head (0: all)"
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
