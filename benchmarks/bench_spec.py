@@ -161,6 +161,8 @@ def run_variant(
             accepted=c.num_accepted,
             k_counts=c.k_counts,
             draft_ms_per_round=1e3 * c.draft_seconds / max(c.num_rounds, 1),
+            # a round's forwards (the new tokens' prefill, then k - 1 decodes) over the drafts it made
+            draft_ms_per_draft=1e3 * c.draft_seconds / max(c.num_drafts, 1),
             channel_ms_per_round=1e3 * c.channel_seconds / max(c.num_rounds, 1),
             verify_ms_per_step=1e3 * c.verify_seconds / max(c.num_verify_steps, 1),
             verify_steps=c.num_verify_steps,
@@ -260,7 +262,8 @@ def main() -> None:
                     print(
                         f"{kind:<7} b={batch:<3} A={acceptance} k={k!s:<8} {row['tok_s']:8.1f} tok/s "
                         f"x{row['speedup']:.2f}  acc={row['acceptance_rate']:.2f} "
-                        f"len={row['mean_accepted_length']:.2f}",
+                        f"len={row['mean_accepted_length']:.2f} draft={row['draft_ms_per_draft']:.1f} ms "
+                        f"verify={row['verify_ms_per_step']:.0f} ms",
                         flush=True,
                     )
             print(f"{kind:<7} b={batch:<3} plain      {plain['tok_s']:8.1f} tok/s", flush=True)

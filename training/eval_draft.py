@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from draft_model import build_draft, target_gguf, target_tensors, tie_and_freeze_embedding  # noqa: E402
 from draft_prompts import heldout_prompts  # noqa: E402
+from draft_vocab import frequent_tokens, token_counts  # noqa: E402
 
 from fuserve.speculative.shipped_draft import EMBED_NAME, materialize_draft  # noqa: E402
 
@@ -96,13 +97,10 @@ def draft_runs(
     return runs
 
 
-def frequent_tokens(data: Path, sizes: list[int]) -> dict[str, torch.Tensor]:
-    """The most frequent target output tokens of the training data, for reduced-vocabulary heads."""
-    counts = torch.zeros(49152, dtype=torch.long)
-    for r in torch.load(data):
-        counts += torch.bincount(r["output_ids"].long(), minlength=counts.numel())
-    order = counts.argsort(descending=True)
-    return {f"top{n}": order[:n].sort().values for n in sizes}
+def subset_candidates(data: Path, sizes: list[int]) -> dict[str, torch.Tensor]:
+    """The most frequent target output tokens of the training data (draft_vocab.py), per size."""
+    counts = token_counts(torch.load(data))
+    return {f"top{n}": frequent_tokens(counts, n) for n in sizes}
 
 
 def load_draft(draft_file: Path | None) -> torch.nn.Module:
@@ -195,7 +193,7 @@ def main() -> None:
     model = load_draft(None if args.untrained else Path(args.draft))
     subsets: dict[str, torch.Tensor | None] = {"full": None}
     if Path(args.data).is_file():
-        subsets.update(frequent_tokens(Path(args.data), [4096, 8192, 16384]))
+        subsets.update(subset_candidates(Path(args.data), [2048, 4096, 8192, 16384]))
     all_runs = draft_runs(model, rows, subsets)
     runs = all_runs.pop("full")
     report = {

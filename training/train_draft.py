@@ -12,7 +12,7 @@ Reproduce (repo root, one thread; after generate_draft_data.py):
 
     PYTHONPATH=$PWD python training/train_draft.py --init target --layers 0,29 --steps 600 \
         --batch 12 --lr 2e-3 --warmup 30 \
-        --export fuserve/speculative/drafts/smollm2-135m-instruct-draft.safetensors
+        --vocab-size 4096 --export fuserve/speculative/drafts/smollm2-135m-instruct-draft.safetensors
     PYTHONPATH=$PWD python training/eval_draft.py --speed   # -> training/results/draft_acceptance.json
     python training/plot_draft_training.py                   # -> training/results/draft_training.png
 
@@ -53,6 +53,7 @@ from draft_model import (  # noqa: E402
     target_tensors,
     tie_and_freeze_embedding,
 )
+from draft_vocab import frequent_tokens, token_counts, vocab_note, write_vocab  # noqa: E402
 
 from fuserve.speculative.shipped_draft import DRAFT_FORMAT, EMBED_NAME  # noqa: E402
 
@@ -259,6 +260,9 @@ def train(args: argparse.Namespace) -> None:
     Path(args.curve).write_text(json.dumps(summary, indent=1) + "\n")
     if args.export:
         export(model, Path(args.export), args, summary)
+        if args.vocab_size:  # the reduced-vocabulary head's tokens (draft_vocab.py)
+            ids = frequent_tokens(token_counts(records), args.vocab_size)
+            write_vocab(Path(args.export), ids, vocab_note(args.vocab_size, records, args.data))
 
 
 def main() -> None:
@@ -279,6 +283,9 @@ def main() -> None:
     ap.add_argument("--time-limit-s", type=float, default=45 * 60)
     ap.add_argument("--curve", default="training/results/draft_training.json")
     ap.add_argument("--export", default="")
+    ap.add_argument(
+        "--vocab-size", type=int, default=4096, help="tokens in the exported draft's head (0: all)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -10,7 +10,9 @@
     release(ids):       their blocks go back
 
 It runs the same kernels as the target (Triton on GPU, CUDA graphs for the decode steps; torch
-reference ops on CPU), on a KV pool sized from the draft's own share of its device.
+reference ops on CPU), on a KV pool sized from the draft's own share of its device. A draft whose folder
+has a vocabulary file (subset_head.py) picks its drafts among those tokens only, from a head of that many
+rows; one without drafts over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fuserve.configs import CacheConfig, DraftPlacementConfig, FuserveConfig, Ke
 from fuserve.parallel.tp_context import TPContext
 from fuserve.speculative.draft_sequences import DraftSequence, DraftSequences
 from fuserve.speculative.proposer import ProposeRequest
+from fuserve.speculative.subset_head import SubsetHead, read_vocab_file
 from fuserve.workers.cuda_graphs import DecodeGraphs
 from fuserve.workers.kernels.switches import apply_config
 from fuserve.workers.kv_cache import allocate_kv_cache, bytes_per_block
@@ -64,6 +67,9 @@ class DraftRunner:
             model.seed,
             quant_scheme(source, model),
         )
+        vocab = read_vocab_file(source.path) if source.path is not None and source.path.is_dir() else None
+        head = self.model.lm_head
+        self.head = SubsetHead(head.weight, vocab, head.linear) if vocab is not None else None
         self.block_size = cache.block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.runner = ModelRunner(self.model, self.device, self.block_size)
@@ -82,6 +88,8 @@ class DraftRunner:
             graphs.capture()
             self.runner.graphs = graphs
         log.info("draft KV cache: %d blocks x %d tokens on %s", num_blocks, self.block_size, self.device)
+        if self.head is not None:
+            log.info("draft head over %d of %d tokens", len(self.head.token_ids), head.vocab_size)
 
     @classmethod
     def from_config(cls, config: FuserveConfig) -> DraftRunner:
@@ -181,7 +189,7 @@ class DraftRunner:
                     rows.append(d)
             hidden = self.runner.forward_plan(plan)
             if hidden is not None:
-                tokens = self.model.greedy_tokens(hidden)
+                tokens = self._greedy(hidden)
                 for r, d in enumerate(rows):
                     firsts[d] = tokens[r : r + 1]
         return torch.cat([firsts[d] for d in range(len(drafting))])
@@ -202,7 +210,11 @@ class DraftRunner:
                 prev_row += 1
         hidden = self.runner.forward_plan(plan, prev)
         assert hidden is not None
-        return self.model.greedy_tokens(hidden)
+        return self._greedy(hidden)
+
+    def _greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Each row's draft (a target token id): over the draft's vocabulary subset if it has one."""
+        return self.head.greedy(hidden) if self.head is not None else self.model.greedy_tokens(hidden)
 
     def _add_row(self, plan: StepPlan, seq: DraftSequence, tokens: list[int], start: int) -> None:
         n = len(tokens)

@@ -5,7 +5,9 @@ weights: its few decoder layers and final norm. It shares the target's tied embe
 the file stays a few MB while the target's 49k x 576 embedding stays in the target's own file. To
 serve it, `materialize_draft` writes (once, in a folder named by the content hash of both files) an
 HF-style Llama folder: config.json (the target's architecture with the draft's depth and MLP width),
-model.safetensors (target embedding + draft layers + norm, tied) and the target's tokenizer.
+model.safetensors (target embedding + draft layers + norm, tied) and the target's tokenizer. A file
+that also holds `VOCAB_TENSOR` (the token ids its reduced-vocabulary head may propose, subset_head.py)
+gets them as the folder's draft_vocab.json, which the draft runner reads.
 
 A config names a shipped draft by `path: "shipped:<name>"` (see `resolve_shipped`), which fuserve's
 loader resolves to the materialized folder; the draft file's metadata says which target package it
@@ -26,10 +28,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fuserve.speculative.subset_head import write_vocab_file
+
 DRAFTS_DIR = Path(__file__).parent / "drafts"
 SHIPPED_PREFIX = "shipped:"
 DRAFT_FORMAT = "fuserve-draft/1"
 EMBED_NAME = "model.embed_tokens.weight"
+VOCAB_TENSOR = "draft.vocab_token_ids"  # [V'] ascending target ids (uint16 when they fit: 2 bytes each)
 
 
 def is_shipped(path: str | None) -> bool:
@@ -154,6 +159,9 @@ def materialize_draft(target_source: Path, draft_file: Path, cache_dir: Path) ->
         with safe_open(str(draft_file), framework="pt") as f:
             for name in f.keys():
                 tensors[name] = f.get_tensor(name).contiguous()
+        vocab = tensors.pop(VOCAB_TENSOR, None)
+        if vocab is not None:
+            write_vocab_file(tmp, vocab.to(torch.int64), meta.get("vocab_subset", ""))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = draft_hf_config(target_config, meta)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

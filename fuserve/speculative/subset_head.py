@@ -1,0 +1,78 @@
+"""A draft's LM head over a subset of the vocabulary: the draft chooses among the V' tokens the target
+says most often, and reads V' rows of the tied embedding per token instead of all V.
+
+The shipped draft (2 layers, hidden 576) reads ~87 % of its per-token bytes in the 49,152 x 576 head;
+its greedy token chosen among the 4k-8k most frequent tokens of its training data is the full head's
+choice at all but a few positions (training/results/draft_acceptance.json), at a fraction of the cost.
+
+    load:    weight [V, H] (the tied embedding) --rows `ids`--> a contiguous [V', H] copy, gathered once
+    draft:   hidden [S, H] --linear--> logits [S, V'] --argmax--> index [S] --ids[index]--> target ids [S]
+
+The input embedding stays whole (the draft reads whatever the target said); only the output side shrinks.
+
+Exactness. The target verifies every draft, so which tokens a draft can propose changes the speed of
+speculation, never its output:
+  greedy        a draft is kept iff it equals the target's argmax (rejection.py), whatever proposed it.
+  temperature   the engine keeps draft x with probability p(x) and otherwise draws from p with x
+                removed, the point-mass rule for a deterministic proposal (rejection.py): exact for any
+                way of choosing x, so a draft that can never propose a token outside the subset keeps
+                the target's distribution. Should drafts ever sample and be verified with the ratio
+                rule (keep x ~ q with probability min(1, p(x)/q(x)), else draw from max(0, p - q)), q
+                must be this head's softmax over the subset (0 outside it) and x drawn from that q:
+                the rule is exact for any q, and every token outside the subset reaches the output
+                through the residual, where q = 0 leaves its whole p(y).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fuserve.workers.kernels.argmax import greedy_tokens
+
+VOCAB_FILE = "draft_vocab.json"  # in a draft's model folder: {"token_ids": [...], ...}
+
+
+class SubsetHead:
+    def __init__(
+        self, weight: torch.Tensor, token_ids: torch.Tensor, linear: Callable[..., torch.Tensor] = F.linear
+    ) -> None:
+        """weight: the full head [V, H] (the draft's tied embedding); token_ids: [V'] the target ids the
+        draft may propose, ascending (so that ties go to the lowest id, as over the whole vocabulary);
+        linear: the model's own linear op (the full head's: Triton GEMV on the GPU, torch elsewhere)."""
+        ids = token_ids.to(device=weight.device, dtype=torch.int64)
+        if ids.numel() == 0 or bool((ids[1:] <= ids[:-1]).any()):
+            raise ValueError("a draft vocabulary needs distinct token ids in ascending order")
+        if int(ids[0]) < 0 or int(ids[-1]) >= weight.shape[0]:
+            raise ValueError(
+                f"draft vocabulary ids span {int(ids[0])}..{int(ids[-1])}, outside the model's "
+                f"{weight.shape[0]} tokens: the vocabulary file belongs to another model"
+            )
+        self.token_ids = ids
+        self.linear = linear
+        self.weight = weight.index_select(0, ids).contiguous()  # [V', H], gathered once
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [S, H] -> logits [S, V'] over the subset (column i is token `token_ids[i]`)."""
+        return self.linear(hidden, self.weight, None)
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [S, H] -> each row's argmax over the subset, as target token ids [S] int64."""
+        return self.token_ids[greedy_tokens(self.logits(hidden))]
+
+
+def read_vocab_file(folder: Path) -> torch.Tensor | None:
+    """The token ids of a model folder's draft vocabulary, or None when it has none (full head)."""
+    file = Path(folder) / VOCAB_FILE
+    if not file.is_file():
+        return None
+    return torch.tensor(json.loads(file.read_text())["token_ids"], dtype=torch.int64)
+
+
+def write_vocab_file(folder: Path, token_ids: torch.Tensor, note: str) -> None:
+    body = {"token_ids": [int(t) for t in token_ids], "note": note}
+    (Path(folder) / VOCAB_FILE).write_text(json.dumps(body) + "\n")

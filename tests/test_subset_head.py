@@ -1,0 +1,49 @@
+"""A draft's head over a vocabulary subset: its logits are the full head's logits at those rows, its
+greedy token is the best of the subset as a target id, and a vocabulary that does not fit the model is
+refused with the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fuserve.speculative.subset_head import SubsetHead, read_vocab_file, write_vocab_file
+
+V, H = 1000, 64
+
+
+def test_logits_are_the_full_heads_at_the_subset_rows_and_greedy_maps_back() -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(V, H, generator=gen)
+    ids = torch.randperm(V, generator=gen)[:150].sort().values
+    hidden = torch.randn(7, H, generator=gen)
+    head = SubsetHead(weight, ids)
+    full = F.linear(hidden, weight)
+    torch.testing.assert_close(head.logits(hidden), full[:, ids], rtol=1e-6, atol=1e-5)
+    want = ids[full[:, ids].argmax(-1)]
+    assert torch.equal(head.greedy(hidden), want)
+    assert set(head.greedy(hidden).tolist()) <= set(ids.tolist())
+    # where the full head's argmax is in the subset, the subset head picks that same token
+    hidden_in = weight[ids[3]].unsqueeze(0) * 10  # a row pointing at subset token ids[3]
+    assert int(head.greedy(hidden_in)) == int(F.linear(hidden_in, weight).argmax()) == int(ids[3])
+    assert head.weight.is_contiguous() and head.weight.shape == (150, H)
+
+
+def test_a_vocabulary_that_does_not_fit_the_model_is_refused() -> None:
+    weight = torch.zeros(V, H)
+    with pytest.raises(ValueError, match="outside the model's 1000 tokens"):
+        SubsetHead(weight, torch.tensor([1, 5, V]))
+    with pytest.raises(ValueError, match="ascending"):
+        SubsetHead(weight, torch.tensor([5, 1]))
+    with pytest.raises(ValueError, match="ascending"):
+        SubsetHead(weight, torch.tensor([], dtype=torch.int64))
+
+
+def test_vocab_file_round_trip(tmp_path: Path) -> None:
+    assert read_vocab_file(tmp_path) is None
+    ids = torch.tensor([0, 7, 49151])
+    write_vocab_file(tmp_path, ids.to(torch.uint16), "three tokens")
+    assert torch.equal(read_vocab_file(tmp_path), ids)
