@@ -34,7 +34,8 @@ from fuserve.workers.step_plan import StepPlan
 BLOCK_SIZE = 16
 
 
-def decode_plan(batch: int, context: int) -> StepPlan:
+def decode_plan(batch: int, context: int, keys: bool = True) -> StepPlan:
+    """With `keys` the tables cross as diffs (plan_diff.py): after the first plan one word a sequence."""
     blocks = -(-context // BLOCK_SIZE)
     return StepPlan(
         input_ids=[7] * batch,
@@ -44,6 +45,7 @@ def decode_plan(batch: int, context: int) -> StepPlan:
         context_lens=[context] * batch,
         block_tables=[list(range(b * blocks, (b + 1) * blocks)) for b in range(batch)],
         sample_rows=list(range(batch)),
+        seq_keys=list(range(batch)) if keys else [],
         argmax_only=True,
     )
 
@@ -53,6 +55,9 @@ def cases() -> list[tuple[str, StepPlan]]:
         ("decode b1 ctx256", decode_plan(1, 256)),
         ("decode b8 ctx1024", decode_plan(8, 1024)),
         ("decode b64 ctx1024", decode_plan(64, 1024)),
+        ("decode b64 ctx1024 whole tables", decode_plan(64, 1024, keys=False)),
+        ("decode b64 ctx4096", decode_plan(64, 4096)),
+        ("decode b64 ctx4096 whole tables", decode_plan(64, 4096, keys=False)),
     ]
 
 

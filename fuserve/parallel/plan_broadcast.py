@@ -11,7 +11,8 @@ Decode plans of small batches fit in the first broadcast. The payload is the pla
 back, in StepPlan's field order; a list of lists (block tables) is its row lengths, then its rows; an
 int or bool field is one entry.
 Every StepPlan field crosses except `sample_requests`: only rank 0 samples. The field list is read
-from the dataclass, so a field added to StepPlan travels without a change here.
+from the dataclass, so a field added to StepPlan travels without a change here. Block tables cross as
+diffs against the previous plan (plan_diff.py).
 
 Kinds: PLAN (run it), HEARTBEAT (nothing to run; keeps the gloo wait of an idle worker under its
 timeout), SHUTDOWN (leave the loop). The sender takes a lock per message, so rank 0's heartbeat thread
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fuserve.parallel.plan_diff import TableDiffReceiver, TableDiffSender
 from fuserve.parallel.plan_ring import PlanRing
 from fuserve.workers.step_plan import StepPlan
 
@@ -131,9 +133,10 @@ class PlanSender:
         self._last_send = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._diff = TableDiffSender()
 
     def send(self, plan: StepPlan) -> None:
-        counts, payload = encode_plan(plan)
+        counts, payload = encode_plan(self._diff.encode(plan))
         self._send(Kind.PLAN, counts, payload)
 
     def _send(self, kind: Kind, counts: list[int], payload: list[int]) -> None:
@@ -180,6 +183,7 @@ class PlanReceiver:
     def __init__(self, group: Any) -> None:
         self.group = group
         self._first = torch.empty(FIRST_NUMEL, dtype=torch.int64)
+        self._diff = TableDiffReceiver()
 
     def recv(self) -> StepPlan | None:
         room = FIRST_NUMEL - HEADER_NUMEL
@@ -196,7 +200,7 @@ class PlanReceiver:
                 rest = torch.empty(length - room, dtype=torch.int64)
                 dist.broadcast(rest, src=0, group=self.group)
                 payload += rest.tolist()
-            return decode_plan(counts, payload)
+            return self._diff.apply(decode_plan(counts, payload))
 
 
 class RingPlanSender:
@@ -207,9 +211,10 @@ class RingPlanSender:
         self.ring = ring
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
+        self._diff = TableDiffSender()
 
     def send(self, plan: StepPlan) -> None:
-        counts, payload = encode_plan(plan)
+        counts, payload = encode_plan(self._diff.encode(plan))
         self._send(Kind.PLAN, counts, payload)
 
     def _send(self, kind: Kind, counts: list[int], payload: list[int]) -> None:
@@ -245,6 +250,7 @@ class RingPlanReceiver:
     def __init__(self, ring: PlanRing, spin_s: float) -> None:
         self.ring = ring
         self.spin_s = spin_s
+        self._diff = TableDiffReceiver()
 
     def recv(self) -> StepPlan | None:
         while True:
@@ -257,4 +263,4 @@ class RingPlanReceiver:
             if kind == Kind.SHUTDOWN:
                 return None
             if kind == Kind.PLAN:
-                return decode_plan(counts, words[HEADER_NUMEL : HEADER_NUMEL + length])
+                return self._diff.apply(decode_plan(counts, words[HEADER_NUMEL : HEADER_NUMEL + length]))

@@ -6,6 +6,7 @@ A sequence is `prompt + output` tokens; `num_computed_tokens` of them have K/V i
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -13,6 +14,7 @@ from fuserve.sampling_params import SamplingParams
 
 # Stands in the token list for a token the in-flight step is still sampling (async scheduling).
 PLACEHOLDER = -1
+_keys = itertools.count()
 
 
 class SequenceStatus(Enum):
@@ -48,6 +50,8 @@ class Sequence:
     spec_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
+    # an int naming the sequence in step plans (their block tables cross to other ranks as diffs)
+    key: int = field(default_factory=lambda: next(_keys))
 
     def __post_init__(self) -> None:
         if not self.token_ids:

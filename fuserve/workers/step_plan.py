@@ -23,6 +23,7 @@ class StepPlan:
     context_lens: list[int] = field(default_factory=list)
     block_tables: list[list[int]] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # which sequences (by index) sample
+    seq_keys: list[int] = field(default_factory=list)  # per sequence, Sequence.key (plan_diff.py)
     # Speculative decoding (empty when no sequence speculates): per sampling sequence, its number of
     # drafts, whose positions end its chunk; it takes logits at each draft and after the last one.
     num_drafts: list[int] = field(default_factory=list)
@@ -117,6 +118,7 @@ def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
         plan.query_start_loc.append(plan.query_start_loc[-1] + n)
         plan.context_lens.append(start + n)
         plan.block_tables.append(list(table))
+        plan.seq_keys.append(seq.key)
         if item.samples:
             plan.sample_rows.append(b)
             output = seq.output_token_ids
