@@ -1042,6 +1042,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the routers `routers` compares: length_aware, pow2, prefix_affinity",
     )
     p.add_argument(
+        "--think-s",
+        default="2,6",
+        help="multi_turn: seconds between a conversation's turns, LOW,HIGH. With 2-6 s a few hundred "
+        "requests spread over ~30 s whatever the rate, so `--load 0.8` runs near 16%% of saturation",
+    )
+    p.add_argument(
         "--workloads",
         default="mix",
         help=f"routers: the workloads, comma-separated, of {', '.join(WORKLOADS)} (benchmarks/workloads.py)",
@@ -1124,7 +1130,10 @@ def main(argv: list[str] | None = None) -> int:
     names = args.workloads.split(",")
 
     def make(name: str, rate: float) -> list[RequestSpec]:
-        return make_named(name, vocab, args.num_requests, rate, args.arrival, args.seed, max_len, args.scale)
+        shape = {"think_s": tuple(float(x) for x in args.think_s.split(","))} if name == "multi_turn" else {}
+        return make_named(
+            name, vocab, args.num_requests, rate, args.arrival, args.seed, max_len, args.scale, **shape
+        )
 
     workloads = {rate: make("mix", rate) for rate in rates}
 
