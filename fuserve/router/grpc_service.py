@@ -22,7 +22,7 @@ from fuserve.router.grpc_options import message_fields, option_fields
 from fuserve.router.proto import fuserve_pb2 as pb
 from fuserve.router.protocol import ChatCompletionRequest, CompletionRequest, ToolCall
 from fuserve.router.responses import Transcript
-from fuserve.router.tool_call_format import CallStream, ToolCallFormat
+from fuserve.router.tool_call_format import CallStream, ToolCallFormat, feed_delta
 
 SERVICER_FUNCTION = "fuserve.router.proto.fuserve_pb2_grpc.add_GenerationServicer_to_server"
 
@@ -148,13 +148,7 @@ class StreamReplies:
         stream = self._tool_streams.get(index)
         if stream is None:
             stream = self._tool_streams[index] = self.tool_format.stream()
-        content, calls = stream.feed(d.text)
-        finish = d.finish_reason
-        if d.finished:
-            more_content, more_calls = stream.finish()
-            content, calls = content + more_content, calls + more_calls
-            if stream.num_calls and finish == "stop":
-                finish = "tool_calls"
+        content, calls, finish = feed_delta(stream, d.text, d.finished, d.finish_reason)
         c.tool_calls.extend(_calls(calls))
         return content, finish
 

@@ -39,7 +39,7 @@ from fuserve.router.protocol import (
     TopLogprob,
     Usage,
 )
-from fuserve.router.tool_call_format import CallStream, ToolCallFormat
+from fuserve.router.tool_call_format import CallStream, ToolCallFormat, feed_delta
 
 DecodeToken = Callable[[int], str]
 MIN_LOGPROB = -9999.0  # JSON has no -inf (nor NaN): a zero-probability token reports this, as vLLM does
@@ -251,13 +251,7 @@ class ChunkWriter:
         if stream is None:
             stream = self._tool_streams[choice] = self.tool_format.stream()
         first = stream.num_calls
-        content, calls = stream.feed(d.text)
-        finish = d.finish_reason
-        if d.finished:
-            more_content, more_calls = stream.finish()
-            content, calls = content + more_content, calls + more_calls
-            if stream.num_calls and finish == "stop":
-                finish = "tool_calls"
+        content, calls, finish = feed_delta(stream, d.text, d.finished, d.finish_reason)
         if not (content or calls or d.finished or lp):
             return ""  # held back: it may be the start of a call
         delta: DeltaMessage | ToolCallsDelta = DeltaMessage(content=content or None)

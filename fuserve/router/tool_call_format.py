@@ -106,6 +106,21 @@ class CallStream(Protocol):
     def finish(self) -> tuple[str, list[ToolCall]]: ...
 
 
+def feed_delta(
+    stream: CallStream, text: str, finished: bool, finish_reason: str | None
+) -> tuple[str, list[ToolCall], str | None]:
+    """One streamed delta through a choice's call stream, as HTTP's SSE and gRPC's streams both send it:
+    the content to send now, the calls completed, and the finish reason (a choice that stopped after
+    calling ends with "tool_calls")."""
+    content, calls = stream.feed(text)
+    if finished:
+        more_content, more_calls = stream.finish()
+        content, calls = content + more_content, calls + more_calls
+        if stream.num_calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
+    return content, calls, finish_reason
+
+
 @dataclass(frozen=True)
 class ToolCallFormat(ABC):
     """One tool-call format, for one model's chat template."""
