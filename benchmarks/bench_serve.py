@@ -590,21 +590,49 @@ def scrape_step_cost(url: str) -> Any:
     return StepCost(**found) if len(found) == 3 and found["base_s"] > 0 else None
 
 
-def simulated(specs: list[RequestSpec], router: str, cost: Any, config: Any, replicas: int) -> dict[str, Any]:
+def simulated(
+    specs: list[RequestSpec], router: str, cost: Any, config: Any, replicas: int, path_s: float = 0.0
+) -> dict[str, Any]:
     """The simulator's prediction for one measured row: the same requests, the same router, replicas
-    with the measured step cost and the served scheduler settings (benchmarks/route_sim.py)."""
+    with the measured step cost, the served scheduler settings and, on a GPU, async scheduling
+    (benchmarks/route_sim.py); `path_s`, the serving path's own part of a TTFT, from `path_latency`."""
     import route_sim
+    import torch
 
     if cost is None or router not in route_sim.ROUTER_CLASSES:
         return {}
-    cfg = route_sim.SimConfig(num_replicas=replicas, cost=cost, scheduler=config.scheduler)
+    on_gpu = torch.cuda.is_available() and config.model.device != "cpu"
+    async_on = config.scheduler.async_scheduling == "on" or (
+        config.scheduler.async_scheduling == "auto" and on_gpu
+    )
+    cfg = route_sim.SimConfig(
+        num_replicas=replicas,
+        cost=cost,
+        scheduler=config.scheduler,
+        async_scheduling=async_on,
+        path_s=path_s,
+    )
     sim = route_sim.summarize(route_sim.simulate(specs, router, cfg))
     return {
         "sim_ttft_ms_p50": sim["ttft_ms_p50"],
         "sim_ttft_ms_p99": sim["ttft_ms_p99"],
         "sim_output_tok_s": sim["output_tok_s"],
         "step_cost": [cost.base_s, cost.per_seq_s, cost.per_token_s],
+        "sim_path_ms": path_s * 1e3,
+        "sim_async_scheduling": async_on,
     }
+
+
+def path_latency(url: str, specs: list[RequestSpec], cost: Any) -> float:
+    """The serving path's own part of a TTFT (HAProxy and its router, the frontend, both IPC legs, SSE):
+    the median TTFT of lone requests on idle replicas, less the step that computes their prefill."""
+    if cost is None or not specs:
+        return 0.0
+    results, _, _ = http_level(url, Level(specs, concurrency=1, num_requests=len(specs)))
+    lone = sorted(
+        r.ttft_s - cost.step_s(len(spec.prompt_ids), 0) for r, spec in zip(results, specs) if r.ok
+    )
+    return max(lone[len(lone) // 2], 0.0) if lone else 0.0
 
 
 def compare_routers(
@@ -629,6 +657,7 @@ def compare_routers(
         url = _serve_app(cfg, f"bench_{router}", port)
         first = make(names[0], math.inf)
         http_level(url, Level(first[: min(4, len(first))], rate=math.inf))  # warm-up: first-call costs
+        path_s = path_latency(url, first[:9], scrape_step_cost(url))
         for name in names:
             for rate in order:
                 if args.load and not math.isinf(rate):
@@ -645,7 +674,7 @@ def compare_routers(
                     placed.setdefault(r.replica, {}).setdefault(r.kind, 0)
                     placed[r.replica][r.kind] += 1
                 row["placement"] = placed
-                row.update(simulated(specs, router, scrape_step_cost(url), cfg, 2))
+                row.update(simulated(specs, router, scrape_step_cost(url), cfg, 2, path_s))
                 rows.append(row)
                 print(
                     f"  router {router:15s} {name:10s} at {rate:.2f} req/s: {row['output_tok_s']:.1f} tok/s, "

@@ -81,6 +81,10 @@ class SimConfig:
     report_delay_s: float = 0.01
     num_routers: int = 1
     seed: int = 0
+    # The engine's async scheduling: each step is planned as the one before it starts, so a request that
+    # arrives while a step runs waits for the step after the next (one step more than planned at once).
+    async_scheduling: bool = False
+    path_s: float = 0.0  # the serving path's own part of every TTFT (HTTP, the router's call, IPC, SSE)
 
 
 # ---- a replica: the engine's scheduler and block manager on virtual time -----------------------------
@@ -99,6 +103,7 @@ class SimReplica:
         self.last_report_at = 0.0
         self.stats = CoreStats()
         self.inflight: tuple[float, Any] | None = None  # (when it ends, the step running): oracles read it
+        self.planned: tuple[float, Any] | None = None  # async scheduling: (seconds, the step queued next)
 
     def add(self, idx: int, spec: RequestSpec, keys: list[int]) -> None:
         params = SamplingParams(max_tokens=spec.max_tokens, ignore_eos=True)
@@ -109,20 +114,23 @@ class SimReplica:
         self.prefixes.add(keys)
 
     def start_step(self) -> tuple[float, Any] | None:
+        """Plans a step and launches it: (its seconds, the plan), or None with nothing to run."""
         out = self.scheduler.schedule()
         if out.is_empty:
-            self.busy = False
             return None
         self.scheduler.on_launched(out)
         prefill = prefill_tokens(out)
-        self.busy = True
         self.stats = self.core_stats(prefill)  # the engine core's stats go out as each step starts
         return self.cfg.cost.step_s(prefill, out.num_tokens - prefill), out
 
     def finish_step(self, out: Any) -> tuple[list[int], list[int]]:
         """Returns (requests that got their first token, requests that finished)."""
         sampled = [1 if s.samples else None for s in out.scheduled]
-        firsts = [int(s.seq.seq_id) for s in out.scheduled if s.samples and s.seq.num_output_tokens == 1]
+        firsts = [  # this step's token is the sequence's first (a later step may be launched already)
+            int(s.seq.seq_id)
+            for s in out.scheduled
+            if s.samples and s.start + s.num_known_tokens == s.seq.num_prompt_tokens
+        ]
         done = [int(s.seq_id) for s in self.scheduler.update_from_output(out, sampled)]
         self.ongoing -= len(done)
         return firsts, done
@@ -362,13 +370,18 @@ def simulate(specs: list[RequestSpec], policy: str | RouterFactory, cfg: SimConf
     remaining = len(specs)
     last_finish = 0.0
 
-    def kick(rid: str) -> None:
+    def run(rid: str, step: tuple[float, Any] | None) -> None:
         rep = replicas[rid]
-        if not rep.busy:
-            started = rep.start_step()
-            rep.inflight = None if started is None else (now + started[0], started[1])
-            if started is not None:
-                push(now + started[0], "step", (rid, started[1]))
+        rep.busy = step is not None
+        rep.inflight = None if step is None else (now + step[0], step[1])
+        if step is not None:
+            push(now + step[0], "step", (rid, step[1]))
+            if cfg.async_scheduling:
+                rep.planned = rep.start_step()  # the next step is planned as this one starts
+
+    def kick(rid: str) -> None:
+        if not replicas[rid].busy:
+            run(rid, replicas[rid].start_step())
 
     while events and remaining:
         now, _, kind, payload = heapq.heappop(events)
@@ -383,13 +396,17 @@ def simulate(specs: list[RequestSpec], policy: str | RouterFactory, cfg: SimConf
             rid, out = payload
             firsts, done = replicas[rid].finish_step(out)
             for i in firsts:
-                ttft[i] = now - T0 - specs[i].arrival_s
+                ttft[i] = now - T0 - specs[i].arrival_s + cfg.path_s
             for i in done:
                 output_tokens += specs[i].max_tokens
                 remaining -= 1
                 last_finish = now
+            planned, replicas[rid].planned = replicas[rid].planned, None
             replicas[rid].busy = False
-            kick(rid)
+            if planned is not None:
+                run(rid, planned)
+            else:
+                kick(rid)
         elif kind == "report":
             snapshot = {rid: replicas[rid].report() for rid in ids}
             push(now + cfg.report_delay_s, "deliver", snapshot)

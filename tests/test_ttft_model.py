@@ -177,6 +177,26 @@ def test_the_step_cost_fit_recovers_the_engines_costs() -> None:
     assert fit.per_seq_s == pytest.approx(truth.per_seq_s, rel=0.3)
 
 
+def test_compile_stalls_do_not_inflate_the_fit_and_a_low_prior_still_rises() -> None:
+    truth = StepCost(base_s=0.007, per_seq_s=0.00003, per_token_s=0.00002)
+    rng = random.Random(1)
+    clipped, plain = StepCostMeter(), StepCostMeter()
+    for i in range(300):
+        prefill, decodes = rng.choice([0, 0, rng.randint(16, 2048)]), rng.randint(1, 64)
+        seconds = truth.step_s(prefill, decodes) + (1.5 if i in (3, 9, 40, 41, 250) else 0.0)
+        clipped.observe(prefill, decodes, seconds)
+        plain.observe(prefill, decodes, min(seconds, truth.step_s(prefill, decodes)))
+    assert clipped.estimate().base_s == pytest.approx(plain.estimate().base_s, rel=0.25)
+    slow = StepCost(base_s=0.2, per_seq_s=0.002, per_token_s=0.001)  # a CPU model, 20x the prior's base
+    meter = StepCostMeter()
+    for _ in range(200):
+        prefill, decodes = rng.choice([0, 0, rng.randint(16, 256)]), rng.randint(1, 8)
+        meter.observe(prefill, decodes, slow.step_s(prefill, decodes))
+    fit = meter.estimate()
+    fitted = StepCost(fit.base_s, fit.per_seq_s, fit.per_token_s)
+    assert fitted.step_s(0, 4) == pytest.approx(slow.step_s(0, 4), rel=0.1)
+
+
 def test_before_any_prefill_the_fit_keeps_its_prior_prefill_cost() -> None:
     meter = StepCostMeter(prior=(0.01, 0.0001, 0.0001))
     for _ in range(100):
@@ -298,3 +318,17 @@ def test_a_fresh_replica_takes_the_step_cost_of_the_most_measured_one() -> None:
     assert rank_by_ttft(shared, RequestShape(prompt_tokens=12, max_tokens=8))[0][0] == "fresh"
     young = [ReplicaView("a", cost_samples=MIN_COST_SAMPLES - 1), ReplicaView("b", cost_samples=3)]
     assert share_step_costs(young) == young  # nobody measured enough: each keeps its own
+
+
+def test_a_replica_left_with_a_stale_slow_cost_still_gets_traffic() -> None:
+    """A fit moves only with its replica's steps: a replica whose last steps were a burst's keeps that
+    slower cost while idle. Ranked on it, it would get nothing, and its cost would never be refitted."""
+    from fuserve.router.ttft_model import share_step_costs
+
+    busy = ReplicaView("busy", cost=StepCost(0.007, 0.00003, 0.00002), cost_samples=9000, num_running=4,
+                       num_decoding=4, decode_left=[40, 60, 80, 100])
+    stale = ReplicaView("stale", cost=StepCost(0.025, 0.0, 0.00002), cost_samples=4000)
+    assert rank_by_ttft([busy, stale], RequestShape(prompt_tokens=200, max_tokens=64))[0][0] == "busy"
+    shared = share_step_costs([busy, stale])
+    assert shared[1].cost == busy.cost
+    assert rank_by_ttft(shared, RequestShape(prompt_tokens=200, max_tokens=64))[0][0] == "stale"

@@ -92,16 +92,19 @@ MIN_COST_SAMPLES = 32
 
 
 def share_step_costs(views: list[ReplicaView]) -> list[ReplicaView]:
-    """A replica that has run few steps takes the step cost of the one that has run the most.
+    """Every replica takes the step cost of the one that has run the most steps.
 
-    The replicas of a deployment run the same model on the same kind of device; a fresh one's cost is
-    its meter's prior, which can be far from the truth either way: seen on a CPU test, an idle replica
-    with the prior looked slower than a busy one with a fitted cost, and every request went to the busy
-    one."""
+    The replicas of a deployment run the same model on the same kind of device, so their costs differ
+    only by what each fit has seen. A fit moves only when its replica runs steps: one that stops
+    getting traffic keeps the cost of its last regime (a burst's, or its first compiles'), looks slower
+    than the busy one, and so never gets traffic again. Seen on two H100s: after a burst one replica's
+    fit said 25 ms a step against the other's 10, and it received 0 of the next 300 requests. A fresh
+    replica's cost is its meter's prior, which can be off either way (a CPU test: every request went to
+    the busy replica)."""
     best = max(views, key=lambda v: v.cost_samples, default=None)
     if best is None or best.cost_samples < MIN_COST_SAMPLES:
         return views
-    return [v if v.cost_samples >= MIN_COST_SAMPLES else replace(v, cost=best.cost) for v in views]
+    return [v if v.cost == best.cost else replace(v, cost=best.cost) for v in views]
 
 
 @dataclass

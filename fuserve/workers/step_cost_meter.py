@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 PREFILL_SCALE = 1000.0  # tokens
 DECODE_SCALE = 100.0  # sequences
+OUTLIER_FACTOR = 4.0
+OUTLIER_SLACK_S = 0.02
+REFIT_EVERY = 8  # steps between the refits that the outlier clip predicts with
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,12 @@ class StepCostMeter:
         self.xx = [[0.0] * 3 for _ in range(3)]
         self.xy = [0.0] * 3
         self.num_samples = 0
+        self._theta = list(self.prior)  # the fit the clip predicts with, refitted every REFIT_EVERY steps
 
     def observe(self, prefill_tokens: int, num_decodes: int, seconds: float) -> None:
         x = (1.0, prefill_tokens / PREFILL_SCALE, num_decodes / DECODE_SCALE)
+        predicted = sum(max(t, 0.0) * xi for t, xi in zip(self._theta, x))
+        seconds = min(seconds, OUTLIER_FACTOR * predicted + OUTLIER_SLACK_S)
         f = self.forget
         for i in range(3):
             self.xy[i] = f * self.xy[i] + x[i] * seconds
@@ -68,11 +74,15 @@ class StepCostMeter:
             for j in range(3):
                 row[j] = f * row[j] + x[i] * x[j]
         self.num_samples += 1
+        if self.num_samples % REFIT_EVERY == 0:
+            self._theta = self._solve()
 
-    def estimate(self) -> StepCostFit:
+    def _solve(self) -> list[float]:
         w = self.prior_weight
         a = [[self.xx[i][j] + (w if i == j else 0.0) for j in range(3)] for i in range(3)]
         b = [self.xy[i] + w * self.prior[i] for i in range(3)]
-        theta = _solve3(a, b) or self.prior
-        base, token, seq = (max(t, 0.0) for t in theta)
+        return _solve3(a, b) or self.prior
+
+    def estimate(self) -> StepCostFit:
+        base, token, seq = (max(t, 0.0) for t in self._solve())
         return StepCostFit(base, seq / DECODE_SCALE, token / PREFILL_SCALE, self.num_samples)
