@@ -65,7 +65,7 @@ class StepCostMeter:
 
     def observe(self, prefill_tokens: int, num_decodes: int, seconds: float) -> None:
         x = (1.0, prefill_tokens / PREFILL_SCALE, num_decodes / DECODE_SCALE)
-        predicted = sum(max(t, 0.0) * xi for t, xi in zip(self._theta, x))
+        predicted = sum(max(t, 0.0) * xi for t, xi in zip(self._theta, x, strict=True))
         seconds = min(seconds, OUTLIER_FACTOR * predicted + OUTLIER_SLACK_S)
         f = self.forget
         for i in range(3):
