@@ -629,9 +629,8 @@ def path_latency(url: str, specs: list[RequestSpec], cost: Any) -> float:
     if cost is None or not specs:
         return 0.0
     results, _, _ = http_level(url, Level(specs, concurrency=1, num_requests=len(specs)))
-    lone = sorted(
-        r.ttft_s - cost.step_s(len(spec.prompt_ids), 0) for r, spec in zip(results, specs, strict=True) if r.ok
-    )
+    pairs = zip(results, specs, strict=True)
+    lone = sorted(r.ttft_s - cost.step_s(len(spec.prompt_ids), 0) for r, spec in pairs if r.ok)
     return max(lone[len(lone) // 2], 0.0) if lone else 0.0
 
 

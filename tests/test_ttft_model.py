@@ -325,8 +325,14 @@ def test_a_replica_left_with_a_stale_slow_cost_still_gets_traffic() -> None:
     slower cost while idle. Ranked on it, it would get nothing, and its cost would never be refitted."""
     from fuserve.router.ttft_model import share_step_costs
 
-    busy = ReplicaView("busy", cost=StepCost(0.007, 0.00003, 0.00002), cost_samples=9000, num_running=4,
-                       num_decoding=4, decode_left=[40, 60, 80, 100])
+    busy = ReplicaView(
+        "busy",
+        cost=StepCost(0.007, 0.00003, 0.00002),
+        cost_samples=9000,
+        num_running=4,
+        num_decoding=4,
+        decode_left=[40, 60, 80, 100],
+    )
     stale = ReplicaView("stale", cost=StepCost(0.025, 0.0, 0.00002), cost_samples=4000)
     assert rank_by_ttft([busy, stale], RequestShape(prompt_tokens=200, max_tokens=64))[0][0] == "busy"
     shared = share_step_costs([busy, stale])
