@@ -335,7 +335,7 @@ class EngineSpec:
     base: str
     gloo_plans: bool = False
     keyed_argmax: bool = True
-    l2_prefetch_mb: float = 0.0
+    l2_prefetch_mb: float | None = None  # None: the config's default (kernels.l2_prefetch_mb unset)
     two_shot: bool = True
 
     @classmethod
@@ -396,7 +396,7 @@ def run_engine(
                 "two_shot": spec.two_shot,
             },
             # every rank takes these from the config (fuserve/workers/kernels/switches.py)
-            kernels={"l2_prefetch_mb": spec.l2_prefetch_mb},
+            kernels={} if spec.l2_prefetch_mb is None else {"l2_prefetch_mb": spec.l2_prefetch_mb},
         )
     )
     t0 = time.perf_counter()

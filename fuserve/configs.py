@@ -245,14 +245,15 @@ class KernelConfig(_Strict):
         "ignore it). It saved ~0.2 ms per batch-1 token at TP=1 and TP=2 on H200s (2026-11-23; "
         "benchmarks/NOTES.md). false: off, for A/B runs.",
     )
-    l2_prefetch_mb: float = Field(
-        default=0.0,
+    l2_prefetch_mb: float | None = Field(
+        default=None,
         ge=0.0,
         allow_inf_nan=False,
         description="MiB of its weights each batch-1 GEMV asks L2 for while the kernels before it still "
-        "run (only with pdl; 0: off). Off by default: at TP=1 on an H200, 8 MiB cost 0.03 ms per token "
-        "and 24 MiB 0.14 (2026-11-23; benchmarks/NOTES.md); TP=2 not measured. Keep it well under L2 "
-        "(50 MiB on H100/H200).",
+        "run (only with pdl; 0: off). Unset: 4 MiB under tensor parallelism, off at TP=1. Measured on two "
+        "H100s (2026-11-26, benchmarks/NOTES.md): TP=2 batch 1 3.31-3.32 ms per token without, 3.20 with "
+        "4 MiB, 3.25 with 8, 3.38 with 24; at TP=1 on an H200 8 MiB cost 0.03 ms and 24 MiB 0.14 "
+        "(2026-11-23). Keep it well under L2 (50 MiB on H100/H200).",
     )
 
 

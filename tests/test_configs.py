@@ -60,6 +60,11 @@ def test_kernel_switches_come_from_the_config() -> None:
     assert KernelSwitches.from_config(FuserveConfig()) == KernelSwitches(pdl=True, l2_prefetch_bytes=0)
     config = config_from_dict({"kernels": {"pdl": False, "l2_prefetch_mb": 1.5}})
     assert KernelSwitches.from_config(config) == KernelSwitches(pdl=False, l2_prefetch_bytes=3 * 2**19)
+    # unset: 4 MiB under tensor parallelism (it won there on two H100s), off at TP=1 (it lost there)
+    tp2 = config_from_dict({"parallel": {"tensor_parallel_size": 2}})
+    assert KernelSwitches.from_config(tp2).l2_prefetch_bytes == 4 * 2**20
+    tp2_off = config_from_dict({"parallel": {"tensor_parallel_size": 2}, "kernels": {"l2_prefetch_mb": 0}})
+    assert KernelSwitches.from_config(tp2_off).l2_prefetch_bytes == 0
 
 
 @pytest.mark.parametrize("name", sorted(RETIRED_ENV))

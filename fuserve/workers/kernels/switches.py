@@ -42,9 +42,13 @@ class KernelSwitches:
     def from_config(cls, config: FuserveConfig) -> KernelSwitches:
         check_no_retired_env()
         kernels = config.kernels
-        return cls(pdl=kernels.pdl, l2_prefetch_bytes=int(kernels.l2_prefetch_mb * 2**20))
+        mb = kernels.l2_prefetch_mb
+        if mb is None:
+            mb = TP_L2_PREFETCH_MB if config.parallel.tensor_parallel_size > 1 else 0.0
+        return cls(pdl=kernels.pdl, l2_prefetch_bytes=int(mb * 2**20))
 
 
+TP_L2_PREFETCH_MB = 4.0  # kernels.l2_prefetch_mb when unset, under tensor parallelism (configs.py says why)
 _current = KernelSwitches()
 
 
