@@ -359,8 +359,13 @@ def test_a_routing_hint_gets_the_full_policy_and_counts_until_the_replica_report
         # A second request without a prefix goes beside it.
         other = (await router.choose_replicas(list(replicas.values()), hinted(100, [], "h2")))[0][0]
         assert other is not holder
-        # The holder reports, after the pick: its figures now include the request.
-        holder.routing_stats = {"outstanding_tokens": 700, "timestamp": 10**10, "prefix_keys": keys}
+        # The holder reports, after the pick: its figures now include the request (it admitted one).
+        holder.routing_stats = {
+            "outstanding_tokens": 700,
+            "timestamp": 10**10,
+            "prefix_keys": keys,
+            "num_admitted": 1,
+        }
         await router.choose_replicas(list(replicas.values()), hinted(1, [], "h3"))
         assert router._load(holder) == 700
         assert all(a.replica_id != holder.name for a in router._assignments.values()), "the pick is dropped"
@@ -423,9 +428,13 @@ def test_reported_step_costs_turn_on_the_ttft_policy_and_sends_count_until_a_rep
         assert first != second, "3000 tokens sent to the first are ahead of the next one there"
         held = a if first == "a" else b
         assert [x.prefill for x in router._assignments.values() if x.replica_id == held.name] == [3000]
-        # The replica reports, taken after the pick: the pick is in its queue now, not in this router's.
-        held.routing_stats = ttft_stats(time.time() + 1, running_prefill=3000, num_running=1)
+        # A report taken after the pick that has not admitted it: the pick is on its way, still counted.
+        held.routing_stats = ttft_stats(time.time() + 1, core_admitted=0)
         await pick("h3")
-        assert all(x.replica_id != held.name or x.internal_id == "h3" for x in router._assignments.values())
+        assert [x.internal_id for x in router._assignments.values() if x.replica_id == held.name][0] == "h1"
+        # Now it is in the replica's queue, not in this router's.
+        held.routing_stats = ttft_stats(time.time() + 2, running_prefill=3000, num_running=1, core_admitted=1)
+        await pick("h4")
+        assert "h1" not in [x.internal_id for x in router._assignments.values()]
 
     asyncio.run(main())
