@@ -438,3 +438,38 @@ def test_reported_step_costs_turn_on_the_ttft_policy_and_sends_count_until_a_rep
         assert "h1" not in [x.internal_id for x in router._assignments.values()]
 
     asyncio.run(main())
+
+
+def test_the_routing_calls_time_is_on_the_router_endpoints_metrics() -> None:
+    """The length-aware call and its ranking are timed into the process's histograms, which the HAProxy
+    router's endpoint serves at GET /metrics (a plain ASGI call, as Serve makes it)."""
+    import time
+
+    from fuserve.cluster.ingress_routing import RouteEndpoint
+    from fuserve.router.routing_timing import CHOOSE_SECONDS
+
+    router = make_router()
+    now = time.time()
+    a, b = FakeReplica("a", ttft_stats(now)), FakeReplica("b", ttft_stats(now))
+    before = CHOOSE_SECONDS._sum.get()
+
+    async def main() -> bytes:
+        await router.choose_replicas([a, b], long_hint("t1"))
+        assert router.timer.last_call_s > 0 and router.timer.last_ranking_s > 0
+        assert router.timer.last_ranking_s <= router.timer.last_call_s
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        endpoint = RouteEndpoint(lambda body, truncated: None)  # type: ignore[arg-type,return-value]
+        await endpoint({"type": "http", "method": "GET", "path": "/metrics"}, receive, send)
+        assert sent[0]["status"] == 200
+        return sent[1]["body"]
+
+    text = asyncio.run(main()).decode()
+    assert "fuserve_router_choose_seconds_count" in text and "fuserve_router_ranking_seconds_bucket" in text
+    assert CHOOSE_SECONDS._sum.get() > before
