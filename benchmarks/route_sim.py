@@ -49,7 +49,13 @@ from workloads import WORKLOADS, RequestSpec, make_named  # noqa: E402
 from fuserve.configs import SchedulerConfig  # noqa: E402
 from fuserve.core_messages import CoreStats  # noqa: E402
 from fuserve.router.prefix_affinity import AffinityCandidate, rank_by_prefix_affinity  # noqa: E402
-from fuserve.router.replica_view import PeerEstimate, covered_until, routing_report, view_from_report  # noqa: E402
+from fuserve.router.replica_view import (  # noqa: E402
+    PeerEstimate,
+    admitted_by,
+    covered_until,
+    routing_report,
+    view_from_report,
+)
 from fuserve.router.routing_policy import (  # noqa: E402
     Candidate,
     RecentPrefixes,
@@ -58,6 +64,7 @@ from fuserve.router.routing_policy import (  # noqa: E402
     rank_replicas,
 )
 from fuserve.router.ttft_model import QueuedSeq, RequestShape, StepCost, rank_by_ttft  # noqa: E402
+from fuserve.router.unadmitted_sends import UnadmittedSends, still_unreported  # noqa: E402
 from fuserve.sampling_params import SamplingParams  # noqa: E402
 from fuserve.workers.block_manager import BlockManager  # noqa: E402
 from fuserve.workers.routing_summary import prefill_tokens, summarize_queue  # noqa: E402
@@ -85,6 +92,13 @@ class SimConfig:
     # arrives while a step runs waits for the step after the next (one step more than planned at once).
     async_scheduling: bool = False
     path_s: float = 0.0  # the serving path's own part of every TTFT (HTTP, the router's call, IPC, SSE)
+    # Transit: a request reaches its replica's engine some time after it is routed. Each router answers
+    # one routing call at a time (`router_call_s` each: a burst queues there, and each request is ranked
+    # when its call runs), then `transit_s` (HAProxy's forward), then each replica's frontend takes them
+    # one at a time (`frontend_s` each: parse, tokenize, the event loop) before its engine core admits it.
+    router_call_s: float = 0.0
+    transit_s: float = 0.0
+    frontend_s: float = 0.0
 
 
 # ---- a replica: the engine's scheduler and block manager on virtual time -----------------------------
@@ -97,6 +111,7 @@ class SimReplica:
         self.clock = clock
         self.busy = False
         self.num_admitted = 0
+        self.core_added = 0  # what the engine core counts (CoreStats.num_requests_added)
         self.ongoing = 0  # requests admitted and not finished
         self.prefixes = RecentPrefixes(2048)
         self.last_report: dict[str, Any] = {}
@@ -110,6 +125,7 @@ class SimReplica:
         seq = Sequence(str(idx), list(spec.prompt_ids), params, self.clock(), spec.max_tokens)
         self.scheduler.add(seq)
         self.num_admitted += 1
+        self.core_added += 1
         self.ongoing += 1
         self.prefixes.add(keys)
 
@@ -151,6 +167,7 @@ class SimReplica:
             decode_left=q.decode_left,
             inflight_prefill_tokens=inflight_prefill,
             taken_at=now,
+            num_requests_added=self.core_added,
         )
 
     def report(self) -> dict[str, Any]:
@@ -229,15 +246,27 @@ class SimRouter:
 
 
 class LengthAware(SimRouter):
+    """The length-aware router's view, by the same functions: a send counts until a report covers it by
+    time and by the replica's admitted count (`unadmitted_sends`), each counted K times (`PeerEstimate`)."""
+
     def __init__(self, replica_ids: list[str], rng: random.Random) -> None:
         super().__init__(replica_ids, rng)
         self.peers = PeerEstimate()
+        self.unadmitted = UnadmittedSends()
+
+    def since_report(self, rid: str, reports: dict[str, dict[str, Any]], now: float = 0.0) -> list[Routed]:
+        sends = [s for s in self.sent if s.replica == rid]
+        n = self.unadmitted.count(rid, now)
+        return still_unreported(sends, lambda s: s.at, covered_until(reports.get(rid, {})), n)
 
     def route(self, x: RouteInput) -> str:
         for rid, rep in x.reports.items():
             if rep:
                 self.peers.on_report(rid, float(rep["timestamp"]), int(rep["num_admitted"]))
-        self.expire(x.reports)
+                self.unadmitted.on_report(rid, float(rep["timestamp"]), admitted_by(rep))
+        unreported = {rid: self.since_report(rid, x.reports, x.now) for rid in self.replica_ids}
+        keep = {id(s) for sends in unreported.values() for s in sends}
+        self.sent = [s for s in self.sent if id(s) in keep]
         k = self.peers.factor
         views = []
         for rid in self.replica_ids:
@@ -245,7 +274,7 @@ class LengthAware(SimRouter):
             known = _Union(self.mine[rid], frozenset(rep.get("prefix_keys", ())))
             since = [
                 QueuedSeq(s.priority, int(s.prefill * k), s.output, x.now - s.at, reported=False)
-                for s in self.since_report(rid, x.reports)
+                for s in unreported[rid]
             ]
             view = view_from_report(rid, rep, x.now, known, since)
             assert view is not None
@@ -255,7 +284,15 @@ class LengthAware(SimRouter):
         self.predicted[x.index] = pred.ttft_s
         self.record(rid, x, len(x.spec.prompt_ids) - pred.cached_tokens)
         self.peers.on_sent(rid, x.now)
+        self.unadmitted.on_sent(rid, x.now)
         return rid
+
+
+class LengthAwareByTime(LengthAware):
+    """Before issue 16c: a send stops counting once a report taken after it is seen, arrived or not."""
+
+    def since_report(self, rid: str, reports: dict[str, dict[str, Any]], now: float = 0.0) -> list[Routed]:
+        return SimRouter.since_report(self, rid, reports)
 
 
 class _Union:
@@ -322,6 +359,7 @@ ROUTER_CLASSES: dict[str, type[SimRouter]] = {
     "least_requests": LeastRequests,
     "round_robin": RoundRobin,
     "prefix_affinity": PrefixAffinity,
+    "length_aware_by_time": LengthAwareByTime,  # not in POLICIES: for comparisons (NOTES, issue 16c)
 }
 
 
@@ -383,15 +421,52 @@ def simulate(specs: list[RequestSpec], policy: str | RouterFactory, cfg: SimConf
         if not replicas[rid].busy:
             run(rid, replicas[rid].start_step())
 
+    # the path from the client to the engine: router call -> transit -> the replica's frontend -> engine
+    router_free = [0.0] * cfg.num_routers
+    frontend_free = dict.fromkeys(ids, 0.0)
+    in_transit = dict.fromkeys(ids, 0)  # routed, not admitted yet (Serve's request counts include them)
+
+    def route(i: int) -> None:
+        ongoing = {r: replicas[r].ongoing + in_transit[r] for r in ids}
+        x = RouteInput(specs[i], keys[i], seen, ongoing, now, i, replicas)
+        rid = routers[i % cfg.num_routers].route(x)
+        placement[rid] += 1
+        in_transit[rid] += 1
+        delay = cfg.router_call_s + cfg.transit_s
+        if delay:
+            push(now + delay, "reach", (i, rid))
+        else:
+            reach(i, rid)
+
+    def reach(i: int, rid: str) -> None:
+        if cfg.frontend_s:
+            frontend_free[rid] = max(now, frontend_free[rid]) + cfg.frontend_s
+            push(frontend_free[rid], "admit", (i, rid))
+        else:
+            admit(i, rid)
+
+    def admit(i: int, rid: str) -> None:
+        in_transit[rid] -= 1
+        replicas[rid].add(i, specs[i], keys[i])
+        kick(rid)
+
     while events and remaining:
         now, _, kind, payload = heapq.heappop(events)
         if kind == "arrive":
             i = payload
-            x = RouteInput(specs[i], keys[i], seen, {r: replicas[r].ongoing for r in ids}, now, i, replicas)
-            rid = routers[i % cfg.num_routers].route(x)
-            placement[rid] += 1
-            replicas[rid].add(i, specs[i], keys[i])
-            kick(rid)
+            if cfg.router_call_s:  # one call at a time per router: ranked when its call starts
+                r = i % cfg.num_routers
+                start = max(now, router_free[r])
+                router_free[r] = start + cfg.router_call_s
+                push(start, "route", i)
+            else:
+                route(i)
+        elif kind == "route":
+            route(payload)
+        elif kind == "reach":
+            reach(*payload)
+        elif kind == "admit":
+            admit(*payload)
         elif kind == "step":
             rid, out = payload
             firsts, done = replicas[rid].finish_step(out)
@@ -465,15 +540,18 @@ def run(
     vocab: int = 32000,
     max_model_len: int = 16384,
     burst: bool = True,
+    shapes: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every workload at `load` x its saturation rate (and in a burst), through every policy."""
+    """Every workload at `load` x its saturation rate (and in a burst), through every policy.
+    `shapes`: a workload's own keywords (workloads.make_named), e.g. {"multi_turn": {"think_s": (0.2, 1)}}."""
     rows = []
     for name in workloads:
-        probe = make_named(name, vocab, num, math.inf, "poisson", cfg.seed, max_model_len, scale)
+        shape = (shapes or {}).get(name, {})
+        probe = make_named(name, vocab, num, math.inf, "poisson", cfg.seed, max_model_len, scale, **shape)
         sat = saturation_rate(probe, cfg)
         rates = [load * sat] + ([math.inf] if burst else [])
         for rate in rates:
-            specs = make_named(name, vocab, num, rate, "poisson", cfg.seed, max_model_len, scale)
+            specs = make_named(name, vocab, num, rate, "poisson", cfg.seed, max_model_len, scale, **shape)
             for policy in policies:
                 t0 = time.perf_counter()
                 row = {
@@ -525,11 +603,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load", type=float, default=0.8, help="arrival rate as a fraction of saturation")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--think-s", default=None, help="multi_turn's think time range, e.g. 0.2,0.6")
+    p.add_argument("--router-call-ms", type=float, default=0.0, help="each routing call's cost, serialized")
+    p.add_argument("--transit-ms", type=float, default=0.0, help="fixed delay from the router to the replica")
+    p.add_argument(
+        "--frontend-ms", type=float, default=0.0, help="each request's cost at its replica's frontend"
+    )
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
-    cfg = SimConfig(num_replicas=args.replicas, num_routers=args.routers, seed=args.seed)
+    cfg = SimConfig(
+        num_replicas=args.replicas,
+        num_routers=args.routers,
+        seed=args.seed,
+        router_call_s=args.router_call_ms / 1000,
+        transit_s=args.transit_ms / 1000,
+        frontend_s=args.frontend_ms / 1000,
+    )
+    shapes = (
+        {"multi_turn": {"think_s": tuple(float(x) for x in args.think_s.split(","))}} if args.think_s else {}
+    )
     rows = run(
-        args.workloads.split(","), args.policies.split(","), cfg, args.num_requests, args.load, args.scale
+        args.workloads.split(","),
+        args.policies.split(","),
+        cfg,
+        args.num_requests,
+        args.load,
+        args.scale,
+        shapes=shapes,
     )
     print_rows(rows)
     if args.out:

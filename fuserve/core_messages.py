@@ -112,6 +112,7 @@ class CoreStats(msgspec.Struct, array_like=True):
     taken_at: float = 0.0  # time.time() when these were taken
     step_cost_samples: int = 0  # steps behind the step cost (0: the meter's prior alone)
     spec: SpecCounters | None = None  # None: speculation is off
+    num_requests_added: int = 0  # requests taken in, ever (router/unadmitted_sends.py)
 
 
 class StepOutputs(msgspec.Struct, tag="step", array_like=True):

@@ -92,3 +92,26 @@ def test_no_router_beats_the_isolated_bound_and_the_oracle_knows_each_ttft() -> 
         last = max(range(len(specs)), key=lambda i: specs[i].arrival_s)
         assert result.predicted[last] == pytest.approx(result.ttft_s[last])
     assert any(t > b * 1.5 for t, b in zip(result.ttft_s, bound, strict=True)), "the bound is no simulation"
+
+
+def test_transit_delays_the_engines_admission_and_the_routers_count_requests_in_transit() -> None:
+    """Requests reach the engine after the router's call, the forward and the frontend (each serialized
+    where it is in the serving path); the length-aware router keeps counting a send that a report taken
+    while it was on its way does not include (count-based covering, router/unadmitted_sends.py)."""
+    specs = [RequestSpec("chat", list(range(i % 50, i % 50 + 300)), 16, 0.004 * i) for i in range(80)]
+    cfg = route_sim.SimConfig(router_call_s=0.001, transit_s=0.05, frontend_s=0.002, report_period_s=0.02)
+    moving = route_sim.simulate(specs, "length_aware", cfg)
+    floor = cfg.router_call_s + cfg.transit_s + cfg.frontend_s
+    assert min(moving.ttft_s) >= floor, "no first token before the request reached the engine"
+    assert abs(moving.placement["r0"] - moving.placement["r1"]) <= 16
+
+    counted: list[int] = []
+
+    class Watching(route_sim.LengthAware):
+        def route(self, x: route_sim.RouteInput) -> str:
+            rid = super().route(x)
+            counted.append(sum(self.unadmitted.count(r, x.now) for r in self.replica_ids))
+            return rid
+
+    route_sim.simulate(specs, Watching, cfg)
+    assert max(counted) >= 2, "sends in transit while reports were taken count by the admitted count"

@@ -359,8 +359,13 @@ def test_a_routing_hint_gets_the_full_policy_and_counts_until_the_replica_report
         # A second request without a prefix goes beside it.
         other = (await router.choose_replicas(list(replicas.values()), hinted(100, [], "h2")))[0][0]
         assert other is not holder
-        # The holder reports, after the pick: its figures now include the request.
-        holder.routing_stats = {"outstanding_tokens": 700, "timestamp": 10**10, "prefix_keys": keys}
+        # The holder reports, after the pick: its figures now include the request (it admitted one).
+        holder.routing_stats = {
+            "outstanding_tokens": 700,
+            "timestamp": 10**10,
+            "prefix_keys": keys,
+            "num_admitted": 1,
+        }
         await router.choose_replicas(list(replicas.values()), hinted(1, [], "h3"))
         assert router._load(holder) == 700
         assert all(a.replica_id != holder.name for a in router._assignments.values()), "the pick is dropped"
@@ -423,9 +428,48 @@ def test_reported_step_costs_turn_on_the_ttft_policy_and_sends_count_until_a_rep
         assert first != second, "3000 tokens sent to the first are ahead of the next one there"
         held = a if first == "a" else b
         assert [x.prefill for x in router._assignments.values() if x.replica_id == held.name] == [3000]
-        # The replica reports, taken after the pick: the pick is in its queue now, not in this router's.
-        held.routing_stats = ttft_stats(time.time() + 1, running_prefill=3000, num_running=1)
+        # A report taken after the pick that has not admitted it: the pick is on its way, still counted.
+        held.routing_stats = ttft_stats(time.time() + 1, core_admitted=0)
         await pick("h3")
-        assert all(x.replica_id != held.name or x.internal_id == "h3" for x in router._assignments.values())
+        assert [x.internal_id for x in router._assignments.values() if x.replica_id == held.name][0] == "h1"
+        # Now it is in the replica's queue, not in this router's.
+        held.routing_stats = ttft_stats(time.time() + 2, running_prefill=3000, num_running=1, core_admitted=1)
+        await pick("h4")
+        assert "h1" not in [x.internal_id for x in router._assignments.values()]
 
     asyncio.run(main())
+
+
+def test_the_routing_calls_time_is_on_the_router_endpoints_metrics() -> None:
+    """The length-aware call and its ranking are timed into the process's histograms, which the HAProxy
+    router's endpoint serves at GET /metrics (a plain ASGI call, as Serve makes it)."""
+    import time
+
+    from fuserve.cluster.ingress_routing import RouteEndpoint
+    from fuserve.router.routing_timing import CHOOSE_SECONDS
+
+    router = make_router()
+    now = time.time()
+    a, b = FakeReplica("a", ttft_stats(now)), FakeReplica("b", ttft_stats(now))
+    before = CHOOSE_SECONDS._sum.get()
+
+    async def main() -> bytes:
+        await router.choose_replicas([a, b], long_hint("t1"))
+        assert router.timer.last_call_s > 0 and router.timer.last_ranking_s > 0
+        assert router.timer.last_ranking_s <= router.timer.last_call_s
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        endpoint = RouteEndpoint(lambda body, truncated: None)  # type: ignore[arg-type,return-value]
+        await endpoint({"type": "http", "method": "GET", "path": "/metrics"}, receive, send)
+        assert sent[0]["status"] == 200
+        return sent[1]["body"]
+
+    text = asyncio.run(main()).decode()
+    assert "fuserve_router_choose_seconds_count" in text and "fuserve_router_ranking_seconds_bucket" in text
+    assert CHOOSE_SECONDS._sum.get() > before

@@ -53,6 +53,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -65,6 +66,7 @@ from fuserve.router.errors import APIError
 from fuserve.router.prompts import encode_chat, encode_prompt, resolve_max_tokens
 from fuserve.router.protocol import ChatCompletionRequest, CompletionRequest
 from fuserve.router.routing_policy import RoutingHint, prefix_keys
+from fuserve.router.routing_timing import routing_metrics_text
 from fuserve.router.tool_call_format import choose_tool_call_format
 from fuserve.workers.models.loader import generation_config, load_tokenizer, resolve_source
 from fuserve.workers.tokenizer import Tokenizer
@@ -193,10 +195,11 @@ class HintBuilder:
 # ---- the router deployment -------------------------------------------------------------------------
 Choose = Callable[[bytes, bool], Awaitable[dict[str, Any]]]
 _JSON = [(b"content-type", b"application/json")]
+_PROMETHEUS = [(b"content-type", CONTENT_TYPE_LATEST.encode())]
 
 
 class RouteEndpoint:
-    """POST /internal/route and GET /health as a bare ASGI app.
+    """POST /internal/route, GET /health and GET /metrics (the routing calls' cost) as a bare ASGI app.
 
     Every client request waits for this answer, and one router per node answers them all: FastAPI's
     routing, validation and response encoding were about half of a routing call's CPU (py-spy,
@@ -229,6 +232,10 @@ class RouteEndpoint:
                 status, answer = 503, {"detail": f"no Engine replica could be chosen: {err}"}
         elif method == "GET" and path.endswith("/health"):
             status, answer = 200, {"status": "ok"}
+        elif method == "GET" and path.endswith("/metrics"):  # the routing calls' cost, routing_timing.py
+            await send({"type": "http.response.start", "status": 200, "headers": _PROMETHEUS})
+            await send({"type": "http.response.body", "body": routing_metrics_text()})
+            return
         else:
             status, answer = 404, {"detail": f"{method} {path} is not served here"}
         body = json.dumps(answer, separators=(",", ":")).encode()

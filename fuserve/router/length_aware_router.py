@@ -18,7 +18,8 @@ are not equal work. This router ranks replicas by outstanding tokens with `routi
 Its own accounting starts in `choose_replicas` (so a burst of simultaneous requests does not all
 pick the same replica before any is confirmed), is confirmed in `on_request_routed` and ends in
 `on_request_completed`. A choice never confirmed stops counting once the replica reports figures
-taken after it (they include the request if it arrived) or after `UNCONFIRMED_TTL_S`. Every method
+taken after it and the replica's admitted count covers it (`unadmitted_sends`: a request in transit
+while the report was taken is not in it), or after `UNCONFIRMED_TTL_S`. Every method
 runs on the router's event loop, so no locks.
 
 What the router learns about a request depends on who calls it (the first positional argument):
@@ -48,9 +49,11 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from fuserve.router.engine_messages import EngineRequest
 from fuserve.router.prefix_affinity import AffinityCandidate, rank_by_prefix_affinity
-from fuserve.router.replica_view import PeerEstimate, covered_until, view_from_report
+from fuserve.router.replica_view import PeerEstimate, admitted_by, covered_until, view_from_report
 from fuserve.router.routing_policy import Candidate, RecentPrefixes, RoutingHint, TieBreak, rank_replicas
+from fuserve.router.routing_timing import RoutingTimer
 from fuserve.router.ttft_model import QueuedSeq, RequestShape, TtftTie, rank_by_ttft, share_step_costs
+from fuserve.router.unadmitted_sends import UnadmittedSends, still_unreported
 
 UNCONFIRMED_TTL_S = 30.0  # a choice never dispatched (the caller gave up) stops counting after this
 BLIND_TOKENS = 256  # the assumed cost of a request whose body the router cannot see (a chat turn)
@@ -115,6 +118,8 @@ class LengthAwareRouter(RequestRouter):
         self.policy = policy
         self.ttft_tie = TtftTie()
         self.peers = PeerEstimate()
+        self.unadmitted = UnadmittedSends()
+        self.timer = RoutingTimer()
         self._rng = random.Random()
         self._tenant_tokens: dict[str, int] = {}
         self.tie = TieBreak(tie_tokens, tie_fraction)
@@ -155,7 +160,8 @@ class LengthAwareRouter(RequestRouter):
         return int(stats.get("num_running", 0)) + int(stats.get("num_waiting", 0))
 
     def _expire_unconfirmed(self, now: float, replicas: list[RunningReplica]) -> None:
-        """Drops unconfirmed choices that a newer report of their replica covers, or that are old.
+        """Drops unconfirmed choices that a newer report of their replica covers (by time and by its
+        admitted count), or that are old.
 
         `_load` already ignores a choice older than its replica's report; dropping it matters for
         picks (`choose_replica(..., _reserve=False)`, never confirmed): without it every pick of the
@@ -163,13 +169,31 @@ class LengthAwareRouter(RequestRouter):
         Serve confirm a choice dropped this way, `on_request_routed` records it again."""
         # covered_until: when the engine took the figures (a choice routed after it is not in them yet)
         reported = {r.replica_id.unique_id: covered_until(r.routing_stats or {}) for r in replicas}
+        in_transit = {id(a) for rid in reported for a in self._unreported(rid, reported[rid], now)}
         for key in [
             k
             for k, a in self._assignments.items()
             if not a.confirmed
-            and (now - a.routed_at > UNCONFIRMED_TTL_S or a.routed_at <= reported.get(a.replica_id, 0.0))
+            and (
+                now - a.routed_at > UNCONFIRMED_TTL_S
+                or (a.replica_id in reported and id(a) not in in_transit)
+            )
         ]:
             del self._assignments[key]
+
+    def _unreported(self, rid: str, covered: float, now: float) -> list[_Assignment]:
+        """This router's sends to the replica that its last report does not include, oldest first."""
+        sends = [a for a in self._assignments.values() if a.replica_id == rid]
+        return still_unreported(sends, lambda a: a.routed_at, covered, self.unadmitted.count(rid, now))
+
+    def _on_reports(self, replicas: list[RunningReplica]) -> None:
+        """Feeds the replicas' reports, as this router first sees them, to the counts kept over them."""
+        for r in replicas:
+            stats = r.routing_stats or {}
+            if stats.get("timestamp"):
+                rid, at = r.replica_id.unique_id, float(stats["timestamp"])
+                self.peers.on_report(rid, at, int(stats.get("num_admitted", 0)))
+                self.unadmitted.on_report(rid, at, admitted_by(stats))
 
     def _rank_blind(self, replicas: list[RunningReplica]) -> list[RunningReplica]:
         """Least outstanding tokens, then the shortest queue; a random order among equals, so that
@@ -180,12 +204,10 @@ class LengthAwareRouter(RequestRouter):
     def _sent_since(self, rid: str, stats: dict, now: float) -> list[QueuedSeq]:
         """This router's requests to the replica that its figures do not include yet, each counted
         for every router sending like it (the peer factor)."""
-        since = covered_until(stats)
         k = self.peers.factor
         return [
             QueuedSeq(a.work, int(a.prefill * k), a.output, now - a.routed_at, reported=False)
-            for a in self._assignments.values()
-            if a.replica_id == rid and a.routed_at > since
+            for a in self._unreported(rid, covered_until(stats), now)
         ]
 
     def _rank_hinted(
@@ -211,24 +233,29 @@ class LengthAwareRouter(RequestRouter):
         views = []
         for rid, r in by_id.items():
             stats = r.routing_stats or {}
-            if stats.get("timestamp"):
-                self.peers.on_report(rid, float(stats["timestamp"]), int(stats.get("num_admitted", 0)))
             view = view_from_report(rid, stats, now, self._known(r), self._sent_since(rid, stats, now))
             if view is None:
                 return None, 0
             views.append(view)
-        ranked = rank_by_ttft(share_step_costs(views), shape, self.ttft_tie, self.peers.factor)
+        with self.timer.ranking():
+            ranked = rank_by_ttft(share_step_costs(views), shape, self.ttft_tie, self.peers.factor)
         return [rid for rid, _ in ranked], shape.prompt_tokens - ranked[0][1].cached_tokens
 
     def _sent_count(self, rid: str, replica: RunningReplica) -> int:
-        since = covered_until(replica.routing_stats or {})
-        return sum(1 for a in self._assignments.values() if a.replica_id == rid and a.routed_at > since)
+        return len(self._unreported(rid, covered_until(replica.routing_stats or {}), time.time()))
 
     # ---- the RequestRouter interface ----------------------------------------------------------------
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        """Timed (`routing_timing`): every request waits for it, and one router replica serves a node."""
+        with self.timer.call():
+            return self._choose(candidate_replicas, pending_request)
+
+    def _choose(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None
     ) -> list[list[RunningReplica]]:
         candidate_replicas = serving_replicas(candidate_replicas)
         if not candidate_replicas:
@@ -239,6 +266,7 @@ class LengthAwareRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True
         arg = _first_arg(pending_request)
         now = time.time()
+        self._on_reports(candidate_replicas)
         self._expire_unconfirmed(now, candidate_replicas)
         if not isinstance(arg, (EngineRequest, RoutingHint)):
             ranked_blind = self._rank_blind(candidate_replicas)
@@ -264,6 +292,7 @@ class LengthAwareRouter(RequestRouter):
             pending_request, internal_id, ranked[0], arg.work_tokens, now, False, prefill, shape.max_tokens
         )
         self.peers.on_sent(ranked[0], now)
+        self.unadmitted.on_sent(ranked[0], now)
         if isinstance(arg, RoutingHint):  # a final pick (HAProxy sends it there): remember its prefix now
             self._prefixes_sent(ranked[0]).add(arg.prefix_keys)
         return [[by_id[rid]] for rid in ranked]
@@ -319,3 +348,4 @@ class LengthAwareRouter(RequestRouter):
             for rid in [k for k in table if k not in alive]:
                 del table[rid]
         self.peers.forget(alive)
+        self.unadmitted.forget(alive)

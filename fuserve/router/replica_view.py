@@ -12,6 +12,9 @@ step cost tells how much prefill it did in that time: `ReplicaView.age_s`), ever
 router routed after the report is added to the queue in the engine's order, and completed requests
 leave (`LengthAwareRouter.on_request_completed`). A report replaces all three.
 
+Requests in transit: a send also counts until the replica's admitted count covers it
+(`unadmitted_sends.py`), however many reports were taken while it was on its way.
+
 Herding: several routers (one per proxy or ingress node) see the same report; each accounts only
 for its own sends, so when one replica looks empty all of them fill it at once, K times over. Each
 router learns K from the replicas' `num_admitted` counts against its own sends, and counts each of
@@ -42,6 +45,7 @@ def routing_report(stats: CoreStats, scheduler: SchedulerConfig) -> dict[str, An
         "decode_left": list(stats.decode_left),
         "inflight_prefill": stats.inflight_prefill_tokens,
         "stats_at": stats.taken_at,
+        "core_admitted": stats.num_requests_added,  # as of stats_at: what the queue figures include
         "token_budget": scheduler.max_num_batched_tokens,
         "max_num_seqs": scheduler.max_num_seqs,
         "aging_per_s": scheduler.aging_tokens_per_s,
@@ -53,6 +57,12 @@ def covered_until(stats: dict[str, Any]) -> float:
     """Requests routed to the replica before this time are in its report's queue figures: when its
     engine core took them (`timestamp`, when the report last changed, for a replica without it)."""
     return float(stats.get("stats_at") or stats.get("timestamp") or 0.0)
+
+
+def admitted_by(stats: dict[str, Any]) -> int:
+    """The requests the report's queue figures include, ever (`unadmitted_sends`): the engine core's
+    count as of `stats_at`; the frontend's (later, so it may count some not in the figures) before it."""
+    return int(stats.get("core_admitted", stats.get("num_admitted", 0)))
 
 
 def view_from_report(

@@ -69,6 +69,7 @@ class LLMEngine:
         self.config = config
         self.detokenize = detokenize
         self.num_steps = 0
+        self.num_requests_added = 0  # ever: routers tell from it which of their sends these stats include
         self.step_seconds_total = 0.0
         self.executor = executor or build_executor(config, workers)
         worker = self.executor.worker
@@ -183,6 +184,7 @@ class LLMEngine:
                 self.guided.add(seq)
             self.scheduler.add(seq)
         self._requests[request_id] = states
+        self.num_requests_added += 1
 
     def abort(self, request_id: str, indices: list[int] | None = None) -> bool:
         """Ends the request's sequences (only those in `indices`, when given: one of n sequences that
@@ -434,5 +436,6 @@ class LLMEngine:
             inflight_prefill_tokens=-1 if self._inflight is None else prefill_tokens(self._inflight[0]),
             taken_at=time.time(),
             step_cost_samples=fit.num_samples,
+            num_requests_added=self.num_requests_added,
             spec=self.speculation.snapshot() if self.speculation is not None else None,
         )
