@@ -129,7 +129,7 @@ MAX_STEPS = 2000  # a prediction replays at most this many engine steps (or jump
 ARRIVES_AFTER_S = 1e-9  # the new request comes an instant after those routed before it (a burst)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: `me in finished` and `remove` run every replayed step
 class _Seq:
     key: float  # admission order: lower first
     arrival: float  # seconds relative to now (<= 0: already there)
