@@ -84,23 +84,3 @@ def test_quant_linear_llama3_8b_shapes(scheme: str, m: int, n: int, k: int) -> N
     exact = x.float() @ (q.float() * scale[:, None]).t()
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     assert ((got - exact).norm() / exact.norm()).item() < (0.05 if s.quantize_activations else 0.01)
-
-
-@pytest.mark.parametrize("scheme", WEIGHT_SCHEMES)
-@pytest.mark.parametrize("n, k, bias", [(1, 1, False), (19, 70, True), (40, 129, False)])
-def test_tensor_core_quant_gemv_matches_reference(scheme: str, n: int, k: int, bias: bool) -> None:
-    """fp16 in the interpreter (its bf16 dot is wrong); the GPU runs the bf16 rows too."""
-    from fuserve.workers.kernels.quant_gemv_tc import quant_gemv_tc, quant_gemv_tc_ref
-
-    for dtype in [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []):
-        x, q, scale, b = _operands(1, n, k, scheme, dtype, bias, seed=n * 1000 + k + 7)
-        got = quant_gemv_tc(x, q, scale, b)
-        want = quant_gemv_tc_ref(x, q, scale, b)
-        tol = RTOL[dtype]
-        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * k**0.5 * 0.05)
-
-
-def test_int8_weights_become_fp16_exactly_by_bit_operations() -> None:
-    """The trick the tensor-core GEMV relies on: 0x6400 | (w + 128), as fp16, minus 1152, is w."""
-    w = torch.arange(-128, 128, dtype=torch.int16)
-    assert torch.equal((w + 0x6480).view(torch.float16).float() - 1152.0, w.float())
