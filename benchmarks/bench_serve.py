@@ -623,6 +623,49 @@ def simulated(
     }
 
 
+ROUTER_SUMS = {
+    "fuserve_router_request_seconds": "router_request",
+    "fuserve_router_choose_seconds": "router_choose",
+    "fuserve_router_ranking_seconds": "router_ranking",
+}
+
+
+def router_seconds(app: str) -> dict[str, float]:
+    """The HAProxy router replica's routing histograms (sum and count per kind) through a handle; {}
+    behind the Python proxy or when the replica cannot be reached."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from ray import serve
+
+    from fuserve.cluster.ingress_routing import ROUTER_NAME
+
+    try:
+        text = serve.get_deployment_handle(ROUTER_NAME, app).routing_metrics.remote().result(timeout_s=10)
+    except Exception:
+        return {}
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            for metric, key in ROUTER_SUMS.items():
+                if sample.name == f"{metric}_sum":
+                    found[f"{key}_s"] = sample.value
+                elif sample.name == f"{metric}_count":
+                    found[f"{key}_n"] = sample.value
+    return found
+
+
+def router_cost_fields(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Per row: the routing calls' total seconds and mean ms in the router replica (issue 16: is its
+    cost what separates length-aware from pow2 in a burst?)."""
+    fields = {}
+    for key in ROUTER_SUMS.values():
+        n = after.get(f"{key}_n", 0.0) - before.get(f"{key}_n", 0.0)
+        if n > 0:
+            total = after[f"{key}_s"] - before.get(f"{key}_s", 0.0)
+            fields[f"{key}_total_s"] = total
+            fields[f"{key}_mean_ms"] = total / n * 1e3
+    return fields
+
+
 def path_latency(url: str, specs: list[RequestSpec], cost: Any) -> float:
     """The serving path's own part of a TTFT (HAProxy and its router, the frontend, both IPC legs, SSE):
     the median TTFT of lone requests on idle replicas, less the step that computes their prefill."""
@@ -662,8 +705,10 @@ def compare_routers(
                 if args.load and not math.isinf(rate):
                     rate = args.load * saturation[name]
                 specs = make(name, rate)
+                before = router_seconds(f"bench_{router}")
                 results, wall, _ = http_level(url, Level(specs, rate=rate))
                 row = {"comparison": "router", "router": router, "path": "http", "replicas": 2, "rate": rate}
+                row.update(router_cost_fields(before, router_seconds(f"bench_{router}")))
                 row.update(workload=name, **summarize(results, wall, 2, args.device_hour_usd))
                 if math.isinf(rate) and name not in saturation:
                     saturation[name] = sum(r.ok for r in results) / wall
@@ -681,6 +726,11 @@ def compare_routers(
                     + (
                         f" (simulated {row['sim_ttft_ms_p50']:.0f}/{row['sim_ttft_ms_p99']:.0f})"
                         if "sim_ttft_ms_p99" in row
+                        else ""
+                    )
+                    + (
+                        f", routing calls {row['router_request_total_s'] * 1e3:.0f} ms in all"
+                        if "router_request_total_s" in row
                         else ""
                     )
                 )

@@ -151,6 +151,30 @@ def test_the_router_receives_a_body_and_returns_an_engine_replica(router_app: tu
         )
 
 
+def test_the_routing_calls_cost_reaches_a_handle(router_app: tuple[Any, str]) -> None:
+    """What bench_serve reads per row: every routing request's wall time, whatever the policy, and the
+    length-aware router's own calls, counted in the router replica's process."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    handle, _ = router_app
+
+    def counts() -> dict[str, float]:
+        text = handle.routing_metrics.remote().result().decode()
+        return {
+            s.name: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name.endswith("_count")
+        }
+
+    before = counts()
+    for _ in range(3):
+        handle.choose.remote(json.dumps({"prompt": "hello", "max_tokens": 4}).encode()).result()
+    after = counts()
+    for name in ("fuserve_router_request_seconds_count", "fuserve_router_choose_seconds_count"):
+        assert after[name] - before.get(name, 0.0) == 3, name
+
+
 def test_the_engines_router_chooses_from_the_body(router_app: tuple[Any, str]) -> None:
     """A long job, then short ones: each short one avoids the long one's replica. Routing on stats
     alone (no body) would alternate them, so this holds only if the hint reached the Engine's router."""

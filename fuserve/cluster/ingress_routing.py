@@ -66,7 +66,7 @@ from fuserve.router.errors import APIError
 from fuserve.router.prompts import encode_chat, encode_prompt, resolve_max_tokens
 from fuserve.router.protocol import ChatCompletionRequest, CompletionRequest
 from fuserve.router.routing_policy import RoutingHint, prefix_keys
-from fuserve.router.routing_timing import routing_metrics_text
+from fuserve.router.routing_timing import REQUEST_SECONDS, routing_metrics_text
 from fuserve.router.tool_call_format import choose_tool_call_format
 from fuserve.workers.models.loader import generation_config, load_tokenizer, resolve_source
 from fuserve.workers.tokenizer import Tokenizer
@@ -258,13 +258,19 @@ class EngineRouter:
 
     async def choose(self, body: bytes, truncated: bool = False) -> dict[str, Any]:
         """A cut body is not valid JSON; it routes on stats alone rather than on half a prompt."""
-        hint = None
-        if self.hints is not None and body and not truncated:
-            if len(body) > TOKENIZE_IN_THREAD_BYTES:
-                hint = await asyncio.to_thread(self.hints, body)
-            else:
-                hint = self.hints(body)
-        return route_answer(await pick_replica(self.engine, hint))
+        with REQUEST_SECONDS.time():
+            hint = None
+            if self.hints is not None and body and not truncated:
+                if len(body) > TOKENIZE_IN_THREAD_BYTES:
+                    hint = await asyncio.to_thread(self.hints, body)
+                else:
+                    hint = self.hints(body)
+            return route_answer(await pick_replica(self.engine, hint))
+
+    def routing_metrics(self) -> bytes:
+        """The routing histograms of this replica's process (GET /metrics serves the same), for a handle:
+        benchmarks read them without finding the replica's direct-ingress port."""
+        return routing_metrics_text()
 
     def __serve_build_asgi_app__(self) -> RouteEndpoint:
         """Serve's late-bound ingress: the app is built after __init__, so it can call `choose`."""

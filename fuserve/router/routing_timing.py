@@ -35,6 +35,15 @@ RANKING_SECONDS = Histogram(
 )
 
 
+REQUEST_SECONDS = Histogram(
+    "fuserve_router_request_seconds",
+    "Wall time of one routing request in the HAProxy router replica (hint from the body, then the pick), "
+    "for every policy",
+    buckets=ROUTING_BUCKETS_S,
+    registry=ROUTING_REGISTRY,
+)
+
+
 class RoutingTimer:
     """Times routing calls into the process's histograms; `last_call_s`/`last_ranking_s` for tests
     and benchmarks that time one call."""
