@@ -109,6 +109,7 @@ class RequestResult:
     e2e_s: float = math.nan
     replica: str = ""
     error: str = ""
+    transit_ms: float = math.nan  # the HAProxy router's decision to the replica's receipt (its header)
 
 
 @dataclass
@@ -252,6 +253,7 @@ async def _http_one(session: aiohttp.ClientSession, url: str, model: str, spec: 
                 res.error = f"{r.status}: {(await r.read())[:200]!r}"
                 return res
             res.replica = r.headers.get("x-fuserve-replica", "")
+            res.transit_ms = float(r.headers.get("x-fuserve-transit-ms", "nan"))
             async for line in r.content:
                 if not line.startswith(b"data: {"):
                     continue
@@ -507,6 +509,9 @@ def summarize(
     for q in (50, 90, 99):
         row[f"ttft_ms_p{q}"] = percentile(ttft, q)
         row[f"itl_ms_p{q}"] = percentile(itl, q)
+    transit = [r.transit_ms for r in ok if not math.isnan(r.transit_ms)]
+    if transit:
+        row["transit_ms_p50"], row["transit_ms_p99"] = percentile(transit, 50), percentile(transit, 99)
     errors = sorted({r.error for r in results if r.error})
     if errors:
         row["errors"] = errors[:5]
@@ -731,6 +736,11 @@ def compare_routers(
                     + (
                         f", routing calls {row['router_request_total_s'] * 1e3:.0f} ms in all"
                         if "router_request_total_s" in row
+                        else ""
+                    )
+                    + (
+                        f", transit p50/p99 {row['transit_ms_p50']:.1f}/{row['transit_ms_p99']:.1f} ms"
+                        if "transit_ms_p50" in row
                         else ""
                     )
                 )

@@ -25,6 +25,7 @@ from ray.serve.config import RequestRouterConfig
 from fuserve.cluster.ingress_routing import ROUTED_TO_HEADER, with_body_routing
 from fuserve.configs import config_from_dict
 from fuserve.router.length_aware_router import LengthAwareRouter
+from fuserve.router.metrics import ROUTED_AT_HEADER
 
 api = FastAPI()
 
@@ -40,7 +41,11 @@ class StandInEngine:
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> dict[str, Any]:
         await asyncio.sleep(float((await request.json()).get("hold_s", 0.0)))
-        return {"replica": self.replica, "routed_to": request.headers.get(ROUTED_TO_HEADER)}
+        return {
+            "replica": self.replica,
+            "routed_to": request.headers.get(ROUTED_TO_HEADER),
+            "routed_at": request.headers.get(ROUTED_AT_HEADER),
+        }
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:

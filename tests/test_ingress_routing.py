@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from ray import serve
 from fuserve.cluster.ingress_routing import ROUTED_TO_HEADER, HintBuilder, with_body_routing
 from fuserve.configs import FuserveConfig, config_from_dict
 from fuserve.router.engine_messages import ModelInfo
+from fuserve.router.metrics import ROUTED_AT_HEADER, transit_seconds
 from fuserve.router.prompts import encode_chat, engine_request
 from fuserve.sampling_params import SamplingParams
 
@@ -144,7 +146,9 @@ def test_the_router_receives_a_body_and_returns_an_engine_replica(router_app: tu
     handle, _ = router_app
     answer = handle.choose.remote(json.dumps({"prompt": "hello", "max_tokens": 4}).encode()).result()
     assert is_engine_replica(answer["replica_id"])
-    assert answer["request_headers"] == {ROUTED_TO_HEADER: answer["replica_id"]}
+    headers = answer["request_headers"]
+    assert headers[ROUTED_TO_HEADER] == answer["replica_id"]
+    assert 0 <= transit_seconds(headers[ROUTED_AT_HEADER], time.time()) < 5
     for blind in (b"", b"{cut off", json.dumps({"prompt": "x"}).encode()):  # no hint: stats alone
         assert is_engine_replica(
             handle.choose.remote(blind, truncated=blind == b"{cut off").result()["replica_id"]
@@ -424,6 +428,8 @@ def test_behind_haproxy_a_request_reaches_the_replica_the_router_chose(tokenizer
     assert first["status"] == 200 and first["routed_to"], f"the router never took part: {found}"
     answers = [first, found["big"], *found["small"]]
     assert all(a["status"] == 200 and a["replica"] == a["routed_to"] for a in answers), found
+    # the router's decision time reaches the replica too: the transit it measures (metrics.py)
+    assert all(transit_seconds(a["routed_at"], time.time()) is not None for a in answers), found
     small = {a["replica"] for a in found["small"]}
     assert len(small) == 1 and found["big"]["replica"] not in small, f"routed without the body: {found}"
     assert found["health_status"] == 200, "GETs are balanced by HAProxy alone"

@@ -50,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -63,6 +64,7 @@ from fuserve.cluster.deployment_options import SAME_LOOP_ENV
 from fuserve.configs import FuserveConfig
 from fuserve.router.engine_messages import ModelInfo
 from fuserve.router.errors import APIError
+from fuserve.router.metrics import ROUTED_AT_HEADER
 from fuserve.router.prompts import encode_chat, encode_prompt, resolve_max_tokens
 from fuserve.router.protocol import ChatCompletionRequest, CompletionRequest
 from fuserve.router.routing_policy import RoutingHint, prefix_keys
@@ -128,7 +130,8 @@ async def pick_replica(handle: DeploymentHandle, hint: RoutingHint | None) -> st
 def route_answer(replica_id: str) -> dict[str, Any]:
     """What the Lua expects: a JSON object it reads with pattern matches, not a parser: `replica_id`
     a plain string (actor names hold no quote), `request_headers` a flat map of strings."""
-    return {"replica_id": replica_id, "request_headers": {ROUTED_TO_HEADER: replica_id}}
+    headers = {ROUTED_TO_HEADER: replica_id, ROUTED_AT_HEADER: f"{time.time():.6f}"}
+    return {"replica_id": replica_id, "request_headers": headers}
 
 
 # ---- from a body to a RoutingHint ------------------------------------------------------------------

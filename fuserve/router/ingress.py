@@ -41,7 +41,7 @@ from fuserve.router.engine_client import EngineClient, EngineStreams, api_error
 from fuserve.router.engine_messages import EngineRequest, ModelInfo, ReplicaStats
 from fuserve.router.errors import APIError, from_validation, model_not_found, too_large
 from fuserve.router.hermes_tool_calls import HERMES
-from fuserve.router.metrics import ServingMetrics
+from fuserve.router.metrics import ROUTED_AT_HEADER, TRANSIT_HEADER, ServingMetrics, transit_seconds
 from fuserve.router.prompts import (
     encode_chat,
     encode_prompt,
@@ -269,12 +269,16 @@ class EngineIngress:
     async def _serve_http(self, request: Request, chat: bool) -> Response:
         endpoint = "chat" if chat else "completions"
         arrival = time.perf_counter()
+        transit = transit_seconds(request.headers.get(ROUTED_AT_HEADER), time.time())
         request_id = f"chatcmpl-{uuid.uuid4().hex}" if chat else f"cmpl-{uuid.uuid4().hex}"
         # Serve's proxy gives every request an x-request-id (the client's own, if it sent one) and
         # echoes it on the response: that id is the one logs and 5xx messages name. Outside Serve,
         # the response id stands in.
         trace_id = request.headers.get(REQUEST_ID_HEADER)
         id_header = {} if trace_id else {REQUEST_ID_HEADER: request_id}
+        if transit is not None:
+            self.metrics.transit.observe(transit)
+            id_header[TRANSIT_HEADER] = f"{transit * 1e3:.3f}"
         trace_id = trace_id or request_id
         self.metrics.in_flight.inc()
         streaming = False

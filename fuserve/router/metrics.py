@@ -152,6 +152,23 @@ def speculation_metrics(replicas: list[tuple[str, SpecCounters]]) -> Iterable[Me
     yield k_chosen
 
 
+# The HAProxy router stamps its decision's wall-clock time on the request it routes (a header HAProxy
+# sets, after deleting any a client sent): the replica measures the transit from decision to arrival.
+ROUTED_AT_HEADER = "x-serve-router-fuserve-routed-at"
+TRANSIT_HEADER = "x-fuserve-transit-ms"  # the transit, echoed on the response for benchmarks
+
+
+def transit_seconds(routed_at: str | None, now: float) -> float | None:
+    """Seconds from the router's decision to now; None without a usable stamp. Both clocks are wall
+    clocks (one host's, or NTP-synced hosts'), so small negative values are clock skew, kept at 0."""
+    if not routed_at:
+        return None
+    try:
+        return max(now - float(routed_at), 0.0)
+    except ValueError:
+        return None
+
+
 class ServingMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -194,6 +211,13 @@ class ServingMetrics:
             "fuserve_engine_core_first_token_seconds",
             "Hand-off to the engine core until its first token is back in the frontend: queue and prefill",
             buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.transit = Histogram(
+            "fuserve_router_transit_seconds",
+            "The HAProxy router's choice of this replica to the request's arrival here (HAProxy, the "
+            "replica's event loop); requests routed another way are not counted",
+            buckets=FRONTEND_BUCKETS_S,
             registry=r,
         )
         self.emit = Histogram(
