@@ -93,3 +93,21 @@ def test_queued_prefill_tokens_are_bounded_and_deadlines_free_blocks(config: Fus
             core.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_replica_without_uvloop_or_httptools_says_how_to_get_them(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import importlib.util
+
+    from fuserve.router.ingress import warn_if_slow_http_path
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a)
+    )
+    with caplog.at_level("WARNING", logger="fuserve.router"):
+        assert warn_if_slow_http_path() == ["uvloop"]
+    assert "uvicorn[standard]" in caplog.text
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert warn_if_slow_http_path() == []  # the test environment has both, as users do

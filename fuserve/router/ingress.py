@@ -106,6 +106,22 @@ def prefill_token_limit(serve_cfg: ServeConfig, kv_capacity_tokens: int) -> int 
     return None if limit < 0 else limit
 
 
+def warn_if_slow_http_path() -> list[str]:
+    """The HTTP path users measure runs on uvloop and httptools (`ray[serve]` brings `uvicorn[standard]`).
+    Without them the replica's loop and uvicorn fall back to pure Python: behind HAProxy on this
+    project's CPU box, TTFT p50 at 64 streams doubled (benchmarks/NOTES.md). Returns what is missing."""
+    import importlib.util
+
+    missing = [m for m in ("uvloop", "httptools") if importlib.util.find_spec(m) is None]
+    if missing:
+        logger.warning(
+            "%s not installed: the replica serves HTTP on the slow pure-Python path; "
+            "install them with `pip install 'uvicorn[standard]'` (ray[serve] normally brings it)",
+            " and ".join(missing),
+        )
+    return missing
+
+
 def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
@@ -119,6 +135,7 @@ class EngineIngress:
         """`draft`: the Draft deployment's handle (speculative.method draft), bound only so Serve runs
         the draft with this app; the engine core finds it by name (speculative/draft_factory.py)."""
         self.replica_id = _replica_id()
+        warn_if_slow_http_path()
         source = resolve_source(config.model)
         self.tokenizer: Tokenizer | None = load_tokenizer(source) if source.kind != "dummy" else None
         template = self.tokenizer.chat_template if self.tokenizer else None
