@@ -322,11 +322,11 @@ def profile_decode(engine: Any, prompt_len: int, vocab: int, steps: int = 40) ->
 @dataclass(frozen=True)
 class EngineSpec:
     """One engine configuration to time, written `base[+option...]` on the command line:
-    base      tp1 | nccl (TP=N, NCCL for every all-reduce) | auto (one-shot, fused, GEMV push) |
-              no-push (auto without the batch-1 GEMV push)
+    base      tp1 | nccl (TP=N, NCCL for every all-reduce) | auto (one-shot, fused, GEMV push, two-shot)
     options   gloo-plans (step plans over gloo, not the shared-memory ring), no-keyed (greedy plans
-              gather the logits on rank 0 instead of each rank's keyed argmax), no-two-shot
-              (parallel.two_shot: false), l2=MB (kernels.l2_prefetch_mb, the L2 prefetch budget)
+              gather the logits on rank 0 instead of each rank's keyed argmax), l2=MB
+              (kernels.l2_prefetch_mb, the L2 prefetch budget)
+    The GEMV push and two-shot won their A/Bs and lost their switches (benchmarks/NOTES.md, 2026-11-26).
     The base is parallel.all_reduce (tp1: one rank), and the options set config fields, never the
     environment: every rank takes them from the same config.
     Each one runs in a fresh process: torch's symmetric memory pairs a process with fresh workers only
@@ -336,21 +336,18 @@ class EngineSpec:
     gloo_plans: bool = False
     keyed_argmax: bool = True
     l2_prefetch_mb: float | None = None  # None: the config's default (kernels.l2_prefetch_mb unset)
-    two_shot: bool = True
 
     @classmethod
     def parse(cls, text: str) -> EngineSpec:
         base, *options = text.split("+")
-        if base not in ("tp1", "nccl", "auto", "no-push"):
-            raise SystemExit(f"engine {text!r}: the base is one of tp1, nccl, auto, no-push")
+        if base not in ("tp1", "nccl", "auto"):
+            raise SystemExit(f"engine {text!r}: the base is one of tp1, nccl, auto")
         spec = cls(base)
         for option in options:
             if option == "gloo-plans":
                 spec = dataclasses.replace(spec, gloo_plans=True)
             elif option == "no-keyed":
                 spec = dataclasses.replace(spec, keyed_argmax=False)
-            elif option == "no-two-shot":
-                spec = dataclasses.replace(spec, two_shot=False)
             elif option.startswith("l2="):
                 spec = dataclasses.replace(spec, l2_prefetch_mb=float(option[3:]))
             else:
@@ -393,7 +390,6 @@ def run_engine(
                 "init_timeout_s": float(os.environ.get("BENCH_INIT_TIMEOUT_S", "300")),
                 "plan_transport": "gloo" if spec.gloo_plans else "auto",
                 "all_reduce": "nccl" if spec.base == "tp1" else spec.base,
-                "two_shot": spec.two_shot,
             },
             # every rank takes these from the config (fuserve/workers/kernels/switches.py)
             kernels={} if spec.l2_prefetch_mb is None else {"l2_prefetch_mb": spec.l2_prefetch_mb},
@@ -405,9 +401,7 @@ def run_engine(
     init_s = time.perf_counter() - t0
     one_shot = workers is not None and workers.tp.fast_all_reduce is not None
     backend = "oneshot" if one_shot else ("gloo" if smoke else "nccl")
-    if one_shot and spec.base == "no-push":
-        backend += "-nopush"  # the fused all-reduce, without the batch-1 GEMV push (A/B)
-    if spec.base in ("auto", "no-push") and not one_shot and not smoke:
+    if spec.base == "auto" and not one_shot and not smoke:
         raise RuntimeError(f"{spec}: the one-shot all-reduce did not start (see the warnings above)")
     plans = "-" if workers is None else ("shm" if isinstance(workers.sender, RingPlanSender) else "gloo")
     name = (
@@ -553,7 +547,7 @@ def main() -> None:
     longest = 0.0
     for text in filter(None, args.engines.split(",")):
         spec = EngineSpec.parse(text)
-        if args.smoke and spec.base in ("auto", "no-push"):
+        if args.smoke and spec.base == "auto":
             continue  # no one-shot on CPU
         elapsed = time.monotonic() - started
         if args.budget_s is not None and elapsed + 1.2 * longest > args.budget_s:

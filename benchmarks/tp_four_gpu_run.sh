@@ -38,7 +38,7 @@ case ${PART:-bench} in
     }
     collectives 1 collectives
     timeout $(( $(left) - 10 )) python3 benchmarks/bench_tp.py --model llama3-70b --tp "$TP" --skip-collectives \
-      --engines "${ENGINES:-auto,auto+no-two-shot}" --gpu-memory-utilization 0.9 \
+      --engines "${ENGINES:-auto,nccl}" --gpu-memory-utilization 0.9 \
       --engine-timeout-s 260 --budget-s $(( $(left) - 150 )) --out "$OUT/tp$TP-70b.json" 2>&1 \
       | tee "$OUT/tp$TP-70b.log" | grep -v "^{" | tail -30
     [ "$(left)" -gt 120 ] && MODEL_SHAPE=8b PART=serve BUDGET_S=$(( $(left) - 5 )) bash "$0" ;;

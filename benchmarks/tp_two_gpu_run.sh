@@ -13,7 +13,7 @@
 #                      64, against its floor (weights per GPU / the copy bandwidth measured in the run);
 #                      then the 8B engines of $ENGINES_8B, if any, in the time left
 #   device run: bash benchmarks/tp_two_gpu_run.sh          (kind nvidia-h200-x2, carry [".whl"])
-#   engine names: bench_tp.py's EngineSpec (tp1, nccl, auto, no-push; +no-keyed, +gloo-plans, +l2=MB)
+#   engine names: bench_tp.py's EngineSpec (tp1, nccl, auto; +no-keyed, +gloo-plans, +l2=MB)
 set -uo pipefail
 START=$SECONDS
 BUDGET_S=${BUDGET_S:-540}  # the whole call, install included
@@ -44,7 +44,7 @@ if [ "$PART" = 8b ] || [ "$PART" = tests ] || [ "$PART" = tests+bench8b ]; then
   done
 fi
 if [ "$PART" = 8b ] || [ "$PART" = bench8b ] || [ "$PART" = tests+bench8b ]; then
-  ENGINES=${ENGINES_8B:-tp1,auto,nccl,auto+no-keyed,auto+gloo-plans,auto+l2=8,no-push,auto+l2=24}
+  ENGINES=${ENGINES_8B:-tp1,auto,nccl,auto+l2=0}
   timeout $(( $(left) > 30 ? $(left) : 30 )) python3 benchmarks/bench_tp.py --engines "$ENGINES" ${TP_8B_ARGS:-} \
     --budget-s $(( $(left) - 15 )) --out "$OUT/tp-8b.json" 2>&1 | tee "$OUT/tp-8b.log" | tail -40
 fi

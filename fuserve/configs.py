@@ -137,8 +137,8 @@ class SchedulerConfig(_Strict):
 
 
 # auto: the fast paths where they fit (one-shot, fused add + RMSNorm, the batch-1 GEMV push at two ranks);
-# no-push: the same without the GEMV push; nccl: NCCL for every all-reduce
-AllReduceChoice = Literal["auto", "no-push", "nccl"]
+# nccl: NCCL for every all-reduce
+AllReduceChoice = Literal["auto", "nccl"]
 
 
 class ParallelConfig(_Strict):
@@ -154,19 +154,12 @@ class ParallelConfig(_Strict):
     all_reduce: AllReduceChoice = Field(
         default="auto",
         description="The GPU all-reduces. `auto`: torch's one-shot kernel over P2P for small messages, "
-        "the all-reduce fused with the residual add + RMSNorm, and at two ranks the batch-1 row-parallel "
-        "GEMV that pushes its output to the peers. The one-shot kernel took a batch-1 all-reduce (8 KiB) "
-        "in 6.5 us against NCCL's 13.2 in a CUDA graph on two H200s (2026-11-22; benchmarks/NOTES.md). "
-        "`no-push`: the same without the GEMV push (A/B runs); `nccl`: NCCL for every all-reduce. CPU "
-        "groups use gloo whatever this says.",
-    )
-    two_shot: bool = Field(
-        default=True,
-        description="From four ranks on, torch's two-shot all-reduce (reduce-scatter + all-gather over "
-        "P2P) takes every message up to 8 MiB, then a separate add + RMSNorm: alone it beat one-shot, "
-        "the fused kernel and NCCL at every size on four H100s, and in the engine it saved 0.16 ms per "
-        "batch-1 token (70B at TP=4, 2026-11-26; benchmarks/NOTES.md). false: the one-shot and fused "
-        "kernels and NCCL, as at two ranks (A/B runs). Needs all_reduce auto or no-push.",
+        "the all-reduce fused with the residual add + RMSNorm, at two ranks the batch-1 row-parallel GEMV "
+        "that pushes its output to the peers, and from four ranks torch's two-shot all-reduce for every "
+        "message up to 8 MiB. Measured, each against the path without it: one-shot 6.5 us vs NCCL's 13.2 "
+        "for a batch-1 all-reduce on two H200s (2026-11-22); the GEMV push -0.21 ms per batch-1 token at "
+        "TP=2 on two H100s; two-shot -0.16 ms at TP=4 (70B, four H100s; both 2026-11-26; "
+        "benchmarks/NOTES.md). `nccl`: NCCL for every all-reduce. CPU groups use gloo whatever this says.",
     )
 
 

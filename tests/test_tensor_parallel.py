@@ -357,7 +357,7 @@ def test_plan_codec_round_trip() -> None:
             sections=dict(
                 scheduler={"async_scheduling": "on"},
                 kernels={"pdl": False, "l2_prefetch_mb": 4},
-                parallel={"all_reduce": "nccl", "two_shot": False},
+                parallel={"all_reduce": "nccl"},
             ),
             lengths=(1, 5, 19, 40, 70),
         ),

@@ -49,7 +49,7 @@ DEFAULT_MAX_BYTES = {2: 1 << 20, 4: 512 << 10, 8: 256 << 10}
 # every peer's buffer) took every size measured alone on four H100s (2026-11-26, in a CUDA graph): 8.3 us
 # at 16 KiB against one-shot 9.6 and the fused all-reduce + add + RMSNorm 14.7; 14.0 us at 1 MiB against
 # NCCL 26.7; 29.4 us at 4 MiB against NCCL 56.1. So at N >= 4 it takes every message up to its buffer,
-# followed by the separate add + RMSNorm. Config `parallel.two_shot: false` turns it off (A/B, bench_tp.py).
+# followed by the separate add + RMSNorm (bench_tp.py measures the kernels alone with two_shot=False).
 TWO_SHOT_MIN_RANKS = 4
 TWO_SHOT_MAX_BYTES = 8 << 20
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)  # what the torch kernel dispatches on

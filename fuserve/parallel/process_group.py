@@ -143,8 +143,9 @@ def init_tp_context(
     first_group_name: int = 0,
     two_shot: bool = True,
 ) -> TPContext:
-    """Collective: every rank calls it with the same store, size, device type, choice (parallel.all_reduce
-    and parallel.two_shot) and `first_group_name` (from rank 0's `fresh_group_names`)."""
+    """Collective: every rank calls it with the same store, size, device type, choice (parallel.all_reduce)
+    and `first_group_name` (from rank 0's `fresh_group_names`). `two_shot` False keeps the one-shot and
+    fused kernels at any rank count: only for measuring them alone (benchmarks/bench_tp.py)."""
     from torch.distributed import distributed_c10d
 
     if dist.is_initialized():
@@ -175,7 +176,7 @@ def init_tp_context(
             with phases.phase("the one-shot all-reduce's set-up (symmetric-memory rendezvous, self-test)"):
                 # The GEMV push hung at four ranks (four H200s, 2026-11-26: the self-test summed right,
                 # then a chain of pushes never finished); it is measured and kept at two ranks only.
-                push = all_reduce == "auto" and size <= MAX_PUSH_RANKS
+                push = size <= MAX_PUSH_RANKS
                 fast = OneShotAllReduce.create(
                     dist.group.WORLD,
                     cpu_group,

@@ -75,7 +75,6 @@ class TPWorker:
             timeout,
             par.all_reduce,
             first_group_name,
-            par.two_shot,
         )
         return {
             "rank": self.rank,

@@ -144,7 +144,7 @@ class WorkerGroup:
         """Place and start ranks 1..N-1 and form the groups with this process as rank 0. Inside a Serve
         replica the workers take bundles 1..N-1 of its placement group (`placement_group`: the replica's,
         passed to its engine-core process, which is not a Ray worker); elsewhere a placement group is
-        reserved here. The all-reduces are config.parallel's (all_reduce, two_shot), and every rank sets
+        reserved here. The all-reduces are config.parallel.all_reduce's, and every rank sets
         its kernel switches from the same config before the group's self-test launches a kernel. Fails
         with WorkerGroupError/PlacementError, never waits past init_timeout_s."""
         par = config.parallel
@@ -193,7 +193,7 @@ class WorkerGroup:
             init_refs = {a.init_group.remote(host, store.port, names): r for r, a in actors.items()}
             _await_arrival(store, init_refs, size, deadline, timeout)
             dtype = pick_dtype(config.model.dtype, device)
-            tp = init_tp_context(store, 0, size, device, dtype, timeout, par.all_reduce, names, par.two_shot)
+            tp = init_tp_context(store, 0, size, device, dtype, timeout, par.all_reduce, names)
             infos = ray.get(list(init_refs), timeout=max(1.0, deadline - time.monotonic()))
             ring = _create_plan_ring(par.plan_transport, infos, size)
             ring_path = str(ring.path) if ring is not None else None
