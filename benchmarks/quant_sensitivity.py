@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--experiments", default="type,act,method")
     ap.add_argument("--text-tokens", type=int, default=1024)
     ap.add_argument("--calibration-tokens", type=int, default=4096)
+    ap.add_argument("--schemes", default="int8-wo,fp8-wo,fp8", help="the method experiment's schemes")
+    ap.add_argument("--methods", default="rtn,gptq", help="the method experiment's roundings")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from fuserve.workers.models.calibration_hessians import calibration_sequences, collect_hessians
@@ -175,8 +177,8 @@ def main() -> None:
         for i in range(model.arch.num_layers):
             record("layer", str(i), "fp8-wo", "rtn", [n for n in names if f"layers.{i}." in n])
     if "method" in exps:
-        for scheme in ("int8-wo", "fp8-wo", "fp8"):
-            for method in ("rtn", "gptq"):
+        for scheme in args.schemes.split(","):
+            for method in args.methods.split(","):
                 record("method", "all", scheme, method, names)
     if "sequential" in exps:
         t = time.time()
