@@ -76,6 +76,30 @@ def test_build_with_gptq_is_byte_identical_and_recorded(checkpoint: Path, tmp_pa
         assert not torch.equal(g.get_tensor(name).view(torch.int8), r.get_tensor(name).view(torch.int8))
 
 
+def test_tp2_build_with_gptq_rounds_each_ranks_slice(checkpoint: Path, tmp_path: Path) -> None:
+    """Under TP 2 a row-parallel layer holds half the input columns: it takes that block of H. Each
+    rank's column-parallel rows are the TP 1 build's rows (GPTQ rounds rows independently)."""
+    build_checkpoint(str(checkpoint), tmp_path / "tp1", 1, "int8-wo", "float32", calibrate="gptq")
+    build_checkpoint(str(checkpoint), tmp_path / "tp2", 2, "int8-wo", "float32", calibrate="gptq")
+    assert BuildManifest.read(tmp_path / "tp2").calibration["method"] == "gptq"
+    name = "model.layers.1.mlp.gate_up_proj.weight"
+    with safe_open(str(tmp_path / "tp1" / "rank-0.safetensors"), framework="pt") as f:
+        full = f.get_tensor(name)
+        down = f.get_tensor("model.layers.1.mlp.down_proj.weight")
+    inter = full.shape[0] // 2
+    for rank in range(2):
+        with safe_open(str(tmp_path / "tp2" / f"rank-{rank}.safetensors"), framework="pt") as f:
+            half = inter // 2
+            rows = torch.cat(
+                [full[rank * half : (rank + 1) * half], full[inter + rank * half : inter + (rank + 1) * half]]
+            )
+            assert torch.equal(f.get_tensor(name), rows)
+            assert f.get_tensor("model.layers.1.mlp.down_proj.weight").shape == (
+                down.shape[0],
+                down.shape[1] // 2,
+            )
+
+
 def test_calibrate_without_an_8bit_scheme_is_refused(checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="add --quant"):
         build_checkpoint(str(checkpoint), tmp_path / "x", 1, "none", "float32", calibrate="gptq")
