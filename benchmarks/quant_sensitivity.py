@@ -8,6 +8,8 @@ perplexity on bench_quant_accuracy.py's held-out text. Experiments:
   layer     one decoder layer at a time, every type
   act       W8A8's activation rounding alone (full-precision weights)
   method    all layers: rtn and gptq (models/gptq.py) for int8-wo, fp8-wo, fp8
+  mixed     fp8 W8A8 with GPTQ weights, one layer type's input kept in 16 bits at a time
+  sequential  fp8 W8A8 GPTQ layer by layer on the quantized model's own inputs
 
     python benchmarks/quant_sensitivity.py --experiments type,act,method   # CPU: ~5 min
 Rows go to --out (default $OUT/quant-sensitivity-DATE.json).
@@ -56,9 +58,15 @@ def linears(model: Any) -> dict[str, Any]:
 
 @contextmanager
 def quantized(
-    model: Any, names: list[str], scheme_name: str, method: str, hessians: dict[str, torch.Tensor]
+    model: Any,
+    names: list[str],
+    scheme_name: str,
+    method: str,
+    hessians: dict[str, torch.Tensor],
+    keep_inputs: tuple[str, ...] = (),
 ) -> Iterator[None]:
-    """Layers `names` hold their quantize-dequantize weights (and W8A8 rounds their inputs) inside."""
+    """Layers `names` hold their quantize-dequantize weights (and W8A8 rounds their inputs, except
+    those of layers whose names end with one of `keep_inputs`) inside."""
     from fuserve.workers.models.gptq import gptq_quantize_rows
     from fuserve.workers.models.quant_scheme import SCHEMES, dequantize_rows, quantize_per_token_fp8
 
@@ -77,7 +85,7 @@ def quantized(
 
                 q, s = quantize_rows(m.weight.data, scheme)
             m.weight.data.copy_(dequantize_rows(q, s))
-        if scheme.quantize_activations:
+        if scheme.quantize_activations and not name.endswith(keep_inputs):
 
             def round_input(_m: Any, args: tuple) -> tuple:
                 q, s = quantize_per_token_fp8(args[0])
@@ -148,16 +156,18 @@ def main() -> None:
     names = list(linears(model))
     hessians: dict[str, torch.Tensor] = {}
     exps = args.experiments.split(",")
-    if "method" in exps:
+    if "method" in exps or "mixed" in exps:
         t = time.time()
         seqs = calibration_sequences(tok, model.arch.vocab_size, args.calibration_tokens)
         hessians = collect_hessians(model, seqs)
         print(f"hessians over {sum(map(len, seqs))} tokens: {time.time() - t:.1f}s", flush=True)
     rows: list[dict[str, Any]] = []
 
-    def record(experiment: str, what: str, scheme: str, method: str, chosen: list[str]) -> None:
+    def record(
+        experiment: str, what: str, scheme: str, method: str, chosen: list[str], keep: tuple[str, ...] = ()
+    ) -> None:
         t = time.time()
-        with quantized(model, chosen, scheme, method, hessians):
+        with quantized(model, chosen, scheme, method, hessians, keep):
             p = ppl()
         row = dict(experiment=experiment, layers=what, scheme=scheme, method=method, perplexity=p)
         row["ppl_ratio"] = p / ref
@@ -180,6 +190,9 @@ def main() -> None:
         for scheme in args.schemes.split(","):
             for method in args.methods.split(","):
                 record("method", "all", scheme, method, names)
+    if "mixed" in exps:  # W8A8 GPTQ with one layer type's input left in 16 bits
+        for short, attr in TYPES.items():
+            record("mixed", f"16b-{short}", "fp8", "gptq", names, (attr,))
     if "sequential" in exps:
         t = time.time()
         seqs = calibration_sequences(tok, model.arch.vocab_size, args.calibration_tokens)
