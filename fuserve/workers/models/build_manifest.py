@@ -14,6 +14,8 @@ sharded and quantized, named as the model's own parameters, plus `fuserve-build.
   kv_scales               fp8 only: the FP8 KV scales the build calibrated (what on, headroom; one fp32
                           per KV head in `<layer>.self_attn.{k,v}_scale` of each rank file, that rank's
                           heads, listed in `tensors`); empty: calibrated at start-up
+  calibration             how the 8-bit weights were rounded: empty for round-to-nearest, else the method
+                          (gptq), its calibration text, token count and settings (models/gptq_build.py)
   limits                  max_model_len it was built for
   tensors                 per rank: name -> shape and dtype
 
@@ -48,6 +50,7 @@ class BuildManifest:
     scales: dict[str, Any] = field(default_factory=dict)
     kv_cache_dtype: str = "auto"
     kv_scales: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
 
     def to_json(self) -> str:

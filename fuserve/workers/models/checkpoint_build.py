@@ -15,6 +15,10 @@ model's own tokenizer and the start-up's random tokens, and writes each rank's h
 file: serving then skips the start-up calibration. The calibration holds the whole model in CPU
 memory once.
 
+With `--calibrate gptq` (8-bit schemes) the 8-bit weights are rounded by error-compensated rounding
+on calibration text instead of to nearest (models/gptq_build.py): the same tensors, better values;
+the manifest records it under `calibration`.
+
 Deterministic: the tensors, their order, the metadata and the manifest depend only on the inputs, so
 building twice writes the same bytes.
 """
@@ -22,6 +26,7 @@ building twice writes the same bytes.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,6 +45,13 @@ from fuserve.workers.kv_scales import (
     text_calibration_ids,
 )
 from fuserve.workers.models.build_manifest import MANIFEST_NAME, BuildManifest, source_sha256
+from fuserve.workers.models.gptq_build import (
+    CALIBRATE_METHODS,
+    build_hessians,
+    calibration_record,
+    full_precision_weights,
+    requantize_gptq,
+)
 from fuserve.workers.models.llama import LlamaArch, LlamaForCausalLM
 from fuserve.workers.models.loader import (
     ModelSource,
@@ -58,6 +70,8 @@ SIDE_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+# replaces the loader's round-to-nearest 8-bit weights of a rank's model (or leaves them)
+RoundWeights = Callable[[LlamaForCausalLM, TPContext], None]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -66,13 +80,14 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 
 def _calibrated_model(
-    source: ModelSource, scheme: QuantScheme | None, dtype: torch.dtype
+    source: ModelSource, scheme: QuantScheme | None, dtype: torch.dtype, round_weights: RoundWeights
 ) -> tuple[LlamaForCausalLM, str]:
     """The whole model (TP 1) with its FP8 KV scales calibrated, and what it was calibrated on: the
     shipped text through the model's tokenizer and the start-up's seeded random ids."""
     positions = min(CALIBRATION_TOKENS, LlamaArch.from_hf(source.hf_config).max_position_embeddings)
     cpu = torch.device("cpu")
     model = build_model(source, TPContext(), KernelOps.reference(), dtype, cpu, positions, quant=scheme)
+    round_weights(model, TPContext())
     vocab = model.arch.vocab_size
     sequences, what = [random_calibration_ids(vocab)], f"{CALIBRATION_TOKENS} random tokens (seed 0)"
     try:
@@ -85,6 +100,24 @@ def _calibrated_model(
     return model, what
 
 
+def _weight_rounding(
+    source: ModelSource, scheme: QuantScheme | None, calibrate: str, dtype: torch.dtype
+) -> tuple[RoundWeights, dict[str, object]]:
+    """How each rank's 8-bit weights are rounded, and the manifest's record of it."""
+    if calibrate not in CALIBRATE_METHODS:
+        raise ValueError(f"unknown --calibrate {calibrate!r}; choose one of {', '.join(CALIBRATE_METHODS)}")
+    if calibrate == "none":
+        return lambda model, tp: None, {}
+    if scheme is None:
+        raise ValueError(f"--calibrate {calibrate} rounds 8-bit weights: add --quant int8-wo, fp8-wo or fp8")
+    hessians, tokens = build_hessians(source)
+
+    def gptq(model: LlamaForCausalLM, tp: TPContext) -> None:
+        requantize_gptq(model, full_precision_weights(source, tp, dtype), hessians, scheme, tp)
+
+    return gptq, calibration_record(tokens)
+
+
 def build_checkpoint(
     src: str,
     out: Path,
@@ -93,6 +126,7 @@ def build_checkpoint(
     dtype: str = "bfloat16",
     max_model_len: int | None = None,
     kv_cache_dtype: str = "auto",
+    calibrate: str = "none",
 ) -> BuildManifest:
     """Write `out` (created or overwritten) and return its manifest."""
     model_cfg = ModelConfig(path=src, quantization=quantization)  # type: ignore[arg-type]
@@ -106,9 +140,10 @@ def build_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("rank-*.safetensors"):
         stale.unlink()
+    round_weights, calibration = _weight_rounding(source, scheme, calibrate, DTYPES[dtype])
     calibrated, kv_scales = None, {}
     if kv_cache_dtype == "fp8":
-        calibrated, what = _calibrated_model(source, scheme, DTYPES[dtype])
+        calibrated, what = _calibrated_model(source, scheme, DTYPES[dtype], round_weights)
         kv_scales = {"calibration": what, "granularity": "per-layer per-KV-head", "headroom": HEADROOM}
     rank_files, tensors, scales = [], [], []
     for rank in range(tensor_parallel_size):
@@ -119,6 +154,7 @@ def build_checkpoint(
             model = build_model(
                 source, tp, KernelOps.reference(), DTYPES[dtype], torch.device("cpu"), 1, quant=scheme
             )
+            round_weights(model, tp)
         state = {name: p.data.contiguous() for name, p in model.named_parameters()}
         if calibrated is not None:
             state.update(kv_scale_state(calibrated, model))
@@ -154,6 +190,7 @@ def build_checkpoint(
         scales={"granularity": "per-output-channel", "dtype": "float32", "tensors": scales},
         kv_cache_dtype=kv_cache_dtype,
         kv_scales=kv_scales,
+        calibration=calibration,
     )
     (out / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest
