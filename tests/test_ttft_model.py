@@ -180,7 +180,7 @@ def test_the_step_cost_fit_recovers_the_engines_costs() -> None:
 def test_compile_stalls_do_not_inflate_the_fit_and_a_low_prior_still_rises() -> None:
     truth = StepCost(base_s=0.007, per_seq_s=0.00003, per_token_s=0.00002)
     rng = random.Random(1)
-    clipped, plain = StepCostMeter(), StepCostMeter()
+    clipped, plain = StepCostMeter(clip_outliers=True), StepCostMeter()
     for i in range(300):
         prefill, decodes = rng.choice([0, 0, rng.randint(16, 2048)]), rng.randint(1, 64)
         seconds = truth.step_s(prefill, decodes) + (1.5 if i in (3, 9, 40, 41, 250) else 0.0)
@@ -188,7 +188,7 @@ def test_compile_stalls_do_not_inflate_the_fit_and_a_low_prior_still_rises() -> 
         plain.observe(prefill, decodes, min(seconds, truth.step_s(prefill, decodes)))
     assert clipped.estimate().base_s == pytest.approx(plain.estimate().base_s, rel=0.25)
     slow = StepCost(base_s=0.2, per_seq_s=0.002, per_token_s=0.001)  # a CPU model, 20x the prior's base
-    meter = StepCostMeter()
+    meter = StepCostMeter(clip_outliers=True)
     for _ in range(200):
         prefill, decodes = rng.choice([0, 0, rng.randint(16, 256)]), rng.randint(1, 8)
         meter.observe(prefill, decodes, slow.step_s(prefill, decodes))

@@ -87,7 +87,7 @@ class LLMEngine:
             worker.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.step_cost = StepCostMeter()
+        self.step_cost = StepCostMeter(clip_outliers=True)
         self._queue_summary = QueueSummaryCache(self.scheduler)
         self._completed: list[SchedulerOutput] = []  # steps whose tokens the current step() read back
         self._unattributed_s = 0.0

@@ -53,6 +53,7 @@ class StepCostMeter:
         prior: tuple[float, float, float] = (0.010, 0.0001, 0.0001),
         forget: float = 0.995,
         prior_weight: float = 1.0,
+        clip_outliers: bool = False,
     ) -> None:
         self.forget = forget
         # theta in scaled units: seconds per (1, PREFILL_SCALE tokens, DECODE_SCALE sequences)
@@ -61,12 +62,14 @@ class StepCostMeter:
         self.xx = [[0.0] * 3 for _ in range(3)]
         self.xy = [0.0] * 3
         self.num_samples = 0
+        self.clip_outliers = clip_outliers
         self._theta = list(self.prior)  # the fit the clip predicts with, refitted every REFIT_EVERY steps
 
     def observe(self, prefill_tokens: int, num_decodes: int, seconds: float) -> None:
         x = (1.0, prefill_tokens / PREFILL_SCALE, num_decodes / DECODE_SCALE)
-        predicted = sum(max(t, 0.0) * xi for t, xi in zip(self._theta, x, strict=True))
-        seconds = min(seconds, OUTLIER_FACTOR * predicted + OUTLIER_SLACK_S)
+        if self.clip_outliers:
+            predicted = sum(max(t, 0.0) * xi for t, xi in zip(self._theta, x, strict=True))
+            seconds = min(seconds, OUTLIER_FACTOR * predicted + OUTLIER_SLACK_S)
         f = self.forget
         for i in range(3):
             self.xy[i] = f * self.xy[i] + x[i] * seconds
