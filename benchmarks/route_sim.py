@@ -58,6 +58,7 @@ from fuserve.router.replica_view import (  # noqa: E402
 )
 from fuserve.router.routing_policy import (  # noqa: E402
     Candidate,
+    PrefixPopularity,
     RecentPrefixes,
     TieBreak,
     prefix_keys,
@@ -252,6 +253,7 @@ class LengthAware(SimRouter):
     def __init__(self, replica_ids: list[str], rng: random.Random) -> None:
         super().__init__(replica_ids, rng)
         self.peers = PeerEstimate()
+        self.popularity = PrefixPopularity()
         self.unadmitted = UnadmittedSends()
 
     def since_report(self, rid: str, reports: dict[str, dict[str, Any]], now: float = 0.0) -> list[Routed]:
@@ -280,6 +282,8 @@ class LengthAware(SimRouter):
             assert view is not None
             views.append(view)
         req = RequestShape(len(x.spec.prompt_ids), x.spec.max_tokens, x.keys, BLOCK_SIZE)
+        req.shared_tokens = self.popularity.shared_tokens(x.keys, BLOCK_SIZE)
+        self.popularity.add(x.keys)
         rid, pred = rank_by_ttft(views, req, peers=k)[0]
         self.predicted[x.index] = pred.ttft_s
         self.record(rid, x, len(x.spec.prompt_ids) - pred.cached_tokens)

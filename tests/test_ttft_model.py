@@ -338,3 +338,43 @@ def test_a_replica_left_with_a_stale_slow_cost_still_gets_traffic() -> None:
     shared = share_step_costs([busy, stale])
     assert shared[1].cost == busy.cost
     assert rank_by_ttft(shared, RequestShape(prompt_tokens=200, max_tokens=64))[0][0] == "stale"
+
+
+def test_a_shared_prefix_does_not_pile_requests_onto_the_replica_that_holds_it() -> None:
+    """On the CPU behind HAProxy, every chat request of a burst went to the replica that held the system
+    prompt: its 32 cached tokens, charged again for every request queued behind, outweighed a TTFT 50%
+    worse. A prefix many requests carry is cached by the other replica after one miss; only this
+    request's own TTFT pays for it there."""
+    from fuserve.router.routing_policy import PrefixPopularity, prefix_keys
+
+    cost = StepCost(0.003, 0.0003, 0.00011)
+    system = list(range(100, 132))  # 32 tokens: two blocks of 16
+    chat = system + list(range(500, 516))
+    keys = prefix_keys(chat, 16)
+    behind = [QueuedSeq(60.0, 40, 6, reported=False) for _ in range(8)]  # longer work: after it
+    ahead = [QueuedSeq(20.0, 40, 6, reported=False) for _ in range(4)]  # shorter work: before it
+    holder = ReplicaView("holder", cost, waiting=ahead + behind, known_prefixes=frozenset(keys[:2]))
+    other = ReplicaView("other", cost, waiting=ahead[:1] + behind)
+    req = RequestShape(len(chat), 6, keys, 16)
+    preds = dict(rank_by_ttft([holder, other], req))
+    assert preds["other"].ttft_s < preds["holder"].ttft_s
+    assert rank_by_ttft([holder, other], req)[0][0] == "holder"  # the cache, charged 10 times over
+    popular = PrefixPopularity(popular=3)
+    for i in range(3):
+        popular.add(prefix_keys(system + [600 + i] * 16, 16))
+    req.shared_tokens = popular.shared_tokens(keys, 16)
+    assert req.shared_tokens == 32  # the system prompt's two blocks, seen in 3 requests
+    assert rank_by_ttft([holder, other], req)[0][0] == "other"
+
+
+def test_prefix_popularity_counts_requests_not_keys() -> None:
+    from fuserve.router.routing_policy import PrefixPopularity
+
+    p = PrefixPopularity(capacity=4, popular=2)
+    p.add([1, 2])
+    assert 1 not in p and p.shared_tokens([1, 2], 16) == 0
+    p.add([1, 3])
+    assert 1 in p and 2 not in p
+    for k in (10, 11, 12, 13):
+        p.add([k])  # the LRU keeps 4 keys: 1 falls out
+    assert 1 not in p

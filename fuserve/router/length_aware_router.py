@@ -50,7 +50,14 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from fuserve.router.engine_messages import EngineRequest
 from fuserve.router.prefix_affinity import AffinityCandidate, rank_by_prefix_affinity
 from fuserve.router.replica_view import PeerEstimate, admitted_by, covered_until, view_from_report
-from fuserve.router.routing_policy import Candidate, RecentPrefixes, RoutingHint, TieBreak, rank_replicas
+from fuserve.router.routing_policy import (
+    Candidate,
+    PrefixPopularity,
+    RecentPrefixes,
+    RoutingHint,
+    TieBreak,
+    rank_replicas,
+)
 from fuserve.router.routing_timing import RoutingTimer
 from fuserve.router.ttft_model import QueuedSeq, RequestShape, TtftTie, rank_by_ttft, share_step_costs
 from fuserve.router.unadmitted_sends import UnadmittedSends, still_unreported
@@ -127,6 +134,7 @@ class LengthAwareRouter(RequestRouter):
         self.blind_tokens = blind_tokens
         self._assignments: dict[int, _Assignment] = {}  # keyed by id(PendingRequest)
         self._mine: dict[str, RecentPrefixes] = {}
+        self.popularity = PrefixPopularity()
         self._reported: dict[str, tuple[float, frozenset[int]]] = {}
 
     # ---- load and prefixes per replica ------------------------------------------------------------
@@ -283,6 +291,8 @@ class LengthAwareRouter(RequestRouter):
 
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         shape = request_shape(arg)
+        shape.shared_tokens = self.popularity.shared_tokens(shape.prefix_keys, shape.block_size)
+        self.popularity.add(shape.prefix_keys)
         ranked, prefill = self._rank_hinted(by_id, shape, now)
         if ranked is None:
             candidates = [Candidate(rid, self._load(r), self._known(r)) for rid, r in by_id.items()]

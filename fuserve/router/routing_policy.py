@@ -159,3 +159,32 @@ class RecentPrefixes:
 
     def snapshot(self) -> list[int]:
         return list(self._keys)
+
+
+POPULAR_SENDS = 8  # in this many routed requests, a prefix key is shared (a system prompt), not a history
+
+
+class PrefixPopularity:
+    """How many routed requests carried each prefix key (bounded LRU counts), so that a prefix many
+    requests share, such as a system prompt, tells apart from one conversation's history: one miss
+    caches the shared one on a replica for all that follow, so it is not worth piling requests onto
+    the replica that happens to hold it first (ttft_model: `RequestShape.shared_tokens`)."""
+
+    def __init__(self, capacity: int = 8192, popular: int = POPULAR_SENDS) -> None:
+        self.capacity = capacity
+        self.popular = popular
+        self._counts: OrderedDict[int, int] = OrderedDict()
+
+    def add(self, keys: Sequence[int]) -> None:
+        for key in keys:
+            self._counts[key] = self._counts.get(key, 0) + 1
+            self._counts.move_to_end(key)
+        while len(self._counts) > self.capacity:
+            self._counts.popitem(last=False)
+
+    def __contains__(self, key: object) -> bool:
+        return self._counts.get(key, 0) >= self.popular  # type: ignore[call-overload]
+
+    def shared_tokens(self, keys: Sequence[int], block_size: int) -> int:
+        """Tokens of the request's leading prefix that is popular (0 if none)."""
+        return cached_blocks(keys, self) * block_size

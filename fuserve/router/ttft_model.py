@@ -113,6 +113,9 @@ class RequestShape:
     max_tokens: int
     prefix_keys: Sequence[int] = ()
     block_size: int = 16
+    # Leading tokens that many routed requests share (routing_policy.PrefixPopularity): a replica that does
+    # not hold them yet misses them once, so they do not count in the delay a prefill causes the others.
+    shared_tokens: int = 0
 
 
 @dataclass
@@ -267,7 +270,8 @@ def _prediction(
     score = ttft + decode_s + BACKLOG_WEIGHT * share * backlog_s(view)
     # its prefill delays the first token of every request queued behind it there, and of those that
     # share its steps meanwhile: a cached prefix is worth the prefill it saves them too
-    prefill_s = max(req.prompt_tokens - cached, 1) * view.cost.per_token_s
+    # (a prefix many requests share is charged to this request's own TTFT only: see RequestShape)
+    prefill_s = max(req.prompt_tokens - max(cached, req.shared_tokens), 1) * view.cost.per_token_s
     score += prefill_s * (behind + PREFILL_SHARERS)
     return Prediction(ttft, cached, ahead, decodes, score, behind)
 
