@@ -2,8 +2,9 @@
 
 Behind HAProxy one router replica per node answers every request's routing call on one event loop,
 so a call of 1 ms caps that node at ~1,000 requests/s and, in a burst of 300, delays the last one
-by 300 ms before it even reaches its replica. Two histograms: the whole `choose_replicas` call, and
-the ranking alone (`ttft_model.rank_by_ttft`, which replays each replica's scheduler queue).
+by 300 ms before it even reaches its replica. Three histograms: each routing request in the HAProxy
+router replica (any policy), the length-aware router's whole `choose_replicas` call, and its ranking
+alone (`ttft_model.rank_by_ttft`, which replays each replica's scheduler queue).
 Process-wide (one registry per process, `ROUTING_REGISTRY`): every router object in the process
 records into it, and `cluster/ingress_routing.RouteEndpoint` serves it at GET /metrics.
 """

@@ -77,7 +77,7 @@ class StepCostMeter:
             for j in range(3):
                 row[j] = f * row[j] + x[i] * x[j]
         self.num_samples += 1
-        if self.num_samples % REFIT_EVERY == 0:
+        if self.clip_outliers and self.num_samples % REFIT_EVERY == 0:
             self._theta = self._solve()
 
     def _solve(self) -> list[float]:
