@@ -266,16 +266,19 @@ def measure_collectives(cfg: dict, size: int, batches: list[int]) -> list[dict[s
 
 
 # ---- engine decode -----------------------------------------------------------------------------------
-def profile_decode(engine: Any, prompt_len: int, vocab: int, steps: int = 40) -> dict[str, Any]:
-    """Rank 0's GPU kernels over `steps` batch-1 decode steps (torch.profiler): per kernel name the
-    calls and microseconds per step, and how much of the steps' wall time the GPU was busy."""
+def profile_decode(
+    engine: Any, prompt_len: int, vocab: int, batch: int = 1, steps: int = 40
+) -> dict[str, Any]:
+    """Rank 0's GPU kernels over `steps` decode steps of `batch` sequences (torch.profiler): per kernel
+    name the calls and microseconds per step, and how much of the steps' wall time the GPU was busy."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from fuserve.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
-    engine.add_request(f"profile-{time.monotonic_ns()}", prompts(1, prompt_len, vocab, seed=7)[0], params)
+    for i, prompt in enumerate(prompts(batch, prompt_len, vocab, seed=7)):
+        engine.add_request(f"profile-{i}-{time.monotonic_ns()}", prompt, params)
     for _ in range(10):
         engine.step()
     torch.cuda.synchronize()
@@ -303,7 +306,7 @@ def profile_decode(engine: Any, prompt_len: int, vocab: int, steps: int = 40) ->
             covered += end - max(start, reach)
             reach = end
     print(
-        f"\nrank 0, batch 1: {wall_us / steps:.0f} us per step, kernels {busy:.0f} us summed, GPU busy "
+        f"\nrank 0, batch {batch}: {wall_us / steps:.0f} us per step, kernels {busy:.0f} us summed, GPU busy "
         f"{covered / steps:.0f} us (union)"
     )
     print(f"{'kernel':<62}{'calls':>7}{'us/step':>9}{'us/call':>9}")
@@ -311,7 +314,7 @@ def profile_decode(engine: Any, prompt_len: int, vocab: int, steps: int = 40) ->
         print(f"{name:<62}{calls:>7.1f}{us:>9.1f}{us / calls:>9.2f}")
     return dict(
         bench="tp-profile",
-        batch=1,
+        batch=batch,
         us_per_step=wall_us / steps,
         gpu_busy_us_per_step=busy,
         gpu_union_us_per_step=covered / steps,
@@ -441,7 +444,10 @@ def run_engine(
         )
         print(rows[-1], flush=True)
     if profile and torch.cuda.is_available():
-        rows.append(dict(profile_decode(engine, prompt_len, cfg["vocab_size"]), engine=name, tp=tp))
+        for batch in sorted({1, max(batches)}):
+            rows.append(
+                dict(profile_decode(engine, prompt_len, cfg["vocab_size"], batch), engine=name, tp=tp)
+            )
     t0 = time.perf_counter()
     engine.shutdown()
     print(f"{name} shut down in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -513,7 +519,11 @@ def main() -> None:
     ap.add_argument(
         "--smoke", action="store_true", help="tiny shapes on CPU over gloo: checks the script runs"
     )
-    ap.add_argument("--profile", action="store_true", help="also profile rank 0's batch-1 decode kernels")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile rank 0's decode kernels (batch 1 and the largest)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     started = time.monotonic()

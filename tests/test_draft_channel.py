@@ -80,6 +80,9 @@ def test_rounds_through_the_channel_equal_the_runner(config: FuserveConfig, use_
     finally:
         proposer.close()
         server.stop()
+    if use_ipc:  # stop() terminates the server: its ipc folder goes with it
+        ipc_path = server.address.ipc.removeprefix("ipc://")
+        assert not os.path.exists(os.path.dirname(ipc_path)), ipc_path
 
 
 def test_killed_server_falls_back_then_resumes(config: FuserveConfig) -> None:

@@ -96,10 +96,17 @@ class DraftServer:
         self.ctx.term()
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM's default action ends the process without running `finally` blocks, which left one
+    ipc folder in the temp directory per draft server ever stopped."""
+    raise SystemExit(0)
+
+
 def run_draft_server(config_json: str, host: str, parent_pid: int, conn: Connection) -> None:
     """The spawned process's entry point: build the draft, report the address (or the failure)
     through `conn`, serve until the parent process is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the replica decides when this ends
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # stop() terminates: clean up the ipc folder first
     import torch
 
     from fuserve.speculative.draft_runner import DraftRunner
