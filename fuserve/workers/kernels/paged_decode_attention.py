@@ -218,16 +218,13 @@ def _tile_config(device: torch.device) -> tuple[int, int, int]:
 def decode_partition_size(batch: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
     """Tokens per split-K partition, from shapes only (never tensor values: CUDA-graph safe).
 
-    Aims at about enough (batch, kv head, split) programs to fill the device, with partitions of at least
+    Aims at enough (batch, kv head, split) programs to fill the device, with partitions of at least
     a minimum size, rounded up to whole inner tiles. One partition covering `max_context_len`
     means no split.
     """
     block_n, programs_wanted, min_partition = _tile_config(device)
     max_context_len = max(max_context_len, 1)
-    # the nearest whole number of splits, not the next: 256 programs against 264 wanted (TP=2, batch
-    # 64, 4 KV heads a rank) ran 2 splits and a reduce kernel, slower than one pass (NOTES, 2026-11-26)
-    programs = max(batch * num_kv_heads, 1)
-    splits_wanted = max(1, (programs_wanted + programs // 2) // programs)
+    splits_wanted = max(1, triton.cdiv(programs_wanted, max(batch * num_kv_heads, 1)))
     partition = max(triton.cdiv(max_context_len, splits_wanted), min_partition)
     return min(triton.cdiv(partition, block_n) * block_n, triton.cdiv(max_context_len, block_n) * block_n)
 
