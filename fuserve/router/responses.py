@@ -202,8 +202,9 @@ class ChunkWriter:
         return parts[0] + _encode_json(text).decode() + parts[1]
 
     def _is_plain(self, choice: int, d: EngineDelta, usage: Usage | None) -> bool:
-        """Text alone: no usage, finish, logprobs, tool-call parsing or echoed prompt still to send."""
-        if usage is not None or d.finish_reason is not None or self.want_logprobs or not d.text:
+        """Text alone (possibly empty: a model served without a tokenizer streams token ids with no
+        text): no usage, finish, logprobs, tool-call parsing or echoed prompt still to send."""
+        if usage is not None or d.finish_reason is not None or self.want_logprobs:
             return False
         return not self.tool_calls and not (self.echo and self.echo[choice] is not None)
 
