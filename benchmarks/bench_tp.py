@@ -163,6 +163,8 @@ def _collective_worker(
                             ops_per_step=ops_per_step,
                         )
                     )
+                    if rank == 0:  # what is measured so far survives a later op that never finishes
+                        queue.put(list(rows))
     # Plan broadcast: one decode step's plan (context 256 tokens, 16-token blocks) from rank 0.
     for batch in batches:
         ctx, blocks = 256, 16
@@ -238,7 +240,12 @@ def _symmetric_ops(tp: Any, max_numel: int, dtype: torch.dtype, device: torch.de
     return ops
 
 
-def measure_collectives(cfg: dict, size: int, batches: list[int]) -> list[dict[str, Any]]:
+def measure_collectives(
+    cfg: dict, size: int, batches: list[int], timeout_s: float = 150.0
+) -> list[dict[str, Any]]:
+    """The rows rank 0 measured; the ranks are stopped after `timeout_s` (a chained op that never
+    finishes: the GEMV push did, after the GPU tests on the same machine, 2026-11-26), keeping the rows
+    measured before it."""
     import socket
 
     with socket.socket() as s:
@@ -252,14 +259,25 @@ def measure_collectives(cfg: dict, size: int, batches: list[int]) -> list[dict[s
             raise SystemExit(f"--tp {size} needs {size} GPUs, this machine shows {len(gpus)}")
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(
+    ranks = mp.start_processes(
         _collective_worker,
         args=(size, port, cfg, batches, gpus, queue),
         nprocs=size,
-        join=True,
+        join=False,
         start_method="spawn",
     )
-    rows = queue.get()
+    deadline = time.monotonic() + timeout_s
+    rows: list[dict[str, Any]] = []
+    while not ranks.join(timeout=1):
+        while not queue.empty():
+            rows = queue.get()
+        if time.monotonic() > deadline:
+            print(f"collectives: stopped after {timeout_s:g} s; {len(rows)} rows kept", flush=True)
+            for p in ranks.processes:
+                p.kill()
+            break
+    while not queue.empty():
+        rows = queue.get()
     for r in rows:
         print(r, flush=True)
     return rows
@@ -509,6 +527,9 @@ def main() -> None:
     )
     ap.add_argument("--skip-collectives", action="store_true")
     ap.add_argument(
+        "--collectives-timeout-s", type=float, default=150.0, help="stop the all-reduce-alone part after this"
+    )
+    ap.add_argument(
         "--collective-batches", default="", help="more batch sizes for the all-reduce alone (crossovers)"
     )
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.6)
@@ -546,7 +567,9 @@ def main() -> None:
     meta["copy_tb_s"] = bw / 1e12
     if not args.skip_collectives:
         extra = [int(b) for b in args.collective_batches.split(",")] if args.collective_batches else []
-        rows += measure_collectives(cfg, args.tp, sorted({1, 8, *batches, *extra}))
+        rows += measure_collectives(
+            cfg, args.tp, sorted({1, 8, *batches, *extra}), args.collectives_timeout_s
+        )
         finish(rows, meta, cfg, bw, out)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the engines' processes size their KV caches from what is free
