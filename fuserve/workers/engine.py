@@ -50,6 +50,7 @@ class _SeqState:
     seq: Sequence
     index: int
     detok: IncrementalDetokenizer | None
+    request_id: str
     num_sent: int = 0
     logprobs: list = field(default_factory=list)
 
@@ -177,7 +178,7 @@ class LLMEngine:
             detok = None
             if self.tokenizer is not None and self.detokenize:
                 detok = IncrementalDetokenizer(self.tokenizer, p.stop, p.skip_special_tokens)
-            state = _SeqState(seq, i, detok)
+            state = _SeqState(seq, i, detok, request_id)
             states.append(state)
             self._by_seq[seq.seq_id] = state
             if p.grammar is not None:
@@ -378,7 +379,7 @@ class LLMEngine:
             delta_text = st.detok.flush(final=seq.is_finished)
         st.num_sent = len(settled)
         out = RequestOutput(
-            request_id=seq.seq_id.rsplit("#", 1)[0],
+            request_id=st.request_id,
             index=st.index,
             delta_text=delta_text,
             delta_token_ids=new_ids,

@@ -29,14 +29,16 @@ class SampleRequest:
 
     params: SamplingParams
     prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    output_token_ids: list[int]  # may be left empty where no penalty reads it (num_output_tokens given)
     # a speculating sequence's row j follows j drafts that are not in output_token_ids: its token is
-    # output position len(output_token_ids) + num_drafts_before (what a seeded draw is keyed on)
+    # output position num_output_tokens + num_drafts_before (what a seeded draw is keyed on)
     num_drafts_before: int = 0
+    num_output_tokens: int | None = None  # None: len(output_token_ids)
 
     @property
     def output_position(self) -> int:
-        return len(self.output_token_ids) + self.num_drafts_before
+        n = len(self.output_token_ids) if self.num_output_tokens is None else self.num_output_tokens
+        return n + self.num_drafts_before
 
 
 @dataclass

@@ -13,6 +13,7 @@ back as prefix-cache hits). Pure Python on plain data: no torch, no model.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -117,10 +118,10 @@ class Scheduler:
 
         # Running first, best priority first; victims are taken from the back of this order.
         self.running.sort(key=lambda s: self.priority(s, now))
-        queue = list(self.running)
+        queue = deque(self.running)  # taken from the front, victims from the back: O(1) each
         kept: list[Sequence] = []
         while queue and budget > 0:
-            seq = queue.pop(0)
+            seq = queue.popleft()
             if seq.num_output_tokens >= seq.max_tokens:  # its in-flight token is its last
                 kept.append(seq)
                 continue

@@ -72,8 +72,9 @@ class Sequence:
     @property
     def settled_output_ids(self) -> list[int]:
         """Output tokens already read back (no placeholder for an in-flight one)."""
-        out = self.output_token_ids
-        return out[:-1] if out and out[-1] == PLACEHOLDER else out
+        tokens = self.token_ids
+        end = len(tokens) - 1 if tokens and tokens[-1] == PLACEHOLDER else len(tokens)
+        return tokens[self.num_prompt_tokens : max(end, self.num_prompt_tokens)]
 
     @property
     def num_output_tokens(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fuserve.speculative.rejection import NO_DRAFT
-from fuserve.workers.sampler import SampleRequest, argmax_only
+from fuserve.workers.sampler import SampleRequest, argmax_only, has_penalty
 from fuserve.workers.scheduler import SchedulerOutput
 from fuserve.workers.sequence import PLACEHOLDER
 
@@ -121,9 +121,14 @@ def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
         plan.seq_keys.append(seq.key)
         if item.samples:
             plan.sample_rows.append(b)
-            output = seq.output_token_ids
+            # the output so far only where a penalty reads it: copying every sequence's whole output
+            # each step grew the host's step time with the generation's length
+            num_out = seq.num_output_tokens
+            output = seq.output_token_ids if has_penalty(seq.params) else []
             for j in range(len(drafts) + 1):  # row j's token follows j drafts (a seeded draw keys on it)
-                plan.sample_requests.append(SampleRequest(seq.params, seq.prompt_token_ids, output, j))
+                plan.sample_requests.append(
+                    SampleRequest(seq.params, seq.prompt_token_ids, output, j, num_out)
+                )
             if speculating:
                 plan.num_drafts.append(len(drafts))
                 plan.draft_ids.extend([*drafts, NO_DRAFT])
