@@ -1,0 +1,61 @@
+"""The engine's host work per decode step at a large batch, on the CPU.
+
+A one-layer, 16-wide dummy Llama keeps the forward small, so a step's CPU time is mostly the
+scheduler, the step plan and the output handling: what bounds a GPU engine that runs ~1,024 sequences
+a step (the offline throughput benchmark) if the GPU step is shorter than them.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_host_step.py --batch 1024     # ~1 min on a 2-core box
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from fuserve.configs import config_from_dict
+from fuserve.sampling_params import SamplingParams
+from fuserve.workers.engine import LLMEngine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args()
+    b = args.batch
+    hf = dict(
+        model_type="llama", vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=1024, rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    config = config_from_dict(
+        {
+            "model": {"load_format": "dummy", "name": "tiny", "dtype": "float32", "device": "cpu",
+                      "max_model_len": 1024, "hf_config": hf},
+            "cache": {"num_blocks": b * 20 + 64},
+            "scheduler": {"max_num_seqs": b, "max_num_batched_tokens": 65536},
+        }
+    )  # fmt: skip
+    engine = LLMEngine(config)
+    params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    cpu_ms = []
+    for rep in range(args.passes):
+        for i in range(b):
+            engine.add_request(f"r{rep}-{i}", list(range(1, 65)), params)
+        for _ in range(10):
+            engine.step()
+        start = time.process_time()
+        for _ in range(args.steps):
+            engine.step()
+        cpu_ms.append((time.process_time() - start) / args.steps * 1e3)
+        while engine.has_unfinished():
+            engine.step()
+    print(
+        f"batch {b}: CPU ms per step {[round(x, 1) for x in cpu_ms]}, median {statistics.median(cpu_ms):.1f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
