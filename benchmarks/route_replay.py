@@ -1,6 +1,6 @@
 """Re-predict a recorded routers run (`bench_serve.py --compare routers`) with the simulator.
 
-    python benchmarks/route_sim.py --replay benchmarks/results/serve-routers-2026-11-26-h100x2-shared-prefix.json
+    python benchmarks/route_sim.py --replay RUN.json --mixed-step-ms 14
     python benchmarks/route_sim.py --replay RUN.json --factors    # each missing part's effect, one at a time
 
 Each recorded row holds what its run measured: TTFT percentiles, the replicas' fitted step cost
@@ -68,12 +68,12 @@ def row_specs(row: dict[str, Any], d: ReplayDefaults) -> list[RequestSpec]:
     shape = {"think_s": think} if row["workload"] == "multi_turn" else {}
     return make_named(
         row["workload"],
-        int(row.get("sim_vocab", d.vocab)),
+        int(row.get("sim_vocab") or d.vocab),
         int(row["num_requests"]),
         float(row["rate"]),
         row.get("arrival", "poisson"),
         int(row.get("seed", d.seed)),
-        int(row.get("sim_max_model_len", d.max_model_len)),
+        int(row.get("sim_max_model_len") or d.max_model_len),
         float(row.get("scale", 1.0)),
         **shape,
     )
@@ -86,7 +86,7 @@ def lone_specs(row: dict[str, Any], d: ReplayDefaults) -> list[RequestSpec]:
 
 
 def mixed_step_s(row: dict[str, Any], d: ReplayDefaults) -> float:
-    return float(row.get("sim_mixed_step_ms", d.mixed_step_ms)) / 1e3
+    return float(row.get("sim_mixed_step_ms") or d.mixed_step_ms) / 1e3
 
 
 def path_s(row: dict[str, Any], d: ReplayDefaults, cost: StepCost, floor_s: float) -> float:
@@ -94,7 +94,7 @@ def path_s(row: dict[str, Any], d: ReplayDefaults, cost: StepCost, floor_s: floa
     requests' TTFT less their prefill step *on the fitted line*; with the eager floor that step is
     longer, and the path shorter by the difference (the median request's)."""
     path = float(row.get("sim_path_ms", 0.0)) / 1e3
-    if not floor_s or "sim_mixed_step_ms" in row:
+    if not floor_s or row.get("sim_mixed_step_ms"):
         return path
     extra = sorted(
         max(floor_s, cost.step_s(len(s.prompt_ids), 0)) - cost.step_s(len(s.prompt_ids), 0)
@@ -131,8 +131,13 @@ def _finite(value: Any) -> float:
 
 def replay_row(row: dict[str, Any], d: ReplayDefaults, parts: Parts) -> dict[str, Any]:
     """The row's measured and re-simulated figures, and sim / measured per TTFT percentile."""
-    sim = route_sim.summarize(route_sim.simulate(row_specs(row, d), row["router"], sim_config(row, d, parts)))
+    result = route_sim.simulate(row_specs(row, d), row["router"], sim_config(row, d, parts))
+    sim = route_sim.summarize(result)
     out: dict[str, Any] = {"router": row["router"], "workload": row["workload"], "rate": row["rate"]}
+    each = row.get("ttft_ms_each")
+    if each:  # request by request (rows recorded since 16d): how many the simulator puts within 20%
+        pairs = [(1e3 * s, m) for s, m in zip(result.ttft_s, each, strict=True) if m and s == s]
+        out["requests_within_bar"] = sum(abs(s / m - 1) <= BAR for s, m in pairs) / max(len(pairs), 1)
     for key in ("ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p90", "output_tok_s"):
         out[key], out[f"sim_{key}"] = row[key], sim[key]
         out[f"ratio_{key}"] = sim[key] / row[key] if row[key] else math.nan
@@ -160,7 +165,8 @@ def print_replay(results: list[dict[str, Any]], title: str = "") -> None:
             f"{r['router']:15s} {r['workload']:10s} {r['rate']:6.1f}  "
             f"{r['ttft_ms_p50']:6.0f} / {r['sim_ttft_ms_p50']:6.0f} ({r['ratio_ttft_ms_p50']:.2f})   "
             f"{r['ttft_ms_p99']:6.0f} / {r['sim_ttft_ms_p99']:6.0f} ({r['ratio_ttft_ms_p99']:.2f})   "
-            f"{r['itl_ms_p90']:5.1f} / {r['sim_itl_ms_p90']:5.1f}" + ("  within 20%" if r["within_bar"] else "")
+            f"{r['itl_ms_p90']:5.1f} / {r['sim_itl_ms_p90']:5.1f}"
+            + ("  within 20%" if r["within_bar"] else "")
         )
     loaded = [r for r in results if math.isfinite(r["rate"])]
     print(
