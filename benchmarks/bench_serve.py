@@ -709,7 +709,9 @@ def path_latency(url: str, specs: list[RequestSpec], cost: Any) -> PathLatency:
     results, _, _ = http_level(url, Level(specs, concurrency=1, num_requests=len(specs)))
     after = scrape_counters(url)
     n = after["core_first_n"] - before["core_first_n"]
-    step_s = (after["core_first_s"] - before["core_first_s"]) / n if n > 0 else math.nan
+    step_s = (after["core_first_s"] - before["core_first_s"]) / n if 0 < n <= len(specs) else math.nan
+    if not 0 < step_s < 1.0:  # the two scrapes may reach different replicas: then no figure at all
+        step_s = math.nan
     pairs = [(r, spec) for r, spec in zip(results, specs, strict=True) if r.ok]
     if not pairs:
         return PathLatency(0.0, 0.0)
