@@ -596,35 +596,53 @@ def scrape_step_cost(url: str) -> Any:
 
 
 def simulated(
-    specs: list[RequestSpec], router: str, cost: Any, config: Any, replicas: int, path_s: float = 0.0
+    specs: list[RequestSpec],
+    router: str,
+    cost: Any,
+    config: Any,
+    replicas: int,
+    path: PathLatency | None = None,
+    measured: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The simulator's prediction for one measured row: the same requests, the same router, replicas
     with the measured step cost, the served scheduler settings and, on a GPU, async scheduling
-    (benchmarks/route_sim.py); `path_s`, the serving path's own part of a TTFT, from `path_latency`."""
+    (benchmarks/route_sim.py); `path`, the serving path's own part of a TTFT and the lone prefill
+    step, from `path_latency`; `measured`, the row so far: its routing call's mean cost and transit
+    p50 (route_replay.py reads the same fields back from the results file)."""
     import route_sim
     import torch
 
     if cost is None or router not in route_sim.ROUTER_CLASSES:
         return {}
+    path = path or PathLatency(0.0, 0.0)
+    measured = measured or {}
     on_gpu = torch.cuda.is_available() and config.model.device != "cpu"
     async_on = config.scheduler.async_scheduling == "on" or (
         config.scheduler.async_scheduling == "auto" and on_gpu
     )
+    transit_ms = measured.get("transit_ms_p50", 0.0)
     cfg = route_sim.SimConfig(
         num_replicas=replicas,
         cost=cost,
         scheduler=config.scheduler,
         async_scheduling=async_on,
-        path_s=path_s,
+        path_s=path.path_s,
+        router_call_s=measured.get("router_request_mean_ms", 0.0) / 1e3,
+        transit_s=transit_ms / 1e3 if math.isfinite(transit_ms) else 0.0,
+        mixed_step_s=path.mixed_step_s,
     )
     sim = route_sim.summarize(route_sim.simulate(specs, router, cfg))
     return {
         "sim_ttft_ms_p50": sim["ttft_ms_p50"],
+        "sim_ttft_ms_p90": sim["ttft_ms_p90"],
         "sim_ttft_ms_p99": sim["ttft_ms_p99"],
+        "sim_itl_ms_p90": sim["itl_ms_p90"],
         "sim_output_tok_s": sim["output_tok_s"],
         "step_cost": [cost.base_s, cost.per_seq_s, cost.per_token_s],
-        "sim_path_ms": path_s * 1e3,
+        "sim_path_ms": path.path_s * 1e3,
+        "sim_mixed_step_ms": path.mixed_step_s * 1e3,
         "sim_async_scheduling": async_on,
+        "sim_scheduler": config.scheduler.model_dump(),
     }
 
 
@@ -671,15 +689,51 @@ def router_cost_fields(before: dict[str, float], after: dict[str, float]) -> dic
     return fields
 
 
-def path_latency(url: str, specs: list[RequestSpec], cost: Any) -> float:
-    """The serving path's own part of a TTFT (HAProxy and its router, the frontend, both IPC legs, SSE):
-    the median TTFT of lone requests on idle replicas, less the step that computes their prefill."""
+@dataclass(frozen=True)
+class PathLatency:
+    """The serving path's own part of a TTFT, and the step that computes a lone request's prefill (a
+    step with prefill runs eagerly, outside the decode CUDA graphs: its floor in the simulator)."""
+
+    path_s: float
+    mixed_step_s: float
+
+
+def path_latency(url: str, specs: list[RequestSpec], cost: Any) -> PathLatency:
+    """Lone requests on idle replicas: their median TTFT less the engine core's first-token time
+    (`fuserve_engine_core_first_token_seconds`, hand-off to first token: one prefill step) is the path
+    (HAProxy and its router, the frontend, SSE); that first-token time is the lone prefill step. A
+    server without the histogram: TTFT less the fitted line's step, and no floor (as before)."""
     if cost is None or not specs:
-        return 0.0
+        return PathLatency(0.0, 0.0)
+    before = scrape_counters(url)
     results, _, _ = http_level(url, Level(specs, concurrency=1, num_requests=len(specs)))
-    pairs = zip(results, specs, strict=True)
-    lone = sorted(r.ttft_s - cost.step_s(len(spec.prompt_ids), 0) for r, spec in pairs if r.ok)
-    return max(lone[len(lone) // 2], 0.0) if lone else 0.0
+    after = scrape_counters(url)
+    n = after["core_first_n"] - before["core_first_n"]
+    step_s = (after["core_first_s"] - before["core_first_s"]) / n if 0 < n <= len(specs) else math.nan
+    if not 0 < step_s < 1.0:  # the two scrapes may reach different replicas: then no figure at all
+        step_s = math.nan
+    pairs = [(r, spec) for r, spec in zip(results, specs, strict=True) if r.ok]
+    if not pairs:
+        return PathLatency(0.0, 0.0)
+    if math.isfinite(step_s):
+        ttft = sorted(r.ttft_s for r, _ in pairs)
+        return PathLatency(max(ttft[len(ttft) // 2] - step_s, 0.0), step_s)
+    lone = sorted(r.ttft_s - cost.step_s(len(spec.prompt_ids), 0) for r, spec in pairs)
+    return PathLatency(max(lone[len(lone) // 2], 0.0), 0.0)
+
+
+def replay_fields(specs: list[RequestSpec], results: list[RequestResult], args: argparse.Namespace) -> dict:
+    """What `route_sim.py --replay` needs to regenerate the row's requests, and each request's
+    measured TTFT and transit in the workload's order (to pair with the simulated ones)."""
+    return {
+        "seed": args.seed,
+        "think_s": [float(x) for x in args.think_s.split(",")],
+        "sim_vocab": getattr(args, "sim_vocab", None),
+        "sim_max_model_len": getattr(args, "sim_max_model_len", None),
+        "sim_first_workload": args.workloads.split(",")[0],
+        "ttft_ms_each": [round(r.ttft_s * 1e3, 2) if r.ok else None for r in results],
+        "transit_ms_each": [None if math.isnan(r.transit_ms) else round(r.transit_ms, 2) for r in results],
+    }
 
 
 def compare_routers(
@@ -704,7 +758,7 @@ def compare_routers(
         url = _serve_app(cfg, f"bench_{router}", port)
         first = make(names[0], math.inf)
         http_level(url, Level(first[: min(4, len(first))], rate=math.inf))  # warm-up: first-call costs
-        path_s = path_latency(url, first[:9], scrape_step_cost(url))
+        path = path_latency(url, first[:9], scrape_step_cost(url))
         for name in names:
             for rate in order:
                 if args.load and not math.isinf(rate):
@@ -723,7 +777,8 @@ def compare_routers(
                     placed.setdefault(r.replica, {}).setdefault(r.kind, 0)
                     placed[r.replica][r.kind] += 1
                 row["placement"] = placed
-                row.update(simulated(specs, router, scrape_step_cost(url), cfg, 2, path_s))
+                row.update(replay_fields(specs, results, args))
+                row.update(simulated(specs, router, scrape_step_cost(url), cfg, 2, path, row))
                 rows.append(row)
                 print(
                     f"  router {router:15s} {name:10s} at {rate:.2f} req/s: {row['output_tok_s']:.1f} tok/s, "
@@ -1224,6 +1279,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     workloads = {rate: make("mix", rate) for rate in rates}
+    args.sim_vocab, args.sim_max_model_len = vocab, max_len  # recorded in router rows (route_replay.py)
 
     def steady(num: int, seed: int, rate: float = math.inf) -> list[RequestSpec]:
         return make_workload(vocab, num, rate, "fixed", seed, max_len, args.scale, STEADY)

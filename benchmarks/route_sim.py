@@ -100,6 +100,24 @@ class SimConfig:
     router_call_s: float = 0.0
     transit_s: float = 0.0
     frontend_s: float = 0.0
+    # The step-cost law beyond the replicas' fitted line (issue 16, helper 16d; 0 = the line alone). A
+    # step that carries any prefill runs eagerly, outside the decode CUDA graphs, and on a GPU its ~700
+    # kernel launches take a floor of time whatever its tokens (`mixed_step_s`: the step lasts at least
+    # this); a decode reads its whole context (`per_context_s` per KV token a decode row attends to).
+    mixed_step_s: float = 0.0
+    per_context_s: float = 0.0
+
+
+def step_seconds(cfg: SimConfig, out: Any, prefill: int) -> float:
+    """One step's seconds: the fitted line, the context its decodes read, the eager floor of a step
+    with prefill (SimConfig's `mixed_step_s`, `per_context_s`)."""
+    seconds = cfg.cost.step_s(prefill, out.num_tokens - prefill)
+    if cfg.per_context_s:
+        context = sum(s.start + 1 for s in out.scheduled if s.num_known_tokens == 1 and s.samples)
+        seconds += cfg.per_context_s * context
+    if prefill and cfg.mixed_step_s:
+        seconds = max(seconds, cfg.mixed_step_s)
+    return seconds
 
 
 # ---- a replica: the engine's scheduler and block manager on virtual time -----------------------------
@@ -138,7 +156,7 @@ class SimReplica:
         self.scheduler.on_launched(out)
         prefill = prefill_tokens(out)
         self.stats = self.core_stats(prefill)  # the engine core's stats go out as each step starts
-        return self.cfg.cost.step_s(prefill, out.num_tokens - prefill), out
+        return step_seconds(self.cfg, out, prefill), out
 
     def finish_step(self, out: Any) -> tuple[list[int], list[int]]:
         """Returns (requests that got their first token, requests that finished)."""
@@ -376,6 +394,7 @@ class SimResult:
     placement: dict[str, int]
     kinds: list[str]
     predicted: dict[int, float] = field(default_factory=dict)  # request index -> predicted TTFT
+    itl_s: list[float] = field(default_factory=list)  # every gap between a request's tokens
 
 
 T0 = 1.0  # virtual time starts here: a report's timestamp 0 means "none yet", as in Serve
@@ -411,6 +430,8 @@ def simulate(specs: list[RequestSpec], policy: str | RouterFactory, cfg: SimConf
     push(T0 - cfg.report_period_s, "report", None)  # idle replicas have reported before the first request
     remaining = len(specs)
     last_finish = 0.0
+    last_token = [math.nan] * len(specs)
+    itl: list[float] = []
 
     def run(rid: str, step: tuple[float, Any] | None) -> None:
         rep = replicas[rid]
@@ -473,6 +494,12 @@ def simulate(specs: list[RequestSpec], policy: str | RouterFactory, cfg: SimConf
             admit(*payload)
         elif kind == "step":
             rid, out = payload
+            for s in out.scheduled:
+                if s.samples:
+                    i = int(s.seq.seq_id)
+                    if last_token[i] == last_token[i]:  # not NaN: a token came before
+                        itl.append(now - last_token[i])
+                    last_token[i] = now
             firsts, done = replicas[rid].finish_step(out)
             for i in firsts:
                 ttft[i] = now - T0 - specs[i].arrival_s + cfg.path_s
@@ -494,7 +521,8 @@ def simulate(specs: list[RequestSpec], policy: str | RouterFactory, cfg: SimConf
             seen = payload
     start = T0 + min(s.arrival_s for s in specs)
     predicted = {i: p for router in routers for i, p in router.predicted.items()}
-    return SimResult(ttft, output_tokens, last_finish - start, placement, [s.kind for s in specs], predicted)
+    kinds = [s.kind for s in specs]
+    return SimResult(ttft, output_tokens, last_finish - start, placement, kinds, predicted, itl)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -520,6 +548,8 @@ def summarize(result: SimResult) -> dict[str, Any]:
         "ttft_ms_p50": 1000 * percentile(result.ttft_s, 50),
         "ttft_ms_p90": 1000 * percentile(result.ttft_s, 90),
         "ttft_ms_p99": 1000 * percentile(result.ttft_s, 99),
+        "itl_ms_p50": 1000 * percentile(result.itl_s, 50),
+        "itl_ms_p90": 1000 * percentile(result.itl_s, 90),
         "output_tok_s": result.output_tokens / max(result.makespan_s, 1e-9),
         "makespan_s": result.makespan_s,
         "placement": result.placement,
@@ -614,7 +644,21 @@ def main(argv: list[str] | None = None) -> int:
         "--frontend-ms", type=float, default=0.0, help="each request's cost at its replica's frontend"
     )
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument(
+        "--replay", default=None, help="re-predict a recorded `bench_serve.py --compare routers` run's rows"
+    )
+    p.add_argument("--factors", action="store_true", help="--replay: each measured part added in turn")
+    p.add_argument(
+        "--mixed-step-ms",
+        type=float,
+        default=0.0,
+        help="a step with prefill lasts at least this (eager, outside the CUDA graphs); --replay: for rows "
+        "that did not measure it",
+    )
+    p.add_argument("--per-context-ns", type=float, default=0.0, help="a decode's cost per context token")
     args = p.parse_args(argv)
+    if args.replay:
+        return replay_main(args)
     cfg = SimConfig(
         num_replicas=args.replicas,
         num_routers=args.routers,
@@ -622,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
         router_call_s=args.router_call_ms / 1000,
         transit_s=args.transit_ms / 1000,
         frontend_s=args.frontend_ms / 1000,
+        mixed_step_s=args.mixed_step_ms / 1000,
+        per_context_s=args.per_context_ns * 1e-9,
     )
     shapes = (
         {"multi_turn": {"think_s": tuple(float(x) for x in args.think_s.split(","))}} if args.think_s else {}
@@ -638,6 +684,25 @@ def main(argv: list[str] | None = None) -> int:
     print_rows(rows)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def replay_main(args: argparse.Namespace) -> int:
+    import route_replay
+
+    rows = route_replay.router_rows(args.replay)
+    d = route_replay.ReplayDefaults(seed=args.seed, mixed_step_ms=args.mixed_step_ms)
+    if args.think_s:
+        d = route_replay.replace(d, think_s=tuple(float(x) for x in args.think_s.split(",")))
+    context = {"context": bool(args.per_context_ns), "per_context_ns": args.per_context_ns}
+    runs = route_replay.FACTORS if args.factors else [("replay", route_replay.Parts())]
+    out = []
+    for title, parts in runs:
+        results = route_replay.replay(rows, d, route_replay.replace(parts, **context))
+        route_replay.print_replay(results, f"-- {title}")
+        out += [{"parts": title, **r} for r in results]
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
 
 
