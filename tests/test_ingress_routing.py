@@ -33,6 +33,7 @@ from fuserve.configs import FuserveConfig, config_from_dict
 from fuserve.router.engine_messages import ModelInfo
 from fuserve.router.metrics import ROUTED_AT_HEADER, transit_seconds
 from fuserve.router.prompts import encode_chat, engine_request
+from fuserve.router.protocol import CompletionRequest
 from fuserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -75,6 +76,21 @@ def test_the_hint_is_the_frontends_estimate(tokenizer_dir: Path) -> None:
     assert two is not None and two.work_tokens == (3 + 3) + (5 + 3), "one HTTP request, all its prompts"
     unset = hints(json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode())
     assert unset is not None and unset.work_tokens == MAX_MODEL_LEN, "no max_tokens: the room left"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "The capital of France is", "max_tokens": 7},
+        {"prompt": [5, 6, 7] * 40, "max_tokens": None, "n": 3},
+        {"prompt": [1, 2, 3]},  # max_tokens unset: the API's default of 16
+        {"prompt": "abc", "n": 2, "temperature": 0.5, "stream": True},
+    ],
+)
+def test_plain_completions_skip_the_model_with_the_same_hint(tokenizer_dir: Path, body: dict) -> None:
+    hints = HintBuilder(make_config(tokenizer_dir))
+    fast = hints._plain_completion(body)
+    assert fast is not None and fast == hints._completion(CompletionRequest.model_validate(body))
 
 
 @pytest.mark.parametrize(

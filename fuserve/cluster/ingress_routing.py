@@ -170,7 +170,8 @@ class HintBuilder:
             if "messages" in data:
                 return self._chat(ChatCompletionRequest.model_validate(data))
             if "prompt" in data:
-                return self._completion(CompletionRequest.model_validate(data))
+                fast = self._plain_completion(data)
+                return fast if fast is not None else self._completion(CompletionRequest.model_validate(data))
         except (ValueError, APIError):  # pydantic's ValidationError is a ValueError
             return None
         return None
@@ -189,6 +190,30 @@ class HintBuilder:
         req.use_tool_format(self.tool_format)  # the prompt the frontend renders, tools included
         ids = encode_chat(self.tokenizer, req.conversation(), req.add_generation_prompt, req.template_tools())
         return self._hint([ids], req.n, req.requested_max_tokens)
+
+    def _plain_completion(self, data: dict[str, Any]) -> RoutingHint | None:
+        """The common completion body (one prompt, as text or token ids; n and max_tokens plain
+        ints) read without building the pydantic model, whose validation of a long token-id list was
+        most of a routing call (~0.9 ms for 4,000 ids): every client request waits for it. Anything
+        else returns None and takes the full model. A body the frontend will refuse may get a hint
+        here: it only places the request, and its replica answers the 400."""
+        prompt, n = data["prompt"], data.get("n", 1)
+        max_tokens = data.get("max_tokens", CompletionRequest.model_fields["max_tokens"].default)
+        if (
+            type(n) is not int
+            or n < 1
+            or not (max_tokens is None or (type(max_tokens) is int and max_tokens >= 1))
+        ):
+            return None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                return None
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and prompt and type(prompt[0]) is int:
+            ids = prompt
+        else:
+            return None
+        return self._hint([ids], n, max_tokens)
 
     def _completion(self, req: CompletionRequest) -> RoutingHint:
         prompts = [encode_prompt(self.tokenizer, p, "prompt") for p in req.prompts()]

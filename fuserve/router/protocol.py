@@ -164,7 +164,7 @@ class CompletionRequest(_SamplingRequest):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if all(isinstance(x, int) for x in p):
+        if p and isinstance(p[0], int):  # validated as one of the union's lists: homogeneous
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
