@@ -1,0 +1,357 @@
+"""Train the feature-reading (EAGLE-style) draft for the default model (SmolLM2-135M-Instruct).
+
+The model is eagle_model.py's: fc(concat(embed(x_{i+1}), f_i)) (1152 -> 576) and one Llama decoder
+layer (MLP `--intermediate` wide), read out through the target's final norm and tied head, both frozen
+(the head over the draft's 4,096-token vocabulary subset, as served). Loss per draft position s = 1..S,
+unrolled as served (the draft's own predicted features from position 2 on; eagle_model.unrolled):
+0.8^(s-1) x [smooth-L1(h, f_next) + w x soft cross-entropy against the target's distribution over the
+subset], as EAGLE (feature regression + token distillation). The target's features and distributions
+come from eagle_features.py; every position of prompt and continuation is a training row.
+
+Features are standardized per dimension for training (`standardization`: the target's last hidden
+state has a few dimensions in the thousands, and raw, the draft learned next to nothing); the export
+folds that into fc and an output affine, so the file reads and returns raw features.
+
+Reproduce the recorded run (repo root; after generate_draft_data.py, eagle_features.py, eagle_corpus.py):
+
+    PYTHONPATH=$PWD python training/train_eagle.py --threads 2 --w-cls 1.0 --steps 300 \
+        --time-limit-s 1320 --corpus training/data/eagle_corpus_features.pt \
+        --export training/data/smollm2-135m-instruct-eagle.safetensors
+    PYTHONPATH=$PWD python training/eval_eagle.py  # -> training/results/eagle_acceptance.json
+
+Recorded (2026-11-26, the shared 2-core box at load 3-4): 153 steps in 1,320 s (the time limit),
+validation top-1 0.20 at position 1; held-out acceptance 0.22 at position 1 (the shipped independent
+draft: 0.31), so it is not shipped. training/results/eagle_training.json, eagle_acceptance.json;
+benchmarks/NOTES.md "A draft that reads the target's features".
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from draft_model import TARGET_PACKAGE, target_gguf, target_tensors  # noqa: E402
+from draft_vocab import frequent_tokens  # noqa: E402
+from eagle_model import EagleDraft  # noqa: E402
+
+from fuserve.speculative.shipped_draft import DRAFT_FORMAT, EMBED_NAME, VOCAB_TENSOR  # noqa: E402
+from fuserve.workers.models.gguf_loader import read_gguf  # noqa: E402
+
+EAGLE_ARCH = "eagle1"  # the draft file's `architecture` metadata
+
+
+def target_config() -> dict:
+    return dict(read_gguf(target_gguf()).config)
+
+
+def standardization(examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation of the target's features (sigma floored at 1 % of its
+    median). The last hidden state has a few dimensions in the thousands and the rest near 1: standardized,
+    the one-layer draft can predict it at all (raw, it learned next to nothing in 50 steps)."""
+    f = torch.cat([e["feats"].float() for e in examples])
+    mu, sigma = f.mean(0), f.std(0)
+    return mu, sigma.clamp_min(0.01 * sigma.median())
+
+
+def subset_ids(examples: list[dict], size: int) -> torch.Tensor:
+    """The `size` tokens the target generated most often (draft_vocab.py's rule)."""
+    counts = torch.zeros(49152, dtype=torch.long)
+    for e in examples:
+        counts += torch.bincount(e["ids"][e["prompt_len"] :], minlength=49152)
+    return frequent_tokens(counts, size)
+
+
+class Frozen:
+    """The target's parts the draft reads through: embedding, final norm, head rows of the subset."""
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        ids: torch.Tensor,
+        eps: float,
+        standard: tuple[torch.Tensor, torch.Tensor] | None = None,
+        bf16_head: bool = False,
+    ) -> None:
+        """standard: (mu, sigma) when features come standardized (training), None when raw.
+        bf16_head: the head matmul in bf16, ~2x faster on this CPU (training; evaluation stays fp32)."""
+        self.embed = tensors[EMBED_NAME]
+        self.ids = ids
+        self.norm = tensors["model.norm.weight"]
+        self.head = self.embed[ids].contiguous()
+        self.head_bf16 = self.head.to(torch.bfloat16) if bf16_head else None
+        self.eps = eps
+        self.standard = standard
+
+    def raw(self, f: torch.Tensor) -> torch.Tensor:
+        return f if self.standard is None else f * self.standard[1] + self.standard[0]
+
+    def scaled(self, f: torch.Tensor) -> torch.Tensor:
+        return f if self.standard is None else (f - self.standard[0]) / self.standard[1]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        hf = self.raw(h.float())
+        n = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm
+        if self.head_bf16 is not None:
+            return F.linear(n.to(torch.bfloat16), self.head_bf16).float()
+        return F.linear(n, self.head)
+
+
+def collate(batch: list[dict], frozen: Frozen) -> dict[str, torch.Tensor]:
+    """Rows 0..N-2 of each sequence, right-padded: embeds of x_{i+1}, features f_i, targets f_{i+1},
+    row lengths, and which rows are generated tokens' predictions (for the agreement metric)."""
+    n = max(len(e["ids"]) - 1 for e in batch)
+    h = frozen.embed.shape[1]
+    emb = torch.zeros(len(batch), n, h)
+    feat = torch.zeros(len(batch), n, h)
+    nxt = torch.zeros(len(batch), n, h)
+    lens = torch.zeros(len(batch), dtype=torch.long)
+    gen = torch.zeros(len(batch), n, dtype=torch.bool)
+    for b, e in enumerate(batch):
+        m = len(e["ids"]) - 1
+        emb[b, :m] = frozen.embed[e["ids"][1:]]
+        f = frozen.scaled(e["feats"].float())
+        feat[b, :m] = f[:-1]
+        nxt[b, :m] = f[1:]
+        lens[b] = m
+        gen[b, max(0, e["prompt_len"] - 2) : m] = True  # row i predicts x_{i+2}: a generated token
+    return {"emb": emb, "feat": feat, "next": nxt, "lens": lens, "gen": gen}
+
+
+def batch_loss(
+    model: EagleDraft, batch: dict[str, torch.Tensor], frozen: Frozen, passes: int, w_cls: float
+) -> tuple[torch.Tensor, list[float], float]:
+    """The unrolled loss; each pass's top-1 agreement with the target on generated rows; the mean
+    regression loss of pass 1 (for the log)."""
+    outs = model.unrolled(batch["emb"], batch["feat"], passes)
+    n = batch["emb"].shape[1]
+    rows = torch.arange(n)[None, :]
+    real = rows < batch["lens"][:, None]
+    target_logp = frozen.logits(batch["next"]).log_softmax(-1)
+    target_p = target_logp.exp()
+    target_top = target_logp.argmax(-1)
+    total, agree, reg0 = torch.zeros(()), [], 0.0
+    for s, h in enumerate(outs):
+        mask = real & (rows >= s)
+        reg = F.smooth_l1_loss(h[mask], batch["next"][mask])
+        logq = frozen.logits(h[mask]).log_softmax(-1)
+        cls = -(target_p[mask] * logq).sum(-1).mean()
+        total = total + 0.8**s * (reg + w_cls * cls)
+        g = batch["gen"][mask]
+        agree.append((logq.detach()[g].argmax(-1) == target_top[mask][g]).float().mean().item())
+        if s == 0:
+            reg0 = reg.item()
+    return total, agree, reg0
+
+
+def make_batches(examples: list[dict], tokens: int, rng: random.Random) -> list[list[dict]]:
+    order = sorted(examples, key=lambda e: len(e["ids"]))
+    batches, cur = [], []
+    for e in order:
+        if cur and (len(cur) + 1) * len(e["ids"]) > tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(e)
+    if cur:
+        batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def init_layer(model: EagleDraft, tensors: dict[str, torch.Tensor], layer: int, feat_identity: bool) -> None:
+    """Start the decoder layer from target layer `layer`, its MLP cut to the neurons with the largest
+    |gate row| x |up row| x |down column|; fc starts as the identity on the feature half."""
+    p = f"model.layers.{layer}."
+    state = {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
+    width = model.layers[0].mlp.gate_proj.out_features
+    score = (
+        state["mlp.gate_proj.weight"].norm(dim=1)
+        * state["mlp.up_proj.weight"].norm(dim=1)
+        * state["mlp.down_proj.weight"].norm(dim=0)
+    )
+    keep = score.topk(width).indices.sort().values
+    state["mlp.gate_proj.weight"] = state["mlp.gate_proj.weight"][keep]
+    state["mlp.up_proj.weight"] = state["mlp.up_proj.weight"][keep]
+    state["mlp.down_proj.weight"] = state["mlp.down_proj.weight"][:, keep]
+    model.layers[0].load_state_dict(state)
+    if feat_identity:
+        h = model.fc.out_features
+        with torch.no_grad():
+            model.fc.weight[:, h:] = torch.eye(h)
+            model.fc.weight[:, :h].normal_(0, 0.02)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def evaluate(model: EagleDraft, batches: list[dict], frozen: Frozen, passes: int, w_cls: float) -> dict:
+    model.eval()
+    losses, agrees = [], []
+    with torch.no_grad():
+        for b in batches:
+            loss, agree, _ = batch_loss(model, b, frozen, passes, w_cls)
+            losses.append(loss.item())
+            agrees.append(agree)
+    model.train()
+    return {
+        "val_loss": round(sum(losses) / len(losses), 4),
+        "val_top1": [round(sum(a[s] for a in agrees) / len(agrees), 4) for s in range(passes)],
+    }
+
+
+def export(model: EagleDraft, path: Path, ids: torch.Tensor, args: argparse.Namespace, note: str) -> None:
+    """The shipped file: fc, the layer and the target's final norm (bf16), the vocabulary subset."""
+    state = {
+        "eagle.fc.weight": model.fc.weight,
+        "eagle.fc.bias": model.fc.bias,
+        "eagle.out_scale": model.out_scale,
+        "eagle.out_shift": model.out_shift,
+    }
+    for k, v in model.layers.state_dict().items():
+        state[f"model.layers.{k}"] = v
+    state["model.norm.weight"] = target_tensors()["model.norm.weight"]
+    # weights in bf16; fc's bias and the output affine (values in the thousands) in fp32: a few KB
+    tensors = {
+        k: v.detach()
+        .to(torch.float32 if k.startswith("eagle.") and v.dim() == 1 else torch.bfloat16)
+        .contiguous()
+        for k, v in state.items()
+    }
+    tensors[VOCAB_TENSOR] = ids.to(torch.uint16).contiguous()
+    meta = {
+        "format": DRAFT_FORMAT,
+        "architecture": EAGLE_ARCH,
+        "target_package": TARGET_PACKAGE,
+        "target_file": target_gguf().name,
+        "target_sha256": hashlib.sha256(target_gguf().read_bytes()).hexdigest(),
+        "num_hidden_layers": "1",
+        "intermediate_size": str(args.intermediate),
+        "vocab_subset": note,
+        "training": json.dumps({k: v for k, v in vars(args).items() if k != "export"}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)", flush=True)
+
+
+def train(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    examples = torch.load(args.features)
+    ids = subset_ids(examples, args.vocab_size)
+    rng.shuffle(examples)
+    n_val = max(2, len(examples) * 3 // 100)
+    val, train_ex = examples[:n_val], examples[n_val:]
+    corpus = [e for f in args.corpus.split(",") if f for e in torch.load(f)]  # eagle_corpus.py
+    train_ex += corpus
+    tensors = target_tensors()
+    cfg = target_config()
+    mu, sigma = standardization(train_ex)
+    frozen = Frozen(tensors, ids, cfg["rms_norm_eps"], (mu, sigma), bf16_head=True)
+    val_batches = [collate(b, frozen) for b in make_batches(val, args.batch_tokens, random.Random(0))]
+    rows = sum(len(e["ids"]) - 1 for e in train_ex)
+    print(f"{len(train_ex)} training sequences ({rows} rows), {len(val)} validation", flush=True)
+    model = EagleDraft(cfg, args.intermediate)
+    if args.init == "target":
+        init_layer(model, tensors, args.init_layer, feat_identity=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    curve = [{"step": 0, "elapsed_s": 0.0, **evaluate(model, val_batches, frozen, args.passes, args.w_cls)}]
+    print(json.dumps(curve[-1]), flush=True)
+    started, step, epoch_batches, epoch = time.time(), 0, [], 0
+    while step < args.steps:
+        if not epoch_batches:
+            epoch_batches = make_batches(train_ex, args.batch_tokens, random.Random(args.seed * 1000 + epoch))
+            epoch += 1
+        batch = collate(epoch_batches.pop(), frozen)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        loss, agree, reg0 = batch_loss(model, batch, frozen, args.passes, args.w_cls)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+        step += 1
+        row = {
+            "step": step,
+            "epoch": epoch,
+            "elapsed_s": round(time.time() - started, 1),
+            "loss": round(loss.item(), 4),
+            "reg1": round(reg0, 4),
+            "top1": [round(a, 3) for a in agree],
+        }
+        if step % args.eval_every == 0 or step == args.steps:
+            row.update(evaluate(model, val_batches, frozen, args.passes, args.w_cls))
+        curve.append(row)
+        print(json.dumps(row), flush=True)
+        if time.time() - started > args.time_limit_s:
+            print(f"time limit reached at step {step}", flush=True)
+            if "val_loss" not in row:
+                row.update(evaluate(model, val_batches, frozen, args.passes, args.w_cls))
+            break
+    summary = {
+        "args": vars(args),
+        "train_sequences": len(train_ex),
+        "train_rows": rows,
+        "corpus_sequences": len(corpus),
+        "val_sequences": len(val),
+        "steps": step,
+        "epochs": epoch,
+        "train_seconds": round(time.time() - started, 1),
+        "final": curve[-1],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "curve": curve,
+    }
+    Path(args.curve).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.curve).write_text(json.dumps(summary, indent=1) + "\n")
+    torch.save(model.state_dict(), args.ckpt)
+    if args.export:
+        gen = sum(len(e["ids"]) - e["prompt_len"] for e in examples)
+        note = f"the {args.vocab_size} most frequent of {gen} generated tokens in {len(examples)} sequences"
+        model.fold_standardization(mu, sigma)
+        export(model, Path(args.export), ids, args, note)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--features", default="training/data/eagle_features.pt")
+    ap.add_argument(
+        "--corpus", default="", help="eagle_corpus.py feature files (training only), comma-separated"
+    )
+    ap.add_argument("--init", choices=["target", "scratch"], default="scratch")
+    ap.add_argument("--init-layer", type=int, default=29)
+    ap.add_argument("--intermediate", type=int, default=1280)
+    ap.add_argument("--passes", type=int, default=3, help="draft positions unrolled in training")
+    ap.add_argument("--w-cls", type=float, default=0.1, help="weight of the token loss")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch-tokens", type=int, default=3072)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--time-limit-s", type=float, default=30 * 60)
+    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument("--curve", default="training/results/eagle_training.json")
+    ap.add_argument("--ckpt", default="training/data/eagle_ckpt.pt")
+    ap.add_argument("--export", default="")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
