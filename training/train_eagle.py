@@ -28,7 +28,6 @@ benchmarks/NOTES.md "A draft that reads the target's features".
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import random
@@ -38,14 +37,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from draft_model import TARGET_PACKAGE, target_gguf, target_tensors  # noqa: E402
+from draft_model import target_gguf, target_meta, target_tensors, write_draft  # noqa: E402
 from draft_vocab import frequent_tokens  # noqa: E402
 from eagle_model import EagleDraft  # noqa: E402
 
-from fuserve.speculative.shipped_draft import DRAFT_FORMAT, EMBED_NAME, VOCAB_TENSOR  # noqa: E402
+from fuserve.speculative.shipped_draft import EMBED_NAME, VOCAB_TENSOR  # noqa: E402
 from fuserve.workers.models.gguf_loader import read_gguf  # noqa: E402
 
 EAGLE_ARCH = "eagle1"  # the draft file's `architecture` metadata
@@ -233,19 +231,14 @@ def export(model: EagleDraft, path: Path, ids: torch.Tensor, args: argparse.Name
     }
     tensors[VOCAB_TENSOR] = ids.to(torch.uint16).contiguous()
     meta = {
-        "format": DRAFT_FORMAT,
+        **target_meta(),
         "architecture": EAGLE_ARCH,
-        "target_package": TARGET_PACKAGE,
-        "target_file": target_gguf().name,
-        "target_sha256": hashlib.sha256(target_gguf().read_bytes()).hexdigest(),
         "num_hidden_layers": "1",
         "intermediate_size": str(args.intermediate),
         "vocab_subset": note,
         "training": json.dumps({k: v for k, v in vars(args).items() if k != "export"}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)", flush=True)
+    write_draft(path, tensors, meta)
 
 
 def train(args: argparse.Namespace) -> None:
