@@ -13,6 +13,8 @@ import argparse
 import statistics
 import time
 
+from bench_decode import TINY, dummy_engine_config
+
 from fuserve.configs import config_from_dict
 from fuserve.sampling_params import SamplingParams
 from fuserve.workers.engine import LLMEngine
@@ -25,19 +27,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     args = ap.parse_args()
     b = args.batch
-    hf = dict(
-        model_type="llama", vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=1024, rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    )  # fmt: skip
+    # one layer 16 wide: the forward is small beside the host's work
+    hf = dict(TINY, vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=1)
+    hf.update(num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=1024)
     config = config_from_dict(
-        {
-            "model": {"load_format": "dummy", "name": "tiny", "dtype": "float32", "device": "cpu",
-                      "max_model_len": 1024, "hf_config": hf},
-            "cache": {"num_blocks": b * 20 + 64},
-            "scheduler": {"max_num_seqs": b, "max_num_batched_tokens": 65536},
-        }
-    )  # fmt: skip
+        dummy_engine_config(
+            hf,
+            [b],
+            64,
+            100,
+            smoke=True,
+            model={"device": "cpu", "max_model_len": 1024},
+            cache={"num_blocks": b * 20 + 64},
+            scheduler={"max_num_batched_tokens": 65536},
+        )
+    )
     engine = LLMEngine(config)
     params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
     cpu_ms = []

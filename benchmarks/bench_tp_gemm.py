@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import subprocess
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from bench_decode import commit, copy_bandwidth, median_ms
 
 SHAPES = {  # name: (N, K) of the weight at TP=1; TP=2 halves N (column-parallel) or K (row-parallel)
     "qkv": (6144, 4096, "col"),
@@ -96,15 +95,7 @@ def graph_us(fn, reps: int = 20) -> float:
     with torch.cuda.graph(g):
         for _ in range(reps):
             fn()
-    times = []
-    for _ in range(15):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return sorted(times)[len(times) // 2]
+    return median_ms(g.replay, 15, True) * 1e3 / reps
 
 
 def main() -> None:
@@ -114,11 +105,7 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    # copy bandwidth, for the floor
-    a = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    copy_tb_s = 2 * a.numel() / (graph_us(lambda a=a, b=b: b.copy_(a), 5) * 1e-6) / 1e12
-    del a, b
+    copy_tb_s = copy_bandwidth() / 1e12  # for the floor
     rows = []
     variants = [
         (bn, bk, sp, w, st)
@@ -174,10 +161,7 @@ def main() -> None:
     meta = dict(
         device=torch.cuda.get_device_name(),
         date=dt.date.today().isoformat(),
-        commit=os.environ.get("FUSERVE_COMMIT")
-        or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        commit=commit(),
         copy_tb_s=copy_tb_s,
     )
     if args.out:

@@ -74,7 +74,7 @@ class Sequence:
         """Output tokens already read back (no placeholder for an in-flight one)."""
         tokens = self.token_ids
         end = len(tokens) - 1 if tokens and tokens[-1] == PLACEHOLDER else len(tokens)
-        return tokens[self.num_prompt_tokens : max(end, self.num_prompt_tokens)]
+        return tokens[self.num_prompt_tokens : end]
 
     @property
     def num_output_tokens(self) -> int:
