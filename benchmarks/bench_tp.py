@@ -289,33 +289,69 @@ def profile_decode(
 ) -> dict[str, Any]:
     """Rank 0's GPU kernels over `steps` decode steps of `batch` sequences (torch.profiler): per kernel
     name the calls and microseconds per step, and how much of the steps' wall time the GPU was busy."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
     from fuserve.sampling_params import SamplingParams
 
-    params = SamplingParams(max_tokens=steps + 20, temperature=0.0, ignore_eos=True)
+    room = engine.config.model.max_model_len - prompt_len  # --smoke's short contexts hold fewer steps
+    steps = min(steps, room - 11)
+    params = SamplingParams(max_tokens=room, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(prompts(batch, prompt_len, vocab, seed=7)):
         engine.add_request(f"profile-{i}-{time.monotonic_ns()}", prompt, params)
     for _ in range(10):
         engine.step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        torch.cuda.synchronize()
-        wall_us = 1e6 * (time.perf_counter() - t0)
+    row = _profile_steps(engine, steps, f"rank 0, decode batch {batch}")
     while engine.has_unfinished():
         engine.step()
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return dict(row, bench="tp-profile", batch=batch)
+
+
+def profile_prefill(engine: Any, prompt_len: int, vocab: int, batch: int) -> dict[str, Any]:
+    """Rank 0's GPU kernels over the steps that prefill `batch` prompts (until every one has its first
+    token): where a tensor-parallel prefill goes that does not halve with the ranks."""
+    from fuserve.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts(batch, prompt_len, vocab, seed=11)):
+        engine.add_request(f"prefill-{i}-{time.monotonic_ns()}", prompt, params)
+    started: set[str] = set()
+
+    def step() -> None:
+        started.update(o.request_id for o in engine.step())
+
+    row = _profile_steps(engine, None, f"rank 0, prefill of {batch} x {prompt_len} tokens", step, batch, started)
+    while engine.has_unfinished():
+        engine.step()
+    return dict(row, bench="tp-profile-prefill", batch=batch, prompt_len=prompt_len)
+
+
+def _profile_steps(
+    engine: Any,
+    steps: int | None,
+    title: str,
+    step: Any = None,
+    until: int = 0,
+    started: set[str] | None = None,
+) -> dict[str, Any]:
+    """Profile `steps` engine steps (or, with `step`, calls of it until `started` holds `until` ids)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = torch.cuda.is_available()  # on the CPU (--smoke) the table holds CPU ops
+    torch.cuda.synchronize() if gpu else None
+    n = 0
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        while (n < steps) if steps is not None else (len(started or ()) < until and engine.has_unfinished()):
+            (step or engine.step)()
+            n += 1
+        torch.cuda.synchronize() if gpu else None
+        wall_us = 1e6 * (time.perf_counter() - t0)
+    device = DeviceType.CUDA if gpu else DeviceType.CPU
+    kernels = [e for e in prof.events() if e.device_type == device]
     by_name: dict[str, list[float]] = {}
     for e in kernels:
-        by_name.setdefault(e.name[:60], []).append(e.device_time)
-    table = sorted(
-        ((name, len(ts) / steps, sum(ts) / steps) for name, ts in by_name.items()), key=lambda r: -r[2]
-    )
-    busy = sum(e.device_time for e in kernels) / steps
+        by_name.setdefault(e.name[:60], []).append(e.device_time if gpu else e.cpu_time)
+    table = sorted(((name, len(ts) / n, sum(ts) / n) for name, ts in by_name.items()), key=lambda r: -r[2])
+    busy = sum(sum(ts) for ts in by_name.values()) / n
     # with PDL kernels overlap, so the sum over-counts: the union of their intervals is the busy time
     spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     covered, reach = 0.0, float("-inf")
@@ -324,19 +360,18 @@ def profile_decode(
             covered += end - max(start, reach)
             reach = end
     print(
-        f"\nrank 0, batch {batch}: {wall_us / steps:.0f} us per step, kernels {busy:.0f} us summed, GPU busy "
-        f"{covered / steps:.0f} us (union)"
+        f"\n{title}: {n} steps, {wall_us / n:.0f} us per step, kernels {busy:.0f} us summed, GPU busy "
+        f"{covered / n:.0f} us (union)"
     )
     print(f"{'kernel':<62}{'calls':>7}{'us/step':>9}{'us/call':>9}")
     for name, calls, us in table[:25]:
         print(f"{name:<62}{calls:>7.1f}{us:>9.1f}{us / calls:>9.2f}")
     return dict(
-        bench="tp-profile",
-        batch=batch,
-        us_per_step=wall_us / steps,
+        steps=n,
+        us_per_step=wall_us / n,
         gpu_busy_us_per_step=busy,
-        gpu_union_us_per_step=covered / steps,
-        kernels=[dict(name=n, calls_per_step=c, us_per_step=u) for n, c, u in table],
+        gpu_union_us_per_step=covered / n,
+        kernels=[dict(name=k, calls_per_step=c, us_per_step=u) for k, c, u in table],
     )
 
 
@@ -461,11 +496,14 @@ def run_engine(
             )
         )
         print(rows[-1], flush=True)
-    if profile and torch.cuda.is_available():
+    if profile:
         for batch in sorted({1, max(batches)}):
             rows.append(
                 dict(profile_decode(engine, prompt_len, cfg["vocab_size"], batch), engine=name, tp=tp)
             )
+        rows.append(
+            dict(profile_prefill(engine, prompt_len, cfg["vocab_size"], max(batches)), engine=name, tp=tp)
+        )
     t0 = time.perf_counter()
     engine.shutdown()
     print(f"{name} shut down in {time.perf_counter() - t0:.1f} s", flush=True)
