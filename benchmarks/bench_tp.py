@@ -72,7 +72,6 @@ def _collective_worker(
     cuda = bool(gpus)
     if cuda:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[rank]  # before anything starts CUDA in this process
-    from fuserve.parallel.all_reduce_rmsnorm import CHUNKED_FROM_ROWS, all_reduce_add_rmsnorm
     from fuserve.parallel.plan_broadcast import PlanReceiver, PlanSender
     from fuserve.parallel.process_group import destroy_tp_context, init_tp_context
     from fuserve.workers.kernels.gemv import gemv
@@ -121,10 +120,6 @@ def _collective_worker(
                 )[0]
             if fast is not None and fast.fits_add_rmsnorm(x):  # what replaces one-shot+norm in the model
                 impls["fused"] = lambda y, f=fast, r=residual: f.add_rmsnorm(y, r, weight, 1e-5)[0]
-                if x.shape[0] >= CHUNKED_FROM_ROWS:  # the default splits these rows: one program per row too
-                    impls["fused-rowwise"] = lambda y, f=fast, r=residual: all_reduce_add_rmsnorm(
-                        y, r, weight, 1e-5, f.push, chunks=1
-                    )[0]
             w = torch.randn(hidden, hidden, dtype=dtype, device=device) / hidden**0.5
             if fast is not None and fast.fits_gemv_push(x, w):  # batch 1: a row-parallel GEMV, then the sum
                 impls["gemv+fused"] = lambda y, f=fast, r=residual, w=w: f.add_rmsnorm(

@@ -81,12 +81,7 @@ def main() -> int:
         ),
         "all_reduce_add_rmsnorm": (
             all_reduce_rmsnorm._all_reduce_add_rmsnorm_kernel,
-            {"WORLD": 2, "BLOCK_H": 4096, "CHUNKS": 1, **pdl},
-            None,
-        ),
-        "all_reduce_add_rmsnorm chunked": (
-            all_reduce_rmsnorm._all_reduce_add_rmsnorm_kernel,
-            {"WORLD": 2, "BLOCK_H": 4096, "CHUNKS": all_reduce_rmsnorm.MAX_CHUNKS, **pdl},
+            {"WORLD": 2, "BLOCK_H": 4096, **pdl},
             None,
         ),
         "argmax chunks": (argmax._chunk_max_kernel, {"CHUNK": 2048, **pdl}, None),

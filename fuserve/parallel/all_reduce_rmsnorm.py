@@ -6,23 +6,17 @@ one-shot kernel, 6.8 us on two H200s) and then the fused add + RMSNorm (2.1 us):
 its peers twice (before reading their buffers, and after, so nobody overwrites a buffer still being read);
 this one pushes instead of pulling and meets them once.
 
-One program per token row (or, for many rows, CHUNKS programs per row, each pushing a quarter of it:
-at TP=2 batch 64 one program per row pushes 512 KiB from 64 SMs, 8.4 us on two H100s against 5.6 us
-for one row), on every rank r of W:
-    epoch = ++counter[chunk][row]          a per-row call count, the same on every rank (same calls)
-    push x[chunk] (r's partial) into slot (epoch % 2, r) of every peer's buffer    NVLink stores
-    barrier; flag[r][chunk][row] = epoch on every peer                             release, system scope
+One program per token row, on every rank r of W:
+    epoch = ++counter[row]                 a per-row call count, the same on every rank (same calls)
+    push x (r's partial row) into slot (epoch % 2, r) of every peer's buffer      NVLink stores
+    barrier; flag[r][row] = epoch on every peer                                    release, system scope
     for src in 0..W-1 (the same order on every rank, so every rank sums bit-identically):
-        src == r: its own x; else wait for own flag[src][c][row] >= epoch for every chunk c the call
-        has, then read the whole row of slot (epoch % 2, src)
-    sum -> rounded to x.dtype (as an all-reduce returns it) -> + residual -> RMSNorm over the whole
-    row, as rmsnorm.py; the program stores its own chunk of the outputs
-A call with one program per row advances all MAX_CHUNKS counters of the row, and a chunked call one
-each, so a row's chunks always share an epoch whichever way earlier calls were split.
+        src == r: its own x; else wait for own flag[src][row] >= epoch, read slot (epoch % 2, src)
+    sum -> rounded to x.dtype (as an all-reduce returns it) -> + residual -> RMSNorm, as rmsnorm.py
 Two slots per source, alternating by epoch: a peer overwrites slot p at epoch e + 2 only after this
-rank's epoch e + 1 programs raised a flag it saw, which this rank did after its epoch e programs (which
-read slot p) had finished: kernels on one stream run in order. Counters live in each rank's own
-memory, so a CUDA graph replay advances them like an eager call.
+rank's epoch e + 1 program saw its flag, which this rank raised after its epoch e program (which read
+slot p) had finished: kernels on one stream run in order. Counters live in each rank's own memory, so a
+CUDA graph replay advances them like an eager call.
 
 Buffers (`PushBuffers`): each rank's data buffer [2, W, slot_numel] and flags [W, max_rows] are
 symmetric memory (torch.distributed._symmetric_memory, P2P over CUDA IPC, no multicast); the kernel gets
@@ -50,11 +44,6 @@ MAX_SPINS = 1 << 26
 MAX_HIDDEN = 16384  # one program holds a whole row
 NUM_SLOTS = 2  # buffers per source, used in turn by epoch
 SLOTS = tl.constexpr(NUM_SLOTS)
-MAX_CHUNKS = 4  # programs per row in a chunked call; flags and counters hold one per chunk
-CHUNKS_MAX = tl.constexpr(MAX_CHUNKS)
-# rows from which a call splits each row over MAX_CHUNKS programs: below it, more programs would add
-# flags to wait for without adding push bandwidth that matters
-CHUNKED_FROM_ROWS = 16
 
 
 @triton.jit
@@ -78,61 +67,45 @@ def _all_reduce_add_rmsnorm_kernel(
     eps,
     WORLD: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    CHUNKS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_launch_and_wait(USE_PDL)
-    # a row's chunks are neighbours in launch order: a program waits only on its own row's peers, which
-    # the peer launches at the same point, so no wait depends on a program not yet resident
-    row = tl.program_id(0) // CHUNKS
-    chunk = tl.program_id(0) % CHUNKS
+    row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden_size
-    part_cols = chunk * (BLOCK_H // CHUNKS) + tl.arange(0, BLOCK_H // CHUNKS)
-    part_mask = part_cols < hidden_size
     dtype = x_ptr.dtype.element_ty
 
-    epoch = tl.load(counter_ptr + chunk * max_rows + row) + 1
-    if CHUNKS == 1:
-        for c in tl.static_range(CHUNKS_MAX):
-            tl.store(counter_ptr + c * max_rows + row, epoch)
-    else:
-        tl.store(counter_ptr + chunk * max_rows + row, epoch)
+    epoch = tl.load(counter_ptr + row) + 1
+    tl.store(counter_ptr + row, epoch)
     which = epoch % SLOTS
-    x_row = x_ptr + row.to(tl.int64) * stride_x
-    x_part = tl.load(x_row + part_cols, mask=part_mask, other=0.0)
-    slot_row = row.to(tl.int64) * hidden_size
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
+    row_in_slot = row.to(tl.int64) * hidden_size + cols
 
-    mine = (which * WORLD + rank).to(tl.int64) * slot_numel + slot_row
+    mine = (which * WORLD + rank).to(tl.int64) * slot_numel
     for peer in tl.static_range(WORLD):
         if peer != rank:
             dst = tl.load(data_ptrs + peer).to(tl.pointer_type(dtype))
-            tl.store(dst + mine + part_cols, x_part, mask=part_mask)
+            tl.store(dst + mine + row_in_slot, x, mask=mask)
     tl.debug_barrier()  # every thread's stores before the flag that publishes them
     for peer in tl.static_range(WORLD):
         if peer != rank:
             flags = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
-            tl.atomic_xchg(
-                flags + (rank * CHUNKS_MAX + chunk) * max_rows + row, epoch, sem="release", scope="sys"
-            )
+            tl.atomic_xchg(flags + rank * max_rows + row, epoch, sem="release", scope="sys")
 
     own_flags = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
     own_data = tl.load(data_ptrs + rank).to(tl.pointer_type(dtype))
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for src in tl.static_range(WORLD):
         if src == rank:
-            acc += tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            acc += x.to(tl.float32)
         else:
-            seen = epoch
-            for c in tl.static_range(CHUNKS):
-                flag = own_flags + (src * CHUNKS_MAX + c) * max_rows + row
-                got = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
-                spins = 0
-                while (got < epoch) & (spins < max_spins):
-                    got = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
-                    spins += 1
-                seen = tl.minimum(seen, got)
-            theirs = own_data + (which * WORLD + src).to(tl.int64) * slot_numel + slot_row + cols
+            theirs = own_data + (which * WORLD + src).to(tl.int64) * slot_numel + row_in_slot
+            flag = own_flags + src * max_rows + row
+            seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
+            spins = 0
+            while (seen < epoch) & (spins < max_spins):
+                seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
+                spins += 1
             part = tl.load(theirs, mask=mask, other=0.0, volatile=True).to(tl.float32)
             if seen < epoch:
                 part = give_up_on(status_ptr, src, BLOCK_H)
@@ -148,7 +121,6 @@ def _all_reduce_add_rmsnorm_kernel(
         mask,
         hidden_size,
         eps,
-        mask & (cols // (BLOCK_H // CHUNKS) == chunk),
     )
 
 
@@ -164,25 +136,15 @@ def give_up_on(status_ptr, src, BLOCK_H: tl.constexpr):
 
 @triton.jit
 def store_add_rmsnorm_row(
-    acc,
-    residual_row_ptr,
-    weight_ptr,
-    out_row_ptr,
-    new_residual_row_ptr,
-    cols,
-    mask,
-    hidden_size,
-    eps,
-    store_mask,
+    acc, residual_row_ptr, weight_ptr, out_row_ptr, new_residual_row_ptr, cols, mask, hidden_size, eps
 ):
     """The end of an all-reduce + add + RMSNorm for one row: the fp32 sum `acc` rounded to the model
-    dtype (as an all-reduce returns it), + residual -> new residual, then its RMSNorm, as rmsnorm.py;
-    both outputs stored where `store_mask`."""
+    dtype (as an all-reduce returns it), + residual -> new residual, then its RMSNorm, as rmsnorm.py."""
     dtype = new_residual_row_ptr.dtype.element_ty
     residual = tl.load(residual_row_ptr + cols, mask=mask, other=0.0)
     h = (acc.to(dtype).to(tl.float32) + residual.to(tl.float32)).to(dtype)
-    tl.store(new_residual_row_ptr + cols, h, mask=store_mask)
-    store_rmsnorm_row(h, weight_ptr, out_row_ptr, cols, mask, hidden_size, eps, store_mask)
+    tl.store(new_residual_row_ptr + cols, h, mask=mask)
+    store_rmsnorm_row(h, weight_ptr, out_row_ptr, cols, mask, hidden_size, eps)
 
 
 @dataclass
@@ -194,8 +156,8 @@ class PushBuffers:
     world: int
     dtype: torch.dtype
     data_ptrs: torch.Tensor  # [W] int64
-    flag_ptrs: torch.Tensor  # [W] int64, each rank's flags [W, MAX_CHUNKS, max_rows] int32
-    counters: torch.Tensor  # [MAX_CHUNKS, max_rows] int32, this rank's own
+    flag_ptrs: torch.Tensor  # [W] int64
+    counters: torch.Tensor  # [max_rows] int32, this rank's own
     slot_numel: int
     max_rows: int = MAX_ROWS
     # polls of a peer's flag before giving up on it, so a dead peer cannot hang this GPU forever
@@ -229,18 +191,11 @@ def slot(data: torch.Tensor, bufs: PushBuffers, epoch: int, src: int, rows: int,
 
 
 def all_reduce_add_rmsnorm(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    bufs: PushBuffers,
-    chunks: int | None = None,
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, bufs: PushBuffers
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Collective: `h = sum over ranks of x; new_residual = h + residual; return rmsnorm(new_residual),
     new_residual`. x: this rank's partial [T, H] (a row-parallel layer's output before its all-reduce);
-    residual: [T, H]; weight: [H]. Every rank calls it with the same shapes, in the same order.
-    `chunks` (1 or MAX_CHUNKS; by default MAX_CHUNKS from CHUNKED_FROM_ROWS rows) is how many programs
-    share a row; tests and the benchmark set it, and every rank must pass the same."""
+    residual: [T, H]; weight: [H]. Every rank calls it with the same shapes, in the same order."""
     if not bufs.fits(x):
         raise ValueError(
             f"x {tuple(x.shape)} {x.dtype} does not fit the push buffers ({bufs.max_rows} rows, "
@@ -254,12 +209,8 @@ def all_reduce_add_rmsnorm(
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_h = triton.next_power_of_2(hidden)
-    if chunks is None:
-        chunks = MAX_CHUNKS if rows >= CHUNKED_FROM_ROWS and block_h >= 64 * MAX_CHUNKS else 1
-    if chunks not in (1, MAX_CHUNKS):
-        raise ValueError(f"chunks={chunks}: a row is split over 1 or {MAX_CHUNKS} programs")
     use_pdl = pdl_enabled(x)
-    _all_reduce_add_rmsnorm_kernel[(rows * chunks,)](
+    _all_reduce_add_rmsnorm_kernel[(rows,)](
         x,
         residual,
         weight,
@@ -279,7 +230,6 @@ def all_reduce_add_rmsnorm(
         eps,
         WORLD=bufs.world,
         BLOCK_H=block_h,
-        CHUNKS=chunks,
         USE_PDL=use_pdl,
         num_warps=row_num_warps(block_h),
         launch_pdl=use_pdl,
@@ -307,7 +257,7 @@ def symmetric_push_buffers(
 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     data = symm_mem.empty(NUM_SLOTS * world * slot_numel, dtype=dtype, device=device)
-    flags = symm_mem.empty(world * MAX_CHUNKS * MAX_ROWS, dtype=torch.int32, device=device)
+    flags = symm_mem.empty(world * MAX_ROWS, dtype=torch.int32, device=device)
     data.zero_()
     flags.zero_()
     torch.cuda.synchronize(device)  # zeroed before any peer can raise a flag here
@@ -317,7 +267,7 @@ def symmetric_push_buffers(
         dtype=dtype,
         data_ptrs=peer_table(data, group),
         flag_ptrs=peer_table(flags, group),
-        counters=torch.zeros(MAX_CHUNKS * MAX_ROWS, dtype=torch.int32, device=device),
+        counters=torch.zeros(MAX_ROWS, dtype=torch.int32, device=device),
         slot_numel=slot_numel,
     )
     return bufs, [data, flags]

@@ -144,7 +144,7 @@ def _pushed_add_rmsnorm_kernel(
             acc += summand
 
     store_add_rmsnorm_row(
-        acc, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, cols, mask, hidden_size, eps, mask
+        acc, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, cols, mask, hidden_size, eps
     )
 
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from fuserve.parallel.all_reduce_rmsnorm import (
-    MAX_CHUNKS,
     MAX_ROWS,
     NUM_SLOTS,
     PushBuffers,
@@ -31,7 +30,7 @@ Tensors = list[torch.Tensor]
 
 def _two_ranks(dtype: torch.dtype, slot_numel: int) -> tuple[list[PushBuffers], Tensors, Tensors]:
     data = [torch.zeros(NUM_SLOTS * 2 * slot_numel, dtype=dtype, device=DEVICE) for _ in range(2)]
-    flags = [torch.zeros(2 * MAX_CHUNKS * MAX_ROWS, dtype=torch.int32, device=DEVICE) for _ in range(2)]
+    flags = [torch.zeros(2 * MAX_ROWS, dtype=torch.int32, device=DEVICE) for _ in range(2)]
     data_ptrs = torch.tensor([d.data_ptr() for d in data], dtype=torch.int64, device=DEVICE)
     flag_ptrs = torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64, device=DEVICE)
     bufs = [
@@ -41,7 +40,7 @@ def _two_ranks(dtype: torch.dtype, slot_numel: int) -> tuple[list[PushBuffers], 
             dtype=dtype,
             data_ptrs=data_ptrs,
             flag_ptrs=flag_ptrs,
-            counters=torch.zeros(MAX_CHUNKS * MAX_ROWS, dtype=torch.int32, device=DEVICE),
+            counters=torch.zeros(MAX_ROWS, dtype=torch.int32, device=DEVICE),
             slot_numel=slot_numel,
         )
         for r in range(2)
@@ -49,21 +48,13 @@ def _two_ranks(dtype: torch.dtype, slot_numel: int) -> tuple[list[PushBuffers], 
     return bufs, data, flags
 
 
-def _flag(src: int, chunk: int, row: int) -> int:
-    """Where a rank's flags hold `src`'s flag for one chunk of a row ([W, MAX_CHUNKS, MAX_ROWS])."""
-    return (src * MAX_CHUNKS + chunk) * MAX_ROWS + row
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_two_ranks_agree_and_match_reference(dtype: torch.dtype) -> None:
-    """Calls with one program per row and with MAX_CHUNKS per row, mixed, so that a row's chunk
-    counters must stay in step across both kinds of call."""
     hidden, slot_numel = 48, 8 * 64
     bufs, data, flags = _two_ranks(dtype, slot_numel)
     weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(dtype)
     epochs = [0] * MAX_ROWS
-    calls = [(3, 1), (3, MAX_CHUNKS), (1, 1), (5, MAX_CHUNKS), (2, 1), (3, 1), (3, MAX_CHUNKS)]
-    for step, (rows, chunks) in enumerate(calls):  # row 0: epochs 1-7, each slot 3+ times
+    for step, rows in enumerate([3, 3, 1, 5, 2, 3, 3]):  # row 0: epochs 1-7, each slot 3+ times
         g = torch.Generator(device="cpu").manual_seed(step)
         parts = [torch.randn(rows, hidden, generator=g).to(DEVICE, dtype) for _ in range(2)]
         residual = torch.randn(rows, hidden, generator=g).to(DEVICE, dtype)
@@ -72,13 +63,12 @@ def test_two_ranks_agree_and_match_reference(dtype: torch.dtype) -> None:
 
         for r in range(rows):  # what rank 0's kernel would have pushed to rank 1 for this epoch
             slot(data[1], bufs[1], epochs[r], 0, rows, hidden)[r].copy_(parts[0][r])
-            for c in range(chunks):
-                flags[1][_flag(0, c, r)] = epochs[r]
-        out1, res1 = all_reduce_add_rmsnorm(parts[1], residual, weight, EPS, bufs[1], chunks)
-        for r in range(rows):  # rank 1 pushed its partial to rank 0 (and raised rank 0's flags)
+            flags[1][r] = epochs[r]  # flags[1][src=0][row]
+        out1, res1 = all_reduce_add_rmsnorm(parts[1], residual, weight, EPS, bufs[1])
+        for r in range(rows):  # rank 1 pushed its partial to rank 0 (and raised rank 0's flag)
             assert torch.equal(slot(data[0], bufs[0], epochs[r], 1, rows, hidden)[r], parts[1][r])
-            assert [int(flags[0][_flag(1, c, r)]) for c in range(chunks)] == [epochs[r]] * chunks
-        out0, res0 = all_reduce_add_rmsnorm(parts[0], residual, weight, EPS, bufs[0], chunks)
+            assert int(flags[0][MAX_ROWS + r]) == epochs[r]  # flags[0][src=1][row]
+        out0, res0 = all_reduce_add_rmsnorm(parts[0], residual, weight, EPS, bufs[0])
         for r in range(rows):
             assert torch.equal(slot(data[1], bufs[1], epochs[r], 0, rows, hidden)[r], parts[0][r])
 
@@ -87,9 +77,8 @@ def test_two_ranks_agree_and_match_reference(dtype: torch.dtype) -> None:
         tol = {"rtol": 1.6e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
         torch.testing.assert_close(res0, want_res, **tol)
         torch.testing.assert_close(out0, want_out, **tol)
-        assert torch.equal(bufs[0].counters, bufs[1].counters)
-        for c in range(MAX_CHUNKS):  # every chunk's counter of a called row is at the row's epoch
-            assert bufs[0].counters[c * MAX_ROWS : c * MAX_ROWS + rows].tolist() == epochs[:rows]
+        assert torch.equal(bufs[0].counters[:rows], bufs[1].counters[:rows])
+        assert bufs[0].counters[:rows].tolist() == epochs[:rows]
 
 
 def test_refuses_what_does_not_fit() -> None:
@@ -102,8 +91,7 @@ def test_refuses_what_does_not_fit() -> None:
         all_reduce_add_rmsnorm(x, x, torch.ones(48, device=DEVICE), EPS, bufs[0])
 
 
-@pytest.mark.parametrize("chunks", [1, MAX_CHUNKS])
-def test_a_peer_that_never_comes_ends_the_wait(chunks: int) -> None:
+def test_a_peer_that_never_comes_ends_the_wait() -> None:
     """A dead peer must not hang the GPU: after max_spins polls the kernel gives up, names the peer in
     the host-visible status word and poisons the row (NaN) instead of returning a partial sum."""
     hidden = 16
@@ -112,8 +100,7 @@ def test_a_peer_that_never_comes_ends_the_wait(chunks: int) -> None:
     bufs[0].max_spins = 8
     assert bufs[0].timed_out_rank is None
     x = torch.randn(2, hidden, device=DEVICE)
-    weight = torch.ones(hidden, device=DEVICE)
-    out, res = all_reduce_add_rmsnorm(x, torch.zeros_like(x), weight, EPS, bufs[0], chunks)
+    out, res = all_reduce_add_rmsnorm(x, torch.zeros_like(x), torch.ones(hidden, device=DEVICE), EPS, bufs[0])
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
     assert bufs[0].timed_out_rank == 1

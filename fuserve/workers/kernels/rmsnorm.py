@@ -71,20 +71,19 @@ def _rmsnorm_kernel(
             x, weight_ptr, out_ptr + row * hidden_size, scale_ptr + row, cols, mask, hidden_size, eps
         )
     else:
-        store_rmsnorm_row(x, weight_ptr, out_ptr + row * hidden_size, cols, mask, hidden_size, eps, mask)
+        store_rmsnorm_row(x, weight_ptr, out_ptr + row * hidden_size, cols, mask, hidden_size, eps)
 
 
 @triton.jit
-def store_rmsnorm_row(x, weight_ptr, out_row_ptr, cols, mask, hidden_size, eps, store_mask):
-    """`weight * rmsnorm(x)` for one row `x` (model dtype; 0 where not `mask`), stored at out_row_ptr
-    where `store_mask` (a program that owns part of the row stores that part); HF's rounding points.
+def store_rmsnorm_row(x, weight_ptr, out_row_ptr, cols, mask, hidden_size, eps):
+    """`weight * rmsnorm(x)` for one row `x` (model dtype), stored at out_row_ptr; HF's rounding points.
     Shared with the fused all-reduce in fuserve/parallel/all_reduce_rmsnorm.py."""
     h = x.to(tl.float32)
     variance = tl.sum(h * h, axis=0) / hidden_size
     h = h * tl.rsqrt(variance + eps)
     h = h.to(x.dtype).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_row_ptr + cols, (weight * h).to(out_row_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(out_row_ptr + cols, (weight * h).to(out_row_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
