@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -144,13 +145,17 @@ def dummy_engine_config(
     return config
 
 
+_TIMED_RUNS = itertools.count()
+
+
 def time_decode(engine: Any, batch: int, prompt_len: int, output_len: int, vocab: int) -> dict[str, float]:
     """Run `batch` greedy requests to completion; the median step after the first token is the
-    per-token time, the whole run (prefill included) gives output tokens/s."""
+    per-token time, the whole run (prefill included) gives output tokens/s. Every call in a process
+    draws new prompts: a warm-up's prompts again would be prefix-cache hits, a prefill not timed."""
     from fuserve.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts(batch, prompt_len, vocab, seed=batch)):
+    for i, p in enumerate(prompts(batch, prompt_len, vocab, seed=batch * 1000 + next(_TIMED_RUNS))):
         engine.add_request(f"b{batch}-{i}-{time.monotonic_ns()}", p, params)
     step_times = []
     start = time.perf_counter()
