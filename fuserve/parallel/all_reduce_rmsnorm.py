@@ -108,7 +108,7 @@ def _all_reduce_add_rmsnorm_kernel(
                 spins += 1
             part = tl.load(theirs, mask=mask, other=0.0, volatile=True).to(tl.float32)
             if seen < epoch:
-                part = give_up_on(status_ptr, src, BLOCK_H)
+                part = give_up_on(status_ptr, src, row, epoch, seen, BLOCK_H)
             acc += part
 
     store_add_rmsnorm_row(
@@ -125,12 +125,19 @@ def _all_reduce_add_rmsnorm_kernel(
 
 
 @triton.jit
-def give_up_on(status_ptr, src, BLOCK_H: tl.constexpr):
-    """A peer that never came (died or stuck): name it in the host-visible status word, and return the
-    NaN row that poisons this sum instead of a partial one. `status_ptr` is the word's address as an
-    integer, which Triton types i32 when it happens to be below 2**31: widen it before the cast."""
+def give_up_on(status_ptr, src, row, epoch, seen, BLOCK_H: tl.constexpr):
+    """A peer that never came (died or stuck): record it in the host-visible status words, and return
+    the NaN row that poisons this sum instead of a partial one. The first program to give up writes
+    [1 + src, row, epoch, seen]: this rank's call count for the row against the last the peer
+    published, which tells a peer one call behind (slow, or gone) from ranks whose calls parted.
+    `status_ptr` is the words' address as an integer, which Triton types i32 when it happens to be
+    below 2**31: widen it before the cast."""
     word = status_ptr.to(tl.int64).to(tl.pointer_type(tl.int32))
-    tl.atomic_xchg(word, src + 1, sem="relaxed", scope="sys")
+    first = tl.atomic_cas(word, 0, src + 1, sem="relaxed", scope="sys") == 0
+    if first:
+        tl.store(word + 1, row)
+        tl.store(word + 2, epoch)
+        tl.store(word + 3, seen)
     return tl.full([BLOCK_H], float("nan"), tl.float32)
 
 
@@ -162,14 +169,13 @@ class PushBuffers:
     max_rows: int = MAX_ROWS
     # polls of a peer's flag before giving up on it, so a dead peer cannot hang this GPU forever
     max_spins: int = MAX_SPINS
-    # host-visible (pinned) word: 0, or 1 + the rank a kernel gave up waiting for
-    status: torch.Tensor = field(
-        default_factory=lambda: torch.zeros(1, dtype=torch.int32, pin_memory=torch.cuda.is_available())
-    )
+    # host-visible (pinned) words [1 + the rank a kernel gave up waiting for, row, epoch, the peer's
+    # flag], or all 0 (give_up_on)
+    status: torch.Tensor = field(default_factory=lambda: give_up_status())
 
     @property
     def timed_out_rank(self) -> int | None:
-        """The rank a kernel gave up waiting for, read without a device sync (the word is pinned)."""
+        """The rank a kernel gave up waiting for, read without a device sync (the words are pinned)."""
         value = int(self.status[0])
         return value - 1 if value else None
 
@@ -182,6 +188,21 @@ class PushBuffers:
             and x.shape[1] <= MAX_HIDDEN
             and x.numel() <= self.slot_numel
         )
+
+
+def give_up_status() -> torch.Tensor:
+    return torch.zeros(4, dtype=torch.int32, pin_memory=torch.cuda.is_available())
+
+
+def describe_give_up(status: torch.Tensor) -> str:
+    """The status words in words, for the error a give-up raises (empty when none happened)."""
+    src, row, epoch, seen = (int(v) for v in status.tolist())
+    if not src:
+        return ""
+    if seen < 0:  # gemv_push's wait: values, not a flag
+        return f"GEMV push call {epoch}: {-seen} values of the peer's partial never arrived"
+    why = "one call behind: slow, stuck elsewhere or gone" if seen == epoch - 1 else "the ranks' calls parted"
+    return f"row {row}, this rank's call {epoch} for it, the peer's last {seen} ({why})"
 
 
 def slot(data: torch.Tensor, bufs: PushBuffers, epoch: int, src: int, rows: int, hidden: int) -> torch.Tensor:

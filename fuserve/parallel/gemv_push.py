@@ -140,7 +140,7 @@ def _pushed_add_rmsnorm_kernel(
             tl.store(theirs, empty, mask=mask)  # empty again for this slot's next use
             summand = part.to(tl.float32)
             if missing > 0:
-                summand = give_up_on(status_ptr, src, BLOCK_H)
+                summand = give_up_on(status_ptr, src, 0, epoch, -missing, BLOCK_H)
             acc += summand
 
     store_add_rmsnorm_row(
@@ -159,7 +159,7 @@ class PushSlots:
     dtype: torch.dtype
     slot_ptrs: torch.Tensor  # [W] int64
     counter: torch.Tensor  # [1] int32
-    status: torch.Tensor  # [1] int32, pinned: 0, or 1 + a rank a kernel gave up waiting for
+    status: torch.Tensor  # [4] int32, pinned: all_reduce_rmsnorm.give_up_status()
     max_spins: int
     slot_numel: int = MAX_HIDDEN
     _configs: dict[tuple, triton.Config] = field(default_factory=dict)

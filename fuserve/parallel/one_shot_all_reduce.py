@@ -38,7 +38,11 @@ import torch
 import torch.distributed as dist
 
 from fuserve.parallel import gemv_push
-from fuserve.parallel.all_reduce_rmsnorm import all_reduce_add_rmsnorm, symmetric_push_buffers
+from fuserve.parallel.all_reduce_rmsnorm import (
+    all_reduce_add_rmsnorm,
+    describe_give_up,
+    symmetric_push_buffers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +218,9 @@ class OneShotAllReduce:
 
     def timed_out_rank(self) -> int | None:
         return self.push.timed_out_rank
+
+    def give_up_detail(self) -> str:
+        return describe_give_up(self.push.status)
 
     def add_rmsnorm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float

@@ -34,6 +34,10 @@ class FastAllReduce(Protocol):
         """A rank that this rank's kernels gave up waiting for (it never arrived), or None."""
         ...
 
+    def give_up_detail(self) -> str:
+        """Where and at which call that give-up happened, in words ("" when none did)."""
+        ...
+
     def fits_gemv_push(self, x: torch.Tensor, weight: torch.Tensor) -> bool: ...
 
     def gemv_push(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
@@ -64,6 +68,9 @@ class TPContext:
 
     def timed_out_rank(self) -> int | None:
         return self.fast_all_reduce.timed_out_rank() if self.fast_all_reduce is not None else None
+
+    def give_up_detail(self) -> str:
+        return self.fast_all_reduce.give_up_detail() if self.fast_all_reduce is not None else ""
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks. Use the returned tensor: the fast path writes a new one."""

@@ -15,6 +15,7 @@ at once (worker_group.py).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -29,6 +30,8 @@ from fuserve.parallel.process_group import connect_store, destroy_tp_context, in
 from fuserve.parallel.tp_context import TPContext
 from fuserve.workers.kernels import switches as kernel_switches
 from fuserve.workers.worker import Worker, pick_dtype
+
+log = logging.getLogger(__name__)
 
 # How long a worker polls the plan ring busily after a plan before it polls with sleeps: a GPU decode step
 # is a few ms (a busy wait answers in microseconds); on CPU the ranks share few cores with torch.
@@ -93,9 +96,20 @@ class TPWorker:
         receiver = self._plan_receiver(plan_ring, self.tp)
         worker = Worker(self.config, self.tp)
         steps = 0
+        reported = False
         while (plan := receiver.recv()) is not None:
             worker.follow(plan)
             steps += 1
+            if not reported and (peer := self.tp.timed_out_rank()) is not None:
+                # rank 0 fails the group for its own give-ups; this rank's says where it stood
+                log.error(
+                    "rank %d's GPU gave up waiting for rank %d in an all-reduce after %d steps (%s)",
+                    self.rank,
+                    peer,
+                    steps,
+                    self.tp.give_up_detail(),
+                )
+                reported = True
         worker.shutdown()
         destroy_tp_context()
         return steps

@@ -236,7 +236,9 @@ class WorkerGroup:
 
     def check(self, what: str = "step") -> None:
         if self.failure is None and (rank := self.tp.timed_out_rank()) is not None:
-            self._fail(f"rank 0's GPU gave up waiting for rank {rank} in an all-reduce")
+            detail = self.tp.give_up_detail()
+            where = f" ({detail})" if detail else ""
+            self._fail(f"rank 0's GPU gave up waiting for rank {rank} in an all-reduce{where}")
         if self.failure is not None:
             raise WorkerGroupError(self._message(what))
 

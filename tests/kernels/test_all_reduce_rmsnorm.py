@@ -18,6 +18,7 @@ from fuserve.parallel.all_reduce_rmsnorm import (
     PushBuffers,
     all_reduce_add_rmsnorm,
     all_reduce_add_rmsnorm_ref,
+    describe_give_up,
     slot,
 )
 
@@ -105,6 +106,11 @@ def test_a_peer_that_never_comes_ends_the_wait() -> None:
         torch.cuda.synchronize()
     assert bufs[0].timed_out_rank == 1
     assert out.isnan().all() and res.isnan().all()
+    src, row, epoch, seen = bufs[0].status.tolist()  # the first program to give up wrote them
+    assert (src, epoch, seen) == (2, 1, 0) and row in (0, 1)
+    assert describe_give_up(bufs[0].status) == f"row {row}, this rank's call 1 for it, the peer's last 0 " + (
+        "(one call behind: slow, stuck elsewhere or gone)"
+    )
     if DEVICE.type == "cuda":  # what one poll costs, for MAX_SPINS's comment
         import time
 
@@ -113,3 +119,20 @@ def test_a_peer_that_never_comes_ends_the_wait() -> None:
         all_reduce_add_rmsnorm(x, torch.zeros_like(x), torch.ones(hidden, device=DEVICE), EPS, bufs[0])
         torch.cuda.synchronize()
         print(f"{(time.perf_counter() - t0) / (1 << 20) * 1e9:.0f} ns per poll of a flag")
+
+
+def test_a_give_up_tells_calls_that_parted() -> None:
+    """A peer whose last flag for the row is more than one call back did not lag: the ranks' call
+    counts parted (a bug), and the error says so."""
+    hidden = 16
+    bufs, data, flags = _two_ranks(torch.float32, 4 * hidden)
+    bufs[0].max_spins = 8
+    bufs[0].counters[0] = 2  # this rank's 3rd call for row 0 ...
+    flags[0][MAX_ROWS + 0] = 1  # ... where rank 1 published its 1st
+    x = torch.randn(1, hidden, device=DEVICE)
+    all_reduce_add_rmsnorm(x, torch.zeros_like(x), torch.ones(hidden, device=DEVICE), EPS, bufs[0])
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    assert bufs[0].status.tolist() == [2, 0, 3, 1]
+    assert describe_give_up(bufs[0].status).endswith("(the ranks' calls parted)")
+    assert describe_give_up(torch.zeros(4, dtype=torch.int32)) == ""

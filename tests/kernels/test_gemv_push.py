@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fuserve.parallel.all_reduce_rmsnorm import describe_give_up, give_up_status
 from fuserve.parallel.gemv_push import (
     EMPTY_BITS,
     MAX_HIDDEN,
@@ -32,7 +33,7 @@ DTYPE = torch.bfloat16
 def _two_ranks(max_spins: int = 1 << 20) -> tuple[list[PushSlots], list[torch.Tensor]]:
     bufs = [empty_slots(NUM_SLOTS * 2 * MAX_HIDDEN, DTYPE, DEVICE) for _ in range(2)]
     ptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=DEVICE)
-    status = torch.zeros(1, dtype=torch.int32, pin_memory=DEVICE.type == "cuda")
+    status = give_up_status()
     slots = [
         PushSlots(
             rank=r,
@@ -91,6 +92,9 @@ def test_a_peer_that_never_pushes_ends_the_wait() -> None:
         torch.cuda.synchronize()
     assert int(slots[0].status[0]) == 2  # 1 + rank 1
     assert out.isnan().all() and res.isnan().all()
+    assert slots[0].status.tolist()[2:] == [1, -hidden]  # its first call; every value missing
+    want = f"GEMV push call 1: {hidden} values of the peer's partial never arrived"
+    assert describe_give_up(slots[0].status) == want
 
 
 def test_refuses_what_does_not_fit() -> None:
