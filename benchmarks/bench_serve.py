@@ -81,6 +81,9 @@ SERVER_COUNTERS = {
     "frontend_cpu_s": "fuserve_frontend_cpu_seconds_total",
     "engine_steps": "fuserve_engine_steps_total",
     "engine_step_s": "fuserve_engine_step_seconds_total",
+    "engine_wait_s": "fuserve_engine_device_wait_seconds_total",
+    "engine_prefill_steps": "fuserve_engine_prefill_steps_total",
+    "engine_prefill_step_s": "fuserve_engine_prefill_step_seconds_total",
     "engine_core_cpu_s": "fuserve_engine_core_cpu_seconds_total",  # optional: NaN where not exported
     # where time to first token goes inside the replica (histograms' sums and counts)
     "admit_s": "fuserve_frontend_admit_seconds_sum",
@@ -96,7 +99,13 @@ TTFT_PARTS = [
     ("core_first_token_ms", "core_first_s", "core_first_n"),
     ("frontend_emit_ms", "emit_s", "emit_n"),
 ]
-ENGINE_STATS_FIELDS = {"engine_steps": "num_steps", "engine_step_s": "step_seconds_total"}
+ENGINE_STATS_FIELDS = {
+    "engine_steps": "num_steps",
+    "engine_step_s": "step_seconds_total",
+    "engine_wait_s": "device_wait_seconds_total",
+    "engine_prefill_steps": "prefill_steps",
+    "engine_prefill_step_s": "prefill_step_seconds_total",
+}
 
 
 @dataclass
@@ -469,12 +478,26 @@ def level_figures(
     core_s = after["engine_core_cpu_s"] - before["engine_core_cpu_s"]
     steps = after["engine_steps"] - before["engine_steps"]
     step_s = after["engine_step_s"] - before["engine_step_s"]
+    delta = {k: after.get(k, math.nan) - before.get(k, math.nan) for k in SERVER_COUNTERS}
+    per_step = lambda x, n: x * 1e3 / n if n > 0 else math.nan  # noqa: E731
+    # a step's wall time = the engine's own host work + its wait for the device; a slow host shows in
+    # the first, a slow device (or steps with nothing to overlap) in the second
+    split = {
+        "engine_host_ms_per_step": per_step(step_s - delta["engine_wait_s"], steps),
+        "engine_wait_ms_per_step": per_step(delta["engine_wait_s"], steps),
+        "engine_prefill_step_share": delta["engine_prefill_steps"] / steps if steps > 0 else math.nan,
+        "engine_prefill_step_ms": per_step(delta["engine_prefill_step_s"], delta["engine_prefill_steps"]),
+        "engine_decode_step_ms": per_step(
+            step_s - delta["engine_prefill_step_s"], steps - delta["engine_prefill_steps"]
+        ),
+    }
     return {
         "frontend_cpu_ms_per_token": cpu_s * 1e3 / output_tokens if output_tokens > 0 else math.nan,
         "frontend_cpu_util": cpu_s / wall_s if wall_s > 0 else math.nan,
         "engine_steps": steps,
         "engine_step_ms": step_s * 1e3 / steps if steps > 0 else math.nan,
         "engine_core_cpu_util": core_s / wall_s if wall_s > 0 else math.nan,
+        **split,
         **parts,
     }
 
@@ -981,7 +1004,17 @@ def bounds_line(http: dict[str, Any], engine: dict[str, Any]) -> str:
         f"{http.get('client_cpu_util', math.nan):.2f} of a core\n"
         f"    inside the replica, mean ms: admit {http.get('frontend_admit_ms', math.nan):.2f}, engine core "
         f"to first token {http.get('core_first_token_ms', math.nan):.1f}, step message to stream "
-        f"{http.get('frontend_emit_ms', math.nan):.2f}"
+        f"{http.get('frontend_emit_ms', math.nan):.2f}\n"
+        f"    engine step = host + device wait ms: {_split(http)} under HTTP, {_split(engine)} in-process"
+    )
+
+
+def _split(row: dict[str, Any]) -> str:
+    g = lambda k: row.get(k, math.nan)  # noqa: E731
+    return (
+        f"{g('engine_host_ms_per_step'):.2f} + {g('engine_wait_ms_per_step'):.2f} "
+        f"({100 * g('engine_prefill_step_share'):.0f}% of steps with prefill, "
+        f"{g('engine_prefill_step_ms'):.1f} ms; decode-only {g('engine_decode_step_ms'):.1f} ms)"
     )
 
 

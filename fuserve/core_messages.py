@@ -98,6 +98,9 @@ class CoreStats(msgspec.Struct, array_like=True):
     prefix_query_tokens: int = 0
     num_steps: int = 0
     step_seconds_total: float = 0.0  # wall time inside engine.step(), summed
+    device_wait_seconds_total: float = 0.0  # of it, waiting for the device to finish a step
+    prefill_steps: int = 0  # steps that carried prefill tokens (eager, outside the decode graphs)
+    prefill_step_seconds_total: float = 0.0  # wall time of those steps
     cpu_seconds_total: float = 0.0  # the engine-core process's CPU time
     # For the router's TTFT model (router/ttft_model.py): this engine's step cost, fitted from its own
     # steps (workers/step_cost_meter.py), and its queue in the scheduler's terms (workers/routing_summary.py)

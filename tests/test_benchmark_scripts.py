@@ -229,6 +229,28 @@ def test_level_figures_from_counters_and_engine_stats(bs: types.ModuleType) -> N
     assert math.isnan(bs.level_figures(new, new, 10, 1.0)["engine_step_ms"])
 
 
+def test_level_figures_split_a_step_into_host_work_and_device_wait(bs: types.ModuleType) -> None:
+    before = bs.engine_counters(types.SimpleNamespace(num_steps=0, step_seconds_total=0.0))
+    before.update(engine_wait_s=0.0, engine_prefill_steps=0, engine_prefill_step_s=0.0)
+    after = bs.engine_counters(
+        types.SimpleNamespace(
+            num_steps=100,
+            step_seconds_total=1.0,
+            device_wait_seconds_total=0.6,
+            prefill_steps=20,
+            prefill_step_seconds_total=0.4,
+        )
+    )
+    fig = bs.level_figures(before, after, 1000, 2.0)
+    assert fig["engine_step_ms"] == pytest.approx(10.0)
+    assert fig["engine_host_ms_per_step"] == pytest.approx(4.0)
+    assert fig["engine_wait_ms_per_step"] == pytest.approx(6.0)
+    assert fig["engine_prefill_step_share"] == pytest.approx(0.2)
+    assert fig["engine_prefill_step_ms"] == pytest.approx(20.0)
+    assert fig["engine_decode_step_ms"] == pytest.approx(7.5)
+    assert "4.00 + 6.00 (20% of steps with prefill, 20.0 ms; decode-only 7.5 ms)" in bs._split(fig)
+
+
 def _row(path: str, **figures: float) -> dict:
     row = {"comparison": "overhead", "path": path, "concurrency": 16, "num_failed": 0}
     row.update(itl_ms_p50=9.0, itl_ms_p90=10.0, itl_ms_p99=12.0)

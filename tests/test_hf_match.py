@@ -82,3 +82,7 @@ def test_tiny_models_match_hf(tmp_path: Path, arch: str, async_scheduling: str) 
     assert stats.prefix_hit_tokens > 0, "the second batch should have hit the prefix cache"
     assert stats.num_waiting == stats.num_running == 0
     assert llm.engine.block_manager.num_free_blocks == stats.num_blocks, "blocks leaked"
+    # a step's wall time splits into host work and the wait for the device; prefill steps are a part
+    assert 0.0 <= stats.device_wait_seconds_total <= stats.step_seconds_total
+    assert 0 < stats.prefill_steps < stats.num_steps
+    assert 0.0 < stats.prefill_step_seconds_total < stats.step_seconds_total

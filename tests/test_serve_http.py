@@ -339,6 +339,14 @@ def test_metrics_report_requests_tokens_and_latency(one: httpx.Client) -> None:
         "fuserve_engine_prefix_cache_hit_tokens_total",
     ]:
         assert re.search(rf"^{name}\{{replica=", text, re.M), name
+    # a step's host work and its wait for the device, and the steps that carried prefill
+    steps = metric(text, "fuserve_engine_steps_total")
+    assert 0 < metric(text, "fuserve_engine_prefill_steps_total") <= steps
+    wait, step_s = (
+        metric(text, "fuserve_engine_device_wait_seconds_total"),
+        metric(text, "fuserve_engine_step_seconds_total"),
+    )
+    assert 0 <= wait <= step_s and metric(text, "fuserve_engine_prefill_step_seconds_total") <= step_s
 
 
 def test_overload_gets_429_and_the_server_recovers(cluster: ServeCluster, folder: Path) -> None:

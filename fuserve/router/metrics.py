@@ -65,6 +65,15 @@ class _EngineCollector(Collector):
             "prefix_query_tokens": ("fuserve_engine_prefix_cache_query_tokens", "Prompt tokens looked up"),
             "num_steps": ("fuserve_engine_steps", "Engine steps run"),
             "step_seconds_total": ("fuserve_engine_step_seconds", "Wall seconds inside engine steps"),
+            "device_wait_seconds_total": (
+                "fuserve_engine_device_wait_seconds",
+                "Of the step seconds, those spent waiting for the device to finish a step",
+            ),
+            "prefill_steps": ("fuserve_engine_prefill_steps", "Engine steps that carried prefill tokens"),
+            "prefill_step_seconds_total": (
+                "fuserve_engine_prefill_step_seconds",
+                "Wall seconds of the engine steps that carried prefill tokens",
+            ),
             "cpu_seconds_total": ("fuserve_engine_core_cpu_seconds", "CPU seconds of the engine core"),
         }
         snapshot = list(self.replicas.values())

@@ -72,6 +72,11 @@ class LLMEngine:
         self.num_steps = 0
         self.num_requests_added = 0  # ever: routers tell from it which of their sends these stats include
         self.step_seconds_total = 0.0
+        # of which waiting for the device to finish a step (the rest is this process's own work), and
+        # the steps that carried prefill tokens (they run eagerly, outside the decode CUDA graphs)
+        self.device_wait_seconds_total = 0.0
+        self.prefill_steps = 0
+        self.prefill_step_seconds_total = 0.0
         self.executor = executor or build_executor(config, workers)
         worker = self.executor.worker
         self.device, self.arch, self.max_model_len = worker.device, worker.arch, worker.max_model_len
@@ -242,6 +247,9 @@ class LLMEngine:
         """A step() call's time goes to the batch it read back (with async scheduling, the one launched
         by the call before); a call that read none back adds its time to the next one."""
         self._unattributed_s += seconds
+        if any(prefill_tokens(out) for out in self._completed):
+            self.prefill_steps += 1
+            self.prefill_step_seconds_total += self._unattributed_s
         if self.speculation is not None and len(self._completed) == 1:
             self.speculation.observe_step(self._completed[0], self._unattributed_s)
         for out in self._completed:
@@ -324,7 +332,10 @@ class LLMEngine:
     def _complete(self, inflight: tuple[SchedulerOutput, SampledBatch | None]) -> list[RequestOutput]:
         sched_out, batch = inflight
         if batch is not None:
+            t0 = time.perf_counter()
             self.executor.wait(batch)
+            batch.synchronize()
+            self.device_wait_seconds_total += time.perf_counter() - t0
         self._completed.append(sched_out)
         results = iter(batch.results() if batch is not None else [])
         sampled: list[int | list[int] | None] = []
@@ -426,6 +437,9 @@ class LLMEngine:
             num_free_blocks=bm.num_free_blocks,
             num_steps=self.num_steps,
             step_seconds_total=self.step_seconds_total,
+            device_wait_seconds_total=self.device_wait_seconds_total,
+            prefill_steps=self.prefill_steps,
+            prefill_step_seconds_total=self.prefill_step_seconds_total,
             cpu_seconds_total=time.process_time(),
             step_base_s=fit.base_s,
             step_seq_s=fit.per_seq_s,

@@ -148,9 +148,13 @@ class SampledBatch:
         """Whether `results` would return without waiting for the device."""
         return self._event is None or self._event.query()
 
-    def results(self) -> list[SampleResult]:
+    def synchronize(self) -> None:
+        """Wait until the device has written this batch's tokens back (no-op on the CPU)."""
         if self._event is not None:
             self._event.synchronize()
+
+    def results(self) -> list[SampleResult]:
+        self.synchronize()
         tokens = self.tokens.tolist()
         out = [SampleResult(t) for t in tokens]
         if self.chosen_logprobs is not None:
