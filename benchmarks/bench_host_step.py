@@ -25,7 +25,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument(
+        "--output-len", type=int, default=100, help="tokens per request; the timed steps are its last ones"
+    )
     args = ap.parse_args()
+    out_len = max(args.output_len, args.steps + 20)
     b = args.batch
     # one layer 16 wide: the forward is small beside the host's work
     hf = dict(TINY, vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=1)
@@ -38,17 +42,17 @@ def main() -> None:
             100,
             smoke=True,
             model={"device": "cpu", "max_model_len": 1024},
-            cache={"num_blocks": b * 20 + 64},
+            cache={"num_blocks": b * ((64 + out_len) // 16 + 2) + 64},
             scheduler={"max_num_batched_tokens": 65536},
         )
     )
     engine = LLMEngine(config)
-    params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     cpu_ms = []
     for rep in range(args.passes):
         for i in range(b):
             engine.add_request(f"r{rep}-{i}", list(range(1, 65)), params)
-        for _ in range(10):
+        for _ in range(out_len - args.steps - 5):  # the timed steps carry the longest outputs
             engine.step()
         start = time.process_time()
         for _ in range(args.steps):
