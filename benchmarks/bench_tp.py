@@ -27,6 +27,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,7 +299,7 @@ def profile_decode(
         engine.add_request(f"profile-{i}-{time.monotonic_ns()}", prompt, params)
     for _ in range(10):
         engine.step()
-    row = _profile_steps(engine, steps, f"rank 0, decode batch {batch}")
+    row = _profile_steps(engine.step, lambda n: n >= steps, f"rank 0, decode batch {batch}")
     while engine.has_unfinished():
         engine.step()
     return dict(row, bench="tp-profile", batch=batch)
@@ -317,23 +318,17 @@ def profile_prefill(engine: Any, prompt_len: int, vocab: int, batch: int) -> dic
     def step() -> None:
         started.update(o.request_id for o in engine.step())
 
-    row = _profile_steps(
-        engine, None, f"rank 0, prefill of {batch} x {prompt_len} tokens", step, batch, started
-    )
+    def done(_: int) -> bool:
+        return len(started) >= batch or not engine.has_unfinished()
+
+    row = _profile_steps(step, done, f"rank 0, prefill of {batch} x {prompt_len} tokens")
     while engine.has_unfinished():
         engine.step()
     return dict(row, bench="tp-profile-prefill", batch=batch, prompt_len=prompt_len)
 
 
-def _profile_steps(
-    engine: Any,
-    steps: int | None,
-    title: str,
-    step: Any = None,
-    until: int = 0,
-    started: set[str] | None = None,
-) -> dict[str, Any]:
-    """Profile `steps` engine steps (or, with `step`, calls of it until `started` holds `until` ids)."""
+def _profile_steps(step: Callable[[], Any], done: Callable[[int], bool], title: str) -> dict[str, Any]:
+    """Profile calls of `step` until `done(calls so far)`; per kernel name the calls and us per step."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -342,8 +337,8 @@ def _profile_steps(
     n = 0
     with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
-        while (n < steps) if steps is not None else (len(started or ()) < until and engine.has_unfinished()):
-            (step or engine.step)()
+        while not done(n):
+            step()
             n += 1
         torch.cuda.synchronize() if gpu else None
         wall_us = 1e6 * (time.perf_counter() - t0)
