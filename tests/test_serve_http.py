@@ -331,7 +331,9 @@ def test_metrics_report_requests_tokens_and_latency(one: httpx.Client) -> None:
     admitted = metric(text, "fuserve_frontend_admit_seconds_count")
     assert admitted >= 1 and metric(text, "fuserve_engine_core_first_token_seconds_count") == admitted
     assert metric(text, "fuserve_engine_core_first_token_seconds_sum") > 0
-    assert metric(text, "fuserve_frontend_emit_seconds_count") >= 4
+    # one per step message that reached the stream; a stream that fell behind gets steps merged (this
+    # failed now and then on the 2-core box with >= 4 for 4 tokens), so at least one, not one per token
+    assert metric(text, "fuserve_frontend_emit_seconds_count") >= 1
     for name in [
         "fuserve_engine_num_requests_waiting",
         "fuserve_engine_kv_cache_usage_ratio",
