@@ -469,25 +469,19 @@ def level_figures(
     """What one level cost the server: the frontend's CPU ms per output token and its share of a
     core (near 1.0, the frontend's one GIL is the ceiling), the engine's mean step time, and the
     engine core process's share of a core."""
-    parts = {}
-    for key, total, count in TTFT_PARTS:
-        n = after.get(count, math.nan) - before.get(count, math.nan)
-        spent = after.get(total, math.nan) - before.get(total, math.nan)
-        parts[key] = spent * 1e3 / n if n > 0 else math.nan
-    cpu_s = after["frontend_cpu_s"] - before["frontend_cpu_s"]
-    core_s = after["engine_core_cpu_s"] - before["engine_core_cpu_s"]
-    steps = after["engine_steps"] - before["engine_steps"]
-    step_s = after["engine_step_s"] - before["engine_step_s"]
     delta = {k: after.get(k, math.nan) - before.get(k, math.nan) for k in SERVER_COUNTERS}
-    per_step = lambda x, n: x * 1e3 / n if n > 0 else math.nan  # noqa: E731
+    ms_each = lambda x, n: x * 1e3 / n if n > 0 else math.nan  # noqa: E731
+    parts = {key: ms_each(delta[total], delta[count]) for key, total, count in TTFT_PARTS}
+    cpu_s, core_s = delta["frontend_cpu_s"], delta["engine_core_cpu_s"]
+    steps, step_s = delta["engine_steps"], delta["engine_step_s"]
     # a step's wall time = the engine's own host work + its wait for the device; a slow host shows in
     # the first, a slow device (or steps with nothing to overlap) in the second
     split = {
-        "engine_host_ms_per_step": per_step(step_s - delta["engine_wait_s"], steps),
-        "engine_wait_ms_per_step": per_step(delta["engine_wait_s"], steps),
+        "engine_host_ms_per_step": ms_each(step_s - delta["engine_wait_s"], steps),
+        "engine_wait_ms_per_step": ms_each(delta["engine_wait_s"], steps),
         "engine_prefill_step_share": delta["engine_prefill_steps"] / steps if steps > 0 else math.nan,
-        "engine_prefill_step_ms": per_step(delta["engine_prefill_step_s"], delta["engine_prefill_steps"]),
-        "engine_decode_step_ms": per_step(
+        "engine_prefill_step_ms": ms_each(delta["engine_prefill_step_s"], delta["engine_prefill_steps"]),
+        "engine_decode_step_ms": ms_each(
             step_s - delta["engine_prefill_step_s"], steps - delta["engine_prefill_steps"]
         ),
     }
@@ -495,7 +489,7 @@ def level_figures(
         "frontend_cpu_ms_per_token": cpu_s * 1e3 / output_tokens if output_tokens > 0 else math.nan,
         "frontend_cpu_util": cpu_s / wall_s if wall_s > 0 else math.nan,
         "engine_steps": steps,
-        "engine_step_ms": step_s * 1e3 / steps if steps > 0 else math.nan,
+        "engine_step_ms": ms_each(step_s, steps),
         "engine_core_cpu_util": core_s / wall_s if wall_s > 0 else math.nan,
         **split,
         **parts,

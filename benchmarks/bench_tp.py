@@ -333,14 +333,16 @@ def _profile_steps(step: Callable[[], Any], done: Callable[[int], bool], title: 
     from torch.profiler import ProfilerActivity, profile
 
     gpu = torch.cuda.is_available()  # on the CPU (--smoke) the table holds CPU ops
-    torch.cuda.synchronize() if gpu else None
+    if gpu:
+        torch.cuda.synchronize()
     n = 0
     with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         while not done(n):
             step()
             n += 1
-        torch.cuda.synchronize() if gpu else None
+        if gpu:
+            torch.cuda.synchronize()
         wall_us = 1e6 * (time.perf_counter() - t0)
     device = DeviceType.CUDA if gpu else DeviceType.CPU
     kernels = [e for e in prof.events() if e.device_type == device]

@@ -69,8 +69,5 @@ PY
     curl -s localhost:8011/metrics | grep -E "^fuserve_(requests|generation_tokens|time_to_first)" | head -20 > "$OUT/tp$TP-metrics.txt"
     pkill -TERM -f "fuserve.cli serve /tmp/tp-serve.yaml"; sleep 10; tail -5 "$OUT/tp$TP-serve.log" ;;
 esac
-# the workers' own give-up records (tp_worker.py logs them; Ray keeps worker stderr in its session logs,
-# which a child engine's driver does not print)
-grep -h "gave up waiting" /tmp/ray/session_*/logs/*.err /tmp/ray/session_*/logs/*.out 2>/dev/null \
-  | sort -u | head -50 > "$OUT/give-ups.log"; [ -s "$OUT/give-ups.log" ] && cat "$OUT/give-ups.log"
+bash "$(dirname "$0")/collect_give_ups.sh" "$OUT"  # the workers' give-up records
 echo "done in $(( SECONDS - START )) s" | tee -a "$OUT/run.log"

@@ -58,8 +58,5 @@ if [ "$PART" = 70b ]; then
       --budget-s $(( $(left) - 20 )) --out "$OUT/tp-8b-more.json" 2>&1 | tee "$OUT/tp-8b-more.log" | tail -25
   fi
 fi
-# the workers' own give-up records (tp_worker.py logs them; Ray keeps worker stderr in its session logs,
-# which a child engine's driver does not print)
-grep -h "gave up waiting" /tmp/ray/session_*/logs/*.err /tmp/ray/session_*/logs/*.out 2>/dev/null \
-  | sort -u | head -50 > "$OUT/give-ups.log"; [ -s "$OUT/give-ups.log" ] && cat "$OUT/give-ups.log"
+bash "$(dirname "$0")/collect_give_ups.sh" "$OUT"  # the workers' give-up records
 echo "done in $(( SECONDS - START )) s" | tee -a "$LOG"

@@ -247,13 +247,13 @@ class LLMEngine:
         """A step() call's time goes to the batch it read back (with async scheduling, the one launched
         by the call before); a call that read none back adds its time to the next one."""
         self._unattributed_s += seconds
-        if any(prefill_tokens(out) for out in self._completed):
+        prefills = [prefill_tokens(out) for out in self._completed]
+        if any(prefills):
             self.prefill_steps += 1
             self.prefill_step_seconds_total += self._unattributed_s
         if self.speculation is not None and len(self._completed) == 1:
             self.speculation.observe_step(self._completed[0], self._unattributed_s)
-        for out in self._completed:
-            prefill = prefill_tokens(out)
+        for out, prefill in zip(self._completed, prefills, strict=True):
             self.step_cost.observe(
                 prefill, out.num_tokens - prefill, self._unattributed_s / len(self._completed)
             )
