@@ -36,6 +36,8 @@ for b in ${BENCH:-kernels decode}; do
     # issue 18: each 8-bit scheme against bf16, kernel rows, the FP8 KV cache at a long context
     quant) timeout ${QUANT_TIMEOUT:-540} python3 benchmarks/bench_quant.py ${QUANT_ARGS:-} --out "$OUT/quant.json" 2>&1 \
       | tee "$OUT/quant.log" | tail -40 ;;
+    # issue 15: a step with prompt tokens, eager against its CUDA graph (MixedGraphs)
+    mixed) timeout 300 python3 benchmarks/bench_mixed_step.py --out "$OUT/mixed-step.json" 2>&1 | tee "$OUT/mixed-step.log" | tail -12 ;;
     decode) timeout 400 python3 benchmarks/bench_decode.py ${DECODE_ARGS:-} --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log" | tail -20 ;;
     # issue 18's offline throughput (trtllm-bench-shaped): 4 shapes x 3 schemes, ~8 min on an H100
     throughput) timeout ${THROUGHPUT_TIMEOUT:-570} python3 benchmarks/bench_throughput.py ${THROUGHPUT_ARGS:-} --out "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log" | tail -25 ;;

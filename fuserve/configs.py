@@ -224,12 +224,20 @@ class KernelConfig(_Strict):
     use_triton: Literal["auto", "on", "off"] = Field(
         default="auto", description="`auto`: Triton kernels on GPU, torch reference ops on CPU."
     )
-    cuda_graphs: bool = Field(default=True, description="Capture decode steps in CUDA graphs (GPU only).")
+    cuda_graphs: bool = Field(default=True, description="Capture steps in CUDA graphs (GPU only).")
     cuda_graph_max_batch: int = Field(
         default=256,
         ge=1,
         description="Largest decode batch replayed from a CUDA graph (capped by scheduler.max_num_seqs; "
         "buckets: powers of two to 256, then every 64, then this size); larger steps run eagerly.",
+    )
+    cuda_graph_max_tokens: int = Field(
+        default=512,
+        ge=0,
+        description="Largest step with prompt tokens (a prompt chunk beside decodes, a whole prompt, "
+        "a verify step beside a chunk) replayed from a CUDA graph (capped by "
+        "scheduler.max_num_batched_tokens; buckets: powers of two from 16 to 128, then every 64); "
+        "larger ones run eagerly, where their GPU time hides the launches. 0: such steps run eagerly.",
     )
     pdl: bool = Field(
         default=True,

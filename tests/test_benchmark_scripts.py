@@ -44,6 +44,14 @@ def test_bench_tp_smoke(tmp_path: Path) -> None:
     assert {r["bench"] for r in rows} >= {"allreduce", "plan-broadcast"}
 
 
+def test_bench_mixed_step_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "mixed.json"
+    _run([str(BENCHMARKS / "bench_mixed_step.py"), "--smoke", "--out", str(out)], tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["decodes"], r["prompt"], r["tokens"]) for r in rows] == [(4, 3, 7), (2, 16, 18)]
+    assert all(r["eager"]["pipelined_ms"] > 0 and r["decode_only"]["sync_ms"] > 0 for r in rows)
+
+
 def test_bench_plan_transport(tmp_path: Path) -> None:
     _run([str(BENCHMARKS / "bench_plan_transport.py"), "--reps", "10", "--out", str(tmp_path)], tmp_path)
     (result,) = tmp_path.glob("plan-transport-*-cpu.json")

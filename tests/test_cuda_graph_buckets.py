@@ -1,5 +1,6 @@
-"""The decode-graph batch buckets: every batch up to the largest has a graph, and large batches pad
-little (a throughput run decodes 256-1024 sequences a step; the list used to stop at 256)."""
+"""The graph buckets: every decode batch up to the largest has a graph, and large batches pad little
+(a throughput run decodes 256-1024 sequences a step; the list used to stop at 256); mixed steps' token
+buckets; and how a step's inputs are padded to a bucket."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import bisect
 
 import pytest
 
-from fuserve.workers.cuda_graphs import graph_buckets
+from fuserve.workers.cuda_graphs import graph_buckets, pack_step, token_buckets
+from fuserve.workers.step_plan import StepPlan
 
 
 def test_buckets_up_to_256_are_the_powers_of_two() -> None:
@@ -31,3 +33,27 @@ def test_every_batch_replays_a_graph_padded_by_little(max_batch: int) -> None:
         assert padded >= batch
         if batch > 256:  # past the powers of two: at most 63 padding rows (<= 25 % of the batch)
             assert padded - batch < 64
+
+
+def test_token_buckets_are_powers_of_two_then_every_64() -> None:
+    assert token_buckets(512) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
+    assert token_buckets(100) == [16, 32, 64, 100]
+    assert token_buckets(16) == [16]
+    assert token_buckets(2) == [2]
+    assert token_buckets(200) == [16, 32, 64, 128, 192, 200]
+
+
+def test_pack_step_pads_tokens_and_sequence_slots() -> None:
+    """A prompt chunk of 3 beside a decode, padded to 8 tokens and 4 sequence slots at 3 columns:
+    padding tokens write slot -1, padding slots have no table entries and context 0."""
+    plan = StepPlan(
+        input_ids=[5, 6, 7, 9],
+        positions=[0, 1, 2, 40],
+        slot_mapping=[32, 33, 34, 72],
+        query_start_loc=[0, 3, 4],
+        context_lens=[3, 41],
+        block_tables=[[2], [1, 4, 4]],
+    )
+    wide, narrow = pack_step(plan, tokens=8, seqs=4, width=3)
+    assert wide == [5, 6, 7, 9, 0, 0, 0, 0] + [0, 1, 2, 40, 0, 0, 0, 0] + [32, 33, 34, 72, -1, -1, -1, -1]
+    assert narrow == [2, 0, 0, 1, 4, 4] + [0] * 6 + [3, 41, 0, 0]

@@ -1,14 +1,22 @@
-"""CUDA graphs of the whole decode step, one per batch-size bucket.
+"""CUDA graphs of whole steps: decode steps by batch-size bucket, mixed steps by token bucket.
 
-A decode step launches a few hundred small kernels; replaying a captured graph removes the CPU
-launch cost between them. Inputs live in static buffers sized for the largest bucket; a step with
-B sequences pads to the next bucket (padding rows write no cache slot and attend to nothing) and
-copies the first B output rows out. Steps larger than the largest bucket run eagerly.
+A step launches a few hundred small kernels; replaying a captured graph removes the CPU launch cost
+between them. Inputs live in static buffers sized for the largest bucket; a step pads to the next
+bucket (padding tokens write no cache slot and belong to no sequence, padding sequences hold no
+token) and copies its own output rows out. Steps larger than the largest bucket run eagerly.
 
-Buckets (`graph_buckets`): powers of two up to 256, then every 64 up to the largest batch, which is
+Decode graphs (`DecodeGraphs`, one new token per sequence) run the decode attention kernel. Bucket
+sizes (`graph_buckets`): powers of two up to 256, then every 64 up to the largest batch, which is
 always a bucket itself. Past 256 a decode step is no longer bound by reading weights alone (batch 512
 of an 8B model is ~8 TFLOP, ~12 ms on an H100 against ~5 ms of weights), so padding 300 rows to 512
 would cost ~40 % of the step; padded to 320 it costs ~6 %.
+
+Mixed graphs (`MixedGraphs`) serve every other step that fits a token bucket: prompt chunks beside
+decodes, whole prompts, verify steps beside prompt chunks. They run the varlen prefill attention
+kernel through a tile map (paged_prefill_attention.py), whose size bounds any step of T tokens in at
+most min(T, max_num_seqs) sequences, so one graph per token bucket serves them all. Their buckets
+(`token_buckets`) are finer past 128 tokens for the same reason as above: there the GEMMs start to
+cost compute, and padding is paid in FLOPs.
 """
 
 from __future__ import annotations
@@ -19,11 +27,14 @@ from itertools import chain
 
 import torch
 
+from fuserve.workers.kernels.paged_prefill_attention import query_block, query_tiles, tile_map_size
 from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
 from fuserve.workers.step_plan import StepPlan
 
 POWER_OF_TWO_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LARGE_BUCKET_STEP = 64
+SMALLEST_TOKEN_BUCKET = 16
+FINE_TOKEN_BUCKETS_FROM = 128
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -33,48 +44,77 @@ def graph_buckets(max_batch: int) -> list[int]:
     return [*small, *large, max_batch]
 
 
-class DecodeGraphs:
+def token_buckets(max_tokens: int) -> list[int]:
+    """The token counts captured for mixed steps of up to `max_tokens` tokens: powers of two from 16 to
+    128, then every 64, then `max_tokens` itself."""
+    small = [t for t in POWER_OF_TWO_BUCKETS if SMALLEST_TOKEN_BUCKET <= t <= FINE_TOKEN_BUCKETS_FROM]
+    small = [t for t in small if t < max_tokens]
+    large = range(FINE_TOKEN_BUCKETS_FROM + LARGE_BUCKET_STEP, max_tokens, LARGE_BUCKET_STEP)
+    return [*small, *large, max_tokens]
+
+
+def pack_step(plan: StepPlan, tokens: int, seqs: int, width: int) -> tuple[list[int], list[int]]:
+    """A step's inputs padded to a bucket of `tokens` tokens and `seqs` sequences, as two flat lists for
+    one host-to-device copy each: int64 (input ids, positions, slots) and int32 (the block tables at
+    `width` columns, the context lengths)."""
+    pad, pad_seqs = tokens - plan.num_tokens, seqs - plan.num_seqs
+    tables = chain.from_iterable(t + [0] * (width - len(t)) for t in plan.block_tables)
+    wide = plan.input_ids + [0] * pad + plan.positions + [0] * pad + plan.slot_mapping + [-1] * pad
+    narrow = [*tables, *[0] * (pad_seqs * width), *plan.context_lens, *[0] * pad_seqs]
+    return wide, narrow
+
+
+class StepGraphs:
+    """Static input buffers, the capture of one graph per bucket, and the replay of a step.
+
+    A bucket is a token count; each bucket also has a number of sequence slots (`seq_slots`). What a
+    bucket's attention needs beyond the common buffers comes from the subclass (`_meta`, `_extra`)."""
+
     def __init__(
         self,
         model: LlamaForCausalLM,
         device: torch.device,
         max_blocks_per_seq: int,
-        max_batch: int = 256,
+        buckets: list[int],
+        max_seqs: int,
     ) -> None:
         self.model = model
         self.device = device
-        self.buckets = graph_buckets(max_batch)
-        n = self.buckets[-1]
+        self.buckets = buckets
+        self.max_seqs = max_seqs
         self.max_blocks = max_blocks_per_seq
+        n, s = buckets[-1], self.seq_slots(buckets[-1])
         i32 = dict(dtype=torch.int32, device=device)
         i64 = dict(dtype=torch.int64, device=device)
         self.input_ids = torch.zeros(n, **i64)
         self.positions = torch.zeros(n, **i64)
         self.slot_mapping = torch.full((n,), -1, **i64)
-        self.block_tables = torch.zeros(n, max_blocks_per_seq, **i32)
-        self.context_lens = torch.zeros(n, **i32)
-        self.query_start_loc = torch.arange(n + 1, **i32)
+        self.block_tables = torch.zeros(s, max_blocks_per_seq, **i32)
+        self.context_lens = torch.zeros(s, **i32)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
-    def _meta(self, b: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:b],
-            block_tables=self.block_tables[:b],
-            query_start_loc=self.query_start_loc[: b + 1],
-            context_lens=self.context_lens[:b],
-            max_query_len=1,
-            max_context_len=self.max_blocks * self.block_size_hint,
-        )
+    def seq_slots(self, tokens: int) -> int:
+        return min(tokens, self.max_seqs)
+
+    def _meta(self, tokens: int) -> AttentionMetadata:
+        raise NotImplementedError
+
+    def _extra(self, plan: StepPlan, tokens: int) -> list[int]:
+        """More int32 inputs to copy after the common ones (written into place by `_place_extra`)."""
+        return []
+
+    def _place_extra(self, dev32: torch.Tensor, tokens: int) -> None:
+        pass
 
     @property
-    def block_size_hint(self) -> int:
+    def block_size(self) -> int:
         return int(self.model.model.layers[0].self_attn.k_cache.shape[1])
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every bucket, largest first so smaller graphs reuse its memory pool."""
-        pool = None
+    def capture(self, pool: tuple[int, int] | None = None) -> tuple[int, int] | None:
+        """Capture every bucket, largest first so smaller graphs reuse its memory; returns the memory
+        pool, which graphs captured after these (never replayed at the same time) may share."""
         for b in reversed(self.buckets):
             meta = self._meta(b)
             for _ in range(2):  # warm-up: compile kernels, settle autotuning outside the capture
@@ -86,6 +126,7 @@ class DecodeGraphs:
             pool = graph.pool()
             self.graphs[b] = graph
         torch.cuda.synchronize(self.device)
+        return pool
 
     def release(self) -> None:
         """Free the graphs now. NCCL cannot abort or destroy a communicator while a live graph holds
@@ -96,29 +137,31 @@ class DecodeGraphs:
         self.graphs.clear()
         self.outputs.clear()
 
+    def bucket(self, plan: StepPlan) -> int | None:
+        """The bucket that replays this plan, or None where it fits none."""
+        if not self.graphs or plan.num_tokens > self.buckets[-1]:
+            return None
+        b = self.buckets[bisect.bisect_left(self.buckets, plan.num_tokens)]
+        if plan.num_seqs > self.seq_slots(b):
+            return None
+        if max((len(t) for t in plan.block_tables), default=0) > self.max_blocks:
+            return None
+        return b
+
     def fits(self, plan: StepPlan) -> bool:
-        return (
-            bool(self.graphs)
-            and plan.num_seqs <= self.buckets[-1]
-            and max((len(t) for t in plan.block_tables), default=0) <= self.max_blocks
-        )
+        return self.bucket(plan) is not None
 
     def run(self, plan: StepPlan, patch_ids: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        n = plan.num_seqs
-        b = self.buckets[bisect.bisect_left(self.buckets, n)]
+        b = self.bucket(plan)
+        assert b is not None, "run() takes a plan that fits()"
+        n, s = plan.num_tokens, self.seq_slots(b)
         # Only the columns this step's longest table uses are sent: the attention kernels never read a
         # row past ceil(context_len / block_size), so older entries beyond may stay. (At batch 1024 with
         # 257 columns the full width was 263k ints a step, ~20 ms of host time; 128/128 needs 16.)
         width = max(1, max((len(t) for t in plan.block_tables), default=1))
-        tables = list(chain.from_iterable(t + [0] * (width - len(t)) for t in plan.block_tables))
-        pad = b - n
-        host = torch.tensor(
-            plan.input_ids + [0] * pad + plan.positions + [0] * pad + plan.slot_mapping + [-1] * pad,
-            dtype=torch.int64,
-        ).pin_memory()
-        host32 = torch.tensor(
-            tables + [0] * (pad * width) + plan.context_lens + [0] * pad, dtype=torch.int32
-        ).pin_memory()
+        wide, narrow = pack_step(plan, b, s, width)
+        host = torch.tensor(wide, dtype=torch.int64).pin_memory()
+        host32 = torch.tensor(narrow + self._extra(plan, b), dtype=torch.int32).pin_memory()
         dev = host.to(self.device, non_blocking=True)
         dev32 = host32.to(self.device, non_blocking=True)
         self.input_ids[:b].copy_(dev[:b])
@@ -126,7 +169,80 @@ class DecodeGraphs:
             patch_ids(self.input_ids[:n])
         self.positions[:b].copy_(dev[b : 2 * b])
         self.slot_mapping[:b].copy_(dev[2 * b :])
-        self.block_tables[:b, :width].copy_(dev32[: b * width].view(b, width))
-        self.context_lens[:b].copy_(dev32[b * width :])
+        self.block_tables[:s, :width].copy_(dev32[: s * width].view(s, width))
+        self.context_lens[:s].copy_(dev32[s * width : s * width + s])
+        self._place_extra(dev32[s * width + s :], b)
         self.graphs[b].replay()
         return self.outputs[b][:n]
+
+
+class DecodeGraphs(StepGraphs):
+    """Decode steps: one token per sequence, so a bucket's tokens are its sequences."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        device: torch.device,
+        max_blocks_per_seq: int,
+        max_batch: int = 256,
+    ) -> None:
+        buckets = graph_buckets(max_batch)
+        super().__init__(model, device, max_blocks_per_seq, buckets, buckets[-1])
+        self.query_start_loc = torch.arange(buckets[-1] + 1, dtype=torch.int32, device=device)
+
+    def _meta(self, tokens: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:tokens],
+            block_tables=self.block_tables[:tokens],
+            query_start_loc=self.query_start_loc[: tokens + 1],
+            context_lens=self.context_lens[:tokens],
+            max_query_len=1,
+            max_context_len=self.max_blocks * self.block_size,
+        )
+
+
+class MixedGraphs(StepGraphs):
+    """Steps with more than one token in some sequence: the prefill attention kernel over a tile map."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        device: torch.device,
+        max_blocks_per_seq: int,
+        max_tokens: int,
+        max_seqs: int,
+    ) -> None:
+        super().__init__(model, device, max_blocks_per_seq, token_buckets(max_tokens), max_seqs)
+        attn = model.model.layers[0].self_attn
+        self.block_q = query_block(attn.num_heads, attn.num_kv_heads, device)
+        n = self.buckets[-1]
+        s = self.seq_slots(n)
+        self.query_start_loc = torch.zeros(s + 1, dtype=torch.int32, device=device)
+        self.tile_map = torch.full((self.tile_entries(n), 2), -1, dtype=torch.int32, device=device)
+
+    def tile_entries(self, tokens: int) -> int:
+        return tile_map_size(tokens, self.seq_slots(tokens), self.block_q)
+
+    def _meta(self, tokens: int) -> AttentionMetadata:
+        s = self.seq_slots(tokens)
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:tokens],
+            block_tables=self.block_tables[:s],
+            query_start_loc=self.query_start_loc[: s + 1],
+            context_lens=self.context_lens[:s],
+            max_query_len=tokens,
+            max_context_len=self.max_blocks * self.block_size,
+            tile_map=self.tile_map[: self.tile_entries(tokens)],
+        )
+
+    def _extra(self, plan: StepPlan, tokens: int) -> list[int]:
+        """The padded query offsets (empty slots start and end at the step's last token), then the
+        tile map."""
+        pad = self.seq_slots(tokens) - plan.num_seqs
+        starts = plan.query_start_loc + [plan.num_tokens] * pad
+        return starts + query_tiles(plan.query_start_loc, self.block_q, self.tile_entries(tokens))
+
+    def _place_extra(self, dev32: torch.Tensor, tokens: int) -> None:
+        s, g = self.seq_slots(tokens), self.tile_entries(tokens)
+        self.query_start_loc[: s + 1].copy_(dev32[: s + 1])
+        self.tile_map[:g].copy_(dev32[s + 1 :].view(g, 2))

@@ -6,7 +6,8 @@ step's tokens on the device, so it fills the next plan's placeholders itself and
 host for them: for an argmax-only plan the ranks find them together (vocab_parallel_argmax.py) and all
 hold them; otherwise rank 0 samples from the gathered logits and broadcasts its draws. Decode steps (one
 new token per sequence) replay a CUDA graph captured for the batch-size bucket when graphs are on, and
-so do verify steps, as one decode row per token (StepPlan.as_decode_rows); everything else runs eagerly.
+so do verify steps, as one decode row per token (StepPlan.as_decode_rows); steps with prompt tokens
+replay a graph captured for their token bucket (MixedGraphs); what fits neither runs eagerly.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fuserve.parallel.tp_context import TPContext
-from fuserve.workers.cuda_graphs import DecodeGraphs
+from fuserve.workers.cuda_graphs import DecodeGraphs, MixedGraphs
 from fuserve.workers.kernels.token_bitmask import apply_token_bitmask_
 from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
 from fuserve.workers.sampler import SampledBatch, Sampler
@@ -34,6 +35,7 @@ class ModelRunner:
         device: torch.device,
         block_size: int,
         graphs: DecodeGraphs | None = None,
+        mixed_graphs: MixedGraphs | None = None,
         tp: TPContext | None = None,
         share_tokens: bool = False,
     ) -> None:
@@ -42,6 +44,7 @@ class ModelRunner:
         self.block_size = block_size
         self.sampler = Sampler()
         self.graphs = graphs
+        self.mixed_graphs = mixed_graphs
         self.tp = tp or TPContext()
         self.share_tokens = share_tokens and self.tp.size > 1
         self._followed_tokens: torch.Tensor | None = None  # a rank > 0's copy of the last step's draws
@@ -83,6 +86,8 @@ class ModelRunner:
                 graphed = plan.as_decode_rows() if plan.num_tokens <= VERIFY_GRAPH_MAX_ROWS else None
         if graphed is not None and self.graphs is not None and self.graphs.fits(graphed):
             hidden = self.graphs.run(graphed, lambda ids: self.fill_inputs(ids, plan, prev))
+        elif plan.max_query_len > 1 and self.mixed_graphs is not None and self.mixed_graphs.fits(plan):
+            hidden = self.mixed_graphs.run(plan, lambda ids: self.fill_inputs(ids, plan, prev))
         else:
             input_ids, positions, meta = self.prepare(plan)
             self.fill_inputs(input_ids, plan, prev)

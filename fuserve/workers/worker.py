@@ -15,7 +15,7 @@ import torch
 
 from fuserve.configs import FuserveConfig
 from fuserve.parallel.tp_context import TPContext
-from fuserve.workers.cuda_graphs import DecodeGraphs
+from fuserve.workers.cuda_graphs import DecodeGraphs, MixedGraphs
 from fuserve.workers.kernels import switches as kernel_switches
 from fuserve.workers.kernels.ops import KernelOps
 from fuserve.workers.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_for
@@ -129,17 +129,24 @@ class Worker:
         )
         self.model.bind_kv_cache(self.kv_cache.k, self.kv_cache.v)
         if self.device.type == "cuda" and config.kernels.cuda_graphs:
-            spec = config.speculative
-            rows = 1 + (spec.num_speculative_tokens if spec.method != "none" else 0)  # verify: row per token
-            graphs = DecodeGraphs(
-                self.model,
-                self.device,
-                max_blocks_per_seq=-(-self.max_model_len // bs),
-                max_batch=min(config.kernels.cuda_graph_max_batch, config.scheduler.max_num_seqs * rows),
-            )
-            graphs.capture()
-            runner.graphs = graphs
+            runner.mixed_graphs, runner.graphs = self._capture_graphs(-(-self.max_model_len // bs))
         self.runner = runner
+
+    def _capture_graphs(self, max_blocks: int) -> tuple[MixedGraphs | None, DecodeGraphs]:
+        """The mixed-step graphs (if any) and the decode graphs, sharing one memory pool: the mixed ones
+        first, as their largest bucket holds the most activations."""
+        config = self.config
+        spec, sched = config.speculative, config.scheduler
+        max_tokens = min(config.kernels.cuda_graph_max_tokens, sched.max_num_batched_tokens)
+        mixed, pool = None, None
+        if max_tokens > 1:
+            mixed = MixedGraphs(self.model, self.device, max_blocks, max_tokens, sched.max_num_seqs)
+            pool = mixed.capture()
+        rows = 1 + (spec.num_speculative_tokens if spec.method != "none" else 0)  # verify: row per token
+        max_batch = min(config.kernels.cuda_graph_max_batch, sched.max_num_seqs * rows)
+        decode = DecodeGraphs(self.model, self.device, max_blocks, max_batch)
+        decode.capture(pool)
+        return mixed, decode
 
     def _fp8_kv_scales(self, block_size: int) -> str:
         """Where this rank's FP8 KV scales come from: a built folder's (loaded with its weights), else
@@ -188,6 +195,7 @@ class Worker:
 
     def shutdown(self) -> None:
         """The CUDA graphs go before the NCCL communicator they captured."""
-        if self.runner.graphs is not None:
-            self.runner.graphs.release()
-            self.runner.graphs = None
+        for graphs in (self.runner.graphs, self.runner.mixed_graphs):
+            if graphs is not None:
+                graphs.release()
+        self.runner.graphs = self.runner.mixed_graphs = None

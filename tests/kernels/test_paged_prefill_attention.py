@@ -12,6 +12,9 @@ import torch
 from fuserve.workers.kernels.paged_prefill_attention import (
     paged_prefill_attention,
     paged_prefill_attention_ref,
+    query_block,
+    query_tiles,
+    tile_map_size,
 )
 
 # as for decode: fp32 differs by summation order; bf16/fp16 by the probabilities' rounding for the
@@ -80,6 +83,43 @@ def test_prefill_default_max_query_len_and_strided_q(dtype: torch.dtype, paged_k
     seqs = [(9, 9), (3, 70), (1, 1)]
     out, ref = _run(paged_kv, seqs, 6, 2, 64, 16, dtype, device, max_query_len=None, q_row_pad=64)
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+
+
+def test_prefill_through_a_padded_tile_map_matches_ref(paged_kv, device: torch.device):
+    """The CUDA-graph launch: a fixed one-dimensional grid from a host-built tile map, sized for more
+    tokens and sequences than the step holds, with empty sequence slots (q_len 0, context 0) after the
+    real ones and query rows of no sequence at the end (a padded bucket)."""
+    seqs = [(17, 17), (1, 40), (5, 29), (33, 33)]
+    num_q_heads, num_kv_heads, head_dim, block_size = 8, 2, 32, 8
+    kv = paged_kv([ctx for _, ctx in seqs] + [1, 1], block_size, num_kv_heads, head_dim, torch.float16)
+    starts = [0, *itertools.accumulate(q for q, _ in seqs)]
+    real, padded = starts[-1], starts[-1] + 7
+    query_start_loc = torch.tensor(starts + [real, real], dtype=torch.int32, device=device)
+    context_lens = kv.context_lens.clone()
+    context_lens[len(seqs) :] = 0
+    q = torch.randn(padded, num_q_heads, head_dim, dtype=torch.float16, device=device)
+    block_q = query_block(num_q_heads, num_kv_heads, device)
+    size = tile_map_size(padded, len(seqs) + 2, block_q)
+    tiles = query_tiles(starts, block_q, size)
+    assert len(tiles) == 2 * size and tiles[-2:] == [-1, 0]
+    tile_map = torch.tensor(tiles, dtype=torch.int32, device=device).view(size, 2)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc, context_lens, head_dim**-0.5)
+    out = paged_prefill_attention(*args, tile_map=tile_map)
+    ref = paged_prefill_attention_ref(*args, tile_map=tile_map)
+    torch.testing.assert_close(out[:real], ref[:real], **TOLERANCE[torch.float16])
+
+
+def test_tile_map_bound_holds_and_overflow_is_refused() -> None:
+    """cdiv(T, BLOCK_Q) + B entries hold the tiles of any B sequences of T tokens in all."""
+    for lens in ([1] * 16, [16] * 4, [17, 1, 1, 15], [64], [3, 29, 1, 31]):
+        starts = [0, *itertools.accumulate(lens)]
+        size = tile_map_size(starts[-1], len(lens), 16)
+        tiles = query_tiles(starts, 16, size)
+        pairs = list(zip(tiles[::2], tiles[1::2], strict=True))
+        want = [(b, t) for b, n in enumerate(lens) for t in range(-(-n // 16))]
+        assert pairs[: len(want)] == want and set(pairs[len(want) :]) <= {(-1, 0)}
+    with pytest.raises(ValueError, match="needs 3 query tiles"):
+        query_tiles([0, 16, 17, 18], 16, 2)
 
 
 def test_prefill_ref_matches_sdpa_for_fresh_prompts(paged_kv, device: torch.device):

@@ -21,6 +21,12 @@ n % BS), so block tables may be any permutation, and entries past the context ar
 Query tiles past a sequence's q_len return at once; the grid's first dimension comes from
 `max_query_len` (or the total token count, which needs no host sync).
 
+Under a CUDA graph the grid is fixed at capture, while the step's query lengths are not: there the
+launcher takes a tile map (`query_tiles`, built on the host): one (sequence, query tile) pair per
+program of a one-dimensional grid, padded with (-1, 0) entries that return at once. Its size,
+cdiv(T, BLOCK_Q) + B, bounds the tiles of any B sequences holding T tokens, so a graph captured for
+T tokens and B sequence slots serves every step that fits them, at the cost of B idle programs.
+
 An fp8 cache (kv_cache_fp8.py) is read as bytes, converted in registers; the KV head's K scale
 joins the softmax scale and its V scale multiplies the output.
 
@@ -114,6 +120,7 @@ def _paged_prefill_kernel(
     out_ptr,
     k_scale_ptr,
     v_scale_ptr,
+    tile_map_ptr,
     scale_log2,
     stride_q_token,
     stride_q_head,
@@ -131,10 +138,17 @@ def _paged_prefill_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FP8_KV: tl.constexpr,
+    TILE_MAP: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
-    q_tile = tl.program_id(0)
-    batch = tl.program_id(1)
+    if TILE_MAP:
+        batch = tl.load(tile_map_ptr + 2 * tl.program_id(0))
+        q_tile = tl.load(tile_map_ptr + 2 * tl.program_id(0) + 1)
+        if batch < 0:
+            return
+    else:
+        q_tile = tl.program_id(0)
+        batch = tl.program_id(1)
     kv_head = tl.program_id(2)
 
     q_start = tl.load(query_start_loc_ptr + batch)
@@ -212,6 +226,31 @@ def _tile_config(device: torch.device, group_pad: int) -> tuple[int, int, int, i
     return max(64, group_pad), 64, 4, 2
 
 
+def query_block(num_q_heads: int, num_kv_heads: int, device: torch.device) -> int:
+    """Query tokens per program (BLOCK_Q) for this head layout on this device: what a tile map counts in."""
+    group_pad = triton.next_power_of_2(num_q_heads // num_kv_heads)
+    return _tile_config(device, group_pad)[0] // group_pad
+
+
+def tile_map_size(num_tokens: int, num_seqs: int, block_q: int) -> int:
+    """Entries of a tile map that fits any `num_seqs` sequences holding `num_tokens` query tokens."""
+    return triton.cdiv(num_tokens, block_q) + num_seqs
+
+
+def query_tiles(query_start_loc: list[int], block_q: int, size: int) -> list[int]:
+    """The tile map of a step, flattened: (sequence, query tile) per program, padded to `size` entries
+    with (-1, 0)."""
+    pairs = [
+        v
+        for b in range(len(query_start_loc) - 1)
+        for tile in range(triton.cdiv(query_start_loc[b + 1] - query_start_loc[b], block_q))
+        for v in (b, tile)
+    ]
+    if len(pairs) > 2 * size:
+        raise ValueError(f"the step needs {len(pairs) // 2} query tiles, more than the map's {size}")
+    return pairs + [-1, 0] * (size - len(pairs) // 2)
+
+
 def _check_args(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -274,14 +313,16 @@ def paged_prefill_attention(
     max_query_len: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    tile_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new query tokens over its paged context.
 
     q: [T, Hq, D] (the batch's query tokens back to back); k_cache, v_cache: [N, BS, Hkv, D];
     block_tables: [B, M] int32; query_start_loc: [B + 1] int32 (cumulative query counts, last = T);
     context_lens: [B] int32, each >= that sequence's query count. `max_query_len` bounds every
-    query count (defaults to T). An fp8 cache takes k_scale, v_scale: [Hkv] fp32. Returns [T, Hq, D]
-    of q.dtype.
+    query count (defaults to T). An fp8 cache takes k_scale, v_scale: [Hkv] fp32. `tile_map`: [G, 2]
+    int32 from `query_tiles` (the grid is then G programs a KV head, `max_query_len` unused). Returns
+    [T, Hq, D] of q.dtype; rows of no sequence are left unwritten.
     """
     _check_args(q, k_cache, v_cache, block_tables, query_start_loc, context_lens)
     fp8 = check_kv_scales(k_cache, k_scale, v_scale, k_cache.shape[2])
@@ -299,6 +340,10 @@ def paged_prefill_attention(
     block_m, block_n, num_warps, num_stages = _tile_config(q.device, group_pad)
     block_q = block_m // group_pad
     grid = (triton.cdiv(max_query_len, block_q), batch, num_kv_heads)
+    if tile_map is not None:
+        if tile_map.dim() != 2 or tile_map.shape[1] != 2 or tile_map.dtype != torch.int32:
+            raise ValueError(f"tile_map must be int32 [G, 2], got {tile_map.dtype} {tuple(tile_map.shape)}")
+        grid = (tile_map.shape[0], 1, num_kv_heads)
     _paged_prefill_kernel[grid](
         q_ptr=q,
         k_cache_ptr=cache_bytes(k_cache),
@@ -309,6 +354,7 @@ def paged_prefill_attention(
         out_ptr=out,
         k_scale_ptr=k_scale if fp8 else context_lens,
         v_scale_ptr=v_scale if fp8 else context_lens,
+        tile_map_ptr=tile_map if tile_map is not None else context_lens,
         scale_log2=scale * LOG2E,
         stride_q_token=q.stride(0),
         stride_q_head=q.stride(1),
@@ -326,6 +372,7 @@ def paged_prefill_attention(
         UPCAST=q.device.type != "cuda",
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP8_KV=fp8,
+        TILE_MAP=tile_map is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -343,6 +390,7 @@ def paged_prefill_attention_ref(
     max_query_len: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    tile_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch `paged_prefill_attention`: per sequence, gather K/V from its blocks, causal
     softmax in fp32 (query i at position context_len - q_len + i sees keys 0..that position)."""

@@ -102,6 +102,7 @@ class AttentionMetadata:
     block_tables:    [B, M] block ids of each sequence
     query_start_loc: [B+1] row offsets of each sequence's new tokens
     context_lens:    [B] tokens of each sequence after this step (cached + new)
+    tile_map:        [G, 2] the prefill attention's programs, for a grid fixed under a CUDA graph
     """
 
     slot_mapping: torch.Tensor
@@ -110,6 +111,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor
     max_query_len: int
     max_context_len: int
+    tile_map: torch.Tensor | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -220,6 +222,7 @@ class LlamaAttention(nn.Module):
                 meta.context_lens,
                 self.scale,
                 meta.max_query_len,
+                tile_map=meta.tile_map,
                 **scales,
             )
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
