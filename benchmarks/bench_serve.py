@@ -119,6 +119,8 @@ class RequestResult:
     replica: str = ""
     error: str = ""
     transit_ms: float = math.nan  # the HAProxy router's decision to the replica's receipt (its header)
+    # its TTFT inside the replica (x-fuserve-ttft-parts-ms): admission, engine core, arrival to response
+    ttft_parts_ms: tuple[float, float, float] = (math.nan, math.nan, math.nan)
 
 
 @dataclass
@@ -263,6 +265,9 @@ async def _http_one(session: aiohttp.ClientSession, url: str, model: str, spec: 
                 return res
             res.replica = r.headers.get("x-fuserve-replica", "")
             res.transit_ms = float(r.headers.get("x-fuserve-transit-ms", "nan"))
+            parts = r.headers.get("x-fuserve-ttft-parts-ms", "").split(",")
+            if len(parts) == 3:
+                res.ttft_parts_ms = (float(parts[0]), float(parts[1]), float(parts[2]))
             async for line in r.content:
                 if not line.startswith(b"data: {"):
                     continue
@@ -529,6 +534,15 @@ def summarize(
     transit = [r.transit_ms for r in ok if not math.isnan(r.transit_ms)]
     if transit:
         row["transit_ms_p50"], row["transit_ms_p99"] = percentile(transit, 50), percentile(transit, 99)
+    parted = [r for r in ok if not math.isnan(r.ttft_parts_ms[2]) and not math.isnan(r.ttft_s)]
+    if parted:  # medians per request; "outside": the client's TTFT less the replica's and the transit
+        for i, name in enumerate(("admit", "core_first", "replica")):
+            row[f"{name}_ms_p50"] = percentile([r.ttft_parts_ms[i] for r in parted], 50)
+        outside = [
+            1e3 * r.ttft_s - r.ttft_parts_ms[2] - (0.0 if math.isnan(r.transit_ms) else r.transit_ms)
+            for r in parted
+        ]
+        row["outside_ms_p50"], row["outside_ms_p99"] = percentile(outside, 50), percentile(outside, 99)
     errors = sorted({r.error for r in results if r.error})
     if errors:
         row["errors"] = errors[:5]
@@ -999,6 +1013,11 @@ def bounds_line(http: dict[str, Any], engine: dict[str, Any]) -> str:
         f"    inside the replica, mean ms: admit {http.get('frontend_admit_ms', math.nan):.2f}, engine core "
         f"to first token {http.get('core_first_token_ms', math.nan):.1f}, step message to stream "
         f"{http.get('frontend_emit_ms', math.nan):.2f}\n"
+        f"    TTFT p50 parts ms: transit {http.get('transit_ms_p50', math.nan):.1f}, admit "
+        f"{http.get('admit_ms_p50', math.nan):.2f}, engine core "
+        f"{http.get('core_first_ms_p50', math.nan):.1f}, "
+        f"arrival to response {http.get('replica_ms_p50', math.nan):.1f}; outside the replica "
+        f"{http.get('outside_ms_p50', math.nan):.1f} (p99 {http.get('outside_ms_p99', math.nan):.1f})\n"
         f"    engine step = host + device wait ms: {_split(http)} under HTTP, {_split(engine)} in-process"
     )
 

@@ -133,6 +133,10 @@ def test_streaming_is_incremental_and_matches_non_stream(one: httpx.Client) -> N
     with one.stream("POST", "/v1/completions", json=stream_req) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
+        # the replica's share of this request's time to first token, for benchmarks: each part is a
+        # duration, and admission plus the engine core fit inside arrival-to-response
+        admit, core, replica = map(float, r.headers["x-fuserve-ttft-parts-ms"].split(","))
+        assert 0 <= admit and 0 < core and admit + core <= replica
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 event = json.loads(line[6:])

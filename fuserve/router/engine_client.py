@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
@@ -70,6 +71,7 @@ class EngineStreams:
         self._last_token_at: dict[tuple[int, int], float] = {}
         self._first_sent = False
         self._pumps: list[asyncio.Task] = []
+        self.admit_s = self.core_first_s = math.nan  # this request's share of its TTFT (open() sets them)
 
     def _record(self, prompt_index: int, batch: list[EngineDelta]) -> None:
         now = time.perf_counter()
@@ -231,4 +233,7 @@ class EngineClient:
             self.metrics.prompt_tokens.inc(len(r.prompt_token_ids))
         for batch in firsts:
             self.metrics.cached_prompt_tokens.inc(batch[0].num_cached_tokens)
-        return EngineStreams(gens, firsts, self.metrics, arrival, lambda: self._release(deadline))
+        streams = EngineStreams(gens, firsts, self.metrics, arrival, lambda: self._release(deadline))
+        streams.admit_s = opened_at - arrival
+        streams.core_first_s = first_back - opened_at if first_back else math.nan
+        return streams

@@ -41,7 +41,13 @@ from fuserve.router.engine_client import EngineClient, EngineStreams, api_error
 from fuserve.router.engine_messages import EngineRequest, ModelInfo, ReplicaStats
 from fuserve.router.errors import APIError, from_validation, model_not_found, too_large
 from fuserve.router.hermes_tool_calls import HERMES
-from fuserve.router.metrics import ROUTED_AT_HEADER, TRANSIT_HEADER, ServingMetrics, transit_seconds
+from fuserve.router.metrics import (
+    ROUTED_AT_HEADER,
+    TRANSIT_HEADER,
+    TTFT_PARTS_HEADER,
+    ServingMetrics,
+    transit_seconds,
+)
 from fuserve.router.prompts import (
     encode_chat,
     encode_prompt,
@@ -312,6 +318,10 @@ class EngineIngress:
             if req.stream:
                 streaming = True
                 events = await _started(self._sse(endpoint, req, request_id, trace_id, streams, chat))
+                replica_s = time.perf_counter() - arrival
+                headers[TTFT_PARTS_HEADER] = (
+                    f"{streams.admit_s * 1e3:.3f},{streams.core_first_s * 1e3:.3f},{replica_s * 1e3:.3f}"
+                )
                 return StreamingResponse(
                     events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
                 )

@@ -165,6 +165,9 @@ def speculation_metrics(replicas: list[tuple[str, SpecCounters]]) -> Iterable[Me
 # sets, after deleting any a client sent): the replica measures the transit from decision to arrival.
 ROUTED_AT_HEADER = "x-serve-router-fuserve-routed-at"
 TRANSIT_HEADER = "x-fuserve-transit-ms"  # the transit, echoed on the response for benchmarks
+# A request's time to first token inside the replica, in ms: "admit,core,replica" (arrival to hand-off,
+# hand-off to first token back from the engine core, arrival to the response's start), for benchmarks
+TTFT_PARTS_HEADER = "x-fuserve-ttft-parts-ms"
 
 
 def transit_seconds(routed_at: str | None, now: float) -> float | None:
