@@ -53,6 +53,17 @@ async def _close_all(gens: list[Deltas]) -> None:
             pass
 
 
+async def _firsts(gens: list[Deltas]) -> list[list[EngineDelta] | BaseException]:
+    """Each stream's first delta, or what it raised. One stream (the common case) is awaited in place:
+    gather's task would cost the first token one more pass of a busy event loop."""
+    if len(gens) == 1:
+        try:
+            return [await gens[0].__anext__()]
+        except Exception as err:
+            return [err]
+    return await asyncio.gather(*(gen.__anext__() for gen in gens), return_exceptions=True)
+
+
 class EngineStreams:
     """The merged output of one API request's engine requests (one per prompt), in batches: each
     batch is what the engine core's messages held for it since the consumer last looked."""
@@ -88,9 +99,8 @@ class EngineStreams:
             if not self._first_sent:
                 self._first_sent = True
                 m.ttft.observe(now - self.arrival)
-            elif last is not None:
-                for _ in range(k):  # several tokens at once: the gap is spread over them
-                    m.itl.observe((now - last) / k)
+            elif last is not None:  # several tokens at once: the gap is spread over them
+                m.itl.observe((now - last) / k, k)
             self._last_token_at[key] = now
 
     async def _one(self, i: int) -> AsyncIterator[list[EngineDelta]]:
@@ -100,7 +110,9 @@ class EngineStreams:
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, list[EngineDelta]]]:
         if len(self.gens) == 1:  # the common case: no tasks, no queue, nothing between engine and client
-            async for batch in self._one(0):
+            self._record(0, self.firsts[0])
+            yield 0, self.firsts[0]
+            async for batch in self.gens[0]:
                 self._record(0, batch)
                 yield 0, batch
             return
@@ -211,7 +223,7 @@ class EngineClient:
         gens: list[Deltas] = [self.core.generate(r) for r in requests]  # type: ignore[misc]
         deadline = self._set_deadline(requests, arrival, timeout_s)
         try:
-            results = await asyncio.gather(*(gen.__anext__() for gen in gens), return_exceptions=True)
+            results = await _firsts(gens)
         except asyncio.CancelledError:  # the client left: each generator's `finally` aborts its request
             self._release(deadline)
             await _close_all(gens)

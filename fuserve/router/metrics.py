@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from fuserve.core_messages import SpecCounters
 from fuserve.router.engine_messages import ReplicaStats
+from fuserve.router.loop_metrics import LoopCounter, LoopHistogram, LoopMetricsCollector
 from fuserve.speculative.stats import acceptance_rate, mean_accepted_length
 
 LATENCY_BUCKETS_S = (
@@ -192,18 +193,15 @@ class ServingMetrics:
         self.cached_prompt_tokens = Counter(
             "fuserve_cached_prompt_tokens", "Prompt tokens the prefix cache served", registry=r
         )
-        self.generation_tokens = Counter("fuserve_generation_tokens", "Tokens generated", registry=r)
+        self.generation_tokens = LoopCounter("fuserve_generation_tokens", "Tokens generated")
         self.ttft = Histogram(
             "fuserve_time_to_first_token_seconds",
             "Arrival to first token sent",
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
-        self.itl = Histogram(
-            "fuserve_inter_token_latency_seconds",
-            "Gap between tokens sent",
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
+        self.itl = LoopHistogram(
+            "fuserve_inter_token_latency_seconds", "Gap between tokens sent", LATENCY_BUCKETS_S
         )
         self.e2e = Histogram(
             "fuserve_e2e_request_latency_seconds",
@@ -232,12 +230,12 @@ class ServingMetrics:
             buckets=FRONTEND_BUCKETS_S,
             registry=r,
         )
-        self.emit = Histogram(
+        self.emit = LoopHistogram(
             "fuserve_frontend_emit_seconds",
             "An engine step's message reaching the frontend to its tokens going out on a stream",
-            buckets=FRONTEND_BUCKETS_S,
-            registry=r,
+            FRONTEND_BUCKETS_S,
         )
+        r.register(LoopMetricsCollector([self.generation_tokens, self.itl, self.emit]))
         self.in_flight = Gauge("fuserve_requests_in_flight", "API requests being served", registry=r)
         self.replicas: dict[str, ReplicaStats] = {}
         r.register(_EngineCollector(self.replicas))
