@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import Iterator
 
@@ -116,3 +117,23 @@ def test_shared_prefix_lands_on_one_replica_and_hits_its_cache(server: str) -> N
             time.sleep(0.6)
     assert len(set(replicas)) == 1, replicas
     assert all(c >= 192 for c in cached[1:]), f"each repeat should reuse the 12 shared blocks: {cached}"
+
+
+def test_a_client_gone_mid_stream_is_aborted(server: str) -> None:
+    """Behind HAProxy the replica's own SSE response notices the disconnect (sse_response.py: the request's
+    task streams, a spawned one listens) and the engine request is cancelled, long before it would end."""
+    body = {"prompt": "a long story", "max_tokens": MAX_MODEL_LEN - 40, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=TIMEOUT) as r:
+        assert r.status_code == 200
+        replica = r.headers["x-fuserve-replica"]
+        lines = r.iter_lines()
+        assert any(next(lines).startswith("data: {") for _ in range(4))
+    cancelled = re.compile(r'^fuserve_requests_total\{[^}]*status="cancelled"[^}]*\} (\S+)$', re.M)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # HAProxy sends each GET to the replicas in turn
+        text = httpx.get(f"{server}/metrics", timeout=5).text
+        if f'replica="{replica}"' in text and sum(float(v) for v in cancelled.findall(text)) >= 1:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"replica {replica} never counted the abandoned stream as cancelled")

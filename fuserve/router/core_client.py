@@ -61,6 +61,7 @@ class _Stream:
     event: asyncio.Event = field(default_factory=asyncio.Event)
     pending: list[SeqOutput | BaseException] = field(default_factory=list)
     received_at: float = 0.0  # when the last message for it arrived
+    started: bool = False  # the core's messages have held output for it before
 
     def put(self, item: SeqOutput | BaseException, received_at: float) -> None:
         self.pending.append(item)
@@ -254,10 +255,20 @@ class EngineCoreClient:
             now = time.perf_counter()
             if isinstance(msg, StepOutputs):
                 self.stats = msg.stats
+                # First tokens are woken first: the request's task then writes its response's start at
+                # the head of the loop's next pass, not behind every other stream's token (sse_response.py).
+                later: list[tuple[_Stream, SeqOutput]] = []
                 for out in msg.outputs:
                     stream = streams.get(out.request_id)
-                    if stream is not None:
+                    if stream is None:
+                        continue
+                    if stream.started:
+                        later.append((stream, out))
+                    else:
+                        stream.started = True
                         stream.put(out, now)
+                for stream, out in later:
+                    stream.put(out, now)
                 for failure in msg.failures:
                     stream = streams.get(failure.request_id)
                     if stream is not None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import msgspec
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
@@ -66,6 +66,7 @@ from fuserve.router.replica_view import routing_report
 from fuserve.router.request_body import parse_json_object, read_body
 from fuserve.router.responses import SSE_DONE, ChunkWriter, Transcript
 from fuserve.router.routing_policy import RecentPrefixes
+from fuserve.router.sse_response import SSEResponse
 from fuserve.router.tool_call_format import ToolCallFormat, choose_tool_call_format
 from fuserve.workers.models.loader import load_tokenizer, resolve_source
 from fuserve.workers.tokenizer import Tokenizer
@@ -322,9 +323,7 @@ class EngineIngress:
                 headers[TTFT_PARTS_HEADER] = (
                     f"{streams.admit_s * 1e3:.3f},{streams.core_first_s * 1e3:.3f},{replica_s * 1e3:.3f}"
                 )
-                return StreamingResponse(
-                    events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
-                )
+                return SSEResponse(events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
             transcript = Transcript(len(requests), req.n, keep_text=True)
             try:
                 async for i, batch in streams:
