@@ -236,7 +236,8 @@ class KernelConfig(_Strict):
         ge=0,
         description="Largest step with prompt tokens (a prompt chunk beside decodes, a whole prompt, "
         "a verify step beside a chunk) replayed from a CUDA graph (capped by "
-        "scheduler.max_num_batched_tokens; buckets: powers of two from 16 to 128, then every 64); "
+        "scheduler.max_num_batched_tokens; buckets: powers of two from 16 to 128, every 64 to 384, then "
+        "every 128); "
         "larger ones run eagerly, where their GPU time hides the launches. 0: such steps run eagerly.",
     )
     pdl: bool = Field(

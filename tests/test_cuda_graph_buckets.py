@@ -35,12 +35,14 @@ def test_every_batch_replays_a_graph_padded_by_little(max_batch: int) -> None:
             assert padded - batch < 64
 
 
-def test_token_buckets_are_powers_of_two_then_every_64() -> None:
-    assert token_buckets(512) == [16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
+def test_token_buckets_are_powers_of_two_then_every_64_then_every_128() -> None:
+    assert token_buckets(512) == [16, 32, 64, 128, 192, 256, 320, 384, 512]  # no 448 (slow on an H100)
+    assert token_buckets(1024) == [16, 32, 64, 128, 192, 256, 320, 384, 512, 640, 768, 896, 1024]
     assert token_buckets(100) == [16, 32, 64, 100]
     assert token_buckets(16) == [16]
     assert token_buckets(2) == [2]
     assert token_buckets(200) == [16, 32, 64, 128, 192, 200]
+    assert token_buckets(400) == [16, 32, 64, 128, 192, 256, 320, 384, 400]
 
 
 def test_pack_step_pads_tokens_and_sequence_slots() -> None:
