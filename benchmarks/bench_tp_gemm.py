@@ -4,8 +4,10 @@ The TP=2 profile (benchmarks/NOTES.md, 2026-11-26) shows o_proj at TP=2 (M 64, N
 bf16 weights) taking 12.1 us, 1.4 TB/s, where the full-width matrices stream at 2.4-2.7 TB/s. This times,
 for each linear of the Llama-3-8B shape at TP=1 and TP=2 and M = 64, F.linear (cuBLAS) against a plain
 Triton GEMM that holds all M rows in one tile and splits K over programs (partials in fp32, then one sum
-kernel), over a small grid of tile sizes and splits, every variant replayed from a CUDA graph. It only
-measures: a kernel that wins moves into fuserve/workers/kernels with its reference and tests.
+kernel), over a small grid of tile sizes and splits, every variant replayed from a CUDA graph; and
+cuBLAS on the same product laid out otherwise: the operands swapped ((W x^T)^T, made contiguous), and
+the weight stored K-major (x @ W^T from a [K, N] copy), since cuBLAS picks its kernel by layout. It only
+measures: a kernel or layout that wins moves into fuserve with its reference and tests.
 
     python benchmarks/bench_tp_gemm.py --out $OUT/tp-gemm.json        (one GPU, ~1-2 min with compiles)
 """
@@ -101,6 +103,7 @@ def graph_us(fn, reps: int = 20) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=64)
+    ap.add_argument("--no-triton", action="store_true", help="cuBLAS layouts only (no Triton compiles)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -122,8 +125,13 @@ def main() -> None:
             ref = F.linear(x, w)
             floor_us = w.numel() * 2 / (copy_tb_s * 1e12) * 1e6
             cublas = graph_us(lambda x=x, w=w: F.linear(x, w))
+            wt = w.t().contiguous()
+            swapped = graph_us(lambda x=x, w=w: torch.mm(w, x.t()).t().contiguous())
+            k_major = graph_us(lambda x=x, wt=wt: torch.mm(x, wt))
+            for out in (torch.mm(w, x.t()).t(), torch.mm(x, wt)):
+                assert (out.float() - ref.float()).abs().max().item() < 0.05
             best = None
-            for bn, bk, sp, warps, stages in variants if tp == 2 else []:
+            for bn, bk, sp, warps, stages in variants if tp == 2 and not args.no_triton else []:
                 if (k_tp // sp) % bk:
                     continue
                 try:
@@ -148,14 +156,17 @@ def main() -> None:
                 floor_us=floor_us,
                 cublas_us=cublas,
                 cublas_x_floor=cublas / floor_us,
+                swapped_us=swapped,
+                k_major_us=k_major,
                 triton_us=best[0] if best else None,
                 triton_config=best[1:] if best else None,
             )
             rows.append(row)
             print(
                 f"tp{tp} {name:8s} N {n_tp:6d} K {k_tp:6d}: floor {floor_us:6.1f} us, cuBLAS {cublas:6.1f} "
-                f"({cublas / floor_us:.2f}x), Triton split-K {row['triton_us'] or float('nan'):6.1f} "
-                f"{row['triton_config'] or ''}",
+                f"({cublas / floor_us:.2f}x), swapped {swapped:6.1f} ({swapped / floor_us:.2f}x), K-major "
+                f"{k_major:6.1f} ({k_major / floor_us:.2f}x), Triton split-K "
+                f"{row['triton_us'] or float('nan'):6.1f} {row['triton_config'] or ''}",
                 flush=True,
             )
     meta = dict(
