@@ -132,11 +132,12 @@ def main() -> int:
         {"GROUP": 4, "GROUP_PAD": 16, "BLOCK_N": 64, "SINGLE_SPLIT": False, **attention, **pdl},
         {**fp8_cache, **index, "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"},
     )
-    kernels["paged prefill, fp8 KV"] = (
-        paged_prefill_attention._paged_prefill_kernel,
-        {"GROUP": 4, "GROUP_PAD": 4, "BLOCK_Q": 16, "BLOCK_N": 64, **attention},
-        {**fp8_cache, **index, "query_start_loc_ptr": "*i32"},
-    )
+    for tile_map in (False, True):  # True: the CUDA-graph launch of a mixed step (cuda_graphs.MixedGraphs)
+        kernels[f"paged prefill, fp8 KV{', tile map' if tile_map else ''}"] = (
+            paged_prefill_attention._paged_prefill_kernel,
+            {"GROUP": 4, "GROUP_PAD": 4, "BLOCK_Q": 16, "BLOCK_N": 64, "TILE_MAP": tile_map, **attention},
+            {**fp8_cache, **index, "query_start_loc_ptr": "*i32", "tile_map_ptr": "*i32"},
+        )
     kernels["rotary + fp8 KV write"] = (
         rotary._rotary_kv_write_kernel,
         {"HEAD_DIM": 128, "HALF_PAD": 64, "Q_HEADS_PAD": 32, "KV_HEADS_PAD": 8, "FP8_KV": True, **pdl},

@@ -28,7 +28,12 @@ import pytest
 from checkpoints import write_byte_tokenizer
 from ray import serve
 
-from fuserve.cluster.ingress_routing import ROUTED_TO_HEADER, HintBuilder, with_body_routing
+from fuserve.cluster.ingress_routing import (
+    DISCONNECT_DISABLED_HEADER,
+    ROUTED_TO_HEADER,
+    HintBuilder,
+    with_body_routing,
+)
 from fuserve.configs import FuserveConfig, config_from_dict
 from fuserve.router.engine_messages import ModelInfo
 from fuserve.router.metrics import ROUTED_AT_HEADER, transit_seconds
@@ -165,6 +170,7 @@ def test_the_router_receives_a_body_and_returns_an_engine_replica(router_app: tu
     headers = answer["request_headers"]
     assert headers[ROUTED_TO_HEADER] == answer["replica_id"]
     assert 0 <= transit_seconds(headers[ROUTED_AT_HEADER], time.time()) < 5
+    assert headers[DISCONNECT_DISABLED_HEADER] == "?1"  # the replica watches for disconnects itself
     for blind in (b"", b"{cut off", json.dumps({"prompt": "x"}).encode()):  # no hint: stats alone
         assert is_engine_replica(
             handle.choose.remote(blind, truncated=blind == b"{cut off").result()["replica_id"]

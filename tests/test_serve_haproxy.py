@@ -119,21 +119,57 @@ def test_shared_prefix_lands_on_one_replica_and_hits_its_cache(server: str) -> N
     assert all(c >= 192 for c in cached[1:]), f"each repeat should reuse the 12 shared blocks: {cached}"
 
 
+CANCELLED = re.compile(r'^fuserve_requests_total\{[^}]*status="cancelled"[^}]*\} (\S+)$', re.M)
+
+
+REPLICA_LABEL = re.compile(r'replica="([^"]+)"')
+
+
+def cancelled_counts(server: str, tries: int = 6) -> dict[str, float]:
+    """Each replica's cancelled requests, by the replica id its engine metrics carry (HAProxy sends each
+    GET to the replicas in turn, so a few scrapes see both)."""
+    counts: dict[str, float] = {}
+    for _ in range(tries):
+        text = httpx.get(f"{server}/metrics", timeout=5).text
+        labels = set(REPLICA_LABEL.findall(text))
+        assert len(labels) == 1, labels  # one replica answers, about itself
+        counts[labels.pop()] = sum(float(v) for v in CANCELLED.findall(text))
+    return counts
+
+
+def wait_cancelled(server: str, replica: str, before: float) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if cancelled_counts(server, tries=2).get(replica, before) > before:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"replica {replica} never counted the abandoned request as cancelled")
+
+
 def test_a_client_gone_mid_stream_is_aborted(server: str) -> None:
-    """Behind HAProxy the replica's own SSE response notices the disconnect (sse_response.py: the request's
-    task streams, a spawned one listens) and the engine request is cancelled, long before it would end."""
+    """Behind HAProxy Serve leaves disconnects to the replica (the router's x-request-disconnect-disabled):
+    its SSE response notices (sse_response.py: the request's task streams, a spawned one listens) and
+    the engine request is cancelled, long before it would end."""
+    before = cancelled_counts(server)
     body = {"prompt": "a long story", "max_tokens": MAX_MODEL_LEN - 40, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=TIMEOUT) as r:
         assert r.status_code == 200
         replica = r.headers["x-fuserve-replica"]
         lines = r.iter_lines()
         assert any(next(lines).startswith("data: {") for _ in range(4))
-    cancelled = re.compile(r'^fuserve_requests_total\{[^}]*status="cancelled"[^}]*\} (\S+)$', re.M)
+    wait_cancelled(server, replica, before.get(replica, 0.0))
+
+
+def test_a_client_gone_before_a_whole_answer_is_aborted(server: str) -> None:
+    """The same for a request without streaming: the replica's own watch cancels it."""
+    before = cancelled_counts(server)
+    body = {"prompt": "another long story", "max_tokens": MAX_MODEL_LEN - 40, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", json=body, timeout=httpx.Timeout(60.0, read=1.5))
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:  # HAProxy sends each GET to the replicas in turn
-        text = httpx.get(f"{server}/metrics", timeout=5).text
-        if f'replica="{replica}"' in text and sum(float(v) for v in cancelled.findall(text)) >= 1:
-            break
+    while time.monotonic() < deadline:
+        now = cancelled_counts(server, tries=2)
+        if any(n > before.get(rid, 0.0) for rid, n in now.items()):
+            return
         time.sleep(0.2)
-    else:
-        pytest.fail(f"replica {replica} never counted the abandoned stream as cancelled")
+    pytest.fail(f"no replica counted the abandoned request as cancelled: {before} -> {now}")

@@ -82,6 +82,9 @@ _TRUNCATED_NAME = TRUNCATED_HEADER.encode()  # as ASGI scopes carry header names
 # Serve strips client-sent headers with this prefix (SERVE_INGRESS_ROUTER_HEADER_PREFIX) before the
 # Lua sets the router's: the replica can trust it.
 ROUTED_TO_HEADER = "x-serve-router-fuserve-replica"
+# Serve's SERVE_HTTP_REQUEST_DISCONNECT_DISABLED_HEADER: with "?1" the replica gets the server's own
+# `receive` and the request runs in the connection's task (no receive proxy, no call task)
+DISCONNECT_DISABLED_HEADER = "x-request-disconnect-disabled"
 HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 FORWARD_BODY_ENV = "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"
 ROUTER_MAX_ONGOING = 1000  # the router is on every request's path: it must never be what queues
@@ -129,8 +132,13 @@ async def pick_replica(handle: DeploymentHandle, hint: RoutingHint | None) -> st
 
 def route_answer(replica_id: str) -> dict[str, Any]:
     """What the Lua expects: a JSON object it reads with pattern matches, not a parser: `replica_id`
-    a plain string (actor names hold no quote), `request_headers` a flat map of strings."""
-    headers = {ROUTED_TO_HEADER: replica_id, ROUTED_AT_HEADER: f"{time.time():.6f}"}
+    a plain string (actor names hold no quote), `request_headers` a flat map of strings. The replica
+    watches for the client leaving itself (router/sse_response.py), so Serve is told not to."""
+    headers = {
+        ROUTED_TO_HEADER: replica_id,
+        ROUTED_AT_HEADER: f"{time.time():.6f}",
+        DISCONNECT_DISABLED_HEADER: "?1",
+    }
     return {"replica_id": replica_id, "request_headers": headers}
 
 

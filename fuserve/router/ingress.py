@@ -66,7 +66,7 @@ from fuserve.router.replica_view import routing_report
 from fuserve.router.request_body import parse_json_object, read_body
 from fuserve.router.responses import SSE_DONE, ChunkWriter, Transcript
 from fuserve.router.routing_policy import RecentPrefixes
-from fuserve.router.sse_response import SSEResponse
+from fuserve.router.sse_response import ClientGone, SSEResponse, until_disconnect
 from fuserve.router.tool_call_format import ToolCallFormat, choose_tool_call_format
 from fuserve.workers.models.loader import load_tokenizer, resolve_source
 from fuserve.workers.tokenizer import Tokenizer
@@ -325,10 +325,17 @@ class EngineIngress:
                 )
                 return SSEResponse(events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
             transcript = Transcript(len(requests), req.n, keep_text=True)
-            try:
+
+            async def collect() -> None:
                 async for i, batch in streams:
                     for d in batch:
                         transcript.add(i, d)
+
+            try:
+                await until_disconnect(request.receive, collect)
+            except ClientGone:
+                self._finish(endpoint, "cancelled")
+                return Response(status_code=499)  # nobody reads it: the connection is closed
             finally:
                 await streams.close()
             if chat:

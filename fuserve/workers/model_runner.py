@@ -21,10 +21,11 @@ from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
 from fuserve.workers.sampler import SampledBatch, Sampler
 from fuserve.workers.step_plan import StepPlan
 
-# A verify step of more rows runs eagerly on the varlen path: each decode row reads its sequence's whole
-# context, and on an H100 (Llama-3-8B shape, 2026-11-26) the graphs' verify lost to the eager one from
-# 96 rows (batch 32, k = 2: 0.91x against 1.02x of plain decoding; batch 64, k = 4: 1.02x against 1.33x)
-# while winning up to 40 (batch 8, k = 4: 2.32x against 1.33x; batch 1: 2.17x against 0.89x).
+# A verify step of more rows runs on the varlen path (a mixed-step graph where it fits, else eagerly): as
+# decode rows, each row reads its sequence's whole context, and on an H100 (Llama-3-8B shape, 2026-11-26)
+# the decode graphs' verify lost to the eager varlen one from 96 rows (batch 32, k = 2: 0.91x against
+# 1.02x of plain decoding; batch 64, k = 4: 1.02x against 1.33x) while winning up to 40 (batch 8, k = 4:
+# 2.32x against 1.33x; batch 1: 2.17x against 0.89x).
 VERIFY_GRAPH_MAX_ROWS = 64
 
 
