@@ -56,17 +56,33 @@ class _Seq:
 
 @dataclass
 class _Stream:
+    """One request's outputs between the core's messages and its consumer. The consumer waits on a bare
+    future (an asyncio.Event costs a lock-free but not free loop lookup and a future per wait anyway:
+    ~6% of the frontend's CPU at 64 streams, py-spy on the CPU box, 2026-11-26)."""
+
     request_id: str
     seqs: list[_Seq]
-    event: asyncio.Event = field(default_factory=asyncio.Event)
     pending: list[SeqOutput | BaseException] = field(default_factory=list)
     received_at: float = 0.0  # when the last message for it arrived
     started: bool = False  # the core's messages have held output for it before
+    waiter: asyncio.Future | None = None
 
     def put(self, item: SeqOutput | BaseException, received_at: float) -> None:
         self.pending.append(item)
         self.received_at = received_at
-        self.event.set()
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def take(self) -> list[SeqOutput | BaseException]:
+        """What has arrived since the last take, waiting for something if nothing has."""
+        if not self.pending:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        items, self.pending = self.pending, []
+        return items
 
 
 def _merge(outputs: list[SeqOutput]) -> list[SeqOutput]:
@@ -183,16 +199,19 @@ class EngineCoreClient:
         self._streams[rid] = stream
         self._send(AddRequest(rid, request.prompt_token_ids, params, time.monotonic()))
         try:
-            while not all(s.finished for s in seqs):
-                if not stream.pending:
-                    stream.event.clear()
-                    await stream.event.wait()
-                items, stream.pending = stream.pending, []
+            unfinished = len(seqs)
+            while unfinished:
+                items = await stream.take()
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item
                 outputs = _merge(items) if len(items) > 1 else items  # type: ignore[arg-type]
-                deltas = [d for d in (self._delta(stream, out) for out in outputs) if d is not None]
+                deltas = []
+                for out in outputs:
+                    delta = self._delta(stream, out)  # type: ignore[arg-type]
+                    if delta is not None:
+                        deltas.append(delta)
+                        unfinished -= delta.finished
                 if deltas:
                     yield deltas
         finally:
