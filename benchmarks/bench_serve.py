@@ -974,6 +974,27 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+def host_cpu() -> dict[str, Any]:
+    """The host's CPU model and the ms one core takes for a fixed piece of pure Python (median of 5).
+    The serving bounds at 64-128 streams passed or failed by machine on 2026-11-26 (NOTES): the
+    frontend's event loop and the client are Python, so a slower core moves both."""
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            model = next(names, model)
+    except OSError:
+        pass
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        d: dict[int, int] = {}
+        for i in range(200_000):
+            d[i & 1023] = d.get(i & 1023, 0) + i
+        times.append(1e3 * (time.perf_counter() - t))
+    return {"host_cpu": model, "host_python_ms": sorted(times)[2]}
+
+
 TABLE_COLUMNS = [
     "comparison", "router", "path", "rate", "concurrency", "req_s", "output_tok_s",
     "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p90", "itl_ms_p99",
@@ -1358,9 +1379,13 @@ def main(argv: list[str] | None = None) -> int:
         "scale": args.scale,
         "mix": {k: v[0] for k, v in KINDS.items()},
         "client": f"aiohttp {aiohttp.__version__}",
+        **host_cpu(),
     }
     load = f"concurrency {args.concurrency}" if args.concurrency else f"{rates} req/s ({args.arrival})"
-    print(f"{args.num_requests} requests at {load}, {source.name} on {meta['device']}")
+    print(
+        f"{args.num_requests} requests at {load}, {source.name} on {meta['device']}; host "
+        f"{meta['host_cpu']}, {meta['host_python_ms']:.1f} ms for the reference Python loop"
+    )
 
     rows: list[dict] = []
     if args.url:

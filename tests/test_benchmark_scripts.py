@@ -445,6 +445,9 @@ def test_bench_serve_overhead_closed_loop_smoke(tmp_path: Path) -> None:
     assert all(r["num_failed"] == 0 and r["num_requests"] == 4 and "rate" not in r for r in rows)
     assert all(isinstance(r["bounds_ok"], bool) and "itl_ms_p90_limit" in r for r in rows[:2])
     assert all("frontend_cpu_ms_per_token" in r and "engine_step_ms" in r for r in rows)
+    # the TTFT parts from the replica's header, and the host's speed (bounds pass or fail by machine)
+    assert all(r["replica_ms_p50"] >= r["core_first_ms_p50"] > 0 for r in rows[:2])
+    assert all(r["host_python_ms"] > 0 and r["host_cpu"] for r in rows)
 
 
 def test_bench_spec_smoke(tmp_path: Path) -> None:
