@@ -126,8 +126,9 @@ def main() -> None:
         eager_logits = step(runner, plan).float()
         row["eager"] = timings(lambda plan=plan: step(runner, plan), args.reps, cuda)
         runner.mixed_graphs = mixed_graphs
-        if mixed_graphs is not None and mixed_graphs.fits(plan):
-            row["bucket"] = mixed_graphs.bucket(plan)
+        bucket = mixed_graphs.bucket(plan) if mixed_graphs is not None else None
+        if bucket is not None:
+            row["bucket"] = bucket
             graph_logits = step(runner, plan).float()
             row["graphed"] = timings(lambda plan=plan: step(runner, plan), args.reps, cuda)
             row["max_abs_logit_diff"] = float((graph_logits - eager_logits).abs().max())

@@ -151,12 +151,10 @@ class StepGraphs:
             return None
         return b
 
-    def fits(self, plan: StepPlan) -> bool:
-        return self.bucket(plan) is not None
-
-    def run(self, plan: StepPlan, patch_ids: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        b = self.bucket(plan)
-        assert b is not None, "run() takes a plan that fits()"
+    def run(
+        self, plan: StepPlan, b: int, patch_ids: Callable[[torch.Tensor], None] | None = None
+    ) -> torch.Tensor:
+        """Replay bucket `b` (what `bucket(plan)` gave) on this plan's inputs."""
         n, s = plan.num_tokens, self.seq_slots(b)
         # Only the columns this step's longest table uses are sent: the attention kernels never read a
         # row past ceil(context_len / block_size), so older entries beyond may stay. (At batch 1024 with

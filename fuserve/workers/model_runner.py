@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fuserve.parallel.tp_context import TPContext
-from fuserve.workers.cuda_graphs import DecodeGraphs, MixedGraphs
+from fuserve.workers.cuda_graphs import DecodeGraphs, MixedGraphs, StepGraphs
 from fuserve.workers.kernels.token_bitmask import apply_token_bitmask_
 from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
 from fuserve.workers.sampler import SampledBatch, Sampler
@@ -75,20 +75,33 @@ class ModelRunner:
         )
         return self._tensor(plan.input_ids), self._tensor(plan.positions), meta
 
+    def _graphed(self, plan: StepPlan) -> tuple[StepGraphs, StepPlan, int] | None:
+        """The graphs that replay this step, the plan they take and its bucket; None: it runs eagerly.
+        A decode step (or a small verify step, as decode rows) replays a decode graph, any other step
+        with more than one token in a sequence a mixed one."""
+        several = plan.max_query_len > 1
+        if self.graphs is not None:
+            rows: StepPlan | None = plan
+            if several:
+                rows = plan.as_decode_rows() if plan.num_tokens <= VERIFY_GRAPH_MAX_ROWS else None
+            bucket = self.graphs.bucket(rows) if rows is not None else None
+            if rows is not None and bucket is not None:
+                return self.graphs, rows, bucket
+        if several and self.mixed_graphs is not None:
+            bucket = self.mixed_graphs.bucket(plan)
+            if bucket is not None:
+                return self.mixed_graphs, plan, bucket
+        return None
+
     @torch.inference_mode()
     def forward_plan(self, plan: StepPlan, prev: torch.Tensor | None = None) -> torch.Tensor | None:
         """Hidden states of the rows that sample: [S, hidden] (a speculating sequence has a row per draft
         too: [plan.num_logit_rows, hidden]), or None when none samples.
         prev: the previous step's sampled tokens on the device, for plans with placeholders."""
-        graphed = None
-        if self.graphs is not None:
-            graphed = plan
-            if plan.max_query_len > 1:
-                graphed = plan.as_decode_rows() if plan.num_tokens <= VERIFY_GRAPH_MAX_ROWS else None
-        if graphed is not None and self.graphs is not None and self.graphs.fits(graphed):
-            hidden = self.graphs.run(graphed, lambda ids: self.fill_inputs(ids, plan, prev))
-        elif plan.max_query_len > 1 and self.mixed_graphs is not None and self.mixed_graphs.fits(plan):
-            hidden = self.mixed_graphs.run(plan, lambda ids: self.fill_inputs(ids, plan, prev))
+        chosen = self._graphed(plan)
+        if chosen is not None:
+            graphs, graphed, bucket = chosen
+            hidden = graphs.run(graphed, bucket, lambda ids: self.fill_inputs(ids, plan, prev))
         else:
             input_ids, positions, meta = self.prepare(plan)
             self.fill_inputs(input_ids, plan, prev)
