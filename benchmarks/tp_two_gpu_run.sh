@@ -12,6 +12,7 @@
 #                      --gpu-memory-utilization 0.9, ran there 2026-11-26), batch 1 and
 #                      64, against its floor (weights per GPU / the copy bandwidth measured in the run);
 #                      then the 8B engines of $ENGINES_8B, if any, in the time left
+#   PAIRS=2            (four GPUs) the tests on GPUs 0,1 and 2,3 at once, RUNS each
 #   device run: bash benchmarks/tp_two_gpu_run.sh          (kind nvidia-h200-x2, carry [".whl"])
 #   engine names: bench_tp.py's EngineSpec (tp1, nccl, auto; +no-keyed, +gloo-plans, +l2=MB)
 set -uo pipefail
@@ -21,8 +22,9 @@ PART=${PART:-8b}
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
 export FUSERVE_COMMIT=${FUSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+[ -n "${FUSERVE_SITE_READY:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD FUSERVE_SITE_READY=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/run.log"
 left() { echo $(( BUDGET_S - (SECONDS - START) )); }
@@ -35,13 +37,21 @@ if [ "$PART" = 8b ] || [ "$PART" = tests ] || [ "$PART" = tests+bench8b ]; then
   if python3 -c "import pytest_timeout" 2>/dev/null; then PER_TEST="--timeout=${TEST_TIMEOUT:-300}"  # autoloaded
   else PER_TEST="-o faulthandler_timeout=${TEST_TIMEOUT:-300}"; fi
   export FUSERVE_GPU_CHECK_TIMEOUT_S=$(( ${TEST_TIMEOUT:-300} - 30 ))
-  for i in $(seq 1 "${RUNS:-3}"); do
-    [ "$(left)" -gt 150 ] || { echo "test run $i skipped: $(left) s left" | tee -a "$LOG"; continue; }
-    t0=$SECONDS
-    timeout $(( $(left) - 60 )) python3 -m pytest -v -m gpu tests/test_tensor_parallel.py $PER_TEST \
-      -o cache_dir=/tmp/pytest-cache -W ignore::DeprecationWarning 2>&1 | tee "$OUT/tp-tests-$i.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|Timeout" | tail -8
-    echo "test run $i: exit ${PIPESTATUS[0]} in $(( SECONDS - t0 )) s" | tee -a "$LOG"
+  test_runs() {  # $1: the pair's name; its GPUs come in CUDA_VISIBLE_DEVICES
+    for i in $(seq 1 "${RUNS:-3}"); do
+      [ "$(left)" -gt 150 ] || { echo "pair $1 test run $i skipped: $(left) s left" | tee -a "$LOG"; continue; }
+      t0=$SECONDS
+      timeout $(( $(left) - 60 )) python3 -m pytest -v -m gpu tests/test_tensor_parallel.py $PER_TEST \
+        -o cache_dir=/tmp/pytest-cache-$1 --basetemp=/tmp/pytest-$1 -W ignore::DeprecationWarning 2>&1 \
+        | tee "$OUT/tp-tests-$1-$i.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|Timeout" | tail -8
+      echo "pair $1 (GPUs $CUDA_VISIBLE_DEVICES) test run $i: exit ${PIPESTATUS[0]} in $(( SECONDS - t0 )) s" | tee -a "$LOG"
+    done
+  }
+  # PAIRS=2 on a four-GPU machine: two independent pairs (own Ray instance, store and temp dirs) at once
+  for pair in $(seq 0 $(( ${PAIRS:-1} - 1 ))); do
+    CUDA_VISIBLE_DEVICES=$(( 2 * pair )),$(( 2 * pair + 1 )) test_runs "p$pair" &
   done
+  wait
 fi
 if [ "$PART" = 8b ] || [ "$PART" = bench8b ] || [ "$PART" = tests+bench8b ]; then
   ENGINES=${ENGINES_8B:-tp1,auto,nccl,auto+l2=0}

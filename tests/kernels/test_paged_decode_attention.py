@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fuserve.workers.kernels.paged_decode_attention import (
-    decode_partition_size,
+    decode_num_splits,
     paged_decode_attention,
     paged_decode_attention_ref,
 )
@@ -56,14 +56,15 @@ def test_decode_matches_ref(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("max_context_len", [None, 300])
+@pytest.mark.parametrize("max_context_len", [None, 300, 4096])
 def test_decode_long_context_splits(
     dtype: torch.dtype, max_context_len: int | None, paged_kv, device: torch.device
 ):
-    """A context long enough for several split-K partitions; the other rows end in early splits."""
+    """A context long enough for several split-K runs; the other rows end in early splits. 4096: a CUDA
+    graph's bound, far past every context, which each sequence still cuts by its own length."""
     context_lens, num_kv_heads, block_size = [300, 7, 0], 1, 16
     max_len = max_context_len or (math.ceil(300 / block_size) + 2) * block_size
-    assert decode_partition_size(len(context_lens), num_kv_heads, max_len, device) < 300 // 2
+    assert decode_num_splits(len(context_lens), num_kv_heads, max_len, device) >= 2
     out, ref = _run(paged_kv, context_lens, 4, num_kv_heads, 64, block_size, dtype, device, max_context_len)
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
     assert torch.all(out[2] == 0)
@@ -89,12 +90,13 @@ def test_decode_ref_matches_sdpa(paged_kv, device: torch.device):
         torch.testing.assert_close(ref[b], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_decode_partition_size_from_shapes_only(device: torch.device):
+def test_decode_num_splits_from_shapes_only(device: torch.device):
     """Fewer sequences and longer contexts give more splits; a short context gives one."""
-    long_single = decode_partition_size(1, 1, 16384, device)
-    assert 16384 / long_single > 1
-    assert decode_partition_size(1, 1, 16, device) >= 16
-    assert decode_partition_size(64, 8, 16384, device) >= long_single
+    long_single = decode_num_splits(1, 1, 16384, device)
+    assert long_single > 1
+    assert decode_num_splits(1, 1, 16, device) == 1
+    assert decode_num_splits(64, 8, 16384, device) <= long_single
+    assert decode_num_splits(1, 1, 64, device) <= decode_num_splits(1, 1, 16384, device)
 
 
 def test_decode_rejects_bad_shapes(device: torch.device):
@@ -137,6 +139,6 @@ def test_more_splits_than_one_merge_chunk(
 
     monkeypatch.setattr(module, "_tile_config", lambda device: (16, 128, 16))
     lens = [600, 40]
-    assert math.ceil(max(lens) / decode_partition_size(2, 1, max(lens), device)) > 32
+    assert decode_num_splits(2, 1, max(lens), device) > 32
     out, ref = _run(paged_kv, lens, 2, 1, 32, 16, torch.float32, device)
     torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])

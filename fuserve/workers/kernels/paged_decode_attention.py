@@ -6,11 +6,13 @@ is built around reading each K/V byte exactly once:
 
 - GQA-aware: a program owns one KV head and all G = Hq / Hkv query heads that share it. The G
   query rows (padded to 16 for `tl.dot`) are scored against each K tile in one dot.
-- Split-K (flash-decoding): a sequence's context is cut into partitions of `partition_size`
-  tokens, each handled by its own program, so short batches of long contexts still fill the GPU.
-  Each program keeps an online softmax (running max m, sum l, unnormalised acc); a second kernel
-  merges the partials of each (sequence, query head). With one partition the first kernel
-  normalises and writes the output itself and the second kernel is not launched.
+- Split-K (flash-decoding): each sequence cuts its own context into `num_splits` runs of whole
+  BLOCK_N-token tiles, each handled by its own program, so small batches fill the GPU. The split
+  count comes from shapes alone, but the cut from the sequence's length on the device: under a CUDA
+  graph `max_context_len` is the whole model length, and a cut by it would leave the programs of a
+  short context empty but one. Each program keeps an online softmax (running max m, sum l,
+  unnormalised acc); a second kernel merges the partials of each (sequence, query head). With one
+  split the first kernel normalises and writes the output itself and the second is not launched.
 
     grid (B, Hkv, splits):  q[b, heads of kvh] · K[tokens of split]ᵀ ─softmax─► · V  ──► m, l, acc
     grid (B, Hq)         :  merge the splits' (m, l, acc) ──► out[b, h]
@@ -42,10 +44,16 @@ from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
 LOG2E = 1.4426950408889634
 
 
+@triton.jit
+def _split_tiles(context_len, num_splits, BLOCK_N: tl.constexpr):
+    """Tiles per split of one sequence (at least one: an empty context gives one empty split)."""
+    return tl.maximum(tl.cdiv(tl.cdiv(context_len, BLOCK_N), num_splits), 1)
+
+
 # Integer arguments that follow the load (the number of splits and the block table's width grow with the
 # longest context) must not specialize: each new "equals 1" / "divisible by 16" fact of one would compile
 # the kernel again mid-serving.
-@triton.jit(do_not_specialize=["num_splits", "partition_size", "stride_block_tables"])
+@triton.jit(do_not_specialize=["num_splits", "stride_block_tables"])
 def _paged_decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -67,7 +75,6 @@ def _paged_decode_split_kernel(
     stride_block_tables,
     num_q_heads,
     num_splits,
-    partition_size,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -88,8 +95,9 @@ def _paged_decode_split_kernel(
         qk_scale = scale_log2 * tl.load(k_scale_ptr + kv_head)
 
     context_len = tl.load(context_lens_ptr + batch)
-    start = split * partition_size
-    end = tl.minimum(start + partition_size, context_len)
+    span = _split_tiles(context_len, num_splits, BLOCK_N) * BLOCK_N
+    start = split * span
+    end = tl.minimum(start + span, context_len)
 
     rows = tl.arange(0, GROUP_PAD)
     row_mask = rows < GROUP
@@ -151,8 +159,8 @@ def _paged_decode_split_kernel(
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_mask[:, None])
 
 
-# The same arguments do not specialize here, as in the split kernel.
-@triton.jit(do_not_specialize=["num_splits", "partition_size"])
+# The same argument does not specialize here, as in the split kernel.
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_decode_reduce_kernel(
     out_ptr,
     part_m_ptr,
@@ -161,7 +169,7 @@ def _paged_decode_reduce_kernel(
     context_lens_ptr,
     num_q_heads,
     num_splits,
-    partition_size,
+    BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SPLITS_BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -172,7 +180,8 @@ def _paged_decode_reduce_kernel(
     batch = tl.program_id(0)
     head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + batch)
-    num_active = tl.cdiv(context_len, partition_size)  # splits past the context wrote nothing useful
+    span = _split_tiles(context_len, num_splits, BLOCK_N) * BLOCK_N
+    num_active = tl.cdiv(context_len, span)  # splits past the context wrote nothing useful
     base = (batch * num_q_heads + head) * num_splits
 
     lanes = tl.arange(0, SPLITS_BLOCK)
@@ -207,7 +216,8 @@ def _num_sms(device_index: int) -> int:
 
 
 def _tile_config(device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_N tokens per inner step, programs wanted to fill the device, min partition tokens)."""
+    """(BLOCK_N tokens per inner step, programs wanted to fill the device, min tokens per split of the
+    longest context: it bounds the merge's work)."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return 64, 2 * _num_sms(index), 128
@@ -215,18 +225,13 @@ def _tile_config(device: torch.device) -> tuple[int, int, int]:
     return 16, 8, 32
 
 
-def decode_partition_size(batch: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
-    """Tokens per split-K partition, from shapes only (never tensor values: CUDA-graph safe).
-
-    Aims at enough (batch, kv head, split) programs to fill the device, with partitions of at least
-    a minimum size, rounded up to whole inner tiles. One partition covering `max_context_len`
-    means no split.
-    """
-    block_n, programs_wanted, min_partition = _tile_config(device)
-    max_context_len = max(max_context_len, 1)
-    splits_wanted = max(1, triton.cdiv(programs_wanted, max(batch * num_kv_heads, 1)))
-    partition = max(triton.cdiv(max_context_len, splits_wanted), min_partition)
-    return min(triton.cdiv(partition, block_n) * block_n, triton.cdiv(max_context_len, block_n) * block_n)
+def decode_num_splits(batch: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
+    """Split-K programs per (sequence, KV head), from shapes only (never tensor values: CUDA-graph
+    safe): enough (sequence, KV head, split) programs to fill the device, and no more splits than the
+    longest context has minimum-size runs. 1 means no split."""
+    _, programs_wanted, min_split = _tile_config(device)
+    splits_wanted = triton.cdiv(programs_wanted, max(batch * num_kv_heads, 1))
+    return max(1, min(splits_wanted, triton.cdiv(max_context_len, min_split)))
 
 
 def _check_args(
@@ -302,8 +307,7 @@ def paged_decode_attention(
         max_context_len = block_tables.shape[1] * block_size
 
     block_n, _, _ = _tile_config(q.device)
-    partition_size = decode_partition_size(batch, num_kv_heads, max_context_len, q.device)
-    num_splits = triton.cdiv(max(max_context_len, 1), partition_size)
+    num_splits = decode_num_splits(batch, num_kv_heads, max_context_len, q.device)
     on_gpu = q.device.type == "cuda"
     use_pdl = pdl_enabled(q)
     if num_splits > 1:
@@ -335,7 +339,6 @@ def paged_decode_attention(
         stride_block_tables=block_tables.stride(0),
         num_q_heads=num_q_heads,
         num_splits=num_splits,
-        partition_size=partition_size,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
@@ -359,7 +362,7 @@ def paged_decode_attention(
             context_lens_ptr=context_lens,
             num_q_heads=num_q_heads,
             num_splits=num_splits,
-            partition_size=partition_size,
+            BLOCK_N=block_n,
             HEAD_DIM=head_dim,
             SPLITS_BLOCK=16,
             USE_PDL=use_pdl,
