@@ -223,8 +223,8 @@ def _generate(
     return [logprobs[f"p{i}"] for i in range(len(prompts))]
 
 
-def compare_greedy(folder: Path, steps: int = 24) -> None:
-    """Per prompt, TP=2 must choose TP=1's token until TP=1's own top-2 margin is within bf16 noise,
+def compare_greedy(folder: Path, tp: int = 2, steps: int = 24) -> None:
+    """Per prompt, TP=tp must choose TP=1's token until TP=1's own top-2 margin is within bf16 noise,
     with logprobs within bf16 noise meanwhile (BF16_LOGPROB_MAX per step, BF16_LOGPROB_MEDIAN typical).
     Prints the spread first, so a failure shows it."""
     g = torch.Generator().manual_seed(0)
@@ -234,7 +234,7 @@ def compare_greedy(folder: Path, steps: int = 24) -> None:
     ref = _generate(folder, 1, "nccl", prompts, lengths)
     failures = []
     for all_reduce in ("nccl", "auto"):
-        got = _generate(folder, 2, all_reduce, prompts, lengths)
+        got = _generate(folder, tp, all_reduce, prompts, lengths)
         diffs = []
         for p, (want_seq, got_seq) in enumerate(zip(ref, got, strict=True)):
             for i, (w, o) in enumerate(zip(want_seq, got_seq, strict=True)):
@@ -275,4 +275,4 @@ if __name__ == "__main__":
     # per-test timeout ends the test without them
     faulthandler.dump_traceback_later(float(sys.argv[3]), exit=True)
     ray.init(address=sys.argv[2], log_to_driver=False)
-    compare_greedy(Path(sys.argv[1]))
+    compare_greedy(Path(sys.argv[1]), int(sys.argv[4]) if len(sys.argv) > 4 else 2)

@@ -738,6 +738,20 @@ def test_tp2_matches_tp1_llama3_8b_shape(
     follows TP=1 until TP=1's own top-2 margin is within bf16 noise, for NCCL and the one-shot path.
     In a fresh process: this one may have set up symmetric memory already (the killed-worker test), and
     a second one-shot group in a process falls back to NCCL (one_shot_all_reduce.py)."""
+    _compare_greedy_in_a_fresh_process(2, tmp_path, request)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 CUDA GPUs")
+def test_tp4_matches_tp1_llama3_8b_shape(
+    ray_cluster: None, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The same at TP=4, where `auto` sums with torch's two-shot kernel, and the row-parallel layers write
+    their partials straight into its symmetric buffer (tp_context.SlotPartial)."""
+    _compare_greedy_in_a_fresh_process(4, tmp_path, request)
+
+
+def _compare_greedy_in_a_fresh_process(tp: int, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     import subprocess
     import sys
 
@@ -752,7 +766,7 @@ def test_tp2_matches_tp1_llama3_8b_shape(
     script = str(Path(TESTS_DIR) / "parallel_gpu_checks.py")
     limit = os.environ.get("FUSERVE_GPU_CHECK_TIMEOUT_S", "270")  # the GPU script sets it under pytest's
     done = subprocess.run(
-        [sys.executable, script, str(folder), address, limit], capture_output=True, text=True
+        [sys.executable, script, str(folder), address, limit, str(tp)], capture_output=True, text=True
     )
     print(done.stdout[-4000:])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]

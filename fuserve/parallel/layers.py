@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuserve.parallel.tp_context import PushedPartial, TPContext
+from fuserve.parallel.tp_context import Partial, TPContext
 from fuserve.parallel.vocab_parallel_argmax import vocab_parallel_argmax
 from fuserve.workers.kernels.quant_linear import takes_fp8_input
 from fuserve.workers.models.quant_scheme import Fp8Activations, QuantScheme, quantize_rows
@@ -254,7 +254,7 @@ class RowParallelLinear(_Linear):
         value = _narrow(src, 1, self.tp.rank * self.in_per_rank, self.in_per_rank)
         self._store_rows(0, self.weight.shape[0], value)
 
-    def forward(self, x: torch.Tensor | Fp8Activations) -> torch.Tensor | PushedPartial:
+    def forward(self, x: torch.Tensor | Fp8Activations) -> torch.Tensor | Partial:
         if not self.reduce_output:
             bias = self.bias if self.tp.rank == 0 else None
             if self.quant is not None:  # the pushing GEMV reads full-precision weights only

@@ -205,6 +205,22 @@ class OneShotAllReduce:
             and (x.numel() * x.element_size()) % (self.size * _ALIGN) == 0
         )
 
+    def two_shot_slot(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """A [rows, cols] view of the two-shot buffer that a layer's GEMM writes its partial into, so the
+        sum (`sum_in_slot`) needs no copy in; None where two-shot would not take that message."""
+        buf = self.two_shot_buffer
+        if buf is None or dtype != self.dtype or rows * cols > buf.numel():
+            return None
+        slot = buf[: rows * cols].view(rows, cols)
+        return slot if self._fits_two_shot(slot) else None
+
+    def sum_in_slot(self, slot: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of the partials in `two_shot_slot`'s view, in place and not copied out: it
+        holds only until this group's next all-reduce, so its reader must come first on the stream."""
+        assert self.two_shot_buffer is not None
+        torch.ops.symm_mem.two_shot_all_reduce_(self.two_shot_buffer[: slot.numel()], "sum", self.group_name)
+        return slot
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over ranks, as a new tensor (x is left as it was)."""
         if self._fits_two_shot(x):

@@ -134,8 +134,11 @@ def _gemv_kernel(
     tl.store(y_ptr + offs_n, y, mask=mask_n)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [1, K], weight: [N, K] (row-major), bias: [N] or None -> [1, N] in x.dtype."""
+def gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x: [1, K], weight: [N, K] (row-major), bias: [N] or None -> [1, N] in x.dtype, written into `out`
+    when given (a contiguous [1, N])."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"gemv takes one row x of shape [1, K], got {tuple(x.shape)}; use F.linear for more")
     n, k = weight.shape
@@ -143,7 +146,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"x has {x.shape[1]} features but weight expects {k}")
     if weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("x and weight need a contiguous last dimension")
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device) if out is None else out
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
     use_pdl = pdl_enabled(x)
     prefetch_cols = prefetch_columns(n, k, weight.element_size(), l2_prefetch_budget()) if use_pdl else 0
@@ -179,8 +182,15 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     return y.to(x.dtype)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with the bandwidth-bound GEMV for a single row on the GPU."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """F.linear, with the bandwidth-bound GEMV for a single row on the GPU; `out` (contiguous, the result's
+    shape) takes the result where the caller needs it in a buffer of its own (a symmetric-memory
+    all-reduce's), without a copy."""
     if x.shape[0] == 1 and x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
-        return gemv(x, weight, bias)
-    return F.linear(x, weight, bias)
+        return gemv(x, weight, bias, out)
+    if out is None:
+        return F.linear(x, weight, bias)
+    torch.matmul(x, weight.t(), out=out)
+    return out if bias is None else out.add_(bias)

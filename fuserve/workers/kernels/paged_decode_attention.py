@@ -192,20 +192,19 @@ def _paged_decode_reduce_kernel(
             m_lanes, tl.load(part_m_ptr + base + splits, mask=splits < num_active, other=-3.0e38)
         )
     m_max = tl.max(m_lanes, axis=0)
+    dims = tl.arange(0, HEAD_DIM)
     l_lanes = tl.zeros([SPLITS_BLOCK], dtype=tl.float32)
-    for start in range(0, num_active, SPLITS_BLOCK):
+    acc_rows = tl.zeros([SPLITS_BLOCK, HEAD_DIM], dtype=tl.float32)
+    for start in range(0, num_active, SPLITS_BLOCK):  # SPLITS_BLOCK partials at once, not one by one
         splits = start + lanes
         active = splits < num_active
         m = tl.load(part_m_ptr + base + splits, mask=active, other=float("-inf"))
-        l_part = tl.load(part_l_ptr + base + splits, mask=active, other=0.0)
-        l_lanes += tl.where(active, tl.exp2(m - m_max) * l_part, 0.0)
+        weight = tl.where(active, tl.exp2(m - m_max), 0.0)
+        l_lanes += weight * tl.load(part_l_ptr + base + splits, mask=active, other=0.0)
+        rows = (base + splits)[:, None] * HEAD_DIM + dims[None, :]
+        acc_rows += weight[:, None] * tl.load(part_acc_ptr + rows, mask=active[:, None], other=0.0)
     l_total = tl.sum(l_lanes, axis=0)
-
-    dims = tl.arange(0, HEAD_DIM)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for s in range(0, num_active):
-        weight = tl.exp2(tl.load(part_m_ptr + base + s) - m_max)
-        acc += weight * tl.load(part_acc_ptr + (base + s) * HEAD_DIM + dims)
+    acc = tl.sum(acc_rows, axis=0)
     out = acc / tl.where(l_total > 0.0, l_total, 1.0)
     tl.store(out_ptr + (batch * num_q_heads + head) * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
 

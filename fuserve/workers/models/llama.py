@@ -32,7 +32,7 @@ from fuserve.parallel.layers import (
     WeightQuant,
     load_replicated,
 )
-from fuserve.parallel.tp_context import PushedPartial, TPContext
+from fuserve.parallel.tp_context import Partial, TPContext
 from fuserve.workers.kernels.ops import KernelOps
 from fuserve.workers.models.quant_scheme import Fp8Activations, QuantScheme
 from fuserve.workers.models.rope import rope_tables
@@ -127,7 +127,7 @@ class RMSNorm(nn.Module):
         self.ops = ops
 
     def forward(
-        self, x: torch.Tensor | PushedPartial, residual: torch.Tensor | None = None, fp8_out: bool = False
+        self, x: torch.Tensor | Partial, residual: torch.Tensor | None = None, fp8_out: bool = False
     ) -> tuple[torch.Tensor | Fp8Activations, torch.Tensor]:
         """Returns (normed, residual): the first call starts the residual stream from x (the embedding,
         whole); later ones get x as this rank's partial sum (o_proj, down_proj) and reduce it here, fused
@@ -196,7 +196,7 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> torch.Tensor | PushedPartial:
+    ) -> torch.Tensor | Partial:
         """This rank's partial o_proj output, summed over ranks by the next RMSNorm."""
         t = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, (Hq + 2 Hkv) D]
@@ -240,7 +240,7 @@ class LlamaMLP(nn.Module):
             inter, arch.hidden_size, False, tp, ops.linear, reduce_output=False, quant=quant
         )
 
-    def forward(self, x: torch.Tensor | Fp8Activations) -> torch.Tensor | PushedPartial:
+    def forward(self, x: torch.Tensor | Fp8Activations) -> torch.Tensor | Partial:
         h = self.gate_up_proj(x)
         if self.down_proj.takes_fp8_input(h.shape[0], h.dtype, h.device):
             q, scale = self.ops.silu_mul_fp8(h)
@@ -258,13 +258,13 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        hidden: torch.Tensor | PushedPartial,
+        hidden: torch.Tensor | Partial,
         residual: torch.Tensor | None,
         positions: torch.Tensor,
         meta: AttentionMetadata,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> tuple[torch.Tensor | PushedPartial, torch.Tensor]:
+    ) -> tuple[torch.Tensor | Partial, torch.Tensor]:
         weight = self.input_layernorm.weight  # the model dtype (the rope tables are fp32)
         rows, dtype, device = positions.shape[0], weight.dtype, weight.device
         normed, residual = self.input_layernorm(
@@ -326,7 +326,7 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
-        hidden: torch.Tensor | PushedPartial = self.model.embed_tokens(input_ids)
+        hidden: torch.Tensor | Partial = self.model.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for layer in self.model.layers:
             hidden, residual = layer(hidden, residual, positions, meta, self.rope_cos, self.rope_sin)

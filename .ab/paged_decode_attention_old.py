@@ -1,0 +1,409 @@
+"""Paged decode attention: one query token per sequence against its whole paged KV context.
+
+The KV cache is a pool of blocks [N, BS, Hkv, D]; sequence b's token n lives in block
+`block_tables[b, n // BS]` at offset `n % BS`. Decode is bound by reading K and V, so the kernel
+is built around reading each K/V byte exactly once:
+
+- GQA-aware: a program owns one KV head and all G = Hq / Hkv query heads that share it. The G
+  query rows (padded to 16 for `tl.dot`) are scored against each K tile in one dot.
+- Split-K (flash-decoding): a sequence's context is cut into partitions of `partition_size`
+  tokens, each handled by its own program, so short batches of long contexts still fill the GPU.
+  Each program keeps an online softmax (running max m, sum l, unnormalised acc); a second kernel
+  merges the partials of each (sequence, query head). With one partition the first kernel
+  normalises and writes the output itself and the second kernel is not launched.
+
+    grid (B, Hkv, splits):  q[b, heads of kvh] · K[tokens of split]ᵀ ─softmax─► · V  ──► m, l, acc
+    grid (B, Hq)         :  merge the splits' (m, l, acc) ──► out[b, h]
+
+The launch is CUDA-graph-capturable: shapes alone (batch, heads, `max_context_len` or the block
+table's width) pick the grid; context lengths are read on the device only. Rows with
+context_lens[b] == 0 produce zeros. Block-table entries past ceil(context_lens[b] / BS) are never
+read. Scores use exp2 with log2(e) folded into the scale.
+
+An fp8 cache (kv_cache_fp8.py) is read as bytes, converted in registers; the KV head's K scale
+joins the softmax scale and its V scale multiplies the output.
+
+The Triton interpreter (CPU) computes bf16 dots wrongly, so there the tiles are upcast to fp32
+before `tl.dot` (`UPCAST`); on the GPU bf16/fp16 dots run natively with fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fuserve.workers.kernels.kv_cache_fp8 import cache_bytes, check_kv_scales, dequantize_kv, is_fp8
+from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
+
+LOG2E = 1.4426950408889634
+
+
+# Integer arguments that follow the load (the number of splits and the block table's width grow with the
+# longest context) must not specialize: each new "equals 1" / "divisible by 16" fact of one would compile
+# the kernel again mid-serving.
+@triton.jit(do_not_specialize=["num_splits", "partition_size", "stride_block_tables"])
+def _paged_decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    out_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    scale_log2,
+    stride_q_batch,
+    stride_q_head,
+    stride_cache_block,
+    stride_cache_offset,
+    stride_cache_head,
+    stride_block_tables,
+    num_q_heads,
+    num_splits,
+    partition_size,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    FP8_KV: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    pdl_launch_and_wait(USE_PDL)
+    batch = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    qk_scale = scale_log2
+    if FP8_KV:
+        qk_scale = scale_log2 * tl.load(k_scale_ptr + kv_head)
+
+    context_len = tl.load(context_lens_ptr + batch)
+    start = split * partition_size
+    end = tl.minimum(start + partition_size, context_len)
+
+    rows = tl.arange(0, GROUP_PAD)
+    row_mask = rows < GROUP
+    heads = kv_head * GROUP + rows
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + batch * stride_q_batch + heads[:, None] * stride_q_head + dims[None, :],
+        mask=row_mask[:, None],
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    block_table = block_tables_ptr + batch.to(tl.int64) * stride_block_tables
+    head_offset = kv_head * stride_cache_head
+
+    # every tile holds at least one valid token (n0 < end), so m_i is finite after the first one
+    for n0 in range(start, end, BLOCK_N):
+        tokens = n0 + tl.arange(0, BLOCK_N)
+        token_mask = tokens < end
+        blocks = tl.load(block_table + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
+        kv_offsets = (
+            blocks * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_offset + head_offset
+        )[:, None] + dims[None, :]
+        k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+        if FP8_KV:
+            k = k.to(tl.float8e4nv, bitcast=True).to(q.dtype)
+        if UPCAST:
+            k = k.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
+        scores = tl.where(token_mask[None, :], scores, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+        if FP8_KV:
+            v = v.to(tl.float8e4nv, bitcast=True).to(q.dtype)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if FP8_KV:
+        acc = acc * tl.load(v_scale_ptr + kv_head)
+    if SINGLE_SPLIT:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # empty context: acc == 0 -> zeros
+        out_offsets = batch * num_q_heads * HEAD_DIM + heads[:, None] * HEAD_DIM + dims[None, :]
+        tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    else:
+        part = (batch * num_q_heads + heads) * num_splits + split  # [GROUP_PAD] index into [B, Hq, S]
+        tl.store(part_m_ptr + part, m_i, mask=row_mask)
+        tl.store(part_l_ptr + part, l_i, mask=row_mask)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_mask[:, None])
+
+
+# The same arguments do not specialize here, as in the split kernel.
+@triton.jit(do_not_specialize=["num_splits", "partition_size"])
+def _paged_decode_reduce_kernel(
+    out_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    context_lens_ptr,
+    num_q_heads,
+    num_splits,
+    partition_size,
+    HEAD_DIM: tl.constexpr,
+    SPLITS_BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """Merges the splits in chunks of a fixed SPLITS_BLOCK, so one compiled kernel serves any number
+    of splits (a power-of-two pad of the split count compiled once per new power, under load)."""
+    pdl_launch_and_wait(USE_PDL)
+    batch = tl.program_id(0)
+    head = tl.program_id(1)
+    context_len = tl.load(context_lens_ptr + batch)
+    num_active = tl.cdiv(context_len, partition_size)  # splits past the context wrote nothing useful
+    base = (batch * num_q_heads + head) * num_splits
+
+    lanes = tl.arange(0, SPLITS_BLOCK)
+    m_lanes = tl.full([SPLITS_BLOCK], -3.0e38, tl.float32)  # finite with no active split: no inf - inf
+    for start in range(0, num_active, SPLITS_BLOCK):
+        splits = start + lanes
+        m_lanes = tl.maximum(
+            m_lanes, tl.load(part_m_ptr + base + splits, mask=splits < num_active, other=-3.0e38)
+        )
+    m_max = tl.max(m_lanes, axis=0)
+    l_lanes = tl.zeros([SPLITS_BLOCK], dtype=tl.float32)
+    for start in range(0, num_active, SPLITS_BLOCK):
+        splits = start + lanes
+        active = splits < num_active
+        m = tl.load(part_m_ptr + base + splits, mask=active, other=float("-inf"))
+        l_part = tl.load(part_l_ptr + base + splits, mask=active, other=0.0)
+        l_lanes += tl.where(active, tl.exp2(m - m_max) * l_part, 0.0)
+    l_total = tl.sum(l_lanes, axis=0)
+
+    dims = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for s in range(0, num_active):
+        weight = tl.exp2(tl.load(part_m_ptr + base + s) - m_max)
+        acc += weight * tl.load(part_acc_ptr + (base + s) * HEAD_DIM + dims)
+    out = acc / tl.where(l_total > 0.0, l_total, 1.0)
+    tl.store(out_ptr + (batch * num_q_heads + head) * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _tile_config(device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N tokens per inner step, programs wanted to fill the device, min partition tokens)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return 64, 2 * _num_sms(index), 128
+    # the interpreter: small tiles and a few programs, so that tests see several splits
+    return 16, 8, 32
+
+
+def decode_partition_size(batch: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
+    """Tokens per split-K partition, from shapes only (never tensor values: CUDA-graph safe).
+
+    Aims at enough (batch, kv head, split) programs to fill the device, with partitions of at least
+    a minimum size, rounded up to whole inner tiles. One partition covering `max_context_len`
+    means no split.
+    """
+    block_n, programs_wanted, min_partition = _tile_config(device)
+    max_context_len = max(max_context_len, 1)
+    splits_wanted = max(1, triton.cdiv(programs_wanted, max(batch * num_kv_heads, 1)))
+    partition = max(triton.cdiv(max_context_len, splits_wanted), min_partition)
+    return min(triton.cdiv(partition, block_n) * block_n, triton.cdiv(max_context_len, block_n) * block_n)
+
+
+def _check_args(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> None:
+    if q.dim() != 3 or q.stride(2) != 1:
+        raise ValueError(f"q must be [batch, Hq, D], last dim contiguous; got {tuple(q.shape)} {q.stride()}")
+    batch, num_q_heads, head_dim = q.shape
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim:
+        raise ValueError(
+            f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} must both be "
+            f"[blocks, block_size, Hkv, {head_dim}]"
+        )
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
+        raise ValueError(f"k_cache and v_cache need equal strides, last dim contiguous: {k_cache.stride()}")
+    if k_cache.dtype != v_cache.dtype or (k_cache.dtype != q.dtype and not is_fp8(k_cache)):
+        raise TypeError(
+            f"q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}: one dtype, or fp8 caches"
+        )
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"Hq={num_q_heads} is not a multiple of Hkv={num_kv_heads}")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block size must be a power of two, got {block_size}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != batch or block_tables.dtype != torch.int32:
+        raise ValueError(
+            f"block_tables must be int32 [{batch}, M], got {block_tables.dtype} {block_tables.shape}"
+        )
+    if block_tables.stride(1) != 1:
+        raise ValueError(
+            f"block_tables needs a contiguous last dimension, got strides {block_tables.stride()}"
+        )
+    if context_lens.shape != (batch,) or context_lens.dtype != torch.int32:
+        raise ValueError(
+            f"context_lens must be int32 [{batch}], got {context_lens.dtype} {context_lens.shape}"
+        )
+    if not context_lens.is_contiguous():
+        raise ValueError("context_lens must be contiguous")
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_context_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(scale * q Kᵀ) V over each sequence's paged context. q: [B, Hq, D] -> [B, Hq, D].
+
+    k_cache, v_cache: [N, BS, Hkv, D]; block_tables: [B, M] int32; context_lens: [B] int32 (0 allowed:
+    zeros out). `max_context_len` bounds every context length (defaults to M * BS) and, with the
+    shapes, fixes the number of splits. An fp8 cache takes k_scale, v_scale: [Hkv] fp32.
+    """
+    _check_args(q, k_cache, v_cache, block_tables, context_lens)
+    fp8 = check_kv_scales(k_cache, k_scale, v_scale, k_cache.shape[2])
+    batch, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    if max_context_len is None:
+        max_context_len = block_tables.shape[1] * block_size
+
+    block_n, _, _ = _tile_config(q.device)
+    partition_size = decode_partition_size(batch, num_kv_heads, max_context_len, q.device)
+    num_splits = triton.cdiv(max(max_context_len, 1), partition_size)
+    on_gpu = q.device.type == "cuda"
+    use_pdl = pdl_enabled(q)
+    if num_splits > 1:
+        part_shape = (batch, num_q_heads, num_splits)
+        part_m = torch.empty(part_shape, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty((*part_shape, head_dim), dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = out  # unused
+
+    _paged_decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q_ptr=q,
+        k_cache_ptr=cache_bytes(k_cache),
+        v_cache_ptr=cache_bytes(v_cache),
+        block_tables_ptr=block_tables,
+        context_lens_ptr=context_lens,
+        out_ptr=out,
+        part_m_ptr=part_m,
+        part_l_ptr=part_l,
+        part_acc_ptr=part_acc,
+        k_scale_ptr=k_scale if fp8 else context_lens,
+        v_scale_ptr=v_scale if fp8 else context_lens,
+        scale_log2=scale * LOG2E,
+        stride_q_batch=q.stride(0),
+        stride_q_head=q.stride(1),
+        stride_cache_block=k_cache.stride(0),
+        stride_cache_offset=k_cache.stride(1),
+        stride_cache_head=k_cache.stride(2),
+        stride_block_tables=block_tables.stride(0),
+        num_q_heads=num_q_heads,
+        num_splits=num_splits,
+        partition_size=partition_size,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        SINGLE_SPLIT=num_splits == 1,
+        UPCAST=not on_gpu,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FP8_KV=fp8,
+        USE_PDL=use_pdl,
+        num_warps=4,
+        num_stages=2,
+        launch_pdl=use_pdl,
+    )
+    if num_splits > 1:
+        _paged_decode_reduce_kernel[(batch, num_q_heads)](
+            out_ptr=out,
+            part_m_ptr=part_m,
+            part_l_ptr=part_l,
+            part_acc_ptr=part_acc,
+            context_lens_ptr=context_lens,
+            num_q_heads=num_q_heads,
+            num_splits=num_splits,
+            partition_size=partition_size,
+            HEAD_DIM=head_dim,
+            SPLITS_BLOCK=16,
+            USE_PDL=use_pdl,
+            num_warps=1 if head_dim <= 64 else 2,
+            launch_pdl=use_pdl,
+        )
+    return out
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    max_context_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain-torch `paged_decode_attention`: gather each sequence's K/V, masked softmax in fp32.
+
+    Vectorised over the batch with no host sync. Garbage block-table entries are clamped to a valid
+    block id and their tokens masked out (and zeroed, so NaN garbage cannot leak through 0 * NaN).
+    """
+    batch, num_q_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
+    group = num_q_heads // num_kv_heads
+    num_table_blocks = block_tables.shape[1]
+    if max_context_len is not None:
+        num_table_blocks = min(num_table_blocks, math.ceil(max_context_len / block_size))
+    tables = block_tables[:, :num_table_blocks].long().clamp(0, num_blocks - 1)
+    length = num_table_blocks * block_size
+    valid = torch.arange(length, device=q.device)[None, :] < context_lens[:, None].long()  # [B, L]
+
+    def gather(cache: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:  # -> [B, L, Hkv, D] fp32
+        x = dequantize_kv(cache[tables].reshape(batch, length, num_kv_heads, head_dim), s)
+        return torch.where(valid[:, :, None, None], x, 0.0)  # invalid tokens zeroed
+
+    check_kv_scales(k_cache, k_scale, v_scale, num_kv_heads)
+    k, v = gather(k_cache, k_scale), gather(v_cache, v_scale)
+    qf = q.float().reshape(batch, num_kv_heads, group, head_dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", qf, k) * scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # empty contexts: all -inf -> NaN -> 0
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v)
+    return out.reshape(batch, num_q_heads, head_dim).to(q.dtype)
