@@ -38,7 +38,7 @@ LLAMA3_8B_SHAPE: dict[str, Any] = dict(
 # step moved by 0.122 and a 0.125 margin flipped, on NCCL and the one-shot path alike.
 BF16_LOGPROB_TOL = 0.25  # near-tie margin below which TP=2 may pick the other token
 BF16_LOGPROB_MAX = 0.5  # any one step
-BF16_LOGPROB_MEDIAN = 0.05  # the typical step
+BF16_LOGPROB_MEDIAN = 0.05  # the typical step, for each bf16 rounding of a partial sum (below)
 
 
 def check_all_reduce(rank: int, size: int, port: int, gpus: list[str]) -> None:
@@ -258,7 +258,9 @@ def compare_greedy(folder: Path, tp: int = 2, steps: int = 24) -> None:
             f"{mid_diff:.4f}; TP=1 |logprob| median {mid_level:.2f}",
             flush=True,
         )
-        if mid_diff >= BF16_LOGPROB_MEDIAN:
+        # NCCL's ring rounds each of its tp - 1 partial sums to bf16; torch's one- and two-shot kernels add
+        # in fp32 and round once. At TP=4 (four H100s, 2026-11-26): NCCL median 0.053, two-shot 0.006.
+        if mid_diff >= BF16_LOGPROB_MEDIAN * (tp - 1 if all_reduce == "nccl" else 1):
             failures.append(f"{all_reduce}: median |logprob diff| {mid_diff:.4f} over {len(diffs)} steps")
         if len(diffs) < sum(lengths) // 4:
             failures.append(f"{all_reduce}: only {len(diffs)} steps before the sequences parted")

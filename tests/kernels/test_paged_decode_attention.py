@@ -133,8 +133,9 @@ def test_decode_large_gpu(
 def test_more_splits_than_one_merge_chunk(
     paged_kv, device: torch.device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The merge takes the splits 16 at a time: 38 splits (3 chunks, the last one partial) give the
-    reference's output, with one row whose context ends inside the first chunk."""
+    """The merge takes the splits 16 at a time: of 38 splits the 600-token row fills 19 with two tiles
+    each (a tile for every split: two a split), two chunks, the last one partial; the 40-token row fills
+    3 with one tile each, inside the first chunk. Both give the reference's output."""
     from fuserve.workers.kernels import paged_decode_attention as module
 
     monkeypatch.setattr(module, "_tile_config", lambda device: (16, 128, 16))
