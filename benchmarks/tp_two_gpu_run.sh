@@ -39,7 +39,7 @@ if [ "$PART" = 8b ] || [ "$PART" = tests ] || [ "$PART" = tests+bench8b ]; then
   export FUSERVE_GPU_CHECK_TIMEOUT_S=$(( ${TEST_TIMEOUT:-300} - 30 ))
   test_runs() {  # $1: the pair's name; its GPUs come in CUDA_VISIBLE_DEVICES
     for i in $(seq 1 "${RUNS:-3}"); do
-      [ "$(left)" -gt 150 ] || { echo "pair $1 test run $i skipped: $(left) s left" | tee -a "$LOG"; continue; }
+      [ "$(left)" -gt "${RUN_MIN_S:-330}" ] || { echo "pair $1 test run $i skipped: $(left) s left" | tee -a "$LOG"; continue; }
       t0=$SECONDS
       timeout $(( $(left) - 60 )) python3 -m pytest -v -m gpu tests/test_tensor_parallel.py $PER_TEST \
         -o cache_dir=/tmp/pytest-cache-$1 --basetemp=/tmp/pytest-$1 -W ignore::DeprecationWarning 2>&1 \
