@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fuserve.workers.kernels import cpu_linear
 from fuserve.workers.kernels.gemv import gemv, gemv_ref, linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,15 +39,19 @@ def test_gemv_llama3_8b_shapes(n: int, k: int) -> None:
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_linear_writes_into_a_given_buffer(rows: int) -> None:
+@pytest.mark.parametrize("kernels", ["triton", "reference"])
+def test_linear_writes_into_a_given_buffer(rows: int, kernels: str) -> None:
     """`out` (a view of a larger buffer, as the two-shot all-reduce's slot is) takes the result in place:
-    the GEMV's for one row, the matmul's for more."""
+    the GEMV's for one row, the matmul's for more; the reference ops' linear copies into it."""
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 40, generator=g).to(DEVICE)
     w = torch.randn(24, 40, generator=g).to(DEVICE)
     buffer = torch.full((rows * 24 + 8,), float("nan"), device=DEVICE)
     slot = buffer[: rows * 24].view(rows, 24)
-    got = gemv(x, w, None, out=slot) if rows == 1 else linear(x, w, None, out=slot)
+    if kernels == "reference":
+        got = cpu_linear.linear(x, w, None, out=slot)
+    else:
+        got = gemv(x, w, None, out=slot) if rows == 1 else linear(x, w, None, out=slot)
     assert got.data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(buffer[: rows * 24].view(rows, 24), x @ w.t(), rtol=1e-5, atol=1e-4)
     assert torch.isnan(buffer[rows * 24 :]).all(), "wrote past the slot"
