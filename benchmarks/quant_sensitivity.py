@@ -10,6 +10,9 @@ perplexity on bench_quant_accuracy.py's held-out text. Experiments:
   method    all layers: rtn and gptq (models/gptq.py) for int8-wo, fp8-wo, fp8
   mixed     fp8 W8A8 with GPTQ weights, one layer type's input kept in 16 bits at a time
   sequential  fp8 W8A8 GPTQ layer by layer on the quantized model's own inputs
+  depth     fp8 W8A8 with GPTQ weights, one decoder layer's inputs (all four types) kept in 16 bits at a
+            time
+  keep      the same with each --keep-layers set's layers together (e.g. "2,13;2,11,13")
 
     python benchmarks/quant_sensitivity.py --experiments type,act,method   # CPU: ~5 min
 Rows go to --out (default $OUT/quant-sensitivity-DATE.json).
@@ -56,6 +59,9 @@ def linears(model: Any) -> dict[str, Any]:
     return {n: m for n, m in model.named_modules() if isinstance(m, _Linear)}
 
 
+_ROUNDED: dict[tuple[str, str, str], torch.Tensor] = {}  # (layer, scheme, method) -> its rounded weight
+
+
 @contextmanager
 def quantized(
     model: Any,
@@ -78,13 +84,16 @@ def quantized(
         m = mods[name]
         saved[name] = m.weight.data.clone()
         if not act_only:
-            if method == "gptq":
-                q, s = gptq_quantize_rows(m.weight.data, hessians[name], scheme)
-            else:
-                from fuserve.workers.models.quant_scheme import quantize_rows
+            key = (name, scheme_name, method)
+            if key not in _ROUNDED:  # the same weights for every row of an experiment: round once
+                if method == "gptq":
+                    q, s = gptq_quantize_rows(m.weight.data, hessians[name], scheme)
+                else:
+                    from fuserve.workers.models.quant_scheme import quantize_rows
 
-                q, s = quantize_rows(m.weight.data, scheme)
-            m.weight.data.copy_(dequantize_rows(q, s))
+                    q, s = quantize_rows(m.weight.data, scheme)
+                _ROUNDED[key] = dequantize_rows(q, s)
+            m.weight.data.copy_(_ROUNDED[key])
         if scheme.quantize_activations and not name.endswith(keep_inputs):
 
             def round_input(_m: Any, args: tuple) -> tuple:
@@ -139,6 +148,9 @@ def main() -> None:
     ap.add_argument("--calibration-tokens", type=int, default=4096)
     ap.add_argument("--schemes", default="int8-wo,fp8-wo,fp8", help="the method experiment's schemes")
     ap.add_argument("--methods", default="rtn,gptq", help="the method experiment's roundings")
+    ap.add_argument(
+        "--keep-layers", default="", help="sets of layers kept in 16 bits together, ';'-separated"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from fuserve.workers.models.calibration_hessians import calibration_sequences, collect_hessians
@@ -156,7 +168,7 @@ def main() -> None:
     names = list(linears(model))
     hessians: dict[str, torch.Tensor] = {}
     exps = args.experiments.split(",")
-    if "method" in exps or "mixed" in exps:
+    if {"method", "mixed", "depth", "keep"} & set(exps):
         t = time.time()
         seqs = calibration_sequences(tok, model.arch.vocab_size, args.calibration_tokens)
         hessians = collect_hessians(model, seqs)
@@ -193,6 +205,18 @@ def main() -> None:
     if "mixed" in exps:  # W8A8 GPTQ with one layer type's input left in 16 bits
         for short, attr in TYPES.items():
             record("mixed", f"16b-{short}", "fp8", "gptq", names, (attr,))
+    if "depth" in exps or "keep" in exps:  # W8A8 GPTQ with whole decoder layers' inputs left in 16 bits
+        parts = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+        def layer_inputs(layers: list[int]) -> tuple[str, ...]:
+            return tuple(f".layers.{i}.{part}" for i in layers for part in parts)
+
+        if "depth" in exps:
+            for i in range(model.arch.num_layers):
+                record("depth", f"16b-{i}", "fp8", "gptq", names, layer_inputs([i]))
+        for kept in filter(None, args.keep_layers.split(";")):
+            layers = [int(i) % model.arch.num_layers for i in kept.split(",")]
+            record("keep", f"16b-{kept}", "fp8", "gptq", names, layer_inputs(layers))
     if "sequential" in exps:
         t = time.time()
         seqs = calibration_sequences(tok, model.arch.vocab_size, args.calibration_tokens)
