@@ -88,7 +88,6 @@ def measure(
     reference: dict[str, Any] | None,
     calibrate: str = "none",
     workdir: Path = Path("."),
-    wide_layers: list[int] | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -97,14 +96,12 @@ def measure(
     from fuserve.workers.models.perplexity import score_text, stdlib_text
 
     scheme, _, kv = config.partition("+")
-    wide = wide_layers if scheme == "fp8" and wide_layers else []
     llm = LLM(
         config_from_dict(
             {
                 "model": {
                     **model_source(scheme, kv, calibrate, workdir),
                     "max_model_len": max(text_tokens, 512) + 16,
-                    "fp8_16bit_input_layers": wide,
                 },
                 "cache": {"kv_cache_dtype": "fp8" if kv == "fp8kv" else "auto"},
             }
@@ -124,7 +121,6 @@ def measure(
         quantization=scheme,
         calibrate=calibrate if scheme != "none" else "none",
         kv_cache_dtype="fp8" if kv == "fp8kv" else "auto",
-        fp8_16bit_input_layers=wide,
         text_tokens=len(ids),
         prompts=prompts,
         output_len=tokens,
@@ -156,12 +152,8 @@ def main() -> None:
     ap.add_argument(
         "--calibrate", default="none", choices=["none", "gptq"], help="8-bit rounding (see above)"
     )
-    ap.add_argument(
-        "--fp8-16bit-input-layers", default="", help="fp8 rows: these layers' inputs stay 16-bit (0,-1)"
-    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    wide = [int(i) for i in args.fp8_16bit_input_layers.split(",") if i]
     if args.smoke:
         args.prompts, args.tokens, args.text_tokens = 2, 16, 256
     configs = args.configs.split(",")
@@ -170,9 +162,7 @@ def main() -> None:
     reference = measure(configs[0], args.text_tokens, args.prompts, args.tokens, None)
     with tempfile.TemporaryDirectory() as workdir:
         rows = [reference] + [
-            measure(
-                c, args.text_tokens, args.prompts, args.tokens, reference, args.calibrate, Path(workdir), wide
-            )
+            measure(c, args.text_tokens, args.prompts, args.tokens, reference, args.calibrate, Path(workdir))
             for c in configs[1:]
         ]
     meta = dict(model="smollm2-135m", device=device_name(), date=dt.date.today().isoformat(), commit=commit())
@@ -181,7 +171,6 @@ def main() -> None:
     for r in clean:
         name = r["quantization"] + ("+fp8kv" if r["kv_cache_dtype"] == "fp8" else "")
         name += "+gptq" if r["calibrate"] == "gptq" else ""
-        name += "+16b" if r["fp8_16bit_input_layers"] else ""
         print(
             f"{name:<17}{r['perplexity']:>9.3f}"
             f"{r.get('ppl_ratio', 1.0):>8.4f}{r.get('top1_agreement', 1.0):>7.3f}"

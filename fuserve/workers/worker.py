@@ -86,7 +86,6 @@ class Worker:
             self.max_model_len,
             config.model.seed,
             quant_scheme(self.source, config.model),
-            config.model.fp8_16bit_input_layers,
         )
         cache_cfg = config.cache
         bs = cache_cfg.block_size

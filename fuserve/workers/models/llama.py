@@ -16,7 +16,7 @@ pushes its partial to the peers and that kernel only sums, see fuserve/parallel/
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from fuserve.parallel.layers import (
 )
 from fuserve.parallel.tp_context import Partial, TPContext
 from fuserve.workers.kernels.ops import KernelOps
-from fuserve.workers.models.quant_scheme import Fp8Activations, QuantScheme, weight_only
+from fuserve.workers.models.quant_scheme import Fp8Activations, QuantScheme
 from fuserve.workers.models.rope import rope_tables
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -278,33 +278,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(
-        self, arch: LlamaArch, tp: TPContext, ops: KernelOps, quants: Sequence[WeightQuant | None]
-    ) -> None:
-        """`quants`: each decoder layer's 8-bit weights (None: the model dtype)."""
+    def __init__(self, arch: LlamaArch, tp: TPContext, ops: KernelOps, quant: WeightQuant | None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, ops, quant) for quant in quants)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, tp, ops, quant) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, tp, ops)
-
-
-def wide_layers(layers: Sequence[int], num_layers: int, quant: QuantScheme | None) -> frozenset[int]:
-    """The layer indices (negative ones from the end) of `model.fp8_16bit_input_layers`, checked."""
-    if not layers:
-        return frozenset()
-    if quant is None or not quant.quantize_activations:
-        name = quant.name if quant is not None else "none"
-        raise ValueError(
-            f"model.fp8_16bit_input_layers {list(layers)} keeps some layers' inputs out of W8A8, but the "
-            f"quantization is {name!r}: set model.quantization to fp8 or leave the list empty"
-        )
-    outside = [i for i in layers if not -num_layers <= i < num_layers]
-    if outside:
-        raise ValueError(
-            f"model.fp8_16bit_input_layers {outside} are not decoder layers of this model "
-            f"({num_layers} layers: 0..{num_layers - 1}, or -1..-{num_layers} from the end)"
-        )
-    return frozenset(i % num_layers for i in layers)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -324,20 +302,14 @@ class LlamaForCausalLM(nn.Module):
         ops: KernelOps,
         max_positions: int,
         quant: QuantScheme | None = None,
-        wide_input_layers: Sequence[int] = (),
     ) -> None:
         """`quant`: 8-bit weights for the decoder layers' linear layers (the embedding and the LM head
-        stay in the model dtype). `wide_input_layers`: under W8A8, the decoder layers (0-based, -1 the
-        last) whose linear layers take 16-bit inputs instead (model.fp8_16bit_input_layers)."""
+        stay in the model dtype)."""
         super().__init__()
         self.arch = arch
         self.quant = quant
-        wide = wide_layers(wide_input_layers, arch.num_layers, quant)
-        quants = [
-            WeightQuant(weight_only(quant) if i in wide else quant, ops.quant_linear) if quant else None
-            for i in range(arch.num_layers)
-        ]
-        self.model = LlamaModel(arch, tp, ops, quants)
+        weight_quant = WeightQuant(quant, ops.quant_linear) if quant is not None else None
+        self.model = LlamaModel(arch, tp, ops, weight_quant)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, ops.linear)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,11 +202,10 @@ def build_model(
     max_positions: int,
     seed: int = 0,
     quant: QuantScheme | None = None,
-    wide_input_layers: Sequence[int] = (),
 ) -> LlamaForCausalLM:
     arch = LlamaArch.from_hf(source.hf_config)
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(arch, tp, ops, max_positions, quant, wide_input_layers)
+        model = LlamaForCausalLM(arch, tp, ops, max_positions, quant)
     if source.kind == "dummy":
         _fill_random(model, seed)
         return model.eval()

@@ -42,12 +42,6 @@ SCHEMES = {
 }
 
 
-def weight_only(scheme: QuantScheme) -> QuantScheme:
-    """The same 8-bit weights multiplied with 16-bit inputs (W8A16): `fp8` -> `fp8-wo`."""
-    same = (s for s in SCHEMES.values() if s.weight_dtype == scheme.weight_dtype)
-    return next(s for s in same if not s.quantize_activations)
-
-
 def scheme_for(name: str) -> QuantScheme | None:
     """The scheme called `name`; None for "none" (full-precision weights)."""
     if name == "none":
