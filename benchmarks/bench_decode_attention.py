@@ -16,13 +16,12 @@ import datetime as dt
 import importlib.util
 import json
 import math
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import ModuleType
 
 import torch
-from bench_decode import commit, copy_bandwidth, device_name
+from bench_decode import commit, copy_bandwidth, device_name, graph_us
 
 from fuserve.workers.kernels import paged_decode_attention as current
 
@@ -42,30 +41,6 @@ def load_module(path: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def graphed_us(call: Callable[[], torch.Tensor], reps: int) -> float:
-    """Median us of one call, replaying a graph of CALLS_PER_REPLAY calls."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS_PER_REPLAY):
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(1e3 * start.elapsed_time(end) / CALLS_PER_REPLAY)
-    return sorted(times)[len(times) // 2]
 
 
 def inputs(
@@ -96,7 +71,7 @@ def time_kernels(
     for label, module in kernels.items():
         call = partial(module.paged_decode_attention, q, k, v, tables, lens, 128**-0.5, args.max_len)
         row[f"{label}_max_abs_err"] = (call().float() - ref).abs().max().item()
-        row[f"{label}_us"] = graphed_us(call, args.reps)
+        row[f"{label}_us"] = graph_us(call, CALLS_PER_REPLAY, args.reps)
     return row
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from bench_decode import commit, copy_bandwidth, median_ms
+from bench_decode import commit, copy_bandwidth, graph_us
 
 SHAPES = {  # name: (N, K) of the weight at TP=1; TP=2 halves N (column-parallel) or K (row-parallel)
     "qkv": (6144, 4096, "col"),
@@ -83,21 +83,6 @@ def splitk_linear(
         num_stages=stages,
     )
     return part.sum(0).to(x.dtype) if splits > 1 else part[0].to(x.dtype)
-
-
-def graph_us(fn, reps: int = 20) -> float:
-    """Microseconds per call, `reps` calls replayed from one CUDA graph, median of 15 replays."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    return median_ms(g.replay, 15, True) * 1e3 / reps
 
 
 def main() -> None:
