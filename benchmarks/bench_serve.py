@@ -121,6 +121,7 @@ class RequestResult:
     transit_ms: float = math.nan  # the HAProxy router's decision to the replica's receipt (its header)
     # its TTFT inside the replica (x-fuserve-ttft-parts-ms): admission, engine core, arrival to response
     ttft_parts_ms: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    index: int = -1  # a closed loop's request number: the first `concurrency` of them start together
 
 
 @dataclass
@@ -210,7 +211,9 @@ async def closed_loop(
 
     async def client() -> None:
         while (i := tickets.take()) is not None:
-            results.append(await send(i, specs[i % len(specs)]))
+            result = await send(i, specs[i % len(specs)])
+            result.index = i
+            results.append(result)
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     return results
@@ -511,8 +514,30 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+def steady_figures(ok: list[RequestResult], first_wave: int) -> dict[str, float]:
+    """TTFT and ITL of a closed loop's requests after its first wave. The first `first_wave`
+    requests (one per client) are sent in the same instant, a burst whose TTFTs depend on the order
+    in which hundreds of simultaneous arrivals meet the engine's steps; the requests after it arrive
+    as earlier ones end, which is the steady load that a concurrency level stands for."""
+    steady = [r for r in ok if r.index >= first_wave]
+    ttft = [r.ttft_s * 1e3 for r in steady if not math.isnan(r.ttft_s)]
+    itl = [g * 1e3 for r in steady for g in r.itl_s]
+    wave = [r.ttft_s * 1e3 for r in ok if 0 <= r.index < first_wave and not math.isnan(r.ttft_s)]
+    return {
+        "steady_requests": len(steady),
+        "ttft_ms_p50_steady": percentile(ttft, 50),
+        "ttft_ms_p99_steady": percentile(ttft, 99),
+        "itl_ms_p90_steady": percentile(itl, 90),
+        "first_wave_ttft_ms_p50": percentile(wave, 50),
+    }
+
+
 def summarize(
-    results: list[RequestResult], wall_s: float, devices: int, device_hour_usd: float
+    results: list[RequestResult],
+    wall_s: float,
+    devices: int,
+    device_hour_usd: float,
+    first_wave: int | None = None,
 ) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     ttft = [r.ttft_s * 1e3 for r in ok if not math.isnan(r.ttft_s)]
@@ -531,6 +556,8 @@ def summarize(
     for q in (50, 90, 99):
         row[f"ttft_ms_p{q}"] = percentile(ttft, q)
         row[f"itl_ms_p{q}"] = percentile(itl, q)
+    if first_wave:
+        row.update(steady_figures(ok, first_wave))
     transit = [r.transit_ms for r in ok if not math.isnan(r.transit_ms)]
     if transit:
         row["transit_ms_p50"], row["transit_ms_p99"] = percentile(transit, 50), percentile(transit, 99)
@@ -571,6 +598,16 @@ def check_bounds(http: dict[str, Any], engine: dict[str, Any]) -> dict[str, Any]
         out[f"{k}_vs_engine"] = _ratio(http.get(k, math.nan), engine.get(k, math.nan))
     no_failures = http.get("num_failed", 0) == 0 and engine.get("num_failed", 0) == 0
     out["bounds_ok"] = out["itl_p90_ok"] and out["ttft_p50_ok"] and out["output_tok_s_ok"] and no_failures
+    if "ttft_ms_p50_steady" in http and "ttft_ms_p50_steady" in engine:  # closed loop: after the first wave
+        out["ttft_p50_steady_ok"] = bool(
+            http["ttft_ms_p50_steady"] <= engine["ttft_ms_p50_steady"] + TTFT_P50_SLACK_MS
+        )
+        out["itl_p90_steady_ok"] = bool(
+            http["itl_ms_p90_steady"] <= ITL_P90_FACTOR * engine["itl_ms_p90_steady"] + ITL_P90_SLACK_MS
+        )
+        out["bounds_ok_steady"] = (
+            out["ttft_p50_steady_ok"] and out["itl_p90_steady_ok"] and out["output_tok_s_ok"] and no_failures
+        )
     return out
 
 
@@ -889,7 +926,8 @@ def http_levels(
         before = scrape_counters(url)
         results, wall, client_util = http_level(url, level, procs)
         after = scrape_counters(url)
-        row = {**base, **level.tags(), **summarize(results, wall, 1, args.device_hour_usd)}
+        summary = summarize(results, wall, 1, args.device_hour_usd, level.concurrency)
+        row = {**base, **level.tags(), **summary}
         row.update(level_figures(before, after, row["output_tokens"], wall))
         row.update(client_procs=procs, client_cpu_util=client_util)
         rows.append(row)
@@ -960,7 +998,7 @@ def compare_overhead(
         engine.shutdown()
     for level, (results, wall, before, after) in zip(levels, measured, strict=True):
         row = {"comparison": "overhead", "path": "engine", "replicas": 1, **level.tags()}
-        row.update(summarize(results, wall, 1, args.device_hour_usd))
+        row.update(summarize(results, wall, 1, args.device_hour_usd, level.concurrency))
         row.update(level_figures(before, after, row["output_tokens"], wall))
         rows.append(row)
         print(_describe(row))
@@ -1040,6 +1078,23 @@ def bounds_line(http: dict[str, Any], engine: dict[str, Any]) -> str:
         f"arrival to response {http.get('replica_ms_p50', math.nan):.1f}; outside the replica "
         f"{http.get('outside_ms_p50', math.nan):.1f} (p99 {http.get('outside_ms_p99', math.nan):.1f})\n"
         f"    engine step = host + device wait ms: {_split(http)} under HTTP, {_split(engine)} in-process"
+        + _steady_line(http, engine, b)
+    )
+
+
+def _steady_line(http: dict[str, Any], engine: dict[str, Any], b: dict[str, Any]) -> str:
+    """The same bounds over the requests after a closed loop's first wave (`steady_figures`)."""
+    if "bounds_ok_steady" not in b:
+        return ""
+    ok = lambda flag: "ok" if flag else "OVER"
+    return (
+        f"\n    after the first wave ({http['steady_requests']} requests): "
+        f"{'PASS' if b['bounds_ok_steady'] else 'FAIL'}; TTFT p50/p99 "
+        f"{http['ttft_ms_p50_steady']:.1f}/{http['ttft_ms_p99_steady']:.1f} vs "
+        f"{engine['ttft_ms_p50_steady']:.1f}/{engine['ttft_ms_p99_steady']:.1f} ms "
+        f"({ok(b['ttft_p50_steady_ok'])}); ITL p90 {http['itl_ms_p90_steady']:.2f} vs "
+        f"{engine['itl_ms_p90_steady']:.2f} ms ({ok(b['itl_p90_steady_ok'])}); first wave TTFT p50 "
+        f"{http['first_wave_ttft_ms_p50']:.1f} vs {engine['first_wave_ttft_ms_p50']:.1f} ms"
     )
 
 

@@ -27,10 +27,34 @@ HAPROXY=(env RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWAR
 MODEL=configs/llama3-8b-dummy.yaml
 RPC=${RPC:-4}  # requests per client at each concurrency level
 
+# PROFILE_S=N: py-spy (its wheel carried beside .whl and installed with it) samples the HTTP replica's
+# engine core and its frontend for N seconds from the end of the level at PROFILE_AFTER streams (so,
+# with LEVELS=128,256, the 256-stream level), as collapsed stacks with thread names under $OUT; then the
+# in-process engine's process over its second level.
+profile_replica() {
+  local log="$OUT/overhead-haproxy.log" front="" pid="" c
+  for _ in $(seq 1200); do
+    grep -q "http   at concurrency ${PROFILE_AFTER:-128}:" "$log" 2>/dev/null && break
+    sleep 0.25
+  done
+  front=$(pgrep -f "ServeReplica:bench_overhead:Engine" | head -1)
+  for c in $(pgrep -P "$front"); do grep -q resource_tracker "/proc/$c/cmdline" || pid=$c; done
+  [ -n "$pid" ] || { echo "profile: no engine core found under replica '$front'"; return; }
+  echo "profile: frontend $front, engine core $pid"
+  py-spy record -p "$pid" -d "$PROFILE_S" -r 200 --threads --nonblocking -f raw -o "$OUT/profile-engine-core.txt" &
+  py-spy record -p "$front" -d "$PROFILE_S" -r 200 --threads --nonblocking -f raw -o "$OUT/profile-frontend.txt" &
+  wait
+  # the same level in the in-process engine, which runs in the benchmark's own process after HTTP
+  for _ in $(seq 2400); do grep -q "engine level 1/" "$log" 2>/dev/null && break; sleep 0.25; done
+  pid=$(pgrep -f "^python3 benchmarks/bench_serve.py" | head -1)
+  py-spy record -p "$pid" -d "$PROFILE_S" -r 200 --threads --nonblocking -f raw -o "$OUT/profile-in-process.txt"
+}
+
 case ${PART:-overhead} in
   both)  # one call on two GPUs: the overhead levels through HAProxy, then the burst on 2 replicas
     INGRESSES=haproxy PART=overhead bash "$0"; TP2=0 PART=scale bash "$0" ;;
   overhead)
+    [ -n "${PROFILE_S:-}" ] && profile_replica > "$OUT/profile.log" 2>&1 &
     for ingress in ${INGRESSES:-haproxy python}; do
       run=(); [ "$ingress" = haproxy ] && run=("${HAPROXY[@]}")
       timeout ${LEVEL_TIMEOUT:-280} "${run[@]}" python3 benchmarks/bench_serve.py --config $MODEL \

@@ -113,6 +113,7 @@ def test_closed_loop_keeps_exactly_n_requests_in_flight(bs: types.ModuleType) ->
     specs = _specs(bs, 40)
     results = asyncio.run(bs.closed_loop(send, specs, 8, bs.Tickets(40)))
     assert len(results) == 40 and sorted(sent) == list(range(40)) and peak == 8
+    assert sorted(r.index for r in results) == list(range(40))  # each result keeps its request number
     # fewer requests than clients: each request once, never more in flight than requests
     sent.clear()
     peak = 0
@@ -280,6 +281,35 @@ def test_check_bounds_is_issue_15s(bs: types.ModuleType) -> None:
     assert math.isnan(ratios["engine_step_ms_vs_engine"])
     pairs = bs.overhead_pairs([_row("http"), engine, _row("http", concurrency=64)])
     assert len(pairs) == 1 and pairs[0][1] is engine  # a level only one side ran has no pair
+
+
+def test_steady_figures_leave_out_the_first_wave(bs: types.ModuleType) -> None:
+    """The first `concurrency` requests start together; the steady figures are those of the rest, and
+    the bounds are judged on them too (beside, not instead of, the figures over every request)."""
+
+    def result(i: int, ttft_ms: float, itl_ms: float) -> object:
+        return bs.RequestResult("chat", ok=True, ttft_s=ttft_ms / 1e3, itl_s=[itl_ms / 1e3] * 3, index=i)
+
+    ok = [result(i, 300.0, 50.0) for i in range(4)] + [result(i, 20.0, 10.0) for i in range(4, 12)]
+    row = bs.summarize(ok, 1.0, 1, 0.0, first_wave=4)
+    assert row["steady_requests"] == 8 and row["ttft_ms_p50_steady"] == pytest.approx(20.0)
+    assert row["first_wave_ttft_ms_p50"] == pytest.approx(300.0)
+    assert row["itl_ms_p90_steady"] == pytest.approx(10.0) and row["itl_ms_p90"] == pytest.approx(50.0)
+    assert "steady_requests" not in bs.summarize(ok, 1.0, 1, 0.0)  # open loop: no first wave
+    steady = {
+        "ttft_ms_p50_steady": 20.0,
+        "ttft_ms_p99_steady": 30.0,
+        "itl_ms_p90_steady": 10.0,
+        "steady_requests": 8,
+    }
+    engine = _row("engine", **steady, first_wave_ttft_ms_p50=1.0)
+    http = _row(
+        "http", ttft_ms_p50=99.0, **{**steady, "ttft_ms_p50_steady": 25.0}, first_wave_ttft_ms_p50=1.0
+    )
+    b = bs.check_bounds(http, engine)
+    assert not b["bounds_ok"] and b["bounds_ok_steady"]
+    assert not bs.check_bounds({**http, "ttft_ms_p50_steady": 25.01}, engine)["bounds_ok_steady"]
+    assert "after the first wave (8 requests): PASS" in bs.bounds_line(http, engine)
 
 
 def test_plot_draws_only_panels_with_data(bs: types.ModuleType) -> None:
