@@ -106,7 +106,7 @@ def main() -> int:
             {"probs_ptr": "*fp32", "target_ptr": "*fp32", "known_ptr": "*fp32", "out_ptr": "*fp32"},
         ),
     }
-    quant_tile = {"BLOCK_N": 8, "BLOCK_K": 1024}
+    quant_tile = {"BLOCK_N": 8, "BLOCK_K": 1024}  # one of quant_gemv._TILES
     gemm_tile = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}
     for wname, wtype, fp8 in (("int8", "*i8", False), ("fp8", "*u8", True)):
         kernels[f"quant_gemv {wname}"] = (
