@@ -1,23 +1,28 @@
 """The engine's host work per decode step at a large batch, on the CPU.
 
 A one-layer, 16-wide dummy Llama keeps the forward small, so a step's CPU time is mostly the
-scheduler, the step plan and the output handling: what bounds a GPU engine that runs ~1,024 sequences
-a step (the offline throughput benchmark) if the GPU step is shorter than them.
+scheduler, the step plan and the output handling, as the engine-core process runs them (with its
+per-step output message and stats): what bounds a GPU engine that serves 256 streams or runs ~1,024
+sequences a step (the offline throughput benchmark) when the GPU step is shorter than them.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_host_step.py --batch 1024     # ~1 min on a 2-core box
+    OMP_NUM_THREADS=1 python benchmarks/bench_host_step.py --batch 256 --prompt-len 512 --profile /tmp/p
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import statistics
 import time
 
 from bench_decode import TINY, dummy_engine_config
 
 from fuserve.configs import config_from_dict
+from fuserve.gc_tuning import quiet_gc
 from fuserve.sampling_params import SamplingParams
 from fuserve.workers.engine import LLMEngine
+from fuserve.workers.engine_core import seq_output
 
 
 def main() -> None:
@@ -27,6 +32,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument(
         "--output-len", type=int, default=100, help="tokens per request; the timed steps are its last ones"
+    )
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--profile", help="write cProfile stats of the timed steps to this file")
+    ap.add_argument(
+        "--gc",
+        choices=("quiet", "python"),
+        default="quiet",
+        help="the engine core's collector settings (gc_tuning.quiet_gc), or Python's defaults",
     )
     args = ap.parse_args()
     out_len = max(args.output_len, args.steps + 20)
@@ -38,30 +51,46 @@ def main() -> None:
         dummy_engine_config(
             hf,
             [b],
-            64,
+            args.prompt_len,
             100,
             smoke=True,
-            model={"device": "cpu", "max_model_len": 1024},
-            cache={"num_blocks": b * ((64 + out_len) // 16 + 2) + 64},
+            model={"device": "cpu", "max_model_len": max(1024, args.prompt_len + out_len + 16)},
+            cache={"num_blocks": b * ((args.prompt_len + out_len) // 16 + 2) + 64},
             scheduler={"max_num_batched_tokens": 65536},
         )
     )
-    engine = LLMEngine(config)
+    engine = LLMEngine(config, detokenize=False)
+    if args.gc == "quiet":
+        quiet_gc()
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+    profiler = cProfile.Profile() if args.profile else None
+
+    def core_step() -> None:
+        """A step as the engine-core process serves it: the step, its one message's outputs, stats."""
+        [seq_output(o) for o in engine.step()]
+        engine.stats()
+
     cpu_ms = []
     for rep in range(args.passes):
         for i in range(b):
-            engine.add_request(f"r{rep}-{i}", list(range(1, 65)), params)
+            engine.add_request(f"r{rep}-{i}", [1 + j % 250 for j in range(args.prompt_len)], params)
         for _ in range(out_len - args.steps - 5):  # the timed steps carry the longest outputs
-            engine.step()
+            core_step()
         start = time.process_time()
+        if profiler:
+            profiler.enable()
         for _ in range(args.steps):
-            engine.step()
+            core_step()
+        if profiler:
+            profiler.disable()
         cpu_ms.append((time.process_time() - start) / args.steps * 1e3)
         while engine.has_unfinished():
-            engine.step()
+            core_step()
+    if profiler:
+        profiler.dump_stats(args.profile)
     print(
-        f"batch {b}: CPU ms per step {[round(x, 1) for x in cpu_ms]}, median {statistics.median(cpu_ms):.1f}"
+        f"batch {b}, collector {args.gc}: CPU ms per step {[round(x, 1) for x in cpu_ms]}, "
+        f"median {statistics.median(cpu_ms):.1f}"
     )
 
 

@@ -58,6 +58,8 @@ from typing import Any
 
 import aiohttp
 
+from fuserve.gc_tuning import quiet_gc
+
 HERE = Path(__file__).resolve().parent
 # `fuserve bench serve` loads this file by path, so its folder is not on sys.path there; the sibling
 # bench_decode and this module's spawned client processes (which import it by name) need it.
@@ -85,6 +87,8 @@ SERVER_COUNTERS = {
     "engine_prefill_steps": "fuserve_engine_prefill_steps_total",
     "engine_prefill_step_s": "fuserve_engine_prefill_step_seconds_total",
     "engine_core_cpu_s": "fuserve_engine_core_cpu_seconds_total",  # optional: NaN where not exported
+    "engine_gc_s": "fuserve_engine_core_gc_seconds_total",  # Python's collector in each process
+    "frontend_gc_s": "fuserve_frontend_gc_seconds_total",
     # where time to first token goes inside the replica (histograms' sums and counts)
     "admit_s": "fuserve_frontend_admit_seconds_sum",
     "admit_n": "fuserve_frontend_admit_seconds_count",
@@ -105,6 +109,7 @@ ENGINE_STATS_FIELDS = {
     "engine_wait_s": "device_wait_seconds_total",
     "engine_prefill_steps": "prefill_steps",
     "engine_prefill_step_s": "prefill_step_seconds_total",
+    "engine_gc_s": "gc_seconds_total",  # the whole benchmark process's, its clients' included
 }
 
 
@@ -492,6 +497,8 @@ def level_figures(
         "engine_decode_step_ms": ms_each(
             step_s - delta["engine_prefill_step_s"], steps - delta["engine_prefill_steps"]
         ),
+        "engine_gc_ms_per_step": ms_each(delta["engine_gc_s"], steps),
+        "frontend_gc_util": delta["frontend_gc_s"] / wall_s if wall_s > 0 else math.nan,
     }
     return {
         "frontend_cpu_ms_per_token": cpu_s * 1e3 / output_tokens if output_tokens > 0 else math.nan,
@@ -882,6 +889,7 @@ def engine_baseline(
 
     wait_for_device_memory()
     engine = AsyncEngine(config)
+    quiet_gc()
 
     async def each() -> list[tuple[float, list[RequestResult], float]]:
         first = next(iter(workloads.values()))
@@ -981,6 +989,7 @@ def compare_overhead(
     # The replica ran with one torch thread per CPU it was given; the in-process engine does too.
     torch.set_num_threads(max(1, int(cfg.serve.num_cpus_per_replica)))
     engine = AsyncEngine(cfg)
+    quiet_gc()  # as the replica's engine core and frontend do: the comparison stays like for like
 
     async def all_levels() -> list[tuple[list[RequestResult], float, dict[str, float], dict[str, float]]]:
         await run_engine(engine, warmup, "warmup")
@@ -1078,6 +1087,7 @@ def bounds_line(http: dict[str, Any], engine: dict[str, Any]) -> str:
         f"arrival to response {http.get('replica_ms_p50', math.nan):.1f}; outside the replica "
         f"{http.get('outside_ms_p50', math.nan):.1f} (p99 {http.get('outside_ms_p99', math.nan):.1f})\n"
         f"    engine step = host + device wait ms: {_split(http)} under HTTP, {_split(engine)} in-process"
+        + _gc(http, engine)
         + _steady_line(http, engine, b)
     )
 
@@ -1095,6 +1105,15 @@ def _steady_line(http: dict[str, Any], engine: dict[str, Any], b: dict[str, Any]
         f"({ok(b['ttft_p50_steady_ok'])}); ITL p90 {http['itl_ms_p90_steady']:.2f} vs "
         f"{engine['itl_ms_p90_steady']:.2f} ms ({ok(b['itl_p90_steady_ok'])}); first wave TTFT p50 "
         f"{http['first_wave_ttft_ms_p50']:.1f} vs {engine['first_wave_ttft_ms_p50']:.1f} ms"
+    )
+
+
+def _gc(http: dict[str, Any], engine: dict[str, Any]) -> str:
+    """Python's garbage collector in each process (gc_tuning.py)."""
+    return (
+        f"; collector ms a step: engine core {http.get('engine_gc_ms_per_step', math.nan):.2f}, in-process "
+        f"{engine.get('engine_gc_ms_per_step', math.nan):.2f}; frontend "
+        f"{http.get('frontend_gc_util', math.nan):.3f} of a core"
     )
 
 

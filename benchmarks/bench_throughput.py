@@ -200,6 +200,7 @@ def run_shape(
 
 def build_engine(args: argparse.Namespace, scheme: str, shapes: list[tuple[int, int]]) -> tuple[Any, float]:
     from fuserve.configs import config_from_dict
+    from fuserve.gc_tuning import quiet_gc
     from fuserve.workers.engine import LLMEngine
 
     cache: dict[str, Any] = {
@@ -226,6 +227,7 @@ def build_engine(args: argparse.Namespace, scheme: str, shapes: list[tuple[int, 
     t0 = time.perf_counter()
     engine = LLMEngine(config)
     warm_up(engine, args.max_num_batched_tokens)
+    quiet_gc()  # as in the served engine core: start-up's heap out of every collection (gc_tuning.py)
     return engine, time.perf_counter() - t0
 
 

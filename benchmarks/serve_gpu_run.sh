@@ -37,9 +37,12 @@ profile_replica() {
     grep -q "http   at concurrency ${PROFILE_AFTER:-128}:" "$log" 2>/dev/null && break
     sleep 0.25
   done
-  front=$(pgrep -f "ServeReplica:bench_overhead:Engine" | head -1)
-  for c in $(pgrep -P "$front"); do grep -q resource_tracker "/proc/$c/cmdline" || pid=$c; done
-  [ -n "$pid" ] || { echo "profile: no engine core found under replica '$front'"; return; }
+  # the engine core: a spawned child of the Engine replica (the router replica has no such child)
+  for c in $(pgrep -f spawn_main); do
+    front=$(ps -o ppid= -p "$c" | tr -d ' ')
+    tr '\0' ' ' < "/proc/$front/cmdline" | grep -q "ServeReplica:bench_overhead:Engine\b" && { pid=$c; break; }
+  done
+  [ -n "$pid" ] || { echo "profile: no engine core found"; ps -eo pid,ppid,args | grep -E "ray::|spawn" | cut -c1-160; return; }
   echo "profile: frontend $front, engine core $pid"
   py-spy record -p "$pid" -d "$PROFILE_S" -r 200 --threads --nonblocking -f raw -o "$OUT/profile-engine-core.txt" &
   py-spy record -p "$front" -d "$PROFILE_S" -r 200 --threads --nonblocking -f raw -o "$OUT/profile-frontend.txt" &

@@ -31,6 +31,7 @@ class ReplicaStats:
     replica_id: str
     engine: CoreStats = field(default_factory=CoreStats)  # its engine core's, from the last step
     frontend_cpu_seconds_total: float = 0.0
+    frontend_gc_seconds_total: float = 0.0  # of its CPU time, in Python's garbage collector
     healthy: bool = True
     timestamp: float = 0.0  # time.time() on the replica when taken
 

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from fuserve.configs import FuserveConfig, ServeConfig
+from fuserve.gc_tuning import gc_seconds_total, quiet_gc
 from fuserve.router import grpc_service
 from fuserve.router.api_keys import ApiKeys
 from fuserve.router.core_client import EngineCoreClient
@@ -169,6 +170,7 @@ class EngineIngress:
         self._token_text: dict[int, str] = {}
         self._last_report: dict = {}
         self._last_report_at = 0.0
+        quiet_gc()  # everything this replica keeps is built: out of later collections (gc_tuning.py)
 
     # ---- this replica's state: routing, health, metrics ------------------------------------------
     def stats(self) -> ReplicaStats:
@@ -182,6 +184,7 @@ class EngineIngress:
             replica_id=self.replica_id,
             engine=engine,
             frontend_cpu_seconds_total=usage.ru_utime + usage.ru_stime,
+            frontend_gc_seconds_total=gc_seconds_total(),
             healthy=self.core.healthy,
             timestamp=time.time(),
         )

@@ -76,6 +76,10 @@ class _EngineCollector(Collector):
                 "Wall seconds of the engine steps that carried prefill tokens",
             ),
             "cpu_seconds_total": ("fuserve_engine_core_cpu_seconds", "CPU seconds of the engine core"),
+            "gc_seconds_total": (
+                "fuserve_engine_core_gc_seconds",
+                "Seconds the engine core spent in Python's garbage collector",
+            ),
         }
         snapshot = list(self.replicas.values())
         for attr, (name, doc) in gauges.items():
@@ -96,6 +100,14 @@ class _EngineCollector(Collector):
         for s in snapshot:
             frontend.add_metric([s.replica_id], s.frontend_cpu_seconds_total)
         yield frontend
+        frontend_gc = CounterMetricFamily(
+            "fuserve_frontend_gc_seconds",
+            "Seconds the replica's frontend process spent in Python's garbage collector",
+            labels=["replica"],
+        )
+        for s in snapshot:
+            frontend_gc.add_metric([s.replica_id], s.frontend_gc_seconds_total)
+        yield frontend_gc
         up = GaugeMetricFamily(
             "fuserve_engine_healthy", "1 while the replica's engine loop runs", labels=["replica"]
         )

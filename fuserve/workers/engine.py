@@ -22,6 +22,7 @@ import torch
 
 from fuserve.configs import FuserveConfig
 from fuserve.core_messages import CoreStats
+from fuserve.gc_tuning import gc_seconds_total
 from fuserve.parallel.worker_group import WorkerGroup
 from fuserve.sampling_params import RequestError, SamplingParams
 from fuserve.speculative.factory import build_proposer
@@ -450,6 +451,7 @@ class LLMEngine:
             decode_left=queue.decode_left,
             inflight_prefill_tokens=-1 if self._inflight is None else prefill_tokens(self._inflight[0]),
             taken_at=time.time(),
+            gc_seconds_total=gc_seconds_total(),
             step_cost_samples=fit.num_samples,
             num_requests_added=self.num_requests_added,
             spec=self.speculation.snapshot() if self.speculation is not None else None,

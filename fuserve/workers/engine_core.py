@@ -39,6 +39,7 @@ from fuserve.core_messages import (
     StepOutputs,
     input_decoder,
 )
+from fuserve.gc_tuning import quiet_gc
 from fuserve.workers.engine import LLMEngine
 from fuserve.workers.kernels.compile_watch import watch_compiles
 from fuserve.workers.outputs import RequestOutput
@@ -227,6 +228,7 @@ def run_engine_core(
         out_sock.send(encoder.encode(CoreDead(f"the engine failed to start: {type(err).__name__}: {err}")))
         in_sock.close(linger=0)
         _exit(ctx, out_sock, 1)
+    quiet_gc()
     core = EngineCore(engine, parent_pid)
     watch_compiles(_report_compile)
     gen = engine.generation

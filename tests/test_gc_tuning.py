@@ -1,0 +1,37 @@
+"""The serving processes' collector settings (fuserve/gc_tuning.py)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from fuserve.gc_tuning import GEN0_THRESHOLD, gc_seconds_total, quiet_gc
+
+
+@pytest.fixture
+def restore_gc() -> Iterator[None]:
+    """quiet_gc changes this process's collector; the rest of the test session gets Python's back."""
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
+def test_quiet_gc_freezes_the_heap_and_raises_the_first_threshold(restore_gc: None) -> None:
+    kept = [[i] for i in range(1000)]  # alive when the process is "up"
+    quiet_gc()
+    assert gc.get_freeze_count() >= len(kept)
+    assert gc.get_threshold()[0] == GEN0_THRESHOLD
+    cycle: list = []
+    cycle.append(cycle)  # garbage made after start-up is still collected
+    del cycle
+    assert gc.collect() >= 1
+
+
+def test_gc_seconds_total_counts_collections(restore_gc: None) -> None:
+    before = gc_seconds_total()
+    for _ in range(3):
+        gc.collect()
+    assert gc_seconds_total() > before
