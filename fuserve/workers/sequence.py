@@ -78,7 +78,7 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return self.num_tokens - self.num_prompt_tokens
+        return len(self.token_ids) - len(self.prompt_token_ids)
 
     @property
     def is_finished(self) -> bool:
@@ -91,5 +91,5 @@ class Sequence:
     @property
     def remaining_work(self) -> int:
         """Tokens this sequence still costs: uncomputed tokens plus tokens left to generate."""
-        to_prefill = max(self.num_tokens - self.num_computed_tokens - 1, 0)
-        return to_prefill + self.max_tokens - self.num_output_tokens
+        n = len(self.token_ids)  # read a few times a step for every sequence: no nested properties
+        return max(n - self.num_computed_tokens - 1, 0) + self.max_tokens - n + len(self.prompt_token_ids)
