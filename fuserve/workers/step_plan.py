@@ -126,8 +126,7 @@ def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
             input_ids.extend(tokens)
             positions.extend(range(start, start + n))
             slots.extend(
-                table[p // block_size] * block_size + p % block_size
-                for p in range(start, start + n)
+                table[p // block_size] * block_size + p % block_size for p in range(start, start + n)
             )
         plan.query_start_loc.append(plan.query_start_loc[-1] + n)
         plan.context_lens.append(start + n)
