@@ -13,6 +13,8 @@ perplexity on bench_quant_accuracy.py's held-out text. Experiments:
   depth     fp8 W8A8 with GPTQ weights, one decoder layer's inputs (all four types) kept in 16 bits at a
             time
   keep      the same with each --keep-layers set's layers together (e.g. "2,13;2,11,13")
+  head      the LM head in 8 bits (round-to-nearest per vocabulary row; the input embedding, tied to
+            it here, stays as it is), alone and beside each weight-only scheme's GPTQ linears
 
     python benchmarks/quant_sensitivity.py --experiments type,act,method   # CPU: ~5 min
 Rows go to --out (default $OUT/quant-sensitivity-DATE.json).
@@ -141,6 +143,21 @@ def sequential_gptq_ppl(model: Any, seqs: list[list[int]], ppl: Any) -> float:
             mods[n].weight.data.copy_(w)
 
 
+@contextmanager
+def head_rounded(model: Any, scheme_name: str) -> Iterator[None]:
+    """The LM head multiplies its quantize-dequantize weight inside; a head tied to the input embedding
+    gets its own copy, so the embedding's rows stay exact (as a separate 8-bit head would serve)."""
+    from fuserve.workers.models.quant_scheme import SCHEMES, dequantize_rows, quantize_rows
+
+    head = model.lm_head
+    saved = head.weight
+    head.weight = torch.nn.Parameter(dequantize_rows(*quantize_rows(saved.data, SCHEMES[scheme_name])))
+    try:
+        yield
+    finally:
+        head.weight = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--experiments", default="type,act,method")
@@ -168,7 +185,7 @@ def main() -> None:
     names = list(linears(model))
     hessians: dict[str, torch.Tensor] = {}
     exps = args.experiments.split(",")
-    if {"method", "mixed", "depth", "keep"} & set(exps):
+    if {"method", "mixed", "depth", "keep", "head"} & set(exps):
         t = time.time()
         seqs = calibration_sequences(tok, model.arch.vocab_size, args.calibration_tokens)
         hessians = collect_hessians(model, seqs)
@@ -217,6 +234,19 @@ def main() -> None:
         for kept in filter(None, args.keep_layers.split(";")):
             layers = [int(i) % model.arch.num_layers for i in kept.split(",")]
             record("keep", f"16b-{kept}", "fp8", "gptq", names, layer_inputs(layers))
+    if "head" in exps:
+        for scheme in ("int8-wo", "fp8-wo"):
+            t = time.time()
+            with head_rounded(model, scheme):
+                alone = ppl()
+                with quantized(model, names, scheme, "gptq", hessians):
+                    both = ppl()
+            for what, p in (("head", alone), ("all+head", both)):
+                rows.append(
+                    dict(experiment="head", layers=what, scheme=scheme, method="rtn-head", perplexity=p)
+                )
+                rows[-1]["ppl_ratio"] = p / ref
+                print(f"head   {what:<10}{scheme:<8} ppl {p:.4f} x{p / ref:.4f} ({time.time() - t:.1f}s)")
     if "sequential" in exps:
         t = time.time()
         seqs = calibration_sequences(tok, model.arch.vocab_size, args.calibration_tokens)
