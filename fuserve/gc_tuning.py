@@ -3,8 +3,9 @@
 A serving step allocates thousands of short-lived containers (step plans, outputs, messages, SSE
 chunks), so the collector's youngest generation fills many times a step, and every so often a full
 collection walks every tracked object the process holds: the model's modules, torch's, Ray's and
-Serve's state. On the CPU (benchmarks/bench_host_step.py, 1,024 sequences a step) collections were
-about 40% of the engine's host time a step. Freezing what exists once the process is up takes it out
+Serve's state. On the CPU (benchmarks/bench_host_step.py, 1,024 sequences a step) collections were a
+third or more of the engine's host time a step; on an H100 serving 256 streams the engine core's host
+time a step fell 8% with these settings (benchmarks/NOTES.md, issue 15). Freezing what exists once the process is up takes it out
 of every later collection, and a larger first threshold makes collections rare; reference cycles are
 still collected. vLLM's engine-core process freezes its start-up heap for the same reason.
 """
@@ -22,7 +23,6 @@ class _GcClock:
 
     def __init__(self) -> None:
         self.seconds_total = 0.0
-        self.collections = 0
         self._started = 0.0
         gc.callbacks.append(self._on_gc)
 
@@ -31,7 +31,6 @@ class _GcClock:
             self._started = time.perf_counter()
         else:
             self.seconds_total += time.perf_counter() - self._started
-            self.collections += 1
 
 
 _clock: _GcClock | None = None
