@@ -5,9 +5,9 @@ chunks), so the collector's youngest generation fills many times a step, and eve
 collection walks every tracked object the process holds: the model's modules, torch's, Ray's and
 Serve's state. On the CPU (benchmarks/bench_host_step.py, 1,024 sequences a step) collections were a
 third or more of the engine's host time a step; on an H100 serving 256 streams the engine core's host
-time a step fell 8% with these settings (benchmarks/NOTES.md, issue 15). Freezing what exists once the process is up takes it out
-of every later collection, and a larger first threshold makes collections rare; reference cycles are
-still collected. vLLM's engine-core process freezes its start-up heap for the same reason.
+time a step fell 8% with these settings (benchmarks/NOTES.md, issue 15). Freezing what exists once
+the process is up takes it out of every later collection, and a larger first threshold makes
+collections rare; reference cycles are still collected. vLLM's engine-core process freezes its start-up heap for the same reason.
 """
 
 from __future__ import annotations
