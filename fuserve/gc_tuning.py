@@ -7,7 +7,8 @@ Serve's state. On the CPU (benchmarks/bench_host_step.py, 1,024 sequences a step
 third or more of the engine's host time a step; on an H100 serving 256 streams the engine core's host
 time a step fell 8% with these settings (benchmarks/NOTES.md, issue 15). Freezing what exists once
 the process is up takes it out of every later collection, and a larger first threshold makes
-collections rare; reference cycles are still collected. vLLM's engine-core process freezes its start-up heap for the same reason.
+collections rare; reference cycles are still collected. vLLM's engine-core process freezes its
+start-up heap for the same reason.
 """
 
 from __future__ import annotations
