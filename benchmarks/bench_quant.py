@@ -80,7 +80,11 @@ def run_engine(
             prompt_len,
             output_len,
             smoke,
-            model={"quantization": scheme},
+            # "int8-wo+head": the scheme with model.quantize_lm_head (the LM head in int8 too)
+            model={
+                "quantization": scheme.removesuffix("+head"),
+                "quantize_lm_head": scheme.endswith("+head"),
+            },
             cache={"gpu_memory_utilization": 0.6, "kv_cache_dtype": kv_cache_dtype},
             scheduler={"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {},
         )
@@ -195,6 +199,9 @@ def main() -> None:
     ap.add_argument(
         "--fp8-kv", default="none,fp8", help="schemes also run with the FP8 KV cache ('' for none)"
     )
+    ap.add_argument(
+        "--int8-head", default="", help="schemes to run again with model.quantize_lm_head (engine rows only)"
+    )
     ap.add_argument("--long-context", type=int, default=32768, help="batch-1 decode at this context; 0 skips")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script runs")
     ap.add_argument("--out", default=None)
@@ -218,7 +225,8 @@ def main() -> None:
             if rows[-1]["activations"] == "fused":
                 rows.append(run_kernels(scheme, cfg, m, copies, reps, fused=False))
                 print(rows[-1], flush=True)
-    runs = [(s, "auto") for s in schemes] + [(s, "fp8") for s in args.fp8_kv.split(",") if s]
+    runs = [(s, "auto") for s in schemes] + [(f"{s}+head", "auto") for s in args.int8_head.split(",") if s]
+    runs += [(s, "fp8") for s in args.fp8_kv.split(",") if s]
     for scheme, kv in runs:
         engine_rows, nbytes = run_engine(
             scheme, kv, cfg, batches, args.prompt_len, args.output_len, args.smoke

@@ -16,7 +16,7 @@ def test_bench_quant_smoke(tmp_path: Path) -> None:
     out = tmp_path / "quant.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--smoke", "--int8-head", "int8-wo", "--out", str(out)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -35,7 +35,7 @@ def test_bench_quant_smoke(tmp_path: Path) -> None:
     # fp8 W8A8 at 16 rows: with the input quantized by its producer (fused) and by the layer itself
     w8a8 = {("fp8", 16, "fused"), ("fp8", 16, "unfused")}
     assert kernels == {(s, b, None) for s in schemes for b in (1, 2, 16)} - {("fp8", 16, None)} | w8a8
-    runs = [(s, "auto") for s in schemes] + [("none", "fp8"), ("fp8", "fp8")]
+    runs = [(s, "auto") for s in schemes] + [("int8-wo+head", "auto"), ("none", "fp8"), ("fp8", "fp8")]
     assert set(decode) == {(s, kv, b) for s, kv in runs for b in (1, 2)}
     assert decode[("none", "auto", 1)]["ms_ratio_vs_bf16"] == 1.0
     # 8-bit weights: the decoder layers' bytes shrink (fp32 -> 1 byte in the smoke run)

@@ -101,6 +101,7 @@ def test_tp2_rank_files_hold_each_ranks_shard(checkpoint: Path, tmp_path: Path) 
         ),
         (1, {"max_model_len": 300}, "built for max_model_len 256, but model.max_model_len is 300"),
         (1, {"build_source": "OTHER"}, "built from another source"),
+        (1, {"quantize_lm_head": True}, "a folder from `fuserve build` keeps its LM head in 16 bits"),
     ],
 )
 def test_mismatched_manifest_is_refused(

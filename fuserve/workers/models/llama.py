@@ -34,7 +34,7 @@ from fuserve.parallel.layers import (
 )
 from fuserve.parallel.tp_context import Partial, TPContext
 from fuserve.workers.kernels.ops import KernelOps
-from fuserve.workers.models.quant_scheme import Fp8Activations, QuantScheme
+from fuserve.workers.models.quant_scheme import SCHEMES, Fp8Activations, QuantScheme
 from fuserve.workers.models.rope import rope_tables
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -303,15 +303,19 @@ class LlamaForCausalLM(nn.Module):
         max_positions: int,
         quant: QuantScheme | None = None,
     ) -> None:
-        """`quant`: 8-bit weights for the decoder layers' linear layers (the embedding and the LM head
-        stay in the model dtype)."""
+        """`quant`: 8-bit weights for the decoder layers' linear layers, and for the LM head in int8 where
+        the scheme says so (the embedding stays in the model dtype; a tied head then gets its own copy)."""
         super().__init__()
         self.arch = arch
         self.quant = quant
         weight_quant = WeightQuant(quant, ops.quant_linear) if quant is not None else None
         self.model = LlamaModel(arch, tp, ops, weight_quant)
-        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, ops.linear)
-        if arch.tie_word_embeddings:
+        head_quant = None
+        if quant is not None and quant.int8_lm_head:
+            head_quant = WeightQuant(SCHEMES["int8-wo"], ops.quant_linear)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp, ops.linear, head_quant)
+        self.tied_head = arch.tie_word_embeddings and head_quant is None
+        if self.tied_head:
             self.lm_head.weight = self.model.embed_tokens.weight
         cos, sin = rope_tables(arch.head_dim, arch.rope_theta, arch.rope_scaling, max_positions)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -349,6 +353,9 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.arch.tie_word_embeddings:
                 continue
+            if name == "model.embed_tokens.weight" and self.arch.tie_word_embeddings and not self.tied_head:
+                self.lm_head.load(self.lm_head.weight, src)  # the head's own 8-bit copy of the embedding
+                loaded.update(("lm_head.weight", "lm_head.weight_scale"))
             target, shard = name, None
             for ckpt, (ours, shard_id) in self.packed_modules.items():
                 if f".{ckpt}." in name:

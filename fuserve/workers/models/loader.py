@@ -13,7 +13,7 @@ import importlib.util
 import json
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +27,7 @@ from fuserve.workers.kernels.ops import KernelOps
 from fuserve.workers.models.build_manifest import BuildManifest, is_built_folder
 from fuserve.workers.models.generation_config import GenerationConfig, read_generation_config
 from fuserve.workers.models.llama import LlamaArch, LlamaForCausalLM
-from fuserve.workers.models.quant_scheme import FP8_MAX, QuantScheme, scheme_for
+from fuserve.workers.models.quant_scheme import FP8_MAX, INT8_MAX, QuantScheme, scheme_for
 from fuserve.workers.tokenizer import Tokenizer
 
 
@@ -134,11 +134,12 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, Any]]:
 def _fill_random(model: LlamaForCausalLM, seed: int) -> None:
     """Weights uniform in +-0.02; 8-bit weights spread over their whole range with matching scales."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
+    params = dict(model.named_parameters())
+    for name, p in params.items():
         if name.endswith("norm.weight"):
             p.data.fill_(1.0)
         elif name.endswith("weight_scale"):
-            p.data.fill_(0.02 / model.quant.qmax)
+            p.data.fill_(0.02 / (INT8_MAX if params[name[: -len("_scale")]].dtype == torch.int8 else FP8_MAX))
         elif p.dtype == torch.int8:
             p.data.copy_(torch.randint(-127, 128, p.shape, generator=gen, device=p.device))
         elif p.dtype == torch.float8_e4m3fn:
@@ -151,8 +152,20 @@ def _fill_random(model: LlamaForCausalLM, seed: int) -> None:
 def quant_scheme(source: ModelSource, cfg: ModelConfig) -> QuantScheme | None:
     """The weights' scheme: a built folder's own, else the config's (`auto` meaning none)."""
     if source.manifest is not None:
+        if cfg.quantize_lm_head:
+            raise ValueError(
+                "model.quantize_lm_head applies to weights converted on load; a folder from `fuserve "
+                "build` keeps its LM head in 16 bits: serve the source checkpoint with it, or leave it off"
+            )
         return scheme_for(source.manifest.quantization)
-    return scheme_for("none" if cfg.quantization == "auto" else cfg.quantization)
+    scheme = scheme_for("none" if cfg.quantization == "auto" else cfg.quantization)
+    if cfg.quantize_lm_head:
+        if scheme is None:
+            raise ValueError(
+                "model.quantize_lm_head needs an 8-bit model.quantization (int8-wo, fp8-wo or fp8)"
+            )
+        scheme = replace(scheme, int8_lm_head=True)
+    return scheme
 
 
 KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")  # a built FP8 KV cache's scales (workers/kv_scales.py)

@@ -29,6 +29,7 @@ class QuantScheme:
     name: str
     weight_dtype: torch.dtype
     quantize_activations: bool
+    int8_lm_head: bool = False  # the LM head in int8 as well, whatever the linear layers' format
 
     @property
     def qmax(self) -> float:
