@@ -165,9 +165,12 @@ class ModelRunner:
     @torch.inference_mode()
     def profile(self, num_tokens: int, max_seqs: int, num_blocks: int) -> None:
         """One prefill at the full token budget, so peak activation memory is known before the KV
-        cache is sized. Slots are -1: nothing is written; every sequence reads the same scratch blocks."""
+        cache is sized. Slots are -1: nothing is written; every sequence reads the same scratch blocks.
+        A sequence never holds more positions than the rotary tables (max_model_len): with few sequences
+        and a large token budget the budget cannot be filled, and positions past the tables were read
+        out of bounds (an illegal memory access on an H100 with max_num_seqs 1 and 8,192 tokens)."""
         seqs = max(1, min(max_seqs, num_tokens))
-        per = min(num_tokens // seqs, num_blocks * self.block_size)
+        per = min(num_tokens // seqs, num_blocks * self.block_size, self.model.rope_cos.shape[0])
         plan = StepPlan(
             input_ids=[0] * (per * seqs),
             positions=list(range(per)) * seqs,
