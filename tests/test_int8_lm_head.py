@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checkpoints import TINY_LLAMA
 
 from fuserve.configs import ModelConfig
 from fuserve.parallel.tp_context import TPContext
@@ -12,18 +13,7 @@ from fuserve.workers.models.llama import LlamaArch, LlamaForCausalLM
 from fuserve.workers.models.loader import quant_scheme, resolve_source
 from fuserve.workers.models.quant_scheme import SCHEMES, dequantize_rows
 
-HF = {
-    "model_type": "llama",
-    "vocab_size": 100,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": True,
-}
+HF = {**TINY_LLAMA, "tie_word_embeddings": True}
 
 
 @pytest.mark.parametrize("scheme", ["int8-wo", "fp8"])

@@ -92,22 +92,21 @@ class _EngineCollector(Collector):
             for s in snapshot:
                 c.add_metric([s.replica_id], float(getattr(s.engine, attr)))
             yield c
-        frontend = CounterMetricFamily(
-            "fuserve_frontend_cpu_seconds",
-            "CPU seconds of the replica's frontend process (HTTP, tokenization, SSE)",
-            labels=["replica"],
-        )
-        for s in snapshot:
-            frontend.add_metric([s.replica_id], s.frontend_cpu_seconds_total)
-        yield frontend
-        frontend_gc = CounterMetricFamily(
-            "fuserve_frontend_gc_seconds",
-            "Seconds the replica's frontend process spent in Python's garbage collector",
-            labels=["replica"],
-        )
-        for s in snapshot:
-            frontend_gc.add_metric([s.replica_id], s.frontend_gc_seconds_total)
-        yield frontend_gc
+        frontend_counters = {
+            "frontend_cpu_seconds_total": (
+                "fuserve_frontend_cpu_seconds",
+                "CPU seconds of the replica's frontend process (HTTP, tokenization, SSE)",
+            ),
+            "frontend_gc_seconds_total": (
+                "fuserve_frontend_gc_seconds",
+                "Seconds the replica's frontend process spent in Python's garbage collector",
+            ),
+        }
+        for attr, (name, doc) in frontend_counters.items():
+            c = CounterMetricFamily(name, doc, labels=["replica"])
+            for s in snapshot:
+                c.add_metric([s.replica_id], float(getattr(s, attr)))
+            yield c
         up = GaugeMetricFamily(
             "fuserve_engine_healthy", "1 while the replica's engine loop runs", labels=["replica"]
         )
