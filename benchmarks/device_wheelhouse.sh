@@ -10,8 +10,11 @@
 #   bash benchmarks/device_wheelhouse.sh .whl        # then carry [".whl"]; the run scripts install it
 set -euo pipefail
 dest=${1:-.whl}
-bash "$(dirname "$0")/../../shared/device/wheelhouse.sh" "$dest" llguidance==1.9.1 uvloop==0.23.0 httptools==0.9.0
+bash "$(dirname "$0")/../../shared/device/wheelhouse.sh" "$dest" uvloop==0.23.0 httptools==0.9.0
 rm -f "$dest"/llguidance-1.6.1-*.whl
+# llguidance 1.9.1's only wheel is manylinux_2_31, a tag the shared script does not list
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_31_x86_64 -d "$dest" llguidance==1.9.1
 python3 - "$dest" <<'PY'
 import glob, os, sys, zipfile
 (src,) = glob.glob(os.path.join(sys.argv[1], "ray-*.whl"))
