@@ -28,23 +28,51 @@ def bytes_per_block(arch: LlamaArch, num_kv_heads: int, block_size: int, dtype: 
     return 2 * arch.num_layers * block_size * num_kv_heads * arch.head_dim * elem
 
 
-def num_blocks_for(
-    cfg: CacheConfig, arch: LlamaArch, num_kv_heads: int, dtype: torch.dtype, device: torch.device
-) -> int:
-    """Pool size from the config; on GPU call after the profiling step (reads peak memory)."""
+@dataclass
+class KVBudget:
+    """Where a GPU's memory went before the KV cache took the rest, in bytes: logged at start-up so
+    that a pool smaller than expected says which part took the memory."""
+
+    limit: int  # gpu_memory_utilization x total
+    others: int  # other processes and this process's CUDA context, outside torch's allocator
+    weights: int  # allocated before the profiling step: the model's weights and buffers
+    peak: int  # the allocator's peak: the weights plus the profiling step's activations
+    per_block: int
+
+    @property
+    def kv(self) -> int:
+        return self.limit - self.others - self.peak
+
+    def describe(self) -> str:
+        gib = 1 << 30
+        return (
+            f"KV budget {self.kv / gib:.2f} GiB = limit {self.limit / gib:.2f} - other processes and "
+            f"contexts {self.others / gib:.2f} - weights {self.weights / gib:.2f} - activation peak "
+            f"{(self.peak - self.weights) / gib:.2f} GiB"
+        )
+
+
+def gpu_kv_budget(cfg: CacheConfig, per_block: int, weights: int, device: torch.device) -> KVBudget:
+    """Call after the profiling step (reads the allocator's peak)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return KVBudget(
+        limit=int(total * cfg.gpu_memory_utilization),
+        others=total - free - torch.cuda.memory_reserved(device),
+        weights=weights,
+        peak=torch.cuda.max_memory_allocated(device),
+        per_block=per_block,
+    )
+
+
+def num_blocks_for(cfg: CacheConfig, per_block: int, budget: KVBudget | None) -> int:
+    """Pool size from the config, else from the GPU's budget, else (CPU) from cpu_kv_cache_gib."""
     if cfg.num_blocks is not None:
         return cfg.num_blocks
-    per_block = bytes_per_block(arch, num_kv_heads, cfg.block_size, dtype)
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        used_by_others = total - free - torch.cuda.memory_reserved(device)
-        budget = total * cfg.gpu_memory_utilization - used_by_others - torch.cuda.max_memory_allocated(device)
-    else:
-        budget = cfg.cpu_kv_cache_gib * (1 << 30)
-    blocks = int(budget // per_block)
+    nbytes = budget.kv if budget is not None else cfg.cpu_kv_cache_gib * (1 << 30)
+    blocks = int(nbytes // per_block)
     if blocks < 1:
         raise RuntimeError(
-            f"no memory left for the KV cache (budget {budget / 2**30:.2f} GiB); raise "
+            f"no memory left for the KV cache ({budget.describe() if budget else f'{nbytes} bytes'}); raise "
             "cache.gpu_memory_utilization, lower scheduler.max_num_batched_tokens, or use a smaller model"
         )
     return blocks

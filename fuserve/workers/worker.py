@@ -18,7 +18,13 @@ from fuserve.parallel.tp_context import TPContext
 from fuserve.workers.cuda_graphs import DecodeGraphs, MixedGraphs
 from fuserve.workers.kernels import switches as kernel_switches
 from fuserve.workers.kernels.ops import KernelOps
-from fuserve.workers.kv_cache import allocate_kv_cache, bytes_per_block, num_blocks_for
+from fuserve.workers.kv_cache import (
+    KVBudget,
+    allocate_kv_cache,
+    bytes_per_block,
+    gpu_kv_budget,
+    num_blocks_for,
+)
 from fuserve.workers.kv_scales import CALIBRATION_TOKENS, calibrate_kv_scales
 from fuserve.workers.model_runner import ModelRunner
 from fuserve.workers.models.build_manifest import check_manifest
@@ -101,14 +107,17 @@ class Worker:
         choice = config.scheduler.async_scheduling
         self.async_scheduling = choice == "on" or (choice == "auto" and self.device.type == "cuda")
         runner = ModelRunner(self.model, self.device, bs, tp=tp, share_tokens=self.async_scheduling)
+        per_block = bytes_per_block(self.arch, num_kv_heads, bs, self.kv_dtype)
+        self.kv_budget: KVBudget | None = None
         if self.device.type == "cuda" and cache_cfg.num_blocks is None:
+            weights = torch.cuda.memory_allocated(self.device)
             self._profile(runner, num_kv_heads)
+            self.kv_budget = gpu_kv_budget(cache_cfg, per_block, weights, self.device)
+            log.info("rank %d: %s", tp.rank, self.kv_budget.describe())
         # Every rank must hold the same block ids: the smallest pool that fits on every GPU.
-        self.num_blocks = tp.min_across_ranks(
-            num_blocks_for(cache_cfg, self.arch, num_kv_heads, self.kv_dtype, self.device)
-        )
+        self.num_blocks = tp.min_across_ranks(num_blocks_for(cache_cfg, per_block, self.kv_budget))
         if tp.rank == 0:
-            per_token = bytes_per_block(self.arch, num_kv_heads, bs, self.kv_dtype) // bs
+            per_token = per_block // bs
             log.info(
                 "KV cache: %d blocks x %d = %d tokens, %s, %d bytes per token per rank (%d in %s)",
                 self.num_blocks,
