@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 15 on the lent GPU machine: the serving path against the in-process engine. One call per PART:
 #   PART=overhead  (1 GPU)  closed loop at 16/64/128/256 streams, through Serve's Python proxy, then
-#                           through HAProxy (serve.ingress: haproxy); each beside the in-process engine
+#                           through HAProxy (serve.ingress: haproxy); each beside the in-process engine;
+#                           FRONTENDS="1 3" runs HAProxy with each serve.frontend_processes in turn
 #   PART=scale     (2 GPUs) a 400-request burst on 2 replicas behind HAProxy beside one in-process engine;
 #                           then one tensor-parallel (TP=2) replica served by `fuserve serve`, answering
 #   PART=routers   (2 GPUs) issue 16: 2 replicas behind HAProxy, pow2 vs length_aware vs prefix_affinity
@@ -58,11 +59,20 @@ case ${PART:-overhead} in
     INGRESSES=haproxy PART=overhead bash "$0"; TP2=0 PART=scale bash "$0" ;;
   overhead)
     [ -n "${PROFILE_S:-}" ] && profile_replica > "$OUT/profile.log" 2>&1 &
+    # FRONTENDS="1 3": serve.frontend_processes per run, each beside its own in-process engine (haproxy only)
     for ingress in ${INGRESSES:-haproxy python}; do
-      run=(); [ "$ingress" = haproxy ] && run=("${HAPROXY[@]}")
-      timeout ${LEVEL_TIMEOUT:-280} "${run[@]}" python3 benchmarks/bench_serve.py --config $MODEL \
-        --compare overhead --concurrency ${LEVELS:-16,64,128,256} --requests-per-client $RPC --scale 1 \
-        --out "$OUT/serve-overhead-$ingress.json" 2>&1 | tee "$OUT/overhead-$ingress.log" | tail -32
+      for f in ${FRONTENDS:-1}; do
+        run=(); [ "$ingress" = haproxy ] && run=("${HAPROXY[@]}")
+        cfg=$MODEL tag=$ingress
+        if [ "$f" != 1 ]; then
+          cfg=/tmp/model-f$f.yaml tag=$ingress-f$f
+          python3 -c "import yaml,sys; c=yaml.safe_load(open('$MODEL')); c['serve']['frontend_processes']=$f; \
+c['serve']['ingress']='$ingress'; yaml.safe_dump(c, open('$cfg','w'))"
+        fi
+        timeout ${LEVEL_TIMEOUT:-280} "${run[@]}" python3 benchmarks/bench_serve.py --config $cfg \
+          --compare overhead --concurrency ${LEVELS:-16,64,128,256} --requests-per-client $RPC --scale 1 \
+          --out "$OUT/serve-overhead-$tag.json" 2>&1 | tee "$OUT/overhead-$tag.log" | tail -32
+      done
     done ;;
   routers)
     timeout ${ROUTERS_TIMEOUT:-570} "${HAPROXY[@]}" python3 benchmarks/bench_serve.py --config $MODEL \

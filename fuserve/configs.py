@@ -312,6 +312,15 @@ class ServeConfig(_Strict):
         "(cluster/ingress_routing.py); needs RAY_SERVE_ENABLE_HA_PROXY=1 and "
         "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1 on every node.",
     )
+    frontend_processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="HTTP frontend processes per replica behind HAProxy (`ingress: haproxy`): the "
+        "replica's own and N-1 more that share its port and its engine core (router/"
+        "frontend_processes.py), for when one event loop's HTTP work is what limits the replica "
+        "(128+ streams on a GPU). Give the replica that many more CPUs (`num_cpus_per_replica`).",
+    )
     max_ongoing_requests: int = Field(default=256, ge=1)
     max_queued_requests: int = Field(default=1024, ge=-1)
     num_cpus_per_replica: float = Field(default=1.0, gt=0.0)
@@ -347,6 +356,16 @@ class ServeConfig(_Strict):
         description="Environment variable (read where the app is built) holding comma-separated keys, "
         "added to `api_keys`.",
     )
+
+    @model_validator(mode="after")
+    def _frontends_need_haproxy(self) -> ServeConfig:
+        if self.frontend_processes > 1 and self.ingress != "haproxy":
+            raise ValueError(
+                "frontend_processes > 1 needs ingress: haproxy (the further processes share the "
+                "replica's own HTTP port, which only HAProxy's direct ingress gives it); set "
+                "serve.ingress: haproxy or serve.frontend_processes: 1"
+            )
+        return self
 
 
 # What `serve.ingress: haproxy` needs in the environment of every Ray node, before Ray (and Serve) start:

@@ -4,6 +4,10 @@
     frontend <--CoreReady, then one StepOutputs per engine step--      (ZMQ PULL <- PUSH)
              <--CoreDead when the engine loop fails
 
+A replica may run several frontend processes (`serve.frontend_processes`), each with its own pair of
+sockets: the replica's own (index 0) gets CoreReady; the others Attach, and each gets a StepOutputs
+per step with its own requests' outputs and the engine's stats.
+
 msgspec structs (array-like, so a message is a msgpack array, not a map of field names): one
 StepOutputs carries every sequence's new token ids of that step and the replica's stats, so the
 cost per step does not grow with a message per stream. Nothing here imports torch: the frontend
@@ -36,6 +40,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float | None = None
+    frontend: int = 0  # which of the replica's frontend processes sent it (its outputs go back there)
 
 
 class AbortRequest(msgspec.Struct, tag="abort", array_like=True):
@@ -47,7 +52,21 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     pass
 
 
-CoreInput = AddRequest | AbortRequest | Shutdown
+class Attach(msgspec.Struct, tag="attach", array_like=True):
+    """A frontend process beside the replica's own (index >= 1) is listening for its step messages;
+    until it says so the core sends it nothing, so a frontend that never started queues nothing."""
+
+    frontend: int
+
+
+class Detach(msgspec.Struct, tag="detach", array_like=True):
+    """That frontend process is gone (sent by the replica's own frontend, which watches it): the core
+    aborts its requests and sends it nothing more."""
+
+    frontend: int
+
+
+CoreInput = AddRequest | AbortRequest | Attach | Detach | Shutdown
 
 
 class SeqOutput(msgspec.Struct, array_like=True):

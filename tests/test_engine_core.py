@@ -163,3 +163,44 @@ def test_abort_of_one_sequence_frees_it_and_the_rest_run_on(config: FuserveConfi
         assert engine.block_manager.num_free_blocks == free and "r" not in engine._requests
     finally:
         engine.shutdown()
+
+
+def test_two_frontend_processes_share_one_core(config: FuserveConfig) -> None:
+    """A second frontend's client (attached, as a frontend process beside the replica's own would be)
+    gets its own requests' tokens, the same as the first's for the same prompt; detaching it aborts
+    its requests and frees their blocks."""
+    tok = load_tokenizer(resolve_source(config.model))
+    cfg = config.model_copy(deep=True)
+
+    async def main() -> None:
+        owner = EngineCoreClient(cfg, tok, num_frontends=2)
+        try:
+            await owner.start(120)
+            assert owner.info is not None and owner.core_pid is not None
+            other = EngineCoreClient(cfg, tok, attach_to=(1, owner.socket_dir, owner.info, owner.core_pid))
+            await other.start(5)
+            free = owner.stats.num_free_blocks
+            ids = tok.encode("hello world")
+            a, b = await asyncio.gather(
+                collect(owner, request("a", ids, max_tokens=10, temperature=0.0)),
+                collect(other, request("b", ids, max_tokens=10, temperature=0.0)),
+            )
+            assert [t for d in a[0] for t in d.token_ids] == [t for d in b[0] for t in d.token_ids]
+            assert len([t for d in b[0] for t in d.token_ids]) == 10
+            # a long request of the second frontend, which then goes away
+            long = asyncio.ensure_future(collect(other, request("c", ids, max_tokens=100, ignore_eos=True)))
+            deadline = time.monotonic() + 30
+            while owner.stats.num_running == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert owner.stats.num_running == 1
+            owner.detach(1)
+            deadline = time.monotonic() + 30
+            while owner.stats.num_free_blocks != free and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert owner.stats.num_running == 0 and owner.stats.num_free_blocks == free
+            long.cancel()
+            other.shutdown()
+        finally:
+            owner.shutdown()
+
+    asyncio.run(main())

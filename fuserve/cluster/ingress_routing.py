@@ -50,6 +50,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -128,6 +130,52 @@ async def pick_replica(handle: DeploymentHandle, hint: RoutingHint | None) -> st
     async with handle.choose_replica(*args, _reserve=False) as selection:
         replica: RunningReplica = selection._replica
         return replica.replica_id.to_full_id_str()
+
+
+def direct_ingress_http_ports() -> range:
+    """The ports Serve gives replicas' own HTTP servers behind HAProxy (RAY_SERVE_DIRECT_INGRESS_*)."""
+    from ray.serve._private import constants
+
+    return range(
+        constants.RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, constants.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT + 1
+    )
+
+
+def replica_listening_socket(ports: range | None = None) -> socket.socket | None:
+    """A duplicate of this replica process's listening HTTP socket (the one Serve binds for direct
+    ingress, after the replica's `__init__`, without SO_REUSEPORT), or None while there is none.
+    Found among the process's own descriptors: a listening TCP socket on a port of Serve's
+    direct-ingress range (Ray keeps the server object private). Linux only (/proc)."""
+    ports = ports if ports is not None else direct_ingress_http_ports()
+    found = []
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        return None
+    seen = set()  # one socket may sit behind several descriptors (and the dups made here take numbers)
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if not link.startswith("socket:") or link in seen:
+                continue
+            seen.add(link)
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            inet = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+            if listening and inet and sock.getsockname()[1] in ports:
+                found.append(sock)
+                continue
+        except OSError:
+            pass
+        sock.close()
+    if len(found) != 1:  # none yet, or more than one: not knowing which is Serve's, take none
+        for sock in found:
+            sock.close()
+        return None
+    return found[0]
 
 
 def route_answer(replica_id: str) -> dict[str, Any]:

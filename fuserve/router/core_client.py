@@ -32,10 +32,12 @@ from fuserve.configs import FuserveConfig
 from fuserve.core_messages import (
     AbortRequest,
     AddRequest,
+    Attach,
     CoreDead,
     CoreInput,
     CoreReady,
     CoreStats,
+    Detach,
     EngineDeadError,
     SeqOutput,
     Shutdown,
@@ -108,8 +110,26 @@ def _merge(outputs: list[SeqOutput]) -> list[SeqOutput]:
     return list(by_index.values())
 
 
+def core_addresses(directory: str, num_frontends: int) -> list[tuple[str, str]]:
+    """Each frontend process's (input, output) ipc addresses, the replica's own first."""
+    return [(f"ipc://{directory}/in{i}", f"ipc://{directory}/out{i}") for i in range(num_frontends)]
+
+
 class EngineCoreClient:
-    def __init__(self, config: FuserveConfig, tokenizer: Tokenizer | None, replica_id: str = "local") -> None:
+    """One frontend process's channel to the engine core. The replica's own (`frontend` 0) spawns the
+    core and owns its lifetime; the replica's other frontend processes (frontend_processes.py) attach to
+    the running core with `attach`."""
+
+    def __init__(
+        self,
+        config: FuserveConfig,
+        tokenizer: Tokenizer | None,
+        replica_id: str = "local",
+        *,
+        num_frontends: int = 1,
+        attach_to: tuple[int, str, CoreReady, int] | None = None,
+    ) -> None:
+        """`attach_to`: (this frontend's index, the core's socket directory, its CoreReady, its pid)."""
         self.config = config
         self.tokenizer = tokenizer
         self.replica_id = replica_id
@@ -120,8 +140,11 @@ class EngineCoreClient:
         self._encoder = msgspec.msgpack.Encoder()
         self._closing = False
         self._reader: asyncio.Task | None = None
-        self._dir = tempfile.mkdtemp(prefix="fuserve-core-")
-        in_addr, out_addr = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
+        self.index = 0 if attach_to is None else attach_to[0]
+        self._owns_dir = attach_to is None
+        self._dir = tempfile.mkdtemp(prefix="fuserve-core-") if attach_to is None else attach_to[1]
+        self.addresses = core_addresses(self._dir, num_frontends if attach_to is None else self.index + 1)
+        in_addr, out_addr = self.addresses[self.index]
         self._sync_ctx = zmq.Context()
         self._to_core = self._sync_ctx.socket(zmq.PUSH)
         self._to_core.setsockopt(zmq.LINGER, 0)
@@ -131,6 +154,12 @@ class EngineCoreClient:
         self._from_core = self._ctx.socket(zmq.PULL)
         self._from_core.setsockopt(zmq.LINGER, 0)
         self._from_core.bind(out_addr)
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self._core_pid: int | None = None
+        if attach_to is not None:
+            _, _, self.info, self._core_pid = attach_to
+            self.stats = self.info.stats
+            return
         from fuserve.workers.engine_core import replica_placement, run_engine_core
 
         # the engine core joins Ray for tensor-parallel workers, or to find its draft deployment
@@ -138,14 +167,48 @@ class EngineCoreClient:
         placement = replica_placement() if needs_ray else None
         self.process = multiprocessing.get_context("spawn").Process(
             target=run_engine_core,
-            args=(config.model_dump_json(), in_addr, out_addr, os.getpid(), placement),
+            args=(
+                config.model_dump_json(),
+                [a[0] for a in self.addresses],
+                [a[1] for a in self.addresses],
+                os.getpid(),
+                placement,
+            ),
             name="fuserve-engine-core",
             daemon=True,
         )
         self.process.start()
 
+    @property
+    def socket_dir(self) -> str:
+        """Where the core's ipc sockets live: an attaching frontend process binds its pair there."""
+        return self._dir
+
+    @property
+    def core_pid(self) -> int | None:
+        return self.process.pid if self.process is not None else self._core_pid
+
     async def start(self, timeout_s: float) -> CoreReady:
-        """Waits for the engine to load its model and report; a core that dies or stalls fails here."""
+        """Waits for the engine to load its model and report; a core that dies or stalls fails here.
+        An attached frontend says it is listening, and watches the core's process by its pid."""
+        loop = asyncio.get_running_loop()
+        if self.process is None:
+            assert self.info is not None and self._core_pid is not None
+            deadline = time.monotonic() + timeout_s
+            while True:  # a bound PUSH refuses until the core's reconnect (~100 ms) finds this socket
+                try:
+                    self._send(Attach(self.index))
+                    break
+                except zmq.Again:
+                    if time.monotonic() > deadline or not _pid_alive(self._core_pid):
+                        raise EngineDeadError(
+                            f"the engine core (pid {self._core_pid}) did not connect to frontend "
+                            f"{self.index} within {timeout_s:g} s"
+                        ) from None
+                    await asyncio.sleep(0.01)
+            self._watch_pid(self._core_pid)
+            self._reader = loop.create_task(self._read_outputs())
+            return self.info
         decoder = output_decoder()
         deadline = time.monotonic() + timeout_s
         while self.info is None:
@@ -166,14 +229,37 @@ class EngineCoreClient:
                 raise EngineDeadError(msg.error)
             if isinstance(msg, CoreReady):
                 self.info, self.stats = msg, msg.stats
-        loop = asyncio.get_running_loop()
         loop.add_reader(self.process.sentinel, self._on_process_exit)
         self._reader = loop.create_task(self._read_outputs())
         return self.info
 
+    def _watch_pid(self, pid: int) -> None:
+        """A process that is not our child: a pidfd becomes readable when it exits (Linux 5.3+)."""
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # no pidfd here, or the core is already gone
+            if not _pid_alive(pid):
+                self._fail_all(f"the engine-core process (pid {pid}) is gone")
+            return
+        loop = asyncio.get_running_loop()
+
+        def gone() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            if not self._closing:
+                self._fail_all(f"the engine-core process (pid {pid}) exited")
+
+        loop.add_reader(fd, gone)
+
+    def detach(self, frontend: int) -> None:
+        """The replica's own frontend tells the core that another frontend process is gone."""
+        if self.healthy:
+            self._send(Detach(frontend))
+
     @property
     def healthy(self) -> bool:
-        return self.error is None and self.info is not None and self.process.is_alive()
+        alive = self.process.is_alive() if self.process is not None else self.error is None
+        return self.error is None and self.info is not None and alive
 
     # ---- requests ---------------------------------------------------------------------------------
     def _send(self, msg: CoreInput) -> None:
@@ -197,7 +283,7 @@ class EngineCoreClient:
         ]
         stream = _Stream(rid, seqs)
         self._streams[rid] = stream
-        self._send(AddRequest(rid, request.prompt_token_ids, params, time.monotonic()))
+        self._send(AddRequest(rid, request.prompt_token_ids, params, time.monotonic(), self.index))
         try:
             unfinished = len(seqs)
             while unfinished:
@@ -297,6 +383,7 @@ class EngineCoreClient:
                 return
 
     def _on_process_exit(self) -> None:
+        assert self.process is not None
         asyncio.get_running_loop().remove_reader(self.process.sentinel)
         if not self._closing:
             self.process.join(timeout=1)
@@ -312,23 +399,36 @@ class EngineCoreClient:
             stream.put(EngineDeadError(error), now)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Asks the core to stop, then makes sure it has: no process outlives the replica."""
+        """Asks the core to stop, then makes sure it has: no process outlives the replica. An attached
+        frontend only closes its sockets: the core is the replica's own frontend's to end."""
         if self._closing:
             return
         self._closing = True
         if self._reader is not None:
             self._reader.cancel()
-        try:
+        if self.process is not None:
+            try:
+                if self.process.is_alive():
+                    self._send(Shutdown())
+            except zmq.ZMQError:
+                pass
+            self.process.join(timeout_s)
             if self.process.is_alive():
-                self._send(Shutdown())
-        except zmq.ZMQError:
-            pass
-        self.process.join(timeout_s)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(5)
+                self.process.kill()
+                self.process.join(5)
         self._to_core.close(linger=0)
         self._from_core.close(linger=0)
         self._sync_ctx.term()
         self._ctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._owns_dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -21,10 +21,11 @@ they arrive; a client that goes away closes its streams, and the engine aborts i
 
 import asyncio
 import logging
+import os
 import resource
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from fuserve.configs import FuserveConfig, ServeConfig
+from fuserve.core_messages import CoreReady
 from fuserve.gc_tuning import gc_seconds_total, quiet_gc
 from fuserve.router import grpc_service
 from fuserve.router.api_keys import ApiKeys
@@ -41,6 +43,7 @@ from fuserve.router.core_client import EngineCoreClient
 from fuserve.router.engine_client import EngineClient, EngineStreams, api_error
 from fuserve.router.engine_messages import EngineRequest, ModelInfo, ReplicaStats
 from fuserve.router.errors import APIError, from_validation, model_not_found, too_large
+from fuserve.router.frontend_processes import FrontendProcesses
 from fuserve.router.hermes_tool_calls import HERMES
 from fuserve.router.metrics import (
     ROUTED_AT_HEADER,
@@ -137,19 +140,32 @@ def _replica_id() -> str:
         return "local"
 
 
-@serve.ingress(app)
-class EngineIngress:
-    async def __init__(self, config: FuserveConfig, draft: Any = None) -> None:
-        """`draft`: the Draft deployment's handle (speculative.method draft), bound only so Serve runs
-        the draft with this app; the engine core finds it by name (speculative/draft_factory.py)."""
-        self.replica_id = _replica_id()
-        warn_if_slow_http_path()
-        source = resolve_source(config.model)
-        self.tokenizer: Tokenizer | None = load_tokenizer(source) if source.kind != "dummy" else None
+def _app_name() -> str:
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:
+        return ""
+
+
+class Frontend:
+    """One process's share of the replica's HTTP and gRPC work, on its channel to the engine core. The
+    replica's own process has one (EngineIngress builds it); with `serve.frontend_processes` > 1 each
+    further process has one too (frontend_processes.py), so the routes below reach the one of the
+    process that accepted the connection."""
+
+    def __init__(
+        self,
+        config: FuserveConfig,
+        tokenizer: Tokenizer | None,
+        core: EngineCoreClient,
+        ready: CoreReady,
+        replica_id: str,
+    ) -> None:
+        self.replica_id = replica_id
+        self.tokenizer = tokenizer
         template = self.tokenizer.chat_template if self.tokenizer else None
         self.tool_format = choose_tool_call_format(template, config.model.tool_call_format)
-        self.core = EngineCoreClient(config, self.tokenizer, self.replica_id)
-        ready = await self.core.start(ENGINE_START_TIMEOUT_S)
+        self.core = core
         self.info = ModelInfo(
             model_name=ready.model_name,
             max_model_len=ready.max_model_len,
@@ -160,17 +176,23 @@ class EngineIngress:
         )
         self.metrics = ServingMetrics()
         kv_tokens = ready.stats.num_blocks * ready.block_size
+        # The admission bounds hold for the replica: each of its frontend processes takes its share.
+        share = config.serve.frontend_processes
+        limit = admission_limit(config.serve)
         max_prefill = prefill_token_limit(config.serve, kv_tokens)
-        self.client = EngineClient(self.core, self.metrics, admission_limit(config.serve), max_prefill)
+        self.client = EngineClient(
+            core,
+            self.metrics,
+            None if limit is None else -(-limit // share),
+            None if max_prefill is None else -(-max_prefill // share),
+        )
         self.api_keys = ApiKeys.from_config(config.serve)
         self.max_request_bytes = config.serve.max_request_bytes
         self.request_timeout_s = config.serve.request_timeout_s
         self.prefixes = RecentPrefixes(4 * REPORTED_PREFIXES)
-        self.scheduler_config = config.scheduler
+        # a further frontend process hands each request's prefix keys to the replica's routing report
+        self.on_prefixes: Callable[[list], None] | None = None
         self._token_text: dict[int, str] = {}
-        self._last_report: dict = {}
-        self._last_report_at = 0.0
-        quiet_gc()  # everything this replica keeps is built: out of later collections (gc_tuning.py)
 
     # ---- this replica's state: routing, health, metrics ------------------------------------------
     def stats(self) -> ReplicaStats:
@@ -188,45 +210,6 @@ class EngineIngress:
             healthy=self.core.healthy,
             timestamp=time.time(),
         )
-
-    def record_routing_stats(self) -> dict:
-        """Polled by Serve's controller; the router reads it as `replica.routing_stats`.
-
-        `timestamp` is when these figures last changed, not when they were polled: Serve
-        broadcasts a replica's stats to every router only when they differ from the last poll,
-        so an idle replica costs no broadcasts, and the router still knows which of its own
-        requests the figures already include (those routed before the timestamp). The count of
-        admitted requests makes a request that came and went change the figures: behind HAProxy the
-        router hears of no request's end, and only a newer report retires its pick."""
-        s = self.core.stats
-        report = {
-            "healthy": self.core.healthy,
-            "num_admitted": self.client.num_admitted,
-            "outstanding_tokens": s.outstanding_tokens,
-            "num_running": s.num_running,
-            "num_waiting": s.num_waiting,
-            "kv_cache_usage": s.kv_cache_usage,
-            "prefix_keys": self.prefixes.snapshot()[-REPORTED_PREFIXES:],
-            **routing_report(s, self.scheduler_config),  # what the TTFT model reads
-        }
-        if report != self._last_report:
-            self._last_report, self._last_report_at = report, time.time()
-        return {**report, "timestamp": self._last_report_at}
-
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        """Polled by Serve; `serve.autoscaling.target_outstanding_tokens` scales on it (token_autoscaling)."""
-        return {"outstanding_tokens": float(self.core.stats.outstanding_tokens)}
-
-    def check_health(self) -> None:
-        """Serve replaces a replica whose engine core died."""
-        if not self.core.healthy:
-            raise RuntimeError(f"the engine stopped: {self.core.error or 'unknown error'}")
-
-    def __del__(self) -> None:
-        """Serve calls this after draining the replica (graceful_shutdown_timeout_s): end the core."""
-        core = getattr(self, "core", None)
-        if core is not None:
-            core.shutdown()
 
     # ---- shared by HTTP and gRPC ------------------------------------------------------------------
     def _decode_token(self, token_id: int) -> str:
@@ -279,6 +262,8 @@ class EngineIngress:
     ) -> EngineStreams:
         for r in requests:
             self.prefixes.add(r.prefix_keys)
+            if self.on_prefixes is not None:
+                self.on_prefixes(r.prefix_keys)
         timeout_s = timeout_s if timeout_s is not None else self.request_timeout_s
         return await self.client.open(requests, arrival, timeout_s, request_id)
 
@@ -428,16 +413,13 @@ class EngineIngress:
             self.metrics.in_flight.dec()
             self._finish(endpoint, status)
 
-    @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         return await self._serve_http(request, chat=False)
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve_http(request, chat=True)
 
-    @app.get("/v1/models")
-    async def models(self, request: Request) -> Response:
+    async def get_models(self, request: Request) -> Response:
         try:
             self.api_keys.check(request.headers.get("authorization"))
         except APIError as err:
@@ -445,8 +427,7 @@ class EngineIngress:
         body = ModelList(data=[ModelCard(id=self.info.model_name, max_model_len=self.info.max_model_len)])
         return JSONResponse(body.model_dump())
 
-    @app.get("/health")
-    async def health(self) -> Response:
+    async def get_health(self, request: Request) -> Response:
         """Open without an API key (load balancers and probes ask it); a stopped engine's reason is
         logged, not shown."""
         if not self.core.healthy:
@@ -457,12 +438,12 @@ class EngineIngress:
                 "status": "ok",
                 "model": self.info.model_name,
                 "replica": self.replica_id,
-                "engine_core_pid": self.core.process.pid,
+                "engine_core_pid": self.core.core_pid,
+                "frontend_pid": os.getpid(),  # which of the replica's frontend processes answered
             }
         )
 
-    @app.get("/metrics")
-    async def metrics(self, request: Request) -> Response:
+    async def get_metrics(self, request: Request) -> Response:
         try:
             self.api_keys.check(request.headers.get("authorization"))
         except APIError as err:
@@ -542,3 +523,132 @@ class EngineIngress:
         finally:
             await streams.close()
             self._finish("grpc_stream", status)
+
+
+# ---- the routes: the same in every frontend process of a replica ------------------------------------
+_serving: list[Frontend] = []  # this process's Frontend, once built
+
+
+def serve_with(frontend: Frontend) -> None:
+    """Makes `frontend` the one this process's routes call (one per process: a Serve replica, or one of
+    its further frontend processes)."""
+    _serving[:] = [frontend]
+
+
+def _frontend() -> Frontend:
+    return _serving[0]
+
+
+@app.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _frontend().completions(request)
+
+
+@app.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _frontend().chat_completions(request)
+
+
+@app.get("/v1/models")
+async def models(request: Request) -> Response:
+    return await _frontend().get_models(request)
+
+
+@app.get("/health")
+async def health(request: Request) -> Response:
+    return await _frontend().get_health(request)
+
+
+@app.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return await _frontend().get_metrics(request)
+
+
+@serve.ingress(app)
+class EngineIngress:
+    """The Engine deployment's replica: builds its engine core and its frontend, answers Serve's
+    polls (routing and autoscaling stats, health), and, behind HAProxy with `serve.frontend_processes`
+    > 1, starts the further frontend processes that share its port and its engine core."""
+
+    async def __init__(self, config: FuserveConfig, draft: Any = None) -> None:
+        """`draft`: the Draft deployment's handle (speculative.method draft), bound only so Serve runs
+        the draft with this app; the engine core finds it by name (speculative/draft_factory.py)."""
+        replica_id = _replica_id()
+        warn_if_slow_http_path()
+        source = resolve_source(config.model)
+        tokenizer = load_tokenizer(source) if source.kind != "dummy" else None
+        num = config.serve.frontend_processes
+        self.core = EngineCoreClient(config, tokenizer, replica_id, num_frontends=num)
+        ready = await self.core.start(ENGINE_START_TIMEOUT_S)
+        self.frontend = Frontend(config, tokenizer, self.core, ready, replica_id)
+        serve_with(self.frontend)
+        self.client = self.frontend.client
+        self.prefixes = self.frontend.prefixes
+        self.scheduler_config = config.scheduler
+        self._last_report: dict = {}
+        self._last_report_at = 0.0
+        self.children: FrontendProcesses | None = None
+        if num > 1:
+            self.children = FrontendProcesses(
+                config, self.core, ready, replica_id, self.prefixes.add, _app_name()
+            )
+            self.children.start_when_listening()
+        quiet_gc()  # everything this replica keeps is built: out of later collections (gc_tuning.py)
+
+    def stats(self) -> ReplicaStats:
+        return self.frontend.stats()
+
+    def record_routing_stats(self) -> dict:
+        """Polled by Serve's controller; the router reads it as `replica.routing_stats`.
+
+        `timestamp` is when these figures last changed, not when they were polled: Serve
+        broadcasts a replica's stats to every router only when they differ from the last poll,
+        so an idle replica costs no broadcasts, and the router still knows which of its own
+        requests the figures already include (those routed before the timestamp). The count of
+        admitted requests makes a request that came and went change the figures: behind HAProxy the
+        router hears of no request's end, and only a newer report retires its pick."""
+        s = self.core.stats
+        report = {
+            "healthy": self.core.healthy,
+            "num_admitted": self.client.num_admitted,
+            "outstanding_tokens": s.outstanding_tokens,
+            "num_running": s.num_running,
+            "num_waiting": s.num_waiting,
+            "kv_cache_usage": s.kv_cache_usage,
+            "prefix_keys": self.prefixes.snapshot()[-REPORTED_PREFIXES:],
+            **routing_report(s, self.scheduler_config),  # what the TTFT model reads
+        }
+        if report != self._last_report:
+            self._last_report, self._last_report_at = report, time.time()
+        return {**report, "timestamp": self._last_report_at}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Polled by Serve; `serve.autoscaling.target_outstanding_tokens` scales on it (token_autoscaling)."""
+        return {"outstanding_tokens": float(self.core.stats.outstanding_tokens)}
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose engine core, or one of its frontend processes, died."""
+        if not self.core.healthy:
+            raise RuntimeError(f"the engine stopped: {self.core.error or 'unknown error'}")
+        if self.children is not None and self.children.error is not None:
+            raise RuntimeError(self.children.error)
+
+    def __del__(self) -> None:
+        """Serve calls this after draining the replica (graceful_shutdown_timeout_s): the further
+        frontend processes drain their own streams, then the core ends."""
+        children = getattr(self, "children", None)
+        if children is not None:
+            children.stop(children.config.serve.drain_timeout_s)
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.shutdown()
+
+    # ---- gRPC: Serve's gRPC proxy calls these by name on the deployment ------------------------------
+    async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:  # noqa: N802
+        return await self.frontend.Generate(request, grpc_context)
+
+    async def GenerateStream(  # noqa: N802
+        self, request: pb.GenerateRequest, grpc_context: Any = None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        async for reply in self.frontend.GenerateStream(request, grpc_context):
+            yield reply

@@ -210,6 +210,10 @@ class LLMEngine:
             del self._requests[request_id]
         return True
 
+    def has_request(self, request_id: str) -> bool:
+        """Whether any of the request's sequences is still in the engine."""
+        return request_id in self._requests
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None
 

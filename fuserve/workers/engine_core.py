@@ -3,6 +3,8 @@
     frontend --AddRequest/AbortRequest (ipc PUSH)--> [input thread: decode] --queue--> loop
     loop: apply inputs -> engine.step() -> StepOutputs --queue--> [output thread: encode, send]
                                                                    --(ipc PUSH)--> frontend
+    (several frontend processes: one socket pair each; each step's outputs split by the process that
+    sent the request, workers/output_routing.py)
 
 Why a process of its own: in the replica process the engine loop shared one GIL with uvicorn, the
 SSE writers and Serve's own machinery, and every request's Python work stretched the step (vLLM v1
@@ -31,8 +33,12 @@ from fuserve.configs import FuserveConfig
 from fuserve.core_messages import (
     AbortRequest,
     AddRequest,
+    Attach,
     CoreDead,
+    CoreInput,
     CoreReady,
+    CoreStats,
+    Detach,
     RequestFailure,
     SeqOutput,
     Shutdown,
@@ -42,6 +48,7 @@ from fuserve.core_messages import (
 from fuserve.gc_tuning import quiet_gc
 from fuserve.workers.engine import LLMEngine
 from fuserve.workers.kernels.compile_watch import watch_compiles
+from fuserve.workers.output_routing import OutputRouting
 from fuserve.workers.outputs import RequestOutput
 
 IDLE_POLL_S = 0.5  # an idle loop wakes this often to notice a vanished frontend
@@ -118,16 +125,51 @@ def seq_output(out: RequestOutput) -> SeqOutput:
 
 
 class EngineCore:
-    """The loop over one LLMEngine; inputs and outputs cross thread-safe queues."""
+    """The loop over one LLMEngine; inputs and outputs cross thread-safe queues. Each output is
+    (frontend index, message): with one frontend process everything goes to index 0 untouched."""
 
-    def __init__(self, engine: LLMEngine, parent_pid: int) -> None:
+    def __init__(self, engine: LLMEngine, parent_pid: int, num_frontends: int = 1) -> None:
         self.engine = engine
         self.parent_pid = parent_pid
         self.inputs: queue.Queue = queue.Queue()
         self.outputs: queue.Queue = queue.Queue()
+        self.routing = OutputRouting(num_frontends) if num_frontends > 1 else None
 
     def frontend_alive(self) -> bool:
         return os.getppid() == self.parent_pid
+
+    def _apply(self, item: CoreInput, failures: list[RequestFailure]) -> bool:
+        """One input; False for Shutdown."""
+        engine, routing = self.engine, self.routing
+        if isinstance(item, AddRequest):
+            if routing is not None:
+                routing.add(item.request_id, item.frontend)
+            try:
+                engine.add_request(item.request_id, item.prompt_token_ids, item.params, item.arrival_time)
+            except Exception as err:  # a bad request fails alone
+                failures.append(RequestFailure(item.request_id, str(err)))
+        elif isinstance(item, AbortRequest):
+            engine.abort(item.request_id, item.indices)
+            if routing is not None and not engine.has_request(item.request_id):
+                routing.forget(item.request_id)
+        elif isinstance(item, Attach):
+            if routing is not None:
+                routing.attach(item.frontend)
+        elif isinstance(item, Detach):
+            if routing is not None:
+                for rid in routing.detach(item.frontend):
+                    engine.abort(rid)
+        else:  # Shutdown
+            return False
+        return True
+
+    def _put(self, outs: list[RequestOutput], failures: list[RequestFailure], stats: CoreStats) -> None:
+        seqs = [seq_output(o) for o in outs]
+        if self.routing is None:
+            self.outputs.put((0, StepOutputs(seqs, failures, stats)))
+        else:
+            for part in self.routing.split(seqs, failures, stats, self.engine.has_request):
+                self.outputs.put(part)
 
     def run(self) -> None:
         engine = self.engine
@@ -146,25 +188,14 @@ class EngineCore:
                 except queue.Empty:
                     break
             for item in items:
-                if isinstance(item, AddRequest):
-                    try:
-                        engine.add_request(
-                            item.request_id, item.prompt_token_ids, item.params, item.arrival_time
-                        )
-                    except Exception as err:  # a bad request fails alone
-                        failures.append(RequestFailure(item.request_id, str(err)))
-                elif isinstance(item, AbortRequest):
-                    engine.abort(item.request_id, item.indices)
-                else:  # Shutdown
+                if not self._apply(item, failures):
                     return
             if not self.frontend_alive():  # no one to serve: never outlive the replica
                 return
             outs = engine.step() if engine.has_unfinished() else []
             failures += [RequestFailure(rid, why) for rid, why in engine.take_failures()]
-            if outs or failures:
-                self.outputs.put(StepOutputs([seq_output(o) for o in outs], failures, engine.stats()))
-            elif items:  # e.g. aborts: the frontend's stats should see the freed blocks
-                self.outputs.put(StepOutputs([], [], engine.stats()))
+            if outs or failures or items:  # items alone (aborts): the frontends should see the freed blocks
+                self._put(outs, failures, engine.stats())
 
 
 def _read_inputs(socket: zmq.Socket, into: queue.Queue) -> None:
@@ -181,24 +212,28 @@ def _read_inputs(socket: zmq.Socket, into: queue.Queue) -> None:
         socket.close(linger=0)
 
 
-def _exit(ctx: zmq.Context, out_sock: zmq.Socket, code: int) -> None:
+def _exit(ctx: zmq.Context, out_socks: list[zmq.Socket], code: int) -> None:
     """Lets the last message (CoreDead, say) leave before the process does, but never waits long."""
-    out_sock.close(linger=2000)
+    for sock in out_socks:
+        sock.close(linger=2000)
     closer = threading.Thread(target=ctx.term, daemon=True)
     closer.start()
     closer.join(timeout=3)
     os._exit(code)
 
 
-def _write_outputs(socket: zmq.Socket, source: queue.Queue) -> None:
+def _write_outputs(sockets: list[zmq.Socket], source: queue.Queue) -> None:
+    """(index, message) to that frontend's socket; index None: to every frontend (CoreDead)."""
     encoder = msgspec.msgpack.Encoder()
     buf = bytearray()
     while True:
-        msg = source.get()
-        if msg is _STOP:
+        item = source.get()
+        if item is _STOP:
             return
+        index, msg = item
         encoder.encode_into(msg, buf)
-        socket.send(buf, copy=True)
+        for sock in sockets if index is None else (sockets[index],):
+            sock.send(buf, copy=True)
 
 
 def _report_compile(kernel: str, seconds: float) -> None:
@@ -208,31 +243,41 @@ def _report_compile(kernel: str, seconds: float) -> None:
 
 
 def run_engine_core(
-    config_json: str, input_addr: str, output_addr: str, parent_pid: int, placement: RayPlacement | None
+    config_json: str,
+    input_addrs: list[str],
+    output_addrs: list[str],
+    parent_pid: int,
+    placement: RayPlacement | None,
 ) -> None:
-    """The spawned process's entry point. Ctrl-C reaches the whole process group; the frontend decides
-    when this process ends (after draining), so SIGINT is ignored here."""
+    """The spawned process's entry point: one (input, output) address pair per frontend process, the
+    replica's own first. Ctrl-C reaches the whole process group; the frontend decides when this process
+    ends (after draining), so SIGINT is ignored here."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ctx = zmq.Context()
-    out_sock = ctx.socket(zmq.PUSH)
-    out_sock.setsockopt(zmq.LINGER, 2000)
-    out_sock.setsockopt(zmq.SNDHWM, 0)  # a lagging frontend must never stall the engine loop's writer
-    out_sock.connect(output_addr)
-    in_sock = ctx.socket(zmq.PULL)
-    in_sock.connect(input_addr)
+    out_socks = []
+    for addr in output_addrs:
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.setsockopt(zmq.SNDHWM, 0)  # a lagging frontend must never stall the engine loop's writer
+        sock.connect(addr)
+        out_socks.append(sock)
+    in_sock = ctx.socket(zmq.PULL)  # fair-queued across the frontends
+    for addr in input_addrs:
+        in_sock.connect(addr)
     encoder = msgspec.msgpack.Encoder()
     try:
         engine = build_engine(FuserveConfig.model_validate_json(config_json), placement)
     except BaseException as err:
         traceback.print_exc()
-        out_sock.send(encoder.encode(CoreDead(f"the engine failed to start: {type(err).__name__}: {err}")))
+        dead = CoreDead(f"the engine failed to start: {type(err).__name__}: {err}")
+        out_socks[0].send(encoder.encode(dead))
         in_sock.close(linger=0)
-        _exit(ctx, out_sock, 1)
+        _exit(ctx, out_socks, 1)
     quiet_gc()
-    core = EngineCore(engine, parent_pid)
+    core = EngineCore(engine, parent_pid, len(output_addrs))
     watch_compiles(_report_compile)
     gen = engine.generation
-    out_sock.send(
+    out_socks[0].send(
         encoder.encode(
             CoreReady(
                 model_name=engine.model_name,
@@ -247,18 +292,18 @@ def run_engine_core(
         )
     )
     threading.Thread(target=_read_inputs, args=(in_sock, core.inputs), daemon=True, name="core-in").start()
-    writer = threading.Thread(target=_write_outputs, args=(out_sock, core.outputs), name="core-out")
+    writer = threading.Thread(target=_write_outputs, args=(out_socks, core.outputs), name="core-out")
     writer.start()
     code = 0
     try:
         core.run()
     except BaseException as err:
         traceback.print_exc()
-        core.outputs.put(CoreDead(f"the engine failed and stopped: {type(err).__name__}: {err}"))
+        core.outputs.put((None, CoreDead(f"the engine failed and stopped: {type(err).__name__}: {err}")))
         code = 1
     core.outputs.put(_STOP)
     writer.join(timeout=5)
     try:
         engine.shutdown()
     finally:
-        _exit(ctx, out_sock, code)
+        _exit(ctx, out_socks, code)

@@ -1,0 +1,351 @@
+"""A replica's further frontend processes: more cores for HTTP in front of one engine core.
+
+One replica's frontend is one event loop: at 10-12k tokens/s it is ~0.7 of a core, and at 128-256
+streams the wait for that loop (a request's transit into it, a step message's fan-out to every
+stream) was what kept time to first token over its bound (benchmarks/NOTES.md, "Several frontend
+processes per replica"). vLLM's answer is several API-server processes per engine core
+(`--api-server-count`); this is the same behind Serve's HAProxy.
+
+How: Serve binds the replica's own HTTP socket after the replica's `__init__` (direct ingress, one
+ip:port per replica in HAProxy's config). Once it listens, the replica hands a duplicate of that
+listening socket to `serve.frontend_processes - 1` spawned processes; each new connection goes to
+whichever process accepts it first (HAProxy reuses its connections, so the balance is per
+connection). Each process runs uvicorn over the same routes (ingress.py) with its own `Frontend`
+and its own ZMQ pair to the engine core, which sends each process only its own streams' outputs
+(workers/output_routing.py).
+
+What a further process does in the replica's place: it answers Serve's `/-/healthz` and `/-/routes`
+as the replica would (from a flag the replica clears when it stops or fails, and its own channel to
+the core); it hands each request's prefix keys to the replica, whose routing report carries them;
+it stops accepting and drains its streams when the replica stops, and exits when the replica's
+process is gone. Its requests are not in Serve's own request metrics or ongoing-request counts:
+routing and autoscaling read the engine core's figures, which count every process's requests.
+/metrics shows the answering process's request figures and the engine's (shared) figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from fuserve.configs import FuserveConfig
+from fuserve.core_messages import CoreReady
+from fuserve.router.core_client import EngineCoreClient
+
+logger = logging.getLogger("fuserve.router")
+
+LISTEN_WAIT_S = 120.0  # for Serve to start the replica's HTTP server after __init__
+ATTACH_TIMEOUT_S = 60.0
+HEALTHY_MESSAGE = "success"  # what Serve's replica answers on /-/healthz
+KEEP_ALIVE_S = 90  # Serve's own default for the replica's server (DEFAULT_UVICORN_KEEP_ALIVE_TIMEOUT_S)
+
+
+class FrontendProcesses:
+    """The replica's side: start the processes once Serve's server listens, watch them, stop them."""
+
+    def __init__(
+        self,
+        config: FuserveConfig,
+        core: EngineCoreClient,
+        ready: CoreReady,
+        replica_id: str,
+        on_prefixes: Callable[[Any], None],
+        app_name: str = "",
+    ) -> None:
+        self.config = config
+        self.core = core
+        self.ready = ready
+        self.replica_id = replica_id
+        self.on_prefixes = on_prefixes
+        self.app_name = app_name
+        self.error: str | None = None  # a process died: the replica fails its health check
+        self._ctx = multiprocessing.get_context("spawn")
+        self._healthy = self._ctx.Value("b", 1, lock=False)
+        self.processes: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+        self._stopping = False
+        self._task: asyncio.Task | None = None
+        self.route_prefix = "/"
+        self.port: int | None = None
+        self._ready = 0
+
+    def start_when_listening(self, find_socket: Callable[[], socket.socket | None] | None = None) -> None:
+        if find_socket is None:
+            from fuserve.cluster.ingress_routing import replica_listening_socket
+
+            find_socket = replica_listening_socket
+        self._task = asyncio.get_running_loop().create_task(self._start(find_socket))
+
+    async def _start(self, find_socket: Callable[[], socket.socket | None]) -> None:
+        deadline = time.monotonic() + LISTEN_WAIT_S
+        while (sock := find_socket()) is None:
+            if time.monotonic() > deadline or self._stopping:
+                if not self._stopping:
+                    logger.warning(
+                        "serve.frontend_processes: no listening HTTP socket in this replica after %.0f s "
+                        "(is serve.ingress haproxy?); serving with the replica's own process only",
+                        LISTEN_WAIT_S,
+                    )
+                return
+            await asyncio.sleep(0.1)
+        self.port = sock.getsockname()[1]
+        try:
+            self.route_prefix = await own_route_prefix(self.port)
+        except (OSError, ValueError) as err:
+            sock.close()
+            logger.warning("serve.frontend_processes: could not read this replica's /-/routes (%s)", err)
+            return
+        self.start(sock)
+
+    def start(self, sock: socket.socket) -> None:
+        """Spawns the processes on `sock` (a listening socket, duplicated into each; closed here)."""
+        loop = asyncio.get_running_loop()
+        config_json = self.config.model_dump_json()
+        core_pid = self.core.core_pid
+        assert core_pid is not None
+        try:
+            for index in range(1, self.config.serve.frontend_processes):
+                mine, theirs = self._ctx.Pipe()
+                spec = FrontendSpec(
+                    config_json=config_json,
+                    index=index,
+                    core_dir=self.core.socket_dir,
+                    ready=self.ready,
+                    core_pid=core_pid,
+                    replica_id=self.replica_id,
+                    app_name=self.app_name,
+                    route_prefix=self.route_prefix,
+                )
+                proc = self._ctx.Process(
+                    target=run_frontend,
+                    args=(spec, sock, self._healthy, theirs),
+                    name=f"fuserve-frontend-{index}",
+                    daemon=True,
+                )
+                proc.start()
+                theirs.close()
+                self.processes.append((proc, mine))
+                loop.add_reader(mine.fileno(), self._on_message, mine)
+                loop.add_reader(proc.sentinel, self._on_exit, index, proc)
+        finally:
+            sock.close()
+        logger.info("%d further frontend processes share this replica's port", len(self.processes))
+
+    def _on_message(self, conn: Connection) -> None:
+        try:
+            kind, payload = conn.recv()
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(conn.fileno())
+            return
+        if kind == "prefixes":
+            self.on_prefixes(payload)
+        elif kind == "ready":
+            self._ready += 1
+            if self._ready == len(self.processes) and self.port is not None:
+                # HAProxy keeps and reuses its connections: those it opened before the others listened are
+                # all this process's. Ending them (each after its response) makes it reconnect, and the
+                # new connections spread over every process.
+                closed = end_connections(self.port)
+                logger.info("frontend processes ready; %d of the replica's connections ended", closed)
+
+    def _on_exit(self, index: int, proc: multiprocessing.process.BaseProcess) -> None:
+        asyncio.get_running_loop().remove_reader(proc.sentinel)
+        self.core.detach(index)  # its requests' streams are gone with it: free their KV blocks
+        if not self._stopping:
+            proc.join(1)
+            self.error = f"frontend process {index} (pid {proc.pid}) exited with code {proc.exitcode}"
+            self._healthy.value = 0
+            logger.error("%s; the replica reports itself unhealthy so that Serve replaces it", self.error)
+
+    def stop(self, grace_s: float) -> None:
+        """Each process stops accepting, lets its streams finish for up to `grace_s`, and exits."""
+        self._stopping = True
+        self._healthy.value = 0
+        if self._task is not None:
+            self._task.cancel()
+        for _, conn in self.processes:
+            try:
+                conn.send(("drain", grace_s))
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace_s + 5
+        for proc, conn in self.processes:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+            conn.close()
+
+
+async def own_route_prefix(port: int) -> str:
+    """The application's route prefix, as Serve's replica server answers `/-/routes` on its own port
+    (Serve keeps it on the replica object, out of the replica context user code can read)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /-/routes HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0]
+    if b" 200 " not in status:
+        raise ValueError(f"/-/routes answered {status!r}")
+    if b"transfer-encoding: chunked" in head.lower():  # Serve's answer has no length: uvicorn chunks it
+        body = _unchunk(body)
+    routes = json.loads(body)
+    if not isinstance(routes, dict) or len(routes) != 1:
+        raise ValueError(f"/-/routes answered {routes!r}")
+    return next(iter(routes))
+
+
+def end_connections(port: int) -> int:
+    """Ends this process's HTTP connections on `port`: idle ones now, busy ones after their response
+    (uvicorn's own shutdown of a connection). Serve keeps its uvicorn server private, so it is found
+    among the live objects; returns how many connections were told to end."""
+    import gc
+
+    import uvicorn
+
+    ended = 0
+    for obj in gc.get_objects():
+        if not isinstance(obj, uvicorn.Server):
+            continue
+        sockets = [sock for server in getattr(obj, "servers", []) for sock in server.sockets]
+        if not any(sock.getsockname()[1] == port for sock in sockets):
+            continue
+        for conn in list(obj.server_state.connections):
+            conn.shutdown()
+            ended += 1
+    return ended
+
+
+def _unchunk(body: bytes) -> bytes:
+    out = []
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out.append(rest[:size])
+        body = rest[size + 2 :]
+    return b"".join(out)
+
+
+class _ServePaths:
+    """Serve's own paths, answered as the replica answers them (replica.py `_direct_ingress_asgi`), and
+    the application's route prefix, which the replica's server takes off before the app sees a path;
+    everything else goes to the app."""
+
+    def __init__(self, app: Any, healthy: Any, core: EngineCoreClient, spec: FrontendSpec) -> None:
+        self.app, self.healthy, self.core, self.app_name = app, healthy, core, spec.app_name
+        self.prefix = spec.route_prefix.rstrip("/")
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path not in ("/-/healthz", "/-/routes"):
+            if self.prefix and (path == self.prefix or path.startswith(self.prefix + "/")):
+                scope["root_path"] = scope.get("root_path", "") + self.prefix
+            await self.app(scope, receive, send)
+            return
+        ok = bool(self.healthy.value) and self.core.healthy
+        if not ok:
+            body, ctype = b"UNHEALTHY", b"text/plain; charset=utf-8"
+        elif path == "/-/routes":
+            body, ctype = json.dumps({self.prefix or "/": self.app_name}).encode(), b"application/json"
+        else:
+            body, ctype = HEALTHY_MESSAGE.encode(), b"text/plain; charset=utf-8"
+        headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200 if ok else 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+@dataclass
+class FrontendSpec:
+    """What a further frontend process needs to know to serve beside the replica."""
+
+    config_json: str
+    index: int
+    core_dir: str  # the engine core's socket directory
+    ready: CoreReady
+    core_pid: int
+    replica_id: str
+    app_name: str
+    route_prefix: str
+
+
+def run_frontend(spec: FrontendSpec, sock: socket.socket, healthy: Any, conn: Connection) -> None:
+    """The spawned process's entry point. Ctrl-C reaches the whole process group; the replica decides
+    when this process ends (it drains first), so SIGINT is ignored here."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import uvloop
+
+        runner: Callable[[Any], Any] = uvloop.run
+    except ImportError:  # asyncio's own loop: slower, still correct
+        runner = asyncio.run
+    runner(_serve(spec, sock, healthy, conn))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skips interpreter teardown, where torch's and triton's bindings report leaks to stderr
+
+
+async def _serve(spec: FrontendSpec, sock: socket.socket, healthy: Any, conn: Connection) -> None:
+    import importlib.util
+
+    import uvicorn
+
+    from fuserve.gc_tuning import quiet_gc
+    from fuserve.router.ingress import Frontend, app, serve_with
+    from fuserve.workers.models.loader import load_tokenizer, resolve_source
+
+    config = FuserveConfig.model_validate_json(spec.config_json)
+    source = resolve_source(config.model)
+    tokenizer = load_tokenizer(source) if source.kind != "dummy" else None
+    attach = (spec.index, spec.core_dir, spec.ready, spec.core_pid)
+    core = EngineCoreClient(config, tokenizer, spec.replica_id, attach_to=attach)
+    await core.start(ATTACH_TIMEOUT_S)
+    frontend = Frontend(config, tokenizer, core, spec.ready, spec.replica_id)
+    frontend.on_prefixes = lambda keys: conn.send(("prefixes", keys))
+    serve_with(frontend)
+    conn.send(("ready", None))  # uvicorn accepts on the shared socket from its first loop pass below
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    server = uvicorn.Server(
+        uvicorn.Config(
+            _ServePaths(app, healthy, core, spec),
+            http=http,
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            timeout_keep_alive=KEEP_ALIVE_S,
+        )
+    )
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+
+    def from_replica() -> None:
+        try:
+            kind, grace_s = conn.recv()
+        except (EOFError, OSError):  # the replica's process is gone: stop now
+            kind, grace_s = "drain", 0.0
+        if kind == "drain":
+            loop.remove_reader(conn.fileno())
+            server.config.timeout_graceful_shutdown = max(1, int(grace_s))
+            server.should_exit = True
+
+    loop.add_reader(conn.fileno(), from_replica)
+    quiet_gc()
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        core.shutdown()

@@ -1,0 +1,141 @@
+"""One replica with three frontend processes behind Serve's HAProxy (`serve.frontend_processes: 3`):
+the further processes share the replica's port and its engine core.
+
+- Concurrent streams are served by more than one process, and each gets exactly the tokens it
+  would get alone (greedy: all equal); the engine core sends each process only its own streams.
+- A further frontend process killed: its requests are aborted in the core (blocks freed), the
+  replica reports itself unhealthy, and Serve replaces it; requests succeed again.
+- `fuserve serve` stopped: no frontend process is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+import psutil
+import pytest
+from checkpoints import make_checkpoint
+from ports import free_port
+from served import Served
+from test_serve_haproxy import _haproxy
+
+TIMEOUT = httpx.Timeout(60.0)
+NUM_FRONTENDS = 3
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, set[int]]]:
+    running = [p.pid for p in psutil.process_iter(["cmdline"]) if _haproxy(p.info["cmdline"])]
+    assert not running, f"an HAProxy from another run holds its ports: {running}"
+    tmp = tmp_path_factory.mktemp("frontends")
+    folder = make_checkpoint(tmp / "tiny", "llama3", max_position_embeddings=512, vocab_size=260)
+    config = {
+        "model": {"path": str(folder), "name": "tiny", "max_model_len": 512},
+        "cache": {"num_blocks": 256},
+        "serve": {
+            "port": free_port(),
+            "grpc_port": free_port(),
+            "ingress": "haproxy",
+            "frontend_processes": NUM_FRONTENDS,
+            "drain_timeout_s": 5,
+        },
+    }
+    server = Served(config, tmp)
+    pids: set[int] = set()  # every frontend process seen, checked gone at the end
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and len(pids) < 2:
+            server.check_running()
+            pids |= asyncio.run(health_pids(server.url, 8))
+            time.sleep(0.3)
+        assert len(pids) >= 2, f"frontend processes answering: {pids}"
+        yield server.url, pids
+    finally:
+        server.stop()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):
+            time.sleep(0.5)
+        left = [p for p in pids if alive(p)]
+        assert not left, f"frontend processes outlived `fuserve serve`: {left}"
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def health_pids(url: str, n: int) -> set[int]:
+    """The frontend processes that answered `n` concurrent /health calls (each on its own connection)."""
+
+    async def one() -> int | None:
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+                r = await client.get("/health")
+            return r.json()["frontend_pid"] if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError):
+            return None
+
+    return {p for p in await asyncio.gather(*(one() for _ in range(n))) if p is not None}
+
+
+async def stream(client: httpx.AsyncClient, prompt: str) -> str:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True}
+    text = []
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                text.append(json.loads(line[6:])["choices"][0]["text"])
+    return "".join(text)
+
+
+def test_concurrent_streams_spread_over_processes_and_keep_their_tokens(served: tuple[str, set[int]]) -> None:
+    url, pids = served
+
+    async def main() -> list[str]:
+        clients = [httpx.AsyncClient(base_url=url, timeout=TIMEOUT) for _ in range(12)]
+        try:  # 12 connections, 2 streams each at once
+            return await asyncio.gather(*(stream(c, "hello there") for c in clients for _ in range(2)))
+        finally:
+            for c in clients:
+                await c.aclose()
+
+    texts = asyncio.run(main())
+    assert len(set(texts)) == 1 and texts[0], texts
+    pids |= asyncio.run(health_pids(url, 16))
+    assert len(pids) >= 2
+
+
+def test_a_killed_frontend_process_gets_the_replica_replaced(served: tuple[str, set[int]]) -> None:
+    url, pids = served
+    first = httpx.get(f"{url}/health", timeout=10).json()
+    core_pid = first["engine_core_pid"]
+    replica_pid = psutil.Process(core_pid).ppid()  # the replica's own process spawned the core
+    others = [p for p in asyncio.run(health_pids(url, 16)) if p != replica_pid]
+    assert others, "no further frontend process answered"
+    os.kill(others[0], signal.SIGKILL)
+    deadline, replaced = time.monotonic() + 90, False
+    while time.monotonic() < deadline and not replaced:  # Serve's health check, then a new replica
+        time.sleep(1)
+        try:
+            r = httpx.get(f"{url}/health", timeout=5)
+            replaced = r.status_code == 200 and r.json()["engine_core_pid"] != core_pid
+        except (httpx.HTTPError, ValueError):
+            pass
+    assert replaced, "the replica was not replaced after one of its frontend processes died"
+    assert not alive(core_pid)
+
+    async def after() -> str:
+        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
+            return await stream(client, "hello there")
+
+    assert asyncio.run(after())
+    pids |= asyncio.run(health_pids(url, 16))
