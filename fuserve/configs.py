@@ -316,10 +316,11 @@ class ServeConfig(_Strict):
         default=1,
         ge=1,
         le=64,
-        description="HTTP frontend processes per replica behind HAProxy (`ingress: haproxy`): the "
-        "replica's own and N-1 more that share its port and its engine core (router/"
-        "frontend_processes.py), for when one event loop's HTTP work is what limits the replica "
-        "(128+ streams on a GPU). Give the replica that many more CPUs (`num_cpus_per_replica`).",
+        description="HTTP frontend processes per replica behind HAProxy (`ingress: haproxy`). 1: the "
+        "replica's own process serves HTTP. N > 1: N spawned processes share the replica's port and its "
+        "engine core and serve its HTTP (router/frontend_processes.py), for when one event loop's HTTP "
+        "work is what limits the replica (128+ streams on a GPU); give the replica that many more CPUs "
+        "(`num_cpus_per_replica`).",
     )
     max_ongoing_requests: int = Field(default=256, ge=1)
     max_queued_requests: int = Field(default=1024, ge=-1)

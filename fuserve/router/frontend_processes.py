@@ -8,11 +8,13 @@ processes per replica"). vLLM's answer is several API-server processes per engin
 
 How: Serve binds the replica's own HTTP socket after the replica's `__init__` (direct ingress, one
 ip:port per replica in HAProxy's config). Once it listens, the replica hands a duplicate of that
-listening socket to `serve.frontend_processes - 1` spawned processes; each new connection goes to
-whichever process accepts it first (HAProxy reuses its connections, so the balance is per
-connection). Each process runs uvicorn over the same routes (ingress.py) with its own `Frontend`
+listening socket to `serve.frontend_processes` spawned processes; when they are ready, the replica's
+own server stops accepting and ends its connections (each after its response), so HTTP is theirs
+alone and HAProxy's reconnections spread over them. Each new connection goes to whichever process
+accepts it (one at a time: UV_TCP_SINGLE_ACCEPT; HAProxy reuses its connections, so the balance is
+per connection). Each process runs uvicorn over the same routes (ingress.py) with its own `Frontend`
 and its own ZMQ pair to the engine core, which sends each process only its own streams' outputs
-(workers/output_routing.py).
+(workers/output_routing.py). The replica's own process keeps the engine core, Serve's polls and gRPC.
 
 What a further process does in the replica's place: it answers Serve's `/-/healthz` and `/-/routes`
 as the replica would (from a flag the replica clears when it stops or fails, and its own channel to
@@ -114,7 +116,7 @@ class FrontendProcesses:
         core_pid = self.core.core_pid
         assert core_pid is not None
         try:
-            for index in range(1, self.config.serve.frontend_processes):
+            for index in range(1, self.config.serve.frontend_processes + 1):
                 mine, theirs = self._ctx.Pipe()
                 spec = FrontendSpec(
                     config_json=config_json,
@@ -152,11 +154,12 @@ class FrontendProcesses:
         elif kind == "ready":
             self._ready += 1
             if self._ready == len(self.processes) and self.port is not None:
-                # HAProxy keeps and reuses its connections: those it opened before the others listened are
-                # all this process's. Ending them (each after its response) makes it reconnect, and the
-                # new connections spread over every process.
-                closed = end_connections(self.port)
-                logger.info("frontend processes ready; %d of the replica's connections ended", closed)
+                # From here the spawned processes serve HTTP alone: the replica's own server stops accepting
+                # (the socket stays open in them), and its connections end, each after its response. HAProxy
+                # keeps and reuses connections, so those it opened before the others listened would
+                # otherwise stay this process's for good.
+                closed = hand_over_http(self.port)
+                logger.info("frontend processes serve HTTP now; %d connections ended here", closed)
 
     def _on_exit(self, index: int, proc: multiprocessing.process.BaseProcess) -> None:
         asyncio.get_running_loop().remove_reader(proc.sentinel)
@@ -209,21 +212,30 @@ async def own_route_prefix(port: int) -> str:
     return next(iter(routes))
 
 
-def end_connections(port: int) -> int:
-    """Ends this process's HTTP connections on `port`: idle ones now, busy ones after their response
-    (uvicorn's own shutdown of a connection). Serve keeps its uvicorn server private, so it is found
-    among the live objects; returns how many connections were told to end."""
+def hand_over_http(port: int) -> int:
+    """Stops this process's HTTP server on `port` accepting, and ends its connections: idle ones now,
+    busy ones after their response (uvicorn's own shutdown of a connection). Serve keeps its uvicorn
+    server private, so it is found among the live objects; returns how many connections were ended."""
     import gc
 
     import uvicorn
 
     ended = 0
-    for obj in gc.get_objects():
-        if not isinstance(obj, uvicorn.Server):
+    frozen = gc.get_freeze_count() > 0
+    gc.unfreeze()  # a frozen heap (gc_tuning.quiet_gc) is out of get_objects' sight
+    found = [obj for obj in gc.get_objects() if type(obj) is uvicorn.Server]
+    if frozen:
+        gc.freeze()
+    for obj in found:
+        servers = [
+            server
+            for server in getattr(obj, "servers", [])
+            if any(sock.getsockname()[1] == port for sock in server.sockets)
+        ]
+        if not servers:
             continue
-        sockets = [sock for server in getattr(obj, "servers", []) for sock in server.sockets]
-        if not any(sock.getsockname()[1] == port for sock in sockets):
-            continue
+        for server in servers:
+            server.close()  # closes this process's descriptor; the spawned processes hold their own
         for conn in list(obj.server_state.connections):
             conn.shutdown()
             ended += 1
@@ -288,6 +300,9 @@ def run_frontend(spec: FrontendSpec, sock: socket.socket, healthy: Any, conn: Co
     """The spawned process's entry point. Ctrl-C reaches the whole process group; the replica decides
     when this process ends (it drains first), so SIGINT is ignored here."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # libuv accepts every pending connection at each wake-up: the first process awake would take a whole
+    # burst; with this it takes one and yields, so the processes sharing the socket take turns
+    os.environ["UV_TCP_SINGLE_ACCEPT"] = "1"
     try:
         import uvloop
 

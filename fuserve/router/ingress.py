@@ -578,7 +578,8 @@ class EngineIngress:
         source = resolve_source(config.model)
         tokenizer = load_tokenizer(source) if source.kind != "dummy" else None
         num = config.serve.frontend_processes
-        self.core = EngineCoreClient(config, tokenizer, replica_id, num_frontends=num)
+        # with N > 1, N spawned processes serve HTTP, each with a core channel, beside the replica's own
+        self.core = EngineCoreClient(config, tokenizer, replica_id, num_frontends=1 if num == 1 else num + 1)
         ready = await self.core.start(ENGINE_START_TIMEOUT_S)
         self.frontend = Frontend(config, tokenizer, self.core, ready, replica_id)
         serve_with(self.frontend)
