@@ -9,8 +9,8 @@ processes per replica"). vLLM's answer is several API-server processes per engin
 How: Serve binds the replica's own HTTP socket after the replica's `__init__` (direct ingress, one
 ip:port per replica in HAProxy's config). Once it listens, the replica hands a duplicate of that
 listening socket to `serve.frontend_processes` spawned processes; when they are ready, the replica's
-own server stops accepting and ends its connections (each after its response), so HTTP is theirs
-alone and HAProxy's reconnections spread over them. Each new connection goes to whichever process
+own server stops accepting, so new connections are theirs (the ones HAProxy opened before stay open
+and in its pool). Each new connection goes to whichever process
 accepts it (one at a time: UV_TCP_SINGLE_ACCEPT; HAProxy reuses its connections, so the balance is
 per connection). Each process runs uvicorn over the same routes (ingress.py) with its own `Frontend`
 and its own ZMQ pair to the engine core, which sends each process only its own streams' outputs
@@ -154,12 +154,13 @@ class FrontendProcesses:
         elif kind == "ready":
             self._ready += 1
             if self._ready == len(self.processes) and self.port is not None:
-                # From here the spawned processes serve HTTP alone: the replica's own server stops accepting
-                # (the socket stays open in them), and its connections end, each after its response. HAProxy
-                # keeps and reuses connections, so those it opened before the others listened would
-                # otherwise stay this process's for good.
-                closed = hand_over_http(self.port)
-                logger.info("frontend processes serve HTTP now; %d connections ended here", closed)
+                # New connections are the spawned processes' from here: the replica's own server stops
+                # accepting (the socket stays open in them). Its open connections stay: HAProxy may be
+                # writing a request into an idle one right now, and closing it would fail that request.
+                if not stop_accepting(self.port):
+                    logger.warning(
+                        "frontend_processes: the replica's own HTTP server was not found; it accepts too"
+                    )
 
     def _on_exit(self, index: int, proc: multiprocessing.process.BaseProcess) -> None:
         asyncio.get_running_loop().remove_reader(proc.sentinel)
@@ -212,34 +213,25 @@ async def own_route_prefix(port: int) -> str:
     return next(iter(routes))
 
 
-def hand_over_http(port: int) -> int:
-    """Stops this process's HTTP server on `port` accepting, and ends its connections: idle ones now,
-    busy ones after their response (uvicorn's own shutdown of a connection). Serve keeps its uvicorn
-    server private, so it is found among the live objects; returns how many connections were ended."""
+def stop_accepting(port: int) -> bool:
+    """Stops this process's uvicorn server on `port` accepting connections; those it has go on. Serve
+    keeps its uvicorn server private, so it is found among the live objects."""
     import gc
 
     import uvicorn
 
-    ended = 0
     frozen = gc.get_freeze_count() > 0
     gc.unfreeze()  # a frozen heap (gc_tuning.quiet_gc) is out of get_objects' sight
     found = [obj for obj in gc.get_objects() if type(obj) is uvicorn.Server]
     if frozen:
         gc.freeze()
+    stopped = False
     for obj in found:
-        servers = [
-            server
-            for server in getattr(obj, "servers", [])
-            if any(sock.getsockname()[1] == port for sock in server.sockets)
-        ]
-        if not servers:
-            continue
-        for server in servers:
-            server.close()  # closes this process's descriptor; the spawned processes hold their own
-        for conn in list(obj.server_state.connections):
-            conn.shutdown()
-            ended += 1
-    return ended
+        for server in getattr(obj, "servers", []):
+            if any(sock.getsockname()[1] == port for sock in server.sockets):
+                server.close()  # closes this process's descriptor; the spawned processes hold their own
+                stopped = True
+    return stopped
 
 
 def _unchunk(body: bytes) -> bytes:
