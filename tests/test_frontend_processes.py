@@ -151,3 +151,34 @@ def test_a_killed_frontend_process_gets_the_replica_replaced(served: tuple[str, 
 
     assert asyncio.run(after())
     pids |= asyncio.run(health_pids(url, 16))
+
+
+def test_frontend_cpu_counts_the_replicas_children_but_the_engine_core() -> None:
+    """/metrics' frontend CPU with several processes: the replica's own and its children's, whichever
+    process answers, without the engine core's. Measured in a process of its own, whose only children
+    are the two made here (this test process has others: the served app of this module)."""
+    import subprocess
+    import sys
+
+    script = """
+import os, subprocess, sys, time
+import psutil
+from fuserve.router.frontend_processes import frontend_cpu_seconds
+burn = "import time\\nt = time.process_time()\\nwhile time.process_time() - t < 0.4: pass\\ntime.sleep(30)"
+frontend, core = (subprocess.Popen([sys.executable, "-c", burn]) for _ in range(2))
+def cpu(pid):
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline and (cpu(frontend.pid) < 0.4 or cpu(core.pid) < 0.4):
+    time.sleep(0.1)
+mine = cpu(os.getpid())
+total = frontend_cpu_seconds(os.getpid(), core.pid)
+print(mine, total, cpu(frontend.pid))
+for p in (frontend, core):
+    p.kill()
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    mine, total, frontend = map(float, out.stdout.split())
+    assert mine + 0.35 <= total <= mine + frontend + 0.2, (mine, total, frontend)

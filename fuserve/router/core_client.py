@@ -118,7 +118,7 @@ def core_addresses(directory: str, num_frontends: int) -> list[tuple[str, str]]:
 class EngineCoreClient:
     """One frontend process's channel to the engine core. The replica's own (`frontend` 0) spawns the
     core and owns its lifetime; the replica's other frontend processes (frontend_processes.py) attach to
-    the running core with `attach`."""
+    the running core (`attach_to`)."""
 
     def __init__(
         self,

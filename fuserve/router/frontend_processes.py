@@ -28,6 +28,7 @@ routing and autoscaling read the engine core's figures, which count every proces
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import logging
 import multiprocessing
@@ -213,6 +214,27 @@ async def own_route_prefix(port: int) -> str:
     return next(iter(routes))
 
 
+def frontend_cpu_seconds(replica_pid: int, core_pid: int | None) -> float:
+    """CPU seconds of the replica's process and its children but the engine core: its frontend
+    processes (and multiprocessing's small resource tracker), read from /proc (Linux)."""
+    pids = [replica_pid]
+    for children in glob.glob(f"/proc/{replica_pid}/task/*/children"):
+        try:
+            with open(children) as f:
+                pids += [int(p) for p in f.read().split() if int(p) != core_pid]
+        except OSError:
+            continue
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def stop_accepting(port: int) -> bool:
     """Stops this process's uvicorn server on `port` accepting connections; those it has go on. Serve
     keeps its uvicorn server private, so it is found among the live objects."""
@@ -324,6 +346,7 @@ async def _serve(spec: FrontendSpec, sock: socket.socket, healthy: Any, conn: Co
     await core.start(ATTACH_TIMEOUT_S)
     frontend = Frontend(config, tokenizer, core, spec.ready, spec.replica_id)
     frontend.on_prefixes = lambda keys: conn.send(("prefixes", keys))
+    frontend.replica_pid = os.getppid()
     serve_with(frontend)
     conn.send(("ready", None))  # uvicorn accepts on the shared socket from its first loop pass below
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"

@@ -12,6 +12,11 @@ Tokens take no Ray message: the engine core sends one message per step for all s
 this process writes them to the clients. Serve still places, health-checks, scales and drains the
 replicas; `record_routing_stats` feeds the length-aware router.
 
+`EngineIngress` is the Serve deployment: it builds the engine core and answers Serve's polls.
+`Frontend` is the request handling, and the routes call the process's one Frontend: the replica's
+own, or, with `serve.frontend_processes` > 1, that of the spawned process that accepted the
+connection (frontend_processes.py).
+
 The body is parsed by hand rather than by FastAPI's signature binding, so malformed JSON and wrong
 types are 400s in OpenAI's error shape instead of FastAPI's 422. Streamed deltas are written as
 they arrive; a client that goes away closes its streams, and the engine aborts its requests.
@@ -43,7 +48,7 @@ from fuserve.router.core_client import EngineCoreClient
 from fuserve.router.engine_client import EngineClient, EngineStreams, api_error
 from fuserve.router.engine_messages import EngineRequest, ModelInfo, ReplicaStats
 from fuserve.router.errors import APIError, from_validation, model_not_found, too_large
-from fuserve.router.frontend_processes import FrontendProcesses
+from fuserve.router.frontend_processes import FrontendProcesses, frontend_cpu_seconds
 from fuserve.router.hermes_tool_calls import HERMES
 from fuserve.router.metrics import (
     ROUTED_AT_HEADER,
@@ -192,11 +197,18 @@ class Frontend:
         self.prefixes = RecentPrefixes(4 * REPORTED_PREFIXES)
         # a further frontend process hands each request's prefix keys to the replica's routing report
         self.on_prefixes: Callable[[list], None] | None = None
+        # with several frontend processes: the replica's own pid (a spawned one sets its parent's): the CPU
+        # reported is that process's and its frontend children's, whichever of them answers
+        self.replica_pid = None if config.serve.frontend_processes == 1 else os.getpid()
         self._token_text: dict[int, str] = {}
 
     # ---- this replica's state: routing, health, metrics ------------------------------------------
     def stats(self) -> ReplicaStats:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
+        if self.replica_pid is None:
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            cpu = usage.ru_utime + usage.ru_stime
+        else:
+            cpu = frontend_cpu_seconds(self.replica_pid, self.core.core_pid)
         engine = self.core.stats
         if not self.core.healthy:  # its engine's requests are gone with it: report none running
             engine = msgspec.structs.replace(
@@ -205,7 +217,7 @@ class Frontend:
         return ReplicaStats(
             replica_id=self.replica_id,
             engine=engine,
-            frontend_cpu_seconds_total=usage.ru_utime + usage.ru_stime,
+            frontend_cpu_seconds_total=cpu,
             frontend_gc_seconds_total=gc_seconds_total(),
             healthy=self.core.healthy,
             timestamp=time.time(),
@@ -595,9 +607,6 @@ class EngineIngress:
             )
             self.children.start_when_listening()
         quiet_gc()  # everything this replica keeps is built: out of later collections (gc_tuning.py)
-
-    def stats(self) -> ReplicaStats:
-        return self.frontend.stats()
 
     def record_routing_stats(self) -> dict:
         """Polled by Serve's controller; the router reads it as `replica.routing_stats`.
