@@ -101,9 +101,10 @@ class FrontendProcesses:
                     )
                 return
             await asyncio.sleep(0.1)
-        self.port = sock.getsockname()[1]
+        host, self.port = sock.getsockname()[:2]
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # bound to every interface: loopback
         try:
-            self.route_prefix = await own_route_prefix(self.port)
+            self.route_prefix = await own_route_prefix(host, self.port)
         except (OSError, ValueError) as err:
             sock.close()
             logger.warning("serve.frontend_processes: could not read this replica's /-/routes (%s)", err)
@@ -192,10 +193,10 @@ class FrontendProcesses:
             conn.close()
 
 
-async def own_route_prefix(port: int) -> str:
-    """The application's route prefix, as Serve's replica server answers `/-/routes` on its own port
+async def own_route_prefix(host: str, port: int) -> str:
+    """The application's route prefix, as Serve's replica server answers `/-/routes` on its own socket
     (Serve keeps it on the replica object, out of the replica context user code can read)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(b"GET /-/routes HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         await writer.drain()
