@@ -52,3 +52,14 @@ def quiet_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GEN0_THRESHOLD, *gc.get_threshold()[1:])
+
+
+def live_instances(cls: type) -> list:
+    """The live objects of exactly `cls`. A frozen heap (quiet_gc) is out of gc.get_objects' sight, so
+    the search thaws it and freezes it again."""
+    frozen = gc.get_freeze_count() > 0
+    gc.unfreeze()
+    found = [obj for obj in gc.get_objects() if type(obj) is cls]
+    if frozen:
+        gc.freeze()
+    return found

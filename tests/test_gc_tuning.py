@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fuserve.gc_tuning import GEN0_THRESHOLD, gc_seconds_total, quiet_gc
+from fuserve.gc_tuning import GEN0_THRESHOLD, gc_seconds_total, live_instances, quiet_gc
 
 
 @pytest.fixture
@@ -35,3 +35,13 @@ def test_gc_seconds_total_counts_collections(restore_gc: None) -> None:
     for _ in range(3):
         gc.collect()
     assert gc_seconds_total() > before
+
+
+def test_live_instances_sees_past_a_frozen_heap(restore_gc: None) -> None:
+    class Marker:
+        pass
+
+    kept = Marker()
+    gc.freeze()
+    assert live_instances(Marker) == [kept]
+    assert gc.get_freeze_count() > 0  # frozen again afterwards

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fuserve.process_liveness import pid_alive
+
 MAGIC = 0x66757365_706C616E  # "fuseplan"
 HEADER_WORDS = 4  # magic, num_slots, slot_numel, writer pid; the readers' acks and attached flags follow
 SLOT_HEADER = 2  # seq, used
@@ -113,7 +115,7 @@ class PlanRing:
         ring = cls(Path(path), words, mapping, reader=reader)
         if not 0 <= reader < ring.num_readers:
             raise ValueError(f"reader {reader} of a ring with {ring.num_readers} readers")
-        ring._check_writer = _alive(int(words[3]))  # False: another pid namespace, so never checked
+        ring._check_writer = pid_alive(int(words[3]))  # False: another pid namespace, so never checked
         ring._attached[reader] = 1
         return ring
 
@@ -147,7 +149,7 @@ class PlanRing:
                 continue
             if self._check_writer and now - last_check > IDLE_S:
                 last_check = now
-                if not _alive(int(self._words[3])):
+                if not pid_alive(int(self._words[3])):
                     raise RingClosed(f"rank 0 (pid {int(self._words[3])}) is gone")
             time.sleep(IDLE_SLEEP_S)
 
@@ -193,13 +195,3 @@ class PlanRing:
         self._acks[self.reader] = seq  # after the copy: only then may rank 0 reuse the slot
         self._next += 1
         return words
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True

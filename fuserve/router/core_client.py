@@ -44,6 +44,7 @@ from fuserve.core_messages import (
     StepOutputs,
     output_decoder,
 )
+from fuserve.process_liveness import pid_alive
 from fuserve.router.engine_messages import EngineDelta, EngineRequest
 from fuserve.sampling_params import RequestError
 from fuserve.workers.detokenizer import IncrementalDetokenizer
@@ -200,7 +201,7 @@ class EngineCoreClient:
                     self._send(Attach(self.index))
                     break
                 except zmq.Again:
-                    if time.monotonic() > deadline or not _pid_alive(self._core_pid):
+                    if time.monotonic() > deadline or not pid_alive(self._core_pid):
                         raise EngineDeadError(
                             f"the engine core (pid {self._core_pid}) did not connect to frontend "
                             f"{self.index} within {timeout_s:g} s"
@@ -238,7 +239,7 @@ class EngineCoreClient:
         try:
             fd = os.pidfd_open(pid)
         except (AttributeError, OSError):  # no pidfd here, or the core is already gone
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 self._fail_all(f"the engine-core process (pid {pid}) is gone")
             return
         loop = asyncio.get_running_loop()
@@ -258,7 +259,7 @@ class EngineCoreClient:
 
     @property
     def healthy(self) -> bool:
-        alive = self.process.is_alive() if self.process is not None else self.error is None
+        alive = self.process is None or self.process.is_alive()  # attached: the core's exit sets `error`
         return self.error is None and self.info is not None and alive
 
     # ---- requests ---------------------------------------------------------------------------------
@@ -422,13 +423,3 @@ class EngineCoreClient:
         self._ctx.term()
         if self._owns_dir:
             shutil.rmtree(self._dir, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

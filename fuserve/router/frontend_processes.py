@@ -239,17 +239,12 @@ def frontend_cpu_seconds(replica_pid: int, core_pid: int | None) -> float:
 def stop_accepting(port: int) -> bool:
     """Stops this process's uvicorn server on `port` accepting connections; those it has go on. Serve
     keeps its uvicorn server private, so it is found among the live objects."""
-    import gc
-
     import uvicorn
 
-    frozen = gc.get_freeze_count() > 0
-    gc.unfreeze()  # a frozen heap (gc_tuning.quiet_gc) is out of get_objects' sight
-    found = [obj for obj in gc.get_objects() if type(obj) is uvicorn.Server]
-    if frozen:
-        gc.freeze()
+    from fuserve.gc_tuning import live_instances
+
     stopped = False
-    for obj in found:
+    for obj in live_instances(uvicorn.Server):
         for server in getattr(obj, "servers", []):
             if any(sock.getsockname()[1] == port for sock in server.sockets):
                 server.close()  # closes this process's descriptor; the spawned processes hold their own
