@@ -100,8 +100,11 @@ def run_engine(
         {}
         if budget is None
         else dict(
+            # what engines before this one left allocated: before shutdown freed their weights, they
+            # were counted as this engine's and shrank its KV pool (issue 18's "KV sizing")
+            earlier_gib=budget.earlier / 2**30,
             weights_gib=budget.weights / 2**30,
-            activation_peak_gib=(budget.peak - budget.weights) / 2**30,
+            activation_peak_gib=budget.activations / 2**30,
             others_gib=budget.others / 2**30,
             kv_gib=budget.kv / 2**30,
         )

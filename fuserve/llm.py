@@ -39,6 +39,17 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 
+    def shutdown(self) -> None:
+        """Frees the GPU memory (weights, KV pool, CUDA graphs) now, so that the next `LLM` in this
+        process gets all of it; `with LLM(...) as llm:` calls it on the way out."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
     def default_sampling_params(self) -> SamplingParams:
         """What `generate` uses without params: the model's generation_config.json defaults (with
         model.generation_config auto; its max_new_tokens as max_tokens), else SamplingParams' own."""

@@ -14,6 +14,15 @@ def test_budget_is_the_limit_less_others_and_the_peak() -> None:
     assert num_blocks_for(CacheConfig(), budget.per_block, budget) == 37 * 512
     text = budget.describe()
     assert "weights 8.00" in text and "activation peak 2.00" in text and "contexts 1.00" in text
+    assert "earlier" not in text
+
+
+def test_tensors_held_before_the_build_are_named_apart_from_the_weights() -> None:
+    budget = KVBudget(
+        limit=48 * GIB, others=GIB, weights=8 * GIB, peak=25 * GIB, per_block=2 << 20, earlier=15 * GIB
+    )
+    assert budget.kv == 22 * GIB and budget.activations == 2 * GIB
+    assert "earlier tensors in this process 15.00 - weights 8.00 - activation peak 2.00" in budget.describe()
 
 
 def test_config_blocks_win_and_cpu_uses_its_gib() -> None:

@@ -35,24 +35,32 @@ class KVBudget:
 
     limit: int  # gpu_memory_utilization x total
     others: int  # other processes and this process's CUDA context, outside torch's allocator
-    weights: int  # allocated before the profiling step: the model's weights and buffers
-    peak: int  # the allocator's peak: the weights plus the profiling step's activations
+    weights: int  # allocated by the model's build: its weights and buffers
+    peak: int  # the allocator's peak: earlier tensors, the weights and the profiling step's activations
     per_block: int
+    earlier: int = 0  # allocated in this process before the engine's build (another engine's, the caller's)
 
     @property
     def kv(self) -> int:
         return self.limit - self.others - self.peak
 
+    @property
+    def activations(self) -> int:
+        return self.peak - self.earlier - self.weights
+
     def describe(self) -> str:
         gib = 1 << 30
+        earlier = f" - earlier tensors in this process {self.earlier / gib:.2f}" if self.earlier else ""
         return (
             f"KV budget {self.kv / gib:.2f} GiB = limit {self.limit / gib:.2f} - other processes and "
-            f"contexts {self.others / gib:.2f} - weights {self.weights / gib:.2f} - activation peak "
-            f"{(self.peak - self.weights) / gib:.2f} GiB"
+            f"contexts {self.others / gib:.2f}{earlier} - weights {self.weights / gib:.2f} - activation "
+            f"peak {self.activations / gib:.2f} GiB"
         )
 
 
-def gpu_kv_budget(cfg: CacheConfig, per_block: int, weights: int, device: torch.device) -> KVBudget:
+def gpu_kv_budget(
+    cfg: CacheConfig, per_block: int, earlier: int, weights: int, device: torch.device
+) -> KVBudget:
     """Call after the profiling step (reads the allocator's peak)."""
     free, total = torch.cuda.mem_get_info(device)
     return KVBudget(
@@ -61,6 +69,7 @@ def gpu_kv_budget(cfg: CacheConfig, per_block: int, weights: int, device: torch.
         weights=weights,
         peak=torch.cuda.max_memory_allocated(device),
         per_block=per_block,
+        earlier=earlier,
     )
 
 

@@ -83,6 +83,7 @@ class Worker:
         )
         check_implemented(self.source.hf_config, self.max_model_len)
         ops = pick_ops(config.kernels.use_triton, self.device)
+        earlier = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         self.model = build_model(
             self.source,
             tp,
@@ -110,9 +111,9 @@ class Worker:
         per_block = bytes_per_block(self.arch, num_kv_heads, bs, self.kv_dtype)
         self.kv_budget: KVBudget | None = None
         if self.device.type == "cuda" and cache_cfg.num_blocks is None:
-            weights = torch.cuda.memory_allocated(self.device)
+            weights = torch.cuda.memory_allocated(self.device) - earlier
             self._profile(runner, num_kv_heads)
-            self.kv_budget = gpu_kv_budget(cache_cfg, per_block, weights, self.device)
+            self.kv_budget = gpu_kv_budget(cache_cfg, per_block, earlier, weights, self.device)
             log.info("rank %d: %s", tp.rank, self.kv_budget.describe())
         # Every rank must hold the same block ids: the smallest pool that fits on every GPU.
         self.num_blocks = tp.min_across_ranks(num_blocks_for(cache_cfg, per_block, self.kv_budget))
@@ -203,8 +204,13 @@ class Worker:
         self.runner.follow(plan)
 
     def shutdown(self) -> None:
-        """The CUDA graphs go before the NCCL communicator they captured."""
+        """The CUDA graphs go before the NCCL communicator they captured. The weights and the KV pool
+        are let go here, not when the last reference to the worker goes: a caller that keeps one (or a
+        reference cycle that waits for a full collection) would otherwise hold the GPU memory that the
+        next engine in this process counts as taken (its KV pool shrank by one model's weights)."""
+        if not hasattr(self, "runner"):
+            return
         for graphs in (self.runner.graphs, self.runner.mixed_graphs):
             if graphs is not None:
                 graphs.release()
-        self.runner.graphs = self.runner.mixed_graphs = None
+        del self.runner, self.model, self.kv_cache
