@@ -41,7 +41,9 @@ if [ "$PART" = 8b ] || [ "$PART" = tests ] || [ "$PART" = tests+bench8b ]; then
     for i in $(seq 1 "${RUNS:-3}"); do
       [ "$(left)" -gt "${RUN_MIN_S:-330}" ] || { echo "pair $1 test run $i skipped: $(left) s left" | tee -a "$LOG"; continue; }
       t0=$SECONDS
-      timeout $(( $(left) - 60 )) python3 -m pytest -v -m gpu tests/test_tensor_parallel.py $PER_TEST \
+      # SIGINT, not SIGTERM, at the call's end: pytest then prints the failures it has so far (2026-11-27's
+      # second run failed a test and was cut before its traceback was printed)
+      timeout -s INT -k 20 $(( $(left) - 60 )) python3 -m pytest -v -m gpu tests/test_tensor_parallel.py $PER_TEST \
         -o cache_dir=/tmp/pytest-cache-$1 --basetemp=/tmp/pytest-$1 -W ignore::DeprecationWarning 2>&1 \
         | tee "$OUT/tp-tests-$1-$i.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|Timeout" | tail -8
       echo "pair $1 (GPUs $CUDA_VISIBLE_DEVICES) test run $i: exit ${PIPESTATUS[0]} in $(( SECONDS - t0 )) s" | tee -a "$LOG"
