@@ -135,6 +135,7 @@ class CoreStats(msgspec.Struct, array_like=True):
     step_cost_samples: int = 0  # steps behind the step cost (0: the meter's prior alone)
     spec: SpecCounters | None = None  # None: speculation is off
     num_requests_added: int = 0  # requests taken in, ever (router/unadmitted_sends.py)
+    num_requests: int = 0  # requests in the engine now, from every frontend process (autoscaling)
     gc_seconds_total: float = 0.0  # the engine's process's time in Python's garbage collector (gc_tuning.py)
 
 

@@ -155,6 +155,7 @@ def test_abort_of_one_sequence_frees_it_and_the_rest_run_on(config: FuserveConfi
         engine.add_request("r", [1, 2, 3, 4], params)
         for _ in range(3):
             engine.step()
+        assert engine.stats().num_requests == 1  # what autoscaling counts with frontend processes
         engine.abort("r", [0])
         outputs = []
         while engine.has_unfinished():
@@ -163,6 +164,7 @@ def test_abort_of_one_sequence_frees_it_and_the_rest_run_on(config: FuserveConfi
         assert outputs[-1].finished and outputs[-1].finish_reason == "length"
         assert len(outputs[-1].token_ids) == 30
         assert engine.block_manager.num_free_blocks == free and "r" not in engine._requests
+        assert engine.stats().num_requests == 0
     finally:
         engine.shutdown()
 

@@ -15,6 +15,7 @@ new connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -124,6 +125,37 @@ def test_concurrent_streams_spread_over_processes_and_keep_their_tokens(served: 
     answering = asyncio.run(health_pids(url, 16))
     pids |= answering
     assert answering - {replica_pid(url)}, answering
+
+
+def test_the_engine_core_counts_every_processes_requests(served: tuple[str, set[int]]) -> None:
+    """Serve counts none of the requests the spawned processes take, so autoscaling on requests reads
+    the engine core's count (EngineRequestsPolicy), which /metrics shows from whichever process answers."""
+    url, _ = served
+    body = {"model": "tiny", "prompt": "hello there", "max_tokens": 480, "ignore_eos": True, "stream": True}
+
+    async def main() -> list[float]:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=TIMEOUT))
+                for _ in range(6)
+            ]
+            readers = []  # kept: a reader left to the collector closes its stream, which aborts it
+            for client in clients:  # six streams open at once, each past its first token
+                r = await stack.enter_async_context(client.stream("POST", "/v1/completions", json=body))
+                assert r.status_code == 200, await r.aread()
+                readers.append(r.aiter_lines())
+                async for line in readers[-1]:
+                    if line.startswith("data: {"):
+                        break
+            async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as probe:
+                text = (await probe.get("/metrics")).text
+            return [
+                float(line.split()[-1])
+                for line in text.splitlines()
+                if line.startswith("fuserve_engine_requests{")
+            ]
+
+    assert asyncio.run(main()) == [6.0]
 
 
 def test_a_killed_frontend_process_gets_the_replica_replaced(served: tuple[str, set[int]]) -> None:

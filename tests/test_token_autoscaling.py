@@ -88,3 +88,38 @@ def test_a_bad_token_target_is_refused_naming_the_field() -> None:
 
     with pytest.raises(ConfigError, match="serve.autoscaling.target_outstanding_tokens"):
         config_from_dict({"serve": {"autoscaling": {"target_outstanding_tokens": 0}}})
+
+
+def test_with_frontend_processes_replicas_follow_the_requests_the_engines_count() -> None:
+    """Serve's own count misses every request a spawned frontend process takes: without a token target,
+    such a deployment scales on the engine cores' request counts, with Serve's target per replica."""
+    from ray.serve.config import AutoscalingConfig
+
+    from fuserve.cluster.serve_config import REQUESTS_POLICY
+
+    serve = config_from_dict(
+        {
+            "serve": {
+                "ingress": "haproxy",
+                "frontend_processes": 2,
+                "autoscaling": {"max_replicas": 4, "target_ongoing_requests": 8},
+            }
+        }
+    ).serve
+    options = AutoscalingConfig(**replica_override(serve)["autoscaling_config"])
+    assert options.policy.policy_function == REQUESTS_POLICY
+    policy = options.policy.get_policy()(**options.policy.policy_kwargs)
+
+    def requests(per_replica: dict[str, float], current: int, **kw: Any) -> int:
+        ctx = _context(None, current, **kw)
+        ctx.aggregated_metrics = {
+            "engine_requests": {ctx.running_replicas[int(k)]: v for k, v in per_replica.items()}
+        }
+        return policy(ctx)[0]
+
+    assert requests({"0": 20.0}, current=1) == 3  # 20 requests in the engine, 8 a replica
+    assert requests({"0": 3.0, "1": 2.0}, current=2) == 1
+    assert requests({"0": 200.0}, current=1) == 4  # max_replicas
+    assert requests({"0": 9.0}, current=2, requests=30.0) == 4  # one replica unreported: Serve's count
+    one = config_from_dict({"serve": {"autoscaling": {"max_replicas": 4}}}).serve
+    assert "policy" not in replica_override(one)["autoscaling_config"]  # one process: Serve's own policy

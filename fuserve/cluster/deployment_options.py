@@ -71,7 +71,7 @@ def engine_options(config: FuserveConfig, cluster_gpus: float = 0.0) -> dict[str
         opts["placement_group_bundles"] = bundles
         opts["placement_group_strategy"] = config.parallel.placement_strategy
     if serve_cfg.autoscaling is not None:
-        opts["autoscaling_config"] = autoscaling_options(serve_cfg.autoscaling)
+        opts["autoscaling_config"] = autoscaling_options(serve_cfg)
     else:
         opts["num_replicas"] = serve_cfg.num_replicas
     if serve_cfg.router in ("length_aware", "prefix_affinity"):

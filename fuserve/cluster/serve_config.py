@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fuserve.configs import AutoscalingConfig, FuserveConfig, ServeConfig
+from fuserve.configs import FuserveConfig, ServeConfig
 from fuserve.router.grpc_service import SERVICER_FUNCTION
 
 APP_NAME = "fuserve"
 IMPORT_PATH = "fuserve.cluster:app"
 ENGINE_DEPLOYMENT = "Engine"  # the name build_app gives the engine deployment
 TOKEN_POLICY = "fuserve.cluster.token_autoscaling:OutstandingTokensPolicy"
+REQUESTS_POLICY = "fuserve.cluster.token_autoscaling:EngineRequestsPolicy"
 
 ProxyLocation = Literal["EveryNode", "HeadOnly"]
 
@@ -35,12 +36,16 @@ def replica_override(serve_cfg: ServeConfig) -> dict[str, Any]:
     return {
         "name": ENGINE_DEPLOYMENT,
         "num_replicas": "auto",  # Serve then takes autoscaling_config (and sets num_replicas None)
-        "autoscaling_config": autoscaling_options(serve_cfg.autoscaling),
+        "autoscaling_config": autoscaling_options(serve_cfg),
     }
 
 
-def autoscaling_options(a: AutoscalingConfig) -> dict[str, Any]:
-    """Serve's autoscaling_config; with `target_outstanding_tokens`, fuserve's policy on queued work."""
+def autoscaling_options(serve_cfg: ServeConfig) -> dict[str, Any]:
+    """Serve's autoscaling_config; with `target_outstanding_tokens`, fuserve's policy on queued work;
+    with frontend processes, Serve's rule on requests counted by the engine core, since Serve's own count
+    misses the requests those processes take (cluster/token_autoscaling.py)."""
+    a = serve_cfg.autoscaling
+    assert a is not None
     options: dict[str, Any] = {
         "min_replicas": a.min_replicas,
         "initial_replicas": max(a.min_replicas, 1),
@@ -53,6 +58,11 @@ def autoscaling_options(a: AutoscalingConfig) -> dict[str, Any]:
         options["policy"] = {
             "policy_function": TOKEN_POLICY,
             "policy_kwargs": {"target_outstanding_tokens": a.target_outstanding_tokens},
+        }
+    elif serve_cfg.frontend_processes > 1:
+        options["policy"] = {
+            "policy_function": REQUESTS_POLICY,
+            "policy_kwargs": {"target_ongoing_requests": a.target_ongoing_requests},
         }
     return options
 

@@ -21,7 +21,9 @@ as the replica would (from a flag the replica clears when it stops or fails, and
 the core); it hands each request's prefix keys to the replica, whose routing report carries them;
 it stops accepting and drains its streams when the replica stops, and exits when the replica's
 process is gone. Its requests are not in Serve's own request metrics or ongoing-request counts:
-routing and autoscaling read the engine core's figures, which count every process's requests.
+routing and autoscaling read the engine core's figures, which count every process's requests (with
+autoscaling on `target_ongoing_requests`, the deployment gets fuserve's EngineRequestsPolicy,
+cluster/token_autoscaling.py).
 /metrics shows the answering process's request figures and the engine's (shared) figures.
 """
 

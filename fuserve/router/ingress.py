@@ -616,11 +616,14 @@ class EngineIngress:
         so an idle replica costs no broadcasts, and the router still knows which of its own
         requests the figures already include (those routed before the timestamp). The count of
         admitted requests makes a request that came and went change the figures: behind HAProxy the
-        router hears of no request's end, and only a newer report retires its pick."""
+        router hears of no request's end, and only a newer report retires its pick. With frontend
+        processes the replica's own process admits almost nothing: the engine core's count, which
+        takes every process's requests, stands for it (routers estimate their number from it)."""
         s = self.core.stats
+        admitted = self.client.num_admitted if self.children is None else s.num_requests_added
         report = {
             "healthy": self.core.healthy,
-            "num_admitted": self.client.num_admitted,
+            "num_admitted": admitted,
             "outstanding_tokens": s.outstanding_tokens,
             "num_running": s.num_running,
             "num_waiting": s.num_waiting,
@@ -633,8 +636,13 @@ class EngineIngress:
         return {**report, "timestamp": self._last_report_at}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Polled by Serve; `serve.autoscaling.target_outstanding_tokens` scales on it (token_autoscaling)."""
-        return {"outstanding_tokens": float(self.core.stats.outstanding_tokens)}
+        """Polled by Serve for fuserve's autoscaling policies (cluster/token_autoscaling.py): the engine
+        core's figures, which count every frontend process's requests."""
+        # here, not at the top: the fuserve.cluster package imports this module
+        from fuserve.cluster.token_autoscaling import ENGINE_REQUESTS, OUTSTANDING_TOKENS
+
+        s = self.core.stats
+        return {OUTSTANDING_TOKENS: float(s.outstanding_tokens), ENGINE_REQUESTS: float(s.num_requests)}
 
     def check_health(self) -> None:
         """Serve replaces a replica whose engine core, or one of its frontend processes, died."""

@@ -46,6 +46,10 @@ class _EngineCollector(Collector):
                 "Sequences queued in the engine (queue length)",
             ),
             "num_running": ("fuserve_engine_num_requests_running", "Sequences in the running batch"),
+            "num_requests": (
+                "fuserve_engine_requests",
+                "Requests in the engine, from every frontend process of the replica",
+            ),
             "outstanding_tokens": ("fuserve_engine_outstanding_tokens", "Tokens still to prefill or decode"),
             "kv_cache_usage": ("fuserve_engine_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use"),
             "num_free_blocks": ("fuserve_engine_kv_cache_free_blocks", "Free KV-cache blocks"),

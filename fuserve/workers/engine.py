@@ -458,5 +458,6 @@ class LLMEngine:
             gc_seconds_total=gc_seconds_total(),
             step_cost_samples=fit.num_samples,
             num_requests_added=self.num_requests_added,
+            num_requests=len(self._requests),
             spec=self.speculation.snapshot() if self.speculation is not None else None,
         )
