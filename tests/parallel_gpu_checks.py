@@ -4,8 +4,11 @@ check_all_reduce     one process per GPU, each masked to its GPU as Ray does: on
                      exact sum, eager and replayed from a CUDA graph; then the fused all-reduce + add
                      + RMSNorm (check_add_rmsnorm) and the pushing GEMV (check_gemv_push) the same ways
 compare_greedy       Llama-3-8B layer shapes: TP=1 vs TP=2 (NCCL only, and one-shot) greedy decoding; run
-                     as a script (`python parallel_gpu_checks.py FOLDER RAY_ADDRESS`) so that its one-shot
-                     engine is the first symmetric-memory group of its process (one_shot_all_reduce.py)
+                     as a script (`python parallel_gpu_checks.py compare-tp2 FOLDER RAY_ADDRESS LIMIT_S`)
+                     so that its one-shot engine is the first symmetric-memory group of its process
+                     (one_shot_all_reduce.py)
+killed-worker        test_tensor_parallel's killed-worker test on CUDA, as a script (`killed-worker
+                     FOLDER ...`): the process whose peer died keeps its GPU busy until it exits
 """
 
 from __future__ import annotations
@@ -273,8 +276,17 @@ if __name__ == "__main__":
 
     import ray
 
+    check, arg, address, limit_s = sys.argv[1:5]
     # a hang dumps this process's stacks into the test's failure message and ends it, before pytest's
     # per-test timeout ends the test without them
-    faulthandler.dump_traceback_later(float(sys.argv[3]), exit=True)
-    ray.init(address=sys.argv[2], log_to_driver=False)
-    compare_greedy(Path(sys.argv[1]), int(sys.argv[4]) if len(sys.argv) > 4 else 2)
+    faulthandler.dump_traceback_later(float(limit_s), exit=True)
+    ray.init(address=address, log_to_driver=False)
+    if check == "killed-worker":
+        from test_tensor_parallel import killed_worker_fails_in_flight_requests
+
+        killed_worker_fails_in_flight_requests(Path(arg), "cuda")
+        sys.stdout.flush()
+        # no interpreter teardown: rank 0's GPU still waits for the dead peer, and only the end of this
+        # process (its CUDA context) ends that wait
+        os._exit(0)
+    compare_greedy(Path(arg), int(check.removeprefix("compare-tp")))
