@@ -126,6 +126,24 @@ def test_concurrent_streams_spread_over_processes_and_keep_their_tokens(served: 
     pids |= answering
     assert answering - {replica_pid(url)}, answering
 
+    async def scrapes() -> list[tuple[int, float]]:  # each on its own connection: any process may answer
+        async def one() -> tuple[int, float]:
+            async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
+                text = (await client.get("/metrics")).text
+                pid = (await client.get("/health")).json()["frontend_pid"]
+            done = [
+                float(line.split()[-1])
+                for line in text.splitlines()
+                if line.startswith('fuserve_requests_total{endpoint="completions"') and 'status="200"' in line
+            ]
+            return pid, sum(done)
+
+        return list(await asyncio.gather(*(one() for _ in range(8))))
+
+    # every process's requests in every answer, whichever process served the 24 streams
+    counts = {count for _, count in asyncio.run(scrapes())}
+    assert len(counts) == 1 and counts.pop() >= 24, counts
+
 
 def test_the_engine_core_counts_every_processes_requests(served: tuple[str, set[int]]) -> None:
     """Serve counts none of the requests the spawned processes take, so autoscaling on requests reads

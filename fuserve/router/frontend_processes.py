@@ -23,14 +23,16 @@ it stops accepting and drains its streams when the replica stops, and exits when
 process is gone. Its requests are not in Serve's own request metrics or ongoing-request counts:
 routing and autoscaling read the engine core's figures, which count every process's requests (with
 autoscaling on `target_ongoing_requests`, the deployment gets fuserve's EngineRequestsPolicy,
-cluster/token_autoscaling.py).
-/metrics shows the answering process's request figures and the engine's (shared) figures.
+cluster/token_autoscaling.py). A scrape of /metrics, whichever process takes it, sums every process's
+request figures: the answering one asks the replica, which asks the others (`gather_metrics`,
+merged_metrics.py); the engine's figures come once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import glob
+import itertools
 import json
 import logging
 import multiprocessing
@@ -51,6 +53,7 @@ from fuserve.router.core_client import EngineCoreClient
 logger = logging.getLogger("fuserve.router")
 
 LISTEN_WAIT_S = 120.0  # for Serve to start the replica's HTTP server after __init__
+METRICS_WAIT_S = 1.0  # for the other processes' request figures; one that does not answer is left out
 ATTACH_TIMEOUT_S = 60.0
 HEALTHY_MESSAGE = "success"  # what Serve's replica answers on /-/healthz
 KEEP_ALIVE_S = 90  # Serve's own default for the replica's server (DEFAULT_UVICORN_KEEP_ALIVE_TIMEOUT_S)
@@ -67,6 +70,7 @@ class FrontendProcesses:
         replica_id: str,
         on_prefixes: Callable[[Any], None],
         app_name: str = "",
+        own_metrics: Callable[[], bytes] = lambda: b"",
     ) -> None:
         self.config = config
         self.core = core
@@ -74,6 +78,9 @@ class FrontendProcesses:
         self.replica_id = replica_id
         self.on_prefixes = on_prefixes
         self.app_name = app_name
+        self.own_metrics = own_metrics  # the replica's own process's request figures
+        self._snapshots: dict[int, tuple[asyncio.Future, list[bytes], int]] = {}
+        self._next_key = 0
         self.error: str | None = None  # a process died: the replica fails its health check
         self._ctx = multiprocessing.get_context("spawn")
         self._healthy = self._ctx.Value("b", 1, lock=False)
@@ -155,6 +162,11 @@ class FrontendProcesses:
             return
         if kind == "prefixes":
             self.on_prefixes(payload)
+        elif kind == "snapshot":
+            self._on_snapshot(*payload)
+        elif kind == "metrics?":  # a process answers a scrape: the figures of every other process
+            asker = next(i for i, (_, c) in enumerate(self.processes) if c is conn)
+            asyncio.get_running_loop().create_task(self._answer_metrics(conn, asker + 1, payload))
         elif kind == "ready":
             self._ready += 1
             if self._ready == len(self.processes) and self.port is not None:
@@ -165,6 +177,49 @@ class FrontendProcesses:
                     logger.warning(
                         "frontend_processes: the replica's own HTTP server was not found; it accepts too"
                     )
+
+    async def gather_metrics(self, asker: int = 0) -> list[bytes]:
+        """Every process's request-side figures but the asker's (0: the replica's own process), from those
+        that answer within METRICS_WAIT_S."""
+        texts = [] if asker == 0 else [self.own_metrics()]
+        conns = [c for i, (p, c) in enumerate(self.processes, start=1) if i != asker and p.is_alive()]
+        if not conns:
+            return texts
+        key, self._next_key = self._next_key, self._next_key + 1
+        done = asyncio.get_running_loop().create_future()
+        self._snapshots[key] = (done, texts, len(conns))
+        for conn in conns:
+            try:
+                conn.send(("snapshot", key))
+            except OSError:
+                self._on_snapshot(key, None)
+        try:
+            await asyncio.wait_for(asyncio.shield(done), METRICS_WAIT_S)
+        except TimeoutError:
+            logger.warning(
+                "/metrics: a frontend process did not send its figures within %.1f s", METRICS_WAIT_S
+            )
+        finally:
+            self._snapshots.pop(key, None)
+        return texts
+
+    def _on_snapshot(self, key: int, text: bytes | None) -> None:
+        entry = self._snapshots.get(key)
+        if entry is None:  # late: that scrape was answered without it
+            return
+        done, texts, expected = entry
+        if text is not None:
+            texts.append(text)
+        self._snapshots[key] = (done, texts, expected - 1)
+        if expected == 1 and not done.done():
+            done.set_result(None)
+
+    async def _answer_metrics(self, conn: Connection, asker: int, key: int) -> None:
+        texts = await self.gather_metrics(asker)
+        try:
+            conn.send(("metrics", (key, texts)))
+        except OSError:
+            pass
 
     def _on_exit(self, index: int, proc: multiprocessing.process.BaseProcess) -> None:
         asyncio.get_running_loop().remove_reader(proc.sentinel)
@@ -345,6 +400,23 @@ async def _serve(spec: FrontendSpec, sock: socket.socket, healthy: Any, conn: Co
     frontend = Frontend(config, tokenizer, core, spec.ready, spec.replica_id)
     frontend.on_prefixes = lambda keys: conn.send(("prefixes", keys))
     frontend.replica_pid = os.getppid()
+    loop = asyncio.get_running_loop()
+    scrapes: dict[int, asyncio.Future] = {}
+    keys = itertools.count()
+
+    async def gather_metrics() -> list[bytes]:
+        """The other processes' request figures, through the replica (which adds its own)."""
+        key = next(keys)
+        scrapes[key] = loop.create_future()
+        try:
+            conn.send(("metrics?", key))
+            return await asyncio.wait_for(scrapes[key], 2 * METRICS_WAIT_S)
+        except (OSError, TimeoutError):
+            return []
+        finally:
+            scrapes.pop(key, None)
+
+    frontend.gather_metrics = gather_metrics
     serve_with(frontend)
     conn.send(("ready", None))  # uvicorn accepts on the shared socket from its first loop pass below
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"
@@ -359,17 +431,23 @@ async def _serve(spec: FrontendSpec, sock: socket.socket, healthy: Any, conn: Co
         )
     )
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    loop = asyncio.get_running_loop()
 
     def from_replica() -> None:
         try:
-            kind, grace_s = conn.recv()
+            kind, payload = conn.recv()
         except (EOFError, OSError):  # the replica's process is gone: stop now
-            kind, grace_s = "drain", 0.0
+            kind, payload = "drain", 0.0
         if kind == "drain":
             loop.remove_reader(conn.fileno())
-            server.config.timeout_graceful_shutdown = max(1, int(grace_s))
+            server.config.timeout_graceful_shutdown = max(1, int(payload))
             server.should_exit = True
+        elif kind == "snapshot":
+            conn.send(("snapshot", (payload, frontend.metrics.request_text())))
+        elif kind == "metrics":
+            key, texts = payload
+            scrape = scrapes.get(key)
+            if scrape is not None and not scrape.done():
+                scrape.set_result(texts)
 
     loop.add_reader(conn.fileno(), from_replica)
     quiet_gc()

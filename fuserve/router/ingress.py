@@ -30,7 +30,7 @@ import os
 import resource
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -197,6 +197,8 @@ class Frontend:
         self.prefixes = RecentPrefixes(4 * REPORTED_PREFIXES)
         # a further frontend process hands each request's prefix keys to the replica's routing report
         self.on_prefixes: Callable[[list], None] | None = None
+        # with frontend processes: the others' request figures, which /metrics sums with this one's
+        self.gather_metrics: Callable[[], Awaitable[list[bytes]]] | None = None
         # with several frontend processes: the replica's own pid (a spawned one sets its parent's): the CPU
         # reported is that process's and its frontend children's, whichever of them answers
         self.replica_pid = None if config.serve.frontend_processes == 1 else os.getpid()
@@ -461,7 +463,8 @@ class Frontend:
         except APIError as err:
             return err.response()
         self.metrics.update_replica(self.stats())
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        siblings = await self.gather_metrics() if self.gather_metrics is not None else []
+        return Response(self.metrics.render(siblings), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # ---- gRPC (called by Serve's gRPC proxy by method name) ----------------------------------------
     def _grpc_requests(
@@ -603,8 +606,15 @@ class EngineIngress:
         self.children: FrontendProcesses | None = None
         if num > 1:
             self.children = FrontendProcesses(
-                config, self.core, ready, replica_id, self.prefixes.add, _app_name()
+                config,
+                self.core,
+                ready,
+                replica_id,
+                self.prefixes.add,
+                _app_name(),
+                own_metrics=self.frontend.metrics.request_text,
             )
+            self.frontend.gather_metrics = self.children.gather_metrics
             self.children.start_when_listening()
         quiet_gc()  # everything this replica keeps is built: out of later collections (gc_tuning.py)
 

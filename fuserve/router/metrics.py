@@ -7,12 +7,13 @@ hits, steps and their time) come from the engine core's latest step message. Eac
 itself under its `replica` label; a scraper that scrapes every replica sums them.
 
 Each replica has its own registry (not prometheus_client's global one), so several apps or tests
-in one process never collide.
+in one process never collide. With several frontend processes a scrape's answer sums every process's
+request figures (merged_metrics.py); the engine's come once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -21,6 +22,7 @@ from prometheus_client.registry import Collector
 from fuserve.core_messages import SpecCounters
 from fuserve.router.engine_messages import ReplicaStats
 from fuserve.router.loop_metrics import LoopCounter, LoopHistogram, LoopMetricsCollector
+from fuserve.router.merged_metrics import merge_exposition
 from fuserve.speculative.stats import acceptance_rate, mean_accepted_length
 
 LATENCY_BUCKETS_S = (
@@ -253,10 +255,18 @@ class ServingMetrics:
         r.register(LoopMetricsCollector([self.generation_tokens, self.itl, self.emit]))
         self.in_flight = Gauge("fuserve_requests_in_flight", "API requests being served", registry=r)
         self.replicas: dict[str, ReplicaStats] = {}
-        r.register(_EngineCollector(self.replicas))
+        self.engine_registry = CollectorRegistry(auto_describe=True)
+        self.engine_registry.register(_EngineCollector(self.replicas))
 
     def update_replica(self, stats: ReplicaStats) -> None:
         self.replicas[stats.replica_id] = stats
 
-    def render(self) -> bytes:
+    def request_text(self) -> bytes:
+        """This process's request-side figures: what a sibling frontend process sums with its own."""
         return generate_latest(self.registry)
+
+    def render(self, siblings: Sequence[bytes] = ()) -> bytes:
+        """`siblings`: the other frontend processes' `request_text`, summed with this one's."""
+        own = self.request_text()
+        requests = merge_exposition([own, *siblings]) if siblings else own
+        return requests + generate_latest(self.engine_registry)
