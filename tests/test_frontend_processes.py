@@ -21,6 +21,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import psutil
@@ -124,7 +125,11 @@ def test_concurrent_streams_spread_over_processes_and_keep_their_tokens(served: 
     assert len(set(texts)) == 1 and texts[0], texts
     answering = asyncio.run(health_pids(url, 16))
     pids |= answering
-    assert answering - {replica_pid(url)}, answering
+    spawned = answering - {replica_pid(url)}
+    assert spawned, answering
+    # the replica's tokenizer came with the process: it never loaded the model's files, nor torch
+    torch_in = [p for p in spawned if "libtorch" in Path(f"/proc/{p}/maps").read_text()]
+    assert not torch_in, f"frontend processes {torch_in} imported torch"
 
     async def scrapes() -> list[tuple[int, float]]:  # each on its own connection: any process may answer
         async def one() -> tuple[int, float]:

@@ -49,6 +49,7 @@ from typing import Any
 from fuserve.configs import FuserveConfig
 from fuserve.core_messages import CoreReady
 from fuserve.router.core_client import EngineCoreClient
+from fuserve.workers.tokenizer import Tokenizer
 
 logger = logging.getLogger("fuserve.router")
 
@@ -70,6 +71,7 @@ class FrontendProcesses:
         replica_id: str,
         on_prefixes: Callable[[Any], None],
         app_name: str = "",
+        tokenizer: Tokenizer | None = None,
         own_metrics: Callable[[], bytes] = lambda: b"",
     ) -> None:
         self.config = config
@@ -78,6 +80,7 @@ class FrontendProcesses:
         self.replica_id = replica_id
         self.on_prefixes = on_prefixes
         self.app_name = app_name
+        self.tokenizer = tokenizer  # sent to each process, which then never reads the model's files
         self.own_metrics = own_metrics  # the replica's own process's request figures
         self._snapshots: dict[int, tuple[asyncio.Future, list[bytes], int]] = {}
         self._next_key = 0
@@ -138,6 +141,7 @@ class FrontendProcesses:
                     replica_id=self.replica_id,
                     app_name=self.app_name,
                     route_prefix=self.route_prefix,
+                    tokenizer=self.tokenizer,
                 )
                 proc = self._ctx.Process(
                     target=run_frontend,
@@ -361,6 +365,9 @@ class FrontendSpec:
     replica_id: str
     app_name: str
     route_prefix: str
+    # the replica's, pickled: loading it again would import the model loader, and with it torch (~200
+    # MB and 1-3 s a process), which nothing in a frontend process uses
+    tokenizer: Tokenizer | None = None
 
 
 def run_frontend(spec: FrontendSpec, sock: socket.socket, healthy: Any, conn: Connection) -> None:
@@ -389,11 +396,9 @@ async def _serve(spec: FrontendSpec, sock: socket.socket, healthy: Any, conn: Co
 
     from fuserve.gc_tuning import quiet_gc
     from fuserve.router.ingress import Frontend, app, serve_with
-    from fuserve.workers.models.loader import load_tokenizer, resolve_source
 
     config = FuserveConfig.model_validate_json(spec.config_json)
-    source = resolve_source(config.model)
-    tokenizer = load_tokenizer(source) if source.kind != "dummy" else None
+    tokenizer = spec.tokenizer
     attach = (spec.index, spec.core_dir, spec.ready, spec.core_pid)
     core = EngineCoreClient(config, tokenizer, spec.replica_id, attach_to=attach)
     await core.start(ATTACH_TIMEOUT_S)

@@ -77,7 +77,6 @@ from fuserve.router.responses import SSE_DONE, ChunkWriter, Transcript
 from fuserve.router.routing_policy import RecentPrefixes
 from fuserve.router.sse_response import ClientGone, SSEResponse, until_disconnect
 from fuserve.router.tool_call_format import ToolCallFormat, choose_tool_call_format
-from fuserve.workers.models.loader import load_tokenizer, resolve_source
 from fuserve.workers.tokenizer import Tokenizer
 
 ENGINE_START_TIMEOUT_S = 3600.0  # loading a large model from a slow disk takes long; Serve's own limits apply
@@ -590,6 +589,9 @@ class EngineIngress:
         the draft with this app; the engine core finds it by name (speculative/draft_factory.py)."""
         replica_id = _replica_id()
         warn_if_slow_http_path()
+        # here, not at the top: the loader brings torch, which a frontend process never needs
+        from fuserve.workers.models.loader import load_tokenizer, resolve_source
+
         source = resolve_source(config.model)
         tokenizer = load_tokenizer(source) if source.kind != "dummy" else None
         num = config.serve.frontend_processes
@@ -612,6 +614,7 @@ class EngineIngress:
                 replica_id,
                 self.prefixes.add,
                 _app_name(),
+                tokenizer=tokenizer,
                 own_metrics=self.frontend.metrics.request_text,
             )
             self.frontend.gather_metrics = self.children.gather_metrics
