@@ -84,6 +84,8 @@ class FrontendProcesses:
         self.own_metrics = own_metrics  # the replica's own process's request figures
         self._snapshots: dict[int, tuple[asyncio.Future, list[bytes], int]] = {}
         self._next_key = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the pipes are read and written
+        self._ready_conns: set[Connection] = set()
         self.error: str | None = None  # a process died: the replica fails its health check
         self._ctx = multiprocessing.get_context("spawn")
         self._healthy = self._ctx.Value("b", 1, lock=False)
@@ -125,7 +127,7 @@ class FrontendProcesses:
 
     def start(self, sock: socket.socket) -> None:
         """Spawns the processes on `sock` (a listening socket, duplicated into each; closed here)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         config_json = self.config.model_dump_json()
         core_pid = self.core.core_pid
         assert core_pid is not None
@@ -160,7 +162,7 @@ class FrontendProcesses:
 
     def _on_message(self, conn: Connection) -> None:
         try:
-            kind, payload = conn.recv()
+            kind, payload = recv_whole(conn)
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(conn.fileno())
             return
@@ -172,6 +174,7 @@ class FrontendProcesses:
             asker = next(i for i, (_, c) in enumerate(self.processes) if c is conn)
             asyncio.get_running_loop().create_task(self._answer_metrics(conn, asker + 1, payload))
         elif kind == "ready":
+            self._ready_conns.add(conn)
             self._ready += 1
             if self._ready == len(self.processes) and self.port is not None:
                 # New connections are the spawned processes' from here: the replica's own server stops
@@ -184,9 +187,23 @@ class FrontendProcesses:
 
     async def gather_metrics(self, asker: int = 0) -> list[bytes]:
         """Every process's request-side figures but the asker's (0: the replica's own process), from those
-        that answer within METRICS_WAIT_S."""
+        that answer within METRICS_WAIT_S. The pipes are used from the loop that reads them only: Serve
+        may run the replica's request handlers on another thread, and two threads writing one pipe
+        interleave their messages."""
+        loop = self._loop
+        if loop is None:
+            return []
+        if asyncio.get_running_loop() is loop:
+            return await self._gather(asker)
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._gather(asker), loop))
+
+    async def _gather(self, asker: int) -> list[bytes]:
         texts = [] if asker == 0 else [self.own_metrics()]
-        conns = [c for i, (p, c) in enumerate(self.processes, start=1) if i != asker and p.is_alive()]
+        conns = [
+            c
+            for i, (p, c) in enumerate(self.processes, start=1)
+            if i != asker and c in self._ready_conns and p.is_alive()
+        ]
         if not conns:
             return texts
         key, self._next_key = self._next_key, self._next_key + 1
@@ -219,7 +236,7 @@ class FrontendProcesses:
             done.set_result(None)
 
     async def _answer_metrics(self, conn: Connection, asker: int, key: int) -> None:
-        texts = await self.gather_metrics(asker)
+        texts = await self._gather(asker)
         try:
             conn.send(("metrics", (key, texts)))
         except OSError:
@@ -252,6 +269,15 @@ class FrontendProcesses:
                 proc.kill()
                 proc.join(5)
             conn.close()
+
+
+def recv_whole(conn: Connection) -> Any:
+    """One message from a pipe an event loop watches. The loop (uvloop's, at least) makes the descriptor
+    non-blocking, and a message larger than one read (a process's metrics) would then fail half read
+    with BlockingIOError, which reads like the other side being gone: the rest of the message is on
+    its way, so it is waited for."""
+    os.set_blocking(conn.fileno(), True)
+    return conn.recv()
 
 
 async def own_route_prefix(host: str, port: int) -> str:
@@ -439,7 +465,7 @@ async def _serve(spec: FrontendSpec, sock: socket.socket, healthy: Any, conn: Co
 
     def from_replica() -> None:
         try:
-            kind, payload = conn.recv()
+            kind, payload = recv_whole(conn)
         except (EOFError, OSError):  # the replica's process is gone: stop now
             kind, payload = "drain", 0.0
         if kind == "drain":
