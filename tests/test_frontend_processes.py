@@ -29,7 +29,7 @@ import pytest
 from checkpoints import make_checkpoint
 from ports import free_port
 from served import Served
-from test_serve_haproxy import _haproxy, end_orphaned_haproxy
+from test_serve_haproxy import _haproxy, end_orphaned_haproxy, haproxy_left_after
 
 TIMEOUT = httpx.Timeout(60.0)
 NUM_FRONTENDS = 2
@@ -71,11 +71,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, set[
             time.sleep(0.5)
         left = [p for p in pids if alive(p)]
         assert not left, f"frontend processes outlived `fuserve serve`: {left}"
-        deadline, proxies = time.monotonic() + 30, [0]
-        while proxies and time.monotonic() < deadline:
-            time.sleep(0.5)
-            proxies = [p.pid for p in psutil.process_iter(["cmdline"]) if _haproxy(p.info["cmdline"])]
-        if proxies:  # an open defect (NOTES): reported, and ended so that later modules can bind
+        if haproxy_left_after(30):  # an open defect (NOTES): reported, and ended so later modules can bind
             end_orphaned_haproxy()
 
 
@@ -138,22 +134,20 @@ def test_concurrent_streams_spread_over_processes_and_keep_their_tokens(served: 
     torch_in = [p for p in spawned if "libtorch" in Path(f"/proc/{p}/maps").read_text()]
     assert not torch_in, f"frontend processes {torch_in} imported torch"
 
-    async def scrapes() -> list[tuple[int, float]]:  # each on its own connection: any process may answer
-        async def one() -> tuple[int, float]:
+    async def scrapes() -> list[float]:  # each on its own connection: any process may answer
+        async def one() -> float:
             async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
                 text = (await client.get("/metrics")).text
-                pid = (await client.get("/health")).json()["frontend_pid"]
-            done = [
+            return sum(
                 float(line.split()[-1])
                 for line in text.splitlines()
                 if line.startswith('fuserve_requests_total{endpoint="completions"') and 'status="200"' in line
-            ]
-            return pid, sum(done)
+            )
 
         return list(await asyncio.gather(*(one() for _ in range(8))))
 
     # every process's requests in every answer, whichever process served the 24 streams
-    counts = {count for _, count in asyncio.run(scrapes())}
+    counts = set(asyncio.run(scrapes()))
     assert len(counts) == 1 and counts.pop() >= 24, counts
 
 

@@ -60,15 +60,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         server.stop()
-        deadline, left = time.monotonic() + 10, [0]  # a loaded box may take a few seconds to reap it
-        while left and time.monotonic() < deadline:
-            time.sleep(0.5)
-            left = [p.pid for p in psutil.process_iter(["cmdline"]) if _haproxy(p.info["cmdline"])]
+        left = haproxy_left_after(10)  # a loaded box may take a few seconds to reap it
         assert not left, f"HAProxy outlived `fuserve serve` by 10 s: {left}"
 
 
 def _haproxy(cmdline: list[str] | None) -> bool:
     return bool(cmdline) and cmdline[0].endswith("/haproxy")
+
+
+def haproxy_left_after(timeout_s: float) -> list[int]:
+    """The HAProxy processes still running after waiting up to `timeout_s` for them to go."""
+    deadline, left = time.monotonic() + timeout_s, [0]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if _haproxy(p.info["cmdline"])]
+    return left
 
 
 def end_orphaned_haproxy() -> None:
