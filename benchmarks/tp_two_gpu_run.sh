@@ -43,17 +43,22 @@ if [ "$PART" = 8b ] || [ "$PART" = tests ] || [ "$PART" = tests+bench8b ]; then
       t0=$SECONDS
       # SIGINT, not SIGTERM, at the call's end: pytest then prints the failures it has so far (2026-11-27's
       # second run failed a test and was cut before its traceback was printed)
-      timeout -s INT -k 20 $(( $(left) - 60 )) python3 -m pytest -v -m gpu tests/test_tensor_parallel.py $PER_TEST \
-        -o cache_dir=/tmp/pytest-cache-$1 --basetemp=/tmp/pytest-$1 -W ignore::DeprecationWarning 2>&1 \
+      timeout -s INT -k 15 $(( $(left) - 35 )) python3 -m pytest -v -m gpu tests/test_tensor_parallel.py $PER_TEST \
+        --durations=0 -rA -o cache_dir=/tmp/pytest-cache-$1 --basetemp=/tmp/pytest-$1 -W ignore::DeprecationWarning 2>&1 \
         | tee "$OUT/tp-tests-$1-$i.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|Timeout" | tail -8
       echo "pair $1 (GPUs $CUDA_VISIBLE_DEVICES) test run $i: exit ${PIPESTATUS[0]} in $(( SECONDS - t0 )) s" | tee -a "$LOG"
     done
   }
+  # which processes hold each GPU, every 10 s: a process left waiting for a dead peer shows here
+  ( while sleep 10; do echo "$(( SECONDS - START )) s: $(nvidia-smi --query-compute-apps=gpu_bus_id,pid,used_memory \
+      --format=csv,noheader | tr '\n' ';')"; done > "$OUT/gpu-apps.log" 2>&1 ) &
+  MONITOR=$!
   # PAIRS=2 on a four-GPU machine: two independent pairs (own Ray instance, store and temp dirs) at once
   for pair in $(seq 0 $(( ${PAIRS:-1} - 1 ))); do
     CUDA_VISIBLE_DEVICES=$(( 2 * pair )),$(( 2 * pair + 1 )) test_runs "p$pair" &
   done
-  wait
+  wait $(jobs -p | grep -vx "$MONITOR")
+  kill "$MONITOR" 2>/dev/null
 fi
 if [ "$PART" = 8b ] || [ "$PART" = bench8b ] || [ "$PART" = tests+bench8b ]; then
   ENGINES=${ENGINES_8B:-tp1,auto,nccl,auto+l2=0}
