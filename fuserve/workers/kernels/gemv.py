@@ -98,7 +98,10 @@ def gemv_block(
     return y.to(x_ptr.dtype.element_ty), offs_n, mask_n
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K"])
+# Timing the 32 configs costs ~4 s per weight shape, paid by every process at every engine start; the
+# timings are kept in Triton's cache (TRITON_CACHE_DIR, per GPU architecture), so only a machine's first
+# start pays them (the same for quant_gemv.py and quant_gemm.py)
+@triton.autotune(configs=_CONFIGS, key=["N", "K"], cache_results=True)
 @triton.jit
 def _gemv_kernel(
     x_ptr,

@@ -52,7 +52,7 @@ def _m_bucket(m: int) -> int:
     return triton.next_power_of_2(m)
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K"])
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K"], cache_results=True)
 @triton.jit
 def _quant_gemm_kernel(
     x_ptr,

@@ -70,7 +70,7 @@ def weight_bytes(qweight: torch.Tensor) -> torch.Tensor:
     return qweight.view(torch.uint8) if qweight.dtype == torch.float8_e4m3fn else qweight
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "FP8"])
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "FP8"], cache_results=True)
 @triton.jit
 def _quant_gemv_kernel(
     x_ptr,
