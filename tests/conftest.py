@@ -12,10 +12,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from haproxy_processes import end_haproxy, haproxy_left_after
 from ports import free_port
 
 # Ray 2.60 turns token auth on by default; a throwaway local test cluster does not need it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_haproxy_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """An HAProxy left by a module is reported under that module's name and ended, so that the next
+    module's app can take its ports (haproxy_processes.py). Costs nothing where none runs."""
+    module = request.module.__name__
+    end_haproxy(f"an HAProxy was running before {module} started")
+    yield
+    if haproxy_left_after(30):  # a loaded box may take a few seconds to reap it
+        end_haproxy(f"{module} left an HAProxy running 30 s after its last test")
 
 
 @dataclass

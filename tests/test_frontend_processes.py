@@ -27,9 +27,9 @@ import httpx
 import psutil
 import pytest
 from checkpoints import make_checkpoint
+from haproxy_processes import haproxy_left_after
 from ports import free_port
 from served import Served
-from test_serve_haproxy import _haproxy, end_orphaned_haproxy, haproxy_left_after
 
 TIMEOUT = httpx.Timeout(60.0)
 NUM_FRONTENDS = 2
@@ -37,8 +37,7 @@ NUM_FRONTENDS = 2
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, set[int]]]:
-    end_orphaned_haproxy()
-    running = [p.pid for p in psutil.process_iter(["cmdline"]) if _haproxy(p.info["cmdline"])]
+    running = haproxy_left_after(0)
     assert not running, f"an HAProxy from another run holds its ports: {running}"
     tmp = tmp_path_factory.mktemp("frontends")
     folder = make_checkpoint(tmp / "tiny", "llama3", max_position_embeddings=512, vocab_size=260)
@@ -71,8 +70,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, set[
             time.sleep(0.5)
         left = [p for p in pids if alive(p)]
         assert not left, f"frontend processes outlived `fuserve serve`: {left}"
-        if haproxy_left_after(30):  # an open defect (NOTES): reported, and ended so later modules can bind
-            end_orphaned_haproxy()
 
 
 def replica_pid(url: str) -> int:

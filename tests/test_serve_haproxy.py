@@ -15,9 +15,9 @@ import time
 from collections.abc import Iterator
 
 import httpx
-import psutil
 import pytest
 from checkpoints import make_checkpoint
+from haproxy_processes import haproxy_left_after
 from ports import free_port
 from served import Served
 
@@ -31,8 +31,7 @@ def random_text(rng: random.Random, n: int) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    end_orphaned_haproxy()
-    running = [p.pid for p in psutil.process_iter(["cmdline"]) if _haproxy(p.info["cmdline"])]
+    running = haproxy_left_after(0)
     assert not running, f"an HAProxy from another run holds its ports: {running}"
     tmp = tmp_path_factory.mktemp("haproxy")
     folder = make_checkpoint(tmp / "tiny", "llama3", max_position_embeddings=MAX_MODEL_LEN, vocab_size=260)
@@ -62,32 +61,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
         left = haproxy_left_after(10)  # a loaded box may take a few seconds to reap it
         assert not left, f"HAProxy outlived `fuserve serve` by 10 s: {left}"
-
-
-def _haproxy(cmdline: list[str] | None) -> bool:
-    return bool(cmdline) and cmdline[0].endswith("/haproxy")
-
-
-def haproxy_left_after(timeout_s: float) -> list[int]:
-    """The HAProxy processes still running after waiting up to `timeout_s` for them to go."""
-    deadline, left = time.monotonic() + timeout_s, [0]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.5)
-        left = [p.pid for p in psutil.process_iter(["cmdline"]) if _haproxy(p.info["cmdline"])]
-    return left
-
-
-def end_orphaned_haproxy() -> None:
-    """An HAProxy still running when a module starts was left by an earlier module's app (modules run one
-    after another), and it would hold the ports this module's needs. Ended with a warning: seen twice in
-    CI on 2026-11-27, after the frontend-process module, not yet explained (benchmarks/NOTES.md)."""
-    import warnings
-
-    for p in psutil.process_iter(["cmdline"]):
-        if _haproxy(p.info["cmdline"]):
-            warnings.warn(f"an HAProxy (pid {p.pid}) left by an earlier app; ended", stacklevel=2)
-            p.kill()
-            p.wait(10)
 
 
 async def post_all(url: str, bodies: list[dict]) -> list[str]:
