@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fuserve.workers.kernels.paged_decode_attention import (
+    DecodeLaunch,
     decode_num_splits,
     paged_decode_attention,
     paged_decode_attention_ref,
@@ -68,6 +69,19 @@ def test_decode_long_context_splits(
     out, ref = _run(paged_kv, context_lens, 4, num_kv_heads, 64, block_size, dtype, device, max_context_len)
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
     assert torch.all(out[2] == 0)
+
+
+@pytest.mark.parametrize(("block_n", "num_splits"), [(16, 1), (16, 5), (32, 3)])
+def test_an_explicit_launch_gives_the_same_attention(
+    block_n: int, num_splits: int, paged_kv, device: torch.device
+):
+    """Every launch a benchmark may choose (benchmarks/sweep_decode_attention.py) computes the same."""
+    context_lens, block_size = [300, 7, 0, 64], 16
+    kv = paged_kv(context_lens, block_size, 2, 32, torch.float32)
+    q = torch.randn(len(context_lens), 8, 32, device=device)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 32**-0.5, 512)
+    out = paged_decode_attention(*args, launch=DecodeLaunch(block_n, num_splits, num_warps=2, num_stages=1))
+    torch.testing.assert_close(out, paged_decode_attention_ref(*args), **TOLERANCE[torch.float32])
 
 
 def test_decode_all_rows_empty(paged_kv, device: torch.device):

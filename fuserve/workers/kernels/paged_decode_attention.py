@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -238,6 +239,23 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context_len: int, devic
     return max(1, min(splits_wanted, triton.cdiv(max_context_len, min_split)))
 
 
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """How one call is cut into programs: BLOCK_N tokens per inner step, split-K programs per (sequence,
+    KV head), and the compiler's warps and pipeline stages per program."""
+
+    block_n: int
+    num_splits: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def decode_launch(batch: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> DecodeLaunch:
+    """The launch for these shapes (never tensor values: CUDA-graph safe)."""
+    block_n, _, _ = _tile_config(device)
+    return DecodeLaunch(block_n, decode_num_splits(batch, num_kv_heads, max_context_len, device))
+
+
 def _check_args(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -292,12 +310,14 @@ def paged_decode_attention(
     max_context_len: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    launch: DecodeLaunch | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q Kᵀ) V over each sequence's paged context. q: [B, Hq, D] -> [B, Hq, D].
 
     k_cache, v_cache: [N, BS, Hkv, D]; block_tables: [B, M] int32; context_lens: [B] int32 (0 allowed:
     zeros out). `max_context_len` bounds every context length (defaults to M * BS) and, with the
-    shapes, fixes the number of splits. An fp8 cache takes k_scale, v_scale: [Hkv] fp32.
+    shapes, fixes the number of splits. An fp8 cache takes k_scale, v_scale: [Hkv] fp32. `launch`
+    overrides `decode_launch`'s choice (benchmarks/sweep_decode_attention.py compares choices).
     """
     _check_args(q, k_cache, v_cache, block_tables, context_lens)
     fp8 = check_kv_scales(k_cache, k_scale, v_scale, k_cache.shape[2])
@@ -310,8 +330,8 @@ def paged_decode_attention(
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size
 
-    block_n, _, _ = _tile_config(q.device)
-    num_splits = decode_num_splits(batch, num_kv_heads, max_context_len, q.device)
+    launch = launch or decode_launch(batch, num_kv_heads, max_context_len, q.device)
+    block_n, num_splits = launch.block_n, launch.num_splits
     on_gpu = q.device.type == "cuda"
     use_pdl = pdl_enabled(q)
     if num_splits > 1:
@@ -353,8 +373,8 @@ def paged_decode_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP8_KV=fp8,
         USE_PDL=use_pdl,
-        num_warps=4,
-        num_stages=2,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
         launch_pdl=use_pdl,
     )
     if num_splits > 1:

@@ -1,0 +1,153 @@
+"""Paged decode attention under every launch choice (tile, splits, warps, stages), as the engine's decode
+step runs it: 32 calls in one CUDA graph, one per layer, each on its own KV pool, so a layer's K and V
+come from HBM and not from the 50 MB L2 that one pool replayed 20 times would sit in.
+
+The question (issue 14's TP=2 batch-64 step): at Llama-3-8B's TP=2 heads (16 q / 4 KV) with 64 short
+contexts, the profiled attention ran at ~half the bandwidth TP=1's did; is a launch choice behind it?
+Each shape's rows, fastest first, beside the launch `decode_launch` picks today; every choice's output is
+checked against the torch reference before it is timed.
+
+    python benchmarks/sweep_decode_attention.py --out $OUT/decode-attention-sweep.json   # one GPU, ~3 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from bench_decode import commit, copy_bandwidth, device_name, median_ms
+
+from fuserve.workers.kernels.paged_decode_attention import (
+    DecodeLaunch,
+    decode_launch,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
+
+LAYERS = 32
+MAX_LEN = 8192  # the graph's max_context_len: the model length, as the engine captures it
+# name: (q heads, KV heads, batch, context, split choices besides the default)
+SHAPES = {
+    "8b-tp2-b64": (16, 4, 64, 192, (1, 2, 4)),
+    "8b-tp1-b64": (32, 8, 64, 192, (1, 2, 4)),
+    "8b-tp2-b8": (16, 4, 8, 1024, (2, 4, 8, 16)),
+    "8b-tp2-b1": (16, 4, 1, 4096, (16, 32, 64)),
+}
+BLOCK_N = (32, 64, 128)
+WARPS = (2, 4, 8)
+STAGES = (1, 2, 3)
+
+
+def pools(
+    hq: int, hkv: int, batch: int, context: int, block_size: int = 16
+) -> list[tuple[torch.Tensor, ...]]:
+    """LAYERS sets of (q, K, V, block tables, context lengths), each sequence in shuffled blocks."""
+    per_seq = math.ceil(context / block_size)
+    out = []
+    for _ in range(LAYERS):
+        k = torch.randn((batch * per_seq, block_size, hkv, 128), dtype=torch.bfloat16, device="cuda")
+        v = torch.randn_like(k)
+        tables = torch.zeros(batch, MAX_LEN // block_size, dtype=torch.int32, device="cuda")
+        tables[:, :per_seq] = torch.randperm(batch * per_seq, device="cuda").int().view(batch, per_seq)
+        lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, hq, 128, dtype=torch.bfloat16, device="cuda")
+        out.append((q, k, v, tables, lens))
+    return out
+
+
+def step_us(layers: list[tuple[torch.Tensor, ...]], launch: DecodeLaunch, replays: int) -> float:
+    """Microseconds per call: one call per layer in a CUDA graph, the median replay over LAYERS."""
+
+    def step() -> None:
+        for q, k, v, tables, lens in layers:
+            paged_decode_attention(q, k, v, tables, lens, 128**-0.5, MAX_LEN, launch=launch)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return median_ms(graph.replay, replays, True) * 1e3 / LAYERS
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--replays", type=int, default=10)
+    ap.add_argument("--budget-s", type=float, default=400, help="stop starting new shapes after this")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    t0 = time.monotonic()
+    bandwidth = copy_bandwidth()
+    today = dt.date.today().isoformat()
+    meta = dict(bench="decode-attention-sweep", device=device_name(), date=today, commit=commit())
+    rows = []
+    for name in args.shapes.split(","):
+        if time.monotonic() - t0 > args.budget_s:
+            print(f"{name}: skipped, budget spent", flush=True)
+            continue
+        hq, hkv, batch, context, split_choices = SHAPES[name]
+        layers = pools(hq, hkv, batch, context)
+        default = decode_launch(batch, hkv, MAX_LEN, torch.device("cuda"))
+        floor_us = 1e6 * 2 * batch * context * hkv * 128 * 2 / bandwidth
+        q, k, v, tables, lens = layers[0]
+        want = paged_decode_attention_ref(q, k, v, tables, lens, 128**-0.5).float()
+        splits = sorted({default.num_splits, *split_choices})
+        shape_rows = []
+        for block_n, warps, stages, num_splits in itertools.product(BLOCK_N, WARPS, STAGES, splits):
+            launch = DecodeLaunch(block_n, num_splits, warps, stages)
+            try:
+                got = paged_decode_attention(q, k, v, tables, lens, 128**-0.5, MAX_LEN, launch=launch)
+                err = (got.float() - want).abs().max().item()
+                us = step_us(layers, launch, args.replays) if err < 0.05 else float("nan")
+            except Exception as e:  # a choice the compiler refuses (registers, shared memory)
+                print(f"  {launch}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            shape_rows.append(
+                dict(
+                    meta,
+                    shape=name,
+                    q_heads=hq,
+                    kv_heads=hkv,
+                    batch=batch,
+                    context=context,
+                    block_n=block_n,
+                    num_splits=num_splits,
+                    num_warps=warps,
+                    num_stages=stages,
+                    is_default=launch == default,
+                    us=us,
+                    floor_us=floor_us,
+                    max_abs_err=err,
+                )
+            )
+        shape_rows.sort(key=lambda r: r["us"] if r["us"] == r["us"] else float("inf"))
+        base = next(r["us"] for r in shape_rows if r["is_default"])
+        print(f"{name}: floor {floor_us:.2f} us, default {default} {base:.2f} us", flush=True)
+        for r in shape_rows[:8] + [r for r in shape_rows[8:] if r["is_default"]]:
+            print(
+                f"  BLOCK_N {r['block_n']:3d} splits {r['num_splits']:2d} warps {r['num_warps']} stages "
+                f"{r['num_stages']}: {r['us']:7.2f} us ({r['us'] / base:.2f}x default, "
+                f"{r['floor_us'] / r['us']:.2f} of floor){' default' if r['is_default'] else ''}",
+                flush=True,
+            )
+        rows += shape_rows
+        del layers
+        torch.cuda.empty_cache()
+    out = Path(args.out or f"benchmarks/results/decode-attention-sweep-{meta['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(meta, copy_tb_s=bandwidth / 1e12, rows=rows), indent=1))
+    print(f"wrote {out} in {time.monotonic() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
