@@ -310,6 +310,19 @@ class LengthAware(SimRouter):
         return rid
 
 
+class LengthAwareBoard(LengthAware):
+    """Several routers on one node's send board (fuserve/router/send_board.py): each also counts the
+    others' sends from the moment they are made, as if it had made them."""
+
+    shares_sends = True
+
+    def take_peer_send(self, send: Routed, keys: list[int]) -> None:
+        self.sent.append(send)
+        self.mine[send.replica].add(keys)
+        self.peers.on_sent(send.replica, send.at)
+        self.unadmitted.on_sent(send.replica, send.at)
+
+
 class LengthAwareByTime(LengthAware):
     """Before issue 16c: a send stops counting once a report taken after it is seen, arrived or not."""
 
@@ -382,6 +395,7 @@ ROUTER_CLASSES: dict[str, type[SimRouter]] = {
     "round_robin": RoundRobin,
     "prefix_affinity": PrefixAffinity,
     "length_aware_by_time": LengthAwareByTime,  # not in POLICIES: for comparisons (NOTES, issue 16c)
+    "length_aware_board": LengthAwareBoard,  # not in POLICIES: the same as length_aware with one router
 }
 
 
@@ -454,7 +468,12 @@ def simulate(specs: list[RequestSpec], policy: str | RouterFactory, cfg: SimConf
     def route(i: int) -> None:
         ongoing = {r: replicas[r].ongoing + in_transit[r] for r in ids}
         x = RouteInput(specs[i], keys[i], seen, ongoing, now, i, replicas)
-        rid = routers[i % cfg.num_routers].route(x)
+        router = routers[i % cfg.num_routers]
+        rid = router.route(x)
+        if getattr(router, "shares_sends", False):
+            for other in routers:
+                if other is not router:
+                    other.take_peer_send(router.sent[-1], keys[i])  # type: ignore[attr-defined]
         placement[rid] += 1
         in_transit[rid] += 1
         delay = cfg.router_call_s + cfg.transit_s

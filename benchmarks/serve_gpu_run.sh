@@ -24,7 +24,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 # one at a time; a burst queues behind them)
 HAPROXY=(env RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1
          RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2
-         RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE=${ROUTERS_PER_NODE:-1})
+         RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE=${ROUTERS_PER_NODE:-4})
 MODEL=configs/llama3-8b-dummy.yaml
 RPC=${RPC:-4}  # requests per client at each concurrency level
 

@@ -377,6 +377,11 @@ HAPROXY_ENV = {
     "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
     # the default (30 s) would hold every replica that long on shutdown, past serve.drain_timeout_s
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    # HAProxy's routing calls go to the body-aware router replicas of its node, each answering one call
+    # at a time; with the default 1 a 300-request burst queued behind it (length-aware TTFT p50 +29-32%
+    # over pow2), with 4 it did not (+2% and -12%; two H100s, 2026-11-27, benchmarks/NOTES.md); the four
+    # share their sends through a board in shared memory (router/send_board.py), so they place as one
+    "RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE": "4",
 }
 
 

@@ -150,7 +150,7 @@ class FakeReplica:
         return FakeReplicaID(self.name)
 
 
-def make_router():  # noqa: ANN201 - the Ray type is imported lazily
+def make_router(send_board: str | None = None):  # noqa: ANN201 - the Ray type is imported lazily
     from ray.serve._private.common import DeploymentHandleSource, DeploymentID
 
     from fuserve.router.length_aware_router import LengthAwareRouter
@@ -158,7 +158,7 @@ def make_router():  # noqa: ANN201 - the Ray type is imported lazily
     router = LengthAwareRouter(
         deployment_id=DeploymentID("Engine", "app"), handle_source=DeploymentHandleSource.UNKNOWN
     )
-    router.initialize_state(tie_tokens=100, tie_fraction=0.1)
+    router.initialize_state(tie_tokens=100, tie_fraction=0.1, send_board=send_board)
     return router
 
 

@@ -19,6 +19,7 @@ from fuserve.cluster.app import build_app
 from fuserve.configs import FuserveConfig
 from fuserve.router.api_keys import ApiKeys
 from fuserve.router.grpc_service import SERVICER_FUNCTION
+from fuserve.router.send_board import boards_base, sweep_stale_markers
 
 APP_NAME = "fuserve"
 
@@ -66,6 +67,7 @@ def serve_until_stopped(config: FuserveConfig, address: str | None = None) -> No
             if started_cluster:
                 ray.shutdown()
                 end_haproxy(node_id)
+                sweep_stale_markers(boards_base(), wait_s=2.0)  # the routers' empty send-board markers
 
 
 def end_haproxy(node_id: str) -> None:

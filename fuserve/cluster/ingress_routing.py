@@ -24,7 +24,7 @@ How Ray 2.60 does it (read from its source; all of it internal or alpha, hence t
   application as an argument (it becomes a handle). `build_app` refuses it unless the *driver's*
   `RAY_SERVE_ENABLE_HA_PROXY` is 1, and, with HAProxy on, refuses a custom request router on the
   ingress deployment when no ingress router is attached (serve/_private/build_app.py).
-- Serve places `RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE` (default 1) router replicas on every
+- Serve places `RAY_SERVE_INGRESS_ROUTER_REPLICAS_PER_NODE` (fuserve sets 4) router replicas on every
   proxy node, starts an HTTP server in each (direct ingress port, 30000-31000), and HAProxy's Lua
   (serve/_private/ingress_request_router.lua.tmpl) calls `POST /internal/route` on those of its
   own node (round robin), else on one elsewhere. It waits for the body and the answer up to

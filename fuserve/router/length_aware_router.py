@@ -3,8 +3,9 @@
 With a request's prompt and output lengths in hand (an `EngineRequest` or a `RoutingHint`) and
 replicas that report their step cost and queue (`replica_view.routing_report`), the replicas are
 ranked by predicted TTFT (`ttft_model.rank_by_ttft` on `replica_view.view_from_report`: the report,
-plus the requests this router sent since, counted once per router sending to them,
-`PeerEstimate`). `policy="prefix_affinity"` ranks like Ray Serve LLM's PrefixCacheAffinityRouter
+plus the requests sent since: this router's, the other routers' of this node through their shared
+send board (`send_board.py`), and, for routers elsewhere, this node's counted once per node sending to
+them, `PeerEstimate`). `policy="prefix_affinity"` ranks like Ray Serve LLM's PrefixCacheAffinityRouter
 instead (`prefix_affinity.py`, a baseline for benchmarks). A replica without those figures gets the
 token-count ranking below, which is also what a request without a body gets.
 
@@ -41,9 +42,12 @@ engine calls), so requests are told apart by their `PendingRequest` object, not 
 
 from __future__ import annotations
 
+import logging
 import random
 import time
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
@@ -59,8 +63,11 @@ from fuserve.router.routing_policy import (
     rank_replicas,
 )
 from fuserve.router.routing_timing import RoutingTimer
+from fuserve.router.send_board import BoardSend, SendBoard, board_folder, replica_key
 from fuserve.router.ttft_model import QueuedSeq, RequestShape, TtftTie, rank_by_ttft, share_step_costs
 from fuserve.router.unadmitted_sends import UnadmittedSends, still_unreported
+
+logger = logging.getLogger(__name__)
 
 UNCONFIRMED_TTL_S = 30.0  # a choice never dispatched (the caller gave up) stops counting after this
 BLIND_TOKENS = 256  # the assumed cost of a request whose body the router cannot see (a chat turn)
@@ -100,6 +107,37 @@ class _Assignment:
     output: int = 0  # tokens it may generate
 
 
+@dataclass
+class _PeerSend:
+    """A request another router of this node sent (send_board.py), counted as if this one had."""
+
+    replica_id: str
+    routed_at: float
+    work: int
+    prefill: int
+    output: int
+
+
+def open_send_board(where: str | None, deployment_id: object) -> SendBoard | None:
+    """`where`: "auto" (the node's board of this deployment in this Ray cluster, when in Ray), a
+    folder, or None (no board: this router sees only its own sends between reports)."""
+    if where is None:
+        return None
+    try:
+        if where != "auto":
+            return SendBoard(Path(where))
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        cluster = ray.get_runtime_context().gcs_address
+        app, name = getattr(deployment_id, "app_name", ""), getattr(deployment_id, "name", "")
+        return SendBoard(board_folder(cluster, app, name))
+    except OSError as e:  # no shared memory here: route on this router's own sends, as before
+        logger.warning("no send board (%s): this router counts only its own sends between reports", e)
+        return None
+
+
 class _KnownPrefixes:
     """The union of what this router sent a replica and what the replica last reported holding."""
 
@@ -118,6 +156,7 @@ class LengthAwareRouter(RequestRouter):
         prefix_capacity: int = 4096,
         blind_tokens: int = BLIND_TOKENS,
         policy: str = "ttft",
+        send_board: str | None = "auto",
     ) -> None:
         """Serve calls this once, right after construction, with `request_router_kwargs`."""
         if policy not in ("ttft", "prefix_affinity"):
@@ -136,15 +175,18 @@ class LengthAwareRouter(RequestRouter):
         self._mine: dict[str, RecentPrefixes] = {}
         self.popularity = PrefixPopularity()
         self._reported: dict[str, tuple[float, frozenset[int]]] = {}
+        self._peer_sends: list[_PeerSend] = []
+        self._replica_keys: dict[str, int] = {}
+        self.board = open_send_board(send_board, getattr(self, "_deployment_id", None))
+        if self.board is not None:
+            weakref.finalize(self, self.board.close)
 
     # ---- load and prefixes per replica ------------------------------------------------------------
     def _load(self, replica: RunningReplica) -> int:
         rid = replica.replica_id.unique_id
         stats = replica.routing_stats or {}
         reported_at = float(stats.get("timestamp", 0.0))  # when the replica's load last changed
-        since = sum(
-            a.work for a in self._assignments.values() if a.replica_id == rid and a.routed_at > reported_at
-        )
+        since = sum(a.work for a in self._sends_to(rid) if a.routed_at > reported_at)
         return int(stats.get("outstanding_tokens", 0)) + since
 
     def _known(self, replica: RunningReplica) -> _KnownPrefixes:
@@ -178,21 +220,57 @@ class LengthAwareRouter(RequestRouter):
         # covered_until: when the engine took the figures (a choice routed after it is not in them yet)
         reported = {r.replica_id.unique_id: covered_until(r.routing_stats or {}) for r in replicas}
         in_transit = {id(a) for rid in reported for a in self._unreported(rid, reported[rid], now)}
-        for key in [
-            k
-            for k, a in self._assignments.items()
-            if not a.confirmed
-            and (
-                now - a.routed_at > UNCONFIRMED_TTL_S
-                or (a.replica_id in reported and id(a) not in in_transit)
-            )
-        ]:
-            del self._assignments[key]
 
-    def _unreported(self, rid: str, covered: float, now: float) -> list[_Assignment]:
-        """This router's sends to the replica that its last report does not include, oldest first."""
-        sends = [a for a in self._assignments.values() if a.replica_id == rid]
+        def done(a: _Assignment | _PeerSend) -> bool:
+            covered = a.replica_id in reported and id(a) not in in_transit
+            return covered or now - a.routed_at > UNCONFIRMED_TTL_S
+
+        for key in [k for k, a in self._assignments.items() if not a.confirmed and done(a)]:
+            del self._assignments[key]
+        self._peer_sends = [p for p in self._peer_sends if not done(p)]
+
+    def _sends_to(self, rid: str) -> list[_Assignment | _PeerSend]:
+        """The sends to the replica that this router counts: its own and the board's, oldest first."""
+        sends: list[_Assignment | _PeerSend] = [a for a in self._assignments.values() if a.replica_id == rid]
+        peers = [p for p in self._peer_sends if p.replica_id == rid]
+        return sorted(sends + peers, key=lambda a: a.routed_at) if peers else sends
+
+    def _unreported(self, rid: str, covered: float, now: float) -> list[_Assignment | _PeerSend]:
+        """The sends to the replica (this router's and, through the board, the node's other routers')
+        that its last report does not include, oldest first."""
+        sends = self._sends_to(rid)
         return still_unreported(sends, lambda a: a.routed_at, covered, self.unadmitted.count(rid, now))
+
+    def _key(self, rid: str) -> int:
+        key = self._replica_keys.get(rid)
+        if key is None:
+            key = self._replica_keys[rid] = replica_key(rid)
+        return key
+
+    def _pull_board(self, replicas: list[RunningReplica]) -> None:
+        """Takes in the node's other routers' sends since the last call, before any report is read:
+        a send is on the board before its replica can admit it, so the admitted counts never run
+        ahead of the sends counted (unadmitted_sends.py)."""
+        if self.board is None:
+            return
+        sends = self.board.read_new()
+        if not sends:
+            return
+        by_key = {self._key(r.replica_id.unique_id): r.replica_id.unique_id for r in replicas}
+        for s in sends:
+            rid = by_key.get(s.replica)
+            if rid is None:
+                continue
+            self._peer_sends.append(_PeerSend(rid, s.routed_at, s.work, s.prefill, s.output))
+            if not s.late:  # a late one may be in admitted counts already seen: it counts by time only
+                self.peers.on_sent(rid, s.routed_at)
+                self.unadmitted.on_sent(rid, s.routed_at)
+            if s.prefix_keys:
+                self._prefixes_sent(rid).add(s.prefix_keys)
+
+    def _publish(self, rid: str, a: _Assignment, keys: tuple[int, ...] = ()) -> None:
+        if self.board is not None:
+            self.board.publish(BoardSend(self._key(rid), a.routed_at, a.work, a.prefill, a.output, keys))
 
     def _on_reports(self, replicas: list[RunningReplica]) -> None:
         """Feeds the replicas' reports, as this router first sees them, to the counts kept over them."""
@@ -274,18 +352,18 @@ class LengthAwareRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True
         arg = _first_arg(pending_request)
         now = time.time()
+        self._pull_board(candidate_replicas)
         self._on_reports(candidate_replicas)
         self._expire_unconfirmed(now, candidate_replicas)
         if not isinstance(arg, (EngineRequest, RoutingHint)):
             ranked_blind = self._rank_blind(candidate_replicas)
             if pending_request is not None:
-                self._assignments[id(pending_request)] = _Assignment(
-                    pending_request,
-                    pending_request.metadata.internal_request_id,
-                    ranked_blind[0].replica_id.unique_id,
-                    self.blind_tokens,
-                    now,
+                rid = ranked_blind[0].replica_id.unique_id
+                a = _Assignment(
+                    pending_request, pending_request.metadata.internal_request_id, rid, self.blind_tokens, now
                 )
+                self._assignments[id(pending_request)] = a
+                self._publish(rid, a)
             return [[r] for r in ranked_blind]
         assert pending_request is not None
 
@@ -298,9 +376,11 @@ class LengthAwareRouter(RequestRouter):
             candidates = [Candidate(rid, self._load(r), self._known(r)) for rid, r in by_id.items()]
             ranked = rank_replicas(candidates, arg.prefix_keys, self.tie, arg.block_size)
         internal_id = pending_request.metadata.internal_request_id
-        self._assignments[id(pending_request)] = _Assignment(
+        a = _Assignment(
             pending_request, internal_id, ranked[0], arg.work_tokens, now, False, prefill, shape.max_tokens
         )
+        self._assignments[id(pending_request)] = a
+        self._publish(ranked[0], a, tuple(arg.prefix_keys))
         self.peers.on_sent(ranked[0], now)
         self.unadmitted.on_sent(ranked[0], now)
         if isinstance(arg, RoutingHint):  # a final pick (HAProxy sends it there): remember its prefix now
@@ -354,8 +434,9 @@ class LengthAwareRouter(RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         alive = {r.replica_id.unique_id for r in replicas}
-        for table in (self._mine, self._reported, self._tenant_tokens):
+        for table in (self._mine, self._reported, self._tenant_tokens, self._replica_keys):
             for rid in [k for k in table if k not in alive]:
                 del table[rid]
+        self._peer_sends = [p for p in self._peer_sends if p.replica_id in alive]
         self.peers.forget(alive)
         self.unadmitted.forget(alive)
