@@ -133,6 +133,8 @@ def test_decode_rejects_bad_shapes(device: torch.device):
         ([1, 129, 4097, 0, 1000, 16, 17, 2048], 32, 8, 128),  # Llama-3-8B heads
         ([16384], 8, 1, 128),  # Llama-3-70B per GPU at TP=8, one long context: many splits
         ([63] * 33 + [0] * 7, 16, 16, 64),  # MHA, a big batch with padding rows
+        # Llama-3-8B at TP=2, batch 64: 256 programs, one wave of unsplit 128-token tiles on an H100
+        ([192] * 60 + [3000, 1, 0, 777], 16, 4, 128),
     ],
 )
 def test_decode_large_gpu(
