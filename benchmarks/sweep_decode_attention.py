@@ -38,6 +38,10 @@ SHAPES = {
     "8b-tp1-b64": (32, 8, 64, 192, (1, 2, 4)),
     "8b-tp2-b8": (16, 4, 8, 1024, (2, 4, 8, 16)),
     "8b-tp2-b1": (16, 4, 1, 4096, (16, 32, 64)),
+    # beyond the rows the one-wave launch was chosen on: 8 q heads a KV head, longer contexts
+    "70b-tp2-b64": (32, 4, 64, 192, (1, 2, 4)),
+    "8b-tp2-b64-2k": (16, 4, 64, 2048, (1, 2, 4)),
+    "70b-tp2-b1": (32, 4, 1, 4096, (16, 32, 64)),
 }
 BLOCK_N = (32, 64, 128)
 WARPS = (2, 4, 8)
