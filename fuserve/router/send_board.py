@@ -35,7 +35,7 @@ from fuserve.process_liveness import pid_alive
 
 CAPACITY = 2048  # records a ring holds: far more sends than a router makes between two reports
 MAX_KEYS = 64  # prefix keys kept per send: routing_policy.prefix_keys gives 56 for 512 blocks
-_MAGIC = 0x66757365_72766531  # "fuservE1"
+_MAGIC = 0x66757365_72766531  # "fuserve1"
 _HEADER = struct.Struct("<QqqqQ")  # magic, capacity, record size, pid, write index
 _FIXED = struct.Struct("<qdQqqqq")  # sequence, routed at, replica key, work, prefill, output, n keys
 _KEYS = struct.Struct(f"<{MAX_KEYS}q")
