@@ -15,6 +15,8 @@ import pytest
 from haproxy_processes import end_haproxy, haproxy_left_after
 from ports import free_port
 
+from fuserve.router.send_board import boards_base, sweep_stale_markers
+
 # Ray 2.60 turns token auth on by default; a throwaway local test cluster does not need it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -59,3 +61,4 @@ def serve_cluster() -> Iterator[ServeCluster]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        sweep_stale_markers(boards_base(), wait_s=2.0)  # as `fuserve serve` does when it stops

@@ -26,6 +26,7 @@ from fuserve.cluster.ingress_routing import ROUTED_TO_HEADER, with_body_routing
 from fuserve.configs import config_from_dict
 from fuserve.router.length_aware_router import LengthAwareRouter
 from fuserve.router.metrics import ROUTED_AT_HEADER
+from fuserve.router.send_board import boards_base, sweep_stale_markers
 
 api = FastAPI()
 
@@ -94,6 +95,7 @@ def main(tokenizer_dir: str, port: int) -> dict[str, Any]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        sweep_stale_markers(boards_base(), wait_s=2.0)  # the routers' send-board markers
     return found
 
 
