@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -54,13 +56,18 @@ class Parts:
     mixed_step: bool = True  # the eager floor of a step with prefill
     context: bool = False  # decodes' cost per context token (`per_context_ns`)
     per_context_ns: float = 0.0
+    # the serving path's tail: each request's TTFT gets a draw from what the simulator missed request by
+    # request (measured - simulated) on the rows of the *other* routers with the same workload and rate
+    path_tail: bool = False
 
 
 FACTORS: list[tuple[str, Parts]] = [  # cumulative, in the order NOTES discusses them
     ("as recorded", Parts(path_transit=False, mixed_step=False)),
     ("+ routing call, transit", Parts(mixed_step=False)),
     ("+ eager mixed steps", Parts()),
+    ("+ the path's tail, from the other routers' rows", Parts(path_tail=True)),
 ]
+TAIL_DRAWS = 21  # the TTFT percentiles with the tail: the median over this many seeded draws
 
 
 def row_specs(row: dict[str, Any], d: ReplayDefaults) -> list[RequestSpec]:
@@ -129,10 +136,39 @@ def _finite(value: Any) -> float:
     return float(value) if value is not None and math.isfinite(float(value)) else 0.0
 
 
-def replay_row(row: dict[str, Any], d: ReplayDefaults, parts: Parts) -> dict[str, Any]:
+def simulate_row(row: dict[str, Any], d: ReplayDefaults, parts: Parts) -> route_sim.SimResult:
+    return route_sim.simulate(row_specs(row, d), row["router"], sim_config(row, d, parts))
+
+
+def residuals_s(row: dict[str, Any], result: route_sim.SimResult) -> list[float]:
+    """Measured - simulated TTFT, request by request (rows that recorded `ttft_ms_each`)."""
+    each = row.get("ttft_ms_each") or []
+    return [m / 1e3 - s for s, m in zip(result.ttft_s, each, strict=False) if m and s == s]
+
+
+def with_tail(ttft_s: list[float], tail: list[float], seed: int = 0) -> dict[str, float]:
+    """TTFT p50/p90/p99 (ms) with a draw from `tail` added to each request: the median of TAIL_DRAWS."""
+    rng = random.Random(seed)
+    base = [t for t in ttft_s if t == t]
+    draws = [[t + rng.choice(tail) for t in base] for _ in range(TAIL_DRAWS)]
+    return {
+        f"ttft_ms_p{q}": 1000 * statistics.median(route_sim.percentile(x, q) for x in draws)
+        for q in (50, 90, 99)
+    }
+
+
+def replay_row(
+    row: dict[str, Any],
+    d: ReplayDefaults,
+    parts: Parts,
+    result: route_sim.SimResult | None = None,
+    tail: list[float] | None = None,
+) -> dict[str, Any]:
     """The row's measured and re-simulated figures, and sim / measured per TTFT percentile."""
-    result = route_sim.simulate(row_specs(row, d), row["router"], sim_config(row, d, parts))
+    result = result or simulate_row(row, d, parts)
     sim = route_sim.summarize(result)
+    if tail:
+        sim.update(with_tail(result.ttft_s, tail))
     out: dict[str, Any] = {"router": row["router"], "workload": row["workload"], "rate": row["rate"]}
     each = row.get("ttft_ms_each")
     if each:  # request by request (rows recorded since 16d): how many the simulator puts within 20%
@@ -150,7 +186,21 @@ def router_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def replay(rows: list[dict[str, Any]], d: ReplayDefaults, parts: Parts) -> list[dict[str, Any]]:
-    return [replay_row(r, d, parts) for r in rows if r.get("step_cost")]
+    rows = [r for r in rows if r.get("step_cost")]
+    results = [simulate_row(r, d, parts) for r in rows]
+    if not parts.path_tail:
+        return [replay_row(r, d, parts, res) for r, res in zip(rows, results, strict=True)]
+    out = []
+    for r, res in zip(rows, results, strict=True):
+        tail = [
+            x
+            for other, other_res in zip(rows, results, strict=True)
+            if other["router"] != r["router"]
+            and (other["workload"], other["rate"]) == (r["workload"], r["rate"])
+            for x in residuals_s(other, other_res)
+        ]
+        out.append(replay_row(r, d, parts, res, tail))
+    return out
 
 
 def print_replay(results: list[dict[str, Any]], title: str = "") -> None:

@@ -5,6 +5,7 @@ where length matters (heavy-tailed prompts, multi-turn chat) and never fall far 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -115,3 +116,24 @@ def test_transit_delays_the_engines_admission_and_the_routers_count_requests_in_
 
     route_sim.simulate(specs, Watching, cfg)
     assert max(counted) >= 2, "sends in transit while reports were taken count by the admitted count"
+
+
+def test_routers_on_one_send_board_see_each_others_sends_as_their_own() -> None:
+    """Four routers: on the board (send_board.py), a request routed by one is in every other's view at
+    once, so the same requests land as with one router; each alone knows only its own."""
+    specs = make_named("heavy_tail", 256, 120, 40.0, "poisson", 0, 4096, 1.0)
+    one = route_sim.simulate(specs, "length_aware", CFG)
+    board = route_sim.simulate(specs, "length_aware_board", dataclasses.replace(CFG, num_routers=4))
+    alone = route_sim.simulate(specs, "length_aware", dataclasses.replace(CFG, num_routers=4))
+    assert board.placement == one.placement
+    assert route_sim.percentile(board.ttft_s, 99) <= route_sim.percentile(alone.ttft_s, 99)
+
+
+def test_the_path_tail_adds_a_draw_to_every_request() -> None:
+    import route_replay
+
+    base = [0.01 * i for i in range(1, 101)]
+    same = route_replay.with_tail(base, [0.0])
+    assert same["ttft_ms_p50"] == pytest.approx(1000 * route_sim.percentile(base, 50))
+    shifted = route_replay.with_tail(base, [0.05])
+    assert shifted["ttft_ms_p99"] == pytest.approx(same["ttft_ms_p99"] + 50)
