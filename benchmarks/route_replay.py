@@ -56,8 +56,9 @@ class Parts:
     mixed_step: bool = True  # the eager floor of a step with prefill
     context: bool = False  # decodes' cost per context token (`per_context_ns`)
     per_context_ns: float = 0.0
-    # the serving path's tail: each request's TTFT gets a draw from what the simulator missed request by
-    # request (measured - simulated) on the rows of the *other* routers with the same workload and rate
+    # the run's unmodelled tail: each request's TTFT gets a draw from what the simulator missed request by
+    # request (measured - simulated) on the rows of the *other* routers with the same workload and rate;
+    # the serving path's part of it and the engine's are not split (NOTES, issue 16)
     path_tail: bool = False
 
 
@@ -65,7 +66,7 @@ FACTORS: list[tuple[str, Parts]] = [  # cumulative, in the order NOTES discusses
     ("as recorded", Parts(path_transit=False, mixed_step=False)),
     ("+ routing call, transit", Parts(mixed_step=False)),
     ("+ eager mixed steps", Parts()),
-    ("+ the path's tail, from the other routers' rows", Parts(path_tail=True)),
+    ("+ the unmodelled tail, from the other routers' rows", Parts(path_tail=True)),
 ]
 TAIL_DRAWS = 21  # the TTFT percentiles with the tail: the median over this many seeded draws
 
