@@ -201,10 +201,10 @@ class SendBoard:
                 self._peers.pop(marker).close()
                 marker.unlink(missing_ok=True)
         for marker in present - self._peers.keys():
+            if not _writer_alive(marker):  # its router ended without taking it
+                marker.unlink(missing_ok=True)
+                continue
             try:
-                if not pid_alive(_marker_ids(marker)[0]):  # its router ended without taking it
-                    marker.unlink(missing_ok=True)
-                    continue
                 self._peers[marker] = _Ring(marker, BACKLOG_S)
             except (OSError, ValueError):  # not ours to read, half made, or gone meanwhile
                 continue

@@ -258,12 +258,10 @@ def decode_launch(batch: int, num_kv_heads: int, max_context_len: int, device: t
     tiles, 8 warps and no pipelining: 13.5 us a layer against 17.3 for two splits of 64-token tiles at
     TP=2, batch 64, context 192 (one H100, results/decode-attention-sweep-2026-11-27-h100-13e8dca.json).
     Past two programs an SM (TP=1, batch 64) the 128-token tiles lost (24-25 us against 22.8)."""
-    block_n, _, _ = _tile_config(device)
+    block_n, programs_wanted, _ = _tile_config(device)  # on a GPU: two programs an SM
     programs = batch * num_kv_heads
-    if device.type == "cuda":
-        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-        if sms <= programs <= 2 * sms:
-            return DecodeLaunch(128, 1, num_warps=8, num_stages=1)
+    if device.type == "cuda" and programs_wanted // 2 <= programs <= programs_wanted:
+        return DecodeLaunch(128, 1, num_warps=8, num_stages=1)
     return DecodeLaunch(block_n, decode_num_splits(batch, num_kv_heads, max_context_len, device))
 
 
