@@ -380,7 +380,8 @@ class EngineSpec:
     base      tp1 | nccl (TP=N, NCCL for every all-reduce) | auto (one-shot, fused, GEMV push, two-shot)
     options   gloo-plans (step plans over gloo, not the shared-memory ring), no-keyed (greedy plans
               gather the logits on rank 0 instead of each rank's keyed argmax), l2=MB
-              (kernels.l2_prefetch_mb, the L2 prefetch budget)
+              (kernels.l2_prefetch_mb, the L2 prefetch budget), ar=MB (kernels.all_reduce_prefetch_mb, what
+              the fused all-reduce prefetches of the next layer's weights)
     The GEMV push and two-shot won their A/Bs and lost their switches (benchmarks/NOTES.md, 2026-11-26).
     The base is parallel.all_reduce (tp1: one rank), and the options set config fields, never the
     environment: every rank takes them from the same config.
@@ -391,6 +392,7 @@ class EngineSpec:
     gloo_plans: bool = False
     keyed_argmax: bool = True
     l2_prefetch_mb: float | None = None  # None: the config's default (kernels.l2_prefetch_mb unset)
+    all_reduce_prefetch_mb: float | None = None  # None: the default (kernels.all_reduce_prefetch_mb unset)
 
     @classmethod
     def parse(cls, text: str) -> EngineSpec:
@@ -405,6 +407,8 @@ class EngineSpec:
                 spec = dataclasses.replace(spec, keyed_argmax=False)
             elif option.startswith("l2="):
                 spec = dataclasses.replace(spec, l2_prefetch_mb=float(option[3:]))
+            elif option.startswith("ar="):
+                spec = dataclasses.replace(spec, all_reduce_prefetch_mb=float(option[3:]))
             else:
                 raise SystemExit(f"engine {text!r}: unknown option {option!r}")
         return spec
@@ -428,6 +432,7 @@ def run_engine(
     from fuserve.workers.engine import LLMEngine
     from fuserve.workers.kernels.l2_prefetch import l2_prefetch_budget
     from fuserve.workers.kernels.pdl import pdl_enabled
+    from fuserve.workers.kernels.switches import switches
 
     tp = 1 if spec.base == "tp1" else tp_size
     if not spec.keyed_argmax:  # plans never say argmax_only: rank 0 gathers the logits and broadcasts draws
@@ -447,7 +452,14 @@ def run_engine(
                 "all_reduce": "nccl" if spec.base == "tp1" else spec.base,
             },
             # every rank takes these from the config (fuserve/workers/kernels/switches.py)
-            kernels={} if spec.l2_prefetch_mb is None else {"l2_prefetch_mb": spec.l2_prefetch_mb},
+            kernels={
+                name: value
+                for name, value in (
+                    ("l2_prefetch_mb", spec.l2_prefetch_mb),
+                    ("all_reduce_prefetch_mb", spec.all_reduce_prefetch_mb),
+                )
+                if value is not None
+            },
         )
     )
     t0 = time.perf_counter()
@@ -471,6 +483,9 @@ def run_engine(
     l2_prefetch_mb = l2_prefetch_budget() / 2**20 if pdl else 0.0
     if l2_prefetch_mb:
         name += f"-l2pf{l2_prefetch_mb:g}"
+    all_reduce_prefetch_mb = switches().all_reduce_prefetch_bytes / 2**20 if tp > 1 and not smoke else 0.0
+    if all_reduce_prefetch_mb:
+        name += f"-arpf{all_reduce_prefetch_mb:g}"
     rows = []
     # a warm-up pass over every batch, dropped: the largest batch's 4,096-token prefill steps compile
     # kernels of their own (a warm-up of batch 1 alone left ~50 ms of them in TP=2's batch-64 row)
@@ -489,6 +504,7 @@ def run_engine(
                 plan_transport=plans,
                 pdl=pdl,
                 l2_prefetch_mb=l2_prefetch_mb,
+                all_reduce_prefetch_mb=all_reduce_prefetch_mb,
                 batch=batch,
                 prompt_len=prompt_len,
                 output_len=output_len,

@@ -264,6 +264,15 @@ class KernelConfig(_Strict):
         "4 MiB, 3.25 with 8, 3.38 with 24; at TP=1 on an H200 8 MiB cost 0.03 ms and 24 MiB 0.14 "
         "(2026-11-23). Keep it well under L2 (50 MiB on H100/H200).",
     )
+    all_reduce_prefetch_mb: float | None = Field(
+        default=None,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="MiB of the next linear layer's weights that the fused all-reduce + RMSNorm asks L2 "
+        "for while it waits for its tensor-parallel peers, in steps of 2 or more rows (where the GEMM "
+        "that follows is cuBLAS's; 0: off). Unset: 16 MiB under tensor parallelism (no all-reduce runs "
+        "at TP=1). Keep it well under L2 (50 MiB on H100/H200).",
+    )
 
 
 class StructuredOutputConfig(_Strict):

@@ -81,8 +81,13 @@ def main() -> int:
         ),
         "all_reduce_add_rmsnorm": (
             all_reduce_rmsnorm._all_reduce_add_rmsnorm_kernel,
-            {"WORLD": 2, "BLOCK_H": 4096, **pdl},
+            {"WORLD": 2, "BLOCK_H": 4096, "PREFETCH": False, **pdl},
             None,
+        ),
+        "all_reduce_add_rmsnorm + next weight's prefetch": (
+            all_reduce_rmsnorm._all_reduce_add_rmsnorm_kernel,
+            {"WORLD": 2, "BLOCK_H": 4096, "PREFETCH": True, **pdl},
+            {"prefetch_ptr": "*u8"},
         ),
         "argmax chunks": (argmax._chunk_max_kernel, {"CHUNK": 2048, **pdl}, None),
         "argmax pick": (

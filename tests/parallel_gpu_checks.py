@@ -13,6 +13,7 @@ killed-worker        test_tensor_parallel's killed-worker test on CUDA, as a scr
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import gc
 import os
@@ -95,7 +96,9 @@ def check_all_reduce(rank: int, size: int, port: int, gpus: list[str]) -> None:
 def check_add_rmsnorm(tp: Any, device: torch.device) -> None:
     """The fused all-reduce + add + RMSNorm against NCCL + the torch reference, the same bits on every
     rank, eager and replayed from a CUDA graph (the per-row counters advance on replay)."""
+    from fuserve.parallel.all_reduce_rmsnorm import weight_prefetch
     from fuserve.workers.kernels.rmsnorm import fused_add_rmsnorm_ref
+    from fuserve.workers.kernels.switches import switches, using_switches
 
     fast = tp.fast_all_reduce
     weight = (1 + 0.1 * torch.randn(4096, generator=torch.Generator().manual_seed(9))).to(
@@ -118,10 +121,19 @@ def check_add_rmsnorm(tp: Any, device: torch.device) -> None:
         dist.all_gather(gathered, out)
         assert all(torch.equal(g, gathered[0]) for g in gathered), "ranks disagree on the fused output"
 
+    # the next layer's weight, pulled into L2 meanwhile: it must change no bit of the result
+    next_weight = torch.randn(14336, 4096, device=device, dtype=torch.bfloat16)
+    prefetching = dataclasses.replace(switches(), all_reduce_prefetch_bytes=16 << 20)
     for seed, rows in enumerate((1, 7, 64, 1, 128)):
         x, residual = inputs(rows, seed)
         assert fast.fits_add_rmsnorm(x)
-        check(x, residual, *fast.add_rmsnorm(x, residual, weight, 1e-5))
+        got = fast.add_rmsnorm(x, residual, weight, 1e-5)
+        check(x, residual, *got)
+        with using_switches(prefetching):
+            assert (rows > 1) == (weight_prefetch(next_weight, rows, 16 << 20) is not None)
+            with_prefetch = fast.add_rmsnorm(x, residual, weight, 1e-5, next_weight)
+        same = all(torch.equal(a, b) for a, b in zip(got, with_prefetch, strict=True))
+        assert same, "the next weight's prefetch changed the result"
     static_x, static_res = (t.clone() for t in inputs(8, 100))
     for _ in range(2):
         fast.add_rmsnorm(static_x, static_res, weight, 1e-5)

@@ -18,6 +18,11 @@ rank's epoch e + 1 program saw its flag, which this rank raised after its epoch 
 slot p) had finished: kernels on one stream run in order. Counters live in each rank's own memory, so a
 CUDA graph replay advances them like an eager call.
 
+While a program waits for its peers (a few microseconds of NVLink latency, with the GPU's memory idle),
+the kernel can pull the start of the next linear layer's weights into L2 (`prefetch`: the first bytes of
+every row, spread over the programs), so the GEMM after it (cuBLAS, from 2 rows) reads that part from
+L2. Every tile of a GEMM walks K from 0, so every tile starts faster, not only some.
+
 Buffers (`PushBuffers`): each rank's data buffer [2, W, slot_numel] and flags [W, max_rows] are
 symmetric memory (torch.distributed._symmetric_memory, P2P over CUDA IPC, no multicast); the kernel gets
 every rank's base address in a small int64 table. Tests on CPU build the same tables over two plain
@@ -26,6 +31,7 @@ tensors and run the two ranks one after the other under TRITON_INTERPRET.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fuserve.workers.kernels.l2_prefetch import LINE_BYTES, prefetch_rows_l2
 from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
 from fuserve.workers.kernels.rmsnorm import fused_add_rmsnorm_ref, row_num_warps, store_rmsnorm_row
 
@@ -44,6 +51,8 @@ MAX_SPINS = 1 << 26
 MAX_HIDDEN = 16384  # one program holds a whole row
 NUM_SLOTS = 2  # buffers per source, used in turn by epoch
 SLOTS = tl.constexpr(NUM_SLOTS)
+PREFETCH_ROWS = tl.constexpr(32)  # weight rows one prefetch step of a program covers
+PREFETCH_LINE = tl.constexpr(LINE_BYTES)  # bytes a prefetch request asks for
 
 
 @triton.jit
@@ -65,9 +74,14 @@ def _all_reduce_add_rmsnorm_kernel(
     max_rows,
     max_spins,
     eps,
+    prefetch_ptr,
+    prefetch_rows,
+    prefetch_stride,
+    prefetch_bytes,
     WORLD: tl.constexpr,
     BLOCK_H: tl.constexpr,
     USE_PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pdl_launch_and_wait(USE_PDL)
     row = tl.program_id(0)
@@ -91,6 +105,8 @@ def _all_reduce_add_rmsnorm_kernel(
         if peer != rank:
             flags = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
             tl.atomic_xchg(flags + rank * max_rows + row, epoch, sem="release", scope="sys")
+    if PREFETCH:  # the next layer's weights into L2 while the peers' rows are on their way
+        prefetch_weight_rows(prefetch_ptr, prefetch_rows, prefetch_stride, prefetch_bytes)
 
     own_flags = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
     own_data = tl.load(data_ptrs + rank).to(tl.pointer_type(dtype))
@@ -122,6 +138,17 @@ def _all_reduce_add_rmsnorm_kernel(
         hidden_size,
         eps,
     )
+
+
+@triton.jit
+def prefetch_weight_rows(w_ptr, n_rows, stride_bytes, row_bytes):
+    """This program's share of a weight's rows, bytes [0, row_bytes) of each, asked of L2. `w_ptr` is
+    the weight as bytes; rows are dealt out PREFETCH_ROWS at a time to the programs in turn."""
+    start = tl.program_id(0) * PREFETCH_ROWS
+    step = tl.num_programs(0) * PREFETCH_ROWS
+    for r0 in range(start, n_rows, step):
+        rows = tl.minimum(r0 + tl.arange(0, PREFETCH_ROWS), n_rows - 1)  # a repeated row costs no bytes
+        prefetch_rows_l2(w_ptr + rows.to(tl.int64)[:, None] * stride_bytes, 0, row_bytes, PREFETCH_LINE)
 
 
 @triton.jit
@@ -211,12 +238,58 @@ def slot(data: torch.Tensor, bufs: PushBuffers, epoch: int, src: int, rows: int,
     return data[start : start + rows * hidden].view(rows, hidden)
 
 
+@dataclass(frozen=True)
+class WeightPrefetch:
+    """What the kernel asks L2 for: the first `row_bytes` of each of `rows` rows, `stride_bytes` apart,
+    of `weight` seen as bytes."""
+
+    weight: torch.Tensor  # [rows, row_length_in_bytes] uint8 view
+    rows: int
+    stride_bytes: int
+    row_bytes: int
+
+
+def weight_prefetch(next_weight: torch.Tensor | None, rows: int, budget_bytes: int) -> WeightPrefetch | None:
+    """The prefetch for the linear layer after this all-reduce, or None where none helps or can run:
+    one row (the GEMV that follows prefetches its own weights, l2_prefetch.py), no budget, a weight that
+    is not a contiguous 16-bit CUDA matrix (the 8-bit kernels read other layouts), or Triton's
+    interpreter (no inline PTX)."""
+    if (
+        next_weight is None
+        or rows < 2
+        or budget_bytes <= 0
+        or not next_weight.is_cuda
+        or os.environ.get("TRITON_INTERPRET") == "1"
+        or next_weight.dim() != 2
+        or next_weight.element_size() != 2
+        or not next_weight.is_contiguous()
+    ):
+        return None
+    n, k = next_weight.shape
+    row_length = k * next_weight.element_size()
+    return WeightPrefetch(
+        next_weight.view(torch.uint8), n, row_length, prefetch_row_bytes(n, row_length, budget_bytes)
+    )
+
+
+def prefetch_row_bytes(rows: int, row_length: int, budget_bytes: int) -> int:
+    """Bytes of every row that fit the budget: whole 128-byte lines, at least one, at most the row."""
+    per_row = budget_bytes // max(rows, 1) // LINE_BYTES * LINE_BYTES
+    return min(row_length, max(per_row, LINE_BYTES))
+
+
 def all_reduce_add_rmsnorm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, bufs: PushBuffers
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    bufs: PushBuffers,
+    prefetch: WeightPrefetch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Collective: `h = sum over ranks of x; new_residual = h + residual; return rmsnorm(new_residual),
     new_residual`. x: this rank's partial [T, H] (a row-parallel layer's output before its all-reduce);
-    residual: [T, H]; weight: [H]. Every rank calls it with the same shapes, in the same order."""
+    residual: [T, H]; weight: [H]. Every rank calls it with the same shapes, in the same order.
+    `prefetch` (weight_prefetch) changes no result: it only warms L2 for the next layer."""
     if not bufs.fits(x):
         raise ValueError(
             f"x {tuple(x.shape)} {x.dtype} does not fit the push buffers ({bufs.max_rows} rows, "
@@ -249,9 +322,14 @@ def all_reduce_add_rmsnorm(
         bufs.max_rows,
         bufs.max_spins,
         eps,
+        prefetch.weight if prefetch is not None else x,
+        prefetch.rows if prefetch is not None else 0,
+        prefetch.stride_bytes if prefetch is not None else 0,
+        prefetch.row_bytes if prefetch is not None else 0,
         WORLD=bufs.world,
         BLOCK_H=block_h,
         USE_PDL=use_pdl,
+        PREFETCH=prefetch is not None,
         num_warps=row_num_warps(block_h),
         launch_pdl=use_pdl,
     )

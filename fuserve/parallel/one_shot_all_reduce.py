@@ -42,7 +42,9 @@ from fuserve.parallel.all_reduce_rmsnorm import (
     all_reduce_add_rmsnorm,
     describe_give_up,
     symmetric_push_buffers,
+    weight_prefetch,
 )
+from fuserve.workers.kernels.switches import switches
 
 log = logging.getLogger(__name__)
 
@@ -239,10 +241,18 @@ class OneShotAllReduce:
         return describe_give_up(self.push.status)
 
     def add_rmsnorm(
-        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        next_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sum of x over ranks added to residual and RMS-normed, in one kernel (all_reduce_rmsnorm.py)."""
-        return all_reduce_add_rmsnorm(x, residual, weight, eps, self.push)
+        """The sum of x over ranks added to residual and RMS-normed, in one kernel (all_reduce_rmsnorm.py),
+        which pulls the start of `next_weight` into L2 while it waits for the peers (kernels.
+        all_reduce_prefetch_mb)."""
+        prefetch = weight_prefetch(next_weight, x.shape[0], switches().all_reduce_prefetch_bytes)
+        return all_reduce_add_rmsnorm(x, residual, weight, eps, self.push, prefetch)
 
     def fits_gemv_push(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return self.slots is not None and x.is_cuda and self.slots.fits(x, weight)

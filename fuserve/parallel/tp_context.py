@@ -27,7 +27,12 @@ class FastAllReduce(Protocol):
     def fits_add_rmsnorm(self, x: torch.Tensor) -> bool: ...
 
     def add_rmsnorm(
-        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        next_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def timed_out_rank(self) -> int | None:
@@ -123,9 +128,11 @@ class TPContext:
         weight: torch.Tensor,
         eps: float,
         add_rmsnorm: AddRMSNorm,
+        next_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`add_rmsnorm(sum over ranks of x, residual, weight, eps)`, where x is this rank's partial sum
-        (a row-parallel layer's output before its all-reduce). The fast path does both in one kernel."""
+        (a row-parallel layer's output before its all-reduce). The fast path does both in one kernel,
+        and may pull the start of `next_weight` (the layer that reads the result) into L2 meanwhile."""
         fast = self.fast_all_reduce
         if isinstance(x, PushedPartial):
             assert fast is not None, "a pushed partial comes from the fast all-reduce only"
@@ -134,7 +141,7 @@ class TPContext:
             assert fast is not None, "a slot partial comes from the fast all-reduce only"
             return add_rmsnorm(fast.sum_in_slot(x.partial), residual, weight, eps)
         if self.size > 1 and fast is not None and fast.fits_add_rmsnorm(x):
-            return fast.add_rmsnorm(x, residual, weight, eps)
+            return fast.add_rmsnorm(x, residual, weight, eps, next_weight)
         return add_rmsnorm(self.all_reduce(x), residual, weight, eps)
 
     def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:

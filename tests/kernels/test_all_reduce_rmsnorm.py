@@ -19,7 +19,9 @@ from fuserve.parallel.all_reduce_rmsnorm import (
     all_reduce_add_rmsnorm,
     all_reduce_add_rmsnorm_ref,
     describe_give_up,
+    prefetch_row_bytes,
     slot,
+    weight_prefetch,
 )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,3 +138,16 @@ def test_a_give_up_tells_calls_that_parted() -> None:
     assert bufs[0].status.tolist() == [2, 0, 3, 1]
     assert describe_give_up(bufs[0].status).endswith("(the ranks' calls parted)")
     assert describe_give_up(torch.zeros(4, dtype=torch.int32)) == ""
+
+
+def test_the_next_weights_prefetch_takes_whole_lines_within_the_budget() -> None:
+    """Bytes of each row of the next layer's weight that the fused kernel asks L2 for: the budget over
+    the rows in whole 128-byte lines, at least one line, never past the row."""
+    # Llama-3-8B gate_up at TP=2: 14,336 rows of 8 KiB; 16 MiB is 1,170 bytes a row -> 9 lines
+    assert prefetch_row_bytes(14336, 8192, 16 << 20) == 9 * 128
+    assert prefetch_row_bytes(1024, 8192, 1 << 30) == 8192  # capped at the row
+    assert prefetch_row_bytes(1 << 20, 8192, 1 << 20) == 128  # at least one line
+    w = torch.zeros(64, 32, dtype=torch.bfloat16)
+    # the CPU (and the interpreter) cannot prefetch; one row is the GEMV's, which prefetches itself
+    assert weight_prefetch(w, 64, 1 << 20) is None
+    assert weight_prefetch(None, 64, 1 << 20) is None

@@ -33,22 +33,32 @@ RETIRED_ENV = {
 @dataclass(frozen=True)
 class KernelSwitches:
     """pdl: launch with programmatic dependent launch where the device supports it (pdl.py).
-    l2_prefetch_bytes: what one batch-1 GEMV may prefetch into L2 (l2_prefetch.py); 0: off."""
+    l2_prefetch_bytes: what one batch-1 GEMV may prefetch into L2 (l2_prefetch.py); 0: off.
+    all_reduce_prefetch_bytes: what one fused all-reduce may prefetch of the next layer's weights
+    (parallel/all_reduce_rmsnorm.py); 0: off."""
 
     pdl: bool = True
     l2_prefetch_bytes: int = 0
+    all_reduce_prefetch_bytes: int = 0
 
     @classmethod
     def from_config(cls, config: FuserveConfig) -> KernelSwitches:
         check_no_retired_env()
         kernels = config.kernels
         mb = kernels.l2_prefetch_mb
+        tp = config.parallel.tensor_parallel_size > 1
         if mb is None:
-            mb = TP_L2_PREFETCH_MB if config.parallel.tensor_parallel_size > 1 else 0.0
-        return cls(pdl=kernels.pdl, l2_prefetch_bytes=int(mb * 2**20))
+            mb = TP_L2_PREFETCH_MB if tp else 0.0
+        ar_mb = kernels.all_reduce_prefetch_mb
+        if ar_mb is None:
+            ar_mb = TP_ALL_REDUCE_PREFETCH_MB if tp else 0.0
+        return cls(
+            pdl=kernels.pdl, l2_prefetch_bytes=int(mb * 2**20), all_reduce_prefetch_bytes=int(ar_mb * 2**20)
+        )
 
 
 TP_L2_PREFETCH_MB = 4.0  # kernels.l2_prefetch_mb when unset, under tensor parallelism (configs.py says why)
+TP_ALL_REDUCE_PREFETCH_MB = 16.0  # kernels.all_reduce_prefetch_mb when unset, under tensor parallelism
 _current = KernelSwitches()
 
 

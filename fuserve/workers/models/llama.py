@@ -16,7 +16,7 @@ pushes its partial to the peers and that kernel only sums, see fuserve/parallel/
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +125,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.tp = tp
         self.ops = ops
+        # the weight of the linear layer that reads this norm's output, for the fused all-reduce to warm
+        # L2 with (a callable: a module held here would register as a submodule twice)
+        self.next_weight: Callable[[], torch.Tensor] | None = None
 
     def forward(
         self, x: torch.Tensor | Partial, residual: torch.Tensor | None = None, fp8_out: bool = False
@@ -141,7 +144,8 @@ class RMSNorm(nn.Module):
                 return Fp8Activations(q, scale, x.dtype), x
             return self.ops.rmsnorm(x, self.weight, self.eps), x
         add_rmsnorm = self._add_rmsnorm_fp8 if fp8_out else self.ops.fused_add_rmsnorm
-        return self.tp.all_reduce_add_rmsnorm(x, residual, self.weight, self.eps, add_rmsnorm)
+        next_weight = self.next_weight() if self.next_weight is not None else None
+        return self.tp.all_reduce_add_rmsnorm(x, residual, self.weight, self.eps, add_rmsnorm, next_weight)
 
     def _add_rmsnorm_fp8(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
@@ -255,6 +259,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(arch, tp, ops, quant)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, tp, ops)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, tp, ops)
+        self.input_layernorm.next_weight = lambda: self.self_attn.qkv_proj.weight
+        self.post_attention_layernorm.next_weight = lambda: self.mlp.gate_up_proj.weight
 
     def forward(
         self,
@@ -317,6 +323,7 @@ class LlamaForCausalLM(nn.Module):
         self.tied_head = arch.tie_word_embeddings and head_quant is None
         if self.tied_head:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.model.norm.next_weight = lambda: self.lm_head.weight
         cos, sin = rope_tables(arch.head_dim, arch.rope_theta, arch.rope_scaling, max_positions)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
