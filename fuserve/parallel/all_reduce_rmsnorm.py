@@ -31,7 +31,6 @@ tensors and run the two ranks one after the other under TRITON_INTERPRET.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +53,6 @@ NUM_SLOTS = 2  # buffers per source, used in turn by epoch
 SLOTS = tl.constexpr(NUM_SLOTS)
 PREFETCH_ROWS = tl.constexpr(32)  # weight rows one prefetch step of a program covers
 PREFETCH_LINE = tl.constexpr(LINE_BYTES)  # bytes a prefetch request asks for
-MIN_PREFETCH_PROGRAMS = 16
 
 
 @triton.jit
@@ -76,7 +74,6 @@ def _all_reduce_add_rmsnorm_kernel(
     max_rows,
     max_spins,
     eps,
-    n_rows,
     prefetch_ptr,
     prefetch_rows,
     prefetch_stride,
@@ -86,81 +83,72 @@ def _all_reduce_add_rmsnorm_kernel(
     USE_PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
+    pdl_launch_and_wait(USE_PDL)
     row = tl.program_id(0)
-    if row >= n_rows:  # launched only with PREFETCH: the programs past the rows warm L2, nothing else
-        # no wait for the kernel before: the weights do not depend on it
-        prefetch_weight_rows(
-            prefetch_ptr,
-            prefetch_rows,
-            prefetch_stride,
-            prefetch_bytes,
-            row - n_rows,
-            tl.num_programs(0) - n_rows,
-            PREFETCH,
-        )
-    else:
-        pdl_launch_and_wait(USE_PDL)
-        cols = tl.arange(0, BLOCK_H)
-        mask = cols < hidden_size
-        dtype = x_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < hidden_size
+    dtype = x_ptr.dtype.element_ty
 
-        epoch = tl.load(counter_ptr + row) + 1
-        tl.store(counter_ptr + row, epoch)
-        which = epoch % SLOTS
-        x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
-        row_in_slot = row.to(tl.int64) * hidden_size + cols
+    epoch = tl.load(counter_ptr + row) + 1
+    tl.store(counter_ptr + row, epoch)
+    which = epoch % SLOTS
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
+    row_in_slot = row.to(tl.int64) * hidden_size + cols
 
-        mine = (which * WORLD + rank).to(tl.int64) * slot_numel
-        for peer in tl.static_range(WORLD):
-            if peer != rank:
-                dst = tl.load(data_ptrs + peer).to(tl.pointer_type(dtype))
-                tl.store(dst + mine + row_in_slot, x, mask=mask)
-        tl.debug_barrier()  # every thread's stores before the flag that publishes them
-        for peer in tl.static_range(WORLD):
-            if peer != rank:
-                flags = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
-                tl.atomic_xchg(flags + rank * max_rows + row, epoch, sem="release", scope="sys")
+    mine = (which * WORLD + rank).to(tl.int64) * slot_numel
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            dst = tl.load(data_ptrs + peer).to(tl.pointer_type(dtype))
+            tl.store(dst + mine + row_in_slot, x, mask=mask)
+    tl.debug_barrier()  # every thread's stores before the flag that publishes them
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            flags = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
+            tl.atomic_xchg(flags + rank * max_rows + row, epoch, sem="release", scope="sys")
+    if PREFETCH:  # the next layer's weights into L2 while the peers' rows are on their way
+        prefetch_weight_rows(prefetch_ptr, prefetch_rows, prefetch_stride, prefetch_bytes)
 
-        own_flags = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
-        own_data = tl.load(data_ptrs + rank).to(tl.pointer_type(dtype))
-        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for src in tl.static_range(WORLD):
-            if src == rank:
-                acc += x.to(tl.float32)
-            else:
-                theirs = own_data + (which * WORLD + src).to(tl.int64) * slot_numel + row_in_slot
-                flag = own_flags + src * max_rows + row
+    own_flags = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
+    own_data = tl.load(data_ptrs + rank).to(tl.pointer_type(dtype))
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for src in tl.static_range(WORLD):
+        if src == rank:
+            acc += x.to(tl.float32)
+        else:
+            theirs = own_data + (which * WORLD + src).to(tl.int64) * slot_numel + row_in_slot
+            flag = own_flags + src * max_rows + row
+            seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
+            spins = 0
+            while (seen < epoch) & (spins < max_spins):
                 seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
-                spins = 0
-                while (seen < epoch) & (spins < max_spins):
-                    seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
-                    spins += 1
-                part = tl.load(theirs, mask=mask, other=0.0, volatile=True).to(tl.float32)
-                if seen < epoch:
-                    part = give_up_on(status_ptr, src, row, epoch, seen, BLOCK_H)
-                acc += part
+                spins += 1
+            part = tl.load(theirs, mask=mask, other=0.0, volatile=True).to(tl.float32)
+            if seen < epoch:
+                part = give_up_on(status_ptr, src, row, epoch, seen, BLOCK_H)
+            acc += part
 
-        store_add_rmsnorm_row(
-            acc,
-            residual_ptr + row.to(tl.int64) * stride_residual,
-            weight_ptr,
-            out_ptr + row.to(tl.int64) * hidden_size,
-            new_residual_ptr + row.to(tl.int64) * hidden_size,
-            cols,
-            mask,
-            hidden_size,
-            eps,
-        )
+    store_add_rmsnorm_row(
+        acc,
+        residual_ptr + row.to(tl.int64) * stride_residual,
+        weight_ptr,
+        out_ptr + row.to(tl.int64) * hidden_size,
+        new_residual_ptr + row.to(tl.int64) * hidden_size,
+        cols,
+        mask,
+        hidden_size,
+        eps,
+    )
 
 
 @triton.jit
-def prefetch_weight_rows(w_ptr, n_rows, stride_bytes, row_bytes, program, programs, ENABLED: tl.constexpr):
-    """Program `program` of `programs`: its share of a weight's rows, bytes [0, row_bytes) of each,
-    asked of L2. `w_ptr` is the weight as bytes; rows are dealt out PREFETCH_ROWS at a time in turn."""
-    if ENABLED:
-        for r0 in range(program * PREFETCH_ROWS, n_rows, programs * PREFETCH_ROWS):
-            rows = tl.minimum(r0 + tl.arange(0, PREFETCH_ROWS), n_rows - 1)  # a repeated row costs no bytes
-            prefetch_rows_l2(w_ptr + rows.to(tl.int64)[:, None] * stride_bytes, 0, row_bytes, PREFETCH_LINE)
+def prefetch_weight_rows(w_ptr, n_rows, stride_bytes, row_bytes):
+    """This program's share of a weight's rows, bytes [0, row_bytes) of each, asked of L2. `w_ptr` is
+    the weight as bytes; rows are dealt out PREFETCH_ROWS at a time to the programs in turn."""
+    start = tl.program_id(0) * PREFETCH_ROWS
+    step = tl.num_programs(0) * PREFETCH_ROWS
+    for r0 in range(start, n_rows, step):
+        rows = tl.minimum(r0 + tl.arange(0, PREFETCH_ROWS), n_rows - 1)  # a repeated row costs no bytes
+        prefetch_rows_l2(w_ptr + rows.to(tl.int64)[:, None] * stride_bytes, 0, row_bytes, PREFETCH_LINE)
 
 
 @triton.jit
@@ -284,19 +272,6 @@ def weight_prefetch(next_weight: torch.Tensor | None, rows: int, budget_bytes: i
     )
 
 
-def prefetch_programs(device: torch.device, rows: int) -> int:
-    """Programs that only prefetch, beside the rows': the SMs the rows leave idle, at least
-    MIN_PREFETCH_PROGRAMS. When the row programs prefetched themselves, each call measured 1.4 us slower
-    (two H100s, batch 64: benchmarks/NOTES.md), and 64 programs may issue too few requests to fill the
-    window."""
-    return max(sm_count(device) - rows, MIN_PREFETCH_PROGRAMS)
-
-
-@functools.cache
-def sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def prefetch_row_bytes(rows: int, row_length: int, budget_bytes: int) -> int:
     """Bytes of every row that fit the budget: whole 128-byte lines, at least one, at most the row."""
     per_row = budget_bytes // max(rows, 1) // LINE_BYTES * LINE_BYTES
@@ -329,8 +304,7 @@ def all_reduce_add_rmsnorm(
     new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_h = triton.next_power_of_2(hidden)
     use_pdl = pdl_enabled(x)
-    helpers = prefetch_programs(x.device, rows) if prefetch is not None else 0
-    _all_reduce_add_rmsnorm_kernel[(rows + helpers,)](
+    _all_reduce_add_rmsnorm_kernel[(rows,)](
         x,
         residual,
         weight,
@@ -348,7 +322,6 @@ def all_reduce_add_rmsnorm(
         bufs.max_rows,
         bufs.max_spins,
         eps,
-        rows,
         prefetch.weight if prefetch is not None else x,
         prefetch.rows if prefetch is not None else 0,
         prefetch.stride_bytes if prefetch is not None else 0,
