@@ -270,8 +270,10 @@ class KernelConfig(_Strict):
         allow_inf_nan=False,
         description="MiB of the next linear layer's weights that the fused all-reduce + RMSNorm asks L2 "
         "for while it waits for its tensor-parallel peers, in steps of 2 or more rows (where the GEMM "
-        "that follows is cuBLAS's; 0: off). Unset: 16 MiB under tensor parallelism (no all-reduce runs "
-        "at TP=1). Keep it well under L2 (50 MiB on H100/H200).",
+        "that follows is cuBLAS's; 0: off). Unset: 24 MiB under tensor parallelism (no all-reduce runs "
+        "at TP=1). Measured on two H100s (2026-11-27, Llama-3-8B shape, batch 64, benchmarks/NOTES.md): "
+        "4.45 ms a TP=2 step without, 4.40 with 8 or 16 MiB, 4.37 with 24 or 32, 4.40 with 48. Keep it "
+        "well under L2 (50 MiB on H100/H200).",
     )
 
 

@@ -67,7 +67,7 @@ def test_kernel_switches_come_from_the_config() -> None:
     assert KernelSwitches.from_config(tp2_off).l2_prefetch_bytes == 0
     # the fused all-reduce's prefetch of the next layer: only where an all-reduce runs
     assert KernelSwitches.from_config(FuserveConfig()).all_reduce_prefetch_bytes == 0
-    assert KernelSwitches.from_config(tp2).all_reduce_prefetch_bytes == 16 * 2**20
+    assert KernelSwitches.from_config(tp2).all_reduce_prefetch_bytes == 24 * 2**20
     tp2_ar = config_from_dict(
         {"parallel": {"tensor_parallel_size": 2}, "kernels": {"all_reduce_prefetch_mb": 0}}
     )

@@ -58,7 +58,7 @@ class KernelSwitches:
 
 
 TP_L2_PREFETCH_MB = 4.0  # kernels.l2_prefetch_mb when unset, under tensor parallelism (configs.py says why)
-TP_ALL_REDUCE_PREFETCH_MB = 16.0  # kernels.all_reduce_prefetch_mb when unset, under tensor parallelism
+TP_ALL_REDUCE_PREFETCH_MB = 24.0  # kernels.all_reduce_prefetch_mb when unset, under tensor parallelism
 _current = KernelSwitches()
 
 
