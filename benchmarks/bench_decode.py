@@ -185,11 +185,15 @@ def time_decode(engine: Any, batch: int, prompt_len: int, output_len: int, vocab
         elif outs:
             step_times.append(e - s)
     total = time.perf_counter() - start
-    step_times.sort()
+    median = sorted(step_times)[len(step_times) // 2]
     return dict(
-        ms_per_token=1e3 * step_times[len(step_times) // 2],
+        ms_per_token=1e3 * median,
         output_tok_s=batch * output_len / total,
         ttft_ms=1e3 * ((first_token_at or start) - start),
+        # where the run's time went besides median steps: the steps after the first token in all, and
+        # those over 3x the median (the prompts' last prefill chunks, stalls), in order, ms
+        steps_ms=1e3 * sum(step_times),
+        slow_steps_ms=[round(1e3 * t, 2) for t in step_times if t > 3 * median],
     )
 
 
