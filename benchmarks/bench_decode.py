@@ -168,12 +168,14 @@ def time_decode(engine: Any, batch: int, prompt_len: int, output_len: int, vocab
     """Run `batch` greedy requests to completion; the median step after the first token is the
     per-token time, the whole run (prefill included) gives output tokens/s. Every call in a process
     draws new prompts: a warm-up's prompts again would be prefix-cache hits, a prefill not timed."""
+    from fuserve.gc_tuning import gc_seconds_total
     from fuserve.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts(batch, prompt_len, vocab, seed=batch * 1000 + next(_TIMED_RUNS))):
         engine.add_request(f"b{batch}-{i}-{time.monotonic_ns()}", p, params)
     step_times = []
+    gc_before = gc_seconds_total()
     start = time.perf_counter()
     first_token_at = None
     while engine.has_unfinished():
@@ -194,6 +196,7 @@ def time_decode(engine: Any, batch: int, prompt_len: int, output_len: int, vocab
         # those over 3x the median (the prompts' last prefill chunks, stalls), in order, ms
         steps_ms=1e3 * sum(step_times),
         slow_steps_ms=[round(1e3 * t, 2) for t in step_times if t > 3 * median],
+        gc_ms=1e3 * (gc_seconds_total() - gc_before),  # this process's time in Python's collector
     )
 
 

@@ -426,6 +426,7 @@ def run_engine(
     gpu_memory_utilization: float = 0.6,
 ) -> list[dict[str, Any]]:
     from fuserve.configs import config_from_dict
+    from fuserve.gc_tuning import quiet_gc
     from fuserve.parallel.plan_broadcast import RingPlanSender
     from fuserve.parallel.worker_group import WorkerGroup
     from fuserve.workers import step_plan
@@ -466,6 +467,7 @@ def run_engine(
     workers = WorkerGroup.start(config) if tp > 1 else None
     engine = LLMEngine(config, workers=workers)
     init_s = time.perf_counter() - t0
+    quiet_gc()  # as the served engine core does after start-up (and every rank >= 1, tp_worker.py)
     one_shot = workers is not None and workers.tp.fast_all_reduce is not None
     backend = "oneshot" if one_shot else ("gloo" if smoke else "nccl")
     if spec.base == "auto" and not one_shot and not smoke:

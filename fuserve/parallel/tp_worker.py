@@ -23,6 +23,7 @@ import ray
 import torch
 
 from fuserve.configs import FuserveConfig
+from fuserve.gc_tuning import quiet_gc
 from fuserve.parallel.placement import check_gpu_visible
 from fuserve.parallel.plan_broadcast import PlanReceiver, RingPlanReceiver
 from fuserve.parallel.plan_ring import PlanRing
@@ -95,6 +96,8 @@ class TPWorker:
         assert self.tp is not None, "init_group first"
         receiver = self._plan_receiver(plan_ring, self.tp)
         worker = Worker(self.config, self.tp)
+        # as in the engine core: a full collection here stalls every rank at the next all-reduce
+        quiet_gc()
         steps = 0
         reported = False
         while (plan := receiver.recv()) is not None:
