@@ -18,6 +18,8 @@ from jinja2 import Template
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from fuserve.workers.chat_segments import SegmentEncoder
+
 # Used when a model ships no template: a plain transcript the model can continue.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
@@ -69,6 +71,9 @@ class Tokenizer:
     add_bos_token: bool = False
     chat_template: str | None = None
     special_ids: frozenset[int] = field(default_factory=frozenset)
+    # chat prompts tokenized piece by piece between added tokens, earlier turns' pieces reused
+    # (chat_segments.py); None where that could change the ids, or by choice
+    segments: SegmentEncoder | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_hf_dir(cls, path: str | Path, eos_token_ids: list[int] | None = None) -> Tokenizer:
@@ -100,6 +105,7 @@ class Tokenizer:
             add_bos_token=False,  # tokenizer.json's post-processor already adds BOS where the model wants it
             chat_template=template,
             special_ids=_special_ids(backend),
+            segments=SegmentEncoder.for_backend(backend),
         )
 
     @classmethod
@@ -116,6 +122,7 @@ class Tokenizer:
             add_bos_token=bool(meta.get("add_bos_token")),
             chat_template=meta.get("chat_template"),
             special_ids=_special_ids(backend),
+            segments=SegmentEncoder.for_backend(backend),
         )
 
     @property
@@ -123,6 +130,8 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not add_special_tokens and self.segments is not None:  # a rendered chat prompt
+            return self.segments.encode(text)
         ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.add_bos_token and self.bos_token is not None:
             bos = self.backend.token_to_id(self.bos_token)
