@@ -272,8 +272,8 @@ class KernelConfig(_Strict):
         "for while it waits for its tensor-parallel peers, in steps of 2 or more rows (where the GEMM "
         "that follows is cuBLAS's; 0: off). Unset: 24 MiB under tensor parallelism (no all-reduce runs "
         "at TP=1). Measured on two H100s (2026-11-27, Llama-3-8B shape, batch 64, benchmarks/NOTES.md): "
-        "4.45 ms a TP=2 step without, 4.40 with 8 or 16 MiB, 4.37 with 24 or 32, 4.40 with 48. Keep it "
-        "well under L2 (50 MiB on H100/H200).",
+        "4.45 ms a TP=2 step without, 4.40 with 8 or 16 MiB, 4.37 with 24 or 32, 4.40 with 48. Capped at "
+        "half the GPU's L2 (50 MiB on H100/H200).",
     )
 
 

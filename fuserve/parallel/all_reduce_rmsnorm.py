@@ -31,6 +31,7 @@ tensors and run the two ranks one after the other under TRITON_INTERPRET.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -267,9 +268,18 @@ def weight_prefetch(next_weight: torch.Tensor | None, rows: int, budget_bytes: i
         return None
     n, k = next_weight.shape
     row_length = k * next_weight.element_size()
+    l2 = l2_cache_bytes(next_weight.device)
+    if l2:  # lines evicted before the GEMM reads them cost their bandwidth twice
+        budget_bytes = min(budget_bytes, l2 // 2)
     return WeightPrefetch(
         next_weight.view(torch.uint8), n, row_length, prefetch_row_bytes(n, row_length, budget_bytes)
     )
+
+
+@functools.cache
+def l2_cache_bytes(device: torch.device) -> int:
+    """The GPU's L2 in bytes (50 MiB on H100 and H200), 0 where torch does not say."""
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
 
 
 def prefetch_row_bytes(rows: int, row_length: int, budget_bytes: int) -> int:
