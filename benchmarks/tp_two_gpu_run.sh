@@ -14,9 +14,8 @@
 #                      then the 8B engines of $ENGINES_8B, if any, in the time left
 #   PAIRS=2            (four GPUs) the tests on GPUs 0,1 and 2,3 at once, RUNS each
 #   device run: bash benchmarks/tp_two_gpu_run.sh          (kind nvidia-h200-x2, carry [".whl"])
-#   WHEELS=.carry/whl-tp: where the tree and the whole wheelhouse pass the 64 MiB a call carries, the
-#                      wheelhouse less what these runs never import (mkdir -p .carry/whl-tp && ln -f .whl/*.whl
-#                      .carry/whl-tp/ && rm .carry/whl-tp/uvloop* .carry/whl-tp/httptools*; carry that folder)
+#   WHEELS=DIR: another wheel folder than .whl (carry it instead); since device_wheelhouse.sh recompresses
+#                      every large wheel (2026-11-27) the whole .whl fits beside the tree (63.5 of 67.1 MB)
 #   engine names: bench_tp.py's EngineSpec (tp1, nccl, auto; +no-keyed, +gloo-plans, +l2=MB)
 set -uo pipefail
 START=$SECONDS
