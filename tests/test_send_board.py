@@ -4,6 +4,7 @@ read across processes; and two LengthAwareRouters on one board placing as one ro
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -34,6 +35,21 @@ def test_a_router_reads_the_others_sends_not_its_own(tmp_path: Path) -> None:
     a.close()
     b.close()
     assert not (tmp_path / "board").exists()  # the last one out takes the folder
+
+
+def test_a_second_close_leaves_a_reused_fd_number_alone(tmp_path: Path) -> None:
+    """The router closes its board at shutdown and its finalizer closes it again: the second close must
+    not close whatever file took the board's fd number in between."""
+    board = SendBoard(tmp_path / "board")
+    board.close()
+    r, w = os.pipe()  # the lowest free numbers: one of them is likely the board's old fd
+    try:
+        board.close()
+        os.write(w, b"x")  # both ends still open
+        assert os.read(r, 1) == b"x"
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_a_router_that_starts_late_reads_the_last_seconds_of_sends_marked_late(tmp_path: Path) -> None:

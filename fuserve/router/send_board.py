@@ -210,12 +210,17 @@ class SendBoard:
                 continue
 
     def close(self) -> None:
+        """Idempotent: the router's finalizer may call it after an explicit close, and closing the fd
+        number twice could close whatever file the process opened under that number meanwhile."""
+        if self._fd < 0:
+            return
         for ring in self._peers.values():
             ring.close()
         self._peers.clear()
         self.marker.unlink(missing_ok=True)
         self._map.close()
         os.close(self._fd)
+        self._fd = -1
         try:
             self.folder.rmdir()  # the last router out takes the folder
         except OSError:
