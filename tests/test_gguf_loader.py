@@ -23,14 +23,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from fuserve.workers.models import gguf_loader
-from fuserve.workers.models.gguf_loader import (
-    dequantize,
-    find_smollm2_gguf,
-    iter_gguf_tensors,
-    read_gguf,
-    read_gguf_metadata,
-)
+from fuserve.workers.models import gguf_dequantize
+from fuserve.workers.models.gguf_dequantize import dequantize
+from fuserve.workers.models.gguf_format import read_gguf_metadata
+from fuserve.workers.models.gguf_loader import find_smollm2_gguf, iter_gguf_tensors, read_gguf
 from fuserve.workers.models.gguf_tokenizer import tokenizer_from_gguf
 
 if TYPE_CHECKING:
@@ -79,7 +75,7 @@ def test_dequantize_row_order_and_chunks(qtype: Q, monkeypatch: pytest.MonkeyPat
     assert torch.equal(
         dequantize(raw, int(qtype), (rows, cols), torch.float32, row_order=order), whole[order]
     )
-    monkeypatch.setattr(gguf_loader, "_CHUNK_ELEMENTS", 3 * cols)  # three rows per slab, ragged end
+    monkeypatch.setattr(gguf_dequantize, "_CHUNK_ELEMENTS", 3 * cols)  # three rows per slab, ragged end
     assert torch.equal(dequantize(raw, int(qtype), (rows, cols), torch.float32), whole)
 
 

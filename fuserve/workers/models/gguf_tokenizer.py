@@ -23,7 +23,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from fuserve.workers.models.gguf_loader import read_gguf_metadata
+from fuserve.workers.models.gguf_format import read_gguf_metadata
 
 # llama.cpp token types (llama.h `llama_token_type`)
 TOKEN_NORMAL = 1
