@@ -20,7 +20,7 @@ from fuserve.router.core_client import EngineCoreClient
 from fuserve.router.engine_client import EngineClient, EngineStreams
 from fuserve.router.engine_messages import EngineRequest
 from fuserve.router.errors import APIError
-from fuserve.router.ingress import prefill_token_limit
+from fuserve.router.frontend import prefill_token_limit
 from fuserve.router.metrics import ServingMetrics
 
 NUM_BLOCKS = 128

@@ -16,7 +16,7 @@ from ray.serve.config import RequestRouterConfig
 from fuserve.cluster.serve_config import autoscaling_options
 from fuserve.configs import FuserveConfig, ServeConfig
 from fuserve.parallel.placement import rank_bundles
-from fuserve.router.ingress import admission_limit
+from fuserve.router.frontend import admission_limit
 from fuserve.router.length_aware_router import LengthAwareRouter
 
 ROUTING_STATS_PERIOD_S = 0.25  # replicas report outstanding tokens this often

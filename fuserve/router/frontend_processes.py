@@ -421,7 +421,8 @@ async def _serve(spec: FrontendSpec, sock: socket.socket, healthy: Any, conn: Co
     import uvicorn
 
     from fuserve.gc_tuning import quiet_gc
-    from fuserve.router.ingress import Frontend, app, serve_with
+    from fuserve.router.frontend import Frontend
+    from fuserve.router.ingress import app, serve_with
 
     config = FuserveConfig.model_validate_json(spec.config_json)
     tokenizer = spec.tokenizer
