@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import re
 import threading
+from array import array
 from collections import OrderedDict
 from typing import Any
 
 import tokenizers
 
-MAX_CACHED_CHARS = 8_000_000  # of piece text: with the ids, tens of MB at most
+MAX_CACHED_CHARS = 8_000_000  # of piece text; its ids kept as 4-byte arrays: ~20 MB in all at most
 _PROBE_WORDS = ("Hello", " world", "\n\n", " 2026", "é x")
 
 
@@ -38,7 +39,7 @@ class SegmentEncoder:
             "(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")"
         )
         self.max_chars = max_chars
-        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._cache: OrderedDict[str, array] = OrderedDict()
         self._chars = 0
         self._lock = threading.Lock()
 
@@ -67,12 +68,15 @@ class SegmentEncoder:
                 for piece, ids in new.items():
                     self._keep(piece, ids)
             found = [new[p] if ids is None else ids for p, ids in zip(pieces, found, strict=True)]
-        return [i for ids in found for i in ids]
+        out: list[int] = []
+        for ids in found:
+            out.extend(ids)
+        return out
 
     def _keep(self, piece: str, ids: list[int]) -> None:
         if len(piece) > self.max_chars or piece in self._cache:
             return
-        self._cache[piece] = ids
+        self._cache[piece] = array("I", ids)  # a list of ints would take 9x the memory
         self._chars += len(piece)
         while self._chars > self.max_chars:
             old, _ = self._cache.popitem(last=False)
