@@ -21,7 +21,8 @@ CUDA graph replay advances them like an eager call.
 While a program waits for its peers (a few microseconds of NVLink latency, with the GPU's memory idle),
 the kernel can pull the start of the next linear layer's weights into L2 (`prefetch`: the first bytes of
 every row, spread over the programs), so the GEMM after it (cuBLAS, from 2 rows) reads that part from
-L2. Every tile of a GEMM walks K from 0, so every tile starts faster, not only some.
+L2: a tile that walks K from 0 starts on hits, whichever rows it holds. Measured at TP=2 batch 64 on two
+H100s: gate_up 2.9 us a layer faster, qkv unchanged, the step 4.45 -> 4.37 ms (benchmarks/NOTES.md).
 
 Buffers (`PushBuffers`): each rank's data buffer [2, W, slot_numel] and flags [W, max_rows] are
 symmetric memory (torch.distributed._symmetric_memory, P2P over CUDA IPC, no multicast); the kernel gets
