@@ -15,7 +15,6 @@ The routes and the Serve deployment that owns the engine core are in ingress.py.
 """
 
 import asyncio
-import logging
 import os
 import resource
 import time
@@ -70,8 +69,6 @@ from fuserve.workers.tokenizer import Tokenizer
 REPORTED_PREFIXES = 512  # prefix keys sent with each routing-stats report
 REQUEST_ID_HEADER = "x-request-id"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-logger = logging.getLogger("fuserve.router")
 
 
 async def _started(events: AsyncIterator[str]) -> AsyncIterator[str]:
