@@ -479,14 +479,17 @@ def run_engine(
     )
     if not spec.keyed_argmax:
         name += "-gather-argmax"
-    if one_shot and getattr(workers.tp.fast_all_reduce, "two_shot_buffer", None) is not None:
+    two_shot = one_shot and getattr(workers.tp.fast_all_reduce, "two_shot_buffer", None) is not None
+    if two_shot:
         name += "-twoshot"
     # what the kernels do, not what was asked: PDL needs a compiled sm_90+ GPU, and prefetch needs PDL
     pdl = torch.cuda.is_available() and pdl_enabled(torch.empty(0, device="cuda"))
     l2_prefetch_mb = l2_prefetch_budget() / 2**20 if pdl else 0.0
     if l2_prefetch_mb:
         name += f"-l2pf{l2_prefetch_mb:g}"
-    all_reduce_prefetch_mb = switches().all_reduce_prefetch_bytes / 2**20 if tp > 1 and not smoke else 0.0
+    # only the fused all-reduce + RMSNorm prefetches, which runs with the one-shot path and not two-shot
+    fused = one_shot and not two_shot
+    all_reduce_prefetch_mb = switches().all_reduce_prefetch_bytes / 2**20 if fused else 0.0
     if all_reduce_prefetch_mb:
         name += f"-arpf{all_reduce_prefetch_mb:g}"
     rows = []
