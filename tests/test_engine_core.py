@@ -117,6 +117,49 @@ def test_a_stop_string_ends_one_of_n_sequences(config: FuserveConfig) -> None:
     asyncio.run(main())
 
 
+def test_a_stop_string_in_outputs_merged_with_the_last_one_still_ends_with_stop(
+    config: FuserveConfig,
+) -> None:
+    """A consumer that falls behind gets a sequence's pending outputs merged into one; when that merge
+    holds the stop string and the core's own end (max_tokens), the stop string came first: the finish
+    reason is "stop" and the text ends before it (CI saw "length" once, under load)."""
+    tok = load_tokenizer(resolve_source(config.model))
+
+    async def main() -> None:
+        async with running_core(config, tok) as client:
+            ids = tok.encode("stop test")
+            base = dict(max_tokens=40, temperature=1.0, seed=7, ignore_eos=True)
+            text = "".join(d.text for d in (await collect(client, request("free", ids, **base)))[0])
+            head = text[:10]  # the first delta's text lies in here: one token is one byte
+            stop = next(c for c in text[10:] if c.strip() and c not in head)
+            deltas: list[EngineDelta] = []
+            async for batch in client.generate(request("slow", ids, **base, stop=[stop])):
+                deltas += batch
+                if len(deltas) == 1:
+                    await asyncio.sleep(2.0)  # the core finishes meanwhile: the rest arrives merged
+            assert deltas[-1].finish_reason == "stop"
+            assert "".join(d.text for d in deltas) == text[: text.index(stop)]
+
+    asyncio.run(main())
+
+
+def test_a_stop_string_in_the_last_allowed_token_ends_with_stop(config: FuserveConfig) -> None:
+    """The in-process engine's twin of the case above: the token that reaches max_tokens holds the stop
+    string, so the scheduler has already finished the sequence by length when the stop is found."""
+    llm = LLM(config)
+    tok = llm.tokenizer
+    assert tok is not None
+    base = dict(temperature=1.0, seed=7, ignore_eos=True)
+    free = llm.generate(["stop test"], SamplingParams(max_tokens=40, **base))[0].outputs[0]
+    stop = next(c for c in free.text[10:] if c.strip() and c not in free.text[:10])
+    last = next(k for k in range(1, len(free.token_ids) + 1) if stop in tok.decode(free.token_ids[:k]))
+    out = llm.generate(["stop test"], SamplingParams(max_tokens=last, stop=[stop], **base))[0].outputs[0]
+    llm.engine.shutdown()
+    assert out.finish_reason == "stop"
+    assert out.text == free.text[: free.text.index(stop)]
+    assert out.token_ids == free.token_ids[:last]  # up to the token holding the stop, as mid-sequence
+
+
 def test_refused_requests_fail_alone_and_a_dead_core_fails_every_stream(config: FuserveConfig) -> None:
     tok = load_tokenizer(resolve_source(config.model))
 

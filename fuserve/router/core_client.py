@@ -322,10 +322,13 @@ class EngineCoreClient:
         if seq.detok is not None:
             before = len(seq.detok.ids)
             seq.detok.add(token_ids)
-            if seq.detok.stopped and finish is None:
+            if seq.detok.stopped:
+                if finish is None:  # the core still runs it
+                    self._send(AbortRequest(stream.request_id, [out.index]))
+                # the stop string came before wherever the core ended it: outputs merged for a consumer
+                # that fell behind can hold both
                 finish = "stop"
-                self._send(AbortRequest(stream.request_id, [out.index]))
-            if seq.detok.stopped:  # a step may carry several tokens (speculation): none after the stop
+                # a step may carry several tokens (speculation), a merge several steps: none after the stop
                 token_ids = token_ids[: len(seq.detok.ids) - before]
             text = seq.detok.flush(final=finish is not None)
         seq.finished = finish is not None

@@ -384,14 +384,17 @@ class LLMEngine:
         if st.detok is not None:
             before = len(st.detok.ids)
             st.detok.add(new_ids)
-            if st.detok.stopped and not seq.is_finished:
+            if st.detok.stopped:  # in this step: a stopped sequence is not emitted again
                 # a step that kept several tokens (speculation) keeps none after the stop string
                 num_used = len(st.detok.ids) - before
                 if num_used < len(new_ids):
                     seq.drop_placeholders()
                     del seq.token_ids[num_used - len(new_ids) :]
                     settled, new_ids = seq.settled_output_ids, new_ids[:num_used]
-                self.scheduler.finish(seq, FinishReason.STOP)
+                if seq.is_finished:  # by max_tokens or EOS in the same step, after the stop string
+                    seq.finish_reason = FinishReason.STOP
+                else:
+                    self.scheduler.finish(seq, FinishReason.STOP)
             delta_text = st.detok.flush(final=seq.is_finished)
         st.num_sent = len(settled)
         out = RequestOutput(
