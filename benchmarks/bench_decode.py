@@ -176,6 +176,7 @@ def time_decode(engine: Any, batch: int, prompt_len: int, output_len: int, vocab
         engine.add_request(f"b{batch}-{i}-{time.monotonic_ns()}", p, params)
     step_times = []
     gc_before = gc_seconds_total()
+    started_at = time.time()
     start = time.perf_counter()
     first_token_at = None
     while engine.has_unfinished():
@@ -197,6 +198,10 @@ def time_decode(engine: Any, batch: int, prompt_len: int, output_len: int, vocab
         steps_ms=1e3 * sum(step_times),
         slow_steps_ms=[round(1e3 * t, 2) for t in step_times if t > 3 * median],
         gc_ms=1e3 * (gc_seconds_total() - gc_before),  # this process's time in Python's collector
+        # every step after the first token, in order, and when the run began (epoch s): to line a slow run
+        # up with the GPUs' clocks sampled beside it (tp_two_gpu_run.sh's gpu-clocks.log)
+        step_ms=[round(1e3 * t, 3) for t in step_times],
+        started_at=round(started_at, 3),
     )
 
 

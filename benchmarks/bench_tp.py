@@ -544,6 +544,8 @@ def median_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if len(runs) > 1:
         for key in ("output_tok_s", "ms_per_token", "ttft_ms"):
             mid[f"{key}_runs"] = [round(r[key], 3) for r in runs]
+        for key in ("step_ms", "started_at"):  # a slow run's steps too, not only the median run's
+            mid[f"{key}_runs"] = [r[key] for r in runs]
     return mid
 
 

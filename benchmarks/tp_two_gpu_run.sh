@@ -64,8 +64,13 @@ if [ "$PART" = 8b ] || [ "$PART" = tests ] || [ "$PART" = tests+bench8b ]; then
 fi
 if [ "$PART" = 8b ] || [ "$PART" = bench8b ] || [ "$PART" = tests+bench8b ]; then
   ENGINES=${ENGINES_8B:-tp1,auto,nccl,auto+l2=0}
+  # the GPUs' clocks, power and throttle reasons every 100 ms, to set beside each run's step_ms/started_at
+  nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv,noheader -lms 100 > "$OUT/gpu-clocks.log" 2>&1 &
+  CLOCKS=$!
   timeout $(( $(left) > 30 ? $(left) : 30 )) python3 benchmarks/bench_tp.py --engines "$ENGINES" ${TP_8B_ARGS:-} \
     --budget-s $(( $(left) - 15 )) --out "$OUT/tp-8b.json" 2>&1 | tee "$OUT/tp-8b.log" | tail -40
+  kill "$CLOCKS" 2>/dev/null
 fi
 if [ "$PART" = 70b ]; then
   timeout $(( $(left) - 30 )) python3 benchmarks/bench_tp.py --engines "${ENGINES_8B_BASE:-tp1,auto}" --skip-collectives \
