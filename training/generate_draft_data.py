@@ -21,6 +21,12 @@ is deterministic; each sampled request has its own seed). The data file is ~11 M
 committed (training/data/ is ignored). Engine choice, measured on one prompt batch (32 prompts x 32
 tokens, one thread): fuserve's engine 88.5 tokens/s, transformers' `generate` (same GGUF,
 `gguf_file=`, fp32, left padding) 81.7 tokens/s; fuserve's also reports the top-k log-probs for free.
+
+On a GPU (training/gpu_distill.sh) the same script makes ~40x the data in minutes: `--self-instruct N`
+first has the target write N user requests of its own (the chat template up to the user's text, sampled
+at temperature 0.9; only those it ends itself), which join the templated prompts; `--shard i/n` takes
+every n-th job for one of n GPUs; jobs go greedy continuations of every prompt first, then each sampled
+round, so a run stopped by its clock still covers every prompt.
 """
 
 from __future__ import annotations
@@ -34,15 +40,34 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from draft_prompts import training_prompts  # noqa: E402
+from draft_prompts import heldout_prompts, training_prompts  # noqa: E402
 
 from fuserve import LLM, SamplingParams  # noqa: E402
 from fuserve.configs import load_config  # noqa: E402
+from fuserve.workers.worker import pick_dtype  # noqa: E402
 
 
 def _encode_chat(llm: LLM, prompt: str) -> list[int]:
     text = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     return llm.tokenizer.encode(text, add_special_tokens=False)
+
+
+def self_instruct_prompts(llm: LLM, count: int, seed: int, held: set[str]) -> list[str]:
+    """User requests the target writes itself: its chat template up to the user's text, continued at
+    temperature 0.9 until it ends the turn; kept only if it did (not cut at the cap), has 5+ tokens, and
+    is new and not a held-out prompt."""
+    marker = "\x00USER\x00"
+    text = llm.tokenizer.apply_chat_template([{"role": "user", "content": marker}])
+    prefix = llm.tokenizer.encode(text[: text.index(marker)], add_special_tokens=False)
+    params = [SamplingParams(max_tokens=64, temperature=0.9, seed=seed * 7_919 + i) for i in range(count)]
+    out, seen = [], set(held)
+    for res in llm.generate([prefix] * count, params):
+        o = res.outputs[0]
+        request = o.text.strip()
+        if o.finish_reason == "stop" and len(o.token_ids) >= 5 and request not in seen:
+            seen.add(request)
+            out.append(request)
+    return out
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -51,12 +76,29 @@ def generate(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     records: list[dict] = torch.load(out) if out.is_file() else []
     done = {(r["prompt_index"], r["sample"]) for r in records}
-    llm = LLM(load_config(None))
+    config = load_config(None)
+    if args.max_num_seqs:
+        config.scheduler.max_num_seqs = args.max_num_seqs
+        config.scheduler.max_num_batched_tokens = max(config.scheduler.max_num_batched_tokens, 8192)
+    llm = LLM(config)
+    device = llm.engine.device
+    dtype = pick_dtype(config.model.dtype, device)
+    engine_name = f"fuserve.llm.LLM ({device}, {dtype}, {args.threads} threads)"
     prompts = training_prompts(args.num_prompts, seed=args.seed)
-    jobs = [(i, s) for i in range(len(prompts)) for s in range(1 + args.samples)]
-    jobs = [j for j in jobs[: args.max_records or len(jobs)] if j not in done]
     started = time.time()
-    new_tokens = 0
+    if args.self_instruct:
+        held = {p for group in heldout_prompts().values() for p in group}
+        own = self_instruct_prompts(llm, args.self_instruct, args.seed, held | set(prompts))
+        print(f"{len(own)} self-written prompts of {args.self_instruct} in {time.time() - started:.0f} s")
+        prompts += own
+    # every prompt's greedy continuation first, then each sampled round: a clock stop covers every prompt
+    jobs = [(i, s) for s in range(1 + args.samples) for i in range(len(prompts))]
+    if not args.self_instruct:  # the recorded CPU run's order (prompt by prompt), which --max-records cuts
+        jobs.sort()
+    jobs = jobs[: args.max_records or len(jobs)]
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    jobs = [j for j in jobs[shard::shards] if j not in done]
+    new_tokens, last_save = 0, time.time()
     for first in range(0, len(jobs), args.batch):
         if time.time() - started > args.time_limit_s:
             print(f"time limit reached after {len(records)} records", flush=True)
@@ -89,7 +131,9 @@ def generate(args: argparse.Namespace) -> None:
                 }
             )
             new_tokens += len(o.token_ids)
-        torch.save(records, out)
+        if time.time() - last_save > args.save_every_s:
+            torch.save(records, out)
+            last_save = time.time()
         dt = time.time() - t0
         total = sum(len(r["output_ids"]) for r in records)
         print(
@@ -97,6 +141,7 @@ def generate(args: argparse.Namespace) -> None:
             f"({sum(len(r.outputs[0].token_ids) for r in results) / dt:.1f} tok/s)",
             flush=True,
         )
+    torch.save(records, out)
     elapsed = time.time() - started
     summary = {
         "records": len(records),
@@ -105,7 +150,8 @@ def generate(args: argparse.Namespace) -> None:
         "this_run_new_tokens": new_tokens,
         "this_run_seconds": round(elapsed, 1),
         "tokens_per_s": round(new_tokens / max(elapsed, 1e-9), 1),
-        "engine": "fuserve.llm.LLM (CPU, float32, one thread)",
+        "engine": engine_name,
+        "prompts": len(prompts),
         "args": vars(args),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -128,6 +174,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--time-limit-s", type=float, default=25 * 60)
     ap.add_argument("--max-records", type=int, default=0, help="stop after this many (0: all prompts)")
+    ap.add_argument("--self-instruct", type=int, default=0, help="user requests the target writes first")
+    ap.add_argument("--shard", default="0/1", help="i/n: every n-th job from the i-th (one of n GPUs)")
+    ap.add_argument("--max-num-seqs", type=int, default=0, help="the engine's batch (0: the config's)")
+    ap.add_argument("--save-every-s", type=float, default=60)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

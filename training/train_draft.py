@@ -79,7 +79,9 @@ def make_batches(examples: list[dict], batch: int, rng: random.Random) -> list[l
     return batches
 
 
-def collate(batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(
+    batch: list[dict], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids (causal attention: padding never reaches the real positions), the flat
     (row, position) index of every predicting position, its top-k ids and probabilities."""
     width = max(len(e["ids"]) for e in batch)
@@ -91,7 +93,8 @@ def collate(batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         flat.append(row * width + e["first"] + torch.arange(n))
         top_ids.append(e["top_ids"])
         probs.append(e["probs"])
-    return ids, torch.cat(flat), torch.cat(top_ids), torch.cat(probs)
+    tensors = ids, torch.cat(flat), torch.cat(top_ids), torch.cat(probs)
+    return tuple(t.to(device, non_blocking=True) for t in tensors)  # type: ignore[return-value]
 
 
 _HEAD_CACHE: dict[int, torch.Tensor] = {}
@@ -107,7 +110,7 @@ def head_bf16(model: torch.nn.Module) -> torch.Tensor:
 
 def batch_loss(model: torch.nn.Module, batch: list[dict]) -> tuple[torch.Tensor, float]:
     """Soft cross-entropy against the target's top-k, and the draft's top-1 agreement with it."""
-    ids, flat, top_ids, probs = collate(batch)
+    ids, flat, top_ids, probs = collate(batch, model.device)
     hidden = model.model(input_ids=ids).last_hidden_state
     h = hidden.reshape(-1, hidden.shape[-1])[flat]
     # The head matmul (~90 % of the work) in bf16: twice as fast on this CPU; softmax in fp32.
@@ -130,15 +133,17 @@ def evaluate(model: torch.nn.Module, batches: list[list[dict]]) -> tuple[float, 
     return sum(losses) / len(losses), sum(agrees) / len(agrees)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+def lr_at(step: int, total: int, peak: float, warmup: int, clock: float = 0.0) -> float:
+    """Linear warm-up, then cosine to a tenth of `peak` over the steps or over the clock (`clock`: the
+    share of --time-limit-s spent), whichever runs out first: a run cut by its clock still anneals."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = max((step - warmup) / max(1, total - warmup), clock)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def export(model: torch.nn.Module, path: Path, args: argparse.Namespace, summary: dict) -> None:
-    state = {k: v.to(torch.bfloat16).contiguous() for k, v in draft_own_state(model).items()}
+    state = {k: v.to("cpu", torch.bfloat16).contiguous() for k, v in draft_own_state(model).items()}
     meta = {
         **target_meta(),
         "num_hidden_layers": str(args.num_layers),
@@ -151,10 +156,10 @@ def export(model: torch.nn.Module, path: Path, args: argparse.Namespace, summary
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    records = torch.load(args.data)
+    records = [r for path in args.data.split(",") for r in torch.load(path)]
     examples = make_examples(records)
     rng.shuffle(examples)
-    n_val = max(8, len(examples) * 3 // 100)
+    n_val = min(args.max_val, max(8, len(examples) * 3 // 100))
     val, train_ex = examples[:n_val], examples[n_val:]
     val_batches = make_batches(val, args.batch, random.Random(0))
     tokens = sum(len(e["top_ids"]) for e in train_ex)
@@ -171,6 +176,7 @@ def train(args: argparse.Namespace) -> None:
         init_from_target(model, target, layers, calibration)
     tie_and_freeze_embedding(model, target[EMBED_NAME])
     del target
+    model.to(args.device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
     step, curve, elapsed_before = 0, [], 0.0
@@ -194,8 +200,9 @@ def train(args: argparse.Namespace) -> None:
             epoch_batches = make_batches(train_ex, args.batch, random.Random(args.seed * 1000 + epoch))
             epoch += 1
         batch = epoch_batches.pop()
+        clock = (elapsed_before + time.time() - started) / args.time_limit_s if args.clock_schedule else 0.0
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup, clock)
         loss, agree = batch_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -243,9 +250,11 @@ def train(args: argparse.Namespace) -> None:
         "val_sequences": len(val),
         "train_seconds": round(elapsed_before + time.time() - started, 1),
         "threads": args.threads,
+        "device": torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu",
         "final_val_loss": curve[-1].get("val_loss"),
         "final_val_top1": curve[-1].get("val_top1"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "args": vars(args),
         "curve": curve,
     }
     Path(args.curve).parent.mkdir(parents=True, exist_ok=True)
@@ -278,10 +287,16 @@ def main() -> None:
     ap.add_argument(
         "--vocab-size", type=int, default=4096, help="tokens in the exported draft's head (0: all)"
     )
+    ap.add_argument(
+        "--clock-schedule", action="store_true", help="anneal the rate over --time-limit-s too (GPU runs)"
+    )
+    ap.add_argument("--max-val", type=int, default=400, help="most validation sequences")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (training/gpu_distill.sh)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the layers' fp32 matmuls on a GPU; the head is bf16
     train(args)
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from fuserve.configs import FuserveConfig
 from fuserve.core_messages import CoreStats
 from fuserve.gc_tuning import gc_seconds_total
-from fuserve.parallel.worker_group import WorkerGroup
 from fuserve.sampling_params import RequestError, SamplingParams
 from fuserve.speculative.factory import build_proposer
 from fuserve.speculative.proposer import Proposer
@@ -42,6 +42,9 @@ from fuserve.workers.sequence import FinishReason, Sequence
 from fuserve.workers.step_cost_meter import StepCostMeter
 from fuserve.workers.step_plan import StepPlan, build_step_plan
 from fuserve.workers.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from fuserve.parallel.worker_group import WorkerGroup
 
 GRAMMAR_WAIT_S = 0.005  # an engine with only compiling requests waits this long for one per step
 

@@ -12,14 +12,18 @@ Imports run one way: engine -> executor -> parallel.worker_group -> parallel.tp_
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fuserve.configs import FuserveConfig
 from fuserve.parallel.tp_context import TPContext
-from fuserve.parallel.worker_group import WorkerGroup
 from fuserve.workers.sampler import SampledBatch
 from fuserve.workers.step_plan import StepPlan
 from fuserve.workers.worker import Worker
+
+if TYPE_CHECKING:  # Ray is imported only where ranks 1..N-1 are started: one GPU's engine runs without it
+    from fuserve.parallel.worker_group import WorkerGroup
 
 
 class UniprocExecutor:
@@ -91,7 +95,10 @@ def build_executor(config: FuserveConfig, workers: WorkerGroup | None = None) ->
     replica's placement group); started here from `config.parallel` when tensor_parallel_size > 1."""
     if workers is None and config.parallel.tensor_parallel_size == 1:
         return UniprocExecutor(Worker(config, TPContext()))
-    workers = workers or WorkerGroup.start(config)
+    if workers is None:
+        from fuserve.parallel.worker_group import WorkerGroup
+
+        workers = WorkerGroup.start(config)
     try:
         with workers.guard("startup"):
             worker = Worker(config, workers.tp)
