@@ -38,11 +38,12 @@ NAME = "smollm2-135m-instruct-draft"
 MAX_BYTES = 8_000_000
 VOCAB_SUBSET = 4096  # tokens in the draft's head (benchmarks/NOTES.md: "A reduced-vocabulary head")
 STEPS = 40  # target tokens per held-out prompt
-# Measured 2026-11-26 (CPU, fp32): the shipped draft agrees with the target at 0.36 of these 80
-# positions (k = 1 acceptance; 0.31 over all 40 held-out prompts, training/results/
-# draft_acceptance.json); the same draft with random layers at 0.01. The floor leaves room for
-# near-tie tokens flipping on other CPUs and still fails a draft that was not trained.
-AGREEMENT_FLOOR = 0.25
+# Measured 2026-11-27 (CPU, fp32): the shipped draft (distilled on the GPU machine) agrees with the
+# target at 0.56 of these 80 positions (k = 1 acceptance; 0.57 over all 40 held-out prompts,
+# training/results/draft_acceptance_gpu_2026-11-27.json); the draft it replaced at 0.36, the same draft
+# with random layers at 0.01. The floor leaves room for near-tie tokens flipping on other CPUs and still
+# fails an untrained draft or the old one.
+AGREEMENT_FLOOR = 0.45
 RANDOM_CEILING = 0.1
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "training"))

@@ -96,7 +96,7 @@ def test_low_acceptance_drafts_nothing_and_is_tried_again_later() -> None:
         ak.observe_verify("s", 4, 0)
     assert ak.acceptance("s") < 0.1
     assert ak.choose("s", ak.step_costs(1), limit=100) == 0
-    for _ in range(400):  # steps without drafts: the prior takes over again
+    for _ in range(40):  # steps without drafts: the prior takes over again within a few dozen
         ak.observe_idle("s")
     assert ak.choose("s", ak.step_costs(1), limit=100) > 0
 

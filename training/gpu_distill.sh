@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The shipped draft's data and training on the GPU machine (issue 17: ~40x the CPU run's data).
+# The shipped draft's data and training on the GPU machine (issue 17: ~50x the CPU run's data).
 # That machine has no model hub and carries at most 64 MiB a call, so the default model's GGUF comes
 # xz-compressed in two parts (training/pack_target.sh), one per call, on the same warm machine:
 #   call 1: carry [".carry/target/part-a", ".carry/whl-distill"]  -> stashes them in /tmp/distill, exits
 #   call 2: carry [".carry/target/part-b"]                         -> unpacks, checks the GGUF's sha256,
 #           generates on every GPU (one shard each, GEN_S s), trains on GPU 0 for the time left, exports
 #   a later call (machine still warm, RESUME=1): more training from the checkpoint, then export
+# The shipped draft (2026-11-27): nvidia-h100-x4, call 2 `BUDGET_S=505 GEN_S=195 bash training/gpu_distill.sh`
 # Under $OUT: draft.safetensors (with its reduced-vocabulary head), draft_training_gpu.json (the curve),
 # data_generation_gpu-<shard>.json, run.log.
 set -uo pipefail
@@ -18,7 +19,7 @@ left() { echo $(( BUDGET_S - (SECONDS - START) )); }
 say() { echo "$(( SECONDS - START )) s: $*" | tee -a "$LOG"; }
 export PYTHONUNBUFFERED=1 FUSERVE_COMMIT=${FUSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 
-for part in .carry/target/part-*/; do [ -d "$part" ] && cp -n "$part"* "$W/parts/"; done
+for f in .carry/target/part-*/*; do [ -e "$W/parts/${f##*/}" ] || cp "$f" "$W/parts/"; done
 if [ -d .carry/whl-distill ] && [ ! -d "$W/site" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$W/site" \
     .carry/whl-distill/*.whl || exit 1
@@ -47,13 +48,13 @@ NGPU=$(nvidia-smi -L | wc -l)
 if [ ! -f "$W/data-done" ]; then
   for i in $(seq 0 $(( NGPU - 1 ))); do
     CUDA_VISIBLE_DEVICES=$i timeout $(( ${GEN_S:-200} + 240 )) python3 training/generate_draft_data.py \
-      --num-prompts ${NUM_PROMPTS:-2000} --samples ${SAMPLES:-3} --self-instruct ${SELF_INSTRUCT:-6000} \
+      --num-prompts ${NUM_PROMPTS:-2000} --samples ${SAMPLES:-3} --self-instruct ${SELF_INSTRUCT:-12000} \
       --max-tokens 160 --batch ${GEN_BATCH:-2048} --max-num-seqs ${MAX_NUM_SEQS:-512} --shard "$i/$NGPU" \
       --time-limit-s ${GEN_S:-200} --save-every-s 1e9 --out "$W/data-$i.pt" \
       --summary "$OUT/data_generation_gpu-$i.json" > "$OUT/generate-$i.log" 2>&1 &
   done
   wait
-  tail -3 "$OUT"/generate-*.log | tee -a "$LOG"
+  tail -n 3 "$OUT"/generate-*.log | tee -a "$LOG"
   ls "$W"/data-*.pt > /dev/null && touch "$W/data-done"
 fi
 ls "$W"/data-*.pt > /dev/null 2>&1 || { say "no data was generated: see generate-*.log"; exit 1; }

@@ -1,12 +1,15 @@
-"""Draw training/results/draft_training.png: the draft's loss curve (train and validation soft
-cross-entropy, validation top-1 agreement with the target) and its held-out acceptance.
+"""Draw a draft training run's loss curve (train and validation soft cross-entropy, validation top-1
+agreement with the target) and its held-out acceptance, beside the run's JSON.
 
     python training/plot_draft_training.py   # needs matplotlib (pip install matplotlib)
+    python training/plot_draft_training.py training/results/draft_training_gpu_2026-11-27-h100x4.json \
+        training/results/draft_acceptance_gpu_2026-11-27.json
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -18,8 +21,9 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
-    run = json.loads((RESULTS / "draft_training.json").read_text())
-    acc_file = RESULTS / "draft_acceptance.json"
+    run_file = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS / "draft_training.json"
+    run = json.loads(run_file.read_text())
+    acc_file = Path(sys.argv[2]) if len(sys.argv) > 2 else RESULTS / "draft_acceptance.json"
     acc = json.loads(acc_file.read_text()) if acc_file.is_file() else None
     fig, axes = plt.subplots(1, 3 if acc else 2, figsize=(15 if acc else 10, 4))
     curve = run["curve"]
@@ -46,10 +50,11 @@ def main() -> None:
         axes[2].legend()
     fig.suptitle(
         f"draft for SmolLM2-135M-Instruct: {run['num_layers']} layers, MLP {run['intermediate']}, "
-        f"init {run['init']} ({run['layers']}), {run['steps']} steps, {run['train_seconds'] / 60:.0f} min CPU"
+        f"init {run['init']} ({run['layers']}), {run['steps']} steps, {run['train_seconds'] / 60:.1f} min "
+        f"on {run.get('device', 'CPU')}, {run['train_predicted_tokens'] / 1e6:.2f}M tokens"
     )
     fig.tight_layout()
-    fig.savefig(RESULTS / "draft_training.png", dpi=80)
+    fig.savefig(run_file.with_suffix(".png"), dpi=80)
 
 
 if __name__ == "__main__":

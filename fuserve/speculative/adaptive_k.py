@@ -29,7 +29,10 @@ from fuserve.workers.step_cost_meter import StepCostMeter
 PRIOR_ACCEPTANCE = 0.5
 PRIOR_WEIGHT = 2.0  # pseudo-verifies at the prior
 DECAY = 0.9  # per verify: the last ~10 count
-IDLE_DECAY = 0.98  # per step without drafts: back to the prior's pull after ~100 steps
+# per step without drafts: back to the prior's pull after ~20 steps. 0.98 (~100 steps) let a few
+# rejections in a row stop a batch-1 sequence for dozens of steps: on the CPU box adaptive k made 1.01x
+# where fixed k = 1 made 1.25x (code prompts, 2026-11-27)
+IDLE_DECAY = 0.9
 COST_EWMA = 0.1
 MIN_PLAIN_STEPS = 4  # plain steps measured before a verify step's extra time is read against them
 
