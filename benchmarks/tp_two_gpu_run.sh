@@ -62,8 +62,26 @@ if [ "$PART" = 8b ] || [ "$PART" = tests ] || [ "$PART" = tests+bench8b ]; then
   wait $(jobs -p | grep -vx "$MONITOR")
   kill "$MONITOR" 2>/dev/null
 fi
+# PYSPY=1 (py-spy's wheel copied into the wheel folder, installed with it): every engine process of
+# bench_tp (rank 0) and every TP worker actor (ranks >= 1) is sampled at 250 Hz with all its threads, as
+# a speedscope timeline (samples in order) under $OUT/pyspy-<pid>-<name>.json, its start time (epoch s)
+# in pyspy-start.log: to line a TP=2 run's stalls (its step_ms, started_at) up with what each rank ran
+profile_ranks() {
+  local seen=" " pid name
+  while sleep 0.5; do
+    for pid in $(pgrep -f "multiprocessing.spawn|ray::TPWorker"); do
+      case "$seen" in *" $pid "*) continue ;; esac
+      seen="$seen$pid "
+      name=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q TPWorker && echo rank1 || echo rank0)
+      echo "$pid $name $(date +%s.%N)" >> "$OUT/pyspy-start.log"
+      py-spy record -p "$pid" -r 250 --threads --nonblocking -f speedscope \
+        -o "$OUT/pyspy-$pid-$name.json" > /dev/null 2>&1 &
+    done
+  done
+}
 if [ "$PART" = 8b ] || [ "$PART" = bench8b ] || [ "$PART" = tests+bench8b ]; then
   ENGINES=${ENGINES_8B:-tp1,auto,nccl,auto+l2=0}
+  if [ "${PYSPY:-0}" = 1 ]; then export PATH=/tmp/site/bin:$PATH; profile_ranks & PROFILER=$!; fi
   # the GPUs' clocks, power and throttle reasons every 100 ms, to set beside each run's step_ms/started_at
   nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
     --format=csv,noheader -lms 100 > "$OUT/gpu-clocks.log" 2>&1 &
@@ -71,6 +89,7 @@ if [ "$PART" = 8b ] || [ "$PART" = bench8b ] || [ "$PART" = tests+bench8b ]; the
   timeout $(( $(left) > 30 ? $(left) : 30 )) python3 benchmarks/bench_tp.py --engines "$ENGINES" ${TP_8B_ARGS:-} \
     --budget-s $(( $(left) - 15 )) --out "$OUT/tp-8b.json" 2>&1 | tee "$OUT/tp-8b.log" | tail -40
   kill "$CLOCKS" 2>/dev/null
+  [ -n "${PROFILER:-}" ] && { kill "$PROFILER"; sleep 2; }  # each py-spy writes its file as its process ends
 fi
 if [ "$PART" = 70b ]; then
   timeout $(( $(left) - 30 )) python3 benchmarks/bench_tp.py --engines "${ENGINES_8B_BASE:-tp1,auto}" --skip-collectives \
