@@ -435,14 +435,30 @@ class Frontend:
     def _grpc_request_id(request: pb.GenerateRequest) -> str:
         return f"chatcmpl-{uuid.uuid4().hex}" if request.messages else f"cmpl-{uuid.uuid4().hex}"
 
-    async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:  # noqa: N802
+    async def _grpc_open(
+        self, request: pb.GenerateRequest, grpc_context: Any, method: str
+    ) -> tuple[EngineStreams, int, CompletionRequest | ChatCompletionRequest, str, str]:
+        """Both gRPC methods' start: (streams, how many, the API request, request id, trace id); a
+        request that fails its checks or cannot open ends the call with its status, counted under
+        `method`."""
         arrival = time.perf_counter()
         request_id = self._grpc_request_id(request)
         trace_id = grpc_service.trace_id(grpc_context) or request_id
         try:
             requests, api_req = self._grpc_requests(request, grpc_context, request_id)
             streams = await self._open(requests, arrival, None, trace_id)
-            transcript = Transcript(len(requests), api_req.n, keep_text=True)
+        except Exception as err:
+            api_err = api_error(err, trace_id)
+            self._finish(method, api_err.status)
+            grpc_service.fail(grpc_context, api_err)
+        return streams, len(requests), api_req, request_id, trace_id
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:  # noqa: N802
+        streams, num_requests, api_req, request_id, trace_id = await self._grpc_open(
+            request, grpc_context, "grpc"
+        )
+        try:
+            transcript = Transcript(num_requests, api_req.n, keep_text=True)
             try:
                 async for i, batch in streams:
                     for d in batch:
@@ -462,17 +478,10 @@ class Frontend:
     async def GenerateStream(  # noqa: N802
         self, request: pb.GenerateRequest, grpc_context: Any = None
     ) -> AsyncIterator[pb.GenerateResponse]:
-        arrival = time.perf_counter()
-        request_id = self._grpc_request_id(request)
-        trace_id = grpc_service.trace_id(grpc_context) or request_id
-        try:
-            requests, api_req = self._grpc_requests(request, grpc_context, request_id)
-            streams = await self._open(requests, arrival, None, trace_id)
-        except Exception as err:
-            api_err = api_error(err, trace_id)
-            self._finish("grpc_stream", api_err.status)
-            grpc_service.fail(grpc_context, api_err)
-        transcript = Transcript(len(requests), api_req.n, keep_text=False)
+        streams, num_requests, api_req, request_id, trace_id = await self._grpc_open(
+            request, grpc_context, "grpc_stream"
+        )
+        transcript = Transcript(num_requests, api_req.n, keep_text=False)
         replies = grpc_service.StreamReplies(
             request_id, self.info.model_name, self._grpc_tool_format(api_req), self._echo(api_req)
         )
