@@ -51,10 +51,13 @@ from bench_decode import (  # noqa: E402
     dummy_engine_config,
     prompts,
 )
+from step_window_profile import print_profile  # noqa: E402
+from step_window_profile import profile_steps as profile_window  # noqa: E402
 
 SHAPES = "128/128,128/2048,1000/1000,2048/2048"
 SCHEMES = "none,fp8,int8-wo"
 # TensorRT-LLM's perf overview, Llama-3.1-8B FP8 (ModelOpt checkpoint), one H100 SXM, output tok/s
+PROFILE_AFTER_S = 4.0  # past the first wave's prefill-only steps: the mixed steady state
 TRTLLM_FP8_OUTPUT_TOK_S = {(128, 128): 28312, (128, 2048): 22714, (1000, 1000): 15220, (2048, 2048): 9305}
 
 
@@ -74,6 +77,7 @@ class ShapeResult:
     mean_batch: float
     mean_running: float
     num_preemptions: int
+    profile: dict[str, Any] | None = None
 
     @property
     def output_tok_s(self) -> float:
@@ -143,8 +147,11 @@ def run_shape(
     num_requests: int,
     time_budget_s: float,
     seed: int = 0,
+    profile_steps: int = 0,
 ) -> ShapeResult:
-    """Submit every request, step until done or past the budget, abort the rest and drain."""
+    """Submit every request, step until done or past the budget, abort the rest and drain. With
+    profile_steps, that many steps from the 4th second on run under the CUDA profiler (counted, as
+    every step is; the profiler's own cost slows them a little)."""
     from fuserve.sampling_params import SamplingParams
 
     engine.scheduler.config.max_num_seqs = batch  # the benchmark's own engine: admit what fits whole
@@ -160,9 +167,18 @@ def run_shape(
     preemptions0 = engine.scheduler.num_preemptions
     steps = output_tokens = started = completed = running_sum = 0
     cut = False
+    profile: dict[str, Any] | None = None
     start = time.perf_counter()
     while engine.has_unfinished():
-        outs = engine.step()
+        if profile_steps and profile is None and time.perf_counter() - start > PROFILE_AFTER_S:
+            batches: list[list] = []
+            profile = profile_window(lambda b=batches: b.append(engine.step()), profile_steps)
+            print_profile(profile)
+            outs = [o for b in batches for o in b]
+            steps += profile_steps - 1
+            running_sum += len(engine.scheduler.running) * (profile_steps - 1)
+        else:
+            outs = engine.step()
         steps += 1
         running_sum += len(engine.scheduler.running)
         for o in outs:
@@ -195,6 +211,7 @@ def run_shape(
         mean_batch=output_tokens / max(1, steps),
         mean_running=running_sum / max(1, steps),
         num_preemptions=engine.scheduler.num_preemptions - preemptions0,
+        profile=profile,
     )
 
 
@@ -242,7 +259,15 @@ def rows_for_scheme(args: argparse.Namespace, scheme: str, shapes: list[tuple[in
         num_requests = args.num_requests or default_num_requests(
             batch, output_len, args.time_budget_s, args.saturate_tok_s
         )
-        result = run_shape(engine, input_len, output_len, batch, num_requests, args.time_budget_s)
+        result = run_shape(
+            engine,
+            input_len,
+            output_len,
+            batch,
+            num_requests,
+            args.time_budget_s,
+            profile_steps=args.profile_steps,
+        )
         trt = TRTLLM_FP8_OUTPUT_TOK_S.get((input_len, output_len))
         row = dict(
             bench="throughput",
@@ -303,6 +328,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--num-blocks", type=int, default=0, help="fix the KV pool (blocks of 16 tokens)")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script runs")
+    ap.add_argument(
+        "--profile-steps", type=int, default=0, help="profile this many steps of each shape (CUDA kernels)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.smoke:  # seconds on a CPU; the pool binds the 24/24 shape's batch (3 blocks a sequence)
@@ -311,6 +339,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.num_blocks = args.num_blocks or 24
         args.time_budget_s = min(args.time_budget_s, 20.0)
         args.saturate_tok_s = 0.0  # 3x the batch limit: every request finishes
+    if args.profile_steps and not torch.cuda.is_available():
+        raise SystemExit("--profile-steps records CUDA kernels: run it on a GPU (or drop it)")
     if args.max_num_batched_tokens < args.max_num_seqs:
         raise SystemExit(
             "--max-num-batched-tokens must be at least --max-num-seqs, or a full batch of decodes "

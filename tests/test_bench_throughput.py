@@ -58,3 +58,29 @@ def test_a_run_cut_by_its_budget(tmp_path: Path) -> None:
     assert 0 < r["output_tokens"] <= r["batch_limit"]
     assert r["trtllm_fp8_output_tok_s"] == 28312
     assert r["ratio_vs_trtllm_fp8"] == pytest.approx(r["output_tok_s"] / 28312)
+
+
+def test_profile_window_counts_overlapping_kernels_once() -> None:
+    """The profile's GPU-busy time is the union of kernel intervals: kernels on two streams that overlap
+    count once, and a gap (the GPU waiting on the host) counts not at all."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from step_window_profile import busy_us, kernel_family
+
+    assert busy_us([]) == 0.0
+    assert busy_us([(0.0, 10.0), (5.0, 12.0), (20.0, 25.0)]) == 17.0
+    assert busy_us([(20.0, 25.0), (0.0, 30.0), (1.0, 2.0)]) == 30.0
+    assert (
+        kernel_family("void cutlass::Kernel<sm90_xmma_gemm_e4m3>(Params)")
+        == "void cutlass::Kernel<sm90_xmma_gemm_e4m3>"
+    )
+
+
+def test_profile_steps_needs_a_gpu(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for machines without CUDA")
+    with pytest.raises(SystemExit, match="run it on a GPU"):
+        cli.main(
+            ["bench", "throughput", "--smoke", "--profile-steps", "4", "--out", str(tmp_path / "x.json")]
+        )
