@@ -57,7 +57,6 @@ from step_window_profile import profile_steps as profile_window  # noqa: E402
 SHAPES = "128/128,128/2048,1000/1000,2048/2048"
 SCHEMES = "none,fp8,int8-wo"
 # TensorRT-LLM's perf overview, Llama-3.1-8B FP8 (ModelOpt checkpoint), one H100 SXM, output tok/s
-PROFILE_AFTER_S = 4.0  # past the first wave's prefill-only steps: the mixed steady state
 TRTLLM_FP8_OUTPUT_TOK_S = {(128, 128): 28312, (128, 2048): 22714, (1000, 1000): 15220, (2048, 2048): 9305}
 
 
@@ -78,6 +77,8 @@ class ShapeResult:
     mean_running: float
     num_preemptions: int
     profile: dict[str, Any] | None = None
+    step_ms: list[float] | None = None
+    step_tokens: list[int] | None = None
 
     @property
     def output_tok_s(self) -> float:
@@ -148,9 +149,10 @@ def run_shape(
     time_budget_s: float,
     seed: int = 0,
     profile_steps: int = 0,
+    profile_after_s: float = 4.0,
 ) -> ShapeResult:
     """Submit every request, step until done or past the budget, abort the rest and drain. With
-    profile_steps, that many steps from the 4th second on run under the CUDA profiler (counted, as
+    profile_steps, that many steps from profile_after_s on run under the CUDA profiler (counted, as
     every step is; the profiler's own cost slows them a little)."""
     from fuserve.sampling_params import SamplingParams
 
@@ -168,19 +170,24 @@ def run_shape(
     steps = output_tokens = started = completed = running_sum = 0
     cut = False
     profile: dict[str, Any] | None = None
-    start = time.perf_counter()
+    step_ms: list[float] = []  # each step's wall time and output tokens: prompt waves show as slow steps
+    step_tokens: list[int] = []
+    start = last = time.perf_counter()
     while engine.has_unfinished():
-        if profile_steps and profile is None and time.perf_counter() - start > PROFILE_AFTER_S:
+        if profile_steps and profile is None and time.perf_counter() - start >= profile_after_s:
             batches: list[list] = []
             profile = profile_window(lambda b=batches: b.append(engine.step()), profile_steps)
             print_profile(profile)
-            outs = [o for b in batches for o in b]
-            steps += profile_steps - 1
-            running_sum += len(engine.scheduler.running) * (profile_steps - 1)
         else:
-            outs = engine.step()
-        steps += 1
-        running_sum += len(engine.scheduler.running)
+            batches = [engine.step()]
+        now = time.perf_counter()
+        for b in batches:  # a profiled window's steps each get the window's mean time
+            step_ms.append(round((now - last) * 1e3 / len(batches), 2))
+            step_tokens.append(sum(len(o.delta_token_ids) for o in b))
+        last = now
+        steps += len(batches)
+        running_sum += len(engine.scheduler.running) * len(batches)
+        outs = [o for b in batches for o in b]
         for o in outs:
             n = len(o.delta_token_ids)
             output_tokens += n
@@ -212,6 +219,8 @@ def run_shape(
         mean_running=running_sum / max(1, steps),
         num_preemptions=engine.scheduler.num_preemptions - preemptions0,
         profile=profile,
+        step_ms=step_ms,
+        step_tokens=step_tokens,
     )
 
 
@@ -267,6 +276,7 @@ def rows_for_scheme(args: argparse.Namespace, scheme: str, shapes: list[tuple[in
             num_requests,
             args.time_budget_s,
             profile_steps=args.profile_steps,
+            profile_after_s=args.profile_after_s,
         )
         trt = TRTLLM_FP8_OUTPUT_TOK_S.get((input_len, output_len))
         row = dict(
@@ -286,7 +296,8 @@ def rows_for_scheme(args: argparse.Namespace, scheme: str, shapes: list[tuple[in
             ratio_vs_trtllm_fp8=result.output_tok_s / trt if trt else None,
         )
         rows.append(row)
-        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+        shown = {k: v for k, v in row.items() if k not in ("step_ms", "step_tokens", "profile")}
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in shown.items()}, flush=True)
     engine.shutdown()
     del engine
     gc.collect()
@@ -330,6 +341,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script runs")
     ap.add_argument(
         "--profile-steps", type=int, default=0, help="profile this many steps of each shape (CUDA kernels)"
+    )
+    ap.add_argument(
+        "--profile-after-s",
+        type=float,
+        default=4.0,
+        help="start the profile this far into the shape's clock (0: the first wave's prompt steps)",
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
