@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from bench_decode import commit, copy_bandwidth, device_name, median_ms
 
+from fuserve.workers.kernels.kv_cache_fp8 import quantize_kv
 from fuserve.workers.kernels.paged_decode_attention import (
     DecodeLaunch,
     decode_launch,
@@ -42,6 +43,8 @@ SHAPES = {
     "70b-tp2-b64": (32, 4, 64, 192, (1, 2, 4)),
     "8b-tp2-b64-2k": (16, 4, 64, 2048, (1, 2, 4)),
     "70b-tp2-b1": (32, 4, 1, 4096, (16, 32, 64)),
+    # the offline 128/128 run's decode steps (issue 18): ~1,000 sequences, contexts 128-256
+    "8b-tp1-b1024": (32, 8, 1024, 192, (1, 2)),
 }
 BLOCK_N = (32, 64, 128)
 WARPS = (2, 4, 8)
@@ -49,9 +52,10 @@ STAGES = (1, 2, 3)
 
 
 def pools(
-    hq: int, hkv: int, batch: int, context: int, block_size: int = 16
+    hq: int, hkv: int, batch: int, context: int, fp8: bool, block_size: int = 16
 ) -> list[tuple[torch.Tensor, ...]]:
-    """LAYERS sets of (q, K, V, block tables, context lengths), each sequence in shuffled blocks."""
+    """LAYERS sets of (q, K, V, block tables, context lengths, K scale, V scale), each sequence in
+    shuffled blocks; with fp8 the caches are e4m3 with per-head scales (else the scales are None)."""
     per_seq = math.ceil(context / block_size)
     out = []
     for _ in range(LAYERS):
@@ -61,7 +65,11 @@ def pools(
         tables[:, :per_seq] = torch.randperm(batch * per_seq, device="cuda").int().view(batch, per_seq)
         lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
         q = torch.randn(batch, hq, 128, dtype=torch.bfloat16, device="cuda")
-        out.append((q, k, v, tables, lens))
+        scales: tuple[torch.Tensor | None, ...] = (None, None)
+        if fp8:
+            scales = tuple(torch.full((hkv,), 4.0 / 448, device="cuda") for _ in range(2))
+            k, v = quantize_kv(k, scales[0]), quantize_kv(v, scales[1])
+        out.append((q, k, v, tables, lens, *scales))
     return out
 
 
@@ -69,8 +77,8 @@ def step_us(layers: list[tuple[torch.Tensor, ...]], launch: DecodeLaunch, replay
     """Microseconds per call: one call per layer in a CUDA graph, the median replay over LAYERS."""
 
     def step() -> None:
-        for q, k, v, tables, lens in layers:
-            paged_decode_attention(q, k, v, tables, lens, 128**-0.5, MAX_LEN, launch=launch)
+        for q, k, v, tables, lens, ks, vs in layers:
+            paged_decode_attention(q, k, v, tables, lens, 128**-0.5, MAX_LEN, ks, vs, launch=launch)
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -88,29 +96,34 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--replays", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=400, help="stop starting new shapes after this")
+    ap.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp8"], help="the cache's dtype")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    fp8 = args.kv_dtype == "fp8"
     t0 = time.monotonic()
     bandwidth = copy_bandwidth()
     today = dt.date.today().isoformat()
     meta = dict(bench="decode-attention-sweep", device=device_name(), date=today, commit=commit())
+    meta["kv_dtype"] = args.kv_dtype
     rows = []
     for name in args.shapes.split(","):
         if time.monotonic() - t0 > args.budget_s:
             print(f"{name}: skipped, budget spent", flush=True)
             continue
         hq, hkv, batch, context, split_choices = SHAPES[name]
-        layers = pools(hq, hkv, batch, context)
+        layers = pools(hq, hkv, batch, context, fp8)
         default = decode_launch(batch, hkv, MAX_LEN, torch.device("cuda"))
-        floor_us = 1e6 * 2 * batch * context * hkv * 128 * 2 / bandwidth
-        q, k, v, tables, lens = layers[0]
-        want = paged_decode_attention_ref(q, k, v, tables, lens, 128**-0.5).float()
+        floor_us = 1e6 * 2 * batch * context * hkv * 128 * (1 if fp8 else 2) / bandwidth
+        q, k, v, tables, lens, ks, vs = layers[0]
+        want = paged_decode_attention_ref(q, k, v, tables, lens, 128**-0.5, None, ks, vs).float()
         splits = sorted({default.num_splits, *split_choices})
         shape_rows = []
-        for block_n, warps, stages, num_splits in itertools.product(BLOCK_N, WARPS, STAGES, splits):
-            launch = DecodeLaunch(block_n, num_splits, warps, stages)
+        f16_dots = (False, True) if fp8 else (False,)
+        choices = itertools.product(BLOCK_N, WARPS, STAGES, splits, f16_dots)
+        for block_n, warps, stages, num_splits, f16 in choices:
+            launch = DecodeLaunch(block_n, num_splits, warps, stages, fp8_f16_dot=f16)
             try:
-                got = paged_decode_attention(q, k, v, tables, lens, 128**-0.5, MAX_LEN, launch=launch)
+                got = paged_decode_attention(q, k, v, tables, lens, 128**-0.5, MAX_LEN, ks, vs, launch=launch)
                 err = (got.float() - want).abs().max().item()
                 us = step_us(layers, launch, args.replays) if err < 0.05 else float("nan")
             except Exception as e:  # a choice the compiler refuses (registers, shared memory)
@@ -128,6 +141,7 @@ def main() -> None:
                     num_splits=num_splits,
                     num_warps=warps,
                     num_stages=stages,
+                    fp8_f16_dot=f16,
                     is_default=launch == default,
                     us=us,
                     floor_us=floor_us,
@@ -140,7 +154,8 @@ def main() -> None:
         for r in shape_rows[:8] + [r for r in shape_rows[8:] if r["is_default"]]:
             print(
                 f"  BLOCK_N {r['block_n']:3d} splits {r['num_splits']:2d} warps {r['num_warps']} stages "
-                f"{r['num_stages']}: {r['us']:7.2f} us ({r['us'] / base:.2f}x default, "
+                f"{r['num_stages']}{' f16' if r['fp8_f16_dot'] else ''}: {r['us']:7.2f} us "
+                f"({r['us'] / base:.2f}x default, "
                 f"{r['floor_us'] / r['us']:.2f} of floor){' default' if r['is_default'] else ''}",
                 flush=True,
             )
