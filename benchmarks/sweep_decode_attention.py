@@ -115,7 +115,7 @@ def main() -> None:
         default = decode_launch(batch, hkv, MAX_LEN, torch.device("cuda"))
         floor_us = 1e6 * 2 * batch * context * hkv * 128 * (1 if fp8 else 2) / bandwidth
         q, k, v, tables, lens, ks, vs = layers[0]
-        want = paged_decode_attention_ref(q, k, v, tables, lens, 128**-0.5, None, ks, vs).float()
+        want = paged_decode_attention_ref(q, k, v, tables, lens, 128**-0.5, context, ks, vs).float()
         splits = sorted({default.num_splits, *split_choices})
         shape_rows = []
         f16_dots = (False, True) if fp8 else (False,)
