@@ -112,16 +112,14 @@ def main() -> None:
             continue
         hq, hkv, batch, context, split_choices = SHAPES[name]
         layers = pools(hq, hkv, batch, context, fp8)
-        default = decode_launch(batch, hkv, MAX_LEN, torch.device("cuda"))
+        default = decode_launch(batch, hkv, MAX_LEN, torch.device("cuda"), fp8)
         floor_us = 1e6 * 2 * batch * context * hkv * 128 * (1 if fp8 else 2) / bandwidth
         q, k, v, tables, lens, ks, vs = layers[0]
         want = paged_decode_attention_ref(q, k, v, tables, lens, 128**-0.5, context, ks, vs).float()
         splits = sorted({default.num_splits, *split_choices})
         shape_rows = []
-        f16_dots = (False, True) if fp8 else (False,)
-        choices = itertools.product(BLOCK_N, WARPS, STAGES, splits, f16_dots)
-        for block_n, warps, stages, num_splits, f16 in choices:
-            launch = DecodeLaunch(block_n, num_splits, warps, stages, fp8_f16_dot=f16)
+        for block_n, warps, stages, num_splits in itertools.product(BLOCK_N, WARPS, STAGES, splits):
+            launch = DecodeLaunch(block_n, num_splits, warps, stages)
             try:
                 got = paged_decode_attention(q, k, v, tables, lens, 128**-0.5, MAX_LEN, ks, vs, launch=launch)
                 err = (got.float() - want).abs().max().item()
@@ -141,7 +139,6 @@ def main() -> None:
                     num_splits=num_splits,
                     num_warps=warps,
                     num_stages=stages,
-                    fp8_f16_dot=f16,
                     is_default=launch == default,
                     us=us,
                     floor_us=floor_us,
@@ -154,8 +151,7 @@ def main() -> None:
         for r in shape_rows[:8] + [r for r in shape_rows[8:] if r["is_default"]]:
             print(
                 f"  BLOCK_N {r['block_n']:3d} splits {r['num_splits']:2d} warps {r['num_warps']} stages "
-                f"{r['num_stages']}{' f16' if r['fp8_f16_dot'] else ''}: {r['us']:7.2f} us "
-                f"({r['us'] / base:.2f}x default, "
+                f"{r['num_stages']}: {r['us']:7.2f} us ({r['us'] / base:.2f}x default, "
                 f"{r['floor_us'] / r['us']:.2f} of floor){' default' if r['is_default'] else ''}",
                 flush=True,
             )

@@ -132,14 +132,11 @@ def main() -> int:
     fp8_cache = {"k_cache_ptr": "*u8", "v_cache_ptr": "*u8", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
     index = {"block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "scale_log2": "fp32"}
     attention = {"HEAD_DIM": 128, "BLOCK_SIZE": 16, "UPCAST": False, "DOT_PRECISION": "tf32", "FP8_KV": True}
-    for f16_dot in (False, True):  # True: the tiles converted to fp16 for the dots (DecodeLaunch.fp8_f16_dot)
-        kernels[f"paged decode, fp8 KV{', fp16 dots' if f16_dot else ''}"] = (
-            paged_decode_attention._paged_decode_split_kernel,
-            {"GROUP": 4, "GROUP_PAD": 16, "BLOCK_N": 64, "SINGLE_SPLIT": False, "F16_DOT": f16_dot}
-            | attention
-            | pdl,
-            {**fp8_cache, **index, "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"},
-        )
+    kernels["paged decode, fp8 KV"] = (
+        paged_decode_attention._paged_decode_split_kernel,
+        {"GROUP": 4, "GROUP_PAD": 16, "BLOCK_N": 64, "SINGLE_SPLIT": False, **attention, **pdl},
+        {**fp8_cache, **index, "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"},
+    )
     for tile_map in (False, True):  # True: the CUDA-graph launch of a mixed step (cuda_graphs.MixedGraphs)
         kernels[f"paged prefill, fp8 KV{', tile map' if tile_map else ''}"] = (
             paged_prefill_attention._paged_prefill_kernel,
