@@ -7,10 +7,8 @@ import math
 import pytest
 import torch
 
-from fuserve.workers.kernels import paged_decode_attention as pda
 from fuserve.workers.kernels.paged_decode_attention import (
     DecodeLaunch,
-    decode_launch,
     decode_num_splits,
     paged_decode_attention,
     paged_decode_attention_ref,
@@ -113,17 +111,6 @@ def test_decode_num_splits_from_shapes_only(device: torch.device):
     assert decode_num_splits(1, 1, 16, device) == 1
     assert decode_num_splits(64, 8, 16384, device) <= long_single
     assert decode_num_splits(1, 1, 64, device) <= decode_num_splits(1, 1, 16384, device)
-
-
-def test_fp8_cache_past_two_programs_an_sm_runs_two_warps(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The launch rule as measured on an H100 (132 SMs): an fp8 cache with more (sequence, KV head)
-    programs than two an SM runs 2 warps; a bf16 cache there, and the one-wave shapes, do not change."""
-    monkeypatch.setattr(pda, "_num_sms", lambda index: 132)
-    gpu = torch.device("cuda", 0)
-    assert decode_launch(1024, 8, 8192, gpu, fp8=True) == DecodeLaunch(64, 1, num_warps=2)
-    assert decode_launch(1024, 8, 8192, gpu) == DecodeLaunch(64, 1, num_warps=4)
-    assert decode_launch(32, 8, 8192, gpu, fp8=True) == DecodeLaunch(128, 1, num_warps=8, num_stages=1)
-    assert decode_launch(1, 8, 8192, gpu, fp8=True).num_warps == 4  # few programs: split, as before
 
 
 def test_decode_rejects_bad_shapes(device: torch.device):

@@ -90,6 +90,7 @@ def _paged_decode_split_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FP8_KV: tl.constexpr,
+    F16_DOT: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_launch_and_wait(USE_PDL)
@@ -114,6 +115,8 @@ def _paged_decode_split_kernel(
         mask=row_mask[:, None],
         other=0.0,
     )
+    if F16_DOT:  # fp8 tiles convert to fp16 natively (e4m3x2 -> f16x2), so the dots run in fp16
+        q = q.to(tl.float16)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -248,30 +251,22 @@ class DecodeLaunch:
     num_splits: int
     num_warps: int = 4
     num_stages: int = 2
+    fp8_f16_dot: bool = False  # an fp8 cache's tiles (and q, p) in fp16 for the dots, not q's bf16
 
 
-def decode_launch(
-    batch: int, num_kv_heads: int, max_context_len: int, device: torch.device, fp8: bool = False
-) -> DecodeLaunch:
+def decode_launch(batch: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> DecodeLaunch:
     """The launch for these shapes (never tensor values: CUDA-graph safe).
 
     Where the (sequence, KV head) programs alone fill every SM but fit one wave of 128-token tiles
     (Llama-3-8B at TP=2 and batch 33-64, at TP=1 and batch 17-32), they run unsplit with 128-token
     tiles, 8 warps and no pipelining: 13.5 us a layer against 17.3 for two splits of 64-token tiles at
     TP=2, batch 64, context 192 (one H100, results/decode-attention-sweep-2026-11-27-h100-13e8dca.json).
-    Past two programs an SM (TP=1, batch 64) the 128-token tiles lost (24-25 us against 22.8).
-    There an fp8 cache's programs run 2 warps, not 4: its tiles are half the bytes, and more resident
-    programs hide more of each one's latency (Llama-3-8B, batch 1,024, context 192: 194 us a layer
-    against 250; bf16 caches the same either way, 283 against 282 and at batch 64 22.7 against 22.8;
-    results/decode-attention-sweep-2026-11-27-h100-{fp8,bf16}-e6f8e2a.json)."""
+    Past two programs an SM (TP=1, batch 64) the 128-token tiles lost (24-25 us against 22.8)."""
     block_n, programs_wanted, _ = _tile_config(device)  # on a GPU: two programs an SM
     programs = batch * num_kv_heads
     if device.type == "cuda" and programs_wanted // 2 <= programs <= programs_wanted:
         return DecodeLaunch(128, 1, num_warps=8, num_stages=1)
-    splits = decode_num_splits(batch, num_kv_heads, max_context_len, device)
-    if device.type == "cuda" and fp8 and programs > programs_wanted:
-        return DecodeLaunch(block_n, splits, num_warps=2)
-    return DecodeLaunch(block_n, splits)
+    return DecodeLaunch(block_n, decode_num_splits(batch, num_kv_heads, max_context_len, device))
 
 
 def _check_args(
@@ -348,7 +343,7 @@ def paged_decode_attention(
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size
 
-    launch = launch or decode_launch(batch, num_kv_heads, max_context_len, q.device, fp8)
+    launch = launch or decode_launch(batch, num_kv_heads, max_context_len, q.device)
     block_n, num_splits = launch.block_n, launch.num_splits
     on_gpu = q.device.type == "cuda"
     use_pdl = pdl_enabled(q)
@@ -390,6 +385,7 @@ def paged_decode_attention(
         UPCAST=not on_gpu,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP8_KV=fp8,
+        F16_DOT=fp8 and launch.fp8_f16_dot,
         USE_PDL=use_pdl,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
