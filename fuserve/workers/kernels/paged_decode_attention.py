@@ -90,7 +90,6 @@ def _paged_decode_split_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FP8_KV: tl.constexpr,
-    F16_DOT: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_launch_and_wait(USE_PDL)
@@ -115,8 +114,6 @@ def _paged_decode_split_kernel(
         mask=row_mask[:, None],
         other=0.0,
     )
-    if F16_DOT:  # fp8 tiles convert to fp16 natively (e4m3x2 -> f16x2), so the dots run in fp16
-        q = q.to(tl.float16)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -251,7 +248,6 @@ class DecodeLaunch:
     num_splits: int
     num_warps: int = 4
     num_stages: int = 2
-    fp8_f16_dot: bool = False  # an fp8 cache's tiles (and q, p) in fp16 for the dots, not q's bf16
 
 
 def decode_launch(batch: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> DecodeLaunch:
@@ -385,7 +381,6 @@ def paged_decode_attention(
         UPCAST=not on_gpu,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP8_KV=fp8,
-        F16_DOT=fp8 and launch.fp8_f16_dot,
         USE_PDL=use_pdl,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
