@@ -11,11 +11,11 @@ and writes the product:
 Grid: (tokens, column blocks of the intermediate size).
 
 FP8 output (`silu_mul_fp8`), for the FP8 W8A8 down projection that reads the product: one program
-per token walks its row twice in BLOCK-wide tiles, first for the amax of the product (rounded to the
-model dtype), then to store it as e4m3 with that token's fp32 scale (amax / 448): exactly what
-`quantize_per_token_fp8` makes of `silu_mul`'s output, without its three kernels and without the
-model-dtype product ever reaching memory. The second walk re-reads the row from L2 (2 x I elements
-per token) rather than holding all of it in registers, so any intermediate size fits.
+per token takes the amax of its row's product (rounded to the model dtype), then stores it as e4m3
+with that token's fp32 scale (amax / 448): exactly what `quantize_per_token_fp8` makes of `silu_mul`'s
+output, without its three kernels and without the model-dtype product ever reaching memory. A row of
+up to ONE_PASS_MAX columns is loaded once, whole, into 16 warps' registers. A longer row is walked
+twice in BLOCK-wide tiles, the second walk re-reading it from L2 (2 x I elements per token).
 
     pass 1: x[t] tiles ──silu*up──► round to x.dtype ──|max|──► scale[t] = max(amax, 1e-12) / 448
     pass 2: x[t] tiles ──silu*up──► round to x.dtype ──/ scale, clamp ±448──► e4m3 q[t]   [T, I]
@@ -32,6 +32,8 @@ from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
 from fuserve.workers.models.quant_scheme import FP8_MAX, quantize_per_token_fp8
 
 _E4M3_MAX: tl.constexpr = tl.constexpr(FP8_MAX)  # a kernel reads module globals only as constexpr
+ONE_PASS_MAX = 16384  # rows up to this many columns (padded) are read once, whole, by 16 warps
+ONE_PASS_MAX_INTERPRETED = 64  # the interpreter (tests): small rows one pass, the rest two, both covered
 
 
 @triton.jit
@@ -70,27 +72,38 @@ def _silu_mul_fp8_kernel(
     stride_x,
     intermediate_size,
     BLOCK: tl.constexpr,
+    ONE_PASS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_launch_and_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, intermediate_size, BLOCK):
-        amax = tl.maximum(
-            amax, tl.abs(_silu_mul_tile(x_ptr, row * stride_x, start + offs, intermediate_size))
-        )
-    # IEEE divisions (Triton's `/` is approximate), so the bytes are those of quantize_per_token_fp8
-    scale = tl.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), _E4M3_MAX)
-    for start in range(0, intermediate_size, BLOCK):
-        cols = start + offs
-        out = _silu_mul_tile(x_ptr, row * stride_x, cols, intermediate_size)
+    if ONE_PASS:  # the whole row in one tile: read once, held in registers for both steps
+        out = _silu_mul_tile(x_ptr, row * stride_x, offs, intermediate_size)
+        scale = tl.div_rn(tl.maximum(tl.max(tl.abs(out), axis=0), 1e-12), _E4M3_MAX)
         q = tl.clamp(tl.div_rn(out, tl.broadcast_to(scale, out.shape)), -_E4M3_MAX, _E4M3_MAX)
         tl.store(
-            q_ptr + row * intermediate_size + cols,
+            q_ptr + row * intermediate_size + offs,
             q.to(q_ptr.dtype.element_ty),
-            mask=cols < intermediate_size,
+            mask=offs < intermediate_size,
         )
+    else:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, intermediate_size, BLOCK):
+            amax = tl.maximum(
+                amax, tl.abs(_silu_mul_tile(x_ptr, row * stride_x, start + offs, intermediate_size))
+            )
+        # IEEE divisions (Triton's `/` is approximate), so the bytes are those of quantize_per_token_fp8
+        scale = tl.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), _E4M3_MAX)
+        for start in range(0, intermediate_size, BLOCK):
+            cols = start + offs
+            out = _silu_mul_tile(x_ptr, row * stride_x, cols, intermediate_size)
+            q = tl.clamp(tl.div_rn(out, tl.broadcast_to(scale, out.shape)), -_E4M3_MAX, _E4M3_MAX)
+            tl.store(
+                q_ptr + row * intermediate_size + cols,
+                q.to(q_ptr.dtype.element_ty),
+                mask=cols < intermediate_size,
+            )
     tl.store(scale_ptr + row, scale)
 
 
@@ -135,15 +148,18 @@ def silu_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if intermediate_size == 0:
         raise ValueError("x has no columns: there is nothing to quantize")
     use_pdl = pdl_enabled(x)
+    row_block = triton.next_power_of_2(intermediate_size)
+    one_pass = row_block <= (ONE_PASS_MAX if x.is_cuda else ONE_PASS_MAX_INTERPRETED)
     _silu_mul_fp8_kernel[(num_tokens,)](
         x_ptr=x,
         q_ptr=q,
         scale_ptr=scale,
         stride_x=x.stride(0),
         intermediate_size=intermediate_size,
-        BLOCK=min(2048, triton.next_power_of_2(intermediate_size)),
+        BLOCK=row_block if one_pass else min(2048, row_block),
+        ONE_PASS=one_pass,
         USE_PDL=use_pdl,
-        num_warps=8,
+        num_warps=16 if one_pass and row_block > 4096 else 8,
         launch_pdl=use_pdl,
     )
     return q, scale
