@@ -4,7 +4,7 @@ For each kernel at Llama-3-8B shapes and Llama-3-70B-per-GPU shapes at TP=8 it t
 `triton.testing.do_bench`, L2 flushed between runs) the Triton launcher, the plain-torch reference
 and, for attention, torch's own fused kernels:
 
-    rmsnorm, fused_add_rmsnorm, silu_mul, rotary_kv_write   tokens 1 / 64 / 4096     -> TB/s
+    rmsnorm, fused_add_rmsnorm, silu_mul(_fp8), rotary_kv_write   tokens 1 / 64 / 4096  -> TB/s
     paged_decode_attention   batch 1/16/64 × context 128/1024/4096/16384           -> TB/s
         peers on the gathered contiguous K/V: SDPA (enable_gqa), compiled flex_attention
     paged_prefill_attention  1 × 4096 and 8 × 512 fresh prompts                    -> TFLOP/s
@@ -51,9 +51,9 @@ from fuserve.workers.kernels.paged_prefill_attention import (
 )
 from fuserve.workers.kernels.rmsnorm import fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref
 from fuserve.workers.kernels.rotary import rotary_kv_write, rotary_kv_write_ref
-from fuserve.workers.kernels.silu_mul import silu_mul, silu_mul_ref
+from fuserve.workers.kernels.silu_mul import silu_mul, silu_mul_fp8, silu_mul_fp8_ref, silu_mul_ref
 
-OPS = ("rmsnorm", "fused_add_rmsnorm", "silu_mul", "rotary_kv_write", "decode", "prefill")
+OPS = ("rmsnorm", "fused_add_rmsnorm", "silu_mul", "silu_mul_fp8", "rotary_kv_write", "decode", "prefill")
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,17 @@ def bench_silu_mul(run: Run, model: ModelShape, sizes: Sizes) -> None:
             fn = silu_mul if engine == "fuserve-triton" else silu_mul_ref
             moved = 3 * tokens * model.intermediate * run.dtype.itemsize
             record(run, engine, "silu_mul", model, shape, partial(fn, x), bytes_moved=moved)
+
+
+def bench_silu_mul_fp8(run: Run, model: ModelShape, sizes: Sizes) -> None:
+    """The FP8 W8A8 MLP's product quantized per token (e4m3 out, one fp32 scale a token)."""
+    for tokens in sizes.tokens:
+        x = torch.randn(tokens, 2 * model.intermediate, dtype=run.dtype, device=run.device)
+        shape = {"tokens": tokens, "intermediate": model.intermediate}
+        for engine in _engines(run):
+            fn = silu_mul_fp8 if engine == "fuserve-triton" else silu_mul_fp8_ref
+            moved = tokens * (model.intermediate * (2 * run.dtype.itemsize + 1) + 4)
+            record(run, engine, "silu_mul_fp8", model, shape, partial(fn, x), bytes_moved=moved)
 
 
 def bench_rotary(run: Run, model: ModelShape, sizes: Sizes) -> None:
@@ -432,6 +443,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
             bench_rmsnorm(run, model, sizes)
         if "silu_mul" in ops:
             bench_silu_mul(run, model, sizes)
+        if "silu_mul_fp8" in ops:
+            bench_silu_mul_fp8(run, model, sizes)
         if "rotary_kv_write" in ops:
             bench_rotary(run, model, sizes)
         if "decode" in ops:
