@@ -7,6 +7,7 @@ sequences a step (the offline throughput benchmark) when the GPU step is shorter
 
     OMP_NUM_THREADS=1 python benchmarks/bench_host_step.py --batch 1024     # ~1 min on a 2-core box
     OMP_NUM_THREADS=1 python benchmarks/bench_host_step.py --batch 256 --prompt-len 512 --profile /tmp/p
+    OMP_NUM_THREADS=1 python benchmarks/bench_host_step.py --batch 1024 --waiting 4800  # bench_throughput's queue
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def main() -> None:
         "--output-len", type=int, default=100, help="tokens per request; the timed steps are its last ones"
     )
     ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument(
+        "--waiting",
+        type=int,
+        default=0,
+        help="requests queued behind the full batch (the offline throughput run keeps ~4,800 waiting)",
+    )
     ap.add_argument("--profile", help="write cProfile stats of the timed steps to this file")
     ap.add_argument(
         "--gc",
@@ -89,6 +96,9 @@ def main() -> None:
     for rep in range(args.passes):
         for i in range(b):
             engine.add_request(f"r{rep}-{i}", [1 + j % 250 for j in range(args.prompt_len)], params)
+        queued = [f"w{rep}-{i}" for i in range(args.waiting)]
+        for rid in queued:
+            engine.add_request(rid, [1 + j % 250 for j in range(args.prompt_len)], params)
         for _ in range(out_len - args.steps - 5):  # the timed steps carry the longest outputs
             core_step()
         start, forward_s[0] = time.process_time(), 0.0
@@ -100,6 +110,8 @@ def main() -> None:
             profiler.disable()
         cpu_ms.append((time.process_time() - start) / args.steps * 1e3)
         host_ms.append(cpu_ms[-1] - forward_s[0] / args.steps * 1e3)
+        for rid in queued:  # never admitted while the batch runs: not generated at all
+            engine.abort(rid)
         while engine.has_unfinished():
             core_step()
     if profiler:

@@ -147,8 +147,10 @@ class Scheduler:
         self.running = kept
 
         # Admit waiting sequences; stop at the first that does not fit so it is not starved. One whose
-        # grammar still compiles is passed over: it never holds up the others.
-        if not out.preempted:
+        # grammar still compiles is passed over: it never holds up the others. A full batch or a spent
+        # budget admits no one, so the queue (thousands under a burst) is not sorted for nothing.
+        room = budget > 0 and len(self.running) < self.config.max_num_seqs
+        if not out.preempted and room and self.waiting:
             self.waiting.sort(key=lambda s: self.priority(s, now))
             ready = [s for s in self.waiting if not s.waiting_for_grammar]
             for seq in ready:
