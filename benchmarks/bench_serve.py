@@ -97,6 +97,11 @@ SERVER_COUNTERS = {
     "emit_s": "fuserve_frontend_emit_seconds_sum",
     "emit_n": "fuserve_frontend_emit_seconds_count",
 }
+# Per frontend process (a `process` label each): its CPU and finished requests, as "<key>:<pid>" entries
+PROCESS_COUNTERS = {
+    "fuserve_frontend_process_cpu_seconds_total": "proc_cpu_s:",
+    "fuserve_frontend_process_requests_total": "proc_requests:",
+}
 # mean ms of each part of TTFT inside the replica: (row key, sum counter, count counter)
 TTFT_PARTS = [
     ("frontend_admit_ms", "admit_s", "admit_n"),
@@ -451,9 +456,39 @@ def parse_counters(text: str) -> dict[str, float]:
                 key = by_sample.get(sample.name)
                 if key is not None:
                     sums[key] = (0.0 if math.isnan(sums[key]) else sums[key]) + float(sample.value)
+                elif sample.name in PROCESS_COUNTERS:  # one series per frontend process, kept apart
+                    sums[f"{PROCESS_COUNTERS[sample.name]}{sample.labels.get('process', '?')}"] = float(
+                        sample.value
+                    )
     except Exception:  # a malformed page says nothing reliable about any counter
         return dict.fromkeys(SERVER_COUNTERS, math.nan)
     return sums
+
+
+def process_shares(
+    before: dict[str, float], after: dict[str, float], wall_s: float
+) -> dict[str, list[float]]:
+    """How a level's requests and frontend CPU fell on the replica's frontend processes: each
+    process's share of the requests finished in the level and its share of a core, busiest first.
+    One process with most of the requests is HAProxy's connections gathered in it."""
+    done = {
+        k[len("proc_requests:") :]: v - before.get(k, 0.0)
+        for k, v in after.items()
+        if k.startswith("proc_requests:")
+    }
+    cpu = {
+        k[len("proc_cpu_s:") :]: v - before.get(k, 0.0)
+        for k, v in after.items()
+        if k.startswith("proc_cpu_s:")
+    }
+    total = sum(done.values())
+    if len(done) < 2 or total <= 0 or wall_s <= 0:
+        return {}
+    order = sorted(done, key=lambda pid: -done[pid])
+    return {
+        "frontend_process_request_shares": [round(done[p] / total, 3) for p in order],
+        "frontend_process_cpu_utils": [round(cpu.get(p, math.nan) / wall_s, 3) for p in order],
+    }
 
 
 def scrape_counters(url: str) -> dict[str, float]:
@@ -501,6 +536,7 @@ def level_figures(
         "frontend_gc_util": delta["frontend_gc_s"] / wall_s if wall_s > 0 else math.nan,
     }
     return {
+        **process_shares(before, after, wall_s),
         "frontend_cpu_ms_per_token": cpu_s * 1e3 / output_tokens if output_tokens > 0 else math.nan,
         "frontend_cpu_util": cpu_s / wall_s if wall_s > 0 else math.nan,
         "engine_steps": steps,
@@ -1088,7 +1124,23 @@ def bounds_line(http: dict[str, Any], engine: dict[str, Any]) -> str:
         f"{http.get('outside_ms_p50', math.nan):.1f} (p99 {http.get('outside_ms_p99', math.nan):.1f})\n"
         f"    engine step = host + device wait ms: {_split(http)} under HTTP, {_split(engine)} in-process"
         + _gc(http, engine)
+        + _processes_line(http)
         + _steady_line(http, engine, b)
+    )
+
+
+def _processes_line(http: dict[str, Any]) -> str:
+    """With several frontend processes: how the level's requests and CPU fell on them, busiest first."""
+    shares = http.get("frontend_process_request_shares")
+    if not shares:
+        return ""
+    utils = http.get("frontend_process_cpu_utils", [])
+    return (
+        "\n    frontend processes, busiest first: requests "
+        + "/".join(f"{x:.0%}" for x in shares)
+        + ", CPU "
+        + "/".join(f"{x:.2f}" for x in utils)
+        + " of a core"
     )
 
 

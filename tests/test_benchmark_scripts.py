@@ -215,6 +215,27 @@ def test_parse_counters_sums_replicas_and_gives_nan_for_what_is_missing(bs: type
     assert bs.parse_counters(generate_latest(registry).decode())["engine_steps"] == 42.0
 
 
+def test_level_figures_share_requests_and_cpu_between_frontend_processes(bs: types.ModuleType) -> None:
+    """Two frontend processes' labelled series: the level's requests and CPU per process, busiest
+    first; one process alone (or none) gives no shares."""
+
+    def page(a_req: float, a_cpu: float, b_req: float, b_cpu: float) -> str:
+        return (
+            f'fuserve_frontend_process_requests_total{{process="11"}} {a_req}\n'
+            f'fuserve_frontend_process_cpu_seconds_total{{process="11"}} {a_cpu}\n'
+            f'fuserve_frontend_process_requests_total{{process="22"}} {b_req}\n'
+            f'fuserve_frontend_process_cpu_seconds_total{{process="22"}} {b_cpu}\n'
+        )
+
+    before = bs.parse_counters(page(10, 1.0, 5, 2.0))
+    after = bs.parse_counters(page(40, 2.5, 95, 4.0))
+    fig = bs.level_figures(before, after, output_tokens=1000, wall_s=2.0)
+    assert fig["frontend_process_request_shares"] == [0.75, 0.25]  # 90 of 120, then 30
+    assert fig["frontend_process_cpu_utils"] == [1.0, 0.75]
+    one = bs.parse_counters('fuserve_frontend_process_requests_total{process="11"} 4\n')
+    assert "frontend_process_request_shares" not in bs.level_figures(one, one, 10, 1.0)
+
+
 def test_level_figures_from_counters_and_engine_stats(bs: types.ModuleType) -> None:
     before = {"frontend_cpu_s": 1.0, "engine_steps": 10, "engine_step_s": 0.1, "engine_core_cpu_s": 2.0}
     after = {"frontend_cpu_s": 1.5, "engine_steps": 110, "engine_step_s": 0.7, "engine_core_cpu_s": 3.0}

@@ -146,6 +146,14 @@ def test_concurrent_streams_spread_over_processes_and_keep_their_tokens(served: 
     # every process's requests in every answer, whichever process served the 24 streams
     counts = set(asyncio.run(scrapes()))
     assert len(counts) == 1 and counts.pop() >= 24, counts
+    # and each process's own share under its `process` label: how HAProxy's connections fell on them
+    text = httpx.get(f"{url}/metrics", timeout=TIMEOUT).text
+    per_process = {
+        line.split('process="')[1].split('"')[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("fuserve_frontend_process_requests_total{")
+    }
+    assert len(per_process) >= 2 and sum(per_process.values()) >= 24, per_process
 
 
 def test_the_engine_core_counts_every_processes_requests(served: tuple[str, set[int]]) -> None:

@@ -13,6 +13,8 @@ request figures (merged_metrics.py); the engine's come once.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -199,6 +201,34 @@ def transit_seconds(routed_at: str | None, now: float) -> float | None:
         return None
 
 
+class _ProcessCollector(Collector):
+    """This frontend process's CPU and finished requests under its own `process` label (its pid).
+    Merged across a replica's processes (merged_metrics.py) the labels keep them apart, so a scrape
+    shows how the replica's requests and HTTP work are shared between its processes: one process
+    holding most of HAProxy's connections shows as most of the requests."""
+
+    def __init__(self, requests: Counter) -> None:
+        self.requests = requests
+        self.pid = str(os.getpid())
+
+    def collect(self) -> Iterable[Metric]:
+        cpu = CounterMetricFamily(
+            "fuserve_frontend_process_cpu_seconds", "CPU seconds of each frontend process", labels=["process"]
+        )
+        cpu.add_metric([self.pid], time.process_time())
+        yield cpu
+        done = sum(
+            s.value for m in self.requests.collect() for s in m.samples if s.name == "fuserve_requests_total"
+        )
+        served = CounterMetricFamily(
+            "fuserve_frontend_process_requests",
+            "Finished API requests of each frontend process",
+            labels=["process"],
+        )
+        served.add_metric([self.pid], done)
+        yield served
+
+
 class ServingMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -253,6 +283,7 @@ class ServingMetrics:
             FRONTEND_BUCKETS_S,
         )
         r.register(LoopMetricsCollector([self.generation_tokens, self.itl, self.emit]))
+        r.register(_ProcessCollector(self.requests))
         self.in_flight = Gauge("fuserve_requests_in_flight", "API requests being served", registry=r)
         self.replicas: dict[str, ReplicaStats] = {}
         self.engine_registry = CollectorRegistry(auto_describe=True)
