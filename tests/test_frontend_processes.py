@@ -2,11 +2,11 @@
 share the replica's port and its engine core, and once they are up the replica's own process accepts no
 new connection.
 
-- Concurrent streams are served by the spawned processes (the replica's own keeps only connections it
-  had before they were ready), and each stream gets exactly the tokens it would get alone (greedy: all
-  equal); the engine core sends each process only its own streams (two processes on one core:
-  test_engine_core.py). How HAProxy's connections spread over the processes is a matter of load,
-  measured on the GPU machine, not asserted here.
+- Concurrent streams are served by the spawned processes (the replica's own closes the connections it
+  had before they were ready after their next response), and each stream gets exactly the tokens it
+  would get alone (greedy: all equal); the engine core sends each process only its own streams (two
+  processes on one core: test_engine_core.py). How HAProxy's connections spread over the processes is
+  a matter of load, measured on the GPU machine, not asserted here.
 - A further frontend process killed: its requests are aborted in the core (blocks freed), the
   replica reports itself unhealthy, and Serve replaces it; requests succeed again.
 - `fuserve serve` stopped: no frontend process is left.
@@ -243,3 +243,36 @@ for p in (frontend, core):
     assert out.returncode == 0, out.stderr
     mine, total, frontend = map(float, out.stdout.split())
     assert mine + 0.35 <= total <= mine + frontend + 0.2, (mine, total, frontend)
+
+
+def test_the_replicas_own_responses_close_their_connection_once_handed_over() -> None:
+    """Once the spawned processes take new connections, the replica's own process answers with
+    `Connection: close` (replacing any connection header), so HAProxy reopens the connection to a
+    spawned process; before that, and in every spawned process, responses are untouched."""
+    import asyncio
+
+    from fuserve.router.frontend_processes import HANDED_OVER, CloseWhenHandedOver
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"Connection", b"keep-alive")]}
+        )
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def headers_sent() -> list[list[tuple[bytes, bytes]]]:
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        asyncio.run(CloseWhenHandedOver(app)({"type": "http"}, None, send))
+        assert sent[1]["body"] == b"ok"
+        return sent[0]["headers"]
+
+    HANDED_OVER.clear()
+    try:
+        assert headers_sent() == [(b"Connection", b"keep-alive")]
+        HANDED_OVER.set()
+        assert headers_sent() == [(b"connection", b"close")]
+    finally:
+        HANDED_OVER.clear()

@@ -9,8 +9,9 @@ processes per replica"). vLLM's answer is several API-server processes per engin
 How: Serve binds the replica's own HTTP socket after the replica's `__init__` (direct ingress, one
 ip:port per replica in HAProxy's config). Once it listens, the replica hands a duplicate of that
 listening socket to `serve.frontend_processes` spawned processes; when they are ready, the replica's
-own server stops accepting, so new connections are theirs (the ones HAProxy opened before stay open
-and in its pool). Each new connection goes to whichever process
+own server stops accepting, so new connections are theirs; the ones HAProxy opened before are closed
+after their next response (`Connection: close`), so HAProxy reopens them to the spawned processes.
+Each new connection goes to whichever process
 accepts it (one at a time: UV_TCP_SINGLE_ACCEPT; HAProxy reuses its connections, so the balance is
 per connection). Each process runs uvicorn over the same routes (ingress.py) with its own `Frontend`
 and its own ZMQ pair to the engine core, which sends each process only its own streams' outputs
@@ -40,6 +41,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,6 +186,7 @@ class FrontendProcesses:
                     logger.warning(
                         "frontend_processes: the replica's own HTTP server was not found; it accepts too"
                     )
+                HANDED_OVER.set()  # and its open connections close after their next response
 
     async def gather_metrics(self, asker: int = 0) -> list[bytes]:
         """Every process's request-side figures but the asker's (0: the replica's own process), from those
@@ -321,6 +324,36 @@ def frontend_cpu_seconds(replica_pid: int, core_pid: int | None) -> float:
         except (OSError, IndexError, ValueError):
             continue
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+# Set in the replica's own process once its spawned processes accept the new connections.
+HANDED_OVER = threading.Event()
+
+
+class CloseWhenHandedOver:
+    """ASGI middleware: once the spawned processes take new connections, each response of the replica's
+    own process tells HAProxy to close its connection after it (`Connection: close`), so HAProxy's next
+    request opens a new one, which a spawned process accepts. Without it the connections HAProxy opened
+    before the spawned processes were ready stayed with the replica's own process, reused for every
+    request after: on an H100 one process took 100% of the requests at 16-128 streams (NOTES.md). The
+    response itself completes (closing outright failed requests HAProxy was writing, twelfth session).
+    In the spawned processes the event is never set: their responses are untouched."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or not HANDED_OVER.is_set():
+            await self.app(scope, receive, send)
+            return
+
+        async def closing(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing)
 
 
 def stop_accepting(port: int) -> bool:

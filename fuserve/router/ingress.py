@@ -33,7 +33,7 @@ from fuserve.configs import FuserveConfig
 from fuserve.gc_tuning import quiet_gc
 from fuserve.router.core_client import EngineCoreClient
 from fuserve.router.frontend import REPORTED_PREFIXES, Frontend
-from fuserve.router.frontend_processes import FrontendProcesses
+from fuserve.router.frontend_processes import CloseWhenHandedOver, FrontendProcesses
 from fuserve.router.proto import fuserve_pb2 as pb
 from fuserve.router.replica_view import routing_report
 
@@ -41,6 +41,7 @@ ENGINE_START_TIMEOUT_S = 3600.0  # loading a large model from a slow disk takes 
 
 logger = logging.getLogger("fuserve.router")
 app = FastAPI(title="fuserve", description="OpenAI-compatible LLM serving on Ray Serve", docs_url=None)
+app.add_middleware(CloseWhenHandedOver)  # the replica's own process, once its spawned ones take over
 
 
 def warn_if_slow_http_path() -> list[str]:
