@@ -7,7 +7,7 @@ sequences a step (the offline throughput benchmark) when the GPU step is shorter
 
     OMP_NUM_THREADS=1 python benchmarks/bench_host_step.py --batch 1024     # ~1 min on a 2-core box
     OMP_NUM_THREADS=1 python benchmarks/bench_host_step.py --batch 256 --prompt-len 512 --profile /tmp/p
-    OMP_NUM_THREADS=1 python benchmarks/bench_host_step.py --batch 1024 --waiting 4800  # bench_throughput's queue
+    OMP_NUM_THREADS=1 python benchmarks/bench_host_step.py --batch 1024 --waiting 4800  # the offline queue
 """
 
 from __future__ import annotations
