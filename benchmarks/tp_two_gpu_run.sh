@@ -65,7 +65,8 @@ fi
 # PYSPY=1 (py-spy's wheel copied into the wheel folder, installed with it): every engine process of
 # bench_tp (rank 0) and every TP worker actor (ranks >= 1) is sampled at 250 Hz with all its threads, as
 # a speedscope timeline (samples in order) under $OUT/pyspy-<pid>-<name>.json, its start time (epoch s)
-# in pyspy-start.log: to line a TP=2 run's stalls (its step_ms, started_at) up with what each rank ran
+# in pyspy-start.log: to line a TP=2 run's stalls (its step_ms, started_at) up with what each rank ran;
+# PYSPY_IDLE=1 samples the waits too (without it a stalled wait leaves no samples)
 profile_ranks() {
   local seen=" " pid name
   while sleep 0.5; do
@@ -74,7 +75,7 @@ profile_ranks() {
       seen="$seen$pid "
       name=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q TPWorker && echo rank1 || echo rank0)
       echo "$pid $name $(date +%s.%N)" >> "$OUT/pyspy-start.log"
-      py-spy record -p "$pid" -r 250 --threads --nonblocking -f speedscope \
+      py-spy record -p "$pid" -r 250 --threads --nonblocking ${PYSPY_IDLE:+--idle} -f speedscope \
         -o "$OUT/pyspy-$pid-$name.json" > /dev/null 2>&1 &
     done
   done
