@@ -214,25 +214,23 @@ def bench_rmsnorm(run: Run, model: ModelShape, sizes: Sizes) -> None:
             record(run, engine, "fused_add_rmsnorm", model, shape, fn, bytes_moved=moved)
 
 
-def bench_silu_mul(run: Run, model: ModelShape, sizes: Sizes) -> None:
+def bench_silu_mul(run: Run, model: ModelShape, sizes: Sizes, ops: list[str]) -> None:
+    """silu_mul, and silu_mul_fp8 (the FP8 W8A8 MLP's product quantized per token: e4m3 out, one fp32
+    scale a token), of the ones in `ops`, on the same inputs."""
+    elem = run.dtype.itemsize
+    variants = [  # op, the Triton launcher, its torch reference, bytes moved per token
+        ("silu_mul", silu_mul, silu_mul_ref, 3 * model.intermediate * elem),
+        ("silu_mul_fp8", silu_mul_fp8, silu_mul_fp8_ref, model.intermediate * (2 * elem + 1) + 4),
+    ]
     for tokens in sizes.tokens:
         x = torch.randn(tokens, 2 * model.intermediate, dtype=run.dtype, device=run.device)
         shape = {"tokens": tokens, "intermediate": model.intermediate}
-        for engine in _engines(run):
-            fn = silu_mul if engine == "fuserve-triton" else silu_mul_ref
-            moved = 3 * tokens * model.intermediate * run.dtype.itemsize
-            record(run, engine, "silu_mul", model, shape, partial(fn, x), bytes_moved=moved)
-
-
-def bench_silu_mul_fp8(run: Run, model: ModelShape, sizes: Sizes) -> None:
-    """The FP8 W8A8 MLP's product quantized per token (e4m3 out, one fp32 scale a token)."""
-    for tokens in sizes.tokens:
-        x = torch.randn(tokens, 2 * model.intermediate, dtype=run.dtype, device=run.device)
-        shape = {"tokens": tokens, "intermediate": model.intermediate}
-        for engine in _engines(run):
-            fn = silu_mul_fp8 if engine == "fuserve-triton" else silu_mul_fp8_ref
-            moved = tokens * (model.intermediate * (2 * run.dtype.itemsize + 1) + 4)
-            record(run, engine, "silu_mul_fp8", model, shape, partial(fn, x), bytes_moved=moved)
+        for op, kernel, ref, per_token in variants:
+            if op not in ops:
+                continue
+            for engine in _engines(run):
+                fn = kernel if engine == "fuserve-triton" else ref
+                record(run, engine, op, model, shape, partial(fn, x), bytes_moved=tokens * per_token)
 
 
 def bench_rotary(run: Run, model: ModelShape, sizes: Sizes) -> None:
@@ -441,10 +439,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     for model in models:
         if "rmsnorm" in ops or "fused_add_rmsnorm" in ops:
             bench_rmsnorm(run, model, sizes)
-        if "silu_mul" in ops:
-            bench_silu_mul(run, model, sizes)
-        if "silu_mul_fp8" in ops:
-            bench_silu_mul_fp8(run, model, sizes)
+        if "silu_mul" in ops or "silu_mul_fp8" in ops:
+            bench_silu_mul(run, model, sizes, ops)
         if "rotary_kv_write" in ops:
             bench_rotary(run, model, sizes)
         if "decode" in ops:
