@@ -66,6 +66,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from host_speed import host_cpu  # noqa: E402
 from workloads import KINDS, WORKLOADS, RequestSpec, make_named, make_workload  # noqa: E402, F401
 
 RESULTS = HERE / "results"
@@ -1055,27 +1056,6 @@ def device_name() -> str:
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def host_cpu() -> dict[str, Any]:
-    """The host's CPU model and the ms one core takes for a fixed piece of pure Python (median of 5).
-    The serving bounds at 64-128 streams passed or failed by machine on 2026-11-26 (NOTES): the
-    frontend's event loop and the client are Python, so a slower core moves both."""
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-            model = next(names, model)
-    except OSError:
-        pass
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        d: dict[int, int] = {}
-        for i in range(200_000):
-            d[i & 1023] = d.get(i & 1023, 0) + i
-        times.append(1e3 * (time.perf_counter() - t))
-    return {"host_cpu": model, "host_python_ms": sorted(times)[2]}
 
 
 TABLE_COLUMNS = [

@@ -51,6 +51,7 @@ from bench_decode import (  # noqa: E402
     dummy_engine_config,
     prompts,
 )
+from host_speed import host_cpu  # noqa: E402
 from step_window_profile import print_profile  # noqa: E402
 from step_window_profile import profile_steps as profile_window  # noqa: E402
 
@@ -79,6 +80,9 @@ class ShapeResult:
     profile: dict[str, Any] | None = None
     step_ms: list[float] | None = None
     step_tokens: list[int] | None = None
+    # the host's wait for the GPU's results (a GPU-bound run waits most of its time) and its CPU time
+    device_wait_s: float = 0.0
+    host_cpu_s: float = 0.0
 
     @property
     def output_tok_s(self) -> float:
@@ -172,6 +176,7 @@ def run_shape(
     profile: dict[str, Any] | None = None
     step_ms: list[float] = []  # each step's wall time and output tokens: prompt waves show as slow steps
     step_tokens: list[int] = []
+    wait0, cpu0 = engine.device_wait_seconds_total, time.process_time()
     start = last = time.perf_counter()
     while engine.has_unfinished():
         if profile_steps and profile is None and time.perf_counter() - start >= profile_after_s:
@@ -199,6 +204,7 @@ def run_shape(
             cut = engine.has_unfinished()
             break
     elapsed = time.perf_counter() - start
+    device_wait_s, host_cpu_s = engine.device_wait_seconds_total - wait0, time.process_time() - cpu0
     for rid in pending:
         engine.abort(rid)
     while engine.has_unfinished():  # the step still in flight
@@ -221,6 +227,8 @@ def run_shape(
         profile=profile,
         step_ms=step_ms,
         step_tokens=step_tokens,
+        device_wait_s=device_wait_s,
+        host_cpu_s=host_cpu_s,
     )
 
 
@@ -380,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         date=dt.date.today().isoformat(),
         commit=commit(),
         copy_tb_s=bw / 1e12,
+        **host_cpu(),
     )
     for r in rows:
         r.update(meta)

@@ -52,23 +52,34 @@ STAGES = (1, 2, 3)
 
 
 def pools(
-    hq: int, hkv: int, batch: int, context: int, fp8: bool, block_size: int = 16
+    hq: int, hkv: int, batch: int, context: int, fp8: bool, pool_blocks: int = 0, block_size: int = 16
 ) -> list[tuple[torch.Tensor, ...]]:
     """LAYERS sets of (q, K, V, block tables, context lengths, K scale, V scale), each sequence in
-    shuffled blocks; with fp8 the caches are e4m3 with per-head scales (else the scales are None)."""
+    shuffled blocks; with fp8 the caches are e4m3 with per-head scales (else the scales are None).
+    `pool_blocks`: each layer's pool holds this many blocks (the engine's pool: its sequences' blocks
+    lie anywhere in it), the sequences' blocks drawn at random from all of them; 0: just the blocks
+    the sequences use."""
     per_seq = math.ceil(context / block_size)
+    used = batch * per_seq
+    total = max(pool_blocks, used)
+    first: tuple[torch.Tensor, torch.Tensor] | None = None
     out = []
     for _ in range(LAYERS):
-        k = torch.randn((batch * per_seq, block_size, hkv, 128), dtype=torch.bfloat16, device="cuda")
-        v = torch.randn_like(k)
+        if first is None:
+            k = torch.randn((total, block_size, hkv, 128), dtype=torch.bfloat16, device="cuda")
+            v = torch.randn_like(k)
+        else:  # the same values in a pool of its own: a layer's reads never hit another's in L2
+            k, v = first[0].clone(), first[1].clone()
         tables = torch.zeros(batch, MAX_LEN // block_size, dtype=torch.int32, device="cuda")
-        tables[:, :per_seq] = torch.randperm(batch * per_seq, device="cuda").int().view(batch, per_seq)
+        tables[:, :per_seq] = torch.randperm(total, device="cuda")[:used].int().view(batch, per_seq)
         lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
         q = torch.randn(batch, hq, 128, dtype=torch.bfloat16, device="cuda")
         scales: tuple[torch.Tensor | None, ...] = (None, None)
         if fp8:
             scales = tuple(torch.full((hkv,), 4.0 / 448, device="cuda") for _ in range(2))
-            k, v = quantize_kv(k, scales[0]), quantize_kv(v, scales[1])
+            if first is None:
+                k, v = quantize_kv(k, scales[0]), quantize_kv(v, scales[1])
+        first = first or (k, v)
         out.append((q, k, v, tables, lens, *scales))
     return out
 
@@ -97,6 +108,13 @@ def main() -> None:
     ap.add_argument("--replays", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=400, help="stop starting new shapes after this")
     ap.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp8"], help="the cache's dtype")
+    ap.add_argument(
+        "--pool-blocks",
+        type=int,
+        default=0,
+        help="blocks in each layer's pool, the sequences' blocks drawn from all of them (the engine's pool "
+        "size; 0: only the blocks used)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     fp8 = args.kv_dtype == "fp8"
@@ -105,13 +123,14 @@ def main() -> None:
     today = dt.date.today().isoformat()
     meta = dict(bench="decode-attention-sweep", device=device_name(), date=today, commit=commit())
     meta["kv_dtype"] = args.kv_dtype
+    meta["pool_blocks"] = args.pool_blocks
     rows = []
     for name in args.shapes.split(","):
         if time.monotonic() - t0 > args.budget_s:
             print(f"{name}: skipped, budget spent", flush=True)
             continue
         hq, hkv, batch, context, split_choices = SHAPES[name]
-        layers = pools(hq, hkv, batch, context, fp8)
+        layers = pools(hq, hkv, batch, context, fp8, args.pool_blocks)
         default = decode_launch(batch, hkv, MAX_LEN, torch.device("cuda"))
         floor_us = 1e6 * 2 * batch * context * hkv * 128 * (1 if fp8 else 2) / bandwidth
         q, k, v, tables, lens, ks, vs = layers[0]

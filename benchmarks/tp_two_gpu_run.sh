@@ -90,8 +90,9 @@ if [ "$PART" = 8b ] || [ "$PART" = bench8b ] || [ "$PART" = tests+bench8b ]; the
   timeout $(( $(left) > 30 ? $(left) : 30 )) python3 benchmarks/bench_tp.py --engines "$ENGINES" ${TP_8B_ARGS:-} \
     --budget-s $(( $(left) - 15 )) --out "$OUT/tp-8b.json" 2>&1 | tee "$OUT/tp-8b.log" | tail -40
   kill "$CLOCKS" 2>/dev/null
-  if [ -n "${PROFILER:-}" ]; then  # each py-spy writes its file as its process ends
-    kill "$PROFILER"; sleep 2
+  if [ -n "${PROFILER:-}" ]; then  # each py-spy writes its file as its process ends (with --idle, seconds later)
+    kill "$PROFILER"
+    for _ in $(seq 60); do pgrep -f "py-spy record" > /dev/null || break; sleep 1; done
     # one archive: the device returns a few files a call, and a profile of each engine's ranks is many
     (cd "$OUT" && tar czf pyspy.tgz pyspy-*.json pyspy-start.log && rm -f pyspy-*.json pyspy-start.log)
   fi

@@ -48,6 +48,8 @@ def test_whole_runs_every_scheme_and_shape(tmp_path: Path) -> None:
         assert 0 < r["mean_running"] <= r["batch_limit"] and 0 < r["mean_batch"] <= r["batch_limit"]
         assert r["trtllm_fp8_output_tok_s"] is None and r["ratio_vs_trtllm_fp8"] is None
         assert r["device"] == "cpu" and r["model"] == "tiny" and r["commit"] and r["date"]
+        assert 0 <= r["device_wait_s"] <= r["elapsed_s"] and r["host_cpu_s"] > 0
+        assert r["host_python_ms"] > 0 and r["host_cpu"]
 
 
 def test_a_run_cut_by_its_budget(tmp_path: Path) -> None:
