@@ -7,6 +7,7 @@ finish within a bounded number of steps.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 
@@ -47,6 +48,12 @@ def check_books(sched: Scheduler, live: list[Sequence]) -> None:
         assert len(s.block_table) * bm.block_size >= s.num_computed_tokens
     for s in sched.waiting:
         assert not s.block_table and s.status is SequenceStatus.WAITING
+    # the queue's books: its work kept as sequences come and go equals its work summed now, and its
+    # order by the keys fixed on joining is the order by priority now
+    assert sched.waiting_work == sum(s.remaining_work for s in sched.waiting)
+    now = sched.clock()
+    priorities = [sched.priority(s, now) for s in sched.waiting_in_order()]
+    assert all(a <= b + 1e-6 for a, b in itertools.pairwise(priorities)), "waiting out of priority order"
 
 
 op = st.one_of(

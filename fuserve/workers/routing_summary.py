@@ -21,6 +21,7 @@ import heapq
 from dataclasses import dataclass, field
 
 from fuserve.workers.scheduler import Scheduler, SchedulerOutput
+from fuserve.workers.sequence import Sequence
 
 MAX_WAITING = 64
 MAX_DECODE_LEFT = 32
@@ -54,22 +55,25 @@ def summarize_queue(scheduler: Scheduler, now: float) -> QueueSummary:
             out.num_decoding += 1
             left.append(seq.max_tokens - seq.num_output_tokens)
     out.decode_left = heapq.nsmallest(MAX_DECODE_LEFT, left)
-    ranked = sorted(
-        (
+    queue = scheduler.waiting_in_order()
+    head = [_entry(scheduler, s, now) for s in queue[:MAX_WAITING]]
+    if len(queue) > MAX_WAITING:
+        tail = queue[MAX_WAITING:]
+        head.append(
             (
-                scheduler.priority(s, now),
-                s.num_tokens - s.num_computed_tokens,
-                s.max_tokens - s.num_output_tokens,
+                scheduler.priority(tail[0], now),
+                sum(s.num_tokens - s.num_computed_tokens for s in tail),
+                max(s.max_tokens - s.num_output_tokens for s in tail),
             )
-            for s in scheduler.waiting
-        ),
-        key=lambda item: item[0],
-    )
-    head, tail = ranked[:MAX_WAITING], ranked[MAX_WAITING:]
-    if tail:
-        head.append((tail[0][0], sum(t[1] for t in tail), max(t[2] for t in tail)))
+        )
     out.waiting_queue = [(round(p, 1), n, o) for p, n, o in head]
     return out
+
+
+def _entry(scheduler: Scheduler, s: Sequence, now: float) -> tuple[float, int, int]:
+    """(priority now, tokens to prefill, tokens to generate)."""
+    prefill = s.num_tokens - s.num_computed_tokens
+    return scheduler.priority(s, now), prefill, s.max_tokens - s.num_output_tokens
 
 
 class QueueSummaryCache:

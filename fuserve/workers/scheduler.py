@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from fuserve.configs import SchedulerConfig
 from fuserve.workers.block_manager import BlockManager
@@ -64,7 +65,15 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+_QUEUE_KEY = attrgetter("queue_key")
+
+
 class Scheduler:
+    """The waiting queue keeps, for each sequence, a key fixed when it joins (`queue_key`) and the
+    queue's total work: a waiting sequence computes nothing, so its work and its order against the
+    others do not change while it waits (every priority gains the same aging credit). A burst leaves
+    thousands waiting; ordering them and summing their work then costs no Python call per sequence."""
+
     def __init__(
         self,
         config: SchedulerConfig,
@@ -74,14 +83,37 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.clock = clock
-        self.waiting: list[Sequence] = []
+        self.waiting: list[Sequence] = []  # change it only through _enqueue / _dequeue
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._waiting_work: dict[Sequence, int] = {}  # each waiting sequence's work when it joined
+        self.waiting_work = 0  # their sum
 
     # ---- queue management -----------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
+        work = seq.remaining_work
+        # priority(seq, now) = queue_key - aging * now while it waits: the same order at any `now`
+        seq.queue_key = (
+            seq.arrival_time
+            if self.config.policy == "fcfs"
+            else work + self.config.aging_tokens_per_s * seq.arrival_time
+        )
         self.waiting.append(seq)
+        self._waiting_work[seq] = work
+        self.waiting_work += work
+
+    def _dequeue(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        self.waiting_work -= self._waiting_work.pop(seq)
+
+    def waiting_in_order(self) -> list[Sequence]:
+        """The waiting queue in admission order (sorted in place: mostly sorted already, so cheap)."""
+        self.waiting.sort(key=_QUEUE_KEY)
+        return self.waiting
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -93,15 +125,15 @@ class Scheduler:
         seq.drop_placeholders()
         if seq in self.running:
             self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        elif seq in self._waiting_work:
+            self._dequeue(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
     def outstanding_tokens(self) -> int:
         """Work still queued here, in tokens: what the router balances on."""
-        return sum(s.remaining_work for s in self.waiting) + sum(s.remaining_work for s in self.running)
+        return self.waiting_work + sum(s.remaining_work for s in self.running)
 
     def priority(self, seq: Sequence, now: float) -> float:
         if self.config.policy == "fcfs":
@@ -151,8 +183,7 @@ class Scheduler:
         # budget admits no one, so the queue (thousands under a burst) is not sorted for nothing.
         room = budget > 0 and len(self.running) < self.config.max_num_seqs
         if not out.preempted and room and self.waiting:
-            self.waiting.sort(key=lambda s: self.priority(s, now))
-            ready = [s for s in self.waiting if not s.waiting_for_grammar]
+            ready = [s for s in self.waiting_in_order() if not s.waiting_for_grammar]
             for seq in ready:
                 if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                     break
@@ -160,7 +191,7 @@ class Scheduler:
                     break
                 bm.allocate(seq)
                 n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-                self.waiting.remove(seq)
+                self._dequeue(seq)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
                 out.scheduled.append(ScheduledSeq(seq, n))
@@ -183,10 +214,9 @@ class Scheduler:
         seq.spec_token_ids = []
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.append(seq)
+        self._enqueue(seq)
         out.preempted.append(seq)
 
     def on_launched(self, out: SchedulerOutput) -> None:

@@ -52,6 +52,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     # an int naming the sequence in step plans (their block tables cross to other ranks as diffs)
     key: int = field(default_factory=lambda: next(_keys))
+    queue_key: float = 0.0  # its place in the waiting queue, set when it joins (scheduler.py)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
