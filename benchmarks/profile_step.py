@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 from bench_decode import LLAMA3_8B, TINY, prompts
+from step_window_profile import profile_steps
 
 from fuserve.configs import config_from_dict
 from fuserve.sampling_params import SamplingParams
@@ -39,25 +40,14 @@ def gpu_ms(fn, reps: int = 50) -> float:
 
 
 def kernel_table(fn, reps: int = 10) -> list[tuple[str, float, int]]:
-    """GPU kernel time per call of fn, by kernel name: [(name, ms per call, launches per call)]."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """GPU kernel time per call of fn, by kernel family: [(name, ms per call, launches per call)]."""
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for ev in prof.events():
-        if ev.device_type.name == "CUDA":
-            t = totals[ev.name[:60]]
-            t[0] += ev.device_time / 1e3 / reps
-            t[1] += 1
-    rows = sorted(((k, v[0], v[1] // reps) for k, v in totals.items()), key=lambda r: -r[1])
+    result = profile_steps(fn, reps, top=20)
+    rows = [(k["kernel"], k["ms_per_step"], round(k["launches_per_step"])) for k in result["kernels"]]
     for name, ms, n in rows[:12]:
         print(f"    {ms:7.3f} ms  x{n:<4} {name}")
-    return rows[:20]
+    return rows
 
 
 def logits_argmax(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:

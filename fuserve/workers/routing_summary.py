@@ -71,7 +71,7 @@ def summarize_queue(scheduler: Scheduler, now: float) -> QueueSummary:
 
 
 def _entry(scheduler: Scheduler, s: Sequence, now: float) -> tuple[float, int, int]:
-    """(priority now, tokens to prefill, tokens to generate)."""
+    """One entry of `waiting_queue`, in the terms the router's TTFT model replays (ttft_model.predict)."""
     prefill = s.num_tokens - s.num_computed_tokens
     return scheduler.priority(s, now), prefill, s.max_tokens - s.num_output_tokens
 
