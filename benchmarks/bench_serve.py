@@ -472,16 +472,12 @@ def process_shares(
     """How a level's requests and frontend CPU fell on the replica's frontend processes: each
     process's share of the requests finished in the level and its share of a core, busiest first.
     One process with most of the requests is HAProxy's connections gathered in it."""
-    done = {
-        k[len("proc_requests:") :]: v - before.get(k, 0.0)
-        for k, v in after.items()
-        if k.startswith("proc_requests:")
-    }
-    cpu = {
-        k[len("proc_cpu_s:") :]: v - before.get(k, 0.0)
-        for k, v in after.items()
-        if k.startswith("proc_cpu_s:")
-    }
+
+    def per_process(prefix: str) -> dict[str, float]:
+        return {k[len(prefix) :]: v - before.get(k, 0.0) for k, v in after.items() if k.startswith(prefix)}
+
+    done = per_process(PROCESS_COUNTERS["fuserve_frontend_process_requests_total"])
+    cpu = per_process(PROCESS_COUNTERS["fuserve_frontend_process_cpu_seconds_total"])
     total = sum(done.values())
     if len(done) < 2 or total <= 0 or wall_s <= 0:
         return {}

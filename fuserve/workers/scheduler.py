@@ -87,7 +87,6 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._waiting_work: dict[Sequence, int] = {}  # each waiting sequence's work when it joined
-        self.waiting_work = 0  # their sum
 
     # ---- queue management -----------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -104,11 +103,15 @@ class Scheduler:
         )
         self.waiting.append(seq)
         self._waiting_work[seq] = work
-        self.waiting_work += work
 
     def _dequeue(self, seq: Sequence) -> None:
         self.waiting.remove(seq)
-        self.waiting_work -= self._waiting_work.pop(seq)
+        del self._waiting_work[seq]
+
+    @property
+    def waiting_work(self) -> int:
+        """The waiting queue's work in tokens: summed in C over the values kept on joining."""
+        return sum(self._waiting_work.values())
 
     def waiting_in_order(self) -> list[Sequence]:
         """The waiting queue in admission order (sorted in place: mostly sorted already, so cheap)."""
