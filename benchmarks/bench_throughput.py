@@ -170,6 +170,7 @@ def run_shape(
         engine.add_request(rid, p, params)
         pending.add(rid)
     submit_s = time.perf_counter() - t0
+    print(f"{tag}: {num_requests} requests submitted, timing {time_budget_s:g} s", flush=True)
     preemptions0 = engine.scheduler.num_preemptions
     steps = output_tokens = started = completed = running_sum = 0
     cut = False
