@@ -204,18 +204,40 @@ def test_a_full_batch_does_not_rank_the_queue() -> None:
     seqs = [Sequence(f"s{i}", [1, 2, 3], SamplingParams(max_tokens=9 - i), 0.0, 9 - i) for i in range(6)]
     for seq in seqs:
         sched.add(seq)
-    ranked: list[str] = []
-    plain = sched.priority
-    sched.priority = lambda seq, now: ranked.append(seq.seq_id) or plain(seq, now)  # type: ignore[method-assign]
+    ranked: list[int] = []
+    plain = sched.waiting_in_order
+    sched.waiting_in_order = lambda: ranked.append(len(sched.waiting)) or plain()  # type: ignore[method-assign]
     out = sched.schedule()
     assert [s.seq.seq_id for s in out.scheduled] == ["s5", "s4"]  # least work first
     sched.on_launched(out)
     sched.update_from_output(out, [7, 7])
     ranked.clear()
     out = sched.schedule()
-    assert sorted(ranked) == ["s4", "s5"], "only the running pair is ranked while the batch is full"
+    assert ranked == [], "the queue is not ranked while the batch is full"
     sched.on_launched(out)
     sched.update_from_output(out, [7, 7])
     sched.finish(seqs[5], FinishReason.STOP)
     out = sched.schedule()
+    assert ranked == [4]
     assert "s3" in [s.seq.seq_id for s in out.scheduled]  # a place freed: the next-best enters
+
+
+def test_running_sequences_sort_in_priority_order() -> None:
+    """The running batch is sorted each step by a key without `now` (aging moves every priority alike);
+    preemption victims come from its back, so that order must be the order by priority."""
+    clock = FakeClock()
+    rng = random.Random(3)
+    for policy in ("swf", "fcfs"):
+        cfg = SchedulerConfig(policy=policy, aging_tokens_per_s=25.0)
+        sched = Scheduler(cfg, BlockManager(64, 4, False), clock)
+        seqs = []
+        for i in range(40):
+            n = rng.randint(1, 30)
+            seq = Sequence(f"s{i}", [1] * n, SamplingParams(), rng.uniform(0, 100), rng.randint(1, 200))
+            seq.num_computed_tokens = rng.randint(0, n)
+            seq.token_ids += [5] * rng.randint(0, 20)
+            seqs.append(seq)
+        now = 150.0
+        by_key = sorted(seqs, key=sched._running_key())
+        priorities = [sched.priority(s, now) for s in by_key]
+        assert all(a <= b + 1e-6 for a, b in itertools.pairwise(priorities)), policy

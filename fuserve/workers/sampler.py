@@ -153,6 +153,11 @@ class SampledBatch:
         if self._event is not None:
             self._event.synchronize()
 
+    def token_ids(self) -> list[int]:
+        """The sampled tokens alone, one per row (`results` without an object per row)."""
+        self.synchronize()
+        return self.tokens.tolist()
+
     def results(self) -> list[SampleResult]:
         self.synchronize()
         tokens = self.tokens.tolist()

@@ -36,9 +36,11 @@ class ScheduledSeq:
     spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        seq = self.seq  # made for every scheduled sequence every step: no property calls here
         if self.start < 0:
-            self.start = self.seq.num_computed_tokens
-        self.samples = self.start + self.num_known_tokens == self.seq.num_tokens
+            self.start = seq.num_computed_tokens
+        known = self.num_new_tokens - len(self.spec_token_ids)
+        self.samples = self.start + known == len(seq.token_ids)
 
     @property
     def num_known_tokens(self) -> int:
@@ -66,6 +68,7 @@ class SchedulerOutput:
 
 
 _QUEUE_KEY = attrgetter("queue_key")
+_ARRIVAL = attrgetter("arrival_time")
 
 
 class Scheduler:
@@ -143,16 +146,22 @@ class Scheduler:
             return seq.arrival_time
         return seq.remaining_work - self.config.aging_tokens_per_s * (now - seq.arrival_time)
 
+    def _running_key(self) -> Callable[[Sequence], float]:
+        """A sort key in `priority`'s order: its aging term less the same `now` for every sequence."""
+        if self.config.policy == "fcfs":
+            return _ARRIVAL
+        aging = self.config.aging_tokens_per_s
+        return lambda s: s.remaining_work + aging * s.arrival_time
+
     # ---- one step -------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        now = self.clock()
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
         bm = self.block_manager
 
         # Running first, best priority first; victims are taken from the back of this order.
-        self.running.sort(key=lambda s: self.priority(s, now))
+        self.running.sort(key=self._running_key())
         queue = deque(self.running)  # taken from the front, victims from the back: O(1) each
         kept: list[Sequence] = []
         while queue and budget > 0:

@@ -23,6 +23,9 @@ class SequenceStatus(Enum):
     FINISHED = "finished"
 
 
+_FINISHED = SequenceStatus.FINISHED  # a module global: read per sequence several times a step
+
+
 class FinishReason(str, Enum):
     STOP = "stop"
     LENGTH = "length"
@@ -83,7 +86,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
+        return self.status is _FINISHED
 
     def drop_placeholders(self) -> None:
         while self.token_ids and self.token_ids[-1] == PLACEHOLDER:
