@@ -479,16 +479,17 @@ def run_engine(
     )
     if not spec.keyed_argmax:
         name += "-gather-argmax"
-    two_shot = one_shot and getattr(workers.tp.fast_all_reduce, "two_shot_buffer", None) is not None
+    fast = workers.tp.fast_all_reduce if one_shot else None
+    two_shot = fast is not None and fast.two_shot_buffer is not None
+    fused = fast is not None and fast.two_shot_above > 0  # below four ranks: the fused kernel for decode
     if two_shot:
-        name += "-twoshot"
+        name += "-twoshot-prefill" if fused else "-twoshot"
     # what the kernels do, not what was asked: PDL needs a compiled sm_90+ GPU, and prefetch needs PDL
     pdl = torch.cuda.is_available() and pdl_enabled(torch.empty(0, device="cuda"))
     l2_prefetch_mb = l2_prefetch_budget() / 2**20 if pdl else 0.0
     if l2_prefetch_mb:
         name += f"-l2pf{l2_prefetch_mb:g}"
-    # only the fused all-reduce + RMSNorm prefetches, which runs with the one-shot path and not two-shot
-    fused = one_shot and not two_shot
+    # only the fused all-reduce + RMSNorm prefetches
     all_reduce_prefetch_mb = switches().all_reduce_prefetch_bytes / 2**20 if fused else 0.0
     if all_reduce_prefetch_mb:
         name += f"-arpf{all_reduce_prefetch_mb:g}"

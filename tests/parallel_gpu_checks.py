@@ -69,6 +69,20 @@ def check_all_reduce(rank: int, size: int, port: int, gpus: list[str]) -> None:
         if fast.fits(x):
             torch.testing.assert_close(got, fast(x))
         torch.testing.assert_close(got.float(), nccl.float(), atol=0.05, rtol=0.02)
+    # a prefill's message, once the worker reserved room for it: two-shot over P2P, where NCCL took it
+    assert fast.reserve_two_shot(512 * 4096, tp.cpu_group)
+    for rows in (64, 256, 512):
+        x, want = expected((rows, 4096), torch.bfloat16)
+        assert fast.fits(x), rows
+        assert fast.fits_add_rmsnorm(x) == (rows == 64), "the fused kernel keeps the small messages"
+        nccl = x.clone()
+        dist.all_reduce(nccl)
+        torch.testing.assert_close(tp.all_reduce(x.clone()).float(), nccl.float(), atol=0.05, rtol=0.02)
+        slot = fast.two_shot_slot(rows, 4096, torch.bfloat16)
+        assert (slot is None) == (rows == 64)
+        if slot is not None:  # a row-parallel layer's GEMM writes its partial straight into the buffer
+            slot.copy_(x)
+            torch.testing.assert_close(fast.sum_in_slot(slot).float(), nccl.float(), atol=0.05, rtol=0.02)
     half = torch.ones(8, 4096, dtype=torch.float16, device=device)
     assert not fast.fits(half)
     torch.testing.assert_close(tp.all_reduce(half), torch.full_like(half, size))

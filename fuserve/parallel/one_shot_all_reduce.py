@@ -56,6 +56,9 @@ DEFAULT_MAX_BYTES = {2: 1 << 20, 4: 512 << 10, 8: 256 << 10}
 # at 16 KiB against one-shot 9.6 and the fused all-reduce + add + RMSNorm 14.7; 14.0 us at 1 MiB against
 # NCCL 26.7; 29.4 us at 4 MiB against NCCL 56.1. So at N >= 4 it takes every message up to its buffer,
 # followed by the separate add + RMSNorm (bench_tp.py measures the kernels alone with two_shot=False).
+# Below four ranks the one-shot and fused kernels keep the small messages, and two-shot takes only those
+# above their limit: a prefill's (Llama-3-8B at TP=2: 4,096 tokens x 4,096 x 2 bytes = 32 MiB, which NCCL
+# sums in 139.6 us), in a buffer the worker sizes for its largest step (`reserve_two_shot`).
 TWO_SHOT_MIN_RANKS = 4
 TWO_SHOT_MAX_BYTES = 8 << 20
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)  # what the torch kernel dispatches on
@@ -91,13 +94,15 @@ class OneShotAllReduce:
         symm_mem.rendezvous(self.buffer, group)
         self.push, self._push_tensors = symmetric_push_buffers(group, device, dtype, self.max_numel)
         self.size = dist.get_world_size(group)
+        self.group = group
+        self.two_shot = two_shot
+        # the two-shot kernel takes messages of more elements than this (all of them from four ranks on)
+        self.two_shot_above = 0 if self.size >= TWO_SHOT_MIN_RANKS else self.max_numel
         self.two_shot_buffer: torch.Tensor | None = None
         if two_shot and self.size >= TWO_SHOT_MIN_RANKS:
-            self.two_shot_buffer = symm_mem.empty(
-                TWO_SHOT_MAX_BYTES // dtype.itemsize, dtype=dtype, device=device
+            self.two_shot_buffer = _symmetric_buffer(
+                TWO_SHOT_MAX_BYTES // dtype.itemsize, dtype, device, group
             )
-            self.two_shot_buffer.zero_()
-            symm_mem.rendezvous(self.two_shot_buffer, group)
         self.slots: gemv_push.PushSlots | None = None
         if push_gemv and dtype in gemv_push.DTYPES:
             self.slots, self._slot_tensors = gemv_push.symmetric_push_slots(
@@ -184,6 +189,32 @@ class OneShotAllReduce:
             log.warning("one-shot all-reduce self-test gave wrong sums on rank %d", rank)
         return ok
 
+    def reserve_two_shot(self, numel: int, cpu_group: Any, timeout_s: float = 60.0) -> bool:
+        """Collective (every rank, same numel): a two-shot buffer for messages of up to `numel` elements,
+        so that a step's largest all-reduce (a prefill's) runs over P2P rather than NCCL. Checked with
+        one sum of the largest message before it is used; False (NCCL keeps them) where it summed wrong
+        on any rank, or is not needed."""
+        if not self.two_shot or numel <= self.two_shot_above:
+            return False
+        buf = self.two_shot_buffer
+        if buf is not None and buf.numel() >= numel:
+            return True
+        device = self.buffer.device
+        numel = -(-numel // (self.size * _ALIGN)) * self.size * _ALIGN  # every rank's part 16-byte aligned
+        self.two_shot_buffer = _symmetric_buffer(numel, self.dtype, device, self.group)
+        rank = dist.get_rank(self.group)
+        x = torch.full((numel,), float(rank + 1), dtype=self.dtype, device=device)
+        got = self(x)
+        from fuserve.parallel.process_group import wait_device  # process_group imports this module
+
+        wait_device(device, "the two-shot all-reduce's check", timeout_s)
+        ok = bool((got == self.size * (self.size + 1) / 2).all())
+        if not _all_ranks(ok, cpu_group):
+            log.warning("two-shot all-reduce of %d elements summed wrong; NCCL keeps such messages", numel)
+            self.two_shot_buffer = buf
+            return False
+        return True
+
     def fits(self, x: torch.Tensor) -> bool:
         return self._fits(x, self.max_numel) or self._fits_two_shot(x)
 
@@ -203,6 +234,7 @@ class OneShotAllReduce:
         buf = self.two_shot_buffer
         return (
             buf is not None
+            and x.numel() > self.two_shot_above
             and self._fits(x, buf.numel())
             and (x.numel() * x.element_size()) % (self.size * _ALIGN) == 0
         )
@@ -231,8 +263,8 @@ class OneShotAllReduce:
         return one_shot_sum(x, self.buffer, self.group_name)
 
     def fits_add_rmsnorm(self, x: torch.Tensor) -> bool:
-        """Not where the two-shot kernel runs: it and a separate add + RMSNorm beat the fused kernel."""
-        return x.is_cuda and self.two_shot_buffer is None and self.push.fits(x)
+        """Below four ranks only: from four on the two-shot kernel and a separate add + RMSNorm beat it."""
+        return x.is_cuda and self.two_shot_above > 0 and not self._fits_two_shot(x) and self.push.fits(x)
 
     def timed_out_rank(self) -> int | None:
         return self.push.timed_out_rank
@@ -268,6 +300,16 @@ class OneShotAllReduce:
         """`add_rmsnorm` for a partial that `gemv_push` made: the peers' parts are already on their way."""
         assert self.slots is not None
         return gemv_push.pushed_add_rmsnorm(partial, residual, weight, eps, self.slots)
+
+
+def _symmetric_buffer(numel: int, dtype: torch.dtype, device: torch.device, group: Any) -> torch.Tensor:
+    """A zeroed buffer every rank of `group` maps (collective: each rank calls it in the same order)."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    buf = symm_mem.empty(numel, dtype=dtype, device=device)
+    buf.zero_()
+    symm_mem.rendezvous(buf, group)
+    return buf
 
 
 def one_shot_sum(x: torch.Tensor, buffer: torch.Tensor, group_name: str) -> torch.Tensor:

@@ -45,6 +45,8 @@ class FastAllReduce(Protocol):
 
     def fits_gemv_push(self, x: torch.Tensor, weight: torch.Tensor) -> bool: ...
 
+    def reserve_two_shot(self, numel: int, cpu_group: Any, timeout_s: float = 60.0) -> bool: ...
+
     def two_shot_slot(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor | None: ...
 
     def sum_in_slot(self, slot: torch.Tensor) -> torch.Tensor: ...
@@ -92,6 +94,12 @@ class TPContext:
 
     def give_up_detail(self) -> str:
         return self.fast_all_reduce.give_up_detail() if self.fast_all_reduce is not None else ""
+
+    def reserve_large_messages(self, numel: int) -> None:
+        """Collective, before the first step: let the fast path take all-reduces of up to `numel`
+        elements too (a prefill step's), where it has a kernel that beats NCCL at that size."""
+        if self.size > 1 and self.fast_all_reduce is not None:
+            self.fast_all_reduce.reserve_two_shot(numel, self.cpu_group)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks. Use the returned tensor: the fast path writes a new one."""

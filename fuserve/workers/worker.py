@@ -94,6 +94,8 @@ class Worker:
             config.model.seed,
             quant_scheme(self.source, config.model),
         )
+        # a step's largest all-reduce (its prefill's), set up before the profile step runs one
+        tp.reserve_large_messages(config.scheduler.max_num_batched_tokens * self.arch.hidden_size)
         cache_cfg = config.cache
         bs = cache_cfg.block_size
         num_kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
