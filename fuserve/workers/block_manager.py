@@ -12,6 +12,7 @@ equal prefixes and the block can be shared by reference instead of recomputed.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from fuserve.workers.sequence import Sequence
 
 def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
     h = hashlib.blake2b(parent, digest_size=16)
-    h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in token_ids))
+    h.update(struct.pack(f"<{len(token_ids)}i", *token_ids))  # each token as 4 little-endian bytes
     return h.digest()
 
 

@@ -252,32 +252,40 @@ class Scheduler:
         target's own next token): each is checked for a stop in turn, so nothing after a stop is kept,
         and the slots of its rejected drafts go back (`_take_back_drafts`)."""
         finished: list[Sequence] = []
+        commit = self.block_manager.commit_computed
         for item, result in zip(out.scheduled, sampled, strict=True):
             seq = item.seq
             if seq.is_finished:  # aborted or stopped while the step ran
                 continue
             if result is None:
-                self.block_manager.commit_computed(seq)
+                commit(seq)
                 continue
-            tokens = [result] if isinstance(result, int) else result
             pos = item.start + item.num_known_tokens  # the placeholder's index
-            reason = None
-            for i, token in enumerate(tokens):
-                if i == 0:
-                    seq.token_ids[pos] = token
-                else:  # the draft before it was kept, so its K/V (computed this step) is valid
-                    seq.token_ids.append(token)
-                    seq.num_computed_tokens += 1
-                reason = self._stop_reason(seq, token, pos + i + 1 - seq.num_prompt_tokens)
-                if reason is not None:
-                    break
+            if isinstance(result, int):  # one token: nearly every sequence of every step
+                seq.token_ids[pos] = result
+                reason = self._stop_reason(seq, result, pos + 1 - len(seq.prompt_token_ids))
+            else:
+                reason = self._keep_tokens(seq, result, pos)
             if item.spec_token_ids:
                 self._take_back_drafts(seq)
-            self.block_manager.commit_computed(seq)
+            commit(seq)
             if reason is not None:
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def _keep_tokens(self, seq: Sequence, tokens: list[int], pos: int) -> FinishReason | None:
+        """A speculating sequence's kept tokens from its placeholder at `pos` on, up to the first stop."""
+        for i, token in enumerate(tokens):
+            if i == 0:
+                seq.token_ids[pos] = token
+            else:  # the draft before it was kept, so its K/V (computed this step) is valid
+                seq.token_ids.append(token)
+                seq.num_computed_tokens += 1
+            reason = self._stop_reason(seq, token, pos + i + 1 - len(seq.prompt_token_ids))
+            if reason is not None:
+                return reason
+        return None
 
     def _take_back_drafts(self, seq: Sequence) -> None:
         """Blocks that held only rejected drafts go back to the pool; rejected slots in a kept block
