@@ -22,7 +22,7 @@ from fuserve.router.ttft_model import (
 )
 from fuserve.sampling_params import SamplingParams
 from fuserve.workers.block_manager import BlockManager
-from fuserve.workers.routing_summary import summarize_queue
+from fuserve.workers.routing_summary import MAX_WAITING, summarize_queue
 from fuserve.workers.scheduler import Scheduler
 from fuserve.workers.sequence import Sequence
 from fuserve.workers.step_cost_meter import StepCostMeter
@@ -238,6 +238,35 @@ def test_the_queue_summary_follows_the_schedulers_order_and_reaches_the_view() -
     assert v.age_s == pytest.approx(1.0)
     assert [(w.prefill, w.output) for w in v.waiting] == [(100, 10)] and v.num_decoding == 1
     assert view_from_report("a", {"outstanding_tokens": 5}, 100.0, frozenset()) is None
+
+
+def test_past_the_head_the_queue_folds_into_one_entry() -> None:
+    """Beyond MAX_WAITING the summary keeps one entry: the next one's priority, every remaining prompt
+    token to prefill, and the most tokens any of them still has to generate (a preempted one counts
+    the output it already has)."""
+    now = [100.0]
+    sched = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=50), BlockManager(4096, 16), clock=lambda: now[0]
+    )
+    rng = random.Random(5)
+    for i in range(MAX_WAITING + 40):
+        prompt, out = rng.randint(1, 300), rng.randint(1, 500)
+        seq = Sequence(str(i), list(range(1, prompt + 1)), SamplingParams(max_tokens=out), now[0], out)
+        if i % 7 == 0:  # as if preempted after some output
+            seq.token_ids += [5] * rng.randint(1, min(out, 20))
+        sched.add(seq)
+    longest = Sequence("long", [1] * 50, SamplingParams(max_tokens=1000), now[0], 1000)
+    longest.token_ids += [5] * 30  # preempted after 30 tokens: 970 to go, the most of all
+    sched.add(longest)
+    q = summarize_queue(sched, now[0])
+    tail = sched.waiting_in_order()[MAX_WAITING:]
+    assert longest in tail and q.waiting_queue[-1][2] == 970
+    assert len(q.waiting_queue) == MAX_WAITING + 1
+    assert q.waiting_queue[-1] == (
+        round(sched.priority(tail[0], now[0]), 1),
+        sum(s.num_tokens - s.num_computed_tokens for s in tail),
+        max(s.max_tokens - s.num_output_tokens for s in tail),
+    )
 
 
 # ---- several routers: no herding ---------------------------------------------------------------------

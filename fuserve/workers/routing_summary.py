@@ -19,9 +19,15 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from operator import attrgetter, sub
 
 from fuserve.workers.scheduler import Scheduler, SchedulerOutput
 from fuserve.workers.sequence import Sequence
+
+_TOKEN_IDS = attrgetter("token_ids")
+_PROMPT = attrgetter("prompt_token_ids")
+_COMPUTED = attrgetter("num_computed_tokens")
+_MAX_TOKENS = attrgetter("max_tokens")
 
 MAX_WAITING = 64
 MAX_DECODE_LEFT = 32
@@ -48,26 +54,30 @@ def summarize_queue(scheduler: Scheduler, now: float) -> QueueSummary:
     out = QueueSummary()
     left: list[int] = []
     for seq in scheduler.running:
-        to_prefill = seq.num_tokens - seq.num_computed_tokens  # a decode's: 1, its in-flight token
+        n = len(seq.token_ids)
+        to_prefill = n - seq.num_computed_tokens  # a decode's: 1, its in-flight token
         if to_prefill > 1:
             out.running_prefill_tokens += to_prefill
         else:
             out.num_decoding += 1
-            left.append(seq.max_tokens - seq.num_output_tokens)
+            left.append(seq.max_tokens - n + len(seq.prompt_token_ids))
     out.decode_left = heapq.nsmallest(MAX_DECODE_LEFT, left)
     queue = scheduler.waiting_in_order()
     head = [_entry(scheduler, s, now) for s in queue[:MAX_WAITING]]
     if len(queue) > MAX_WAITING:
         tail = queue[MAX_WAITING:]
-        head.append(
-            (
-                scheduler.priority(tail[0], now),
-                sum(s.num_tokens - s.num_computed_tokens for s in tail),
-                max(s.max_tokens - s.num_output_tokens for s in tail),
-            )
-        )
+        head.append((scheduler.priority(tail[0], now), *_tail_totals(tail)))
     out.waiting_queue = [(round(p, 1), n, o) for p, n, o in head]
     return out
+
+
+def _tail_totals(tail: list[Sequence]) -> tuple[int, int]:
+    """The tail's tokens to prefill (summed) and tokens to generate (the most), in C-level maps: a burst
+    leaves thousands waiting, and a Python expression per sequence cost ~2 ms a step at 4,800."""
+    sizes = list(map(len, map(_TOKEN_IDS, tail)))
+    prefill = sum(sizes) - sum(map(_COMPUTED, tail))
+    outputs = map(sub, sizes, map(len, map(_PROMPT, tail)))  # each one's output tokens so far
+    return prefill, max(map(sub, map(_MAX_TOKENS, tail), outputs))
 
 
 def _entry(scheduler: Scheduler, s: Sequence, now: float) -> tuple[float, int, int]:
