@@ -164,26 +164,30 @@ class Scheduler:
         self.running.sort(key=self._running_key())
         queue = deque(self.running)  # taken from the front, victims from the back: O(1) each
         kept: list[Sequence] = []
+        block_size = bm.block_size
         while queue and budget > 0:
             seq = queue.popleft()
-            if seq.num_output_tokens >= seq.max_tokens:  # its in-flight token is its last
+            num_tokens = len(seq.token_ids)
+            if num_tokens - len(seq.prompt_token_ids) >= seq.max_tokens:  # its in-flight token is its last
                 kept.append(seq)
                 continue
-            n = seq.num_tokens - seq.num_computed_tokens
+            n = num_tokens - seq.num_computed_tokens
             if n > budget:
                 if not chunked:
                     kept.append(seq)
                     continue
                 n = budget
-            drafts = self._drafts_that_fit(seq, n, budget)
-            while not bm.can_append(seq, seq.num_computed_tokens + n):
-                victim = queue.pop() if queue else seq
-                self._preempt(victim, out)
-                if victim is seq:
+            drafts = self._drafts_that_fit(seq, n, budget) if seq.spec_token_ids else []
+            end = seq.num_computed_tokens + n + len(drafts)
+            if end > len(seq.block_table) * block_size:  # it needs a block: there may be none left
+                while not bm.can_append(seq, seq.num_computed_tokens + n):
+                    victim = queue.pop() if queue else seq
+                    self._preempt(victim, out)
+                    if victim is seq:
+                        break
+                if seq.status is not SequenceStatus.RUNNING:
                     break
-            if seq.status is not SequenceStatus.RUNNING:
-                break
-            bm.append_slots(seq, seq.num_computed_tokens + n + len(drafts))
+                bm.append_slots(seq, end)
             out.scheduled.append(ScheduledSeq(seq, n + len(drafts), spec_token_ids=drafts))
             kept.append(seq)
             budget -= n + len(drafts)

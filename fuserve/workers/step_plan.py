@@ -104,6 +104,7 @@ def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
     plan = StepPlan()
     speculating = any(item.spec_token_ids for item in out.scheduled)
     input_ids, positions, slots = plan.input_ids, plan.positions, plan.slot_mapping
+    query_start, total = plan.query_start_loc, 0
     for b, item in enumerate(out.scheduled):
         seq, start, n = item.seq, item.start, item.num_new_tokens
         drafts = item.spec_token_ids
@@ -128,7 +129,8 @@ def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
             slots.extend(
                 table[p // block_size] * block_size + p % block_size for p in range(start, start + n)
             )
-        plan.query_start_loc.append(plan.query_start_loc[-1] + n)
+        total += n
+        query_start.append(total)
         plan.context_lens.append(start + n)
         plan.block_tables.append(list(table))
         plan.seq_keys.append(seq.key)
@@ -136,7 +138,7 @@ def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
             plan.sample_rows.append(b)
             # the output so far only where a penalty reads it: copying every sequence's whole output
             # each step grew the host's step time with the generation's length
-            num_out = seq.num_output_tokens
+            num_out = len(seq.token_ids) - len(seq.prompt_token_ids)
             output = seq.output_token_ids if has_penalty(seq.params) else []
             for j in range(len(drafts) + 1):  # row j's token follows j drafts (a seeded draw keys on it)
                 plan.sample_requests.append(
