@@ -96,8 +96,9 @@ class OneShotAllReduce:
         self.size = dist.get_world_size(group)
         self.group = group
         self.two_shot = two_shot
-        # the two-shot kernel takes messages of more elements than this (all of them from four ranks on)
-        self.two_shot_above = 0 if self.size >= TWO_SHOT_MIN_RANKS else self.max_numel
+        # the two-shot kernel takes messages of more elements than this (all of them from four ranks on,
+        # unless two_shot is off: bench_tp.py then measures the one-shot and fused kernels at any size)
+        self.two_shot_above = 0 if two_shot and self.size >= TWO_SHOT_MIN_RANKS else self.max_numel
         self.two_shot_buffer: torch.Tensor | None = None
         if two_shot and self.size >= TWO_SHOT_MIN_RANKS:
             self.two_shot_buffer = _symmetric_buffer(
