@@ -74,3 +74,32 @@ def test_bad_request_raises_and_engine_keeps_serving(engine: AsyncEngine) -> Non
 
     asyncio.run(main())
     assert engine.healthy
+
+
+def test_a_penalized_sequence_turns_overlap_off_while_it_lives(config) -> None:
+    """A penalty reads every earlier token on the host, so while a penalized sequence waits or runs the
+    engine does not queue a step before reading the last one back; once it ends, overlap resumes. Its
+    tokens are those it gets with async scheduling off."""
+    from fuserve.workers.engine import LLMEngine
+
+    pen = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, repetition_penalty=1.8)
+    plain = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
+    got: dict[str, list[int]] = {}
+    for mode in ("on", "off"):
+        cfg = config.model_copy(deep=True)
+        cfg.scheduler.async_scheduling = mode
+        engine = LLMEngine(cfg)
+        engine.add_request("plain", [5, 6, 7], plain)
+        engine.add_request("pen", [5, 6, 7, 6, 5], pen)
+        tokens: dict[str, list[int]] = {"pen": [], "plain": []}
+        overlap = []
+        while engine.has_unfinished():
+            overlap.append(engine._can_overlap())
+            for out in engine.step():
+                tokens[out.request_id] += out.delta_token_ids
+        engine.shutdown()
+        got[mode] = tokens["pen"]
+        if mode == "on":
+            assert not overlap[0] and overlap[-1], overlap
+            assert overlap.index(True) >= 6, "overlap came back before the penalized sequence ended"
+    assert got["on"] == got["off"] and len(got["on"]) == 6

@@ -336,10 +336,10 @@ class LLMEngine:
         """Penalties need every earlier token on the host, and so do drafts (the proposer reads them),
         so such batches run one step at a time. The penalized sequences are kept apart as they are
         added: walking every running and waiting one each step cost ~1 ms at 1,024 + 4,800."""
-        if self.speculation is not None and self.speculation.wants_drafts(self.scheduler.running):
-            return False
         if self._penalized:
             self._penalized = [s for s in self._penalized if not s.is_finished]
+        if self.speculation is not None and self.speculation.wants_drafts(self.scheduler.running):
+            return False
         return not self._penalized
 
     def _complete(self, inflight: tuple[SchedulerOutput, SampledBatch | None]) -> list[RequestOutput]:
