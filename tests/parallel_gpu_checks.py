@@ -77,12 +77,18 @@ def check_all_reduce(rank: int, size: int, port: int, gpus: list[str]) -> None:
         assert fast.fits_add_rmsnorm(x) == (rows == 64), "the fused kernel keeps the small messages"
         nccl = x.clone()
         dist.all_reduce(nccl)
-        torch.testing.assert_close(tp.all_reduce(x.clone()).float(), nccl.float(), atol=0.05, rtol=0.02)
+        got = tp.all_reduce(x.clone()).float()
+        torch.testing.assert_close(
+            got, nccl.float(), atol=0.05, rtol=0.02, msg=_named(f"{rows} rows, copied")
+        )
         slot = fast.two_shot_slot(rows, 4096, torch.bfloat16)
         assert (slot is None) == (rows == 64)
         if slot is not None:  # a row-parallel layer's GEMM writes its partial straight into the buffer
             slot.copy_(x)
-            torch.testing.assert_close(fast.sum_in_slot(slot).float(), nccl.float(), atol=0.05, rtol=0.02)
+            got = fast.sum_in_slot(slot).float()
+            torch.testing.assert_close(
+                got, nccl.float(), atol=0.05, rtol=0.02, msg=_named(f"{rows} rows, in its slot")
+            )
     half = torch.ones(8, 4096, dtype=torch.float16, device=device)
     assert not fast.fits(half)
     torch.testing.assert_close(tp.all_reduce(half), torch.full_like(half, size))
@@ -105,6 +111,11 @@ def check_all_reduce(rank: int, size: int, port: int, gpus: list[str]) -> None:
         torch.testing.assert_close(out.float(), want)
     check_add_rmsnorm(tp, device)
     destroy_tp_context()
+
+
+def _named(what: str) -> Any:
+    """assert_close's message with the case in front: a failure in a long GPU run should say which one."""
+    return lambda message: f"two-shot all-reduce, {what}: {message}"
 
 
 def check_add_rmsnorm(tp: Any, device: torch.device) -> None:
