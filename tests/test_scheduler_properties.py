@@ -238,6 +238,6 @@ def test_running_sequences_sort_in_priority_order() -> None:
             seq.token_ids += [5] * rng.randint(0, 20)
             seqs.append(seq)
         now = 150.0
-        by_key = sorted(seqs, key=sched._running_key())
+        by_key = sorted(seqs, key=sched._priority_key())
         priorities = [sched.priority(s, now) for s in by_key]
         assert all(a <= b + 1e-6 for a, b in itertools.pairwise(priorities)), policy

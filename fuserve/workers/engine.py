@@ -361,13 +361,8 @@ class LLMEngine:
 
         outputs: list[RequestOutput] = []
         by_seq = self._by_seq
-        if logprobs is None:
-            for item, token in zip(sched_out.scheduled, sampled, strict=True):
-                state = by_seq.get(item.seq.seq_id)
-                if token is not None and state is not None:
-                    outputs.append(self._emit(state))
-            return outputs
-        for item, token, lp in zip(sched_out.scheduled, sampled, logprobs, strict=True):
+        lps = [None] * len(sampled) if logprobs is None else logprobs
+        for item, token, lp in zip(sched_out.scheduled, sampled, lps, strict=True):
             state = by_seq.get(item.seq.seq_id)
             if token is None or state is None:
                 continue

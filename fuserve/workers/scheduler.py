@@ -97,15 +97,9 @@ class Scheduler:
 
     def _enqueue(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        work = seq.remaining_work
-        # priority(seq, now) = queue_key - aging * now while it waits: the same order at any `now`
-        seq.queue_key = (
-            seq.arrival_time
-            if self.config.policy == "fcfs"
-            else work + self.config.aging_tokens_per_s * seq.arrival_time
-        )
+        seq.queue_key = self._priority_key()(seq)  # fixed while it waits: it computes nothing
         self.waiting.append(seq)
-        self._waiting_work[seq] = work
+        self._waiting_work[seq] = seq.remaining_work
 
     def _dequeue(self, seq: Sequence) -> None:
         self.waiting.remove(seq)
@@ -146,8 +140,10 @@ class Scheduler:
             return seq.arrival_time
         return seq.remaining_work - self.config.aging_tokens_per_s * (now - seq.arrival_time)
 
-    def _running_key(self) -> Callable[[Sequence], float]:
-        """A sort key in `priority`'s order: its aging term less the same `now` for every sequence."""
+    def _priority_key(self) -> Callable[[Sequence], float]:
+        """A key in `priority`'s order at any `now`: priority(seq, now) = key(seq) - aging * now, the same
+        shift for every sequence. The running batch sorts by it each step; a waiting sequence keeps its
+        value from when it joined (`queue_key`)."""
         if self.config.policy == "fcfs":
             return _ARRIVAL
         aging = self.config.aging_tokens_per_s
@@ -161,7 +157,7 @@ class Scheduler:
         bm = self.block_manager
 
         # Running first, best priority first; victims are taken from the back of this order.
-        self.running.sort(key=self._running_key())
+        self.running.sort(key=self._priority_key())
         queue = deque(self.running)  # taken from the front, victims from the back: O(1) each
         kept: list[Sequence] = []
         block_size = bm.block_size
