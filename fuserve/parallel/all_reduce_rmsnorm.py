@@ -9,7 +9,8 @@ this one pushes instead of pulling and meets them once.
 One program per token row, on every rank r of W:
     epoch = ++counter[row]                 a per-row call count, the same on every rank (same calls)
     push x (r's partial row) into slot (epoch % 2, r) of every peer's buffer      NVLink stores
-    barrier; flag[r][row] = epoch on every peer                                    release, system scope
+    every thread fences its own pushes; barrier                                    fence.acq_rel.sys
+    flag[r][row] = epoch on every peer                                             release, system scope
     for src in 0..W-1 (the same order on every rank, so every rank sums bit-identically):
         src == r: its own x; else wait for own flag[src][row] >= epoch, read slot (epoch % 2, src)
     sum -> rounded to x.dtype (as an all-reduce returns it) -> + residual -> RMSNorm, as rmsnorm.py
@@ -84,6 +85,8 @@ def _all_reduce_add_rmsnorm_kernel(
     BLOCK_H: tl.constexpr,
     USE_PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
+    FENCE: tl.constexpr,
+    THREADS: tl.constexpr,
 ):
     pdl_launch_and_wait(USE_PDL)
     row = tl.program_id(0)
@@ -102,6 +105,8 @@ def _all_reduce_add_rmsnorm_kernel(
         if peer != rank:
             dst = tl.load(data_ptrs + peer).to(tl.pointer_type(dtype))
             tl.store(dst + mine + row_in_slot, x, mask=mask)
+    if FENCE:  # each thread's own pushes acknowledged before the flag (see fence_each_thread)
+        fence_each_thread(THREADS)
     tl.debug_barrier()  # every thread's stores before the flag that publishes them
     for peer in tl.static_range(WORLD):
         if peer != rank:
@@ -139,6 +144,25 @@ def _all_reduce_add_rmsnorm_kernel(
         mask,
         hidden_size,
         eps,
+    )
+
+
+@triton.jit
+def fence_each_thread(THREADS: tl.constexpr):
+    """`fence.acq_rel.sys` in every thread of the program (THREADS = num_warps x 32, one element each).
+
+    Why: the flag is raised by one thread after a CTA barrier, and the barrier does not wait for other
+    warps' stores to a peer's memory to land there. On two H100s (2026-11-28, benchmarks/
+    stress_push_all_reduce.py) a peer then read one warp's share of a row (512 of 4,096 values) from
+    the slot's previous use in ~1% of 128-row calls: a wrong sum, silently. Each thread's own fence
+    waits for its own pushes, so the barrier after it orders all of them before the flag."""
+    tl.inline_asm_elementwise(
+        "fence.acq_rel.sys;\n\tmov.u32 $0, 0;",
+        "=r,r",
+        [tl.arange(0, THREADS)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
     )
 
 
@@ -260,8 +284,7 @@ def weight_prefetch(next_weight: torch.Tensor | None, rows: int, budget_bytes: i
         next_weight is None
         or rows < 2
         or budget_bytes <= 0
-        or not next_weight.is_cuda
-        or os.environ.get("TRITON_INTERPRET") == "1"
+        or not compiled_for_gpu(next_weight)
         or next_weight.dim() != 2
         or next_weight.element_size() != 2
         or not next_weight.is_contiguous()
@@ -275,6 +298,12 @@ def weight_prefetch(next_weight: torch.Tensor | None, rows: int, budget_bytes: i
     return WeightPrefetch(
         next_weight.view(torch.uint8), n, row_length, prefetch_row_bytes(n, row_length, budget_bytes)
     )
+
+
+def compiled_for_gpu(x: torch.Tensor) -> bool:
+    """Whether the kernel is compiled for a GPU (inline PTX allowed), not run by Triton's interpreter,
+    which executes one program at a time and has no PTX."""
+    return x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @functools.cache
@@ -315,6 +344,7 @@ def all_reduce_add_rmsnorm(
     new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_h = triton.next_power_of_2(hidden)
     use_pdl = pdl_enabled(x)
+    num_warps = row_num_warps(block_h)
     _all_reduce_add_rmsnorm_kernel[(rows,)](
         x,
         residual,
@@ -341,7 +371,9 @@ def all_reduce_add_rmsnorm(
         BLOCK_H=block_h,
         USE_PDL=use_pdl,
         PREFETCH=prefetch is not None,
-        num_warps=row_num_warps(block_h),
+        FENCE=compiled_for_gpu(x),
+        THREADS=num_warps * 32,
+        num_warps=num_warps,
         launch_pdl=use_pdl,
     )
     return out, new_residual
