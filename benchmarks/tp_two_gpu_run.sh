@@ -12,6 +12,7 @@
 #                      --gpu-memory-utilization 0.9, ran there 2026-11-26), batch 1 and
 #                      64, against its floor (weights per GPU / the copy bandwidth measured in the run);
 #                      then the 8B engines of $ENGINES_8B, if any, in the time left
+#   STRESS_S=N         first the fused all-reduce's stress for N seconds (stress_push_all_reduce.py)
 #   PAIRS=2            (four GPUs) the tests on GPUs 0,1 and 2,3 at once, RUNS each
 #   device run: bash benchmarks/tp_two_gpu_run.sh          (kind nvidia-h200-x2, carry [".whl"])
 #   WHEELS=DIR: another wheel folder than .whl (carry it instead); since device_wheelhouse.sh recompresses
@@ -33,6 +34,12 @@ left() { echo $(( BUDGET_S - (SECONDS - START) )); }
 { echo "commit $FUSERVE_COMMIT part $PART"; date -u; nvidia-smi --query-gpu=name,memory.total,clocks.sm,power.limit --format=csv
   nvidia-smi topo -m; } 2>&1 | tee "$LOG"
 
+# STRESS_S=60: first the fused all-reduce called for that long on GPUs 0 and 1, every call checked
+# (stress_push_all_reduce.py; on 2026-11-28 ~1% of its 128-row calls summed wrong before the fence)
+if [ -n "${STRESS_S:-}" ]; then
+  timeout $(( STRESS_S + 90 )) python3 benchmarks/stress_push_all_reduce.py --seconds "$STRESS_S" --out "$OUT" 2>&1 \
+    | grep -v -i warn | tail -3 | tee -a "$LOG"
+fi
 if [ "$PART" = 8b ] || [ "$PART" = tests ] || [ "$PART" = tests+bench8b ]; then
   # a test's own bound (--timeout, pytest-timeout, on the GPU machine only) and the compare_greedy child's
   # (it dumps its stacks and exits first); the 3 GB test checkpoint is cached between the runs
