@@ -405,9 +405,9 @@ class LLMEngine:
 
     def _emit(self, st: _SeqState) -> RequestOutput:
         seq = st.seq
-        settled = seq.settled_output_ids
-        first = st.num_sent
-        new_ids = settled[first:]
+        tokens, start = seq.token_ids, len(seq.prompt_token_ids)
+        end = seq.settled_end()
+        new_ids = tokens[start + st.num_sent : end]
         delta_text = ""
         if st.detok is not None:
             before = len(st.detok.ids)
@@ -417,14 +417,14 @@ class LLMEngine:
                 num_used = len(st.detok.ids) - before
                 if num_used < len(new_ids):
                     seq.drop_placeholders()
-                    del seq.token_ids[num_used - len(new_ids) :]
-                    settled, new_ids = seq.settled_output_ids, new_ids[:num_used]
+                    del tokens[num_used - len(new_ids) :]
+                    end, new_ids = seq.settled_end(), new_ids[:num_used]
                 if seq.is_finished:  # by max_tokens or EOS in the same step, after the stop string
                     seq.finish_reason = FinishReason.STOP
                 else:
                     self.scheduler.finish(seq, FinishReason.STOP)
             delta_text = st.detok.flush(final=seq.is_finished)
-        st.num_sent = len(settled)
+        first, st.num_sent = st.num_sent, end - start
         finished = seq.is_finished
         reason = seq.finish_reason
         out = RequestOutput(
@@ -433,12 +433,14 @@ class LLMEngine:
             delta_text=delta_text,
             delta_token_ids=new_ids,
             text=st.detok.text if st.detok else "",
-            token_ids=settled,
             finished=finished,
             finish_reason=reason.value if reason else None,
             delta_logprobs=st.logprobs[first : first + len(new_ids)],  # one per output token
-            num_prompt_tokens=len(seq.prompt_token_ids),
+            num_prompt_tokens=start,
             num_cached_tokens=seq.num_cached_tokens,
+            tokens=tokens,
+            output_start=start,
+            output_end=end,
         )
         if finished:
             self._by_seq.pop(seq.seq_id, None)

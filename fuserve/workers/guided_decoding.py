@@ -95,7 +95,7 @@ class GuidedDecoding:
         g = self._by_seq.get(seq.seq_id)
         if g is None or g.matcher is None:
             return True
-        new = seq.settled_output_ids[g.num_consumed :]
+        new = seq.token_ids[seq.num_prompt_tokens + g.num_consumed : seq.settled_end()]
         g.num_consumed += len(new)
         return not new or g.matcher.consume_tokens(new)
 

@@ -76,9 +76,12 @@ class Sequence:
     @property
     def settled_output_ids(self) -> list[int]:
         """Output tokens already read back (no placeholder for an in-flight one)."""
+        return self.token_ids[self.num_prompt_tokens : self.settled_end()]
+
+    def settled_end(self) -> int:
+        """Where the tokens read back end in `token_ids`: before an in-flight token's placeholder."""
         tokens = self.token_ids
-        end = len(tokens) - 1 if tokens and tokens[-1] == PLACEHOLDER else len(tokens)
-        return tokens[self.num_prompt_tokens : end]
+        return len(tokens) - 1 if tokens and tokens[-1] == PLACEHOLDER else len(tokens)
 
     @property
     def num_output_tokens(self) -> int:
