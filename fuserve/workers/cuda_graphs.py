@@ -23,8 +23,8 @@ against 13.3 ms for 512 tokens (cuBLAS's tiles at M = 448), so 448 is no bucket.
 from __future__ import annotations
 
 import bisect
+from array import array
 from collections.abc import Callable
-from itertools import chain
 
 import torch
 
@@ -56,14 +56,23 @@ def token_buckets(max_tokens: int) -> list[int]:
     return [t for t in (*small, *fine, *coarse) if t < max_tokens] + [max_tokens]
 
 
-def pack_step(plan: StepPlan, tokens: int, seqs: int, width: int) -> tuple[list[int], list[int]]:
-    """A step's inputs padded to a bucket of `tokens` tokens and `seqs` sequences, as two flat lists for
-    one host-to-device copy each: int64 (input ids, positions, slots) and int32 (the block tables at
-    `width` columns, the context lengths)."""
+def pack_step(plan: StepPlan, tokens: int, seqs: int, width: int) -> tuple[array, array]:
+    """A step's inputs padded to a bucket of `tokens` tokens and `seqs` sequences, as two flat C arrays
+    for one host-to-device copy each: int64 (input ids, positions, slots) and int32 (the block tables at
+    `width` columns, the context lengths). The tables are most of a long-context step's input (512
+    sequences of 2k tokens: 70k entries): built as Python lists, padded and turned into a tensor they
+    cost 4.4 ms a step on the CI box; written row by row into a zeroed array, 1.2."""
     pad, pad_seqs = tokens - plan.num_tokens, seqs - plan.num_seqs
-    tables = chain.from_iterable(t + [0] * (width - len(t)) for t in plan.block_tables)
-    wide = plan.input_ids + [0] * pad + plan.positions + [0] * pad + plan.slot_mapping + [-1] * pad
-    narrow = [*tables, *[0] * (pad_seqs * width), *plan.context_lens, *[0] * pad_seqs]
+    zeros = array("q", bytes(8 * pad))
+    wide = array("q", plan.input_ids)
+    for values in (zeros, plan.positions, zeros, plan.slot_mapping):
+        wide.extend(values)
+    wide.extend([-1] * pad)  # padding tokens write no KV slot
+    narrow = array("i", bytes(4 * seqs * width))  # zeros: the tables' padding and the empty slots
+    for i, table in enumerate(plan.block_tables):
+        narrow[i * width : i * width + len(table)] = array("i", table)
+    narrow.extend(plan.context_lens)
+    narrow.extend(array("i", bytes(4 * pad_seqs)))
     return wide, narrow
 
 
@@ -161,8 +170,9 @@ class StepGraphs:
         # 257 columns the full width was 263k ints a step, ~20 ms of host time; 128/128 needs 16.)
         width = max(1, max((len(t) for t in plan.block_tables), default=1))
         wide, narrow = pack_step(plan, b, s, width)
-        host = torch.tensor(wide, dtype=torch.int64).pin_memory()
-        host32 = torch.tensor(narrow + self._extra(plan, b), dtype=torch.int32).pin_memory()
+        narrow.extend(self._extra(plan, b))
+        host = torch.frombuffer(wide, dtype=torch.int64).pin_memory()  # pinning copies: the arrays may go
+        host32 = torch.frombuffer(narrow, dtype=torch.int32).pin_memory()
         dev = host.to(self.device, non_blocking=True)
         dev32 = host32.to(self.device, non_blocking=True)
         self.input_ids[:b].copy_(dev[:b])
