@@ -81,12 +81,12 @@ def main() -> int:
         ),
         "all_reduce_add_rmsnorm": (
             all_reduce_rmsnorm._all_reduce_add_rmsnorm_kernel,
-            {"WORLD": 2, "BLOCK_H": 4096, "PREFETCH": False, **pdl},
+            {"WORLD": 2, "BLOCK_H": 4096, "PREFETCH": False, "FENCE": True, "THREADS": 256, **pdl},
             None,
         ),
         "all_reduce_add_rmsnorm + next weight's prefetch": (
             all_reduce_rmsnorm._all_reduce_add_rmsnorm_kernel,
-            {"WORLD": 2, "BLOCK_H": 4096, "PREFETCH": True, **pdl},
+            {"WORLD": 2, "BLOCK_H": 4096, "PREFETCH": True, "FENCE": True, "THREADS": 256, **pdl},
             {"prefetch_ptr": "*u8"},
         ),
         "argmax chunks": (argmax._chunk_max_kernel, {"CHUNK": 2048, **pdl}, None),
