@@ -9,7 +9,7 @@ PDL. Every call here is compared with NCCL + the torch reference (within bf16 to
 with the other calls on the same inputs; a failure records the rows that differ, by how much, whether the
 values are NaN (a give-up) and the give-up status words.
 
-    python benchmarks/stress_push_all_reduce.py --iterations 2000 --out DIR    (two GPUs)
+    python benchmarks/stress_push_all_reduce.py --seconds 60 --out DIR    (two GPUs)
 
 Writes DIR/stress-push-all-reduce.json: per rank, calls made and every failure (at most 50 kept).
 """

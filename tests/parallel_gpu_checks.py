@@ -113,29 +113,19 @@ def check_all_reduce(rank: int, size: int, port: int, gpus: list[str]) -> None:
     destroy_tp_context()
 
 
-def _assert_same_bits(
-    want: tuple[torch.Tensor, ...],
-    got: tuple[torch.Tensor, ...],
-    what: str,
-    check: Any,
-    *inputs: torch.Tensor,
-) -> None:
-    """Bit equality of two fused results for the same inputs; a failure says where they part, by how much,
-    whether the second is NaN (a give-up) and whether it is still a right sum (check against NCCL)."""
+def _assert_same_bits(want: tuple[torch.Tensor, ...], got: tuple[torch.Tensor, ...], what: str) -> None:
+    """Bit equality of two fused results for the same inputs; a failure says where they part, by how much
+    (a few ulps: arithmetic; whole units: a peer's row read from another call) and whether the second is
+    NaN (a give-up). No collective here: only the rank that differs reaches the message."""
     for name, a, b in zip(("out", "residual"), want, got, strict=True):
         if torch.equal(a, b):
             continue
         bad = (a != b) | b.isnan()
         diff = (a.float() - b.float()).abs().nan_to_num(float("inf"))
-        try:
-            check(*inputs, *got)
-            still = "it is still within tolerance of NCCL + the reference"
-        except AssertionError as err:
-            still = f"it is not a right sum either: {str(err)[:300]}"
         raise AssertionError(
             f"{what}: {name} differs in {int(bad.sum())} elements, rows "
             f"{bad.any(dim=1).nonzero().flatten().tolist()[:16]}, max |diff| {float(diff.max()):.4g}, "
-            f"{int(b.isnan().sum())} NaN; {still}"
+            f"{int(b.isnan().sum())} NaN"
         )
 
 
@@ -183,9 +173,7 @@ def check_add_rmsnorm(tp: Any, device: torch.device) -> None:
         with using_switches(prefetching):
             assert (rows > 1) == (weight_prefetch(next_weight, rows, 16 << 20) is not None)
             with_prefetch = fast.add_rmsnorm(x, residual, weight, 1e-5, next_weight)
-        _assert_same_bits(
-            got, with_prefetch, f"{rows} rows, with the next weight's prefetch", check, x, residual
-        )
+        _assert_same_bits(got, with_prefetch, f"{rows} rows, with the next weight's prefetch")
     check_many_full_calls(fast, weight, device, tp.rank, tp.size)
     static_x, static_res = (t.clone() for t in inputs(8, 100))
     for _ in range(2):
