@@ -94,8 +94,7 @@ def _all_reduce_add_rmsnorm_kernel(
     mask = cols < hidden_size
     dtype = x_ptr.dtype.element_ty
 
-    epoch = tl.load(counter_ptr + row) + 1
-    tl.store(counter_ptr + row, epoch)
+    epoch = next_call_count(counter_ptr + row)
     which = epoch % SLOTS
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
     row_in_slot = row.to(tl.int64) * hidden_size + cols
@@ -145,6 +144,20 @@ def _all_reduce_add_rmsnorm_kernel(
         hidden_size,
         eps,
     )
+
+
+@triton.jit
+def next_call_count(counter_ptr):
+    """Add 1 to this rank's call count at `counter_ptr` and return the new count, the same in every
+    thread of the program.
+
+    Why an atomic: a scalar atomic runs in one thread and reaches the others through shared memory
+    behind a barrier. A plain load then store (what this was until 2026-11-28) lets a warp that loads
+    late read the count another warp's thread 0 has already stored, so its warps disagree on the call:
+    that warp pushed to the other slot and waited for the next flag, its barriers then paired with
+    other code's, and on two H100s ~1% of 128-row calls summed wrong on both ranks (one warp's share
+    of a row on the peer, the row's norm here; benchmarks/stress_push_all_reduce.py)."""
+    return tl.atomic_add(counter_ptr, 1, sem="relaxed", scope="gpu") + 1
 
 
 @triton.jit

@@ -36,6 +36,7 @@ from fuserve.parallel.all_reduce_rmsnorm import (
     NUM_SLOTS,
     SLOTS,
     give_up_on,
+    next_call_count,
     peer_table,
     store_add_rmsnorm_row,
 )
@@ -119,8 +120,7 @@ def _pushed_add_rmsnorm_kernel(
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden_size
     dtype = x_ptr.dtype.element_ty
-    epoch = tl.load(counter_ptr) + 1
-    tl.store(counter_ptr, epoch)
+    epoch = next_call_count(counter_ptr)
     which = epoch % SLOTS
     empty = tl.full([BLOCK_H], EMPTY, tl.int16).to(dtype, bitcast=True)
     own_slots = tl.load(slot_ptrs + rank).to(tl.pointer_type(dtype))
