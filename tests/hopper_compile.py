@@ -64,7 +64,6 @@ def main() -> int:
     )
 
     pdl = {"USE_PDL": True}
-    fence = {"FENCE": True, "THREADS": 4 * 32}  # triton.compile's default of 4 warps
     gemv_tile = {"BLOCK_N": 8, "BLOCK_K": 512, "LINE": 64}
     prefetch = {"L2_PREFETCH": True}
     kernels = {
@@ -82,12 +81,12 @@ def main() -> int:
         ),
         "all_reduce_add_rmsnorm": (
             all_reduce_rmsnorm._all_reduce_add_rmsnorm_kernel,
-            {"WORLD": 2, "BLOCK_H": 4096, "PREFETCH": False, **fence, **pdl},
+            {"WORLD": 2, "BLOCK_H": 4096, "PREFETCH": False, **pdl},
             None,
         ),
         "all_reduce_add_rmsnorm + next weight's prefetch": (
             all_reduce_rmsnorm._all_reduce_add_rmsnorm_kernel,
-            {"WORLD": 2, "BLOCK_H": 4096, "PREFETCH": True, **fence, **pdl},
+            {"WORLD": 2, "BLOCK_H": 4096, "PREFETCH": True, **pdl},
             {"prefetch_ptr": "*u8"},
         ),
         "argmax chunks": (argmax._chunk_max_kernel, {"CHUNK": 2048, **pdl}, None),

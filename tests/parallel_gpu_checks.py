@@ -197,11 +197,11 @@ def check_add_rmsnorm(tp: Any, device: torch.device) -> None:
 def check_many_full_calls(
     fast: Any, weight: torch.Tensor, device: torch.device, rank: int, size: int
 ) -> None:
-    """1,000 calls of the fused kernel at its largest batch (128 rows of 4,096), each checked: before every
-    thread fenced its own pushes (all_reduce_rmsnorm.fence_each_thread), ~1% of such calls on two H100s
-    summed one warp's share of a row from a peer's earlier call (benchmarks/stress_push_all_reduce.py),
-    which the few calls above rarely catch. Every rank draws every rank's part from one seed, so the
-    reference needs no collective."""
+    """1,000 calls of the fused kernel at its largest batch (128 rows of 4,096), each checked: while a
+    program's warps could disagree on the call count (all_reduce_rmsnorm.next_call_count), ~1% of such
+    calls on two H100s summed wrong (benchmarks/stress_push_all_reduce.py), which the few calls above
+    rarely catch. Every rank draws every rank's part from one seed, so the reference needs no
+    collective."""
     from fuserve.workers.kernels.rmsnorm import fused_add_rmsnorm_ref
 
     calls, rows = 1000, fast.push.slot_numel // 4096

@@ -9,7 +9,7 @@ this one pushes instead of pulling and meets them once.
 One program per token row, on every rank r of W:
     epoch = ++counter[row]                 a per-row call count, the same on every rank (same calls)
     push x (r's partial row) into slot (epoch % 2, r) of every peer's buffer      NVLink stores
-    every thread fences its own pushes; barrier                                    fence.acq_rel.sys
+    barrier (orders every warp's pushes before the flag)
     flag[r][row] = epoch on every peer                                             release, system scope
     for src in 0..W-1 (the same order on every rank, so every rank sums bit-identically):
         src == r: its own x; else wait for own flag[src][row] >= epoch, read slot (epoch % 2, src)
@@ -85,8 +85,6 @@ def _all_reduce_add_rmsnorm_kernel(
     BLOCK_H: tl.constexpr,
     USE_PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
-    FENCE: tl.constexpr,
-    THREADS: tl.constexpr,
 ):
     pdl_launch_and_wait(USE_PDL)
     row = tl.program_id(0)
@@ -104,8 +102,6 @@ def _all_reduce_add_rmsnorm_kernel(
         if peer != rank:
             dst = tl.load(data_ptrs + peer).to(tl.pointer_type(dtype))
             tl.store(dst + mine + row_in_slot, x, mask=mask)
-    if FENCE:  # each thread's own pushes acknowledged before the flag (see fence_each_thread)
-        fence_each_thread(THREADS)
     tl.debug_barrier()  # every thread's stores before the flag that publishes them
     for peer in tl.static_range(WORLD):
         if peer != rank:
@@ -158,25 +154,6 @@ def next_call_count(counter_ptr):
     other code's, and on two H100s ~1% of 128-row calls summed wrong on both ranks (one warp's share
     of a row on the peer, the row's norm here; benchmarks/stress_push_all_reduce.py)."""
     return tl.atomic_add(counter_ptr, 1, sem="relaxed", scope="gpu") + 1
-
-
-@triton.jit
-def fence_each_thread(THREADS: tl.constexpr):
-    """`fence.acq_rel.sys` in every thread of the program (THREADS = num_warps x 32, one element each).
-
-    Why: the flag is raised by one thread after a CTA barrier, and the barrier does not wait for other
-    warps' stores to a peer's memory to land there. On two H100s (2026-11-28, benchmarks/
-    stress_push_all_reduce.py) a peer then read one warp's share of a row (512 of 4,096 values) from
-    the slot's previous use in ~1% of 128-row calls: a wrong sum, silently. Each thread's own fence
-    waits for its own pushes, so the barrier after it orders all of them before the flag."""
-    tl.inline_asm_elementwise(
-        "fence.acq_rel.sys;\n\tmov.u32 $0, 0;",
-        "=r,r",
-        [tl.arange(0, THREADS)],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
 
 
 @triton.jit
@@ -384,8 +361,6 @@ def all_reduce_add_rmsnorm(
         BLOCK_H=block_h,
         USE_PDL=use_pdl,
         PREFETCH=prefetch is not None,
-        FENCE=compiled_for_gpu(x),
-        THREADS=num_warps * 32,
         num_warps=num_warps,
         launch_pdl=use_pdl,
     )
