@@ -116,3 +116,7 @@ if [ "$PART" = 70b ]; then
 fi
 bash "$(dirname "$0")/collect_give_ups.sh" "$OUT"  # the workers' give-up records
 echo "done in $(( SECONDS - START )) s" | tee -a "$LOG"
+# the logs as one archive: a call brings back only so many files (2026-11-28: the ninth, a test run's
+# log, did not come back), and the run's own log and results stay beside it as plain files
+(cd "$OUT" && logs=$(ls tp-tests-*.log gpu-apps.log gpu-clocks.log give-ups.log 2>/dev/null || true) \
+  && [ -n "$logs" ] && tar czf logs.tgz $logs && rm -f $logs)
