@@ -35,7 +35,8 @@ left() { echo $(( BUDGET_S - (SECONDS - START) )); }
   nvidia-smi topo -m; } 2>&1 | tee "$LOG"
 
 # STRESS_S=60: first the fused all-reduce called for that long on GPUs 0 and 1, every call checked
-# (stress_push_all_reduce.py; on 2026-11-28 ~1% of its 128-row calls summed wrong before the fence)
+# (stress_push_all_reduce.py; on 2026-11-28 ~1% of its 128-row calls summed wrong before the call-count
+# fix, all_reduce_rmsnorm.next_call_count)
 if [ -n "${STRESS_S:-}" ]; then
   timeout $(( STRESS_S + 90 )) python3 benchmarks/stress_push_all_reduce.py --seconds "$STRESS_S" --out "$OUT" 2>&1 \
     | grep -v -i warn | tail -3 | tee -a "$LOG"

@@ -334,7 +334,6 @@ def all_reduce_add_rmsnorm(
     new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_h = triton.next_power_of_2(hidden)
     use_pdl = pdl_enabled(x)
-    num_warps = row_num_warps(block_h)
     _all_reduce_add_rmsnorm_kernel[(rows,)](
         x,
         residual,
@@ -361,7 +360,7 @@ def all_reduce_add_rmsnorm(
         BLOCK_H=block_h,
         USE_PDL=use_pdl,
         PREFETCH=prefetch is not None,
-        num_warps=num_warps,
+        num_warps=row_num_warps(block_h),
         launch_pdl=use_pdl,
     )
     return out, new_residual

@@ -73,11 +73,6 @@ class Sequence:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
 
-    @property
-    def settled_output_ids(self) -> list[int]:
-        """Output tokens already read back (no placeholder for an in-flight one)."""
-        return self.token_ids[self.num_prompt_tokens : self.settled_end()]
-
     def settled_end(self) -> int:
         """Where the tokens read back end in `token_ids`: before an in-flight token's placeholder."""
         tokens = self.token_ids
