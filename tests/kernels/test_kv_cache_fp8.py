@@ -42,6 +42,19 @@ def test_decode_reads_fp8_cache(paged_kv, device: torch.device, num_q_heads: int
     assert (out - exact).abs().max() < 0.15 and (out - exact).norm() / exact.norm() < 0.08
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_reads_fp8_cache_over_full_gpu(paged_kv) -> None:
+    """More (sequence, KV head) programs than two an SM: the 2-warp launch an fp8 cache takes there."""
+    device = torch.device("cuda")
+    lens = [129, 1, 0, 300] * 128  # 512 sequences x 8 KV heads
+    kv, (k8, v8), ks, vs = _fp8_cache(paged_kv, lens, 8, 128, 16, device)
+    q = torch.randn(len(lens), 32, 128, device=device)
+    args = (q, k8, v8, kv.block_tables, kv.context_lens, 128**-0.5, None)
+    out = paged_decode_attention(*args, k_scale=ks, v_scale=vs)
+    torch.testing.assert_close(out, paged_decode_attention_ref(*args, k_scale=ks, v_scale=vs), **TOL)
+
+
 def test_prefill_reads_fp8_cache(paged_kv, device: torch.device) -> None:
     lens, q_lens = [5, 40, 17], [5, 12, 1]
     kv, (k8, v8), ks, vs = _fp8_cache(paged_kv, lens, 2, 32, 8, device)

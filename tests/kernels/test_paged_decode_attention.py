@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
+from fuserve.workers.kernels import paged_decode_attention as decode_module
 from fuserve.workers.kernels.paged_decode_attention import (
     DecodeLaunch,
+    decode_launch,
     decode_num_splits,
     paged_decode_attention,
     paged_decode_attention_ref,
@@ -111,6 +113,18 @@ def test_decode_num_splits_from_shapes_only(device: torch.device):
     assert decode_num_splits(1, 1, 16, device) == 1
     assert decode_num_splits(64, 8, 16384, device) <= long_single
     assert decode_num_splits(1, 1, 64, device) <= decode_num_splits(1, 1, 16384, device)
+
+
+def test_decode_launch_rule_on_an_h100(monkeypatch: pytest.MonkeyPatch):
+    """The launches the GPU measurements chose, on an H100's 132 SMs (no GPU needed: shapes only)."""
+    monkeypatch.setattr(decode_module, "_tile_config", lambda device: (64, 2 * 132, 128))
+    gpu = torch.device("cuda", 0)
+    assert decode_launch(64, 4, 4096, gpu) == DecodeLaunch(128, 1, num_warps=8, num_stages=1)  # 8B TP=2
+    assert decode_launch(64, 4, 4096, gpu, fp8_cache=True).num_warps == 8
+    assert decode_launch(1024, 8, 4096, gpu) == DecodeLaunch(64, 1)  # over-full, bf16: 4 warps
+    assert decode_launch(1024, 8, 4096, gpu, fp8_cache=True) == DecodeLaunch(64, 1, num_warps=2)
+    split = decode_launch(1, 8, 4096, gpu, fp8_cache=True)  # batch 1: splits, 4 warps, fp8 or not
+    assert split.num_splits > 1 and split == decode_launch(1, 8, 4096, gpu)
 
 
 def test_decode_rejects_bad_shapes(device: torch.device):

@@ -250,18 +250,25 @@ class DecodeLaunch:
     num_stages: int = 2
 
 
-def decode_launch(batch: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> DecodeLaunch:
+def decode_launch(
+    batch: int, num_kv_heads: int, max_context_len: int, device: torch.device, fp8_cache: bool = False
+) -> DecodeLaunch:
     """The launch for these shapes (never tensor values: CUDA-graph safe).
 
     Where the (sequence, KV head) programs alone fill every SM but fit one wave of 128-token tiles
     (Llama-3-8B at TP=2 and batch 33-64, at TP=1 and batch 17-32), they run unsplit with 128-token
     tiles, 8 warps and no pipelining: 13.5 us a layer against 17.3 for two splits of 64-token tiles at
     TP=2, batch 64, context 192 (one H100, results/decode-attention-sweep-2026-11-27-h100-13e8dca.json).
-    Past two programs an SM (TP=1, batch 64) the 128-token tiles lost (24-25 us against 22.8)."""
+    Past two programs an SM (TP=1, batch 64) the 128-token tiles lost (24-25 us against 22.8). There an
+    fp8 cache's programs run 2 warps: the offline 128/128 fp8 run (1,024 sequences) gave 25,958 output
+    tok/s against 25,068-25,159 with 4 (one H100,
+    results/offline-ab-2026-11-28-h100-fp8-decode-2-warps-b14eb34.json)."""
     block_n, programs_wanted, _ = _tile_config(device)  # on a GPU: two programs an SM
     programs = batch * num_kv_heads
     if device.type == "cuda" and programs_wanted // 2 <= programs <= programs_wanted:
         return DecodeLaunch(128, 1, num_warps=8, num_stages=1)
+    if device.type == "cuda" and fp8_cache and programs > programs_wanted:
+        return DecodeLaunch(block_n, 1, num_warps=2)
     return DecodeLaunch(block_n, decode_num_splits(batch, num_kv_heads, max_context_len, device))
 
 
@@ -339,7 +346,7 @@ def paged_decode_attention(
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size
 
-    launch = launch or decode_launch(batch, num_kv_heads, max_context_len, q.device)
+    launch = launch or decode_launch(batch, num_kv_heads, max_context_len, q.device, is_fp8(k_cache))
     block_n, num_splits = launch.block_n, launch.num_splits
     on_gpu = q.device.type == "cuda"
     use_pdl = pdl_enabled(q)
