@@ -131,7 +131,7 @@ def main() -> None:
             continue
         hq, hkv, batch, context, split_choices = SHAPES[name]
         layers = pools(hq, hkv, batch, context, fp8, args.pool_blocks)
-        default = decode_launch(batch, hkv, MAX_LEN, torch.device("cuda"))
+        default = decode_launch(batch, hkv, MAX_LEN, torch.device("cuda"), fp8)
         floor_us = 1e6 * 2 * batch * context * hkv * 128 * (1 if fp8 else 2) / bandwidth
         q, k, v, tables, lens, ks, vs = layers[0]
         want = paged_decode_attention_ref(q, k, v, tables, lens, 128**-0.5, context, ks, vs).float()

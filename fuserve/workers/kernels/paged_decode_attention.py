@@ -260,8 +260,9 @@ def decode_launch(
     tiles, 8 warps and no pipelining: 13.5 us a layer against 17.3 for two splits of 64-token tiles at
     TP=2, batch 64, context 192 (one H100, results/decode-attention-sweep-2026-11-27-h100-13e8dca.json).
     Past two programs an SM (TP=1, batch 64) the 128-token tiles lost (24-25 us against 22.8). There an
-    fp8 cache's programs run 2 warps: the offline 128/128 fp8 run (1,024 sequences) gave 25,958 output
-    tok/s against 25,068-25,159 with 4 (one H100,
+    fp8 cache's programs run 2 warps: 192-195 us a layer against 247-250 with 4 at 1,024 sequences in
+    three sweeps (results/decode-attention-sweep-2026-11-27-h100-fp8-*.json), and the offline 128/128
+    fp8 run gave 25,958 output tok/s against 25,068-25,159 (one H100,
     results/offline-ab-2026-11-28-h100-fp8-decode-2-warps-b14eb34.json)."""
     block_n, programs_wanted, _ = _tile_config(device)  # on a GPU: two programs an SM
     programs = batch * num_kv_heads
