@@ -49,10 +49,11 @@ def test_decode_reads_fp8_cache_over_full_gpu(paged_kv) -> None:
     device = torch.device("cuda")
     lens = [129, 1, 0, 300] * 128  # 512 sequences x 8 KV heads
     kv, (k8, v8), ks, vs = _fp8_cache(paged_kv, lens, 8, 128, 16, device)
-    q = torch.randn(len(lens), 32, 128, device=device)
+    q = torch.randn(len(lens), 32, 128, device=device, dtype=torch.bfloat16)  # the engine's queries
     args = (q, k8, v8, kv.block_tables, kv.context_lens, 128**-0.5, None)
     out = paged_decode_attention(*args, k_scale=ks, v_scale=vs)
-    torch.testing.assert_close(out, paged_decode_attention_ref(*args, k_scale=ks, v_scale=vs), **TOL)
+    ref = paged_decode_attention_ref(*args, k_scale=ks, v_scale=vs)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)  # bf16 probabilities and out
 
 
 def test_prefill_reads_fp8_cache(paged_kv, device: torch.device) -> None:
