@@ -19,9 +19,7 @@ BUDGET_S=${BUDGET_S:-570}
 : "${PATCH:?set PATCH to the change to undo for side A (git diff OLD HEAD -- fuserve > .ab/change.patch)}"
 ARGS=${ARGS:---shapes 128/128 --schemes fp8 --kv-cache-dtype fp8}
 export PYTHONUNBUFFERED=1
-[ -n "${FUSERVE_SITE_READY:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD FUSERVE_SITE_READY=1
+. "$(dirname "$0")/device_site.sh" || exit 1
 export FUSERVE_COMMIT=${FUSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/runs"
 left() { echo $(( BUDGET_S - (SECONDS - START) )); }

@@ -14,9 +14,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export FUSERVE_COMMIT=${FUSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 # installed once per call: side_by_side_gpu_run.sh installs them before starting its jobs
-[ -n "${FUSERVE_SITE_READY:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD FUSERVE_SITE_READY=1
+. "$(dirname "$0")/device_site.sh" || exit 1
 export PATH=/tmp/site/bin:$PATH
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"

@@ -25,9 +25,7 @@ PART=${PART:-8b}
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
 export FUSERVE_COMMIT=${FUSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-[ -n "${FUSERVE_SITE_READY:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-  --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD FUSERVE_SITE_READY=1
+. "$(dirname "$0")/device_site.sh" || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/run.log"
 left() { echo $(( BUDGET_S - (SECONDS - START) )); }
