@@ -52,7 +52,7 @@ from bench_decode import (  # noqa: E402
     prompts,
 )
 from host_speed import host_cpu  # noqa: E402
-from step_window_profile import print_profile  # noqa: E402
+from step_window_profile import print_profile, print_sync_sites, sync_sites  # noqa: E402
 from step_window_profile import profile_steps as profile_window  # noqa: E402
 
 SHAPES = "128/128,128/2048,1000/1000,2048/2048"
@@ -78,6 +78,7 @@ class ShapeResult:
     mean_running: float
     num_preemptions: int
     profile: dict[str, Any] | None = None
+    sync_sites: list[dict[str, Any]] | None = None
     step_ms: list[float] | None = None
     step_tokens: list[int] | None = None
     # the host's wait for the GPU's results (a GPU-bound run waits most of its time) and its CPU time
@@ -154,10 +155,12 @@ def run_shape(
     seed: int = 0,
     profile_steps: int = 0,
     profile_after_s: float = 4.0,
+    sync_check_steps: int = 0,
 ) -> ShapeResult:
     """Submit every request, step until done or past the budget, abort the rest and drain. With
-    profile_steps, that many steps from profile_after_s on run under the CUDA profiler (counted, as
-    every step is; the profiler's own cost slows them a little)."""
+        profile_steps, that many steps from profile_after_s on run under the CUDA profiler (counted, as
+        every step is; the profiler's own cost slows them a little). With sync_check_steps, that many steps
+    from profile_after_s (after the profile's) run with CUDA's sync debug mode on, their waits listed."""
     from fuserve.sampling_params import SamplingParams
 
     engine.scheduler.config.max_num_seqs = batch  # the benchmark's own engine: admit what fits whole
@@ -175,6 +178,7 @@ def run_shape(
     steps = output_tokens = started = completed = running_sum = 0
     cut = False
     profile: dict[str, Any] | None = None
+    syncs: list[dict[str, Any]] | None = None
     step_ms: list[float] = []  # each step's wall time and output tokens: prompt waves show as slow steps
     step_tokens: list[int] = []
     wait0, cpu0 = engine.device_wait_seconds_total, time.process_time()
@@ -184,6 +188,10 @@ def run_shape(
             batches: list[list] = []
             profile = profile_window(lambda b=batches: b.append(engine.step()), profile_steps)
             print_profile(profile)
+        elif sync_check_steps and syncs is None and time.perf_counter() - start >= profile_after_s:
+            batches = []
+            syncs = sync_sites(lambda b=batches: b.append(engine.step()), sync_check_steps)
+            print_sync_sites(syncs)
         else:
             batches = [engine.step()]
         now = time.perf_counter()
@@ -226,6 +234,7 @@ def run_shape(
         mean_running=running_sum / max(1, steps),
         num_preemptions=engine.scheduler.num_preemptions - preemptions0,
         profile=profile,
+        sync_sites=syncs,
         step_ms=step_ms,
         step_tokens=step_tokens,
         device_wait_s=device_wait_s,
@@ -286,6 +295,7 @@ def rows_for_scheme(args: argparse.Namespace, scheme: str, shapes: list[tuple[in
             args.time_budget_s,
             profile_steps=args.profile_steps,
             profile_after_s=args.profile_after_s,
+            sync_check_steps=args.sync_check_steps,
         )
         trt = TRTLLM_FP8_OUTPUT_TOK_S.get((input_len, output_len))
         row = dict(
@@ -305,7 +315,7 @@ def rows_for_scheme(args: argparse.Namespace, scheme: str, shapes: list[tuple[in
             ratio_vs_trtllm_fp8=result.output_tok_s / trt if trt else None,
         )
         rows.append(row)
-        shown = {k: v for k, v in row.items() if k not in ("step_ms", "step_tokens", "profile")}
+        shown = {k: v for k, v in row.items() if k not in ("step_ms", "step_tokens", "profile", "sync_sites")}
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in shown.items()}, flush=True)
     engine.shutdown()
     del engine
@@ -357,6 +367,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=4.0,
         help="start the profile this far into the shape's clock (0: the first wave's prompt steps)",
     )
+    ap.add_argument(
+        "--sync-check-steps",
+        type=int,
+        default=0,
+        help="list where the host waits for the GPU over this many steps (from --profile-after-s)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.smoke:  # seconds on a CPU; the pool binds the 24/24 shape's batch (3 blocks a sequence)
@@ -365,8 +381,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.num_blocks = args.num_blocks or 24
         args.time_budget_s = min(args.time_budget_s, 20.0)
         args.saturate_tok_s = 0.0  # 3x the batch limit: every request finishes
-    if args.profile_steps and not torch.cuda.is_available():
-        raise SystemExit("--profile-steps records CUDA kernels: run it on a GPU (or drop it)")
+    if (args.profile_steps or args.sync_check_steps) and not torch.cuda.is_available():
+        raise SystemExit("--profile-steps and --sync-check-steps watch CUDA: run them on a GPU or drop them")
     if args.max_num_batched_tokens < args.max_num_seqs:
         raise SystemExit(
             "--max-num-batched-tokens must be at least --max-num-seqs, or a full batch of decodes "

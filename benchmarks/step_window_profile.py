@@ -10,6 +10,8 @@ the kernels grouped by name. Busy close to wall means GPU-bound; the rest is tim
 from __future__ import annotations
 
 import time
+import traceback
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -72,6 +74,43 @@ def profile_steps(step: Callable[[], Any], num_steps: int, top: int = 16) -> dic
         "launches_per_step": len(intervals) / num_steps,
         "kernels": kernels[:top],
     }
+
+
+def sync_sites(step: Callable[[], Any], num_steps: int) -> list[dict[str, Any]]:
+    """Run `step` num_steps times with CUDA's sync debug mode on: every operation that makes the host
+    wait for the GPU, counted by where fuserve called it. A wait inside a step's launch stalls the
+    GPU until the host has launched the rest; the engine means to wait once a step, for the tokens."""
+    import torch
+
+    sites: dict[tuple[str, str], int] = defaultdict(int)
+
+    def record(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+        frames = [f for f in traceback.extract_stack()[:-1] if "/fuserve/" in f.filename]
+        where = " < ".join(f"{f.filename.split('/fuserve/')[-1]}:{f.lineno}" for f in frames[-3:][::-1])
+        sites[(where or "outside fuserve", str(message).split("\n")[0][:80])] += 1
+
+    shown = warnings.showwarning
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record  # catch_warnings restores the saved one on exit
+            for _ in range(num_steps):
+                step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = shown
+    return [
+        {"where": w, "what": m, "per_step": n / num_steps}
+        for (w, m), n in sorted(sites.items(), key=lambda kv: -kv[1])
+    ]
+
+
+def print_sync_sites(sites: list[dict[str, Any]]) -> None:
+    print(f"  host waits for the GPU: {len(sites)} sites" + ("" if sites else " (none)"))
+    for s in sites:
+        print(f"    {s['per_step']:6.1f}/step  {s['where']}  [{s['what']}]")
 
 
 def print_profile(result: dict[str, Any]) -> None:
