@@ -79,6 +79,7 @@ class ShapeResult:
     num_preemptions: int
     profile: dict[str, Any] | None = None
     sync_sites: list[dict[str, Any]] | None = None
+    allocator: dict[str, int]
     step_ms: list[float] | None = None
     step_tokens: list[int] | None = None
     # the host's wait for the GPU's results (a GPU-bound run waits most of its time) and its CPU time
@@ -145,6 +146,19 @@ def warm_up(engine: Any, max_tokens: int) -> None:
         engine.step()
 
 
+ALLOCATOR_COUNTS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+
+
+def allocator_counts() -> dict[str, int]:
+    """The CUDA caching allocator's counters that mean a device-wide wait: a cudaMalloc that failed and
+    emptied the cache to retry, and every cudaMalloc/cudaFree (cudaFree waits for the whole device);
+    CUDA's sync debug mode does not see these. Empty on a CPU."""
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTS}
+
+
 def run_shape(
     engine: Any,
     input_len: int,
@@ -182,6 +196,7 @@ def run_shape(
     step_ms: list[float] = []  # each step's wall time and output tokens: prompt waves show as slow steps
     step_tokens: list[int] = []
     wait0, cpu0 = engine.device_wait_seconds_total, time.process_time()
+    alloc0 = allocator_counts()
     start = last = time.perf_counter()
     while engine.has_unfinished():
         if profile_steps and profile is None and time.perf_counter() - start >= profile_after_s:
@@ -214,6 +229,7 @@ def run_shape(
             break
     elapsed = time.perf_counter() - start
     device_wait_s, host_cpu_s = engine.device_wait_seconds_total - wait0, time.process_time() - cpu0
+    allocator = {k: v - alloc0[k] for k, v in allocator_counts().items()}
     for rid in pending:
         engine.abort(rid)
     while engine.has_unfinished():  # the step still in flight
@@ -235,6 +251,7 @@ def run_shape(
         num_preemptions=engine.scheduler.num_preemptions - preemptions0,
         profile=profile,
         sync_sites=syncs,
+        allocator=allocator,
         step_ms=step_ms,
         step_tokens=step_tokens,
         device_wait_s=device_wait_s,
