@@ -79,7 +79,7 @@ class ShapeResult:
     num_preemptions: int
     profile: dict[str, Any] | None = None
     sync_sites: list[dict[str, Any]] | None = None
-    allocator: dict[str, int]
+    allocator: dict[str, int] | None = None
     step_ms: list[float] | None = None
     step_tokens: list[int] | None = None
     # the host's wait for the GPU's results (a GPU-bound run waits most of its time) and its CPU time
