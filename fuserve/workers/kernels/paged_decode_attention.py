@@ -23,11 +23,7 @@ context_lens[b] == 0 produce zeros. Block-table entries past ceil(context_lens[b
 read. Scores use exp2 with log2(e) folded into the scale.
 
 An fp8 cache (kv_cache_fp8.py) is read as bytes, converted in registers; the KV head's K scale
-joins the softmax scale and its V scale multiplies the output. Its dots run in fp16, not bf16: Hopper
-converts a pair of e4m3 values to fp16 in one instruction and to bf16 only through float32, and at a
-thousand short contexts the kernel ran at half the H200's bandwidth whatever its launch (2026-11-28).
-The unscaled cache values (|x| <= 448), the probabilities and any real model's queries fit fp16's range,
-and fp16 keeps 3 more mantissa bits than bf16.
+joins the softmax scale and its V scale multiplies the output.
 
 The Triton interpreter (CPU) computes bf16 dots wrongly, so there the tiles are upcast to fp32
 before `tl.dot` (`UPCAST`); on the GPU bf16/fp16 dots run natively with fp32 accumulation.
@@ -120,8 +116,6 @@ def _paged_decode_split_kernel(
     )
     if UPCAST:
         q = q.to(tl.float32)
-    elif FP8_KV:
-        q = q.to(tl.float16)  # e4m3 -> fp16 is one instruction a pair; e4m3 -> bf16 is several
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
