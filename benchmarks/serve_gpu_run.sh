@@ -62,10 +62,12 @@ case ${PART:-overhead} in
       for f in ${FRONTENDS:-1}; do
         run=(); [ "$ingress" = haproxy ] && run=("${HAPROXY[@]}")
         cfg=$MODEL tag=$ingress
-        if [ "$f" != 1 ]; then
+        if [ "$f" != 1 ] || [ -n "${SET:-}" ]; then
+          # SET='{"kernels": {"cuda_graph_max_tokens": 2048}}': merged into the config's sections (an A/B)
           cfg=/tmp/model-f$f.yaml tag=$ingress-f$f
-          python3 -c "import yaml,sys; c=yaml.safe_load(open('$MODEL')); c['serve']['frontend_processes']=$f; \
-c['serve']['ingress']='$ingress'; yaml.safe_dump(c, open('$cfg','w'))"
+          python3 -c "import json,yaml; c=yaml.safe_load(open('$MODEL')); c['serve']['frontend_processes']=$f; \
+c['serve']['ingress']='$ingress'; [c.setdefault(k, {}).update(v) for k, v in json.loads('${SET:-{\}}').items()]; \
+yaml.safe_dump(c, open('$cfg','w'))"
         fi
         timeout ${LEVEL_TIMEOUT:-280} "${run[@]}" python3 benchmarks/bench_serve.py --config $cfg \
           --compare overhead --concurrency ${LEVELS:-16,64,128,256} --requests-per-client $RPC --scale 1 \
