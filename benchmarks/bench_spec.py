@@ -96,7 +96,9 @@ def make_proposer(name: str, spec: SpeculativeConfig, config: FuserveConfig, eng
         from fuserve.configs import DraftPlacementConfig, ModelConfig
         from fuserve.speculative.draft_runner import DraftRunner
 
-        model = ModelConfig(path=name[len("draft=") :], max_model_len=engine.max_model_len)
+        model = ModelConfig(
+            path=name[len("draft=") :], max_model_len=engine.max_model_len, dtype=config.model.dtype
+        )
         placement = DraftPlacementConfig(device=engine.device.type)
         return DraftRunner(model, placement, config.cache, config.kernels)
     module, _, func = name.partition(":")
@@ -216,7 +218,9 @@ def main() -> None:
         "--synthetic-acceptance", default=None, help="e.g. 0.5,0.7,0.9: BENCHMARK-ONLY verification"
     )
     ap.add_argument("--smoke", action="store_true", help="tiny model, a few tokens: the script still runs")
-    ap.add_argument("--dtype", default="auto", help="the default model's dtype (auto: float32 on CPU)")
+    ap.add_argument(
+        "--dtype", default="auto", help="the default model's and its draft's dtype (auto: float32 on CPU)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.smoke:
