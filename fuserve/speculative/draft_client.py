@@ -65,6 +65,9 @@ class DraftProposer:
         self.resend: set[str] = set()  # sequences the draft must get from start 0
         self.address: DraftAddress | None = None
         self.num_reconnects = 0
+        # of the last round's seconds, the channel's: the round trip less the server's own time
+        # (speculation.ReportsChannelTime; /metrics' fuserve_spec_channel_seconds, adaptive k's costs)
+        self.last_channel_s = 0.0
         self._ctx = zmq.Context()
         self._socket: zmq.Socket | None = None
         self._round = 0
@@ -94,12 +97,14 @@ class DraftProposer:
                 seqs.append(DraftSeq(r.seq_id, 0, list(self.tokens[r.seq_id]), r.k))
             else:
                 seqs.append(DraftSeq(r.seq_id, r.start, r.token_ids, r.k))
+        sent = time.perf_counter()
         try:
             msg = DraftRound(self.client_id, self._round, seqs)
             self._socket.send(self._encoder.encode(msg), zmq.NOBLOCK)
         except zmq.Again:
             self._drop("its send queue is full")
         reply = self._wait(self._round)
+        self.last_channel_s = max(0.0, time.perf_counter() - sent - reply.server_s)
         if reply.instance_id != self.address.instance_id:  # type: ignore[union-attr]
             self.resend.update(self.tokens)  # another server answered: it holds nothing of ours
             self.address = msgspec.structs.replace(self.address, instance_id=reply.instance_id)  # type: ignore[arg-type]

@@ -39,6 +39,7 @@ class DraftReply(msgspec.Struct, array_like=True):
     drafts: list[list[int]]
     missing: list[int]  # indices of sequences it does not hold at their start: resend from 0
     error: str = ""  # the round failed on the server (the client proposes nothing this round)
+    server_s: float = 0.0  # the server's seconds from decoding the round to encoding this reply
 
 
 class DraftAddress(msgspec.Struct):

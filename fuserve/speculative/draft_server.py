@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -68,6 +69,7 @@ class DraftServer:
                 self.handle(self.socket.recv_multipart(copy=False))
 
     def handle(self, frames: list) -> None:
+        start = time.perf_counter()
         peer, payload = frames[0], frames[-1]
         msg = self._decoder.decode(payload.buffer)
         prefix = msg.client_id + "/"
@@ -89,6 +91,7 @@ class DraftServer:
             reply = DraftReply(
                 msg.round_id, self.address.instance_id, [[] for _ in reqs], list(range(len(reqs))), repr(err)
             )
+        reply.server_s = time.perf_counter() - start
         self.socket.send_multipart([peer, self._encoder.encode(reply)], copy=False)
 
     def close(self) -> None:
