@@ -23,20 +23,25 @@ class Served:
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="fs", dir="/tmp"))  # Ray's socket paths must stay short
         env = {**os.environ, "RAY_TMPDIR": str(self.ray_tmp), "RAY_AUTH_MODE": "disabled"}
         env.pop("RAY_ADDRESS", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fuserve.cli", "serve", str(path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        # to a file, not a pipe: a pipe read only after exit fills at 64 KB of logs (Ray forwards every
+        # replica's access log line to the driver), and the server then blocks writing, SIGTERM or not
+        self.log_path = folder / "serve.log"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fuserve.cli", "serve", str(path)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
 
     def check_running(self) -> None:
         assert self.proc.poll() is None, self.output()
 
     def output(self) -> str:
-        return self.proc.stdout.read() if self.proc.stdout and self.proc.poll() is not None else ""
+        """What the server has written so far (its last 20,000 characters)."""
+        return self.log_path.read_text(errors="replace")[-20000:]
 
     def stop(self, timeout_s: float = 60) -> None:
         """SIGTERM, as an operator stops it; SIGKILL to the whole session if it does not go."""
