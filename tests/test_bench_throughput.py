@@ -79,10 +79,9 @@ def test_profile_window_counts_overlapping_kernels_once() -> None:
     )
 
 
-def test_profile_steps_needs_a_gpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flag", ["--profile-steps", "--sync-check-steps"])
+def test_profile_and_sync_check_steps_need_a_gpu(tmp_path: Path, flag: str) -> None:
     if torch.cuda.is_available():
         pytest.skip("the refusal is for machines without CUDA")
-    with pytest.raises(SystemExit, match="run it on a GPU"):
-        cli.main(
-            ["bench", "throughput", "--smoke", "--profile-steps", "4", "--out", str(tmp_path / "x.json")]
-        )
+    with pytest.raises(SystemExit, match="run them on a GPU"):
+        cli.main(["bench", "throughput", "--smoke", flag, "4", "--out", str(tmp_path / "x.json")])
