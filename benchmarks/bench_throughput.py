@@ -172,8 +172,8 @@ def run_shape(
     sync_check_steps: int = 0,
 ) -> ShapeResult:
     """Submit every request, step until done or past the budget, abort the rest and drain. With
-        profile_steps, that many steps from profile_after_s on run under the CUDA profiler (counted, as
-        every step is; the profiler's own cost slows them a little). With sync_check_steps, that many steps
+    profile_steps, that many steps from profile_after_s on run under the CUDA profiler (counted, as
+    every step is; the profiler's own cost slows them a little). With sync_check_steps, that many steps
     from profile_after_s (after the profile's) run with CUDA's sync debug mode on, their waits listed."""
     from fuserve.sampling_params import SamplingParams
 

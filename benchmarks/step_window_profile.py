@@ -85,22 +85,22 @@ def sync_sites(step: Callable[[], Any], num_steps: int) -> list[dict[str, Any]]:
     sites: dict[tuple[str, str], int] = defaultdict(int)
 
     def record(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+        text = str(message).split("\n")[0]
+        if text.startswith("Synchronization debug mode is a prototype"):  # torch's notice, not a wait
+            return
         frames = [f for f in traceback.extract_stack()[:-1] if "/fuserve/" in f.filename]
         where = " < ".join(f"{f.filename.split('/fuserve/')[-1]}:{f.lineno}" for f in frames[-3:][::-1])
-        sites[(where or "outside fuserve", str(message).split("\n")[0][:80])] += 1
+        sites[(where or "outside fuserve", text[:80])] += 1
 
-    shown = warnings.showwarning
-    warnings.showwarning = record
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # restores the filters and showwarning on exit
             warnings.simplefilter("always")
-            warnings.showwarning = record  # catch_warnings restores the saved one on exit
+            warnings.showwarning = record
             for _ in range(num_steps):
                 step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-        warnings.showwarning = shown
     return [
         {"where": w, "what": m, "per_step": n / num_steps}
         for (w, m), n in sorted(sites.items(), key=lambda kv: -kv[1])
