@@ -244,11 +244,10 @@ class KernelConfig(_Strict):
         description="Largest step with prompt tokens (a prompt chunk beside decodes, a whole prompt, "
         "a verify step beside a chunk) replayed from a CUDA graph (capped by "
         "scheduler.max_num_batched_tokens; buckets: powers of two from 16 to 128, every 64 to 384, then "
-        "every 128); larger ones run eagerly, where their GPU time hides the launches. At 512, 256 "
-        "streams of an 8B model left a Xeon host's engine core busy ~80% of a step with eager "
-        "launches; at 2048 the host's share fell to 33-55% and ITL p90 by a quarter "
-        "(benchmarks/NOTES.md, 2026-11-28). Under tensor parallelism at most 512 for now. 0: such steps "
-        "run eagerly.",
+        "every 128); larger ones run eagerly, where their GPU time hides the launches. At 512, with "
+        "256 streams of an 8B model on an H200, the engine core spent 63-81% of a step on host work; at "
+        "2048, 33-55%, and ITL p90 fell by a quarter (benchmarks/NOTES.md, 2026-11-28). Under tensor "
+        "parallelism at most 512 for now. 0: such steps run eagerly.",
     )
     pdl: bool = Field(
         default=True,
