@@ -833,6 +833,7 @@ def path_latency(url: str, specs: list[RequestSpec], cost: Any) -> PathLatency:
 def replay_fields(specs: list[RequestSpec], results: list[RequestResult], args: argparse.Namespace) -> dict:
     """What `route_sim.py --replay` needs to regenerate the row's requests, and each request's
     measured TTFT and transit in the workload's order (to pair with the simulated ones)."""
+    replicas = sorted({r.replica for r in results})
     return {
         "seed": args.seed,
         "think_s": [float(x) for x in args.think_s.split(",")],
@@ -841,6 +842,14 @@ def replay_fields(specs: list[RequestSpec], results: list[RequestResult], args: 
         "sim_first_workload": args.workloads.split(",")[0],
         "ttft_ms_each": [round(r.ttft_s * 1e3, 2) if r.ok else None for r in results],
         "transit_ms_each": [None if math.isnan(r.transit_ms) else round(r.transit_ms, 2) for r in results],
+        # which replica (its index in `replicas_each`) and the TTFT's parts inside it (admission, engine
+        # core, arrival to response): a slow request placed badly and one caught in a stall look alike
+        "replicas_each": replicas,
+        "replica_each": [replicas.index(r.replica) for r in results],
+        "ttft_parts_ms_each": [
+            None if math.isnan(r.ttft_parts_ms[0]) else [round(x, 1) for x in r.ttft_parts_ms]
+            for r in results
+        ],
     }
 
 
@@ -1372,6 +1381,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "first router completed in it (instead of the finite --rate values), e.g. 0.8",
     )
     p.add_argument(
+        "--load-requests",
+        type=int,
+        default=None,
+        help="routers: requests per workload at the --load rate (default: --num-requests); at 300 a "
+        "row's TTFT p99 is its 3rd-4th slowest request, which one stall decides",
+    )
+    p.add_argument(
         "--engine-baseline",
         action="store_true",
         help="routers: also run each workload in one in-process engine (the 2-replica scaling baseline)",
@@ -1443,8 +1459,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def make(name: str, rate: float) -> list[RequestSpec]:
         shape = {"think_s": tuple(float(x) for x in args.think_s.split(","))} if name == "multi_turn" else {}
+        num = args.load_requests if args.load and args.load_requests and not math.isinf(rate) else None
         return make_named(
-            name, vocab, args.num_requests, rate, args.arrival, args.seed, max_len, args.scale, **shape
+            name, vocab, num or args.num_requests, rate, args.arrival, args.seed, max_len, args.scale, **shape
         )
 
     workloads = {rate: make("mix", rate) for rate in rates}

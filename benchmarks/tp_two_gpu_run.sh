@@ -14,6 +14,7 @@
 #                      then the 8B engines of $ENGINES_8B, if any, in the time left
 #   STRESS_S=N         first the fused all-reduce's stress for N seconds (stress_push_all_reduce.py)
 #   PAIRS=2            (four GPUs) the tests on GPUs 0,1 and 2,3 at once, RUNS each
+#   TESTS_K=EXPR       only the tests pytest's -k selects (e.g. TESTS_K=llama3_8b_shape)
 #   device run: bash benchmarks/tp_two_gpu_run.sh          (kind nvidia-h200-x2, carry [".whl"])
 #   WHEELS=DIR: another wheel folder than .whl (carry it instead); since device_wheelhouse.sh recompresses
 #                      every large wheel (2026-11-27) the whole .whl fits beside the tree (63.5 of 67.1 MB)
@@ -52,6 +53,7 @@ if [ "$PART" = 8b ] || [ "$PART" = tests ] || [ "$PART" = tests+bench8b ]; then
       # SIGINT, not SIGTERM, at the call's end: pytest then prints the failures it has so far (2026-11-27's
       # second run failed a test and was cut before its traceback was printed)
       timeout -s INT -k 15 $(( $(left) - 35 )) python3 -m pytest -v -m gpu tests/test_tensor_parallel.py $PER_TEST \
+        ${TESTS_K:+-k "$TESTS_K"} \
         --durations=0 -rA -o cache_dir=/tmp/pytest-cache-$1 --basetemp=/tmp/pytest-$1 -W ignore::DeprecationWarning 2>&1 \
         | tee "$OUT/tp-tests-$1-$i.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|Timeout" | tail -8
       echo "pair $1 (GPUs $CUDA_VISIBLE_DEVICES) test run $i: exit ${PIPESTATUS[0]} in $(( SECONDS - t0 )) s" | tee -a "$LOG"

@@ -246,8 +246,8 @@ class KernelConfig(_Strict):
         "scheduler.max_num_batched_tokens; buckets: powers of two from 16 to 128, every 64 to 384, then "
         "every 128); larger ones run eagerly, where their GPU time hides the launches. At 512, with "
         "256 streams of an 8B model on an H200, the engine core spent 63-81% of a step on host work; at "
-        "2048, 33-55%, and ITL p90 fell by a quarter (benchmarks/NOTES.md, 2026-11-28). Under tensor "
-        "parallelism at most 512 for now. 0: such steps run eagerly.",
+        "2048, 33-55%, and ITL p90 fell by a quarter (benchmarks/NOTES.md, 2026-11-28). 0: such steps "
+        "run eagerly.",
     )
     pdl: bool = Field(
         default=True,

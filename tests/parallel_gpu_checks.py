@@ -43,6 +43,7 @@ LLAMA3_8B_SHAPE: dict[str, Any] = dict(
 BF16_LOGPROB_TOL = 0.25  # near-tie margin below which TP=2 may pick the other token
 BF16_LOGPROB_MAX = 0.5  # any one step
 BF16_LOGPROB_MEDIAN = 0.05  # the typical step, for each bf16 rounding of a partial sum (below)
+STEP_TOKENS = 2048  # compare_greedy's step budget: the largest mixed-step graph by default
 
 
 def check_all_reduce(rank: int, size: int, port: int, gpus: list[str]) -> None:
@@ -268,18 +269,20 @@ def check_gemv_push(tp: Any, device: torch.device, weight: torch.Tensor, check: 
 
 
 def _generate(
-    folder: Path, tp: int, all_reduce: str, prompts: list[list[int]], steps: list[int]
+    folder: Path, tp: int, all_reduce: str, prompts: list[list[int]], steps: list[int], later: set[int]
 ) -> list[list[Any]]:
+    """Each prompt's logprobs, greedy; the prompts whose index is in `later` arrive after the first step."""
     from fuserve.configs import config_from_dict
     from fuserve.parallel.worker_group import WorkerGroup
     from fuserve.sampling_params import SamplingParams
+    from fuserve.workers.cuda_graphs import MixedGraphs
     from fuserve.workers.engine import LLMEngine
 
     config = config_from_dict(
         {
             "model": {"path": str(folder), "dtype": "bfloat16", "max_model_len": 512},
             "cache": {"block_size": 16, "num_blocks": 256},
-            "scheduler": {"max_num_seqs": 8, "max_num_batched_tokens": 512},
+            "scheduler": {"max_num_seqs": 10, "max_num_batched_tokens": STEP_TOKENS},
             "parallel": {"tensor_parallel_size": tp, "init_timeout_s": 300, "all_reduce": all_reduce},
             "kernels": {"cuda_graph_max_batch": 8},
         }
@@ -289,16 +292,34 @@ def _generate(
     engine = LLMEngine(config, workers=workers)
     if workers is not None:
         assert (workers.tp.fast_all_reduce is not None) == (all_reduce == "auto")
-    for i, (p, n) in enumerate(zip(prompts, steps, strict=True)):
-        engine.add_request(
-            f"p{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=2)
-        )
+    replayed: list[int] = []  # rank 0's mixed-step buckets (it runs in this process)
+    run = MixedGraphs.run
+    MixedGraphs.run = lambda self, plan, b, *a: (replayed.append(b), run(self, plan, b, *a))[1]
+
+    def add(engine: LLMEngine, first: bool) -> None:
+        for i, (p, n) in enumerate(zip(prompts, steps, strict=True)):
+            if (i in later) != first:
+                params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=2)
+                engine.add_request(f"p{i}", p, params)
+
+    add(engine, first=True)
+    waiting = bool(later)
     logprobs: dict[str, list[Any]] = {f"p{i}": [] for i in range(len(prompts))}
     while engine.has_unfinished():
         for out in engine.step():
             logprobs[out.request_id].extend(out.delta_logprobs)
+        if waiting:
+            add(engine, first=False)
+            waiting = False
+    MixedGraphs.run = run
     engine.shutdown()
-    print(f"  TP={tp} {all_reduce}: {time.monotonic() - t0:.0f} s", flush=True)
+    print(
+        f"  TP={tp} {all_reduce}: {time.monotonic() - t0:.0f} s, mixed buckets {sorted(set(replayed))}",
+        flush=True,
+    )
+    # a prompt step of STEP_TOKENS (NCCL's size inside the graph), then decodes beside the late prompts
+    # (two-shot's size): both past 512 tokens, all-reduces inside
+    assert STEP_TOKENS in replayed and any(512 < b < STEP_TOKENS for b in replayed), replayed
     del engine
     gc.collect()
     torch.cuda.empty_cache()
@@ -310,13 +331,16 @@ def compare_greedy(folder: Path, tp: int = 2, steps: int = 24) -> None:
     with logprobs within bf16 noise meanwhile (BF16_LOGPROB_MAX per step, BF16_LOGPROB_MEDIAN typical).
     Prints the spread first, so a failure shows it."""
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 128256, (n,), generator=g).tolist() for n in (1, 9, 64, 200)]
-    # the last prompt runs on alone for 2 x steps: batch-1 decode (GEMV push) after batch-4 decode
+    # A first step of 2,048 prompt tokens (all but the last chunk of the 200); the 400 and 420 arrive
+    # after it and are prefilled beside the decodes of the others
+    sizes, later = (1, 9, 64, 450, 480, 470, 460, 400, 420, 200), {7, 8}
+    prompts = [torch.randint(0, 128256, (n,), generator=g).tolist() for n in sizes]
+    # the last prompt runs on alone for 2 x steps: batch-1 decode (GEMV push) after batch-9 decode
     lengths = [steps] * (len(prompts) - 1) + [3 * steps]
-    ref = _generate(folder, 1, "nccl", prompts, lengths)
+    ref = _generate(folder, 1, "nccl", prompts, lengths, later)
     failures = []
     for all_reduce in ("nccl", "auto"):
-        got = _generate(folder, tp, all_reduce, prompts, lengths)
+        got = _generate(folder, tp, all_reduce, prompts, lengths, later)
         diffs = []
         for p, (want_seq, got_seq) in enumerate(zip(ref, got, strict=True)):
             for i, (w, o) in enumerate(zip(want_seq, got_seq, strict=True)):

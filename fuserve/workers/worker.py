@@ -36,16 +36,12 @@ from fuserve.workers.step_plan import StepPlan
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 log = logging.getLogger("fuserve")
-# Mixed-step graphs under tensor parallelism have run on GPUs up to 512 tokens (their all-reduces inside
-# the graph); larger buckets there wait for a GPU run of the TP tests, one chip per rank.
-TP_MIXED_GRAPH_MAX_TOKENS = 512
 
 
-def mixed_graph_max_tokens(config: FuserveConfig, tp_size: int) -> int:
+def mixed_graph_max_tokens(config: FuserveConfig) -> int:
     """The largest step with prompt tokens that replays a CUDA graph: the config's bound, within the
-    step budget and, under tensor parallelism, within what has run on GPUs there."""
-    tokens = min(config.kernels.cuda_graph_max_tokens, config.scheduler.max_num_batched_tokens)
-    return min(tokens, TP_MIXED_GRAPH_MAX_TOKENS) if tp_size > 1 else tokens
+    step budget (a bucket past it could never be used)."""
+    return min(config.kernels.cuda_graph_max_tokens, config.scheduler.max_num_batched_tokens)
 
 
 def pick_device(choice: str) -> torch.device:
@@ -159,7 +155,7 @@ class Worker:
         first, as their largest bucket holds the most activations."""
         config = self.config
         spec, sched = config.speculative, config.scheduler
-        max_tokens = mixed_graph_max_tokens(config, self.tp.size)
+        max_tokens = mixed_graph_max_tokens(config)
         mixed, pool = None, None
         if max_tokens > 1:
             mixed = MixedGraphs(self.model, self.device, max_blocks, max_tokens, sched.max_num_seqs)
