@@ -1539,7 +1539,8 @@ def main(argv: list[str] | None = None) -> int:
         else RESULTS / f"serve-{meta['date']}-{meta['device'].replace(' ', '_')}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1, default=str))
+    # a row a line: router rows carry per-request lists, which one number a line made ~1 MB a run
+    out.write_text("[\n" + ",\n".join(json.dumps(row, default=str) for row in rows) + "\n]\n")
     drawn = plot(rows, out.with_suffix(".png"))
     print(
         f"wrote {out}"

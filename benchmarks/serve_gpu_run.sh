@@ -76,7 +76,8 @@ yaml.safe_dump(c, open('$cfg','w'))"
     done ;;
   routers)
     timeout ${ROUTERS_TIMEOUT:-570} "${HAPROXY[@]}" python3 benchmarks/bench_serve.py --config $MODEL \
-      --compare routers --routers pow2,length_aware,prefix_affinity --workloads mix,heavy_tail,multi_turn \
+      --compare routers --routers ${ROUTERS:-pow2,length_aware,prefix_affinity} \
+      --workloads ${WORKLOADS:-mix,heavy_tail,multi_turn} \
       --load 0.8 --num-requests ${ROUTER_REQUESTS:-300} ${LOAD_REQUESTS:+--load-requests $LOAD_REQUESTS} \
       --scale 1 --think-s ${THINK_S:-0.2,0.6} \
       --out "$OUT/serve-routers-haproxy.json" 2>&1 | tee "$OUT/routers.log" | tail -45 ;;

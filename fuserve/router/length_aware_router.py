@@ -63,6 +63,7 @@ from fuserve.router.routing_policy import (
     rank_replicas,
 )
 from fuserve.router.routing_timing import RoutingTimer
+from fuserve.router.routing_trace import RoutingTrace
 from fuserve.router.send_board import BoardSend, SendBoard, board_folder, replica_key
 from fuserve.router.ttft_model import QueuedSeq, RequestShape, TtftTie, rank_by_ttft, share_step_costs
 from fuserve.router.unadmitted_sends import UnadmittedSends, still_unreported
@@ -166,6 +167,9 @@ class LengthAwareRouter(RequestRouter):
         self.peers = PeerEstimate()
         self.unadmitted = UnadmittedSends()
         self.timer = RoutingTimer()
+        self.trace = RoutingTrace.from_env()
+        if self.trace is not None:
+            weakref.finalize(self, self.trace.close)
         self._rng = random.Random()
         self._tenant_tokens: dict[str, int] = {}
         self.tie = TieBreak(tie_tokens, tie_fraction)
@@ -324,7 +328,10 @@ class LengthAwareRouter(RequestRouter):
                 return None, 0
             views.append(view)
         with self.timer.ranking():
-            ranked = rank_by_ttft(share_step_costs(views), shape, self.ttft_tie, self.peers.factor)
+            views = share_step_costs(views)
+            ranked = rank_by_ttft(views, shape, self.ttft_tie, self.peers.factor)
+        if self.trace is not None:
+            self.trace.record(now, shape, views, ranked, self.peers.factor)
         return [rid for rid, _ in ranked], shape.prompt_tokens - ranked[0][1].cached_tokens
 
     def _sent_count(self, rid: str, replica: RunningReplica) -> int:
