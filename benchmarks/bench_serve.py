@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import gc
 import json
 import math
 import multiprocessing as mp
@@ -66,6 +67,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from client_gc import ClientGcWatch  # noqa: E402
 from host_speed import host_cpu  # noqa: E402
 from workloads import KINDS, WORKLOADS, RequestSpec, make_named, make_workload  # noqa: E402, F401
 
@@ -869,6 +871,8 @@ def compare_routers(
     rows = []
     saturation: dict[str, float] = {}
     order = sorted(rates, key=lambda r: not math.isinf(r)) if args.load else rates
+    quiet_gc()  # the clients run in this process: its start-up heap stays out of their levels' pauses
+    client_gc = ClientGcWatch()
     for router in args.routers.split(","):
         cfg = config.model_copy(deep=True)
         cfg.serve.num_replicas, cfg.serve.router = 2, router
@@ -882,9 +886,11 @@ def compare_routers(
                     rate = args.load * saturation[name]
                 specs = make(name, rate)
                 before = router_seconds(f"bench_{router}")
+                client_gc.take()
                 results, wall, _ = http_level(url, Level(specs, rate=rate))
+                gc_figures = client_gc.take()
                 row = {"comparison": "router", "router": router, "path": "http", "replicas": 2, "rate": rate}
-                row.update(router_cost_fields(before, router_seconds(f"bench_{router}")))
+                row.update(router_cost_fields(before, router_seconds(f"bench_{router}")), **gc_figures)
                 row.update(workload=name, **summarize(results, wall, 2, args.device_hour_usd))
                 if math.isinf(rate) and name not in saturation:
                     saturation[name] = sum(r.ok for r in results) / wall
@@ -915,8 +921,11 @@ def compare_routers(
                         if "transit_ms_p50" in row
                         else ""
                     )
+                    + f", client GC {row['client_gc_count']} x, longest {row['client_gc_ms_max']:.0f} ms"
                 )
         serve.delete(f"bench_{router}")
+    client_gc.close()
+    gc.unfreeze()  # a frozen heap is never freed at exit, which nanobind's modules report as leaks
     if args.engine_baseline:
         rows += engine_baseline(config, {rate: make(names[0], rate) for rate in rates}, args)
     return rows
