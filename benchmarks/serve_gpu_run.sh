@@ -84,6 +84,7 @@ yaml.safe_dump(c, open('$cfg','w'))"
   scale)
     timeout 330 "${HAPROXY[@]}" python3 benchmarks/bench_serve.py --config $MODEL --compare routers \
       --routers length_aware --rate inf --num-requests ${BURST:-400} --scale 1 --engine-baseline \
+      --workloads ${SCALE_WORKLOAD:-mix} \
       --out "$OUT/serve-2replicas-haproxy.json" 2>&1 | tee "$OUT/scale.log" | tail -25
     [ "${TP2:-1}" = 1 ] || exit 0
     # One TP=2 replica (both GPUs) through `fuserve serve`, and a real request (issue 14, item 6).

@@ -9,6 +9,9 @@ Prompts are token ids of exact lengths and outputs ignore EOS, so every run does
                 turns of one conversation come `think_s` apart (prefix reuse is the point)
     heavy_tail  prompt lengths log-normal (median 192 tokens), plus 1% documents at 8k tokens
                 (length-blind routing puts them where they stall everyone else's first token)
+    generation  the mix's long generations only (24-64 prompt tokens, 128-192 out): a burst of them is
+                bound by capacity (batch slots), not by its longest request, so it shows what a second
+                replica adds (issue 15's 400-request burst; not one of the routers' WORKLOADS)
 
 `scale` multiplies every length (CPU runs use 0.25-0.5); `rate` is requests/s of Poisson (or fixed)
 arrivals, inf sends everything at t=0.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from functools import partial
 
 KINDS = {  # kind: (share of requests, prompt tokens range, output tokens range)
     "chat": (0.6, (24, 80), (16, 48)),
@@ -152,7 +156,12 @@ def make_named(
     **shape: object,
 ) -> list[RequestSpec]:
     """`shape`: the maker's own keywords (multi_turn's think_s, heavy_tail's long_share, ...)."""
-    makers = {"mix": make_workload, "multi_turn": make_multi_turn, "heavy_tail": make_heavy_tail}
+    makers = {
+        "mix": make_workload,
+        "multi_turn": make_multi_turn,
+        "heavy_tail": make_heavy_tail,
+        "generation": partial(make_workload, kinds=("generation",)),
+    }
     if name not in makers:
-        raise ValueError(f"unknown workload {name!r}: choose from {', '.join(WORKLOADS)}")
+        raise ValueError(f"unknown workload {name!r}: choose from {', '.join(makers)}")
     return makers[name](vocab, num, rate, arrival, seed, max_model_len, scale, **shape)  # type: ignore[operator]

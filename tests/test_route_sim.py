@@ -77,6 +77,10 @@ def test_workloads_are_seeded_and_shaped_as_described() -> None:
     assert [s.prompt_ids[64:] for s in shared] == [s.prompt_ids for s in tail[:50]], (
         "the same prompts after it"
     )
+    gens = make_named("generation", 32000, 400, math.inf, "poisson", 0, 16384, 1.0)
+    assert {s.kind for s in gens} == {"generation"} and all(128 <= s.max_tokens <= 192 for s in gens)
+    with pytest.raises(ValueError, match="generation"):
+        make_named("steady", 32000, 1, math.inf, "poisson", 0, 16384, 1.0)
 
 
 def test_no_router_beats_the_isolated_bound_and_the_oracle_knows_each_ttft() -> None:
