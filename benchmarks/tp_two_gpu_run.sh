@@ -17,7 +17,8 @@
 #   TESTS_K=EXPR       only the tests pytest's -k selects (e.g. TESTS_K=llama3_8b_shape)
 #   device run: bash benchmarks/tp_two_gpu_run.sh          (kind nvidia-h200-x2, carry [".whl"])
 #   WHEELS=DIR: another wheel folder than .whl (carry it instead); since device_wheelhouse.sh recompresses
-#                      every large wheel (2026-11-27) the whole .whl fits beside the tree (63.5 of 67.1 MB)
+#                      every large wheel and strips ray's binaries (2026-11-28) the whole .whl fits beside
+#                      the tree (61.8 of 67.1 MB)
 #   engine names: bench_tp.py's EngineSpec (tp1, nccl, auto; +no-keyed, +gloo-plans, +l2=MB)
 set -uo pipefail
 START=$SECONDS

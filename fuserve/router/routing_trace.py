@@ -1,8 +1,10 @@
 """The length-aware router's decisions, written down for a benchmark to explain its placements.
 
 A burst's placement can come out uneven (two H200s, 2026-11-28: 177 / 123 requests of a heavy-tailed
-burst, where the simulator placed 143 / 157 on the same requests), and the run alone cannot say whether
-the reports were stale, the router's own sends were counted wrongly, or the ranking itself chose so.
+burst, where the simulator placed 143 / 157 on the same requests and a repeat placed evenly), and a run
+alone cannot say whether the reports were stale, the router's own sends were counted wrongly, or the
+ranking itself chose so. (What the first trace showed: reports 350-400 ms old at 80% load, so the view is
+mostly the router's own sends since, replayed on the cost model.)
 With `FUSERVE_ROUTER_TRACE=<folder>` every router process appends one JSON line per ranked request to
 `<folder>/router-<pid>.jsonl`: what it knew of each replica, what it predicted there, and where it sent
 the request. Unset (the default), nothing is written and nothing is computed.
