@@ -59,7 +59,7 @@ from typing import Any
 
 import aiohttp
 
-from fuserve.gc_tuning import quiet_gc
+from fuserve.gc_tuning import GcPauses, quiet_gc, take_gc_pauses
 
 HERE = Path(__file__).resolve().parent
 # `fuserve bench serve` loads this file by path, so its folder is not on sys.path there; the sibling
@@ -67,7 +67,6 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from client_gc import ClientGcWatch  # noqa: E402
 from host_speed import host_cpu  # noqa: E402
 from workloads import KINDS, WORKLOADS, RequestSpec, make_named, make_workload  # noqa: E402, F401
 
@@ -855,6 +854,14 @@ def replay_fields(specs: list[RequestSpec], results: list[RequestResult], args: 
     }
 
 
+def client_gc_fields(pauses: GcPauses) -> dict[str, float]:
+    return {
+        "client_gc_ms_total": round(pauses.seconds * 1e3, 2),
+        "client_gc_ms_max": round(pauses.longest_s * 1e3, 2),
+        "client_gc_count": pauses.count,
+    }
+
+
 def compare_routers(
     config: Any,
     make: Callable[[str, float], list[RequestSpec]],
@@ -871,8 +878,11 @@ def compare_routers(
     rows = []
     saturation: dict[str, float] = {}
     order = sorted(rates, key=lambda r: not math.isinf(r)) if args.load else rates
-    quiet_gc()  # the clients run in this process: its start-up heap stays out of their levels' pauses
-    client_gc = ClientGcWatch()
+    # The open-loop clients run in this process, which holds Ray, Serve and every workload: a full
+    # collection here (~75 ms on the CPU box) froze their event loop and put ~250 ms of client stall into
+    # measured TTFTs (two H200s, 2026-11-28). So its start-up heap is frozen out of collections, and every
+    # row says how long the client spent collecting.
+    quiet_gc()
     for router in args.routers.split(","):
         cfg = config.model_copy(deep=True)
         cfg.serve.num_replicas, cfg.serve.router = 2, router
@@ -886,9 +896,9 @@ def compare_routers(
                     rate = args.load * saturation[name]
                 specs = make(name, rate)
                 before = router_seconds(f"bench_{router}")
-                client_gc.take()
+                take_gc_pauses()
                 results, wall, _ = http_level(url, Level(specs, rate=rate))
-                gc_figures = client_gc.take()
+                gc_figures = client_gc_fields(take_gc_pauses())
                 row = {"comparison": "router", "router": router, "path": "http", "replicas": 2, "rate": rate}
                 row.update(router_cost_fields(before, router_seconds(f"bench_{router}")), **gc_figures)
                 row.update(workload=name, **summarize(results, wall, 2, args.device_hour_usd))
@@ -924,7 +934,6 @@ def compare_routers(
                     + f", client GC {row['client_gc_count']} x, longest {row['client_gc_ms_max']:.0f} ms"
                 )
         serve.delete(f"bench_{router}")
-    client_gc.close()
     gc.unfreeze()  # a frozen heap is never freed at exit, which nanobind's modules report as leaks
     if args.engine_baseline:
         rows += engine_baseline(config, {rate: make(names[0], rate) for rate in rates}, args)

@@ -15,15 +15,27 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import dataclass
 
 GEN0_THRESHOLD = 10_000  # Python's default is 700 allocations between young collections
 
 
+@dataclass(frozen=True)
+class GcPauses:
+    """The collections of a stretch of time: how many, their seconds, the longest one."""
+
+    count: int = 0
+    seconds: float = 0.0
+    longest_s: float = 0.0
+
+
 class _GcClock:
-    """Seconds this process has spent in the collector, from gc.callbacks (reported on /metrics)."""
+    """Seconds this process has spent in the collector, from gc.callbacks (reported on /metrics), and the
+    pauses since the last `take_pauses` (a benchmark's client: a pause holds every request in flight)."""
 
     def __init__(self) -> None:
         self.seconds_total = 0.0
+        self.pauses = GcPauses()
         self._started = 0.0
         gc.callbacks.append(self._on_gc)
 
@@ -31,18 +43,32 @@ class _GcClock:
         if phase == "start":
             self._started = time.perf_counter()
         else:
-            self.seconds_total += time.perf_counter() - self._started
+            pause = time.perf_counter() - self._started
+            self.seconds_total += pause
+            p = self.pauses
+            self.pauses = GcPauses(p.count + 1, p.seconds + pause, max(p.longest_s, pause))
 
 
 _clock: _GcClock | None = None
 
 
-def gc_seconds_total() -> float:
-    """Seconds spent collecting since this process first asked (0.0 on the first call)."""
+def _the_clock() -> _GcClock:
     global _clock
     if _clock is None:
         _clock = _GcClock()
-    return _clock.seconds_total
+    return _clock
+
+
+def gc_seconds_total() -> float:
+    """Seconds spent collecting since this process first asked (0.0 on the first call)."""
+    return _the_clock().seconds_total
+
+
+def take_gc_pauses() -> GcPauses:
+    """The collections since the last call (none on the first: the clock starts then)."""
+    clock = _the_clock()
+    pauses, clock.pauses = clock.pauses, GcPauses()
+    return pauses
 
 
 def quiet_gc() -> None:

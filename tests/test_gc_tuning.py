@@ -7,7 +7,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from fuserve.gc_tuning import GEN0_THRESHOLD, gc_seconds_total, live_instances, quiet_gc
+from fuserve.gc_tuning import (
+    GEN0_THRESHOLD,
+    GcPauses,
+    gc_seconds_total,
+    live_instances,
+    quiet_gc,
+    take_gc_pauses,
+)
 
 
 @pytest.fixture
@@ -35,6 +42,17 @@ def test_gc_seconds_total_counts_collections(restore_gc: None) -> None:
     for _ in range(3):
         gc.collect()
     assert gc_seconds_total() > before
+
+
+def test_pauses_since_the_last_take(restore_gc: None) -> None:
+    """bench_serve's router rows report the client's collections a level (`client_gc_*`)."""
+    take_gc_pauses()
+    gc.collect()
+    gc.collect()
+    got = take_gc_pauses()
+    assert got.count >= 2
+    assert 0 < got.longest_s <= got.seconds
+    assert take_gc_pauses() == GcPauses()
 
 
 def test_live_instances_sees_past_a_frozen_heap(restore_gc: None) -> None:
