@@ -86,6 +86,8 @@ SERVER_COUNTERS = {
     "engine_steps": "fuserve_engine_steps_total",
     "engine_step_s": "fuserve_engine_step_seconds_total",
     "engine_wait_s": "fuserve_engine_device_wait_seconds_total",
+    "engine_busy_s": "fuserve_engine_device_busy_seconds_total",
+    "engine_prefill_busy_s": "fuserve_engine_prefill_device_busy_seconds_total",
     "engine_prefill_steps": "fuserve_engine_prefill_steps_total",
     "engine_prefill_step_s": "fuserve_engine_prefill_step_seconds_total",
     "engine_core_cpu_s": "fuserve_engine_core_cpu_seconds_total",  # optional: NaN where not exported
@@ -114,6 +116,8 @@ ENGINE_STATS_FIELDS = {
     "engine_steps": "num_steps",
     "engine_step_s": "step_seconds_total",
     "engine_wait_s": "device_wait_seconds_total",
+    "engine_busy_s": "device_busy_seconds_total",
+    "engine_prefill_busy_s": "prefill_device_busy_seconds_total",
     "engine_prefill_steps": "prefill_steps",
     "engine_prefill_step_s": "prefill_step_seconds_total",
     "engine_gc_s": "gc_seconds_total",  # the whole benchmark process's, its clients' included
@@ -530,6 +534,13 @@ def level_figures(
         "engine_decode_step_ms": ms_each(
             step_s - delta["engine_prefill_step_s"], steps - delta["engine_prefill_steps"]
         ),
+        # the device's own time a decode-only step (CUDA events), against the step's wall time above,
+        # and the loop's period (wall / steps): what a stream's inter-token latency is made of
+        "engine_decode_busy_ms": ms_each(
+            delta["engine_busy_s"] - delta["engine_prefill_busy_s"], steps - delta["engine_prefill_steps"]
+        ),
+        "engine_prefill_busy_ms": ms_each(delta["engine_prefill_busy_s"], delta["engine_prefill_steps"]),
+        "engine_loop_ms_per_step": ms_each(wall_s, steps),
         "engine_gc_ms_per_step": ms_each(delta["engine_gc_s"], steps),
         "frontend_gc_util": delta["frontend_gc_s"] / wall_s if wall_s > 0 else math.nan,
     }
@@ -1177,7 +1188,9 @@ def _split(row: dict[str, Any]) -> str:
     return (
         f"{g('engine_host_ms_per_step'):.2f} + {g('engine_wait_ms_per_step'):.2f} "
         f"({100 * g('engine_prefill_step_share'):.0f}% of steps with prefill, "
-        f"{g('engine_prefill_step_ms'):.1f} ms; decode-only {g('engine_decode_step_ms'):.1f} ms)"
+        f"{g('engine_prefill_step_ms'):.1f} ms, device {g('engine_prefill_busy_ms'):.1f}; decode-only "
+        f"{g('engine_decode_step_ms'):.1f} ms, device {g('engine_decode_busy_ms'):.2f}; a loop "
+        f"{g('engine_loop_ms_per_step'):.2f} ms)"
     )
 
 

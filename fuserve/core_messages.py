@@ -118,6 +118,9 @@ class CoreStats(msgspec.Struct, array_like=True):
     num_steps: int = 0
     step_seconds_total: float = 0.0  # wall time inside engine.step(), summed
     device_wait_seconds_total: float = 0.0  # of it, waiting for the device to finish a step
+    # the device's own time for those steps (CUDA events: first kernel to read-back); 0 off CUDA
+    device_busy_seconds_total: float = 0.0
+    prefill_device_busy_seconds_total: float = 0.0  # of it, the steps that carried prefill tokens
     prefill_steps: int = 0  # steps that carried prefill tokens (eager, outside the decode graphs)
     prefill_step_seconds_total: float = 0.0  # wall time of those steps
     cpu_seconds_total: float = 0.0  # the engine-core process's CPU time

@@ -262,6 +262,7 @@ def test_level_figures_from_counters_and_engine_stats(bs: types.ModuleType) -> N
 def test_level_figures_split_a_step_into_host_work_and_device_wait(bs: types.ModuleType) -> None:
     before = bs.engine_counters(types.SimpleNamespace(num_steps=0, step_seconds_total=0.0))
     before.update(engine_wait_s=0.0, engine_prefill_steps=0, engine_prefill_step_s=0.0)
+    before.update(engine_busy_s=0.0, engine_prefill_busy_s=0.0)
     after = bs.engine_counters(
         types.SimpleNamespace(
             num_steps=100,
@@ -269,6 +270,8 @@ def test_level_figures_split_a_step_into_host_work_and_device_wait(bs: types.Mod
             device_wait_seconds_total=0.6,
             prefill_steps=20,
             prefill_step_seconds_total=0.4,
+            device_busy_seconds_total=0.5,
+            prefill_device_busy_seconds_total=0.3,
         )
     )
     fig = bs.level_figures(before, after, 1000, 2.0)
@@ -278,7 +281,13 @@ def test_level_figures_split_a_step_into_host_work_and_device_wait(bs: types.Mod
     assert fig["engine_prefill_step_share"] == pytest.approx(0.2)
     assert fig["engine_prefill_step_ms"] == pytest.approx(20.0)
     assert fig["engine_decode_step_ms"] == pytest.approx(7.5)
-    assert "4.00 + 6.00 (20% of steps with prefill, 20.0 ms; decode-only 7.5 ms)" in bs._split(fig)
+    assert fig["engine_decode_busy_ms"] == pytest.approx(2.5)
+    assert fig["engine_prefill_busy_ms"] == pytest.approx(15.0)
+    assert fig["engine_loop_ms_per_step"] == pytest.approx(20.0)
+    assert (
+        "4.00 + 6.00 (20% of steps with prefill, 20.0 ms, device 15.0; decode-only 7.5 ms, device 2.50; "
+        "a loop 20.00 ms)" in bs._split(fig)
+    )
 
 
 def _row(path: str, **figures: float) -> dict:

@@ -56,3 +56,35 @@ def test_triton_and_graphs_match_reference(tmp_path: Path, arch: str) -> None:
     for r, f in zip(bf16_ref, bf16, strict=True):
         # bf16 rounding differs between paths: compare the first steps and the logprobs loosely
         assert f.outputs[0].token_ids[:8] == r.outputs[0].token_ids[:8]
+
+
+def test_device_busy_time_is_measured_within_the_wall_time(tmp_path: Path) -> None:
+    """The steps' device time (CUDA events) is what tells a slow GPU from a slow host under load: it
+    must be there, include the prefill steps' share, and fit in the wall time of the run."""
+    import time
+
+    folder = make_checkpoint(
+        tmp_path / "m",
+        "llama3",
+        seed=5,
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=512,
+    )
+    cfg = config_from_dict(
+        {
+            "model": {"path": str(folder), "dtype": "bfloat16", "max_model_len": 256},
+            "cache": {"block_size": 16, "num_blocks": 128},
+            "scheduler": {"max_num_batched_tokens": 64, "max_num_seqs": 16},
+        }
+    )
+    llm = LLM(cfg)
+    before = llm.engine.stats()
+    start = time.perf_counter()
+    llm.generate([[1] * 100, [2] * 7], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
+    wall = time.perf_counter() - start
+    after = llm.engine.stats()
+    busy = after.device_busy_seconds_total - before.device_busy_seconds_total
+    prefill = after.prefill_device_busy_seconds_total - before.prefill_device_busy_seconds_total
+    assert 0.0 < prefill < busy <= wall

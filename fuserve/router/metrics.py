@@ -78,6 +78,14 @@ class _EngineCollector(Collector):
                 "fuserve_engine_device_wait_seconds",
                 "Of the step seconds, those spent waiting for the device to finish a step",
             ),
+            "device_busy_seconds_total": (
+                "fuserve_engine_device_busy_seconds",
+                "The device's own time for the engine steps (first kernel to read-back, CUDA events)",
+            ),
+            "prefill_device_busy_seconds_total": (
+                "fuserve_engine_prefill_device_busy_seconds",
+                "Of the device busy seconds, those of steps that carried prefill tokens",
+            ),
             "prefill_steps": ("fuserve_engine_prefill_steps", "Engine steps that carried prefill tokens"),
             "prefill_step_seconds_total": (
                 "fuserve_engine_prefill_step_seconds",

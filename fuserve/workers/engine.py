@@ -79,6 +79,8 @@ class LLMEngine:
         # of which waiting for the device to finish a step (the rest is this process's own work), and
         # the steps that carried prefill tokens (they run eagerly, outside the decode CUDA graphs)
         self.device_wait_seconds_total = 0.0
+        self.device_busy_seconds_total = 0.0  # the device's own time for the steps, from CUDA events
+        self.prefill_device_busy_seconds_total = 0.0
         self.prefill_steps = 0
         self.prefill_step_seconds_total = 0.0
         self.executor = executor or build_executor(config, workers)
@@ -349,6 +351,11 @@ class LLMEngine:
             self.executor.wait(batch)
             batch.synchronize()
             self.device_wait_seconds_total += time.perf_counter() - t0
+            busy = batch.device_seconds()
+            if busy is not None:
+                self.device_busy_seconds_total += busy
+                if prefill_tokens(sched_out):
+                    self.prefill_device_busy_seconds_total += busy
         self._completed.append(sched_out)
         if batch is not None and batch.chosen_logprobs is None and self.speculation is None:
             sampled, logprobs = self._plain_tokens(sched_out, batch), None
@@ -478,6 +485,8 @@ class LLMEngine:
             num_steps=self.num_steps,
             step_seconds_total=self.step_seconds_total,
             device_wait_seconds_total=self.device_wait_seconds_total,
+            device_busy_seconds_total=self.device_busy_seconds_total,
+            prefill_device_busy_seconds_total=self.prefill_device_busy_seconds_total,
             prefill_steps=self.prefill_steps,
             prefill_step_seconds_total=self.prefill_step_seconds_total,
             cpu_seconds_total=time.process_time(),

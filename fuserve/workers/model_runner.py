@@ -49,6 +49,7 @@ class ModelRunner:
         self.tp = tp or TPContext()
         self.share_tokens = share_tokens and self.tp.size > 1
         self._followed_tokens: torch.Tensor | None = None  # a rank > 0's copy of the last step's draws
+        self._started: torch.cuda.Event | None = None  # the last forward's start on the device
 
     def _tensor(self, data: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(
@@ -98,6 +99,9 @@ class ModelRunner:
         """Hidden states of the rows that sample: [S, hidden] (a speculating sequence has a row per draft
         too: [plan.num_logit_rows, hidden]), or None when none samples.
         prev: the previous step's sampled tokens on the device, for plans with placeholders."""
+        if self.device.type == "cuda":
+            self._started = torch.cuda.Event(enable_timing=True)
+            self._started.record()
         chosen = self._graphed(plan)
         if chosen is not None:
             graphs, graphed, bucket = chosen
@@ -120,6 +124,7 @@ class ModelRunner:
             return None
         if plan.argmax_only:
             batch = SampledBatch(self.model.greedy_tokens(hidden))  # every rank now holds these tokens
+            batch.started = self._started
             batch.start_copy()
             return batch
         return self.sample(plan, self.model.compute_logits(hidden))
@@ -141,6 +146,7 @@ class ModelRunner:
         batch = self.sampler.sample(logits, plan.sample_requests, plan.draft_ids or None)
         if self.share_tokens:
             self.tp.broadcast_from_rank0(batch.device_tokens)
+        batch.started = self._started
         batch.start_copy()
         return batch
 

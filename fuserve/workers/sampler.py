@@ -127,6 +127,7 @@ class SampledBatch:
     top_logprobs: torch.Tensor | None = None  # [S, K]
     num_top: list[int | None] = field(default_factory=list)  # per row: None = no logprobs wanted
     device_tokens: torch.Tensor | None = None  # stays on the device for the next step's inputs
+    started: torch.cuda.Event | None = None  # recorded (with timing) before the step's first kernel
     _event: torch.cuda.Event | None = None
 
     def __post_init__(self) -> None:
@@ -141,7 +142,7 @@ class SampledBatch:
                 host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                 host.copy_(t, non_blocking=True)
                 setattr(self, name, host)
-        self._event = torch.cuda.Event()
+        self._event = torch.cuda.Event(enable_timing=self.started is not None)
         self._event.record()
 
     def ready(self) -> bool:
@@ -152,6 +153,13 @@ class SampledBatch:
         """Wait until the device has written this batch's tokens back (no-op on the CPU)."""
         if self._event is not None:
             self._event.synchronize()
+
+    def device_seconds(self) -> float | None:
+        """The device's time from the step's first kernel to its read-back, once synchronized: what
+        the step cost the GPU, apart from the host's wait for it (None off CUDA)."""
+        if self.started is None or self._event is None:
+            return None
+        return self.started.elapsed_time(self._event) / 1e3
 
     def token_ids(self) -> list[int]:
         """The sampled tokens alone, one per row (`results` without an object per row)."""
