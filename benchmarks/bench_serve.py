@@ -52,7 +52,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,7 +137,7 @@ class RequestResult:
     transit_ms: float = math.nan  # the HAProxy router's decision to the replica's receipt (its header)
     # its TTFT inside the replica (x-fuserve-ttft-parts-ms): admission, engine core, arrival to response
     ttft_parts_ms: tuple[float, float, float] = (math.nan, math.nan, math.nan)
-    index: int = -1  # a closed loop's request number: the first `concurrency` of them start together
+    index: int = -1  # its number in the level (a closed loop's first `concurrency` start together)
 
 
 @dataclass
@@ -250,6 +250,16 @@ def auto_client_procs(concurrency: int, cpus: int | None = None) -> int:
     return max(1, min(math.ceil(concurrency / STREAMS_PER_CLIENT_PROC), cpus // 4))
 
 
+def open_loop_procs(rate: float, specs: list[RequestSpec], args: argparse.Namespace) -> int:
+    """A burst sends every request at once: from one process, its 400 connections and ~30k SSE events
+    a second through two replicas are the client's limit (two H200s, 2026-11-28: TTFT p50 158 ms of
+    288 outside the replicas), so it is spread like a closed loop of that many clients. Rows at a
+    finite rate keep one process, as every recorded router comparison had."""
+    if not math.isinf(rate):
+        return 1
+    return args.client_procs or auto_client_procs(len(specs))
+
+
 # ---- HTTP clients -----------------------------------------------------------------------------------
 def _session(connections: int) -> aiohttp.ClientSession:
     """aiohttp, not httpx: at one SSE event per engine step per stream the client parses thousands of
@@ -318,13 +328,25 @@ async def run_http(url: str, level: Level) -> tuple[list[RequestResult], float]:
         if level.concurrency is not None:
             results = await closed_loop(send, level.specs, level.concurrency, level.tickets())
         else:
-
-            async def at_arrival(i: int, spec: RequestSpec) -> RequestResult:
-                await asyncio.sleep(max(0.0, t0 + spec.arrival_s - time.perf_counter()))
-                return await send(i, spec)
-
-            results = list(await asyncio.gather(*(at_arrival(i, s) for i, s in enumerate(level.specs))))
+            results = await open_loop(send, level.specs, range(len(level.specs)), t0)
         return results, time.perf_counter() - t0
+
+
+async def open_loop(
+    send: Callable[[int, RequestSpec], Awaitable[RequestResult]],
+    specs: list[RequestSpec],
+    indices: Iterable[int],
+    t0: float,
+) -> list[RequestResult]:
+    """Request i of `indices` sent at `t0 + specs[i].arrival_s`; results in the order of `indices`."""
+
+    async def at_arrival(i: int) -> RequestResult:
+        await asyncio.sleep(max(0.0, t0 + specs[i].arrival_s - time.perf_counter()))
+        result = await send(i, specs[i])
+        result.index = i
+        return result
+
+    return list(await asyncio.gather(*(at_arrival(i) for i in indices)))
 
 
 def _client_process(
@@ -335,12 +357,15 @@ def _client_process(
     counter: Any,
     ready: Any,
     out: Any,
+    indices: list[int] | None = None,
 ) -> None:
-    """One client process of a closed-loop level (spawned): waits at `ready` with its session open,
-    runs its share of the clients drawing from the shared `counter`, and puts back its results as
-    plain dicts (a spawned script's classes live in `__mp_main__`, which the parent cannot unpickle)
-    with its start/end times and CPU seconds."""
-    level = Level([RequestSpec(**d) for d in spec_dicts], concurrency=clients, **level_kw)
+    """One client process of a level (spawned): waits at `ready` with its session open, then runs
+    its share of a closed loop's clients drawing from the shared `counter`, or sends the open loop's
+    requests `indices` at their arrival times; puts back its results as plain dicts (a spawned
+    script's classes live in `__mp_main__`, which the parent cannot unpickle) with its start/end times
+    and CPU seconds."""
+    specs = [RequestSpec(**d) for d in spec_dicts]
+    level = Level(specs, concurrency=clients, **level_kw) if indices is None else None
 
     async def go() -> tuple[list[RequestResult], float, float, float]:
         async with _session(clients) as session:
@@ -348,7 +373,11 @@ def _client_process(
             ready.wait(timeout=600)  # the parent's wait; the timeout only frees an orphan
             send = lambda i, spec: _http_one(session, url, model, spec)
             c0, t0 = time.process_time(), time.perf_counter()
-            results = await closed_loop(send, level.specs, clients, level.tickets(counter))
+            if level is None:
+                assert indices is not None
+                results = await open_loop(send, specs, indices, t0)
+            else:
+                results = await closed_loop(send, level.specs, clients, level.tickets(counter))
             return results, t0, time.perf_counter(), time.process_time() - c0
 
     try:
@@ -362,20 +391,27 @@ def _client_process(
 
 def http_level(url: str, level: Level, procs: int = 1) -> tuple[list[RequestResult], float, float]:
     """Runs one level; returns (results, wall seconds, the busiest client process's CPU share).
-    A closed loop with `procs` > 1 spreads its clients over spawned processes that share one ticket
-    counter; perf_counter is the system's monotonic clock, so their start and end times compare."""
-    if level.concurrency is None or procs <= 1:
+    With `procs` > 1 the level runs in spawned processes: a closed loop's clients share one ticket
+    counter, an open loop's requests are dealt round-robin (results come back in the level's order);
+    perf_counter is the system's monotonic clock, so their start and end times compare."""
+    procs = min(procs, len(level.specs))
+    if procs <= 1:
         c0 = time.process_time()
         results, wall = asyncio.run(run_http(url, level))
         return results, wall, (time.process_time() - c0) / wall if wall > 0 else math.nan
     ctx = mp.get_context("spawn")  # never fork a process that runs Ray's threads
-    shares = split_clients(level.concurrency, procs)
-    counter, ready, out = ctx.Value("q", 0), ctx.Barrier(len(shares) + 1), ctx.Queue()
-    kw = {"num_requests": level.num_requests or len(level.specs), "duration_s": level.duration_s}
     specs = [asdict(s) for s in level.specs]
+    counter, out = ctx.Value("q", 0), ctx.Queue()
+    if level.concurrency is None:
+        deals = [list(range(p, len(specs), procs)) for p in range(procs)]
+        jobs = [(len(d), {}, d) for d in deals]
+    else:
+        kw = {"num_requests": level.num_requests or len(level.specs), "duration_s": level.duration_s}
+        jobs = [(n, kw, None) for n in split_clients(level.concurrency, procs)]
+    ready = ctx.Barrier(len(jobs) + 1)
     workers = [
-        ctx.Process(target=_client_process, args=(url, specs, n, kw, counter, ready, out), daemon=True)
-        for n in shares
+        ctx.Process(target=_client_process, args=(url, specs, n, kw, counter, ready, out, d), daemon=True)
+        for n, kw, d in jobs
     ]
     for w in workers:
         w.start()
@@ -405,6 +441,8 @@ def http_level(url: str, level: Level, procs: int = 1) -> tuple[list[RequestResu
             if w.is_alive():
                 w.terminate()
     results = [RequestResult(**d) for dicts, *_ in got for d in dicts]
+    if level.concurrency is None:
+        results.sort(key=lambda r: r.index)
     wall = max(g[2] for g in got) - min(g[1] for g in got)
     return results, wall, max(g[3] for g in got) / wall if wall > 0 else math.nan
 
@@ -908,7 +946,9 @@ def compare_routers(
                 specs = make(name, rate)
                 before = router_seconds(f"bench_{router}")
                 take_gc_pauses()
-                results, wall, _ = http_level(url, Level(specs, rate=rate))
+                results, wall, _ = http_level(
+                    url, Level(specs, rate=rate), open_loop_procs(rate, specs, args)
+                )
                 gc_figures = client_gc_fields(take_gc_pauses())
                 row = {"comparison": "router", "router": router, "path": "http", "replicas": 2, "rate": rate}
                 row.update(router_cost_fields(before, router_seconds(f"bench_{router}")), **gc_figures)
@@ -1453,8 +1493,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--client-procs",
         type=int,
         default=0,
-        help="closed loop: spread the HTTP clients over this many processes (0: one per 64 clients, "
-        "at most a quarter of the CPUs)",
+        help="closed loops and bursts: spread the HTTP clients over this many processes (0: one per 64 "
+        "clients or burst requests, at most a quarter of the CPUs; open loops at a finite rate keep one)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device-hour-usd", type=float, default=2.0, help="price of one device (GPU) for an hour")

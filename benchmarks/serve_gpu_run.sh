@@ -3,7 +3,8 @@
 #   PART=overhead  (1 GPU)  closed loop at 16/64/128/256 streams, through Serve's Python proxy, then
 #                           through HAProxy (serve.ingress: haproxy); each beside the in-process engine;
 #                           FRONTENDS="1 3" runs HAProxy with each serve.frontend_processes in turn
-#   PART=scale     (2 GPUs) a 400-request burst on 2 replicas behind HAProxy beside one in-process engine;
+#   PART=scale     (2 GPUs) a 400-request burst on 2 replicas behind HAProxy beside one in-process engine
+#                           (FRONTENDS=2: two frontend processes a replica);
 #                           then one tensor-parallel (TP=2) replica served by `fuserve serve`, answering
 #   PART=routers   (2 GPUs) issue 16: 2 replicas behind HAProxy, pow2 vs length_aware vs prefix_affinity
 #                           on the mix, heavy-tailed and multi-turn workloads, each in a burst and then
@@ -52,6 +53,16 @@ profile_replica() {
   py-spy record -p "$pid" -d "$PROFILE_S" -r 200 --threads --nonblocking -f raw -o "$OUT/profile-in-process.txt"
 }
 
+# model_config F INGRESS: the config with serve.frontend_processes F and serve.ingress INGRESS, plus SET
+# ('{"kernels": {"cuda_graph_max_tokens": 2048}}': merged into the config's sections, an A/B); prints its path
+model_config() {
+  local cfg=/tmp/model-f$1-$2.yaml
+  python3 -c "import json,yaml; c=yaml.safe_load(open('$MODEL')); c['serve']['frontend_processes']=$1; \
+c['serve']['ingress']='$2'; [c.setdefault(k, {}).update(v) for k, v in json.loads('${SET:-{\}}').items()]; \
+yaml.safe_dump(c, open('$cfg','w'))"
+  echo "$cfg"
+}
+
 case ${PART:-overhead} in
   both)  # one call on two GPUs: the overhead levels through HAProxy, then the burst on 2 replicas
     INGRESSES=haproxy PART=overhead bash "$0"; TP2=0 PART=scale bash "$0" ;;
@@ -63,11 +74,7 @@ case ${PART:-overhead} in
         run=(); [ "$ingress" = haproxy ] && run=("${HAPROXY[@]}")
         cfg=$MODEL tag=$ingress
         if [ "$f" != 1 ] || [ -n "${SET:-}" ]; then
-          # SET='{"kernels": {"cuda_graph_max_tokens": 2048}}': merged into the config's sections (an A/B)
-          cfg=/tmp/model-f$f.yaml tag=$ingress-f$f
-          python3 -c "import json,yaml; c=yaml.safe_load(open('$MODEL')); c['serve']['frontend_processes']=$f; \
-c['serve']['ingress']='$ingress'; [c.setdefault(k, {}).update(v) for k, v in json.loads('${SET:-{\}}').items()]; \
-yaml.safe_dump(c, open('$cfg','w'))"
+          cfg=$(model_config "$f" "$ingress") tag=$ingress-f$f
         fi
         timeout ${LEVEL_TIMEOUT:-280} "${run[@]}" python3 benchmarks/bench_serve.py --config $cfg \
           --compare overhead --concurrency ${LEVELS:-16,64,128,256} --requests-per-client $RPC --scale 1 \
@@ -82,7 +89,9 @@ yaml.safe_dump(c, open('$cfg','w'))"
       --scale 1 --think-s ${THINK_S:-0.2,0.6} \
       --out "$OUT/serve-routers-haproxy.json" 2>&1 | tee "$OUT/routers.log" | tail -45 ;;
   scale)
-    timeout 330 "${HAPROXY[@]}" python3 benchmarks/bench_serve.py --config $MODEL --compare routers \
+    # FRONTENDS=2: each replica with two frontend processes (as the GPU example configs)
+    cfg=$MODEL; [ "${FRONTENDS:-1}" != 1 ] && cfg=$(model_config "$FRONTENDS" haproxy)
+    timeout 330 "${HAPROXY[@]}" python3 benchmarks/bench_serve.py --config $cfg --compare routers \
       --routers length_aware --rate inf --num-requests ${BURST:-400} --scale 1 --engine-baseline \
       --workloads ${SCALE_WORKLOAD:-mix} \
       --out "$OUT/serve-2replicas-haproxy.json" 2>&1 | tee "$OUT/scale.log" | tail -25

@@ -470,6 +470,22 @@ def test_http_open_loop_and_a_server_without_counters(bs: types.ModuleType, stan
     assert all(math.isnan(v) for v in bs.scrape_counters(stand_in.url + "/nowhere").values())
 
 
+def test_a_burst_spread_over_client_processes_comes_back_in_the_level_order(
+    bs: types.ModuleType, stand_in: StandInServer
+) -> None:
+    """A burst's requests are dealt to spawned clients round-robin; its results must still line up with
+    the level's requests (the router rows pair them with the replay and the replicas)."""
+    stand_in.peak = 0
+    specs = [bs.RequestSpec("chat", [7, i], 30 + i % 4, 0.0) for i in range(7)]
+    results, wall, util = bs.http_level(stand_in.url, bs.Level(specs, rate=math.inf), procs=3)
+    assert [r.index for r in results] == list(range(7)) and wall > 0 and util > 0
+    assert [r.output_tokens for r in results] == [s.max_tokens for s in specs]
+    assert all(r.ok for r in results) and stand_in.peak == 7
+    args = argparse.Namespace(client_procs=0)
+    assert bs.open_loop_procs(math.inf, [specs[0]] * 400, args) == bs.auto_client_procs(400)
+    assert bs.open_loop_procs(20.0, [specs[0]] * 400, args) == 1
+
+
 def test_fuserve_bench_serve_loads_the_script(tmp_path: Path) -> None:
     """`fuserve bench serve` loads the file by path (no benchmarks folder on sys.path)."""
     env = {**os.environ}
