@@ -946,11 +946,11 @@ def compare_routers(
                 specs = make(name, rate)
                 before = router_seconds(f"bench_{router}")
                 take_gc_pauses()
-                results, wall, _ = http_level(
-                    url, Level(specs, rate=rate), open_loop_procs(rate, specs, args)
-                )
+                procs = open_loop_procs(rate, specs, args)
+                results, wall, _ = http_level(url, Level(specs, rate=rate), procs)
                 gc_figures = client_gc_fields(take_gc_pauses())
                 row = {"comparison": "router", "router": router, "path": "http", "replicas": 2, "rate": rate}
+                row["client_procs"] = procs
                 row.update(router_cost_fields(before, router_seconds(f"bench_{router}")), **gc_figures)
                 row.update(workload=name, **summarize(results, wall, 2, args.device_hour_usd))
                 if math.isinf(rate) and name not in saturation:
