@@ -3,7 +3,7 @@
 # benchmarks named in $BENCH (default: kernels decode). Everything lands under $OUT.
 #   device run: bash benchmarks/gpu_run.sh            (carry: [".whl"])
 set -uo pipefail
-export PYTHONUNBUFFERED=1 FUSERVE_COMMIT=${FUSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export PYTHONUNBUFFERED=1
 # installed once per call: side_by_side_gpu_run.sh installs them before starting its jobs
 . "$(dirname "$0")/device_site.sh" || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -20,7 +20,6 @@ BUDGET_S=${BUDGET_S:-570}
 ARGS=${ARGS:---shapes 128/128 --schemes fp8 --kv-cache-dtype fp8}
 export PYTHONUNBUFFERED=1
 . "$(dirname "$0")/device_site.sh" || exit 1
-export FUSERVE_COMMIT=${FUSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/runs"
 left() { echo $(( BUDGET_S - (SECONDS - START) )); }
 patch -s -p1 -R --dry-run < "$PATCH" || { echo "$PATCH does not undo cleanly on this tree"; exit 1; }

@@ -13,7 +13,6 @@
 #   device run: PART=overhead bash benchmarks/serve_gpu_run.sh        (carry: [".whl"])
 set -uo pipefail
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-export FUSERVE_COMMIT=${FUSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 # installed once per call: side_by_side_gpu_run.sh installs them before starting its jobs
 . "$(dirname "$0")/device_site.sh" || exit 1
 export PATH=/tmp/site/bin:$PATH

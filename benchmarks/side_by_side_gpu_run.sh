@@ -10,10 +10,8 @@
 #   device run: bash benchmarks/side_by_side_gpu_run.sh "..." "..."     (carry: [".whl", ".carry"])
 set -uo pipefail
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-export FUSERVE_COMMIT=${FUSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site:$PWD FUSERVE_SITE_READY=1 PATH=/tmp/site/bin:$PATH FUSERVE_SIDE_BY_SIDE=$#
+. "$(dirname "$0")/device_site.sh" || exit 1
+export PATH=/tmp/site/bin:$PATH FUSERVE_SIDE_BY_SIDE=$#
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 { echo "commit $FUSERVE_COMMIT, $# jobs"; date -u; nvidia-smi --query-gpu=index,name,memory.total --format=csv; } \
   | tee "$OUT/side_by_side.log"

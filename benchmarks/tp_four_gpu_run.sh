@@ -12,7 +12,6 @@ START=$SECONDS
 BUDGET_S=${BUDGET_S:-560}
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
-export FUSERVE_COMMIT=${FUSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 # installed once per call: PART=bench runs PART=serve through this script again
 . "$(dirname "$0")/device_site.sh" || exit 1
 export PATH=/tmp/site/bin:$PATH

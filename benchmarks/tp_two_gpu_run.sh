@@ -26,7 +26,6 @@ BUDGET_S=${BUDGET_S:-540}  # the whole call, install included
 PART=${PART:-8b}
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
-export FUSERVE_COMMIT=${FUSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 . "$(dirname "$0")/device_site.sh" || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/run.log"
