@@ -121,7 +121,7 @@ class CoreStats(msgspec.Struct, array_like=True):
     # the device's own time for those steps (CUDA events: first kernel to read-back); 0 off CUDA
     device_busy_seconds_total: float = 0.0
     prefill_device_busy_seconds_total: float = 0.0  # of it, the steps that carried prefill tokens
-    prefill_steps: int = 0  # steps that carried prefill tokens (eager, outside the decode graphs)
+    prefill_steps: int = 0  # steps that carried prefill tokens
     prefill_step_seconds_total: float = 0.0  # wall time of those steps
     cpu_seconds_total: float = 0.0  # the engine-core process's CPU time
     # For the router's TTFT model (router/ttft_model.py): this engine's step cost, fitted from its own

@@ -76,10 +76,10 @@ class LLMEngine:
         self.num_steps = 0
         self.num_requests_added = 0  # ever: routers tell from it which of their sends these stats include
         self.step_seconds_total = 0.0
-        # of which waiting for the device to finish a step (the rest is this process's own work), and
-        # the steps that carried prefill tokens (they run eagerly, outside the decode CUDA graphs)
+        # of which waiting for the device to finish a step (the rest is this process's own work); the
+        # device's own time for the steps (CUDA events); and the steps that carried prefill tokens
         self.device_wait_seconds_total = 0.0
-        self.device_busy_seconds_total = 0.0  # the device's own time for the steps, from CUDA events
+        self.device_busy_seconds_total = 0.0
         self.prefill_device_busy_seconds_total = 0.0
         self.prefill_steps = 0
         self.prefill_step_seconds_total = 0.0
@@ -103,6 +103,7 @@ class LLMEngine:
         self._queue_summary = QueueSummaryCache(self.scheduler)
         self._completed: list[SchedulerOutput] = []  # steps whose tokens the current step() read back
         self._unattributed_s = 0.0
+        self._unattributed_busy_s = 0.0  # the device's time of the batches read back since _measure_step
         self._requests: dict[str, list[_SeqState]] = {}
         self._by_seq: dict[str, _SeqState] = {}
         self._penalized: list[Sequence] = []  # live sequences with a penalty (they forbid overlap)
@@ -264,6 +265,7 @@ class LLMEngine:
         if any(prefills):
             self.prefill_steps += 1
             self.prefill_step_seconds_total += self._unattributed_s
+            self.prefill_device_busy_seconds_total += self._unattributed_busy_s
         if self.speculation is not None and len(self._completed) == 1:
             self.speculation.observe_step(self._completed[0], self._unattributed_s)
         for out, prefill in zip(self._completed, prefills, strict=True):
@@ -271,7 +273,7 @@ class LLMEngine:
                 prefill, out.num_tokens - prefill, self._unattributed_s / len(self._completed)
             )
         if self._completed:
-            self._completed, self._unattributed_s = [], 0.0
+            self._completed, self._unattributed_s, self._unattributed_busy_s = [], 0.0, 0.0
 
     def _step(self) -> list[RequestOutput]:
         prev, self._inflight = self._inflight, None
@@ -354,8 +356,7 @@ class LLMEngine:
             busy = batch.device_seconds()
             if busy is not None:
                 self.device_busy_seconds_total += busy
-                if prefill_tokens(sched_out):
-                    self.prefill_device_busy_seconds_total += busy
+                self._unattributed_busy_s += busy  # a prefill step's share: _measure_step decides
         self._completed.append(sched_out)
         if batch is not None and batch.chosen_logprobs is None and self.speculation is None:
             sampled, logprobs = self._plain_tokens(sched_out, batch), None
