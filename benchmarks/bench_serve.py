@@ -365,7 +365,6 @@ def _client_process(
     script's classes live in `__mp_main__`, which the parent cannot unpickle) with its start/end times
     and CPU seconds."""
     specs = [RequestSpec(**d) for d in spec_dicts]
-    level = Level(specs, concurrency=clients, **level_kw) if indices is None else None
 
     async def go() -> tuple[list[RequestResult], float, float, float]:
         async with _session(clients) as session:
@@ -373,11 +372,11 @@ def _client_process(
             ready.wait(timeout=600)  # the parent's wait; the timeout only frees an orphan
             send = lambda i, spec: _http_one(session, url, model, spec)
             c0, t0 = time.process_time(), time.perf_counter()
-            if level is None:
-                assert indices is not None
+            if indices is not None:
                 results = await open_loop(send, specs, indices, t0)
             else:
-                results = await closed_loop(send, level.specs, clients, level.tickets(counter))
+                tickets = Level(specs, concurrency=clients, **level_kw).tickets(counter)
+                results = await closed_loop(send, specs, clients, tickets)
             return results, t0, time.perf_counter(), time.process_time() - c0
 
     try:
