@@ -305,13 +305,15 @@ def _generate(
     add(engine, first=True)
     waiting = bool(later)
     logprobs: dict[str, list[Any]] = {f"p{i}": [] for i in range(len(prompts))}
-    while engine.has_unfinished():
-        for out in engine.step():
-            logprobs[out.request_id].extend(out.delta_logprobs)
-        if waiting:
-            add(engine, first=False)
-            waiting = False
-    MixedGraphs.run = run
+    try:
+        while engine.has_unfinished():
+            for out in engine.step():
+                logprobs[out.request_id].extend(out.delta_logprobs)
+            if waiting:
+                add(engine, first=False)
+                waiting = False
+    finally:  # a failed step must not leave the class wrapped for the next engine of this process
+        MixedGraphs.run = run
     engine.shutdown()
     print(
         f"  TP={tp} {all_reduce}: {time.monotonic() - t0:.0f} s, mixed buckets {sorted(set(replayed))}",
