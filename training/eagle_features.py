@@ -38,9 +38,12 @@ def build_target() -> torch.nn.Module:
 
 
 @torch.no_grad()
-def features(model: torch.nn.Module, seqs: list[torch.Tensor], batch_tokens: int) -> list[torch.Tensor]:
-    """Each sequence's pre-final-norm last hidden states [len, H] in bf16 (batches of similar length,
-    right-padded: causal attention keeps padding out of the real rows)."""
+def features(
+    model: torch.nn.Module, seqs: list[torch.Tensor], batch_tokens: int, quiet: bool = False
+) -> list[torch.Tensor]:
+    """Each sequence's pre-final-norm last hidden states [len, H] in bf16, on the model's device (batches
+    of similar length, right-padded: causal attention keeps padding out of the real rows)."""
+    device = next(model.parameters()).device
     captured: list[torch.Tensor] = []
     hook = model.model.norm.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -51,7 +54,7 @@ def features(model: torch.nn.Module, seqs: list[torch.Tensor], batch_tokens: int
         n = max(1, batch_tokens // max(1, longest))
         group = order[at : at + n]
         longest = max(len(seqs[i]) for i in group)
-        ids = torch.full((len(group), longest), 2, dtype=torch.long)
+        ids = torch.full((len(group), longest), 2, dtype=torch.long, device=device)
         for r, i in enumerate(group):
             ids[r, : len(seqs[i])] = seqs[i]
         captured.clear()
@@ -59,7 +62,8 @@ def features(model: torch.nn.Module, seqs: list[torch.Tensor], batch_tokens: int
         for r, i in enumerate(group):
             out[i] = captured[0][r, : len(seqs[i])].to(torch.bfloat16).clone()
         at += len(group)
-        print(f"{at}/{len(seqs)} sequences, {time.time() - t0:.0f}s", flush=True)
+        if not quiet:
+            print(f"{at}/{len(seqs)} sequences, {time.time() - t0:.0f}s", flush=True)
     hook.remove()
     return out  # type: ignore[return-value]
 

@@ -80,12 +80,13 @@ class Frozen:
         eps: float,
         standard: tuple[torch.Tensor, torch.Tensor] | None = None,
         bf16_head: bool = False,
+        device: str = "cpu",
     ) -> None:
         """standard: (mu, sigma) when features come standardized (training), None when raw.
         bf16_head: the head matmul in bf16, ~2x faster on this CPU (training; evaluation stays fp32)."""
-        self.embed = tensors[EMBED_NAME]
-        self.ids = ids
-        self.norm = tensors["model.norm.weight"]
+        self.embed = tensors[EMBED_NAME].to(device)
+        self.ids = ids.to(device)
+        self.norm = tensors["model.norm.weight"].to(device)
         self.head = self.embed[ids].contiguous()
         self.head_bf16 = self.head.to(torch.bfloat16) if bf16_head else None
         self.eps = eps
@@ -109,12 +110,12 @@ def collate(batch: list[dict], frozen: Frozen) -> dict[str, torch.Tensor]:
     """Rows 0..N-2 of each sequence, right-padded: embeds of x_{i+1}, features f_i, targets f_{i+1},
     row lengths, and which rows are generated tokens' predictions (for the agreement metric)."""
     n = max(len(e["ids"]) - 1 for e in batch)
-    h = frozen.embed.shape[1]
-    emb = torch.zeros(len(batch), n, h)
-    feat = torch.zeros(len(batch), n, h)
-    nxt = torch.zeros(len(batch), n, h)
-    lens = torch.zeros(len(batch), dtype=torch.long)
-    gen = torch.zeros(len(batch), n, dtype=torch.bool)
+    h, dev = frozen.embed.shape[1], frozen.embed.device
+    emb = torch.zeros(len(batch), n, h, device=dev)
+    feat = torch.zeros(len(batch), n, h, device=dev)
+    nxt = torch.zeros(len(batch), n, h, device=dev)
+    lens = torch.zeros(len(batch), dtype=torch.long, device=dev)
+    gen = torch.zeros(len(batch), n, dtype=torch.bool, device=dev)
     for b, e in enumerate(batch):
         m = len(e["ids"]) - 1
         emb[b, :m] = frozen.embed[e["ids"][1:]]
@@ -133,12 +134,12 @@ def batch_loss(
     regression loss of pass 1 (for the log)."""
     outs = model.unrolled(batch["emb"], batch["feat"], passes)
     n = batch["emb"].shape[1]
-    rows = torch.arange(n)[None, :]
+    rows = torch.arange(n, device=batch["emb"].device)[None, :]
     real = rows < batch["lens"][:, None]
     target_logp = frozen.logits(batch["next"]).log_softmax(-1)
     target_p = target_logp.exp()
     target_top = target_logp.argmax(-1)
-    total, agree, reg0 = torch.zeros(()), [], 0.0
+    total, agree, reg0 = torch.zeros((), device=batch["emb"].device), [], 0.0
     for s, h in enumerate(outs):
         mask = real & (rows >= s)
         reg = F.smooth_l1_loss(h[mask], batch["next"][mask])
@@ -189,10 +190,12 @@ def init_layer(model: EagleDraft, tensors: dict[str, torch.Tensor], layer: int, 
             model.fc.weight[:, :h].normal_(0, 0.02)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+def lr_at(step: int, total: int, peak: float, warmup: int, clock: float = 0.0) -> float:
+    """Warm-up, then cosine to 5 % of the peak over the steps or, where the clock runs out first
+    (`clock`: the share of the time limit spent), over the time."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = max((step - warmup) / max(1, total - warmup), clock)
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -225,6 +228,7 @@ def export(model: EagleDraft, path: Path, ids: torch.Tensor, args: argparse.Name
     # weights in bf16; fc's bias and the output affine (values in the thousands) in fp32: a few KB
     tensors = {
         k: v.detach()
+        .cpu()
         .to(torch.float32 if k.startswith("eagle.") and v.dim() == 1 else torch.bfloat16)
         .contiguous()
         for k, v in state.items()
@@ -241,37 +245,69 @@ def export(model: EagleDraft, path: Path, ids: torch.Tensor, args: argparse.Name
     write_draft(path, tensors, meta)
 
 
+def generated_examples(paths: list[str], device: str, batch_tokens: int) -> list[dict]:
+    """generate_draft_data.py's records with the target's features from one prefill each, computed on
+    `device` and kept there (the GPU run: millions of tokens, features in bf16, ~1.2 kB a token)."""
+    from eagle_features import build_target, features
+
+    records = [r for p in paths for r in torch.load(p)]
+    seqs = [torch.cat([r["prompt_ids"], r["output_ids"]]).long() for r in records]
+    target = build_target().to(device)
+    t0 = time.time()
+    feats = features(target, seqs, batch_tokens, quiet=True)
+    del target
+    tokens = sum(len(q) for q in seqs)
+    print(f"features of {len(seqs)} sequences ({tokens} tokens) in {time.time() - t0:.0f} s", flush=True)
+    return [
+        {"ids": q.to(device), "prompt_len": len(r["prompt_ids"]), "feats": f}
+        for r, q, f in zip(records, seqs, feats, strict=True)
+    ]
+
+
 def train(args: argparse.Namespace) -> None:
+    begun = time.time()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    examples = torch.load(args.features)
-    ids = subset_ids(examples, args.vocab_size)
+    if args.data:
+        examples = generated_examples(args.data.split(","), args.device, args.feature_batch_tokens)
+    else:
+        examples = [
+            {**e, "ids": e["ids"].to(args.device), "feats": e["feats"].to(args.device)}
+            for e in torch.load(args.features)
+        ]
+    if args.device != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    ids = subset_ids([{**e, "ids": e["ids"].cpu()} for e in examples], args.vocab_size)
     rng.shuffle(examples)
-    n_val = max(2, len(examples) * 3 // 100)
+    n_val = min(max(2, len(examples) * 3 // 100), args.max_val)
     val, train_ex = examples[:n_val], examples[n_val:]
     corpus = [e for f in args.corpus.split(",") if f for e in torch.load(f)]  # eagle_corpus.py
     train_ex += corpus
     tensors = target_tensors()
     cfg = target_config()
     mu, sigma = standardization(train_ex)
-    frozen = Frozen(tensors, ids, cfg["rms_norm_eps"], (mu, sigma), bf16_head=True)
+    frozen = Frozen(tensors, ids, cfg["rms_norm_eps"], (mu, sigma), bf16_head=True, device=args.device)
     val_batches = [collate(b, frozen) for b in make_batches(val, args.batch_tokens, random.Random(0))]
     rows = sum(len(e["ids"]) - 1 for e in train_ex)
     print(f"{len(train_ex)} training sequences ({rows} rows), {len(val)} validation", flush=True)
     model = EagleDraft(cfg, args.intermediate)
     if args.init == "target":
         init_layer(model, tensors, args.init_layer, feat_identity=True)
+    model.to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     curve = [{"step": 0, "elapsed_s": 0.0, **evaluate(model, val_batches, frozen, args.passes, args.w_cls)}]
     print(json.dumps(curve[-1]), flush=True)
     started, step, epoch_batches, epoch = time.time(), 0, [], 0
+    if args.budget_s:  # the whole run's clock (features included), with ~30 s kept for the export
+        args.time_limit_s = min(args.time_limit_s, args.budget_s - 30 - (started - begun))
     while step < args.steps:
         if not epoch_batches:
             epoch_batches = make_batches(train_ex, args.batch_tokens, random.Random(args.seed * 1000 + epoch))
             epoch += 1
         batch = collate(epoch_batches.pop(), frozen)
+        clock = (time.time() - started) / args.time_limit_s if args.clock_schedule else 0.0
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup, clock)
         loss, agree, reg0 = batch_loss(model, batch, frozen, args.passes, args.w_cls)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -310,6 +346,7 @@ def train(args: argparse.Namespace) -> None:
     }
     Path(args.curve).parent.mkdir(parents=True, exist_ok=True)
     Path(args.curve).write_text(json.dumps(summary, indent=1) + "\n")
+    Path(args.ckpt).parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.ckpt)
     if args.export:
         gen = sum(len(e["ids"]) - e["prompt_len"] for e in examples)
@@ -341,6 +378,14 @@ def main() -> None:
     ap.add_argument("--export", default="")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--data", default="", help="generate_draft_data.py files: features computed here, on --device (GPU)"
+    )
+    ap.add_argument("--feature-batch-tokens", type=int, default=2048)
+    ap.add_argument("--max-val", type=int, default=10**9, help="at most this many validation sequences")
+    ap.add_argument("--budget-s", type=float, default=0, help="the whole run's seconds, features included")
+    ap.add_argument("--clock-schedule", action="store_true", help="anneal the rate over --time-limit-s too")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     train(args)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The feature-reading (EAGLE-1) draft trained on the GPU machine (issue 17): the data of gpu_distill.sh
+# (the target's own continuations, generated on every GPU), the target's features from one prefill of each
+# sequence on GPU 0, kept there, and train_eagle.py on GPU 0 for the time left; export.
+#   calls 1-2 stash the model's first parts (training/gpu_target.sh), call 3 carries
+#   [".carry/target/part-c"]: `GEN_S=200 bash training/gpu_eagle.sh`
+# Under $OUT: eagle.safetensors, eagle_training_gpu.json (the curve), data_generation_gpu-<shard>.json,
+# run.log. Held-out acceptance afterwards on the CPU: training/eval_eagle.py --draft OUT/eagle.safetensors
+set -uo pipefail
+. training/gpu_target.sh
+generate_data
+RUN_S=$(( $(left) - 15 ))
+say "features, then training: $RUN_S s in all"
+CUDA_VISIBLE_DEVICES=0 timeout $(( RUN_S + 10 )) python3 training/train_eagle.py --data "$DATA" \
+  --device cuda --feature-batch-tokens 65536 --batch-tokens ${BATCH_TOKENS:-16384} --lr ${LR:-1e-3} \
+  --warmup 200 --steps ${STEPS:-1000000} --eval-every 500 --max-val 400 --w-cls ${W_CLS:-1.0} \
+  --passes ${PASSES:-3} --time-limit-s $RUN_S --budget-s $RUN_S --clock-schedule --ckpt "$W/eagle_ckpt.pt" \
+  --curve "$OUT/eagle_training_gpu.json" --export "$OUT/eagle.safetensors" 2>&1 \
+  | grep -E "val_|sequences|features|time limit|Error|error" | tail -40 | tee -a "$LOG"
+say "done"
