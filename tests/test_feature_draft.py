@@ -135,3 +135,163 @@ def test_features_are_hf_pre_norm_hidden_states(target: Path, hf_features) -> No
     torch.testing.assert_close(
         rows[cached:].float(), hf_features(tokens)[cached : len(tokens) - 1], rtol=2e-2, atol=2e-2
     )
+
+
+# ---- the draft ----------------------------------------------------------------------------------
+sys.path.insert(0, str(Path(__file__).parent.parent / "training"))
+from eagle_model import EagleDraft  # noqa: E402
+from eval_eagle import load_shipped  # noqa: E402
+from train_eagle import Frozen, write_eagle  # noqa: E402
+
+from fuserve.speculative.feature_draft_runner import FeatureDraftRunner  # noqa: E402
+from fuserve.speculative.shipped_draft import DRAFT_FORMAT  # noqa: E402
+
+SUBSET = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(5))[:90].sort().values
+WIDTH = 96  # the draft layer's MLP
+
+
+def target_tensors(target: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(target / "model.safetensors"))
+
+
+def eagle_config(target: Path) -> dict[str, Any]:
+    """EagleDraft's config of the target's architecture."""
+    import json
+
+    cfg = json.loads((target / "config.json").read_text())
+    cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    cfg["rope_theta"] = cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]
+    return cfg
+
+
+class Eagle:
+    """A random EagleDraft trained (as it were) on standardized features, written to an eagle1 file
+    with its standardization folded in, as train_eagle.py exports one."""
+
+    def __init__(self, target: Path, folder: Path, seed: int) -> None:
+        import copy
+
+        torch.manual_seed(seed)
+        cfg = eagle_config(target)
+        model = EagleDraft(cfg, WIDTH).eval()
+        with torch.no_grad():
+            model.fc.bias.uniform_(-0.1, 0.1)
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.add_(0.1 * torch.randn_like(p))
+                p.copy_(p.bfloat16().float())  # the file's bf16 values: the folds below stay exact
+        h = cfg["hidden_size"]
+        self.mu = torch.randn(h) * 2
+        self.sigma = 2.0 ** torch.randint(-1, 3, (h,)).float()  # powers of two: folding stays exact in bf16
+        self.unfolded = copy.deepcopy(model)
+        model.fold_standardization(self.mu, self.sigma)
+        tensors = target_tensors(target)
+        self.path = folder / "eagle.safetensors"
+        write_eagle(self.path, model, tensors["model.norm.weight"], SUBSET, {"format": DRAFT_FORMAT})
+        eps = cfg["rms_norm_eps"]
+        self.standardized = Frozen(tensors, SUBSET, eps, (self.mu, self.sigma))
+        self.raw = Frozen(tensors, SUBSET, eps)
+        self.folded, ids, width = load_shipped(self.path, cfg)
+        assert torch.equal(ids, SUBSET) and width == WIDTH
+
+    def features(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """n raw target-like features (bf16): per dimension about mu +- sigma."""
+        return (torch.randn(n, self.mu.shape[0], generator=gen) * self.sigma + self.mu).bfloat16()
+
+    @torch.no_grad()
+    def chained(self, tokens: list[int], features: torch.Tensor, k: int) -> list[int]:
+        """EagleDraft drafting k tokens after `tokens` (features: rows 0..n-2) as the served draft
+        should: the unfolded model on standardized features, each draft's h the next row's feature."""
+        frozen = self.standardized
+        emb = frozen.embed[torch.tensor(tokens[1:])]
+        f = frozen.scaled(features.float())
+        drafts: list[int] = []
+        for _ in range(k):
+            n = emb.shape[0]
+            mask = torch.ones(n, n, dtype=torch.bool).tril()
+            h = self.unfolded(emb[None], f[None], torch.arange(n), mask)[0, -1:]
+            d = int(frozen.ids[frozen.logits(h).argmax(-1)])
+            drafts.append(d)
+            emb = torch.cat([emb, frozen.embed[d][None]])
+            f = torch.cat([f, h])
+        return drafts
+
+    @torch.no_grad()
+    def unrolled(self, tokens: list[int], features: torch.Tensor, drafts: list[int]) -> list[int]:
+        """eval_eagle.py's scoring of a round started at the last row: the folded file's EagleDraft,
+        unrolled over the drafts as teacher-forced tokens; pass s's prediction at row n-2+s."""
+        seq = tokens + drafts[:-1]
+        n = len(tokens)
+        emb = self.raw.embed[torch.tensor(seq[1:])][None]
+        feats = torch.cat([features.float(), torch.zeros(len(drafts) - 1, features.shape[1])])[None]
+        passes = self.folded.unrolled(emb, feats, len(drafts))
+        return [int(self.raw.ids[self.raw.logits(h[0, n - 2 + s]).argmax(-1)]) for s, h in enumerate(passes)]
+
+
+@pytest.fixture(scope="module")
+def eagle(target: Path, tmp_path_factory: pytest.TempPathFactory) -> Eagle:
+    return Eagle(target, tmp_path_factory.mktemp("eagle"), seed=7)
+
+
+def make_runner(eagle: Eagle, target: Path, num_blocks: int = 64) -> FeatureDraftRunner:
+    return FeatureDraftRunner(
+        ModelConfig(path=str(eagle.path), device="cpu", dtype="float32"),
+        ModelConfig(path=str(target), device="cpu", dtype="float32"),
+        DraftPlacementConfig(device="cpu"),
+        CacheConfig(block_size=4, num_blocks=num_blocks),
+        KernelConfig(),
+        max_num_seqs=8,
+        max_num_batched_tokens=16,  # small: long rounds run in several chunks
+    )
+
+
+def test_served_draft_proposes_what_eagle_draft_proposes(eagle: Eagle, target: Path) -> None:
+    """Rounds with rollback at random points (drafts accepted, then the target's token; now and then
+    a start over from 0): every round's drafts equal EagleDraft's, chained over the whole sequence."""
+    runner = make_runner(eagle, target)
+    assert runner.model.head is not None and torch.equal(runner.model.head.token_ids, SUBSET)
+    rng, gen = random.Random(1), torch.Generator().manual_seed(2)
+    seqs = {f"s{i}": [rng.randrange(VOCAB) for _ in range(rng.randrange(2, 30))] for i in range(3)}
+    feats = {s: eagle.features(len(t) - 1, gen) for s, t in seqs.items()}
+    sent = {s: 0 for s in seqs}
+    checked_unrolled = 0
+    for round_ in range(8):
+        k = {s: rng.randrange(0, 6) for s in seqs}
+        reqs = []
+        for s, tokens in seqs.items():
+            begin = feature_rows_begin(sent[s])
+            reqs.append(ProposeRequest(s, sent[s], tokens[sent[s] :], k[s], feats[s][begin:]))
+        drafts = runner.propose(reqs)
+        for s, got in zip(seqs, drafts, strict=True):
+            assert got == eagle.chained(seqs[s], feats[s], k[s]), f"round {round_}, {s}"
+            if len(got) > 1:
+                assert got == eagle.unrolled(seqs[s], feats[s], got)
+                checked_unrolled += 1
+            accepted = got[: rng.randrange(0, len(got) + 1)]
+            step = accepted + [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 4))]
+            sent[s] = len(seqs[s])
+            seqs[s] = seqs[s] + step
+            feats[s] = torch.cat([feats[s], eagle.features(len(step), gen)])
+            if rng.random() < 0.15:
+                sent[s] = 0
+    assert checked_unrolled > 3
+    runner.release(list(seqs))
+    assert runner.seqs.num_free_blocks == runner.seqs.num_blocks
+
+
+def test_greedy_with_a_feature_draft_equals_plain(eagle: Eagle, target: Path) -> None:
+    shared = list(range(40, 72))  # two full blocks every prompt shares: prefix hits
+    rng = random.Random(3)
+    prompts = [shared + [rng.randrange(VOCAB) for _ in range(n)] for n in (3, 9, 17, 5)]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    # ~4 x 65 tokens in 10 blocks of 16: preemption; a 24-token budget: chunked prefill
+    sections = dict(cache={"num_blocks": 10}, scheduler={"max_num_batched_tokens": 24})
+    want = [o.outputs[0].token_ids for o in make_llm(target, **sections).generate(prompts, params)]
+    llm = make_llm(target, **sections)
+    llm.engine.speculation = Speculation(llm.config.speculative, make_runner(eagle, target, 256))
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == want
+    stats = llm.engine.stats()
+    assert stats.spec.num_drafts > 0 and stats.prefix_hit_tokens > 0 and stats.num_preemptions > 0
