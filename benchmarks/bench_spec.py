@@ -18,8 +18,10 @@ replay CUDA graphs.
 
 `--proposer draft=PATH` drafts with a draft model in this process (the draft deployment's own runner,
 without its channel), e.g. `draft=shipped:smollm2-135m-instruct-draft`, the draft trained for the
-default model. `--proposer module:function` plugs in another proposer: a function
-(config: FuserveConfig, engine: LLMEngine) -> Proposer, imported by name.
+default model; an eagle1 file (training/train_eagle.py's export) runs as a feature-reading draft (the
+target's CUDA graphs, captured without features, then refuse it: run it on CPU or without graphs).
+`--proposer module:function` plugs in another proposer: a function (config: FuserveConfig, engine:
+LLMEngine) -> Proposer, imported by name.
 """
 
 from __future__ import annotations
@@ -95,11 +97,15 @@ def make_proposer(name: str, spec: SpeculativeConfig, config: FuserveConfig, eng
     if name.startswith("draft="):  # a draft model in this process: the deployment's runner, no channel
         from fuserve.configs import DraftPlacementConfig, ModelConfig
         from fuserve.speculative.draft_runner import DraftRunner
+        from fuserve.speculative.feature_draft_file import is_feature_draft
+        from fuserve.speculative.feature_draft_runner import FeatureDraftRunner
 
         model = ModelConfig(
             path=name[len("draft=") :], max_model_len=engine.max_model_len, dtype=config.model.dtype
         )
         placement = DraftPlacementConfig(device=engine.device.type)
+        if is_feature_draft(model):  # an eagle1 file: it reads the target's features (eager on GPU)
+            return FeatureDraftRunner(model, config.model, placement, config.cache, config.kernels)
         return DraftRunner(model, placement, config.cache, config.kernels)
     module, _, func = name.partition(":")
     if not func:

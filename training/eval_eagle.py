@@ -30,15 +30,16 @@ from train_eagle import Frozen, target_config  # noqa: E402
 from fuserve.speculative.shipped_draft import EMBED_NAME, VOCAB_TENSOR  # noqa: E402
 
 
-def load_shipped(path: Path) -> tuple[EagleDraft, torch.Tensor, int]:
-    """The exported (bf16) draft as served, in fp32, its vocabulary ids and MLP width."""
+def load_shipped(path: Path, cfg: dict | None = None) -> tuple[EagleDraft, torch.Tensor, int]:
+    """The exported (bf16) draft as served, in fp32, its vocabulary ids and MLP width. `cfg`: the
+    target's HF config (default: the default model's)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         t = {n: f.get_tensor(n) for n in f.keys()}
     width = int(meta["intermediate_size"])
-    model = EagleDraft(target_config(), width)
+    model = EagleDraft(cfg if cfg is not None else target_config(), width)
     state = {
         "fc.weight": t["eagle.fc.weight"],
         "fc.bias": t["eagle.fc.bias"],

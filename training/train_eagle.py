@@ -43,10 +43,15 @@ from draft_model import target_gguf, target_meta, target_tensors, write_draft  #
 from draft_vocab import frequent_tokens  # noqa: E402
 from eagle_model import EagleDraft  # noqa: E402
 
+from fuserve.speculative.feature_draft_file import (  # noqa: E402
+    EAGLE_ARCH,
+    FC_BIAS,
+    FC_WEIGHT,
+    OUT_SCALE,
+    OUT_SHIFT,
+)
 from fuserve.speculative.shipped_draft import EMBED_NAME, VOCAB_TENSOR  # noqa: E402
 from fuserve.workers.models.gguf_loader import read_gguf  # noqa: E402
-
-EAGLE_ARCH = "eagle1"  # the draft file's `architecture` metadata
 
 
 def target_config() -> dict:
@@ -214,17 +219,20 @@ def evaluate(model: EagleDraft, batches: list[dict], frozen: Frozen, passes: int
     }
 
 
-def export(model: EagleDraft, path: Path, ids: torch.Tensor, args: argparse.Namespace, note: str) -> None:
-    """The shipped file: fc, the layer and the target's final norm (bf16), the vocabulary subset."""
+def write_eagle(
+    path: Path, model: EagleDraft, norm_weight: torch.Tensor, ids: torch.Tensor, meta: dict[str, str]
+) -> None:
+    """The served file (fuserve/speculative/feature_draft_file.py): fc, the output affine, the layer and
+    the target's final norm, the vocabulary subset; `meta`: target_meta() and how it was trained."""
     state = {
-        "eagle.fc.weight": model.fc.weight,
-        "eagle.fc.bias": model.fc.bias,
-        "eagle.out_scale": model.out_scale,
-        "eagle.out_shift": model.out_shift,
+        FC_WEIGHT: model.fc.weight,
+        FC_BIAS: model.fc.bias,
+        OUT_SCALE: model.out_scale,
+        OUT_SHIFT: model.out_shift,
     }
     for k, v in model.layers.state_dict().items():
         state[f"model.layers.{k}"] = v
-    state["model.norm.weight"] = target_tensors()["model.norm.weight"]
+    state["model.norm.weight"] = norm_weight
     # weights in bf16; fc's bias and the output affine (values in the thousands) in fp32: a few KB
     tensors = {
         k: v.detach()
@@ -235,14 +243,19 @@ def export(model: EagleDraft, path: Path, ids: torch.Tensor, args: argparse.Name
     }
     tensors[VOCAB_TENSOR] = ids.to(torch.uint16).contiguous()
     meta = {
-        **target_meta(),
+        **meta,
         "architecture": EAGLE_ARCH,
         "num_hidden_layers": "1",
-        "intermediate_size": str(args.intermediate),
-        "vocab_subset": note,
-        "training": json.dumps({k: v for k, v in vars(args).items() if k != "export"}),
+        "intermediate_size": str(model.layers[0].mlp.gate_proj.out_features),
     }
     write_draft(path, tensors, meta)
+
+
+def export(model: EagleDraft, path: Path, ids: torch.Tensor, args: argparse.Namespace, note: str) -> None:
+    """The shipped file for the default model's target."""
+    training = json.dumps({k: v for k, v in vars(args).items() if k != "export"})
+    meta = {**target_meta(), "vocab_subset": note, "training": training}
+    write_eagle(path, model, target_tensors()["model.norm.weight"], ids, meta)
 
 
 def generated_examples(paths: list[str], device: str, batch_tokens: int) -> list[dict]:

@@ -9,7 +9,8 @@ Reconnecting: `locate()` answers where a draft replica listens (a Serve handle c
 run on a thread of its own so no engine step waits on it). Once it answers, the next round connects
 and sends every sequence from start 0, since a new replica holds nothing (a live one that merely timed
 out keeps the KV of the tokens it already had: the runner compares before it recomputes). For that
-the proposer keeps a copy of each sequence's tokens, as the rounds have told them.
+the proposer keeps a copy of each sequence's tokens, as the rounds have told them, and for a
+feature-reading draft (`reads_features`) of its features too (bf16 rows, sent as raw bytes).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import uuid
 from collections.abc import Callable
 
 import msgspec
+import torch
 import zmq
 
 from fuserve.speculative.draft_messages import (
@@ -33,7 +35,8 @@ from fuserve.speculative.draft_messages import (
     DraftSeq,
     reply_decoder,
 )
-from fuserve.speculative.proposer import ProposeRequest, ProposerUnavailable
+from fuserve.speculative.feature_store import FeatureRows
+from fuserve.speculative.proposer import ProposeRequest, ProposerUnavailable, feature_rows_begin
 
 log = logging.getLogger("fuserve")
 
@@ -46,6 +49,14 @@ def endpoint(address: DraftAddress) -> str:
     return address.tcp
 
 
+def _wire(features: torch.Tensor | None) -> tuple[bytes, int]:
+    """A round's feature rows as DraftSeq carries them: raw bf16 bytes and the row width."""
+    if features is None:
+        return b"", 0
+    rows = features.to(torch.bfloat16).contiguous()
+    return rows.view(torch.int16).numpy().tobytes(), rows.shape[1]
+
+
 class DraftProposer:
     def __init__(
         self,
@@ -53,10 +64,14 @@ class DraftProposer:
         timeout_s: float,
         retry_s: float = 1.0,
         use_ipc: bool = True,
+        reads_features: bool = False,
     ) -> None:
         """`locate`: where a draft replica listens now (may block, may raise: retried every
-        `retry_s`). `timeout_s`: the longest a round may take (speculative.channel_timeout_s)."""
+        `retry_s`). `timeout_s`: the longest a round may take (speculative.channel_timeout_s).
+        `reads_features`: the draft is a feature-reading one (its rounds carry the target's features)."""
         self.locate = locate
+        self.reads_features = reads_features
+        self.features: dict[str, FeatureRows] = {}  # a feature draft's rows, as the rounds told them
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self.use_ipc = use_ipc
@@ -84,6 +99,8 @@ class DraftProposer:
             held = self.tokens.setdefault(r.seq_id, [])
             del held[r.start :]
             held.extend(r.token_ids)
+            if r.features is not None:
+                self.features.setdefault(r.seq_id, FeatureRows()).put(feature_rows_begin(r.start), r.features)
         if not requests:
             return []
         self._adopt_found()
@@ -94,9 +111,13 @@ class DraftProposer:
         for r in requests:
             if r.seq_id in self.resend:
                 self.resend.discard(r.seq_id)
-                seqs.append(DraftSeq(r.seq_id, 0, list(self.tokens[r.seq_id]), r.k))
+                tokens = self.tokens[r.seq_id]
+                features = None
+                if r.features is not None:
+                    features = self.features[r.seq_id].get(0, max(len(tokens) - 1, 0))
+                seqs.append(DraftSeq(r.seq_id, 0, list(tokens), r.k, *_wire(features)))
             else:
-                seqs.append(DraftSeq(r.seq_id, r.start, r.token_ids, r.k))
+                seqs.append(DraftSeq(r.seq_id, r.start, r.token_ids, r.k, *_wire(r.features)))
         sent = time.perf_counter()
         try:
             msg = DraftRound(self.client_id, self._round, seqs)
@@ -118,6 +139,7 @@ class DraftProposer:
     def release(self, seq_ids: list[str]) -> None:
         for s in seq_ids:
             self.tokens.pop(s, None)
+            self.features.pop(s, None)
             self.resend.discard(s)
         if self._socket is not None and seq_ids:
             try:

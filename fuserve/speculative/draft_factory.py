@@ -3,6 +3,8 @@
 The engine core is no Ray worker: to look its draft up it joins the cluster as a driver (as it does
 for tensor parallelism, from the RayPlacement its frontend passed) and asks the app's Draft deployment
 through a Serve handle, once at start-up and again whenever the draft stopped answering. Never per step.
+Which draft runs is the draft file's to say (`build_draft_runner`): an eagle1 file is a feature-reading
+draft, whose rounds carry the target's features; anything else the independent draft model.
 """
 
 from __future__ import annotations
@@ -10,13 +12,19 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from fuserve.configs import FuserveConfig
 from fuserve.speculative.draft_client import DraftProposer
 from fuserve.speculative.draft_messages import DraftAddress
+from fuserve.speculative.feature_draft_file import is_feature_draft
 from fuserve.workers.engine_core import RayPlacement
+
+if TYPE_CHECKING:
+    from fuserve.speculative.draft_runner import DraftRunner
+    from fuserve.speculative.feature_draft_runner import FeatureDraftRunner
 
 LOOKUP_TIMEOUT_S = 10.0
 
@@ -59,4 +67,16 @@ def build_draft_proposer(config: FuserveConfig, placement: RayPlacement | None) 
     if not ray.is_initialized():
         ray.init(address=placement.address, namespace=placement.namespace, log_to_driver=False)
     locate = serve_locator(placement.app_name, DRAFT_DEPLOYMENT)
-    return DraftProposer(locate, config.speculative.channel_timeout_s)
+    reads_features = is_feature_draft(config.speculative.draft)
+    return DraftProposer(locate, config.speculative.channel_timeout_s, reads_features=reads_features)
+
+
+def build_draft_runner(config: FuserveConfig) -> DraftRunner | FeatureDraftRunner:
+    """The draft deployment's runner: a feature-reading one for an eagle1 draft file, else the
+    independent draft model's."""
+    from fuserve.speculative.draft_runner import DraftRunner
+    from fuserve.speculative.feature_draft_runner import FeatureDraftRunner
+
+    if is_feature_draft(config.speculative.draft):
+        return FeatureDraftRunner.from_config(config)
+    return DraftRunner.from_config(config)

@@ -7,6 +7,7 @@
 
 msgspec structs, array-encoded (a round of 64 sequences is a few hundred bytes). Sequence ids are the
 client's: the server keys them by `client_id`, so one draft replica can serve several engines.
+A feature-reading draft's rounds also carry the target's features, as raw bf16 bytes.
 Nothing here imports torch.
 """
 
@@ -20,6 +21,10 @@ class DraftSeq(msgspec.Struct, array_like=True):
     start: int
     token_ids: list[int]
     k: int
+    # a feature-reading draft's rows (ProposeRequest.features): [rows, feature_dim] bf16, row-major
+    # (2 bytes a value: a decode's one row of a 576-wide target is 1.1 KB); empty for other drafts
+    features: bytes = b""
+    feature_dim: int = 0
 
 
 class DraftRound(msgspec.Struct, tag="round", array_like=True):

@@ -1,6 +1,6 @@
 """The draft side of the channel: a process that answers one round per engine step over ZMQ.
 
-    DraftDeployment replica (Serve) --spawns--> draft server process: DraftRunner + ROUTER socket
+    DraftDeployment replica (Serve) --spawns--> draft server process: its draft runner + ROUTER socket
         bound on tcp://NODE_IP:PORT and ipc://TMP/draft; it reports its DraftAddress back through a pipe
     engine core(s) --DraftRound--> [loop: decode, runner.propose, encode] --DraftReply--> the same peer
 
@@ -26,21 +26,31 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import zmq
 
 from fuserve.configs import FuserveConfig
-from fuserve.speculative.draft_messages import DraftAddress, DraftRelease, DraftReply, input_decoder
+from fuserve.speculative.draft_messages import (
+    DraftAddress,
+    DraftRelease,
+    DraftReply,
+    DraftSeq,
+    input_decoder,
+)
 from fuserve.speculative.proposer import ProposeRequest
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("fuserve")
 POLL_MS = 200  # an idle server checks this often that its replica is still there
 
 
 class DraftBackend(Protocol):
-    """What the server drafts with: DraftRunner, or anything that answers the same way."""
+    """What the server drafts with: DraftRunner, FeatureDraftRunner, or anything that answers the same
+    way."""
 
     def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]: ...
 
@@ -76,7 +86,7 @@ class DraftServer:
         if isinstance(msg, DraftRelease):
             self.backend.release([prefix + s for s in msg.seq_ids])
             return
-        reqs = [ProposeRequest(prefix + s.seq_id, s.start, s.token_ids, s.k) for s in msg.seqs]
+        reqs = [ProposeRequest(prefix + s.seq_id, s.start, s.token_ids, s.k, _features(s)) for s in msg.seqs]
         try:
             drafts = self.backend.propose(reqs)
             reply = DraftReply(
@@ -99,6 +109,17 @@ class DraftServer:
         self.ctx.term()
 
 
+def _features(seq: DraftSeq) -> torch.Tensor | None:
+    """A round's feature rows off the wire ([rows, feature_dim] bf16), None for a draft that reads none."""
+    import torch  # the replica's process imports this module too, and needs no torch
+
+    if seq.feature_dim == 0:
+        return None
+    if not seq.features:
+        return torch.empty(0, seq.feature_dim, dtype=torch.bfloat16)
+    return torch.frombuffer(bytearray(seq.features), dtype=torch.bfloat16).view(-1, seq.feature_dim)
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     """SIGTERM's default action ends the process without running `finally` blocks, which left one
     ipc folder in the temp directory per draft server ever stopped."""
@@ -112,14 +133,14 @@ def run_draft_server(config_json: str, host: str, parent_pid: int, conn: Connect
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # stop() terminates: clean up the ipc folder first
     import torch
 
-    from fuserve.speculative.draft_runner import DraftRunner
+    from fuserve.speculative.draft_factory import build_draft_runner
 
     try:
         config = FuserveConfig.model_validate_json(config_json)
         # on CPU the draft gets the cores its replica reserved, not all of them: spinning OpenMP
         # threads of two processes on the same cores slow both (the target runs beside it)
         torch.set_num_threads(max(1, int(config.speculative.placement.num_cpus)))
-        runner = DraftRunner.from_config(config)
+        runner = build_draft_runner(config)
     except BaseException as err:
         traceback.print_exc()
         conn.send(f"the draft model failed to load: {type(err).__name__}: {err}")

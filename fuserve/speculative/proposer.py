@@ -5,12 +5,20 @@ since the last round and how many drafts it wants (k); the proposer answers with
 per sequence. A proposer keeps its own per-sequence state (a draft model's paged KV cache), so each
 request says where that state must be cut before the new tokens are appended (`start`): drafts the
 target rejected are rolled back by truncation, never recomputed from the start.
+
+A feature-reading draft (`reads_features`) also gets the target's features of the rows it has not
+computed yet: f_{start-1} .. f_{n-2} for a sequence of n tokens (f_0 on at start 0), where f_i is the
+target's last hidden state (before its final norm) at position i. Draft row i reads token i + 1 and f_i,
+so with tokens[:start] it could compute rows up to start - 2 only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -22,6 +30,13 @@ class ProposeRequest:
     start: int
     token_ids: list[int]
     k: int
+    # rows max(start - 1, 0) .. start + len(token_ids) - 2, [rows, hidden] bf16; a feature draft only
+    features: torch.Tensor | None = None
+
+
+def feature_rows_begin(start: int) -> int:
+    """The first row a round's features hold: the proposer already holds the rows before it."""
+    return max(start - 1, 0)
 
 
 class Proposer(Protocol):
@@ -35,6 +50,13 @@ class Proposer(Protocol):
     def release(self, seq_ids: list[str]) -> None:
         """The sequences finished or were preempted: drop their state."""
         ...
+
+
+@runtime_checkable
+class ReadsFeatures(Protocol):
+    """A proposer that drafts from the target's features (its requests carry `features`)."""
+
+    reads_features: bool
 
 
 class ProposerUnavailable(RuntimeError):

@@ -79,7 +79,7 @@ def resolve_shipped(path: str, cache_dir: Path | None = None) -> Path:
     return materialize_draft(target, draft_file, cache_dir or default_cache_dir())
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -87,7 +87,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _target_config_and_embedding(target_source: Path) -> tuple[dict[str, Any], torch.Tensor]:
+def target_config_and_embedding(target_source: Path) -> tuple[dict[str, Any], torch.Tensor]:
     """The target's HF config and its (dequantized) embedding, from a .gguf file or an HF folder."""
     if target_source.is_file() and target_source.suffix == ".gguf":
         from fuserve.workers.models.gguf_loader import iter_gguf_tensors, read_gguf
@@ -138,7 +138,7 @@ def materialize_draft(target_source: Path, draft_file: Path, cache_dir: Path) ->
     target_source, draft_file = Path(target_source), Path(draft_file)
     meta = read_draft_metadata(draft_file)
     target_hash = (
-        _sha256(target_source) if target_source.is_file() else _sha256(target_source / "config.json")
+        file_sha256(target_source) if target_source.is_file() else file_sha256(target_source / "config.json")
     )
     trained_for = meta.get("target_sha256")
     if trained_for and target_source.is_file() and trained_for != target_hash:
@@ -147,12 +147,12 @@ def materialize_draft(target_source: Path, draft_file: Path, cache_dir: Path) ->
             f"{target_source} has {target_hash[:12]}: serve it with its own target "
             f"({meta.get('target_package')})"
         )
-    key = hashlib.sha256(f"{_sha256(draft_file)}:{target_hash}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{file_sha256(draft_file)}:{target_hash}".encode()).hexdigest()[:16]
     folder = Path(cache_dir) / f"{draft_file.stem}-{key}"
     if (folder / "model.safetensors").is_file():
         return folder
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    target_config, embed = _target_config_and_embedding(target_source)
+    target_config, embed = target_config_and_embedding(target_source)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache_dir))
     try:
         tensors = {EMBED_NAME: embed.contiguous()}

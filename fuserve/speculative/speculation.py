@@ -10,6 +10,8 @@ engine to wait), it has no penalties, and it has room for more than one
 token. The proposer is told, per sequence, what it already holds (`start`): every token it was sent
 is one the target confirmed, so it never holds a rejected draft of ours, only its own guesses, which it
 truncates at `start`. Sequences that finished, were preempted or aborted are released at the next round.
+For a feature-reading draft the engine keeps each sequence's target features (feature_store.py, filled
+from every completed step by `record_features`) and hands each round the rows the draft lacks.
 """
 
 from __future__ import annotations
@@ -18,10 +20,19 @@ import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+import torch
+
 from fuserve.configs import SpeculativeConfig
 from fuserve.core_messages import SpecCounters
 from fuserve.speculative.adaptive_k import AdaptiveK
-from fuserve.speculative.proposer import Proposer, ProposeRequest, ProposerUnavailable
+from fuserve.speculative.feature_store import FeatureStore
+from fuserve.speculative.proposer import (
+    Proposer,
+    ProposeRequest,
+    ProposerUnavailable,
+    ReadsFeatures,
+    feature_rows_begin,
+)
 from fuserve.speculative.rejection import accepted_run
 from fuserve.speculative.stats import SpecStats
 from fuserve.workers.sampler import has_penalty
@@ -53,6 +64,8 @@ class Speculation:
         self.adaptive_k = AdaptiveK(self.max_k, config.adaptive)
         self.stats = SpecStats(self.max_k)
         self._held: dict[str, int] = {}  # seq id -> tokens the proposer holds
+        reads = isinstance(proposer, ReadsFeatures) and proposer.reads_features
+        self.features: FeatureStore | None = FeatureStore() if reads else None
         self._round_s = 0.0  # the last round's time, taken out of its step's time
         self._rounds = 0
 
@@ -105,7 +118,10 @@ class Speculation:
                 continue
             start = self._held.get(seq.seq_id, 0)
             seqs.append(seq)
-            requests.append(ProposeRequest(seq.seq_id, start, seq.token_ids[start:], k))
+            features = None
+            if self.features is not None:
+                features = self.features.rows(seq, feature_rows_begin(start), seq.num_tokens - 1)
+            requests.append(ProposeRequest(seq.seq_id, start, seq.token_ids[start:], k, features))
         drafting = {s.seq_id for s in seqs}
         for seq in running:  # in flight, prefilling or not worth it: its acceptance drifts to the prior
             if seq.seq_id not in drafting:
@@ -149,6 +165,13 @@ class Speculation:
             self.proposer.release(gone)
 
     # ---- after the step -------------------------------------------------------------------------
+    def record_features(
+        self, out: SchedulerOutput, features: torch.Tensor, sampled: list[int | list[int] | None]
+    ) -> None:
+        """A completed step's features (every row, in plan order), with the tokens each sequence kept."""
+        if self.features is not None:
+            self.features.record(out, features, sampled)
+
     def kept_tokens(self, item: ScheduledSeq, row_tokens: list[int]) -> list[int]:
         """The tokens a speculating sequence keeps from its rows' tokens (rejection.accepted_run)."""
         kept = accepted_run(row_tokens, item.spec_token_ids)

@@ -105,6 +105,8 @@ class StepGraphs:
         self.context_lens = torch.zeros(s, **i32)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        # the model's features buffer of each bucket, where it kept features at capture (keep_features)
+        self.features: dict[int, torch.Tensor] = {}
 
     def seq_slots(self, tokens: int) -> int:
         return min(tokens, self.max_seqs)
@@ -135,6 +137,9 @@ class StepGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.outputs[b] = self.model(self.input_ids[:b], self.positions[:b], meta)
+            if self.model.keep_features:
+                assert self.model.features is not None
+                self.features[b] = self.model.features
             pool = graph.pool()
             self.graphs[b] = graph
         torch.cuda.synchronize(self.device)
@@ -148,6 +153,7 @@ class StepGraphs:
             graph.reset()
         self.graphs.clear()
         self.outputs.clear()
+        self.features.clear()
 
     def bucket(self, plan: StepPlan) -> int | None:
         """The bucket that replays this plan, or None where it fits none."""
@@ -184,7 +190,14 @@ class StepGraphs:
         self.context_lens[:s].copy_(dev32[s * width : s * width + s])
         self._place_extra(dev32[s * width + s :], b)
         self.graphs[b].replay()
+        if self.model.keep_features:
+            self.model.features = self.features[b][:n]  # the model's reference, as an eager step leaves it
         return self.outputs[b][:n]
+
+    @property
+    def keeps_features(self) -> bool:
+        """Whether these graphs were captured with the model keeping its features (they were, or none)."""
+        return len(self.features) == len(self.graphs)
 
 
 class DecodeGraphs(StepGraphs):

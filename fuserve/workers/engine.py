@@ -110,7 +110,7 @@ class LLMEngine:
         self._inflight: tuple[SchedulerOutput, SampledBatch | None] | None = None
         self._guided: GuidedDecoding | None = None  # built with the first grammar
         self._failures: list[tuple[str, str]] = []  # (request id, why) of requests ended by the engine
-        self.speculation: Speculation | None = None
+        self.speculation = None
         try:
             proposer = proposer or build_proposer(config.speculative)
         except BaseException:
@@ -120,6 +120,17 @@ class LLMEngine:
             self.speculation = Speculation(
                 config.speculative, proposer, lambda seq, drafts: self.guided.valid_drafts(seq, drafts)
             )
+
+    @property
+    def speculation(self) -> Speculation | None:
+        return self._speculation
+
+    @speculation.setter
+    def speculation(self, speculation: Speculation | None) -> None:
+        """Benchmarks and tests put their own in; the model keeps its features exactly when the
+        proposer reads them, so a step without a feature draft copies none."""
+        self._speculation = speculation
+        self.executor.worker.set_keep_features(speculation is not None and speculation.features is not None)
 
     @property
     def workers(self) -> WorkerGroup | None:
@@ -363,6 +374,8 @@ class LLMEngine:
         else:
             sampled, logprobs = self._sampled_rows(sched_out, batch)
         self.scheduler.update_from_output(sched_out, sampled)
+        if batch is not None and batch.features is not None and self.speculation is not None:
+            self.speculation.record_features(sched_out, batch.features, sampled)
         if self._guided is not None and self._guided.active:
             stepped = zip(sched_out.scheduled, sampled, strict=True)
             self._advance_grammars([item.seq for item, token in stepped if token is not None])

@@ -8,6 +8,8 @@ hold them; otherwise rank 0 samples from the gathered logits and broadcasts its 
 new token per sequence) replay a CUDA graph captured for the batch-size bucket when graphs are on, and
 so do verify steps, as one decode row per token (StepPlan.as_decode_rows); steps with prompt tokens
 replay a graph captured for their token bucket (MixedGraphs); what fits neither runs eagerly.
+When the model keeps features (a feature-reading draft speculates), rank 0's batches carry every row's
+feature (`SampledBatch.features`, bf16), and a step in which no row samples still returns a batch for them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class ModelRunner:
         self.share_tokens = share_tokens and self.tp.size > 1
         self._followed_tokens: torch.Tensor | None = None  # a rank > 0's copy of the last step's draws
         self._started: torch.cuda.Event | None = None  # the last forward's start on the device
+        self._features: torch.Tensor | None = None  # launch_logits' step's features, for `sample`
 
     def _tensor(self, data: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(
@@ -116,17 +119,31 @@ class ModelRunner:
             return hidden
         return hidden[self._tensor(plan.logit_token_indices())]
 
+    def _step_features(self, plan: StepPlan) -> torch.Tensor | None:
+        """The last forward's features in bf16 (a copy: a graph's buffer is overwritten by the next
+        replay), or None when the model keeps none. A graph pads the step: its first rows are the plan's."""
+        if not self.model.keep_features or self.model.features is None:
+            return None
+        return self.model.features[: plan.num_tokens].to(torch.bfloat16)
+
     @torch.inference_mode()
     def launch(self, plan: StepPlan, prev: SampledBatch | None = None) -> SampledBatch | None:
         """Queue the whole step on the device and return its draws without waiting for them."""
         hidden = self.forward_plan(plan, prev.device_tokens if prev is not None else None)
-        if hidden is None:
+        features = self._step_features(plan)
+        if hidden is None and features is None:
             return None
-        if plan.argmax_only:
-            batch = SampledBatch(self.model.greedy_tokens(hidden))  # every rank now holds these tokens
+        if hidden is None or plan.argmax_only:
+            tokens = (
+                self.model.greedy_tokens(hidden)  # every rank now holds these tokens
+                if hidden is not None
+                else torch.empty(0, dtype=torch.int64, device=self.device)  # only prompt chunks ran
+            )
+            batch = SampledBatch(tokens, features=features)
             batch.started = self._started
             batch.start_copy()
             return batch
+        self._features = features
         return self.sample(plan, self.model.compute_logits(hidden))
 
     @torch.inference_mode()
@@ -134,6 +151,7 @@ class ModelRunner:
         """The first half of `launch` for a step whose sampling waits on grammar masks: queue the forward
         and the logits, [S, V]; `sample` follows once the masks are known."""
         hidden = self.forward_plan(plan, prev.device_tokens if prev is not None else None)
+        self._features = self._step_features(plan)
         return None if hidden is None else self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -146,6 +164,7 @@ class ModelRunner:
         batch = self.sampler.sample(logits, plan.sample_requests, plan.draft_ids or None)
         if self.share_tokens:
             self.tp.broadcast_from_rank0(batch.device_tokens)
+        batch.features, self._features = self._features, None
         batch.started = self._started
         batch.start_copy()
         return batch

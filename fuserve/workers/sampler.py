@@ -128,6 +128,9 @@ class SampledBatch:
     num_top: list[int | None] = field(default_factory=list)  # per row: None = no logprobs wanted
     device_tokens: torch.Tensor | None = None  # stays on the device for the next step's inputs
     started: torch.cuda.Event | None = None  # recorded (with timing) before the step's first kernel
+    # [T, hidden] bf16, one row per token of the step (sampling or not), the target's last layer output
+    # before its final norm: only when the model keeps features, for a feature-reading draft
+    features: torch.Tensor | None = None
     _event: torch.cuda.Event | None = None
 
     def __post_init__(self) -> None:
@@ -136,7 +139,7 @@ class SampledBatch:
     def start_copy(self) -> None:
         if self.tokens.device.type != "cuda":
             return
-        for name in ("tokens", "chosen_logprobs", "top_ids", "top_logprobs"):
+        for name in ("tokens", "chosen_logprobs", "top_ids", "top_logprobs", "features"):
             t = getattr(self, name)
             if t is not None:
                 host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)

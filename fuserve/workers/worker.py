@@ -15,6 +15,7 @@ import torch
 
 from fuserve.configs import FuserveConfig
 from fuserve.parallel.tp_context import TPContext
+from fuserve.speculative.feature_draft_file import is_feature_draft
 from fuserve.workers.cuda_graphs import DecodeGraphs, MixedGraphs
 from fuserve.workers.kernels import switches as kernel_switches
 from fuserve.workers.kernels.ops import KernelOps
@@ -146,6 +147,9 @@ class Worker:
             self.arch, num_kv_heads, self.num_blocks, bs, self.kv_dtype, self.device
         )
         self.model.bind_kv_cache(self.kv_cache.k, self.kv_cache.v)
+        # a feature-reading draft is known from the config, so the graphs are captured keeping features
+        spec = config.speculative
+        self.model.keep_features = spec.method == "draft" and is_feature_draft(spec.draft)
         if self.device.type == "cuda" and config.kernels.cuda_graphs:
             runner.mixed_graphs, runner.graphs = self._capture_graphs(-(-self.max_model_len // bs))
         self.runner = runner
@@ -194,6 +198,20 @@ class Worker:
         del scratch
         empty = [torch.empty(0)] * self.arch.num_layers
         self.model.bind_kv_cache(empty, empty)
+
+    def set_keep_features(self, on: bool) -> None:
+        """Whether steps hand back every row's feature (a feature-reading draft speculates). CUDA graphs
+        replay only what they captured: graphs captured without features cannot start keeping them."""
+        graphs = [g for g in (self.runner.graphs, self.runner.mixed_graphs) if g is not None]
+        if on and not all(g.keeps_features for g in graphs):
+            raise ValueError(
+                "a feature-reading draft needs the target's CUDA graphs captured keeping features: name "
+                "the draft in the config's speculative.draft (method: draft), so the graphs are captured "
+                "with them, or set kernels.cuda_graphs: false"
+            )
+        self.model.keep_features = on
+        if not on:
+            self.model.features = None
 
     def launch(self, plan: StepPlan, prev: SampledBatch | None) -> SampledBatch | None:
         """Rank 0: queue the step on the device (its sampled tokens come back later)."""

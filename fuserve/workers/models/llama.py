@@ -327,6 +327,12 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_tables(arch.head_dim, arch.rope_theta, arch.rope_scaling, max_positions)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # A feature-reading draft (speculative/feature_draft_model.py) reads the last decoder layer's
+        # output before the final norm. The final fused add + norm computes that sum anyway: with the
+        # flag on, `features` keeps a reference to it ([T, hidden], every row of the last forward);
+        # off, nothing is kept.
+        self.keep_features = False
+        self.features: torch.Tensor | None = None
 
     def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
         for layer, k, v in zip(self.model.layers, k_caches, v_caches, strict=True):
@@ -341,7 +347,9 @@ class LlamaForCausalLM(nn.Module):
         residual: torch.Tensor | None = None
         for layer in self.model.layers:
             hidden, residual = layer(hidden, residual, positions, meta, self.rope_cos, self.rope_sin)
-        normed, _ = self.model.norm(hidden, residual)
+        normed, summed = self.model.norm(hidden, residual)
+        if self.keep_features:
+            self.features = summed
         return normed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

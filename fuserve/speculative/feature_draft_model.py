@@ -1,0 +1,82 @@
+"""The feature-reading (EAGLE-1) draft as served: fuserve's own Llama layer, with fc in front and an
+output affine behind, on fuserve's paged KV cache and kernels.
+
+    row i (position i):  a_i = fc([embed(x_{i+1}), f_i])          embed: the target's (tied)
+                         h_i = layer(a_i) * out_scale + out_shift  one LlamaDecoderLayer, causal
+                         draft x_{i+2} = argmax head(norm(h_i))    norm: the target's final norm; head:
+                                                                   tied, over the vocabulary subset
+h_i approximates the target's next feature f_{i+1}: drafting chains by feeding h_i as the feature of
+row i + 1 (feature_draft_runner.py). The layer, embedding, norm and KV cache are a one-layer
+LlamaForCausalLM's (the target's architecture, the draft's MLP width), so the draft runs the kernels the
+target runs; the math is training/eagle_model.py's EagleDraft, which tests/test_feature_draft.py checks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fuserve.parallel.tp_context import TPContext
+from fuserve.speculative.feature_draft_file import FeatureDraftWeights
+from fuserve.speculative.subset_head import SubsetHead
+from fuserve.workers.kernels.ops import KernelOps
+from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
+from fuserve.workers.models.loader import ModelSource, build_model
+
+
+class FeatureDraftModel(nn.Module):
+    def __init__(
+        self,
+        weights: FeatureDraftWeights,
+        ops: KernelOps,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_positions: int,
+    ) -> None:
+        super().__init__()
+        # a one-layer Llama built empty, then filled from the file and the target's embedding
+        source = ModelSource("dummy", None, weights.hf_config, "feature-draft")
+        self.llama: LlamaForCausalLM = build_model(source, TPContext(), ops, dtype, device, max_positions)
+        loaded = self.llama.load_weights(weights.llama.items())
+        missing = {n for n, _ in self.llama.named_parameters()} - loaded - {"lm_head.weight"}
+        if missing:
+            raise ValueError(f"the feature draft file lacks {sorted(missing)[:5]}")
+        self.fc_weight = weights.fc_weight.to(device, dtype)  # [H, 2H]
+        self.fc_bias = weights.fc_bias.to(device, dtype)
+        # the output affine in fp32: it holds the target's feature scale (values in the thousands)
+        self.out_scale = weights.out_scale.to(device, torch.float32)
+        self.out_shift = weights.out_shift.to(device, torch.float32)
+        head = self.llama.lm_head
+        self.head = SubsetHead(head.weight, weights.vocab, head.linear) if weights.vocab is not None else None
+        self.dtype = dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.llama.arch.hidden_size
+
+    def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        self.llama.bind_kv_cache(k_caches, v_caches)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        features: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """input_ids [T] (x_{i+1} of row i), features [T, H] (f_i), positions [T] (i) -> h [T, H]."""
+        llama = self.llama
+        embeds = llama.model.embed_tokens(input_ids)
+        a = F.linear(torch.cat([embeds, features.to(self.dtype)], dim=-1), self.fc_weight, self.fc_bias)
+        layer = llama.model.layers[0]
+        out, residual = layer(a, None, positions, meta, llama.rope_cos, llama.rope_sin)
+        assert isinstance(out, torch.Tensor)  # one rank: no partial sums
+        return ((out + residual).float() * self.out_scale + self.out_shift).to(self.dtype)
+
+    def greedy(self, h: torch.Tensor) -> torch.Tensor:
+        """Each row's draft, as target token ids [S]: the best of the vocabulary subset (or all of it)
+        after the target's final norm."""
+        normed, _ = self.llama.model.norm(h)
+        assert isinstance(normed, torch.Tensor)
+        return self.head.greedy(normed) if self.head is not None else self.llama.greedy_tokens(normed)

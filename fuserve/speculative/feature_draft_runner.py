@@ -1,0 +1,230 @@
+"""The feature-reading draft's runner: like draft_runner.py, drafting greedily for a batch on a paged
+KV cache, but each row reads the target's feature beside its token.
+
+    propose(requests):  per sequence  tokens[:start] + token_ids; its KV rows cut to those computed from
+                                      the target's own features (rows 0..start-2: see below)
+                        real rows     rows start-1 .. n-2 from the target's features (`features`), every
+                                      sequence in one forward (chunked at the token budget); row n-2's h
+                                      gives the first draft
+                        k - 1 chained rows batched over the sequences still drafting: row n-2+j reads
+                                      draft j and the h of the row before it (the draft's guess of the
+                                      target's feature); inputs stay on the device, one host wait a round
+    release(ids):       their blocks go back
+
+Rollback: a chained row read a guessed feature, so its KV is never kept, even for a draft the target
+accepted: the next round's features recompute the accepted drafts' rows from the target's real ones
+(what training's unrolled passes assume). The sequence state is draft_sequences.py's, with
+`num_computed` counting rows with KV; the held tokens are the target's only, never drafts.
+Runs eagerly (no CUDA graphs); the torch reference ops on CPU, Triton on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fuserve.configs import CacheConfig, DraftPlacementConfig, FuserveConfig, KernelConfig, ModelConfig
+from fuserve.speculative.draft_sequences import DraftSequence, DraftSequences
+from fuserve.speculative.feature_draft_file import draft_file_of, read_feature_draft
+from fuserve.speculative.feature_draft_model import FeatureDraftModel
+from fuserve.speculative.proposer import ProposeRequest, feature_rows_begin
+from fuserve.workers.kernels.switches import apply_config
+from fuserve.workers.kv_cache import allocate_kv_cache, bytes_per_block
+from fuserve.workers.model_runner import ModelRunner
+from fuserve.workers.models.loader import resolve_source
+from fuserve.workers.step_plan import StepPlan
+from fuserve.workers.worker import pick_device, pick_dtype, pick_ops
+
+log = logging.getLogger("fuserve")
+
+
+class FeatureDraftRunner:
+    reads_features = True  # speculation.py hands each round the target's features
+
+    def __init__(
+        self,
+        draft: ModelConfig,
+        target: ModelConfig,
+        placement: DraftPlacementConfig,
+        cache: CacheConfig,
+        kernels: KernelConfig,
+        max_num_seqs: int = 128,
+        max_num_batched_tokens: int = 2048,
+    ) -> None:
+        """`draft` names the eagle1 file; `target` the model it reads (its embedding and config come
+        from the target's own files). `cache`: the target's block size and CPU size, as for DraftRunner."""
+        file = draft_file_of(draft)
+        if file is None:
+            raise ValueError(f"speculative.draft {draft.path!r} is no feature draft file (.safetensors)")
+        target_source = resolve_source(target)
+        if target_source.path is None:
+            raise ValueError("a feature draft reads the target's embedding: the target needs real weights")
+        self.device = pick_device(placement.device if placement.device != "auto" else draft.device)
+        self.dtype = pick_dtype(draft.dtype, self.device)
+        weights = read_feature_draft(file, target_source.path)
+        longest = int(weights.hf_config.get("max_position_embeddings", 4096))
+        self.max_model_len = min(draft.max_model_len or target.max_model_len or longest, longest)
+        ops = pick_ops(kernels.use_triton, self.device)
+        self.model = FeatureDraftModel(weights, ops, self.dtype, self.device, self.max_model_len)
+        self.arch = self.model.llama.arch
+        self.block_size = cache.block_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.plans = ModelRunner(self.model.llama, self.device, self.block_size)  # step plan -> tensors
+        num_kv_heads = self.model.llama.model.layers[0].self_attn.num_kv_heads
+        per_block = bytes_per_block(self.arch, num_kv_heads, self.block_size, self.dtype)
+        num_blocks = cache.num_blocks or self._pool_size(cache, placement, per_block)
+        kv = allocate_kv_cache(self.arch, num_kv_heads, num_blocks, self.block_size, self.dtype, self.device)
+        self.model.bind_kv_cache(kv.k, kv.v)
+        self.seqs = DraftSequences(num_blocks, self.block_size)
+        log.info(
+            "feature draft KV cache: %d blocks x %d tokens on %s", num_blocks, self.block_size, self.device
+        )
+
+    @classmethod
+    def from_config(cls, config: FuserveConfig) -> FeatureDraftRunner:
+        """The feature draft of a deployment's `speculative` block, on its target (`model`)."""
+        spec = config.speculative
+        if spec.draft is None:
+            raise ValueError("speculative.draft is not set: name the draft model")
+        apply_config(config)
+        return cls(
+            spec.draft,
+            config.model,
+            spec.placement,
+            config.cache,
+            config.kernels,
+            config.scheduler.max_num_seqs,
+            config.scheduler.max_num_batched_tokens,
+        )
+
+    def _pool_size(self, cache: CacheConfig, placement: DraftPlacementConfig, per_block: int) -> int:
+        """CPU: the cache's CPU size. GPU: the draft's share of the device less what is allocated now
+        (a one-layer draft's activations are small beside its KV cache)."""
+        if self.device.type != "cuda":
+            return max(1, int(cache.cpu_kv_cache_gib * (1 << 30) // per_block))
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = total * placement.gpu_memory_utilization - torch.cuda.memory_allocated(self.device)
+        return max(1, int(budget // per_block))
+
+    @torch.inference_mode()
+    def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]:
+        """Up to k greedy drafts per request; None for a sequence this draft does not hold at `start`
+        (send it again from start 0). The rows a request's features cover are computed even when it
+        wants no drafts, so no feature is lost."""
+        out: list[list[int] | None] = [[] for _ in requests]
+        protect = {r.seq_id for r in requests}
+        work: list[tuple[int, DraftSequence, torch.Tensor, int]] = []  # (request, sequence, features, k)
+        for i, r in enumerate(requests):
+            begin = feature_rows_begin(r.start)
+            seq = self.seqs.apply(r.seq_id, r.start, r.token_ids)
+            if seq is None:
+                out[i] = None
+                continue
+            seq.num_computed = min(seq.num_computed, begin)  # rows past start - 2 read guessed features
+            if seq.num_computed < begin:  # rows it never computed: only a start over fills them
+                self.seqs.release([r.seq_id])
+                out[i] = None
+                continue
+            n = len(seq.tokens)
+            if r.features is None or r.features.shape[0] != max(n - 1 - begin, 0):
+                raise ValueError(
+                    f"{r.seq_id}: a feature draft needs the target's features of rows {begin}..{n - 2}"
+                )
+            k = min(r.k, self.max_model_len - n) if n >= 2 else 0
+            if n - 1 == begin and k > 0:
+                k = 0  # no new row: the last row's h is gone, so nothing to draft from this round
+            if n - 1 == begin:
+                continue
+            if not self.seqs.reserve(r.seq_id, n - 1 + max(k - 1, 0), protect):
+                out[i] = None
+                continue
+            work.append((i, seq, r.features.to(self.device), max(k, 0)))
+        if not work:
+            return out
+        h, tokens = self._real_rows(work)
+        steps = [tokens]
+        drafting = [w for w in work if w[3] > 0]
+        live = torch.tensor([w[3] > 0 for w in work], device=self.device)
+        h, prev = h[live], tokens[live]
+        for j in range(1, max((w[3] for w in drafting), default=0)):
+            h, prev = self._chained_rows(drafting, j, h, prev)
+            steps.append(prev)
+        host = [t.tolist() for t in steps]  # the round's one wait on the device
+        for pos, (i, _, _, _) in enumerate(work):
+            if work[pos][3] > 0:
+                out[i] = [host[0][pos]]
+        for j in range(1, len(steps)):
+            at = 0
+            for i, _, _, k in drafting:
+                if k > j:
+                    out[i].append(host[j][at])  # type: ignore[union-attr]
+                    at += 1
+        for _, seq, _, _ in work:
+            seq.num_computed = len(seq.tokens) - 1  # the real rows only; chained ones are overwritten
+        return out
+
+    def _real_rows(
+        self, work: list[tuple[int, DraftSequence, torch.Tensor, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows from the target's features of every sequence, in chunks of the token budget; each
+        sequence's last row: its h [W, H] and first draft [W], in `work` order."""
+        cursor = [seq.num_computed for _, seq, _, _ in work]
+        last: dict[int, torch.Tensor] = {}
+        while len(last) < len(work):
+            plan, budget, parts, ends = StepPlan(), self.max_num_batched_tokens, [], []
+            for w, (_, seq, features, _) in enumerate(work):
+                end = len(seq.tokens) - 1  # rows 0..n-2
+                if cursor[w] == end or budget == 0:
+                    continue
+                count = min(end - cursor[w], budget)
+                begin = end - features.shape[0]  # the features' first row
+                self._add_rows(plan, seq, cursor[w], count)
+                parts.append(features[cursor[w] - begin : cursor[w] - begin + count])
+                cursor[w] += count
+                budget -= count
+                if cursor[w] == end:
+                    ends.append((w, plan.num_tokens - 1))
+            h = self._forward(plan, torch.cat(parts))
+            for w, row in ends:
+                last[w] = h[row : row + 1]
+        h = torch.cat([last[w] for w in range(len(work))])
+        return h, self.model.greedy(h)
+
+    def _chained_rows(
+        self,
+        drafting: list[tuple[int, DraftSequence, torch.Tensor, int]],
+        j: int,
+        h: torch.Tensor,
+        prev: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row n-2+j of each sequence with k > j, from draft j and the previous row's h (rows of `h` and
+        `prev`: the sequences with k > j - 1); returns its h and draft j + 1."""
+        plan = StepPlan()
+        keep = []
+        for _, seq, _, k in (w for w in drafting if w[3] > j - 1):
+            keep.append(k > j)
+            if k > j:
+                self._add_rows(plan, seq, len(seq.tokens) - 2 + j, 1)
+        rows = torch.tensor(keep, device=self.device)
+        _, positions, meta = self.plans.prepare(plan)  # its input ids are the drafts, on the device
+        h = self.model(prev[rows], h[rows], positions, meta)
+        return h, self.model.greedy(h)
+
+    def _forward(self, plan: StepPlan, features: torch.Tensor) -> torch.Tensor:
+        input_ids, positions, meta = self.plans.prepare(plan)
+        return self.model(input_ids, features, positions, meta)
+
+    def _add_rows(self, plan: StepPlan, seq: DraftSequence, first: int, count: int) -> None:
+        """Rows first..first+count-1 of a sequence: row i at position i reads token i + 1."""
+        rows = range(first, first + count)
+        tokens = seq.tokens
+        plan.input_ids.extend(tokens[i + 1] if i + 1 < len(tokens) else 0 for i in rows)
+        plan.positions.extend(rows)
+        plan.slot_mapping.extend(self.seqs.slot(seq, i) for i in rows)
+        plan.query_start_loc.append(plan.query_start_loc[-1] + count)
+        plan.context_lens.append(first + count)
+        plan.block_tables.append(seq.block_table)
+
+    def release(self, seq_ids: list[str]) -> None:
+        self.seqs.release(seq_ids)

@@ -1,0 +1,350 @@
+"""Speculation with a feature-reading (EAGLE-1) draft: the target's features, the draft, the channel.
+
+- The features the engine hands a proposer are HF transformers' last hidden states before the final
+  norm (the norm's input; HF's output_hidden_states[-1] is after it), row for row, through chunked
+  prefill, preemption and rejected drafts; a prefix-cache hit on a new sequence reads zeros for its
+  cached rows.
+- Greedy output with a random-weight feature draft is plain decoding's, with preemption and prefix hits.
+- The served draft proposes what training/eagle_model.py's EagleDraft proposes, chained as drafting
+  runs (and as eval_eagle.py's unrolled passes score it), for the same weights and features, through
+  rollback; with the standardization folded into the file (EagleDraft.fold_standardization) it equals
+  the unfolded draft reading standardized features.
+- Rounds through a real draft server (features on the channel, resent from 0 after a reconnect) equal
+  the in-process runner.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from checkpoints import make_checkpoint
+
+from fuserve import LLM, SamplingParams
+from fuserve.configs import CacheConfig, DraftPlacementConfig, KernelConfig, ModelConfig, config_from_dict
+from fuserve.speculative.feature_store import FeatureRows
+from fuserve.speculative.proposer import ProposeRequest, feature_rows_begin
+from fuserve.speculative.speculation import Speculation
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("feat") / "target", "llama3", vocab_size=VOCAB, seed=4)
+
+
+@pytest.fixture(scope="module")
+def hf_features(target: Path):
+    """HF's pre-norm last hidden states of a token list: [len, hidden] fp32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target, torch_dtype=torch.float32).eval()
+    captured: list[torch.Tensor] = []
+    model.model.norm.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+
+    @torch.inference_mode()
+    def features(tokens: list[int]) -> torch.Tensor:
+        captured.clear()
+        out = model(torch.tensor([tokens]), output_hidden_states=True)
+        f = captured[0][0]
+        torch.testing.assert_close(model.model.norm(f), out.hidden_states[-1][0])  # HF's is post-norm
+        return f
+
+    return features
+
+
+def make_llm(target: Path, **sections: Any) -> LLM:
+    cfg: dict[str, Any] = {"model": {"path": str(target), "max_model_len": 160}, **sections}
+    cfg["speculative"] = {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}
+    return LLM(config_from_dict(cfg))
+
+
+class RecordingFeatureProposer:
+    """A proposer that reads features as a feature draft does: it keeps each sequence's tokens and
+    features as the rounds tell them (rollback by truncation, as the channel's client keeps them) and
+    snapshots both every round. Its drafts are the target's own continuation for a random number of
+    positions, then a wrong token, so the target keeps some drafts and rejects others."""
+
+    reads_features = True
+
+    def __init__(self, continuations: list[list[int]], seed: int) -> None:
+        self.continuations = continuations
+        self.rng = random.Random(seed)
+        self.tokens: dict[str, list[int]] = {}
+        self.features: dict[str, FeatureRows] = {}
+        self.snapshots: list[tuple[str, list[int], torch.Tensor]] = []
+
+    def propose(self, requests: list[ProposeRequest]) -> list[list[int]]:
+        out = []
+        for r in requests:
+            tokens = self.tokens.setdefault(r.seq_id, [])
+            del tokens[r.start :]
+            tokens.extend(r.token_ids)
+            rows = self.features.setdefault(r.seq_id, FeatureRows())
+            assert r.features is not None and r.features.dtype == torch.bfloat16
+            begin = feature_rows_begin(r.start)
+            assert r.features.shape[0] == len(tokens) - 1 - begin
+            rows.put(begin, r.features)
+            self.snapshots.append((r.seq_id, list(tokens), rows.get(0, len(tokens) - 1)))
+            full = next(c for c in self.continuations if c[: len(tokens)] == tokens)
+            right = self.rng.randrange(0, r.k + 1)
+            out.append((full[len(tokens) : len(tokens) + right] + [VOCAB - 1 - full[len(tokens)]])[: r.k])
+        return out
+
+    def release(self, seq_ids: list[str]) -> None:
+        for s in seq_ids:
+            self.tokens.pop(s, None)
+            self.features.pop(s, None)
+
+
+def test_features_are_hf_pre_norm_hidden_states(target: Path, hf_features) -> None:
+    rng = random.Random(0)
+    prompts = [[rng.randrange(VOCAB - 40) for _ in range(n)] for n in (30, 7, 45, 19)]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    # ~4 x 70 tokens in 14 blocks of 16: preemption; a 24-token budget: chunked prefill
+    sections = dict(cache={"num_blocks": 14}, scheduler={"max_num_batched_tokens": 24})
+    llm = make_llm(target, **sections)
+    plain = [p + o.outputs[0].token_ids for p, o in zip(prompts, llm.generate(prompts, params), strict=True)]
+    llm = make_llm(target, **sections)
+    recorder = RecordingFeatureProposer(plain, seed=1)
+    llm.engine.speculation = Speculation(llm.config.speculative, recorder)
+    assert llm.engine.executor.worker.model.keep_features
+    got = [p + o.outputs[0].token_ids for p, o in zip(prompts, llm.generate(prompts, params), strict=True)]
+    assert got == plain
+    stats = llm.engine.stats()
+    assert 0 < stats.spec.num_accepted < stats.spec.num_drafts  # drafts kept and rejected
+    assert stats.num_preemptions > 0
+    want = {tuple(seq): hf_features(seq) for seq in plain}
+    for _, tokens, rows in recorder.snapshots:
+        full = next(w for seq, w in want.items() if list(seq[: len(tokens)]) == tokens)
+        torch.testing.assert_close(rows.float(), full[: len(tokens) - 1], rtol=2e-2, atol=2e-2)
+    assert len(llm.engine.speculation.features) == 0  # freed as the sequences finished
+
+    # the same prompt again: its full blocks are cached, so its first rows are no one's (zeros)
+    recorder.snapshots.clear()
+    [again] = llm.generate([prompts[2]], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    cached = again.num_cached_tokens
+    assert cached >= 16
+    _, tokens, rows = recorder.snapshots[-1]
+    assert not rows[:cached].any()
+    torch.testing.assert_close(
+        rows[cached:].float(), hf_features(tokens)[cached : len(tokens) - 1], rtol=2e-2, atol=2e-2
+    )
+
+
+# ---- the draft ----------------------------------------------------------------------------------
+sys.path.insert(0, str(Path(__file__).parent.parent / "training"))
+from eagle_model import EagleDraft  # noqa: E402
+from eval_eagle import load_shipped  # noqa: E402
+from train_eagle import Frozen, write_eagle  # noqa: E402
+
+from fuserve.speculative.feature_draft_runner import FeatureDraftRunner  # noqa: E402
+from fuserve.speculative.shipped_draft import DRAFT_FORMAT  # noqa: E402
+
+SUBSET = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(5))[:90].sort().values
+WIDTH = 96  # the draft layer's MLP
+
+
+def target_tensors(target: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(target / "model.safetensors"))
+
+
+def eagle_config(target: Path) -> dict[str, Any]:
+    """EagleDraft's config of the target's architecture."""
+    import json
+
+    cfg = json.loads((target / "config.json").read_text())
+    cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    cfg["rope_theta"] = cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]
+    return cfg
+
+
+class Eagle:
+    """A random EagleDraft trained (as it were) on standardized features, written to an eagle1 file
+    with its standardization folded in, as train_eagle.py exports one."""
+
+    def __init__(self, target: Path, folder: Path, seed: int) -> None:
+        import copy
+
+        torch.manual_seed(seed)
+        cfg = eagle_config(target)
+        model = EagleDraft(cfg, WIDTH).eval()
+        with torch.no_grad():
+            model.fc.bias.uniform_(-0.1, 0.1)
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.add_(0.1 * torch.randn_like(p))
+                p.copy_(p.bfloat16().float())  # the file's bf16 values: the folds below stay exact
+        h = cfg["hidden_size"]
+        self.mu = torch.randn(h) * 2
+        self.sigma = 2.0 ** torch.randint(-1, 3, (h,)).float()  # powers of two: folding stays exact in bf16
+        self.unfolded = copy.deepcopy(model)
+        model.fold_standardization(self.mu, self.sigma)
+        tensors = target_tensors(target)
+        self.path = folder / "eagle.safetensors"
+        write_eagle(self.path, model, tensors["model.norm.weight"], SUBSET, {"format": DRAFT_FORMAT})
+        eps = cfg["rms_norm_eps"]
+        self.standardized = Frozen(tensors, SUBSET, eps, (self.mu, self.sigma))
+        self.raw = Frozen(tensors, SUBSET, eps)
+        self.folded, ids, width = load_shipped(self.path, cfg)
+        assert torch.equal(ids, SUBSET) and width == WIDTH
+
+    def features(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """n raw target-like features (bf16): per dimension about mu +- sigma."""
+        return (torch.randn(n, self.mu.shape[0], generator=gen) * self.sigma + self.mu).bfloat16()
+
+    @torch.no_grad()
+    def chained(self, tokens: list[int], features: torch.Tensor, k: int) -> list[int]:
+        """EagleDraft drafting k tokens after `tokens` (features: rows 0..n-2) as the served draft
+        should: the unfolded model on standardized features, each draft's h the next row's feature."""
+        frozen = self.standardized
+        emb = frozen.embed[torch.tensor(tokens[1:])]
+        f = frozen.scaled(features.float())
+        drafts: list[int] = []
+        for _ in range(k):
+            n = emb.shape[0]
+            mask = torch.ones(n, n, dtype=torch.bool).tril()
+            h = self.unfolded(emb[None], f[None], torch.arange(n), mask)[0, -1:]
+            d = int(frozen.ids[frozen.logits(h).argmax(-1)])
+            drafts.append(d)
+            emb = torch.cat([emb, frozen.embed[d][None]])
+            f = torch.cat([f, h])
+        return drafts
+
+    @torch.no_grad()
+    def unrolled(self, tokens: list[int], features: torch.Tensor, drafts: list[int]) -> list[int]:
+        """eval_eagle.py's scoring of a round started at the last row: the folded file's EagleDraft,
+        unrolled over the drafts as teacher-forced tokens; pass s's prediction at row n-2+s."""
+        seq = tokens + drafts[:-1]
+        n = len(tokens)
+        emb = self.raw.embed[torch.tensor(seq[1:])][None]
+        feats = torch.cat([features.float(), torch.zeros(len(drafts) - 1, features.shape[1])])[None]
+        passes = self.folded.unrolled(emb, feats, len(drafts))
+        return [int(self.raw.ids[self.raw.logits(h[0, n - 2 + s]).argmax(-1)]) for s, h in enumerate(passes)]
+
+
+@pytest.fixture(scope="module")
+def eagle(target: Path, tmp_path_factory: pytest.TempPathFactory) -> Eagle:
+    return Eagle(target, tmp_path_factory.mktemp("eagle"), seed=7)
+
+
+def make_runner(eagle: Eagle, target: Path, num_blocks: int = 64) -> FeatureDraftRunner:
+    return FeatureDraftRunner(
+        ModelConfig(path=str(eagle.path), device="cpu", dtype="float32"),
+        ModelConfig(path=str(target), device="cpu", dtype="float32"),
+        DraftPlacementConfig(device="cpu"),
+        CacheConfig(block_size=4, num_blocks=num_blocks),
+        KernelConfig(),
+        max_num_seqs=8,
+        max_num_batched_tokens=16,  # small: long rounds run in several chunks
+    )
+
+
+def test_served_draft_proposes_what_eagle_draft_proposes(eagle: Eagle, target: Path) -> None:
+    """Rounds with rollback at random points (drafts accepted, then the target's token; now and then
+    a start over from 0): every round's drafts equal EagleDraft's, chained over the whole sequence."""
+    runner = make_runner(eagle, target)
+    assert runner.model.head is not None and torch.equal(runner.model.head.token_ids, SUBSET)
+    rng, gen = random.Random(1), torch.Generator().manual_seed(2)
+    seqs = {f"s{i}": [rng.randrange(VOCAB) for _ in range(rng.randrange(2, 30))] for i in range(3)}
+    feats = {s: eagle.features(len(t) - 1, gen) for s, t in seqs.items()}
+    sent = {s: 0 for s in seqs}
+    checked_unrolled = 0
+    for round_ in range(8):
+        k = {s: rng.randrange(0, 6) for s in seqs}
+        reqs = []
+        for s, tokens in seqs.items():
+            begin = feature_rows_begin(sent[s])
+            reqs.append(ProposeRequest(s, sent[s], tokens[sent[s] :], k[s], feats[s][begin:]))
+        drafts = runner.propose(reqs)
+        for s, got in zip(seqs, drafts, strict=True):
+            assert got == eagle.chained(seqs[s], feats[s], k[s]), f"round {round_}, {s}"
+            if len(got) > 1:
+                assert got == eagle.unrolled(seqs[s], feats[s], got)
+                checked_unrolled += 1
+            accepted = got[: rng.randrange(0, len(got) + 1)]
+            step = accepted + [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 4))]
+            sent[s] = len(seqs[s])
+            seqs[s] = seqs[s] + step
+            feats[s] = torch.cat([feats[s], eagle.features(len(step), gen)])
+            if rng.random() < 0.15:
+                sent[s] = 0
+    assert checked_unrolled > 3
+    runner.release(list(seqs))
+    assert runner.seqs.num_free_blocks == runner.seqs.num_blocks
+
+
+def test_greedy_with_a_feature_draft_equals_plain(eagle: Eagle, target: Path) -> None:
+    shared = list(range(40, 72))  # two full blocks every prompt shares: prefix hits
+    rng = random.Random(3)
+    prompts = [shared + [rng.randrange(VOCAB) for _ in range(n)] for n in (3, 9, 17, 5)]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    # ~4 x 65 tokens in 10 blocks of 16: preemption; a 24-token budget: chunked prefill
+    sections = dict(cache={"num_blocks": 10}, scheduler={"max_num_batched_tokens": 24})
+    want = [o.outputs[0].token_ids for o in make_llm(target, **sections).generate(prompts, params)]
+    llm = make_llm(target, **sections)
+    llm.engine.speculation = Speculation(llm.config.speculative, make_runner(eagle, target, 256))
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == want
+    stats = llm.engine.stats()
+    assert stats.spec.num_drafts > 0 and stats.prefix_hit_tokens > 0 and stats.num_preemptions > 0
+
+
+def test_rounds_through_a_draft_server_equal_the_runner(eagle: Eagle, target: Path) -> None:
+    """A real draft server process (ZMQ over ipc) picks the feature runner from the file's metadata;
+    rounds with rollback equal the in-process runner's, also after a reconnect made the client resend
+    every sequence, features included, from start 0."""
+    from fuserve.speculative.draft_client import DraftProposer
+    from fuserve.speculative.draft_factory import build_draft_runner
+    from fuserve.speculative.draft_server import start_draft_server
+
+    config = config_from_dict(
+        {
+            "model": {"path": str(target), "device": "cpu", "dtype": "float32", "max_model_len": 160},
+            "cache": {"block_size": 4, "num_blocks": 128},
+            "speculative": {
+                "method": "draft",
+                "draft": {"path": str(eagle.path), "device": "cpu", "dtype": "float32"},
+                "channel_timeout_s": 5.0,
+            },
+        }
+    )
+    oracle = build_draft_runner(config)
+    assert isinstance(oracle, FeatureDraftRunner)
+    server = start_draft_server(config, "127.0.0.1", timeout_s=120)
+    proposer = DraftProposer(lambda: server.address, 5.0, reads_features=True)
+    try:
+        assert proposer.wait_connected(10)
+        rng, gen = random.Random(4), torch.Generator().manual_seed(5)
+        seqs = {f"q{i}": [rng.randrange(VOCAB) for _ in range(rng.randrange(2, 20))] for i in range(3)}
+        feats = {s: eagle.features(len(t) - 1, gen) for s, t in seqs.items()}
+        sent = {s: 0 for s in seqs}
+        for round_ in range(6):
+            if round_ == 3:  # as after a reconnect: the server gets everything from 0, the oracle not
+                proposer.resend.update(proposer.tokens)
+            reqs = []
+            for s, tokens in seqs.items():
+                begin = feature_rows_begin(sent[s])
+                reqs.append(
+                    ProposeRequest(s, sent[s], tokens[sent[s] :], rng.randrange(1, 5), feats[s][begin:])
+                )
+            got = proposer.propose(reqs)
+            assert got == oracle.propose(reqs), f"round {round_}"
+            assert all(got)
+            for r, d in zip(reqs, got, strict=True):
+                step = d[: rng.randrange(0, len(d) + 1)] + [rng.randrange(VOCAB)]
+                sent[r.seq_id] = len(seqs[r.seq_id])
+                seqs[r.seq_id] = seqs[r.seq_id] + step
+                feats[r.seq_id] = torch.cat([feats[r.seq_id], eagle.features(len(step), gen)])
+        proposer.release(list(seqs))
+        assert not proposer.features
+    finally:
+        proposer.close()
+        server.stop()
