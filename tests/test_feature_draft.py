@@ -137,6 +137,24 @@ def test_features_are_hf_pre_norm_hidden_states(target: Path, hf_features) -> No
     )
 
 
+def test_async_scheduling_plans_no_step_behind_a_verify_step(target: Path) -> None:
+    """How many tokens a verifying sequence keeps is known only once its step is read back, so with
+    async scheduling the next step waits for it: planned behind it, a sequence drafting no more (its
+    max_tokens near) took a wrong row's token as its input (found on a GPU, 2026-11-28)."""
+    rng = random.Random(6)
+    prompts = [[rng.randrange(VOCAB - 40) for _ in range(n)] for n in (30, 7, 45, 19)]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    sections = dict(scheduler={"async_scheduling": "on"}, cache={"num_blocks": 128})
+    llm = make_llm(target, **sections)
+    plain = [p + o.outputs[0].token_ids for p, o in zip(prompts, llm.generate(prompts, params), strict=True)]
+    llm = make_llm(target, **sections)
+    llm.engine.speculation = Speculation(llm.config.speculative, RecordingFeatureProposer(plain, seed=1))
+    assert llm.engine.async_scheduling
+    got = [p + o.outputs[0].token_ids for p, o in zip(prompts, llm.generate(prompts, params), strict=True)]
+    assert got == plain
+    assert llm.engine.stats().spec.num_accepted > 0
+
+
 # ---- the draft ----------------------------------------------------------------------------------
 sys.path.insert(0, str(Path(__file__).parent.parent / "training"))
 from eagle_model import EagleDraft  # noqa: E402
@@ -348,3 +366,50 @@ def test_rounds_through_a_draft_server_equal_the_runner(eagle: Eagle, target: Pa
     finally:
         proposer.close()
         server.stop()
+
+
+# ---- on a GPU: CUDA graphs captured again with features when a draft is attached, async scheduling ---
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_features_and_greedy_with_graphs(eagle: Eagle, target: Path, hf_features) -> None:
+    rng = random.Random(6)
+    prompts = [[rng.randrange(VOCAB - 40) for _ in range(n)] for n in (30, 7, 45, 19)]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    sections = dict(
+        model={"path": str(target), "max_model_len": 160, "device": "cuda", "dtype": "float32"},
+        scheduler={"async_scheduling": "on"},
+        cache={"num_blocks": 128},  # two engines in one process: neither takes the whole GPU
+    )
+    plain = [
+        p + o.outputs[0].token_ids
+        for p, o in zip(prompts, LLM(config_from_dict(sections)).generate(prompts, params), strict=True)
+    ]
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}
+    llm = LLM(config_from_dict({**sections, "speculative": spec}))
+    worker = llm.engine.executor.worker
+    assert worker.runner.graphs is not None and not worker.runner.graphs.keeps_features
+    recorder = RecordingFeatureProposer(plain, seed=1)
+    llm.engine.speculation = Speculation(llm.config.speculative, recorder)
+    assert worker.runner.graphs.keeps_features  # captured again, keeping features
+    got = [p + o.outputs[0].token_ids for p, o in zip(prompts, llm.generate(prompts, params), strict=True)]
+    assert got == plain
+    stats = llm.engine.stats()
+    assert 0 < stats.spec.num_accepted < stats.spec.num_drafts
+    want = {tuple(seq): hf_features(seq) for seq in plain}
+    for _, tokens, rows in recorder.snapshots:
+        full = next(w for seq, w in want.items() if list(seq[: len(tokens)]) == tokens)
+        torch.testing.assert_close(rows.float(), full[: len(tokens) - 1], rtol=2e-2, atol=2e-2)
+
+    runner = FeatureDraftRunner(
+        ModelConfig(path=str(eagle.path), device="cuda", dtype="float32"),
+        ModelConfig(path=str(target), device="cuda", dtype="float32"),
+        DraftPlacementConfig(device="cuda"),
+        CacheConfig(block_size=16, num_blocks=128),
+        KernelConfig(),
+        max_num_seqs=8,
+        max_num_batched_tokens=256,
+    )
+    llm.engine.speculation = Speculation(llm.config.speculative, runner)
+    got = [p + o.outputs[0].token_ids for p, o in zip(prompts, llm.generate(prompts, params), strict=True)]
+    assert got == plain
+    assert llm.engine.stats().spec.num_drafts > stats.spec.num_drafts

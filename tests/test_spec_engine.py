@@ -397,6 +397,7 @@ def test_gpu_greedy_ngram_equals_plain_with_graphs_and_async_scheduling(folder: 
     sections = dict(
         model={"path": str(folder), "max_model_len": 160, "device": "cuda", "dtype": "float32"},
         scheduler={"async_scheduling": "on"},
+        cache={"num_blocks": 256},  # two engines in one process: neither takes the whole GPU
     )
     want = token_ids(LLM(config_from_dict(sections)).generate(prompts, params))
     llm = LLM(config_from_dict({**sections, "speculative": NGRAM}))

@@ -290,7 +290,7 @@ class LLMEngine:
         prev, self._inflight = self._inflight, None
         if self._guided is not None and self._guided.has_pending:
             self._end_failed_grammars()
-        if prev is not None and not self._can_overlap():
+        if prev is not None and (not self._can_overlap() or prev[0].has_drafts):
             return self._complete(prev)
         if self.speculation is not None:
             self.speculation.propose(self.scheduler.running)

@@ -66,6 +66,12 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
+    @property
+    def has_drafts(self) -> bool:
+        """Whether a sequence verifies drafts in this step: how many tokens it keeps is known only once
+        the step is read back, so no later step may be planned for it before then."""
+        return any(s.spec_token_ids for s in self.scheduled)
+
 
 _QUEUE_KEY = attrgetter("queue_key")
 _ARRIVAL = attrgetter("arrival_time")

@@ -201,17 +201,28 @@ class Worker:
 
     def set_keep_features(self, on: bool) -> None:
         """Whether steps hand back every row's feature (a feature-reading draft speculates). CUDA graphs
-        replay only what they captured: graphs captured without features cannot start keeping them."""
-        graphs = [g for g in (self.runner.graphs, self.runner.mixed_graphs) if g is not None]
-        if on and not all(g.keeps_features for g in graphs):
-            raise ValueError(
-                "a feature-reading draft needs the target's CUDA graphs captured keeping features: name "
-                "the draft in the config's speculative.draft (method: draft), so the graphs are captured "
-                "with them, or set kernels.cuda_graphs: false"
-            )
+        replay only what they captured, so graphs captured without features are captured again with
+        them (a draft attached after start-up, as benchmarks and tests attach one); under tensor
+        parallelism every rank would have to, so there the config must name the draft from the start."""
+        runner = self.runner
+        graphs = [g for g in (runner.graphs, runner.mixed_graphs) if g is not None]
         self.model.keep_features = on
         if not on:
             self.model.features = None
+            return
+        if all(g.keeps_features for g in graphs):
+            return
+        if self.tp.size > 1:
+            self.model.keep_features = False
+            raise ValueError(
+                "a feature-reading draft under tensor parallelism needs the target's CUDA graphs captured "
+                "keeping features on every rank: name the draft in the config's speculative.draft "
+                "(method: draft), or set kernels.cuda_graphs: false"
+            )
+        for g in graphs:
+            g.release()
+        bs = self.config.cache.block_size
+        runner.mixed_graphs, runner.graphs = self._capture_graphs(-(-self.max_model_len // bs))
 
     def launch(self, plan: StepPlan, prev: SampledBatch | None) -> SampledBatch | None:
         """Rank 0: queue the step on the device (its sampled tokens come back later)."""
