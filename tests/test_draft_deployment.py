@@ -217,3 +217,61 @@ def test_engine_speculates_through_its_draft_and_finishes_when_the_draft_dies(
         assert r.status_code == 200 and want_text.startswith(r.json()["choices"][0]["text"])
         assert time.monotonic() < deadline, "drafting did not resume after Serve replaced the draft"
     serve.delete(app)
+
+
+def test_engine_speculates_through_a_feature_draft_deployment(
+    serve_cluster: ServeCluster, tmp_path: Path
+) -> None:
+    """An eagle1 draft file in the config: the engine core's target keeps its features from start-up,
+    every round carries the new rows to the Draft deployment, which runs the feature-reading runner, and
+    the answers are the target's alone (a random draft: its drafts are verified and mostly rejected)."""
+    import sys
+
+    import torch
+    from ray import serve
+    from test_feature_draft import eagle_config
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
+    from eagle_model import EagleDraft
+    from train_eagle import write_eagle
+
+    from fuserve import LLM, SamplingParams
+    from fuserve.cluster import build_app
+    from fuserve.speculative.shipped_draft import DRAFT_FORMAT
+
+    target = make_checkpoint(tmp_path / "target", "llama3", vocab_size=260, max_position_embeddings=256)
+    torch.manual_seed(0)
+    eagle = tmp_path / "eagle.safetensors"
+    norm = torch.ones(eagle_config(target)["hidden_size"])
+    write_eagle(
+        eagle, EagleDraft(eagle_config(target), 64), norm, torch.arange(260), {"format": DRAFT_FORMAT}
+    )
+    model = {"path": str(target), "name": "tiny", "max_model_len": 256}
+    config = config_from_dict(
+        {
+            "model": model,
+            "cache": {"num_blocks": 64},
+            "speculative": {
+                "method": "draft",
+                "draft": {"path": str(eagle), "max_model_len": 256},
+                "num_speculative_tokens": 3,
+                "adaptive": False,
+                "channel_timeout_s": TIMEOUT_S,
+                "placement": {"device": "cpu", "num_cpus": 0.5},
+            },
+        }
+    )
+    prompt = "The feature draft"
+    plain = config_from_dict({"model": model, "cache": {"num_blocks": 64}})
+    want = LLM(plain).generate([prompt], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+    app = "spec-eagle"
+    url = f"{serve_cluster.url}/{app}"
+    serve.run(build_app(config, cluster_gpus=0), name=app, route_prefix=f"/{app}")
+    body = {"prompt": prompt, "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+    deadline = time.monotonic() + 90
+    while _spec_counter(url, "fuserve_spec_draft_tokens_total") == 0:  # the lookup runs in the background
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want[0].outputs[0].text
+        assert time.monotonic() < deadline, "the engine never drafted through its feature draft deployment"
+    serve.delete(app)

@@ -1,4 +1,5 @@
-"""The draft shipped for the default model: small, served by fuserve's own loader, and trained.
+"""The independent draft shipped for the default model: small, served by fuserve's own loader, and
+trained. (configs/spec-default.yaml now names the feature-reading draft: tests/test_shipped_eagle.py.)
 
 The shipped file holds only the draft's layers and norm, and the token ids of its reduced-vocabulary
 head (<= 8 MB in all); `materialize_draft` turns it into an HF Llama folder (the target's embedding,
@@ -23,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fuserve import LLM, SamplingParams
-from fuserve.configs import ModelConfig, config_from_dict, load_config
+from fuserve.configs import ModelConfig, config_from_dict
 from fuserve.speculative.shipped_draft import (
     EMBED_NAME,
     VOCAB_TENSOR,
@@ -103,9 +104,6 @@ def test_materialized_folder_is_cached_and_resolves_from_shipped_name(folder: Pa
     source = resolve_source(ModelConfig(path=f"shipped:{NAME}"))
     assert source.kind == "safetensors" and source.path == folder
     assert source.hf_config["num_hidden_layers"] == config["num_hidden_layers"]
-    spec = load_config(Path(__file__).parents[1] / "configs" / "spec-default.yaml").speculative
-    assert spec.method == "draft" and spec.draft is not None
-    assert resolve_source(spec.draft).path == folder
     with pytest.raises(FileNotFoundError, match="no shipped draft named 'nope'"):
         resolve_source(ModelConfig(path="shipped:nope"))
 

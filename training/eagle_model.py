@@ -130,6 +130,17 @@ class EagleDraft(nn.Module):
         self.out_scale.copy_(sigma)
         self.out_shift.copy_(mu)
 
+    @torch.no_grad()
+    def unfold_standardization(self, mu: torch.Tensor, sigma: torch.Tensor) -> None:
+        """The inverse of `fold_standardization`: a served (raw-space) draft back in the space of
+        features standardized by (mu, sigma), so that training resumes from it."""
+        h = self.fc.out_features
+        w_raw = self.fc.weight[:, h:].clone()
+        self.fc.bias += (w_raw * mu[None, :]).sum(1)
+        self.fc.weight[:, h:] = w_raw * sigma[None, :]
+        self.out_scale.fill_(1.0)
+        self.out_shift.zero_()
+
     def unrolled(self, embeds: torch.Tensor, feats: torch.Tensor, passes: int) -> list[torch.Tensor]:
         """Pass s (0-based) of rows 0..L-1: row i's output as draft position s + 1 of a round started
         at row i - s, given drafts 1..s were the target's tokens (the kept ones are): [B, L, H] each.

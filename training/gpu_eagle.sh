@@ -12,9 +12,9 @@ generate_data
 RUN_S=$(( $(left) - 15 ))
 say "features, then training: $RUN_S s in all"
 CUDA_VISIBLE_DEVICES=0 timeout $(( RUN_S + 10 )) python3 training/train_eagle.py --data "$DATA" \
-  --device cuda --feature-batch-tokens 65536 --batch-tokens ${BATCH_TOKENS:-16384} --lr ${LR:-1e-3} \
+  --device cuda --feature-batch-tokens 65536 --feature-dtypes ${FEATURE_DTYPES:-float32} --batch-tokens ${BATCH_TOKENS:-16384} --lr ${LR:-1e-3} \
   --warmup 200 --steps ${STEPS:-1000000} --eval-every 500 --max-val 400 --w-cls ${W_CLS:-1.0} \
-  --passes ${PASSES:-3} --time-limit-s $RUN_S --budget-s $RUN_S --clock-schedule --ckpt "$W/eagle_ckpt.pt" \
+  ${INIT_FROM:+--init-from $INIT_FROM} --passes ${PASSES:-3} --time-limit-s $RUN_S --budget-s $RUN_S --clock-schedule --ckpt "$W/eagle_ckpt.pt" \
   --curve "$OUT/eagle_training_gpu.json" --export "$OUT/eagle.safetensors" 2>&1 \
   | grep -E "val_|sequences|features|time limit|Error|error" | tail -40 | tee -a "$LOG"
 say "done"

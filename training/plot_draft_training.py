@@ -4,6 +4,8 @@ agreement with the target) and its held-out acceptance, beside the run's JSON.
     python training/plot_draft_training.py   # needs matplotlib (pip install matplotlib)
     python training/plot_draft_training.py training/results/draft_training_gpu_2026-11-27-h100x4.json \
         training/results/draft_acceptance_gpu_2026-11-27.json
+    python training/plot_draft_training.py training/results/eagle_training_gpu_2026-11-28-h200x4.json \
+        training/results/eagle_acceptance_gpu_2026-11-28.json
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def main() -> None:
     run = json.loads(run_file.read_text())
     acc_file = Path(sys.argv[2]) if len(sys.argv) > 2 else RESULTS / "draft_acceptance.json"
     acc = json.loads(acc_file.read_text()) if acc_file.is_file() else None
+    if acc and "subset" in acc:  # eval_eagle.py's report: the served (vocabulary-subset) head's
+        acc = acc["subset"]
     fig, axes = plt.subplots(1, 3 if acc else 2, figsize=(15 if acc else 10, 4))
     curve = run["curve"]
     train = [r for r in curve if "loss" in r]
@@ -48,11 +52,20 @@ def main() -> None:
         axes[2].set_ylim(0, 1)
         axes[2].grid(True, alpha=0.3)
         axes[2].legend()
-    fig.suptitle(
-        f"draft for SmolLM2-135M-Instruct: {run['num_layers']} layers, MLP {run['intermediate']}, "
-        f"init {run['init']} ({run['layers']}), {run['steps']} steps, {run['train_seconds'] / 60:.1f} min "
-        f"on {run.get('device', 'CPU')}, {run['train_predicted_tokens'] / 1e6:.2f}M tokens"
-    )
+    if "args" in run:  # train_eagle.py's summary
+        args = run["args"]
+        title = (
+            f"EAGLE-1 draft for SmolLM2-135M-Instruct: 1 layer, MLP {args['intermediate']}, "
+            f"{args['passes']} unrolled positions, {run['steps']} steps, {run['train_seconds'] / 60:.1f} min "
+            f"on {run.get('device', 'CPU')}, {run['train_rows'] / 1e6:.2f}M rows"
+        )
+    else:
+        title = (
+            f"draft for SmolLM2-135M-Instruct: {run['num_layers']} layers, MLP {run['intermediate']}, "
+            f"init {run['init']} ({run['layers']}), {run['steps']} steps, {run['train_seconds'] / 60:.1f} "
+            f"min on {run.get('device', 'CPU')}, {run['train_predicted_tokens'] / 1e6:.2f}M tokens"
+        )
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(run_file.with_suffix(".png"), dpi=80)
 

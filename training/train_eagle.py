@@ -258,16 +258,26 @@ def export(model: EagleDraft, path: Path, ids: torch.Tensor, args: argparse.Name
     write_eagle(path, model, target_tensors()["model.norm.weight"], ids, meta)
 
 
-def generated_examples(paths: list[str], device: str, batch_tokens: int) -> list[dict]:
+def generated_examples(
+    paths: list[str], device: str, batch_tokens: int, dtypes: tuple[str, ...] = ("float32",)
+) -> list[dict]:
     """generate_draft_data.py's records with the target's features from one prefill each, computed on
-    `device` and kept there (the GPU run: millions of tokens, features in bf16, ~1.2 kB a token)."""
+    `device` and kept there (the GPU run: millions of tokens, features in bf16, ~1.2 kB a token).
+    `dtypes`: the target's compute dtypes, dealt over the sequences in turn. The served target runs in
+    bfloat16 where the config says so (configs/spec-default.yaml on a CPU), and its features then differ
+    from float32's by bf16 rounding: a draft trained on both reads either."""
     from eagle_features import build_target, features
 
     records = [r for p in paths for r in torch.load(p)]
     seqs = [torch.cat([r["prompt_ids"], r["output_ids"]]).long() for r in records]
     target = build_target().to(device)
     t0 = time.time()
-    feats = features(target, seqs, batch_tokens, quiet=True)
+    feats: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    for i, name in enumerate(dtypes):
+        share = list(range(i, len(seqs), len(dtypes)))
+        got = features(target.to(getattr(torch, name)), [seqs[j] for j in share], batch_tokens, quiet=True)
+        for j, f in zip(share, got, strict=True):
+            feats[j] = f
     del target
     tokens = sum(len(q) for q in seqs)
     print(f"features of {len(seqs)} sequences ({tokens} tokens) in {time.time() - t0:.0f} s", flush=True)
@@ -282,7 +292,8 @@ def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     if args.data:
-        examples = generated_examples(args.data.split(","), args.device, args.feature_batch_tokens)
+        dtypes = tuple(args.feature_dtypes.split(","))
+        examples = generated_examples(args.data.split(","), args.device, args.feature_batch_tokens, dtypes)
     else:
         examples = [
             {**e, "ids": e["ids"].to(args.device), "feats": e["feats"].to(args.device)}
@@ -306,6 +317,12 @@ def train(args: argparse.Namespace) -> None:
     model = EagleDraft(cfg, args.intermediate)
     if args.init == "target":
         init_layer(model, tensors, args.init_layer, feat_identity=True)
+    if args.init_from:  # a served file (an earlier run's export): training goes on from it
+        from eval_eagle import load_shipped
+
+        served, _, _ = load_shipped(Path(args.init_from), cfg)
+        model.load_state_dict(served.state_dict())
+        model.unfold_standardization(mu, sigma)
     model.to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     curve = [{"step": 0, "elapsed_s": 0.0, **evaluate(model, val_batches, frozen, args.passes, args.w_cls)}]
@@ -376,6 +393,7 @@ def main() -> None:
     )
     ap.add_argument("--init", choices=["target", "scratch"], default="scratch")
     ap.add_argument("--init-layer", type=int, default=29)
+    ap.add_argument("--init-from", default="", help="an exported eagle1 file to go on training from")
     ap.add_argument("--intermediate", type=int, default=1280)
     ap.add_argument("--passes", type=int, default=3, help="draft positions unrolled in training")
     ap.add_argument("--w-cls", type=float, default=0.1, help="weight of the token loss")
@@ -396,6 +414,7 @@ def main() -> None:
         "--data", default="", help="generate_draft_data.py files: features computed here, on --device (GPU)"
     )
     ap.add_argument("--feature-batch-tokens", type=int, default=2048)
+    ap.add_argument("--feature-dtypes", default="float32", help="e.g. float32,bfloat16: dealt over the data")
     ap.add_argument("--max-val", type=int, default=10**9, help="at most this many validation sequences")
     ap.add_argument("--budget-s", type=float, default=0, help="the whole run's seconds, features included")
     ap.add_argument("--clock-schedule", action="store_true", help="anneal the rate over --time-limit-s too")
