@@ -17,9 +17,9 @@ replay CUDA graphs.
     python benchmarks/bench_spec.py --smoke --out x.json                         # tiny, CPU: still runs
 
 `--proposer draft=PATH` drafts with a draft model in this process (the draft deployment's own runner,
-without its channel), e.g. `draft=shipped:smollm2-135m-instruct-draft`, the draft trained for the
-default model; an eagle1 file (training/train_eagle.py's export, e.g. `shipped:smollm2-135m-instruct-eagle`)
-runs as a feature-reading draft (the target's CUDA graphs are captured again, keeping features).
+without its channel), e.g. `draft=shipped:smollm2-135m-instruct-eagle`, the draft trained for the
+default model: an eagle1 file (training/train_eagle.py's export) runs as a feature-reading draft (the
+target's CUDA graphs are captured again, keeping features); an HF folder as an independent draft model.
 `--proposer module:function` plugs in another proposer: a function (config: FuserveConfig, engine:
 LLMEngine) -> Proposer, imported by name.
 """

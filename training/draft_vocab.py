@@ -9,7 +9,7 @@ token id, so the same data gives the same subset. The ids go into the draft file
 Reproduce (repo root; after generate_draft_data.py and train_draft.py, or on the shipped file):
 
     PYTHONPATH=$PWD python training/draft_vocab.py --size 4096 \
-        --draft fuserve/speculative/drafts/smollm2-135m-instruct-draft.safetensors
+        --draft training/data/smollm2-135m-instruct-draft.safetensors
 
 `--size 0` removes the subset (the draft then proposes over the whole vocabulary). The size was chosen
 by measurement (training/results/draft_vocab.json, benchmarks/NOTES.md "A reduced-vocabulary head").
@@ -73,7 +73,7 @@ def write_vocab(draft_file: Path, ids: torch.Tensor | None, note: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="training/data/draft_data.pt")
-    ap.add_argument("--draft", default="fuserve/speculative/drafts/smollm2-135m-instruct-draft.safetensors")
+    ap.add_argument("--draft", default="training/data/smollm2-135m-instruct-draft.safetensors")
     ap.add_argument("--size", type=int, default=4096, help="tokens in the draft's head (0: whole vocabulary)")
     ap.add_argument("--out", default="training/results/draft_vocab.json")
     args = ap.parse_args()

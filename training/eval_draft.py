@@ -178,7 +178,7 @@ def speed_estimate(draft_folder: Path, prompt: list[int], mean_len: dict[str, di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--draft", default="fuserve/speculative/drafts/smollm2-135m-instruct-draft.safetensors")
+    ap.add_argument("--draft", default="training/data/smollm2-135m-instruct-draft.safetensors")
     ap.add_argument("--untrained", action="store_true", help="evaluate a randomly initialized draft instead")
     ap.add_argument("--target-cache", default="training/data/heldout_target.pt")
     ap.add_argument("--max-tokens", type=int, default=128)

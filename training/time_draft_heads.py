@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from draft_model import target_gguf  # noqa: E402
 from draft_vocab import frequent_tokens, token_counts  # noqa: E402
 
 from fuserve.configs import CacheConfig, DraftPlacementConfig, KernelConfig, ModelConfig  # noqa: E402
 from fuserve.speculative.draft_runner import DraftRunner  # noqa: E402
 from fuserve.speculative.proposer import ProposeRequest  # noqa: E402
-from fuserve.speculative.shipped_draft import resolve_shipped  # noqa: E402
+from fuserve.speculative.shipped_draft import materialize_draft  # noqa: E402
 from fuserve.speculative.subset_head import VOCAB_FILE, write_vocab_file  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def runner_with_head(base: Path, folder: Path, ids: torch.Tensor | None) -> Draf
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--draft", default="shipped:smollm2-135m-instruct-draft")
+    ap.add_argument("--draft", default="training/data/smollm2-135m-instruct-draft.safetensors")
     ap.add_argument("--data", default="training/data/draft_data.pt")
     ap.add_argument("--sizes", default="0,2048,4096,8192,16384", help="0: the whole vocabulary")
     ap.add_argument("--rounds", type=int, default=40)
@@ -53,7 +54,9 @@ def main() -> None:
     ap.add_argument("--out", default="training/results/draft_head_speed.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    base = resolve_shipped(args.draft)
+    base = materialize_draft(
+        target_gguf(), Path(args.draft), Path(tempfile.gettempdir()) / "fuserve-draft-eval"
+    )
     counts = token_counts(torch.load(args.data))
     tmp = Path(tempfile.mkdtemp())
     sizes = [int(n) for n in args.sizes.split(",")]

@@ -1,4 +1,5 @@
-"""Train the shipped draft for the default model (SmolLM2-135M-Instruct) by distillation.
+"""Train an independent draft for the default model (SmolLM2-135M-Instruct) by distillation (shipped until
+2026-11-28; the feature-reading draft, train_eagle.py, replaced it).
 
 The draft is a shallow Llama (2 layers, MLP 640 wide) on the target's own tied embedding / LM head,
 which stays frozen; only the layers and the final norm are trained, so the shipped file holds ~4M
@@ -12,7 +13,7 @@ Reproduce (repo root, one thread; after generate_draft_data.py):
 
     PYTHONPATH=$PWD python training/train_draft.py --init target --layers 0,29 --steps 600 \
         --batch 12 --lr 2e-3 --warmup 30 \
-        --vocab-size 4096 --export fuserve/speculative/drafts/smollm2-135m-instruct-draft.safetensors
+        --vocab-size 4096 --export training/data/smollm2-135m-instruct-draft.safetensors
     PYTHONPATH=$PWD python training/eval_draft.py --speed   # -> training/results/draft_acceptance.json
     python training/plot_draft_training.py                   # -> training/results/draft_training.png
 
