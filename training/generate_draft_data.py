@@ -55,14 +55,18 @@ def _encode_chat(llm: LLM, prompt: str) -> list[int]:
     return llm.tokenizer.encode(text, add_special_tokens=False)
 
 
-def self_instruct_prompts(llm: LLM, count: int, seed: int, held: set[str]) -> list[str]:
+def self_instruct_prompts(llm: LLM, count: int, seed: int, held: set[str], first: int = 0) -> list[str]:
     """User requests the target writes itself: its chat template up to the user's text, continued at
     temperature 0.9 until it ends the turn; kept only if it did (not cut at the cap), has 5+ tokens, and
-    is new and not a held-out prompt."""
+    is new and not a held-out prompt. `first`: the first request's index (its seed), so that shards that
+    write their own requests write different ones."""
     marker = "\x00USER\x00"
     text = llm.tokenizer.apply_chat_template([{"role": "user", "content": marker}])
     prefix = llm.tokenizer.encode(text[: text.index(marker)], add_special_tokens=False)
-    params = [SamplingParams(max_tokens=64, temperature=0.9, seed=seed * 7_919 + i) for i in range(count)]
+    params = [
+        SamplingParams(max_tokens=64, temperature=0.9, seed=seed * 7_919 + i)
+        for i in range(first, first + count)
+    ]
     out, seen = [], set(held)
     for res in llm.generate([prefix] * count, params):
         o = res.outputs[0]
@@ -88,10 +92,14 @@ def generate(args: argparse.Namespace) -> None:
     dtype = pick_dtype(config.model.dtype, device)
     engine_name = f"fuserve.llm.LLM ({device}, {dtype}, {args.threads} threads)"
     prompts = training_prompts(args.num_prompts, seed=args.seed)
+    templated = len(prompts)
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    own_shard = args.self_instruct_per_shard and shards > 1
     started = time.time()
     if args.self_instruct:
         held = {p for group in heldout_prompts().values() for p in group}
-        own = self_instruct_prompts(llm, args.self_instruct, args.seed, held | set(prompts))
+        first = shard * args.self_instruct if own_shard else 0
+        own = self_instruct_prompts(llm, args.self_instruct, args.seed, held | set(prompts), first)
         print(f"{len(own)} self-written prompts of {args.self_instruct} in {time.time() - started:.0f} s")
         prompts += own
     # every prompt's greedy continuation first, then each sampled round: a clock stop covers every prompt
@@ -99,8 +107,11 @@ def generate(args: argparse.Namespace) -> None:
     if not args.self_instruct:  # the recorded CPU run's order (prompt by prompt), which --max-records cuts
         jobs.sort()
     jobs = jobs[: args.max_records or len(jobs)]
-    shard, shards = (int(x) for x in args.shard.split("/"))
-    jobs = [j for j in jobs[shard::shards] if j not in done]
+    if own_shard:  # this shard's own requests, and its share of the templated prompts
+        jobs = [j for j in jobs if j[0] >= templated or j[0] % shards == shard]
+    else:
+        jobs = jobs[shard::shards]
+    jobs = [j for j in jobs if j not in done]
     new_tokens, last_save = 0, time.time()
     for first in range(0, len(jobs), args.batch):
         if time.time() - started > args.time_limit_s:
@@ -113,7 +124,7 @@ def generate(args: argparse.Namespace) -> None:
                 max_tokens=args.max_tokens,
                 temperature=0.0 if s == 0 else args.temperature,
                 seed=None if s == 0 else args.seed * 100_003 + i * 17 + s,
-                logprobs=args.top_k,
+                logprobs=args.top_k or None,
             )
             for i, s in chunk
         ]
@@ -121,18 +132,20 @@ def generate(args: argparse.Namespace) -> None:
         results = llm.generate(ids, params)
         for (i, s), prompt_ids, res in zip(chunk, ids, results, strict=True):
             o = res.outputs[0]
-            top_ids = torch.tensor([[t for t, _ in lp.top] for lp in o.logprobs], dtype=torch.int32)
-            top_lp = torch.tensor([[v for _, v in lp.top] for lp in o.logprobs], dtype=torch.float16)
-            records.append(
-                {
-                    "prompt_index": i,
-                    "sample": s,
-                    "prompt_ids": torch.tensor(prompt_ids, dtype=torch.int32),
-                    "output_ids": torch.tensor(o.token_ids, dtype=torch.int32),
-                    "top_ids": top_ids,
-                    "top_logprobs": top_lp,
-                }
-            )
+            record = {
+                "prompt_index": i,
+                "sample": s,
+                "prompt_ids": torch.tensor(prompt_ids, dtype=torch.int32),
+                "output_ids": torch.tensor(o.token_ids, dtype=torch.int32),
+            }
+            if args.top_k:  # train_draft.py distils on these; the feature draft needs only the tokens
+                record["top_ids"] = torch.tensor(
+                    [[t for t, _ in lp.top] for lp in o.logprobs], dtype=torch.int32
+                )
+                record["top_logprobs"] = torch.tensor(
+                    [[v for _, v in lp.top] for lp in o.logprobs], dtype=torch.float16
+                )
+            records.append(record)
             new_tokens += len(o.token_ids)
         if time.time() - last_save > args.save_every_s:
             torch.save(records, out)
@@ -173,12 +186,19 @@ def main() -> None:
     )
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--max-tokens", type=int, default=160)
-    ap.add_argument("--top-k", type=int, default=16, help="target log-probs kept per position")
+    ap.add_argument(
+        "--top-k", type=int, default=16, help="target log-probs kept per position (0: none, tokens only)"
+    )
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--time-limit-s", type=float, default=25 * 60)
     ap.add_argument("--max-records", type=int, default=0, help="stop after this many (0: all prompts)")
     ap.add_argument("--self-instruct", type=int, default=0, help="user requests the target writes first")
     ap.add_argument("--shard", default="0/1", help="i/n: every n-th job from the i-th (one of n GPUs)")
+    ap.add_argument(
+        "--self-instruct-per-shard",
+        action="store_true",
+        help="each shard writes its own --self-instruct requests (not every shard the same ones)",
+    )
     ap.add_argument("--max-num-seqs", type=int, default=0, help="the engine's batch (0: the config's)")
     ap.add_argument("--save-every-s", type=float, default=60)
     ap.add_argument("--threads", type=int, default=1)

@@ -4,11 +4,14 @@
 # sequence on GPU 0, kept there, and train_eagle.py on GPU 0 for the time left; export.
 #   calls 1-2 stash the model's first parts (training/gpu_target.sh), call 3 carries
 #   [".carry/target/part-c"]: `GEN_S=200 bash training/gpu_eagle.sh`
+# More data than one call holds (the twenty-sixth session's run): call 3 with DATA_ONLY=1 GEN_S=480
+# TOP_K=0 SEED=1 SI_PER_SHARD=1 SELF_INSTRUCT=20000 only generates; call 4 (same env, no DATA_ONLY) trains.
 # Under $OUT: eagle.safetensors, eagle_training_gpu.json (the curve), data_generation_gpu-<shard>.json,
 # run.log. Held-out acceptance afterwards on the CPU: training/eval_eagle.py --draft OUT/eagle.safetensors
 set -uo pipefail
 . training/gpu_target.sh
 generate_data
+[ -n "${DATA_ONLY:-}" ] && { say "data only: features and training come next call"; exit 0; }
 RUN_S=$(( $(left) - 15 ))
 say "features, then training: $RUN_S s in all"
 CUDA_VISIBLE_DEVICES=0 timeout $(( RUN_S + 10 )) python3 training/train_eagle.py --data "$DATA" \

@@ -48,6 +48,7 @@ generate_data() {
       CUDA_VISIBLE_DEVICES=$i timeout $(( ${GEN_S:-200} + 240 )) python3 training/generate_draft_data.py \
         --num-prompts ${NUM_PROMPTS:-2000} --samples ${SAMPLES:-3} --self-instruct ${SELF_INSTRUCT:-12000} \
         --max-tokens 160 --batch ${GEN_BATCH:-2048} --max-num-seqs ${MAX_NUM_SEQS:-512} --shard "$i/$NGPU" \
+        --top-k ${TOP_K:-16} --seed ${SEED:-0} ${SI_PER_SHARD:+--self-instruct-per-shard} \
         --time-limit-s ${GEN_S:-200} --save-every-s 1e9 --out "$W/data-$i.pt" \
         --summary "$OUT/data_generation_gpu-$i.json" > "$OUT/generate-$i.log" 2>&1 &
     done
