@@ -322,7 +322,7 @@ def train(args: argparse.Namespace) -> None:
 
         served, _, _ = load_shipped(Path(args.init_from), cfg)
         model.load_state_dict(served.state_dict())
-        model.unfold_standardization(mu, sigma)
+        model.unfold_standardization(mu.cpu(), sigma.cpu())
     model.to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     curve = [{"step": 0, "elapsed_s": 0.0, **evaluate(model, val_batches, frozen, args.passes, args.w_cls)}]
