@@ -933,8 +933,11 @@ def compare_routers(
     quiet_gc()
     for router in args.routers.split(","):
         cfg = config.model_copy(deep=True)
-        cfg.serve.num_replicas, cfg.serve.router = 2, router
-        url = _serve_app(cfg, f"bench_{router}", port)
+        cfg.serve.num_replicas, cfg.serve.router = 2, router.split("@")[0]
+        if "@" in router:  # prefix_affinity@N: its imbalanced_threshold at N requests
+            cfg.serve.prefix_affinity_imbalance = float(router.split("@")[1])
+        app = f"bench_{router.replace('@', '_at_')}"
+        url = _serve_app(cfg, app, port)
         first = make(names[0], math.inf)
         http_level(url, Level(first[: min(4, len(first))], rate=math.inf))  # warm-up: first-call costs
         path = path_latency(url, first[:9], scrape_step_cost(url))
@@ -943,14 +946,14 @@ def compare_routers(
                 if args.load and not math.isinf(rate):
                     rate = args.load * saturation[name]
                 specs = make(name, rate)
-                before = router_seconds(f"bench_{router}")
+                before = router_seconds(app)
                 take_gc_pauses()
                 procs = open_loop_procs(rate, specs, args)
                 results, wall, _ = http_level(url, Level(specs, rate=rate), procs)
                 gc_figures = client_gc_fields(take_gc_pauses())
                 row = {"comparison": "router", "router": router, "path": "http", "replicas": 2, "rate": rate}
                 row["client_procs"] = procs
-                row.update(router_cost_fields(before, router_seconds(f"bench_{router}")), **gc_figures)
+                row.update(router_cost_fields(before, router_seconds(app)), **gc_figures)
                 row.update(workload=name, **summarize(results, wall, 2, args.device_hour_usd))
                 if math.isinf(rate) and name not in saturation:
                     saturation[name] = sum(r.ok for r in results) / wall
@@ -983,7 +986,7 @@ def compare_routers(
                     )
                     + f", client GC {row['client_gc_count']} x, longest {row['client_gc_ms_max']:.0f} ms"
                 )
-        serve.delete(f"bench_{router}")
+        serve.delete(app)
     gc.unfreeze()  # a frozen heap is never freed at exit, which nanobind's modules report as leaks
     if args.engine_baseline:
         rows += engine_baseline(config, {rate: make(names[0], rate) for rate in rates}, args)
@@ -1430,7 +1433,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--routers",
         default="length_aware,pow2",
-        help="the routers `routers` compares: length_aware, pow2, prefix_affinity",
+        help="the routers `routers` compares: length_aware, pow2, prefix_affinity, prefix_affinity@N "
+        "(serve.prefix_affinity_imbalance N)",
     )
     p.add_argument(
         "--think-s",

@@ -19,7 +19,8 @@ Policies (one router object per simulated router; `routers` > 1 splits the reque
     round_robin
     prefix_affinity Ray Serve LLM's PrefixCacheAffinityRouter: the replica whose cache matches most
                     of the prompt when >= 10% matches, else the one with the least cached text; the
-                    fewer requests among equals
+                    fewer requests among equals (`prefix_affinity@N`: pow2 instead while the replicas'
+                    request counts differ by more than N, its `imbalanced_threshold`)
 Request counts (pow2, least_requests, prefix_affinity) are exact and current: Serve's routers
 probe the replicas' queue lengths, so this is if anything kind to them.
 
@@ -374,15 +375,21 @@ class RoundRobin(SimRouter):
 class PrefixAffinity(SimRouter):
     """Ray Serve LLM's PrefixCacheAffinityRouter (router/prefix_affinity.py) with exact queue lengths."""
 
-    def __init__(self, replica_ids: list[str], rng: random.Random) -> None:
+    def __init__(
+        self, replica_ids: list[str], rng: random.Random, imbalanced_threshold: float = float("inf")
+    ) -> None:
         super().__init__(replica_ids, rng)
         self.tenant_tokens = dict.fromkeys(replica_ids, 0)
+        self.imbalanced_threshold = imbalanced_threshold
 
     def choose(self, x: RouteInput) -> str:
         cands = [
             AffinityCandidate(r, x.ongoing[r], self.mine[r], self.tenant_tokens[r]) for r in self.replica_ids
         ]
-        rid = rank_by_prefix_affinity(cands, x.keys, len(x.spec.prompt_ids), BLOCK_SIZE, self.rng)[0]
+        prompt = len(x.spec.prompt_ids)
+        rid = rank_by_prefix_affinity(cands, x.keys, prompt, BLOCK_SIZE, self.rng, self.imbalanced_threshold)[
+            0
+        ]
         self.tenant_tokens[rid] += len(x.spec.prompt_ids)
         return rid
 
@@ -397,6 +404,17 @@ ROUTER_CLASSES: dict[str, type[SimRouter]] = {
     "length_aware_by_time": LengthAwareByTime,  # not in POLICIES: for comparisons (NOTES, issue 16c)
     "length_aware_board": LengthAwareBoard,  # not in POLICIES: the same as length_aware with one router
 }
+
+
+def router_factory(name: str) -> RouterFactory:
+    """A name in ROUTER_CLASSES, or `prefix_affinity@N`: Ray Serve LLM's router with its
+    `imbalanced_threshold` at N requests (its default is infinite: affinity whatever the queues)."""
+    if name.startswith("prefix_affinity@"):
+        threshold = float(name.split("@", 1)[1])
+        return lambda ids, rng: PrefixAffinity(ids, rng, threshold)
+    if name not in ROUTER_CLASSES:
+        raise SystemExit(f"unknown policy {name!r}: use one of {sorted(ROUTER_CLASSES)} or prefix_affinity@N")
+    return ROUTER_CLASSES[name]
 
 
 # ---- the event loop ------------------------------------------------------------------------------------
@@ -424,7 +442,7 @@ def simulate(specs: list[RequestSpec], policy: str | RouterFactory, cfg: SimConf
     ids = [f"r{i}" for i in range(cfg.num_replicas)]
     replicas = {rid: SimReplica(rid, cfg, clock) for rid in ids}
     rng = random.Random(cfg.seed)
-    factory = ROUTER_CLASSES[policy] if isinstance(policy, str) else policy
+    factory = router_factory(policy) if isinstance(policy, str) else policy
     routers = [factory(ids, random.Random(rng.random())) for _ in range(cfg.num_routers)]
     seen: dict[str, dict[str, Any]] = {rid: {} for rid in ids}
     keys = [prefix_keys(s.prompt_ids, BLOCK_SIZE) for s in specs]

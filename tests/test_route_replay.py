@@ -72,3 +72,25 @@ def test_replay_cli_writes_the_table(tmp_path: Path) -> None:
     assert [(r["router"], r["workload"]) for r in got] == [("pow2", "mix"), ("prefix_affinity", "multi_turn")]
     for r in got:
         assert r["sim_ttft_ms_p50"] > 0 and r["ratio_ttft_ms_p99"] > 0
+
+
+def test_prefix_affinity_with_an_imbalance_threshold_does_not_pile_conversations() -> None:
+    """Two H200s, 2026-11-28: prefix-affinity at its default (infinite) threshold sent all 1,000 multi-
+    turn requests to one replica, which fell behind; the replay of that row does the same, and with a
+    threshold of 16 requests it keeps both replicas busy and its p99 near length-aware's."""
+    run = BENCH / "results" / "serve-routers-2026-11-28-h200x2-1000-loaded-spread-c339d51.json"
+    rows = [
+        r
+        for r in route_replay.router_rows(run)
+        if r["workload"] == "multi_turn" and not math.isinf(r["rate"])
+    ]
+    pa = next(r for r in rows if r["router"] == "prefix_affinity")
+    got = {
+        name: route_replay.simulate_row({**pa, "router": name}, D, route_replay.Parts())
+        for name in ("prefix_affinity", "prefix_affinity@16", "length_aware")
+    }
+    p99 = {name: sorted(res.ttft_s)[int(0.99 * len(res.ttft_s))] for name, res in got.items()}
+    assert max(got["prefix_affinity"].placement.values()) > 0.9 * pa["num_requests"]
+    assert max(got["prefix_affinity@16"].placement.values()) < 0.6 * pa["num_requests"]
+    assert p99["prefix_affinity"] > 5 * p99["length_aware"]
+    assert p99["prefix_affinity@16"] < 1.5 * p99["length_aware"]

@@ -75,11 +75,14 @@ def engine_options(config: FuserveConfig, cluster_gpus: float = 0.0) -> dict[str
     else:
         opts["num_replicas"] = serve_cfg.num_replicas
     if serve_cfg.router in ("length_aware", "prefix_affinity"):
+        kwargs: dict[str, Any] = {
+            "policy": "ttft" if serve_cfg.router == "length_aware" else "prefix_affinity"
+        }
+        if serve_cfg.router == "prefix_affinity" and serve_cfg.prefix_affinity_imbalance is not None:
+            kwargs["imbalanced_threshold"] = serve_cfg.prefix_affinity_imbalance
         opts["request_router_config"] = RequestRouterConfig(
             request_router_class=LengthAwareRouter,
-            request_router_kwargs={
-                "policy": "ttft" if serve_cfg.router == "length_aware" else "prefix_affinity"
-            },
+            request_router_kwargs=kwargs,
             request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
             request_routing_stats_timeout_s=5.0,
         )

@@ -158,11 +158,14 @@ class LengthAwareRouter(RequestRouter):
         blind_tokens: int = BLIND_TOKENS,
         policy: str = "ttft",
         send_board: str | None = "auto",
+        imbalanced_threshold: float = float("inf"),
     ) -> None:
-        """Serve calls this once, right after construction, with `request_router_kwargs`."""
+        """Serve calls this once, right after construction, with `request_router_kwargs`.
+        `imbalanced_threshold`: the prefix-affinity policy's (serve.prefix_affinity_imbalance)."""
         if policy not in ("ttft", "prefix_affinity"):
             raise ValueError(f"unknown routing policy {policy!r}: use 'ttft' or 'prefix_affinity'")
         self.policy = policy
+        self.imbalanced_threshold = imbalanced_threshold
         self.ttft_tie = TtftTie()
         self.peers = PeerEstimate()
         self.unadmitted = UnadmittedSends()
@@ -316,7 +319,12 @@ class LengthAwareRouter(RequestRouter):
                 for rid, r in by_id.items()
             ]
             ranked = rank_by_prefix_affinity(
-                cands, shape.prefix_keys, shape.prompt_tokens, shape.block_size, self._rng
+                cands,
+                shape.prefix_keys,
+                shape.prompt_tokens,
+                shape.block_size,
+                self._rng,
+                self.imbalanced_threshold,
             )
             self._tenant_tokens[ranked[0]] = self._tenant_tokens.get(ranked[0], 0) + shape.prompt_tokens
             return ranked, shape.prompt_tokens
