@@ -29,3 +29,14 @@ def test_a_negative_imbalance_is_refused() -> None:
         FuserveConfig.model_validate(
             {"serve": {"router": "prefix_affinity", "prefix_affinity_imbalance": -1}}
         )
+
+
+def test_the_kwargs_are_what_the_router_takes() -> None:
+    """Serve passes them to `initialize_state` by name: a misspelt one would fail only in a replica."""
+    import inspect
+
+    from fuserve.router.length_aware_router import LengthAwareRouter
+
+    params = inspect.signature(LengthAwareRouter.initialize_state).parameters
+    kwargs = _kwargs({"router": "prefix_affinity", "prefix_affinity_imbalance": 4})
+    assert kwargs is not None and set(kwargs) <= set(params)
