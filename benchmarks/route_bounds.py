@@ -135,7 +135,7 @@ class Recording(SimRouter):
 
 def assignment_of(specs: list[RequestSpec], policy: Any, cfg: SimConfig) -> tuple[dict[int, str], Any]:
     log: dict[int, str] = {}
-    factory = route_sim.ROUTER_CLASSES[policy] if isinstance(policy, str) else policy
+    factory = route_sim.router_factory(policy) if isinstance(policy, str) else policy
     result = route_sim.simulate(specs, lambda ids, rng: Recording(factory(ids, rng), log), cfg)
     return log, result
 
@@ -190,7 +190,7 @@ def search(
 
 
 # ---- the table -------------------------------------------------------------------------------------------
-ROUTERS = ("length_aware", "prefix_affinity", "pow2")
+ROUTERS = ("length_aware", "prefix_affinity", "prefix_affinity@16", "pow2")
 
 
 def bounds_rows(
@@ -239,7 +239,8 @@ def bounds_rows(
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     refs = ("isolated", "oracle_search", "oracle_ttft", *ROUTERS)
-    print(f"{'workload':11s} {'seed':>4s} " + " ".join(f"{r:>15s}" for r in refs) + "  PA/isolated PA/search")
+    head = " ".join(f"{r:>15s}" for r in refs)
+    print(f"{'workload':11s} {'seed':>4s} {head}  PA/isolated PA/search PA@16/search")
     groups: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["workload"], r["seed"]), {})[r["ref"]] = r
@@ -249,6 +250,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(
             f"{name:11s} {seed:4d} {cells}  {pa / g['isolated']['ttft_ms_p99']:.2f}x"
             f"       {pa / g['oracle_search']['ttft_ms_p99']:.2f}x"
+            f"       {g['prefix_affinity@16']['ttft_ms_p99'] / g['oracle_search']['ttft_ms_p99']:.2f}x"
             f"  ({g['isolated']['achieved_rate']:.1f} of {g['isolated']['rate']:.1f} req/s)"
         )
 
