@@ -769,7 +769,7 @@ def simulated(
     import route_sim
     import torch
 
-    if cost is None or router not in route_sim.ROUTER_CLASSES:
+    if cost is None or route_sim.split_router(router)[0] not in route_sim.ROUTER_CLASSES:
         return {}
     path = path or PathLatency(0.0, 0.0)
     measured = measured or {}
@@ -921,6 +921,7 @@ def compare_routers(
     """Each router serves every workload at every rate on 2 fresh replicas; with `--load`, the finite
     rate of each workload is that fraction of the requests/s the first router completed in the burst
     (run first), so every router gets the same requests. Each row carries the simulator's prediction."""
+    import route_sim
     from ray import serve
 
     rows = []
@@ -933,9 +934,8 @@ def compare_routers(
     quiet_gc()
     for router in args.routers.split(","):
         cfg = config.model_copy(deep=True)
-        cfg.serve.num_replicas, cfg.serve.router = 2, router.split("@")[0]
-        if "@" in router:  # prefix_affinity@N: its imbalanced_threshold at N requests
-            cfg.serve.prefix_affinity_imbalance = float(router.split("@")[1])
+        cfg.serve.num_replicas = 2
+        cfg.serve.router, cfg.serve.prefix_affinity_imbalance = route_sim.split_router(router)
         app = f"bench_{router.replace('@', '_at_')}"
         url = _serve_app(cfg, app, port)
         first = make(names[0], math.inf)

@@ -387,10 +387,11 @@ class PrefixAffinity(SimRouter):
             AffinityCandidate(r, x.ongoing[r], self.mine[r], self.tenant_tokens[r]) for r in self.replica_ids
         ]
         prompt = len(x.spec.prompt_ids)
-        rid = rank_by_prefix_affinity(cands, x.keys, prompt, BLOCK_SIZE, self.rng, self.imbalanced_threshold)[
-            0
-        ]
-        self.tenant_tokens[rid] += len(x.spec.prompt_ids)
+        ranked = rank_by_prefix_affinity(
+            cands, x.keys, prompt, BLOCK_SIZE, self.rng, self.imbalanced_threshold
+        )
+        rid = ranked[0]
+        self.tenant_tokens[rid] += prompt
         return rid
 
 
@@ -406,15 +407,24 @@ ROUTER_CLASSES: dict[str, type[SimRouter]] = {
 }
 
 
+def split_router(name: str) -> tuple[str, float | None]:
+    """`prefix_affinity@N` -> ("prefix_affinity", N): Ray Serve LLM's router with its
+    `imbalanced_threshold` at N requests (its default is infinite: affinity whatever the queues);
+    any other name -> (name, None). bench_serve.py reads router names the same way."""
+    base, _, threshold = name.partition("@")
+    if threshold and base != "prefix_affinity":
+        raise SystemExit(f"{name!r}: only prefix_affinity takes @N (its imbalance threshold)")
+    return base, float(threshold) if threshold else None
+
+
 def router_factory(name: str) -> RouterFactory:
-    """A name in ROUTER_CLASSES, or `prefix_affinity@N`: Ray Serve LLM's router with its
-    `imbalanced_threshold` at N requests (its default is infinite: affinity whatever the queues)."""
-    if name.startswith("prefix_affinity@"):
-        threshold = float(name.split("@", 1)[1])
-        return lambda ids, rng: PrefixAffinity(ids, rng, threshold)
-    if name not in ROUTER_CLASSES:
+    """A name in ROUTER_CLASSES, or `prefix_affinity@N` (split_router)."""
+    base, threshold = split_router(name)
+    if base not in ROUTER_CLASSES:
         raise SystemExit(f"unknown policy {name!r}: use one of {sorted(ROUTER_CLASSES)} or prefix_affinity@N")
-    return ROUTER_CLASSES[name]
+    if threshold is not None:
+        return lambda ids, rng: PrefixAffinity(ids, rng, threshold)
+    return ROUTER_CLASSES[base]
 
 
 # ---- the event loop ------------------------------------------------------------------------------------

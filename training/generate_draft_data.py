@@ -98,8 +98,8 @@ def generate(args: argparse.Namespace) -> None:
     started = time.time()
     if args.self_instruct:
         held = {p for group in heldout_prompts().values() for p in group}
-        first = shard * args.self_instruct if own_shard else 0
-        own = self_instruct_prompts(llm, args.self_instruct, args.seed, held | set(prompts), first)
+        first_request = shard * args.self_instruct if own_shard else 0
+        own = self_instruct_prompts(llm, args.self_instruct, args.seed, held | set(prompts), first_request)
         print(f"{len(own)} self-written prompts of {args.self_instruct} in {time.time() - started:.0f} s")
         prompts += own
     # every prompt's greedy continuation first, then each sampled round: a clock stop covers every prompt
