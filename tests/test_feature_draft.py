@@ -188,17 +188,22 @@ class Eagle:
     """A random EagleDraft trained (as it were) on standardized features, written to an eagle1 file
     with its standardization folded in, as train_eagle.py exports one."""
 
-    def __init__(self, target: Path, folder: Path, seed: int) -> None:
+    def __init__(self, target: Path, folder: Path, seed: int, layers: int = 1, int8: bool = False) -> None:
         import copy
 
         torch.manual_seed(seed)
         cfg = eagle_config(target)
-        model = EagleDraft(cfg, WIDTH).eval()
+        model = EagleDraft(cfg, WIDTH, layers).eval()
         with torch.no_grad():
             model.fc.bias.uniform_(-0.1, 0.1)
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
                     p.add_(0.1 * torch.randn_like(p))
+                if int8 and name.startswith("layers.") and p.dim() == 2:
+                    # int8 rows whose scale is a power of two: the file's int8 round trip is exact
+                    q = torch.randint(-127, 128, p.shape)
+                    q[:, 0] = 127
+                    p.copy_(q * 2.0**-11)
                 p.copy_(p.bfloat16().float())  # the file's bf16 values: the folds below stay exact
         h = cfg["hidden_size"]
         self.mu = torch.randn(h) * 2
@@ -207,7 +212,7 @@ class Eagle:
         model.fold_standardization(self.mu, self.sigma)
         tensors = target_tensors(target)
         self.path = folder / "eagle.safetensors"
-        write_eagle(self.path, model, tensors["model.norm.weight"], SUBSET, {"format": DRAFT_FORMAT})
+        write_eagle(self.path, model, tensors["model.norm.weight"], SUBSET, {"format": DRAFT_FORMAT}, int8)
         eps = cfg["rms_norm_eps"]
         self.standardized = Frozen(tensors, SUBSET, eps, (self.mu, self.sigma))
         self.raw = Frozen(tensors, SUBSET, eps)
@@ -265,10 +270,34 @@ def make_runner(eagle: Eagle, target: Path, num_blocks: int = 64) -> FeatureDraf
     )
 
 
+@pytest.fixture(scope="module")
+def eagle_int8_two_layers(target: Path, tmp_path_factory: pytest.TempPathFactory) -> Eagle:
+    return Eagle(target, tmp_path_factory.mktemp("eagle2"), seed=8, layers=2, int8=True)
+
+
 def test_served_draft_proposes_what_eagle_draft_proposes(eagle: Eagle, target: Path) -> None:
     """Rounds with rollback at random points (drafts accepted, then the target's token; now and then
     a start over from 0): every round's drafts equal EagleDraft's, chained over the whole sequence."""
+    check_rounds_equal_eagle_draft(eagle, target)
+
+
+def test_two_layer_int8_draft_proposes_what_eagle_draft_proposes(
+    eagle_int8_two_layers: Eagle, target: Path
+) -> None:
+    """The same for a draft of two layers stored as int8 rows: the served model runs both layers, the
+    file's int8 weights widen to the trained values, and eval's unrolled passes chain both layers."""
+    from safetensors import safe_open
+
+    with safe_open(str(eagle_int8_two_layers.path), framework="pt") as f:
+        assert f.metadata()["num_hidden_layers"] == "2"
+        assert f.get_tensor("model.layers.1.mlp.down_proj.weight").dtype == torch.int8
+        assert f.get_tensor("eagle.fc.weight").dtype == torch.bfloat16
+    check_rounds_equal_eagle_draft(eagle_int8_two_layers, target)
+
+
+def check_rounds_equal_eagle_draft(eagle: Eagle, target: Path) -> None:
     runner = make_runner(eagle, target)
+    assert len(runner.model.llama.model.layers) == len(eagle.unfolded.layers)
     assert runner.model.head is not None and torch.equal(runner.model.head.token_ids, SUBSET)
     rng, gen = random.Random(1), torch.Generator().manual_seed(2)
     seqs = {f"s{i}": [rng.randrange(VOCAB) for _ in range(rng.randrange(2, 30))] for i in range(3)}
@@ -413,3 +442,24 @@ def test_gpu_features_and_greedy_with_graphs(eagle: Eagle, target: Path, hf_feat
     got = [p + o.outputs[0].token_ids for p, o in zip(prompts, llm.generate(prompts, params), strict=True)]
     assert got == plain
     assert llm.engine.stats().spec.num_drafts > stats.spec.num_drafts
+
+
+def test_a_grown_draft_computes_what_it_did(eagle: Eagle) -> None:
+    """train_eagle.py --init-from with more --layers or a wider --intermediate starts from the trained
+    draft's function: the added layer and neurons write zeros into the residual stream until trained."""
+    import copy
+
+    gen = torch.Generator().manual_seed(9)
+    n, h = 12, eagle.mu.shape[0]
+    emb, feats = torch.randn(1, n, h, generator=gen), torch.randn(1, n, h, generator=gen)
+    want = eagle.unfolded.unrolled(emb, feats, 3)
+    grown = copy.deepcopy(eagle.unfolded)
+    grown.add_layer()
+    grown.widen_mlp(WIDTH + 40)
+    assert len(grown.layers) == 2 and grown.layers[1].mlp.gate_proj.out_features == WIDTH + 40
+    got = grown.unrolled(emb, feats, 3)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    # and it is not the identity by construction: one step of training moves the new layer's output
+    grown.layers[1].self_attn.o_proj.weight.data.normal_(0, 0.1)
+    assert not torch.allclose(grown.unrolled(emb, feats, 3)[0], want[0])

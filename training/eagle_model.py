@@ -17,10 +17,16 @@ draft itself predicted in pass s-1, attending to the rows the real drafting woul
 so one forward trains (and evaluates, exactly) draft positions 1..S at every start position.
 
 Parameter names are the HF Llama ones (`layers.0.self_attn.q_proj.weight` ...) plus `fc.weight`, so the
-layer can start from a target layer and fuserve can load it as a one-layer Llama.
+layer can start from a target layer and fuserve can load it as a Llama of the draft's depth.
+
+A trained draft grows without forgetting (`add_layer`, `widen_mlp`): the new layer's output projections
+and the new neurons' down-projection columns start at zero, so the grown draft computes exactly what
+the trained one did, and training goes on from there with the extra capacity.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -99,12 +105,12 @@ class DecoderLayer(nn.Module):
 
 
 class EagleDraft(nn.Module):
-    def __init__(self, cfg: dict, intermediate: int) -> None:
+    def __init__(self, cfg: dict, intermediate: int, num_layers: int = 1) -> None:
         super().__init__()
         h = cfg["hidden_size"]
         self.fc = nn.Linear(2 * h, h, bias=True)
         nn.init.zeros_(self.fc.bias)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, intermediate)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, intermediate) for _ in range(num_layers)])
         # output = layer output x scale + shift. Training runs in normalized feature space (identity
         # here, features standardized per dimension by the caller); the export folds the standardization
         # into fc (weight / sigma, a bias) and these (sigma, mu), so the served draft reads and returns raw
@@ -141,48 +147,82 @@ class EagleDraft(nn.Module):
         self.out_scale.fill_(1.0)
         self.out_shift.zero_()
 
+    @torch.no_grad()
+    def add_layer(self) -> None:
+        """One more decoder layer on top, a copy of the last with its attention and MLP outputs zeroed:
+        it adds nothing to the residual stream until training moves them."""
+        layer = copy.deepcopy(self.layers[-1])
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        self.layers.append(layer)
+
+    @torch.no_grad()
+    def widen_mlp(self, intermediate: int, seed: int = 0) -> None:
+        """Every layer's MLP `intermediate` wide: the new neurons' gate and up rows drawn at the scale of
+        the trained ones, their down-projection columns zero, so the output is unchanged."""
+        gen = torch.Generator().manual_seed(seed)
+        for layer in self.layers:
+            mlp = layer.mlp
+            old = mlp.gate_proj.out_features
+            if intermediate <= old:
+                continue
+            extra = intermediate - old
+            wider = MLP(mlp.gate_proj.in_features, intermediate).to(mlp.gate_proj.weight.device)
+            for name in ("gate_proj", "up_proj"):
+                w = getattr(mlp, name).weight
+                new_rows = torch.randn(extra, w.shape[1], generator=gen) * w.std().item()
+                getattr(wider, name).weight.copy_(torch.cat([w, new_rows.to(w)]))
+            down = mlp.down_proj.weight
+            wider.down_proj.weight.copy_(torch.cat([down, torch.zeros(down.shape[0], extra).to(down)], dim=1))
+            layer.mlp = wider
+
     def unrolled(self, embeds: torch.Tensor, feats: torch.Tensor, passes: int) -> list[torch.Tensor]:
         """Pass s (0-based) of rows 0..L-1: row i's output as draft position s + 1 of a round started
         at row i - s, given drafts 1..s were the target's tokens (the kept ones are): [B, L, H] each.
         embeds[:, i] = embed(x_{i+1}), feats[:, i] = f_i (the target's)."""
-        b, n, h = feats.shape
+        n = feats.shape[1]
         positions = torch.arange(n, device=feats.device)
         outs: list[torch.Tensor] = []
-        xs: list[torch.Tensor] = []  # each pass's layer input, for the next passes' attention
+        inputs: list[list[torch.Tensor]] = [[] for _ in self.layers]  # a layer's input in each pass
         for s in range(passes):
             if s == 0:
                 f = feats
             else:  # row i reads the draft's own prediction of f_i, made at row i - 1 of the last pass
                 f = torch.cat([torch.zeros_like(feats[:, :1]), outs[-1][:, :-1]], dim=1)
-            xs.append(self.fc(torch.cat([embeds, f], dim=-1)))
-            outs.append(self._layer_chain(xs, positions, s) * self.out_scale + self.out_shift)
+            x = self.fc(torch.cat([embeds, f], dim=-1))
+            for layer, xs in zip(self.layers, inputs, strict=True):
+                xs.append(x)
+                x = chained_layer(layer, xs, positions, s)
+            outs.append(x * self.out_scale + self.out_shift)
         return outs
 
-    def _layer_chain(self, xs: list[torch.Tensor], positions: torch.Tensor, s: int) -> torch.Tensor:
-        """Pass s's layer output, attending over all passes' inputs <= s with `chain_mask`."""
-        assert len(self.layers) == 1, "the unrolled forward is written for one layer"
-        layer = self.layers[0]
-        n = xs[0].shape[1]
-        keys = torch.cat(xs, dim=1)  # [B, (s+1) n, H]
-        q_in = layer.input_layernorm(xs[s])
-        k_in = layer.input_layernorm(keys)
-        attn = layer.self_attn
-        b = q_in.shape[0]
-        q = attn.q_proj(q_in).view(b, n, attn.heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(k_in).view(b, -1, attn.kv_heads, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(k_in).view(b, -1, attn.kv_heads, attn.head_dim).transpose(1, 2)
-        freqs = positions.float()[:, None] * attn.inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
-        q = q * cos + rotate_half(q) * sin
-        kcos, ksin = cos.repeat(s + 1, 1), sin.repeat(s + 1, 1)
-        k = k * kcos + rotate_half(k) * ksin
-        rep = attn.heads // attn.kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        mask = chain_mask(n, s, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = xs[s] + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+def chained_layer(
+    layer: DecoderLayer, xs: list[torch.Tensor], positions: torch.Tensor, s: int
+) -> torch.Tensor:
+    """The layer's output in pass s, attending over its inputs of passes <= s with `chain_mask`: the
+    rows real drafting would hold in its KV cache at that point of the round."""
+    n = xs[0].shape[1]
+    keys = torch.cat(xs, dim=1)  # [B, (s+1) n, H]
+    q_in = layer.input_layernorm(xs[s])
+    k_in = layer.input_layernorm(keys)
+    attn = layer.self_attn
+    b = q_in.shape[0]
+    q = attn.q_proj(q_in).view(b, n, attn.heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(k_in).view(b, -1, attn.kv_heads, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(k_in).view(b, -1, attn.kv_heads, attn.head_dim).transpose(1, 2)
+    freqs = positions.float()[:, None] * attn.inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+    q = q * cos + rotate_half(q) * sin
+    kcos, ksin = cos.repeat(s + 1, 1), sin.repeat(s + 1, 1)
+    k = k * kcos + rotate_half(k) * ksin
+    rep = attn.heads // attn.kv_heads
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    mask = chain_mask(n, s, q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    x = xs[s] + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 def chain_mask(n: int, s: int, device: torch.device | None = None) -> torch.Tensor:

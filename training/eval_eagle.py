@@ -27,19 +27,20 @@ from eagle_model import EagleDraft  # noqa: E402
 from eval_draft import MAX_K, acceptance  # noqa: E402
 from train_eagle import Frozen, target_config  # noqa: E402
 
+from fuserve.speculative.feature_draft_file import dequantized  # noqa: E402
 from fuserve.speculative.shipped_draft import EMBED_NAME, VOCAB_TENSOR  # noqa: E402
 
 
 def load_shipped(path: Path, cfg: dict | None = None) -> tuple[EagleDraft, torch.Tensor, int]:
-    """The exported (bf16) draft as served, in fp32, its vocabulary ids and MLP width. `cfg`: the
-    target's HF config (default: the default model's)."""
+    """The exported draft as served (bf16, or int8 layers), in fp32, its vocabulary ids and MLP width.
+    `cfg`: the target's HF config (default: the default model's)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-        t = {n: f.get_tensor(n) for n in f.keys()}
+        t = dequantized({n: f.get_tensor(n) for n in f.keys()})
     width = int(meta["intermediate_size"])
-    model = EagleDraft(cfg if cfg is not None else target_config(), width)
+    model = EagleDraft(cfg if cfg is not None else target_config(), width, int(meta["num_hidden_layers"]))
     state = {
         "fc.weight": t["eagle.fc.weight"],
         "fc.bias": t["eagle.fc.bias"],

@@ -1,7 +1,7 @@
 """Train the feature-reading (EAGLE-style) draft for the default model (SmolLM2-135M-Instruct).
 
-The model is eagle_model.py's: fc(concat(embed(x_{i+1}), f_i)) (1152 -> 576) and one Llama decoder
-layer (MLP `--intermediate` wide), read out through the target's final norm and tied head, both frozen
+The model is eagle_model.py's: fc(concat(embed(x_{i+1}), f_i)) (1152 -> 576) and `--layers` Llama decoder
+layers (MLP `--intermediate` wide), read out through the target's final norm and tied head, both frozen
 (the head over the draft's 4,096-token vocabulary subset, as served). Loss per draft position s = 1..S,
 unrolled as served (the draft's own predicted features from position 2 on; eagle_model.unrolled):
 0.8^(s-1) x [smooth-L1(h, f_next) + w x soft cross-entropy against the target's distribution over the
@@ -47,8 +47,10 @@ from fuserve.speculative.feature_draft_file import (  # noqa: E402
     EAGLE_ARCH,
     FC_BIAS,
     FC_WEIGHT,
+    INT8_SCALE,
     OUT_SCALE,
     OUT_SHIFT,
+    int8_rows,
 )
 from fuserve.speculative.shipped_draft import EMBED_NAME, VOCAB_TENSOR  # noqa: E402
 from fuserve.workers.models.gguf_loader import read_gguf  # noqa: E402
@@ -220,10 +222,17 @@ def evaluate(model: EagleDraft, batches: list[dict], frozen: Frozen, passes: int
 
 
 def write_eagle(
-    path: Path, model: EagleDraft, norm_weight: torch.Tensor, ids: torch.Tensor, meta: dict[str, str]
+    path: Path,
+    model: EagleDraft,
+    norm_weight: torch.Tensor,
+    ids: torch.Tensor,
+    meta: dict[str, str],
+    int8_layers: bool = False,
 ) -> None:
-    """The served file (fuserve/speculative/feature_draft_file.py): fc, the output affine, the layer and
-    the target's final norm, the vocabulary subset; `meta`: target_meta() and how it was trained."""
+    """The served file (fuserve/speculative/feature_draft_file.py): fc, the output affine, the layers and
+    the target's final norm, the vocabulary subset; `meta`: target_meta() and how it was trained.
+    int8_layers: the layers' 2-D weights as int8 rows with fp32 scales (half the bytes, for two layers
+    within the shipped file's 8 MB)."""
     state = {
         FC_WEIGHT: model.fc.weight,
         FC_BIAS: model.fc.bias,
@@ -241,11 +250,14 @@ def write_eagle(
         .contiguous()
         for k, v in state.items()
     }
+    if int8_layers:
+        for k in [k for k, v in tensors.items() if k.startswith("model.layers.") and v.dim() == 2]:
+            tensors[k], tensors[k + INT8_SCALE] = int8_rows(state[k])
     tensors[VOCAB_TENSOR] = ids.to(torch.uint16).contiguous()
     meta = {
         **meta,
         "architecture": EAGLE_ARCH,
-        "num_hidden_layers": "1",
+        "num_hidden_layers": str(len(model.layers)),
         "intermediate_size": str(model.layers[0].mlp.gate_proj.out_features),
     }
     write_draft(path, tensors, meta)
@@ -255,7 +267,7 @@ def export(model: EagleDraft, path: Path, ids: torch.Tensor, args: argparse.Name
     """The shipped file for the default model's target."""
     training = json.dumps({k: v for k, v in vars(args).items() if k != "export"})
     meta = {**target_meta(), "vocab_subset": note, "training": training}
-    write_eagle(path, model, target_tensors()["model.norm.weight"], ids, meta)
+    write_eagle(path, model, target_tensors()["model.norm.weight"], ids, meta, args.int8_layers)
 
 
 def generated_examples(
@@ -314,15 +326,20 @@ def train(args: argparse.Namespace) -> None:
     val_batches = [collate(b, frozen) for b in make_batches(val, args.batch_tokens, random.Random(0))]
     rows = sum(len(e["ids"]) - 1 for e in train_ex)
     print(f"{len(train_ex)} training sequences ({rows} rows), {len(val)} validation", flush=True)
-    model = EagleDraft(cfg, args.intermediate)
+    model = EagleDraft(cfg, args.intermediate, args.layers)
     if args.init == "target":
         init_layer(model, tensors, args.init_layer, feat_identity=True)
-    if args.init_from:  # a served file (an earlier run's export): training goes on from it
+    if args.init_from:  # a served file (an earlier run's export): training goes on from it, grown
         from eval_eagle import load_shipped
 
-        served, _, _ = load_shipped(Path(args.init_from), cfg)
-        model.load_state_dict(served.state_dict())
+        model, _, _ = load_shipped(Path(args.init_from), cfg)
+        model.train()
         model.unfold_standardization(mu.cpu(), sigma.cpu())
+        if len(model.layers) > args.layers:
+            raise SystemExit(f"--layers {args.layers}: {args.init_from} already has {len(model.layers)}")
+        while len(model.layers) < args.layers:
+            model.add_layer()
+        model.widen_mlp(args.intermediate, seed=args.seed)
     model.to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     curve = [{"step": 0, "elapsed_s": 0.0, **evaluate(model, val_batches, frozen, args.passes, args.w_cls)}]
@@ -394,7 +411,9 @@ def main() -> None:
     ap.add_argument("--init", choices=["target", "scratch"], default="scratch")
     ap.add_argument("--init-layer", type=int, default=29)
     ap.add_argument("--init-from", default="", help="an exported eagle1 file to go on training from")
-    ap.add_argument("--intermediate", type=int, default=1280)
+    ap.add_argument("--intermediate", type=int, default=1280, help="MLP width (--init-from: widened)")
+    ap.add_argument("--layers", type=int, default=1, help="decoder layers (--init-from: grown)")
+    ap.add_argument("--int8-layers", action="store_true", help="export the layers' weights as int8 rows")
     ap.add_argument("--passes", type=int, default=3, help="draft positions unrolled in training")
     ap.add_argument("--w-cls", type=float, default=0.1, help="weight of the token loss")
     ap.add_argument("--steps", type=int, default=600)

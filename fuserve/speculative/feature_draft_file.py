@@ -4,12 +4,17 @@ training/train_eagle.py writes it (`write_eagle`), a fuserve draft file (shipped
 target metadata) with `architecture: eagle1`:
 
     eagle.fc.weight [H, 2H], eagle.fc.bias [H]       row i: a_i = fc([embed(x_{i+1}), f_i])
-    model.layers.0.* (HF names)                      one Llama decoder layer over the a_i, at position i
+    model.layers.N.* (HF names)                      Llama decoder layers over the a_i, at position i
+                                                     (`num_hidden_layers` of the metadata: 1 or more)
     eagle.out_scale [H], eagle.out_shift [H]         h_i = layer_out * out_scale + out_shift ~ f_{i+1}
     model.norm.weight [H]                            the target's final norm: logits = head(norm(h_i))
     draft.vocab_token_ids [V'] (optional)            the head's rows: a subset of the tied embedding
 
 The target's embedding (input and tied head) stays in the target's own files and is read from there.
+A layer's 2-D weights may be stored as int8 rows, each with an fp32 scale beside it (`<name>.int8_scale`):
+that is what lets a draft of two layers stay within the 8 MB a shipped file may weigh. They are widened
+on load (`dequantized`); fc stays 16-bit, since its feature half is divided by per-dimension scales
+that span four orders of magnitude and a row's int8 step would erase the small ones.
 A config names such a draft as a .safetensors file or `shipped:<name>`; `is_feature_draft` tells it
 from the independent draft (an HF folder), so every place that builds a draft runner picks the right one.
 """
@@ -37,6 +42,25 @@ from fuserve.speculative.shipped_draft import (
 EAGLE_ARCH = "eagle1"  # the draft file's `architecture` metadata
 FC_WEIGHT, FC_BIAS = "eagle.fc.weight", "eagle.fc.bias"
 OUT_SCALE, OUT_SHIFT = "eagle.out_scale", "eagle.out_shift"
+INT8_SCALE = ".int8_scale"  # suffix: the fp32 per-row scale of the int8 weight named before it
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row (output channel) int8: w ~ q * scale[:, None]."""
+    w = w.detach().float()
+    scale = w.abs().amax(1).clamp_min(1e-12) / 127
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def dequantized(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's tensors with every int8 weight widened to fp32 by its scale, the scales dropped."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith(INT8_SCALE):
+            continue
+        scale = tensors.get(name + INT8_SCALE)
+        out[name] = t if scale is None else t.float() * scale.float()[:, None]
+    return out
 
 
 def draft_file_of(cfg: ModelConfig | None) -> Path | None:
@@ -62,8 +86,8 @@ def is_feature_draft(cfg: ModelConfig | None) -> bool:
 class FeatureDraftWeights:
     """Everything the served draft is built from, on the host in the file's dtypes."""
 
-    hf_config: dict[str, Any]  # the target's architecture with one layer of the draft's MLP width
-    llama: dict[str, torch.Tensor]  # HF names: the target's embedding, the layer, the final norm
+    hf_config: dict[str, Any]  # the target's architecture at the draft's depth and MLP width
+    llama: dict[str, torch.Tensor]  # HF names: the target's embedding, the layers, the final norm
     fc_weight: torch.Tensor
     fc_bias: torch.Tensor
     out_scale: torch.Tensor
@@ -88,7 +112,7 @@ def read_feature_draft(file: Path, target_source: Path) -> FeatureDraftWeights:
             )
     target_config, embed = target_config_and_embedding(target_source)
     with safe_open(str(file), framework="pt") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        tensors = dequantized({name: f.get_tensor(name) for name in f.keys()})
     vocab = tensors.pop(VOCAB_TENSOR, None)
     eagle = {name: tensors.pop(name) for name in (FC_WEIGHT, FC_BIAS, OUT_SCALE, OUT_SHIFT)}
     return FeatureDraftWeights(

@@ -1,13 +1,13 @@
-"""The feature-reading (EAGLE-1) draft as served: fuserve's own Llama layer, with fc in front and an
+"""The feature-reading (EAGLE-1) draft as served: fuserve's own Llama layers, with fc in front and an
 output affine behind, on fuserve's paged KV cache and kernels.
 
     row i (position i):  a_i = fc([embed(x_{i+1}), f_i])          embed: the target's (tied)
-                         h_i = layer(a_i) * out_scale + out_shift  one LlamaDecoderLayer, causal
+                         h_i = layers(a_i) * out_scale + out_shift LlamaDecoderLayers, causal
                          draft x_{i+2} = argmax head(norm(h_i))    norm: the target's final norm; head:
                                                                    tied, over the vocabulary subset
 h_i approximates the target's next feature f_{i+1}: drafting chains by feeding h_i as the feature of
-row i + 1 (feature_draft_runner.py). The layer, embedding, norm and KV cache are a one-layer
-LlamaForCausalLM's (the target's architecture, the draft's MLP width), so the draft runs the kernels the
+row i + 1 (feature_draft_runner.py). The layers, embedding, norm and KV cache are a LlamaForCausalLM's of
+the draft's depth (the target's architecture, the draft's MLP width), so the draft runs the kernels the
 target runs; the math is training/eagle_model.py's EagleDraft, which tests/test_feature_draft.py checks.
 """
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuserve.parallel.tp_context import TPContext
+from fuserve.parallel.tp_context import Partial, TPContext
 from fuserve.speculative.feature_draft_file import FeatureDraftWeights
 from fuserve.speculative.subset_head import SubsetHead
 from fuserve.workers.kernels.ops import KernelOps
@@ -35,7 +35,7 @@ class FeatureDraftModel(nn.Module):
         max_positions: int,
     ) -> None:
         super().__init__()
-        # a one-layer Llama built empty, then filled from the file and the target's embedding
+        # a Llama of the draft's depth built empty, then filled from the file and the target's embedding
         source = ModelSource("dummy", None, weights.hf_config, "feature-draft")
         self.llama: LlamaForCausalLM = build_model(source, TPContext(), ops, dtype, device, max_positions)
         loaded = self.llama.load_weights(weights.llama.items())
@@ -69,10 +69,12 @@ class FeatureDraftModel(nn.Module):
         llama = self.llama
         embeds = llama.model.embed_tokens(input_ids)
         a = F.linear(torch.cat([embeds, features.to(self.dtype)], dim=-1), self.fc_weight, self.fc_bias)
-        layer = llama.model.layers[0]
-        out, residual = layer(a, None, positions, meta, llama.rope_cos, llama.rope_sin)
-        assert isinstance(out, torch.Tensor)  # one rank: no partial sums
-        return ((out + residual).float() * self.out_scale + self.out_shift).to(self.dtype)
+        hidden: torch.Tensor | Partial = a
+        residual: torch.Tensor | None = None
+        for layer in llama.model.layers:
+            hidden, residual = layer(hidden, residual, positions, meta, llama.rope_cos, llama.rope_sin)
+        assert isinstance(hidden, torch.Tensor) and residual is not None  # one rank: no partial sums
+        return ((hidden + residual).float() * self.out_scale + self.out_shift).to(self.dtype)
 
     def greedy(self, h: torch.Tensor) -> torch.Tensor:
         """Each row's draft, as target token ids [S]: the best of the vocabulary subset (or all of it)
