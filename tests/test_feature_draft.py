@@ -224,7 +224,7 @@ class Eagle:
         return (torch.randn(n, self.mu.shape[0], generator=gen) * self.sigma + self.mu).bfloat16()
 
     @torch.no_grad()
-    def chained(self, tokens: list[int], features: torch.Tensor, k: int) -> list[int]:
+    def chained(self, tokens: list[int], features: torch.Tensor, k: int, context: set[int]) -> list[int]:
         """EagleDraft drafting k tokens after `tokens` (features: rows 0..n-2) as the served draft
         should: the unfolded model on standardized features, each draft's h the next row's feature."""
         frozen = self.standardized
@@ -235,14 +235,16 @@ class Eagle:
             n = emb.shape[0]
             mask = torch.ones(n, n, dtype=torch.bool).tril()
             h = self.unfolded(emb[None], f[None], torch.arange(n), mask)[0, -1:]
-            d = int(frozen.ids[frozen.logits(h).argmax(-1)])
+            d = served_choice(frozen, h, context)
             drafts.append(d)
             emb = torch.cat([emb, frozen.embed[d][None]])
             f = torch.cat([f, h])
         return drafts
 
     @torch.no_grad()
-    def unrolled(self, tokens: list[int], features: torch.Tensor, drafts: list[int]) -> list[int]:
+    def unrolled(
+        self, tokens: list[int], features: torch.Tensor, drafts: list[int], context: set[int]
+    ) -> list[int]:
         """eval_eagle.py's scoring of a round started at the last row: the folded file's EagleDraft,
         unrolled over the drafts as teacher-forced tokens; pass s's prediction at row n-2+s."""
         seq = tokens + drafts[:-1]
@@ -250,7 +252,16 @@ class Eagle:
         emb = self.raw.embed[torch.tensor(seq[1:])][None]
         feats = torch.cat([features.float(), torch.zeros(len(drafts) - 1, features.shape[1])])[None]
         passes = self.folded.unrolled(emb, feats, len(drafts))
-        return [int(self.raw.ids[self.raw.logits(h[0, n - 2 + s]).argmax(-1)]) for s, h in enumerate(passes)]
+        return [served_choice(self.raw, h[0, n - 2 + s : n - 1 + s], context) for s, h in enumerate(passes)]
+
+
+def served_choice(frozen: Frozen, h: torch.Tensor, context: set[int]) -> int:
+    """The served head's draft for one row h [1, H]: the best of the vocabulary subset and the tokens
+    the round's sequences hold (subset_head.py, "Context tokens")."""
+    candidates = torch.tensor(sorted(set(frozen.ids.tolist()) | context))
+    hf = frozen.raw(h.float())
+    n = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + frozen.eps) * frozen.norm
+    return int(candidates[(n @ frozen.embed[candidates].T).argmax(-1)])
 
 
 @pytest.fixture(scope="module")
@@ -304,6 +315,7 @@ def check_rounds_equal_eagle_draft(eagle: Eagle, target: Path) -> None:
     feats = {s: eagle.features(len(t) - 1, gen) for s, t in seqs.items()}
     sent = {s: 0 for s in seqs}
     checked_unrolled = 0
+    picked_from_context: set[int] = set()
     for round_ in range(8):
         k = {s: rng.randrange(0, 6) for s in seqs}
         reqs = []
@@ -311,10 +323,12 @@ def check_rounds_equal_eagle_draft(eagle: Eagle, target: Path) -> None:
             begin = feature_rows_begin(sent[s])
             reqs.append(ProposeRequest(s, sent[s], tokens[sent[s] :], k[s], feats[s][begin:]))
         drafts = runner.propose(reqs)
+        context = set().union(*seqs.values())  # the tokens of every live sequence
+        picked_from_context |= {d for got in drafts if got for d in got} - set(SUBSET.tolist())
         for s, got in zip(seqs, drafts, strict=True):
-            assert got == eagle.chained(seqs[s], feats[s], k[s]), f"round {round_}, {s}"
+            assert got == eagle.chained(seqs[s], feats[s], k[s], context), f"round {round_}, {s}"
             if len(got) > 1:
-                assert got == eagle.unrolled(seqs[s], feats[s], got)
+                assert got == eagle.unrolled(seqs[s], feats[s], got, context)
                 checked_unrolled += 1
             accepted = got[: rng.randrange(0, len(got) + 1)]
             step = accepted + [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 4))]
@@ -324,7 +338,9 @@ def check_rounds_equal_eagle_draft(eagle: Eagle, target: Path) -> None:
             if rng.random() < 0.15:
                 sent[s] = 0
     assert checked_unrolled > 3
+    assert picked_from_context, "no draft came from the context tokens outside the subset"
     runner.release(list(seqs))
+    assert runner.context is not None and not runner.context.holders and not len(runner.context)
     assert runner.seqs.num_free_blocks == runner.seqs.num_blocks
 
 

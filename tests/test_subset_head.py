@@ -1,6 +1,6 @@
 """A draft's head over a vocabulary subset: its logits are the full head's logits at those rows, its
-greedy token is the best of the subset as a target id, and a vocabulary that does not fit the model is
-refused with the reason."""
+greedy token is the best of the subset as a target id (or of the subset and the live sequences' context
+tokens), and a vocabulary that does not fit the model is refused with the reason."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fuserve.speculative.subset_head import SubsetHead, read_vocab_file, write_vocab_file
+from fuserve.speculative.subset_head import ContextTokens, SubsetHead, read_vocab_file, write_vocab_file
 
 V, H = 1000, 64
 
@@ -30,6 +30,29 @@ def test_logits_are_the_full_heads_at_the_subset_rows_and_greedy_maps_back() -> 
     hidden_in = weight[ids[3]].unsqueeze(0) * 10  # a row pointing at subset token ids[3]
     assert int(head.greedy(hidden_in)) == int(F.linear(hidden_in, weight).argmax()) == int(ids[3])
     assert head.weight.is_contiguous() and head.weight.shape == (150, H)
+
+
+def test_context_tokens_extend_the_candidates_while_a_sequence_holds_them() -> None:
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(V, H, generator=gen)
+    ids = torch.arange(0, V, 10)  # the subset: multiples of 10
+    head = SubsetHead(weight, ids)
+    context = ContextTokens(head)
+    assert context.candidates() is None
+    context.add("a", [10, 20, 7, 7, 501])  # 10 and 20 are in the subset already
+    context.add("b", [501, 33])
+    got = context.candidates()
+    assert got is not None and sorted(got[0].tolist()) == [7, 33, 501]
+    torch.testing.assert_close(got[1], weight[got[0]])
+    assert context.candidates() is got  # unchanged: not gathered again
+    hidden = weight[33].unsqueeze(0) * 10  # points at token 33, outside the subset
+    assert int(head.greedy(hidden)) != 33
+    assert int(head.greedy(hidden, got)) == int(F.linear(hidden, weight).argmax()) == 33
+    context.drop("b")  # 501 is still a's; 33 goes
+    got = context.candidates()
+    assert got is not None and sorted(got[0].tolist()) == [7, 501]
+    context.drop("a")
+    assert context.candidates() is None and not context.holders
 
 
 def test_a_vocabulary_that_does_not_fit_the_model_is_refused() -> None:

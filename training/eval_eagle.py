@@ -5,8 +5,8 @@ the target's greedy continuation; a round of up to 6 greedy drafts started at ev
 kept while they equal the target's tokens). Here draft position s of a round reads the draft's own
 predicted feature from position 2 on (EAGLE-1 chaining); eagle_model.unrolled computes every round's
 position s in one pass, exactly as sequential drafting would (its rows attend to what the draft holds).
-Greedy drafts are chosen over the draft's vocabulary subset (as served) and, for comparison, the whole
-vocabulary.
+Greedy drafts are chosen as served, over the draft's vocabulary subset and the tokens the sequence
+holds (`subset_context`), and, for comparison, over the subset alone and the whole vocabulary.
 
     PYTHONPATH=$PWD python training/eval_eagle.py   # -> training/results/eagle_acceptance.json
 """
@@ -52,24 +52,25 @@ def load_shipped(path: Path, cfg: dict | None = None) -> tuple[EagleDraft, torch
     return model.eval(), t[VOCAB_TENSOR].long(), width
 
 
-def round_runs(model: EagleDraft, row: dict, frozen: Frozen, full_head: torch.Tensor | None) -> list[int]:
+def round_runs(model: EagleDraft, row: dict, frozen: Frozen, full_head: torch.Tensor, head: str) -> list[int]:
     """Per generated position j: how many of a round's drafts, started with the target holding
-    prompt + out[:j], equal the target's next tokens (at most MAX_K)."""
+    prompt + out[:j], equal the target's next tokens (at most MAX_K). `head`: the tokens a draft may be
+    (HEADS)."""
     ids, p = row["ids"], row["prompt_len"]
     out = ids[p:].tolist()
     emb = frozen.embed[ids[1:]][None]
     feats = row["feats"][:-1].float()[None]
+    allowed = candidates(ids, frozen.ids, full_head.shape[0], head)
     with torch.no_grad():
         passes = model.unrolled(emb, feats, MAX_K)
         preds = []
         for h in passes:
-            logits = frozen.logits(h[0])
-            if full_head is None:
-                preds.append(frozen.ids[logits.argmax(-1)].tolist())
-            else:
-                hf = h[0].float()
-                n = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + frozen.eps) * frozen.norm
-                preds.append((n @ full_head.T).argmax(-1).tolist())
+            hf = h[0].float()
+            n = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + frozen.eps) * frozen.norm
+            logits = n @ full_head.T
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            preds.append(logits.argmax(-1).tolist())
     runs = []
     for j in range(len(out)):
         r = 0
@@ -81,6 +82,26 @@ def round_runs(model: EagleDraft, row: dict, frozen: Frozen, full_head: torch.Te
             r += 1
         runs.append(r)
     return runs
+
+
+HEADS = ("subset_context", "subset", "full_vocab")  # as served; the subset alone; the whole vocabulary
+
+
+def candidates(ids: torch.Tensor, subset: torch.Tensor, vocab: int, head: str) -> torch.Tensor | None:
+    """[rows, vocab] bool: what row i may draft. The served head (subset_head.py) takes the subset and
+    every token the sequence holds when the round starts; row i's round holds tokens 0..i+1 (from pass 2
+    on, the drafts it holds are tokens the target kept, which a draft picked from these already)."""
+    if head == "full_vocab":
+        return None
+    n = len(ids) - 1
+    allowed = torch.zeros(n, vocab, dtype=torch.bool)
+    allowed[:, subset] = True
+    if head == "subset_context":
+        seen = torch.zeros(n, vocab, dtype=torch.bool)
+        seen[torch.arange(n), ids[1:]] = True
+        seen[0, ids[0]] = True
+        allowed |= seen.cumsum(0) > 0
+    return allowed
 
 
 def main() -> None:
@@ -102,8 +123,8 @@ def main() -> None:
         "target_tokens": sum(len(r["ids"]) - r["prompt_len"] for r in rows),
         "intermediate_size": width,
     }
-    for name, head in (("subset", None), ("full_vocab", tensors[EMBED_NAME])):
-        runs = [round_runs(model, r, frozen, head) for r in rows]
+    for name in HEADS:
+        runs = [round_runs(model, r, frozen, tensors[EMBED_NAME].float(), name) for r in rows]
         part = {
             g: acceptance([x for x, r in zip(runs, rows, strict=True) if r["group"] == g])
             for g in ("chat", "code")

@@ -76,9 +76,9 @@ class FeatureDraftModel(nn.Module):
         assert isinstance(hidden, torch.Tensor) and residual is not None  # one rank: no partial sums
         return ((hidden + residual).float() * self.out_scale + self.out_shift).to(self.dtype)
 
-    def greedy(self, h: torch.Tensor) -> torch.Tensor:
-        """Each row's draft, as target token ids [S]: the best of the vocabulary subset (or all of it)
-        after the target's final norm."""
+    def greedy(self, h: torch.Tensor, extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Each row's draft, as target token ids [S]: the best of the vocabulary subset and `extra`'s
+        tokens (SubsetHead.extra_rows), or of the whole vocabulary, after the target's final norm."""
         normed, _ = self.llama.model.norm(h)
         assert isinstance(normed, torch.Tensor)
-        return self.head.greedy(normed) if self.head is not None else self.llama.greedy_tokens(normed)
+        return self.head.greedy(normed, extra) if self.head is not None else self.llama.greedy_tokens(normed)

@@ -16,6 +16,10 @@ accepted: the next round's features recompute the accepted drafts' rows from the
 (what training's unrolled passes assume). The sequence state is draft_sequences.py's, with
 `num_computed` counting rows with KV; the held tokens are the target's only, never drafts.
 Runs eagerly (no CUDA graphs); the torch reference ops on CPU, Triton on the GPU.
+
+Drafts are chosen over the head's vocabulary subset plus the tokens the live sequences hold
+(subset_head.py, "Context tokens"): one set of candidates for the whole batch, so a row may propose a
+token from another sequence's context, which costs nothing but a column.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from fuserve.speculative.draft_sequences import DraftSequence, DraftSequences
 from fuserve.speculative.feature_draft_file import draft_file_of, read_feature_draft
 from fuserve.speculative.feature_draft_model import FeatureDraftModel
 from fuserve.speculative.proposer import ProposeRequest, feature_rows_begin
+from fuserve.speculative.subset_head import ContextTokens
 from fuserve.workers.kernels.switches import apply_config
 from fuserve.workers.kv_cache import allocate_kv_cache, bytes_per_block
 from fuserve.workers.model_runner import ModelRunner
@@ -37,6 +42,7 @@ from fuserve.workers.step_plan import StepPlan
 from fuserve.workers.worker import pick_device, pick_dtype, pick_ops
 
 log = logging.getLogger("fuserve")
+Candidates = tuple[torch.Tensor, torch.Tensor] | None  # ContextTokens.candidates: token ids, head rows
 
 
 class FeatureDraftRunner:
@@ -77,6 +83,7 @@ class FeatureDraftRunner:
         kv = allocate_kv_cache(self.arch, num_kv_heads, num_blocks, self.block_size, self.dtype, self.device)
         self.model.bind_kv_cache(kv.k, kv.v)
         self.seqs = DraftSequences(num_blocks, self.block_size)
+        self.context = ContextTokens(self.model.head) if self.model.head is not None else None
         log.info(
             "feature draft KV cache: %d blocks x %d tokens on %s", num_blocks, self.block_size, self.device
         )
@@ -117,6 +124,8 @@ class FeatureDraftRunner:
         work: list[tuple[int, DraftSequence, torch.Tensor, int]] = []  # (request, sequence, features, k)
         for i, r in enumerate(requests):
             begin = feature_rows_begin(r.start)
+            if self.context is not None:
+                self.context.add(r.seq_id, r.token_ids)
             seq = self.seqs.apply(r.seq_id, r.start, r.token_ids)
             if seq is None:
                 out[i] = None
@@ -142,13 +151,14 @@ class FeatureDraftRunner:
             work.append((i, seq, r.features.to(self.device), max(k, 0)))
         if not work:
             return out
-        h, tokens = self._real_rows(work)
+        extra = self.context.candidates() if self.context is not None else None
+        h, tokens = self._real_rows(work, extra)
         steps = [tokens]
         drafting = [w for w in work if w[3] > 0]
         live = torch.tensor([w[3] > 0 for w in work], device=self.device)
         h, prev = h[live], tokens[live]
         for j in range(1, max((w[3] for w in drafting), default=0)):
-            h, prev = self._chained_rows(drafting, j, h, prev)
+            h, prev = self._chained_rows(drafting, j, h, prev, extra)
             steps.append(prev)
         host = [t.tolist() for t in steps]  # the round's one wait on the device
         for pos, (i, _, _, _) in enumerate(work):
@@ -165,7 +175,7 @@ class FeatureDraftRunner:
         return out
 
     def _real_rows(
-        self, work: list[tuple[int, DraftSequence, torch.Tensor, int]]
+        self, work: list[tuple[int, DraftSequence, torch.Tensor, int]], extra: Candidates
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows from the target's features of every sequence, in chunks of the token budget; each
         sequence's last row: its h [W, H] and first draft [W], in `work` order."""
@@ -189,7 +199,7 @@ class FeatureDraftRunner:
             for w, row in ends:
                 last[w] = h[row : row + 1]
         h = torch.cat([last[w] for w in range(len(work))])
-        return h, self.model.greedy(h)
+        return h, self.model.greedy(h, extra)
 
     def _chained_rows(
         self,
@@ -197,6 +207,7 @@ class FeatureDraftRunner:
         j: int,
         h: torch.Tensor,
         prev: torch.Tensor,
+        extra: Candidates,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Row n-2+j of each sequence with k > j, from draft j and the previous row's h (rows of `h` and
         `prev`: the sequences with k > j - 1); returns its h and draft j + 1."""
@@ -209,7 +220,7 @@ class FeatureDraftRunner:
         rows = torch.tensor(keep, device=self.device)
         _, positions, meta = self.plans.prepare(plan)  # its input ids are the drafts, on the device
         h = self.model(prev[rows], h[rows], positions, meta)
-        return h, self.model.greedy(h)
+        return h, self.model.greedy(h, extra)
 
     def _forward(self, plan: StepPlan, features: torch.Tensor) -> torch.Tensor:
         input_ids, positions, meta = self.plans.prepare(plan)
@@ -228,3 +239,6 @@ class FeatureDraftRunner:
 
     def release(self, seq_ids: list[str]) -> None:
         self.seqs.release(seq_ids)
+        if self.context is not None:
+            for seq_id in seq_ids:
+                self.context.drop(seq_id)
