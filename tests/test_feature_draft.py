@@ -2,8 +2,8 @@
 
 - The features the engine hands a proposer are HF transformers' last hidden states before the final
   norm (the norm's input; HF's output_hidden_states[-1] is after it), row for row, through chunked
-  prefill, preemption and rejected drafts; a prefix-cache hit on a new sequence reads zeros for its
-  cached rows.
+  prefill, preemption and rejected drafts; a prefix-cache hit on a new sequence reads its cached rows
+  from the store's cache by block hash (tests/test_feature_cache.py has the rest).
 - Greedy output with a random-weight feature draft is plain decoding's, with preemption and prefix hits.
 - The served draft proposes what training/eagle_model.py's EagleDraft proposes, chained as drafting
   runs (and as eval_eagle.py's unrolled passes score it), for the same weights and features, through
@@ -125,16 +125,15 @@ def test_features_are_hf_pre_norm_hidden_states(target: Path, hf_features) -> No
         torch.testing.assert_close(rows.float(), full[: len(tokens) - 1], rtol=2e-2, atol=2e-2)
     assert len(llm.engine.speculation.features) == 0  # freed as the sequences finished
 
-    # the same prompt again: its full blocks are cached, so its first rows are no one's (zeros)
+    # the same prompt again: its full blocks are prefix hits, and their rows come from the store's
+    # cache by block hash (feature_store.py), not zeros
     recorder.snapshots.clear()
     [again] = llm.generate([prompts[2]], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
     cached = again.num_cached_tokens
     assert cached >= 16
     _, tokens, rows = recorder.snapshots[-1]
-    assert not rows[:cached].any()
-    torch.testing.assert_close(
-        rows[cached:].float(), hf_features(tokens)[cached : len(tokens) - 1], rtol=2e-2, atol=2e-2
-    )
+    assert rows[:cached].any()
+    torch.testing.assert_close(rows.float(), hf_features(tokens)[: len(tokens) - 1], rtol=2e-2, atol=2e-2)
 
 
 def test_async_scheduling_plans_no_step_behind_a_verify_step(target: Path) -> None:

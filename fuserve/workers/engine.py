@@ -131,6 +131,8 @@ class LLMEngine:
         proposer reads them, so a step without a feature draft copies none."""
         self._speculation = speculation
         self.executor.worker.set_keep_features(speculation is not None and speculation.features is not None)
+        if speculation is not None and speculation.features is not None:
+            speculation.features.block_size = self.block_manager.block_size  # its prefix-hit cache's
 
     @property
     def workers(self) -> WorkerGroup | None:
