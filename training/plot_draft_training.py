@@ -27,8 +27,8 @@ def main() -> None:
     run = json.loads(run_file.read_text())
     acc_file = Path(sys.argv[2]) if len(sys.argv) > 2 else RESULTS / "draft_acceptance.json"
     acc = json.loads(acc_file.read_text()) if acc_file.is_file() else None
-    if acc and "subset" in acc:  # eval_eagle.py's report: the served (vocabulary-subset) head's
-        acc = acc["subset"]
+    if acc and "subset" in acc:  # eval_eagle.py's report: the served head's
+        acc = acc.get("subset_context", acc["subset"])
     fig, axes = plt.subplots(1, 3 if acc else 2, figsize=(15 if acc else 10, 4))
     curve = run["curve"]
     train = [r for r in curve if "loss" in r]
@@ -55,9 +55,10 @@ def main() -> None:
     if "args" in run:  # train_eagle.py's summary
         args = run["args"]
         title = (
-            f"EAGLE-1 draft for SmolLM2-135M-Instruct: 1 layer, MLP {args['intermediate']}, "
-            f"{args['passes']} unrolled positions, {run['steps']} steps, {run['train_seconds'] / 60:.1f} min "
-            f"on {run.get('device', 'CPU')}, {run['train_rows'] / 1e6:.2f}M rows"
+            f"EAGLE-1 draft for SmolLM2-135M-Instruct: {args.get('layers', 1)} layer(s), MLP "
+            f"{args['intermediate']}, {args['passes']} unrolled positions, {run['steps']} steps, "
+            f"{run['train_seconds'] / 60:.1f} min on {run.get('device', 'CPU')}, "
+            f"{run['train_rows'] / 1e6:.2f}M rows"
         )
     else:
         title = (
