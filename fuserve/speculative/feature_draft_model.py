@@ -78,7 +78,7 @@ class FeatureDraftModel(nn.Module):
 
     def greedy(self, h: torch.Tensor, extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Each row's draft, as target token ids [S]: the best of the vocabulary subset and `extra`'s
-        tokens (SubsetHead.extra_rows), or of the whole vocabulary, after the target's final norm."""
+        tokens (ContextTokens.candidates), or of the whole vocabulary, after the target's final norm."""
         normed, _ = self.llama.model.norm(h)
         assert isinstance(normed, torch.Tensor)
         return self.head.greedy(normed, extra) if self.head is not None else self.llama.greedy_tokens(normed)
