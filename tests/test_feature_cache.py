@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import make_checkpoint
+from recording_proposer import RecordingFeatureProposer
 
 from fuserve import LLM, SamplingParams
 from fuserve.configs import SpeculativeConfig, config_from_dict
 from fuserve.speculative.feature_store import FeatureStore
-from fuserve.speculative.proposer import ProposeRequest, feature_rows_begin
 from fuserve.speculative.speculation import Speculation
 from fuserve.workers.block_manager import hash_block
 from fuserve.workers.scheduler import ScheduledSeq, SchedulerOutput
@@ -182,44 +182,6 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-class RecordingFeatureProposer:
-    """Reads features as a feature draft does and keeps what each sequence's first round was sent;
-    drafts the target's own continuation for a random number of positions, then a wrong token, so the
-    target keeps some drafts and rejects others."""
-
-    reads_features = True
-
-    def __init__(self, continuations: list[list[int]], seed: int) -> None:
-        self.continuations = continuations
-        self.rng = random.Random(seed)
-        self.tokens: dict[str, list[int]] = {}
-        self.first_rounds: list[tuple[list[int], torch.Tensor]] = []
-
-    def propose(self, requests: list[ProposeRequest]) -> list[list[int]]:
-        out = []
-        for r in requests:
-            tokens = self.tokens.setdefault(r.seq_id, [])
-            del tokens[r.start :]
-            tokens.extend(r.token_ids)
-            assert r.features is not None
-            assert r.features.shape[0] == len(tokens) - 1 - feature_rows_begin(r.start)
-            if r.start == 0:
-                self.first_rounds.append((list(tokens), r.features))
-            full = next(c for c in self.continuations if c[: len(tokens)] == tokens)
-            n = len(tokens)
-            right = self.rng.randrange(0, r.k + 1)
-            out.append((full[n : n + right] + [VOCAB - 1 - full[n]])[: r.k])
-        return out
-
-    def rows_of(self, prompt: list[int]) -> torch.Tensor:
-        """The rows the first sequence of this prompt was first sent: positions 0..its length-1 at least."""
-        return next(rows for tokens, rows in self.first_rounds if tokens[: len(prompt)] == prompt)
-
-    def release(self, seq_ids: list[str]) -> None:
-        for s in seq_ids:
-            self.tokens.pop(s, None)
-
-
 def make_llm(target: Path, prefix_caching: bool) -> LLM:
     cfg = {
         "model": {"path": str(target), "max_model_len": 160},
@@ -244,7 +206,7 @@ def test_a_shared_prefix_reads_the_rows_its_first_sequence_computed(target: Path
         llm: LLM, prompts: list[list[int]], store: FeatureStore | None = None
     ) -> tuple[list[torch.Tensor], list[int]]:
         """Each prompt's first rows and cached tokens, run one after another with a feature draft."""
-        proposer = RecordingFeatureProposer(continuations, seed=1)
+        proposer = RecordingFeatureProposer(continuations, seed=1, vocab=VOCAB)
         spec = SpeculativeConfig(method="ngram", num_speculative_tokens=4, adaptive=False)
         speculation = Speculation(spec, proposer)
         if store is not None:

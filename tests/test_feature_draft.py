@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 import torch
 from checkpoints import make_checkpoint
+from recording_proposer import RecordingFeatureProposer
 
 from fuserve import LLM, SamplingParams
 from fuserve.configs import CacheConfig, DraftPlacementConfig, KernelConfig, ModelConfig, config_from_dict
-from fuserve.speculative.feature_store import FeatureRows
 from fuserve.speculative.proposer import ProposeRequest, feature_rows_begin
 from fuserve.speculative.speculation import Speculation
 
@@ -64,44 +64,6 @@ def make_llm(target: Path, **sections: Any) -> LLM:
     return LLM(config_from_dict(cfg))
 
 
-class RecordingFeatureProposer:
-    """A proposer that reads features as a feature draft does: it keeps each sequence's tokens and
-    features as the rounds tell them (rollback by truncation, as the channel's client keeps them) and
-    snapshots both every round. Its drafts are the target's own continuation for a random number of
-    positions, then a wrong token, so the target keeps some drafts and rejects others."""
-
-    reads_features = True
-
-    def __init__(self, continuations: list[list[int]], seed: int) -> None:
-        self.continuations = continuations
-        self.rng = random.Random(seed)
-        self.tokens: dict[str, list[int]] = {}
-        self.features: dict[str, FeatureRows] = {}
-        self.snapshots: list[tuple[str, list[int], torch.Tensor]] = []
-
-    def propose(self, requests: list[ProposeRequest]) -> list[list[int]]:
-        out = []
-        for r in requests:
-            tokens = self.tokens.setdefault(r.seq_id, [])
-            del tokens[r.start :]
-            tokens.extend(r.token_ids)
-            rows = self.features.setdefault(r.seq_id, FeatureRows())
-            assert r.features is not None and r.features.dtype == torch.bfloat16
-            begin = feature_rows_begin(r.start)
-            assert r.features.shape[0] == len(tokens) - 1 - begin
-            rows.put(begin, r.features)
-            self.snapshots.append((r.seq_id, list(tokens), rows.get(0, len(tokens) - 1)))
-            full = next(c for c in self.continuations if c[: len(tokens)] == tokens)
-            right = self.rng.randrange(0, r.k + 1)
-            out.append((full[len(tokens) : len(tokens) + right] + [VOCAB - 1 - full[len(tokens)]])[: r.k])
-        return out
-
-    def release(self, seq_ids: list[str]) -> None:
-        for s in seq_ids:
-            self.tokens.pop(s, None)
-            self.features.pop(s, None)
-
-
 def test_features_are_hf_pre_norm_hidden_states(target: Path, hf_features) -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(VOCAB - 40) for _ in range(n)] for n in (30, 7, 45, 19)]
@@ -111,7 +73,7 @@ def test_features_are_hf_pre_norm_hidden_states(target: Path, hf_features) -> No
     llm = make_llm(target, **sections)
     plain = [p + o.outputs[0].token_ids for p, o in zip(prompts, llm.generate(prompts, params), strict=True)]
     llm = make_llm(target, **sections)
-    recorder = RecordingFeatureProposer(plain, seed=1)
+    recorder = RecordingFeatureProposer(plain, seed=1, vocab=VOCAB)
     llm.engine.speculation = Speculation(llm.config.speculative, recorder)
     assert llm.engine.executor.worker.model.keep_features
     got = [p + o.outputs[0].token_ids for p, o in zip(prompts, llm.generate(prompts, params), strict=True)]
@@ -147,7 +109,9 @@ def test_async_scheduling_plans_no_step_behind_a_verify_step(target: Path) -> No
     llm = make_llm(target, **sections)
     plain = [p + o.outputs[0].token_ids for p, o in zip(prompts, llm.generate(prompts, params), strict=True)]
     llm = make_llm(target, **sections)
-    llm.engine.speculation = Speculation(llm.config.speculative, RecordingFeatureProposer(plain, seed=1))
+    llm.engine.speculation = Speculation(
+        llm.config.speculative, RecordingFeatureProposer(plain, seed=1, vocab=VOCAB)
+    )
     assert llm.engine.async_scheduling
     got = [p + o.outputs[0].token_ids for p, o in zip(prompts, llm.generate(prompts, params), strict=True)]
     assert got == plain
@@ -432,7 +396,7 @@ def test_gpu_features_and_greedy_with_graphs(eagle: Eagle, target: Path, hf_feat
     llm = LLM(config_from_dict({**sections, "speculative": spec}))
     worker = llm.engine.executor.worker
     assert worker.runner.graphs is not None and not worker.runner.graphs.keeps_features
-    recorder = RecordingFeatureProposer(plain, seed=1)
+    recorder = RecordingFeatureProposer(plain, seed=1, vocab=VOCAB)
     llm.engine.speculation = Speculation(llm.config.speculative, recorder)
     assert worker.runner.graphs.keeps_features  # captured again, keeping features
     got = [p + o.outputs[0].token_ids for p, o in zip(prompts, llm.generate(prompts, params), strict=True)]
