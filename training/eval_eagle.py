@@ -11,7 +11,7 @@ holds (`subset_context`), and, for comparison, over the subset alone and the who
 Rounds started at every position overstate what the engine keeps: it starts a round where the last
 ended, often right after a rejection, in a hard stretch. `engine_order` replays the served head's rounds
 in the engine's order at k = 2..4; on 2026-11-29 it gave the engine's own per-position numbers on these
-prompts within 0.006 (fp32 CPU engine, k = 4). It also scores a two-branch tree: the draft's second-best
+prompts within 0.01 (fp32 CPU engine, k = 4). It also scores a two-branch tree: the draft's second-best
 token offered at the first position, or at every position, beside the best one.
 
     PYTHONPATH=$PWD python training/eval_eagle.py   # -> training/results/eagle_acceptance.json
