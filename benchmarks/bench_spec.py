@@ -105,7 +105,14 @@ def make_proposer(name: str, spec: SpeculativeConfig, config: FuserveConfig, eng
         )
         placement = DraftPlacementConfig(device=engine.device.type)
         if is_feature_draft(model):  # an eagle1 file: it reads the target's features (eager on GPU)
-            return FeatureDraftRunner(model, config.model, placement, config.cache, config.kernels)
+            return FeatureDraftRunner(
+                model,
+                config.model,
+                placement,
+                config.cache,
+                config.kernels,
+                min_confidence=spec.draft_confidence,
+            )
         return DraftRunner(model, placement, config.cache, config.kernels)
     module, _, func = name.partition(":")
     if not func:
@@ -227,6 +234,12 @@ def main() -> None:
     ap.add_argument(
         "--dtype", default="auto", help="the default model's and its draft's dtype (auto: float32 on CPU)"
     )
+    ap.add_argument(
+        "--draft-confidence",
+        type=float,
+        default=0.0,
+        help="a feature draft's drafts stop below this probability (speculative.draft_confidence)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.smoke:
@@ -267,7 +280,11 @@ def main() -> None:
                 for k in [*args.ks, "adaptive"]:
                     adaptive = k == "adaptive"
                     spec_cfg = config.speculative.model_copy(
-                        update=dict(num_speculative_tokens=max(args.ks) if adaptive else k, adaptive=adaptive)
+                        update=dict(
+                            num_speculative_tokens=max(args.ks) if adaptive else k,
+                            adaptive=adaptive,
+                            draft_confidence=args.draft_confidence,
+                        )
                     )
                     proposer = make_proposer(proposer_name, spec_cfg, config, llm.engine)
                     if acceptance is None:
@@ -275,7 +292,12 @@ def main() -> None:
                     else:
                         speculation = SyntheticAcceptance(spec_cfg, proposer, acceptance, seed=batch)
                     label = dict(
-                        base, proposer=proposer_name, k=k, adaptive=adaptive, synthetic_acceptance=acceptance
+                        base,
+                        proposer=proposer_name,
+                        k=k,
+                        adaptive=adaptive,
+                        synthetic_acceptance=acceptance,
+                        draft_confidence=args.draft_confidence,
                     )
                     row = run_variant(llm, args, label, speculation, batches, warmup, params)
                     row["speedup"] = row["tok_s"] / plain["tok_s"]
@@ -283,7 +305,9 @@ def main() -> None:
                     print(
                         f"{kind:<7} b={batch:<3} A={acceptance} k={k!s:<8} {row['tok_s']:8.1f} tok/s "
                         f"x{row['speedup']:.2f}  acc={row['acceptance_rate']:.2f} "
-                        f"len={row['mean_accepted_length']:.2f} draft={row['draft_ms_per_draft']:.1f} ms "
+                        f"len={row['mean_accepted_length']:.2f} "
+                        f"tok/step={row['output_tokens'] / row['steps']:.2f} "
+                        f"draft={row['draft_ms_per_draft']:.1f} ms "
                         f"verify={row['verify_ms_per_step']:.0f} ms",
                         flush=True,
                     )

@@ -205,6 +205,14 @@ class SpeculativeConfig(_Strict):
         description="Choose k per sequence from its running acceptance and the measured draft, verify "
         "and channel costs (k = 0 when drafting does not pay).",
     )
+    draft_confidence: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="A feature (eagle1) draft stops a sequence's drafts before the first it gives a "
+        "probability below this: its own probability tracks the target's acceptance, so unlikely drafts "
+        "cost a verify row and draft time for little. 0: draft all k.",
+    )
     ngram_min: int = Field(default=2, ge=1, description="Shortest suffix the n-gram proposer matches.")
     ngram_max: int = Field(default=4, ge=1, description="Longest suffix the n-gram proposer matches.")
     placement: DraftPlacementConfig = Field(default_factory=DraftPlacementConfig)
@@ -221,6 +229,11 @@ class SpeculativeConfig(_Strict):
         if self.method != "draft" and self.draft is not None:
             raise ValueError(
                 f"speculative.draft is set but speculative.method is `{self.method}`: set method: draft"
+            )
+        if self.draft_confidence > 0.0 and self.method != "draft":
+            raise ValueError(
+                f"speculative.draft_confidence is set but speculative.method is `{self.method}`: it cuts a "
+                "draft model's drafts; set it to 0"
             )
         if self.ngram_min > self.ngram_max:
             raise ValueError("speculative.ngram_min must not exceed speculative.ngram_max")

@@ -79,4 +79,9 @@ def build_draft_runner(config: FuserveConfig) -> DraftRunner | FeatureDraftRunne
 
     if is_feature_draft(config.speculative.draft):
         return FeatureDraftRunner.from_config(config)
+    if config.speculative.draft_confidence > 0.0:
+        raise ValueError(
+            "speculative.draft_confidence cuts a feature (eagle1) draft's drafts; the independent draft "
+            f"{config.speculative.draft.path!r} has none: set it to 0"  # type: ignore[union-attr]
+        )
     return DraftRunner.from_config(config)

@@ -19,7 +19,8 @@ from torch import nn
 
 from fuserve.parallel.tp_context import Partial, TPContext
 from fuserve.speculative.feature_draft_file import FeatureDraftWeights
-from fuserve.speculative.subset_head import SubsetHead
+from fuserve.speculative.subset_head import SubsetHead, confidence
+from fuserve.workers.kernels.argmax import greedy_tokens
 from fuserve.workers.kernels.ops import KernelOps
 from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
 from fuserve.workers.models.loader import ModelSource, build_model
@@ -79,6 +80,20 @@ class FeatureDraftModel(nn.Module):
     def greedy(self, h: torch.Tensor, extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Each row's draft, as target token ids [S]: the best of the vocabulary subset and `extra`'s
         tokens (ContextTokens.candidates), or of the whole vocabulary, after the target's final norm."""
+        normed = self._normed(h)
+        return self.head.greedy(normed, extra) if self.head is not None else self.llama.greedy_tokens(normed)
+
+    def greedy_with_confidence(
+        self, h: torch.Tensor, extra: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`greedy`'s drafts and the draft's probability of each [S] fp32 (over the same candidates)."""
+        normed = self._normed(h)
+        if self.head is not None:
+            return self.head.greedy_with_confidence(normed, extra)
+        logits = self.llama.compute_logits(normed)
+        return greedy_tokens(logits), confidence(logits)
+
+    def _normed(self, h: torch.Tensor) -> torch.Tensor:
         normed, _ = self.llama.model.norm(h)
         assert isinstance(normed, torch.Tensor)
-        return self.head.greedy(normed, extra) if self.head is not None else self.llama.greedy_tokens(normed)
+        return normed

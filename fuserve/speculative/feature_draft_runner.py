@@ -57,9 +57,12 @@ class FeatureDraftRunner:
         kernels: KernelConfig,
         max_num_seqs: int = 128,
         max_num_batched_tokens: int = 2048,
+        min_confidence: float = 0.0,
     ) -> None:
         """`draft` names the eagle1 file; `target` the model it reads (its embedding and config come
-        from the target's own files). `cache`: the target's block size and CPU size, as for DraftRunner."""
+        from the target's own files). `cache`: the target's block size and CPU size, as for DraftRunner.
+        `min_confidence`: a sequence's drafts stop before the first the draft itself gives a lower
+        probability (speculative.draft_confidence); 0 drafts all k."""
         file = draft_file_of(draft)
         if file is None:
             raise ValueError(f"speculative.draft {draft.path!r} is no feature draft file (.safetensors)")
@@ -76,6 +79,7 @@ class FeatureDraftRunner:
         self.arch = self.model.llama.arch
         self.block_size = cache.block_size
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.min_confidence = min_confidence
         self.plans = ModelRunner(self.model.llama, self.device, self.block_size)  # step plan -> tensors
         num_kv_heads = self.model.llama.model.layers[0].self_attn.num_kv_heads
         per_block = bytes_per_block(self.arch, num_kv_heads, self.block_size, self.dtype)
@@ -103,6 +107,7 @@ class FeatureDraftRunner:
             config.kernels,
             config.scheduler.max_num_seqs,
             config.scheduler.max_num_batched_tokens,
+            spec.draft_confidence,
         )
 
     def _pool_size(self, cache: CacheConfig, placement: DraftPlacementConfig, per_block: int) -> int:
@@ -152,23 +157,36 @@ class FeatureDraftRunner:
         if not work:
             return out
         extra = self.context.candidates() if self.context is not None else None
-        h, tokens = self._real_rows(work, extra)
-        steps = [tokens]
+        h, tokens, conf = self._real_rows(work, extra)
+        steps, confs = [tokens], [conf]
         drafting = [w for w in work if w[3] > 0]
         live = torch.tensor([w[3] > 0 for w in work], device=self.device)
         h, prev = h[live], tokens[live]
+        sure = conf[live] >= self.min_confidence
         for j in range(1, max((w[3] for w in drafting), default=0)):
-            h, prev = self._chained_rows(drafting, j, h, prev, extra)
+            if self.device.type == "cpu" and not bool(sure.any()):
+                break  # every sequence stopped: no host wait to save on the CPU, only drafting time
+            keep = torch.tensor([k > j for _, _, _, k in drafting if k > j - 1], device=self.device)
+            h, prev, conf = self._chained_rows(drafting, j, h, prev, extra)
+            sure = sure[keep] & (conf >= self.min_confidence)
             steps.append(prev)
+            confs.append(conf)
         host = [t.tolist() for t in steps]  # the round's one wait on the device
-        for pos, (i, _, _, _) in enumerate(work):
-            if work[pos][3] > 0:
-                out[i] = [host[0][pos]]
+        sure_host = [(c >= self.min_confidence).tolist() for c in confs]
+        stopped: set[int] = set()
+        for pos, (i, _, _, k) in enumerate(work):
+            if k > 0:
+                out[i] = [host[0][pos]] if sure_host[0][pos] else []
+                if not sure_host[0][pos]:
+                    stopped.add(i)
         for j in range(1, len(steps)):
             at = 0
             for i, _, _, k in drafting:
                 if k > j:
-                    out[i].append(host[j][at])  # type: ignore[union-attr]
+                    if i not in stopped and sure_host[j][at]:
+                        out[i].append(host[j][at])  # type: ignore[union-attr]
+                    else:
+                        stopped.add(i)
                     at += 1
         for _, seq, _, _ in work:
             seq.num_computed = len(seq.tokens) - 1  # the real rows only; chained ones are overwritten
@@ -176,9 +194,9 @@ class FeatureDraftRunner:
 
     def _real_rows(
         self, work: list[tuple[int, DraftSequence, torch.Tensor, int]], extra: Candidates
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows from the target's features of every sequence, in chunks of the token budget; each
-        sequence's last row: its h [W, H] and first draft [W], in `work` order."""
+        sequence's last row: its h [W, H], first draft [W] and its confidence [W], in `work` order."""
         cursor = [seq.num_computed for _, seq, _, _ in work]
         last: dict[int, torch.Tensor] = {}
         while len(last) < len(work):
@@ -199,7 +217,7 @@ class FeatureDraftRunner:
             for w, row in ends:
                 last[w] = h[row : row + 1]
         h = torch.cat([last[w] for w in range(len(work))])
-        return h, self.model.greedy(h, extra)
+        return (h, *self._drafts(h, extra))
 
     def _chained_rows(
         self,
@@ -208,9 +226,9 @@ class FeatureDraftRunner:
         h: torch.Tensor,
         prev: torch.Tensor,
         extra: Candidates,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Row n-2+j of each sequence with k > j, from draft j and the previous row's h (rows of `h` and
-        `prev`: the sequences with k > j - 1); returns its h and draft j + 1."""
+        `prev`: the sequences with k > j - 1); returns its h, draft j + 1 and that draft's confidence."""
         plan = StepPlan()
         keep = []
         for _, seq, _, k in (w for w in drafting if w[3] > j - 1):
@@ -220,7 +238,15 @@ class FeatureDraftRunner:
         rows = torch.tensor(keep, device=self.device)
         _, positions, meta = self.plans.prepare(plan)  # its input ids are the drafts, on the device
         h = self.model(prev[rows], h[rows], positions, meta)
-        return h, self.model.greedy(h, extra)
+        return (h, *self._drafts(h, extra))
+
+    def _drafts(self, h: torch.Tensor, extra: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's draft [S] and the draft's probability of it [S] (all ones when no draft is cut
+        by confidence: the softmax is not computed then)."""
+        if self.min_confidence <= 0.0:
+            tokens = self.model.greedy(h, extra)
+            return tokens, torch.ones(tokens.shape, device=tokens.device)
+        return self.model.greedy_with_confidence(h, extra)
 
     def _forward(self, plan: StepPlan, features: torch.Tensor) -> torch.Tensor:
         input_ids, positions, meta = self.plans.prepare(plan)

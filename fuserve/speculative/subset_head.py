@@ -73,12 +73,32 @@ class SubsetHead:
     ) -> torch.Tensor:
         """hidden [S, H] -> each row's argmax over the subset (and `extra`'s tokens), as target token
         ids [S] int64."""
+        ids, logits = self._candidates(hidden, extra)
+        return ids[greedy_tokens(logits)]
+
+    def greedy_with_confidence(
+        self, hidden: torch.Tensor, extra: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`greedy`'s tokens and the draft's probability of each (softmax over the same candidates) [S]
+        fp32: how likely the target is to keep it (speculative.draft_confidence)."""
+        ids, logits = self._candidates(hidden, extra)
+        return ids[greedy_tokens(logits)], confidence(logits)
+
+    def _candidates(
+        self, hidden: torch.Tensor, extra: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The candidate token ids [C] and each row's logits over them [S, C]."""
         logits = self.logits(hidden)
         if extra is None:
-            return self.token_ids[greedy_tokens(logits)]
+            return self.token_ids, logits
         ids, rows = extra
-        both = torch.cat([logits, self.linear(hidden, rows, None)], dim=1)
-        return torch.cat([self.token_ids, ids])[greedy_tokens(both)]
+        return torch.cat([self.token_ids, ids]), torch.cat([logits, self.linear(hidden, rows, None)], dim=1)
+
+
+def confidence(logits: torch.Tensor) -> torch.Tensor:
+    """[S, C] -> [S] fp32: the softmax probability of each row's largest logit."""
+    lf = logits.float()
+    return torch.exp(lf.amax(dim=-1) - torch.logsumexp(lf, dim=-1))
 
 
 class ContextTokens:
