@@ -186,20 +186,39 @@ class Eagle:
         """n raw target-like features (bf16): per dimension about mu +- sigma."""
         return (torch.randn(n, self.mu.shape[0], generator=gen) * self.sigma + self.mu).bfloat16()
 
-    @torch.no_grad()
-    def chained(self, tokens: list[int], features: torch.Tensor, k: int, context: set[int]) -> list[int]:
+    def chained(
+        self,
+        tokens: list[int],
+        features: torch.Tensor,
+        k: int,
+        context: set[int],
+        min_confidence: float = 0.0,
+    ) -> list[int]:
         """EagleDraft drafting k tokens after `tokens` (features: rows 0..n-2) as the served draft
-        should: the unfolded model on standardized features, each draft's h the next row's feature."""
+        should, stopped before the first draft it gives a probability under `min_confidence`."""
+        drafts = []
+        for d, prob in self.chained_with_probabilities(tokens, features, k, context):
+            if prob < min_confidence:
+                break
+            drafts.append(d)
+        return drafts
+
+    @torch.no_grad()
+    def chained_with_probabilities(
+        self, tokens: list[int], features: torch.Tensor, k: int, context: set[int]
+    ) -> list[tuple[int, float]]:
+        """k drafts and the draft's probability of each: the unfolded model on standardized features,
+        each draft's h the next row's feature."""
         frozen = self.standardized
         emb = frozen.embed[torch.tensor(tokens[1:])]
         f = frozen.scaled(features.float())
-        drafts: list[int] = []
+        drafts: list[tuple[int, float]] = []
         for _ in range(k):
             n = emb.shape[0]
             mask = torch.ones(n, n, dtype=torch.bool).tril()
             h = self.unfolded(emb[None], f[None], torch.arange(n), mask)[0, -1:]
-            d = served_choice(frozen, h, context)
-            drafts.append(d)
+            d, prob = served_choice_and_probability(frozen, h, context)
+            drafts.append((d, prob))
             emb = torch.cat([emb, frozen.embed[d][None]])
             f = torch.cat([f, h])
         return drafts
@@ -221,10 +240,16 @@ class Eagle:
 def served_choice(frozen: Frozen, h: torch.Tensor, context: set[int]) -> int:
     """The served head's draft for one row h [1, H]: the best of the vocabulary subset and the tokens
     the round's sequences hold (subset_head.py, "Context tokens")."""
+    return served_choice_and_probability(frozen, h, context)[0]
+
+
+def served_choice_and_probability(frozen: Frozen, h: torch.Tensor, context: set[int]) -> tuple[int, float]:
+    """`served_choice` and the draft's softmax probability of it over the same candidates."""
     candidates = torch.tensor(sorted(set(frozen.ids.tolist()) | context))
     hf = frozen.raw(h.float())
     n = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + frozen.eps) * frozen.norm
-    return int(candidates[(n @ frozen.embed[candidates].T).argmax(-1)])
+    probs = torch.softmax(n @ frozen.embed[candidates].T, dim=-1)[0]
+    return int(candidates[probs.argmax()]), float(probs.max())
 
 
 @pytest.fixture(scope="module")
@@ -269,8 +294,31 @@ def test_two_layer_int8_draft_proposes_what_eagle_draft_proposes(
     check_rounds_equal_eagle_draft(eagle_int8_two_layers, target)
 
 
-def check_rounds_equal_eagle_draft(eagle: Eagle, target: Path) -> None:
+@pytest.fixture(scope="module")
+def quartile_confidence(eagle: Eagle) -> float:
+    """The lower quartile of the random draft's probabilities of its drafts on random sequences: as a
+    speculative.draft_confidence, rounds end at every position, the first included."""
+    rng, gen = random.Random(9), torch.Generator().manual_seed(9)
+    probs = []
+    for _ in range(4):
+        tokens = [rng.randrange(VOCAB) for _ in range(rng.randrange(2, 30))]
+        feats = eagle.features(len(tokens) - 1, gen)
+        probs += [p for _, p in eagle.chained_with_probabilities(tokens, feats, 5, set(tokens))]
+    return sorted(probs)[len(probs) // 4]
+
+
+def test_drafts_stop_before_the_first_the_draft_doubts(
+    eagle: Eagle, target: Path, quartile_confidence: float
+) -> None:
+    """speculative.draft_confidence: each sequence's drafts are EagleDraft's, cut before the first it
+    gives a probability under the threshold."""
+    check_rounds_equal_eagle_draft(eagle, target, min_confidence=quartile_confidence)
+
+
+def check_rounds_equal_eagle_draft(eagle: Eagle, target: Path, min_confidence: float = 0.0) -> None:
     runner = make_runner(eagle, target)
+    runner.min_confidence = min_confidence
+    lengths: list[tuple[int, int]] = []  # (drafts made, k asked) where k > 0
     assert len(runner.model.llama.model.layers) == len(eagle.unfolded.layers)
     assert runner.model.head is not None and torch.equal(runner.model.head.token_ids, SUBSET)
     rng, gen = random.Random(1), torch.Generator().manual_seed(2)
@@ -289,7 +337,10 @@ def check_rounds_equal_eagle_draft(eagle: Eagle, target: Path) -> None:
         context = set().union(*seqs.values())  # the tokens of every live sequence
         picked_from_context |= {d for got in drafts if got for d in got} - set(SUBSET.tolist())
         for s, got in zip(seqs, drafts, strict=True):
-            assert got == eagle.chained(seqs[s], feats[s], k[s], context), f"round {round_}, {s}"
+            assert got == eagle.chained(seqs[s], feats[s], k[s], context, min_confidence), (
+                f"round {round_}, {s}"
+            )
+            lengths.extend([(len(got), k[s])] if got is not None and k[s] > 0 else [])
             if len(got) > 1:
                 assert got == eagle.unrolled(seqs[s], feats[s], got, context)
                 checked_unrolled += 1
@@ -300,14 +351,20 @@ def check_rounds_equal_eagle_draft(eagle: Eagle, target: Path) -> None:
             feats[s] = torch.cat([feats[s], eagle.features(len(step), gen)])
             if rng.random() < 0.15:
                 sent[s] = 0
-    assert checked_unrolled > 3
+    assert checked_unrolled > 3 or min_confidence > 0
     assert picked_from_context, "no draft came from the context tokens outside the subset"
+    if min_confidence > 0:  # rounds cut at the first draft, cut later, and not cut at all
+        assert any(n == 0 for n, _ in lengths) and any(0 < n < k for n, k in lengths), lengths
+        assert any(n == k for n, k in lengths), lengths
     runner.release(list(seqs))
     assert runner.context is not None and not runner.context.holders and not len(runner.context)
     assert runner.seqs.num_free_blocks == runner.seqs.num_blocks
 
 
-def test_greedy_with_a_feature_draft_equals_plain(eagle: Eagle, target: Path) -> None:
+@pytest.mark.parametrize("cut", [False, True], ids=["all-k", "confidence-cut"])
+def test_greedy_with_a_feature_draft_equals_plain(
+    eagle: Eagle, target: Path, quartile_confidence: float, cut: bool
+) -> None:
     shared = list(range(40, 72))  # two full blocks every prompt shares: prefix hits
     rng = random.Random(3)
     prompts = [shared + [rng.randrange(VOCAB) for _ in range(n)] for n in (3, 9, 17, 5)]
@@ -316,7 +373,9 @@ def test_greedy_with_a_feature_draft_equals_plain(eagle: Eagle, target: Path) ->
     sections = dict(cache={"num_blocks": 10}, scheduler={"max_num_batched_tokens": 24})
     want = [o.outputs[0].token_ids for o in make_llm(target, **sections).generate(prompts, params)]
     llm = make_llm(target, **sections)
-    llm.engine.speculation = Speculation(llm.config.speculative, make_runner(eagle, target, 256))
+    runner = make_runner(eagle, target, 256)
+    runner.min_confidence = quartile_confidence if cut else 0.0
+    llm.engine.speculation = Speculation(llm.config.speculative, runner)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert got == want
     stats = llm.engine.stats()

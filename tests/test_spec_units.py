@@ -1,12 +1,17 @@
-"""The n-gram proposer, adaptive k and the speculation counters, on plain data (no model)."""
+"""The n-gram proposer, adaptive k, the speculation counters and the speculative config, on plain data
+(no model)."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from fuserve.configs import SpeculativeConfig
+import pytest
+from checkpoints import make_checkpoint
+
+from fuserve.configs import SpeculativeConfig, config_from_dict
 from fuserve.core_messages import SpecCounters
 from fuserve.speculative.adaptive_k import AdaptiveK, expected_tokens
+from fuserve.speculative.draft_factory import build_draft_runner
 from fuserve.speculative.factory import build_proposer
 from fuserve.speculative.ngram import NgramProposer
 from fuserve.speculative.proposer import ProposeRequest
@@ -201,3 +206,17 @@ def test_any_drafts_agrees_with_choosing_each_sequence() -> None:
             seen.add(each)
     assert seen == {True, False}, "the grid must hold batches that draft and batches that do not"
     assert not ak.any_drafts([], StepCosts(1e-3, 1e-6, 0.0))
+
+
+def test_draft_confidence_is_refused_where_no_draft_model_could_cut_its_drafts(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="draft_confidence is set but speculative.method is `ngram`"):
+        SpeculativeConfig(method="ngram", draft_confidence=0.2)
+    folder = make_checkpoint(tmp_path / "draft", "llama3")  # an independent draft model, no features
+    config = config_from_dict(
+        {
+            "model": {"path": str(folder)},
+            "speculative": {"method": "draft", "draft": {"path": str(folder)}, "draft_confidence": 0.2},
+        }
+    )
+    with pytest.raises(ValueError, match="cuts a feature .eagle1. draft's drafts"):
+        build_draft_runner(config)

@@ -1,6 +1,7 @@
 """A draft's head over a vocabulary subset: its logits are the full head's logits at those rows, its
 greedy token is the best of the subset as a target id (or of the subset and the live sequences' context
-tokens), and a vocabulary that does not fit the model is refused with the reason."""
+tokens) with the softmax probability it gives that token, and a vocabulary that does not fit the model is
+refused with the reason."""
 
 from __future__ import annotations
 
@@ -53,6 +54,26 @@ def test_context_tokens_extend_the_candidates_while_a_sequence_holds_them() -> N
     assert got is not None and sorted(got[0].tolist()) == [7, 501]
     context.drop("a")
     assert context.candidates() is None and not context.holders
+
+
+def test_greedy_with_confidence_gives_greedys_token_and_its_softmax_over_the_candidates() -> None:
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(V, H, generator=gen)
+    ids = torch.arange(0, V, 10)
+    head = SubsetHead(weight, ids)
+    context = ContextTokens(head)
+    context.add("a", [7, 33, 501])
+    extra = context.candidates()
+    hidden = torch.randn(9, H, generator=gen) * 3
+    hidden[0] = weight[33] * 10  # a confident row, on a context token
+    for candidates in (None, extra):
+        tokens, conf = head.greedy_with_confidence(hidden, candidates)
+        assert torch.equal(tokens, head.greedy(hidden, candidates))
+        pool = ids if candidates is None else torch.cat([ids, candidates[0]])
+        probs = torch.softmax(F.linear(hidden, weight[pool]), dim=-1)
+        torch.testing.assert_close(conf, probs.max(-1).values)
+        assert torch.equal(pool[probs.argmax(-1)], tokens)
+    assert int(tokens[0]) == 33 and float(conf[0]) > 0.99 and float(conf[1:].min()) < 0.99
 
 
 def test_a_vocabulary_that_does_not_fit_the_model_is_refused() -> None:
