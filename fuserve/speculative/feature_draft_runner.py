@@ -20,11 +20,17 @@ Runs eagerly (no CUDA graphs); the torch reference ops on CPU, Triton on the GPU
 Drafts are chosen over the head's vocabulary subset plus the tokens the live sequences hold
 (subset_head.py, "Context tokens"): one set of candidates for the whole batch, so a row may propose a
 token from another sequence's context, which costs nothing but a column.
+
+With `min_confidence` (speculative.draft_confidence) a sequence's drafts stop before the first whose
+probability under the draft's own softmax is below it: that probability tracks the target's acceptance
+(benchmarks/NOTES.md, "Drafts cut by the draft's own confidence"). The chained rows still run for every
+sequence on a GPU (one host wait a round); on the CPU the round ends once every sequence has stopped.
 """
 
 from __future__ import annotations
 
 import logging
+from itertools import takewhile
 
 import torch
 
@@ -162,41 +168,44 @@ class FeatureDraftRunner:
         drafting = [w for w in work if w[3] > 0]
         live = torch.tensor([w[3] > 0 for w in work], device=self.device)
         h, prev = h[live], tokens[live]
-        sure = conf[live] >= self.min_confidence
+        # on the CPU a look at the confidences costs no device wait: stop once every sequence stopped
+        sure = conf[live] >= self.min_confidence if conf is not None and self.device.type == "cpu" else None
         for j in range(1, max((w[3] for w in drafting), default=0)):
-            if self.device.type == "cpu" and not bool(sure.any()):
-                break  # every sequence stopped: no host wait to save on the CPU, only drafting time
-            keep = torch.tensor([k > j for _, _, _, k in drafting if k > j - 1], device=self.device)
+            if sure is not None and not bool(sure.any()):
+                break
             h, prev, conf = self._chained_rows(drafting, j, h, prev, extra)
-            sure = sure[keep] & (conf >= self.min_confidence)
+            if sure is not None and conf is not None:
+                keep = torch.tensor([k > j for _, _, _, k in drafting if k > j - 1])
+                sure = sure[keep] & (conf >= self.min_confidence)
             steps.append(prev)
             confs.append(conf)
         host = [t.tolist() for t in steps]  # the round's one wait on the device
-        sure_host = [(c >= self.min_confidence).tolist() for c in confs]
-        stopped: set[int] = set()
+        doubted = [
+            [False] * len(t) if c is None else (c < self.min_confidence).tolist()
+            for t, c in zip(host, confs, strict=True)
+        ]
+        made: dict[int, list[tuple[int, bool]]] = {}  # request -> its drafts, each with "doubted"
         for pos, (i, _, _, k) in enumerate(work):
             if k > 0:
-                out[i] = [host[0][pos]] if sure_host[0][pos] else []
-                if not sure_host[0][pos]:
-                    stopped.add(i)
-        for j in range(1, len(steps)):
+                made[i] = [(host[0][pos], doubted[0][pos])]
+        for j in range(1, len(host)):
             at = 0
             for i, _, _, k in drafting:
                 if k > j:
-                    if i not in stopped and sure_host[j][at]:
-                        out[i].append(host[j][at])  # type: ignore[union-attr]
-                    else:
-                        stopped.add(i)
+                    made[i].append((host[j][at], doubted[j][at]))
                     at += 1
+        for i, drafts in made.items():
+            out[i] = [d for d, _ in takewhile(lambda x: not x[1], drafts)]
         for _, seq, _, _ in work:
             seq.num_computed = len(seq.tokens) - 1  # the real rows only; chained ones are overwritten
         return out
 
     def _real_rows(
         self, work: list[tuple[int, DraftSequence, torch.Tensor, int]], extra: Candidates
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Rows from the target's features of every sequence, in chunks of the token budget; each
-        sequence's last row: its h [W, H], first draft [W] and its confidence [W], in `work` order."""
+        sequence's last row: its h [W, H], first draft [W] and its confidence [W] (`_drafts`), in `work`
+        order."""
         cursor = [seq.num_computed for _, seq, _, _ in work]
         last: dict[int, torch.Tensor] = {}
         while len(last) < len(work):
@@ -226,7 +235,7 @@ class FeatureDraftRunner:
         h: torch.Tensor,
         prev: torch.Tensor,
         extra: Candidates,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Row n-2+j of each sequence with k > j, from draft j and the previous row's h (rows of `h` and
         `prev`: the sequences with k > j - 1); returns its h, draft j + 1 and that draft's confidence."""
         plan = StepPlan()
@@ -240,12 +249,10 @@ class FeatureDraftRunner:
         h = self.model(prev[rows], h[rows], positions, meta)
         return (h, *self._drafts(h, extra))
 
-    def _drafts(self, h: torch.Tensor, extra: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's draft [S] and the draft's probability of it [S] (all ones when no draft is cut
-        by confidence: the softmax is not computed then)."""
+    def _drafts(self, h: torch.Tensor, extra: Candidates) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each row's draft [S] and, where drafts are cut by confidence, the draft's probability of it."""
         if self.min_confidence <= 0.0:
-            tokens = self.model.greedy(h, extra)
-            return tokens, torch.ones(tokens.shape, device=tokens.device)
+            return self.model.greedy(h, extra), None
         return self.model.greedy_with_confidence(h, extra)
 
     def _forward(self, plan: StepPlan, features: torch.Tensor) -> torch.Tensor:
