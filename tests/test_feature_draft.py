@@ -438,7 +438,9 @@ def test_rounds_through_a_draft_server_equal_the_runner(eagle: Eagle, target: Pa
 # ---- on a GPU: CUDA graphs captured again with features when a draft is attached, async scheduling ---
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_features_and_greedy_with_graphs(eagle: Eagle, target: Path, hf_features) -> None:
+def test_gpu_features_and_greedy_with_graphs(
+    eagle: Eagle, target: Path, hf_features, quartile_confidence: float
+) -> None:
     rng = random.Random(6)
     prompts = [[rng.randrange(VOCAB - 40) for _ in range(n)] for n in (30, 7, 45, 19)]
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
@@ -479,7 +481,12 @@ def test_gpu_features_and_greedy_with_graphs(eagle: Eagle, target: Path, hf_feat
     llm.engine.speculation = Speculation(llm.config.speculative, runner)
     got = [p + o.outputs[0].token_ids for p, o in zip(prompts, llm.generate(prompts, params), strict=True)]
     assert got == plain
-    assert llm.engine.stats().spec.num_drafts > stats.spec.num_drafts
+    drafted = llm.engine.stats().spec.num_drafts
+    assert drafted > stats.spec.num_drafts
+    runner.min_confidence = quartile_confidence  # drafts cut by the draft's confidence, on the device
+    got = [p + o.outputs[0].token_ids for p, o in zip(prompts, llm.generate(prompts, params), strict=True)]
+    assert got == plain
+    assert llm.engine.stats().spec.num_drafts > drafted
 
 
 def test_a_grown_draft_computes_what_it_did(eagle: Eagle) -> None:
