@@ -121,7 +121,7 @@ def test_async_scheduling_plans_no_step_behind_a_verify_step(target: Path) -> No
 # ---- the draft ----------------------------------------------------------------------------------
 sys.path.insert(0, str(Path(__file__).parent.parent / "training"))
 from eagle_model import EagleDraft  # noqa: E402
-from eval_eagle import engine_rounds, load_shipped  # noqa: E402
+from eval_eagle import PassChoices, engine_rounds, load_shipped  # noqa: E402
 from train_eagle import Frozen, write_eagle  # noqa: E402
 
 from fuserve.speculative.feature_draft_runner import FeatureDraftRunner  # noqa: E402
@@ -513,7 +513,7 @@ def test_a_grown_draft_computes_what_it_did(eagle: Eagle) -> None:
 def test_engine_order_rounds_start_where_the_last_ended() -> None:
     """eval_eagle's replay of the engine's rounds: a round starts after the kept drafts and the
     target's own token; a second candidate at the first position keeps what the best one missed and
-    ends the round there."""
+    ends the round there; a draft the draft doubts is not drafted, nor any after it."""
     prompt_len, out_len, k = 3, 10, 2
     ids = torch.arange(100, 100 + prompt_len + out_len)
     row = {"ids": ids, "prompt_len": prompt_len}
@@ -523,8 +523,18 @@ def test_engine_order_rounds_start_where_the_last_ended() -> None:
     best[0][prompt_len + 2] = 7  # the round started with out[:4] held misses its first draft
     second = torch.full((rows,), 7)
     second[prompt_len + 2] = right[prompt_len + 2]
-    choices = [torch.stack([b, second], dim=1) for b in best]
-    # chain: rounds at out[:1] (keeps 2), out[:4] (keeps 0), out[:5] (2), out[:8] (1 draft, kept)
-    assert engine_rounds(choices, row, k, seconds=0) == ([4, 2], [3, 2], 4)
+    sure = torch.ones(rows)
+    choices = [PassChoices(torch.stack([b, second], dim=1), sure) for b in best]
+    # chain: rounds at out[:1] (keeps 2), out[:4] (keeps 0), out[:5] (2), out[:8] (1 draft, kept): 7 drafts
+    assert engine_rounds(choices, row, k) == ([4, 2], [3, 2], 4, 7)
     # the second candidate keeps out[4]: rounds at out[:1], out[:4] (keeps 1), out[:6] (2)
-    assert engine_rounds(choices, row, k, seconds=1) == ([3, 2], [3, 2], 3)
+    assert engine_rounds(choices, row, k, seconds=1) == ([3, 2], [3, 2], 3, 6)
+    # the draft doubts its first draft of the round at out[:4] (a step without drafts) and its second
+    # of the round at out[:5]
+    doubt = sure.clone()
+    doubt[prompt_len + 2] = 0.1
+    doubt_second = sure.clone()
+    doubt_second[prompt_len + 4] = 0.1
+    cut = [PassChoices(choices[0].top2, doubt), PassChoices(choices[1].top2, doubt_second)]
+    # rounds at out[:1] (keeps 2), out[:4] (no drafts), out[:5] (1 draft, kept), out[:7] (keeps 2)
+    assert engine_rounds(cut, row, k, min_confidence=0.5) == ([3, 2], [3, 2], 4, 5)

@@ -12,7 +12,8 @@ Rounds started at every position overstate what the engine keeps: it starts a ro
 ended, often right after a rejection, in a hard stretch. `engine_order` replays the served head's rounds
 in the engine's order at k = 2..4; on 2026-11-29 it gave the engine's own per-position numbers on these
 prompts within 0.01 (fp32 CPU engine, k = 4). It also scores a two-branch tree: the draft's second-best
-token offered at the first position, or at every position, beside the best one.
+token offered at the first position, or at every position, beside the best one, and drafts cut by the
+draft's own confidence (speculative.draft_confidence).
 
     PYTHONPATH=$PWD python training/eval_eagle.py   # -> training/results/eagle_acceptance.json
 """
@@ -24,6 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -58,12 +60,19 @@ def load_shipped(path: Path, cfg: dict | None = None) -> tuple[EagleDraft, torch
     return model.eval(), t[VOCAB_TENSOR].long(), width
 
 
+class PassChoices(NamedTuple):
+    """One pass's drafts at every row: the best and second-best tokens [rows, 2] and the draft's softmax
+    probability of the best [rows] (what speculative.draft_confidence compares)."""
+
+    top2: torch.Tensor
+    confidence: torch.Tensor
+
+
 def draft_choices(
     model: EagleDraft, row: dict, frozen: Frozen, full_head: torch.Tensor, head: str
-) -> list[torch.Tensor]:
-    """Per pass s (draft position s + 1): [rows, 2] the draft's best and second-best tokens at every
-    row, over the tokens `head` allows (HEADS). A round started with the target holding
-    prompt + out[:j] reads pass s at row prompt_len + j - 2 + s."""
+) -> list[PassChoices]:
+    """Per pass s (draft position s + 1), over the tokens `head` allows (HEADS). A round started with
+    the target holding prompt + out[:j] reads pass s at row prompt_len + j - 2 + s."""
     ids = row["ids"]
     emb = frozen.embed[ids[1:]][None]
     feats = row["feats"][:-1].float()[None]
@@ -76,16 +85,18 @@ def draft_choices(
             logits = n @ full_head.T
             if allowed is not None:
                 logits = logits.masked_fill(~allowed, float("-inf"))
-            choices.append(logits.topk(2, -1).indices)
+            top = logits.topk(2, -1)
+            conf = torch.exp(top.values[:, 0] - torch.logsumexp(logits, -1))
+            choices.append(PassChoices(top.indices, conf))
     return choices
 
 
-def round_runs(choices: list[torch.Tensor], row: dict) -> list[int]:
+def round_runs(choices: list[PassChoices], row: dict) -> list[int]:
     """Per generated position j: how many of a round's drafts, started with the target holding
     prompt + out[:j], equal the target's next tokens (at most MAX_K)."""
     p = row["prompt_len"]
     out = row["ids"][p:].tolist()
-    preds = [c[:, 0].tolist() for c in choices]
+    preds = [c.top2[:, 0].tolist() for c in choices]
     runs = []
     for j in range(len(out)):
         r = 0
@@ -100,28 +111,34 @@ def round_runs(choices: list[torch.Tensor], row: dict) -> list[int]:
 
 
 SECOND_CANDIDATES = {"chain": 0, "second_at_first": 1, "second_everywhere": MAX_K}
+CONFIDENCE_CUTS = (0.2, 0.3)  # speculative.draft_confidence values replayed (chain, k = 4 and 6)
 
 
 def engine_rounds(
-    choices: list[torch.Tensor], row: dict, k: int, seconds: int
-) -> tuple[list[int], list[int], int]:
+    choices: list[PassChoices], row: dict, k: int, seconds: int = 0, min_confidence: float = 0.0
+) -> tuple[list[int], list[int], int, int]:
     """Rounds in the engine's order (eval's teacher-forced rounds start at every position; the engine
     starts one where the last ended: the first after the prompt's token, the next after the kept drafts
-    and the target's own token), k drafts each. With `seconds` > 0 the draft also offers its
+    and the target's own token), k drafts each, fewer where the draft's probability of its next one is
+    under `min_confidence` (none: a step without drafts). With `seconds` > 0 the draft also offers its
     second-best token at its first `seconds` positions (a two-branch tree): where the best is wrong and
     the second right, the target keeps it and the round ends there. Returns per position the rounds that
-    reached it and those that kept it, and the number of rounds."""
+    verified it and those that kept it, the number of steps and of drafts made."""
     p = row["prompt_len"]
     out = row["ids"][p:].tolist()
-    best = [c[:, 0].tolist() for c in choices]
-    second = [c[:, 1].tolist() for c in choices]
-    reached, kept, rounds = [0] * k, [0] * k, 0
+    best = [c.top2[:, 0].tolist() for c in choices]
+    second = [c.top2[:, 1].tolist() for c in choices]
+    prob = [c.confidence.tolist() for c in choices]
+    reached, kept, steps, drafts = [0] * k, [0] * k, 0, 0
     j = 1
     while j < len(out) - 1:
+        made = 0  # drafts the round makes: up to k, cut before the first the draft doubts
+        while made < min(k, len(out) - 1 - j) and prob[made][p + j - 2 + made] >= min_confidence:
+            made += 1
         r = 0
-        while r < min(k, len(out) - 1 - j):
-            reached[r] += 1
+        while r < made:
             want, at = out[j + r], p + j - 2 + r
+            reached[r] += 1
             if best[r][at] == want:
                 kept[r] += 1
                 r += 1
@@ -130,23 +147,32 @@ def engine_rounds(
                 kept[r] += 1
                 r += 1
             break
-        rounds += 1
+        steps += 1
+        drafts += made
         j += r + 1
-    return reached, kept, rounds
+    return reached, kept, steps, drafts
 
 
-def engine_acceptance(all_choices: list[list[torch.Tensor]], rows: list[dict], k: int, seconds: int) -> dict:
-    """engine_rounds summed over rows: per position acceptance and tokens a verify step yields."""
-    reached, kept, rounds = [0] * k, [0] * k, 0
+def engine_acceptance(
+    all_choices: list[list[PassChoices]],
+    rows: list[dict],
+    k: int,
+    seconds: int = 0,
+    min_confidence: float = 0.0,
+) -> dict:
+    """engine_rounds summed over rows: per position acceptance, and tokens and drafts a step."""
+    reached, kept, steps, drafts = [0] * k, [0] * k, 0, 0
     for choices, row in zip(all_choices, rows, strict=True):
-        r, a, n = engine_rounds(choices, row, k, seconds)
+        r, a, n, d = engine_rounds(choices, row, k, seconds, min_confidence)
         reached = [x + y for x, y in zip(reached, r, strict=True)]
         kept = [x + y for x, y in zip(kept, a, strict=True)]
-        rounds += n
+        steps += n
+        drafts += d
     return {
-        "rounds": rounds,
+        "steps": steps,
         "per_position": [round(a / r, 4) if r else 0.0 for a, r in zip(kept, reached, strict=True)],
-        "tokens_per_step": round((sum(kept) + rounds) / max(1, rounds), 4),
+        "tokens_per_step": round((sum(kept) + steps) / max(1, steps), 4),
+        "drafts_per_step": round(drafts / max(1, steps), 4),
     }
 
 
@@ -201,13 +227,16 @@ def main() -> None:
         report[name] = part
         if name != "subset_context":
             continue
+        settings = [
+            (f"{tree}_k{k}", k, seconds, 0.0) for tree, seconds in SECOND_CANDIDATES.items() for k in ENGINE_K
+        ]
+        settings += [(f"chain_k{k}_confidence{cut}", k, 0, cut) for cut in CONFIDENCE_CUTS for k in (4, 6)]
         report["engine_order"] = {
-            f"{tree}_k{k}": {
-                g: engine_acceptance([choices[i] for i in idx], [rows[i] for i in idx], k, seconds)
+            name: {
+                g: engine_acceptance([choices[i] for i in idx], [rows[i] for i in idx], k, seconds, cut)
                 for g, idx in groups.items()
             }
-            for tree, seconds in SECOND_CANDIDATES.items()
-            for k in ENGINE_K
+            for name, k, seconds, cut in settings
         }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
