@@ -37,6 +37,7 @@ from train_eagle import Frozen, target_config  # noqa: E402
 
 from fuserve.speculative.feature_draft_file import dequantized  # noqa: E402
 from fuserve.speculative.shipped_draft import EMBED_NAME, VOCAB_TENSOR  # noqa: E402
+from fuserve.speculative.subset_head import confidence  # noqa: E402
 
 
 def load_shipped(path: Path, cfg: dict | None = None) -> tuple[EagleDraft, torch.Tensor, int]:
@@ -85,9 +86,7 @@ def draft_choices(
             logits = n @ full_head.T
             if allowed is not None:
                 logits = logits.masked_fill(~allowed, float("-inf"))
-            top = logits.topk(2, -1)
-            conf = torch.exp(top.values[:, 0] - torch.logsumexp(logits, -1))
-            choices.append(PassChoices(top.indices, conf))
+            choices.append(PassChoices(logits.topk(2, -1).indices, confidence(logits)))
     return choices
 
 
