@@ -132,16 +132,50 @@ def main() -> int:
     fp8_cache = {"k_cache_ptr": "*u8", "v_cache_ptr": "*u8", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
     index = {"block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "scale_log2": "fp32"}
     attention = {"HEAD_DIM": 128, "BLOCK_SIZE": 16, "UPCAST": False, "DOT_PRECISION": "tf32", "FP8_KV": True}
-    kernels["paged decode, fp8 KV"] = (
-        paged_decode_attention._paged_decode_split_kernel,
-        {"GROUP": 4, "GROUP_PAD": 16, "BLOCK_N": 64, "SINGLE_SPLIT": False, **attention, **pdl},
-        {**fp8_cache, **index, "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"},
-    )
-    for tile_map in (False, True):  # True: the CUDA-graph launch of a mixed step (cuda_graphs.MixedGraphs)
-        kernels[f"paged prefill, fp8 KV{', tile map' if tile_map else ''}"] = (
+    for own in (False, True):  # True: decode graphs that serve verify steps with alternatives
+        kernels[f"paged decode, fp8 KV{', last key slots' if own else ''}"] = (
+            paged_decode_attention._paged_decode_split_kernel,
+            {
+                "GROUP": 4,
+                "GROUP_PAD": 16,
+                "BLOCK_N": 64,
+                "SINGLE_SPLIT": False,
+                "LAST_KEY_SLOTS": own,
+                **attention,
+                **pdl,
+            },
+            {
+                **fp8_cache,
+                **index,
+                "part_m_ptr": "*fp32",
+                "part_l_ptr": "*fp32",
+                "part_acc_ptr": "*fp32",
+                "last_key_slots_ptr": "*i64",
+            },
+        )
+    # tile map: the CUDA-graph launch of a mixed step (cuda_graphs.MixedGraphs); positions: a verify step
+    # with alternatives (speculative/alternatives.py)
+    for tile_map, positions in ((False, False), (True, False), (False, True)):
+        kernels[
+            f"paged prefill, fp8 KV{', tile map' if tile_map else ''}{', positions' if positions else ''}"
+        ] = (
             paged_prefill_attention._paged_prefill_kernel,
-            {"GROUP": 4, "GROUP_PAD": 4, "BLOCK_Q": 16, "BLOCK_N": 64, "TILE_MAP": tile_map, **attention},
-            {**fp8_cache, **index, "query_start_loc_ptr": "*i32", "tile_map_ptr": "*i32"},
+            {
+                "GROUP": 4,
+                "GROUP_PAD": 4,
+                "BLOCK_Q": 16,
+                "BLOCK_N": 64,
+                "TILE_MAP": tile_map,
+                "HAS_POSITIONS": positions,
+                **attention,
+            },
+            {
+                **fp8_cache,
+                **index,
+                "query_start_loc_ptr": "*i32",
+                "tile_map_ptr": "*i32",
+                "query_positions_ptr": "*i64",
+            },
         )
     kernels["rotary + fp8 KV write"] = (
         rotary._rotary_kv_write_kernel,

@@ -1,13 +1,16 @@
-"""paged_decode_attention against its torch reference: GQA, holes in block tables, empty rows, split-K."""
+"""paged_decode_attention against its torch reference: GQA, holes in block tables, empty rows, split-K,
+last keys read from their own cache slots (a tree verify step's alternatives)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
 
 from fuserve.workers.kernels import paged_decode_attention as decode_module
+from fuserve.workers.kernels.kv_cache_fp8 import quantize_kv
 from fuserve.workers.kernels.paged_decode_attention import (
     DecodeLaunch,
     decode_launch,
@@ -173,3 +176,177 @@ def test_more_splits_than_one_merge_chunk(
     assert decode_num_splits(2, 1, max(lens), device) > 32
     out, ref = _run(paged_kv, lens, 2, 1, 32, 16, torch.float32, device)
     torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
+
+
+def _own_last_keys(
+    paged_kv,
+    lens: list[int],
+    own: list[bool],
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    fp8: bool = False,
+) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+    """A paged cache in which each row b with own[b] (and keys) holds keys 0..lens[b]-2 in its table and
+    its last key in a slot of a block no table holds, as a tree verify step's alternative row: its table
+    slot for that key holds NaN, or, where the keys before it fill whole blocks, the table has no block
+    for it (a garbage id). Returns the cache, last_key_slots (that slot; -1 for the other rows, padding
+    too) and the fp8 scales as keyword arguments."""
+    own = [o and n > 0 for n, o in zip(lens, own, strict=True)]
+    table_lens = [n - o for n, o in zip(lens, own, strict=True)]
+    spare_blocks = sum(own) // block_size + 2
+    kv = paged_kv(
+        table_lens, block_size, num_kv_heads, head_dim, torch.float32 if fp8 else dtype, spare_blocks
+    )
+    device = kv.k_cache.device
+    used = torch.zeros(kv.k_cache.shape[0], dtype=torch.bool)
+    for b, n in enumerate(table_lens):
+        used[kv.block_tables[b, : math.ceil(n / block_size)].long().cpu()] = True
+    spare = (~used).nonzero()[:, 0]
+    spare_slots = (spare[:, None] * block_size + torch.arange(block_size)).flatten()
+    chosen = spare_slots[torch.randperm(len(spare_slots))[: sum(own)]].tolist()
+    slots = torch.tensor([chosen.pop() if o else -1 for o in own], dtype=torch.int64, device=device)
+    written = slots[slots >= 0]
+    for cache in (kv.k_cache, kv.v_cache):
+        new = torch.randn(len(written), num_kv_heads, head_dim, device=device)
+        cache.view(-1, num_kv_heads, head_dim)[written] = new.to(cache.dtype)
+    kv.context_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    if not fp8:
+        return kv, slots, {}
+    k_scale = torch.rand(num_kv_heads, device=device) * 0.02 + 0.005
+    v_scale = torch.rand(num_kv_heads, device=device) * 0.02 + 0.005
+    kv.k_cache, kv.v_cache = quantize_kv(kv.k_cache, k_scale), quantize_kv(kv.v_cache, v_scale)
+    return kv, slots, {"k_scale": k_scale, "v_scale": v_scale}
+
+
+# every launch decode_launch can pick: its choice here (one split of 16-token tiles), several splits, the
+# GPU's one wave of unsplit 128-token tiles, and its 2-warp launch of an over-full fp8 cache
+OWN_LAST_KEY_LAUNCHES = [
+    None,
+    DecodeLaunch(16, 4),
+    DecodeLaunch(128, 1, num_warps=8, num_stages=1),
+    DecodeLaunch(64, 1, num_warps=2),
+]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("launch", OWN_LAST_KEY_LAUNCHES, ids=["auto", "splits", "tiles128", "warps2"])
+def test_decode_reads_last_keys_from_their_slots(
+    launch: DecodeLaunch | None, dtype: torch.dtype, fp8: bool, paged_kv, device: torch.device
+):
+    """Rows 0 and 1 take their last key from a block outside their tables: row 0's table slot for it holds
+    NaN, row 1's 16 keys before it fill two whole blocks (its table's next entry is garbage). Row 2 is
+    padding (-1, empty); row 3 reads all its keys through its table (-1). GQA group 4; with several splits
+    the last of row 0's 70 keys falls in the third."""
+    kv, slots, scales = _own_last_keys(
+        paged_kv, [70, 17, 0, 9], [True, True, False, False], 8, 2, 32, dtype, fp8
+    )
+    q = torch.randn(4, 8, 32, dtype=dtype, device=device)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 32**-0.5, None)
+    out = paged_decode_attention(*args, **scales, launch=launch, last_key_slots=slots)
+    ref = paged_decode_attention_ref(*args, **scales, last_key_slots=slots)
+    assert out.shape == q.shape and out.dtype == dtype
+    torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+    assert torch.all(out[2] == 0) and not out.isnan().any()
+
+
+def test_decode_ref_last_key_slot_is_the_key_moved_into_the_table(paged_kv, device: torch.device):
+    """The reference itself: a row reading its last key from slot s equals plain decode of the same keys
+    with that key's K/V copied to the table's slot for it (NaN till then), or to a fresh block where the
+    table has none. Row 0's only key comes from its slot; row 2 keeps its table. The kernel agrees."""
+    lens, block_size, num_kv_heads, head_dim = [1, 30, 12], 8, 2, 32
+    kv, slots, _ = _own_last_keys(
+        paged_kv, lens, [True, True, False], block_size, num_kv_heads, head_dim, torch.float32
+    )
+    q = torch.randn(3, 4, head_dim, device=device)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 0.3)
+    got = paged_decode_attention_ref(*args, last_key_slots=slots)
+    out = paged_decode_attention(*args, last_key_slots=slots)
+
+    k_moved, v_moved, tables = kv.k_cache.clone(), kv.v_cache.clone(), kv.block_tables.clone()
+    for b in (0, 1):
+        last = lens[b] - 1
+        if last % block_size == 0:  # the keys before it fill whole blocks: the row gets a fresh one
+            fresh = torch.full_like(k_moved[:1], float("nan"))
+            k_moved, v_moved = torch.cat([k_moved, fresh]), torch.cat([v_moved, fresh])
+            tables[b, last // block_size] = k_moved.shape[0] - 1
+        table_slot = int(tables[b, last // block_size]) * block_size + last % block_size
+        for cache, moved in ((kv.k_cache, k_moved), (kv.v_cache, v_moved)):
+            rows, moved_rows = (c.view(-1, num_kv_heads, head_dim) for c in (cache, moved))
+            assert moved_rows[table_slot].isnan().all()
+            moved_rows[table_slot] = rows[slots[b]]
+    expected = paged_decode_attention_ref(q, k_moved, v_moved, tables, kv.context_lens, 0.3)
+    assert not expected.isnan().any()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, expected, **TOLERANCE[torch.float32])
+
+
+def _table_last_key_slots(kv, block_size: int) -> torch.Tensor:
+    """Each row's slot of its last key as its block table gives it (a decode step's slot_mapping), -1
+    for empty (padding) rows."""
+    last = (kv.context_lens.long() - 1).clamp(min=0)
+    blocks = kv.block_tables.long().gather(1, (last // block_size)[:, None])[:, 0]
+    return torch.where(kv.context_lens > 0, blocks * block_size + last % block_size, -1)
+
+
+@pytest.mark.parametrize("launch", [None, DecodeLaunch(16, 4)], ids=["auto", "splits"])
+def test_decode_table_slots_as_last_key_slots_change_nothing(
+    launch: DecodeLaunch | None, paged_kv, device: torch.device
+):
+    """A plain decode step passing its slot_mapping (the table's own slots of the last keys, -1 for
+    padding) gets what it gets without last_key_slots: the kernel bit for bit."""
+    block_size = 8
+    kv = paged_kv([1, 21, 0, 40], block_size, 2, 32, torch.float32)
+    q = torch.randn(4, 8, 32, device=device)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 32**-0.5)
+    slots = _table_last_key_slots(kv, block_size)
+    assert slots[2] == -1 and (slots[[0, 1, 3]] >= 0).all()
+    plain = paged_decode_attention(*args, launch=launch)
+    assert torch.equal(paged_decode_attention(*args, launch=launch, last_key_slots=slots), plain)
+    ref = paged_decode_attention_ref(*args)
+    torch.testing.assert_close(
+        paged_decode_attention_ref(*args, last_key_slots=slots), ref, rtol=1e-6, atol=1e-6
+    )
+    torch.testing.assert_close(plain, ref, **TOLERANCE[torch.float32])
+
+
+def test_decode_rejects_bad_last_key_slots(paged_kv, device: torch.device):
+    kv = paged_kv([5, 9], 8, 2, 32, torch.float32)
+    q = torch.randn(2, 4, 32, device=device)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 1.0)
+    for bad in (
+        torch.zeros(2, dtype=torch.int32, device=device),
+        torch.zeros(3, dtype=torch.int64, device=device),
+    ):
+        with pytest.raises(ValueError, match="last_key_slots must be"):
+            paged_decode_attention(*args, last_key_slots=bad)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize(
+    ("context_lens", "num_q_heads", "num_kv_heads", "fp8"),
+    [
+        ([1, 129, 4097, 0, 1000, 16, 17, 2048], 32, 8, False),  # Llama-3-8B heads, few rows: splits
+        ([192] * 60 + [3000, 1, 0, 777], 16, 4, False),  # one wave of unsplit 128-token tiles
+        ([129, 1, 0, 300] * 128, 32, 8, False),  # over-full: unsplit 64-token tiles
+        ([129, 1, 0, 300] * 128, 32, 8, True),  # over-full fp8: 2 warps
+    ],
+)
+def test_decode_last_key_slots_large_gpu(
+    context_lens: list[int], num_q_heads: int, num_kv_heads: int, fp8: bool, paged_kv
+):
+    """bf16 queries, every third row's last key from its own slot, on each launch decode_launch picks."""
+    device, block_size = torch.device("cuda"), 16
+    own = [b % 3 == 0 for b in range(len(context_lens))]
+    kv, slots, scales = _own_last_keys(
+        paged_kv, context_lens, own, block_size, num_kv_heads, 128, torch.bfloat16, fp8
+    )
+    assert (slots >= 0).any()
+    q = torch.randn(len(context_lens), num_q_heads, 128, dtype=torch.bfloat16, device=device)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 128**-0.5, None)
+    out = paged_decode_attention(*args, **scales, last_key_slots=slots)
+    ref = paged_decode_attention_ref(*args, **scales, last_key_slots=slots)
+    torch.testing.assert_close(out, ref, **TOLERANCE[torch.bfloat16])

@@ -22,6 +22,12 @@ table's width) pick the grid; context lengths are read on the device only. Rows 
 context_lens[b] == 0 produce zeros. Block-table entries past ceil(context_lens[b] / BS) are never
 read. Scores use exp2 with log2(e) folded into the scale.
 
+A row may take its last key from a given cache slot instead of its block table (`last_key_slots`):
+a verify step of tree speculative decoding runs as decode rows, and an alternative row at position q
+sees keys 0..q-1 of its sequence through the table but its own key where it was written, at its
+slot_mapping entry, away from the table. Only that one token's address changes, in the tile that holds
+it; without the slots the kernel compiles as before.
+
 An fp8 cache (kv_cache_fp8.py) is read as bytes, converted in registers; the KV head's K scale
 joins the softmax scale and its V scale multiplies the output.
 
@@ -72,6 +78,7 @@ def _paged_decode_split_kernel(
     part_acc_ptr,
     k_scale_ptr,
     v_scale_ptr,
+    last_key_slots_ptr,
     scale_log2,
     stride_q_batch,
     stride_q_head,
@@ -90,6 +97,7 @@ def _paged_decode_split_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FP8_KV: tl.constexpr,
+    LAST_KEY_SLOTS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_launch_and_wait(USE_PDL)
@@ -122,15 +130,27 @@ def _paged_decode_split_kernel(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     block_table = block_tables_ptr + batch.to(tl.int64) * stride_block_tables
     head_offset = kv_head * stride_cache_head
+    if LAST_KEY_SLOTS:
+        # the token read from its own slot (-1: none, the table holds them all) and that slot's address;
+        # its table entry is not read: an alternative's key may lie past the table's blocks
+        last_slot = tl.load(last_key_slots_ptr + batch).to(tl.int64)
+        own_token = tl.where(last_slot >= 0, context_len - 1, -1)
+        own_offset = (last_slot // BLOCK_SIZE) * stride_cache_block + (last_slot % BLOCK_SIZE) * (
+            stride_cache_offset
+        )
 
     # every tile holds at least one valid token (n0 < end), so m_i is finite after the first one
     for n0 in range(start, end, BLOCK_N):
         tokens = n0 + tl.arange(0, BLOCK_N)
         token_mask = tokens < end
-        blocks = tl.load(block_table + tokens // BLOCK_SIZE, mask=token_mask, other=0).to(tl.int64)
-        kv_offsets = (
-            blocks * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_offset + head_offset
-        )[:, None] + dims[None, :]
+        table_mask = token_mask
+        if LAST_KEY_SLOTS:
+            table_mask = token_mask & (tokens != own_token)
+        blocks = tl.load(block_table + tokens // BLOCK_SIZE, mask=table_mask, other=0).to(tl.int64)
+        slot_offsets = blocks * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_offset
+        if LAST_KEY_SLOTS:
+            slot_offsets = tl.where(tokens == own_token, own_offset, slot_offsets)
+        kv_offsets = (slot_offsets + head_offset)[:, None] + dims[None, :]
         k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
         if FP8_KV:
             k = k.to(tl.float8e4nv, bitcast=True).to(q.dtype)
@@ -317,6 +337,23 @@ def _check_args(
         raise ValueError("context_lens must be contiguous")
 
 
+def _check_last_key_slots(last_key_slots: torch.Tensor | None, q: torch.Tensor) -> None:
+    """Shapes, dtype and device only: the values stay on the device (CUDA-graph safe)."""
+    if last_key_slots is None:
+        return
+    batch = q.shape[0]
+    if (
+        last_key_slots.shape != (batch,)
+        or last_key_slots.dtype != torch.int64
+        or last_key_slots.device != q.device
+        or not last_key_slots.is_contiguous()
+    ):
+        raise ValueError(
+            f"last_key_slots must be contiguous int64 [{batch}] on {q.device}, got {last_key_slots.dtype} "
+            f"{tuple(last_key_slots.shape)} on {last_key_slots.device}"
+        )
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -328,6 +365,7 @@ def paged_decode_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     launch: DecodeLaunch | None = None,
+    last_key_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q Kᵀ) V over each sequence's paged context. q: [B, Hq, D] -> [B, Hq, D].
 
@@ -335,8 +373,14 @@ def paged_decode_attention(
     zeros out). `max_context_len` bounds every context length (defaults to M * BS) and, with the
     shapes, fixes the number of splits. An fp8 cache takes k_scale, v_scale: [Hkv] fp32. `launch`
     overrides `decode_launch`'s choice (benchmarks/sweep_decode_attention.py compares choices).
+
+    last_key_slots: [B] int64 or None. Where last_key_slots[b] >= 0, row b's last key (index
+    context_lens[b] - 1) is read from that cache slot (block * BS + offset), not through its table: a
+    tree verify step's alternative row sees its own key, written away from its sequence's blocks. A
+    negative entry (padding's -1) keeps the table; a decode step's own slot_mapping changes nothing.
     """
     _check_args(q, k_cache, v_cache, block_tables, context_lens)
+    _check_last_key_slots(last_key_slots, q)
     fp8 = check_kv_scales(k_cache, k_scale, v_scale, k_cache.shape[2])
     batch, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -371,6 +415,7 @@ def paged_decode_attention(
         part_acc_ptr=part_acc,
         k_scale_ptr=k_scale if fp8 else context_lens,
         v_scale_ptr=v_scale if fp8 else context_lens,
+        last_key_slots_ptr=context_lens if last_key_slots is None else last_key_slots,
         scale_log2=scale * LOG2E,
         stride_q_batch=q.stride(0),
         stride_q_head=q.stride(1),
@@ -389,6 +434,7 @@ def paged_decode_attention(
         UPCAST=not on_gpu,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP8_KV=fp8,
+        LAST_KEY_SLOTS=last_key_slots is not None,
         USE_PDL=use_pdl,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
@@ -423,11 +469,14 @@ def paged_decode_attention_ref(
     max_context_len: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    last_key_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch `paged_decode_attention`: gather each sequence's K/V, masked softmax in fp32.
 
     Vectorised over the batch with no host sync. Garbage block-table entries are clamped to a valid
     block id and their tokens masked out (and zeroed, so NaN garbage cannot leak through 0 * NaN).
+    A row's last key from `last_key_slots` joins as one extra key column, its table position masked:
+    softmax does not care where a key sits, and the table need not reach that position.
     """
     batch, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
@@ -437,10 +486,19 @@ def paged_decode_attention_ref(
         num_table_blocks = min(num_table_blocks, math.ceil(max_context_len / block_size))
     tables = block_tables[:, :num_table_blocks].long().clamp(0, num_blocks - 1)
     length = num_table_blocks * block_size
-    valid = torch.arange(length, device=q.device)[None, :] < context_lens[:, None].long()  # [B, L]
+    positions = torch.arange(length, device=q.device)[None, :]
+    lens = context_lens[:, None].long()
+    valid = positions < lens  # [B, L]
+    if last_key_slots is not None:
+        own = (last_key_slots[:, None] >= 0) & (lens > 0)  # [B, 1]: the last key comes from its slot
+        valid = torch.cat([valid & ~(own & (positions == lens - 1)), own], dim=1)  # [B, L + 1]
+        own_slots = last_key_slots.clamp(0, num_blocks * block_size - 1)
 
-    def gather(cache: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:  # -> [B, L, Hkv, D] fp32
+    def gather(cache: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:  # -> [B, L(+1), Hkv, D] fp32
         x = dequantize_kv(cache[tables].reshape(batch, length, num_kv_heads, head_dim), s)
+        if last_key_slots is not None:
+            own_x = dequantize_kv(cache.reshape(-1, num_kv_heads, head_dim)[own_slots], s)
+            x = torch.cat([x, own_x[:, None]], dim=1)
         return torch.where(valid[:, :, None, None], x, 0.0)  # invalid tokens zeroed
 
     check_kv_scales(k_cache, k_scale, v_scale, num_kv_heads)

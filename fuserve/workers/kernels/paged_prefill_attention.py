@@ -7,6 +7,11 @@ the cache. Query i sits at position context_lens[b] - q_len_b + i and sees keys 
 Fresh prompts (q_len == context), chunked prefill, prefix-cache hits and speculative verify
 (k + 1 queries) are all this one case.
 
+Tree speculative decoding verifies a chain and its alternatives in one pass: rows [root, c1..ck,
+a1..am] sit at slots p..p+k+m but alternative a_i continues the prefix at position p+i, not at its
+slot. There the caller passes each row's position (`query_positions`), and a row sees the keys
+below its position plus the key at its own slot (where position == slot this is the causal rule).
+
 Tiling (flash-attention style, online softmax in fp32):
 
     grid (query tiles, B, Hkv): a program takes BLOCK_Q query tokens × the G = Hq / Hkv heads that
@@ -15,6 +20,10 @@ Tiling (flash-attention style, online softmax in fp32):
 
     keys [0, full_end)       : visible to every row of the tile, no mask
     keys [full_end, kv_end)  : causal mask  key_pos <= query_pos  (the diagonal band)
+
+With positions, full_end comes from the tile's smallest position (its rows need not be in position
+order) and the mask is key < position | key == slot; kv_end still follows the slots. The first
+masked tile may then hold no visible key for some row, so those tiles keep the running max finite.
 
 K/V rows are gathered token by token through the block table (block = table[n // BS], offset
 n % BS), so block tables may be any permutation, and entries past the context are never read.
@@ -57,6 +66,7 @@ def _attend_tile(
     n0,
     kv_end,
     query_pos,
+    row_pos,
     scale_log2,
     stride_cache_block,
     stride_cache_offset,
@@ -67,12 +77,14 @@ def _attend_tile(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FP8_KV: tl.constexpr,
+    HAS_POSITIONS: tl.constexpr,
 ):
     """One K/V tile (keys n0 .. n0 + BLOCK_N) of the online softmax: returns the new (m_i, l_i, acc).
 
     k_head_ptr / v_head_ptr point at the program's KV head in the caches. Without CAUSAL_MASK every
     key of the tile must be visible to every row (no loads masked); with it, keys past each row's
-    position or past kv_end are masked out.
+    position or past kv_end are masked out. query_pos is each row's slot index; with HAS_POSITIONS a
+    row sees keys below its row_pos plus the key at its slot, and may see none of this tile.
     """
     keys = n0 + tl.arange(0, BLOCK_N)
     if CAUSAL_MASK:
@@ -97,11 +109,20 @@ def _attend_tile(
 
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
     if CAUSAL_MASK:
-        visible = (keys[None, :] <= query_pos[:, None]) & key_mask[None, :]
+        if HAS_POSITIONS:
+            visible = (keys[None, :] < row_pos[:, None]) | (keys[None, :] == query_pos[:, None])
+            visible = visible & key_mask[None, :]
+        else:
+            visible = (keys[None, :] <= query_pos[:, None]) & key_mask[None, :]
         scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
+    m_ref = m_new  # what the exponents subtract
+    if CAUSAL_MASK:
+        if HAS_POSITIONS:
+            # a row with no visible key yet: subtract 0, not -inf (exp2(-inf - -inf) is NaN)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(scores - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
@@ -121,6 +142,7 @@ def _paged_prefill_kernel(
     k_scale_ptr,
     v_scale_ptr,
     tile_map_ptr,
+    query_positions_ptr,
     scale_log2,
     stride_q_token,
     stride_q_head,
@@ -139,6 +161,7 @@ def _paged_prefill_kernel(
     DOT_PRECISION: tl.constexpr,
     FP8_KV: tl.constexpr,
     TILE_MAP: tl.constexpr,
+    HAS_POSITIONS: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     if TILE_MAP:
@@ -163,7 +186,14 @@ def _paged_prefill_kernel(
     row_token = q0 + rows // GROUP_PAD
     row_head = kv_head * GROUP + rows % GROUP_PAD
     row_mask = (row_token < q_len) & (rows % GROUP_PAD < GROUP)
-    query_pos = context_len - q_len + row_token
+    query_pos = context_len - q_len + row_token  # each row's slot index
+    row_pos = query_pos
+    if HAS_POSITIONS:
+        row_pos = tl.load(query_positions_ptr + q_start + row_token, mask=row_token < q_len, other=0)
+        # clamped to [0, slot] so no row reaches past the tile's keys; rows of no token keep their slot
+        row_pos = tl.where(
+            row_token < q_len, tl.maximum(tl.minimum(row_pos.to(tl.int32), query_pos), 0), query_pos
+        )
     dims = tl.arange(0, HEAD_DIM)
     q_offsets = (
         (q_start + row_token).to(tl.int64)[:, None] * stride_q_token
@@ -186,21 +216,27 @@ def _paged_prefill_kernel(
 
     # keys below full_end are visible to every row; the last row sees keys up to kv_end - 1
     kv_end = tl.minimum(context_len, first_pos + BLOCK_Q)
-    full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
+    if HAS_POSITIONS:
+        # each row sees the keys below its position: below the smallest, every row sees them
+        full_end = (tl.min(row_pos, axis=0) // BLOCK_N) * BLOCK_N
+    else:
+        full_end = ((first_pos + 1) // BLOCK_N) * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_head_ptr, v_head_ptr, block_table, n0, kv_end, query_pos,
-            qk_scale, stride_cache_block, stride_cache_offset, dims,
+            row_pos, qk_scale, stride_cache_block, stride_cache_offset, dims,
             BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL_MASK=False,
-            UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, FP8_KV=FP8_KV,
+            UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, FP8_KV=FP8_KV, HAS_POSITIONS=HAS_POSITIONS,
         )  # fmt: skip
     # the first masked tile holds key full_end <= first_pos, visible to every row: m_i stays finite
+    # (with positions it need not be; there _attend_tile guards the rows that have seen no key yet,
+    # and every row sees its own slot, so none ends with l_i == 0)
     for n0 in range(full_end, kv_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_head_ptr, v_head_ptr, block_table, n0, kv_end, query_pos,
-            qk_scale, stride_cache_block, stride_cache_offset, dims,
+            row_pos, qk_scale, stride_cache_block, stride_cache_offset, dims,
             BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, CAUSAL_MASK=True,
-            UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, FP8_KV=FP8_KV,
+            UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, FP8_KV=FP8_KV, HAS_POSITIONS=HAS_POSITIONS,
         )  # fmt: skip
 
     out = acc / l_i[:, None]
@@ -314,6 +350,7 @@ def paged_prefill_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     tile_map: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new query tokens over its paged context.
 
@@ -321,7 +358,11 @@ def paged_prefill_attention(
     block_tables: [B, M] int32; query_start_loc: [B + 1] int32 (cumulative query counts, last = T);
     context_lens: [B] int32, each >= that sequence's query count. `max_query_len` bounds every
     query count (defaults to T). An fp8 cache takes k_scale, v_scale: [Hkv] fp32. `tile_map`: [G, 2]
-    int32 from `query_tiles` (the grid is then G programs a KV head, `max_query_len` unused). Returns
+    int32 from `query_tiles` (the grid is then G programs a KV head, `max_query_len` unused).
+    `query_positions`: [T] int64 or int32 (the model's RoPE positions, as they are: no copy), for tree
+    verify, where a row's position may lie below its slot index s = context_len - q_len + i; the row
+    then sees keys below its position and the key at s. Positions must lie in [0, s] (the kernel
+    clamps to it); None, or positions equal to the slots, is plain causal attention. Returns
     [T, Hq, D] of q.dtype; rows of no sequence are left unwritten.
     """
     _check_args(q, k_cache, v_cache, block_tables, query_start_loc, context_lens)
@@ -344,6 +385,17 @@ def paged_prefill_attention(
         if tile_map.dim() != 2 or tile_map.shape[1] != 2 or tile_map.dtype != torch.int32:
             raise ValueError(f"tile_map must be int32 [G, 2], got {tile_map.dtype} {tuple(tile_map.shape)}")
         grid = (tile_map.shape[0], 1, num_kv_heads)
+    if query_positions is not None:
+        if (
+            query_positions.shape != (num_tokens,)
+            or query_positions.dtype not in (torch.int32, torch.int64)
+            or query_positions.stride(0) != 1
+            or query_positions.device != q.device
+        ):
+            raise ValueError(
+                f"query_positions must be contiguous int32/int64 [{num_tokens}] on {q.device}, got "
+                f"{query_positions.dtype} {tuple(query_positions.shape)} on {query_positions.device}"
+            )
     _paged_prefill_kernel[grid](
         q_ptr=q,
         k_cache_ptr=cache_bytes(k_cache),
@@ -355,6 +407,7 @@ def paged_prefill_attention(
         k_scale_ptr=k_scale if fp8 else context_lens,
         v_scale_ptr=v_scale if fp8 else context_lens,
         tile_map_ptr=tile_map if tile_map is not None else context_lens,
+        query_positions_ptr=query_positions if query_positions is not None else context_lens,
         scale_log2=scale * LOG2E,
         stride_q_token=q.stride(0),
         stride_q_head=q.stride(1),
@@ -373,6 +426,7 @@ def paged_prefill_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP8_KV=fp8,
         TILE_MAP=tile_map is not None,
+        HAS_POSITIONS=query_positions is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -391,9 +445,11 @@ def paged_prefill_attention_ref(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     tile_map: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch `paged_prefill_attention`: per sequence, gather K/V from its blocks, causal
-    softmax in fp32 (query i at position context_len - q_len + i sees keys 0..that position)."""
+    softmax in fp32 (query i at slot s = context_len - q_len + i sees keys 0..s; with
+    `query_positions`, the keys below its position, clamped to [0, s], and the key at s)."""
     num_q_heads, head_dim = q.shape[1:]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -411,8 +467,12 @@ def paged_prefill_attention_ref(
         v = v.repeat_interleave(group, dim=1)
         qb = q[starts[b] : starts[b + 1]].float()  # [q_len, Hq, D]
         scores = torch.einsum("qhd,khd->hqk", qb, k) * scale
-        query_pos = torch.arange(context_len - q_len, context_len, device=q.device)
-        visible = torch.arange(context_len, device=q.device)[None, :] <= query_pos[:, None]  # [q_len, ctx]
+        slot = torch.arange(context_len - q_len, context_len, device=q.device)
+        keys = torch.arange(context_len, device=q.device)[None, :]
+        visible = keys <= slot[:, None]  # [q_len, ctx]
+        if query_positions is not None:
+            pos = torch.minimum(query_positions[starts[b] : starts[b + 1]].long(), slot)
+            visible = (keys < pos[:, None]) | (keys == slot[:, None])
         scores = scores.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[starts[b] : starts[b + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
