@@ -213,6 +213,12 @@ class SpeculativeConfig(_Strict):
         "probability below this: its own probability tracks the target's acceptance, so unlikely drafts "
         "cost a verify row and draft time for little. 0: draft all k.",
     )
+    second_best: bool = Field(
+        default=False,
+        description="A feature (eagle1) draft also offers its second-best token beside each draft, verified "
+        "in the same step (a two-branch tree: 2k + 1 rows instead of k + 1): where the target rejects a "
+        "draft but takes the second-best, the step keeps it and one token more. Greedy sequences only.",
+    )
     ngram_min: int = Field(default=2, ge=1, description="Shortest suffix the n-gram proposer matches.")
     ngram_max: int = Field(default=4, ge=1, description="Longest suffix the n-gram proposer matches.")
     placement: DraftPlacementConfig = Field(default_factory=DraftPlacementConfig)
@@ -234,6 +240,11 @@ class SpeculativeConfig(_Strict):
             raise ValueError(
                 f"speculative.draft_confidence is set but speculative.method is `{self.method}`: it cuts a "
                 "draft model's drafts; set it to 0"
+            )
+        if self.second_best and self.method != "draft":
+            raise ValueError(
+                f"speculative.second_best is set but speculative.method is `{self.method}`: a draft model "
+                "offers the second-best tokens; set it to false"
             )
         if self.ngram_min > self.ngram_max:
             raise ValueError("speculative.ngram_min must not exceed speculative.ngram_max")

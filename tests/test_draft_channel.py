@@ -4,6 +4,9 @@
 - The server process killed: the next round raises ProposerUnavailable within the channel timeout;
   while no draft is found rounds fail at once (no timeout per step); a new server comes up, the
   lookup finds it, and the proposer resends every sequence from 0, so drafts resume and are right.
+- Second-best tokens (speculative.second_best): a reply carries them as its last field, readable by a
+  client a version behind and from a server a version behind; the client's `last_alternatives` are
+  aligned with its requests, [] where a sequence was missing, the round failed, or the draft offers none.
 """
 
 from __future__ import annotations
@@ -11,16 +14,18 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 
+import msgspec
 import pytest
 from checkpoints import make_checkpoint
 
 from fuserve.configs import FuserveConfig, config_from_dict
 from fuserve.speculative.draft_client import DraftProposer, endpoint
-from fuserve.speculative.draft_messages import DraftAddress
+from fuserve.speculative.draft_messages import DraftAddress, DraftReply, reply_decoder
 from fuserve.speculative.draft_runner import DraftRunner
-from fuserve.speculative.draft_server import start_draft_server
+from fuserve.speculative.draft_server import DraftServer, start_draft_server
 from fuserve.speculative.proposer import ProposeRequest, ProposerUnavailable
 
 VOCAB = 300
@@ -56,6 +61,7 @@ def play(proposer, oracle: DraftRunner, rounds: int, seed: int) -> None:
         reqs = [ProposeRequest(s, sent[s], new[s], rng.randrange(0, 5)) for s in seqs]
         got = proposer.propose(reqs)
         assert got == oracle.propose(reqs)
+        assert proposer.last_alternatives == [[] for _ in reqs]  # an independent draft offers none
         for r, d in zip(reqs, got, strict=True):
             step = d[: rng.randrange(0, len(d) + 1)] + [rng.randrange(VOCAB)]
             sent[r.seq_id], new[r.seq_id] = len(seqs[r.seq_id]), step
@@ -118,6 +124,7 @@ def test_killed_server_falls_back_then_resumes(config: FuserveConfig) -> None:
         with pytest.raises(ProposerUnavailable):
             proposer.propose([ProposeRequest("a", 5, [4], 3), ProposeRequest("b", 2, [3], 2)])
         assert time.monotonic() - t0 < TIMEOUT_S + 0.5
+        assert proposer.last_alternatives == [[], []]
         t0 = time.monotonic()
         with pytest.raises(ProposerUnavailable):  # still looking: no wait this time
             proposer.propose([ProposeRequest("a", 6, [4], 3), ProposeRequest("b", 3, [3], 2)])
@@ -139,3 +146,80 @@ def test_killed_server_falls_back_then_resumes(config: FuserveConfig) -> None:
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_a_reply_with_alternatives_round_trips_and_keeps_the_old_layout() -> None:
+    reply = DraftReply(7, "srv", [[1, 2], [], [3]], [1], "", 0.25, [[11, 12], [], [13]])
+    wire = msgspec.msgpack.encode(reply)
+    assert reply_decoder().decode(wire) == reply
+    # the fields before it keep their places: an older peer's reply is this one less the last element
+    assert msgspec.msgpack.decode(wire) == [7, "srv", [[1, 2], [], [3]], [1], "", 0.25, [[11, 12], [], [13]]]
+    older = msgspec.msgpack.encode([7, "srv", [[1, 2], [], [3]], [1], "", 0.25])
+    assert reply_decoder().decode(older).alternatives == []
+
+    class OlderReply(msgspec.Struct, array_like=True):  # a client a version behind
+        round_id: int
+        instance_id: str
+        drafts: list[list[int]]
+        missing: list[int]
+        error: str = ""
+        server_s: float = 0.0
+
+    assert msgspec.msgpack.decode(wire, type=OlderReply).drafts == [[1, 2], [], [3]]
+
+
+class Offering:
+    """A backend offering second-best tokens, as FeatureDraftRunner does: one more draft than asked
+    (the client cuts to k), each draft's alternative 1000 + it; sequences named `gone*` are not held."""
+
+    def __init__(self) -> None:
+        self.last_alternatives: list[list[int]] = []
+        self.fail = False
+
+    def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]:
+        self.last_alternatives = []
+        if self.fail:
+            raise RuntimeError("out of blocks")
+        drafts: list[list[int] | None] = []
+        for r in requests:
+            held = "/gone" not in r.seq_id
+            drafts.append([r.token_ids[-1] + j for j in range(r.k + 1)] if held else None)
+        self.last_alternatives = [[1000 + t for t in d] if d is not None else [] for d in drafts]
+        return drafts
+
+    def release(self, seq_ids: list[str]) -> None:
+        pass
+
+
+def test_client_alternatives_align_with_its_requests() -> None:
+    backend = Offering()
+    server = DraftServer(backend)
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(lambda: not stop.is_set(),), daemon=True)
+    thread.start()
+    proposer = DraftProposer(lambda: server.address, TIMEOUT_S, use_ipc=False)
+    try:
+        assert proposer.wait_connected(10)
+        reqs = [
+            ProposeRequest("a", 0, [5, 6], 3),
+            ProposeRequest("gone1", 0, [9], 2),
+            ProposeRequest("b", 0, [40], 0),
+            ProposeRequest("c", 0, [70], 2),
+        ]
+        got = proposer.propose(reqs)
+        assert got == [[6, 7, 8], [], [], [70, 71]]
+        assert proposer.last_alternatives == [[1006, 1007, 1008], [], [], [1070, 1071]]
+        assert proposer.resend == {"gone1"}
+        assert proposer.propose([]) == [] and proposer.last_alternatives == []
+
+        backend.fail = True  # the round fails on the server: no drafts, no alternatives
+        assert proposer.propose(reqs[:2]) == [[], []]
+        assert proposer.last_alternatives == [[], []]
+        backend.fail = False
+        got = proposer.propose([ProposeRequest("c", 1, [71], 1)])
+        assert got == [[71]] and proposer.last_alternatives == [[1071]]
+    finally:
+        proposer.close()
+        stop.set()
+        thread.join(5)
+        server.close()

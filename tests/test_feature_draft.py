@@ -9,6 +9,8 @@
   runs (and as eval_eagle.py's unrolled passes score it), for the same weights and features, through
   rollback; with the standardization folded into the file (EagleDraft.fold_standardization) it equals
   the unfolded draft reading standardized features.
+- With speculative.second_best the drafts are the same, and beside each the runner offers EagleDraft's
+  second-best token of the same candidates, never the draft itself (also through the channel).
 - Rounds through a real draft server (features on the channel, resent from 0 after a reconnect) equal
   the in-process runner.
 """
@@ -196,29 +198,47 @@ class Eagle:
     ) -> list[int]:
         """EagleDraft drafting k tokens after `tokens` (features: rows 0..n-2) as the served draft
         should, stopped before the first draft it gives a probability under `min_confidence`."""
-        drafts = []
-        for d, prob in self.chained_with_probabilities(tokens, features, k, context):
+        return self.chained_with_seconds(tokens, features, k, context, min_confidence)[0]
+
+    def chained_with_seconds(
+        self,
+        tokens: list[int],
+        features: torch.Tensor,
+        k: int,
+        context: set[int],
+        min_confidence: float = 0.0,
+    ) -> tuple[list[int], list[int]]:
+        """`chained`'s drafts and, beside each, the draft's second-best token at that row."""
+        drafts, seconds = [], []
+        for d, prob, second in self.chained_choices(tokens, features, k, context):
             if prob < min_confidence:
                 break
             drafts.append(d)
-        return drafts
+            seconds.append(second)
+        return drafts, seconds
 
-    @torch.no_grad()
     def chained_with_probabilities(
         self, tokens: list[int], features: torch.Tensor, k: int, context: set[int]
     ) -> list[tuple[int, float]]:
-        """k drafts and the draft's probability of each: the unfolded model on standardized features,
-        each draft's h the next row's feature."""
+        """k drafts and the draft's probability of each."""
+        return [(d, prob) for d, prob, _ in self.chained_choices(tokens, features, k, context)]
+
+    @torch.no_grad()
+    def chained_choices(
+        self, tokens: list[int], features: torch.Tensor, k: int, context: set[int]
+    ) -> list[tuple[int, float, int]]:
+        """k drafts, the draft's probability of each and its second-best token there: the unfolded
+        model on standardized features, each draft's h the next row's feature."""
         frozen = self.standardized
         emb = frozen.embed[torch.tensor(tokens[1:])]
         f = frozen.scaled(features.float())
-        drafts: list[tuple[int, float]] = []
+        drafts: list[tuple[int, float, int]] = []
         for _ in range(k):
             n = emb.shape[0]
             mask = torch.ones(n, n, dtype=torch.bool).tril()
             h = self.unfolded(emb[None], f[None], torch.arange(n), mask)[0, -1:]
-            d, prob = served_choice_and_probability(frozen, h, context)
-            drafts.append((d, prob))
+            d, prob, second = served_top_two(frozen, h, context)
+            drafts.append((d, prob, second))
             emb = torch.cat([emb, frozen.embed[d][None]])
             f = torch.cat([f, h])
         return drafts
@@ -245,11 +265,17 @@ def served_choice(frozen: Frozen, h: torch.Tensor, context: set[int]) -> int:
 
 def served_choice_and_probability(frozen: Frozen, h: torch.Tensor, context: set[int]) -> tuple[int, float]:
     """`served_choice` and the draft's softmax probability of it over the same candidates."""
+    return served_top_two(frozen, h, context)[:2]
+
+
+def served_top_two(frozen: Frozen, h: torch.Tensor, context: set[int]) -> tuple[int, float, int]:
+    """`served_choice_and_probability` and the second-best token of the same candidates (each id once)."""
     candidates = torch.tensor(sorted(set(frozen.ids.tolist()) | context))
     hf = frozen.raw(h.float())
     n = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + frozen.eps) * frozen.norm
     probs = torch.softmax(n @ frozen.embed[candidates].T, dim=-1)[0]
-    return int(candidates[probs.argmax()]), float(probs.max())
+    top = probs.topk(2).indices
+    return int(candidates[probs.argmax()]), float(probs.max()), int(candidates[top[1]])
 
 
 @pytest.fixture(scope="module")
@@ -315,9 +341,52 @@ def test_drafts_stop_before_the_first_the_draft_doubts(
     check_rounds_equal_eagle_draft(eagle, target, min_confidence=quartile_confidence)
 
 
-def check_rounds_equal_eagle_draft(eagle: Eagle, target: Path, min_confidence: float = 0.0) -> None:
+@pytest.mark.parametrize("cut", [False, True], ids=["all-k", "confidence-cut"])
+def test_second_best_offers_eagle_drafts_runner_up_beside_the_same_drafts(
+    eagle: Eagle, target: Path, quartile_confidence: float, cut: bool
+) -> None:
+    """speculative.second_best: the drafts are those of a runner without it (and EagleDraft's), and
+    beside each kept draft the runner offers EagleDraft's second-best token of the same candidates."""
+    check_rounds_equal_eagle_draft(eagle, target, quartile_confidence if cut else 0.0, second_best=True)
+
+
+def test_best_two_with_and_without_a_subset_head(eagle: Eagle, target: Path) -> None:
+    """FeatureDraftModel.best_two: greedy's drafts and the best other token, over the subset and the
+    context tokens, or over the whole vocabulary when the draft has no subset head."""
+    import torch.nn.functional as F
+
+    model = make_runner(eagle, target).model
+    assert model.head is not None
+    h = eagle.features(6, torch.Generator().manual_seed(11)).float()
+    outside = torch.tensor([t for t in range(VOCAB) if t not in set(SUBSET.tolist())][:40])
+    normed = model._normed(h)
+    for candidates in (None, (outside, model.head.full[outside])):
+        best, second, conf = model.best_two(h, candidates, with_confidence=True)
+        assert torch.equal(best, model.greedy(h, candidates))
+        assert conf is not None
+        torch.testing.assert_close(conf, model.greedy_with_confidence(h, candidates)[1])
+        pool = SUBSET if candidates is None else torch.cat([SUBSET, outside])
+        top = F.linear(normed, model.head.full[pool]).topk(2, dim=-1).indices
+        assert torch.equal(best, pool[top[:, 0]]) and torch.equal(second, pool[top[:, 1]])
+    model.head = None  # the whole vocabulary
+    best, second, conf = model.best_two(h)
+    assert conf is None and torch.equal(best, model.greedy(h))
+    top = model.llama.compute_logits(normed).topk(2, dim=-1).indices
+    assert top.shape == (6, 2) and torch.equal(best, top[:, 0]) and torch.equal(second, top[:, 1])
+    assert bool((second != best).all())
+
+
+def check_rounds_equal_eagle_draft(
+    eagle: Eagle, target: Path, min_confidence: float = 0.0, second_best: bool = False
+) -> None:
     runner = make_runner(eagle, target)
     runner.min_confidence = min_confidence
+    runner.second_best = second_best
+    # with second_best, a twin without it gets the same rounds: the drafts must not change
+    twin = make_runner(eagle, target) if second_best else None
+    if twin is not None:
+        twin.min_confidence = min_confidence
+    checked_seconds = 0
     lengths: list[tuple[int, int]] = []  # (drafts made, k asked) where k > 0
     assert len(runner.model.llama.model.layers) == len(eagle.unfolded.layers)
     assert runner.model.head is not None and torch.equal(runner.model.head.token_ids, SUBSET)
@@ -334,12 +403,21 @@ def check_rounds_equal_eagle_draft(eagle: Eagle, target: Path, min_confidence: f
             begin = feature_rows_begin(sent[s])
             reqs.append(ProposeRequest(s, sent[s], tokens[sent[s] :], k[s], feats[s][begin:]))
         drafts = runner.propose(reqs)
+        assert len(runner.last_alternatives) == len(reqs)
+        if twin is not None:
+            assert drafts == twin.propose(reqs), f"round {round_}"
+            assert twin.last_alternatives == [[] for _ in reqs]
+        else:
+            assert runner.last_alternatives == [[] for _ in reqs]
         context = set().union(*seqs.values())  # the tokens of every live sequence
         picked_from_context |= {d for got in drafts if got for d in got} - set(SUBSET.tolist())
-        for s, got in zip(seqs, drafts, strict=True):
-            assert got == eagle.chained(seqs[s], feats[s], k[s], context, min_confidence), (
-                f"round {round_}, {s}"
-            )
+        for s, got, alts in zip(seqs, drafts, runner.last_alternatives, strict=True):
+            want, seconds = eagle.chained_with_seconds(seqs[s], feats[s], k[s], context, min_confidence)
+            assert got == want, f"round {round_}, {s}"
+            if second_best:
+                assert alts == seconds, f"round {round_}, {s}"
+                assert all(a != d for a, d in zip(alts, got, strict=True))
+                checked_seconds += len(alts)
             lengths.extend([(len(got), k[s])] if got is not None and k[s] > 0 else [])
             if len(got) > 1:
                 assert got == eagle.unrolled(seqs[s], feats[s], got, context)
@@ -352,11 +430,14 @@ def check_rounds_equal_eagle_draft(eagle: Eagle, target: Path, min_confidence: f
             if rng.random() < 0.15:
                 sent[s] = 0
     assert checked_unrolled > 3 or min_confidence > 0
+    assert checked_seconds > 3 or not second_best
     assert picked_from_context, "no draft came from the context tokens outside the subset"
     if min_confidence > 0:  # rounds cut at the first draft, cut later, and not cut at all
         assert any(n == 0 for n, _ in lengths) and any(0 < n < k for n, k in lengths), lengths
         assert any(n == k for n, k in lengths), lengths
     runner.release(list(seqs))
+    if twin is not None:
+        twin.release(list(seqs))
     assert runner.context is not None and not runner.context.holders and not len(runner.context)
     assert runner.seqs.num_free_blocks == runner.seqs.num_blocks
 
@@ -385,7 +466,7 @@ def test_greedy_with_a_feature_draft_equals_plain(
 def test_rounds_through_a_draft_server_equal_the_runner(eagle: Eagle, target: Path) -> None:
     """A real draft server process (ZMQ over ipc) picks the feature runner from the file's metadata;
     rounds with rollback equal the in-process runner's, also after a reconnect made the client resend
-    every sequence, features included, from start 0."""
+    every sequence, features included, from start 0; so do the second-best tokens (second_best)."""
     from fuserve.speculative.draft_client import DraftProposer
     from fuserve.speculative.draft_factory import build_draft_runner
     from fuserve.speculative.draft_server import start_draft_server
@@ -398,11 +479,12 @@ def test_rounds_through_a_draft_server_equal_the_runner(eagle: Eagle, target: Pa
                 "method": "draft",
                 "draft": {"path": str(eagle.path), "device": "cpu", "dtype": "float32"},
                 "channel_timeout_s": 5.0,
+                "second_best": True,
             },
         }
     )
     oracle = build_draft_runner(config)
-    assert isinstance(oracle, FeatureDraftRunner)
+    assert isinstance(oracle, FeatureDraftRunner) and oracle.second_best
     server = start_draft_server(config, "127.0.0.1", timeout_s=120)
     proposer = DraftProposer(lambda: server.address, 5.0, reads_features=True)
     try:
@@ -423,6 +505,8 @@ def test_rounds_through_a_draft_server_equal_the_runner(eagle: Eagle, target: Pa
             got = proposer.propose(reqs)
             assert got == oracle.propose(reqs), f"round {round_}"
             assert all(got)
+            assert proposer.last_alternatives == oracle.last_alternatives, f"round {round_}"
+            assert [len(a) for a in proposer.last_alternatives] == [len(d) for d in got]
             for r, d in zip(reqs, got, strict=True):
                 step = d[: rng.randrange(0, len(d) + 1)] + [rng.randrange(VOCAB)]
                 sent[r.seq_id] = len(seqs[r.seq_id])

@@ -208,15 +208,25 @@ def test_any_drafts_agrees_with_choosing_each_sequence() -> None:
     assert not ak.any_drafts([], StepCosts(1e-3, 1e-6, 0.0))
 
 
-def test_draft_confidence_is_refused_where_no_draft_model_could_cut_its_drafts(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="draft_confidence is set but speculative.method is `ngram`"):
-        SpeculativeConfig(method="ngram", draft_confidence=0.2)
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        ({"draft_confidence": 0.2}, "cuts a feature .eagle1. draft's drafts"),
+        ({"second_best": True}, "takes a feature .eagle1. draft's second-best tokens"),
+    ],
+)
+def test_feature_draft_settings_are_refused_where_no_feature_draft_serves_them(
+    tmp_path: Path, setting: dict, says: str
+) -> None:
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f"{name} is set but speculative.method is `ngram`"):
+        SpeculativeConfig(method="ngram", **setting)
     folder = make_checkpoint(tmp_path / "draft", "llama3")  # an independent draft model, no features
     config = config_from_dict(
         {
             "model": {"path": str(folder)},
-            "speculative": {"method": "draft", "draft": {"path": str(folder)}, "draft_confidence": 0.2},
+            "speculative": {"method": "draft", "draft": {"path": str(folder)}, **setting},
         }
     )
-    with pytest.raises(ValueError, match="cuts a feature .eagle1. draft's drafts"):
+    with pytest.raises(ValueError, match=says):
         build_draft_runner(config)

@@ -1,7 +1,8 @@
 """A draft's head over a vocabulary subset: its logits are the full head's logits at those rows, its
 greedy token is the best of the subset as a target id (or of the subset and the live sequences' context
-tokens) with the softmax probability it gives that token, and a vocabulary that does not fit the model is
-refused with the reason."""
+tokens) with the softmax probability it gives that token, its second-best token (speculative.second_best)
+is the best other token id of the same candidates while its best stays greedy's, and a vocabulary that
+does not fit the model is refused with the reason."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fuserve.speculative.subset_head import ContextTokens, SubsetHead, read_vocab_file, write_vocab_file
+from fuserve.speculative.subset_head import (
+    ContextTokens,
+    SubsetHead,
+    read_vocab_file,
+    top_two,
+    write_vocab_file,
+)
 
 V, H = 1000, 64
 
@@ -74,6 +81,59 @@ def test_greedy_with_confidence_gives_greedys_token_and_its_softmax_over_the_can
         torch.testing.assert_close(conf, probs.max(-1).values)
         assert torch.equal(pool[probs.argmax(-1)], tokens)
     assert int(tokens[0]) == 33 and float(conf[0]) > 0.99 and float(conf[1:].min()) < 0.99
+
+
+def test_best_two_is_greedys_token_and_the_best_other_token_of_the_same_candidates() -> None:
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(V, H, generator=gen)
+    ids = torch.arange(0, V, 10)
+    head = SubsetHead(weight, ids)
+    context = ContextTokens(head)
+    context.add("a", [7, 33, 501])
+    extra = context.candidates()
+    hidden = torch.randn(9, H, generator=gen) * 3
+    hidden[0] = weight[33] * 10  # best: a context token
+    for candidates in (None, extra):
+        pool = ids if candidates is None else torch.cat([ids, candidates[0]])
+        top = F.linear(hidden, weight[pool]).topk(2, dim=-1).indices  # the reference: no ties here
+        for with_confidence in (False, True):
+            best, second, conf = head.best_two(hidden, candidates, with_confidence)
+            assert torch.equal(best, head.greedy(hidden, candidates))
+            assert torch.equal(best, pool[top[:, 0]]) and torch.equal(second, pool[top[:, 1]])
+            assert bool((second != best).all())
+            if with_confidence:
+                assert conf is not None
+                torch.testing.assert_close(conf, head.greedy_with_confidence(hidden, candidates)[1])
+            else:
+                assert conf is None
+    assert int(best[0]) == 33
+
+    # ties go as greedy's: to the first column, for the best and then for the second
+    best, second, _ = head.best_two(torch.zeros(2, H), extra)
+    assert best.tolist() == head.greedy(torch.zeros(2, H), extra).tolist() == [0, 0]
+    assert second.tolist() == [10, 10]
+
+    # a candidate list naming the best token twice (ContextTokens never does): the second is another id
+    twice = (torch.tensor([40, 7]), weight[[40, 7]])
+    pointed = weight[40].unsqueeze(0) * 10
+    best, second, _ = head.best_two(pointed, twice)
+    distinct = torch.cat([ids, torch.tensor([7])])
+    want = distinct[F.linear(pointed, weight[distinct]).topk(2, dim=-1).indices[0]]
+    assert int(best) == 40 == int(want[0]) and int(second) == int(want[1]) != 40
+
+
+def test_top_two_over_the_whole_vocabulary() -> None:
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, V, generator=gen)
+    logits[0, 5] = logits[0, 9] = logits[0].max() + 1  # a tie for the best: the lower id wins it
+    before = logits.clone()
+    best, second = top_two(logits)
+    assert torch.equal(logits, before)  # masked in a copy
+    assert torch.equal(best, logits.argmax(-1))
+    assert best[0] == 5 and second[0] == 9
+    assert torch.equal(second[1:], logits[1:].topk(2, dim=-1).indices[:, 1])
+    with pytest.raises(ValueError, match="two candidates"):
+        top_two(torch.zeros(3, 1))
 
 
 def test_a_vocabulary_that_does_not_fit_the_model_is_refused() -> None:

@@ -11,6 +11,11 @@ and sends every sequence from start 0, since a new replica holds nothing (a live
 out keeps the KV of the tokens it already had: the runner compares before it recomputes). For that
 the proposer keeps a copy of each sequence's tokens, as the rounds have told them, and for a
 feature-reading draft (`reads_features`) of its features too (bf16 rows, sent as raw bytes).
+
+Second-best tokens (speculative.second_best): `last_alternatives` holds, after each propose, the
+draft's second-best token beside each draft it returned, request for request, so that the engine reads
+them as it reads an in-process FeatureDraftRunner's. A round that failed, a sequence the draft did not
+hold, or a draft that offers none leaves [] there: the step then verifies the drafts alone.
 """
 
 from __future__ import annotations
@@ -83,6 +88,8 @@ class DraftProposer:
         # of the last round's seconds, the channel's: the round trip less the server's own time
         # (speculation.ReportsChannelTime; /metrics' fuserve_spec_channel_seconds, adaptive k's costs)
         self.last_channel_s = 0.0
+        # per request of the last propose, the second-best token beside each draft it returned
+        self.last_alternatives: list[list[int]] = []
         self._ctx = zmq.Context()
         self._socket: zmq.Socket | None = None
         self._round = 0
@@ -95,6 +102,7 @@ class DraftProposer:
 
     # ---- the Proposer contract -------------------------------------------------------------------
     def propose(self, requests: list[ProposeRequest]) -> list[list[int]]:
+        self.last_alternatives = [[] for _ in requests]  # what a round that raises leaves
         for r in requests:  # the copy follows every round, connected or not
             held = self.tokens.setdefault(r.seq_id, [])
             del held[r.start :]
@@ -134,7 +142,14 @@ class DraftProposer:
             self.resend.add(requests[i].seq_id)
         if reply.error:
             log.warning("the draft failed a round: %s", reply.error)
-        return [d[: r.k] for d, r in zip(reply.drafts, requests, strict=True)]
+        drafts = [d[: r.k] for d, r in zip(reply.drafts, requests, strict=True)]
+        if len(reply.alternatives) == len(requests):  # else the draft offers none
+            missing = set(reply.missing)
+            self.last_alternatives = [
+                [] if i in missing else a[: len(d)]
+                for i, (a, d) in enumerate(zip(reply.alternatives, drafts, strict=True))
+            ]
+        return drafts
 
     def release(self, seq_ids: list[str]) -> None:
         for s in seq_ids:

@@ -84,4 +84,9 @@ def build_draft_runner(config: FuserveConfig) -> DraftRunner | FeatureDraftRunne
             "speculative.draft_confidence cuts a feature (eagle1) draft's drafts; the independent draft "
             f"{config.speculative.draft.path!r} has none: set it to 0"  # type: ignore[union-attr]
         )
+    if config.speculative.second_best:
+        raise ValueError(
+            "speculative.second_best takes a feature (eagle1) draft's second-best tokens; the independent "
+            f"draft {config.speculative.draft.path!r} offers none: set it to false"  # type: ignore[union-attr]
+        )
     return DraftRunner.from_config(config)

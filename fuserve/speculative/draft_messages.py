@@ -7,8 +7,11 @@
 
 msgspec structs, array-encoded (a round of 64 sequences is a few hundred bytes). Sequence ids are the
 client's: the server keys them by `client_id`, so one draft replica can serve several engines.
-A feature-reading draft's rounds also carry the target's features, as raw bf16 bytes.
-Nothing here imports torch.
+A feature-reading draft's rounds also carry the target's features, as raw bf16 bytes, and its replies
+the second-best token beside each draft (speculative.second_best) for the target's second branch.
+Fields are only ever appended, with defaults: an array-encoded struct decodes a shorter array (the
+missing trailing fields take their defaults) and drops extra trailing elements, so either side may be
+a version behind. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ class DraftReply(msgspec.Struct, array_like=True):
     missing: list[int]  # indices of sequences it does not hold at their start: resend from 0
     error: str = ""  # the round failed on the server (the client proposes nothing this round)
     server_s: float = 0.0  # the server's seconds from decoding the round to encoding this reply
+    # per sequence, the second-best token beside each of its drafts (speculative.second_best); [] when
+    # the draft offers none (an independent draft, or the option off)
+    alternatives: list[list[int]] = []
 
 
 class DraftAddress(msgspec.Struct):

@@ -50,7 +50,8 @@ POLL_MS = 200  # an idle server checks this often that its replica is still ther
 
 class DraftBackend(Protocol):
     """What the server drafts with: DraftRunner, FeatureDraftRunner, or anything that answers the same
-    way."""
+    way. A backend that offers second-best tokens (FeatureDraftRunner) also has `last_alternatives`:
+    per request of its last propose, one beside each draft; the reply carries them."""
 
     def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]: ...
 
@@ -94,6 +95,7 @@ class DraftServer:
                 self.address.instance_id,
                 [d if d is not None else [] for d in drafts],
                 [i for i, d in enumerate(drafts) if d is None],
+                alternatives=_alternatives(self.backend, drafts),
             )
         except Exception as err:  # the round fails alone; its sequences start over from 0
             log.exception("draft round failed")
@@ -107,6 +109,15 @@ class DraftServer:
     def close(self) -> None:
         self.socket.close(linger=0)
         self.ctx.term()
+
+
+def _alternatives(backend: DraftBackend, drafts: list[list[int] | None]) -> list[list[int]]:
+    """The backend's second-best tokens of the round just drafted, aligned with `drafts` ([] for a
+    sequence it did not hold); [] when it offers none."""
+    alternatives = getattr(backend, "last_alternatives", None)
+    if alternatives is None or len(alternatives) != len(drafts):
+        return []
+    return [a if d is not None else [] for a, d in zip(alternatives, drafts, strict=True)]
 
 
 def _features(seq: DraftSeq) -> torch.Tensor | None:

@@ -9,6 +9,8 @@ h_i approximates the target's next feature f_{i+1}: drafting chains by feeding h
 row i + 1 (feature_draft_runner.py). The layers, embedding, norm and KV cache are a LlamaForCausalLM's of
 the draft's depth (the target's architecture, the draft's MLP width), so the draft runs the kernels the
 target runs; the math is training/eagle_model.py's EagleDraft, which tests/test_feature_draft.py checks.
+`best_two` also gives each row's second-best token (speculative.second_best), of the same candidates as
+`greedy`, whether a subset head or the whole vocabulary chooses.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 
 from fuserve.parallel.tp_context import Partial, TPContext
 from fuserve.speculative.feature_draft_file import FeatureDraftWeights
-from fuserve.speculative.subset_head import SubsetHead, confidence
+from fuserve.speculative.subset_head import SubsetHead, confidence, top_two
 from fuserve.workers.kernels.argmax import greedy_tokens
 from fuserve.workers.kernels.ops import KernelOps
 from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
@@ -92,6 +94,21 @@ class FeatureDraftModel(nn.Module):
             return self.head.greedy_with_confidence(normed, extra)
         logits = self.llama.compute_logits(normed)
         return greedy_tokens(logits), confidence(logits)
+
+    def best_two(
+        self,
+        h: torch.Tensor,
+        extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+        with_confidence: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`greedy`'s drafts [S], each row's best other token [S] over the same candidates
+        (speculative.second_best), and with `with_confidence` the drafts' probabilities [S] fp32."""
+        normed = self._normed(h)
+        if self.head is not None:
+            return self.head.best_two(normed, extra, with_confidence)
+        logits = self.llama.compute_logits(normed)
+        best, second = top_two(logits)
+        return best, second, confidence(logits) if with_confidence else None
 
     def _normed(self, h: torch.Tensor) -> torch.Tensor:
         normed, _ = self.llama.model.norm(h)

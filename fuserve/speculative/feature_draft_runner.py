@@ -25,6 +25,13 @@ With `min_confidence` (speculative.draft_confidence) a sequence's drafts stop be
 probability under the draft's own softmax is below it: that probability tracks the target's acceptance
 (benchmarks/NOTES.md, "Drafts cut by the draft's own confidence"). The chained rows still run for every
 sequence on a GPU (one host wait a round); on the CPU the round ends once every sequence has stopped.
+
+With `second_best` (speculative.second_best) each draft also comes with the draft's best other token
+(subset_head.py, "Second best"): `last_alternatives` holds them after each propose, one per draft kept,
+for the target to verify as a second branch in the same step. They come from the logits the drafts
+are chosen from and cross to the host in the same copy, so the round still waits once; without it no
+second pass over the logits runs. The chain itself always follows the best token, so the drafts are
+the same either way.
 """
 
 from __future__ import annotations
@@ -64,11 +71,13 @@ class FeatureDraftRunner:
         max_num_seqs: int = 128,
         max_num_batched_tokens: int = 2048,
         min_confidence: float = 0.0,
+        second_best: bool = False,
     ) -> None:
         """`draft` names the eagle1 file; `target` the model it reads (its embedding and config come
         from the target's own files). `cache`: the target's block size and CPU size, as for DraftRunner.
         `min_confidence`: a sequence's drafts stop before the first the draft itself gives a lower
-        probability (speculative.draft_confidence); 0 drafts all k."""
+        probability (speculative.draft_confidence); 0 drafts all k. `second_best`: each propose also
+        leaves the second-best token beside every draft in `last_alternatives`."""
         file = draft_file_of(draft)
         if file is None:
             raise ValueError(f"speculative.draft {draft.path!r} is no feature draft file (.safetensors)")
@@ -86,6 +95,9 @@ class FeatureDraftRunner:
         self.block_size = cache.block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.min_confidence = min_confidence
+        self.second_best = second_best
+        # per request of the last propose: the second-best token beside each draft it returned
+        self.last_alternatives: list[list[int]] = []
         self.plans = ModelRunner(self.model.llama, self.device, self.block_size)  # step plan -> tensors
         num_kv_heads = self.model.llama.model.layers[0].self_attn.num_kv_heads
         per_block = bytes_per_block(self.arch, num_kv_heads, self.block_size, self.dtype)
@@ -114,6 +126,7 @@ class FeatureDraftRunner:
             config.scheduler.max_num_seqs,
             config.scheduler.max_num_batched_tokens,
             spec.draft_confidence,
+            spec.second_best,
         )
 
     def _pool_size(self, cache: CacheConfig, placement: DraftPlacementConfig, per_block: int) -> int:
@@ -129,8 +142,10 @@ class FeatureDraftRunner:
     def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]:
         """Up to k greedy drafts per request; None for a sequence this draft does not hold at `start`
         (send it again from start 0). The rows a request's features cover are computed even when it
-        wants no drafts, so no feature is lost."""
+        wants no drafts, so no feature is lost. With `second_best`, `last_alternatives` then holds each
+        returned draft's second-best token (else [] per request)."""
         out: list[list[int] | None] = [[] for _ in requests]
+        self.last_alternatives = [[] for _ in requests]
         protect = {r.seq_id for r in requests}
         work: list[tuple[int, DraftSequence, torch.Tensor, int]] = []  # (request, sequence, features, k)
         for i, r in enumerate(requests):
@@ -163,8 +178,8 @@ class FeatureDraftRunner:
         if not work:
             return out
         extra = self.context.candidates() if self.context is not None else None
-        h, tokens, conf = self._real_rows(work, extra)
-        steps, confs = [tokens], [conf]
+        h, tokens, second, conf = self._real_rows(work, extra)
+        steps, seconds, confs = [tokens], [second], [conf]
         drafting = [w for w in work if w[3] > 0]
         live = torch.tensor([w[3] > 0 for w in work], device=self.device)
         h, prev = h[live], tokens[live]
@@ -173,39 +188,53 @@ class FeatureDraftRunner:
         for j in range(1, max((w[3] for w in drafting), default=0)):
             if sure is not None and not bool(sure.any()):
                 break
-            h, prev, conf = self._chained_rows(drafting, j, h, prev, extra)
+            h, prev, second, conf = self._chained_rows(drafting, j, h, prev, extra)
             if sure is not None and conf is not None:
                 keep = torch.tensor([k > j for _, _, _, k in drafting if k > j - 1])
                 sure = sure[keep] & (conf >= self.min_confidence)
             steps.append(prev)
+            seconds.append(second)
             confs.append(conf)
-        host = [t.tolist() for t in steps]  # the round's one wait on the device
-        doubted = [
-            [False] * len(t) if c is None else (c < self.min_confidence).tolist()
-            for t, c in zip(host, confs, strict=True)
-        ]
-        made: dict[int, list[tuple[int, bool]]] = {}  # request -> its drafts, each with "doubted"
+        # the round's one wait on the device: drafts, second bests and doubts in one copy
+        doubts = [c < self.min_confidence if c is not None else None for c in confs]
+        host = iter(_to_host(steps + [t for t in seconds + doubts if t is not None]))
+        drafts_of = [next(host) for _ in steps]
+        seconds_of = [next(host) if t is not None else None for t in seconds]
+        doubted_of = [next(host) if t is not None else None for t in doubts]
+
+        def made_at(j: int, at: int) -> tuple[int, int, bool]:  # draft, second best, doubted
+            alts, doubted = seconds_of[j], doubted_of[j]
+            return (
+                drafts_of[j][at],
+                alts[at] if alts is not None else -1,
+                doubted is not None and bool(doubted[at]),
+            )
+
+        made: dict[int, list[tuple[int, int, bool]]] = {}  # request -> its drafts
         for pos, (i, _, _, k) in enumerate(work):
             if k > 0:
-                made[i] = [(host[0][pos], doubted[0][pos])]
-        for j in range(1, len(host)):
+                made[i] = [made_at(0, pos)]
+        for j in range(1, len(drafts_of)):
             at = 0
             for i, _, _, k in drafting:
                 if k > j:
-                    made[i].append((host[j][at], doubted[j][at]))
+                    made[i].append(made_at(j, at))
                     at += 1
         for i, drafts in made.items():
-            out[i] = [d for d, _ in takewhile(lambda x: not x[1], drafts)]
+            kept = list(takewhile(lambda x: not x[2], drafts))
+            out[i] = [d for d, _, _ in kept]
+            if self.second_best:
+                self.last_alternatives[i] = [a for _, a, _ in kept]
         for _, seq, _, _ in work:
             seq.num_computed = len(seq.tokens) - 1  # the real rows only; chained ones are overwritten
         return out
 
     def _real_rows(
         self, work: list[tuple[int, DraftSequence, torch.Tensor, int]], extra: Candidates
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Rows from the target's features of every sequence, in chunks of the token budget; each
-        sequence's last row: its h [W, H], first draft [W] and its confidence [W] (`_drafts`), in `work`
-        order."""
+        sequence's last row: its h [W, H], first draft [W], its second best [W] and its confidence [W]
+        (`_drafts`), in `work` order."""
         cursor = [seq.num_computed for _, seq, _, _ in work]
         last: dict[int, torch.Tensor] = {}
         while len(last) < len(work):
@@ -235,9 +264,10 @@ class FeatureDraftRunner:
         h: torch.Tensor,
         prev: torch.Tensor,
         extra: Candidates,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Row n-2+j of each sequence with k > j, from draft j and the previous row's h (rows of `h` and
-        `prev`: the sequences with k > j - 1); returns its h, draft j + 1 and that draft's confidence."""
+        `prev`: the sequences with k > j - 1); returns its h, draft j + 1, that draft's second best and
+        its confidence."""
         plan = StepPlan()
         keep = []
         for _, seq, _, k in (w for w in drafting if w[3] > j - 1):
@@ -249,11 +279,18 @@ class FeatureDraftRunner:
         h = self.model(prev[rows], h[rows], positions, meta)
         return (h, *self._drafts(h, extra))
 
-    def _drafts(self, h: torch.Tensor, extra: Candidates) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Each row's draft [S] and, where drafts are cut by confidence, the draft's probability of it."""
-        if self.min_confidence <= 0.0:
-            return self.model.greedy(h, extra), None
-        return self.model.greedy_with_confidence(h, extra)
+    def _drafts(
+        self, h: torch.Tensor, extra: Candidates
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Each row's draft [S]; with `second_best`, its second-best token [S]; where drafts are cut by
+        confidence, the draft's probability of it [S]. None for what is not asked."""
+        cut = self.min_confidence > 0.0
+        if self.second_best:
+            return self.model.best_two(h, extra, cut)
+        if not cut:
+            return self.model.greedy(h, extra), None, None
+        tokens, conf = self.model.greedy_with_confidence(h, extra)
+        return tokens, None, conf
 
     def _forward(self, plan: StepPlan, features: torch.Tensor) -> torch.Tensor:
         input_ids, positions, meta = self.plans.prepare(plan)
@@ -275,3 +312,13 @@ class FeatureDraftRunner:
         if self.context is not None:
             for seq_id in seq_ids:
                 self.context.drop(seq_id)
+
+
+def _to_host(parts: list[torch.Tensor]) -> list[list[int]]:
+    """1-D int or bool tensors as lists, through one device-to-host copy."""
+    flat = torch.cat([t.to(torch.int64) for t in parts]).tolist()
+    out, at = [], 0
+    for t in parts:
+        out.append(flat[at : at + t.numel()])
+        at += t.numel()
+    return out

@@ -28,6 +28,13 @@ speculation, never its output:
                 must be this head's softmax over the subset (0 outside it) and x drawn from that q:
                 the rule is exact for any q, and every token outside the subset reaches the output
                 through the residual, where q = 0 leaves its whole p(y).
+
+Second best. With speculative.second_best a draft also offers, beside each draft, the best other token
+of the same candidates: the target verifies both in one step, and where it rejects the draft but takes
+the other, the step still keeps a token it would have lost. The best stays exactly `greedy`'s (the same
+argmax, ties to the first column), so turning it on changes no draft; the other is the best of the
+columns whose token id differs from it, so it is never the draft again even if a candidate list names a
+token twice (ContextTokens never does: it leaves out the subset's tokens, and each token once).
 """
 
 from __future__ import annotations
@@ -84,6 +91,19 @@ class SubsetHead:
         ids, logits = self._candidates(hidden, extra)
         return ids[greedy_tokens(logits)], confidence(logits)
 
+    def best_two(
+        self,
+        hidden: torch.Tensor,
+        extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+        with_confidence: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`greedy`'s tokens [S], each row's best other token [S] over the same candidates ("Second
+        best"), and with `with_confidence` `greedy_with_confidence`'s probability of the first [S] fp32
+        (else None)."""
+        ids, logits = self._candidates(hidden, extra)
+        best, second = top_two(logits, ids)
+        return best, second, confidence(logits) if with_confidence else None
+
     def _candidates(
         self, hidden: torch.Tensor, extra: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +119,20 @@ def confidence(logits: torch.Tensor) -> torch.Tensor:
     """[S, C] -> [S] fp32: the softmax probability of each row's largest logit."""
     lf = logits.float()
     return torch.exp(lf.amax(dim=-1) - torch.logsumexp(lf, dim=-1))
+
+
+def top_two(logits: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [S, C] over candidate token ids [C] (None: column i is token i) -> each row's best token
+    [S] (`greedy_tokens`: ties to the first column) and its best token of another id [S]. Needs two
+    distinct candidate ids; the second costs one more masked pass over the logits."""
+    if logits.shape[-1] < 2:
+        raise ValueError("a second-best token needs at least two candidates")
+    where = greedy_tokens(logits)
+    if ids is None:
+        return where, greedy_tokens(logits.scatter(1, where.unsqueeze(1), float("-inf")))
+    best = ids[where]
+    others = logits.masked_fill(ids.unsqueeze(0) == best.unsqueeze(1), float("-inf"))
+    return best, ids[greedy_tokens(others)]
 
 
 class ContextTokens:
