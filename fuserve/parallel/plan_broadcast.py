@@ -35,7 +35,8 @@ from fuserve.parallel.plan_diff import TableDiffReceiver, TableDiffSender
 from fuserve.parallel.plan_ring import PlanRing
 from fuserve.workers.step_plan import StepPlan
 
-RANK0_ONLY = {"sample_requests"}
+# only rank 0 samples; own_last_keys belongs to decode rows, which each rank makes from its plan
+NOT_SENT = {"sample_requests", "draft_ids", "own_last_keys"}
 SHUTDOWN_WAIT_S = 5.0  # how long the ring's SHUTDOWN message may wait for room before shutdown kills
 
 
@@ -55,7 +56,7 @@ def _shape(type_name: str) -> Shape:
 PLAN_FIELDS = [
     (f.name, _shape(str(f.type)), bool if str(f.type) == "bool" else int)
     for f in dataclasses.fields(StepPlan)
-    if f.name not in RANK0_ONLY
+    if f.name not in NOT_SENT
 ]
 HEADER_NUMEL = 16
 FIRST_NUMEL = 512  # 4 KiB: a decode plan of up to ~10 sequences with short block tables fits

@@ -143,6 +143,8 @@ SPEC_COUNTERS = {
     "draft_seconds": ("fuserve_spec_draft_seconds", "Seconds in proposer calls (drafting and channel)"),
     "channel_seconds": ("fuserve_spec_channel_seconds", "Of the proposer's seconds, the channel round trips"),
     "verify_seconds": ("fuserve_spec_verify_seconds", "Seconds of steps that verified drafts, less drafting"),
+    "num_alternatives": ("fuserve_spec_alternative_tokens", "Second-best draft tokens the target verified"),
+    "num_alternatives_kept": ("fuserve_spec_alternatives_kept", "Of those, kept in place of a draft"),
 }
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fuserve.speculative.alternatives import alternative_kept
 from fuserve.workers.scheduler import SchedulerOutput
 from fuserve.workers.sequence import Sequence
 
@@ -117,7 +118,8 @@ class FeatureStore:
     ) -> None:
         """A completed step's rows (features: [T, dim], the step's tokens in plan order), once the
         scheduler has taken its tokens. A speculating sequence keeps as many rows as tokens it kept: its
-        last token's and each accepted draft's. Sequences that finished meanwhile are dropped."""
+        last token's and each accepted draft's (a kept alternative's own row at its position). Sequences
+        that finished meanwhile are dropped."""
         self.drop_finished()
         self.dim = features.shape[1]
         at = 0
@@ -126,13 +128,20 @@ class FeatureStore:
             seq = item.seq
             if not seq.is_finished:
                 kept = len(result) if item.spec_token_ids and isinstance(result, list) else n
+                rows = features[at : at + kept]
+                took = None
+                if item.spec_alt_ids and isinstance(result, list):
+                    took = alternative_kept(result, item.spec_token_ids, item.spec_alt_ids)
+                if took is not None:  # the chain's rows to the alternative's position, then its row
+                    alt_row = at + 1 + len(item.spec_token_ids) + took
+                    rows = torch.cat([features[at : at + took + 1], features[alt_row : alt_row + 1]])
                 held = self._seqs.get(seq.seq_id)
                 if held is None:
                     held = self._seqs[seq.seq_id] = _Held(seq, FeatureRows())
                 bs = self.block_size
                 if bs and seq.block_hashes and item.start > held.rows.length:
                     self._fill(held, item.start, bs)
-                held.rows.put(item.start, features[at : at + kept])
+                held.rows.put(item.start, rows)
                 if bs:
                     held.offered = min(held.offered, item.start // bs)
                     if len(seq.block_hashes) > held.offered:

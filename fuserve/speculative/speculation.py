@@ -4,12 +4,14 @@
                                                         decode that drafts (k > 0); sets spec_token_ids
                     scheduler.schedule()                 a drafting decode computes 1 + k tokens
                     model step                           logits at each; sampler verifies (rejection.py)
-                    speculation.kept_tokens(item, rows)  the run the target kept -> scheduler
+                    speculation.kept_rows(item, rows)    the run the target kept -> scheduler
 A sequence drafts only when its tokens are all on the host (no async overlap: `wants_drafts` tells the
-engine to wait), it has no penalties, and it has room for more than one
-token. The proposer is told, per sequence, what it already holds (`start`): every token it was sent
-is one the target confirmed, so it never holds a rejected draft of ours, only its own guesses, which it
-truncates at `start`. Sequences that finished, were preempted or aborted are released at the next round.
+engine to wait), it has no penalties, and it has room for more than one token. With `second_best` a
+greedy sequence without a grammar also gets the proposer's alternatives to its drafts (alternatives.py),
+verified in the same step. The proposer is told, per sequence, what it already holds (`start`): every
+token it was sent is one the target confirmed, so it never holds a rejected draft of ours, only its own
+guesses, which it truncates at `start`. Sequences that finished, were preempted or aborted are released
+at the next round.
 For a feature-reading draft the engine keeps each sequence's target features (feature_store.py, filled
 from every completed step by `record_features`) and hands each round the rows the draft lacks.
 """
@@ -25,6 +27,7 @@ import torch
 from fuserve.configs import SpeculativeConfig
 from fuserve.core_messages import SpecCounters
 from fuserve.speculative.adaptive_k import AdaptiveK
+from fuserve.speculative.alternatives import kept_rows
 from fuserve.speculative.feature_store import FeatureStore
 from fuserve.speculative.proposer import (
     Proposer,
@@ -50,6 +53,14 @@ class ReportsChannelTime(Protocol):
     last_channel_s: float
 
 
+@runtime_checkable
+class OffersAlternatives(Protocol):
+    """A proposer that also says, per request of its last round, its second-best token beside each
+    draft it returned (speculative.second_best)."""
+
+    last_alternatives: list[list[int]]
+
+
 class Speculation:
     def __init__(
         self,
@@ -61,6 +72,7 @@ class Speculation:
         self.proposer = proposer
         self.valid_drafts = valid_drafts
         self.max_k = config.num_speculative_tokens
+        self.second_best = config.second_best and isinstance(proposer, OffersAlternatives)
         self.adaptive_k = AdaptiveK(self.max_k, config.adaptive)
         self.stats = SpecStats(self.max_k)
         self._held: dict[str, int] = {}  # seq id -> tokens the proposer holds
@@ -136,7 +148,8 @@ class Speculation:
             return
         self._round_s = time.perf_counter() - t0
         made = 0
-        for seq, req, proposed in zip(seqs, requests, drafts, strict=True):
+        alternatives = self.proposer.last_alternatives if self.second_best else [[]] * len(seqs)
+        for seq, req, proposed, alts in zip(seqs, requests, drafts, alternatives, strict=True):
             if proposed is None:  # the proposer no longer holds it (evicted): all of it next round
                 self._held[seq.seq_id] = 0
                 seq.spec_token_ids = []
@@ -145,15 +158,28 @@ class Speculation:
             seq.spec_token_ids = list(proposed[: req.k])
             if self.valid_drafts is not None and seq.params.grammar is not None:
                 del seq.spec_token_ids[self.valid_drafts(seq, seq.spec_token_ids) :]
+            elif alts and seq.params.greedy:
+                seq.spec_alt_ids = self._alternatives(seq.spec_token_ids, alts)
             made += len(seq.spec_token_ids)
         channel_s = self.proposer.last_channel_s if isinstance(self.proposer, ReportsChannelTime) else 0.0
         self.stats.observe_round([r.k for r in requests], self._round_s, channel_s)
         self.adaptive_k.observe_round(self._round_s, made, channel_s)
 
+    @staticmethod
+    def _alternatives(drafts: list[int], alts: list[int]) -> list[int]:
+        """The alternatives up to the first that is no real one (none, or the draft itself)."""
+        out: list[int] = []
+        for draft, alt in zip(drafts, alts, strict=False):
+            if alt < 0 or alt == draft:
+                break
+            out.append(alt)
+        return out
+
     def after_schedule(self, running: list[Sequence]) -> None:
         """The scheduled chunks hold their drafts now; none carries over to a later step."""
         for seq in running:
             seq.spec_token_ids = []
+            seq.spec_alt_ids = []
 
     def _release_gone(self, running: list[Sequence]) -> None:
         live = {s.seq_id for s in running}
@@ -172,18 +198,22 @@ class Speculation:
         if self.features is not None:
             self.features.record(out, features, sampled)
 
-    def kept_tokens(self, item: ScheduledSeq, row_tokens: list[int]) -> list[int]:
-        """The tokens a speculating sequence keeps from its rows' tokens (rejection.accepted_run)."""
-        kept = accepted_run(row_tokens, item.spec_token_ids)
-        num_drafts, num_accepted = len(item.spec_token_ids), len(kept) - 1
-        self.stats.observe_verify(num_drafts, num_accepted)
+    def kept_rows(self, item: ScheduledSeq, row_tokens: list[int]) -> list[int]:
+        """The rows a speculating sequence keeps, of its rows' tokens (rejection.accepted_run, and
+        alternatives.kept_rows where it offered alternatives): their tokens are what it keeps."""
+        if item.spec_alt_ids:
+            rows = kept_rows(row_tokens, item.spec_token_ids, item.spec_alt_ids)
+        else:
+            rows = list(range(len(accepted_run(row_tokens, item.spec_token_ids))))
+        num_drafts, num_accepted = len(item.spec_token_ids), len(rows) - 1
+        self.stats.observe_verify(num_drafts, num_accepted, len(item.spec_alt_ids), rows[-1] > num_drafts)
         self.adaptive_k.observe_verify(item.seq.seq_id, num_drafts, num_accepted)
-        return kept
+        return rows
 
     def observe_step(self, out: SchedulerOutput, seconds: float) -> None:
         """A completed step's time, less its proposer round, for the cost fit and the stats."""
         seconds = max(seconds - self._round_s, 0.0)
-        num_drafts = sum(len(item.spec_token_ids) for item in out.scheduled)
+        num_drafts = sum(len(item.spec_token_ids) + len(item.spec_alt_ids) for item in out.scheduled)
         if num_drafts:
             self.stats.observe_verify_step(seconds)
         if all(item.samples and item.num_known_tokens == 1 for item in out.scheduled):

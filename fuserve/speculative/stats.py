@@ -27,13 +27,20 @@ class SpecStats:
         for k in ks:
             c.k_counts[min(k, len(c.k_counts) - 1)] += 1
 
-    def observe_verify(self, num_drafts: int, num_accepted: int) -> None:
-        """One sequence checked `num_drafts` drafts and kept the first `num_accepted`."""
+    def observe_verify(
+        self, num_drafts: int, num_accepted: int, num_alternatives: int = 0, took_alternative: bool = False
+    ) -> None:
+        """One sequence checked `num_drafts` drafts (and `num_alternatives` alternatives to them) and kept
+        `num_accepted` tokens before the target's own; the last of them an alternative where it took one
+        (the chain ended there: the draft after it was not reached)."""
         c = self.counters
         c.num_verifies += 1
         c.num_drafts += num_drafts
         c.num_accepted += num_accepted
-        for i in range(min(num_drafts, num_accepted + 1, len(c.reached_at))):
+        c.num_alternatives += num_alternatives
+        c.num_alternatives_kept += took_alternative
+        reached = num_accepted if took_alternative else num_accepted + 1
+        for i in range(min(num_drafts, reached, len(c.reached_at))):
             c.reached_at[i] += 1
             c.accepted_at[i] += i < num_accepted
 

@@ -209,10 +209,14 @@ class DecodeGraphs(StepGraphs):
         device: torch.device,
         max_blocks_per_seq: int,
         max_batch: int = 256,
+        own_last_keys: bool = False,
     ) -> None:
+        """own_last_keys: each row's last key is read at the row's own slot (its slot_mapping entry),
+        which serves verify steps with alternatives (StepPlan.as_decode_rows) and changes nothing else."""
         buckets = graph_buckets(max_batch)
         super().__init__(model, device, max_blocks_per_seq, buckets, buckets[-1])
         self.query_start_loc = torch.arange(buckets[-1] + 1, dtype=torch.int32, device=device)
+        self.own_last_keys = own_last_keys
 
     def _meta(self, tokens: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -222,6 +226,7 @@ class DecodeGraphs(StepGraphs):
             context_lens=self.context_lens[:tokens],
             max_query_len=1,
             max_context_len=self.max_blocks * self.block_size,
+            last_key_slots=self.slot_mapping[:tokens] if self.own_last_keys else None,
         )
 
 

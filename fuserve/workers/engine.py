@@ -317,7 +317,12 @@ class LLMEngine:
             batch = None
             if logits is not None:
                 # every earlier token is read back now, so each matcher is where this step samples
-                rows = [(item.seq, item.spec_token_ids) for item in sched_out.scheduled if item.samples]
+                # a sequence with alternatives has no grammar: its entries only count its rows
+                rows = [
+                    (item.seq, item.spec_token_ids + item.spec_alt_ids)
+                    for item in sched_out.scheduled
+                    if item.samples
+                ]
                 batch = self.executor.sample(plan, logits, self.guided.bitmask(rows))
             self._inflight = (sched_out, batch)
         if not self.async_scheduling and self._inflight is not None:
@@ -415,12 +420,13 @@ class LLMEngine:
             r = next(results) if item.samples else None
             if item.spec_token_ids:
                 assert r is not None and self.speculation is not None
-                rows = [r] + [next(results) for _ in item.spec_token_ids]
-                kept = self.speculation.kept_tokens(item, [x.token_id for x in rows])
+                rows = [r] + [next(results) for _ in range(item.num_rows - 1)]
+                kept_rows = [rows[i] for i in self.speculation.kept_rows(item, [x.token_id for x in rows])]
+                kept = [x.token_id for x in kept_rows]
                 if self._guided is not None:
                     kept = self._guided.until_complete(item.seq, kept)
                 sampled.append(kept)
-                logprobs.append([x.logprobs for x in rows[: len(kept)]])
+                logprobs.append([x.logprobs for x in kept_rows[: len(kept)]])
             else:
                 sampled.append(r.token_id if r else None)
                 logprobs.append(r.logprobs if r else None)

@@ -77,12 +77,21 @@ class ModelRunner:
             max_query_len=plan.max_query_len,
             max_context_len=max(plan.context_lens, default=0),
         )
-        return self._tensor(plan.input_ids), self._tensor(plan.positions), meta
+        positions = self._tensor(plan.positions)
+        if plan.has_alternatives:
+            meta.query_positions = positions
+        if plan.own_last_keys:
+            meta.last_key_slots = meta.slot_mapping
+        return self._tensor(plan.input_ids), positions, meta
 
     def _graphed(self, plan: StepPlan) -> tuple[StepGraphs, StepPlan, int] | None:
         """The graphs that replay this step, the plan they take and its bucket; None: it runs eagerly.
         A decode step (or a small verify step, as decode rows) replays a decode graph, any other step
-        with more than one token in a sequence a mixed one."""
+        with more than one token in a sequence a mixed one. A step with alternatives (rows whose position
+        is not their slot's) replays only decode graphs that read each row's last key at its own slot."""
+        alternatives = plan.has_alternatives
+        if alternatives and not (self.graphs is not None and self.graphs.own_last_keys):
+            return None
         several = plan.max_query_len > 1
         if self.graphs is not None:
             rows: StepPlan | None = plan
@@ -91,7 +100,7 @@ class ModelRunner:
             bucket = self.graphs.bucket(rows) if rows is not None else None
             if rows is not None and bucket is not None:
                 return self.graphs, rows, bucket
-        if several and self.mixed_graphs is not None:
+        if several and self.mixed_graphs is not None and not alternatives:  # causal by slot
             bucket = self.mixed_graphs.bucket(plan)
             if bucket is not None:
                 return self.mixed_graphs, plan, bucket
@@ -105,6 +114,9 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._started = torch.cuda.Event(enable_timing=True)
             self._started.record()
+        if plan.kv_copies:
+            slots = self._tensor(plan.kv_copies).view(-1, 2)
+            self.model.copy_kv_slots(slots[:, 0], slots[:, 1])
         chosen = self._graphed(plan)
         if chosen is not None:
             graphs, graphed, bucket = chosen

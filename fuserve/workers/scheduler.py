@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 
 from fuserve.configs import SchedulerConfig
+from fuserve.speculative.alternatives import alternative_kept
 from fuserve.workers.block_manager import BlockManager
 from fuserve.workers.sequence import PLACEHOLDER, FinishReason, Sequence, SequenceStatus
 
@@ -34,29 +35,34 @@ class ScheduledSeq:
     start: int = -1
     samples: bool = False  # the chunk reaches the end of the known tokens, so it yields the next one
     spec_token_ids: list[int] = field(default_factory=list)
+    # alternatives to the first drafts (Sequence.spec_alt_ids), after the drafts in the chunk
+    spec_alt_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         seq = self.seq  # made for every scheduled sequence every step: no property calls here
         if self.start < 0:
             self.start = seq.num_computed_tokens
-        known = self.num_new_tokens - len(self.spec_token_ids)
+        known = self.num_new_tokens - len(self.spec_token_ids) - len(self.spec_alt_ids)
         self.samples = self.start + known == len(seq.token_ids)
 
     @property
     def num_known_tokens(self) -> int:
-        """The chunk's tokens of the sequence itself, drafts not counted."""
-        return self.num_new_tokens - len(self.spec_token_ids)
+        """The chunk's tokens of the sequence itself, drafts and alternatives not counted."""
+        return self.num_new_tokens - len(self.spec_token_ids) - len(self.spec_alt_ids)
 
     @property
     def num_rows(self) -> int:
-        """Logit rows the chunk yields: one per draft plus one, when it samples."""
-        return 1 + len(self.spec_token_ids) if self.samples else 0
+        """Logit rows the chunk yields: one per draft and alternative plus one, when it samples."""
+        return 1 + len(self.spec_token_ids) + len(self.spec_alt_ids) if self.samples else 0
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # (source, destination) cache slots, flattened: a kept alternative's K/V goes from where the last
+    # verify step wrote it to its position, before this step's forward reads or writes the cache
+    kv_copies: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -96,6 +102,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._waiting_work: dict[Sequence, int] = {}  # each waiting sequence's work when it joined
+        self._kv_copies: list[int] = []  # for the next step's output (SchedulerOutput.kv_copies)
 
     # ---- queue management -----------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -157,7 +164,8 @@ class Scheduler:
 
     # ---- one step -------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(kv_copies=self._kv_copies)
+        self._kv_copies = []
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
         bm = self.block_manager
@@ -179,8 +187,9 @@ class Scheduler:
                     kept.append(seq)
                     continue
                 n = budget
-            drafts = self._drafts_that_fit(seq, n, budget) if seq.spec_token_ids else []
-            end = seq.num_computed_tokens + n + len(drafts)
+            drafts, alts = self._drafts_that_fit(seq, n, budget) if seq.spec_token_ids else ([], [])
+            extra = len(drafts) + len(alts)
+            end = seq.num_computed_tokens + n + extra
             if end > len(seq.block_table) * block_size:  # it needs a block: there may be none left
                 while not bm.can_append(seq, seq.num_computed_tokens + n):
                     victim = queue.pop() if queue else seq
@@ -190,9 +199,9 @@ class Scheduler:
                 if seq.status is not SequenceStatus.RUNNING:
                     break
                 bm.append_slots(seq, end)
-            out.scheduled.append(ScheduledSeq(seq, n + len(drafts), spec_token_ids=drafts))
+            out.scheduled.append(ScheduledSeq(seq, n + extra, spec_token_ids=drafts, spec_alt_ids=alts))
             kept.append(seq)
-            budget -= n + len(drafts)
+            budget -= n + extra
         kept.extend(queue)
         self.running = kept
 
@@ -216,20 +225,26 @@ class Scheduler:
                 budget -= n
         return out
 
-    def _drafts_that_fit(self, seq: Sequence, n: int, budget: int) -> list[int]:
-        """A decode's drafts, as many as the token budget and the free blocks allow: drafts are the
-        first thing a short step gives up, before any sequence is preempted."""
+    def _drafts_that_fit(self, seq: Sequence, n: int, budget: int) -> tuple[list[int], list[int]]:
+        """A decode's drafts and their alternatives, as many as the token budget and the free blocks
+        allow: alternatives, then drafts, are the first things a short step gives up, before any
+        sequence is preempted."""
         if not seq.spec_token_ids or n != 1 or seq.token_ids[-1] == PLACEHOLDER:
-            return []
+            return [], []
         drafts = seq.spec_token_ids[: max(0, budget - n)]
-        if drafts and not self.block_manager.can_append(seq, seq.num_computed_tokens + n + len(drafts)):
-            return []
-        return drafts
+        alts = seq.spec_alt_ids[: min(len(drafts), max(0, budget - n - len(drafts)))]
+        can_append, computed = self.block_manager.can_append, seq.num_computed_tokens
+        if alts and not can_append(seq, computed + n + len(drafts) + len(alts)):
+            alts = []
+        if drafts and not can_append(seq, computed + n + len(drafts)):
+            return [], []
+        return drafts, alts
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         if seq in self.running:
             self.running.remove(seq)
         seq.spec_token_ids = []
+        seq.spec_alt_ids = []
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -272,6 +287,8 @@ class Scheduler:
                 reason = self._stop_reason(seq, result, pos + 1 - len(seq.prompt_token_ids))
             else:
                 reason = self._keep_tokens(seq, result, pos)
+                if item.spec_alt_ids:
+                    self._move_kept_alternative(item, result)
             if item.spec_token_ids:
                 self._take_back_drafts(seq)
             commit(seq)
@@ -292,6 +309,18 @@ class Scheduler:
             if reason is not None:
                 return reason
         return None
+
+    def _move_kept_alternative(self, item: ScheduledSeq, kept: list[int]) -> None:
+        """Where the target took an alternative, its K/V (written after the drafts) goes to its
+        position at the next step, before anything reads it; its slot's block may be given back now,
+        but nothing writes there before that copy."""
+        at = alternative_kept(kept, item.spec_token_ids, item.spec_alt_ids)
+        if at is None:
+            return
+        table, bs = item.seq.block_table, self.block_manager.block_size
+        src = item.start + 1 + len(item.spec_token_ids) + at  # the chunk is [last, drafts, alternatives]
+        dst = item.start + 1 + at
+        self._kv_copies += [table[src // bs] * bs + src % bs, table[dst // bs] * bs + dst % bs]
 
     def _take_back_drafts(self, seq: Sequence) -> None:
         """Blocks that held only rejected drafts go back to the pool; rejected slots in a kept block

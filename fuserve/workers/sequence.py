@@ -51,6 +51,9 @@ class Sequence:
     # drafts proposed for the next step (speculative decoding): the step computes them after the last
     # token and the target keeps the ones it agrees with; set by the engine before each schedule()
     spec_token_ids: list[int] = field(default_factory=list)
+    # the draft's second-best token beside each of the first drafts (speculative.second_best): the step
+    # also computes each at its draft's position and keeps one where the target takes it instead
+    spec_alt_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     # an int naming the sequence in step plans (their block tables cross to other ranks as diffs)

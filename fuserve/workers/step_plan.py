@@ -27,6 +27,9 @@ class StepPlan:
     # Speculative decoding (empty when no sequence speculates): per sampling sequence, its number of
     # drafts, whose positions end its chunk; it takes logits at each draft and after the last one.
     num_drafts: list[int] = field(default_factory=list)
+    # per sampling sequence (beside num_drafts), its alternatives (speculative/alternatives.py): they end
+    # its chunk, after the drafts, each at its draft's position; each gives a logit row
+    num_alternatives: list[int] = field(default_factory=list)
     # per logit row, the draft it verifies (speculative/rejection.py), NO_DRAFT for none; rank 0 only
     draft_ids: list[int] = field(default_factory=list)
     sample_requests: list[SampleRequest] = field(default_factory=list)  # per logit row; rank 0 only
@@ -37,6 +40,11 @@ class StepPlan:
     # every sampling row takes the plain argmax of its logits (sampler.argmax_only): the ranks find the
     # tokens together from their logits slices, and all of them hold the tokens afterwards
     argmax_only: bool = False
+    # (source, destination) slots, flattened, whose K/V is copied before the forward (kept alternatives)
+    kv_copies: list[int] = field(default_factory=list)
+    # decode rows only (as_decode_rows of a step with alternatives): each row's last key is read at its
+    # own slot_mapping entry, not through the block table; made by each rank from its plan, never sent
+    own_last_keys: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -48,19 +56,25 @@ class StepPlan:
 
     @property
     def num_logit_rows(self) -> int:
-        """Rows of the step's logits: one per sampling sequence, plus one per draft."""
-        return len(self.sample_rows) + sum(self.num_drafts)
+        """Rows of the step's logits: one per sampling sequence, plus one per draft and alternative."""
+        return len(self.sample_rows) + sum(self.num_drafts) + sum(self.num_alternatives)
+
+    @property
+    def has_alternatives(self) -> bool:
+        """Some rows sit at a position other than their slot's: attention then reads `positions`."""
+        return any(self.num_alternatives)
 
     def logit_token_indices(self) -> list[int]:
         """Which of the step's tokens give logits: each sampling sequence's last token, and its drafts
-        before it when it speculates."""
+        (and alternatives) when it speculates."""
         q = self.query_start_loc
         if not self.num_drafts:
             return [q[b + 1] - 1 for b in self.sample_rows]
+        alts = self.num_alternatives or [0] * len(self.num_drafts)
         return [
             i
-            for b, k in zip(self.sample_rows, self.num_drafts, strict=True)
-            for i in range(q[b + 1] - 1 - k, q[b + 1])
+            for b, k, m in zip(self.sample_rows, self.num_drafts, alts, strict=True)
+            for i in range(q[b + 1] - 1 - k - m, q[b + 1])
         ]
 
     @property
@@ -80,9 +94,13 @@ class StepPlan:
         q = self.query_start_loc
         context_lens: list[int] = []
         block_tables: list[list[int]] = []
+        alternatives = self.has_alternatives
         for b, table in enumerate(self.block_tables):
             n, end = q[b + 1] - q[b], self.context_lens[b]
-            context_lens.extend(range(end - n + 1, end + 1))
+            if alternatives:  # a row sees the keys before its position, and its own at its slot
+                context_lens.extend(p + 1 for p in self.positions[q[b] : q[b + 1]])
+            else:
+                context_lens.extend(range(end - n + 1, end + 1))
             block_tables.extend([table] * n)
         return StepPlan(
             input_ids=self.input_ids,
@@ -94,6 +112,7 @@ class StepPlan:
             sample_rows=list(range(self.num_tokens)),
             fill_positions=self.fill_positions,
             fill_rows=self.fill_rows,
+            own_last_keys=alternatives,
         )
 
 
@@ -101,8 +120,9 @@ def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
     """Runs once a step over every scheduled sequence, so a decode (one token, no drafts: nearly every
     sequence of a large batch) takes a path without slices, ranges or generators: at 256-1,024
     sequences a step this loop was a tenth of the engine core's host time (benchmarks/NOTES.md)."""
-    plan = StepPlan()
+    plan = StepPlan(kv_copies=out.kv_copies)
     speculating = any(item.spec_token_ids for item in out.scheduled)
+    branching = any(item.spec_alt_ids for item in out.scheduled)
     input_ids, positions, slots = plan.input_ids, plan.positions, plan.slot_mapping
     query_start, total = plan.query_start_loc, 0
     for b, item in enumerate(out.scheduled):
@@ -118,14 +138,20 @@ def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
             positions.append(start)
             slots.append(table[start // block_size] * block_size + start % block_size)
         else:
+            alts = item.spec_alt_ids
             tokens = seq.token_ids[start : start + item.num_known_tokens]
             if drafts:
-                tokens += drafts
+                tokens += drafts + alts
             if tokens[-1] == PLACEHOLDER:
                 plan.fill_positions.append(len(input_ids) + n - 1)
                 plan.fill_rows.append(seq.pending_row)
             input_ids.extend(tokens)
-            positions.extend(range(start, start + n))
+            if alts:  # each alternative at its draft's position, after the chain's slots
+                chain_end = start + n - len(alts)
+                positions.extend(range(start, chain_end))
+                positions.extend(range(chain_end - len(drafts), chain_end - len(drafts) + len(alts)))
+            else:
+                positions.extend(range(start, start + n))
             slots.extend(
                 table[p // block_size] * block_size + p % block_size for p in range(start, start + n)
             )
@@ -140,12 +166,15 @@ def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
             # each step grew the host's step time with the generation's length
             num_out = len(seq.token_ids) - len(seq.prompt_token_ids)
             output = seq.output_token_ids if has_penalty(seq.params) else []
-            for j in range(len(drafts) + 1):  # row j's token follows j drafts (a seeded draw keys on it)
+            # row j's token follows j drafts (a seeded draw keys on it); alternative i's follows i + 1
+            for j in [*range(len(drafts) + 1), *range(1, len(item.spec_alt_ids) + 1)]:
                 plan.sample_requests.append(
                     SampleRequest(seq.params, seq.prompt_token_ids, output, j, num_out)
                 )
             if speculating:
                 plan.num_drafts.append(len(drafts))
-                plan.draft_ids.extend([*drafts, NO_DRAFT])
+                plan.draft_ids.extend([*drafts, NO_DRAFT, *[NO_DRAFT] * len(item.spec_alt_ids)])
+            if branching:
+                plan.num_alternatives.append(len(item.spec_alt_ids))
     plan.argmax_only = bool(plan.sample_requests) and argmax_only(plan.sample_requests)
     return plan

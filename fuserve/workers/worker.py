@@ -164,9 +164,11 @@ class Worker:
         if max_tokens > 1:
             mixed = MixedGraphs(self.model, self.device, max_blocks, max_tokens, sched.max_num_seqs)
             pool = mixed.capture()
-        rows = 1 + (spec.num_speculative_tokens if spec.method != "none" else 0)  # verify: row per token
+        k = spec.num_speculative_tokens if spec.method != "none" else 0
+        rows = 1 + k * (2 if spec.second_best else 1)  # verify: a row per token
         max_batch = min(config.kernels.cuda_graph_max_batch, sched.max_num_seqs * rows)
-        decode = DecodeGraphs(self.model, self.device, max_blocks, max_batch)
+        # with alternatives, a verify row's last key may sit at another slot than its position's
+        decode = DecodeGraphs(self.model, self.device, max_blocks, max_batch, own_last_keys=spec.second_best)
         decode.capture(pool)
         return mixed, decode
 

@@ -103,6 +103,10 @@ class AttentionMetadata:
     query_start_loc: [B+1] row offsets of each sequence's new tokens
     context_lens:    [B] tokens of each sequence after this step (cached + new)
     tile_map:        [G, 2] the prefill attention's programs, for a grid fixed under a CUDA graph
+    query_positions: [T] each row's position where some row's differs from its slot's (a verify step
+                     with alternatives: speculative/alternatives.py); None: every row is causal
+    last_key_slots:  [B] decode only: the cache slot of each row's last key, < 0 for the block table's
+                     (a verify step with alternatives as decode rows: StepPlan.as_decode_rows)
     """
 
     slot_mapping: torch.Tensor
@@ -112,6 +116,8 @@ class AttentionMetadata:
     max_query_len: int
     max_context_len: int
     tile_map: torch.Tensor | None = None
+    query_positions: torch.Tensor | None = None
+    last_key_slots: torch.Tensor | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -214,7 +220,14 @@ class LlamaAttention(nn.Module):
         )
         if meta.is_decode:
             o = self.ops.paged_decode_attention(
-                q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale, **scales
+                q,
+                self.k_cache,
+                self.v_cache,
+                meta.block_tables,
+                meta.context_lens,
+                self.scale,
+                last_key_slots=meta.last_key_slots,
+                **scales,
             )
         else:
             o = self.ops.paged_prefill_attention(
@@ -227,6 +240,7 @@ class LlamaAttention(nn.Module):
                 self.scale,
                 meta.max_query_len,
                 tile_map=meta.tile_map,
+                query_positions=meta.query_positions,
                 **scales,
             )
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
@@ -338,6 +352,14 @@ class LlamaForCausalLM(nn.Module):
         for layer, k, v in zip(self.model.layers, k_caches, v_caches, strict=True):
             layer.self_attn.k_cache = k
             layer.self_attn.v_cache = v
+
+    def copy_kv_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Every layer's K/V at cache slots `src` to slots `dst` ([n] int64 each): a kept alternative's
+        K/V to its position (speculative/alternatives.py)."""
+        for layer in self.model.layers:
+            for cache in (layer.self_attn.k_cache, layer.self_attn.v_cache):
+                slots = cache.view(-1, *cache.shape[2:])
+                slots[dst] = slots[src]
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
