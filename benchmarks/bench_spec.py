@@ -112,6 +112,7 @@ def make_proposer(name: str, spec: SpeculativeConfig, config: FuserveConfig, eng
                 config.cache,
                 config.kernels,
                 min_confidence=spec.draft_confidence,
+                second_best=spec.second_best,
             )
         return DraftRunner(model, placement, config.cache, config.kernels)
     module, _, func = name.partition(":")
@@ -181,6 +182,8 @@ def run_variant(
             channel_ms_per_round=1e3 * c.channel_seconds / max(c.num_rounds, 1),
             verify_ms_per_step=1e3 * c.verify_seconds / max(c.num_verify_steps, 1),
             verify_steps=c.num_verify_steps,
+            alternatives=c.num_alternatives,
+            alternatives_kept=c.num_alternatives_kept,
         )
     return row
 
@@ -240,6 +243,11 @@ def main() -> None:
         default=0.0,
         help="a feature draft's drafts stop below this probability (speculative.draft_confidence)",
     )
+    ap.add_argument(
+        "--second-best",
+        action="store_true",
+        help="a feature draft also offers its second-best token beside each draft (speculative.second_best)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.smoke:
@@ -254,6 +262,10 @@ def main() -> None:
     kinds = args.prompts.split(",") if args.model == "default" else ["random"]
 
     config = config_from_dict(engine_config(args))
+    if args.second_best:  # the engine's decode graphs then serve verify steps with alternatives
+        config = config.model_copy(
+            update={"speculative": config.speculative.model_copy(update={"second_best": True})}
+        )
     llm = LLM(config)
     # The real model's text ends where it ends it: past its end of turn it writes what no draft was trained
     # on (2026-11-27: a code prompt's answer ended after 11 tokens and the 117 forced after it took the
@@ -284,6 +296,7 @@ def main() -> None:
                             num_speculative_tokens=max(args.ks) if adaptive else k,
                             adaptive=adaptive,
                             draft_confidence=args.draft_confidence,
+                            second_best=args.second_best,
                         )
                     )
                     proposer = make_proposer(proposer_name, spec_cfg, config, llm.engine)
@@ -298,6 +311,7 @@ def main() -> None:
                         adaptive=adaptive,
                         synthetic_acceptance=acceptance,
                         draft_confidence=args.draft_confidence,
+                        second_best=args.second_best,
                     )
                     row = run_variant(llm, args, label, speculation, batches, warmup, params)
                     row["speedup"] = row["tok_s"] / plain["tok_s"]
@@ -308,7 +322,8 @@ def main() -> None:
                         f"len={row['mean_accepted_length']:.2f} "
                         f"tok/step={row['output_tokens'] / row['steps']:.2f} "
                         f"draft={row['draft_ms_per_draft']:.1f} ms "
-                        f"verify={row['verify_ms_per_step']:.0f} ms",
+                        f"verify={row['verify_ms_per_step']:.0f} ms "
+                        f"alt kept={row['alternatives_kept']}/{row['alternatives']}",
                         flush=True,
                     )
             print(f"{kind:<7} b={batch:<3} plain      {plain['tok_s']:8.1f} tok/s", flush=True)
