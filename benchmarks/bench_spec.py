@@ -104,17 +104,22 @@ def make_proposer(name: str, spec: SpeculativeConfig, config: FuserveConfig, eng
             path=name[len("draft=") :], max_model_len=engine.max_model_len, dtype=config.model.dtype
         )
         placement = DraftPlacementConfig(device=engine.device.type)
+        # In the deployment the draft sizes its pool from its device's memory; here that memory went to
+        # the target's pool, and a GPU draft sized that way got one block and drafted nothing. So: room
+        # for every sequence at the longest length.
+        blocks = config.scheduler.max_num_seqs * -(-engine.max_model_len // config.cache.block_size)
+        cache = config.cache.model_copy(update={"num_blocks": blocks})
         if is_feature_draft(model):  # an eagle1 file: it reads the target's features (eager on GPU)
             return FeatureDraftRunner(
                 model,
                 config.model,
                 placement,
-                config.cache,
+                cache,
                 config.kernels,
                 min_confidence=spec.draft_confidence,
                 second_best=spec.second_best,
             )
-        return DraftRunner(model, placement, config.cache, config.kernels)
+        return DraftRunner(model, placement, cache, config.kernels)
     module, _, func = name.partition(":")
     if not func:
         raise SystemExit(f"--proposer {name!r}: use ngram, repeat, draft=PATH or module:function")
