@@ -224,7 +224,8 @@ def test_engine_speculates_through_a_feature_draft_deployment(
 ) -> None:
     """An eagle1 draft file in the config: the engine core's target keeps its features from start-up,
     every round carries the new rows to the Draft deployment, which runs the feature-reading runner, and
-    the answers are the target's alone (a random draft: its drafts are verified and mostly rejected)."""
+    the answers are the target's alone (a random draft: its drafts are verified and mostly rejected), with
+    the draft's second-best tokens verified beside its drafts (speculative.second_best)."""
     import sys
 
     import torch
@@ -256,6 +257,7 @@ def test_engine_speculates_through_a_feature_draft_deployment(
                 "draft": {"path": str(eagle), "max_model_len": 256},
                 "num_speculative_tokens": 3,
                 "adaptive": False,
+                "second_best": True,
                 "channel_timeout_s": TIMEOUT_S,
                 "placement": {"device": "cpu", "num_cpus": 0.5},
             },
@@ -274,4 +276,5 @@ def test_engine_speculates_through_a_feature_draft_deployment(
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == want[0].outputs[0].text
         assert time.monotonic() < deadline, "the engine never drafted through its feature draft deployment"
+    assert _spec_counter(url, "fuserve_spec_alternative_tokens_total") > 0  # they crossed the channel
     serve.delete(app)
