@@ -88,6 +88,26 @@ def test_the_plan_puts_alternatives_after_the_drafts_at_their_positions_and_move
     assert sched.schedule().kv_copies == []  # moved once
 
 
+def test_a_kept_alternatives_move_waits_for_a_step_that_runs() -> None:
+    """The sequence ends with the alternative's step: its published blocks may be prefix hits later, so
+    the move is not dropped with an empty step but goes with the next one that runs a forward."""
+    bs = 4
+    sched = Scheduler(SchedulerConfig(), BlockManager(num_blocks=16, block_size=bs))
+    seq = Sequence("a", list(range(10, 16)), SamplingParams(temperature=0.0), arrival_time=0.0, max_tokens=3)
+    sched.add(seq)
+    out = sched.schedule()
+    sched.on_launched(out)
+    sched.update_from_output(out, [20])
+    seq.spec_token_ids, seq.spec_alt_ids = [21, 22], [31, 32]
+    out = sched.schedule()
+    sched.on_launched(out)
+    assert sched.update_from_output(out, [[21, 32, 40]]) == [seq]  # max_tokens reached
+    empty = sched.schedule()
+    assert empty.is_empty and empty.kv_copies == []
+    sched.add(Sequence("b", [1, 2, 3], SamplingParams(), arrival_time=1.0, max_tokens=2))
+    assert len(sched.schedule().kv_copies) == 2
+
+
 # ---- the engine ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Path:

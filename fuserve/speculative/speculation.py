@@ -158,7 +158,7 @@ class Speculation:
             seq.spec_token_ids = list(proposed[: req.k])
             if self.valid_drafts is not None and seq.params.grammar is not None:
                 del seq.spec_token_ids[self.valid_drafts(seq, seq.spec_token_ids) :]
-            elif alts and seq.params.greedy:
+            elif alts and seq.params.greedy and seq.params.grammar is None:
                 seq.spec_alt_ids = self._alternatives(seq.spec_token_ids, alts)
             made += len(seq.spec_token_ids)
         channel_s = self.proposer.last_channel_s if isinstance(self.proposer, ReportsChannelTime) else 0.0

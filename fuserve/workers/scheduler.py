@@ -223,6 +223,8 @@ class Scheduler:
                 self.running.append(seq)
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
+        if out.is_empty:  # no forward runs: the copies wait for the next one (a hit may read the block)
+            self._kv_copies, out.kv_copies = out.kv_copies, []
         return out
 
     def _drafts_that_fit(self, seq: Sequence, n: int, budget: int) -> tuple[list[int], list[int]]:
