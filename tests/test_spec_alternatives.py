@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from checkpoints import make_checkpoint
+from decode_rows_check import check_decode_rows
 from recording_proposer import RecordingFeatureProposer
 
 from fuserve import LLM, SamplingParams
@@ -195,21 +196,7 @@ def test_verify_steps_with_alternatives_as_decode_rows_give_the_same_hidden_stat
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     plain = run(make_llm(target, speculative=False), prompts, params)
     llm = make_llm(target)
-    runner = llm.engine.executor.worker.runner
-    forward = runner.forward_plan
-    checked = []
-
-    def both(plan: StepPlan, prev: torch.Tensor | None = None) -> torch.Tensor | None:
-        hidden = forward(plan, prev)
-        rows = plan.as_decode_rows()
-        if rows is not None and hidden is not None and plan.has_alternatives:
-            again = forward(rows, prev)  # writes the same KV again: same slots, same values
-            assert again is not None
-            torch.testing.assert_close(again, hidden, rtol=1e-4, atol=1e-4)
-            checked.append(len(rows.context_lens))
-        return hidden
-
-    runner.forward_plan = both
+    checked = check_decode_rows(llm.engine.executor.worker.runner, lambda plan: plan.has_alternatives)
     recorder = RecordingFeatureProposer(plain, seed=2, vocab=VOCAB, alternatives=True)
     llm.engine.speculation = Speculation(llm.config.speculative, recorder)
     got = run(llm, prompts, params)

@@ -22,6 +22,7 @@ import pytest
 import torch
 from checkpoints import make_checkpoint
 from chi_square import chi_square, critical_value
+from decode_rows_check import check_decode_rows
 from test_spec_rejection import accept_always
 
 from fuserve import LLM, SamplingParams
@@ -111,21 +112,7 @@ def test_verify_steps_as_decode_rows_give_the_same_hidden_states(folder: Path) -
     """What the GPU's verify graphs run (a decode row per token, its own context length) against the
     varlen prefill path, on every verify step of a speculating run."""
     llm = make_llm(folder, NGRAM)
-    runner = llm.engine.executor.worker.runner
-    forward = runner.forward_plan
-    checked = []
-
-    def both(plan: StepPlan, prev: torch.Tensor | None = None) -> torch.Tensor | None:
-        hidden = forward(plan, prev)
-        rows = plan.as_decode_rows()
-        if rows is not None and hidden is not None:
-            again = forward(rows, prev)  # writes the same KV again: same slots, same values
-            assert again is not None
-            torch.testing.assert_close(again, hidden, rtol=1e-4, atol=1e-4)
-            checked.append(len(rows.context_lens))
-        return hidden
-
-    runner.forward_plan = both
+    checked = check_decode_rows(llm.engine.executor.worker.runner)
     prompts = [[7, 8, 9, 7, 8, 9, 7, 8], list(range(40, 60)) * 2]
     llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
     assert checked and max(checked) > 2, "no verify step with drafts ran"

@@ -7,6 +7,7 @@ does not fit the model is refused with the reason."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -63,16 +64,22 @@ def test_context_tokens_extend_the_candidates_while_a_sequence_holds_them() -> N
     assert context.candidates() is None and not context.holders
 
 
-def test_greedy_with_confidence_gives_greedys_token_and_its_softmax_over_the_candidates() -> None:
-    gen = torch.Generator().manual_seed(2)
+def head_with_context(seed: int) -> tuple[torch.Tensor, torch.Tensor, SubsetHead, Any, torch.Tensor]:
+    """(weight, subset ids, head, its context tokens' candidates, 9 hidden rows); row 0 points, with
+    confidence, at context token 33."""
+    gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(V, H, generator=gen)
     ids = torch.arange(0, V, 10)
     head = SubsetHead(weight, ids)
     context = ContextTokens(head)
     context.add("a", [7, 33, 501])
-    extra = context.candidates()
     hidden = torch.randn(9, H, generator=gen) * 3
-    hidden[0] = weight[33] * 10  # a confident row, on a context token
+    hidden[0] = weight[33] * 10
+    return weight, ids, head, context.candidates(), hidden
+
+
+def test_greedy_with_confidence_gives_greedys_token_and_its_softmax_over_the_candidates() -> None:
+    weight, ids, head, extra, hidden = head_with_context(2)
     for candidates in (None, extra):
         tokens, conf = head.greedy_with_confidence(hidden, candidates)
         assert torch.equal(tokens, head.greedy(hidden, candidates))
@@ -84,15 +91,7 @@ def test_greedy_with_confidence_gives_greedys_token_and_its_softmax_over_the_can
 
 
 def test_best_two_is_greedys_token_and_the_best_other_token_of_the_same_candidates() -> None:
-    gen = torch.Generator().manual_seed(3)
-    weight = torch.randn(V, H, generator=gen)
-    ids = torch.arange(0, V, 10)
-    head = SubsetHead(weight, ids)
-    context = ContextTokens(head)
-    context.add("a", [7, 33, 501])
-    extra = context.candidates()
-    hidden = torch.randn(9, H, generator=gen) * 3
-    hidden[0] = weight[33] * 10  # best: a context token
+    weight, ids, head, extra, hidden = head_with_context(3)
     for candidates in (None, extra):
         pool = ids if candidates is None else torch.cat([ids, candidates[0]])
         top = F.linear(hidden, weight[pool]).topk(2, dim=-1).indices  # the reference: no ties here

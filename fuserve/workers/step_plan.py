@@ -94,14 +94,11 @@ class StepPlan:
         q = self.query_start_loc
         context_lens: list[int] = []
         block_tables: list[list[int]] = []
-        alternatives = self.has_alternatives
         for b, table in enumerate(self.block_tables):
-            n, end = q[b + 1] - q[b], self.context_lens[b]
-            if alternatives:  # a row sees the keys before its position, and its own at its slot
-                context_lens.extend(p + 1 for p in self.positions[q[b] : q[b + 1]])
-            else:
-                context_lens.extend(range(end - n + 1, end + 1))
-            block_tables.extend([table] * n)
+            # a row sees the keys up to its position: its own the last (at its slot, where alternatives
+            # sit after the chain: `own_last_keys`)
+            context_lens.extend(p + 1 for p in self.positions[q[b] : q[b + 1]])
+            block_tables.extend([table] * (q[b + 1] - q[b]))
         return StepPlan(
             input_ids=self.input_ids,
             positions=self.positions,
@@ -112,7 +109,7 @@ class StepPlan:
             sample_rows=list(range(self.num_tokens)),
             fill_positions=self.fill_positions,
             fill_rows=self.fill_rows,
-            own_last_keys=alternatives,
+            own_last_keys=self.has_alternatives,
         )
 
 
