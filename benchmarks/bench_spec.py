@@ -20,6 +20,11 @@ replay CUDA graphs.
 without its channel), e.g. `draft=shipped:smollm2-135m-instruct-eagle`, the draft trained for the
 default model: an eagle1 file (training/train_eagle.py's export) runs as a feature-reading draft (the
 target's CUDA graphs are captured again, keeping features); an HF folder as an independent draft model.
+`--proposer server=SHAPE` drafts through the draft deployment's channel: one draft server process for the
+whole run (random weights of SHAPE: llama3.2-1b, or tiny), on the target's GPU (co-located) or on
+`--draft-gpu N`; rows carry its placement and the channel's time per round. Several proposers, comma-
+separated, run in turn on the same engine, beside one plain row (e.g. `repeat,server=llama3.2-1b`: the
+free drafts' ceiling beside a real draft's cost).
 `--proposer module:function` plugs in another proposer: a function (config: FuserveConfig, engine:
 LLMEngine) -> Proposer, imported by name.
 """
@@ -30,7 +35,9 @@ import argparse
 import dataclasses
 import datetime as dt
 import importlib
+import itertools
 import json
+import os
 import random
 import sys
 import time
@@ -72,24 +79,103 @@ class RepeatLastProposer:
 class SyntheticAcceptance(Speculation):
     """BENCHMARK ONLY: keeps each draft with probability `acceptance`, whatever the target computed,
     so the cost of speculation can be measured at a chosen acceptance on random weights. The kept
-    drafts were the step's inputs, so the KV cache stays consistent; the output is not the target's."""
+    tokens are the drafts themselves and the target's token after the last (`keep_drafts`): they were
+    the step's inputs, so the target's KV stays consistent, and a draft model keeps the KV of its
+    accepted drafts as it would with real acceptance."""
 
     def __init__(self, config: SpeculativeConfig, proposer: Proposer, acceptance: float, seed: int) -> None:
         super().__init__(config, proposer)
         self.acceptance = acceptance
         self.rng = random.Random(seed)
 
-    def kept_tokens(self, item: ScheduledSeq, row_tokens: list[int]) -> list[int]:
+    def kept_rows(self, item: ScheduledSeq, row_tokens: list[int]) -> list[int]:
         drafts = item.spec_token_ids
         a = 0
         while a < len(drafts) and self.rng.random() < self.acceptance:
             a += 1
         self.stats.observe_verify(len(drafts), a)
         self.adaptive_k.observe_verify(item.seq.seq_id, len(drafts), a)
-        return [*drafts[:a], row_tokens[a]]
+        return list(range(a + 1))
 
 
-def make_proposer(name: str, spec: SpeculativeConfig, config: FuserveConfig, engine: LLMEngine) -> Proposer:
+def keep_drafts(engine: LLMEngine) -> None:
+    """Under SyntheticAcceptance a sequence keeps its accepted drafts, not the target's tokens at those
+    rows (which the engine takes from the rows Speculation.kept_rows names)."""
+    rows_of = engine._sampled_rows
+
+    def sampled_rows(sched_out: Any, batch: Any) -> tuple[list, list]:
+        sampled, logprobs = rows_of(sched_out, batch)
+        if isinstance(engine.speculation, SyntheticAcceptance):
+            for i, item in enumerate(sched_out.scheduled):
+                kept = sampled[i]
+                if item.spec_token_ids and isinstance(kept, list):
+                    sampled[i] = [*item.spec_token_ids[: len(kept) - 1], kept[-1]]
+        return sampled, logprobs
+
+    engine._sampled_rows = sampled_rows  # type: ignore[method-assign]
+
+
+class ServedDraft:
+    """A draft server process and one client of it, for the whole run: loading a 1B draft and capturing
+    its graphs takes longer than a variant, and the server keeps no state a later variant could trip on
+    (sequences are released as they finish)."""
+
+    def __init__(self, shape: str, config: FuserveConfig, engine: LLMEngine, gpu: str | None) -> None:
+        from bench_spec_channel import LLAMA32_1B, TINY
+
+        from fuserve.speculative.draft_client import DraftProposer
+        from fuserve.speculative.draft_server import start_draft_server
+
+        shapes = {"llama3.2-1b": LLAMA32_1B, "tiny": TINY}
+        if shape not in shapes:
+            raise SystemExit(f"--proposer server={shape}: use one of {sorted(shapes)}")
+        draft = {
+            "load_format": "dummy",
+            "hf_config": shapes[shape],
+            "max_model_len": engine.max_model_len,
+            "dtype": config.model.dtype,
+        }
+        device = engine.device.type
+        spec = {"method": "draft", "draft": draft, "placement": {"device": device, "num_gpus": 0.5}}
+        # a pool for every sequence at the longest length, not a share of a GPU the target already filled
+        blocks = config.scheduler.max_num_seqs * -(-engine.max_model_len // config.cache.block_size)
+        served = config.model_copy(
+            update={
+                "speculative": SpeculativeConfig.model_validate(spec),
+                "cache": config.cache.model_copy(update={"num_blocks": blocks}),
+            }
+        )
+        old = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if gpu is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # the spawned server sees that GPU only
+        try:
+            self.server = start_draft_server(served, "127.0.0.1", timeout_s=900)
+        finally:
+            if old is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = old
+        self.proposer = DraftProposer(lambda: self.server.address, timeout_s=60.0)
+        self.proposer.wait_connected(60)
+        self.placement = "cpu" if device == "cpu" else "colocated" if gpu is None else f"gpu{gpu}"
+
+    def stop(self) -> None:
+        self.proposer.close()
+        self.server.stop()
+
+
+def make_proposer(
+    name: str,
+    spec: SpeculativeConfig,
+    config: FuserveConfig,
+    engine: LLMEngine,
+    served: dict[str, ServedDraft],
+    draft_gpu: str | None,
+) -> Proposer:
+    if name.startswith("server="):
+        if name not in served:
+            served[name] = ServedDraft(name[len("server=") :], config, engine, draft_gpu)
+        return served[name].proposer
     if name == "ngram":
         return NgramProposer(spec.ngram_min, spec.ngram_max)
     if name == "repeat":
@@ -228,7 +314,14 @@ def workload(llm: LLM, args: argparse.Namespace, kind: str, batch: int) -> tuple
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["default", "llama3-8b", "tiny"], default="default")
-    ap.add_argument("--proposer", default=None, help="ngram, repeat (synthetic), draft=PATH, module:function")
+    ap.add_argument(
+        "--proposer",
+        default=None,
+        help="ngram, repeat (synthetic), draft=PATH, server=SHAPE, module:function; several comma-separated",
+    )
+    ap.add_argument(
+        "--draft-gpu", default=None, help="server=SHAPE: the GPU of the draft server (default: the target's)"
+    )
     ap.add_argument("--ks", default="2,3,4,5,6", help="fixed k values (adaptive k and none are always run)")
     ap.add_argument("--batches", default="1")
     ap.add_argument("--prompts", default="chat,code", help="prompt sets of the default model")
@@ -263,7 +356,7 @@ def main() -> None:
     synthetic = (
         [float(a) for a in args.synthetic_acceptance.split(",")] if args.synthetic_acceptance else [None]
     )
-    proposer_name = args.proposer or ("repeat" if synthetic != [None] else "ngram")
+    proposer_names = (args.proposer or ("repeat" if synthetic != [None] else "ngram")).split(",")
     kinds = args.prompts.split(",") if args.model == "default" else ["random"]
 
     config = config_from_dict(engine_config(args))
@@ -272,6 +365,8 @@ def main() -> None:
             update={"speculative": config.speculative.model_copy(update={"second_best": True})}
         )
     llm = LLM(config)
+    if synthetic != [None]:
+        keep_drafts(llm.engine)
     # The real model's text ends where it ends it: past its end of turn it writes what no draft was trained
     # on (2026-11-27: a code prompt's answer ended after 11 tokens and the 117 forced after it took the
     # draft's in-engine acceptance from the 0.51 it has on the answer to 0.38); random weights run fixed
@@ -285,6 +380,7 @@ def main() -> None:
         commit=commit(),
     )
     rows: list[dict[str, Any]] = []
+    served: dict[str, ServedDraft] = {}
     for kind in kinds:
         for batch in args.batches:
             batches, warmup = workload(llm, args, kind, batch)
@@ -293,47 +389,53 @@ def main() -> None:
             )
             plain = run_variant(llm, args, base, None, batches, warmup, params)
             rows.append(plain)
-            for acceptance in synthetic:
-                for k in [*args.ks, "adaptive"]:
-                    adaptive = k == "adaptive"
-                    spec_cfg = config.speculative.model_copy(
-                        update=dict(
-                            num_speculative_tokens=max(args.ks) if adaptive else k,
-                            adaptive=adaptive,
-                            draft_confidence=args.draft_confidence,
-                            second_best=args.second_best,
-                        )
-                    )
-                    proposer = make_proposer(proposer_name, spec_cfg, config, llm.engine)
-                    if acceptance is None:
-                        speculation = Speculation(spec_cfg, proposer)
-                    else:
-                        speculation = SyntheticAcceptance(spec_cfg, proposer, acceptance, seed=batch)
-                    label = dict(
-                        base,
-                        proposer=proposer_name,
-                        k=k,
+            for proposer_name, acceptance, k in itertools.product(
+                proposer_names, synthetic, [*args.ks, "adaptive"]
+            ):
+                adaptive = k == "adaptive"
+                spec_cfg = config.speculative.model_copy(
+                    update=dict(
+                        num_speculative_tokens=max(args.ks) if adaptive else k,
                         adaptive=adaptive,
-                        synthetic_acceptance=acceptance,
                         draft_confidence=args.draft_confidence,
                         second_best=args.second_best,
                     )
-                    row = run_variant(llm, args, label, speculation, batches, warmup, params)
-                    row["speedup"] = row["tok_s"] / plain["tok_s"]
-                    rows.append(row)
-                    print(
-                        f"{kind:<7} b={batch:<3} A={acceptance} k={k!s:<8} {row['tok_s']:8.1f} tok/s "
-                        f"x{row['speedup']:.2f}  acc={row['acceptance_rate']:.2f} "
-                        f"len={row['mean_accepted_length']:.2f} "
-                        f"tok/step={row['output_tokens'] / row['steps']:.2f} "
-                        f"draft={row['draft_ms_per_draft']:.1f} ms "
-                        f"verify={row['verify_ms_per_step']:.0f} ms "
-                        f"alt kept={row['alternatives_kept']}/{row['alternatives']}",
-                        flush=True,
-                    )
+                )
+                proposer = make_proposer(proposer_name, spec_cfg, config, llm.engine, served, args.draft_gpu)
+                if acceptance is None:
+                    speculation = Speculation(spec_cfg, proposer)
+                else:
+                    speculation = SyntheticAcceptance(spec_cfg, proposer, acceptance, seed=batch)
+                label = dict(
+                    base,
+                    proposer=proposer_name,
+                    k=k,
+                    adaptive=adaptive,
+                    synthetic_acceptance=acceptance,
+                    draft_confidence=args.draft_confidence,
+                    second_best=args.second_best,
+                )
+                if proposer_name in served:
+                    label["placement"] = served[proposer_name].placement
+                row = run_variant(llm, args, label, speculation, batches, warmup, params)
+                row["speedup"] = row["tok_s"] / plain["tok_s"]
+                rows.append(row)
+                print(
+                    f"{kind:<7} b={batch:<3} A={acceptance} k={k!s:<8} {row['tok_s']:8.1f} tok/s "
+                    f"x{row['speedup']:.2f}  acc={row['acceptance_rate']:.2f} "
+                    f"len={row['mean_accepted_length']:.2f} "
+                    f"tok/step={row['output_tokens'] / row['steps']:.2f} "
+                    f"draft={row['draft_ms_per_draft']:.1f} ms "
+                    f"channel={row['channel_ms_per_round']:.2f} ms "
+                    f"verify={row['verify_ms_per_step']:.0f} ms "
+                    f"alt kept={row['alternatives_kept']}/{row['alternatives']}",
+                    flush=True,
+                )
             print(f"{kind:<7} b={batch:<3} plain      {plain['tok_s']:8.1f} tok/s", flush=True)
     for r in rows:
         r.update(meta)
+    for draft in served.values():
+        draft.stop()
     llm.engine.shutdown()
     out = Path(args.out or f"benchmarks/results/spec-{meta['date']}-{meta['device'].replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

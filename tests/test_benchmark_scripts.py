@@ -527,11 +527,21 @@ def test_bench_serve_overhead_closed_loop_smoke(tmp_path: Path) -> None:
 
 
 def test_bench_spec_smoke(tmp_path: Path) -> None:
+    """Free drafts and a draft server's, at synthetic acceptance 0.7: the rule holds at every batch (the
+    random target never agrees with a repeated token, so a rule the engine ignored reads 0 at batch 2),
+    and the served draft's rows carry its channel time."""
     out = tmp_path / "spec.json"
-    _run([str(BENCHMARKS / "bench_spec.py"), "--smoke", "--out", str(out)], tmp_path)
+    args = ["--smoke", "--proposer", "repeat,server=tiny", "--out", str(out)]
+    _run([str(BENCHMARKS / "bench_spec.py"), *args], tmp_path)
     rows = json.loads(out.read_text())
-    assert {(r["batch"], r["k"]) for r in rows} == {(b, k) for b in (1, 2) for k in (0, 2, 3, "adaptive")}
+    assert {(r["batch"], r["k"], r["proposer"]) for r in rows} == {(b, 0, "none") for b in (1, 2)} | {
+        (b, k, p) for b in (1, 2) for k in (2, 3, "adaptive") for p in ("repeat", "server=tiny")
+    }
     spec = [r for r in rows if r["k"] != 0]
-    assert all(r["synthetic_acceptance"] == 0.7 and r["proposer"] == "repeat" for r in spec)
+    assert all(r["synthetic_acceptance"] == 0.7 for r in spec)
     assert all(r["drafts"] > 0 and r["acceptance_at"] for r in spec if r["k"] != "adaptive")
+    fixed = [r for r in spec if r["batch"] == 2 and r["k"] != "adaptive"]
+    assert 0.5 < sum(r["accepted"] for r in fixed) / sum(r["drafts"] for r in fixed) < 0.95
+    served = [r for r in spec if r["proposer"] == "server=tiny"]
+    assert all(r["placement"] == "cpu" and r["channel_ms_per_round"] > 0 for r in served)
     assert {r["device"] for r in rows} == {"cpu"} and all(r["commit"] for r in rows)
