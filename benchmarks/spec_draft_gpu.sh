@@ -2,7 +2,8 @@
 # Issue 17's GPU cost side with a real draft: the Llama-3-8B-shape target (random weights) with a
 # Llama-3.2-1B-shape draft in a draft server process (the deployment's channel), co-located on the
 # target's GPU, or on DRAFT_GPU (a second GPU); free drafts (`repeat`) beside it in the same engine.
-# Synthetic acceptance (benchmark-only, rows labelled). Carry .whl (bash ../shared/device/wheelhouse.sh .whl).
+# Synthetic acceptance (benchmark-only, rows labelled). No Ray needed: carry a small wheel folder (pydantic,
+# msgspec, pyzmq, gguf, llguidance: .carry/whl-distill plus .whl's pyzmq) as WHEELS=.carry/whl-spec, or .whl.
 #   run: bash benchmarks/spec_draft_gpu.sh        -> $OUT/spec-draft-gpu.json, $OUT/run.log
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

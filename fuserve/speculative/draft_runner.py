@@ -37,6 +37,8 @@ from fuserve.workers.step_plan import StepPlan
 from fuserve.workers.worker import pick_device, pick_dtype, pick_ops
 
 log = logging.getLogger("fuserve")
+# a round's first forward runs as decode rows when no sequence has more tokens than this without KV
+CATCH_UP_ROWS = 8
 
 
 class DraftRunner:
@@ -171,8 +173,15 @@ class DraftRunner:
         return out
 
     def _prefill(self, drafting: list[tuple[int, DraftSequence, int]]) -> torch.Tensor:
-        """Every drafting sequence's tokens without KV; the first drafts, in `drafting` order."""
+        """Every drafting sequence's tokens without KV; the first drafts, in `drafting` order.
+        After a verify a sequence has one or two such tokens (two when the target kept every draft:
+        the last draft was never fed back). Where every sequence has at most CATCH_UP_ROWS, they go in
+        as decode rows, one a token, so the decode graphs serve the round's first forward too (as
+        chunks it ran eagerly: ~6 ms for the 1B shape on an H200, against 0.9 ms in its graph)."""
         cursor = [seq.num_computed for _, seq, _ in drafting]
+        as_rows = max(len(seq.tokens) - c for c, (_, seq, _) in zip(cursor, drafting, strict=True)) <= (
+            CATCH_UP_ROWS
+        )
         firsts: dict[int, torch.Tensor] = {}
         while len(firsts) < len(drafting):
             plan, budget, rows = StepPlan(), self.max_num_batched_tokens, []
@@ -181,7 +190,11 @@ class DraftRunner:
                 if cursor[d] == end or budget == 0:
                     continue
                 n = min(end - cursor[d], budget)
-                self._add_row(plan, seq, seq.tokens[cursor[d] : cursor[d] + n], cursor[d])
+                if as_rows:
+                    for p in range(cursor[d], cursor[d] + n):
+                        self._add_row(plan, seq, [seq.tokens[p]], p)
+                else:
+                    self._add_row(plan, seq, seq.tokens[cursor[d] : cursor[d] + n], cursor[d])
                 cursor[d] += n
                 budget -= n
                 if cursor[d] == end:

@@ -1,0 +1,121 @@
+"""Where a draft round's time goes: the Llama-3.2-1B-shape draft (random bf16 weights, its decode graphs)
+in this process, rounds as the engine sends them (each keeps `--accept` drafts and adds one token), at
+batch 1 and 8 and k = 1, 2, 4: the round's wall time, the GPU time of one graph replay and of the head
+alone (CUDA events), and a torch profiler table of a few rounds at k = 4. A round's time less k forwards'
+GPU time is what the host adds.
+
+    python benchmarks/profile_draft_round.py --out $OUT/draft-round.json       # GPU
+    python benchmarks/profile_draft_round.py --smoke                            # tiny, CPU: still runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import commit, device_name  # noqa: E402
+from bench_spec_channel import LLAMA32_1B, TINY  # noqa: E402
+
+from fuserve.configs import config_from_dict  # noqa: E402
+from fuserve.speculative.draft_runner import DraftRunner  # noqa: E402
+from fuserve.speculative.proposer import ProposeRequest  # noqa: E402
+
+
+def rounds(
+    runner: DraftRunner, batch: int, k: int, n: int, context: int, accept: int, tag: str
+) -> list[float]:
+    """n timed rounds after the prompts (untimed); ms per round."""
+    ids = [f"{tag}-{i}" for i in range(batch)]
+    for i, s in enumerate(ids):
+        runner.propose([ProposeRequest(s, 0, [(i * 31 + j) % 500 for j in range(context)], 0)])
+    lens, new, times = [context] * batch, [[7] for _ in ids], []
+    for _ in range(n):
+        reqs = [ProposeRequest(s, lens[i], new[i], k) for i, s in enumerate(ids)]
+        t0 = time.perf_counter()
+        drafts = runner.propose(reqs)
+        times.append(1e3 * (time.perf_counter() - t0))
+        for i, d in enumerate(drafts):
+            assert d is not None
+            lens[i] += len(new[i])
+            new[i] = d[:accept] + [7]
+    runner.release(ids)
+    return times
+
+
+def gpu_ms(fn: Any, reps: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--accept", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    gpu = torch.cuda.is_available() and not args.smoke
+    context, n = (32, 5) if args.smoke else (512, 60)
+    config = config_from_dict(
+        {
+            "cache": {"num_blocks": 8 * (-(-(context + n * 6 + 16) // 16))},
+            "scheduler": {"max_num_seqs": 8},
+            "kernels": {"cuda_graph_max_batch": 8},
+            "speculative": {
+                "method": "draft",
+                "draft": {"load_format": "dummy", "hf_config": LLAMA32_1B if gpu else TINY,
+                          "max_model_len": 4096, "dtype": "bfloat16" if gpu else "float32"},
+                "placement": {"device": "cuda" if gpu else "cpu"},
+            },
+        }
+    )  # fmt: skip
+    runner = DraftRunner.from_config(config)
+    base = dict(bench="draft_round", device=device_name(), commit=commit(), date=time.strftime("%Y-%m-%d"))
+    rows: list[dict[str, Any]] = []
+    for batch in (1, 8):
+        for k in (1, 2, 4):
+            rounds(runner, batch, k, 3, context, args.accept, f"w{batch}-{k}")  # warm-up
+            t = rounds(runner, batch, k, n, context, args.accept, f"b{batch}-{k}")
+            rows.append(
+                dict(base, batch=batch, k=k, accept=args.accept, ms_p50=statistics.median(t), ms_min=min(t))
+            )
+            print(f"batch {batch} k={k}: round p50 {rows[-1]['ms_p50']:.2f} ms, min {rows[-1]['ms_min']:.2f}")
+    if gpu:
+        graphs = runner.runner.graphs
+        assert graphs is not None
+        for b in (1, 8):
+            replay = gpu_ms(graphs.graphs[b].replay)
+            hidden = torch.randn(b, LLAMA32_1B["hidden_size"], dtype=torch.bfloat16, device="cuda")
+            head = gpu_ms(lambda h=hidden: runner._greedy(h))
+            rows.append(dict(base, batch=b, graph_replay_ms=replay, head_ms=head))
+            print(f"batch {b}: graph replay {replay:.3f} ms (GPU), head + argmax {head:.3f} ms (GPU)")
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
+            rounds(runner, 1, 4, 10, context, args.accept, "prof")
+        table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
+        print(table)
+        if args.out is not None:
+            args.out.with_suffix(".txt").write_text(table)
+    if args.out is not None:
+        args.out.write_text(json.dumps(rows, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
