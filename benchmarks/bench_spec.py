@@ -24,7 +24,8 @@ target's CUDA graphs are captured again, keeping features); an HF folder as an i
 whole run (random weights of SHAPE: llama3.2-1b, or tiny), on the target's GPU (co-located) or on
 `--draft-gpu N`; rows carry its placement and the channel's time per round. Several proposers, comma-
 separated, run in turn on the same engine, beside one plain row (e.g. `repeat,server=llama3.2-1b`: the
-free drafts' ceiling beside a real draft's cost).
+free drafts' ceiling beside a real draft's cost). `inproc=SHAPE` runs the same draft in the engine's
+process: on its GPU, in its CUDA context, without the channel.
 `--proposer module:function` plugs in another proposer: a function (config: FuserveConfig, engine:
 LLMEngine) -> Proposer, imported by name.
 """
@@ -115,20 +116,25 @@ def keep_drafts(engine: LLMEngine) -> None:
     engine._sampled_rows = sampled_rows  # type: ignore[method-assign]
 
 
-class ServedDraft:
-    """A draft server process and one client of it, for the whole run: loading a 1B draft and capturing
-    its graphs takes longer than a variant, and the server keeps no state a later variant could trip on
-    (sequences are released as they finish)."""
+class RandomDraft:
+    """A draft of random weights for the whole run (loading a 1B draft and capturing its graphs takes
+    longer than a variant; it keeps no state a later variant could trip on: sequences are released as they
+    finish): `server`, a draft server process reached through the deployment's channel (on the target's
+    GPU or `gpu`), or `inproc`, the same runner in this process, on the target's GPU and CUDA context,
+    with no channel."""
 
-    def __init__(self, shape: str, config: FuserveConfig, engine: LLMEngine, gpu: str | None) -> None:
+    def __init__(
+        self, shape: str, where: str, config: FuserveConfig, engine: LLMEngine, gpu: str | None
+    ) -> None:
         from bench_spec_channel import LLAMA32_1B, TINY
 
         from fuserve.speculative.draft_client import DraftProposer
+        from fuserve.speculative.draft_runner import DraftRunner
         from fuserve.speculative.draft_server import start_draft_server
 
         shapes = {"llama3.2-1b": LLAMA32_1B, "tiny": TINY}
         if shape not in shapes:
-            raise SystemExit(f"--proposer server={shape}: use one of {sorted(shapes)}")
+            raise SystemExit(f"--proposer {where}={shape}: use one of {sorted(shapes)}")
         draft = {
             "load_format": "dummy",
             "hf_config": shapes[shape],
@@ -139,29 +145,36 @@ class ServedDraft:
         spec = {"method": "draft", "draft": draft, "placement": {"device": device, "num_gpus": 0.5}}
         # a pool for every sequence at the longest length, not a share of a GPU the target already filled
         blocks = config.scheduler.max_num_seqs * -(-engine.max_model_len // config.cache.block_size)
-        served = config.model_copy(
+        drafted = config.model_copy(
             update={
                 "speculative": SpeculativeConfig.model_validate(spec),
                 "cache": config.cache.model_copy(update={"num_blocks": blocks}),
             }
         )
+        self.server = None
+        if where == "inproc":
+            self.proposer: Proposer = DraftRunner.from_config(drafted)
+            self.placement = "in-process"
+            return
         old = os.environ.get("CUDA_VISIBLE_DEVICES")
         if gpu is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # the spawned server sees that GPU only
         try:
-            self.server = start_draft_server(served, "127.0.0.1", timeout_s=900)
+            self.server = start_draft_server(drafted, "127.0.0.1", timeout_s=900)
         finally:
             if old is None:
                 os.environ.pop("CUDA_VISIBLE_DEVICES", None)
             else:
                 os.environ["CUDA_VISIBLE_DEVICES"] = old
-        self.proposer = DraftProposer(lambda: self.server.address, timeout_s=60.0)
-        self.proposer.wait_connected(60)
+        client = DraftProposer(lambda: self.server.address, timeout_s=60.0)
+        client.wait_connected(60)
+        self.proposer = client
         self.placement = "cpu" if device == "cpu" else "colocated" if gpu is None else f"gpu{gpu}"
 
     def stop(self) -> None:
-        self.proposer.close()
-        self.server.stop()
+        if self.server is not None:
+            self.proposer.close()  # type: ignore[attr-defined]
+            self.server.stop()
 
 
 def make_proposer(
@@ -169,13 +182,14 @@ def make_proposer(
     spec: SpeculativeConfig,
     config: FuserveConfig,
     engine: LLMEngine,
-    served: dict[str, ServedDraft],
+    drafts: dict[str, RandomDraft],
     draft_gpu: str | None,
 ) -> Proposer:
-    if name.startswith("server="):
-        if name not in served:
-            served[name] = ServedDraft(name[len("server=") :], config, engine, draft_gpu)
-        return served[name].proposer
+    where, _, shape = name.partition("=")
+    if where in ("server", "inproc"):
+        if name not in drafts:
+            drafts[name] = RandomDraft(shape, where, config, engine, draft_gpu)
+        return drafts[name].proposer
     if name == "ngram":
         return NgramProposer(spec.ngram_min, spec.ngram_max)
     if name == "repeat":
@@ -317,7 +331,8 @@ def main() -> None:
     ap.add_argument(
         "--proposer",
         default=None,
-        help="ngram, repeat (synthetic), draft=PATH, server=SHAPE, module:function; several comma-separated",
+        help="ngram, repeat (synthetic), draft=PATH, server=SHAPE, inproc=SHAPE, module:function; several "
+        "comma-separated",
     )
     ap.add_argument(
         "--draft-gpu", default=None, help="server=SHAPE: the GPU of the draft server (default: the target's)"
@@ -380,7 +395,7 @@ def main() -> None:
         commit=commit(),
     )
     rows: list[dict[str, Any]] = []
-    served: dict[str, ServedDraft] = {}
+    drafts: dict[str, RandomDraft] = {}
     for kind in kinds:
         for batch in args.batches:
             batches, warmup = workload(llm, args, kind, batch)
@@ -401,7 +416,7 @@ def main() -> None:
                         second_best=args.second_best,
                     )
                 )
-                proposer = make_proposer(proposer_name, spec_cfg, config, llm.engine, served, args.draft_gpu)
+                proposer = make_proposer(proposer_name, spec_cfg, config, llm.engine, drafts, args.draft_gpu)
                 if acceptance is None:
                     speculation = Speculation(spec_cfg, proposer)
                 else:
@@ -415,8 +430,8 @@ def main() -> None:
                     draft_confidence=args.draft_confidence,
                     second_best=args.second_best,
                 )
-                if proposer_name in served:
-                    label["placement"] = served[proposer_name].placement
+                if proposer_name in drafts:
+                    label["placement"] = drafts[proposer_name].placement
                 row = run_variant(llm, args, label, speculation, batches, warmup, params)
                 row["speedup"] = row["tok_s"] / plain["tok_s"]
                 rows.append(row)
@@ -434,7 +449,7 @@ def main() -> None:
             print(f"{kind:<7} b={batch:<3} plain      {plain['tok_s']:8.1f} tok/s", flush=True)
     for r in rows:
         r.update(meta)
-    for draft in served.values():
+    for draft in drafts.values():
         draft.stop()
     llm.engine.shutdown()
     out = Path(args.out or f"benchmarks/results/spec-{meta['date']}-{meta['device'].replace(' ', '_')}.json")

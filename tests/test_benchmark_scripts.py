@@ -531,11 +531,14 @@ def test_bench_spec_smoke(tmp_path: Path) -> None:
     random target never agrees with a repeated token, so a rule the engine ignored reads 0 at batch 2),
     and the served draft's rows carry its channel time."""
     out = tmp_path / "spec.json"
-    args = ["--smoke", "--proposer", "repeat,server=tiny", "--out", str(out)]
+    args = ["--smoke", "--proposer", "repeat,server=tiny,inproc=tiny", "--out", str(out)]
     _run([str(BENCHMARKS / "bench_spec.py"), *args], tmp_path)
     rows = json.loads(out.read_text())
     assert {(r["batch"], r["k"], r["proposer"]) for r in rows} == {(b, 0, "none") for b in (1, 2)} | {
-        (b, k, p) for b in (1, 2) for k in (2, 3, "adaptive") for p in ("repeat", "server=tiny")
+        (b, k, p)
+        for b in (1, 2)
+        for k in (2, 3, "adaptive")
+        for p in ("repeat", "server=tiny", "inproc=tiny")
     }
     spec = [r for r in rows if r["k"] != 0]
     assert all(r["synthetic_acceptance"] == 0.7 for r in spec)
@@ -544,4 +547,6 @@ def test_bench_spec_smoke(tmp_path: Path) -> None:
     assert 0.5 < sum(r["accepted"] for r in fixed) / sum(r["drafts"] for r in fixed) < 0.95
     served = [r for r in spec if r["proposer"] == "server=tiny"]
     assert all(r["placement"] == "cpu" and r["channel_ms_per_round"] > 0 for r in served)
+    inproc = [r for r in spec if r["proposer"] == "inproc=tiny"]
+    assert all(r["placement"] == "in-process" and r["channel_ms_per_round"] == 0 for r in inproc)
     assert {r["device"] for r in rows} == {"cpu"} and all(r["commit"] for r in rows)

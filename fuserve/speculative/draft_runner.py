@@ -85,7 +85,8 @@ class DraftRunner:
                 self.model,
                 self.device,
                 max_blocks_per_seq=-(-self.max_model_len // self.block_size),
-                max_batch=min(kernels.cuda_graph_max_batch, max_num_seqs),
+                # a round's first forward: two decode rows a sequence after the target kept every draft
+                max_batch=2 * min(kernels.cuda_graph_max_batch, max_num_seqs),
             )
             graphs.capture()
             self.runner.graphs = graphs
