@@ -4,6 +4,8 @@
   over sequences of different lengths and different k.
 - Rounds with rollback at random points (some drafts accepted, then the target's own token) give the
   same drafts as a fresh runner fed the whole sequence from start 0, and as the HF oracle.
+- A round where sequences catch up by a few tokens (as decode rows) beside one that brings many (as a
+  chunk) drafts as HF does.
 - A sequence the draft does not hold at `start` (released, or never sent) is reported (None), so the
   client resends it from 0; blocks come back on release.
 - A draft folder with a vocabulary subset (draft_vocab.json): drafts are HF's greedy choice among those
@@ -22,7 +24,7 @@ import torch
 from checkpoints import make_checkpoint
 
 from fuserve.configs import CacheConfig, DraftPlacementConfig, KernelConfig, ModelConfig
-from fuserve.speculative.draft_runner import DraftRunner
+from fuserve.speculative.draft_runner import CATCH_UP_ROWS, DraftRunner
 from fuserve.speculative.proposer import ProposeRequest
 from fuserve.speculative.subset_head import write_vocab_file
 
@@ -132,6 +134,22 @@ def check_rollback(runner: DraftRunner, fresh: DraftRunner, hf_greedy=None) -> N
 
 def test_rollback_at_random_points_equals_recomputing(draft_dir: Path, hf_greedy) -> None:
     check_rollback(make_runner(draft_dir), make_runner(draft_dir), hf_greedy)
+
+
+def test_a_round_mixing_catch_ups_and_long_runs_drafts_as_hf(draft_dir: Path, hf_greedy) -> None:
+    """One sequence catches up by a few tokens (decode rows), another brings more than CATCH_UP_ROWS
+    (a chunk), a third all its drafts plus the target's token (two rows): every draft is HF's."""
+    runner, rng = make_runner(draft_dir), random.Random(4)
+    seqs = {s: [rng.randrange(VOCAB) for _ in range(12)] for s in ("few", "many", "all")}
+    first = runner.propose([ProposeRequest(s, 0, toks, 3) for s, toks in seqs.items()])
+    more = {
+        "few": [rng.randrange(VOCAB)],
+        "many": [rng.randrange(VOCAB) for _ in range(CATCH_UP_ROWS + 5)],
+        "all": [*first[2], rng.randrange(VOCAB)],  # type: ignore[misc]
+    }
+    reqs = [ProposeRequest(s, len(seqs[s]), more[s], 3) for s in seqs]
+    drafts = runner.propose(reqs)
+    assert drafts == [hf_greedy(seqs[s] + more[s], 3) for s in seqs]
 
 
 @pytest.mark.gpu

@@ -37,7 +37,7 @@ from fuserve.workers.step_plan import StepPlan
 from fuserve.workers.worker import pick_device, pick_dtype, pick_ops
 
 log = logging.getLogger("fuserve")
-# a round's first forward runs as decode rows when no sequence has more tokens than this without KV
+# a sequence with at most this many tokens without KV catches up as decode rows (DraftRunner._prefill)
 CATCH_UP_ROWS = 8
 
 
@@ -175,15 +175,28 @@ class DraftRunner:
 
     def _prefill(self, drafting: list[tuple[int, DraftSequence, int]]) -> torch.Tensor:
         """Every drafting sequence's tokens without KV; the first drafts, in `drafting` order.
-        After a verify a sequence has one or two such tokens (two when the target kept every draft:
-        the last draft was never fed back). Where every sequence has at most CATCH_UP_ROWS, they go in
-        as decode rows, one a token, so the decode graphs serve the round's first forward too (as
-        chunks it ran eagerly: ~6 ms for the 1B shape on an H200, against 0.9 ms in its graph)."""
+        After a verify a sequence has one or two such tokens (two when the target kept every draft: the
+        last draft was never fed back). Sequences with at most CATCH_UP_ROWS go in together as decode
+        rows, one a token (each sees the keys up to its position, as verify rows do), so the decode graphs
+        serve the round's first forward (as a chunk of two the 1B shape ran eagerly: ~6 ms on an H200,
+        against 0.9 ms in its graph). Longer ones (a prompt, or tokens piled up while adaptive k held a
+        sequence at 0) go in as chunks after them, at the token budget."""
         cursor = [seq.num_computed for _, seq, _ in drafting]
-        as_rows = max(len(seq.tokens) - c for c, (_, seq, _) in zip(cursor, drafting, strict=True)) <= (
-            CATCH_UP_ROWS
-        )
         firsts: dict[int, torch.Tensor] = {}
+        short = [d for d, (_, seq, _) in enumerate(drafting) if len(seq.tokens) - cursor[d] <= CATCH_UP_ROWS]
+        if short:
+            plan = StepPlan()
+            for d in short:
+                seq = drafting[d][1]
+                for p in range(cursor[d], len(seq.tokens)):
+                    self._add_row(plan, seq, [seq.tokens[p]], p)
+                plan.sample_rows.append(plan.num_seqs - 1)
+                cursor[d] = len(seq.tokens)
+            hidden = self.runner.forward_plan(plan)
+            assert hidden is not None
+            tokens = self._greedy(hidden)
+            for r, d in enumerate(short):
+                firsts[d] = tokens[r : r + 1]
         while len(firsts) < len(drafting):
             plan, budget, rows = StepPlan(), self.max_num_batched_tokens, []
             for d, (_, seq, _) in enumerate(drafting):
@@ -191,11 +204,7 @@ class DraftRunner:
                 if cursor[d] == end or budget == 0:
                     continue
                 n = min(end - cursor[d], budget)
-                if as_rows:
-                    for p in range(cursor[d], cursor[d] + n):
-                        self._add_row(plan, seq, [seq.tokens[p]], p)
-                else:
-                    self._add_row(plan, seq, seq.tokens[cursor[d] : cursor[d] + n], cursor[d])
+                self._add_row(plan, seq, seq.tokens[cursor[d] : cursor[d] + n], cursor[d])
                 cursor[d] += n
                 budget -= n
                 if cursor[d] == end:
