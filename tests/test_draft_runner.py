@@ -158,7 +158,8 @@ def test_a_round_mixing_catch_ups_and_long_runs_drafts_as_hf(draft_dir: Path, hf
 def test_rollback_on_gpu_with_graphs(draft_dir: Path, subset_dir: Path, head: str) -> None:
     folder = draft_dir if head == "full" else subset_dir
     runner = make_runner(folder, device="cuda")
-    assert runner.runner.graphs is not None  # the decode steps replay CUDA graphs
+    assert runner.runner.graphs is not None  # the decode steps replay CUDA graphs, and chunks too
+    assert runner.runner.mixed_graphs is not None
     assert (runner.head is not None) == (head == "subset")
     check_rollback(runner, make_runner(folder, device="cuda"))
 

@@ -2,14 +2,15 @@
 
     propose(requests):  per sequence  apply start/token_ids (draft_sequences.py: truncate, keep the KV
                                       of accepted drafts)
-                        prefill       the tokens without KV, every sequence in one forward (chunked at
-                                      the token budget); each sequence's last row gives its first draft
+                        prefill       the tokens without KV: a few a sequence as decode rows in one
+                                      forward, more as chunks at the token budget; each sequence's last
+                                      row gives its first draft
                         k - 1 decodes batched over the sequences still drafting; each step's inputs are
                                       the previous step's argmax, filled on the device, so the host
                                       waits once per round, not once per draft
     release(ids):       their blocks go back
 
-It runs the same kernels as the target (Triton on GPU, CUDA graphs for the decode steps; torch
+It runs the same kernels as the target (Triton on GPU, CUDA graphs for decode and chunk steps; torch
 reference ops on CPU), on a KV pool sized from the draft's own share of its device. A draft whose folder
 has a vocabulary file (subset_head.py) picks its drafts among those tokens only, from a head of that many
 rows; one without drafts over the whole vocabulary.
@@ -26,7 +27,7 @@ from fuserve.parallel.tp_context import TPContext
 from fuserve.speculative.draft_sequences import DraftSequence, DraftSequences
 from fuserve.speculative.proposer import ProposeRequest
 from fuserve.speculative.subset_head import SubsetHead, read_vocab_file
-from fuserve.workers.cuda_graphs import DecodeGraphs
+from fuserve.workers.cuda_graphs import DecodeGraphs, MixedGraphs
 from fuserve.workers.kernels.switches import apply_config
 from fuserve.workers.kv_cache import allocate_kv_cache, bytes_per_block
 from fuserve.workers.model_runner import ModelRunner
@@ -81,15 +82,24 @@ class DraftRunner:
         self.model.bind_kv_cache(kv.k, kv.v)
         self.seqs = DraftSequences(num_blocks, self.block_size)
         if self.device.type == "cuda" and kernels.cuda_graphs:
+            max_blocks = -(-self.max_model_len // self.block_size)
+            # Chunks (a prompt, or tokens piled up while adaptive k held a sequence at 0) replay mixed
+            # graphs: eagerly the 1B shape's took ~6 ms a chunk on an H200 and rounds that caught up
+            # 8 sequences cost 55 ms, which kept adaptive k from drafting at all (NOTES.md).
+            pool, mixed = None, None
+            max_tokens = min(kernels.cuda_graph_max_tokens, max_num_batched_tokens)
+            if max_tokens > 1:
+                mixed = MixedGraphs(self.model, self.device, max_blocks, max_tokens, max_num_seqs)
+                pool = mixed.capture()
             graphs = DecodeGraphs(
                 self.model,
                 self.device,
-                max_blocks_per_seq=-(-self.max_model_len // self.block_size),
+                max_blocks_per_seq=max_blocks,
                 # a round's first forward: two decode rows a sequence after the target kept every draft
                 max_batch=2 * min(kernels.cuda_graph_max_batch, max_num_seqs),
             )
-            graphs.capture()
-            self.runner.graphs = graphs
+            graphs.capture(pool)
+            self.runner.graphs, self.runner.mixed_graphs = graphs, mixed
         log.info("draft KV cache: %d blocks x %d tokens on %s", num_blocks, self.block_size, self.device)
         if self.head is not None:
             log.info("draft head over %d of %d tokens", len(self.head.token_ids), head.vocab_size)
