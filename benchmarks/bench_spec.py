@@ -25,7 +25,7 @@ whole run (random weights of SHAPE: llama3.2-1b, or tiny), on the target's GPU (
 `--draft-gpu N`; rows carry its placement and the channel's time per round. Several proposers, comma-
 separated, run in turn on the same engine, beside one plain row (e.g. `repeat,server=llama3.2-1b`: the
 free drafts' ceiling beside a real draft's cost). `inproc=SHAPE` runs the same draft in the engine's
-process: on its GPU, in its CUDA context, without the channel.
+process, as `speculative.placement.in_engine` does: on its GPU, in its CUDA context, without the channel.
 `--proposer module:function` plugs in another proposer: a function (config: FuserveConfig, engine:
 LLMEngine) -> Proposer, imported by name.
 """
@@ -131,6 +131,7 @@ class RandomDraft:
         from fuserve.speculative.draft_client import DraftProposer
         from fuserve.speculative.draft_runner import DraftRunner
         from fuserve.speculative.draft_server import start_draft_server
+        from fuserve.speculative.factory import build_proposer
 
         shapes = {"llama3.2-1b": LLAMA32_1B, "tiny": TINY}
         if shape not in shapes:
@@ -152,8 +153,12 @@ class RandomDraft:
             }
         )
         self.server = None
-        if where == "inproc":
-            self.proposer: Proposer = DraftRunner.from_config(drafted)
+        if where == "inproc":  # as the engine builds it for placement.in_engine: its pool from its share
+            spec["placement"] = {"in_engine": True}
+            in_engine = config.model_copy(update={"speculative": SpeculativeConfig.model_validate(spec)})
+            proposer = build_proposer(in_engine, engine.device)
+            assert isinstance(proposer, DraftRunner)
+            self.proposer: Proposer = proposer
             self.placement = "in-process"
             return
         old = os.environ.get("CUDA_VISIBLE_DEVICES")

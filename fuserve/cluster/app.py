@@ -38,7 +38,7 @@ def build_app(config: FuserveConfig, cluster_gpus: float | None = None) -> Appli
     if cluster_gpus is None:
         cluster_gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
     engine = serve.deployment(EngineIngress, name="Engine").options(**engine_options(config, cluster_gpus))
-    if config.speculative.method == "draft":  # the draft model: a deployment of its own
+    if config.speculative.deploys_draft:  # the draft model: a deployment of its own
         draft = serve.deployment(DraftDeployment, name=DRAFT_DEPLOYMENT)
         app = engine.bind(config, draft.options(**draft_options(config, cluster_gpus)).bind(config))
     else:

@@ -164,7 +164,7 @@ class EngineCoreClient:
         from fuserve.workers.engine_core import replica_placement, run_engine_core
 
         # the engine core joins Ray for tensor-parallel workers, or to find its draft deployment
-        needs_ray = config.parallel.tensor_parallel_size > 1 or config.speculative.method == "draft"
+        needs_ray = config.parallel.tensor_parallel_size > 1 or config.speculative.deploys_draft
         placement = replica_placement() if needs_ray else None
         self.process = multiprocessing.get_context("spawn").Process(
             target=run_engine_core,

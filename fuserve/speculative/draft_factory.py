@@ -23,6 +23,8 @@ from fuserve.speculative.feature_draft_file import is_feature_draft
 from fuserve.workers.engine_core import RayPlacement
 
 if TYPE_CHECKING:
+    import torch
+
     from fuserve.speculative.draft_runner import DraftRunner
     from fuserve.speculative.feature_draft_runner import FeatureDraftRunner
 
@@ -71,11 +73,19 @@ def build_draft_proposer(config: FuserveConfig, placement: RayPlacement | None) 
     return DraftProposer(locate, config.speculative.channel_timeout_s, reads_features=reads_features)
 
 
-def build_draft_runner(config: FuserveConfig) -> DraftRunner | FeatureDraftRunner:
-    """The draft deployment's runner: a feature-reading one for an eagle1 draft file, else the
-    independent draft model's."""
+def build_draft_runner(
+    config: FuserveConfig, device: torch.device | None = None
+) -> DraftRunner | FeatureDraftRunner:
+    """The draft's runner: a feature-reading one for an eagle1 draft file, else the independent draft
+    model's. In a draft deployment `device` is None (the placement says where); in the engine's
+    process it is the target's."""
     from fuserve.speculative.draft_runner import DraftRunner
     from fuserve.speculative.feature_draft_runner import FeatureDraftRunner
+
+    if device is not None:
+        spec = config.speculative
+        placement = spec.placement.model_copy(update={"device": device.type})
+        config = config.model_copy(update={"speculative": spec.model_copy(update={"placement": placement})})
 
     if is_feature_draft(config.speculative.draft):
         return FeatureDraftRunner.from_config(config)

@@ -24,6 +24,7 @@ import torch
 
 from fuserve.configs import CacheConfig, DraftPlacementConfig, FuserveConfig, KernelConfig, ModelConfig
 from fuserve.parallel.tp_context import TPContext
+from fuserve.speculative.draft_memory import draft_kv_budget
 from fuserve.speculative.draft_sequences import DraftSequence, DraftSequences
 from fuserve.speculative.proposer import ProposeRequest
 from fuserve.speculative.subset_head import SubsetHead, read_vocab_file
@@ -55,6 +56,7 @@ class DraftRunner:
         """`cache`: the target's (block size; its fixed num_blocks or CPU size apply to the draft too);
         the draft's GPU share is `placement.gpu_memory_utilization`."""
         self.device = pick_device(placement.device if placement.device != "auto" else model.device)
+        self._start_bytes = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         self.dtype = pick_dtype(model.dtype, self.device)
         source = resolve_source(model)
         self.arch = LlamaArch.from_hf(source.hf_config)
@@ -124,8 +126,7 @@ class DraftRunner:
         self, cache: CacheConfig, placement: DraftPlacementConfig, num_kv_heads: int, max_num_seqs: int
     ) -> int:
         """CPU: the cache's CPU size. GPU: the draft's share of the device less its own weights and the
-        peak of a prefill at the full token budget (not less what others use: a draft beside the
-        target shares its GPU by design)."""
+        peak of a prefill at the full token budget, within what the device has free (draft_memory.py)."""
         per_block = bytes_per_block(self.arch, num_kv_heads, self.block_size, self.dtype)
         if self.device.type != "cuda":
             return max(1, int(cache.cpu_kv_cache_gib * (1 << 30) // per_block))
@@ -137,13 +138,13 @@ class DraftRunner:
         self.runner.profile(self.max_num_batched_tokens, seqs, blocks)
         torch.cuda.synchronize(self.device)
         del scratch
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        budget = total * placement.gpu_memory_utilization - torch.cuda.max_memory_allocated(self.device)
+        budget = draft_kv_budget(self.device, placement.gpu_memory_utilization, self._start_bytes)
         if budget < per_block * -(-self.max_model_len // self.block_size):
             raise RuntimeError(
                 f"the draft's share of its GPU ({placement.gpu_memory_utilization:g}) leaves "
                 f"{budget / 2**30:.2f} GiB for its KV cache, less than one sequence of "
-                f"{self.max_model_len} tokens; raise speculative.placement.gpu_memory_utilization"
+                f"{self.max_model_len} tokens; raise speculative.placement.gpu_memory_utilization (and for "
+                "a draft in the engine lower cache.gpu_memory_utilization to leave it that share)"
             )
         return int(budget // per_block)
 

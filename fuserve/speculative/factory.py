@@ -1,21 +1,25 @@
-"""The proposer a configuration asks for: `build_proposer(config.speculative)`."""
+"""The proposer a configuration asks for, built in the engine: `build_proposer(config, device)`."""
 
 from __future__ import annotations
 
-from fuserve.configs import SpeculativeConfig
+import torch
+
+from fuserve.configs import FuserveConfig
 from fuserve.speculative.ngram import NgramProposer
 from fuserve.speculative.proposer import Proposer
 
 
-def build_proposer(config: SpeculativeConfig) -> Proposer | None:
-    """None when speculation is off."""
-    if config.method == "none":
+def build_proposer(config: FuserveConfig, device: torch.device) -> Proposer | None:
+    """None when speculation is off. A draft model built here runs in the engine's process on the
+    target's `device` (placement.in_engine, and every offline engine); a deployed draft's proposer is
+    the engine core's to build (draft_factory.build_draft_proposer) and comes in ready."""
+    spec = config.speculative
+    if spec.method == "none":
         return None
-    if config.method == "ngram":
-        return NgramProposer(config.ngram_min, config.ngram_max)
-    if config.method == "draft":  # the engine core builds it (draft_factory.py): it needs Ray Serve
-        raise ValueError(
-            "speculative.method `draft` needs the draft deployment, which runs under Ray Serve "
-            "(`fuserve serve`); for offline use pick speculative.method `ngram` or `none`"
-        )
-    raise ValueError(f"unknown speculative.method {config.method!r}: use none, ngram or draft")
+    if spec.method == "ngram":
+        return NgramProposer(spec.ngram_min, spec.ngram_max)
+    if spec.method == "draft":
+        from fuserve.speculative.draft_factory import build_draft_runner
+
+        return build_draft_runner(config, device)
+    raise ValueError(f"unknown speculative.method {spec.method!r}: use none, ngram or draft")

@@ -42,6 +42,7 @@ from itertools import takewhile
 import torch
 
 from fuserve.configs import CacheConfig, DraftPlacementConfig, FuserveConfig, KernelConfig, ModelConfig
+from fuserve.speculative.draft_memory import draft_kv_budget
 from fuserve.speculative.draft_sequences import DraftSequence, DraftSequences
 from fuserve.speculative.feature_draft_file import draft_file_of, read_feature_draft
 from fuserve.speculative.feature_draft_model import FeatureDraftModel
@@ -85,6 +86,7 @@ class FeatureDraftRunner:
         if target_source.path is None:
             raise ValueError("a feature draft reads the target's embedding: the target needs real weights")
         self.device = pick_device(placement.device if placement.device != "auto" else draft.device)
+        self._start_bytes = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         self.dtype = pick_dtype(draft.dtype, self.device)
         weights = read_feature_draft(file, target_source.path)
         longest = int(weights.hf_config.get("max_position_embeddings", 4096))
@@ -130,12 +132,13 @@ class FeatureDraftRunner:
         )
 
     def _pool_size(self, cache: CacheConfig, placement: DraftPlacementConfig, per_block: int) -> int:
-        """CPU: the cache's CPU size. GPU: the draft's share of the device less what is allocated now
-        (a one-layer draft's activations are small beside its KV cache)."""
+        """CPU: the cache's CPU size. GPU: the draft's share of the device less what it allocated itself,
+        within what the device has free (draft_memory.py; a one-layer draft's activations are small
+        beside its KV cache, so no profile forward)."""
         if self.device.type != "cuda":
             return max(1, int(cache.cpu_kv_cache_gib * (1 << 30) // per_block))
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        budget = total * placement.gpu_memory_utilization - torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        budget = draft_kv_budget(self.device, placement.gpu_memory_utilization, self._start_bytes)
         return max(1, int(budget // per_block))
 
     @torch.inference_mode()

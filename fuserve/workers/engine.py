@@ -112,7 +112,7 @@ class LLMEngine:
         self._failures: list[tuple[str, str]] = []  # (request id, why) of requests ended by the engine
         self.speculation = None
         try:
-            proposer = proposer or build_proposer(config.speculative)
+            proposer = proposer or build_proposer(config, self.device)
         except BaseException:
             self.executor.shutdown()
             raise

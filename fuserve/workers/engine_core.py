@@ -90,7 +90,7 @@ def replica_placement() -> RayPlacement | None:
 
 def build_engine(config: FuserveConfig, placement: RayPlacement | None) -> LLMEngine:
     proposer = None
-    if config.speculative.method == "draft":
+    if config.speculative.deploys_draft:  # else the engine builds an in-engine draft itself
         from fuserve.speculative.draft_factory import build_draft_proposer  # it imports this module
 
         proposer = build_draft_proposer(config, placement)
