@@ -379,7 +379,10 @@ def main() -> None:
     proposer_names = (args.proposer or ("repeat" if synthetic != [None] else "ngram")).split(",")
     kinds = args.prompts.split(",") if args.model == "default" else ["random"]
 
-    config = config_from_dict(engine_config(args))
+    cfg = engine_config(args)
+    if any(name.startswith("inproc=") for name in proposer_names):  # the draft's share beside the target
+        cfg.setdefault("cache", {})["gpu_memory_utilization"] = 0.8
+    config = config_from_dict(cfg)
     if args.second_best:  # the engine's decode graphs then serve verify steps with alternatives
         config = config.model_copy(
             update={"speculative": config.speculative.model_copy(update={"second_best": True})}

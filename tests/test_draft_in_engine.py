@@ -114,10 +114,10 @@ def test_in_engine_draft_on_the_gpu(checkpoints: tuple[Path, Path]) -> None:
     spec = {"method": "draft", "draft": {"path": str(target), "max_model_len": 128, "dtype": "float32"},
             "num_speculative_tokens": 3, "adaptive": False}  # fmt: skip
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
-    plain = LLM(config_from_dict({"model": model, "cache": {"gpu_memory_utilization": 0.5}}))
+    plain = LLM(config_from_dict({"model": model, "cache": {"num_blocks": 64}}))  # small: it stays allocated
     want = [c.outputs[0].token_ids for c in plain.generate(PROMPTS, params)]
     plain.engine.shutdown()
-    config = {"model": model, "cache": {"gpu_memory_utilization": 0.5}, "speculative": spec}
+    config = {"model": model, "cache": {"gpu_memory_utilization": 0.3}, "speculative": spec}
     llm = LLM(config_from_dict(config))
     assert [c.outputs[0].token_ids for c in llm.generate(PROMPTS, params)] == want
     speculation = llm.engine.speculation
