@@ -550,3 +550,12 @@ def test_bench_spec_smoke(tmp_path: Path) -> None:
     inproc = [r for r in spec if r["proposer"] == "inproc=tiny"]
     assert all(r["placement"] == "in-process" and r["channel_ms_per_round"] == 0 for r in inproc)
     assert {r["device"] for r in rows} == {"cpu"} and all(r["commit"] for r in rows)
+
+
+def test_profile_draft_round_smoke(tmp_path: Path) -> None:
+    """The draft-round profile still runs (tiny draft, CPU): a row per batch and k, rounds timed."""
+    out = tmp_path / "draft-round.json"
+    _run([str(BENCHMARKS / "profile_draft_round.py"), "--smoke", "--out", str(out)], tmp_path)
+    rows = json.loads(out.read_text())
+    assert {(r["batch"], r["k"]) for r in rows} == {(b, k) for b in (1, 8) for k in (1, 2, 4)}
+    assert all(r["ms_p50"] >= r["ms_min"] > 0 and r["device"] == "cpu" for r in rows)
