@@ -2,22 +2,31 @@
 
 A sequence whose drafts are kept with probability a each (independently, until the first rejection)
 gains E(k) = 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a) tokens from a step with k drafts. What the step
-costs it: its share of the batch's plain decode step, (base + per_seq * B) / B, plus k times the cost of
-one draft (verifying it in the target's forward, and making it), plus its share of the proposer's round
-trip when k > 0. Each sequence takes the k in 0..k_max with the best E(k) / cost(k). For B identical
-sequences that is exactly the k maximizing the batch's tokens per second; k = 0 costs nothing, so a
-large batch, where a draft costs a whole token of compute but the plain step is shared B ways, stops
-drafting by itself.
+costs it: its share of the batch's plain decode step, (base + per_seq * B) / B; when k > 0 its share of
+what every speculating step and round pays once, whatever k (the verify step's fixed extra: the read-back
+that speculation forces, sampling the rows; the round's: the host's work, the channel, the draft's first
+forward); and k times the cost of one more draft (verifying it, and its share of the round's forward that
+made it: the draft's forwards serve the whole batch). Each sequence takes the k in 0..k_max with the best
+E(k) / cost(k). For B identical sequences that is exactly the k maximizing the batch's tokens per second;
+k = 0 costs nothing, so a large batch, where a draft costs a whole token of compute but the plain step
+is shared B ways, stops drafting by itself.
 
 Everything is measured, never configured:
   acceptance  per sequence, kept / checked with decaying counts (the last ~10 verifies), pulled toward a
-              prior by a weak pseudo-count; while a sequence does not draft its counts keep decaying, so
-              it is tried again after a while (text changes character: a code block starts).
+              prior by a weak pseudo-count: the engine's recent acceptance over all sequences, or 0.5 if
+              that is lower; while a sequence does not draft its counts keep decaying, so it is tried
+              again after a while (text changes character: a code block starts).
   step costs  plain decode steps fitted as seconds = base + per_seq * B (StepCostMeter's ridge fit
-              with forgetting); a draft's verify cost is the running mean, per draft, of what verify
-              steps take beyond that fit. Speculation runs a plain step every EXPLORE_EVERY steps so
-              that the fit stays fed while every sequence drafts.
-  proposer    seconds per draft made, and the round trip the proposer reports, as running averages.
+              with forgetting); what a verify step takes beyond that fit, as a line in its drafts
+              (fixed + per draft), and a proposer round's seconds as a line in its largest k (fixed + per
+              forward), each a weighted least-squares fit of the last ~20 (`LineFit`). Speculation runs a
+              plain step every EXPLORE_EVERY steps so that the plain fit stays fed while every sequence
+              drafts.
+  proposer    the round trip the proposer reports, as a running average.
+Charging the fixed parts per draft instead (this module's first model: one running mean per draft of a
+round's and a verify step's seconds) priced one draft at the whole fixed cost and every further draft
+again at it: where a step's fixed extra was large, adaptive k settled at k = 1 or 0 where k = 4-5 paid
+(an 8B target with a 1B draft on an H200: 0.95-1.11x at batch 8 against 1.16-1.63x at fixed k).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from fuserve.workers.step_cost_meter import StepCostMeter
 PRIOR_ACCEPTANCE = 0.5
 PRIOR_WEIGHT = 2.0  # pseudo-verifies at the prior
 DECAY = 0.9  # per verify: the last ~10 count
+POOL_DECAY = 0.98  # per verify of any sequence: the engine's last ~50 count toward the prior
 # per step without drafts: back to the prior's pull after ~20 steps. 0.98 (~100 steps) let a few
 # rejections in a row stop a batch-1 sequence for dozens of steps: on the CPU box adaptive k made 1.01x
 # where fixed k = 1 made 1.25x (code prompts, 2026-11-27)
@@ -39,18 +49,52 @@ MIN_PLAIN_STEPS = 4  # plain steps measured before a verify step's extra time is
 
 @dataclass(frozen=True)
 class StepCosts:
-    """Seconds, per sequence of a batch: its share of a plain decode step, one more draft (verifying
-    it and making it), and its share of the proposer's round trip (paid only when it drafts)."""
+    """Seconds, per sequence of a batch: its share of a plain decode step; its share of what a step and
+    a round cost once whatever k (paid only when it drafts); one more draft (verifying it, and its share
+    of the draft forward that made it)."""
 
     share_s: float
+    fixed_s: float
     per_draft_s: float
-    round_share_s: float
 
 
 @dataclass
 class _Acceptance:
     kept: float = 0.0
     checked: float = 0.0
+
+
+class LineFit:
+    """y = c0 + c1 * x by exponentially weighted least squares (the last ~1 / (1 - forget) samples count),
+    pulled toward a prior line by two weak pseudo-samples on it (x = 0 and x = 1), so that both
+    coefficients are defined before x has varied. Neither coefficient goes below zero."""
+
+    def __init__(self, c0: float, c1: float, forget: float = 0.95, prior_weight: float = 0.05) -> None:
+        self.forget = forget
+        w = prior_weight
+        # the prior's pseudo-samples: (0, c0) and (1, c0 + c1), weight w each
+        self._prior = (2 * w, w, w, w * (2 * c0 + c1), w * (c0 + c1))
+        self._sums = [0.0] * 5  # weight, x, x^2, y, x y
+
+    def observe(self, x: float, y: float) -> None:
+        f = self.forget
+        for i, v in enumerate((1.0, x, x * x, y, x * y)):
+            self._sums[i] = f * self._sums[i] + v
+
+    def coefficients(self) -> tuple[float, float]:
+        n, sx, sxx, sy, sxy = (a + b for a, b in zip(self._sums, self._prior, strict=True))
+        det = n * sxx - sx * sx
+        c1 = (n * sxy - sx * sy) / det if det > 1e-12 else 0.0
+        c0 = (sy - c1 * sx) / n
+        if c1 < 0.0:
+            return max(sy / n, 0.0), 0.0
+        if c0 < 0.0:
+            return 0.0, max(sxy / sxx, 0.0)
+        return c0, c1
+
+    def at(self, x: float) -> float:
+        c0, c1 = self.coefficients()
+        return c0 + c1 * x
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -72,25 +116,40 @@ class AdaptiveK:
         self.max_k = max_k
         self.adaptive = adaptive
         self._acc: dict[str, _Acceptance] = {}
-        # StepCostMeter's features (prefill tokens, decodes) stand for (drafts, decodes) here
+        self._pool = _Acceptance()  # every sequence's verifies: the prior (`prior`)
         self.steps = StepCostMeter(prior=step_prior)  # plain decode steps only
-        self.verify_s = step_prior[2]  # seconds one more draft adds to a step's forward
-        self.draft_s = draft_token_prior_s  # seconds per draft made by the proposer
+        self.verify = LineFit(0.0, step_prior[2])  # a verify step's seconds beyond the plain fit, by drafts
+        self.round = LineFit(0.0, draft_token_prior_s)  # a round's seconds less the channel, by its largest k
         self.channel_s = 0.0  # seconds per proposer round trip
 
     # ---- measurements ---------------------------------------------------------------------------
+    def prior(self) -> float:
+        """What a sequence's acceptance is pulled toward: the engine's recent acceptance over every
+        sequence, or PRIOR_ACCEPTANCE if that is lower. A sequence that stopped drafting drifts back to
+        it and is tried again; with the prior fixed at 0.5 a fixed cost per step that only acceptance
+        ~0.7 repays kept every sequence at k = 0 for good after one unlucky run."""
+        pooled = self._pool
+        if pooled.checked <= 0.0:
+            return PRIOR_ACCEPTANCE
+        return max(PRIOR_ACCEPTANCE, pooled.kept / pooled.checked)
+
     def acceptance(self, seq_id: str) -> float:
         a = self._acc.get(seq_id)
+        prior = self.prior()
         if a is None:
-            return PRIOR_ACCEPTANCE
-        return (a.kept + PRIOR_WEIGHT * PRIOR_ACCEPTANCE) / (a.checked + PRIOR_WEIGHT)
+            return prior
+        return (a.kept + PRIOR_WEIGHT * prior) / (a.checked + PRIOR_WEIGHT)
 
     def observe_verify(self, seq_id: str, num_drafts: int, num_accepted: int) -> None:
         """Drafts are Bernoulli trials until the first rejection: kept ones are successes, the first
         rejected one (if any) a failure, the ones after it were never tried."""
+        checked = num_accepted + (1 if num_accepted < num_drafts else 0)
         a = self._acc.setdefault(seq_id, _Acceptance())
         a.kept = DECAY * a.kept + num_accepted
-        a.checked = DECAY * a.checked + num_accepted + (1 if num_accepted < num_drafts else 0)
+        a.checked = DECAY * a.checked + checked
+        pool = self._pool
+        pool.kept = POOL_DECAY * pool.kept + num_accepted
+        pool.checked = POOL_DECAY * pool.checked + checked
 
     def observe_idle(self, seq_id: str) -> None:
         a = self._acc.get(seq_id)
@@ -98,23 +157,27 @@ class AdaptiveK:
             a.kept *= IDLE_DECAY
             a.checked *= IDLE_DECAY
 
-    def observe_round(self, seconds: float, num_drafts: int, channel_s: float = 0.0) -> None:
-        if num_drafts > 0:
-            self.draft_s += COST_EWMA * ((seconds - channel_s) / num_drafts - self.draft_s)
+    def observe_round(self, seconds: float, max_k: int, channel_s: float = 0.0) -> None:
+        """A proposer round that asked for at most `max_k` drafts of any sequence (its forwards)."""
+        if max_k > 0:
+            self.round.observe(max_k, seconds - channel_s)
         self.channel_s += COST_EWMA * (channel_s - self.channel_s)
 
     def observe_decode_step(self, num_seqs: int, num_drafts: int, seconds: float) -> None:
         """A step of decodes only (some speculating), its proposer round not counted. Plain steps fit
-        the step's base and per-sequence cost; a verify step's time beyond that fit, per draft, is a
-        draft's verify cost. (One fit over both priced a draft at its prior when nearly every step
-        drafted: it could not tell the drafts' cost from the base.)"""
+        the step's base and per-sequence cost; a verify step's time beyond that fit is fitted against its
+        drafts. (One fit over both priced a draft at its prior when nearly every step drafted: it could
+        not tell the drafts' cost from the base.)"""
         if num_drafts == 0:
             self.steps.observe(0, num_seqs, seconds)
             return
         fit = self.steps.estimate()
         if fit.num_samples >= MIN_PLAIN_STEPS:
-            extra = (seconds - fit.base_s - fit.per_seq_s * num_seqs) / num_drafts
-            self.verify_s += COST_EWMA * (max(extra, 0.0) - self.verify_s)
+            self.verify.observe(num_drafts, seconds - fit.base_s - fit.per_seq_s * num_seqs)
+
+    def verify_cost(self, num_drafts: int) -> float:
+        """Seconds a verify step with this many drafts takes beyond a plain step of the same batch."""
+        return self.verify.at(num_drafts)
 
     def forget(self, seq_id: str) -> None:
         self._acc.pop(seq_id, None)
@@ -124,10 +187,12 @@ class AdaptiveK:
         """This step's costs for a batch of `batch_size` decodes: one fit per step, not per sequence."""
         fit = self.steps.estimate()
         b = max(batch_size, 1)
+        v0, v1 = self.verify.coefficients()
+        r0, r1 = self.round.coefficients()
         return StepCosts(
             share_s=(fit.base_s + fit.per_seq_s * b) / b,
-            per_draft_s=self.verify_s + self.draft_s,
-            round_share_s=self.channel_s / b,
+            fixed_s=(v0 + r0 + self.channel_s) / b,
+            per_draft_s=v1 + r1 / b,
         )
 
     def any_drafts(self, seq_ids: list[str], costs: StepCosts) -> bool:
@@ -151,7 +216,7 @@ class AdaptiveK:
         a = self.acceptance(seq_id)
         best_k, best = 0, 1.0 / max(costs.share_s, 1e-9)
         for k in range(1, top + 1):
-            cost = costs.share_s + k * costs.per_draft_s + costs.round_share_s
+            cost = costs.share_s + costs.fixed_s + k * costs.per_draft_s
             rate = expected_tokens(a, k) / max(cost, 1e-9)
             if rate > best:
                 best_k, best = k, rate

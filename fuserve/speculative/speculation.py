@@ -163,7 +163,7 @@ class Speculation:
             made += len(seq.spec_token_ids)
         channel_s = self.proposer.last_channel_s if isinstance(self.proposer, ReportsChannelTime) else 0.0
         self.stats.observe_round([r.k for r in requests], self._round_s, channel_s)
-        self.adaptive_k.observe_round(self._round_s, made, channel_s)
+        self.adaptive_k.observe_round(self._round_s, max(r.k for r in requests), channel_s)
 
     @staticmethod
     def _alternatives(drafts: list[int], alts: list[int]) -> list[int]:
