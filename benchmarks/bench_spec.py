@@ -227,7 +227,10 @@ def make_proposer(
         return DraftRunner(model, placement, cache, config.kernels)
     module, _, func = name.partition(":")
     if not func:
-        raise SystemExit(f"--proposer {name!r}: use ngram, repeat, draft=PATH or module:function")
+        raise SystemExit(
+            f"--proposer {name!r}: use ngram, repeat, draft=PATH, server=SHAPE, inproc=SHAPE or "
+            "module:function"
+        )
     return getattr(importlib.import_module(module), func)(config, engine)
 
 
@@ -457,6 +460,7 @@ def main() -> None:
             print(f"{kind:<7} b={batch:<3} plain      {plain['tok_s']:8.1f} tok/s", flush=True)
     for r in rows:
         r.update(meta)
+    llm.engine.speculation = None  # its proposer is a draft's below, stopped once
     for draft in drafts.values():
         draft.stop()
     llm.engine.shutdown()

@@ -32,11 +32,11 @@ from fuserve.speculative.proposer import ProposeRequest  # noqa: E402
 def rounds(
     runner: DraftRunner, batch: int, k: int, n: int, context: int, accept: int, tag: str
 ) -> list[float]:
-    """n timed rounds after the prompts (untimed); ms per round."""
+    """n timed rounds after the prompts (untimed: a round with k = 1 prefills them); ms per round."""
     ids = [f"{tag}-{i}" for i in range(batch)]
     for i, s in enumerate(ids):
-        runner.propose([ProposeRequest(s, 0, [(i * 31 + j) % 500 for j in range(context)], 0)])
-    lens, new, times = [context] * batch, [[7] for _ in ids], []
+        runner.propose([ProposeRequest(s, 0, [(i * 31 + j) % 500 for j in range(context)], 1)])
+    lens, new, times = [context + 1] * batch, [[7] for _ in ids], []  # the prompt round's draft stays
     for _ in range(n):
         reqs = [ProposeRequest(s, lens[i], new[i], k) for i, s in enumerate(ids)]
         t0 = time.perf_counter()

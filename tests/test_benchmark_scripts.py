@@ -546,7 +546,8 @@ def test_bench_spec_smoke(tmp_path: Path) -> None:
     fixed = [r for r in spec if r["batch"] == 2 and r["k"] != "adaptive"]
     assert 0.5 < sum(r["accepted"] for r in fixed) / sum(r["drafts"] for r in fixed) < 0.95
     served = [r for r in spec if r["proposer"] == "server=tiny"]
-    assert all(r["placement"] == "cpu" and r["channel_ms_per_round"] > 0 for r in served)
+    assert all(r["placement"] == "cpu" for r in served)
+    assert all(r["channel_ms_per_round"] > 0 for r in served if r["k"] != "adaptive")  # it may not draft
     inproc = [r for r in spec if r["proposer"] == "inproc=tiny"]
     assert all(r["placement"] == "in-process" and r["channel_ms_per_round"] == 0 for r in inproc)
     assert {r["device"] for r in rows} == {"cpu"} and all(r["commit"] for r in rows)

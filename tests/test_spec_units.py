@@ -165,8 +165,7 @@ def test_metrics_show_speculation_per_replica() -> None:
 
 def test_adaptive_k_prices_a_draft_from_verify_steps_against_plain_ones() -> None:
     """Nearly every step drafts (one plain step in 16): a verify step 40 ms over the plain 100 ms is
-    40 ms per draft, whatever the fit's prior says, so at acceptance ~0.2 drafting stops; at 10 ms per
-    draft and the same acceptance it goes on."""
+    priced near 40 ms, so at acceptance ~0.2 drafting stops; at 10 ms and the same acceptance it goes on."""
     for verify_extra_s, want_k in ((0.040, 0), (0.010, 1)):
         ak = AdaptiveK(max_k=1)
         for step in range(160):
@@ -176,13 +175,12 @@ def test_adaptive_k_prices_a_draft_from_verify_steps_against_plain_ones() -> Non
                 ak.observe_decode_step(1, 1, 0.100 + verify_extra_s)
                 ak.observe_verify("s", 1, 1 if step % 5 == 0 else 0)
         assert ak.acceptance("s") < 0.35
-        assert (
-            0.5 * verify_extra_s <= ak.verify_cost(1) <= 2 * verify_extra_s
-        )  # the plain fit leans on its prior
+        # early verify steps are measured against a plain fit still near its prior
+        assert 0.5 * verify_extra_s <= ak.verify_cost(1) <= 2.5 * verify_extra_s
         assert ak.choose("s", ak.step_costs(1), limit=8) == want_k
 
 
-def _simulate(ak: AdaptiveK, steps: int = 1500, fixed: int | None = None) -> float:
+def _simulate(ak: AdaptiveK, steps: int = 8000, fixed: int | None = None) -> float:
     """Batch 1 against a step whose costs have fixed parts: plain 5 ms; a verify step 3 ms + 0.1 ms a
     draft more; a round 1 ms + 0.5 ms a draft; drafts kept with probability 0.7. Tokens/s over plain's."""
     rng = random.Random(0)

@@ -120,7 +120,7 @@ class EngineIngress:
     > 1, starts the further frontend processes that share its port and its engine core."""
 
     async def __init__(self, config: FuserveConfig, draft: Any = None) -> None:
-        """`draft`: the Draft deployment's handle (speculative.method draft), bound only so Serve runs
+        """`draft`: the Draft deployment's handle (speculative.deploys_draft), bound only so Serve runs
         the draft with this app; the engine core finds it by name (speculative/draft_factory.py)."""
         replica_id = _replica_id()
         warn_if_slow_http_path()

@@ -23,6 +23,9 @@ Everything is measured, never configured:
               plain step every EXPLORE_EVERY steps so that the plain fit stays fed while every sequence
               drafts.
   proposer    the round trip the proposer reports, as a running average.
+A line needs k to vary to tell its fixed part from its slope: per-sequence choices, the plain steps and the
+retries vary it, but a batch that holds one k for ~20 steps leaves the split to the fit's weak prior (no
+fixed part), and drifts back toward charging per draft (not yet measured on a GPU).
 Charging the fixed parts per draft instead (this module's first model: one running mean per draft of a
 round's and a verify step's seconds) priced one draft at the whole fixed cost and every further draft
 again at it: where a step's fixed extra was large, adaptive k settled at k = 1 or 0 where k = 4-5 paid
@@ -39,6 +42,10 @@ PRIOR_ACCEPTANCE = 0.5
 PRIOR_WEIGHT = 2.0  # pseudo-verifies at the prior
 DECAY = 0.9  # per verify: the last ~10 count
 POOL_DECAY = 0.98  # per verify of any sequence: the engine's last ~50 count toward the prior
+# After this many plain steps in a row the prior turns optimistic until drafts are verified again: one
+# round in ~this many steps where drafting does not pay, and only where the costs allow a draft at all
+RETRY_AFTER = 64
+RETRY_ACCEPTANCE = 0.9
 # per step without drafts: back to the prior's pull after ~20 steps. 0.98 (~100 steps) let a few
 # rejections in a row stop a batch-1 sequence for dozens of steps: on the CPU box adaptive k made 1.01x
 # where fixed k = 1 made 1.25x (code prompts, 2026-11-27)
@@ -117,6 +124,7 @@ class AdaptiveK:
         self.adaptive = adaptive
         self._acc: dict[str, _Acceptance] = {}
         self._pool = _Acceptance()  # every sequence's verifies: the prior (`prior`)
+        self._plain_run = 0  # plain decode steps since the last verify step
         self.steps = StepCostMeter(prior=step_prior)  # plain decode steps only
         self.verify = LineFit(0.0, step_prior[2])  # a verify step's seconds beyond the plain fit, by drafts
         self.round = LineFit(0.0, draft_token_prior_s)  # a round's seconds less the channel, by its largest k
@@ -125,9 +133,13 @@ class AdaptiveK:
     # ---- measurements ---------------------------------------------------------------------------
     def prior(self) -> float:
         """What a sequence's acceptance is pulled toward: the engine's recent acceptance over every
-        sequence, or PRIOR_ACCEPTANCE if that is lower. A sequence that stopped drafting drifts back to
-        it and is tried again; with the prior fixed at 0.5 a fixed cost per step that only acceptance
-        ~0.7 repays kept every sequence at k = 0 for good after one unlucky run."""
+        sequence, or PRIOR_ACCEPTANCE if that is lower; after RETRY_AFTER plain steps in a row,
+        RETRY_ACCEPTANCE until a step verifies drafts again. A sequence that stopped drafting drifts
+        back to the prior, so it is tried again where drafting can pay at all: with the prior at 0.5, or
+        at the pool's acceptance (which no longer moves once nothing drafts), a fixed cost per step that
+        only a higher acceptance repays kept every sequence at k = 0 for good after one unlucky run."""
+        if self._plain_run >= RETRY_AFTER:
+            return RETRY_ACCEPTANCE
         pooled = self._pool
         if pooled.checked <= 0.0:
             return PRIOR_ACCEPTANCE
@@ -170,7 +182,9 @@ class AdaptiveK:
         not tell the drafts' cost from the base.)"""
         if num_drafts == 0:
             self.steps.observe(0, num_seqs, seconds)
+            self._plain_run += 1
             return
+        self._plain_run = 0
         fit = self.steps.estimate()
         if fit.num_samples >= MIN_PLAIN_STEPS:
             self.verify.observe(num_drafts, seconds - fit.base_s - fit.per_seq_s * num_seqs)

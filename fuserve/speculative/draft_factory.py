@@ -61,8 +61,8 @@ def build_draft_proposer(config: FuserveConfig, placement: RayPlacement | None) 
 
     if placement is None or placement.app_name is None:
         raise ValueError(
-            "speculative.method `draft` needs the draft deployment, which runs under Ray Serve "
-            "(`fuserve serve`); for offline use pick speculative.method `ngram` or `none`"
+            "speculative.method `draft` with a draft deployment runs under Ray Serve (`fuserve serve`); "
+            "elsewhere set speculative.placement.in_engine: true to run the draft in the engine's process"
         )
     import ray
 

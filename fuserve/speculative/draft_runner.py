@@ -24,7 +24,7 @@ import torch
 
 from fuserve.configs import CacheConfig, DraftPlacementConfig, FuserveConfig, KernelConfig, ModelConfig
 from fuserve.parallel.tp_context import TPContext
-from fuserve.speculative.draft_memory import draft_kv_budget
+from fuserve.speculative.draft_memory import draft_kv_blocks
 from fuserve.speculative.draft_sequences import DraftSequence, DraftSequences
 from fuserve.speculative.proposer import ProposeRequest
 from fuserve.speculative.subset_head import SubsetHead, read_vocab_file
@@ -138,15 +138,10 @@ class DraftRunner:
         self.runner.profile(self.max_num_batched_tokens, seqs, blocks)
         torch.cuda.synchronize(self.device)
         del scratch
-        budget = draft_kv_budget(self.device, placement.gpu_memory_utilization, self._start_bytes)
-        if budget < per_block * -(-self.max_model_len // self.block_size):
-            raise RuntimeError(
-                f"the draft's share of its GPU ({placement.gpu_memory_utilization:g}) leaves "
-                f"{budget / 2**30:.2f} GiB for its KV cache, less than one sequence of "
-                f"{self.max_model_len} tokens; raise speculative.placement.gpu_memory_utilization (and for "
-                "a draft in the engine lower cache.gpu_memory_utilization to leave it that share)"
-            )
-        return int(budget // per_block)
+        min_blocks = -(-self.max_model_len // self.block_size)
+        return draft_kv_blocks(
+            self.device, placement.gpu_memory_utilization, self._start_bytes, per_block, min_blocks
+        )
 
     @torch.inference_mode()
     def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]:
@@ -188,13 +183,21 @@ class DraftRunner:
         """Every drafting sequence's tokens without KV; the first drafts, in `drafting` order.
         After a verify a sequence has one or two such tokens (two when the target kept every draft: the
         last draft was never fed back). Sequences with at most CATCH_UP_ROWS go in together as decode
-        rows, one a token (each sees the keys up to its position, as verify rows do), so the decode graphs
-        serve the round's first forward (as a chunk of two the 1B shape ran eagerly: ~6 ms on an H200,
-        against 0.9 ms in its graph). Longer ones (a prompt, or tokens piled up while adaptive k held a
-        sequence at 0) go in as chunks after them, at the token budget."""
+        rows, one a token (each sees the keys up to its position, as verify rows do), as many as the
+        largest decode graph holds, so the decode graphs serve the round's first forward (as a chunk of
+        two the 1B shape ran eagerly: ~6 ms on an H200, against 0.9 ms in its graph). The rest (a
+        prompt, tokens piled up while adaptive k held a sequence at 0, rows past the graphs) go in as
+        chunks after them, at the token budget (mixed graphs on a GPU)."""
         cursor = [seq.num_computed for _, seq, _ in drafting]
         firsts: dict[int, torch.Tensor] = {}
-        short = [d for d, (_, seq, _) in enumerate(drafting) if len(seq.tokens) - cursor[d] <= CATCH_UP_ROWS]
+        graphs = self.runner.graphs
+        room = graphs.buckets[-1] if graphs is not None else self.max_num_batched_tokens
+        short = []  # as many as the largest decode graph (or the token budget) holds
+        for d, (_, seq, _) in enumerate(drafting):
+            n = len(seq.tokens) - cursor[d]
+            if n <= min(CATCH_UP_ROWS, room):
+                short.append(d)
+                room -= n
         if short:
             plan = StepPlan()
             for d in short:
@@ -261,3 +264,10 @@ class DraftRunner:
 
     def release(self, seq_ids: list[str]) -> None:
         self.seqs.release(seq_ids)
+
+    def close(self) -> None:
+        """Free the CUDA graphs now (an engine in this process shuts down; its pools go with them)."""
+        for graphs in (self.runner.graphs, self.runner.mixed_graphs):
+            if graphs is not None:
+                graphs.release()
+        self.runner.graphs = self.runner.mixed_graphs = None

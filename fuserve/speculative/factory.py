@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from fuserve.configs import FuserveConfig
 from fuserve.speculative.ngram import NgramProposer
 from fuserve.speculative.proposer import Proposer
+
+if TYPE_CHECKING:
+    import torch
 
 
 def build_proposer(config: FuserveConfig, device: torch.device) -> Proposer | None:

@@ -42,7 +42,7 @@ from itertools import takewhile
 import torch
 
 from fuserve.configs import CacheConfig, DraftPlacementConfig, FuserveConfig, KernelConfig, ModelConfig
-from fuserve.speculative.draft_memory import draft_kv_budget
+from fuserve.speculative.draft_memory import draft_kv_blocks
 from fuserve.speculative.draft_sequences import DraftSequence, DraftSequences
 from fuserve.speculative.feature_draft_file import draft_file_of, read_feature_draft
 from fuserve.speculative.feature_draft_model import FeatureDraftModel
@@ -138,8 +138,10 @@ class FeatureDraftRunner:
         if self.device.type != "cuda":
             return max(1, int(cache.cpu_kv_cache_gib * (1 << 30) // per_block))
         torch.cuda.reset_peak_memory_stats(self.device)
-        budget = draft_kv_budget(self.device, placement.gpu_memory_utilization, self._start_bytes)
-        return max(1, int(budget // per_block))
+        min_blocks = -(-self.max_model_len // self.block_size)
+        return draft_kv_blocks(
+            self.device, placement.gpu_memory_utilization, self._start_bytes, per_block, min_blocks
+        )
 
     @torch.inference_mode()
     def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]:

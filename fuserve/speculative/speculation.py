@@ -147,7 +147,6 @@ class Speculation:
             self._held.clear()  # its state may be gone: send everything when it is back
             return
         self._round_s = time.perf_counter() - t0
-        made = 0
         alternatives = self.proposer.last_alternatives if self.second_best else [[]] * len(seqs)
         for seq, req, proposed, alts in zip(seqs, requests, drafts, alternatives, strict=True):
             if proposed is None:  # the proposer no longer holds it (evicted): all of it next round
@@ -160,7 +159,6 @@ class Speculation:
                 del seq.spec_token_ids[self.valid_drafts(seq, seq.spec_token_ids) :]
             elif alts and seq.params.greedy and seq.params.grammar is None:
                 seq.spec_alt_ids = self._alternatives(seq.spec_token_ids, alts)
-            made += len(seq.spec_token_ids)
         channel_s = self.proposer.last_channel_s if isinstance(self.proposer, ReportsChannelTime) else 0.0
         self.stats.observe_round([r.k for r in requests], self._round_s, channel_s)
         self.adaptive_k.observe_round(self._round_s, max(r.k for r in requests), channel_s)

@@ -488,6 +488,9 @@ class LLMEngine:
     def shutdown(self) -> None:
         if self._guided is not None:
             self._guided.compiler.shutdown()
+        close = getattr(self.speculation.proposer, "close", None) if self.speculation is not None else None
+        if callable(close):  # an in-engine draft's graphs, a deployed draft's channel
+            close()
         self.executor.shutdown()
 
     def stats(self) -> CoreStats:
