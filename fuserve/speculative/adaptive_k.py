@@ -28,8 +28,9 @@ retries vary it, but a batch that holds one k for ~20 steps leaves the split to 
 fixed part), and drifts back toward charging per draft (not yet measured on a GPU).
 Charging the fixed parts per draft instead (this module's first model: one running mean per draft of a
 round's and a verify step's seconds) priced one draft at the whole fixed cost and every further draft
-again at it: where a step's fixed extra was large, adaptive k settled at k = 1 or 0 where k = 4-5 paid
-(an 8B target with a 1B draft on an H200: 0.95-1.11x at batch 8 against 1.16-1.63x at fixed k).
+again at it: where a step's fixed extra was large, adaptive k settled at k = 1 or 0 where k = 4-5 paid (in
+tests/test_spec_units.py's simulation; the suspected cause of 0.95-1.11x at batch 8 against 1.16-1.63x at
+fixed k for an 8B target with a 1B draft on an H200, where this model is not measured yet).
 """
 
 from __future__ import annotations
