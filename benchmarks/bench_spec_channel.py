@@ -37,7 +37,7 @@ from bench_decode import TINY as DECODE_TINY  # noqa: E402
 from fuserve.configs import config_from_dict  # noqa: E402
 from fuserve.speculative.draft_client import DraftProposer  # noqa: E402
 from fuserve.speculative.draft_server import DraftServer, start_draft_server  # noqa: E402
-from fuserve.speculative.proposer import ProposeRequest  # noqa: E402
+from fuserve.speculative.proposer import Proposer, ProposeRequest  # noqa: E402
 
 K = 4
 BATCHES = (1, 8, 32, 64)
@@ -77,21 +77,24 @@ def percentiles(times_ms: list[float]) -> dict[str, float]:
 
 
 def time_rounds(
-    proposer: DraftProposer, batch: int, rounds: int, context: list[list[int]], accept: int
+    proposer: Proposer, batch: int, rounds: int, context: list[list[int]], accept: int, k: int = K
 ) -> list[float]:
-    """Rounds as the engine sends them; each keeps `accept` drafts and adds one token."""
+    """Rounds as the engine sends them, ms each; each keeps `accept` drafts and adds one token. The
+    prompts go first, untimed, in a round with k = 1: a draft prefills only for sequences that draft,
+    so with k = 0 the first timed round carried the whole prefill."""
     ids = [f"b{batch}-{i}" for i in range(batch)]
-    for i, s in enumerate(ids):  # the prompts, untimed
-        proposer.propose([ProposeRequest(s, 0, context[i], 0)])
+    for i, s in enumerate(ids):
+        proposer.propose([ProposeRequest(s, 0, context[i], 1)])
     lens = [len(c) for c in context]
     new = [[7] for _ in ids]
     times = []
     for _ in range(rounds):
-        reqs = [ProposeRequest(s, lens[i], new[i], K) for i, s in enumerate(ids)]
+        reqs = [ProposeRequest(s, lens[i], new[i], k) for i, s in enumerate(ids)]
         t0 = time.perf_counter()
         drafts = proposer.propose(reqs)
         times.append(1e3 * (time.perf_counter() - t0))
         for i, d in enumerate(drafts):
+            assert d is not None, "the draft dropped a sequence it was sent"
             lens[i] += len(new[i])
             new[i] = d[:accept] + [7]
     proposer.release(ids)

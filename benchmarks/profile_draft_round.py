@@ -22,45 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import commit, device_name  # noqa: E402
-from bench_spec_channel import LLAMA32_1B, TINY  # noqa: E402
+from bench_spec_channel import LLAMA32_1B, TINY, time_rounds  # noqa: E402
+from profile_step import gpu_ms  # noqa: E402
 
 from fuserve.configs import config_from_dict  # noqa: E402
 from fuserve.speculative.draft_runner import DraftRunner  # noqa: E402
-from fuserve.speculative.proposer import ProposeRequest  # noqa: E402
-
-
-def rounds(
-    runner: DraftRunner, batch: int, k: int, n: int, context: int, accept: int, tag: str
-) -> list[float]:
-    """n timed rounds after the prompts (untimed: a round with k = 1 prefills them); ms per round."""
-    ids = [f"{tag}-{i}" for i in range(batch)]
-    for i, s in enumerate(ids):
-        runner.propose([ProposeRequest(s, 0, [(i * 31 + j) % 500 for j in range(context)], 1)])
-    lens, new, times = [context + 1] * batch, [[7] for _ in ids], []  # the prompt round's draft stays
-    for _ in range(n):
-        reqs = [ProposeRequest(s, lens[i], new[i], k) for i, s in enumerate(ids)]
-        t0 = time.perf_counter()
-        drafts = runner.propose(reqs)
-        times.append(1e3 * (time.perf_counter() - t0))
-        for i, d in enumerate(drafts):
-            assert d is not None
-            lens[i] += len(new[i])
-            new[i] = d[:accept] + [7]
-    runner.release(ids)
-    return times
-
-
-def gpu_ms(fn: Any, reps: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main() -> None:
@@ -87,10 +53,11 @@ def main() -> None:
     runner = DraftRunner.from_config(config)
     base = dict(bench="draft_round", device=device_name(), commit=commit(), date=time.strftime("%Y-%m-%d"))
     rows: list[dict[str, Any]] = []
+    prompts = [[(i * 31 + j) % 500 for j in range(context)] for i in range(8)]
     for batch in (1, 8):
         for k in (1, 2, 4):
-            rounds(runner, batch, k, 3, context, args.accept, f"w{batch}-{k}")  # warm-up
-            t = rounds(runner, batch, k, n, context, args.accept, f"b{batch}-{k}")
+            time_rounds(runner, batch, 3, prompts[:batch], args.accept, k)  # warm-up
+            t = time_rounds(runner, batch, n, prompts[:batch], args.accept, k)
             rows.append(
                 dict(base, batch=batch, k=k, accept=args.accept, ms_p50=statistics.median(t), ms_min=min(t))
             )
@@ -107,7 +74,7 @@ def main() -> None:
         with torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         ) as prof:
-            rounds(runner, 1, 4, 10, context, args.accept, "prof")
+            time_rounds(runner, 1, 10, prompts[:1], args.accept, 4)
         table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
         print(table)
         if args.out is not None:
