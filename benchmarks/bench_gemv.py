@@ -18,7 +18,7 @@ import torch
 import triton.testing
 from bench_decode import commit
 
-from fuserve.workers.kernels.gemv import gemv
+from fuserve.workers.kernels.gemv import gemv, linear
 from fuserve.workers.kernels.silu_mul import silu_mul
 from fuserve.workers.kernels.switches import KernelSwitches, using_switches
 
@@ -84,7 +84,12 @@ def chain_us(tp: int, pdl: bool, layers: int = 32) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results/gemv.json")
+    ap.add_argument(
+        "--rows", default="1", help="comma-separated row counts (a verify step of 1 + k, a small batch)"
+    )
+    ap.add_argument("--no-chain", action="store_true", help="skip the whole-model chain rows")
     args = ap.parse_args()
+    row_counts = [int(m) for m in args.rows.split(",")]
     copy_bw = copy_bandwidth()
     meta = dict(
         bench="kernel",
@@ -100,38 +105,37 @@ def main() -> None:
             torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
             for _ in range(2 if n * k < 5e7 else 1)
         ]
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        torch.testing.assert_close(
-            gemv(x, ws[0]).float(), (x.float() @ ws[0].float().t()), rtol=2e-2, atol=2e-2
-        )
-        for engine, fn in (
-            ("cublas", torch.nn.functional.linear),
-            ("fuserve-triton", lambda a, w: gemv(a, w)),
-        ):
-            ms = time_rotating(fn, x, ws)
-            tb_s = n * k * 2 / (ms * 1e-3) / 1e12
-            rows.append(
-                dict(
-                    meta,
-                    engine=engine,
-                    op=name,
-                    n=n,
-                    k=k,
-                    batch=1,
-                    ms=ms,
-                    tb_s=tb_s,
-                    frac_of_ceiling=tb_s * 1e12 / copy_bw,
-                )
+        for m in row_counts:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            torch.testing.assert_close(
+                linear(x, ws[0]).float(), (x.float() @ ws[0].float().t()), rtol=2e-2, atol=2e-2
             )
+            for engine, fn in (("cublas", torch.nn.functional.linear), ("fuserve-triton", linear)):
+                ms = time_rotating(fn, x, ws)
+                tb_s = n * k * 2 / (ms * 1e-3) / 1e12
+                rows.append(
+                    dict(
+                        meta,
+                        engine=engine,
+                        op=name,
+                        n=n,
+                        k=k,
+                        batch=m,
+                        ms=ms,
+                        tb_s=tb_s,
+                        frac_of_ceiling=tb_s * 1e12 / copy_bw,
+                    )
+                )
     print(
-        f"copy bandwidth {copy_bw / 1e12:.2f} TB/s\n{'op':<14}{'engine':<16}{'us':>8}{'TB/s':>7}{'frac':>6}"
+        f"copy bandwidth {copy_bw / 1e12:.2f} TB/s\n"
+        f"{'op':<14}{'engine':<16}{'rows':>5}{'us':>8}{'TB/s':>7}{'frac':>6}"
     )
     for r in rows:
         print(
-            f"{r['op']:<14}{r['engine']:<16}{r['ms'] * 1e3:>8.1f}{r['tb_s']:>7.2f}"
+            f"{r['op']:<14}{r['engine']:<16}{r['batch']:>5}{r['ms'] * 1e3:>8.1f}{r['tb_s']:>7.2f}"
             f"{r['frac_of_ceiling']:>6.2f}"
         )
-    for tp in (1, 2):
+    for tp in () if args.no_chain else (1, 2):
         for pdl in (False, True):
             us, nbytes = chain_us(tp, pdl)
             tb_s = nbytes / (us * 1e-6) / 1e12
