@@ -45,9 +45,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import LLAMA3_8B, TINY, commit, device_name, dummy_engine_config, prompts  # noqa: E402
 from spec_prompts import prompt_set  # noqa: E402
+from step_window_profile import profile_steps  # noqa: E402
 
 from fuserve import LLM, SamplingParams  # noqa: E402
 from fuserve.configs import FuserveConfig, SpeculativeConfig, config_from_dict  # noqa: E402
@@ -254,6 +257,42 @@ def generate_timed(
     return time.perf_counter() - start, tokens
 
 
+def profile_window(
+    engine: LLMEngine, prompts_: list, params: SamplingParams, num_steps: int
+) -> dict[str, Any]:
+    """`num_steps` engine steps of one batch in decode, under the CUDA profiler: wall and GPU-busy time a
+    step and a token, and the kernels by family, so a verify step's extra time over a plain one is put
+    on kernels (which) or on the host (the GPU waiting)."""
+    for i, p in enumerate(prompts_):
+        engine.add_request(f"profile-{i}", p, params)
+    for _ in range(6):  # the prefill, then past the first rounds (the draft's own prefill)
+        engine.step()
+    seqs = list(engine.scheduler.running)
+    before = sum(s.num_output_tokens for s in seqs)
+    result = profile_steps(engine.step, num_steps, top=10)
+    tokens = sum(s.num_output_tokens for s in seqs) - before
+    while engine.has_unfinished():
+        engine.step()
+    result["tokens"] = tokens
+    result["wall_ms_per_token"] = result["wall_ms_per_step"] * num_steps / max(tokens, 1)
+    result["gpu_busy_ms_per_token"] = result["gpu_busy_ms_per_step"] * num_steps / max(tokens, 1)
+    return result
+
+
+def print_profile_row(row: dict[str, Any]) -> None:
+    p = row.get("profile")
+    if p is None:
+        return
+    kernels = ", ".join(f"{k['kernel'][:28]} {k['ms_per_step']:.2f}" for k in p["kernels"][:5])
+    print(
+        f"  profile {row['proposer']} A={row['synthetic_acceptance']} k={row['k']}: "
+        f"a step {p['wall_ms_per_step']:.2f} ms, GPU busy {p['gpu_busy_ms_per_step']:.2f}; "
+        f"a token {p['wall_ms_per_token']:.2f} / {p['gpu_busy_ms_per_token']:.2f} ms; "
+        f"kernels ms a step: {kernels}",
+        flush=True,
+    )
+
+
 def run_variant(
     llm: LLM,
     args: argparse.Namespace,
@@ -280,6 +319,8 @@ def run_variant(
         ms_per_token=1e3 * seconds / (tokens / num_seqs) / len(batches),
         steps=engine.num_steps - steps,
     )
+    if args.profile_steps and torch.cuda.is_available():
+        row["profile"] = profile_window(engine, batches[0], params, args.profile_steps)
     if speculation is not None and before is not None:
         c = counters_delta(speculation.snapshot(), before)
         row.update(
@@ -368,6 +409,12 @@ def main() -> None:
         "--second-best",
         action="store_true",
         help="a feature draft also offers its second-best token beside each draft (speculative.second_best)",
+    )
+    ap.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="on a GPU: each row's batch, this many steps under the profiler",
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -458,6 +505,8 @@ def main() -> None:
                     flush=True,
                 )
             print(f"{kind:<7} b={batch:<3} plain      {plain['tok_s']:8.1f} tok/s", flush=True)
+            for row in rows[-1 - len(proposer_names) * len(synthetic) * (len(args.ks) + 1) :]:
+                print_profile_row(row)
     for r in rows:
         r.update(meta)
     llm.engine.speculation = None  # its proposer is a draft's below, stopped once

@@ -13,6 +13,7 @@ restarted replica never leaves a stale server behind.
 
 from __future__ import annotations
 
+import cProfile
 import logging
 import multiprocessing
 import os
@@ -160,9 +161,18 @@ def run_draft_server(config_json: str, host: str, parent_pid: int, conn: Connect
     server = DraftServer(runner, host, ipc_dir)
     conn.send(msgspec.to_builtins(server.address))
     conn.close()
+    # FUSERVE_DRAFT_PROFILE=DIR: the server's Python profile, written to DIR/draft-server-<pid>.prof
+    # when it stops (a round's host time beside its GPU time: pstats reads it)
+    profile_dir = os.environ.get("FUSERVE_DRAFT_PROFILE")
+    profiler = cProfile.Profile() if profile_dir else None
     try:
+        if profiler is not None:
+            profiler.enable()
         server.serve(lambda: os.getppid() == parent_pid)
     finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, f"draft-server-{os.getpid()}.prof"))
         server.close()
         shutil.rmtree(ipc_dir, ignore_errors=True)
 

@@ -96,11 +96,16 @@ class Speculation:
     def wants_drafts(self, running: list[Sequence]) -> bool:
         """Whether some running sequence would draft next step (then the engine reads back the step in
         flight first). Judged on acceptance and cost alone, so it holds while tokens are in flight."""
-        costs = self.adaptive_k.step_costs(len(running))
         candidates = [s for s in running if self.can_draft(s) and self._limit(s) > 0]
-        if not self.adaptive_k.any_drafts([s.seq_id for s in candidates], costs):
-            return False
-        return any(self.adaptive_k.choose(s.seq_id, costs, self._limit(s)) > 0 for s in candidates)
+        return any(self._choose_k(candidates, len(running)))
+
+    def _choose_k(self, seqs: list[Sequence], batch_size: int) -> list[int]:
+        """k for each of `seqs` (sequences that may draft) in a batch of `batch_size` decodes."""
+        costs = self.adaptive_k.step_costs(batch_size)
+        ids = [s.seq_id for s in seqs]
+        if not self.adaptive_k.any_drafts(ids, costs):
+            return [0] * len(seqs)
+        return self.adaptive_k.choose_batch(ids, [self._limit(s) for s in seqs], costs)
 
     def propose(self, running: list[Sequence]) -> None:
         """One round: drafts for every running decode whose k > 0, in seq.spec_token_ids."""
@@ -118,14 +123,11 @@ class Speculation:
             if s.status is SequenceStatus.RUNNING
             and s.num_computed_tokens == s.num_tokens - 1
             and s.token_ids[-1] != PLACEHOLDER
+            and self.can_draft(s)
         ]
-        costs = self.adaptive_k.step_costs(len(running))
         seqs: list[Sequence] = []
         requests: list[ProposeRequest] = []
-        if not self.adaptive_k.any_drafts([s.seq_id for s in decodes if self.can_draft(s)], costs):
-            decodes = []
-        for seq in decodes:
-            k = self.adaptive_k.choose(seq.seq_id, costs, self._limit(seq)) if self.can_draft(seq) else 0
+        for seq, k in zip(decodes, self._choose_k(decodes, len(running)), strict=True):
             if k == 0:
                 continue
             start = self._held.get(seq.seq_id, 0)
