@@ -416,6 +416,7 @@ def main() -> None:
         default=0,
         help="on a GPU: each row's batch, this many steps under the profiler",
     )
+    ap.add_argument("--kernels", default=None, help="JSON merged into the config's kernels section")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.smoke:
@@ -430,6 +431,8 @@ def main() -> None:
     kinds = args.prompts.split(",") if args.model == "default" else ["random"]
 
     cfg = engine_config(args)
+    if args.kernels:  # e.g. '{"gemv_rows": false}': an A/B of a kernel switch
+        cfg.setdefault("kernels", {}).update(json.loads(args.kernels))
     if any(name.startswith("inproc=") for name in proposer_names):  # the draft's share beside the target
         cfg.setdefault("cache", {})["gpu_memory_utilization"] = 0.8
     config = config_from_dict(cfg)

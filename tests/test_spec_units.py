@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from pathlib import Path
@@ -188,7 +189,11 @@ def _simulate(ak: AdaptiveK, steps: int = 8000, fixed: int | None = None) -> flo
     for step in range(steps):
         k = 0
         if step % 16:  # Speculation's plain step every EXPLORE_EVERY
-            k = fixed if fixed is not None else ak.choose("s", ak.step_costs(1), limit=100)
+            costs = ak.step_costs(1)
+            if fixed is not None:
+                k = fixed
+            elif ak.any_drafts(["s"], costs):
+                k = ak.choose_batch(["s"], [100], costs)[0]
         if k == 0:
             ak.observe_decode_step(1, 0, 0.005)
             ak.observe_idle("s")
@@ -214,14 +219,31 @@ def test_fixed_costs_of_a_speculating_step_are_not_charged_per_draft() -> None:
     assert _simulate(AdaptiveK(max_k=6)) > 1.12
 
 
-def _simulate_batch(ak: AdaptiveK, per_sequence: bool = False, fixed: int | None = None) -> float:
-    """Batch 8 shaped like an 8B target with a 1B draft on an H200 (2026-11-29): plain step 4.9 ms; a
-    verify step 0.2 ms + 0.02 ms a draft row more; a round 0.3 ms + 1.1 ms a forward, as many forwards as
-    its largest k; every draft kept with probability 0.7. Tokens/s over plain's."""
+@dataclasses.dataclass(frozen=True)
+class _GPU:
+    """A simulated batch: its plain step, a verify step's extra (fixed + per draft row), a round (fixed +
+    per draft forward, as many forwards as its largest k), every draft kept with `acceptance`."""
+
+    batch: int
+    plain_s: float
+    verify: tuple[float, float]
+    round: tuple[float, float]
+    acceptance: float
+
+
+# an 8B target with a 1B draft on an H200 (2026-11-29), batch 8 and batch 32
+H200_BATCH_8 = _GPU(8, 0.0049, (0.0002, 0.00002), (0.0003, 0.0011), 0.7)
+H200_BATCH_32 = _GPU(32, 0.0057, (0.0006, 0.000007), (0.001, 0.0011), 0.9)
+
+
+def _simulate_batch(
+    ak: AdaptiveK, gpu: _GPU, per_sequence: bool = False, fixed: int | None = None, steps: int = 3000
+) -> float:
+    """Tokens/s over plain's for `gpu`'s batch with k chosen by `ak` (or `fixed`)."""
     rng = random.Random(0)
-    ids = [f"s{i}" for i in range(8)]
+    ids = [f"s{i}" for i in range(gpu.batch)]
     tokens = seconds = 0.0
-    for step in range(3000):
+    for step in range(steps):
         ks = [0] * len(ids)
         if step % 16:  # Speculation's plain step every EXPLORE_EVERY
             costs = ak.step_costs(len(ids))
@@ -232,17 +254,18 @@ def _simulate_batch(ak: AdaptiveK, per_sequence: bool = False, fixed: int | None
             elif ak.any_drafts(ids, costs):
                 ks = ak.choose_batch(ids, [100] * len(ids), costs)
         if not any(ks):
-            ak.observe_decode_step(len(ids), 0, 0.0049)
+            ak.observe_decode_step(len(ids), 0, gpu.plain_s)
             for i in ids:
                 ak.observe_idle(i)
-            tokens, seconds = tokens + len(ids), seconds + 0.0049
+            tokens, seconds = tokens + len(ids), seconds + gpu.plain_s
             continue
-        round_s, verify_s = 0.0003 + 0.0011 * max(ks), 0.0049 + 0.0002 + 0.00002 * sum(ks)
+        round_s = gpu.round[0] + gpu.round[1] * max(ks)
+        verify_s = gpu.plain_s + gpu.verify[0] + gpu.verify[1] * sum(ks)
         ak.observe_round(round_s, max(ks))
         ak.observe_decode_step(len(ids), sum(ks), verify_s)
         for i, k in zip(ids, ks, strict=True):
             kept = 0
-            while kept < k and rng.random() < 0.7:
+            while kept < k and rng.random() < gpu.acceptance:
                 kept += 1
             if k:
                 ak.observe_verify(i, k, kept)
@@ -250,19 +273,29 @@ def _simulate_batch(ak: AdaptiveK, per_sequence: bool = False, fixed: int | None
                 ak.observe_idle(i)
             tokens += kept + 1
         seconds += round_s + verify_s
-    return tokens / seconds * 0.0049 / len(ids)
+    return tokens / seconds * gpu.plain_s / len(ids)
 
 
 def test_a_batch_chooses_its_round_depth_together() -> None:
     """Fixed k = 2-4 make 1.29-1.34x here. Chosen one sequence at a time (1.20x), the batch's noisy
     acceptances spread k over 1-4: the rounds ran the largest k's forwards for the mean k's tokens.
     Chosen for the batch, every sequence drafts the round's depth (1.34x)."""
-    best_fixed = max(_simulate_batch(AdaptiveK(max_k=4, adaptive=False), fixed=k) for k in (2, 3, 4))
+    gpu = H200_BATCH_8
+    best_fixed = max(_simulate_batch(AdaptiveK(max_k=4, adaptive=False), gpu, fixed=k) for k in (2, 3, 4))
     assert best_fixed > 1.15
-    per_sequence = _simulate_batch(AdaptiveK(max_k=4), per_sequence=True)
-    together = _simulate_batch(AdaptiveK(max_k=4))
+    per_sequence = _simulate_batch(AdaptiveK(max_k=4), gpu, per_sequence=True)
+    together = _simulate_batch(AdaptiveK(max_k=4), gpu)
     assert together > 0.95 * best_fixed
     assert together > per_sequence + 0.05, (together, per_sequence)
+
+
+def test_a_probe_measures_what_the_priors_priced_out() -> None:
+    """Batch 32 at acceptance 0.9, where drafting pays, but the prior price of a verify row (0.2 ms; 7 us
+    here) says it cannot: without the probe adaptive k never drafts (1.00x)."""
+    gpu = H200_BATCH_32
+    best_fixed = max(_simulate_batch(AdaptiveK(max_k=4, adaptive=False), gpu, fixed=k) for k in (2, 3, 4))
+    assert best_fixed > 1.3
+    assert _simulate_batch(AdaptiveK(max_k=4), gpu) > 0.9 * best_fixed
 
 
 def test_choose_batch_drops_the_drafts_not_worth_their_row() -> None:
