@@ -189,6 +189,14 @@ def gemv(
     return y
 
 
+@triton.jit
+def _rows_dot(x, w, acc, IEEE: tl.constexpr):
+    """acc + x @ w^T on the tensor cores; fp32 operands in full precision (no tf32 rounding)."""
+    if IEEE:
+        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w), acc)
+
+
 @triton.autotune(configs=_ROWS_CONFIGS, key=["N", "K"], cache_results=True)
 @triton.jit
 def _gemv_rows_kernel(
@@ -227,22 +235,21 @@ def _gemv_rows_kernel(
         valid_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn
         prefetch_rows_l2(valid_rows, BLOCK_K, tl.minimum(BLOCK_K + prefetch_cols, K), LINE)
     pdl_launch_and_wait(USE_PDL)
+    x = tl.load(xs + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    acc = _rows_dot(x, w, acc, IEEE)
+    # the loop's loads are unconditional, so that Triton pipelines them (num_stages)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        if k0 > 0:
-            w = tl.load(
-                rows + offs_k[None, :],
-                mask=mask_n[:, None] & mask_k[None, :],
-                other=0.0,
-                eviction_policy="evict_first" if L2_PREFETCH else "",
-            )
+        w = tl.load(
+            rows + offs_k[None, :],
+            mask=mask_n[:, None] & mask_k[None, :],
+            other=0.0,
+            eviction_policy="evict_first" if L2_PREFETCH else "",
+        )
         x = tl.load(xs + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if IEEE:  # fp32 weights: no tf32 rounding
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
+        acc = _rows_dot(x, w, acc, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
