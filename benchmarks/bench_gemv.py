@@ -52,11 +52,9 @@ def time_rotating(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
     return bench(call)
 
 
-def chain_us(
-    tp: int, pdl: bool, layers: int = 32, rows: int = 1, gemv_rows: bool = True
-) -> tuple[float, int]:
+def chain_us(tp: int, pdl: bool, layers: int = 32, rows: int = 1) -> tuple[float, int]:
     """Median us of one graph replay of the model's linear chain at TP shard shapes, `rows` rows (the
-    rows GEMV, or cuBLAS where gemv_rows is off); weight bytes read."""
+    Triton GEMV at one row, cuBLAS above); weight bytes read."""
     q_size, kv_size, inter, vocab = 4096 // tp, 1024 // tp, 14336 // tp, 128256 // tp
     shapes = [(q_size + 2 * kv_size, 4096), (4096, q_size), (2 * inter, 4096), (4096, inter)]
     weights = [
@@ -74,7 +72,7 @@ def chain_us(
         return linear(h, lm_head)
 
     # the graph keeps the launches it captured
-    with using_switches(KernelSwitches(pdl=pdl, gemv_rows=gemv_rows)):
+    with using_switches(KernelSwitches(pdl=pdl)):
         chain()  # autotune outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -139,27 +137,24 @@ def main() -> None:
             f"{r['op']:<14}{r['engine']:<16}{r['batch']:>5}{r['ms'] * 1e3:>8.1f}{r['tb_s']:>7.2f}"
             f"{r['frac_of_ceiling']:>6.2f}"
         )
-    for m in [r for r in row_counts if r > 1]:  # the verify step's and small batches' chain, TP=1
-        for gemv_rows in (False, True):
-            us, nbytes = chain_us(1, True, rows=m, gemv_rows=gemv_rows)
-            tb_s = nbytes / (us * 1e-6) / 1e12
-            engine = "fuserve-triton-rows" if gemv_rows else "cublas-pdl-elsewhere"
-            rows.append(
-                dict(
-                    meta,
-                    engine=engine,
-                    op="chain-tp1",
-                    tp=1,
-                    pdl=True,
-                    batch=m,
-                    ms=us / 1e3,
-                    tb_s=tb_s,
-                    frac_of_ceiling=tb_s * 1e12 / copy_bw,
-                )
+    for m in row_counts:  # the verify step's and small batches' chain beside the one-row chain, TP=1
+        us, nbytes = chain_us(1, True, rows=m)
+        tb_s = nbytes / (us * 1e-6) / 1e12
+        engine = "fuserve-triton-pdl" if m == 1 else "cublas"
+        rows.append(
+            dict(
+                meta,
+                engine=engine,
+                op="chain-tp1",
+                tp=1,
+                pdl=True,
+                batch=m,
+                ms=us / 1e3,
+                tb_s=tb_s,
+                frac_of_ceiling=tb_s * 1e12 / copy_bw,
             )
-            print(
-                f"chain TP=1 rows={m} {engine:<22}{us:>9.1f} us{tb_s:>7.2f} TB/s{tb_s * 1e12 / copy_bw:>6.2f}"
-            )
+        )
+        print(f"chain TP=1 rows={m} {engine:<20}{us:>9.1f} us{tb_s:>7.2f} TB/s{tb_s * 1e12 / copy_bw:>6.2f}")
     for tp in () if args.no_chain else (1, 2):
         for pdl in (False, True):
             us, nbytes = chain_us(tp, pdl)

@@ -431,7 +431,7 @@ def main() -> None:
     kinds = args.prompts.split(",") if args.model == "default" else ["random"]
 
     cfg = engine_config(args)
-    if args.kernels:  # e.g. '{"gemv_rows": false}': an A/B of a kernel switch
+    if args.kernels:  # e.g. '{"pdl": false}': an A/B of a kernel switch
         cfg.setdefault("kernels", {}).update(json.loads(args.kernels))
     if any(name.startswith("inproc=") for name in proposer_names):  # the draft's share beside the target
         cfg.setdefault("cache", {})["gpu_memory_utilization"] = 0.8

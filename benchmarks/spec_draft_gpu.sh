@@ -3,7 +3,7 @@
 # Llama-3.2-1B-shape draft in a draft server process (the deployment's channel), co-located on the
 # target's GPU, or on DRAFT_GPU (a second GPU); free drafts (`repeat`) beside it in the same engine.
 # Synthetic acceptance (benchmark-only, rows labelled). PROFILE_STEPS=N: each row's batch N steps under
-# the CUDA profiler (wall against GPU-busy time, kernels by family); KERNELS='{"gemv_rows": false}': a
+# the CUDA profiler (wall against GPU-busy time, kernels by family); KERNELS='{"pdl": false}': a
 # kernel switch (the config's kernels section). No Ray needed: carry a small wheel
 # folder (pydantic, msgspec, pyzmq, gguf, llguidance: .carry/whl-distill plus .whl's pyzmq) as
 # WHEELS=.carry/whl-spec, or .whl.

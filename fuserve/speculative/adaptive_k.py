@@ -26,7 +26,7 @@ Everything is measured, never configured:
               drafts.
   proposer    the round trip the proposer reports, as a running average.
 A line needs k to vary to tell its fixed part from its slope: per-sequence choices, the plain steps and the
-probes vary it, but a batch that holds one k for ~20 steps leaves the split to the fit's weak prior (no
+retries vary it, but a batch that holds one k for ~20 steps leaves the split to the fit's weak prior (no
 fixed part), and drifts back toward charging per draft (not yet measured on a GPU).
 Charging the fixed parts per draft instead (this module's first model: one running mean per draft of a
 round's and a verify step's seconds) priced one draft at the whole fixed cost and every further draft
@@ -45,10 +45,10 @@ PRIOR_ACCEPTANCE = 0.5
 PRIOR_WEIGHT = 2.0  # pseudo-verifies at the prior
 DECAY = 0.9  # per verify: the last ~10 count
 POOL_DECAY = 0.98  # per verify of any sequence: the engine's last ~50 count toward the prior
-# After this many plain steps in a row one round drafts a token for every sequence whatever the model
-# says (`probing`): what kept drafting off may be a price never measured. One round in ~this many steps
-# where drafting does not pay.
+# After this many plain steps in a row the prior turns optimistic until drafts are verified again: one
+# round in ~this many steps where drafting does not pay, and only where the costs allow a draft at all
 RETRY_AFTER = 64
+RETRY_ACCEPTANCE = 0.9
 # per step without drafts: back to the prior's pull after ~20 steps. 0.98 (~100 steps) let a few
 # rejections in a row stop a batch-1 sequence for dozens of steps: on the CPU box adaptive k made 1.01x
 # where fixed k = 1 made 1.25x (code prompts, 2026-11-27)
@@ -148,9 +148,13 @@ class AdaptiveK:
     # ---- measurements ---------------------------------------------------------------------------
     def prior(self) -> float:
         """What a sequence's acceptance is pulled toward: the engine's recent acceptance over every
-        sequence, or PRIOR_ACCEPTANCE if that is lower. A sequence that stopped drafting drifts back to
-        the prior, so it is tried again where drafting can pay at that acceptance; where it cannot, the
-        probe (`probing`) measures again."""
+        sequence, or PRIOR_ACCEPTANCE if that is lower; after RETRY_AFTER plain steps in a row,
+        RETRY_ACCEPTANCE until a step verifies drafts again. A sequence that stopped drafting drifts
+        back to the prior, so it is tried again where drafting can pay at all: with the prior at 0.5, or
+        at the pool's acceptance (which no longer moves once nothing drafts), a fixed cost per step that
+        only a higher acceptance repays kept every sequence at k = 0 for good after one unlucky run."""
+        if self._plain_run >= RETRY_AFTER:
+            return RETRY_ACCEPTANCE
         pooled = self._pool
         if pooled.checked <= 0.0:
             return PRIOR_ACCEPTANCE
@@ -222,21 +226,13 @@ class AdaptiveK:
             forward_s=r1,
         )
 
-    def probing(self) -> bool:
-        """Whether this round is a probe: RETRY_AFTER plain steps in a row. Nothing corrects a cost or an
-        acceptance that is never measured: on an H200 the prior price of a verify row (0.2 ms; 0.015 ms
-        measured at batch 32) kept a batch of 32 at k = 0 where fixed k made 1.26-1.31x, and a pool
-        acceptance left low by one unlucky run no longer moves once nothing drafts. The probe (k = 1 for
-        every sequence) puts a verify step of the batch's rows, a round and acceptances on record."""
-        return self.adaptive and self._plain_run >= RETRY_AFTER
-
     def any_drafts(self, seq_ids: list[str], costs: StepCosts) -> bool:
         """Whether some sequence of the batch would draft at all: k > 0 for the most accepting one,
         since a higher acceptance never lowers the best k. One evaluation per step instead of one per
         sequence, so that a batch that does not speculate (large batches) pays almost nothing."""
         if not seq_ids or self.max_k <= 0:
             return False
-        if not self.adaptive or self.probing():
+        if not self.adaptive:
             return True
         best = max(seq_ids, key=self.acceptance)
         return self.choose(best, costs, self.max_k) > 0
@@ -270,8 +266,6 @@ class AdaptiveK:
         tops = [min(self.max_k, max(limit, 0)) for limit in limits]
         if not self.adaptive or not any(tops):
             return tops
-        if self.probing():
-            return [min(1, t) for t in tops]
         accs = [self.acceptance(s) for s in seq_ids]
         others = max(costs.batch - len(seq_ids), 0)  # running sequences that yield one token a step
 

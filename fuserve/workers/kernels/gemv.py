@@ -12,11 +12,7 @@ and optionally more of W is pulled into L2 meanwhile (kernels/l2_prefetch.py).
                ├─ sum_k x[k] * W[n, k] (fp32) ──► y[n] (x.dtype)       grid: N / BLOCK_N
     W [N, K] ──┘
 
-`gemv_rows` is the same read for 2 to MAX_ROWS rows (a verify step of 1 + k tokens, decode at batch 2-8):
-each weight tile is read once and multiplied with every row on the tensor cores (the rows padded to 16).
-Alone cuBLAS reads these shapes as fast at 8 rows as at 1, but launched back to back without PDL it left
-0.47 ms of a batch-1 verify step and ~0.6 ms of a batch-8 decode step on an H200 that the one-row chain
-does not pay (benchmarks/NOTES.md). Larger batches go to torch's GEMM.
+Only used where M == 1 (decode at batch 1); larger batches go to torch's GEMM.
 """
 
 from __future__ import annotations
@@ -35,7 +31,6 @@ from fuserve.workers.kernels.l2_prefetch import (
     prefetch_rows_l2,
 )
 from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
-from fuserve.workers.kernels.switches import switches
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIGS = (
@@ -48,19 +43,6 @@ _CONFIGS = (
         for w in (2, 4)
         for s in (3, 4)
         if bn * bk <= 8192
-    ]
-)
-MAX_ROWS = 8
-_ROWS_CONFIGS = (
-    [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1)]
-    if _INTERPRETED
-    else [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn in (16, 32, 64)
-        for bk in (128, 256, 512)
-        for w in (2, 4)
-        for s in (3, 4)
-        if bn * bk <= 16384
     ]
 )
 
@@ -189,115 +171,6 @@ def gemv(
     return y
 
 
-@triton.jit
-def _rows_dot(x, w, acc, IEEE: tl.constexpr):
-    """acc + x @ w^T on the tensor cores; fp32 operands in full precision (no tf32 rounding)."""
-    if IEEE:
-        return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-    return tl.dot(x, tl.trans(w), acc)
-
-
-@triton.autotune(configs=_ROWS_CONFIGS, key=["N", "K"], cache_results=True)
-@triton.jit
-def _gemv_rows_kernel(
-    x_ptr,
-    w_ptr,
-    bias_ptr,
-    y_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_wn,
-    stride_ym,
-    prefetch_cols,
-    HAS_BIAS: tl.constexpr,
-    USE_PDL: tl.constexpr,
-    IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    L2_PREFETCH: tl.constexpr,
-    LINE: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    xs = x_ptr + offs_m[:, None] * stride_xm
-    # as in gemv_block: the first tile of W before waiting for the kernel that writes x
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    w = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-    if L2_PREFETCH:
-        valid_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn
-        prefetch_rows_l2(valid_rows, BLOCK_K, tl.minimum(BLOCK_K + prefetch_cols, K), LINE)
-    pdl_launch_and_wait(USE_PDL)
-    x = tl.load(xs + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _rows_dot(x, w, acc, IEEE)
-    # the loop's loads are unconditional, so that Triton pipelines them (num_stages)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        w = tl.load(
-            rows + offs_k[None, :],
-            mask=mask_n[:, None] & mask_k[None, :],
-            other=0.0,
-            eviction_policy="evict_first" if L2_PREFETCH else "",
-        )
-        x = tl.load(xs + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        acc = _rows_dot(x, w, acc, IEEE)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-def gemv_rows(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """x: [M, K] with 1 <= M <= MAX_ROWS, weight: [N, K] (row-major, x's dtype), bias: [N] or None ->
-    [M, N] in x.dtype, written into `out` when given (a contiguous [M, N])."""
-    m, k = x.shape
-    n = weight.shape[0]
-    if not 1 <= m <= MAX_ROWS:
-        raise ValueError(f"gemv_rows takes 1 to {MAX_ROWS} rows, got {m}; use F.linear for more")
-    if weight.shape[1] != k:
-        raise ValueError(f"x has {k} features but weight expects {weight.shape[1]}")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"x is {x.dtype} and weight {weight.dtype}: gemv_rows needs one dtype")
-    if weight.stride(1) != 1 or x.stride(1) != 1:
-        raise ValueError("x and weight need a contiguous last dimension")
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
-    use_pdl = pdl_enabled(x)
-    prefetch_cols = prefetch_columns(n, k, weight.element_size(), l2_prefetch_budget()) if use_pdl else 0
-    _gemv_rows_kernel[grid](
-        x_ptr=x,
-        w_ptr=weight,
-        bias_ptr=bias if bias is not None else weight,
-        y_ptr=y,
-        M=m,
-        N=n,
-        K=k,
-        stride_xm=x.stride(0),
-        stride_wn=weight.stride(0),
-        stride_ym=y.stride(0),
-        prefetch_cols=prefetch_cols,
-        HAS_BIAS=bias is not None,
-        USE_PDL=use_pdl,
-        IEEE=x.dtype == torch.float32,
-        BLOCK_M=16,
-        L2_PREFETCH=prefetch_cols > 0,
-        LINE=LINE_BYTES // weight.element_size(),
-        launch_pdl=use_pdl,
-    )
-    return y
-
-
 def tuned_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> triton.Config:
     """The block sizes and warps `gemv` runs with for this shape (tuning it now if it has not been)."""
     gemv(x, weight, bias)
@@ -318,11 +191,8 @@ def linear(
     """F.linear, with the bandwidth-bound GEMV for a single row on the GPU; `out` (contiguous, the result's
     shape) takes the result where the caller needs it in a buffer of its own (a symmetric-memory
     all-reduce's), without a copy."""
-    if x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and x.shape[0] <= MAX_ROWS:
-        if x.shape[0] == 1:
-            return gemv(x, weight, bias, out)
-        if x.shape[0] > 1 and weight.dtype == x.dtype and weight.stride(1) == 1 and switches().gemv_rows:
-            return gemv_rows(x, weight, bias, out)
+    if x.shape[0] == 1 and x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
+        return gemv(x, weight, bias, out)
     if out is None:
         return F.linear(x, weight, bias)
     torch.matmul(x, weight.t(), out=out)
