@@ -70,6 +70,21 @@ async def post_all(url: str, bodies: list[dict]) -> list[str]:
     return [r.headers["x-fuserve-replica"] for r in responses]
 
 
+RUNNING = re.compile(r"^fuserve_engine_num_requests_running(?:\{[^}]*\})? (\S+)$", re.M)
+
+
+async def running_somewhere(client: httpx.AsyncClient, timeout_s: float = 30.0) -> None:
+    """Until a replica's metrics show a request running (HAProxy sends each GET to the replicas in
+    turn): the one request in flight has been routed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = (await client.get("/metrics")).text
+        if any(float(v) >= 1 for v in RUNNING.findall(text)):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no replica showed the long request running within {timeout_s:g} s")
+
+
 def test_short_requests_avoid_the_replica_a_long_prompt_went_to(server: str) -> None:
     """A long prompt (1,800 tokens) goes to replica A; six short requests sent just after are placed
     by their predicted time to first token: on A they would wait behind that prefill, so all go to B,
@@ -82,7 +97,9 @@ def test_short_requests_avoid_the_replica_a_long_prompt_went_to(server: str) -> 
     async def send() -> tuple[str, list[str]]:
         async with httpx.AsyncClient(base_url=server, timeout=TIMEOUT) as client:
             long_task = asyncio.create_task(client.post("/v1/completions", json=long_req))
-            await asyncio.sleep(0.05)  # the long one is routed first
+            # the long one is routed first: a fixed 50 ms was not always enough on a loaded 2-core box
+            # (one short of six went to the long one's replica in one CI run of four)
+            await running_somewhere(client)
             shorts = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
             long = await long_task
         assert all(r.status_code == 200 for r in [long, *shorts])
