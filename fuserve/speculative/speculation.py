@@ -163,11 +163,7 @@ class Speculation:
                 seq.spec_alt_ids = self._alternatives(seq.spec_token_ids, alts)
         channel_s = self.proposer.last_channel_s if isinstance(self.proposer, ReportsChannelTime) else 0.0
         self.stats.observe_round([r.k for r in requests], self._round_s, channel_s)
-        # A round that brings the proposer a sequence it does not hold (its first round, after a
-        # preemption) prefills it once: on an H200 a first round of 32 such sequences took 19 ms against
-        # ~2 ms, and fitted as what every round costs it stopped adaptive k drafting for good.
-        if all(len(r.token_ids) <= self.max_k + 1 for r in requests):
-            self.adaptive_k.observe_round(self._round_s, max(r.k for r in requests), channel_s)
+        self.adaptive_k.observe_round(self._round_s, max(r.k for r in requests), channel_s)
 
     @staticmethod
     def _alternatives(drafts: list[int], alts: list[int]) -> list[int]:
