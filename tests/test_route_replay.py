@@ -94,3 +94,21 @@ def test_prefix_affinity_with_an_imbalance_threshold_does_not_pile_conversations
     assert max(got["prefix_affinity@16"].placement.values()) < 0.6 * pa["num_requests"]
     assert p99["prefix_affinity"] > 5 * p99["length_aware"]
     assert p99["prefix_affinity@16"] < 1.5 * p99["length_aware"]
+
+
+def test_the_run_is_replayed_with_one_step_cost_the_median_of_its_rows() -> None:
+    rows = [
+        dict(r, step_cost=c)
+        for r, c in zip(
+            route_replay.router_rows(RUN)[:3],
+            ([0.004, 1e-5, 2e-5], [0.005, 3e-5, 6e-5], [0.006, 2e-5, 1e-5]),
+            strict=True,
+        )
+    ]
+    assert route_replay.pooled_step_cost(rows) == [0.005, 2e-5, 2e-5]
+    pooled = route_replay.replay(rows, D, route_replay.Parts(path_transit=False, mixed_step=False))
+    own = route_replay.replay(rows, D, route_replay.FACTORS[0][1])
+    middle = dict(rows[0], step_cost=[0.005, 2e-5, 2e-5])
+    alone = route_replay.replay_row(middle, D, route_replay.Parts(path_transit=False, mixed_step=False))
+    assert pooled[0]["sim_ttft_ms_p50"] == pytest.approx(alone["sim_ttft_ms_p50"], rel=1e-9)
+    assert own[0]["sim_ttft_ms_p50"] != pytest.approx(alone["sim_ttft_ms_p50"], rel=1e-3)
