@@ -742,7 +742,8 @@ def replay_main(args: argparse.Namespace) -> int:
     if args.think_s:
         d = route_replay.replace(d, think_s=tuple(float(x) for x in args.think_s.split(",")))
     context = {"context": bool(args.per_context_ns), "per_context_ns": args.per_context_ns}
-    runs = route_replay.FACTORS if args.factors else [("replay", route_replay.Parts())]
+    default = route_replay.Parts(mixed_step=bool(args.mixed_step_ms))
+    runs = route_replay.FACTORS if args.factors else [("replay", default)]
     out = []
     for title, parts in runs:
         results = route_replay.replay(rows, d, route_replay.replace(parts, **context))
