@@ -800,7 +800,7 @@ def simulated(
         "step_cost": [cost.base_s, cost.per_seq_s, cost.per_token_s],
         "sim_path_ms": path.path_s * 1e3,
         "sim_mixed_step_ms": 0.0,
-        "lone_step_ms": path.mixed_step_s * 1e3,
+        "lone_step_ms": path.lone_step_s * 1e3,
         "sim_async_scheduling": async_on,
         "sim_scheduler": config.scheduler.model_dump(),
     }
@@ -856,7 +856,7 @@ class PathLatency:
     prefill, when such steps ran eagerly)."""
 
     path_s: float
-    mixed_step_s: float
+    lone_step_s: float
 
 
 def path_latency(url: str, specs: list[RequestSpec], cost: Any) -> PathLatency:
