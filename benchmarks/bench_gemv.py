@@ -137,42 +137,30 @@ def main() -> None:
             f"{r['op']:<14}{r['engine']:<16}{r['batch']:>5}{r['ms'] * 1e3:>8.1f}{r['tb_s']:>7.2f}"
             f"{r['frac_of_ceiling']:>6.2f}"
         )
-    for m in row_counts:  # the verify step's and small batches' chain beside the one-row chain, TP=1
-        us, nbytes = chain_us(1, True, rows=m)
+    # the chain at each row count (TP=1, PDL; a verify step's 1 + k, small batches), then the one-row
+    # chain at TP=1 and TP=2 with PDL off and on, each (tp, pdl, rows) timed once
+    chains = [(1, True, m) for m in row_counts]
+    if not args.no_chain:
+        chains += [(tp, pdl, 1) for tp in (1, 2) for pdl in (False, True) if (tp, pdl, 1) not in chains]
+    for tp, pdl, m in chains:
+        us, nbytes = chain_us(tp, pdl, rows=m)
         tb_s = nbytes / (us * 1e-6) / 1e12
-        engine = "fuserve-triton-pdl" if m == 1 else "cublas"
+        engine = "cublas" if m > 1 else "fuserve-triton-pdl" if pdl else "fuserve-triton"
         rows.append(
             dict(
                 meta,
                 engine=engine,
-                op="chain-tp1",
-                tp=1,
-                pdl=True,
+                op=f"chain-tp{tp}",
+                tp=tp,
+                pdl=pdl,
                 batch=m,
                 ms=us / 1e3,
                 tb_s=tb_s,
                 frac_of_ceiling=tb_s * 1e12 / copy_bw,
             )
         )
-        print(f"chain TP=1 rows={m} {engine:<20}{us:>9.1f} us{tb_s:>7.2f} TB/s{tb_s * 1e12 / copy_bw:>6.2f}")
-    for tp in () if args.no_chain else (1, 2):
-        for pdl in (False, True):
-            us, nbytes = chain_us(tp, pdl)
-            tb_s = nbytes / (us * 1e-6) / 1e12
-            rows.append(
-                dict(
-                    meta,
-                    engine="fuserve-triton-pdl" if pdl else "fuserve-triton",
-                    op=f"chain-tp{tp}",
-                    tp=tp,
-                    pdl=pdl,
-                    batch=1,
-                    ms=us / 1e3,
-                    tb_s=tb_s,
-                    frac_of_ceiling=tb_s * 1e12 / copy_bw,
-                )
-            )
-            print(f"chain TP={tp} pdl={pdl!s:<6}{us:>9.1f} us{tb_s:>7.2f} TB/s{tb_s * 1e12 / copy_bw:>6.2f}")
+        frac = rows[-1]["frac_of_ceiling"]
+        print(f"chain TP={tp} rows={m} {engine:<20}{us:>9.1f} us{tb_s:>7.2f} TB/s{frac:>6.2f}")
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
 

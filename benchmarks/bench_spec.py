@@ -463,6 +463,7 @@ def main() -> None:
             base = dict(
                 prompts=kind, batch=batch, proposer="none", k=0, adaptive=False, synthetic_acceptance=None
             )
+            first = len(rows)  # this batch's rows, for their profiles below
             plain = run_variant(llm, args, base, None, batches, warmup, params)
             rows.append(plain)
             for proposer_name, acceptance, k in itertools.product(
@@ -508,7 +509,7 @@ def main() -> None:
                     flush=True,
                 )
             print(f"{kind:<7} b={batch:<3} plain      {plain['tok_s']:8.1f} tok/s", flush=True)
-            for row in rows[-1 - len(proposer_names) * len(synthetic) * (len(args.ks) + 1) :]:
+            for row in rows[first:]:
                 print_profile_row(row)
     for r in rows:
         r.update(meta)
