@@ -31,8 +31,9 @@ fixed part), and drifts back toward charging per draft (not yet measured on a GP
 Charging the fixed parts per draft instead (this module's first model: one running mean per draft of a
 round's and a verify step's seconds) priced one draft at the whole fixed cost and every further draft
 again at it: where a step's fixed extra was large, adaptive k settled at k = 1 or 0 where k = 4-5 paid (in
-tests/test_spec_units.py's simulation; the suspected cause of 0.95-1.11x at batch 8 against 1.16-1.63x at
-fixed k for an 8B target with a 1B draft on an H200, where this model is not measured yet).
+tests/test_spec_units.py's simulation). It was suspected of adaptive k's 0.95-1.11x at batch 8 for an 8B
+target with a 1B draft on an H200 (fixed k 1.16-1.63x); measured with this model, the cause there was the
+spread of per-sequence k that `choose_batch` removes.
 """
 
 from __future__ import annotations
