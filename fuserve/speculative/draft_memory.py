@@ -17,11 +17,14 @@ import torch
 HEADROOM = 1 << 30
 
 
-def draft_kv_blocks(device: torch.device, share: float, start: int, per_block: int, min_blocks: int) -> int:
+def draft_kv_blocks(
+    device: torch.device, share: float, start: int, per_block: int, max_model_len: int, block_size: int
+) -> int:
     """Blocks for the draft's KV cache. `start`: torch.cuda.memory_allocated(device) before the draft
     built anything. Call after its profile forward (if any), with the profile's scratch freed; the peak
-    counted is the one since the caller last reset it. Fewer than `min_blocks` (one sequence at the
-    longest length) is an error that names the settings to change."""
+    counted is the one since the caller last reset it. Fewer blocks than one sequence of max_model_len
+    tokens is an error that names the settings to change."""
+    min_blocks = -(-max_model_len // block_size)
     own_peak = torch.cuda.max_memory_allocated(device) - start
     transient = own_peak - (torch.cuda.memory_allocated(device) - start)
     free, total = torch.cuda.mem_get_info(device)

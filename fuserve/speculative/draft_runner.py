@@ -138,9 +138,13 @@ class DraftRunner:
         self.runner.profile(self.max_num_batched_tokens, seqs, blocks)
         torch.cuda.synchronize(self.device)
         del scratch
-        min_blocks = -(-self.max_model_len // self.block_size)
         return draft_kv_blocks(
-            self.device, placement.gpu_memory_utilization, self._start_bytes, per_block, min_blocks
+            self.device,
+            placement.gpu_memory_utilization,
+            self._start_bytes,
+            per_block,
+            self.max_model_len,
+            self.block_size,
         )
 
     @torch.inference_mode()

@@ -138,9 +138,13 @@ class FeatureDraftRunner:
         if self.device.type != "cuda":
             return max(1, int(cache.cpu_kv_cache_gib * (1 << 30) // per_block))
         torch.cuda.reset_peak_memory_stats(self.device)
-        min_blocks = -(-self.max_model_len // self.block_size)
         return draft_kv_blocks(
-            self.device, placement.gpu_memory_utilization, self._start_bytes, per_block, min_blocks
+            self.device,
+            placement.gpu_memory_utilization,
+            self._start_bytes,
+            per_block,
+            self.max_model_len,
+            self.block_size,
         )
 
     @torch.inference_mode()
