@@ -22,7 +22,8 @@ default model: an eagle1 file (training/train_eagle.py's export) runs as a featu
 target's CUDA graphs are captured again, keeping features); an HF folder as an independent draft model.
 `--proposer server=SHAPE` drafts through the draft deployment's channel: one draft server process for the
 whole run (random weights of SHAPE: llama3.2-1b, or tiny), on the target's GPU (co-located) or on
-`--draft-gpu N`; rows carry its placement and the channel's time per round. Several proposers, comma-
+`--draft-gpu N`; rows carry its placement and the channel's time per round (`server-zmq=SHAPE`: the same
+through ZMQ's ipc with neither end spinning, the channel before 2026-11-29). Several proposers, comma-
 separated, run in turn on the same engine, beside one plain row (e.g. `repeat,server=llama3.2-1b`: the
 free drafts' ceiling beside a real draft's cost). `inproc=SHAPE` runs the same draft in the engine's
 process, as `speculative.placement.in_engine` does: on its GPU, in its CUDA context, without the channel.
@@ -123,7 +124,8 @@ class RandomDraft:
     """A draft of random weights for the whole run (loading a 1B draft and capturing its graphs takes
     longer than a variant; it keeps no state a later variant could trip on: sequences are released as they
     finish): `server`, a draft server process reached through the deployment's channel (on the target's
-    GPU or `gpu`), or `inproc`, the same runner in this process, on the target's GPU and CUDA context,
+    GPU or `gpu`), `server-zmq` the same through ZMQ's ipc with neither end spinning (the channel before
+    2026-11-29), or `inproc`, the same runner in this process, on the target's GPU and CUDA context,
     with no channel."""
 
     def __init__(
@@ -146,7 +148,10 @@ class RandomDraft:
             "dtype": config.model.dtype,
         }
         device = engine.device.type
-        spec = {"method": "draft", "draft": draft, "placement": {"device": device, "num_gpus": 0.5}}
+        placement = {"device": device, "num_gpus": 0.5}
+        spec: dict[str, Any] = {"method": "draft", "draft": draft, "placement": placement}
+        if where == "server-zmq":
+            spec["channel_spin_ms"] = 0.0
         # a pool for every sequence at the longest length, not a share of a GPU the target already filled
         blocks = config.scheduler.max_num_seqs * -(-engine.max_model_len // config.cache.block_size)
         drafted = config.model_copy(
@@ -174,7 +179,8 @@ class RandomDraft:
                 os.environ.pop("CUDA_VISIBLE_DEVICES", None)
             else:
                 os.environ["CUDA_VISIBLE_DEVICES"] = old
-        client = DraftProposer(lambda: self.server.address, timeout_s=60.0)
+        transport = "ipc" if where == "server-zmq" else "auto"
+        client = DraftProposer(lambda: self.server.address, timeout_s=60.0, transport=transport)
         client.wait_connected(60)
         self.proposer = client
         self.placement = "cpu" if device == "cpu" else "colocated" if gpu is None else f"gpu{gpu}"
@@ -194,7 +200,7 @@ def make_proposer(
     draft_gpu: str | None,
 ) -> Proposer:
     where, _, shape = name.partition("=")
-    if where in ("server", "inproc"):
+    if where in ("server", "server-zmq", "inproc"):
         if name not in drafts:
             drafts[name] = RandomDraft(shape, where, config, engine, draft_gpu)
         return drafts[name].proposer
@@ -231,8 +237,8 @@ def make_proposer(
     module, _, func = name.partition(":")
     if not func:
         raise SystemExit(
-            f"--proposer {name!r}: use ngram, repeat, draft=PATH, server=SHAPE, inproc=SHAPE or "
-            "module:function"
+            f"--proposer {name!r}: use ngram, repeat, draft=PATH, server=SHAPE, server-zmq=SHAPE, "
+            "inproc=SHAPE or module:function"
         )
     return getattr(importlib.import_module(module), func)(config, engine)
 
@@ -380,8 +386,8 @@ def main() -> None:
     ap.add_argument(
         "--proposer",
         default=None,
-        help="ngram, repeat (synthetic), draft=PATH, server=SHAPE, inproc=SHAPE, module:function; several "
-        "comma-separated",
+        help="ngram, repeat (synthetic), draft=PATH, server=SHAPE, server-zmq=SHAPE, inproc=SHAPE, "
+        "module:function; several comma-separated",
     )
     ap.add_argument(
         "--draft-gpu", default=None, help="server=SHAPE: the GPU of the draft server (default: the target's)"

@@ -1,9 +1,11 @@
 """The draft channel's cost per engine step, and a draft round's cost where the draft can sit.
 
 1. `channel`: round trip of one DraftRound/DraftReply (DraftProposer -> DraftServer in another
-   process -> back) with an empty draft (it answers k zeros at once), over ZMQ ipc and tcp, for
-   batches of 1/8/32/64 sequences (each round: one new token per sequence, k = 4). Target on the GPU
-   machine: p50 <= 0.5 ms at every batch.
+   process -> back) with an empty draft (it answers k zeros at once), over the Unix socket (`unix`,
+   the default on one machine), ZMQ ipc and tcp, for batches of 1/8/32/64 sequences (each round: one
+   new token per sequence, k = 4); back to back and with `--gaps-ms` of idle between rounds (a verify
+   step's: both ends' cores may sleep), with both ends spinning 0 and 50 ms (speculative.
+   channel_spin_ms). Target on the GPU machine: p50 <= 0.5 ms at every batch.
 2. `draft_round`: a whole round with a real draft (Llama-3.2-1B shape, random bf16 weights,
    load_format dummy) through the channel: the new tokens' forward plus k - 1 decode steps (CUDA
    graphs), batch 1/8/32/64, context 512, two drafts accepted per round. Placements: the draft alone
@@ -63,10 +65,10 @@ class EmptyDraft:
         pass
 
 
-def serve_empty(conn: Any) -> None:
+def serve_empty(conn: Any, spin_s: float) -> None:
     import tempfile
 
-    server = DraftServer(EmptyDraft(), "127.0.0.1", tempfile.mkdtemp(prefix="fuserve-bench-"))
+    server = DraftServer(EmptyDraft(), "127.0.0.1", tempfile.mkdtemp(prefix="fuserve-bench-"), spin_s)
     conn.send(server.address)
     server.serve(lambda: True)
 
@@ -77,11 +79,18 @@ def percentiles(times_ms: list[float]) -> dict[str, float]:
 
 
 def time_rounds(
-    proposer: Proposer, batch: int, rounds: int, context: list[list[int]], accept: int, k: int = K
+    proposer: Proposer,
+    batch: int,
+    rounds: int,
+    context: list[list[int]],
+    accept: int,
+    k: int = K,
+    gap_s: float = 0.0,
 ) -> list[float]:
-    """Rounds as the engine sends them, ms each; each keeps `accept` drafts and adds one token. The
-    prompts go first, untimed, in a round with k = 1: a draft prefills only for sequences that draft,
-    so with k = 0 the first timed round carried the whole prefill."""
+    """Rounds as the engine sends them, ms each, `gap_s` of sleep before each (the verify step's
+    idle); each keeps `accept` drafts and adds one token. The prompts go first, untimed, in a round
+    with k = 1: a draft prefills only for sequences that draft, so with k = 0 the first timed round
+    carried the whole prefill."""
     ids = [f"b{batch}-{i}" for i in range(batch)]
     for i, s in enumerate(ids):
         proposer.propose([ProposeRequest(s, 0, context[i], 1)])
@@ -90,6 +99,8 @@ def time_rounds(
     times = []
     for _ in range(rounds):
         reqs = [ProposeRequest(s, lens[i], new[i], k) for i, s in enumerate(ids)]
+        if gap_s:
+            time.sleep(gap_s)
         t0 = time.perf_counter()
         drafts = proposer.propose(reqs)
         times.append(1e3 * (time.perf_counter() - t0))
@@ -101,26 +112,33 @@ def time_rounds(
     return times
 
 
-def bench_channel(rounds: int, base: dict[str, Any]) -> list[dict[str, Any]]:
-    ctx = multiprocessing.get_context("spawn")
-    ours, theirs = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=serve_empty, args=(theirs,), daemon=True)
-    proc.start()
-    address = ours.recv()
+def bench_channel(rounds: int, gaps_ms: list[float], base: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows per spin, transport, gap and batch; a row with a gap runs at most 400 rounds."""
     rows = []
-    try:
-        for transport in ("ipc", "tcp"):
-            proposer = DraftProposer(lambda: address, timeout_s=5.0, use_ipc=transport == "ipc")
-            proposer.wait_connected(10)
-            for batch in BATCHES:
-                times = time_rounds(proposer, batch, rounds, [[1, 2, 3]] * batch, accept=0)
-                rows.append({**base, "bench": "spec_channel", "engine": "fuserve-zmq", "transport": transport,
-                             "batch": batch, "k": K, "rounds": rounds, **percentiles(times)})  # fmt: skip
-                print(f"channel {transport:3s} batch {batch:3d}: p50 {rows[-1]['ms_p50']:.3f} ms, "
-                      f"p99 {rows[-1]['ms_p99']:.3f} ms")  # fmt: skip
-            proposer.close()
-    finally:
-        proc.kill()
+    for spin_s in (0.0, 0.05):
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=serve_empty, args=(theirs, spin_s), daemon=True)
+        proc.start()
+        address = ours.recv()
+        try:
+            for transport in ("auto", "ipc", "tcp"):
+                name = "unix" if transport == "auto" else transport
+                proposer = DraftProposer(lambda a=address: a, timeout_s=5.0, transport=transport)
+                proposer.wait_connected(10)
+                for gap_ms in gaps_ms:
+                    n = rounds if gap_ms == 0 else min(rounds, 400)
+                    for batch in BATCHES:
+                        times = time_rounds(proposer, batch, n, [[1, 2, 3]] * batch, 0, gap_s=gap_ms / 1e3)
+                        rows.append({**base, "bench": "spec_channel", "engine": "fuserve", "transport": name,
+                                     "spin_ms": 1e3 * spin_s, "gap_ms": gap_ms, "batch": batch, "k": K,
+                                     "rounds": n, **percentiles(times)})  # fmt: skip
+                        print(f"channel {name:4s} spin {1e3 * spin_s:2.0f} ms gap {gap_ms:g} ms "
+                              f"batch {batch:3d}: p50 {rows[-1]['ms_p50']:.3f} ms, "
+                              f"p99 {rows[-1]['ms_p99']:.3f} ms")  # fmt: skip
+                proposer.close()
+        finally:
+            proc.kill()
     return rows
 
 
@@ -198,18 +216,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny draft, CPU, few rounds")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--gaps-ms", default="0,5", help="idle between the channel's rounds, comma-separated")
+    ap.add_argument("--channel-only", action="store_true", help="skip the rounds with a real draft")
     ap.add_argument("--out", type=Path, default=None, help="JSON rows (default: stdout only)")
     args = ap.parse_args()
     import torch
 
     rounds = args.rounds or (30 if args.smoke else 300)
     base = {"device": device_name(), "date": dt.date.today().isoformat(), "commit": commit()}
-    rows = bench_channel(rounds if args.smoke else 2000, base)
-    gpus = torch.cuda.device_count()
+    gaps_ms = [float(g) for g in args.gaps_ms.split(",")]
+    rows = bench_channel(rounds if args.smoke else 2000, gaps_ms, base)
+    gpus = 0 if args.channel_only else torch.cuda.device_count()
     placements = (
         ["cpu"] if args.smoke or gpus == 0 else ["gpu0", "colocated"] + (["second_gpu"] if gpus > 1 else [])
     )
-    rows += bench_draft(placements, args.smoke, rounds, base)
+    if not args.channel_only:
+        rows += bench_draft(placements, args.smoke, rounds, base)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1))

@@ -22,10 +22,11 @@ import pytest
 from checkpoints import make_checkpoint
 
 from fuserve.configs import FuserveConfig, config_from_dict
-from fuserve.speculative.draft_client import DraftProposer, endpoint
+from fuserve.speculative.draft_client import DraftProposer, Transport, ZmqLink, endpoint, unix_path
 from fuserve.speculative.draft_messages import DraftAddress, DraftReply, reply_decoder
 from fuserve.speculative.draft_runner import DraftRunner
 from fuserve.speculative.draft_server import DraftServer, start_draft_server
+from fuserve.speculative.frame_socket import FrameSocket
 from fuserve.speculative.proposer import ProposeRequest, ProposerUnavailable
 
 VOCAB = 300
@@ -70,14 +71,17 @@ def play(proposer, oracle: DraftRunner, rounds: int, seed: int) -> None:
     oracle.release(list(seqs))
 
 
-@pytest.mark.parametrize("use_ipc", [True, False], ids=["ipc", "tcp"])
-def test_rounds_through_the_channel_equal_the_runner(config: FuserveConfig, use_ipc: bool) -> None:
+@pytest.mark.parametrize("transport", ["auto", "ipc", "tcp"])
+def test_rounds_through_the_channel_equal_the_runner(config: FuserveConfig, transport: Transport) -> None:
     server = start_draft_server(config, "127.0.0.1", timeout_s=120)
-    proposer = DraftProposer(lambda: server.address, TIMEOUT_S, use_ipc=use_ipc)
+    proposer = DraftProposer(lambda: server.address, TIMEOUT_S, transport=transport)
     try:
         assert proposer.wait_connected(10)
         assert endpoint(server.address) == server.address.ipc  # same machine: ipc is offered
+        assert unix_path(server.address) == server.address.unix is not None  # and the Unix socket
+        assert server.address.spin_s == 0.0  # a CPU draft does not spin
         play(proposer, DraftRunner.from_config(config), rounds=6, seed=0)
+        assert isinstance(proposer._link, FrameSocket if transport == "auto" else ZmqLink)
         start = time.perf_counter()
         for _ in range(20):  # empty rounds: the channel alone
             assert proposer.propose([ProposeRequest("idle", 0, [1], 0)]) == [[]]
@@ -94,7 +98,7 @@ def test_rounds_through_the_channel_equal_the_runner(config: FuserveConfig, use_
     finally:
         proposer.close()
         server.stop()
-    if use_ipc:  # stop() terminates the server: its ipc folder goes with it
+    if transport != "tcp":  # stop() terminates the server: its ipc folder goes with it
         ipc_path = server.address.ipc.removeprefix("ipc://")
         assert not os.path.exists(os.path.dirname(ipc_path)), ipc_path
 
@@ -197,7 +201,7 @@ def test_client_alternatives_align_with_its_requests() -> None:
     stop = threading.Event()
     thread = threading.Thread(target=server.serve, args=(lambda: not stop.is_set(),), daemon=True)
     thread.start()
-    proposer = DraftProposer(lambda: server.address, TIMEOUT_S, use_ipc=False)
+    proposer = DraftProposer(lambda: server.address, TIMEOUT_S, transport="tcp")
     try:
         assert proposer.wait_connected(10)
         reqs = [
@@ -223,3 +227,38 @@ def test_client_alternatives_align_with_its_requests() -> None:
         stop.set()
         thread.join(5)
         server.close()
+
+
+def test_engines_on_the_unix_socket_are_served_apart_and_one_leaving_leaves_the_other(tmp_path) -> None:
+    server = DraftServer(Offering(), ipc_dir=str(tmp_path), spin_s=0.01)
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(lambda: not stop.is_set(),), daemon=True)
+    thread.start()
+    one = DraftProposer(lambda: server.address, TIMEOUT_S)
+    two = DraftProposer(lambda: server.address, TIMEOUT_S)
+    try:
+        assert one.wait_connected(10) and two.wait_connected(10)
+        for i in range(3):  # interleaved: each engine's rounds answer its own requests
+            assert one.propose([ProposeRequest("a", i, [10 + i], 2)]) == [[10 + i, 11 + i]]
+            assert two.propose([ProposeRequest("a", i, [50 + i], 1)]) == [[50 + i]]
+        assert isinstance(one._link, FrameSocket) and isinstance(two._link, FrameSocket)
+        assert one.address.spin_s == 0.01  # the client spins as long as the server said
+        assert len(server.connections) == 2
+        one.close()
+        assert two.propose([ProposeRequest("b", 0, [7], 3)]) == [[7, 8, 9]]
+        deadline = time.monotonic() + 5
+        while len(server.connections) != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(server.connections) == 1  # the closed one was dropped, not answered into
+    finally:
+        two.close()
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+def test_the_channel_spins_by_default_only_beside_a_gpu_draft(config: FuserveConfig) -> None:
+    spec = config.speculative
+    assert spec.channel_spin_s("cuda") == 0.05 and spec.channel_spin_s("cpu") == 0.0
+    set_ms = spec.model_copy(update={"channel_spin_ms": 3.0})
+    assert set_ms.channel_spin_s("cuda") == set_ms.channel_spin_s("cpu") == 0.003

@@ -1,4 +1,5 @@
-"""The engine core's side of the draft channel: `DraftProposer`, a Proposer over one ZMQ socket.
+"""The engine core's side of the draft channel: `DraftProposer`, a Proposer over one socket (the
+draft's Unix socket on its own machine, ZMQ tcp elsewhere).
 
     propose(requests)   one DraftRound out, wait for its DraftReply at most `timeout_s`
                         no reply in time / no connection: ProposerUnavailable (the engine drafts
@@ -27,6 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Literal
 
 import msgspec
 import torch
@@ -41,17 +43,65 @@ from fuserve.speculative.draft_messages import (
     reply_decoder,
 )
 from fuserve.speculative.feature_store import FeatureRows
+from fuserve.speculative.frame_socket import FrameSocket
 from fuserve.speculative.proposer import ProposeRequest, ProposerUnavailable, feature_rows_begin
 
 log = logging.getLogger("fuserve")
 
 
+Transport = Literal["auto", "ipc", "tcp"]
+
+
 def endpoint(address: DraftAddress) -> str:
-    """ipc on the draft's own machine (a third of tcp's round trip), tcp elsewhere."""
+    """ZMQ's ipc on the draft's own machine (a third of tcp's round trip), tcp elsewhere."""
     if address.ipc and address.hostname == socket.gethostname():
         if os.path.exists(address.ipc.removeprefix("ipc://")):
             return address.ipc
     return address.tcp
+
+
+def unix_path(address: DraftAddress) -> str | None:
+    """The draft's Unix socket where this process can reach it (the same machine), else None."""
+    if address.unix and address.hostname == socket.gethostname() and os.path.exists(address.unix):
+        return address.unix
+    return None
+
+
+class ZmqLink:
+    """A DEALER socket behind FrameSocket's send / recv: tcp across machines, or ZMQ's ipc."""
+
+    def __init__(self, ctx: zmq.Context, url: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(url)
+
+    def send(self, payload: bytes) -> None:
+        try:
+            self.sock.send(payload, zmq.NOBLOCK)
+        except zmq.Again as err:
+            raise OSError("its send queue is full") from err
+
+    def recv(self, timeout_s: float, spin_s: float = 0.0) -> bytes | None:
+        start = time.perf_counter()
+        while True:
+            waited = time.perf_counter() - start
+            if waited >= timeout_s:
+                return None
+            wait_ms = 0 if waited < spin_s else max(1, round((timeout_s - waited) * 1000))
+            if self.sock.poll(wait_ms):
+                return self.sock.recv()
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+def connect(ctx: zmq.Context, address: DraftAddress, transport: Transport) -> FrameSocket | ZmqLink:
+    """`auto`: the draft's Unix socket on its own machine (frame_socket says why), else tcp; `ipc` and
+    `tcp`: ZMQ's, for comparison (ipc falls back to tcp on another machine)."""
+    path = unix_path(address) if transport == "auto" else None
+    if path is not None:
+        return FrameSocket.connect(path)
+    return ZmqLink(ctx, address.tcp if transport == "tcp" else endpoint(address))
 
 
 def _wire(features: torch.Tensor | None) -> tuple[bytes, int]:
@@ -68,18 +118,19 @@ class DraftProposer:
         locate: Callable[[], DraftAddress],
         timeout_s: float,
         retry_s: float = 1.0,
-        use_ipc: bool = True,
+        transport: Transport = "auto",
         reads_features: bool = False,
     ) -> None:
         """`locate`: where a draft replica listens now (may block, may raise: retried every
         `retry_s`). `timeout_s`: the longest a round may take (speculative.channel_timeout_s).
-        `reads_features`: the draft is a feature-reading one (its rounds carry the target's features)."""
+        `transport`: see `connect`. `reads_features`: the draft is a feature-reading one (its rounds
+        carry the target's features)."""
         self.locate = locate
         self.reads_features = reads_features
         self.features: dict[str, FeatureRows] = {}  # a feature draft's rows, as the rounds told them
         self.timeout_s = timeout_s
         self.retry_s = retry_s
-        self.use_ipc = use_ipc
+        self.transport = transport
         self.client_id = uuid.uuid4().hex[:12]
         self.tokens: dict[str, list[int]] = {}  # each sequence as the rounds told it
         self.resend: set[str] = set()  # sequences the draft must get from start 0
@@ -91,7 +142,7 @@ class DraftProposer:
         # per request of the last propose, the second-best token beside each draft it returned
         self.last_alternatives: list[list[int]] = []
         self._ctx = zmq.Context()
-        self._socket: zmq.Socket | None = None
+        self._link: FrameSocket | ZmqLink | None = None
         self._round = 0
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = reply_decoder()
@@ -112,7 +163,7 @@ class DraftProposer:
         if not requests:
             return []
         self._adopt_found()
-        if self._socket is None:
+        if self._link is None:
             raise ProposerUnavailable("the draft replica is not connected yet (looking it up)")
         self._round += 1
         seqs = []
@@ -128,10 +179,9 @@ class DraftProposer:
                 seqs.append(DraftSeq(r.seq_id, r.start, r.token_ids, r.k, *_wire(r.features)))
         sent = time.perf_counter()
         try:
-            msg = DraftRound(self.client_id, self._round, seqs)
-            self._socket.send(self._encoder.encode(msg), zmq.NOBLOCK)
-        except zmq.Again:
-            self._drop("its send queue is full")
+            self._link.send(self._encoder.encode(DraftRound(self.client_id, self._round, seqs)))
+        except OSError as err:
+            self._drop(f"a send failed: {err}")
         reply = self._wait(self._round)
         self.last_channel_s = max(0.0, time.perf_counter() - sent - reply.server_s)
         if reply.instance_id != self.address.instance_id:  # type: ignore[union-attr]
@@ -156,31 +206,34 @@ class DraftProposer:
             self.tokens.pop(s, None)
             self.features.pop(s, None)
             self.resend.discard(s)
-        if self._socket is not None and seq_ids:
+        if self._link is not None and seq_ids:
             try:
-                self._socket.send(self._encoder.encode(DraftRelease(self.client_id, seq_ids)), zmq.NOBLOCK)
-            except zmq.Again:
+                self._link.send(self._encoder.encode(DraftRelease(self.client_id, seq_ids)))
+            except OSError:
                 pass  # a draft that cannot take it is about to be dropped; its state goes with it
 
     # ---- the connection --------------------------------------------------------------------------
     def _wait(self, round_id: int) -> DraftReply:
-        assert self._socket is not None
+        assert self._link is not None and self.address is not None
         deadline = time.monotonic() + self.timeout_s
         while True:
             left_s = deadline - time.monotonic()
-            if left_s <= 0:
+            try:
+                payload = self._link.recv(left_s, self.address.spin_s) if left_s > 0 else None
+            except OSError as err:
+                self._drop(f"the connection closed ({err})")
+            if payload is None:
                 self._drop(f"no reply within {self.timeout_s:g} s")
-            if self._socket.poll(max(1, round(left_s * 1000))):
-                reply = self._decoder.decode(self._socket.recv())
-                if reply.round_id == round_id:
-                    return reply  # an older round's late reply is dropped
+            reply = self._decoder.decode(payload)
+            if reply.round_id == round_id:
+                return reply  # an older round's late reply is dropped
 
     def _drop(self, why: str) -> None:
         """Close the socket, look the draft up again, and tell the engine (ProposerUnavailable)."""
         log.warning("draft at %s dropped: %s; drafting resumes once it is found again", self.address, why)
-        if self._socket is not None:
-            self._socket.close(linger=0)
-        self._socket = None
+        if self._link is not None:
+            self._link.close()
+        self._link = None
         self.address = None
         self._look_up()
         raise ProposerUnavailable(f"the draft replica did not answer: {why}")
@@ -190,12 +243,18 @@ class DraftProposer:
         if found is None:
             return
         self._found = None  # the lookup thread has ended: it sets this once
-        if self._socket is not None:
-            self._socket.close(linger=0)
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint(found) if self.use_ipc else found.tcp)
-        self._socket, self.address = sock, found
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        try:
+            link = connect(self._ctx, found, self.transport)
+        except OSError as err:  # it went away since the lookup: look again
+            log.warning("draft at %s unreachable: %s; looking it up again", found, err)
+            if self._lookup is not None:
+                self._lookup.join()  # it has set _found and is returning
+            self._look_up()
+            return
+        self._link, self.address = link, found
         self.resend.update(self.tokens)
         self.num_reconnects += 1
 
@@ -217,13 +276,13 @@ class DraftProposer:
     def wait_connected(self, timeout_s: float) -> bool:
         """For start-up and tests: until the lookup answered (the next round connects), or timeout."""
         deadline = time.monotonic() + timeout_s
-        while self._found is None and self._socket is None and time.monotonic() < deadline:
+        while self._found is None and self._link is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        return self._found is not None or self._socket is not None
+        return self._found is not None or self._link is not None
 
     def close(self) -> None:
         self._closed.set()
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
+        if self._link is not None:
+            self._link.close()
+            self._link = None
         self._ctx.term()

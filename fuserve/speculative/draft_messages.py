@@ -60,6 +60,8 @@ class DraftAddress(msgspec.Struct):
     ipc: str | None
     hostname: str  # ipc only works on the same machine
     instance_id: str
+    unix: str | None = None  # a Unix stream socket's path (frame_socket): the same machine's fastest way
+    spin_s: float = 0.0  # how long a client on that socket spins for a reply before it sleeps
 
 
 DraftInput = DraftRound | DraftRelease

@@ -40,6 +40,7 @@ from fuserve.speculative.draft_messages import (
     DraftSeq,
     input_decoder,
 )
+from fuserve.speculative.frame_socket import FrameSocket
 from fuserve.speculative.proposer import ProposeRequest
 
 if TYPE_CHECKING:
@@ -60,34 +61,93 @@ class DraftBackend(Protocol):
 
 
 class DraftServer:
-    def __init__(self, backend: DraftBackend, host: str = "127.0.0.1", ipc_dir: str | None = None) -> None:
+    def __init__(
+        self, backend: DraftBackend, host: str = "127.0.0.1", ipc_dir: str | None = None, spin_s: float = 0.0
+    ) -> None:
+        """`spin_s`: after each round, how long the server spins for the next before it sleeps
+        (speculative.channel_spin_ms); engines on its machine spin as long for its replies."""
         self.backend = backend
         self.ctx = zmq.Context()
         self.socket = self.ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         port = self.socket.bind_to_random_port(f"tcp://{host}")
-        ipc = None
+        ipc = unix = None
+        self.listener: socket.socket | None = None
         if ipc_dir is not None:
             ipc = f"ipc://{ipc_dir}/draft"
             self.socket.bind(ipc)
-        self.address = DraftAddress(f"tcp://{host}:{port}", ipc, socket.gethostname(), uuid.uuid4().hex)
+            unix = f"{ipc_dir}/draft.sock"
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(unix)
+            self.listener.listen()
+            self.listener.setblocking(False)
+        self.spin_s = spin_s
+        self.address = DraftAddress(
+            f"tcp://{host}:{port}", ipc, socket.gethostname(), uuid.uuid4().hex, unix=unix, spin_s=spin_s
+        )
+        self.connections: dict[int, FrameSocket] = {}
+        self.poller = zmq.Poller()
+        self.poller.register(self.socket, zmq.POLLIN)
+        if self.listener is not None:
+            self.poller.register(self.listener.fileno(), zmq.POLLIN)
         self._decoder = input_decoder()
         self._encoder = msgspec.msgpack.Encoder()
 
     def serve(self, keep_going: Callable[[], bool]) -> None:
         """Answer messages until `keep_going()` turns false (checked at least every POLL_MS)."""
+        last_round = 0.0
         while keep_going():
-            if self.socket.poll(POLL_MS):
-                self.handle(self.socket.recv_multipart(copy=False))
+            spinning = time.perf_counter() - last_round < self.spin_s
+            if self.serve_ready(self.poller.poll(0 if spinning else POLL_MS)):
+                last_round = time.perf_counter()
 
-    def handle(self, frames: list) -> None:
+    def serve_ready(self, events: list[tuple[object, int]]) -> bool:
+        """Answer what `poll` found ready; True if any round was answered."""
+        answered = False
+        for source, _ in events:
+            if source is self.socket:
+                frames = self.socket.recv_multipart(copy=False)
+                reply = self.answer(frames[-1].buffer)
+                if reply is not None:
+                    self.socket.send_multipart([frames[0], reply], copy=False)
+                    answered = True
+            elif self.listener is not None and source == self.listener.fileno():
+                self._accept()
+            else:
+                answered |= self._serve_connection(self.connections[source])  # type: ignore[index]
+        return answered
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()  # type: ignore[union-attr]
+        except BlockingIOError:
+            return
+        conn = FrameSocket(sock)
+        self.connections[conn.fileno()] = conn
+        self.poller.register(conn.fileno(), zmq.POLLIN)
+
+    def _serve_connection(self, conn: FrameSocket) -> bool:
+        answered = False
+        try:
+            while (payload := conn.poll_frame()) is not None:
+                reply = self.answer(payload)
+                if reply is not None:
+                    conn.send(reply)
+                    answered = True
+        except OSError:  # the engine went away (ConnectionError is one): its sequences stay until released
+            self.poller.unregister(conn.fileno())
+            del self.connections[conn.fileno()]
+            conn.close()
+        return answered
+
+    def answer(self, payload: bytes | memoryview) -> bytes | None:
+        """A round's reply, encoded; None for a release (which has none)."""
         start = time.perf_counter()
-        peer, payload = frames[0], frames[-1]
-        msg = self._decoder.decode(payload.buffer)
+        msg = self._decoder.decode(payload)
         prefix = msg.client_id + "/"
         if isinstance(msg, DraftRelease):
             self.backend.release([prefix + s for s in msg.seq_ids])
-            return
+            return None
         reqs = [ProposeRequest(prefix + s.seq_id, s.start, s.token_ids, s.k, _features(s)) for s in msg.seqs]
         try:
             drafts = self.backend.propose(reqs)
@@ -105,9 +165,14 @@ class DraftServer:
                 msg.round_id, self.address.instance_id, [[] for _ in reqs], list(range(len(reqs))), repr(err)
             )
         reply.server_s = time.perf_counter() - start
-        self.socket.send_multipart([peer, self._encoder.encode(reply)], copy=False)
+        return self._encoder.encode(reply)
 
     def close(self) -> None:
+        for conn in self.connections.values():
+            conn.close()
+        self.connections.clear()
+        if self.listener is not None:
+            self.listener.close()
         self.socket.close(linger=0)
         self.ctx.term()
 
@@ -158,7 +223,7 @@ def run_draft_server(config_json: str, host: str, parent_pid: int, conn: Connect
         conn.send(f"the draft model failed to load: {type(err).__name__}: {err}")
         return
     ipc_dir = tempfile.mkdtemp(prefix="fuserve-draft-")
-    server = DraftServer(runner, host, ipc_dir)
+    server = DraftServer(runner, host, ipc_dir, config.speculative.channel_spin_s(runner.device.type))
     conn.send(msgspec.to_builtins(server.address))
     conn.close()
     # FUSERVE_DRAFT_PROFILE=DIR: the server's Python profile, written to DIR/draft-server-<pid>.prof
