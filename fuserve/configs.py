@@ -172,14 +172,15 @@ class ParallelConfig(_Strict):
 
 class DraftPlacementConfig(_Strict):
     """Where the draft runs: in a deployment of its own (Serve places, scales and restarts its replicas;
-    the engine reaches it through a ZMQ channel), or with `in_engine` inside the engine core's process."""
+    the engine reaches it through a channel: a Unix socket on its machine, ZMQ tcp from another), or with
+    `in_engine` inside the engine core's process."""
 
     in_engine: bool = Field(
         default=False,
         description="Run the draft inside the engine core's process, on the target's device: no deployment "
         "and no channel. Beside a GPU target this is the fastest place for a draft that shares its GPU (a "
-        "1B-shape draft beside an 8B-shape target on an H200: ~1.5 ms a round less than a co-located "
-        "draft deployment, 1.08x -> 1.23x at batch 1). Its share of the device is `gpu_memory_utilization`, "
+        "1B-shape draft beside an 8B-shape target on an H200, batch 1: 1.24x, a co-located draft "
+        "deployment 1.18x). Its share of the device is `gpu_memory_utilization`, "
         "which `cache.gpu_memory_utilization` must leave free; `device`, `num_gpus` and `num_cpus` do not "
         "apply. Offline (`fuserve.LLM`) a draft always runs this way.",
     )
