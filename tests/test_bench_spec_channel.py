@@ -22,8 +22,12 @@ def test_bench_spec_channel_smoke(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())
     channel = [r for r in rows if r["bench"] == "spec_channel"]
-    assert {(r["transport"], r["batch"]) for r in channel} == {
-        (t, b) for t in ("ipc", "tcp") for b in (1, 8, 32, 64)
+    assert {(r["transport"], r["spin_ms"], r["gap_ms"], r["batch"]) for r in channel} == {
+        (t, spin, gap, b)
+        for t in ("unix", "ipc", "tcp")
+        for spin in (0.0, 50.0)
+        for gap in (0.0, 5.0)
+        for b in (1, 8, 32, 64)
     }
     draft = [r for r in rows if r["bench"] == "spec_draft_round"]
     assert {(r["placement"], r["batch"]) for r in draft} == {("cpu", 1), ("cpu", 8)}
