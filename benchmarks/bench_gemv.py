@@ -1,5 +1,4 @@
-"""Batch-1 linear layers of Llama-3-8B: cuBLAS (F.linear) vs fuserve's Triton GEMV, in TB/s (and at
-`--rows`: 2-8 rows through the rows GEMV, kernels/gemv_rows.py).
+"""Batch-1 linear layers of Llama-3-8B: cuBLAS (F.linear) vs fuserve's Triton GEMV, in TB/s.
 
 A decode step at batch 1 is a chain of matrix-vector products, each bound by reading W once.
 Prints time and achieved bandwidth per shape beside the measured copy bandwidth, writes JSON rows.
@@ -20,7 +19,6 @@ import triton.testing
 from bench_decode import commit
 
 from fuserve.workers.kernels.gemv import linear
-from fuserve.workers.kernels.gemv_rows import MAX_ROWS
 from fuserve.workers.kernels.silu_mul import silu_mul
 from fuserve.workers.kernels.switches import KernelSwitches, using_switches
 
@@ -54,11 +52,9 @@ def time_rotating(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
     return bench(call)
 
 
-def chain_us(
-    tp: int, pdl: bool, layers: int = 32, rows: int = 1, gemv_rows: bool = True
-) -> tuple[float, int]:
+def chain_us(tp: int, pdl: bool, layers: int = 32, rows: int = 1) -> tuple[float, int]:
     """Median us of one graph replay of the model's linear chain at TP shard shapes, `rows` rows (the
-    Triton GEMV at one row; at 2-8 the rows GEMV, or cuBLAS where gemv_rows is off); weight bytes read."""
+    Triton GEMV at one row, cuBLAS above); weight bytes read."""
     q_size, kv_size, inter, vocab = 4096 // tp, 1024 // tp, 14336 // tp, 128256 // tp
     shapes = [(q_size + 2 * kv_size, 4096), (4096, q_size), (2 * inter, 4096), (4096, inter)]
     weights = [
@@ -76,7 +72,7 @@ def chain_us(
         return linear(h, lm_head)
 
     # the graph keeps the launches it captured
-    with using_switches(KernelSwitches(pdl=pdl, gemv_rows=gemv_rows)):
+    with using_switches(KernelSwitches(pdl=pdl)):
         chain()  # autotune outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -117,8 +113,6 @@ def main() -> None:
                 linear(x, ws[0]).float(), (x.float() @ ws[0].float().t()), rtol=2e-2, atol=2e-2
             )
             for engine, fn in (("cublas", torch.nn.functional.linear), ("fuserve-triton", linear)):
-                if engine == "fuserve-triton" and m > MAX_ROWS:
-                    continue  # linear is cuBLAS there
                 ms = time_rotating(fn, x, ws)
                 tb_s = n * k * 2 / (ms * 1e-3) / 1e12
                 rows.append(
@@ -143,23 +137,15 @@ def main() -> None:
             f"{r['op']:<14}{r['engine']:<16}{r['batch']:>5}{r['ms'] * 1e3:>8.1f}{r['tb_s']:>7.2f}"
             f"{r['frac_of_ceiling']:>6.2f}"
         )
-    # the chain at each row count (TP=1, PDL; a verify step's 1 + k, small batches: cuBLAS and the rows
-    # GEMV), then the one-row chain at TP=1 and TP=2 with PDL off and on, each (tp, pdl, rows, gemv_rows)
-    # timed once
-    chains = [
-        (1, True, m, on) for m in row_counts for on in ((False, True) if 1 < m <= MAX_ROWS else (True,))
-    ]
+    # the chain at each row count (TP=1, PDL; a verify step's 1 + k, small batches), then the one-row
+    # chain at TP=1 and TP=2 with PDL off and on, each (tp, pdl, rows) timed once
+    chains = [(1, True, m) for m in row_counts]
     if not args.no_chain:
-        chains += [
-            (tp, pdl, 1, True) for tp in (1, 2) for pdl in (False, True) if (tp, pdl, 1, True) not in chains
-        ]
-    for tp, pdl, m, on in chains:
-        us, nbytes = chain_us(tp, pdl, rows=m, gemv_rows=on)
+        chains += [(tp, pdl, 1) for tp in (1, 2) for pdl in (False, True) if (tp, pdl, 1) not in chains]
+    for tp, pdl, m in chains:
+        us, nbytes = chain_us(tp, pdl, rows=m)
         tb_s = nbytes / (us * 1e-6) / 1e12
-        if m == 1:
-            engine = "fuserve-triton-pdl" if pdl else "fuserve-triton"
-        else:
-            engine = "fuserve-triton-rows" if on and m <= MAX_ROWS else "cublas"
+        engine = "cublas" if m > 1 else "fuserve-triton-pdl" if pdl else "fuserve-triton"
         rows.append(
             dict(
                 meta,

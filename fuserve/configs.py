@@ -311,12 +311,6 @@ class KernelConfig(_Strict):
         "ignore it). It saved ~0.2 ms per batch-1 token at TP=1 and TP=2 on H200s (2026-11-23; "
         "benchmarks/NOTES.md). false: off, for A/B runs.",
     )
-    gemv_rows: bool = Field(
-        default=True,
-        description="Linear layers of 2-8 rows (a verify step's 1 + k tokens, decode at batch 2-8) run "
-        "fuserve's Triton GEMV for several rows, each weight tile read once for every row and launched "
-        "with PDL, instead of cuBLAS (GPU only). false: cuBLAS, for A/B runs.",
-    )
     l2_prefetch_mb: float | None = Field(
         default=None,
         ge=0.0,

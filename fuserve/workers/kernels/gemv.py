@@ -12,8 +12,7 @@ and optionally more of W is pulled into L2 meanwhile (kernels/l2_prefetch.py).
                ├─ sum_k x[k] * W[n, k] (fp32) ──► y[n] (x.dtype)       grid: N / BLOCK_N
     W [N, K] ──┘
 
-Only used where M == 1 (decode at batch 1); 2 to 8 rows go to kernels/gemv_rows.py, larger batches to
-torch's GEMM.
+Only used where M == 1 (decode at batch 1); larger batches go to torch's GEMM.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fuserve.workers.kernels.gemv_rows import MAX_ROWS, gemv_rows
 from fuserve.workers.kernels.l2_prefetch import (
     LINE_BYTES,
     l2_prefetch_budget,
@@ -33,7 +31,6 @@ from fuserve.workers.kernels.l2_prefetch import (
     prefetch_rows_l2,
 )
 from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
-from fuserve.workers.kernels.switches import switches
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIGS = (
@@ -191,14 +188,11 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """F.linear, with the bandwidth-bound GEMVs for 1 to MAX_ROWS rows on the GPU; `out` (contiguous, the
-    result's shape) takes the result where the caller needs it in a buffer of its own (a symmetric-memory
+    """F.linear, with the bandwidth-bound GEMV for a single row on the GPU; `out` (contiguous, the result's
+    shape) takes the result where the caller needs it in a buffer of its own (a symmetric-memory
     all-reduce's), without a copy."""
-    if x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and x.shape[0] <= MAX_ROWS:
-        if x.shape[0] == 1:
-            return gemv(x, weight, bias, out)
-        if weight.dtype == x.dtype and weight.stride(1) == 1 and switches().gemv_rows:
-            return gemv_rows(x, weight, bias, out)
+    if x.shape[0] == 1 and x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
+        return gemv(x, weight, bias, out)
     if out is None:
         return F.linear(x, weight, bias)
     torch.matmul(x, weight.t(), out=out)

@@ -35,13 +35,11 @@ class KernelSwitches:
     """pdl: launch with programmatic dependent launch where the device supports it (pdl.py).
     l2_prefetch_bytes: what one batch-1 GEMV may prefetch into L2 (l2_prefetch.py); 0: off.
     all_reduce_prefetch_bytes: what one fused all-reduce may prefetch of the next layer's weights
-    (parallel/all_reduce_rmsnorm.py); 0: off.
-    gemv_rows: linear layers of 2 to gemv_rows.MAX_ROWS rows run `gemv_rows` instead of cuBLAS."""
+    (parallel/all_reduce_rmsnorm.py); 0: off."""
 
     pdl: bool = True
     l2_prefetch_bytes: int = 0
     all_reduce_prefetch_bytes: int = 0
-    gemv_rows: bool = True
 
     @classmethod
     def from_config(cls, config: FuserveConfig) -> KernelSwitches:
@@ -55,10 +53,7 @@ class KernelSwitches:
         if ar_mb is None:
             ar_mb = TP_ALL_REDUCE_PREFETCH_MB if tp else 0.0
         return cls(
-            pdl=kernels.pdl,
-            l2_prefetch_bytes=int(mb * 2**20),
-            all_reduce_prefetch_bytes=int(ar_mb * 2**20),
-            gemv_rows=kernels.gemv_rows,
+            pdl=kernels.pdl, l2_prefetch_bytes=int(mb * 2**20), all_reduce_prefetch_bytes=int(ar_mb * 2**20)
         )
 
 
