@@ -4,7 +4,8 @@ A verify round cannot overlap its host work with the GPU the way async schedulin
 decode: the next round's drafts need this round's accepted tokens. Under the profiler (bench_spec
 --profile-steps, 2026-11-29) a round with free drafts kept the GPU idle ~1.2 ms against a plain
 step's ~0.24 on an H200. This splits a round's wall time into the engine's phases, each summed over
-the run and divided by its rounds (plain steps for the plain row):
+the run and divided by its rounds (plain steps for the plain row); a generation of --max-tokens less one
+of a quarter of it, so that the prefill and the last steps cancel out:
 
     wait        the host blocked on the step's read-back (the GPU still working)
     complete    the rest of `_complete`: tokens read back, kept rows, scheduler update, outputs
@@ -57,6 +58,7 @@ class PhaseTimer:
         engine.executor.execute = self._timed("launch", engine.executor.execute)
         engine_mod.build_step_plan = self._timed("plan", engine_mod.build_step_plan)
         engine._complete = self._timed("complete", engine._complete)
+        engine.executor.wait = self._timed("wait", engine.executor.wait)  # a worker group's wait; else none
         sync = SampledBatch.synchronize
         timer = self
 
@@ -88,14 +90,31 @@ class PhaseTimer:
     def time_propose(self, speculation: bench_spec.Speculation) -> None:
         speculation.propose = self._timed("propose", speculation.propose)  # type: ignore[method-assign]
 
-    def reset(self) -> None:
-        self.seconds.clear()
-        self.device_s = 0.0
+    def totals(self) -> dict[str, float]:
+        """Seconds so far per phase, `device` among them; `complete` less the waits inside it."""
+        out = {p: self.seconds[p] for p in PHASES}
+        out["complete"] -= out["wait"]
+        out["device"] = self.device_s
+        return out
 
-    def row(self, wall_s: float, rounds: int) -> dict[str, float]:
-        ms = {f"{p}_ms": 1e3 * self.seconds[p] / rounds for p in PHASES}
-        ms["complete_ms"] -= ms["wait_ms"]  # the wait happens inside _complete
-        return {"round_ms": 1e3 * wall_s / rounds, **ms, "device_ms": 1e3 * self.device_s / rounds}
+
+def run_totals(
+    llm: LLM, timer: PhaseTimer, ids: list[list[int]], max_tokens: int, speculation: Any
+) -> tuple[float, int, dict[str, float]]:
+    """One generation of `max_tokens` a sequence: (wall seconds, rounds, phase seconds). Rounds are verify
+    steps with speculation, steps without."""
+    engine = llm.engine
+    before = timer.totals()
+    steps = engine.num_steps
+    rounds0 = speculation.snapshot().num_verify_steps if speculation is not None else 0
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    wall_s, _ = bench_spec.generate_timed(llm, [ids], params)
+    if speculation is not None:
+        rounds = speculation.snapshot().num_verify_steps - rounds0
+    else:
+        rounds = engine.num_steps - steps
+    after = timer.totals()
+    return wall_s, rounds, {p: after[p] - before[p] for p in after}
 
 
 def main() -> None:
@@ -119,7 +138,6 @@ def main() -> None:
     llm = LLM(config)
     bench_spec.keep_drafts(llm.engine)
     timer = PhaseTimer(llm)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     vocab = (TINY if args.model == "tiny" else LLAMA3_8B)["vocab_size"]
     meta = dict(model=args.model, device=device_name(), date=dt.date.today().isoformat(), commit=commit())
     rows = []
@@ -135,19 +153,14 @@ def main() -> None:
                 )
                 timer.time_propose(speculation)
             engine.speculation = speculation
-            bench_spec.generate_timed(
-                llm, [ids], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-            )
-            timer.reset()
-            steps = engine.num_steps
-            rounds0 = speculation.snapshot().num_verify_steps if speculation is not None else 0
-            wall_s, tokens = bench_spec.generate_timed(llm, [ids], params)
-            if speculation is not None:
-                rounds = speculation.snapshot().num_verify_steps - rounds0
-            else:
-                rounds = engine.num_steps - steps
+            run_totals(llm, timer, ids, 16, speculation)  # warm-up
+            # a long and a short generation, differenced: the prefill and the last steps cancel out
+            short_s, short_rounds, short = run_totals(llm, timer, ids, args.max_tokens // 4, speculation)
+            long_s, long_rounds, long = run_totals(llm, timer, ids, args.max_tokens, speculation)
+            rounds = long_rounds - short_rounds
             row = dict(meta, batch=batch, k=k, synthetic_acceptance=args.acceptance if k else None,
-                       rounds=rounds, output_tokens=tokens, **timer.row(wall_s, rounds))  # fmt: skip
+                       rounds=rounds, round_ms=1e3 * (long_s - short_s) / rounds)  # fmt: skip
+            row.update({f"{p}_ms": 1e3 * (long[p] - short[p]) / rounds for p in long})
             row["idle_ms"] = row["round_ms"] - row["device_ms"]
             rows.append(row)
             print(f"b={batch:<3} k={k}  round {row['round_ms']:6.3f} ms  device {row['device_ms']:6.3f}  "

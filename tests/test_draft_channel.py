@@ -242,14 +242,21 @@ def test_engines_on_the_unix_socket_are_served_apart_and_one_leaving_leaves_the_
             assert one.propose([ProposeRequest("a", i, [10 + i], 2)]) == [[10 + i, 11 + i]]
             assert two.propose([ProposeRequest("a", i, [50 + i], 1)]) == [[50 + i]]
         assert isinstance(one._link, FrameSocket) and isinstance(two._link, FrameSocket)
-        assert one.address.spin_s == 0.01  # the client spins as long as the server said
+        assert one._spin_s == two._spin_s == 0.01  # on the draft's machine it spins as the server said
         assert len(server.connections) == 2
         one.close()
         assert two.propose([ProposeRequest("b", 0, [7], 3)]) == [[7, 8, 9]]
         deadline = time.monotonic() + 5
         while len(server.connections) != 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert len(server.connections) == 1  # the closed one was dropped, not answered into
+        assert len(server.connections) == 1  # the closed one was noticed and dropped
+
+        garbage = FrameSocket.connect(server.address.unix, 2.0)  # a frame no version of fuserve sends
+        garbage.send(b"\xc1 not msgpack", 1.0)
+        with pytest.raises(ConnectionError):  # that connection alone is dropped ...
+            garbage.recv(timeout_s=5.0)
+        garbage.close()
+        assert two.propose([ProposeRequest("b", 1, [8], 2)]) == [[8, 9]]  # ... the server still serves
     finally:
         two.close()
         stop.set()
@@ -262,3 +269,39 @@ def test_the_channel_spins_by_default_only_beside_a_gpu_draft(config: FuserveCon
     assert spec.channel_spin_s("cuda") == 0.05 and spec.channel_spin_s("cpu") == 0.0
     set_ms = spec.model_copy(update={"channel_spin_ms": 3.0})
     assert set_ms.channel_spin_s("cuda") == set_ms.channel_spin_s("cpu") == 0.003
+
+
+def test_a_draft_that_stops_reading_or_cannot_be_reached_costs_a_round_at_most(tmp_path) -> None:
+    import socket
+
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # accepts, never reads
+    mute.bind(str(tmp_path / "mute.sock"))
+    mute.listen()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a socket file nobody listens on
+    stale.bind(str(tmp_path / "stale.sock"))
+    stale.close()
+    here = socket.gethostname()
+    where = {"unix": str(tmp_path / "mute.sock")}
+
+    def locate() -> DraftAddress:
+        return DraftAddress("tcp://127.0.0.1:9", None, here, "x", unix=where["unix"])
+
+    proposer = DraftProposer(locate, 0.3, retry_s=0.05)
+    try:
+        assert proposer.wait_connected(10)
+        big = [ProposeRequest("a", 0, [1000] * 1_000_000, 2)]  # ~3 MB: more than the socket buffers
+        # the first round connects to the mute draft (found at start); the lookup after it finds one gone
+        where["unix"] = str(tmp_path / "stale.sock")
+        t0 = time.monotonic()
+        with pytest.raises(ProposerUnavailable, match="send failed"):
+            proposer.propose(big)
+        assert time.monotonic() - t0 < 0.3 + 0.5
+        assert proposer.wait_connected(10)
+        t0 = time.monotonic()
+        with pytest.raises(ProposerUnavailable, match="not connected"):
+            proposer.propose([ProposeRequest("a", 0, [1], 2)])
+        assert time.monotonic() - t0 < 0.3
+        assert proposer._link is None and proposer.address is None
+    finally:
+        proposer.close()
+        mute.close()

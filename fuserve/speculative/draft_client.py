@@ -75,7 +75,8 @@ class ZmqLink:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(url)
 
-    def send(self, payload: bytes) -> None:
+    def send(self, payload: bytes, timeout_s: float) -> None:
+        """Queued for ZMQ's I/O thread at once (`timeout_s` is FrameSocket's), or OSError."""
         try:
             self.sock.send(payload, zmq.NOBLOCK)
         except zmq.Again as err:
@@ -95,12 +96,14 @@ class ZmqLink:
         self.sock.close(linger=0)
 
 
-def connect(ctx: zmq.Context, address: DraftAddress, transport: Transport) -> FrameSocket | ZmqLink:
+def connect(
+    ctx: zmq.Context, address: DraftAddress, transport: Transport, timeout_s: float
+) -> FrameSocket | ZmqLink:
     """`auto`: the draft's Unix socket on its own machine (frame_socket says why), else tcp; `ipc` and
     `tcp`: ZMQ's, for comparison (ipc falls back to tcp on another machine)."""
     path = unix_path(address) if transport == "auto" else None
     if path is not None:
-        return FrameSocket.connect(path)
+        return FrameSocket.connect(path, timeout_s)
     return ZmqLink(ctx, address.tcp if transport == "tcp" else endpoint(address))
 
 
@@ -147,7 +150,8 @@ class DraftProposer:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = reply_decoder()
         self._found: DraftAddress | None = None  # set by the lookup thread
-        self._lookup: threading.Thread | None = None
+        self._looking = False  # a lookup thread runs and has not set _found yet
+        self._spin_s = 0.0  # how long a wait for a reply spins: the draft's spin_s on its own machine
         self._closed = threading.Event()
         self._look_up()
 
@@ -178,11 +182,14 @@ class DraftProposer:
             else:
                 seqs.append(DraftSeq(r.seq_id, r.start, r.token_ids, r.k, *_wire(r.features)))
         sent = time.perf_counter()
+        deadline = time.monotonic() + self.timeout_s
         try:
-            self._link.send(self._encoder.encode(DraftRound(self.client_id, self._round, seqs)))
+            self._link.send(
+                self._encoder.encode(DraftRound(self.client_id, self._round, seqs)), self.timeout_s
+            )
         except OSError as err:
-            self._drop(f"a send failed: {err}")
-        reply = self._wait(self._round)
+            self._drop(f"a send failed: {err!r}")
+        reply = self._wait(self._round, deadline)
         self.last_channel_s = max(0.0, time.perf_counter() - sent - reply.server_s)
         if reply.instance_id != self.address.instance_id:  # type: ignore[union-attr]
             self.resend.update(self.tokens)  # another server answered: it holds nothing of ours
@@ -208,20 +215,19 @@ class DraftProposer:
             self.resend.discard(s)
         if self._link is not None and seq_ids:
             try:
-                self._link.send(self._encoder.encode(DraftRelease(self.client_id, seq_ids)))
-            except OSError:
-                pass  # a draft that cannot take it is about to be dropped; its state goes with it
+                self._link.send(self._encoder.encode(DraftRelease(self.client_id, seq_ids)), self.timeout_s)
+            except OSError as err:  # the stream may hold half a frame: connect again
+                self._disconnect(f"a release failed to send: {err!r}")
 
     # ---- the connection --------------------------------------------------------------------------
-    def _wait(self, round_id: int) -> DraftReply:
-        assert self._link is not None and self.address is not None
-        deadline = time.monotonic() + self.timeout_s
+    def _wait(self, round_id: int, deadline: float) -> DraftReply:
+        assert self._link is not None
         while True:
             left_s = deadline - time.monotonic()
             try:
-                payload = self._link.recv(left_s, self.address.spin_s) if left_s > 0 else None
+                payload = self._link.recv(left_s, self._spin_s) if left_s > 0 else None
             except OSError as err:
-                self._drop(f"the connection closed ({err})")
+                self._drop(f"the connection closed ({err!r})")
             if payload is None:
                 self._drop(f"no reply within {self.timeout_s:g} s")
             reply = self._decoder.decode(payload)
@@ -230,13 +236,16 @@ class DraftProposer:
 
     def _drop(self, why: str) -> None:
         """Close the socket, look the draft up again, and tell the engine (ProposerUnavailable)."""
+        self._disconnect(why)
+        raise ProposerUnavailable(f"the draft replica did not answer: {why}")
+
+    def _disconnect(self, why: str) -> None:
         log.warning("draft at %s dropped: %s; drafting resumes once it is found again", self.address, why)
         if self._link is not None:
             self._link.close()
         self._link = None
         self.address = None
         self._look_up()
-        raise ProposerUnavailable(f"the draft replica did not answer: {why}")
 
     def _adopt_found(self) -> None:
         found = self._found
@@ -247,31 +256,37 @@ class DraftProposer:
             self._link.close()
             self._link = None
         try:
-            link = connect(self._ctx, found, self.transport)
-        except OSError as err:  # it went away since the lookup: look again
+            link = connect(self._ctx, found, self.transport, self.timeout_s)
+        except OSError as err:  # it went away since the lookup: look again, not at once
             log.warning("draft at %s unreachable: %s; looking it up again", found, err)
-            if self._lookup is not None:
-                self._lookup.join()  # it has set _found and is returning
-            self._look_up()
+            self._look_up(delay_s=self.retry_s)
             return
         self._link, self.address = link, found
+        self._spin_s = found.spin_s if found.hostname == socket.gethostname() else 0.0
         self.resend.update(self.tokens)
         self.num_reconnects += 1
 
-    def _look_up(self) -> None:
-        if self._lookup is not None and self._lookup.is_alive():
+    def _look_up(self, delay_s: float = 0.0) -> None:
+        """Start a lookup thread unless one is still looking (one that has found, but not yet returned,
+        counts as done: a flag, not `is_alive`, says which)."""
+        if self._looking:
             return
-        self._lookup = threading.Thread(target=self._look_up_loop, name="draft-lookup", daemon=True)
-        self._lookup.start()
+        self._looking = True
+        threading.Thread(target=self._look_up_loop, args=(delay_s,), name="draft-lookup", daemon=True).start()
 
-    def _look_up_loop(self) -> None:
+    def _look_up_loop(self, delay_s: float) -> None:
+        self._closed.wait(delay_s)
         while not self._closed.is_set():
             try:
-                self._found = self.locate()
-                return
+                found = self.locate()
             except Exception as err:
                 log.info("draft replica not found yet (%s); retrying in %g s", err, self.retry_s)
                 self._closed.wait(self.retry_s)
+                continue
+            self._looking = False
+            self._found = found
+            return
+        self._looking = False
 
     def wait_connected(self, timeout_s: float) -> bool:
         """For start-up and tests: until the lookup answered (the next round connects), or timeout."""

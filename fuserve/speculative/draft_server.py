@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fuserve")
 POLL_MS = 200  # an idle server checks this often that its replica is still there
+# the longest a reply may wait for its engine to read: a send blocks every engine the server serves,
+# and an engine that stopped reading (past its channel_timeout_s) has dropped the connection anyway
+SEND_TIMEOUT_S = 1.0
 
 
 class DraftBackend(Protocol):
@@ -107,7 +110,11 @@ class DraftServer:
         for source, _ in events:
             if source is self.socket:
                 frames = self.socket.recv_multipart(copy=False)
-                reply = self.answer(frames[-1].buffer)
+                try:
+                    reply = self.answer(frames[-1].buffer)
+                except Exception:  # a message it cannot read: that message alone is lost
+                    log.exception("draft server: a message over ZMQ could not be read")
+                    continue
                 if reply is not None:
                     self.socket.send_multipart([frames[0], reply], copy=False)
                     answered = True
@@ -122,19 +129,27 @@ class DraftServer:
             sock, _ = self.listener.accept()  # type: ignore[union-attr]
         except BlockingIOError:
             return
+        except OSError:  # out of descriptors, or the engine gave up connecting: it will try again
+            log.exception("draft server: accepting a connection failed")
+            return
         conn = FrameSocket(sock)
         self.connections[conn.fileno()] = conn
         self.poller.register(conn.fileno(), zmq.POLLIN)
 
     def _serve_connection(self, conn: FrameSocket) -> bool:
+        """Answer every whole frame the connection holds. A connection that closed, stopped reading or
+        sent what cannot be read is dropped (its engine connects again and resends from start 0); the
+        sequences it drafted stay until released or evicted."""
         answered = False
         try:
             while (payload := conn.poll_frame()) is not None:
                 reply = self.answer(payload)
                 if reply is not None:
-                    conn.send(reply)
+                    conn.send(reply, SEND_TIMEOUT_S)
                     answered = True
-        except OSError:  # the engine went away (ConnectionError is one): its sequences stay until released
+        except Exception as err:
+            if not isinstance(err, ConnectionError):
+                log.exception("draft server: dropping an engine's connection")
             self.poller.unregister(conn.fileno())
             del self.connections[conn.fileno()]
             conn.close()

@@ -24,23 +24,35 @@ class FrameSocket:
     """One end of a connected Unix stream socket, read a frame at a time."""
 
     def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(True)  # sends block; reads choose per call (MSG_DONTWAIT)
+        sock.setblocking(True)  # sends wait (up to their timeout); reads choose per call (MSG_DONTWAIT)
         self.sock = sock
         self._buf = bytearray()
+        self._poll = select.poll()  # not select.select: it refuses descriptors past 1023
+        self._poll.register(sock, select.POLLIN)
 
     @classmethod
-    def connect(cls, path: str, timeout_s: float = 5.0) -> FrameSocket:
+    def connect(cls, path: str, timeout_s: float) -> FrameSocket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout_s)
-        sock.connect(path)
+        try:
+            sock.settimeout(timeout_s)
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
         return cls(sock)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, payload: bytes) -> None:
-        """Raises OSError (BrokenPipeError, ...) when the other end is gone."""
-        self.sock.sendall(HEADER.pack(len(payload)) + payload)
+    def send(self, payload: bytes, timeout_s: float) -> None:
+        """Raises OSError: BrokenPipeError and the like when the other end is gone, TimeoutError when it
+        has not taken the frame within `timeout_s` (it stopped reading). After a failed send the stream
+        may hold part of a frame: close the socket."""
+        self.sock.settimeout(timeout_s)
+        try:
+            self.sock.sendall(HEADER.pack(len(payload)) + payload)
+        finally:
+            self.sock.settimeout(None)
 
     def poll_frame(self) -> bytes | None:
         """The next whole frame if one has arrived, else None, without waiting. Raises
@@ -73,7 +85,7 @@ class FrameSocket:
                 return None
             if waited < spin_s:
                 continue
-            select.select([self.sock], [], [], timeout_s - waited)
+            self._poll.poll(max(1, round((timeout_s - waited) * 1000)))
 
     def close(self) -> None:
         self.sock.close()
