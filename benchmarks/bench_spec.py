@@ -23,10 +23,13 @@ target's CUDA graphs are captured again, keeping features); an HF folder as an i
 `--proposer server=SHAPE` drafts through the draft deployment's channel: one draft server process for the
 whole run (random weights of SHAPE: llama3.2-1b, or tiny), on the target's GPU (co-located) or on
 `--draft-gpu N`; rows carry its placement and the channel's time per round (`server-zmq=SHAPE`: the same
-through ZMQ's ipc with neither end spinning, the channel before 2026-11-29). Several proposers, comma-
-separated, run in turn on the same engine, beside one plain row (e.g. `repeat,server=llama3.2-1b`: the
-free drafts' ceiling beside a real draft's cost). `inproc=SHAPE` runs the same draft in the engine's
-process, as `speculative.placement.in_engine` does: on its GPU, in its CUDA context, without the channel.
+through ZMQ's ipc with neither end spinning, the channel before 2026-11-29; `server-ahead=SHAPE`: the
+server drafting the next round during the verify, speculative.draft_ahead, with a draft of zero weights
+whose one repeated token the synthetic rule takes for the target's next token at rate A). Several
+proposers, comma-separated, run in turn on the same engine, beside one plain row (e.g.
+`repeat,server=llama3.2-1b`: the free drafts' ceiling beside a real draft's cost). `inproc=SHAPE` runs
+the same draft in the engine's process, as `speculative.placement.in_engine` does: on its GPU, in its
+CUDA context, without the channel.
 `--proposer module:function` plugs in another proposer: a function (config: FuserveConfig, engine:
 LLMEngine) -> Proposer, imported by name.
 """
@@ -86,18 +89,32 @@ class SyntheticAcceptance(Speculation):
     so the cost of speculation can be measured at a chosen acceptance on random weights. The kept
     tokens are the drafts themselves and the target's token after the last (`keep_drafts`): they were
     the step's inputs, so the target's KV stays consistent, and a draft model keeps the KV of its
-    accepted drafts as it would with real acceptance."""
+    accepted drafts as it would with real acceptance. With `guess_bonus` (a draft whose drafts are all
+    one token: `server-ahead`), a step that kept every draft takes, with the same probability, the
+    draft's own next token (its last draft again) for the target's token after them: the round a draft
+    that drafts ahead (speculative.draft_ahead) assumes, at the rate a draft as good as A would guess it."""
 
-    def __init__(self, config: SpeculativeConfig, proposer: Proposer, acceptance: float, seed: int) -> None:
+    def __init__(
+        self,
+        config: SpeculativeConfig,
+        proposer: Proposer,
+        acceptance: float,
+        seed: int,
+        guess_bonus: bool = False,
+    ) -> None:
         super().__init__(config, proposer)
         self.acceptance = acceptance
         self.rng = random.Random(seed)
+        self.guess_bonus = guess_bonus
+        self.bonus: dict[str, int] = {}  # sequence -> the token keep_drafts puts after its kept drafts
 
     def kept_rows(self, item: ScheduledSeq, row_tokens: list[int]) -> list[int]:
         drafts = item.spec_token_ids
         a = 0
         while a < len(drafts) and self.rng.random() < self.acceptance:
             a += 1
+        if self.guess_bonus and drafts and a == len(drafts) and self.rng.random() < self.acceptance:
+            self.bonus[item.seq.seq_id] = drafts[-1]
         self.stats.observe_verify(len(drafts), a)
         self.adaptive_k.observe_verify(item.seq.seq_id, len(drafts), a)
         return list(range(a + 1))
@@ -111,10 +128,12 @@ def keep_drafts(engine: LLMEngine) -> None:
     def sampled_rows(sched_out: Any, batch: Any) -> tuple[list, list]:
         sampled, logprobs = rows_of(sched_out, batch)
         if isinstance(engine.speculation, SyntheticAcceptance):
+            bonus = engine.speculation.bonus
             for i, item in enumerate(sched_out.scheduled):
                 kept = sampled[i]
                 if item.spec_token_ids and isinstance(kept, list):
-                    sampled[i] = [*item.spec_token_ids[: len(kept) - 1], kept[-1]]
+                    last = bonus.pop(item.seq.seq_id, kept[-1])
+                    sampled[i] = [*item.spec_token_ids[: len(kept) - 1], last]
         return sampled, logprobs
 
     engine._sampled_rows = sampled_rows  # type: ignore[method-assign]
@@ -143,7 +162,11 @@ class RandomDraft:
             raise SystemExit(f"--proposer {where}={shape}: use one of {sorted(shapes)}")
         draft = {
             "load_format": "dummy",
-            "hf_config": shapes[shape],
+            # server-ahead: every weight 0 (the same bytes read), so every draft is one token, whose
+            # repetition SyntheticAcceptance can take for the target's next token
+            "hf_config": dict(shapes[shape], initializer_range=0.0)
+            if where == "server-ahead"
+            else shapes[shape],
             "max_model_len": engine.max_model_len,
             "dtype": config.model.dtype,
         }
@@ -152,6 +175,7 @@ class RandomDraft:
         spec: dict[str, Any] = {"method": "draft", "draft": draft, "placement": placement}
         if where == "server-zmq":
             spec["channel_spin_ms"] = 0.0
+        spec["draft_ahead"] = where == "server-ahead"
         # a pool for every sequence at the longest length, not a share of a GPU the target already filled
         blocks = config.scheduler.max_num_seqs * -(-engine.max_model_len // config.cache.block_size)
         drafted = config.model_copy(
@@ -200,7 +224,7 @@ def make_proposer(
     draft_gpu: str | None,
 ) -> Proposer:
     where, _, shape = name.partition("=")
-    if where in ("server", "server-zmq", "inproc"):
+    if where in ("server", "server-zmq", "server-ahead", "inproc"):
         if name not in drafts:
             drafts[name] = RandomDraft(shape, where, config, engine, draft_gpu)
         return drafts[name].proposer
@@ -238,7 +262,7 @@ def make_proposer(
     if not func:
         raise SystemExit(
             f"--proposer {name!r}: use ngram, repeat, draft=PATH, server=SHAPE, server-zmq=SHAPE, "
-            "inproc=SHAPE or module:function"
+            "server-ahead=SHAPE, inproc=SHAPE or module:function"
         )
     return getattr(importlib.import_module(module), func)(config, engine)
 
@@ -312,6 +336,7 @@ def run_variant(
     engine.speculation = speculation
     generate_timed(llm, warmup, dataclasses.replace(params, max_tokens=min(16, params.max_tokens or 16)))
     before = speculation.snapshot() if speculation is not None else None
+    hits = getattr(speculation.proposer, "num_ahead_hits", None) if speculation is not None else None
     steps = engine.num_steps
     seconds, tokens = generate_timed(llm, batches, params)
     num_seqs = sum(len(b) for b in batches)
@@ -340,6 +365,8 @@ def run_variant(
             # a round's forwards (the new tokens' prefill, then k - 1 decodes) over the drafts it made
             draft_ms_per_draft=1e3 * c.draft_seconds / max(c.num_drafts, 1),
             channel_ms_per_round=1e3 * c.channel_seconds / max(c.num_rounds, 1),
+            # sequences a draft server answered from drafts made ahead (speculative.draft_ahead)
+            ahead_hits=None if hits is None else speculation.proposer.num_ahead_hits - hits,  # type: ignore[union-attr]
             verify_ms_per_step=1e3 * c.verify_seconds / max(c.num_verify_steps, 1),
             verify_steps=c.num_verify_steps,
             alternatives=c.num_alternatives,
@@ -386,8 +413,8 @@ def main() -> None:
     ap.add_argument(
         "--proposer",
         default=None,
-        help="ngram, repeat (synthetic), draft=PATH, server=SHAPE, server-zmq=SHAPE, inproc=SHAPE, "
-        "module:function; several comma-separated",
+        help="ngram, repeat (synthetic), draft=PATH, server=SHAPE, server-zmq=SHAPE, server-ahead=SHAPE, "
+        "inproc=SHAPE, module:function; several comma-separated",
     )
     ap.add_argument(
         "--draft-gpu", default=None, help="server=SHAPE: the GPU of the draft server (default: the target's)"
@@ -488,7 +515,10 @@ def main() -> None:
                 if acceptance is None:
                     speculation = Speculation(spec_cfg, proposer)
                 else:
-                    speculation = SyntheticAcceptance(spec_cfg, proposer, acceptance, seed=batch)
+                    guess = proposer_name.startswith("server-ahead=")
+                    speculation = SyntheticAcceptance(
+                        spec_cfg, proposer, acceptance, batch, guess_bonus=guess
+                    )
                 label = dict(
                     base,
                     proposer=proposer_name,

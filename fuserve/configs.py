@@ -236,6 +236,15 @@ class SpeculativeConfig(_Strict):
     channel_timeout_s: float = Field(
         default=0.5, gt=0.0, description="A draft round that takes longer falls back to k = 0 for it."
     )
+    draft_ahead: bool | None = Field(
+        default=None,
+        description="A draft deployment drafts the next round while the target verifies this one, assuming "
+        "the target keeps every draft and then the token the draft would write next; a round that "
+        "matches is answered at once (PEARL's post-verify). It pays only where the draft has a GPU of its "
+        "own (a shared GPU runs the two one after the other), and it stops for a while whenever a round "
+        "had to wait for it. Unset: on for a draft on a GPU of its own (placement.num_gpus 1), else off. "
+        "Independent drafts only (not a feature draft: it would need the target's features of the drafts).",
+    )
     channel_spin_ms: float | None = Field(
         default=None,
         ge=0.0,
@@ -251,6 +260,12 @@ class SpeculativeConfig(_Strict):
         if self.channel_spin_ms is not None:
             return self.channel_spin_ms / 1e3
         return 0.05 if draft_device == "cuda" else 0.0
+
+    def draft_ahead_on(self, draft_device: str) -> bool:
+        """`draft_ahead` resolved for a draft deployment's runner on `draft_device` (a type)."""
+        if self.draft_ahead is not None:
+            return self.draft_ahead
+        return draft_device == "cuda" and self.placement.num_gpus >= 1.0
 
     @property
     def deploys_draft(self) -> bool:

@@ -157,7 +157,7 @@ def test_a_reply_with_alternatives_round_trips_and_keeps_the_old_layout() -> Non
     wire = msgspec.msgpack.encode(reply)
     assert reply_decoder().decode(wire) == reply
     # the fields before it keep their places: an older peer's reply is this one less the last element
-    assert msgspec.msgpack.decode(wire) == [7, "srv", [[1, 2], [], [3]], [1], "", 0.25, [[11, 12], [], [13]]]
+    assert msgspec.msgpack.decode(wire) == [7, "srv", [[1, 2], [], [3]], [1], "", 0.25, [[11, 12], [], [13]], 0]
     older = msgspec.msgpack.encode([7, "srv", [[1, 2], [], [3]], [1], "", 0.25])
     assert reply_decoder().decode(older).alternatives == []
 
@@ -271,6 +271,15 @@ def test_the_channel_spins_by_default_only_beside_a_gpu_draft(config: FuserveCon
     assert set_ms.channel_spin_s("cuda") == set_ms.channel_spin_s("cpu") == 0.003
 
 
+def test_a_draft_drafts_ahead_by_default_only_on_a_gpu_of_its_own(config: FuserveConfig) -> None:
+    spec = config.speculative
+    assert spec.placement.num_gpus == 1.0 and spec.draft_ahead_on("cuda") and not spec.draft_ahead_on("cpu")
+    shared = spec.model_copy(update={"placement": spec.placement.model_copy(update={"num_gpus": 0.5})})
+    assert not shared.draft_ahead_on("cuda")
+    assert shared.model_copy(update={"draft_ahead": True}).draft_ahead_on("cuda")
+    assert not spec.model_copy(update={"draft_ahead": False}).draft_ahead_on("cuda")
+
+
 def test_a_draft_that_stops_reading_or_cannot_be_reached_costs_a_round_at_most(tmp_path) -> None:
     import socket
 
@@ -305,3 +314,59 @@ def test_a_draft_that_stops_reading_or_cannot_be_reached_costs_a_round_at_most(t
     finally:
         proposer.close()
         mute.close()
+
+
+class Ahead:
+    """A backend that drafts ahead (as DraftRunner.draft_ahead), counting calls, taking `delay_s`."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.depths: list[int] = []
+        self.last_ahead_hits = 0
+
+    def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]:
+        self.last_ahead_hits = len(requests)  # say every sequence was answered from ahead
+        return [[r.token_ids[-1]] * r.k for r in requests]
+
+    def draft_ahead(self, depth: int) -> int:
+        self.depths.append(depth)
+        time.sleep(self.delay_s)
+        return 1
+
+    def release(self, seq_ids: list[str]) -> None:
+        pass
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.3], ids=["in-time", "late"])
+def test_the_server_drafts_ahead_after_each_round_and_pauses_when_a_round_waited(delay_s: float) -> None:
+    from fuserve.speculative.draft_server import AHEAD_PAUSE_ROUNDS
+
+    backend = Ahead(delay_s)
+    server = DraftServer(backend, ahead_depth=2)
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(lambda: not stop.is_set(),), daemon=True)
+    thread.start()
+    proposer = DraftProposer(lambda: server.address, TIMEOUT_S, transport="tcp")
+    try:
+        assert proposer.wait_connected(10)
+        rounds = AHEAD_PAUSE_ROUNDS + 3
+        for i in range(rounds):  # late: each round sent as soon as the last is answered, into the ahead work
+            if delay_s == 0:
+                time.sleep(0.02)  # in time: a verify's worth of time between rounds
+            assert proposer.propose([ProposeRequest("a", i, [i], 2), ProposeRequest("b", i, [i], 1)]) == [
+                [i, i],
+                [i],
+            ]
+        assert proposer.num_ahead_hits == 2 * rounds  # the replies say how many were answered from ahead
+        deadline = time.monotonic() + 5
+        while len(backend.depths) < (rounds if delay_s == 0 else 2) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if delay_s == 0:
+            assert backend.depths == [2] * rounds and server.num_ahead_late == 0
+        else:  # the first ahead made round 2 wait: the next AHEAD_PAUSE_ROUNDS rounds went without
+            assert backend.depths == [2, 2] and server.num_ahead_late == 2
+    finally:
+        proposer.close()
+        stop.set()
+        thread.join(5)
+        server.close()

@@ -182,3 +182,46 @@ def test_a_full_pool_evicts_the_least_recently_used(draft_dir: Path) -> None:
     assert runner.propose([ProposeRequest("new", 0, list(range(20)), 2)])[0]  # evicts "old"
     assert runner.propose([ProposeRequest("old", 22, [1], 2)]) == [None]
     assert runner.propose([ProposeRequest("big", 0, list(range(40)), 2)]) == [None]  # never fits
+
+
+def test_drafts_made_ahead_answer_the_round_they_assumed_and_nothing_else(draft_dir: Path) -> None:
+    """draft_ahead drafts the next round during the target's verify, assuming every draft kept and then
+    the draft's own next token. The round that matches is answered from those drafts with no forward,
+    and they are what a runner without ahead drafts (the oracle, fed the same rounds) proposes; a round
+    with a rejection, or another next token, drafts as usual; the KV stays right through both."""
+    ahead, oracle = make_runner(draft_dir), make_runner(draft_dir)
+    rng = random.Random(7)
+    seqs = {f"s{i}": [rng.randrange(VOCAB) for _ in range(rng.randrange(3, 12))] for i in range(3)}
+    reqs = [ProposeRequest(s, 0, list(t), 3) for s, t in seqs.items()]
+    assert ahead.propose(reqs) == (drafts := oracle.propose(reqs))
+    held = {r.seq_id: len(r.token_ids) for r in reqs}
+    hits = 0
+    for step in range(8):
+        assert ahead.draft_ahead(depth=3) == len(reqs)
+        reqs = []
+        for (seq_id, n), d in zip(held.items(), drafts, strict=True):
+            guess = ahead.seqs.seqs[seq_id].tokens[n + len(d)]  # the token the draft wrote after its drafts
+            kind = (step + int(seq_id[1:])) % 3  # each sequence meets all three kinds of round
+            if kind == 0:  # every draft kept, and the target's next token is the draft's guess: a hit
+                new = [*d, guess]
+            elif kind == 1:  # every draft kept, another next token
+                new = [*d, (guess + 1) % VOCAB]
+            else:  # the last draft rejected
+                new = [*d[:-1], (d[-1] + 1) % VOCAB]
+            reqs.append(ProposeRequest(seq_id, n, new, 3 if kind == 0 else rng.randrange(1, 4)))
+            held[seq_id] = n + len(new)
+        drafts = ahead.propose(reqs)
+        hits += ahead.last_ahead_hits
+        assert drafts == oracle.propose(reqs), f"round {step}"
+        assert all(len(d) == r.k for d, r in zip(drafts, reqs, strict=True))  # a hit asks the depth made
+    assert hits == ahead.num_ahead_hits == 8  # one sequence of three each round hit
+    assert ahead.num_ahead_rounds == 8
+
+
+def test_draft_ahead_never_evicts_a_sequence_for_its_guesses(draft_dir: Path) -> None:
+    runner = make_runner(draft_dir, num_blocks=7)  # 4 tokens a block
+    reqs = [ProposeRequest("a", 0, list(range(1, 11)), 3), ProposeRequest("b", 0, list(range(20, 30)), 3)]
+    runner.propose(reqs)  # each: 10 tokens and 3 drafts, 12 with KV: 3 blocks, one left free
+    assert runner.seqs.num_free_blocks == 1
+    assert runner.draft_ahead() == 1  # each needs a 4th block for 3 more with KV: only one fits
+    assert set(runner.seqs.seqs) == {"a", "b"} and runner.seqs.num_free_blocks == 0

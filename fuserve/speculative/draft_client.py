@@ -139,6 +139,7 @@ class DraftProposer:
         self.resend: set[str] = set()  # sequences the draft must get from start 0
         self.address: DraftAddress | None = None
         self.num_reconnects = 0
+        self.num_ahead_hits = 0  # sequences the draft answered from drafts it made ahead (draft_ahead)
         # of the last round's seconds, the channel's: the round trip less the server's own time
         # (speculation.ReportsChannelTime; /metrics' fuserve_spec_channel_seconds, adaptive k's costs)
         self.last_channel_s = 0.0
@@ -191,6 +192,7 @@ class DraftProposer:
             self._drop(f"a send failed: {err!r}")
         reply = self._wait(self._round, deadline)
         self.last_channel_s = max(0.0, time.perf_counter() - sent - reply.server_s)
+        self.num_ahead_hits += reply.ahead_hits
         if reply.instance_id != self.address.instance_id:  # type: ignore[union-attr]
             self.resend.update(self.tokens)  # another server answered: it holds nothing of ours
             self.address = msgspec.structs.replace(self.address, instance_id=reply.instance_id)  # type: ignore[arg-type]

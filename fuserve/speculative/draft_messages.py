@@ -51,6 +51,7 @@ class DraftReply(msgspec.Struct, array_like=True):
     # per sequence, the second-best token beside each of its drafts (speculative.second_best); [] when
     # the draft offers none (an independent draft, or the option off)
     alternatives: list[list[int]] = []
+    ahead_hits: int = 0  # sequences of this round answered from drafts made ahead (speculative.draft_ahead)
 
 
 class DraftAddress(msgspec.Struct):

@@ -83,6 +83,11 @@ class DraftRunner:
         kv = allocate_kv_cache(self.arch, num_kv_heads, num_blocks, self.block_size, self.dtype, self.device)
         self.model.bind_kv_cache(kv.k, kv.v)
         self.seqs = DraftSequences(num_blocks, self.block_size)
+        self._last_round: list[tuple[str, int]] = []  # (sequence, k) of the last propose, for draft_ahead
+        self._ahead: dict[str, tuple[int, int]] = {}  # sequence -> where its ahead drafts start, how many
+        self.last_ahead_hits = 0  # sequences of the last propose answered from draft_ahead
+        self.num_ahead_hits = 0
+        self.num_ahead_rounds = 0
         if self.device.type == "cuda" and kernels.cuda_graphs:
             max_blocks = -(-self.max_model_len // self.block_size)
             # Chunks (a prompt, or tokens piled up while adaptive k held a sequence at 0) replay mixed
@@ -150,11 +155,19 @@ class DraftRunner:
     @torch.inference_mode()
     def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]:
         """Up to k greedy drafts per request; None for a sequence this draft does not hold at `start`
-        (send it again from start 0)."""
+        (send it again from start 0). A sequence whose round matches what `draft_ahead` assumed is
+        answered from the drafts made then, without a forward."""
         out: list[list[int] | None] = [[] for _ in requests]
         protect = {r.seq_id for r in requests}
         drafting: list[tuple[int, DraftSequence, int]] = []  # (request index, sequence, k)
+        ahead, self._ahead = self._ahead, {}
+        self.last_ahead_hits = 0
         for i, r in enumerate(requests):
+            ready = self._ready_drafts(r, ahead.get(r.seq_id))
+            if ready is not None:
+                out[i] = ready
+                self.last_ahead_hits += 1
+                continue
             seq = self.seqs.apply(r.seq_id, r.start, r.token_ids)
             if seq is None:
                 out[i] = None
@@ -166,21 +179,74 @@ class DraftRunner:
                 out[i] = None
                 continue
             drafting.append((i, seq, k))
+        self.num_ahead_hits += self.last_ahead_hits
+        for (i, _, _), drafts in zip(drafting, self._draft(drafting), strict=True):
+            out[i] = drafts
+        self._last_round = [(r.seq_id, len(d)) for r, d in zip(requests, out, strict=True) if d]
+        return out
+
+    def draft_ahead(self, depth: int | None = None) -> int:
+        """Draft the next round of the last round's sequences now, assuming the target keeps all their
+        drafts and then the token the draft itself would write next: that token and `depth` drafts after
+        it (default: each sequence's last k), in the time the target spends verifying (PEARL's post-
+        verify; worth it where the draft has a device of its own). The next `propose` answers a sequence
+        whose new tokens are exactly those with up to `depth` drafts from after them; any other round
+        truncates them away as it does a rejected draft. Only sequences that fit the free blocks without
+        evicting any; returns how many were drafted ahead."""
+        drafting: list[tuple[int, DraftSequence, int]] = []
+        ids: list[str] = []
+        for n, (seq_id, last_k) in enumerate(self._last_round):
+            seq = self.seqs.seqs.get(seq_id)
+            k = last_k if depth is None else depth
+            if seq is None or k <= 0 or len(seq.tokens) + k + 1 > self.max_model_len:
+                continue
+            extra = self.seqs.blocks_needed(len(seq.tokens) + k) - len(seq.block_table)
+            if extra > self.seqs.num_free_blocks:
+                continue
+            self.seqs.reserve(seq_id, len(seq.tokens) + k, set())
+            drafting.append((n, seq, k + 1))
+            ids.append(seq_id)
+        self._last_round = []
+        self._ahead = {}
+        for seq_id, (_, seq, k), _ in zip(ids, drafting, self._draft(drafting), strict=True):
+            self._ahead[seq_id] = (len(seq.tokens) - k + 1, k - 1)  # after the guessed next token
+        self.num_ahead_rounds += 1 if drafting else 0
+        return len(drafting)
+
+    def _ready_drafts(self, r: ProposeRequest, ahead: tuple[int, int] | None) -> list[int] | None:
+        """The drafts `draft_ahead` made for this round, if the round is the one it assumed: the
+        sequence's new tokens end exactly at the token after which those drafts start."""
+        if ahead is None:
+            return None
+        begin, depth = ahead  # the ahead drafts are tokens[begin : begin + depth]
+        seq = self.seqs.seqs.get(r.seq_id)
+        if seq is None or r.start + len(r.token_ids) != begin or seq.tokens[r.start : begin] != r.token_ids:
+            return None
+        self.seqs.seqs.move_to_end(r.seq_id)
+        drafts = seq.tokens[begin : begin + min(r.k, depth)]
+        del seq.tokens[begin + len(drafts) :]  # as a round that drafted these: the last without KV
+        seq.num_computed = min(seq.num_computed, len(seq.tokens) - 1)
+        return drafts
+
+    def _draft(self, drafting: list[tuple[int, DraftSequence, int]]) -> list[list[int]]:
+        """k drafts for each (_, sequence, k): the sequence's tokens without KV, then k - 1 decodes;
+        each sequence then holds its drafts, all but the last with KV."""
         if not drafting:
-            return out
+            return []
         steps = [self._prefill(drafting)]  # step j: tokens [rows of drafting[...] still drafting at j]
         for j in range(1, max(k for _, _, k in drafting)):
             steps.append(self._decode(drafting, j, steps[-1]))
         host = torch.cat(steps).tolist()  # the round's one wait on the device
+        out: list[list[int]] = [[] for _ in drafting]
         at = 0
         for j in range(len(steps)):
-            for i, _, k in drafting:
+            for d, (_, _, k) in enumerate(drafting):
                 if k > j:
-                    out[i].append(host[at])  # type: ignore[union-attr]
+                    out[d].append(host[at])
                     at += 1
-        for i, seq, k in drafting:
+        for (_, seq, k), drafts in zip(drafting, out, strict=True):
             seq.num_computed = len(seq.tokens) + k - 1  # drafts 1..k-1 were fed back, so have KV
-            seq.tokens.extend(out[i])  # type: ignore[arg-type]
+            seq.tokens.extend(drafts)
         return out
 
     def _prefill(self, drafting: list[tuple[int, DraftSequence, int]]) -> torch.Tensor:

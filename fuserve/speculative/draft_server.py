@@ -51,6 +51,8 @@ POLL_MS = 200  # an idle server checks this often that its replica is still ther
 # the longest a reply may wait for its engine to read: a send blocks every engine the server serves,
 # and an engine that stopped reading (past its channel_timeout_s) has dropped the connection anyway
 SEND_TIMEOUT_S = 1.0
+# after drafting ahead made a round wait (it was still drafting when the round came), rounds without it
+AHEAD_PAUSE_ROUNDS = 16
 
 
 class DraftBackend(Protocol):
@@ -65,11 +67,21 @@ class DraftBackend(Protocol):
 
 class DraftServer:
     def __init__(
-        self, backend: DraftBackend, host: str = "127.0.0.1", ipc_dir: str | None = None, spin_s: float = 0.0
+        self,
+        backend: DraftBackend,
+        host: str = "127.0.0.1",
+        ipc_dir: str | None = None,
+        spin_s: float = 0.0,
+        ahead_depth: int | None = None,
     ) -> None:
         """`spin_s`: after each round, how long the server spins for the next before it sleeps
-        (speculative.channel_spin_ms); engines on its machine spin as long for its replies."""
+        (speculative.channel_spin_ms); engines on its machine spin as long for its replies.
+        `ahead_depth`: after each round, draft the next one this deep while the target verifies, where
+        the backend can (DraftRunner.draft_ahead; speculative.draft_ahead); None: never."""
         self.backend = backend
+        self.ahead_depth = ahead_depth
+        self.num_ahead_late = 0  # rounds that came while the server was still drafting ahead
+        self._ahead_pause = 0
         self.ctx = zmq.Context()
         self.socket = self.ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -102,7 +114,23 @@ class DraftServer:
         while keep_going():
             spinning = time.perf_counter() - last_round < self.spin_s
             if self.serve_ready(self.poller.poll(0 if spinning else POLL_MS)):
+                self.draft_ahead()
                 last_round = time.perf_counter()
+
+    def draft_ahead(self) -> None:
+        """The next round drafted before it is asked for, unless that made the last round wait: a round
+        that arrives while the server drafts ahead waits for it, so after one the server skips drafting
+        ahead for AHEAD_PAUSE_ROUNDS rounds (the target's verify was shorter than the draft's work)."""
+        draft = getattr(self.backend, "draft_ahead", None)
+        if self.ahead_depth is None or draft is None:
+            return
+        if self._ahead_pause > 0:
+            self._ahead_pause -= 1
+            return
+        draft(self.ahead_depth)
+        if self.poller.poll(0):
+            self.num_ahead_late += 1
+            self._ahead_pause = AHEAD_PAUSE_ROUNDS
 
     def serve_ready(self, events: list[tuple[object, int]]) -> bool:
         """Answer what `poll` found ready; True if any round was answered."""
@@ -172,6 +200,7 @@ class DraftServer:
                 [d if d is not None else [] for d in drafts],
                 [i for i, d in enumerate(drafts) if d is None],
                 alternatives=_alternatives(self.backend, drafts),
+                ahead_hits=getattr(self.backend, "last_ahead_hits", 0),
             )
         except Exception as err:  # the round fails alone; its sequences start over from 0
             log.exception("draft round failed")
@@ -238,7 +267,9 @@ def run_draft_server(config_json: str, host: str, parent_pid: int, conn: Connect
         conn.send(f"the draft model failed to load: {type(err).__name__}: {err}")
         return
     ipc_dir = tempfile.mkdtemp(prefix="fuserve-draft-")
-    server = DraftServer(runner, host, ipc_dir, config.speculative.channel_spin_s(runner.device.type))
+    spec = config.speculative
+    ahead = spec.num_speculative_tokens if spec.draft_ahead_on(runner.device.type) else None
+    server = DraftServer(runner, host, ipc_dir, spec.channel_spin_s(runner.device.type), ahead)
     conn.send(msgspec.to_builtins(server.address))
     conn.close()
     # FUSERVE_DRAFT_PROFILE=DIR: the server's Python profile, written to DIR/draft-server-<pid>.prof

@@ -131,8 +131,10 @@ def iter_safetensors(folder: Path) -> Iterator[tuple[str, Any]]:
                 yield name, handle.get_slice(name)
 
 
-def _fill_random(model: LlamaForCausalLM, seed: int) -> None:
-    """Weights uniform in +-0.02; 8-bit weights spread over their whole range with matching scales."""
+def _fill_random(model: LlamaForCausalLM, seed: int, bound: float = 0.02) -> None:
+    """Weights uniform in +-bound (the config's initializer_range: 0 makes every forward's output one
+    token, as bench_spec's `server-ahead` draft wants); 8-bit weights spread over their whole range with
+    matching scales."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     params = dict(model.named_parameters())
     for name, p in params.items():
@@ -146,7 +148,7 @@ def _fill_random(model: LlamaForCausalLM, seed: int) -> None:
             values = torch.empty(p.shape, device=p.device).uniform_(-FP8_MAX, FP8_MAX, generator=gen)
             p.data.copy_(values.to(torch.float8_e4m3fn))
         else:
-            p.data.uniform_(-0.02, 0.02, generator=gen)
+            p.data.uniform_(-bound, bound, generator=gen)
 
 
 def quant_scheme(source: ModelSource, cfg: ModelConfig) -> QuantScheme | None:
@@ -220,7 +222,7 @@ def build_model(
     with torch.device(device), _default_dtype(dtype):
         model = LlamaForCausalLM(arch, tp, ops, max_positions, quant)
     if source.kind == "dummy":
-        _fill_random(model, seed)
+        _fill_random(model, seed, float(source.hf_config.get("initializer_range", 0.02)))
         return model.eval()
     assert source.path is not None
     if source.kind == "built":
