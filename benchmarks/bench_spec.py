@@ -367,6 +367,7 @@ def run_variant(
             channel_ms_per_round=1e3 * c.channel_seconds / max(c.num_rounds, 1),
             # sequences a draft server answered from drafts made ahead (speculative.draft_ahead)
             ahead_hits=None if hits is None else speculation.proposer.num_ahead_hits - hits,  # type: ignore[union-attr]
+            ahead_late=getattr(speculation.proposer, "ahead_late", None),  # the server's, cumulative
             verify_ms_per_step=1e3 * c.verify_seconds / max(c.num_verify_steps, 1),
             verify_steps=c.num_verify_steps,
             alternatives=c.num_alternatives,

@@ -157,7 +157,7 @@ def test_a_reply_with_alternatives_round_trips_and_keeps_the_old_layout() -> Non
     wire = msgspec.msgpack.encode(reply)
     assert reply_decoder().decode(wire) == reply
     # the fields before it keep their places: an older peer's reply is this one less the last element
-    fields = [7, "srv", [[1, 2], [], [3]], [1], "", 0.25, [[11, 12], [], [13]], 0]
+    fields = [7, "srv", [[1, 2], [], [3]], [1], "", 0.25, [[11, 12], [], [13]], 0, 0]
     assert msgspec.msgpack.decode(wire) == fields
     older = msgspec.msgpack.encode([7, "srv", [[1, 2], [], [3]], [1], "", 0.25])
     assert reply_decoder().decode(older).alternatives == []
@@ -329,7 +329,7 @@ class Ahead:
         self.last_ahead_hits = len(requests)  # say every sequence was answered from ahead
         return [[r.token_ids[-1]] * r.k for r in requests]
 
-    def draft_ahead(self, depth: int) -> int:
+    def draft_ahead(self, depth: int | None = None) -> int:
         self.depths.append(depth)
         time.sleep(self.delay_s)
         return 1
@@ -343,7 +343,7 @@ def test_the_server_drafts_ahead_after_each_round_and_pauses_when_a_round_waited
     from fuserve.speculative.draft_server import AHEAD_PAUSE_ROUNDS
 
     backend = Ahead(delay_s)
-    server = DraftServer(backend, ahead_depth=2)
+    server = DraftServer(backend, ahead=True)
     stop = threading.Event()
     thread = threading.Thread(target=server.serve, args=(lambda: not stop.is_set(),), daemon=True)
     thread.start()
@@ -363,9 +363,10 @@ def test_the_server_drafts_ahead_after_each_round_and_pauses_when_a_round_waited
         while len(backend.depths) < (rounds if delay_s == 0 else 2) and time.monotonic() < deadline:
             time.sleep(0.01)
         if delay_s == 0:
-            assert backend.depths == [2] * rounds and server.num_ahead_late == 0
+            assert backend.depths == [None] * rounds and server.num_ahead_late == proposer.ahead_late == 0
         else:  # the first ahead made round 2 wait: the next AHEAD_PAUSE_ROUNDS rounds went without
-            assert backend.depths == [2, 2] and server.num_ahead_late == 2
+            assert backend.depths == [None, None] and server.num_ahead_late == 2
+            assert proposer.ahead_late >= 1  # as of the last reply
     finally:
         proposer.close()
         stop.set()

@@ -140,6 +140,7 @@ class DraftProposer:
         self.address: DraftAddress | None = None
         self.num_reconnects = 0
         self.num_ahead_hits = 0  # sequences the draft answered from drafts it made ahead (draft_ahead)
+        self.ahead_late = 0  # rounds its server got while still drafting ahead (the server's count)
         # of the last round's seconds, the channel's: the round trip less the server's own time
         # (speculation.ReportsChannelTime; /metrics' fuserve_spec_channel_seconds, adaptive k's costs)
         self.last_channel_s = 0.0
@@ -193,6 +194,7 @@ class DraftProposer:
         reply = self._wait(self._round, deadline)
         self.last_channel_s = max(0.0, time.perf_counter() - sent - reply.server_s)
         self.num_ahead_hits += reply.ahead_hits
+        self.ahead_late = reply.ahead_late
         if reply.instance_id != self.address.instance_id:  # type: ignore[union-attr]
             self.resend.update(self.tokens)  # another server answered: it holds nothing of ours
             self.address = msgspec.structs.replace(self.address, instance_id=reply.instance_id)  # type: ignore[arg-type]

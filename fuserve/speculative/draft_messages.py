@@ -52,6 +52,7 @@ class DraftReply(msgspec.Struct, array_like=True):
     # the draft offers none (an independent draft, or the option off)
     alternatives: list[list[int]] = []
     ahead_hits: int = 0  # sequences of this round answered from drafts made ahead (speculative.draft_ahead)
+    ahead_late: int = 0  # the server's rounds so far that came while it still drafted ahead
 
 
 class DraftAddress(msgspec.Struct):

@@ -72,14 +72,14 @@ class DraftServer:
         host: str = "127.0.0.1",
         ipc_dir: str | None = None,
         spin_s: float = 0.0,
-        ahead_depth: int | None = None,
+        ahead: bool = False,
     ) -> None:
         """`spin_s`: after each round, how long the server spins for the next before it sleeps
         (speculative.channel_spin_ms); engines on its machine spin as long for its replies.
-        `ahead_depth`: after each round, draft the next one this deep while the target verifies, where
-        the backend can (DraftRunner.draft_ahead; speculative.draft_ahead); None: never."""
+        `ahead`: after each round, draft the next one while the target verifies, where the backend can
+        (DraftRunner.draft_ahead, each sequence as deep as its last round; speculative.draft_ahead)."""
         self.backend = backend
-        self.ahead_depth = ahead_depth
+        self.ahead = ahead
         self.num_ahead_late = 0  # rounds that came while the server was still drafting ahead
         self._ahead_pause = 0
         self.ctx = zmq.Context()
@@ -122,12 +122,12 @@ class DraftServer:
         that arrives while the server drafts ahead waits for it, so after one the server skips drafting
         ahead for AHEAD_PAUSE_ROUNDS rounds (the target's verify was shorter than the draft's work)."""
         draft = getattr(self.backend, "draft_ahead", None)
-        if self.ahead_depth is None or draft is None:
+        if not self.ahead or draft is None:
             return
         if self._ahead_pause > 0:
             self._ahead_pause -= 1
             return
-        draft(self.ahead_depth)
+        draft()
         if self.poller.poll(0):
             self.num_ahead_late += 1
             self._ahead_pause = AHEAD_PAUSE_ROUNDS
@@ -201,6 +201,7 @@ class DraftServer:
                 [i for i, d in enumerate(drafts) if d is None],
                 alternatives=_alternatives(self.backend, drafts),
                 ahead_hits=getattr(self.backend, "last_ahead_hits", 0),
+                ahead_late=self.num_ahead_late,
             )
         except Exception as err:  # the round fails alone; its sequences start over from 0
             log.exception("draft round failed")
@@ -268,8 +269,8 @@ def run_draft_server(config_json: str, host: str, parent_pid: int, conn: Connect
         return
     ipc_dir = tempfile.mkdtemp(prefix="fuserve-draft-")
     spec = config.speculative
-    ahead = spec.num_speculative_tokens if spec.draft_ahead_on(runner.device.type) else None
-    server = DraftServer(runner, host, ipc_dir, spec.channel_spin_s(runner.device.type), ahead)
+    device = runner.device.type
+    server = DraftServer(runner, host, ipc_dir, spec.channel_spin_s(device), spec.draft_ahead_on(device))
     conn.send(msgspec.to_builtins(server.address))
     conn.close()
     # FUSERVE_DRAFT_PROFILE=DIR: the server's Python profile, written to DIR/draft-server-<pid>.prof
