@@ -240,10 +240,12 @@ class SpeculativeConfig(_Strict):
         default=None,
         description="A draft deployment drafts the next round while the target verifies this one, assuming "
         "the target keeps every draft and then the token the draft would write next; a round that "
-        "matches is answered at once (PEARL's post-verify). It pays only where the draft has a GPU of its "
-        "own (a shared GPU runs the two one after the other), and it stops for a while whenever a round "
-        "had to wait for it. Unset: on for a draft on a GPU of its own (placement.num_gpus 1), else off. "
-        "Independent drafts only (not a feature draft: it would need the target's features of the drafts).",
+        "matches is answered at once (PEARL's post-verify). A 1B-shape draft on a second H200 beside an "
+        "8B-shape target, batch 1: 1.17x -> 1.29x at acceptance 0.7, 1.57x -> 2.29x at 0.9; batch 8 "
+        "unchanged. It pays only where the draft has a GPU of its own (a shared GPU runs the two one after "
+        "the other), and it stops for a while whenever a round had to wait for it. Unset: on for a draft "
+        "on a GPU of its own (placement.num_gpus 1), else off. Independent drafts only (not a feature "
+        "draft: it would need the target's features of the drafts).",
     )
     channel_spin_ms: float | None = Field(
         default=None,
