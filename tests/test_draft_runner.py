@@ -225,3 +225,17 @@ def test_draft_ahead_never_evicts_a_sequence_for_its_guesses(draft_dir: Path) ->
     assert runner.seqs.num_free_blocks == 1
     assert runner.draft_ahead() == 1  # each needs a 4th block for 3 more with KV: only one fits
     assert set(runner.seqs.seqs) == {"a", "b"} and runner.seqs.num_free_blocks == 0
+
+
+def test_ahead_drafts_wait_for_their_own_sequence_s_round(draft_dir: Path) -> None:
+    """One draft serving two engines: the drafts made ahead after engine A's round still answer A's next
+    round when engine B's round came between."""
+    runner = make_runner(draft_dir)
+    a = runner.propose([ProposeRequest("A/x", 0, [5, 6, 7], 2)])[0]
+    runner.draft_ahead()
+    guess = runner.seqs.seqs["A/x"].tokens[3 + len(a)]
+    runner.propose([ProposeRequest("B/y", 0, [9, 8], 2)])  # the other engine's round
+    runner.draft_ahead()
+    got = runner.propose([ProposeRequest("A/x", 3, [*a, guess], 2)])
+    assert runner.last_ahead_hits == 1
+    assert got == make_runner(draft_dir).propose([ProposeRequest("A/x", 0, [5, 6, 7, *a, guess], 2)])

@@ -160,7 +160,8 @@ class DraftRunner:
         out: list[list[int] | None] = [[] for _ in requests]
         protect = {r.seq_id for r in requests}
         drafting: list[tuple[int, DraftSequence, int]] = []  # (request index, sequence, k)
-        ahead, self._ahead = self._ahead, {}
+        # each sequence's ahead drafts serve its next round only (another engine's stay for its own)
+        ahead = {r.seq_id: self._ahead.pop(r.seq_id) for r in requests if r.seq_id in self._ahead}
         self.last_ahead_hits = 0
         for i, r in enumerate(requests):
             ready = self._ready_drafts(r, ahead.get(r.seq_id))
@@ -207,7 +208,6 @@ class DraftRunner:
             drafting.append((n, seq, k + 1))
             ids.append(seq_id)
         self._last_round = []
-        self._ahead = {}
         for seq_id, (_, seq, k), _ in zip(ids, drafting, self._draft(drafting), strict=True):
             self._ahead[seq_id] = (len(seq.tokens) - k + 1, k - 1)  # after the guessed next token
         self.num_ahead_rounds += 1 if drafting else 0
@@ -334,6 +334,8 @@ class DraftRunner:
 
     def release(self, seq_ids: list[str]) -> None:
         self.seqs.release(seq_ids)
+        for seq_id in seq_ids:
+            self._ahead.pop(seq_id, None)
 
     def close(self) -> None:
         """Free the CUDA graphs now (an engine in this process shuts down; its pools go with them)."""
