@@ -105,6 +105,7 @@ class SpecCounters(msgspec.Struct, array_like=True):
     verify_seconds: float = 0.0  # steps with speculating sequences, less their proposer call
     num_alternatives: int = 0  # second-best tokens the target checked beside drafts (alternatives.py)
     num_alternatives_kept: int = 0  # of those, kept (each in place of a rejected draft)
+    num_ahead_hits: int = 0  # sequence-rounds a draft answered from drafts made during the verify
 
 
 class CoreStats(msgspec.Struct, array_like=True):

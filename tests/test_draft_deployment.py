@@ -158,8 +158,9 @@ def test_engine_speculates_through_its_draft_and_finishes_when_the_draft_dies(
 ) -> None:
     """The whole path: the engine core finds the Draft deployment, drafts through it every step, and
     the target keeps what the target would have said alone (the draft is the target's own copy, so it
-    keeps nearly every draft). The Draft replica killed mid-stream: the stream goes on at k = 0 and ends
-    with the same text; Serve brings the draft back and the engine drafts through it again."""
+    keeps nearly every draft, and its drafts made ahead during the verify answer rounds). The Draft
+    replica killed mid-stream: the stream goes on at k = 0 and ends with the same text; Serve brings the
+    draft back and the engine drafts through it again."""
     import ray
     from ray import serve
 
@@ -180,6 +181,7 @@ def test_engine_speculates_through_its_draft_and_finishes_when_the_draft_dies(
                 "adaptive": False,
                 "channel_timeout_s": TIMEOUT_S,
                 "placement": {"device": "cpu", "num_cpus": 0.5},
+                "draft_ahead": True,  # off by default on CPU; here the draft keeps nearly every round's guess
             },
         }
     )
@@ -210,6 +212,9 @@ def test_engine_speculates_through_its_draft_and_finishes_when_the_draft_dies(
                 ray.kill(ray.get_actor(old, namespace="serve"), no_restart=True)
                 killed = True
     assert killed and text == want_text  # the draft's loss cost no token and changed none
+    # drafting ahead answered some rounds (the draft is the target: its guess of the next token is the
+    # target's), and the text is still the target's own
+    assert _spec_counter(url, "fuserve_spec_ahead_hits_total") > 0
     before = _spec_counter(url, "fuserve_spec_accepted_tokens_total")
     deadline = time.monotonic() + 120
     while _spec_counter(url, "fuserve_spec_accepted_tokens_total") <= before:

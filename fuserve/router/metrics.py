@@ -145,6 +145,10 @@ SPEC_COUNTERS = {
     "verify_seconds": ("fuserve_spec_verify_seconds", "Seconds of steps that verified drafts, less drafting"),
     "num_alternatives": ("fuserve_spec_alternative_tokens", "Second-best draft tokens the target verified"),
     "num_alternatives_kept": ("fuserve_spec_alternatives_kept", "Of those, kept in place of a draft"),
+    "num_ahead_hits": (
+        "fuserve_spec_ahead_hits",
+        "Sequence-rounds the draft answered from drafts it made during the verify (speculative.draft_ahead)",
+    ),
 }
 
 

@@ -140,6 +140,7 @@ class DraftProposer:
         self.address: DraftAddress | None = None
         self.num_reconnects = 0
         self.num_ahead_hits = 0  # sequences the draft answered from drafts it made ahead (draft_ahead)
+        self.last_ahead_hits = 0  # of the last round (speculation.ReportsAheadHits)
         self.ahead_late = 0  # rounds its server got while still drafting ahead (the server's count)
         # of the last round's seconds, the channel's: the round trip less the server's own time
         # (speculation.ReportsChannelTime; /metrics' fuserve_spec_channel_seconds, adaptive k's costs)
@@ -160,6 +161,7 @@ class DraftProposer:
     # ---- the Proposer contract -------------------------------------------------------------------
     def propose(self, requests: list[ProposeRequest]) -> list[list[int]]:
         self.last_alternatives = [[] for _ in requests]  # what a round that raises leaves
+        self.last_ahead_hits = 0
         for r in requests:  # the copy follows every round, connected or not
             held = self.tokens.setdefault(r.seq_id, [])
             del held[r.start :]
@@ -193,6 +195,7 @@ class DraftProposer:
             self._drop(f"a send failed: {err!r}")
         reply = self._wait(self._round, deadline)
         self.last_channel_s = max(0.0, time.perf_counter() - sent - reply.server_s)
+        self.last_ahead_hits = reply.ahead_hits
         self.num_ahead_hits += reply.ahead_hits
         self.ahead_late = reply.ahead_late
         if reply.instance_id != self.address.instance_id:  # type: ignore[union-attr]

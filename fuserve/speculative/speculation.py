@@ -54,6 +54,14 @@ class ReportsChannelTime(Protocol):
 
 
 @runtime_checkable
+class ReportsAheadHits(Protocol):
+    """A draft that drafts ahead (speculative.draft_ahead) says how many sequences of its last round it
+    answered from those drafts."""
+
+    last_ahead_hits: int
+
+
+@runtime_checkable
 class OffersAlternatives(Protocol):
     """A proposer that also says, per request of its last round, its second-best token beside each
     draft it returned (speculative.second_best)."""
@@ -162,7 +170,8 @@ class Speculation:
             elif alts and seq.params.greedy and seq.params.grammar is None:
                 seq.spec_alt_ids = self._alternatives(seq.spec_token_ids, alts)
         channel_s = self.proposer.last_channel_s if isinstance(self.proposer, ReportsChannelTime) else 0.0
-        self.stats.observe_round([r.k for r in requests], self._round_s, channel_s)
+        hits = self.proposer.last_ahead_hits if isinstance(self.proposer, ReportsAheadHits) else 0
+        self.stats.observe_round([r.k for r in requests], self._round_s, channel_s, hits)
         self.adaptive_k.observe_round(self._round_s, max(r.k for r in requests), channel_s)
 
     @staticmethod

@@ -18,10 +18,14 @@ class SpecStats:
             reached_at=[0] * max_k, accepted_at=[0] * max_k, k_counts=[0] * (max_k + 1)
         )
 
-    def observe_round(self, ks: list[int], draft_s: float, channel_s: float = 0.0) -> None:
-        """One proposer call that asked each sequence for ks[i] drafts."""
+    def observe_round(
+        self, ks: list[int], draft_s: float, channel_s: float = 0.0, ahead_hits: int = 0
+    ) -> None:
+        """One proposer call that asked each sequence for ks[i] drafts; `ahead_hits` of them the draft
+        answered from drafts it made ahead (speculative.draft_ahead)."""
         c = self.counters
         c.num_rounds += 1
+        c.num_ahead_hits += ahead_hits
         c.draft_seconds += draft_s
         c.channel_seconds += channel_s
         for k in ks:
