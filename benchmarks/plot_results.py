@@ -100,31 +100,65 @@ def plot_tp(rows: list[dict], out: Path) -> None:
 
 
 def plot_spec(rows: list[dict], out: Path) -> None:
-    """bench_spec.py: speedup over no speculation by k (one line per prompts/batch/acceptance), and
-    acceptance per draft position."""
+    """bench_spec.py: speedup over no speculation by k (one line per proposer, where a run has several,
+    prompts, batch and acceptance), and acceptance per draft position."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     groups: dict[tuple, list[dict]] = defaultdict(list)
+    several = len({r.get("proposer") for r in rows if r["k"] != 0}) > 1
     for r in rows:
         if r["k"] != 0:
-            groups[(r["prompts"], r["batch"], r["synthetic_acceptance"])].append(r)
-    for (prompts, batch, acceptance), rs in sorted(groups.items(), key=str):
+            proposer = r.get("proposer", "") if several else ""
+            groups[(proposer, r["prompts"], r["batch"], r["synthetic_acceptance"])].append(r)
+    one_k = len({r["k"] for rs in groups.values() for r in rs if r["k"] != "adaptive"}) == 1
+    cases = sorted({key[1:] for key in groups}, key=str)  # (prompts, batch, acceptance)
+    proposers = sorted({key[0] for key in groups})
+    for (proposer, prompts, batch, acceptance), rs in sorted(groups.items(), key=str):
         fixed = sorted((r for r in rs if r["k"] != "adaptive"), key=lambda r: r["k"])
-        name = f"{prompts} b={batch}" + (f" A={acceptance}" if acceptance is not None else "")
-        line = ax1.plot([r["k"] for r in fixed], [r["speedup"] for r in fixed], "o-", label=name)[0]
-        for r in rs:
-            if r["k"] == "adaptive":
-                ax1.axhline(r["speedup"], ls=":", c=line.get_color(), label=f"{name} adaptive")
+        name = f"{proposer} {prompts} b={batch}".strip()
+        name += f" A={acceptance}" if acceptance is not None else ""
+        if one_k:  # one fixed k: bars per case, the proposers side by side (fixed k solid, adaptive hatched)
+            width = 0.8 / (2 * len(proposers))
+            at = (
+                cases.index((prompts, batch, acceptance))
+                - 0.4
+                + width * (2 * proposers.index(proposer) + 0.5)
+            )
+            color = f"C{proposers.index(proposer)}"
+            ax1.bar(at, fixed[0]["speedup"], width, color=color, label=f"{proposer} k={fixed[0]['k']}")
+            for r in rs:
+                if r["k"] == "adaptive":
+                    ax1.bar(
+                        at + width,
+                        r["speedup"],
+                        width,
+                        color=color,
+                        alpha=0.5,
+                        hatch="//",
+                        label=f"{proposer} adaptive",
+                    )
+        else:
+            line = ax1.plot([r["k"] for r in fixed], [r["speedup"] for r in fixed], "o-", label=name)[0]
+            for r in rs:
+                if r["k"] == "adaptive":
+                    ax1.axhline(r["speedup"], ls=":", c=line.get_color(), label=f"{name} adaptive")
         longest = max(fixed, key=lambda r: r["k"])
         ax2.plot(range(1, len(longest["acceptance_at"]) + 1), longest["acceptance_at"], "o-", label=name)
     ax1.axhline(1.0, c="gray", lw=0.8)
-    ax1.set_xlabel("k (drafts per step)")
+    if one_k:
+        ax1.set_xticks(range(len(cases)), [f"b={b} A={a}" for _, b, a in cases])
+        handles, labels = ax1.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        ax1.legend(unique.values(), unique.keys(), fontsize=7)
+    else:
+        ax1.set_xlabel("k (drafts per step)")
     ax1.set_ylabel("tokens/s over no speculation")
     ax2.set_xlabel("draft position")
     ax2.set_ylabel("acceptance (of verifies reaching it)")
     ax2.set_ylim(0, 1)
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax is ax2 or not one_k:
+            ax.legend(fontsize=7)
     meta = rows[0]
     fig.suptitle(
         f"speculative decoding, {meta['model']}, {meta['device']}, {meta['date']}, commit {meta['commit']}"
