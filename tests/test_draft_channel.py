@@ -372,3 +372,28 @@ def test_the_server_drafts_ahead_after_each_round_and_pauses_when_a_round_waited
         stop.set()
         thread.join(5)
         server.close()
+
+
+def test_a_failure_while_drafting_ahead_costs_the_ahead_work_not_the_server() -> None:
+    class Failing(Ahead):
+        def draft_ahead(self, depth: int | None = None) -> int:
+            super().draft_ahead(depth)
+            raise RuntimeError("CUDA error: an illegal memory access")
+
+    backend = Failing(0.0)
+    server = DraftServer(backend, ahead=True)
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(lambda: not stop.is_set(),), daemon=True)
+    thread.start()
+    proposer = DraftProposer(lambda: server.address, TIMEOUT_S, transport="tcp")
+    try:
+        assert proposer.wait_connected(10)
+        for i in range(3):
+            time.sleep(0.02)
+            assert proposer.propose([ProposeRequest("a", i, [i], 2)]) == [[i, i]]
+        assert thread.is_alive() and len(backend.depths) == 1  # failed once, then paused
+    finally:
+        proposer.close()
+        stop.set()
+        thread.join(5)
+        server.close()

@@ -239,3 +239,21 @@ def test_ahead_drafts_wait_for_their_own_sequence_s_round(draft_dir: Path) -> No
     got = runner.propose([ProposeRequest("A/x", 3, [*a, guess], 2)])
     assert runner.last_ahead_hits == 1
     assert got == make_runner(draft_dir).propose([ProposeRequest("A/x", 0, [5, 6, 7, *a, guess], 2)])
+
+
+def test_a_deeper_k_asked_on_a_hit_sets_the_next_ahead_s_depth(draft_dir: Path) -> None:
+    """Adaptive k raised while rounds keep hitting: the hit answers with the drafts made (fewer than
+    asked), and the next drafts made ahead go as deep as the round asked."""
+    ahead, oracle = make_runner(draft_dir), make_runner(draft_dir)
+    first = [ProposeRequest("s", 0, [4, 9, 2, 7], 2)]
+    assert (d := ahead.propose(first)[0]) == oracle.propose(first)[0]
+    held = 4
+    for k, made in ((5, 2), (5, 5)):  # the ahead depth follows the last round's k
+        ahead.draft_ahead()
+        guess = ahead.seqs.seqs["s"].tokens[held + len(d)]
+        req = [ProposeRequest("s", held, [*d, guess], k)]
+        got = ahead.propose(req)[0]
+        assert ahead.last_ahead_hits == 1 and len(got) == made
+        assert got == oracle.propose(req)[0][:made]
+        held, d = held + len(d) + 1, got
+        oracle.propose([ProposeRequest("s", held, [], 0)])  # the oracle too holds only the confirmed tokens

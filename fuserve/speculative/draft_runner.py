@@ -8,6 +8,9 @@
                         k - 1 decodes batched over the sequences still drafting; each step's inputs are
                                       the previous step's argmax, filled on the device, so the host
                                       waits once per round, not once per draft
+    draft_ahead():      after a round, while the target verifies it (a draft server on a GPU of its
+                        own): the next round of each sequence, assuming all its drafts kept and then
+                        the draft's own next token; propose answers a round that matches from them
     release(ids):       their blocks go back
 
 It runs the same kernels as the target (Triton on GPU, CUDA graphs for decode and chunk steps; torch
@@ -156,17 +159,18 @@ class DraftRunner:
     def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]:
         """Up to k greedy drafts per request; None for a sequence this draft does not hold at `start`
         (send it again from start 0). A sequence whose round matches what `draft_ahead` assumed is
-        answered from the drafts made then, without a forward."""
+        answered from the drafts made then, without a forward: at most as many as were made."""
         out: list[list[int] | None] = [[] for _ in requests]
         protect = {r.seq_id for r in requests}
         drafting: list[tuple[int, DraftSequence, int]] = []  # (request index, sequence, k)
+        asked: dict[int, int] = {}  # request index -> its k, for the next draft_ahead's depth
         # each sequence's ahead drafts serve its next round only (another engine's stay for its own)
         ahead = {r.seq_id: self._ahead.pop(r.seq_id) for r in requests if r.seq_id in self._ahead}
         self.last_ahead_hits = 0
         for i, r in enumerate(requests):
             ready = self._ready_drafts(r, ahead.get(r.seq_id))
             if ready is not None:
-                out[i] = ready
+                out[i], asked[i] = ready, r.k
                 self.last_ahead_hits += 1
                 continue
             seq = self.seqs.apply(r.seq_id, r.start, r.token_ids)
@@ -180,10 +184,11 @@ class DraftRunner:
                 out[i] = None
                 continue
             drafting.append((i, seq, k))
+            asked[i] = k
         self.num_ahead_hits += self.last_ahead_hits
         for (i, _, _), drafts in zip(drafting, self._draft(drafting), strict=True):
             out[i] = drafts
-        self._last_round = [(r.seq_id, len(d)) for r, d in zip(requests, out, strict=True) if d]
+        self._last_round = [(requests[i].seq_id, k) for i, k in asked.items() if out[i]]
         return out
 
     def draft_ahead(self, depth: int | None = None) -> int:
@@ -196,10 +201,13 @@ class DraftRunner:
         evicting any; returns how many were drafted ahead."""
         drafting: list[tuple[int, DraftSequence, int]] = []
         ids: list[str] = []
+        self._ahead = {s: at for s, at in self._ahead.items() if s in self.seqs.seqs}  # not evicted ones
         for n, (seq_id, last_k) in enumerate(self._last_round):
             seq = self.seqs.seqs.get(seq_id)
-            k = last_k if depth is None else depth
-            if seq is None or k <= 0 or len(seq.tokens) + k + 1 > self.max_model_len:
+            if seq is None:
+                continue
+            k = min(last_k if depth is None else depth, self.max_model_len - len(seq.tokens) - 1)
+            if k <= 0:
                 continue
             extra = self.seqs.blocks_needed(len(seq.tokens) + k) - len(seq.block_table)
             if extra > self.seqs.num_free_blocks:

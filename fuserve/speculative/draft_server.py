@@ -119,16 +119,25 @@ class DraftServer:
 
     def draft_ahead(self) -> None:
         """The next round drafted before it is asked for, unless that made the last round wait: a round
-        that arrives while the server drafts ahead waits for it, so after one the server skips drafting
-        ahead for AHEAD_PAUSE_ROUNDS rounds (the target's verify was shorter than the draft's work)."""
+        that arrives while the server drafts ahead waits for it, so after one (any message waiting when
+        it ends: an engine's release comes just before its round) the server skips drafting ahead for
+        AHEAD_PAUSE_ROUNDS rounds (the target's verify was shorter than the draft's work). Nothing is
+        drafted ahead while a message already waits, and a failure costs the ahead work, not the server."""
         draft = getattr(self.backend, "draft_ahead", None)
         if not self.ahead or draft is None:
             return
         if self._ahead_pause > 0:
             self._ahead_pause -= 1
             return
-        draft()
         if self.poller.poll(0):
+            return
+        try:
+            drafted = draft()
+        except Exception:
+            log.exception("draft server: drafting ahead failed; off for %d rounds", AHEAD_PAUSE_ROUNDS)
+            self._ahead_pause = AHEAD_PAUSE_ROUNDS
+            return
+        if drafted and self.poller.poll(0):
             self.num_ahead_late += 1
             self._ahead_pause = AHEAD_PAUSE_ROUNDS
 
