@@ -4,8 +4,9 @@
    process -> back) with an empty draft (it answers k zeros at once), over the Unix socket (`unix`,
    the default on one machine), ZMQ ipc and tcp, for batches of 1/8/32/64 sequences (each round: one
    new token per sequence, k = 4); back to back and with `--gaps-ms` of idle between rounds (a verify
-   step's: both ends' cores may sleep), with both ends spinning 0 and 50 ms (speculative.
-   channel_spin_ms). Target on the GPU machine: p50 <= 0.5 ms at every batch.
+   step's: both ends' cores may sleep), with the server spinning 0 and 50 ms (speculative.
+   channel_spin_ms), and the client too (an engine core's does not). Target on the GPU machine: p50
+   <= 0.5 ms at every batch.
 2. `draft_round`: a whole round with a real draft (Llama-3.2-1B shape, random bf16 weights,
    load_format dummy) through the channel: the new tokens' forward plus k - 1 decode steps (CUDA
    graphs), batch 1/8/32/64, context 512, two drafts accepted per round. Placements: the draft alone
@@ -113,9 +114,10 @@ def time_rounds(
 
 
 def bench_channel(rounds: int, gaps_ms: list[float], base: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows per spin, transport, gap and batch; a row with a gap runs at most 400 rounds."""
+    """Rows per spin (the server's; the client's too where `client_spin`), transport, gap and batch; a
+    row with a gap runs at most 400 rounds."""
     rows = []
-    for spin_s in (0.0, 0.05):
+    for spin_s, client_spin in ((0.0, False), (0.05, False), (0.05, True)):
         ctx = multiprocessing.get_context("spawn")
         ours, theirs = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=serve_empty, args=(theirs, spin_s), daemon=True)
@@ -124,17 +126,20 @@ def bench_channel(rounds: int, gaps_ms: list[float], base: dict[str, Any]) -> li
         try:
             for transport in ("auto", "ipc", "tcp"):
                 name = "unix" if transport == "auto" else transport
-                proposer = DraftProposer(lambda a=address: a, timeout_s=5.0, transport=transport)
+                proposer = DraftProposer(
+                    lambda a=address: a, timeout_s=5.0, transport=transport, spin=client_spin
+                )
                 proposer.wait_connected(10)
                 for gap_ms in gaps_ms:
                     n = rounds if gap_ms == 0 else min(rounds, 400)
                     for batch in BATCHES:
                         times = time_rounds(proposer, batch, n, [[1, 2, 3]] * batch, 0, gap_s=gap_ms / 1e3)
                         rows.append({**base, "bench": "spec_channel", "engine": "fuserve", "transport": name,
-                                     "spin_ms": 1e3 * spin_s, "gap_ms": gap_ms, "batch": batch, "k": K,
-                                     "rounds": n, **percentiles(times)})  # fmt: skip
-                        print(f"channel {name:4s} spin {1e3 * spin_s:2.0f} ms gap {gap_ms:g} ms "
-                              f"batch {batch:3d}: p50 {rows[-1]['ms_p50']:.3f} ms, "
+                                     "spin_ms": 1e3 * spin_s, "client_spin": client_spin, "gap_ms": gap_ms,
+                                     "batch": batch, "k": K, "rounds": n, **percentiles(times)})  # fmt: skip
+                        both = " both" if client_spin else ""
+                        print(f"channel {name:4s} spin {1e3 * spin_s:2.0f} ms{both} "
+                              f"gap {gap_ms:g} ms batch {batch:3d}: p50 {rows[-1]['ms_p50']:.3f} ms, "
                               f"p99 {rows[-1]['ms_p99']:.3f} ms")  # fmt: skip
                 proposer.close()
         finally:

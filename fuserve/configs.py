@@ -250,11 +250,11 @@ class SpeculativeConfig(_Strict):
     channel_spin_ms: float | None = Field(
         default=None,
         ge=0.0,
-        description="How long each end of the draft channel busy-waits for the other before it sleeps: the "
-        "draft server after each round, the engine for each reply, on one machine. A core that slept "
-        "through a verify step wakes ~0.1-0.4 ms late a round trip; spinning keeps it awake at the price "
-        "of a busy core while rounds flow. Unset: 50 where the draft runs on a GPU, 0 on CPU (there a "
-        "spinning core is one the models lack).",
+        description="How long the draft server busy-waits for the next round after each one before it "
+        "sleeps. A process that slept through a verify step wakes ~0.1-0.4 ms late; spinning keeps it "
+        "awake at the price of a busy core while rounds flow. The engine's side waits in the kernel (a "
+        "spinning wait there would hold the GIL from the engine core's IO threads). Unset: 50 where the "
+        "draft runs on a GPU, 0 on CPU (there a spinning core is one the models lack).",
     )
 
     def channel_spin_s(self, draft_device: str) -> float:

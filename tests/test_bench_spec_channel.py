@@ -22,10 +22,10 @@ def test_bench_spec_channel_smoke(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())
     channel = [r for r in rows if r["bench"] == "spec_channel"]
-    assert {(r["transport"], r["spin_ms"], r["gap_ms"], r["batch"]) for r in channel} == {
-        (t, spin, gap, b)
+    assert {(r["transport"], r["spin_ms"], r["client_spin"], r["gap_ms"], r["batch"]) for r in channel} == {
+        (t, spin, client, gap, b)
         for t in ("unix", "ipc", "tcp")
-        for spin in (0.0, 50.0)
+        for spin, client in ((0.0, False), (50.0, False), (50.0, True))
         for gap in (0.0, 5.0)
         for b in (1, 8, 32, 64)
     }

@@ -123,17 +123,22 @@ class DraftProposer:
         retry_s: float = 1.0,
         transport: Transport = "auto",
         reads_features: bool = False,
+        spin: bool = False,
     ) -> None:
         """`locate`: where a draft replica listens now (may block, may raise: retried every
         `retry_s`). `timeout_s`: the longest a round may take (speculative.channel_timeout_s).
         `transport`: see `connect`. `reads_features`: the draft is a feature-reading one (its rounds
-        carry the target's features)."""
+        carry the target's features). `spin`: wait for replies spinning as long as the draft's server
+        does (its DraftAddress.spin_s) before sleeping. Off in an engine core: a spinning wait holds the
+        GIL from the core's IO threads (on a 2-core box another thread's p99 lateness went from 0.15 to
+        2.9 ms, for ~0.1 ms a round saved; benchmarks/NOTES.md)."""
         self.locate = locate
         self.reads_features = reads_features
         self.features: dict[str, FeatureRows] = {}  # a feature draft's rows, as the rounds told them
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self.transport = transport
+        self.spin = spin
         self.client_id = uuid.uuid4().hex[:12]
         self.tokens: dict[str, list[int]] = {}  # each sequence as the rounds told it
         self.resend: set[str] = set()  # sequences the draft must get from start 0
@@ -269,7 +274,7 @@ class DraftProposer:
             self._look_up(delay_s=self.retry_s)
             return
         self._link, self.address = link, found
-        self._spin_s = found.spin_s if found.hostname == socket.gethostname() else 0.0
+        self._spin_s = found.spin_s if self.spin and found.hostname == socket.gethostname() else 0.0
         self.resend.update(self.tokens)
         self.num_reconnects += 1
 
