@@ -159,7 +159,7 @@ class DraftProposer:
         self._decoder = reply_decoder()
         self._found: DraftAddress | None = None  # set by the lookup thread
         self._looking = False  # a lookup thread runs and has not set _found yet
-        self._spin_s = 0.0  # how long a wait for a reply spins: the draft's spin_s on its own machine
+        self._spin_s = 0.0  # how long a wait for a reply spins: with `spin`, the draft's on its machine
         self._closed = threading.Event()
         self._look_up()
 

@@ -63,7 +63,7 @@ class DraftAddress(msgspec.Struct):
     hostname: str  # ipc only works on the same machine
     instance_id: str
     unix: str | None = None  # a Unix stream socket's path (frame_socket): the same machine's fastest way
-    spin_s: float = 0.0  # how long a client on that socket spins for a reply before it sleeps
+    spin_s: float = 0.0  # how long the server spins between rounds (a client asked to spins as long)
 
 
 DraftInput = DraftRound | DraftRelease

@@ -75,7 +75,8 @@ class DraftServer:
         ahead: bool = False,
     ) -> None:
         """`spin_s`: after each round, how long the server spins for the next before it sleeps
-        (speculative.channel_spin_ms); engines on its machine spin as long for its replies.
+        (speculative.channel_spin_ms; a client on its machine may spin as long for a reply:
+        DraftProposer(spin=True), which an engine core does not ask for).
         `ahead`: after each round, draft the next one while the target verifies, where the backend can
         (DraftRunner.draft_ahead, each sequence as deep as its last round; speculative.draft_ahead)."""
         self.backend = backend
