@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import msgspec
 import pytest
@@ -49,6 +51,20 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> FuserveConfig:
             },
         }
     )
+
+
+@contextlib.contextmanager
+def serving(server: DraftServer) -> Iterator[threading.Thread]:
+    """The server answering on a thread of this process until the block ends; then it is closed."""
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(lambda: not stop.is_set(),), daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
 
 
 def play(proposer, oracle: DraftRunner, rounds: int, seed: int) -> None:
@@ -199,71 +215,61 @@ class Offering:
 def test_client_alternatives_align_with_its_requests() -> None:
     backend = Offering()
     server = DraftServer(backend)
-    stop = threading.Event()
-    thread = threading.Thread(target=server.serve, args=(lambda: not stop.is_set(),), daemon=True)
-    thread.start()
-    proposer = DraftProposer(lambda: server.address, TIMEOUT_S, transport="tcp")
-    try:
-        assert proposer.wait_connected(10)
-        reqs = [
-            ProposeRequest("a", 0, [5, 6], 3),
-            ProposeRequest("gone1", 0, [9], 2),
-            ProposeRequest("b", 0, [40], 0),
-            ProposeRequest("c", 0, [70], 2),
-        ]
-        got = proposer.propose(reqs)
-        assert got == [[6, 7, 8], [], [], [70, 71]]
-        assert proposer.last_alternatives == [[1006, 1007, 1008], [], [], [1070, 1071]]
-        assert proposer.resend == {"gone1"}
-        assert proposer.propose([]) == [] and proposer.last_alternatives == []
+    with serving(server):
+        proposer = DraftProposer(lambda: server.address, TIMEOUT_S, transport="tcp")
+        try:
+            assert proposer.wait_connected(10)
+            reqs = [
+                ProposeRequest("a", 0, [5, 6], 3),
+                ProposeRequest("gone1", 0, [9], 2),
+                ProposeRequest("b", 0, [40], 0),
+                ProposeRequest("c", 0, [70], 2),
+            ]
+            got = proposer.propose(reqs)
+            assert got == [[6, 7, 8], [], [], [70, 71]]
+            assert proposer.last_alternatives == [[1006, 1007, 1008], [], [], [1070, 1071]]
+            assert proposer.resend == {"gone1"}
+            assert proposer.propose([]) == [] and proposer.last_alternatives == []
 
-        backend.fail = True  # the round fails on the server: no drafts, no alternatives
-        assert proposer.propose(reqs[:2]) == [[], []]
-        assert proposer.last_alternatives == [[], []]
-        backend.fail = False
-        got = proposer.propose([ProposeRequest("c", 1, [71], 1)])
-        assert got == [[71]] and proposer.last_alternatives == [[1071]]
-    finally:
-        proposer.close()
-        stop.set()
-        thread.join(5)
-        server.close()
+            backend.fail = True  # the round fails on the server: no drafts, no alternatives
+            assert proposer.propose(reqs[:2]) == [[], []]
+            assert proposer.last_alternatives == [[], []]
+            backend.fail = False
+            got = proposer.propose([ProposeRequest("c", 1, [71], 1)])
+            assert got == [[71]] and proposer.last_alternatives == [[1071]]
+        finally:
+            proposer.close()
 
 
 def test_engines_on_the_unix_socket_are_served_apart_and_one_leaving_leaves_the_other(tmp_path) -> None:
     server = DraftServer(Offering(), ipc_dir=str(tmp_path), spin_s=0.01)
-    stop = threading.Event()
-    thread = threading.Thread(target=server.serve, args=(lambda: not stop.is_set(),), daemon=True)
-    thread.start()
-    one = DraftProposer(lambda: server.address, TIMEOUT_S, spin=True)
-    two = DraftProposer(lambda: server.address, TIMEOUT_S)
-    try:
-        assert one.wait_connected(10) and two.wait_connected(10)
-        for i in range(3):  # interleaved: each engine's rounds answer its own requests
-            assert one.propose([ProposeRequest("a", i, [10 + i], 2)]) == [[10 + i, 11 + i]]
-            assert two.propose([ProposeRequest("a", i, [50 + i], 1)]) == [[50 + i]]
-        assert isinstance(one._link, FrameSocket) and isinstance(two._link, FrameSocket)
-        assert one._spin_s == 0.01  # asked to, on the draft's machine it spins as long as the server
-        assert two._spin_s == 0.0  # an engine core's does not: it would hold the GIL from its IO threads
-        assert len(server.connections) == 2
-        one.close()
-        assert two.propose([ProposeRequest("b", 0, [7], 3)]) == [[7, 8, 9]]
-        deadline = time.monotonic() + 5
-        while len(server.connections) != 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(server.connections) == 1  # the closed one was noticed and dropped
+    with serving(server):
+        one = DraftProposer(lambda: server.address, TIMEOUT_S, spin=True)
+        two = DraftProposer(lambda: server.address, TIMEOUT_S)
+        try:
+            assert one.wait_connected(10) and two.wait_connected(10)
+            for i in range(3):  # interleaved: each engine's rounds answer its own requests
+                assert one.propose([ProposeRequest("a", i, [10 + i], 2)]) == [[10 + i, 11 + i]]
+                assert two.propose([ProposeRequest("a", i, [50 + i], 1)]) == [[50 + i]]
+            assert isinstance(one._link, FrameSocket) and isinstance(two._link, FrameSocket)
+            assert one._spin_s == 0.01  # asked to, on the draft's machine it spins as long as the server
+            assert two._spin_s == 0.0  # an engine core's does not: it would hold the GIL from its IO threads
+            assert len(server.connections) == 2
+            one.close()
+            assert two.propose([ProposeRequest("b", 0, [7], 3)]) == [[7, 8, 9]]
+            deadline = time.monotonic() + 5
+            while len(server.connections) != 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(server.connections) == 1  # the closed one was noticed and dropped
 
-        garbage = FrameSocket.connect(server.address.unix, 2.0)  # a frame no version of fuserve sends
-        garbage.send(b"\xc1 not msgpack", 1.0)
-        with pytest.raises(ConnectionError):  # that connection alone is dropped ...
-            garbage.recv(timeout_s=5.0)
-        garbage.close()
-        assert two.propose([ProposeRequest("b", 1, [8], 2)]) == [[8, 9]]  # ... the server still serves
-    finally:
-        two.close()
-        stop.set()
-        thread.join(5)
-        server.close()
+            garbage = FrameSocket.connect(server.address.unix, 2.0)  # a frame no version of fuserve sends
+            garbage.send(b"\xc1 not msgpack", 1.0)
+            with pytest.raises(ConnectionError):  # that connection alone is dropped ...
+                garbage.recv(timeout_s=5.0)
+            garbage.close()
+            assert two.propose([ProposeRequest("b", 1, [8], 2)]) == [[8, 9]]  # ... the server still serves
+        finally:
+            two.close()
 
 
 def test_the_channel_spins_by_default_only_beside_a_gpu_draft(config: FuserveConfig) -> None:
@@ -345,34 +351,31 @@ def test_the_server_drafts_ahead_after_each_round_and_pauses_when_a_round_waited
 
     backend = Ahead(delay_s)
     server = DraftServer(backend, ahead=True)
-    stop = threading.Event()
-    thread = threading.Thread(target=server.serve, args=(lambda: not stop.is_set(),), daemon=True)
-    thread.start()
-    proposer = DraftProposer(lambda: server.address, TIMEOUT_S, transport="tcp")
-    try:
-        assert proposer.wait_connected(10)
-        rounds = AHEAD_PAUSE_ROUNDS + 3
-        for i in range(rounds):  # late: each round sent as soon as the last is answered, into the ahead work
+    with serving(server):
+        proposer = DraftProposer(lambda: server.address, TIMEOUT_S, transport="tcp")
+        try:
+            assert proposer.wait_connected(10)
+            rounds = AHEAD_PAUSE_ROUNDS + 3
+            for i in range(
+                rounds
+            ):  # late: each round sent as soon as the last is answered, into the ahead work
+                if delay_s == 0:
+                    time.sleep(0.02)  # in time: a verify's worth of time between rounds
+                assert proposer.propose([ProposeRequest("a", i, [i], 2), ProposeRequest("b", i, [i], 1)]) == [
+                    [i, i],
+                    [i],
+                ]
+            assert proposer.num_ahead_hits == 2 * rounds  # the replies say how many were answered from ahead
+            deadline = time.monotonic() + 5
+            while len(backend.depths) < (rounds if delay_s == 0 else 2) and time.monotonic() < deadline:
+                time.sleep(0.01)
             if delay_s == 0:
-                time.sleep(0.02)  # in time: a verify's worth of time between rounds
-            assert proposer.propose([ProposeRequest("a", i, [i], 2), ProposeRequest("b", i, [i], 1)]) == [
-                [i, i],
-                [i],
-            ]
-        assert proposer.num_ahead_hits == 2 * rounds  # the replies say how many were answered from ahead
-        deadline = time.monotonic() + 5
-        while len(backend.depths) < (rounds if delay_s == 0 else 2) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if delay_s == 0:
-            assert backend.depths == [None] * rounds and server.num_ahead_late == proposer.ahead_late == 0
-        else:  # the first ahead made round 2 wait: the next AHEAD_PAUSE_ROUNDS rounds went without
-            assert backend.depths == [None, None] and server.num_ahead_late == 2
-            assert proposer.ahead_late >= 1  # as of the last reply
-    finally:
-        proposer.close()
-        stop.set()
-        thread.join(5)
-        server.close()
+                assert backend.depths == [None] * rounds and server.num_ahead_late == proposer.ahead_late == 0
+            else:  # the first ahead made round 2 wait: the next AHEAD_PAUSE_ROUNDS rounds went without
+                assert backend.depths == [None, None] and server.num_ahead_late == 2
+                assert proposer.ahead_late >= 1  # as of the last reply
+        finally:
+            proposer.close()
 
 
 def test_a_failure_while_drafting_ahead_costs_the_ahead_work_not_the_server() -> None:
@@ -383,18 +386,13 @@ def test_a_failure_while_drafting_ahead_costs_the_ahead_work_not_the_server() ->
 
     backend = Failing(0.0)
     server = DraftServer(backend, ahead=True)
-    stop = threading.Event()
-    thread = threading.Thread(target=server.serve, args=(lambda: not stop.is_set(),), daemon=True)
-    thread.start()
-    proposer = DraftProposer(lambda: server.address, TIMEOUT_S, transport="tcp")
-    try:
-        assert proposer.wait_connected(10)
-        for i in range(3):
-            time.sleep(0.02)
-            assert proposer.propose([ProposeRequest("a", i, [i], 2)]) == [[i, i]]
-        assert thread.is_alive() and len(backend.depths) == 1  # failed once, then paused
-    finally:
-        proposer.close()
-        stop.set()
-        thread.join(5)
-        server.close()
+    with serving(server) as thread:
+        proposer = DraftProposer(lambda: server.address, TIMEOUT_S, transport="tcp")
+        try:
+            assert proposer.wait_connected(10)
+            for i in range(3):
+                time.sleep(0.02)
+                assert proposer.propose([ProposeRequest("a", i, [i], 2)]) == [[i, i]]
+            assert thread.is_alive() and len(backend.depths) == 1  # failed once, then paused
+        finally:
+            proposer.close()
