@@ -25,7 +25,9 @@ whole run (random weights of SHAPE: llama3.2-1b, or tiny), on the target's GPU (
 `--draft-gpu N`; rows carry its placement and the channel's time per round (`server-zmq=SHAPE`: the same
 through ZMQ's ipc with neither end spinning, the channel before 2026-11-29; `server-ahead=SHAPE`: the
 server drafting the next round during the verify, speculative.draft_ahead, with a draft of zero weights
-whose one repeated token the synthetic rule takes for the target's next token at rate A). Several
+whose one repeated token the synthetic rule takes for the target's next token at rate A;
+`server-overlap=SHAPE`: that, with the engine stepping plain rather than waiting for the draft,
+speculative.draft_overlap, a plain step writing the draft's first token at rate A). Several
 proposers, comma-separated, run in turn on the same engine, beside one plain row (e.g.
 `repeat,server=llama3.2-1b`: the free drafts' ceiling beside a real draft's cost). `inproc=SHAPE` runs
 the same draft in the engine's process, as `speculative.placement.in_engine` does: on its GPU, in its
@@ -65,6 +67,7 @@ from fuserve.speculative.speculation import Speculation  # noqa: E402
 from fuserve.speculative.stats import acceptance_at, acceptance_rate, mean_accepted_length  # noqa: E402
 from fuserve.workers.engine import LLMEngine  # noqa: E402
 from fuserve.workers.scheduler import ScheduledSeq  # noqa: E402
+from fuserve.workers.sequence import Sequence  # noqa: E402
 
 
 class RepeatLastProposer:
@@ -108,6 +111,15 @@ class SyntheticAcceptance(Speculation):
         self.guess_bonus = guess_bonus
         self.bonus: dict[str, int] = {}  # sequence -> the token keep_drafts puts after its kept drafts
 
+    def plain_token(self, seq: Sequence) -> int | None:
+        """With overlap (speculative.draft_overlap), the token a plain step writes for a sequence holding
+        drafts made before it: their first with probability `acceptance` (a draft accepted at that rate),
+        else None (the target's own token, which random weights make another)."""
+        if getattr(self.proposer, "pending", False):  # the round sent before this step: its drafts now
+            self.collect_pending()
+        guess = self.expected_token(seq)
+        return guess if guess is not None and self.rng.random() < self.acceptance else None
+
     def kept_rows(self, item: ScheduledSeq, row_tokens: list[int]) -> list[int]:
         drafts = item.spec_token_ids
         a = 0
@@ -134,6 +146,9 @@ def keep_drafts(engine: LLMEngine) -> None:
                 if item.spec_token_ids and isinstance(kept, list):
                     last = bonus.pop(item.seq.seq_id, kept[-1])
                     sampled[i] = [*item.spec_token_ids[: len(kept) - 1], last]
+                elif isinstance(kept, int) and item.samples:  # a plain step: overlap's drafts may hold
+                    guess = engine.speculation.plain_token(item.seq)
+                    sampled[i] = kept if guess is None else guess
         return sampled, logprobs
 
     engine._sampled_rows = sampled_rows  # type: ignore[method-assign]
@@ -165,7 +180,7 @@ class RandomDraft:
             # server-ahead: every weight 0 (the same bytes read), so every draft is one token, whose
             # repetition SyntheticAcceptance can take for the target's next token
             "hf_config": dict(shapes[shape], initializer_range=0.0)
-            if where == "server-ahead"
+            if where in ("server-ahead", "server-overlap")
             else shapes[shape],
             "max_model_len": engine.max_model_len,
             "dtype": config.model.dtype,
@@ -175,7 +190,7 @@ class RandomDraft:
         spec: dict[str, Any] = {"method": "draft", "draft": draft, "placement": placement}
         if where == "server-zmq":
             spec["channel_spin_ms"] = 0.0
-        spec["draft_ahead"] = where == "server-ahead"
+        spec["draft_ahead"] = where in ("server-ahead", "server-overlap")
         # a pool for every sequence at the longest length, not a share of a GPU the target already filled
         blocks = config.scheduler.max_num_seqs * -(-engine.max_model_len // config.cache.block_size)
         drafted = config.model_copy(
@@ -224,7 +239,7 @@ def make_proposer(
     draft_gpu: str | None,
 ) -> Proposer:
     where, _, shape = name.partition("=")
-    if where in ("server", "server-zmq", "server-ahead", "inproc"):
+    if where in ("server", "server-zmq", "server-ahead", "server-overlap", "inproc"):
         if name not in drafts:
             drafts[name] = RandomDraft(shape, where, config, engine, draft_gpu)
         return drafts[name].proposer
@@ -337,6 +352,9 @@ def run_variant(
     generate_timed(llm, warmup, dataclasses.replace(params, max_tokens=min(16, params.max_tokens or 16)))
     before = speculation.snapshot() if speculation is not None else None
     hits = getattr(speculation.proposer, "num_ahead_hits", None) if speculation is not None else None
+    overlapped = (0, 0)
+    if speculation is not None:
+        overlapped = (speculation.num_rounds_overlapped, speculation.num_drafted_across)
     steps = engine.num_steps
     seconds, tokens = generate_timed(llm, batches, params)
     num_seqs = sum(len(b) for b in batches)
@@ -372,6 +390,10 @@ def run_variant(
             verify_steps=c.num_verify_steps,
             alternatives=c.num_alternatives,
             alternatives_kept=c.num_alternatives_kept,
+            # speculative.draft_overlap: rounds read after a plain step, and sequence-steps that then
+            # verified those drafts (the plain step had written their first)
+            rounds_overlapped=speculation.num_rounds_overlapped - overlapped[0],
+            drafted_across=speculation.num_drafted_across - overlapped[1],
         )
     return row
 
@@ -415,6 +437,7 @@ def main() -> None:
         "--proposer",
         default=None,
         help="ngram, repeat (synthetic), draft=PATH, server=SHAPE, server-zmq=SHAPE, server-ahead=SHAPE, "
+        "server-overlap=SHAPE, "
         "inproc=SHAPE, module:function; several comma-separated",
     )
     ap.add_argument(
@@ -510,13 +533,14 @@ def main() -> None:
                         adaptive=adaptive,
                         draft_confidence=args.draft_confidence,
                         second_best=args.second_best,
+                        draft_overlap=proposer_name.startswith("server-overlap="),
                     )
                 )
                 proposer = make_proposer(proposer_name, spec_cfg, config, llm.engine, drafts, args.draft_gpu)
                 if acceptance is None:
                     speculation = Speculation(spec_cfg, proposer)
                 else:
-                    guess = proposer_name.startswith("server-ahead=")
+                    guess = proposer_name.startswith(("server-ahead=", "server-overlap="))
                     speculation = SyntheticAcceptance(
                         spec_cfg, proposer, acceptance, batch, guess_bonus=guess
                     )

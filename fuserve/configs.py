@@ -247,6 +247,13 @@ class SpeculativeConfig(_Strict):
         "on a GPU of its own (placement.num_gpus 1), else off. Independent drafts only (not a feature "
         "draft: it would need the target's features of the drafts).",
     )
+    draft_overlap: bool | None = Field(
+        default=None,
+        description="The engine never waits for a draft deployment's drafting: it sends a round and, unless "
+        "the reply comes at once (a round the draft drafted ahead), runs a plain step while the draft works; "
+        "the drafts then serve from the next step if the plain step's token is the first of them (PEARL's "
+        "pre-verify). Unset: on where the draft drafts ahead (`draft_ahead`). Not for `placement.in_engine`.",
+    )
     channel_spin_ms: float | None = Field(
         default=None,
         ge=0.0,

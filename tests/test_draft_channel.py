@@ -17,7 +17,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import msgspec
 import pytest
@@ -325,20 +325,29 @@ def test_a_draft_that_stops_reading_or_cannot_be_reached_costs_a_round_at_most(t
 
 
 class Ahead:
-    """A backend that drafts ahead (as DraftRunner.draft_ahead), counting calls, taking `delay_s`."""
+    """A backend that drafts ahead (as DraftRunner.draft_ahead), counting calls, taking `delay_s`;
+    with `stops`, it ends early once its `stop` says a round came (as DraftRunner does)."""
 
-    def __init__(self, delay_s: float) -> None:
+    def __init__(self, delay_s: float, stops: bool = False) -> None:
         self.delay_s = delay_s
+        self.stops = stops
         self.depths: list[int] = []
         self.last_ahead_hits = 0
+        self.last_ahead_stopped = False
 
     def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]:
         self.last_ahead_hits = len(requests)  # say every sequence was answered from ahead
         return [[r.token_ids[-1]] * r.k for r in requests]
 
-    def draft_ahead(self, depth: int | None = None) -> int:
+    def draft_ahead(self, depth: int | None = None, stop: Callable[[], bool] | None = None) -> int:
         self.depths.append(depth)
-        time.sleep(self.delay_s)
+        self.last_ahead_stopped = False
+        end = time.monotonic() + self.delay_s
+        while time.monotonic() < end:
+            if self.stops and stop is not None and stop():
+                self.last_ahead_stopped = True
+                break
+            time.sleep(0.001)
         return 1
 
     def release(self, seq_ids: list[str]) -> None:
@@ -380,8 +389,8 @@ def test_the_server_drafts_ahead_after_each_round_and_pauses_when_a_round_waited
 
 def test_a_failure_while_drafting_ahead_costs_the_ahead_work_not_the_server() -> None:
     class Failing(Ahead):
-        def draft_ahead(self, depth: int | None = None) -> int:
-            super().draft_ahead(depth)
+        def draft_ahead(self, depth: int | None = None, stop: Callable[[], bool] | None = None) -> int:
+            super().draft_ahead(depth, stop)
             raise RuntimeError("CUDA error: an illegal memory access")
 
     backend = Failing(0.0)
@@ -394,5 +403,123 @@ def test_a_failure_while_drafting_ahead_costs_the_ahead_work_not_the_server() ->
                 time.sleep(0.02)
                 assert proposer.propose([ProposeRequest("a", i, [i], 2)]) == [[i, i]]
             assert thread.is_alive() and len(backend.depths) == 1  # failed once, then paused
+        finally:
+            proposer.close()
+
+
+def test_a_round_that_comes_while_the_server_drafts_ahead_stops_it_without_a_pause() -> None:
+    """A backend that stops when told: a round waits ~a forward, not the depth, and the next round is
+    drafted ahead again (an overlapping engine sends rounds into the ahead work routinely)."""
+    backend = Ahead(0.3, stops=True)
+    server = DraftServer(backend, ahead=True)
+    with serving(server):
+        proposer = DraftProposer(lambda: server.address, TIMEOUT_S, transport="tcp")
+        try:
+            assert proposer.wait_connected(10)
+            rounds = 6
+            for i in range(rounds):  # each sent into the ahead work the last one started
+                time.sleep(0.005)
+                t0 = time.monotonic()
+                assert proposer.propose([ProposeRequest("a", i, [i], 2)]) == [[i, i]]
+                if i > 0:
+                    assert time.monotonic() - t0 < 0.2  # not the 0.3 s the ahead work would take
+            deadline = time.monotonic() + 5
+            while len(backend.depths) < rounds and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(backend.depths) == rounds  # no pause
+            assert server.num_ahead_late == rounds - 1
+        finally:
+            proposer.close()
+
+
+class SlowReplies:
+    """A real DraftRunner behind the overlap's submit / collect, whose reply never comes within a
+    step's short wait: every round is read after a plain step (the case the timing of a real channel
+    decides; here every time)."""
+
+    def __init__(self, runner: DraftRunner) -> None:
+        self.runner = runner
+        self.drafts_ahead = True
+        self._requests: list[ProposeRequest] | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self._requests is not None
+
+    def submit(self, requests: list[ProposeRequest]) -> None:
+        self._requests = requests
+
+    def collect(self, wait_s: float, spin: bool = False) -> list[list[int] | None] | None:
+        if wait_s != float("inf"):
+            return None
+        requests, self._requests = self._requests, None
+        return self.runner.propose(requests)
+
+    def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]:
+        raise AssertionError("an overlapping engine submits and collects")
+
+    def release(self, seq_ids: list[str]) -> None:
+        self.runner.release(seq_ids)
+
+
+def _overlap_run(config: FuserveConfig, proposer: object, **spec: object) -> tuple[list[list[int]], object]:
+    from fuserve import LLM, SamplingParams
+    from fuserve.speculative.speculation import Speculation
+
+    llm = LLM(config_from_dict({"model": config.model.model_dump(), "cache": config.cache.model_dump()}))
+    if proposer is not None:
+        update = {"num_speculative_tokens": 3, "adaptive": False, **spec}
+        llm.engine.speculation = Speculation(config.speculative.model_copy(update=update), proposer)
+    prompts = [[5, 17, 42, 9], [100, 3, 3, 3, 3, 3, 3], [250, 1], list(range(30, 52))]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    return [o.outputs[0].token_ids for o in outs], llm.engine.speculation
+
+
+@pytest.mark.parametrize("draft", ["target-copy", "other"])
+def test_an_overlapping_engine_steps_plain_while_the_draft_works_and_writes_the_target_s_tokens(
+    config: FuserveConfig, draft: str
+) -> None:
+    """speculative.draft_overlap with every reply late: each round's drafts come after a plain step,
+    and serve the next step when that step wrote their first (the target's own copy as draft: nearly
+    always); otherwise they are dropped and a new round goes out. Greedy output is the plain run's."""
+    from fuserve.configs import CacheConfig, DraftPlacementConfig, KernelConfig
+
+    want, _ = _overlap_run(config, None)
+    model = config.speculative.draft
+    if draft == "target-copy":
+        model = model.model_copy(update={"path": config.model.path})
+    runner = DraftRunner(
+        model, DraftPlacementConfig(device="cpu"), CacheConfig(block_size=4, num_blocks=128), KernelConfig()
+    )
+    got, spec = _overlap_run(config, SlowReplies(runner))
+    assert got == want
+    assert spec.num_rounds_overlapped >= 5  # a round, a plain step, and (target-copy) a verify of the rest
+    if draft == "target-copy":
+        assert spec.num_drafted_across >= 16 and spec.stats.snapshot().num_accepted >= 32
+
+
+def test_an_overlapping_engine_through_a_draft_server_that_drafts_ahead(config: FuserveConfig) -> None:
+    """The real channel and a server drafting ahead (the target's own copy as draft, so its guesses
+    hold): draft_overlap unset follows the server's word (it drafts ahead), and the output is the
+    plain run's."""
+    from fuserve.configs import CacheConfig, DraftPlacementConfig, KernelConfig
+
+    want, _ = _overlap_run(config, None)
+    model = config.speculative.draft.model_copy(update={"path": config.model.path})
+    runner = DraftRunner(
+        model, DraftPlacementConfig(device="cpu"), CacheConfig(block_size=4, num_blocks=128), KernelConfig()
+    )
+    server = DraftServer(runner, ahead=True)
+    with serving(server):
+        proposer = DraftProposer(lambda: server.address, TIMEOUT_S)
+        try:
+            assert proposer.wait_connected(10)
+            got, spec = _overlap_run(config, proposer)
+            assert proposer.drafts_ahead and spec._overlapping()
+            assert got == want
+            counters = spec.stats.snapshot()
+            assert counters.num_accepted > 0
+            assert spec.num_rounds_overlapped + counters.num_ahead_hits > 0
         finally:
             proposer.close()

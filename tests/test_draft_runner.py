@@ -257,3 +257,39 @@ def test_a_deeper_k_asked_on_a_hit_sets_the_next_ahead_s_depth(draft_dir: Path) 
         assert got == oracle.propose(req)[0][:made]
         held, d = held + len(d) + 1, got
         oracle.propose([ProposeRequest("s", held, [], 0)])  # the oracle too holds only the confirmed tokens
+
+
+GPU = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", GPU])
+@pytest.mark.parametrize("forwards", [1, 2], ids=["guess-only", "guess-and-one"])
+def test_ahead_drafts_stopped_by_a_round_serve_as_far_as_they_got(
+    draft_dir: Path, forwards: int, device: str
+) -> None:
+    """A round that comes while the draft drafts ahead stops it (its `stop`): after one forward there is
+    only the guessed next token, which answers nothing; after two, the one draft made after the guess
+    answers a matching round, as the oracle would, and the next draft goes on from the KV it left (on a
+    GPU: stop is asked while the forward before runs, CUDA graphs)."""
+    ahead, oracle = make_runner(draft_dir, device=device), make_runner(draft_dir, device=device)
+    first = [ProposeRequest("s", 0, [4, 9, 2, 7], 3)]
+    assert (d := ahead.propose(first)[0]) == oracle.propose(first)[0]
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) >= forwards  # true before the forward after `forwards` ones
+
+    assert ahead.draft_ahead(stop=stop) == 1 and ahead.last_ahead_stopped
+    guess = ahead.seqs.seqs["s"].tokens[4 + len(d)]
+    assert len(ahead.seqs.seqs["s"].tokens) == 4 + len(d) + forwards
+    req = [ProposeRequest("s", 4, [*d, guess], 3)]
+    got = ahead.propose(req)[0]
+    want = oracle.propose(req)[0]
+    assert ahead.last_ahead_hits == (forwards - 1) and got == want[: len(got)]
+    assert len(got) == (3 if forwards == 1 else 1)  # drafted afresh, or answered with the one made ahead
+    nxt = [ProposeRequest("s", 4 + len(d) + 1, [*got, 11], 2)]
+    assert ahead.propose(nxt) == oracle.propose(nxt)

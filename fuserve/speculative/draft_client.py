@@ -4,6 +4,9 @@ draft's Unix socket on its own machine, ZMQ tcp elsewhere).
     propose(requests)   one DraftRound out, wait for its DraftReply at most `timeout_s`
                         no reply in time / no connection: ProposerUnavailable (the engine drafts
                         nothing this step), and a background thread looks the draft up again
+    submit / collect    the same round in two halves, for an engine that runs a plain step rather
+                        than wait for drafts (speculative.draft_overlap): collect(wait_s) answers
+                        None while the reply has not come
     release(ids)        one DraftRelease out, no reply
 
 Reconnecting: `locate()` answers where a draft replica listens (a Serve handle call: control path,
@@ -83,14 +86,16 @@ class ZmqLink:
             raise OSError("its send queue is full") from err
 
     def recv(self, timeout_s: float, spin_s: float = 0.0) -> bytes | None:
+        """As FrameSocket.recv: a timeout of 0 still takes a reply that has arrived."""
         start = time.perf_counter()
         while True:
             waited = time.perf_counter() - start
-            if waited >= timeout_s:
-                return None
-            wait_ms = 0 if waited < spin_s else max(1, round((timeout_s - waited) * 1000))
+            left_s = timeout_s - waited
+            wait_ms = 0 if waited < spin_s or left_s <= 0 else max(1, round(left_s * 1000))
             if self.sock.poll(wait_ms):
                 return self.sock.recv()
+            if time.perf_counter() - start >= timeout_s:
+                return None
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -161,20 +166,28 @@ class DraftProposer:
         self._looking = False  # a lookup thread runs and has not set _found yet
         self._spin_s = 0.0  # how long a wait for a reply spins: with `spin`, the draft's on its machine
         self._closed = threading.Event()
+        # the submitted round whose reply is not collected: (round id, its requests, sent at, deadline)
+        self._pending: tuple[int, list[ProposeRequest], float, float] | None = None
         self._look_up()
 
     # ---- the Proposer contract -------------------------------------------------------------------
     def propose(self, requests: list[ProposeRequest]) -> list[list[int]]:
+        if not requests:
+            self.last_alternatives, self.last_ahead_hits = [], 0
+            return []
+        self.submit(requests)
+        drafts = self.collect(self.timeout_s)
+        assert drafts is not None  # a whole timeout's wait answers or raises
+        return drafts
+
+    # ---- a round at a time, without waiting (speculative.draft_overlap) --------------------------
+    def submit(self, requests: list[ProposeRequest]) -> None:
+        """Send one round and return at once; `collect` reads its reply. One round is pending at a time:
+        submitting another drops the last one's reply, if it comes."""
         self.last_alternatives = [[] for _ in requests]  # what a round that raises leaves
         self.last_ahead_hits = 0
-        for r in requests:  # the copy follows every round, connected or not
-            held = self.tokens.setdefault(r.seq_id, [])
-            del held[r.start :]
-            held.extend(r.token_ids)
-            if r.features is not None:
-                self.features.setdefault(r.seq_id, FeatureRows()).put(feature_rows_begin(r.start), r.features)
-        if not requests:
-            return []
+        self._pending = None
+        self._remember(requests)
         self._adopt_found()
         if self._link is None:
             raise ProposerUnavailable("the draft replica is not connected yet (looking it up)")
@@ -191,14 +204,39 @@ class DraftProposer:
             else:
                 seqs.append(DraftSeq(r.seq_id, r.start, r.token_ids, r.k, *_wire(r.features)))
         sent = time.perf_counter()
-        deadline = time.monotonic() + self.timeout_s
+        self._pending = (self._round, requests, sent, time.monotonic() + self.timeout_s)
         try:
             self._link.send(
                 self._encoder.encode(DraftRound(self.client_id, self._round, seqs)), self.timeout_s
             )
         except OSError as err:
+            self._pending = None
             self._drop(f"a send failed: {err!r}")
-        reply = self._wait(self._round, deadline)
+
+    @property
+    def drafts_ahead(self) -> bool:
+        """The connected draft drafts ahead (its server said so): speculative.draft_overlap's default."""
+        return self.address is not None and self.address.ahead
+
+    @property
+    def pending(self) -> bool:
+        """A round was submitted and its reply not collected yet."""
+        return self._pending is not None
+
+    def collect(self, wait_s: float, spin: bool = False) -> list[list[int]] | None:
+        """The pending round's drafts, request for request, if its reply comes within `wait_s`; None if
+        it has not (the round stays pending). Past the round's `timeout_s`: ProposerUnavailable. `spin`:
+        busy-wait the whole `wait_s` (a wait far under the kernel's millisecond poll)."""
+        assert self._pending is not None, "collect() without a submitted round"
+        round_id, requests, sent, deadline = self._pending
+        until = min(deadline, time.monotonic() + wait_s)
+        reply = self._receive(round_id, until, wait_s if spin else self._spin_s)
+        if reply is None:
+            if time.monotonic() < deadline:
+                return None
+            self._pending = None
+            self._drop(f"no reply within {self.timeout_s:g} s")
+        self._pending = None
         self.last_channel_s = max(0.0, time.perf_counter() - sent - reply.server_s)
         self.last_ahead_hits = reply.ahead_hits
         self.num_ahead_hits += reply.ahead_hits
@@ -220,6 +258,15 @@ class DraftProposer:
             ]
         return drafts
 
+    def _remember(self, requests: list[ProposeRequest]) -> None:
+        """The copy of each sequence follows every round, connected or not."""
+        for r in requests:
+            held = self.tokens.setdefault(r.seq_id, [])
+            del held[r.start :]
+            held.extend(r.token_ids)
+            if r.features is not None:
+                self.features.setdefault(r.seq_id, FeatureRows()).put(feature_rows_begin(r.start), r.features)
+
     def release(self, seq_ids: list[str]) -> None:
         for s in seq_ids:
             self.tokens.pop(s, None)
@@ -232,16 +279,18 @@ class DraftProposer:
                 self._disconnect(f"a release failed to send: {err!r}")
 
     # ---- the connection --------------------------------------------------------------------------
-    def _wait(self, round_id: int, deadline: float) -> DraftReply:
+    def _receive(self, round_id: int, until: float, spin_s: float) -> DraftReply | None:
+        """The round's reply if it comes before `until` (time.monotonic), else None."""
         assert self._link is not None
         while True:
-            left_s = deadline - time.monotonic()
+            left_s = until - time.monotonic()
             try:
-                payload = self._link.recv(left_s, self._spin_s) if left_s > 0 else None
+                payload = self._link.recv(left_s, spin_s) if left_s > 0 else self._link.recv(0.0)
             except OSError as err:
+                self._pending = None
                 self._drop(f"the connection closed ({err!r})")
             if payload is None:
-                self._drop(f"no reply within {self.timeout_s:g} s")
+                return None
             reply = self._decoder.decode(payload)
             if reply.round_id == round_id:
                 return reply  # an older round's late reply is dropped

@@ -64,6 +64,7 @@ class DraftAddress(msgspec.Struct):
     instance_id: str
     unix: str | None = None  # a Unix stream socket's path (frame_socket): the same machine's fastest way
     spin_s: float = 0.0  # how long the server spins between rounds (a client asked to spins as long)
+    ahead: bool = False  # it drafts ahead (speculative.draft_ahead): worth an engine's overlapping rounds
 
 
 DraftInput = DraftRound | DraftRelease

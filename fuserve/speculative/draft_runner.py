@@ -22,6 +22,7 @@ rows; one without drafts over the whole vocabulary.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -89,6 +90,7 @@ class DraftRunner:
         self._last_round: list[tuple[str, int]] = []  # (sequence, k) of the last propose, for draft_ahead
         self._ahead: dict[str, tuple[int, int]] = {}  # sequence -> where its ahead drafts start, how many
         self.last_ahead_hits = 0  # sequences of the last propose answered from draft_ahead
+        self.last_ahead_stopped = False  # the last draft_ahead ended early: a round came (its `stop`)
         self.num_ahead_hits = 0
         self.num_ahead_rounds = 0
         if self.device.type == "cuda" and kernels.cuda_graphs:
@@ -191,14 +193,16 @@ class DraftRunner:
         self._last_round = [(requests[i].seq_id, k) for i, k in asked.items() if out[i]]
         return out
 
-    def draft_ahead(self, depth: int | None = None) -> int:
+    def draft_ahead(self, depth: int | None = None, stop: Callable[[], bool] | None = None) -> int:
         """Draft the next round of the last round's sequences now, assuming the target keeps all their
         drafts and then the token the draft itself would write next: that token and `depth` drafts after
         it (default: each sequence's last k), in the time the target spends verifying (PEARL's post-
         verify; worth it where the draft has a device of its own). The next `propose` answers a sequence
         whose new tokens are exactly those with up to `depth` drafts from after them; any other round
         truncates them away as it does a rejected draft. Only sequences that fit the free blocks without
-        evicting any; returns how many were drafted ahead."""
+        evicting any; returns how many were drafted ahead. `stop()` true (a round has come) ends the
+        drafting within about a forward (`_draft`); the drafts made by then still serve, and
+        `last_ahead_stopped` says it stopped."""
         drafting: list[tuple[int, DraftSequence, int]] = []
         ids: list[str] = []
         self._ahead = {s: at for s, at in self._ahead.items() if s in self.seqs.seqs}  # not evicted ones
@@ -216,8 +220,10 @@ class DraftRunner:
             drafting.append((n, seq, k + 1))
             ids.append(seq_id)
         self._last_round = []
-        for seq_id, (_, seq, k), _ in zip(ids, drafting, self._draft(drafting), strict=True):
-            self._ahead[seq_id] = (len(seq.tokens) - k + 1, k - 1)  # after the guessed next token
+        self.last_ahead_stopped = False
+        for seq_id, (_, seq, _), drafts in zip(ids, drafting, self._draft(drafting, stop), strict=True):
+            if len(drafts) > 1:  # the guessed next token, then the drafts after it
+                self._ahead[seq_id] = (len(seq.tokens) - len(drafts) + 1, len(drafts) - 1)
         self.num_ahead_rounds += 1 if drafting else 0
         return len(drafting)
 
@@ -236,13 +242,26 @@ class DraftRunner:
         seq.num_computed = min(seq.num_computed, len(seq.tokens) - 1)
         return drafts
 
-    def _draft(self, drafting: list[tuple[int, DraftSequence, int]]) -> list[list[int]]:
+    def _draft(
+        self, drafting: list[tuple[int, DraftSequence, int]], stop: Callable[[], bool] | None = None
+    ) -> list[list[int]]:
         """k drafts for each (_, sequence, k): the sequence's tokens without KV, then k - 1 decodes;
-        each sequence then holds its drafts, all but the last with KV."""
+        each sequence then holds its drafts, all but the last with KV. With `stop` (drafting ahead) no
+        more forwards are queued once stop() is true, so fewer drafts may come back; to see it in time
+        the host keeps at most two forwards queued (each waited for, asking stop(), before the one after
+        the next goes in), so a round that comes waits for about a forward, not the whole depth."""
         if not drafting:
             return []
         steps = [self._prefill(drafting)]  # step j: tokens [rows of drafting[...] still drafting at j]
+        done: list[torch.cuda.Event] = []
         for j in range(1, max(k for _, _, k in drafting)):
+            if stop is not None:
+                if self.device.type == "cuda":
+                    done.append(torch.cuda.Event())
+                    done[-1].record()
+                if self._stopped(done, stop):
+                    self.last_ahead_stopped = True
+                    break
             steps.append(self._decode(drafting, j, steps[-1]))
         host = torch.cat(steps).tolist()  # the round's one wait on the device
         out: list[list[int]] = [[] for _ in drafting]
@@ -252,10 +271,20 @@ class DraftRunner:
                 if k > j:
                     out[d].append(host[at])
                     at += 1
-        for (_, seq, k), drafts in zip(drafting, out, strict=True):
-            seq.num_computed = len(seq.tokens) + k - 1  # drafts 1..k-1 were fed back, so have KV
+        for (_, seq, _), drafts in zip(drafting, out, strict=True):
+            seq.num_computed = len(seq.tokens) + len(drafts) - 1  # all drafts but the last were fed back
             seq.tokens.extend(drafts)
         return out
+
+    @staticmethod
+    def _stopped(done: list[torch.cuda.Event], stop: Callable[[], bool]) -> bool:
+        """stop(), asked while the forward before the last queued one runs (on CPU each forward has
+        ended by the time it returns)."""
+        if len(done) >= 2:
+            while not done[-2].query():
+                if stop():
+                    return True
+        return stop()
 
     def _prefill(self, drafting: list[tuple[int, DraftSequence, int]]) -> torch.Tensor:
         """Every drafting sequence's tokens without KV; the first drafts, in `drafting` order.

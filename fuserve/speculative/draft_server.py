@@ -99,7 +99,13 @@ class DraftServer:
             self.listener.setblocking(False)
         self.spin_s = spin_s
         self.address = DraftAddress(
-            f"tcp://{host}:{port}", ipc, socket.gethostname(), uuid.uuid4().hex, unix=unix, spin_s=spin_s
+            f"tcp://{host}:{port}",
+            ipc,
+            socket.gethostname(),
+            uuid.uuid4().hex,
+            unix=unix,
+            spin_s=spin_s,
+            ahead=ahead and hasattr(backend, "draft_ahead"),
         )
         self.connections: dict[int, FrameSocket] = {}
         self.poller = zmq.Poller()
@@ -119,28 +125,36 @@ class DraftServer:
                 last_round = time.perf_counter()
 
     def draft_ahead(self) -> None:
-        """The next round drafted before it is asked for, unless that made the last round wait: a round
-        that arrives while the server drafts ahead waits for it, so after one (any message waiting when
-        it ends: an engine's release comes just before its round) the server skips drafting ahead for
-        AHEAD_PAUSE_ROUNDS rounds (the target's verify was shorter than the draft's work). Nothing is
-        drafted ahead while a message already waits, and a failure costs the ahead work, not the server."""
+        """The next round drafted before it is asked for. A round that arrives meanwhile (any message:
+        an engine's release comes just before its round) waits for it: the backend is told (`stop`)
+        and stops within about a forward (DraftRunner's `last_ahead_stopped`), which an engine that
+        overlaps its rounds with plain steps (speculative.draft_overlap) makes routine. A backend that
+        drafted on regardless made that round wait the whole depth: then the server skips drafting
+        ahead for AHEAD_PAUSE_ROUNDS rounds. Nothing is drafted ahead while a message already waits,
+        and a failure costs the ahead work, not the server."""
         draft = getattr(self.backend, "draft_ahead", None)
         if not self.ahead or draft is None:
             return
         if self._ahead_pause > 0:
             self._ahead_pause -= 1
             return
-        if self.poller.poll(0):
+        if self._message_waiting():
             return
         try:
-            drafted = draft()
+            drafted = draft(stop=self._message_waiting)
         except Exception:
             log.exception("draft server: drafting ahead failed; off for %d rounds", AHEAD_PAUSE_ROUNDS)
             self._ahead_pause = AHEAD_PAUSE_ROUNDS
             return
-        if drafted and self.poller.poll(0):
+        if drafted and self._message_waiting():
             self.num_ahead_late += 1
-            self._ahead_pause = AHEAD_PAUSE_ROUNDS
+            if not getattr(self.backend, "last_ahead_stopped", False):
+                self._ahead_pause = AHEAD_PAUSE_ROUNDS
+
+    def _message_waiting(self) -> bool:
+        """Whether a message (or a connection) waits: a served connection holds no whole frame after
+        `_serve_connection`, so its socket's readiness says it all."""
+        return bool(self.poller.poll(0))
 
     def serve_ready(self, events: list[tuple[object, int]]) -> bool:
         """Answer what `poll` found ready; True if any round was answered."""

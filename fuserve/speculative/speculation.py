@@ -43,6 +43,9 @@ from fuserve.workers.scheduler import ScheduledSeq, SchedulerOutput
 from fuserve.workers.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 EXPLORE_EVERY = 16  # with adaptive k, every 16th step drafts nothing (the plain step's cost)
+# overlap: how long a step waits for a reply before it steps plain (3x the quickest reply, within these)
+HIT_WAIT_MIN_S = 2e-4
+HIT_WAIT_MAX_S = 1e-3
 
 
 @runtime_checkable
@@ -59,6 +62,19 @@ class ReportsAheadHits(Protocol):
     answered from those drafts."""
 
     last_ahead_hits: int
+
+
+@runtime_checkable
+class Overlaps(Protocol):
+    """A proposer whose round can be sent and read back apart (DraftProposer's submit / collect), and
+    that says whether its draft drafts ahead (speculative.draft_overlap's default)."""
+
+    drafts_ahead: bool
+    pending: bool
+
+    def submit(self, requests: list[ProposeRequest]) -> None: ...
+
+    def collect(self, wait_s: float, spin: bool = False) -> list[list[int]] | None: ...
 
 
 @runtime_checkable
@@ -88,6 +104,12 @@ class Speculation:
         self.features: FeatureStore | None = FeatureStore() if reads else None
         self._round_s = 0.0  # the last round's time, taken out of its step's time
         self._rounds = 0
+        self.overlap = config.draft_overlap  # None: as the draft says (Overlaps.drafts_ahead)
+        self._drafted: dict[str, tuple[int, list[int]]] = {}  # overlap: seq id -> (its length then, drafts)
+        self._sent: list[ProposeRequest] = []  # overlap: the round submitted and not collected
+        self._fastest_reply_s = HIT_WAIT_MAX_S / 3  # overlap: the quickest reply seen (a round drafted ahead)
+        self.num_rounds_overlapped = 0  # overlap: rounds whose reply came after a plain step
+        self.num_drafted_across = 0  # overlap: sequence-steps verifying drafts made across a plain step
 
     # ---- before the step ------------------------------------------------------------------------
     @staticmethod
@@ -133,23 +155,18 @@ class Speculation:
             and s.token_ids[-1] != PLACEHOLDER
             and self.can_draft(s)
         ]
-        seqs: list[Sequence] = []
-        requests: list[ProposeRequest] = []
-        for seq, k in zip(decodes, self._choose_k(decodes, len(running)), strict=True):
-            if k == 0:
-                continue
-            start = self._held.get(seq.seq_id, 0)
-            seqs.append(seq)
-            features = None
-            if self.features is not None:
-                features = self.features.rows(seq, feature_rows_begin(start), seq.num_tokens - 1)
-            requests.append(ProposeRequest(seq.seq_id, start, seq.token_ids[start:], k, features))
-        drafting = {s.seq_id for s in seqs}
+        ks = self._choose_k(decodes, len(running))
+        chosen = [(s, k) for s, k in zip(decodes, ks, strict=True) if k > 0]
+        drafting = {s.seq_id for s, _ in chosen}
         for seq in running:  # in flight, prefilling or not worth it: its acceptance drifts to the prior
             if seq.seq_id not in drafting:
                 self.adaptive_k.observe_idle(seq.seq_id)
-        if not requests:
+        if self._overlapping():
+            self._propose_overlapped(chosen, running)
             return
+        if not chosen:
+            return
+        requests = [self._request(seq, k) for seq, k in chosen]
         t0 = time.perf_counter()
         try:
             drafts = self.proposer.propose(requests)
@@ -157,22 +174,133 @@ class Speculation:
             self._held.clear()  # its state may be gone: send everything when it is back
             return
         self._round_s = time.perf_counter() - t0
-        alternatives = self.proposer.last_alternatives if self.second_best else [[]] * len(seqs)
-        for seq, req, proposed, alts in zip(seqs, requests, drafts, alternatives, strict=True):
+        alternatives = self.proposer.last_alternatives if self.second_best else [[]] * len(chosen)
+        for (seq, _), req, proposed, alts in zip(chosen, requests, drafts, alternatives, strict=True):
             if proposed is None:  # the proposer no longer holds it (evicted): all of it next round
                 self._held[seq.seq_id] = 0
                 seq.spec_token_ids = []
                 continue
             self._held[seq.seq_id] = seq.num_tokens
-            seq.spec_token_ids = list(proposed[: req.k])
-            if self.valid_drafts is not None and seq.params.grammar is not None:
-                del seq.spec_token_ids[self.valid_drafts(seq, seq.spec_token_ids) :]
-            elif alts and seq.params.greedy and seq.params.grammar is None:
+            self._use(seq, proposed[: req.k])
+            if alts and seq.params.greedy and seq.params.grammar is None:
                 seq.spec_alt_ids = self._alternatives(seq.spec_token_ids, alts)
         channel_s = self.proposer.last_channel_s if isinstance(self.proposer, ReportsChannelTime) else 0.0
-        hits = self.proposer.last_ahead_hits if isinstance(self.proposer, ReportsAheadHits) else 0
-        self.stats.observe_round([r.k for r in requests], self._round_s, channel_s, hits)
-        self.adaptive_k.observe_round(self._round_s, max(r.k for r in requests), channel_s)
+        self._observe_round([r.k for r in requests], self._round_s, channel_s, self._hits())
+
+    def _request(self, seq: Sequence, k: int) -> ProposeRequest:
+        start = self._held.get(seq.seq_id, 0)
+        features = None
+        if self.features is not None:
+            features = self.features.rows(seq, feature_rows_begin(start), seq.num_tokens - 1)
+        return ProposeRequest(seq.seq_id, start, seq.token_ids[start:], k, features)
+
+    def _use(self, seq: Sequence, drafts: list[int]) -> None:
+        """The drafts this step verifies for the sequence, cut at the first its grammar rejects."""
+        seq.spec_token_ids = list(drafts)
+        if self.valid_drafts is not None and seq.params.grammar is not None:
+            del seq.spec_token_ids[self.valid_drafts(seq, seq.spec_token_ids) :]
+
+    def _hits(self) -> int:
+        return self.proposer.last_ahead_hits if isinstance(self.proposer, ReportsAheadHits) else 0
+
+    def _observe_round(self, ks: list[int], seconds: float, channel_s: float, hits: int) -> None:
+        self.stats.observe_round(ks, seconds, channel_s, hits)
+        self.adaptive_k.observe_round(seconds, max(ks), channel_s)
+
+    # ---- overlap: a plain step rather than a wait (speculative.draft_overlap) ----------------------
+    def _overlapping(self) -> bool:
+        if not isinstance(self.proposer, Overlaps):
+            return False
+        return self.proposer.drafts_ahead if self.overlap is None else self.overlap
+
+    def _propose_overlapped(self, chosen: list[tuple[Sequence, int]], running: list[Sequence]) -> None:
+        """Each sequence verifies drafts it already has, if the tokens since they were drafted are their
+        head (the plain steps run meanwhile took the draft's guesses); the others go out in one round,
+        whose reply this step takes only if it comes at once (the draft had drafted it ahead). Otherwise
+        they step plain while the draft works, and the next step reads the reply: one round pending at
+        a time. So no step waits for the draft's forwards, only, once a round, for the channel."""
+        proposer = self.proposer
+        assert isinstance(proposer, Overlaps)
+        t0 = time.perf_counter()
+        hits, channel_s, asked = 0, 0.0, []
+        try:
+            if proposer.pending:  # sent before the plain step just run: read it, waiting if need be
+                hits += self.collect_pending({s.seq_id for s in running})
+            need = []
+            for seq, k in chosen:
+                drafts = self._drafts_now(seq, k)
+                if drafts:
+                    self._use(seq, drafts)
+                    self.num_drafted_across += seq.num_tokens > self._drafted[seq.seq_id][0]
+                else:
+                    need.append((seq, k))
+            if need:
+                self._sent = [self._request(seq, k) for seq, k in need]
+                for seq, _ in need:
+                    self._held[seq.seq_id] = seq.num_tokens
+                asked = [r.k for r in self._sent]
+                sent = time.perf_counter()
+                proposer.submit(self._sent)
+                wait_s = min(max(3 * self._fastest_reply_s, HIT_WAIT_MIN_S), HIT_WAIT_MAX_S)
+                reply = proposer.collect(wait_s, spin=True)
+                if reply is not None:
+                    self._fastest_reply_s = min(self._fastest_reply_s, time.perf_counter() - sent)
+                    self._absorb(reply, {s.seq_id for s in running})
+                    hits += self._hits()
+                    channel_s = proposer.last_channel_s if isinstance(proposer, ReportsChannelTime) else 0.0
+                    for seq, k in need:
+                        self._use(seq, self._drafts_now(seq, k))
+        except ProposerUnavailable:
+            self._held.clear()  # its state may be gone: send everything when it is back
+            self._drafted.clear()
+            self._sent = []
+            return
+        self._round_s = time.perf_counter() - t0
+        if asked:
+            self._observe_round(asked, self._round_s, channel_s, hits)
+
+    def collect_pending(self, live: set[str] | None = None) -> int:
+        """The pending round's reply, waited for (at most the channel's timeout: ProposerUnavailable);
+        its sequences' drafts kept for the steps after the plain step that ran meanwhile (only those of
+        `live` sequences, if given). Returns how many the draft had drafted ahead."""
+        assert isinstance(self.proposer, Overlaps)
+        self._absorb(self.proposer.collect(float("inf")), live)
+        self.num_rounds_overlapped += 1
+        return self._hits()
+
+    def _absorb(self, drafts: list[list[int]] | None, live: set[str] | None) -> None:
+        """The collected round's drafts, each kept with the length its sequence had when they were asked
+        for (what they follow)."""
+        assert drafts is not None
+        for req, proposed in zip(self._sent, drafts, strict=True):
+            if live is not None and req.seq_id not in live:
+                continue
+            if proposed is None:  # the proposer no longer holds it (evicted): all of it next round
+                self._held[req.seq_id] = 0
+                self._drafted.pop(req.seq_id, None)
+                continue
+            self._drafted[req.seq_id] = (req.start + len(req.token_ids), list(proposed))
+        self._sent = []
+
+    def _drafts_now(self, seq: Sequence, k: int) -> list[int]:
+        """Up to k of the sequence's collected drafts that still apply: the tokens it gained since they
+        were drafted (plain steps, a verify) are their first ones, and some are left after those."""
+        entry = self._drafted.get(seq.seq_id)
+        if entry is None:
+            return []
+        at, drafts = entry
+        end = seq.settled_end()  # before the placeholder of a step in flight (expected_token's case)
+        gained = end - at
+        if gained < 0 or gained >= len(drafts) or seq.token_ids[at:end] != drafts[:gained]:
+            del self._drafted[seq.seq_id]
+            return []
+        return drafts[gained : gained + k]
+
+    def expected_token(self, seq: Sequence) -> int | None:
+        """With overlap, the draft's guess for the token the sequence's next step writes (None if it has
+        none): what the step must write for the collected drafts after it to apply."""
+        drafts = self._drafts_now(seq, 1)
+        return drafts[0] if drafts else None
 
     @staticmethod
     def _alternatives(drafts: list[int], alts: list[int]) -> list[int]:
@@ -196,6 +324,7 @@ class Speculation:
         if gone:
             for seq_id in gone:
                 del self._held[seq_id]
+                self._drafted.pop(seq_id, None)
                 self.adaptive_k.forget(seq_id)
             self.proposer.release(gone)
 
