@@ -525,3 +525,40 @@ def test_an_overlapping_engine_through_a_draft_server_that_drafts_ahead(config: 
             assert spec.num_rounds_overlapped + counters.num_ahead_hits > 0
         finally:
             proposer.close()
+
+
+class Slow:
+    """A backend whose rounds take the next of `delays_s` (a draft drafting a miss)."""
+
+    def __init__(self, delays_s: list[float]) -> None:
+        self.delays_s = delays_s
+
+    def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]:
+        time.sleep(self.delays_s.pop(0))
+        return [[r.token_ids[-1] + 1] * r.k for r in requests]
+
+    def release(self, seq_ids: list[str]) -> None:
+        pass
+
+
+@pytest.mark.parametrize("transport", ["auto", "tcp"])
+def test_submit_then_collect_reads_a_round_once_it_has_come(transport: Transport, tmp_path) -> None:
+    """The overlap's two halves: collect answers None while the reply is on its way (the round stays
+    pending), the drafts once it came, even with a wait of 0; a round past its timeout is
+    ProposerUnavailable and leaves nothing pending."""
+    server = DraftServer(Slow([0.2, 1.0]), ipc_dir=str(tmp_path))
+    with serving(server):
+        proposer = DraftProposer(lambda: server.address, 0.5, transport=transport)
+        try:
+            assert proposer.wait_connected(10)
+            proposer.submit([ProposeRequest("a", 0, [7], 2)])
+            assert proposer.pending and proposer.collect(0.01, spin=True) is None and proposer.pending
+            time.sleep(0.4)
+            assert proposer.collect(0.0) == [[8, 8]] and not proposer.pending
+            proposer.submit([ProposeRequest("a", 1, [9], 1)])
+            assert proposer.collect(0.1) is None
+            with pytest.raises(ProposerUnavailable):
+                proposer.collect(5.0)  # the round's 0.5 s timeout comes first
+            assert not proposer.pending
+        finally:
+            proposer.close()
