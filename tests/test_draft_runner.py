@@ -276,8 +276,8 @@ def test_ahead_drafts_stopped_by_a_round_serve_as_far_as_they_got(
     GPU: stop is asked while the forward before runs, CUDA graphs)."""
     ahead, oracle = make_runner(draft_dir, device=device), make_runner(draft_dir, device=device)
     first = [ProposeRequest("s", 0, [4, 9, 2, 7], 3)]
-    # no walrus in these asserts: an assert naming `d` later had it evaluated again (pytest on the GPU
-    # machine), proposing `first` a second time between the drafting ahead and the round
+    # `d` bound outside an assert: bound with := in one, the GPU machine's pytest (9.1.1) showed the runner
+    # as if `first` had been proposed again after drafting ahead (benchmarks/NOTES.md)
     d = ahead.propose(first)[0]
     assert d == oracle.propose(first)[0]
     asked = []
