@@ -352,9 +352,6 @@ def run_variant(
     generate_timed(llm, warmup, dataclasses.replace(params, max_tokens=min(16, params.max_tokens or 16)))
     before = speculation.snapshot() if speculation is not None else None
     hits = getattr(speculation.proposer, "num_ahead_hits", None) if speculation is not None else None
-    overlapped = (0, 0)
-    if speculation is not None:
-        overlapped = (speculation.num_rounds_overlapped, speculation.num_drafted_across)
     steps = engine.num_steps
     seconds, tokens = generate_timed(llm, batches, params)
     num_seqs = sum(len(b) for b in batches)
@@ -392,8 +389,8 @@ def run_variant(
             alternatives_kept=c.num_alternatives_kept,
             # speculative.draft_overlap: rounds read after a plain step, and sequence-steps that then
             # verified those drafts (the plain step had written their first)
-            rounds_overlapped=speculation.num_rounds_overlapped - overlapped[0],
-            drafted_across=speculation.num_drafted_across - overlapped[1],
+            rounds_overlapped=c.num_rounds_overlapped,
+            drafted_across=c.num_drafted_across,
         )
     return row
 

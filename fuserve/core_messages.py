@@ -106,6 +106,8 @@ class SpecCounters(msgspec.Struct, array_like=True):
     num_alternatives: int = 0  # second-best tokens the target checked beside drafts (alternatives.py)
     num_alternatives_kept: int = 0  # of those, kept (each in place of a rejected draft)
     num_ahead_hits: int = 0  # sequence-rounds a draft answered from drafts made during the verify
+    num_rounds_overlapped: int = 0  # rounds read after a plain step run meanwhile (draft_overlap)
+    num_drafted_across: int = 0  # sequence-steps that verified such a round's drafts (after the plain step)
 
 
 class CoreStats(msgspec.Struct, array_like=True):

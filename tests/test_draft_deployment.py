@@ -215,6 +215,8 @@ def test_engine_speculates_through_its_draft_and_finishes_when_the_draft_dies(
     # drafting ahead answered some rounds (the draft is the target: its guess of the next token is the
     # target's), and the text is still the target's own
     assert _spec_counter(url, "fuserve_spec_ahead_hits_total") > 0
+    # a lone stream beside a draft that drafts ahead overlaps its rounds (speculative.draft_overlap unset)
+    assert _spec_counter(url, "fuserve_spec_overlapped_rounds_total") > 0
     before = _spec_counter(url, "fuserve_spec_accepted_tokens_total")
     deadline = time.monotonic() + 120
     while _spec_counter(url, "fuserve_spec_accepted_tokens_total") <= before:

@@ -149,6 +149,14 @@ SPEC_COUNTERS = {
         "fuserve_spec_ahead_hits",
         "Sequence-rounds the draft answered from drafts it made during the verify (speculative.draft_ahead)",
     ),
+    "num_rounds_overlapped": (
+        "fuserve_spec_overlapped_rounds",
+        "Draft rounds read after a plain step ran while the draft worked (speculative.draft_overlap)",
+    ),
+    "num_drafted_across": (
+        "fuserve_spec_drafted_across",
+        "Sequence-steps that verified drafts made across a plain step (it wrote their first)",
+    ),
 }
 
 

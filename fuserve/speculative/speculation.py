@@ -111,8 +111,6 @@ class Speculation:
         self._drafted: dict[str, tuple[int, list[int]]] = {}  # overlap: seq id -> (its length then, drafts)
         self._sent: list[ProposeRequest] = []  # overlap: the round submitted and not collected
         self._fastest_reply_s = HIT_WAIT_MAX_S / 3  # overlap: the quickest reply seen (a round drafted ahead)
-        self.num_rounds_overlapped = 0  # overlap: rounds whose reply came after a plain step
-        self.num_drafted_across = 0  # overlap: sequence-steps verifying drafts made across a plain step
 
     # ---- before the step ------------------------------------------------------------------------
     @staticmethod
@@ -235,7 +233,8 @@ class Speculation:
                 drafts = self._drafts_now(seq, k)
                 if drafts:
                     self._use(seq, drafts)
-                    self.num_drafted_across += seq.num_tokens > self._drafted[seq.seq_id][0]
+                    across = seq.num_tokens > self._drafted[seq.seq_id][0]  # made before a plain step
+                    self.stats.observe_overlap(drafted_across=int(across))
                 else:
                     need.append((seq, k))
             if need:
@@ -271,7 +270,7 @@ class Speculation:
         `live` sequences, if given). Returns how many the draft had drafted ahead."""
         assert isinstance(self.proposer, Overlaps)
         self._absorb(self.proposer.collect(float("inf")), live)
-        self.num_rounds_overlapped += 1
+        self.stats.observe_overlap(rounds=1)
         return self._hits()
 
     def _absorb(self, drafts: list[list[int]] | None, live: set[str] | None) -> None:

@@ -31,6 +31,12 @@ class SpecStats:
         for k in ks:
             c.k_counts[min(k, len(c.k_counts) - 1)] += 1
 
+    def observe_overlap(self, rounds: int = 0, drafted_across: int = 0) -> None:
+        """speculative.draft_overlap: rounds read after a plain step, and sequences whose drafts from such
+        a round a step verified."""
+        self.counters.num_rounds_overlapped += rounds
+        self.counters.num_drafted_across += drafted_across
+
     def observe_verify(
         self, num_drafts: int, num_accepted: int, num_alternatives: int = 0, took_alternative: bool = False
     ) -> None:
