@@ -93,7 +93,8 @@ class SyntheticAcceptance(Speculation):
     tokens are the drafts themselves and the target's token after the last (`keep_drafts`): they were
     the step's inputs, so the target's KV stays consistent, and a draft model keeps the KV of its
     accepted drafts as it would with real acceptance. With `guess_bonus` (a draft whose drafts are all
-    one token: `server-ahead`), a step that kept every draft takes, with the same probability, the
+    one token: `server-ahead`, `server-overlap`), a step that kept every draft takes, with the same
+    probability, the
     draft's own next token (its last draft again) for the target's token after them: the round a draft
     that drafts ahead (speculative.draft_ahead) assumes, at the rate a draft as good as A would guess it."""
 
@@ -116,7 +117,9 @@ class SyntheticAcceptance(Speculation):
         drafts made before it: their first with probability `acceptance` (a draft accepted at that rate),
         else None (the target's own token, which random weights make another)."""
         if getattr(self.proposer, "pending", False):  # the round sent before this step: its drafts now
+            t0 = time.perf_counter()
             self.collect_pending()
+            self._round_s += time.perf_counter() - t0  # the engine's wait for it, not the plain step's
         guess = self.expected_token(seq)
         return guess if guess is not None and self.rng.random() < self.acceptance else None
 

@@ -243,14 +243,15 @@ class SpeculativeConfig(_Strict):
         "matches is answered at once (PEARL's post-verify). A 1B-shape draft on a second H200 beside an "
         "8B-shape target, batch 1: 1.17x -> 1.29x at acceptance 0.7, 1.57x -> 2.29x at 0.9; batch 8 "
         "unchanged. It pays only where the draft has a GPU of its own (a shared GPU runs the two one after "
-        "the other); a round that comes meanwhile stops it within about a forward. Unset: on for a draft "
+        "the other); a round that comes meanwhile stops it within about two forwards. Unset: on for a draft "
         "on a GPU of its own (placement.num_gpus 1), else off. Independent drafts only (not a feature "
         "draft: it would need the target's features of the drafts).",
     )
     draft_overlap: bool | None = Field(
         default=None,
-        description="The engine never waits for a draft deployment's drafting: it sends a round and, unless "
-        "the reply comes at once (a round the draft drafted ahead), runs a plain step while the draft works; "
+        description="The engine does not wait for a draft deployment's drafting: it sends a round and, "
+        "unless the reply comes at once (a round the draft drafted ahead), runs a plain step while the draft "
+        "works (waiting after it only for what the draft has not finished); "
         "the drafts then serve from the next step if the plain step's token is the first of them (PEARL's "
         "pre-verify). Only a round of one sequence: a batch waits for its drafts. 8B-shape target, 1B-shape "
         "draft drafting ahead on a second H200, batch 1: at acceptance 0.7, 1.25-1.31x -> 1.37-1.48x "
@@ -263,7 +264,8 @@ class SpeculativeConfig(_Strict):
         description="How long the draft server busy-waits for the next round after each one before it "
         "sleeps. A process that slept through a verify step wakes ~0.1-0.4 ms late; spinning keeps it "
         "awake at the price of a busy core while rounds flow. The engine's side waits in the kernel (a "
-        "spinning wait there would hold the GIL from the engine core's IO threads). Unset: 50 where the "
+        "spinning wait there would hold the GIL from the engine core's IO threads), but for the 0.2-1 ms "
+        "it spins on a round that may have been drafted ahead (`draft_overlap`). Unset: 50 where the "
         "draft runs on a GPU, 0 on CPU (there a spinning core is one the models lack).",
     )
 

@@ -333,7 +333,7 @@ class Ahead:
         self.stops = stops
         self.depths: list[int] = []
         self.last_ahead_hits = 0
-        self.last_ahead_stopped = False
+        self.stoppable_ahead = stops
 
     def propose(self, requests: list[ProposeRequest]) -> list[list[int] | None]:
         self.last_ahead_hits = len(requests)  # say every sequence was answered from ahead
@@ -341,11 +341,9 @@ class Ahead:
 
     def draft_ahead(self, depth: int | None = None, stop: Callable[[], bool] | None = None) -> int:
         self.depths.append(depth)
-        self.last_ahead_stopped = False
         end = time.monotonic() + self.delay_s
         while time.monotonic() < end:
             if self.stops and stop is not None and stop():
-                self.last_ahead_stopped = True
                 break
             time.sleep(0.001)
         return 1
@@ -560,6 +558,31 @@ def test_submit_then_collect_reads_a_round_once_it_has_come(transport: Transport
             assert proposer.collect(0.1) is None
             with pytest.raises(ProposerUnavailable):
                 proposer.collect(5.0)  # the round's 0.5 s timeout comes first
+            assert not proposer.pending
+        finally:
+            proposer.close()
+
+
+def test_a_release_that_fails_with_a_round_pending_leaves_the_round_unavailable(tmp_path) -> None:
+    """The connection dropped by a release that could not be sent while a round was pending: collecting
+    that round says the draft is unavailable (the engine drafts nothing), nothing stays pending."""
+    server = DraftServer(Slow([0.2]), ipc_dir=str(tmp_path))
+    with serving(server):
+        proposer = DraftProposer(lambda: server.address, 2.0)
+        try:
+            assert proposer.wait_connected(10)
+            proposer.submit([ProposeRequest("a", 0, [7], 2)])
+            link = proposer._link
+
+            def broken(payload: bytes, timeout_s: float) -> None:
+                raise BrokenPipeError("the draft went away")
+
+            link.send = broken  # type: ignore[method-assign]
+            proposer.release(["b"])
+            assert proposer._link is None and not proposer.pending
+            proposer._pending = (1, [ProposeRequest("a", 0, [7], 2)], 0.0, time.monotonic() + 2)  # as if kept
+            with pytest.raises(ProposerUnavailable):
+                proposer.collect(1.0)
             assert not proposer.pending
         finally:
             proposer.close()

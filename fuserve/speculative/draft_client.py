@@ -136,7 +136,8 @@ class DraftProposer:
         carry the target's features). `spin`: wait for replies spinning as long as the draft's server
         does (its DraftAddress.spin_s) before sleeping. Off in an engine core: a spinning wait holds the
         GIL from the core's IO threads (on a 2-core box another thread's p99 lateness went from 0.15 to
-        2.9 ms, for ~0.1 ms a round saved; benchmarks/NOTES.md)."""
+        2.9 ms, for ~0.1 ms a round saved; benchmarks/NOTES.md). The one spin an engine core asks for
+        is `collect(spin=True)`'s short wait for a round drafted ahead (0.2-1 ms; draft_overlap)."""
         self.locate = locate
         self.reads_features = reads_features
         self.features: dict[str, FeatureRows] = {}  # a feature draft's rows, as the rounds told them
@@ -228,6 +229,9 @@ class DraftProposer:
         it has not (the round stays pending). Past the round's `timeout_s`: ProposerUnavailable. `spin`:
         busy-wait the whole `wait_s` (a wait far under the kernel's millisecond poll)."""
         assert self._pending is not None, "collect() without a submitted round"
+        if self._link is None:  # dropped since the round went out (a release failed to send)
+            self._pending = None
+            raise ProposerUnavailable("the draft replica's connection closed with a round pending")
         round_id, requests, sent, deadline = self._pending
         until = min(deadline, time.monotonic() + wait_s)
         reply = self._receive(round_id, until, wait_s if spin else self._spin_s)
@@ -302,6 +306,7 @@ class DraftProposer:
 
     def _disconnect(self, why: str) -> None:
         log.warning("draft at %s dropped: %s; drafting resumes once it is found again", self.address, why)
+        self._pending = None  # its reply cannot come now
         if self._link is not None:
             self._link.close()
         self._link = None

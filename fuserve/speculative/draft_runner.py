@@ -48,6 +48,8 @@ CATCH_UP_ROWS = 8
 
 
 class DraftRunner:
+    stoppable_ahead = True  # draft_ahead's `stop` ends it within about two forwards (the server's pause rule)
+
     def __init__(
         self,
         model: ModelConfig,
@@ -201,7 +203,7 @@ class DraftRunner:
         whose new tokens are exactly those with up to `depth` drafts from after them; any other round
         truncates them away as it does a rejected draft. Only sequences that fit the free blocks without
         evicting any; returns how many were drafted ahead. `stop()` true (a round has come) ends the
-        drafting within about a forward (`_draft`); the drafts made by then still serve, and
+        drafting within about two forwards (`_draft`); the drafts made by then still serve, and
         `last_ahead_stopped` says it stopped."""
         drafting: list[tuple[int, DraftSequence, int]] = []
         ids: list[str] = []
@@ -249,7 +251,7 @@ class DraftRunner:
         each sequence then holds its drafts, all but the last with KV. With `stop` (drafting ahead) no
         more forwards are queued once stop() is true, so fewer drafts may come back; to see it in time
         the host keeps at most two forwards queued (each waited for, asking stop(), before the one after
-        the next goes in), so a round that comes waits for about a forward, not the whole depth."""
+        the next goes in), so a round that comes waits for about two forwards, not the whole depth."""
         if not drafting:
             return []
         steps = [self._prefill(drafting)]  # step j: tokens [rows of drafting[...] still drafting at j]

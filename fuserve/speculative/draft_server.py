@@ -51,7 +51,8 @@ POLL_MS = 200  # an idle server checks this often that its replica is still ther
 # the longest a reply may wait for its engine to read: a send blocks every engine the server serves,
 # and an engine that stopped reading (past its channel_timeout_s) has dropped the connection anyway
 SEND_TIMEOUT_S = 1.0
-# after drafting ahead made a round wait (it was still drafting when the round came), rounds without it
+# rounds without drafting ahead after it failed, or after a backend that cannot stop for a round (no
+# `stoppable_ahead`) was still drafting ahead when a round came
 AHEAD_PAUSE_ROUNDS = 16
 
 
@@ -126,12 +127,12 @@ class DraftServer:
 
     def draft_ahead(self) -> None:
         """The next round drafted before it is asked for. A round that arrives meanwhile (any message:
-        an engine's release comes just before its round) waits for it: the backend is told (`stop`)
-        and stops within about a forward (DraftRunner's `last_ahead_stopped`), which an engine that
-        overlaps its rounds with plain steps (speculative.draft_overlap) makes routine. A backend that
-        drafted on regardless made that round wait the whole depth: then the server skips drafting
-        ahead for AHEAD_PAUSE_ROUNDS rounds. Nothing is drafted ahead while a message already waits,
-        and a failure costs the ahead work, not the server."""
+        an engine's release comes just before its round) waits for it: a backend that can stop
+        (`stoppable_ahead`, as DraftRunner) is told (`stop`) and stops within about two forwards, which
+        an engine that overlaps its rounds with plain steps (speculative.draft_overlap) makes routine.
+        One that cannot drafts on, making the round wait the whole depth: after that the server skips
+        drafting ahead for AHEAD_PAUSE_ROUNDS rounds. Nothing is drafted ahead while a message already
+        waits, and a failure costs the ahead work, not the server."""
         draft = getattr(self.backend, "draft_ahead", None)
         if not self.ahead or draft is None:
             return
@@ -148,7 +149,7 @@ class DraftServer:
             return
         if drafted and self._message_waiting():
             self.num_ahead_late += 1
-            if not getattr(self.backend, "last_ahead_stopped", False):
+            if not getattr(self.backend, "stoppable_ahead", False):
                 self._ahead_pause = AHEAD_PAUSE_ROUNDS
 
     def _message_waiting(self) -> bool:

@@ -2,6 +2,8 @@
 
     engine.step():  speculation.propose(running)        one Proposer.propose call for every running
                                                         decode that drafts (k > 0); sets spec_token_ids
+                                                        (with draft_overlap: a submit, and the reply read
+                                                        now or after a plain step: _propose_overlapped)
                     scheduler.schedule()                 a drafting decode computes 1 + k tokens
                     model step                           logits at each; sampler verifies (rejection.py)
                     speculation.kept_rows(item, rows)    the run the target kept -> scheduler
@@ -173,6 +175,7 @@ class Speculation:
             drafts = self.proposer.propose(requests)
         except ProposerUnavailable:
             self._held.clear()  # its state may be gone: send everything when it is back
+            self._drafted.clear()
             return
         self._round_s = time.perf_counter() - t0
         alternatives = self.proposer.last_alternatives if self.second_best else [[]] * len(chosen)
@@ -218,16 +221,17 @@ class Speculation:
         """Each sequence verifies drafts it already has, if the tokens since they were drafted are their
         head (the plain steps run meanwhile took the draft's guesses); the others go out in one round,
         whose reply this step takes only if it comes at once (the draft had drafted it ahead). Otherwise
-        they step plain while the draft works, and the next step reads the reply: one round pending at
-        a time. So no step waits for the draft's forwards, only, once a round, for the channel. A round
-        of more than OVERLAP_MAX_SEQS sequences waits for its reply (measured: a batch lost)."""
+        they step plain while the draft works, and the next step reads the reply, waiting only for what
+        the draft has not finished by then: one round pending at a time. Where more than
+        OVERLAP_MAX_SEQS sequences draft this step, their round waits for its reply (measured: a batch
+        lost)."""
         proposer = self.proposer
         assert isinstance(proposer, Overlaps)
         t0 = time.perf_counter()
-        hits, channel_s, asked = 0, 0.0, []
+        channel_s, asked, hits = 0.0, [], 0
         try:
-            if proposer.pending:  # sent before the plain step just run: read it, waiting if need be
-                hits += self.collect_pending({s.seq_id for s in running})
+            if proposer.pending and any(r.seq_id in {s.seq_id for s, _ in chosen} for r in self._sent):
+                self.collect_pending({s.seq_id for s in running})  # sent before the plain step just run
             need = []
             for seq, k in chosen:
                 drafts = self._drafts_now(seq, k)
@@ -251,7 +255,7 @@ class Speculation:
                 if reply is not None:
                     self._fastest_reply_s = min(self._fastest_reply_s, time.perf_counter() - sent)
                     self._absorb(reply, {s.seq_id for s in running})
-                    hits += self._hits()
+                    hits = self._hits()
                     channel_s = proposer.last_channel_s if isinstance(proposer, ReportsChannelTime) else 0.0
                     for seq, k in need:
                         self._use(seq, self._drafts_now(seq, k))
@@ -264,14 +268,14 @@ class Speculation:
         if asked:
             self._observe_round(asked, self._round_s, channel_s, hits)
 
-    def collect_pending(self, live: set[str] | None = None) -> int:
+    def collect_pending(self, live: set[str] | None = None) -> None:
         """The pending round's reply, waited for (at most the channel's timeout: ProposerUnavailable);
         its sequences' drafts kept for the steps after the plain step that ran meanwhile (only those of
-        `live` sequences, if given). Returns how many the draft had drafted ahead."""
+        `live` sequences, if given). A pending round no sequence of a step can use is left to be
+        replaced by the next one (its late reply is dropped)."""
         assert isinstance(self.proposer, Overlaps)
         self._absorb(self.proposer.collect(float("inf")), live)
-        self.stats.observe_overlap(rounds=1)
-        return self._hits()
+        self.stats.observe_overlap(rounds=1, ahead_hits=self._hits())
 
     def _absorb(self, drafts: list[list[int]] | None, live: set[str] | None) -> None:
         """The collected round's drafts, each kept with the length its sequence had when they were asked
@@ -325,6 +329,8 @@ class Speculation:
 
     def _release_gone(self, running: list[Sequence]) -> None:
         live = {s.seq_id for s in running}
+        for seq_id in [s for s in self._drafted if s not in live]:
+            del self._drafted[seq_id]
         gone = [seq_id for seq_id in self._held if seq_id not in live]
         if gone:
             for seq_id in gone:

@@ -31,11 +31,13 @@ class SpecStats:
         for k in ks:
             c.k_counts[min(k, len(c.k_counts) - 1)] += 1
 
-    def observe_overlap(self, rounds: int = 0, drafted_across: int = 0) -> None:
-        """speculative.draft_overlap: rounds read after a plain step, and sequences whose drafts from such
-        a round a step verified."""
+    def observe_overlap(self, rounds: int = 0, drafted_across: int = 0, ahead_hits: int = 0) -> None:
+        """speculative.draft_overlap: rounds read after a plain step (`ahead_hits` of their sequences the
+        draft answered from drafts made ahead), and sequences whose drafts from such a round a step
+        verified."""
         self.counters.num_rounds_overlapped += rounds
         self.counters.num_drafted_across += drafted_across
+        self.counters.num_ahead_hits += ahead_hits
 
     def observe_verify(
         self, num_drafts: int, num_accepted: int, num_alternatives: int = 0, took_alternative: bool = False
