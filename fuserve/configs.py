@@ -254,7 +254,7 @@ class SpeculativeConfig(_Strict):
         "works (waiting after it only for what the draft has not finished); "
         "the drafts then serve from the next step if the plain step's token is the first of them (PEARL's "
         "pre-verify). Only a round of one sequence: a batch waits for its drafts. 8B-shape target, 1B-shape "
-        "draft drafting ahead on a second H200, batch 1: at acceptance 0.7, 1.25-1.31x -> 1.37-1.48x "
+        "draft drafting ahead on a second H200, batch 1: at acceptance 0.7, 1.23-1.31x -> 1.37-1.48x "
         "(k = 4); at 0.9 a tie. Unset: on where the draft drafts ahead (`draft_ahead`). Not for "
         "`placement.in_engine`.",
     )
