@@ -102,6 +102,11 @@ class Speculation:
         self.valid_drafts = valid_drafts
         self.max_k = config.num_speculative_tokens
         self.second_best = config.second_best and isinstance(proposer, OffersAlternatives)
+        # what the proposer reports, asked once: isinstance against a runtime-checkable Protocol reads
+        # every member (7-17 us each on the CI box, several a step)
+        self._overlaps = isinstance(proposer, Overlaps)
+        self._reports_channel = isinstance(proposer, ReportsChannelTime)
+        self._reports_hits = isinstance(proposer, ReportsAheadHits)
         self.adaptive_k = AdaptiveK(self.max_k, config.adaptive)
         self.stats = SpecStats(self.max_k)
         self._held: dict[str, int] = {}  # seq id -> tokens the proposer holds
@@ -134,6 +139,8 @@ class Speculation:
 
     def _choose_k(self, seqs: list[Sequence], batch_size: int) -> list[int]:
         """k for each of `seqs` (sequences that may draft) in a batch of `batch_size` decodes."""
+        if not self.adaptive_k.adaptive:  # fixed k: no cost fit to evaluate (two a step, ~50 us each)
+            return [max(min(self.max_k, self._limit(s)), 0) for s in seqs]
         costs = self.adaptive_k.step_costs(batch_size)
         ids = [s.seq_id for s in seqs]
         if not self.adaptive_k.any_drafts(ids, costs):
@@ -188,7 +195,7 @@ class Speculation:
             self._use(seq, proposed[: req.k])
             if alts and seq.params.greedy and seq.params.grammar is None:
                 seq.spec_alt_ids = self._alternatives(seq.spec_token_ids, alts)
-        channel_s = self.proposer.last_channel_s if isinstance(self.proposer, ReportsChannelTime) else 0.0
+        channel_s = self.proposer.last_channel_s if self._reports_channel else 0.0  # type: ignore[attr-defined]
         self._observe_round([r.k for r in requests], self._round_s, channel_s, self._hits())
 
     def _request(self, seq: Sequence, k: int) -> ProposeRequest:
@@ -205,7 +212,7 @@ class Speculation:
             del seq.spec_token_ids[self.valid_drafts(seq, seq.spec_token_ids) :]
 
     def _hits(self) -> int:
-        return self.proposer.last_ahead_hits if isinstance(self.proposer, ReportsAheadHits) else 0
+        return self.proposer.last_ahead_hits if self._reports_hits else 0  # type: ignore[attr-defined]
 
     def _observe_round(self, ks: list[int], seconds: float, channel_s: float, hits: int) -> None:
         self.stats.observe_round(ks, seconds, channel_s, hits)
@@ -213,9 +220,9 @@ class Speculation:
 
     # ---- overlap: a plain step rather than a wait (speculative.draft_overlap) ----------------------
     def _overlapping(self) -> bool:
-        if not isinstance(self.proposer, Overlaps):
+        if not self._overlaps:
             return False
-        return self.proposer.drafts_ahead if self.overlap is None else self.overlap
+        return self.proposer.drafts_ahead if self.overlap is None else self.overlap  # type: ignore[attr-defined]
 
     def _propose_overlapped(self, chosen: list[tuple[Sequence, int]], running: list[Sequence]) -> None:
         """Each sequence verifies drafts it already has, if the tokens since they were drafted are their
@@ -225,8 +232,7 @@ class Speculation:
         the draft has not finished by then: one round pending at a time. Where more than
         OVERLAP_MAX_SEQS sequences draft this step, their round waits for its reply (measured: a batch
         lost)."""
-        proposer = self.proposer
-        assert isinstance(proposer, Overlaps)
+        proposer: Overlaps = self.proposer  # type: ignore[assignment]
         t0 = time.perf_counter()
         channel_s, asked, hits = 0.0, [], 0
         try:
@@ -256,7 +262,7 @@ class Speculation:
                     self._fastest_reply_s = min(self._fastest_reply_s, time.perf_counter() - sent)
                     self._absorb(reply, {s.seq_id for s in running})
                     hits = self._hits()
-                    channel_s = proposer.last_channel_s if isinstance(proposer, ReportsChannelTime) else 0.0
+                    channel_s = self.proposer.last_channel_s if self._reports_channel else 0.0  # type: ignore[attr-defined]
                     for seq, k in need:
                         self._use(seq, self._drafts_now(seq, k))
         except ProposerUnavailable:
@@ -273,8 +279,7 @@ class Speculation:
         its sequences' drafts kept for the steps after the plain step that ran meanwhile (only those of
         `live` sequences, if given). A pending round no sequence of a step can use is left to be
         replaced by the next one (its late reply is dropped)."""
-        assert isinstance(self.proposer, Overlaps)
-        self._absorb(self.proposer.collect(float("inf")), live)
+        self._absorb(self.proposer.collect(float("inf")), live)  # type: ignore[attr-defined]
         self.stats.observe_overlap(rounds=1, ahead_hits=self._hits())
 
     def _absorb(self, drafts: list[list[int]] | None, live: set[str] | None) -> None:
