@@ -246,7 +246,8 @@ def test_a_deeper_k_asked_on_a_hit_sets_the_next_ahead_s_depth(draft_dir: Path) 
     asked), and the next drafts made ahead go as deep as the round asked."""
     ahead, oracle = make_runner(draft_dir), make_runner(draft_dir)
     first = [ProposeRequest("s", 0, [4, 9, 2, 7], 2)]
-    assert (d := ahead.propose(first)[0]) == oracle.propose(first)[0]
+    d = ahead.propose(first)[0]
+    assert d == oracle.propose(first)[0]
     held = 4
     for k, made in ((5, 2), (5, 5)):  # the ahead depth follows the last round's k
         ahead.draft_ahead()
