@@ -27,7 +27,8 @@ through ZMQ's ipc with neither end spinning, the channel before 2026-11-29; `ser
 server drafting the next round during the verify, speculative.draft_ahead, with a draft of zero weights
 whose one repeated token the synthetic rule takes for the target's next token at rate A;
 `server-overlap=SHAPE`: that, with the engine stepping plain rather than waiting for the draft,
-speculative.draft_overlap, a plain step writing the draft's first token at rate A). Several
+speculative.draft_overlap, a plain step writing the draft's first token at rate A; SHAPE/N, e.g.
+`llama3.2-1b/32768`: the draft's head over the first N token ids, a draft vocabulary as EAGLE-3's). Several
 proposers, comma-separated, run in turn on the same engine, beside one plain row (e.g.
 `repeat,server=llama3.2-1b`: the free drafts' ceiling beside a real draft's cost). `inproc=SHAPE` runs
 the same draft in the engine's process, as `speculative.placement.in_engine` does: on its GPU, in its
@@ -166,7 +167,13 @@ class RandomDraft:
     with no channel."""
 
     def __init__(
-        self, shape: str, where: str, config: FuserveConfig, engine: LLMEngine, gpu: str | None
+        self,
+        shape: str,
+        where: str,
+        config: FuserveConfig,
+        engine: LLMEngine,
+        gpu: str | None,
+        vocab: int | None = None,
     ) -> None:
         from bench_spec_channel import LLAMA32_1B, TINY
 
@@ -188,6 +195,15 @@ class RandomDraft:
             "max_model_len": engine.max_model_len,
             "dtype": config.model.dtype,
         }
+        self.vocab = vocab
+        if vocab is not None:  # its head over the first `vocab` token ids (subset_head.py), as EAGLE-3's 32k
+            import tempfile
+
+            from fuserve.speculative.subset_head import write_vocab_file
+
+            folder = Path(tempfile.mkdtemp(prefix="draft-vocab-"))
+            write_vocab_file(folder, torch.arange(vocab), f"bench_spec --draft-vocab {vocab}: the first ids")
+            draft["path"] = str(folder)
         device = engine.device.type
         placement = {"device": device, "num_gpus": 0.5}
         spec: dict[str, Any] = {"method": "draft", "draft": draft, "placement": placement}
@@ -243,8 +259,9 @@ def make_proposer(
 ) -> Proposer:
     where, _, shape = name.partition("=")
     if where in ("server", "server-zmq", "server-ahead", "server-overlap", "inproc"):
+        shape, _, vocab = shape.partition("/")  # SHAPE/N: a head over the first N token ids
         if name not in drafts:
-            drafts[name] = RandomDraft(shape, where, config, engine, draft_gpu)
+            drafts[name] = RandomDraft(shape, where, config, engine, draft_gpu, int(vocab) if vocab else None)
         return drafts[name].proposer
     if name == "ngram":
         return NgramProposer(spec.ngram_min, spec.ngram_max)
@@ -555,6 +572,7 @@ def main() -> None:
                 )
                 if proposer_name in drafts:
                     label["placement"] = drafts[proposer_name].placement
+                    label["draft_vocab"] = drafts[proposer_name].vocab  # None: the whole vocabulary
                 row = run_variant(llm, args, label, speculation, batches, warmup, params)
                 row["speedup"] = row["tok_s"] / plain["tok_s"]
                 rows.append(row)

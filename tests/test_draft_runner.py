@@ -297,3 +297,21 @@ def test_ahead_drafts_stopped_by_a_round_serve_as_far_as_they_got(
     assert len(got) == (3 if forwards == 1 else 1)  # drafted afresh, or answered with the one made ahead
     nxt = [ProposeRequest("s", 4 + len(d) + 1, [*got, 11], 2)]
     assert ahead.propose(nxt) == oracle.propose(nxt)
+
+
+def test_a_dummy_draft_reads_the_vocabulary_file_in_its_path(draft_dir: Path, tmp_path: Path) -> None:
+    """Random weights (benchmarks) with a vocabulary subset: `path` beside `load_format: dummy` names a
+    folder of side files, and the draft's head covers that subset only."""
+    import json
+
+    write_vocab_file(tmp_path, SUBSET, "90 of 300 tokens, at random")
+    hf_config = json.loads((draft_dir / "config.json").read_text())
+    model = ModelConfig(
+        load_format="dummy", hf_config=hf_config, path=str(tmp_path), device="cpu", dtype="float32"
+    )
+    runner = DraftRunner(
+        model, DraftPlacementConfig(device="cpu"), CacheConfig(block_size=4, num_blocks=64), KernelConfig()
+    )
+    assert runner.head is not None and runner.head.token_ids.tolist() == SUBSET.tolist()
+    [drafts] = runner.propose([ProposeRequest("s", 0, [5, 6, 7], 4)])
+    assert len(drafts) == 4 and set(drafts) <= set(SUBSET.tolist())

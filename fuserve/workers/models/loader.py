@@ -55,9 +55,10 @@ def find_package_gguf(package: str) -> Path:
 
 
 def resolve_source(cfg: ModelConfig) -> ModelSource:
-    if cfg.load_format == "dummy":
+    if cfg.load_format == "dummy":  # a `path` beside it is a folder of side files only (a draft's vocabulary)
         assert cfg.hf_config is not None
-        return ModelSource("dummy", None, dict(cfg.hf_config), cfg.name or "dummy")
+        side = Path(cfg.path) if cfg.path else None
+        return ModelSource("dummy", side, dict(cfg.hf_config), cfg.name or "dummy")
     if is_shipped(cfg.path):  # a draft fuserve ships: its materialized model folder
         path = resolve_shipped(cfg.path or "")
     else:
