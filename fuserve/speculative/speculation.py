@@ -236,7 +236,8 @@ class Speculation:
         t0 = time.perf_counter()
         channel_s, asked, hits = 0.0, [], 0
         try:
-            if proposer.pending and any(r.seq_id in {s.seq_id for s, _ in chosen} for r in self._sent):
+            drafting = {s.seq_id for s, _ in chosen}
+            if proposer.pending and any(r.seq_id in drafting for r in self._sent):
                 self.collect_pending({s.seq_id for s in running})  # sent before the plain step just run
             need = []
             for seq, k in chosen:
