@@ -132,7 +132,7 @@ class SyntheticAcceptance(Speculation):
         if self.guess_bonus and drafts and a == len(drafts) and self.rng.random() < self.acceptance:
             self.bonus[item.seq.seq_id] = drafts[-1]
         self.stats.observe_verify(len(drafts), a)
-        self.adaptive_k.observe_verify(item.seq.seq_id, len(drafts), a)
+        self.observe_kept(item.seq.seq_id, len(drafts), a)
         return list(range(a + 1))
 
 

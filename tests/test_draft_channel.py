@@ -439,6 +439,7 @@ class SlowReplies:
         self.runner = runner
         self.drafts_ahead = True
         self._requests: list[ProposeRequest] | None = None
+        self.short_waits: list[float] = []  # each round's wait for an answer drafted ahead
 
     @property
     def pending(self) -> bool:
@@ -449,6 +450,7 @@ class SlowReplies:
 
     def collect(self, wait_s: float, spin: bool = False) -> list[list[int] | None] | None:
         if wait_s != float("inf"):
+            self.short_waits.append(wait_s)
             return None
         requests, self._requests = self._requests, None
         return self.runner.propose(requests)
@@ -492,8 +494,13 @@ def test_an_overlapping_engine_steps_plain_while_the_draft_works_and_writes_the_
     runner = DraftRunner(
         model, DraftPlacementConfig(device="cpu"), CacheConfig(block_size=4, num_blocks=128), KernelConfig()
     )
-    got, spec = _overlap_run(config, SlowReplies(runner))
+    slow = SlowReplies(runner)
+    got, spec = _overlap_run(config, slow)
     assert got == want
+    # a round waits for an answer drafted ahead only after a verify that kept every draft (the round the
+    # draft guessed); a new sequence's first round, or one after a plain step, cannot be one
+    waited = [w for w in slow.short_waits if w > 0]
+    assert 0 < len(waited) < len(slow.short_waits) if draft == "target-copy" else not waited
     counters = spec.snapshot()
     assert counters.num_rounds_overlapped >= 20  # a round, a plain step, then (target-copy) the rest verified
     if draft == "target-copy":

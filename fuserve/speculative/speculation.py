@@ -118,6 +118,8 @@ class Speculation:
         self._drafted: dict[str, tuple[int, list[int]]] = {}  # overlap: seq id -> (its length then, drafts)
         self._sent: list[ProposeRequest] = []  # overlap: the round submitted and not collected
         self._fastest_reply_s = HIT_WAIT_MAX_S / 3  # overlap: the quickest reply seen (a round drafted ahead)
+        # overlap: sequences whose next round may have been drafted ahead (their last verify kept all)
+        self._may_hit: dict[str, bool] = {}
 
     # ---- before the step ------------------------------------------------------------------------
     @staticmethod
@@ -256,11 +258,16 @@ class Speculation:
                 sent = time.perf_counter()
                 proposer.submit(self._sent)
                 wait_s = min(max(3 * self._fastest_reply_s, HIT_WAIT_MIN_S), HIT_WAIT_MAX_S)
+                if not any(self._may_hit.get(seq.seq_id, False) for seq, _ in need):
+                    wait_s = 0.0  # no answer can be ready: the draft guessed a round these did not send
                 if len(chosen) > OVERLAP_MAX_SEQS:
                     wait_s = float("inf")  # a batch waits for its drafts, as without overlap
                 reply = proposer.collect(wait_s, spin=wait_s <= HIT_WAIT_MAX_S)
+                for seq, _ in need:  # next: a plain step, or drafts the draft had not guessed
+                    self._may_hit[seq.seq_id] = False
                 if reply is not None:
-                    self._fastest_reply_s = min(self._fastest_reply_s, time.perf_counter() - sent)
+                    if wait_s > 0:
+                        self._fastest_reply_s = min(self._fastest_reply_s, time.perf_counter() - sent)
                     self._absorb(reply, {s.seq_id for s in running})
                     hits = self._hits()
                     channel_s = self.proposer.last_channel_s if self._reports_channel else 0.0  # type: ignore[attr-defined]
@@ -337,6 +344,8 @@ class Speculation:
         live = {s.seq_id for s in running}
         for seq_id in [s for s in self._drafted if s not in live]:
             del self._drafted[seq_id]
+        for seq_id in [s for s in self._may_hit if s not in live]:
+            del self._may_hit[seq_id]
         gone = [seq_id for seq_id in self._held if seq_id not in live]
         if gone:
             for seq_id in gone:
@@ -362,8 +371,14 @@ class Speculation:
             rows = list(range(len(accepted_run(row_tokens, item.spec_token_ids))))
         num_drafts, num_accepted = len(item.spec_token_ids), len(rows) - 1
         self.stats.observe_verify(num_drafts, num_accepted, len(item.spec_alt_ids), rows[-1] > num_drafts)
-        self.adaptive_k.observe_verify(item.seq.seq_id, num_drafts, num_accepted)
+        self.observe_kept(item.seq.seq_id, num_drafts, num_accepted)
         return rows
+
+    def observe_kept(self, seq_id: str, num_drafts: int, num_accepted: int) -> None:
+        """A verify's outcome for adaptive k, and for overlap whether the next round can be one the draft
+        drafted ahead: only after a verify that kept every draft (what drafting ahead assumes)."""
+        self.adaptive_k.observe_verify(seq_id, num_drafts, num_accepted)
+        self._may_hit[seq_id] = num_accepted == num_drafts
 
     def observe_step(self, out: SchedulerOutput, seconds: float) -> None:
         """A completed step's time, less its proposer round, for the cost fit and the stats."""
