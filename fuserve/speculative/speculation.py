@@ -31,6 +31,7 @@ from fuserve.core_messages import SpecCounters
 from fuserve.speculative.adaptive_k import AdaptiveK
 from fuserve.speculative.alternatives import kept_rows
 from fuserve.speculative.feature_store import FeatureStore
+from fuserve.speculative.overlap import HIT_WAIT_MAX_S, OverlapDrafts
 from fuserve.speculative.proposer import (
     Proposer,
     ProposeRequest,
@@ -45,12 +46,6 @@ from fuserve.workers.scheduler import ScheduledSeq, SchedulerOutput
 from fuserve.workers.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 EXPLORE_EVERY = 16  # with adaptive k, every 16th step drafts nothing (the plain step's cost)
-# overlap: how long a step waits for a reply before it steps plain (3x the quickest reply, within these)
-HIT_WAIT_MIN_S = 2e-4
-HIT_WAIT_MAX_S = 1e-3
-# overlap steps plain only for a round of at most this many sequences: at batch 8 (an 8B-shape target, a
-# 1B-shape draft on a second H200) it lost to waiting, 0.97-1.05x against 1.09-1.14x at acceptance 0.7
-OVERLAP_MAX_SEQS = 1
 
 
 @runtime_checkable
@@ -115,11 +110,7 @@ class Speculation:
         self._round_s = 0.0  # the last round's time, taken out of its step's time
         self._rounds = 0
         self.overlap = config.draft_overlap  # None: as the draft says (Overlaps.drafts_ahead)
-        self._drafted: dict[str, tuple[int, list[int]]] = {}  # overlap: seq id -> (its length then, drafts)
-        self._sent: list[ProposeRequest] = []  # overlap: the round submitted and not collected
-        self._fastest_reply_s = HIT_WAIT_MAX_S / 3  # overlap: the quickest reply seen (a round drafted ahead)
-        # overlap: sequences whose next round may have been drafted ahead (their last verify kept all)
-        self._may_hit: dict[str, bool] = {}
+        self._kept = OverlapDrafts()  # overlap's drafts of rounds read after a plain step
 
     # ---- before the step ------------------------------------------------------------------------
     @staticmethod
@@ -184,7 +175,7 @@ class Speculation:
             drafts = self.proposer.propose(requests)
         except ProposerUnavailable:
             self._held.clear()  # its state may be gone: send everything when it is back
-            self._drafted.clear()
+            self._kept.clear()
             return
         self._round_s = time.perf_counter() - t0
         alternatives = self.proposer.last_alternatives if self.second_best else [[]] * len(chosen)
@@ -231,52 +222,47 @@ class Speculation:
         head (the plain steps run meanwhile took the draft's guesses); the others go out in one round,
         whose reply this step takes only if it comes at once (the draft had drafted it ahead). Otherwise
         they step plain while the draft works, and the next step reads the reply, waiting only for what
-        the draft has not finished by then: one round pending at a time. Where more than
-        OVERLAP_MAX_SEQS sequences draft this step, their round waits for its reply (measured: a batch
-        lost)."""
+        the draft has not finished by then: one round pending at a time (overlap.py keeps the drafts).
+        Where more than OVERLAP_MAX_SEQS sequences draft this step, their round waits for its reply
+        (measured: a batch lost)."""
         proposer: Overlaps = self.proposer  # type: ignore[assignment]
+        kept = self._kept
         t0 = time.perf_counter()
         channel_s, asked, hits = 0.0, [], 0
         try:
             drafting = {s.seq_id for s, _ in chosen}
-            if proposer.pending and any(r.seq_id in drafting for r in self._sent):
+            if proposer.pending and any(r.seq_id in drafting for r in kept.sent):
                 self.collect_pending({s.seq_id for s in running})  # sent before the plain step just run
             need = []
             for seq, k in chosen:
-                drafts = self._drafts_now(seq, k)
+                drafts = kept.drafts_now(seq, k)
                 if drafts:
                     self._use(seq, drafts)
-                    across = seq.num_tokens > self._drafted[seq.seq_id][0]  # made before a plain step
-                    self.stats.observe_overlap(drafted_across=int(across))
+                    self.stats.observe_overlap(drafted_across=int(kept.made_before_a_plain_step(seq)))
                 else:
                     need.append((seq, k))
             if need:
-                self._sent = [self._request(seq, k) for seq, k in need]
+                kept.sent = [self._request(seq, k) for seq, k in need]
                 for seq, _ in need:
                     self._held[seq.seq_id] = seq.num_tokens
-                asked = [r.k for r in self._sent]
+                asked = [r.k for r in kept.sent]
                 sent = time.perf_counter()
-                proposer.submit(self._sent)
-                wait_s = min(max(3 * self._fastest_reply_s, HIT_WAIT_MIN_S), HIT_WAIT_MAX_S)
-                if not any(self._may_hit.get(seq.seq_id, False) for seq, _ in need):
-                    wait_s = 0.0  # no answer can be ready: the draft guessed a round these did not send
-                if len(chosen) > OVERLAP_MAX_SEQS:
-                    wait_s = float("inf")  # a batch waits for its drafts, as without overlap
+                proposer.submit(kept.sent)
+                wait_s = kept.wait_s([seq.seq_id for seq, _ in need], len(chosen))
                 reply = proposer.collect(wait_s, spin=wait_s <= HIT_WAIT_MAX_S)
                 for seq, _ in need:  # next: a plain step, or drafts the draft had not guessed
-                    self._may_hit[seq.seq_id] = False
+                    kept.may_hit[seq.seq_id] = False
                 if reply is not None:
                     if wait_s > 0:
-                        self._fastest_reply_s = min(self._fastest_reply_s, time.perf_counter() - sent)
+                        kept.fastest_reply_s = min(kept.fastest_reply_s, time.perf_counter() - sent)
                     self._absorb(reply, {s.seq_id for s in running})
                     hits = self._hits()
                     channel_s = self.proposer.last_channel_s if self._reports_channel else 0.0  # type: ignore[attr-defined]
                     for seq, k in need:
-                        self._use(seq, self._drafts_now(seq, k))
+                        self._use(seq, kept.drafts_now(seq, k))
         except ProposerUnavailable:
             self._held.clear()  # its state may be gone: send everything when it is back
-            self._drafted.clear()
-            self._sent = []
+            kept.clear()
             return
         self._round_s = time.perf_counter() - t0
         if asked:
@@ -290,38 +276,15 @@ class Speculation:
         self._absorb(self.proposer.collect(float("inf")), live)  # type: ignore[attr-defined]
         self.stats.observe_overlap(rounds=1, ahead_hits=self._hits())
 
-    def _absorb(self, drafts: list[list[int]] | None, live: set[str] | None) -> None:
-        """The collected round's drafts, each kept with the length its sequence had when they were asked
-        for (what they follow)."""
+    def _absorb(self, drafts: list[list[int] | None] | None, live: set[str] | None) -> None:
         assert drafts is not None
-        for req, proposed in zip(self._sent, drafts, strict=True):
-            if live is not None and req.seq_id not in live:
-                continue
-            if proposed is None:  # the proposer no longer holds it (evicted): all of it next round
-                self._held[req.seq_id] = 0
-                self._drafted.pop(req.seq_id, None)
-                continue
-            self._drafted[req.seq_id] = (req.start + len(req.token_ids), list(proposed))
-        self._sent = []
-
-    def _drafts_now(self, seq: Sequence, k: int) -> list[int]:
-        """Up to k of the sequence's collected drafts that still apply: the tokens it gained since they
-        were drafted (plain steps, a verify) are their first ones, and some are left after those."""
-        entry = self._drafted.get(seq.seq_id)
-        if entry is None:
-            return []
-        at, drafts = entry
-        end = seq.settled_end()  # before the placeholder of a step in flight (expected_token's case)
-        gained = end - at
-        if gained < 0 or gained >= len(drafts) or seq.token_ids[at:end] != drafts[:gained]:
-            del self._drafted[seq.seq_id]
-            return []
-        return drafts[gained : gained + k]
+        for seq_id in self._kept.absorb(drafts, live):  # the proposer no longer holds it: all next round
+            self._held[seq_id] = 0
 
     def expected_token(self, seq: Sequence) -> int | None:
         """With overlap, the draft's guess for the token the sequence's next step writes (None if it has
-        none): what the step must write for the collected drafts after it to apply."""
-        drafts = self._drafts_now(seq, 1)
+        none): what the step must write for the kept drafts after it to apply."""
+        drafts = self._kept.drafts_now(seq, 1)
         return drafts[0] if drafts else None
 
     @staticmethod
@@ -342,15 +305,11 @@ class Speculation:
 
     def _release_gone(self, running: list[Sequence]) -> None:
         live = {s.seq_id for s in running}
-        for seq_id in [s for s in self._drafted if s not in live]:
-            del self._drafted[seq_id]
-        for seq_id in [s for s in self._may_hit if s not in live]:
-            del self._may_hit[seq_id]
+        self._kept.forget(live)
         gone = [seq_id for seq_id in self._held if seq_id not in live]
         if gone:
             for seq_id in gone:
                 del self._held[seq_id]
-                self._drafted.pop(seq_id, None)
                 self.adaptive_k.forget(seq_id)
             self.proposer.release(gone)
 
@@ -378,7 +337,7 @@ class Speculation:
         """A verify's outcome for adaptive k, and for overlap whether the next round can be one the draft
         drafted ahead: only after a verify that kept every draft (what drafting ahead assumes)."""
         self.adaptive_k.observe_verify(seq_id, num_drafts, num_accepted)
-        self._may_hit[seq_id] = num_accepted == num_drafts
+        self._kept.may_hit[seq_id] = num_accepted == num_drafts
 
     def observe_step(self, out: SchedulerOutput, seconds: float) -> None:
         """A completed step's time, less its proposer round, for the cost fit and the stats."""
