@@ -46,7 +46,7 @@ from fuserve.speculative.draft_messages import (
     reply_decoder,
 )
 from fuserve.speculative.feature_store import FeatureRows
-from fuserve.speculative.frame_socket import FrameSocket
+from fuserve.speculative.frame_socket import FrameSocket, wait_for_frame
 from fuserve.speculative.proposer import ProposeRequest, ProposerUnavailable, feature_rows_begin
 
 log = logging.getLogger("fuserve")
@@ -86,16 +86,11 @@ class ZmqLink:
             raise OSError("its send queue is full") from err
 
     def recv(self, timeout_s: float, spin_s: float = 0.0) -> bytes | None:
-        """As FrameSocket.recv: a timeout of 0 still takes a reply that has arrived."""
-        start = time.perf_counter()
-        while True:
-            waited = time.perf_counter() - start
-            left_s = timeout_s - waited
-            wait_ms = 0 if waited < spin_s or left_s <= 0 else max(1, round(left_s * 1000))
-            if self.sock.poll(wait_ms):
-                return self.sock.recv()
-            if time.perf_counter() - start >= timeout_s:
-                return None
+        """As FrameSocket.recv."""
+        return wait_for_frame(self._take, self.sock.poll, timeout_s, spin_s)
+
+    def _take(self) -> bytes | None:
+        return self.sock.recv() if self.sock.poll(0) else None
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -289,7 +284,7 @@ class DraftProposer:
         while True:
             left_s = until - time.monotonic()
             try:
-                payload = self._link.recv(left_s, spin_s) if left_s > 0 else self._link.recv(0.0)
+                payload = self._link.recv(max(left_s, 0.0), spin_s)  # at 0: one look
             except OSError as err:
                 self._pending = None
                 self._drop(f"the connection closed ({err!r})")

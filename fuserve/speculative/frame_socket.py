@@ -16,6 +16,7 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 HEADER = struct.Struct("<I")
 
@@ -73,19 +74,10 @@ class FrameSocket:
                 return frame
 
     def recv(self, timeout_s: float, spin_s: float = 0.0) -> bytes | None:
-        """The next frame within `timeout_s` (None if none came), spinning for the first `spin_s` of
-        the wait before sleeping in the kernel. Raises ConnectionError once the other end closed."""
-        start = time.perf_counter()
-        while True:
-            frame = self.poll_frame()
-            if frame is not None:
-                return frame
-            waited = time.perf_counter() - start
-            if waited >= timeout_s:
-                return None
-            if waited < spin_s:
-                continue
-            self._poll.poll(max(1, round((timeout_s - waited) * 1000)))
+        """The next frame within `timeout_s` (None if none came; a timeout of 0 still takes one that has
+        arrived), spinning for the first `spin_s` of the wait before sleeping in the kernel. Raises
+        ConnectionError once the other end closed."""
+        return wait_for_frame(self.poll_frame, self._poll.poll, timeout_s, spin_s)
 
     def close(self) -> None:
         self.sock.close()
@@ -100,3 +92,21 @@ class FrameSocket:
         frame = bytes(self._buf[HEADER.size : end])
         del self._buf[:end]
         return frame
+
+
+def wait_for_frame(
+    take: Callable[[], bytes | None], sleep_ms: Callable[[int], object], timeout_s: float, spin_s: float
+) -> bytes | None:
+    """`take()` until it gives a frame or `timeout_s` has passed (it is asked at least once), asking again
+    at once for the first `spin_s` and then after `sleep_ms(ms)`, a wait in the kernel for the socket to
+    become readable (for at most the time left)."""
+    start = time.perf_counter()
+    while True:
+        frame = take()
+        if frame is not None:
+            return frame
+        waited = time.perf_counter() - start
+        if waited >= timeout_s:
+            return None
+        if waited >= spin_s:
+            sleep_ms(max(1, round((timeout_s - waited) * 1000)))

@@ -188,8 +188,7 @@ class Speculation:
             self._use(seq, proposed[: req.k])
             if alts and seq.params.greedy and seq.params.grammar is None:
                 seq.spec_alt_ids = self._alternatives(seq.spec_token_ids, alts)
-        channel_s = self.proposer.last_channel_s if self._reports_channel else 0.0  # type: ignore[attr-defined]
-        self._observe_round([r.k for r in requests], self._round_s, channel_s, self._hits())
+        self._observe_round([r.k for r in requests], self._round_s, self._channel_s(), self._hits())
 
     def _request(self, seq: Sequence, k: int) -> ProposeRequest:
         start = self._held.get(seq.seq_id, 0)
@@ -206,6 +205,10 @@ class Speculation:
 
     def _hits(self) -> int:
         return self.proposer.last_ahead_hits if self._reports_hits else 0  # type: ignore[attr-defined]
+
+    def _channel_s(self) -> float:
+        """Of the last round's seconds, the channel's round trip (0 for a proposer without one)."""
+        return self.proposer.last_channel_s if self._reports_channel else 0.0  # type: ignore[attr-defined]
 
     def _observe_round(self, ks: list[int], seconds: float, channel_s: float, hits: int) -> None:
         self.stats.observe_round(ks, seconds, channel_s, hits)
@@ -229,10 +232,11 @@ class Speculation:
         kept = self._kept
         t0 = time.perf_counter()
         channel_s, asked, hits = 0.0, [], 0
+        live = {s.seq_id for s in running}
         try:
             drafting = {s.seq_id for s, _ in chosen}
             if proposer.pending and any(r.seq_id in drafting for r in kept.sent):
-                self.collect_pending({s.seq_id for s in running})  # sent before the plain step just run
+                self.collect_pending(live)  # sent before the plain step just run
             need = []
             for seq, k in chosen:
                 drafts = kept.drafts_now(seq, k)
@@ -255,9 +259,9 @@ class Speculation:
                 if reply is not None:
                     if wait_s > 0:
                         kept.fastest_reply_s = min(kept.fastest_reply_s, time.perf_counter() - sent)
-                    self._absorb(reply, {s.seq_id for s in running})
+                    self._absorb(reply, live)
                     hits = self._hits()
-                    channel_s = self.proposer.last_channel_s if self._reports_channel else 0.0  # type: ignore[attr-defined]
+                    channel_s = self._channel_s()
                     for seq, k in need:
                         self._use(seq, kept.drafts_now(seq, k))
         except ProposerUnavailable:
