@@ -158,6 +158,10 @@ def keep_drafts(engine: LLMEngine) -> None:
     engine._sampled_rows = sampled_rows  # type: ignore[method-assign]
 
 
+# the served drafts that draft ahead, every weight 0 so that the synthetic rule can take their guesses
+GUESSING = ("server-ahead", "server-overlap")
+
+
 class RandomDraft:
     """A draft of random weights for the whole run (loading a 1B draft and capturing its graphs takes
     longer than a variant; it keeps no state a later variant could trip on: sequences are released as they
@@ -189,9 +193,7 @@ class RandomDraft:
             "load_format": "dummy",
             # server-ahead: every weight 0 (the same bytes read), so every draft is one token, whose
             # repetition SyntheticAcceptance can take for the target's next token
-            "hf_config": dict(shapes[shape], initializer_range=0.0)
-            if where in ("server-ahead", "server-overlap")
-            else shapes[shape],
+            "hf_config": dict(shapes[shape], initializer_range=0.0) if where in GUESSING else shapes[shape],
             "max_model_len": engine.max_model_len,
             "dtype": config.model.dtype,
         }
@@ -209,7 +211,7 @@ class RandomDraft:
         spec: dict[str, Any] = {"method": "draft", "draft": draft, "placement": placement}
         if where == "server-zmq":
             spec["channel_spin_ms"] = 0.0
-        spec["draft_ahead"] = where in ("server-ahead", "server-overlap")
+        spec["draft_ahead"] = where in GUESSING
         # a pool for every sequence at the longest length, not a share of a GPU the target already filled
         blocks = config.scheduler.max_num_seqs * -(-engine.max_model_len // config.cache.block_size)
         drafted = config.model_copy(
@@ -557,7 +559,7 @@ def main() -> None:
                 if acceptance is None:
                     speculation = Speculation(spec_cfg, proposer)
                 else:
-                    guess = proposer_name.startswith(("server-ahead=", "server-overlap="))
+                    guess = proposer_name.partition("=")[0] in GUESSING
                     speculation = SyntheticAcceptance(
                         spec_cfg, proposer, acceptance, batch, guess_bonus=guess
                     )
