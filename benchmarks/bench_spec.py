@@ -27,7 +27,10 @@ through ZMQ's ipc with neither end spinning, the channel before 2026-11-29; `ser
 server drafting the next round during the verify, speculative.draft_ahead, with a draft of zero weights
 whose one repeated token the synthetic rule takes for the target's next token at rate A;
 `server-overlap=SHAPE`: that, with the engine stepping plain rather than waiting for the draft,
-speculative.draft_overlap, a plain step writing the draft's first token at rate A; SHAPE/N, e.g.
+speculative.draft_overlap, a plain step writing the draft's first token at rate A, the step after it
+planned while it runs (Speculation.propose_behind); `server-readback=SHAPE`: the same draft server, each
+plain step read back before the next step is planned (overlap before 2026-11-29's thirty-fourth
+session); SHAPE/N, e.g.
 `llama3.2-1b/32768`: the draft's head over the first N token ids, a draft vocabulary as EAGLE-3's). Several
 proposers, comma-separated, run in turn on the same engine, beside one plain row (e.g.
 `repeat,server=llama3.2-1b`: the free drafts' ceiling beside a real draft's cost). `inproc=SHAPE` runs
@@ -117,17 +120,21 @@ class SyntheticAcceptance(Speculation):
         """With overlap (speculative.draft_overlap), the token a plain step writes for a sequence holding
         drafts made before it: their first with probability `acceptance` (a draft accepted at that rate),
         else None (the target's own token, which random weights make another)."""
-        if getattr(self.proposer, "pending", False):  # the round sent before this step: its drafts now
-            t0 = time.perf_counter()
-            self.collect_pending()
-            self._round_s += time.perf_counter() - t0  # the engine's wait for it, not the plain step's
-        guess = self.expected_token(seq)
+        guess = self.guesses_behind.get(seq.seq_id)  # the next step, in flight, verifies drafts after it
+        if guess is None:
+            if getattr(self.proposer, "pending", False):  # the round sent before this step: its drafts now
+                t0 = time.perf_counter()
+                self.collect_pending()
+                self._round_s += time.perf_counter() - t0  # the engine's wait for it, not the plain step's
+            guess = self.expected_token(seq)
         return guess if guess is not None and self.rng.random() < self.acceptance else None
 
     def kept_rows(self, item: ScheduledSeq, row_tokens: list[int]) -> list[int]:
         drafts = item.spec_token_ids
         a = 0
-        while a < len(drafts) and self.rng.random() < self.acceptance:
+        # drafts after a guess the plain step before did not write (propose_behind) follow another token
+        stale = self.guess_missed(item)
+        while not stale and a < len(drafts) and self.rng.random() < self.acceptance:
             a += 1
         if self.guess_bonus and drafts and a == len(drafts) and self.rng.random() < self.acceptance:
             self.bonus[item.seq.seq_id] = drafts[-1]
@@ -159,7 +166,8 @@ def keep_drafts(engine: LLMEngine) -> None:
 
 
 # the served drafts that draft ahead, every weight 0 so that the synthetic rule can take their guesses
-GUESSING = ("server-ahead", "server-overlap")
+GUESSING = ("server-ahead", "server-overlap", "server-readback")
+OVERLAPPING = ("server-overlap", "server-readback")
 
 
 class RandomDraft:
@@ -251,6 +259,11 @@ class RandomDraft:
             self.server.stop()
 
 
+def draft_key(name: str) -> str:
+    """The draft server a proposer name runs on: server-readback shares server-overlap's."""
+    return name.replace("server-readback=", "server-overlap=", 1)
+
+
 def make_proposer(
     name: str,
     spec: SpeculativeConfig,
@@ -260,11 +273,12 @@ def make_proposer(
     draft_gpu: str | None,
 ) -> Proposer:
     where, _, shape = name.partition("=")
-    if where in ("server", "server-zmq", "server-ahead", "server-overlap", "inproc"):
+    if where in ("server", "server-zmq", "inproc", *GUESSING):
         shape, _, vocab = shape.partition("/")  # SHAPE/N: a head over the first N token ids
-        if name not in drafts:
-            drafts[name] = RandomDraft(shape, where, config, engine, draft_gpu, int(vocab) if vocab else None)
-        return drafts[name].proposer
+        key = draft_key(name)
+        if key not in drafts:
+            drafts[key] = RandomDraft(shape, where, config, engine, draft_gpu, int(vocab) if vocab else None)
+        return drafts[key].proposer
     if name == "ngram":
         return NgramProposer(spec.ngram_min, spec.ngram_max)
     if name == "repeat":
@@ -432,6 +446,7 @@ def engine_config(args: argparse.Namespace) -> dict[str, Any]:
     cfg["speculative"] = spec
     cfg["model"]["max_model_len"] += max(args.ks) + 1
     cfg.setdefault("cache", {})["enable_prefix_caching"] = False
+    cfg.setdefault("scheduler", {})["async_scheduling"] = args.async_scheduling
     return cfg
 
 
@@ -456,7 +471,7 @@ def main() -> None:
         "--proposer",
         default=None,
         help="ngram, repeat (synthetic), draft=PATH, server=SHAPE, server-zmq=SHAPE, server-ahead=SHAPE, "
-        "server-overlap=SHAPE, "
+        "server-overlap=SHAPE, server-readback=SHAPE, "
         "inproc=SHAPE, module:function; several comma-separated",
     )
     ap.add_argument(
@@ -470,6 +485,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument(
         "--synthetic-acceptance", default=None, help="e.g. 0.5,0.7,0.9: BENCHMARK-ONLY verification"
+    )
+    ap.add_argument(
+        "--async-scheduling",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="scheduler.async_scheduling (auto: on a GPU); `on` plans steps behind plain ones on the CPU too",
     )
     ap.add_argument("--smoke", action="store_true", help="tiny model, a few tokens: the script still runs")
     ap.add_argument(
@@ -552,7 +573,7 @@ def main() -> None:
                         adaptive=adaptive,
                         draft_confidence=args.draft_confidence,
                         second_best=args.second_best,
-                        draft_overlap=proposer_name.startswith("server-overlap="),
+                        draft_overlap=proposer_name.partition("=")[0] in OVERLAPPING,
                     )
                 )
                 proposer = make_proposer(proposer_name, spec_cfg, config, llm.engine, drafts, args.draft_gpu)
@@ -563,6 +584,8 @@ def main() -> None:
                     speculation = SyntheticAcceptance(
                         spec_cfg, proposer, acceptance, batch, guess_bonus=guess
                     )
+                if proposer_name.startswith("server-readback="):  # each plain step read back first
+                    speculation.propose_behind = lambda running: False  # type: ignore[method-assign]
                 label = dict(
                     base,
                     proposer=proposer_name,
@@ -572,9 +595,10 @@ def main() -> None:
                     draft_confidence=args.draft_confidence,
                     second_best=args.second_best,
                 )
-                if proposer_name in drafts:
-                    label["placement"] = drafts[proposer_name].placement
-                    label["draft_vocab"] = drafts[proposer_name].vocab  # None: the whole vocabulary
+                served = drafts.get(draft_key(proposer_name))
+                if served is not None:
+                    label["placement"] = served.placement
+                    label["draft_vocab"] = served.vocab  # None: the whole vocabulary
                 row = run_variant(llm, args, label, speculation, batches, warmup, params)
                 row["speedup"] = row["tok_s"] / plain["tok_s"]
                 rows.append(row)

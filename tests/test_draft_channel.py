@@ -30,6 +30,7 @@ from fuserve.speculative.draft_runner import DraftRunner
 from fuserve.speculative.draft_server import DraftServer, start_draft_server
 from fuserve.speculative.frame_socket import FrameSocket
 from fuserve.speculative.proposer import ProposeRequest, ProposerUnavailable
+from fuserve.speculative.speculation import Speculation
 
 VOCAB = 300
 TIMEOUT_S = 2.0  # generous: a loaded 2-core box; the fallback's timing is checked against it
@@ -462,11 +463,21 @@ class SlowReplies:
         self.runner.release(seq_ids)
 
 
-def _overlap_run(config: FuserveConfig, proposer: object, **spec: object) -> tuple[list[list[int]], object]:
+def _overlap_run(
+    config: FuserveConfig, proposer: object, async_scheduling: str = "auto", **spec: object
+) -> tuple[list[list[int]], object]:
     from fuserve import LLM, SamplingParams
     from fuserve.speculative.speculation import Speculation
 
-    llm = LLM(config_from_dict({"model": config.model.model_dump(), "cache": config.cache.model_dump()}))
+    llm = LLM(
+        config_from_dict(
+            {
+                "model": config.model.model_dump(),
+                "cache": config.cache.model_dump(),
+                "scheduler": {"async_scheduling": async_scheduling},
+            }
+        )
+    )
     if proposer is not None:
         update = {"num_speculative_tokens": 3, "adaptive": False, **spec}
         llm.engine.speculation = Speculation(config.speculative.model_copy(update=update), proposer)
@@ -477,14 +488,17 @@ def _overlap_run(config: FuserveConfig, proposer: object, **spec: object) -> tup
     return [o.outputs[0].token_ids for o in outs], llm.engine.speculation
 
 
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
 @pytest.mark.parametrize("draft", ["target-copy", "other"])
 def test_an_overlapping_engine_steps_plain_while_the_draft_works_and_writes_the_target_s_tokens(
-    config: FuserveConfig, draft: str
+    config: FuserveConfig, draft: str, async_scheduling: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """speculative.draft_overlap with every reply late: at batch 1 each round's drafts come after a
     plain step, and serve the next step when that step wrote their first (the target's own copy as
-    draft: nearly always); otherwise they are dropped and a new round goes out. A batch of four waits
-    for its drafts. Greedy output is the plain run's."""
+    draft: nearly always); otherwise they are dropped and a new round goes out. With async scheduling
+    the next step is planned while the plain step runs, its drafts following the draft's guess for the
+    plain step's token (rejected where that guess was wrong: `other`). A batch of four waits for its
+    drafts. Greedy output is the plain run's."""
     from fuserve.configs import CacheConfig, DraftPlacementConfig, KernelConfig
 
     want, _ = _overlap_run(config, None)
@@ -495,8 +509,17 @@ def test_an_overlapping_engine_steps_plain_while_the_draft_works_and_writes_the_
         model, DraftPlacementConfig(device="cpu"), CacheConfig(block_size=4, num_blocks=128), KernelConfig()
     )
     slow = SlowReplies(runner)
-    got, spec = _overlap_run(config, slow)
+    behind: list[bool] = []  # each step planned behind a plain step in flight: whether it verifies drafts
+    propose_behind = Speculation.propose_behind
+
+    def spy(self: Speculation, running: list) -> bool:
+        behind.append(propose_behind(self, running))
+        return behind[-1]
+
+    monkeypatch.setattr(Speculation, "propose_behind", spy)
+    got, spec = _overlap_run(config, slow, async_scheduling)
     assert got == want
+    assert sum(behind) >= 10 if async_scheduling == "on" else not behind
     # a round waits for an answer drafted ahead only after a verify that kept every draft (the round the
     # draft guessed); a new sequence's first round, or one after a plain step, cannot be one
     waited = [w for w in slow.short_waits if w > 0]
@@ -507,10 +530,13 @@ def test_an_overlapping_engine_steps_plain_while_the_draft_works_and_writes_the_
         assert counters.num_drafted_across >= 16 and counters.num_accepted >= 32
 
 
-def test_an_overlapping_engine_through_a_draft_server_that_drafts_ahead(config: FuserveConfig) -> None:
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_an_overlapping_engine_through_a_draft_server_that_drafts_ahead(
+    config: FuserveConfig, async_scheduling: str
+) -> None:
     """The real channel and a server drafting ahead (the target's own copy as draft, so its guesses
     hold): draft_overlap unset follows the server's word (it drafts ahead), and the output is the
-    plain run's."""
+    plain run's, with the steps after plain steps planned before those are read back or not."""
     from fuserve.configs import CacheConfig, DraftPlacementConfig, KernelConfig
 
     want, _ = _overlap_run(config, None)
@@ -523,7 +549,7 @@ def test_an_overlapping_engine_through_a_draft_server_that_drafts_ahead(config: 
         proposer = DraftProposer(lambda: server.address, TIMEOUT_S)
         try:
             assert proposer.wait_connected(10)
-            got, spec = _overlap_run(config, proposer)
+            got, spec = _overlap_run(config, proposer, async_scheduling)
             assert proposer.drafts_ahead and spec._overlapping()
             assert got == want
             counters = spec.stats.snapshot()

@@ -111,6 +111,8 @@ class Speculation:
         self._rounds = 0
         self.overlap = config.draft_overlap  # None: as the draft says (Overlaps.drafts_ahead)
         self._kept = OverlapDrafts()  # overlap's drafts of rounds read after a plain step
+        # seq id -> the draft's guess for the token in flight that its drafts this step follow
+        self.guesses_behind: dict[str, int] = {}
 
     # ---- before the step ------------------------------------------------------------------------
     @staticmethod
@@ -272,6 +274,52 @@ class Speculation:
         if asked:
             self._observe_round(asked, self._round_s, channel_s, hits)
 
+    def propose_behind(self, running: list[Sequence]) -> bool:
+        """With overlap, drafts for the step after the plain step in flight, set before its token is read
+        back: the round sent with the plain step drafted from before that token, and its first draft is
+        the draft's guess for it, so the drafts after the guess follow the token on the device. Where the
+        plain step wrote another token they are verified all the same (exact whatever they follow) and
+        rejected like any wrong draft: a verify spent for one token, against the host time between steps
+        that the plain step no longer waits for (the engine plans the next step as with async plain steps).
+        A lone sequence only (where overlap steps plain: OVERLAP_MAX_SEQS), without a grammar (which checks
+        drafts on the host).
+        Returns whether it set drafts."""
+        if len(running) != 1 or not self._overlapping() or self.features is not None:
+            return False
+        seq = running[0]
+        if (
+            seq.status is not SequenceStatus.RUNNING
+            or seq.token_ids[-1] != PLACEHOLDER
+            or seq.num_computed_tokens != seq.num_tokens - 1
+            or seq.params.grammar is not None
+            or not self.can_draft(seq)
+        ):
+            return False
+        (k,) = self._choose_k([seq], len(running))
+        if k <= 0:
+            return False
+        t0 = time.perf_counter()
+        try:
+            if self.proposer.pending and any(r.seq_id == seq.seq_id for r in self._kept.sent):  # type: ignore[attr-defined]
+                self.collect_pending({seq.seq_id})
+        except ProposerUnavailable:
+            self._held.clear()
+            self._kept.clear()
+            return False
+        self._round_s = time.perf_counter() - t0
+        drafts = self._kept.drafts_now(seq, k + 1)  # the guess for the token in flight, then k after it
+        if len(drafts) < 2:
+            return False
+        self.guesses_behind[seq.seq_id] = drafts[0]
+        self._use(seq, drafts[1:])
+        self.stats.observe_overlap(drafted_across=1)
+        return True
+
+    def guess_missed(self, item: ScheduledSeq) -> bool:
+        """Whether the item's drafts followed a guess (propose_behind) that its plain step did not write."""
+        guess = self.guesses_behind.pop(item.seq.seq_id, None)
+        return guess is not None and item.seq.token_ids[item.start] != guess
+
     def collect_pending(self, live: set[str] | None = None) -> None:
         """The pending round's reply, waited for (at most the channel's timeout: ProposerUnavailable);
         its sequences' drafts kept for the steps after the plain step that ran meanwhile (only those of
@@ -310,6 +358,8 @@ class Speculation:
     def _release_gone(self, running: list[Sequence]) -> None:
         live = {s.seq_id for s in running}
         self._kept.forget(live)
+        for seq_id in [s for s in self.guesses_behind if s not in live]:
+            del self.guesses_behind[seq_id]
         gone = [seq_id for seq_id in self._held if seq_id not in live]
         if gone:
             for seq_id in gone:
@@ -333,6 +383,7 @@ class Speculation:
         else:
             rows = list(range(len(accepted_run(row_tokens, item.spec_token_ids))))
         num_drafts, num_accepted = len(item.spec_token_ids), len(rows) - 1
+        self.guess_missed(item)
         self.stats.observe_verify(num_drafts, num_accepted, len(item.spec_alt_ids), rows[-1] > num_drafts)
         self.observe_kept(item.seq.seq_id, num_drafts, num_accepted)
         return rows
@@ -346,6 +397,7 @@ class Speculation:
     def observe_step(self, out: SchedulerOutput, seconds: float) -> None:
         """A completed step's time, less its proposer round, for the cost fit and the stats."""
         seconds = max(seconds - self._round_s, 0.0)
+        self._round_s = 0.0  # a round behind a plain step (propose_behind) is in that step's time only
         num_drafts = sum(len(item.spec_token_ids) + len(item.spec_alt_ids) for item in out.scheduled)
         if num_drafts:
             self.stats.observe_verify_step(seconds)

@@ -293,8 +293,9 @@ class LLMEngine:
         if self._guided is not None and self._guided.has_pending:
             self._end_failed_grammars()
         if prev is not None and (not self._can_overlap() or prev[0].has_drafts):
-            return self._complete(prev)
-        if self.speculation is not None:
+            if prev[0].has_drafts or not self._drafts_behind_a_plain_step():
+                return self._complete(prev)
+        elif self.speculation is not None:
             self.speculation.propose(self.scheduler.running)
         sched_out = self.scheduler.schedule()
         if self.speculation is not None:
@@ -363,6 +364,13 @@ class LLMEngine:
         if self.speculation is not None and self.speculation.wants_drafts(self.scheduler.running):
             return False
         return not self._penalized
+
+    def _drafts_behind_a_plain_step(self) -> bool:
+        """With overlap, the step after a plain step is planned before that step is read back, like an
+        async plain step: its drafts follow the token still on the device (Speculation.propose_behind)."""
+        if self.speculation is None or self._penalized:
+            return False
+        return self.speculation.propose_behind(self.scheduler.running)
 
     def _complete(self, inflight: tuple[SchedulerOutput, SampledBatch | None]) -> list[RequestOutput]:
         sched_out, batch = inflight

@@ -231,7 +231,7 @@ class Scheduler:
         """A decode's drafts and their alternatives, as many as the token budget and the free blocks
         allow: alternatives, then drafts, are the first things a short step gives up, before any
         sequence is preempted."""
-        if not seq.spec_token_ids or n != 1 or seq.token_ids[-1] == PLACEHOLDER:
+        if not seq.spec_token_ids or n != 1:
             return [], []
         drafts = seq.spec_token_ids[: max(0, budget - n)]
         alts = seq.spec_alt_ids[: min(len(drafts), max(0, budget - n - len(drafts)))]

@@ -137,11 +137,11 @@ def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
         else:
             alts = item.spec_alt_ids
             tokens = seq.token_ids[start : start + item.num_known_tokens]
+            if tokens[-1] == PLACEHOLDER:  # drafts may follow it (Speculation.propose_behind)
+                plan.fill_positions.append(len(input_ids) + len(tokens) - 1)
+                plan.fill_rows.append(seq.pending_row)
             if drafts:
                 tokens += drafts + alts
-            if tokens[-1] == PLACEHOLDER:
-                plan.fill_positions.append(len(input_ids) + n - 1)
-                plan.fill_rows.append(seq.pending_row)
             input_ids.extend(tokens)
             if alts:  # each alternative at its draft's position, after the chain's slots
                 chain_end = start + n - len(alts)
