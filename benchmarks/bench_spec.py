@@ -156,6 +156,10 @@ def keep_drafts(engine: LLMEngine) -> None:
                 kept = sampled[i]
                 if item.spec_token_ids and isinstance(kept, list):
                     last = bonus.pop(item.seq.seq_id, kept[-1])
+                    if len(kept) == 1 and engine.speculation.has_round_pending(item.seq.seq_id):
+                        # a round sent while the step ran (redraft_missed): as after a plain step
+                        guess = engine.speculation.plain_token(item.seq)
+                        last = last if guess is None else guess
                     sampled[i] = [*item.spec_token_ids[: len(kept) - 1], last]
                 elif isinstance(kept, int) and item.samples:  # a plain step: overlap's drafts may hold
                     guess = engine.speculation.plain_token(item.seq)

@@ -516,10 +516,20 @@ def test_an_overlapping_engine_steps_plain_while_the_draft_works_and_writes_the_
         behind.append(propose_behind(self, running))
         return behind[-1]
 
+    redrafted: list[bool] = []  # each plain step read back after those: whether a new round went out
+    redraft_missed = Speculation.redraft_missed
+
+    def spy_redraft(self: Speculation, running: list) -> None:
+        redraft_missed(self, running)
+        redrafted.append(any(self.has_round_pending(s.seq_id) for s in running))
+
     monkeypatch.setattr(Speculation, "propose_behind", spy)
+    monkeypatch.setattr(Speculation, "redraft_missed", spy_redraft)
     got, spec = _overlap_run(config, slow, async_scheduling)
     assert got == want
     assert sum(behind) >= 10 if async_scheduling == "on" else not behind
+    if async_scheduling == "on" and draft == "other":  # its guesses miss: the verify behind is stale
+        assert sum(redrafted) >= 5
     # a round waits for an answer drafted ahead only after a verify that kept every draft (the round the
     # draft guessed); a new sequence's first round, or one after a plain step, cannot be one
     waited = [w for w in slow.short_waits if w > 0]

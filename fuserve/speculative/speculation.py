@@ -193,11 +193,12 @@ class Speculation:
         self._observe_round([r.k for r in requests], self._round_s, self._channel_s(), self._hits())
 
     def _request(self, seq: Sequence, k: int) -> ProposeRequest:
-        start = self._held.get(seq.seq_id, 0)
+        """The sequence's round: its tokens the proposer lacks, up to a step in flight (redraft_missed's)."""
+        start, end = self._held.get(seq.seq_id, 0), seq.settled_end()
         features = None
         if self.features is not None:
-            features = self.features.rows(seq, feature_rows_begin(start), seq.num_tokens - 1)
-        return ProposeRequest(seq.seq_id, start, seq.token_ids[start:], k, features)
+            features = self.features.rows(seq, feature_rows_begin(start), end - 1)
+        return ProposeRequest(seq.seq_id, start, seq.token_ids[start:end], k, features)
 
     def _use(self, seq: Sequence, drafts: list[int]) -> None:
         """The drafts this step verifies for the sequence, cut at the first its grammar rejects."""
@@ -248,12 +249,9 @@ class Speculation:
                 else:
                     need.append((seq, k))
             if need:
-                kept.sent = [self._request(seq, k) for seq, k in need]
-                for seq, _ in need:
-                    self._held[seq.seq_id] = seq.num_tokens
-                asked = [r.k for r in kept.sent]
+                asked = [k for _, k in need]
                 sent = time.perf_counter()
-                proposer.submit(kept.sent)
+                self._submit(need)
                 wait_s = kept.wait_s([seq.seq_id for seq, _ in need], len(chosen))
                 reply = proposer.collect(wait_s, spin=wait_s <= HIT_WAIT_MAX_S)
                 for seq, _ in need:  # next: a plain step, or drafts the draft had not guessed
@@ -300,7 +298,7 @@ class Speculation:
             return False
         t0 = time.perf_counter()
         try:
-            if self.proposer.pending and any(r.seq_id == seq.seq_id for r in self._kept.sent):  # type: ignore[attr-defined]
+            if self.has_round_pending(seq.seq_id):
                 self.collect_pending({seq.seq_id})
         except ProposerUnavailable:
             self._held.clear()
@@ -314,6 +312,40 @@ class Speculation:
         self._use(seq, drafts[1:])
         self.stats.observe_overlap(drafted_across=1)
         return True
+
+    def redraft_missed(self, running: list[Sequence]) -> None:
+        """After the plain step behind which drafts were set (propose_behind) is read back: where it did not
+        write the draft's guess, the verify in flight checks drafts that follow another token, so a new
+        round goes out now, from the token it wrote. The draft works while that verify runs, and the next
+        step reads the reply as after any plain step (its first draft a guess for the verify's token)."""
+        guesses = self.guesses_behind
+        missed = [
+            seq
+            for seq in running
+            if seq.seq_id in guesses and seq.token_ids[seq.settled_end() - 1] != guesses[seq.seq_id]
+        ]
+        rounds = [(s, k) for s, k in zip(missed, self._choose_k(missed, len(running)), strict=True) if k > 0]
+        if not rounds:
+            return
+        t0 = time.perf_counter()
+        try:
+            self._submit(rounds)
+        except ProposerUnavailable:
+            self._held.clear()
+            self._kept.clear()
+        self._round_s += time.perf_counter() - t0
+
+    def _submit(self, rounds: list[tuple[Sequence, int]]) -> None:
+        """Send one round for these (sequence, k) without reading its reply (overlap's pending round)."""
+        kept = self._kept
+        kept.sent = [self._request(seq, k) for seq, k in rounds]
+        for req in kept.sent:
+            self._held[req.seq_id] = req.start + len(req.token_ids)
+        self.proposer.submit(kept.sent)  # type: ignore[attr-defined]
+
+    def has_round_pending(self, seq_id: str) -> bool:
+        """Whether a round for the sequence was sent and its reply not read yet (overlap)."""
+        return self._overlaps and self.proposer.pending and any(r.seq_id == seq_id for r in self._kept.sent)  # type: ignore[attr-defined]
 
     def guess_missed(self, item: ScheduledSeq) -> bool:
         """Whether the item's drafts followed a guess (propose_behind) that its plain step did not write."""

@@ -292,9 +292,11 @@ class LLMEngine:
         prev, self._inflight = self._inflight, None
         if self._guided is not None and self._guided.has_pending:
             self._end_failed_grammars()
+        behind = False  # the next step's drafts follow the token of the plain step in flight
         if prev is not None and (not self._can_overlap() or prev[0].has_drafts):
             if prev[0].has_drafts or not self._drafts_behind_a_plain_step():
                 return self._complete(prev)
+            behind = True
         elif self.speculation is not None:
             self.speculation.propose(self.scheduler.running)
         sched_out = self.scheduler.schedule()
@@ -313,6 +315,8 @@ class LLMEngine:
         elif prev is None and self._guided is not None and self._guided.has_pending:
             self._guided.wait(GRAMMAR_WAIT_S)  # only compiling requests: wait for one rather than spin
         outputs = self._complete(prev) if prev is not None else []
+        if behind:
+            self.speculation.redraft_missed(self.scheduler.running)  # type: ignore[union-attr]
         if masked is not None:
             sched_out, plan, logits = masked
             batch = None
