@@ -589,7 +589,7 @@ def main() -> None:
                         spec_cfg, proposer, acceptance, batch, guess_bonus=guess
                     )
                 if proposer_name.startswith("server-readback="):  # each plain step read back first
-                    speculation.propose_behind = lambda running: False  # type: ignore[method-assign]
+                    speculation.propose_behind = lambda running, done: False  # type: ignore[method-assign]
                 label = dict(
                     base,
                     proposer=proposer_name,

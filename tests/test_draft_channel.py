@@ -432,14 +432,15 @@ def test_a_round_that_comes_while_the_server_drafts_ahead_stops_it_without_a_pau
 
 
 class SlowReplies:
-    """A real DraftRunner behind the overlap's submit / collect, whose reply never comes within a
-    step's short wait: every round is read after a plain step (the case the timing of a real channel
-    decides; here every time)."""
+    """A real DraftRunner behind the overlap's submit / collect, whose reply never comes within the short
+    wait after its round is sent, and has come by the next look: every round is read after a plain step,
+    while it runs (the case the timing of a real channel decides; here every time)."""
 
     def __init__(self, runner: DraftRunner) -> None:
         self.runner = runner
         self.drafts_ahead = True
         self._requests: list[ProposeRequest] | None = None
+        self._waited = False
         self.short_waits: list[float] = []  # each round's wait for an answer drafted ahead
 
     @property
@@ -447,10 +448,11 @@ class SlowReplies:
         return self._requests is not None
 
     def submit(self, requests: list[ProposeRequest]) -> None:
-        self._requests = requests
+        self._requests, self._waited = requests, False
 
     def collect(self, wait_s: float, spin: bool = False) -> list[list[int] | None] | None:
-        if wait_s != float("inf"):
+        if wait_s != float("inf") and not self._waited:
+            self._waited = True
             self.short_waits.append(wait_s)
             return None
         requests, self._requests = self._requests, None
@@ -512,8 +514,8 @@ def test_an_overlapping_engine_steps_plain_while_the_draft_works_and_writes_the_
     behind: list[bool] = []  # each step planned behind a plain step in flight: whether it verifies drafts
     propose_behind = Speculation.propose_behind
 
-    def spy(self: Speculation, running: list) -> bool:
-        behind.append(propose_behind(self, running))
+    def spy(self: Speculation, running: list, step_done: Callable[[], bool]) -> bool:
+        behind.append(propose_behind(self, running, step_done))
         return behind[-1]
 
     redrafted: list[bool] = []  # each plain step read back after those: whether a new round went out

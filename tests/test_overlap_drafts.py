@@ -8,7 +8,7 @@ import pytest
 from fuserve.sampling_params import SamplingParams
 from fuserve.speculative.overlap import HIT_WAIT_MAX_S, HIT_WAIT_MIN_S, OVERLAP_MAX_SEQS, OverlapDrafts
 from fuserve.speculative.proposer import ProposeRequest
-from fuserve.workers.sequence import PLACEHOLDER, Sequence
+from fuserve.workers.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 def seq(seq_id: str, tokens: list[int]) -> Sequence:
@@ -59,3 +59,59 @@ def test_a_round_waits_only_where_an_answer_may_have_been_drafted_ahead() -> Non
     kept.fastest_reply_s = 1e-5
     assert kept.wait_s(["a"], 1) == pytest.approx(HIT_WAIT_MIN_S)
     assert kept.wait_s(["a"], OVERLAP_MAX_SEQS + 1) == float("inf")  # a batch waits for its drafts
+
+
+class LateReply:
+    """An overlapping proposer whose reply to a round comes at its `after`-th look (never if None)."""
+
+    drafts_ahead = True
+
+    def __init__(self, after: int | None) -> None:
+        self.after, self.looks, self.pending = after, 0, False
+
+    def submit(self, requests: list[ProposeRequest]) -> None:
+        self.requests, self.looks, self.pending = requests, 0, True
+
+    def collect(self, wait_s: float, spin: bool = False) -> list[list[int]] | None:
+        self.looks += 1
+        if self.after is None or self.looks < self.after:
+            return None
+        self.pending = False
+        return [[7, 8, 9] for _ in self.requests]
+
+    def propose(self, requests: list[ProposeRequest]) -> list[list[int]]:
+        raise AssertionError("an overlapping engine submits and collects")
+
+    def release(self, seq_ids: list[str]) -> None:
+        pass
+
+
+@pytest.mark.parametrize("after", [None, 1, 5])
+def test_the_step_behind_a_plain_step_takes_drafts_only_if_the_reply_beats_the_step(
+    after: int | None,
+) -> None:
+    """propose_behind reads the pending round's reply only while the plain step in flight runs: a reply
+    still out when the step ends leaves the round pending (the engine reads the step back first). Drafts
+    it takes follow the draft's guess for the step's token (its first draft)."""
+    from fuserve.configs import SpeculativeConfig
+    from fuserve.speculative.speculation import Speculation
+
+    proposer = LateReply(after)
+    spec = Speculation(SpeculativeConfig(method="ngram", num_speculative_tokens=3, adaptive=False), proposer)
+    spec.overlap = True
+    s = seq("a", [1, 2, 3])
+    s.num_computed_tokens, s.status = 3, SequenceStatus.RUNNING
+    spec._submit([(s, 3)])  # the round sent with the plain step now in flight
+    s.token_ids.append(PLACEHOLDER)
+    polls: list[int] = []
+
+    def done() -> bool:  # the plain step ends at the third check
+        polls.append(1)
+        return len(polls) >= 3
+
+    took = spec.propose_behind([s], done)
+    assert took == (after is not None and after <= 3)
+    if took:
+        assert s.spec_token_ids == [8, 9] and spec.guesses_behind == {"a": 7}
+    else:
+        assert proposer.pending and s.spec_token_ids == [] and not spec.guesses_behind

@@ -46,6 +46,7 @@ from fuserve.workers.scheduler import ScheduledSeq, SchedulerOutput
 from fuserve.workers.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 EXPLORE_EVERY = 16  # with adaptive k, every 16th step drafts nothing (the plain step's cost)
+BEHIND_POLL_S = 2e-5  # propose_behind looks for the reply, then whether the plain step ended, this often
 
 
 @runtime_checkable
@@ -272,15 +273,16 @@ class Speculation:
         if asked:
             self._observe_round(asked, self._round_s, channel_s, hits)
 
-    def propose_behind(self, running: list[Sequence]) -> bool:
+    def propose_behind(self, running: list[Sequence], step_done: Callable[[], bool]) -> bool:
         """With overlap, drafts for the step after the plain step in flight, set before its token is read
         back: the round sent with the plain step drafted from before that token, and its first draft is
         the draft's guess for it, so the drafts after the guess follow the token on the device. Where the
         plain step wrote another token they are verified all the same (exact whatever they follow) and
         rejected like any wrong draft: a verify spent for one token, against the host time between steps
         that the plain step no longer waits for (the engine plans the next step as with async plain steps).
-        A lone sequence only (where overlap steps plain: OVERLAP_MAX_SEQS), without a grammar (which checks
-        drafts on the host).
+        Only when the round's reply comes before the plain step ends (`step_done`): after that, reading the
+        step back first costs the GPU nothing, and it tells whether the guess held. A lone sequence only
+        (where overlap steps plain: OVERLAP_MAX_SEQS), without a grammar (which checks drafts on the host).
         Returns whether it set drafts."""
         if len(running) != 1 or not self._overlapping() or self.features is not None:
             return False
@@ -298,8 +300,8 @@ class Speculation:
             return False
         t0 = time.perf_counter()
         try:
-            if self.has_round_pending(seq.seq_id):
-                self.collect_pending({seq.seq_id})
+            if self.has_round_pending(seq.seq_id) and not self.collect_pending({seq.seq_id}, step_done):
+                return False
         except ProposerUnavailable:
             self._held.clear()
             self._kept.clear()
@@ -352,13 +354,24 @@ class Speculation:
         guess = self.guesses_behind.pop(item.seq.seq_id, None)
         return guess is not None and item.seq.token_ids[item.start] != guess
 
-    def collect_pending(self, live: set[str] | None = None) -> None:
-        """The pending round's reply, waited for (at most the channel's timeout: ProposerUnavailable);
-        its sequences' drafts kept for the steps after the plain step that ran meanwhile (only those of
-        `live` sequences, if given). A pending round no sequence of a step can use is left to be
-        replaced by the next one (its late reply is dropped)."""
-        self._absorb(self.proposer.collect(float("inf")), live)  # type: ignore[attr-defined]
+    def collect_pending(self, live: set[str] | None = None, until: Callable[[], bool] | None = None) -> bool:
+        """The pending round's reply, waited for (at most the channel's timeout: ProposerUnavailable), or
+        only until `until()` says to stop (then False, and the round stays pending); its sequences' drafts
+        kept for the steps after the plain step that ran meanwhile (only those of `live` sequences, if
+        given). A pending round no sequence of a step can use is left to be replaced by the next one (its
+        late reply is dropped)."""
+        proposer: Overlaps = self.proposer  # type: ignore[assignment]
+        if until is None:
+            reply = proposer.collect(float("inf"))
+        else:
+            reply = proposer.collect(0.0)
+            while reply is None and not until():
+                reply = proposer.collect(BEHIND_POLL_S, spin=True)
+            if reply is None:
+                return False
+        self._absorb(reply, live)
         self.stats.observe_overlap(rounds=1, ahead_hits=self._hits())
+        return True
 
     def _absorb(self, drafts: list[list[int] | None] | None, live: set[str] | None) -> None:
         assert drafts is not None

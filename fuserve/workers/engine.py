@@ -294,7 +294,7 @@ class LLMEngine:
             self._end_failed_grammars()
         behind = False  # the next step's drafts follow the token of the plain step in flight
         if prev is not None and (not self._can_overlap() or prev[0].has_drafts):
-            if prev[0].has_drafts or not self._drafts_behind_a_plain_step():
+            if prev[0].has_drafts or not self._drafts_behind_a_plain_step(prev[1]):
                 return self._complete(prev)
             behind = True
         elif self.speculation is not None:
@@ -369,12 +369,12 @@ class LLMEngine:
             return False
         return not self._penalized
 
-    def _drafts_behind_a_plain_step(self) -> bool:
+    def _drafts_behind_a_plain_step(self, batch: SampledBatch | None) -> bool:
         """With overlap, the step after a plain step is planned before that step is read back, like an
         async plain step: its drafts follow the token still on the device (Speculation.propose_behind)."""
-        if self.speculation is None or self._penalized:
+        if self.speculation is None or self._penalized or batch is None:
             return False
-        return self.speculation.propose_behind(self.scheduler.running)
+        return self.speculation.propose_behind(self.scheduler.running, batch.ready)
 
     def _complete(self, inflight: tuple[SchedulerOutput, SampledBatch | None]) -> list[RequestOutput]:
         sched_out, batch = inflight
