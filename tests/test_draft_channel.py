@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 
 import msgspec
 import pytest
+import torch
 from checkpoints import make_checkpoint
 
 from fuserve.configs import FuserveConfig, config_from_dict
@@ -631,3 +632,26 @@ def test_a_release_that_fails_with_a_round_pending_leaves_the_round_unavailable(
             assert not proposer.pending
         finally:
             proposer.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("draft", ["target-copy", "other"])
+def test_gpu_steps_behind_plain_steps_write_the_target_s_tokens(config: FuserveConfig, draft: str) -> None:
+    """On a GPU (CUDA graphs, async scheduling, the plain step's end seen by its event), an overlapping
+    engine plans the verify after each plain step before reading that step back, its drafts following the
+    token on the device: greedy output is the plain run's, whether the draft's guesses hold or not."""
+    from fuserve.configs import CacheConfig, DraftPlacementConfig, KernelConfig
+
+    gpu = config.model_copy(update={"model": config.model.model_copy(update={"device": "cuda"})})
+    want, _ = _overlap_run(gpu, None, "on")
+    model = config.speculative.draft
+    if draft == "target-copy":
+        model = model.model_copy(update={"path": config.model.path})
+    runner = DraftRunner(
+        model, DraftPlacementConfig(device="cuda"), CacheConfig(block_size=4, num_blocks=128), KernelConfig()
+    )
+    got, spec = _overlap_run(gpu, SlowReplies(runner), "on")
+    assert got == want
+    counters = spec.snapshot()
+    assert counters.num_drafted_across >= 10 and counters.num_rounds_overlapped >= 20
