@@ -340,3 +340,46 @@ def test_feature_draft_settings_are_refused_where_no_feature_draft_serves_them(
     )
     with pytest.raises(ValueError, match=says):
         build_draft_runner(config)
+
+
+# an 8B target with a 1B draft on an H200 at batch 32 (2026-11-29): plain 5.67 ms, a verify step of 96
+# drafts ~1.3 ms over it, and a round of ~2.8 ms a forward, what fixed k = 3's 0.91x at acceptance 0.7 and
+# 1.30x at 0.9 imply (here 0.92x and 1.23x)
+H200_BATCH_32 = _GPU(32, 0.00567, (0.0003, 0.000011), (0.0003, 0.0028), 0.9)
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_adaptive_k_measures_a_verify_before_its_prior_can_stop_a_batch_drafting(
+    probe: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verify's prior (0.2 ms a draft row) makes drafting look a loss at batch 32, so without a
+    measured verify step adaptive k never drafts and never learns better; it probes a verify step or two
+    first, then drafts where that pays (acceptance 0.9) and not where it does not (0.5)."""
+    import fuserve.speculative.adaptive_k as adaptive_k
+
+    if not probe:
+        monkeypatch.setattr(adaptive_k, "PROBE_VERIFIES", 0)
+    gpu = H200_BATCH_32
+    fixed = _simulate_batch(AdaptiveK(max_k=3, adaptive=False), gpu, fixed=3, steps=400)
+    assert fixed > 1.2
+    adaptive = _simulate_batch(AdaptiveK(max_k=3), gpu, steps=400)
+    if probe:
+        assert adaptive > 0.9 * fixed
+        low = dataclasses.replace(gpu, acceptance=0.5)
+        assert _simulate_batch(AdaptiveK(max_k=3), low, steps=400) > 0.97
+    else:
+        assert adaptive == pytest.approx(1.0)
+
+
+def test_a_probe_that_never_verifies_ends() -> None:
+    """A proposer that never drafts (n-gram on text without repeats) would keep a probing engine reading
+    every step back: the probe gives up after PROBE_CHOICES choices."""
+    from fuserve.speculative.adaptive_k import PROBE_CHOICES
+
+    ak = AdaptiveK(max_k=3)
+    for _ in range(10):
+        ak.observe_decode_step(64, 0, 0.007)
+    costs = ak.step_costs(64)
+    ids = [f"s{i}" for i in range(64)]
+    probed = [ak.any_drafts(ids, costs) and any(ak.choose_batch(ids, [100] * 64, costs)) for _ in range(40)]
+    assert probed == [True] * PROBE_CHOICES + [False] * (40 - PROBE_CHOICES)
