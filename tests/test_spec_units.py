@@ -383,3 +383,32 @@ def test_a_probe_that_never_verifies_ends() -> None:
     ids = [f"s{i}" for i in range(64)]
     probed = [ak.any_drafts(ids, costs) and any(ak.choose_batch(ids, [100] * 64, costs)) for _ in range(40)]
     assert probed == [True] * PROBE_CHOICES + [False] * (40 - PROBE_CHOICES)
+
+
+def test_a_round_that_carries_a_new_sequence_s_prompt_is_not_a_draft_round_s_cost() -> None:
+    """The round a sequence first drafts in sends its whole prompt (the draft prefills it): its seconds
+    would price every later round as a prefill. It is counted in the stats, not in adaptive k's fit."""
+    from fuserve.configs import SpeculativeConfig
+    from fuserve.sampling_params import SamplingParams
+    from fuserve.speculative.speculation import Speculation
+    from fuserve.workers.sequence import Sequence, SequenceStatus
+
+    class Echo:
+        def propose(self, requests: list) -> list[list[int]]:
+            return [[1] * r.k for r in requests]
+
+        def release(self, seq_ids: list[str]) -> None:
+            pass
+
+    spec = Speculation(SpeculativeConfig(method="ngram", num_speculative_tokens=3, adaptive=True), Echo())
+    seq = Sequence("a", list(range(2, 50)), SamplingParams(temperature=0.0), 0.0, max_tokens=64)
+    seq.status, seq.num_computed_tokens = SequenceStatus.RUNNING, 47
+    fitted = spec.adaptive_k.round._sums
+    spec.adaptive_k._plain_run = 8  # past the probe's plain steps: this round drafts
+    spec.propose([seq])
+    assert seq.spec_token_ids == [1, 1, 1] and spec.stats.snapshot().num_rounds == 1
+    assert fitted[0] == 0.0  # the prompt's round: not fitted
+    seq.token_ids += [1, 1, 5]  # two drafts kept and the target's token
+    seq.num_computed_tokens = seq.num_tokens - 1
+    spec.propose([seq])
+    assert spec.adaptive_k.round._sums[0] > 0.0

@@ -57,10 +57,12 @@ IDLE_DECAY = 0.9
 COST_EWMA = 0.1
 MIN_PLAIN_STEPS = 4  # plain steps measured before a verify step's extra time is read against them
 # Verify steps measured before the cost fit may keep a batch from drafting: until then a round goes out at
-# full k once MIN_PLAIN_STEPS plain steps are measured, whatever the priors say. The verify's prior, 0.2 ms
+# full k once MIN_PLAIN_STEPS plain steps are measured, whatever the priors say. One: its drafts number the
+# batch's k times, enough to read a row's cost, and each probe of new sequences pays their prefill on the
+# draft (32 of them: 27 ms, so two probes cost a batch-32 run 4%). The verify's prior, 0.2 ms
 # a draft row, was ~15x an 8B's on an H200 at batch 32, so adaptive k never drafted there and never learned
 # otherwise (1.00x where fixed k = 3 made 1.30x at acceptance 0.9; 2026-11-29)
-PROBE_VERIFIES = 2
+PROBE_VERIFIES = 1
 PROBE_CHOICES = 16  # choices made at full k for it at most: a proposer that never drafts ends the probe
 
 
