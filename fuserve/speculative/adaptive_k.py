@@ -56,14 +56,6 @@ RETRY_ACCEPTANCE = 0.9
 IDLE_DECAY = 0.9
 COST_EWMA = 0.1
 MIN_PLAIN_STEPS = 4  # plain steps measured before a verify step's extra time is read against them
-# Verify steps measured before the cost fit may keep a batch from drafting: until then a round goes out at
-# full k once MIN_PLAIN_STEPS plain steps are measured, whatever the priors say. One: its drafts number the
-# batch's k times, enough to read a row's cost, and each probe of new sequences pays their prefill on the
-# draft (32 of them: 27 ms, so two probes cost a batch-32 run 4%). The verify's prior, 0.2 ms
-# a draft row, was ~15x an 8B's on an H200 at batch 32, so adaptive k never drafted there and never learned
-# otherwise (1.00x where fixed k = 3 made 1.30x at acceptance 0.9; 2026-11-29)
-PROBE_VERIFIES = 1
-PROBE_CHOICES = 16  # choices made at full k for it at most: a proposer that never drafts ends the probe
 
 
 @dataclass(frozen=True)
@@ -153,8 +145,6 @@ class AdaptiveK:
         self.verify = LineFit(0.0, step_prior[2])  # a verify step's seconds beyond the plain fit, by drafts
         self.round = LineFit(0.0, draft_token_prior_s)  # a round's seconds less the channel, by its largest k
         self.channel_s = 0.0  # seconds per proposer round trip
-        self._verifies_fitted = 0
-        self._probe_choices = 0
 
     # ---- measurements ---------------------------------------------------------------------------
     def prior(self) -> float:
@@ -214,15 +204,6 @@ class AdaptiveK:
         fit = self.steps.estimate()
         if fit.num_samples >= MIN_PLAIN_STEPS:
             self.verify.observe(num_drafts, seconds - fit.base_s - fit.per_seq_s * num_seqs)
-            self._verifies_fitted += 1
-
-    def probing(self) -> bool:
-        """Whether this round drafts at full k to measure a verify step (PROBE_VERIFIES)."""
-        return (
-            self._verifies_fitted < PROBE_VERIFIES
-            and self._plain_run >= MIN_PLAIN_STEPS
-            and self._probe_choices < PROBE_CHOICES
-        )
 
     def verify_cost(self, num_drafts: int) -> float:
         """Seconds a verify step with this many drafts takes beyond a plain step of the same batch."""
@@ -252,7 +233,7 @@ class AdaptiveK:
         sequence, so that a batch that does not speculate (large batches) pays almost nothing."""
         if not seq_ids or self.max_k <= 0:
             return False
-        if not self.adaptive or self.probing():
+        if not self.adaptive:
             return True
         best = max(seq_ids, key=self.acceptance)
         return self.choose(best, costs, self.max_k) > 0
@@ -285,9 +266,6 @@ class AdaptiveK:
         H200 where fixed k made 1.14-1.21x; chosen for the batch, 1.12x)."""
         tops = [min(self.max_k, max(limit, 0)) for limit in limits]
         if not self.adaptive or not any(tops):
-            return tops
-        if self.probing():
-            self._probe_choices += 1
             return tops
         accs = [self.acceptance(s) for s in seq_ids]
         others = max(costs.batch - len(seq_ids), 0)  # running sequences that yield one token a step

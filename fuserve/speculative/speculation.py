@@ -191,7 +191,7 @@ class Speculation:
             self._use(seq, proposed[: req.k])
             if alts and seq.params.greedy and seq.params.grammar is None:
                 seq.spec_alt_ids = self._alternatives(seq.spec_token_ids, alts)
-        self._observe_round(requests, self._round_s, self._channel_s(), self._hits())
+        self._observe_round([r.k for r in requests], self._round_s, self._channel_s(), self._hits())
 
     def _request(self, seq: Sequence, k: int) -> ProposeRequest:
         """The sequence's round: its tokens the proposer lacks, up to a step in flight (redraft_missed's)."""
@@ -214,17 +214,9 @@ class Speculation:
         """Of the last round's seconds, the channel's round trip (0 for a proposer without one)."""
         return self.proposer.last_channel_s if self._reports_channel else 0.0  # type: ignore[attr-defined]
 
-    def _observe_round(
-        self, requests: list[ProposeRequest], seconds: float, channel_s: float, hits: int
-    ) -> None:
-        """A round's seconds go to adaptive k's round fit unless a sequence in it was new to the draft (or
-        evicted): its prompt's prefill on the draft is no draft round's cost. (Fitted, one such round of
-        32 new sequences, 27 ms on an H200, priced every later round at 9 ms a forward, and adaptive k
-        stopped drafting for good.)"""
-        ks = [r.k for r in requests]
+    def _observe_round(self, ks: list[int], seconds: float, channel_s: float, hits: int) -> None:
         self.stats.observe_round(ks, seconds, channel_s, hits)
-        if all(len(r.token_ids) <= self.max_k + 2 for r in requests):
-            self.adaptive_k.observe_round(seconds, max(ks), channel_s)
+        self.adaptive_k.observe_round(seconds, max(ks), channel_s)
 
     # ---- overlap: a plain step rather than a wait (speculative.draft_overlap) ----------------------
     def _overlapping(self) -> bool:
@@ -243,8 +235,7 @@ class Speculation:
         proposer: Overlaps = self.proposer  # type: ignore[assignment]
         kept = self._kept
         t0 = time.perf_counter()
-        channel_s, hits = 0.0, 0
-        asked: list[ProposeRequest] = []
+        channel_s, asked, hits = 0.0, [], 0
         live = {s.seq_id for s in running}
         try:
             drafting = {s.seq_id for s, _ in chosen}
@@ -259,9 +250,9 @@ class Speculation:
                 else:
                     need.append((seq, k))
             if need:
+                asked = [k for _, k in need]
                 sent = time.perf_counter()
                 self._submit(need)
-                asked = kept.sent
                 wait_s = kept.wait_s([seq.seq_id for seq, _ in need], len(chosen))
                 reply = proposer.collect(wait_s, spin=wait_s <= HIT_WAIT_MAX_S)
                 for seq, _ in need:  # next: a plain step, or drafts the draft had not guessed
