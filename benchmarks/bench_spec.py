@@ -342,6 +342,30 @@ def generate_timed(
     return time.perf_counter() - start, tokens
 
 
+def generate_steady(
+    llm: LLM, prompts_: list[list[int]], params: SamplingParams, concurrency: int
+) -> tuple[float, int]:
+    """The prompts as a server under load meets them: `concurrency` in flight, a new one as each ends,
+    so the batch stays full but for the last ones (the batch-to-completion runs pay a prefill and a tail of
+    stragglers a batch); (seconds, output tokens)."""
+    engine = llm.engine
+    queue = list(reversed(prompts_))
+    live = tokens = 0
+    start = time.perf_counter()
+    while queue and live < concurrency:
+        engine.add_request(f"steady-{len(queue)}-{time.monotonic_ns()}", queue.pop(), params)
+        live += 1
+    while live:
+        for out in engine.step():
+            tokens += len(out.delta_token_ids)
+            if out.finished:
+                live -= 1
+                if queue:
+                    engine.add_request(f"steady-{len(queue)}-{time.monotonic_ns()}", queue.pop(), params)
+                    live += 1
+    return time.perf_counter() - start, tokens
+
+
 def profile_window(
     engine: LLMEngine, prompts_: list, params: SamplingParams, num_steps: int
 ) -> dict[str, Any]:
@@ -393,16 +417,20 @@ def run_variant(
     before = speculation.snapshot() if speculation is not None else None
     hits = getattr(speculation.proposer, "num_ahead_hits", None) if speculation is not None else None
     steps = engine.num_steps
-    seconds, tokens = generate_timed(llm, batches, params)
-    num_seqs = sum(len(b) for b in batches)
+    if args.steady:
+        seconds, tokens = generate_steady(llm, batches[0], params, label["batch"])
+        ms_per_token = 1e3 * seconds * label["batch"] / tokens  # a sequence's, `batch` at a time
+    else:
+        seconds, tokens = generate_timed(llm, batches, params)
+        # per sequence: a batch's wall time over the tokens each of its sequences made
+        ms_per_token = 1e3 * seconds / (tokens / sum(len(b) for b in batches)) / len(batches)
     row: dict[str, Any] = dict(
         bench="spec",
         **label,
         seconds=seconds,
         output_tokens=tokens,
         tok_s=tokens / seconds,
-        # per sequence: a batch's wall time over the tokens each of its sequences made
-        ms_per_token=1e3 * seconds / (tokens / num_seqs) / len(batches),
+        ms_per_token=ms_per_token,
         steps=engine.num_steps - steps,
     )
     if args.profile_steps and torch.cuda.is_available():
@@ -464,7 +492,7 @@ def workload(llm: LLM, args: argparse.Namespace, kind: str, batch: int) -> tuple
         ]
         return [texts[i : i + batch] for i in range(0, len(texts), batch)], [texts[:batch]]
     vocab = (TINY if args.model == "tiny" else LLAMA3_8B)["vocab_size"]
-    ids = prompts(batch, args.prompt_len, vocab, seed=batch)
+    ids = prompts(batch * max(args.steady, 1), args.prompt_len, vocab, seed=batch)
     return [ids], [prompts(batch, args.prompt_len, vocab, seed=batch + 1000)]
 
 
@@ -496,6 +524,13 @@ def main() -> None:
         default="auto",
         help="scheduler.async_scheduling (auto: on a GPU); `on` plans steps behind plain ones on the CPU too",
     )
+    ap.add_argument(
+        "--steady",
+        type=int,
+        default=0,
+        help="random-weight models: batch x STEADY requests, `batch` in flight with a new one as each ends "
+        "(a server under load), instead of one batch run to completion",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny model, a few tokens: the script still runs")
     ap.add_argument(
         "--dtype", default="auto", help="the default model's and its draft's dtype (auto: float32 on CPU)"
@@ -523,6 +558,8 @@ def main() -> None:
     if args.smoke:
         args.model, args.ks, args.batches, args.max_tokens, args.prompt_len = "tiny", "2,3", "1,2", 12, 16
         args.synthetic_acceptance = args.synthetic_acceptance or "0.7"
+    if args.steady and args.model == "default":
+        raise SystemExit("--steady runs random-weight models (--model llama3-8b or tiny)")
     args.ks = [int(k) for k in args.ks.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
     synthetic = (
@@ -562,7 +599,13 @@ def main() -> None:
         for batch in args.batches:
             batches, warmup = workload(llm, args, kind, batch)
             base = dict(
-                prompts=kind, batch=batch, proposer="none", k=0, adaptive=False, synthetic_acceptance=None
+                prompts=kind,
+                batch=batch,
+                proposer="none",
+                k=0,
+                adaptive=False,
+                synthetic_acceptance=None,
+                steady=args.steady,  # 0: each batch run to completion
             )
             first = len(rows)  # this batch's rows, for their profiles below
             plain = run_variant(llm, args, base, None, batches, warmup, params)
