@@ -553,6 +553,28 @@ def test_bench_spec_smoke(tmp_path: Path) -> None:
     assert {r["device"] for r in rows} == {"cpu"} and all(r["commit"] for r in rows)
 
 
+def test_bench_spec_steady_keeps_the_batch_in_flight(tmp_path: Path) -> None:
+    """--steady 3: each batch size's rows generate batch x 3 requests, a new one as each ends."""
+    out = tmp_path / "steady.json"
+    _run(
+        [
+            str(BENCHMARKS / "bench_spec.py"),
+            "--smoke",
+            "--steady",
+            "3",
+            "--proposer",
+            "repeat",
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+    )
+    rows = json.loads(out.read_text())
+    assert {r["batch"] for r in rows} == {1, 2} and all(r["steady"] == 3 for r in rows)
+    assert all(r["output_tokens"] == r["batch"] * 3 * 12 for r in rows)  # --smoke: 12 tokens a request
+    assert all(r["drafts"] > 0 for r in rows if r["k"] not in (0, "adaptive"))
+
+
 def test_profile_draft_round_smoke(tmp_path: Path) -> None:
     """The draft-round profile still runs (tiny draft, CPU): a row per batch and k, rounds timed."""
     out = tmp_path / "draft-round.json"
