@@ -95,7 +95,9 @@ class SyntheticAcceptance(Speculation):
     """BENCHMARK ONLY: keeps each draft with probability `acceptance`, whatever the target computed,
     so the cost of speculation can be measured at a chosen acceptance on random weights. The kept
     tokens are the drafts themselves and the target's token after the last (`keep_drafts`): they were
-    the step's inputs, so the target's KV stays consistent, and a draft model keeps the KV of its
+    the step's inputs, so the target's KV stays consistent (but for a plain step's token under overlap with
+    async scheduling: the verify launched behind it read the plain step's own token on the device; on random
+    weights the timing is the same), and a draft model keeps the KV of its
     accepted drafts as it would with real acceptance. With `guess_bonus` (a draft whose drafts are all
     one token: `server-ahead`, `server-overlap`), a step that kept every draft takes, with the same
     probability, the
@@ -131,9 +133,12 @@ class SyntheticAcceptance(Speculation):
 
     def kept_rows(self, item: ScheduledSeq, row_tokens: list[int]) -> list[int]:
         drafts = item.spec_token_ids
-        a = 0
         # drafts after a guess the plain step before did not write (propose_behind) follow another token
-        stale = self.guess_missed(item)
+        guess = self.guesses_behind.pop(item.seq.seq_id, None)
+        stale = guess is not None and item.seq.token_ids[item.start] != guess
+        if item.seq.is_finished:  # ended by that plain step: nothing was verified
+            return [0]
+        a = 0
         while not stale and a < len(drafts) and self.rng.random() < self.acceptance:
             a += 1
         if self.guess_bonus and drafts and a == len(drafts) and self.rng.random() < self.acceptance:
@@ -522,7 +527,8 @@ def main() -> None:
         "--async-scheduling",
         choices=["auto", "on", "off"],
         default="auto",
-        help="scheduler.async_scheduling (auto: on a GPU); `on` plans steps behind plain ones on the CPU too",
+        help="scheduler.async_scheduling (auto: on a GPU); `on` lets the CPU plan a step behind a plain one "
+        "(server-overlap: where the draft's reply is in before the plain step is read back)",
     )
     ap.add_argument(
         "--steady",

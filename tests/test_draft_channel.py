@@ -466,6 +466,19 @@ class SlowReplies:
         self.runner.release(seq_ids)
 
 
+def spy_on_propose_behind(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Each step planned behind a plain step in flight, from now on: whether it set drafts."""
+    behind: list[bool] = []
+    propose_behind = Speculation.propose_behind
+
+    def spy(self: Speculation, running: list, step_done: Callable[[], bool]) -> bool:
+        behind.append(propose_behind(self, running, step_done))
+        return behind[-1]
+
+    monkeypatch.setattr(Speculation, "propose_behind", spy)
+    return behind
+
+
 def _overlap_run(
     config: FuserveConfig, proposer: object, async_scheduling: str = "auto", **spec: object
 ) -> tuple[list[list[int]], object]:
@@ -512,13 +525,7 @@ def test_an_overlapping_engine_steps_plain_while_the_draft_works_and_writes_the_
         model, DraftPlacementConfig(device="cpu"), CacheConfig(block_size=4, num_blocks=128), KernelConfig()
     )
     slow = SlowReplies(runner)
-    behind: list[bool] = []  # each step planned behind a plain step in flight: whether it verifies drafts
-    propose_behind = Speculation.propose_behind
-
-    def spy(self: Speculation, running: list, step_done: Callable[[], bool]) -> bool:
-        behind.append(propose_behind(self, running, step_done))
-        return behind[-1]
-
+    behind = spy_on_propose_behind(monkeypatch)
     redrafted: list[bool] = []  # each plain step read back after those: whether a new round went out
     redraft_missed = Speculation.redraft_missed
 
@@ -526,7 +533,6 @@ def test_an_overlapping_engine_steps_plain_while_the_draft_works_and_writes_the_
         redraft_missed(self, running)
         redrafted.append(any(self.has_round_pending(s.seq_id) for s in running))
 
-    monkeypatch.setattr(Speculation, "propose_behind", spy)
     monkeypatch.setattr(Speculation, "redraft_missed", spy_redraft)
     got, spec = _overlap_run(config, slow, async_scheduling)
     assert got == want
@@ -637,7 +643,9 @@ def test_a_release_that_fails_with_a_round_pending_leaves_the_round_unavailable(
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("draft", ["target-copy", "other"])
-def test_gpu_steps_behind_plain_steps_write_the_target_s_tokens(config: FuserveConfig, draft: str) -> None:
+def test_gpu_steps_behind_plain_steps_write_the_target_s_tokens(
+    config: FuserveConfig, draft: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On a GPU (CUDA graphs, async scheduling, the plain step's end seen by its event), an overlapping
     engine plans the verify after each plain step before reading that step back, its drafts following the
     token on the device: greedy output is the plain run's, whether the draft's guesses hold or not."""
@@ -651,7 +659,9 @@ def test_gpu_steps_behind_plain_steps_write_the_target_s_tokens(config: FuserveC
     runner = DraftRunner(
         model, DraftPlacementConfig(device="cuda"), CacheConfig(block_size=4, num_blocks=128), KernelConfig()
     )
+    behind = spy_on_propose_behind(monkeypatch)
     got, spec = _overlap_run(gpu, SlowReplies(runner), "on")
     assert got == want
+    assert sum(behind) >= 10  # the reply is in at the first look: every plain step has a verify behind it
     counters = spec.snapshot()
     assert counters.num_drafted_across >= 10 and counters.num_rounds_overlapped >= 20

@@ -115,3 +115,34 @@ def test_the_step_behind_a_plain_step_takes_drafts_only_if_the_reply_beats_the_s
         assert s.spec_token_ids == [8, 9] and spec.guesses_behind == {"a": 7}
     else:
         assert proposer.pending and s.spec_token_ids == [] and not spec.guesses_behind
+
+
+def test_a_verify_planned_behind_a_plain_step_reads_that_step_s_token_on_the_device() -> None:
+    """propose_behind's step in the scheduler and the plan: the drafts follow a placeholder, which the plan
+    fills from the plain step's sample row; read back in order, the tokens land where they belong."""
+    from fuserve.configs import SchedulerConfig
+    from fuserve.workers.block_manager import BlockManager
+    from fuserve.workers.scheduler import Scheduler
+    from fuserve.workers.step_plan import build_step_plan
+
+    bs = 4
+    sched = Scheduler(SchedulerConfig(), BlockManager(num_blocks=16, block_size=bs))
+    s = Sequence("a", list(range(10, 16)), SamplingParams(temperature=0.0), 0.0, max_tokens=20)
+    sched.add(s)
+    out = sched.schedule()  # the prompt, which yields 20
+    sched.on_launched(out)
+    sched.update_from_output(out, [20])
+    plain = sched.schedule()
+    sched.on_launched(plain)  # in flight: its token (position 7) is a placeholder
+    s.spec_token_ids = [22, 23]  # the draft's drafts after its guess for that token
+    verify = sched.schedule()
+    [item] = verify.scheduled
+    assert (item.start, item.num_known_tokens, item.num_rows) == (7, 1, 3)
+    plan = build_step_plan(verify, bs)
+    assert plan.input_ids == [PLACEHOLDER, 22, 23] and plan.positions == [7, 8, 9]
+    assert (plan.fill_positions, plan.fill_rows) == ([0], [0])
+    assert plan.draft_ids == [22, 23, -1]
+    sched.on_launched(verify)
+    sched.update_from_output(plain, [21])
+    sched.update_from_output(verify, [[22, 40]])  # 22 kept, then the target's 40
+    assert s.token_ids[6:] == [20, 21, 22, 40] and s.num_computed_tokens == 9

@@ -277,9 +277,10 @@ class Speculation:
         """With overlap, drafts for the step after the plain step in flight, set before its token is read
         back: the round sent with the plain step drafted from before that token, and its first draft is
         the draft's guess for it, so the drafts after the guess follow the token on the device. Where the
-        plain step wrote another token they are verified all the same (exact whatever they follow) and
-        rejected like any wrong draft: a verify spent for one token, against the host time between steps
-        that the plain step no longer waits for (the engine plans the next step as with async plain steps).
+        plain step wrote another token they are verified all the same, against the token on the device
+        (exact whatever they follow: one kept by chance is the target's token), and nearly always rejected:
+        a verify spent for one token, against the host time between steps that the plain step no longer
+        waits for (the engine plans the next step as with async plain steps).
         Only when the round's reply comes before the plain step ends (`step_done`): after that, reading the
         step back first costs the GPU nothing, and it tells whether the guess held. A lone sequence only
         (where overlap steps plain: OVERLAP_MAX_SEQS), without a grammar (which checks drafts on the host).
@@ -298,15 +299,13 @@ class Speculation:
         (k,) = self._choose_k([seq], len(running))
         if k <= 0:
             return False
-        t0 = time.perf_counter()
-        try:
+        try:  # the wait runs while the plain step does (no round time: it is the step's)
             if self.has_round_pending(seq.seq_id) and not self.collect_pending({seq.seq_id}, step_done):
                 return False
         except ProposerUnavailable:
             self._held.clear()
             self._kept.clear()
             return False
-        self._round_s = time.perf_counter() - t0
         drafts = self._kept.drafts_now(seq, k + 1)  # the guess for the token in flight, then k after it
         if len(drafts) < 2:
             return False
@@ -349,11 +348,6 @@ class Speculation:
         """Whether a round for the sequence was sent and its reply not read yet (overlap)."""
         return self._overlaps and self.proposer.pending and any(r.seq_id == seq_id for r in self._kept.sent)  # type: ignore[attr-defined]
 
-    def guess_missed(self, item: ScheduledSeq) -> bool:
-        """Whether the item's drafts followed a guess (propose_behind) that its plain step did not write."""
-        guess = self.guesses_behind.pop(item.seq.seq_id, None)
-        return guess is not None and item.seq.token_ids[item.start] != guess
-
     def collect_pending(self, live: set[str] | None = None, until: Callable[[], bool] | None = None) -> bool:
         """The pending round's reply, waited for (at most the channel's timeout: ProposerUnavailable), or
         only until `until()` says to stop (then False, and the round stays pending); its sequences' drafts
@@ -394,11 +388,16 @@ class Speculation:
             out.append(alt)
         return out
 
-    def after_schedule(self, running: list[Sequence]) -> None:
-        """The scheduled chunks hold their drafts now; none carries over to a later step."""
+    def after_schedule(self, running: list[Sequence], out: SchedulerOutput) -> None:
+        """The scheduled chunks hold their drafts now; none carries over to a later step. A guess behind a
+        plain step whose drafts the scheduler dropped (no room) has nothing to follow."""
         for seq in running:
             seq.spec_token_ids = []
             seq.spec_alt_ids = []
+        if self.guesses_behind:
+            with_drafts = {item.seq.seq_id for item in out.scheduled if item.spec_token_ids}
+            for seq_id in [s for s in self.guesses_behind if s not in with_drafts]:
+                del self.guesses_behind[seq_id]
 
     def _release_gone(self, running: list[Sequence]) -> None:
         live = {s.seq_id for s in running}
@@ -428,7 +427,9 @@ class Speculation:
         else:
             rows = list(range(len(accepted_run(row_tokens, item.spec_token_ids))))
         num_drafts, num_accepted = len(item.spec_token_ids), len(rows) - 1
-        self.guess_missed(item)
+        self.guesses_behind.pop(item.seq.seq_id, None)
+        if item.seq.is_finished:  # ended by the plain step before it (propose_behind): nothing was verified
+            return rows
         self.stats.observe_verify(num_drafts, num_accepted, len(item.spec_alt_ids), rows[-1] > num_drafts)
         self.observe_kept(item.seq.seq_id, num_drafts, num_accepted)
         return rows

@@ -301,7 +301,7 @@ class LLMEngine:
             self.speculation.propose(self.scheduler.running)
         sched_out = self.scheduler.schedule()
         if self.speculation is not None:
-            self.speculation.after_schedule(self.scheduler.running)
+            self.speculation.after_schedule(self.scheduler.running, sched_out)
         masked: tuple[SchedulerOutput, StepPlan, torch.Tensor | None] | None = None
         if not sched_out.is_empty:
             plan = build_step_plan(sched_out, self.block_manager.block_size)
@@ -361,7 +361,8 @@ class LLMEngine:
 
     def _can_overlap(self) -> bool:
         """Penalties need every earlier token on the host, and so do drafts (the proposer reads them),
-        so such batches run one step at a time. The penalized sequences are kept apart as they are
+        so such batches run one step at a time (but for the step after an overlapping plain step:
+        `_drafts_behind_a_plain_step`). The penalized sequences are kept apart as they are
         added: walking every running and waiting one each step cost ~1 ms at 1,024 + 4,800."""
         if self._penalized:
             self._penalized = [s for s in self._penalized if not s.is_finished]
