@@ -3,12 +3,15 @@
     engine.step():  speculation.propose(running)        one Proposer.propose call for every running
                                                         decode that drafts (k > 0); sets spec_token_ids
                                                         (with draft_overlap: a submit, and the reply read
-                                                        now or after a plain step: _propose_overlapped)
+                                                        now or after a plain step: _propose_overlapped;
+                                                        with async scheduling too, the step after that
+                                                        plain step planned while it runs: propose_behind)
                     scheduler.schedule()                 a drafting decode computes 1 + k tokens
                     model step                           logits at each; sampler verifies (rejection.py)
                     speculation.kept_rows(item, rows)    the run the target kept -> scheduler
 A sequence drafts only when its tokens are all on the host (no async overlap: `wants_drafts` tells the
-engine to wait), it has no penalties, and it has room for more than one token. With `second_best` a
+engine to wait; but for propose_behind, whose drafts follow the one token still on the device), it has no
+penalties, and it has room for more than one token. With `second_best` a
 greedy sequence without a grammar also gets the proposer's alternatives to its drafts (alternatives.py),
 verified in the same step. The proposer is told, per sequence, what it already holds (`start`): every
 token it was sent is one the target confirmed, so it never holds a rejected draft of ours, only its own
@@ -443,7 +446,7 @@ class Speculation:
     def observe_step(self, out: SchedulerOutput, seconds: float) -> None:
         """A completed step's time, less its proposer round, for the cost fit and the stats."""
         seconds = max(seconds - self._round_s, 0.0)
-        self._round_s = 0.0  # a round behind a plain step (propose_behind) is in that step's time only
+        self._round_s = 0.0  # a round sent as a step was read back (redraft_missed) is out of that step's only
         num_drafts = sum(len(item.spec_token_ids) + len(item.spec_alt_ids) for item in out.scheduled)
         if num_drafts:
             self.stats.observe_verify_step(seconds)
