@@ -446,7 +446,7 @@ class Speculation:
     def observe_step(self, out: SchedulerOutput, seconds: float) -> None:
         """A completed step's time, less its proposer round, for the cost fit and the stats."""
         seconds = max(seconds - self._round_s, 0.0)
-        self._round_s = 0.0  # a round sent as a step was read back (redraft_missed) is out of that step's only
+        self._round_s = 0.0  # a round sent as a step was read back (redraft_missed): out of that one only
         num_drafts = sum(len(item.spec_token_ids) + len(item.spec_alt_ids) for item in out.scheduled)
         if num_drafts:
             self.stats.observe_verify_step(seconds)
