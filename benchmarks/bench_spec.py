@@ -356,18 +356,22 @@ def generate_steady(
     engine = llm.engine
     queue = list(reversed(prompts_))
     live = tokens = 0
-    start = time.perf_counter()
-    while queue and live < concurrency:
+
+    def admit() -> None:
+        nonlocal live
         engine.add_request(f"steady-{len(queue)}-{time.monotonic_ns()}", queue.pop(), params)
         live += 1
+
+    start = time.perf_counter()
+    while queue and live < concurrency:
+        admit()
     while live:
         for out in engine.step():
             tokens += len(out.delta_token_ids)
             if out.finished:
                 live -= 1
                 if queue:
-                    engine.add_request(f"steady-{len(queue)}-{time.monotonic_ns()}", queue.pop(), params)
-                    live += 1
+                    admit()
     return time.perf_counter() - start, tokens
 
 
