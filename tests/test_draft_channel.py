@@ -479,6 +479,18 @@ def spy_on_propose_behind(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return behind
 
 
+def _overlap_draft(config: FuserveConfig, draft: str, device: str) -> DraftRunner:
+    """The overlap tests' draft on `device`: the target's own copy (its guesses hold) or `other`."""
+    from fuserve.configs import CacheConfig, DraftPlacementConfig, KernelConfig
+
+    model = config.speculative.draft
+    if draft == "target-copy":
+        model = model.model_copy(update={"path": config.model.path})
+    return DraftRunner(
+        model, DraftPlacementConfig(device=device), CacheConfig(block_size=4, num_blocks=128), KernelConfig()
+    )
+
+
 def _overlap_run(
     config: FuserveConfig, proposer: object, async_scheduling: str = "auto", **spec: object
 ) -> tuple[list[list[int]], object]:
@@ -515,16 +527,8 @@ def test_an_overlapping_engine_steps_plain_while_the_draft_works_and_writes_the_
     the next step is planned while the plain step runs, its drafts following the draft's guess for the
     plain step's token (rejected where that guess was wrong: `other`). A batch of four waits for its
     drafts. Greedy output is the plain run's."""
-    from fuserve.configs import CacheConfig, DraftPlacementConfig, KernelConfig
-
     want, _ = _overlap_run(config, None)
-    model = config.speculative.draft
-    if draft == "target-copy":
-        model = model.model_copy(update={"path": config.model.path})
-    runner = DraftRunner(
-        model, DraftPlacementConfig(device="cpu"), CacheConfig(block_size=4, num_blocks=128), KernelConfig()
-    )
-    slow = SlowReplies(runner)
+    slow = SlowReplies(_overlap_draft(config, draft, "cpu"))
     behind = spy_on_propose_behind(monkeypatch)
     redrafted: list[bool] = []  # each plain step read back after those: whether a new round went out
     redraft_missed = Speculation.redraft_missed
@@ -556,13 +560,8 @@ def test_an_overlapping_engine_through_a_draft_server_that_drafts_ahead(
     """The real channel and a server drafting ahead (the target's own copy as draft, so its guesses
     hold): draft_overlap unset follows the server's word (it drafts ahead), and the output is the
     plain run's, with the steps after plain steps planned before those are read back or not."""
-    from fuserve.configs import CacheConfig, DraftPlacementConfig, KernelConfig
-
     want, _ = _overlap_run(config, None)
-    model = config.speculative.draft.model_copy(update={"path": config.model.path})
-    runner = DraftRunner(
-        model, DraftPlacementConfig(device="cpu"), CacheConfig(block_size=4, num_blocks=128), KernelConfig()
-    )
+    runner = _overlap_draft(config, "target-copy", "cpu")
     server = DraftServer(runner, ahead=True)
     with serving(server):
         proposer = DraftProposer(lambda: server.address, TIMEOUT_S)
@@ -649,16 +648,9 @@ def test_gpu_steps_behind_plain_steps_write_the_target_s_tokens(
     """On a GPU (CUDA graphs, async scheduling, the plain step's end seen by its event), an overlapping
     engine plans the verify after each plain step before reading that step back, its drafts following the
     token on the device: greedy output is the plain run's, whether the draft's guesses hold or not."""
-    from fuserve.configs import CacheConfig, DraftPlacementConfig, KernelConfig
-
     gpu = config.model_copy(update={"model": config.model.model_copy(update={"device": "cuda"})})
     want, _ = _overlap_run(gpu, None, "on")
-    model = config.speculative.draft
-    if draft == "target-copy":
-        model = model.model_copy(update={"path": config.model.path})
-    runner = DraftRunner(
-        model, DraftPlacementConfig(device="cuda"), CacheConfig(block_size=4, num_blocks=128), KernelConfig()
-    )
+    runner = _overlap_draft(config, draft, "cuda")
     behind = spy_on_propose_behind(monkeypatch)
     got, spec = _overlap_run(gpu, SlowReplies(runner), "on")
     assert got == want
