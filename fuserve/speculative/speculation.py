@@ -180,8 +180,7 @@ class Speculation:
         try:
             drafts = self.proposer.propose(requests)
         except ProposerUnavailable:
-            self._held.clear()  # its state may be gone: send everything when it is back
-            self._kept.clear()
+            self._lost()
             return
         self._round_s = time.perf_counter() - t0
         alternatives = self.proposer.last_alternatives if self.second_best else [[]] * len(chosen)
@@ -269,8 +268,7 @@ class Speculation:
                     for seq, k in need:
                         self._use(seq, kept.drafts_now(seq, k))
         except ProposerUnavailable:
-            self._held.clear()  # its state may be gone: send everything when it is back
-            kept.clear()
+            self._lost()
             return
         self._round_s = time.perf_counter() - t0
         if asked:
@@ -306,8 +304,7 @@ class Speculation:
             if self.has_round_pending(seq.seq_id) and not self.collect_pending({seq.seq_id}, step_done):
                 return False
         except ProposerUnavailable:
-            self._held.clear()
-            self._kept.clear()
+            self._lost()
             return False
         drafts = self._kept.drafts_now(seq, k + 1)  # the guess for the token in flight, then k after it
         if len(drafts) < 2:
@@ -335,9 +332,14 @@ class Speculation:
         try:
             self._submit(rounds)
         except ProposerUnavailable:
-            self._held.clear()
-            self._kept.clear()
+            self._lost()
         self._round_s += time.perf_counter() - t0
+
+    def _lost(self) -> None:
+        """The proposer was unavailable: its state may be gone, so everything is sent when it is back,
+        and no kept draft applies."""
+        self._held.clear()
+        self._kept.clear()
 
     def _submit(self, rounds: list[tuple[Sequence, int]]) -> None:
         """Send one round for these (sequence, k) without reading its reply (overlap's pending round)."""
