@@ -50,12 +50,31 @@ POOL_DECAY = 0.98  # per verify of any sequence: the engine's last ~50 count tow
 # round in ~this many steps where drafting does not pay, and only where the costs allow a draft at all
 RETRY_AFTER = 64
 RETRY_ACCEPTANCE = 0.9
+# The engine's acceptance as a prior counts this many pseudo-checks at PRIOR_ACCEPTANCE, so that a
+# probe's two or three drafts, all kept by luck, do not start a large batch drafting (whose first round
+# catches up every sequence: 27-58 ms for 32-64 of them on an H200)
+POOL_PSEUDO = 4.0
+# At batch > 1 the batch drafts only where the fit predicts at least this gain over plain steps: at
+# batch 32 and 64 under load (an 8B target, a 1B draft server, 2026-11-29) the realized rate was 0.90x of
+# what the measured verify, round and plain costs predict at both acceptances (steps with new prompts,
+# sequences near their end, the host), so a predicted 1.05x was a measured 0.95x
+BATCH_GAIN = 1.12
+# At batch > 1 no optimistic retry (it would catch up the whole batch): after this many plain steps one
+# sequence drafts a round (the one the proposer lacks the fewest tokens of), for evidence
+PROBE_AFTER = 128
+# A verify row's prior cost: the plain step's base over this many rows. A decode step reads the weights
+# once and rows cost compute: one row's is the base over the device's FLOP-per-byte ratio (~200-300 for
+# bf16 on an H100/H200). The fixed 0.2 ms this replaced priced 96 drafts at 19 ms at batch 32 (measured
+# ~2.4 ms), so a large batch never drafted and never measured a verify step
+ROWS_AT_RIDGE = 200
+VERIFY_SLOPE_WEIGHT = 100.0  # the verify fit's slope holds its prior until drafts a step vary by ~10
 # per step without drafts: back to the prior's pull after ~20 steps. 0.98 (~100 steps) let a few
 # rejections in a row stop a batch-1 sequence for dozens of steps: on the CPU box adaptive k made 1.01x
 # where fixed k = 1 made 1.25x (code prompts, 2026-11-27)
 IDLE_DECAY = 0.9
 COST_EWMA = 0.1
 MIN_PLAIN_STEPS = 4  # plain steps measured before a verify step's extra time is read against them
+PLAIN_PRIOR_WEIGHT = 0.05
 
 
 @dataclass(frozen=True)
@@ -90,13 +109,18 @@ class _Acceptance:
 class LineFit:
     """y = c0 + c1 * x by exponentially weighted least squares (the last ~1 / (1 - forget) samples count),
     pulled toward a prior line by two weak pseudo-samples on it (x = 0 and x = 1), so that both
-    coefficients are defined before x has varied. Neither coefficient goes below zero."""
+    coefficients are defined before x has varied. Samples at one x then split y as the prior line's
+    points do: all of it per x where the prior has no fixed part. With `slope_weight` the slope is also
+    held near the prior's (a ridge term in x^2 units) until x varies by more than that: samples at one x
+    then go to the fixed part. Neither coefficient goes below zero."""
 
-    def __init__(self, c0: float, c1: float, forget: float = 0.95, prior_weight: float = 0.05) -> None:
+    def __init__(
+        self, c0: float, c1: float, forget: float = 0.95, prior_weight: float = 0.05, slope_weight: float = 0.0
+    ) -> None:
         self.forget = forget
-        w = prior_weight
-        # the prior's pseudo-samples: (0, c0) and (1, c0 + c1), weight w each
-        self._prior = (2 * w, w, w, w * (2 * c0 + c1), w * (c0 + c1))
+        self.prior = (c0, c1)
+        self.prior_weight = prior_weight
+        self.slope_weight = slope_weight
         self._sums = [0.0] * 5  # weight, x, x^2, y, x y
 
     def observe(self, x: float, y: float) -> None:
@@ -104,8 +128,14 @@ class LineFit:
         for i, v in enumerate((1.0, x, x * x, y, x * y)):
             self._sums[i] = f * self._sums[i] + v
 
-    def coefficients(self) -> tuple[float, float]:
-        n, sx, sxx, sy, sxy = (a + b for a, b in zip(self._sums, self._prior, strict=True))
+    def coefficients(self, prior: tuple[float, float] | None = None) -> tuple[float, float]:
+        """The fitted line; `prior` (c0, c1) in place of the constructor's, for a prior that moves."""
+        c0, c1 = self.prior if prior is None else prior
+        w = self.prior_weight
+        # the prior's pseudo-samples: (0, c0) and (1, c0 + c1), weight w each
+        pseudo = (2 * w, w, w, w * (2 * c0 + c1), w * (c0 + c1))
+        n, sx, sxx, sy, sxy = (a + b for a, b in zip(self._sums, pseudo, strict=True))
+        sxx, sxy = sxx + self.slope_weight, sxy + self.slope_weight * c1
         det = n * sxx - sx * sx
         c1 = (n * sxy - sx * sy) / det if det > 1e-12 else 0.0
         c0 = (sy - c1 * sx) / n
@@ -135,35 +165,43 @@ class AdaptiveK:
         draft_token_prior_s: float = 0.0,
         step_prior: tuple[float, float, float] = (0.010, 0.0001, 0.0002),
     ) -> None:
-        """step_prior: (base, per decode, per draft) seconds before any step is measured."""
+        """step_prior: (base, per decode, per prefill token) seconds of a plain step before any step is
+        measured; a verify row's prior follows the plain fit (ROWS_AT_RIDGE)."""
         self.max_k = max_k
         self.adaptive = adaptive
         self._acc: dict[str, _Acceptance] = {}
         self._pool = _Acceptance()  # every sequence's verifies: the prior (`prior`)
         self._plain_run = 0  # plain decode steps since the last verify step
-        self.steps = StepCostMeter(prior=step_prior)  # plain decode steps only
-        self.verify = LineFit(0.0, step_prior[2])  # a verify step's seconds beyond the plain fit, by drafts
+        self.probe_after = PROBE_AFTER  # Speculation raises it where a probe's round is not overlapped
+        self.probing = False  # the last choose_batch chose a probe: its round is not the batch's cost
+        # plain decode steps only; a weak prior: at 1.0 its 10 ms base kept a batch-32 step (5.5 ms) priced
+        # 6% high after 20 steps, so drafting looked better than it was
+        self.steps = StepCostMeter(prior=step_prior, prior_weight=PLAIN_PRIOR_WEIGHT)
+        # a verify step's seconds beyond the plain fit, by drafts; a batch that holds one k (or a probe's
+        # few drafts) leaves the slope at its prior (ROWS_AT_RIDGE) and the rest to the fixed part
+        self.verify = LineFit(0.0, 0.0, slope_weight=VERIFY_SLOPE_WEIGHT)
         self.round = LineFit(0.0, draft_token_prior_s)  # a round's seconds less the channel, by its largest k
         self.channel_s = 0.0  # seconds per proposer round trip
 
     # ---- measurements ---------------------------------------------------------------------------
-    def prior(self) -> float:
+    def prior(self, retry: bool = True) -> float:
         """What a sequence's acceptance is pulled toward: the engine's recent acceptance over every
-        sequence, or PRIOR_ACCEPTANCE if that is lower; after RETRY_AFTER plain steps in a row,
-        RETRY_ACCEPTANCE until a step verifies drafts again. A sequence that stopped drafting drifts
-        back to the prior, so it is tried again where drafting can pay at all: with the prior at 0.5, or
-        at the pool's acceptance (which no longer moves once nothing drafts), a fixed cost per step that
-        only a higher acceptance repays kept every sequence at k = 0 for good after one unlucky run."""
-        if self._plain_run >= RETRY_AFTER:
+        sequence (with POOL_PSEUDO checks at PRIOR_ACCEPTANCE), or PRIOR_ACCEPTANCE if that is lower;
+        with `retry` (a lone sequence), after RETRY_AFTER plain steps in a row, RETRY_ACCEPTANCE until a
+        step verifies drafts again. A sequence that stopped drafting drifts back to the prior, so it is
+        tried again where drafting can pay at all: with the prior at 0.5, or at the pool's acceptance
+        (which no longer moves once nothing drafts), a fixed cost per step that only a higher acceptance
+        repays kept every sequence at k = 0 for good after one unlucky run. A batch is tried again by a
+        probe instead (`probe_due`)."""
+        if retry and self._plain_run >= RETRY_AFTER:
             return RETRY_ACCEPTANCE
         pooled = self._pool
-        if pooled.checked <= 0.0:
-            return PRIOR_ACCEPTANCE
-        return max(PRIOR_ACCEPTANCE, pooled.kept / pooled.checked)
+        shrunk = (pooled.kept + POOL_PSEUDO * PRIOR_ACCEPTANCE) / (pooled.checked + POOL_PSEUDO)
+        return max(PRIOR_ACCEPTANCE, shrunk)
 
-    def acceptance(self, seq_id: str) -> float:
+    def acceptance(self, seq_id: str, retry: bool = True) -> float:
         a = self._acc.get(seq_id)
-        prior = self.prior()
+        prior = self.prior(retry)
         if a is None:
             return prior
         return (a.kept + PRIOR_WEIGHT * prior) / (a.checked + PRIOR_WEIGHT)
@@ -185,9 +223,13 @@ class AdaptiveK:
             a.kept *= IDLE_DECAY
             a.checked *= IDLE_DECAY
 
-    def observe_round(self, seconds: float, max_k: int, channel_s: float = 0.0) -> None:
-        """A proposer round that asked for at most `max_k` drafts of any sequence (its forwards)."""
-        if max_k > 0:
+    def observe_round(
+        self, seconds: float, max_k: int, channel_s: float = 0.0, catch_up: bool = False
+    ) -> None:
+        """A proposer round that asked for at most `max_k` drafts of any sequence (its forwards). Neither
+        a round that caught a sequence up (`catch_up`) nor a probe's is fitted: one sequence's forwards
+        (overlapped with a plain step where the proposer overlaps) are not what the batch's round costs."""
+        if max_k > 0 and not self.probing and not catch_up:
             self.round.observe(max_k, seconds - channel_s)
         self.channel_s += COST_EWMA * (channel_s - self.channel_s)
 
@@ -207,7 +249,16 @@ class AdaptiveK:
 
     def verify_cost(self, num_drafts: int) -> float:
         """Seconds a verify step with this many drafts takes beyond a plain step of the same batch."""
-        return self.verify.at(num_drafts)
+        c0, c1 = self._verify_line()
+        return c0 + c1 * num_drafts
+
+    def _verify_line(self) -> tuple[float, float]:
+        """The verify fit, its prior a row at the plain step's base over ROWS_AT_RIDGE."""
+        return self.verify.coefficients(prior=(0.0, self.steps.estimate().base_s / ROWS_AT_RIDGE))
+
+    def probe_due(self, batch_size: int) -> bool:
+        """At batch > 1, whether one sequence should draft a round for evidence (PROBE_AFTER)."""
+        return self.adaptive and batch_size > 1 and self._plain_run >= self.probe_after
 
     def forget(self, seq_id: str) -> None:
         self._acc.pop(seq_id, None)
@@ -217,7 +268,7 @@ class AdaptiveK:
         """This step's costs for a batch of `batch_size` decodes: one fit per step, not per sequence."""
         fit = self.steps.estimate()
         b = max(batch_size, 1)
-        v0, v1 = self.verify.coefficients()
+        v0, v1 = self._verify_line()
         r0, r1 = self.round.coefficients()
         return StepCosts(
             batch=b,
@@ -233,21 +284,23 @@ class AdaptiveK:
         sequence, so that a batch that does not speculate (large batches) pays almost nothing."""
         if not seq_ids or self.max_k <= 0:
             return False
-        if not self.adaptive:
+        if not self.adaptive or self.probe_due(costs.batch):
             return True
-        best = max(seq_ids, key=self.acceptance)
+        retry = costs.batch == 1
+        best = max(seq_ids, key=lambda s: self.acceptance(s, retry))
         return self.choose(best, costs, self.max_k) > 0
 
     def choose(self, seq_id: str, costs: StepCosts, limit: int) -> int:
-        """k for one sequence of the batch `costs` describes; at most `limit` (its room left)."""
+        """k for one sequence of the batch `costs` describes; at most `limit` (its room left). At batch
+        > 1 a draft must beat plain steps by BATCH_GAIN."""
         top = min(self.max_k, limit)
         if top <= 0:
             return 0
         if not self.adaptive:
             return top
-        a = self.acceptance(seq_id)
+        a = self.acceptance(seq_id, costs.batch == 1)
         share, fixed = costs.share_s, costs.fixed_s / costs.batch
-        best_k, best = 0, 1.0 / max(share, 1e-9)
+        best_k, best = 0, _gain_needed(costs) / max(share, 1e-9)
         for k in range(1, top + 1):
             cost = share + fixed + k * costs.per_draft_s
             rate = expected_tokens(a, k) / max(cost, 1e-9)
@@ -255,7 +308,9 @@ class AdaptiveK:
                 best_k, best = k, rate
         return best_k
 
-    def choose_batch(self, seq_ids: list[str], limits: list[int], costs: StepCosts) -> list[int]:
+    def choose_batch(
+        self, seq_ids: list[str], limits: list[int], costs: StepCosts, lacking: list[int] | None = None
+    ) -> list[int]:
         """k for each sequence that may draft this round (at most its limit). A round runs as many draft
         forwards as its largest k, for every drafting sequence at once, so that depth K is chosen for the
         batch: the one with the most expected tokens per second of step, every sequence drafting K. Then
@@ -263,11 +318,14 @@ class AdaptiveK:
         a^j, worth it while a^j tokens beat what the row's seconds make at the batch's rate. Chosen one
         sequence at a time (`choose`), a batch of 8 at acceptance ~0.7 spread over k = 1-4 by its noisy
         estimates: its rounds ran the largest k's forwards for the yield of the mean k (0.79-0.95x on an
-        H200 where fixed k made 1.14-1.21x; chosen for the batch, 1.12x)."""
+        H200 where fixed k made 1.14-1.21x; chosen for the batch, 1.12x). At batch > 1 the batch drafts
+        only for BATCH_GAIN over plain; where it does not, a probe when due: the sequence with the fewest
+        tokens the proposer lacks (`lacking`, per sequence; the first if not given) drafts its top k."""
         tops = [min(self.max_k, max(limit, 0)) for limit in limits]
+        self.probing = False
         if not self.adaptive or not any(tops):
             return tops
-        accs = [self.acceptance(s) for s in seq_ids]
+        accs = [self.acceptance(s, costs.batch == 1) for s in seq_ids]
         others = max(costs.batch - len(seq_ids), 0)  # running sequences that yield one token a step
 
         def rate(ks: list[int]) -> float:
@@ -278,7 +336,7 @@ class AdaptiveK:
                 cost += costs.fixed_s + deepest * costs.forward_s + sum(ks) * costs.row_s
             return tokens / max(cost, 1e-9)
 
-        best_ks, best = [0] * len(tops), rate([0] * len(tops))
+        best_ks, best = [0] * len(tops), rate([0] * len(tops)) * _gain_needed(costs)
         for depth in range(1, max(tops) + 1):
             ks = [min(depth, t) for t in tops]
             worth = rate(ks) * costs.row_s  # tokens a row's seconds make at this rate
@@ -286,7 +344,17 @@ class AdaptiveK:
             r = rate(ks)
             if r > best:
                 best_ks, best = ks, r
+        if not any(best_ks) and self.probe_due(costs.batch):
+            can = [i for i, t in enumerate(tops) if t > 0]
+            probe = min(can, key=lambda i: lacking[i]) if lacking is not None else can[0]
+            best_ks[probe] = tops[probe]
+            self.probing = True
         return best_ks
+
+
+def _gain_needed(costs: StepCosts) -> float:
+    """The gain over plain steps that drafting must be predicted to make (BATCH_GAIN at batch > 1)."""
+    return BATCH_GAIN if costs.batch > 1 else 1.0
 
 
 def _drafts_worth_a_row(acceptance: float, k: int, worth: float) -> int:

@@ -31,7 +31,7 @@ import torch
 
 from fuserve.configs import SpeculativeConfig
 from fuserve.core_messages import SpecCounters
-from fuserve.speculative.adaptive_k import AdaptiveK
+from fuserve.speculative.adaptive_k import PROBE_AFTER, AdaptiveK
 from fuserve.speculative.alternatives import kept_rows
 from fuserve.speculative.feature_store import FeatureStore
 from fuserve.speculative.overlap import HIT_WAIT_MAX_S, OverlapDrafts
@@ -49,6 +49,7 @@ from fuserve.workers.scheduler import ScheduledSeq, SchedulerOutput
 from fuserve.workers.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 EXPLORE_EVERY = 16  # with adaptive k, every 16th step drafts nothing (the plain step's cost)
+PROBE_AFTER_WAITING = 4 * PROBE_AFTER  # a large batch's probe where its round is waited for
 BEHIND_POLL_S = 2e-5  # propose_behind looks for the reply, then whether the plain step ended, this often
 
 
@@ -140,11 +141,15 @@ class Speculation:
         """k for each of `seqs` (sequences that may draft) in a batch of `batch_size` decodes."""
         if not self.adaptive_k.adaptive:  # fixed k: no cost fit to evaluate (two a step, ~50 us each)
             return [max(min(self.max_k, self._limit(s)), 0) for s in seqs]
-        costs = self.adaptive_k.step_costs(batch_size)
+        ak = self.adaptive_k
+        # a probe's round costs the target nothing where it overlaps a plain step, a round where not
+        ak.probe_after = PROBE_AFTER if self._overlapping() else PROBE_AFTER_WAITING
+        costs = ak.step_costs(batch_size)
         ids = [s.seq_id for s in seqs]
-        if not self.adaptive_k.any_drafts(ids, costs):
+        if not ak.any_drafts(ids, costs):
             return [0] * len(seqs)
-        return self.adaptive_k.choose_batch(ids, [self._limit(s) for s in seqs], costs)
+        lacking = [s.num_tokens - self._held.get(s.seq_id, 0) for s in seqs]
+        return ak.choose_batch(ids, [self._limit(s) for s in seqs], costs, lacking)
 
     def propose(self, running: list[Sequence]) -> None:
         """One round: drafts for every running decode whose k > 0, in seq.spec_token_ids."""
@@ -193,7 +198,7 @@ class Speculation:
             self._use(seq, proposed[: req.k])
             if alts and seq.params.greedy and seq.params.grammar is None:
                 seq.spec_alt_ids = self._alternatives(seq.spec_token_ids, alts)
-        self._observe_round([r.k for r in requests], self._round_s, self._channel_s(), self._hits())
+        self._observe_round(requests, self._round_s, self._channel_s(), self._hits())
 
     def _request(self, seq: Sequence, k: int) -> ProposeRequest:
         """The sequence's round: its tokens the proposer lacks, up to a step in flight (redraft_missed's)."""
@@ -216,9 +221,15 @@ class Speculation:
         """Of the last round's seconds, the channel's round trip (0 for a proposer without one)."""
         return self.proposer.last_channel_s if self._reports_channel else 0.0  # type: ignore[attr-defined]
 
-    def _observe_round(self, ks: list[int], seconds: float, channel_s: float, hits: int) -> None:
+    def _observe_round(
+        self, requests: list[ProposeRequest], seconds: float, channel_s: float, hits: int
+    ) -> None:
+        ks = [r.k for r in requests]
         self.stats.observe_round(ks, seconds, channel_s, hits)
-        self.adaptive_k.observe_round(seconds, max(ks), channel_s)
+        # a round that catches a sequence up (a prompt, tokens made while it did not draft) is not what
+        # the next round costs: fitted, the first round of 32 new sequences (27 ms) priced every later one
+        catch_up = any(len(r.token_ids) > r.k + 2 for r in requests)
+        self.adaptive_k.observe_round(seconds, max(ks), channel_s, catch_up)
 
     # ---- overlap: a plain step rather than a wait (speculative.draft_overlap) ----------------------
     def _overlapping(self) -> bool:
@@ -237,7 +248,8 @@ class Speculation:
         proposer: Overlaps = self.proposer  # type: ignore[assignment]
         kept = self._kept
         t0 = time.perf_counter()
-        channel_s, asked, hits = 0.0, [], 0
+        channel_s, hits = 0.0, 0
+        asked: list[ProposeRequest] = []
         live = {s.seq_id for s in running}
         try:
             drafting = {s.seq_id for s, _ in chosen}
@@ -252,9 +264,9 @@ class Speculation:
                 else:
                     need.append((seq, k))
             if need:
-                asked = [k for _, k in need]
                 sent = time.perf_counter()
                 self._submit(need)
+                asked = list(kept.sent)
                 wait_s = kept.wait_s([seq.seq_id for seq, _ in need], len(chosen))
                 reply = proposer.collect(wait_s, spin=wait_s <= HIT_WAIT_MAX_S)
                 for seq, _ in need:  # next: a plain step, or drafts the draft had not guessed
