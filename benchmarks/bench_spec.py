@@ -463,6 +463,8 @@ def run_variant(
             verify_ms_per_step=1e3 * c.verify_seconds / max(c.num_verify_steps, 1),
             verify_steps=c.num_verify_steps,
             alternatives=c.num_alternatives,
+            # what adaptive k's cost fit believed at the end (adaptive_k.AdaptiveK.summary)
+            adaptive_fit=speculation.adaptive_k.summary(label["batch"]) if label["adaptive"] else None,
             alternatives_kept=c.num_alternatives_kept,
             # speculative.draft_overlap: rounds read after a plain step, and sequence-steps that then
             # verified those drafts (the plain step had written their first)

@@ -17,6 +17,7 @@ from fuserve.speculative.adaptive_k import AdaptiveK, expected_tokens
 from fuserve.speculative.draft_factory import build_draft_runner
 from fuserve.speculative.ngram import NgramProposer
 from fuserve.speculative.proposer import ProposeRequest
+from fuserve.speculative.speculation import EXPLORE_EVERY, EXPLORE_RUN
 from fuserve.speculative.stats import SpecStats, acceptance_at, acceptance_rate, mean_accepted_length
 
 
@@ -189,7 +190,9 @@ class _GPU:
     catches its sequences up: `catch_up_s` a token the draft lacks (a new prompt of `prompt` tokens, the
     tokens made while a sequence did not draft), and each drafting step pays `unmodelled_s` that no
     fit sees (the realized rate under load was 0.90x of the fitted costs' on an H200). A probe's round
-    overlaps a plain step (a draft server on its own GPU): it costs the host `probe_s`."""
+    overlaps a plain step (a draft server on its own GPU): it costs the host `probe_s`. A plain step among
+    drafting ones is read back before the next is planned: `waited_s` dearer than one planned behind the
+    step before, as a batch that does not draft runs them."""
 
     batch: int
     plain_s: float
@@ -201,6 +204,7 @@ class _GPU:
     catch_up_s: float = 0.0
     unmodelled_s: float = 0.0
     probe_s: float = 0.0015
+    waited_s: float = 0.0
 
 
 # a step with fixed costs at batch 1: plain 5 ms; a verify step 3 ms + 0.1 ms a draft more; a round 1 ms
@@ -208,11 +212,16 @@ class _GPU:
 FIXED_COSTS_BATCH_1 = _GPU(1, 0.005, (0.003, 0.0001), (0.001, 0.0005), 0.7)
 # an 8B target with a 1B draft on an H200 (2026-11-29), batch 8
 H200_BATCH_8 = _GPU(8, 0.0049, (0.0002, 0.00002), (0.0003, 0.0011), 0.7)
-# the same pair under load (bench_spec --steady 4: results/spec-draft-gpu-2026-11-29-h200x2-steady-d94d918.json),
-# its costs chosen so that fixed k = 3 makes what it made there: 0.95x / 1.26x at batch 32 and acceptance
-# 0.7 / 0.9 (simulated 0.95 / 1.26), 0.83x / 1.06x at batch 64 (0.81 / 1.07)
-H200_LOADED_32 = _GPU(32, 0.00554, (0.0006, 0.000021), (0.0003, 0.0016), 0.7, 128, 128, 6.6e-6, 0.0007)
-H200_LOADED_64 = _GPU(64, 0.00665, (0.0006, 0.000028), (0.0005, 0.0017), 0.7, 128, 128, 6.6e-6, 0.001)
+# the same pair under load (bench_spec --steady 4;
+# benchmarks/results/spec-draft-gpu-2026-11-29-h200x2-steady-d94d918.json), its costs chosen so that fixed
+# k = 3 makes what it made there: 0.95x / 1.26x at batch 32 and acceptance 0.7 / 0.9 (simulated 0.95 / 1.26),
+# 0.83x / 1.06x at batch 64 (0.81 / 1.07)
+H200_LOADED_32 = _GPU(
+    32, 0.00554, (0.0006, 0.000021), (0.0003, 0.0016), 0.7, 128, 128, 6.6e-6, 0.0007, waited_s=0.001
+)
+H200_LOADED_64 = _GPU(
+    64, 0.00665, (0.0006, 0.000028), (0.0005, 0.0017), 0.7, 128, 128, 6.6e-6, 0.001, waited_s=0.001
+)
 
 
 def _simulate_batch(
@@ -228,6 +237,7 @@ def _simulate_batch(
     life = gpu.lifetime or steps * 10
     seqs = [[f"s{i}", rng.randint(1, life), gpu.prompt] for i in range(gpu.batch)]  # id, left, lacking
     made = 0
+    drafting = False  # the last step verified drafts: a plain step now is read back before the next
     tokens = seconds = 0.0
     for step in range(steps + warmup):
         if step == warmup:
@@ -235,7 +245,7 @@ def _simulate_batch(
         ids = [seq_id for seq_id, _, _ in seqs]
         limits = [left - 1 for _, left, _ in seqs]
         ks = [0] * len(ids)
-        if step % 16:  # Speculation's plain step every EXPLORE_EVERY
+        if step % EXPLORE_EVERY >= EXPLORE_RUN:  # else Speculation's plain steps for the cost fit
             costs = ak.step_costs(len(ids))
             if fixed is not None:
                 ks = [max(min(fixed, limit), 0) for limit in limits]
@@ -244,9 +254,13 @@ def _simulate_batch(
             elif ak.any_drafts(ids, costs):
                 ks = ak.choose_batch(ids, limits, costs, [lacking for _, _, lacking in seqs])
         if not any(ks):
-            ak.observe_decode_step(len(ids), 0, gpu.plain_s)
+            # among drafting steps, the last of a run of plain ones is read back before the next is planned
+            waited = drafting and (step + 1) % EXPLORE_EVERY >= EXPLORE_RUN
+            plain_s = gpu.plain_s + (gpu.waited_s if waited else 0.0)
+            ak.observe_decode_step(len(ids), 0, plain_s, next_launched=not waited)
             gained = [1] * len(ids)
-            seconds += gpu.plain_s
+            seconds += plain_s
+            drafting = drafting and step % EXPLORE_EVERY < EXPLORE_RUN
         else:
             probe = fixed is None and ak.probing
             lacking = [s[2] for s, k in zip(seqs, ks, strict=True) if k]
@@ -261,6 +275,7 @@ def _simulate_batch(
                     kept += 1
                 gained.append(kept + 1)
             seconds += verify_s + (gpu.probe_s if probe else round_s + gpu.unmodelled_s)
+            drafting = True
         for seq, k, n in zip(seqs, ks, gained, strict=True):
             if k:
                 ak.observe_verify(seq[0], k, n - 1)
@@ -326,7 +341,7 @@ def test_a_probe_drafts_the_sequence_the_draft_holds_most_of_and_is_not_fitted_a
     for _ in range(PROBE_AFTER - 1):
         ak.observe_decode_step(4, 0, 0.005)
     costs = ak.step_costs(4)
-    assert costs.row_s == pytest.approx(ak.steps.estimate().base_s / ROWS_AT_RIDGE)
+    assert costs.row_s == pytest.approx(ak.waited_steps.estimate().base_s / ROWS_AT_RIDGE)  # all waited
     for seq_id in ids:  # nothing pays: every draft rejected
         for _ in range(10):
             ak.observe_verify(seq_id, 3, 0)
@@ -334,6 +349,7 @@ def test_a_probe_drafts_the_sequence_the_draft_holds_most_of_and_is_not_fitted_a
     ak.observe_decode_step(4, 0, 0.005)
     assert ak.any_drafts(ids, costs)
     assert ak.choose_batch(ids, limits, costs, lacking) == [0, 3, 0, 0] and ak.probing  # "d" has no room
+    assert ak.summary(4)["probes"] == 1
     before = ak.round.coefficients()
     ak.observe_round(0.004, 3)
     assert ak.round.coefficients() == before

@@ -21,13 +21,13 @@ Everything is measured, never configured:
   step costs  plain decode steps fitted as seconds = base + per_seq * B (StepCostMeter's ridge fit
               with forgetting); what a verify step takes beyond that fit, as a line in its drafts
               (fixed + per draft), and a proposer round's seconds as a line in its largest k (fixed + per
-              forward), each a weighted least-squares fit of the last ~20 (`LineFit`). Speculation runs a
-              plain step every EXPLORE_EVERY steps so that the plain fit stays fed while every sequence
-              drafts.
+              forward), each a weighted least-squares fit of the last ~20 (`LineFit`). Speculation runs
+              two plain steps every EXPLORE_EVERY rounds so that the plain fits stay fed while every
+              sequence drafts.
   proposer    the round trip the proposer reports, as a running average.
 A line needs k to vary to tell its fixed part from its slope: per-sequence choices, the plain steps and the
-retries vary it, but a batch that holds one k for ~20 steps leaves the split to the fit's weak prior (no
-fixed part), and drifts back toward charging per draft (not yet measured on a GPU).
+retries vary it, but a batch that holds one k for ~20 steps leaves the split to the fit's prior: a round's
+all per forward, a verify step's all fixed but its prior slope (a row's compute, ROWS_AT_RIDGE).
 Charging the fixed parts per draft instead (this module's first model: one running mean per draft of a
 round's and a verify step's seconds) priced one draft at the whole fixed cost and every further draft
 again at it: where a step's fixed extra was large, adaptive k settled at k = 1 or 0 where k = 4-5 paid (in
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fuserve.workers.step_cost_meter import StepCostMeter
+from fuserve.workers.step_cost_meter import StepCostFit, StepCostMeter
 
 PRIOR_ACCEPTANCE = 0.5
 PRIOR_WEIGHT = 2.0  # pseudo-verifies at the prior
@@ -115,7 +115,12 @@ class LineFit:
     then go to the fixed part. Neither coefficient goes below zero."""
 
     def __init__(
-        self, c0: float, c1: float, forget: float = 0.95, prior_weight: float = 0.05, slope_weight: float = 0.0
+        self,
+        c0: float,
+        c1: float,
+        forget: float = 0.95,
+        prior_weight: float = 0.05,
+        slope_weight: float = 0.0,
     ) -> None:
         self.forget = forget
         self.prior = (c0, c1)
@@ -174,9 +179,15 @@ class AdaptiveK:
         self._plain_run = 0  # plain decode steps since the last verify step
         self.probe_after = PROBE_AFTER  # Speculation raises it where a probe's round is not overlapped
         self.probing = False  # the last choose_batch chose a probe: its round is not the batch's cost
-        # plain decode steps only; a weak prior: at 1.0 its 10 ms base kept a batch-32 step (5.5 ms) priced
-        # 6% high after 20 steps, so drafting looked better than it was
+        self.num_probes = 0
+        # Plain decode steps, in two fits: those planned behind the step before (async scheduling), what
+        # a batch that does not draft runs, and those read back before the next was planned, as the plain
+        # steps among a drafting batch's run (on an H200 at batch 32-64 ~1 ms dearer: the host's work
+        # between steps no longer hides under the GPU's). One fit over both priced not drafting at the
+        # dearer kind once a batch drafted, and it went on drafting where that lost (0.85x at batch 64).
+        # A weak prior: at 1.0 its 10 ms base kept a batch-32 step (5.5 ms) priced 6% high after 20 steps.
         self.steps = StepCostMeter(prior=step_prior, prior_weight=PLAIN_PRIOR_WEIGHT)
+        self.waited_steps = StepCostMeter(prior=step_prior, prior_weight=PLAIN_PRIOR_WEIGHT)
         # a verify step's seconds beyond the plain fit, by drafts; a batch that holds one k (or a probe's
         # few drafts) leaves the slope at its prior (ROWS_AT_RIDGE) and the rest to the fixed part
         self.verify = LineFit(0.0, 0.0, slope_weight=VERIFY_SLOPE_WEIGHT)
@@ -233,19 +244,29 @@ class AdaptiveK:
             self.round.observe(max_k, seconds - channel_s)
         self.channel_s += COST_EWMA * (channel_s - self.channel_s)
 
-    def observe_decode_step(self, num_seqs: int, num_drafts: int, seconds: float) -> None:
-        """A step of decodes only (some speculating), its proposer round not counted. Plain steps fit
-        the step's base and per-sequence cost; a verify step's time beyond that fit is fitted against its
-        drafts. (One fit over both priced a draft at its prior when nearly every step drafted: it could
-        not tell the drafts' cost from the base.)"""
+    def observe_decode_step(
+        self, num_seqs: int, num_drafts: int, seconds: float, next_launched: bool = False
+    ) -> None:
+        """A step of decodes only (some speculating), its proposer round not counted; `next_launched`: the
+        next step was planned and launched before it was read back. Plain steps fit the step's base and
+        per-sequence cost (of each kind); a verify step's time beyond the fit of plain steps read back as
+        it was is fitted against its drafts. (One fit over both priced a draft at its prior when nearly
+        every step drafted: it could not tell the drafts' cost from the base.)"""
         if num_drafts == 0:
-            self.steps.observe(0, num_seqs, seconds)
+            (self.steps if next_launched else self.waited_steps).observe(0, num_seqs, seconds)
             self._plain_run += 1
             return
         self._plain_run = 0
-        fit = self.steps.estimate()
+        fit = self._plain_fit(waited=True)
         if fit.num_samples >= MIN_PLAIN_STEPS:
             self.verify.observe(num_drafts, seconds - fit.base_s - fit.per_seq_s * num_seqs)
+
+    def _plain_fit(self, waited: bool) -> StepCostFit:
+        """The fit of plain steps read back one at a time (`waited`) or planned behind the one before; the
+        other kind's where this one has fewer than MIN_PLAIN_STEPS samples (on a CPU every step waits)."""
+        first, other = (self.waited_steps, self.steps) if waited else (self.steps, self.waited_steps)
+        fit = first.estimate()
+        return fit if fit.num_samples >= MIN_PLAIN_STEPS else other.estimate()
 
     def verify_cost(self, num_drafts: int) -> float:
         """Seconds a verify step with this many drafts takes beyond a plain step of the same batch."""
@@ -254,7 +275,7 @@ class AdaptiveK:
 
     def _verify_line(self) -> tuple[float, float]:
         """The verify fit, its prior a row at the plain step's base over ROWS_AT_RIDGE."""
-        return self.verify.coefficients(prior=(0.0, self.steps.estimate().base_s / ROWS_AT_RIDGE))
+        return self.verify.coefficients(prior=(0.0, self._plain_fit(waited=False).base_s / ROWS_AT_RIDGE))
 
     def probe_due(self, batch_size: int) -> bool:
         """At batch > 1, whether one sequence should draft a round for evidence (PROBE_AFTER)."""
@@ -265,17 +286,40 @@ class AdaptiveK:
 
     # ---- the choice -----------------------------------------------------------------------------
     def step_costs(self, batch_size: int) -> StepCosts:
-        """This step's costs for a batch of `batch_size` decodes: one fit per step, not per sequence."""
-        fit = self.steps.estimate()
+        """This step's costs for a batch of `batch_size` decodes: one fit per step, not per sequence. A
+        drafting batch reads each step back before it plans the next, so its fixed part also holds what a
+        plain step read back costs over one planned behind the step before."""
         b = max(batch_size, 1)
+        fit, waited = self._plain_fit(waited=False), self._plain_fit(waited=True)
+        plain_s = fit.base_s + fit.per_seq_s * b
+        waiting_s = max(waited.base_s + waited.per_seq_s * b - plain_s, 0.0)
         v0, v1 = self._verify_line()
         r0, r1 = self.round.coefficients()
         return StepCosts(
             batch=b,
-            plain_s=fit.base_s + fit.per_seq_s * b,
-            fixed_s=v0 + r0 + self.channel_s,
+            plain_s=plain_s,
+            fixed_s=v0 + r0 + self.channel_s + waiting_s,
             row_s=v1,
             forward_s=r1,
+        )
+
+    def summary(self, batch_size: int) -> dict[str, float]:
+        """What the fit believes for a batch of this size (ms; benchmarks record it beside their rows): the
+        costs, each plain fit's samples, the acceptance prior, the probes so far, and the gain it predicts
+        for every sequence drafting max_k at that prior."""
+        costs = self.step_costs(batch_size)
+        a, k, b = self.prior(retry=False), self.max_k, costs.batch
+        drafting_s = costs.plain_s + costs.fixed_s + k * costs.forward_s + b * k * costs.row_s
+        return dict(
+            plain_ms=1e3 * costs.plain_s,
+            fixed_ms=1e3 * costs.fixed_s,
+            row_ms=1e3 * costs.row_s,
+            forward_ms=1e3 * costs.forward_s,
+            plain_steps_launched_behind=self.steps.estimate().num_samples,
+            plain_steps_waited=self.waited_steps.estimate().num_samples,
+            prior=a,
+            probes=self.num_probes,
+            predicted_gain=b * expected_tokens(a, k) / drafting_s / (b / costs.plain_s),
         )
 
     def any_drafts(self, seq_ids: list[str], costs: StepCosts) -> bool:
@@ -349,6 +393,7 @@ class AdaptiveK:
             probe = min(can, key=lambda i: lacking[i]) if lacking is not None else can[0]
             best_ks[probe] = tops[probe]
             self.probing = True
+            self.num_probes += 1
         return best_ks
 
 

@@ -48,7 +48,12 @@ from fuserve.workers.sampler import has_penalty
 from fuserve.workers.scheduler import ScheduledSeq, SchedulerOutput
 from fuserve.workers.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
-EXPLORE_EVERY = 16  # with adaptive k, every 16th step drafts nothing (the plain step's cost)
+# With adaptive k, two rounds in every 32 draft nothing: plain steps for the cost fit while the batch drafts.
+# Two in a row so that the first is launched behind the step before (as a batch that does not draft runs
+# its plain steps: async scheduling), the second read back before the next drafting step is planned; each
+# kind is fitted apart (AdaptiveK.observe_decode_step).
+EXPLORE_EVERY = 32
+EXPLORE_RUN = 2
 PROBE_AFTER_WAITING = 4 * PROBE_AFTER  # a large batch's probe where its round is waited for
 BEHIND_POLL_S = 2e-5  # propose_behind looks for the reply, then whether the plain step ended, this often
 
@@ -131,9 +136,15 @@ class Speculation:
         """Drafts that fit before max_tokens: the step yields one token more than its drafts."""
         return seq.max_tokens - seq.num_output_tokens - 1
 
+    def _explores(self, round_index: int) -> bool:
+        """Whether that round drafts nothing (EXPLORE_EVERY, EXPLORE_RUN)."""
+        return self.adaptive_k.adaptive and round_index % EXPLORE_EVERY < EXPLORE_RUN
+
     def wants_drafts(self, running: list[Sequence]) -> bool:
         """Whether some running sequence would draft next step (then the engine reads back the step in
         flight first). Judged on acceptance and cost alone, so it holds while tokens are in flight."""
+        if self._explores(self._rounds + 1):
+            return False
         candidates = [s for s in running if self.can_draft(s) and self._limit(s) > 0]
         return any(self._choose_k(candidates, len(running)))
 
@@ -156,7 +167,7 @@ class Speculation:
         self._round_s = 0.0
         self._release_gone(running)
         self._rounds += 1
-        if self.adaptive_k.adaptive and self._rounds % EXPLORE_EVERY == 0:
+        if self._explores(self._rounds):
             # A plain step now and then: where every step drafts, the cost fit cannot tell a draft's
             # verify cost from the step's base (on the CPU box adaptive k kept drafting at 0.2
             # acceptance, 0.66x of no speculation).
@@ -457,15 +468,16 @@ class Speculation:
         self.adaptive_k.observe_verify(seq_id, num_drafts, num_accepted)
         self._kept.may_hit[seq_id] = num_accepted == num_drafts
 
-    def observe_step(self, out: SchedulerOutput, seconds: float) -> None:
-        """A completed step's time, less its proposer round, for the cost fit and the stats."""
+    def observe_step(self, out: SchedulerOutput, seconds: float, next_launched: bool = False) -> None:
+        """A completed step's time, less its proposer round, for the cost fit and the stats;
+        `next_launched`: the engine launched the next step before reading this one back."""
         seconds = max(seconds - self._round_s, 0.0)
         self._round_s = 0.0  # a round sent as a step was read back (redraft_missed): out of that one only
         num_drafts = sum(len(item.spec_token_ids) + len(item.spec_alt_ids) for item in out.scheduled)
         if num_drafts:
             self.stats.observe_verify_step(seconds)
         if all(item.samples and item.num_known_tokens == 1 for item in out.scheduled):
-            self.adaptive_k.observe_decode_step(len(out.scheduled), num_drafts, seconds)
+            self.adaptive_k.observe_decode_step(len(out.scheduled), num_drafts, seconds, next_launched)
 
     def snapshot(self) -> SpecCounters:
         return self.stats.snapshot()

@@ -102,6 +102,7 @@ class LLMEngine:
         self.step_cost = StepCostMeter(clip_outliers=True)
         self._queue_summary = QueueSummaryCache(self.scheduler)
         self._completed: list[SchedulerOutput] = []  # steps whose tokens the current step() read back
+        self._completed_next_launched = False  # ...with the next step launched before that
         self._unattributed_s = 0.0
         self._unattributed_busy_s = 0.0  # the device's time of the batches read back since _measure_step
         self._requests: dict[str, list[_SeqState]] = {}
@@ -280,7 +281,8 @@ class LLMEngine:
             self.prefill_step_seconds_total += self._unattributed_s
             self.prefill_device_busy_seconds_total += self._unattributed_busy_s
         if self.speculation is not None and len(self._completed) == 1:
-            self.speculation.observe_step(self._completed[0], self._unattributed_s)
+            launched = self._completed_next_launched
+            self.speculation.observe_step(self._completed[0], self._unattributed_s, launched)
         for out, prefill in zip(self._completed, prefills, strict=True):
             self.step_cost.observe(
                 prefill, out.num_tokens - prefill, self._unattributed_s / len(self._completed)
@@ -314,7 +316,8 @@ class LLMEngine:
                 self._inflight = (sched_out, self.executor.execute(plan, prev_batch))
         elif prev is None and self._guided is not None and self._guided.has_pending:
             self._guided.wait(GRAMMAR_WAIT_S)  # only compiling requests: wait for one rather than spin
-        outputs = self._complete(prev) if prev is not None else []
+        launched = self._inflight is not None or masked is not None
+        outputs = self._complete(prev, next_launched=launched) if prev is not None else []
         if behind:
             self.speculation.redraft_missed(self.scheduler.running)  # type: ignore[union-attr]
         if masked is not None:
@@ -377,8 +380,13 @@ class LLMEngine:
             return False
         return self.speculation.propose_behind(self.scheduler.running, batch.ready)
 
-    def _complete(self, inflight: tuple[SchedulerOutput, SampledBatch | None]) -> list[RequestOutput]:
+    def _complete(
+        self, inflight: tuple[SchedulerOutput, SampledBatch | None], next_launched: bool = False
+    ) -> list[RequestOutput]:
+        """Read back a step and emit its tokens; `next_launched`: the next step was launched before it
+        (its time then is a step's with the host's work hidden, for speculation's cost fit)."""
         sched_out, batch = inflight
+        self._completed_next_launched = next_launched
         if batch is not None:
             t0 = time.perf_counter()
             self.executor.wait(batch)
