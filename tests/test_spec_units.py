@@ -266,7 +266,8 @@ def _simulate_batch(
             lacking = [s[2] for s, k in zip(seqs, ks, strict=True) if k]
             round_s = gpu.round[0] + gpu.round[1] * max(ks) + gpu.catch_up_s * sum(lacking)
             verify_s = gpu.plain_s + gpu.verify[0] + gpu.verify[1] * sum(ks)
-            ak.observe_round(round_s, max(ks), 0.0, any(n > max(ks) + 2 for n in lacking))
+            catch_up = sum(max(s[2] - k - 2, 0) for s, k in zip(seqs, ks, strict=True) if k)
+            ak.observe_round(round_s, max(ks), 0.0, catch_up)
             ak.observe_decode_step(len(ids), sum(ks), verify_s)
             gained = []
             for k in ks:
@@ -320,8 +321,10 @@ def test_a_loaded_batch_drafts_where_it_pays_and_never_loses_where_it_does_not(g
     """Under load at batch 32-64 drafting pays at acceptance 0.9 and loses at 0.7 and 0.5 (measured on
     H200s, fixed k = 3). Adaptive k must take the gain and lose nothing where there is none: it needs a
     verify row priced near its cost before any verify step is measured (a fixed 0.2 ms prior kept these
-    batches from ever drafting), a margin for what the fitted costs miss under load, and a probe of one
-    sequence now and then rather than a retry of the whole batch (whose round catches every sequence up)."""
+    batches from ever drafting), drafting steps' time measured against what the fits predicted for them,
+    a sequence's catch-up priced over the steps it has left, a margin for what no step's time shows, and a
+    probe of one sequence now and then rather than a retry of the whole batch (whose round catches every
+    sequence up)."""
     for acceptance in (0.5, 0.7, 0.9):
         at = dataclasses.replace(gpu, acceptance=acceptance)
         fixed = _simulate_batch(AdaptiveK(max_k=3, adaptive=False), at, fixed=3, steps=1500, warmup=100)
@@ -340,6 +343,8 @@ def test_a_probe_drafts_the_sequence_the_draft_holds_most_of_and_is_not_fitted_a
     ids, limits, lacking = ["a", "b", "c", "d"], [100, 100, 100, 0], [40, 2, 90, 1]
     for _ in range(PROBE_AFTER - 1):
         ak.observe_decode_step(4, 0, 0.005)
+    for _ in range(8):  # rounds of 3 forwards, 1 ms each
+        ak.observe_round(0.003, 3)
     costs = ak.step_costs(4)
     assert costs.row_s == pytest.approx(ak.waited_steps.estimate().base_s / ROWS_AT_RIDGE)  # all waited
     for seq_id in ids:  # nothing pays: every draft rejected
@@ -355,7 +360,7 @@ def test_a_probe_drafts_the_sequence_the_draft_holds_most_of_and_is_not_fitted_a
     assert ak.round.coefficients() == before
     ak.observe_decode_step(4, 3, 0.006)  # the probe's verify step
     assert ak.choose_batch(ids, limits, ak.step_costs(4), lacking) == [0, 0, 0, 0] and not ak.probing
-    ak.observe_round(0.030, 3, catch_up=True)
+    ak.observe_round(0.030, 3, catch_up_tokens=100)
     assert ak.round.coefficients() == before
     ak.observe_round(0.004, 3)
     assert ak.round.coefficients() != before

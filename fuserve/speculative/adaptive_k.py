@@ -58,7 +58,7 @@ POOL_PSEUDO = 4.0
 # batch 32 and 64 under load (an 8B target, a 1B draft server, 2026-11-29) the realized rate was 0.90x of
 # what the measured verify, round and plain costs predict at both acceptances (steps with new prompts,
 # sequences near their end, the host), so a predicted 1.05x was a measured 0.95x
-BATCH_GAIN = 1.12
+BATCH_GAIN = 1.08
 # At batch > 1 no optimistic retry (it would catch up the whole batch): after this many plain steps one
 # sequence drafts a round (the one the proposer lacks the fewest tokens of), for evidence
 PROBE_AFTER = 128
@@ -75,19 +75,27 @@ IDLE_DECAY = 0.9
 COST_EWMA = 0.1
 MIN_PLAIN_STEPS = 4  # plain steps measured before a verify step's extra time is read against them
 PLAIN_PRIOR_WEIGHT = 0.05
+# drafting_factor learns only once this many rounds are fitted: before, a round's price is its prior (none)
+MIN_ROUNDS_FITTED = 4
+# before a catch-up is measured, a token of it costs a draft forward over this many (a 1B draft on an
+# H200 prefills ~240 tokens in a decode forward's time)
+CATCH_UP_TOKENS_PER_FORWARD = 128
 
 
 @dataclass(frozen=True)
 class StepCosts:
     """Seconds, for a batch of `batch` decodes: its plain decode step; what a speculating step and its
     round pay once whatever k (the verify step's fixed extra, the round's, the channel); one more draft
-    row verified; one more draft forward (the next draft of every drafting sequence at once)."""
+    row verified; one more draft forward (the next draft of every drafting sequence at once). A drafting
+    step's whole cost is multiplied by `drafting_factor`: what such steps took over what these predicted."""
 
     batch: int
     plain_s: float
     fixed_s: float
     row_s: float
     forward_s: float
+    drafting_factor: float = 1.0
+    catch_up_s: float = 0.0  # a token the proposer lacks, caught up by a round
 
     @property
     def share_s(self) -> float:
@@ -180,6 +188,14 @@ class AdaptiveK:
         self.probe_after = PROBE_AFTER  # Speculation raises it where a probe's round is not overlapped
         self.probing = False  # the last choose_batch chose a probe: its round is not the batch's cost
         self.num_probes = 0
+        # At batch > 1, a drafting step's seconds (its verify step and round, catch-ups and all) over what
+        # the fits predicted when it was chosen: the fits see only some rounds (not catch-ups) and lag the
+        # batch, and the margin (BATCH_GAIN) is for what no step's time shows
+        self.drafting_factor = 1.0
+        self._predicted_s: float | None = None  # the drafting step last chosen, as the fits priced it
+        self._round_wall_s = 0.0  # the last round's seconds, whatever kind
+        self._rounds_fitted = 0
+        self.catch_up_token_s: float | None = None  # a token a round catches up, once measured
         # Plain decode steps, in two fits: those planned behind the step before (async scheduling), what
         # a batch that does not draft runs, and those read back before the next was planned, as the plain
         # steps among a drafting batch's run (on an H200 at batch 32-64 ~1 ms dearer: the host's work
@@ -235,14 +251,25 @@ class AdaptiveK:
             a.checked *= IDLE_DECAY
 
     def observe_round(
-        self, seconds: float, max_k: int, channel_s: float = 0.0, catch_up: bool = False
+        self, seconds: float, max_k: int, channel_s: float = 0.0, catch_up_tokens: int = 0
     ) -> None:
-        """A proposer round that asked for at most `max_k` drafts of any sequence (its forwards). Neither
-        a round that caught a sequence up (`catch_up`) nor a probe's is fitted: one sequence's forwards
-        (overlapped with a plain step where the proposer overlaps) are not what the batch's round costs."""
-        if max_k > 0 and not self.probing and not catch_up:
-            self.round.observe(max_k, seconds - channel_s)
+        """A proposer round that asked for at most `max_k` drafts of any sequence (its forwards), and sent
+        `catch_up_tokens` beyond a round's usual k + 2 a sequence (a prompt, tokens made while a sequence
+        did not draft). A round that caught up is not fitted as a round (the first round of 32 new
+        sequences, 27 ms, priced every later one); what it took over the round fit prices a catch-up
+        token. A probe's round is neither: one sequence's forwards (overlapped with a plain step where the
+        proposer overlaps) are not what the batch's round costs."""
+        self._round_wall_s = seconds
         self.channel_s += COST_EWMA * (channel_s - self.channel_s)
+        if max_k <= 0 or self.probing:
+            return
+        if catch_up_tokens == 0:
+            self.round.observe(max_k, seconds - channel_s)
+            self._rounds_fitted += 1
+        elif self._rounds_fitted >= MIN_ROUNDS_FITTED:
+            per_token = max(seconds - channel_s - self.round.at(max_k), 0.0) / catch_up_tokens
+            last = self.catch_up_token_s
+            self.catch_up_token_s = per_token if last is None else last + COST_EWMA * (per_token - last)
 
     def observe_decode_step(
         self, num_seqs: int, num_drafts: int, seconds: float, next_launched: bool = False
@@ -257,16 +284,22 @@ class AdaptiveK:
             self._plain_run += 1
             return
         self._plain_run = 0
+        if self._predicted_s is not None and self._rounds_fitted >= MIN_ROUNDS_FITTED:
+            ratio = min(max((seconds + self._round_wall_s) / self._predicted_s, 0.5), 3.0)
+            self.drafting_factor += COST_EWMA * (ratio - self.drafting_factor)
+        self._predicted_s, self._round_wall_s = None, 0.0
         fit = self._plain_fit(waited=True)
         if fit.num_samples >= MIN_PLAIN_STEPS:
             self.verify.observe(num_drafts, seconds - fit.base_s - fit.per_seq_s * num_seqs)
 
     def _plain_fit(self, waited: bool) -> StepCostFit:
         """The fit of plain steps read back one at a time (`waited`) or planned behind the one before; the
-        other kind's where this one has fewer than MIN_PLAIN_STEPS samples (on a CPU every step waits)."""
+        other kind's where this one has no sample yet (on a CPU every step waits). One sample suffices: the
+        prior is weak, and its figures (a 10 ms step, 0.1 ms a sequence: 16.4 ms at batch 64) are not a
+        GPU's, so the first simulated batch of 64 drafted at acceptance 0.7 on them."""
         first, other = (self.waited_steps, self.steps) if waited else (self.steps, self.waited_steps)
         fit = first.estimate()
-        return fit if fit.num_samples >= MIN_PLAIN_STEPS else other.estimate()
+        return fit if fit.num_samples > 0 else other.estimate()
 
     def verify_cost(self, num_drafts: int) -> float:
         """Seconds a verify step with this many drafts takes beyond a plain step of the same batch."""
@@ -299,6 +332,10 @@ class AdaptiveK:
             batch=b,
             plain_s=plain_s,
             fixed_s=v0 + r0 + self.channel_s + waiting_s,
+            drafting_factor=self.drafting_factor if b > 1 else 1.0,
+            catch_up_s=(
+                r1 / CATCH_UP_TOKENS_PER_FORWARD if self.catch_up_token_s is None else self.catch_up_token_s
+            ),
             row_s=v1,
             forward_s=r1,
         )
@@ -310,6 +347,7 @@ class AdaptiveK:
         costs = self.step_costs(batch_size)
         a, k, b = self.prior(retry=False), self.max_k, costs.batch
         drafting_s = costs.plain_s + costs.fixed_s + k * costs.forward_s + b * k * costs.row_s
+        drafting_s *= costs.drafting_factor
         return dict(
             plain_ms=1e3 * costs.plain_s,
             fixed_ms=1e3 * costs.fixed_s,
@@ -319,6 +357,7 @@ class AdaptiveK:
             plain_steps_waited=self.waited_steps.estimate().num_samples,
             prior=a,
             probes=self.num_probes,
+            drafting_factor=costs.drafting_factor,
             predicted_gain=b * expected_tokens(a, k) / drafting_s / (b / costs.plain_s),
         )
 
@@ -346,7 +385,7 @@ class AdaptiveK:
         share, fixed = costs.share_s, costs.fixed_s / costs.batch
         best_k, best = 0, _gain_needed(costs) / max(share, 1e-9)
         for k in range(1, top + 1):
-            cost = share + fixed + k * costs.per_draft_s
+            cost = (share + fixed + k * costs.per_draft_s) * costs.drafting_factor
             rate = expected_tokens(a, k) / max(cost, 1e-9)
             if rate > best:
                 best_k, best = k, rate
@@ -371,6 +410,13 @@ class AdaptiveK:
             return tops
         accs = [self.acceptance(s, costs.batch == 1) for s in seq_ids]
         others = max(costs.batch - len(seq_ids), 0)  # running sequences that yield one token a step
+        # a sequence's catch-up (the tokens the proposer lacks), paid once for the steps it has left
+        lacks = lacking if lacking is not None else [0] * len(seq_ids)
+        catch_up = [n * costs.catch_up_s for n in lacks]
+        steps_left = [
+            max(1.0, limit / expected_tokens(a, max(t, 1)))
+            for limit, a, t in zip(limits, accs, tops, strict=True)
+        ]
 
         def rate(ks: list[int]) -> float:
             tokens = others + sum(expected_tokens(a, k) for a, k in zip(accs, ks, strict=True))
@@ -378,6 +424,8 @@ class AdaptiveK:
             cost = costs.plain_s
             if deepest > 0:
                 cost += costs.fixed_s + deepest * costs.forward_s + sum(ks) * costs.row_s
+                cost += sum(c / n for c, n, k in zip(catch_up, steps_left, ks, strict=True) if k)
+                cost *= costs.drafting_factor
             return tokens / max(cost, 1e-9)
 
         best_ks, best = [0] * len(tops), rate([0] * len(tops)) * _gain_needed(costs)
@@ -388,6 +436,11 @@ class AdaptiveK:
             r = rate(ks)
             if r > best:
                 best_ks, best = ks, r
+        if any(best_ks) and costs.batch > 1:  # what the fits say this step will take, its catch-up whole
+            deepest, drafts = max(best_ks), sum(best_ks)
+            extra_s = costs.fixed_s + deepest * costs.forward_s + drafts * costs.row_s
+            extra_s += sum(c for c, k in zip(catch_up, best_ks, strict=True) if k)
+            self._predicted_s = costs.plain_s + extra_s
         if not any(best_ks) and self.probe_due(costs.batch):
             can = [i for i, t in enumerate(tops) if t > 0]
             probe = min(can, key=lambda i: lacking[i]) if lacking is not None else can[0]

@@ -237,9 +237,8 @@ class Speculation:
     ) -> None:
         ks = [r.k for r in requests]
         self.stats.observe_round(ks, seconds, channel_s, hits)
-        # a round that catches a sequence up (a prompt, tokens made while it did not draft) is not what
-        # the next round costs: fitted, the first round of 32 new sequences (27 ms) priced every later one
-        catch_up = any(len(r.token_ids) > r.k + 2 for r in requests)
+        # the tokens a round sends beyond its usual k + 2 a sequence: a catch-up (adaptive_k prices it apart)
+        catch_up = sum(max(len(r.token_ids) - r.k - 2, 0) for r in requests)
         self.adaptive_k.observe_round(seconds, max(ks), channel_s, catch_up)
 
     # ---- overlap: a plain step rather than a wait (speculative.draft_overlap) ----------------------
