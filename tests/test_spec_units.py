@@ -190,9 +190,9 @@ class _GPU:
     catches its sequences up: `catch_up_s` a token the draft lacks (a new prompt of `prompt` tokens, the
     tokens made while a sequence did not draft), and each drafting step pays `unmodelled_s` that no
     fit sees (the realized rate under load was 0.90x of the fitted costs' on an H200). A probe's round
-    overlaps a plain step (a draft server on its own GPU): it costs the host `probe_s`. A plain step among
-    drafting ones is read back before the next is planned: `waited_s` dearer than one planned behind the
-    step before, as a batch that does not draft runs them."""
+    overlaps a plain step (a draft server on its own GPU): it costs the host `probe_s`. A plain step right
+    after a verify step costs `exposed_s` more (the host's work after the read-back, the GPU idle); only
+    plain steps between plain steps hide their host work (the engine tells the fit which)."""
 
     batch: int
     plain_s: float
@@ -204,7 +204,7 @@ class _GPU:
     catch_up_s: float = 0.0
     unmodelled_s: float = 0.0
     probe_s: float = 0.0015
-    waited_s: float = 0.0
+    exposed_s: float = 0.0
 
 
 # a step with fixed costs at batch 1: plain 5 ms; a verify step 3 ms + 0.1 ms a draft more; a round 1 ms
@@ -217,10 +217,10 @@ H200_BATCH_8 = _GPU(8, 0.0049, (0.0002, 0.00002), (0.0003, 0.0011), 0.7)
 # k = 3 makes what it made there: 0.95x / 1.26x at batch 32 and acceptance 0.7 / 0.9 (simulated 0.95 / 1.26),
 # 0.83x / 1.06x at batch 64 (0.81 / 1.07)
 H200_LOADED_32 = _GPU(
-    32, 0.00554, (0.0006, 0.000021), (0.0003, 0.0016), 0.7, 128, 128, 6.6e-6, 0.0007, waited_s=0.001
+    32, 0.00554, (0.0006, 0.000021), (0.0003, 0.0016), 0.7, 128, 128, 6.6e-6, 0.0007, exposed_s=0.001
 )
 H200_LOADED_64 = _GPU(
-    64, 0.00665, (0.0006, 0.000028), (0.0005, 0.0017), 0.7, 128, 128, 6.6e-6, 0.001, waited_s=0.001
+    64, 0.00665, (0.0006, 0.000028), (0.0005, 0.0017), 0.7, 128, 128, 6.6e-6, 0.001, exposed_s=0.001
 )
 
 
@@ -237,7 +237,8 @@ def _simulate_batch(
     life = gpu.lifetime or steps * 10
     seqs = [[f"s{i}", rng.randint(1, life), gpu.prompt] for i in range(gpu.batch)]  # id, left, lacking
     made = 0
-    drafting = False  # the last step verified drafts: a plain step now is read back before the next
+    drafting = False  # the last step verified drafts (or a plain step of the run among drafting ones)
+    verified = False  # the last step verified drafts
     tokens = seconds = 0.0
     for step in range(steps + warmup):
         if step == warmup:
@@ -254,13 +255,14 @@ def _simulate_batch(
             elif ak.any_drafts(ids, costs):
                 ks = ak.choose_batch(ids, limits, costs, [lacking for _, _, lacking in seqs])
         if not any(ks):
-            # among drafting steps, the last of a run of plain ones is read back before the next is planned
-            waited = drafting and (step + 1) % EXPLORE_EVERY >= EXPLORE_RUN
-            plain_s = gpu.plain_s + (gpu.waited_s if waited else 0.0)
-            ak.observe_decode_step(len(ids), 0, plain_s, next_launched=not waited)
+            # among drafting steps the last of a run of plain ones is read back before the next is planned
+            last = drafting and (step + 1) % EXPLORE_EVERY >= EXPLORE_RUN
+            plain_s = gpu.plain_s + (gpu.exposed_s if verified else 0.0)
+            ak.observe_decode_step(len(ids), 0, plain_s, hidden=not verified and not last)
             gained = [1] * len(ids)
             seconds += plain_s
             drafting = drafting and step % EXPLORE_EVERY < EXPLORE_RUN
+            verified = False
         else:
             probe = fixed is None and ak.probing
             lacking = [s[2] for s, k in zip(seqs, ks, strict=True) if k]
@@ -276,7 +278,7 @@ def _simulate_batch(
                     kept += 1
                 gained.append(kept + 1)
             seconds += verify_s + (gpu.probe_s if probe else round_s + gpu.unmodelled_s)
-            drafting = True
+            drafting = verified = True
         for seq, k, n in zip(seqs, ks, gained, strict=True):
             if k:
                 ak.observe_verify(seq[0], k, n - 1)
@@ -346,7 +348,7 @@ def test_a_probe_drafts_the_sequence_the_draft_holds_most_of_and_is_not_fitted_a
     for _ in range(8):  # rounds of 3 forwards, 1 ms each
         ak.observe_round(0.003, 3)
     costs = ak.step_costs(4)
-    assert costs.row_s == pytest.approx(ak.waited_steps.estimate().base_s / ROWS_AT_RIDGE)  # all waited
+    assert costs.row_s == pytest.approx(ak.exposed_steps.estimate().base_s / ROWS_AT_RIDGE)  # none hidden
     for seq_id in ids:  # nothing pays: every draft rejected
         for _ in range(10):
             ak.observe_verify(seq_id, 3, 0)

@@ -196,14 +196,15 @@ class AdaptiveK:
         self._round_wall_s = 0.0  # the last round's seconds, whatever kind
         self._rounds_fitted = 0
         self.catch_up_token_s: float | None = None  # a token a round catches up, once measured
-        # Plain decode steps, in two fits: those planned behind the step before (async scheduling), what
-        # a batch that does not draft runs, and those read back before the next was planned, as the plain
-        # steps among a drafting batch's run (on an H200 at batch 32-64 ~1 ms dearer: the host's work
-        # between steps no longer hides under the GPU's). One fit over both priced not drafting at the
-        # dearer kind once a batch drafted, and it went on drafting where that lost (0.85x at batch 64).
+        # Plain decode steps, in two fits: those whose host work ran under the GPU's (async scheduling:
+        # launched behind the step before, the next launched behind them), what a batch that does not
+        # draft runs, and the others, beside a read-back (on a CPU, every step). A plain step next to a
+        # drafting batch's verify carries ~0.8 ms of host work with the GPU idle at batch 32 on an H200:
+        # fitted as what not drafting costs, it made drafting look ~15% better than it was (0.85x at
+        # batch 64, acceptance 0.7). A verify step's read-back and planning are its own cost.
         # A weak prior: at 1.0 its 10 ms base kept a batch-32 step (5.5 ms) priced 6% high after 20 steps.
         self.steps = StepCostMeter(prior=step_prior, prior_weight=PLAIN_PRIOR_WEIGHT)
-        self.waited_steps = StepCostMeter(prior=step_prior, prior_weight=PLAIN_PRIOR_WEIGHT)
+        self.exposed_steps = StepCostMeter(prior=step_prior, prior_weight=PLAIN_PRIOR_WEIGHT)
         # a verify step's seconds beyond the plain fit, by drafts; a batch that holds one k (or a probe's
         # few drafts) leaves the slope at its prior (ROWS_AT_RIDGE) and the rest to the fixed part
         self.verify = LineFit(0.0, 0.0, slope_weight=VERIFY_SLOPE_WEIGHT)
@@ -272,15 +273,15 @@ class AdaptiveK:
             self.catch_up_token_s = per_token if last is None else last + COST_EWMA * (per_token - last)
 
     def observe_decode_step(
-        self, num_seqs: int, num_drafts: int, seconds: float, next_launched: bool = False
+        self, num_seqs: int, num_drafts: int, seconds: float, hidden: bool = False
     ) -> None:
-        """A step of decodes only (some speculating), its proposer round not counted; `next_launched`: the
-        next step was planned and launched before it was read back. Plain steps fit the step's base and
-        per-sequence cost (of each kind); a verify step's time beyond the fit of plain steps read back as
-        it was is fitted against its drafts. (One fit over both priced a draft at its prior when nearly
-        every step drafted: it could not tell the drafts' cost from the base.)"""
+        """A step of decodes only (some speculating), its proposer round not counted; `hidden`: its host
+        work ran under the GPU's (LLMEngine._complete). Plain steps fit the step's base and per-sequence
+        cost (of each kind); a verify step's time beyond the plain fit is fitted against its drafts. (One
+        fit over both priced a draft at its prior when nearly every step drafted: it could not tell the
+        drafts' cost from the base.)"""
         if num_drafts == 0:
-            (self.steps if next_launched else self.waited_steps).observe(0, num_seqs, seconds)
+            (self.steps if hidden else self.exposed_steps).observe(0, num_seqs, seconds)
             self._plain_run += 1
             return
         self._plain_run = 0
@@ -288,18 +289,17 @@ class AdaptiveK:
             ratio = min(max((seconds + self._round_wall_s) / self._predicted_s, 0.5), 3.0)
             self.drafting_factor += COST_EWMA * (ratio - self.drafting_factor)
         self._predicted_s, self._round_wall_s = None, 0.0
-        fit = self._plain_fit(waited=True)
+        fit = self._plain_fit()
         if fit.num_samples >= MIN_PLAIN_STEPS:
             self.verify.observe(num_drafts, seconds - fit.base_s - fit.per_seq_s * num_seqs)
 
-    def _plain_fit(self, waited: bool) -> StepCostFit:
-        """The fit of plain steps read back one at a time (`waited`) or planned behind the one before; the
-        other kind's where this one has no sample yet (on a CPU every step waits). One sample suffices: the
-        prior is weak, and its figures (a 10 ms step, 0.1 ms a sequence: 16.4 ms at batch 64) are not a
-        GPU's, so the first simulated batch of 64 drafted at acceptance 0.7 on them."""
-        first, other = (self.waited_steps, self.steps) if waited else (self.steps, self.waited_steps)
-        fit = first.estimate()
-        return fit if fit.num_samples > 0 else other.estimate()
+    def _plain_fit(self) -> StepCostFit:
+        """The fit of plain steps with their host work hidden; the others' where it has no sample yet (on a
+        CPU no step hides it). One sample suffices: the prior is weak, and its figures (a 10 ms step, 0.1
+        ms a sequence: 16.4 ms at batch 64) are not a GPU's: the first simulated batch of 64 drafted at
+        acceptance 0.7 on them."""
+        fit = self.steps.estimate()
+        return fit if fit.num_samples > 0 else self.exposed_steps.estimate()
 
     def verify_cost(self, num_drafts: int) -> float:
         """Seconds a verify step with this many drafts takes beyond a plain step of the same batch."""
@@ -308,7 +308,7 @@ class AdaptiveK:
 
     def _verify_line(self) -> tuple[float, float]:
         """The verify fit, its prior a row at the plain step's base over ROWS_AT_RIDGE."""
-        return self.verify.coefficients(prior=(0.0, self._plain_fit(waited=False).base_s / ROWS_AT_RIDGE))
+        return self.verify.coefficients(prior=(0.0, self._plain_fit().base_s / ROWS_AT_RIDGE))
 
     def probe_due(self, batch_size: int) -> bool:
         """At batch > 1, whether one sequence should draft a round for evidence (PROBE_AFTER)."""
@@ -319,19 +319,15 @@ class AdaptiveK:
 
     # ---- the choice -----------------------------------------------------------------------------
     def step_costs(self, batch_size: int) -> StepCosts:
-        """This step's costs for a batch of `batch_size` decodes: one fit per step, not per sequence. A
-        drafting batch reads each step back before it plans the next, so its fixed part also holds what a
-        plain step read back costs over one planned behind the step before."""
+        """This step's costs for a batch of `batch_size` decodes: one fit per step, not per sequence."""
         b = max(batch_size, 1)
-        fit, waited = self._plain_fit(waited=False), self._plain_fit(waited=True)
-        plain_s = fit.base_s + fit.per_seq_s * b
-        waiting_s = max(waited.base_s + waited.per_seq_s * b - plain_s, 0.0)
+        fit = self._plain_fit()
         v0, v1 = self._verify_line()
         r0, r1 = self.round.coefficients()
         return StepCosts(
             batch=b,
-            plain_s=plain_s,
-            fixed_s=v0 + r0 + self.channel_s + waiting_s,
+            plain_s=fit.base_s + fit.per_seq_s * b,
+            fixed_s=v0 + r0 + self.channel_s,
             drafting_factor=self.drafting_factor if b > 1 else 1.0,
             catch_up_s=(
                 r1 / CATCH_UP_TOKENS_PER_FORWARD if self.catch_up_token_s is None else self.catch_up_token_s
@@ -353,8 +349,8 @@ class AdaptiveK:
             fixed_ms=1e3 * costs.fixed_s,
             row_ms=1e3 * costs.row_s,
             forward_ms=1e3 * costs.forward_s,
-            plain_steps_launched_behind=self.steps.estimate().num_samples,
-            plain_steps_waited=self.waited_steps.estimate().num_samples,
+            plain_steps_hidden=self.steps.estimate().num_samples,
+            plain_steps_beside_a_read_back=self.exposed_steps.estimate().num_samples,
             prior=a,
             probes=self.num_probes,
             drafting_factor=costs.drafting_factor,

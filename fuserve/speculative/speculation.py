@@ -48,12 +48,13 @@ from fuserve.workers.sampler import has_penalty
 from fuserve.workers.scheduler import ScheduledSeq, SchedulerOutput
 from fuserve.workers.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
-# With adaptive k, two rounds in every 32 draft nothing: plain steps for the cost fit while the batch drafts.
-# Two in a row so that the first is launched behind the step before (as a batch that does not draft runs
-# its plain steps: async scheduling), the second read back before the next drafting step is planned; each
-# kind is fitted apart (AdaptiveK.observe_decode_step).
-EXPLORE_EVERY = 32
-EXPLORE_RUN = 2
+# With adaptive k, three rounds in every 48 draft nothing: plain steps for the cost fit while the batch
+# drafts. Three in a row so that the middle one is launched behind the step before and the next is launched
+# behind it (as a batch that does not draft runs its plain steps: async scheduling), its host work hidden;
+# the first carries the host's work after a verify's read-back, the last the read-back before a verify
+# (AdaptiveK.observe_decode_step fits those apart).
+EXPLORE_EVERY = 48
+EXPLORE_RUN = 3
 PROBE_AFTER_WAITING = 4 * PROBE_AFTER  # a large batch's probe where its round is waited for
 BEHIND_POLL_S = 2e-5  # propose_behind looks for the reply, then whether the plain step ended, this often
 
@@ -467,16 +468,16 @@ class Speculation:
         self.adaptive_k.observe_verify(seq_id, num_drafts, num_accepted)
         self._kept.may_hit[seq_id] = num_accepted == num_drafts
 
-    def observe_step(self, out: SchedulerOutput, seconds: float, next_launched: bool = False) -> None:
-        """A completed step's time, less its proposer round, for the cost fit and the stats;
-        `next_launched`: the engine launched the next step before reading this one back."""
+    def observe_step(self, out: SchedulerOutput, seconds: float, hidden: bool = False) -> None:
+        """A completed step's time, less its proposer round, for the cost fit and the stats; `hidden`: its
+        host work on both sides ran under the GPU's (LLMEngine._complete)."""
         seconds = max(seconds - self._round_s, 0.0)
         self._round_s = 0.0  # a round sent as a step was read back (redraft_missed): out of that one only
         num_drafts = sum(len(item.spec_token_ids) + len(item.spec_alt_ids) for item in out.scheduled)
         if num_drafts:
             self.stats.observe_verify_step(seconds)
         if all(item.samples and item.num_known_tokens == 1 for item in out.scheduled):
-            self.adaptive_k.observe_decode_step(len(out.scheduled), num_drafts, seconds, next_launched)
+            self.adaptive_k.observe_decode_step(len(out.scheduled), num_drafts, seconds, hidden)
 
     def snapshot(self) -> SpecCounters:
         return self.stats.snapshot()

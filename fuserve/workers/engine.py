@@ -102,7 +102,8 @@ class LLMEngine:
         self.step_cost = StepCostMeter(clip_outliers=True)
         self._queue_summary = QueueSummaryCache(self.scheduler)
         self._completed: list[SchedulerOutput] = []  # steps whose tokens the current step() read back
-        self._completed_next_launched = False  # ...with the next step launched before that
+        self._completed_hidden = False  # ...and its host work hidden under the GPU's (`_complete`)
+        self._inflight_behind = False  # the step in flight was launched while the one before it ran
         self._unattributed_s = 0.0
         self._unattributed_busy_s = 0.0  # the device's time of the batches read back since _measure_step
         self._requests: dict[str, list[_SeqState]] = {}
@@ -281,8 +282,8 @@ class LLMEngine:
             self.prefill_step_seconds_total += self._unattributed_s
             self.prefill_device_busy_seconds_total += self._unattributed_busy_s
         if self.speculation is not None and len(self._completed) == 1:
-            launched = self._completed_next_launched
-            self.speculation.observe_step(self._completed[0], self._unattributed_s, launched)
+            hidden = self._completed_hidden
+            self.speculation.observe_step(self._completed[0], self._unattributed_s, hidden)
         for out, prefill in zip(self._completed, prefills, strict=True):
             self.step_cost.observe(
                 prefill, out.num_tokens - prefill, self._unattributed_s / len(self._completed)
@@ -292,6 +293,7 @@ class LLMEngine:
 
     def _step(self) -> list[RequestOutput]:
         prev, self._inflight = self._inflight, None
+        prev_behind, self._inflight_behind = self._inflight_behind, False
         if self._guided is not None and self._guided.has_pending:
             self._end_failed_grammars()
         behind = False  # the next step's drafts follow the token of the plain step in flight
@@ -317,7 +319,8 @@ class LLMEngine:
         elif prev is None and self._guided is not None and self._guided.has_pending:
             self._guided.wait(GRAMMAR_WAIT_S)  # only compiling requests: wait for one rather than spin
         launched = self._inflight is not None or masked is not None
-        outputs = self._complete(prev, next_launched=launched) if prev is not None else []
+        self._inflight_behind = launched and prev is not None
+        outputs = self._complete(prev, hidden=launched and prev_behind) if prev is not None else []
         if behind:
             self.speculation.redraft_missed(self.scheduler.running)  # type: ignore[union-attr]
         if masked is not None:
@@ -381,12 +384,14 @@ class LLMEngine:
         return self.speculation.propose_behind(self.scheduler.running, batch.ready)
 
     def _complete(
-        self, inflight: tuple[SchedulerOutput, SampledBatch | None], next_launched: bool = False
+        self, inflight: tuple[SchedulerOutput, SampledBatch | None], hidden: bool = False
     ) -> list[RequestOutput]:
-        """Read back a step and emit its tokens; `next_launched`: the next step was launched before it
-        (its time then is a step's with the host's work hidden, for speculation's cost fit)."""
+        """Read back a step and emit its tokens. `hidden`: it was launched while the step before it ran
+        and the next one was launched before it was read back, so the host's work on either side ran
+        under the GPU's and its time is a step's with the host hidden (speculation's cost fit: a step
+        after a read-back, or before one, carries host time with the GPU idle)."""
         sched_out, batch = inflight
-        self._completed_next_launched = next_launched
+        self._completed_hidden = hidden
         if batch is not None:
             t0 = time.perf_counter()
             self.executor.wait(batch)
