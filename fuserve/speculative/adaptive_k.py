@@ -96,6 +96,7 @@ class StepCosts:
     forward_s: float
     drafting_factor: float = 1.0
     catch_up_s: float = 0.0  # a token the proposer lacks, caught up by a round
+    plain_measured: bool = True  # the plain fit has MIN_PLAIN_STEPS samples (at batch > 1 none drafts before)
 
     @property
     def share_s(self) -> float:
@@ -188,6 +189,8 @@ class AdaptiveK:
         self.probe_after = PROBE_AFTER  # Speculation raises it where a probe's round is not overlapped
         self.probing = False  # the last choose_batch chose a probe: its round is not the batch's cost
         self.num_probes = 0
+        self.decode_steps = 0  # decode-only steps observed, and the last of them that verified drafts
+        self.last_verify_step = 0
         # At batch > 1, a drafting step's seconds (its verify step and round, catch-ups and all) over what
         # the fits predicted when it was chosen: the fits see only some rounds (not catch-ups) and lag the
         # batch, and the margin (BATCH_GAIN) is for what no step's time shows
@@ -280,11 +283,13 @@ class AdaptiveK:
         cost (of each kind); a verify step's time beyond the plain fit is fitted against its drafts. (One
         fit over both priced a draft at its prior when nearly every step drafted: it could not tell the
         drafts' cost from the base.)"""
+        self.decode_steps += 1
         if num_drafts == 0:
             (self.steps if hidden else self.exposed_steps).observe(0, num_seqs, seconds)
             self._plain_run += 1
             return
         self._plain_run = 0
+        self.last_verify_step = self.decode_steps
         if self._predicted_s is not None and self._rounds_fitted >= MIN_ROUNDS_FITTED:
             ratio = min(max((seconds + self._round_wall_s) / self._predicted_s, 0.5), 3.0)
             self.drafting_factor += COST_EWMA * (ratio - self.drafting_factor)
@@ -329,6 +334,7 @@ class AdaptiveK:
             plain_s=fit.base_s + fit.per_seq_s * b,
             fixed_s=v0 + r0 + self.channel_s,
             drafting_factor=self.drafting_factor if b > 1 else 1.0,
+            plain_measured=fit.num_samples >= MIN_PLAIN_STEPS,
             catch_up_s=(
                 r1 / CATCH_UP_TOKENS_PER_FORWARD if self.catch_up_token_s is None else self.catch_up_token_s
             ),
@@ -354,6 +360,8 @@ class AdaptiveK:
             prior=a,
             probes=self.num_probes,
             drafting_factor=costs.drafting_factor,
+            decode_steps=self.decode_steps,
+            last_verify_step=self.last_verify_step,
             predicted_gain=b * expected_tokens(a, k) / drafting_s / (b / costs.plain_s),
         )
 
@@ -447,8 +455,12 @@ class AdaptiveK:
 
 
 def _gain_needed(costs: StepCosts) -> float:
-    """The gain over plain steps that drafting must be predicted to make (BATCH_GAIN at batch > 1)."""
-    return BATCH_GAIN if costs.batch > 1 else 1.0
+    """The gain over plain steps that drafting must be predicted to make (BATCH_GAIN at batch > 1, where
+    no batch drafts before plain steps are measured: its first rounds would catch every sequence up on the
+    fit's prior alone)."""
+    if costs.batch <= 1:
+        return 1.0
+    return BATCH_GAIN if costs.plain_measured else float("inf")
 
 
 def _drafts_worth_a_row(acceptance: float, k: int, worth: float) -> int:
