@@ -189,6 +189,7 @@ class AdaptiveK:
         self.probe_after = PROBE_AFTER  # Speculation raises it where a probe's round is not overlapped
         self.probing = False  # the last choose_batch chose a probe: its round is not the batch's cost
         self.num_probes = 0
+        self.longest_hidden_plain_s = 0.0
         self.decode_steps = 0  # decode-only steps observed, and the last of them that verified drafts
         self.last_verify_step = 0
         # At batch > 1, a drafting step's seconds (its verify step and round, catch-ups and all) over what
@@ -206,8 +207,8 @@ class AdaptiveK:
         # fitted as what not drafting costs, it made drafting look ~15% better than it was (0.85x at
         # batch 64, acceptance 0.7). A verify step's read-back and planning are its own cost.
         # A weak prior: at 1.0 its 10 ms base kept a batch-32 step (5.5 ms) priced 6% high after 20 steps.
-        self.steps = StepCostMeter(prior=step_prior, prior_weight=PLAIN_PRIOR_WEIGHT)
-        self.exposed_steps = StepCostMeter(prior=step_prior, prior_weight=PLAIN_PRIOR_WEIGHT)
+        self.steps = _plain_meter(step_prior)
+        self.exposed_steps = _plain_meter(step_prior)
         # a verify step's seconds beyond the plain fit, by drafts; a batch that holds one k (or a probe's
         # few drafts) leaves the slope at its prior (ROWS_AT_RIDGE) and the rest to the fixed part
         self.verify = LineFit(0.0, 0.0, slope_weight=VERIFY_SLOPE_WEIGHT)
@@ -286,12 +287,16 @@ class AdaptiveK:
         self.decode_steps += 1
         if num_drafts == 0:
             (self.steps if hidden else self.exposed_steps).observe(0, num_seqs, seconds)
+            if hidden:
+                self.longest_hidden_plain_s = max(self.longest_hidden_plain_s, seconds)
             self._plain_run += 1
             return
         self._plain_run = 0
         self.last_verify_step = self.decode_steps
         if self._predicted_s is not None and self._rounds_fitted >= MIN_ROUNDS_FITTED:
-            ratio = min(max((seconds + self._round_wall_s) / self._predicted_s, 0.5), 3.0)
+            # not below 0.8: a fit that overprices plain steps would talk itself into drafting (0.5 at the end
+            # of the row whose plain fit read 26.7 ms)
+            ratio = min(max((seconds + self._round_wall_s) / self._predicted_s, 0.8), 3.0)
             self.drafting_factor += COST_EWMA * (ratio - self.drafting_factor)
         self._predicted_s, self._round_wall_s = None, 0.0
         fit = self._plain_fit()
@@ -361,6 +366,7 @@ class AdaptiveK:
             probes=self.num_probes,
             drafting_factor=costs.drafting_factor,
             decode_steps=self.decode_steps,
+            longest_hidden_plain_ms=1e3 * self.longest_hidden_plain_s,
             last_verify_step=self.last_verify_step,
             predicted_gain=b * expected_tokens(a, k) / drafting_s / (b / costs.plain_s),
         )
@@ -452,6 +458,19 @@ class AdaptiveK:
             self.probing = True
             self.num_probes += 1
         return best_ks
+
+
+def _plain_meter(prior: tuple[float, float, float]) -> StepCostMeter:
+    """A fit of plain steps whose samples are cut at 1.5x its prediction + 1 ms once 8 are in: one batch-64
+    row on an H200 ended with its plain step priced at 26.7 ms (5.3 measured), so every draft looked free."""
+    return StepCostMeter(
+        prior=prior,
+        prior_weight=PLAIN_PRIOR_WEIGHT,
+        clip_outliers=True,
+        outlier_factor=1.5,
+        outlier_slack_s=0.001,
+        clip_after=8,
+    )
 
 
 def _gain_needed(costs: StepCosts) -> float:

@@ -54,7 +54,12 @@ class StepCostMeter:
         forget: float = 0.995,
         prior_weight: float = 1.0,
         clip_outliers: bool = False,
+        outlier_factor: float = OUTLIER_FACTOR,
+        outlier_slack_s: float = OUTLIER_SLACK_S,
+        clip_after: int = 0,
     ) -> None:
+        """clip_outliers: a sample is cut to outlier_factor x the fit's prediction + outlier_slack_s, once
+        `clip_after` samples are in (before them the prior predicts, which may be far off)."""
         self.forget = forget
         # theta in scaled units: seconds per (1, PREFILL_SCALE tokens, DECODE_SCALE sequences)
         self.prior = [prior[0], prior[2] * PREFILL_SCALE, prior[1] * DECODE_SCALE]
@@ -63,13 +68,18 @@ class StepCostMeter:
         self.xy = [0.0] * 3
         self.num_samples = 0
         self.clip_outliers = clip_outliers
+        self.outlier_factor, self.outlier_slack_s, self.clip_after = (
+            outlier_factor,
+            outlier_slack_s,
+            clip_after,
+        )
         self._theta = list(self.prior)  # the fit the clip predicts with, refitted every REFIT_EVERY steps
 
     def observe(self, prefill_tokens: int, num_decodes: int, seconds: float) -> None:
         x = (1.0, prefill_tokens / PREFILL_SCALE, num_decodes / DECODE_SCALE)
-        if self.clip_outliers:
+        if self.clip_outliers and self.num_samples >= self.clip_after:
             predicted = sum(max(t, 0.0) * xi for t, xi in zip(self._theta, x, strict=True))
-            seconds = min(seconds, OUTLIER_FACTOR * predicted + OUTLIER_SLACK_S)
+            seconds = min(seconds, self.outlier_factor * predicted + self.outlier_slack_s)
         f = self.forget
         for i in range(3):
             self.xy[i] = f * self.xy[i] + x[i] * seconds
