@@ -22,8 +22,9 @@ Everything is measured, never configured:
               with forgetting); what a verify step takes beyond that fit, as a line in its drafts
               (fixed + per draft), and a proposer round's seconds as a line in its largest k (fixed + per
               forward), each a weighted least-squares fit of the last ~20 (`LineFit`). Speculation runs
-              two plain steps every EXPLORE_EVERY rounds so that the plain fits stay fed while every
-              sequence drafts.
+              a few plain steps every EXPLORE_EVERY rounds so that the plain fits stay fed while every
+              sequence drafts. At batch > 1 also a drafting step's measured time over its predicted
+              (`drafting_factor`) and a catch-up token's price (the tokens a round sends beyond k + 2).
   proposer    the round trip the proposer reports, as a running average.
 A line needs k to vary to tell its fixed part from its slope: per-sequence choices, the plain steps and the
 retries vary it, but a batch that holds one k for ~20 steps leaves the split to the fit's prior: a round's
@@ -57,7 +58,8 @@ POOL_PSEUDO = 4.0
 # At batch > 1 the batch drafts only where the fit predicts at least this gain over plain steps: at
 # batch 32 and 64 under load (an 8B target, a 1B draft server, 2026-11-29) the realized rate was 0.90x of
 # what the measured verify, round and plain costs predict at both acceptances (steps with new prompts,
-# sequences near their end, the host), so a predicted 1.05x was a measured 0.95x
+# sequences near their end, the host), so a predicted 1.05x was a measured 0.95x. What a drafting step's
+# own time shows of that (catch-ups, the fits' lag) `drafting_factor` measures; this margin is for the rest
 BATCH_GAIN = 1.08
 # At batch > 1 no optimistic retry (it would catch up the whole batch): after this many plain steps one
 # sequence drafts a round (the one the proposer lacks the fewest tokens of), for evidence
@@ -267,6 +269,7 @@ class AdaptiveK:
         self._round_wall_s = seconds
         self.channel_s += COST_EWMA * (channel_s - self.channel_s)
         if max_k <= 0 or self.probing:
+            self.num_probes += int(max_k > 0)  # counted here: choose_batch runs more than once a step
             return
         if catch_up_tokens == 0:
             self.round.observe(max_k, seconds - channel_s)
@@ -456,7 +459,6 @@ class AdaptiveK:
             probe = min(can, key=lambda i: lacking[i]) if lacking is not None else can[0]
             best_ks[probe] = tops[probe]
             self.probing = True
-            self.num_probes += 1
         return best_ks
 
 
