@@ -214,13 +214,13 @@ FIXED_COSTS_BATCH_1 = _GPU(1, 0.005, (0.003, 0.0001), (0.001, 0.0005), 0.7)
 H200_BATCH_8 = _GPU(8, 0.0049, (0.0002, 0.00002), (0.0003, 0.0011), 0.7)
 # the same pair under load (bench_spec --steady 4;
 # benchmarks/results/spec-draft-gpu-2026-11-29-h200x2-steady-d94d918.json), its costs chosen so that fixed
-# k = 3 makes what it made there: 0.95x / 1.26x at batch 32 and acceptance 0.7 / 0.9 (simulated 0.95 / 1.26),
-# 0.83x / 1.06x at batch 64 (0.81 / 1.07)
+# k = 3 makes what it made there: 0.95x / 1.26x at batch 32 and acceptance 0.7 / 0.9 (simulated 0.96 / 1.26),
+# 0.83x / 1.06x at batch 64 (0.83 / 1.07)
 H200_LOADED_32 = _GPU(
-    32, 0.00554, (0.0006, 0.000021), (0.0003, 0.0016), 0.7, 128, 128, 6.6e-6, 0.0007, exposed_s=0.001
+    32, 0.00554, (0.0006, 0.000021), (0.0, 0.0016), 0.7, 128, 128, 6.6e-6, 0.0005, exposed_s=0.001
 )
 H200_LOADED_64 = _GPU(
-    64, 0.00665, (0.0006, 0.000028), (0.0005, 0.0017), 0.7, 128, 128, 6.6e-6, 0.001, exposed_s=0.001
+    64, 0.00665, (0.0006, 0.000028), (0.0, 0.0017), 0.7, 128, 128, 6.6e-6, 0.0005, exposed_s=0.001
 )
 
 
@@ -253,7 +253,12 @@ def _simulate_batch(
             elif per_sequence:  # each sequence alone (before choose_batch)
                 ks = [ak.choose(i, costs, limit=limit) for i, limit in zip(ids, limits, strict=True)]
             elif ak.any_drafts(ids, costs):
-                ks = ak.choose_batch(ids, limits, costs, [lacking for _, _, lacking in seqs])
+                # beyond a round's usual k + 2 (Speculation._choose_k); asked twice as in the engine
+                # (wants_drafts with the step in flight, then propose, whose choice is the step's)
+                lacking = [max(n - ak.max_k - 2, 0) for _, _, n in seqs]
+                ak.choose_batch(ids, limits, costs, lacking)
+                ks = ak.choose_batch(ids, limits, costs, lacking)
+            ak.commit(ks)
         if not any(ks):
             # among drafting steps the last of a run of plain ones is read back before the next is planned
             last = drafting and (step + 1) % EXPLORE_EVERY >= EXPLORE_RUN
@@ -287,7 +292,7 @@ def _simulate_batch(
             n = min(n, seq[1])
             tokens += n
             seq[1] -= n
-            seq[2] = 1 if k else seq[2] + n
+            seq[2] = n if k else seq[2] + n  # after a verify the draft lacks the tokens it kept
             if seq[1] <= 0:
                 ak.forget(seq[0])
                 made += 1

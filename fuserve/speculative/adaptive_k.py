@@ -82,6 +82,9 @@ MIN_ROUNDS_FITTED = 4
 # before a catch-up is measured, a token of it costs a draft forward over this many (a 1B draft on an
 # H200 prefills ~240 tokens in a decode forward's time)
 CATCH_UP_TOKENS_PER_FORWARD = 128
+# a round that sends at least this many tokens beyond k + 2 a sequence is a catch-up: not fitted as a
+# round, and priced per token (fewer make the price a small residual over a tiny count: 3-8x too high)
+CATCH_UP_MIN_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ class StepCosts:
     forward_s: float
     drafting_factor: float = 1.0
     catch_up_s: float = 0.0  # a token the proposer lacks, caught up by a round
-    plain_measured: bool = True  # the plain fit has MIN_PLAIN_STEPS samples (at batch > 1 none drafts before)
+    plain_measured: bool = True  # the plain fit has MIN_PLAIN_STEPS samples (at batch > 1 only probes before)
 
     @property
     def share_s(self) -> float:
@@ -198,7 +201,8 @@ class AdaptiveK:
         # the fits predicted when it was chosen: the fits see only some rounds (not catch-ups) and lag the
         # batch, and the margin (BATCH_GAIN) is for what no step's time shows
         self.drafting_factor = 1.0
-        self._predicted_s: float | None = None  # the drafting step last chosen, as the fits priced it
+        self._predicted_s: float | None = None  # the drafting step under way, as the fits priced it
+        self._chosen_s: float | None = None  # the last choose_batch's, until `commit` makes it the step's
         self._round_wall_s = 0.0  # the last round's seconds, whatever kind
         self._rounds_fitted = 0
         self.catch_up_token_s: float | None = None  # a token a round catches up, once measured
@@ -220,16 +224,20 @@ class AdaptiveK:
     # ---- measurements ---------------------------------------------------------------------------
     def prior(self, retry: bool = True) -> float:
         """What a sequence's acceptance is pulled toward: the engine's recent acceptance over every
-        sequence (with POOL_PSEUDO checks at PRIOR_ACCEPTANCE), or PRIOR_ACCEPTANCE if that is lower;
-        with `retry` (a lone sequence), after RETRY_AFTER plain steps in a row, RETRY_ACCEPTANCE until a
-        step verifies drafts again. A sequence that stopped drafting drifts back to the prior, so it is
-        tried again where drafting can pay at all: with the prior at 0.5, or at the pool's acceptance
-        (which no longer moves once nothing drafts), a fixed cost per step that only a higher acceptance
-        repays kept every sequence at k = 0 for good after one unlucky run. A batch is tried again by a
-        probe instead (`probe_due`)."""
-        if retry and self._plain_run >= RETRY_AFTER:
-            return RETRY_ACCEPTANCE
+        sequence, or PRIOR_ACCEPTANCE if that is lower; with `retry` (a lone sequence), after RETRY_AFTER
+        plain steps in a row, RETRY_ACCEPTANCE until a step verifies drafts again. Without it (a batch)
+        the engine's acceptance counts POOL_PSEUDO checks at PRIOR_ACCEPTANCE besides. A sequence that
+        stopped drafting drifts back to the prior, so it is tried again where drafting can pay at all: with
+        the prior at 0.5, or at the pool's acceptance (which no longer moves once nothing drafts), a fixed
+        cost per step that only a higher acceptance repays kept every sequence at k = 0 for good after one
+        unlucky run. A batch is tried again by a probe instead (`probe_due`)."""
         pooled = self._pool
+        if retry:
+            if self._plain_run >= RETRY_AFTER:
+                return RETRY_ACCEPTANCE
+            if pooled.checked <= 0.0:
+                return PRIOR_ACCEPTANCE
+            return max(PRIOR_ACCEPTANCE, pooled.kept / pooled.checked)
         shrunk = (pooled.kept + POOL_PSEUDO * PRIOR_ACCEPTANCE) / (pooled.checked + POOL_PSEUDO)
         return max(PRIOR_ACCEPTANCE, shrunk)
 
@@ -262,16 +270,16 @@ class AdaptiveK:
     ) -> None:
         """A proposer round that asked for at most `max_k` drafts of any sequence (its forwards), and sent
         `catch_up_tokens` beyond a round's usual k + 2 a sequence (a prompt, tokens made while a sequence
-        did not draft). A round that caught up is not fitted as a round (the first round of 32 new
-        sequences, 27 ms, priced every later one); what it took over the round fit prices a catch-up
-        token. A probe's round is neither: one sequence's forwards (overlapped with a plain step where the
-        proposer overlaps) are not what the batch's round costs."""
+        did not draft). A round that caught up (CATCH_UP_MIN_TOKENS) is not fitted as a round (the first
+        round of 32 new sequences, 27 ms, priced every later one); what it took over the round fit prices
+        a catch-up token. A probe's round is neither: one sequence's forwards (overlapped with a plain
+        step where the proposer overlaps) are not what the batch's round costs."""
         self._round_wall_s = seconds
         self.channel_s += COST_EWMA * (channel_s - self.channel_s)
         if max_k <= 0 or self.probing:
             self.num_probes += int(max_k > 0)  # counted here: choose_batch runs more than once a step
             return
-        if catch_up_tokens == 0:
+        if catch_up_tokens < CATCH_UP_MIN_TOKENS:  # a few (after plain steps): a round as any other
             self.round.observe(max_k, seconds - channel_s)
             self._rounds_fitted += 1
         elif self._rounds_fitted >= MIN_ROUNDS_FITTED:
@@ -350,6 +358,13 @@ class AdaptiveK:
             forward_s=r1,
         )
 
+    def commit(self, ks: list[int]) -> None:
+        """The step's choice is `ks`, from the last choose_batch where any drafts (Speculation.propose; the
+        engine also asks whether a batch would draft while a verify step is in flight): its verify step is
+        measured against that choice's price."""
+        self._predicted_s = self._chosen_s if any(ks) else None
+        self._chosen_s = None
+
     def summary(self, batch_size: int) -> dict[str, float]:
         """What the fit believes for a batch of this size (ms; benchmarks record it beside their rows): the
         costs, each plain fit's samples, the acceptance prior, the probes so far, and the gain it predicts
@@ -416,15 +431,17 @@ class AdaptiveK:
         estimates: its rounds ran the largest k's forwards for the yield of the mean k (0.79-0.95x on an
         H200 where fixed k made 1.14-1.21x; chosen for the batch, 1.12x). At batch > 1 the batch drafts
         only for BATCH_GAIN over plain; where it does not, a probe when due: the sequence with the fewest
-        tokens the proposer lacks (`lacking`, per sequence; the first if not given) drafts its top k."""
+        tokens the proposer lacks beyond a round's usual (`lacking`, per sequence; without it the first
+        that has room) drafts its top k."""
         tops = [min(self.max_k, max(limit, 0)) for limit in limits]
         self.probing = False
+        self._chosen_s = None  # what the fits say the chosen step will take, its catch-up whole
         if not self.adaptive or not any(tops):
             return tops
         accs = [self.acceptance(s, costs.batch == 1) for s in seq_ids]
         others = max(costs.batch - len(seq_ids), 0)  # running sequences that yield one token a step
         # a sequence's catch-up (the tokens the proposer lacks), paid once for the steps it has left
-        lacks = lacking if lacking is not None else [0] * len(seq_ids)
+        lacks = lacking if lacking is not None and costs.batch > 1 else [0] * len(seq_ids)
         catch_up = [n * costs.catch_up_s for n in lacks]
         steps_left = [
             max(1.0, limit / expected_tokens(a, max(t, 1)))
@@ -449,11 +466,11 @@ class AdaptiveK:
             r = rate(ks)
             if r > best:
                 best_ks, best = ks, r
-        if any(best_ks) and costs.batch > 1:  # what the fits say this step will take, its catch-up whole
+        if any(best_ks) and costs.batch > 1:
             deepest, drafts = max(best_ks), sum(best_ks)
             extra_s = costs.fixed_s + deepest * costs.forward_s + drafts * costs.row_s
             extra_s += sum(c for c, k in zip(catch_up, best_ks, strict=True) if k)
-            self._predicted_s = costs.plain_s + extra_s
+            self._chosen_s = costs.plain_s + extra_s
         if not any(best_ks) and self.probe_due(costs.batch):
             can = [i for i, t in enumerate(tops) if t > 0]
             probe = min(can, key=lambda i: lacking[i]) if lacking is not None else can[0]

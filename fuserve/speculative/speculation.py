@@ -51,8 +51,8 @@ from fuserve.workers.sequence import PLACEHOLDER, Sequence, SequenceStatus
 # With adaptive k, three rounds in every 48 draft nothing: plain steps for the cost fit while the batch
 # drafts. Three in a row so that the middle one is launched behind the step before and the next is launched
 # behind it (as a batch that does not draft runs its plain steps: async scheduling), its host work hidden;
-# the first carries the host's work after a verify's read-back, the last the read-back before a verify
-# (AdaptiveK.observe_decode_step fits those apart).
+# the first carries the host's work after a verify's read-back, the last (at batch > 1) the read-back
+# before a verify (AdaptiveK.observe_decode_step fits those apart).
 EXPLORE_EVERY = 48
 EXPLORE_RUN = 3
 PROBE_AFTER_WAITING = 4 * PROBE_AFTER  # a large batch's probe where its round is waited for
@@ -143,7 +143,8 @@ class Speculation:
 
     def wants_drafts(self, running: list[Sequence]) -> bool:
         """Whether some running sequence would draft next step (then the engine reads back the step in
-        flight first). Judged on acceptance and cost alone, so it holds while tokens are in flight."""
+        flight first). Judged on acceptance and cost alone, so it holds while tokens are in flight; the
+        choice is not the step's until `propose` makes it (AdaptiveK.commit)."""
         if self._explores(self._rounds + 1):
             return False
         candidates = [s for s in running if self.can_draft(s) and self._limit(s) > 0]
@@ -160,7 +161,9 @@ class Speculation:
         ids = [s.seq_id for s in seqs]
         if not ak.any_drafts(ids, costs):
             return [0] * len(seqs)
-        lacking = [s.num_tokens - self._held.get(s.seq_id, 0) for s in seqs]
+        # tokens the proposer lacks beyond a round's usual k + 2: what catching the sequence up costs
+        usual = self.max_k + 2
+        lacking = [max(s.num_tokens - self._held.get(s.seq_id, 0) - usual, 0) for s in seqs]
         return ak.choose_batch(ids, [self._limit(s) for s in seqs], costs, lacking)
 
     def propose(self, running: list[Sequence]) -> None:
@@ -182,6 +185,7 @@ class Speculation:
             and self.can_draft(s)
         ]
         ks = self._choose_k(decodes, len(running))
+        self.adaptive_k.commit(ks)
         chosen = [(s, k) for s, k in zip(decodes, ks, strict=True) if k > 0]
         drafting = {s.seq_id for s, _ in chosen}
         for seq in running:  # in flight, prefilling or not worth it: its acceptance drifts to the prior

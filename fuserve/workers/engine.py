@@ -319,7 +319,8 @@ class LLMEngine:
         elif prev is None and self._guided is not None and self._guided.has_pending:
             self._guided.wait(GRAMMAR_WAIT_S)  # only compiling requests: wait for one rather than spin
         launched = self._inflight is not None or masked is not None
-        self._inflight_behind = launched and prev is not None
+        # a guided step's sampling waits for its masks, filled after this read-back: not hidden
+        self._inflight_behind = launched and prev is not None and masked is None
         outputs = self._complete(prev, hidden=launched and prev_behind) if prev is not None else []
         if behind:
             self.speculation.redraft_missed(self.scheduler.running)  # type: ignore[union-attr]
