@@ -344,7 +344,8 @@ def test_a_probe_drafts_the_sequence_the_draft_holds_most_of_and_is_not_fitted_a
     """At batch > 1 where drafting does not pay, after PROBE_AFTER plain steps one sequence drafts a round:
     the one whose tokens the proposer mostly holds (no prompt to catch up). Its round (one sequence's
     forwards) and a round that caught a sequence up are not what a batch round costs: neither is fitted."""
-    from fuserve.speculative.adaptive_k import PROBE_AFTER, ROWS_AT_RIDGE
+    from fuserve.speculative.adaptive_k import PROBE_AFTER
+    from fuserve.speculative.draft_costs import ROWS_AT_RIDGE
 
     ak = AdaptiveK(max_k=3)
     ids, limits, lacking = ["a", "b", "c", "d"], [100, 100, 100, 0], [40, 2, 90, 1]
@@ -353,7 +354,9 @@ def test_a_probe_drafts_the_sequence_the_draft_holds_most_of_and_is_not_fitted_a
     for _ in range(8):  # rounds of 3 forwards, 1 ms each
         ak.observe_round(0.003, 3)
     costs = ak.step_costs(4)
-    assert costs.row_s == pytest.approx(ak.exposed_steps.estimate().base_s / ROWS_AT_RIDGE)  # none hidden
+    assert costs.row_s == pytest.approx(
+        ak.costs.exposed_steps.estimate().base_s / ROWS_AT_RIDGE
+    )  # none hidden
     for seq_id in ids:  # nothing pays: every draft rejected
         for _ in range(10):
             ak.observe_verify(seq_id, 3, 0)
@@ -361,21 +364,21 @@ def test_a_probe_drafts_the_sequence_the_draft_holds_most_of_and_is_not_fitted_a
     ak.observe_decode_step(4, 0, 0.005)
     assert ak.any_drafts(ids, costs)
     assert ak.choose_batch(ids, limits, costs, lacking) == [0, 3, 0, 0] and ak.probing  # "d" has no room
-    before = ak.round.coefficients()
+    before = ak.costs.round.coefficients()
     ak.observe_round(0.004, 3)
-    assert ak.round.coefficients() == before and ak.summary(4)["probes"] == 1
+    assert ak.costs.round.coefficients() == before and ak.summary(4)["probes"] == 1
     ak.observe_decode_step(4, 3, 0.006)  # the probe's verify step
     assert ak.choose_batch(ids, limits, ak.step_costs(4), lacking) == [0, 0, 0, 0] and not ak.probing
     ak.observe_round(0.030, 3, catch_up_tokens=100)
-    assert ak.round.coefficients() == before
+    assert ak.costs.round.coefficients() == before
     ak.observe_round(0.004, 3)
-    assert ak.round.coefficients() != before
+    assert ak.costs.round.coefficients() != before
 
 
 def test_choose_batch_drops_the_drafts_not_worth_their_row() -> None:
     """A sequence that keeps almost nothing drafts less than the round's depth where a row costs enough;
     at batch 1 the batch's choice is the sequence's own."""
-    from fuserve.speculative.adaptive_k import StepCosts
+    from fuserve.speculative.draft_costs import StepCosts
 
     ak = AdaptiveK(max_k=4)
     for _ in range(30):
@@ -397,7 +400,7 @@ def test_a_round_and_a_verify_step_are_fitted_as_fixed_plus_per_draft() -> None:
     for k in (1, 2, 3, 4, 5, 6) * 20:
         ak.observe_round(0.001 + 0.0005 * k, k)
         ak.observe_decode_step(1, k, 0.005 + 0.003 + 0.0001 * k)
-    assert ak.round.coefficients() == pytest.approx((0.001, 0.0005), rel=0.05)
+    assert ak.costs.round.coefficients() == pytest.approx((0.001, 0.0005), rel=0.05)
     assert ak.verify_cost(1) == pytest.approx(0.0031, rel=0.15)
     assert ak.verify_cost(6) == pytest.approx(0.0036, rel=0.15)
 
@@ -405,7 +408,8 @@ def test_a_round_and_a_verify_step_are_fitted_as_fixed_plus_per_draft() -> None:
 def test_any_drafts_agrees_with_choosing_each_sequence() -> None:
     """The one-evaluation shortcut a large batch takes: drafting happens for some sequence exactly when
     it does for the most accepting one."""
-    from fuserve.speculative.adaptive_k import AdaptiveK, StepCosts
+    from fuserve.speculative.adaptive_k import AdaptiveK
+    from fuserve.speculative.draft_costs import StepCosts
 
     ak = AdaptiveK(max_k=4)
     for i, kept in enumerate([0, 1, 3, 4]):
