@@ -14,6 +14,7 @@ from checkpoints import make_checkpoint
 from fuserve.configs import SpeculativeConfig, config_from_dict
 from fuserve.core_messages import SpecCounters
 from fuserve.speculative.adaptive_k import AdaptiveK, expected_tokens
+from fuserve.speculative.draft_costs import catch_up_tokens
 from fuserve.speculative.draft_factory import build_draft_runner
 from fuserve.speculative.ngram import NgramProposer
 from fuserve.speculative.proposer import ProposeRequest
@@ -255,7 +256,7 @@ def _simulate_batch(
             elif ak.any_drafts(ids, costs):
                 # beyond a round's usual k + 2 (Speculation._choose_k); asked twice as in the engine
                 # (wants_drafts with the step in flight, then propose, whose choice is the step's)
-                lacking = [max(n - ak.max_k - 2, 0) for _, _, n in seqs]
+                lacking = [catch_up_tokens(n, ak.max_k) for _, _, n in seqs]
                 ak.choose_batch(ids, limits, costs, lacking)
                 ks = ak.choose_batch(ids, limits, costs, lacking)
             ak.commit(ks)
@@ -273,7 +274,7 @@ def _simulate_batch(
             lacking = [s[2] for s, k in zip(seqs, ks, strict=True) if k]
             round_s = gpu.round[0] + gpu.round[1] * max(ks) + gpu.catch_up_s * sum(lacking)
             verify_s = gpu.plain_s + gpu.verify[0] + gpu.verify[1] * sum(ks)
-            catch_up = sum(max(s[2] - k - 2, 0) for s, k in zip(seqs, ks, strict=True) if k)
+            catch_up = sum(catch_up_tokens(s[2], k) for s, k in zip(seqs, ks, strict=True) if k)
             ak.observe_round(round_s, max(ks), 0.0, catch_up)
             ak.observe_decode_step(len(ids), sum(ks), verify_s)
             gained = []

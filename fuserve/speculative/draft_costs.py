@@ -233,6 +233,12 @@ class DraftCosts:
         )
 
 
+def catch_up_tokens(sent: int, k: int) -> int:
+    """Of `sent` tokens a round carries for a sequence asked for k drafts, those beyond its usual k + 2
+    (the drafts kept, the next token, a plain step's): what catches the sequence up."""
+    return max(sent - k - 2, 0)
+
+
 def drafting_extra_s(costs: StepCosts, ks: list[int], catch_up_s: list[float]) -> float:
     """What a step with these drafts (and each drafting sequence's catch-up) costs beyond a plain one."""
     extra = costs.fixed_s + max(ks) * costs.forward_s + sum(ks) * costs.row_s

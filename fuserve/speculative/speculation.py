@@ -33,6 +33,7 @@ from fuserve.configs import SpeculativeConfig
 from fuserve.core_messages import SpecCounters
 from fuserve.speculative.adaptive_k import PROBE_AFTER, AdaptiveK
 from fuserve.speculative.alternatives import kept_rows
+from fuserve.speculative.draft_costs import catch_up_tokens
 from fuserve.speculative.feature_store import FeatureStore
 from fuserve.speculative.overlap import HIT_WAIT_MAX_S, OverlapDrafts
 from fuserve.speculative.proposer import (
@@ -161,9 +162,8 @@ class Speculation:
         ids = [s.seq_id for s in seqs]
         if not ak.any_drafts(ids, costs):
             return [0] * len(seqs)
-        # tokens the proposer lacks beyond a round's usual k + 2: what catching the sequence up costs
-        usual = self.max_k + 2
-        lacking = [max(s.num_tokens - self._held.get(s.seq_id, 0) - usual, 0) for s in seqs]
+        # what catching each sequence up would cost a round: its tokens the proposer lacks, beyond the usual
+        lacking = [catch_up_tokens(s.num_tokens - self._held.get(s.seq_id, 0), self.max_k) for s in seqs]
         return ak.choose_batch(ids, [self._limit(s) for s in seqs], costs, lacking)
 
     def propose(self, running: list[Sequence]) -> None:
@@ -242,8 +242,7 @@ class Speculation:
     ) -> None:
         ks = [r.k for r in requests]
         self.stats.observe_round(ks, seconds, channel_s, hits)
-        # the tokens a round sends beyond its usual k + 2 a sequence: a catch-up (adaptive_k prices it apart)
-        catch_up = sum(max(len(r.token_ids) - r.k - 2, 0) for r in requests)
+        catch_up = sum(catch_up_tokens(len(r.token_ids), r.k) for r in requests)  # priced apart
         self.adaptive_k.observe_round(seconds, max(ks), channel_s, catch_up)
 
     # ---- overlap: a plain step rather than a wait (speculative.draft_overlap) ----------------------

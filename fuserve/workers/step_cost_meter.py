@@ -68,11 +68,9 @@ class StepCostMeter:
         self.xy = [0.0] * 3
         self.num_samples = 0
         self.clip_outliers = clip_outliers
-        self.outlier_factor, self.outlier_slack_s, self.clip_after = (
-            outlier_factor,
-            outlier_slack_s,
-            clip_after,
-        )
+        self.outlier_factor = outlier_factor
+        self.outlier_slack_s = outlier_slack_s
+        self.clip_after = clip_after
         self._theta = list(self.prior)  # the fit the clip predicts with, refitted every REFIT_EVERY steps
 
     def observe(self, prefill_tokens: int, num_decodes: int, seconds: float) -> None:
