@@ -190,8 +190,8 @@ class _GPU:
     (`lifetime`: each sequence makes that many tokens, then a new one takes its place) a round also
     catches its sequences up: `catch_up_s` a token the draft lacks (a new prompt of `prompt` tokens, the
     tokens made while a sequence did not draft), and each drafting step pays `unmodelled_s` that no
-    fit sees (the realized rate under load was 0.90x of the fitted costs' on an H200). A probe's round
-    overlaps a plain step (a draft server on its own GPU): it costs the host `probe_s`. A plain step right
+    fit sees (the realized rate under load was 0.90x of the fitted costs' on an H200). A probe costs
+    `probe_s` beyond its verify step (the read-backs around it, the wait for its round). A plain step right
     after a verify step costs `exposed_s` more (the host's work after the read-back, the GPU idle); only
     plain steps between plain steps hide their host work (the engine tells the fit which)."""
 
@@ -217,11 +217,14 @@ H200_BATCH_8 = _GPU(8, 0.0049, (0.0002, 0.00002), (0.0003, 0.0011), 0.7)
 # benchmarks/results/spec-draft-gpu-2026-11-29-h200x2-steady-d94d918.json), its costs chosen so that fixed
 # k = 3 makes what it made there: 0.95x / 1.26x at batch 32 and acceptance 0.7 / 0.9 (simulated 0.96 / 1.26),
 # 0.83x / 1.06x at batch 64 (0.83 / 1.07)
+# A probe cost 8-10 ms beyond its verify step at batch 32 and ~20 ms at batch 64 there (adaptive k's loss
+# at acceptance 0.7, where it drafted nothing else, over its probes: results/spec-draft-gpu-2026-11-29-
+# h200x2-adaptive-steady8-{f64acfc,ba38cad}.json)
 H200_LOADED_32 = _GPU(
-    32, 0.00554, (0.0006, 0.000021), (0.0, 0.0016), 0.7, 128, 128, 6.6e-6, 0.0005, exposed_s=0.001
+    32, 0.00554, (0.0006, 0.000021), (0.0, 0.0016), 0.7, 128, 128, 6.6e-6, 0.0005, 0.008, 0.001
 )
 H200_LOADED_64 = _GPU(
-    64, 0.00665, (0.0006, 0.000028), (0.0, 0.0017), 0.7, 128, 128, 6.6e-6, 0.0005, exposed_s=0.001
+    64, 0.00665, (0.0006, 0.000028), (0.0, 0.0017), 0.7, 128, 128, 6.6e-6, 0.0005, 0.020, 0.001
 )
 
 
@@ -374,6 +377,51 @@ def test_a_probe_drafts_the_sequence_the_draft_holds_most_of_and_is_not_fitted_a
     assert ak.costs.round.coefficients() == before
     ak.observe_round(0.004, 3)
     assert ak.costs.round.coefficients() != before
+
+
+def test_probes_that_change_nothing_come_less_often_and_none_where_no_acceptance_would_pay() -> None:
+    """A probe costs a large batch several steps' time. Each probe after which the batch still does not
+    draft doubles the wait for the next (up to PROBE_BACKOFF_DOUBLINGS); a batch that drafts by choice
+    starts the waits over; and where drafting would not pay even at PROBE_CEILING no probe is due."""
+    from fuserve.speculative.adaptive_k import PROBE_AFTER, PROBE_BACKOFF_DOUBLINGS
+    from fuserve.speculative.draft_costs import StepCosts
+
+    ak = AdaptiveK(max_k=3)
+    ids, limits, lacking = [f"s{i}" for i in range(32)], [100] * 32, [0] * 32
+    cheap = StepCosts(batch=32, plain_s=0.0055, fixed_s=0.0006, row_s=2e-5, forward_s=0.0016)
+    dear = dataclasses.replace(cheap, row_s=0.002)  # at 0.9 a draft's row costs more than it yields
+
+    def plain_steps_until_a_probe(costs: StepCosts) -> int:
+        """Plain steps before the probe, then the probe."""
+        n = 0
+        while not ak.probe_due(costs):
+            ak.observe_decode_step(32, 0, 0.0055)
+            n += 1
+            assert n < 10_000, "no probe"
+        ak.choose_batch(ids, limits, costs, lacking)
+        assert ak.probing
+        ak.observe_round(0.002, 3)  # the probe's round, then its verify step
+        ak.observe_verify(ids[0], 3, 0)
+        ak.observe_decode_step(32, 3, 0.0065)
+        return n
+
+    waits = [plain_steps_until_a_probe(cheap) for _ in range(PROBE_BACKOFF_DOUBLINGS + 2)]
+    doubled = [PROBE_AFTER << min(i, PROBE_BACKOFF_DOUBLINGS) for i in range(PROBE_BACKOFF_DOUBLINGS + 2)]
+    assert waits == doubled
+    for _ in range(20):  # its drafts are kept now: the batch drafts by choice, and the waits start over
+        for seq_id in ids:
+            ak.observe_verify(seq_id, 3, 3)
+    ks = ak.choose_batch(ids, limits, cheap, lacking)
+    assert any(ks) and not ak.probing
+    ak.commit(ks)
+    for _ in range(20):
+        for seq_id in ids:
+            ak.observe_verify(seq_id, 3, 0)
+    assert plain_steps_until_a_probe(cheap) == PROBE_AFTER
+    for _ in range(10 * PROBE_AFTER):
+        ak.observe_decode_step(32, 0, 0.0055)
+    assert ak.probe_due(cheap) and not ak.probe_due(dear)
+    assert ak.choose_batch(ids, limits, dear, lacking) == [0] * 32 and not ak.probing
 
 
 def test_choose_batch_drops_the_drafts_not_worth_their_row() -> None:

@@ -26,7 +26,7 @@ Everything is measured, never configured:
               k that `choose_batch` removes.
 At batch > 1 a batch drafts only for a predicted gain of BATCH_GAIN, each sequence's catch-up (the tokens
 the proposer lacks) charged over the steps it has left; a batch that does not draft is tried again by a
-probe: one sequence drafts a round (`probe_due`).
+probe: one sequence drafts a round (`probe_due`), less often after each probe that changed nothing.
 """
 
 from __future__ import annotations
@@ -56,6 +56,14 @@ BATCH_GAIN = 1.08
 # At batch > 1 no optimistic retry (it would catch up the whole batch): after this many plain steps one
 # sequence drafts a round (the one the proposer lacks the fewest tokens of), for evidence
 PROBE_AFTER = 128
+# Each probe after which the batch still does not draft doubles the wait for the next, up to this many
+# doublings: a probe costs ~8-20 ms at batch 32-64 on an H200 (read-backs before and after it, its verify
+# step, its wait for the draft), and seven in ~1,000 steps made adaptive k 0.97-0.99x of plain decoding at
+# acceptance 0.7, where it never drafted otherwise (2026-11-29)
+PROBE_BACKOFF_DOUBLINGS = 3
+# No probe where the batch would not draft even with this many of its drafts kept: its evidence could not
+# change the choice
+PROBE_CEILING = RETRY_ACCEPTANCE
 # per step without drafts: back to the prior's pull after ~20 steps. 0.98 (~100 steps) let a few
 # rejections in a row stop a batch-1 sequence for dozens of steps: on the CPU box adaptive k made 1.01x
 # where fixed k = 1 made 1.25x (code prompts, 2026-11-27)
@@ -96,6 +104,7 @@ class AdaptiveK:
             None  # the last choose_batch's price, until `commit` makes it the step's
         )
         self.num_probes = 0
+        self._fruitless_probes = 0  # probes since the batch last drafted by choice
         self.decode_steps = 0  # decode-only steps observed, and the last of them that verified drafts
         self.last_verify_step = 0
 
@@ -149,6 +158,7 @@ class AdaptiveK:
         """A proposer round (DraftCosts.observe_round); a probe's is counted, not fitted."""
         if self.probing and max_k > 0:
             self.num_probes += 1  # counted here: choose_batch runs more than once a step
+            self._fruitless_probes += 1
         self.costs.observe_round(seconds, max_k, channel_s, catch_up_tokens, probe=self.probing)
 
     def observe_decode_step(
@@ -172,9 +182,18 @@ class AdaptiveK:
         c0, c1 = self.costs.verify_line()
         return c0 + c1 * num_drafts
 
-    def probe_due(self, batch_size: int) -> bool:
-        """At batch > 1, whether one sequence should draft a round for evidence (PROBE_AFTER)."""
-        return self.adaptive and batch_size > 1 and self._plain_run >= self.probe_after
+    def probe_due(self, costs: StepCosts) -> bool:
+        """At batch > 1, whether one sequence should draft a round for evidence: after `probe_after` plain
+        steps, doubled by each probe since the batch last drafted (PROBE_BACKOFF_DOUBLINGS), and only where
+        drafting would pay at PROBE_CEILING."""
+        if not self.adaptive or costs.batch <= 1:
+            return False
+        wait = self.probe_after << min(self._fruitless_probes, PROBE_BACKOFF_DOUBLINGS)
+        if self._plain_run < wait:
+            return False
+        return any(
+            predicted_gain(costs, PROBE_CEILING, k) > _gain_needed(costs) for k in range(1, self.max_k + 1)
+        )
 
     def forget(self, seq_id: str) -> None:
         self._acc.pop(seq_id, None)
@@ -190,14 +209,15 @@ class AdaptiveK:
         measured against that choice's price."""
         self.costs.expect(self._chosen_s if any(ks) else None)
         self._chosen_s = None
+        if any(ks) and not self.probing:
+            self._fruitless_probes = 0
 
     def summary(self, batch_size: int) -> dict[str, float]:
         """What the fit believes for a batch of this size (ms; benchmarks record it beside their rows): the
         costs, each plain fit's samples, the acceptance prior, the probes so far, and the gain it predicts
         for every sequence drafting max_k at that prior."""
         costs = self.step_costs(batch_size)
-        a, k, b = self.prior(retry=False), self.max_k, costs.batch
-        drafting_s = (costs.plain_s + drafting_extra_s(costs, [k] * b, [0.0] * b)) * costs.drafting_factor
+        a = self.prior(retry=False)
         return dict(
             plain_ms=1e3 * costs.plain_s,
             fixed_ms=1e3 * costs.fixed_s,
@@ -211,7 +231,7 @@ class AdaptiveK:
             decode_steps=self.decode_steps,
             longest_hidden_plain_ms=1e3 * self.costs.longest_hidden_plain_s,
             last_verify_step=self.last_verify_step,
-            predicted_gain=b * expected_tokens(a, k) / drafting_s / (b / costs.plain_s),
+            predicted_gain=predicted_gain(costs, a, self.max_k),
         )
 
     def any_drafts(self, seq_ids: list[str], costs: StepCosts) -> bool:
@@ -220,7 +240,7 @@ class AdaptiveK:
         sequence, so that a batch that does not speculate (large batches) pays almost nothing."""
         if not seq_ids or self.max_k <= 0:
             return False
-        if not self.adaptive or self.probe_due(costs.batch):
+        if not self.adaptive or self.probe_due(costs):
             return True
         retry = costs.batch == 1
         best = max(seq_ids, key=lambda s: self.acceptance(s, retry))
@@ -291,12 +311,20 @@ class AdaptiveK:
                 best_ks, best = ks, r
         if any(best_ks) and costs.batch > 1:
             self._chosen_s = costs.plain_s + drafting_extra_s(costs, best_ks, catch_up)
-        if not any(best_ks) and self.probe_due(costs.batch):
+        if not any(best_ks) and self.probe_due(costs):
             can = [i for i, t in enumerate(tops) if t > 0]
             probe = min(can, key=lambda i: lacking[i]) if lacking is not None else can[0]
             best_ks[probe] = tops[probe]
             self.probing = True
         return best_ks
+
+
+def predicted_gain(costs: StepCosts, acceptance: float, k: int) -> float:
+    """Tokens per second over plain steps' with every sequence of the batch drafting k, each draft kept
+    with this probability (catch-ups left out)."""
+    b = costs.batch
+    drafting_s = (costs.plain_s + drafting_extra_s(costs, [k] * b, [0.0] * b)) * costs.drafting_factor
+    return expected_tokens(acceptance, k) * costs.plain_s / drafting_s
 
 
 def _gain_needed(costs: StepCosts) -> float:
