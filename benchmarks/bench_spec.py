@@ -43,6 +43,7 @@ LLMEngine) -> Proposer, imported by name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import importlib
@@ -59,6 +60,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import LLAMA3_8B, TINY, commit, device_name, dummy_engine_config, prompts  # noqa: E402
+from phase_times import PhaseTimes  # noqa: E402
 from spec_prompts import prompt_set  # noqa: E402
 from step_window_profile import profile_steps  # noqa: E402
 
@@ -411,6 +413,15 @@ def print_profile_row(row: dict[str, Any]) -> None:
     )
 
 
+def print_phase_row(row: dict[str, Any]) -> None:
+    p = row.get("phases")
+    if p is None:
+        return
+    timed = ", ".join(f"{k[:-3]} {v:.2f}" for k, v in p.items() if k.endswith("_ms"))
+    label = f"{row['proposer']} A={row['synthetic_acceptance']} k={row['k']}"
+    print(f"  phases {label} (ms a token): {timed}", flush=True)
+
+
 def run_variant(
     llm: LLM,
     args: argparse.Namespace,
@@ -426,13 +437,14 @@ def run_variant(
     before = speculation.snapshot() if speculation is not None else None
     hits = getattr(speculation.proposer, "num_ahead_hits", None) if speculation is not None else None
     steps = engine.num_steps
-    if args.steady:
-        seconds, tokens = generate_steady(llm, batches[0], params, label["batch"])
-        ms_per_token = 1e3 * seconds * label["batch"] / tokens  # a sequence's, `batch` at a time
-    else:
-        seconds, tokens = generate_timed(llm, batches, params)
-        # per sequence: a batch's wall time over the tokens each of its sequences made
-        ms_per_token = 1e3 * seconds / (tokens / sum(len(b) for b in batches)) / len(batches)
+    with PhaseTimes(engine) if args.phase_times else contextlib.nullcontext() as phases:
+        if args.steady:
+            seconds, tokens = generate_steady(llm, batches[0], params, label["batch"])
+            ms_per_token = 1e3 * seconds * label["batch"] / tokens  # a sequence's, `batch` at a time
+        else:
+            seconds, tokens = generate_timed(llm, batches, params)
+            # per sequence: a batch's wall time over the tokens each of its sequences made
+            ms_per_token = 1e3 * seconds / (tokens / sum(len(b) for b in batches)) / len(batches)
     row: dict[str, Any] = dict(
         bench="spec",
         **label,
@@ -442,6 +454,8 @@ def run_variant(
         ms_per_token=ms_per_token,
         steps=engine.num_steps - steps,
     )
+    if phases is not None:
+        row["phases"] = phases.report(tokens)  # ms a token
     if args.profile_steps and torch.cuda.is_available():
         row["profile"] = profile_window(engine, batches[0], params, args.profile_steps)
     if speculation is not None and before is not None:
@@ -564,6 +578,11 @@ def main() -> None:
         default=0,
         help="on a GPU: each row's batch, this many steps under the profiler",
     )
+    ap.add_argument(
+        "--phase-times",
+        action="store_true",
+        help="each row: ms a token in each phase of the engine's step loop, the device's busy and idle time",
+    )
     ap.add_argument("--kernels", default=None, help="JSON merged into the config's kernels section")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -675,6 +694,7 @@ def main() -> None:
             print(f"{kind:<7} b={batch:<3} plain      {plain['tok_s']:8.1f} tok/s", flush=True)
             for row in rows[first:]:
                 print_profile_row(row)
+                print_phase_row(row)
     for r in rows:
         r.update(meta)
     llm.engine.speculation = None  # its proposer is a draft's below, stopped once

@@ -1,0 +1,91 @@
+"""Where an engine's wall time goes, by phase of its step loop: for a benchmark row, the host's seconds in
+each of the engine's calls (speculation's round, the scheduler, the plan, the launch, the read-back's
+processing), the seconds it waited for the device, and the device's busy seconds, so that the time the GPU
+sat idle is put on the host work that kept it waiting.
+
+Bench-only: the methods are wrapped on the instances (and `build_step_plan` in the engine's module) for the
+timed window and restored after, so that the engine carries no timers of its own."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import fuserve.workers.engine as engine_module
+from fuserve.workers.engine import LLMEngine
+
+
+class PhaseTimes:
+    """`with PhaseTimes(engine) as phases:` ... then `phases.report(tokens)`: ms a token by phase."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._restore: list[Callable[[], None]] = []
+
+    def _wrap(self, owner: Any, attr: str, label: str) -> None:
+        original = getattr(owner, attr)
+        seconds, calls = self.seconds, self.calls
+        seconds[label], calls[label] = 0.0, 0
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds[label] += time.perf_counter() - t0
+                calls[label] += 1
+
+        setattr(owner, attr, timed)
+        if owner is engine_module:
+            self._restore.append(lambda: setattr(owner, attr, original))
+        else:  # the instance's own attribute goes: its class's method shows through again
+            self._restore.append(lambda: delattr(owner, attr))
+
+    def __enter__(self) -> PhaseTimes:
+        e = self.engine
+        self._wrap(e, "_complete", "complete")  # the read-back's wait is taken out below
+        self._wrap(e.scheduler, "schedule", "schedule")
+        self._wrap(engine_module, "build_step_plan", "plan")
+        self._wrap(e.executor, "execute", "launch")
+        if e.speculation is not None:
+            for attr in ("propose", "propose_behind", "redraft_missed", "wants_drafts"):
+                self._wrap(e.speculation, attr, attr)
+        self._before = (
+            e.step_seconds_total,
+            e.device_wait_seconds_total,
+            e.device_busy_seconds_total,
+            time.perf_counter(),
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        e = self.engine
+        step0, wait0, busy0, t0 = self._before
+        self.wall_s = time.perf_counter() - t0
+        self.step_s = e.step_seconds_total - step0
+        self.wait_s = e.device_wait_seconds_total - wait0
+        self.busy_s = e.device_busy_seconds_total - busy0
+        for restore in reversed(self._restore):
+            restore()
+
+    def report(self, tokens: int) -> dict[str, float]:
+        """ms a token: each phase's host time (the read-back's without its wait), the wait for the device,
+        the device's busy time and its idle time (wall less busy), and the step loop's time no phase holds."""
+        per = 1e3 / max(tokens, 1)
+        phases = dict(self.seconds)
+        phases["complete"] = max(phases["complete"] - self.wait_s, 0.0)
+        # wants_drafts runs inside the engine's own checks, propose_behind inside them too: not nested here
+        out = {f"{name}_ms": s * per for name, s in phases.items()}
+        out.update(
+            device_wait_ms=self.wait_s * per,
+            device_busy_ms=self.busy_s * per,
+            device_idle_ms=max(self.wall_s - self.busy_s, 0.0) * per,
+            step_ms=self.step_s * per,
+            unaccounted_ms=max(self.step_s - self.wait_s - sum(phases.values()), 0.0) * per,
+            wall_ms=self.wall_s * per,
+        )
+        out.update({f"{name}_calls": float(n) for name, n in self.calls.items()})
+        return out
