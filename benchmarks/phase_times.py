@@ -14,6 +14,11 @@ from typing import Any
 
 import fuserve.workers.engine as engine_module
 from fuserve.workers.engine import LLMEngine
+from fuserve.workers.sampler import SampledBatch
+
+# calls inside the phases (the launch's parts; the wait for a draft's pending reply, in the read-back under
+# synthetic acceptance or in propose_behind), timed apart and not added to the loop's phases
+NESTED = "in."
 
 
 class PhaseTimes:
@@ -25,34 +30,67 @@ class PhaseTimes:
         self.calls: dict[str, int] = {}
         self._restore: list[Callable[[], None]] = []
 
-    def _wrap(self, owner: Any, attr: str, label: str) -> None:
+    def _wrap(
+        self,
+        owner: Any,
+        attr: str,
+        label: str,
+        kind: Callable[[tuple[Any, ...]], str] | None = None,
+        waited: Callable[[], float] | None = None,
+    ) -> None:
+        """Time `owner.attr`; `kind(args)` splits the label by the call's kind (a verify step or not);
+        `waited()`, a running total of seconds spent waiting for the device, is taken out of each call
+        and kept apart as `<label>_wait`."""
         original = getattr(owner, attr)
         seconds, calls = self.seconds, self.calls
-        seconds[label], calls[label] = 0.0, 0
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            w0 = waited() if waited is not None else 0.0
             t0 = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                seconds[label] += time.perf_counter() - t0
-                calls[label] += 1
+                spent = time.perf_counter() - t0
+                name = label if kind is None else f"{label}_{kind(args)}"
+                if waited is not None:
+                    wait = waited() - w0
+                    spent -= wait
+                    seconds[name + "_wait"] = seconds.get(name + "_wait", 0.0) + wait
+                seconds[name] = seconds.get(name, 0.0) + spent
+                calls[name] = calls.get(name, 0) + 1
 
         setattr(owner, attr, timed)
-        if owner is engine_module:
+        if owner is engine_module or isinstance(owner, type):
             self._restore.append(lambda: setattr(owner, attr, original))
         else:  # the instance's own attribute goes: its class's method shows through again
             self._restore.append(lambda: delattr(owner, attr))
 
     def __enter__(self) -> PhaseTimes:
         e = self.engine
-        self._wrap(e, "_complete", "complete")  # the read-back's wait is taken out below
+        self._wrap(
+            e,
+            "_complete",
+            "complete",
+            lambda a: "verify" if a[0][0].has_drafts else "plain",
+            lambda: e.device_wait_seconds_total,
+        )
         self._wrap(e.scheduler, "schedule", "schedule")
         self._wrap(engine_module, "build_step_plan", "plan")
-        self._wrap(e.executor, "execute", "launch")
+        self._wrap(e.executor, "execute", "launch", lambda a: "verify" if a[0].max_query_len > 1 else "plain")
+        runner = getattr(getattr(e.executor, "worker", None), "runner", None)
+        if runner is not None:  # one device: the launch's parts
+            self._wrap(runner, "forward_plan", NESTED + "forward")
+            for graphs in (runner.graphs, runner.mixed_graphs):
+                if graphs is not None:
+                    self._wrap(graphs, "run", NESTED + "graph_run")
+            self._wrap(runner.model, "greedy_tokens", NESTED + "greedy")
+            self._wrap(runner.model, "compute_logits", NESTED + "logits")
+            self._wrap(runner.sampler, "sample", NESTED + "sampler")
+            self._wrap(SampledBatch, "start_copy", NESTED + "start_copy")
         if e.speculation is not None:
             for attr in ("propose", "propose_behind", "redraft_missed", "wants_drafts"):
                 self._wrap(e.speculation, attr, attr)
+            self._wrap(e.speculation, "collect_pending", NESTED + "collect_pending")
         self._before = (
             e.step_seconds_total,
             e.device_wait_seconds_total,
@@ -72,13 +110,14 @@ class PhaseTimes:
             restore()
 
     def report(self, tokens: int) -> dict[str, float]:
-        """ms a token: each phase's host time (the read-back's without its wait), the wait for the device,
-        the device's busy time and its idle time (wall less busy), and the step loop's time no phase holds."""
+        """ms a token: each phase's host time (the read-back's without its wait, which is kept apart by the
+        kind of step read back), the parts of the launch, the wait for the device, the device's busy time
+        and its idle time (wall less busy), and the step loop's time no phase holds."""
         per = 1e3 / max(tokens, 1)
-        phases = dict(self.seconds)
-        phases["complete"] = max(phases["complete"] - self.wait_s, 0.0)
-        # wants_drafts runs inside the engine's own checks, propose_behind inside them too: not nested here
-        out = {f"{name}_ms": s * per for name, s in phases.items()}
+        phases = {
+            k: v for k, v in self.seconds.items() if not k.startswith(NESTED) and not k.endswith("_wait")
+        }
+        out = {f"{name}_ms": s * per for name, s in self.seconds.items()}
         out.update(
             device_wait_ms=self.wait_s * per,
             device_busy_ms=self.busy_s * per,
