@@ -1,0 +1,145 @@
+"""The host's time to launch one decode step from a CUDA graph, by part, on a GPU.
+
+Why: at batch 1 with a draft, the GPU idles while the host plans and launches the step after each verify
+(benchmarks/NOTES.md, "Where batch 1's time goes"); the launch measured ~0.5 ms of host time in the graph's
+replay path and ~0.3 ms in the greedy head after it. This times each part of `StepGraphs.run` and of the
+launch after it on a real step plan (random Llama-3-8B-shape weights), with the device idle before each
+launch and with the step before still running, so the parts worth shortening are measured, not guessed.
+
+    python benchmarks/bench_launch_host.py --batches 1,5 --out $OUT/launch-host.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import LLAMA3_8B, commit, device_name, dummy_engine_config, prompts  # noqa: E402
+
+import fuserve.workers.engine as engine_module  # noqa: E402
+from fuserve.configs import config_from_dict  # noqa: E402
+from fuserve.sampling_params import SamplingParams  # noqa: E402
+from fuserve.workers.cuda_graphs import pack_step  # noqa: E402
+from fuserve.workers.engine import LLMEngine  # noqa: E402
+from fuserve.workers.sampler import SampledBatch  # noqa: E402
+from fuserve.workers.step_plan import StepPlan  # noqa: E402
+
+
+def decode_plan(engine: LLMEngine, batch: int) -> StepPlan:
+    """A real decode step's plan at this batch (the engine's own, captured as it builds it)."""
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts(batch, 64, LLAMA3_8B["vocab_size"], seed=batch)):
+        engine.add_request(f"launch-{batch}-{i}", p, params)
+    plans: list[StepPlan] = []
+    build = engine_module.build_step_plan
+
+    def keep(*args: Any, **kwargs: Any) -> StepPlan:
+        plan = build(*args, **kwargs)
+        plans.append(plan)
+        return plan
+
+    engine_module.build_step_plan = keep  # type: ignore[assignment]
+    try:
+        for _ in range(8):
+            engine.step()
+    finally:
+        engine_module.build_step_plan = build  # type: ignore[assignment]
+    while engine.has_unfinished():
+        engine.step()
+    return next(p for p in reversed(plans) if p.max_query_len == 1 and p.num_seqs == batch)
+
+
+def time_parts(engine: LLMEngine, plan: StepPlan, busy: bool, reps: int) -> dict[str, float]:
+    """Median host microseconds of each part of a graphed decode launch."""
+    runner = engine.executor.worker.runner  # type: ignore[attr-defined]
+    graphs = runner.graphs
+    b = graphs.bucket(plan)
+    s = graphs.seq_slots(b)
+    width = max(1, max(len(t) for t in plan.block_tables))
+    pinned64 = torch.empty(4 * b + 64, dtype=torch.int64, pin_memory=True)
+    pinned32 = torch.empty(s * graphs.max_blocks + s + 64, dtype=torch.int32, pin_memory=True)
+    times: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def timed(name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        times.setdefault(name, []).append(1e6 * (time.perf_counter() - t0))
+
+    for i in range(reps):
+        if not busy or i % 4 == 0:  # busy: the step before is still running (at most 4 queued)
+            torch.cuda.synchronize()
+        with timed("all of the parts"):
+            with timed("pack_step"):
+                wide, narrow = pack_step(plan, b, s, width)
+            with timed("pin_memory x2"):
+                host = torch.frombuffer(wide, dtype=torch.int64).pin_memory()
+                host32 = torch.frombuffer(narrow, dtype=torch.int32).pin_memory()
+            with timed("into a kept pinned buffer x2"):
+                pinned64[: len(wide)].copy_(torch.frombuffer(wide, dtype=torch.int64))
+                pinned32[: len(narrow)].copy_(torch.frombuffer(narrow, dtype=torch.int32))
+            with timed("to device x2"):
+                dev = host.to(graphs.device, non_blocking=True)
+                dev32 = host32.to(graphs.device, non_blocking=True)
+            with timed("copies into the graph's inputs (5)"):
+                graphs.input_ids[:b].copy_(dev[:b])
+                graphs.positions[:b].copy_(dev[b : 2 * b])
+                graphs.slot_mapping[:b].copy_(dev[2 * b :])
+                graphs.block_tables[:s, :width].copy_(dev32[: s * width].view(s, width))
+                graphs.context_lens[:s].copy_(dev32[s * width : s * width + s])
+            with timed("replay"):
+                graphs.graphs[b].replay()
+            out = graphs.outputs[b][: plan.num_tokens]
+            with timed("cuda event + record"):
+                torch.cuda.Event(enable_timing=True).record()
+            with timed("head (logits)"):
+                runner.model.lm_head._logits(out)
+            with timed("head + argmax (greedy_tokens)"):
+                tokens = runner.model.greedy_tokens(out)
+            batch = SampledBatch(tokens)
+            with timed("start_copy"):
+                batch.start_copy()
+        with timed("runner.launch (the engine's path)"):
+            runner.launch(plan, None)
+    torch.cuda.synchronize()
+    return {name: statistics.median(v[reps // 4 :]) for name, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,5")
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    cfg = dummy_engine_config(LLAMA3_8B, [max(8, *batches)], 64, 64, False)
+    engine = LLMEngine(config_from_dict(cfg))
+    rows = []
+    for batch in batches:
+        plan = decode_plan(engine, batch)
+        for busy in (False, True):
+            parts = time_parts(engine, plan, busy, args.reps)
+            rows.append(dict(batch=batch, device_busy=busy, us=parts))
+            print(f"batch {batch}, device {'busy' if busy else 'idle'} (us, median):")
+            for name, us in parts.items():
+                print(f"  {name:<38} {us:8.1f}")
+    meta = dict(bench="launch_host", device=device_name(), date=time.strftime("%Y-%m-%d"), commit=commit())
+    for r in rows:
+        r.update(meta)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
