@@ -122,7 +122,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    cfg = dummy_engine_config(LLAMA3_8B, [max(8, *batches)], 64, 64, False)
+    # steps read back one at a time: the captured plans hold their input tokens, not placeholders
+    cfg = dummy_engine_config(LLAMA3_8B, [max(8, *batches)], 64, 64, False, scheduler={"async_scheduling": False})
     engine = LLMEngine(config_from_dict(cfg))
     rows = []
     for batch in batches:
