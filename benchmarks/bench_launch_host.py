@@ -123,7 +123,8 @@ def main() -> None:
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     # steps read back one at a time: the captured plans hold their input tokens, not placeholders
-    cfg = dummy_engine_config(LLAMA3_8B, [max(8, *batches)], 64, 64, False, scheduler={"async_scheduling": False})
+    sync = {"async_scheduling": "off"}
+    cfg = dummy_engine_config(LLAMA3_8B, [max(8, *batches)], 64, 64, False, scheduler=sync)
     engine = LLMEngine(config_from_dict(cfg))
     rows = []
     for batch in batches:
