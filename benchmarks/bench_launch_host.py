@@ -66,8 +66,6 @@ def time_parts(engine: LLMEngine, plan: StepPlan, busy: bool, reps: int) -> dict
     b = graphs.bucket(plan)
     s = graphs.seq_slots(b)
     width = max(1, max(len(t) for t in plan.block_tables))
-    pinned64 = torch.empty(4 * b + 64, dtype=torch.int64, pin_memory=True)
-    pinned32 = torch.empty(s * graphs.max_blocks + s + 64, dtype=torch.int32, pin_memory=True)
     times: dict[str, list[float]] = {}
 
     @contextlib.contextmanager
@@ -81,25 +79,9 @@ def time_parts(engine: LLMEngine, plan: StepPlan, busy: bool, reps: int) -> dict
             torch.cuda.synchronize()
         with timed("all of the parts"):
             with timed("pack_step"):
-                wide, narrow = pack_step(plan, b, s, width)
-            with timed("pin_memory x2"):
-                host = torch.frombuffer(wide, dtype=torch.int64).pin_memory()
-                host32 = torch.frombuffer(narrow, dtype=torch.int32).pin_memory()
-            with timed("into a kept pinned buffer x2"):
-                pinned64[: len(wide)].copy_(torch.frombuffer(wide, dtype=torch.int64))
-                pinned32[: len(narrow)].copy_(torch.frombuffer(narrow, dtype=torch.int32))
-            with timed("to device x2"):
-                dev = host.to(graphs.device, non_blocking=True)
-                dev32 = host32.to(graphs.device, non_blocking=True)
-            with timed("copies into the graph's inputs (5)"):
-                graphs.input_ids[:b].copy_(dev[:b])
-                graphs.positions[:b].copy_(dev[b : 2 * b])
-                graphs.slot_mapping[:b].copy_(dev[2 * b :])
-                graphs.block_tables[:s, :width].copy_(dev32[: s * width].view(s, width))
-                graphs.context_lens[:s].copy_(dev32[s * width : s * width + s])
-            with timed("replay"):
-                graphs.graphs[b].replay()
-            out = graphs.outputs[b][: plan.num_tokens]
+                pack_step(plan, b, s, width)
+            with timed("graphs.run (inputs, then the replay)"):
+                out = graphs.run(plan, b)
             with timed("cuda event + record"):
                 torch.cuda.Event(enable_timing=True).record()
             with timed("head (logits)"):

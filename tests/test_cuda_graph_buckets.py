@@ -69,9 +69,10 @@ def test_pack_step_pads_tokens_and_sequence_slots() -> None:
         context_lens=[3, 41],
         block_tables=[[2], [1, 4, 4]],
     )
-    wide, narrow = pack_step(plan, tokens=8, seqs=4, width=3)
-    assert (wide.typecode, wide.itemsize, narrow.typecode, narrow.itemsize) == ("q", 8, "i", 4)
+    wide, lens, tables = pack_step(plan, tokens=8, seqs=4, width=3)
+    assert [(a.typecode, a.itemsize) for a in (wide, lens, tables)] == [("q", 8), ("i", 4), ("i", 4)]
     ids, positions = [5, 6, 7, 9, 0, 0, 0, 0], [0, 1, 2, 40, 0, 0, 0, 0]
     slots = [32, 33, 34, 72, -1, -1, -1, -1]
     assert wide.tolist() == ids + positions + slots
-    assert narrow.tolist() == [2, 0, 0, 1, 4, 4] + [0] * 6 + [3, 41, 0, 0]
+    assert lens.tolist() == [3, 41, 0, 0]
+    assert tables.tolist() == [2, 0, 0, 1, 4, 4] + [0] * 6

@@ -26,10 +26,12 @@ import bisect
 from array import array
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from fuserve.workers.kernels.paged_prefill_attention import query_block, query_tiles, tile_map_size
 from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
+from fuserve.workers.pinned_staging import PinnedStaging
 from fuserve.workers.step_plan import StepPlan
 
 POWER_OF_TWO_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -56,24 +58,24 @@ def token_buckets(max_tokens: int) -> list[int]:
     return [t for t in (*small, *fine, *coarse) if t < max_tokens] + [max_tokens]
 
 
-def pack_step(plan: StepPlan, tokens: int, seqs: int, width: int) -> tuple[array, array]:
-    """A step's inputs padded to a bucket of `tokens` tokens and `seqs` sequences, as two flat C arrays
-    for one host-to-device copy each: int64 (input ids, positions, slots) and int32 (the block tables at
-    `width` columns, the context lengths). The tables are most of a long-context step's input (512
-    sequences of 2k tokens: 70k entries): built as Python lists, padded and turned into a tensor they
-    cost 4.5 ms a step on the CI box; written row by row into a zeroed array, 1.3."""
+def pack_step(plan: StepPlan, tokens: int, seqs: int, width: int) -> tuple[array, array, array]:
+    """A step's inputs padded to a bucket of `tokens` tokens and `seqs` sequences, as three flat C arrays,
+    each copied to the device at once: int64 input ids, positions and slots; int32 context lengths; int32
+    block tables at `width` columns. The tables are most of a long-context step's input (512 sequences of
+    2k tokens: 70k entries): built as Python lists, padded and turned into a tensor they cost 4.5 ms a step
+    on the CI box; written row by row into a zeroed array, 1.3."""
     pad, pad_seqs = tokens - plan.num_tokens, seqs - plan.num_seqs
     zeros = array("q", bytes(8 * pad))
     wide = array("q", plan.input_ids)
     for values in (zeros, plan.positions, zeros, plan.slot_mapping):
         wide.extend(values)
     wide.extend([-1] * pad)  # padding tokens write no KV slot
-    narrow = array("i", bytes(4 * seqs * width))  # zeros: the tables' padding and the empty slots
+    lens = array("i", plan.context_lens)
+    lens.extend(array("i", bytes(4 * pad_seqs)))
+    tables = array("i", bytes(4 * seqs * width))  # zeros: the tables' padding and the empty slots
     for i, table in enumerate(plan.block_tables):
-        narrow[i * width : i * width + len(table)] = array("i", table)
-    narrow.extend(plan.context_lens)
-    narrow.extend(array("i", bytes(4 * pad_seqs)))
-    return wide, narrow
+        tables[i * width : i * width + len(table)] = array("i", table)
+    return wide, lens, tables
 
 
 class StepGraphs:
@@ -97,12 +99,17 @@ class StepGraphs:
         self.max_blocks = max_blocks_per_seq
         n, s = buckets[-1], self.seq_slots(buckets[-1])
         i32 = dict(dtype=torch.int32, device=device)
-        i64 = dict(dtype=torch.int64, device=device)
-        self.input_ids = torch.zeros(n, **i64)
-        self.positions = torch.zeros(n, **i64)
-        self.slot_mapping = torch.full((n,), -1, **i64)
+        # Each bucket's graph reads its inputs where one copy a step puts them: bucket b's input ids,
+        # positions and slots are wide[0:b], [b:2b], [2b:3b]; its context lengths small[0:s_b], then what
+        # its attention needs besides (`_extra`). The tables, sent at the step's width, go through
+        # `_tables` into `block_tables` (a row's stride is fixed at capture).
+        self._wide = torch.zeros(3 * n, dtype=torch.int64, device=device)
+        self._small = torch.zeros(s + self._extra_size(n), **i32)
         self.block_tables = torch.zeros(s, max_blocks_per_seq, **i32)
-        self.context_lens = torch.zeros(s, **i32)
+        self._tables = torch.zeros(s * max_blocks_per_seq, **i32)
+        self._staging: PinnedStaging | None = None
+        if device.type == "cuda":
+            self._staging = PinnedStaging(3 * n, len(self._small), len(self._tables))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         # the model's features buffer of each bucket, where it kept features at capture (keep_features)
@@ -114,12 +121,28 @@ class StepGraphs:
     def _meta(self, tokens: int) -> AttentionMetadata:
         raise NotImplementedError
 
+    def _extra_size(self, tokens: int) -> int:
+        """Entries of `_extra` at the largest bucket."""
+        return 0
+
     def _extra(self, plan: StepPlan, tokens: int) -> list[int]:
-        """More int32 inputs to copy after the common ones (written into place by `_place_extra`)."""
+        """More int32 inputs, sent after the context lengths (bucket `tokens` reads them there)."""
         return []
 
-    def _place_extra(self, dev32: torch.Tensor, tokens: int) -> None:
-        pass
+    def _clear_extra(self, tokens: int) -> None:
+        """Before bucket `tokens` is captured: its extra inputs as an empty step's."""
+
+    def input_ids(self, tokens: int) -> torch.Tensor:
+        return self._wide[:tokens]
+
+    def positions(self, tokens: int) -> torch.Tensor:
+        return self._wide[tokens : 2 * tokens]
+
+    def slot_mapping(self, tokens: int) -> torch.Tensor:
+        return self._wide[2 * tokens : 3 * tokens]
+
+    def context_lens(self, tokens: int) -> torch.Tensor:
+        return self._small[: self.seq_slots(tokens)]
 
     @property
     def block_size(self) -> int:
@@ -130,13 +153,19 @@ class StepGraphs:
         """Capture every bucket, largest first so smaller graphs reuse its memory; returns the memory
         pool, which graphs captured after these (never replayed at the same time) may share."""
         for b in reversed(self.buckets):
+            # the warm-up and the capture read no context and write no KV slot
+            self._wide.zero_()
+            self.slot_mapping(b).fill_(-1)
+            self._small.zero_()
+            self._clear_extra(b)
             meta = self._meta(b)
+            ids, positions = self.input_ids(b), self.positions(b)
             for _ in range(2):  # warm-up: compile kernels, settle autotuning outside the capture
-                self.model(self.input_ids[:b], self.positions[:b], meta)
+                self.model(ids, positions, meta)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[b] = self.model(self.input_ids[:b], self.positions[:b], meta)
+                self.outputs[b] = self.model(ids, positions, meta)
             if self.model.keep_features:
                 assert self.model.features is not None
                 self.features[b] = self.model.features
@@ -170,25 +199,29 @@ class StepGraphs:
         self, plan: StepPlan, b: int, patch_ids: Callable[[torch.Tensor], None] | None = None
     ) -> torch.Tensor:
         """Replay bucket `b` (what `bucket(plan)` gave) on this plan's inputs."""
+        assert self._staging is not None
         n, s = plan.num_tokens, self.seq_slots(b)
         # Only the columns this step's longest table uses are sent: the attention kernels never read a
         # row past ceil(context_len / block_size), so older entries beyond may stay. (At batch 1024 with
         # 257 columns the full width was 263k ints a step, ~20 ms of host time; 128/128 needs 16.)
         width = max(1, max((len(t) for t in plan.block_tables), default=1))
-        wide, narrow = pack_step(plan, b, s, width)
-        narrow.extend(self._extra(plan, b))
-        host = torch.frombuffer(wide, dtype=torch.int64).pin_memory()  # pinning copies: the arrays may go
-        host32 = torch.frombuffer(narrow, dtype=torch.int32).pin_memory()
-        dev = host.to(self.device, non_blocking=True)
-        dev32 = host32.to(self.device, non_blocking=True)
-        self.input_ids[:b].copy_(dev[:b])
+        wide, small, tables = pack_step(plan, b, s, width)
+        small.extend(self._extra(plan, b))
+        slot = self._staging.take()
+        nw, ns, nt = len(wide), len(small), len(tables)
+        slot.wide_np[:nw] = np.frombuffer(wide, dtype=np.int64)
+        slot.small_np[:ns] = np.frombuffer(small, dtype=np.int32)
+        slot.tables_np[:nt] = np.frombuffer(tables, dtype=np.int32)
+        self._wide[:nw].copy_(slot.wide[:nw], non_blocking=True)
+        self._small[:ns].copy_(slot.small[:ns], non_blocking=True)
+        if s == 1 or width == self.max_blocks:  # the rows are contiguous in the static table
+            self.block_tables.view(-1)[:nt].copy_(slot.tables[:nt], non_blocking=True)
+        else:
+            self._tables[:nt].copy_(slot.tables[:nt], non_blocking=True)
+            self.block_tables[:s, :width].copy_(self._tables[:nt].view(s, width))
+        self._staging.copied(slot)
         if patch_ids is not None:
-            patch_ids(self.input_ids[:n])
-        self.positions[:b].copy_(dev[b : 2 * b])
-        self.slot_mapping[:b].copy_(dev[2 * b :])
-        self.block_tables[:s, :width].copy_(dev32[: s * width].view(s, width))
-        self.context_lens[:s].copy_(dev32[s * width : s * width + s])
-        self._place_extra(dev32[s * width + s :], b)
+            patch_ids(self.input_ids(b)[:n])
         self.graphs[b].replay()
         if self.model.keep_features:
             self.model.features = self.features[b][:n]  # the model's reference, as an eager step leaves it
@@ -219,14 +252,15 @@ class DecodeGraphs(StepGraphs):
         self.own_last_keys = own_last_keys
 
     def _meta(self, tokens: int) -> AttentionMetadata:
+        slots = self.slot_mapping(tokens)
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:tokens],
+            slot_mapping=slots,
             block_tables=self.block_tables[:tokens],
             query_start_loc=self.query_start_loc[: tokens + 1],
-            context_lens=self.context_lens[:tokens],
+            context_lens=self.context_lens(tokens),
             max_query_len=1,
             max_context_len=self.max_blocks * self.block_size,
-            last_key_slots=self.slot_mapping[:tokens] if self.own_last_keys else None,
+            last_key_slots=slots if self.own_last_keys else None,
         )
 
 
@@ -241,27 +275,37 @@ class MixedGraphs(StepGraphs):
         max_tokens: int,
         max_seqs: int,
     ) -> None:
-        super().__init__(model, device, max_blocks_per_seq, token_buckets(max_tokens), max_seqs)
         attn = model.model.layers[0].self_attn
         self.block_q = query_block(attn.num_heads, attn.num_kv_heads, device)
-        n = self.buckets[-1]
-        s = self.seq_slots(n)
-        self.query_start_loc = torch.zeros(s + 1, dtype=torch.int32, device=device)
-        self.tile_map = torch.full((self.tile_entries(n), 2), -1, dtype=torch.int32, device=device)
+        super().__init__(model, device, max_blocks_per_seq, token_buckets(max_tokens), max_seqs)
 
     def tile_entries(self, tokens: int) -> int:
         return tile_map_size(tokens, self.seq_slots(tokens), self.block_q)
 
+    def _extra_size(self, tokens: int) -> int:
+        return self.seq_slots(tokens) + 1 + 2 * self.tile_entries(tokens)
+
+    def query_start_loc(self, tokens: int) -> torch.Tensor:
+        s = self.seq_slots(tokens)
+        return self._small[s : 2 * s + 1]
+
+    def tile_map(self, tokens: int) -> torch.Tensor:
+        s, g = self.seq_slots(tokens), self.tile_entries(tokens)
+        return self._small[2 * s + 1 : 2 * s + 1 + 2 * g].view(g, 2)
+
+    def _clear_extra(self, tokens: int) -> None:
+        self.tile_map(tokens).fill_(-1)  # no tile visited
+
     def _meta(self, tokens: int) -> AttentionMetadata:
         s = self.seq_slots(tokens)
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:tokens],
+            slot_mapping=self.slot_mapping(tokens),
             block_tables=self.block_tables[:s],
-            query_start_loc=self.query_start_loc[: s + 1],
-            context_lens=self.context_lens[:s],
+            query_start_loc=self.query_start_loc(tokens),
+            context_lens=self.context_lens(tokens),
             max_query_len=tokens,
             max_context_len=self.max_blocks * self.block_size,
-            tile_map=self.tile_map[: self.tile_entries(tokens)],
+            tile_map=self.tile_map(tokens),
         )
 
     def _extra(self, plan: StepPlan, tokens: int) -> list[int]:
@@ -270,8 +314,3 @@ class MixedGraphs(StepGraphs):
         pad = self.seq_slots(tokens) - plan.num_seqs
         starts = plan.query_start_loc + [plan.num_tokens] * pad
         return starts + query_tiles(plan.query_start_loc, self.block_q, self.tile_entries(tokens))
-
-    def _place_extra(self, dev32: torch.Tensor, tokens: int) -> None:
-        s, g = self.seq_slots(tokens), self.tile_entries(tokens)
-        self.query_start_loc[: s + 1].copy_(dev32[: s + 1])
-        self.tile_map[:g].copy_(dev32[s + 1 :].view(g, 2))

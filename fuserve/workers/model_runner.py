@@ -61,10 +61,15 @@ class ModelRunner:
 
     def fill_inputs(self, input_ids: torch.Tensor, plan: StepPlan, prev: torch.Tensor | None) -> None:
         """Put the tokens the previous step sampled (still on the device) into their input slots."""
-        if plan.fill_positions:
+        positions, rows = plan.fill_positions, plan.fill_rows
+        if positions:
             if prev is None:
                 raise RuntimeError("step plan waits on sampled tokens but no previous step is in flight")
-            input_ids[self._tensor(plan.fill_positions)] = prev[self._tensor(plan.fill_rows)]
+            if _is_run(positions) and _is_run(rows):  # one copy instead of two index tensors sent
+                p, r, n = positions[0], rows[0], len(positions)
+                input_ids[p : p + n].copy_(prev[r : r + n])
+            else:
+                input_ids[self._tensor(positions)] = prev[self._tensor(rows)]
 
     def prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         width = max((len(t) for t in plan.block_tables), default=1) or 1
@@ -220,3 +225,8 @@ class ModelRunner:
         hidden = self.forward_plan(plan)
         assert hidden is not None
         self.model.compute_logits(hidden)
+
+
+def _is_run(values: list[int]) -> bool:
+    """Whether the values are consecutive integers, ascending (a slice can stand for them)."""
+    return values == list(range(values[0], values[0] + len(values)))
