@@ -29,7 +29,7 @@ from bench_decode import LLAMA3_8B, commit, device_name, dummy_engine_config, pr
 import fuserve.workers.engine as engine_module  # noqa: E402
 from fuserve.configs import config_from_dict  # noqa: E402
 from fuserve.sampling_params import SamplingParams  # noqa: E402
-from fuserve.workers.cuda_graphs import pack_step  # noqa: E402
+from fuserve.workers.cuda_graphs import pack_step, table_width  # noqa: E402
 from fuserve.workers.engine import LLMEngine  # noqa: E402
 from fuserve.workers.sampler import SampledBatch  # noqa: E402
 from fuserve.workers.step_plan import StepPlan  # noqa: E402
@@ -65,7 +65,7 @@ def time_parts(engine: LLMEngine, plan: StepPlan, busy: bool, reps: int) -> dict
     graphs = runner.graphs
     b = graphs.bucket(plan)
     s = graphs.seq_slots(b)
-    width = max(1, max(len(t) for t in plan.block_tables))
+    width = table_width(plan)
     times: dict[str, list[float]] = {}
 
     @contextlib.contextmanager
@@ -82,20 +82,20 @@ def time_parts(engine: LLMEngine, plan: StepPlan, busy: bool, reps: int) -> dict
 
     for _ in range(reps):
         before()
-        with timed("all of the parts"):
-            with timed("pack_step"):
-                pack_step(plan, b, s, width)
-            with timed("graphs.run (inputs, then the replay)"):
-                out = graphs.run(plan, b)
+        with timed("pack_step (within graphs.run)"):
+            pack_step(plan, b, s, width)
+        with timed("all of the parts below"):
             with timed("cuda event + record"):
                 torch.cuda.Event(enable_timing=True).record()
-            with timed("head (logits)"):
-                runner.model.lm_head._logits(out)
+            with timed("graphs.run (inputs, then the replay)"):
+                out = graphs.run(plan, b)
             with timed("head + argmax (greedy_tokens)"):
                 tokens = runner.model.greedy_tokens(out)
             batch = SampledBatch(tokens)
             with timed("start_copy"):
                 batch.start_copy()
+        with timed("the head's GEMV alone (within greedy_tokens)"):
+            runner.model.lm_head._logits(out)
         before()
         with timed("runner.launch (the engine's path)"):
             runner.launch(plan, None)

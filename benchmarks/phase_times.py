@@ -45,13 +45,13 @@ class PhaseTimes:
         seconds, calls = self.seconds, self.calls
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            name = label if kind is None else f"{label}_{kind(args)}"
             w0 = waited() if waited is not None else 0.0
             t0 = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
                 spent = time.perf_counter() - t0
-                name = label if kind is None else f"{label}_{kind(args)}"
                 if waited is not None:
                     wait = waited() - w0
                     spent -= wait
@@ -59,13 +59,37 @@ class PhaseTimes:
                 seconds[name] = seconds.get(name, 0.0) + spent
                 calls[name] = calls.get(name, 0) + 1
 
+        own = isinstance(owner, type) or owner is engine_module or attr in vars(owner)
         setattr(owner, attr, timed)
-        if owner is engine_module or isinstance(owner, type):
+        if own:  # a class's, a module's, or an instance's own attribute: put back as it was
             self._restore.append(lambda: setattr(owner, attr, original))
-        else:  # the instance's own attribute goes: its class's method shows through again
+        else:  # the instance's wrapper goes: its class's method shows through again
             self._restore.append(lambda: delattr(owner, attr))
 
     def __enter__(self) -> PhaseTimes:
+        try:
+            self._install()
+        except BaseException:
+            self._undo()
+            raise
+        e = self.engine
+        self._before = (
+            e.step_seconds_total,
+            e.device_wait_seconds_total,
+            e.device_busy_seconds_total,
+            time.perf_counter(),
+        )
+        return self
+
+    def _undo(self) -> None:
+        for restore in reversed(self._restore):
+            restore()
+        self._restore.clear()
+
+    def _install(self) -> None:
+        """The wrappers. `SampledBatch.start_copy` is wrapped on its class: every engine and draft of the
+        process counts there; the guided path's split launch (`executor.forward`, `sample`) is not timed
+        (its time shows as unaccounted)."""
         e = self.engine
         self._wrap(
             e,
@@ -76,7 +100,7 @@ class PhaseTimes:
         )
         self._wrap(e.scheduler, "schedule", "schedule")
         self._wrap(engine_module, "build_step_plan", "plan")
-        self._wrap(e.executor, "execute", "launch", lambda a: "verify" if a[0].max_query_len > 1 else "plain")
+        self._wrap(e.executor, "execute", "launch", _launch_kind)
         runner = getattr(getattr(e.executor, "worker", None), "runner", None)
         if runner is not None:  # one device: the launch's parts
             self._wrap(runner, "forward_plan", NESTED + "forward")
@@ -91,13 +115,6 @@ class PhaseTimes:
             for attr in ("propose", "propose_behind", "redraft_missed", "wants_drafts"):
                 self._wrap(e.speculation, attr, attr)
             self._wrap(e.speculation, "collect_pending", NESTED + "collect_pending")
-        self._before = (
-            e.step_seconds_total,
-            e.device_wait_seconds_total,
-            e.device_busy_seconds_total,
-            time.perf_counter(),
-        )
-        return self
 
     def __exit__(self, *exc: object) -> None:
         e = self.engine
@@ -106,11 +123,11 @@ class PhaseTimes:
         self.step_s = e.step_seconds_total - step0
         self.wait_s = e.device_wait_seconds_total - wait0
         self.busy_s = e.device_busy_seconds_total - busy0
-        for restore in reversed(self._restore):
-            restore()
+        self._undo()
 
     def report(self, tokens: int) -> dict[str, float]:
-        """ms a token: each phase's host time (the read-back's without its wait, which is kept apart by the
+        """ms a token of `tokens`, every sequence's together (at batch B, B times fewer than a sequence's
+        ms a token): each phase's host time (the read-back's without its wait, which is kept apart by the
         kind of step read back), the parts of the launch, the wait for the device, the device's busy time
         and its idle time (wall less busy), and the step loop's time no phase holds."""
         per = 1e3 / max(tokens, 1)
@@ -128,3 +145,11 @@ class PhaseTimes:
         )
         out.update({f"{name}_calls": float(n) for name, n in self.calls.items()})
         return out
+
+
+def _launch_kind(args: tuple[Any, ...]) -> str:
+    """A launched plan's kind: a verify step (drafts), one with prompt tokens, or a plain decode."""
+    plan = args[0]
+    if any(plan.num_drafts):
+        return "verify"
+    return "prompt" if plan.max_query_len > 1 else "plain"

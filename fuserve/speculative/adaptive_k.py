@@ -105,6 +105,7 @@ class AdaptiveK:
         )
         self.num_probes = 0
         self._fruitless_probes = 0  # probes since the batch last drafted by choice
+        self._committed_probe = False  # the step last committed is a probe
         self.decode_steps = 0  # decode-only steps observed, and the last of them that verified drafts
         self.last_verify_step = 0
 
@@ -155,10 +156,7 @@ class AdaptiveK:
     def observe_round(
         self, seconds: float, max_k: int, channel_s: float = 0.0, catch_up_tokens: int = 0
     ) -> None:
-        """A proposer round (DraftCosts.observe_round); a probe's is counted, not fitted."""
-        if self.probing and max_k > 0:
-            self.num_probes += 1  # counted here: choose_batch runs more than once a step
-            self._fruitless_probes += 1
+        """A proposer round (DraftCosts.observe_round); a probe's is not fitted."""
         self.costs.observe_round(seconds, max_k, channel_s, catch_up_tokens, probe=self.probing)
 
     def observe_decode_step(
@@ -175,6 +173,9 @@ class AdaptiveK:
             return
         self._plain_run = 0
         self.last_verify_step = self.decode_steps
+        if self._committed_probe:  # counted at its verify: with overlap its round may go out twice
+            self.num_probes += 1
+            self._fruitless_probes += 1
         self.costs.observe_verify_step(num_seqs, num_drafts, seconds)
 
     def verify_cost(self, num_drafts: int) -> float:
@@ -209,6 +210,7 @@ class AdaptiveK:
         measured against that choice's price."""
         self.costs.expect(self._chosen_s if any(ks) else None)
         self._chosen_s = None
+        self._committed_probe = self.probing and any(ks)
         if any(ks) and not self.probing:
             self._fruitless_probes = 0
 

@@ -60,7 +60,7 @@ class StepCosts:
     forward_s: float
     drafting_factor: float = 1.0
     catch_up_s: float = 0.0  # a token the proposer lacks, caught up by a round
-    plain_measured: bool = True  # the plain fit has MIN_PLAIN_STEPS samples (at batch > 1 only probes before)
+    plain_measured: bool = True  # the plain fit has MIN_PLAIN_STEPS samples (batch > 1: no drafts before)
 
     @property
     def share_s(self) -> float:

@@ -58,6 +58,11 @@ def token_buckets(max_tokens: int) -> list[int]:
     return [t for t in (*small, *fine, *coarse) if t < max_tokens] + [max_tokens]
 
 
+def table_width(plan: StepPlan) -> int:
+    """Columns of the step's block tables: its longest table's (at least 1)."""
+    return max(1, max((len(t) for t in plan.block_tables), default=1))
+
+
 def pack_step(plan: StepPlan, tokens: int, seqs: int, width: int) -> tuple[array, array, array]:
     """A step's inputs padded to a bucket of `tokens` tokens and `seqs` sequences, as three flat C arrays,
     each copied to the device at once: int64 input ids, positions and slots; int32 context lengths; int32
@@ -102,14 +107,15 @@ class StepGraphs:
         # Each bucket's graph reads its inputs where one copy a step puts them: bucket b's input ids,
         # positions and slots are wide[0:b], [b:2b], [2b:3b]; its context lengths small[0:s_b], then what
         # its attention needs besides (`_extra`). The tables, sent at the step's width, go through
-        # `_tables` into `block_tables` (a row's stride is fixed at capture).
+        # `_tables` into `block_tables` (a row's stride is fixed at capture), or straight in where the rows
+        # are contiguous there (one row, or the full width).
         self._wide = torch.zeros(3 * n, dtype=torch.int64, device=device)
         self._small = torch.zeros(s + self._extra_size(n), **i32)
         self.block_tables = torch.zeros(s, max_blocks_per_seq, **i32)
         self._tables = torch.zeros(s * max_blocks_per_seq, **i32)
         self._staging: PinnedStaging | None = None
         if device.type == "cuda":
-            self._staging = PinnedStaging(3 * n, len(self._small), len(self._tables))
+            self._staging = PinnedStaging(device, 3 * n, len(self._small), len(self._tables))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         # the model's features buffer of each bucket, where it kept features at capture (keep_features)
@@ -122,7 +128,7 @@ class StepGraphs:
         raise NotImplementedError
 
     def _extra_size(self, tokens: int) -> int:
-        """Entries of `_extra` at the largest bucket."""
+        """Entries `_extra` returns for bucket `tokens`."""
         return 0
 
     def _extra(self, plan: StepPlan, tokens: int) -> list[int]:
@@ -204,7 +210,7 @@ class StepGraphs:
         # Only the columns this step's longest table uses are sent: the attention kernels never read a
         # row past ceil(context_len / block_size), so older entries beyond may stay. (At batch 1024 with
         # 257 columns the full width was 263k ints a step, ~20 ms of host time; 128/128 needs 16.)
-        width = max(1, max((len(t) for t in plan.block_tables), default=1))
+        width = table_width(plan)
         wide, small, tables = pack_step(plan, b, s, width)
         small.extend(self._extra(plan, b))
         slot = self._staging.take()
@@ -248,7 +254,7 @@ class DecodeGraphs(StepGraphs):
         which serves verify steps with alternatives (StepPlan.as_decode_rows) and changes nothing else."""
         buckets = graph_buckets(max_batch)
         super().__init__(model, device, max_blocks_per_seq, buckets, buckets[-1])
-        self.query_start_loc = torch.arange(buckets[-1] + 1, dtype=torch.int32, device=device)
+        self._query_starts = torch.arange(buckets[-1] + 1, dtype=torch.int32, device=device)
         self.own_last_keys = own_last_keys
 
     def _meta(self, tokens: int) -> AttentionMetadata:
@@ -256,7 +262,7 @@ class DecodeGraphs(StepGraphs):
         return AttentionMetadata(
             slot_mapping=slots,
             block_tables=self.block_tables[:tokens],
-            query_start_loc=self.query_start_loc[: tokens + 1],
+            query_start_loc=self._query_starts[: tokens + 1],
             context_lens=self.context_lens(tokens),
             max_query_len=1,
             max_context_len=self.max_blocks * self.block_size,

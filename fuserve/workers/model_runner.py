@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fuserve.parallel.tp_context import TPContext
-from fuserve.workers.cuda_graphs import DecodeGraphs, MixedGraphs, StepGraphs
+from fuserve.workers.cuda_graphs import DecodeGraphs, MixedGraphs, StepGraphs, table_width
 from fuserve.workers.kernels.token_bitmask import apply_token_bitmask_
 from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
 from fuserve.workers.sampler import SampledBatch, Sampler
@@ -65,14 +65,14 @@ class ModelRunner:
         if positions:
             if prev is None:
                 raise RuntimeError("step plan waits on sampled tokens but no previous step is in flight")
-            if _is_run(positions) and _is_run(rows):  # one copy instead of two index tensors sent
-                p, r, n = positions[0], rows[0], len(positions)
+            p, r, n = positions[0], rows[0], len(positions)
+            if _is_run(positions) and _is_run(rows) and r + n <= len(prev):  # one copy, no index tensors
                 input_ids[p : p + n].copy_(prev[r : r + n])
             else:
                 input_ids[self._tensor(positions)] = prev[self._tensor(rows)]
 
     def prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        width = max((len(t) for t in plan.block_tables), default=1) or 1
+        width = table_width(plan)
         tables = [t + [0] * (width - len(t)) for t in plan.block_tables]
         meta = AttentionMetadata(
             slot_mapping=self._tensor(plan.slot_mapping),

@@ -6,8 +6,8 @@ more, all of it before the replay, where at batch 1 with a draft the GPU waits f
 (benchmarks/NOTES.md, "Where batch 1's time goes"). Kept buffers take a memcpy instead.
 
 A slot's buffers are rewritten only once the copies queued from them have run: each slot records an event
-after its copies, and taking the slot again waits for it (at once in practice: with a few slots, the step
-that used it last has long started).
+after its copies, and taking the slot again waits for it. The engine keeps at most two steps queued, so
+that wait is nil; a draft round that queues more replays than there are slots waits there for the device.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ class StagingSlot:
 
 
 class PinnedStaging:
-    def __init__(self, wide: int, small: int, tables: int) -> None:
-        """Sizes, in elements: the int64 inputs, the small int32 ones, the int32 block tables."""
+    def __init__(self, device: torch.device, wide: int, small: int, tables: int) -> None:
+        """Sizes, in elements: the int64 inputs, the small int32 ones, the int32 block tables. The copies
+        run on `device`'s current stream."""
+        self.device = device
         self._slots = []
         for _ in range(SLOTS):
             w = torch.empty(wide, dtype=torch.int64, pin_memory=True)
@@ -52,9 +54,9 @@ class PinnedStaging:
             slot.copied.synchronize()
         return slot
 
-    @staticmethod
-    def copied(slot: StagingSlot) -> None:
-        """The copies from `slot` are queued on the current stream: it may be rewritten once they ran."""
+    def copied(self, slot: StagingSlot) -> None:
+        """The copies from `slot` are queued on the device's current stream: it may be rewritten once they
+        ran."""
         if slot.copied is None:
             slot.copied = torch.cuda.Event()
-        slot.copied.record()
+        slot.copied.record(torch.cuda.current_stream(self.device))
