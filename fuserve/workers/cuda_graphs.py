@@ -29,6 +29,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from fuserve.workers.kernels.argmax import greedy_tokens
 from fuserve.workers.kernels.paged_prefill_attention import query_block, query_tiles, tile_map_size
 from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
 from fuserve.workers.pinned_staging import PinnedStaging
@@ -138,6 +139,12 @@ class StepGraphs:
     def _clear_extra(self, tokens: int) -> None:
         """Before bucket `tokens` is captured: its extra inputs as an empty step's."""
 
+    def _forward(
+        self, tokens: int, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """What bucket `tokens`'s graph runs: the model's hidden states (and whatever a subclass adds)."""
+        return self.model(ids, positions, meta)
+
     def input_ids(self, tokens: int) -> torch.Tensor:
         return self._wide[:tokens]
 
@@ -167,11 +174,11 @@ class StepGraphs:
             meta = self._meta(b)
             ids, positions = self.input_ids(b), self.positions(b)
             for _ in range(2):  # warm-up: compile kernels, settle autotuning outside the capture
-                self.model(ids, positions, meta)
+                self._forward(b, ids, positions, meta)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[b] = self.model(ids, positions, meta)
+                self.outputs[b] = self._forward(b, ids, positions, meta)
             if self.model.keep_features:
                 assert self.model.features is not None
                 self.features[b] = self.model.features
@@ -249,13 +256,41 @@ class DecodeGraphs(StepGraphs):
         max_blocks_per_seq: int,
         max_batch: int = 256,
         own_last_keys: bool = False,
+        head: bool = False,
     ) -> None:
         """own_last_keys: each row's last key is read at the row's own slot (its slot_mapping entry),
-        which serves verify steps with alternatives (StepPlan.as_decode_rows) and changes nothing else."""
+        which serves verify steps with alternatives (StepPlan.as_decode_rows) and changes nothing else.
+        head: the graphs also run the model's head and each row's argmax (`head_outputs`), one device's
+        whole vocabulary (no tensor parallelism): launched after the replay they cost the host ~150-200
+        us a step on an H200 host (benchmarks/NOTES.md, "Where batch 1's time goes")."""
+        self.head = head
+        self.logits: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, torch.Tensor] = {}
         buckets = graph_buckets(max_batch)
         super().__init__(model, device, max_blocks_per_seq, buckets, buckets[-1])
         self._query_starts = torch.arange(buckets[-1] + 1, dtype=torch.int32, device=device)
         self.own_last_keys = own_last_keys
+
+    def _forward(
+        self, tokens: int, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = self.model(ids, positions, meta)
+        if self.head:
+            self.logits[tokens] = self.model.compute_logits(hidden)
+            self.tokens[tokens] = greedy_tokens(self.logits[tokens])
+        return hidden
+
+    def head_outputs(self, tokens: int, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The last replay of bucket `tokens`: its first `rows` rows' logits and argmax tokens (None
+        without `head`)."""
+        if not self.head:
+            return None
+        return self.logits[tokens][:rows], self.tokens[tokens][:rows]
+
+    def release(self) -> None:
+        super().release()
+        self.logits.clear()
+        self.tokens.clear()
 
     def _meta(self, tokens: int) -> AttentionMetadata:
         slots = self.slot_mapping(tokens)

@@ -53,6 +53,8 @@ class ModelRunner:
         self._followed_tokens: torch.Tensor | None = None  # a rank > 0's copy of the last step's draws
         self._started: torch.cuda.Event | None = None  # the last forward's start on the device
         self._features: torch.Tensor | None = None  # launch_logits' step's features, for `sample`
+        # the last forward's logits and argmax tokens where its decode graph ran the head
+        self._head: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _tensor(self, data: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(
@@ -123,9 +125,12 @@ class ModelRunner:
             slots = self._tensor(plan.kv_copies).view(-1, 2)
             self.model.copy_kv_slots(slots[:, 0], slots[:, 1])
         chosen = self._graphed(plan)
+        self._head = None
         if chosen is not None:
             graphs, graphed, bucket = chosen
             hidden = graphs.run(graphed, bucket, lambda ids: self.fill_inputs(ids, plan, prev))
+            if graphs is self.graphs and plan.num_logit_rows == plan.num_tokens:
+                self._head = self.graphs.head_outputs(bucket, graphed.num_tokens)
         else:
             input_ids, positions, meta = self.prepare(plan)
             self.fill_inputs(input_ids, plan, prev)
@@ -150,18 +155,20 @@ class ModelRunner:
         features = self._step_features(plan)
         if hidden is None and features is None:
             return None
+        head, self._head = self._head, None
         if hidden is None or plan.argmax_only:
-            tokens = (
-                self.model.greedy_tokens(hidden)  # every rank now holds these tokens
-                if hidden is not None
-                else torch.empty(0, dtype=torch.int64, device=self.device)  # only prompt chunks ran
-            )
+            if head is not None:
+                tokens = head[1]
+            elif hidden is not None:
+                tokens = self.model.greedy_tokens(hidden)  # every rank now holds these tokens
+            else:
+                tokens = torch.empty(0, dtype=torch.int64, device=self.device)  # only prompt chunks ran
             batch = SampledBatch(tokens, features=features)
             batch.started = self._started
             batch.start_copy()
             return batch
         self._features = features
-        return self.sample(plan, self.model.compute_logits(hidden))
+        return self.sample(plan, head[0] if head is not None else self.model.compute_logits(hidden))
 
     @torch.inference_mode()
     def launch_logits(self, plan: StepPlan, prev: SampledBatch | None = None) -> torch.Tensor | None:
@@ -169,7 +176,10 @@ class ModelRunner:
         and the logits, [S, V]; `sample` follows once the masks are known."""
         hidden = self.forward_plan(plan, prev.device_tokens if prev is not None else None)
         self._features = self._step_features(plan)
-        return None if hidden is None else self.model.compute_logits(hidden)
+        head, self._head = self._head, None
+        if hidden is None:
+            return None
+        return head[0] if head is not None else self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def sample(

@@ -168,7 +168,14 @@ class Worker:
         rows = 1 + k * (2 if spec.second_best else 1)  # verify: a row per token
         max_batch = min(config.kernels.cuda_graph_max_batch, sched.max_num_seqs * rows)
         # with alternatives, a verify row's last key may sit at another slot than its position's
-        decode = DecodeGraphs(self.model, self.device, max_blocks, max_batch, own_last_keys=spec.second_best)
+        decode = DecodeGraphs(
+            self.model,
+            self.device,
+            max_blocks,
+            max_batch,
+            own_last_keys=spec.second_best,
+            head=self.tp.size == 1,  # its argmax over the whole vocabulary is one device's
+        )
         decode.capture(pool)
         return mixed, decode
 
