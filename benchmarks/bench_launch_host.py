@@ -5,6 +5,8 @@ Why: at batch 1 with a draft, the GPU idles while the host plans and launches th
 replay path and ~0.3 ms in the greedy head after it. This times each part of `StepGraphs.run` and of the
 launch after it on a real step plan (random Llama-3-8B-shape weights), with the device idle before each
 launch and with the step before still running, so the parts worth shortening are measured, not guessed.
+The parts are timed as the launch ran them before the head moved into the decode graphs (33df242): the
+head and argmax launched after the replay. The engine's own launch, timed beside them, no longer does.
 
     python benchmarks/bench_launch_host.py --batches 1,5 --out $OUT/launch-host.json
 """

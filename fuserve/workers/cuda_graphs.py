@@ -5,7 +5,8 @@ between them. Inputs live in static buffers sized for the largest bucket; a step
 bucket (padding tokens write no cache slot and belong to no sequence, padding sequences hold no
 token) and copies its own output rows out. Steps larger than the largest bucket run eagerly.
 
-Decode graphs (`DecodeGraphs`, one new token per sequence) run the decode attention kernel. Bucket
+Decode graphs (`DecodeGraphs`, one new token per sequence) run the decode attention kernel and, on one
+device, the model's head and each row's argmax as well. Bucket
 sizes (`graph_buckets`): powers of two up to 256, then every 64 up to the largest batch, which is
 always a bucket itself. Past 256 a decode step is no longer bound by reading weights alone (batch 512
 of an 8B model is ~8 TFLOP, ~12 ms on an H100 against ~5 ms of weights), so padding 300 rows to 512
