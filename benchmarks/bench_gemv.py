@@ -11,8 +11,10 @@ gate_up and down, as in the model), with programmatic dependent launch (kernels/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
+from collections.abc import Iterator
 
 import torch
 import triton.testing
@@ -52,9 +54,21 @@ def time_rotating(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
     return bench(call)
 
 
-def chain_us(tp: int, pdl: bool, layers: int = 32, rows: int = 1) -> tuple[float, int]:
+@contextlib.contextmanager
+def blas_library(name: str) -> Iterator[None]:
+    """torch's GEMMs through `name` (cublas or cublaslt: their heuristics pick other kernels for a few
+    rows) while inside; a graph captured inside keeps the kernels it captured."""
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
+
+
+def chain_us(tp: int, pdl: bool, layers: int = 32, rows: int = 1, blas: str = "cublas") -> tuple[float, int]:
     """Median us of one graph replay of the model's linear chain at TP shard shapes, `rows` rows (the
-    Triton GEMV at one row, cuBLAS above); weight bytes read."""
+    Triton GEMV at one row, `blas` above); weight bytes read."""
     q_size, kv_size, inter, vocab = 4096 // tp, 1024 // tp, 14336 // tp, 128256 // tp
     shapes = [(q_size + 2 * kv_size, 4096), (4096, q_size), (2 * inter, 4096), (4096, inter)]
     weights = [
@@ -72,7 +86,7 @@ def chain_us(tp: int, pdl: bool, layers: int = 32, rows: int = 1) -> tuple[float
         return linear(h, lm_head)
 
     # the graph keeps the launches it captured
-    with using_switches(KernelSwitches(pdl=pdl)):
+    with using_switches(KernelSwitches(pdl=pdl)), blas_library(blas):
         chain()  # autotune outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -90,8 +104,10 @@ def main() -> None:
         "--rows", default="1", help="comma-separated row counts (a verify step of 1 + k, a small batch)"
     )
     ap.add_argument("--no-chain", action="store_true", help="skip the whole-model chain rows")
+    ap.add_argument("--blas", default="cublas", help="torch's GEMM libraries to time beside: cublas,cublaslt")
     args = ap.parse_args()
     row_counts = [int(m) for m in args.rows.split(",")]
+    blas_names = args.blas.split(",")
     copy_bw = copy_bandwidth()
     meta = dict(
         bench="kernel",
@@ -112,8 +128,10 @@ def main() -> None:
             torch.testing.assert_close(
                 linear(x, ws[0]).float(), (x.float() @ ws[0].float().t()), rtol=2e-2, atol=2e-2
             )
-            for engine, fn in (("cublas", torch.nn.functional.linear), ("fuserve-triton", linear)):
-                ms = time_rotating(fn, x, ws)
+            engines = [(blas, torch.nn.functional.linear) for blas in blas_names]
+            for engine, fn in [*engines, ("fuserve-triton", linear)]:
+                with blas_library(engine if engine in blas_names else "cublas"):
+                    ms = time_rotating(fn, x, ws)
                 tb_s = n * k * 2 / (ms * 1e-3) / 1e12
                 rows.append(
                     dict(
@@ -139,13 +157,18 @@ def main() -> None:
         )
     # the chain at each row count (TP=1, PDL; a verify step's 1 + k, small batches), then the one-row
     # chain at TP=1 and TP=2 with PDL off and on, each (tp, pdl, rows) timed once
-    chains = [(1, True, m) for m in row_counts]
+    chains = [(1, True, m, b) for m in row_counts for b in (blas_names if m > 1 else blas_names[:1])]
     if not args.no_chain:
-        chains += [(tp, pdl, 1) for tp in (1, 2) for pdl in (False, True) if (tp, pdl, 1) not in chains]
-    for tp, pdl, m in chains:
-        us, nbytes = chain_us(tp, pdl, rows=m)
+        chains += [
+            (tp, pdl, 1, "cublas")
+            for tp in (1, 2)
+            for pdl in (False, True)
+            if (tp, pdl, 1, "cublas") not in chains
+        ]
+    for tp, pdl, m, blas in chains:
+        us, nbytes = chain_us(tp, pdl, rows=m, blas=blas)
         tb_s = nbytes / (us * 1e-6) / 1e12
-        engine = "cublas" if m > 1 else "fuserve-triton-pdl" if pdl else "fuserve-triton"
+        engine = blas if m > 1 else "fuserve-triton-pdl" if pdl else "fuserve-triton"
         rows.append(
             dict(
                 meta,

@@ -19,6 +19,7 @@ from fuserve.workers.sampler import SampledBatch
 # calls inside the phases (the launch's parts; the wait for a draft's pending reply, in the read-back under
 # synthetic acceptance or in propose_behind), timed apart and not added to the loop's phases
 NESTED = "in."
+DRAFT_WAIT = NESTED + "collect_pending"
 
 
 class PhaseTimes:
@@ -40,13 +41,15 @@ class PhaseTimes:
     ) -> None:
         """Time `owner.attr`; `kind(args)` splits the label by the call's kind (a verify step or not);
         `waited()`, a running total of seconds spent waiting for the device, is taken out of each call
-        and kept apart as `<label>_wait`."""
+        and kept apart as `<label>_wait`, and so is the time inside it spent waiting for a draft's reply
+        (`collect_pending`), as `<label>_draft`: that is the draft's time, not this host's."""
         original = getattr(owner, attr)
         seconds, calls = self.seconds, self.calls
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             name = label if kind is None else f"{label}_{kind(args)}"
             w0 = waited() if waited is not None else 0.0
+            d0 = seconds.get(DRAFT_WAIT, 0.0)
             t0 = time.perf_counter()
             try:
                 return original(*args, **kwargs)
@@ -56,6 +59,10 @@ class PhaseTimes:
                     wait = waited() - w0
                     spent -= wait
                     seconds[name + "_wait"] = seconds.get(name + "_wait", 0.0) + wait
+                draft = seconds.get(DRAFT_WAIT, 0.0) - d0
+                if draft > 0.0 and name != DRAFT_WAIT:
+                    spent -= draft
+                    seconds[name + "_draft"] = seconds.get(name + "_draft", 0.0) + draft
                 seconds[name] = seconds.get(name, 0.0) + spent
                 calls[name] = calls.get(name, 0) + 1
 
@@ -114,7 +121,7 @@ class PhaseTimes:
         if e.speculation is not None:
             for attr in ("propose", "propose_behind", "redraft_missed", "wants_drafts"):
                 self._wrap(e.speculation, attr, attr)
-            self._wrap(e.speculation, "collect_pending", NESTED + "collect_pending")
+            self._wrap(e.speculation, "collect_pending", DRAFT_WAIT)
 
     def __exit__(self, *exc: object) -> None:
         e = self.engine
@@ -128,19 +135,24 @@ class PhaseTimes:
     def report(self, tokens: int) -> dict[str, float]:
         """ms a token of `tokens`, every sequence's together (at batch B, B times fewer than a sequence's
         ms a token): each phase's host time (the read-back's without its wait, which is kept apart by the
-        kind of step read back), the parts of the launch, the wait for the device, the device's busy time
-        and its idle time (wall less busy), and the step loop's time no phase holds."""
+        kind of step read back, and each without its waits for the draft: `_draft`), the parts of the
+        launch, the wait for the device, the device's busy time and its idle time (wall less busy), and
+        the step loop's time no phase holds."""
         per = 1e3 / max(tokens, 1)
         phases = {
-            k: v for k, v in self.seconds.items() if not k.startswith(NESTED) and not k.endswith("_wait")
+            k: v
+            for k, v in self.seconds.items()
+            if not k.startswith(NESTED) and not k.endswith(("_wait", "_draft"))
         }
+        drafts = sum(v for k, v in self.seconds.items() if k.endswith("_draft"))
         out = {f"{name}_ms": s * per for name, s in self.seconds.items()}
         out.update(
             device_wait_ms=self.wait_s * per,
             device_busy_ms=self.busy_s * per,
             device_idle_ms=max(self.wall_s - self.busy_s, 0.0) * per,
             step_ms=self.step_s * per,
-            unaccounted_ms=max(self.step_s - self.wait_s - sum(phases.values()), 0.0) * per,
+            draft_wait_ms=drafts * per,
+            unaccounted_ms=max(self.step_s - self.wait_s - drafts - sum(phases.values()), 0.0) * per,
             wall_ms=self.wall_s * per,
         )
         out.update({f"{name}_calls": float(n) for name, n in self.calls.items()})
