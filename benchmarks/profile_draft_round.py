@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import commit, device_name  # noqa: E402
 from bench_spec_channel import LLAMA32_1B, TINY, time_rounds  # noqa: E402
 from profile_step import gpu_ms  # noqa: E402
+from step_window_profile import profile_steps  # noqa: E402
 
 from fuserve.configs import config_from_dict  # noqa: E402
 from fuserve.speculative.draft_runner import DraftRunner  # noqa: E402
@@ -71,6 +72,16 @@ def main() -> None:
             head = gpu_ms(lambda h=hidden: runner._greedy(h))
             rows.append(dict(base, batch=b, graph_replay_ms=replay, head_ms=head))
             print(f"batch {b}: graph replay {replay:.3f} ms (GPU), head + argmax {head:.3f} ms (GPU)")
+            # the replay's kernels by family: their busy time against the replay's, and launches a forward
+            kernels = profile_steps(graphs.graphs[b].replay, 50, top=24)
+            rows.append(dict(base, batch=b, replay_kernels=kernels))
+            print(
+                f"batch {b}: replay wall {kernels['wall_ms_per_step']:.3f} ms, kernels busy "
+                f"{kernels['gpu_busy_ms_per_step']:.3f} ms, {kernels['launches_per_step']:.0f} launches"
+            )
+            for r in kernels["kernels"]:
+                us, n = 1e3 * r["ms_per_step"], r["launches_per_step"]
+                print(f"  {r['kernel'][:60]:<60} {us:8.1f} us {n:5.1f}x")
         with torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         ) as prof:
