@@ -119,7 +119,6 @@ class SyntheticAcceptance(Speculation):
         self.rng = random.Random(seed)
         self.guess_bonus = guess_bonus
         self.bonus: dict[str, int] = {}  # sequence -> the token keep_drafts puts after its kept drafts
-        self.drawn: dict[str, int] = {}  # sequence -> its verify in flight's kept drafts, drawn early
 
     def plain_token(self, seq: Sequence) -> int | None:
         """With overlap (speculative.draft_overlap), the token a plain step writes for a sequence holding
@@ -134,30 +133,16 @@ class SyntheticAcceptance(Speculation):
             guess = self.expected_token(seq)
         return guess if guess is not None and self.rng.random() < self.acceptance else None
 
-    def _draw(self, item: ScheduledSeq) -> int:
-        """The drafts kept: each with probability `acceptance`, none where they follow a guess the plain
-        step before did not write (propose_behind: they follow another token)."""
-        guess = self.guesses_behind.get(item.seq.seq_id)
-        stale = guess is not None and item.seq.token_ids[item.start] != guess
-        a = 0
-        while not stale and a < len(item.spec_token_ids) and self.rng.random() < self.acceptance:
-            a += 1
-        return a
-
-    def kept_before_read_back(self, item: ScheduledSeq) -> int:
-        """Drawn now, for the plain step launched behind this verify (the engine's behind_verify.py),
-        whose row follows the kept drafts; `kept_rows` then keeps as many."""
-        self.drawn[item.seq.seq_id] = self._draw(item)
-        return self.drawn[item.seq.seq_id]
-
     def kept_rows(self, item: ScheduledSeq, row_tokens: list[int]) -> list[int]:
         drafts = item.spec_token_ids
-        drawn = self.drawn.pop(item.seq.seq_id, None)
-        if item.seq.is_finished:  # ended by the plain step before (propose_behind): nothing was verified
-            self.guesses_behind.pop(item.seq.seq_id, None)
+        # drafts after a guess the plain step before did not write (propose_behind) follow another token
+        guess = self.guesses_behind.pop(item.seq.seq_id, None)
+        stale = guess is not None and item.seq.token_ids[item.start] != guess
+        if item.seq.is_finished:  # ended by that plain step: nothing was verified
             return [0]
-        a = self._draw(item) if drawn is None else drawn
-        self.guesses_behind.pop(item.seq.seq_id, None)
+        a = 0
+        while not stale and a < len(drafts) and self.rng.random() < self.acceptance:
+            a += 1
         if self.guess_bonus and drafts and a == len(drafts) and self.rng.random() < self.acceptance:
             self.bonus[item.seq.seq_id] = drafts[-1]
         self.stats.observe_verify(len(drafts), a)

@@ -35,9 +35,8 @@ from fuserve.parallel.plan_diff import TableDiffReceiver, TableDiffSender
 from fuserve.parallel.plan_ring import PlanRing
 from fuserve.workers.step_plan import StepPlan
 
-# only rank 0 samples; own_last_keys belongs to decode rows, which each rank makes from its plan; a step
-# behind a verify runs on one device only (LLMEngine._plain_behind_a_verify)
-NOT_SENT = {"sample_requests", "draft_ids", "own_last_keys", "behind_verify"}
+# only rank 0 samples; own_last_keys belongs to decode rows, which each rank makes from its plan
+NOT_SENT = {"sample_requests", "draft_ids", "own_last_keys"}
 SHUTDOWN_WAIT_S = 5.0  # how long the ring's SHUTDOWN message may wait for room before shutdown kills
 
 

@@ -361,45 +361,6 @@ class Speculation:
             self._lost()
         self._round_s += time.perf_counter() - t0
 
-    @property
-    def plans_behind_verify(self) -> bool:
-        """Whether the engine may launch the plain step after a lone sequence's verify step before reading
-        the verify back (LLMEngine._plain_behind_a_verify): with overlap, the step after a verify is a
-        plain step unless the draft guessed the round, and the round goes out as the verify is read back
-        (`round_behind_a_verify`). Not for a feature-reading draft, which needs the verify's features."""
-        return self._overlapping() and self.features is None
-
-    def kept_before_read_back(self, item: ScheduledSeq) -> int:
-        """How many of a verify step's drafts are kept, where that is known before the step is read back:
-        never here (the device finds it); a benchmark's synthetic acceptance draws it then."""
-        return -1
-
-    def round_behind_a_verify(self, running: list[Sequence]) -> None:
-        """After a verify step is read back with the plain step behind it in flight: the round for the step
-        after that plain step goes out now, as `propose` would have sent it before the plain step, and its
-        reply is taken if it came at once (drafted ahead). A pending round is read first (the wait runs
-        under the plain step); none goes out where kept drafts apply."""
-        self._release_gone(running)
-        seqs = [s for s in running if self.can_draft(s) and self._limit(s) > 0]
-        rounds = [(s, k) for s, k in zip(seqs, self._choose_k(seqs, len(running)), strict=True) if k > 0]
-        if not rounds:
-            return
-        t0 = time.perf_counter()
-        try:
-            live = {s.seq_id for s in running}
-            if self.proposer.pending and any(r.seq_id in live for r in self._kept.sent):  # type: ignore[attr-defined]
-                self.collect_pending(live)
-            need = [(s, k) for s, k in rounds if len(self._kept.drafts_now(s, k + 1)) < 2]
-            if need:
-                self._submit(need)
-                reply = self.proposer.collect(0.0)  # type: ignore[attr-defined]
-                if reply is not None:  # answered from drafts made ahead: the step after the plain step's
-                    self._absorb(reply, live)
-                    self.stats.observe_overlap(rounds=1, ahead_hits=self._hits())
-        except ProposerUnavailable:
-            self._lost()
-        self._round_s += time.perf_counter() - t0
-
     def _lost(self) -> None:
         """The proposer was unavailable: its state may be gone, so everything is sent when it is back,
         and no kept draft applies."""

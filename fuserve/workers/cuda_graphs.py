@@ -26,7 +26,6 @@ from __future__ import annotations
 import bisect
 from array import array
 from collections.abc import Callable
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,19 +37,6 @@ from fuserve.workers.pinned_staging import PinnedStaging
 from fuserve.workers.step_plan import StepPlan
 
 POWER_OF_TWO_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-class StepInputs(NamedTuple):
-    """A step's input tensors on the device, as its graph or its eager forward reads them: what a plan's
-    placeholders are filled into once the plan's own values are there (`StepGraphs.run`'s `patch`)."""
-
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    slot_mapping: torch.Tensor  # [T]
-    context_lens: torch.Tensor  # [S]
-    block_tables: torch.Tensor  # [S, width]
-
-
 LARGE_BUCKET_STEP = 64
 SMALLEST_TOKEN_BUCKET = 16
 FINE_TOKEN_BUCKETS_FROM = 128
@@ -223,9 +209,10 @@ class StepGraphs:
             return None
         return b
 
-    def run(self, plan: StepPlan, b: int, patch: Callable[[StepInputs], None] | None = None) -> torch.Tensor:
-        """Replay bucket `b` (what `bucket(plan)` gave) on this plan's inputs, after `patch` wrote what
-        the plan leaves to the device (a previous step's tokens) into them."""
+    def run(
+        self, plan: StepPlan, b: int, patch_ids: Callable[[torch.Tensor], None] | None = None
+    ) -> torch.Tensor:
+        """Replay bucket `b` (what `bucket(plan)` gave) on this plan's inputs."""
         assert self._staging is not None
         n, s = plan.num_tokens, self.seq_slots(b)
         # Only the columns this step's longest table uses are sent: the attention kernels never read a
@@ -247,9 +234,8 @@ class StepGraphs:
             self._tables[:nt].copy_(slot.tables[:nt], non_blocking=True)
             self.block_tables[:s, :width].copy_(self._tables[:nt].view(s, width))
         self._staging.copied(slot)
-        if patch is not None:
-            inputs = (self.input_ids(b), self.positions(b), self.slot_mapping(b), self.context_lens(b))
-            patch(StepInputs(*(t[:n] for t in inputs[:3]), inputs[3][:s], self.block_tables[:s]))
+        if patch_ids is not None:
+            patch_ids(self.input_ids(b)[:n])
         self.graphs[b].replay()
         if self.model.keep_features:
             self.model.features = self.features[b][:n]  # the model's reference, as an eager step leaves it

@@ -37,10 +37,10 @@ from fuserve.workers.models.loader import generation_config, load_tokenizer
 from fuserve.workers.outputs import RequestOutput
 from fuserve.workers.routing_summary import QueueSummaryCache, prefill_tokens
 from fuserve.workers.sampler import SampledBatch, has_penalty
-from fuserve.workers.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from fuserve.workers.scheduler import Scheduler, SchedulerOutput
 from fuserve.workers.sequence import FinishReason, Sequence
 from fuserve.workers.step_cost_meter import StepCostMeter
-from fuserve.workers.step_plan import StepPlan, build_step_plan, plan_behind_verify
+from fuserve.workers.step_plan import StepPlan, build_step_plan
 from fuserve.workers.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -298,12 +298,7 @@ class LLMEngine:
             self._end_failed_grammars()
         behind = False  # the next step's drafts follow the token of the plain step in flight
         if prev is not None and (not self._can_overlap() or prev[0].has_drafts):
-            if prev[0].has_drafts:
-                plain = self._plain_behind_a_verify(prev[0]) if prev[1] is not None else None
-                if plain is None:
-                    return self._complete(prev)
-                return self._step_behind_a_verify(prev, plain, prev_behind)
-            if not self._drafts_behind_a_plain_step(prev[1]):
+            if prev[0].has_drafts or not self._drafts_behind_a_plain_step(prev[1]):
                 return self._complete(prev)
             behind = True
         elif self.speculation is not None:
@@ -389,50 +384,6 @@ class LLMEngine:
             return False
         return self.speculation.propose_behind(self.scheduler.running, batch.ready)
 
-    def _plain_behind_a_verify(self, out: SchedulerOutput) -> StepPlan | None:
-        """The plain step to launch behind this verify step before it is read back (behind_verify.py), or
-        None: only a lone greedy sequence on one device whose drafts come from an overlapping draft (the
-        next step is then nearly always a plain one), with room for one more token past all its drafts,
-        and nothing waiting to be scheduled beside it."""
-        spec = self.speculation
-        if spec is None or not self.async_scheduling or not spec.plans_behind_verify:
-            return None
-        if len(out.scheduled) != 1 or self.scheduler.waiting or self.executor.workers is not None:
-            return None
-        (item,) = out.scheduled
-        seq = item.seq
-        if self.scheduler.running != [seq] or not item.spec_token_ids or item.spec_alt_ids:
-            return None
-        params = seq.params
-        if not params.greedy or params.grammar is not None or has_penalty(params) or seq.is_finished:
-            return None
-        tokens = item.start + 2 + len(item.spec_token_ids)  # with the plain step's, if every draft is kept
-        room = seq.max_tokens - (tokens - len(seq.prompt_token_ids))  # its own token counts too
-        if room < 1 or tokens + 1 > self.max_model_len or not self.block_manager.can_append(seq, tokens):
-            return None
-        self.block_manager.append_slots(seq, tokens)
-        return plan_behind_verify(item, self.block_manager.block_size, spec.kept_before_read_back(item))
-
-    def _step_behind_a_verify(
-        self, verify: tuple[SchedulerOutput, SampledBatch | None], plan: StepPlan, verify_behind: bool
-    ) -> list[RequestOutput]:
-        """Launch the plain step, then read the verify back while it runs: the scheduler then learns the
-        plain step's row, the draft is sent its next round, and the plain step is in flight as any async
-        plain step is (the next step may verify behind it: Speculation.propose_behind)."""
-        (item,) = verify[0].scheduled
-        seq, start = item.seq, item.start + 1  # the verify's first kept token's index
-        batch = self.executor.execute(plan, verify[1])
-        outputs = self._complete(verify, hidden=verify_behind)
-        out = SchedulerOutput()
-        if not seq.is_finished and batch is not None:
-            out.scheduled.append(ScheduledSeq(seq, 1))
-            self.scheduler.on_launched(out)
-            batch.kept_expected = seq.num_tokens - 2 - start  # its drafts kept, the plain step's token out
-            self.speculation.round_behind_a_verify(self.scheduler.running)  # type: ignore[union-attr]
-        self._inflight = (out, batch)  # a finished sequence's step is read back for nothing
-        self._inflight_behind = True
-        return outputs
-
     def _complete(
         self, inflight: tuple[SchedulerOutput, SampledBatch | None], hidden: bool = False
     ) -> list[RequestOutput]:
@@ -451,7 +402,6 @@ class LLMEngine:
             if busy is not None:
                 self.device_busy_seconds_total += busy
                 self._unattributed_busy_s += busy  # a prefill step's share: _measure_step decides
-            batch.check_kept()
         self._completed.append(sched_out)
         if batch is not None and batch.chosen_logprobs is None and self.speculation is None:
             sampled, logprobs = self._plain_tokens(sched_out, batch), None

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 
 from fuserve.parallel.tp_context import TPContext
-from fuserve.workers.behind_verify import select
-from fuserve.workers.cuda_graphs import DecodeGraphs, MixedGraphs, StepGraphs, StepInputs, table_width
+from fuserve.workers.cuda_graphs import DecodeGraphs, MixedGraphs, StepGraphs, table_width
 from fuserve.workers.kernels.token_bitmask import apply_token_bitmask_
 from fuserve.workers.models.llama import AttentionMetadata, LlamaForCausalLM
 from fuserve.workers.sampler import SampledBatch, Sampler
@@ -56,7 +55,6 @@ class ModelRunner:
         self._features: torch.Tensor | None = None  # launch_logits' step's features, for `sample`
         # the last forward's logits and argmax tokens where its decode graph ran the head
         self._head: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._kept: torch.Tensor | None = None  # a step behind a verify: the drafts kept, on the device
 
     def _tensor(self, data: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(
@@ -74,15 +72,6 @@ class ModelRunner:
                 input_ids[p : p + n].copy_(prev[r : r + n])
             else:
                 input_ids[self._tensor(positions)] = prev[self._tensor(rows)]
-
-    def _patch(self, inputs: StepInputs, plan: StepPlan, prev: torch.Tensor | None) -> None:
-        """What the plan leaves to the device: the previous step's tokens in their input slots, and a step
-        behind a verify its whole row (behind_verify.py)."""
-        self.fill_inputs(inputs.input_ids, plan, prev)
-        if plan.behind_verify is not None:
-            if prev is None:
-                raise RuntimeError("a step planned behind a verify step needs that step in flight")
-            self._kept = select(inputs, prev, plan.behind_verify, self.block_size)
 
     def prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         width = table_width(plan)
@@ -136,16 +125,15 @@ class ModelRunner:
             slots = self._tensor(plan.kv_copies).view(-1, 2)
             self.model.copy_kv_slots(slots[:, 0], slots[:, 1])
         chosen = self._graphed(plan)
-        self._head, self._kept = None, None
+        self._head = None
         if chosen is not None:
             graphs, graphed, bucket = chosen
-            hidden = graphs.run(graphed, bucket, lambda inputs: self._patch(inputs, plan, prev))
+            hidden = graphs.run(graphed, bucket, lambda ids: self.fill_inputs(ids, plan, prev))
             if graphs is self.graphs and plan.num_logit_rows == plan.num_tokens:
                 self._head = self.graphs.head_outputs(bucket, graphed.num_tokens)
         else:
             input_ids, positions, meta = self.prepare(plan)
-            inputs = StepInputs(input_ids, positions, meta.slot_mapping, meta.context_lens, meta.block_tables)
-            self._patch(inputs, plan, prev)
+            self.fill_inputs(input_ids, plan, prev)
             hidden = self.model(input_ids, positions, meta)
         if not plan.sample_rows:
             return None
@@ -175,8 +163,7 @@ class ModelRunner:
                 tokens = self.model.greedy_tokens(hidden)  # every rank now holds these tokens
             else:
                 tokens = torch.empty(0, dtype=torch.int64, device=self.device)  # only prompt chunks ran
-            batch = SampledBatch(tokens, features=features, kept=self._kept)
-            self._kept = None
+            batch = SampledBatch(tokens, features=features)
             batch.started = self._started
             batch.start_copy()
             return batch

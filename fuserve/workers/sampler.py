@@ -131,10 +131,6 @@ class SampledBatch:
     # [T, hidden] bf16, one row per token of the step (sampling or not), the target's last layer output
     # before its final norm: only when the model keeps features, for a feature-reading draft
     features: torch.Tensor | None = None
-    # a step planned behind a verify step (behind_verify.py): the drafts the device found kept, [1], and
-    # the host's count from the verify's read-back (-1 until known)
-    kept: torch.Tensor | None = None
-    kept_expected: int = -1
     _event: torch.cuda.Event | None = None
 
     def __post_init__(self) -> None:
@@ -143,7 +139,7 @@ class SampledBatch:
     def start_copy(self) -> None:
         if self.tokens.device.type != "cuda":
             return
-        for name in ("tokens", "chosen_logprobs", "top_ids", "top_logprobs", "features", "kept"):
+        for name in ("tokens", "chosen_logprobs", "top_ids", "top_logprobs", "features"):
             t = getattr(self, name)
             if t is not None:
                 host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -151,18 +147,6 @@ class SampledBatch:
                 setattr(self, name, host)
         self._event = torch.cuda.Event(enable_timing=self.started is not None)
         self._event.record()
-
-    def check_kept(self) -> None:
-        """A step behind a verify read the token after the drafts the device found kept: were they the
-        host's count, its row is the sequence's next one (else the engine has a bug: fail loudly)."""
-        if self.kept is None or self.kept_expected < 0:
-            return
-        found = int(self.kept[0])
-        if found != self.kept_expected:
-            raise RuntimeError(
-                f"the step behind a verify continued after {found} kept drafts, the host kept "
-                f"{self.kept_expected}: a bug in fuserve's speculative decoding, please report it"
-            )
 
     def ready(self) -> bool:
         """Whether `results` would return without waiting for the device."""

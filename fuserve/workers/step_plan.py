@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fuserve.speculative.rejection import NO_DRAFT
-from fuserve.workers.behind_verify import BehindVerify
 from fuserve.workers.sampler import SampleRequest, argmax_only, has_penalty
-from fuserve.workers.scheduler import ScheduledSeq, SchedulerOutput
+from fuserve.workers.scheduler import SchedulerOutput
 from fuserve.workers.sequence import PLACEHOLDER
 
 
@@ -46,9 +45,6 @@ class StepPlan:
     # decode rows only (as_decode_rows of a step with alternatives): each row's last key is read at its
     # own slot_mapping entry, not through the block table; made by each rank from its plan, never sent
     own_last_keys: bool = False
-    # a one-row plain step planned behind a verify step in flight: its row is found on the device from
-    # the verify's tokens (behind_verify.py); one device only, never sent
-    behind_verify: BehindVerify | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -179,26 +175,3 @@ def build_step_plan(out: SchedulerOutput, block_size: int) -> StepPlan:
                 plan.num_alternatives.append(len(item.spec_alt_ids))
     plan.argmax_only = bool(plan.sample_requests) and argmax_only(plan.sample_requests)
     return plan
-
-
-def plan_behind_verify(verify: ScheduledSeq, block_size: int, kept: int = -1) -> StepPlan:
-    """The plain step after a lone sequence's verify step in flight (behind_verify.py), its row placed
-    as if every draft were kept (the furthest it can go: the block table holds that slot) until the
-    device moves it; `kept`, the drafts kept where the host knows it already (synthetic acceptance)."""
-    seq, k = verify.seq, len(verify.spec_token_ids)
-    position = verify.start + 1
-    last = position + k
-    table = list(seq.block_table)
-    return StepPlan(
-        input_ids=[PLACEHOLDER],
-        positions=[last],
-        slot_mapping=[table[last // block_size] * block_size + last % block_size],
-        query_start_loc=[0, 1],
-        context_lens=[last + 1],
-        block_tables=[table],
-        sample_rows=[0],
-        seq_keys=[seq.key],
-        sample_requests=[SampleRequest(seq.params, seq.prompt_token_ids, [], 0, 0)],
-        argmax_only=True,
-        behind_verify=BehindVerify(seq.pending_row, list(verify.spec_token_ids), position, kept),
-    )
