@@ -582,3 +582,42 @@ def test_profile_draft_round_smoke(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())
     assert {(r["batch"], r["k"]) for r in rows} == {(b, k) for b in (1, 8) for k in (1, 2, 4)}
     assert all(r["ms_p50"] >= r["ms_min"] > 0 and r["device"] == "cpu" for r in rows)
+
+
+def test_bench_decode_splits_smoke(tmp_path: Path) -> None:
+    """The split-K against one-split comparison still runs (tiny shape, CPU): a row per mode and context."""
+    out = tmp_path / "splits.json"
+    _run([str(BENCHMARKS / "bench_decode_splits.py"), "--smoke", "--out", str(out)], tmp_path)
+    rows = json.loads(out.read_text())
+    assert [(r["mode"], r["context"]) for r in rows] == [("as served", 32), ("one split", 32)]
+    assert all(r["round_ms"] > 0 and r["replay_ms"] is None for r in rows)
+
+
+def test_phase_times_keep_the_draft_s_waits_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A phase that waits for the draft's reply (`collect_pending` inside it) is charged its own host time;
+    the wait goes to `<phase>_draft`, not to the phase and not to the wait itself's caller twice."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from phase_times import DRAFT_WAIT, PhaseTimes
+
+    class Draft:
+        def collect_pending(self) -> None:
+            time.sleep(0.05)
+
+    draft = Draft()
+
+    class Engine:
+        def propose(self) -> None:
+            time.sleep(0.01)
+            draft.collect_pending()
+
+    engine = Engine()
+    phases = PhaseTimes(engine)  # type: ignore[arg-type]
+    phases._wrap(draft, "collect_pending", DRAFT_WAIT)
+    phases._wrap(engine, "propose", "propose")
+    engine.propose()
+    s = phases.seconds
+    assert 0.045 <= s[DRAFT_WAIT] <= s["propose_draft"] + 1e-3 and s["propose_draft"] < 0.09
+    assert 0.009 <= s["propose"] < 0.04  # its own sleep, not the draft's
+    assert DRAFT_WAIT + "_draft" not in s
+    phases._undo()
+    assert "propose" not in vars(engine) and "collect_pending" not in vars(draft)
