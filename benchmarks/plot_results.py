@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from bench_decode import LLAMA3_8B, weight_bytes  # noqa: E402
 
 
 def plot_decode(rows: list[dict], out: Path) -> None:
@@ -28,7 +29,7 @@ def plot_decode(rows: list[dict], out: Path) -> None:
         ax1.plot([r["batch"] for r in rs], [r["ms_per_token"] for r in rs], "o-", label=engine)
         ax2.plot([r["batch"] for r in rs], [r["output_tok_s"] for r in rs], "o-", label=engine)
     meta = rows[0]
-    floor = 1e3 * 16.06e9 / (meta["copy_tb_s"] * 1e12)
+    floor = 1e3 * weight_bytes(LLAMA3_8B) / (meta["copy_tb_s"] * 1e12)
     ax1.axhline(floor, ls="--", c="gray", label=f"weight-read floor {floor:.2f} ms")
     for ax, label in ((ax1, "ms per decode step"), (ax2, "output tokens/s")):
         ax.set_xscale("log", base=2)

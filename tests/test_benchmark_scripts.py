@@ -621,3 +621,19 @@ def test_phase_times_keep_the_draft_s_waits_apart(monkeypatch: pytest.MonkeyPatc
     assert DRAFT_WAIT + "_draft" not in s
     phases._undo()
     assert "propose" not in vars(engine) and "collect_pending" not in vars(draft)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_decode_floor_counts_what_a_step_reads(monkeypatch: pytest.MonkeyPatch, tied: bool) -> None:
+    """bench_decode's floor: every parameter of the model but the embedding table (a step reads one row a
+    token), the head once even where it is the embedding's (tied)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from bench_decode import TINY, weight_bytes
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(TINY, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"}))
+    read = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    if tied:  # the head is the embedding table, read whole by the head
+        read += cfg["vocab_size"] * cfg["hidden_size"]
+    assert weight_bytes(cfg) == 2 * read
