@@ -25,6 +25,8 @@ class KernelOps:
     linear: Callable
     quant_linear: Callable  # 8-bit weights (kernels/quant_linear.py)
     name: str
+    # `linear` takes gated=True: the MLP's [gate | up] in, silu(gate) * up read by the down projection
+    gated_linear: bool = False
 
     @classmethod
     def reference(cls) -> KernelOps:
@@ -66,4 +68,5 @@ class KernelOps:
             linear=gemv.linear,
             quant_linear=quant_linear.quant_linear,
             name="triton",
+            gated_linear=True,
         )
