@@ -67,21 +67,8 @@ def main() -> int:
     gemv_tile = {"BLOCK_N": 8, "BLOCK_K": 512, "LINE": 64}
     prefetch = {"L2_PREFETCH": True}
     kernels = {
-        "gemv": (
-            gemv._gemv_kernel,
-            {"HAS_BIAS": True, **gemv_tile, "L2_PREFETCH": False, "GATED": False, **pdl},
-            None,
-        ),
-        "gemv + L2 prefetch": (
-            gemv._gemv_kernel,
-            {"HAS_BIAS": False, **gemv_tile, **prefetch, "GATED": False, **pdl},
-            None,
-        ),
-        "gemv gated": (
-            gemv._gemv_kernel,
-            {"HAS_BIAS": False, **gemv_tile, **prefetch, "GATED": True, **pdl},
-            None,
-        ),
+        "gemv": (gemv._gemv_kernel, {"HAS_BIAS": True, **gemv_tile, "L2_PREFETCH": False, **pdl}, None),
+        "gemv + L2 prefetch": (gemv._gemv_kernel, {"HAS_BIAS": False, **gemv_tile, **prefetch, **pdl}, None),
         "gemv_push": (
             gemv_push._gemv_push_kernel,
             {"HAS_BIAS": False, "WORLD": 2, **gemv_tile, **prefetch, **pdl},

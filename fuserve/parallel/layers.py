@@ -23,7 +23,6 @@ it; `takes_fp8_input` says when the layer wants that.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -255,20 +254,13 @@ class RowParallelLinear(_Linear):
         value = _narrow(src, 1, self.tp.rank * self.in_per_rank, self.in_per_rank)
         self._store_rows(0, self.weight.shape[0], value)
 
-    def takes_gated_input(self, ops_gate: bool) -> bool:
-        """Whether `forward(h, gated=True)` may take the MLP's gate/up row itself (one device, full-precision
-        weights, a linear that reads silu(gate) * up: kernels/gemv.py), sparing silu_mul's kernel."""
-        return ops_gate and self.tp.size == 1 and self.quant is None and not self.reduce_output
-
-    def forward(self, x: torch.Tensor | Fp8Activations, gated: bool = False) -> torch.Tensor | Partial:
-        """gated: x is [gate | up] and the layer reads silu(gate) * up (only where takes_gated_input)."""
+    def forward(self, x: torch.Tensor | Fp8Activations) -> torch.Tensor | Partial:
         if not self.reduce_output:
             bias = self.bias if self.tp.rank == 0 else None
             if self.quant is not None:  # the pushing GEMV reads full-precision weights only
                 return self._matmul(x, bias)
             assert isinstance(x, torch.Tensor)
-            linear = functools.partial(self.linear, gated=True) if gated else self.linear
-            return self.tp.row_parallel_partial(x, self.weight, bias, linear)
+            return self.tp.row_parallel_partial(x, self.weight, bias, self.linear)
         y = self.tp.all_reduce(self._matmul(x, None))
         return y + self.bias if self.bias is not None else y
 

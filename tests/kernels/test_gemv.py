@@ -5,7 +5,6 @@ import torch
 
 from fuserve.workers.kernels import cpu_linear
 from fuserve.workers.kernels.gemv import gemv, gemv_ref, linear
-from fuserve.workers.kernels.silu_mul import silu_mul_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32: same products, a different summation order; bf16: one rounding of an fp32 result.
@@ -25,27 +24,6 @@ def test_gemv_matches_reference(dtype: torch.dtype, n: int, k: int, bias: bool) 
     torch.testing.assert_close(got.float(), want.float(), rtol=RTOL[dtype], atol=RTOL[dtype] * k**0.5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n, k", [(13, 70), (64, 200)])
-def test_gated_gemv_reads_silu_gate_times_up(dtype: torch.dtype, n: int, k: int) -> None:
-    """The down projection of the MLP's [gate | up] row: silu(gate) * up rounded as silu_mul rounds it,
-    then the GEMV; for more rows `linear` runs silu_mul's kernel first. Against the unfused reference."""
-    g = torch.Generator().manual_seed(n + k)
-    h = torch.randn(1, 2 * k, generator=g).to(DEVICE, dtype)
-    w = torch.randn(n, k, generator=g).to(DEVICE, dtype)
-    want = gemv_ref(silu_mul_ref(h), w)
-    torch.testing.assert_close(gemv_ref(h, w, gated=True), want)
-    got = gemv(h, w, gated=True)
-    assert got.shape == (1, n) and got.dtype == dtype
-    torch.testing.assert_close(got.float(), want.float(), rtol=RTOL[dtype], atol=RTOL[dtype] * k**0.5)
-    rows = torch.randn(3, 2 * k, generator=g).to(DEVICE, dtype)
-    want_rows = silu_mul_ref(rows).float() @ w.float().t()
-    got_rows = linear(rows, w, gated=True).float()
-    torch.testing.assert_close(got_rows, want_rows, rtol=RTOL[dtype], atol=RTOL[dtype] * k**0.5)
-    with pytest.raises(ValueError, match="weight expects"):
-        gemv(h[:, :k], w, gated=True)
-
-
 def test_gemv_rejects_more_than_one_row() -> None:
     with pytest.raises(ValueError, match="one row"):
         gemv(torch.zeros(2, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE))
@@ -58,17 +36,6 @@ def test_gemv_llama3_8b_shapes(n: int, k: int) -> None:
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     torch.testing.assert_close(linear(x, w).float(), gemv_ref(x, w).float(), rtol=1.6e-2, atol=1e-2)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("n, k", [(4096, 14336), (2048, 8192)])
-def test_gated_gemv_down_projection_shapes(n: int, k: int) -> None:
-    """The 8B's and the 1B's down projections read silu(gate) * up in the GEMV, in bf16 on the GPU."""
-    h = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    got = linear(h, w, gated=True).float()
-    torch.testing.assert_close(got, gemv_ref(h, w, gated=True).float(), rtol=1.6e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("rows", [1, 3])

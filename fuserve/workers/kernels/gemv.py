@@ -31,7 +31,6 @@ from fuserve.workers.kernels.l2_prefetch import (
     prefetch_rows_l2,
 )
 from fuserve.workers.kernels.pdl import pdl_enabled, pdl_launch_and_wait
-from fuserve.workers.kernels.silu_mul import silu_mul, silu_mul_ref
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIGS = (
@@ -49,17 +48,6 @@ _CONFIGS = (
 
 
 @triton.jit
-def _x_tile(x_ptr, offs, mask, K, GATED: tl.constexpr):
-    """x's tile in fp32; GATED: x holds the MLP's [gate (K) | up (K)] and the tile is silu(gate) * up,
-    rounded to x's dtype as silu_mul's output would be (kernels/silu_mul.py)."""
-    if GATED:
-        gate = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + K + offs, mask=mask, other=0.0).to(tl.float32)
-        return (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
-    return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def gemv_block(
     x_ptr,
     w_ptr,
@@ -74,11 +62,9 @@ def gemv_block(
     BLOCK_K: tl.constexpr,
     L2_PREFETCH: tl.constexpr,
     LINE: tl.constexpr,
-    GATED: tl.constexpr = False,
 ):
     """This program's BLOCK_N outputs, rounded to x's dtype, with their offsets and mask. Shared with
-    the GEMV that pushes its output to the tensor-parallel peers (fuserve/parallel/gemv_push.py).
-    GATED: x is the MLP's gate/up row and the GEMV reads silu(gate) * up from it (`_x_tile`)."""
+    the GEMV that pushes its output to the tensor-parallel peers (fuserve/parallel/gemv_push.py)."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -92,13 +78,13 @@ def gemv_block(
         valid_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn
         prefetch_rows_l2(valid_rows, BLOCK_K, tl.minimum(BLOCK_K + prefetch_cols, K), LINE)
     pdl_launch_and_wait(USE_PDL)
-    x_pre = _x_tile(x_ptr, offs_pre, mask_pre, K, GATED)
+    x_pre = tl.load(x_ptr + offs_pre, mask=mask_pre, other=0.0).to(tl.float32)
     y = tl.sum(w_pre.to(tl.float32) * x_pre[None, :], axis=1)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = _x_tile(x_ptr, offs_k, mask_k, K, GATED)
+        x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         w = tl.load(
             rows + offs_k[None, :],
             mask=mask_n[:, None] & mask_k[None, :],
@@ -115,7 +101,7 @@ def gemv_block(
 # Timing the 32 configs costs ~4 s per weight shape, paid by every process at every engine start; the
 # timings are kept in Triton's cache (TRITON_CACHE_DIR, per GPU architecture), so only a machine's first
 # start pays them (the same for quant_gemv.py and quant_gemm.py)
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "GATED"], cache_results=True)
+@triton.autotune(configs=_CONFIGS, key=["N", "K"], cache_results=True)
 @triton.jit
 def _gemv_kernel(
     x_ptr,
@@ -132,7 +118,6 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     L2_PREFETCH: tl.constexpr,
     LINE: tl.constexpr,
-    GATED: tl.constexpr,
 ):
     y, offs_n, mask_n = gemv_block(
         x_ptr=x_ptr,
@@ -148,26 +133,20 @@ def _gemv_kernel(
         BLOCK_K=BLOCK_K,
         L2_PREFETCH=L2_PREFETCH,
         LINE=LINE,
-        GATED=GATED,
     )
     tl.store(y_ptr + offs_n, y, mask=mask_n)
 
 
 def gemv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    gated: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x: [1, K], weight: [N, K] (row-major), bias: [N] or None -> [1, N] in x.dtype, written into `out`
-    when given (a contiguous [1, N]). `gated`: x is [1, 2K], the MLP's [gate | up], and the product is
-    silu(gate) * up times W^T: the down projection without silu_mul's kernel before it."""
+    when given (a contiguous [1, N])."""
     if x.dim() != 2 or x.shape[0] != 1:
         raise ValueError(f"gemv takes one row x of shape [1, K], got {tuple(x.shape)}; use F.linear for more")
     n, k = weight.shape
-    if x.shape[1] != (2 * k if gated else k):
-        raise ValueError(f"x has {x.shape[1]} features but weight expects {2 * k if gated else k}")
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} features but weight expects {k}")
     if weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("x and weight need a contiguous last dimension")
     y = torch.empty((1, n), dtype=x.dtype, device=x.device) if out is None else out
@@ -187,7 +166,6 @@ def gemv(
         USE_PDL=use_pdl,
         L2_PREFETCH=prefetch_cols > 0,
         LINE=LINE_BYTES // weight.element_size(),
-        GATED=gated,
         launch_pdl=use_pdl,
     )
     return y
@@ -199,12 +177,8 @@ def tuned_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return _gemv_kernel.best_config
 
 
-def gemv_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False
-) -> torch.Tensor:
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-torch `gemv`: fp32 accumulation, one rounding to x.dtype."""
-    if gated:
-        x = silu_mul_ref(x)
     y = x.float() @ weight.float().t()
     if bias is not None:
         y = y + bias.float()
@@ -212,20 +186,13 @@ def gemv_ref(
 
 
 def linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    gated: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """F.linear, with the bandwidth-bound GEMV for a single row on the GPU; `out` (contiguous, the result's
     shape) takes the result where the caller needs it in a buffer of its own (a symmetric-memory
-    all-reduce's), without a copy. `gated`: x is the MLP's [gate | up] and the layer reads silu(gate) * up
-    (in the GEMV for one row; silu_mul's kernel first for more)."""
+    all-reduce's), without a copy."""
     if x.shape[0] == 1 and x.is_cuda and x.dim() == 2 and x.stride(1) == 1:
-        return gemv(x, weight, bias, out, gated)
-    if gated:
-        x = silu_mul(x)
+        return gemv(x, weight, bias, out)
     if out is None:
         return F.linear(x, weight, bias)
     torch.matmul(x, weight.t(), out=out)

@@ -25,8 +25,6 @@ class KernelOps:
     linear: Callable
     quant_linear: Callable  # 8-bit weights (kernels/quant_linear.py)
     name: str
-    # `linear` takes gated=True: the MLP's [gate | up] in, silu(gate) * up read by the down projection
-    gated_linear: bool = False
 
     @classmethod
     def reference(cls) -> KernelOps:
@@ -68,5 +66,4 @@ class KernelOps:
             linear=gemv.linear,
             quant_linear=quant_linear.quant_linear,
             name="triton",
-            gated_linear=True,
         )

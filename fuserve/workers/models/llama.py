@@ -257,15 +257,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(
             inter, arch.hidden_size, False, tp, ops.linear, reduce_output=False, quant=quant
         )
-        self.gated_down = self.down_proj.takes_gated_input(ops.gated_linear)
 
     def forward(self, x: torch.Tensor | Fp8Activations) -> torch.Tensor | Partial:
         h = self.gate_up_proj(x)
         if self.down_proj.takes_fp8_input(h.shape[0], h.dtype, h.device):
             q, scale = self.ops.silu_mul_fp8(h)
             return self.down_proj(Fp8Activations(q, scale, h.dtype))
-        if self.gated_down:  # silu(gate) * up read inside the down projection's GEMV at one row
-            return self.down_proj(h, gated=True)
         return self.down_proj(self.ops.silu_mul(h))
 
 
