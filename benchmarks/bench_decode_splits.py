@@ -35,6 +35,8 @@ SHAPES = {"1b": LLAMA32_1B, "8b": LLAMA3_8B, "tiny": TINY}
 
 
 def build(shape: dict[str, Any], gpu: bool, max_len: int) -> DraftRunner:
+    """A draft runner of this shape (random weights) alone on the device: the decode graphs a served draft
+    captures, with whatever split count `decode_num_splits` gives while they are captured."""
     config = config_from_dict(
         {
             "cache": {"num_blocks": -(-(max_len + 64) // 16) + 8},
