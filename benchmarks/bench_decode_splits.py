@@ -25,32 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import LLAMA3_8B, TINY, commit, device_name  # noqa: E402
 from bench_spec_channel import LLAMA32_1B, time_rounds  # noqa: E402
+from profile_draft_round import dummy_draft_runner  # noqa: E402
 from profile_step import gpu_ms  # noqa: E402
 
 import fuserve.workers.kernels.paged_decode_attention as decode_attention  # noqa: E402
-from fuserve.configs import config_from_dict  # noqa: E402
-from fuserve.speculative.draft_runner import DraftRunner  # noqa: E402
 
 SHAPES = {"1b": LLAMA32_1B, "8b": LLAMA3_8B, "tiny": TINY}
-
-
-def build(shape: dict[str, Any], gpu: bool, max_len: int) -> DraftRunner:
-    """A draft runner of this shape (random weights) alone on the device: the decode graphs a served draft
-    captures, with whatever split count `decode_num_splits` gives while they are captured."""
-    config = config_from_dict(
-        {
-            "cache": {"num_blocks": -(-(max_len + 64) // 16) + 8},
-            "scheduler": {"max_num_seqs": 1},
-            "kernels": {"cuda_graph_max_batch": 1},
-            "speculative": {
-                "method": "draft",
-                "draft": {"load_format": "dummy", "hf_config": shape, "max_model_len": max_len,
-                          "dtype": "bfloat16" if gpu else "float32"},
-                "placement": {"device": "cuda" if gpu else "cpu"},
-            },
-        }
-    )  # fmt: skip
-    return DraftRunner.from_config(config)
 
 
 def main() -> None:
@@ -73,7 +53,8 @@ def main() -> None:
         for mode in ("as served", "one split"):
             decode_attention.decode_num_splits = picked if mode == "as served" else (lambda *a, **k: 1)
             try:
-                runner = build(SHAPES[name], gpu, max_len)
+                # its decode graphs are captured here, with the split count patched in or not
+                runner = dummy_draft_runner(SHAPES[name], gpu, -(-(max_len + 64) // 16) + 8, 1, max_len)
             finally:
                 decode_attention.decode_num_splits = picked
             for context in contexts:

@@ -30,6 +30,27 @@ from fuserve.configs import config_from_dict  # noqa: E402
 from fuserve.speculative.draft_runner import DraftRunner  # noqa: E402
 
 
+def dummy_draft_runner(
+    shape: dict[str, Any], gpu: bool, num_blocks: int, max_seqs: int, max_model_len: int = 4096
+) -> DraftRunner:
+    """A draft of this shape with random weights, alone in this process on the GPU (bf16, its decode
+    graphs up to `max_seqs` rows) or the CPU (fp32)."""
+    config = config_from_dict(
+        {
+            "cache": {"num_blocks": num_blocks},
+            "scheduler": {"max_num_seqs": max_seqs},
+            "kernels": {"cuda_graph_max_batch": max_seqs},
+            "speculative": {
+                "method": "draft",
+                "draft": {"load_format": "dummy", "hf_config": shape, "max_model_len": max_model_len,
+                          "dtype": "bfloat16" if gpu else "float32"},
+                "placement": {"device": "cuda" if gpu else "cpu"},
+            },
+        }
+    )  # fmt: skip
+    return DraftRunner.from_config(config)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
@@ -38,20 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     gpu = torch.cuda.is_available() and not args.smoke
     context, n = (32, 5) if args.smoke else (512, 60)
-    config = config_from_dict(
-        {
-            "cache": {"num_blocks": 8 * (-(-(context + n * 6 + 16) // 16))},
-            "scheduler": {"max_num_seqs": 8},
-            "kernels": {"cuda_graph_max_batch": 8},
-            "speculative": {
-                "method": "draft",
-                "draft": {"load_format": "dummy", "hf_config": LLAMA32_1B if gpu else TINY,
-                          "max_model_len": 4096, "dtype": "bfloat16" if gpu else "float32"},
-                "placement": {"device": "cuda" if gpu else "cpu"},
-            },
-        }
-    )  # fmt: skip
-    runner = DraftRunner.from_config(config)
+    runner = dummy_draft_runner(LLAMA32_1B if gpu else TINY, gpu, 8 * (-(-(context + n * 6 + 16) // 16)), 8)
     base = dict(bench="draft_round", device=device_name(), commit=commit(), date=time.strftime("%Y-%m-%d"))
     rows: list[dict[str, Any]] = []
     prompts = [[(i * 31 + j) % 500 for j in range(context)] for i in range(8)]
