@@ -52,9 +52,16 @@ STAGES = (1, 2, 3)
 
 
 def pools(
-    hq: int, hkv: int, batch: int, context: int, fp8: bool, pool_blocks: int = 0, block_size: int = 16
+    hq: int,
+    hkv: int,
+    batch: int,
+    context: int,
+    fp8: bool,
+    pool_blocks: int = 0,
+    block_size: int = 16,
+    layers: int = LAYERS,
 ) -> list[tuple[torch.Tensor, ...]]:
-    """LAYERS sets of (q, K, V, block tables, context lengths, K scale, V scale), each sequence in
+    """`layers` sets of (q, K, V, block tables, context lengths, K scale, V scale), each sequence in
     shuffled blocks; with fp8 the caches are e4m3 with per-head scales (else the scales are None).
     `pool_blocks`: each layer's pool holds this many blocks (the engine's pool: its sequences' blocks
     lie anywhere in it), the sequences' blocks drawn at random from all of them; 0: just the blocks
@@ -64,7 +71,7 @@ def pools(
     total = max(pool_blocks, used)
     first: tuple[torch.Tensor, torch.Tensor] | None = None
     out = []
-    for _ in range(LAYERS):
+    for _ in range(layers):
         if first is None:
             k = torch.randn((total, block_size, hkv, 128), dtype=torch.bfloat16, device="cuda")
             v = torch.randn_like(k)
