@@ -15,9 +15,10 @@ Without ncu it prints each launch's time over the one layer (CUDA events, eager 
 from __future__ import annotations
 
 import argparse
+import functools
 
-import torch
 import sweep_decode_attention as sweep
+import torch
 
 from fuserve.workers.kernels.paged_decode_attention import DecodeLaunch, paged_decode_attention
 
@@ -42,10 +43,9 @@ def main() -> None:
         if fp8 not in layers:
             layers[fp8] = sweep.pools(hq, hkv, batch, context, fp8, layers=1)[0]
         q, k, v, tables, lens, ks, vs = layers[fp8]
-
-        def call() -> torch.Tensor:
-            return paged_decode_attention(q, k, v, tables, lens, 128**-0.5, sweep.MAX_LEN, ks, vs, launch=launch)
-
+        call = functools.partial(
+            paged_decode_attention, q, k, v, tables, lens, 128**-0.5, sweep.MAX_LEN, ks, vs, launch=launch
+        )
         for _ in range(3):
             call()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
