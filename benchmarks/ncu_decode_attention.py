@@ -24,11 +24,13 @@ from fuserve.workers.kernels.paged_decode_attention import DecodeLaunch, paged_d
 
 
 def parse_launch(text: str) -> tuple[bool, DecodeLaunch]:
-    """`dtype:block_n:splits:warps:stages`, e.g. fp8:64:1:2:2."""
+    """`dtype:block_n:splits:warps:stages`, e.g. fp8:64:1:2:2; dtype fp8p: an fp8 cache read as 16-bit words
+    of two values (DecodeLaunch.fp8_pairs)."""
     dtype, block_n, splits, warps, stages = text.split(":")
-    if dtype not in ("fp8", "bf16"):
-        raise ValueError(f"{text}: the cache dtype is fp8 or bf16")
-    return dtype == "fp8", DecodeLaunch(int(block_n), int(splits), int(warps), int(stages))
+    if dtype not in ("fp8", "fp8p", "bf16"):
+        raise ValueError(f"{text}: the cache dtype is fp8, fp8p or bf16")
+    launch = DecodeLaunch(int(block_n), int(splits), int(warps), int(stages), fp8_pairs=dtype == "fp8p")
+    return dtype != "bf16", launch
 
 
 def main() -> None:

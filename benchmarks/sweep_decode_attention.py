@@ -144,8 +144,11 @@ def main() -> None:
         want = paged_decode_attention_ref(q, k, v, tables, lens, 128**-0.5, context, ks, vs).float()
         splits = sorted({default.num_splits, *split_choices})
         shape_rows = []
-        for block_n, warps, stages, num_splits in itertools.product(BLOCK_N, WARPS, STAGES, splits):
-            launch = DecodeLaunch(block_n, num_splits, warps, stages)
+        pair_choices = (False, True) if fp8 else (False,)
+        for block_n, warps, stages, num_splits, pairs in itertools.product(
+            BLOCK_N, WARPS, STAGES, splits, pair_choices
+        ):
+            launch = DecodeLaunch(block_n, num_splits, warps, stages, fp8_pairs=pairs)
             try:
                 got = paged_decode_attention(q, k, v, tables, lens, 128**-0.5, MAX_LEN, ks, vs, launch=launch)
                 err = (got.float() - want).abs().max().item()
@@ -165,6 +168,7 @@ def main() -> None:
                     num_splits=num_splits,
                     num_warps=warps,
                     num_stages=stages,
+                    fp8_pairs=pairs,
                     is_default=launch == default,
                     us=us,
                     floor_us=floor_us,
@@ -177,7 +181,8 @@ def main() -> None:
         for r in shape_rows[:8] + [r for r in shape_rows[8:] if r["is_default"]]:
             print(
                 f"  BLOCK_N {r['block_n']:3d} splits {r['num_splits']:2d} warps {r['num_warps']} stages "
-                f"{r['num_stages']}: {r['us']:7.2f} us ({r['us'] / base:.2f}x default, "
+                f"{r['num_stages']}{' pairs' if r['fp8_pairs'] else ''}: {r['us']:7.2f} us "
+                f"({r['us'] / base:.2f}x default, "
                 f"{r['floor_us'] / r['us']:.2f} of floor){' default' if r['is_default'] else ''}",
                 flush=True,
             )

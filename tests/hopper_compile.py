@@ -132,8 +132,10 @@ def main() -> int:
     fp8_cache = {"k_cache_ptr": "*u8", "v_cache_ptr": "*u8", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32"}
     index = {"block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "scale_log2": "fp32"}
     attention = {"HEAD_DIM": 128, "BLOCK_SIZE": 16, "UPCAST": False, "DOT_PRECISION": "tf32", "FP8_KV": True}
-    for own in (False, True):  # True: decode graphs that serve verify steps with alternatives
-        kernels[f"paged decode, fp8 KV{', last key slots' if own else ''}"] = (
+    pair_words = {"k_cache_ptr": "*i16", "v_cache_ptr": "*i16"}
+    # True: decode graphs that serve verify steps with alternatives; pairs: the cache read as 16-bit words
+    for own, pairs in ((False, False), (True, False), (False, True), (True, True)):
+        kernels[f"paged decode, fp8 KV{', last key slots' if own else ''}{', pairs' if pairs else ''}"] = (
             paged_decode_attention._paged_decode_split_kernel,
             {
                 "GROUP": 4,
@@ -141,11 +143,13 @@ def main() -> int:
                 "BLOCK_N": 64,
                 "SINGLE_SPLIT": False,
                 "LAST_KEY_SLOTS": own,
+                "FP8_PAIRS": pairs,
                 **attention,
                 **pdl,
             },
             {
                 **fp8_cache,
+                **(pair_words if pairs else {}),
                 **index,
                 "part_m_ptr": "*fp32",
                 "part_l_ptr": "*fp32",

@@ -227,12 +227,15 @@ OWN_LAST_KEY_LAUNCHES = [
     DecodeLaunch(16, 4),
     DecodeLaunch(128, 1, num_warps=8, num_stages=1),
     DecodeLaunch(64, 1, num_warps=2),
+    DecodeLaunch(16, 4, fp8_pairs=True),
 ]
 
 
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("launch", OWN_LAST_KEY_LAUNCHES, ids=["auto", "splits", "tiles128", "warps2"])
+@pytest.mark.parametrize(
+    "launch", OWN_LAST_KEY_LAUNCHES, ids=["auto", "splits", "tiles128", "warps2", "fp8-pairs"]
+)
 def test_decode_reads_last_keys_from_their_slots(
     launch: DecodeLaunch | None, dtype: torch.dtype, fp8: bool, paged_kv, device: torch.device
 ):

@@ -62,6 +62,20 @@ def _split_tiles(context_len, num_splits, BLOCK_N: tl.constexpr):
     return tl.maximum(per_split, 1)
 
 
+@triton.jit
+def _e4m3_pairs_to_f16(pairs):
+    """Two e4m3 bytes a 16-bit word (the even dimension low) -> two fp16 tiles, each 2^-8 times the
+    e4m3 value, exact for every finite byte, subnormals included: the sign and the seven exponent and
+    mantissa bits move into fp16's places by shifts and masks on the ALU. Hopper's e4m3 -> f16x2 `cvt`
+    runs on the XU pipe, which an fp8 cache's decode attention kept 62% busy (plus a second `cvt` a
+    value into bf16, and the V tile gathered from shared memory a byte at a time), issue-bound at three
+    warps a scheduler (ncu, one H200, 2026-11-30). The 2^8 goes into the scales."""
+    x = pairs.to(tl.uint16, bitcast=True)
+    even = ((x << 7) & 0x3F80) | ((x << 8) & 0x8000)
+    odd = ((x >> 1) & 0x3F80) | (x & 0x8000)
+    return even.to(tl.float16, bitcast=True), odd.to(tl.float16, bitcast=True)
+
+
 # Integer arguments that follow the load (the number of splits and the block table's width grow with the
 # longest context) must not specialize: each new "equals 1" / "divisible by 16" fact of one would compile
 # the kernel again mid-serving.
@@ -97,6 +111,7 @@ def _paged_decode_split_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FP8_KV: tl.constexpr,
+    FP8_PAIRS: tl.constexpr,
     LAST_KEY_SLOTS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -117,17 +132,30 @@ def _paged_decode_split_kernel(
     row_mask = rows < GROUP
     heads = kv_head * GROUP + rows
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(
-        q_ptr + batch * stride_q_batch + heads[:, None] * stride_q_head + dims[None, :],
-        mask=row_mask[:, None],
-        other=0.0,
-    )
-    if UPCAST:
-        q = q.to(tl.float32)
+    halves = tl.arange(0, HEAD_DIM // 2)
+    if FP8_PAIRS:
+        # the cache read as 16-bit words, each the pair of dimensions (2j, 2j + 1): q and the output are
+        # cut the same way, and K's 2^-8 (_e4m3_pairs_to_f16) and the softmax scale go into q
+        q_even_ptrs = q_ptr + batch * stride_q_batch + heads[:, None] * stride_q_head + 2 * halves[None, :]
+        q_fold = qk_scale * 256.0
+        q_even = tl.load(q_even_ptrs, mask=row_mask[:, None], other=0.0).to(tl.float32) * q_fold
+        q_odd = tl.load(q_even_ptrs + 1, mask=row_mask[:, None], other=0.0).to(tl.float32) * q_fold
+        if not UPCAST:
+            q_even, q_odd = q_even.to(tl.float16), q_odd.to(tl.float16)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM // 2], dtype=tl.float32)  # the even dimensions
+        acc_odd = tl.zeros([GROUP_PAD, HEAD_DIM // 2], dtype=tl.float32)
+    else:
+        q = tl.load(
+            q_ptr + batch * stride_q_batch + heads[:, None] * stride_q_head + dims[None, :],
+            mask=row_mask[:, None],
+            other=0.0,
+        )
+        if UPCAST:
+            q = q.to(tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     block_table = block_tables_ptr + batch.to(tl.int64) * stride_block_tables
     head_offset = kv_head * stride_cache_head
     if LAST_KEY_SLOTS:
@@ -150,13 +178,23 @@ def _paged_decode_split_kernel(
         slot_offsets = blocks * stride_cache_block + (tokens % BLOCK_SIZE) * stride_cache_offset
         if LAST_KEY_SLOTS:
             slot_offsets = tl.where(tokens == own_token, own_offset, slot_offsets)
-        kv_offsets = (slot_offsets + head_offset)[:, None] + dims[None, :]
-        k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
-        if FP8_KV:
-            k = k.to(tl.float8e4nv, bitcast=True).to(q.dtype)
-        if UPCAST:
-            k = k.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
+        if FP8_PAIRS:
+            kv_offsets = ((slot_offsets + head_offset) // 2)[:, None] + halves[None, :]
+            k_even, k_odd = _e4m3_pairs_to_f16(
+                tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0)
+            )
+            if UPCAST:
+                k_even, k_odd = k_even.to(tl.float32), k_odd.to(tl.float32)
+            scores = tl.dot(q_even, tl.trans(k_even), input_precision=DOT_PRECISION)
+            scores = tl.dot(q_odd, tl.trans(k_odd), scores, input_precision=DOT_PRECISION)
+        else:
+            kv_offsets = (slot_offsets + head_offset)[:, None] + dims[None, :]
+            k = tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+            if FP8_KV:
+                k = k.to(tl.float8e4nv, bitcast=True).to(q.dtype)
+            if UPCAST:
+                k = k.to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -164,25 +202,48 @@ def _paged_decode_split_kernel(
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
 
-        v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
-        if FP8_KV:
-            v = v.to(tl.float8e4nv, bitcast=True).to(q.dtype)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if FP8_PAIRS:
+            v_even, v_odd = _e4m3_pairs_to_f16(
+                tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0)
+            )
+            if UPCAST:
+                v_even, v_odd = v_even.to(tl.float32), v_odd.to(tl.float32)
+            p = p.to(v_even.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p, v_even, input_precision=DOT_PRECISION)
+            acc_odd = acc_odd * alpha[:, None] + tl.dot(p, v_odd, input_precision=DOT_PRECISION)
+        else:
+            v = tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0.0)
+            if FP8_KV:
+                v = v.to(tl.float8e4nv, bitcast=True).to(q.dtype)
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    if FP8_KV:
+    if FP8_PAIRS:
+        v_mult = tl.load(v_scale_ptr + kv_head) * 256.0
+        acc, acc_odd = acc * v_mult, acc_odd * v_mult
+    elif FP8_KV:
         acc = acc * tl.load(v_scale_ptr + kv_head)
     if SINGLE_SPLIT:
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # empty context: acc == 0 -> zeros
-        out_offsets = batch * num_q_heads * HEAD_DIM + heads[:, None] * HEAD_DIM + dims[None, :]
-        tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+        norm = tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # empty context: acc == 0 -> zeros
+        out_rows = out_ptr + batch * num_q_heads * HEAD_DIM + heads[:, None] * HEAD_DIM
+        out_ty = out_ptr.dtype.element_ty
+        if FP8_PAIRS:
+            tl.store(out_rows + 2 * halves[None, :], (acc / norm).to(out_ty), mask=row_mask[:, None])
+            tl.store(out_rows + 2 * halves[None, :] + 1, (acc_odd / norm).to(out_ty), mask=row_mask[:, None])
+        else:
+            tl.store(out_rows + dims[None, :], (acc / norm).to(out_ty), mask=row_mask[:, None])
     else:
         part = (batch * num_q_heads + heads) * num_splits + split  # [GROUP_PAD] index into [B, Hq, S]
         tl.store(part_m_ptr + part, m_i, mask=row_mask)
         tl.store(part_l_ptr + part, l_i, mask=row_mask)
-        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_mask[:, None])
+        part_rows = part_acc_ptr + part[:, None] * HEAD_DIM
+        if FP8_PAIRS:
+            tl.store(part_rows + 2 * halves[None, :], acc, mask=row_mask[:, None])
+            tl.store(part_rows + 2 * halves[None, :] + 1, acc_odd, mask=row_mask[:, None])
+        else:
+            tl.store(part_rows + dims[None, :], acc, mask=row_mask[:, None])
 
 
 # The same argument does not specialize here, as in the split kernel.
@@ -268,6 +329,7 @@ class DecodeLaunch:
     num_splits: int
     num_warps: int = 4
     num_stages: int = 2
+    fp8_pairs: bool = False  # an fp8 cache read as 16-bit words, converted on the ALU (_e4m3_pairs_to_f16)
 
 
 def decode_launch(
@@ -403,10 +465,11 @@ def paged_decode_attention(
     else:
         part_m = part_l = part_acc = out  # unused
 
+    pairs = fp8 and launch.fp8_pairs
     _paged_decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q_ptr=q,
-        k_cache_ptr=cache_bytes(k_cache),
-        v_cache_ptr=cache_bytes(v_cache),
+        k_cache_ptr=cache_bytes(k_cache).view(torch.int16) if pairs else cache_bytes(k_cache),
+        v_cache_ptr=cache_bytes(v_cache).view(torch.int16) if pairs else cache_bytes(v_cache),
         block_tables_ptr=block_tables,
         context_lens_ptr=context_lens,
         out_ptr=out,
@@ -431,9 +494,10 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         SINGLE_SPLIT=num_splits == 1,
-        UPCAST=not on_gpu,
+        UPCAST=not on_gpu or q.dtype == torch.float32,  # fp32 queries dot in fp32 on the GPU too
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP8_KV=fp8,
+        FP8_PAIRS=pairs,
         LAST_KEY_SLOTS=last_key_slots is not None,
         USE_PDL=use_pdl,
         num_warps=launch.num_warps,
