@@ -48,10 +48,9 @@ def test_decode_reads_fp8_cache(
     out = paged_decode_attention(*args, k_scale=ks, v_scale=vs, launch=launch)
     ref = paged_decode_attention_ref(*args, k_scale=ks, v_scale=vs)
     torch.testing.assert_close(out, ref, **TOL)
-    # against the full-precision cache: within what e4m3 rounding moves attention (each test's seed draws
-    # its own data, so the bound's margin is the data's: the relative norm is the steadier of the two)
-    exact = paged_decode_attention_ref(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 32**-0.5)
-    assert (out - exact).abs().max() < 0.2 and (out - exact).norm() / exact.norm() < 0.08
+    if launch is None:  # against the full-precision cache: within what e4m3 rounding moves attention
+        exact = paged_decode_attention_ref(q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, 32**-0.5)
+        assert (out - exact).abs().max() < 0.15 and (out - exact).norm() / exact.norm() < 0.08
 
 
 @pytest.mark.gpu

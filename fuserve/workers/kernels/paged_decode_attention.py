@@ -63,13 +63,26 @@ def _split_tiles(context_len, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _e4m3_pairs_to_f16(pairs):
-    """Two e4m3 bytes a 16-bit word (the even dimension low) -> two fp16 tiles, each 2^-8 times the
-    e4m3 value, exact for every finite byte, subnormals included: the sign and the seven exponent and
-    mantissa bits move into fp16's places by shifts and masks on the ALU. Hopper's e4m3 -> f16x2 `cvt`
-    runs on the XU pipe, which an fp8 cache's decode attention kept 62% busy (plus a second `cvt` a
-    value into bf16, and the V tile gathered from shared memory a byte at a time), issue-bound at three
-    warps a scheduler (ncu, one H200, 2026-11-30). The 2^8 goes into the scales."""
+def _e4m3_pairs_to_f16(pairs, CVT: tl.constexpr):
+    """Two e4m3 bytes a 16-bit word (the even dimension low) -> two fp16 tiles (even, odd dimensions).
+
+    Why not `.to(tl.float8e4nv)`: the V tile is a dot's B operand whose k index (tokens) is strided in
+    memory, so read as bytes it was gathered from shared memory a byte at a time, and each value took a
+    `cvt` into fp16 and two more into bf16 on the XU pipe (62% busy, issue-bound at three warps a
+    scheduler: ncu, one H200, 2026-11-30). As 16-bit words the tile reaches the dot operand as any 16-bit
+    tile does. CVT (a GPU): one `cvt.rn.f16x2.e4m3x2` a word, the values themselves. Otherwise (the
+    interpreter, which runs no PTX) shifts and masks: the sign and the seven exponent and mantissa bits
+    moved into fp16's places, exact for every finite byte, subnormals included, at 2^-8 of the value."""
+    if CVT:
+        even, odd = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
+            "=h,=h,h",
+            [pairs],
+            dtype=(tl.float16, tl.float16),
+            is_pure=True,
+            pack=1,
+        )
+        return even, odd
     x = pairs.to(tl.uint16, bitcast=True)
     even = ((x << 7) & 0x3F80) | ((x << 8) & 0x8000)
     odd = ((x >> 1) & 0x3F80) | (x & 0x8000)
@@ -137,7 +150,8 @@ def _paged_decode_split_kernel(
         # the cache read as 16-bit words, each the pair of dimensions (2j, 2j + 1): q and the output are
         # cut the same way, and K's 2^-8 (_e4m3_pairs_to_f16) and the softmax scale go into q
         q_even_ptrs = q_ptr + batch * stride_q_batch + heads[:, None] * stride_q_head + 2 * halves[None, :]
-        q_fold = qk_scale * 256.0
+        pair_unit = 256.0 if UPCAST else 1.0  # what _e4m3_pairs_to_f16's values are short of
+        q_fold = qk_scale * pair_unit
         q_even = tl.load(q_even_ptrs, mask=row_mask[:, None], other=0.0).to(tl.float32) * q_fold
         q_odd = tl.load(q_even_ptrs + 1, mask=row_mask[:, None], other=0.0).to(tl.float32) * q_fold
         if not UPCAST:
@@ -181,7 +195,7 @@ def _paged_decode_split_kernel(
         if FP8_PAIRS:
             kv_offsets = ((slot_offsets + head_offset) // 2)[:, None] + halves[None, :]
             k_even, k_odd = _e4m3_pairs_to_f16(
-                tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0)
+                tl.load(k_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0), not UPCAST
             )
             if UPCAST:
                 k_even, k_odd = k_even.to(tl.float32), k_odd.to(tl.float32)
@@ -204,7 +218,7 @@ def _paged_decode_split_kernel(
 
         if FP8_PAIRS:
             v_even, v_odd = _e4m3_pairs_to_f16(
-                tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0)
+                tl.load(v_cache_ptr + kv_offsets, mask=token_mask[:, None], other=0), not UPCAST
             )
             if UPCAST:
                 v_even, v_odd = v_even.to(tl.float32), v_odd.to(tl.float32)
@@ -221,7 +235,7 @@ def _paged_decode_split_kernel(
         m_i = m_new
 
     if FP8_PAIRS:
-        v_mult = tl.load(v_scale_ptr + kv_head) * 256.0
+        v_mult = tl.load(v_scale_ptr + kv_head) * pair_unit
         acc, acc_odd = acc * v_mult, acc_odd * v_mult
     elif FP8_KV:
         acc = acc * tl.load(v_scale_ptr + kv_head)
