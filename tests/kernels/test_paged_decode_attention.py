@@ -125,7 +125,9 @@ def test_decode_launch_rule_on_an_h100(monkeypatch: pytest.MonkeyPatch):
     assert decode_launch(64, 4, 4096, gpu) == DecodeLaunch(128, 1, num_warps=8, num_stages=1)  # 8B TP=2
     assert decode_launch(64, 4, 4096, gpu, fp8_cache=True).num_warps == 8
     assert decode_launch(1024, 8, 4096, gpu) == DecodeLaunch(64, 1)  # over-full, bf16: 4 warps
-    assert decode_launch(1024, 8, 4096, gpu, fp8_cache=True) == DecodeLaunch(64, 1, num_warps=2)
+    assert decode_launch(1024, 8, 4096, gpu, fp8_cache=True) == DecodeLaunch(
+        64, 1, num_warps=2, fp8_pairs=True
+    )
     split = decode_launch(1, 8, 4096, gpu, fp8_cache=True)  # batch 1: splits, 4 warps, fp8 or not
     assert split.num_splits > 1 and split == decode_launch(1, 8, 4096, gpu)
 

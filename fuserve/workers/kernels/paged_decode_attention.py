@@ -359,13 +359,15 @@ def decode_launch(
     fp8 cache's programs run 2 warps: 192-195 us a layer against 247-250 with 4 at 1,024 sequences in
     three sweeps (results/decode-attention-sweep-2026-11-27-h100-fp8-*.json), and the offline 128/128
     fp8 run gave 25,958 output tok/s against 25,068-25,159 (one H100,
-    results/offline-ab-2026-11-28-h100-fp8-decode-2-warps-b14eb34.json)."""
+    results/offline-ab-2026-11-28-h100-fp8-decode-2-warps-b14eb34.json). Those programs read the cache as
+    16-bit words of two values (`fp8_pairs`): 130 us a layer against 188 on an H200, 0.75 of the copy
+    floor against 0.52 (results/decode-attention-sweep-2026-11-30-h200-fp8-b1024-pairs-cvt-3faf0d2.json)."""
     block_n, programs_wanted, _ = _tile_config(device)  # on a GPU: two programs an SM
     programs = batch * num_kv_heads
     if device.type == "cuda" and programs_wanted // 2 <= programs <= programs_wanted:
         return DecodeLaunch(128, 1, num_warps=8, num_stages=1)
     if device.type == "cuda" and fp8_cache and programs > programs_wanted:
-        return DecodeLaunch(block_n, 1, num_warps=2)
+        return DecodeLaunch(block_n, 1, num_warps=2, fp8_pairs=True)
     return DecodeLaunch(block_n, decode_num_splits(batch, num_kv_heads, max_context_len, device))
 
 
