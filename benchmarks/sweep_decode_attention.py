@@ -13,6 +13,7 @@ checked against the torch reference before it is timed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import itertools
 import json
@@ -122,6 +123,11 @@ def main() -> None:
         help="blocks in each layer's pool, the sequences' blocks drawn from all of them (the engine's pool "
         "size; 0: only the blocks used)",
     )
+    ap.add_argument(
+        "--default-only",
+        action="store_true",
+        help="each shape's default launch alone (with an fp8 cache, also read the other way: fp8_pairs)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     fp8 = args.kv_dtype == "fp8"
@@ -145,10 +151,22 @@ def main() -> None:
         splits = sorted({default.num_splits, *split_choices})
         shape_rows = []
         pair_choices = (False, True) if fp8 else (False,)
-        for block_n, warps, stages, num_splits, pairs in itertools.product(
-            BLOCK_N, WARPS, STAGES, splits, pair_choices
-        ):
-            launch = DecodeLaunch(block_n, num_splits, warps, stages, fp8_pairs=pairs)
+        launches = [
+            DecodeLaunch(block_n, num_splits, warps, stages, fp8_pairs=pairs)
+            for block_n, warps, stages, num_splits, pairs in itertools.product(
+                BLOCK_N, WARPS, STAGES, splits, pair_choices
+            )
+        ]
+        if args.default_only:  # the default launch, and with an fp8 cache the same read the other way
+            launches = [default, *(dataclasses.replace(default, fp8_pairs=not default.fp8_pairs),) * fp8]
+        for launch in launches:
+            block_n, num_splits, warps, stages = (
+                launch.block_n,
+                launch.num_splits,
+                launch.num_warps,
+                launch.num_stages,
+            )
+            pairs = launch.fp8_pairs
             try:
                 got = paged_decode_attention(q, k, v, tables, lens, 128**-0.5, MAX_LEN, ks, vs, launch=launch)
                 err = (got.float() - want).abs().max().item()
