@@ -3,6 +3,7 @@ last keys read from their own cache slots (a tree verify step's alternatives).""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -123,13 +124,18 @@ def test_decode_launch_rule_on_an_h100(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(decode_module, "_tile_config", lambda device: (64, 2 * 132, 128))
     gpu = torch.device("cuda", 0)
     assert decode_launch(64, 4, 4096, gpu) == DecodeLaunch(128, 1, num_warps=8, num_stages=1)  # 8B TP=2
-    assert decode_launch(64, 4, 4096, gpu, fp8_cache=True).num_warps == 8
+    assert decode_launch(64, 4, 4096, gpu, fp8_cache=True) == DecodeLaunch(128, 1, 8, 1, fp8_pairs=True)
     assert decode_launch(1024, 8, 4096, gpu) == DecodeLaunch(64, 1)  # over-full, bf16: 4 warps
     assert decode_launch(1024, 8, 4096, gpu, fp8_cache=True) == DecodeLaunch(
         64, 1, num_warps=2, fp8_pairs=True
     )
     split = decode_launch(1, 8, 4096, gpu, fp8_cache=True)  # batch 1: splits, 4 warps, fp8 or not
-    assert split.num_splits > 1 and split == decode_launch(1, 8, 4096, gpu)
+    assert split.num_splits > 1 and split == dataclasses.replace(
+        decode_launch(1, 8, 4096, gpu), fp8_pairs=True
+    )
+    assert not any(
+        decode_launch(b, 8, 4096, torch.device("cpu"), fp8_cache=True).fp8_pairs for b in (1, 1024)
+    )
 
 
 def test_decode_rejects_bad_shapes(device: torch.device):

@@ -343,7 +343,7 @@ class DecodeLaunch:
     num_splits: int
     num_warps: int = 4
     num_stages: int = 2
-    fp8_pairs: bool = False  # an fp8 cache read as 16-bit words, converted on the ALU (_e4m3_pairs_to_f16)
+    fp8_pairs: bool = False  # an fp8 cache read as 16-bit words of two values (_e4m3_pairs_to_f16)
 
 
 def decode_launch(
@@ -359,16 +359,24 @@ def decode_launch(
     fp8 cache's programs run 2 warps: 192-195 us a layer against 247-250 with 4 at 1,024 sequences in
     three sweeps (results/decode-attention-sweep-2026-11-27-h100-fp8-*.json), and the offline 128/128
     fp8 run gave 25,958 output tok/s against 25,068-25,159 (one H100,
-    results/offline-ab-2026-11-28-h100-fp8-decode-2-warps-b14eb34.json). Those programs read the cache as
-    16-bit words of two values (`fp8_pairs`): 130 us a layer against 188 on an H200, 0.75 of the copy
-    floor against 0.52 (results/decode-attention-sweep-2026-11-30-h200-fp8-b1024-pairs-cvt-3faf0d2.json)."""
+    results/offline-ab-2026-11-28-h100-fp8-decode-2-warps-b14eb34.json).
+
+    On a GPU an fp8 cache is read as 16-bit words of two values (`fp8_pairs`) in every launch: one H200,
+    each shape's launch (results/decode-attention-sweep-2026-11-30-h200-fp8-defaults-2c931d4.json), 1,024
+    sequences 130 us a layer against 188 (0.75 of the copy floor against 0.52), 8B batch 64 at TP=1
+    13.7 against 20.7 and at TP=2 10.6 against 12.5, batch 64 at 2,048 tokens 61.5 against 80.6, batch 8
+    10.1 against 13.1, batch 1 10.3 against 12.5; only 70B's batch 1 (8 query heads a KV head, 64 splits)
+    lost, 12.8 against 12.0. The offline 128/128 fp8 run: +1.3%
+    (results/offline-ab-2026-11-30-h200-fp8-pairs-43fa15b.json)."""
     block_n, programs_wanted, _ = _tile_config(device)  # on a GPU: two programs an SM
     programs = batch * num_kv_heads
+    words = device.type == "cuda" and fp8_cache
     if device.type == "cuda" and programs_wanted // 2 <= programs <= programs_wanted:
-        return DecodeLaunch(128, 1, num_warps=8, num_stages=1)
-    if device.type == "cuda" and fp8_cache and programs > programs_wanted:
+        return DecodeLaunch(128, 1, num_warps=8, num_stages=1, fp8_pairs=words)
+    if words and programs > programs_wanted:
         return DecodeLaunch(block_n, 1, num_warps=2, fp8_pairs=True)
-    return DecodeLaunch(block_n, decode_num_splits(batch, num_kv_heads, max_context_len, device))
+    splits = decode_num_splits(batch, num_kv_heads, max_context_len, device)
+    return DecodeLaunch(block_n, splits, fp8_pairs=words)
 
 
 def _check_args(
