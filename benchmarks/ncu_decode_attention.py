@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 
 import sweep_decode_attention as sweep
 import torch
@@ -37,14 +38,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="8b-tp1-b1024", choices=list(sweep.SHAPES))
     ap.add_argument("--launches", default="fp8:64:1:2:2,fp8:64:1:4:2,bf16:64:1:4:2")
+    ap.add_argument(
+        "--pool-blocks",
+        default="0",
+        help="comma-separated: the layer's pool in blocks, the sequences' blocks drawn from all of it (an "
+        "engine's pool: 1.9M fp8 tokens are ~118,000 blocks); 0: only the blocks used",
+    )
     args = ap.parse_args()
     hq, hkv, batch, context, _ = sweep.SHAPES[args.shape]
-    layers: dict[bool, tuple[torch.Tensor, ...]] = {}
-    for text in args.launches.split(","):
+    layers: dict[tuple[bool, int], tuple[torch.Tensor, ...]] = {}
+    for text, pool_blocks in itertools.product(
+        args.launches.split(","), map(int, args.pool_blocks.split(","))
+    ):
         fp8, launch = parse_launch(text)
-        if fp8 not in layers:
-            layers[fp8] = sweep.pools(hq, hkv, batch, context, fp8, layers=1)[0]
-        q, k, v, tables, lens, ks, vs = layers[fp8]
+        if (fp8, pool_blocks) not in layers:
+            layers.clear()
+            torch.cuda.empty_cache()
+            layers[fp8, pool_blocks] = sweep.pools(hq, hkv, batch, context, fp8, pool_blocks, layers=1)[0]
+        q, k, v, tables, lens, ks, vs = layers[fp8, pool_blocks]
         call = functools.partial(
             paged_decode_attention, q, k, v, tables, lens, 128**-0.5, sweep.MAX_LEN, ks, vs, launch=launch
         )
@@ -61,7 +72,7 @@ def main() -> None:
         call()
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
-        print(f"{text} {args.shape}: {us:.1f} us a call (eager, one layer)", flush=True)
+        print(f"{text} {args.shape} pool {pool_blocks}: {us:.1f} us a call (eager, one layer)", flush=True)
 
 
 if __name__ == "__main__":
