@@ -542,6 +542,13 @@ def test_bench_spec_smoke(tmp_path: Path) -> None:
     }
     spec = [r for r in rows if r["k"] != 0]
     assert all(r["synthetic_acceptance"] == 0.7 for r in spec)
+    # plain decoding before and after each batch's speculative rows; speedups are over the mean of the two
+    plain = {(r["batch"], r["plain_run"]): r["tok_s"] for r in rows if r["k"] == 0}
+    assert set(plain) == {(b, run) for b in (1, 2) for run in ("before", "after")}
+    for r in spec:
+        baseline = (plain[r["batch"], "before"] + plain[r["batch"], "after"]) / 2
+        assert r["speedup"] == pytest.approx(r["tok_s"] / baseline)
+        assert r["speedup_first_plain"] == pytest.approx(r["tok_s"] / plain[r["batch"], "before"])
     assert all(r["drafts"] > 0 and r["acceptance_at"] for r in spec if r["k"] != "adaptive")
     fixed = [r for r in spec if r["batch"] == 2 and r["k"] != "adaptive"]
     assert 0.5 < sum(r["accepted"] for r in fixed) / sum(r["drafts"] for r in fixed) < 0.95
