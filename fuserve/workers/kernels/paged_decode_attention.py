@@ -29,7 +29,10 @@ slot_mapping entry, away from the table. Only that one token's address changes, 
 it; without the slots the kernel compiles as before.
 
 An fp8 cache (kv_cache_fp8.py) is read as bytes, converted in registers; the KV head's K scale
-joins the softmax scale and its V scale multiplies the output.
+joins the softmax scale and its V scale multiplies the output. On a GPU it is read as 16-bit words
+instead (`DecodeLaunch.fp8_pairs`, _e4m3_pairs_to_f16): each word the values of dimensions 2j and
+2j + 1, so q, the tiles and the output are cut into even and odd dimensions and each dot runs twice
+at half the depth, in fp16.
 
 The Triton interpreter (CPU) computes bf16 dots wrongly, so there the tiles are upcast to fp32
 before `tl.dot` (`UPCAST`); on the GPU bf16/fp16 dots run natively with fp32 accumulation.
