@@ -220,9 +220,10 @@ class SpeculativeConfig(_Strict):
         default=0.0,
         ge=0.0,
         lt=1.0,
-        description="A feature (eagle1) draft stops a sequence's drafts before the first it gives a "
-        "probability below this: its own probability tracks the target's acceptance, so unlikely drafts "
-        "cost a verify row and draft time for little. 0: draft all k.",
+        description="A feature (eagle1) draft stops a sequence's drafts after the first it gives a "
+        "probability below this: its own probability tracks the target's acceptance, so drafting past an "
+        "unlikely draft costs draft time and verify rows for little, while the doubted draft itself, one "
+        "row more, is still kept often enough to pay. 0: draft all k.",
     )
     second_best: bool = Field(
         default=False,

@@ -197,7 +197,7 @@ class Eagle:
         min_confidence: float = 0.0,
     ) -> list[int]:
         """EagleDraft drafting k tokens after `tokens` (features: rows 0..n-2) as the served draft
-        should, stopped before the first draft it gives a probability under `min_confidence`."""
+        should, stopped after the first draft it gives a probability under `min_confidence`."""
         return self.chained_with_seconds(tokens, features, k, context, min_confidence)[0]
 
     def chained_with_seconds(
@@ -211,10 +211,10 @@ class Eagle:
         """`chained`'s drafts and, beside each, the draft's second-best token at that row."""
         drafts, seconds = [], []
         for d, prob, second in self.chained_choices(tokens, features, k, context):
-            if prob < min_confidence:
-                break
             drafts.append(d)
             seconds.append(second)
+            if prob < min_confidence:
+                break
         return drafts, seconds
 
     def chained_with_probabilities(
@@ -333,10 +333,10 @@ def quartile_confidence(eagle: Eagle) -> float:
     return sorted(probs)[len(probs) // 4]
 
 
-def test_drafts_stop_before_the_first_the_draft_doubts(
+def test_drafts_stop_after_the_first_the_draft_doubts(
     eagle: Eagle, target: Path, quartile_confidence: float
 ) -> None:
-    """speculative.draft_confidence: each sequence's drafts are EagleDraft's, cut before the first it
+    """speculative.draft_confidence: each sequence's drafts are EagleDraft's, cut after the first it
     gives a probability under the threshold."""
     check_rounds_equal_eagle_draft(eagle, target, min_confidence=quartile_confidence)
 
@@ -433,7 +433,7 @@ def check_rounds_equal_eagle_draft(
     assert checked_seconds > 3 or not second_best
     assert picked_from_context, "no draft came from the context tokens outside the subset"
     if min_confidence > 0:  # rounds cut at the first draft, cut later, and not cut at all
-        assert any(n == 0 for n, _ in lengths) and any(0 < n < k for n, k in lengths), lengths
+        assert any(n == 1 < k for n, k in lengths) and any(1 < n < k for n, k in lengths), lengths
         assert any(n == k for n, k in lengths), lengths
     runner.release(list(seqs))
     if twin is not None:
@@ -597,7 +597,7 @@ def test_a_grown_draft_computes_what_it_did(eagle: Eagle) -> None:
 def test_engine_order_rounds_start_where_the_last_ended() -> None:
     """eval_eagle's replay of the engine's rounds: a round starts after the kept drafts and the
     target's own token; a second candidate at the first position keeps what the best one missed and
-    ends the round there; a draft the draft doubts is not drafted, nor any after it."""
+    ends the round there; a draft the draft doubts ends its round's drafts (it is verified, none after it)."""
     prompt_len, out_len, k = 3, 10, 2
     ids = torch.arange(100, 100 + prompt_len + out_len)
     row = {"ids": ids, "prompt_len": prompt_len}
@@ -620,5 +620,6 @@ def test_engine_order_rounds_start_where_the_last_ended() -> None:
     doubt_second = sure.clone()
     doubt_second[prompt_len + 4] = 0.1
     cut = [PassChoices(choices[0].top2, doubt), PassChoices(choices[1].top2, doubt_second)]
-    # rounds at out[:1] (keeps 2), out[:4] (no drafts), out[:5] (1 draft, kept), out[:7] (keeps 2)
-    assert engine_rounds(cut, row, k, min_confidence=0.5) == ([3, 2], [3, 2], 4, 5)
+    # rounds at out[:1] (keeps 2), out[:4] (its one draft, doubted and missed), out[:5] (2 drafts, the
+    # second doubted, both kept), out[:8] (1 draft, kept)
+    assert engine_rounds(cut, row, k, min_confidence=0.5) == ([4, 2], [3, 2], 4, 6)

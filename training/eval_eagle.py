@@ -118,11 +118,12 @@ def engine_rounds(
 ) -> tuple[list[int], list[int], int, int]:
     """Rounds in the engine's order (eval's teacher-forced rounds start at every position; the engine
     starts one where the last ended: the first after the prompt's token, the next after the kept drafts
-    and the target's own token), k drafts each, fewer where the draft's probability of its next one is
-    under `min_confidence` (none: a step without drafts). With `seconds` > 0 the draft also offers its
-    second-best token at its first `seconds` positions (a two-branch tree): where the best is wrong and
-    the second right, the target keeps it and the round ends there. Returns per position the rounds that
-    verified it and those that kept it, the number of steps and of drafts made."""
+    and the target's own token), k drafts each, fewer where the draft's probability of one is under
+    `min_confidence` (the round's drafts end with that one, as speculative.draft_confidence's do). With
+    `seconds` > 0 the draft also offers its second-best token at its first `seconds` positions (a
+    two-branch tree): where the best is wrong and the second right, the target keeps it and the round
+    ends there. Returns per position the rounds that verified it and those that kept it, the number of
+    steps and of drafts made."""
     p = row["prompt_len"]
     out = row["ids"][p:].tolist()
     best = [c.top2[:, 0].tolist() for c in choices]
@@ -131,9 +132,11 @@ def engine_rounds(
     reached, kept, steps, drafts = [0] * k, [0] * k, 0, 0
     j = 1
     while j < len(out) - 1:
-        made = 0  # drafts the round makes: up to k, cut before the first the draft doubts
-        while made < min(k, len(out) - 1 - j) and prob[made][p + j - 2 + made] >= min_confidence:
+        made = 0  # drafts the round makes: up to k, through the first the draft doubts
+        while made < min(k, len(out) - 1 - j):
             made += 1
+            if prob[made - 1][p + j - 2 + made - 1] < min_confidence:
+                break
         r = 0
         while r < made:
             want, at = out[j + r], p + j - 2 + r
