@@ -158,7 +158,9 @@ def main() -> None:
             )
         ]
         if args.default_only:  # the default launch, and with an fp8 cache the same read the other way
-            launches = [default, *(dataclasses.replace(default, fp8_pairs=not default.fp8_pairs),) * fp8]
+            launches = [default]
+            if fp8:
+                launches.append(dataclasses.replace(default, fp8_pairs=not default.fp8_pairs))
         for launch in launches:
             block_n, num_splits, warps, stages = (
                 launch.block_n,
