@@ -696,23 +696,15 @@ def main() -> None:
             after = run_variant(llm, args, dict(base, plain_run="after"), None, batches, warmup, params)
             rows.append(after)
             baseline = (plain["tok_s"] + after["tok_s"]) / 2
-            for row in rows[first:]:
-                if row["k"] != 0:
-                    row["speedup"] = row["tok_s"] / baseline
-                    row["speedup_first_plain"] = (
-                        row["tok_s"] / plain["tok_s"]
-                    )  # the measure before 2026-11-30
             print(
                 f"{kind:<7} b={batch:<3} plain      {plain['tok_s']:8.1f} tok/s before, "
                 f"{after['tok_s']:.1f} after",
                 flush=True,
             )
-            for row in rows[first:]:
-                if row["k"] != 0:
-                    print(
-                        f"{kind:<7} b={batch:<3} k={row['k']!s:<8} x{row['speedup']:.2f} over both",
-                        flush=True,
-                    )
+            for row in (r for r in rows[first:] if r["k"] != 0):
+                row["speedup"] = row["tok_s"] / baseline
+                row["speedup_first_plain"] = row["tok_s"] / plain["tok_s"]  # the measure before 2026-11-30
+                print(f"{kind:<7} b={batch:<3} k={row['k']!s:<8} x{row['speedup']:.2f} over both", flush=True)
             for row in rows[first:]:
                 print_profile_row(row)
                 print_phase_row(row)
