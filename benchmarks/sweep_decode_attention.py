@@ -150,25 +150,19 @@ def main() -> None:
         want = paged_decode_attention_ref(q, k, v, tables, lens, 128**-0.5, context, ks, vs).float()
         splits = sorted({default.num_splits, *split_choices})
         shape_rows = []
-        pair_choices = (False, True) if fp8 else (False,)
-        launches = [
-            DecodeLaunch(block_n, num_splits, warps, stages, fp8_pairs=pairs)
-            for block_n, warps, stages, num_splits, pairs in itertools.product(
-                BLOCK_N, WARPS, STAGES, splits, pair_choices
-            )
-        ]
         if args.default_only:  # the default launch, and with an fp8 cache the same read the other way
             launches = [default]
             if fp8:
                 launches.append(dataclasses.replace(default, fp8_pairs=not default.fp8_pairs))
+        else:
+            pair_choices = (False, True) if fp8 else (False,)
+            launches = [
+                DecodeLaunch(block_n, num_splits, warps, stages, fp8_pairs=pairs)
+                for block_n, warps, stages, num_splits, pairs in itertools.product(
+                    BLOCK_N, WARPS, STAGES, splits, pair_choices
+                )
+            ]
         for launch in launches:
-            block_n, num_splits, warps, stages = (
-                launch.block_n,
-                launch.num_splits,
-                launch.num_warps,
-                launch.num_stages,
-            )
-            pairs = launch.fp8_pairs
             try:
                 got = paged_decode_attention(q, k, v, tables, lens, 128**-0.5, MAX_LEN, ks, vs, launch=launch)
                 err = (got.float() - want).abs().max().item()
@@ -184,11 +178,7 @@ def main() -> None:
                     kv_heads=hkv,
                     batch=batch,
                     context=context,
-                    block_n=block_n,
-                    num_splits=num_splits,
-                    num_warps=warps,
-                    num_stages=stages,
-                    fp8_pairs=pairs,
+                    **dataclasses.asdict(launch),  # block_n, num_splits, num_warps, num_stages, fp8_pairs
                     is_default=launch == default,
                     us=us,
                     floor_us=floor_us,

@@ -134,8 +134,9 @@ def engine_rounds(
     while j < len(out) - 1:
         made = 0  # drafts the round makes: up to k, through the first the draft doubts
         while made < min(k, len(out) - 1 - j):
+            doubted = prob[made][p + j - 2 + made] < min_confidence
             made += 1
-            if prob[made - 1][p + j - 2 + made - 1] < min_confidence:
+            if doubted:
                 break
         r = 0
         while r < made:
